@@ -1,0 +1,284 @@
+// pybind11 bindings: validate buffers, extract pointers, release the GIL, call the core.
+// No arithmetic here.  User arrays are never converted or copied: anything that would need a
+// copy is rejected with an exception naming the array, before any element is touched.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fastoptim/fastoptim.hpp"
+#include "fastoptim/registry.hpp"
+
+namespace py = pybind11;
+using namespace fastoptim;
+
+namespace {
+
+std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
+
+std::string shape_str(const py::array& a) {
+  return py::str(py::tuple(py::cast(std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()))));
+}
+
+// A validated view of one array argument.
+struct Arg {
+  py::array arr;
+  DType dtype;
+  void* data;
+  int64_t size;
+  std::uintptr_t lo, hi;  // byte range [lo, hi); empty arrays have lo == hi
+};
+
+// Check that `h` is an ndarray the kernels can update in place (or read, for gradients).
+Arg check_array(py::handle h, const std::string& what, bool writeable) {
+  if (!py::isinstance<py::array>(h))
+    throw py::type_error(what + ": expected a numpy.ndarray, got " + type_name(h) +
+                         (type_name(h) == "Tensor" ? " (pass tensor.numpy() for CPU tensors)" : ""));
+  auto a = py::reinterpret_borrow<py::array>(h);
+  const py::dtype dt = a.dtype();
+  DType dtype;
+  if (dt.equal(py::dtype::of<float>()))
+    dtype = DType::f32;
+  else if (dt.equal(py::dtype::of<double>()))
+    dtype = DType::f64;
+  else if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8))
+    throw py::type_error(what + ": dtype " + dtype_name(a) +
+                         " has non-native byte order; it would need a copy");
+  else
+    throw py::type_error(what + ": dtype must be float32 or float64, got " + dtype_name(a));
+  const int flags = a.flags();
+  if (!(flags & py::array::c_style))
+    throw py::value_error(what + ": array is not C-contiguous (shape " + shape_str(a) +
+                          "); updating it would need a copy");
+  if (!(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(what + ": array data is not aligned to its itemsize");
+  if (writeable && !a.writeable()) throw py::value_error(what + ": array is read-only");
+  const auto lo = reinterpret_cast<std::uintptr_t>(a.data());
+  const auto size = static_cast<int64_t>(a.size());
+  const auto hi = lo + static_cast<std::uintptr_t>(size * a.itemsize());
+  return {a, dtype, const_cast<void*>(a.data()), size, lo, hi};
+}
+
+void check_like(const Arg& x, const Arg& param, const std::string& what) {
+  if (x.dtype != param.dtype)
+    throw py::type_error(what + ": dtype " + dtype_name(x.arr) +
+                         " does not match the parameter's " + dtype_name(param.arr));
+  const bool same_shape =
+      x.arr.ndim() == param.arr.ndim() &&
+      std::equal(x.arr.shape(), x.arr.shape() + x.arr.ndim(), param.arr.shape());
+  if (!same_shape)
+    throw py::value_error(what + ": shape " + shape_str(x.arr) +
+                          " does not match the parameter's " + shape_str(param.arr));
+}
+
+struct Span {
+  std::uintptr_t lo, hi;
+  std::string what;
+};
+
+// Sort spans by address; throw if any two of them overlap (memory shared between arrays).
+void sort_and_check_disjoint(std::vector<Span>& spans) {
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (std::size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].lo < spans[i - 1].hi)
+      throw py::value_error(spans[i].what + " shares memory with " + spans[i - 1].what +
+                            "; every array must be distinct");
+}
+
+class PyPlan {
+ public:
+  PyPlan(const py::sequence& params, const std::vector<std::string>& labels,
+         const std::vector<std::string>& state_names, const py::sequence& states) {
+    const auto n = static_cast<std::size_t>(py::len(params));
+    const auto k = state_names.size();
+    if (labels.size() != n) throw py::value_error("labels: need one label per parameter");
+    if (k > static_cast<std::size_t>(kMaxState)) throw py::value_error("too many state buffers");
+    if (static_cast<std::size_t>(py::len(states)) != k)
+      throw py::value_error("states: need one list of arrays per state name");
+    labels_ = labels;
+    std::vector<Arg> ps;
+    ps.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) ps.push_back(check_array(params[i], "param " + labels[i], true));
+    std::vector<std::vector<Arg>> ss(k);
+    for (std::size_t j = 0; j < k; ++j) {
+      const py::sequence sj = states[j];
+      if (static_cast<std::size_t>(py::len(sj)) != n)
+        throw py::value_error("states: need one '" + state_names[j] + "' array per parameter");
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::string what = "state '" + state_names[j] + "' of param " + labels[i];
+        ss[j].push_back(check_array(sj[i], what, true));
+        check_like(ss[j][i], ps[i], what);
+      }
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (ps[i].size) spans_.push_back({ps[i].lo, ps[i].hi, "param " + labels[i]});
+      for (std::size_t j = 0; j < k; ++j)
+        if (ss[j][i].size)
+          spans_.push_back({ss[j][i].lo, ss[j][i].hi, "state '" + state_names[j] + "' of param " + labels[i]});
+    }
+    sort_and_check_disjoint(spans_);
+    plan_.nstate = static_cast<int>(k);
+    for (std::size_t i = 0; i < n; ++i) {
+      Tensor t;
+      t.dtype = ps[i].dtype;
+      t.size = ps[i].size;
+      t.param = ps[i].data;
+      for (std::size_t j = 0; j < k; ++j) t.state[j] = ss[j][i].data;
+      plan_.add(t);
+      params_.push_back(ps[i].arr);
+      for (std::size_t j = 0; j < k; ++j) states_.push_back(ss[j][i].arr);
+    }
+    state_names_ = state_names;
+  }
+
+  // Validate every gradient, then (only if all are fine) point the plan at them.
+  void bind_grads(const py::sequence& grads) {
+    const std::size_t n = plan_.tensors.size();
+    if (static_cast<std::size_t>(py::len(grads)) != n)
+      throw py::value_error("grads: expected " + std::to_string(n) + " gradients, got " +
+                            std::to_string(py::len(grads)));
+    std::vector<Arg> gs;
+    gs.reserve(n);
+    std::vector<Span> spans;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::string what = "grad for param " + labels_[i];
+      gs.push_back(check_array(grads[i], what, false));
+      check_like(gs[i], Arg{params_[i], plan_.tensors[i].dtype, nullptr, 0, 0, 0}, what);
+      if (gs[i].size) spans.push_back({gs[i].lo, gs[i].hi, what});
+    }
+    sort_and_check_disjoint(spans);
+    for (const Span& g : spans) {  // against params and states (disjoint, sorted by address)
+      auto it = std::upper_bound(spans_.begin(), spans_.end(), g.hi - 1,
+                                 [](std::uintptr_t x, const Span& s) { return x < s.lo; });
+      if (it != spans_.begin() && std::prev(it)->hi > g.lo)
+        throw py::value_error(g.what + " shares memory with " + std::prev(it)->what +
+                              "; every array must be distinct");
+    }
+    grads_.clear();
+    for (std::size_t i = 0; i < n; ++i) {
+      plan_.tensors[i].grad = gs[i].data;
+      grads_.push_back(gs[i].arr);
+    }
+    bound_ = true;
+  }
+
+  const Plan& plan() const {
+    if (!bound_) throw py::value_error("no gradients bound to this plan");
+    return plan_;
+  }
+  std::size_t size() const { return plan_.tensors.size(); }
+  int64_t numel() const { return plan_.total(); }
+  const std::vector<std::string>& state_names() const { return state_names_; }
+
+ private:
+  Plan plan_;
+  std::vector<std::string> labels_, state_names_;
+  std::vector<Span> spans_;
+  std::vector<py::array> params_, states_, grads_;  // keep the arrays alive
+  bool bound_ = false;
+};
+
+template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, const char* fn_name) {
+  using Hyper = typename Opt::Hyper;
+  py::class_<Hyper> cls(m, cls_name);
+  cls.def(py::init<>());
+  Opt::fields([&](const char* name, auto member) { cls.def_readwrite(name, member); });
+  cls.def("state_names", [](const Hyper& h) {
+    std::vector<std::string> out;
+    for (const char* s : Opt::states(Opt::variant(h))) out.emplace_back(s);
+    return out;
+  }, "Names of the state buffers (in plan order) these hyper-parameters need.");
+  cls.def("__repr__", [cls_name](const Hyper& h) {
+    std::string r = std::string(cls_name) + "(";
+    bool first = true;
+    Opt::fields([&](const char* name, auto member) {
+      r += (first ? "" : ", ") + std::string(name) + "=" + std::string(py::repr(py::cast(h.*member)));
+      first = false;
+    });
+    return r + ")";
+  });
+  m.def(fn_name, [](PyPlan& plan, Hyper& h, int64_t step, const py::object& grads) {
+    if (!grads.is_none()) plan.bind_grads(grads);
+    const Plan& p = plan.plan();
+    py::gil_scoped_release release;
+    fastoptim::step<Opt>(p, h, step);
+  }, py::arg("plan"), py::arg("hyper"), py::arg("step"), py::arg("grads") = py::none(),
+  "One in-place step of every tensor of `plan` (binding `grads` first when given).");
+}
+
+Isa isa_from_name(const std::string& name) {
+  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::neon})
+    if (name == isa_name(isa)) return isa;
+  throw py::value_error("unknown instruction set '" + name + "' (known: scalar, avx2, avx512, neon)");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastoptim's compiled core (private; use the fastoptim package).";
+
+  py::class_<PyPlan>(m, "Plan")
+      .def(py::init<const py::sequence&, const std::vector<std::string>&,
+                    const std::vector<std::string>&, const py::sequence&>(),
+           py::arg("params"), py::arg("labels"), py::arg("state_names"), py::arg("states"))
+      .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
+      .def("__len__", &PyPlan::size)
+      .def_property_readonly("numel", &PyPlan::numel)
+      .def_property_readonly("state_names", &PyPlan::state_names);
+
+#define FASTOPTIM_BIND(Opt, name) bind_optimizer<Opt>(m, #Opt "Hyper", "step_" #name);
+  FASTOPTIM_OPTIMIZERS(FASTOPTIM_BIND)
+#undef FASTOPTIM_BIND
+
+  m.def("check_disjoint", [](const py::sequence& arrays, const std::vector<std::string>& labels) {
+    if (static_cast<std::size_t>(py::len(arrays)) != labels.size())
+      throw py::value_error("labels: need one label per array");
+    std::vector<Span> spans;
+    for (std::size_t i = 0; i < labels.size(); ++i) {
+      const py::handle h = arrays[i];
+      if (!py::isinstance<py::array>(h)) throw py::type_error(labels[i] + ": expected a numpy.ndarray, got " + type_name(h));
+      const auto a = py::reinterpret_borrow<py::array>(h);
+      const auto lo = reinterpret_cast<std::uintptr_t>(a.data());
+      if (a.size()) spans.push_back({lo, lo + static_cast<std::uintptr_t>(a.nbytes()), labels[i]});
+    }
+    sort_and_check_disjoint(spans);
+  }, py::arg("arrays"), py::arg("labels"),
+  "Raise ValueError naming the first two arrays whose memory overlaps (C-contiguous arrays).");
+  m.def("isa", [] { return std::string(isa_name(active_isa())); });
+  m.def("available_isas", [] {
+    std::vector<std::string> out;
+    for (Isa isa : available_isas()) out.emplace_back(isa_name(isa));
+    return out;
+  });
+  m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("name"));
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_grain", &set_grain, py::arg("elements"));
+  m.def("get_grain", &get_grain);
+  m.def("stream", [](const py::sequence& arrays, int nwrite) {
+    std::vector<float*> ptrs;
+    int64_t n = -1;
+    for (std::size_t j = 0; j < static_cast<std::size_t>(py::len(arrays)); ++j) {
+      Arg a = check_array(arrays[j], "arrays[" + std::to_string(j) + "]", true);
+      if (a.dtype != DType::f32) throw py::type_error("stream: arrays must be float32");
+      if (n >= 0 && a.size != n) throw py::value_error("stream: arrays must have equal sizes");
+      n = a.size;
+      ptrs.push_back(static_cast<float*>(a.data));
+    }
+    if (ptrs.empty()) throw py::value_error("stream: need at least one array");
+    py::gil_scoped_release release;
+    stream(ptrs.data(), static_cast<int>(ptrs.size()), nwrite, n);
+  }, py::arg("arrays"), py::arg("nwrite"),
+  "Roofline kernel: read every array, write the mean to the first `nwrite` (float32).");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,37 @@
+// Public C++ API of the fastoptim core: no Python in here.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fastoptim/optimizers.hpp"
+#include "fastoptim/plan.hpp"
+
+namespace fastoptim {
+
+// Instruction sets the kernels are compiled for; the best one the CPU supports is chosen at load.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, neon = 3 };
+
+const char* isa_name(Isa isa);
+std::vector<Isa> available_isas();  // supported by this build AND this CPU, best last
+Isa active_isa();
+void set_isa(Isa isa);  // throws std::invalid_argument when not available
+
+void set_num_threads(int n);  // n >= 1
+int get_num_threads();
+// Steps with fewer elements than this per thread run on fewer threads (serially below it).
+void set_grain(int64_t elements);
+int64_t get_grain();
+
+// One optimizer step over every tensor of the plan (one parallel region).  `step` is the
+// 1-based step number after this update.  Throws std::invalid_argument when the plan does not
+// have the state buffers the hyper-parameters' variant needs.  Updates `h` for optimizers with
+// running scalars (NAdam's mu_product).
+template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t step);
+
+// Streaming reference kernel for roofline measurements: reads `nread` arrays and writes
+// `nwrite` of them (dst[i] = src sums), n float elements each, with the step's thread layout.
+void stream(float* const* arrays, int nread, int nwrite, int64_t n);
+
+}  // namespace fastoptim

@@ -1,0 +1,191 @@
+// Per-element maths: one small functor per optimizer, generic over float/double.
+//
+// Each Kernel<Opt, T, V> (V = the variant's flag bits) holds the step's Coeffs by value and
+// updates one element: the parameter p, its gradient g and the variant's state values s[0..N).
+// The driver (step.cpp) runs it inside a `#pragma omp simd` loop; the very same functor handles
+// every element, tails included, so results do not depend on chunking, alignment or threads.
+//
+// Operation order follows torch.optim's single-tensor ("for-loop") implementation.  Products
+// that torch fuses or that are naturally a*b+c are written with fmadd, which is one fused
+// instruction on ISAs with FMA and a*b+c (two roundings) on the baseline x86-64 build; the
+// project compiles with -ffp-contract=off so the compiler never fuses anything on its own.
+#pragma once
+
+#include <array>
+#include <cmath>
+
+#include "fastoptim/optimizers.hpp"
+
+namespace fastoptim {
+
+template <class T> inline T fmadd(T a, T b, T c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// torch.lerp: a + w * (b - a), evaluated from the nearer end as torch does.
+template <class T> inline T lerp(T a, T b, T w) {
+  const T d = b - a;
+  return w < T(0.5) ? fmadd(w, d, a) : fmadd(-d, T(1) - w, b);
+}
+
+// sign with sign(0) = 0 and NaN propagated.
+template <class T> inline T sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x); }
+
+// torch.maximum: NaN propagates.
+template <class T> inline T maximum(T a, T b) { return (a > b || a != a) ? a : b; }
+
+// The gradient as torch's optimizers see it: negated when maximizing, plus L2 weight decay.
+template <class T, class C> inline T effective_grad(const C& c, T p, T g) {
+  return fmadd(T(c.wd), p, T(c.gsign) * g);
+}
+
+template <class Opt, class T, unsigned V> struct Kernel;
+
+template <class T, unsigned V> struct Kernel<SGD, T, V> {
+  static constexpr int nstate = SGD::nstate(V);
+  SGD::Coeffs c;
+  void operator()(T& p, T g, std::array<T, nstate>& s) const {
+    g = effective_grad(c, p, g);
+    if constexpr ((V & SGD::kMomentum) != 0) {
+      T& buf = s[0];
+      buf = fmadd(T(c.mom_keep), buf, T(c.mom_grad) * g);
+      g = (V & SGD::kNesterov) ? fmadd(T(c.nesterov_mom), buf, g) : buf;
+    }
+    p = fmadd(T(c.neg_lr), g, p);
+  }
+};
+
+template <class T, unsigned V> struct Kernel<Adagrad, T, V> {
+  static constexpr int nstate = 1;
+  Adagrad::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 1>& s) const {
+    T& sum = s[0];
+    g = effective_grad(c, p, g);
+    sum = fmadd(g, g, sum);
+    p = fmadd(T(c.neg_clr), g / (std::sqrt(sum) + T(c.eps)), p);
+  }
+};
+
+template <class T, unsigned V> struct Kernel<RMSprop, T, V> {
+  static constexpr bool centered = (V & RMSprop::kCentered) != 0;
+  static constexpr bool momentum = (V & RMSprop::kMomentum) != 0;
+  static constexpr int nstate = RMSprop::nstate(V);
+  RMSprop::Coeffs c;
+  void operator()(T& p, T g, std::array<T, nstate>& s) const {
+    T& square_avg = s[0];
+    g = effective_grad(c, p, g);
+    square_avg = fmadd(T(c.one_minus_alpha) * g, g, square_avg * T(c.alpha));
+    T avg;
+    if constexpr (centered) {
+      T& grad_avg = s[1];
+      grad_avg = lerp(grad_avg, g, T(c.one_minus_alpha));
+      avg = std::sqrt(fmadd(-grad_avg, grad_avg, square_avg));
+    } else {
+      avg = std::sqrt(square_avg);
+    }
+    avg = avg + T(c.eps);
+    if constexpr (momentum) {
+      T& buf = s[nstate - 1];
+      buf = fmadd(T(c.momentum), buf, g / avg);
+      p = fmadd(T(c.neg_lr), buf, p);
+    } else {
+      p = fmadd(T(c.neg_lr), g / avg, p);
+    }
+  }
+};
+
+template <class T, unsigned V> struct Kernel<Adadelta, T, V> {
+  static constexpr int nstate = 2;
+  Adadelta::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    T& square_avg = s[0];
+    T& acc_delta = s[1];
+    g = effective_grad(c, p, g);
+    square_avg = fmadd(T(c.one_minus_rho) * g, g, square_avg * T(c.rho));
+    const T std_ = std::sqrt(square_avg + T(c.eps));
+    const T delta = std::sqrt(acc_delta + T(c.eps)) / std_ * g;
+    acc_delta = fmadd(T(c.one_minus_rho) * delta, delta, acc_delta * T(c.rho));
+    p = fmadd(T(c.neg_lr), delta, p);
+  }
+};
+
+template <class T, unsigned V> struct Kernel<Adam, T, V> {
+  static constexpr int nstate = Adam::nstate(V);
+  Adam::Coeffs c;
+  void operator()(T& p, T g, std::array<T, nstate>& s) const {
+    T& exp_avg = s[0];
+    T& exp_avg_sq = s[1];
+    g = effective_grad(c, p, g);
+    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
+    exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
+    T v = exp_avg_sq;
+    if constexpr ((V & Adam::kAmsgrad) != 0) {
+      T& max_exp_avg_sq = s[2];
+      max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq);
+      v = max_exp_avg_sq;
+    }
+    const T denom = std::sqrt(v) / T(c.bc2_sqrt) + T(c.eps);
+    p = fmadd(T(c.neg_step), exp_avg / denom, p * T(c.decay));
+  }
+};
+
+template <class T, unsigned V> struct Kernel<Adamax, T, V> {
+  static constexpr int nstate = 2;
+  Adamax::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    T& exp_avg = s[0];
+    T& exp_inf = s[1];
+    g = effective_grad(c, p, g);
+    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
+    exp_inf = maximum(exp_inf * T(c.beta2), std::abs(g) + T(c.eps));
+    p = fmadd(T(c.neg_clr), exp_avg / exp_inf, p);
+  }
+};
+
+template <class T, unsigned V> struct Kernel<NAdam, T, V> {
+  static constexpr int nstate = 2;
+  NAdam::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    T& exp_avg = s[0];
+    T& exp_avg_sq = s[1];
+    g = effective_grad(c, p, g);
+    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
+    exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
+    const T denom = std::sqrt(exp_avg_sq / T(c.bc2)) + T(c.eps);
+    p = fmadd(T(c.grad_coef), g / denom, p * T(c.decay));
+    p = fmadd(T(c.avg_coef), exp_avg / denom, p);
+  }
+};
+
+template <class T, unsigned V> struct Kernel<RAdam, T, V> {
+  static constexpr int nstate = 2;
+  RAdam::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    T& exp_avg = s[0];
+    T& exp_avg_sq = s[1];
+    g = effective_grad(c, p, g);
+    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
+    exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
+    const T step = exp_avg / T(c.bc1) * T(c.lr);
+    const T adaptive_lr = T(c.bc2_sqrt) / (std::sqrt(exp_avg_sq) + T(c.eps));
+    p = p * T(c.decay) - (c.rectify ? step * adaptive_lr * T(c.rect) : step);
+  }
+};
+
+template <class T, unsigned V> struct Kernel<Lion, T, V> {
+  static constexpr int nstate = 1;
+  Lion::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 1>& s) const {
+    T& exp_avg = s[0];
+    g = T(c.gsign) * g;
+    const T update = sign(fmadd(T(c.beta1), exp_avg, T(c.one_minus_beta1) * g));
+    p = fmadd(T(c.neg_lr), update, p * T(c.decay));
+    exp_avg = fmadd(T(c.beta2), exp_avg, T(c.one_minus_beta2) * g);
+  }
+};
+
+}  // namespace fastoptim

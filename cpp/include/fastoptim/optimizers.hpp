@@ -1,0 +1,275 @@
+// One struct per optimizer: hyper-parameters (Hyper), the per-step scalars the element kernel
+// needs (Coeffs, computed once per step in double, as torch.optim does), the variants (template
+// flags that change which state buffers exist) and the names of those buffers (torch's names).
+//
+// Pure C++: no Python here.  The element-wise maths lives in kernels.hpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace fastoptim {
+
+namespace detail {
+// -1 when maximizing (the gradient is negated first, as in torch), else +1.
+inline double grad_sign(bool maximize) { return maximize ? -1.0 : 1.0; }
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// SGD with momentum, dampening and Nesterov (torch.optim.SGD).
+struct SGD {
+  struct Hyper {
+    double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
+    bool nesterov = false, maximize = false;
+    // The momentum buffer was just created: torch sets buf = grad on its first use.
+    bool first_momentum_step = true;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("momentum", &Hyper::momentum); f("dampening", &Hyper::dampening);
+    f("weight_decay", &Hyper::weight_decay); f("nesterov", &Hyper::nesterov);
+    f("maximize", &Hyper::maximize); f("first_momentum_step", &Hyper::first_momentum_step);
+  }
+  struct Coeffs { double gsign, wd, neg_lr, mom_keep, mom_grad, nesterov_mom; };
+  enum : unsigned { kMomentum = 1, kNesterov = 2, kVariants = 4 };
+  static unsigned variant(const Hyper& h) {
+    return h.momentum != 0 ? kMomentum | (h.nesterov ? kNesterov : 0u) : 0u;
+  }
+  static constexpr int nstate(unsigned v) { return (v & kMomentum) ? 1 : 0; }
+  static std::vector<const char*> states(unsigned v) {
+    if (v & kMomentum) return {"momentum_buffer"};
+    return {};
+  }
+  static Coeffs prepare(const Hyper& h, int64_t /*step*/) {
+    const bool first = h.first_momentum_step;
+    return {detail::grad_sign(h.maximize), h.weight_decay, -h.lr,
+            first ? 0.0 : h.momentum, first ? 1.0 : 1.0 - h.dampening, h.momentum};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Adagrad (Duchi et al. 2011; torch.optim.Adagrad).
+struct Adagrad {
+  struct Hyper {
+    double lr = 1e-2, lr_decay = 0, weight_decay = 0, eps = 1e-10;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("lr_decay", &Hyper::lr_decay); f("weight_decay", &Hyper::weight_decay);
+    f("eps", &Hyper::eps); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, neg_clr, eps; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 1; }
+  static std::vector<const char*> states(unsigned) { return {"sum"}; }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double clr = h.lr / (1.0 + static_cast<double>(step - 1) * h.lr_decay);
+    return {detail::grad_sign(h.maximize), h.weight_decay, -clr, h.eps};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// RMSprop (Hinton's lecture 6e; torch.optim.RMSprop), optionally centered and with momentum.
+struct RMSprop {
+  struct Hyper {
+    double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
+    bool centered = false, maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("alpha", &Hyper::alpha); f("eps", &Hyper::eps);
+    f("weight_decay", &Hyper::weight_decay); f("momentum", &Hyper::momentum);
+    f("centered", &Hyper::centered); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, alpha, one_minus_alpha, eps, momentum, neg_lr; };
+  enum : unsigned { kMomentum = 1, kCentered = 2, kVariants = 4 };
+  static unsigned variant(const Hyper& h) {
+    return (h.momentum > 0 ? kMomentum : 0u) | (h.centered ? kCentered : 0u);
+  }
+  // Slot order: square_avg, [grad_avg], [momentum_buffer].
+  static constexpr int nstate(unsigned v) {
+    return 1 + ((v & kCentered) ? 1 : 0) + ((v & kMomentum) ? 1 : 0);
+  }
+  static std::vector<const char*> states(unsigned v) {
+    std::vector<const char*> s{"square_avg"};
+    if (v & kCentered) s.push_back("grad_avg");
+    if (v & kMomentum) s.push_back("momentum_buffer");
+    return s;
+  }
+  static Coeffs prepare(const Hyper& h, int64_t) {
+    return {detail::grad_sign(h.maximize), h.weight_decay, h.alpha, 1.0 - h.alpha,
+            h.eps, h.momentum, -h.lr};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Adadelta (Zeiler 2012; torch.optim.Adadelta).
+struct Adadelta {
+  struct Hyper {
+    double lr = 1.0, rho = 0.9, eps = 1e-6, weight_decay = 0;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("rho", &Hyper::rho); f("eps", &Hyper::eps);
+    f("weight_decay", &Hyper::weight_decay); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, rho, one_minus_rho, eps, neg_lr; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"square_avg", "acc_delta"}; }
+  static Coeffs prepare(const Hyper& h, int64_t) {
+    return {detail::grad_sign(h.maximize), h.weight_decay, h.rho, 1.0 - h.rho, h.eps, -h.lr};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Adam / AdamW / AMSGrad (Kingma & Ba 2015; Loshchilov & Hutter 2019; Reddi et al. 2018).
+struct Adam {
+  struct Hyper {
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+    bool amsgrad = false, maximize = false, decoupled_weight_decay = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
+    f("amsgrad", &Hyper::amsgrad); f("maximize", &Hyper::maximize);
+    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay);
+  }
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step; };
+  enum : unsigned { kAmsgrad = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.amsgrad ? kAmsgrad : 0u; }
+  static constexpr int nstate(unsigned v) { return (v & kAmsgrad) ? 3 : 2; }
+  static std::vector<const char*> states(unsigned v) {
+    if (v & kAmsgrad) return {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+    return {"exp_avg", "exp_avg_sq"};
+  }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double s = static_cast<double>(step);
+    const double bc1 = 1.0 - std::pow(h.beta1, s), bc2 = 1.0 - std::pow(h.beta2, s);
+    const bool dec = h.decoupled_weight_decay;
+    return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
+            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2,
+            std::sqrt(bc2), h.eps, -h.lr / bc1};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Adamax (Kingma & Ba 2015, section 7; torch.optim.Adamax).
+struct Adamax {
+  struct Hyper {
+    double lr = 2e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, one_minus_beta1, beta2, eps, neg_clr; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_inf"}; }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
+    return {detail::grad_sign(h.maximize), h.weight_decay, 1.0 - h.beta1, h.beta2, h.eps,
+            -h.lr / bc1};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// NAdam (Dozat 2016; torch.optim.NAdam).  mu_product is the running product of the momentum
+// schedule mu_1 ... mu_{t-1}; the driver advances it after each step (after_step).
+struct NAdam {
+  struct Hyper {
+    double lr = 2e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0,
+           momentum_decay = 4e-3, mu_product = 1.0;
+    bool decoupled_weight_decay = false, maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
+    f("momentum_decay", &Hyper::momentum_decay); f("mu_product", &Hyper::mu_product);
+    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc2, eps, grad_coef, avg_coef; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
+  static double mu(const Hyper& h, int64_t step) {
+    return h.beta1 * (1.0 - 0.5 * std::pow(0.96, static_cast<double>(step) * h.momentum_decay));
+  }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(step));
+    const double mu_t = mu(h, step), mu_next = mu(h, step + 1);
+    const double prod = h.mu_product * mu_t, prod_next = prod * mu_next;
+    const bool dec = h.decoupled_weight_decay;
+    return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
+            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, bc2,
+            h.eps, -h.lr * (1.0 - mu_t) / (1.0 - prod), (-h.lr * mu_next) / (1.0 - prod_next)};
+  }
+  static void after_step(Hyper& h, int64_t step) { h.mu_product *= mu(h, step); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// RAdam (Liu et al. 2020; torch.optim.RAdam).
+struct RAdam {
+  struct Hyper {
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+    bool decoupled_weight_decay = false, maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
+    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc1, lr, bc2_sqrt, eps, rect; bool rectify; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double s = static_cast<double>(step);
+    const double bc1 = 1.0 - std::pow(h.beta1, s), bc2 = 1.0 - std::pow(h.beta2, s);
+    const double rho_inf = 2.0 / (1.0 - h.beta2) - 1.0;
+    const double rho_t = rho_inf - 2.0 * s * std::pow(h.beta2, s) / bc2;
+    const bool rectify = rho_t > 5.0;
+    const double rect = rectify ? std::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                            ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+                                : 1.0;
+    const bool dec = h.decoupled_weight_decay;
+    return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
+            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, bc1,
+            h.lr, std::sqrt(bc2), h.eps, rect, rectify};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+struct Lion {
+  struct Hyper {
+    double lr = 1e-4, beta1 = 0.9, beta2 = 0.99, weight_decay = 0;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("weight_decay", &Hyper::weight_decay); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 1; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg"}; }
+  static Coeffs prepare(const Hyper& h, int64_t) {
+    return {detail::grad_sign(h.maximize), 1.0 - h.lr * h.weight_decay, h.beta1, 1.0 - h.beta1,
+            h.beta2, 1.0 - h.beta2, -h.lr};
+  }
+};
+
+// Optimizers with no post-step bookkeeping.
+template <class Opt> auto after_step(typename Opt::Hyper& h, int64_t step, int)
+    -> decltype(Opt::after_step(h, step)) { Opt::after_step(h, step); }
+template <class Opt> void after_step(typename Opt::Hyper&, int64_t, long) {}
+
+}  // namespace fastoptim

@@ -1,0 +1,37 @@
+// A Plan is what one step of a parameter group works on: for every tensor, its element count,
+// dtype and raw pointers to the parameter, the gradient and each state buffer.  Built once per
+// group (pointers into the caller's arrays, which the caller keeps alive); a step only swaps
+// gradient pointers, or nothing when gradients are bound.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastoptim {
+
+enum class DType : int { f32 = 0, f64 = 1 };
+
+inline constexpr int kMaxState = 3;
+
+struct Tensor {
+  DType dtype = DType::f32;
+  int64_t size = 0;
+  void* param = nullptr;
+  const void* grad = nullptr;
+  void* state[kMaxState] = {nullptr, nullptr, nullptr};
+};
+
+struct Plan {
+  std::vector<Tensor> tensors;
+  std::vector<int64_t> offsets;  // offsets[i] = elements before tensor i; offsets.back() = total
+  int nstate = 0;
+
+  void add(const Tensor& t) {
+    if (offsets.empty()) offsets.push_back(0);
+    tensors.push_back(t);
+    offsets.push_back(offsets.back() + t.size);
+  }
+  int64_t total() const { return offsets.empty() ? 0 : offsets.back(); }
+};
+
+}  // namespace fastoptim

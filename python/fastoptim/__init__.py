@@ -1,0 +1,84 @@
+"""fastoptim: deep-learning optimizers (torch.optim's maths) as SIMD + OpenMP kernels that
+update NumPy arrays in place.
+
+    >>> import numpy as np, fastoptim as fo
+    >>> w = np.zeros(4, np.float32)
+    >>> opt = fo.Adam([w], lr=0.1)
+    >>> opt.step([np.ones(4, np.float32)])
+    >>> w
+    array([-0.1, -0.1, -0.1, -0.1], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+from . import _core, functional, reference
+from ._optimizer import Optimizer
+from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
+
+try:
+    __version__ = version("fastoptim")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Lion",
+    "Optimizer",
+    "functional",
+    "reference",
+    "isa",
+    "available_isas",
+    "set_num_threads",
+    "get_num_threads",
+    "__version__",
+]
+
+
+def isa() -> str:
+    """The instruction set the kernels run with: ``"scalar"`` (baseline x86-64), ``"avx2"``,
+    ``"avx512"`` or ``"neon"``.  The best one the CPU supports unless ``FASTOPT_ISA`` is set."""
+    return str(_core.isa())
+
+
+def available_isas() -> list[str]:
+    """Instruction sets compiled into this build that this CPU supports, best last."""
+    return list(_core.available_isas())
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads for large steps (default: ``OMP_NUM_THREADS`` or the available cores).
+    Results never depend on the thread count."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads a large step uses."""
+    return int(_core.get_num_threads())
+
+
+def _apply_isa_env() -> None:
+    wanted = os.environ.get("FASTOPT_ISA", "").strip().lower()
+    if not wanted:
+        return
+    if wanted not in available_isas():
+        raise ImportError(
+            f"FASTOPT_ISA={wanted!r} is not available on this machine "
+            f"(available: {', '.join(available_isas())})"
+        )
+    _core.set_isa(wanted)
+
+
+_apply_isa_env()
