@@ -261,8 +261,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_grain", &set_grain, py::arg("elements"));
   m.def("get_grain", &get_grain);
-  m.def("stream", [](const py::sequence& arrays, int nwrite) {
+  m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;
+    std::vector<Span> spans;
     int64_t n = -1;
     for (std::size_t j = 0; j < static_cast<std::size_t>(py::len(arrays)); ++j) {
       Arg a = check_array(arrays[j], "arrays[" + std::to_string(j) + "]", true);
@@ -270,12 +271,16 @@ PYBIND11_MODULE(_core, m) {
       if (n >= 0 && a.size != n) throw py::value_error("stream: arrays must have equal sizes");
       n = a.size;
       ptrs.push_back(static_cast<float*>(a.data));
+      if (a.size) spans.push_back({a.lo, a.hi, "arrays[" + std::to_string(j) + "]"});
     }
-    if (ptrs.empty()) throw py::value_error("stream: need at least one array");
+    if (ptrs.size() < 2 || ptrs.size() > static_cast<std::size_t>(kMaxState + 2))
+      throw py::value_error("stream: need 2 to " + std::to_string(kMaxState + 2) + " arrays");
+    sort_and_check_disjoint(spans);
     py::gil_scoped_release release;
-    stream(ptrs.data(), static_cast<int>(ptrs.size()), nwrite, n);
-  }, py::arg("arrays"), py::arg("nwrite"),
-  "Roofline kernel: read every array, write the mean to the first `nwrite` (float32).");
+    stream(ptrs.data(), static_cast<int>(ptrs.size()), n);
+  }, py::arg("arrays"),
+  "Roofline kernel: one pass reading every float32 array and writing all but the last "
+  "(an optimizer step's traffic).");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

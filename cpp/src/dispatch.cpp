@@ -18,7 +18,7 @@ namespace fastoptim {
 #define FASTOPTIM_DECLARE_ISA(ns)                                                        \
   namespace ns {                                                                         \
   template <class Opt> void step(const Plan&, const typename Opt::Hyper&, int64_t, int); \
-  void stream(float* const*, int, int, int64_t, int);                                    \
+  void stream(float* const*, int, int64_t, int);                                    \
   }
 #ifdef FASTOPTIM_HAVE_SCALAR
 FASTOPTIM_DECLARE_ISA(scalar)
@@ -183,11 +183,11 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
   after_step<Opt>(h, step_number, 0);
 }
 
-void stream(float* const* arrays, int nread, int nwrite, int64_t n) {
-  if (nread < 1 || nwrite < 0 || nwrite > nread)
-    throw std::invalid_argument("stream: need 1 <= nread and 0 <= nwrite <= nread");
+void stream(float* const* arrays, int narrays, int64_t n) {
+  if (narrays < 2 || narrays > kMaxState + 2)
+    throw std::invalid_argument("stream: need 2 to " + std::to_string(kMaxState + 2) + " arrays");
   const int threads = threads_for(n);
-  FASTOPTIM_FORWARD(stream, arrays, nread, nwrite, n, threads)
+  FASTOPTIM_FORWARD(stream, arrays, narrays, n, threads)
 }
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \

@@ -4,7 +4,7 @@
 // A step walks the concatenation of all tensors of a plan as one index space, split into one
 // contiguous, 64-byte-granular range per thread inside a single OpenMP parallel region (or run
 // serially when the step is small).  Within a tensor, the element functor runs in a plain
-// `#pragma omp simd` loop.  Every element is computed by the same functor whatever the split,
+// vectorized loop.  Every element is computed by the same functor whatever the split,
 // so the result is independent of the number of threads.
 #include <algorithm>
 #include <array>
@@ -30,26 +30,45 @@ namespace {
 
 constexpr int64_t kAlign = 16;  // elements per 64-byte line in float32
 
-// The inner loop: one SIMD sweep of the kernel over n elements.
-template <class K, class T, std::size_t N>
-void sweep(const K& k, T* __restrict p, const T* __restrict g, const std::array<T*, N>& st,
-           int64_t n) {
-  std::array<T*, N> s = st;
-#pragma omp simd
+// Iterations of the loop that follows are independent: vectorize without alias checks.  (Not
+// `#pragma omp simd`: OpenMP lowering runs before inlining and turns the kernel's local state
+// array into a per-lane "simd array", which then blocks vectorization of most kernels.)
+#if defined(__clang__)
+#define FASTOPTIM_VECTORIZE _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FASTOPTIM_VECTORIZE _Pragma("GCC ivdep")
+#else
+#define FASTOPTIM_VECTORIZE
+#endif
+
+// The inner loop: one SIMD sweep of the kernel over n elements.  The state pointers arrive as a
+// parameter pack so each is a plain scalar (loop-invariant, restrict) the vectorizer can use.
+// `k` is taken by value: a local copy cannot alias the arrays, so its coefficients stay in
+// registers (broadcast once) instead of being reloaded every iteration.
+template <class K, class T, class... S>
+void sweep(const K k, T* __restrict p, const T* __restrict g, int64_t n, S* __restrict... s) {
+FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < n; ++i) {
-    std::array<T, N> v;
-    for (std::size_t j = 0; j < N; ++j) v[j] = s[j][i];
+    std::array<T, sizeof...(S)> v{s[i]...};
     k(p[i], g[i], v);
-    for (std::size_t j = 0; j < N; ++j) s[j][i] = v[j];
+    std::size_t j = 0;
+    ((s[i] = v[j++]), ...);
   }
 }
 
-template <class K, class T>
-void sweep_tensor(const K& k, const Tensor& t, int64_t lo, int64_t hi) {
-  constexpr std::size_t N = static_cast<std::size_t>(K::nstate);
-  std::array<T*, N> st{};
-  for (std::size_t j = 0; j < N; ++j) st[j] = static_cast<T*>(t.state[j]) + lo;
-  sweep(k, static_cast<T*>(t.param) + lo, static_cast<const T*>(t.grad) + lo, st, hi - lo);
+template <class K, class T, std::size_t... J>
+void sweep_tensor(const K& k, const Tensor& t, int64_t lo, int64_t hi, std::index_sequence<J...>) {
+  sweep(k, static_cast<T*>(t.param) + lo, static_cast<const T*>(t.grad) + lo, hi - lo,
+        (static_cast<T*>(t.state[J]) + lo)...);
+}
+
+template <class... S>
+void stream_sweep(const float* __restrict last, int64_t n, float scale, S* __restrict... w) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    const float mean = (last[i] + ... + w[i]) * scale;
+    ((w[i] = mean), ...);
+  }
 }
 
 // Apply f(tensor, lo, hi) to the part of the global index range [lo, hi) in each tensor.
@@ -92,10 +111,11 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int threads) {
   const Kernel<Opt, double, V> kd{c};
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
+      constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
       if (t.dtype == DType::f32)
-        sweep_tensor<Kernel<Opt, float, V>, float>(kf, t, a, b);
+        sweep_tensor<Kernel<Opt, float, V>, float>(kf, t, a, b, states);
       else
-        sweep_tensor<Kernel<Opt, double, V>, double>(kd, t, a, b);
+        sweep_tensor<Kernel<Opt, double, V>, double>(kd, t, a, b, states);
     });
   });
 }
@@ -120,28 +140,25 @@ void step(const Plan& plan, const typename Opt::Hyper& h, int64_t step, int thre
 FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
-void stream(float* const* arrays, int nread, int nwrite, int64_t n, int threads) {
+// The roofline reference: one fused pass that reads every array and writes all but the last
+// (as an optimizer reads param, grad and state and writes param and state), nothing else.
+template <std::size_t... J>
+void stream_impl(float* const* a, int64_t n, int threads, std::index_sequence<J...>) {
+  constexpr std::size_t R = sizeof...(J) + 1;
+  const float scale = 1.0f / static_cast<float>(R);
   parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
-    for (int64_t base = lo; base < hi; base += 4096) {
-      const int64_t end = std::min(hi, base + 4096);
-      // Sum the read arrays, then write the mean to each written array (bounded values).
-      const float scale = 1.0f / static_cast<float>(nread);
-      float* __restrict a0 = arrays[0];
-      float buf[4096];
-#pragma omp simd
-      for (int64_t i = base; i < end; ++i) buf[i - base] = a0[i];
-      for (int j = 1; j < nread; ++j) {
-        const float* __restrict aj = arrays[j];
-#pragma omp simd
-        for (int64_t i = base; i < end; ++i) buf[i - base] += aj[i];
-      }
-      for (int j = 0; j < nwrite; ++j) {
-        float* __restrict aj = arrays[j];
-#pragma omp simd
-        for (int64_t i = base; i < end; ++i) aj[i] = buf[i - base] * scale;
-      }
-    }
+    stream_sweep(a[R - 1] + lo, hi - lo, scale, (a[J] + lo)...);
   });
+}
+
+void stream(float* const* arrays, int narrays, int64_t n, int threads) {
+  switch (narrays) {
+    case 2: stream_impl(arrays, n, threads, std::make_index_sequence<1>{}); break;
+    case 3: stream_impl(arrays, n, threads, std::make_index_sequence<2>{}); break;
+    case 4: stream_impl(arrays, n, threads, std::make_index_sequence<3>{}); break;
+    case 5: stream_impl(arrays, n, threads, std::make_index_sequence<4>{}); break;
+    default: break;  // validated by the caller
+  }
 }
 
 }  // namespace FASTOPTIM_ISA_NS

@@ -112,13 +112,18 @@ class Optimizer:
             self.add_param_group(g)
 
     # ------------------------------------------------------------------ per-optimizer hooks
-    def _check(self, group: Mapping[str, Any]) -> None:
+    # _check and _core_values are classmethods: the functional tier (functional.py) calls them
+    # without an optimizer instance.
+    @classmethod
+    def _check(cls, group: Mapping[str, Any]) -> None:
         """Raise ValueError naming any invalid hyper-parameter of `group`."""
 
-    def _core_values(self, group: Mapping[str, Any], fresh: set[str]) -> dict[str, Any]:
+    @classmethod
+    def _core_values(cls, group: Mapping[str, Any], fresh: set[str]) -> dict[str, Any]:
         """The compiled kernel's hyper-parameters for `group` (field name -> value): the
-        group's entries of the same name, and ``betas`` as ``beta1``/``beta2``."""
-        fields = _hyper_fields(self._hyper_type)
+        group's entries of the same name, and ``betas`` as ``beta1``/``beta2``.  `fresh`: the
+        state buffers just created (not yet used by a step)."""
+        fields = _hyper_fields(cls._hyper_type)
         values = {k: v for k, v in group.items() if k in fields}
         if "betas" in group:
             values["beta1"], values["beta2"] = group["betas"]
@@ -129,15 +134,20 @@ class Optimizer:
         return 0.0
 
     # ------------------------------------------------------------------ groups
+    def _check_keys(self, group: Mapping[str, Any]) -> None:
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: unknown hyper-parameter(s) {sorted(unknown)} in a group"
+            )
+
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Add a group of parameters (``{"params": list or dict, "lr": ..., ...}``); missing
         hyper-parameters take the optimizer's defaults."""
         cls = type(self).__name__
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError(f"{cls}: a parameter group must be a dict with a 'params' entry")
-        unknown = set(param_group) - set(self.defaults) - {"params"}
-        if unknown:
-            raise ValueError(f"{cls}: unknown hyper-parameter(s) {sorted(unknown)} in a group")
+        self._check_keys(param_group)
         raw = param_group["params"]
         if isinstance(raw, np.ndarray):
             raise TypeError(f"{cls}: a group's 'params' must be a list or dict of arrays")
@@ -272,6 +282,7 @@ class Optimizer:
     def _prepare(self, grads: Grads | None) -> list[list[np.ndarray]]:
         """Validate everything a step needs and bind the gradients; touches no element."""
         for group in self.param_groups:
+            self._check_keys(group)
             self._check(group)
         for g, group in zip(self._groups, self.param_groups):
             self._sync(g, group)

@@ -71,7 +71,8 @@ class SGD(Optimizer):
             ),
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for name in ("lr", "momentum", "weight_decay"):
             check_nonnegative("SGD", name, group[name])
         check_unit("SGD", "dampening", group["dampening"], closed=True)
@@ -80,7 +81,8 @@ class SGD(Optimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("SGD: nesterov=True requires momentum > 0 and dampening = 0")
 
-    def _core_values(self, group: Any, fresh: set[str]) -> dict[str, Any]:
+    @classmethod
+    def _core_values(cls, group: Any, fresh: set[str]) -> dict[str, Any]:
         values = super()._core_values(group, fresh)
         values["first_momentum_step"] = "momentum_buffer" in fresh
         return values
@@ -122,7 +124,8 @@ class Adagrad(Optimizer):
             ),
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
             check_nonnegative("Adagrad", name, group[name])
         check_flag("Adagrad", "maximize", group["maximize"])
@@ -172,7 +175,8 @@ class RMSprop(Optimizer):
             ),
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for name in ("lr", "eps", "weight_decay", "momentum"):
             check_nonnegative("RMSprop", name, group[name])
         check_unit("RMSprop", "alpha", group["alpha"], closed=True)
@@ -208,7 +212,8 @@ class Adadelta(Optimizer):
             params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for name in ("lr", "eps", "weight_decay"):
             check_nonnegative("Adadelta", name, group[name])
         check_unit("Adadelta", "rho", group["rho"], closed=True)
@@ -258,8 +263,9 @@ class Adam(Optimizer):
             ),
         )
 
-    def _check(self, group: Any) -> None:
-        name = type(self).__name__
+    @classmethod
+    def _check(cls, group: Any) -> None:
+        name = cls.__name__
         for key in ("lr", "eps", "weight_decay"):
             check_nonnegative(name, key, group[key])
         check_betas(name, group["betas"])
@@ -323,7 +329,8 @@ class Adamax(Optimizer):
             params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for key in ("lr", "eps", "weight_decay"):
             check_nonnegative("Adamax", key, group[key])
         check_betas("Adamax", group["betas"])
@@ -372,7 +379,8 @@ class NAdam(Optimizer):
             ),
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for key in ("lr", "eps", "weight_decay", "momentum_decay"):
             check_nonnegative("NAdam", key, group[key])
         check_betas("NAdam", group["betas"])
@@ -421,7 +429,8 @@ class RAdam(Optimizer):
             ),
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for key in ("lr", "eps", "weight_decay"):
             check_nonnegative("RAdam", key, group[key])
         check_betas("RAdam", group["betas"])
@@ -456,7 +465,8 @@ class Lion(Optimizer):
             params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         )
 
-    def _check(self, group: Any) -> None:
+    @classmethod
+    def _check(cls, group: Any) -> None:
         for key in ("lr", "weight_decay"):
             check_nonnegative("Lion", key, group[key])
         check_betas("Lion", group["betas"])

@@ -1,1 +1,488 @@
+r"""Every fastoptim optimizer again, in plain readable NumPy.
+
+What it is for:
+
+* **the test oracle**: ``tests/test_kernels.py`` runs each compiled optimizer against the class
+  of the same name here (on float64 copies) and compares parameters and every state array
+  elementwise;
+* **the baseline** the benchmarks compare against (what a careful NumPy user would write);
+* **documentation of the maths**: one short function per optimizer, operation for operation
+  the single-tensor ("for-loop") implementation of ``torch.optim`` (``_single_tensor_adam``
+  and friends), with plain ``a * b + c`` where the kernels may use fused multiply-adds.
+
+The classes have exactly the signatures, defaults, validation, parameter groups, state names
+(``opt.state[k]["exp_avg"]``...), gradient buffers and checkpoint layout of
+:mod:`fastoptim.optimizers`: each one subclasses the compiled optimizer and replaces only the
+arithmetic of a step (the ``_run`` hook).  Gradients are still validated (dtype, shape, layout,
+aliasing) before anything is touched, exactly as in the compiled classes.  Nothing here calls
+the compiled kernels.
+
+All updates happen in place, in the arrays' own dtype.  Per-step scalars (learning rates, bias
+corrections) are computed in Python floats (double precision), as torch does.
+
+    >>> import numpy as np
+    >>> from fastoptim import reference
+    >>> w = np.zeros(3)
+    >>> reference.Adam([w], lr=0.1).step([np.ones(3)])
+    >>> w
+    array([-0.1, -0.1, -0.1])
+"""
+
 from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from . import optimizers as _fast
+from ._optimizer import _Group
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Lion",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _effective_grad(
+    param: np.ndarray, grad: np.ndarray, weight_decay: float, maximize: bool
+) -> np.ndarray:
+    """The gradient as torch's optimizers see it: negated when maximizing, plus L2 weight decay.
+    Returns a new array: the caller's gradient is never modified."""
+    grad = -grad if maximize else grad
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    return np.asarray(grad)
+
+
+def _lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
+    """a <- a + weight * (b - a)  (torch.Tensor.lerp_)."""
+    a += weight * (b - a)
+
+
+# ----------------------------------------------------------------------------- the updates
+def sgd_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray | None,
+    *,
+    first_step: bool,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """SGD: ``b = momentum * b + (1 - dampening) * g`` (``b = g`` on the buffer's first use),
+    ``d = g + momentum * b`` (nesterov) or ``b``; ``p -= lr * d``."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    if momentum != 0:
+        assert momentum_buffer is not None
+        if first_step:
+            momentum_buffer[...] = g
+        else:
+            momentum_buffer *= momentum
+            momentum_buffer += (1 - dampening) * g
+        g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    param -= lr * g
+
+
+def adagrad_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    state_sum: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """Adagrad: ``s += g * g``; ``p -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(s) + eps)``."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum += g * g
+    param -= clr * (g / (np.sqrt(state_sum) + eps))
+
+
+def rmsprop_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    square_avg: np.ndarray,
+    grad_avg: np.ndarray | None,
+    momentum_buffer: np.ndarray | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    """RMSprop: ``v = alpha * v + (1 - alpha) * g * g``; centered: ``m = lerp(m, g, 1 - alpha)``
+    and ``v - m * m`` replaces ``v``; ``d = g / (sqrt(v) + eps)``; momentum:
+    ``b = momentum * b + d``, ``p -= lr * b``; else ``p -= lr * d``."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    if centered:
+        assert grad_avg is not None
+        _lerp_(grad_avg, g, 1 - alpha)
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        assert momentum_buffer is not None
+        momentum_buffer *= momentum
+        momentum_buffer += g / avg
+        param -= lr * momentum_buffer
+    else:
+        param -= lr * (g / avg)
+
+
+def adadelta_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    square_avg: np.ndarray,
+    acc_delta: np.ndarray,
+    *,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Adadelta: ``v = rho * v + (1 - rho) * g * g``;
+    ``delta = sqrt(u + eps) / sqrt(v + eps) * g``; ``u = rho * u + (1 - rho) * delta * delta``;
+    ``p -= lr * delta``."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    square_avg *= rho
+    square_avg += (1 - rho) * g * g
+    std = np.sqrt(square_avg + eps)
+    delta = np.sqrt(acc_delta + eps) / std * g
+    acc_delta *= rho
+    acc_delta += (1 - rho) * delta * delta
+    param -= lr * delta
+
+
+def adam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Adam / AdamW / AMSGrad: ``m = lerp(m, g, 1 - beta1)``,
+    ``v = beta2 * v + (1 - beta2) * g * g``, ``v_hat = max(v_hat, v)`` (amsgrad);
+    ``p -= lr / (1 - beta1^t) * m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)``, after
+    ``p *= 1 - lr * weight_decay`` when the decay is decoupled."""
+    if decoupled_weight_decay:
+        g = _effective_grad(param, grad, 0, maximize)
+        if weight_decay != 0:
+            param *= 1 - lr * weight_decay
+    else:
+        g = _effective_grad(param, grad, weight_decay, maximize)
+    _lerp_(exp_avg, g, 1 - beta1)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    v = exp_avg_sq
+    if amsgrad:
+        assert max_exp_avg_sq is not None
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    denom = np.sqrt(v) / math.sqrt(bias_correction2) + eps
+    param -= step_size * (exp_avg / denom)
+
+
+def adamax_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_inf: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Adamax: ``m = lerp(m, g, 1 - beta1)``, ``u = max(beta2 * u, |g| + eps)``;
+    ``p -= lr / (1 - beta1^t) * m / u``."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    _lerp_(exp_avg, g, 1 - beta1)
+    exp_inf *= beta2
+    np.maximum(exp_inf, np.abs(g) + eps, out=exp_inf)
+    clr = lr / (1 - beta1**step)
+    param -= clr * (exp_avg / exp_inf)
+
+
+def nadam_momentum(beta1: float, momentum_decay: float, step: int) -> float:
+    """NAdam's momentum schedule ``mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))``."""
+    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+def nadam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    mu_product: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """NAdam.  ``mu_product`` is the product ``mu_1 ... mu_{t-1}`` (1 at the first step); the
+    caller advances it by ``mu_t`` afterwards.  ``m``, ``v`` as Adam;
+    ``d = sqrt(v / (1 - beta2^t)) + eps``;
+    ``p -= lr * (1 - mu_t) / (1 - mu_1...mu_t) * g / d
+             + lr * mu_{t+1} / (1 - mu_1...mu_{t+1}) * m / d``."""
+    if decoupled_weight_decay:
+        g = _effective_grad(param, grad, 0, maximize)
+        if weight_decay != 0:
+            param *= 1 - lr * weight_decay
+    else:
+        g = _effective_grad(param, grad, weight_decay, maximize)
+    bias_correction2 = 1 - beta2**step
+    mu = nadam_momentum(beta1, momentum_decay, step)
+    mu_next = nadam_momentum(beta1, momentum_decay, step + 1)
+    mu_product = mu_product * mu
+    mu_product_next = mu_product * mu_next
+    _lerp_(exp_avg, g, 1 - beta1)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    denom = np.sqrt(exp_avg_sq / bias_correction2) + eps
+    param += (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+    param += ((-lr * mu_next) / (1.0 - mu_product_next)) * (exp_avg / denom)
+
+
+def radam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """RAdam: ``m``, ``v`` as Adam; ``m_hat = m / (1 - beta1^t)``;
+    ``rho_inf = 2 / (1 - beta2) - 1``, ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)``;
+    when ``rho_t > 5``: ``p -= m_hat * lr * sqrt(1 - beta2^t) / (sqrt(v) + eps) * r_t`` with
+    the rectification ``r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t))``,
+    otherwise (the first few steps) ``p -= m_hat * lr``."""
+    if decoupled_weight_decay:
+        g = _effective_grad(param, grad, 0, maximize)
+        if weight_decay != 0:
+            param *= 1 - lr * weight_decay
+    else:
+        g = _effective_grad(param, grad, weight_decay, maximize)
+    _lerp_(exp_avg, g, 1 - beta1)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    bias_corrected_exp_avg = exp_avg / bias_correction1
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2**step / bias_correction2
+    if rho_t > 5.0:
+        rect = math.sqrt(
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        )
+        adaptive_lr = math.sqrt(bias_correction2) / (np.sqrt(exp_avg_sq) + eps)
+        param -= bias_corrected_exp_avg * lr * adaptive_lr * rect
+    else:
+        param -= bias_corrected_exp_avg * lr
+
+
+def lion_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Lion: ``p = p * (1 - lr * weight_decay) - lr * sign(beta1 * m + (1 - beta1) * g)``
+    (``sign(0) = 0``), then ``m = beta2 * m + (1 - beta2) * g``."""
+    g = _effective_grad(param, grad, 0, maximize)
+    update = np.sign(beta1 * exp_avg + (1 - beta1) * g)
+    param *= 1 - lr * weight_decay
+    param -= lr * update
+    exp_avg *= beta2
+    exp_avg += (1 - beta2) * g
+
+
+# ----------------------------------------------------------------------------- the classes
+def _for_each(
+    g: _Group,
+    grads: list[np.ndarray],
+    update: Callable[..., None],
+    state_names: tuple[str, ...],
+    **hyper: Any,
+) -> None:
+    """Call ``update(param, grad, *states, **hyper)`` for every parameter of group `g`; a state
+    the current hyper-parameters do not use is passed as None."""
+    used = set(g.hyper.state_names())
+    for i, (param, grad) in enumerate(zip(g.params, grads)):
+        states = [g.states[n][i] if n in used else None for n in state_names]
+        update(param, grad, *states, **hyper)
+
+
+class SGD(_fast.SGD):
+    __doc__ = _fast.SGD.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, sgd_update, ("momentum_buffer",),
+            first_step="momentum_buffer" in g.fresh, lr=h.lr, momentum=h.momentum,
+            dampening=h.dampening, weight_decay=h.weight_decay, nesterov=h.nesterov,
+            maximize=h.maximize,
+        )  # fmt: skip
+
+
+class Adagrad(_fast.Adagrad):
+    __doc__ = _fast.Adagrad.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, adagrad_update, ("sum",),
+            step=g.step + 1, lr=h.lr, lr_decay=h.lr_decay, weight_decay=h.weight_decay,
+            eps=h.eps, maximize=h.maximize,
+        )  # fmt: skip
+
+
+class RMSprop(_fast.RMSprop):
+    __doc__ = _fast.RMSprop.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, rmsprop_update, ("square_avg", "grad_avg", "momentum_buffer"),
+            lr=h.lr, alpha=h.alpha, eps=h.eps, weight_decay=h.weight_decay,
+            momentum=h.momentum, centered=h.centered, maximize=h.maximize,
+        )  # fmt: skip
+
+
+class Adadelta(_fast.Adadelta):
+    __doc__ = _fast.Adadelta.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, adadelta_update, ("square_avg", "acc_delta"),
+            lr=h.lr, rho=h.rho, eps=h.eps, weight_decay=h.weight_decay, maximize=h.maximize,
+        )  # fmt: skip
+
+
+class Adam(_fast.Adam):
+    __doc__ = _fast.Adam.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, adam_update, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+            step=g.step + 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+            weight_decay=h.weight_decay, amsgrad=h.amsgrad, maximize=h.maximize,
+            decoupled_weight_decay=h.decoupled_weight_decay,
+        )  # fmt: skip
+
+
+class AdamW(_fast.AdamW, Adam):
+    __doc__ = _fast.AdamW.__doc__
+
+
+class Adamax(_fast.Adamax):
+    __doc__ = _fast.Adamax.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, adamax_update, ("exp_avg", "exp_inf"),
+            step=g.step + 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+            weight_decay=h.weight_decay, maximize=h.maximize,
+        )  # fmt: skip
+
+
+class NAdam(_fast.NAdam):
+    __doc__ = _fast.NAdam.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        step = g.step + 1
+        _for_each(
+            g, grads, nadam_update, ("exp_avg", "exp_avg_sq"),
+            step=step, mu_product=h.mu_product, lr=h.lr, beta1=h.beta1, beta2=h.beta2,
+            eps=h.eps, weight_decay=h.weight_decay, momentum_decay=h.momentum_decay,
+            decoupled_weight_decay=h.decoupled_weight_decay, maximize=h.maximize,
+        )  # fmt: skip
+        # The group's running product mu_1 ... mu_t (the compiled step advances it in C++).
+        h.mu_product = h.mu_product * nadam_momentum(h.beta1, h.momentum_decay, step)
+
+
+class RAdam(_fast.RAdam):
+    __doc__ = _fast.RAdam.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, radam_update, ("exp_avg", "exp_avg_sq"),
+            step=g.step + 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+            weight_decay=h.weight_decay, decoupled_weight_decay=h.decoupled_weight_decay,
+            maximize=h.maximize,
+        )  # fmt: skip
+
+
+class Lion(_fast.Lion):
+    __doc__ = _fast.Lion.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(
+            g, grads, lion_update, ("exp_avg",),
+            lr=h.lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay,
+            maximize=h.maximize,
+        )  # fmt: skip

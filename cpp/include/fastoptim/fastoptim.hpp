@@ -30,8 +30,9 @@ int64_t get_grain();
 // running scalars (NAdam's mu_product).
 template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t step);
 
-// Streaming reference kernel for roofline measurements: reads `nread` arrays and writes
-// `nwrite` of them (dst[i] = src sums), n float elements each, with the step's thread layout.
-void stream(float* const* arrays, int nread, int nwrite, int64_t n);
+// Streaming reference kernel for roofline measurements, with a step's thread layout: one pass
+// over `narrays` float arrays of n elements (2 to kMaxState + 2) that reads all of them and
+// writes all but the last, the memory traffic of an optimizer step with narrays - 2 states.
+void stream(float* const* arrays, int narrays, int64_t n);
 
 }  // namespace fastoptim

@@ -2,7 +2,7 @@
 //
 // Each Kernel<Opt, T, V> (V = the variant's flag bits) holds the step's Coeffs by value and
 // updates one element: the parameter p, its gradient g and the variant's state values s[0..N).
-// The driver (step.cpp) runs it inside a `#pragma omp simd` loop; the very same functor handles
+// The driver (step.cpp) runs it inside a vectorized loop; the very same functor handles
 // every element, tails included, so results do not depend on chunking, alignment or threads.
 //
 // Operation order follows torch.optim's single-tensor ("for-loop") implementation.  Products
@@ -38,9 +38,11 @@ template <class T> inline T sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-
 // torch.maximum: NaN propagates.
 template <class T> inline T maximum(T a, T b) { return (a > b || a != a) ? a : b; }
 
-// The gradient as torch's optimizers see it: negated when maximizing, plus L2 weight decay.
+// The gradient as torch's optimizers see it: negated when maximizing, plus L2 weight decay
+// only when there is some (as torch: 0 * p would turn an infinite parameter into NaN).
 template <class T, class C> inline T effective_grad(const C& c, T p, T g) {
-  return fmadd(T(c.wd), p, T(c.gsign) * g);
+  const T g1 = T(c.gsign) * g;
+  return c.wd != 0 ? fmadd(T(c.wd), p, g1) : g1;
 }
 
 template <class Opt, class T, unsigned V> struct Kernel;
@@ -172,7 +174,9 @@ template <class T, unsigned V> struct Kernel<RAdam, T, V> {
     exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
     const T step = exp_avg / T(c.bc1) * T(c.lr);
     const T adaptive_lr = T(c.bc2_sqrt) / (std::sqrt(exp_avg_sq) + T(c.eps));
-    p = p * T(c.decay) - (c.rectify ? step * adaptive_lr * T(c.rect) : step);
+    // Rectified (rho_t > 5): step * adaptive_lr * rect; before that: step (rect = 1).
+    const T factor = c.rectify != 0 ? adaptive_lr : T(1);
+    p = p * T(c.decay) - step * factor * T(c.rect);
   }
 };
 

@@ -224,7 +224,7 @@ struct RAdam {
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
   }
-  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc1, lr, bc2_sqrt, eps, rect; bool rectify; };
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc1, lr, bc2_sqrt, eps, rect, rectify; };
   enum : unsigned { kVariants = 1 };
   static unsigned variant(const Hyper&) { return 0; }
   static constexpr int nstate(unsigned) { return 2; }
@@ -241,7 +241,7 @@ struct RAdam {
     const bool dec = h.decoupled_weight_decay;
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
             dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, bc1,
-            h.lr, std::sqrt(bc2), h.eps, rect, rectify};
+            h.lr, std::sqrt(bc2), h.eps, rect, rectify ? 1.0 : 0.0};
   }
 };
 

@@ -1,0 +1,38 @@
+"""Shared fixtures: the instruction-set fixture and a deterministic random generator."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import fastoptim
+from fastoptim import _core
+
+
+def isas_under_test() -> list[str]:
+    """Every instruction set this build and CPU support, or only the one ``FASTOPT_ISA`` forces
+    (CI runs the whole suite once per ISA that way)."""
+    forced = os.environ.get("FASTOPT_ISA", "").strip().lower()
+    return [forced] if forced else fastoptim.available_isas()
+
+
+@pytest.fixture(params=isas_under_test())
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the kernels of one instruction set; restores the previous one."""
+    before = fastoptim.isa()
+    _core.set_isa(request.param)
+    try:
+        assert fastoptim.isa() == request.param
+        yield request.param
+    finally:
+        _core.set_isa(before)
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded from the test's id: reproducible, and different for every test."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

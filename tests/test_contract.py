@@ -1,0 +1,740 @@
+"""The contract every optimizer honours, whatever its maths:
+
+- updates happen in place (same objects, same addresses), state and gradient buffers are views
+  into one contiguous arena per group;
+- parameters can be given as a list, a dict or a list of group dicts, gradients as a list, a
+  dict or through the bound ``opt.grads``; hyper-parameter changes take effect at the next step;
+- every rejected call raises TypeError/ValueError naming the offending parameter and what is
+  wrong, and changes nothing (params, state, step counts: bit-identical);
+- 0-d and empty arrays work; NaN/Inf gradients never crash;
+- results do not depend on the thread count; the instruction set can be forced.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+
+# Options that create every state buffer of each optimizer.
+OPTIMIZERS: list[tuple[Any, dict[str, Any]]] = [
+    (fo.SGD, dict(lr=0.1, momentum=0.9)),
+    (fo.Adagrad, dict(lr=0.1)),
+    (fo.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+    (fo.Adadelta, dict(lr=1.0)),
+    (fo.Adam, dict(lr=0.01, amsgrad=True)),
+    (fo.AdamW, dict(lr=0.01, amsgrad=True)),
+    (fo.Adamax, dict(lr=0.01)),
+    (fo.NAdam, dict(lr=0.01)),
+    (fo.RAdam, dict(lr=0.01)),
+    (fo.Lion, dict(lr=0.01)),
+]
+IDS = [c.__name__ for c, _ in OPTIMIZERS]
+STATES = {
+    "SGD": ["momentum_buffer"],
+    "Adagrad": ["sum"],
+    "RMSprop": ["square_avg", "grad_avg", "momentum_buffer"],
+    "Adadelta": ["square_avg", "acc_delta"],
+    "Adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    "AdamW": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    "Adamax": ["exp_avg", "exp_inf"],
+    "NAdam": ["exp_avg", "exp_avg_sq"],
+    "RAdam": ["exp_avg", "exp_avg_sq"],
+    "Lion": ["exp_avg"],
+}
+SHAPES = [(5,), (3, 4), (17,)]
+
+every_optimizer = pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=IDS)
+
+
+def test_table_covers_every_optimizer() -> None:
+    classes = {getattr(fo, n) for n in fo.__all__}
+    optimizers = {c for c in classes if isinstance(c, type) and issubclass(c, fo.Optimizer)}
+    assert optimizers - {fo.Optimizer} == {c for c, _ in OPTIMIZERS}
+
+
+# ---------------------------------------------------------------------------- helpers
+def make_params(dtype: Any = np.float32, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+
+
+def make_grads(params: list[np.ndarray], seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+
+
+def root(a: np.ndarray) -> np.ndarray:
+    """The array owning `a`'s memory (end of the .base chain)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def raw(a: np.ndarray) -> np.ndarray:
+    return np.frombuffer(a.tobytes(), dtype=np.uint8)
+
+
+def snapshot(opt: fo.Optimizer, *extra: np.ndarray) -> list[tuple[str, Any]]:
+    """Raw bytes of every parameter and state array, every step count, and `extra` arrays."""
+    snap: list[tuple[str, Any]] = []
+    for gi, group in enumerate(opt.param_groups):
+        ps = group["params"]
+        for key, p in ps.items() if hasattr(ps, "items") else enumerate(ps):
+            snap.append((f"group {gi} param {key}", raw(p)))
+    for key, entry in opt.state.items():
+        for name, value in entry.items():
+            snap.append((f"state {key} {name}", value if name == "step" else raw(value)))
+    for i, a in enumerate(extra):
+        snap.append((f"extra {i}", raw(a)))
+    return snap
+
+
+def assert_same(before: list[tuple[str, Any]], after: list[tuple[str, Any]]) -> None:
+    assert [k for k, _ in before] == [k for k, _ in after]
+    for (k, b), (_, a) in zip(before, after):
+        if isinstance(b, np.ndarray):
+            assert np.array_equal(b, a), f"{k} changed"
+        else:
+            assert b == a, f"{k} changed"
+
+
+def stepped(cls: Any, kw: dict[str, Any], n: int = 2) -> tuple[Any, list[Any]]:
+    """An optimizer over three float32 params that has taken `n` steps (non-trivial state)."""
+    params = make_params()
+    opt = cls(params, **kw)
+    for i in range(n):
+        opt.step(make_grads(params, seed=10 + i))
+    return opt, params
+
+
+# ---------------------------------------------------------------------------- in place
+@every_optimizer
+def test_in_place_same_objects_and_addresses(cls: Any, kw: dict[str, Any]) -> None:
+    params = make_params()
+    start = [p.copy() for p in params]
+    addresses = [p.ctypes.data for p in params]
+    opt = cls(params, **kw)
+    for i in range(3):
+        opt.step(make_grads(params, seed=i))
+    assert [p.ctypes.data for p in params] == addresses
+    assert all(a is b for a, b in zip(opt.param_groups[0]["params"], params))
+    for p, s in zip(params, start):
+        assert not np.array_equal(p, s)
+    for i in range(len(params)):
+        assert opt.state[i]["step"] == 3
+
+
+@every_optimizer
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_state_is_one_arena_per_group(cls: Any, kw: dict[str, Any], dtype: Any) -> None:
+    g0, g1 = make_params(dtype), make_params(dtype, seed=5)
+    opt = cls([{"params": g0}, {"params": g1}], **kw)
+    opt.step(make_grads(g0 + g1))
+    names = STATES[cls.__name__]
+    roots: list[int] = []
+    for gi, group in enumerate((range(0, 3), range(3, 6))):
+        for name in names:
+            views = [opt.state[i][name] for i in group]
+            params = [(g0 + g1)[i] for i in group]
+            block = root(views[0])
+            lo, hi = block.ctypes.data, block.ctypes.data + block.nbytes
+            for v, p in zip(views, params):
+                assert root(v) is block, f"{name} of group {gi} is not in one arena"
+                assert v.shape == p.shape and v.dtype == p.dtype
+                assert v.flags.c_contiguous and v.flags.writeable
+                assert lo <= v.ctypes.data and v.ctypes.data + v.nbytes <= hi
+                assert v.ctypes.data % 64 == 0
+            # the views are laid out in parameter order without overlap
+            starts = [v.ctypes.data for v in views]
+            assert all(a + v.nbytes <= b for a, v, b in zip(starts, views, starts[1:]))
+            roots.append(id(block))
+    assert len(set(roots)) == len(roots)  # one arena per (group, state)
+    assert set(opt.state[0]) == {"step", *names}
+
+
+@every_optimizer
+def test_grads_buffer(cls: Any, kw: dict[str, Any]) -> None:
+    g0, g1 = make_params(), make_params(seed=5)
+    opt = cls([{"params": g0}, {"params": g1}], **kw)
+    twin_params = [p.copy() for p in g0 + g1]
+    twin = cls([{"params": twin_params[:3]}, {"params": twin_params[3:]}], **kw)
+    grads = opt.grads
+    assert isinstance(grads, list) and len(grads) == 6
+    again = opt.grads
+    assert isinstance(again, list) and all(x is y for x, y in zip(again, grads))  # same buffers
+    for group in (grads[:3], grads[3:]):
+        block = root(group[0])
+        lo, hi = block.ctypes.data, block.ctypes.data + block.nbytes
+        for g in group:
+            assert root(g) is block
+            assert lo <= g.ctypes.data and g.ctypes.data + g.nbytes <= hi
+            assert g.flags.c_contiguous and g.flags.writeable
+    assert root(grads[0]) is not root(grads[3])
+    for g, p in zip(grads, g0 + g1):
+        assert g.shape == p.shape and g.dtype == p.dtype
+        assert not g.any()
+    for step in range(2):
+        values = make_grads(g0 + g1, seed=20 + step)
+        for g, v in zip(grads, values):
+            g[...] = v
+        opt.step()  # uses opt.grads
+        twin.step(values)
+        for a, b in zip(g0 + g1, twin_params):
+            assert a.tobytes() == b.tobytes()
+        assert all(np.array_equal(g, v) for g, v in zip(grads, values))  # grads only read
+    opt.zero_grad()
+    assert not any(g.any() for g in grads)
+    # a step with explicit gradients, then back to the bound buffers
+    values = make_grads(g0 + g1, seed=30)
+    opt.step(values)
+    twin.step(values)
+    for g, v in zip(grads, values):
+        g[...] = v
+    opt.step()
+    twin.step(values)
+    for a, b in zip(g0 + g1, twin_params):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_views_of_one_flat_buffer_and_read_only_grads() -> None:
+    """Disjoint views of one buffer are fine as parameters (updated in the buffer); gradients
+    are only read, so read-only ones are accepted."""
+    flat = np.zeros(20, np.float32)
+    opt = fo.SGD([flat[:5], flat[5:].reshape(3, 5)], lr=1.0)
+    grads = [np.ones(5, np.float32), np.full((3, 5), 2.0, np.float32)]
+    for g in grads:
+        g.flags.writeable = False
+    opt.step(grads)
+    np.testing.assert_array_equal(flat, [-1.0] * 5 + [-2.0] * 15)
+
+
+def test_zero_grad_before_grads_exist() -> None:
+    opt = fo.SGD(make_params(), lr=0.1)
+    opt.zero_grad()  # nothing allocated yet: no error
+
+
+@every_optimizer
+def test_params_as_dict(cls: Any, kw: dict[str, Any]) -> None:
+    arrays = make_params()
+    named = dict(zip(("a", "b", "c"), arrays))
+    listed = [p.copy() for p in arrays]
+    opt_d, opt_l = cls(named, **kw), cls(listed, **kw)
+    assert set(opt_d.state) == {"a", "b", "c"}
+    grads = make_grads(arrays)
+    opt_d.step(dict(zip(("c", "a", "b"), (grads[2], grads[0], grads[1]))))  # any key order
+    opt_l.step(grads)
+    bound = opt_d.grads
+    assert isinstance(bound, dict) and list(bound) == ["a", "b", "c"]
+    for k, g in zip("abc", grads):
+        bound[k][...] = g
+    opt_d.step()
+    opt_l.step(grads)
+    for a, b in zip(arrays, listed):
+        assert a.tobytes() == b.tobytes()
+    assert opt_d.param_groups[0]["params"]["b"] is arrays[1]
+
+
+@every_optimizer
+def test_group_dicts_with_per_group_hyper(cls: Any, kw: dict[str, Any]) -> None:
+    a, b = make_params(), make_params()  # identical values
+    lr = kw["lr"]
+    opt = cls([{"params": a}, {"params": b, "lr": lr / 4}], **kw)
+    assert opt.param_groups[0]["lr"] == lr and opt.param_groups[1]["lr"] == lr / 4
+    alone = [p.copy() for p in a]
+    alone_opt = cls(alone, **{**kw, "lr": lr / 4})
+    for s in range(3):
+        grads = make_grads(a, seed=s)
+        opt.step(grads + [g.copy() for g in grads])
+        alone_opt.step(grads)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b)), "per-group lr ignored"
+    for x, y in zip(b, alone):
+        assert x.tobytes() == y.tobytes()
+
+
+@every_optimizer
+def test_lr_change_takes_effect_next_step(cls: Any, kw: dict[str, Any]) -> None:
+    params = make_params()
+    opt = cls(params, **kw)
+    opt.step(make_grads(params, seed=0))
+    opt.param_groups[0]["lr"] = 0.0
+    before = [p.copy() for p in params]
+    opt.step(make_grads(params, seed=1))
+    for p, q in zip(params, before):
+        assert p.tobytes() == q.tobytes(), "lr=0 still moved the parameters"
+    opt.param_groups[0]["lr"] = kw["lr"]
+    opt.step(make_grads(params, seed=2))
+    assert all(not np.array_equal(p, q) for p, q in zip(params, before))
+
+
+def test_add_param_group_later() -> None:
+    a, b = make_params(), make_params(seed=3)
+    opt = fo.Adam(a, lr=0.1)
+    opt.add_param_group({"params": b, "lr": 0.01})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["betas"] == (0.9, 0.999)
+    opt.step(make_grads(a + b))
+    assert opt.state[3]["step"] == 1
+
+
+# ---------------------------------------------------------------------------- rejections
+def _bad_grads(case: str, params: list[np.ndarray]) -> list[Any]:
+    """Gradients for `params` (3 of them) with parameter 1 (or 2) at fault."""
+    g = make_grads(params, seed=7)
+    if case == "shape":
+        g[1] = np.zeros((4, 3), np.float32)
+    elif case == "dtype-f64":
+        g[1] = g[1].astype(np.float64)
+    elif case == "dtype-f16":
+        g[1] = g[1].astype(np.float16)
+    elif case == "dtype-i32":
+        g[1] = g[1].astype(np.int32)
+    elif case == "dtype-complex":
+        g[1] = g[1].astype(np.complex64)
+    elif case == "transposed":
+        g[1] = np.ascontiguousarray(g[1].T).T
+    elif case == "strided":
+        g[2] = np.zeros(34, np.float32)[::2]
+    elif case == "byteswapped":
+        g[1] = g[1].astype(">f4")
+    elif case == "missing":
+        del g[2]
+    elif case == "extra":
+        g.append(g[0].copy())
+    elif case == "alias-param":
+        g[1] = params[1]
+    elif case == "alias-param-view":
+        g[1] = params[1].reshape(3, 4)[:, :]  # a view of the same memory
+    elif case == "alias-grad":
+        buf = np.zeros(20, np.float32)
+        g[0], g[2] = buf[:5], buf[3:]
+    elif case == "list-item":
+        g[1] = g[1].tolist()
+    else:
+        raise AssertionError(case)
+    return g
+
+
+GRAD_CASES: list[tuple[str, type[Exception], list[str]]] = [
+    ("shape", ValueError, ["param 1", "shape"]),
+    ("dtype-f64", TypeError, ["param 1", "float64"]),
+    ("dtype-f16", TypeError, ["param 1", "float16"]),
+    ("dtype-i32", TypeError, ["param 1", "int32"]),
+    ("dtype-complex", TypeError, ["param 1", "complex64"]),
+    ("transposed", ValueError, ["param 1", "contiguous"]),
+    ("strided", ValueError, ["param 2", "contiguous"]),
+    ("byteswapped", TypeError, ["param 1", "byte order"]),
+    ("missing", ValueError, ["expected 3 gradients, got 2"]),
+    ("extra", ValueError, ["expected 3 gradients, got 4"]),
+    ("alias-param", ValueError, ["grad for param 1", "shares memory", "param 1"]),
+    ("alias-param-view", ValueError, ["grad for param 1", "shares memory"]),
+    ("alias-grad", ValueError, ["grad for param", "shares memory"]),
+    ("list-item", TypeError, ["param 1", "ndarray", "list"]),
+]
+
+
+@every_optimizer
+@pytest.mark.parametrize(("case", "exc", "words"), GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_bad_grads_change_nothing(
+    cls: Any, kw: dict[str, Any], case: str, exc: type[Exception], words: list[str]
+) -> None:
+    opt, params = stepped(cls, kw)
+    grads = _bad_grads(case, params)
+    before = snapshot(opt)
+    with pytest.raises(exc) as info:
+        opt.step(grads)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert_same(before, snapshot(opt))
+    opt.step(make_grads(params))  # still usable
+    assert opt.state[0]["step"] == 3
+
+
+@every_optimizer
+def test_bad_grads_in_second_group_leave_first_untouched(cls: Any, kw: dict[str, Any]) -> None:
+    a, b = make_params(), make_params(seed=4)
+    opt = cls([{"params": a}, {"params": b, "lr": kw["lr"] / 2}], **kw)
+    opt.step(make_grads(a + b))
+    for bad in ("shape", "dtype-f64", "alias-grad", "list-item"):
+        grads = make_grads(a) + _bad_grads(bad, b)
+        before = snapshot(opt)
+        with pytest.raises((TypeError, ValueError)):
+            opt.step(grads)
+        assert_same(before, snapshot(opt))
+    # a gradient of group 1 that is a parameter of group 0, and vice versa
+    for grads in (make_grads(a) + [a[0], *make_grads(b)[1:]], [b[0], *make_grads(a + b)[1:]]):
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match="shares memory"):
+            opt.step(grads)
+        assert_same(before, snapshot(opt))
+
+
+def test_grad_aliasing_param_of_other_group_message() -> None:
+    a, b = [np.zeros(4, np.float32)], [np.ones(4, np.float32)]
+    opt = fo.Adam([{"params": a}, {"params": b}])
+    before = snapshot(opt)
+    with pytest.raises(ValueError) as info:
+        opt.step([b[0], np.zeros(4, np.float32)])
+    assert "grad for param 0" in str(info.value) and "param 1" in str(info.value)
+    assert_same(before, snapshot(opt))
+
+
+def test_grads_not_a_list() -> None:
+    opt, params = stepped(fo.Adam, dict(lr=0.1))
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="list"):
+        opt.step(np.zeros(5, np.float32))
+    with pytest.raises(TypeError, match="dict"):
+        opt.step({"0": params[0]})
+    assert_same(before, snapshot(opt))
+
+
+@every_optimizer
+def test_bad_grad_dicts(cls: Any, kw: dict[str, Any]) -> None:
+    arrays = make_params()
+    opt = cls(dict(zip("abc", arrays)), **kw)
+    grads = dict(zip("abc", make_grads(arrays)))
+    opt.step(grads)
+    cases: list[tuple[dict[str, Any], type[Exception], list[str]]] = [
+        ({**grads, "d": grads["a"].copy()}, ValueError, ["'d'", "unexpected"]),
+        ({k: v for k, v in grads.items() if k != "b"}, ValueError, ["'b'", "missing"]),
+        ({**grads, "b": grads["b"].astype(np.float64)}, TypeError, ["param 'b'", "dtype"]),
+        ({**grads, "c": np.zeros(16, np.float32)}, ValueError, ["param 'c'", "shape"]),
+        ({**grads, "b": arrays[1]}, ValueError, ["param 'b'", "shares memory"]),
+    ]
+    for bad, exc, words in cases:
+        before = snapshot(opt)
+        with pytest.raises(exc) as info:
+            opt.step(bad)
+        for w in words:
+            assert w in str(info.value), str(info.value)
+        assert_same(before, snapshot(opt))
+
+
+# Bad parameters: rejected at construction and by add_param_group.
+def _bad_param(case: str) -> tuple[list[Any], list[str]]:
+    good = np.ones(6, np.float32)
+    if case == "transposed":
+        bad: Any = np.ones((3, 4), np.float32).T
+        return [good, bad], ["param 1", "contiguous"]
+    if case == "strided":
+        return [good, np.ones(12, np.float32)[::2]], ["param 1", "contiguous"]
+    if case in ("float16", "int32", "complex64"):
+        return [good, np.ones(6, case)], ["param 1", case]
+    if case == "byteswapped":
+        return [good, np.ones(6, ">f4")], ["param 1", "byte order"]
+    if case == "read-only":
+        bad = np.ones(6, np.float32)
+        bad.flags.writeable = False
+        return [good, bad], ["param 1", "read-only"]
+    if case == "twice":
+        return [good, good], ["param 1", "shares memory", "param 0"]
+    if case == "overlap":
+        buf = np.ones(10, np.float32)
+        return [buf[:6], buf[4:]], ["param", "shares memory"]
+    if case == "list":
+        return [good, [1.0, 2.0]], ["param 1", "ndarray"]
+    if case == "unaligned":
+        buf = np.zeros(6 * 4 + 1, np.uint8)
+        bad = buf[1:].view(np.float32)
+        assert not bad.flags.aligned
+        return [good, bad], ["param 1", "aligned"]
+    raise AssertionError(case)
+
+
+PARAM_CASES = [
+    ("transposed", ValueError),
+    ("strided", ValueError),
+    ("float16", TypeError),
+    ("int32", TypeError),
+    ("complex64", TypeError),
+    ("byteswapped", TypeError),
+    ("read-only", ValueError),
+    ("twice", ValueError),
+    ("overlap", ValueError),
+    ("list", TypeError),
+    ("unaligned", ValueError),
+]
+
+
+@every_optimizer
+@pytest.mark.parametrize(("case", "exc"), PARAM_CASES, ids=[c[0] for c in PARAM_CASES])
+def test_bad_params_rejected(cls: Any, kw: dict[str, Any], case: str, exc: type[Exception]) -> None:
+    params, words = _bad_param(case)
+    before = [raw(np.asarray(p)) for p in params]
+    with pytest.raises(exc) as info:
+        cls(params, **kw)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert all(np.array_equal(b, raw(np.asarray(p))) for b, p in zip(before, params))
+    # the same arrays offered to an existing optimizer: rejected, optimizer unchanged
+    opt, _ = stepped(cls, kw)
+    snap = snapshot(opt)
+    with pytest.raises(exc):
+        opt.add_param_group({"params": params})
+    assert len(opt.param_groups) == 1
+    assert_same(snap, snapshot(opt))
+    opt.step(make_grads(make_params()))
+
+
+@every_optimizer
+def test_param_already_in_another_group(cls: Any, kw: dict[str, Any]) -> None:
+    opt, params = stepped(cls, kw)
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.add_param_group({"params": [params[1]]})
+    assert len(opt.param_groups) == 1
+    assert_same(snap, snapshot(opt))
+
+
+def test_torch_tensors_rejected() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4)
+    with pytest.raises(TypeError, match=r"param 0.*Tensor.*tensor\.numpy\(\)"):
+        fo.Adam([t])
+    opt, params = stepped(fo.Adam, dict(lr=0.1))
+    before = snapshot(opt)
+    grads: list[Any] = make_grads(params)
+    grads[1] = torch.from_numpy(grads[1])
+    with pytest.raises(TypeError, match=r"param 1.*tensor\.numpy\(\)"):
+        opt.step(grads)
+    assert_same(before, snapshot(opt))
+
+
+def test_structure_rejections() -> None:
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fo.Adam([])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fo.Adam({})
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fo.SGD([{"params": []}])
+    with pytest.raises(TypeError, match="single array"):
+        fo.Adam(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="unknown hyper-parameter.*'foo'"):
+        fo.Adam([{"params": [np.zeros(3, np.float32)], "foo": 1}])
+    with pytest.raises(TypeError, match="same way"):
+        mixed: list[Any] = [
+            {"params": [np.zeros(3, np.float32)]},
+            {"params": {"b": np.zeros(3, np.float32)}},
+        ]
+        fo.Adam(mixed)
+    with pytest.raises(ValueError, match="'a' appears in two groups"):
+        fo.Adam(
+            [{"params": {"a": np.zeros(3, np.float32)}}, {"params": {"a": np.zeros(3, np.float32)}}]
+        )
+
+
+# Invalid hyper-parameters: (class, kwargs, words in the message).
+HYPER_CASES: list[tuple[Any, dict[str, Any], list[str]]] = [
+    *[(c, {**kw, "lr": -1.0}, ["lr"]) for c, kw in OPTIMIZERS],
+    *[(c, {**kw, "lr": float("nan")}, ["lr"]) for c, kw in OPTIMIZERS],
+    *[(c, {**kw, "eps": -1e-8}, ["eps"]) for c, kw in OPTIMIZERS if c not in (fo.SGD, fo.Lion)],
+    *[
+        (c, {**kw, "betas": betas}, [name])
+        for c, kw in OPTIMIZERS
+        if c in (fo.Adam, fo.AdamW, fo.Adamax, fo.NAdam, fo.RAdam, fo.Lion)
+        for betas, name in (
+            ((1.0, 0.9), "betas[0]"),
+            ((-0.1, 0.9), "betas[0]"),
+            ((0.9, 1.0), "betas[1]"),
+        )
+    ],
+    (fo.SGD, dict(lr=0.1, nesterov=True), ["nesterov", "momentum"]),
+    (fo.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, dampening=0.1), ["nesterov", "dampening"]),
+    (fo.SGD, dict(lr=0.1, momentum=-0.9), ["momentum"]),
+    (fo.RMSprop, dict(alpha=1.5), ["alpha"]),
+    (fo.Adadelta, dict(rho=-0.5), ["rho"]),
+    (fo.Adam, dict(weight_decay=-1.0), ["weight_decay"]),
+    (fo.Adam, dict(amsgrad=1), ["amsgrad"]),
+    (fo.NAdam, dict(momentum_decay=-1.0), ["momentum_decay"]),
+    (fo.Adagrad, dict(lr_decay=-1.0), ["lr_decay"]),
+    (fo.Lion, dict(weight_decay=float("inf")), ["weight_decay"]),
+]
+HYPER_IDS = [
+    f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw, _ in HYPER_CASES
+]
+
+
+@pytest.mark.parametrize(("cls", "kw", "words"), HYPER_CASES, ids=HYPER_IDS)
+def test_invalid_hyper_parameters(cls: Any, kw: dict[str, Any], words: list[str]) -> None:
+    # at construction
+    with pytest.raises((TypeError, ValueError)) as info:
+        cls(make_params(), **kw)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    # in a group dict
+    with pytest.raises((TypeError, ValueError)):
+        cls([{"params": make_params(), **kw}])
+    # set later through param_groups (in the second group): the step raises, changes nothing
+    a, b = make_params(), make_params(seed=3)
+    opt = cls([{"params": a}, {"params": b}])
+    opt.step(make_grads(a + b))
+    old = dict(opt.param_groups[1])
+    opt.param_groups[1].update(kw)
+    before = snapshot(opt)
+    for grads in (make_grads(a + b), None):
+        with pytest.raises((TypeError, ValueError)) as info:
+            opt.step(grads)
+        for w in words:
+            assert w in str(info.value), str(info.value)
+        assert_same(before, snapshot(opt))
+    opt.param_groups[1].update({k: old[k] for k in kw})
+    opt.step(make_grads(a + b))  # usable again
+    assert opt.state[5]["step"] == 2
+
+
+@every_optimizer
+def test_unknown_hyper_parameter_set_later(cls: Any, kw: dict[str, Any]) -> None:
+    opt, params = stepped(cls, kw)
+    opt.param_groups[0]["lrr"] = 0.5
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="unknown hyper-parameter.*'lrr'"):
+        opt.step(make_grads(params))
+    assert_same(before, snapshot(opt))
+    del opt.param_groups[0]["lrr"]
+    opt.step(make_grads(params))
+
+
+# ---------------------------------------------------------------------------- special arrays
+@every_optimizer
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zero_dim_and_empty(cls: Any, kw: dict[str, Any], dtype: Any) -> None:
+    scalar = np.array(0.5, dtype)
+    params = [scalar, np.zeros(0, dtype), np.zeros((2, 0, 3), dtype), np.full(4, 0.5, dtype)]
+    single = [np.array([0.5], dtype)]
+    opt, ref = cls(params, **kw), cls(single, **kw)
+    for s in range(3):
+        g = dtype(0.25 * (s + 1))
+        opt.step(
+            [
+                np.array(g, dtype),
+                np.zeros(0, dtype),
+                np.zeros((2, 0, 3), dtype),
+                np.full(4, g, dtype),
+            ]
+        )
+        ref.step([np.array([g], dtype)])
+    assert scalar.shape == () and scalar != 0.5
+    assert scalar.tobytes() == single[0].tobytes()
+    assert (params[3] == scalar).all()  # same maths on the 0-d and the 1-d array
+    assert opt.state[1]["step"] == 3 and opt.state[0][STATES[cls.__name__][0]].shape == ()
+    # a group of empty arrays only
+    empty = cls([np.zeros(0, dtype)], **kw)
+    empty.step([np.zeros(0, dtype)])
+    empty.step()
+
+
+@every_optimizer
+def test_nan_inf_gradients(cls: Any, kw: dict[str, Any]) -> None:
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(64).astype(np.float32)
+    dirty, clean = p0.copy(), p0.copy()
+    opt_d, opt_c = cls([dirty], **kw), cls([clean], **kw)
+    bad = np.array([3, 10, 20])
+    for s in range(3):
+        g = rng.standard_normal(64).astype(np.float32)
+        gd = g.copy()
+        gd[bad] = [np.nan, np.inf, -np.inf]
+        opt_d.step([gd])
+        opt_c.step([g])
+    ok = np.ones(64, bool)
+    ok[bad] = False
+    assert np.isfinite(dirty[ok]).all()
+    assert dirty[ok].tobytes() == clean[ok].tobytes()  # elementwise: others unaffected
+    assert not np.isfinite(dirty[3])  # NaN propagates into its own element
+    for name in STATES[cls.__name__]:
+        assert np.isfinite(opt_d.state[0][name][ok]).all()
+
+
+# ---------------------------------------------------------------------------- threads, ISA
+@pytest.fixture
+def restore_threads() -> Any:
+    n = fo.get_num_threads()
+    yield n
+    fo.set_num_threads(n)
+
+
+def test_num_threads_round_trip(restore_threads: int) -> None:
+    assert restore_threads >= 1
+    for n in (1, 2, 3):
+        fo.set_num_threads(n)
+        assert fo.get_num_threads() == n
+    for bad in (0, -1, 1.5, True, "2", None):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            fo.set_num_threads(bad)  # type: ignore[arg-type]
+    assert fo.get_num_threads() == 3
+
+
+@every_optimizer
+def test_thread_count_does_not_change_results(
+    cls: Any, kw: dict[str, Any], restore_threads: int
+) -> None:
+    rng = np.random.default_rng(0)
+    n = 300_000
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    results = []
+    for threads in (1, 2):
+        fo.set_num_threads(threads)
+        p = p0.copy()
+        opt = cls([p], **kw)
+        for g in grads:
+            opt.step([g])
+        results.append((p, {k: v.copy() for k, v in opt.state[0].items() if k != "step"}))
+    (p1, s1), (p2, s2) = results
+    assert p1.tobytes() == p2.tobytes()
+    for k in s1:
+        assert s1[k].tobytes() == s2[k].tobytes()
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "FASTOPT_ISA"}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_isa() -> None:
+    assert fo.isa() in fo.available_isas()
+    assert "scalar" in fo.available_isas() or "neon" in fo.available_isas()
+
+
+def test_isa_forced_by_environment() -> None:
+    baseline = "scalar" if "scalar" in fo.available_isas() else fo.available_isas()[0]
+    r = _python("import fastoptim; print(fastoptim.isa())", FASTOPT_ISA=baseline)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == baseline
+
+
+def test_invalid_isa_environment_fails_at_import() -> None:
+    r = _python("import fastoptim", FASTOPT_ISA="sse9")
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "FASTOPT_ISA" in r.stderr and "sse9" in r.stderr
+
+
+def test_every_isa_gives_a_sane_step() -> None:
+    """Each available instruction set runs an Adam step in a subprocess (same answer up to
+    FMA rounding differences between ISAs)."""
+    code = (
+        "import numpy as np, fastoptim as fo\n"
+        "p = np.linspace(-1, 1, 37).astype(np.float32)\n"
+        "opt = fo.Adam([p], lr=0.1)\n"
+        "opt.step([np.linspace(1, -2, 37).astype(np.float32)])\n"
+        "print(fo.isa(), *p.tolist())\n"
+    )
+    outputs = {}
+    for isa in fo.available_isas():
+        r = _python(code, FASTOPT_ISA=isa)
+        assert r.returncode == 0, r.stderr
+        name, *values = r.stdout.split()
+        assert name == isa
+        outputs[isa] = np.array(values, float)
+    first = next(iter(outputs.values()))
+    for v in outputs.values():
+        np.testing.assert_allclose(v, first, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,369 @@
+"""fastoptim.functional: each single-step function is bit-identical to its optimizer class
+over several steps, validates everything before touching an array, and rejects missing or
+unused state arrays with a clear message."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from fastoptim import functional as F
+
+# (id, class, class kwargs, functional, functional-only kwargs).  Options chosen so that every
+# state buffer and every branch of the variants is exercised.
+CASES: list[tuple[str, Any, dict[str, Any], Callable[..., Any]]] = [
+    ("sgd", fo.SGD, dict(lr=0.1), F.sgd_),
+    ("sgd-wd-max", fo.SGD, dict(lr=0.1, weight_decay=0.1, maximize=True), F.sgd_),
+    ("sgd-momentum", fo.SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01), F.sgd_),
+    ("sgd-nesterov", fo.SGD, dict(lr=0.1, momentum=0.9, nesterov=True), F.sgd_),
+    ("adagrad", fo.Adagrad, dict(lr=0.1), F.adagrad_),
+    (
+        "adagrad-all",
+        fo.Adagrad,
+        dict(
+            lr=0.1, lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.3, maximize=True
+        ),
+        F.adagrad_,
+    ),
+    ("rmsprop", fo.RMSprop, dict(lr=0.01), F.rmsprop_),
+    ("rmsprop-centered", fo.RMSprop, dict(lr=0.01, centered=True), F.rmsprop_),
+    ("rmsprop-momentum", fo.RMSprop, dict(lr=0.01, momentum=0.9, weight_decay=0.01), F.rmsprop_),
+    (
+        "rmsprop-centered-momentum",
+        fo.RMSprop,
+        dict(lr=0.01, momentum=0.9, centered=True, maximize=True),
+        F.rmsprop_,
+    ),
+    ("adadelta", fo.Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.01), F.adadelta_),
+    ("adam", fo.Adam, dict(lr=0.01), F.adam_),
+    ("adam-amsgrad-wd", fo.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1), F.adam_),
+    (
+        "adam-decoupled-max",
+        fo.Adam,
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        F.adam_,
+    ),
+    ("adamw", fo.AdamW, dict(lr=0.01), F.adamw_),
+    ("adamw-amsgrad", fo.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.2), F.adamw_),
+    ("adamax", fo.Adamax, dict(lr=0.01, weight_decay=0.01), F.adamax_),
+    ("nadam", fo.NAdam, dict(lr=0.01), F.nadam_),
+    (
+        "nadam-decoupled",
+        fo.NAdam,
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, momentum_decay=0.01),
+        F.nadam_,
+    ),
+    ("radam", fo.RAdam, dict(lr=0.01, betas=(0.9, 0.99)), F.radam_),
+    (
+        "radam-decoupled",
+        fo.RAdam,
+        dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, decoupled_weight_decay=True),
+        F.radam_,
+    ),
+    ("lion", fo.Lion, dict(lr=0.01, weight_decay=0.1), F.lion_),
+    ("lion-max", fo.Lion, dict(lr=0.01, betas=(0.5, 0.9), maximize=True), F.lion_),
+]
+
+STEPS = 8  # RAdam's rectification starts at step 6 with beta2 = 0.99 / 0.9
+
+
+def _bytes(a: np.ndarray) -> bytes:
+    return a.tobytes()
+
+
+def _functional_kwargs(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    out.pop("initial_accumulator_value", None)  # only sets the initial `sum`
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("cls", "kwargs", "fn"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bit_identical_to_class(
+    cls: Any, kwargs: dict[str, Any], fn: Callable[..., Any], dtype: Any
+) -> None:
+    rng = np.random.default_rng(0)
+    shape = (7, 5)
+    p_cls = rng.standard_normal(shape).astype(dtype)
+    p_fn, p_start = p_cls.copy(), p_cls.copy()
+    opt = cls([p_cls], **kwargs)
+    # The functional caller keeps state itself, initialised as the class initialises its own.
+    states = {k: v.copy() for k, v in opt.state[0].items() if k != "step"}
+    hyper = _functional_kwargs(cls, kwargs)
+    mu_product = 1.0
+    for t in range(1, STEPS + 1):
+        g = rng.standard_normal(shape).astype(dtype)
+        g[0, 0] = 0.0  # sign(0), max with 0...
+        opt.step([g])
+        if fn is F.nadam_:
+            mu_product = fn(p_fn, g, **states, step=t, mu_product=mu_product, **hyper)
+            assert mu_product == opt._groups[0].hyper.mu_product
+        else:
+            assert fn(p_fn, g, **states, step=t, **hyper) is None
+        assert _bytes(p_fn) == _bytes(p_cls), f"param differs at step {t}"
+        for name, arr in states.items():
+            assert _bytes(arr) == _bytes(opt.state[0][name]), f"{name} differs at step {t}"
+    assert not np.array_equal(p_fn, p_start)  # sanity: the steps did something
+
+
+def test_nadam_mu_product_sequence() -> None:
+    """mu_product returned after each step is the class's running product, and starting from
+    it at a later step continues the same sequence."""
+    p = np.ones(4)
+    opt = fo.NAdam([p.copy()], momentum_decay=0.01)
+    m, v = np.zeros(4), np.zeros(4)
+    mu = 1.0
+    expected = 1.0
+    for t in range(1, 6):
+        g = np.full(4, 0.5)
+        opt.step([g])
+        mu = F.nadam_(p, g, m, v, step=t, mu_product=mu, momentum_decay=0.01)
+        beta1 = 0.9
+        expected *= beta1 * (1.0 - 0.5 * 0.96 ** (t * 0.01))
+        assert mu == opt._groups[0].hyper.mu_product
+        assert mu == pytest.approx(expected, rel=1e-14)
+        assert isinstance(mu, float)
+
+
+def test_defaults_match_classes() -> None:
+    """Every hyper-parameter of a class exists in its functional with the same default."""
+    pairs = {c[1]: c[3] for c in CASES}
+    assert len(pairs) == 10
+    for cls, fn in pairs.items():
+        cls_params = inspect.signature(cls.__init__).parameters
+        fn_params = inspect.signature(fn).parameters
+        for name, par in cls_params.items():
+            if name in ("self", "params", "initial_accumulator_value"):
+                continue
+            assert name in fn_params, f"{fn.__name__} lacks {name}"
+            assert fn_params[name].default == par.default, f"{fn.__name__}: default of {name}"
+            assert fn_params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert fn_params["step"].default is inspect.Parameter.empty
+        assert fn.__doc__ and cls.__name__ in fn.__doc__
+
+
+def test_sgd_first_step_sets_buffer() -> None:
+    """At step=1 the momentum buffer is set to the gradient whatever it holds (torch)."""
+    p = np.zeros(3, np.float32)
+    g = np.array([1.0, -2.0, 3.0], np.float32)
+    buf = np.full(3, 123.0, np.float32)
+    F.sgd_(p, g, buf, step=1, lr=0.5, momentum=0.9, dampening=0.5)
+    np.testing.assert_array_equal(buf, g)
+    np.testing.assert_array_equal(p, -0.5 * g)
+    F.sgd_(p, g, buf, step=2, lr=0.5, momentum=0.9, dampening=0.5)
+    np.testing.assert_array_equal(buf, np.float32(0.9) * g + np.float32(0.5) * g)
+
+
+# ---------------------------------------------------------------------------- rejections
+# Wrongly typed arguments (typed Any so that the type checker lets the tests pass them).
+ANY_INT: Any = 1
+ANY_FLOAT: Any = 1.0
+ANY_STR: Any = "1"
+
+
+def _arrays(n: int, dtype: Any = np.float32) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal(6).astype(dtype) for _ in range(n)]
+
+
+def _unchanged(before: list[bytes], arrays: list[np.ndarray]) -> None:
+    assert [a.tobytes() for a in arrays] == before
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "words"),
+    [
+        # a needed state array is missing
+        (lambda p, g, a, b, c: F.sgd_(p, g, step=1, momentum=0.9), ValueError, ["momentum_buffer"]),
+        (
+            lambda p, g, a, b, c: F.rmsprop_(p, g, a, step=1, centered=True),
+            ValueError,
+            ["grad_avg"],
+        ),
+        (
+            lambda p, g, a, b, c: F.rmsprop_(p, g, a, step=1, momentum=0.5),
+            ValueError,
+            ["momentum_buffer"],
+        ),
+        (
+            lambda p, g, a, b, c: F.rmsprop_(p, g, a, b, step=1, momentum=0.5, centered=True),
+            ValueError,
+            ["momentum_buffer"],
+        ),
+        (
+            lambda p, g, a, b, c: F.adam_(p, g, a, b, step=1, amsgrad=True),
+            ValueError,
+            ["max_exp_avg_sq"],
+        ),
+        (
+            lambda p, g, a, b, c: F.adamw_(p, g, a, b, step=1, amsgrad=True),
+            ValueError,
+            ["max_exp_avg_sq"],
+        ),
+        # a state array the options do not use (it would silently not be updated)
+        (lambda p, g, a, b, c: F.sgd_(p, g, a, step=1), ValueError, ["momentum_buffer"]),
+        (
+            lambda p, g, a, b, c: F.rmsprop_(p, g, a, b, step=1),
+            ValueError,
+            ["grad_avg"],
+        ),
+        (
+            lambda p, g, a, b, c: F.adam_(p, g, a, b, step=1, max_exp_avg_sq=c),
+            ValueError,
+            ["max_exp_avg_sq"],
+        ),
+        # invalid hyper-parameters (the classes' own checks)
+        (lambda p, g, a, b, c: F.adam_(p, g, a, b, step=1, lr=-1.0), ValueError, ["lr"]),
+        (lambda p, g, a, b, c: F.adam_(p, g, a, b, step=1, eps=-1.0), ValueError, ["eps"]),
+        (
+            lambda p, g, a, b, c: F.adamw_(p, g, a, b, step=1, betas=(1.0, 0.9)),
+            ValueError,
+            ["betas[0]"],
+        ),
+        (
+            lambda p, g, a, b, c: F.lion_(p, g, a, step=1, betas=(0.9, 1.5)),
+            ValueError,
+            ["betas[1]"],
+        ),
+        (
+            lambda p, g, a, b, c: F.sgd_(p, g, step=1, lr=0.1, nesterov=True),
+            ValueError,
+            ["nesterov"],
+        ),
+        (lambda p, g, a, b, c: F.adagrad_(p, g, a, step=1, lr_decay=-1), ValueError, ["lr_decay"]),
+        (lambda p, g, a, b, c: F.adadelta_(p, g, a, b, step=1, rho=2.0), ValueError, ["rho"]),
+        (
+            lambda p, g, a, b, c: F.adamax_(p, g, a, b, step=1, maximize=ANY_INT),
+            TypeError,
+            ["maximize"],
+        ),
+        (lambda p, g, a, b, c: F.radam_(p, g, a, b, step=1, lr=float("nan")), ValueError, ["lr"]),
+        # the step number
+        (lambda p, g, a, b, c: F.adam_(p, g, a, b, step=0), ValueError, ["step"]),
+        (lambda p, g, a, b, c: F.adam_(p, g, a, b, step=-3), ValueError, ["step"]),
+        (lambda p, g, a, b, c: F.adam_(p, g, a, b, step=ANY_FLOAT), TypeError, ["step"]),
+        (lambda p, g, a, b, c: F.adam_(p, g, a, b, step=True), TypeError, ["step"]),
+        # NAdam's running product
+        (
+            lambda p, g, a, b, c: F.nadam_(p, g, a, b, step=1, mu_product=1.5),
+            ValueError,
+            ["mu_product"],
+        ),
+        (
+            lambda p, g, a, b, c: F.nadam_(p, g, a, b, step=1, mu_product=float("nan")),
+            ValueError,
+            ["mu_product"],
+        ),
+        (
+            lambda p, g, a, b, c: F.nadam_(p, g, a, b, step=1, mu_product=ANY_STR),
+            TypeError,
+            ["mu_product"],
+        ),
+        # arrays
+        (lambda p, g, a, b, c: F.adam_(p, g.astype(np.float64), a, b, step=1), TypeError, ["grad"]),
+        (lambda p, g, a, b, c: F.adam_(p, g[:3], a, b, step=1), ValueError, ["grad", "shape"]),
+        (
+            lambda p, g, a, b, c: F.adam_(p, g, a.astype(np.float64), b, step=1),
+            TypeError,
+            ["exp_avg"],
+        ),
+        (lambda p, g, a, b, c: F.adam_(p, g, a, a, step=1), ValueError, ["shares memory"]),
+        (lambda p, g, a, b, c: F.adam_(p, g, a, p, step=1), ValueError, ["shares memory"]),
+        (lambda p, g, a, b, c: F.adam_(p, p, a, b, step=1), ValueError, ["grad", "shares memory"]),
+        (lambda p, g, a, b, c: F.adam_(p, a, a, b, step=1), ValueError, ["grad", "shares memory"]),
+        (
+            lambda p, g, a, b, c: F.adam_(p[::2], g[:3], a[:3], b[:3], step=1),
+            ValueError,
+            ["contiguous"],
+        ),
+        (
+            lambda p, g, a, b, c: F.adam_(p, g, a, b.astype(">f4"), step=1),
+            TypeError,
+            ["exp_avg_sq", "byte order"],
+        ),
+        (
+            lambda p, g, a, b, c: F.adam_(p, g.tolist(), a, b, step=1),
+            TypeError,
+            ["grad", "ndarray"],
+        ),
+    ],
+)
+def test_rejections_change_nothing(
+    call: Callable[..., Any], exc: type[Exception], words: list[str]
+) -> None:
+    p, g, a, b, c = arrays = _arrays(5)
+    before = [x.tobytes() for x in arrays]
+    with pytest.raises(exc) as info:
+        call(p, g, a, b, c)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    _unchanged(before, arrays)
+
+
+def test_read_only_param_rejected() -> None:
+    p, g, a = _arrays(3)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        F.lion_(p, g, a, step=1)
+    b = a.copy()
+    b.flags.writeable = False
+    with pytest.raises(ValueError, match="exp_avg.*read-only"):
+        F.lion_(a, g, b, step=1)
+
+
+def test_missing_state_message_names_options() -> None:
+    p, g, a = _arrays(3)
+    with pytest.raises(ValueError) as info:
+        F.rmsprop_(p, g, a, step=1, centered=True, momentum=0.9)
+    msg = str(info.value)
+    assert msg.startswith("rmsprop_:")
+    assert "grad_avg" in msg and "momentum_buffer" in msg and "centered=True" in msg
+
+
+def test_state_names_checked_against_kernel() -> None:
+    """The generic helper matches state arrays to the kernel's names: a misspelt or extra
+    name is rejected, and arrays are bound by name (not position)."""
+    p, g, m, v = _arrays(4)
+    hyper = dict(
+        lr=0.1,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        maximize=False,
+        decoupled_weight_decay=False,
+    )
+    before = [x.tobytes() for x in (p, g, m, v)]
+    with pytest.raises(ValueError, match="needs state array.*exp_avg_sq.*does not use.*exp_avq_sq"):
+        F._step("adam_", fo.Adam, p, g, {"exp_avg": m, "exp_avq_sq": v}, 1, hyper)
+    with pytest.raises(ValueError, match="does not use state array.*sum"):
+        F._step("adam_", fo.Adam, p, g, {"exp_avg": m, "exp_avg_sq": v, "sum": g}, 1, hyper)
+    _unchanged(before, [p, g, m, v])
+    # Names given in another order still land in the right buffers.
+    p2, m2, v2 = p.copy(), m.copy(), v.copy()
+    F._step("adam_", fo.Adam, p, g, {"exp_avg_sq": v, "exp_avg": m}, 1, hyper)
+    F.adam_(p2, g, m2, v2, step=1, lr=0.1)
+    assert p.tobytes() == p2.tobytes() and m.tobytes() == m2.tobytes()
+    assert v.tobytes() == v2.tobytes()
+
+
+def test_torch_tensor_rejected() -> None:
+    torch = pytest.importorskip("torch")
+    p, g, a = _arrays(3)
+    with pytest.raises(TypeError, match=r"tensor\.numpy\(\)"):
+        F.lion_(p, torch.from_numpy(g.copy()), a, step=1)
+
+
+def test_zero_dim_and_empty() -> None:
+    p0, g0, m0, v0 = (np.array(x, np.float64) for x in (0.5, 0.25, 0.0, 0.0))
+    p1, g1, m1, v1 = (np.array([x]) for x in (0.5, 0.25, 0.0, 0.0))
+    for t in (1, 2, 3):
+        F.adam_(p0, g0, m0, v0, step=t, lr=0.1)
+        F.adam_(p1, g1, m1, v1, step=t, lr=0.1)
+    assert p0.shape == () and p0 != 0.5 and p0.tobytes() == p1.tobytes()
+    e = [np.zeros((0, 3), np.float32) for _ in range(3)]
+    F.lion_(e[0], e[1], e[2], step=1)
