@@ -259,7 +259,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("name"));
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
-  m.def("set_grain", &set_grain, py::arg("elements"));
+  m.def("set_grain", &set_grain, py::arg("bytes"),
+        "Bytes of memory traffic per thread below which a step uses fewer threads.");
   m.def("get_grain", &get_grain);
   m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;

@@ -38,6 +38,12 @@ def _hyper_fields(hyper_type: Any) -> frozenset[str]:
     return _FIELDS[hyper_type]
 
 
+def _snapshot(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a group's entries that later in-place edits cannot reach (lists become
+    tuples, so mutating a list of betas counts as a change)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
+
+
 def _label(key: Key) -> str:
     return repr(key) if isinstance(key, str) else str(key)
 
@@ -76,6 +82,8 @@ class _Group:
         self.grad_block: np.ndarray | None = None
         self.grads: list[np.ndarray] | None = None
         self.bound_own = False  # the plan points at self.grads
+        self.params_view: Any = None  # what param_groups[i]["params"] holds
+        self.synced: dict[str, Any] = {}  # the group's entries as last validated and synced
 
 
 class Optimizer:
@@ -175,6 +183,9 @@ class Optimizer:
             raise ValueError(f"{cls}: a parameter group has an empty parameter list")
         group = dict(self.defaults)
         group.update({k: v for k, v in param_group.items() if k != "params"})
+        for k, v in group.items():  # betas given as a list: keep an immutable copy
+            if isinstance(v, list):
+                group[k] = tuple(v)
         self._check(group)
         g = _Group(keys, arrays, self._hyper_type())
         # Validate the arrays (type, dtype, layout, aliasing within the group) before keeping
@@ -189,7 +200,9 @@ class Optimizer:
         self._sync(g, group)
         self._ensure_plan(g, group)
         # Read-only on purpose: the compiled plan is fixed; use add_param_group to add more.
-        group["params"] = MappingProxyType(dict(zip(keys, arrays))) if named else arrays
+        g.params_view = MappingProxyType(dict(zip(keys, arrays))) if named else arrays
+        group["params"] = g.params_view
+        g.synced = _snapshot(group)
         self.param_groups.append(group)
         self._groups.append(g)
 
@@ -281,12 +294,23 @@ class Optimizer:
 
     def _prepare(self, grads: Grads | None) -> list[list[np.ndarray]]:
         """Validate everything a step needs and bind the gradients; touches no element."""
-        for group in self.param_groups:
+        changed = [
+            (g, group)
+            for g, group in zip(self._groups, self.param_groups)
+            if group != g.synced  # hyper-parameters set since the last step
+        ]
+        for g, group in changed:
+            if group.get("params") is not g.params_view:
+                raise ValueError(
+                    f"{type(self).__name__}: a group's 'params' entry cannot be replaced; "
+                    "use add_param_group or a new optimizer"
+                )
             self._check_keys(group)
             self._check(group)
-        for g, group in zip(self._groups, self.param_groups):
+        for g, group in changed:
             self._sync(g, group)
             self._ensure_plan(g, group)
+            g.synced = _snapshot(group)
         if grads is None:
             per_group = [self._own_grads(g) for g in self._groups]
             for g, gr in zip(self._groups, per_group):

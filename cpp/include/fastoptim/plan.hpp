@@ -25,13 +25,17 @@ struct Plan {
   std::vector<Tensor> tensors;
   std::vector<int64_t> offsets;  // offsets[i] = elements before tensor i; offsets.back() = total
   int nstate = 0;
+  int64_t param_bytes = 0;  // sum of the parameters' sizes in bytes
 
   void add(const Tensor& t) {
     if (offsets.empty()) offsets.push_back(0);
     tensors.push_back(t);
     offsets.push_back(offsets.back() + t.size);
+    param_bytes += t.size * (t.dtype == DType::f64 ? 8 : 4);
   }
   int64_t total() const { return offsets.empty() ? 0 : offsets.back(); }
+  // Bytes a step reads and writes: param, grad and states read; param and states written.
+  int64_t traffic() const { return param_bytes * (3 + 2 * nstate); }
 };
 
 }  // namespace fastoptim
