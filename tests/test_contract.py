@@ -367,7 +367,7 @@ def test_bad_grads_in_second_group_leave_first_untouched(cls: Any, kw: dict[str,
             opt.step(grads)
         assert_same(before, snapshot(opt))
     # a gradient of group 1 that is a parameter of group 0, and vice versa
-    for grads in (make_grads(a) + [a[0], *make_grads(b)[1:]], [b[0], *make_grads(a + b)[1:]]):
+    for grads in ([*make_grads(a), a[0], *make_grads(b)[1:]], [b[0], *make_grads(a + b)[1:]]):
         before = snapshot(opt)
         with pytest.raises(ValueError, match="shares memory"):
             opt.step(grads)
@@ -515,7 +515,7 @@ def test_structure_rejections() -> None:
         fo.SGD([{"params": []}])
     with pytest.raises(TypeError, match="single array"):
         fo.Adam(np.zeros(3, np.float32))
-    with pytest.raises(ValueError, match="unknown hyper-parameter.*'foo'"):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter.*'foo'"):
         fo.Adam([{"params": [np.zeros(3, np.float32)], "foo": 1}])
     with pytest.raises(TypeError, match="same way"):
         mixed: list[Any] = [
@@ -593,7 +593,7 @@ def test_unknown_hyper_parameter_set_later(cls: Any, kw: dict[str, Any]) -> None
     opt, params = stepped(cls, kw)
     opt.param_groups[0]["lrr"] = 0.5
     before = snapshot(opt)
-    with pytest.raises(ValueError, match="unknown hyper-parameter.*'lrr'"):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter.*'lrr'"):
         opt.step(make_grads(params))
     assert_same(before, snapshot(opt))
     del opt.param_groups[0]["lrr"]
@@ -636,7 +636,7 @@ def test_nan_inf_gradients(cls: Any, kw: dict[str, Any]) -> None:
     dirty, clean = p0.copy(), p0.copy()
     opt_d, opt_c = cls([dirty], **kw), cls([clean], **kw)
     bad = np.array([3, 10, 20])
-    for s in range(3):
+    for _ in range(3):
         g = rng.standard_normal(64).astype(np.float32)
         gd = g.copy()
         gd[bad] = [np.nan, np.inf, -np.inf]

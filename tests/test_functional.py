@@ -311,7 +311,7 @@ def test_read_only_param_rejected() -> None:
         F.lion_(p, g, a, step=1)
     b = a.copy()
     b.flags.writeable = False
-    with pytest.raises(ValueError, match="exp_avg.*read-only"):
+    with pytest.raises(ValueError, match=r"exp_avg.*read-only"):
         F.lion_(a, g, b, step=1)
 
 
@@ -338,9 +338,11 @@ def test_state_names_checked_against_kernel() -> None:
         decoupled_weight_decay=False,
     )
     before = [x.tobytes() for x in (p, g, m, v)]
-    with pytest.raises(ValueError, match="needs state array.*exp_avg_sq.*does not use.*exp_avq_sq"):
+    with pytest.raises(
+        ValueError, match=r"needs state array.*exp_avg_sq.*does not use.*exp_avq_sq"
+    ):
         F._step("adam_", fo.Adam, p, g, {"exp_avg": m, "exp_avq_sq": v}, 1, hyper)
-    with pytest.raises(ValueError, match="does not use state array.*sum"):
+    with pytest.raises(ValueError, match=r"does not use state array.*sum"):
         F._step("adam_", fo.Adam, p, g, {"exp_avg": m, "exp_avg_sq": v, "sum": g}, 1, hyper)
     _unchanged(before, [p, g, m, v])
     # Names given in another order still land in the right buffers.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1 << 22, help="elements (default 4M)")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per contender")
     parser.add_argument(
-        "--optimizers", default="SGD,SGD+momentum,Adam,AdamW,NAdam,Lion",
+        "--optimizers",
+        default="SGD,SGD+momentum,Adam,AdamW,NAdam,Lion",
         help=f"comma-separated, from: {', '.join(_CASES)}",
     )
     args = parser.parse_args(argv)
@@ -75,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         ref.step([grad])
         t_fast, t_ref, t_stream = [], [], []
         for _ in range(3):  # A B C A B C ...: the machine's noise hits every contender alike
-            t_fast.append(_median_time(lambda: fast.step([grad]), args.repeats))
-            t_ref.append(_median_time(lambda: ref.step([grad]), max(1, args.repeats // 3)))
-            t_stream.append(_median_time(lambda: fo._core.stream(stream), args.repeats))
+            t_fast.append(_median_time(partial(fast.step, [grad]), args.repeats))
+            t_ref.append(_median_time(partial(ref.step, [grad]), max(1, args.repeats // 3)))
+            t_stream.append(_median_time(partial(fo._core.stream, stream), args.repeats))
         tf, tr, ts = (float(np.median(t)) for t in (t_fast, t_ref, t_stream))
         print(
             f"{name:14s} {bytes_per_elem:6d} {tf * 1e3:8.2f}ms {tf / n * 1e9:8.3f} "

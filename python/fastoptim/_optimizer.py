@@ -5,8 +5,8 @@ mapping of its hyper-parameters onto the compiled kernel's."""
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -269,7 +269,7 @@ class Optimizer:
                     f"{cls}.step: grads is a dict but the parameters were given as a list; "
                     "pass a list of gradients in parameter order"
                 )
-            keys = [k for g in self._groups for k in g.keys]
+            keys = [str(k) for g in self._groups for k in g.keys]  # named: all str
             missing = [k for k in keys if k not in grads]
             extra = [k for k in grads if k not in set(keys)]
             if missing or extra:
@@ -277,7 +277,7 @@ class Optimizer:
                     f"{cls}.step: grads keys do not match the parameters: "
                     f"missing {missing}, unexpected {extra}"
                 )
-            return [[grads[k] for k in g.keys] for g in self._groups]
+            return [[grads[str(k)] for k in g.keys] for g in self._groups]
         if isinstance(grads, np.ndarray) or not isinstance(grads, Sequence):
             raise TypeError(
                 f"{cls}.step: grads must be a list of arrays in parameter order"

@@ -84,8 +84,9 @@ def _step(
     for name, value in {**opt._core_values(hyper, fresh), **(extra or {})}.items():
         setattr(core, name, value)
     needed = list(core.state_names())
-    missing = [n for n in needed if states.get(n) is None]
-    unused = [n for n, a in states.items() if a is not None and n not in needed]
+    given = {n: a for n, a in states.items() if a is not None}
+    missing = [n for n in needed if n not in given]
+    unused = [n for n in given if n not in needed]
     if missing or unused:
         parts = []
         if missing:
@@ -96,7 +97,7 @@ def _step(
             f"{fn}: with these options ({', '.join(f'{k}={v!r}' for k, v in hyper.items())}) "
             f"the update {' and '.join(parts)}"
         )
-    plan = _core.Plan([param], ["param"], needed, [[states[n]] for n in needed])
+    plan = _core.Plan([param], ["param"], needed, [[given[n]] for n in needed])
     opt._core_step(plan, core, int(step), grads=[grad])
     return core
 

@@ -245,7 +245,7 @@ def adamax_update(
 
 def nadam_momentum(beta1: float, momentum_decay: float, step: int) -> float:
     """NAdam's momentum schedule ``mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))``."""
-    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    return float(beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay)))
 
 
 def nadam_update(
