@@ -9,24 +9,11 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
+from fastoptim.__main__ import CASES
 
 N = 1 << 24  # 16M elements: far beyond the caches
 
-# name -> (class, options, state buffers)
-CASES: dict[str, tuple[Any, dict[str, Any], int]] = {
-    "SGD": (fo.SGD, {"lr": 1e-3}, 0),
-    "SGD+momentum": (fo.SGD, {"lr": 1e-3, "momentum": 0.9}, 1),
-    "Adagrad": (fo.Adagrad, {}, 1),
-    "RMSprop": (fo.RMSprop, {}, 1),
-    "Adadelta": (fo.Adadelta, {}, 2),
-    "Adam": (fo.Adam, {}, 2),
-    "AdamW": (fo.AdamW, {}, 2),
-    "AMSGrad": (fo.Adam, {"amsgrad": True}, 3),
-    "Adamax": (fo.Adamax, {}, 2),
-    "NAdam": (fo.NAdam, {}, 2),
-    "RAdam": (fo.RAdam, {}, 2),
-    "Lion": (fo.Lion, {}, 1),
-}
+# name -> (class, options, state buffers): the same table as `python -m fastoptim`
 
 
 def _info(benchmark: Any, nstate: int, n: int) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import fastoptim as fo
 
 # optimizer, its options, and the number of state buffers it keeps per parameter.
-_CASES: dict[str, tuple[Callable[..., fo.Optimizer], dict[str, object], int]] = {
+CASES: dict[str, tuple[Callable[..., fo.Optimizer], dict[str, object], int]] = {
     "SGD": (fo.SGD, {"lr": 1e-3}, 0),
     "SGD+momentum": (fo.SGD, {"lr": 1e-3, "momentum": 0.9}, 1),
     "Adagrad": (fo.Adagrad, {}, 1),
@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--optimizers",
         default="SGD,SGD+momentum,Adam,AdamW,NAdam,Lion",
-        help=f"comma-separated, from: {', '.join(_CASES)}",
+        help=f"comma-separated, from: {', '.join(CASES)}",
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in _CASES]
+    unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown optimizer(s): {', '.join(unknown)}")
     n = args.size
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for name in names:
-        cls, kwargs, nstate = _CASES[name]
+        cls, kwargs, nstate = CASES[name]
         bytes_per_elem = 4 * (2 + nstate) + 4 * (1 + nstate)  # read p, g, states; write p, states
         grad = rng.standard_normal(n, dtype=np.float32)
         fast = cls([rng.standard_normal(n, dtype=np.float32)], **kwargs)

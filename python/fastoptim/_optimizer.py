@@ -22,6 +22,7 @@ Params = Union[
 ]
 Grads = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 
+_FLAGS = frozenset({"nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay"})
 _ALIGN = 64  # bytes: every state / gradient view starts on a cache line
 
 
@@ -122,9 +123,25 @@ class Optimizer:
     # ------------------------------------------------------------------ per-optimizer hooks
     # _check and _core_values are classmethods: the functional tier (functional.py) calls them
     # without an optimizer instance.
+    _closed_unit: ClassVar[frozenset[str]] = frozenset()  # hyper-parameters in [0, 1]
+
     @classmethod
     def _check(cls, group: Mapping[str, Any]) -> None:
-        """Raise ValueError naming any invalid hyper-parameter of `group`."""
+        """Raise TypeError/ValueError naming any invalid hyper-parameter of `group`: flags must
+        be bools, ``betas`` a pair in [0, 1), the names in ``_closed_unit`` in [0, 1], every
+        other value a finite number >= 0.  Subclasses add rules that relate values."""
+        name = cls.__name__
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if key in _FLAGS:
+                check_flag(name, key, value)
+            elif key == "betas":
+                check_betas(name, value)
+            elif key in cls._closed_unit:
+                check_unit(name, key, value, closed=True)
+            else:
+                check_nonnegative(name, key, value)
 
     @classmethod
     def _core_values(cls, group: Mapping[str, Any], fresh: set[str]) -> dict[str, Any]:

@@ -11,14 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _core
-from ._optimizer import (
-    Optimizer,
-    Params,
-    check_betas,
-    check_flag,
-    check_nonnegative,
-    check_unit,
-)
+from ._optimizer import Optimizer, Params
 
 __all__ = [
     "SGD",
@@ -46,6 +39,7 @@ class SGD(Optimizer):
     """
 
     _hyper_type = _core.SGDHyper
+    _closed_unit = frozenset({"dampening"})
     _core_step = staticmethod(_core.step_sgd)
 
     def __init__(
@@ -73,11 +67,7 @@ class SGD(Optimizer):
 
     @classmethod
     def _check(cls, group: Any) -> None:
-        for name in ("lr", "momentum", "weight_decay"):
-            check_nonnegative("SGD", name, group[name])
-        check_unit("SGD", "dampening", group["dampening"], closed=True)
-        check_flag("SGD", "nesterov", group["nesterov"])
-        check_flag("SGD", "maximize", group["maximize"])
+        super()._check(group)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("SGD: nesterov=True requires momentum > 0 and dampening = 0")
 
@@ -124,12 +114,6 @@ class Adagrad(Optimizer):
             ),
         )
 
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
-            check_nonnegative("Adagrad", name, group[name])
-        check_flag("Adagrad", "maximize", group["maximize"])
-
     def _state_fill(self, name: str, group: Any) -> float:
         return float(group["initial_accumulator_value"])
 
@@ -148,6 +132,7 @@ class RMSprop(Optimizer):
     """
 
     _hyper_type = _core.RMSpropHyper
+    _closed_unit = frozenset({"alpha"})
     _core_step = staticmethod(_core.step_rmsprop)
 
     def __init__(
@@ -175,14 +160,6 @@ class RMSprop(Optimizer):
             ),
         )
 
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for name in ("lr", "eps", "weight_decay", "momentum"):
-            check_nonnegative("RMSprop", name, group[name])
-        check_unit("RMSprop", "alpha", group["alpha"], closed=True)
-        check_flag("RMSprop", "centered", group["centered"])
-        check_flag("RMSprop", "maximize", group["maximize"])
-
 
 class Adadelta(Optimizer):
     r"""Adadelta (Zeiler 2012; ``torch.optim.Adadelta``).
@@ -196,6 +173,7 @@ class Adadelta(Optimizer):
     """
 
     _hyper_type = _core.AdadeltaHyper
+    _closed_unit = frozenset({"rho"})
     _core_step = staticmethod(_core.step_adadelta)
 
     def __init__(
@@ -211,13 +189,6 @@ class Adadelta(Optimizer):
         super().__init__(
             params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
         )
-
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for name in ("lr", "eps", "weight_decay"):
-            check_nonnegative("Adadelta", name, group[name])
-        check_unit("Adadelta", "rho", group["rho"], closed=True)
-        check_flag("Adadelta", "maximize", group["maximize"])
 
 
 class Adam(Optimizer):
@@ -262,15 +233,6 @@ class Adam(Optimizer):
                 decoupled_weight_decay=decoupled_weight_decay,
             ),
         )
-
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        name = cls.__name__
-        for key in ("lr", "eps", "weight_decay"):
-            check_nonnegative(name, key, group[key])
-        check_betas(name, group["betas"])
-        for key in ("amsgrad", "maximize", "decoupled_weight_decay"):
-            check_flag(name, key, group[key])
 
 
 class AdamW(Adam):
@@ -329,13 +291,6 @@ class Adamax(Optimizer):
             params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         )
 
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for key in ("lr", "eps", "weight_decay"):
-            check_nonnegative("Adamax", key, group[key])
-        check_betas("Adamax", group["betas"])
-        check_flag("Adamax", "maximize", group["maximize"])
-
 
 class NAdam(Optimizer):
     r"""NAdam, Adam with Nesterov momentum (Dozat 2016; ``torch.optim.NAdam``).
@@ -379,14 +334,6 @@ class NAdam(Optimizer):
             ),
         )
 
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for key in ("lr", "eps", "weight_decay", "momentum_decay"):
-            check_nonnegative("NAdam", key, group[key])
-        check_betas("NAdam", group["betas"])
-        check_flag("NAdam", "decoupled_weight_decay", group["decoupled_weight_decay"])
-        check_flag("NAdam", "maximize", group["maximize"])
-
 
 class RAdam(Optimizer):
     r"""RAdam, rectified Adam (Liu et al. 2020; ``torch.optim.RAdam``).
@@ -429,14 +376,6 @@ class RAdam(Optimizer):
             ),
         )
 
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for key in ("lr", "eps", "weight_decay"):
-            check_nonnegative("RAdam", key, group[key])
-        check_betas("RAdam", group["betas"])
-        check_flag("RAdam", "decoupled_weight_decay", group["decoupled_weight_decay"])
-        check_flag("RAdam", "maximize", group["maximize"])
-
 
 class Lion(Optimizer):
     r"""Lion, EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization
@@ -464,10 +403,3 @@ class Lion(Optimizer):
         super().__init__(
             params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         )
-
-    @classmethod
-    def _check(cls, group: Any) -> None:
-        for key in ("lr", "weight_decay"):
-            check_nonnegative("Lion", key, group[key])
-        check_betas("Lion", group["betas"])
-        check_flag("Lion", "maximize", group["maximize"])

@@ -45,6 +45,18 @@ template <class T, class C> inline T effective_grad(const C& c, T p, T g) {
   return c.wd != 0 ? fmadd(T(c.wd), p, g1) : g1;
 }
 
+// avg * keep + (1 - keep) * x^2, in torch's order (mul_(keep).addcmul_(x, x, value=1-keep)).
+template <class T> inline T ema_square(T avg, T x, double keep, double one_minus_keep) {
+  return fmadd(T(one_minus_keep) * x, x, avg * T(keep));
+}
+
+// Adam's first and second moments (Adam, NAdam, RAdam): exp_avg.lerp_(g, 1 - beta1);
+// exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2).
+template <class T, class C> inline void adam_moments(const C& c, T g, T& exp_avg, T& exp_avg_sq) {
+  exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
+  exp_avg_sq = ema_square(exp_avg_sq, g, c.beta2, c.one_minus_beta2);
+}
+
 template <class Opt, class T, unsigned V> struct Kernel;
 
 template <class T, unsigned V> struct Kernel<SGD, T, V> {
@@ -80,7 +92,7 @@ template <class T, unsigned V> struct Kernel<RMSprop, T, V> {
   void operator()(T& p, T g, std::array<T, nstate>& s) const {
     T& square_avg = s[0];
     g = effective_grad(c, p, g);
-    square_avg = fmadd(T(c.one_minus_alpha) * g, g, square_avg * T(c.alpha));
+    square_avg = ema_square(square_avg, g, c.alpha, c.one_minus_alpha);
     T avg;
     if constexpr (centered) {
       T& grad_avg = s[1];
@@ -107,10 +119,10 @@ template <class T, unsigned V> struct Kernel<Adadelta, T, V> {
     T& square_avg = s[0];
     T& acc_delta = s[1];
     g = effective_grad(c, p, g);
-    square_avg = fmadd(T(c.one_minus_rho) * g, g, square_avg * T(c.rho));
+    square_avg = ema_square(square_avg, g, c.rho, c.one_minus_rho);
     const T std_ = std::sqrt(square_avg + T(c.eps));
     const T delta = std::sqrt(acc_delta + T(c.eps)) / std_ * g;
-    acc_delta = fmadd(T(c.one_minus_rho) * delta, delta, acc_delta * T(c.rho));
+    acc_delta = ema_square(acc_delta, delta, c.rho, c.one_minus_rho);
     p = fmadd(T(c.neg_lr), delta, p);
   }
 };
@@ -122,8 +134,7 @@ template <class T, unsigned V> struct Kernel<Adam, T, V> {
     T& exp_avg = s[0];
     T& exp_avg_sq = s[1];
     g = effective_grad(c, p, g);
-    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
-    exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
+    adam_moments(c, g, exp_avg, exp_avg_sq);
     T v = exp_avg_sq;
     if constexpr ((V & Adam::kAmsgrad) != 0) {
       T& max_exp_avg_sq = s[2];
@@ -155,8 +166,7 @@ template <class T, unsigned V> struct Kernel<NAdam, T, V> {
     T& exp_avg = s[0];
     T& exp_avg_sq = s[1];
     g = effective_grad(c, p, g);
-    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
-    exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
+    adam_moments(c, g, exp_avg, exp_avg_sq);
     const T denom = std::sqrt(exp_avg_sq / T(c.bc2)) + T(c.eps);
     p = fmadd(T(c.grad_coef), g / denom, p * T(c.decay));
     p = fmadd(T(c.avg_coef), exp_avg / denom, p);
@@ -170,8 +180,7 @@ template <class T, unsigned V> struct Kernel<RAdam, T, V> {
     T& exp_avg = s[0];
     T& exp_avg_sq = s[1];
     g = effective_grad(c, p, g);
-    exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
-    exp_avg_sq = fmadd(T(c.one_minus_beta2) * g, g, exp_avg_sq * T(c.beta2));
+    adam_moments(c, g, exp_avg, exp_avg_sq);
     const T step = exp_avg / T(c.bc1) * T(c.lr);
     const T adaptive_lr = T(c.bc2_sqrt) / (std::sqrt(exp_avg_sq) + T(c.eps));
     // Rectified (rho_t > 5): step * adaptive_lr * rect; before that: step (rect = 1).
