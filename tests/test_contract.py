@@ -105,6 +105,22 @@ def assert_same(before: list[tuple[str, Any]], after: list[tuple[str, Any]]) -> 
             assert b == a, f"{k} changed"
 
 
+def assert_step_rejected(
+    opt: fo.Optimizer,
+    grads: Any,
+    exc: type[Exception] | tuple[type[Exception], ...],
+    words: list[str] | tuple[str, ...] = (),
+) -> None:
+    """``opt.step(grads)`` raises `exc` with every one of `words` in its message, and changes
+    nothing (see :func:`snapshot`)."""
+    before = snapshot(opt)
+    with pytest.raises(exc) as info:
+        opt.step(grads)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert_same(before, snapshot(opt))
+
+
 def stepped(cls: Any, kw: dict[str, Any], n: int = 2) -> tuple[Any, list[Any]]:
     """An optimizer over three float32 params that has taken `n` steps (non-trivial state)."""
     params = make_params()
@@ -344,13 +360,7 @@ def test_bad_grads_change_nothing(
     cls: Any, kw: dict[str, Any], case: str, exc: type[Exception], words: list[str]
 ) -> None:
     opt, params = stepped(cls, kw)
-    grads = _bad_grads(case, params)
-    before = snapshot(opt)
-    with pytest.raises(exc) as info:
-        opt.step(grads)
-    for w in words:
-        assert w in str(info.value), str(info.value)
-    assert_same(before, snapshot(opt))
+    assert_step_rejected(opt, _bad_grads(case, params), exc, words)
     opt.step(make_grads(params))  # still usable
     assert opt.state[0]["step"] == 3
 
@@ -361,37 +371,24 @@ def test_bad_grads_in_second_group_leave_first_untouched(cls: Any, kw: dict[str,
     opt = cls([{"params": a}, {"params": b, "lr": kw["lr"] / 2}], **kw)
     opt.step(make_grads(a + b))
     for bad in ("shape", "dtype-f64", "alias-grad", "list-item"):
-        grads = make_grads(a) + _bad_grads(bad, b)
-        before = snapshot(opt)
-        with pytest.raises((TypeError, ValueError)):
-            opt.step(grads)
-        assert_same(before, snapshot(opt))
+        assert_step_rejected(opt, make_grads(a) + _bad_grads(bad, b), (TypeError, ValueError))
     # a gradient of group 1 that is a parameter of group 0, and vice versa
     for grads in ([*make_grads(a), a[0], *make_grads(b)[1:]], [b[0], *make_grads(a + b)[1:]]):
-        before = snapshot(opt)
-        with pytest.raises(ValueError, match="shares memory"):
-            opt.step(grads)
-        assert_same(before, snapshot(opt))
+        assert_step_rejected(opt, grads, ValueError, ["shares memory"])
 
 
 def test_grad_aliasing_param_of_other_group_message() -> None:
     a, b = [np.zeros(4, np.float32)], [np.ones(4, np.float32)]
     opt = fo.Adam([{"params": a}, {"params": b}])
-    before = snapshot(opt)
-    with pytest.raises(ValueError) as info:
-        opt.step([b[0], np.zeros(4, np.float32)])
-    assert "grad for param 0" in str(info.value) and "param 1" in str(info.value)
-    assert_same(before, snapshot(opt))
+    assert_step_rejected(
+        opt, [b[0], np.zeros(4, np.float32)], ValueError, ["grad for param 0", "param 1"]
+    )
 
 
 def test_grads_not_a_list() -> None:
     opt, params = stepped(fo.Adam, dict(lr=0.1))
-    before = snapshot(opt)
-    with pytest.raises(TypeError, match="list"):
-        opt.step(np.zeros(5, np.float32))
-    with pytest.raises(TypeError, match="dict"):
-        opt.step({"0": params[0]})
-    assert_same(before, snapshot(opt))
+    assert_step_rejected(opt, np.zeros(5, np.float32), TypeError, ["list"])
+    assert_step_rejected(opt, {"0": params[0]}, TypeError, ["dict"])
 
 
 @every_optimizer
@@ -408,12 +405,7 @@ def test_bad_grad_dicts(cls: Any, kw: dict[str, Any]) -> None:
         ({**grads, "b": arrays[1]}, ValueError, ["param 'b'", "shares memory"]),
     ]
     for bad, exc, words in cases:
-        before = snapshot(opt)
-        with pytest.raises(exc) as info:
-            opt.step(bad)
-        for w in words:
-            assert w in str(info.value), str(info.value)
-        assert_same(before, snapshot(opt))
+        assert_step_rejected(opt, bad, exc, words)
 
 
 # Bad parameters: rejected at construction and by add_param_group.
@@ -576,13 +568,8 @@ def test_invalid_hyper_parameters(cls: Any, kw: dict[str, Any], words: list[str]
     opt.step(make_grads(a + b))
     old = dict(opt.param_groups[1])
     opt.param_groups[1].update(kw)
-    before = snapshot(opt)
     for grads in (make_grads(a + b), None):
-        with pytest.raises((TypeError, ValueError)) as info:
-            opt.step(grads)
-        for w in words:
-            assert w in str(info.value), str(info.value)
-        assert_same(before, snapshot(opt))
+        assert_step_rejected(opt, grads, (TypeError, ValueError), words)
     opt.param_groups[1].update({k: old[k] for k in kw})
     opt.step(make_grads(a + b))  # usable again
     assert opt.state[5]["step"] == 2

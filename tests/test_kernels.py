@@ -1,7 +1,8 @@
 """The compiled kernels against the plain-NumPy reference (:mod:`fastoptim.reference`).
 
-One table of cases (optax style): every optimizer x its meaningful option sets, run for
-several steps in float32 and float64 with every available instruction set, on one parameter
+The shared table of cases (``cases.CASES``, optax style): every optimizer x its meaningful
+option sets, each run for its ``Case.steps`` steps in float32 and float64 with every available
+instruction set, on one parameter
 group holding every size that matters to the SIMD driver (0-d, empty, 1 ... 70000: below,
 at and just past the vector widths, odd tails, and more than one thread's grain).  The
 reference always runs in float64 on exact copies; parameters and every state array are compared
@@ -30,16 +31,27 @@ step; their momentum (which does not depend on the sign) is still checked everyw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
 
 import fastoptim
+from cases import (
+    CASES,
+    Case,
+    Scales,
+    check_close,
+    check_close_nonfinite,
+    each_case,
+    every_dtype,
+    make_families,
+    make_grads,
+    make_problem,
+)
 from fastoptim import _core, reference
 
-# ----------------------------------------------------------------------------- the table
+# ----------------------------------------------------------------------------- the problem
 SHAPES: list[tuple[int, ...]] = [
     (),  # 0-d
     (0,),  # empty
@@ -57,78 +69,7 @@ SHAPES: list[tuple[int, ...]] = [
     (4099,),
     (70, 1000),  # 70000: more than one thread's grain
 ]
-
-
-@dataclass(frozen=True)
-class Case:
-    opt: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    steps: int = 6
-    new_lr_factor: float = 0.5  # the learning rate is multiplied by this halfway through
-
-
-def case(opt: str, label: str, steps: int = 6, **kwargs: Any) -> Any:
-    return pytest.param(Case(opt, kwargs, steps), id=f"{opt}-{label}")
-
-
-# L2 weight decay uses a power of two: wd * p is then exact in either precision and g + wd * p is
-# one correctly rounded operation, as in float64.  With a decimal like 0.1 the float32 kernel's
-# gradient differs from the reference's by the rounding of wd (~1e-8 * |wd p|), which where
-# g + wd p nearly cancels is a large relative error that Adam / RMSprop normalise up to a
-# learning-rate-sized change of the parameter: an ill-conditioned problem, not a kernel bug.
-WD = 0.125
-
-CASES = [
-    case("SGD", "plain", lr=0.1),
-    case("SGD", "momentum", lr=0.1, momentum=0.9),
-    case("SGD", "momentum-dampening", lr=0.1, momentum=0.9, dampening=0.3),
-    case("SGD", "nesterov", lr=0.1, momentum=0.9, nesterov=True),
-    case("SGD", "weight_decay", lr=0.1, weight_decay=WD),
-    case("SGD", "momentum-weight_decay", lr=0.1, momentum=0.8, weight_decay=WD),
-    case("SGD", "maximize", lr=0.1, momentum=0.9, maximize=True),
-    case("Adagrad", "plain", lr=0.1),
-    case("Adagrad", "lr_decay", lr=0.1, lr_decay=0.2),
-    case("Adagrad", "initial_accumulator_value", lr=0.1, initial_accumulator_value=0.3),
-    case("Adagrad", "weight_decay", lr=0.1, weight_decay=WD),
-    case("Adagrad", "maximize", lr=0.1, maximize=True),
-    case("RMSprop", "plain", lr=0.01),
-    case("RMSprop", "centered", lr=0.01, centered=True),
-    case("RMSprop", "momentum", lr=0.01, momentum=0.9),
-    case("RMSprop", "centered-momentum", lr=0.01, centered=True, momentum=0.9),
-    case("RMSprop", "weight_decay", lr=0.01, weight_decay=WD),
-    case("RMSprop", "maximize", lr=0.01, maximize=True),
-    case("Adadelta", "plain", lr=1.0),
-    case("Adadelta", "weight_decay", lr=1.0, weight_decay=WD),
-    case("Adadelta", "maximize", lr=0.5, rho=0.8, maximize=True),
-    case("Adam", "plain", lr=0.01),
-    case("Adam", "amsgrad", lr=0.01, betas=(0.9, 0.8), amsgrad=True),  # max matters sooner
-    case("Adam", "weight_decay", lr=0.01, weight_decay=WD),
-    case("Adam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
-    case("Adam", "maximize", lr=0.01, maximize=True),
-    case("Adam", "amsgrad-wd-maximize", lr=0.01, amsgrad=True, weight_decay=WD, maximize=True),
-    case("AdamW", "plain", lr=0.01),
-    case("AdamW", "amsgrad", lr=0.01, amsgrad=True, weight_decay=0.05),
-    case("Adamax", "plain", lr=0.01),
-    case("Adamax", "weight_decay", lr=0.01, weight_decay=WD),
-    case("Adamax", "maximize", lr=0.01, maximize=True),
-    case("NAdam", "plain", lr=0.01),
-    case("NAdam", "weight_decay", lr=0.01, weight_decay=WD),
-    case("NAdam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
-    case("NAdam", "momentum_decay", lr=0.01, momentum_decay=0.3),  # mu_t varies faster
-    case("NAdam", "maximize", lr=0.01, maximize=True),
-    # rho_t > 5 first at step 6 (beta2 = 0.999): steps 1-5 unrectified, 6-9 rectified.
-    case("RAdam", "plain", steps=9, lr=0.01),
-    case("RAdam", "weight_decay", steps=9, lr=0.01, weight_decay=WD),
-    case("RAdam", "decoupled", steps=9, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
-    case("RAdam", "maximize", steps=9, lr=0.01, maximize=True),
-    case("Lion", "plain", lr=1e-3),
-    case("Lion", "weight_decay", lr=1e-3, weight_decay=0.5),
-    case("Lion", "maximize", lr=1e-3, betas=(0.95, 0.98), maximize=True),
-]
-
 TINY_SHAPES = SHAPES[:-1]  # the same again with 1e-7-scale gradients
-
-DTYPES = [np.float32, np.float64]
 
 # Allowed error in units of the dtype's epsilon: rtol = K * eps and atol = K * eps * (largest
 # |reference value| the array kind has reached so far in its gradient family).  Measured over
@@ -140,46 +81,6 @@ RTOL_ULPS = 8
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_problem(
-    rng: np.random.Generator, shapes: list[tuple[int, ...]], grad_scale: float = 1.0
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Initial parameters (float64 holding float32-representable values, about 0.1 in size so
-    that a few steps move them noticeably even in float32) and per-element gradient scales: 0
-    for about 10% of the elements (exact zeros at every step), else `grad_scale`."""
-    params, scales = [], []
-    for shape in shapes:
-        p = np.asarray(0.1 * rng.standard_normal(shape))
-        params.append(p.astype(np.float32).astype(np.float64))
-        scales.append(np.where(np.asarray(rng.random(shape)) < 0.1, 0.0, grad_scale))
-    return params, scales
-
-
-def make_grads(rng: np.random.Generator, scales: list[np.ndarray]) -> list[np.ndarray]:
-    """float64 gradients that are exactly representable in float32."""
-    return [
-        np.asarray(rng.standard_normal(s.shape) * s).astype(np.float32).astype(np.float64)
-        for s in scales
-    ]
-
-
-def check_close(
-    what: str, fast: np.ndarray, ref: np.ndarray, rtol: float, atol: float, mask=None
-) -> None:
-    """|fast - ref| <= atol + rtol * |ref| elementwise (NaN fails), outside `mask` if given."""
-    err = np.abs(fast.astype(np.float64) - ref)
-    ok = err <= atol + rtol * np.abs(ref)
-    if mask is not None:
-        ok |= mask
-    if not ok.all():
-        bad = np.flatnonzero(~ok.ravel())
-        i = bad[0]
-        raise AssertionError(
-            f"{what}: {bad.size} of {ok.size} elements differ beyond atol={atol:.3g} + "
-            f"rtol={rtol:.3g} * |ref|; first at flat index {i}: fast={fast.ravel()[i]!r} "
-            f"ref={ref.ravel()[i]!r}; largest error {np.nanmax(np.where(ok, 0, err)):.3g}"
-        )
-
-
 def lion_ambiguous(
     opt: reference.Lion, grads: list[np.ndarray], tol: list[float]
 ) -> list[np.ndarray]:
@@ -199,17 +100,13 @@ def lion_ambiguous(
 
 
 # ----------------------------------------------------------------------------- the table test
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", CASES)
+@every_dtype
+@each_case(CASES)
 def test_matches_reference(case: Case, dtype: Any, isa: str, rng: np.random.Generator) -> None:
     eps = float(np.finfo(dtype).eps)
     rtol = RTOL_ULPS * eps
     # One group: every size with unit-scale gradients, and again (but 70000) with tiny ones.
-    p0, gscales = make_problem(rng, SHAPES)
-    p_tiny, s_tiny = make_problem(rng, TINY_SHAPES, grad_scale=1e-7)
-    p0 += p_tiny
-    gscales += s_tiny
-    family = [0] * len(SHAPES) + [1] * len(TINY_SHAPES)
+    p0, gscales, family = make_families(rng, SHAPES, TINY_SHAPES)
     fast_params = [p.astype(dtype) for p in p0]
     ref_params = [p.copy() for p in p0]
     fast = getattr(fastoptim, case.opt)(fast_params, **case.kwargs)
@@ -219,14 +116,9 @@ def test_matches_reference(case: Case, dtype: Any, isa: str, rng: np.random.Gene
     names = sorted(ref.state[0].keys() - {"step"})
     # Largest |reference value| reached so far, per family and per array kind: rounding errors
     # are absolute at the scale of the operands, which that bounds (see the module docstring).
-    biggest: dict[tuple[int, str], float] = {}
-
-    def update_biggest(key: tuple[int, str], value: np.ndarray) -> None:
-        if value.size:
-            biggest[key] = max(biggest.get(key, 0.0), float(np.max(np.abs(value))))
-
+    scales = Scales(family)
     for i, p in enumerate(p0):
-        update_biggest((family[i], "param"), p)
+        scales.update(i, "param", p)
     ambiguous = [np.zeros(p.shape, dtype=np.int64) for p in p0]  # Lion: steps where unsure
 
     for t in range(1, case.steps + 1):
@@ -236,28 +128,27 @@ def test_matches_reference(case: Case, dtype: Any, isa: str, rng: np.random.Gene
         grads = make_grads(rng, gscales)
         if lion:
             for i, g in enumerate(grads):
-                update_biggest((family[i], "grad"), g)
-            scale = [
-                biggest.get((f, "exp_avg"), 0.0) + biggest.get((f, "grad"), 0.0) for f in family
+                scales.update(i, "grad", g)
+            tol = [
+                rtol * (scales.get(i, "exp_avg") + scales.get(i, "grad")) for i in range(len(p0))
             ]
-            for a, amb in zip(ambiguous, lion_ambiguous(ref, grads, [rtol * s for s in scale])):
+            for a, amb in zip(ambiguous, lion_ambiguous(ref, grads, tol)):
                 a += amb
         fast.step([g.astype(dtype) for g in grads])
         ref.step(grads)
 
         assert sorted(fast.state[0].keys() - {"step"}) == names
-        for n in names:
-            for i in range(len(p0)):
-                update_biggest((family[i], n), ref.state[i][n])
         for i in range(len(p0)):
-            update_biggest((family[i], "param"), ref_params[i])
+            for n in names:
+                scales.update(i, n, ref.state[i][n])
+            scales.update(i, "param", ref_params[i])
         for i, p in enumerate(p0):
             where = f"{case.opt} step {t} shape {p.shape} family {family[i]}"
             assert fast.state[i]["step"] == ref.state[i]["step"] == t
             for n in names:
-                atol = rtol * biggest[family[i], n]
+                atol = rtol * scales(i, n)
                 check_close(f"{where} state {n!r}", fast.state[i][n], ref.state[i][n], rtol, atol)
-            atol = rtol * biggest[family[i], "param"]
+            atol = rtol * scales(i, "param")
             if lion:
                 # A sign that legitimately differs moves the parameter by at most 2 lr per step
                 # (plus weight decay of the difference, a factor < 1).
@@ -300,6 +191,19 @@ def bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
 
 
+def assert_same_bits(
+    where: str, params: list[np.ndarray], opt: Any, want_params: list[np.ndarray], want: Any
+) -> None:
+    """`params` and every state array of `opt` bit-identical to `want_params` and `want`'s."""
+    assert len(params) == len(want_params), where
+    for i, (p, q) in enumerate(zip(params, want_params)):
+        assert np.array_equal(bits(p), bits(q)), f"{where}: param {i} differs"
+        for name, value in opt.state[i].items():
+            if name != "step":
+                same = np.array_equal(bits(value), bits(want.state[i][name]))
+                assert same, f"{where}: {name} {i} differs"
+
+
 def run(case: Case, params: list[np.ndarray], grads: list[list[np.ndarray]]) -> Any:
     opt = getattr(fastoptim, case.opt)(params, **case.kwargs)
     for g in grads:
@@ -307,7 +211,7 @@ def run(case: Case, params: list[np.ndarray], grads: list[list[np.ndarray]]) -> 
     return opt
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@every_dtype
 @pytest.mark.parametrize("case", RICH)
 def test_bit_identical_across_thread_counts(
     case: Case, dtype: Any, isa: str, rng: np.random.Generator
@@ -326,14 +230,11 @@ def test_bit_identical_across_thread_counts(
     finally:
         fastoptim.set_num_threads(before)
     (p1, o1), (p2, o2) = results
-    for i in range(len(shapes)):
-        assert np.array_equal(bits(p1[i]), bits(p2[i])), f"param {i} differs"
-        for name, value in o1.state[i].items():
-            if name != "step":
-                assert np.array_equal(bits(value), bits(o2.state[i][name])), f"{name} {i}"
+    assert len(p1) == len(shapes)
+    assert_same_bits("1 vs 2 threads", p1, o1, p2, o2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@every_dtype
 @pytest.mark.parametrize("case", RICH)
 def test_bit_identical_whatever_the_offset(
     case: Case, dtype: Any, isa: str, rng: np.random.Generator
@@ -353,10 +254,7 @@ def test_bit_identical_whatever_the_offset(
         for dst, src in zip(gshifted, grads):
             dst[...] = src
         got = run(case, [param], [[g] for g in gshifted])
-        assert np.array_equal(bits(param), bits(expected)), f"offset {k}"
-        for name, value in got.state[0].items():
-            if name != "step":
-                assert np.array_equal(bits(value), bits(want.state[0][name])), f"offset {k} {name}"
+        assert_same_bits(f"offset {k}", [param], got, [expected], want)
 
 
 # With L2 weight decay (wd != 0) a non-finite parameter legitimately poisons the gradient
@@ -364,7 +262,7 @@ def test_bit_identical_whatever_the_offset(
 WITH_L2 = [c for c in RICH if c.id != "AdamW"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@every_dtype
 @pytest.mark.parametrize("case", WITH_L2)
 def test_nonfinite_gradients_like_reference(
     case: Case, dtype: Any, isa: str, rng: np.random.Generator
@@ -389,13 +287,8 @@ def test_nonfinite_gradients_like_reference(
             (k, v, ref.state[0][k]) for k, v in fast.state[0].items() if k != "step"
         ]
         for name, got, want in pairs:
-            finite = np.isfinite(want)
-            where = f"{case.opt} step {t + 1} {name}"
-            assert np.array_equal(np.isnan(got), np.isnan(want)), where
-            infinite = ~finite & ~np.isnan(want)
-            assert np.array_equal(got[infinite], want[infinite]), where
-            big = float(np.max(np.abs(want[finite]), initial=0.0))
-            check_close(where, got[finite], want[finite], rtol, rtol * big)
+            big = float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0))
+            check_close_nonfinite(f"{case.opt} step {t + 1} {name}", got, want, rtol, rtol * big)
 
 
 NO_L2 = [
@@ -430,13 +323,10 @@ def test_nonfinite_param_stays_out_of_the_gradient(case: Case) -> None:
     for name, got, want in [*pairs, ("param", params[0], params[1])]:
         # Non-finite values exactly where the reference has them; finite ones to rounding
         # (fastoptim fuses multiply-adds where the CPU has FMA).
-        finite = np.isfinite(want)
-        assert np.array_equal(np.isnan(got), np.isnan(want)), name
-        assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)]), name
-        check_close(name, got[finite], want[finite], rtol, rtol)
+        check_close_nonfinite(name, got, want, rtol, rtol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@every_dtype
 def test_radam_unrectified_steps_ignore_the_adaptive_term(dtype: Any, isa: str) -> None:
     """Before rectification (rho_t <= 5, steps 1-5 with beta2 = 0.999) torch's RAdam update is
     m_hat * lr alone: sqrt(1 - beta2^t) / (sqrt(v) + eps) is never evaluated, so even where it

@@ -30,6 +30,8 @@ corrections) are computed in Python floats (double precision), as torch does.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any, Callable
 
@@ -64,9 +66,44 @@ def _effective_grad(
     return np.asarray(grad)
 
 
+def _adam_grad(
+    param: np.ndarray,
+    grad: np.ndarray,
+    lr: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> np.ndarray:
+    """The gradient of Adam, NAdam and RAdam.  With decoupled weight decay (AdamW) the parameter
+    first shrinks, ``p *= 1 - lr * weight_decay``, and the gradient has no L2 term; otherwise
+    L2 weight decay as in :func:`_effective_grad`."""
+    if decoupled_weight_decay:
+        g = _effective_grad(param, grad, 0, maximize)
+        if weight_decay != 0:
+            param *= 1 - lr * weight_decay
+        return g
+    return _effective_grad(param, grad, weight_decay, maximize)
+
+
 def _lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
     """a <- a + weight * (b - a)  (torch.Tensor.lerp_)."""
     a += weight * (b - a)
+
+
+def _ema_sq_(avg: np.ndarray, x: np.ndarray, beta: float) -> None:
+    """avg <- beta * avg + (1 - beta) * x * x  (torch: ``avg.mul_(beta)``, then
+    ``avg.addcmul_(x, x, value=1 - beta)``)."""
+    avg *= beta
+    avg += (1 - beta) * x * x
+
+
+def _adam_moments_(
+    exp_avg: np.ndarray, exp_avg_sq: np.ndarray, g: np.ndarray, beta1: float, beta2: float
+) -> None:
+    """Adam's moment estimates: ``m = lerp(m, g, 1 - beta1)``,
+    ``v = beta2 * v + (1 - beta2) * g * g``."""
+    _lerp_(exp_avg, g, 1 - beta1)
+    _ema_sq_(exp_avg_sq, g, beta2)
 
 
 # ----------------------------------------------------------------------------- the updates
@@ -135,8 +172,7 @@ def rmsprop_update(
     and ``v - m * m`` replaces ``v``; ``d = g / (sqrt(v) + eps)``; momentum:
     ``b = momentum * b + d``, ``p -= lr * b``; else ``p -= lr * d``."""
     g = _effective_grad(param, grad, weight_decay, maximize)
-    square_avg *= alpha
-    square_avg += (1 - alpha) * g * g
+    _ema_sq_(square_avg, g, alpha)
     if centered:
         assert grad_avg is not None
         _lerp_(grad_avg, g, 1 - alpha)
@@ -168,12 +204,10 @@ def adadelta_update(
     ``delta = sqrt(u + eps) / sqrt(v + eps) * g``; ``u = rho * u + (1 - rho) * delta * delta``;
     ``p -= lr * delta``."""
     g = _effective_grad(param, grad, weight_decay, maximize)
-    square_avg *= rho
-    square_avg += (1 - rho) * g * g
+    _ema_sq_(square_avg, g, rho)
     std = np.sqrt(square_avg + eps)
     delta = np.sqrt(acc_delta + eps) / std * g
-    acc_delta *= rho
-    acc_delta += (1 - rho) * delta * delta
+    _ema_sq_(acc_delta, delta, rho)
     param -= lr * delta
 
 
@@ -198,15 +232,8 @@ def adam_update(
     ``v = beta2 * v + (1 - beta2) * g * g``, ``v_hat = max(v_hat, v)`` (amsgrad);
     ``p -= lr / (1 - beta1^t) * m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)``, after
     ``p *= 1 - lr * weight_decay`` when the decay is decoupled."""
-    if decoupled_weight_decay:
-        g = _effective_grad(param, grad, 0, maximize)
-        if weight_decay != 0:
-            param *= 1 - lr * weight_decay
-    else:
-        g = _effective_grad(param, grad, weight_decay, maximize)
-    _lerp_(exp_avg, g, 1 - beta1)
-    exp_avg_sq *= beta2
-    exp_avg_sq += (1 - beta2) * g * g
+    g = _adam_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
+    _adam_moments_(exp_avg, exp_avg_sq, g, beta1, beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
@@ -270,20 +297,13 @@ def nadam_update(
     ``d = sqrt(v / (1 - beta2^t)) + eps``;
     ``p -= lr * (1 - mu_t) / (1 - mu_1...mu_t) * g / d
              + lr * mu_{t+1} / (1 - mu_1...mu_{t+1}) * m / d``."""
-    if decoupled_weight_decay:
-        g = _effective_grad(param, grad, 0, maximize)
-        if weight_decay != 0:
-            param *= 1 - lr * weight_decay
-    else:
-        g = _effective_grad(param, grad, weight_decay, maximize)
+    g = _adam_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
     bias_correction2 = 1 - beta2**step
     mu = nadam_momentum(beta1, momentum_decay, step)
     mu_next = nadam_momentum(beta1, momentum_decay, step + 1)
     mu_product = mu_product * mu
     mu_product_next = mu_product * mu_next
-    _lerp_(exp_avg, g, 1 - beta1)
-    exp_avg_sq *= beta2
-    exp_avg_sq += (1 - beta2) * g * g
+    _adam_moments_(exp_avg, exp_avg_sq, g, beta1, beta2)
     denom = np.sqrt(exp_avg_sq / bias_correction2) + eps
     param += (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
     param += ((-lr * mu_next) / (1.0 - mu_product_next)) * (exp_avg / denom)
@@ -309,15 +329,8 @@ def radam_update(
     when ``rho_t > 5``: ``p -= m_hat * lr * sqrt(1 - beta2^t) / (sqrt(v) + eps) * r_t`` with
     the rectification ``r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t))``,
     otherwise (the first few steps) ``p -= m_hat * lr``."""
-    if decoupled_weight_decay:
-        g = _effective_grad(param, grad, 0, maximize)
-        if weight_decay != 0:
-            param *= 1 - lr * weight_decay
-    else:
-        g = _effective_grad(param, grad, weight_decay, maximize)
-    _lerp_(exp_avg, g, 1 - beta1)
-    exp_avg_sq *= beta2
-    exp_avg_sq += (1 - beta2) * g * g
+    g = _adam_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
+    _adam_moments_(exp_avg, exp_avg_sq, g, beta1, beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     bias_corrected_exp_avg = exp_avg / bias_correction1
@@ -355,80 +368,68 @@ def lion_update(
 
 
 # ----------------------------------------------------------------------------- the classes
+@functools.cache
+def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
+    """The keyword-only parameters of an update function."""
+    params = inspect.signature(update).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 def _for_each(
     g: _Group,
     grads: list[np.ndarray],
     update: Callable[..., None],
     state_names: tuple[str, ...],
-    **hyper: Any,
+    **extra: Any,
 ) -> None:
-    """Call ``update(param, grad, *states, **hyper)`` for every parameter of group `g`; a state
-    the current hyper-parameters do not use is passed as None."""
+    """Call ``update(param, grad, *states, **hyper, **extra)`` for every parameter of group
+    `g`.  A state the current hyper-parameters do not use is passed as None; every keyword of
+    `update` not in `extra` (the per-step values) is the group's hyper-parameter of that name
+    (``lr``, ``beta1``...)."""
+    hyper = {k: getattr(g.hyper, k) for k in _keywords(update) if k not in extra}
     used = set(g.hyper.state_names())
     for i, (param, grad) in enumerate(zip(g.params, grads)):
         states = [g.states[n][i] if n in used else None for n in state_names]
-        update(param, grad, *states, **hyper)
+        update(param, grad, *states, **hyper, **extra)
 
 
 class SGD(_fast.SGD):
     __doc__ = _fast.SGD.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
         _for_each(
-            g, grads, sgd_update, ("momentum_buffer",),
-            first_step="momentum_buffer" in g.fresh, lr=h.lr, momentum=h.momentum,
-            dampening=h.dampening, weight_decay=h.weight_decay, nesterov=h.nesterov,
-            maximize=h.maximize,
-        )  # fmt: skip
+            g, grads, sgd_update, ("momentum_buffer",), first_step="momentum_buffer" in g.fresh
+        )
 
 
 class Adagrad(_fast.Adagrad):
     __doc__ = _fast.Adagrad.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
-        _for_each(
-            g, grads, adagrad_update, ("sum",),
-            step=g.step + 1, lr=h.lr, lr_decay=h.lr_decay, weight_decay=h.weight_decay,
-            eps=h.eps, maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, adagrad_update, ("sum",), step=g.step + 1)
 
 
 class RMSprop(_fast.RMSprop):
     __doc__ = _fast.RMSprop.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
-        _for_each(
-            g, grads, rmsprop_update, ("square_avg", "grad_avg", "momentum_buffer"),
-            lr=h.lr, alpha=h.alpha, eps=h.eps, weight_decay=h.weight_decay,
-            momentum=h.momentum, centered=h.centered, maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, rmsprop_update, ("square_avg", "grad_avg", "momentum_buffer"))
 
 
 class Adadelta(_fast.Adadelta):
     __doc__ = _fast.Adadelta.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
-        _for_each(
-            g, grads, adadelta_update, ("square_avg", "acc_delta"),
-            lr=h.lr, rho=h.rho, eps=h.eps, weight_decay=h.weight_decay, maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, adadelta_update, ("square_avg", "acc_delta"))
 
 
 class Adam(_fast.Adam):
     __doc__ = _fast.Adam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
         _for_each(
-            g, grads, adam_update, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-            step=g.step + 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
-            weight_decay=h.weight_decay, amsgrad=h.amsgrad, maximize=h.maximize,
-            decoupled_weight_decay=h.decoupled_weight_decay,
-        )  # fmt: skip
+            g, grads, adam_update, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), step=g.step + 1
+        )
 
 
 class AdamW(_fast.AdamW, Adam):
@@ -439,12 +440,7 @@ class Adamax(_fast.Adamax):
     __doc__ = _fast.Adamax.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
-        _for_each(
-            g, grads, adamax_update, ("exp_avg", "exp_inf"),
-            step=g.step + 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
-            weight_decay=h.weight_decay, maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, adamax_update, ("exp_avg", "exp_inf"), step=g.step + 1)
 
 
 class NAdam(_fast.NAdam):
@@ -453,12 +449,7 @@ class NAdam(_fast.NAdam):
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         h = g.hyper
         step = g.step + 1
-        _for_each(
-            g, grads, nadam_update, ("exp_avg", "exp_avg_sq"),
-            step=step, mu_product=h.mu_product, lr=h.lr, beta1=h.beta1, beta2=h.beta2,
-            eps=h.eps, weight_decay=h.weight_decay, momentum_decay=h.momentum_decay,
-            decoupled_weight_decay=h.decoupled_weight_decay, maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, nadam_update, ("exp_avg", "exp_avg_sq"), step=step)
         # The group's running product mu_1 ... mu_t (the compiled step advances it in C++).
         h.mu_product = h.mu_product * nadam_momentum(h.beta1, h.momentum_decay, step)
 
@@ -467,22 +458,11 @@ class RAdam(_fast.RAdam):
     __doc__ = _fast.RAdam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
-        _for_each(
-            g, grads, radam_update, ("exp_avg", "exp_avg_sq"),
-            step=g.step + 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
-            weight_decay=h.weight_decay, decoupled_weight_decay=h.decoupled_weight_decay,
-            maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, radam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
 
 class Lion(_fast.Lion):
     __doc__ = _fast.Lion.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        h = g.hyper
-        _for_each(
-            g, grads, lion_update, ("exp_avg",),
-            lr=h.lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay,
-            maximize=h.maximize,
-        )  # fmt: skip
+        _for_each(g, grads, lion_update, ("exp_avg",))
