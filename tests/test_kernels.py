@@ -2,11 +2,10 @@
 
 The shared table of cases (``cases.CASES``, optax style): every optimizer x its meaningful
 option sets, each run for its ``Case.steps`` steps in float32 and float64 with every available
-instruction set, on one parameter
-group holding every size that matters to the SIMD driver (0-d, empty, 1 ... 70000: below,
-at and just past the vector widths, odd tails, and more than one thread's grain).  The
-reference always runs in float64 on exact copies; parameters and every state array are compared
-elementwise after every step.
+instruction set, on one parameter group holding every size that matters to the SIMD driver
+(0-d, empty, 1 ... 70000: below, at and just past the vector widths, odd tails, and more than
+one thread's grain).  The reference always runs in float64 on exact copies; parameters and
+every state array are compared elementwise after every step.
 
 Gradients: N(0, 1) with about 10% exact zeros (the same elements at every step), and every
 size but the largest again with 1e-7-scale gradients (a second "family" of tensors in the same

@@ -1,0 +1,207 @@
+"""The one table of optimizer cases, and the helpers shared by the tests that run it.
+
+``CASES`` (optax style): every optimizer x its meaningful option sets.  ``test_kernels.py`` runs
+each case against :mod:`fastoptim.reference` for ``Case.steps`` steps; ``test_torch.py`` runs
+the same cases (but Lion, which ``torch.optim`` lacks) against ``torch.optim`` for a longer run,
+with its per-consumer adjustments spelled out there.  Either way the learning rate is
+multiplied by ``Case.new_lr_factor`` halfway through.
+
+Both compare on one parameter group holding two "families" of tensors: unit-scale gradients
+with about 10% exact zeros, and the same again with 1e-7-scale gradients, so that eps
+conventions decide the result (see :func:`make_families`).  The tolerance is
+:func:`check_close` with ``rtol = K * eps(dtype)`` and ``atol = K * eps(dtype) * M``, M the
+largest |expected value| that kind of array has reached so far in its family
+(:class:`Scales`); each test module measures and documents its own ``K``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+# ----------------------------------------------------------------------------- the table
+# L2 weight decay uses a power of two: wd * p is then exact in either precision, and g + wd * p
+# is one correctly rounded operation in float64, in fastoptim's float32 kernels (one fused
+# multiply-add) and in torch (which adds alpha * p in two roundings) alike.  With a decimal like
+# 0.1, the float32 gradient differs from the float64 one by the rounding of wd (~1e-8 * |wd p|),
+# which where g + wd p nearly cancels is a large relative error that Adam / RMSprop normalise up
+# to a learning-rate-sized change of the parameter: an ill-conditioned problem, not a kernel bug.
+WD = 0.125
+
+
+@dataclass(frozen=True)
+class Case:
+    opt: str  # the class name, in fastoptim, fastoptim.reference and torch.optim alike
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int = 6  # test_kernels.py's run length (test_torch.py runs longer)
+    new_lr_factor: float = 0.5  # the learning rate is multiplied by this halfway through
+    label: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.opt}-{self.label}" if self.label else self.opt
+
+
+def case(opt: str, label: str, steps: int = 6, **kwargs: Any) -> Case:
+    return Case(opt, kwargs, steps, label=label)
+
+
+CASES: list[Case] = [
+    case("SGD", "plain", lr=0.1),
+    case("SGD", "momentum", lr=0.1, momentum=0.9),
+    case("SGD", "momentum-dampening", lr=0.1, momentum=0.9, dampening=0.3),
+    case("SGD", "nesterov", lr=0.1, momentum=0.9, nesterov=True),
+    case("SGD", "weight_decay", lr=0.1, weight_decay=WD),
+    case("SGD", "momentum-weight_decay", lr=0.1, momentum=0.8, weight_decay=WD),
+    case("SGD", "maximize", lr=0.1, momentum=0.9, maximize=True),
+    case("Adagrad", "plain", lr=0.1),
+    case("Adagrad", "lr_decay", lr=0.1, lr_decay=0.2),
+    case("Adagrad", "initial_accumulator_value", lr=0.1, initial_accumulator_value=0.3),
+    case("Adagrad", "weight_decay", lr=0.1, weight_decay=WD),
+    case("Adagrad", "maximize", lr=0.1, maximize=True),
+    case("RMSprop", "plain", lr=0.01),
+    case("RMSprop", "centered", lr=0.01, centered=True),
+    case("RMSprop", "momentum", lr=0.01, momentum=0.9),
+    case("RMSprop", "centered-momentum", lr=0.01, centered=True, momentum=0.9),
+    case("RMSprop", "weight_decay", lr=0.01, weight_decay=WD),
+    case("RMSprop", "maximize", lr=0.01, alpha=0.9, maximize=True),  # and a non-default alpha
+    case("Adadelta", "plain", lr=1.0),
+    case("Adadelta", "weight_decay", lr=1.0, weight_decay=WD),
+    case("Adadelta", "maximize", lr=0.5, rho=0.8, maximize=True),
+    case("Adam", "plain", lr=0.01),
+    case("Adam", "amsgrad", lr=0.01, betas=(0.9, 0.8), amsgrad=True),  # max matters sooner
+    case("Adam", "weight_decay", lr=0.01, weight_decay=WD),
+    case("Adam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("Adam", "maximize", lr=0.01, maximize=True),
+    case("Adam", "amsgrad-wd-maximize", lr=0.01, amsgrad=True, weight_decay=WD, maximize=True),
+    case("AdamW", "plain", lr=0.01),
+    case("AdamW", "amsgrad", lr=0.01, amsgrad=True, weight_decay=0.05),
+    case("Adamax", "plain", lr=0.01),
+    case("Adamax", "weight_decay", lr=0.01, weight_decay=WD),
+    case("Adamax", "maximize", lr=0.01, maximize=True),
+    case("NAdam", "plain", lr=0.01),
+    case("NAdam", "weight_decay", lr=0.01, weight_decay=WD),
+    case("NAdam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("NAdam", "momentum_decay", lr=0.01, momentum_decay=0.3),  # mu_t varies faster
+    case("NAdam", "maximize", lr=0.01, maximize=True),
+    # rho_t > 5 first at step 6 (beta2 = 0.999): steps 1-5 unrectified, 6-9 rectified.
+    case("RAdam", "plain", steps=9, lr=0.01),
+    case("RAdam", "weight_decay", steps=9, lr=0.01, weight_decay=WD),
+    case("RAdam", "decoupled", steps=9, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("RAdam", "maximize", steps=9, lr=0.01, maximize=True),
+    case("Lion", "plain", lr=1e-3),
+    case("Lion", "weight_decay", lr=1e-3, weight_decay=0.5),
+    case("Lion", "maximize", lr=1e-3, betas=(0.95, 0.98), maximize=True),
+]
+
+
+def each_case(cases: Iterable[Case]) -> pytest.MarkDecorator:
+    """Parametrize a test's ``case`` argument over `cases`, with ids such as ``Adam-amsgrad``."""
+    return pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in cases])
+
+
+DTYPES = [np.float32, np.float64]
+every_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+
+
+# ----------------------------------------------------------------------------- the problem
+def make_problem(
+    rng: np.random.Generator, shapes: list[tuple[int, ...]], grad_scale: float = 1.0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Initial parameters (float64 holding float32-representable values, about 0.1 in size so
+    that a few steps move them noticeably even in float32) and per-element gradient scales: 0
+    for about 10% of the elements (exact zeros at every step), else `grad_scale`."""
+    params, scales = [], []
+    for shape in shapes:
+        p = np.asarray(0.1 * rng.standard_normal(shape))
+        params.append(p.astype(np.float32).astype(np.float64))
+        scales.append(np.where(np.asarray(rng.random(shape)) < 0.1, 0.0, grad_scale))
+    return params, scales
+
+
+def make_families(
+    rng: np.random.Generator, shapes: list[tuple[int, ...]], tiny_shapes: list[tuple[int, ...]]
+) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """One group of tensors in two gradient families: `shapes` with unit-scale gradients
+    (family 0), then `tiny_shapes` with 1e-7-scale ones (family 1).  Returns the initial
+    parameters, the gradient scales (see :func:`make_problem`) and each tensor's family."""
+    p0, scales = make_problem(rng, shapes)
+    p_tiny, s_tiny = make_problem(rng, tiny_shapes, grad_scale=1e-7)
+    family = [0] * len(shapes) + [1] * len(tiny_shapes)
+    return p0 + p_tiny, scales + s_tiny, family
+
+
+def make_grads(rng: np.random.Generator, scales: list[np.ndarray]) -> list[np.ndarray]:
+    """float64 gradients that are exactly representable in float32."""
+    return [
+        np.asarray(rng.standard_normal(s.shape) * s).astype(np.float32).astype(np.float64)
+        for s in scales
+    ]
+
+
+# ----------------------------------------------------------------------------- the tolerance
+class Scales:
+    """The largest |value| each kind of array (``"param"``, a state name...) has reached so far,
+    per gradient family: the M of ``atol = K * eps * M``.  Rounding errors are absolute at the
+    scale of the operands, which M bounds, and the tiny family has its own M, so that its
+    1e-7..1e-14 states are judged at their own scale."""
+
+    def __init__(self, family: list[int]) -> None:
+        self.family = family  # the family of each tensor, by index
+        self._biggest: dict[tuple[int, str], float] = {}
+
+    def update(self, i: int, kind: str, value: np.ndarray) -> None:
+        """Take tensor `i`'s current `kind` array into account."""
+        if value.size:
+            key = (self.family[i], kind)
+            self._biggest[key] = max(self._biggest.get(key, 0.0), float(np.max(np.abs(value))))
+
+    def __call__(self, i: int, kind: str) -> float:
+        """M for tensor `i`'s `kind` array (KeyError if its family has none yet)."""
+        return self._biggest[self.family[i], kind]
+
+    def get(self, i: int, kind: str) -> float:
+        """M for tensor `i`'s `kind` array, 0 if its family has none yet."""
+        return self._biggest.get((self.family[i], kind), 0.0)
+
+
+def check_close(
+    what: str,
+    got: np.ndarray,
+    want: np.ndarray,
+    rtol: float,
+    atol: float,
+    mask: np.ndarray | None = None,
+) -> None:
+    """Same shape, and |got - want| <= atol + rtol * |want| elementwise in float64 (NaN fails),
+    outside `mask` if given."""
+    assert np.shape(got) == np.shape(want), f"{what}: shape {np.shape(got)} != {np.shape(want)}"
+    want = np.asarray(want, dtype=np.float64)
+    err = np.abs(np.asarray(got, dtype=np.float64) - want)
+    ok = err <= atol + rtol * np.abs(want)
+    if mask is not None:
+        ok |= mask
+    if not ok.all():
+        bad = np.flatnonzero(~ok.ravel())
+        i = bad[0]
+        raise AssertionError(
+            f"{what}: {bad.size} of {ok.size} elements differ beyond atol={atol:.3g} + "
+            f"rtol={rtol:.3g} * |want|; first at flat index {i}: got={got.ravel()[i]!r} "
+            f"want={want.ravel()[i]!r}; largest error {np.nanmax(np.where(ok, 0, err)):.3g}"
+        )
+
+
+def check_close_nonfinite(
+    what: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float
+) -> None:
+    """NaN exactly where `want` has NaN, +-Inf exactly where it has +-Inf, and the finite
+    elements within :func:`check_close`'s tolerance."""
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), what
+    infinite = ~finite & ~np.isnan(want)
+    assert np.array_equal(got[infinite], want[infinite]), what
+    check_close(what, got[finite], want[finite], rtol, atol)
