@@ -275,6 +275,31 @@ def test_group_dicts_with_per_group_hyper(cls: Any, kw: dict[str, Any]) -> None:
 
 
 @every_optimizer
+def test_group_mixing_dtypes(cls: Any, kw: dict[str, Any]) -> None:
+    """float32 and float64 parameters in one group (one compiled call) update exactly as in
+    single-dtype optimizers."""
+    rng = np.random.default_rng(7)
+    values = [rng.standard_normal(n) for n in (5, 300_001, 17, 0)]
+    dtypes = [np.float32, np.float64, np.float64, np.float32]
+    mixed = [v.astype(d) for v, d in zip(values, dtypes)]
+    alone = [v.astype(d) for v, d in zip(values, dtypes)]
+    opt = cls(mixed, **kw)
+    singles = [cls([p], **kw) for p in alone]
+    for s in range(3):
+        grads = make_grads(mixed, seed=s)
+        opt.step(grads)
+        for single, g in zip(singles, grads):
+            single.step([g])
+    for x, y in zip(mixed, alone):
+        assert x.dtype == y.dtype
+        assert x.tobytes() == y.tobytes()
+    for key, single in enumerate(singles):
+        for name, value in single.state[0].items():
+            if name != "step":
+                assert opt.state[key][name].tobytes() == value.tobytes(), name
+
+
+@every_optimizer
 def test_lr_change_takes_effect_next_step(cls: Any, kw: dict[str, Any]) -> None:
     params = make_params()
     opt = cls(params, **kw)
