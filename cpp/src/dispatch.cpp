@@ -11,6 +11,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(_MSC_VER) && !defined(__GNUC__)
+#include <intrin.h>
+#endif
 
 namespace fastoptim {
 
@@ -36,6 +39,25 @@ FASTOPTIM_DECLARE_ISA(neon)
 
 namespace {
 
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(_MSC_VER) && !defined(__GNUC__)
+// MSVC: CPUID feature bits, and XGETBV for the OS saving the YMM/ZMM registers.
+bool msvc_supports(Isa isa) {
+  int r[4];
+  __cpuid(r, 1);
+  const bool osxsave = r[2] & (1 << 27), avx = r[2] & (1 << 28), fma = r[2] & (1 << 12);
+  if (isa == Isa::scalar) return true;
+  if (!osxsave || !avx || !fma) return false;
+  const unsigned long long xcr0 = _xgetbv(0);
+  __cpuidex(r, 7, 0);
+  const bool avx2 = r[1] & (1 << 5);
+  const bool avx512 = (r[1] & (1 << 16)) && (r[1] & (1 << 17)) && (r[1] & (1 << 30)) &&
+                      (r[1] & (1u << 31));
+  if (isa == Isa::avx2) return avx2 && (xcr0 & 0x6) == 0x6;
+  if (isa == Isa::avx512) return avx2 && avx512 && (xcr0 & 0xe6) == 0xe6;
+  return false;
+}
+#endif
+
 bool cpu_supports(Isa isa) {
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
   __builtin_cpu_init();  // may run during static initialisation, before libgcc's constructor
@@ -50,7 +72,9 @@ bool cpu_supports(Isa isa) {
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-    case Isa::scalar: return true;
+    case Isa::scalar:
+    case Isa::avx2:
+    case Isa::avx512: return msvc_supports(isa);
 #endif
 #endif
 #if defined(__aarch64__) || defined(_M_ARM64)

@@ -19,7 +19,7 @@
 namespace fastoptim {
 
 template <class T> inline T fmadd(T a, T b, T c) {
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
+#if defined(__FMA__) || defined(__AVX2__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
   return std::fma(a, b, c);
 #else
   return a * b + c;
