@@ -712,6 +712,12 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_version_is_the_installed_distribution() -> None:
+    from importlib.metadata import version
+
+    assert fo.__version__ == version("fastoptim") != "0+unknown"
+
+
 def test_isa() -> None:
     assert fo.isa() in fo.available_isas()
     assert "scalar" in fo.available_isas() or "neon" in fo.available_isas()
