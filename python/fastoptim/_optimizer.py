@@ -39,6 +39,12 @@ def _hyper_fields(hyper_type: Any) -> frozenset[str]:
     return _FIELDS[hyper_type]
 
 
+def _defaults(local_vars: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer's hyper-parameter defaults from its ``__init__``'s ``locals()``: every
+    argument but ``self`` and ``params``, so the signature is the single source of truth."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "params", "__class__")}
+
+
 def _snapshot(group: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a group's entries that later in-place edits cannot reach (lists become
     tuples, so mutating a list of betas counts as a change)."""

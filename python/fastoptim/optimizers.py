@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _core
-from ._optimizer import Optimizer, Params
+from ._optimizer import Optimizer, Params, _defaults
 
 __all__ = [
     "SGD",
@@ -53,17 +53,7 @@ class SGD(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                weight_decay=weight_decay,
-                nesterov=nesterov,
-                maximize=maximize,
-            ),
-        )
+        super().__init__(params, _defaults(locals()))
 
     @classmethod
     def _check(cls, group: Any) -> None:
@@ -102,17 +92,7 @@ class Adagrad(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                lr_decay=lr_decay,
-                weight_decay=weight_decay,
-                initial_accumulator_value=initial_accumulator_value,
-                eps=eps,
-                maximize=maximize,
-            ),
-        )
+        super().__init__(params, _defaults(locals()))
 
     def _state_fill(self, name: str, group: Any) -> float:
         return float(group["initial_accumulator_value"])
@@ -147,18 +127,7 @@ class RMSprop(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                alpha=alpha,
-                eps=eps,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                centered=centered,
-                maximize=maximize,
-            ),
-        )
+        super().__init__(params, _defaults(locals()))
 
 
 class Adadelta(Optimizer):
@@ -186,9 +155,7 @@ class Adadelta(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        )
+        super().__init__(params, _defaults(locals()))
 
 
 class Adam(Optimizer):
@@ -221,18 +188,7 @@ class Adam(Optimizer):
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                amsgrad=amsgrad,
-                maximize=maximize,
-                decoupled_weight_decay=decoupled_weight_decay,
-            ),
-        )
+        super().__init__(params, _defaults(locals()))
 
 
 class AdamW(Adam):
@@ -287,9 +243,7 @@ class Adamax(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        )
+        super().__init__(params, _defaults(locals()))
 
 
 class NAdam(Optimizer):
@@ -321,18 +275,7 @@ class NAdam(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                momentum_decay=momentum_decay,
-                decoupled_weight_decay=decoupled_weight_decay,
-                maximize=maximize,
-            ),
-        )
+        super().__init__(params, _defaults(locals()))
 
 
 class RAdam(Optimizer):
@@ -364,17 +307,7 @@ class RAdam(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                decoupled_weight_decay=decoupled_weight_decay,
-                maximize=maximize,
-            ),
-        )
+        super().__init__(params, _defaults(locals()))
 
 
 class Lion(Optimizer):
@@ -400,6 +333,4 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        )
+        super().__init__(params, _defaults(locals()))
