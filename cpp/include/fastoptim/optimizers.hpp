@@ -136,7 +136,7 @@ struct Adam {
     f("amsgrad", &Hyper::amsgrad); f("maximize", &Hyper::maximize);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay);
   }
-  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step; };
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step; };
   enum : unsigned { kAmsgrad = 1, kVariants = 2 };
   static unsigned variant(const Hyper& h) { return h.amsgrad ? kAmsgrad : 0u; }
   static constexpr int nstate(unsigned v) { return (v & kAmsgrad) ? 3 : 2; }
@@ -150,7 +150,7 @@ struct Adam {
     const bool dec = h.decoupled_weight_decay;
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
             dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2,
-            std::sqrt(bc2), h.eps, -h.lr / bc1};
+            1.0 / std::sqrt(bc2), h.eps, -h.lr / bc1};
   }
 };
 
@@ -192,7 +192,7 @@ struct NAdam {
     f("momentum_decay", &Hyper::momentum_decay); f("mu_product", &Hyper::mu_product);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
   }
-  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc2, eps, grad_coef, avg_coef; };
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps, grad_coef, avg_coef; };
   enum : unsigned { kVariants = 1 };
   static unsigned variant(const Hyper&) { return 0; }
   static constexpr int nstate(unsigned) { return 2; }
@@ -206,7 +206,7 @@ struct NAdam {
     const double prod = h.mu_product * mu_t, prod_next = prod * mu_next;
     const bool dec = h.decoupled_weight_decay;
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
-            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, bc2,
+            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 / bc2,
             h.eps, -h.lr * (1.0 - mu_t) / (1.0 - prod), (-h.lr * mu_next) / (1.0 - prod_next)};
   }
   static void after_step(Hyper& h, int64_t step) { h.mu_product *= mu(h, step); }
@@ -224,7 +224,7 @@ struct RAdam {
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
   }
-  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, bc1, lr, bc2_sqrt, eps, rect, rectify; };
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, lr, bc2_sqrt, eps, rect, rectify; };
   enum : unsigned { kVariants = 1 };
   static unsigned variant(const Hyper&) { return 0; }
   static constexpr int nstate(unsigned) { return 2; }
@@ -240,8 +240,8 @@ struct RAdam {
                                 : 1.0;
     const bool dec = h.decoupled_weight_decay;
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
-            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, bc1,
-            h.lr, std::sqrt(bc2), h.eps, rect, rectify ? 1.0 : 0.0};
+            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2,
+            1.0 / bc1, h.lr, std::sqrt(bc2), h.eps, rect, rectify ? 1.0 : 0.0};
   }
 };
 

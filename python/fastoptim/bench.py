@@ -1,0 +1,238 @@
+"""The benchmark behind ``python -m fastoptim bench``: one optimizer step per contender and
+workload, timed interleaved (A B C A B C ...) and reported as medians, next to a streaming
+kernel that moves the same bytes (the roofline, measured in the same run).
+
+Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
+(:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
+foreach and fused implementations (whichever exist for that optimizer on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _core, reference
+from . import optimizers as fast
+
+# name -> (class name, options, state buffers per parameter)
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "SGD": ("SGD", {"lr": 1e-3}, 0),
+    "SGD+momentum": ("SGD", {"lr": 1e-3, "momentum": 0.9}, 1),
+    "Adagrad": ("Adagrad", {}, 1),
+    "RMSprop": ("RMSprop", {}, 1),
+    "Adadelta": ("Adadelta", {}, 2),
+    "Adam": ("Adam", {}, 2),
+    "AdamW": ("AdamW", {}, 2),
+    "AMSGrad": ("Adam", {"amsgrad": True}, 3),
+    "Adamax": ("Adamax", {}, 2),
+    "NAdam": ("NAdam", {}, 2),
+    "RAdam": ("RAdam", {}, 2),
+    "Lion": ("Lion", {}, 1),
+}
+
+# torch.optim has fused CPU kernels for these only.
+_TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
+
+
+def _bert_base_shapes() -> list[tuple[int, ...]]:
+    """~110M parameters in ~200 tensors, shaped like BERT-base's."""
+    shapes: list[tuple[int, ...]] = [(30522, 768), (512, 768), (2, 768), (768,), (768,)]
+    for _ in range(12):
+        shapes += [(768, 768), (768,)] * 4  # query, key, value, attention output
+        shapes += [(768,), (768,)]  # attention layer norm
+        shapes += [(3072, 768), (3072,), (768, 3072), (768,)]  # feed-forward
+        shapes += [(768,), (768,)]  # output layer norm
+    shapes += [(768, 768), (768,)]  # pooler
+    return shapes
+
+
+WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "large": lambda: [(1 << 24,)],  # 16M elements: far beyond the caches
+    "mlp": lambda: [(784, 256), (256,), (256, 256), (256,), (256, 10), (10,)],
+    "many": lambda: [(4096,)] * 4096,  # 4096 tensors of 4096 elements
+    "bert": _bert_base_shapes,
+}
+DEFAULT_WORKLOADS = ("large", "mlp", "many")
+
+
+def bytes_per_element(nstate: int, itemsize: int = 4) -> int:
+    """Memory traffic of one step: read param, grad and each state; write param and states."""
+    return itemsize * ((2 + nstate) + (1 + nstate))
+
+
+@dataclass
+class Row:
+    """One optimizer on one workload: median seconds per step of each contender."""
+
+    optimizer: str
+    workload: str
+    elements: int
+    tensors: int
+    nstate: int
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return self.elements * bytes_per_element(self.nstate)
+
+
+def _median_step(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _torch_contenders(
+    cls_name: str, kwargs: dict[str, Any], arrays: Sequence[np.ndarray], grads: Sequence[Any]
+) -> dict[str, Callable[[], object]]:
+    try:
+        import torch
+    except ImportError:
+        return {}
+    cls = getattr(torch.optim, cls_name, None)
+    if cls is None:  # e.g. Lion
+        return {}
+    modes = {"torch for-loop": {"foreach": False}, "torch foreach": {"foreach": True}}
+    if cls_name in _TORCH_FUSED:
+        modes["torch fused"] = {"fused": True}
+    out: dict[str, Callable[[], object]] = {}
+    for label, mode in modes.items():
+        params = [torch.from_numpy(a.copy()) for a in arrays]
+        for p, g in zip(params, grads):
+            p.grad = torch.from_numpy(g)
+        opt = cls(params, **kwargs, **mode)
+        out[label] = opt.step
+    return out
+
+
+def run(
+    optimizers: Sequence[str] = tuple(OPTIMIZERS),
+    workloads: Sequence[str] = DEFAULT_WORKLOADS,
+    repeats: int = 5,
+    rounds: int = 3,
+    torch: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Measure every optimizer on every workload (float32); see the module docstring."""
+    rows = []
+    for wname in workloads:
+        shapes = WORKLOADS[wname]()
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        grads = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.1) for s in shapes]
+        total = sum(a.size for a in arrays)
+        for oname in optimizers:
+            cls_name, kwargs, nstate = OPTIMIZERS[oname]
+            if progress:
+                progress(f"{wname}: {oname}")
+            mine = getattr(fast, cls_name)([a.copy() for a in arrays], **kwargs)
+            for dst, src in zip(mine.grads, grads):
+                assert isinstance(dst, np.ndarray)
+                dst[...] = src
+            ref = getattr(reference, cls_name)([a.copy() for a in arrays], **kwargs)
+            streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
+            contenders: dict[str, Callable[[], object]] = {
+                "fastoptim": mine.step,
+                "roofline": functools.partial(_core.stream, streams),
+                "NumPy reference": functools.partial(ref.step, grads),
+            }
+            if torch:
+                contenders.update(_torch_contenders(cls_name, kwargs, arrays, grads))
+            slow = {"NumPy reference", "torch for-loop"}
+            samples: dict[str, list[float]] = {k: [] for k in contenders}
+            for fn in contenders.values():  # warm up: first touch, state allocation
+                fn()
+            for _ in range(rounds):  # interleaved: noise hits every contender alike
+                for name, fn in contenders.items():
+                    n = max(1, repeats // 2) if name in slow else repeats
+                    samples[name].append(_median_step(fn, n))
+            row = Row(oname, wname, total, len(shapes), nstate)
+            row.times = {k: statistics.median(v) for k, v in samples.items()}
+            rows.append(row)
+            del mine, ref, streams, contenders
+            gc.collect()
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """One table per workload: time/step, ns/element, GB/s, % of roofline, speed-ups."""
+    out = []
+    for wname in dict.fromkeys(r.workload for r in rows):
+        wrows = [r for r in rows if r.workload == wname]
+        r0 = wrows[0]
+        out.append(
+            f"\n{wname}: {r0.tensors} tensor(s), {r0.elements:,} float32 elements\n"
+            f"{'optimizer':13s} {'B/el':>4s} {'time/step':>10s} {'ns/el':>7s} {'GB/s':>6s} "
+            f"{'roofline':>8s} {'vs NumPy':>8s} {'vs torch':>9s}  best torch"
+        )
+        out.append("-" * 86)
+        for r in wrows:
+            t = r.times["fastoptim"]
+            torch_times = {k: v for k, v in r.times.items() if k.startswith("torch")}
+            best = min(torch_times, key=lambda k: torch_times[k]) if torch_times else None
+            vs_torch = f"{torch_times[best] / t:8.1f}x" if best else f"{'-':>9s}"
+            out.append(
+                f"{r.optimizer:13s} {bytes_per_element(r.nstate):4d} "
+                f"{_fmt_time(t):>10s} {t / r.elements * 1e9:7.3f} {r.bytes / t / 1e9:6.1f} "
+                f"{r.times['roofline'] / t * 100:7.0f}% "
+                f"{r.times['NumPy reference'] / t:7.1f}x {vs_torch}  "
+                f"{best.removeprefix('torch ') if best else '-'}"
+            )
+    return "\n".join(out)
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def step_overhead(tensors: int, repeats: int = 2000) -> float:
+    """Seconds per ``opt.step()`` (Adam, bound gradients) on `tensors` one-element tensors:
+    the fixed cost of a step, with no memory traffic to speak of."""
+    params = [np.zeros(1, np.float32) for _ in range(tensors)]
+    opt = fast.Adam(params)
+    opt.step()
+    return min(_median_step(opt.step, repeats) for _ in range(3))
+
+
+def size_sweep(
+    sizes: Sequence[int], optimizer: str = "Adam", repeats: int = 5, rounds: int = 3
+) -> dict[str, list[float]]:
+    """Nanoseconds per element of one step on one float32 array of each size, for fastoptim,
+    the NumPy reference and torch.optim's contenders (when installed)."""
+    cls_name, kwargs, _ = OPTIMIZERS[optimizer]
+    result: dict[str, list[float]] = {}
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(n, dtype=np.float32)]
+        grads = [rng.standard_normal(n, dtype=np.float32)]
+        mine = getattr(fast, cls_name)([arrays[0].copy()], **kwargs)
+        mine.grads[0][...] = grads[0]
+        ref = getattr(reference, cls_name)([arrays[0].copy()], **kwargs)
+        contenders: dict[str, Callable[[], object]] = {
+            "fastoptim": mine.step,
+            "NumPy reference": functools.partial(ref.step, grads),
+            **_torch_contenders(cls_name, kwargs, arrays, grads),
+        }
+        reps = max(repeats, int(2e6 // n))  # small sizes: more steps per sample
+        for fn in contenders.values():
+            fn()
+        samples: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(rounds):
+            for name, fn in contenders.items():
+                samples[name].append(_median_step(fn, reps))
+        for name, s in samples.items():
+            result.setdefault(name, []).append(statistics.median(s) / n * 1e9)
+    return result
