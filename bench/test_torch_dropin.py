@@ -1,0 +1,174 @@
+"""``fastoptim.torch`` against ``torch.optim`` (for-loop, foreach and fused) on CPU tensors.
+
+    python -m pytest bench/test_torch_dropin.py --benchmark-only --benchmark-columns=median
+    python bench/test_torch_dropin.py     # the same steps, round-robin (see `interleaved`)
+
+Workloads: one 16M-element tensor (memory-bound), a small MLP (784x256, 256, 256x256, 256,
+256x10, 10: overhead-bound) and 4096 tensors of 4096 elements (per-tensor overhead).  float32.
+
+Each timed call assigns new gradient tensors (alternating between two preallocated sets, as a
+training loop with ``zero_grad(set_to_none=True)`` does) and steps: the same work for every
+implementation.  ``fastoptim-samegrads`` keeps the same gradient tensors every step
+(``zero_grad(set_to_none=False)``), fastoptim's fastest path.  After timing, every body replays
+as many steps with ``torch.optim``'s for-loop on a sample of the tensors and checks the result
+(a fast wrong step must not win).
+
+pytest-benchmark repeats one implementation's step back to back, so a small model's tensors
+stay in the caches; the round-robin table runs the implementations in turn, which evicts them
+as a training step's forward and backward passes would, and spreads background load on a
+shared machine evenly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim as fo  # noqa: E402
+import fastoptim.torch as fot  # noqa: E402
+
+WORKLOADS: dict[str, list[tuple[int, ...]]] = {
+    "16M": [(1 << 24,)],
+    "mlp": [(256, 784), (256,), (256, 256), (256,), (10, 256), (10,)],
+    "4096x4096": [(4096,)] * 4096,
+}
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "Adam": dict(lr=1e-3),
+    "AdamW": dict(lr=1e-3, weight_decay=1e-2),
+    "SGD": dict(lr=1e-2, momentum=0.9),
+    "Adagrad": dict(lr=1e-2),
+    "RMSprop": dict(lr=1e-3),
+}
+FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}  # torch.optim's CPU fused kernels
+IMPLS = ["fastoptim", "fastoptim-samegrads", "torch-forloop", "torch-foreach", "torch-fused"]
+SAMPLE = 4096  # elements per checked tensor
+ROUNDS = {"16M": 30, "mlp": 300, "4096x4096": 10}  # timed steps (the median is reported)
+STATE_TENSORS = {"Adam": 2, "AdamW": 2, "SGD": 1, "Adagrad": 1, "RMSprop": 1}
+
+
+def make_optimizer(impl: str, name: str, params: list[Any]) -> Any:
+    kwargs = OPTIMIZERS[name]
+    if impl.startswith("fastoptim"):
+        return getattr(fot, name)(params, **kwargs)
+    flags = {
+        "torch-forloop": dict(foreach=False),
+        "torch-foreach": dict(foreach=True),
+        "torch-fused": dict(fused=True),
+    }[impl]
+    return getattr(torch.optim, name)(params, **kwargs, **flags)
+
+
+def sample(t: Any) -> Any:
+    return t.reshape(-1)[:SAMPLE]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_step(benchmark: Any, workload: str, name: str, impl: str) -> None:
+    if impl == "torch-fused" and name not in FUSED:
+        pytest.skip(f"torch.optim.{name} has no fused CPU kernel")
+    gen = torch.Generator().manual_seed(0)
+    shapes = WORKLOADS[workload]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    gradsets = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    checked = list(range(min(len(params), 4)))
+    initial = [sample(params[i]).clone() for i in checked]
+    opt = make_optimizer(impl, name, params)
+    calls = [0]
+
+    def step_new_grads() -> None:
+        grads = gradsets[calls[0] % 2]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        calls[0] += 1
+
+    def step_same_grads() -> None:
+        opt.step()
+        calls[0] += 1
+
+    body: Callable[[], None] = step_new_grads
+    if impl == "fastoptim-samegrads":
+        for p, g in zip(params, gradsets[0]):
+            p.grad = g
+        body = step_same_grads
+    elements = sum(p.numel() for p in params)
+    benchmark.group = f"torch-{workload}-{name}"
+    benchmark.extra_info.update(
+        impl=impl,
+        isa=fo.isa(),
+        fastoptim_threads=fo.get_num_threads(),
+        torch_threads=torch.get_num_threads(),
+        tensors=len(params),
+        elements=elements,
+        bytes_moved=elements * 4 * (3 + 2 * STATE_TENSORS[name]),
+    )
+    benchmark.pedantic(body, rounds=ROUNDS[workload], iterations=1, warmup_rounds=2)
+
+    # Replay the same steps with torch.optim's for-loop on samples of the checked tensors.
+    ref_params = [p.clone() for p in initial]
+    ref = getattr(torch.optim, name)(ref_params, foreach=False, **OPTIMIZERS[name])
+    for k in range(calls[0]):
+        grads = gradsets[0 if impl == "fastoptim-samegrads" else k % 2]
+        for j, i in enumerate(checked):
+            ref_params[j].grad = sample(grads[i]).clone()
+        ref.step()
+    for j, i in enumerate(checked):
+        torch.testing.assert_close(sample(params[i]), ref_params[j], rtol=1e-4, atol=1e-5)
+
+
+def interleaved(rounds: dict[str, int] | None = None) -> None:
+    """Print the median step time of every implementation, measured round-robin (one step of
+    each implementation in turn, in a shuffled order every round) so that background load on a
+    shared machine hits all of them alike:  ``python bench/test_torch_dropin.py``."""
+    import random
+    import time
+
+    rounds = rounds or {"16M": 40, "mlp": 400, "4096x4096": 20}
+    print(
+        f"fastoptim {fo.__version__} isa={fo.isa()} threads={fo.get_num_threads()}; "
+        f"torch {torch.__version__} threads={torch.get_num_threads()}; median ms per step"
+    )
+    print(f"{'workload':10} {'optimizer':8}" + "".join(f"{i:>21}" for i in IMPLS))
+    for workload, shapes in WORKLOADS.items():
+        for name in OPTIMIZERS:
+            gen = torch.Generator().manual_seed(0)
+            gradsets = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+            runs: dict[str, tuple[Any, list[Any], list[float]]] = {}
+            for impl in IMPLS:
+                if impl == "torch-fused" and name not in FUSED:
+                    continue
+                params = [torch.randn(s, generator=gen) for s in shapes]
+                if impl == "fastoptim-samegrads":
+                    for p, g in zip(params, gradsets[0]):
+                        p.grad = g
+                runs[impl] = (make_optimizer(impl, name, params), params, [])
+            order = list(runs)
+            for r in range(rounds[workload] + 2):
+                random.shuffle(order)
+                for impl in order:
+                    opt, params, times = runs[impl]
+                    if impl != "fastoptim-samegrads":
+                        for p, g in zip(params, gradsets[r % 2]):
+                            p.grad = g
+                    start = time.perf_counter()
+                    opt.step()
+                    if r >= 2:
+                        times.append(time.perf_counter() - start)
+            cells = []
+            for impl in IMPLS:
+                if impl in runs:
+                    times = sorted(runs[impl][2])
+                    cells.append(f"{times[len(times) // 2] * 1e3:21.3f}")
+                else:
+                    cells.append(f"{'-':>21}")
+            print(f"{workload:10} {name:8}" + "".join(cells), flush=True)
+            del runs
+
+
+if __name__ == "__main__":
+    interleaved()

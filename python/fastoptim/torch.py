@@ -1,0 +1,831 @@
+r"""PyTorch drop-in: ``torch.optim``-compatible optimizers for CPU training, running fastoptim's
+compiled kernels on the tensors' memory (zero-copy NumPy views), one compiled call per parameter
+group and step.
+
+    >>> import torch
+    >>> import fastoptim.torch as fot
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = fot.AdamW(model.parameters(), lr=1e-3)          # instead of torch.optim.AdamW
+    >>> model(torch.randn(8, 4)).square().mean().backward()
+    >>> opt.step(); opt.zero_grad()
+
+Each class subclasses :class:`torch.optim.Optimizer` with the signature and defaults of the
+``torch.optim`` class of the same name, so ``param_groups``, ``add_param_group``,
+``zero_grad(set_to_none=...)``, hooks, LR schedulers and ``state_dict`` / ``load_state_dict``
+work as with torch.  The state is kept in torch's own format (names, dtypes, shapes, a 0-d
+float ``step`` tensor per parameter, NAdam's ``mu_product``, SGD's lazily created
+``momentum_buffer``), so checkpoints move between ``torch.optim.X`` and ``fastoptim.torch.X``
+in both directions and the trajectories continue identically (to rounding).
+
+What is supported, and what is refused (never a silently lost update):
+
+- Parameters: CPU tensors of dtype float32 or float64 whose elements are *dense and
+  non-overlapping* (contiguous, or a permutation of contiguous such as a transposed weight or a
+  channels-last tensor: the update is elementwise, so it runs over the tensor's memory in
+  memory order).  Anything else (bfloat16/float16/complex/integer, CUDA or other devices,
+  sparse tensors, views with gaps or overlapping elements) raises ``TypeError`` /
+  ``ValueError`` naming the parameter, when the optimizer is built or, for a parameter whose
+  storage was changed later, at the step.
+- Gradients are read from ``p.grad`` at every step (it may be a new tensor each time);
+  parameters whose ``grad`` is ``None`` are skipped, as in torch.  A gradient whose memory
+  layout differs from its parameter's (e.g. a contiguous gradient for a transposed parameter)
+  is copied into the parameter's layout for that step: gradients are only read, so nothing is
+  lost.
+  Sparse gradients raise.
+- State tensors are updated in place.  One that does not have its parameter's layout or dtype
+  (e.g. loaded from a checkpoint of a differently laid out model) is replaced by a copy in the
+  parameter's layout before the first step that uses it.
+- A parameter whose storage changes (``p.data = new_tensor``) is noticed at the next step.
+- ``step`` counts: each parameter has its own (as in torch); parameters of one group whose
+  counts differ (e.g. some had no gradient for a while) are updated in separate compiled calls.
+  The ``step`` tensors of a group are 0-d views into one small buffer, so that a step can
+  advance all of them with one operation; they behave (and save, and load) like torch's.
+
+Torch-only arguments, accepted where the ``torch.optim`` signature has them:
+
+- ``foreach`` and ``fused``: recorded in ``param_groups`` like torch does and otherwise
+  ignored: every step already is one fused multi-tensor call.
+- ``capturable=True`` (CUDA-graph capture) and ``differentiable=True`` (autograd through the
+  step): ``ValueError``; fastoptim updates CPU tensors outside autograd.
+
+Hyper-parameters are validated by :mod:`fastoptim.optimizers` (a superset of torch's checks)
+when a group is added and whenever a group's values change (e.g. by a scheduler).  ``lr`` may be
+a one-element tensor, as in torch.  :class:`Lion` (which ``torch.optim`` lacks) keeps
+``exp_avg`` only, like the popular ``lion-pytorch`` package.
+
+Speed: a step costs the kernel (one pass over memory, all threads) plus about a microsecond of
+Python per tensor to notice changes; new gradient tensors every step (torch's default
+``zero_grad(set_to_none=True)``) add about two more per tensor (NumPy views, binding), which
+``zero_grad(set_to_none=False)`` avoids.
+
+OpenMP: a source build links the same ``libgomp.so.1`` as torch, so one runtime serves both.
+The binary wheel vendors its own copy; import torch *before* fastoptim so that the extension
+binds to torch's (torch loads it globally); otherwise two runtimes run side by side, and on a
+machine with few cores a step right after a torch op is slowed by torch's spinning threads.
+
+Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` does.
+"""
+
+from __future__ import annotations
+
+import mmap
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, overload
+
+import numpy as np
+import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs without torch in CI
+
+from . import _core
+from . import optimizers as _fo
+from ._optimizer import Optimizer as _FoOptimizer
+from ._optimizer import _defaults
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Lion",
+    "Optimizer",
+]
+
+Params = Iterable[Any]  # tensors, (name, tensor) pairs or group dicts, as torch.optim takes
+
+# Arguments of torch.optim's signatures that fastoptim has no use for.
+_TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives a new ``step`` tensor (its ``_get_scalar_dtype()``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _plain(value: Any) -> Any:
+    """A hyper-parameter as fastoptim's validation expects it: one-element tensors (torch
+    allows a tensor ``lr`` or ``betas``) become floats, lists become tuples."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor hyper-parameter must have one element, got {value}")
+        return float(value.item())
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
+    """``None`` for a contiguous tensor; for a dense non-overlapping one, the permutation of
+    its dimensions that makes it contiguous (its memory order); else ValueError."""
+    if t.is_contiguous():
+        return None
+    stride = t.stride()
+    perm = tuple(sorted(range(t.dim()), key=lambda d: -stride[d]))
+    if t.permute(perm).is_contiguous():
+        return perm
+    raise ValueError(
+        f"is not dense (shape {tuple(t.shape)}, strides {stride}: its elements have gaps or "
+        "overlap); fastoptim.torch updates tensors whose elements fill their memory exactly "
+        "once (contiguous, transposed, channels-last...); use a contiguous parameter"
+    )
+
+
+def _memory_order(t: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
+    return t if perm is None else t.permute(perm)
+
+
+def _in_layout(t: torch.Tensor, perm: tuple[int, ...] | None) -> bool:
+    return bool(_memory_order(t, perm).is_contiguous())
+
+
+def _view(t: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
+    """A C-contiguous NumPy view of `t`'s memory (no copy)."""
+    view: np.ndarray = _memory_order(t.detach(), perm).numpy()
+    return view
+
+
+def _placeholders(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Arrays shaped like `arrays`, carved from one anonymous memory mapping that nothing ever
+    writes or reads: untouched pages cost address space, not memory.  A plan is bound to these
+    after a step so that it does not keep that step's gradients alive (a plan cannot be
+    unbound, and rebinding it costs less than building a new one)."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 64) * 64
+    block = np.frombuffer(mmap.mmap(-1, max(total, mmap.PAGESIZE)), dtype=np.uint8)
+    return [block[o : o + a.nbytes].view(a.dtype).reshape(a.shape) for o, a in zip(offsets, arrays)]
+
+
+_numpy = torch.Tensor.numpy
+_data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
+
+
+class _Cache:
+    """What a parameter group's step reuses while nothing changed: the validated
+    hyper-parameters and compiled struct; for the parameters that have gradients, their NumPy
+    views, their packed scalars (``step``...) and the plan, possibly still bound to the
+    previous step's gradients."""
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group  # identity: load_state_dict replaces the dicts
+        self.hp: dict[str, Any] | None = None  # validated fastoptim hyper-parameters
+        self.hyper: Any = None  # the compiled struct for hp (no fresh state)
+        self.names: tuple[str, ...] = ()  # state buffers in kernel order
+        self.sig: tuple[list[Any], ...] | None = None  # what the views were built from
+        self.params: list[torch.Tensor] = []
+        self.perms: list[tuple[int, ...] | None] = []
+        self.contiguous = True  # every perm is None
+        self.labels: list[str] = []
+        self.pviews: list[np.ndarray] = []
+        self.sviews: list[list[np.ndarray]] = []  # per state name, per parameter
+        self.scalars: dict[str, np.ndarray] = {}  # "step", "mu_product": packed values
+        self.fresh: list[frozenset[str]] = []  # per parameter: states not yet stepped
+        self.any_fresh = False
+        self.plan: Any = None  # over all of params
+        self.holders: list[np.ndarray] | None = None  # placeholder gradients
+        self.bound = False  # plan is bound to the gradients of last_refs
+        self.last_refs: list[weakref.ref[torch.Tensor]] = []  # the previous step's gradients
+        self.last_ptrs: list[int] = []
+
+
+class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # (without torch)
+    """Base class of the drop-in optimizers: a :class:`torch.optim.Optimizer` whose
+    :meth:`step` runs the compiled kernel of :attr:`_fastoptim` once per parameter group."""
+
+    _fastoptim: ClassVar[type[_FoOptimizer]]  # the fastoptim class: validation and mapping
+    _scalars: ClassVar[tuple[tuple[str, float], ...]] = (("step", 0.0),)  # torch's 0-d state
+
+    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        self._caches: list[_Cache] = []
+        self._fresh: dict[int, torch.Tensor] = {}  # state tensors created, not yet stepped
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    @property
+    def _keys(self) -> list[str]:
+        """The group entries fastoptim's class validates and maps (all but torch-only)."""
+        return [k for k in self.defaults if k not in _TORCH_ONLY]
+
+    def _label(self, group: Mapping[str, Any], gi: int, i: int) -> str:
+        names = group.get("param_names")
+        if names is not None and i < len(names):
+            return f"{names[i]!r} (group {gi})"
+        return f"{i} of group {gi}"
+
+    def _validate(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's fastoptim hyper-parameters, validated; ValueError/TypeError if any
+        value (torch-only flags included) cannot be honoured."""
+        name = type(self).__name__
+        if group.get("differentiable"):
+            raise ValueError(
+                f"{name}: differentiable=True is not supported: fastoptim updates tensors in "
+                "place outside autograd"
+            )
+        if group.get("capturable"):
+            raise ValueError(
+                f"{name}: capturable=True (CUDA graph capture) is not supported: fastoptim "
+                "updates CPU tensors"
+            )
+        hp = {k: _plain(group[k]) for k in self._keys}
+        self._fastoptim._check(hp)
+        return hp
+
+    def _check_param(self, p: Any, label: str) -> tuple[int, ...] | None:
+        """Raise TypeError/ValueError unless fastoptim can update `p` in place; its
+        permutation to memory order (see :func:`_permutation`)."""
+        name = type(self).__name__
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}: param {label} is a {type(p).__name__}, not a tensor")
+        if p.layout != torch.strided:
+            raise TypeError(f"{name}: param {label} has layout {p.layout}; need a dense tensor")
+        if p.device.type != "cpu":
+            raise TypeError(
+                f"{name}: param {label} is on {p.device}; fastoptim.torch updates CPU tensors "
+                "(use torch.optim for other devices)"
+            )
+        if p.dtype not in _FLOATS:
+            raise TypeError(
+                f"{name}: param {label} has dtype {p.dtype}; fastoptim.torch updates float32 "
+                "and float64 tensors only (keep float32 master weights, or use torch.optim)"
+            )
+        try:
+            return _permutation(p)
+        except ValueError as e:
+            raise ValueError(f"{name}: param {label} {e}") from None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`; also validates the
+        hyper-parameters and that every parameter is a tensor fastoptim can update."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            self._validate(group)
+            for i, p in enumerate(group["params"]):
+                self._check_param(p, self._label(group, gi, i))
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also what load_state_dict calls with the loaded state: forget every cached view.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        self._caches = []
+        self._fresh = {}
+
+    def _fill(self, name: str) -> float:
+        """Initial value of a new state tensor `name`."""
+        return 0.0
+
+    def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        fill = self._fill(name)
+        s = torch.zeros_like(p) if fill == 0.0 else torch.full_like(p, fill)
+        self._fresh[id(s)] = s
+        return s
+
+    def _init_scalars(self, state: dict[str, Any]) -> None:
+        for name, value in self._scalars:
+            if name not in state:
+                state[name] = torch.tensor(value, dtype=_scalar_dtype())
+
+    # ------------------------------------------------------------------ the per-group cache
+    def _cache(self, gi: int, group: dict[str, Any]) -> _Cache:
+        """Group `gi`'s cache, its hyper-parameters validated and mapped if they changed."""
+        while len(self._caches) <= gi:
+            self._caches.append(_Cache(self.param_groups[len(self._caches)]))
+        c = self._caches[gi]
+        if c.group is not group:
+            c = self._caches[gi] = _Cache(group)
+        hp = {k: _plain(group[k]) for k in self._keys}
+        if hp != c.hp or group.get("differentiable") or group.get("capturable"):
+            hp = self._validate(group)
+            hyper = self._fastoptim._hyper_type()
+            for k, v in self._fastoptim._core_values(hp, set()).items():
+                setattr(hyper, k, v)
+            names = tuple(hyper.state_names())
+            if names != c.names:
+                c.sig = None  # other state buffers: rebuild the views
+            c.hp, c.hyper, c.names = hp, hyper, names
+        return c
+
+    def _sig(self, params: Sequence[torch.Tensor]) -> tuple[list[Any], ...]:
+        """What must not change for a cache built from `params` to stay valid: each
+        parameter's identity, storage address and strides, and the identity of every value in
+        its state (lazy initialization, load_state_dict or the user may replace those)."""
+        values: list[Any] = []
+        for st in map(self.state.get, params):  # get: torch's SGD keeps no state without momentum
+            if st:
+                values.extend(st.values())
+        return (
+            list(map(id, params)),
+            list(map(_data_ptr, params)),
+            list(map(_stride, params)),
+            list(map(id, values)),
+        )
+
+    def _build(self, c: _Cache, gi: int, params: list[torch.Tensor]) -> None:
+        """(Re)build group `gi`'s cache for `params`: create missing state, replace state that
+        does not have its parameter's layout, pack the scalars, make the views and the plan."""
+        name = type(self).__name__
+        group = c.group
+        c.sig = None
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        labels = [self._label(group, gi, index[id(p)]) for p in params]
+        perms = [self._check_param(p, lab) for p, lab in zip(params, labels)]
+        packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars}
+        stateless = not c.names and not self._scalars
+        for p, perm, label in zip(params, perms, labels):
+            if stateless:
+                continue
+            state = self.state[p]
+            self._init_scalars(state)
+            for n in c.names:
+                s = state.get(n)
+                if s is None:
+                    state[n] = self._new_state(p, n)
+                    continue
+                if not isinstance(s, torch.Tensor) or s.shape != p.shape:
+                    raise ValueError(
+                        f"{name}: state {n!r} of param {label} is not a tensor of the "
+                        f"parameter's shape {tuple(p.shape)}"
+                    )
+                if s.device != p.device or s.dtype != p.dtype or not _in_layout(s, perm):
+                    moved = torch.empty_like(p)
+                    moved.copy_(s)
+                    state[n] = moved
+            for n in packed:
+                packed[n].append(state[n])
+        # Scalars: one buffer per kind, each parameter's entry a 0-d view of it, so that a step
+        # advances all of them in one operation.
+        scalars = {}
+        for n, values in packed.items():
+            dtypes = {v.dtype for v in values if isinstance(v, torch.Tensor)}
+            if len(dtypes) == 1:
+                dtype = dtypes.pop()
+            else:  # new (torch's default), or mixed (e.g. loaded): the wider one
+                dtype = torch.float64 if dtypes else _scalar_dtype()
+            buf = torch.tensor([float(v) for v in values], dtype=dtype)
+            for i, p in enumerate(params):
+                self.state[p][n] = buf[i]
+            scalars[n] = buf.numpy()
+        pviews = [_view(p, perm) for p, perm in zip(params, perms)]
+        sviews = [
+            [_view(self.state[p][n], perm) for p, perm in zip(params, perms)] for n in c.names
+        ]
+        try:
+            plan = _core.Plan(pviews, labels, list(c.names), sviews)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        c.params, c.labels, c.perms, c.pviews, c.sviews = params, labels, perms, pviews, sviews
+        c.contiguous = all(perm is None for perm in perms)
+        c.scalars = scalars
+        c.fresh = [
+            frozenset(n for n in c.names if id(self.state[p][n]) in self._fresh) for p in params
+        ]
+        c.any_fresh = any(c.fresh)
+        c.plan, c.holders, c.bound = plan, None, False
+        c.last_refs, c.last_ptrs = [], []
+        c.sig = self._sig(params)
+
+    # ------------------------------------------------------------------ gradients and plans
+    def _grad_view(self, c: _Cache, i: int, g: Any) -> np.ndarray:
+        """A C-contiguous NumPy view of gradient `g` of parameter `i` in the parameter's memory
+        order, after checking it; a copy in the parameter's layout if it is laid out
+        differently (a gradient is only read: nothing is lost)."""
+        name, label, p = type(self).__name__, c.labels[i], c.params[i]
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{name}: grad of param {label} is a {type(g).__name__}")
+        if g.layout != torch.strided:
+            raise TypeError(
+                f"{name}: grad of param {label} is sparse ({g.layout}); fastoptim.torch needs "
+                "dense gradients"
+            )
+        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+            raise (ValueError if g.shape != p.shape else TypeError)(
+                f"{name}: grad of param {label} ({g.dtype}, {tuple(g.shape)}, {g.device}) "
+                f"does not match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device})"
+            )
+        g = g.detach().resolve_conj().resolve_neg()
+        if not _in_layout(g, c.perms[i]):
+            copy = torch.empty_like(p)
+            copy.copy_(g)
+            g = copy
+        return _view(g, c.perms[i])
+
+    def _bind(self, c: _Cache, plan: Any, grads: list[torch.Tensor], sel: Any) -> None:
+        """Bind the gradients `grads[sel]` to `plan` (validated by it; nothing is modified if
+        one is rejected)."""
+        try:  # the common case: every gradient has its parameter's layout, no checks needed
+            if c.contiguous:
+                views = list(map(_numpy, [grads[i] for i in sel] if sel is not None else grads))
+            else:
+                views = [
+                    _numpy(_memory_order(grads[i], c.perms[i]))
+                    for i in (sel if sel is not None else range(len(grads)))
+                ]
+            plan.bind_grads(views)
+            return
+        except (RuntimeError, TypeError, ValueError):
+            pass
+        views = [
+            self._grad_view(c, i, grads[i]) for i in (sel if sel is not None else range(len(grads)))
+        ]
+        try:
+            plan.bind_grads(views)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{type(self).__name__}: {e}") from None
+
+    def _same_grads(self, c: _Cache, grads: list[torch.Tensor]) -> bool:
+        """Whether `grads` are the tensors (and storages) of the previous step."""
+        return (
+            len(c.last_refs) == len(grads)
+            and all(r() is g for r, g in zip(c.last_refs, grads))
+            and c.last_ptrs == list(map(_data_ptr, grads))
+        )
+
+    def _buckets(self, c: _Cache) -> list[list[int] | None]:
+        """The parameters that can share one compiled call: same scalars (``step``...) and
+        same fresh state.  ``[None]`` (all of them) in the common case."""
+        n = len(c.params)
+        if n == 1 or (
+            not (c.any_fresh and len(set(c.fresh)) > 1)
+            and all(a.min() == a.max() for a in c.scalars.values())
+        ):
+            return [None]
+        keys: dict[tuple[Any, ...], list[int]] = {}
+        for i in range(n):
+            key = (*(float(a[i]) for a in c.scalars.values()), c.fresh[i])
+            keys.setdefault(key, []).append(i)
+        return list(keys.values())
+
+    def _prepare(self, gi: int, group: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Validate group `gi` for a step and bind its gradients; touches no element."""
+        c = self._cache(gi, group)
+        params, grads = [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                params.append(p)
+                grads.append(g)
+        if not params:
+            return None
+        if c.sig is None or self._sig(params) != c.sig:
+            self._build(c, gi, params)
+        same = self._same_grads(c, grads)
+        buckets = self._buckets(c)
+        if buckets == [None]:
+            if not (same and c.bound):
+                self._bind(c, c.plan, grads, None)
+                c.bound = True
+            plans = [c.plan]
+        else:  # rare: separate plans, not kept
+            plans = []
+            for sel in buckets:
+                assert sel is not None
+                plan = _core.Plan(
+                    [c.pviews[i] for i in sel],
+                    [c.labels[i] for i in sel],
+                    list(c.names),
+                    [[s[i] for i in sel] for s in c.sviews],
+                )
+                self._bind(c, plan, grads, sel)
+                plans.append(plan)
+        if not same:
+            c.last_refs = [weakref.ref(g) for g in grads]
+            c.last_ptrs = list(map(_data_ptr, grads))
+        return c, buckets, plans, same
+
+    # ------------------------------------------------------------------ the step
+    def _advance(self, c: _Cache, sel: list[int] | None, hyper: Any) -> int:
+        """Advance the scalars of the parameters `sel` (all if None) as torch does before its
+        update; the kernel's step number."""
+        steps = c.scalars.get("step")
+        if steps is None:
+            return 1
+        if sel is None:
+            steps += 1
+            return int(steps[0])
+        steps[sel] += 1
+        return int(steps[sel[0]])
+
+    def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
+        core_step = self._fastoptim._core_step
+        for sel, plan in zip(buckets, plans):
+            hyper = c.hyper
+            fresh = c.fresh[0 if sel is None else sel[0]] if c.any_fresh else frozenset()
+            if fresh:
+                assert c.hp is not None
+                hyper = self._fastoptim._hyper_type()
+                for k, v in self._fastoptim._core_values(c.hp, set(fresh)).items():
+                    setattr(hyper, k, v)
+            core_step(plan, hyper, self._advance(c, sel, hyper))
+        if c.any_fresh:
+            for p, fresh in zip(c.params, c.fresh):
+                for n in fresh:
+                    self._fresh.pop(id(self.state[p][n]), None)
+            c.fresh = [frozenset()] * len(c.params)
+            c.any_fresh = False
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Update every parameter that has a gradient, in place (``closure``: re-evaluates the
+        model and returns the loss, as in torch).  Every group is validated and its gradients
+        bound before any tensor is modified: a step that raises changes nothing."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+            for item in work:
+                if item is None:
+                    continue
+                c, buckets, plans, same = item
+                self._run(c, buckets, plans)
+                if not same and c.bound:
+                    # Probably new gradients every step (zero_grad(set_to_none=True)): do not
+                    # keep these alive until the next step.
+                    if c.holders is None:
+                        c.holders = _placeholders(c.pviews)
+                    c.plan.bind_grads(c.holders)
+                    c.bound = False
+        return loss
+
+
+# ---------------------------------------------------------------------- the optimizers
+class SGD(Optimizer):
+    """Drop-in :class:`torch.optim.SGD` (see :class:`fastoptim.SGD` for the update rule).
+    State: ``momentum_buffer`` (when ``momentum != 0``), no ``step``, as in torch."""
+
+    _fastoptim = _fo.SGD
+    _scalars = ()
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Adagrad(Optimizer):
+    """Drop-in :class:`torch.optim.Adagrad` (see :class:`fastoptim.Adagrad`).  State:
+    ``step``, ``sum``; created for every parameter at construction, as torch does, and filled
+    with the constructor's ``initial_accumulator_value`` (torch ignores a group's own)."""
+
+    _fastoptim = _fo.Adagrad
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                self._init_scalars(state)
+                state["sum"] = torch.full_like(p, float(initial_accumulator_value))
+
+    def _fill(self, name: str) -> float:
+        return float(self.defaults["initial_accumulator_value"])
+
+
+class RMSprop(Optimizer):
+    """Drop-in :class:`torch.optim.RMSprop` (see :class:`fastoptim.RMSprop`).  State: ``step``,
+    ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
+
+    _fastoptim = _fo.RMSprop
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Adadelta(Optimizer):
+    """Drop-in :class:`torch.optim.Adadelta` (see :class:`fastoptim.Adadelta`).  State:
+    ``step``, ``square_avg``, ``acc_delta``."""
+
+    _fastoptim = _fo.Adadelta
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Adam(Optimizer):
+    """Drop-in :class:`torch.optim.Adam` (see :class:`fastoptim.Adam`).  State: ``step``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."""
+
+    _fastoptim = _fo.Adam
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class AdamW(Optimizer):
+    """Drop-in :class:`torch.optim.AdamW` (see :class:`fastoptim.AdamW`).  State: as
+    :class:`Adam`."""
+
+    _fastoptim = _fo.AdamW
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = _defaults(locals())
+        defaults["decoupled_weight_decay"] = True  # as torch.optim.AdamW's param_groups
+        super().__init__(params, defaults)
+
+
+class Adamax(Optimizer):
+    """Drop-in :class:`torch.optim.Adamax` (see :class:`fastoptim.Adamax`).  State: ``step``,
+    ``exp_avg``, ``exp_inf``."""
+
+    _fastoptim = _fo.Adamax
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class NAdam(Optimizer):
+    """Drop-in :class:`torch.optim.NAdam` (see :class:`fastoptim.NAdam`).  State: ``step``,
+    ``mu_product``, ``exp_avg``, ``exp_avg_sq``.
+
+    ``mu_product`` is advanced exactly as torch does (multiplied by :math:`\\mu_t` in the
+    dtype of the ``mu_product`` tensor) and the kernel is given that value, so that the
+    coefficients match torch's whatever the precision of torch's default dtype."""
+
+    _fastoptim = _fo.NAdam
+    _scalars = (("step", 0.0), ("mu_product", 1.0))
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+    def _advance(self, c: _Cache, sel: list[int] | None, hyper: Any) -> int:
+        step = super()._advance(c, sel, hyper)
+        assert c.hp is not None
+        first = 0 if sel is None else sel[0]
+        t = float(c.scalars["step"][first])
+        # torch: mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay)); mu_product *= mu,
+        # in the dtype of the mu_product tensor.
+        mu = c.hp["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * c.hp["momentum_decay"])))
+        prod = c.scalars["mu_product"]
+        if sel is None:
+            prod *= prod.dtype.type(mu)
+        else:
+            prod[sel] *= prod.dtype.type(mu)
+        # The kernel multiplies hyper.mu_product by mu itself: hand it torch's product / mu.
+        hyper.mu_product = float(prod[first]) / mu if mu != 0 else 0.0
+        return step
+
+
+class RAdam(Optimizer):
+    """Drop-in :class:`torch.optim.RAdam` (see :class:`fastoptim.RAdam`).  State: ``step``,
+    ``exp_avg``, ``exp_avg_sq``."""
+
+    _fastoptim = _fo.RAdam
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023; see :class:`fastoptim.Lion`), which ``torch.optim`` lacks, with
+    :class:`fastoptim.Lion`'s signature and defaults.  State: ``exp_avg`` (no ``step``: the
+    update does not depend on it), as in the ``lion-pytorch`` package."""
+
+    _fastoptim = _fo.Lion
+    _scalars = ()
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
