@@ -38,6 +38,9 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "Lion": ("Lion", {}, 1),
 }
 
+# Contenders timed with half the steps per sample (a step takes long).
+_SLOW = frozenset({"NumPy reference", "torch for-loop"})
+
 # torch.optim has fused CPU kernels for these only.
 _TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 
@@ -116,6 +119,48 @@ def _torch_contenders(
     return out
 
 
+def _contenders(
+    cls_name: str,
+    kwargs: dict[str, Any],
+    arrays: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    torch: bool = True,
+) -> dict[str, Callable[[], object]]:
+    """One step of each contender on copies of `arrays`: fastoptim (gradients bound), the NumPy
+    reference and, with `torch`, torch.optim's implementations."""
+    mine = getattr(fast, cls_name)([a.copy() for a in arrays], **kwargs)
+    for dst, src in zip(mine.grads, grads):
+        assert isinstance(dst, np.ndarray)
+        dst[...] = src
+    ref = getattr(reference, cls_name)([a.copy() for a in arrays], **kwargs)
+    contenders: dict[str, Callable[[], object]] = {
+        "fastoptim": mine.step,
+        "NumPy reference": functools.partial(ref.step, grads),
+    }
+    if torch:
+        contenders.update(_torch_contenders(cls_name, kwargs, arrays, grads))
+    return contenders
+
+
+def _interleaved(
+    contenders: dict[str, Callable[[], object]],
+    rounds: int,
+    repeats: int,
+    slow: frozenset[str] = frozenset(),
+) -> dict[str, float]:
+    """Median seconds per step of each contender: a warm-up step each (first touch, state
+    allocation), then `rounds` interleaved rounds (noise hits every contender alike) of
+    `repeats` steps (half as many for the `slow` contenders)."""
+    for fn in contenders.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            n = max(1, repeats // 2) if name in slow else repeats
+            samples[name].append(_median_step(fn, n))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def run(
     optimizers: Sequence[str] = tuple(OPTIMIZERS),
     workloads: Sequence[str] = DEFAULT_WORKLOADS,
@@ -136,31 +181,12 @@ def run(
             cls_name, kwargs, nstate = OPTIMIZERS[oname]
             if progress:
                 progress(f"{wname}: {oname}")
-            mine = getattr(fast, cls_name)([a.copy() for a in arrays], **kwargs)
-            for dst, src in zip(mine.grads, grads):
-                assert isinstance(dst, np.ndarray)
-                dst[...] = src
-            ref = getattr(reference, cls_name)([a.copy() for a in arrays], **kwargs)
+            contenders = _contenders(cls_name, kwargs, arrays, grads, torch)
             streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
-            contenders: dict[str, Callable[[], object]] = {
-                "fastoptim": mine.step,
-                "roofline": functools.partial(_core.stream, streams),
-                "NumPy reference": functools.partial(ref.step, grads),
-            }
-            if torch:
-                contenders.update(_torch_contenders(cls_name, kwargs, arrays, grads))
-            slow = {"NumPy reference", "torch for-loop"}
-            samples: dict[str, list[float]] = {k: [] for k in contenders}
-            for fn in contenders.values():  # warm up: first touch, state allocation
-                fn()
-            for _ in range(rounds):  # interleaved: noise hits every contender alike
-                for name, fn in contenders.items():
-                    n = max(1, repeats // 2) if name in slow else repeats
-                    samples[name].append(_median_step(fn, n))
-            row = Row(oname, wname, total, len(shapes), nstate)
-            row.times = {k: statistics.median(v) for k, v in samples.items()}
-            rows.append(row)
-            del mine, ref, streams, contenders
+            contenders["roofline"] = functools.partial(_core.stream, streams)
+            times = _interleaved(contenders, rounds, repeats, _SLOW)
+            rows.append(Row(oname, wname, total, len(shapes), nstate, times))
+            del streams, contenders
             gc.collect()
     return rows
 
@@ -218,21 +244,8 @@ def size_sweep(
         rng = np.random.default_rng(0)
         arrays = [rng.standard_normal(n, dtype=np.float32)]
         grads = [rng.standard_normal(n, dtype=np.float32)]
-        mine = getattr(fast, cls_name)([arrays[0].copy()], **kwargs)
-        mine.grads[0][...] = grads[0]
-        ref = getattr(reference, cls_name)([arrays[0].copy()], **kwargs)
-        contenders: dict[str, Callable[[], object]] = {
-            "fastoptim": mine.step,
-            "NumPy reference": functools.partial(ref.step, grads),
-            **_torch_contenders(cls_name, kwargs, arrays, grads),
-        }
         reps = max(repeats, int(2e6 // n))  # small sizes: more steps per sample
-        for fn in contenders.values():
-            fn()
-        samples: dict[str, list[float]] = {k: [] for k in contenders}
-        for _ in range(rounds):
-            for name, fn in contenders.items():
-                samples[name].append(_median_step(fn, reps))
-        for name, s in samples.items():
-            result.setdefault(name, []).append(statistics.median(s) / n * 1e9)
+        times = _interleaved(_contenders(cls_name, kwargs, arrays, grads), rounds, reps)
+        for name, t in times.items():
+            result.setdefault(name, []).append(t / n * 1e9)
     return result
