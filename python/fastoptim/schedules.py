@@ -87,6 +87,10 @@ class Schedule:
             "args": {k: _describe_arg(v) for k, v in self.args.items()},
         }
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickle / copy.deepcopy through the description (the function itself is a closure)
+        return (from_description, (self.describe(),))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Schedule) and self.describe() == other.describe()
 
