@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
 from . import _core
+from .schedules import Schedule, from_description
 
 Key = Union[int, str]
 Params = Union[
@@ -24,6 +25,7 @@ Grads = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 
 _FLAGS = frozenset({"nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay"})
 _ALIGN = 64  # bytes: every state / gradient view starts on a cache line
+STATE_FORMAT = "fastoptim.state/1"  # the "format" entry of every state_dict
 
 
 _FIELDS: dict[Any, frozenset[str]] = {}
@@ -91,6 +93,12 @@ class _Group:
         self.bound_own = False  # the plan points at self.grads
         self.params_view: Any = None  # what param_groups[i]["params"] holds
         self.synced: dict[str, Any] = {}  # the group's entries as last validated and synced
+        # Scheduled hyper-parameters: name -> schedule (``betas``: a pair, either may be one),
+        # and the values last written into the group dict from them.
+        self.specs: dict[str, Any] = {}
+        self.written: dict[str, Any] = {}
+        self.lr_scale = 1.0  # ReduceLROnPlateau's accumulated factor on a scheduled lr
+        self.lr_floor = 0.0  # ... and its min_lr
 
 
 class Optimizer:
@@ -108,6 +116,8 @@ class Optimizer:
         self.param_groups: list[dict[str, Any]] = []
         self._groups: list[_Group] = []
         self._named: bool | None = None
+        self._t = 0  # updates applied (the argument of every schedule)
+        self._plateau: Any = None  # an attached schedules.ReduceLROnPlateau
         if isinstance(params, np.ndarray):
             raise TypeError(
                 f"{type(self).__name__}: params must be a list or dict of arrays, "
@@ -130,6 +140,9 @@ class Optimizer:
     # _check and _core_values are classmethods: the functional tier (functional.py) calls them
     # without an optimizer instance.
     _closed_unit: ClassVar[frozenset[str]] = frozenset()  # hyper-parameters in [0, 1]
+    # Fields of the compiled hyper-parameter struct that are state, not settings (NAdam's
+    # running mu_product): saved and restored with the group.
+    _scalar_state: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def _check(cls, group: Mapping[str, Any]) -> None:
@@ -209,8 +222,9 @@ class Optimizer:
         for k, v in group.items():  # betas given as a list: keep an immutable copy
             if isinstance(v, list):
                 group[k] = tuple(v)
-        self._check(group)
         g = _Group(keys, arrays, self._hyper_type())
+        self._adopt(g, group)
+        self._checked(g, group)
         # Validate the arrays (type, dtype, layout, aliasing within the group) before keeping
         # anything: a plan without state does exactly that.
         _core.Plan(list(arrays), g.labels, [], [])
@@ -228,6 +242,91 @@ class Optimizer:
         g.synced = _snapshot(group)
         self.param_groups.append(group)
         self._groups.append(g)
+
+    # ------------------------------------------------------------------ schedules
+    @property
+    def step_count(self) -> int:
+        """Number of :meth:`step` calls applied: the update number ``t`` at which schedules
+        are evaluated for the next step."""
+        return self._t
+
+    def schedules(self, group: int = 0) -> dict[str, Any]:
+        """The scheduled hyper-parameters of parameter group `group`: name -> schedule
+        (``betas`` -> a pair in which either entry may be a schedule).  Their current values
+        are in ``param_groups[group]``."""
+        return dict(self._groups[group].specs)
+
+    def _adopt(self, g: _Group, group: dict[str, Any]) -> None:
+        """Move schedules found in `group` into ``g.specs`` (a callable, or a pair with one),
+        drop the schedule of every entry the user overwrote with a constant, and write the
+        scheduled values for update ``step_count`` into `group`."""
+        changed = False
+        for k, v in group.items():
+            if k == "params" or (k in g.specs and v == g.written.get(k)):
+                continue
+            if callable(v) or (isinstance(v, tuple) and any(callable(x) for x in v)):
+                if k in _FLAGS:
+                    raise TypeError(f"{type(self).__name__}: {k} is a flag, not a schedule")
+                g.specs[k] = v
+                changed = True
+            elif k in g.specs:
+                del g.specs[k]
+                if k == "lr":
+                    g.lr_scale, g.lr_floor = 1.0, 0.0
+        if changed:
+            self._evaluate(g, group)
+
+    def _evaluate(self, g: _Group, group: dict[str, Any]) -> None:
+        t = self._t
+        for k, spec in g.specs.items():
+            if isinstance(spec, tuple):
+                group[k] = tuple(
+                    self._value(f"{k}[{i}]", f, t) if callable(f) else f for i, f in enumerate(spec)
+                )
+                continue
+            value = self._value(k, spec, t)
+            if k == "lr" and g.lr_scale != 1.0:
+                value = max(value * g.lr_scale, g.lr_floor)
+            group[k] = value
+        g.written = {k: group[k] for k in g.specs}
+
+    def _value(self, name: str, f: Any, t: int) -> float:
+        v = f(t)
+        if isinstance(v, (bool, np.bool_)) or not isinstance(
+            v, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(
+                f"{type(self).__name__}: the schedule of {name} ({f!r}) returned {v!r} at "
+                f"update {t}, not a number"
+            )
+        return float(v)
+
+    def _checked(self, g: _Group, group: Mapping[str, Any]) -> None:
+        """:meth:`_check`, naming the schedules when scheduled values are invalid."""
+        try:
+            self._check(group)
+        except (TypeError, ValueError) as e:
+            if not g.specs:
+                raise
+            specs = ", ".join(f"{k}={v!r}" for k, v in g.specs.items())
+            raise type(e)(f"{e} (at update {self._t} of the schedules {specs})") from None
+
+    def _attach_plateau(self, plateau: Any) -> None:
+        """Called by :class:`fastoptim.schedules.ReduceLROnPlateau`: its state becomes part of
+        this optimizer's checkpoints (the last one attached)."""
+        self._plateau = plateau
+
+    def _scale_lr(self, i: int, factor: float, min_lr: float) -> None:
+        """ReduceLROnPlateau's reduction of group `i`: a constant lr becomes
+        ``max(lr * factor, min_lr)`` (torch's arithmetic); a scheduled one is multiplied by the
+        accumulated factor from now on, never below `min_lr`."""
+        g, group = self._groups[i], self.param_groups[i]
+        if "lr" in g.specs and group["lr"] == g.written.get("lr"):
+            g.lr_scale *= factor
+            g.lr_floor = min_lr
+            self._evaluate(g, group)
+        else:
+            group["lr"] = max(float(group["lr"]) * factor, min_lr)
 
     # ------------------------------------------------------------------ state and plans
     def _sync(self, g: _Group, group: Mapping[str, Any]) -> None:
@@ -329,7 +428,8 @@ class Optimizer:
                     "use add_param_group or a new optimizer"
                 )
             self._check_keys(group)
-            self._check(group)
+            self._adopt(g, group)
+            self._checked(g, group)
         for g, group in changed:
             self._sync(g, group)
             self._ensure_plan(g, group)
@@ -376,6 +476,248 @@ class Optimizer:
             if g.fresh:
                 g.fresh.clear()
                 self._sync(g, group)
+        self._t += 1
+        for g, group in zip(self._groups, self.param_groups):
+            if g.specs:  # the next update's values; validated by the next step
+                self._evaluate(g, group)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, as plain data: ``format``, ``optimizer`` (the
+        class name), ``step_count``, ``param_groups`` (per group: parameter keys, its own step
+        count, hyper-parameters with schedules as :meth:`~fastoptim.schedules.Schedule.describe`
+        dicts, state names, NAdam's ``mu_product``...), ``state`` (parameter name or position ->
+        state name -> a **copy** of the array, in its own dtype) and ``plateau`` (an attached
+        :class:`~fastoptim.schedules.ReduceLROnPlateau`'s state, or None).
+        :func:`fastoptim.save` writes the same content (and the parameters) to one file."""
+        return self._state_dict(copy=True)
+
+    def _state_dict(self, copy: bool) -> dict[str, Any]:
+        groups, state = [], {}
+        for g, group in zip(self._groups, self.param_groups):
+            hyper = {k: _encode(g.specs.get(k, v)) for k, v in group.items() if k != "params"}
+            groups.append(
+                {
+                    "params": list(g.keys),
+                    "step": g.step,
+                    "hyper": hyper,
+                    "states": sorted(g.states),
+                    "fresh": sorted(g.fresh),
+                    "scalars": {n: float(getattr(g.hyper, n)) for n in self._scalar_state},
+                    "lr_scale": g.lr_scale,
+                    "lr_floor": g.lr_floor,
+                }
+            )
+            for i, key in enumerate(g.keys):
+                state[key] = {
+                    n: (views[i].copy() if copy else views[i]) for n, views in g.states.items()
+                }
+        return {
+            "format": STATE_FORMAT,
+            "optimizer": type(self).__name__,
+            "step_count": self._t,
+            "param_groups": groups,
+            "state": state,
+            "plateau": None if self._plateau is None else self._plateau.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict`'s content into this optimizer (its arrays are copied
+        into the optimizer's own state buffers).
+
+        Everything is checked first: the optimizer class, the groups' parameter keys, the
+        hyper-parameters (schedules are rebuilt from their descriptions), and every state
+        array's name, shape and dtype (never cast).  A mismatch raises one ``ValueError``
+        listing every missing, unexpected and mismatched entry, and changes nothing.  With
+        ``strict=False``, parameters absent from `state_dict` keep their state and entries
+        for unknown parameters are ignored (shapes and dtypes must still match)."""
+        self._loader(state_dict, strict, f"{type(self).__name__}.load_state_dict")()
+
+    def _loader(self, sd: Mapping[str, Any], strict: bool, where: str) -> Callable[[], None]:
+        """Validate `sd` completely; return the function that applies it (cannot fail)."""
+        cls = type(self).__name__
+        if not isinstance(sd, Mapping) or sd.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"{where}: not a fastoptim optimizer state (format != {STATE_FORMAT!r})"
+            )
+        wanted = {"format", "optimizer", "step_count", "param_groups", "state", "plateau"}
+        if set(sd) != wanted:
+            raise ValueError(
+                f"{where}: malformed state: missing {sorted(wanted - set(sd))}, "
+                f"unexpected {sorted(set(sd) - wanted)}"
+            )
+        if sd["optimizer"] != cls:
+            raise ValueError(
+                f"{where}: this is the state of a {sd['optimizer']} optimizer, not {cls}"
+            )
+        t = sd["step_count"]
+        if not _is_count(t):
+            raise ValueError(f"{where}: step_count must be an int >= 0, got {t!r}")
+        records, state = sd["param_groups"], sd["state"]
+        if not isinstance(records, Sequence) or len(records) != len(self._groups):
+            n = len(records) if isinstance(records, Sequence) else records
+            raise ValueError(
+                f"{where}: the state has {n} parameter groups, this optimizer {len(self._groups)}"
+            )
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{where}: 'state' must be a dict, got {type(state).__name__}")
+        problems: list[str] = []
+        plans = []
+        known: set[Key] = set()
+        for gi, (g, group, rec) in enumerate(zip(self._groups, self.param_groups, records)):
+            plan = self._load_group(gi, g, group, rec, state, strict, int(t), problems)
+            plans.append(plan)
+            known.update(rec.get("params", ()) if isinstance(rec, Mapping) else ())
+        extra = [k for k in state if k not in known]
+        if extra:
+            problems.append(f"state for parameters listed in no group: {extra}")
+        plateau = sd["plateau"]
+        if plateau is not None and self._plateau is None:
+            problems.append(
+                "the state has a ReduceLROnPlateau; attach one first "
+                "(schedules.ReduceLROnPlateau(optimizer, ...)) with the same settings"
+            )
+        if plateau is None and self._plateau is not None and strict:
+            problems.append("this optimizer has a ReduceLROnPlateau, the state has none")
+        if problems:
+            raise ValueError(
+                f"{where}: the state does not match this {cls}:\n  - " + "\n  - ".join(problems)
+            )
+
+        def apply() -> None:
+            if plateau is not None:
+                self._plateau.load_state_dict(plateau)  # checks its settings before any change
+            for plan in plans:
+                plan()
+            self._t = int(t)
+            for g, group in zip(self._groups, self.param_groups):
+                if g.specs:
+                    self._evaluate(g, group)
+                self._sync(g, group)
+                self._ensure_plan(g, group)
+                g.synced = _snapshot(group)
+
+        return apply
+
+    def _load_group(
+        self,
+        gi: int,
+        g: _Group,
+        group: dict[str, Any],
+        rec: Any,
+        state: Mapping[Any, Any],
+        strict: bool,
+        t: int,
+        problems: list[str],
+    ) -> Callable[[], None]:
+        """Check group `gi`'s record (appending to `problems`); return what applies it."""
+        where = f"group {gi}"
+        fields = {"params", "step", "hyper", "states", "fresh", "scalars", "lr_scale", "lr_floor"}
+        if not isinstance(rec, Mapping) or set(rec) != fields:
+            problems.append(f"{where}: malformed group record")
+            return lambda: None
+        keys = list(rec["params"])
+        missing = [k for k in g.keys if k not in keys]
+        unexpected = [k for k in keys if k not in g.keys]
+        if strict and (missing or unexpected):
+            problems.append(f"{where} parameters: missing {missing}, unexpected {unexpected}")
+        hyper = rec["hyper"]
+        mine = set(group) - {"params"}
+        if not isinstance(hyper, Mapping) or set(hyper) != mine:
+            given = set(hyper) if isinstance(hyper, Mapping) else set()
+            problems.append(
+                f"{where} hyper-parameters: missing {sorted(mine - given)}, "
+                f"unexpected {sorted(given - mine)}"
+            )
+            return lambda: None
+        # The group as it will be: constants, and schedules rebuilt and evaluated at t.
+        trial = _Group(g.keys, g.params, self._hyper_type())
+        trial.lr_scale, trial.lr_floor = rec["lr_scale"], rec["lr_floor"]
+        values: dict[str, Any] = {}
+        for k, v in hyper.items():
+            try:
+                spec = _decode(v, g.specs.get(k, group[k]))
+            except ValueError as e:
+                problems.append(f"{where} {k}: {e}")
+                continue
+            values[k] = spec
+            if callable(spec) or (isinstance(spec, tuple) and any(callable(x) for x in spec)):
+                trial.specs[k] = spec
+        names = rec["states"]
+        fresh = rec["fresh"]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            problems.append(f"{where}: malformed state names {names!r}")
+            return lambda: None
+        if not (isinstance(fresh, list) and set(fresh) <= set(names)):
+            problems.append(f"{where}: malformed fresh-state list {fresh!r}")
+            return lambda: None
+        if not _is_count(rec["step"]):
+            problems.append(f"{where}: step must be an int >= 0, got {rec['step']!r}")
+        scalars = rec["scalars"]
+        if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_state):
+            problems.append(f"{where}: scalar state {scalars!r} != {list(self._scalar_state)}")
+            return lambda: None
+        if len(values) == len(hyper):
+            saved_t = self._t
+            self._t = t
+            try:
+                self._evaluate(trial, values)
+                self._checked(trial, values)
+                h = self._hyper_type()
+                for name, value in self._core_values(values, set(fresh)).items():
+                    setattr(h, name, value)
+                needed = set(h.state_names())
+                if not needed <= set(names):
+                    problems.append(
+                        f"{where}: state names {names} lack {sorted(needed - set(names))}"
+                    )
+            except (TypeError, ValueError) as e:
+                problems.append(f"{where}: {e}")
+            finally:
+                self._t = saved_t
+        loaded = []
+        for key in keys:
+            if key not in g.keys:
+                continue
+            i = g.keys.index(key)
+            entry = state.get(key)
+            if not isinstance(entry, Mapping) or set(entry) != set(names):
+                have = sorted(entry) if isinstance(entry, Mapping) else "none"
+                problems.append(f"state of parameter {g.labels[i]}: has {have}, expected {names}")
+                continue
+            p = g.params[i]
+            for n in names:
+                a = entry[n]
+                if not isinstance(a, np.ndarray) or a.dtype != p.dtype or a.shape != p.shape:
+                    got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                    problems.append(
+                        f"state {n!r} of param {g.labels[i]}: {got}, expected {p.dtype} {p.shape}"
+                    )
+            loaded.append((i, entry))
+
+        def apply() -> None:
+            for n in names:  # buffers the optimizer does not have yet
+                if n not in g.states:
+                    g.arenas[n], g.states[n] = _arena(g.params, self._state_fill(n, values))
+            reset = set()
+            for n, views in g.states.items():
+                if n not in names:  # the checkpoint never had it: as if new
+                    for v in views:
+                        v.fill(self._state_fill(n, values))
+                    reset.add(n)
+            for i, entry in loaded:
+                for n in names:
+                    np.copyto(g.states[n][i], entry[n])
+            g.fresh = set(fresh) | reset
+            g.step = int(rec["step"])
+            for n, v in scalars.items():
+                setattr(g.hyper, n, float(v))
+            g.specs, g.written = trial.specs, {}
+            g.lr_scale, g.lr_floor = float(rec["lr_scale"]), float(rec["lr_floor"])
+            for k, v in values.items():
+                group[k] = v
+
+        return apply
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -385,6 +727,43 @@ class Optimizer:
                 if k != "params":
                     lines.append(f"    {k}: {group[k]}")
         return "\n".join(lines) + "\n)"
+
+
+# ---------------------------------------------------------------------- checkpoint helpers
+def _is_count(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(0 <= v < 2**63)
+
+
+def _encode(v: Any) -> Any:
+    """A group entry or schedule as plain data (schedules as their descriptions)."""
+    if isinstance(v, Schedule):
+        return v.describe()
+    if callable(v):
+        return {"schedule": "callable", "name": getattr(v, "__qualname__", type(v).__qualname__)}
+    if isinstance(v, (tuple, list)):
+        return [_encode(x) for x in v]
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    return v
+
+
+def _decode(v: Any, current: Any) -> Any:
+    """Inverse of :func:`_encode`.  A user's callable cannot be rebuilt: the optimizer's own
+    entry (`current`) is kept when it is a callable of the same name."""
+    if isinstance(v, Mapping):
+        if v.get("schedule") == "callable":
+            name = getattr(current, "__qualname__", type(current).__qualname__)
+            if callable(current) and not isinstance(current, Schedule) and name == v.get("name"):
+                return current
+            raise ValueError(
+                f"the state was saved with the function {v.get('name')!r} as schedule, which "
+                "cannot be rebuilt: construct the optimizer with it"
+            )
+        return from_description(v)
+    if isinstance(v, list):
+        cur = current if isinstance(current, tuple) and len(current) == len(v) else (None,) * len(v)
+        return tuple(_decode(x, c) for x, c in zip(v, cur))
+    return v
 
 
 # ---------------------------------------------------------------------- validation helpers

@@ -262,6 +262,7 @@ class NAdam(Optimizer):
 
     _hyper_type = _core.NAdamHyper
     _core_step = staticmethod(_core.step_nadam)
+    _scalar_state = ("mu_product",)
 
     def __init__(
         self,
