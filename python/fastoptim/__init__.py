@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _core, functional, reference
+from . import _core, functional, reference, schedules
 from ._optimizer import Optimizer
+from .checkpoint import CheckpointError, load, save
 from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
 
 try:
@@ -35,6 +36,10 @@ __all__ = [
     "RAdam",
     "Lion",
     "Optimizer",
+    "schedules",
+    "save",
+    "load",
+    "CheckpointError",
     "functional",
     "reference",
     "isa",

@@ -264,6 +264,8 @@ class Optimizer:
         for k, v in group.items():
             if k == "params" or (k in g.specs and v == g.written.get(k)):
                 continue
+            if isinstance(v, list):  # betas given as a list: keep an immutable copy
+                v = group[k] = tuple(v)
             if callable(v) or (isinstance(v, tuple) and any(callable(x) for x in v)):
                 if k in _FLAGS:
                     raise TypeError(f"{type(self).__name__}: {k} is a flag, not a schedule")
@@ -557,7 +559,8 @@ class Optimizer:
         if not isinstance(records, Sequence) or len(records) != len(self._groups):
             n = len(records) if isinstance(records, Sequence) else records
             raise ValueError(
-                f"{where}: the state has {n} parameter groups, this optimizer {len(self._groups)}"
+                f"{where}: the state has {n} parameter groups, this optimizer has "
+                f"{len(self._groups)}"
             )
         if not isinstance(state, Mapping):
             raise ValueError(f"{where}: 'state' must be a dict, got {type(state).__name__}")
