@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import operator
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Callable
 
 __all__ = [
@@ -64,12 +66,23 @@ class Schedule:
     function that made it and ``args`` its arguments: ``repr`` shows the call that rebuilds it.
     """
 
-    __slots__ = ("_fn", "args", "name")
+    __slots__ = ("_args", "_fn", "_name")
 
     def __init__(self, name: str, args: Mapping[str, Any], fn: Callable[[int], float]) -> None:
-        self.name = name
-        self.args = dict(args)
+        self._name = name
+        self._args = dict(args)
         self._fn = fn
+
+    @property
+    def name(self) -> str:
+        """The function of this module that made the schedule."""
+        return self._name
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The (validated) arguments of that function: a copy, so that editing it cannot change
+        the schedule behind its back (nor its hash)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._args.items()}
 
     def __call__(self, t: int) -> float:
         if type(t) is not int:  # numpy integers too, through operator.index
@@ -84,7 +97,7 @@ class Schedule:
         """JSON-able data that :func:`from_description` turns back into an equal schedule."""
         return {
             "schedule": self.name,
-            "args": {k: _describe_arg(v) for k, v in self.args.items()},
+            "args": {k: _describe_arg(v) for k, v in self._args.items()},
         }
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -95,10 +108,19 @@ class Schedule:
         return isinstance(other, Schedule) and self.describe() == other.describe()
 
     def __hash__(self) -> int:
-        return hash(repr(self))
+        # from the same data as ==: (-0.0 and 0.0 are equal arguments with different reprs)
+        return hash(_frozen(self.describe()))
 
     def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.args.items())})"
+        return f"{self._name}({', '.join(f'{k}={v!r}' for k, v in self._args.items())})"
+
+
+def _frozen(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((k, _frozen(x)) for k, x in v.items()))
+    if isinstance(v, list):
+        return tuple(_frozen(x) for x in v)
+    return v
 
 
 def _describe_arg(v: Any) -> Any:
@@ -119,8 +141,10 @@ def from_description(description: Mapping[str, Any]) -> Schedule:
     if make is None or not isinstance(args, Mapping):
         raise ValueError(f"not a schedule description: {description!r}")
     if name == "join":
-        args = dict(args)
-        args["schedules"] = [from_description(s) for s in args.get("schedules", ())]
+        inner = args.get("schedules")
+        if isinstance(inner, (str, bytes, Mapping)) or not isinstance(inner, Sequence):
+            raise ValueError(f"not a schedule description: {description!r}")
+        args = {**args, "schedules": [from_description(s) for s in inner]}
     try:
         return make(**args)
     except TypeError as e:
@@ -131,7 +155,12 @@ def from_description(description: Mapping[str, Any]) -> Schedule:
 def _number(fn: str, name: str, value: Any, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not hasattr(value, "__float__"):
         raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{fn}: {name} must be finite, got {value!r}") from None
+    except (TypeError, ValueError):  # e.g. a numpy array of more than one element
+        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}") from None
     if not math.isfinite(v):
         raise ValueError(f"{fn}: {name} must be finite, got {value!r}")
     if positive and not v > 0:
@@ -151,9 +180,19 @@ def _count(fn: str, name: str, value: Any, *, minimum: int = 1) -> int:
     return n
 
 
+def _listed(fn: str, name: str, values: Any, what: str) -> list[Any]:
+    """`values` (a list, tuple, range, 1-d numpy array...) as a list; a ``TypeError`` naming
+    `fn` and `name` for anything else (a string, a mapping, a set, a scalar)."""
+    if not isinstance(values, (str, bytes, Mapping, AbstractSet)):
+        try:
+            return list(values)
+        except TypeError:
+            pass
+    raise TypeError(f"{fn}: {name} must be a list of {what}, got {type(values).__name__}")
+
+
 def _increasing(fn: str, name: str, values: Any, *, strict: bool) -> list[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{fn}: {name} must be a list of ints, got {type(values).__name__}")
+    values = _listed(fn, name, values, "ints")
     out = [
         _count(fn, f"{name}[{i}]", v, minimum=0 if not strict else 1) for i, v in enumerate(values)
     ]
@@ -190,7 +229,7 @@ def multistep(init: float, milestones: Sequence[int], gamma: float = 0.1) -> Sch
     """``init * gamma ** (number of milestones <= t)``: torch ``MultiStepLR`` (the value changes
     *at* a milestone; a milestone listed twice counts twice, as in torch)."""
     a = _number("multistep", "init", init)
-    ms = sorted(_increasing("multistep", "milestones", list(milestones), strict=False))
+    ms = _increasing("multistep", "milestones", milestones, strict=False)
     g = _number("multistep", "gamma", gamma)
     return Schedule(
         "multistep",
@@ -369,8 +408,7 @@ def piecewise(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
     """``values[i]`` for ``boundaries[i-1] <= t < boundaries[i]`` (``values[0]`` before the first
     boundary, ``values[-1]`` from the last on)."""
     b = _increasing("piecewise", "boundaries", boundaries, strict=True)
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"piecewise: values must be a list of numbers, got {values!r}")
+    values = _listed("piecewise", "values", values, "numbers")
     v = [_number("piecewise", f"values[{i}]", x) for i, x in enumerate(values)]
     if len(v) != len(b) + 1:
         raise ValueError(
@@ -385,9 +423,7 @@ def piecewise(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """``schedules[i](t - boundaries[i-1])`` for ``boundaries[i-1] <= t < boundaries[i]``: one
     schedule after another, each counting its updates from 0 (torch ``SequentialLR``)."""
-    if isinstance(schedules, Schedule) or not isinstance(schedules, Sequence):
-        raise TypeError("join: schedules must be a list of schedules")
-    s = list(schedules)
+    s: list[Schedule] = _listed("join", "schedules", schedules, "schedules")
     for i, x in enumerate(s):
         if not isinstance(x, Schedule):
             raise TypeError(
@@ -553,19 +589,31 @@ class ReduceLROnPlateau:
         if not isinstance(state, Mapping) or set(state) != wanted:
             raise ValueError(f"ReduceLROnPlateau: not a plateau state: {state!r}")
         mine = self.state_dict()
+        theirs = dict(state)
+        if isinstance(theirs["min_lrs"], tuple):
+            theirs["min_lrs"] = list(theirs["min_lrs"])
         diff = [
-            f"{k}: {state[k]!r} != {mine[k]!r}"
+            f"{k}: {theirs[k]!r} != {mine[k]!r}"
             for k in (*self._CONFIG, "min_lrs")
-            if state[k] != mine[k] and not (k == "min_lrs" and list(state[k]) == mine[k])
+            if theirs[k] != mine[k]
         ]
         if diff:
             raise ValueError(
                 "ReduceLROnPlateau: the checkpoint's plateau was configured differently: "
                 + "; ".join(diff)
             )
-        self.best = float(state["best"])
+        best = theirs["best"]  # may be +-inf (nothing seen yet), never NaN
+        if isinstance(best, bool) or not isinstance(best, numbers.Real) or math.isnan(best):
+            raise ValueError(f"ReduceLROnPlateau: best must be a number, got {best!r}")
+        counters = {}
         for k in ("num_bad_epochs", "cooldown_counter", "last_epoch"):
-            setattr(self, k, int(state[k]))
+            v = theirs[k]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"ReduceLROnPlateau: {k} must be an int >= 0, got {v!r}")
+            counters[k] = int(v)
+        self.best = float(best)
+        for k, v in counters.items():
+            setattr(self, k, v)
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._CONFIG)
