@@ -146,21 +146,29 @@ class Optimizer:
 
     @classmethod
     def _check(cls, group: Mapping[str, Any]) -> None:
-        """Raise TypeError/ValueError naming any invalid hyper-parameter of `group`: flags must
-        be bools, ``betas`` a pair in [0, 1), the names in ``_closed_unit`` in [0, 1], every
-        other value a finite number >= 0.  Subclasses add rules that relate values."""
-        name = cls.__name__
+        """Raise TypeError/ValueError naming any invalid hyper-parameter of `group`."""
         for key, value in group.items():
-            if key == "params":
-                continue
-            if key in _FLAGS:
-                check_flag(name, key, value)
-            elif key == "betas":
-                check_betas(name, value)
-            elif key in cls._closed_unit:
-                check_unit(name, key, value, closed=True)
-            else:
-                check_nonnegative(name, key, value)
+            if key != "params":
+                cls._check_value(key, value)
+        cls._check_relations(group)
+
+    @classmethod
+    def _check_value(cls, key: str, value: Any) -> None:
+        """One hyper-parameter: flags must be bools, ``betas`` a pair in [0, 1), the names in
+        ``_closed_unit`` in [0, 1], every other value a finite number >= 0."""
+        name = cls.__name__
+        if key in _FLAGS:
+            check_flag(name, key, value)
+        elif key == "betas":
+            check_betas(name, value)
+        elif key in cls._closed_unit:
+            check_unit(name, key, value, closed=True)
+        else:
+            check_nonnegative(name, key, value)
+
+    @classmethod
+    def _check_relations(cls, group: Mapping[str, Any]) -> None:
+        """Rules that relate several hyper-parameters (subclasses)."""
 
     @classmethod
     def _core_values(cls, group: Mapping[str, Any], fresh: set[str]) -> dict[str, Any]:
@@ -291,6 +299,23 @@ class Optimizer:
                 value = max(value * g.lr_scale, g.lr_floor)
             group[k] = value
         g.written = {k: group[k] for k in g.specs}
+
+    def _advance(self, g: _Group, group: dict[str, Any]) -> None:
+        """After a step: write the scheduled values for the next one into `group`, check them
+        and hand them to the kernel (only the scheduled entries: a few microseconds).  An
+        invalid value is left for the next step's full check to report, before it changes
+        anything."""
+        self._evaluate(g, group)
+        try:
+            for k in g.specs:
+                self._check_value(k, group[k])
+            self._check_relations(group)
+        except (TypeError, ValueError):
+            return  # group != g.synced: the next step re-checks everything and raises
+        for name, value in self._core_values({k: group[k] for k in g.specs}, g.fresh).items():
+            setattr(g.hyper, name, value)
+        self._ensure_plan(g, group)  # a scheduled value may switch a variant (momentum 0 -> x)
+        g.synced.update((k, group[k]) for k in g.specs)
 
     def _value(self, name: str, f: Any, t: int) -> float:
         v = f(t)
@@ -480,8 +505,8 @@ class Optimizer:
                 self._sync(g, group)
         self._t += 1
         for g, group in zip(self._groups, self.param_groups):
-            if g.specs:  # the next update's values; validated by the next step
-                self._evaluate(g, group)
+            if g.specs:
+                self._advance(g, group)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -56,8 +56,7 @@ class SGD(Optimizer):
         super().__init__(params, _defaults(locals()))
 
     @classmethod
-    def _check(cls, group: Any) -> None:
-        super()._check(group)
+    def _check_relations(cls, group: Any) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("SGD: nesterov=True requires momentum > 0 and dampening = 0")
 
