@@ -751,9 +751,11 @@ class Optimizer:
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
+            specs = self._groups[i].specs
             for k in sorted(group):
                 if k != "params":
-                    lines.append(f"    {k}: {group[k]}")
+                    sched = f"  <- {specs[k]!r}" if k in specs else ""
+                    lines.append(f"    {k}: {group[k]}{sched}")
         return "\n".join(lines) + "\n)"
 
 

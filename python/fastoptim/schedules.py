@@ -262,7 +262,8 @@ def inverse_time(init: float, decay_rate: float, decay_steps: int = 1) -> Schedu
 
 def polynomial(init: float, total_steps: int, end: float = 0.0, power: float = 1.0) -> Schedule:
     """``end + (init - end) * (1 - min(t, total_steps) / total_steps) ** power``: torch
-    ``PolynomialLR`` (which has ``end = 0``); ``end`` from ``total_steps`` on."""
+    ``PolynomialLR`` (which has ``end = 0``); ``end`` from ``total_steps`` on (with ``power = 0``,
+    ``0 ** 0 = 1`` keeps ``init`` forever, as in torch)."""
     a = _number("polynomial", "init", init)
     n = _count("polynomial", "total_steps", total_steps)
     e = _number("polynomial", "end", end)
