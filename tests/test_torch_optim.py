@@ -43,6 +43,7 @@ from cases import (  # noqa: E402
     every_dtype,
     make_families,
 )
+from fastoptim import schedules  # noqa: E402
 
 NAMES = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
 STEPS = 120
@@ -377,6 +378,370 @@ def test_add_param_group_and_heterogeneous_steps() -> None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
                 for n, v in ref.state[b].items():
                     torch.testing.assert_close(fast.state[a][n], v, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- fastoptim.schedules
+def at(kwargs: dict[str, Any], t: int) -> dict[str, Any]:
+    """`kwargs` with every schedule (also inside ``betas``) replaced by its value at update t."""
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if callable(v):
+            out[k] = v(t)
+        elif isinstance(v, tuple):
+            out[k] = tuple(x(t) if callable(x) else x for x in v)
+        else:
+            out[k] = v
+    return out
+
+
+def scheduled_keys(kwargs: dict[str, Any]) -> set[str]:
+    return {
+        k
+        for k, v in kwargs.items()
+        if callable(v) or (isinstance(v, tuple) and any(map(callable, v)))
+    }
+
+
+SCHEDULED = [
+    (
+        "Adam",
+        dict(
+            lr=schedules.cosine(0.05, 40, end=1e-3),
+            betas=(schedules.linear(0.8, 0.95, 30), 0.999),
+        ),
+    ),
+    (
+        "AdamW",
+        dict(lr=schedules.warmup_cosine(0.02, 8, 50), weight_decay=schedules.exponential(0.1, 0.9)),
+    ),
+    (  # momentum 0 for 6 updates, then 0.9: the momentum buffer appears mid-run, as in torch
+        "SGD",
+        dict(
+            lr=schedules.step_decay(0.1, 7, 0.5),
+            momentum=schedules.piecewise([6], [0.0, 0.9]),
+            dampening=0.1,
+        ),
+    ),
+    (
+        "NAdam",
+        dict(
+            lr=schedules.onecycle(0.01, 50),
+            betas=(schedules.linear(0.9, 0.8, 50), schedules.cosine(0.999, 50, end=0.99)),
+        ),
+    ),
+    (
+        "RMSprop",
+        dict(
+            lr=schedules.polynomial(0.01, 50, power=2.0),
+            alpha=schedules.linear(0.9, 0.99, 25),
+            momentum=0.5,
+        ),
+    ),
+]
+
+
+@every_dtype
+@pytest.mark.parametrize(("name", "kwargs"), SCHEDULED, ids=[n for n, _ in SCHEDULED])
+def test_schedule_trajectory_matches_torch(
+    name: str, kwargs: dict[str, Any], dtype: Any, rng: np.random.Generator
+) -> None:
+    """Scheduled hyper-parameters (lr, betas, momentum, weight_decay, alpha) against
+    torch.optim's for-loop given the same values before every step: ``param_groups`` shows
+    f(t) after t steps, and the trajectories agree to rounding, on every layout."""
+    rtol = RTOL_ULPS * float(np.finfo(dtype).eps)
+    ours, theirs, gscales, family = make_run(rng, dtype)
+    fast = getattr(fot, name)(ours, **kwargs)
+    ref = getattr(torch.optim, name)(theirs, foreach=False, **at(kwargs, 0))
+    assert set(fast.schedules(0)) == scheduled_keys(kwargs)
+    scales = Scales(family)
+    masks: list[np.ndarray | None] = [None] * len(ours)
+    for t in range(50):
+        assert fast.step_count == t
+        for k, v in at(kwargs, t).items():
+            assert fast.param_groups[0][k] == v, (t, k)  # the value this step uses: f(t)
+            ref.param_groups[0][k] = v
+        set_grads(rng, gscales, t, ours, theirs)
+        fast.step()
+        ref.step()
+        if t % 10 == 9 or t < 3 or t == 6:
+            check_state(f"{name} step {t + 1}", ours, theirs, fast, ref, scales, rtol, masks)
+
+
+TORCH_SCHEDULERS: dict[str, tuple[Any, Any, bool]] = {
+    # torch scheduler, the fastoptim schedule it mirrors, whether the values are bit-identical
+    "StepLR": (
+        lambda o: torch.optim.lr_scheduler.StepLR(o, 5, 0.5),
+        schedules.step_decay(0.01, 5, 0.5),
+        True,
+    ),
+    "CosineAnnealingLR": (  # torch computes it by a recursion: rounding differs
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 20, 1e-4),
+        schedules.cosine(0.01, 20, end=1e-4),
+        False,
+    ),
+    "OneCycleLR": (
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(
+            o, 0.01, total_steps=30, cycle_momentum=False
+        ),
+        schedules.onecycle(0.01, 30),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(TORCH_SCHEDULERS))
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_schedules_equal_torch_schedulers(name: str, kind: str) -> None:
+    """A fastoptim schedule and the torch LR scheduler it mirrors give the same learning rates
+    and trajectories."""
+    make_scheduler, schedule, exact = TORCH_SCHEDULERS[kind]
+    kwargs: dict[str, Any] = dict(momentum=0.9) if name == "SGD" else {}
+    theirs = [torch.randn(6, 5, generator=torch.Generator().manual_seed(8)), torch.randn(5)]
+    ours = [p.clone() for p in theirs]
+    ref = getattr(torch.optim, name)(theirs, lr=0.01, foreach=False, **kwargs)
+    scheduler = make_scheduler(ref)
+    fast = getattr(fot, name)(ours, lr=schedule, **kwargs)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(20):  # torch's cosine rises again after T_max; fastoptim's stays at end
+        lr_ours, lr_theirs = fast.param_groups[0]["lr"], ref.param_groups[0]["lr"]
+        assert lr_ours == (lr_theirs if exact else pytest.approx(lr_theirs, rel=1e-12, abs=1e-18))
+        _grads(gen, theirs, ours)
+        ref.step()
+        fast.step()
+        scheduler.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_cycle_lr_cycles_adam_betas() -> None:
+    """torch's OneCycleLR with cycle_momentum drives Adam's beta1 (and lr) on fastoptim.torch
+    exactly as on torch.optim."""
+    theirs = [torch.randn(7, 3, generator=torch.Generator().manual_seed(10))]
+    ours = [theirs[0].clone()]
+    opts = [fot.Adam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01, foreach=False)]
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=25, cycle_momentum=True)
+        for o in opts
+    ]
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(25):
+        g0, g1 = opts[0].param_groups[0], opts[1].param_groups[0]
+        assert (g0["lr"], g0["betas"]) == (g1["lr"], g1["betas"])
+        _grads(gen, ours, theirs)
+        for o in opts:
+            o.step()
+        for s in scheds:
+            s.step()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    assert opts[0].param_groups[0]["betas"][0] != 0.9  # it did cycle
+
+
+def test_schedule_assignment_and_groups() -> None:
+    """A float assigned to a scheduled entry replaces the schedule; a schedule assigned is
+    evaluated at the current step count (not restarted); groups added later get the
+    constructor's schedules at the current count; plain callables work."""
+    p, q = torch.zeros(4), torch.zeros(2)
+    cos = schedules.cosine(0.1, 10)
+    opt = fot.SGD([p], lr=cos, momentum=lambda t: 0.5 + 0.01 * t)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.5
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+    assert (opt.step_count, opt.param_groups[0]["lr"]) == (3, cos(3))
+    assert opt.param_groups[0]["momentum"] == pytest.approx(0.53)
+    opt.add_param_group({"params": [q]})
+    assert opt.param_groups[1]["lr"] == cos(3)  # the default schedule, at update 3
+    opt.param_groups[0]["lr"] = 0.05  # a constant from now on
+    lin = schedules.linear(0.2, 0.0, 100)
+    opt.param_groups[1]["lr"] = lin  # a new schedule, evaluated at update 3
+    p.grad, q.grad = torch.ones(4), torch.ones(2)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.05 and "lr" not in opt.schedules(0)
+    assert opt.schedules(1)["lr"] == lin and opt.param_groups[1]["lr"] == lin(4)
+    assert float(q[0]) == np.float32(-lin(3))  # the step used lin(3)
+    # betas: the pair is one entry; assigning a new pair replaces its schedules
+    a = fot.Adam([torch.zeros(3)], betas=(schedules.linear(0.8, 0.9, 10), 0.99))
+    assert a.param_groups[0]["betas"] == (0.8, 0.99)
+    a.param_groups[0]["betas"] = (0.85, 0.995)
+    assert a.schedules(0) == {}
+    # a torch scheduler's assignments replace a schedule too (use one or the other)
+    b = fot.SGD([torch.zeros(3)], lr=cos)
+    torch.optim.lr_scheduler.LambdaLR(b, lambda epoch: 0.5)
+    assert b.param_groups[0]["lr"] == 0.05 and b.schedules(0) == {}
+
+
+def test_bad_schedule_values_change_nothing() -> None:
+    """A schedule's invalid value (or error) raises at the step that would use it, before any
+    tensor changes, naming the schedule; the optimizer stays usable."""
+    p, r = torch.ones(3), torch.ones(2)
+    opt = fot.SGD([p], lr=schedules.piecewise([2], [0.1, -0.1]), momentum=0.9)
+    opt.add_param_group({"params": [r], "lr": 0.1})  # a second, valid group: untouched too
+    for _ in range(2):
+        p.grad, r.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+    assert opt.param_groups[0]["lr"] == -0.1  # what the next step would use
+    before = [p.clone(), r.clone(), opt.state[p]["momentum_buffer"].clone()]
+    with pytest.raises(ValueError, match=r"lr=-0\.1.*update 2.*piecewise"):
+        opt.step()
+    after = [p, r, opt.state[p]["momentum_buffer"]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert opt.step_count == 2
+    opt.param_groups[0]["lr"] = 0.01  # a valid constant instead: steps again
+    opt.step()
+    assert opt.step_count == 3 and not torch.equal(p, before[0])
+
+    def fails_at_2(t: int) -> float:
+        if t >= 2:
+            raise RuntimeError("no value")
+        return 0.1
+
+    opt = fot.Adam([p], lr=fails_at_2)
+    opt.step()
+    opt.step()  # writes lr for update 2: the schedule raises, kept for the next step
+    before = [p.clone(), opt.state[p]["exp_avg"].clone()]
+    with pytest.raises(ValueError, match=r"fails_at_2.*RuntimeError.*update 2"):
+        opt.step()
+    assert torch.equal(p, before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
+    with pytest.raises(TypeError, match="not a number"):
+        fot.Adam([p], lr=lambda t: "0.1")
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        fot.Adam([p], betas=(schedules.constant(1.0), 0.999))
+    with pytest.raises(TypeError, match="amsgrad is a flag"):
+        fot.Adam([p], amsgrad=lambda t: True)
+    with pytest.raises(TypeError, match="initial_accumulator_value"):
+        fot.Adagrad([p], initial_accumulator_value=schedules.constant(0.1))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("Adam", dict(lr=schedules.cosine(0.05, 30), betas=(schedules.linear(0.8, 0.9, 20), 0.99))),
+        ("SGD", dict(lr=schedules.onecycle(0.1, 30), momentum=schedules.linear(0.95, 0.85, 30))),
+        (
+            "NAdam",
+            dict(
+                lr=schedules.join([schedules.constant(0.01), schedules.exponential(0.01, 0.9)], [5])
+            ),
+        ),
+    ],
+    ids=["Adam", "SGD", "NAdam"],
+)
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+def test_schedule_resumes_bit_exactly(name: str, kwargs: dict[str, Any], how: str) -> None:
+    """Saved mid-schedule (state_dict through torch.save / torch.load(weights_only=True), or a
+    copy of the optimizer) and resumed by an optimizer built with other hyper-parameters: the
+    same values and parameters, bit for bit, as an uninterrupted run."""
+    gen = torch.Generator().manual_seed(12)
+    start = [torch.randn(5, 4, generator=gen), torch.randn(4, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(20)]
+
+    def run(opt: Any, params: list[Any], steps: range) -> None:
+        for t in steps:
+            for p, g in zip(params, grads[t]):
+                p.grad = g.clone()
+            opt.step()
+
+    straight = [p.clone() for p in start]
+    full = getattr(fot, name)(straight, **kwargs)
+    run(full, straight, range(20))
+
+    first = [p.clone() for p in start]
+    opt = getattr(fot, name)(first, **kwargs)
+    run(opt, first, range(8))
+    if how == "state_dict":
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        second = [p.detach().clone() for p in first]
+        resumed = getattr(fot, name)(second, lr=0.5)  # other hyper-parameters, no schedule
+        resumed.load_state_dict(saved)
+    else:
+        resumed = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        second = resumed.param_groups[0]["params"]
+    assert resumed.step_count == 8
+    assert resumed.schedules(0) == opt.schedules(0) and resumed.schedules(0)
+    run(resumed, second, range(8, 20))
+    assert resumed.step_count == full.step_count == 20
+    assert resumed.param_groups[0] == {**full.param_groups[0], "params": second}
+    for a, b in zip(second, straight):
+        assert torch.equal(a, b)
+
+
+def test_scheduled_checkpoints_move_to_and_from_torch() -> None:
+    """A scheduled checkpoint loads into torch.optim (the next values, as constants; the extra
+    entries are kept and ignored), and continues like fastoptim given the same values; a
+    torch.optim checkpoint loads into a scheduled optimizer as constants, at its step count,
+    and a schedule assigned then continues from there."""
+    cos = schedules.cosine(0.05, 20)
+    gen = torch.Generator().manual_seed(13)
+    ours = [torch.randn(6, generator=gen)]
+    fast = fot.Adam(ours, lr=cos, betas=(schedules.linear(0.8, 0.9, 20), 0.999))
+    for _ in range(5):
+        _grads(gen, ours)
+        fast.step()
+    buf = io.BytesIO()
+    torch.save(fast.state_dict(), buf)
+    buf.seek(0)
+    theirs = [ours[0].clone()]
+    ref = torch.optim.Adam(theirs, foreach=False)
+    ref.load_state_dict(torch.load(buf))
+    assert ref.param_groups[0]["lr"] == cos(5) == fast.param_groups[0]["lr"]
+    for t in range(5, 12):
+        ref.param_groups[0]["lr"] = cos(t)
+        ref.param_groups[0]["betas"] = fast.param_groups[0]["betas"]
+        _grads(gen, ours, theirs)
+        fast.step()
+        ref.step()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+
+    # torch.optim -> fastoptim.torch: constants; step_count from the per-parameter steps
+    back = fot.Adam([theirs[0].clone()], lr=cos)
+    back.load_state_dict(ref.state_dict())  # torch ran with assigned constants: they win
+    assert back.schedules(0) == {} and back.step_count == 12
+    assert back.param_groups[0]["lr"] == cos(11)
+    back.param_groups[0]["lr"] = cos  # resumed from update 12
+    assert back.schedules(0) == {"lr": cos} and back.param_groups[0]["lr"] == cos(12)
+    plain = torch.optim.SGD([torch.zeros(2)], lr=0.1, momentum=0.9)
+    fast_sgd = fot.SGD([torch.zeros(2)], lr=cos, momentum=0.9)
+    fast_sgd.load_state_dict(plain.state_dict())
+    assert fast_sgd.param_groups[0]["lr"] == 0.1 and fast_sgd.step_count == 0
+
+
+def test_plain_callable_schedules_in_checkpoints() -> None:
+    """A plain function is saved by name: an optimizer built with the same function loads the
+    checkpoint; one without it refuses, changing nothing."""
+
+    def warmup(t: int) -> float:
+        return 0.01 * min(1.0, (t + 1) / 5)
+
+    p = torch.zeros(3)
+    opt = fot.SGD([p], lr=warmup)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    sd = opt.state_dict()
+    name = warmup.__qualname__
+    assert sd["param_groups"][0]["schedules"] == {"lr": {"schedule": "callable", "name": name}}
+    again = fot.SGD([torch.zeros(3)], lr=warmup)
+    again.load_state_dict(sd)
+    assert again.schedules(0) == {"lr": warmup} and again.param_groups[0]["lr"] == warmup(3)
+    other = fot.SGD([torch.zeros(3)], lr=0.5)
+    with pytest.raises(ValueError, match="warmup"):
+        other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 0.5 and other.step_count == 0
+
+
+def test_fastoptim_reduce_lr_on_plateau() -> None:
+    """fastoptim.schedules.ReduceLROnPlateau drives fastoptim.torch like torch's does."""
+    opts = [fot.SGD([torch.zeros(2)], lr=0.1), fot.SGD([torch.zeros(2)], lr=0.1)]
+    ours = schedules.ReduceLROnPlateau(opts[0], patience=1, factor=0.5)
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(opts[1], patience=1, factor=0.5)
+    for metric in [1.0, 0.9, 0.95, 0.96, 0.97, 0.5, 0.6, 0.7]:
+        ours.step(metric)
+        theirs.step(metric)
+        assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"]
+    assert opts[0].param_groups[0]["lr"] < 0.1
 
 
 # --------------------------------------------------------------------------- state_dict

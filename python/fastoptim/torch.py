@@ -53,6 +53,36 @@ when a group is added and whenever a group's values change (e.g. by a scheduler)
 a one-element tensor, as in torch.  :class:`Lion` (which ``torch.optim`` lacks) keeps
 ``exp_avg`` only, like the popular ``lion-pytorch`` package.
 
+Schedules (:mod:`fastoptim.schedules`, or any callable ``t -> float``) work as with
+:class:`fastoptim.Optimizer`: any float hyper-parameter (``lr``, ``weight_decay``, ``momentum``,
+either of ``betas``, ``eps``...), in the constructor or in a group, may be one.
+
+    >>> from fastoptim import schedules
+    >>> opt = fot.AdamW(model.parameters(), lr=schedules.warmup_cosine(1e-3, 100, 10_000))
+    >>> opt.param_groups[0]["lr"]       # the value the next step uses: f(step_count)
+    0.0
+
+- :attr:`Optimizer.step_count` counts completed :meth:`~Optimizer.step` calls; after ``k``
+  of them every scheduled entry of ``param_groups`` holds ``f(k)`` (a float, so torch-style
+  logging of ``param_groups[i]["lr"]`` works), and :meth:`Optimizer.schedules` returns the
+  schedules.  Assigning a value to a scheduled entry replaces its schedule by that constant
+  (a torch LR scheduler assigns values too: use one or the other for an entry); assigning a
+  schedule sets a new one, evaluated at the current ``step_count``.
+- A schedule's invalid value (a negative ``lr``, ``betas`` outside [0, 1)...), or an error
+  raised by the schedule, raises at the step that would use it, naming the schedule, before
+  any tensor is modified.
+- ``state_dict()`` stays in torch's format, hyper-parameters as floats (the next step's
+  values): a scheduled group also has a ``"schedules"`` entry (name -> the schedule's
+  :meth:`~fastoptim.schedules.Schedule.describe` data; a plain function by its name only) and
+  ``"schedule_step"``, which ``torch.optim.X.load_state_dict`` keeps and ignores (torch then
+  continues with the saved values as constants), and from which ``load_state_dict`` resumes
+  the schedules bit for bit.  A checkpoint without them (from ``torch.optim``) loads
+  constants and sets ``step_count`` to its largest per-parameter ``step``.  A saved value
+  that is not its schedule's value at that count was assigned, and stays a constant.
+- :class:`fastoptim.schedules.ReduceLROnPlateau` (like torch's) assigns the reduced ``lr``: a
+  scheduled ``lr`` becomes a constant (the NumPy optimizers scale the schedule instead).
+- A scheduled group is revalidated at every step: a few microseconds.
+
 Speed: a step costs the kernel (one pass over memory, all threads) plus about a microsecond of
 Python per tensor to notice changes; new gradient tensors every step (torch's default
 ``zero_grad(set_to_none=True)``) add about two more per tensor (NumPy views, binding), which
@@ -78,6 +108,7 @@ import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs witho
 
 from . import _core
 from . import optimizers as _fo
+from . import schedules as _schedules
 from ._optimizer import Optimizer as _FoOptimizer
 from ._optimizer import _defaults
 
@@ -100,6 +131,12 @@ Params = Iterable[Any]  # tensors, (name, tensor) pairs or group dicts, as torch
 # Arguments of torch.optim's signatures that fastoptim has no use for.
 _TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")
 _FLOATS = (torch.float32, torch.float64)
+# Hyper-parameters that cannot follow a schedule: flags, and Adagrad's initial_accumulator_value
+# (read once, when the state is created).
+_FIXED = frozenset(
+    {"nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay"}
+    | {"initial_accumulator_value", *_TORCH_ONLY}
+)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -117,6 +154,120 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+def _is_schedule(value: Any) -> bool:
+    """A schedule: any callable ``t -> float`` (a :class:`fastoptim.schedules.Schedule` or
+    not); tensors and types are values."""
+    return callable(value) and not isinstance(value, (torch.Tensor, type))
+
+
+def _has_schedule(value: Any) -> bool:
+    """A schedule, or a pair (``betas``) holding one."""
+    if isinstance(value, (tuple, list)):
+        return any(map(_is_schedule, value))
+    return _is_schedule(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether group entry `a` still is the value `b` the optimizer wrote (numbers by value:
+    assigning an equal constant changes nothing)."""
+    if a is b:
+        return True
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    numbers = (int, float, np.integer, np.floating)
+    return (
+        isinstance(a, numbers)
+        and isinstance(b, numbers)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+        and bool(a == b)
+    )
+
+
+def _value(cls: str, name: str, fn: Callable[[int], Any], t: int) -> float:
+    """``fn(t)`` as a float; ValueError (what `fn` raised) or TypeError (not a number)
+    naming the hyper-parameter, the schedule and the update."""
+    try:
+        v = fn(t)
+    except Exception as e:
+        raise ValueError(
+            f"{cls}: the schedule of {name} ({fn!r}) raised {e!r} at update {t}"
+        ) from e
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"{cls}: the schedule of {name} ({fn!r}) returned {v!r} at update {t}, not a number"
+        )
+    return float(v)
+
+
+def _evaluate(cls: str, key: str, spec: Any, t: int) -> Any:
+    """Group entry `key` at update `t` for its `spec`: a schedule, or a pair (``betas``)
+    holding schedules and constants."""
+    if isinstance(spec, tuple):
+        return tuple(
+            _value(cls, f"{key}[{i}]", f, t) if _is_schedule(f) else f for i, f in enumerate(spec)
+        )
+    return _value(cls, key, spec, t)
+
+
+def _qualname(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", type(fn).__qualname__))
+
+
+def _encode(spec: Any) -> Any:
+    """A schedule as checkpoint data (plain, ``torch.load(weights_only=True)`` loads it): its
+    :meth:`~fastoptim.schedules.Schedule.describe` dict; a pair as a list; any other callable
+    by its name only (it cannot be rebuilt)."""
+    if isinstance(spec, _schedules.Schedule):
+        return spec.describe()
+    if isinstance(spec, (tuple, list)):
+        return [_encode(x) for x in spec]
+    if _is_schedule(spec):
+        return {"schedule": "callable", "name": _qualname(spec)}
+    return _plain(spec)
+
+
+def _decode(data: Any, current: Any) -> Any:
+    """Inverse of :func:`_encode` (ValueError if `data` describes no schedule).  A plain
+    callable cannot be rebuilt: the optimizer's own schedule (`current`) is kept when it is a
+    callable of the same name."""
+    if isinstance(data, Mapping):
+        if data.get("schedule") == "callable":
+            if (
+                _is_schedule(current)
+                and not isinstance(current, _schedules.Schedule)
+                and _qualname(current) == data.get("name")
+            ):
+                return current
+            raise ValueError(
+                f"the checkpoint's schedule is the function {data.get('name')!r}, which cannot "
+                "be rebuilt: construct the optimizer with it"
+            )
+        return _schedules.from_description(data)
+    if isinstance(data, (list, tuple)):
+        cur = current if isinstance(current, tuple) and len(current) == len(data) else ()
+        return tuple(_decode(x, cur[i] if cur else None) for i, x in enumerate(data))
+    return data
+
+
+class _Scheduled:
+    """The schedules of one parameter group: ``specs[key]`` the schedule of a hyper-parameter
+    (for ``betas``, a pair in which either entry may be a schedule), ``written[key]`` the value
+    the optimizer last wrote into ``group[key]`` (a different value there was assigned since,
+    and replaces the schedule), ``pending[key]`` the error a schedule raised after the last
+    step, raised by the next one before it changes anything."""
+
+    __slots__ = ("group", "pending", "specs", "written")
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group  # identity: the record is keyed by id(group)
+        self.specs: dict[str, Any] = {}
+        self.written: dict[str, Any] = {}
+        self.pending: dict[str, Exception] = {}
 
 
 def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -205,6 +356,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._caches: list[_Cache] = []
         self._fresh: dict[int, torch.Tensor] = {}  # state tensors created, not yet stepped
+        self._t = 0  # completed step() calls: the schedules' update number
+        self._scheduled: dict[int, _Scheduled] = {}  # id(group) -> its schedules
+        self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -219,9 +373,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             return f"{names[i]!r} (group {gi})"
         return f"{i} of group {gi}"
 
-    def _validate(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        """The group's fastoptim hyper-parameters, validated; ValueError/TypeError if any
-        value (torch-only flags included) cannot be honoured."""
+    def _validate(
+        self, group: Mapping[str, Any], hp: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The group's fastoptim hyper-parameters (`hp` if already computed), validated;
+        ValueError/TypeError if any value (torch-only flags included) cannot be honoured."""
         name = type(self).__name__
         if group.get("differentiable"):
             raise ValueError(
@@ -233,8 +389,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: capturable=True (CUDA graph capture) is not supported: fastoptim "
                 "updates CPU tensors"
             )
-        hp = {k: _plain(group[k]) for k in self._keys}
-        self._fastoptim._check(hp)
+        if hp is None:
+            hp = {k: _plain(group[k]) for k in self._keys}
+        try:
+            self._fastoptim._check(hp)
+        except (TypeError, ValueError) as e:
+            rec = self._record(group)
+            if rec is None:
+                raise
+            specs = ", ".join(f"{k}={v!r}" for k, v in rec.specs.items())
+            raise type(e)(f"{e} (at update {self._t} of the schedules {specs})") from None
         return hp
 
     def _check_param(self, p: Any, label: str) -> tuple[int, ...] | None:
@@ -267,21 +431,184 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
         try:
+            self._sync(group)
             self._validate(group)
             for i, p in enumerate(group["params"]):
                 self._check_param(p, self._label(group, gi, i))
         except BaseException:
             self.param_groups.pop()
+            self._scheduled.pop(id(group), None)
             raise
+
+    # ------------------------------------------------------------------ schedules
+    @property
+    def step_count(self) -> int:
+        """Completed :meth:`step` calls: the update number ``t`` at which the schedules are
+        evaluated for the next step."""
+        return self._t
+
+    def schedules(self, group: int = 0) -> dict[str, Any]:
+        """The scheduled hyper-parameters of parameter group `group`: name -> schedule
+        (``betas`` -> a pair in which either entry may be a schedule).  Their current values
+        are in ``param_groups[group]``."""
+        rec = self._sync(self.param_groups[group])
+        return dict(rec.specs) if rec is not None else {}
+
+    def _record(self, group: Mapping[str, Any]) -> _Scheduled | None:
+        rec = self._scheduled.get(id(group))
+        return rec if rec is not None and rec.group is group else None
+
+    def _sync(self, group: dict[str, Any]) -> _Scheduled | None:
+        """Reconcile `group` with its schedules after the user (or a torch LR scheduler) may
+        have assigned entries: a schedule assigned to an entry becomes its schedule, evaluated
+        at :attr:`step_count`; another value assigned to a scheduled entry replaces its
+        schedule.  Raises the error a schedule raised after the last step.  The group's
+        record, or None if nothing in it is scheduled."""
+        cls = type(self).__name__
+        rec = self._record(group)
+        for key in self.defaults:
+            value = group.get(key)
+            if rec is not None and key in rec.specs and _same(value, rec.written[key]):
+                if key in rec.pending:
+                    raise rec.pending[key]
+                continue
+            if _has_schedule(value):
+                if key in _FIXED:
+                    what = "a flag" if key != "initial_accumulator_value" else "read only once"
+                    raise TypeError(f"{cls}: {key} is {what}, not a schedule")
+                spec = tuple(value) if isinstance(value, (tuple, list)) else value
+                new = _evaluate(cls, key, spec, self._t)
+                if rec is None:
+                    rec = self._scheduled[id(group)] = _Scheduled(group)
+                rec.specs[key] = spec
+                rec.pending.pop(key, None)
+                group[key] = rec.written[key] = new
+            elif rec is not None and key in rec.specs:
+                for d in (rec.specs, rec.written, rec.pending):
+                    d.pop(key, None)
+                if not rec.specs:
+                    del self._scheduled[id(group)]
+                    rec = None
+        return rec
+
+    def _sync_all(self) -> None:
+        for group in self.param_groups:
+            if self._record(group) is not None or any(
+                _has_schedule(group.get(k)) for k in self.defaults
+            ):
+                self._sync(group)
+
+    def _advance_schedules(self) -> None:
+        """After a step: count it and write each schedule's value for the next one (checked by
+        that step, before it changes anything)."""
+        cls = type(self).__name__
+        self._t += 1
+        for group in self.param_groups:
+            rec = self._record(group)
+            if rec is None:
+                continue
+            for key, spec in rec.specs.items():
+                try:
+                    value = _evaluate(cls, key, spec, self._t)
+                except (TypeError, ValueError) as e:
+                    rec.pending[key] = e
+                    continue
+                group[key] = rec.written[key] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`, in torch's format; a group with
+        schedules also has ``"schedules"`` (name -> the schedule's
+        :meth:`~fastoptim.schedules.Schedule.describe` dict) and ``"schedule_step"``
+        (:attr:`step_count`), entries that ``torch.optim`` keeps and ignores."""
+        self._sync_all()
+        sd: dict[str, Any] = super().state_dict()
+        for group, saved in zip(self.param_groups, sd["param_groups"]):
+            rec = self._record(group)
+            if rec is not None:
+                saved["schedules"] = {k: _encode(s) for k, s in rec.specs.items()}
+                saved["schedule_step"] = self._t
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`; also restores the schedules and
+        :attr:`step_count` of a checkpoint that has them (a bad one raises first, changing
+        nothing).  Without them (e.g. a ``torch.optim`` checkpoint) every hyper-parameter is
+        the checkpoint's constant and :attr:`step_count` the largest per-parameter ``step``."""
+        cls = type(self).__name__
+        decoded: list[dict[str, Any]] = []
+        for i, saved in enumerate(state_dict["param_groups"]):
+            rec = self._record(self.param_groups[i]) if i < len(self.param_groups) else None
+            data, t = saved.get("schedules") or {}, saved.get("schedule_step", 0)
+            if not isinstance(data, Mapping) or isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"{cls}.load_state_dict: group {i}: malformed schedules")
+            specs = {}
+            for k, d in data.items():
+                try:
+                    specs[k] = _decode(d, rec.specs.get(k) if rec is not None else None)
+                except ValueError as e:
+                    raise ValueError(f"{cls}.load_state_dict: group {i} {k}: {e}") from None
+            decoded.append(specs)
+        self._loaded = decoded
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._loaded = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._sync_all()
+        state: dict[str, Any] = super().__getstate__()
+        state["step_count"] = self._t
+        state["schedules"] = [
+            dict(rec.specs) if (rec := self._record(g)) is not None else {}
+            for g in self.param_groups
+        ]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also what load_state_dict calls with the loaded state: forget every cached view.
+        state = dict(state)
+        count = state.pop("step_count", None)
+        pickled = state.pop("schedules", None)  # pickle / deepcopy: the live schedules
         super().__setstate__(state)
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
         self._caches = []
         self._fresh = {}
+        self._scheduled = {}
+        saved = [
+            (g.pop("schedules", None), g.pop("schedule_step", None)) for g in self.param_groups
+        ]
+        loaded: list[dict[str, Any]] | None = getattr(self, "_loaded", None)
+        if count is None:  # load_state_dict: the saved count, or (saved by torch.optim, which
+            # may also have run a fastoptim checkpoint further) the largest per-parameter step
+            count = max(
+                [int(t) for specs, t in saved if specs and t is not None]
+                + [int(st["step"]) for st in self.state.values() if "step" in st],
+                default=0,
+            )
+        self._t = int(count)
+        self._loaded = None
+        specs_per_group = pickled if pickled is not None else loaded
+        for group, specs in zip(self.param_groups, specs_per_group or []):
+            if specs:
+                self._restore(group, specs)
+
+    def _restore(self, group: dict[str, Any], specs: Mapping[str, Any]) -> None:
+        """Reattach `specs` to a loaded or unpickled `group`.  Each saved value must be its
+        schedule's value at :attr:`step_count`; one that differs was assigned (by the user, a
+        torch LR scheduler, or ``torch.optim`` running the checkpoint) and wins: that entry is
+        a constant from then on."""
+        rec = _Scheduled(group)
+        for key, spec in specs.items():
+            try:
+                expected = _evaluate(type(self).__name__, key, spec, self._t)
+            except (TypeError, ValueError):
+                continue
+            if _same(group.get(key), expected):
+                rec.specs[key], rec.written[key] = spec, group[key]
+        if rec.specs:
+            self._scheduled[id(group)] = rec
 
     def _fill(self, name: str) -> float:
         """Initial value of a new state tensor `name`."""
@@ -306,9 +633,21 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c = self._caches[gi]
         if c.group is not group:
             c = self._caches[gi] = _Cache(group)
+        rec = self._record(group)
+        if rec is not None:  # a scheduled entry assigned since the last step, or failed
+            for key, written in rec.written.items():
+                if key in rec.pending or not _same(group.get(key), written):
+                    self._sync(group)
+                    break
         hp = {k: _plain(group[k]) for k in self._keys}
         if hp != c.hp or group.get("differentiable") or group.get("capturable"):
-            hp = self._validate(group)
+            try:
+                hp = self._validate(group, hp)
+            except TypeError:  # not a number: perhaps a schedule was assigned
+                if not any(_has_schedule(group.get(k)) for k in self.defaults):
+                    raise
+                self._sync(group)
+                hp = self._validate(group)
             hyper = self._fastoptim._hyper_type()
             for k, v in self._fastoptim._core_values(hp, set()).items():
                 setattr(hyper, k, v)
@@ -564,6 +903,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                         c.holders = _placeholders(c.pviews)
                     c.plan.bind_grads(c.holders)
                     c.bound = False
+            self._advance_schedules()
         return loss
 
 
