@@ -51,4 +51,13 @@ def test_module_entry_point() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "fastoptim", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "bench" in out
+    assert "bench" in out and "demo" in out and "minimize" in out
+
+
+@pytest.mark.parametrize("command", ["demo", "minimize", "bench"])
+def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fastoptim {command}") and "--optimizers" in out

@@ -347,7 +347,7 @@ def format_table(results: Sequence[Result]) -> str:
                 f"{r.train_loss[-1]:>12.4f}{r.test_loss[-1]:>11.4f}{100 * r.test_acc[-1]:>9.2f}%"
             )
         lines.append(
-            f"{r.name:<10}{r.lr:>8.3g}{stats}{r.train_seconds:>9.2f}"
+            f"{r.name:<10}{r.lr:>8.3g}{stats}{r.train_seconds:>9.3f}"
             f"{_us(r.step_seconds, r.steps):>9}{_us(r.reference_seconds, r.steps):>10}"
             f"{speedup:>9}{diff:>11}"
         )
