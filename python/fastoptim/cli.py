@@ -125,6 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         dtype=np.dtype(args.dtype),
         reference=not args.no_reference,
+        threads=args.threads,
     )
     demo.main(
         config,
@@ -285,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("float32", "float64"),
         default="float32",
         help="parameter and data type (default float32)",
+    )
+    d.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=1,
+        help="fastoptim threads (default 1: the model is small, the NumPy reference is "
+        "single-threaded too, and a second thread only waits for a core on a busy machine)",
     )
     d.add_argument(
         "--no-reference",

@@ -17,15 +17,15 @@ import importlib
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from . import __version__, get_num_threads, isa, reference, schedules, set_num_threads
 from . import optimizers as fast
-from . import reference, schedules
 from .mlp import MLP
 
 
@@ -155,6 +155,7 @@ class Config:
     hidden: Sequence[int] = (128, 128)
     dtype: Any = np.float32
     reference: bool = True
+    threads: int = 1  # fastoptim's threads (see single_threaded_blas for why 1)
 
 
 @dataclass
@@ -298,11 +299,25 @@ def single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
     return limits
 
 
+@contextlib.contextmanager
+def threads(config: Config) -> Iterator[None]:
+    """BLAS on one thread and fastoptim on ``config.threads`` for the duration (restored
+    after).  One thread by default: the MLP's 26K parameters are far below the size where a
+    second thread pays, the NumPy reference runs on one core too, and on a loaded machine an
+    OpenMP region that has to wait for a busy core turns a 10 us step into milliseconds."""
+    before = get_num_threads()
+    set_num_threads(config.threads)
+    try:
+        with single_threaded_blas():
+            yield
+    finally:
+        set_num_threads(before)
+
+
 def run(config: Config, progress: Progress | None = None) -> tuple[Data, list[Result]]:
-    """Load the data and train once per optimizer of `config` (BLAS on one thread: see
-    :func:`single_threaded_blas`)."""
+    """Load the data and train once per optimizer of `config` (threads: see :func:`threads`)."""
     data = load_digits(config.seed, dtype=config.dtype)
-    with single_threaded_blas():
+    with threads(config):
         return data, [train(name, data, config, progress) for name in config.optimizers]
 
 
@@ -318,7 +333,9 @@ def describe(data: Data, config: Config) -> str:
         f"digits (scikit-learn, 8x8 images): {n} train / {len(data.y_test)} test, seed "
         f"{config.seed}\nMLP {'-'.join(map(str, sizes))} (ReLU, softmax cross-entropy; "
         f"{n_params:,} {dtype} parameters), batch {bs} ({kind}, {-(-n // bs)} updates/epoch), "
-        f"{config.epochs} epochs, schedule {config.schedule}"
+        f"{config.epochs} epochs, schedule {config.schedule}\nfastoptim {__version__}, isa "
+        f"{isa()}, {config.threads} thread{'s' if config.threads > 1 else ''}; NumPy's BLAS "
+        "on 1 thread"
     )
 
 
@@ -408,7 +425,7 @@ def main(
     echo("")
     sys.stdout.flush()  # before the progress lines on stderr
     bar = Progress(progress)
-    with single_threaded_blas():
+    with threads(config):
         results = [train(name, data, config, bar) for name in config.optimizers]
     echo(format_table(results))
     echo("")
