@@ -280,7 +280,7 @@ def minimize(
         point = new
         if abs(f_new - f_prev) <= tol and math.dist(new, run.path[-2]) <= math.sqrt(tol):
             run.status = "converged"
-            run.detail = f"converged: |f(k+1) - f(k)| <= {tol:g}"
+            run.detail = "converged"
             break
         if (
             k >= 2
@@ -290,11 +290,11 @@ def minimize(
         ):
             run.status = "oscillates"
             a, b = _point(new), _point(run.path[-2])
-            run.detail = f"oscillates: x = {a}, {b}, {a}, {b}, ... forever (a 2-cycle)"
+            run.detail = f"oscillates: {a}, {b}, {a}, {b}, ... forever"
             break
         f_prev = f_new
     else:
-        run.detail = f"not converged after {max_steps} steps"
+        run.detail = f"step cap: not converged in {max_steps} steps"
     return run
 
 
@@ -326,21 +326,18 @@ def format_sweep(runs: Sequence[Run], *, first: int = 4) -> str:
     outcome."""
     fn = runs[0].function
     head = (
-        f"{'lr':>8}{'iterations':>12}  {'x(0), x(1), x(2), ...':<34}{'final x':>13}"
-        f"{'f(x)':>12}  result"
+        f"{'lr':>8}{'iterations':>12}  {'x(0), x(1), x(2), ...':<32}{'final x':>13}"
+        f"{'f(x)':>11}  result"
     )
-    lines = [
-        f"{fn.formula} from x = {_point(runs[0].path[0])}, {runs[0].optimizer}:",
-        head,
-        "-" * (len(head) + 20),
-    ]
+    rows = []
     for r in runs:
         iterates = ", ".join(_num(p[0]) for p in r.path[:first])
-        lines.append(
-            f"{r.lr:>8g}{r.iterations:>12}  {iterates + ', ...':<34}{_num(r.final[0]):>13}"
-            f"{r.values[-1]:>12.4g}  {r.detail}"
+        rows.append(
+            f"{r.lr:>8g}{r.iterations:>12}  {iterates + ', ...':<32}{_num(r.final[0]):>13}"
+            f"{r.values[-1]:>11.4g}  {r.detail}"
         )
-    return "\n".join(lines)
+    title = f"{fn.formula} from x = {_point(runs[0].path[0])}, {runs[0].optimizer}:"
+    return "\n".join([title, head, "-" * max(map(len, [head, *rows])), *rows])
 
 
 def format_runs(runs: Sequence[Run]) -> str:
@@ -356,18 +353,15 @@ def format_runs(runs: Sequence[Run]) -> str:
         f"{'optimizer':<10}{'lr':>8}{'iterations':>12}  {'final point':<26}{'f':>11}"
         f"{'to min':>9}  result"
     )
-    lines = [
-        f"{fn.name}: {fn.formula}, from {_point(runs[0].path[0])}; {minima}",
-        head,
-        "-" * (len(head) + 20),
-    ]
+    rows = []
     for r in runs:
         d = r.distance()
-        lines.append(
+        rows.append(
             f"{r.optimizer:<10}{r.lr:>8g}{r.iterations:>12}  {_point(r.final):<26}"
             f"{r.values[-1]:>11.3g}{'-' if d is None else f'{d:.2g}':>9}  {r.status}"
         )
-    return "\n".join(lines)
+    title = f"{fn.name}: {fn.formula}, from {_point(runs[0].path[0])}; {minima}"
+    return "\n".join([title, head, "-" * max(map(len, [head, *rows])), *rows])
 
 
 def _label(r: Run, with_name: bool) -> str:
