@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,12 @@ def test_cli_demo_reports_divergence(capsys: pytest.CaptureFixture[str], tmp_pat
     diverged = [m.group("name") for line in out.splitlines() if (m := DIVERGED.match(line))]
     assert "SGD" in diverged
     check_png(tmp_path / "demo_loss.png")
+
+
+def test_cli_demo_names_missing_dependencies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import fails, installed or not
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"needs scikit-learn and matplotlib: pip install"):
+        cli.main(["demo"])
+    with pytest.raises(SystemExit, match=r"needs scikit-learn: pip install 'fastoptim\[demo\]'"):
+        cli.main(["demo", "--no-plot"])

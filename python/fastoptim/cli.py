@@ -112,8 +112,9 @@ def _demo(args: argparse.Namespace) -> int:
     needs = ["sklearn"] + ([] if args.no_plot else ["matplotlib"])
     missing = _missing(*needs)
     if missing:
+        names = [{"sklearn": "scikit-learn"}.get(m, m) for m in missing]
         raise SystemExit(
-            f"fastoptim demo needs {' and '.join(missing)}: pip install 'fastoptim[demo]'"
+            f"fastoptim demo needs {' and '.join(names)}: pip install 'fastoptim[demo]'"
         )
     config = demo.Config(
         optimizers=args.optimizers,
