@@ -2,6 +2,7 @@
 
     python -m pytest bench/test_torch_dropin.py --benchmark-only --benchmark-columns=median
     python bench/test_torch_dropin.py     # the same steps, round-robin (see `interleaved`)
+    python bench/test_torch_dropin.py --openmp   # one OpenMP runtime or two (see `openmp`)
 
 Workloads: one 16M-element tensor (memory-bound), a small MLP (784x256, 256, 256x256, 256,
 256x10, 10: overhead-bound) and 4096 tensors of 4096 elements (per-tensor overhead).  float32.
@@ -170,5 +171,96 @@ def interleaved(rounds: dict[str, int] | None = None) -> None:
             del runs
 
 
+OPENMP_CONFIGS = {  # import order, FASTOPT_TORCH_OPENMP
+    "torch first": ("torch,fastoptim", "1"),
+    "fastoptim first": ("fastoptim,torch", "1"),
+    "fastoptim first, FASTOPT_TORCH_OPENMP=0": ("fastoptim,torch", "0"),
+}
+
+
+# Run in a fresh process (this module imports torch first): import in the order given, then
+# print (JSON) the median time of a training iteration (784-256-256-10 MLP, batch 128: forward,
+# backward, fastoptim.torch.Adam step), of a 256K-element Adam step right after a torch op, and
+# of a torch op right after such a step.
+OPENMP_CHILD = """
+import importlib, json, sys, time
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+import torch, fastoptim, fastoptim.torch as fot
+torch.set_num_threads(2)
+fastoptim.set_num_threads(2)
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+    torch.nn.Linear(256, 10),
+)
+opt = fot.Adam(model.parameters(), lr=1e-3)
+x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+a, b, c, p = torch.randn(1 << 18), torch.randn(1 << 18), torch.empty(1 << 18), torch.randn(1 << 18)
+p.grad = torch.randn(1 << 18)
+small = fot.Adam([p], lr=1e-6)
+times = {"train_ms": [], "step_after_op_us": [], "op_after_step_us": []}
+for i in range(170):
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    t1 = time.perf_counter()
+    torch.add(a, b, out=c)
+    t2 = time.perf_counter()
+    small.step()
+    t3 = time.perf_counter()
+    torch.add(a, b, out=c)
+    t4 = time.perf_counter()
+    if i >= 20:
+        times["train_ms"].append((t1 - t0) * 1e3)
+        times["step_after_op_us"].append((t3 - t2) * 1e6)
+        times["op_after_step_us"].append((t4 - t3) * 1e6)
+print(json.dumps({k: sorted(v)[len(v) // 2] for k, v in times.items()}))
+"""
+
+
+def openmp(rounds: int = 10) -> None:
+    """Two OpenMP runtimes or one: each configuration of :data:`OPENMP_CONFIGS` in its own
+    process, round-robin (shuffled every round), ``rounds`` processes each; prints the median
+    over processes of each process's medians.  With a source build every configuration shares
+    one runtime; with the binary wheel (vendored libgomp), ``fastoptim first,
+    FASTOPT_TORCH_OPENMP=0`` runs two:  ``python bench/test_torch_dropin.py --openmp``."""
+    import json
+    import os
+    import random
+    import statistics
+    import subprocess
+    import sys
+
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in OPENMP_CONFIGS}
+    for _ in range(rounds):
+        order = list(OPENMP_CONFIGS)
+        random.shuffle(order)
+        for name in order:
+            imports, share = OPENMP_CONFIGS[name]
+            env = dict(os.environ, FASTOPT_TORCH_OPENMP=share)
+            out = subprocess.run(
+                [sys.executable, "-c", OPENMP_CHILD, imports],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            results[name].append(json.loads(out))
+    print(
+        f"fastoptim {fo.__version__} from {os.path.dirname(fo.__file__)}; torch {torch.__version__}"
+    )
+    print(f"{'configuration':42} {'MLP iteration':>14} {'step after op':>14} {'op after step':>14}")
+    for name, runs in results.items():
+        cells = [statistics.median(r[k] for r in runs) for k in runs[0]]
+        print(f"{name:42} {cells[0]:11.2f} ms {cells[1]:11.0f} us {cells[2]:11.0f} us")
+
+
 if __name__ == "__main__":
-    interleaved()
+    import sys
+
+    if sys.argv[1:2] == ["--openmp"]:
+        openmp()
+    else:
+        interleaved()

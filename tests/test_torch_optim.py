@@ -20,6 +20,8 @@ import copy
 import gc
 import inspect
 import io
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -43,7 +45,7 @@ from cases import (  # noqa: E402
     every_dtype,
     make_families,
 )
-from fastoptim import schedules  # noqa: E402
+from fastoptim import _openmp, schedules  # noqa: E402
 
 NAMES = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"]
 STEPS = 120
@@ -1029,23 +1031,107 @@ def test_named_parameters_in_messages() -> None:
 
 # --------------------------------------------------------------------------- import, OpenMP
 def test_import_fastoptim_does_not_import_torch() -> None:
+    """``import fastoptim`` never imports torch, even when it loads torch's OpenMP runtime
+    (found on disk; see test_one_openmp_runtime)."""
     code = (
         "import sys, fastoptim, fastoptim.functional, fastoptim.reference\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print(fastoptim._openmp.loaded)\n"
         "import fastoptim.torch\n"
         "assert 'torch' in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=_env()
+    ).stdout.strip()
+    torch_runtime = _openmp.torch_runtime()
+    linux = sys.platform.startswith("linux")
+    vendored = (
+        torch_runtime is not None and os.path.basename(torch_runtime) != _openmp.own_runtime()
+    )
+    assert out == str(torch_runtime if linux and vendored else None)
 
 
-OPENMP_CHECK = """
-import importlib, os, re, sys
+def test_openmp_sharing_is_a_no_op_without_torch_or_off_linux(monkeypatch: Any) -> None:
+    monkeypatch.setattr(_openmp, "find_spec", lambda name: None)  # torch not installed
+    assert _openmp.torch_runtime() is None and _openmp.share_torch_runtime() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _openmp.share_torch_runtime() is None
+    monkeypatch.undo()
+    monkeypatch.setenv(_openmp.ENV, "0")
+    assert _openmp.share_torch_runtime() is None
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != _openmp.ENV}
+    env.update(extra)
+    return env
+
+
+OPENMP_CHECK = r"""
+import ctypes, importlib, json, os, struct, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
 import torch, fastoptim, fastoptim.torch as fot
-threads = lambda: len(os.listdir('/proc/self/task'))
-torch.set_num_threads(2)
+from fastoptim import _core, _openmp
+
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+
+libc = ctypes.CDLL(None)
+libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+
+
+def dladdr(address):
+    info = DlInfo()
+    assert libc.dladdr(address, ctypes.byref(info)), hex(address)
+    return info
+
+
+def slots(path, names):
+    # ELF64: the offsets of the slots the dynamic linker fills with the addresses of `names`
+    # (the .rela.dyn / .rela.plt relocations against them)
+    data = open(path, "rb").read()
+    assert data[:6] == b"\x7fELF\x02\x01", "not a little-endian ELF64 file"
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    size, count = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * size) for i in range(count)]
+    found = {}
+    for sec in sections:
+        if sec[1] != 4:  # SHT_RELA
+            continue
+        symtab = sections[sec[6]]
+        strtab = sections[symtab[6]]
+        for at in range(sec[4], sec[4] + sec[5], 24):
+            where, info = struct.unpack_from("<QQ", data, at)
+            if info >> 32:
+                (st_name,) = struct.unpack_from("<I", data, symtab[4] + (info >> 32) * 24)
+                start = strtab[4] + st_name
+                name = data[start : data.index(b"\0", start)].decode()
+                if name in names:
+                    found[name] = where
+    return found
+
+
+# Where the extension's OpenMP calls go: the addresses the dynamic linker bound.
+names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads", "omp_get_max_threads")
+base = dladdr(ctypes.cast(ctypes.CDLL(_core.__file__).PyInit__core, ctypes.c_void_p).value).fbase
+targets = {
+    n: ctypes.c_void_p.from_address(base + off).value
+    for n, off in slots(_core.__file__, names).items()
+}
+bound = sorted({os.path.realpath(dladdr(a).fname.decode()) for a in targets.values()})
+# The runtime torch configures: torch.set_num_threads sets the ICV the extension reads.
+get_max_threads = ctypes.CFUNCTYPE(ctypes.c_int)(targets["omp_get_max_threads"])
+shared = []
+for n in (3, 2):
+    torch.set_num_threads(n)
+    shared.append(get_max_threads() == n)
 fastoptim.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
 x = torch.randn(1 << 22)
 (x * 2).sum()  # a parallel torch op: torch's OpenMP team starts
 before = threads()
@@ -1053,28 +1139,58 @@ p = torch.zeros(1 << 22)
 p.grad = torch.ones(1 << 22)
 fot.SGD([p], lr=0.5).step()  # a parallel fastoptim step
 assert bool((p == -0.5).all())
-libs = sorted({line.split()[-1] for line in open('/proc/self/maps')
-               if re.search(r'lib(g|i|)omp[^/]*\\.so', line.split()[-1])})
-print(threads() - before, *libs)
+runtime = _openmp.torch_runtime()
+print(json.dumps(dict(
+    names=sorted(targets), bound=bound, shared=all(shared), new_threads=threads() - before,
+    loaded=_openmp.loaded, own=_openmp.own_runtime(),
+    torch_runtime=runtime and os.path.realpath(runtime),
+)))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("order", [["torch", "fastoptim"], ["fastoptim", "torch"]])
-def test_one_openmp_runtime(order: list[str]) -> None:
-    """torch and the extension share one OpenMP runtime: a fastoptim step right after a torch
-    op starts no thread of its own (it runs on torch's OpenMP workers).  A source build links
-    the same ``libgomp.so.1`` soname as torch, so whichever loads first serves both.  A
-    repaired wheel vendors a renamed copy: with torch imported first (torch loads its runtime
-    RTLD_GLOBAL) the extension still binds to torch's; with fastoptim imported first it binds to
-    its own and two runtimes run (a known limitation: import torch first)."""
-    out = subprocess.run(
-        [sys.executable, "-c", OPENMP_CHECK, *order], check=True, capture_output=True, text=True
-    ).stdout.split()
-    new_threads, libs = int(out[0]), out[1:]
-    vendored = [lib for lib in libs if "/fastoptim.libs/" in lib]  # auditwheel's copy
-    assert len(libs) - len(vendored) == 1, libs  # one runtime besides a vendored copy
-    if order[0] == "fastoptim" and vendored:
-        assert new_threads > 0
-        pytest.xfail("wheel imported before torch: its vendored OpenMP runtime is in use")
-    assert new_threads == 0, f"the fastoptim step started {new_threads} thread(s): {libs}"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF, /proc")
+@pytest.mark.parametrize(
+    ("order", "opt_out"),
+    [(["torch", "fastoptim"], False), (["fastoptim", "torch"], False), (["fastoptim"], True)],
+    ids=["torch-first", "fastoptim-first", "fastoptim-first-FASTOPT_TORCH_OPENMP=0"],
+)
+def test_one_openmp_runtime(order: list[str], opt_out: bool) -> None:
+    """torch and the extension share one OpenMP runtime, in either import order: every OpenMP
+    entry point of the extension is bound into one library, the one whose settings
+    ``torch.set_num_threads`` changes, and a fastoptim step right after a torch op starts no
+    thread of its own (it runs on torch's OpenMP workers).
+
+    A source build links ``libgomp.so.1``, the name torch's copy has: whichever loads first
+    serves both.  A repaired wheel links a renamed copy (``fastoptim.libs/libgomp-<hash>...``):
+    torch imported first loads its runtime globally and the extension binds to it; fastoptim
+    imported first loads torch's runtime globally itself (``fastoptim._openmp``), so that the
+    extension binds to torch's runtime all the same.  ``FASTOPT_TORCH_OPENMP=0`` turns that
+    off: the wheel's extension then runs its own runtime."""
+    env = _env(**({_openmp.ENV: "0"} if opt_out else {}))
+    out = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", OPENMP_CHECK, *order],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
+    )
+    assert out["names"] == sorted(
+        ["GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads", "omp_get_max_threads"]
+    )
+    assert len(out["bound"]) == 1, out  # all in one library
+    vendored = out["torch_runtime"] is not None and out["own"] != os.path.basename(
+        out["torch_runtime"]
+    )
+    if opt_out:
+        assert out["loaded"] is None
+        if vendored:  # the extension's own runtime, a second one
+            assert "/fastoptim.libs/" in out["bound"][0] and not out["shared"], out
+            return
+    elif vendored:
+        assert out["bound"] == [out["torch_runtime"]], out
+        if order[0] == "fastoptim":
+            assert out["loaded"] is not None
+    assert out["shared"], out
+    assert out["new_threads"] == 0, out

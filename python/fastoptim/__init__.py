@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 
+from . import _openmp  # noqa: F401  # isort: skip  # first: one OpenMP runtime with torch
 from . import _core, functional, reference, schedules
 from ._optimizer import Optimizer
 from .checkpoint import CheckpointError, load, save

@@ -88,10 +88,12 @@ Python per tensor to notice changes; new gradient tensors every step (torch's de
 ``zero_grad(set_to_none=True)``) add about two more per tensor (NumPy views, binding), which
 ``zero_grad(set_to_none=False)`` avoids.
 
-OpenMP: a source build links the same ``libgomp.so.1`` as torch, so one runtime serves both.
-The binary wheel vendors its own copy; import torch *before* fastoptim so that the extension
-binds to torch's (torch loads it globally); otherwise two runtimes run side by side, and on a
-machine with few cores a step right after a torch op is slowed by torch's spinning threads.
+OpenMP: fastoptim and torch share one runtime in either import order.  A source build links
+``libgomp.so.1``, the name of torch's copy, so whichever loads first serves both; the binary
+wheel vendors a renamed copy, and ``import fastoptim`` loads torch's runtime globally first
+(see :mod:`fastoptim._openmp`; ``FASTOPT_TORCH_OPENMP=0`` turns that off), so that the
+extension binds to torch's.  Two runtimes side by side fight for the cores (a training
+iteration of a small MLP was 4x slower on 2 cores).
 
 Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` does.
 """
