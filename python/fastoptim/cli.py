@@ -389,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_csv(list(bench.WORKLOADS)),
         default=list(bench.DEFAULT_WORKLOADS),
         help="comma-separated from large (16M elements), mlp (a small MLP), many (4096 x 4096), "
-        "bert (BERT-base's ~200 tensors, 110M elements) (default: large,mlp,many)",
+        "bert (BERT-base's ~200 tensors, 110M elements) (default: large,mlp; many and bert take "
+        "minutes with torch installed)",
     )
     b.add_argument("--repeats", type=int, default=5, help="steps per sample (default 5)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
