@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Union
 import numpy as np
 
 from . import _core
-from .schedules import Schedule, from_description
+from .schedules import _from_data, _to_data
 
 Key = Union[int, str]
 Params = Union[
@@ -522,7 +522,7 @@ class Optimizer:
     def _state_dict(self, copy: bool) -> dict[str, Any]:
         groups, state = [], {}
         for g, group in zip(self._groups, self.param_groups):
-            hyper = {k: _encode(g.specs.get(k, v)) for k, v in group.items() if k != "params"}
+            hyper = {k: _to_data(g.specs.get(k, v)) for k, v in group.items() if k != "params"}
             groups.append(
                 {
                     "params": list(g.keys),
@@ -664,7 +664,7 @@ class Optimizer:
         values: dict[str, Any] = {}
         for k, v in hyper.items():
             try:
-                spec = _decode(v, g.specs.get(k, group[k]))
+                spec = _from_data(v, g.specs.get(k, group[k]))
             except ValueError as e:
                 problems.append(f"{where} {k}: {e}")
                 continue
@@ -762,38 +762,6 @@ class Optimizer:
 # ---------------------------------------------------------------------- checkpoint helpers
 def _is_count(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(0 <= v < 2**63)
-
-
-def _encode(v: Any) -> Any:
-    """A group entry or schedule as plain data (schedules as their descriptions)."""
-    if isinstance(v, Schedule):
-        return v.describe()
-    if callable(v):
-        return {"schedule": "callable", "name": getattr(v, "__qualname__", type(v).__qualname__)}
-    if isinstance(v, (tuple, list)):
-        return [_encode(x) for x in v]
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    return v
-
-
-def _decode(v: Any, current: Any) -> Any:
-    """Inverse of :func:`_encode`.  A user's callable cannot be rebuilt: the optimizer's own
-    entry (`current`) is kept when it is a callable of the same name."""
-    if isinstance(v, Mapping):
-        if v.get("schedule") == "callable":
-            name = getattr(current, "__qualname__", type(current).__qualname__)
-            if callable(current) and not isinstance(current, Schedule) and name == v.get("name"):
-                return current
-            raise ValueError(
-                f"the state was saved with the function {v.get('name')!r} as schedule, which "
-                "cannot be rebuilt: construct the optimizer with it"
-            )
-        return from_description(v)
-    if isinstance(v, list):
-        cur = current if isinstance(current, tuple) and len(current) == len(v) else (None,) * len(v)
-        return tuple(_decode(x, c) for x, c in zip(v, cur))
-    return v
 
 
 # ---------------------------------------------------------------------- validation helpers

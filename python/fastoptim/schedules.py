@@ -151,6 +151,50 @@ def from_description(description: Mapping[str, Any]) -> Schedule:
         raise ValueError(f"not a schedule description: {description!r} ({e})") from None
 
 
+# ----------------------------------------------------------------------------- checkpoints
+# How the optimizers (fastoptim.Optimizer and fastoptim.torch) store a hyper-parameter that may
+# be a schedule: a Schedule as its description, a pair (betas) as a list, any other callable by
+# its name only (it cannot be rebuilt), and constants through `plain`.
+def _qualname(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", type(fn).__qualname__))
+
+
+def _is_function(value: Any) -> bool:
+    return callable(value) and not isinstance(value, (Schedule, type))
+
+
+def _to_data(value: Any, plain: Callable[[Any], Any] = lambda v: v) -> Any:
+    """A hyper-parameter (constant, schedule, or a pair holding either) as checkpoint data."""
+    if isinstance(value, Schedule):
+        return value.describe()
+    if isinstance(value, (tuple, list)):
+        return [_to_data(x, plain) for x in value]
+    if _is_function(value):
+        return {"schedule": "callable", "name": _qualname(value)}
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # a numpy scalar
+        return value.item()
+    return plain(value)
+
+
+def _from_data(data: Any, current: Any) -> Any:
+    """Inverse of :func:`_to_data` (ValueError naming what cannot be rebuilt).  A function
+    that is not a :class:`Schedule` cannot be rebuilt: the optimizer's own entry (`current`)
+    is kept when it is a function of the same name."""
+    if isinstance(data, Mapping):
+        if data.get("schedule") == "callable":
+            if _is_function(current) and _qualname(current) == data.get("name"):
+                return current
+            raise ValueError(
+                f"the state was saved with the function {data.get('name')!r} as schedule, which "
+                "cannot be rebuilt: construct the optimizer with it"
+            )
+        return from_description(data)
+    if isinstance(data, (list, tuple)):
+        cur = current if isinstance(current, tuple) and len(current) == len(data) else ()
+        return tuple(_from_data(x, cur[i] if cur else None) for i, x in enumerate(data))
+    return data
+
+
 # ----------------------------------------------------------------------------- validation
 def _number(fn: str, name: str, value: Any, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not hasattr(value, "__float__"):

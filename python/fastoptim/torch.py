@@ -216,46 +216,6 @@ def _evaluate(cls: str, key: str, spec: Any, t: int) -> Any:
     return _value(cls, key, spec, t)
 
 
-def _qualname(fn: Any) -> str:
-    return str(getattr(fn, "__qualname__", type(fn).__qualname__))
-
-
-def _encode(spec: Any) -> Any:
-    """A schedule as checkpoint data (plain, ``torch.load(weights_only=True)`` loads it): its
-    :meth:`~fastoptim.schedules.Schedule.describe` dict; a pair as a list; any other callable
-    by its name only (it cannot be rebuilt)."""
-    if isinstance(spec, _schedules.Schedule):
-        return spec.describe()
-    if isinstance(spec, (tuple, list)):
-        return [_encode(x) for x in spec]
-    if _is_schedule(spec):
-        return {"schedule": "callable", "name": _qualname(spec)}
-    return _plain(spec)
-
-
-def _decode(data: Any, current: Any) -> Any:
-    """Inverse of :func:`_encode` (ValueError if `data` describes no schedule).  A plain
-    callable cannot be rebuilt: the optimizer's own schedule (`current`) is kept when it is a
-    callable of the same name."""
-    if isinstance(data, Mapping):
-        if data.get("schedule") == "callable":
-            if (
-                _is_schedule(current)
-                and not isinstance(current, _schedules.Schedule)
-                and _qualname(current) == data.get("name")
-            ):
-                return current
-            raise ValueError(
-                f"the checkpoint's schedule is the function {data.get('name')!r}, which cannot "
-                "be rebuilt: construct the optimizer with it"
-            )
-        return _schedules.from_description(data)
-    if isinstance(data, (list, tuple)):
-        cur = current if isinstance(current, tuple) and len(current) == len(data) else ()
-        return tuple(_decode(x, cur[i] if cur else None) for i, x in enumerate(data))
-    return data
-
-
 class _Scheduled:
     """The schedules of one parameter group: ``specs[key]`` the schedule of a hyper-parameter
     (for ``betas``, a pair in which either entry may be a schedule), ``written[key]`` the value
@@ -527,7 +487,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         for group, saved in zip(self.param_groups, sd["param_groups"]):
             rec = self._record(group)
             if rec is not None:
-                saved["schedules"] = {k: _encode(s) for k, s in rec.specs.items()}
+                saved["schedules"] = {
+                    k: _schedules._to_data(s, _plain) for k, s in rec.specs.items()
+                }
                 saved["schedule_step"] = self._t
         return sd
 
@@ -546,7 +508,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             specs = {}
             for k, d in data.items():
                 try:
-                    specs[k] = _decode(d, rec.specs.get(k) if rec is not None else None)
+                    specs[k] = _schedules._from_data(
+                        d, rec.specs.get(k) if rec is not None else None
+                    )
                 except ValueError as e:
                     raise ValueError(f"{cls}.load_state_dict: group {i} {k}: {e}") from None
             decoded.append(specs)
