@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Union
 import numpy as np
 
 from . import _core
-from .schedules import _from_data, _to_data
+from .schedules import _from_data, _has_schedule, _is_schedule, _to_data
 
 Key = Union[int, str]
 Params = Union[
@@ -274,7 +274,7 @@ class Optimizer:
                 continue
             if isinstance(v, list):  # betas given as a list: keep an immutable copy
                 v = group[k] = tuple(v)
-            if callable(v) or (isinstance(v, tuple) and any(callable(x) for x in v)):
+            if _has_schedule(v):
                 if k in _FLAGS:
                     raise TypeError(f"{type(self).__name__}: {k} is a flag, not a schedule")
                 g.specs[k] = v
@@ -286,12 +286,15 @@ class Optimizer:
         if changed:
             self._evaluate(g, group)
 
-    def _evaluate(self, g: _Group, group: dict[str, Any]) -> None:
-        t = self._t
+    def _evaluate(self, g: _Group, group: dict[str, Any], t: int | None = None) -> None:
+        """Write the value of every schedule of `g` at update `t` (default: step_count) into
+        `group`."""
+        t = self._t if t is None else t
         for k, spec in g.specs.items():
             if isinstance(spec, tuple):
                 group[k] = tuple(
-                    self._value(f"{k}[{i}]", f, t) if callable(f) else f for i, f in enumerate(spec)
+                    self._value(f"{k}[{i}]", f, t) if _is_schedule(f) else f
+                    for i, f in enumerate(spec)
                 )
                 continue
             value = self._value(k, spec, t)
@@ -328,15 +331,17 @@ class Optimizer:
             )
         return float(v)
 
-    def _checked(self, g: _Group, group: Mapping[str, Any]) -> None:
-        """:meth:`_check`, naming the schedules when scheduled values are invalid."""
+    def _checked(self, g: _Group, group: Mapping[str, Any], t: int | None = None) -> None:
+        """:meth:`_check`, naming the schedules (at update `t`, default: step_count) when
+        scheduled values are invalid."""
         try:
             self._check(group)
         except (TypeError, ValueError) as e:
             if not g.specs:
                 raise
             specs = ", ".join(f"{k}={v!r}" for k, v in g.specs.items())
-            raise type(e)(f"{e} (at update {self._t} of the schedules {specs})") from None
+            t = self._t if t is None else t
+            raise type(e)(f"{e} (at update {t} of the schedules {specs})") from None
 
     def _attach_plateau(self, plateau: Any) -> None:
         """Called by :class:`fastoptim.schedules.ReduceLROnPlateau`: its state becomes part of
@@ -669,7 +674,7 @@ class Optimizer:
                 problems.append(f"{where} {k}: {e}")
                 continue
             values[k] = spec
-            if callable(spec) or (isinstance(spec, tuple) and any(callable(x) for x in spec)):
+            if _has_schedule(spec):
                 trial.specs[k] = spec
         names = rec["states"]
         fresh = rec["fresh"]
@@ -686,11 +691,9 @@ class Optimizer:
             problems.append(f"{where}: scalar state {scalars!r} != {list(self._scalar_state)}")
             return lambda: None
         if len(values) == len(hyper):
-            saved_t = self._t
-            self._t = t
             try:
-                self._evaluate(trial, values)
-                self._checked(trial, values)
+                self._evaluate(trial, values, t)
+                self._checked(trial, values, t)
                 h = self._hyper_type()
                 for name, value in self._core_values(values, set(fresh)).items():
                     setattr(h, name, value)
@@ -701,8 +704,6 @@ class Optimizer:
                     )
             except (TypeError, ValueError) as e:
                 problems.append(f"{where}: {e}")
-            finally:
-                self._t = saved_t
         loaded = []
         for key in keys:
             if key not in g.keys:

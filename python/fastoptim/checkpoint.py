@@ -40,9 +40,9 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not match the optimizer."""
 
 
-def _members(opt: Optimizer) -> tuple[list[tuple[Any, np.ndarray]], dict[str, Any]]:
-    pairs = [(k, p) for g in opt._groups for k, p in zip(g.keys, g.params)]
-    return pairs, opt._state_dict(copy=False)
+def _params(opt: Optimizer) -> list[tuple[Any, np.ndarray]]:
+    """(key, array) of every parameter of `opt`, in order."""
+    return [(k, p) for g in opt._groups for k, p in zip(g.keys, g.params)]
 
 
 def save(path: PathLike, opt: Optimizer) -> None:
@@ -51,7 +51,7 @@ def save(path: PathLike, opt: Optimizer) -> None:
     if not isinstance(opt, Optimizer):
         raise TypeError(f"save: opt must be a fastoptim optimizer, got {type(opt).__name__}")
     path = os.fspath(path)
-    pairs, sd = _members(opt)
+    pairs, sd = _params(opt), opt._state_dict(copy=False)
     arrays: dict[str, np.ndarray] = {}
     params, state = [], []
     for i, (key, p) in enumerate(pairs):
@@ -102,7 +102,7 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
         raise TypeError(f"load: opt must be a fastoptim optimizer, got {type(opt).__name__}")
     path = os.fspath(path)
     meta, arrays = _read(path)
-    pairs, _ = _members(opt)
+    pairs = _params(opt)
     where = f"load({path!r})"
     try:
         params, state_names = meta["params"], meta["state"]

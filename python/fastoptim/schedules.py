@@ -159,6 +159,19 @@ def _qualname(fn: Any) -> str:
     return str(getattr(fn, "__qualname__", type(fn).__qualname__))
 
 
+def _is_schedule(value: Any) -> bool:
+    """Whether a hyper-parameter value is a schedule: any callable ``t -> float`` (a
+    :class:`Schedule` or not); classes and numbers (tensors included) are not."""
+    return callable(value) and not isinstance(value, type)
+
+
+def _has_schedule(value: Any) -> bool:
+    """A schedule, or a pair (``betas``) holding one."""
+    if isinstance(value, (tuple, list)):
+        return any(map(_is_schedule, value))
+    return _is_schedule(value)
+
+
 def _is_function(value: Any) -> bool:
     return callable(value) and not isinstance(value, (Schedule, type))
 

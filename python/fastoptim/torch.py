@@ -158,19 +158,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _is_schedule(value: Any) -> bool:
-    """A schedule: any callable ``t -> float`` (a :class:`fastoptim.schedules.Schedule` or
-    not); tensors and types are values."""
-    return callable(value) and not isinstance(value, (torch.Tensor, type))
-
-
-def _has_schedule(value: Any) -> bool:
-    """A schedule, or a pair (``betas``) holding one."""
-    if isinstance(value, (tuple, list)):
-        return any(map(_is_schedule, value))
-    return _is_schedule(value)
-
-
 def _same(a: Any, b: Any) -> bool:
     """Whether group entry `a` still is the value `b` the optimizer wrote (numbers by value:
     assigning an equal constant changes nothing)."""
@@ -211,7 +198,8 @@ def _evaluate(cls: str, key: str, spec: Any, t: int) -> Any:
     holding schedules and constants."""
     if isinstance(spec, tuple):
         return tuple(
-            _value(cls, f"{key}[{i}]", f, t) if _is_schedule(f) else f for i, f in enumerate(spec)
+            _value(cls, f"{key}[{i}]", f, t) if _schedules._is_schedule(f) else f
+            for i, f in enumerate(spec)
         )
     return _value(cls, key, spec, t)
 
@@ -434,7 +422,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 if key in rec.pending:
                     raise rec.pending[key]
                 continue
-            if _has_schedule(value):
+            if _schedules._has_schedule(value):
                 if key in _FIXED:
                     what = "a flag" if key != "initial_accumulator_value" else "read only once"
                     raise TypeError(f"{cls}: {key} is {what}, not a schedule")
@@ -456,7 +444,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def _sync_all(self) -> None:
         for group in self.param_groups:
             if self._record(group) is not None or any(
-                _has_schedule(group.get(k)) for k in self.defaults
+                _schedules._has_schedule(group.get(k)) for k in self.defaults
             ):
                 self._sync(group)
 
@@ -610,7 +598,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             try:
                 hp = self._validate(group, hp)
             except TypeError:  # not a number: perhaps a schedule was assigned
-                if not any(_has_schedule(group.get(k)) for k in self.defaults):
+                if not any(_schedules._has_schedule(group.get(k)) for k in self.defaults):
                     raise
                 self._sync(group)
                 hp = self._validate(group)
