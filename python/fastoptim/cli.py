@@ -14,19 +14,6 @@ import numpy as np
 from . import __version__, bench, demo, get_num_threads, isa, minimize, set_num_threads
 
 
-def _csv(choices: Sequence[str]) -> argparse._ActionType:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(choices)})"
-            )
-        return items
-
-    return parse
-
-
 def _names(resolve: Callable[[str], str], choices: Sequence[str]) -> argparse._ActionType:
     """A comma-separated list of names, each mapped through `resolve` (KeyError: unknown)."""
 
@@ -45,6 +32,29 @@ def _names(resolve: Callable[[str], str], choices: Sequence[str]) -> argparse._A
         return items
 
     return parse
+
+
+def _csv(choices: Sequence[str]) -> argparse._ActionType:
+    """A comma-separated list of names from `choices`, exactly as written."""
+
+    def exact(name: str) -> str:
+        if name not in choices:
+            raise KeyError(name)
+        return name
+
+    return _names(exact, choices)
+
+
+def _add_optimizers(parser: argparse.ArgumentParser) -> None:
+    """The ``--optimizers`` option of demo and minimize (the demo's names, any case)."""
+    names = list(demo.OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers",
+        type=_names(demo.canonical, names),
+        default=list(demo.SEED_CHART),
+        help=f"comma-separated, any case (default: {','.join(demo.SEED_CHART)}); also "
+        + ", ".join(n for n in names if n not in demo.SEED_CHART),
+    )
 
 
 def _floats(text: str) -> list[float]:
@@ -224,22 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"fastoptim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    optimizer_names = list(demo.OPTIMIZERS)
-    seed_chart = ",".join(demo.SEED_CHART)
-
     d = sub.add_parser(
         "demo",
         help="train a NumPy MLP on handwritten digits once per optimizer: table + loss curves",
         description=_plain(demo.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument(
-        "--optimizers",
-        type=_names(demo.canonical, optimizer_names),
-        default=list(demo.SEED_CHART),
-        help=f"comma-separated, any case (default: {seed_chart}); also "
-        + ", ".join(n for n in optimizer_names if n not in demo.SEED_CHART),
-    )
+    _add_optimizers(d)
     d.add_argument(
         "--epochs",
         type=_positive(int),
@@ -323,13 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(minimize.FUNCTIONS),
         help="comma-separated (default: all): " + ", ".join(minimize.FUNCTIONS),
     )
-    m.add_argument(
-        "--optimizers",
-        type=_names(demo.canonical, optimizer_names),
-        default=list(demo.SEED_CHART),
-        help=f"comma-separated, any case (default: {seed_chart}); also "
-        + ", ".join(n for n in optimizer_names if n not in demo.SEED_CHART),
-    )
+    _add_optimizers(m)
     m.add_argument(
         "--lr",
         type=_positive(float),

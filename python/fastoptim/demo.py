@@ -198,6 +198,17 @@ class Progress:
         self.stream.flush()
 
 
+def batch_size(config: Config, n: int) -> int:
+    """Samples per update for a training set of `n`: ``config.batch_size``, at most `n` (0:
+    the whole set)."""
+    return n if config.batch_size <= 0 else min(config.batch_size, n)
+
+
+def layer_sizes(data: Data, config: Config) -> list[int]:
+    """The MLP's layer widths: the digits' 64 features, the hidden layers, 10 classes."""
+    return [data.x_train.shape[1], *config.hidden, 10]
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     if batch_size <= 0 or batch_size >= n:
         return [np.arange(n)]
@@ -211,11 +222,11 @@ def train(name: str, data: Data, config: Config, progress: Progress | None = Non
     spec = OPTIMIZERS[name]
     lr = spec.lr if config.lr is None else config.lr
     n = len(data.y_train)
-    bs = n if config.batch_size <= 0 else min(config.batch_size, n)
+    bs = batch_size(config, n)
     per_epoch = -(-n // bs)
     total = per_epoch * config.epochs
     net = MLP(
-        [data.x_train.shape[1], *config.hidden, 10],
+        layer_sizes(data, config),
         rng=np.random.default_rng([config.seed, 1]),
         dtype=config.dtype,
     )
@@ -314,19 +325,12 @@ def threads(config: Config) -> Iterator[None]:
         set_num_threads(before)
 
 
-def run(config: Config, progress: Progress | None = None) -> tuple[Data, list[Result]]:
-    """Load the data and train once per optimizer of `config` (threads: see :func:`threads`)."""
-    data = load_digits(config.seed, dtype=config.dtype)
-    with threads(config):
-        return data, [train(name, data, config, progress) for name in config.optimizers]
-
-
 # ----------------------------------------------------------------------------- output
 def describe(data: Data, config: Config) -> str:
     n = len(data.y_train)
-    bs = n if config.batch_size <= 0 else min(config.batch_size, n)
+    bs = batch_size(config, n)
     kind = "full batch" if bs == n else ("online" if bs == 1 else "mini-batch")
-    sizes = [data.x_train.shape[1], *config.hidden, 10]
+    sizes = layer_sizes(data, config)
     n_params = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
     dtype = np.dtype(config.dtype).name
     return (
@@ -433,12 +437,11 @@ def main(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "demo_loss.png"
-        n = len(data.y_train)
-        bs = n if config.batch_size <= 0 else min(config.batch_size, n)
+        bs = batch_size(config, len(data.y_train))
         plot(
             results,
             path,
-            f"MLP {'-'.join(map(str, [64, *config.hidden, 10]))} on digits, batch {bs}, "
+            f"MLP {'-'.join(map(str, layer_sizes(data, config)))} on digits, batch {bs}, "
             f"schedule {config.schedule}, seed {config.seed}",
         )
         echo(f"wrote {path}")
