@@ -1,6 +1,6 @@
 """One optimizer step per workload (float32): fastoptim against the NumPy reference and the
 streaming kernel that moves the same bytes (the roofline).  Workloads and optimizers are the
-tables of ``fastoptim bench`` (:mod:`fastoptim.bench`).
+tables of ``fastoptim bench`` (:mod:`fastoptim.apps.bench`).
 
     python -m pytest bench --benchmark-only --benchmark-columns=median,ops
 """
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from fastoptim import bench, reference
+from fastoptim import reference
+from fastoptim.apps import bench
 
 WORKLOADS = ["large", "mlp", "many"]
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fastoptim import bench, cli
+from fastoptim.apps import bench, cli
 
 
 def test_bench_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from fastoptim import cli, demo, reference, schedules
-from fastoptim.mlp import MLP
+from fastoptim import reference, schedules
+from fastoptim.apps import cli, demo
+from fastoptim.apps.mlp import MLP
 
 ROW = re.compile(
     r"^(?P<name>\w+)\s+(?P<lr>[\d.e+-]+)\s+(?P<train>[\d.]+)\s+(?P<test>[\d.]+)\s+"

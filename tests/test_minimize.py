@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from fastoptim import cli
-from fastoptim import minimize as mz
+from fastoptim.apps import cli
+from fastoptim.apps import minimize as mz
 
 X2 = mz.FUNCTIONS["x2"]
 

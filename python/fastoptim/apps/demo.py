@@ -1,4 +1,4 @@
-"""``fastoptim demo``: train a small NumPy MLP (:mod:`fastoptim.mlp`) on scikit-learn's
+"""``fastoptim demo``: train a small NumPy MLP (:mod:`fastoptim.apps.mlp`) on scikit-learn's
 handwritten digits (1797 8x8 images that ship inside scikit-learn: nothing is downloaded) once
 per optimizer, print a table and plot the loss curves.
 
@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import __version__, get_num_threads, isa, reference, schedules, set_num_threads
-from . import optimizers as fast
+from .. import __version__, get_num_threads, isa, reference, schedules, set_num_threads
+from .. import optimizers as fast
 from .mlp import MLP
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import optimizers as fast
+from .. import optimizers as fast
 from .demo import OPTIMIZERS, SEED_CHART
 
 Point = Sequence[Any]  # floats, or arrays of a grid (for contour plots)
@@ -240,9 +240,9 @@ def minimize(
     max_steps: int = DEFAULT_MAX_STEPS,
     bound: float = BOUND,
 ) -> Run:
-    """Run `optimizer` (a :data:`fastoptim.demo.OPTIMIZERS` name) on `fn` from `start` (default:
-    the function's) until it converges, oscillates, diverges or takes `max_steps` steps (see the
-    module docstring)."""
+    """Run `optimizer` (a :data:`fastoptim.apps.demo.OPTIMIZERS` name) on `fn` from `start`
+    (default: the function's) until it converges, oscillates, diverges or takes `max_steps`
+    steps (see the module docstring)."""
     spec = OPTIMIZERS[optimizer]
     rate = fn.lr(optimizer) if lr is None else float(lr)
     x = np.array(fn.start if start is None else start, dtype=np.float64)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, reference
-from . import optimizers as fast
+from .. import _core, reference
+from .. import optimizers as fast
 
 # name -> (class name, options, state buffers per parameter)
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {

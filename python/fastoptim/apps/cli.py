@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, bench, demo, get_num_threads, isa, minimize, set_num_threads
+from .. import __version__, get_num_threads, isa, set_num_threads
+from . import bench, demo, minimize
 
 
 def _names(resolve: Callable[[str], str], choices: Sequence[str]) -> argparse._ActionType:

@@ -8,7 +8,7 @@ what every fastoptim optimizer takes; :meth:`MLP.loss_and_grad` writes the gradi
 you give it (``opt.grads``), so a training step allocates no parameter-sized arrays:
 
     >>> import numpy as np, fastoptim as fo
-    >>> from fastoptim.mlp import MLP
+    >>> from fastoptim.apps.mlp import MLP
     >>> net = MLP([4, 8, 3], rng=np.random.default_rng(0))
     >>> opt = fo.Adam(net.params, lr=1e-2)
     >>> x, y = np.ones((5, 4), np.float32), np.array([0, 1, 2, 0, 1])
