@@ -12,6 +12,7 @@ import pytest
 
 import fastoptim as fo
 from fastoptim import functional as F
+from fastoptim.definitions import ADAM
 
 # (id, class, class kwargs, functional, functional-only kwargs).  Options chosen so that every
 # state buffer and every branch of the variants is exercised.
@@ -341,13 +342,13 @@ def test_state_names_checked_against_kernel() -> None:
     with pytest.raises(
         ValueError, match=r"needs state array.*exp_avg_sq.*does not use.*exp_avq_sq"
     ):
-        F._step("adam_", fo.Adam, p, g, {"exp_avg": m, "exp_avq_sq": v}, 1, hyper)
+        F._step(ADAM, p, g, {"exp_avg": m, "exp_avq_sq": v}, 1, hyper)
     with pytest.raises(ValueError, match=r"does not use state array.*sum"):
-        F._step("adam_", fo.Adam, p, g, {"exp_avg": m, "exp_avg_sq": v, "sum": g}, 1, hyper)
+        F._step(ADAM, p, g, {"exp_avg": m, "exp_avg_sq": v, "sum": g}, 1, hyper)
     _unchanged(before, [p, g, m, v])
     # Names given in another order still land in the right buffers.
     p2, m2, v2 = p.copy(), m.copy(), v.copy()
-    F._step("adam_", fo.Adam, p, g, {"exp_avg_sq": v, "exp_avg": m}, 1, hyper)
+    F._step(ADAM, p, g, {"exp_avg_sq": v, "exp_avg": m}, 1, hyper)
     F.adam_(p2, g, m2, v2, step=1, lr=0.1)
     assert p.tobytes() == p2.tobytes() and m.tobytes() == m2.tobytes()
     assert v.tobytes() == v2.tobytes()

@@ -16,8 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import _openmp  # noqa: F401  # isort: skip  # first: one OpenMP runtime with torch
 from . import _core, functional, reference, schedules
-from ._optimizer import Optimizer
 from .checkpoint import CheckpointError, load, save
+from .engine.optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
 
 try:

@@ -28,7 +28,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from ._optimizer import Optimizer
+from .engine.optimizer import Optimizer
 
 __all__ = ["save", "load", "CheckpointError"]
 

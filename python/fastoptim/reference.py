@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import optimizers as _fast
-from ._optimizer import _Group
+from .engine.optimizer import _Group
 
 __all__ = [
     "SGD",

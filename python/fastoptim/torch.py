@@ -103,16 +103,17 @@ from __future__ import annotations
 import mmap
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar, Union, overload
 
 import numpy as np
 import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs without torch in CI
 
 from . import _core
-from . import optimizers as _fo
+from . import definitions as _defs
 from . import schedules as _schedules
-from ._optimizer import Optimizer as _FoOptimizer
-from ._optimizer import _defaults
+from .engine.definition import TORCH_ONLY, Definition
+from .engine.optimizer import _defaults
+from .engine.scheduled import Scheduled, same
 
 __all__ = [
     "SGD",
@@ -129,16 +130,12 @@ __all__ = [
 ]
 
 Params = Iterable[Any]  # tensors, (name, tensor) pairs or group dicts, as torch.optim takes
+# A float hyper-parameter: a number, a one-element tensor, or a schedule (any ``t -> float``).
+TorchValue = Union[float, torch.Tensor, Callable[[int], float]]
 
 # Arguments of torch.optim's signatures that fastoptim has no use for.
-_TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")
+_TORCH_ONLY = tuple(TORCH_ONLY)
 _FLOATS = (torch.float32, torch.float64)
-# Hyper-parameters that cannot follow a schedule: flags, and Adagrad's initial_accumulator_value
-# (read once, when the state is created).
-_FIXED = frozenset(
-    {"nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay"}
-    | {"initial_accumulator_value", *_TORCH_ONLY}
-)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -156,68 +153,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
     return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether group entry `a` still is the value `b` the optimizer wrote (numbers by value:
-    assigning an equal constant changes nothing)."""
-    if a is b:
-        return True
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(map(_same, a, b))
-    numbers = (int, float, np.integer, np.floating)
-    return (
-        isinstance(a, numbers)
-        and isinstance(b, numbers)
-        and not isinstance(a, bool)
-        and not isinstance(b, bool)
-        and bool(a == b)
-    )
-
-
-def _value(cls: str, name: str, fn: Callable[[int], Any], t: int) -> float:
-    """``fn(t)`` as a float; ValueError (what `fn` raised) or TypeError (not a number)
-    naming the hyper-parameter, the schedule and the update."""
-    try:
-        v = fn(t)
-    except Exception as e:
-        raise ValueError(
-            f"{cls}: the schedule of {name} ({fn!r}) raised {e!r} at update {t}"
-        ) from e
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"{cls}: the schedule of {name} ({fn!r}) returned {v!r} at update {t}, not a number"
-        )
-    return float(v)
-
-
-def _evaluate(cls: str, key: str, spec: Any, t: int) -> Any:
-    """Group entry `key` at update `t` for its `spec`: a schedule, or a pair (``betas``)
-    holding schedules and constants."""
-    if isinstance(spec, tuple):
-        return tuple(
-            _value(cls, f"{key}[{i}]", f, t) if _schedules._is_schedule(f) else f
-            for i, f in enumerate(spec)
-        )
-    return _value(cls, key, spec, t)
-
-
-class _Scheduled:
-    """The schedules of one parameter group: ``specs[key]`` the schedule of a hyper-parameter
-    (for ``betas``, a pair in which either entry may be a schedule), ``written[key]`` the value
-    the optimizer last wrote into ``group[key]`` (a different value there was assigned since,
-    and replaces the schedule), ``pending[key]`` the error a schedule raised after the last
-    step, raised by the next one before it changes anything."""
-
-    __slots__ = ("group", "pending", "specs", "written")
-
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group = group  # identity: the record is keyed by id(group)
-        self.specs: dict[str, Any] = {}
-        self.written: dict[str, Any] = {}
-        self.pending: dict[str, Exception] = {}
 
 
 def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -298,18 +233,37 @@ class _Cache:
 
 class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # (without torch)
     """Base class of the drop-in optimizers: a :class:`torch.optim.Optimizer` whose
-    :meth:`step` runs the compiled kernel of :attr:`_fastoptim` once per parameter group."""
+    :meth:`step` runs the compiled kernel of its :attr:`_definition` once per parameter group.
+    The definition validates and compiles the hyper-parameters and the engine's
+    :class:`~fastoptim.engine.scheduled.Scheduled` runs the schedules; this class adapts
+    torch's parameters, state and checkpoint format to them."""
 
-    _fastoptim: ClassVar[type[_FoOptimizer]]  # the fastoptim class: validation and mapping
-    _scalars: ClassVar[tuple[tuple[str, float], ...]] = (("step", 0.0),)  # torch's 0-d state
+    _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)
+    _scalars: ClassVar[tuple[tuple[str, float], ...]]  # torch's 0-d state: step, mu_product
+    _core_step: ClassVar[Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        d = cls.__dict__.get("_definition")
+        if d is not None:
+            cls._scalars = ((("step", 0.0),) if d.torch_step else ()) + d.scalars
+            cls._core_step = staticmethod(d.core_step)
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._caches: list[_Cache] = []
         self._fresh: dict[int, torch.Tensor] = {}  # state tensors created, not yet stepped
         self._t = 0  # completed step() calls: the schedules' update number
-        self._scheduled: dict[int, _Scheduled] = {}  # id(group) -> its schedules
+        # id(group) -> (group, its schedules)
+        self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
         self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, **dict(self._definition.fixed)})
+        if self._definition.torch_eager_state:  # torch creates this state at construction
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    self._init_scalars(state)
+                    for s in self._definition.states:
+                        state[s.name] = torch.full_like(p, self._fill(s.name))
 
     # ------------------------------------------------------------------ groups and state
     @property
@@ -341,14 +295,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             )
         if hp is None:
             hp = {k: _plain(group[k]) for k in self._keys}
-        try:
-            self._fastoptim._check(hp)
-        except (TypeError, ValueError) as e:
-            rec = self._record(group)
-            if rec is None:
-                raise
-            specs = ", ".join(f"{k}={v!r}" for k, v in rec.specs.items())
-            raise type(e)(f"{e} (at update {self._t} of the schedules {specs})") from None
+        rec = self._record(group)
+        if rec is None:
+            self._definition.check(hp)
+        else:
+            rec.check(hp, self._t)
         return hp
 
     def _check_param(self, p: Any, label: str) -> tuple[int, ...] | None:
@@ -404,41 +355,28 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         rec = self._sync(self.param_groups[group])
         return dict(rec.specs) if rec is not None else {}
 
-    def _record(self, group: Mapping[str, Any]) -> _Scheduled | None:
-        rec = self._scheduled.get(id(group))
-        return rec if rec is not None and rec.group is group else None
+    def _record(self, group: Mapping[str, Any]) -> Scheduled | None:
+        entry = self._scheduled.get(id(group))
+        return entry[1] if entry is not None and entry[0] is group else None
 
-    def _sync(self, group: dict[str, Any]) -> _Scheduled | None:
+    def _new_record(self, group: dict[str, Any]) -> Scheduled:
+        rec = Scheduled(self._definition, type(self).__name__, _TORCH_ONLY, tuples=False)
+        self._scheduled[id(group)] = (group, rec)
+        return rec
+
+    def _sync(self, group: dict[str, Any]) -> Scheduled | None:
         """Reconcile `group` with its schedules after the user (or a torch LR scheduler) may
-        have assigned entries: a schedule assigned to an entry becomes its schedule, evaluated
-        at :attr:`step_count`; another value assigned to a scheduled entry replaces its
-        schedule.  Raises the error a schedule raised after the last step.  The group's
-        record, or None if nothing in it is scheduled."""
-        cls = type(self).__name__
+        have assigned entries (see :meth:`Scheduled.adopt`); raises the error a schedule
+        raised after the last step.  The group's record, or None if nothing is scheduled."""
         rec = self._record(group)
-        for key in self.defaults:
-            value = group.get(key)
-            if rec is not None and key in rec.specs and _same(value, rec.written[key]):
-                if key in rec.pending:
-                    raise rec.pending[key]
-                continue
-            if _schedules._has_schedule(value):
-                if key in _FIXED:
-                    what = "a flag" if key != "initial_accumulator_value" else "read only once"
-                    raise TypeError(f"{cls}: {key} is {what}, not a schedule")
-                spec = tuple(value) if isinstance(value, (tuple, list)) else value
-                new = _evaluate(cls, key, spec, self._t)
-                if rec is None:
-                    rec = self._scheduled[id(group)] = _Scheduled(group)
-                rec.specs[key] = spec
-                rec.pending.pop(key, None)
-                group[key] = rec.written[key] = new
-            elif rec is not None and key in rec.specs:
-                for d in (rec.specs, rec.written, rec.pending):
-                    d.pop(key, None)
-                if not rec.specs:
-                    del self._scheduled[id(group)]
-                    rec = None
+        if rec is None:
+            if not any(_schedules._has_schedule(group.get(k)) for k in self.defaults):
+                return None
+            rec = self._new_record(group)
+        rec.adopt(group, self._t, self.defaults)
+        if not rec.specs:
+            del self._scheduled[id(group)]
+            return None
         return rec
 
     def _sync_all(self) -> None:
@@ -451,19 +389,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def _advance_schedules(self) -> None:
         """After a step: count it and write each schedule's value for the next one (checked by
         that step, before it changes anything)."""
-        cls = type(self).__name__
         self._t += 1
-        for group in self.param_groups:
-            rec = self._record(group)
-            if rec is None:
-                continue
-            for key, spec in rec.specs.items():
-                try:
-                    value = _evaluate(cls, key, spec, self._t)
-                except (TypeError, ValueError) as e:
-                    rec.pending[key] = e
-                    continue
-                group[key] = rec.written[key] = value
+        for group, rec in self._scheduled.values():
+            rec.advance(group, self._t)
 
     def state_dict(self) -> dict[str, Any]:
         """As :meth:`torch.optim.Optimizer.state_dict`, in torch's format; a group with
@@ -549,24 +477,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 self._restore(group, specs)
 
     def _restore(self, group: dict[str, Any], specs: Mapping[str, Any]) -> None:
-        """Reattach `specs` to a loaded or unpickled `group`.  Each saved value must be its
-        schedule's value at :attr:`step_count`; one that differs was assigned (by the user, a
-        torch LR scheduler, or ``torch.optim`` running the checkpoint) and wins: that entry is
-        a constant from then on."""
-        rec = _Scheduled(group)
-        for key, spec in specs.items():
-            try:
-                expected = _evaluate(type(self).__name__, key, spec, self._t)
-            except (TypeError, ValueError):
-                continue
-            if _same(group.get(key), expected):
-                rec.specs[key], rec.written[key] = spec, group[key]
-        if rec.specs:
-            self._scheduled[id(group)] = rec
+        """Reattach `specs` to a loaded or unpickled `group` (see :meth:`Scheduled.restore`)."""
+        rec = self._new_record(group)
+        rec.restore(group, specs, self._t)
+        if not rec.specs:
+            del self._scheduled[id(group)]
 
     def _fill(self, name: str) -> float:
-        """Initial value of a new state tensor `name`."""
-        return 0.0
+        """Initial value of a new state tensor `name` (from the constructor's values: torch
+        ignores a group's own ``initial_accumulator_value``)."""
+        return self._definition.fill(name, self.defaults)
 
     def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
         fill = self._fill(name)
@@ -590,7 +510,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         rec = self._record(group)
         if rec is not None:  # a scheduled entry assigned since the last step, or failed
             for key, written in rec.written.items():
-                if key in rec.pending or not _same(group.get(key), written):
+                if key in rec.pending or not same(group.get(key), written):
                     self._sync(group)
                     break
         hp = {k: _plain(group[k]) for k in self._keys}
@@ -602,9 +522,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     raise
                 self._sync(group)
                 hp = self._validate(group)
-            hyper = self._fastoptim._hyper_type()
-            for k, v in self._fastoptim._core_values(hp, set()).items():
-                setattr(hyper, k, v)
+            hyper = self._definition.compile(hp)
             names = tuple(hyper.state_names())
             if names != c.names:
                 c.sig = None  # other state buffers: rebuild the views
@@ -801,26 +719,41 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     # ------------------------------------------------------------------ the step
     def _advance(self, c: _Cache, sel: list[int] | None, hyper: Any) -> int:
         """Advance the scalars of the parameters `sel` (all if None) as torch does before its
-        update; the kernel's step number."""
+        update; the kernel's step number.  A running product (NAdam's ``mu_product``) is
+        multiplied by the definition's factor in the dtype of its tensor, and the kernel is
+        given that product divided by the factor (it multiplies by the factor itself), so the
+        coefficients match torch's whatever the precision of torch's default dtype."""
         steps = c.scalars.get("step")
         if steps is None:
             return 1
         if sel is None:
             steps += 1
-            return int(steps[0])
-        steps[sel] += 1
-        return int(steps[sel[0]])
+            step = int(steps[0])
+        else:
+            steps[sel] += 1
+            step = int(steps[sel[0]])
+        factor = self._definition.torch_scalar_factor
+        if factor is not None:
+            assert c.hp is not None
+            first = 0 if sel is None else sel[0]
+            f = factor(c.hp, float(steps[first]))
+            for name, _ in self._definition.scalars:
+                prod = c.scalars[name]
+                if sel is None:
+                    prod *= prod.dtype.type(f)
+                else:
+                    prod[sel] *= prod.dtype.type(f)
+                setattr(hyper, name, float(prod[first]) / f if f != 0 else 0.0)
+        return step
 
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
-        core_step = self._fastoptim._core_step
+        core_step = self._core_step
         for sel, plan in zip(buckets, plans):
             hyper = c.hyper
             fresh = c.fresh[0 if sel is None else sel[0]] if c.any_fresh else frozenset()
             if fresh:
                 assert c.hp is not None
-                hyper = self._fastoptim._hyper_type()
-                for k, v in self._fastoptim._core_values(c.hp, set(fresh)).items():
-                    setattr(hyper, k, v)
+                hyper = self._definition.compile(c.hp, fresh)
             core_step(plan, hyper, self._advance(c, sel, hyper))
         if c.any_fresh:
             for p, fresh in zip(c.params, c.fresh):
@@ -861,21 +794,22 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return loss
 
 
-# ---------------------------------------------------------------------- the optimizers
+# ---- generated by fastoptim.engine.codegen from fastoptim.definitions: do not edit below
+
+
 class SGD(Optimizer):
     """Drop-in :class:`torch.optim.SGD` (see :class:`fastoptim.SGD` for the update rule).
     State: ``momentum_buffer`` (when ``momentum != 0``), no ``step``, as in torch."""
 
-    _fastoptim = _fo.SGD
-    _scalars = ()
+    _definition = _defs.SGD
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float | torch.Tensor = 0,
+        lr: TorchValue = 0.001,
+        momentum: TorchValue = 0,
+        dampening: TorchValue = 0,
+        weight_decay: TorchValue = 0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
@@ -891,16 +825,16 @@ class Adagrad(Optimizer):
     ``step``, ``sum``; created for every parameter at construction, as torch does, and filled
     with the constructor's ``initial_accumulator_value`` (torch ignores a group's own)."""
 
-    _fastoptim = _fo.Adagrad
+    _definition = _defs.ADAGRAD
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-2,
-        lr_decay: float = 0,
-        weight_decay: float = 0,
+        lr: TorchValue = 0.01,
+        lr_decay: TorchValue = 0,
+        weight_decay: TorchValue = 0,
         initial_accumulator_value: float = 0,
-        eps: float = 1e-10,
+        eps: TorchValue = 1e-10,
         foreach: bool | None = None,
         *,
         maximize: bool = False,
@@ -908,30 +842,22 @@ class Adagrad(Optimizer):
         fused: bool | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                self._init_scalars(state)
-                state["sum"] = torch.full_like(p, float(initial_accumulator_value))
-
-    def _fill(self, name: str) -> float:
-        return float(self.defaults["initial_accumulator_value"])
 
 
 class RMSprop(Optimizer):
-    """Drop-in :class:`torch.optim.RMSprop` (see :class:`fastoptim.RMSprop`).  State: ``step``,
-    ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
+    """Drop-in :class:`torch.optim.RMSprop` (see :class:`fastoptim.RMSprop`).
+    State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
 
-    _fastoptim = _fo.RMSprop
+    _definition = _defs.RMSPROP
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
+        lr: TorchValue = 0.01,
+        alpha: TorchValue = 0.99,
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0,
+        momentum: TorchValue = 0,
         centered: bool = False,
         capturable: bool = False,
         foreach: bool | None = None,
@@ -945,15 +871,15 @@ class Adadelta(Optimizer):
     """Drop-in :class:`torch.optim.Adadelta` (see :class:`fastoptim.Adadelta`).  State:
     ``step``, ``square_avg``, ``acc_delta``."""
 
-    _fastoptim = _fo.Adadelta
+    _definition = _defs.ADADELTA
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1.0,
-        rho: float = 0.9,
-        eps: float = 1e-6,
-        weight_decay: float = 0,
+        lr: TorchValue = 1.0,
+        rho: TorchValue = 0.9,
+        eps: TorchValue = 1e-06,
+        weight_decay: TorchValue = 0,
         foreach: bool | None = None,
         *,
         capturable: bool = False,
@@ -964,18 +890,18 @@ class Adadelta(Optimizer):
 
 
 class Adam(Optimizer):
-    """Drop-in :class:`torch.optim.Adam` (see :class:`fastoptim.Adam`).  State: ``step``,
-    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."""
+    """Drop-in :class:`torch.optim.Adam` (see :class:`fastoptim.Adam`).
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."""
 
-    _fastoptim = _fo.Adam
+    _definition = _defs.ADAM
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0,
         amsgrad: bool = False,
         *,
         foreach: bool | None = None,
@@ -992,15 +918,15 @@ class AdamW(Optimizer):
     """Drop-in :class:`torch.optim.AdamW` (see :class:`fastoptim.AdamW`).  State: as
     :class:`Adam`."""
 
-    _fastoptim = _fo.AdamW
+    _definition = _defs.ADAMW
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0.01,
         amsgrad: bool = False,
         *,
         maximize: bool = False,
@@ -1009,24 +935,22 @@ class AdamW(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        defaults = _defaults(locals())
-        defaults["decoupled_weight_decay"] = True  # as torch.optim.AdamW's param_groups
-        super().__init__(params, defaults)
+        super().__init__(params, _defaults(locals()))
 
 
 class Adamax(Optimizer):
-    """Drop-in :class:`torch.optim.Adamax` (see :class:`fastoptim.Adamax`).  State: ``step``,
-    ``exp_avg``, ``exp_inf``."""
+    """Drop-in :class:`torch.optim.Adamax` (see :class:`fastoptim.Adamax`).
+    State: ``step``, ``exp_avg``, ``exp_inf``."""
 
-    _fastoptim = _fo.Adamax
+    _definition = _defs.ADAMAX
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
+        lr: TorchValue = 0.002,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0,
         foreach: bool | None = None,
         *,
         maximize: bool = False,
@@ -1037,24 +961,23 @@ class Adamax(Optimizer):
 
 
 class NAdam(Optimizer):
-    """Drop-in :class:`torch.optim.NAdam` (see :class:`fastoptim.NAdam`).  State: ``step``,
-    ``mu_product``, ``exp_avg``, ``exp_avg_sq``.
+    r"""Drop-in :class:`torch.optim.NAdam` (see :class:`fastoptim.NAdam`).
+    State: ``step``, ``mu_product``, ``exp_avg``, ``exp_avg_sq``.
 
-    ``mu_product`` is advanced exactly as torch does (multiplied by :math:`\\mu_t` in the
+    ``mu_product`` is advanced exactly as torch does (multiplied by :math:`\mu_t` in the
     dtype of the ``mu_product`` tensor) and the kernel is given that value, so that the
     coefficients match torch's whatever the precision of torch's default dtype."""
 
-    _fastoptim = _fo.NAdam
-    _scalars = (("step", 0.0), ("mu_product", 1.0))
+    _definition = _defs.NADAM
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum_decay: float = 4e-3,
+        lr: TorchValue = 0.002,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0,
+        momentum_decay: TorchValue = 0.004,
         decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
@@ -1064,37 +987,20 @@ class NAdam(Optimizer):
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
-    def _advance(self, c: _Cache, sel: list[int] | None, hyper: Any) -> int:
-        step = super()._advance(c, sel, hyper)
-        assert c.hp is not None
-        first = 0 if sel is None else sel[0]
-        t = float(c.scalars["step"][first])
-        # torch: mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay)); mu_product *= mu,
-        # in the dtype of the mu_product tensor.
-        mu = c.hp["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * c.hp["momentum_decay"])))
-        prod = c.scalars["mu_product"]
-        if sel is None:
-            prod *= prod.dtype.type(mu)
-        else:
-            prod[sel] *= prod.dtype.type(mu)
-        # The kernel multiplies hyper.mu_product by mu itself: hand it torch's product / mu.
-        hyper.mu_product = float(prod[first]) / mu if mu != 0 else 0.0
-        return step
-
 
 class RAdam(Optimizer):
-    """Drop-in :class:`torch.optim.RAdam` (see :class:`fastoptim.RAdam`).  State: ``step``,
-    ``exp_avg``, ``exp_avg_sq``."""
+    """Drop-in :class:`torch.optim.RAdam` (see :class:`fastoptim.RAdam`).
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``."""
 
-    _fastoptim = _fo.RAdam
+    _definition = _defs.RADAM
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0,
         decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
@@ -1106,19 +1012,18 @@ class RAdam(Optimizer):
 
 
 class Lion(Optimizer):
-    """Lion (Chen et al. 2023; see :class:`fastoptim.Lion`), which ``torch.optim`` lacks, with
-    :class:`fastoptim.Lion`'s signature and defaults.  State: ``exp_avg`` (no ``step``: the
+    """Lion (Chen et al. 2023; see :class:`fastoptim.Lion`), which ``torch.optim`` lacks,
+    with :class:`fastoptim.Lion`'s signature and defaults.  State: ``exp_avg`` (no ``step``: the
     update does not depend on it), as in the ``lion-pytorch`` package."""
 
-    _fastoptim = _fo.Lion
-    _scalars = ()
+    _definition = _defs.LION
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
+        lr: TorchValue = 0.0001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.99),
+        weight_decay: TorchValue = 0.0,
         *,
         maximize: bool = False,
     ) -> None:

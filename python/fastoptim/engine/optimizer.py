@@ -1,18 +1,19 @@
-"""The machinery every optimizer shares: parameter groups, state arenas, gradient buffers, the
-step.  Each optimizer class (optimizers.py) only adds its signature, defaults, validation and the
-mapping of its hyper-parameters onto the compiled kernel's."""
+"""The NumPy tier's engine: parameter groups, state arenas, gradient buffers, plans, the step,
+state_dict and its validation.  Each optimizer class (:mod:`fastoptim.optimizers`, generated)
+only names its :class:`~fastoptim.engine.definition.Definition` and carries its signature."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
-from . import _core
-from .schedules import _from_data, _has_schedule, _is_schedule, _to_data
+from .. import _core
+from ..schedules import _from_data, _has_schedule, _to_data
+from .definition import Definition
+from .scheduled import Scheduled
 
 Key = Union[int, str]
 Params = Union[
@@ -22,23 +23,11 @@ Params = Union[
     Iterable[np.ndarray],
 ]
 Grads = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
+# A float hyper-parameter: a number, or a schedule (fastoptim.schedules, any ``t -> float``).
+Value = Union[float, Callable[[int], float]]
 
-_FLAGS = frozenset({"nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay"})
 _ALIGN = 64  # bytes: every state / gradient view starts on a cache line
 STATE_FORMAT = "fastoptim.state/1"  # the "format" entry of every state_dict
-
-
-_FIELDS: dict[Any, frozenset[str]] = {}
-
-
-def _hyper_fields(hyper_type: Any) -> frozenset[str]:
-    """Names of the compiled hyper-parameter struct's fields."""
-    if hyper_type not in _FIELDS:
-        h = hyper_type()
-        _FIELDS[hyper_type] = frozenset(
-            n for n in dir(h) if not n.startswith("_") and not callable(getattr(h, n))
-        )
-    return _FIELDS[hyper_type]
 
 
 def _defaults(local_vars: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,7 +66,9 @@ def _arena(arrays: Sequence[np.ndarray], fill: float) -> tuple[np.ndarray, list[
 class _Group:
     """What the optimizer keeps per parameter group besides the user-visible dict."""
 
-    def __init__(self, keys: list[Key], params: tuple[np.ndarray, ...], hyper: Any) -> None:
+    def __init__(
+        self, keys: list[Key], params: tuple[np.ndarray, ...], hyper: Any, sched: Scheduled
+    ) -> None:
         self.keys = keys
         self.labels = [_label(k) for k in keys]
         self.params = params
@@ -93,12 +84,7 @@ class _Group:
         self.bound_own = False  # the plan points at self.grads
         self.params_view: Any = None  # what param_groups[i]["params"] holds
         self.synced: dict[str, Any] = {}  # the group's entries as last validated and synced
-        # Scheduled hyper-parameters: name -> schedule (``betas``: a pair, either may be one),
-        # and the values last written into the group dict from them.
-        self.specs: dict[str, Any] = {}
-        self.written: dict[str, Any] = {}
-        self.lr_scale = 1.0  # ReduceLROnPlateau's accumulated factor on a scheduled lr
-        self.lr_floor = 0.0  # ... and its min_lr
+        self.sched = sched  # the group's schedules
 
 
 class Optimizer:
@@ -108,11 +94,19 @@ class Optimizer:
     order) that every :meth:`step` updates **in place**; nothing is ever copied.
     """
 
-    _hyper_type: ClassVar[Any]  # the compiled module's XxxHyper class
-    _core_step: ClassVar[Any]  # the compiled module's step_xxx function
+    _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)
+    _hyper_type: ClassVar[Any]  # the compiled module's XxxHyper class (from _definition)
+    _core_step: ClassVar[Any]  # the compiled module's step_xxx function (from _definition)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        d = cls.__dict__.get("_definition")
+        if d is not None:  # cached on the class: a step looks them up without indirection
+            cls._hyper_type = d.hyper_type
+            cls._core_step = staticmethod(d.core_step)
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
-        self.defaults = dict(defaults)
+        self.defaults = {**defaults, **dict(self._definition.fixed)}
         self.param_groups: list[dict[str, Any]] = []
         self._groups: list[_Group] = []
         self._named: bool | None = None
@@ -136,55 +130,6 @@ class Optimizer:
         for g in groups:
             self.add_param_group(g)
 
-    # ------------------------------------------------------------------ per-optimizer hooks
-    # _check and _core_values are classmethods: the functional tier (functional.py) calls them
-    # without an optimizer instance.
-    _closed_unit: ClassVar[frozenset[str]] = frozenset()  # hyper-parameters in [0, 1]
-    # Fields of the compiled hyper-parameter struct that are state, not settings (NAdam's
-    # running mu_product): saved and restored with the group.
-    _scalar_state: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def _check(cls, group: Mapping[str, Any]) -> None:
-        """Raise TypeError/ValueError naming any invalid hyper-parameter of `group`."""
-        for key, value in group.items():
-            if key != "params":
-                cls._check_value(key, value)
-        cls._check_relations(group)
-
-    @classmethod
-    def _check_value(cls, key: str, value: Any) -> None:
-        """One hyper-parameter: flags must be bools, ``betas`` a pair in [0, 1), the names in
-        ``_closed_unit`` in [0, 1], every other value a finite number >= 0."""
-        name = cls.__name__
-        if key in _FLAGS:
-            check_flag(name, key, value)
-        elif key == "betas":
-            check_betas(name, value)
-        elif key in cls._closed_unit:
-            check_unit(name, key, value, closed=True)
-        else:
-            check_nonnegative(name, key, value)
-
-    @classmethod
-    def _check_relations(cls, group: Mapping[str, Any]) -> None:
-        """Rules that relate several hyper-parameters (subclasses)."""
-
-    @classmethod
-    def _core_values(cls, group: Mapping[str, Any], fresh: set[str]) -> dict[str, Any]:
-        """The compiled kernel's hyper-parameters for `group` (field name -> value): the
-        group's entries of the same name, and ``betas`` as ``beta1``/``beta2``.  `fresh`: the
-        state buffers just created (not yet used by a step)."""
-        fields = _hyper_fields(cls._hyper_type)
-        values = {k: v for k, v in group.items() if k in fields}
-        if "betas" in group:
-            values["beta1"], values["beta2"] = group["betas"]
-        return values
-
-    def _state_fill(self, name: str, group: Mapping[str, Any]) -> float:
-        """Initial value of state buffer `name`."""
-        return 0.0
-
     # ------------------------------------------------------------------ groups
     def _check_keys(self, group: Mapping[str, Any]) -> None:
         unknown = set(group) - set(self.defaults) - {"params"}
@@ -192,6 +137,16 @@ class Optimizer:
             raise ValueError(
                 f"{type(self).__name__}: unknown hyper-parameter(s) {sorted(unknown)} in a group"
             )
+
+    def _new_sched(self) -> Scheduled:
+        return Scheduled(self._definition, type(self).__name__)
+
+    def _state_fill(self, name: str, group: Mapping[str, Any]) -> float:
+        return self._definition.fill(name, group)
+
+    def _sync_struct(self, hyper: Any, group: Mapping[str, Any], fresh: set[str]) -> None:
+        for name, value in self._definition.core_values(group, fresh).items():
+            setattr(hyper, name, value)
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Add a group of parameters (``{"params": list or dict, "lr": ..., ...}``); missing
@@ -230,9 +185,9 @@ class Optimizer:
         for k, v in group.items():  # betas given as a list: keep an immutable copy
             if isinstance(v, list):
                 group[k] = tuple(v)
-        g = _Group(keys, arrays, self._hyper_type())
-        self._adopt(g, group)
-        self._checked(g, group)
+        g = _Group(keys, arrays, self._hyper_type(), self._new_sched())
+        g.sched.adopt(group, self._t)
+        g.sched.check(group, self._t)
         # Validate the arrays (type, dtype, layout, aliasing within the group) before keeping
         # anything: a plan without state does exactly that.
         _core.Plan(list(arrays), g.labels, [], [])
@@ -262,86 +217,23 @@ class Optimizer:
         """The scheduled hyper-parameters of parameter group `group`: name -> schedule
         (``betas`` -> a pair in which either entry may be a schedule).  Their current values
         are in ``param_groups[group]``."""
-        return dict(self._groups[group].specs)
-
-    def _adopt(self, g: _Group, group: dict[str, Any]) -> None:
-        """Move schedules found in `group` into ``g.specs`` (a callable, or a pair with one),
-        drop the schedule of every entry the user overwrote with a constant, and write the
-        scheduled values for update ``step_count`` into `group`."""
-        changed = False
-        for k, v in group.items():
-            if k == "params" or (k in g.specs and v == g.written.get(k)):
-                continue
-            if isinstance(v, list):  # betas given as a list: keep an immutable copy
-                v = group[k] = tuple(v)
-            if _has_schedule(v):
-                if k in _FLAGS:
-                    raise TypeError(f"{type(self).__name__}: {k} is a flag, not a schedule")
-                g.specs[k] = v
-                changed = True
-            elif k in g.specs:
-                del g.specs[k]
-                if k == "lr":
-                    g.lr_scale, g.lr_floor = 1.0, 0.0
-        if changed:
-            self._evaluate(g, group)
-
-    def _evaluate(self, g: _Group, group: dict[str, Any], t: int | None = None) -> None:
-        """Write the value of every schedule of `g` at update `t` (default: step_count) into
-        `group`."""
-        t = self._t if t is None else t
-        for k, spec in g.specs.items():
-            if isinstance(spec, tuple):
-                group[k] = tuple(
-                    self._value(f"{k}[{i}]", f, t) if _is_schedule(f) else f
-                    for i, f in enumerate(spec)
-                )
-                continue
-            value = self._value(k, spec, t)
-            if k == "lr" and g.lr_scale != 1.0:
-                value = max(value * g.lr_scale, g.lr_floor)
-            group[k] = value
-        g.written = {k: group[k] for k in g.specs}
+        return dict(self._groups[group].sched.specs)
 
     def _advance(self, g: _Group, group: dict[str, Any]) -> None:
         """After a step: write the scheduled values for the next one into `group`, check them
-        and hand them to the kernel (only the scheduled entries: a few microseconds).  An
-        invalid value is left for the next step's full check to report, before it changes
-        anything."""
-        self._evaluate(g, group)
+        and hand them to the kernel (only the scheduled entries: a few microseconds).  A
+        schedule's error, or an invalid value, is left for the next step to raise before it
+        changes anything."""
+        sched = g.sched
+        if not sched.advance(group, self._t):
+            return  # pending: the next step's adopt raises it
         try:
-            for k in g.specs:
-                self._check_value(k, group[k])
-            self._check_relations(group)
+            sched.check(group, self._t, sched.specs)
         except (TypeError, ValueError):
             return  # group != g.synced: the next step re-checks everything and raises
-        for name, value in self._core_values({k: group[k] for k in g.specs}, g.fresh).items():
-            setattr(g.hyper, name, value)
+        self._sync_struct(g.hyper, {k: group[k] for k in sched.specs}, g.fresh)
         self._ensure_plan(g, group)  # a scheduled value may switch a variant (momentum 0 -> x)
-        g.synced.update((k, group[k]) for k in g.specs)
-
-    def _value(self, name: str, f: Any, t: int) -> float:
-        v = f(t)
-        if isinstance(v, (bool, np.bool_)) or not isinstance(
-            v, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(
-                f"{type(self).__name__}: the schedule of {name} ({f!r}) returned {v!r} at "
-                f"update {t}, not a number"
-            )
-        return float(v)
-
-    def _checked(self, g: _Group, group: Mapping[str, Any], t: int | None = None) -> None:
-        """:meth:`_check`, naming the schedules (at update `t`, default: step_count) when
-        scheduled values are invalid."""
-        try:
-            self._check(group)
-        except (TypeError, ValueError) as e:
-            if not g.specs:
-                raise
-            specs = ", ".join(f"{k}={v!r}" for k, v in g.specs.items())
-            t = self._t if t is None else t
-            raise type(e)(f"{e} (at update {t} of the schedules {specs})") from None
+        g.synced.update((k, group[k]) for k in sched.specs)
 
     def _attach_plateau(self, plateau: Any) -> None:
         """Called by :class:`fastoptim.schedules.ReduceLROnPlateau`: its state becomes part of
@@ -353,17 +245,17 @@ class Optimizer:
         ``max(lr * factor, min_lr)`` (torch's arithmetic); a scheduled one is multiplied by the
         accumulated factor from now on, never below `min_lr`."""
         g, group = self._groups[i], self.param_groups[i]
-        if "lr" in g.specs and group["lr"] == g.written.get("lr"):
-            g.lr_scale *= factor
-            g.lr_floor = min_lr
-            self._evaluate(g, group)
+        sched = g.sched
+        if "lr" in sched.specs and group["lr"] == sched.written.get("lr"):
+            sched.lr_scale *= factor
+            sched.lr_floor = min_lr
+            sched.evaluate(group, self._t)
         else:
             group["lr"] = max(float(group["lr"]) * factor, min_lr)
 
     # ------------------------------------------------------------------ state and plans
     def _sync(self, g: _Group, group: Mapping[str, Any]) -> None:
-        for name, value in self._core_values(group, g.fresh).items():
-            setattr(g.hyper, name, value)
+        self._sync_struct(g.hyper, group, g.fresh)
 
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
@@ -451,7 +343,8 @@ class Optimizer:
         changed = [
             (g, group)
             for g, group in zip(self._groups, self.param_groups)
-            if group != g.synced  # hyper-parameters set since the last step
+            # hyper-parameters set since the last step, or a schedule that failed after it
+            if group != g.synced or g.sched.pending
         ]
         for g, group in changed:
             if group.get("params") is not g.params_view:
@@ -460,8 +353,8 @@ class Optimizer:
                     "use add_param_group or a new optimizer"
                 )
             self._check_keys(group)
-            self._adopt(g, group)
-            self._checked(g, group)
+            g.sched.adopt(group, self._t)
+            g.sched.check(group, self._t)
         for g, group in changed:
             self._sync(g, group)
             self._ensure_plan(g, group)
@@ -489,6 +382,9 @@ class Optimizer:
             _core.check_disjoint(arrays, labels)
         return per_group
 
+    def _scalar_names(self) -> list[str]:
+        return [n for n, _ in self._definition.scalars]
+
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         """Apply one update to group `g` (gradients already bound to its plan)."""
         type(self)._core_step(g.plan, g.hyper, g.step + 1)
@@ -510,7 +406,7 @@ class Optimizer:
                 self._sync(g, group)
         self._t += 1
         for g, group in zip(self._groups, self.param_groups):
-            if g.specs:
+            if g.sched:
                 self._advance(g, group)
 
     # ------------------------------------------------------------------ checkpoints
@@ -527,7 +423,8 @@ class Optimizer:
     def _state_dict(self, copy: bool) -> dict[str, Any]:
         groups, state = [], {}
         for g, group in zip(self._groups, self.param_groups):
-            hyper = {k: _to_data(g.specs.get(k, v)) for k, v in group.items() if k != "params"}
+            specs = g.sched.specs
+            hyper = {k: _to_data(specs.get(k, v)) for k, v in group.items() if k != "params"}
             groups.append(
                 {
                     "params": list(g.keys),
@@ -535,9 +432,9 @@ class Optimizer:
                     "hyper": hyper,
                     "states": sorted(g.states),
                     "fresh": sorted(g.fresh),
-                    "scalars": {n: float(getattr(g.hyper, n)) for n in self._scalar_state},
-                    "lr_scale": g.lr_scale,
-                    "lr_floor": g.lr_floor,
+                    "scalars": {n: float(getattr(g.hyper, n)) for n in self._scalar_names()},
+                    "lr_scale": g.sched.lr_scale,
+                    "lr_floor": g.sched.lr_floor,
                 }
             )
             for i, key in enumerate(g.keys):
@@ -624,8 +521,8 @@ class Optimizer:
                 plan()
             self._t = int(t)
             for g, group in zip(self._groups, self.param_groups):
-                if g.specs:
-                    self._evaluate(g, group)
+                if g.sched:
+                    g.sched.evaluate(group, self._t)
                 self._sync(g, group)
                 self._ensure_plan(g, group)
                 g.synced = _snapshot(group)
@@ -664,12 +561,12 @@ class Optimizer:
             )
             return lambda: None
         # The group as it will be: constants, and schedules rebuilt and evaluated at t.
-        trial = _Group(g.keys, g.params, self._hyper_type())
+        trial = self._new_sched()
         trial.lr_scale, trial.lr_floor = rec["lr_scale"], rec["lr_floor"]
         values: dict[str, Any] = {}
         for k, v in hyper.items():
             try:
-                spec = _from_data(v, g.specs.get(k, group[k]))
+                spec = _from_data(v, g.sched.specs.get(k, group[k]))
             except ValueError as e:
                 problems.append(f"{where} {k}: {e}")
                 continue
@@ -687,16 +584,15 @@ class Optimizer:
         if not _is_count(rec["step"]):
             problems.append(f"{where}: step must be an int >= 0, got {rec['step']!r}")
         scalars = rec["scalars"]
-        if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_state):
-            problems.append(f"{where}: scalar state {scalars!r} != {list(self._scalar_state)}")
+        if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_names()):
+            problems.append(f"{where}: scalar state {scalars!r} != {self._scalar_names()}")
             return lambda: None
         if len(values) == len(hyper):
             try:
-                self._evaluate(trial, values, t)
-                self._checked(trial, values, t)
+                trial.evaluate(values, t)
+                trial.check(values, t)
                 h = self._hyper_type()
-                for name, value in self._core_values(values, set(fresh)).items():
-                    setattr(h, name, value)
+                self._sync_struct(h, values, set(fresh))
                 needed = set(h.state_names())
                 if not needed <= set(names):
                     problems.append(
@@ -741,8 +637,9 @@ class Optimizer:
             g.step = int(rec["step"])
             for n, v in scalars.items():
                 setattr(g.hyper, n, float(v))
-            g.specs, g.written = trial.specs, {}
-            g.lr_scale, g.lr_floor = float(rec["lr_scale"]), float(rec["lr_floor"])
+            trial.written, trial.pending = {}, {}
+            trial.lr_scale, trial.lr_floor = float(rec["lr_scale"]), float(rec["lr_floor"])
+            g.sched = trial
             for k, v in values.items():
                 group[k] = v
 
@@ -752,7 +649,7 @@ class Optimizer:
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
-            specs = self._groups[i].specs
+            specs = self._groups[i].sched.specs
             for k in sorted(group):
                 if k != "params":
                     sched = f"  <- {specs[k]!r}" if k in specs else ""
@@ -763,32 +660,3 @@ class Optimizer:
 # ---------------------------------------------------------------------- checkpoint helpers
 def _is_count(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(0 <= v < 2**63)
-
-
-# ---------------------------------------------------------------------- validation helpers
-def check_nonnegative(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{cls}: {name} must be a number, got {type(value).__name__}")
-    if not (value >= 0.0) or math.isinf(value):
-        raise ValueError(f"{cls}: invalid {name}={value!r}: must be finite and >= 0")
-
-
-def check_unit(cls: str, name: str, value: Any, closed: bool = False) -> None:
-    """0 <= value < 1 (or <= 1 when `closed`)."""
-    check_nonnegative(cls, name, value)
-    if value > 1.0 or (value == 1.0 and not closed):
-        raise ValueError(
-            f"{cls}: invalid {name}={value!r}: must be in [0, 1{']' if closed else ')'}"
-        )
-
-
-def check_betas(cls: str, betas: Any) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{cls}: betas must be a pair (beta1, beta2), got {betas!r}")
-    check_unit(cls, "betas[0]", betas[0])
-    check_unit(cls, "betas[1]", betas[1])
-
-
-def check_flag(cls: str, name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{cls}: {name} must be a bool, got {value!r}")

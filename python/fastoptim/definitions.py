@@ -1,0 +1,340 @@
+r"""The optimizers, one :class:`~fastoptim.engine.definition.Definition` each: the single place
+(with the C++ struct and kernel, and the NumPy reference) where an optimizer is defined.  The
+classes of :mod:`fastoptim.optimizers` and :mod:`fastoptim.torch` and the functions of
+:mod:`fastoptim.functional` are generated from these by ``python -m fastoptim.engine.codegen``
+(CI checks that the generated code is up to date); see CONTRIBUTING.md.
+
+Notation in the docstrings: :math:`p` parameter, :math:`g` gradient (negated first when
+``maximize``; plus :math:`\lambda p` for L2 ``weight_decay`` unless the decay is decoupled),
+:math:`\gamma` learning rate, :math:`t` the 1-based step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from typing import Any
+
+from .engine.definition import UNIT, Definition, Hyper, State
+
+
+def _sgd_relations(group: Mapping[str, Any]) -> None:
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("SGD: nesterov=True requires momentum > 0 and dampening = 0")
+
+
+def _sgd_fields(group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, Any]:
+    # torch sets the momentum buffer to the gradient on its first use
+    return {"first_momentum_step": "momentum_buffer" in fresh}
+
+
+def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
+    """torch's momentum factor mu_t of NAdam's schedule."""
+    return float(group["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * group["momentum_decay"]))))
+
+
+SGD = Definition(
+    name="SGD",
+    kernel="SGD",
+    doc=r"""Stochastic gradient descent with momentum, dampening and Nesterov momentum
+(``torch.optim.SGD``; Sutskever et al. 2013 for Nesterov).
+
+.. math::
+    b_t = \mu b_{t-1} + (1-\tau) g_t \;(b_1 = g_1),\quad
+    d_t = g_t + \mu b_t \text{ (nesterov) or } b_t,\quad p_t = p_{t-1} - \gamma d_t
+
+State: ``momentum_buffer`` (only when ``momentum != 0``).""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("momentum", 0),
+        Hyper("dampening", 0, rule=UNIT),
+        Hyper("weight_decay", 0),
+        Hyper("nesterov", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("momentum_buffer", optional=True),),
+    relations=_sgd_relations,
+    extra_fields=_sgd_fields,
+    torch_step=False,
+    functional_doc=r"""One in-place SGD update (see :class:`fastoptim.SGD`).
+
+``momentum_buffer`` is needed iff ``momentum != 0``.  Like torch, the buffer is *set* to the
+(effective) gradient on its first use instead of being decayed: that happens when
+``step == 1``, whatever the buffer holds.  Count ``step`` from the update that first uses
+the buffer.""",
+    torch_doc=r"""Drop-in :class:`torch.optim.SGD` (see :class:`fastoptim.SGD` for the update rule).
+State: ``momentum_buffer`` (when ``momentum != 0``), no ``step``, as in torch.""",
+)
+
+ADAGRAD = Definition(
+    name="Adagrad",
+    kernel="Adagrad",
+    doc=r"""Adagrad (Duchi, Hazan & Singer 2011; ``torch.optim.Adagrad``).
+
+.. math::
+    \tilde\gamma = \frac{\gamma}{1 + (t-1)\eta},\quad s_t = s_{t-1} + g_t^2,\quad
+    p_t = p_{t-1} - \tilde\gamma \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+State: ``sum`` (starts at ``initial_accumulator_value``).""",
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("lr_decay", 0),
+        Hyper("weight_decay", 0),
+        Hyper("initial_accumulator_value", 0, schedulable=False, functional=False),
+        Hyper("eps", 1e-10),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("sum", fill="initial_accumulator_value"),),
+    torch_eager_state=True,
+    functional_doc=r"""One in-place Adagrad update (see :class:`fastoptim.Adagrad`).
+
+``sum`` starts at the class's ``initial_accumulator_value`` (0 by default); ``step`` drives
+the ``lr_decay``.""",
+    torch_doc=r"""Drop-in :class:`torch.optim.Adagrad` (see :class:`fastoptim.Adagrad`).  State:
+``step``, ``sum``; created for every parameter at construction, as torch does, and filled
+with the constructor's ``initial_accumulator_value`` (torch ignores a group's own).""",
+)
+
+RMSPROP = Definition(
+    name="RMSprop",
+    kernel="RMSprop",
+    doc=r"""RMSprop (Hinton, Coursera lecture 6e; ``torch.optim.RMSprop``), optionally centered
+(Graves 2013) and with momentum.
+
+.. math::
+    v_t = \alpha v_{t-1} + (1-\alpha) g_t^2,\quad
+    \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t \text{ (centered)},\quad
+    d_t = \frac{g_t}{\sqrt{v_t - \bar g_t^2} + \epsilon},\quad
+    b_t = \mu b_{t-1} + d_t,\quad p_t = p_{t-1} - \gamma b_t \text{ (or } \gamma d_t)
+
+State: ``square_avg``, ``grad_avg`` (centered), ``momentum_buffer`` (momentum > 0).""",
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("alpha", 0.99, rule=UNIT),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0),
+        Hyper("momentum", 0),
+        Hyper("centered", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(
+        State("square_avg"),
+        State("grad_avg", optional=True),
+        State("momentum_buffer", optional=True),
+    ),
+    functional_doc=r"""One in-place RMSprop update (see :class:`fastoptim.RMSprop`).
+
+``grad_avg`` is needed iff ``centered``, ``momentum_buffer`` iff ``momentum > 0``.
+``step`` does not change the update (it is required for uniformity).""",
+    torch_doc=r"""Drop-in :class:`torch.optim.RMSprop` (see :class:`fastoptim.RMSprop`).
+State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).""",
+)
+
+ADADELTA = Definition(
+    name="Adadelta",
+    kernel="Adadelta",
+    doc=r"""Adadelta (Zeiler 2012; ``torch.optim.Adadelta``).
+
+.. math::
+    v_t = \rho v_{t-1} + (1-\rho) g_t^2,\quad
+    \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}} g_t,\quad
+    u_t = \rho u_{t-1} + (1-\rho)\Delta_t^2,\quad p_t = p_{t-1} - \gamma \Delta_t
+
+State: ``square_avg``, ``acc_delta``.""",
+    hyper=(
+        Hyper("lr", 1.0),
+        Hyper("rho", 0.9, rule=UNIT),
+        Hyper("eps", 1e-06),
+        Hyper("weight_decay", 0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("square_avg"), State("acc_delta")),
+    functional_doc=r"""One in-place Adadelta update (see :class:`fastoptim.Adadelta`).
+
+``step`` does not change the update (it is required for uniformity).""",
+    torch_doc=r"""Drop-in :class:`torch.optim.Adadelta` (see :class:`fastoptim.Adadelta`).  State:
+``step``, ``square_avg``, ``acc_delta``.""",
+)
+
+ADAM = Definition(
+    name="Adam",
+    kernel="Adam",
+    doc=r"""Adam (Kingma & Ba 2015; ``torch.optim.Adam``), with AMSGrad (Reddi et al. 2018) and
+decoupled weight decay (AdamW, Loshchilov & Hutter 2019).
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+    \quad \hat v_t = \max(\hat v_{t-1}, v_t) \text{ (amsgrad) or } v_t
+
+    p_t = p_{t-1}(1 - \gamma\lambda_{\text{dec}})
+          - \frac{\gamma}{1-\beta_1^t}\,
+            \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0),
+        Hyper("amsgrad", False),
+        Hyper("maximize", False, keyword=True),
+        Hyper("decoupled_weight_decay", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", optional=True)),
+    functional_doc=r"""One in-place Adam update (see :class:`fastoptim.Adam`);
+``decoupled_weight_decay=True`` is AdamW (:func:`adamw_`).
+
+``max_exp_avg_sq`` is needed iff ``amsgrad``.""",
+    torch_doc=r"""Drop-in :class:`torch.optim.Adam` (see :class:`fastoptim.Adam`).
+State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).""",
+)
+
+ADAMW = Definition(
+    name="AdamW",
+    kernel="Adam",
+    base=ADAM,
+    fixed=(("decoupled_weight_decay", True),),
+    doc=r"""AdamW (Loshchilov & Hutter 2019; ``torch.optim.AdamW``): :class:`Adam` with decoupled
+weight decay, :math:`p \leftarrow p(1-\gamma\lambda)` before the Adam update.""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 1e-2),
+        Hyper("amsgrad", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", optional=True)),
+    functional_doc=r"""One in-place AdamW update (see :class:`fastoptim.AdamW`): Adam with
+decoupled weight decay.  ``max_exp_avg_sq`` is needed iff ``amsgrad``.""",
+    torch_doc=r"""Drop-in :class:`torch.optim.AdamW` (see :class:`fastoptim.AdamW`).  State: as
+:class:`Adam`.""",
+)
+
+ADAMAX = Definition(
+    name="Adamax",
+    kernel="Adamax",
+    doc=r"""Adamax, the infinity-norm variant of Adam (Kingma & Ba 2015, section 7;
+``torch.optim.Adamax``).
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon),\quad
+    p_t = p_{t-1} - \frac{\gamma}{1-\beta_1^t} \frac{m_t}{u_t}
+
+State: ``exp_avg``, ``exp_inf``.""",
+    hyper=(
+        Hyper("lr", 2e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_inf")),
+    functional_doc=r"""One in-place Adamax update (see :class:`fastoptim.Adamax`).""",
+    torch_doc=r"""Drop-in :class:`torch.optim.Adamax` (see :class:`fastoptim.Adamax`).
+State: ``step``, ``exp_avg``, ``exp_inf``.""",
+)
+
+NADAM = Definition(
+    name="NAdam",
+    kernel="NAdam",
+    doc=r"""NAdam, Adam with Nesterov momentum (Dozat 2016; ``torch.optim.NAdam``).
+
+.. math::
+    \mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi}),\quad
+    m_t, v_t \text{ as Adam},\quad
+    d_t = \sqrt{v_t / (1-\beta_2^t)} + \epsilon
+
+    p_t = p_{t-1} - \gamma \frac{1-\mu_t}{1-\prod_{i\le t}\mu_i} \frac{g_t}{d_t}
+          - \gamma \frac{\mu_{t+1}}{1-\prod_{i\le t+1}\mu_i} \frac{m_t}{d_t}
+
+State: ``exp_avg``, ``exp_avg_sq``, and the group's ``mu_product``.""",
+    hyper=(
+        Hyper("lr", 2e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0),
+        Hyper("momentum_decay", 4e-3),
+        Hyper("decoupled_weight_decay", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq")),
+    scalars=(("mu_product", 1.0),),
+    torch_scalar_factor=_nadam_mu,
+    functional_doc=r"""One in-place NAdam update (see :class:`fastoptim.NAdam`).
+
+``mu_product`` (keyword, required) is the product :math:`\prod_{i<t}\mu_i` of the momentum
+schedule over the *previous* steps: ``1.0`` at the first step.  Returns the updated product
+(times :math:`\mu_t`): pass it to the next call.
+
+    >>> mu = 1.0
+    >>> for t in range(1, 4):                                  # doctest: +SKIP
+    ...     mu = nadam_(p, g, m, v, step=t, mu_product=mu)""",
+    torch_doc=r"""Drop-in :class:`torch.optim.NAdam` (see :class:`fastoptim.NAdam`).
+State: ``step``, ``mu_product``, ``exp_avg``, ``exp_avg_sq``.
+
+``mu_product`` is advanced exactly as torch does (multiplied by :math:`\mu_t` in the
+dtype of the ``mu_product`` tensor) and the kernel is given that value, so that the
+coefficients match torch's whatever the precision of torch's default dtype.""",
+)
+
+RADAM = Definition(
+    name="RAdam",
+    kernel="RAdam",
+    doc=r"""RAdam, rectified Adam (Liu et al. 2020; ``torch.optim.RAdam``).
+
+.. math::
+    \rho_\infty = \frac{2}{1-\beta_2} - 1,\quad
+    \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t},\quad
+    \hat m_t = \frac{m_t}{1-\beta_1^t}
+
+    p_t = p_{t-1} - \gamma \hat m_t r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon}
+    \text{ if } \rho_t > 5 \text{ else } p_{t-1} - \gamma \hat m_t,\quad
+    r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+State: ``exp_avg``, ``exp_avg_sq``.""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0),
+        Hyper("decoupled_weight_decay", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq")),
+    functional_doc=r"""One in-place RAdam update (see :class:`fastoptim.RAdam`).""",
+    torch_doc=r"""Drop-in :class:`torch.optim.RAdam` (see :class:`fastoptim.RAdam`).
+State: ``step``, ``exp_avg``, ``exp_avg_sq``.""",
+)
+
+LION = Definition(
+    name="Lion",
+    kernel="Lion",
+    doc=r"""Lion, EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization
+Algorithms").
+
+.. math::
+    p_t = p_{t-1}(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t),
+    \quad m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+with :math:`\mathrm{sign}(0) = 0`.  State: ``exp_avg``.""",
+    hyper=(
+        Hyper("lr", 1e-4),
+        Hyper("betas", (0.9, 0.99)),
+        Hyper("weight_decay", 0.0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"),),
+    torch_step=False,
+    functional_doc=r"""One in-place Lion update (see :class:`fastoptim.Lion`).
+
+``step`` does not change the update (it is required for uniformity).""",
+    torch_doc=r"""Lion (Chen et al. 2023; see :class:`fastoptim.Lion`), which ``torch.optim`` lacks,
+with :class:`fastoptim.Lion`'s signature and defaults.  State: ``exp_avg`` (no ``step``: the
+update does not depend on it), as in the ``lion-pytorch`` package.""",
+)
+
+
+# Every optimizer, in documentation order.
+ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION)

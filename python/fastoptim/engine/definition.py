@@ -1,0 +1,235 @@
+"""What defines an optimizer, once, for every tier.
+
+A :class:`Definition` holds everything the Python side knows about one optimizer: its
+hyper-parameters (names, defaults, the rule each value must satisfy), the rules relating them,
+how they map onto the compiled kernel's hyper-parameter struct, its state buffers (names,
+initial values, which ones the functional tier takes positionally), its scalar state (NAdam's
+``mu_product``), and its documentation (the update rule).  :mod:`fastoptim.definitions` holds
+one per optimizer; the NumPy classes (:mod:`fastoptim.optimizers`), the functional functions
+(:mod:`fastoptim.functional`) and the PyTorch drop-ins (:mod:`fastoptim.torch`) are generated
+from them by :mod:`fastoptim.engine.codegen`, and at run time they validate and compile through
+the same :class:`Definition` methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+# A hyper-parameter's rule (see Definition.check_value).
+NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
+UNIT = "unit"  # a number in [0, 1]
+FLAG = "flag"  # a bool: a variant switch, never a schedule
+BETAS = "betas"  # a pair (beta1, beta2), each in [0, 1)
+
+Number = Union[int, float, np.integer, np.floating]
+
+# torch.optim's arguments that fastoptim.torch records and otherwise ignores (foreach, fused) or
+# refuses (capturable, differentiable): name -> (annotation, default).
+TORCH_ONLY = {
+    "foreach": ("bool | None", None),
+    "fused": ("bool | None", None),
+    "capturable": ("bool", False),
+    "differentiable": ("bool", False),
+}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyper-parameter: its name, default, rule, whether it is keyword-only in the
+    signatures, and whether it may follow a schedule (flags and values read only once, such as
+    Adagrad's ``initial_accumulator_value``, may not)."""
+
+    name: str
+    default: Any
+    rule: str = NONNEGATIVE
+    keyword: bool = False
+    schedulable: bool = True
+    functional: bool = True  # an argument of the functional tier's function
+
+    def __post_init__(self) -> None:
+        if isinstance(self.default, bool) and self.rule != FLAG:
+            object.__setattr__(self, "rule", FLAG)
+        if isinstance(self.default, tuple) and self.rule != BETAS:
+            object.__setattr__(self, "rule", BETAS)
+        if self.rule == FLAG:
+            object.__setattr__(self, "schedulable", False)
+
+
+@dataclass(frozen=True)
+class State:
+    """One state buffer (torch's name).  ``fill``: its initial value, a number or the name of
+    the hyper-parameter that holds it.  ``optional``: only some variants use it (the functional
+    tier then takes ``None`` for it)."""
+
+    name: str
+    fill: float | str = 0.0
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Definition:
+    """One optimizer, for every tier (see the module docstring)."""
+
+    name: str  # the class name in every tier
+    kernel: str  # the compiled optimizer (registry.hpp): _core.<kernel>Hyper, step_<kernel>
+    hyper: tuple[Hyper, ...]
+    states: tuple[State, ...]
+    doc: str  # the class docstring: the update rule, state, references
+    functional_doc: str = ""  # what the functional tier's docstring adds
+    torch_doc: str = ""  # what fastoptim.torch's class docstring adds
+    # Rules relating several hyper-parameters: raise ValueError naming them.
+    relations: Callable[[Mapping[str, Any]], None] | None = None
+    # Compiled fields that are not hyper-parameters, from (group, fresh state names).
+    extra_fields: Callable[[Mapping[str, Any], AbstractSet[str]], dict[str, Any]] | None = None
+    # Scalar state kept by the kernel's struct (name -> initial value): NAdam's mu_product.
+    scalars: tuple[tuple[str, float], ...] = ()
+    # Hyper-parameters fixed by this optimizer (AdamW: decoupled_weight_decay=True): stored in
+    # every group, absent from the signatures.
+    fixed: tuple[tuple[str, Any], ...] = ()
+    base: Definition | None = None  # AdamW: Adam (the NumPy class subclasses its class)
+    torch_step: bool = True  # fastoptim.torch keeps torch's per-parameter ``step`` tensor
+    torch_eager_state: bool = False  # torch creates the state at construction (Adagrad)
+    # torch's per-step scalar update (NAdam's momentum factor mu_t from (group, t)).
+    torch_scalar_factor: Callable[[Mapping[str, Any], float], float] | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ------------------------------------------------------------------ compiled kernel
+    @property
+    def hyper_type(self) -> Any:
+        """The compiled hyper-parameter struct class."""
+        from .. import _core  # here: the code generator reads definitions without the build
+
+        return getattr(_core, f"{self.kernel}Hyper")
+
+    @property
+    def core_step(self) -> Any:
+        """The compiled step function."""
+        from .. import _core
+
+        return getattr(_core, f"step_{self.kernel.lower()}")
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """Names of the compiled struct's fields."""
+        f = self._cache.get("fields")
+        if f is None:
+            h = self.hyper_type()
+            f = self._cache["fields"] = frozenset(
+                n for n in dir(h) if not n.startswith("_") and not callable(getattr(h, n))
+            )
+        return f
+
+    def defaults(self) -> dict[str, Any]:
+        """Every hyper-parameter's default, fixed ones included."""
+        out = {h.name: h.default for h in self.hyper}
+        out.update(self.fixed)
+        return out
+
+    def core_values(self, group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, Any]:
+        """The compiled struct's fields for `group` (field name -> value): the entries of the
+        same name, ``betas`` as ``beta1``/``beta2``, and :attr:`extra_fields`.  `fresh`: the
+        state buffers just created (not yet used by a step)."""
+        fields = self.fields
+        values = {k: v for k, v in group.items() if k in fields}
+        if "betas" in group:
+            values["beta1"], values["beta2"] = group["betas"]
+        if self.extra_fields is not None:
+            values.update(self.extra_fields(group, fresh))
+        return values
+
+    def compile(self, group: Mapping[str, Any], fresh: AbstractSet[str] = frozenset()) -> Any:
+        """A compiled struct holding `group`'s (validated) values."""
+        h = self.hyper_type()
+        for name, value in self.core_values(group, fresh).items():
+            setattr(h, name, value)
+        return h
+
+    def fill(self, name: str, group: Mapping[str, Any]) -> float:
+        """Initial value of state buffer `name` for `group`."""
+        for s in self.states:
+            if s.name == name:
+                return float(group[s.fill]) if isinstance(s.fill, str) else float(s.fill)
+        return 0.0
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def rules(self) -> dict[str, str]:
+        r = self._cache.get("rules")
+        if r is None:
+            r = self._cache["rules"] = {h.name: h.rule for h in self.hyper}
+            for k, v in self.fixed:
+                r[k] = FLAG if isinstance(v, bool) else NONNEGATIVE
+        return r
+
+    @property
+    def unschedulable(self) -> frozenset[str]:
+        """Hyper-parameters that cannot follow a schedule."""
+        return frozenset(h.name for h in self.hyper if not h.schedulable) | frozenset(
+            k for k, _ in self.fixed
+        )
+
+    def check(self, group: Mapping[str, Any]) -> None:
+        """Raise TypeError/ValueError naming any invalid hyper-parameter of `group`."""
+        for key, value in group.items():
+            if key != "params":
+                self.check_value(key, value)
+        self.check_relations(group)
+
+    def check_value(self, key: str, value: Any) -> None:
+        """One hyper-parameter against its rule."""
+        rule = self.rules.get(key, NONNEGATIVE)
+        if rule == FLAG:
+            check_flag(self.name, key, value)
+        elif rule == BETAS:
+            check_betas(self.name, value)
+        elif rule == UNIT:
+            check_unit(self.name, key, value, closed=True)
+        else:
+            check_nonnegative(self.name, key, value)
+
+    def check_relations(self, group: Mapping[str, Any]) -> None:
+        if self.relations is not None:
+            self.relations(group)
+
+    def check_keys(self, group: Mapping[str, Any], allowed: Any = ()) -> None:
+        """ValueError for entries of `group` that are no hyper-parameter of this optimizer."""
+        unknown = set(group) - set(self.rules) - {"params", *allowed}
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown hyper-parameter(s) {sorted(unknown)} in a group"
+            )
+
+
+# ---------------------------------------------------------------------- validation helpers
+def check_nonnegative(cls: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{cls}: {name} must be a number, got {type(value).__name__}")
+    if not (value >= 0.0) or math.isinf(value):
+        raise ValueError(f"{cls}: invalid {name}={value!r}: must be finite and >= 0")
+
+
+def check_unit(cls: str, name: str, value: Any, closed: bool = False) -> None:
+    """0 <= value < 1 (or <= 1 when `closed`)."""
+    check_nonnegative(cls, name, value)
+    if value > 1.0 or (value == 1.0 and not closed):
+        raise ValueError(
+            f"{cls}: invalid {name}={value!r}: must be in [0, 1{']' if closed else ')'}"
+        )
+
+
+def check_betas(cls: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{cls}: betas must be a pair (beta1, beta2), got {betas!r}")
+    check_unit(cls, "betas[0]", betas[0])
+    check_unit(cls, "betas[1]", betas[1])
+
+
+def check_flag(cls: str, name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{cls}: {name} must be a bool, got {value!r}")

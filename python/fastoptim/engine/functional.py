@@ -1,0 +1,72 @@
+"""The functional tier's one update (see :mod:`fastoptim.functional`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from .definition import Definition
+
+
+def step(
+    defn: Definition,
+    param: np.ndarray,
+    grad: np.ndarray,
+    states: Mapping[str, np.ndarray | None],
+    step: int,
+    hyper: Mapping[str, Any],
+    scalars: Mapping[str, Any] | None = None,
+) -> Any:
+    """One update of `param` with `defn`'s kernel.
+
+    `states`: state name -> array, or None where the caller did not give it.  `hyper`: the
+    function's hyper-parameters (those the class's groups hold; the others take their
+    defaults), validated by the definition.  `scalars`: the scalar state (NAdam's running
+    ``mu_product``), each a number in [0, 1]; when given, the updated value is returned (one
+    scalar) as a float.
+    """
+    fn = defn.name.lower() + "_"
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"{fn}: step must be an int (the 1-based update number), got {step!r}")
+    if step < 1:
+        raise ValueError(f"{fn}: invalid step={step!r}: the first update is step=1")
+    for name, v in (scalars or {}).items():
+        if isinstance(v, (bool, np.bool_)) or not isinstance(
+            v, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(f"{fn}: {name} must be a float, got {v!r}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(
+                f"{fn}: invalid {name}={v!r}: must be a number in [0, 1] "
+                "(1.0 at the first step, then the value the previous call returned)"
+            )
+    group = {**defn.defaults(), **hyper}
+    defn.check(group)
+    # At step 1 every state buffer is fresh: what the class would have just created.
+    fresh = set(states) if step == 1 else set()
+    core = defn.compile(group, fresh)
+    for name, v in (scalars or {}).items():
+        setattr(core, name, float(v))
+    needed = list(core.state_names())
+    given = {n: a for n, a in states.items() if a is not None}
+    missing = [n for n in needed if n not in given]
+    unused = [n for n in given if n not in needed]
+    if missing or unused:
+        parts = []
+        if missing:
+            parts.append(f"needs state array(s) {', '.join(missing)}")
+        if unused:
+            parts.append(f"does not use state array(s) {', '.join(unused)} (pass None)")
+        raise ValueError(
+            f"{fn}: with these options ({', '.join(f'{k}={v!r}' for k, v in hyper.items())}) "
+            f"the update {' and '.join(parts)}"
+        )
+    plan = _core.Plan([param], ["param"], needed, [[given[n]] for n in needed])
+    defn.core_step(plan, core, int(step), grads=[grad])
+    if scalars:
+        (name,) = scalars
+        return float(getattr(core, name))
+    return None
