@@ -88,18 +88,23 @@ def _def_name(d: Definition) -> str:
     return d.name.upper()
 
 
-def numpy_class(d: Definition) -> list[str]:
-    base = d.base.name if d.base is not None else "Optimizer"
-    params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.hyper]
-    sig = _signature(params, ["self,", "params: Params,"])
-    out = [f"class {d.name}({base}):", *_doc(d.doc, "    "), ""]
+def _class(d: Definition, base: str, doc: str, params: list[Any], init: str) -> list[str]:
+    """A class of one tier: its docstring, definition and typed ``__init__`` calling `init`."""
+    out = [f"class {d.name}({base}):", *_doc(doc, "    "), ""]
     out.append(f"    _definition = _defs.{_def_name(d)}")
     out.append("")
     out.append("    def __init__(")
-    out += ["        " + line for line in sig]
+    out += ["        " + line for line in _signature(params, ["self,", "params: Params,"])]
     out.append("    ) -> None:")
-    out.append("        Optimizer.__init__(self, params, _defaults(locals()))")
+    out.append(f"        {init}params, _defaults(locals()))")
     return out
+
+
+def numpy_class(d: Definition) -> list[str]:
+    base = d.base.name if d.base is not None else "Optimizer"
+    params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.hyper]
+    # Optimizer.__init__ explicitly: a subclass (AdamW of Adam) has another signature
+    return _class(d, base, d.doc, params, "Optimizer.__init__(self, ")
 
 
 def functional_function(d: Definition) -> list[str]:
@@ -172,15 +177,7 @@ def _torch_signature(d: Definition) -> list[tuple[str, str, Any, bool]]:
 
 
 def torch_class(d: Definition) -> list[str]:
-    sig = _signature(_torch_signature(d), ["self,", "params: Params,"])
-    out = [f"class {d.name}(Optimizer):", *_doc(d.torch_doc, "    "), ""]
-    out.append(f"    _definition = _defs.{_def_name(d)}")
-    out.append("")
-    out.append("    def __init__(")
-    out += ["        " + line for line in sig]
-    out.append("    ) -> None:")
-    out.append("        super().__init__(params, _defaults(locals()))")
-    return out
+    return _class(d, "Optimizer", d.torch_doc, _torch_signature(d), "super().__init__(")
 
 
 def generate(defs: Iterable[Definition]) -> dict[str, str]:
