@@ -102,7 +102,7 @@ def _class(d: Definition, base: str, doc: str, params: list[Any], init: str) -> 
 
 def numpy_class(d: Definition) -> list[str]:
     base = d.base.name if d.base is not None else "Optimizer"
-    params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.hyper]
+    params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.options]
     # Optimizer.__init__ explicitly: a subclass (AdamW of Adam) has another signature
     return _class(d, base, d.doc, params, "Optimizer.__init__(self, ")
 
@@ -121,7 +121,7 @@ def functional_function(d: Definition) -> list[str]:
     params.append(("step", "int", inspect.Parameter.empty, True))
     for name, _ in d.scalars:
         params.append((name, "float", inspect.Parameter.empty, True))
-    hypers = [h for h in d.hyper if h.functional]
+    hypers = [h for h in d.options if h.functional]
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
     returns = "float" if d.scalars else "None"
     out = [f"def {fn}("]
@@ -146,8 +146,14 @@ def _torch_signature(d: Definition) -> list[tuple[str, str, Any, bool]]:
 
     theirs = getattr(torch.optim, d.name, None)
     hypers = {h.name: h for h in d.hyper}
+    common = [
+        (h.name, _annotation(d, h.name, True), h.default, True)
+        for h in d.options
+        if h not in d.hyper
+    ]
     if theirs is None:
-        return [(h.name, _annotation(d, h.name, True), h.default, h.keyword) for h in d.hyper]
+        own = [(h.name, _annotation(d, h.name, True), h.default, h.keyword) for h in d.hyper]
+        return own + common
     out = []
     seen = set()
     for p in list(inspect.signature(theirs.__init__).parameters.values())[2:]:
@@ -173,7 +179,7 @@ def _torch_signature(d: Definition) -> list[tuple[str, str, Any, bool]]:
     missing = set(hypers) - seen
     if missing:
         raise SystemExit(f"{d.name}: torch.optim.{d.name} lacks {sorted(missing)}")
-    return out
+    return out + common
 
 
 def torch_class(d: Definition) -> list[str]:

@@ -61,6 +61,12 @@ class Hyper:
             object.__setattr__(self, "schedulable", False)
 
 
+# Options every optimizer has (precision, transforms...): defined here once; the code generator
+# appends them, keyword-only, to every signature of every tier, and every definition validates
+# them (each a Hyper with keyword=True).
+COMMON: tuple[Hyper, ...] = ()
+
+
 @dataclass(frozen=True)
 class State:
     """One state buffer (torch's name).  ``fill``: its initial value, a number or the name of
@@ -99,6 +105,11 @@ class Definition:
     torch_scalar_factor: Callable[[Mapping[str, Any], float], float] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def options(self) -> tuple[Hyper, ...]:
+        """Every hyper-parameter: the optimizer's own, then :data:`COMMON` (keyword-only)."""
+        return self.hyper + COMMON
+
     # ------------------------------------------------------------------ compiled kernel
     @property
     def hyper_type(self) -> Any:
@@ -127,7 +138,7 @@ class Definition:
 
     def defaults(self) -> dict[str, Any]:
         """Every hyper-parameter's default, fixed ones included."""
-        out = {h.name: h.default for h in self.hyper}
+        out = {h.name: h.default for h in self.options}
         out.update(self.fixed)
         return out
 
@@ -162,7 +173,7 @@ class Definition:
     def rules(self) -> dict[str, str]:
         r = self._cache.get("rules")
         if r is None:
-            r = self._cache["rules"] = {h.name: h.rule for h in self.hyper}
+            r = self._cache["rules"] = {h.name: h.rule for h in self.options}
             for k, v in self.fixed:
                 r[k] = FLAG if isinstance(v, bool) else NONNEGATIVE
         return r
@@ -170,7 +181,7 @@ class Definition:
     @property
     def unschedulable(self) -> frozenset[str]:
         """Hyper-parameters that cannot follow a schedule."""
-        return frozenset(h.name for h in self.hyper if not h.schedulable) | frozenset(
+        return frozenset(h.name for h in self.options if not h.schedulable) | frozenset(
             k for k, _ in self.fixed
         )
 
