@@ -103,7 +103,7 @@ class Definition:
     torch_eager_state: bool = False  # torch creates the state at construction (Adagrad)
     # torch's per-step scalar update (NAdam's momentum factor mu_t from (group, t)).
     torch_scalar_factor: Callable[[Mapping[str, Any], float], float] | None = None
-    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def options(self) -> tuple[Hyper, ...]:
@@ -221,7 +221,11 @@ class Definition:
 def check_nonnegative(cls: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{cls}: {name} must be a number, got {type(value).__name__}")
-    if not (value >= 0.0) or math.isinf(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        finite = False
+    if not finite or not (value >= 0.0):
         raise ValueError(f"{cls}: invalid {name}={value!r}: must be finite and >= 0")
 
 

@@ -191,11 +191,9 @@ class Optimizer:
         # Validate the arrays (type, dtype, layout, aliasing within the group) before keeping
         # anything: a plan without state does exactly that.
         _core.Plan(list(arrays), g.labels, [], [])
-        everything = [p for old in self._groups for p in old.params] + list(arrays)
-        labels = ["param " + lab for old in self._groups for lab in old.labels] + [
-            "param " + lab for lab in g.labels
-        ]
-        _core.check_disjoint(everything, labels)
+        # ... and against everything the other groups own: parameters, state, gradient buffers.
+        owned, owners = self._owned(with_grad_buffers=True)
+        _core.check_disjoint(owned + list(arrays), owners + ["param " + lab for lab in g.labels])
         self._named = named
         self._sync(g, group)
         self._ensure_plan(g, group)
@@ -340,6 +338,14 @@ class Optimizer:
 
     def _prepare(self, grads: Grads | None) -> list[list[np.ndarray]]:
         """Validate everything a step needs and bind the gradients; touches no element."""
+        self._refresh()
+        return self._bind(grads)
+
+    def _refresh(self) -> None:
+        """Validate and compile the groups whose entries were set since the last step (or whose
+        schedule failed after it), allocating the state buffers a new variant needs (e.g.
+        ``momentum`` 0 -> 0.9): what a step, :meth:`state_dict` and :func:`fastoptim.save`
+        see first.  Raises (changing nothing) if a group holds an invalid value."""
         changed = [
             (g, group)
             for g, group in zip(self._groups, self.param_groups)
@@ -359,6 +365,9 @@ class Optimizer:
             self._sync(g, group)
             self._ensure_plan(g, group)
             g.synced = _snapshot(group)
+
+    def _bind(self, grads: Grads | None) -> list[list[np.ndarray]]:
+        """Validate the gradients and bind them to the plans; touches no element."""
         if grads is None:
             per_group = [self._own_grads(g) for g in self._groups]
             for g, gr in zip(self._groups, per_group):
@@ -371,16 +380,28 @@ class Optimizer:
             g.bound_own = False
         for g, gr in zip(self._groups, per_group):
             g.plan.bind_grads(gr)
-        if len(self._groups) > 1:  # a gradient must not alias another group's parameter
-            arrays = [a for g, gr in zip(self._groups, per_group) for a in (*g.params, *gr)]
-            labels = [
-                f"{what} {lab}"
-                for g in self._groups
-                for what in ("param", "grad for param")
-                for lab in g.labels
-            ]
-            _core.check_disjoint(arrays, labels)
+        if len(self._groups) > 1:  # a gradient must not alias another group's param or state
+            owned, owners = self._owned(with_grad_buffers=False)
+            grads_flat = [a for gr in per_group for a in gr]
+            labels = ["grad for param " + lab for g in self._groups for lab in g.labels]
+            _core.check_disjoint(owned + grads_flat, owners + labels)
         return per_group
+
+    def _owned(self, with_grad_buffers: bool) -> tuple[list[np.ndarray], list[str]]:
+        """The memory the groups own (parameters, state arenas and, optionally, the gradient
+        buffers of :attr:`grads`), with labels: no two groups may share any of it."""
+        arrays: list[np.ndarray] = []
+        labels: list[str] = []
+        for gi, g in enumerate(self._groups):
+            arrays += g.params
+            labels += ["param " + lab for lab in g.labels]
+            for name, block in g.arenas.items():
+                arrays.append(block)
+                labels.append(f"the {name!r} state of group {gi}")
+            if with_grad_buffers and g.grad_block is not None:
+                arrays.append(g.grad_block)
+                labels.append(f"the gradient buffers (opt.grads) of group {gi}")
+        return arrays, labels
 
     def _scalar_names(self) -> list[str]:
         return [n for n, _ in self._definition.scalars]
@@ -421,6 +442,7 @@ class Optimizer:
         return self._state_dict(copy=True)
 
     def _state_dict(self, copy: bool) -> dict[str, Any]:
+        self._refresh()  # entries set since the last step: as the next step will see them
         groups, state = [], {}
         for g, group in zip(self._groups, self.param_groups):
             specs = g.sched.specs
