@@ -267,7 +267,9 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
         }
         records = sd["param_groups"]
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ValueError("param_groups must be a list of objects")
+            raise CheckpointError(
+                f"{where}: malformed checkpoint metadata (param_groups must be a list of objects)"
+            )
         # JSON turned tuples into lists; parameter keys are list entries.
         sd["param_groups"] = [{**r, "params": list(r.get("params", ()))} for r in records]
         apply = opt._loader(sd, strict, where)
@@ -279,7 +281,12 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
         # The metadata is checked before any change: a field of the wrong type is reported
         # as a damaged file, never as an error from deep inside the loader.
         raise CheckpointError(f"{where}: malformed checkpoint metadata ({e!r})") from None
-    apply()
+    try:
+        apply()  # the plateau's configuration is compared first, before any change
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     index = {k: i for i, k in enumerate(keys)}
     for k, p in pairs:
         if k in index:
