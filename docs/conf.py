@@ -53,6 +53,10 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(os\.PathLike|PathLike|Path|Callable|Iterable|Iterator|Mapping|Sequence)"),
     (r"py:.*", r"(collections\.abc|typing|typing_extensions|pathlib)\..*"),
     (r"py:.*", r"(Any|Union|Optional|Literal|ClassVar|Self|TypeVar)"),
+    # fastoptim's private type aliases (Params, Grads...) and private modules or attributes,
+    # which docstrings may mention but the reference does not document
+    (r"py:.*", r"(Params|Grads|Key|PathLike)"),
+    (r"py:.*", r"(fastoptim\.)?([\w.]*\.)?_\w+"),
 ]
 
 html_theme = "furo"
