@@ -1,6 +1,6 @@
 """Sphinx configuration of fastoptim's documentation.
 
-Build: ``pip install '.[docs]' && sphinx-build -W --keep-going -n docs docs/_build/html``.
+Build: ``pip install '.[docs,torch]' && sphinx-build -W --keep-going -n docs docs/_build/html``.
 Nothing is downloaded at build time (no intersphinx): references to NumPy/torch types are
 left unresolved on purpose (``nitpick_ignore_regex``).
 
@@ -42,7 +42,7 @@ autosummary_generate = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": True}
-autodoc_mock_imports: list[str] = []  # torch is imported for real: fastoptim.torch needs it
+# fastoptim.torch is documented by importing it: torch must be installed ('.[docs,torch]').
 myst_heading_anchors = 3
 
 # Cross-references `-n` cannot resolve without downloading other projects' inventories.
