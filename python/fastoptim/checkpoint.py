@@ -10,21 +10,31 @@ every group's hyper-parameters (schedules described), the parameters' keys, dtyp
 the attached ReduceLROnPlateau's counters.
 
 **Crash-safe**: :func:`save` writes a temporary file in the same directory, flushes it to disk,
-then renames it over `path`; an interrupted save leaves the previous checkpoint intact.
+then renames it over `path`; an interrupted save leaves the previous checkpoint intact, and the
+temporary file a killed save leaves behind is removed by the next save to the same path.
 
 **Checked**: :func:`load` reads and verifies the whole file (zip CRCs, every member present,
-names, shapes and dtypes against the optimizer) before writing anything; a truncated or corrupted
-file, another optimizer's checkpoint or mismatched shapes raise :class:`CheckpointError` (a
-``ValueError``) and change nothing.  Parameters are restored **in place** into the optimizer's
-own arrays.
+names, shapes and dtypes against the optimizer) before writing anything; a truncated, corrupted
+or crafted file, another optimizer's checkpoint or mismatched shapes raise
+:class:`CheckpointError` (a ``ValueError``) and change nothing.  Sizes are checked before
+anything is decompressed or allocated: every member must have exactly the size the optimizer's
+arrays imply, so a small file cannot make :func:`load` allocate or decompress more than the
+optimizer's own parameters and state.  Parameters are restored **in place** into the
+optimizer's own arrays.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import os
-import tempfile
-from typing import Any, Union
+import re
+import secrets
+import socket
+import stat
+import zipfile
+from typing import IO, Any, Union
 
 import numpy as np
 
@@ -34,6 +44,11 @@ __all__ = ["save", "load", "CheckpointError"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _FORMAT = "fastoptim.checkpoint/1"
+_TMP_TAG = ".fastoptim-tmp-"
+_CHUNK = 1 << 20  # bytes decompressed per read: no second copy of a large member
+_MAX_NPY_HEADER = 1 << 16  # numpy writes headers of 128 bytes or so
+_META_BASE = 16 << 20  # metadata size allowed: 16 MiB + 64 KiB per parameter
+_META_PER_PARAM = 64 << 10
 
 
 class CheckpointError(ValueError):
@@ -45,12 +60,27 @@ def _params(opt: Optimizer) -> list[tuple[Any, np.ndarray]]:
     return [(k, p) for g in opt._groups for k, p in zip(g.keys, g.params)]
 
 
+# ------------------------------------------------------------------------------------ save
 def save(path: PathLike, opt: Optimizer) -> None:
     """Write the parameters of `opt` and its whole state to `path` (an ``.npz`` file),
-    atomically: a crash during the save never destroys an existing file at `path`."""
+    atomically: a crash during the save never destroys an existing file at `path`.
+
+    The file is written to a temporary file next to the target, named
+    ``.<name>.fastoptim-tmp-<host>-<pid>-<random>``, flushed to disk (``fsync``) and renamed
+    over the target; the directory is then flushed too.  A save killed before the rename
+    (``kill -9``, power loss) leaves that temporary file; the next save to the same path
+    removes such leftovers when they come from this host and their process is gone (never the
+    file of a save still running, in this or another process).
+
+    - **Permissions**: a new file gets the mode ``open(path, "w")`` would give it (``0o666``
+      less the umask); a file that is replaced keeps its permission bits.
+    - **Symbolic links**: if `path` is a symlink, the file it points to is replaced and the
+      link is kept, as writing through ``open(path, "w")`` would do (a dangling link gets its
+      target created).
+    """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"save: opt must be a fastoptim optimizer, got {type(opt).__name__}")
-    path = os.fspath(path)
+    target = os.path.realpath(os.fspath(path))  # through symlinks: replace the file, keep links
     pairs, sd = _params(opt), opt._state_dict(copy=False)
     arrays: dict[str, np.ndarray] = {}
     params, state = [], []
@@ -68,14 +98,22 @@ def save(path: PathLike, opt: Optimizer) -> None:
         "optimizer": {k: v for k, v in sd.items() if k != "state"},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    directory, name = os.path.split(target)
+    _remove_stale_temporaries(directory, name)
+    fd, tmp = _create_temporary(directory, name)
     try:
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            pass
+        else:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -90,6 +128,66 @@ def save(path: PathLike, opt: Optimizer) -> None:
             os.close(dfd)
 
 
+def _host() -> str:
+    """This machine's name, reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _tmp_prefix(name: str) -> str:
+    # The target's name is shortened so that the temporary name stays under 255 bytes.
+    return f".{name[:120]}{_TMP_TAG}"
+
+
+def _create_temporary(directory: str, name: str) -> tuple[int, str]:
+    """A new file for writing, ``.<name>.fastoptim-tmp-<host>-<pid>-<random>`` in
+    `directory`, created with mode 0o666 less the umask (as ``open(path, "w")`` does)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(
+            directory, f"{_tmp_prefix(name)}{_host()}-{os.getpid()}-{secrets.token_hex(6)}"
+        )
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    raise FileExistsError(f"save: could not create a temporary file in {directory!r}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be saving right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but not ours, or cannot tell: keep its file
+    return True
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Remove the temporary files of saves to `name` killed before their rename: those of
+    this host whose process no longer exists.  Best effort: errors are ignored."""
+    if os.name != "posix":  # os.kill(pid, 0) only probes a process on POSIX
+        return
+    pattern = re.compile(re.escape(_tmp_prefix(name)) + r"([A-Za-z0-9]+)-([0-9]+)-[0-9a-f]{12}")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    host = _host()
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m is None or m.group(1) != host or _pid_alive(int(m.group(2))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------ load
 def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     """Restore a :func:`save` checkpoint: the parameters **in place** into `opt`'s arrays and
     the whole optimizer state (as :meth:`~fastoptim.Optimizer.load_state_dict`, same `strict`).
@@ -97,92 +195,274 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     `opt` must be built like the saved one (same class, same parameter names or order, shapes
     and dtypes; an attached ReduceLROnPlateau if the checkpoint has one).  Everything is read
     and verified before anything is written; any problem raises :class:`CheckpointError`
-    naming it, and changes nothing."""
+    naming it, and changes nothing.
+
+    **The checkpoint's hyper-parameters win**, as with torch's ``load_state_dict``: every
+    group's hyper-parameters and schedules become the saved ones, whatever `opt` was built
+    with (e.g. loading a checkpoint saved with ``amsgrad=False`` into an optimizer built with
+    ``amsgrad=True`` turns AMSGrad off).  Set them again after loading to change them.
+
+    Sizes are checked before anything is decompressed or allocated: each member must hold
+    exactly the dtype and shape of the optimizer's array it restores, so a crafted file (a
+    "zip bomb") is rejected without allocating more than the optimizer's own arrays.  With
+    ``strict=False`` the arrays of parameters `opt` does not have are skipped unread."""
     if not isinstance(opt, Optimizer):
         raise TypeError(f"load: opt must be a fastoptim optimizer, got {type(opt).__name__}")
     path = os.fspath(path)
-    meta, arrays = _read(path)
-    pairs = _params(opt)
     where = f"load({path!r})"
+    pairs = _params(opt)
+    mine = dict(pairs)
+    with open(path, "rb") as fh:
+        try:
+            archive = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise CheckpointError(
+                f"{where}: not a readable checkpoint (truncated or corrupted?): {e}"
+            ) from None
+        with archive:
+            members = _members(archive, where)
+            meta = _read_meta(archive, members, len(pairs), where)
+            keys, state_names = _layout(meta, where)
+            wanted = (
+                {"meta"}
+                | {f"p{i}" for i in range(len(keys))}
+                | {f"s{i}.{n}" for i, names in enumerate(state_names) for n in names}
+            )
+            if set(members) != wanted:
+                raise CheckpointError(
+                    f"{where}: members missing {sorted(wanted - set(members))}, "
+                    f"unexpected {sorted(set(members) - wanted)}"
+                )
+            problems = []
+            missing = [k for k in mine if k not in set(keys)]
+            unexpected = [k for k in keys if k not in mine]
+            if strict and (missing or unexpected):
+                problems.append(f"parameters: missing {missing}, unexpected {unexpected}")
+            for k, rec in zip(keys, meta["params"]):
+                p = mine.get(k)
+                if p is not None and (rec["dtype"] != p.dtype.str or rec["shape"] != [*p.shape]):
+                    dtype = _dtype_name(rec["dtype"])
+                    shape = tuple(rec["shape"])
+                    problems.append(
+                        f"parameter {k!r}: {dtype} {shape} in the file, {p.dtype} {p.shape} here"
+                    )
+            if problems:
+                raise CheckpointError(
+                    f"{where}: the checkpoint does not match:\n  - " + "\n  - ".join(problems)
+                )
+            # Read what this optimizer uses, each member checked against the array it restores.
+            arrays: dict[str, np.ndarray] = {}
+            for i, (k, names) in enumerate(zip(keys, state_names)):
+                p = mine.get(k)
+                if p is None:
+                    continue  # strict=False: a parameter this optimizer does not have
+                for member in [f"p{i}"] + [f"s{i}.{n}" for n in names]:
+                    arrays[member] = _read_array(archive, members[member], p, where)
     try:
-        params, state_names = meta["params"], meta["state"]
         sd = dict(meta["optimizer"])
-        if len(params) != len(state_names):
-            raise ValueError("inconsistent metadata")
-        keys = [p["key"] for p in params]
-        by_key = dict(zip(keys, range(len(keys))))
         sd["state"] = {
             k: {n: arrays[f"s{i}.{n}"] for n in names}
             for i, (k, names) in enumerate(zip(keys, state_names))
+            if k in mine
         }
-        # JSON turned int keys into ints already (they are list entries), tuples into lists.
-        for rec in sd["param_groups"]:
-            rec["params"] = list(rec["params"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{where}: malformed checkpoint metadata ({e!r})") from None
-    problems = []
-    mine = [k for k, _ in pairs]
-    missing = [k for k in mine if k not in by_key]
-    unexpected = [k for k in keys if k not in set(mine)]
-    if strict and (missing or unexpected):
-        problems.append(f"parameters: missing {missing}, unexpected {unexpected}")
-    copies = []
-    for k, p in pairs:
-        if k not in by_key:
-            continue
-        a = arrays[f"p{by_key[k]}"]
-        if a.dtype != p.dtype or a.shape != p.shape:
-            problems.append(
-                f"parameter {k!r}: {a.dtype} {a.shape} in the file, {p.dtype} {p.shape} here"
+        records = sd["param_groups"]
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise CheckpointError(
+                f"{where}: malformed checkpoint metadata (param_groups must be a list of objects)"
             )
-        copies.append((p, a))
-    if problems:
-        raise CheckpointError(
-            f"{where}: the checkpoint does not match:\n  - " + "\n  - ".join(problems)
-        )
-    try:
+        # JSON turned tuples into lists; parameter keys are list entries.
+        sd["param_groups"] = [{**r, "params": list(r.get("params", ()))} for r in records]
         apply = opt._loader(sd, strict, where)
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    apply()
-    for p, a in copies:
-        np.copyto(p, a)
-
-
-def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every member of the archive, fully read (so the zip CRCs are checked), and the meta."""
-    where = f"load({path!r})"
+    except (TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        # The metadata is checked before any change: a field of the wrong type is reported
+        # as a damaged file, never as an error from deep inside the loader.
+        raise CheckpointError(f"{where}: malformed checkpoint metadata ({e!r})") from None
     try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        apply()  # the plateau's configuration is compared first, before any change
+    except CheckpointError:
         raise
-    except Exception as e:  # zipfile, zlib, struct, numpy header errors: a damaged file
-        raise CheckpointError(
-            f"{where}: not a readable checkpoint (truncated or corrupted?): {e}"
-        ) from None
-    if "meta" not in arrays:
-        raise CheckpointError(f"{where}: not a fastoptim checkpoint (no 'meta' member)")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    index = {k: i for i, k in enumerate(keys)}
+    for k, p in pairs:
+        if k in index:
+            np.copyto(p, arrays[f"p{index[k]}"])
+
+
+def _dtype_name(descr: str) -> str:
     try:
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where}: corrupted metadata ({e})") from None
+        return str(np.dtype(descr))
+    except (TypeError, ValueError):
+        return repr(descr)
+
+
+def _members(archive: zipfile.ZipFile, where: str) -> dict[str, zipfile.ZipInfo]:
+    """Member name (without ``.npy``) -> its zip entry; names must be unique ``.npy`` files."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in archive.infolist():
+        name = info.filename
+        if not name.endswith(".npy") or name[:-4] in members:
+            raise CheckpointError(f"{where}: unexpected or repeated member {name!r}")
+        members[name[:-4]] = info
+    if "meta" not in members:
+        raise CheckpointError(f"{where}: not a fastoptim checkpoint (no 'meta' member)")
+    return members
+
+
+def _read_meta(
+    archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], n_params: int, where: str
+) -> dict[str, Any]:
+    """The JSON metadata, its size bounded before it is read."""
+    limit = _META_BASE + _META_PER_PARAM * n_params
+    info = members["meta"]
+    if info.file_size > limit:
+        raise CheckpointError(
+            f"{where}: member 'meta' declares {info.file_size} bytes (more than {limit}): "
+            "not a checkpoint of this optimizer"
+        )
+    raw = _read_member(archive, info, "meta", None, where)
+    try:
+        meta = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: corrupted metadata ({e!r})") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise CheckpointError(f"{where}: not a fastoptim checkpoint (format != {_FORMAT!r})")
+    return meta
+
+
+def _layout(meta: dict[str, Any], where: str) -> tuple[list[Any], list[list[str]]]:
+    """The parameters' keys and state names from `meta`, every field's type checked."""
+    params, state = meta.get("params"), meta.get("state")
+    bad = None
+    if set(meta) != {"format", "params", "state", "optimizer"}:
+        bad = f"fields {sorted(meta)}"
+    elif not isinstance(params, list) or not isinstance(state, list) or len(params) != len(state):
+        bad = "'params' and 'state' must be lists of the same length"
+    elif not isinstance(meta["optimizer"], dict):
+        bad = "'optimizer' must be an object"
+    else:
+        for i, (rec, names) in enumerate(zip(params, state)):
+            if not (isinstance(rec, dict) and set(rec) == {"key", "dtype", "shape"}):
+                bad = f"params[{i}] must be an object with key, dtype and shape"
+            elif isinstance(rec["key"], bool) or not isinstance(rec["key"], (str, int)):
+                bad = f"params[{i}]: key {rec['key']!r} is not a name or a position"
+            elif not isinstance(rec["dtype"], str):
+                bad = f"params[{i}]: dtype {rec['dtype']!r}"
+            elif not (
+                isinstance(rec["shape"], list)
+                and all(type(n) is int and n >= 0 for n in rec["shape"])
+            ):
+                bad = f"params[{i}]: shape {rec['shape']!r}"
+            elif not (
+                isinstance(names, list)
+                and all(isinstance(n, str) and re.fullmatch(r"\w+", n) for n in names)
+                and len(set(names)) == len(names)
+            ):
+                bad = f"state[{i}]: state names {names!r}"
+            if bad:
+                break
+        keys = [rec["key"] for rec in params] if bad is None else []
+        if bad is None and len(set(keys)) != len(keys):
+            bad = "repeated parameter keys"
+    if bad is not None:
+        raise CheckpointError(f"{where}: malformed checkpoint metadata ({bad})")
+    assert isinstance(state, list)
+    return keys, state
+
+
+def _read_array(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, param: np.ndarray, where: str
+) -> np.ndarray:
+    """A parameter or state member: the dtype and shape of `param` (the array it restores)."""
+    name = info.filename[:-4]
+    return _read_member(archive, info, name, (param.dtype, param.shape), where)
+
+
+def _read_member(
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    name: str,
+    expected: tuple[np.dtype[Any], tuple[int, ...]] | None,
+    where: str,
+) -> np.ndarray:
+    """Read one ``.npy`` member: its header first, checked against `expected` (dtype, shape;
+    None: a 1-d uint8 array), then its declared size against the header's, and only then the
+    data, decompressed in chunks straight into the result (the zip CRC is checked at the end)."""
     try:
-        n = len(meta["params"])
-        wanted = {f"p{i}" for i in range(n)} | {
-            f"s{i}.{s}" for i, names in enumerate(meta["state"]) for s in names
-        }
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{where}: malformed checkpoint metadata ({e!r})") from None
-    if set(arrays) != wanted:
+        with archive.open(info) as f:
+            dtype, shape, offset = _npy_header(f, name, where)
+            if expected is None:
+                ok = dtype == np.dtype(np.uint8) and len(shape) == 1
+                want = "a 1-d uint8 array"
+            else:
+                ok = dtype == expected[0] and shape == expected[1]
+                want = f"{expected[0]} {expected[1]}"
+            if not ok:
+                raise CheckpointError(
+                    f"{where}: member {name!r} holds {dtype} {shape}, expected {want}"
+                )
+            nbytes = math.prod(shape) * dtype.itemsize
+            if info.file_size != offset + nbytes:
+                raise CheckpointError(
+                    f"{where}: member {name!r} declares {info.file_size} bytes, its "
+                    f"{dtype} {shape} array needs {offset + nbytes}"
+                )
+            out = np.empty(shape, dtype)
+            buf = out.reshape(-1).view(np.uint8)
+            pos = 0
+            while pos < nbytes:
+                chunk = f.read(min(_CHUNK, nbytes - pos))
+                if not chunk:
+                    raise CheckpointError(f"{where}: member {name!r} is truncated")
+                buf[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                pos += len(chunk)
+            if f.read(1):  # also makes zipfile check the CRC if it has not yet
+                raise CheckpointError(f"{where}: member {name!r} is longer than declared")
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile, zlib, struct errors: a damaged file
         raise CheckpointError(
-            f"{where}: members missing {sorted(wanted - set(arrays))}, "
-            f"unexpected {sorted(set(arrays) - wanted)}"
-        )
-    for i, p in enumerate(meta["params"]):
-        a = arrays[f"p{i}"]
-        if a.dtype.str != p.get("dtype") or list(a.shape) != p.get("shape"):
-            raise CheckpointError(f"{where}: member p{i} does not match its metadata")
-    return meta, arrays
+            f"{where}: not a readable checkpoint (truncated or corrupted?): member {name!r}: {e}"
+        ) from None
+    return out
+
+
+def _npy_header(f: IO[bytes], name: str, where: str) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    """Parse a ``.npy`` header (format versions 1-3) without trusting any length in it:
+    (dtype, shape, offset of the data)."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: member {name!r} is not a valid .npy array ({why})")
+
+    start = f.read(8)
+    if len(start) != 8 or start[:6] != b"\x93NUMPY" or start[6] not in (1, 2, 3):
+        raise bad("no .npy signature")
+    size_bytes = 2 if start[6] == 1 else 4
+    hlen = int.from_bytes(f.read(size_bytes), "little")
+    if hlen > _MAX_NPY_HEADER:
+        raise bad(f"header of {hlen} bytes")
+    text = f.read(hlen)
+    if len(text) != hlen:
+        raise bad("truncated header")
+    try:
+        header = ast.literal_eval(text.decode("utf-8" if start[6] == 3 else "latin1"))
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        raise bad("unreadable header") from None
+    if not (
+        isinstance(header, dict)
+        and set(header) == {"descr", "fortran_order", "shape"}
+        and isinstance(header["descr"], str)
+        and header["fortran_order"] is False
+        and isinstance(header["shape"], tuple)
+        and all(type(n) is int and n >= 0 for n in header["shape"])
+    ):
+        raise bad(f"header {header!r}"[:200])
+    try:
+        dtype = np.dtype(header["descr"])
+    except (TypeError, ValueError):
+        raise bad(f"dtype {header['descr']!r}") from None
+    return dtype, header["shape"], 8 + size_bytes + hlen
