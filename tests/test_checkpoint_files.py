@@ -507,7 +507,6 @@ def test_loaded_hyper_parameters_win(rng: np.random.Generator, tmp_path: Path) -
 # The values below reach Optimizer._loader / _load_group (python/fastoptim/_optimizer.py),
 # which accept them, or fail half-way through applying them.  Each case runs through
 # load_state_dict and through fastoptim.load.
-ENGINE = "engine: Optimizer._load_group does not validate this field before applying"
 
 
 def _nadam(rng: np.random.Generator) -> tuple[fo.Optimizer, dict[str, np.ndarray]]:
@@ -570,7 +569,6 @@ _REJECTED_VALUES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=ENGINE)
 @pytest.mark.parametrize("via", ["load_state_dict", "file"])
 @pytest.mark.parametrize(
     ("label", "make", "edit"), _BAD_ENGINE_VALUES, ids=[c[0] for c in _BAD_ENGINE_VALUES]

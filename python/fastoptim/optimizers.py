@@ -3,7 +3,7 @@ arrays in place with one compiled call per parameter group and step.
 
 Each class is generated from its :class:`~fastoptim.engine.definition.Definition` in
 :mod:`fastoptim.definitions` (the docstring states the update rule); the machinery they share is
-:class:`fastoptim.engine.Optimizer`.  Every float hyper-parameter accepts a schedule
+:class:`fastoptim.engine.optimizer.Optimizer`.  Every float hyper-parameter accepts a schedule
 (:mod:`fastoptim.schedules`, or any callable ``t -> float``).
 
 Notation in the docstrings: :math:`p` parameter, :math:`g` gradient (negated first when

@@ -8,7 +8,7 @@ state the generated code is in; ``python -m fastoptim.engine.codegen`` works too
 package imports.)
 
 Three files have a hand-written part (the tier's documentation and imports) followed by a
-generated part after the line :data:`MARKER`: ``optimizers.py`` (the NumPy classes),
+generated part after the line ``MARKER``: ``optimizers.py`` (the NumPy classes),
 ``functional.py`` (one function per optimizer) and ``torch.py`` (the drop-in classes, with
 ``torch.optim``'s own signatures, read from the installed torch: torch is needed to run this).
 The generated code is plain, typed Python, so IDEs, ``help()``, mypy and pyright see real

@@ -107,7 +107,7 @@ class Definition:
 
     @property
     def options(self) -> tuple[Hyper, ...]:
-        """Every hyper-parameter: the optimizer's own, then :data:`COMMON` (keyword-only)."""
+        """Every hyper-parameter: the optimizer's own, then ``COMMON`` (keyword-only)."""
         return self.hyper + COMMON
 
     # ------------------------------------------------------------------ compiled kernel
@@ -144,7 +144,7 @@ class Definition:
 
     def core_values(self, group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, Any]:
         """The compiled struct's fields for `group` (field name -> value): the entries of the
-        same name, ``betas`` as ``beta1``/``beta2``, and :attr:`extra_fields`.  `fresh`: the
+        same name, ``betas`` as ``beta1``/``beta2``, and ``extra_fields``.  `fresh`: the
         state buffers just created (not yet used by a step)."""
         fields = self.fields
         values = {k: v for k, v in group.items() if k in fields}

@@ -4,6 +4,7 @@ only names its :class:`~fastoptim.engine.definition.Definition` and carries its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Union
@@ -582,6 +583,15 @@ class Optimizer:
                 f"unexpected {sorted(given - mine)}"
             )
             return lambda: None
+        # ReduceLROnPlateau's accumulated factor and floor on a scheduled lr.
+        if not (_real(rec["lr_scale"]) and 0 <= rec["lr_scale"] <= 1):
+            problems.append(
+                f"{where}: lr_scale must be a number in [0, 1], got {rec['lr_scale']!r}"
+            )
+            return lambda: None
+        if not (_real(rec["lr_floor"]) and rec["lr_floor"] >= 0):
+            problems.append(f"{where}: lr_floor must be a number >= 0, got {rec['lr_floor']!r}")
+            return lambda: None
         # The group as it will be: constants, and schedules rebuilt and evaluated at t.
         trial = self._new_sched()
         trial.lr_scale, trial.lr_floor = rec["lr_scale"], rec["lr_floor"]
@@ -609,6 +619,10 @@ class Optimizer:
         if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_names()):
             problems.append(f"{where}: scalar state {scalars!r} != {self._scalar_names()}")
             return lambda: None
+        for n, v in scalars.items():  # running products (NAdam's mu_product)
+            if not (_real(v) and 0 <= v <= 1):
+                problems.append(f"{where}: scalar state {n} must be a number in [0, 1], got {v!r}")
+                return lambda: None
         if len(values) == len(hyper):
             try:
                 trial.evaluate(values, t)
@@ -681,4 +695,15 @@ class Optimizer:
 
 # ---------------------------------------------------------------------- checkpoint helpers
 def _is_count(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(0 <= v < 2**63)
+    """A step count: an int >= 0 whose successor still fits the kernels' int64."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(0 <= v < 2**63 - 1)
+
+
+def _real(v: Any) -> bool:
+    """A finite real number (not a bool)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
