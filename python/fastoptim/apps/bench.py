@@ -3,9 +3,10 @@ workload, timed interleaved (A B C A B C ...) and reported as medians with their
 to a streaming kernel that moves the same bytes (the roofline, measured in the same run).
 
 Each sample times a block of steps lasting at least 2 ms (far above the clock's granularity).
-A row whose numbers cannot be right (fastoptim faster than 110% of the streaming kernel, rounds
-more than +-25% apart, as happens when other processes compete for the cores) is measured
-again; what is still wrong after that is flagged in the table, never printed as a plain fact.
+A row whose numbers cannot be right (fastoptim faster than 110% of the streaming kernel, or
+moving its bytes at under 1 GB/s, or rounds more than +-25% apart, as happens when other
+processes compete for the cores) is measured again; what is still wrong after that is flagged
+in the table, never printed as a plain fact.
 
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
@@ -118,6 +119,8 @@ class Row:
 # A cell is re-measured (up to MAX_REMEASURE more passes of the rounds) and then flagged when:
 ROOFLINE_LIMIT = 1.10  # fastoptim faster than 110% of the streaming kernel moving its bytes
 NOISE_LIMIT = 0.25  # a contender's rounds more than +-25% apart
+MIN_GBPS = 1.0  # fastoptim or the streaming kernel moving its bytes slower than 1 GB/s: a single
+# core streams 5-20 GB/s, so the threads were waiting for cores other processes hold
 MAX_REMEASURE = 2
 MIN_SAMPLE_S = 2e-3  # a sample (a block of steps timed at once) lasts at least this long...
 MAX_SAMPLE_S = 0.1  # ...and, when one step allows it, at most this long
@@ -260,11 +263,18 @@ def _fill(row: Row, steps: dict[str, int], samples: dict[str, list[float]]) -> N
 
 def problems(row: Row, granularity: float) -> list[str]:
     """What makes `row` untrustworthy: a roofline above ROOFLINE_LIMIT (faster than moving the
-    bytes allows), a contender whose rounds spread more than NOISE_LIMIT, or a sample not far
-    above the clock's granularity."""
+    bytes allows), fastoptim or the streaming kernel below MIN_GBPS (slower than one core
+    streams), a contender whose rounds spread more than NOISE_LIMIT, or a sample not far above
+    the clock's granularity."""
     found = []
     if row.roofline > ROOFLINE_LIMIT:
         found.append(f"roofline {100 * row.roofline:.0f}% > {100 * ROOFLINE_LIMIT:.0f}%")
+    slow = [k for k in ("fastoptim", "roofline") if row.bytes / row.times[k] < MIN_GBPS * 1e9]
+    if slow and row.bytes >= 1 << 20:  # below 1 MB a step's fixed cost may dominate
+        found.append(
+            f"{' and '.join(slow)} below {MIN_GBPS:g} GB/s: threads waiting for busy cores "
+            "(try --threads 1)"
+        )
     noisy = [k for k in row.times if row.spread(k) > NOISE_LIMIT]
     if noisy:
         found.append(f"rounds spread > +-{100 * NOISE_LIMIT:.0f}%: {', '.join(noisy)}")
@@ -354,8 +364,8 @@ def format_table(rows: Sequence[Row]) -> str:
             )
             if r.flags:
                 notes.append(
-                    f"  ! {r.optimizer}: {'; '.join(r.flags)} (after {r.rounds} rounds): "
-                    "do not trust this row"
+                    f"  ! {r.optimizer}, after {r.rounds} rounds: {'; '.join(r.flags)}. "
+                    "Do not trust this row."
                 )
         out.extend(notes)
     return "\n".join(out)

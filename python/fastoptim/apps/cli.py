@@ -291,7 +291,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "\n+- = half the range of the rounds, % of the median; roofline = time of a streaming "
         "kernel moving the same bytes / time of the step;\nvs torch = best torch.optim path "
         "(for-loop, foreach, fused) / fastoptim; ? = ratio uncertain (the rounds allow values "
-        "more than 1.5x apart);\n! = faster than the memory allows: a measurement error"
+        "more than 1.5x apart);\n! = faster than the memory allows: a measurement error; a "
+        "flagged row's problems are listed under its table"
     )
     if args.overhead:
         for n in (1, 100, 4096):
@@ -299,9 +300,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"opt.step() overhead, {n:5d} tensor(s): {t * 1e6:7.2f} us")
     if args.plot:
         _plot(args, progress)
-    busy_after = _busy()
-    if busy_after:
-        print(busy_after)
+    if not busy and _busy():
+        print(_busy())
     print(f"bench took {time.perf_counter() - start:.0f} s")
     return 0
 

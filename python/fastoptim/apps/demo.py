@@ -537,16 +537,19 @@ def view_title(lr: float | None) -> str:
 
 
 def compare_optimizers(data: Data, config: Config, bar: Progress) -> list[list[Result]]:
-    """The optimizers lesson: every optimizer once per entry of ``config.lrs``."""
+    """The optimizers lesson: every optimizer once per entry of ``config.lrs`` (a run that
+    two views share, an optimizer tuned at the common lr, is trained once)."""
+    done: dict[tuple[str, float], Result] = {}
     views = []
-    for lr in config.lrs:
-        cfg = dataclasses.replace(config, lr=lr)
-        views.append(
-            [
-                train(name, data, cfg, bar, f"{name} lr {lr or OPTIMIZERS[name].lr:g}")
-                for name in config.optimizers
-            ]
-        )
+    for view_lr in config.lrs:
+        view = []
+        for name in config.optimizers:
+            lr = OPTIMIZERS[name].lr if view_lr is None else view_lr
+            if (name, lr) not in done:
+                cfg = dataclasses.replace(config, lr=lr)
+                done[name, lr] = train(name, data, cfg, bar, f"{name} lr {lr:g}")
+            view.append(done[name, lr])
+        views.append(view)
     return views
 
 
@@ -617,7 +620,9 @@ def read_view(results: Sequence[Result], data: Data, lr: float | None) -> str:
     if len(ok) > 1:
         text += f"test accuracy {worst:.1f}-{best:.1f}% (spread {best - worst:.1f} points); "
     leaders = sorted((r for r in ok if r.accuracy >= best - 0.5), key=lambda r: -r.accuracy)
-    text += "best " + ", ".join(f"{r.name} {r.accuracy:.1f}%" for r in leaders)
+    text += f"best {leaders[0].name} {leaders[0].accuracy:.1f}%"
+    if len(leaders) > 1:
+        text += f", within 0.5 points of it: {', '.join(r.name for r in leaders[1:])}"
     behind = sorted((r for r in ok if r.accuracy < best - 2), key=lambda r: r.accuracy)
     if behind:
         text += "; more than 2 points behind: " + "; ".join(
@@ -628,6 +633,10 @@ def read_view(results: Sequence[Result], data: Data, lr: float | None) -> str:
     diverged = [r for r in results if r.diverged]
     if diverged:
         text += "; diverged: " + ", ".join(f"{r.name} (epoch {r.diverged_epoch})" for r in diverged)
+    if len(ok) > 1:
+        text += ".\n  Final training loss, lowest first: " + " < ".join(
+            f"{r.name} {r.train_loss[-1]:.2g}" for r in sorted(ok, key=lambda r: r.train_loss[-1])
+        )
     return text + "."
 
 
@@ -651,7 +660,8 @@ def read_optimizers(
                     changes.append((r.accuracy - r0.accuracy, r.name, r0, r))
             changes.sort(key=lambda c: c[0])
             moved = [c for c in changes if not abs(c[0]) <= 1]
-            text = f"- from {view_title(lrs[0]).removeprefix('each optimizer at ')} to lr {lr:g}: "
+            start = "its tuned lr" if lrs[0] is None else f"lr {lrs[0]:g}"
+            text = f"- from {start} to lr {lr:g}: "
             if moved:
                 text += ", ".join(
                     f"{name} {'diverged' if r.diverged else f'{d:+.1f} points'} "
