@@ -4,9 +4,10 @@ to a streaming kernel that moves the same bytes (the roofline, measured in the s
 
 Each sample times a block of steps lasting at least 2 ms (far above the clock's granularity).
 A row whose numbers cannot be right (fastoptim faster than 110% of the streaming kernel, or
-moving its bytes at under 1 GB/s, or rounds more than +-25% apart, as happens when other
+moving its bytes at under 1 GB/s, or its rounds more than +-25% apart, as happens when other
 processes compete for the cores) is measured again; what is still wrong after that is flagged
-in the table, never printed as a plain fact.
+in the table, never printed as a plain fact.  A speed-up the rounds cannot pin down (their
+ranges allow values more than 1.5x apart) is marked "?".
 
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
@@ -118,7 +119,7 @@ class Row:
 
 # A cell is re-measured (up to MAX_REMEASURE more passes of the rounds) and then flagged when:
 ROOFLINE_LIMIT = 1.10  # fastoptim faster than 110% of the streaming kernel moving its bytes
-NOISE_LIMIT = 0.25  # a contender's rounds more than +-25% apart
+NOISE_LIMIT = 0.25  # fastoptim's or the streaming kernel's rounds more than +-25% apart
 MIN_GBPS = 1.0  # fastoptim or the streaming kernel moving its bytes slower than 1 GB/s: a single
 # core streams 5-20 GB/s, so the threads were waiting for cores other processes hold
 MAX_REMEASURE = 2
@@ -264,8 +265,8 @@ def _fill(row: Row, steps: dict[str, int], samples: dict[str, list[float]]) -> N
 def problems(row: Row, granularity: float) -> list[str]:
     """What makes `row` untrustworthy: a roofline above ROOFLINE_LIMIT (faster than moving the
     bytes allows), fastoptim or the streaming kernel below MIN_GBPS (slower than one core
-    streams), a contender whose rounds spread more than NOISE_LIMIT, or a sample not far above
-    the clock's granularity."""
+    streams), fastoptim's or the streaming kernel's rounds spread more than NOISE_LIMIT, or a
+    sample not far above the clock's granularity."""
     found = []
     if row.roofline > ROOFLINE_LIMIT:
         found.append(f"roofline {100 * row.roofline:.0f}% > {100 * ROOFLINE_LIMIT:.0f}%")
@@ -275,7 +276,9 @@ def problems(row: Row, granularity: float) -> list[str]:
             f"{' and '.join(slow)} below {MIN_GBPS:g} GB/s: threads waiting for busy cores "
             "(try --threads 1)"
         )
-    noisy = [k for k in row.times if row.spread(k) > NOISE_LIMIT]
+    # the row's own numbers (time, GB/s, roofline); another contender's noise shows as a "?"
+    # on its ratio instead
+    noisy = [k for k in ("fastoptim", "roofline") if row.spread(k) > NOISE_LIMIT]
     if noisy:
         found.append(f"rounds spread > +-{100 * NOISE_LIMIT:.0f}%: {', '.join(noisy)}")
     coarse = [k for k in row.times if row.low[k] * row.steps[k] < 100 * granularity]

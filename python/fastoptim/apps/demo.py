@@ -6,12 +6,12 @@ DIR``, on Fashion-MNIST files you already have.
 Three lessons (``--lesson``, default ``optimizers``; ``all`` runs the three):
 
 * **optimizers**: SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam and NAdam, twice: each at its
-  own tuned learning rate, then all at one common lr (0.001, the articles' Keras code).  Tuned,
-  they all end close together; at one lr, plain SGD and AdaGrad fall behind.
+  own tuned learning rate, then all at one common lr (0.001, the articles' Keras code): how
+  far apart they end in each setting.
 * **batch**: plain SGD with full-batch, mini-batch (32) and online (1 sample) gradient descent:
   updates, wall time and curves on one chart.
 * **decay**: plain SGD on noisy mini-batches and single samples, with a constant learning rate
-  and with a 1/t decay: a start lr too large to keep constant works once it decays.
+  and with a 1/t decay from a start lr that is too large to keep constant.
 
 Every run starts from the same weights and sees the samples in the same order (both fixed by
 ``--seed``), so the curves differ only by what the lesson changes.  In the optimizers lesson each
