@@ -103,9 +103,14 @@ def test_bench_remeasures_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bench_size_sweep_honours_options(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    curves = bench.size_sweep([16, 256], repeats=1, rounds=1, torch=False, progress=seen.append)
-    assert set(curves) == {"fastoptim", "NumPy reference"}  # no torch
+    ranges: dict[str, list[tuple[float, float]]] = {}
+    curves = bench.size_sweep(
+        [16, 256], repeats=1, rounds=3, torch=False, progress=seen.append, ranges=ranges
+    )
+    assert set(curves) == set(ranges) == {"fastoptim", "NumPy reference"}  # no torch
     assert all(len(v) == 2 and min(v) > 0 for v in curves.values())
+    for name, medians in curves.items():
+        assert all(lo <= m <= hi for m, (lo, hi) in zip(medians, ranges[name]))
     assert seen == ["[1/2] Adam, 16 elements", "[2/2] Adam, 256 elements"]
 
 

@@ -399,10 +399,12 @@ def size_sweep(
     rounds: int = 3,
     torch: bool = True,
     progress: Callable[[str], None] | None = None,
+    ranges: dict[str, list[tuple[float, float]]] | None = None,
 ) -> dict[str, list[float]]:
     """Nanoseconds per element of one step (median of `rounds` interleaved rounds) on one
     float32 array of each size, for fastoptim, the NumPy reference and, with `torch`,
-    torch.optim's contenders (when installed)."""
+    torch.optim's contenders (when installed).  `ranges`, when given, receives each point's
+    (fastest, slowest) round in the same unit."""
     cls_name, kwargs, _ = OPTIMIZERS[optimizer]
     min_sample = max(MIN_SAMPLE_S, 1000 * clock_granularity())
     result: dict[str, list[float]] = {}
@@ -416,6 +418,8 @@ def size_sweep(
         _, samples = _interleaved(contenders, rounds, repeats, min_sample)
         for name, times in samples.items():
             result.setdefault(name, []).append(statistics.median(times) / n * 1e9)
+            if ranges is not None:
+                ranges.setdefault(name, []).append((min(times) / n * 1e9, max(times) / n * 1e9))
         del contenders
         gc.collect()
     return result

@@ -326,6 +326,7 @@ def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> N
     sizes = list(bench.SWEEP_SIZES)
     if progress:
         progress(f"size sweep for --plot: Adam on {len(sizes)} array sizes")
+    ranges: dict[str, list[tuple[float, float]]] = {}
     curves = bench.size_sweep(
         sizes,
         "Adam",
@@ -333,13 +334,20 @@ def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> N
         rounds=args.rounds,
         torch=not args.no_torch,
         progress=progress,
+        ranges=ranges,
     )
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, ns in curves.items():
-        ax.loglog(sizes, ns, marker="o", ms=3, label=name)
+        (line,) = ax.loglog(sizes, ns, marker="o", ms=3, label=name)
+        low, high = zip(*ranges[name])
+        ax.fill_between(sizes, low, high, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("elements (one float32 array)")
-    ax.set_ylabel("ns per element per step")
-    ax.set_title(f"Adam step, {isa()}, {get_num_threads()} threads")
+    ax.set_ylabel("ns per element per step (median; band: fastest-slowest round)")
+    title = f"Adam step, {isa()}, {get_num_threads()} threads, {args.rounds} rounds"
+    load = bench.machine_load()
+    if _busy() and load is not None:
+        title += f"\nmachine busy (load {load[0]:.1f} on {load[1]} cores): timings vary"
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
