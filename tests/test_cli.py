@@ -98,7 +98,6 @@ def test_bench_remeasures_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert row.remeasured == bench.MAX_REMEASURE and row.rounds == 1 + bench.MAX_REMEASURE
     assert any(f.startswith("roofline") and f.endswith("> 110%") for f in row.flags), row.flags
     assert seen[0] == "[1/1] mlp: SGD" and seen[1].startswith("    re-measuring (roofline")
-    assert all(row.low[k] * row.steps[k] >= 1e-3 for k in row.times)  # blocks far above the clock
 
 
 def test_bench_size_sweep_honours_options(monkeypatch: pytest.MonkeyPatch) -> None:
