@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import fastoptim as fo
 from fastoptim.apps import bench, cli
 
 BENCH_ROW = re.compile(
@@ -29,7 +30,8 @@ def test_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(rows) == {"SGD", "Adam"}  # names in any case
     assert int(rows["SGD"]["bytes"]) == 12 and int(rows["Adam"]["bytes"]) == 28  # bytes/elem
     assert all(float(m["gbps"]) > 0 and int(m["roof"]) > 0 for m in rows.values())
-    assert all((m["mark"] == "!") == (int(m["roof"]) > 110) for m in rows.values())
+    for m in rows.values():  # "!" exactly on rooflines above 110% (printed rounded)
+        assert int(m["roof"]) >= 110 if m["mark"] == "!" else int(m["roof"]) <= 110
     assert "mlp: 6 tensor(s), 269,322 float32 elements" in out
     assert out.count("opt.step() overhead") == 3
     assert re.search(r"^bench took \d+ s$", out, re.M)
@@ -90,11 +92,16 @@ def test_bench_checks_flag_impossible_cells() -> None:
 
 def test_bench_remeasures_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     def slow_stream(streams: object) -> None:  # a roofline that cannot be beaten honestly
-        time.sleep(0.05)  # 64 MB/s: any real step beats it
+        time.sleep(0.2)  # 16 MB/s: any real step beats it, busy machine or not
 
     monkeypatch.setattr(bench._core, "stream", slow_stream)
     seen: list[str] = []
-    (row,) = bench.run(["SGD"], ["mlp"], repeats=1, rounds=1, torch=False, progress=seen.append)
+    threads = fo.get_num_threads()
+    fo.set_num_threads(1)  # no OpenMP region waiting for a busy core
+    try:
+        (row,) = bench.run(["SGD"], ["mlp"], repeats=1, rounds=1, torch=False, progress=seen.append)
+    finally:
+        fo.set_num_threads(threads)
     assert row.remeasured == bench.MAX_REMEASURE and row.rounds == 1 + bench.MAX_REMEASURE
     assert any(f.startswith("roofline") and f.endswith("> 110%") for f in row.flags), row.flags
     assert seen[0] == "[1/1] mlp: SGD" and seen[1].startswith("    re-measuring (roofline")
