@@ -83,8 +83,10 @@ BATCH_RUNS: tuple[tuple[int, float], ...] = ((0, 0.5), (32, 0.1), (1, 0.01))
 # The decay lesson: plain SGD, (batch size, lr, schedule).  For each batch size, the tuned
 # constant lr, a start lr that is too large to keep constant, and that start lr with the 1/t
 # decay ("inverse_time": lr / (1 + 9 t / T), lr/10 at the end).  Found by experiment (seeds 0-2,
-# 20 epochs): constant 1.0 on mini-batches and 0.03 on single samples diverge or sit at chance
-# in most seeds; decaying from there, SGD reaches the best test loss of the three.
+# 20 epochs): kept constant, 1.0 on mini-batches and 0.03 on single samples diverged or stayed
+# near chance in 5 of the 6 runs; decaying from there, SGD trained in all 6 (95-99% test
+# accuracy).  Against the tuned constant lr, the decay gave the lower test loss in 3 of the 6
+# (both batch sizes on seed 0): the reading says which, run by run.
 DECAY_RUNS: tuple[tuple[int, float, str], ...] = (
     (32, 0.1, "constant"),
     (32, 1.0, "constant"),
