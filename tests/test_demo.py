@@ -3,6 +3,8 @@ asserted).  The end-to-end tests need scikit-learn and matplotlib (the ``demo`` 
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import math
 import re
 import sys
@@ -29,14 +31,29 @@ def needs_demo_extra() -> None:
     pytest.importorskip("matplotlib")
 
 
-def table(out: str) -> dict[str, dict[str, str]]:
-    """The demo table's rows by optimizer name."""
-    rows = {}
+def table(out: str, view: int = 0) -> dict[str, dict[str, str]]:
+    """The rows of the comparison's table number `view` (0: the first) by optimizer name."""
+    tables: list[dict[str, dict[str, str]]] = []
     for line in out.splitlines():
+        if line.startswith("optimizer "):
+            tables.append({})
         m = ROW.match(line)
         if m:
-            rows[m.group("name")] = m.groupdict()
-    return rows
+            tables[-1][m.group("name")] = m.groupdict()
+    return tables[view]
+
+
+def reading(out: str) -> list[str]:
+    """The lines of every "What this run shows" section."""
+    lines, inside = [], False
+    for line in out.splitlines():
+        if line == "What this run shows:":
+            inside = True
+        elif inside and line.startswith(("- ", "  ")):
+            lines.append(line)
+        else:
+            inside = False
+    return lines
 
 
 def check_png(path: Path) -> None:
@@ -107,7 +124,7 @@ def test_optimizer_names() -> None:
     for spec in demo.OPTIMIZERS.values():  # each builds, fastoptim and reference alike
         for module in (fo, reference):
             getattr(module, spec.cls)([np.zeros(3, np.float32)], lr=spec.lr, **spec.options)
-    assert set(demo.SEED_CHART) <= set(demo.OPTIMIZERS)
+    assert set(demo.COMPARED) <= set(demo.OPTIMIZERS)
 
 
 def test_schedules() -> None:
@@ -116,7 +133,8 @@ def test_schedules() -> None:
     assert all(isinstance(s, schedules.Schedule) for s in made.values())
     s = {name: sched for name, sched in made.items() if isinstance(sched, schedules.Schedule)}
     assert s["cosine"](0) == pytest.approx(0.1) and s["cosine"](100) == 0
-    assert s["inverse_time"](10) == pytest.approx(0.05)  # lr / (1 + epoch)
+    assert s["inverse_time"](50) == pytest.approx(0.1 / 5.5)  # lr / (1 + 9 t / T)
+    assert s["inverse_time"](100) == pytest.approx(0.01)  # lr / 10 at the end
     assert s["step"](32) == pytest.approx(0.1) and s["step"](33) == pytest.approx(0.01)
     assert s["step"](66) == pytest.approx(0.001)
     assert s["exponential"](100) == pytest.approx(0.001)
@@ -136,19 +154,123 @@ def test_cli_demo_table_and_plot(capsys: pytest.CaptureFixture[str], tmp_path: P
     args = [*TINY, "--optimizers", "sgd,Momentum,adam,NAdam,rmsprop", "--out", str(tmp_path)]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    rows = table(out)
-    assert list(rows) == ["SGD", "Momentum", "Adam", "NAdam", "RMSProp"]
-    for name, r in rows.items():
+    tuned, common = table(out, 0), table(out, 1)
+    assert "Each optimizer at its tuned lr:" in out and "Every optimizer at lr 0.001:" in out
+    assert list(tuned) == list(common) == ["SGD", "Momentum", "Adam", "NAdam", "RMSProp"]
+    for name, r in tuned.items():
         assert float(r["lr"]) == pytest.approx(demo.OPTIMIZERS[name].lr)
+        assert float(common[name]["lr"]) == 0.001
         assert 0 < float(r["train"]) < math.log(10)  # below chance level after 2 epochs
         assert 0 < float(r["test"]) < 10
         assert 20 < float(r["acc"]) <= 100  # chance: 10%
         assert float(r["step"]) > 0 and float(r["numpy"]) > 0 and r["speedup"].endswith("x")
         assert float(r["diff"]) < 1e-5  # fastoptim and the NumPy reference agree
+    assert tuned["Adam"] == common["Adam"]  # tuned at 0.001: the same run, the same numbers
+    # at lr 0.001 plain SGD barely moves in 2 epochs: the articles' finding
+    assert float(common["SGD"]["acc"]) < float(tuned["SGD"]["acc"])
     assert "1438 train / 359 test" in out and "MLP 64-16-10" in out
     assert "batch 32 (mini-batch, 45 updates/epoch), 2 epochs" in out
     assert [p.name for p in tmp_path.iterdir()] == ["demo_loss.png"]
     check_png(tmp_path / "demo_loss.png")
+
+
+def test_cli_demo_reading_matches_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    needs_demo_extra()
+    assert cli.main([*TINY, "--optimizers", "SGD,AdaGrad,Adam,RMSProp", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    lines = reading(out)
+    assert lines[0].startswith("- each optimizer at its tuned lr: test accuracy")
+    assert lines[2].startswith("- every optimizer at lr 0.001: test accuracy")
+    for view, line in ((0, lines[0]), (1, lines[2])):
+        rows = table(out, view)
+        accs = {n: float(r["acc"]) for n, r in rows.items()}
+        m = re.search(r"best (\w+) ([\d.]+)%", line)
+        assert m is not None and accs[m.group(1)] == max(accs.values())
+        assert float(m.group(2)) == pytest.approx(max(accs.values()), abs=0.051)
+        behind = line.split("more than 2 points behind:")[1] if "behind:" in line else ""
+        for name, acc in accs.items():
+            assert (f"{name} " in behind) == (acc < max(accs.values()) - 2), (name, line)
+    sgd = float(table(out, 1)["SGD"]["acc"]) - float(table(out, 0)["SGD"]["acc"])
+    m = re.search(r"SGD ([+-][\d.]+) points \(lr 0.1 -> 0.001\)", lines[4])
+    assert m is not None and float(m.group(1)) == pytest.approx(sgd, abs=0.051)
+    assert "Adam, RMSProp already tuned at 0.001 (same run)" in lines[4]
+
+
+def test_cli_demo_single_view(capsys: pytest.CaptureFixture[str]) -> None:
+    needs_demo_extra()
+    assert cli.main([*TINY, "--optimizers", "adam", "--lr", "0.01", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "Every optimizer at lr 0.01:" in out and "tuned" not in out
+    assert float(table(out)["Adam"]["lr"]) == 0.01
+    with pytest.raises(IndexError):
+        table(out, 1)
+    args = [*TINY, "--optimizers", "adam", "--lr", "TUNED,0.01,0.01,tuned", "--no-plot"]
+    assert cli.main(args) == 0  # duplicates dropped, any case
+    out = capsys.readouterr().out
+    assert len(table(out, 1)) == 1 and "from its tuned lr to lr 0.01" in out
+    with pytest.raises(IndexError):
+        table(out, 2)
+
+
+def test_reading_names_failures() -> None:
+    data = demo.Data(np.zeros((1, 2)), np.zeros(1, int), np.zeros((1, 2)), np.zeros(1, int))
+
+    def result(name: str, acc: float, diverged: int | None = None) -> demo.Result:
+        r = demo.Result(name, 0.1, train_loss=[2.3, 1.0, 0.5, 0.5, 0.5], test_acc=[0.1, acc])
+        r.diverged_epoch = diverged
+        return r
+
+    text = demo.read_view(
+        [result("Adam", 0.98), result("SGD", 0.09), result("AdaGrad", 0.5, diverged=3)],
+        data,
+        0.001,
+    )
+    assert "best Adam 98.0%" in text
+    assert "SGD 9.0%, at chance level (10%) (training loss flat: +0% over the last 1 epochs)" in (
+        text
+    )
+    assert "diverged: AdaGrad (epoch 3)" in text
+    assert demo.read_view([result("SGD", 0.5, diverged=1)], data, None).endswith(
+        "every run diverged."
+    )
+    assert "none more than 2 points behind" in demo.read_view(
+        [result("Adam", 0.98), result("SGD", 0.97)], data, None
+    )
+
+
+def test_reading_of_the_decay_lesson_follows_the_numbers() -> None:
+    data = demo.Data(np.zeros((64, 2)), np.zeros(64, int), np.zeros((1, 2)), np.zeros(1, int))
+
+    def run(lr: float, schedule: str, test_loss: float) -> demo.Result:
+        return demo.Result("SGD", lr, 1, schedule, test_loss=[2.0, test_loss], test_acc=[0.1, 0.9])
+
+    better = demo.read_decay([run(0.01, "constant", 0.2), run(0.03, "inverse_time", 0.1)], data)
+    assert "The decay from 0.03 gives the lowest test loss, 0.100 against 0.200" in better
+    worse = demo.read_decay([run(0.01, "constant", 0.1), run(0.03, "inverse_time", 0.2)], data)
+    assert "does not beat the constant lr 0.01 (test loss 0.200 vs 0.100)" in worse
+
+
+def test_plot_shows_lr_and_accuracy_from_zero(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    needs_demo_extra()
+    plt = demo._pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    data = demo.load_digits(0)
+    config = demo.Config(epochs=1, hidden=(8,), reference=False)
+    views = [[demo.train("SGD", data, dataclasses.replace(config, lr=lr))] for lr in (None, 1e-3)]
+    demo.plot_optimizers(views, [None, 1e-3], data, tmp_path / "x.png", "title")
+    (fig,) = figures
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes[::2]] == [
+        "each optimizer at its tuned lr",
+        "every optimizer at lr 0.001",
+    ]
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes[1::2]]
+    assert legends == [["SGD (lr 0.1)"], ["SGD (lr 0.001)"]]
+    assert all(ax.get_ylim()[0] == 0 for ax in axes[1::2])  # accuracy from 0: chance visible
+    plt.close(fig)
 
 
 def test_cli_demo_is_deterministic(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -219,3 +341,126 @@ def test_cli_demo_names_missing_dependencies(monkeypatch: pytest.MonkeyPatch) ->
         cli.main(["demo"])
     with pytest.raises(SystemExit, match=r"needs scikit-learn: pip install 'fastoptim\[demo\]'"):
         cli.main(["demo", "--no-plot"])
+
+
+# ----------------------------------------------------------------------------- lessons
+def test_cli_demo_batch_lesson(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    needs_demo_extra()
+    args = ["demo", "--lesson", "batch", "--epochs", "1", "--hidden", "8", "-q"]
+    assert cli.main([*args, "--train-size", "200", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    runs = re.findall(
+        r"^(full batch|mini-batch 32|online)\s+(\d+)\s+([\d.]+)\s+constant\s+(\d+)", out, re.M
+    )
+    assert runs == [
+        ("full batch", "200", "0.5", "1"),
+        ("mini-batch 32", "32", "0.1", "7"),
+        ("online", "1", "0.01", "200"),
+    ]  # 200 samples: 1, ceil(200/32), 200 updates
+    (line,) = [line for line in reading(out) if line.startswith("- full batch, lr 0.5: 1 updates")]
+    assert "mini-batch 32, lr 0.1: 7 updates" in line and "online, lr 0.01: 200 updates" in line
+    assert any(line.startswith("- after one epoch") for line in reading(out))
+    assert any(line.startswith("- first to ") for line in reading(out))
+    assert "200 train / 359 test" in out and "Each optimizer" not in out
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_batch.png"]
+    check_png(tmp_path / "demo_batch.png")
+
+
+def test_decay_lesson_runs(tmp_path: Path) -> None:
+    needs_demo_extra()
+    data = demo.load("digits", 0, train_size=100)
+    config = demo.Config(epochs=1, hidden=(8,), lesson="decay")
+    runs = demo.decay_lesson(data, config, demo.Progress(None))
+    assert [(r.batch_size, r.lr, r.schedule) for r in runs] == list(demo.DECAY_RUNS)
+    assert [r.steps for r in runs] == [4, 4, 4, 100, 100, 100]
+    same_start = runs[1], runs[2]  # constant 1.0 and 1/t decay from 1.0: same first update...
+    assert same_start[0].train_loss[0] == same_start[1].train_loss[0]
+    assert same_start[0].train_loss[-1] != same_start[1].train_loss[-1]  # ...then they differ
+    text = demo.read_decay(runs, data)
+    assert text.startswith("- mini-batch 32: lr 0.1 -> ") and "\n- online: lr 0.01 -> " in text
+    demo.plot_decay(runs, data, tmp_path / "decay.png", "t")
+    check_png(tmp_path / "decay.png")
+
+
+def test_lesson_options_conflict(capsys: pytest.CaptureFixture[str]) -> None:
+    for option in (["--optimizers", "adam"], ["--lr", "0.1"], ["--batch-size", "8"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["demo", "--lesson", "decay", *option])
+        assert exit_info.value.code == 2
+        assert "only for --lesson optimizers or all" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """`array` (uint8) as an IDX file, gzipped when `path` ends in .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def fake_fashion(directory: Path, rng: np.random.Generator, n_train: int = 60) -> None:
+    """Small Fashion-MNIST-shaped IDX files: training set gzipped, test set not."""
+    directory.mkdir(exist_ok=True)
+    for part, n, suffix in (("train", n_train, ".gz"), ("t10k", 20, "")):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 50, (n, 28, 28)) + (labels * 20)[:, None, None]  # learnable
+        write_idx(directory / f"{part}-images-idx3-ubyte{suffix}", images)
+        write_idx(directory / f"{part}-labels-idx1-ubyte{suffix}", labels)
+
+
+def test_read_idx_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
+    a = rng.integers(0, 256, (3, 4, 5)).astype(np.uint8)
+    for name in ("a", "a.gz"):
+        write_idx(tmp_path / name, a)
+        np.testing.assert_array_equal(demo.read_idx(tmp_path / name), a)
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01" + bytes(8))
+    with pytest.raises(demo.DataError, match="not an IDX file"):
+        demo.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(3))
+    with pytest.raises(demo.DataError, match="3 bytes of data, but the header's shape"):
+        demo.read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_loads(tmp_path: Path, rng: np.random.Generator) -> None:
+    fake_fashion(tmp_path, rng)
+    data = demo.load("fashion-mnist", 0, data_dir=tmp_path, train_size=50)
+    assert data.x_train.shape == (50, 784) and data.x_test.shape == (20, 784)
+    assert data.x_train.dtype == np.float32 and data.classes == 10 and data.chance == 0.1
+    assert abs(float(data.x_train.mean())) < 0.1  # standardised
+
+
+def test_cli_demo_on_fashion_mnist(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, rng: np.random.Generator
+) -> None:
+    pytest.importorskip("matplotlib")
+    fake_fashion(tmp_path / "data", rng)
+    args = [*TINY, "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data")]
+    assert cli.main([*args, "--optimizers", "adam", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "Fashion-MNIST (28x28 images): 60 train / 20 test" in out and "MLP 784-16-10" in out
+    assert set(table(out)) == {"Adam"}
+    check_png(tmp_path / "out" / "demo_loss.png")
+
+
+def test_cli_demo_fashion_mnist_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, rng: np.random.Generator
+) -> None:
+    fake_fashion(tmp_path, rng)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    cases = {
+        (): "--dataset fashion-mnist needs --data-dir DIR",
+        ("--data-dir", str(tmp_path / "nowhere")): "not a directory",
+        ("--data-dir", str(tmp_path)): "missing t10k-labels-idx1-ubyte[.gz]",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["demo", "--dataset", "fashion-mnist", "--no-plot", *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "github.com/zalandoresearch/fashion-mnist" in err
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"not idx")  # there, but broken
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--dataset", "fashion-mnist", "--no-plot", "--data-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "not an IDX file" in capsys.readouterr().err

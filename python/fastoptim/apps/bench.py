@@ -1,6 +1,13 @@
 """The benchmark behind ``python -m fastoptim bench``: one optimizer step per contender and
-workload, timed interleaved (A B C A B C ...) and reported as medians, next to a streaming
-kernel that moves the same bytes (the roofline, measured in the same run).
+workload, timed interleaved (A B C A B C ...) and reported as medians with their spread, next
+to a streaming kernel that moves the same bytes (the roofline, measured in the same run).
+
+Each sample times a block of steps lasting at least 2 ms (far above the clock's granularity).
+A row whose numbers cannot be right (fastoptim faster than 110% of the streaming kernel, or
+moving its bytes at under 1 GB/s, or its rounds more than +-25% apart, as happens when other
+processes compete for the cores) is measured again; what is still wrong after that is flagged
+in the table, never printed as a plain fact.  A speed-up the rounds cannot pin down (their
+ranges allow values more than 1.5x apart) is marked "?".
 
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
@@ -11,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +46,6 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "RAdam": ("RAdam", {}, 2),
     "Lion": ("Lion", {}, 1),
 }
-
-# Contenders timed with one step per sample (a step takes long).
-_SLOW = frozenset({"NumPy reference", "torch for-loop"})
 
 # torch.optim has fused CPU kernels for these only.
 _TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
@@ -73,27 +79,109 @@ def bytes_per_element(nstate: int, itemsize: int = 4) -> int:
 
 @dataclass
 class Row:
-    """One optimizer on one workload: median seconds per step of each contender."""
+    """One optimizer on one workload: per contender, the median, fastest and slowest seconds
+    per step over the interleaved rounds, and what the checks found."""
 
     optimizer: str
     workload: str
     elements: int
     tensors: int
     nstate: int
-    times: dict[str, float] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)  # median
+    low: dict[str, float] = field(default_factory=dict)  # fastest round
+    high: dict[str, float] = field(default_factory=dict)  # slowest round
+    steps: dict[str, int] = field(default_factory=dict)  # steps per sample
+    rounds: int = 0
+    remeasured: int = 0  # extra passes the checks asked for
+    flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
 
     @property
     def bytes(self) -> int:
         return self.elements * bytes_per_element(self.nstate)
 
+    def spread(self, name: str) -> float:
+        """Half the fastest-to-slowest range of `name`'s rounds, relative to its median."""
+        return (self.high[name] - self.low[name]) / 2 / self.times[name]
 
-def _median_step(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+    def ratio(self, slow: str, fast: str = "fastoptim") -> tuple[float, float, float]:
+        """times[slow] / times[fast]: (median, lowest, highest the rounds allow)."""
+        return (
+            self.times[slow] / self.times[fast],
+            self.low[slow] / self.high[fast],
+            self.high[slow] / self.low[fast],
+        )
+
+    @property
+    def roofline(self) -> float:
+        """Fraction of the streaming kernel's speed: time of the stream / time of the step."""
+        return self.times["roofline"] / self.times["fastoptim"]
+
+
+# A cell is re-measured (up to MAX_REMEASURE more passes of the rounds) and then flagged when:
+ROOFLINE_LIMIT = 1.10  # fastoptim faster than 110% of the streaming kernel moving its bytes
+NOISE_LIMIT = 0.25  # fastoptim's or the streaming kernel's rounds more than +-25% apart
+MIN_GBPS = 1.0  # fastoptim or the streaming kernel moving its bytes slower than 1 GB/s: a single
+# core streams 5-20 GB/s, so the threads were waiting for cores other processes hold
+MAX_REMEASURE = 2
+MIN_SAMPLE_S = 2e-3  # a sample (a block of steps timed at once) lasts at least this long...
+MAX_SAMPLE_S = 0.1  # ...and, when one step allows it, at most this long
+
+
+def clock_granularity() -> float:
+    """The smallest nonzero difference between two readings of time.perf_counter (at least
+    its advertised resolution)."""
+    best = math.inf
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        t1 = time.perf_counter()
+        while t1 == t0:
+            t1 = time.perf_counter()
+        best = min(best, t1 - t0)
+    return max(best, time.get_clock_info("perf_counter").resolution)
+
+
+def machine_load() -> tuple[float, int] | None:
+    """(1-minute load average, usable cores), or None where the OS does not say."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return load, cores
+
+
+def _steps_per_sample(fn: Callable[[], object], repeats: int, min_sample: float) -> int:
+    """Steps per timed block: `repeats`, fewer when one step is long (a block of at most
+    MAX_SAMPLE_S, at least one step), more when it is short (a block of at least `min_sample`,
+    far above the clock's granularity)."""
+    t = math.inf
+    for _ in range(3):  # the fastest of three: one step delayed by a busy core misleads
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t = min(t, max(time.perf_counter() - t0, 1e-9))
+        if t > MAX_SAMPLE_S:
+            break
+    n = repeats
+    if t * n > MAX_SAMPLE_S:
+        n = max(1, int(MAX_SAMPLE_S / t))
+    if t * n < min_sample:
+        n = math.ceil(min_sample / t)
+    return n
+
+
+def _block(fn: Callable[[], object], n: int) -> float:
+    """Seconds per step over `n` steps timed as one block."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def _median_step(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_block(fn, 1) for _ in range(repeats))
 
 
 def _torch_contenders(
@@ -146,19 +234,61 @@ def _interleaved(
     contenders: dict[str, Callable[[], object]],
     rounds: int,
     repeats: int,
-    slow: frozenset[str] = frozenset(),
-) -> dict[str, float]:
-    """Median seconds per step of each contender: a warm-up step each (first touch, state
-    allocation), then `rounds` interleaved rounds (noise hits every contender alike) of
-    `repeats` steps (one for the `slow` contenders)."""
+    min_sample: float = MIN_SAMPLE_S,
+) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Steps per sample and `rounds` samples (seconds per step) of each contender: a warm-up
+    step each (first touch, state allocation), a calibration step, then `rounds` interleaved
+    rounds (A B C A B C ...: noise hits every contender alike)."""
     for fn in contenders.values():
         fn()
+    steps = {k: _steps_per_sample(fn, repeats, min_sample) for k, fn in contenders.items()}
     samples: dict[str, list[float]] = {k: [] for k in contenders}
+    _more(contenders, steps, samples, rounds)
+    return steps, samples
+
+
+def _more(
+    contenders: dict[str, Callable[[], object]],
+    steps: dict[str, int],
+    samples: dict[str, list[float]],
+    rounds: int,
+) -> None:
     for _ in range(rounds):
         for name, fn in contenders.items():
-            n = 1 if name in slow else repeats
-            samples[name].append(_median_step(fn, n))
-    return {k: statistics.median(v) for k, v in samples.items()}
+            samples[name].append(_block(fn, steps[name]))
+
+
+def _fill(row: Row, steps: dict[str, int], samples: dict[str, list[float]]) -> None:
+    row.steps = dict(steps)
+    row.rounds = len(samples["fastoptim"])
+    row.times = {k: statistics.median(v) for k, v in samples.items()}
+    row.low = {k: min(v) for k, v in samples.items()}
+    row.high = {k: max(v) for k, v in samples.items()}
+
+
+def problems(row: Row, granularity: float) -> list[str]:
+    """What makes `row` untrustworthy: a roofline above ROOFLINE_LIMIT (faster than moving the
+    bytes allows), fastoptim or the streaming kernel below MIN_GBPS (slower than one core
+    streams), fastoptim's or the streaming kernel's rounds spread more than NOISE_LIMIT, or a
+    sample not far above the clock's granularity."""
+    found = []
+    if row.roofline > ROOFLINE_LIMIT:
+        found.append(f"roofline {100 * row.roofline:.0f}% > {100 * ROOFLINE_LIMIT:.0f}%")
+    slow = [k for k in ("fastoptim", "roofline") if row.bytes / row.times[k] < MIN_GBPS * 1e9]
+    if slow and row.bytes >= 1 << 20:  # below 1 MB a step's fixed cost may dominate
+        found.append(
+            f"{' and '.join(slow)} below {MIN_GBPS:g} GB/s: threads waiting for busy cores "
+            "(try --threads 1)"
+        )
+    # the row's own numbers (time, GB/s, roofline); another contender's noise shows as a "?"
+    # on its ratio instead
+    noisy = [k for k in ("fastoptim", "roofline") if row.spread(k) > NOISE_LIMIT]
+    if noisy:
+        found.append(f"rounds spread > +-{100 * NOISE_LIMIT:.0f}%: {', '.join(noisy)}")
+    coarse = [k for k in row.times if row.low[k] * row.steps[k] < 100 * granularity]
+    if coarse:
+        found.append(f"samples near the clock's granularity: {', '.join(coarse)}")
+    return found
 
 
 def run(
@@ -169,8 +299,13 @@ def run(
     torch: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Measure every optimizer on every workload (float32); see the module docstring."""
-    rows = []
+    """Measure every optimizer on every workload (float32); see the module docstring.  A row
+    the checks (:func:`problems`) find wrong is measured again, up to MAX_REMEASURE more times
+    `rounds` rounds; what is still wrong then is left in ``row.flags``."""
+    granularity = clock_granularity()
+    min_sample = max(MIN_SAMPLE_S, 1000 * granularity)
+    rows: list[Row] = []
+    total_cells = len(workloads) * len(optimizers)
     for wname in workloads:
         shapes = WORKLOADS[wname]()
         rng = np.random.default_rng(0)
@@ -180,41 +315,66 @@ def run(
         for oname in optimizers:
             cls_name, kwargs, nstate = OPTIMIZERS[oname]
             if progress:
-                progress(f"{wname}: {oname}")
+                progress(f"[{len(rows) + 1}/{total_cells}] {wname}: {oname}")
             contenders = _contenders(cls_name, kwargs, arrays, grads, torch)
             streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
             contenders["roofline"] = functools.partial(_core.stream, streams)
-            times = _interleaved(contenders, rounds, repeats, _SLOW)
-            rows.append(Row(oname, wname, total, len(shapes), nstate, times))
+            steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
+            row = Row(oname, wname, total, len(shapes), nstate)
+            _fill(row, steps, samples)
+            while problems(row, granularity) and row.remeasured < MAX_REMEASURE:
+                if progress:
+                    progress(f"    re-measuring ({'; '.join(problems(row, granularity))})")
+                row.remeasured += 1
+                _more(contenders, steps, samples, rounds)
+                _fill(row, steps, samples)
+            row.flags = problems(row, granularity)
+            rows.append(row)
             del streams, contenders
             gc.collect()
     return rows
 
 
+def _ratio(row: Row, slow: str) -> str:
+    median, low, high = row.ratio(slow)
+    mark = "?" if high / low > 1.5 else " "
+    return f"{median:7.1f}x{mark}"
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """One table per workload: time/step, ns/element, GB/s, % of roofline, speed-ups."""
+    """One table per workload: time/step (median of the rounds, +- half their range),
+    ns/element, GB/s, % of roofline, speed-ups; marks on cells the checks distrust, and the
+    rows' problems listed under the table."""
     out = []
     for wname in dict.fromkeys(r.workload for r in rows):
         wrows = [r for r in rows if r.workload == wname]
         r0 = wrows[0]
         out.append(
             f"\n{wname}: {r0.tensors} tensor(s), {r0.elements:,} float32 elements\n"
-            f"{'optimizer':13s} {'B/el':>4s} {'time/step':>10s} {'ns/el':>7s} {'GB/s':>6s} "
-            f"{'roofline':>8s} {'vs NumPy':>8s} {'vs torch':>9s}  best torch"
+            f"{'optimizer':13s} {'B/el':>4s} {'time/step':>10s} {'+-':>4s} {'ns/el':>7s} "
+            f"{'GB/s':>6s} {'roofline':>9s} {'vs NumPy':>9s} {'vs torch':>9s}  best torch"
         )
-        out.append("-" * 86)
+        out.append("-" * 92)
+        notes = []
         for r in wrows:
             t = r.times["fastoptim"]
             torch_times = {k: v for k, v in r.times.items() if k.startswith("torch")}
             best = min(torch_times, key=lambda k: torch_times[k]) if torch_times else None
-            vs_torch = f"{torch_times[best] / t:8.1f}x" if best else f"{'-':>9s}"
+            vs_torch = _ratio(r, best) if best else f"{'-':>9s}"
+            roof = f"{100 * r.roofline:7.0f}%{'!' if r.roofline > ROOFLINE_LIMIT else ' '}"
             out.append(
                 f"{r.optimizer:13s} {bytes_per_element(r.nstate):4d} "
-                f"{_fmt_time(t):>10s} {t / r.elements * 1e9:7.3f} {r.bytes / t / 1e9:6.1f} "
-                f"{r.times['roofline'] / t * 100:7.0f}% "
-                f"{r.times['NumPy reference'] / t:7.1f}x {vs_torch}  "
+                f"{_fmt_time(t):>10s} {100 * r.spread('fastoptim'):3.0f}% "
+                f"{t / r.elements * 1e9:7.3f} {r.bytes / t / 1e9:6.1f} {roof} "
+                f"{_ratio(r, 'NumPy reference')} {vs_torch}  "
                 f"{best.removeprefix('torch ') if best else '-'}"
             )
+            if r.flags:
+                notes.append(
+                    f"  ! {r.optimizer}, after {r.rounds} rounds: {'; '.join(r.flags)}. "
+                    "Do not trust this row."
+                )
+        out.extend(notes)
     return "\n".join(out)
 
 
@@ -233,19 +393,37 @@ def step_overhead(tensors: int, repeats: int = 2000) -> float:
     return min(_median_step(opt.step, repeats) for _ in range(3))
 
 
+SWEEP_SIZES = tuple(4**k for k in range(2, 13))  # 16 .. 16M elements
+
+
 def size_sweep(
-    sizes: Sequence[int], optimizer: str = "Adam", repeats: int = 5, rounds: int = 3
+    sizes: Sequence[int] = SWEEP_SIZES,
+    optimizer: str = "Adam",
+    repeats: int = 5,
+    rounds: int = 3,
+    torch: bool = True,
+    progress: Callable[[str], None] | None = None,
+    ranges: dict[str, list[tuple[float, float]]] | None = None,
 ) -> dict[str, list[float]]:
-    """Nanoseconds per element of one step on one float32 array of each size, for fastoptim,
-    the NumPy reference and torch.optim's contenders (when installed)."""
+    """Nanoseconds per element of one step (median of `rounds` interleaved rounds) on one
+    float32 array of each size, for fastoptim, the NumPy reference and, with `torch`,
+    torch.optim's contenders (when installed).  `ranges`, when given, receives each point's
+    (fastest, slowest) round in the same unit."""
     cls_name, kwargs, _ = OPTIMIZERS[optimizer]
+    min_sample = max(MIN_SAMPLE_S, 1000 * clock_granularity())
     result: dict[str, list[float]] = {}
-    for n in sizes:
+    for i, n in enumerate(sizes, 1):
+        if progress:
+            progress(f"[{i}/{len(sizes)}] {optimizer}, {n:,} elements")
         rng = np.random.default_rng(0)
         arrays = [rng.standard_normal(n, dtype=np.float32)]
         grads = [rng.standard_normal(n, dtype=np.float32)]
-        reps = max(repeats, int(2e6 // n))  # small sizes: more steps per sample
-        times = _interleaved(_contenders(cls_name, kwargs, arrays, grads), rounds, reps)
-        for name, t in times.items():
-            result.setdefault(name, []).append(t / n * 1e9)
+        contenders = _contenders(cls_name, kwargs, arrays, grads, torch)
+        _, samples = _interleaved(contenders, rounds, repeats, min_sample)
+        for name, times in samples.items():
+            result.setdefault(name, []).append(statistics.median(times) / n * 1e9)
+            if ranges is not None:
+                ranges.setdefault(name, []).append((min(times) / n * 1e9, max(times) / n * 1e9))
+        del contenders
+        gc.collect()
     return result

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,50 +38,97 @@ def _names(resolve: Callable[[str], str], choices: Sequence[str]) -> argparse._A
     return parse
 
 
-def _csv(choices: Sequence[str]) -> argparse._ActionType:
-    """A comma-separated list of names from `choices`, exactly as written."""
+def _any_case(choices: Sequence[str]) -> argparse._ActionType:
+    """A comma-separated list of names from `choices`, in any case (mapped to the choice)."""
 
-    def exact(name: str) -> str:
-        if name not in choices:
-            raise KeyError(name)
-        return name
+    def resolve(name: str) -> str:
+        for choice in choices:
+            if choice.lower() == name.lower():
+                return choice
+        raise KeyError(name)
 
-    return _names(exact, choices)
+    return _names(resolve, choices)
 
 
-def _add_optimizers(parser: argparse.ArgumentParser) -> None:
+def _add_optimizers(parser: argparse.ArgumentParser, default: Sequence[str] | None) -> None:
     """The ``--optimizers`` option of demo and minimize (the demo's names, any case)."""
     names = list(demo.OPTIMIZERS)
     parser.add_argument(
         "--optimizers",
         type=_names(demo.canonical, names),
-        default=list(demo.SEED_CHART),
-        help=f"comma-separated, any case (default: {','.join(demo.SEED_CHART)}); also "
-        + ", ".join(n for n in names if n not in demo.SEED_CHART),
+        default=None if default is None else list(default),
+        help=f"comma-separated, any case (default: {','.join(demo.COMPARED)}); also "
+        + ", ".join(n for n in names if n not in demo.COMPARED),
     )
 
 
-def _floats(text: str) -> list[float]:
+def _number(kind: Callable[[str], float | int], text: str) -> float | int:
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of numbers: {text!r}"
+            f"not {'an int' if kind is int else 'a number'}: {text!r}"
         ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
 
 
 def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
     def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        value = _number(kind, text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _nonnegative(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        value = _number(kind, text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"not a list of finite numbers: {text!r}")
+    return values
+
+
+def _positive_floats(text: str) -> list[float]:
+    values = _floats(text)
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of learning rates > 0: {text!r}"
+        )
+    return values
+
+
+def _view_lrs(text: str) -> list[float | None]:
+    """``tuned`` (None: each optimizer's own lr) and/or learning rates > 0, comma-separated."""
+    out: list[float | None] = []
+    for t in (t.strip() for t in text.split(",")):
+        if not t:
+            continue
+        value = None if t.lower() == "tuned" else _positive(float)(t)
+        if value not in out:
+            out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty list: {text!r}")
+    return out
 
 
 def _widths(text: str) -> list[int]:
@@ -92,7 +142,7 @@ def _widths(text: str) -> list[int]:
 
 
 def _batch_size(text: str) -> int:
-    if text.strip().lower() in ("full", "all", "0"):
+    if text.strip().lower() in ("full", "all"):
         return 0
     try:
         value = int(text)
@@ -101,6 +151,22 @@ def _batch_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'full', got {text!r}")
     return value
+
+
+def _check_out(parser: argparse.ArgumentParser, text: str) -> Path:
+    """``--out DIR``, checked before any work: a directory, or a path whose nearest existing
+    ancestor is a writable directory (the directory is created when the files are written)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        parser.error(f"argument --out: {text} exists and is not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        parser.error(f"argument --out: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"argument --out: {existing} is not writable")
+    return path
 
 
 def _plain(doc: str | None) -> str:
@@ -119,57 +185,80 @@ def _missing(*modules: str) -> list[str]:
     return out
 
 
-def _demo(args: argparse.Namespace) -> int:
-    needs = ["sklearn"] + ([] if args.no_plot else ["matplotlib"])
-    missing = _missing(*needs)
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    comparison = args.lesson in ("optimizers", "all")
+    if not comparison:
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k in ("optimizers", "lr", "batch_size", "schedule")
+            if getattr(args, k) is not None
+        ]
+        if given:
+            parser.error(
+                f"{', '.join(given)}: only for --lesson optimizers or all (the {args.lesson} "
+                "lesson runs plain SGD at its own batch sizes and learning rates)"
+            )
+    needs = ["sklearn"] if args.dataset == "digits" else []
+    missing = _missing(*needs, *([] if args.no_plot else ["matplotlib"]))
     if missing:
         names = [{"sklearn": "scikit-learn"}.get(m, m) for m in missing]
         raise SystemExit(
             f"fastoptim demo needs {' and '.join(names)}: pip install 'fastoptim[demo]'"
         )
+    data_dir = None if args.data_dir is None else Path(args.data_dir)
+    if args.dataset == "fashion-mnist":
+        try:
+            demo.fashion_mnist_files(data_dir)
+        except demo.DataError as e:
+            parser.error(str(e))
     config = demo.Config(
-        optimizers=args.optimizers,
+        optimizers=args.optimizers or list(demo.COMPARED),
         epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        schedule=args.schedule,
+        batch_size=32 if args.batch_size is None else args.batch_size,
+        schedule=args.schedule or "constant",
         seed=args.seed,
         hidden=args.hidden,
         dtype=np.dtype(args.dtype),
         reference=not args.no_reference,
         threads=args.threads,
+        lrs=[None, demo.COMMON_LR] if args.lr is None else args.lr,
+        lesson=args.lesson,
+        dataset=args.dataset,
+        data_dir=data_dir,
+        train_size=args.train_size,
     )
-    demo.main(
-        config,
-        None if args.no_plot else Path(args.out),
-        progress=None if args.quiet else sys.stderr,
-    )
+    try:
+        demo.main(config, args.out, progress=None if args.quiet else sys.stderr)
+    except demo.DataError as e:
+        parser.error(str(e))
     return 0
 
 
-def _minimize(args: argparse.Namespace) -> int:
+def _minimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     functions = [minimize.function(name) for name in args.functions]
     if args.start is not None:
         bad = [f.name for f in functions if f.dim != len(args.start)]
         if bad:
-            raise SystemExit(
-                f"fastoptim minimize: --start has {len(args.start)} coordinate(s) but "
-                f"{', '.join(bad)} take(s) another number; choose --functions accordingly"
+            parser.error(
+                f"argument --start: {len(args.start)} coordinate(s) but {', '.join(bad)} "
+                "take(s) another number; choose --functions accordingly"
             )
     minimize.main(
         [f.name for f in functions],
-        args.optimizers,
+        args.optimizers or list(demo.COMPARED),
         lr=args.lr,
         sweep_lrs=[] if args.no_sweep else args.sweep,
         start=args.start,
         tol=args.tol,
         max_steps=args.max_steps,
-        out=None if args.no_plot else Path(args.out),
+        out=args.out,
     )
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.plot and _missing("matplotlib"):
+        parser.error("--plot needs matplotlib: pip install 'fastoptim[demo]'")
     if args.threads:
         set_num_threads(args.threads)
         try:
@@ -178,55 +267,103 @@ def _bench(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         except ImportError:
             pass
+    progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    start = time.perf_counter()
     print(
         f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}, float32, "
-        f"median of {args.rounds} interleaved rounds x {args.repeats} steps"
+        f"median of {args.rounds} interleaved rounds (more where a check fails), each timing "
+        f"a block of >= {args.repeats} steps (>= 2 ms)",
+        flush=True,
     )
+    busy = _busy()
+    if busy:
+        print(busy, flush=True)
     rows = bench.run(
         args.optimizers,
         args.workloads,
         repeats=args.repeats,
         rounds=args.rounds,
         torch=not args.no_torch,
-        progress=(lambda s: print(f"  measuring {s}...", file=sys.stderr))
-        if args.verbose
-        else None,
+        progress=progress,
     )
     print(bench.format_table(rows))
     print(
-        "\nroofline = time of a streaming kernel moving the same bytes / time of the step; "
-        "vs torch = best torch.optim path (for-loop, foreach, fused) / fastoptim"
+        "\n+- = half the range of the rounds, % of the median; roofline = time of a streaming "
+        "kernel moving the same bytes / time of the step;\nvs torch = best torch.optim path "
+        "(for-loop, foreach, fused) / fastoptim; ? = ratio uncertain (the rounds allow values "
+        "more than 1.5x apart);\n! = faster than the memory allows: a measurement error; a "
+        "flagged row's problems are listed under its table"
     )
     if args.overhead:
         for n in (1, 100, 4096):
             t = bench.step_overhead(n)
             print(f"opt.step() overhead, {n:5d} tensor(s): {t * 1e6:7.2f} us")
     if args.plot:
-        _plot(args.plot, args.rounds)
+        _plot(args, progress)
+    if not busy and _busy():
+        print(_busy())
+    print(f"bench took {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def _plot(path: str, rounds: int) -> None:
-    try:
-        import matplotlib
+def _busy() -> str:
+    """A warning when other processes load the machine (the bench's numbers then vary)."""
+    load = bench.machine_load()
+    if load is None or load[0] < 0.5 * load[1]:
+        return ""
+    return (
+        f"warning: load average {load[0]:.1f} on {load[1]} core(s): other processes compete "
+        "for the cores, so timings vary; see +- and the flags"
+    )
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'fastoptim[demo]'") from None
-    sizes = [int(s) for s in np.unique(np.logspace(3, 25, 23, base=2).astype(int))]
-    curves = bench.size_sweep(sizes, "Adam", rounds=rounds)
+
+def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(bench.SWEEP_SIZES)
+    if progress:
+        progress(f"size sweep for --plot: Adam on {len(sizes)} array sizes")
+    ranges: dict[str, list[tuple[float, float]]] = {}
+    curves = bench.size_sweep(
+        sizes,
+        "Adam",
+        repeats=args.repeats,
+        rounds=args.rounds,
+        torch=not args.no_torch,
+        progress=progress,
+        ranges=ranges,
+    )
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, ns in curves.items():
-        ax.loglog(sizes, ns, marker="o", ms=3, label=name)
+        (line,) = ax.loglog(sizes, ns, marker="o", ms=3, label=name)
+        low, high = zip(*ranges[name])
+        ax.fill_between(sizes, low, high, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("elements (one float32 array)")
-    ax.set_ylabel("ns per element per step")
-    ax.set_title(f"Adam step, {isa()}, {get_num_threads()} threads")
+    ax.set_ylabel("ns per element per step (median; band: fastest-slowest round)")
+    title = f"Adam step, {isa()}, {get_num_threads()} threads, {args.rounds} rounds"
+    load = bench.machine_load()
+    if _busy() and load is not None:
+        title += f"\nmachine busy (load {load[0]:.1f} on {load[1]} cores): timings vary"
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_adam_sizes.png"
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def _add_common(parser: argparse.ArgumentParser, png: str) -> None:
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=".",
+        help=f"directory for {png} (default: the current directory; created if needed)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,11 +374,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo",
-        help="train a NumPy MLP on handwritten digits once per optimizer: table + loss curves",
+        help="the optimizer articles' lessons on a NumPy MLP: optimizers compared at tuned and "
+        "common learning rates, batch vs mini-batch vs online, learning-rate decay",
         description=_plain(demo.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_optimizers(d)
+    d.add_argument(
+        "--lesson",
+        choices=demo.LESSONS,
+        default="optimizers",
+        help="optimizers (default): the optimizers at tuned and at one common lr; batch: full "
+        "batch vs mini-batch vs online SGD; decay: constant vs decaying lr; all: the three",
+    )
+    _add_optimizers(d, None)
+    d.add_argument(
+        "--lr",
+        type=_view_lrs,
+        metavar="tuned|LR,...",
+        help="learning rates of the comparison, one table and chart row each: 'tuned' (each "
+        f"optimizer's own) or a number for every optimizer (default: tuned,{demo.COMMON_LR:g},"
+        " the articles' common lr)",
+    )
     d.add_argument(
         "--epochs",
         type=_positive(int),
@@ -251,28 +404,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument(
         "--batch-size",
         type=_batch_size,
-        default=32,
         metavar="N|full",
-        help="samples per update: 'full' = batch gradient descent, 1 = online SGD "
-        "(default 32: mini-batch)",
-    )
-    d.add_argument(
-        "--lr",
-        type=_positive(float),
-        help="learning rate for every optimizer (default: each "
-        "optimizer's own, shown in the table)",
+        help="samples per update in the comparison: 'full' = batch gradient descent, 1 = "
+        "online SGD (default 32: mini-batch)",
     )
     d.add_argument(
         "--schedule",
         choices=demo.SCHEDULES,
-        default="constant",
-        help="learning-rate schedule over the run's updates, starting or peaking at the lr: "
-        + demo.SCHEDULE_HELP
-        + " (default constant)",
+        help="learning-rate schedule of the comparison over the run's updates, starting or "
+        "peaking at the lr: " + demo.SCHEDULE_HELP + " (default constant)",
+    )
+    d.add_argument(
+        "--dataset",
+        choices=demo.DATASETS,
+        default="digits",
+        help="digits (default: scikit-learn's 8x8 digits, 1797 images) or fashion-mnist (the "
+        "articles' data set, read from --data-dir; nothing is downloaded)",
+    )
+    d.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory with Fashion-MNIST's IDX files (train-images-idx3-ubyte, "
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; gzipped .gz "
+        f"or not), from {demo.FASHION_URL}",
+    )
+    d.add_argument(
+        "--train-size",
+        type=_positive(int),
+        metavar="N",
+        help="train on a random subset of N samples (default: the whole training set)",
     )
     d.add_argument(
         "--seed",
-        type=int,
+        type=_nonnegative(int),
         default=0,
         help="seed of the split, the initial "
         "weights and the batch order (default 0): same seed, same numbers",
@@ -302,12 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="do not run the NumPy reference in lockstep (no step-time comparison)",
     )
-    d.add_argument(
-        "--out",
-        metavar="DIR",
-        default=".",
-        help="directory for demo_loss.png (default: the current directory)",
-    )
+    _add_common(d, "demo_loss.png, demo_batch.png, demo_decay.png")
     d.add_argument("--no-plot", action="store_true", help="write no file")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     d.set_defaults(run=_demo)
@@ -323,9 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--functions",
         type=_names(lambda t: minimize.function(t).name, list(minimize.FUNCTIONS)),
         default=list(minimize.FUNCTIONS),
-        help="comma-separated (default: all): " + ", ".join(minimize.FUNCTIONS),
+        help="comma-separated, any case (default: all): " + ", ".join(minimize.FUNCTIONS),
     )
-    _add_optimizers(m)
+    _add_optimizers(m, demo.COMPARED)
     m.add_argument(
         "--lr",
         type=_positive(float),
@@ -334,11 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     m.add_argument(
         "--sweep",
-        type=_floats,
+        type=_positive_floats,
         default=list(minimize.DEFAULT_SWEEP),
         metavar="LR,LR,...",
-        help="learning rates of the SGD sweep on x^2 from x = 2, run when x2 is among the "
-        "functions (default: " + ",".join(f"{v:g}" for v in minimize.DEFAULT_SWEEP) + ")",
+        help="learning rates (> 0) of the SGD sweep on x^2 from x = 2, run when x2 is among "
+        "the functions (default: " + ",".join(f"{v:g}" for v in minimize.DEFAULT_SWEEP) + ")",
     )
     m.add_argument("--no-sweep", action="store_true", help="skip the x^2 sweep")
     m.add_argument(
@@ -349,9 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     m.add_argument(
         "--tol",
-        type=float,
+        type=_nonnegative(float),
         default=minimize.DEFAULT_TOL,
-        help=f"stop when |f(k+1) - f(k)| <= tol (default {minimize.DEFAULT_TOL:g})",
+        help=f"stop when |f(k+1) - f(k)| <= tol, tol >= 0 (default {minimize.DEFAULT_TOL:g})",
     )
     m.add_argument(
         "--max-steps",
@@ -359,45 +518,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=minimize.DEFAULT_MAX_STEPS,
         help=f"step cap (default {minimize.DEFAULT_MAX_STEPS})",
     )
-    m.add_argument(
-        "--out",
-        metavar="DIR",
-        default=".",
-        help="directory for minimize_<function>.png (default: the current directory)",
-    )
+    _add_common(m, "minimize_<function>.png")
     m.add_argument("--no-plot", action="store_true", help="write no file")
     m.set_defaults(run=_minimize)
 
     b = sub.add_parser(
         "bench",
         help="time one optimizer step against NumPy, torch.optim and the memory roofline",
-        description=bench.__doc__,
+        description=_plain(bench.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument(
         "--optimizers",
-        type=_csv(list(bench.OPTIMIZERS)),
+        type=_any_case(list(bench.OPTIMIZERS)),
         default=list(bench.OPTIMIZERS),
-        help="comma-separated (default: all): " + ", ".join(bench.OPTIMIZERS),
+        help="comma-separated, any case (default: all): " + ", ".join(bench.OPTIMIZERS),
     )
     b.add_argument(
         "--workloads",
-        type=_csv(list(bench.WORKLOADS)),
+        type=_any_case(list(bench.WORKLOADS)),
         default=list(bench.DEFAULT_WORKLOADS),
         help="comma-separated from large (16M elements), mlp (a small MLP), many (4096 x 4096), "
         "bert (BERT-base's ~200 tensors, 110M elements) (default: large,mlp; many and bert take "
         "minutes with torch installed)",
     )
-    b.add_argument("--repeats", type=int, default=5, help="steps per sample (default 5)")
-    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    b.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
+    b.add_argument(
+        "--repeats",
+        type=_positive(int),
+        default=5,
+        help="steps per timed block, at least (default 5; more for short steps, so that a "
+        "block lasts >= 2 ms; fewer, down to 1, for steps over 20 ms)",
+    )
+    b.add_argument(
+        "--rounds",
+        type=_positive(int),
+        default=3,
+        help="interleaved rounds (default 3; rows that fail a check get up to 2x more)",
+    )
+    b.add_argument("--threads", type=_positive(int), help="fastoptim threads (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")
     b.add_argument("--overhead", action="store_true", help="also measure the fixed step cost")
-    b.add_argument("--plot", metavar="PNG", help="also write ns/element vs array size (Adam)")
-    b.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    b.add_argument(
+        "--plot",
+        action="store_true",
+        help="also sweep Adam over 11 array sizes (16 to 16M elements) and write "
+        "bench_adam_sizes.png, ns/element vs size, into --out (honours --no-torch, --repeats, "
+        "--rounds)",
+    )
+    _add_common(b, "bench_adam_sizes.png (with --plot)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    b.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)  # the old
+    # opt-in to progress, now the default: accepted so that existing scripts keep working
     b.set_defaults(run=_bench)
+    parsers = {"demo": d, "minimize": m, "bench": b}
     args = parser.parse_args(argv)
-    if getattr(args, "repeats", 1) < 1 or getattr(args, "rounds", 1) < 1:
-        parser.error("--repeats and --rounds must be >= 1")
-    result: int = args.run(args)
+    sub_parser = parsers[args.command]
+    writes = args.plot if args.command == "bench" else not args.no_plot
+    args.out = _check_out(sub_parser, args.out) if writes else None
+    result: int = args.run(args, sub_parser)
     return result

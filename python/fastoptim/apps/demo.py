@@ -1,18 +1,32 @@
-"""``fastoptim demo``: train a small NumPy MLP (:mod:`fastoptim.apps.mlp`) on scikit-learn's
-handwritten digits (1797 8x8 images that ship inside scikit-learn: nothing is downloaded) once
-per optimizer, print a table and plot the loss curves.
+"""``fastoptim demo``: the lessons of the optimizer articles, on a small NumPy MLP
+(:mod:`fastoptim.apps.mlp`) trained on scikit-learn's handwritten digits (1797 8x8 images that
+ship inside scikit-learn: nothing is downloaded) or, with ``--dataset fashion-mnist --data-dir
+DIR``, on Fashion-MNIST files you already have.
 
-Every optimizer starts from the same weights and sees the mini-batches in the same order (both
-fixed by ``--seed``), so the curves differ only by the optimizer.  Each run trains with the
-fastoptim class; the NumPy reference class of the same name (:mod:`fastoptim.reference`) runs in
-lockstep on a copy of the parameters and is fed the same gradients, so the table's step times
-compare the two on identical work, and ``max|diff|`` (largest difference between the two final
-parameter sets) shows they computed the same thing.
+Three lessons (``--lesson``, default ``optimizers``; ``all`` runs the three):
+
+* **optimizers**: SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam and NAdam, twice: each at its
+  own tuned learning rate, then all at one common lr (0.001, the articles' Keras code): how
+  far apart they end in each setting.
+* **batch**: plain SGD with full-batch, mini-batch (32) and online (1 sample) gradient descent:
+  updates, wall time and curves on one chart.
+* **decay**: plain SGD on noisy mini-batches and single samples, with a constant learning rate
+  and with a 1/t decay from a start lr that is too large to keep constant.
+
+Every run starts from the same weights and sees the samples in the same order (both fixed by
+``--seed``), so the curves differ only by what the lesson changes.  In the optimizers lesson each
+run trains with the fastoptim class while the NumPy reference class of the same name
+(:mod:`fastoptim.reference`) runs in lockstep on a copy of the parameters, fed the same
+gradients: the table's step times compare the two on identical work, and ``max|diff|`` (largest
+difference between the two final parameter sets) shows they computed the same thing.  Each
+lesson ends with a reading of what the run shows, computed from its numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gzip
 import importlib
 import math
 import sys
@@ -39,7 +53,7 @@ class Spec:
     lr: float
 
 
-# The seed articles' chart (SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam, Nadam), then the
+# The articles' comparison (SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam, Nadam), then the
 # rest of fastoptim.  Learning rates: from a sweep in factors of ~3 on the default problem
 # (batch 32, 20 epochs, seed 0), a value at or next to the lowest final training loss, and at
 # least 3x below the first rate that goes unstable.
@@ -58,7 +72,29 @@ OPTIMIZERS: dict[str, Spec] = {
     "Lion": Spec("Lion", {}, 1e-4),
     "AMSGrad": Spec("Adam", {"amsgrad": True}, 1e-3),
 }
-SEED_CHART = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "NAdam")
+COMPARED = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "NAdam")
+COMMON_LR = 1e-3  # the articles' Keras code gives every optimizer lr=0.001
+LESSONS = ("optimizers", "batch", "decay", "all")
+
+# The batch lesson: plain SGD, (batch size (0: full batch), lr).  Each batch size at a learning
+# rate that suits it (measured on the digits, seed 0): full batch takes a large step (20 updates
+# in 20 epochs), online SGD a small one (at 0.1 its single-sample noise keeps it at chance).
+BATCH_RUNS: tuple[tuple[int, float], ...] = ((0, 0.5), (32, 0.1), (1, 0.01))
+# The decay lesson: plain SGD, (batch size, lr, schedule).  For each batch size, the tuned
+# constant lr, a start lr that is too large to keep constant, and that start lr with the 1/t
+# decay ("inverse_time": lr / (1 + 9 t / T), lr/10 at the end).  Found by experiment (seeds 0-2,
+# 20 epochs): kept constant, 1.0 on mini-batches and 0.03 on single samples diverged or stayed
+# near chance in 5 of the 6 runs; decaying from there, SGD trained in all 6 (95-99% test
+# accuracy).  Against the tuned constant lr, the decay gave the lower test loss in 3 of the 6
+# (both batch sizes on seed 0): the reading says which, run by run.
+DECAY_RUNS: tuple[tuple[int, float, str], ...] = (
+    (32, 0.1, "constant"),
+    (32, 1.0, "constant"),
+    (32, 1.0, "inverse_time"),
+    (1, 0.01, "constant"),
+    (1, 0.03, "constant"),
+    (1, 0.03, "inverse_time"),
+)
 
 SCHEDULES = (
     "constant",
@@ -72,9 +108,9 @@ SCHEDULES = (
 )
 SCHEDULE_HELP = (
     "constant; step (x0.1 at 1/3 and 2/3 of the updates); exponential (down to lr/100); "
-    "inverse_time (lr / (1 + epoch), the 1/t decay); linear (to 0); cosine (to 0); "
-    "warmup_cosine (linear warm-up over the first 10%%, then cosine to 0); onecycle "
-    "(torch's OneCycleLR with max_lr = lr)"
+    "inverse_time (the 1/t decay lr / (1 + 9 t / T) over the T updates: lr/10 at the end); "
+    "linear (to 0); cosine (to 0); warmup_cosine (linear warm-up over the first 10%%, then "
+    "cosine to 0); onecycle (torch's OneCycleLR with max_lr = lr)"
 )
 
 
@@ -90,7 +126,9 @@ def make_schedule(
     name: str, lr: float, total_steps: int, steps_per_epoch: int
 ) -> float | schedules.Schedule:
     """The learning rate of a run of `total_steps` updates: `lr` itself for ``constant``, else a
-    :mod:`fastoptim.schedules` schedule starting (or peaking) at `lr`."""
+    :mod:`fastoptim.schedules` schedule starting (or peaking) at `lr`.  (`steps_per_epoch` is
+    kept for callers; no schedule depends on it.)"""
+    del steps_per_epoch
     n = max(1, total_steps)
     if name == "constant":
         return lr
@@ -99,7 +137,7 @@ def make_schedule(
     if name == "exponential":
         return schedules.exponential(lr, gamma=0.01 ** (1.0 / n))
     if name == "inverse_time":
-        return schedules.inverse_time(lr, decay_rate=1.0, decay_steps=max(1, steps_per_epoch))
+        return schedules.inverse_time(lr, decay_rate=9.0, decay_steps=n)
     if name == "linear":
         return schedules.linear(lr, 0.0, n)
     if name == "cosine":
@@ -112,12 +150,58 @@ def make_schedule(
 
 
 # ----------------------------------------------------------------------------- data
+DATASETS = ("digits", "fashion-mnist")
+FASHION_URL = "https://github.com/zalandoresearch/fashion-mnist"
+FASHION_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+class DataError(ValueError):
+    """A data set that cannot be read: missing files, or files that are not what they claim."""
+
+
 @dataclass
 class Data:
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    name: str = "digits (scikit-learn, 8x8 images)"
+    classes: int = 10
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of guessing one class for everything (balanced classes)."""
+        return 1.0 / self.classes
+
+
+def _standardised(
+    x_train: np.ndarray, x_test: np.ndarray, dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets standardised feature by feature with the training set's mean and std."""
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0
+    return (
+        np.ascontiguousarray((x_train - mean) / std, dtype=dtype),
+        np.ascontiguousarray((x_test - mean) / std, dtype=dtype),
+    )
 
 
 def load_digits(seed: int, dtype: Any = np.float32, test_fraction: float = 0.2) -> Data:
@@ -131,46 +215,161 @@ def load_digits(seed: int, dtype: Any = np.float32, test_fraction: float = 0.2) 
     perm = np.random.default_rng([seed, 0]).permutation(len(y))
     n_test = round(len(y) * test_fraction)
     test, train = perm[:n_test], perm[n_test:]
-    mean = x[train].mean(axis=0)
-    std = x[train].std(axis=0)
-    std[std == 0] = 1.0
-    x = (x - mean) / std
-    return Data(
-        np.ascontiguousarray(x[train], dtype=dtype),
-        y[train],
-        np.ascontiguousarray(x[test], dtype=dtype),
-        y[test],
+    x_train, x_test = _standardised(x[train], x[test], dtype)
+    return Data(x_train, y[train], x_test, y[test])
+
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: zero bytes, a type code, the number of dimensions, the
+    dimensions as big-endian uint32, then the data), gzipped when its name ends in ``.gz``."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: {len(raw) - header} bytes of data, but the header's shape {shape} needs "
+            f"{expected}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def fashion_mnist_files(data_dir: Path | None) -> dict[str, Path]:
+    """The four Fashion-MNIST IDX files in `data_dir` (each gzipped or not), or a
+    :class:`DataError` that says which are missing and where to get them."""
+    where = (
+        f"download the four files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from the Zalando Research "
+        f"repository {FASHION_URL} (folder data/fashion) into a directory and pass it as "
+        "--data-dir; fastoptim downloads nothing"
     )
+    if data_dir is None:
+        raise DataError(f"--dataset fashion-mnist needs --data-dir DIR: {where}")
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir}: not a directory; {where}")
+    found, missing = {}, []
+    for key, stem in FASHION_FILES.items():
+        for name in (stem, stem + ".gz"):
+            if (data_dir / name).is_file():
+                found[key] = data_dir / name
+                break
+        else:
+            missing.append(stem + "[.gz]")
+    if missing:
+        raise DataError(f"--data-dir {data_dir}: missing {', '.join(missing)}; {where}")
+    return found
+
+
+def load_fashion_mnist(data_dir: Path | None, dtype: Any = np.float32) -> Data:
+    """Fashion-MNIST from the standard IDX files in `data_dir`: the 60,000 training and 10,000
+    test images (28x28, flattened to 784 features standardised with the training set's mean and
+    standard deviation), labels 0-9."""
+    arrays = {key: read_idx(path) for key, path in fashion_mnist_files(data_dir).items()}
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+            raise DataError(
+                f"Fashion-MNIST {part} files: images {x.shape} and labels {y.shape} do not match "
+                "(expected (n, rows, cols) and (n,))"
+            )
+        if y.min() < 0 or y.max() >= len(FASHION_CLASSES):
+            raise DataError(f"Fashion-MNIST {part} labels outside 0-9")
+    x_train, x_test = _standardised(
+        arrays["x_train"].reshape(len(arrays["y_train"]), -1).astype(np.float64),
+        arrays["x_test"].reshape(len(arrays["y_test"]), -1).astype(np.float64),
+        dtype,
+    )
+    rows, cols = arrays["x_train"].shape[1:]
+    return Data(
+        x_train,
+        arrays["y_train"].astype(np.intp),
+        x_test,
+        arrays["y_test"].astype(np.intp),
+        name=f"Fashion-MNIST ({rows}x{cols} images)",
+    )
+
+
+def load(
+    dataset: str,
+    seed: int,
+    dtype: Any = np.float32,
+    data_dir: Path | None = None,
+    train_size: int | None = None,
+) -> Data:
+    """The data set `dataset` (see :data:`DATASETS`); with `train_size`, a random subset of the
+    training set of that size (chosen by `seed`)."""
+    if dataset == "digits":
+        data = load_digits(seed, dtype)
+    elif dataset == "fashion-mnist":
+        data = load_fashion_mnist(data_dir, dtype)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    if train_size is not None and train_size < len(data.y_train):
+        perm = np.random.default_rng([seed, 3]).permutation(len(data.y_train))
+        keep = np.sort(perm[:train_size])
+        data.x_train = np.ascontiguousarray(data.x_train[keep])
+        data.y_train = data.y_train[keep]
+    return data
 
 
 # ----------------------------------------------------------------------------- training
 @dataclass
 class Config:
-    optimizers: Sequence[str] = SEED_CHART
+    optimizers: Sequence[str] = COMPARED
     epochs: int = 20
     batch_size: int = 32  # 0: the whole training set (full batch)
-    lr: float | None = None  # None: each optimizer's default
+    lr: float | None = None  # one run's lr; None: the optimizer's tuned lr
     schedule: str = "constant"
     seed: int = 0
     hidden: Sequence[int] = (128, 128)
     dtype: Any = np.float32
     reference: bool = True
     threads: int = 1  # fastoptim's threads (see single_threaded_blas for why 1)
+    lrs: Sequence[float | None] = (None, COMMON_LR)  # the optimizers lesson: one view per lr
+    lesson: str = "optimizers"
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    train_size: int | None = None  # None: the whole training set
 
 
 @dataclass
 class Result:
     name: str
     lr: float
+    batch_size: int = 0  # samples per update
+    schedule: str = "constant"
     steps: int = 0
     train_loss: list[float] = field(default_factory=list)  # epoch 0 (initial) .. last
     test_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # training seconds so far, per epoch
     train_seconds: float = 0.0  # forward, backward and fastoptim step
     step_seconds: float = 0.0  # fastoptim steps only
     reference_seconds: float | None = None  # NumPy reference steps (same gradients)
     max_diff: float | None = None  # max |fastoptim - reference| over the final parameters
     diverged_epoch: int | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_epoch is not None
+
+    @property
+    def accuracy(self) -> float:
+        """Final test accuracy in percent."""
+        return 100.0 * self.test_acc[-1]
 
 
 class Progress:
@@ -187,13 +386,13 @@ class Progress:
             return
         filled = self.width * done // max(1, total)
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r  {label:<9} [{bar}] {done}/{total} epochs  {info}\x1b[K")
+        self.stream.write(f"\r  {label:<18} [{bar}] {done}/{total} epochs  {info}\x1b[K")
         self.stream.flush()
 
     def finish(self, label: str, info: str) -> None:
         if self.stream is None:
             return
-        self.stream.write(("\r" if self.tty else "") + f"  {label:<9} {info}")
+        self.stream.write(("\r" if self.tty else "") + f"  {label:<18} {info}")
         self.stream.write("\x1b[K\n" if self.tty else "\n")
         self.stream.flush()
 
@@ -205,8 +404,8 @@ def batch_size(config: Config, n: int) -> int:
 
 
 def layer_sizes(data: Data, config: Config) -> list[int]:
-    """The MLP's layer widths: the digits' 64 features, the hidden layers, 10 classes."""
-    return [data.x_train.shape[1], *config.hidden, 10]
+    """The MLP's layer widths: the data's features, the hidden layers, the classes."""
+    return [data.x_train.shape[1], *config.hidden, data.classes]
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -216,11 +415,18 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train(name: str, data: Data, config: Config, progress: Progress | None = None) -> Result:
-    """Train a fresh MLP with optimizer `name` (an :data:`OPTIMIZERS` key) and return its
-    curves and timings."""
+def train(
+    name: str,
+    data: Data,
+    config: Config,
+    progress: Progress | None = None,
+    label: str | None = None,
+) -> Result:
+    """Train a fresh MLP with optimizer `name` (an :data:`OPTIMIZERS` key) at ``config.lr``
+    (None: its tuned lr), batch size and schedule, and return its curves and timings."""
     spec = OPTIMIZERS[name]
     lr = spec.lr if config.lr is None else config.lr
+    label = label or name
     n = len(data.y_train)
     bs = batch_size(config, n)
     per_epoch = -(-n // bs)
@@ -241,7 +447,8 @@ def train(name: str, data: Data, config: Config, progress: Progress | None = Non
             ref_params, lr=make_schedule(config.schedule, lr, total, per_epoch), **spec.options
         )
         ref_grads: dict[str, np.ndarray] = ref.grads
-    result = Result(name, lr, reference_seconds=0.0 if ref is not None else None)
+    result = Result(name, lr, bs, config.schedule)
+    result.reference_seconds = 0.0 if ref is not None else None
     shuffle = np.random.default_rng([config.seed, 2])  # same batches for every optimizer
     clock = time.perf_counter
 
@@ -249,6 +456,7 @@ def train(name: str, data: Data, config: Config, progress: Progress | None = Non
         result.train_loss.append(net.loss(data.x_train, data.y_train))
         result.test_loss.append(net.loss(data.x_test, data.y_test))
         result.test_acc.append(net.accuracy(data.x_test, data.y_test))
+        result.seconds.append(result.train_seconds)
         return math.isfinite(result.train_loss[-1])
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -272,7 +480,7 @@ def train(name: str, data: Data, config: Config, progress: Progress | None = Non
             ok = evaluate()
             if progress is not None:
                 info = f"train loss {result.train_loss[-1]:.4f}"
-                progress.update(name, epoch, config.epochs, info)
+                progress.update(label, epoch, config.epochs, info)
             if not ok:
                 result.diverged_epoch = epoch
                 break
@@ -281,14 +489,14 @@ def train(name: str, data: Data, config: Config, progress: Progress | None = Non
                 float(np.max(np.abs(net.params[k] - ref_params[k]))) for k in net.params
             )
     if progress is not None:
-        if result.diverged_epoch is not None:
+        if result.diverged:
             summary = f"diverged at epoch {result.diverged_epoch}"
         else:
             summary = (
                 f"train loss {result.train_loss[-1]:.4f}, test accuracy "
-                f"{100 * result.test_acc[-1]:.2f}%, {result.train_seconds:.2f} s"
+                f"{result.accuracy:.2f}%, {result.train_seconds:.2f} s"
             )
-        progress.finish(name, summary)
+        progress.finish(label, summary)
     return result
 
 
@@ -325,19 +533,243 @@ def threads(config: Config) -> Iterator[None]:
         set_num_threads(before)
 
 
+# ----------------------------------------------------------------------------- lessons
+def view_title(lr: float | None) -> str:
+    return "each optimizer at its tuned lr" if lr is None else f"every optimizer at lr {lr:g}"
+
+
+def compare_optimizers(data: Data, config: Config, bar: Progress) -> list[list[Result]]:
+    """The optimizers lesson: every optimizer once per entry of ``config.lrs`` (a run that
+    two views share, an optimizer tuned at the common lr, is trained once)."""
+    done: dict[tuple[str, float], Result] = {}
+    views = []
+    for view_lr in config.lrs:
+        view = []
+        for name in config.optimizers:
+            lr = OPTIMIZERS[name].lr if view_lr is None else view_lr
+            if (name, lr) not in done:
+                cfg = dataclasses.replace(config, lr=lr)
+                done[name, lr] = train(name, data, cfg, bar, f"{name} lr {lr:g}")
+            view.append(done[name, lr])
+        views.append(view)
+    return views
+
+
+def batch_kind(bs: int, n: int) -> str:
+    if bs >= n:
+        return "full batch"
+    return "online" if bs == 1 else f"mini-batch {bs}"
+
+
+def run_label(r: Result, n: int, *, lr: bool = True) -> str:
+    text = batch_kind(r.batch_size, n)
+    if lr:
+        text += f", {'1/t decay from' if r.schedule == 'inverse_time' else 'lr'} {r.lr:g}"
+    return text
+
+
+def batch_lesson(data: Data, config: Config, bar: Progress) -> list[Result]:
+    """Plain SGD with full-batch, mini-batch and online gradient descent (:data:`BATCH_RUNS`)."""
+    n = len(data.y_train)
+    out = []
+    for bs, lr in BATCH_RUNS:
+        cfg = dataclasses.replace(
+            config, batch_size=bs, lr=lr, schedule="constant", reference=False
+        )
+        out.append(train("SGD", data, cfg, bar, batch_kind(batch_size(cfg, n), n)))
+    return out
+
+
+def decay_lesson(data: Data, config: Config, bar: Progress) -> list[Result]:
+    """Plain SGD, constant vs decaying learning rate, on noisy batches (:data:`DECAY_RUNS`)."""
+    n = len(data.y_train)
+    out = []
+    for bs, lr, schedule in DECAY_RUNS:
+        cfg = dataclasses.replace(config, batch_size=bs, lr=lr, schedule=schedule, reference=False)
+        r = Result("SGD", lr, batch_size(cfg, n), schedule)
+        out.append(train("SGD", data, cfg, bar, run_label(r, n)))
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+def _trend(r: Result) -> str:
+    """How the training loss moved over the last quarter of the epochs."""
+    q = max(1, (len(r.train_loss) - 1) // 4)
+    before, last = r.train_loss[-1 - q], r.train_loss[-1]
+    if not (before > 0 and math.isfinite(before)):
+        return ""
+    change = last / before - 1
+    what = "still falling" if change < -0.1 else ("flat" if change <= 0.1 else "rising")
+    return f"training loss {what}: {100 * change:+.0f}% over the last {q} epochs"
+
+
+def _state(r: Result, data: Data) -> str:
+    if r.diverged:
+        return f"diverged at epoch {r.diverged_epoch}"
+    if r.accuracy < 100 * data.chance + 5:
+        return f"{r.accuracy:.1f}%, at chance level ({100 * data.chance:.0f}%)"
+    return f"{r.accuracy:.1f}%"
+
+
+def read_view(results: Sequence[Result], data: Data, lr: float | None) -> str:
+    """One sentence on one view of the optimizers lesson, from its numbers."""
+    ok = [r for r in results if not r.diverged]
+    text = f"- {view_title(lr)}: "
+    if not ok:
+        return text + "every run diverged."
+    best = max(r.accuracy for r in ok)
+    worst = min(r.accuracy for r in ok)
+    if len(ok) > 1:
+        text += f"test accuracy {worst:.1f}-{best:.1f}% (spread {best - worst:.1f} points); "
+    leaders = sorted((r for r in ok if r.accuracy >= best - 0.5), key=lambda r: -r.accuracy)
+    text += f"best {leaders[0].name} {leaders[0].accuracy:.1f}%"
+    if len(leaders) > 1:
+        text += f", within 0.5 points of it: {', '.join(r.name for r in leaders[1:])}"
+    behind = sorted((r for r in ok if r.accuracy < best - 2), key=lambda r: r.accuracy)
+    if behind:
+        text += "; more than 2 points behind: " + "; ".join(
+            f"{r.name} {_state(r, data)} ({_trend(r)})" for r in behind
+        )
+    elif len(ok) > 1:
+        text += "; none more than 2 points behind"
+    diverged = [r for r in results if r.diverged]
+    if diverged:
+        text += "; diverged: " + ", ".join(f"{r.name} (epoch {r.diverged_epoch})" for r in diverged)
+    if len(ok) > 1:
+        text += ".\n  Final training loss, lowest first: " + " < ".join(
+            f"{r.name} {r.train_loss[-1]:.2g}" for r in sorted(ok, key=lambda r: r.train_loss[-1])
+        )
+    return text + "."
+
+
+def read_optimizers(
+    views: Sequence[Sequence[Result]], lrs: Sequence[float | None], data: Data
+) -> str:
+    lines = [read_view(v, data, lr) for v, lr in zip(views, lrs)]
+    if len(views) >= 2:
+        first = {r.name: r for r in views[0]}
+        for view, lr in zip(views[1:], lrs[1:]):
+            changes, same = [], []
+            for r in view:
+                r0 = first.get(r.name)
+                if r0 is None:
+                    continue
+                if r0.lr == r.lr:
+                    same.append(r.name)
+                elif r.diverged or r0.diverged:
+                    changes.append((-math.inf if r.diverged else math.inf, r.name, r0, r))
+                else:
+                    changes.append((r.accuracy - r0.accuracy, r.name, r0, r))
+            changes.sort(key=lambda c: c[0])
+            moved = [c for c in changes if not abs(c[0]) <= 1]
+            start = "its tuned lr" if lrs[0] is None else f"lr {lrs[0]:g}"
+            text = f"- from {start} to lr {lr:g}: "
+            if moved:
+                text += ", ".join(
+                    f"{name} {'diverged' if r.diverged else f'{d:+.1f} points'} "
+                    f"(lr {r0.lr:g} -> {r.lr:g})"
+                    for d, name, r0, r in moved
+                )
+            else:
+                text += "no optimizer moved by more than 1 point"
+            steady = [c[1] for c in changes if abs(c[0]) <= 1]
+            if steady and moved:
+                text += f"; within 1 point: {', '.join(steady)}"
+            if same:
+                text += f"; {', '.join(same)} already tuned at {lr:g} (same run)"
+            lines.append(text + ".")
+    return "\n".join(lines)
+
+
+def _reach(r: Result, target: float) -> tuple[int, float] | None:
+    """(epoch, training seconds) when `r` first reached `target` % test accuracy."""
+    for epoch, (acc, secs) in enumerate(zip(r.test_acc, r.seconds)):
+        if 100 * acc >= target:
+            return epoch, secs
+    return None
+
+
+def read_batch(results: Sequence[Result], data: Data) -> str:
+    n = len(data.y_train)
+    lines = [
+        "- "
+        + "; ".join(
+            f"{run_label(r, n)}: {r.steps:,} updates in {r.train_seconds:.2f} s, {_state(r, data)}"
+            for r in results
+        )
+        + "."
+    ]
+    ok = [r for r in results if not r.diverged and len(r.train_loss) > 1]
+    if len(ok) > 1:
+        first = sorted(ok, key=lambda r: r.train_loss[1])
+        lines.append(
+            "- after one epoch (one pass over the data), training loss: "
+            + " < ".join(f"{batch_kind(r.batch_size, n)} {r.train_loss[1]:.4f}" for r in first)
+            + "."
+        )
+        target = min(95.0, math.floor(min(r.accuracy for r in ok)))
+        reached = [(x, r) for r in ok if (x := _reach(r, target)) is not None]
+        reached.sort(key=lambda xr: xr[0][1])
+        lines.append(
+            f"- first to {target:g}% test accuracy in training time: "
+            + ", ".join(
+                f"{batch_kind(r.batch_size, n)} {secs:.3f} s (epoch {epoch})"
+                for (epoch, secs), r in reached
+            )
+            + "."
+        )
+    return "\n".join(lines)
+
+
+def read_decay(results: Sequence[Result], data: Data) -> str:
+    n = len(data.y_train)
+    lines = []
+    for bs in dict.fromkeys(r.batch_size for r in results):
+        group = [r for r in results if r.batch_size == bs]
+        text = f"- {batch_kind(bs, n)}: " + "; ".join(
+            f"{run_label(r, n).split(', ', 1)[1]} -> {_state(r, data)}"
+            + ("" if r.diverged else f", test loss {r.test_loss[-1]:.3f}")
+            for r in group
+        )
+        decayed = [r for r in group if r.schedule != "constant"]
+        constant = [r for r in group if r.schedule == "constant" and not r.diverged]
+        if decayed and constant and not decayed[0].diverged:
+            d = decayed[0]
+            best = min(constant, key=lambda r: r.test_loss[-1])
+            if d.test_loss[-1] < best.test_loss[-1]:
+                text += (
+                    f". The decay from {d.lr:g} gives the lowest test loss, "
+                    f"{d.test_loss[-1]:.3f} against {best.test_loss[-1]:.3f} for the best "
+                    f"constant lr ({best.lr:g})"
+                )
+            else:
+                text += (
+                    f". Here the decay from {d.lr:g} does not beat the constant lr {best.lr:g} "
+                    f"(test loss {d.test_loss[-1]:.3f} vs {best.test_loss[-1]:.3f})"
+                )
+        lines.append(text + ".")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- output
 def describe(data: Data, config: Config) -> str:
     n = len(data.y_train)
-    bs = batch_size(config, n)
-    kind = "full batch" if bs == n else ("online" if bs == 1 else "mini-batch")
     sizes = layer_sizes(data, config)
     n_params = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
     dtype = np.dtype(config.dtype).name
+    if config.lesson == "optimizers":
+        bs = batch_size(config, n)
+        kind = "full batch" if bs == n else ("online" if bs == 1 else "mini-batch")
+        run = (
+            f"batch {bs} ({kind}, {-(-n // bs)} updates/epoch), {config.epochs} epochs, "
+            f"schedule {config.schedule}"
+        )
+    else:
+        run = f"{config.epochs} epochs"
     return (
-        f"digits (scikit-learn, 8x8 images): {n} train / {len(data.y_test)} test, seed "
+        f"{data.name}: {n} train / {len(data.y_test)} test, seed "
         f"{config.seed}\nMLP {'-'.join(map(str, sizes))} (ReLU, softmax cross-entropy; "
-        f"{n_params:,} {dtype} parameters), batch {bs} ({kind}, {-(-n // bs)} updates/epoch), "
-        f"{config.epochs} epochs, schedule {config.schedule}\nfastoptim {__version__}, isa "
+        f"{n_params:,} {dtype} parameters), {run}\nfastoptim {__version__}, isa "
         f"{isa()}, {config.threads} thread{'s' if config.threads > 1 else ''}; NumPy's BLAS "
         "on 1 thread"
     )
@@ -345,6 +777,12 @@ def describe(data: Data, config: Config) -> str:
 
 def _us(seconds: float | None, steps: int) -> str:
     return "-" if seconds is None or steps == 0 else f"{1e6 * seconds / steps:.1f}"
+
+
+def _stats(r: Result) -> str:
+    if r.diverged:
+        return f"{'diverged at epoch ' + str(r.diverged_epoch):>33}"
+    return f"{r.train_loss[-1]:>12.4f}{r.test_loss[-1]:>11.4f}{r.accuracy:>9.2f}%"
 
 
 def format_table(results: Sequence[Result]) -> str:
@@ -361,16 +799,25 @@ def format_table(results: Sequence[Result]) -> str:
         if r.reference_seconds is not None and r.step_seconds > 0:
             speedup = f"{r.reference_seconds / r.step_seconds:.1f}x"
         diff = "-" if r.max_diff is None else f"{r.max_diff:.1e}"
-        if r.diverged_epoch is not None:
-            stats = f"{'diverged at epoch ' + str(r.diverged_epoch):>33}"
-        else:
-            stats = (
-                f"{r.train_loss[-1]:>12.4f}{r.test_loss[-1]:>11.4f}{100 * r.test_acc[-1]:>9.2f}%"
-            )
         lines.append(
-            f"{r.name:<10}{r.lr:>8.3g}{stats}{r.train_seconds:>9.3f}"
+            f"{r.name:<10}{r.lr:>8.3g}{_stats(r)}{r.train_seconds:>9.3f}"
             f"{_us(r.step_seconds, r.steps):>9}{_us(r.reference_seconds, r.steps):>10}"
             f"{speedup:>9}{diff:>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_runs(results: Sequence[Result], n: int) -> str:
+    """The batch and decay lessons' table: one row per SGD run."""
+    head = (
+        f"{'run':<18}{'batch':>6}{'lr':>7}{'schedule':>13}{'updates':>9}{'train loss':>12}"
+        f"{'test loss':>11}{'test acc':>10}{'train s':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{batch_kind(r.batch_size, n):<18}{r.batch_size:>6}{r.lr:>7.3g}{r.schedule:>13}"
+            f"{r.steps:>9,}{_stats(r)}{r.train_seconds:>9.3f}"
         )
     return "\n".join(lines)
 
@@ -383,32 +830,106 @@ FOOTNOTE = (
 )
 
 
-def plot(results: Sequence[Result], path: Path, title: str) -> None:
-    """Training loss (log scale) and test accuracy against the epoch, one line per optimizer."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
-        epochs = np.arange(len(r.train_loss))
-        loss = np.asarray(r.train_loss)
-        keep = np.isfinite(loss)
-        (line,) = ax_loss.plot(epochs[keep], loss[keep], label=r.name, lw=1.6)
-        ax_acc.plot(epochs, 100 * np.asarray(r.test_acc), color=line.get_color(), lw=1.6)
+    return plt
+
+
+def _curves(ax_loss: Any, ax_acc: Any, r: Result, label: str, **style: Any) -> None:
+    epochs = np.arange(len(r.train_loss))
+    loss = np.asarray(r.train_loss)
+    keep = np.isfinite(loss)
+    (line,) = ax_loss.plot(epochs[keep], loss[keep], label=label, lw=1.6, **style)
+    style.setdefault("color", line.get_color())
+    ax_acc.plot(epochs, 100 * np.asarray(r.test_acc), label=label, lw=1.6, **style)
+
+
+def _axes(ax_loss: Any, ax_acc: Any, data: Data, x: str = "epoch") -> None:
+    import matplotlib.ticker
+
     ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("epoch")
+    ax_loss.set_xlabel(x)
     ax_loss.set_ylabel("training loss (cross-entropy)")
     ax_loss.grid(True, which="both", alpha=0.3)
-    ax_loss.legend(fontsize=8)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
-    best = max((max(r.test_acc) for r in results if r.test_acc), default=1.0)
-    ax_acc.set_ylim(max(0.0, 100 * best - 15), 100.5)
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_acc.set_ylim(0, 101)  # from 0: a run at chance level stays on the chart
+    ax_acc.axhline(100 * data.chance, color="gray", ls=":", lw=1)
+    ax_acc.text(0, 100 * data.chance + 1, f"chance ({100 * data.chance:.0f}%)", fontsize=7)
     ax_acc.grid(True, alpha=0.3)
+    for ax in (ax_loss, ax_acc):
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
+def plot_optimizers(
+    views: Sequence[Sequence[Result]],
+    lrs: Sequence[float | None],
+    data: Data,
+    path: Path,
+    title: str,
+) -> None:
+    """One row per view: training loss (log scale) and test accuracy against the epoch, one
+    line per optimizer, its lr in the legend."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(views), 2, figsize=(10, 3.6 * len(views)), squeeze=False)
+    for (ax_loss, ax_acc), view, lr in zip(axes, views, lrs):
+        for r in view:
+            _curves(ax_loss, ax_acc, r, f"{r.name} (lr {r.lr:g})")
+        _axes(ax_loss, ax_acc, data)
+        ax_loss.set_title(view_title(lr), fontsize=9)
+        ax_acc.set_title(view_title(lr), fontsize=9)
+        ax_acc.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_batch(results: Sequence[Result], data: Data, path: Path, title: str) -> None:
+    """Training loss against the epoch and against training seconds, test accuracy against the
+    epoch: one line per batch size."""
+    plt = _pyplot()
+    n = len(data.y_train)
+    fig, (ax_loss, ax_time, ax_acc) = plt.subplots(1, 3, figsize=(13, 3.9))
+    for r in results:
+        label = f"{run_label(r, n)} ({r.steps:,} updates)"
+        _curves(ax_loss, ax_acc, r, label)
+        loss = np.asarray(r.train_loss)
+        keep = np.isfinite(loss)
+        ax_time.plot(np.asarray(r.seconds)[keep], loss[keep], lw=1.6, marker=".", label=label)
+    _axes(ax_loss, ax_acc, data)
+    ax_time.set_xscale("symlog", linthresh=1e-2)
+    ax_time.set_yscale("log")
+    ax_time.set_xlabel("training seconds (wall time)")
+    ax_time.set_ylabel("training loss")
+    ax_time.grid(True, which="both", alpha=0.3)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_decay(results: Sequence[Result], data: Data, path: Path, title: str) -> None:
+    """One row per batch size: training loss and test accuracy against the epoch, constant
+    learning rates solid, decaying ones dashed."""
+    plt = _pyplot()
+    n = len(data.y_train)
+    sizes = list(dict.fromkeys(r.batch_size for r in results))
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(10, 3.6 * len(sizes)), squeeze=False)
+    for (ax_loss, ax_acc), bs in zip(axes, sizes):
+        for r in (r for r in results if r.batch_size == bs):
+            ls = "-" if r.schedule == "constant" else "--"
+            _curves(ax_loss, ax_acc, r, run_label(r, n).split(", ", 1)[1], ls=ls)
+        _axes(ax_loss, ax_acc, data)
+        ax_loss.set_title(f"SGD, {batch_kind(bs, n)}", fontsize=9)
+        ax_acc.set_title(f"SGD, {batch_kind(bs, n)}", fontsize=9)
+        ax_acc.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -421,28 +942,66 @@ def main(
     *,
     progress: TextIO | None = sys.stderr,
     echo: Callable[[str], None] = print,
-) -> list[Result]:
-    """What ``fastoptim demo`` does: train, print the table, write ``demo_loss.png`` into
-    directory `out` (None: no plot)."""
-    data = load_digits(config.seed, dtype=config.dtype)
+) -> dict[str, list[Result]]:
+    """What ``fastoptim demo`` does: run the lesson(s) of ``config.lesson``, print their tables
+    and readings, write their charts into directory `out` (None: no charts).  Returns the runs
+    by lesson."""
+    data = load(config.dataset, config.seed, config.dtype, config.data_dir, config.train_size)
+    n = len(data.y_train)
+    lessons = LESSONS[:-1] if config.lesson == "all" else (config.lesson,)
     echo(describe(data, config))
-    echo("")
     sys.stdout.flush()  # before the progress lines on stderr
     bar = Progress(progress)
-    with threads(config):
-        results = [train(name, data, config, bar) for name in config.optimizers]
-    echo(format_table(results))
-    echo("")
-    echo(FOOTNOTE)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "demo_loss.png"
-        bs = batch_size(config, len(data.y_train))
-        plot(
-            results,
-            path,
-            f"MLP {'-'.join(map(str, layer_sizes(data, config)))} on digits, batch {bs}, "
-            f"schedule {config.schedule}, seed {config.seed}",
-        )
+    shape = f"MLP {'-'.join(map(str, layer_sizes(data, config)))} on {data.name.split(' (')[0]}"
+    written: list[Path] = []
+    results: dict[str, list[Result]] = {}
+    with threads(config):
+        for lesson in lessons:
+            echo("")
+            if lesson == "optimizers":
+                views = compare_optimizers(data, config, bar)
+                for view, lr in zip(views, config.lrs):
+                    echo(f"{view_title(lr)[0].upper()}{view_title(lr)[1:]}:")
+                    echo(format_table(view))
+                    echo("")
+                echo(FOOTNOTE)
+                echo("\nWhat this run shows:")
+                echo(read_optimizers(views, config.lrs, data))
+                results[lesson] = [r for v in views for r in v]
+                if out is not None:
+                    written.append(out / "demo_loss.png")
+                    bs = batch_size(config, n)
+                    plot_optimizers(
+                        views,
+                        config.lrs,
+                        data,
+                        written[-1],
+                        f"{shape}, batch {bs}, schedule {config.schedule}, seed {config.seed}",
+                    )
+            elif lesson == "batch":
+                echo("Batch, mini-batch and online gradient descent (plain SGD):")
+                runs = batch_lesson(data, config, bar)
+                echo(format_runs(runs, n))
+                echo("\nWhat this run shows:")
+                echo(read_batch(runs, data))
+                results[lesson] = runs
+                if out is not None:
+                    written.append(out / "demo_batch.png")
+                    plot_batch(runs, data, written[-1], f"{shape}, SGD, seed {config.seed}")
+            else:
+                echo("Constant vs decaying learning rate (plain SGD, 1/t decay to lr/10):")
+                runs = decay_lesson(data, config, bar)
+                echo(format_runs(runs, n))
+                echo("\nWhat this run shows:")
+                echo(read_decay(runs, data))
+                results[lesson] = runs
+                if out is not None:
+                    written.append(out / "demo_decay.png")
+                    plot_decay(runs, data, written[-1], f"{shape}, seed {config.seed}")
+    if written:
+        echo("")
+    for path in written:
         echo(f"wrote {path}")
     return results

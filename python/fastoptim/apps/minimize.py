@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import optimizers as fast
-from .demo import OPTIMIZERS, SEED_CHART
+from .demo import COMPARED, OPTIMIZERS
 
 Point = Sequence[Any]  # floats, or arrays of a grid (for contour plots)
 
@@ -484,7 +484,7 @@ def have_matplotlib() -> bool:
 
 def main(
     functions: Sequence[str] = tuple(FUNCTIONS),
-    optimizers: Sequence[str] = SEED_CHART,
+    optimizers: Sequence[str] = COMPARED,
     *,
     lr: float | None = None,
     sweep_lrs: Sequence[float] = DEFAULT_SWEEP,
