@@ -51,6 +51,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "Rprop",
 ]
 
 
@@ -367,6 +368,34 @@ def lion_update(
     exp_avg += (1 - beta2) * g
 
 
+def rprop_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    prev: np.ndarray,
+    step_size: np.ndarray,
+    *,
+    etaminus: float,
+    etaplus: float,
+    step_size_min: float,
+    step_size_max: float,
+    maximize: bool,
+) -> None:
+    """Rprop: ``f = sign(g * prev)`` with positives -> ``etaplus``, negatives -> ``etaminus``,
+    zeros -> 1 (NaN stays NaN); ``step_size = clip(step_size * f, min, max)``; ``g = 0`` where
+    ``f == etaminus``; ``p -= sign(g) * step_size``; ``prev = g``."""
+    g = -grad if maximize else grad.copy()  # a new array: zeroed below
+    dtype = param.dtype.type
+    factor = np.sign(g * prev)
+    factor[factor > 0] = etaplus
+    factor[factor < 0] = etaminus
+    factor[factor == 0] = 1
+    step_size *= factor
+    np.minimum(np.maximum(step_size, step_size_min), step_size_max, out=step_size)
+    g[factor == dtype(etaminus)] = 0
+    param -= np.sign(g) * step_size
+    prev[...] = g
+
+
 # ----------------------------------------------------------------------------- the classes
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
@@ -466,3 +495,10 @@ class Lion(_fast.Lion):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, lion_update, ("exp_avg",))
+
+
+class Rprop(_fast.Rprop):
+    __doc__ = _fast.Rprop.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, rprop_update, ("prev", "step_size"))
