@@ -31,9 +31,7 @@ def _sgd_fields(group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, 
 def _rprop_relations(group: Mapping[str, Any]) -> None:
     etaminus, etaplus = group["etas"]
     if not 0.0 < etaminus < 1.0 < etaplus:
-        raise ValueError(
-            f"Rprop: invalid etas={group['etas']!r}: need 0 < etas[0] < 1 < etas[1]"
-        )
+        raise ValueError(f"Rprop: invalid etas={group['etas']!r}: need 0 < etas[0] < 1 < etas[1]")
     low, high = group["step_sizes"]
     if low > high:
         raise ValueError(

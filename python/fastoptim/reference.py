@@ -86,6 +86,11 @@ def _adam_grad(
     return _effective_grad(param, grad, weight_decay, maximize)
 
 
+def _torch_sign(x: np.ndarray) -> np.ndarray:
+    """torch.sign: like np.sign, but 0 for NaN."""
+    return np.where(x > 0, 1, np.where(x < 0, -1, 0)).astype(x.dtype)
+
+
 def _lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
     """a <- a + weight * (b - a)  (torch.Tensor.lerp_)."""
     a += weight * (b - a)
@@ -380,19 +385,19 @@ def rprop_update(
     step_size_max: float,
     maximize: bool,
 ) -> None:
-    """Rprop: ``f = sign(g * prev)`` with positives -> ``etaplus``, negatives -> ``etaminus``,
-    zeros -> 1 (NaN stays NaN); ``step_size = clip(step_size * f, min, max)``; ``g = 0`` where
-    ``f == etaminus``; ``p -= sign(g) * step_size``; ``prev = g``."""
-    g = -grad if maximize else grad.copy()  # a new array: zeroed below
-    dtype = param.dtype.type
-    factor = np.sign(g * prev)
-    factor[factor > 0] = etaplus
-    factor[factor < 0] = etaminus
-    factor[factor == 0] = 1
+    """Rprop: ``f = sign(g * prev)`` (torch's sign: 0 for NaN) with positives -> ``etaplus``,
+    negatives -> ``etaminus``, zeros -> 1; ``step_size = clip(step_size * f, min, max)``;
+    ``g = 0`` where ``f == etaminus``; ``p -= sign(g) * step_size``; ``prev = g``."""
+    g = -grad if maximize else grad
+    t = param.dtype.type
+    factor = _torch_sign(g * prev)  # then, in torch's order: > 0, < 0, == 0
+    factor = np.where(factor > 0, t(etaplus), factor)
+    factor = np.where(factor < 0, t(etaminus), factor)
+    factor = np.where(factor == 0, t(1), factor)
     step_size *= factor
     np.minimum(np.maximum(step_size, step_size_min), step_size_max, out=step_size)
-    g[factor == dtype(etaminus)] = 0
-    param -= np.sign(g) * step_size
+    g = np.where(factor == t(etaminus), t(0), g)  # a new array: the caller's grad is intact
+    param -= _torch_sign(g) * step_size
     prev[...] = g
 
 
