@@ -489,8 +489,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         constructor's values where torch creates the state at construction (it ignores a
         group's own ``initial_accumulator_value``), else from the group's values `hp` at the
         step that creates it (Rprop's ``step_size``: the group's ``lr``)."""
-        eager = hp is None or self._definition.torch_eager_state
-        return self._definition.fill(name, self.defaults if eager else hp)
+        if hp is None or self._definition.torch_eager_state:
+            hp = self.defaults
+        return self._definition.fill(name, hp)
 
     def _new_state(self, p: torch.Tensor, name: str, hp: Mapping[str, Any]) -> torch.Tensor:
         fill = self._fill(name, hp)

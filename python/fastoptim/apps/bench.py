@@ -36,6 +36,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "NAdam": ("NAdam", {}, 2),
     "RAdam": ("RAdam", {}, 2),
     "Lion": ("Lion", {}, 1),
+    "Rprop": ("Rprop", {}, 2),
 }
 
 # Contenders timed with one step per sample (a step takes long).
