@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fastoptim import definitions
+
 # ----------------------------------------------------------------------------- the table
 # L2 weight decay uses a power of two: wd * p is then exact in either precision, and g + wd * p
 # is one correctly rounded operation in float64, in fastoptim's float32 kernels (one fused
@@ -96,7 +98,36 @@ CASES: list[Case] = [
     case("Lion", "plain", lr=1e-3),
     case("Lion", "weight_decay", lr=1e-3, weight_decay=0.5),
     case("Lion", "maximize", lr=1e-3, betas=(0.95, 0.98), maximize=True),
+    # Rprop: lr only fills step_size at creation (the halfway change does nothing, as in torch).
+    case("Rprop", "plain", lr=0.01),
+    case("Rprop", "maximize", lr=0.01, etas=(0.3, 1.5), maximize=True),
+    case("Rprop", "etas", lr=2e-4, etas=(0.5, 1.5)),  # torch's optim_db options
+    case("Rprop", "step_sizes", steps=9, lr=2e-4, step_sizes=(2e-6, 100)),
+    # step_size clamped at both ends: 0.01 -> 0.02 (max) after 1.2^4; 0.01 * 0.1 -> 4e-3 (min)
+    case("Rprop", "clamps", steps=8, lr=0.01, etas=(0.1, 1.2), step_sizes=(4e-3, 0.02)),
+    case("Rprop", "large_lr", lr=100.0),  # clamped to step_sizes[1] = 50 at once
 ]
+
+
+def richest(opt: str, curated: Iterable[Case] = ()) -> Case:
+    """`opt`'s case in `curated` if there is one, else its first case in CASES among those whose
+    options create the most state buffers: one option set per optimizer, so that a test's list
+    covers every optimizer of ``fastoptim.definitions.ALL`` without naming it."""
+    mine = [c for c in curated if c.opt == opt]
+    if mine:
+        return mine[0]
+    d = next(d for d in definitions.ALL if d.name == opt)
+
+    def nstates(c: Case) -> int:
+        return len(d.compile({**d.defaults(), **c.kwargs}).state_names())
+
+    return max((c for c in CASES if c.opt == opt), key=nstates)
+
+
+def one_per_optimizer(curated: Iterable[Case] = ()) -> list[Case]:
+    """:func:`richest` for every optimizer, in ``definitions.ALL`` order."""
+    curated = list(curated)
+    return [richest(d.name, curated) for d in definitions.ALL]
 
 
 def each_case(cases: Iterable[Case]) -> pytest.MarkDecorator:

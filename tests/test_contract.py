@@ -21,33 +21,31 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
+from cases import CASES, Case, one_per_optimizer
+from fastoptim import definitions
 
-# Options that create every state buffer of each optimizer.
+# Options that create every state buffer of each optimizer: these, and for every other
+# optimizer its richest case of the shared table (cases.one_per_optimizer).
 OPTIMIZERS: list[tuple[Any, dict[str, Any]]] = [
-    (fo.SGD, dict(lr=0.1, momentum=0.9)),
-    (fo.Adagrad, dict(lr=0.1)),
-    (fo.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
-    (fo.Adadelta, dict(lr=1.0)),
-    (fo.Adam, dict(lr=0.01, amsgrad=True)),
-    (fo.AdamW, dict(lr=0.01, amsgrad=True)),
-    (fo.Adamax, dict(lr=0.01)),
-    (fo.NAdam, dict(lr=0.01)),
-    (fo.RAdam, dict(lr=0.01)),
-    (fo.Lion, dict(lr=0.01)),
+    (getattr(fo, c.opt), c.kwargs)
+    for c in one_per_optimizer(
+        [
+            Case("SGD", dict(lr=0.1, momentum=0.9)),
+            Case("Adagrad", dict(lr=0.1)),
+            Case("RMSprop", dict(lr=0.01, momentum=0.9, centered=True)),
+            Case("Adadelta", dict(lr=1.0)),
+            Case("Adam", dict(lr=0.01, amsgrad=True)),
+            Case("AdamW", dict(lr=0.01, amsgrad=True)),
+            Case("Adamax", dict(lr=0.01)),
+            Case("NAdam", dict(lr=0.01)),
+            Case("RAdam", dict(lr=0.01)),
+            Case("Lion", dict(lr=0.01)),
+        ]
+    )
 ]
 IDS = [c.__name__ for c, _ in OPTIMIZERS]
-STATES = {
-    "SGD": ["momentum_buffer"],
-    "Adagrad": ["sum"],
-    "RMSprop": ["square_avg", "grad_avg", "momentum_buffer"],
-    "Adadelta": ["square_avg", "acc_delta"],
-    "Adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    "AdamW": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    "Adamax": ["exp_avg", "exp_inf"],
-    "NAdam": ["exp_avg", "exp_avg_sq"],
-    "RAdam": ["exp_avg", "exp_avg_sq"],
-    "Lion": ["exp_avg"],
-}
+# Every state buffer, as the definitions name them (the kernels name them again in C++).
+STATES = {d.name: [s.name for s in d.states] for d in definitions.ALL}
 SHAPES = [(5,), (3, 4), (17,)]
 
 every_optimizer = pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=IDS)
@@ -57,6 +55,9 @@ def test_table_covers_every_optimizer() -> None:
     classes = {getattr(fo, n) for n in fo.__all__}
     optimizers = {c for c in classes if isinstance(c, type) and issubclass(c, fo.Optimizer)}
     assert optimizers - {fo.Optimizer} == {c for c, _ in OPTIMIZERS}
+    assert {c.opt for c in CASES} == {d.name for d in definitions.ALL}  # rows for each
+    for cls, kw in OPTIMIZERS:  # each creates every state buffer
+        assert set(cls([np.zeros(2)], **kw).state[0]) == {"step", *STATES[cls.__name__]}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -299,19 +300,42 @@ def test_group_mixing_dtypes(cls: Any, kw: dict[str, Any]) -> None:
                 assert opt.state[key][name].tobytes() == value.tobytes(), name
 
 
+# What stops an optimizer's updates: lr = 0, but for Rprop, whose lr only sets the initial
+# step size (as in torch), a zero step size range.
+STOP: dict[str, dict[str, Any]] = {"Rprop": {"step_sizes": (0.0, 0.0)}}
+
+
 @every_optimizer
 def test_lr_change_takes_effect_next_step(cls: Any, kw: dict[str, Any]) -> None:
     params = make_params()
     opt = cls(params, **kw)
     opt.step(make_grads(params, seed=0))
-    opt.param_groups[0]["lr"] = 0.0
+    stop = STOP.get(cls.__name__, {"lr": 0.0})
+    old = {k: opt.param_groups[0][k] for k in stop}
+    opt.param_groups[0].update(stop)
     before = [p.copy() for p in params]
     opt.step(make_grads(params, seed=1))
     for p, q in zip(params, before):
-        assert p.tobytes() == q.tobytes(), "lr=0 still moved the parameters"
-    opt.param_groups[0]["lr"] = kw["lr"]
+        assert p.tobytes() == q.tobytes(), f"{stop} still moved the parameters"
+    opt.param_groups[0].update(old)
     opt.step(make_grads(params, seed=2))
     assert all(not np.array_equal(p, q) for p, q in zip(params, before))
+
+
+def test_rprop_lr_is_the_initial_step_size() -> None:
+    """Rprop's lr fills step_size when the state is first used (a change before the first
+    step counts, as in torch, where the state is created then); later it changes nothing."""
+    a, b = make_params(), make_params()
+    opt_a, opt_b = fo.Rprop(a, lr=0.5), fo.Rprop(b, lr=0.25)
+    opt_a.param_groups[0]["lr"] = 0.25
+    for i in range(3):
+        if i == 1:
+            opt_a.param_groups[0]["lr"] = opt_b.param_groups[0]["lr"] = 7.0
+        opt_a.step(make_grads(a, seed=i))
+        opt_b.step(make_grads(b, seed=i))
+        for x, y in zip(a, b):
+            assert x.tobytes() == y.tobytes()
+    assert opt_a.state[0]["step_size"].max() <= 0.25 * 1.2**3
 
 
 def test_add_param_group_later() -> None:
@@ -546,15 +570,19 @@ def test_structure_rejections() -> None:
         )
 
 
+def _defaults(cls: Any) -> dict[str, Any]:
+    return dict(cls._definition.defaults())
+
+
 # Invalid hyper-parameters: (class, kwargs, words in the message).
 HYPER_CASES: list[tuple[Any, dict[str, Any], list[str]]] = [
     *[(c, {**kw, "lr": -1.0}, ["lr"]) for c, kw in OPTIMIZERS],
     *[(c, {**kw, "lr": float("nan")}, ["lr"]) for c, kw in OPTIMIZERS],
-    *[(c, {**kw, "eps": -1e-8}, ["eps"]) for c, kw in OPTIMIZERS if c not in (fo.SGD, fo.Lion)],
+    *[(c, {**kw, "eps": -1e-8}, ["eps"]) for c, kw in OPTIMIZERS if "eps" in _defaults(c)],
     *[
         (c, {**kw, "betas": betas}, [name])
         for c, kw in OPTIMIZERS
-        if c in (fo.Adam, fo.AdamW, fo.Adamax, fo.NAdam, fo.RAdam, fo.Lion)
+        if "betas" in _defaults(c)
         for betas, name in (
             ((1.0, 0.9), "betas[0]"),
             ((-0.1, 0.9), "betas[0]"),
@@ -571,6 +599,15 @@ HYPER_CASES: list[tuple[Any, dict[str, Any], list[str]]] = [
     (fo.NAdam, dict(momentum_decay=-1.0), ["momentum_decay"]),
     (fo.Adagrad, dict(lr_decay=-1.0), ["lr_decay"]),
     (fo.Lion, dict(weight_decay=float("inf")), ["weight_decay"]),
+    (fo.Rprop, dict(etas=(1.0, 1.2)), ["etas"]),
+    (fo.Rprop, dict(etas=(0.0, 1.2)), ["etas"]),
+    (fo.Rprop, dict(etas=(0.5, 1.0)), ["etas"]),
+    (fo.Rprop, dict(etas=(-0.5, 1.2)), ["etas[0]"]),
+    (fo.Rprop, dict(etas=0.5), ["etas", "pair"]),
+    (fo.Rprop, dict(step_sizes=(1e-6, float("inf"))), ["step_sizes[1]"]),
+    (fo.Rprop, dict(step_sizes=(-1e-6, 50)), ["step_sizes[0]"]),
+    (fo.Rprop, dict(step_sizes=(1.0, 0.5)), ["step_sizes"]),
+    (fo.Rprop, dict(step_sizes=(1e-6, "50")), ["step_sizes[1]"]),
 ]
 HYPER_IDS = [
     f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw, _ in HYPER_CASES
@@ -658,7 +695,10 @@ def test_nan_inf_gradients(cls: Any, kw: dict[str, Any]) -> None:
     ok[bad] = False
     assert np.isfinite(dirty[ok]).all()
     assert dirty[ok].tobytes() == clean[ok].tobytes()  # elementwise: others unaffected
-    assert not np.isfinite(dirty[3])  # NaN propagates into its own element
+    # NaN propagates into its own element: the parameter, or at least its state (Rprop moves by
+    # the gradient's sign, and torch.sign(NaN) = 0, but keeps the NaN gradient as ``prev``)
+    here = [dirty[3], *(opt_d.state[0][n][3] for n in STATES[cls.__name__])]
+    assert not np.isfinite(here).all()
     for name in STATES[cls.__name__]:
         assert np.isfinite(opt_d.state[0][name][ok]).all()
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
+from cases import CASES as TABLE
+from fastoptim import definitions
 from fastoptim import functional as F
 from fastoptim.definitions import ADAM
 
@@ -68,6 +70,12 @@ CASES: list[tuple[str, Any, dict[str, Any], Callable[..., Any]]] = [
     ("lion", fo.Lion, dict(lr=0.01, weight_decay=0.1), F.lion_),
     ("lion-max", fo.Lion, dict(lr=0.01, betas=(0.5, 0.9), maximize=True), F.lion_),
 ]
+# Every other optimizer: its rows of the shared table.
+CASES += [
+    (c.id.lower(), getattr(fo, c.opt), c.kwargs, getattr(F, c.opt.lower() + "_"))
+    for c in TABLE
+    if getattr(fo, c.opt) not in {row[1] for row in CASES}
+]
 
 STEPS = 8  # RAdam's rectification starts at step 6 with beta2 = 0.99 / 0.9
 
@@ -76,10 +84,14 @@ def _bytes(a: np.ndarray) -> bytes:
     return a.tobytes()
 
 
+def _class_only(cls: Any) -> set[str]:
+    """Hyper-parameters the functional tier does not take: they only set a state's initial
+    value (Adagrad's initial_accumulator_value, Rprop's lr)."""
+    return {h.name for h in cls._definition.hyper if not h.functional}
+
+
 def _functional_kwargs(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = dict(kwargs)
-    out.pop("initial_accumulator_value", None)  # only sets the initial `sum`
-    return out
+    return {k: v for k, v in kwargs.items() if k not in _class_only(cls)}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -133,12 +145,13 @@ def test_nadam_mu_product_sequence() -> None:
 def test_defaults_match_classes() -> None:
     """Every hyper-parameter of a class exists in its functional with the same default."""
     pairs = {c[1]: c[3] for c in CASES}
-    assert len(pairs) == 10
+    assert {c.__name__ for c in pairs} == {d.name for d in definitions.ALL}
     for cls, fn in pairs.items():
         cls_params = inspect.signature(cls.__init__).parameters
         fn_params = inspect.signature(fn).parameters
         for name, par in cls_params.items():
-            if name in ("self", "params", "initial_accumulator_value"):
+            if name in ("self", "params") or name in _class_only(cls):
+                assert name not in fn_params, f"{fn.__name__} takes {name}"
                 continue
             assert name in fn_params, f"{fn.__name__} lacks {name}"
             assert fn_params[name].default == par.default, f"{fn.__name__}: default of {name}"

@@ -51,8 +51,9 @@ def scheduled(case: Case) -> dict[str, Any]:
     schedules, so that resuming must restore the schedule's position."""
     kw = dict(case.kwargs)
     kw["lr"] = schedules.warmup_cosine(kw.get("lr", 1e-3), 2, 9, end=1e-4)
-    if "betas" in kw or case.opt in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Lion"):
-        b1, b2 = kw.get("betas", (0.9, 0.99 if case.opt == "Lion" else 0.999))
+    defaults = getattr(fo, case.opt)._definition.defaults()
+    if "betas" in defaults:
+        b1, b2 = kw.get("betas", defaults["betas"])
         kw["betas"] = (schedules.linear(b1 - 0.2, b1, 5), b2)
     if kw.get("momentum"):
         kw["momentum"] = schedules.piecewise([3], [kw["momentum"] / 2, kw["momentum"]])

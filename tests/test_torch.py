@@ -41,14 +41,15 @@ from cases import (
     every_dtype,
     make_families,
     make_grads,
+    one_per_optimizer,
 )
 from fastoptim import reference
 
 SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (7,), (17,), (33, 31), (4099,)]
 
-# The shared table but Lion, which torch.optim lacks.  Each case runs for STEPS steps here,
-# whatever its Case.steps: longer, so that rounding differences accumulate.
-TORCH_CASES = [c for c in CASES if c.opt != "Lion"]
+# The shared table but the optimizers torch.optim lacks (Lion).  Each case runs for STEPS steps
+# here, whatever its Case.steps: longer, so that rounding differences accumulate.
+TORCH_CASES = [c for c in CASES if hasattr(torch.optim, c.opt)]
 STEPS = 24
 
 # Allowed error in units of eps(dtype) (rtol = K eps, atol = K eps M; see the module docstring).
@@ -140,6 +141,12 @@ NONFINITE = [  # with and without L2 weight decay (which lets a non-finite p int
     ("NAdam", dict(lr=0.01)),
     ("RAdam", dict(lr=0.01, weight_decay=WD)),
     ("RAdam", dict(lr=0.01)),
+]
+# Every other optimizer torch.optim has: its richest case of the shared table.
+NONFINITE += [
+    (c.opt, c.kwargs)
+    for c in one_per_optimizer()
+    if hasattr(torch.optim, c.opt) and c.opt not in {o for o, _ in NONFINITE}
 ]
 
 

@@ -18,7 +18,19 @@ from . import _openmp  # noqa: F401  # isort: skip  # first: one OpenMP runtime 
 from . import _core, functional, reference, schedules
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
-from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
+from .optimizers import (
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    Lion,
+    NAdam,
+    RAdam,
+    RMSprop,
+    Rprop,
+)
 
 try:
     __version__ = version("fastoptim")
@@ -36,6 +48,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "Rprop",
     "Optimizer",
     "schedules",
     "save",

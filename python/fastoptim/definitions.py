@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from .engine.definition import UNIT, Definition, Hyper, State
+from .engine.definition import PAIR, UNIT, Definition, Hyper, State
 
 
 def _sgd_relations(group: Mapping[str, Any]) -> None:
@@ -26,6 +26,18 @@ def _sgd_relations(group: Mapping[str, Any]) -> None:
 def _sgd_fields(group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, Any]:
     # torch sets the momentum buffer to the gradient on its first use
     return {"first_momentum_step": "momentum_buffer" in fresh}
+
+
+def _rprop_relations(group: Mapping[str, Any]) -> None:
+    etaminus, etaplus = group["etas"]
+    if not 0.0 < etaminus < 1.0 < etaplus:
+        raise ValueError(f"Rprop: invalid etas={group['etas']!r}: need 0 < etas[0] < 1 < etas[1]")
+    low, high = group["step_sizes"]
+    if low > high:
+        raise ValueError(
+            f"Rprop: invalid step_sizes={group['step_sizes']!r}: need step_sizes[0] <= "
+            "step_sizes[1]"
+        )
 
 
 def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
@@ -335,6 +347,42 @@ with :class:`fastoptim.Lion`'s signature and defaults.  State: ``exp_avg`` (no `
 update does not depend on it), as in the ``lion-pytorch`` package.""",
 )
 
+RPROP = Definition(
+    name="Rprop",
+    kernel="Rprop",
+    doc=r"""Rprop, resilient backpropagation (Riedmiller & Braun 1993; ``torch.optim.Rprop``):
+a per-element step size that grows while the gradient keeps its sign and shrinks when it
+flips; only the gradient's sign moves the parameter.  Meant for full-batch training.
+
+.. math::
+    f_t = \eta_+ \text{ if } g_t g_{t-1} > 0,\quad \eta_- \text{ if } g_t g_{t-1} < 0,
+    \quad 1 \text{ otherwise}
+
+    s_t = \mathrm{clip}(s_{t-1} f_t, s_{\min}, s_{\max}),\quad
+    g_t \leftarrow 0 \text{ where } f_t = \eta_-,\quad
+    p_t = p_{t-1} - \mathrm{sign}(g_t)\, s_t
+
+with :math:`(\eta_-, \eta_+)` = ``etas``, :math:`(s_{\min}, s_{\max})` = ``step_sizes``.
+State: ``prev`` (the last :math:`g_t`, 0 at first) and ``step_size`` (:math:`s_t`, starting
+at the group's ``lr`` when the state is created: ``lr`` has no other effect).""",
+    hyper=(
+        Hyper("lr", 1e-2, functional=False),
+        Hyper("etas", (0.5, 1.2), rule=PAIR, fields=("etaminus", "etaplus")),
+        Hyper("step_sizes", (1e-6, 50), rule=PAIR, fields=("step_size_min", "step_size_max")),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("prev"), State("step_size", fill="lr")),
+    relations=_rprop_relations,
+    functional_doc=r"""One in-place Rprop update (see :class:`fastoptim.Rprop`).
+
+Start with ``prev`` zero and ``step_size`` filled with the learning rate (there is no
+``lr`` argument: it only sets that initial value).  ``step`` does not change the update (it
+is required for uniformity).""",
+    torch_doc=r"""Drop-in :class:`torch.optim.Rprop` (see :class:`fastoptim.Rprop`).  State:
+``step``, ``prev``, ``step_size`` (filled with the group's ``lr`` at the first step, as in
+torch).""",
+)
+
 
 # Every optimizer, in documentation order.
-ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION)
+ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP)

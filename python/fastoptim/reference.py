@@ -51,6 +51,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "Rprop",
 ]
 
 
@@ -83,6 +84,11 @@ def _adam_grad(
             param *= 1 - lr * weight_decay
         return g
     return _effective_grad(param, grad, weight_decay, maximize)
+
+
+def _torch_sign(x: np.ndarray) -> np.ndarray:
+    """torch.sign: like np.sign, but 0 for NaN."""
+    return np.where(x > 0, 1, np.where(x < 0, -1, 0)).astype(x.dtype)
 
 
 def _lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
@@ -367,6 +373,34 @@ def lion_update(
     exp_avg += (1 - beta2) * g
 
 
+def rprop_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    prev: np.ndarray,
+    step_size: np.ndarray,
+    *,
+    etaminus: float,
+    etaplus: float,
+    step_size_min: float,
+    step_size_max: float,
+    maximize: bool,
+) -> None:
+    """Rprop: ``f = sign(g * prev)`` (torch's sign: 0 for NaN) with positives -> ``etaplus``,
+    negatives -> ``etaminus``, zeros -> 1; ``step_size = clip(step_size * f, min, max)``;
+    ``g = 0`` where ``f == etaminus``; ``p -= sign(g) * step_size``; ``prev = g``."""
+    g = -grad if maximize else grad
+    t = param.dtype.type
+    factor = _torch_sign(g * prev)  # then, in torch's order: > 0, < 0, == 0
+    factor = np.where(factor > 0, t(etaplus), factor)
+    factor = np.where(factor < 0, t(etaminus), factor)
+    factor = np.where(factor == 0, t(1), factor)
+    step_size *= factor
+    np.minimum(np.maximum(step_size, step_size_min), step_size_max, out=step_size)
+    g = np.where(factor == t(etaminus), t(0), g)  # a new array: the caller's grad is intact
+    param -= _torch_sign(g) * step_size
+    prev[...] = g
+
+
 # ----------------------------------------------------------------------------- the classes
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
@@ -466,3 +500,10 @@ class Lion(_fast.Lion):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, lion_update, ("exp_avg",))
+
+
+class Rprop(_fast.Rprop):
+    __doc__ = _fast.Rprop.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, rprop_update, ("prev", "step_size"))

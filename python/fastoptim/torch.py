@@ -126,6 +126,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Lion",
+    "Rprop",
     "Optimizer",
 ]
 
@@ -483,13 +484,17 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if not rec.specs:
             del self._scheduled[id(group)]
 
-    def _fill(self, name: str) -> float:
-        """Initial value of a new state tensor `name` (from the constructor's values: torch
-        ignores a group's own ``initial_accumulator_value``)."""
-        return self._definition.fill(name, self.defaults)
+    def _fill(self, name: str, hp: Mapping[str, Any] | None = None) -> float:
+        """Initial value of a new state tensor `name`, as torch computes it: from the
+        constructor's values where torch creates the state at construction (it ignores a
+        group's own ``initial_accumulator_value``), else from the group's values `hp` at the
+        step that creates it (Rprop's ``step_size``: the group's ``lr``)."""
+        if hp is None or self._definition.torch_eager_state:
+            hp = self.defaults
+        return self._definition.fill(name, hp)
 
-    def _new_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        fill = self._fill(name)
+    def _new_state(self, p: torch.Tensor, name: str, hp: Mapping[str, Any]) -> torch.Tensor:
+        fill = self._fill(name, hp)
         s = torch.zeros_like(p) if fill == 0.0 else torch.full_like(p, fill)
         self._fresh[id(s)] = s
         return s
@@ -563,7 +568,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for n in c.names:
                 s = state.get(n)
                 if s is None:
-                    state[n] = self._new_state(p, n)
+                    assert c.hp is not None
+                    state[n] = self._new_state(p, n, c.hp)
                     continue
                 if not isinstance(s, torch.Tensor) or s.shape != p.shape:
                     raise ValueError(
@@ -1026,5 +1032,27 @@ class Lion(Optimizer):
         weight_decay: TorchValue = 0.0,
         *,
         maximize: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Rprop(Optimizer):
+    """Drop-in :class:`torch.optim.Rprop` (see :class:`fastoptim.Rprop`).  State:
+    ``step``, ``prev``, ``step_size`` (filled with the group's ``lr`` at the first step, as in
+    torch)."""
+
+    _definition = _defs.RPROP
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.01,
+        etas: tuple[TorchValue, TorchValue] = (0.5, 1.2),
+        step_sizes: tuple[TorchValue, TorchValue] = (1e-06, 50),
+        *,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(params, _defaults(locals()))

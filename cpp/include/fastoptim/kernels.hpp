@@ -204,4 +204,30 @@ template <class T, unsigned V> struct Kernel<Lion, T, V> {
   }
 };
 
+template <class T, unsigned V> struct Kernel<Rprop, T, V> {
+  static constexpr int nstate = 2;
+  Rprop::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    T& prev = s[0];
+    T& step_size = s[1];
+    g = T(c.gsign) * g;
+    // torch: sign = (g * prev).sign() (torch.sign(NaN) = 0); sign[sign > 0] = etaplus;
+    // sign[sign < 0] = etaminus; sign[sign == 0] = 1, in that order and in T (an etaminus that
+    // is 0 in T becomes 1); all selects, no branches.
+    const T prod = g * prev;
+    const T etaminus = T(c.etaminus);
+    T factor = prod > T(0) ? T(c.etaplus) : (prod < T(0) ? etaminus : T(0));
+    factor = factor == T(0) ? T(1) : factor;
+    // step_size.mul_(factor).clamp_(min, max): NaN propagates.
+    T ss = step_size * factor;
+    ss = ss < T(c.step_size_min) ? T(c.step_size_min) : ss;
+    ss = ss > T(c.step_size_max) ? T(c.step_size_max) : ss;
+    step_size = ss;
+    g = factor == etaminus ? T(0) : g;  // the sign changed: no step, forget the gradient
+    // addcmul_(g.sign(), step_size, value=-1); torch.sign(NaN) = 0.  The product is exact.
+    p = fmadd(g > T(0) ? T(-1) : (g < T(0) ? T(1) : T(0)), ss, p);
+    prev = g;
+  }
+};
+
 }  // namespace fastoptim

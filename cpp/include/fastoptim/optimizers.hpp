@@ -267,6 +267,30 @@ struct Lion {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Rprop, resilient backpropagation (Riedmiller & Braun 1993; torch.optim.Rprop).  The learning
+// rate only fills the step_size state when it is created (Python side): no field here.
+struct Rprop {
+  struct Hyper {
+    double etaminus = 0.5, etaplus = 1.2, step_size_min = 1e-6, step_size_max = 50;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("etaminus", &Hyper::etaminus); f("etaplus", &Hyper::etaplus);
+    f("step_size_min", &Hyper::step_size_min); f("step_size_max", &Hyper::step_size_max);
+    f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, etaminus, etaplus, step_size_min, step_size_max; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"prev", "step_size"}; }
+  static Coeffs prepare(const Hyper& h, int64_t) {
+    return {detail::grad_sign(h.maximize), h.etaminus, h.etaplus, h.step_size_min,
+            h.step_size_max};
+  }
+};
+
 // Optimizers with no post-step bookkeeping.
 template <class Opt> auto after_step(typename Opt::Hyper& h, int64_t step, int)
     -> decltype(Opt::after_step(h, step)) { Opt::after_step(h, step); }

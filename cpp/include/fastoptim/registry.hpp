@@ -11,4 +11,5 @@
   X(Adamax, adamax)             \
   X(NAdam, nadam)               \
   X(RAdam, radam)               \
-  X(Lion, lion)
+  X(Lion, lion)                 \
+  X(Rprop, rprop)

@@ -45,6 +45,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "NAdam": ("NAdam", {}, 2),
     "RAdam": ("RAdam", {}, 2),
     "Lion": ("Lion", {}, 1),
+    "Rprop": ("Rprop", {}, 2),
 }
 
 # torch.optim has fused CPU kernels for these only.

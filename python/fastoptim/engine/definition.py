@@ -26,6 +26,8 @@ NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
 UNIT = "unit"  # a number in [0, 1]
 FLAG = "flag"  # a bool: a variant switch, never a schedule
 BETAS = "betas"  # a pair (beta1, beta2), each in [0, 1)
+PAIR = "pair"  # a pair of finite numbers >= 0 (ordering constraints: Definition.relations)
+PAIRS = (BETAS, PAIR)  # the rules of a pair, whose entries are the struct's `fields`
 
 Number = Union[int, float, np.integer, np.floating]
 
@@ -43,7 +45,9 @@ TORCH_ONLY = {
 class Hyper:
     """One hyper-parameter: its name, default, rule, whether it is keyword-only in the
     signatures, and whether it may follow a schedule (flags and values read only once, such as
-    Adagrad's ``initial_accumulator_value``, may not)."""
+    Adagrad's ``initial_accumulator_value``, may not).  A pair (``betas``, Rprop's ``etas``) is
+    compiled into the two struct fields ``fields`` (``beta1``/``beta2`` for betas); its
+    entries may follow schedules each."""
 
     name: str
     default: Any
@@ -51,12 +55,17 @@ class Hyper:
     keyword: bool = False
     schedulable: bool = True
     functional: bool = True  # an argument of the functional tier's function
+    fields: tuple[str, ...] = ()  # a pair: the compiled struct's fields of its two entries
 
     def __post_init__(self) -> None:
         if isinstance(self.default, bool) and self.rule != FLAG:
             object.__setattr__(self, "rule", FLAG)
-        if isinstance(self.default, tuple) and self.rule != BETAS:
+        if isinstance(self.default, tuple) and self.rule not in PAIRS:
             object.__setattr__(self, "rule", BETAS)
+        if self.rule == BETAS and not self.fields:
+            object.__setattr__(self, "fields", ("beta1", "beta2"))
+        if (self.rule in PAIRS) != (len(self.fields) == 2):
+            raise ValueError(f"{self.name}: a pair (and only a pair) names its two fields")
         if self.rule == FLAG:
             object.__setattr__(self, "schedulable", False)
 
@@ -144,12 +153,14 @@ class Definition:
 
     def core_values(self, group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, Any]:
         """The compiled struct's fields for `group` (field name -> value): the entries of the
-        same name, ``betas`` as ``beta1``/``beta2``, and ``extra_fields``.  `fresh`: the
-        state buffers just created (not yet used by a step)."""
+        same name, pairs as their two fields (``betas`` as ``beta1``/``beta2``), and
+        ``extra_fields``.  `fresh`: the state buffers just created (not yet used by a
+        step)."""
         fields = self.fields
         values = {k: v for k, v in group.items() if k in fields}
-        if "betas" in group:
-            values["beta1"], values["beta2"] = group["betas"]
+        for h in self.options:
+            if h.fields and h.name in group:
+                values[h.fields[0]], values[h.fields[1]] = group[h.name]
         if self.extra_fields is not None:
             values.update(self.extra_fields(group, fresh))
         return values
@@ -199,6 +210,8 @@ class Definition:
             check_flag(self.name, key, value)
         elif rule == BETAS:
             check_betas(self.name, value)
+        elif rule == PAIR:
+            check_pair(self.name, key, value)
         elif rule == UNIT:
             check_unit(self.name, key, value, closed=True)
         else:
@@ -243,6 +256,14 @@ def check_betas(cls: str, betas: Any) -> None:
         raise ValueError(f"{cls}: betas must be a pair (beta1, beta2), got {betas!r}")
     check_unit(cls, "betas[0]", betas[0])
     check_unit(cls, "betas[1]", betas[1])
+
+
+def check_pair(cls: str, name: str, value: Any) -> None:
+    """A pair of finite numbers >= 0."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{cls}: {name} must be a pair of numbers, got {value!r}")
+    check_nonnegative(cls, f"{name}[0]", value[0])
+    check_nonnegative(cls, f"{name}[1]", value[1])
 
 
 def check_flag(cls: str, name: str, value: Any) -> None:

@@ -365,6 +365,11 @@ class Optimizer:
         for g, group in changed:
             self._sync(g, group)
             self._ensure_plan(g, group)
+            for name in g.fresh:  # not used yet: starts from the group's values at its first
+                fill = self._state_fill(name, group)  # step (Rprop's step_size = lr)
+                if fill != self._state_fill(name, g.synced):
+                    for v in g.states[name]:
+                        v.fill(fill)
             g.synced = _snapshot(group)
 
     def _bind(self, grads: Grads | None) -> list[list[np.ndarray]]:
