@@ -61,6 +61,11 @@ EDITS: dict[str, dict[str, list[Any]]] = {
     "Adagrad": {"lr": [0.1, 0.05], "lr_decay": [0.0, 0.1], "weight_decay": [0.0, 0.125]},
     "NAdam": {"lr": [0.01, 0.002], "momentum_decay": [4e-3, 1e-2], "weight_decay": [0.0, 0.125]},
     "Lion": {"lr": [1e-3, 1e-4], "betas": [(0.9, 0.99), (0.5, 0.9)]},
+    "Rprop": {
+        "lr": [0.01, 0.1],
+        "etas": [(0.5, 1.2), (0.3, 1.5)],
+        "step_sizes": [(1e-6, 50), (1e-3, 0.05)],
+    },
 }
 SHAPES = [(3,), (2, 5), (3,), (17,)]
 
