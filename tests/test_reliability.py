@@ -85,3 +85,65 @@ def test_huge_hyper_parameter_is_a_value_error(value: Any) -> None:
     with pytest.raises(ValueError, match="invalid lr="):
         opt.step([np.ones(3)])
     assert not w.any()
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("named", [False, True])
+def test_optimizers_pickle_and_deepcopy(how: str, named: bool) -> None:
+    """Like torch's: a copy holds copies of the parameters and continues exactly as the
+    original, independently of it (schedules, variants and step counts included)."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(5), rng.standard_normal((2, 3))]
+    params: Any = dict(zip("ab", arrays)) if named else arrays
+    groups = (
+        [{"params": {"a": arrays[0]}}, {"params": {"b": arrays[1]}, "lr": 0.05}]
+        if named
+        else [{"params": [arrays[0]]}, {"params": [arrays[1]], "lr": 0.05}]
+    )
+    del params
+    opt = fo.Adam(groups, lr=fo.schedules.cosine(0.1, 10), betas=(0.8, 0.9), amsgrad=True)
+    grads = [[rng.standard_normal(a.shape) for a in arrays] for _ in range(6)]
+    for g in grads[:3]:
+        opt.step(g)
+    twin = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+    twin_arrays = [p for grp in twin.param_groups for p in _values(grp["params"])]
+    assert all(a is not b and np.array_equal(a, b) for a, b in zip(arrays, twin_arrays))
+    assert twin.step_count == 3 and twin.schedules(0) == opt.schedules(0)
+    for g in grads[3:]:
+        opt.step(g)
+        twin.step(g)
+    for a, b in zip(arrays, twin_arrays):
+        assert a.tobytes() == b.tobytes()
+
+
+def _values(params: Any) -> list[np.ndarray]:
+    return list(params.values()) if hasattr(params, "values") else list(params)
+
+
+def test_one_optimizer_stepped_from_several_threads_counts_every_step() -> None:
+    """Steps of one optimizer from several threads are serialised: every step is applied
+    once, with its own step number (Adam's bias corrections depend on it)."""
+    import threading
+
+    n, per_thread = 4, 25
+    w = np.zeros(200_000)
+    ref_w = w.copy()
+    opt, ref = fo.Adam([w], lr=1e-3), fo.Adam([ref_w], lr=1e-3)
+    g = np.linspace(-1, 1, w.size)
+
+    def work() -> None:
+        for _ in range(per_thread):
+            opt.step([g])
+
+    threads = [threading.Thread(target=work) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for _ in range(n * per_thread):
+        ref.step([g])
+    assert opt.step_count == n * per_thread and opt.state[0]["step"] == n * per_thread
+    assert w.tobytes() == ref_w.tobytes()

@@ -101,6 +101,7 @@ Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` 
 from __future__ import annotations
 
 import mmap
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Union, overload
@@ -257,6 +258,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # id(group) -> (group, its schedules)
         self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
         self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
+        self._lock = threading.Lock()  # steps from several threads: one at a time
         super().__init__(params, {**defaults, **dict(self._definition.fixed)})
         if self._definition.torch_eager_state:  # torch creates this state at construction
             for group in self.param_groups:
@@ -440,6 +442,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def __getstate__(self) -> dict[str, Any]:
         self._sync_all()
         state: dict[str, Any] = super().__getstate__()
+        state = {k: v for k, v in state.items() if k != "_lock"}
         state["step_count"] = self._t
         state["schedules"] = [
             dict(rec.specs) if (rec := self._record(g)) is not None else {}
@@ -453,6 +456,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         count = state.pop("step_count", None)
         pickled = state.pop("schedules", None)  # pickle / deepcopy: the live schedules
         super().__setstate__(state)
+        if not hasattr(self, "_lock"):  # unpickled (load_state_dict keeps the live one)
+            self._lock = threading.Lock()
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -782,7 +787,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
             work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             for item in work:
                 if item is None:

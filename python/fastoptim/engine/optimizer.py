@@ -5,6 +5,7 @@ only names its :class:`~fastoptim.engine.definition.Definition` and carries its 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Union
@@ -113,6 +114,7 @@ class Optimizer:
         self._named: bool | None = None
         self._t = 0  # updates applied (the argument of every schedule)
         self._plateau: Any = None  # an attached schedules.ReduceLROnPlateau
+        self._lock = threading.Lock()
         if isinstance(params, np.ndarray):
             raise TypeError(
                 f"{type(self).__name__}: params must be a list or dict of arrays, "
@@ -424,17 +426,32 @@ class Optimizer:
         dtype, shape, layout and aliasing) is validated before any array is modified: a
         rejected call changes nothing.
         """
-        per_group = self._prepare(grads)
-        for g, group, gr in zip(self._groups, self.param_groups, per_group):
-            self._run(g, gr)
-            g.step += 1
-            if g.fresh:
-                g.fresh.clear()
-                self._sync(g, group)
-        self._t += 1
-        for g, group in zip(self._groups, self.param_groups):
-            if g.sched:
-                self._advance(g, group)
+        with self._lock:  # steps of one optimizer from several threads: one at a time
+            per_group = self._prepare(grads)
+            for g, group, gr in zip(self._groups, self.param_groups, per_group):
+                self._run(g, gr)
+                g.step += 1
+                if g.fresh:
+                    g.fresh.clear()
+                    self._sync(g, group)
+            self._t += 1
+            for g, group in zip(self._groups, self.param_groups):
+                if g.sched:
+                    self._advance(g, group)
+
+    # ------------------------------------------------------------------ pickle, deepcopy
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (and deep-copied) as its parameters, groups (schedules included) and
+        :meth:`state_dict`, like a torch optimizer with its parameters.  An attached
+        :class:`~fastoptim.schedules.ReduceLROnPlateau` is not included."""
+        with self._lock:
+            groups = []
+            for g, group in zip(self._groups, self.param_groups):
+                entry = {k: g.sched.specs.get(k, v) for k, v in group.items() if k != "params"}
+                entry["params"] = dict(zip(g.keys, g.params)) if self._named else list(g.params)
+                groups.append(entry)
+            sd = {**self._state_dict(copy=False), "plateau": None}
+            return (_rebuild, (type(self), groups, self.defaults, sd))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -696,6 +713,16 @@ class Optimizer:
                     sched = f"  <- {specs[k]!r}" if k in specs else ""
                     lines.append(f"    {k}: {group[k]}{sched}")
         return "\n".join(lines) + "\n)"
+
+
+def _rebuild(
+    cls: type[Optimizer], groups: list[dict[str, Any]], defaults: dict[str, Any], sd: Any
+) -> Optimizer:
+    """Unpickle an optimizer (see :meth:`Optimizer.__reduce__`)."""
+    opt = cls.__new__(cls)
+    Optimizer.__init__(opt, groups, defaults)
+    opt.load_state_dict(sd)
+    return opt
 
 
 # ---------------------------------------------------------------------- checkpoint helpers
