@@ -227,7 +227,8 @@ class Optimizer:
         changes anything."""
         sched = g.sched
         if not sched.advance(group, self._t):
-            return  # pending: the next step's adopt raises it
+            g.synced = {}  # the next step re-checks the group: its adopt raises the error
+            return
         try:
             sched.check(group, self._t, sched.specs)
         except (TypeError, ValueError):
@@ -341,7 +342,10 @@ class Optimizer:
 
     def _prepare(self, grads: Grads | None) -> list[list[np.ndarray]]:
         """Validate everything a step needs and bind the gradients; touches no element."""
-        self._refresh()
+        for g, group in zip(self._groups, self.param_groups):
+            if group != g.synced:
+                self._refresh()
+                break
         return self._bind(grads)
 
     def _refresh(self) -> None:
@@ -353,7 +357,8 @@ class Optimizer:
             (g, group)
             for g, group in zip(self._groups, self.param_groups)
             # hyper-parameters set since the last step, or a schedule that failed after it
-            if group != g.synced or g.sched.pending
+            # (_advance then empties g.synced)
+            if group != g.synced
         ]
         for g, group in changed:
             if group.get("params") is not g.params_view:
@@ -436,7 +441,7 @@ class Optimizer:
                     self._sync(g, group)
             self._t += 1
             for g, group in zip(self._groups, self.param_groups):
-                if g.sched:
+                if g.sched.specs:
                     self._advance(g, group)
 
     # ------------------------------------------------------------------ pickle, deepcopy
@@ -566,7 +571,7 @@ class Optimizer:
                 plan()
             self._t = int(t)
             for g, group in zip(self._groups, self.param_groups):
-                if g.sched:
+                if g.sched.specs:
                     g.sched.evaluate(group, self._t)
                 self._sync(g, group)
                 self._ensure_plan(g, group)

@@ -88,9 +88,6 @@ class Scheduled:
         self.lr_scale = 1.0
         self.lr_floor = 0.0
 
-    def __bool__(self) -> bool:
-        return bool(self.specs)
-
     def adopt(self, group: dict[str, Any], t: int, keys: Iterable[str] | None = None) -> None:
         """Reconcile `group` with its schedules after the user (or a torch LR scheduler) may
         have assigned entries (`keys`: those to look at, default all): a schedule assigned to
