@@ -293,15 +293,18 @@ class Pool {
     }
   }
 
+  // The two counters every claim and completion writes each get a cache line of their own, away
+  // from what workers only read during a job (fn_, ctx_, participants_).
+  alignas(64) std::atomic<uint64_t> ticket_{0};
+  alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) ChunkFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  std::atomic<int> participants_{0};
+  alignas(64) std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_waiting_{false};
   std::mutex job_mu_;  // held by the step using the pool
   std::mutex mu_;      // for the condition variables
   std::condition_variable wake_cv_, done_cv_;
-  std::atomic<uint64_t> ticket_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> sleepers_{0}, participants_{0};
-  std::atomic<bool> caller_waiting_{false};
-  ChunkFn fn_ = nullptr;
-  void* ctx_ = nullptr;
   std::vector<std::thread> threads_;  // never joined: the pool lives as long as the process
 };
 

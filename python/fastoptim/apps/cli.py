@@ -206,6 +206,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_under_load(args: argparse.Namespace) -> int:
+    """``bench --background-load N``: the whole run with N busy processes beside it, and the
+    thread table (1 thread against the default, Adam at 100K/800K/4M elements)."""
+    if args.background_load is None:
+        return _bench(args)
+    if args.background_load < 0:
+        raise SystemExit("bench: --background-load must be >= 0")
+    with bench.background_load(args.background_load):
+        rc = _bench(args)
+        rows = bench.thread_scaling(rounds=max(args.rounds, 9), repeats=args.repeats)
+        print(bench.format_threads(rows, args.background_load, get_num_threads()))
+    return rc
+
+
 def _plot(path: str, rounds: int) -> None:
     try:
         import matplotlib
@@ -395,7 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--overhead", action="store_true", help="also measure the fixed step cost")
     b.add_argument("--plot", metavar="PNG", help="also write ns/element vs array size (Adam)")
     b.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
-    b.set_defaults(run=_bench)
+    b.add_argument(
+        "--background-load",
+        type=int,
+        metavar="N",
+        help="run N CPU-bound busy processes for the duration (a busy machine), and add a table "
+        "of Adam steps on 1 thread vs the default thread count (100K, 800K, 4M elements)",
+    )
+    b.set_defaults(run=_bench_under_load)
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1 or getattr(args, "rounds", 1) < 1:
         parser.error("--repeats and --rounds must be >= 1")
