@@ -330,9 +330,4 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("arrays"),
   "Roofline kernel: one pass reading every float32 array and writing all but the last "
   "(an optimizer step's traffic).");
-#ifdef _OPENMP
-  m.attr("openmp") = true;
-#else
-  m.attr("openmp") = false;
-#endif
 }

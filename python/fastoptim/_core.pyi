@@ -3,8 +3,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-openmp: bool
-
 class Plan:
     def __init__(
         self,
