@@ -171,9 +171,10 @@ std::atomic<int> g_threads{default_threads()};
 std::atomic<int64_t> g_grain{256 * 1024};
 
 // ------------------------------------------------------------------------------ the pool
-// Workers wait for a job by spinning briefly (a step that follows another within ~30 us, as the
-// groups of one optimizer do, finds them awake), then sleep on a condition variable.
-constexpr auto kWorkerSpin = std::chrono::microseconds(30);
+// Workers wait for a job by spinning briefly (a step that follows another within ~100 us, as the
+// groups of one optimizer do, finds them awake), then sleep on a condition variable.  (GNU
+// OpenMP's workers spin for milliseconds, which starves other thread pools on a small machine.)
+constexpr auto kWorkerSpin = std::chrono::microseconds(100);
 // The caller, once no chunk is left to claim, waits for the chunks in flight on workers: spin
 // (they take a few microseconds each), then sleep until the last one is done.
 constexpr auto kCallerSpin = std::chrono::microseconds(200);
@@ -198,16 +199,24 @@ template <class P> bool spin_until(const P& pred, std::chrono::microseconds budg
   }
 }
 
-// One job at a time (a second caller meanwhile runs its chunks itself).  The job is published in
-// one 64-bit word, the ticket: generation (32 bits) | chunk count (16) | next chunk (16).  A
-// thread claims chunk `next` by a compare-and-swap that increments it; the swap fails when the
-// generation has moved on, so a late worker can never claim a chunk of a finished job nor of a
-// later one it did not see published.  The caller's fn/ctx (on its stack) are read only after a
-// successful claim, and the job is not complete (the caller does not return) until that chunk
-// is counted done, so they are alive whenever they are read.
+// One job at a time (a second caller meanwhile runs its chunks itself).  A job of n chunks run
+// by P threads gives thread t (the caller is 0) the home range [t*n/P, (t+1)*n/P): on a quiet
+// machine every thread runs its own range at every step, so a tensor that fits in the caches
+// stays in the same core's cache from step to step, as with a static split.  A thread done with
+// its range takes chunks from the back of the others' ranges, so a worker that is descheduled,
+// or late to wake, delays nothing: the running threads take its share.
+//
+// Each range is one 64-bit word on its own cache line: generation (32 bits) | front (16) |
+// back (16).  The owner claims chunk `front` by a compare-and-swap that increments it, a thief
+// chunk `back - 1` by one that decrements `back`; the swap fails when the generation has moved
+// on, so a late worker can never claim a chunk of a finished job, nor of a later job it has not
+// seen published.  The job's fn/ctx (the caller's stack) are read only after a successful
+// claim, and the job is not complete (the caller does not return) until that chunk is counted
+// done, so they are alive whenever they are read.
 class Pool {
  public:
-  // Workers are threads 1..workers (the caller is thread 0); more are started when needed.
+  explicit Pool(int max_threads) : ranges_(static_cast<std::size_t>(max_threads)) {}
+
   void run(int64_t n, int threads, ChunkFn fn, void* ctx) {
     std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
     if (!job.owns_lock()) {  // another step is using the pool: run this one here
@@ -215,18 +224,24 @@ class Pool {
       return;
     }
     grow(threads - 1);
+    const int p = std::min(threads, static_cast<int>(threads_.size()) + 1);
     fn_ = fn;
     ctx_ = ctx;
     done_.store(0, std::memory_order_relaxed);
-    participants_.store(threads, std::memory_order_relaxed);
-    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
-    const uint64_t t = (gen << 32) | (static_cast<uint64_t>(n) << 16);
-    ticket_.store(t, std::memory_order_seq_cst);
+    const uint64_t gen = static_cast<uint32_t>(gen_of(job_.load(std::memory_order_relaxed)) + 1);
+    for (int t = 0; t < p; ++t) {
+      const uint64_t lo = static_cast<uint64_t>(n * t / p), hi = static_cast<uint64_t>(n * (t + 1) / p);
+      ranges_[static_cast<std::size_t>(t)].word.store((gen << 32) | (lo << 16) | hi,
+                                                      std::memory_order_relaxed);
+    }
+    // The job word: generation | thread count | chunk count; publishes the ranges (release).
+    job_.store((gen << 32) | (static_cast<uint64_t>(p) << 16) | static_cast<uint64_t>(n),
+               std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
       wake_cv_.notify_all();
     }
-    work(static_cast<uint32_t>(gen));
+    work(0, job_.load(std::memory_order_relaxed));
     // Every chunk is claimed; wait for those in flight on workers.
     auto finished = [&] { return done_.load(std::memory_order_acquire) == n; };
     if (!spin_until(finished, kCallerSpin)) {
@@ -238,25 +253,41 @@ class Pool {
   }
 
  private:
-  static uint32_t gen_of(uint64_t t) { return static_cast<uint32_t>(t >> 32); }
-  static int64_t count_of(uint64_t t) { return static_cast<int64_t>((t >> 16) & 0xffff); }
-  static int64_t next_of(uint64_t t) { return static_cast<int64_t>(t & 0xffff); }
+  struct alignas(64) Range {
+    std::atomic<uint64_t> word{0};
+  };
+  static uint32_t gen_of(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
+  static int64_t front_of(uint64_t w) { return static_cast<int64_t>((w >> 16) & 0xffff); }
+  static int64_t back_of(uint64_t w) { return static_cast<int64_t>(w & 0xffff); }
 
-  // Claim and run chunks of job `gen` until none is left.
-  void work(uint32_t gen) {
-    uint64_t t = ticket_.load(std::memory_order_acquire);
-    while (gen_of(t) == gen && next_of(t) < count_of(t)) {
-      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel,
-                                         std::memory_order_acquire))
-        continue;
-      fn_(ctx_, next_of(t));
-      const int64_t n = count_of(t);
-      if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == n &&
-          caller_waiting_.load(std::memory_order_seq_cst)) {
-        { std::lock_guard<std::mutex> lk(mu_); }
-        done_cv_.notify_all();
+  // Claim a chunk of range r for job `gen`: its front (own range) or its back (another's);
+  // -1 when the range is empty or the job is no longer `gen`.
+  int64_t claim(std::size_t r, uint32_t gen, bool own) {
+    std::atomic<uint64_t>& word = ranges_[r].word;
+    uint64_t w = word.load(std::memory_order_acquire);
+    while (gen_of(w) == gen && front_of(w) < back_of(w)) {
+      const uint64_t next = own ? w + (uint64_t{1} << 16) : w - 1;
+      if (word.compare_exchange_weak(w, next, std::memory_order_acq_rel, std::memory_order_acquire))
+        return own ? front_of(w) : back_of(w) - 1;
+    }
+    return -1;
+  }
+
+  // Thread `self` runs its own range, then the others' (from their backs), for job word `job`.
+  void work(int self, uint64_t job) {
+    const uint32_t gen = gen_of(job);
+    const int p = static_cast<int>((job >> 16) & 0xffff);
+    const int64_t n = static_cast<int64_t>(job & 0xffff);
+    for (int k = 0; k < p; ++k) {
+      const auto r = static_cast<std::size_t>((self + k) % p);
+      for (int64_t i; (i = claim(r, gen, k == 0)) >= 0;) {
+        fn_(ctx_, i);
+        if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == n &&
+            caller_waiting_.load(std::memory_order_seq_cst)) {
+          { std::lock_guard<std::mutex> lk(mu_); }
+          done_cv_.notify_all();
+        }
       }
-      t = ticket_.load(std::memory_order_acquire);
     }
   }
 
@@ -266,18 +297,19 @@ class Pool {
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, nullptr);
 #endif
-    uint32_t seen = gen_of(ticket_.load(std::memory_order_acquire));
+    uint32_t seen = gen_of(job_.load(std::memory_order_acquire));
     for (;;) {
-      auto published = [&] { return gen_of(ticket_.load(std::memory_order_acquire)) != seen; };
+      auto published = [&] { return gen_of(job_.load(std::memory_order_acquire)) != seen; };
       if (!spin_until(published, kWorkerSpin)) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         wake_cv_.wait(lk, published);
         sleepers_.fetch_sub(1, std::memory_order_relaxed);
       }
-      seen = gen_of(ticket_.load(std::memory_order_acquire));
-      // A hint: a worker beyond this job's thread count leaves it to the others.
-      if (id < participants_.load(std::memory_order_relaxed)) work(seen);
+      const uint64_t job = job_.load(std::memory_order_acquire);
+      seen = gen_of(job);
+      // A worker beyond this job's thread count leaves it to the others.
+      if (id < static_cast<int>((job >> 16) & 0xffff)) work(id, job);
     }
   }
 
@@ -293,13 +325,13 @@ class Pool {
     }
   }
 
-  // The two counters every claim and completion writes each get a cache line of their own, away
-  // from what workers only read during a job (fn_, ctx_, participants_).
-  alignas(64) std::atomic<uint64_t> ticket_{0};
+  // What every claim and completion writes gets a cache line of its own, away from what workers
+  // only read during a job (job_, fn_, ctx_).
+  std::vector<Range> ranges_;  // one per thread, up to max_threads
   alignas(64) std::atomic<int64_t> done_{0};
-  alignas(64) ChunkFn fn_ = nullptr;
+  alignas(64) std::atomic<uint64_t> job_{0};
+  ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  std::atomic<int> participants_{0};
   alignas(64) std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
   std::mutex job_mu_;  // held by the step using the pool
@@ -320,7 +352,7 @@ Pool& pool() {
   std::lock_guard<std::mutex> lk(*g_pool_mu);
   p = g_pool.load(std::memory_order_relaxed);
   if (p == nullptr) {
-    p = new Pool;
+    p = new Pool(g_max_threads);
     g_pool.store(p, std::memory_order_release);
   }
   return *p;
@@ -375,7 +407,7 @@ void set_isa(Isa isa) {
 
 void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx) {
   if (nchunks <= 0) return;
-  if (threads <= 1 || nchunks == 1 || nchunks >= kMaxChunks) {
+  if (threads <= 1 || nchunks == 1 || nchunks >= kMaxChunks) {  // 16-bit chunk indices
     for (int64_t i = 0; i < nchunks; ++i) fn(ctx, i);
     return;
   }
