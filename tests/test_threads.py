@@ -479,3 +479,44 @@ def test_omp_num_threads(value: str, expected: str) -> None:
     assert correct == "True"
     want = {"max": most, "default": str(min(int(cpus), int(most)))}.get(expected, expected)
     assert threads == want
+
+
+# ----------------------------------------------------------------------------- bench
+def _busy_children() -> list[int]:
+    """This process's children running the benchmark's busy loop."""
+    me, out = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and b"getppid" in cmd:
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_bench_background_load(capsys: pytest.CaptureFixture[str]) -> None:
+    """``fastoptim bench --background-load N`` runs N busy processes for the duration, prints
+    the thread table (1 thread against the default at 100K, 800K, 4M elements) and leaves no
+    process behind, also when the measurement fails."""
+    from fastoptim.apps import bench, cli
+
+    argv = ["bench", "--optimizers", "SGD", "--workloads", "mlp", "--no-torch"]
+    argv += ["--repeats", "1", "--rounds", "1", "--background-load", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 busy background process(es)" in out
+    table = out[out.index("busy background") :].splitlines()[2:]
+    assert [line.split()[0] for line in table] == ["100,000", "800,000", "4,000,000"]
+    assert _busy_children() == []
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        with bench.background_load(3):
+            assert len(_busy_children()) == 3
+            raise RuntimeError("measurement failed")
+    assert _busy_children() == []
+    with pytest.raises(SystemExit):
+        cli.main([*argv[:-1], "-1"])
