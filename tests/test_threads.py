@@ -101,18 +101,14 @@ def test_bit_identical_for_any_thread_count(
 def test_bit_identical_on_a_busy_machine() -> None:
     """Competing CPU-bound processes deschedule workers mid-step: whichever thread runs a chunk,
     the result is the same."""
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
-    try:
-        _core.set_grain(1)
+    from fastoptim.apps.bench import background_load
+
+    _core.set_grain(1)
+    with background_load(4):
         serial = _run(fo.Adam, np.float32, 1)
         for _ in range(3):
             assert _run(fo.Adam, np.float32, 2) == serial
             assert _run(fo.Adam, np.float32, fo.max_threads()) == serial
-    finally:
-        for p in busy:
-            p.kill()
-        for p in busy:
-            p.wait()
 
 
 def test_pool_busy_with_another_plan_runs_the_step_on_the_caller() -> None:
