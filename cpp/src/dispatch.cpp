@@ -174,9 +174,13 @@ std::atomic<int64_t> g_grain{256 * 1024};
 // Workers wait for a job by spinning briefly (a step that follows another within ~100 us, as the
 // groups of one optimizer do, finds them awake), then sleep on a condition variable.  (GNU
 // OpenMP's workers spin for milliseconds, which starves other thread pools on a small machine.)
+// A worker that finds itself on the CPU of the thread that publishes jobs does not spin: it would
+// only keep that thread off its CPU (on a busy machine the scheduler puts a woken worker there).
 constexpr auto kWorkerSpin = std::chrono::microseconds(100);
-// The caller, once no chunk is left to claim, waits for the chunks in flight on workers: spin
-// (they take a few microseconds each), then sleep until the last one is done.
+// The caller, once no chunk is left to claim, waits for the chunks in flight on workers: it
+// spins (they take a few microseconds each), yielding after kCallerPure in case such a worker
+// waits for the caller's CPU, then sleeps until the last one is done.
+constexpr auto kCallerPure = std::chrono::microseconds(20);
 constexpr auto kCallerSpin = std::chrono::microseconds(200);
 
 inline void cpu_relax() {
@@ -187,15 +191,29 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spin until pred() or `budget` has passed; true if pred() held.
-template <class P> bool spin_until(const P& pred, std::chrono::microseconds budget) {
-  const auto end = std::chrono::steady_clock::now() + budget;
+// The CPU the calling thread runs on, or -1 where unknown.
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+// Spin until pred() holds (true), `budget` has passed or stop() holds (false); after `pure` has
+// passed, yield the CPU between checks.
+template <class P, class S>
+bool spin_until(const P& pred, std::chrono::microseconds budget, std::chrono::microseconds pure,
+                const S& stop) {
+  const auto start = std::chrono::steady_clock::now();
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (pred()) return true;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() >= end) return pred();
+    const auto spent = std::chrono::steady_clock::now() - start;
+    if (spent >= budget || stop()) return pred();
+    if (spent >= pure) std::this_thread::yield();
   }
 }
 
@@ -227,6 +245,7 @@ class Pool {
     const int p = std::min(threads, static_cast<int>(threads_.size()) + 1);
     fn_ = fn;
     ctx_ = ctx;
+    caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint64_t gen = static_cast<uint32_t>(gen_of(job_.load(std::memory_order_relaxed)) + 1);
     for (int t = 0; t < p; ++t) {
@@ -244,7 +263,7 @@ class Pool {
     work(0, job_.load(std::memory_order_relaxed));
     // Every chunk is claimed; wait for those in flight on workers.
     auto finished = [&] { return done_.load(std::memory_order_acquire) == n; };
-    if (!spin_until(finished, kCallerSpin)) {
+    if (!spin_until(finished, kCallerSpin, kCallerPure, [] { return false; })) {
       std::unique_lock<std::mutex> lk(mu_);
       caller_waiting_.store(true, std::memory_order_seq_cst);
       done_cv_.wait(lk, finished);
@@ -300,7 +319,11 @@ class Pool {
     uint32_t seen = gen_of(job_.load(std::memory_order_acquire));
     for (;;) {
       auto published = [&] { return gen_of(job_.load(std::memory_order_acquire)) != seen; };
-      if (!spin_until(published, kWorkerSpin)) {
+      auto on_caller_cpu = [&] {
+        const int cpu = current_cpu();
+        return cpu >= 0 && cpu == caller_cpu_.load(std::memory_order_relaxed);
+      };
+      if (on_caller_cpu() || !spin_until(published, kWorkerSpin, kWorkerSpin, on_caller_cpu)) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         wake_cv_.wait(lk, published);
@@ -334,6 +357,7 @@ class Pool {
   void* ctx_ = nullptr;
   alignas(64) std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
+  std::atomic<int> caller_cpu_{-1};  // where the last job was published from
   std::mutex job_mu_;  // held by the step using the pool
   std::mutex mu_;      // for the condition variables
   std::condition_variable wake_cv_, done_cv_;
