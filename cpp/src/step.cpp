@@ -2,8 +2,8 @@
 // -DFASTOPTIM_ISA_NS=<scalar|avx2|avx512|neon> and that ISA's flags); dispatch.cpp picks one.
 //
 // A step walks the concatenation of all tensors of a plan as one index space, cut into fixed
-// 64-byte-granular chunks that the calling thread and fastoptim's worker pool claim one at a
-// time (run_chunks, dispatch.cpp), or run serially when the step is small.  Within a tensor, the
+// 64-byte-granular chunks that the calling thread and fastoptim's worker pool run (run_chunks,
+// dispatch.cpp), or run serially when the step is small.  Within a tensor, the
 // element functor runs in a plain vectorized loop.  Every element is computed by the same
 // functor whatever the split, so the result is independent of the number of threads and of
 // which thread ran which chunk.
