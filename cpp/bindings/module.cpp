@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -91,8 +93,29 @@ void sort_and_check_disjoint(std::vector<Span>& spans) {
                             "; every array must be distinct");
 }
 
+// A plan is used by one step at a time: every step and bind_grads holds its mutex, so a step on
+// another thread (running without the GIL) never reads gradients that bind_grads is replacing.
+// Steps of different plans run in parallel.  The mutex is never waited for while holding the
+// GIL (that would deadlock with a thread that holds the plan and needs the GIL back).
 class PyPlan {
  public:
+  // Lock the plan; call with the GIL held (released while waiting, held again on return).
+  class Lock {
+   public:
+    explicit Lock(PyPlan& p) : mu_(p.mutex()) {
+      if (!mu_.try_lock()) {
+        py::gil_scoped_release release;
+        mu_.lock();
+      }
+    }
+    ~Lock() { mu_.unlock(); }
+    Lock(const Lock&) = delete;
+    Lock& operator=(const Lock&) = delete;
+
+   private:
+    std::mutex& mu_;
+  };
+
   PyPlan(const py::sequence& params, const std::vector<std::string>& labels,
          const std::vector<std::string>& state_names, const py::sequence& states) {
     const auto n = static_cast<std::size_t>(py::len(params));
@@ -139,6 +162,10 @@ class PyPlan {
 
   // Validate every gradient, then (only if all are fine) point the plan at them.
   void bind_grads(const py::sequence& grads) {
+    Lock lock(*this);
+    bind_grads_locked(grads);
+  }
+  void bind_grads_locked(const py::sequence& grads) {
     const std::size_t n = plan_.tensors.size();
     if (static_cast<std::size_t>(py::len(grads)) != n)
       throw py::value_error("grads: expected " + std::to_string(n) + " gradients, got " +
@@ -182,6 +209,18 @@ class PyPlan {
   std::vector<Span> spans_;
   std::vector<py::array> params_, states_, grads_;  // keep the arrays alive
   bool bound_ = false;
+  // In a forked child, the mutex may be held by a thread that does not exist there: the first
+  // lock after a fork (under the GIL, so by one thread) abandons it for a new one.
+  std::mutex& mutex() {
+    if (forks_ != fork_count()) {
+      (void)mu_.release();  // never destroyed: it may be locked
+      mu_ = std::make_unique<std::mutex>();
+      forks_ = fork_count();
+    }
+    return *mu_;
+  }
+  std::unique_ptr<std::mutex> mu_ = std::make_unique<std::mutex>();
+  int forks_ = fork_count();
 };
 
 template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, const char* fn_name) {
@@ -204,10 +243,17 @@ template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, c
     return r + ")";
   });
   m.def(fn_name, [](PyPlan& plan, Hyper& h, int64_t step, const py::object& grads) {
-    if (!grads.is_none()) plan.bind_grads(grads);
+    // Bind, step and update `h` (NAdam's running product) under the plan's lock; the kernel runs
+    // on a copy of `h` without the GIL, so Python code touching `h` meanwhile races with nothing.
+    PyPlan::Lock lock(plan);
+    if (!grads.is_none()) plan.bind_grads_locked(grads);
     const Plan& p = plan.plan();
-    py::gil_scoped_release release;
-    fastoptim::step<Opt>(p, h, step);
+    Hyper local = h;
+    {
+      py::gil_scoped_release release;
+      fastoptim::step<Opt>(p, local, step);
+    }
+    h = local;
   }, py::arg("plan"), py::arg("hyper"), py::arg("step"), py::arg("grads") = py::none(),
   "One in-place step of every tensor of `plan` (binding `grads` first when given).");
 }
@@ -257,8 +303,10 @@ PYBIND11_MODULE(_core, m) {
     return out;
   });
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("name"));
-  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "Threads for large steps (n >= 1; values above max_threads() use max_threads()).");
   m.def("get_num_threads", &get_num_threads);
+  m.def("max_threads", &max_threads, "The most threads a step uses: 4 x the CPUs available.");
   m.def("set_grain", &set_grain, py::arg("bytes"),
         "Bytes of memory traffic per thread below which a step uses fewer threads.");
   m.def("get_grain", &get_grain);
@@ -282,9 +330,4 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("arrays"),
   "Roofline kernel: one pass reading every float32 array and writing all but the last "
   "(an optimizer step's traffic).");
-#ifdef _OPENMP
-  m.attr("openmp") = true;
-#else
-  m.attr("openmp") = false;
-#endif
 }

@@ -1,18 +1,35 @@
-// Run-time choice of instruction set, thread count and the serial threshold; the ISA-neutral
-// entry points that forward to the driver compiled for the active ISA.
+// Run-time choice of instruction set, thread count and the serial threshold; fastoptim's worker
+// pool (run_chunks); the ISA-neutral entry points that forward to the driver compiled for the
+// active ISA.
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 #include "fastoptim/fastoptim.hpp"
 #include "fastoptim/registry.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(_MSC_VER) && !defined(__GNUC__)
 #include <intrin.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#include <signal.h>
+#define FASTOPTIM_POSIX 1
+#endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 namespace fastoptim {
@@ -108,12 +125,42 @@ Isa best_isa() {
   return isas.back();
 }
 
-int default_threads() {
-#ifdef _OPENMP
-  return std::max(1, omp_get_max_threads());
-#else
-  return 1;
+// ------------------------------------------------------------------------------ thread counts
+// CPUs this process may run on (its affinity mask on Linux), at least 1.
+int available_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
 #endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+// The most threads a step may use: 4x the CPUs available at import.  A step is bound by memory
+// bandwidth, so threads beyond the cores only add wake-ups; 4x leaves room to oversubscribe on
+// purpose while keeping the pool (one stack each) small whatever is asked for.
+const int g_max_threads = 4 * available_cpus();
+
+// OMP_NUM_THREADS as a thread count: its first entry ("4" of the nested list "4,2"), a decimal
+// integer >= 1 (surrounding blanks allowed), capped at g_max_threads; anything else ("", "0",
+// "-3", "+2", "abc", "2.5") counts as unset (0).
+int env_threads() {
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  if (env == nullptr) return 0;
+  std::string s(env);
+  s = s.substr(0, s.find(','));
+  const char* space = " \t\n\r\f\v";
+  const auto b = s.find_first_not_of(space);
+  s = b == std::string::npos ? std::string() : s.substr(b, s.find_last_not_of(space) - b + 1);
+  auto digit = [](unsigned char c) { return std::isdigit(c) != 0; };
+  if (s.empty() || !std::all_of(s.begin(), s.end(), digit)) return 0;
+  if (s.size() > 9) return g_max_threads;  // absurdly large: the cap
+  const long v = std::stol(s);
+  return v < 1 ? 0 : static_cast<int>(std::min<long>(v, g_max_threads));
+}
+
+int default_threads() {
+  const int env = env_threads();
+  return env > 0 ? env : std::min(available_cpus(), g_max_threads);
 }
 
 std::atomic<int> g_isa{static_cast<int>(best_isa())};
@@ -122,6 +169,231 @@ std::atomic<int> g_threads{default_threads()};
 // ~50K elements for SGD (12 B/element) and ~14K for Adam (28 B/element), i.e. ~400-600 KB of
 // traffic; 256 KiB per thread puts the switch just past those crossovers.
 std::atomic<int64_t> g_grain{256 * 1024};
+
+// ------------------------------------------------------------------------------ the pool
+// Workers wait for a job by spinning briefly (a step that follows another within ~100 us, as the
+// groups of one optimizer do, finds them awake), then sleep on a condition variable.  (GNU
+// OpenMP's workers spin for milliseconds, which starves other thread pools on a small machine.)
+// A worker that finds itself on the CPU of the thread that publishes jobs does not spin: it would
+// only keep that thread off its CPU (on a busy machine the scheduler puts a woken worker there).
+constexpr auto kWorkerSpin = std::chrono::microseconds(100);
+// The caller, once no chunk is left to claim, waits for the chunks in flight on workers: it
+// spins (they take a few microseconds each), yielding after kCallerPure in case such a worker
+// waits for the caller's CPU, then sleeps until the last one is done.
+constexpr auto kCallerPure = std::chrono::microseconds(20);
+constexpr auto kCallerSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__) && defined(__GNUC__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+// The CPU the calling thread runs on, or -1 where unknown.
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+// Spin until pred() holds (true), `budget` has passed or stop() holds (false); after `pure` has
+// passed, yield the CPU between checks.
+template <class P, class S>
+bool spin_until(const P& pred, std::chrono::microseconds budget, std::chrono::microseconds pure,
+                const S& stop) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (pred()) return true;
+      cpu_relax();
+    }
+    const auto spent = std::chrono::steady_clock::now() - start;
+    if (spent >= budget || stop()) return pred();
+    if (spent >= pure) std::this_thread::yield();
+  }
+}
+
+// One job at a time (a second caller meanwhile runs its chunks itself).  A job of n chunks run
+// by P threads gives thread t (the caller is 0) the home range [t*n/P, (t+1)*n/P): on a quiet
+// machine every thread runs its own range at every step, so a tensor that fits in the caches
+// stays in the same core's cache from step to step, as with a static split.  A thread done with
+// its range takes chunks from the back of the others' ranges, so a worker that is descheduled,
+// or late to wake, delays nothing: the running threads take its share.
+//
+// Each range is one 64-bit word on its own cache line: generation (32 bits) | front (16) |
+// back (16).  The owner claims chunk `front` by a compare-and-swap that increments it, a thief
+// chunk `back - 1` by one that decrements `back`; the swap fails when the generation has moved
+// on, so a late worker can never claim a chunk of a finished job, nor of a later job it has not
+// seen published.  The job's fn/ctx (the caller's stack) are read only after a successful
+// claim, and the job is not complete (the caller does not return) until that chunk is counted
+// done, so they are alive whenever they are read.
+class Pool {
+ public:
+  explicit Pool(int max_threads) : ranges_(static_cast<std::size_t>(max_threads)) {}
+
+  void run(int64_t n, int threads, ChunkFn fn, void* ctx) {
+    std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
+    if (!job.owns_lock()) {  // another step is using the pool: run this one here
+      for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+      return;
+    }
+    grow(threads - 1);
+    const int p = std::min(threads, static_cast<int>(threads_.size()) + 1);
+    fn_ = fn;
+    ctx_ = ctx;
+    caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = static_cast<uint32_t>(gen_of(job_.load(std::memory_order_relaxed)) + 1);
+    for (int t = 0; t < p; ++t) {
+      const uint64_t lo = static_cast<uint64_t>(n * t / p), hi = static_cast<uint64_t>(n * (t + 1) / p);
+      ranges_[static_cast<std::size_t>(t)].word.store((gen << 32) | (lo << 16) | hi,
+                                                      std::memory_order_relaxed);
+    }
+    // The job word: generation | thread count | chunk count; publishes the ranges (release).
+    job_.store((gen << 32) | (static_cast<uint64_t>(p) << 16) | static_cast<uint64_t>(n),
+               std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      wake_cv_.notify_all();
+    }
+    work(0, job_.load(std::memory_order_relaxed));
+    // Every chunk is claimed; wait for those in flight on workers.
+    auto finished = [&] { return done_.load(std::memory_order_acquire) == n; };
+    if (!spin_until(finished, kCallerSpin, kCallerPure, [] { return false; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      caller_waiting_.store(true, std::memory_order_seq_cst);
+      done_cv_.wait(lk, finished);
+      caller_waiting_.store(false, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> word{0};
+  };
+  static uint32_t gen_of(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
+  static int64_t front_of(uint64_t w) { return static_cast<int64_t>((w >> 16) & 0xffff); }
+  static int64_t back_of(uint64_t w) { return static_cast<int64_t>(w & 0xffff); }
+
+  // Claim a chunk of range r for job `gen`: its front (own range) or its back (another's);
+  // -1 when the range is empty or the job is no longer `gen`.
+  int64_t claim(std::size_t r, uint32_t gen, bool own) {
+    std::atomic<uint64_t>& word = ranges_[r].word;
+    uint64_t w = word.load(std::memory_order_acquire);
+    while (gen_of(w) == gen && front_of(w) < back_of(w)) {
+      const uint64_t next = own ? w + (uint64_t{1} << 16) : w - 1;
+      if (word.compare_exchange_weak(w, next, std::memory_order_acq_rel, std::memory_order_acquire))
+        return own ? front_of(w) : back_of(w) - 1;
+    }
+    return -1;
+  }
+
+  // Thread `self` runs its own range, then the others' (from their backs), for job word `job`.
+  void work(int self, uint64_t job) {
+    const uint32_t gen = gen_of(job);
+    const int p = static_cast<int>((job >> 16) & 0xffff);
+    const int64_t n = static_cast<int64_t>(job & 0xffff);
+    for (int k = 0; k < p; ++k) {
+      const auto r = static_cast<std::size_t>((self + k) % p);
+      for (int64_t i; (i = claim(r, gen, k == 0)) >= 0;) {
+        fn_(ctx_, i);
+        if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == n &&
+            caller_waiting_.load(std::memory_order_seq_cst)) {
+          { std::lock_guard<std::mutex> lk(mu_); }
+          done_cv_.notify_all();
+        }
+      }
+    }
+  }
+
+  void worker_main(int id) {
+#ifdef FASTOPTIM_POSIX
+    sigset_t all;  // signals go to the application's threads, never to ours
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, nullptr);
+#endif
+    uint32_t seen = gen_of(job_.load(std::memory_order_acquire));
+    for (;;) {
+      auto published = [&] { return gen_of(job_.load(std::memory_order_acquire)) != seen; };
+      auto on_caller_cpu = [&] {
+        const int cpu = current_cpu();
+        return cpu >= 0 && cpu == caller_cpu_.load(std::memory_order_relaxed);
+      };
+      if (on_caller_cpu() || !spin_until(published, kWorkerSpin, kWorkerSpin, on_caller_cpu)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        wake_cv_.wait(lk, published);
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      const uint64_t job = job_.load(std::memory_order_acquire);
+      seen = gen_of(job);
+      // A worker beyond this job's thread count leaves it to the others.
+      if (id < static_cast<int>((job >> 16) & 0xffff)) work(id, job);
+    }
+  }
+
+  // Start workers until there are `workers` (or the system refuses a thread: run with fewer).
+  void grow(int workers) {
+    while (static_cast<int>(threads_.size()) < workers) {
+      const int id = static_cast<int>(threads_.size()) + 1;
+      try {
+        threads_.emplace_back([this, id] { worker_main(id); });
+      } catch (const std::system_error&) {
+        return;
+      }
+    }
+  }
+
+  // What every claim and completion writes gets a cache line of its own, away from what workers
+  // only read during a job (job_, fn_, ctx_).
+  std::vector<Range> ranges_;  // one per thread, up to max_threads
+  alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) std::atomic<uint64_t> job_{0};
+  ChunkFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  alignas(64) std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_waiting_{false};
+  std::atomic<int> caller_cpu_{-1};  // where the last job was published from
+  std::mutex job_mu_;  // held by the step using the pool
+  std::mutex mu_;      // for the condition variables
+  std::condition_variable wake_cv_, done_cv_;
+  std::vector<std::thread> threads_;  // never joined: the pool lives as long as the process
+};
+
+// The pool and the mutex that guards its creation are never destroyed: workers may still be
+// asleep in them at exit, and a forked child, where they do not exist, abandons them.
+std::mutex* g_pool_mu = new std::mutex;
+std::atomic<Pool*> g_pool{nullptr};
+std::atomic<int> g_forks{0};
+
+Pool& pool() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p != nullptr) return *p;
+  std::lock_guard<std::mutex> lk(*g_pool_mu);
+  p = g_pool.load(std::memory_order_relaxed);
+  if (p == nullptr) {
+    p = new Pool(g_max_threads);
+    g_pool.store(p, std::memory_order_release);
+  }
+  return *p;
+}
+
+#ifdef FASTOPTIM_POSIX
+// In a forked child only the forking thread exists: the pool's workers are gone and its mutexes
+// may be held by threads that no longer exist.  Abandon them (a new pool starts if the child asks
+// for threads) and run serially until the child calls set_num_threads.
+void after_fork_in_child() {
+  g_pool_mu = new std::mutex;
+  g_pool.store(nullptr, std::memory_order_relaxed);
+  g_threads.store(1, std::memory_order_relaxed);
+  g_forks.fetch_add(1, std::memory_order_relaxed);
+}
+[[maybe_unused]] const int g_atfork = pthread_atfork(nullptr, nullptr, after_fork_in_child);
+#endif
 
 // Threads worth using for a step moving `bytes`: at least one grain of traffic per thread.
 int threads_for(int64_t bytes) {
@@ -157,11 +429,22 @@ void set_isa(Isa isa) {
   g_isa.store(static_cast<int>(isa));
 }
 
+void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx) {
+  if (nchunks <= 0) return;
+  if (threads <= 1 || nchunks == 1 || nchunks >= kMaxChunks) {  // 16-bit chunk indices
+    for (int64_t i = 0; i < nchunks; ++i) fn(ctx, i);
+    return;
+  }
+  pool().run(nchunks, std::min(threads, g_max_threads), fn, ctx);
+}
+
 void set_num_threads(int n) {
-  if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
-  g_threads.store(n);
+  if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  g_threads.store(std::min(n, g_max_threads));
 }
 int get_num_threads() { return g_threads.load(); }
+int max_threads() { return g_max_threads; }
+int fork_count() { return g_forks.load(); }
 
 void set_grain(int64_t bytes) {
   if (bytes < 1) throw std::invalid_argument("grain must be >= 1");

@@ -1,11 +1,12 @@
 // The generic driver.  This file is compiled once per instruction set (CMake passes
 // -DFASTOPTIM_ISA_NS=<scalar|avx2|avx512|neon> and that ISA's flags); dispatch.cpp picks one.
 //
-// A step walks the concatenation of all tensors of a plan as one index space, split into one
-// contiguous, 64-byte-granular range per thread inside a single OpenMP parallel region (or run
-// serially when the step is small).  Within a tensor, the element functor runs in a plain
-// vectorized loop.  Every element is computed by the same functor whatever the split,
-// so the result is independent of the number of threads.
+// A step walks the concatenation of all tensors of a plan as one index space, cut into fixed
+// 64-byte-granular chunks that the calling thread and fastoptim's worker pool run (run_chunks,
+// dispatch.cpp), or run serially when the step is small.  Within a tensor, the
+// element functor runs in a plain vectorized loop.  Every element is computed by the same
+// functor whatever the split, so the result is independent of the number of threads and of
+// which thread ran which chunk.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -14,10 +15,6 @@
 #include "fastoptim/kernels.hpp"
 #include "fastoptim/plan.hpp"
 #include "fastoptim/registry.hpp"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #ifndef FASTOPTIM_ISA_NS
 #error "compile with -DFASTOPTIM_ISA_NS=<isa>"
@@ -83,26 +80,33 @@ template <class F> void for_range(const Plan& plan, int64_t lo, int64_t hi, cons
   }
 }
 
-// Split [0, total) into `threads` contiguous ranges (boundaries on kAlign) and run them.
+// Elements per chunk of a parallel step: a fixed partition of [0, total) that depends on the
+// total only (never on the thread count), 64-byte granular, at least kMinChunk elements (a few
+// microseconds of work: the claim of a chunk costs ~0.1 us) and at most kTargetChunks chunks.
+constexpr int64_t kMinChunk = 8192;
+constexpr int64_t kTargetChunks = 256;
+inline int64_t chunk_elements(int64_t total) {
+  const int64_t even = (total + kTargetChunks - 1) / kTargetChunks;
+  return std::max(kMinChunk, (even + kAlign - 1) / kAlign * kAlign);
+}
+
+// Run f(lo, hi) over [0, total): in one call when `threads` <= 1, else chunk by chunk on the pool
+// (run_chunks).  The same element functor computes every element either way.
 template <class F> void parallel_ranges(int64_t total, int threads, const F& f) {
-  if (threads <= 1) {
+  const int64_t chunk = chunk_elements(total);
+  if (threads <= 1 || total <= chunk) {
     f(int64_t{0}, total);
     return;
   }
-  auto bound = [total](int t, int nt) {
-    if (t >= nt) return total;
-    const int64_t b = total / nt * t / kAlign * kAlign;
-    return std::min(b, total);
-  };
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    f(bound(t, nt), bound(t + 1, nt));
-  }
-#else
-  f(bound(0, 1), total);
-#endif
+  struct Ctx {
+    const F* f;
+    int64_t total, chunk;
+  } ctx{&f, total, chunk};
+  run_chunks((total + chunk - 1) / chunk, threads, [](void* p, int64_t i) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    const int64_t lo = i * c.chunk;
+    (*c.f)(lo, std::min(c.total, lo + c.chunk));
+  }, &ctx);
 }
 
 template <class Opt, unsigned V>

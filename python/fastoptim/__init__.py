@@ -11,6 +11,7 @@ update NumPy arrays in place.
 
 from __future__ import annotations
 
+import operator
 import os
 from importlib.metadata import PackageNotFoundError, version
 
@@ -60,6 +61,7 @@ __all__ = [
     "available_isas",
     "set_num_threads",
     "get_num_threads",
+    "max_threads",
     "__version__",
 ]
 
@@ -76,16 +78,28 @@ def available_isas() -> list[str]:
 
 
 def set_num_threads(n: int) -> None:
-    """Use `n` threads for large steps (default: ``OMP_NUM_THREADS`` or the available cores).
-    Results never depend on the thread count."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    """Use up to `n` threads (this one and ``n - 1`` of fastoptim's own workers) for large
+    steps.  `n` is an int >= 1; above :func:`max_threads` (4 x the CPUs available to the
+    process) the maximum is used.  Default: ``OMP_NUM_THREADS`` (its first entry, if an
+    integer >= 1) or the available CPUs; 1 in a forked child until it calls this.  Results
+    never depend on the thread count."""
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
         raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
-    _core.set_num_threads(n)
+    count = operator.index(n)
+    if count < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1, got {count}")
+    _core.set_num_threads(min(count, max_threads()))
 
 
 def get_num_threads() -> int:
     """Threads a large step uses."""
     return int(_core.get_num_threads())
+
+
+def max_threads() -> int:
+    """The most threads a step uses: 4 x the CPUs available to the process (a step is bound
+    by memory bandwidth; more threads than cores only add wake-ups)."""
+    return int(_core.max_threads())
 
 
 def _apply_isa_env() -> None:

@@ -1,5 +1,12 @@
 """One OpenMP runtime with torch: run before the compiled extension is loaded.
 
+Since steps run on fastoptim's own worker pool (``run_chunks`` in ``cpp/src/dispatch.cpp``: an
+OpenMP parallel region makes its caller wait for every thread of the team, even one the OS has
+descheduled), the extension calls no OpenMP function and links no OpenMP runtime (the linker
+drops the unused ``libgomp``, and a wheel vendors none), so :func:`share_torch_runtime` finds
+nothing to share and does nothing.  It is kept, with its tests, until the build stops asking
+for OpenMP altogether.  What follows describes the situation it was written for.
+
 A binary wheel of fastoptim vendors its own copy of GCC's OpenMP runtime, renamed by auditwheel
 (``fastoptim.libs/libgomp-<hash>.so.1.0.0``), and so does torch's wheel (``torch/lib/libgomp.so.1``
 for torch 2.13).  Two copies under two names are two runtimes, each with its own thread pool.

@@ -18,8 +18,15 @@ std::vector<Isa> available_isas();  // supported by this build AND this CPU, bes
 Isa active_isa();
 void set_isa(Isa isa);  // throws std::invalid_argument when not available
 
-void set_num_threads(int n);  // n >= 1
+// Threads a large step uses (the caller's and up to n - 1 of fastoptim's own workers).  n >= 1
+// (std::invalid_argument otherwise); values above max_threads() use max_threads().  Default:
+// OMP_NUM_THREADS's first entry if it is an integer >= 1, else the CPUs available to the process
+// (affinity mask), capped the same way.  In a forked child: 1 (serial) until the child calls
+// set_num_threads.
+void set_num_threads(int n);
 int get_num_threads();
+int max_threads();  // 4 x the CPUs available to the process at load
+int fork_count();   // forks this process's line has gone through since the library was loaded
 // A step uses at most one thread per `grain` bytes of memory traffic (serially below 2 grains):
 // starting a parallel region costs ~1.5 us, so small steps are faster on one thread.
 void set_grain(int64_t bytes);

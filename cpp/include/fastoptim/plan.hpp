@@ -38,4 +38,15 @@ struct Plan {
   int64_t traffic() const { return param_bytes * (3 + 2 * nstate); }
 };
 
+// The driver's work runner (dispatch.cpp): calls fn(ctx, i) exactly once for every chunk i in
+// [0, nchunks), on the calling thread and up to `threads` - 1 workers of fastoptim's own pool,
+// and returns as soon as every chunk is done.  Each thread claims chunks one at a time from its
+// own range (the static split), then from the back of the others' ranges, so a worker the OS
+// has descheduled delays nothing (the running threads, the caller included, take its share); the
+// caller never waits for a thread that has no chunk.  When the pool is busy with another caller's step, or in a forked child, the
+// chunks run on the calling thread.  nchunks < kMaxChunks.
+inline constexpr int64_t kMaxChunks = 1 << 16;
+using ChunkFn = void (*)(void* ctx, int64_t chunk);
+void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx);
+
 }  // namespace fastoptim

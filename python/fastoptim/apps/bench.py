@@ -16,13 +16,16 @@ foreach and fused implementations (whichever exist for that optimizer on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -428,3 +431,88 @@ def size_sweep(
         del contenders
         gc.collect()
     return result
+
+
+# ---------------------------------------------------- a busy machine (--background-load)
+THREAD_SIZES = (100_000, 800_000, 4_000_000)
+
+# A CPU-bound loop that also ends when its parent is gone (checked every ~10 ms), so that no
+# process outlives the benchmark even if it is killed.
+_BUSY_LOOP = (
+    "import os\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(200_000):\n"
+    "        pass\n"
+)
+
+
+@contextlib.contextmanager
+def background_load(processes: int) -> Iterator[None]:
+    """Run `processes` CPU-bound busy loops (separate Python processes) for the duration of the
+    block; they are killed and reaped on exit, whatever happens in the block."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(processes):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP]))
+        time.sleep(0.2 if processes else 0)  # let them start spinning
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@dataclass
+class ThreadRow:
+    """Adam on one float32 array: ms per step of each sample, 1 thread and the default."""
+
+    elements: int
+    one: list[float]
+    default: list[float]
+
+
+def thread_scaling(
+    sizes: Sequence[int] = THREAD_SIZES, rounds: int = 9, repeats: int = 5
+) -> list[ThreadRow]:
+    """Adam steps at each size on 1 thread and on the default thread count, interleaved
+    (1, default, 1, default ...), `rounds` samples each of the median of `repeats` steps."""
+    default = _core.get_num_threads()
+    rows = []
+    try:
+        for n in sizes:
+            w = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+            opt = fast.Adam([w])
+            for grad in opt.grads:
+                assert isinstance(grad, np.ndarray)
+                grad[...] = 0.01
+            samples: dict[int, list[float]] = {1: [], default: []}
+            reps = repeats * max(1, 1_000_000 // n)
+            for _ in range(rounds):
+                for threads in (1, default):
+                    _core.set_num_threads(threads)
+                    opt.step()
+                    samples[threads].append(_median_step(opt.step, reps) * 1e3)
+            rows.append(ThreadRow(n, samples[1], samples[default]))
+    finally:
+        _core.set_num_threads(default)
+    return rows
+
+
+def format_threads(rows: Sequence[ThreadRow], processes: int, threads: int) -> str:
+    """ms per step: median [p25-p75] of the samples, 1 thread against the default count."""
+
+    def cell(v: list[float]) -> str:
+        q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0], v[0], v[0]]
+        return f"{statistics.median(v):.3f} [{q[0]:.3f}-{q[2]:.3f}]"
+
+    out = [
+        f"\nAdam, one float32 array, {processes} busy background process(es): ms per step, "
+        f"median [p25-p75] of {len(rows[0].one) if rows else 0} interleaved samples",
+        f"{'elements':>10s} {'1 thread':>24s} {f'{threads} threads (default)':>24s} {'ratio':>6s}",
+    ]
+    for r in rows:
+        ratio = statistics.median(r.default) / statistics.median(r.one)
+        out.append(f"{r.elements:10,d} {cell(r.one):>24s} {cell(r.default):>24s} {ratio:6.2f}")
+    return "\n".join(out)

@@ -317,6 +317,18 @@ def _busy() -> str:
     )
 
 
+def _bench_under_load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``bench --background-load N``: the whole run with N busy processes beside it, and the
+    thread table (1 thread against the default, Adam at 100K/800K/4M elements)."""
+    if args.background_load is None:
+        return _bench(args, parser)
+    with bench.background_load(args.background_load):
+        rc = _bench(args, parser)
+        rows = bench.thread_scaling(rounds=max(args.rounds, 9), repeats=args.repeats)
+        print(bench.format_threads(rows, args.background_load, get_num_threads()))
+    return rc
+
+
 def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> None:
     import matplotlib
 
@@ -569,7 +581,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     b.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)  # the old
     # opt-in to progress, now the default: accepted so that existing scripts keep working
-    b.set_defaults(run=_bench)
+    b.add_argument(
+        "--background-load",
+        type=_nonnegative(int),
+        metavar="N",
+        help="run N CPU-bound busy processes for the duration (a busy machine), and add a table "
+        "of Adam steps on 1 thread vs the default thread count (100K, 800K, 4M elements)",
+    )
+    b.set_defaults(run=_bench_under_load)
     parsers = {"demo": d, "minimize": m, "bench": b}
     args = parser.parse_args(argv)
     sub_parser = parsers[args.command]

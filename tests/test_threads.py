@@ -1,0 +1,518 @@
+"""Threads: fastoptim's worker pool, thread safety of one plan, fork, the thread-count contract.
+
+- The pool (``run_chunks`` in ``cpp/src/dispatch.cpp``): a step's index space is cut into fixed
+  chunks claimed from a shared counter by whichever threads run; results are bit-identical
+  whatever the thread count, the load of the machine or which thread ran which chunk.
+- One compiled plan stepped and re-bound from several Python threads: steps are serialised by
+  the plan's mutex (no use-after-free of replaced gradients), different plans run in parallel.
+- ``fork``: a child never hangs; it runs serially until it calls ``set_num_threads``.  Each fork
+  scenario runs in a subprocess with a timeout, so that a hang fails instead of blocking.
+- ``set_num_threads`` / ``OMP_NUM_THREADS``: nonsense is rejected (or, for the environment,
+  ignored), huge values are capped at ``max_threads()``.
+
+No test here imports torch: the file runs under AddressSanitizer (``.ci/sanitize``).  No timing
+is asserted (``fastoptim bench --background-load N`` measures the busy-machine case).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from fastoptim import _core
+
+LARGE = 4_000_000  # the size of the issues' fork reports (a multi-threaded step)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads() -> Iterator[None]:
+    threads, grain = fo.get_num_threads(), _core.get_grain()
+    yield
+    fo.set_num_threads(threads)
+    _core.set_grain(grain)
+
+
+def _run_python(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter (a hang becomes a TimeoutExpired failure)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("FASTOPT_ISA", "OMP_NUM_THREADS")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _check(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# ----------------------------------------------------------------------------- the pool
+SIZES = [100_003, 8_192, 1, 77_777, 16, 300_000]  # odd tails, one chunk, more chunks than 256
+
+
+def _problem(dtype: type[np.floating[Any]]) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal(n).astype(dtype) for n in SIZES]
+    grads = [[rng.standard_normal(n).astype(dtype) for n in SIZES] for _ in range(3)]
+    return params, grads
+
+
+def _run(cls: Callable[..., fo.Optimizer], dtype: Any, threads: int, **kw: Any) -> list[bytes]:
+    fo.set_num_threads(threads)
+    params, grads = _problem(dtype)
+    opt = cls(params, **kw)
+    for g in grads:
+        opt.step(g)
+    out = [p.tobytes() for p in params]
+    for s in opt.state.values():
+        out += [v.tobytes() for k, v in s.items() if isinstance(v, np.ndarray) and k != "step"]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [(fo.Adam, {"amsgrad": True}), (fo.SGD, {"lr": 0.1, "momentum": 0.9}), (fo.NAdam, {})],
+)
+def test_bit_identical_for_any_thread_count(
+    isa: str, dtype: Any, cls: Callable[..., fo.Optimizer], kw: dict[str, Any]
+) -> None:
+    """1 thread (one sweep per tensor) against 2, 3 and max_threads() (chunks on the pool,
+    oversubscribed at the maximum), every tensor's parameter and state bytes."""
+    _core.set_grain(1)  # every step large enough for chunks runs on the pool
+    serial = _run(cls, dtype, 1, **kw)
+    for threads in sorted({2, 3, fo.max_threads()}):
+        assert _run(cls, dtype, threads, **kw) == serial, threads
+
+
+def test_bit_identical_on_a_busy_machine() -> None:
+    """Competing CPU-bound processes deschedule workers mid-step: whichever thread runs a chunk,
+    the result is the same."""
+    from fastoptim.apps.bench import background_load
+
+    _core.set_grain(1)
+    with background_load(4):
+        serial = _run(fo.Adam, np.float32, 1)
+        for _ in range(3):
+            assert _run(fo.Adam, np.float32, 2) == serial
+            assert _run(fo.Adam, np.float32, fo.max_threads()) == serial
+
+
+def test_pool_busy_with_another_plan_runs_the_step_on_the_caller() -> None:
+    """Two plans stepping at once: one gets the pool, the other runs its chunks on its own
+    thread; both give the serial result."""
+    _core.set_grain(1)
+    expected = _run(fo.Adam, np.float32, 1)
+    fo.set_num_threads(2)
+    results: list[list[bytes]] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            params, grads = _problem(np.float32)
+            opt = fo.Adam(params)
+            for g in grads:
+                opt.step(g)
+            out = [p.tobytes() for p in params]
+            for s in opt.state.values():
+                out += [v.tobytes() for k, v in s.items() if k != "step"]
+            results.append(out)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 4 and all(r == expected for r in results)
+
+
+# ----------------------------------------------------------------------------- one plan, threads
+def _adam_plan(n: int) -> tuple[_core.Plan, np.ndarray, list[np.ndarray]]:
+    p = np.linspace(-1, 1, n, dtype=np.float32)
+    states = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    return _core.Plan([p], ["w"], ["exp_avg", "exp_avg_sq"], [[states[0]], [states[1]]]), p, states
+
+
+def _nadam_hyper() -> _core.NAdamHyper:
+    h = _core.NAdamHyper()
+    h.lr, h.beta1, h.beta2, h.eps = 1e-3, 0.9, 0.999, 1e-8
+    h.momentum_decay, h.mu_product = 4e-3, 1.0
+    return h
+
+
+@pytest.mark.parametrize("nthreads", [2, 4])
+def test_one_plan_hammered_from_threads(nthreads: int) -> None:
+    """Threads re-bind fresh gradient arrays (dropping the previous ones) and step one plan, the
+    kernels running without the GIL.  Every step is the same function (same gradient values,
+    same step number, hyper-parameters updated under the plan's lock), so k steps in any order
+    give the serial result, bit for bit; a kernel reading freed gradients, or two steps
+    interleaving, would not (and AddressSanitizer reports the former)."""
+    n, per_thread = 200_000, 12
+    _core.set_grain(1)
+    fo.set_num_threads(2)
+    g0 = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+
+    plan, p, states = _adam_plan(n)
+    h = _nadam_hyper()
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(nthreads)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for k in range(per_thread):
+                g = g0.copy()  # a new array each time: the plan's previous one may be freed
+                if (i + k) % 2:
+                    plan.bind_grads([g])
+                    del g
+                    _core.step_nadam(plan, h, 1)
+                else:
+                    _core.step_nadam(plan, h, 1, [g])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+    plan_s, p_s, states_s = _adam_plan(n)
+    h_s = _nadam_hyper()
+    for _ in range(nthreads * per_thread):
+        _core.step_nadam(plan_s, h_s, 1, [g0.copy()])
+    assert h.mu_product == h_s.mu_product
+    assert p.tobytes() == p_s.tobytes()
+    for a, b in zip(states, states_s):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_two_plans_step_in_parallel() -> None:
+    """Two optimizers stepped from two threads: both complete with the serial result, and their
+    steps overlap in time (each releases the GIL and takes only its own plan's lock)."""
+    n, steps = 1_000_000, 6
+    fo.set_num_threads(1)  # each step on its own thread: only overlap can make them concurrent
+    g = np.full(n, 0.5, np.float32)
+    expected = np.zeros(n, np.float32)
+    ref = fo.Adam([expected])
+    for _ in range(steps):
+        ref.step([g])
+
+    spans: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
+    params = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    opts = [fo.Adam([p]) for p in params]
+    barrier = threading.Barrier(2)
+    import time
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            opts[i].step([g])
+            spans[i].append((t0, time.perf_counter()))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in params:
+        assert p.tobytes() == expected.tobytes()
+    overlaps = sum(a0 < b1 and b0 < a1 for a0, a1 in spans[0] for b0, b1 in spans[1])
+    assert overlaps > 0, spans
+
+
+# ----------------------------------------------------------------------------- fork
+# The parent's steps run multi-threaded first (the pool's workers exist), then children step
+# 4M elements; results are compared with a serial run's bytes.
+FORK_PRELUDE = """
+    import hashlib, os, sys, threading
+    import numpy as np
+    import fastoptim as fo
+
+    N = 4_000_000
+
+    def problem():
+        rng = np.random.default_rng(3)
+        return rng.standard_normal(N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+
+    def digest(steps):
+        w, g = problem()
+        opt = fo.Adam([w], lr=0.01)
+        for _ in range(steps):
+            opt.step([g])
+        return hashlib.sha256(w.tobytes()).hexdigest()
+
+    fo.set_num_threads(1)
+    SERIAL = digest(2)
+    fo.set_num_threads(2)
+    assert digest(2) == SERIAL  # multi-threaded: the pool's workers now exist
+"""
+
+
+def test_fork_child_runs_serially_then_on_request() -> None:
+    out = _check(
+        _run_python(
+            FORK_PRELUDE
+            + """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = fo.get_num_threads() == 1 and digest(2) == SERIAL
+            fo.set_num_threads(2)  # a fresh pool in the child
+            ok = ok and fo.get_num_threads() == 2 and digest(2) == SERIAL
+            os.write(w, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    print(os.read(r, 16).decode(), status, fo.get_num_threads(), digest(2) == SERIAL)
+    """
+        )
+    )
+    assert out.split() == ["ok", "0", "2", "True"]
+
+
+def test_multiprocessing_fork_pool() -> None:
+    out = _check(
+        _run_python(
+            FORK_PRELUDE
+            + """
+    import multiprocessing as mp
+
+    if __name__ == "__main__":
+        with mp.get_context("fork").Pool(2) as pool:
+            got = pool.map(digest, [2, 2, 2])
+        print(all(d == SERIAL for d in got), len(got))
+    """
+        )
+    )
+    assert out.split() == ["True", "3"]
+
+
+def test_hogwild_parent_and_children() -> None:
+    """Parent and forked children step at the same time, each its own block of one shared
+    (anonymous mmap) parameter array, the parent on several threads."""
+    out = _check(
+        _run_python(
+            FORK_PRELUDE
+            + """
+    import mmap
+
+    K = 3  # the parent and two children
+    buf = mmap.mmap(-1, K * N * 4)
+    shared = np.frombuffer(buf, np.float32).reshape(K, N)
+    w0, g = problem()
+    shared[:] = w0
+
+    def train(i):
+        opt = fo.Adam([shared[i]], lr=0.01)
+        for _ in range(2):
+            opt.step([g])
+
+    pids = []
+    for i in range(1, K):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                train(i)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    train(0)
+    status = [os.waitpid(pid, 0)[1] for pid in pids]
+    same = [hashlib.sha256(shared[i].tobytes()).hexdigest() == SERIAL for i in range(K)]
+    print(status == [0] * (K - 1), all(same))
+    """
+        )
+    )
+    assert out.split() == ["True", "True"]
+
+
+def test_fork_while_another_thread_steps() -> None:
+    """A fork while another thread is inside a step (holding its plan's lock and the pool): the
+    child can still step that optimizer; it abandons the lock and the pool it inherited."""
+    out = _check(
+        _run_python(
+            FORK_PRELUDE
+            + """
+    w, g = problem()
+    opt = fo.Adam([w], lr=0.01)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            opt.step([g])
+
+    t = threading.Thread(target=spin)
+    t.start()
+    results = []
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                opt.step([g])  # the same optimizer: its plan may be locked in the parent
+                fo.set_num_threads(2)
+                ok = digest(2) == SERIAL
+            finally:
+                os._exit(0 if ok else 1)
+        results.append(os.waitpid(pid, 0)[1])
+    stop.set()
+    t.join()
+    print(results == [0] * 5)
+    """
+        )
+    )
+    assert out.split() == ["True"]
+
+
+# ----------------------------------------------------------------------------- thread counts
+def test_max_threads_is_four_per_available_cpu() -> None:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert fo.max_threads() == 4 * (cpus or 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -3, True, False, 1.5, 2.0, "2", None, [2]])
+def test_set_num_threads_rejects_nonsense(bad: Any) -> None:
+    before = fo.get_num_threads()
+    with pytest.raises(ValueError, match=r"set_num_threads: n must be an int >= 1"):
+        fo.set_num_threads(bad)
+    assert fo.get_num_threads() == before
+
+
+def test_set_num_threads_caps_huge_values_and_accepts_integers() -> None:
+    fo.set_num_threads(10_000)
+    assert fo.get_num_threads() == fo.max_threads()
+    fo.set_num_threads(2**70)
+    assert fo.get_num_threads() == fo.max_threads()
+    fo.set_num_threads(np.int64(2))
+    assert fo.get_num_threads() == 2
+    with pytest.raises(ValueError, match="set_num_threads"):
+        _core.set_num_threads(0)
+
+
+def test_huge_thread_count_under_an_address_space_limit() -> None:
+    """set_num_threads(10000) then a large step under RLIMIT_AS: the pool is capped (and a
+    refused thread only means fewer workers), so the process neither dies nor starts thousands
+    of threads."""
+    out = _check(
+        _run_python(
+            """
+        import os, resource
+        import numpy as np
+        import fastoptim as fo
+
+        w = np.zeros(4_000_000, np.float32)
+        g = np.ones_like(w)
+        opt = fo.Adam([w], lr=0.5)
+        vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1])
+        limit = vm * 1024 + (256 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        fo.set_num_threads(10_000)
+        opt.step([g])
+        print(fo.get_num_threads() == fo.max_threads(), len(os.listdir("/proc/self/task")),
+              bool((w == np.float32(-0.5)).all()))
+        """
+        )
+    )
+    capped, tasks, correct = out.split()
+    assert capped == "True" and correct == "True"
+    assert int(tasks) <= 1 + fo.max_threads() + 8  # the main thread, the pool, a few others
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sched_getaffinity: Linux")
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3", "3"),
+        (" 3 ", "3"),
+        ("4,2", "4"),  # a nested-parallelism list: its first level
+        ("99999999999999999999", "max"),
+        ("100000", "max"),
+        ("0", "default"),
+        ("-3", "default"),
+        ("+2", "default"),
+        ("abc", "default"),
+        ("2.5", "default"),
+        ("", "default"),
+        (",", "default"),
+    ],
+)
+def test_omp_num_threads(value: str, expected: str) -> None:
+    """OMP_NUM_THREADS: its first entry if an integer >= 1 (capped at max_threads()), else
+    ignored: the import never fails, and the default is the available CPUs."""
+    out = _check(
+        _run_python(
+            """
+        import os, numpy as np, fastoptim as fo
+        w = np.zeros(1_000_000, np.float32)
+        fo.Adam([w], lr=0.5).step([np.ones_like(w)])
+        print(fo.get_num_threads(), fo.max_threads(), len(os.sched_getaffinity(0)),
+              bool((w == np.float32(-0.5)).all()))
+        """,
+            OMP_NUM_THREADS=value,
+        )
+    )
+    threads, most, cpus, correct = out.split()
+    assert correct == "True"
+    want = {"max": most, "default": str(min(int(cpus), int(most)))}.get(expected, expected)
+    assert threads == want
+
+
+# ----------------------------------------------------------------------------- bench
+def _busy_children() -> list[int]:
+    """This process's children running the benchmark's busy loop."""
+    me, out = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and b"getppid" in cmd:
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_bench_background_load(capsys: pytest.CaptureFixture[str]) -> None:
+    """``fastoptim bench --background-load N`` runs N busy processes for the duration, prints
+    the thread table (1 thread against the default at 100K, 800K, 4M elements) and leaves no
+    process behind, also when the measurement fails."""
+    from fastoptim.apps import bench, cli
+
+    argv = ["bench", "--optimizers", "SGD", "--workloads", "mlp", "--no-torch"]
+    argv += ["--repeats", "1", "--rounds", "1", "--background-load", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 busy background process(es)" in out
+    table = out[out.index("busy background") :].splitlines()[2:]
+    assert [line.split()[0] for line in table] == ["100,000", "800,000", "4,000,000"]
+    assert _busy_children() == []
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        with bench.background_load(3):
+            assert len(_busy_children()) == 3
+            raise RuntimeError("measurement failed")
+    assert _busy_children() == []
+    with pytest.raises(SystemExit):
+        cli.main([*argv[:-1], "-1"])
