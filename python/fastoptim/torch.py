@@ -101,7 +101,6 @@ Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` 
 from __future__ import annotations
 
 import mmap
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Union, overload
@@ -113,6 +112,7 @@ from . import _core
 from . import definitions as _defs
 from . import schedules as _schedules
 from .engine.definition import TORCH_ONLY, Definition
+from .engine.locks import new_lock
 from .engine.optimizer import _defaults
 from .engine.scheduled import Scheduled, same
 
@@ -258,7 +258,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # id(group) -> (group, its schedules)
         self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
         self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
-        self._lock = threading.Lock()  # steps from several threads: one at a time
+        self._lock = new_lock(self)  # steps from several threads: one at a time
         super().__init__(params, {**defaults, **dict(self._definition.fixed)})
         if self._definition.torch_eager_state:  # torch creates this state at construction
             for group in self.param_groups:
@@ -457,7 +457,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         pickled = state.pop("schedules", None)  # pickle / deepcopy: the live schedules
         super().__setstate__(state)
         if not hasattr(self, "_lock"):  # unpickled (load_state_dict keeps the live one)
-            self._lock = threading.Lock()
+            self._lock = new_lock(self)
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)

@@ -5,7 +5,6 @@ only names its :class:`~fastoptim.engine.definition.Definition` and carries its 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Union
@@ -15,6 +14,7 @@ import numpy as np
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
 from .definition import Definition
+from .locks import new_lock
 from .scheduled import Scheduled
 
 Key = Union[int, str]
@@ -114,7 +114,7 @@ class Optimizer:
         self._named: bool | None = None
         self._t = 0  # updates applied (the argument of every schedule)
         self._plateau: Any = None  # an attached schedules.ReduceLROnPlateau
-        self._lock = threading.Lock()
+        self._lock = new_lock(self)
         if isinstance(params, np.ndarray):
             raise TypeError(
                 f"{type(self).__name__}: params must be a list or dict of arrays, "
