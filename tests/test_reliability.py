@@ -147,3 +147,59 @@ def test_one_optimizer_stepped_from_several_threads_counts_every_step() -> None:
         ref.step([g])
     assert opt.step_count == n * per_thread and opt.state[0]["step"] == n * per_thread
     assert w.tobytes() == ref_w.tobytes()
+
+
+def test_masked_arrays_are_rejected() -> None:
+    """A masked array's mask was silently ignored (masked elements updated)."""
+    m = np.ma.masked_array(np.zeros(3), mask=[0, 1, 0])
+    with pytest.raises(TypeError, match="param 0: a masked array"):
+        fo.SGD([m])
+    w = np.zeros(3)
+    opt = fo.SGD([w], lr=0.1)
+    with pytest.raises(TypeError, match="grad for param 0: a masked array"):
+        opt.step([np.ma.masked_array(np.ones(3), mask=[0, 1, 0])])
+    assert not w.any()
+
+
+def test_parameter_changed_after_construction_is_not_written() -> None:
+    """A parameter made read-only, or resized (``refcheck=False``), after the optimizer was
+    built was still written through the plan's old pointer (into memory it no longer owns)."""
+    w = np.zeros(3)
+    opt = fo.SGD([w], lr=0.1)
+    opt.step([np.ones(3)])
+    w.flags.writeable = False
+    kept = w.copy()
+    with pytest.raises(ValueError, match="param 0: array was made read-only"):
+        opt.step([np.ones(3)])
+    assert np.array_equal(w, kept)
+    big = np.zeros(4096)
+    opt = fo.SGD([big], lr=0.1)
+    big.resize(8, refcheck=False)
+    with pytest.raises(ValueError, match="param 0: the array was resized"):
+        opt.step([np.ones(8)])
+    assert not big.any()
+
+
+def test_transposed_gradient_is_named_as_such() -> None:
+    """A transposed gradient was rejected because it 'would need a copy' (it is only read)."""
+    opt = fo.SGD([np.zeros((3, 4))], lr=0.1)
+    with pytest.raises(ValueError, match=r"not C-contiguous .*np\.ascontiguousarray\(grad\)"):
+        opt.step([np.ones((4, 3)).T])
+
+
+def test_passed_gradients_are_not_kept_alive() -> None:
+    """The last step's gradients stayed referenced by the optimizer until the next step."""
+    import gc
+    import weakref
+
+    w = np.zeros(5)
+    opt = fo.Adam([w])
+    g = np.ones(5)
+    ref = weakref.ref(g)
+    opt.step([g])
+    del g
+    gc.collect()
+    assert ref() is None
+    opt.grads[0][...] = 1.0  # bound buffers stay bound: a step without gradients works
+    opt.step()
+    assert opt.step_count == 2

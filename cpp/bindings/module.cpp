@@ -42,6 +42,11 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
   if (!py::isinstance<py::array>(h))
     throw py::type_error(what + ": expected a numpy.ndarray, got " + type_name(h) +
                          (type_name(h) == "Tensor" ? " (pass tensor.numpy() for CPU tensors)" : ""));
+  static const py::handle masked =
+      py::object(py::module_::import("numpy.ma").attr("MaskedArray")).release();
+  if (py::isinstance(h, masked))
+    throw py::type_error(what + ": a masked array; its mask would be ignored (every element is "
+                         "read and updated): pass its data (np.ma.getdata) or fill it");
   auto a = py::reinterpret_borrow<py::array>(h);
   const py::dtype dt = a.dtype();
   DType dtype;
@@ -56,8 +61,12 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
     throw py::type_error(what + ": dtype must be float32 or float64, got " + dtype_name(a));
   const int flags = a.flags();
   if (!(flags & py::array::c_style))
-    throw py::value_error(what + ": array is not C-contiguous (shape " + shape_str(a) +
-                          "); updating it would need a copy");
+    throw py::value_error(
+        what + ": array is not C-contiguous (shape " + shape_str(a) + ", strides " +
+        py::str(py::tuple(py::cast(std::vector<py::ssize_t>(a.strides(), a.strides() + a.ndim()))))
+            .cast<std::string>() +
+        (writeable ? "); updating it in place would need a copy"
+                   : "); gradients are read in place: pass np.ascontiguousarray(grad)"));
   if (!(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
     throw py::value_error(what + ": array data is not aligned to its itemsize");
   if (writeable && !a.writeable()) throw py::value_error(what + ": array is read-only");
@@ -195,9 +204,28 @@ class PyPlan {
     bound_ = true;
   }
 
+  // The plan, after checking (GIL held) that no parameter was made read-only, resized or
+  // reallocated since the plan was built: its recorded pointers would write into memory the
+  // array no longer owns.
   const Plan& plan() const {
     if (!bound_) throw py::value_error("no gradients bound to this plan");
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      const py::array& a = params_[i];
+      const Tensor& t = plan_.tensors[i];
+      if (a.data() != t.param || static_cast<int64_t>(a.size()) != t.size)
+        throw py::value_error("param " + labels_[i] +
+                              ": the array was resized or its memory replaced since it was "
+                              "given to the optimizer; build a new optimizer for it");
+      if (!a.writeable())
+        throw py::value_error("param " + labels_[i] + ": array was made read-only");
+    }
     return plan_;
+  }
+  // Forget the bound gradients (the next step binds again), so that they are not kept alive.
+  void release_grads() {
+    grads_.clear();
+    for (Tensor& t : plan_.tensors) t.grad = nullptr;
+    bound_ = false;
   }
   std::size_t size() const { return plan_.tensors.size(); }
   int64_t numel() const { return plan_.total(); }
@@ -242,7 +270,7 @@ template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, c
     });
     return r + ")";
   });
-  m.def(fn_name, [](PyPlan& plan, Hyper& h, int64_t step, const py::object& grads) {
+  m.def(fn_name, [](PyPlan& plan, Hyper& h, int64_t step, const py::object& grads, bool release) {
     // Bind, step and update `h` (NAdam's running product) under the plan's lock; the kernel runs
     // on a copy of `h` without the GIL, so Python code touching `h` meanwhile races with nothing.
     PyPlan::Lock lock(plan);
@@ -254,8 +282,11 @@ template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, c
       fastoptim::step<Opt>(p, local, step);
     }
     h = local;
+    if (release) plan.release_grads();
   }, py::arg("plan"), py::arg("hyper"), py::arg("step"), py::arg("grads") = py::none(),
-  "One in-place step of every tensor of `plan` (binding `grads` first when given).");
+  py::arg("release") = false,
+  "One in-place step of every tensor of `plan` (binding `grads` first when given; forgetting "
+  "the gradients afterwards when `release`).");
 }
 
 Isa isa_from_name(const std::string& name) {

@@ -123,34 +123,74 @@ class RpropHyper:
     def state_names(self) -> list[str]: ...
 
 def step_sgd(
-    plan: Plan, hyper: SGDHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: SGDHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_adagrad(
-    plan: Plan, hyper: AdagradHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: AdagradHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_rmsprop(
-    plan: Plan, hyper: RMSpropHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: RMSpropHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_adadelta(
-    plan: Plan, hyper: AdadeltaHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: AdadeltaHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_adam(
-    plan: Plan, hyper: AdamHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: AdamHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_adamax(
-    plan: Plan, hyper: AdamaxHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: AdamaxHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_nadam(
-    plan: Plan, hyper: NAdamHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: NAdamHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_radam(
-    plan: Plan, hyper: RAdamHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: RAdamHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_lion(
-    plan: Plan, hyper: LionHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: LionHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def step_rprop(
-    plan: Plan, hyper: RpropHyper, step: int, grads: Sequence[np.ndarray] | None = None
+    plan: Plan,
+    hyper: RpropHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
 ) -> None: ...
 def check_disjoint(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> None: ...
 def isa() -> str: ...

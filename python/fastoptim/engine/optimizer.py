@@ -421,7 +421,8 @@ class Optimizer:
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         """Apply one update to group `g` (gradients already bound to its plan)."""
-        type(self)._core_step(g.plan, g.hyper, g.step + 1)
+        # Passed gradients are not kept alive after the step (bound buffers stay bound).
+        type(self)._core_step(g.plan, g.hyper, g.step + 1, None, not g.bound_own)
 
     def step(self, grads: Grads | None = None) -> None:
         """Update every parameter in place.
