@@ -83,9 +83,12 @@ def _slug(heading: str) -> str:
 def _pages(app: Any) -> dict[str, str]:
     """README section slug -> the docname of the page showing it."""
     pages = {}
+    sections = _sections()
     for path in Path(app.srcdir).glob("*.md"):
         for name in _MARKER.findall(path.read_text(encoding="utf-8")):
             pages[_slug(name)] = path.stem
+            for sub in re.findall(r"^###+ (.+)$", sections.get(name, ""), flags=re.M):
+                pages[_slug(sub)] = path.stem  # its subsections' anchors too
     return pages
 
 
@@ -102,6 +105,7 @@ def _readme_sections(app: Any, docname: str, source: list[str]) -> None:
         text = sections[name]
         text = re.sub(r"^(#+)#", r"\1", text, flags=re.M)  # ## -> #, ### -> ## (not in code)
         text = text.replace("](docs/", "](")  # images live in docs/
+        text = text.replace("](CONTRIBUTING.md)", "](contributing.md)")  # a page of its own
 
         def link(m: re.Match[str]) -> str:  # [Tour](#tour) -> the page that shows the Tour
             slug = m.group(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -203,3 +205,45 @@ def test_passed_gradients_are_not_kept_alive() -> None:
     opt.grads[0][...] = 1.0  # bound buffers stay bound: a step without gradients works
     opt.step()
     assert opt.step_count == 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX timers")
+def test_ctrl_c_during_the_kernels_leaves_a_whole_step() -> None:
+    """Ctrl-C while the compiled kernels run surfaces when they return: the step counter,
+    the schedules' advance and the later groups were skipped, so a 'save on interrupt'
+    checkpoint resumed wrongly.  Now every group is stepped in the one call and the step's
+    bookkeeping is completed before the KeyboardInterrupt propagates."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread")
+    n = 3_000_000
+    ws = [np.zeros(n), np.zeros(n)]
+    opt = fo.SGD([{"params": [ws[0]]}, {"params": [ws[1]]}], lr=fo.schedules.constant(0.5))
+    grads = [np.ones(n), np.ones(n)]
+    opt.step(grads)
+    start = time.perf_counter()
+    opt.step(grads)
+    took = time.perf_counter() - start  # one step: the kernels are nearly all of it
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    interrupted = 0
+    try:
+        for _ in range(3):
+            signal.setitimer(signal.ITIMER_REAL, took / 3)  # well inside the kernels
+            try:
+                opt.step(grads)
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            k = opt.step_count
+            assert [opt.state[i]["step"] for i in (0, 1)] == [k, k]
+            for w in ws:  # every group updated exactly k times (-0.5 per step, exact)
+                assert w[0] == -0.5 * k and w[-1] == -0.5 * k
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert interrupted >= 1  # the timer did land inside a step

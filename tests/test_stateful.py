@@ -186,6 +186,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         # buffer when the optimizer next looks at the groups (state_dict, save, step): that is
         # the edit's doing, not the rejected step's.
         self.opt.state_dict()
+        self.ref.state_dict()
         before = (
             [p.tobytes() for p in self.opt_params()],
             _state_bytes(self.opt),

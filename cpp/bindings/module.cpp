@@ -221,6 +221,10 @@ class PyPlan {
     }
     return plan_;
   }
+  // Steps completed on this plan (counted inside the compiled call, before it returns: Python
+  // code can tell whether a step whose call was interrupted on its way back happened).
+  int64_t completed() const { return completed_; }
+  void count_step() { ++completed_; }
   // Forget the bound gradients (the next step binds again), so that they are not kept alive.
   void release_grads() {
     grads_.clear();
@@ -237,6 +241,7 @@ class PyPlan {
   std::vector<Span> spans_;
   std::vector<py::array> params_, states_, grads_;  // keep the arrays alive
   bool bound_ = false;
+  int64_t completed_ = 0;
   // In a forked child, the mutex may be held by a thread that does not exist there: the first
   // lock after a fork (under the GIL, so by one thread) abandons it for a new one.
   std::mutex& mutex() {
@@ -282,11 +287,45 @@ template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, c
       fastoptim::step<Opt>(p, local, step);
     }
     h = local;
+    plan.count_step();
     if (release) plan.release_grads();
   }, py::arg("plan"), py::arg("hyper"), py::arg("step"), py::arg("grads") = py::none(),
   py::arg("release") = false,
   "One in-place step of every tensor of `plan` (binding `grads` first when given; forgetting "
   "the gradients afterwards when `release`).");
+}
+
+// One step of several parameter groups (an optimizer's), in one call: every plan is locked and
+// checked before any kernel runs, then every group is stepped, so that the step happens whole
+// or not at all (an interrupt surfaces only after the call returns).  `release[i]`: forget
+// group i's gradients afterwards.
+template <class Opt> void bind_optimizer_groups(py::module_& m, const char* fn_name) {
+  using Hyper = typename Opt::Hyper;
+  m.def(fn_name, [](const std::vector<PyPlan*>& plans, const std::vector<Hyper*>& hypers,
+                    const std::vector<int64_t>& steps, const std::vector<bool>& release) {
+    const std::size_t n = plans.size();
+    if (hypers.size() != n || steps.size() != n || release.size() != n)
+      throw py::value_error("plans, hypers, steps and release must have the same length");
+    std::vector<std::unique_ptr<PyPlan::Lock>> locks;
+    locks.reserve(n);
+    for (PyPlan* p : plans) locks.push_back(std::make_unique<PyPlan::Lock>(*p));
+    std::vector<const Plan*> ps;
+    ps.reserve(n);
+    for (PyPlan* p : plans) ps.push_back(&p->plan());  // every check before any kernel
+    std::vector<Hyper> local;
+    local.reserve(n);
+    for (Hyper* h : hypers) local.push_back(*h);
+    {
+      py::gil_scoped_release unlocked;
+      for (std::size_t i = 0; i < n; ++i) fastoptim::step<Opt>(*ps[i], local[i], steps[i]);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      *hypers[i] = local[i];
+      plans[i]->count_step();
+      if (release[i]) plans[i]->release_grads();
+    }
+  }, py::arg("plans"), py::arg("hypers"), py::arg("steps"), py::arg("release"),
+  "One in-place step of every group's plan (all checked first), each with its own step number.");
 }
 
 Isa isa_from_name(const std::string& name) {
@@ -305,11 +344,14 @@ PYBIND11_MODULE(_core, m) {
                     const std::vector<std::string>&, const py::sequence&>(),
            py::arg("params"), py::arg("labels"), py::arg("state_names"), py::arg("states"))
       .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
+      .def_property_readonly("completed", &PyPlan::completed)
       .def("__len__", &PyPlan::size)
       .def_property_readonly("numel", &PyPlan::numel)
       .def_property_readonly("state_names", &PyPlan::state_names);
 
-#define FASTOPTIM_BIND(Opt, name) bind_optimizer<Opt>(m, #Opt "Hyper", "step_" #name);
+#define FASTOPTIM_BIND(Opt, name)                      \
+  bind_optimizer<Opt>(m, #Opt "Hyper", "step_" #name); \
+  bind_optimizer_groups<Opt>(m, "steps_" #name);
   FASTOPTIM_OPTIMIZERS(FASTOPTIM_BIND)
 #undef FASTOPTIM_BIND
 

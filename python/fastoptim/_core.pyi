@@ -12,6 +12,8 @@ class Plan:
         states: Sequence[Sequence[np.ndarray]],
     ) -> None: ...
     def bind_grads(self, grads: Sequence[np.ndarray]) -> None: ...
+    @property
+    def completed(self) -> int: ...
     def __len__(self) -> int: ...
     @property
     def numel(self) -> int: ...
@@ -129,12 +131,24 @@ def step_sgd(
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
 ) -> None: ...
+def steps_sgd(
+    plans: Sequence[Plan],
+    hypers: Sequence[SGDHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
 def step_adagrad(
     plan: Plan,
     hyper: AdagradHyper,
     step: int,
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
+) -> None: ...
+def steps_adagrad(
+    plans: Sequence[Plan],
+    hypers: Sequence[AdagradHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
 ) -> None: ...
 def step_rmsprop(
     plan: Plan,
@@ -143,12 +157,24 @@ def step_rmsprop(
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
 ) -> None: ...
+def steps_rmsprop(
+    plans: Sequence[Plan],
+    hypers: Sequence[RMSpropHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
 def step_adadelta(
     plan: Plan,
     hyper: AdadeltaHyper,
     step: int,
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
+) -> None: ...
+def steps_adadelta(
+    plans: Sequence[Plan],
+    hypers: Sequence[AdadeltaHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
 ) -> None: ...
 def step_adam(
     plan: Plan,
@@ -157,12 +183,24 @@ def step_adam(
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
 ) -> None: ...
+def steps_adam(
+    plans: Sequence[Plan],
+    hypers: Sequence[AdamHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
 def step_adamax(
     plan: Plan,
     hyper: AdamaxHyper,
     step: int,
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
+) -> None: ...
+def steps_adamax(
+    plans: Sequence[Plan],
+    hypers: Sequence[AdamaxHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
 ) -> None: ...
 def step_nadam(
     plan: Plan,
@@ -171,12 +209,24 @@ def step_nadam(
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
 ) -> None: ...
+def steps_nadam(
+    plans: Sequence[Plan],
+    hypers: Sequence[NAdamHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
 def step_radam(
     plan: Plan,
     hyper: RAdamHyper,
     step: int,
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
+) -> None: ...
+def steps_radam(
+    plans: Sequence[Plan],
+    hypers: Sequence[RAdamHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
 ) -> None: ...
 def step_lion(
     plan: Plan,
@@ -185,12 +235,24 @@ def step_lion(
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
 ) -> None: ...
+def steps_lion(
+    plans: Sequence[Plan],
+    hypers: Sequence[LionHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
 def step_rprop(
     plan: Plan,
     hyper: RpropHyper,
     step: int,
     grads: Sequence[np.ndarray] | None = None,
     release: bool = False,
+) -> None: ...
+def steps_rprop(
+    plans: Sequence[Plan],
+    hypers: Sequence[RpropHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
 ) -> None: ...
 def check_disjoint(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> None: ...
 def isa() -> str: ...

@@ -135,6 +135,13 @@ class Definition:
         return getattr(_core, f"step_{self.kernel.lower()}")
 
     @property
+    def core_steps(self) -> Any:
+        """The compiled step function of several groups in one call."""
+        from .. import _core
+
+        return getattr(_core, f"steps_{self.kernel.lower()}")
+
+    @property
     def fields(self) -> frozenset[str]:
         """Names of the compiled struct's fields."""
         f = self._cache.get("fields")

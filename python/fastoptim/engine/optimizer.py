@@ -80,6 +80,7 @@ class _Group:
         self.arenas: dict[str, np.ndarray] = {}  # state name -> contiguous block
         self.fresh: set[str] = set()  # states allocated but not yet used by a step
         self.plan: Any = None
+        self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
         self.plan_states: tuple[str, ...] | None = None
         self.grad_block: np.ndarray | None = None
         self.grads: list[np.ndarray] | None = None
@@ -99,6 +100,8 @@ class Optimizer:
     _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)
     _hyper_type: ClassVar[Any]  # the compiled module's XxxHyper class (from _definition)
     _core_step: ClassVar[Any]  # the compiled module's step_xxx function (from _definition)
+    _core_steps: ClassVar[Any]  # ... and steps_xxx (several groups in one call)
+    _python_run: ClassVar[bool] = False  # a subclass computes a group's step in Python
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -106,6 +109,8 @@ class Optimizer:
         if d is not None:  # cached on the class: a step looks them up without indirection
             cls._hyper_type = d.hyper_type
             cls._core_step = staticmethod(d.core_step)
+            cls._core_steps = staticmethod(d.core_steps)
+        cls._python_run = cls._run is not Optimizer._run
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self.defaults = {**defaults, **dict(self._definition.fixed)}
@@ -268,6 +273,7 @@ class Optimizer:
                 g.arenas[name], g.states[name] = _arena(g.params, self._state_fill(name, group))
                 g.fresh.add(name)
         g.plan = _core.Plan(list(g.params), g.labels, list(names), [g.states[n] for n in names])
+        g.plan_steps = 0
         g.plan_states = names
         g.bound_own = False
         self._sync(g, group)  # `fresh` may have changed
@@ -421,7 +427,8 @@ class Optimizer:
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         """Apply one update to group `g` (gradients already bound to its plan)."""
-        # Passed gradients are not kept alive after the step (bound buffers stay bound).
+        # (Subclasses: fastoptim.reference computes it in Python.  The engine itself steps
+        # every group in one call: see step.)
         type(self)._core_step(g.plan, g.hyper, g.step + 1, None, not g.bound_own)
 
     def step(self, grads: Grads | None = None) -> None:
@@ -434,16 +441,46 @@ class Optimizer:
         """
         with self._lock:  # steps of one optimizer from several threads: one at a time
             per_group = self._prepare(grads)
-            for g, group, gr in zip(self._groups, self.param_groups, per_group):
-                self._run(g, gr)
-                g.step += 1
-                if g.fresh:
-                    g.fresh.clear()
-                    self._sync(g, group)
-            self._t += 1
-            for g, group in zip(self._groups, self.param_groups):
-                if g.sched.specs:
-                    self._advance(g, group)
+            groups = self._groups
+            if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
+                for g, gr in zip(groups, per_group):
+                    self._run(g, gr)
+                self._after_step()
+                return
+            # Every group in one compiled call, which checks all of them before any kernel
+            # runs and counts the step before it returns: an interrupt (Ctrl-C) can only
+            # surface before it (nothing happened) or after it (the whole step happened, and
+            # the bookkeeping below completes it).
+            g = groups[0]
+            try:
+                if len(groups) == 1:  # passed gradients are not kept alive after the step
+                    type(self)._core_step(g.plan, g.hyper, g.step + 1, None, not g.bound_own)
+                else:
+                    type(self)._core_steps(
+                        [g.plan for g in groups],
+                        [g.hyper for g in groups],
+                        [g.step + 1 for g in groups],
+                        [not g.bound_own for g in groups],
+                    )
+            except BaseException:
+                if g.plan.completed != g.plan_steps:  # it happened: complete it, then raise
+                    self._after_step()
+                raise
+            self._after_step()
+
+    def _after_step(self) -> None:
+        """The bookkeeping of a step that happened: step counts, fresh state buffers used,
+        the schedules' values for the next step."""
+        for g, group in zip(self._groups, self.param_groups):
+            g.step += 1
+            g.plan_steps += 1
+            if g.fresh:
+                g.fresh.clear()
+                self._sync(g, group)
+        self._t += 1
+        for g, group in zip(self._groups, self.param_groups):
+            if g.sched.specs:
+                self._advance(g, group)
 
     # ------------------------------------------------------------------ pickle, deepcopy
     def __reduce__(self) -> tuple[Any, ...]:
