@@ -5,7 +5,7 @@ only names its :class:`~fastoptim.engine.definition.Definition` and carries its 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Union
 
@@ -18,11 +18,17 @@ from .locks import new_lock
 from .scheduled import Scheduled
 
 Key = Union[int, str]
+# Arrays (a list or tuple, a generator, a dict's values()), a dict name -> array, or a list of
+# group dicts.  Spelled so that a list or dict display matches exactly one member, whose element
+# type it is then checked against: with overlapping members (Iterable[np.ndarray] matches a
+# dict too), mypy joins the elements first, and arrays of different dtypes or shapes, or group
+# dicts with different entries, joined to `object` and were rejected.  (A list mixing arrays and
+# group dicts type-checks; it is rejected at run time.)
 Params = Union[
-    Sequence[np.ndarray],
     Mapping[str, np.ndarray],
-    Sequence[Mapping[str, Any]],
-    Iterable[np.ndarray],
+    Sequence[Union[np.ndarray, Mapping[str, Any]]],
+    Iterator[np.ndarray],
+    ValuesView[np.ndarray],
 ]
 Grads = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
 # A float hyper-parameter: a number, or a schedule (fastoptim.schedules, any ``t -> float``).
@@ -284,10 +290,18 @@ class Optimizer:
         return g.grads
 
     @property
-    def grads(self) -> list[np.ndarray] | dict[str, np.ndarray]:
+    def grads(self) -> Any:
         """Gradient buffers owned by the optimizer (zeros at first, same shapes and dtypes as
         the parameters, one contiguous block per group): write gradients into them and call
-        :meth:`step` with no argument.  A list, or a dict when parameters are named."""
+        :meth:`step` with no argument.  A list, or a dict when parameters are named.
+
+        Typed ``Any`` on purpose: the value is a ``list[np.ndarray]`` (parameters given as a
+        list, indexed by position) or a ``dict[str, np.ndarray]`` (parameters given by name),
+        decided at run time by the arguments, which an optimizer's static type does not record.
+        Annotated as that union, neither ``opt.grads["w"]`` nor ``opt.grads[0]`` would
+        type-check; a protocol or view class would either claim methods one of the two lacks
+        (``.items()`` on a list) or change what is returned.  For checked types, say which one
+        you have where you take it: ``grads: dict[str, np.ndarray] = opt.grads``."""
         pairs = [(k, a) for g in self._groups for k, a in zip(g.keys, self._own_grads(g))]
         if self._named:
             return {str(k): a for k, a in pairs}
