@@ -113,7 +113,7 @@ class OptimizerMachine(RuleBasedStateMachine):
 
     @rule()
     def step_bound(self) -> None:
-        for a, b, g in zip(self.opt.grads, self.ref.grads, self._grads()):  # type: ignore[call-overload]
+        for a, b, g in zip(self.opt.grads, self.ref.grads, self._grads()):
             a[...] = g
             b[...] = g
         self.opt.step()
