@@ -467,8 +467,11 @@ class Optimizer:
             # the bookkeeping below completes it).
             g = groups[0]
             try:
-                if len(groups) == 1:  # passed gradients are not kept alive after the step
-                    type(self)._core_step(g.plan, g.hyper, g.step + 1, None, not g.bound_own)
+                if len(groups) == 1:
+                    if g.bound_own:
+                        type(self)._core_step(g.plan, g.hyper, g.step + 1)
+                    else:  # passed gradients are not kept alive after the step
+                        type(self)._core_step(g.plan, g.hyper, g.step + 1, None, True)
                 else:
                     type(self)._core_steps(
                         [g.plan for g in groups],
@@ -485,14 +488,13 @@ class Optimizer:
     def _after_step(self) -> None:
         """The bookkeeping of a step that happened: step counts, fresh state buffers used,
         the schedules' values for the next step."""
+        self._t += 1
         for g, group in zip(self._groups, self.param_groups):
             g.step += 1
             g.plan_steps += 1
             if g.fresh:
                 g.fresh.clear()
                 self._sync(g, group)
-        self._t += 1
-        for g, group in zip(self._groups, self.param_groups):
             if g.sched.specs:
                 self._advance(g, group)
 
