@@ -1,4 +1,4 @@
-"""fastoptim: deep-learning optimizers (torch.optim's maths) as SIMD + OpenMP kernels that
+"""fastoptim: deep-learning optimizers (torch.optim's maths) as multi-threaded SIMD kernels that
 update NumPy arrays in place.
 
     >>> import numpy as np, fastoptim as fo
@@ -15,7 +15,7 @@ import operator
 import os
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _openmp  # noqa: F401  # isort: skip  # first: one OpenMP runtime with torch
+from . import _openmp  # noqa: F401  # isort: skip  # (no-op since the own thread pool)
 from . import _core, functional, reference, schedules
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
