@@ -980,26 +980,32 @@ def main(
                         written[-1],
                         f"{shape}, batch {bs}, schedule {config.schedule}, seed {config.seed}",
                     )
-            elif lesson == "batch":
-                echo("Batch, mini-batch and online gradient descent (plain SGD):")
-                runs = batch_lesson(data, config, bar)
+            else:  # batch or decay: plain SGD runs, a table, a reading, a chart
+                title, run, read, plot, caption = {
+                    "batch": (
+                        "Batch, mini-batch and online gradient descent (plain SGD):",
+                        batch_lesson,
+                        read_batch,
+                        plot_batch,
+                        f"{shape}, SGD, seed {config.seed}",
+                    ),
+                    "decay": (
+                        "Constant vs decaying learning rate (plain SGD, 1/t decay to lr/10):",
+                        decay_lesson,
+                        read_decay,
+                        plot_decay,
+                        f"{shape}, seed {config.seed}",
+                    ),
+                }[lesson]
+                echo(title)
+                runs = run(data, config, bar)
                 echo(format_runs(runs, n))
                 echo("\nWhat this run shows:")
-                echo(read_batch(runs, data))
+                echo(read(runs, data))
                 results[lesson] = runs
                 if out is not None:
-                    written.append(out / "demo_batch.png")
-                    plot_batch(runs, data, written[-1], f"{shape}, SGD, seed {config.seed}")
-            else:
-                echo("Constant vs decaying learning rate (plain SGD, 1/t decay to lr/10):")
-                runs = decay_lesson(data, config, bar)
-                echo(format_runs(runs, n))
-                echo("\nWhat this run shows:")
-                echo(read_decay(runs, data))
-                results[lesson] = runs
-                if out is not None:
-                    written.append(out / "demo_decay.png")
-                    plot_decay(runs, data, written[-1], f"{shape}, seed {config.seed}")
+                    written.append(out / f"demo_{lesson}.png")
+                    plot(runs, data, written[-1], caption)
     if written:
         echo("")
     for path in written:
