@@ -238,8 +238,15 @@ class Definition:
 
 
 # ---------------------------------------------------------------------- validation helpers
+def is_number(value: Any) -> bool:
+    """A real number: a Python or NumPy int or float, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def check_nonnegative(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if not is_number(value):
         raise TypeError(f"{cls}: {name} must be a number, got {type(value).__name__}")
     try:
         finite = math.isfinite(value)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .definition import Definition
+from .definition import Definition, is_number
 
 
 def step(
@@ -34,9 +34,7 @@ def step(
     if step < 1:
         raise ValueError(f"{fn}: invalid step={step!r}: the first update is step=1")
     for name, v in (scalars or {}).items():
-        if isinstance(v, (bool, np.bool_)) or not isinstance(
-            v, (int, float, np.integer, np.floating)
-        ):
+        if not is_number(v):
             raise TypeError(f"{fn}: {name} must be a float, got {v!r}")
         if not 0.0 <= v <= 1.0:
             raise ValueError(

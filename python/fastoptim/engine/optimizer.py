@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
-from .definition import Definition
+from .definition import Definition, is_number
 from .locks import new_lock
 from .scheduled import Scheduled
 
@@ -440,10 +440,10 @@ class Optimizer:
         return [n for n, _ in self._definition.scalars]
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
-        """Apply one update to group `g` (gradients already bound to its plan)."""
-        # (Subclasses: fastoptim.reference computes it in Python.  The engine itself steps
-        # every group in one call: see step.)
-        type(self)._core_step(g.plan, g.hyper, g.step + 1, None, not g.bound_own)
+        """Hook: apply one update to group `g` in Python (:mod:`fastoptim.reference` overrides
+        it).  Not overridden, :meth:`step` runs the compiled kernels of every group in one
+        call instead."""
+        raise NotImplementedError
 
     def step(self, grads: Grads | None = None) -> None:
         """Update every parameter in place.
@@ -792,7 +792,7 @@ def _is_count(v: Any) -> bool:
 
 def _real(v: Any) -> bool:
     """A finite real number (not a bool)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if not is_number(v):
         return False
     try:
         return math.isfinite(v)

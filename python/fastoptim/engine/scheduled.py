@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..schedules import _has_schedule, _is_schedule
-from .definition import FLAG, Definition
+from .definition import FLAG, Definition, is_number
 
 _NUMBERS = (int, float, np.integer, np.floating)
 
@@ -28,13 +28,7 @@ def same(a: Any, b: Any) -> bool:
         return True
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(map(same, a, b))
-    return (
-        isinstance(a, _NUMBERS)
-        and isinstance(b, _NUMBERS)
-        and not isinstance(a, (bool, np.bool_))
-        and not isinstance(b, (bool, np.bool_))
-        and bool(a == b)
-    )
+    return is_number(a) and is_number(b) and bool(a == b)
 
 
 def value(owner: str, name: str, f: Any, t: int) -> float:
@@ -51,7 +45,7 @@ def value(owner: str, name: str, f: Any, t: int) -> float:
             v = v.item()
         except (TypeError, ValueError, RuntimeError):
             pass
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, _NUMBERS):
+    if not is_number(v):
         raise TypeError(
             f"{owner}: the schedule of {name} ({f!r}) returned {v!r} at update {t}, not a number"
         )
