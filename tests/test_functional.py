@@ -86,8 +86,9 @@ def _bytes(a: np.ndarray) -> bytes:
 
 def _class_only(cls: Any) -> set[str]:
     """Hyper-parameters the functional tier does not take: they only set a state's initial
-    value (Adagrad's initial_accumulator_value, Rprop's lr)."""
-    return {h.name for h in cls._definition.hyper if not h.functional}
+    value (Adagrad's initial_accumulator_value, Rprop's lr) or are arrays there
+    (state_dtype, master_weights, kahan: the caller passes the arrays)."""
+    return {h.name for h in cls._definition.options if not h.functional}
 
 
 def _functional_kwargs(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

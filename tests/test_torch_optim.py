@@ -46,6 +46,7 @@ from cases import (  # noqa: E402
     make_families,
 )
 from fastoptim import _openmp, definitions, schedules  # noqa: E402
+from fastoptim.engine.definition import COMMON  # noqa: E402
 
 NAMES = [d.name for d in definitions.ALL if hasattr(torch.optim, d.name)]  # all but Lion
 STEPS = 120
@@ -263,17 +264,33 @@ def test_same_bits_as_numpy_classes(case: Case, rng: np.random.Generator) -> Non
         np.testing.assert_array_equal(p.numpy(), a, err_msg=f"{case.id} param {i}")
 
 
+def _as_torch(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fastoptim.torch's group records without its own options (COMMON: the precision policy),
+    which must hold their defaults: what torch.optim's records hold."""
+    out = []
+    for g in groups:
+        for h in COMMON:
+            assert g.get(h.name, h.default) == h.default, (h.name, g.get(h.name))
+        out.append({k: v for k, v in g.items() if k not in {h.name for h in COMMON}})
+    return out
+
+
 # --------------------------------------------------------------------------- API compatibility
 @pytest.mark.parametrize("name", NAMES)
 def test_signature_and_defaults_as_torch(name: str) -> None:
     ours, theirs = getattr(fot, name), getattr(torch.optim, name)
     a = inspect.signature(ours.__init__).parameters
     b = inspect.signature(theirs.__init__).parameters
+    # torch's signature, then fastoptim's options common to every optimizer (keyword-only)
+    common = [(h.name, inspect.Parameter.KEYWORD_ONLY, h.default) for h in COMMON]
     assert [(p.name, p.kind, p.default) for p in a.values()] == [
         (p.name, p.kind, p.default) for p in b.values()
-    ]
+    ] + common
     p = torch.zeros(3)
-    assert getattr(fot, name)([p]).defaults == theirs([p]).defaults
+    assert getattr(fot, name)([p]).defaults == {
+        **theirs([p]).defaults,
+        **{h.name: h.default for h in COMMON},
+    }
     assert issubclass(ours, torch.optim.Optimizer)
 
 
@@ -819,7 +836,7 @@ def test_state_dict_round_trip(name: str, kwargs: dict[str, Any], direction: str
         for x, y in zip(firsts, seconds):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     sa, sb = first.state_dict(), second.state_dict()
-    assert sa["param_groups"] == sb["param_groups"]
+    assert _as_torch(sa["param_groups"]) == _as_torch(sb["param_groups"])
     for k, v in sa["state"].items():
         assert set(v) == set(sb["state"][k])
         for n, t in v.items():
@@ -840,7 +857,7 @@ def test_state_format_as_torch(name: str, kwargs: dict[str, Any]) -> None:
             ref.step()
             fast.step()
         sr, sf = ref.state_dict(), fast.state_dict()
-        assert sr["param_groups"] == sf["param_groups"]
+        assert sr["param_groups"] == _as_torch(sf["param_groups"])
         assert sr["state"].keys() == sf["state"].keys()
         for k, st in sr["state"].items():
             assert set(st) == set(sf["state"][k])

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,8 @@ namespace py = pybind11;
 using namespace fastoptim;
 
 namespace {
+
+DType compute_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
 
 std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
 
@@ -37,6 +40,18 @@ struct Arg {
   std::uintptr_t lo, hi;  // byte range [lo, hi); empty arrays have lo == hi
 };
 
+// ml_dtypes.bfloat16 (the NumPy bfloat16 of JAX and ml_dtypes), or None if not installed.
+const py::object& bfloat16_dtype() {
+  static const py::object dt = [] {
+    try {
+      return py::object(py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")));
+    } catch (py::error_already_set&) {
+      return py::object(py::none());
+    }
+  }();
+  return dt;
+}
+
 // Check that `h` is an ndarray the kernels can update in place (or read, for gradients).
 Arg check_array(py::handle h, const std::string& what, bool writeable) {
   if (!py::isinstance<py::array>(h))
@@ -49,16 +64,22 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
                          "read and updated): pass its data (np.ma.getdata) or fill it");
   auto a = py::reinterpret_borrow<py::array>(h);
   const py::dtype dt = a.dtype();
+  const bool native = dt.byteorder() != '>' && dt.byteorder() != '<';  // '=' or '|'
   DType dtype;
   if (dt.equal(py::dtype::of<float>()))
     dtype = DType::f32;
   else if (dt.equal(py::dtype::of<double>()))
     dtype = DType::f64;
-  else if (dt.kind() == 'f' && (dt.itemsize() == 4 || dt.itemsize() == 8))
+  else if (dt.kind() == 'f' && dt.itemsize() == 2 && native)
+    dtype = DType::f16;
+  else if (!bfloat16_dtype().is_none() && dt.equal(bfloat16_dtype()))
+    dtype = DType::bf16;
+  else if (dt.kind() == 'f' && !native)
     throw py::type_error(what + ": dtype " + dtype_name(a) +
                          " has non-native byte order; it would need a copy");
   else
-    throw py::type_error(what + ": dtype must be float32 or float64, got " + dtype_name(a));
+    throw py::type_error(what + ": dtype must be float32, float64, float16 or bfloat16 "
+                         "(ml_dtypes.bfloat16), got " + dtype_name(a));
   const int flags = a.flags();
   if (!(flags & py::array::c_style))
     throw py::value_error(
@@ -76,16 +97,25 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
   return {a, dtype, const_cast<void*>(a.data()), size, lo, hi};
 }
 
-void check_like(const Arg& x, const Arg& param, const std::string& what) {
-  if (x.dtype != param.dtype)
-    throw py::type_error(what + ": dtype " + dtype_name(x.arr) +
-                         " does not match the parameter's " + dtype_name(param.arr));
+void check_shape(const Arg& x, const py::array& param, const std::string& what) {
   const bool same_shape =
-      x.arr.ndim() == param.arr.ndim() &&
-      std::equal(x.arr.shape(), x.arr.shape() + x.arr.ndim(), param.arr.shape());
+      x.arr.ndim() == param.ndim() &&
+      std::equal(x.arr.shape(), x.arr.shape() + x.arr.ndim(), param.shape());
   if (!same_shape)
     throw py::value_error(what + ": shape " + shape_str(x.arr) +
-                          " does not match the parameter's " + shape_str(param.arr));
+                          " does not match the parameter's " + shape_str(param));
+}
+
+// A gradient or state array of a parameter whose kernel computes in `compute`: float64 arrays
+// for float64 parameters; float32, bfloat16 or float16 for the others (converted by the driver).
+void check_operand(const Arg& x, const py::array& param, DType compute, const std::string& what) {
+  const bool ok = compute == DType::f64 ? x.dtype == DType::f64 : x.dtype != DType::f64;
+  if (!ok)
+    throw py::type_error(what + ": dtype " + dtype_name(x.arr) + " does not go with the " +
+                         dtype_name(param) + " parameter (" +
+                         (compute == DType::f64 ? "float64 only"
+                                                : "float32, bfloat16 or float16") + ")");
+  check_shape(x, param, what);
 }
 
 struct Span {
@@ -125,18 +155,71 @@ class PyPlan {
     std::mutex& mu_;
   };
 
+  // `masters`, `comps`, `outs`: None, or one entry per parameter (an array or None): the
+  // float32 master copy of a bfloat16/float16 parameter, the Kahan compensation of one (its
+  // dtype), the bfloat16/float16 copy-out array of a float32 parameter.  `ids`: the tensors'
+  // numbers for stochastic rounding (default 0, 1, ...).
   PyPlan(const py::sequence& params, const std::vector<std::string>& labels,
-         const std::vector<std::string>& state_names, const py::sequence& states) {
+         const std::vector<std::string>& state_names, const py::sequence& states,
+         const py::object& masters, const py::object& comps, const py::object& outs,
+         const std::optional<std::vector<uint64_t>>& ids) {
     const auto n = static_cast<std::size_t>(py::len(params));
     const auto k = state_names.size();
     if (labels.size() != n) throw py::value_error("labels: need one label per parameter");
     if (k > static_cast<std::size_t>(kMaxState)) throw py::value_error("too many state buffers");
     if (static_cast<std::size_t>(py::len(states)) != k)
       throw py::value_error("states: need one list of arrays per state name");
+    if (ids && ids->size() != n) throw py::value_error("ids: need one id per parameter");
     labels_ = labels;
     std::vector<Arg> ps;
     ps.reserve(n);
     for (std::size_t i = 0; i < n; ++i) ps.push_back(check_array(params[i], "param " + labels[i], true));
+    // The optional per-parameter arrays, checked for their role.
+    auto extra = [&](const py::object& seq, const char* role) {
+      std::vector<std::optional<Arg>> out(n);
+      if (seq.is_none()) return out;
+      if (static_cast<std::size_t>(py::len(seq)) != n)
+        throw py::value_error(std::string(role) + "s: need one entry (an array or None) per parameter");
+      for (std::size_t i = 0; i < n; ++i) {
+        const py::handle h = py::sequence(seq)[i];
+        if (!h.is_none()) out[i] = check_array(h, std::string(role) + " of param " + labels[i], true);
+      }
+      return out;
+    };
+    const auto ms = extra(masters, "master copy");
+    const auto cs = extra(comps, "compensation");
+    const auto os = extra(outs, "copy-out");
+    const auto low = [](DType d) { return d == DType::bf16 || d == DType::f16; };
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::string who = " of param " + labels[i];
+      const py::array& p = ps[i].arr;
+      if (ms[i]) {
+        if (!low(ps[i].dtype))
+          throw py::type_error("master copy" + who + ": only bfloat16 and float16 parameters "
+                               "have one (the parameter is " + dtype_name(p) + ")");
+        if (ms[i]->dtype != DType::f32)
+          throw py::type_error("master copy" + who + ": dtype must be float32, got " + dtype_name(ms[i]->arr));
+        check_shape(*ms[i], p, "master copy" + who);
+      }
+      if (cs[i]) {
+        if (!low(ps[i].dtype) || ms[i])
+          throw py::type_error("compensation" + who + ": only bfloat16 and float16 parameters "
+                               "without a master copy have one");
+        if (cs[i]->dtype != ps[i].dtype)
+          throw py::type_error("compensation" + who + ": dtype " + dtype_name(cs[i]->arr) +
+                               " must be the parameter's " + dtype_name(p));
+        check_shape(*cs[i], p, "compensation" + who);
+      }
+      if (os[i]) {
+        if (ps[i].dtype != DType::f32)
+          throw py::type_error("copy-out" + who + ": only float32 parameters have one (the "
+                               "parameter is " + dtype_name(p) + ")");
+        if (!low(os[i]->dtype))
+          throw py::type_error("copy-out" + who + ": dtype must be bfloat16 or float16, got " +
+                               dtype_name(os[i]->arr));
+        check_shape(*os[i], p, "copy-out" + who);
+      }
+    }
     std::vector<std::vector<Arg>> ss(k);
     for (std::size_t j = 0; j < k; ++j) {
       const py::sequence sj = states[j];
@@ -145,29 +228,71 @@ class PyPlan {
       for (std::size_t i = 0; i < n; ++i) {
         const std::string what = "state '" + state_names[j] + "' of param " + labels[i];
         ss[j].push_back(check_array(sj[i], what, true));
-        check_like(ss[j][i], ps[i], what);
+        check_operand(ss[j][i], ps[i].arr, compute_dtype(ps[i].dtype), what);
       }
     }
+    auto span = [&](const Arg& a, const std::string& what) {
+      if (a.size) spans_.push_back({a.lo, a.hi, what});
+    };
     for (std::size_t i = 0; i < n; ++i) {
-      if (ps[i].size) spans_.push_back({ps[i].lo, ps[i].hi, "param " + labels[i]});
+      span(ps[i], "param " + labels[i]);
       for (std::size_t j = 0; j < k; ++j)
-        if (ss[j][i].size)
-          spans_.push_back({ss[j][i].lo, ss[j][i].hi, "state '" + state_names[j] + "' of param " + labels[i]});
+        span(ss[j][i], "state '" + state_names[j] + "' of param " + labels[i]);
+      if (ms[i]) span(*ms[i], "master copy of param " + labels[i]);
+      if (cs[i]) span(*cs[i], "compensation of param " + labels[i]);
+      if (os[i]) span(*os[i], "copy-out of param " + labels[i]);
     }
     sort_and_check_disjoint(spans_);
     plan_.nstate = static_cast<int>(k);
     for (std::size_t i = 0; i < n; ++i) {
       Tensor t;
-      t.dtype = ps[i].dtype;
       t.size = ps[i].size;
+      t.dtype = ps[i].dtype;
       t.param = ps[i].data;
-      for (std::size_t j = 0; j < k; ++j) t.state[j] = ss[j][i].data;
+      if (ms[i]) {  // the kernel updates the master copy; the parameter is its rounded copy
+        t.dtype = DType::f32;
+        t.param = ms[i]->data;
+        t.out = ps[i].data;
+        t.out_dtype = ps[i].dtype;
+      }
+      if (os[i]) {
+        t.out = os[i]->data;
+        t.out_dtype = os[i]->dtype;
+      }
+      if (cs[i]) t.comp = cs[i]->data;
+      t.grad_dtype = compute_dtype(ps[i].dtype);
+      for (std::size_t j = 0; j < k; ++j) {
+        t.state[j] = ss[j][i].data;
+        t.state_dtype[j] = ss[j][i].dtype;
+      }
+      t.id = ids ? (*ids)[i] : static_cast<uint64_t>(i);
       plan_.add(t);
       params_.push_back(ps[i].arr);
-      for (std::size_t j = 0; j < k; ++j) states_.push_back(ss[j][i].arr);
+      param_data_.push_back(ps[i].data);
+      for (std::size_t j = 0; j < k; ++j) keep_.push_back(ss[j][i].arr);
+      for (const auto* e : {&ms[i], &cs[i], &os[i]})
+        if (*e) keep_.push_back((*e)->arr);
     }
     state_names_ = state_names;
   }
+
+  // Stochastic rounding (and its seed) or round-to-nearest for every bfloat16/float16 store.
+  void set_rounding(const std::string& mode, uint64_t seed) {
+    Rounding r;
+    if (mode == "nearest")
+      r = Rounding::nearest;
+    else if (mode == "stochastic")
+      r = Rounding::stochastic;
+    else
+      throw py::value_error("rounding must be 'nearest' or 'stochastic', got '" + mode + "'");
+    Lock lock(*this);
+    plan_.rounding = r;
+    plan_.seed = seed;
+  }
+  std::string rounding() const {
+    return plan_.rounding == Rounding::nearest ? "nearest" : "stochastic";
+  }
+  uint64_t seed() const { return plan_.seed; }
 
   // Validate every gradient, then (only if all are fine) point the plan at them.
   void bind_grads(const py::sequence& grads) {
@@ -185,7 +310,7 @@ class PyPlan {
     for (std::size_t i = 0; i < n; ++i) {
       const std::string what = "grad for param " + labels_[i];
       gs.push_back(check_array(grads[i], what, false));
-      check_like(gs[i], Arg{params_[i], plan_.tensors[i].dtype, nullptr, 0, 0, 0}, what);
+      check_operand(gs[i], params_[i], plan_.tensors[i].compute(), what);
       if (gs[i].size) spans.push_back({gs[i].lo, gs[i].hi, what});
     }
     sort_and_check_disjoint(spans);
@@ -199,6 +324,7 @@ class PyPlan {
     grads_.clear();
     for (std::size_t i = 0; i < n; ++i) {
       plan_.tensors[i].grad = gs[i].data;
+      plan_.tensors[i].grad_dtype = gs[i].dtype;
       grads_.push_back(gs[i].arr);
     }
     bound_ = true;
@@ -212,7 +338,7 @@ class PyPlan {
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const py::array& a = params_[i];
       const Tensor& t = plan_.tensors[i];
-      if (a.data() != t.param || static_cast<int64_t>(a.size()) != t.size)
+      if (a.data() != param_data_[i] || static_cast<int64_t>(a.size()) != t.size)
         throw py::value_error("param " + labels_[i] +
                               ": the array was resized or its memory replaced since it was "
                               "given to the optimizer; build a new optimizer for it");
@@ -239,7 +365,8 @@ class PyPlan {
   Plan plan_;
   std::vector<std::string> labels_, state_names_;
   std::vector<Span> spans_;
-  std::vector<py::array> params_, states_, grads_;  // keep the arrays alive
+  std::vector<py::array> params_, keep_, grads_;  // keep the arrays alive
+  std::vector<const void*> param_data_;  // where each parameter's data was
   bool bound_ = false;
   int64_t completed_ = 0;
   // In a forked child, the mutex may be held by a thread that does not exist there: the first
@@ -341,8 +468,15 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PyPlan>(m, "Plan")
       .def(py::init<const py::sequence&, const std::vector<std::string>&,
-                    const std::vector<std::string>&, const py::sequence&>(),
-           py::arg("params"), py::arg("labels"), py::arg("state_names"), py::arg("states"))
+                    const std::vector<std::string>&, const py::sequence&, const py::object&,
+                    const py::object&, const py::object&,
+                    const std::optional<std::vector<uint64_t>>&>(),
+           py::arg("params"), py::arg("labels"), py::arg("state_names"), py::arg("states"),
+           py::kw_only(), py::arg("masters") = py::none(), py::arg("comps") = py::none(),
+           py::arg("outs") = py::none(), py::arg("ids") = py::none())
+      .def("set_rounding", &PyPlan::set_rounding, py::arg("mode"), py::arg("seed") = 0)
+      .def_property_readonly("rounding", &PyPlan::rounding)
+      .def_property_readonly("seed", &PyPlan::seed)
       .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
       .def_property_readonly("completed", &PyPlan::completed)
       .def("__len__", &PyPlan::size)
@@ -383,6 +517,44 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_grain", &set_grain, py::arg("bytes"),
         "Bytes of memory traffic per thread below which a step uses fewer threads.");
   m.def("get_grain", &get_grain);
+  m.def("stream_mixed", [](const py::sequence& rw, const py::handle& grad, const py::object& out) {
+    StreamArrays s;
+    std::vector<Span> spans;
+    int64_t n = -1;
+    auto take = [&](py::handle h, const std::string& what, bool writeable) {
+      Arg a = check_array(h, what, writeable);
+      if (a.dtype == DType::f64) throw py::type_error("stream_mixed: " + what + " is float64");
+      if (n >= 0 && a.size != n) throw py::value_error("stream_mixed: arrays must have equal sizes");
+      n = a.size;
+      if (a.size) spans.push_back({a.lo, a.hi, what});
+      return a;
+    };
+    for (std::size_t j = 0; j < static_cast<std::size_t>(py::len(rw)); ++j) {
+      Arg a = take(rw[j], "rw[" + std::to_string(j) + "]", true);
+      if (a.dtype == DType::f32) {
+        if (s.nrw32 == 4) throw py::value_error("stream_mixed: at most 4 float32 arrays");
+        s.rw32[s.nrw32++] = static_cast<float*>(a.data);
+      } else {
+        if (s.nrw16 == 4) throw py::value_error("stream_mixed: at most 4 16-bit arrays");
+        s.rw16[s.nrw16++] = static_cast<uint16_t*>(a.data);
+      }
+    }
+    Arg g = take(grad, "grad", false);
+    if (g.dtype == DType::f32)
+      s.grad32 = static_cast<const float*>(g.data);
+    else
+      s.grad16 = static_cast<const uint16_t*>(g.data);
+    if (!out.is_none()) {
+      Arg o = take(out, "out", true);
+      if (o.dtype == DType::f32) throw py::type_error("stream_mixed: out must be 16-bit");
+      s.out16 = static_cast<uint16_t*>(o.data);
+    }
+    sort_and_check_disjoint(spans);
+    py::gil_scoped_release release;
+    stream_mixed(s, n);
+  }, py::arg("rw"), py::arg("grad"), py::arg("out") = py::none(),
+  "Roofline kernel of a mixed-precision layout: one fused pass reading and writing every array "
+  "of `rw` (float32 or 16-bit), reading `grad` and writing `out` (16-bit) when given.");
   m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;
     std::vector<Span> spans;

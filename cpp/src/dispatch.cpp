@@ -38,7 +38,8 @@ namespace fastoptim {
 #define FASTOPTIM_DECLARE_ISA(ns)                                                        \
   namespace ns {                                                                         \
   template <class Opt> void step(const Plan&, const typename Opt::Hyper&, int64_t, int); \
-  void stream(float* const*, int, int64_t, int);                                    \
+  void stream(float* const*, int, int64_t, int);                                         \
+  void stream_mixed(const StreamArrays&, int64_t, int);                                  \
   }
 #ifdef FASTOPTIM_HAVE_SCALAR
 FASTOPTIM_DECLARE_ISA(scalar)
@@ -498,6 +499,14 @@ void stream(float* const* arrays, int narrays, int64_t n) {
     throw std::invalid_argument("stream: need 2 to " + std::to_string(kMaxState + 2) + " arrays");
   const int threads = threads_for(n * 4 * (2 * narrays - 1));
   FASTOPTIM_FORWARD(stream, arrays, narrays, n, threads)
+}
+
+void stream_mixed(const StreamArrays& s, int64_t n) {
+  if (s.nrw32 < 0 || s.nrw32 > 4 || s.nrw16 < 0 || s.nrw16 > 4 || (s.grad32 == nullptr) == (s.grad16 == nullptr))
+    throw std::invalid_argument("stream_mixed: 0 to 4 arrays of each width and one gradient");
+  const int64_t bytes = n * (8 * s.nrw32 + 4 * s.nrw16 + (s.grad16 ? 2 : 4) + (s.out16 ? 2 : 0));
+  const int threads = threads_for(bytes);
+  FASTOPTIM_FORWARD(stream_mixed, s, n, threads)
 }
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \

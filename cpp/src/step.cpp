@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "fastoptim/convert.hpp"
 #include "fastoptim/kernels.hpp"
 #include "fastoptim/plan.hpp"
 #include "fastoptim/registry.hpp"
@@ -109,14 +110,137 @@ template <class F> void parallel_ranges(int64_t total, int threads, const F& f) 
   }, &ctx);
 }
 
+// ------------------------------------------------------------------ stored formats
+// The low-precision formats the driver converts (convert.hpp), as types for its loops.
+struct BF16 {
+  static float load(uint16_t h) { return bf16_load(h); }
+  static uint16_t nearest(float x) { return bf16_round_nearest(x); }
+  static uint16_t stochastic(float x, uint32_t r) { return bf16_round_stochastic(x, r); }
+};
+struct F16 {
+  static float load(uint16_t h) { return f16_load(h); }
+  static uint16_t nearest(float x) { return f16_round_nearest(x); }
+  static uint16_t stochastic(float x, uint32_t r) { return f16_round_stochastic(x, r); }
+};
+
+template <class F> void load_block(const uint16_t* __restrict s, int64_t n, float* __restrict d) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) d[i] = F::load(s[i]);
+}
+
+template <class F> void store_nearest(const float* __restrict s, int64_t n, uint16_t* __restrict d) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) d[i] = F::nearest(s[i]);
+}
+
+// `first`: the low 32 bits of the element index of s[0] within its tensor.
+template <class F>
+void store_stochastic(const float* __restrict s, int64_t n, uint16_t* __restrict d, uint32_t key,
+                      uint32_t first) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i)
+    d[i] = F::stochastic(s[i], random_bits(key, first + static_cast<uint32_t>(i)));
+}
+
+// Kahan-compensated store of an updated low-precision parameter: the update (new - old) plus the
+// compensation c is added to the stored parameter, rounded to nearest; what the rounding lost
+// becomes the new compensation (rounded to nearest itself).
+template <class F>
+void store_kahan(const float* __restrict fresh, const float* __restrict old, int64_t n,
+                 uint16_t* __restrict param, uint16_t* __restrict comp) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = F::load(comp[i]) + (fresh[i] - old[i]);
+    const uint16_t stored = F::nearest(old[i] + u);
+    comp[i] = F::nearest(u - (F::load(stored) - old[i]));
+    param[i] = stored;
+  }
+}
+
+// The float32 view of n elements of a stored array from element `lo`: the array itself when it
+// is float32, else its values converted into `buf`.
+inline float* staged(const void* a, DType d, int64_t lo, int64_t n, float* buf) {
+  if (d == DType::f32) return const_cast<float*>(static_cast<const float*>(a)) + lo;
+  const uint16_t* s = static_cast<const uint16_t*>(a) + lo;
+  if (d == DType::bf16)
+    load_block<BF16>(s, n, buf);
+  else
+    load_block<F16>(s, n, buf);
+  return buf;
+}
+
+// Where rounding draws its bits: one stream per (step, tensor, array) of the plan's seed.
+struct RoundingKey {
+  const Plan& plan;
+  int64_t step;
+  uint32_t operator()(const Tensor& t, uint32_t array, int64_t lo) const {
+    return random_key(plan.seed, step, t.id, array, static_cast<uint64_t>(lo) >> 32);
+  }
+};
+
+// Store n float32 values from element `lo` into a bfloat16/float16 array (no-op for float32:
+// the kernel updated it in place); `array` numbers the stream of random bits.
+inline void unstage(const float* s, void* a, DType d, int64_t lo, int64_t n, const Tensor& t,
+                    uint32_t array, const RoundingKey& key) {
+  if (d == DType::f32) return;
+  uint16_t* dst = static_cast<uint16_t*>(a) + lo;
+  const bool bf = d == DType::bf16;
+  if (key.plan.rounding == Rounding::nearest) {
+    bf ? store_nearest<BF16>(s, n, dst) : store_nearest<F16>(s, n, dst);
+  } else {
+    const uint32_t k = key(t, array, lo);
+    const auto first = static_cast<uint32_t>(lo);
+    bf ? store_stochastic<BF16>(s, n, dst, k, first) : store_stochastic<F16>(s, n, dst, k, first);
+  }
+}
+
+// Elements per block of the converting path: its float32 copies stay in L1.
+constexpr int64_t kBlock = 512;
+
+// The converting path of one tensor's elements [a, b), block by block: load and convert what is
+// not float32, run the same element functor on float32, store back rounded.  Random-bit streams:
+// 0 for the parameter (and its copy), 1 + j for state j.  A block never crosses a multiple of
+// 2^32 elements (the random bits take the low 32 bits of the index; the key the rest).
+template <class K, std::size_t... J>
+void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
+                      std::index_sequence<J...>) {
+  constexpr std::size_t N = sizeof...(J);
+  alignas(64) float buf_p[kBlock], buf_old[kBlock], buf_g[kBlock];
+  alignas(64) float buf_s[N == 0 ? 1 : N][kBlock];
+  (void)buf_s;  // unused without state
+  for (int64_t lo = a; lo < b;) {
+    const int64_t wrap = (lo | int64_t{0xFFFFFFFF}) + 1;  // the next multiple of 2^32
+    const int64_t n = std::min({kBlock, b - lo, wrap - lo});
+    float* p = staged(t.param, t.dtype, lo, n, buf_p);
+    const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
+    float* s[N == 0 ? 1 : N] = {staged(t.state[J], t.state_dtype[J], lo, n, buf_s[J])...};
+    if (t.comp) std::copy(p, p + n, buf_old);
+    sweep(k, p, g, n, s[J]...);
+    if (t.comp) {
+      uint16_t* param = static_cast<uint16_t*>(t.param) + lo;
+      uint16_t* comp = static_cast<uint16_t*>(t.comp) + lo;
+      t.dtype == DType::bf16 ? store_kahan<BF16>(p, buf_old, n, param, comp)
+                             : store_kahan<F16>(p, buf_old, n, param, comp);
+    } else {
+      unstage(p, t.param, t.dtype, lo, n, t, 0, key);
+    }
+    (unstage(s[J], t.state[J], t.state_dtype[J], lo, n, t, 1 + J, key), ...);
+    if (t.out) unstage(p, t.out, t.out_dtype, lo, n, t, 0, key);
+    lo += n;
+  }
+}
+
 template <class Opt, unsigned V>
-void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int threads) {
+void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, int threads) {
   const Kernel<Opt, float, V> kf{c};
   const Kernel<Opt, double, V> kd{c};
+  const RoundingKey key{plan, step};
+  constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
-      constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
-      if (t.dtype == DType::f32)
+      if (!t.direct(plan.nstate))
+        sweep_converting(kf, t, a, b, key, states);
+      else if (t.dtype == DType::f32)
         sweep_tensor<Kernel<Opt, float, V>, float>(kf, t, a, b, states);
       else
         sweep_tensor<Kernel<Opt, double, V>, double>(kd, t, a, b, states);
@@ -126,8 +250,8 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int threads) {
 
 template <class Opt, unsigned... V>
 void run_dispatch(std::integer_sequence<unsigned, V...>, unsigned v, const Plan& plan,
-                  const typename Opt::Coeffs& c, int threads) {
-  ((v == V ? run_variant<Opt, V>(plan, c, threads) : void()), ...);
+                  const typename Opt::Coeffs& c, int64_t step, int threads) {
+  ((v == V ? run_variant<Opt, V>(plan, c, step, threads) : void()), ...);
 }
 
 }  // namespace
@@ -136,7 +260,7 @@ template <class Opt>
 void step(const Plan& plan, const typename Opt::Hyper& h, int64_t step, int threads) {
   const typename Opt::Coeffs c = Opt::prepare(h, step);
   run_dispatch<Opt>(std::make_integer_sequence<unsigned, Opt::kVariants>{}, Opt::variant(h), plan,
-                    c, threads);
+                    c, step, threads);
 }
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
@@ -163,6 +287,48 @@ void stream(float* const* arrays, int narrays, int64_t n, int threads) {
     case 5: stream_impl(arrays, n, threads, std::make_index_sequence<4>{}); break;
     default: break;  // validated by the caller
   }
+}
+
+// The roofline of a mixed-precision layout: one plain fused loop over `rw32` float32 and `rw16`
+// 16-bit arrays read and written, one gradient read (float32 or 16-bit) and optionally one 16-bit
+// array written only (a copy-out); 16-bit values are converted as bfloat16 (a shift each way).
+template <int RW32, int RW16, bool G16, bool OUT>
+void stream_mixed_impl(const StreamArrays& s, int64_t n, int threads) {
+  parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
+    std::array<float*, RW32 == 0 ? 1 : RW32> f;
+    std::array<uint16_t*, RW16 == 0 ? 1 : RW16> h;
+    for (int j = 0; j < RW32; ++j) f[j] = s.rw32[j] + lo;
+    for (int j = 0; j < RW16; ++j) h[j] = s.rw16[j] + lo;
+    const float* g32 = s.grad32 + (G16 ? 0 : lo);
+    const uint16_t* g16 = s.grad16 + (G16 ? lo : 0);
+    uint16_t* out = s.out16 + (OUT ? lo : 0);
+    const float scale = 1.0f / static_cast<float>(RW32 + RW16 + 1);
+    FASTOPTIM_VECTORIZE
+    for (int64_t i = 0; i < hi - lo; ++i) {
+      float x = G16 ? bf16_load(g16[i]) : g32[i];
+      for (int j = 0; j < RW32; ++j) x += f[j][i];
+      for (int j = 0; j < RW16; ++j) x += bf16_load(h[j][i]);
+      x *= scale;
+      const auto t = static_cast<uint16_t>(bits_of(x) >> 16);
+      for (int j = 0; j < RW32; ++j) f[j][i] = x;
+      for (int j = 0; j < RW16; ++j) h[j][i] = t;
+      if (OUT) out[i] = t;
+    }
+  });
+}
+
+template <int C, int... Cs>
+void stream_mixed_dispatch(std::integer_sequence<int, C, Cs...>, int code, const StreamArrays& s,
+                           int64_t n, int threads) {
+  if (code == C)
+    stream_mixed_impl<C / 20, C / 4 % 5, (C & 2) != 0, (C & 1) != 0>(s, n, threads);
+  else if constexpr (sizeof...(Cs) > 0)
+    stream_mixed_dispatch(std::integer_sequence<int, Cs...>{}, code, s, n, threads);
+}
+
+void stream_mixed(const StreamArrays& s, int64_t n, int threads) {
+  const int code = s.nrw32 * 20 + s.nrw16 * 4 + (s.grad16 ? 2 : 0) + (s.out16 ? 1 : 0);
+  stream_mixed_dispatch(std::make_integer_sequence<int, 100>{}, code, s, n, threads);
 }
 
 }  // namespace FASTOPTIM_ISA_NS

@@ -38,6 +38,7 @@ import numpy as np
 from . import definitions as _defs
 from .engine.functional import step as _step
 from .engine.optimizer import Value
+from .engine.precision import Rounding
 
 __all__ = [
     "sgd_",
@@ -68,6 +69,11 @@ def sgd_(
     weight_decay: Value = 0,
     nesterov: bool = False,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place SGD update (see :class:`fastoptim.SGD`).
 
@@ -88,7 +94,11 @@ def sgd_(
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            rounding=rounding,
+            seed=seed,
         ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -103,6 +113,11 @@ def adagrad_(
     weight_decay: Value = 0,
     eps: Value = 1e-10,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place Adagrad update (see :class:`fastoptim.Adagrad`).
 
@@ -114,7 +129,17 @@ def adagrad_(
         grad,
         {"sum": sum},
         step,
-        dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize),
+        dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+        ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -133,6 +158,11 @@ def rmsprop_(
     momentum: Value = 0,
     centered: bool = False,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place RMSprop update (see :class:`fastoptim.RMSprop`).
 
@@ -152,7 +182,11 @@ def rmsprop_(
             momentum=momentum,
             centered=centered,
             maximize=maximize,
+            rounding=rounding,
+            seed=seed,
         ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -168,6 +202,11 @@ def adadelta_(
     eps: Value = 1e-06,
     weight_decay: Value = 0,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place Adadelta update (see :class:`fastoptim.Adadelta`).
 
@@ -178,7 +217,17 @@ def adadelta_(
         grad,
         {"square_avg": square_avg, "acc_delta": acc_delta},
         step,
-        dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
+        dict(
+            lr=lr,
+            rho=rho,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+        ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -197,6 +246,11 @@ def adam_(
     amsgrad: bool = False,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place Adam update (see :class:`fastoptim.Adam`);
     ``decoupled_weight_decay=True`` is AdamW (:func:`adamw_`).
@@ -216,7 +270,11 @@ def adam_(
             amsgrad=amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
+            rounding=rounding,
+            seed=seed,
         ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -234,6 +292,11 @@ def adamw_(
     weight_decay: Value = 0.01,
     amsgrad: bool = False,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place AdamW update (see :class:`fastoptim.AdamW`): Adam with
     decoupled weight decay.  ``max_exp_avg_sq`` is needed iff ``amsgrad``."""
@@ -250,7 +313,11 @@ def adamw_(
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             maximize=maximize,
+            rounding=rounding,
+            seed=seed,
         ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -266,6 +333,11 @@ def adamax_(
     eps: Value = 1e-08,
     weight_decay: Value = 0,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place Adamax update (see :class:`fastoptim.Adamax`)."""
     _step(
@@ -274,7 +346,17 @@ def adamax_(
         grad,
         {"exp_avg": exp_avg, "exp_inf": exp_inf},
         step,
-        dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
+        dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+        ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -293,6 +375,11 @@ def nadam_(
     momentum_decay: Value = 0.004,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> float:
     r"""One in-place NAdam update (see :class:`fastoptim.NAdam`).
 
@@ -318,8 +405,11 @@ def nadam_(
                 momentum_decay=momentum_decay,
                 decoupled_weight_decay=decoupled_weight_decay,
                 maximize=maximize,
+                rounding=rounding,
+                seed=seed,
             ),
             {"mu_product": mu_product},
+            dict(master=master, compensation=compensation, copy_out=copy_out),
         )
     )
 
@@ -337,6 +427,11 @@ def radam_(
     weight_decay: Value = 0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place RAdam update (see :class:`fastoptim.RAdam`)."""
     _step(
@@ -352,7 +447,11 @@ def radam_(
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
+            rounding=rounding,
+            seed=seed,
         ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -366,6 +465,11 @@ def lion_(
     betas: tuple[Value, Value] = (0.9, 0.99),
     weight_decay: Value = 0.0,
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place Lion update (see :class:`fastoptim.Lion`).
 
@@ -376,7 +480,16 @@ def lion_(
         grad,
         {"exp_avg": exp_avg},
         step,
-        dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
+        dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+        ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )
 
 
@@ -390,6 +503,11 @@ def rprop_(
     etas: tuple[Value, Value] = (0.5, 1.2),
     step_sizes: tuple[Value, Value] = (1e-06, 50),
     maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
 ) -> None:
     """One in-place Rprop update (see :class:`fastoptim.Rprop`).
 
@@ -402,5 +520,7 @@ def rprop_(
         grad,
         {"prev": prev, "step_size": step_size},
         step,
-        dict(etas=etas, step_sizes=step_sizes, maximize=maximize),
+        dict(etas=etas, step_sizes=step_sizes, maximize=maximize, rounding=rounding, seed=seed),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out),
     )

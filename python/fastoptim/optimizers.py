@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from . import definitions as _defs
 from .engine.optimizer import Optimizer, Params, Value, _defaults
+from .engine.precision import Rounding, StateDType
 
 __all__ = [
     "SGD",
@@ -55,6 +56,11 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -80,6 +86,11 @@ class Adagrad(Optimizer):
         eps: Value = 1e-10,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -109,6 +120,11 @@ class RMSprop(Optimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -134,6 +150,11 @@ class Adadelta(Optimizer):
         weight_decay: Value = 0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -165,6 +186,11 @@ class Adam(Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -185,6 +211,11 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -211,6 +242,11 @@ class Adamax(Optimizer):
         weight_decay: Value = 0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -241,6 +277,11 @@ class NAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -271,6 +312,11 @@ class RAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -295,6 +341,11 @@ class Lion(Optimizer):
         weight_decay: Value = 0.0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -326,5 +377,10 @@ class Rprop(Optimizer):
         step_sizes: tuple[Value, Value] = (1e-06, 50),
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))

@@ -114,6 +114,7 @@ from . import schedules as _schedules
 from .engine.definition import TORCH_ONLY, Definition
 from .engine.locks import new_lock
 from .engine.optimizer import _defaults
+from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
 
 __all__ = [
@@ -827,6 +828,11 @@ class SGD(Optimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -851,6 +857,11 @@ class Adagrad(Optimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -874,6 +885,12 @@ class RMSprop(Optimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -896,6 +913,11 @@ class Adadelta(Optimizer):
         capturable: bool = False,
         maximize: bool = False,
         differentiable: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -921,6 +943,11 @@ class Adam(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -945,6 +972,11 @@ class AdamW(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -967,6 +999,11 @@ class Adamax(Optimizer):
         maximize: bool = False,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -995,6 +1032,11 @@ class NAdam(Optimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1018,6 +1060,11 @@ class RAdam(Optimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1037,6 +1084,11 @@ class Lion(Optimizer):
         weight_decay: TorchValue = 0.0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1059,5 +1111,10 @@ class Rprop(Optimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__(params, _defaults(locals()))

@@ -43,4 +43,7 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
 // writes all but the last, the memory traffic of an optimizer step with narrays - 2 states.
 void stream(float* const* arrays, int narrays, int64_t n);
 
+// The same for the layouts with 16-bit arrays (StreamArrays, plan.hpp).
+void stream_mixed(const StreamArrays& arrays, int64_t n);
+
 }  // namespace fastoptim

@@ -21,12 +21,17 @@ from typing import Any, Union
 
 import numpy as np
 
+from . import precision
+
 # A hyper-parameter's rule (see Definition.check_value).
 NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
 UNIT = "unit"  # a number in [0, 1]
 FLAG = "flag"  # a bool: a variant switch, never a schedule
 BETAS = "betas"  # a pair (beta1, beta2), each in [0, 1)
 PAIR = "pair"  # a pair of finite numbers >= 0 (ordering constraints: Definition.relations)
+DTYPES = "dtypes"  # a state dtype policy (engine.precision)
+ROUNDING = "rounding"  # 'nearest' or 'stochastic'
+SEED = "seed"  # an int in [0, 2**64)
 PAIRS = (BETAS, PAIR)  # the rules of a pair, whose entries are the struct's `fields`
 
 Number = Union[int, float, np.integer, np.floating]
@@ -56,6 +61,7 @@ class Hyper:
     schedulable: bool = True
     functional: bool = True  # an argument of the functional tier's function
     fields: tuple[str, ...] = ()  # a pair: the compiled struct's fields of its two entries
+    annotation: str = ""  # the signatures' annotation when the rule does not give it
 
     def __post_init__(self) -> None:
         if isinstance(self.default, bool) and self.rule != FLAG:
@@ -66,14 +72,21 @@ class Hyper:
             object.__setattr__(self, "fields", ("beta1", "beta2"))
         if (self.rule in PAIRS) != (len(self.fields) == 2):
             raise ValueError(f"{self.name}: a pair (and only a pair) names its two fields")
-        if self.rule == FLAG:
+        if self.rule in (FLAG, DTYPES, ROUNDING, SEED):
             object.__setattr__(self, "schedulable", False)
 
 
 # Options every optimizer has (precision, transforms...): defined here once; the code generator
 # appends them, keyword-only, to every signature of every tier, and every definition validates
-# them (each a Hyper with keyword=True).
-COMMON: tuple[Hyper, ...] = ()
+# them (each a Hyper with keyword=True).  The precision options: engine.precision.
+COMMON: tuple[Hyper, ...] = (
+    Hyper(precision.STATE_DTYPE, None, DTYPES, keyword=True, functional=False,
+          annotation="StateDType"),
+    Hyper(precision.MASTER_WEIGHTS, False, keyword=True, functional=False),
+    Hyper(precision.KAHAN, False, keyword=True, functional=False),
+    Hyper(precision.ROUNDING, "nearest", ROUNDING, keyword=True, annotation="Rounding"),
+    Hyper(precision.SEED, 0, SEED, keyword=True, annotation="int"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -221,10 +234,17 @@ class Definition:
             check_pair(self.name, key, value)
         elif rule == UNIT:
             check_unit(self.name, key, value, closed=True)
+        elif rule == DTYPES:
+            precision.check_state_dtype(self.name, value, tuple(s.name for s in self.states))
+        elif rule == ROUNDING:
+            precision.check_rounding(self.name, value)
+        elif rule == SEED:
+            precision.check_seed(self.name, value)
         else:
             check_nonnegative(self.name, key, value)
 
     def check_relations(self, group: Mapping[str, Any]) -> None:
+        precision.check_layout(self.name, group)
         if self.relations is not None:
             self.relations(group)
 

@@ -19,6 +19,7 @@ def step(
     step: int,
     hyper: Mapping[str, Any],
     scalars: Mapping[str, Any] | None = None,
+    arrays: Mapping[str, np.ndarray | None] | None = None,
 ) -> Any:
     """One update of `param` with `defn`'s kernel.
 
@@ -26,7 +27,8 @@ def step(
     function's hyper-parameters (those the class's groups hold; the others take their
     defaults), validated by the definition.  `scalars`: the scalar state (NAdam's running
     ``mu_product``), each a number in [0, 1]; when given, the updated value is returned (one
-    scalar) as a float.
+    scalar) as a float.  `arrays`: the optional ``master`` / ``compensation`` / ``copy_out``
+    arrays (:data:`fastoptim.engine.precision.FUNCTIONAL_ARRAYS`), None where not given.
     """
     fn = defn.name.lower() + "_"
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
@@ -62,7 +64,18 @@ def step(
             f"{fn}: with these options ({', '.join(f'{k}={v!r}' for k, v in hyper.items())}) "
             f"the update {' and '.join(parts)}"
         )
-    plan = _core.Plan([param], ["param"], needed, [[given[n]] for n in needed])
+    extra = arrays or {}
+    plan = _core.Plan(
+        [param],
+        ["param"],
+        needed,
+        [[given[n]] for n in needed],
+        masters=[extra.get("master")],
+        comps=[extra.get("compensation")],
+        outs=[extra.get("copy_out")],
+    )
+    if group["rounding"] != "nearest":
+        plan.set_rounding(group["rounding"], int(group["seed"]))
     defn.core_step(plan, core, int(step), grads=[grad])
     if scalars:
         (name,) = scalars

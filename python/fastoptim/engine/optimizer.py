@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
+from . import precision
 from .definition import Definition, is_number
 from .locks import new_lock
 from .scheduled import Scheduled
@@ -54,21 +55,39 @@ def _label(key: Key) -> str:
     return repr(key) if isinstance(key, str) else str(key)
 
 
-def _arena(arrays: Sequence[np.ndarray], fill: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One contiguous, 64-byte-aligned buffer holding an array like each of `arrays`."""
+def _arena(
+    arrays: Sequence[np.ndarray], fill: float, dtypes: Sequence[Any] | None = None
+) -> tuple[np.ndarray, list[Any]]:
+    """One contiguous, 64-byte-aligned buffer holding an array shaped like each of `arrays`, of
+    its dtype or of ``dtypes[i]`` (a dtype name; None: no array for that one)."""
+    kinds = [a.dtype for a in arrays] if dtypes is None else dtypes
     offsets, total = [], 0
-    for a in arrays:
+    for a, d in zip(arrays, kinds):
         offsets.append(total)
-        total += -(-a.nbytes // _ALIGN) * _ALIGN
+        if d is not None:
+            total += -(-a.size * _dtype(d).itemsize // _ALIGN) * _ALIGN
     raw = np.empty(total + _ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % _ALIGN
     block = raw[start : start + total]
-    views = [
-        block[o : o + a.nbytes].view(a.dtype).reshape(a.shape) for o, a in zip(offsets, arrays)
-    ]
-    for v in views:
+    views: list[Any] = []
+    for o, a, d in zip(offsets, arrays, kinds):
+        if d is None:
+            views.append(None)
+            continue
+        dt = _dtype(d)
+        v = block[o : o + a.size * dt.itemsize].view(dt).reshape(a.shape)
         v.fill(fill)
+        views.append(v)
     return block, views
+
+
+def _dtype(d: Any) -> np.dtype[Any]:
+    """The NumPy dtype of a dtype or dtype name (``"bfloat16"``: ml_dtypes')."""
+    if isinstance(d, str) and d == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(d)
 
 
 class _Group:
@@ -87,7 +106,9 @@ class _Group:
         self.fresh: set[str] = set()  # states allocated but not yet used by a step
         self.plan: Any = None
         self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
-        self.plan_states: tuple[str, ...] | None = None
+        self.plan_states: Any = None  # what the plan was built for (state names, layout)
+        self.first_id = 0  # the number of the group's first parameter in the optimizer
+        self.outs: list[np.ndarray | None] | None = None  # copy-out arrays (set_copy_out)
         self.grad_block: np.ndarray | None = None
         self.grads: list[np.ndarray] | None = None
         self.bound_own = False  # the plan points at self.grads
@@ -200,6 +221,8 @@ class Optimizer:
             if isinstance(v, list):
                 group[k] = tuple(v)
         g = _Group(keys, arrays, self._hyper_type(), self._new_sched())
+        g.first_id = start
+        group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
         g.sched.adopt(group, self._t)
         g.sched.check(group, self._t)
         # Validate the arrays (type, dtype, layout, aliasing within the group) before keeping
@@ -269,18 +292,70 @@ class Optimizer:
     # ------------------------------------------------------------------ state and plans
     def _sync(self, g: _Group, group: Mapping[str, Any]) -> None:
         self._sync_struct(g.hyper, group, g.fresh)
+        if g.plan is not None:
+            rounding = group.get(precision.ROUNDING, "nearest")
+            seed = int(group.get(precision.SEED, 0))
+            if g.plan.rounding != rounding or g.plan.seed != seed:
+                g.plan.set_rounding(rounding, seed)
+
+    def _layout(self, g: _Group, group: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
+        """Per parameter: state name -> dtype name (the kernel's `names`, then the precision
+        policy's master copy or compensation buffer)."""
+        return [precision.buffers(group, _dtype(p.dtype).name, tuple(names)) for p in g.params]
+
+    def _check_layout(self, g: _Group, group: Mapping[str, Any]) -> None:
+        """ValueError if `group`'s precision options would change a state buffer that exists:
+        its dtype, or whether a parameter has it (they are fixed once the state exists)."""
+        layout = self._layout(g, group, list(g.states))
+        for name, views in g.states.items():
+            for i, v in enumerate(views):
+                want = layout[i].get(name)
+                have = None if v is None else _dtype(v.dtype).name
+                if want != have:
+                    raise ValueError(
+                        f"{type(self).__name__}: the state {name!r} of param {g.labels[i]} "
+                        f"exists as {have}; these precision options (state_dtype, "
+                        "master_weights, kahan) would make it "
+                        f"{want}: they cannot change once the state exists (build a new "
+                        "optimizer, or load a checkpoint into one built with these options)"
+                    )
+
+    def _allocate(self, g: _Group, name: str, fill: float, layout: list[Any]) -> None:
+        """State buffer `name` of every parameter that has one in `layout` (one arena): filled
+        with `fill`; a master copy with its parameter's values (exactly)."""
+        g.arenas[name], g.states[name] = _arena(g.params, fill, [b.get(name) for b in layout])
+        if name == precision.MASTER:
+            for v, p in zip(g.states[name], g.params):
+                if v is not None:
+                    np.copyto(v, p, casting="unsafe")
 
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
-        if names == g.plan_states:
+        layout = self._layout(g, group, names)
+        extras = tuple(n for n in precision.EXTRA_STATES if any(n in b for b in layout))
+        key = (names, extras, id(g.outs))
+        if key == g.plan_states:
             return
-        for name in names:
+        for name in names + extras:
             if name not in g.states:
-                g.arenas[name], g.states[name] = _arena(g.params, self._state_fill(name, group))
-                g.fresh.add(name)
-        g.plan = _core.Plan(list(g.params), g.labels, list(names), [g.states[n] for n in names])
+                self._allocate(g, name, self._state_fill(name, group), layout)
+                if name in names:
+                    g.fresh.add(name)
+        extra = {
+            "masters": g.states.get(precision.MASTER),
+            "comps": g.states.get(precision.COMPENSATION),
+            "outs": g.outs,
+        }
+        g.plan = _core.Plan(
+            list(g.params),
+            g.labels,
+            list(names),
+            [g.states[n] for n in names],
+            **{k: v for k, v in extra.items() if v is not None},
+            ids=list(range(g.first_id, g.first_id + len(g.params))),
+        )
         g.plan_steps = 0
-        g.plan_states = names
+        g.plan_states = key
         g.bound_own = False
         self._sync(g, group)  # `fresh` may have changed
 
@@ -323,7 +398,8 @@ class Optimizer:
             for i, key in enumerate(g.keys):
                 entry: dict[str, Any] = {"step": g.step}
                 for name, views in g.states.items():
-                    entry[name] = views[i]
+                    if views[i] is not None:
+                        entry[name] = views[i]
                 out[key] = entry
         return out
 
@@ -387,8 +463,10 @@ class Optimizer:
                     "use add_param_group or a new optimizer"
                 )
             self._check_keys(group)
+            group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
             g.sched.adopt(group, self._t)
             g.sched.check(group, self._t)
+            self._check_layout(g, group)
         for g, group in changed:
             self._sync(g, group)
             self._ensure_plan(g, group)
@@ -396,7 +474,8 @@ class Optimizer:
                 fill = self._state_fill(name, group)  # step (Rprop's step_size = lr)
                 if fill != self._state_fill(name, g.synced):
                     for v in g.states[name]:
-                        v.fill(fill)
+                        if v is not None:
+                            v.fill(fill)
             g.synced = _snapshot(group)
 
     def _bind(self, grads: Grads | None) -> list[list[np.ndarray]]:
@@ -434,6 +513,10 @@ class Optimizer:
             if with_grad_buffers and g.grad_block is not None:
                 arrays.append(g.grad_block)
                 labels.append(f"the gradient buffers (opt.grads) of group {gi}")
+            for lab, out in zip(g.labels, g.outs or ()):
+                if out is not None:
+                    arrays.append(out)
+                    labels.append(f"the copy-out of param {lab}")
         return arrays, labels
 
     def _scalar_names(self) -> list[str]:
@@ -543,7 +626,9 @@ class Optimizer:
             )
             for i, key in enumerate(g.keys):
                 state[key] = {
-                    n: (views[i].copy() if copy else views[i]) for n, views in g.states.items()
+                    n: (views[i].copy() if copy else views[i])
+                    for n, views in g.states.items()
+                    if views[i] is not None
                 }
         return {
             "format": STATE_FORMAT,
@@ -704,6 +789,17 @@ class Optimizer:
             if not (_real(v) and 0 <= v <= 1):
                 problems.append(f"{where}: scalar state {n} must be a number in [0, 1], got {v!r}")
                 return lambda: None
+        for k in (precision.STATE_DTYPE, precision.MASTER_WEIGHTS, precision.KAHAN):
+            saved = values.get(k, group.get(k))
+            if k == precision.STATE_DTYPE:
+                saved = precision.normalize(saved)
+            if saved != group.get(k):
+                problems.append(
+                    f"{where}: the state was saved with {k}={values[k]!r}, this optimizer has "
+                    f"{k}={group.get(k)!r} (precision options decide the state's dtypes: build "
+                    "the optimizer with the same ones)"
+                )
+                return lambda: None
         if len(values) == len(hyper):
             try:
                 trial.evaluate(values, t)
@@ -717,38 +813,43 @@ class Optimizer:
                     )
             except (TypeError, ValueError) as e:
                 problems.append(f"{where}: {e}")
+        # Per parameter: the buffers it has (the precision policy gives master copies and
+        # compensation to low-precision parameters only) and their dtypes.
+        layout = self._layout(g, {**group, **values}, names)
         loaded = []
         for key in keys:
             if key not in g.keys:
                 continue
             i = g.keys.index(key)
             entry = state.get(key)
-            if not isinstance(entry, Mapping) or set(entry) != set(names):
+            mine = [n for n in names if n in layout[i]]
+            if not isinstance(entry, Mapping) or set(entry) != set(mine):
                 have = sorted(entry) if isinstance(entry, Mapping) else "none"
-                problems.append(f"state of parameter {g.labels[i]}: has {have}, expected {names}")
+                problems.append(f"state of parameter {g.labels[i]}: has {have}, expected {mine}")
                 continue
             p = g.params[i]
-            for n in names:
-                a = entry[n]
-                if not isinstance(a, np.ndarray) or a.dtype != p.dtype or a.shape != p.shape:
+            for n in mine:
+                a, want = entry[n], _dtype(layout[i][n])
+                if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != p.shape:
                     got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
                     problems.append(
-                        f"state {n!r} of param {g.labels[i]}: {got}, expected {p.dtype} {p.shape}"
+                        f"state {n!r} of param {g.labels[i]}: {got}, expected {want} {p.shape}"
                     )
             loaded.append((i, entry))
 
         def apply() -> None:
             for n in names:  # buffers the optimizer does not have yet
                 if n not in g.states:
-                    g.arenas[n], g.states[n] = _arena(g.params, self._state_fill(n, values))
+                    self._allocate(g, n, self._state_fill(n, values), layout)
             reset = set()
             for n, views in g.states.items():
                 if n not in names:  # the checkpoint never had it: as if new
                     for v in views:
-                        v.fill(self._state_fill(n, values))
+                        if v is not None:
+                            v.fill(self._state_fill(n, values))
                     reset.add(n)
             for i, entry in loaded:
-                for n in names:
+                for n in entry:
                     np.copyto(g.states[n][i], entry[n])
             g.fresh = set(fresh) | reset
             g.step = int(rec["step"])

@@ -1,0 +1,133 @@
+// Storage formats: loading bfloat16/float16 into float32 and storing float32 into them, rounded
+// to nearest-even or stochastically, and the counter-based random bits stochastic rounding uses.
+//
+// Every function is branch-free integer and float code on one element (selects, no lookups), so
+// the driver's loops over them vectorize on every instruction set, and every build computes the
+// same bits: the portable conversion is the definition (no hardware conversion instruction is
+// used; AVX-512 BF16's flushes denormals).  fastoptim.reference holds their NumPy twins.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fastoptim {
+
+inline uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+inline float float_of(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// ------------------------------------------------------------------------------- bfloat16
+// bfloat16 is the upper half of a float32: loading is exact.
+inline float bf16_load(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest, ties to even, on the bit pattern (denormals kept, as torch and ml_dtypes);
+// NaN stays NaN (quiet, sign kept); values from the midpoint above the largest bfloat16 become Inf.
+inline uint16_t bf16_round_nearest(float x) {
+  const uint32_t b = bits_of(x);
+  const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(nan ? (b >> 16) | 0x40u : r);
+}
+
+// Stochastic rounding with 16 random bits `r` (low half used): the result is one of the two
+// bfloat16 neighbours of x, the upper one (in magnitude) with probability equal to x's distance
+// from the lower one over their spacing, so its expectation is x.  NaN/Inf, and values that
+// round-to-nearest makes Inf, are rounded as round_nearest does; below that, a finite x never
+// becomes Inf (the largest bfloat16 is kept).
+inline uint16_t bf16_round_stochastic(float x, uint32_t r) {
+  const uint32_t b = bits_of(x);
+  const uint32_t a = b & 0x7FFFFFFFu;
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  uint32_t m = (a + (r & 0xFFFFu)) >> 16;  // magnitude: up with probability (a & 0xFFFF) / 2^16
+  m = m > 0x7F7Fu ? 0x7F7Fu : m;
+  return a >= 0x7F7F8000u ? bf16_round_nearest(x) : static_cast<uint16_t>(sign | m);
+}
+
+// ------------------------------------------------------------------------------- float16
+// IEEE binary16: 5 exponent bits (bias 15), 10 mantissa bits, denormals down to 2^-24.
+inline float f16_load(uint16_t h) {
+  const uint32_t shifted = (static_cast<uint32_t>(h) & 0x7FFFu) << 13;  // exponent+mantissa
+  const uint32_t exp = shifted & 0x0F800000u;
+  uint32_t o = shifted + ((127u - 15u) << 23);                          // rebias
+  o = exp == 0x0F800000u ? o + ((128u - 16u) << 23) : o;                // Inf/NaN: max exponent
+  // Denormal (or zero): renormalize exactly through one float subtraction.
+  const float denormal = float_of(o + (1u << 23)) - float_of(113u << 23);
+  o = exp == 0 ? bits_of(denormal) : o;
+  return float_of(o | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
+}
+
+// Round to nearest, ties to even (denormals kept); NaN -> quiet NaN with its sign; overflow
+// (|x| >= 65520) -> Inf.
+inline uint16_t f16_round_nearest(float x) {
+  const uint32_t b = bits_of(x);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t a = b & 0x7FFFFFFFu;
+  // Denormal results: let one float addition round (nearest-even) at the 2^-24 grid.
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t denormal = bits_of(float_of(a) + float_of(denorm_magic)) - denorm_magic;
+  // Normal results: round the 13 dropped bits to nearest-even and rebias.
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;  // NaN, or Inf/overflow
+  const uint32_t m = a >= ((127u + 16u) << 23) ? big : (a < (113u << 23) ? denormal : normal);
+  return static_cast<uint16_t>(sign | m);
+}
+
+// Stochastic rounding onto the float16 grid with 32 random bits `r` (same contract as
+// bf16_round_stochastic; the largest finite float16 is 65504).  The dropped bits of the float32
+// pattern are 13 for normal float16 results and more for denormal ones (the grid is 2^-24 there);
+// below 2^-24 the result is 0 or 2^-24, up with probability |x| / 2^-24 (to 2^-24).
+inline uint16_t f16_round_stochastic(float x, uint32_t r) {
+  const uint32_t b = bits_of(x);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t a = b & 0x7FFFFFFFu;
+  const uint32_t e = a >> 23;
+  const uint32_t d = e >= 113u ? 13u : (e >= 103u ? 126u - e : 23u);  // dropped bits
+  const uint32_t mask = (1u << d) - 1u;
+  uint32_t y = (a + (r & mask)) & ~mask;  // on the float16 grid, as a float32 pattern
+  y = y > 0x477FE000u ? 0x477FE000u : y;  // 65504
+  const bool up = static_cast<float>(r >> 8) < float_of(a) * 0x1p48f;
+  y = e < 103u ? (up ? 0x33800000u : 0u) : y;  // |x| < 2^-24: 0 or 2^-24
+  const uint16_t h = static_cast<uint16_t>(sign | f16_round_nearest(float_of(y)));  // exact
+  return a >= 0x477FF000u ? f16_round_nearest(x) : h;  // NaN, Inf, overflow: as nearest
+}
+
+// ------------------------------------------------------------------------------- random bits
+// Counter-based: the bits for element i of one stored array at one step are a hash of
+// (seed, step, tensor id, array, i), so they do not depend on threads, chunking or the order of
+// work, and a resumed run draws the same ones.  key() mixes everything but the low 32 bits of i
+// once per block (splitmix64); random_bits() hashes those with the key (a 32-bit integer hash,
+// "lowbias32" by C. Wellons) in a few vector instructions per element.
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_t array,
+                           uint64_t index_high) {
+  uint64_t k = splitmix64(seed);
+  k = splitmix64(k ^ static_cast<uint64_t>(step));
+  k = splitmix64(k ^ tensor);
+  k = splitmix64(k ^ (static_cast<uint64_t>(array) << 32 | (index_high & 0xFFFFFFFFull)));
+  return static_cast<uint32_t>(k >> 32);
+}
+
+inline uint32_t random_bits(uint32_t key, uint32_t index) {
+  uint32_t x = (index * 0x9E3779B1u) ^ key;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+}  // namespace fastoptim
