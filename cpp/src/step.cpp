@@ -195,7 +195,7 @@ inline void unstage(const float* s, void* a, DType d, int64_t lo, int64_t n, con
 }
 
 // Elements per block of the converting path: its float32 copies stay in L1.
-constexpr int64_t kBlock = 512;
+constexpr int64_t kBlock = 256;
 
 // The converting path of one tensor's elements [a, b), block by block: load and convert what is
 // not float32, run the same element functor on float32, store back rounded.  Random-bit streams:

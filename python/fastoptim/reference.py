@@ -52,6 +52,11 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "random_bits",
+    "random_key",
+    "round_to_bfloat16",
+    "round_to_float16",
+    "stochastic_bits",
 ]
 
 
@@ -401,6 +406,164 @@ def rprop_update(
     prev[...] = g
 
 
+# ----------------------------------------------------------------------------- storage formats
+# bfloat16/float16 storage as the compiled driver does it (cpp/include/fastoptim/convert.hpp):
+# loads are exact; every float32 result is rounded to nearest-even or stochastically with
+# counter-based random bits.  Written on the bit patterns with NumPy integer arithmetic.
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def random_key(seed: int, step: int, tensor: int, array: int, index_high: int = 0) -> int:
+    """The 32-bit key of one stream of stochastic-rounding bits: (seed, step, tensor number in
+    the optimizer, array: 0 for the parameter, 1 + j for the j-th state of the kernel, and the
+    element index divided by 2**32)."""
+    k = _splitmix64(seed & _M64)
+    k = _splitmix64(k ^ (step & _M64))
+    k = _splitmix64(k ^ (tensor & _M64))
+    k = _splitmix64(k ^ ((array << 32 | (index_high & 0xFFFFFFFF)) & _M64))
+    return k >> 32
+
+
+def random_bits(key: int, index: np.ndarray) -> np.ndarray:
+    """32 random bits (uint32) for each element index (its low 32 bits) under `key`."""
+    with np.errstate(over="ignore"):
+        x = (np.asarray(index).astype(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        x = (x * np.uint32(0x9E3779B1)) ^ np.uint32(key)
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def stochastic_bits(seed: int, step: int, tensor: int, array: int, size: int) -> np.ndarray:
+    """The random bits of elements 0 .. size - 1 of one stored array at one step."""
+    index = np.arange(size, dtype=np.uint64)
+    out = np.empty(size, np.uint32)
+    for high in range(0, max(size - 1, 0) // 2**32 + 1):
+        sel = slice(high * 2**32, (high + 1) * 2**32)
+        out[sel] = random_bits(random_key(seed, step, tensor, array, high), index[sel])
+    return out
+
+
+def _bits32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def round_to_bfloat16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
+    """float32 -> bfloat16 (``ml_dtypes.bfloat16``): to nearest, ties to even (denormals kept;
+    NaN stays a quiet NaN with its sign; from the midpoint above the largest bfloat16, Inf) or,
+    given 32 random `bits` per element (low 16 used), stochastically: up in magnitude with
+    probability equal to the dropped fraction; a value that nearest keeps finite never becomes
+    Inf (the largest bfloat16 instead)."""
+    import ml_dtypes
+
+    b = _bits32(x)
+    a = b & np.uint32(0x7FFFFFFF)
+    nan = a > np.uint32(0x7F800000)
+    with np.errstate(over="ignore"):
+        nearest = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    out = np.where(nan, (b >> np.uint32(16)) | np.uint32(0x40), nearest)
+    if bits is not None:
+        sign = (b >> np.uint32(16)) & np.uint32(0x8000)
+        r = np.asarray(bits, np.uint32) & np.uint32(0xFFFF)
+        m = np.minimum((a + r) >> np.uint32(16), np.uint32(0x7F7F))
+        out = np.where(a >= np.uint32(0x7F7F8000), out, sign | m)
+    return out.astype(np.uint16).view(ml_dtypes.bfloat16).reshape(np.shape(x))
+
+
+def round_to_float16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
+    """float32 -> float16: to nearest, ties to even (NumPy's own conversion) or, given 32 random
+    `bits` per element, stochastically onto the float16 grid (2**-24 apart below 2**-14): up in
+    magnitude with probability equal to the dropped fraction; below 2**-24, 2**-24 with
+    probability ``|x| / 2**-24`` (from the top 24 bits); a value that nearest keeps finite
+    (``|x| < 65520``) never becomes Inf (65504 instead)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        nearest = x.astype(np.float16)
+    if bits is None:
+        return nearest
+    b = _bits32(x)
+    a = b & np.uint32(0x7FFFFFFF)
+    e = a >> np.uint32(23)
+    r = np.asarray(bits, np.uint32)
+    d = np.where(e >= 113, 13, np.where(e >= 103, 126 - e.astype(np.int64), 23)).astype(np.uint32)
+    mask = (np.uint32(1) << d) - np.uint32(1)
+    y = (a + (r & mask)) & ~mask
+    y = np.minimum(y, np.uint32(0x477FE000))  # 65504
+    with np.errstate(over="ignore"):
+        up = (r >> np.uint32(8)).astype(np.float32) < a.view(np.float32) * np.float32(2.0**48)
+    y = np.where(e < 103, np.where(up, np.uint32(0x33800000), np.uint32(0)), y)
+    magnitude = y.view(np.float32).astype(np.float16)  # exact: on the grid
+    signed = np.where(b >> np.uint32(31) == 1, -magnitude, magnitude)
+    return np.where(a >= np.uint32(0x477FF000), nearest, signed).astype(np.float16)
+
+
+def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[], np.ndarray] | None) -> None:
+    """Round float32 `value` into `into` (bfloat16/float16, or float32: copied)."""
+    name = into.dtype.name
+    r = None if bits is None else bits()
+    if name == "bfloat16":
+        into[...] = round_to_bfloat16(value, r)
+    elif name == "float16":
+        into[...] = round_to_float16(value, r)
+    else:
+        into[...] = value
+
+
+def _update_stored(
+    update: Callable[..., None],
+    param: np.ndarray,
+    grad: np.ndarray,
+    states: list[np.ndarray | None],
+    kernel_index: list[int],
+    master: np.ndarray | None,
+    comp: np.ndarray | None,
+    out: np.ndarray | None,
+    key: tuple[str, int, int, int] | None,
+    kwargs: dict[str, Any],
+) -> None:
+    """One update of a parameter whose arrays are not all of the compute dtype: every array
+    loaded into float32, the update in float32, every result rounded into its array (random
+    bits from `key` = (rounding, seed, step, tensor) when stochastic; stream 0 for the
+    parameter, 1 + kernel_index[j] for state j)."""
+    p32 = np.array(master if master is not None else param, dtype=np.float32)
+    old = p32.copy()
+    s32 = [None if s is None else np.array(s, dtype=np.float32) for s in states]
+    update(p32, np.asarray(grad, dtype=np.float32), *s32, **kwargs)
+
+    def bits(array: int) -> Callable[[], np.ndarray] | None:
+        if key is None or key[0] != "stochastic":
+            return None
+        _, seed, step, tensor = key
+        return lambda: stochastic_bits(seed, step, tensor, array, p32.size).reshape(p32.shape)
+
+    if comp is not None:  # Kahan: the update plus what rounding lost last time, to nearest
+        u = comp.astype(np.float32) + (p32 - old)
+        stored = np.empty_like(param)
+        _store(old + u, stored, None)
+        _store(u - (stored.astype(np.float32) - old), comp, None)
+        param[...] = stored
+    elif master is not None:
+        master[...] = p32
+        _store(p32, param, bits(0))
+    else:
+        _store(p32, param, bits(0))
+    for s, s_new, j in zip(states, s32, kernel_index):
+        if s is not None and s_new is not None:
+            _store(s_new, s, bits(1 + j))
+    if out is not None:
+        _store(p32, out, bits(0))
+
+
 # ----------------------------------------------------------------------------- the classes
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
@@ -421,10 +584,30 @@ def _for_each(
     `update` not in `extra` (the per-step values) is the group's hyper-parameter of that name
     (``lr``, ``beta1``...)."""
     hyper = {k: getattr(g.hyper, k) for k in _keywords(update) if k not in extra}
-    used = set(g.hyper.state_names())
+    order = list(g.hyper.state_names())  # the kernel's state order: the random-bit streams
+    masters = g.states.get("master") or [None] * len(g.params)
+    comps = g.states.get("compensation") or [None] * len(g.params)
+    outs = g.outs or [None] * len(g.params)
+    key = (g.plan.rounding, g.plan.seed, g.step + 1)
     for i, (param, grad) in enumerate(zip(g.params, grads)):
-        states = [g.states[n][i] if n in used else None for n in state_names]
-        update(param, grad, *states, **hyper, **extra)
+        states = [g.states[n][i] if n in order else None for n in state_names]
+        arrays = [param, grad, *states, masters[i], comps[i], outs[i]]
+        plain = param.dtype in (np.float32, np.float64)
+        if plain and all(a is None or a.dtype == param.dtype for a in arrays):
+            update(param, grad, *states, **hyper, **extra)  # float32 or float64 throughout
+        else:
+            _update_stored(
+                update,
+                param,
+                grad,
+                states,
+                [order.index(n) if n in order else -1 for n in state_names],
+                masters[i],
+                comps[i],
+                outs[i],
+                (*key, g.first_id + i),
+                {**hyper, **extra},
+            )
 
 
 class SGD(_fast.SGD):

@@ -47,7 +47,8 @@ inline uint16_t bf16_round_stochastic(float x, uint32_t r) {
   const uint32_t sign = (b >> 16) & 0x8000u;
   uint32_t m = (a + (r & 0xFFFFu)) >> 16;  // magnitude: up with probability (a & 0xFFFF) / 2^16
   m = m > 0x7F7Fu ? 0x7F7Fu : m;
-  return a >= 0x7F7F8000u ? bf16_round_nearest(x) : static_cast<uint16_t>(sign | m);
+  const uint32_t top = a > 0x7F800000u ? (b >> 16) | 0x40u : sign | 0x7F80u;  // NaN; Inf
+  return static_cast<uint16_t>(a >= 0x7F7F8000u ? top : sign | m);
 }
 
 // ------------------------------------------------------------------------------- float16

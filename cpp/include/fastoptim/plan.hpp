@@ -42,7 +42,8 @@ struct Tensor {
 
   // Every array in the compute dtype, nothing to convert: the driver's direct path.
   bool direct(int nstate) const {
-    bool plain = out == nullptr && comp == nullptr && grad_dtype == dtype;
+    bool plain = (dtype == DType::f32 || dtype == DType::f64) && out == nullptr &&
+                 comp == nullptr && grad_dtype == dtype;
     for (int j = 0; j < nstate; ++j) plain = plain && state_dtype[j] == dtype;
     return plain;
   }

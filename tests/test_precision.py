@@ -1,0 +1,328 @@
+"""Reduced precision: bfloat16/float16 parameters, gradients and state, master copies, Kahan
+compensation, stochastic rounding (the driver's converting path, cpp/src/step.cpp).
+
+The oracle of a layout is the float32 kernel itself, which test_kernels.py checks against the
+NumPy reference: a step of a layout must equal, bit for bit, a float32 step on its arrays loaded
+into float32, followed by the rounding of :mod:`fastoptim.reference` (``round_to_bfloat16`` /
+``round_to_float16``, with ``stochastic_bits`` for stochastic rounding).  The rounding functions
+are checked on their own against ml_dtypes' and NumPy's conversions and through the driver, on
+every bit pattern and on random float32 values of every exponent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from cases import Case, each_case, one_per_optimizer
+from fastoptim import _core, reference
+from fastoptim import functional as F
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+
+# Sizes around every vector width (4..16 float32 lanes), the converting path's block (256
+# elements) and more than one chunk of a parallel step (8192).
+SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (3,), (7,), (15,), (16,), (17,), (33,), (255,),
+                                 (257,), (513,), (40, 103), (20000,)]  # fmt: skip
+
+
+def bits16(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint16)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    """Bit-identical arrays of the same dtype (NaNs included)."""
+    assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
+    x = np.ascontiguousarray(a).view(np.uint8)
+    y = np.ascontiguousarray(b).view(np.uint8)
+    if not np.array_equal(x, y):
+        w = a.dtype.itemsize
+        bad = np.flatnonzero((x != y).reshape(-1, w).any(axis=1))
+        raise AssertionError(
+            f"{what}: {bad.size} of {a.size} elements differ, first at {bad[:5]}: "
+            f"{a.reshape(-1)[bad[:5]]} vs {b.reshape(-1)[bad[:5]]}"
+        )
+
+
+def round_to(x: np.ndarray, dtype: np.dtype[Any], bits: np.ndarray | None) -> np.ndarray:
+    if dtype == BF16:
+        return reference.round_to_bfloat16(x, bits)
+    if dtype == F16:
+        return reference.round_to_float16(x, bits)
+    return np.asarray(x, np.float32)
+
+
+def awkward_floats(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 values of every exponent, both signs, and the special cases of both formats."""
+    mant = rng.standard_normal(n).astype(np.float32)
+    scale = (np.float32(2.0) ** rng.integers(-149, 128, n).astype(np.float32)).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        x = mant * scale
+    specials = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0,
+                3.3895314e38, 3.3961776e38, 3.39e38, 3.4e38, -3.4e38, 1e-40, 1e-45, 9.2e-41,
+                65504, 65519.99, 65520, 65536, 70000, -65519, 6.1e-5, 6.0e-8, 5.9604645e-08,
+                3e-8, 2.9e-8, 1e-9, 1.5e-45]  # fmt: skip
+    return np.concatenate([x, np.array(specials, np.float32)])
+
+
+# ------------------------------------------------------------------------- conversions
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_every_bit_pattern_loads_and_stores_exactly(isa: str, dtype: np.dtype[Any]) -> None:
+    """Every 16-bit pattern through the driver (SGD with lr = 0: load, update by 0, store to
+    nearest) comes back as it was; NaNs stay NaNs (quiet)."""
+    patterns = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    p = patterns.copy().view(dtype)
+    F.sgd_(p, np.zeros(p.size, dtype), None, step=1, lr=0.0)
+    loaded = patterns.view(dtype).astype(np.float32)
+    nan = np.isnan(loaded)
+    same_bits(bits16(p)[~nan], patterns[~nan], f"{dtype} round trip")
+    assert np.isnan(p.astype(np.float32)[nan]).all()
+    assert (bits16(p)[nan] >> 15 == patterns[nan] >> 15).all()  # the sign of NaN kept
+
+
+def test_reference_rounding_matches_ml_dtypes_and_numpy(rng: np.random.Generator) -> None:
+    """The reference's round-to-nearest is exactly ml_dtypes' (bfloat16) and NumPy's (float16)
+    conversion (NaN: a NaN of the same sign)."""
+    x = awkward_floats(rng, 200_000)
+    nan = np.isnan(x)
+    with np.errstate(over="ignore"):
+        same_bits(reference.round_to_bfloat16(x)[~nan], x[~nan].astype(BF16), "bfloat16")
+        same_bits(reference.round_to_float16(x)[~nan], x[~nan].astype(F16), "float16")
+    for fn in (reference.round_to_bfloat16, reference.round_to_float16):
+        r = fn(x[nan]).astype(np.float32)
+        assert np.isnan(r).all() and (np.signbit(r) == np.signbit(x[nan])).all()
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_driver_rounding_matches_reference(
+    isa: str, rng: np.random.Generator, dtype: np.dtype[Any], rounding: str
+) -> None:
+    """float32 -> 16 bits through the driver (a master copy rounded into its parameter) equals
+    the reference bit for bit, random bits included."""
+    x = awkward_floats(rng, 100_000)
+    p = np.zeros(x.size, dtype)
+    F.sgd_(p, np.zeros(x.size, np.float32), None, step=3, lr=0.0, master=x.copy(),
+           rounding=rounding, seed=12345)  # fmt: skip
+    bits = reference.stochastic_bits(12345, 3, 0, 0, x.size) if rounding == "stochastic" else None
+    same_bits(p, round_to(x, dtype, bits), f"{dtype} {rounding}")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_stochastic_rounding_is_unbiased(dtype: np.dtype[Any]) -> None:
+    """Per bucket of the dropped bits (the position of x between its two neighbours), the mean
+    rounding error over 10^6 draws is 0 within 5 standard errors; both neighbours only."""
+    rng = np.random.default_rng(3)
+    n = 10**6
+    # Normal numbers of both formats, a float16 denormal and a value below float16's 2**-24.
+    # (0.0 with float16: the values below 2**-24, between 0 and 2**-24.)
+    bases = [1.0, -3.0, 2.0**-20] if dtype == BF16 else [1.0, -3.0, 2.0**-20, 0.0]
+    for base in bases:
+        lo = np.float32(base)
+        on_grid = round_to(np.array([lo], np.float32), dtype, None)
+        assert on_grid.astype(np.float32)[0] == lo
+        step = np.spacing(on_grid)[0].astype(np.float32) * (-1 if lo < 0 else 1)
+        for frac in (1 / 16, 0.25, 0.5, 0.7, 15 / 16):
+            x = np.float32(lo + np.float32(frac) * step)
+            bits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+            r = round_to(np.full(n, x, np.float32), dtype, bits).astype(np.float64)
+            assert set(np.unique(r)) <= {float(lo), float(lo + step)}, (base, frac)
+            err = r - float(x)
+            sigma = abs(float(step)) * np.sqrt(frac * (1 - frac) / n)
+            assert abs(err.mean()) < 5 * sigma + 1e-3 * abs(float(step)) / 2**8, (base, frac)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_stochastic_rounding_special_values(isa: str, dtype: np.dtype[Any]) -> None:
+    """NaN/Inf stay; finite values that round-to-nearest keeps finite never become Inf (the
+    largest finite value instead, whatever the bits); overflow is Inf as with nearest."""
+    big = 3.3961e38 if dtype == BF16 else 65519.99  # just below nearest's overflow
+    over = 3.4e38 if dtype == BF16 else 65520.0
+    largest = float(ml_dtypes.finfo(dtype).max) if dtype == BF16 else 65504.0
+    x = np.array([np.nan, np.inf, -np.inf, big, -big, over, -over], np.float32)
+    x = np.repeat(x, 4096)
+    p = np.zeros(x.size, dtype)
+    for seed in range(4):
+        F.sgd_(p, np.zeros(x.size, np.float32), None, step=1, lr=0.0, master=x.copy(),
+               rounding="stochastic", seed=seed)  # fmt: skip
+        r = p.astype(np.float64).reshape(7, 4096)
+        assert np.isnan(r[0]).all()
+        assert (r[1] == np.inf).all() and (r[2] == -np.inf).all()
+        assert (r[3] == largest).all() and (r[4] == -largest).all()
+        assert (r[5] == np.inf).all() and (r[6] == -np.inf).all()
+
+
+# ------------------------------------------------------------------------- layouts
+# name -> (param dtype, grad dtype, options)
+LAYOUTS: dict[str, tuple[np.dtype[Any], np.dtype[Any], dict[str, Any]]] = {
+    "bf16": (BF16, BF16, {}),
+    "bf16-bf16state": (BF16, BF16, {"state_dtype": "bfloat16"}),
+    "f16-f16state": (F16, F16, {"state_dtype": "float16"}),
+    "f16-f32grad": (F16, F32, {}),
+    "f32-bf16grad": (F32, BF16, {}),
+    "bf16-master": (BF16, BF16, {"master_weights": True}),
+    "f16-master-bf16state": (F16, F16, {"master_weights": True, "state_dtype": "bfloat16"}),
+    "bf16-kahan": (BF16, F32, {"kahan": True}),
+    "bf16-paramstate": (BF16, BF16, {"state_dtype": "param"}),
+}
+
+
+def _arrays(opt: Any) -> dict[str, np.ndarray]:
+    """Every array of a one-group optimizer: parameters and state (copies)."""
+    out = {f"param {i}": p.copy() for i, p in enumerate(opt.param_groups[0]["params"])}
+    for k, st in opt.state.items():
+        for n, v in st.items():
+            if n != "step":
+                out[f"{n} {k}"] = v.copy()
+    return out
+
+
+@each_case(one_per_optimizer())
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_layout_is_float32_step_then_rounding(
+    isa: str, case: Case, layout: str, rounding: str
+) -> None:
+    """Three steps of a layout, each checked bit for bit against the float32 kernel run on the
+    layout's arrays loaded into float32, then rounded by the reference."""
+    pdt, gdt, opts = LAYOUTS[layout]
+    rng = np.random.default_rng(11)
+    params = [np.asarray(rng.standard_normal(s) * 2, np.float32).astype(pdt) for s in SHAPES]
+    cls = getattr(fo, case.opt)
+    opt = cls(params, **case.kwargs, **opts, rounding=rounding, seed=99)
+    # The oracle: the same optimizer in float32, its arrays overwritten before every step.
+    mirror = [np.zeros(p.shape, np.float32) for p in params]
+    ref = cls(mirror, **case.kwargs)
+    master = opts.get("master_weights", False)
+    kahan = opts.get("kahan", False)
+    for t in range(1, 4):
+        grads = [np.asarray(rng.standard_normal(p.shape), np.float32) for p in params]
+        for g in grads:
+            g[np.abs(g) < 0.1] = 0  # exact zeros (Rprop, Adagrad's eps)
+        grads = [g.astype(gdt) for g in grads]
+        before = {i: dict(opt.state[i]) for i in range(len(params))}
+        old = [np.array(before[i]["master"] if master else p, np.float32)
+               for i, p in enumerate(params)]  # fmt: skip
+        for i in range(len(params)):
+            mirror[i][...] = old[i]
+            for n, v in before[i].items():
+                if n not in ("step", "master", "compensation"):
+                    ref.state[i][n][...] = v.astype(np.float32)
+        comps = [np.array(before[i]["compensation"]) for i in range(len(params))] if kahan else []
+        ref.step([g.astype(np.float32) for g in grads])
+        opt.step(grads)
+        order = list(opt._groups[0].hyper.state_names())
+        for i, p in enumerate(params):
+
+            def bits(array: int, i: int = i, t: int = t, p: np.ndarray = p) -> np.ndarray | None:
+                if rounding != "stochastic":
+                    return None
+                return reference.stochastic_bits(99, t, i, array, p.size).reshape(p.shape)
+
+            new = mirror[i]
+            if kahan:
+                u = comps[i].astype(np.float32) + (new - old[i])
+                stored = round_to(old[i] + u, pdt, None)
+                comp = round_to(u - (stored.astype(np.float32) - old[i]), pdt, None)
+                same_bits(p, stored, f"{layout} step {t} param {i}")
+                same_bits(opt.state[i]["compensation"], comp, f"compensation {i}")
+            else:
+                same_bits(p, round_to(new, pdt, bits(0)), f"{layout} step {t} param {i}")
+            if master:
+                same_bits(opt.state[i]["master"], new, f"master {i}")
+            for n in order:
+                got = opt.state[i][n]
+                same_bits(got, round_to(ref.state[i][n], got.dtype, bits(1 + order.index(n))),
+                          f"{layout} step {t} state {n} of param {i}")  # fmt: skip
+
+
+def test_state_dtypes_follow_the_policy() -> None:
+    bf = np.ones(5, BF16)
+    f16 = np.ones(5, F16)
+    f32 = np.ones(5, np.float32)
+    f64 = np.ones(5, np.float64)
+    opt = fo.Adam([bf, f16, f32, f64], amsgrad=True, state_dtype={"exp_avg": "bfloat16"})
+    kinds = {
+        k: {n: v.dtype.name for n, v in s.items() if n != "step"} for k, s in opt.state.items()
+    }
+    assert kinds[0] == {"exp_avg": "bfloat16", "exp_avg_sq": "float32", "max_exp_avg_sq": "float32"}
+    assert kinds[2] == kinds[0]
+    assert kinds[3] == dict.fromkeys(["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "float64")
+    opt = fo.SGD([bf, f32], momentum=0.9, state_dtype="param", master_weights=True)
+    assert opt.state[0]["momentum_buffer"].dtype == BF16
+    assert opt.state[0]["master"].dtype == np.float32
+    assert "master" not in opt.state[1]
+    np.testing.assert_array_equal(opt.state[0]["master"], bf.astype(np.float32))
+
+
+# ------------------------------------------------------------------------- properties
+def test_stochastic_rounding_is_thread_invariant() -> None:
+    """The same bits for 1 or 2 threads and any chunking (a tiny grain forces many chunks)."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(300_001).astype(np.float32)
+    results = []
+    before = (fo.get_num_threads(), _core.get_grain())
+    try:
+        for threads, grain in ((1, 1 << 30), (2, 1 << 30), (2, 4096)):
+            fo.set_num_threads(threads)
+            _core.set_grain(grain)
+            p = base.astype(BF16)
+            opt = fo.AdamW([p], lr=1e-3, state_dtype="bfloat16", rounding="stochastic", seed=4)
+            for _ in range(3):
+                opt.step([base.astype(BF16)])
+            results.append(_arrays(opt))
+    finally:
+        fo.set_num_threads(before[0])
+        _core.set_grain(before[1])
+    for other in results[1:]:
+        for k in results[0]:
+            same_bits(results[0][k], other[k], k)
+
+
+def test_seed_and_step_change_the_bits() -> None:
+    x = np.random.default_rng(1).standard_normal(4096).astype(np.float32)
+    outs = []
+    for seed, step in ((0, 1), (1, 1), (0, 2)):
+        p = np.zeros(x.size, BF16)
+        F.sgd_(p, np.zeros(x.size, np.float32), None, step=step, lr=0.0, master=x.copy(),
+               rounding="stochastic", seed=seed)  # fmt: skip
+        outs.append(bits16(p))
+    assert (outs[0] != outs[1]).mean() > 0.2 and (outs[0] != outs[2]).mean() > 0.2
+
+
+def _loss_gap(rounding: str, kahan: bool) -> float:
+    """Noisy least squares on 64 weights near 4 with bf16 parameters and an lr that makes every
+    update far below half a bf16 ulp (2**-7 at 4).  Returns |loss - fp32 loss| / fp32 loss
+    after 10^4 steps (the fp32 run has converged to the noise floor by then)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 64)).astype(np.float32) / 8
+    w_true = (rng.standard_normal(64) + 4).astype(np.float32)
+    y = a @ w_true + 2 * rng.standard_normal(256).astype(np.float32)  # loss floor ~4
+    w0 = np.full(64, 4.0, np.float32)
+
+    def run(w: np.ndarray, opt: Any) -> float:
+        for _ in range(10_000):
+            r = a @ w.astype(np.float32) - y
+            opt.step([(a.T @ r / len(y)).astype(np.float32)])
+        r = a @ w.astype(np.float32) - y
+        return float(r @ r / len(y))
+
+    w32 = w0.copy()
+    exact = run(w32, fo.SGD([w32], lr=0.05))
+    wb = w0.astype(BF16)
+    low = run(wb, fo.SGD([wb], lr=0.05, rounding=rounding, kahan=kahan, seed=1))
+    return abs(low - exact) / exact
+
+
+def test_round_to_nearest_stalls_where_stochastic_and_kahan_track_float32() -> None:
+    """Why it matters: plain bf16 parameters stop learning once the updates fall below half an
+    ulp; stochastic rounding and Kahan compensation follow the float32 run."""
+    assert _loss_gap("nearest", False) > 0.1
+    assert _loss_gap("stochastic", False) <= 1e-3
+    assert _loss_gap("nearest", True) <= 1e-3
