@@ -20,6 +20,7 @@ from . import _core, functional, reference, schedules
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
 from .optimizers import (
+    ASGD,
     SGD,
     Adadelta,
     Adagrad,
@@ -50,6 +51,7 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "ASGD",
     "Optimizer",
     "schedules",
     "save",

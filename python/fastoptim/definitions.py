@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from .engine.definition import PAIR, UNIT, Definition, Hyper, State
+from .engine.definition import NONNEGATIVE, PAIR, UNIT, Definition, Hyper, State
 
 
 def _sgd_relations(group: Mapping[str, Any]) -> None:
@@ -38,6 +38,12 @@ def _rprop_relations(group: Mapping[str, Any]) -> None:
             f"Rprop: invalid step_sizes={group['step_sizes']!r}: need step_sizes[0] <= "
             "step_sizes[1]"
         )
+
+
+def _asgd_next(group: Mapping[str, Any], t: float) -> dict[str, float]:
+    """torch's ASGD scalars after step t: the next step's learning rate and averaging weight."""
+    lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+    return {"eta": lr / ((1 + lambd * lr * t) ** alpha), "mu": 1 / max(1, t - t0)}
 
 
 def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
@@ -383,6 +389,50 @@ is required for uniformity).""",
 torch).""",
 )
 
+ASGD = Definition(
+    name="ASGD",
+    kernel="ASGD",
+    doc=r"""Averaged stochastic gradient descent (Polyak & Juditsky 1992; ``torch.optim.ASGD``):
+SGD with a decaying step size and a decay of the parameters, plus the running average of the
+iterates (``ax``, the estimate ASGD is about; the parameters themselves are plain SGD's).
+
+.. math::
+    p_t = p_{t-1}(1 - \lambda\eta_t) - \eta_t g_t,\quad
+    \bar x_t = \bar x_{t-1} + \mu_t (p_t - \bar x_{t-1}) \text{ (} \bar x_t = p_t
+    \text{ while } \mu_t = 1)
+
+    \eta_1 = \gamma,\quad \eta_{t+1} = \frac{\gamma}{(1 + \lambda\gamma t)^\alpha},\quad
+    \mu_1 = 1,\quad \mu_{t+1} = \frac{1}{\max(1, t - t_0)}
+
+with :math:`\lambda` = ``lambd``, :math:`t_0` = ``t0``.  As in torch, :math:`\eta` and
+:math:`\mu` are computed after each step from that step's values: a changed ``lr`` takes
+effect one step later.  State: ``ax``, and the group's ``eta`` and ``mu``.""",
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("lambd", 1e-4),
+        Hyper("alpha", 0.75),
+        Hyper("t0", 1e6),
+        Hyper("weight_decay", 0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("ax"),),
+    scalars=(("eta", "lr"), ("mu", 1.0)),
+    scalar_rules=(("eta", NONNEGATIVE),),
+    torch_scalar_next=_asgd_next,
+    functional_doc=r"""One in-place ASGD update (see :class:`fastoptim.ASGD`).
+
+``eta`` and ``mu`` (keywords, required) are the step's learning rate and averaging weight:
+``lr`` and ``1.0`` at the first step.  Returns their values for the next step, ``(eta, mu)``:
+pass them to the next call.
+
+    >>> eta, mu = lr, 1.0
+    >>> for t in range(1, 4):                                  # doctest: +SKIP
+    ...     eta, mu = asgd_(p, g, ax, step=t, eta=eta, mu=mu, lr=lr)""",
+    torch_doc=r"""Drop-in :class:`torch.optim.ASGD` (see :class:`fastoptim.ASGD`).  State:
+``step``, ``eta``, ``mu``, ``ax``; ``eta`` and ``mu`` are computed after each step as torch does
+and kept in the dtype of torch's scalar state, and the kernel is given those values.""",
+)
+
 
 # Every optimizer, in documentation order.
-ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP)
+ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP, ASGD)

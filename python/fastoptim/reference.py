@@ -52,6 +52,7 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "ASGD",
 ]
 
 
@@ -401,6 +402,37 @@ def rprop_update(
     prev[...] = g
 
 
+def asgd_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    ax: np.ndarray,
+    *,
+    eta: float,
+    mu: float,
+    lambd: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """ASGD with the step's learning rate ``eta`` and averaging weight ``mu``:
+    ``p *= 1 - lambd * eta``; ``p -= eta * g``; ``ax += mu * (p - ax)`` (``ax = p`` while
+    ``mu == 1``).  The caller computes the next ``eta`` and ``mu`` (:func:`asgd_scalars`)."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    param *= 1 - lambd * eta
+    param -= eta * g
+    if mu != 1:
+        ax += (param - ax) * mu
+    else:
+        ax[...] = param
+
+
+def asgd_scalars(
+    lr: float, lambd: float, alpha: float, t0: float, step: int
+) -> tuple[float, float]:
+    """ASGD's ``eta`` and ``mu`` for the step after `step`:
+    ``lr / (1 + lambd * lr * step)^alpha`` and ``1 / max(1, step - t0)``."""
+    return lr / (1 + lambd * lr * step) ** alpha, 1 / max(1, step - t0)
+
+
 # ----------------------------------------------------------------------------- the classes
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
@@ -507,3 +539,13 @@ class Rprop(_fast.Rprop):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, rprop_update, ("prev", "step_size"))
+
+
+class ASGD(_fast.ASGD):
+    __doc__ = _fast.ASGD.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(g, grads, asgd_update, ("ax",))
+        # The group's eta and mu for the next step (the compiled step computes them in C++).
+        h.eta, h.mu = asgd_scalars(h.lr, h.lambd, h.alpha, h.t0, g.step + 1)

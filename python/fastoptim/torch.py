@@ -128,6 +128,7 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "ASGD",
     "Optimizer",
 ]
 
@@ -241,7 +242,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     torch's parameters, state and checkpoint format to them."""
 
     _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)
-    _scalars: ClassVar[tuple[tuple[str, float], ...]]  # torch's 0-d state: step, mu_product
+    # torch's 0-d state: step, NAdam's mu_product, ASGD's eta and mu (-> initial value)
+    _scalars: ClassVar[tuple[tuple[str, float | str], ...]]
     _core_step: ClassVar[Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -264,7 +266,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for group in self.param_groups:
                 for p in group["params"]:
                     state = self.state[p]
-                    self._init_scalars(state)
+                    self._init_scalars(state, self.defaults)
                     for s in self._definition.states:
                         state[s.name] = torch.full_like(p, self._fill(s.name))
 
@@ -504,10 +506,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._fresh[id(s)] = s
         return s
 
-    def _init_scalars(self, state: dict[str, Any]) -> None:
+    def _init_scalars(self, state: dict[str, Any], hp: Mapping[str, Any]) -> None:
+        """Create the missing scalar state, as torch does: 0-d tensors of its scalar dtype
+        (ASGD's ``eta`` from the group's ``lr``)."""
         for name, value in self._scalars:
             if name not in state:
-                state[name] = torch.tensor(value, dtype=_scalar_dtype())
+                fill = float(_plain(hp[value])) if isinstance(value, str) else value
+                state[name] = torch.tensor(fill, dtype=_scalar_dtype())
 
     # ------------------------------------------------------------------ the per-group cache
     def _cache(self, gi: int, group: dict[str, Any]) -> _Cache:
@@ -569,7 +574,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if stateless:
                 continue
             state = self.state[p]
-            self._init_scalars(state)
+            assert c.hp is not None
+            self._init_scalars(state, c.hp)
             for n in c.names:
                 s = state.get(n)
                 if s is None:
@@ -755,6 +761,17 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 else:
                     prod[sel] *= prod.dtype.type(f)
                 setattr(hyper, name, float(prod[first]) / f if f != 0 else 0.0)
+        after = self._definition.torch_scalar_next
+        if after is not None:  # the kernel uses the stored values; then torch's next ones
+            assert c.hp is not None
+            first = 0 if sel is None else sel[0]
+            for name, value in after(c.hp, float(steps[first])).items():
+                buf = c.scalars[name]
+                setattr(hyper, name, float(buf[first]))
+                if sel is None:
+                    buf[...] = value
+                else:
+                    buf[sel] = value
         return step
 
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
@@ -1059,5 +1076,28 @@ class Rprop(Optimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class ASGD(Optimizer):
+    """Drop-in :class:`torch.optim.ASGD` (see :class:`fastoptim.ASGD`).  State:
+    ``step``, ``eta``, ``mu``, ``ax``; ``eta`` and ``mu`` are computed after each step as torch does
+    and kept in the dtype of torch's scalar state, and the kernel is given those values."""
+
+    _definition = _defs.ASGD
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.01,
+        lambd: TorchValue = 0.0001,
+        alpha: TorchValue = 0.75,
+        t0: TorchValue = 1000000.0,
+        weight_decay: TorchValue = 0,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
     ) -> None:
         super().__init__(params, _defaults(locals()))

@@ -123,7 +123,8 @@ def functional_function(d: Definition) -> list[str]:
         params.append((name, "float", inspect.Parameter.empty, True))
     hypers = [h for h in d.options if h.functional]
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
-    returns = "float" if d.scalars else "None"
+    n = len(d.scalars)
+    returns = "None" if n == 0 else "float" if n == 1 else f"tuple[{', '.join(['float'] * n)}]"
     out = [f"def {fn}("]
     out += ["    " + line for line in _signature(params, [])]
     out.append(f") -> {returns}:")
@@ -135,7 +136,14 @@ def functional_function(d: Definition) -> list[str]:
     if d.scalars:
         call += f", {{{scalars}}}"
     call += ")"
-    out.append(f"    return float({call})" if d.scalars else f"    {call}")
+    if n == 0:
+        out.append(f"    {call}")
+    elif n == 1:
+        out.append(f"    return float({call})")
+    else:
+        names = ", ".join(name for name, _ in d.scalars)
+        out.append(f"    {names} = {call}")
+        out.append(f"    return {', '.join(f'float({name})' for name, _ in d.scalars)}")
     return out
 
 

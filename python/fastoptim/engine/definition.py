@@ -102,8 +102,11 @@ class Definition:
     relations: Callable[[Mapping[str, Any]], None] | None = None
     # Compiled fields that are not hyper-parameters, from (group, fresh state names).
     extra_fields: Callable[[Mapping[str, Any], AbstractSet[str]], dict[str, Any]] | None = None
-    # Scalar state kept by the kernel's struct (name -> initial value): NAdam's mu_product.
-    scalars: tuple[tuple[str, float], ...] = ()
+    # Scalar state kept by the kernel's struct (name -> initial value, a number or the name of
+    # the hyper-parameter that holds it): NAdam's mu_product; ASGD's eta (= lr) and mu.
+    scalars: tuple[tuple[str, float | str], ...] = ()
+    # Rules of the scalar state (name -> UNIT or NONNEGATIVE; UNIT when not listed).
+    scalar_rules: tuple[tuple[str, str], ...] = ()
     # Hyper-parameters fixed by this optimizer (AdamW: decoupled_weight_decay=True): stored in
     # every group, absent from the signatures.
     fixed: tuple[tuple[str, Any], ...] = ()
@@ -112,6 +115,9 @@ class Definition:
     torch_eager_state: bool = False  # torch creates the state at construction (Adagrad)
     # torch's per-step scalar update (NAdam's momentum factor mu_t from (group, t)).
     torch_scalar_factor: Callable[[Mapping[str, Any], float], float] | None = None
+    # torch's scalar state after step t, from (group, t) (ASGD's eta and mu): fastoptim.torch
+    # stores them in torch's scalar dtype and gives the kernel those values at the next step.
+    torch_scalar_next: Callable[[Mapping[str, Any], float], dict[str, float]] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -185,6 +191,23 @@ class Definition:
             if s.name == name:
                 return float(group[s.fill]) if isinstance(s.fill, str) else float(s.fill)
         return 0.0
+
+    def scalar_fill(self, name: str, group: Mapping[str, Any]) -> float:
+        """Initial value of scalar state `name` for `group`."""
+        fill = dict(self.scalars)[name]
+        return float(group[fill]) if isinstance(fill, str) else float(fill)
+
+    def scalar_problem(self, name: str, value: Any) -> str | None:
+        """What is wrong with `value` as scalar state `name` (None if it is fine): a number in
+        [0, 1] (running products, averaging weights) or, for a NONNEGATIVE one, >= 0."""
+        unit = dict(self.scalar_rules).get(name, UNIT) == UNIT
+        try:
+            finite = is_number(value) and math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite or value < 0 or (unit and value > 1):
+            return f"{name} must be a number in {'[0, 1]' if unit else '[0, inf)'}, got {value!r}"
+        return None
 
     # ------------------------------------------------------------------ validation
     @property

@@ -269,6 +269,9 @@ class Optimizer:
     # ------------------------------------------------------------------ state and plans
     def _sync(self, g: _Group, group: Mapping[str, Any]) -> None:
         self._sync_struct(g.hyper, group, g.fresh)
+        if g.step == 0:  # no step yet: the scalar state starts from the group's values (ASGD's
+            for n, _ in self._definition.scalars:  # eta = lr), as the state buffers do
+                setattr(g.hyper, n, self._definition.scalar_fill(n, group))
 
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
@@ -700,9 +703,10 @@ class Optimizer:
         if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_names()):
             problems.append(f"{where}: scalar state {scalars!r} != {self._scalar_names()}")
             return lambda: None
-        for n, v in scalars.items():  # running products (NAdam's mu_product)
-            if not (_real(v) and 0 <= v <= 1):
-                problems.append(f"{where}: scalar state {n} must be a number in [0, 1], got {v!r}")
+        for n, v in scalars.items():  # NAdam's mu_product, ASGD's eta and mu
+            problem = self._definition.scalar_problem(n, v)
+            if problem is not None:
+                problems.append(f"{where}: scalar state {problem}")
                 return lambda: None
         if len(values) == len(hyper):
             try:
