@@ -54,6 +54,7 @@ def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
 SGD = Definition(
     name="SGD",
     kernel="SGD",
+    keras="SGD",
     doc=r"""Stochastic gradient descent with momentum, dampening and Nesterov momentum
 (``torch.optim.SGD``; Sutskever et al. 2013 for Nesterov).
 
@@ -87,6 +88,7 @@ State: ``momentum_buffer`` (when ``momentum != 0``), no ``step``, as in torch.""
 ADAGRAD = Definition(
     name="Adagrad",
     kernel="Adagrad",
+    keras="Adagrad",
     doc=r"""Adagrad (Duchi, Hazan & Singer 2011; ``torch.optim.Adagrad``).
 
 .. math::
@@ -116,6 +118,7 @@ with the constructor's ``initial_accumulator_value`` (torch ignores a group's ow
 RMSPROP = Definition(
     name="RMSprop",
     kernel="RMSprop",
+    keras="RMSprop",
     doc=r"""RMSprop (Hinton, Coursera lecture 6e; ``torch.optim.RMSprop``), optionally centered
 (Graves 2013) and with momentum.
 
@@ -151,6 +154,7 @@ State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`
 ADADELTA = Definition(
     name="Adadelta",
     kernel="Adadelta",
+    keras="Adadelta",
     doc=r"""Adadelta (Zeiler 2012; ``torch.optim.Adadelta``).
 
 .. math::
@@ -177,6 +181,7 @@ State: ``square_avg``, ``acc_delta``.""",
 ADAM = Definition(
     name="Adam",
     kernel="Adam",
+    keras="Adam",
     doc=r"""Adam (Kingma & Ba 2015; ``torch.optim.Adam``), with AMSGrad (Reddi et al. 2018) and
 decoupled weight decay (AdamW, Loshchilov & Hutter 2019).
 
@@ -210,6 +215,7 @@ State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).""",
 ADAMW = Definition(
     name="AdamW",
     kernel="Adam",
+    keras="AdamW",
     base=ADAM,
     fixed=(("decoupled_weight_decay", True),),
     doc=r"""AdamW (Loshchilov & Hutter 2019; ``torch.optim.AdamW``): :class:`Adam` with decoupled
@@ -232,6 +238,7 @@ decoupled weight decay.  ``max_exp_avg_sq`` is needed iff ``amsgrad``.""",
 ADAMAX = Definition(
     name="Adamax",
     kernel="Adamax",
+    keras="Adamax",
     doc=r"""Adamax, the infinity-norm variant of Adam (Kingma & Ba 2015, section 7;
 ``torch.optim.Adamax``).
 
@@ -257,6 +264,7 @@ State: ``step``, ``exp_avg``, ``exp_inf``.""",
 NADAM = Definition(
     name="NAdam",
     kernel="NAdam",
+    keras="Nadam",
     doc=r"""NAdam, Adam with Nesterov momentum (Dozat 2016; ``torch.optim.NAdam``).
 
 .. math::
@@ -329,6 +337,7 @@ State: ``step``, ``exp_avg``, ``exp_avg_sq``.""",
 LION = Definition(
     name="Lion",
     kernel="Lion",
+    keras="Lion",
     doc=r"""Lion, EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization
 Algorithms").
 

@@ -103,7 +103,7 @@ from __future__ import annotations
 import mmap
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Union, overload
+from typing import Any, ClassVar, TypeVar, Union, overload
 
 import numpy as np
 import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs without torch in CI
@@ -111,7 +111,7 @@ import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs witho
 from . import _core
 from . import definitions as _defs
 from . import schedules as _schedules
-from .engine.definition import TORCH_ONLY, Definition
+from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
 from .engine.optimizer import _defaults
 from .engine.scheduled import Scheduled, same
@@ -139,6 +139,7 @@ TorchValue = Union[float, torch.Tensor, Callable[[int], float]]
 # Arguments of torch.optim's signatures that fastoptim has no use for.
 _TORCH_ONLY = tuple(TORCH_ONLY)
 _FLOATS = (torch.float32, torch.float64)
+_Opt = TypeVar("_Opt", bound="Optimizer")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -252,6 +253,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if d is not None:
             cls._scalars = ((("step", 0.0),) if d.torch_step else ()) + d.scalars
             cls._core_step = staticmethod(d.core_step)
+
+    def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
+        # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
+        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls.__init__, kwargs)
+        return super().__new__(cls)  # type: ignore[no-any-return, unused-ignore]
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._caches: list[_Cache] = []

@@ -125,7 +125,8 @@ def functional_function(d: Definition) -> list[str]:
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
     n = len(d.scalars)
     returns = "None" if n == 0 else "float" if n == 1 else f"tuple[{', '.join(['float'] * n)}]"
-    out = [f"def {fn}("]
+    # Keras's keywords (beta_1=...) raise a TypeError naming torch's equivalent
+    out = [f"@_hints(_defs.{_def_name(d)})", f"def {fn}("]
     out += ["    " + line for line in _signature(params, [])]
     out.append(f") -> {returns}:")
     out += _doc(d.functional_doc, "    ")

@@ -13,11 +13,13 @@ the same :class:`Definition` methods.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeVar, Union, cast
 
 import numpy as np
 
@@ -70,6 +72,58 @@ class Hyper:
             object.__setattr__(self, "schedulable", False)
 
 
+# Keras's keyword -> (the torch-convention argument, how to spell it): the keyword hints of
+# Definition.keyword_hint.
+KERAS_KEYWORDS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("lr", "lr=learning_rate"),
+    "beta_1": ("betas", "betas=(beta_1, beta_2)"),
+    "beta_2": ("betas", "betas=(beta_1, beta_2)"),
+    "epsilon": ("eps", "eps=epsilon (added where torch adds it)"),
+    "rho": ("alpha", "alpha=rho (the decay of the squared-gradient average)"),
+    "initial_accumulator_value": ("initial_accumulator_value", "initial_accumulator_value"),
+}
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def check_keywords(
+    defn: Definition | None, where: str, fn: Callable[..., Any], given: Mapping[str, Any]
+) -> None:
+    """TypeError with :meth:`Definition.keyword_hint`'s message if `given` (the keywords of a
+    call of `fn`) holds a Keras keyword that `fn`'s signature lacks; else nothing (Python's
+    own binding reports any other unknown keyword).  The one place the classes' ``__new__``
+    and the functional functions (:func:`with_keyword_hints`) check."""
+    if defn is None or not given or all(k not in KERAS_KEYWORDS for k in given):
+        return
+    hint = defn.keyword_hint(where, given, _parameters(fn))
+    if hint is not None:
+        raise TypeError(hint)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_keyword_hints(defn: Definition) -> Callable[[F], F]:
+    """Decorator of a functional function: a call with a Keras keyword raises
+    :func:`check_keywords`'s TypeError instead of Python's bare one."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except TypeError:
+                check_keywords(defn, fn.__name__, fn, kwargs)
+                raise
+
+        return cast(F, wrapper)
+
+    return decorate
+
+
 # Options every optimizer has (precision, transforms...): defined here once; the code generator
 # appends them, keyword-only, to every signature of every tier, and every definition validates
 # them (each a Hyper with keyword=True).
@@ -118,6 +172,9 @@ class Definition:
     # torch's scalar state after step t, from (group, t) (ASGD's eta and mu): fastoptim.torch
     # stores them in torch's scalar dtype and gives the kernel those values at the next step.
     torch_scalar_next: Callable[[Mapping[str, Any], float], dict[str, float]] | None = None
+    # The class of fastoptim.keras with Keras's names and maths for this optimizer, if any
+    # (named by the keyword hints: see keyword_hint).
+    keras: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -207,6 +264,23 @@ class Definition:
             finite = False
         if not finite or value < 0 or (unit and value > 1):
             return f"{name} must be a number in {'[0, 1]' if unit else '[0, inf)'}, got {value!r}"
+        return None
+
+    def keyword_hint(self, where: str, given: Iterable[str], accepted: Iterable[str]) -> str | None:
+        """A TypeError message for a Keras keyword (``beta_1``, ``learning_rate``...) among the
+        `given` keywords that `accepted` (the signature's) lacks, naming the torch-convention
+        equivalent and the :mod:`fastoptim.keras` class; None if there is none."""
+        accepted = set(accepted)
+        for key in given:
+            if key in accepted or key not in KERAS_KEYWORDS:
+                continue
+            torch_name, spelled = KERAS_KEYWORDS[key]
+            if torch_name in accepted:
+                advice = f"fastoptim (like torch.optim) takes {spelled}"
+            else:
+                advice = f"{self.name} has no such option"
+            keras = f"; for Keras's names and maths use fastoptim.keras.{self.keras}"
+            return f"{where}: unknown argument {key!r}; {advice}{keras if self.keras else ''}"
         return None
 
     # ------------------------------------------------------------------ validation

@@ -7,17 +7,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, TypeVar, Union
 
 import numpy as np
 
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
-from .definition import Definition, is_number
+from .definition import Definition, check_keywords, is_number
 from .locks import new_lock
 from .scheduled import Scheduled
 
 Key = Union[int, str]
+_Opt = TypeVar("_Opt", bound="Optimizer")
 # Arrays (a list or tuple, a generator, a dict's values()), a dict name -> array, or a list of
 # group dicts.  Spelled so that a list or dict display matches exactly one member, whose element
 # type it is then checked against: with overlapping members (Iterable[np.ndarray] matches a
@@ -117,6 +118,11 @@ class Optimizer:
             cls._core_step = staticmethod(d.core_step)
             cls._core_steps = staticmethod(d.core_steps)
         cls._python_run = cls._run is not Optimizer._run
+
+    def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
+        # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
+        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls.__init__, kwargs)
+        return super().__new__(cls)
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self.defaults = {**defaults, **dict(self._definition.fixed)}
