@@ -16,7 +16,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _openmp  # noqa: F401  # isort: skip  # (no-op since the own thread pool)
-from . import _core, functional, reference, schedules
+from . import _core, functional, keras, reference, schedules
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
 from .optimizers import (
@@ -58,6 +58,7 @@ __all__ = [
     "load",
     "CheckpointError",
     "functional",
+    "keras",
     "reference",
     "isa",
     "available_isas",

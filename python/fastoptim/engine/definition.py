@@ -26,6 +26,7 @@ import numpy as np
 # A hyper-parameter's rule (see Definition.check_value).
 NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
 UNIT = "unit"  # a number in [0, 1]
+OPEN_UNIT = "open_unit"  # a number in [0, 1) (Keras's beta_1, beta_2)
 FLAG = "flag"  # a bool: a variant switch, never a schedule
 BETAS = "betas"  # a pair (beta1, beta2), each in [0, 1)
 PAIR = "pair"  # a pair of finite numbers >= 0 (ordering constraints: Definition.relations)
@@ -58,6 +59,7 @@ class Hyper:
     schedulable: bool = True
     functional: bool = True  # an argument of the functional tier's function
     fields: tuple[str, ...] = ()  # a pair: the compiled struct's fields of its two entries
+    field: str = ""  # the compiled struct's field, when it is not `name` (Keras's epsilon: eps)
 
     def __post_init__(self) -> None:
         if isinstance(self.default, bool) and self.rule != FLAG:
@@ -229,6 +231,8 @@ class Definition:
         fields = self.fields
         values = {k: v for k, v in group.items() if k in fields}
         for h in self.options:
+            if h.field and h.name in group:
+                values[h.field] = group[h.name]
             if h.fields and h.name in group:
                 values[h.fields[0]], values[h.fields[1]] = group[h.name]
         if self.extra_fields is not None:
@@ -318,6 +322,8 @@ class Definition:
             check_pair(self.name, key, value)
         elif rule == UNIT:
             check_unit(self.name, key, value, closed=True)
+        elif rule == OPEN_UNIT:
+            check_unit(self.name, key, value)
         else:
             check_nonnegative(self.name, key, value)
 
