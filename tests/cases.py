@@ -106,6 +106,15 @@ CASES: list[Case] = [
     # step_size clamped at both ends: 0.01 -> 0.02 (max) after 1.2^4; 0.01 * 0.1 -> 4e-3 (min)
     case("Rprop", "clamps", steps=8, lr=0.01, etas=(0.1, 1.2), step_sizes=(4e-3, 0.02)),
     case("Rprop", "large_lr", lr=100.0),  # clamped to step_sizes[1] = 50 at once
+    # ASGD: eta and mu follow the lr one step late (as in torch); t0 small enough that the
+    # averaging (mu < 1) starts within the run; torch's optim_db options (lambd, lr, t0,
+    # maximize, weight_decay) with WD for the decay.
+    case("ASGD", "plain", lr=0.02),
+    case("ASGD", "lambd", lr=0.05, lambd=0.1, alpha=0.5),
+    case("ASGD", "t0", steps=9, lr=0.02, t0=3),
+    case("ASGD", "weight_decay", lr=0.02, weight_decay=WD, t0=2),
+    case("ASGD", "maximize", lr=0.02, maximize=True, t0=2),
+    case("ASGD", "wd-maximize", steps=9, lr=0.05, lambd=0.1, weight_decay=WD, maximize=True, t0=1),
 ]
 
 

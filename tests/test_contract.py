@@ -303,6 +303,8 @@ def test_group_mixing_dtypes(cls: Any, kw: dict[str, Any]) -> None:
 # What stops an optimizer's updates: lr = 0, but for Rprop, whose lr only sets the initial
 # step size (as in torch), a zero step size range.
 STOP: dict[str, dict[str, Any]] = {"Rprop": {"step_sizes": (0.0, 0.0)}}
+# Steps before a new lr takes effect: ASGD computes the next step's eta from this step's lr.
+LAG: dict[str, int] = {"ASGD": 1}
 
 
 @every_optimizer
@@ -313,11 +315,16 @@ def test_lr_change_takes_effect_next_step(cls: Any, kw: dict[str, Any]) -> None:
     stop = STOP.get(cls.__name__, {"lr": 0.0})
     old = {k: opt.param_groups[0][k] for k in stop}
     opt.param_groups[0].update(stop)
+    for seed in range(LAG.get(cls.__name__, 0)):
+        opt.step(make_grads(params, seed=10 + seed))
     before = [p.copy() for p in params]
     opt.step(make_grads(params, seed=1))
     for p, q in zip(params, before):
         assert p.tobytes() == q.tobytes(), f"{stop} still moved the parameters"
     opt.param_groups[0].update(old)
+    for seed in range(LAG.get(cls.__name__, 0)):
+        opt.step(make_grads(params, seed=20 + seed))
+        assert all(p.tobytes() == q.tobytes() for p, q in zip(params, before))
     opt.step(make_grads(params, seed=2))
     assert all(not np.array_equal(p, q) for p, q in zip(params, before))
 
@@ -796,3 +803,56 @@ def test_every_isa_gives_a_sane_step() -> None:
     first = next(iter(outputs.values()))
     for v in outputs.values():
         np.testing.assert_allclose(v, first, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ Keras keyword hints
+KERAS_HINTS = [  # (class name, Keras keyword, what the message must name)
+    ("Adam", "beta_1", ["'beta_1'", "betas=(beta_1, beta_2)", "fastoptim.keras.Adam"]),
+    ("AdamW", "beta_2", ["'beta_2'", "betas=(beta_1, beta_2)", "fastoptim.keras.AdamW"]),
+    ("NAdam", "epsilon", ["'epsilon'", "eps=epsilon", "fastoptim.keras.Nadam"]),
+    ("SGD", "learning_rate", ["'learning_rate'", "lr=learning_rate", "fastoptim.keras.SGD"]),
+    ("RMSprop", "rho", ["'rho'", "alpha=rho", "fastoptim.keras.RMSprop"]),
+    ("Lion", "beta_1", ["'beta_1'", "betas=(beta_1, beta_2)", "fastoptim.keras.Lion"]),
+    ("Adagrad", "epsilon", ["'epsilon'", "eps=epsilon", "fastoptim.keras.Adagrad"]),
+    ("SGD", "epsilon", ["'epsilon'", "SGD has no such option", "fastoptim.keras.SGD"]),
+    ("Adam", "rho", ["'rho'", "Adam has no such option", "fastoptim.keras.Adam"]),
+    ("Rprop", "beta_1", ["'beta_1'", "Rprop has no such option"]),  # no Keras counterpart
+]
+
+
+@pytest.mark.parametrize(("name", "keyword", "words"), KERAS_HINTS)
+def test_keras_keyword_hint(name: str, keyword: str, words: list[str]) -> None:
+    """A Keras keyword given to a torch-convention class or function raises a TypeError
+    naming the torch equivalent and the fastoptim.keras class."""
+    p = np.zeros(3)
+    with pytest.raises(TypeError) as info:
+        getattr(fo, name)([p], **{keyword: 0.5})
+    assert str(info.value).startswith(f"{name}: unknown argument")
+    for w in words:
+        assert w in str(info.value)
+    fn = getattr(fo.functional, name.lower() + "_")
+    with pytest.raises(TypeError) as info:
+        fn(p, np.zeros(3), *([np.zeros(3)] * 3), step=1, **{keyword: 0.5})
+    assert str(info.value).startswith(f"{name.lower()}_: unknown argument")
+    for w in words:
+        assert w in str(info.value)
+    assert not p.any()  # nothing happened
+
+
+def test_keras_keyword_hint_torch() -> None:
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as fot
+
+    with pytest.raises(TypeError, match=r"Adam: unknown argument 'beta_1'.*betas=\(beta_1"):
+        fot.Adam([torch.zeros(2, requires_grad=True)], beta_1=0.9)
+
+
+def test_other_unknown_keywords_unchanged() -> None:
+    """Any other unknown keyword: Python's own TypeError; Keras names a signature has are
+    fine (Adadelta's rho, Adagrad's initial_accumulator_value)."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        fo.Adam([np.zeros(3)], foo=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        fo.functional.adam_(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), step=1, foo=1)
+    fo.Adadelta([np.zeros(3)], rho=0.5)
+    fo.Adagrad([np.zeros(3)], initial_accumulator_value=0.5)

@@ -108,14 +108,19 @@ def test_bit_identical_to_class(
     # The functional caller keeps state itself, initialised as the class initialises its own.
     states = {k: v.copy() for k, v in opt.state[0].items() if k != "step"}
     hyper = _functional_kwargs(cls, kwargs)
-    mu_product = 1.0
+    # The scalar state (NAdam's mu_product, ASGD's eta and mu), started as the class does.
+    d = cls._definition
+    scalars = {n: d.scalar_fill(n, {**d.defaults(), **kwargs}) for n, _ in d.scalars}
     for t in range(1, STEPS + 1):
         g = rng.standard_normal(shape).astype(dtype)
         g[0, 0] = 0.0  # sign(0), max with 0...
         opt.step([g])
-        if fn is F.nadam_:
-            mu_product = fn(p_fn, g, **states, step=t, mu_product=mu_product, **hyper)
-            assert mu_product == opt._groups[0].hyper.mu_product
+        if scalars:
+            out = fn(p_fn, g, **states, step=t, **scalars, **hyper)
+            scalars = dict(zip(scalars, out if isinstance(out, tuple) else (out,)))
+            for n, v in scalars.items():
+                assert isinstance(v, float)
+                assert v == getattr(opt._groups[0].hyper, n), n
         else:
             assert fn(p_fn, g, **states, step=t, **hyper) is None
         assert _bytes(p_fn) == _bytes(p_cls), f"param differs at step {t}"
@@ -141,6 +146,23 @@ def test_nadam_mu_product_sequence() -> None:
         assert mu == opt._groups[0].hyper.mu_product
         assert mu == pytest.approx(expected, rel=1e-14)
         assert isinstance(mu, float)
+
+
+def test_asgd_eta_mu_sequence() -> None:
+    """asgd_ returns torch's eta and mu for the next step: lr / (1 + lambd lr t)^alpha and
+    1 / max(1, t - t0); eta follows a new lr one call later, as in the class and in torch."""
+    p, ax = np.ones(4), np.zeros(4)
+    lr, lambd, alpha, t0 = 0.1, 0.5, 0.75, 2.0
+    eta, mu = lr, 1.0
+    for t in range(1, 7):
+        if t == 4:
+            lr = 0.05
+        before = p.copy()
+        g = np.full(4, 0.5)
+        new = F.asgd_(p, g, ax, step=t, eta=eta, mu=mu, lr=lr, lambd=lambd, alpha=alpha, t0=t0)
+        np.testing.assert_array_equal(p, before * (1 - lambd * eta) - eta * g)
+        assert new == (lr / (1 + lambd * lr * t) ** alpha, 1 / max(1, t - t0))
+        eta, mu = new
 
 
 def test_defaults_match_classes() -> None:
@@ -278,6 +300,15 @@ def _unchanged(before: list[bytes], arrays: list[np.ndarray]) -> None:
             TypeError,
             ["mu_product"],
         ),
+        # ASGD's eta (>= 0) and mu (in [0, 1])
+        (lambda p, g, a, b, c: F.asgd_(p, g, a, step=1, eta=-0.1, mu=1.0), ValueError, ["eta"]),
+        (lambda p, g, a, b, c: F.asgd_(p, g, a, step=1, eta=0.1, mu=2.0), ValueError, ["mu"]),
+        (
+            lambda p, g, a, b, c: F.asgd_(p, g, a, step=1, eta=float("inf"), mu=1.0),
+            ValueError,
+            ["eta"],
+        ),
+        (lambda p, g, a, b, c: F.asgd_(p, g, a, step=1, eta=0.1, mu=ANY_STR), TypeError, ["mu"]),
         # arrays
         (lambda p, g, a, b, c: F.adam_(p, g.astype(np.float64), a, b, step=1), TypeError, ["grad"]),
         (lambda p, g, a, b, c: F.adam_(p, g[:3], a, b, step=1), ValueError, ["grad", "shape"]),

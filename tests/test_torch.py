@@ -5,7 +5,8 @@ float64, for 24 steps with a learning-rate change halfway, on tensors with unit-
 (about 10% exact zeros) and again with 1e-7-scale gradients.  torch runs its single-tensor
 "for-loop" implementation (``foreach=False``) on ``torch.from_numpy`` views of copies of the
 same data; parameters and every state array (``optimizer.state[p][name]``, same names) are
-compared elementwise after every step, and the step count and NAdam's ``mu_product`` too.
+compared elementwise after every step, and the step count, NAdam's ``mu_product`` and
+ASGD's ``eta`` and ``mu`` too.
 :mod:`fastoptim.reference` goes through the same comparisons: the oracle of test_kernels.py is
 itself checked against torch.
 
@@ -85,6 +86,7 @@ def test_matches_torch(
     fast = getattr(impl, case.opt)(fast_params, **case.kwargs)
     ref = getattr(torch.optim, case.opt)(tparams, foreach=False, **case.kwargs)
     lr = case.kwargs["lr"]
+    scalar_names = [n for n, _ in fast._definition.scalars]  # NAdam's mu_product, ASGD's eta, mu
     scales = Scales(family)
     for i, p in enumerate(p0):
         scales.update(i, "param", p)
@@ -107,7 +109,7 @@ def test_matches_torch(
                 scales.update(i, n, tstates[i][n])
         for i, tp in enumerate(tparams):
             where = f"{case.opt} step {t} shape {p0[i].shape} family {family[i]}"
-            assert set(ref.state[tp]) - {"step", "mu_product"} == set(names), where
+            assert set(ref.state[tp]) - {"step", *scalar_names} == set(names), where
             assert fast.state[i]["step"] == t, where
             if "step" in ref.state[tp]:  # torch's SGD keeps no step count
                 assert float(ref.state[tp]["step"]) == t, where
@@ -121,6 +123,10 @@ def test_matches_torch(
             mu_product = float(ref.state[tparams[0]]["mu_product"])
             # torch multiplies mu_product in the dtype of its scalar state, one rounding a step.
             assert fast._groups[0].hyper.mu_product == pytest.approx(mu_product, rel=t * eps)
+        if case.opt == "ASGD":  # torch stores eta and mu in its scalar dtype: one rounding
+            for n in ("eta", "mu"):
+                want = float(ref.state[tparams[0]][n])
+                assert getattr(fast._groups[0].hyper, n) == pytest.approx(want, rel=eps), n
 
 
 NONFINITE = [  # with and without L2 weight decay (which lets a non-finite p into the gradient)

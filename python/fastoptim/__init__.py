@@ -16,10 +16,11 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _openmp  # noqa: F401  # isort: skip  # (no-op since the own thread pool)
-from . import _core, functional, reference, schedules
+from . import _core, functional, keras, reference, schedules
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
 from .optimizers import (
+    ASGD,
     SGD,
     Adadelta,
     Adagrad,
@@ -50,12 +51,14 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "ASGD",
     "Optimizer",
     "schedules",
     "save",
     "load",
     "CheckpointError",
     "functional",
+    "keras",
     "reference",
     "isa",
     "available_isas",

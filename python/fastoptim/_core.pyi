@@ -28,6 +28,7 @@ class SGDHyper:
     nesterov: bool
     maximize: bool
     first_momentum_step: bool
+    keras: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -37,6 +38,7 @@ class AdagradHyper:
     weight_decay: float
     eps: float
     maximize: bool
+    keras: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -48,6 +50,7 @@ class RMSpropHyper:
     momentum: float
     centered: bool
     maximize: bool
+    keras: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -57,6 +60,7 @@ class AdadeltaHyper:
     eps: float
     weight_decay: float
     maximize: bool
+    keras: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -69,6 +73,7 @@ class AdamHyper:
     amsgrad: bool
     maximize: bool
     decoupled_weight_decay: bool
+    keras: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -79,6 +84,7 @@ class AdamaxHyper:
     eps: float
     weight_decay: float
     maximize: bool
+    keras: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -120,6 +126,18 @@ class RpropHyper:
     etaplus: float
     step_size_min: float
     step_size_max: float
+    maximize: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
+class ASGDHyper:
+    lr: float
+    lambd: float
+    alpha: float
+    t0: float
+    weight_decay: float
+    eta: float
+    mu: float
     maximize: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
@@ -251,6 +269,19 @@ def step_rprop(
 def steps_rprop(
     plans: Sequence[Plan],
     hypers: Sequence[RpropHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def step_asgd(
+    plan: Plan,
+    hyper: ASGDHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_asgd(
+    plans: Sequence[Plan],
+    hypers: Sequence[ASGDHyper],
     steps: Sequence[int],
     release: Sequence[bool],
 ) -> None: ...

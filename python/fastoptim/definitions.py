@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from .engine.definition import PAIR, UNIT, Definition, Hyper, State
+from .engine.definition import NONNEGATIVE, OPEN_UNIT, PAIR, UNIT, Definition, Hyper, State
 
 
 def _sgd_relations(group: Mapping[str, Any]) -> None:
@@ -40,6 +40,12 @@ def _rprop_relations(group: Mapping[str, Any]) -> None:
         )
 
 
+def _asgd_next(group: Mapping[str, Any], t: float) -> dict[str, float]:
+    """torch's ASGD scalars after step t: the next step's learning rate and averaging weight."""
+    lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+    return {"eta": lr / ((1 + lambd * lr * t) ** alpha), "mu": 1 / max(1, t - t0)}
+
+
 def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
     """torch's momentum factor mu_t of NAdam's schedule."""
     return float(group["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * group["momentum_decay"]))))
@@ -48,6 +54,7 @@ def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
 SGD = Definition(
     name="SGD",
     kernel="SGD",
+    keras="SGD",
     doc=r"""Stochastic gradient descent with momentum, dampening and Nesterov momentum
 (``torch.optim.SGD``; Sutskever et al. 2013 for Nesterov).
 
@@ -81,6 +88,7 @@ State: ``momentum_buffer`` (when ``momentum != 0``), no ``step``, as in torch.""
 ADAGRAD = Definition(
     name="Adagrad",
     kernel="Adagrad",
+    keras="Adagrad",
     doc=r"""Adagrad (Duchi, Hazan & Singer 2011; ``torch.optim.Adagrad``).
 
 .. math::
@@ -110,6 +118,7 @@ with the constructor's ``initial_accumulator_value`` (torch ignores a group's ow
 RMSPROP = Definition(
     name="RMSprop",
     kernel="RMSprop",
+    keras="RMSprop",
     doc=r"""RMSprop (Hinton, Coursera lecture 6e; ``torch.optim.RMSprop``), optionally centered
 (Graves 2013) and with momentum.
 
@@ -145,6 +154,7 @@ State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`
 ADADELTA = Definition(
     name="Adadelta",
     kernel="Adadelta",
+    keras="Adadelta",
     doc=r"""Adadelta (Zeiler 2012; ``torch.optim.Adadelta``).
 
 .. math::
@@ -171,6 +181,7 @@ State: ``square_avg``, ``acc_delta``.""",
 ADAM = Definition(
     name="Adam",
     kernel="Adam",
+    keras="Adam",
     doc=r"""Adam (Kingma & Ba 2015; ``torch.optim.Adam``), with AMSGrad (Reddi et al. 2018) and
 decoupled weight decay (AdamW, Loshchilov & Hutter 2019).
 
@@ -204,6 +215,7 @@ State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).""",
 ADAMW = Definition(
     name="AdamW",
     kernel="Adam",
+    keras="AdamW",
     base=ADAM,
     fixed=(("decoupled_weight_decay", True),),
     doc=r"""AdamW (Loshchilov & Hutter 2019; ``torch.optim.AdamW``): :class:`Adam` with decoupled
@@ -226,6 +238,7 @@ decoupled weight decay.  ``max_exp_avg_sq`` is needed iff ``amsgrad``.""",
 ADAMAX = Definition(
     name="Adamax",
     kernel="Adamax",
+    keras="Adamax",
     doc=r"""Adamax, the infinity-norm variant of Adam (Kingma & Ba 2015, section 7;
 ``torch.optim.Adamax``).
 
@@ -251,6 +264,7 @@ State: ``step``, ``exp_avg``, ``exp_inf``.""",
 NADAM = Definition(
     name="NAdam",
     kernel="NAdam",
+    keras="Nadam",
     doc=r"""NAdam, Adam with Nesterov momentum (Dozat 2016; ``torch.optim.NAdam``).
 
 .. math::
@@ -323,6 +337,7 @@ State: ``step``, ``exp_avg``, ``exp_avg_sq``.""",
 LION = Definition(
     name="Lion",
     kernel="Lion",
+    keras="Lion",
     doc=r"""Lion, EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization
 Algorithms").
 
@@ -383,6 +398,317 @@ is required for uniformity).""",
 torch).""",
 )
 
+ASGD = Definition(
+    name="ASGD",
+    kernel="ASGD",
+    doc=r"""Averaged stochastic gradient descent (Polyak & Juditsky 1992; ``torch.optim.ASGD``):
+SGD with a decaying step size and a decay of the parameters, plus the running average of the
+iterates (``ax``, the estimate ASGD is about; the parameters themselves are plain SGD's).
+
+.. math::
+    p_t = p_{t-1}(1 - \lambda\eta_t) - \eta_t g_t,\quad
+    \bar x_t = \bar x_{t-1} + \mu_t (p_t - \bar x_{t-1}) \text{ (} \bar x_t = p_t
+    \text{ while } \mu_t = 1)
+
+    \eta_1 = \gamma,\quad \eta_{t+1} = \frac{\gamma}{(1 + \lambda\gamma t)^\alpha},\quad
+    \mu_1 = 1,\quad \mu_{t+1} = \frac{1}{\max(1, t - t_0)}
+
+with :math:`\lambda` = ``lambd``, :math:`t_0` = ``t0``.  As in torch, :math:`\eta` and
+:math:`\mu` are computed after each step from that step's values: a changed ``lr`` takes
+effect one step later.  State: ``ax``, and the group's ``eta`` and ``mu``.""",
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("lambd", 1e-4),
+        Hyper("alpha", 0.75),
+        Hyper("t0", 1e6),
+        Hyper("weight_decay", 0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("ax"),),
+    scalars=(("eta", "lr"), ("mu", 1.0)),
+    scalar_rules=(("eta", NONNEGATIVE),),
+    torch_scalar_next=_asgd_next,
+    functional_doc=r"""One in-place ASGD update (see :class:`fastoptim.ASGD`).
+
+``eta`` and ``mu`` (keywords, required) are the step's learning rate and averaging weight:
+``lr`` and ``1.0`` at the first step.  Returns their values for the next step, ``(eta, mu)``:
+pass them to the next call.
+
+    >>> eta, mu = lr, 1.0
+    >>> for t in range(1, 4):                                  # doctest: +SKIP
+    ...     eta, mu = asgd_(p, g, ax, step=t, eta=eta, mu=mu, lr=lr)""",
+    torch_doc=r"""Drop-in :class:`torch.optim.ASGD` (see :class:`fastoptim.ASGD`).  State:
+``step``, ``eta``, ``mu``, ``ax``; ``eta`` and ``mu`` are computed after each step as torch does
+and kept in the dtype of torch's scalar state, and the kernel is given those values.""",
+)
+
 
 # Every optimizer, in documentation order.
-ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP)
+ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP, ASGD)
+
+
+# ----------------------------------------------------------------------------- Keras
+# fastoptim.keras: Keras 3's optimizers, with Keras's names, defaults and update rules, on the
+# kernels above.  Each is a torch-convention kernel with its ``keras`` variant (Keras's epsilon
+# placement, lr inside the momentum buffers, decoupled weight decay p *= 1 - lr * wd applied
+# before the update) or with per-step scalars (Adam's eps, NAdam's momentum schedule).  Keras
+# names the state differently; fastoptim keeps torch's names (see fastoptim.keras).
+def _keras_lion_relations(group: Mapping[str, Any]) -> None:
+    if not group["beta_1"] > 0:
+        raise ValueError(
+            f"Lion: invalid beta_1={group['beta_1']!r}: must be in (0, 1] (Keras's rule; 0 "
+            "degenerates to SignSGD)"
+        )
+
+
+def _learning_rate(default: float) -> Hyper:
+    return Hyper("learning_rate", default, field="lr")
+
+
+_EPSILON = Hyper("epsilon", 1e-7, field="eps")
+_WEIGHT_DECAY = Hyper("weight_decay", 0.0)  # Keras's None: no decay
+_BETA_1 = Hyper("beta_1", 0.9, rule=OPEN_UNIT, field="beta1")
+_BETA_2 = Hyper("beta_2", 0.999, rule=OPEN_UNIT, field="beta2")
+_WD_DOC = r"""With ``weight_decay`` (Keras's decoupled decay, applied first):
+:math:`p \leftarrow p(1 - \gamma\lambda)`."""
+
+KERAS_SGD = Definition(
+    name="SGD",
+    kernel="SGD",
+    doc=r"""Keras's SGD (``keras.optimizers.SGD``): the momentum buffer holds the lr-scaled step.
+
+.. math::
+    v_t = \mu v_{t-1} - \gamma g_t,\quad
+    p_t = p_{t-1} + v_t \text{, or } p_{t-1} + \mu v_t - \gamma g_t \text{ (nesterov)}
+
+(:math:`p_t = p_{t-1} - \gamma g_t` without momentum).
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``momentum_buffer`` (Keras's ``momentum``) when ``momentum != 0``.""",
+    hyper=(
+        _learning_rate(0.01),
+        Hyper("momentum", 0.0, rule=UNIT),
+        Hyper("nesterov", False),
+        _WEIGHT_DECAY,
+    ),
+    states=(State("momentum_buffer", optional=True),),
+    fixed=(("keras", True),),
+)
+
+KERAS_RMSPROP = Definition(
+    name="RMSprop",
+    kernel="RMSprop",
+    doc=r"""Keras's RMSprop (``keras.optimizers.RMSprop``): epsilon inside the square root, and
+the momentum buffer accumulates lr-scaled steps.
+
+.. math::
+    v_t = \rho v_{t-1} + (1-\rho) g_t^2,\quad
+    \bar g_t = \rho \bar g_{t-1} + (1-\rho) g_t \text{ (centered)},\quad
+    s_t = \frac{\gamma g_t}{\sqrt{v_t - \bar g_t^2 + \epsilon}}
+
+    b_t = \mu b_{t-1} + s_t,\quad p_t = p_{t-1} - b_t \text{ (or } s_t \text{ without momentum)}
+
+
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``square_avg`` (Keras's ``velocity``), ``grad_avg``
+(``average_gradient``, centered), ``momentum_buffer`` (``momentum``, momentum > 0).""",
+    hyper=(
+        _learning_rate(0.001),
+        Hyper("rho", 0.9, rule=UNIT, field="alpha"),
+        Hyper("momentum", 0.0),
+        _EPSILON,
+        Hyper("centered", False),
+        _WEIGHT_DECAY,
+    ),
+    states=(
+        State("square_avg"),
+        State("grad_avg", optional=True),
+        State("momentum_buffer", optional=True),
+    ),
+    fixed=(("keras", True),),
+)
+
+KERAS_ADAGRAD = Definition(
+    name="Adagrad",
+    kernel="Adagrad",
+    doc=r"""Keras's Adagrad (``keras.optimizers.Adagrad``): the accumulator starts at 0.1 and
+epsilon is inside the square root.
+
+.. math::
+    s_t = s_{t-1} + g_t^2,\quad p_t = p_{t-1} - \gamma \frac{g_t}{\sqrt{s_t + \epsilon}}
+
+
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``sum`` (Keras's ``accumulator``).""",
+    hyper=(
+        _learning_rate(0.001),
+        Hyper("initial_accumulator_value", 0.1, schedulable=False, functional=False),
+        _EPSILON,
+        _WEIGHT_DECAY,
+    ),
+    states=(State("sum", fill="initial_accumulator_value"),),
+    fixed=(("keras", True),),
+)
+
+KERAS_ADADELTA = Definition(
+    name="Adadelta",
+    kernel="Adadelta",
+    doc=r"""Keras's Adadelta (``keras.optimizers.Adadelta``): torch's rule (see
+:class:`fastoptim.Adadelta`) with Keras's defaults (``learning_rate=0.001``, ``rho=0.95``,
+``epsilon=1e-7``).
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``square_avg``, ``acc_delta`` (Keras's
+``accumulated_grad``, ``accumulated_delta_var``).""",
+    hyper=(
+        _learning_rate(0.001),
+        Hyper("rho", 0.95, rule=UNIT),
+        _EPSILON,
+        _WEIGHT_DECAY,
+    ),
+    states=(State("square_avg"), State("acc_delta")),
+    fixed=(("keras", True),),
+)
+
+KERAS_ADAM = Definition(
+    name="Adam",
+    kernel="Adam",
+    doc=r"""Keras's Adam (``keras.optimizers.Adam``): epsilon is added to :math:`\sqrt{v_t}`
+before the bias correction (torch's rule with :math:`\epsilon_t = \epsilon/\sqrt{1-\beta_2^t}`).
+
+.. math::
+    p_t = p_{t-1} - \gamma\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+          \frac{m_t}{\sqrt{\hat v_t} + \epsilon}
+
+with :math:`m_t, v_t, \hat v_t` as :class:`fastoptim.Adam`.
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (Keras's
+``momentum``, ``velocity``, ``velocity_hat``).""",
+    hyper=(
+        _learning_rate(0.001),
+        _BETA_1,
+        _BETA_2,
+        _EPSILON,
+        Hyper("amsgrad", False),
+        _WEIGHT_DECAY,
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", optional=True)),
+    fixed=(("keras", True), ("decoupled_weight_decay", True)),
+)
+
+KERAS_ADAMW = Definition(
+    name="AdamW",
+    kernel="Adam",
+    base=KERAS_ADAM,
+    doc=r"""Keras's AdamW (``keras.optimizers.AdamW``): :class:`Adam` (Keras's) with
+``weight_decay=0.004`` by default.""",
+    hyper=(
+        _learning_rate(0.001),
+        Hyper("weight_decay", 0.004),
+        _BETA_1,
+        _BETA_2,
+        _EPSILON,
+        Hyper("amsgrad", False),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", optional=True)),
+    fixed=(("keras", True), ("decoupled_weight_decay", True)),
+)
+
+KERAS_ADAMAX = Definition(
+    name="Adamax",
+    kernel="Adamax",
+    doc=r"""Keras's Adamax (``keras.optimizers.Adamax``): epsilon in the denominator, not in
+the infinity norm.
+
+.. math::
+    u_t = \max(\beta_2 u_{t-1}, |g_t|),\quad
+    p_t = p_{t-1} - \frac{\gamma}{1-\beta_1^t} \frac{m_t}{u_t + \epsilon}
+
+
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``exp_avg``, ``exp_inf`` (Keras's ``momentum``, ``norm``).""",
+    hyper=(_learning_rate(0.001), _BETA_1, _BETA_2, _EPSILON, _WEIGHT_DECAY),
+    states=(State("exp_avg"), State("exp_inf")),
+    fixed=(("keras", True),),
+)
+
+KERAS_NADAM = Definition(
+    name="Nadam",
+    kernel="NAdam",
+    doc=r"""Keras's Nadam (``keras.optimizers.Nadam``): torch's NAdam rule with the momentum
+schedule :math:`\mu_t = \beta_1(1 - \tfrac12 0.96^t)` (torch's ``momentum_decay=1``).
+
+.. math::
+    p_t = p_{t-1} - \gamma \Big(\frac{\mu_{t+1} m_t}{1-\prod_{i\le t+1}\mu_i}
+          + \frac{(1-\mu_t) g_t}{1-\prod_{i\le t}\mu_i}\Big)
+          \Big/ \Big(\sqrt{\frac{v_t}{1-\beta_2^t}} + \epsilon\Big)
+
+
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``exp_avg``, ``exp_avg_sq`` (Keras's ``momentum``,
+``velocity``) and the group's ``mu_product`` (Keras's ``u_product``).""",
+    hyper=(_learning_rate(0.001), _BETA_1, _BETA_2, _EPSILON, _WEIGHT_DECAY),
+    states=(State("exp_avg"), State("exp_avg_sq")),
+    scalars=(("mu_product", 1.0),),
+    fixed=(("momentum_decay", 1.0), ("decoupled_weight_decay", True)),
+)
+
+KERAS_LION = Definition(
+    name="Lion",
+    kernel="Lion",
+    doc=r"""Keras's Lion (``keras.optimizers.Lion``): :class:`fastoptim.Lion`'s rule with
+Keras's defaults (``learning_rate=0.001``) and ``beta_1`` in (0, 1].
+
+"""
+    + _WD_DOC
+    + """
+
+State: ``exp_avg`` (Keras's ``momentum``).""",
+    hyper=(
+        _learning_rate(0.001),
+        Hyper("beta_1", 0.9, rule=UNIT, field="beta1"),
+        Hyper("beta_2", 0.99, rule=UNIT, field="beta2"),
+        _WEIGHT_DECAY,
+    ),
+    states=(State("exp_avg"),),
+    relations=_keras_lion_relations,
+)
+
+# fastoptim.keras, in Keras's documentation order.
+KERAS = (
+    KERAS_SGD,
+    KERAS_RMSPROP,
+    KERAS_ADAGRAD,
+    KERAS_ADADELTA,
+    KERAS_ADAM,
+    KERAS_ADAMW,
+    KERAS_ADAMAX,
+    KERAS_NADAM,
+    KERAS_LION,
+)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import keras as _keras
 from . import optimizers as _fast
 from .engine.optimizer import _Group
 
@@ -57,6 +58,16 @@ __all__ = [
     "round_to_bfloat16",
     "round_to_float16",
     "stochastic_bits",
+    "ASGD",
+    "KerasSGD",
+    "KerasRMSprop",
+    "KerasAdagrad",
+    "KerasAdadelta",
+    "KerasAdam",
+    "KerasAdamW",
+    "KerasAdamax",
+    "KerasNadam",
+    "KerasLion",
 ]
 
 
@@ -564,6 +575,239 @@ def _update_stored(
         _store(p32, out, bits(0))
 
 
+def asgd_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    ax: np.ndarray,
+    *,
+    eta: float,
+    mu: float,
+    lambd: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """ASGD with the step's learning rate ``eta`` and averaging weight ``mu``:
+    ``p *= 1 - lambd * eta``; ``p -= eta * g``; ``ax += mu * (p - ax)`` (``ax = p`` while
+    ``mu == 1``).  The caller computes the next ``eta`` and ``mu`` (:func:`asgd_scalars`)."""
+    g = _effective_grad(param, grad, weight_decay, maximize)
+    param *= 1 - lambd * eta
+    param -= eta * g
+    if mu != 1:
+        ax += (param - ax) * mu
+    else:
+        ax[...] = param
+
+
+def asgd_scalars(
+    lr: float, lambd: float, alpha: float, t0: float, step: int
+) -> tuple[float, float]:
+    """ASGD's ``eta`` and ``mu`` for the step after `step`:
+    ``lr / (1 + lambd * lr * step)^alpha`` and ``1 / max(1, step - t0)``."""
+    return lr / (1 + lambd * lr * step) ** alpha, 1 / max(1, step - t0)
+
+
+# ----------------------------------------------------------------------------- Keras's rules
+# fastoptim.keras: each rule as Keras 3's ``update_step`` writes it (its operation order), with
+# the struct's names for the hyper-parameters (lr = learning_rate, beta1 = beta_1, eps =
+# epsilon, alpha = RMSprop's rho).  Keras's weight decay is decoupled and comes first.
+def _keras_decay_(param: np.ndarray, lr: float, weight_decay: float) -> None:
+    """``p = p - p * wd * lr`` (Keras's ``_apply_weight_decay``), when there is a decay."""
+    if weight_decay != 0:
+        param -= param * weight_decay * lr
+
+
+def keras_sgd_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> None:
+    """Keras's SGD: ``m = m * momentum - g * lr``; ``p += m`` (Nesterov:
+    ``p += m * momentum - g * lr``); without momentum ``p -= g * lr``."""
+    _keras_decay_(param, lr, weight_decay)
+    if momentum_buffer is None:
+        param -= grad * lr
+        return
+    momentum_buffer[...] = momentum_buffer * momentum - grad * lr
+    if nesterov:
+        param += momentum_buffer * momentum - grad * lr
+    else:
+        param += momentum_buffer
+
+
+def keras_rmsprop_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    square_avg: np.ndarray,
+    grad_avg: np.ndarray | None,
+    momentum_buffer: np.ndarray | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """Keras's RMSprop (``alpha`` is Keras's ``rho``): ``v = rho v + (1 - rho) g^2``;
+    centered: ``a = rho a + (1 - rho) g``, ``d = v - a^2 + eps``, else ``d = v + eps``;
+    ``s = lr * g / sqrt(d)``; ``m = momentum * m + s``, ``p -= m`` (or ``p -= s``)."""
+    _keras_decay_(param, lr, weight_decay)
+    rho = alpha
+    square_avg[...] = rho * square_avg + (1 - rho) * np.square(grad)
+    if grad_avg is not None:
+        grad_avg[...] = rho * grad_avg + (1 - rho) * grad
+        denominator = square_avg - np.square(grad_avg) + eps
+    else:
+        denominator = square_avg + eps
+    increment = (lr * grad) / np.sqrt(denominator)
+    if momentum_buffer is not None:
+        momentum_buffer[...] = momentum * momentum_buffer + increment
+        param -= momentum_buffer
+    else:
+        param -= increment
+
+
+def keras_adagrad_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    sum: np.ndarray,
+    *,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Keras's Adagrad: ``s += g^2``; ``p -= lr * g / sqrt(s + eps)``."""
+    _keras_decay_(param, lr, weight_decay)
+    sum += np.square(grad)
+    param -= (lr * grad) / np.sqrt(sum + eps)
+
+
+def keras_adadelta_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    square_avg: np.ndarray,
+    acc_delta: np.ndarray,
+    *,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Keras's Adadelta: ``a = rho a + (1 - rho) g^2``;
+    ``delta = -sqrt(u + eps) * g / sqrt(a + eps)``; ``u = rho u + (1 - rho) delta^2``;
+    ``p += lr * delta``."""
+    _keras_decay_(param, lr, weight_decay)
+    square_avg[...] = rho * square_avg + (1 - rho) * np.square(grad)
+    delta = -(np.sqrt(acc_delta + eps) * grad) / np.sqrt(square_avg + eps)
+    acc_delta[...] = rho * acc_delta + (1 - rho) * np.square(delta)
+    param += lr * delta
+
+
+def keras_adam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Keras's Adam: ``m += (g - m)(1 - beta_1)``; ``v += (g^2 - v)(1 - beta_2)``
+    (AMSGrad: ``v_hat = max(v_hat, v)``); ``p -= m * alpha / (sqrt(v) + eps)`` with
+    ``alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``."""
+    _keras_decay_(param, lr, weight_decay)
+    alpha = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    exp_avg += (grad - exp_avg) * (1 - beta1)
+    exp_avg_sq += (np.square(grad) - exp_avg_sq) * (1 - beta2)
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    param -= (exp_avg * alpha) / (np.sqrt(v) + eps)
+
+
+def keras_adamax_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_inf: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Keras's Adamax: ``m += (g - m)(1 - beta_1)``; ``u = max(beta_2 u, |g|)``;
+    ``p -= lr * m / ((1 - beta_1^t)(u + eps))``."""
+    _keras_decay_(param, lr, weight_decay)
+    exp_avg += (grad - exp_avg) * (1 - beta1)
+    exp_inf[...] = np.maximum(beta2 * exp_inf, np.abs(grad))
+    param -= (lr * exp_avg) / ((1 - beta1**step) * (exp_inf + eps))
+
+
+def keras_nadam_momentum(beta1: float, step: int) -> float:
+    """Keras's Nadam schedule ``u_t = beta_1 (1 - 0.5 * 0.96^t)``."""
+    return float(beta1 * (1.0 - 0.5 * 0.96**step))
+
+
+def keras_nadam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    mu_product: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Keras's Nadam.  ``mu_product`` is Keras's ``u_product`` before this step (1 at the
+    first); ``m``, ``v`` as Keras's Adam;
+    ``m_hat = u_{t+1} m / (1 - u_1..u_{t+1}) + (1 - u_t) g / (1 - u_1..u_t)``;
+    ``p -= m_hat * lr / (sqrt(v / (1 - beta_2^t)) + eps)``."""
+    _keras_decay_(param, lr, weight_decay)
+    u_t = keras_nadam_momentum(beta1, step)
+    u_t_1 = keras_nadam_momentum(beta1, step + 1)
+    u_product_t = mu_product * u_t
+    u_product_t_1 = u_product_t * u_t_1
+    exp_avg += (grad - exp_avg) * (1 - beta1)
+    exp_avg_sq += (np.square(grad) - exp_avg_sq) * (1 - beta2)
+    m_hat = (u_t_1 * exp_avg) / (1 - u_product_t_1) + ((1 - u_t) * grad) / (1 - u_product_t)
+    v_hat = exp_avg_sq / (1 - beta2**step)
+    param -= (m_hat * lr) / (np.sqrt(v_hat) + eps)
+
+
+def keras_lion_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """Keras's Lion: ``p -= lr * sign(m beta_1 + g (1 - beta_1))``;
+    ``m = m beta_2 + g (1 - beta_2)``."""
+    _keras_decay_(param, lr, weight_decay)
+    param -= lr * np.sign(exp_avg * beta1 + grad * (1.0 - beta1))
+    exp_avg[...] = exp_avg * beta2 + grad * (1.0 - beta2)
+
+
 # ----------------------------------------------------------------------------- the classes
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
@@ -690,3 +934,79 @@ class Rprop(_fast.Rprop):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, rprop_update, ("prev", "step_size"))
+
+
+class ASGD(_fast.ASGD):
+    __doc__ = _fast.ASGD.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        _for_each(g, grads, asgd_update, ("ax",))
+        # The group's eta and mu for the next step (the compiled step computes them in C++).
+        h.eta, h.mu = asgd_scalars(h.lr, h.lambd, h.alpha, h.t0, g.step + 1)
+
+
+# Keras's optimizers (fastoptim.keras), with Keras's rules above.
+class KerasSGD(_keras.SGD):
+    __doc__ = _keras.SGD.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, keras_sgd_update, ("momentum_buffer",))
+
+
+class KerasRMSprop(_keras.RMSprop):
+    __doc__ = _keras.RMSprop.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        states = ("square_avg", "grad_avg", "momentum_buffer")
+        _for_each(g, grads, keras_rmsprop_update, states)
+
+
+class KerasAdagrad(_keras.Adagrad):
+    __doc__ = _keras.Adagrad.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, keras_adagrad_update, ("sum",))
+
+
+class KerasAdadelta(_keras.Adadelta):
+    __doc__ = _keras.Adadelta.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, keras_adadelta_update, ("square_avg", "acc_delta"))
+
+
+class KerasAdam(_keras.Adam):
+    __doc__ = _keras.Adam.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        _for_each(g, grads, keras_adam_update, states, step=g.step + 1)
+
+
+class KerasAdamW(_keras.AdamW, KerasAdam):
+    __doc__ = _keras.AdamW.__doc__
+
+
+class KerasAdamax(_keras.Adamax):
+    __doc__ = _keras.Adamax.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, keras_adamax_update, ("exp_avg", "exp_inf"), step=g.step + 1)
+
+
+class KerasNadam(_keras.Nadam):
+    __doc__ = _keras.Nadam.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        step = g.step + 1
+        _for_each(g, grads, keras_nadam_update, ("exp_avg", "exp_avg_sq"), step=step)
+        h.mu_product = h.mu_product * keras_nadam_momentum(h.beta1, step)
+
+
+class KerasLion(_keras.Lion):
+    __doc__ = _keras.Lion.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, keras_lion_update, ("exp_avg",))

@@ -103,7 +103,7 @@ from __future__ import annotations
 import mmap
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Union, overload
+from typing import Any, ClassVar, TypeVar, Union, overload
 
 import numpy as np
 import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs without torch in CI
@@ -111,7 +111,7 @@ import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs witho
 from . import _core
 from . import definitions as _defs
 from . import schedules as _schedules
-from .engine.definition import TORCH_ONLY, Definition
+from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
 from .engine.optimizer import _defaults
 from .engine.precision import Rounding, StateDType
@@ -129,6 +129,7 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "ASGD",
     "Optimizer",
 ]
 
@@ -139,6 +140,7 @@ TorchValue = Union[float, torch.Tensor, Callable[[int], float]]
 # Arguments of torch.optim's signatures that fastoptim has no use for.
 _TORCH_ONLY = tuple(TORCH_ONLY)
 _FLOATS = (torch.float32, torch.float64)
+_Opt = TypeVar("_Opt", bound="Optimizer")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -242,7 +244,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     torch's parameters, state and checkpoint format to them."""
 
     _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)
-    _scalars: ClassVar[tuple[tuple[str, float], ...]]  # torch's 0-d state: step, mu_product
+    # torch's 0-d state: step, NAdam's mu_product, ASGD's eta and mu (-> initial value)
+    _scalars: ClassVar[tuple[tuple[str, float | str], ...]]
     _core_step: ClassVar[Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -251,6 +254,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if d is not None:
             cls._scalars = ((("step", 0.0),) if d.torch_step else ()) + d.scalars
             cls._core_step = staticmethod(d.core_step)
+
+    def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
+        # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
+        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls.__init__, kwargs)
+        return super().__new__(cls)  # type: ignore[no-any-return, unused-ignore]
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._caches: list[_Cache] = []
@@ -265,7 +273,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for group in self.param_groups:
                 for p in group["params"]:
                     state = self.state[p]
-                    self._init_scalars(state)
+                    self._init_scalars(state, self.defaults)
                     for s in self._definition.states:
                         state[s.name] = torch.full_like(p, self._fill(s.name))
 
@@ -505,10 +513,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._fresh[id(s)] = s
         return s
 
-    def _init_scalars(self, state: dict[str, Any]) -> None:
+    def _init_scalars(self, state: dict[str, Any], hp: Mapping[str, Any]) -> None:
+        """Create the missing scalar state, as torch does: 0-d tensors of its scalar dtype
+        (ASGD's ``eta`` from the group's ``lr``)."""
         for name, value in self._scalars:
             if name not in state:
-                state[name] = torch.tensor(value, dtype=_scalar_dtype())
+                fill = float(_plain(hp[value])) if isinstance(value, str) else value
+                state[name] = torch.tensor(fill, dtype=_scalar_dtype())
 
     # ------------------------------------------------------------------ the per-group cache
     def _cache(self, gi: int, group: dict[str, Any]) -> _Cache:
@@ -570,7 +581,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if stateless:
                 continue
             state = self.state[p]
-            self._init_scalars(state)
+            assert c.hp is not None
+            self._init_scalars(state, c.hp)
             for n in c.names:
                 s = state.get(n)
                 if s is None:
@@ -756,6 +768,17 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 else:
                     prod[sel] *= prod.dtype.type(f)
                 setattr(hyper, name, float(prod[first]) / f if f != 0 else 0.0)
+        after = self._definition.torch_scalar_next
+        if after is not None:  # the kernel uses the stored values; then torch's next ones
+            assert c.hp is not None
+            first = 0 if sel is None else sel[0]
+            for name, value in after(c.hp, float(steps[first])).items():
+                buf = c.scalars[name]
+                setattr(hyper, name, float(buf[first]))
+                if sel is None:
+                    buf[...] = value
+                else:
+                    buf[sel] = value
         return step
 
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
@@ -1111,6 +1134,35 @@ class Rprop(Optimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class ASGD(Optimizer):
+    """Drop-in :class:`torch.optim.ASGD` (see :class:`fastoptim.ASGD`).  State:
+    ``step``, ``eta``, ``mu``, ``ax``; ``eta`` and ``mu`` are computed after each step as torch does
+    and kept in the dtype of torch's scalar state, and the kernel is given those values."""
+
+    _definition = _defs.ASGD
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.01,
+        lambd: TorchValue = 0.0001,
+        alpha: TorchValue = 0.75,
+        t0: TorchValue = 1000000.0,
+        weight_decay: TorchValue = 0,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        *,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

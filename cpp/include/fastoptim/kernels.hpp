@@ -67,10 +67,12 @@ template <class T, unsigned V> struct Kernel<SGD, T, V> {
   SGD::Coeffs c;
   void operator()(T& p, T g, std::array<T, nstate>& s) const {
     g = effective_grad(c, p, g);
+    if constexpr ((V & SGD::kKeras) != 0) p = p * T(c.decay);
     if constexpr ((V & SGD::kMomentum) != 0) {
       T& buf = s[0];
       buf = fmadd(T(c.mom_keep), buf, T(c.mom_grad) * g);
-      g = (V & SGD::kNesterov) ? fmadd(T(c.nesterov_mom), buf, g) : buf;
+      // torch: g + mu * buf (nesterov_grad = 1, exact); Keras: mu * buf - lr * g
+      g = (V & SGD::kNesterov) ? fmadd(T(c.nesterov_mom), buf, T(c.nesterov_grad) * g) : buf;
     }
     p = fmadd(T(c.neg_lr), g, p);
   }
@@ -83,34 +85,40 @@ template <class T, unsigned V> struct Kernel<Adagrad, T, V> {
     T& sum = s[0];
     g = effective_grad(c, p, g);
     sum = fmadd(g, g, sum);
-    p = fmadd(T(c.neg_clr), g / (std::sqrt(sum) + T(c.eps)), p);
+    if constexpr ((V & Adagrad::kKeras) != 0) {
+      p = fmadd(T(c.neg_clr), g / std::sqrt(sum + T(c.eps)), p * T(c.decay));
+    } else {
+      p = fmadd(T(c.neg_clr), g / (std::sqrt(sum) + T(c.eps)), p);
+    }
   }
 };
 
 template <class T, unsigned V> struct Kernel<RMSprop, T, V> {
   static constexpr bool centered = (V & RMSprop::kCentered) != 0;
   static constexpr bool momentum = (V & RMSprop::kMomentum) != 0;
+  static constexpr bool keras = (V & RMSprop::kKeras) != 0;
   static constexpr int nstate = RMSprop::nstate(V);
   RMSprop::Coeffs c;
   void operator()(T& p, T g, std::array<T, nstate>& s) const {
     T& square_avg = s[0];
     g = effective_grad(c, p, g);
+    if constexpr (keras) p = p * T(c.decay);
     square_avg = ema_square(square_avg, g, c.alpha, c.one_minus_alpha);
-    T avg;
+    T var = square_avg;
     if constexpr (centered) {
       T& grad_avg = s[1];
       grad_avg = lerp(grad_avg, g, T(c.one_minus_alpha));
-      avg = std::sqrt(fmadd(-grad_avg, grad_avg, square_avg));
-    } else {
-      avg = std::sqrt(square_avg);
+      var = fmadd(-grad_avg, grad_avg, square_avg);
     }
-    avg = avg + T(c.eps);
+    // torch: sqrt(var) + eps; Keras: sqrt(var + eps), and its step is (lr * g) / denom
+    const T avg = keras ? std::sqrt(var + T(c.eps)) : std::sqrt(var) + T(c.eps);
+    const T step = (keras ? T(c.grad_scale) * g : g) / avg;
     if constexpr (momentum) {
       T& buf = s[nstate - 1];
-      buf = fmadd(T(c.momentum), buf, g / avg);
+      buf = fmadd(T(c.momentum), buf, step);
       p = fmadd(T(c.neg_lr), buf, p);
     } else {
-      p = fmadd(T(c.neg_lr), g / avg, p);
+      p = fmadd(T(c.neg_lr), step, p);
     }
   }
 };
@@ -126,6 +134,7 @@ template <class T, unsigned V> struct Kernel<Adadelta, T, V> {
     const T std_ = std::sqrt(square_avg + T(c.eps));
     const T delta = std::sqrt(acc_delta + T(c.eps)) / std_ * g;
     acc_delta = ema_square(acc_delta, delta, c.rho, c.one_minus_rho);
+    if constexpr ((V & Adadelta::kKeras) != 0) p = p * T(c.decay);
     p = fmadd(T(c.neg_lr), delta, p);
   }
 };
@@ -157,8 +166,13 @@ template <class T, unsigned V> struct Kernel<Adamax, T, V> {
     T& exp_inf = s[1];
     g = effective_grad(c, p, g);
     exp_avg = lerp(exp_avg, g, T(c.one_minus_beta1));
-    exp_inf = maximum(exp_inf * T(c.beta2), std::abs(g) + T(c.eps));
-    p = fmadd(T(c.neg_clr), exp_avg / exp_inf, p);
+    if constexpr ((V & Adamax::kKeras) != 0) {  // eps in the denominator, not in the state
+      exp_inf = maximum(exp_inf * T(c.beta2), std::abs(g));
+      p = fmadd(T(c.neg_clr), exp_avg / (exp_inf + T(c.eps)), p * T(c.decay));
+    } else {
+      exp_inf = maximum(exp_inf * T(c.beta2), std::abs(g) + T(c.eps));
+      p = fmadd(T(c.neg_clr), exp_avg / exp_inf, p);
+    }
   }
 };
 
@@ -227,6 +241,18 @@ template <class T, unsigned V> struct Kernel<Rprop, T, V> {
     // addcmul_(g.sign(), step_size, value=-1); torch.sign(NaN) = 0.  The product is exact.
     p = fmadd(g > T(0) ? T(-1) : (g < T(0) ? T(1) : T(0)), ss, p);
     prev = g;
+  }
+};
+
+template <class T, unsigned V> struct Kernel<ASGD, T, V> {
+  static constexpr int nstate = 1;
+  ASGD::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 1>& s) const {
+    T& ax = s[0];
+    g = effective_grad(c, p, g);
+    p = fmadd(T(c.neg_eta), g, p * T(c.decay));
+    // torch: ax.add_(param.sub(ax).mul_(mu)) while mu != 1, else ax.copy_(param)
+    ax = c.average != 0 ? ax + (p - ax) * T(c.mu) : p;
   }
 };
 

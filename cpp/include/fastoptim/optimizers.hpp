@@ -5,6 +5,7 @@
 // Pure C++: no Python here.  The element-wise maths lives in kernels.hpp.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -24,16 +25,22 @@ struct SGD {
     bool nesterov = false, maximize = false;
     // The momentum buffer was just created: torch sets buf = grad on its first use.
     bool first_momentum_step = true;
+    // Keras's form (fastoptim.keras.SGD): buf = momentum * buf - lr * g, p += buf (Nesterov:
+    // p += momentum * buf - lr * g), no dampening, decoupled weight decay p *= 1 - lr * wd.
+    bool keras = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("momentum", &Hyper::momentum); f("dampening", &Hyper::dampening);
     f("weight_decay", &Hyper::weight_decay); f("nesterov", &Hyper::nesterov);
     f("maximize", &Hyper::maximize); f("first_momentum_step", &Hyper::first_momentum_step);
+    f("keras", &Hyper::keras);
   }
-  struct Coeffs { double gsign, wd, neg_lr, mom_keep, mom_grad, nesterov_mom; };
-  enum : unsigned { kMomentum = 1, kNesterov = 2, kVariants = 4 };
+  // d = nesterov ? nesterov_grad * g + nesterov_mom * buf : buf; p = decay * p + neg_lr * d
+  struct Coeffs { double gsign, wd, decay, neg_lr, mom_keep, mom_grad, nesterov_mom, nesterov_grad; };
+  enum : unsigned { kMomentum = 1, kNesterov = 2, kKeras = 4, kVariants = 8 };
   static unsigned variant(const Hyper& h) {
-    return h.momentum != 0 ? kMomentum | (h.nesterov ? kNesterov : 0u) : 0u;
+    return (h.momentum != 0 ? kMomentum | (h.nesterov ? kNesterov : 0u) : 0u) |
+           (h.keras ? kKeras : 0u);
   }
   static constexpr int nstate(unsigned v) { return (v & kMomentum) ? 1 : 0; }
   static std::vector<const char*> states(unsigned v) {
@@ -41,9 +48,14 @@ struct SGD {
     return {};
   }
   static Coeffs prepare(const Hyper& h, int64_t /*step*/) {
+    if (h.keras) {
+      const bool mom = h.momentum != 0;  // the buffer then holds the lr-scaled step
+      return {detail::grad_sign(h.maximize), 0.0, 1.0 - h.lr * h.weight_decay,
+              mom ? 1.0 : -h.lr, h.momentum, -h.lr, h.momentum, -h.lr};
+    }
     const bool first = h.first_momentum_step;
-    return {detail::grad_sign(h.maximize), h.weight_decay, -h.lr,
-            first ? 0.0 : h.momentum, first ? 1.0 : 1.0 - h.dampening, h.momentum};
+    return {detail::grad_sign(h.maximize), h.weight_decay, 1.0, -h.lr,
+            first ? 0.0 : h.momentum, first ? 1.0 : 1.0 - h.dampening, h.momentum, 1.0};
   }
 };
 
@@ -53,19 +65,22 @@ struct Adagrad {
   struct Hyper {
     double lr = 1e-2, lr_decay = 0, weight_decay = 0, eps = 1e-10;
     bool maximize = false;
+    // Keras's form: eps inside the square root, decoupled weight decay p *= 1 - lr * wd.
+    bool keras = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("lr_decay", &Hyper::lr_decay); f("weight_decay", &Hyper::weight_decay);
-    f("eps", &Hyper::eps); f("maximize", &Hyper::maximize);
+    f("eps", &Hyper::eps); f("maximize", &Hyper::maximize); f("keras", &Hyper::keras);
   }
-  struct Coeffs { double gsign, wd, neg_clr, eps; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  struct Coeffs { double gsign, wd, decay, neg_clr, eps; };
+  enum : unsigned { kKeras = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.keras ? kKeras : 0u; }
   static constexpr int nstate(unsigned) { return 1; }
   static std::vector<const char*> states(unsigned) { return {"sum"}; }
   static Coeffs prepare(const Hyper& h, int64_t step) {
     const double clr = h.lr / (1.0 + static_cast<double>(step - 1) * h.lr_decay);
-    return {detail::grad_sign(h.maximize), h.weight_decay, -clr, h.eps};
+    if (h.keras) return {detail::grad_sign(h.maximize), 0.0, 1.0 - h.lr * h.weight_decay, -clr, h.eps};
+    return {detail::grad_sign(h.maximize), h.weight_decay, 1.0, -clr, h.eps};
   }
 };
 
@@ -75,16 +90,21 @@ struct RMSprop {
   struct Hyper {
     double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
     bool centered = false, maximize = false;
+    // Keras's form: eps inside the square root, the momentum buffer accumulates lr * g / denom
+    // (p -= buf), decoupled weight decay p *= 1 - lr * wd.
+    bool keras = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("alpha", &Hyper::alpha); f("eps", &Hyper::eps);
     f("weight_decay", &Hyper::weight_decay); f("momentum", &Hyper::momentum);
-    f("centered", &Hyper::centered); f("maximize", &Hyper::maximize);
+    f("centered", &Hyper::centered); f("maximize", &Hyper::maximize); f("keras", &Hyper::keras);
   }
-  struct Coeffs { double gsign, wd, alpha, one_minus_alpha, eps, momentum, neg_lr; };
-  enum : unsigned { kMomentum = 1, kCentered = 2, kVariants = 4 };
+  // step = grad_scale * g / denom; buf = momentum * buf + step; p = decay * p + neg_lr * (buf or step)
+  struct Coeffs { double gsign, wd, decay, alpha, one_minus_alpha, eps, momentum, grad_scale, neg_lr; };
+  enum : unsigned { kMomentum = 1, kCentered = 2, kKeras = 4, kVariants = 8 };
   static unsigned variant(const Hyper& h) {
-    return (h.momentum > 0 ? kMomentum : 0u) | (h.centered ? kCentered : 0u);
+    return (h.momentum > 0 ? kMomentum : 0u) | (h.centered ? kCentered : 0u) |
+           (h.keras ? kKeras : 0u);
   }
   // Slot order: square_avg, [grad_avg], [momentum_buffer].
   static constexpr int nstate(unsigned v) {
@@ -97,8 +117,11 @@ struct RMSprop {
     return s;
   }
   static Coeffs prepare(const Hyper& h, int64_t) {
-    return {detail::grad_sign(h.maximize), h.weight_decay, h.alpha, 1.0 - h.alpha,
-            h.eps, h.momentum, -h.lr};
+    if (h.keras)
+      return {detail::grad_sign(h.maximize), 0.0, 1.0 - h.lr * h.weight_decay, h.alpha,
+              1.0 - h.alpha, h.eps, h.momentum, h.lr, -1.0};
+    return {detail::grad_sign(h.maximize), h.weight_decay, 1.0, h.alpha, 1.0 - h.alpha,
+            h.eps, h.momentum, 1.0, -h.lr};
   }
 };
 
@@ -108,18 +131,22 @@ struct Adadelta {
   struct Hyper {
     double lr = 1.0, rho = 0.9, eps = 1e-6, weight_decay = 0;
     bool maximize = false;
+    bool keras = false;  // Keras's form: decoupled weight decay p *= 1 - lr * wd
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("rho", &Hyper::rho); f("eps", &Hyper::eps);
     f("weight_decay", &Hyper::weight_decay); f("maximize", &Hyper::maximize);
+    f("keras", &Hyper::keras);
   }
-  struct Coeffs { double gsign, wd, rho, one_minus_rho, eps, neg_lr; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  struct Coeffs { double gsign, wd, decay, rho, one_minus_rho, eps, neg_lr; };
+  enum : unsigned { kKeras = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.keras ? kKeras : 0u; }
   static constexpr int nstate(unsigned) { return 2; }
   static std::vector<const char*> states(unsigned) { return {"square_avg", "acc_delta"}; }
   static Coeffs prepare(const Hyper& h, int64_t) {
-    return {detail::grad_sign(h.maximize), h.weight_decay, h.rho, 1.0 - h.rho, h.eps, -h.lr};
+    const bool k = h.keras;
+    return {detail::grad_sign(h.maximize), k ? 0.0 : h.weight_decay,
+            k ? 1.0 - h.lr * h.weight_decay : 1.0, h.rho, 1.0 - h.rho, h.eps, -h.lr};
   }
 };
 
@@ -129,12 +156,15 @@ struct Adam {
   struct Hyper {
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
     bool amsgrad = false, maximize = false, decoupled_weight_decay = false;
+    // Keras's eps, added to sqrt(v) before the bias correction: torch's form with
+    // eps_t = eps / sqrt(1 - beta2^t).
+    bool keras = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
     f("amsgrad", &Hyper::amsgrad); f("maximize", &Hyper::maximize);
-    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay);
+    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("keras", &Hyper::keras);
   }
   struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step; };
   enum : unsigned { kAmsgrad = 1, kVariants = 2 };
@@ -150,7 +180,7 @@ struct Adam {
     const bool dec = h.decoupled_weight_decay;
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
             dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2,
-            1.0 / std::sqrt(bc2), h.eps, -h.lr / bc1};
+            1.0 / std::sqrt(bc2), h.keras ? h.eps / std::sqrt(bc2) : h.eps, -h.lr / bc1};
   }
 };
 
@@ -160,20 +190,25 @@ struct Adamax {
   struct Hyper {
     double lr = 2e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
     bool maximize = false;
+    // Keras's form: u = max(beta2 u, |g|) and p -= lr / (1 - beta1^t) * m / (u + eps);
+    // decoupled weight decay p *= 1 - lr * wd.
+    bool keras = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay); f("maximize", &Hyper::maximize);
+    f("keras", &Hyper::keras);
   }
-  struct Coeffs { double gsign, wd, one_minus_beta1, beta2, eps, neg_clr; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, eps, neg_clr; };
+  enum : unsigned { kKeras = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.keras ? kKeras : 0u; }
   static constexpr int nstate(unsigned) { return 2; }
   static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_inf"}; }
   static Coeffs prepare(const Hyper& h, int64_t step) {
     const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
-    return {detail::grad_sign(h.maximize), h.weight_decay, 1.0 - h.beta1, h.beta2, h.eps,
-            -h.lr / bc1};
+    const bool k = h.keras;
+    return {detail::grad_sign(h.maximize), k ? 0.0 : h.weight_decay,
+            k ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, h.eps, -h.lr / bc1};
   }
 };
 
@@ -288,6 +323,38 @@ struct Rprop {
   static Coeffs prepare(const Hyper& h, int64_t) {
     return {detail::grad_sign(h.maximize), h.etaminus, h.etaplus, h.step_size_min,
             h.step_size_max};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// ASGD, averaged SGD (Polyak & Juditsky 1992; torch.optim.ASGD).  eta (the step's learning rate)
+// and mu (the averaging weight) are scalar state like torch's: they start at lr and 1 (the
+// Python side fills eta with the group's lr) and after each step are recomputed from the
+// group's values of that step (after_step), so a changed lr takes effect one step later, as in
+// torch.
+struct ASGD {
+  struct Hyper {
+    double lr = 1e-2, lambd = 1e-4, alpha = 0.75, t0 = 1e6, weight_decay = 0, eta = 1e-2, mu = 1;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("lambd", &Hyper::lambd); f("alpha", &Hyper::alpha);
+    f("t0", &Hyper::t0); f("weight_decay", &Hyper::weight_decay); f("eta", &Hyper::eta);
+    f("mu", &Hyper::mu); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, wd, decay, neg_eta, mu, average; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 1; }
+  static std::vector<const char*> states(unsigned) { return {"ax"}; }
+  static Coeffs prepare(const Hyper& h, int64_t) {
+    return {detail::grad_sign(h.maximize), h.weight_decay, 1.0 - h.lambd * h.eta, -h.eta, h.mu,
+            h.mu != 1.0 ? 1.0 : 0.0};
+  }
+  static void after_step(Hyper& h, int64_t step) {
+    const double s = static_cast<double>(step);
+    h.eta = h.lr / std::pow(1.0 + h.lambd * h.lr * s, h.alpha);
+    h.mu = 1.0 / std::max(1.0, s - h.t0);
   }
 };
 

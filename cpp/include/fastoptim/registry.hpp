@@ -12,4 +12,5 @@
   X(NAdam, nadam)               \
   X(RAdam, radam)               \
   X(Lion, lion)                 \
-  X(Rprop, rprop)
+  X(Rprop, rprop)               \
+  X(ASGD, asgd)

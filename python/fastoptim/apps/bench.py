@@ -49,6 +49,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "RAdam": ("RAdam", {}, 2),
     "Lion": ("Lion", {}, 1),
     "Rprop": ("Rprop", {}, 2),
+    "ASGD": ("ASGD", {}, 1),
 }
 
 # torch.optim has fused CPU kernels for these only.

@@ -7,9 +7,10 @@
 state the generated code is in; ``python -m fastoptim.engine.codegen`` works too when the
 package imports.)
 
-Three files have a hand-written part (the tier's documentation and imports) followed by a
+Four files have a hand-written part (the tier's documentation and imports) followed by a
 generated part after the line ``MARKER``: ``optimizers.py`` (the NumPy classes),
-``functional.py`` (one function per optimizer) and ``torch.py`` (the drop-in classes, with
+``functional.py`` (one function per optimizer), ``keras.py`` (Keras's classes, from
+``definitions.KERAS``) and ``torch.py`` (the drop-in classes, with
 ``torch.optim``'s own signatures, read from the installed torch: torch is needed to run this).
 The generated code is plain, typed Python, so IDEs, ``help()``, mypy and pyright see real
 signatures; nobody edits it by hand.
@@ -92,10 +93,12 @@ def _def_name(d: Definition) -> str:
     return d.name.upper()
 
 
-def _class(d: Definition, base: str, doc: str, params: list[Any], init: str) -> list[str]:
+def _class(
+    d: Definition, base: str, doc: str, params: list[Any], init: str, prefix: str = ""
+) -> list[str]:
     """A class of one tier: its docstring, definition and typed ``__init__`` calling `init`."""
     out = [f"class {d.name}({base}):", *_doc(doc, "    "), ""]
-    out.append(f"    _definition = _defs.{_def_name(d)}")
+    out.append(f"    _definition = _defs.{prefix}{_def_name(d)}")
     out.append("")
     out.append("    def __init__(")
     out += ["        " + line for line in _signature(params, ["self,", "params: Params,"])]
@@ -128,8 +131,10 @@ def functional_function(d: Definition) -> list[str]:
     hypers = [h for h in d.options if h.functional]
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
     params += [(a, "np.ndarray | None", None, True) for a in FUNCTIONAL_ARRAYS]
-    returns = "float" if d.scalars else "None"
-    out = [f"def {fn}("]
+    n = len(d.scalars)
+    returns = "None" if n == 0 else "float" if n == 1 else f"tuple[{', '.join(['float'] * n)}]"
+    # Keras's keywords (beta_1=...) raise a TypeError naming torch's equivalent
+    out = [f"@_hints(_defs.{_def_name(d)})", f"def {fn}("]
     out += ["    " + line for line in _signature(params, [])]
     out.append(f") -> {returns}:")
     out += _doc(d.functional_doc, "    ")
@@ -140,7 +145,14 @@ def functional_function(d: Definition) -> list[str]:
     call = f"_step(_defs.{_def_name(d)}, param, grad, {{{states}}}, step, dict({hyper})"
     call += f", {{{scalars}}}" if d.scalars else ", None"
     call += f", dict({arrays}))"
-    out.append(f"    return float({call})" if d.scalars else f"    {call}")
+    if n == 0:
+        out.append(f"    {call}")
+    elif n == 1:
+        out.append(f"    return float({call})")
+    else:
+        names = ", ".join(name for name, _ in d.scalars)
+        out.append(f"    {names} = {call}")
+        out.append(f"    return {', '.join(f'float({name})' for name, _ in d.scalars)}")
     return out
 
 
@@ -187,18 +199,39 @@ def _torch_signature(d: Definition) -> list[tuple[str, str, Any, bool]]:
     return out + common
 
 
+def keras_class(d: Definition) -> list[str]:
+    """A class of :mod:`fastoptim.keras`: Keras's signature (``weight_decay=None`` means none)
+    and the legacy keyword-only ``lr`` alias of ``learning_rate``."""
+    base = d.base.name if d.base is not None else "KerasOptimizer"
+    params: list[tuple[str, str, Any, bool]] = [
+        (h.name, "Value | None", None, h.keyword)
+        if h.name == "weight_decay" and not h.default
+        else (h.name, _annotation(d, h.name, False), h.default, h.keyword)
+        for h in d.options
+    ]
+    params.append(("lr", "Value | None", None, True))
+    return _class(d, base, d.doc, params, "KerasOptimizer.__init__(self, ", "KERAS_")
+
+
 def torch_class(d: Definition) -> list[str]:
     return _class(d, "Optimizer", d.torch_doc, _torch_signature(d), "super().__init__(")
 
 
-def generate(defs: Iterable[Definition]) -> dict[str, str]:
-    """File name (in the package) -> its generated part."""
+def generate(defs: Iterable[Definition], keras: Iterable[Definition] = ()) -> dict[str, str]:
+    """File name (in the package) -> its generated part (`keras`: fastoptim.keras's)."""
     defs = list(defs)
-    parts: dict[str, list[list[str]]] = {"optimizers.py": [], "functional.py": [], "torch.py": []}
+    parts: dict[str, list[list[str]]] = {
+        "optimizers.py": [],
+        "functional.py": [],
+        "torch.py": [],
+        "keras.py": [],
+    }
     for d in defs:
         parts["optimizers.py"].append(numpy_class(d))
         parts["functional.py"].append(functional_function(d))
         parts["torch.py"].append(torch_class(d))
+    for d in keras:
+        parts["keras.py"].append(keras_class(d))
     return {
         name: "\n\n\n".join("\n".join(block) for block in blocks) + "\n"
         for name, blocks in parts.items()
@@ -226,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     from .. import definitions
 
     stale = []
-    for name, code in generate(definitions.ALL).items():
+    for name, code in generate(definitions.ALL, definitions.KERAS).items():
         path = _PACKAGE / name
         text = path.read_text()
         if MARKER not in text:

@@ -13,11 +13,13 @@ the same :class:`Definition` methods.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeVar, Union, cast
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from . import precision
 # A hyper-parameter's rule (see Definition.check_value).
 NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
 UNIT = "unit"  # a number in [0, 1]
+OPEN_UNIT = "open_unit"  # a number in [0, 1) (Keras's beta_1, beta_2)
 FLAG = "flag"  # a bool: a variant switch, never a schedule
 BETAS = "betas"  # a pair (beta1, beta2), each in [0, 1)
 PAIR = "pair"  # a pair of finite numbers >= 0 (ordering constraints: Definition.relations)
@@ -62,6 +65,7 @@ class Hyper:
     functional: bool = True  # an argument of the functional tier's function
     fields: tuple[str, ...] = ()  # a pair: the compiled struct's fields of its two entries
     annotation: str = ""  # the signatures' annotation when the rule does not give it
+    field: str = ""  # the compiled struct's field, when it is not `name` (Keras's epsilon: eps)
 
     def __post_init__(self) -> None:
         if isinstance(self.default, bool) and self.rule != FLAG:
@@ -74,6 +78,58 @@ class Hyper:
             raise ValueError(f"{self.name}: a pair (and only a pair) names its two fields")
         if self.rule in (FLAG, DTYPES, ROUNDING, SEED):
             object.__setattr__(self, "schedulable", False)
+
+
+# Keras's keyword -> (the torch-convention argument, how to spell it): the keyword hints of
+# Definition.keyword_hint.
+KERAS_KEYWORDS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("lr", "lr=learning_rate"),
+    "beta_1": ("betas", "betas=(beta_1, beta_2)"),
+    "beta_2": ("betas", "betas=(beta_1, beta_2)"),
+    "epsilon": ("eps", "eps=epsilon (added where torch adds it)"),
+    "rho": ("alpha", "alpha=rho (the decay of the squared-gradient average)"),
+    "initial_accumulator_value": ("initial_accumulator_value", "initial_accumulator_value"),
+}
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def check_keywords(
+    defn: Definition | None, where: str, fn: Callable[..., Any], given: Mapping[str, Any]
+) -> None:
+    """TypeError with :meth:`Definition.keyword_hint`'s message if `given` (the keywords of a
+    call of `fn`) holds a Keras keyword that `fn`'s signature lacks; else nothing (Python's
+    own binding reports any other unknown keyword).  The one place the classes' ``__new__``
+    and the functional functions (:func:`with_keyword_hints`) check."""
+    if defn is None or not given or all(k not in KERAS_KEYWORDS for k in given):
+        return
+    hint = defn.keyword_hint(where, given, _parameters(fn))
+    if hint is not None:
+        raise TypeError(hint)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_keyword_hints(defn: Definition) -> Callable[[F], F]:
+    """Decorator of a functional function: a call with a Keras keyword raises
+    :func:`check_keywords`'s TypeError instead of Python's bare one."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except TypeError:
+                check_keywords(defn, fn.__name__, fn, kwargs)
+                raise
+
+        return cast(F, wrapper)
+
+    return decorate
 
 
 # Options every optimizer has (precision, transforms...): defined here once; the code generator
@@ -115,8 +171,11 @@ class Definition:
     relations: Callable[[Mapping[str, Any]], None] | None = None
     # Compiled fields that are not hyper-parameters, from (group, fresh state names).
     extra_fields: Callable[[Mapping[str, Any], AbstractSet[str]], dict[str, Any]] | None = None
-    # Scalar state kept by the kernel's struct (name -> initial value): NAdam's mu_product.
-    scalars: tuple[tuple[str, float], ...] = ()
+    # Scalar state kept by the kernel's struct (name -> initial value, a number or the name of
+    # the hyper-parameter that holds it): NAdam's mu_product; ASGD's eta (= lr) and mu.
+    scalars: tuple[tuple[str, float | str], ...] = ()
+    # Rules of the scalar state (name -> UNIT or NONNEGATIVE; UNIT when not listed).
+    scalar_rules: tuple[tuple[str, str], ...] = ()
     # Hyper-parameters fixed by this optimizer (AdamW: decoupled_weight_decay=True): stored in
     # every group, absent from the signatures.
     fixed: tuple[tuple[str, Any], ...] = ()
@@ -125,6 +184,12 @@ class Definition:
     torch_eager_state: bool = False  # torch creates the state at construction (Adagrad)
     # torch's per-step scalar update (NAdam's momentum factor mu_t from (group, t)).
     torch_scalar_factor: Callable[[Mapping[str, Any], float], float] | None = None
+    # torch's scalar state after step t, from (group, t) (ASGD's eta and mu): fastoptim.torch
+    # stores them in torch's scalar dtype and gives the kernel those values at the next step.
+    torch_scalar_next: Callable[[Mapping[str, Any], float], dict[str, float]] | None = None
+    # The class of fastoptim.keras with Keras's names and maths for this optimizer, if any
+    # (named by the keyword hints: see keyword_hint).
+    keras: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -179,6 +244,8 @@ class Definition:
         fields = self.fields
         values = {k: v for k, v in group.items() if k in fields}
         for h in self.options:
+            if h.field and h.name in group:
+                values[h.field] = group[h.name]
             if h.fields and h.name in group:
                 values[h.fields[0]], values[h.fields[1]] = group[h.name]
         if self.extra_fields is not None:
@@ -198,6 +265,40 @@ class Definition:
             if s.name == name:
                 return float(group[s.fill]) if isinstance(s.fill, str) else float(s.fill)
         return 0.0
+
+    def scalar_fill(self, name: str, group: Mapping[str, Any]) -> float:
+        """Initial value of scalar state `name` for `group`."""
+        fill = dict(self.scalars)[name]
+        return float(group[fill]) if isinstance(fill, str) else float(fill)
+
+    def scalar_problem(self, name: str, value: Any) -> str | None:
+        """What is wrong with `value` as scalar state `name` (None if it is fine): a number in
+        [0, 1] (running products, averaging weights) or, for a NONNEGATIVE one, >= 0."""
+        unit = dict(self.scalar_rules).get(name, UNIT) == UNIT
+        try:
+            finite = is_number(value) and math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite or value < 0 or (unit and value > 1):
+            return f"{name} must be a number in {'[0, 1]' if unit else '[0, inf)'}, got {value!r}"
+        return None
+
+    def keyword_hint(self, where: str, given: Iterable[str], accepted: Iterable[str]) -> str | None:
+        """A TypeError message for a Keras keyword (``beta_1``, ``learning_rate``...) among the
+        `given` keywords that `accepted` (the signature's) lacks, naming the torch-convention
+        equivalent and the :mod:`fastoptim.keras` class; None if there is none."""
+        accepted = set(accepted)
+        for key in given:
+            if key in accepted or key not in KERAS_KEYWORDS:
+                continue
+            torch_name, spelled = KERAS_KEYWORDS[key]
+            if torch_name in accepted:
+                advice = f"fastoptim (like torch.optim) takes {spelled}"
+            else:
+                advice = f"{self.name} has no such option"
+            keras = f"; for Keras's names and maths use fastoptim.keras.{self.keras}"
+            return f"{where}: unknown argument {key!r}; {advice}{keras if self.keras else ''}"
+        return None
 
     # ------------------------------------------------------------------ validation
     @property
@@ -240,6 +341,8 @@ class Definition:
             precision.check_rounding(self.name, value)
         elif rule == SEED:
             precision.check_seed(self.name, value)
+        elif rule == OPEN_UNIT:
+            check_unit(self.name, key, value)
         else:
             check_nonnegative(self.name, key, value)
 

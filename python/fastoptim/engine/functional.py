@@ -26,9 +26,10 @@ def step(
     `states`: state name -> array, or None where the caller did not give it.  `hyper`: the
     function's hyper-parameters (those the class's groups hold; the others take their
     defaults), validated by the definition.  `scalars`: the scalar state (NAdam's running
-    ``mu_product``), each a number in [0, 1]; when given, the updated value is returned (one
-    scalar) as a float.  `arrays`: the optional ``master`` / ``compensation`` / ``copy_out``
-    arrays (:data:`fastoptim.engine.precision.FUNCTIONAL_ARRAYS`), None where not given.
+    ``mu_product``; ASGD's ``eta`` and ``mu``), checked by the definition; when given, the
+    updated values are returned: a float, or a tuple of floats for several.  `arrays`: the
+    optional ``master`` / ``compensation`` / ``copy_out`` arrays
+    (:data:`fastoptim.engine.precision.FUNCTIONAL_ARRAYS`), None where not given.
     """
     fn = defn.name.lower() + "_"
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
@@ -38,10 +39,13 @@ def step(
     for name, v in (scalars or {}).items():
         if not is_number(v):
             raise TypeError(f"{fn}: {name} must be a float, got {v!r}")
-        if not 0.0 <= v <= 1.0:
+        problem = defn.scalar_problem(name, v)
+        if problem is not None:
+            fill = dict(defn.scalars)[name]
+            first = f"the {fill}" if isinstance(fill, str) else f"{fill}"
             raise ValueError(
-                f"{fn}: invalid {name}={v!r}: must be a number in [0, 1] "
-                "(1.0 at the first step, then the value the previous call returned)"
+                f"{fn}: invalid {name}={v!r}: {problem} ({first} at the first step, then the "
+                "value the previous call returned)"
             )
     group = {**defn.defaults(), **hyper}
     defn.check(group)
@@ -78,6 +82,6 @@ def step(
         plan.set_rounding(group["rounding"], int(group["seed"]))
     defn.core_step(plan, core, int(step), grads=[grad])
     if scalars:
-        (name,) = scalars
-        return float(getattr(core, name))
+        values = tuple(float(getattr(core, name)) for name in scalars)
+        return values[0] if len(values) == 1 else values
     return None

@@ -7,18 +7,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, TypeVar, Union
 
 import numpy as np
 
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
 from . import precision
-from .definition import Definition, is_number
+from .definition import Definition, check_keywords, is_number
 from .locks import new_lock
 from .scheduled import Scheduled
 
 Key = Union[int, str]
+_Opt = TypeVar("_Opt", bound="Optimizer")
 # Arrays (a list or tuple, a generator, a dict's values()), a dict name -> array, or a list of
 # group dicts.  Spelled so that a list or dict display matches exactly one member, whose element
 # type it is then checked against: with overlapping members (Iterable[np.ndarray] matches a
@@ -138,6 +139,11 @@ class Optimizer:
             cls._core_step = staticmethod(d.core_step)
             cls._core_steps = staticmethod(d.core_steps)
         cls._python_run = cls._run is not Optimizer._run
+
+    def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
+        # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
+        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls.__init__, kwargs)
+        return super().__new__(cls)
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self.defaults = {**defaults, **dict(self._definition.fixed)}
@@ -292,6 +298,9 @@ class Optimizer:
     # ------------------------------------------------------------------ state and plans
     def _sync(self, g: _Group, group: Mapping[str, Any]) -> None:
         self._sync_struct(g.hyper, group, g.fresh)
+        if g.step == 0:  # no step yet: the scalar state starts from the group's values (ASGD's
+            for n, _ in self._definition.scalars:  # eta = lr), as the state buffers do
+                setattr(g.hyper, n, self._definition.scalar_fill(n, group))
         if g.plan is not None:
             rounding = group.get(precision.ROUNDING, "nearest")
             seed = int(group.get(precision.SEED, 0))
@@ -785,9 +794,10 @@ class Optimizer:
         if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_names()):
             problems.append(f"{where}: scalar state {scalars!r} != {self._scalar_names()}")
             return lambda: None
-        for n, v in scalars.items():  # running products (NAdam's mu_product)
-            if not (_real(v) and 0 <= v <= 1):
-                problems.append(f"{where}: scalar state {n} must be a number in [0, 1], got {v!r}")
+        for n, v in scalars.items():  # NAdam's mu_product, ASGD's eta and mu
+            problem = self._definition.scalar_problem(n, v)
+            if problem is not None:
+                problems.append(f"{where}: scalar state {problem}")
                 return lambda: None
         for k in (precision.STATE_DTYPE, precision.MASTER_WEIGHTS, precision.KAHAN):
             saved = values.get(k, group.get(k))
