@@ -488,7 +488,8 @@ def round_to_bfloat16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarr
         r = np.asarray(bits, np.uint32) & np.uint32(0xFFFF)
         m = np.minimum((a + r) >> np.uint32(16), np.uint32(0x7F7F))
         out = np.where(a >= np.uint32(0x7F7F8000), out, sign | m)
-    return out.astype(np.uint16).view(ml_dtypes.bfloat16).reshape(np.shape(x))
+    rounded: np.ndarray = out.astype(np.uint16).view(ml_dtypes.bfloat16).reshape(np.shape(x))
+    return rounded
 
 
 def round_to_float16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
@@ -829,8 +830,9 @@ def _for_each(
     (``lr``, ``beta1``...)."""
     hyper = {k: getattr(g.hyper, k) for k in _keywords(update) if k not in extra}
     order = list(g.hyper.state_names())  # the kernel's state order: the random-bit streams
-    masters = g.states.get("master") or [None] * len(g.params)
-    comps = g.states.get("compensation") or [None] * len(g.params)
+    none: list[np.ndarray | None] = [None] * len(g.params)
+    masters = g.states.get("master") or none
+    comps = g.states.get("compensation") or none
     outs = g.outs or [None] * len(g.params)
     key = (g.plan.rounding, g.plan.seed, g.step + 1)
     for i, (param, grad) in enumerate(zip(g.params, grads)):

@@ -87,8 +87,10 @@ def _dtype(d: Any) -> np.dtype[Any]:
     if isinstance(d, str) and d == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(d)
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
+    dt: np.dtype[Any] = np.dtype(d)
+    return dt
 
 
 class _Group:
@@ -832,13 +834,15 @@ class Optimizer:
                 continue
             i = g.keys.index(key)
             entry = state.get(key)
-            mine = [n for n in names if n in layout[i]]
-            if not isinstance(entry, Mapping) or set(entry) != set(mine):
+            expected = [n for n in names if n in layout[i]]
+            if not isinstance(entry, Mapping) or set(entry) != set(expected):
                 have = sorted(entry) if isinstance(entry, Mapping) else "none"
-                problems.append(f"state of parameter {g.labels[i]}: has {have}, expected {mine}")
+                problems.append(
+                    f"state of parameter {g.labels[i]}: has {have}, expected {expected}"
+                )
                 continue
             p = g.params[i]
-            for n in mine:
+            for n in expected:
                 a, want = entry[n], _dtype(layout[i][n])
                 if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != p.shape:
                     got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__

@@ -134,7 +134,7 @@ def buffers(group: Mapping[str, Any], param: str, names: tuple[str, ...]) -> dic
         if n in EXTRA_STATES:
             continue
         v = policy.get(n) if isinstance(policy, Mapping) else policy
-        out[n] = param if v == "param" else (dtype_name(v) if v is not None else "float32")
+        out[n] = param if v == "param" else (dtype_name(v) or "float32")
     if param in LOW:
         if group.get(MASTER_WEIGHTS):
             out[MASTER] = "float32"
