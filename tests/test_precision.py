@@ -326,3 +326,184 @@ def test_round_to_nearest_stalls_where_stochastic_and_kahan_track_float32() -> N
     assert _loss_gap("nearest", False) > 0.1
     assert _loss_gap("stochastic", False) <= 1e-3
     assert _loss_gap("nearest", True) <= 1e-3
+
+
+# ------------------------------------------------------------------------- checkpoints
+def _layout_run(steps: int, opt: Any, params: list[np.ndarray], seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        opt.step([rng.standard_normal(p.shape).astype(np.float32).astype(p.dtype) for p in params])
+
+
+@pytest.mark.parametrize("how", ["state_dict", "file"])
+def test_checkpoint_resumes_bit_exactly(tmp_path: Any, how: str) -> None:
+    """bfloat16 parameters and state, a master copy, stochastic rounding: saved after 3 steps
+    and loaded into a new optimizer, the run continues with the very bits of the uninterrupted
+    one (the seed and the step number travel with the checkpoint)."""
+    kw = {"lr": 1e-2, "state_dtype": {"exp_avg": "bfloat16"}, "master_weights": True,
+          "rounding": "stochastic", "seed": 77}  # fmt: skip
+    start = [np.linspace(-2, 2, 301, dtype=np.float32).astype(BF16), np.ones(7, np.float32)]
+    a = [x.copy() for x in start]
+    opt = fo.AdamW(a, **kw)
+    _layout_run(3, opt, a, seed=1)
+    b = [x.copy() for x in a]
+    other = fo.AdamW([x.copy() for x in start], **{**kw, "seed": 0, "rounding": "nearest"})
+    if how == "file":
+        fo.save(tmp_path / "run.npz", opt)
+        fo.load(tmp_path / "run.npz", other)
+        b = other.param_groups[0]["params"]
+    else:
+        other = fo.AdamW(b, **{**kw, "seed": 0, "rounding": "nearest"})
+        other.load_state_dict(opt.state_dict())
+    assert other.param_groups[0]["seed"] == 77
+    assert other.param_groups[0]["rounding"] == "stochastic"
+    _layout_run(3, opt, a, seed=2)
+    _layout_run(3, other, list(b), seed=2)
+    for x, y in zip(a, b):
+        same_bits(x, y, "param")
+    for k in opt.state:
+        for n, v in opt.state[k].items():
+            if n != "step":
+                same_bits(v, other.state[k][n], f"{n} {k}")
+
+
+def test_checkpoint_into_another_policy_is_a_clear_error(tmp_path: Any) -> None:
+    p = np.linspace(-1, 1, 50, dtype=np.float32).astype(BF16)
+    opt = fo.Adam([p], state_dtype="bfloat16")
+    _layout_run(2, opt, [p])
+    fo.save(tmp_path / "run.npz", opt)
+    for kw in ({}, {"master_weights": True}, {"state_dtype": {"exp_avg": "bfloat16"}}):
+        q = np.zeros(50, BF16)
+        other = fo.Adam([q], **kw)
+        before = _arrays(other)
+        with pytest.raises(fo.CheckpointError, match="precision options"):
+            fo.load(tmp_path / "run.npz", other)
+        with pytest.raises(ValueError, match="precision options"):
+            other.load_state_dict(opt.state_dict())
+        for k, v in _arrays(other).items():
+            same_bits(v, before[k], k)
+
+
+# ------------------------------------------------------------------------- bad input
+def test_bad_policies_are_clear_errors() -> None:
+    p = [np.ones(4, BF16)]
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        fo.Adam(p, state_dtype="int8")
+    with pytest.raises(ValueError, match="float64 parameters keep float64"):
+        fo.Adam(p, state_dtype=np.float64)
+    with pytest.raises(ValueError, match=r"state_dtype names state 'momentum'.*exp_avg"):
+        fo.Adam(p, state_dtype={"momentum": "bfloat16"})
+    with pytest.raises(ValueError, match="master_weights and kahan"):
+        fo.Adam(p, master_weights=True, kahan=True)
+    with pytest.raises(ValueError, match="rounding must be"):
+        fo.Adam(p, rounding="up")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        fo.Adam(p, seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        fo.Adam(p, seed=-1)
+
+
+def test_policy_cannot_change_once_state_exists() -> None:
+    """The dtype of a state buffer that exists is fixed (a step with a group asking for
+    another raises and changes nothing); a master copy may be added later (it starts as the
+    parameter's value) but not dropped."""
+    p = np.linspace(-1, 1, 20, dtype=np.float32).astype(BF16)
+    opt = fo.Adam([p])
+    _layout_run(1, opt, [p])
+    before = _arrays(opt)
+    opt.param_groups[0]["state_dtype"] = "bfloat16"
+    with pytest.raises(ValueError, match="cannot change once the state exists"):
+        opt.step([np.ones(20, BF16)])
+    for k, v in _arrays(opt).items():
+        same_bits(v, before[k], k)
+    opt.param_groups[0]["state_dtype"] = None
+    opt.param_groups[0]["master_weights"] = True
+    opt.step([np.ones(20, BF16)])
+    assert "master" in opt.state[0]
+    opt.param_groups[0]["master_weights"] = False
+    before = _arrays(opt)
+    with pytest.raises(ValueError, match="cannot change once the state exists"):
+        opt.step([np.ones(20, BF16)])
+    for k, v in _arrays(opt).items():
+        same_bits(v, before[k], k)
+    opt.param_groups[0]["master_weights"] = True
+    opt.param_groups[0]["rounding"] = "stochastic"  # rounding and seed may change any time
+    opt.param_groups[0]["seed"] = 5
+    opt.step([np.ones(20, BF16)])
+
+
+def test_bad_arrays_are_clear_errors_and_touch_nothing() -> None:
+    p = np.linspace(-1, 1, 8, dtype=np.float32).astype(BF16)
+    keep = p.copy()
+    g16 = np.ones(8, BF16)
+    m, v = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"master": np.zeros(8, np.float64)}, TypeError, "master copy of param param"),
+        ({"master": np.zeros(9, np.float32)}, ValueError, "shape"),
+        ({"compensation": np.zeros(8, np.float32)}, TypeError, "compensation"),
+        ({"copy_out": np.zeros(8, BF16)}, TypeError, "only float32 parameters"),
+        ({"master": np.zeros(8, np.float32), "compensation": np.zeros(8, BF16)}, TypeError,
+         "without a master copy"),
+    ]  # fmt: skip
+    for extra, exc, words in cases:
+        with pytest.raises(exc, match=words):
+            F.adam_(p, g16, m, v, None, step=1, **extra)
+        same_bits(p, keep, "param")
+        assert not m.any() and not v.any()
+    w = np.ones(8, np.float32)
+    for out, exc, words in (
+        (np.zeros(8, np.float32), TypeError, "bfloat16 or float16"),
+        (np.zeros(7, BF16), ValueError, "shape"),
+        (m, TypeError, "bfloat16 or float16"),
+    ):
+        with pytest.raises(exc, match=words):
+            F.adam_(w, g16, m, v, None, step=1, copy_out=out)
+        assert (w == 1).all() and not m.any()
+    with pytest.raises(TypeError, match="float64 only"):  # float64 parameters: float64 only
+        F.sgd_(np.ones(8), np.ones(8, np.float32), None, step=1)
+    with pytest.raises(TypeError, match="does not go with"):
+        F.adam_(p, g16, m.astype(np.float64), v, None, step=1)
+    f64 = np.ones(3)
+    with pytest.raises(TypeError, match="grad for param 0"):
+        fo.SGD([f64], lr=0.1).step([np.ones(3, BF16)])
+    assert (f64 == 1).all()
+
+
+def test_copy_out_is_the_rounded_parameter() -> None:
+    """The offload layout through the functional tier: float32 parameter and state updated,
+    and the parameter rounded into a bfloat16 copy in the same pass."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(1000).astype(np.float32)
+    ref = w.copy()
+    out = np.zeros(1000, BF16)
+    g = rng.standard_normal(1000).astype(np.float32).astype(BF16)
+    m, v = np.zeros(1000, np.float32), np.zeros(1000, np.float32)
+    m2, v2 = m.copy(), v.copy()
+    F.adamw_(w, g, m, v, None, step=1, lr=1e-2, copy_out=out)
+    F.adamw_(ref, g.astype(np.float32), m2, v2, None, step=1, lr=1e-2)
+    same_bits(w, ref, "param")
+    same_bits(out, reference.round_to_bfloat16(ref), "copy-out")
+
+
+@each_case(one_per_optimizer())
+def test_reference_classes_run_every_layout(case: Case) -> None:
+    """fastoptim.reference's classes (NumPy, float32 arithmetic, the same rounding and random
+    bits) stay within a few units of the stored dtype of the compiled layout after 5 steps."""
+    rng = np.random.default_rng(4)
+    start = [np.asarray(rng.standard_normal(s), np.float32).astype(BF16) for s in ((40,), (3, 5))]
+    kw = {**case.kwargs, "master_weights": True, "rounding": "stochastic", "seed": 3}
+    a, b = [x.copy() for x in start], [x.copy() for x in start]
+    fast = getattr(fo, case.opt)(a, **kw)
+    ref = getattr(reference, case.opt)(b, **kw)
+    for _ in range(5):
+        grads = [np.asarray(rng.standard_normal(x.shape), np.float32).astype(BF16) for x in a]
+        fast.step(grads)
+        ref.step(grads)
+    for x, y in zip(a, b):
+        ulps = np.abs(x.view(np.int16).astype(np.int32) - y.view(np.int16).astype(np.int32))
+        assert ulps.max() <= 4, ulps.max()
+    for k in fast.state:
+        for n, v in fast.state[k].items():
+            if n != "step":
+                np.testing.assert_allclose(v.astype(np.float64), ref.state[k][n].astype(np.float64),
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{n} {k}")  # fmt: skip

@@ -38,7 +38,8 @@ from typing import IO, Any, Union
 
 import numpy as np
 
-from .engine.optimizer import Optimizer
+from .engine import precision
+from .engine.optimizer import Optimizer, _dtype, _precision_mismatch
 
 __all__ = ["save", "load", "CheckpointError"]
 
@@ -53,6 +54,27 @@ _META_PER_PARAM = 64 << 10
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not match the optimizer."""
+
+
+def _kind(dtype: np.dtype[Any]) -> str:
+    """How the metadata names a dtype: NumPy's ``dtype.str`` (``"<f4"``), or ``"bfloat16"``
+    (ml_dtypes' bfloat16, written as its uint16 bit patterns: ``.npy`` has no bfloat16)."""
+    return "bfloat16" if dtype.name == "bfloat16" else dtype.str
+
+
+def _stored(a: np.ndarray) -> np.ndarray:
+    """`a` as written to its ``.npy`` member (bfloat16 as uint16 bits)."""
+    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+
+
+def _state_kinds(opt: Optimizer, key: Any, p: np.ndarray, names: list[str]) -> dict[str, str]:
+    """The dtypes (as :func:`_kind` names them) that state `names` of parameter `key` have in
+    `opt` (its precision policy decides them); a name it gives no buffer is absent."""
+    for g, group in zip(opt._groups, opt.param_groups):
+        if key in g.keys:
+            kinds = precision.buffers(group, _dtype(p.dtype).name, tuple(names))
+            return {n: _kind(_dtype(k)) for n, k in kinds.items()}
+    return {}
 
 
 def _params(opt: Optimizer) -> list[tuple[Any, np.ndarray]]:
@@ -85,11 +107,11 @@ def save(path: PathLike, opt: Optimizer) -> None:
     arrays: dict[str, np.ndarray] = {}
     params, state = [], []
     for i, (key, p) in enumerate(pairs):
-        arrays[f"p{i}"] = p
-        params.append({"key": key, "dtype": p.dtype.str, "shape": list(p.shape)})
+        arrays[f"p{i}"] = _stored(p)
+        params.append({"key": key, "dtype": _kind(p.dtype), "shape": list(p.shape)})
         names = sorted(sd["state"][key])
         for n in names:
-            arrays[f"s{i}.{n}"] = sd["state"][key][n]
+            arrays[f"s{i}.{n}"] = _stored(sd["state"][key][n])
         state.append(names)
     meta = {
         "format": _FORMAT,
@@ -234,13 +256,20 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
                     f"unexpected {sorted(set(members) - wanted)}"
                 )
             problems = []
+            records = meta["optimizer"].get("param_groups")
+            if isinstance(records, list) and len(records) == len(opt.param_groups):
+                for gi, (rec, group) in enumerate(zip(records, opt.param_groups)):
+                    hyper = rec.get("hyper") if isinstance(rec, dict) else None
+                    if isinstance(hyper, dict):  # (else the loader reports the damage)
+                        problems.append(_precision_mismatch(f"group {gi}", hyper, group))
+            problems = [p for p in problems if p]
             missing = [k for k in mine if k not in set(keys)]
             unexpected = [k for k in keys if k not in mine]
             if strict and (missing or unexpected):
                 problems.append(f"parameters: missing {missing}, unexpected {unexpected}")
             for k, rec in zip(keys, meta["params"]):
                 p = mine.get(k)
-                if p is not None and (rec["dtype"] != p.dtype.str or rec["shape"] != [*p.shape]):
+                if p is not None and (rec["dtype"] != _kind(p.dtype) or rec["shape"] != [*p.shape]):
                     dtype = _dtype_name(rec["dtype"])
                     shape = tuple(rec["shape"])
                     problems.append(
@@ -256,8 +285,16 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
                 p = mine.get(k)
                 if p is None:
                     continue  # strict=False: a parameter this optimizer does not have
-                for member in [f"p{i}"] + [f"s{i}.{n}" for n in names]:
-                    arrays[member] = _read_array(archive, members[member], p, where)
+                arrays[f"p{i}"] = _read_array(archive, members[f"p{i}"], _kind(p.dtype), p, where)
+                kinds = _state_kinds(opt, k, p, names)
+                for n in names:
+                    if n not in kinds:
+                        raise CheckpointError(
+                            f"{where}: the checkpoint has a state {n!r} for parameter {k!r}; "
+                            "this optimizer's precision options give it none"
+                        )
+                    member = f"s{i}.{n}"
+                    arrays[member] = _read_array(archive, members[member], kinds[n], p, where)
     try:
         sd = dict(meta["optimizer"])
         sd["state"] = {
@@ -375,11 +412,15 @@ def _layout(meta: dict[str, Any], where: str) -> tuple[list[Any], list[list[str]
 
 
 def _read_array(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, param: np.ndarray, where: str
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, kind: str, param: np.ndarray, where: str
 ) -> np.ndarray:
-    """A parameter or state member: the dtype and shape of `param` (the array it restores)."""
+    """A parameter or state member: of dtype `kind` (see :func:`_kind`) and `param`'s shape
+    (the array it restores, or the parameter of the state it restores)."""
     name = info.filename[:-4]
-    return _read_member(archive, info, name, (param.dtype, param.shape), where)
+    if kind == "bfloat16":
+        bits = _read_member(archive, info, name, (np.dtype(np.uint16), param.shape), where)
+        return bits.view(_dtype("bfloat16"))
+    return _read_member(archive, info, name, (np.dtype(kind), param.shape), where)
 
 
 def _read_member(

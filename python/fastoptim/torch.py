@@ -105,12 +105,14 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, Union, overload
 
+import ml_dtypes
 import numpy as np
 import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs without torch in CI
 
 from . import _core
 from . import definitions as _defs
 from . import schedules as _schedules
+from .engine import precision
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
 from .engine.optimizer import _defaults
@@ -139,7 +141,28 @@ TorchValue = Union[float, torch.Tensor, Callable[[int], float]]
 
 # Arguments of torch.optim's signatures that fastoptim has no use for.
 _TORCH_ONLY = tuple(TORCH_ONLY)
-_FLOATS = (torch.float32, torch.float64)
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_LOW = (torch.bfloat16, torch.float16)
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for torch.bfloat16..."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _numpy_of(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor's memory (no copy); bfloat16 as ml_dtypes'."""
+    if t.dtype is torch.bfloat16:
+        return _numpy(t.view(torch.int16)).view(_BF16)
+    return _numpy(t)
+
+
 _Opt = TypeVar("_Opt", bound="Optimizer")
 
 
@@ -186,8 +209,7 @@ def _in_layout(t: torch.Tensor, perm: tuple[int, ...] | None) -> bool:
 
 def _view(t: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
     """A C-contiguous NumPy view of `t`'s memory (no copy)."""
-    view: np.ndarray = _memory_order(t.detach(), perm).numpy()
-    return view
+    return _numpy_of(_memory_order(t.detach(), perm))
 
 
 def _placeholders(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -204,6 +226,7 @@ def _placeholders(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 _numpy = torch.Tensor.numpy
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 _data_ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 
@@ -230,6 +253,8 @@ class _Cache:
         self.fresh: list[frozenset[str]] = []  # per parameter: states not yet stepped
         self.any_fresh = False
         self.plan: Any = None  # over all of params
+        self.extras: dict[str, list[Any]] = {}  # the plan's master copies / compensation
+        self.ids: list[int] = []  # the parameters' numbers in the optimizer
         self.holders: list[np.ndarray] | None = None  # placeholder gradients
         self.bound = False  # plan is bound to the gradients of last_refs
         self.last_refs: list[weakref.ref[torch.Tensor]] = []  # the previous step's gradients
@@ -274,8 +299,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 for p in group["params"]:
                     state = self.state[p]
                     self._init_scalars(state, self.defaults)
+                    kinds = precision.buffers(
+                        group, _name(p.dtype), tuple(s.name for s in self._definition.states)
+                    )
                     for s in self._definition.states:
-                        state[s.name] = torch.full_like(p, self._fill(s.name))
+                        dtype = _TORCH_DTYPES[kinds[s.name]]
+                        state[s.name] = torch.full_like(p, self._fill(s.name), dtype=dtype)
 
     # ------------------------------------------------------------------ groups and state
     @property
@@ -329,8 +358,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             )
         if p.dtype not in _FLOATS:
             raise TypeError(
-                f"{name}: param {label} has dtype {p.dtype}; fastoptim.torch updates float32 "
-                "and float64 tensors only (keep float32 master weights, or use torch.optim)"
+                f"{name}: param {label} has dtype {p.dtype}; fastoptim.torch updates float32, "
+                "float64, bfloat16 and float16 tensors"
             )
         try:
             return _permutation(p)
@@ -447,6 +476,22 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             super().load_state_dict(state_dict)
         finally:
             self._loaded = None
+        self._keep_state_dtypes(state_dict)
+
+    def _keep_state_dtypes(self, state_dict: Mapping[str, Any]) -> None:
+        """torch's load_state_dict casts floating state to its parameter's dtype: undone for
+        bfloat16/float16 parameters, whose state's dtypes the precision policy decides (a
+        float32 state or master copy must not lose its bits; a state of another dtype than the
+        policy's is converted at the next step)."""
+        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        for key, p in zip(saved, mine):
+            entry = state_dict["state"].get(key)
+            if p.dtype not in _LOW or not isinstance(entry, Mapping):
+                continue
+            for name, value in entry.items():
+                if name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[p][name] = value.to(device=p.device, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
         self._sync_all()
@@ -507,16 +552,32 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             hp = self.defaults
         return self._definition.fill(name, hp)
 
-    def _new_state(self, p: torch.Tensor, name: str, hp: Mapping[str, Any]) -> torch.Tensor:
+    def _new_state(
+        self, p: torch.Tensor, name: str, hp: Mapping[str, Any], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A new state tensor `name` of `p` (of `dtype`: the precision policy's), in `p`'s
+        layout: the kernels' states filled as torch does; a master copy holds `p`'s values."""
+        if name == precision.MASTER:
+            return torch.empty_like(p, dtype=dtype).copy_(p.detach())
+        if name == precision.COMPENSATION:
+            return torch.zeros_like(p, dtype=dtype)
         fill = self._fill(name, hp)
-        s = torch.zeros_like(p) if fill == 0.0 else torch.full_like(p, fill)
+        s = torch.full_like(p, fill, dtype=dtype)
         self._fresh[id(s)] = s
         return s
+
+    def _scalars_of(self, hp: Mapping[str, Any]) -> tuple[tuple[str, float | str], ...]:
+        """The scalar state of a parameter in a group with `hp`: torch's, plus a ``step``
+        count where torch keeps none (SGD) and stochastic rounding needs one (its random bits
+        are keyed on the step number)."""
+        if hp.get(precision.ROUNDING) == "stochastic" and not self._definition.torch_step:
+            return (("step", 0.0), *self._scalars)
+        return self._scalars
 
     def _init_scalars(self, state: dict[str, Any], hp: Mapping[str, Any]) -> None:
         """Create the missing scalar state, as torch does: 0-d tensors of its scalar dtype
         (ASGD's ``eta`` from the group's ``lr``)."""
-        for name, value in self._scalars:
+        for name, value in self._scalars_of(hp):
             if name not in state:
                 fill = float(_plain(hp[value])) if isinstance(value, str) else value
                 state[name] = torch.tensor(fill, dtype=_scalar_dtype())
@@ -575,27 +636,30 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         index = {id(p): i for i, p in enumerate(group["params"])}
         labels = [self._label(group, gi, index[id(p)]) for p in params]
         perms = [self._check_param(p, lab) for p, lab in zip(params, labels)]
-        packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars}
-        stateless = not c.names and not self._scalars
-        for p, perm, label in zip(params, perms, labels):
+        assert c.hp is not None
+        packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
+        assert c.hp is not None
+        # Per parameter: its state buffers and their dtypes (the precision policy's).
+        layouts = [precision.buffers(c.hp, _name(p.dtype), c.names) for p in params]
+        stateless = not c.names and not packed and not any(map(len, layouts))
+        for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
                 continue
             state = self.state[p]
-            assert c.hp is not None
             self._init_scalars(state, c.hp)
-            for n in c.names:
+            for n, kind in layout.items():
+                dtype = _TORCH_DTYPES[kind]
                 s = state.get(n)
                 if s is None:
-                    assert c.hp is not None
-                    state[n] = self._new_state(p, n, c.hp)
+                    state[n] = self._new_state(p, n, c.hp, dtype)
                     continue
                 if not isinstance(s, torch.Tensor) or s.shape != p.shape:
                     raise ValueError(
                         f"{name}: state {n!r} of param {label} is not a tensor of the "
                         f"parameter's shape {tuple(p.shape)}"
                     )
-                if s.device != p.device or s.dtype != p.dtype or not _in_layout(s, perm):
-                    moved = torch.empty_like(p)
+                if s.device != p.device or s.dtype != dtype or not _in_layout(s, perm):
+                    moved = torch.empty_like(p, dtype=dtype)
                     moved.copy_(s)
                     state[n] = moved
             for n in packed:
@@ -617,10 +681,29 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         sviews = [
             [_view(self.state[p][n], perm) for p, perm in zip(params, perms)] for n in c.names
         ]
+        extras = {
+            key: [
+                _view(self.state[p][n], perm) if n in layout else None
+                for p, perm, layout in zip(params, perms, layouts)
+            ]
+            for key, n in (("masters", precision.MASTER), ("comps", precision.COMPENSATION))
+            if any(n in layout for layout in layouts)
+        }
+        first = sum(len(g["params"]) for g in self.param_groups[:gi])
         try:
-            plan = _core.Plan(pviews, labels, list(c.names), sviews)
+            plan = _core.Plan(
+                pviews,
+                labels,
+                list(c.names),
+                sviews,
+                **extras,
+                ids=[first + index[id(p)] for p in params],
+            )
+            if c.hp[precision.ROUNDING] != "nearest":
+                plan.set_rounding(c.hp[precision.ROUNDING], int(c.hp[precision.SEED]))
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name}: {e}") from None
+        c.extras, c.ids = extras, [first + index[id(p)] for p in params]
         c.params, c.labels, c.perms, c.pviews, c.sviews = params, labels, perms, pviews, sviews
         c.contiguous = all(perm is None for perm in perms)
         c.scalars = scalars
@@ -645,14 +728,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: grad of param {label} is sparse ({g.layout}); fastoptim.torch needs "
                 "dense gradients"
             )
-        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+        # float64 parameters take float64 gradients; the others float32/bfloat16/float16 ones
+        kind_ok = (g.dtype == torch.float64) == (p.dtype == torch.float64) and g.dtype in _FLOATS
+        if g.device != p.device or not kind_ok or g.shape != p.shape:
             raise (ValueError if g.shape != p.shape else TypeError)(
                 f"{name}: grad of param {label} ({g.dtype}, {tuple(g.shape)}, {g.device}) "
                 f"does not match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device})"
             )
         g = g.detach().resolve_conj().resolve_neg()
         if not _in_layout(g, c.perms[i]):
-            copy = torch.empty_like(p)
+            copy = torch.empty_like(p, dtype=g.dtype)
             copy.copy_(g)
             g = copy
         return _view(g, c.perms[i])
@@ -732,7 +817,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     [c.labels[i] for i in sel],
                     list(c.names),
                     [[s[i] for i in sel] for s in c.sviews],
+                    **{k: [v[i] for i in sel] for k, v in c.extras.items()},
+                    ids=[c.ids[i] for i in sel],
                 )
+                plan.set_rounding(c.plan.rounding, c.plan.seed)
                 self._bind(c, plan, grads, sel)
                 plans.append(plan)
         if not same:

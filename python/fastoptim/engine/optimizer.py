@@ -774,8 +774,12 @@ class Optimizer:
         trial.lr_scale, trial.lr_floor = rec["lr_scale"], rec["lr_floor"]
         values: dict[str, Any] = {}
         for k, v in hyper.items():
-            try:
-                spec = _from_data(v, g.sched.specs.get(k, group[k]))
+            try:  # (a state_dtype dict is plain data, never a schedule description)
+                spec = (
+                    v
+                    if k == precision.STATE_DTYPE
+                    else _from_data(v, g.sched.specs.get(k, group[k]))
+                )
             except ValueError as e:
                 problems.append(f"{where} {k}: {e}")
                 continue
@@ -801,17 +805,10 @@ class Optimizer:
             if problem is not None:
                 problems.append(f"{where}: scalar state {problem}")
                 return lambda: None
-        for k in (precision.STATE_DTYPE, precision.MASTER_WEIGHTS, precision.KAHAN):
-            saved = values.get(k, group.get(k))
-            if k == precision.STATE_DTYPE:
-                saved = precision.normalize(saved)
-            if saved != group.get(k):
-                problems.append(
-                    f"{where}: the state was saved with {k}={values[k]!r}, this optimizer has "
-                    f"{k}={group.get(k)!r} (precision options decide the state's dtypes: build "
-                    "the optimizer with the same ones)"
-                )
-                return lambda: None
+        mismatch = _precision_mismatch(where, values, group)
+        if mismatch:
+            problems.append(mismatch)
+            return lambda: None
         if len(values) == len(hyper):
             try:
                 trial.evaluate(values, t)
@@ -900,6 +897,20 @@ def _rebuild(
 
 
 # ---------------------------------------------------------------------- checkpoint helpers
+def _precision_mismatch(where: str, saved: Mapping[str, Any], group: Mapping[str, Any]) -> str:
+    """The problem if a group saved with hyper-parameters `saved` has other precision options
+    (state_dtype, master_weights, kahan) than `group`: they decide the state's dtypes."""
+    for k in (precision.STATE_DTYPE, precision.MASTER_WEIGHTS, precision.KAHAN):
+        value = saved.get(k, group.get(k))
+        if (precision.normalize(value) if k == precision.STATE_DTYPE else value) != group.get(k):
+            return (
+                f"{where}: the state was saved with {k}={value!r}, this optimizer has "
+                f"{k}={group.get(k)!r} (precision options decide the state's dtypes: build "
+                "the optimizer with the same ones)"
+            )
+    return ""
+
+
 def _is_count(v: Any) -> bool:
     """A step count: an int >= 0 whose successor still fits the kernels' int64."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(0 <= v < 2**63 - 1)

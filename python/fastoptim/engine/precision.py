@@ -61,6 +61,8 @@ def dtype_name(d: Any) -> str | None:
     """The name of a float dtype fastoptim stores (``"float32"``, ``"bfloat16"``...) given as a
     string, a NumPy dtype or scalar type, ml_dtypes' bfloat16 or a torch dtype; None if it is
     none of those."""
+    if d is None:
+        return None  # (np.dtype(None) is float64)
     if isinstance(d, str):
         name = d.removeprefix("torch.")
     elif type(d).__module__ == "torch" and type(d).__name__ == "dtype":
@@ -107,7 +109,8 @@ def normalize(value: Any) -> Any:
         return value
     if isinstance(value, Mapping):
         return {k: normalize(v) for k, v in value.items()}
-    return dtype_name(value)
+    name = dtype_name(value)
+    return value if name is None else name  # (an invalid value stays, for check to report)
 
 
 def check_rounding(cls: str, value: Any) -> None:
@@ -134,7 +137,8 @@ def buffers(group: Mapping[str, Any], param: str, names: tuple[str, ...]) -> dic
         if n in EXTRA_STATES:
             continue
         v = policy.get(n) if isinstance(policy, Mapping) else policy
-        out[n] = param if v == "param" else (dtype_name(v) or "float32")
+        named = dtype_name(v) if v is not None else None
+        out[n] = param if v == "param" else (named or "float32")
     if param in LOW:
         if group.get(MASTER_WEIGHTS):
             out[MASTER] = "float32"

@@ -1,0 +1,172 @@
+"""fastoptim.torch with bfloat16/float16 tensors: against torch.optim's fused CPU kernels (Adam,
+AdamW and Adagrad accept bfloat16/float16 and compute in float32), and against the NumPy tier
+(the same driver: bit for bit) for every optimizer and precision layout."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim as fo  # noqa: E402
+import fastoptim.torch as fot  # noqa: E402
+from cases import Case, each_case, one_per_optimizer  # noqa: E402
+from fastoptim.torch import _numpy_of  # noqa: E402
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _pair(dtype: Any, n: int = 3001, seed: int = 0) -> tuple[Any, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=gen).to(dtype).requires_grad_()
+    return a, a.detach().clone().requires_grad_()
+
+
+# Conventions that differ in the last float32 bit, so that the tests choose coefficients exact in
+# both: torch's fused bfloat16/float16 Adagrad rounds lr and eps to the parameter's dtype
+# (``fVec(scalar_t(clr))``; fastoptim keeps per-step scalars in double), and its AdamW computes
+# ``p - p * (lr * wd)`` where fastoptim's kernel computes ``p * (1 - lr * wd)`` (the same value
+# when lr * wd is a power of two).
+FUSED = [
+    ("Adam", {"lr": 1e-2, "weight_decay": 0.1}),
+    ("Adam", {"lr": 1e-2, "amsgrad": True, "maximize": True}),
+    ("AdamW", {"lr": 2.0**-7, "weight_decay": 0.125}),
+    ("Adagrad", {"lr": 2.0**-6, "eps": 2.0**-20, "weight_decay": 0.25}),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("name", "kwargs"), FUSED, ids=[f[0] + str(i) for i, f in enumerate(FUSED)]
+)
+def test_matches_torch_fused(dtype: Any, name: str, kwargs: dict[str, Any]) -> None:
+    """Ten steps with state in the parameter's dtype (``state_dtype="param"``, torch's
+    convention): parameters and state as torch.optim's fused kernel computes them."""
+    a, b = _pair(dtype)
+    ref = getattr(torch.optim, name)([a], fused=True, **kwargs)
+    ours = getattr(fot, name)([b], state_dtype="param", **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        g = torch.randn(a.shape, generator=gen).to(dtype)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+        _close(a, b, "param")
+        for k, v in ref.state[a].items():
+            if k != "step":
+                assert ours.state[b][k].dtype == dtype
+                _close(v, ours.state[b][k], k)
+
+
+def _close(x: Any, y: Any, what: str) -> None:
+    """Bit-identical but for a rare element one unit apart: both compute in float32, in a
+    different order where fastoptim's kernels fuse a multiply-add (a different last float32
+    bit decides a low-precision rounding about once in 10^4 elements)."""
+    ulps = (x.detach().view(torch.int16).int() - y.detach().view(torch.int16).int()).abs()
+    assert int(ulps.max()) <= 1, what
+    assert int((ulps > 0).sum()) <= max(1, x.numel() // 1000), what
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """The bytes of an array (0-d included)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+LAYOUTS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "bf16": (torch.bfloat16, torch.bfloat16, {}),
+    "f16-f16state": (torch.float16, torch.float16, {"state_dtype": "float16"}),
+    "bf16-master-sr": (torch.bfloat16, torch.bfloat16, {"master_weights": True,
+                                                         "rounding": "stochastic"}),
+    "bf16-kahan": (torch.bfloat16, torch.float32, {"kahan": True}),
+    "f32-bf16grad": (torch.float32, torch.bfloat16, {}),
+    "bf16-bf16state-sr": (torch.bfloat16, torch.bfloat16, {"state_dtype": torch.bfloat16,
+                                                            "rounding": "stochastic"}),
+}  # fmt: skip
+
+
+# NAdam's mu_product and ASGD's eta/mu are computed in torch's float32 scalar tensors by
+# fastoptim.torch (to match torch), in double by the NumPy tier: the tiers differ there anyway.
+SAME_SCALARS = [c for c in one_per_optimizer() if not getattr(fo, c.opt)._definition.scalars]
+
+
+@each_case(SAME_SCALARS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_same_bits_as_numpy_tier(case: Case, layout: str) -> None:
+    """fastoptim.torch on low-precision tensors runs the NumPy tier's driver: the same bits,
+    state included, for every optimizer (but those of SAME_SCALARS' note) and layout (two
+    groups: stochastic rounding keys on the tensor's number in the optimizer)."""
+    pdt, gdt, opts = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 7), (33,), (), (300,)]
+    tensors = [torch.randn(s, generator=gen).to(pdt) for s in shapes]
+    arrays = [_numpy_of(t.clone()).copy() for t in tensors]
+    kw = {**case.kwargs, **opts, "seed": 5}
+    groups_t = [{"params": tensors[:2]}, {"params": tensors[2:], "lr": kw["lr"] / 2}]
+    groups_n = [{"params": arrays[:2]}, {"params": arrays[2:], "lr": kw["lr"] / 2}]
+    ours_t = getattr(fot, case.opt)(groups_t, **kw)
+    ours_n = getattr(fo, case.opt)(groups_n, **kw)
+    for _ in range(4):
+        grads = [torch.randn(s, generator=gen).to(gdt) for s in shapes]
+        for t, g in zip(tensors, grads):
+            t.grad_dtype = None  # torch >= 2.9 asks for mixed dtypes to be declared
+            t.grad = g
+        ours_t.step()
+        ours_n.step([_numpy_of(g.contiguous()) for g in grads])
+        for i, (t, a) in enumerate(zip(tensors, arrays)):
+            np.testing.assert_array_equal(_raw(_numpy_of(t)), _raw(a))
+            for k, v in ours_n.state[i].items():
+                if k != "step":
+                    s = ours_t.state[t][k]
+                    assert str(s.dtype).removeprefix("torch.") == v.dtype.name, k
+                    np.testing.assert_array_equal(_raw(_numpy_of(s)), _raw(v))
+
+
+def test_default_policy_and_state_dict_round_trip() -> None:
+    """bfloat16 parameters: float32 state by default, a float32 master copy on request; the
+    torch-format state_dict keeps those dtypes through torch.save/load into a new optimizer,
+    which then continues bit-identically."""
+    a, b = _pair(torch.bfloat16, 257)
+    opt = fot.AdamW([a], lr=1e-3, master_weights=True, rounding="stochastic", seed=9)
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(a.shape, generator=gen).to(torch.bfloat16) for _ in range(6)]
+    for g in grads[:3]:
+        a.grad = g
+        opt.step()
+    st = opt.state[a]
+    assert st["exp_avg"].dtype == torch.float32 and st["master"].dtype == torch.float32
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    b.data.copy_(a.detach())
+    other = fot.AdamW([b], lr=1e-3, master_weights=True, rounding="stochastic", seed=9)
+    other.load_state_dict(torch.load(buf))
+    assert other.state[b]["master"].dtype == torch.float32
+    assert torch.equal(other.state[b]["master"], st["master"])
+    for g in grads[3:]:
+        a.grad, b.grad = g, g.clone()
+        opt.step()
+        other.step()
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["master"], other.state[b]["master"])
+
+
+def test_low_precision_gradients_into_float32_parameters() -> None:
+    """The offload case: bfloat16 gradients read into float32 parameters (no copy of them)."""
+    p = torch.zeros(100, requires_grad=True)
+    q = torch.zeros(100, requires_grad=True)
+    g = torch.linspace(-1, 1, 100).to(torch.bfloat16)
+    p.grad_dtype = None  # torch >= 2.9 asks for mixed dtypes to be declared
+    p.grad, q.grad = g, g.float()
+    fot.SGD([p], lr=0.5, momentum=0.9).step()
+    fot.SGD([q], lr=0.5, momentum=0.9).step()
+    assert torch.equal(p, q)
+    r = torch.zeros(100, dtype=torch.float64, requires_grad=True)
+    r.grad_dtype = None
+    r.grad = g
+    with pytest.raises(TypeError, match="grad of param 0"):
+        fot.SGD([r], lr=0.5).step()
+    assert torch.equal(r, torch.zeros(100, dtype=torch.float64))
