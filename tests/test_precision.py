@@ -507,3 +507,32 @@ def test_reference_classes_run_every_layout(case: Case) -> None:
             if n != "step":
                 np.testing.assert_allclose(v.astype(np.float64), ref.state[k][n].astype(np.float64),
                                            rtol=1e-4, atol=1e-6, err_msg=f"{n} {k}")  # fmt: skip
+
+
+def test_set_copy_out_numpy_tier() -> None:
+    """Two groups, named parameters, a dict of copy-outs: each copy is its parameter rounded;
+    copies that alias anything the optimizer owns are refused with nothing changed; None
+    removes them."""
+    rng = np.random.default_rng(8)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("a", 50), ("b", (3, 4)))}
+    opt = fo.SGD([{"params": {"a": params["a"]}}, {"params": {"b": params["b"]}, "lr": 0.05}],
+                 lr=0.1, momentum=0.9)  # fmt: skip
+    outs = {"a": np.zeros(50, F16), "b": np.zeros((3, 4), BF16)}
+    opt.set_copy_out(outs)
+    for _ in range(2):
+        opt.step({n: rng.standard_normal(p.shape).astype(np.float32) for n, p in params.items()})
+        same_bits(outs["a"], reference.round_to_float16(params["a"]), "a")
+        same_bits(outs["b"], reference.round_to_bfloat16(params["b"]), "b")
+    momentum = opt.state["a"]["momentum_buffer"]
+    for bad, exc, words in (
+        ({"a": momentum.view(F16)[:50]}, ValueError, "shares memory"),
+        ({"b": np.zeros((3, 4), np.float32)}, TypeError, "bfloat16 or float16"),
+        ({"c": np.zeros(3, BF16)}, ValueError, "no parameter named"),
+        ([np.zeros(50, F16)], ValueError, "expected 2 entries"),
+    ):
+        with pytest.raises(exc, match=words):
+            opt.set_copy_out(bad)
+    opt.set_copy_out(None)
+    kept = outs["a"].copy()
+    opt.step({n: np.ones(p.shape, np.float32) for n, p in params.items()})
+    same_bits(outs["a"], kept, "a (no longer written)")

@@ -170,3 +170,52 @@ def test_low_precision_gradients_into_float32_parameters() -> None:
     with pytest.raises(TypeError, match="grad of param 0"):
         fot.SGD([r], lr=0.5).step()
     assert torch.equal(r, torch.zeros(100, dtype=torch.float64))
+
+
+def test_copy_out_offload_layout() -> None:
+    """float32 parameters and state, bfloat16 gradients in, bfloat16 copies out in the same
+    pass: the copies are the rounded parameters (nearest; stochastic with the NumPy tier's
+    bits); a bad copy-out is refused with nothing changed; pickling drops the copies."""
+    import pickle
+
+    from fastoptim import reference
+
+    gen = torch.Generator().manual_seed(4)
+    w = [torch.randn(300, generator=gen), torch.randn(4, 5, generator=gen)]
+    arrays = [t.numpy().copy() for t in w]
+    outs = [torch.zeros(300, dtype=torch.bfloat16), None]
+    opt = fot.AdamW(w, lr=1e-2, rounding="stochastic", seed=8)
+    opt.set_copy_out(outs)
+    twin = fo.AdamW(arrays, lr=1e-2, rounding="stochastic", seed=8)
+    twin_out = [np.zeros(300, reference.round_to_bfloat16(np.zeros(1)).dtype), None]
+    twin.set_copy_out(twin_out)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=gen).to(torch.bfloat16) for t in w]
+        for t, g in zip(w, grads):
+            t.grad_dtype = None
+            t.grad = g
+        opt.step()
+        twin.step([_numpy_of(g) for g in grads])
+        for t, a in zip(w, arrays):
+            np.testing.assert_array_equal(t.detach().numpy(), a)
+        np.testing.assert_array_equal(_raw(_numpy_of(outs[0])), _raw(twin_out[0]))
+    bits = reference.stochastic_bits(8, 3, 0, 0, 300)
+    np.testing.assert_array_equal(
+        _raw(_numpy_of(outs[0])), _raw(reference.round_to_bfloat16(arrays[0], bits))
+    )
+    before = outs[0].clone()
+    for bad, exc in (([torch.zeros(300), None], TypeError),
+                     ([torch.zeros(30, dtype=torch.bfloat16), None], ValueError),
+                     ([w[1], None], TypeError), ("nope", TypeError)):  # fmt: skip
+        with pytest.raises(exc):
+            opt.set_copy_out(bad)
+    w[0].grad = torch.zeros(300)  # the copies set before the rejected calls still work
+    w[1].grad = None
+    opt.step()
+    bits = reference.stochastic_bits(8, 4, 0, 0, 300)
+    np.testing.assert_array_equal(
+        _raw(_numpy_of(outs[0])), _raw(reference.round_to_bfloat16(w[0].detach().numpy(), bits))
+    )
+    assert not torch.equal(outs[0], before)
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone._copy_out == {}

@@ -293,6 +293,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
         self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
         self._lock = new_lock(self)  # steps from several threads: one at a time
+        self._copy_out: dict[int, torch.Tensor] = {}  # id(param) -> its copy-out tensor
         super().__init__(params, {**defaults, **dict(self._definition.fixed)})
         if self._definition.torch_eager_state:  # torch creates this state at construction
             for group in self.param_groups:
@@ -496,7 +497,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def __getstate__(self) -> dict[str, Any]:
         self._sync_all()
         state: dict[str, Any] = super().__getstate__()
-        state = {k: v for k, v in state.items() if k != "_lock"}
+        state = {k: v for k, v in state.items() if k not in ("_lock", "_copy_out")}
         state["step_count"] = self._t
         state["schedules"] = [
             dict(rec.specs) if (rec := self._record(g)) is not None else {}
@@ -512,6 +513,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         super().__setstate__(state)
         if not hasattr(self, "_lock"):  # unpickled (load_state_dict keeps the live one)
             self._lock = new_lock(self)
+        if not hasattr(self, "_copy_out"):  # unpickled: copies are not part of the state
+            self._copy_out = {}
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -581,6 +584,46 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if name not in state:
                 fill = float(_plain(hp[value])) if isinstance(value, str) else value
                 state[name] = torch.tensor(fill, dtype=_scalar_dtype())
+
+    def set_copy_out(self, outs: Any) -> None:
+        """The offload layout: after every step, each float32 parameter that has a copy-out
+        tensor (bfloat16 or float16, same shape and memory layout, on the CPU) also gets its new
+        value rounded into it (per the group's ``rounding``) in the same pass, ready to be
+        copied to the accelerator.  `outs`: a dict parameter -> tensor, a list in the order of
+        the parameters of ``param_groups`` (None for a parameter without a copy), or None to
+        remove every copy.  Validated first: a rejected call changes nothing."""
+        name = type(self).__name__
+        params = [p for g in self.param_groups for p in g["params"]]
+        if outs is None:
+            pairs: list[tuple[Any, Any]] = []
+        elif isinstance(outs, Mapping):
+            known = {id(p) for p in params}
+            if any(id(p) not in known for p in outs):
+                raise ValueError(f"{name}.set_copy_out: a key is not a parameter of this optimizer")
+            pairs = [(p, outs[p]) for p in params if p in outs and outs[p] is not None]
+        elif isinstance(outs, Sequence) and len(outs) == len(params):
+            pairs = [(p, o) for p, o in zip(params, outs) if o is not None]
+        else:
+            raise TypeError(
+                f"{name}.set_copy_out: expected a dict parameter -> tensor, a list of "
+                f"{len(params)} tensors or None, or None"
+            )
+        index = {id(p): i for i, p in enumerate(params)}
+        for p, o in pairs:
+            label = f"{index[id(p)]}"
+            perm = self._check_param(p, label)
+            if not isinstance(o, torch.Tensor) or o.device != p.device or not _in_layout(o, perm):
+                raise TypeError(
+                    f"{name}.set_copy_out: the copy-out of param {label} must be a CPU tensor "
+                    "with the parameter's memory layout"
+                )
+            try:
+                _core.Plan([_view(p, perm)], [label], [], [], outs=[_view(o, perm)])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}.set_copy_out: {e}") from None
+        with self._lock:
+            self._copy_out = {id(p): o for p, o in pairs}
+            self._caches = []
 
     # ------------------------------------------------------------------ the per-group cache
     def _cache(self, gi: int, group: dict[str, Any]) -> _Cache:
@@ -689,6 +732,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for key, n in (("masters", precision.MASTER), ("comps", precision.COMPENSATION))
             if any(n in layout for layout in layouts)
         }
+        if self._copy_out:
+            outs = [self._copy_out.get(id(p)) for p in params]
+            if any(o is not None for o in outs):
+                extras["outs"] = [
+                    None if o is None else _view(o, perm) for o, perm in zip(outs, perms)
+                ]
         first = sum(len(g["params"]) for g in self.param_groups[:gi])
         try:
             plan = _core.Plan(

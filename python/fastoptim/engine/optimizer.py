@@ -352,12 +352,21 @@ class Optimizer:
                 self._allocate(g, name, self._state_fill(name, group), layout)
                 if name in names:
                     g.fresh.add(name)
+        g.plan = self._make_plan(g, names, g.outs)
+        g.plan_steps = 0
+        g.plan_states = key
+        g.bound_own = False
+        self._sync(g, group)  # `fresh` may have changed
+
+    def _make_plan(self, g: _Group, names: Sequence[str], outs: Any) -> Any:
+        """A compiled plan of group `g`'s parameters and states `names` (which exist), its
+        master copies and compensation, and the copy-out arrays `outs` (validated by it)."""
         extra = {
             "masters": g.states.get(precision.MASTER),
             "comps": g.states.get(precision.COMPENSATION),
-            "outs": g.outs,
+            "outs": outs,
         }
-        g.plan = _core.Plan(
+        return _core.Plan(
             list(g.params),
             g.labels,
             list(names),
@@ -365,10 +374,57 @@ class Optimizer:
             **{k: v for k, v in extra.items() if v is not None},
             ids=list(range(g.first_id, g.first_id + len(g.params))),
         )
-        g.plan_steps = 0
-        g.plan_states = key
-        g.bound_own = False
-        self._sync(g, group)  # `fresh` may have changed
+
+    def set_copy_out(self, arrays: Any) -> None:
+        """The offload layout: after every step, each float32 parameter that has a copy-out
+        array (bfloat16 or float16, same shape, C-contiguous) also gets its new value rounded
+        into it (per the group's ``rounding``), in the same pass over memory.
+
+        `arrays`: a list in parameter order (None for a parameter without a copy), a dict
+        keyed by parameter name (parameters not in it have none), or None to remove every
+        copy.  Validated first (dtypes, shapes, layout, memory shared with anything the
+        optimizer updates): a rejected call changes nothing."""
+        cls = type(self).__name__
+        with self._lock:
+            total = sum(len(g.params) for g in self._groups)
+            if arrays is None:
+                flat: list[Any] = [None] * total
+            elif isinstance(arrays, Mapping):
+                keys = [str(k) for g in self._groups for k in g.keys]
+                unknown = [k for k in arrays if k not in set(keys)]
+                if not self._named or unknown:
+                    raise ValueError(
+                        f"{cls}.set_copy_out: no parameter named {unknown[:3]}"
+                        if self._named
+                        else f"{cls}.set_copy_out: a dict needs named parameters; pass a list"
+                    )
+                flat = [arrays.get(k) for k in keys]
+            elif isinstance(arrays, Sequence) and not isinstance(arrays, np.ndarray):
+                if len(arrays) != total:
+                    raise ValueError(
+                        f"{cls}.set_copy_out: expected {total} entries (an array or None per "
+                        f"parameter), got {len(arrays)}"
+                    )
+                flat = list(arrays)
+            else:
+                raise TypeError(
+                    f"{cls}.set_copy_out: expected a list, a dict or None, got "
+                    f"{type(arrays).__name__}"
+                )
+            per_group, start = [], 0
+            for g in self._groups:
+                outs = flat[start : start + len(g.params)]
+                start += len(g.params)
+                per_group.append(None if all(o is None for o in outs) else outs)
+            for g, outs in zip(self._groups, per_group):  # every check before any change
+                self._make_plan(g, g.hyper.state_names(), outs)
+            owned, owners = self._owned(with_grad_buffers=True, with_outs=False)
+            given = [(o, f"copy-out of param {lab}") for g, outs in zip(self._groups, per_group)
+                     for lab, o in zip(g.labels, outs or ()) if o is not None]  # fmt: skip
+            _core.check_disjoint(owned + [o for o, _ in given], owners + [w for _, w in given])
+            for g, group, outs in zip(self._groups, self.param_groups, per_group):
+                g.outs = outs
+                self._ensure_plan(g, group)
 
     def _own_grads(self, g: _Group) -> list[np.ndarray]:
         if g.grads is None:
@@ -510,7 +566,9 @@ class Optimizer:
             _core.check_disjoint(owned + grads_flat, owners + labels)
         return per_group
 
-    def _owned(self, with_grad_buffers: bool) -> tuple[list[np.ndarray], list[str]]:
+    def _owned(
+        self, with_grad_buffers: bool, with_outs: bool = True
+    ) -> tuple[list[np.ndarray], list[str]]:
         """The memory the groups own (parameters, state arenas and, optionally, the gradient
         buffers of :attr:`grads`), with labels: no two groups may share any of it."""
         arrays: list[np.ndarray] = []
@@ -524,7 +582,7 @@ class Optimizer:
             if with_grad_buffers and g.grad_block is not None:
                 arrays.append(g.grad_block)
                 labels.append(f"the gradient buffers (opt.grads) of group {gi}")
-            for lab, out in zip(g.labels, g.outs or ()):
+            for lab, out in zip(g.labels, (g.outs or ()) if with_outs else ()):
                 if out is not None:
                     arrays.append(out)
                     labels.append(f"the copy-out of param {lab}")
