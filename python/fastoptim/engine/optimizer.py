@@ -411,11 +411,12 @@ class Optimizer:
                     f"{cls}.set_copy_out: expected a list, a dict or None, got "
                     f"{type(arrays).__name__}"
                 )
-            per_group, start = [], 0
+            per_group: list[list[Any] | None] = []
+            start = 0
             for g in self._groups:
-                outs = flat[start : start + len(g.params)]
+                mine = flat[start : start + len(g.params)]
                 start += len(g.params)
-                per_group.append(None if all(o is None for o in outs) else outs)
+                per_group.append(None if all(o is None for o in mine) else mine)
             for g, outs in zip(self._groups, per_group):  # every check before any change
                 self._make_plan(g, g.hyper.state_names(), outs)
             owned, owners = self._owned(with_grad_buffers=True, with_outs=False)
