@@ -31,6 +31,12 @@ constexpr int64_t kAlign = 16;  // elements per 64-byte line in float32
 // Iterations of the loop that follows are independent: vectorize without alias checks.  (Not
 // `#pragma omp simd`: OpenMP lowering runs before inlining and turns the kernel's local state
 // array into a per-lane "simd array", which then blocks vectorization of most kernels.)
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTOPTIM_NOINLINE __attribute__((noinline))
+#else
+#define FASTOPTIM_NOINLINE
+#endif
+
 #if defined(__clang__)
 #define FASTOPTIM_VECTORIZE _Pragma("clang loop vectorize(assume_safety)")
 #elif defined(__GNUC__)
@@ -113,11 +119,13 @@ template <class F> void parallel_ranges(int64_t total, int threads, const F& f) 
 // ------------------------------------------------------------------ stored formats
 // The low-precision formats the driver converts (convert.hpp), as types for its loops.
 struct BF16 {
+  using type = uint16_t;
   static float load(uint16_t h) { return bf16_load(h); }
   static uint16_t nearest(float x) { return bf16_round_nearest(x); }
   static uint16_t stochastic(float x, uint32_t r) { return bf16_round_stochastic(x, r); }
 };
 struct F16 {
+  using type = uint16_t;
   static float load(uint16_t h) { return f16_load(h); }
   static uint16_t nearest(float x) { return f16_round_nearest(x); }
   static uint16_t stochastic(float x, uint32_t r) { return f16_round_stochastic(x, r); }
@@ -230,6 +238,110 @@ void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const R
   }
 }
 
+// ------------------------------------------------------------------ fused layouts
+// The common mixed-precision layouts run fused: the conversions happen in registers inside the
+// element loop (no float32 copies through L1, whose store bandwidth limits the converting path),
+// with the very same element functor and rounding functions, so results are identical.  A
+// small closed set (chosen per tensor at run time, see Fused): everything else converts block
+// by block (sweep_converting).
+struct F32 {  // float32 storage
+  using type = float;
+  static float load(float x) { return x; }
+};
+
+// Storing a float32 result into format F (F32: as is; BF16 to nearest or stochastically with
+// the element's random bits).
+template <class F, bool Stochastic> struct Store {
+  static void put(typename F::type& dst, float v, uint32_t) { dst = v; }
+};
+template <> struct Store<BF16, false> {
+  static void put(uint16_t& dst, float v, uint32_t) { dst = bf16_round_nearest(v); }
+};
+template <> struct Store<BF16, true> {
+  static void put(uint16_t& dst, float v, uint32_t r) { dst = bf16_round_stochastic(v, r); }
+};
+
+// One fused sweep of n elements from element `first` of their tensor: parameter of format P
+// (updated in place), gradient of format G, states of format S, and a bfloat16 copy of the
+// parameter when Out.  Stochastic: random bits per array (0: parameter and copy; 1 + j: state
+// j) from `keys`.
+//
+// Not inlined: compiled on its own, the loop vectorizes whatever the caller (GCC 12 failed to
+// if-convert some of these loops once inlined into the parallel driver's lambdas).
+template <class P, class G, class S, bool Out, bool Stochastic, class K, std::size_t... J,
+          class... SP>
+FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p, const typename G::type* __restrict g,
+                 uint16_t* __restrict out, int64_t n, uint32_t first,
+                 const std::array<uint32_t, sizeof...(J) + 1> keys, std::index_sequence<J...>,
+                 SP* __restrict... s) {
+FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t index = first + static_cast<uint32_t>(i);
+    float pv = P::load(p[i]);
+    std::array<float, sizeof...(J)> v{S::load(s[i])...};
+    k(pv, G::load(g[i]), v);
+    const uint32_t r0 = Stochastic ? random_bits(keys[0], index) : 0u;
+    Store<P, Stochastic>::put(p[i], pv, r0);
+    ((Store<S, Stochastic>::put(s[i], v[J], Stochastic ? random_bits(keys[1 + J], index) : 0u)),
+     ...);
+    if constexpr (Out) Store<BF16, Stochastic>::put(out[i], pv, r0);
+  }
+}
+
+// Which fused layout a tensor has (0: none).
+enum Fused : int { kNotFused = 0, kBf16Params = 1, kAllBf16 = 2, kOffload = 3 };
+inline Fused fused_layout(const Tensor& t, int nstate) {
+  if (t.comp || t.grad_dtype != DType::bf16) return kNotFused;
+  bool s32 = true, s16 = true;
+  for (int j = 0; j < nstate; ++j) {
+    s32 = s32 && t.state_dtype[j] == DType::f32;
+    s16 = s16 && t.state_dtype[j] == DType::bf16;
+  }
+  if (t.dtype == DType::bf16 && !t.out) return s32 ? kBf16Params : (s16 ? kAllBf16 : kNotFused);
+  if (t.dtype == DType::f32 && t.out && t.out_dtype == DType::bf16 && s32) return kOffload;
+  return kNotFused;
+}
+
+template <class P, class S, bool Out, bool Stochastic, class K, std::size_t... J>
+void run_fused(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
+               std::index_sequence<J...> seq) {
+  for (int64_t lo = a; lo < b;) {
+    const int64_t wrap = (lo | int64_t{0xFFFFFFFF}) + 1;  // the random bits' 2^32 blocks
+    const int64_t n = std::min(b - lo, wrap - lo);
+    std::array<uint32_t, sizeof...(J) + 1> keys{};
+    if (Stochastic)
+      for (uint32_t j = 0; j < keys.size(); ++j) keys[j] = key(t, j, lo);
+    sweep_fused<P, BF16, S, Out, Stochastic>(
+        k, static_cast<typename P::type*>(t.param) + lo, static_cast<const uint16_t*>(t.grad) + lo,
+        Out ? static_cast<uint16_t*>(t.out) + lo : nullptr, n, static_cast<uint32_t>(lo), keys,
+        seq, (static_cast<typename S::type*>(t.state[J]) + lo)...);
+    lo += n;
+  }
+}
+
+// The fused path of tensor t's elements [a, b) if its layout has one; false otherwise.
+template <class K, class Seq>
+bool sweep_fused_layout(const K& k, const Tensor& t, int nstate, int64_t a, int64_t b,
+                        const RoundingKey& key, Seq seq) {
+  const bool sr = key.plan.rounding == Rounding::stochastic;
+  switch (fused_layout(t, nstate)) {
+    case kBf16Params:
+      sr ? run_fused<BF16, F32, false, true>(k, t, a, b, key, seq)
+         : run_fused<BF16, F32, false, false>(k, t, a, b, key, seq);
+      return true;
+    case kAllBf16:
+      sr ? run_fused<BF16, BF16, false, true>(k, t, a, b, key, seq)
+         : run_fused<BF16, BF16, false, false>(k, t, a, b, key, seq);
+      return true;
+    case kOffload:
+      sr ? run_fused<F32, F32, true, true>(k, t, a, b, key, seq)
+         : run_fused<F32, F32, true, false>(k, t, a, b, key, seq);
+      return true;
+    default:
+      return false;
+  }
+}
+
 template <class Opt, unsigned V>
 void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, int threads) {
   const Kernel<Opt, float, V> kf{c};
@@ -238,8 +350,10 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
   constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
-      if (!t.direct(plan.nstate))
-        sweep_converting(kf, t, a, b, key, states);
+      if (!t.direct(plan.nstate)) {
+        if (!sweep_fused_layout(kf, t, plan.nstate, a, b, key, states))
+          sweep_converting(kf, t, a, b, key, states);
+      }
       else if (t.dtype == DType::f32)
         sweep_tensor<Kernel<Opt, float, V>, float>(kf, t, a, b, states);
       else
