@@ -254,6 +254,7 @@ class _Cache:
         self.any_fresh = False
         self.plan: Any = None  # over all of params
         self.extras: dict[str, list[Any]] = {}  # the plan's master copies / compensation
+        self.to_numpy: Callable[[torch.Tensor], np.ndarray] = _numpy  # gradients' views
         self.ids: list[int] = []  # the parameters' numbers in the optimizer
         self.holders: list[np.ndarray] | None = None  # placeholder gradients
         self.bound = False  # plan is bound to the gradients of last_refs
@@ -794,18 +795,20 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def _bind(self, c: _Cache, plan: Any, grads: list[torch.Tensor], sel: Any) -> None:
         """Bind the gradients `grads[sel]` to `plan` (validated by it; nothing is modified if
         one is rejected)."""
+        to_numpy = c.to_numpy
         try:  # the common case: every gradient has its parameter's layout, no checks needed
             if c.contiguous:
-                views = list(map(_numpy, [grads[i] for i in sel] if sel is not None else grads))
+                views = list(map(to_numpy, [grads[i] for i in sel] if sel is not None else grads))
             else:
                 views = [
-                    _numpy(_memory_order(grads[i], c.perms[i]))
+                    to_numpy(_memory_order(grads[i], c.perms[i]))
                     for i in (sel if sel is not None else range(len(grads)))
                 ]
             plan.bind_grads(views)
             return
         except (RuntimeError, TypeError, ValueError):
-            pass
+            if any(g.dtype is torch.bfloat16 for g in grads if isinstance(g, torch.Tensor)):
+                c.to_numpy = _numpy_of  # (Tensor.numpy() has no bfloat16: view its bits)
         views = [
             self._grad_view(c, i, grads[i]) for i in (sel if sel is not None else range(len(grads)))
         ]
