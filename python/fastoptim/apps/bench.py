@@ -522,7 +522,7 @@ def format_threads(rows: Sequence[ThreadRow], processes: int, threads: int) -> s
 
 # ------------------------------------------------------ reduced precision (bench --layouts)
 LAYOUT_SIZE = 1 << 24  # 16M elements: far beyond the caches
-ADAMW = {"lr": 1e-3, "weight_decay": 0.01}
+ADAMW: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01}
 
 
 @dataclass(frozen=True)
@@ -606,10 +606,21 @@ LAYOUTS: tuple[Layout, ...] = (
         "bfloat16",
         (("master_weights", True),),
     ),
-    Layout("offload", MASTER_OUT, "p 4+4, m 4+4, v 4+4, g 2, copy 2", grad="bfloat16",
-           copy_out="bfloat16"),  # fmt: skip
-    Layout("offload, stochastic", MASTER_OUT, "p 4+4, m 4+4, v 4+4, g 2, copy 2",
-           grad="bfloat16", options=SR, copy_out="bfloat16"),  # fmt: skip
+    Layout(
+        "offload",
+        MASTER_OUT,
+        "p 4+4, m 4+4, v 4+4, g 2, copy 2",
+        grad="bfloat16",
+        copy_out="bfloat16",
+    ),
+    Layout(
+        "offload, stochastic",
+        MASTER_OUT,
+        "p 4+4, m 4+4, v 4+4, g 2, copy 2",
+        grad="bfloat16",
+        options=SR,
+        copy_out="bfloat16",
+    ),
     Layout("fp16 p/g, fp32 state", LOW_P_G, "p 2+2, g 2, m 4+4, v 4+4", "float16", "float16"),
     Layout(
         "all-fp16",
@@ -619,8 +630,14 @@ LAYOUTS: tuple[Layout, ...] = (
         "float16",
         (("state_dtype", "float16"),),
     ),
-    Layout("torch fused bf16", ALL_LOW, "as all-bf16 (torch keeps state in the param dtype)",
-           "bfloat16", "bfloat16", contender="torch"),  # fmt: skip
+    Layout(
+        "torch fused bf16",
+        ALL_LOW,
+        "as all-bf16 (torch keeps state in the param dtype)",
+        "bfloat16",
+        "bfloat16",
+        contender="torch",
+    ),
     Layout("torch fused fp32", FP32, "as fp32", contender="torch"),
     Layout(
         "cast around fp32 step",
@@ -631,15 +648,17 @@ LAYOUTS: tuple[Layout, ...] = (
         contender="cast",
     ),
 )
-STREAMS: dict[Stream, str] = {s: f"{s.bytes} B ({s.label})" for s in (FP32, LOW_P_G, ALL_LOW,
-                                                                      MASTER_OUT)}  # fmt: skip
+STREAMS: dict[Stream, str] = {
+    s: f"{s.bytes} B ({s.label})" for s in (FP32, LOW_P_G, ALL_LOW, MASTER_OUT)
+}
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
     if name == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
     return np.dtype(name)
 
 
@@ -652,8 +671,8 @@ def _layout_step(lay: Layout, p32: np.ndarray, g32: np.ndarray) -> Callable[[], 
         tdt = getattr(torch, lay.param)
         p = torch.from_numpy(p32.copy()).to(tdt)
         p.grad = torch.from_numpy(g32).to(tdt)
-        opt = torch.optim.AdamW([p], **ADAMW, fused=True)
-        return opt.step
+        topt = torch.optim.AdamW([p], **ADAMW, fused=True)
+        return topt.step
     if lay.contender == "cast":  # what a user without fastoptim does
         param, grad = p32.astype(pdt), g32.astype(gdt)
         master = param.astype(np.float32)
@@ -745,13 +764,19 @@ def run_layouts(
         for lay in layouts:
             row = Row(lay.name, "layouts", size, 1, 2, bpe=lay.bytes)
             picked = {"fastoptim": lay.name, "roofline": STREAMS[lay.stream]}
-            _fill(row, {k: steps[v] for k, v in picked.items()},
-                  {k: samples[v] for k, v in picked.items()})  # fmt: skip
+            _fill(
+                row,
+                {k: steps[v] for k, v in picked.items()},
+                {k: samples[v] for k, v in picked.items()},
+            )
             out.append(row)
         for s in used:
             row = Row(STREAMS[s], "streams", size, 1, 2, bpe=s.bytes)
-            _fill(row, {"fastoptim": steps[STREAMS[s]], "roofline": steps[STREAMS[s]]},
-                  {"fastoptim": samples[STREAMS[s]], "roofline": samples[STREAMS[s]]})  # fmt: skip
+            _fill(
+                row,
+                {"fastoptim": steps[STREAMS[s]], "roofline": steps[STREAMS[s]]},
+                {"fastoptim": samples[STREAMS[s]], "roofline": samples[STREAMS[s]]},
+            )
             streams[s] = row
         return out, streams
 
@@ -759,8 +784,11 @@ def run_layouts(
     remeasured = 0
     while any(problems(r, granularity) for r in found) and remeasured < MAX_REMEASURE:
         if progress:
-            bad = [f"{r.optimizer}: {'; '.join(problems(r, granularity))}" for r in found
-                   if problems(r, granularity)]  # fmt: skip
+            bad = [
+                f"{r.optimizer}: {'; '.join(problems(r, granularity))}"
+                for r in found
+                if problems(r, granularity)
+            ]
             progress(f"    re-measuring every contender ({' | '.join(bad)})")
         remeasured += 1
         _more(contenders, steps, samples, rounds)
@@ -777,7 +805,11 @@ def _between(a: Row, b: Row) -> tuple[float, float, float]:
     """a's time / b's time (the rows' "fastoptim" entries): median, lowest, highest the rounds
     allow."""
     ta, tb = a.times["fastoptim"], b.times["fastoptim"]
-    return ta / tb, a.low["fastoptim"] / b.high["fastoptim"], a.high["fastoptim"] / b.low["fastoptim"]
+    return (
+        ta / tb,
+        a.low["fastoptim"] / b.high["fastoptim"],
+        a.high["fastoptim"] / b.low["fastoptim"],
+    )
 
 
 def _range(r: tuple[float, float, float], fmt: str = "{:.2f}") -> str:
@@ -837,20 +869,24 @@ def format_layouts(result: LayoutResult) -> str:
     if "all-bf16" in by_name:
         targets.append(f"  all-bf16: {ns('all-bf16')} ns/el (<= 0.30)")
     if "offload" in by_name and base is not None:
-        targets.append(f"  offload / fp32 time: {_range(_between(by_name['offload'], base))}"
-                       " (<= 1.10)")  # fmt: skip
+        targets.append(
+            f"  offload / fp32 time: {_range(_between(by_name['offload'], base))} (<= 1.10)"
+        )
     if "offload" in by_name and "torch fused bf16" in by_name:
         speed = _between(by_name["torch fused bf16"], by_name["offload"])
         targets.append(f"  torch fused bf16 / offload time: {_range(speed)} (>= 2)")
     for a, b in (("all-bf16, stochastic", "all-bf16"), ("offload, stochastic", "offload")):
         if a in by_name and b in by_name:
-            targets.append(f"  {a} / {b} time: {_range(_between(by_name[a], by_name[b]))}"
-                           " (<= 1.10)")  # fmt: skip
-    below = [f"{r.optimizer} {100 * r.roofline:.0f}%" for r in result.rows
-             if not next(x for x in LAYOUTS if x.name == r.optimizer).contender
-             and r.roofline < 0.9]  # fmt: skip
+            targets.append(
+                f"  {a} / {b} time: {_range(_between(by_name[a], by_name[b]))} (<= 1.10)"
+            )
+    below = [
+        f"{r.optimizer} {100 * r.roofline:.0f}%"
+        for r in result.rows
+        if not next(x for x in LAYOUTS if x.name == r.optimizer).contender and r.roofline < 0.9
+    ]
     targets.append(f"  fastoptim layouts below 90% of their roofline: {', '.join(below) or 'none'}")
     out.extend(targets)
-    for s in result.skipped:
-        out.append(f"(skipped: {s})")
+    for skip in result.skipped:
+        out.append(f"(skipped: {skip})")
     return "\n".join(out)
