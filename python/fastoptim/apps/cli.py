@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead of the optimizer tables: AdamW in every precision layout (fp32; bf16/fp16 "
         "parameters with float32, 16-bit or master state; the offload layout; stochastic "
         "rounding; torch's fused AdamW and casting around an fp32 step), with bytes per "
-        "element and % of a streaming kernel moving the same bytes",
+        "element and %% of a streaming kernel moving the same bytes",
     )
     b.add_argument(
         "--size",
