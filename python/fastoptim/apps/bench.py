@@ -12,6 +12,14 @@ ranges allow values more than 1.5x apart) is marked "?".
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
 foreach and fused implementations (whichever exist for that optimizer on CPU).
+
+``--layouts`` (:func:`run_layouts`): AdamW on one tensor in each precision layout of
+:data:`LAYOUTS`, each next to ``_core.stream_mixed`` moving exactly its bytes per element with
+arrays of the same widths (float32 p/g/m/v 28; bf16 p/g + fp32 state 22; all-bf16 14; bf16 p/g
++ fp32 master 28: master, m, v read and written, bf16 g read, bf16 p written only; offload 28:
+fp32 p, m, v read and written, bf16 g read, bf16 copy written; fp16 likewise), torch's fused
+AdamW (bf16 with bf16 state, fp32) and casting around an fp32 step, all in the same
+interleaved rounds.
 """
 
 from __future__ import annotations
