@@ -104,3 +104,28 @@ def test_step_overhead(benchmark: Any, tensors: int) -> None:
     benchmark.extra_info.update(isa=fo.isa(), threads=fo.get_num_threads(), tensors=tensors)
     benchmark(opt.step)
     assert params[0][0] < 0
+
+
+LAYOUTS = ["bf16 p/g, fp32 state", "all-bf16", "offload"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout(benchmark: Any, name: str) -> None:
+    """AdamW on one 16M-element tensor in a precision layout (``fastoptim bench --layouts``;
+    the layouts' results are checked in tests/test_precision.py)."""
+    pytest.importorskip("ml_dtypes")
+    (lay,) = [lay for lay in bench.LAYOUTS if lay.name == name]
+    rng = np.random.default_rng(0)
+    p32 = rng.standard_normal(bench.LAYOUT_SIZE, dtype=np.float32)
+    g32 = rng.standard_normal(bench.LAYOUT_SIZE, dtype=np.float32) * np.float32(0.1)
+    step = bench._layout_step(lay, p32, g32)
+    benchmark.group = "layouts"
+    benchmark.extra_info.update(
+        isa=fo.isa(),
+        threads=fo.get_num_threads(),
+        layout=name,
+        elements=p32.size,
+        bytes_per_element=lay.bytes,
+        bytes_moved=p32.size * lay.bytes,
+    )
+    benchmark(step)

@@ -58,6 +58,9 @@ nitpick_ignore_regex = [
     # Unqualified names in annotations are type aliases or typing names (Params, Value...):
     # autodoc qualifies real classes, so this cannot hide a broken reference to one.
     (r"py:class", r"[A-Z]\w*"),
+    # TypeVars (one capital letter) qualified by their module, as autodoc writes them in
+    # signatures: F in fastoptim.engine.definition.with_keyword_hints
+    (r"py:class", r"fastoptim\.[\w.]*\.[A-Z]"),
     (r"py:.*", r"(fastoptim\.)?([\w.]*\.)?_\w+"),
 ]
 

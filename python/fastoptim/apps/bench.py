@@ -12,6 +12,14 @@ ranges allow values more than 1.5x apart) is marked "?".
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
 foreach and fused implementations (whichever exist for that optimizer on CPU).
+
+``--layouts`` (:func:`run_layouts`): AdamW on one tensor in each precision layout of
+:data:`LAYOUTS`, each next to ``_core.stream_mixed`` moving exactly its bytes per element with
+arrays of the same widths (float32 p/g/m/v 28; bf16 p/g + fp32 state 22; all-bf16 14; bf16 p/g
++ fp32 master 28: master, m, v read and written, bf16 g read, bf16 p written only; offload 28:
+fp32 p, m, v read and written, bf16 g read, bf16 copy written; fp16 likewise), torch's fused
+AdamW (bf16 with bf16 state, fp32) and casting around an fp32 step, all in the same
+interleaved rounds.
 """
 
 from __future__ import annotations
@@ -99,10 +107,11 @@ class Row:
     rounds: int = 0
     remeasured: int = 0  # extra passes the checks asked for
     flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
+    bpe: int = 0  # bytes per element when not bytes_per_element(nstate) (bench --layouts)
 
     @property
     def bytes(self) -> int:
-        return self.elements * bytes_per_element(self.nstate)
+        return self.elements * (self.bpe or bytes_per_element(self.nstate))
 
     def spread(self, name: str) -> float:
         """Half the fastest-to-slowest range of `name`'s rounds, relative to its median."""
@@ -516,4 +525,376 @@ def format_threads(rows: Sequence[ThreadRow], processes: int, threads: int) -> s
     for r in rows:
         ratio = statistics.median(r.default) / statistics.median(r.one)
         out.append(f"{r.elements:10,d} {cell(r.one):>24s} {cell(r.default):>24s} {ratio:6.2f}")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------ reduced precision (bench --layouts)
+LAYOUT_SIZE = 1 << 24  # 16M elements: far beyond the caches
+ADAMW: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The arrays of one streaming-kernel configuration (:func:`fastoptim._core.stream_mixed`):
+    `rw32` float32 and `rw16` 16-bit arrays read and written, one gradient read (`grad`
+    bytes: 4 or 2), and a 16-bit array written only (`out`)."""
+
+    rw32: int
+    rw16: int
+    grad: int
+    out: bool = False
+
+    @property
+    def bytes(self) -> int:
+        """Bytes moved per element: 8 per float32 and 4 per 16-bit array read and written, the
+        gradient read, 2 for the 16-bit array written."""
+        return 8 * self.rw32 + 4 * self.rw16 + self.grad + (2 if self.out else 0)
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k} x{n} r/w" for k, n in (("f32", self.rw32), ("16-bit", self.rw16)) if n]
+        parts.append(f"grad {'f32' if self.grad == 4 else '16-bit'} r")
+        if self.out:
+            parts.append("16-bit w")
+        return ", ".join(parts)
+
+
+FP32 = Stream(3, 0, 4)  # p, m, v float32 r/w; grad float32 r
+LOW_P_G = Stream(2, 1, 2)  # m, v float32 r/w; p 16-bit r/w; grad 16-bit r
+ALL_LOW = Stream(0, 3, 2)  # p, m, v 16-bit r/w; grad 16-bit r
+MASTER_OUT = Stream(3, 0, 2, out=True)  # p (or master), m, v float32 r/w; grad 16-bit r; 16-bit w
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One row of ``bench --layouts``: AdamW on one tensor, in a precision layout (a fastoptim
+    layout, or a contender doing the same work), and the streaming kernel it is compared with
+    (the bytes the layout must move: read and write the parameter or its master and each
+    state, read the gradient, write the 16-bit parameter or copy)."""
+
+    name: str
+    stream: Stream
+    traffic: str  # the bytes per element, array by array
+    param: str = "float32"  # the parameter's dtype
+    grad: str = "float32"  # the gradient's dtype
+    options: tuple[tuple[str, Any], ...] = ()  # precision options
+    copy_out: str | None = None  # the offload layout: dtype of the copy-out
+    contender: str | None = None  # "torch", "torch fp32", "cast": not fastoptim's layouts
+
+    @property
+    def bytes(self) -> int:
+        return self.stream.bytes
+
+
+SR = (("rounding", "stochastic"), ("seed", 0))
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("fp32", FP32, "p 4+4, m 4+4, v 4+4, g 4"),
+    Layout("bf16 p/g, fp32 state", LOW_P_G, "p 2+2, g 2, m 4+4, v 4+4", "bfloat16", "bfloat16"),
+    Layout(
+        "all-bf16",
+        ALL_LOW,
+        "p 2+2, g 2, m 2+2, v 2+2",
+        "bfloat16",
+        "bfloat16",
+        (("state_dtype", "bfloat16"),),
+    ),
+    Layout(
+        "all-bf16, stochastic",
+        ALL_LOW,
+        "p 2+2, g 2, m 2+2, v 2+2",
+        "bfloat16",
+        "bfloat16",
+        (("state_dtype", "bfloat16"), *SR),
+    ),
+    Layout(
+        "bf16 p/g, fp32 master",
+        MASTER_OUT,
+        "master 4+4, m 4+4, v 4+4, g 2, p 2 (written only)",
+        "bfloat16",
+        "bfloat16",
+        (("master_weights", True),),
+    ),
+    Layout(
+        "offload",
+        MASTER_OUT,
+        "p 4+4, m 4+4, v 4+4, g 2, copy 2",
+        grad="bfloat16",
+        copy_out="bfloat16",
+    ),
+    Layout(
+        "offload, stochastic",
+        MASTER_OUT,
+        "p 4+4, m 4+4, v 4+4, g 2, copy 2",
+        grad="bfloat16",
+        options=SR,
+        copy_out="bfloat16",
+    ),
+    Layout("fp16 p/g, fp32 state", LOW_P_G, "p 2+2, g 2, m 4+4, v 4+4", "float16", "float16"),
+    Layout(
+        "all-fp16",
+        ALL_LOW,
+        "p 2+2, g 2, m 2+2, v 2+2",
+        "float16",
+        "float16",
+        (("state_dtype", "float16"),),
+    ),
+    Layout(
+        "torch fused bf16",
+        ALL_LOW,
+        "as all-bf16 (torch keeps state in the param dtype)",
+        "bfloat16",
+        "bfloat16",
+        contender="torch",
+    ),
+    Layout("torch fused fp32", FP32, "as fp32", contender="torch"),
+    Layout(
+        "cast around fp32 step",
+        MASTER_OUT,
+        "needs as bf16 master; moves g 2+4, step 28, master 4 -> p 2 (+ temporaries)",
+        "bfloat16",
+        "bfloat16",
+        contender="cast",
+    ),
+)
+STREAMS: dict[Stream, str] = {
+    s: f"{s.bytes} B ({s.label})" for s in (FP32, LOW_P_G, ALL_LOW, MASTER_OUT)
+}
+
+
+def _np_dtype(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
+    return np.dtype(name)
+
+
+def _layout_step(lay: Layout, p32: np.ndarray, g32: np.ndarray) -> Callable[[], object]:
+    """One AdamW step of `lay` on copies of `p32` and `g32` (rounded to its dtypes)."""
+    pdt, gdt = _np_dtype(lay.param), _np_dtype(lay.grad)
+    if lay.contender == "torch":
+        import torch
+
+        tdt = getattr(torch, lay.param)
+        p = torch.from_numpy(p32.copy()).to(tdt)
+        p.grad = torch.from_numpy(g32).to(tdt)
+        topt = torch.optim.AdamW([p], **ADAMW, fused=True)
+        return topt.step
+    if lay.contender == "cast":  # what a user without fastoptim does
+        param, grad = p32.astype(pdt), g32.astype(gdt)
+        master = param.astype(np.float32)
+        inner = fast.AdamW([master], **ADAMW)
+
+        def cast_around() -> None:
+            inner.step([grad.astype(np.float32)])
+            param[...] = master.astype(pdt)
+
+        return cast_around
+    opt = fast.AdamW([p32.astype(pdt)], **ADAMW, **dict(lay.options))
+    if lay.copy_out:
+        opt.set_copy_out([np.zeros(p32.shape, _np_dtype(lay.copy_out))])
+    if np.dtype(gdt) == pdt:  # gradients bound: opt.step()
+        for dst in opt.grads:
+            dst[...] = g32.astype(gdt)
+        return opt.step
+    return functools.partial(opt.step, [g32.astype(gdt)])  # the offload layout's bf16 grads
+
+
+def _stream_step(stream: Stream, pool: dict[str, list[np.ndarray]]) -> Callable[[], object]:
+    grad = pool["g16"][0] if stream.grad == 2 else pool["g32"][0]
+    out = pool["out"][0] if stream.out else None
+    rw = pool["f32"][: stream.rw32] + pool["h16"][: stream.rw16]
+    return functools.partial(_core.stream_mixed, rw, grad, out)
+
+
+@dataclass
+class LayoutResult:
+    """``bench --layouts``: a :class:`Row` per layout (its times under ``"fastoptim"``, even
+    for a contender; those of its streaming kernel under ``"roofline"``; its bytes in
+    ``bpe``), and each streaming kernel's own row."""
+
+    elements: int
+    rows: list[Row]
+    streams: dict[Stream, Row]
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_layouts(
+    size: int = LAYOUT_SIZE,
+    repeats: int = 5,
+    rounds: int = 3,
+    torch: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> LayoutResult:
+    """AdamW (lr 1e-3, weight decay 0.01) on one tensor of `size` elements in every layout of
+    :data:`LAYOUTS` (torch's contenders with `torch` when it is installed) and the streaming
+    kernels of their bytes, all interleaved in the same rounds; checked and re-measured as
+    :func:`run` does, but as a whole (a re-measuring pass times every contender again)."""
+    granularity = clock_granularity()
+    min_sample = max(MIN_SAMPLE_S, 1000 * granularity)
+    skipped = []
+    have_torch = False
+    if torch:
+        try:
+            import torch as _torch  # noqa: F401
+
+            have_torch = True
+        except ImportError:
+            skipped.append("torch contenders (torch is not installed)")
+    layouts = [lay for lay in LAYOUTS if lay.contender != "torch" or have_torch]
+    rng = np.random.default_rng(0)
+    p32 = rng.standard_normal(size, dtype=np.float32)
+    g32 = rng.standard_normal(size, dtype=np.float32) * np.float32(0.1)
+    contenders: dict[str, Callable[[], object]] = {}
+    for i, lay in enumerate(layouts, 1):
+        if progress:
+            progress(f"[{i}/{len(layouts)}] set up {lay.name}")
+        contenders[lay.name] = _layout_step(lay, p32, g32)
+    pool = {  # disjoint arrays: any configuration takes a prefix of each list
+        "f32": [np.ones(size, np.float32) for _ in range(3)],
+        "h16": [np.ones(size, _np_dtype("bfloat16")) for _ in range(3)],
+        "g32": [np.ones(size, np.float32)],
+        "g16": [np.ones(size, _np_dtype("bfloat16"))],
+        "out": [np.ones(size, _np_dtype("bfloat16"))],
+    }
+    used = list(dict.fromkeys(lay.stream for lay in layouts))
+    for s in used:
+        contenders[STREAMS[s]] = _stream_step(s, pool)
+    del p32, g32
+    gc.collect()
+    if progress:
+        progress(f"timing {len(contenders)} contenders interleaved, {rounds} round(s)")
+    steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
+
+    def rows() -> tuple[list[Row], dict[Stream, Row]]:
+        out, streams = [], {}
+        for lay in layouts:
+            row = Row(lay.name, "layouts", size, 1, 2, bpe=lay.bytes)
+            picked = {"fastoptim": lay.name, "roofline": STREAMS[lay.stream]}
+            _fill(
+                row,
+                {k: steps[v] for k, v in picked.items()},
+                {k: samples[v] for k, v in picked.items()},
+            )
+            out.append(row)
+        for s in used:
+            row = Row(STREAMS[s], "streams", size, 1, 2, bpe=s.bytes)
+            _fill(
+                row,
+                {"fastoptim": steps[STREAMS[s]], "roofline": steps[STREAMS[s]]},
+                {"fastoptim": samples[STREAMS[s]], "roofline": samples[STREAMS[s]]},
+            )
+            streams[s] = row
+        return out, streams
+
+    found, streams = rows()
+    remeasured = 0
+    while any(problems(r, granularity) for r in found) and remeasured < MAX_REMEASURE:
+        if progress:
+            bad = [
+                f"{r.optimizer}: {'; '.join(problems(r, granularity))}"
+                for r in found
+                if problems(r, granularity)
+            ]
+            progress(f"    re-measuring every contender ({' | '.join(bad)})")
+        remeasured += 1
+        _more(contenders, steps, samples, rounds)
+        found, streams = rows()
+    for r in found:
+        r.remeasured = remeasured
+        r.flags = problems(r, granularity)
+    del contenders, pool
+    gc.collect()
+    return LayoutResult(size, found, streams, skipped)
+
+
+def _between(a: Row, b: Row) -> tuple[float, float, float]:
+    """a's time / b's time (the rows' "fastoptim" entries): median, lowest, highest the rounds
+    allow."""
+    ta, tb = a.times["fastoptim"], b.times["fastoptim"]
+    return (
+        ta / tb,
+        a.low["fastoptim"] / b.high["fastoptim"],
+        a.high["fastoptim"] / b.low["fastoptim"],
+    )
+
+
+def _range(r: tuple[float, float, float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(r[0])} [{fmt.format(r[1])}-{fmt.format(r[2])}]"
+
+
+def format_layouts(result: LayoutResult) -> str:
+    """The layouts table: bytes per element, ns per element (median, +- half the rounds'
+    range), GB/s, % of the streaming kernel of the same bytes, time relative to the fp32 row;
+    then the streaming kernels, the issue's targets as measured, and the flagged rows."""
+    n = result.elements
+    out = [
+        f"\nAdamW (lr 1e-3, weight decay 0.01), one tensor of {n:,} elements, per layout",
+        f"{'layout':24s} {'B/el':>4s} {'ns/el':>7s} {'+-':>4s} {'GB/s':>6s} {'roofline':>9s} "
+        f"{'t/t(fp32)':>10s}  bytes per element (read+write)",
+        "-" * 100,
+    ]
+    by_name = {r.optimizer: r for r in result.rows}
+    base = by_name.get("fp32")
+    notes = []
+    for r in result.rows:
+        lay = next(lay for lay in LAYOUTS if lay.name == r.optimizer)
+        t = r.times["fastoptim"]
+        roof = f"{100 * r.roofline:7.0f}%{'!' if r.roofline > ROOFLINE_LIMIT else ' '}"
+        if base is not None:
+            rel = _between(r, base)
+            vs = f"{rel[0]:9.2f}x{'?' if rel[2] / rel[1] > 1.5 else ' '}"
+        else:
+            vs = f"{'-':>10s} "
+        out.append(
+            f"{r.optimizer:24s} {r.bytes // n:4d} {t / n * 1e9:7.3f} "
+            f"{100 * r.spread('fastoptim'):3.0f}% {r.bytes / t / 1e9:6.1f} {roof} {vs} "
+            f"{lay.traffic}"
+        )
+        if r.flags:
+            notes.append(
+                f"  ! {r.optimizer}, after {r.rounds} rounds: {'; '.join(r.flags)}. "
+                "Do not trust this row."
+            )
+    out.extend(notes)
+    out.append("\nstreaming kernels (_core.stream_mixed), same run:")
+    for s, r in result.streams.items():
+        t = r.times["fastoptim"]
+        out.append(
+            f"  {s.bytes:2d} B/el: {t / n * 1e9:6.3f} ns/el +-{100 * r.spread('fastoptim'):.0f}%"
+            f", {r.bytes / t / 1e9:5.1f} GB/s  ({s.label})"
+        )
+    out.append("\nissue #13's targets, as measured here (median [range the rounds allow]):")
+
+    def ns(name: str) -> str:
+        r, k = by_name[name], "fastoptim"
+        return _range((r.times[k] / n * 1e9, r.low[k] / n * 1e9, r.high[k] / n * 1e9), "{:.3f}")
+
+    targets = []
+    if "bf16 p/g, fp32 state" in by_name:
+        targets.append(f"  bf16 p/g + fp32 state: {ns('bf16 p/g, fp32 state')} ns/el (<= 0.45)")
+    if "all-bf16" in by_name:
+        targets.append(f"  all-bf16: {ns('all-bf16')} ns/el (<= 0.30)")
+    if "offload" in by_name and base is not None:
+        targets.append(
+            f"  offload / fp32 time: {_range(_between(by_name['offload'], base))} (<= 1.10)"
+        )
+    if "offload" in by_name and "torch fused bf16" in by_name:
+        speed = _between(by_name["torch fused bf16"], by_name["offload"])
+        targets.append(f"  torch fused bf16 / offload time: {_range(speed)} (>= 2)")
+    for a, b in (("all-bf16, stochastic", "all-bf16"), ("offload, stochastic", "offload")):
+        if a in by_name and b in by_name:
+            targets.append(
+                f"  {a} / {b} time: {_range(_between(by_name[a], by_name[b]))} (<= 1.10)"
+            )
+    below = [
+        f"{r.optimizer} {100 * r.roofline:.0f}%"
+        for r in result.rows
+        if not next(x for x in LAYOUTS if x.name == r.optimizer).contender and r.roofline < 0.9
+    ]
+    targets.append(f"  fastoptim layouts below 90% of their roofline: {', '.join(below) or 'none'}")
+    out.extend(targets)
+    for skip in result.skipped:
+        out.append(f"(skipped: {skip})")
     return "\n".join(out)

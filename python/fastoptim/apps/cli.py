@@ -259,6 +259,12 @@ def _minimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plot and _missing("matplotlib"):
         parser.error("--plot needs matplotlib: pip install 'fastoptim[demo]'")
+    if args.size is not None and not args.layouts:
+        parser.error("--size: only with --layouts")
+    if args.layouts and _missing("ml_dtypes"):
+        parser.error("--layouts needs ml_dtypes (NumPy's bfloat16): pip install ml_dtypes")
+    if args.size is None:
+        args.size = bench.LAYOUT_SIZE
     if args.threads:
         set_num_threads(args.threads)
         try:
@@ -270,30 +276,42 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     print(
-        f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}, float32, "
-        f"median of {args.rounds} interleaved rounds (more where a check fails), each timing "
-        f"a block of >= {args.repeats} steps (>= 2 ms)",
+        f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}, "
+        f"{'precision layouts' if args.layouts else 'float32'}, median of {args.rounds} "
+        "interleaved rounds (more where a check fails), each timing a block of >= "
+        f"{args.repeats} steps (>= 2 ms)",
         flush=True,
     )
     busy = _busy()
     if busy:
         print(busy, flush=True)
-    rows = bench.run(
-        args.optimizers,
-        args.workloads,
-        repeats=args.repeats,
-        rounds=args.rounds,
-        torch=not args.no_torch,
-        progress=progress,
-    )
-    print(bench.format_table(rows))
-    print(
-        "\n+- = half the range of the rounds, % of the median; roofline = time of a streaming "
-        "kernel moving the same bytes / time of the step;\nvs torch = best torch.optim path "
-        "(for-loop, foreach, fused) / fastoptim; ? = ratio uncertain (the rounds allow values "
-        "more than 1.5x apart);\n! = faster than the memory allows: a measurement error; a "
-        "flagged row's problems are listed under its table"
-    )
+    if args.layouts:
+        result = bench.run_layouts(
+            args.size,
+            repeats=args.repeats,
+            rounds=args.rounds,
+            torch=not args.no_torch,
+            progress=progress,
+        )
+        print(bench.format_layouts(result))
+        print(_LAYOUTS_LEGEND)
+    else:
+        rows = bench.run(
+            args.optimizers,
+            args.workloads,
+            repeats=args.repeats,
+            rounds=args.rounds,
+            torch=not args.no_torch,
+            progress=progress,
+        )
+        print(bench.format_table(rows))
+        print(
+            "\n+- = half the range of the rounds, % of the median; roofline = time of a "
+            "streaming kernel moving the same bytes / time of the step;\nvs torch = best "
+            "torch.optim path (for-loop, foreach, fused) / fastoptim; ? = ratio uncertain (the "
+            "rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
+            "measurement error; a flagged row's problems are listed under its table"
+        )
     if args.overhead:
         for n in (1, 100, 4096):
             t = bench.step_overhead(n)
@@ -304,6 +322,19 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(_busy())
     print(f"bench took {time.perf_counter() - start:.0f} s")
     return 0
+
+
+_LAYOUTS_LEGEND = (
+    "\nB/el = bytes per element one step must move (read + write; p = parameter, g = gradient, "
+    "m, v = AdamW's state);\n+- = half the range of the rounds, % of the median; roofline = "
+    "time of _core.stream_mixed moving the same bytes with arrays of the same widths / time of "
+    "the step;\nt/t(fp32) = time / the fp32 row's time (below 1: faster); ? = ratio uncertain "
+    "(the rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
+    "measurement error.  Contenders (torch fused, cast around an fp32 step) are charged the "
+    "bytes of the fastoptim layout\ndoing the same work; the cast-around baseline moves more "
+    "(and allocates temporaries) by construction.  The fp16 rows' roofline converts as "
+    "bfloat16 (same bytes)."
+)
 
 
 def _busy() -> str:
@@ -566,6 +597,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive(int),
         default=3,
         help="interleaved rounds (default 3; rows that fail a check get up to 2x more)",
+    )
+    b.add_argument(
+        "--layouts",
+        action="store_true",
+        help="instead of the optimizer tables: AdamW in every precision layout (fp32; bf16/fp16 "
+        "parameters with float32, 16-bit or master state; the offload layout; stochastic "
+        "rounding; torch's fused AdamW and casting around an fp32 step), with bytes per "
+        "element and %% of a streaming kernel moving the same bytes",
+    )
+    b.add_argument(
+        "--size",
+        type=_positive(int),
+        metavar="N",
+        help=f"elements of the --layouts tensor (default {bench.LAYOUT_SIZE:,}: 16M)",
     )
     b.add_argument("--threads", type=_positive(int), help="fastoptim threads (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")

@@ -132,9 +132,9 @@ def with_keyword_hints(defn: Definition) -> Callable[[F], F]:
     return decorate
 
 
-# Options every optimizer has (precision, transforms...): defined here once; the code generator
-# appends them, keyword-only, to every signature of every tier, and every definition validates
-# them (each a Hyper with keyword=True).  The precision options: engine.precision.
+#: Options every optimizer has (precision, transforms...): defined here once; the code generator
+#: appends them, keyword-only, to every signature of every tier, and every definition validates
+#: them (each a Hyper with keyword=True).  The precision options: engine.precision.
 COMMON: tuple[Hyper, ...] = (
     Hyper(precision.STATE_DTYPE, None, DTYPES, keyword=True, functional=False,
           annotation="StateDType"),

@@ -46,8 +46,8 @@ MASTER = "master"
 COMPENSATION = "compensation"
 EXTRA_STATES = (MASTER, COMPENSATION)
 
-# The functional tier's optional arrays (keyword arguments of every function): a float32 master
-# copy of a bfloat16/float16 parameter, a Kahan compensation buffer of one, a copy-out array.
+#: The functional tier's optional arrays (keyword arguments of every function): a float32 master
+#: copy of a bfloat16/float16 parameter, a Kahan compensation buffer of one, a copy-out array.
 FUNCTIONAL_ARRAYS = ("master", "compensation", "copy_out")
 
 STATE_DTYPE = "state_dtype"

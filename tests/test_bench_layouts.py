@@ -1,0 +1,137 @@
+"""``fastoptim bench --layouts``: every precision layout's row, its exact bytes, and the checks
+that flag impossible cells (timings are printed, never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from fastoptim.apps import bench, cli
+
+pytest.importorskip("ml_dtypes")
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+NUMBER = r"[\d.]+"
+ROW = re.compile(
+    rf"^(?P<name>.+?)\s+(?P<bytes>\d+)\s+(?P<ns>{NUMBER})\s+(?P<spread>\d+)%\s+"
+    rf"(?P<gbps>{NUMBER})\s+(?P<roof>\d+)%(?P<mark>[! ])\s+(?P<rel>{NUMBER})x(?P<sure>[? ])\s+"
+    r"(?P<traffic>\S.*)$"
+)
+# The bytes per element each layout must move (read + write), worked out by hand:
+EXPECTED = {
+    "fp32": 28,  # p, m, v float32 read and written (3 x 8) + float32 gradient read (4)
+    "bf16 p/g, fp32 state": 22,  # p 2+2, g 2, m and v 4+4 each
+    "all-bf16": 14,  # p, m, v 2+2 each, g 2
+    "all-bf16, stochastic": 14,
+    "bf16 p/g, fp32 master": 28,  # master, m, v 4+4 each, g 2, the bf16 parameter written 2
+    "offload": 28,  # p, m, v 4+4 each, bf16 g 2, bf16 copy written 2
+    "offload, stochastic": 28,
+    "fp16 p/g, fp32 state": 22,
+    "all-fp16": 14,
+    "torch fused bf16": 14,  # torch keeps bf16 state for bf16 parameters
+    "torch fused fp32": 28,
+    "cast around fp32 step": 28,  # the work of the master layout (it moves more)
+}
+
+
+def _rows(out: str) -> dict[str, re.Match[str]]:
+    return {m["name"]: m for line in out.splitlines() if (m := ROW.match(line))}
+
+
+def test_layouts_table(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--layouts", "--size", "20000", "--rounds", "1", "--repeats", "1"]
+    assert cli.main([*args, "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    rows = _rows(out)
+    want = {k for k in EXPECTED if HAVE_TORCH or not k.startswith("torch")}
+    assert set(rows) == want, out
+    for name, m in rows.items():
+        assert int(m["bytes"]) == EXPECTED[name], name
+        assert float(m["ns"]) > 0 and float(m["gbps"]) > 0 and int(m["roof"]) > 0
+        # "!" exactly on rooflines above 110% (printed rounded)
+        assert int(m["roof"]) >= 110 if m["mark"] == "!" else int(m["roof"]) <= 110
+    assert rows["fp32"]["rel"] == "1.00"
+    assert "one tensor of 20,000 elements" in out
+    streams = re.findall(
+        r"^  (\d+) B/el: +[\d.]+ ns/el \+-\d+%, +[\d.]+ GB/s  \((.*)\)$", out, re.M
+    )
+    assert sorted(int(b) for b, _ in streams) == [14, 22, 28, 28]
+    assert "fastoptim layouts below 90% of their roofline:" in out
+    assert ("torch fused bf16 / offload time:" in out) == HAVE_TORCH
+    assert re.search(r"^bench took \d+ s$", out, re.M)
+    assert "[1/" in captured.err and "set up fp32" in captured.err  # progress on stderr
+    assert cli.main([*args, "--no-torch", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and not any(k.startswith("torch") for k in _rows(captured.out))
+
+
+def test_layout_bytes_match_the_arrays() -> None:
+    """Each fastoptim layout's bytes, counted from the arrays its optimizer really holds, equal
+    its streaming kernel's: the same widths read and written, gradient read, written only."""
+    n = 64
+    for lay in bench.LAYOUTS:
+        if lay.contender:
+            continue
+        pdt, gdt = bench._np_dtype(lay.param), bench._np_dtype(lay.grad)
+        opt = fo.AdamW([np.ones(n, pdt)], **bench.ADAMW, **dict(lay.options))
+        writes: list[int] = []
+        if lay.copy_out:
+            copy = np.zeros(n, bench._np_dtype(lay.copy_out))
+            opt.set_copy_out([copy])
+            writes.append(copy.itemsize)
+        opt.step([np.ones(n, gdt)])
+        state = {k: v for k, v in opt.state[0].items() if k != "step"}
+        rw = [v.itemsize for v in state.values()]
+        if "master" in state:  # computed on the master: the parameter is written only
+            writes.append(pdt.itemsize)
+        else:
+            rw.append(pdt.itemsize)
+        s = lay.stream
+        assert sorted(rw) == sorted([4] * s.rw32 + [2] * s.rw16), lay.name
+        assert gdt.itemsize == s.grad and len(writes) == s.out, lay.name
+        assert 2 * sum(rw) + gdt.itemsize + sum(writes) == lay.bytes == EXPECTED[lay.name]
+    for lay in bench.LAYOUTS:  # contenders are charged the bytes of the same work
+        assert lay.bytes == EXPECTED[lay.name]
+
+
+def test_layouts_remeasure_then_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streaming kernel that cannot be beaten honestly: every row is re-measured, then
+    flagged, with "!" in its roofline cell."""
+
+    def slow(rw: object, grad: object, out: object = None) -> None:
+        time.sleep(0.05)  # 20,000 x 28 B in 50 ms: 11 MB/s
+
+    monkeypatch.setattr(bench._core, "stream_mixed", slow)
+    seen: list[str] = []
+    threads = fo.get_num_threads()
+    fo.set_num_threads(1)
+    try:
+        result = bench.run_layouts(20000, repeats=1, rounds=1, torch=False, progress=seen.append)
+    finally:
+        fo.set_num_threads(threads)
+    assert [r.optimizer for r in result.rows] == [
+        lay.name for lay in bench.LAYOUTS if lay.contender != "torch"
+    ]
+    for r in result.rows:
+        assert r.remeasured == bench.MAX_REMEASURE and r.rounds == 1 + bench.MAX_REMEASURE
+        assert any(f.startswith("roofline") and f.endswith("> 110%") for f in r.flags), r.flags
+    assert sum(s.startswith("    re-measuring every contender") for s in seen) == 2
+    table = bench.format_layouts(result)
+    assert "%!" in table and "offload, after 3 rounds: roofline" in table
+    assert "Do not trust this row." in table
+    assert "(skipped: " not in table  # torch=False: not asked for, so not "skipped"
+
+
+def test_size_only_with_layouts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--size", "1000"])
+    assert "--size: only with --layouts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--layouts", "--size", "0"])
+    assert "must be > 0" in capsys.readouterr().err
