@@ -115,6 +115,14 @@ CASES: list[Case] = [
     case("ASGD", "weight_decay", lr=0.02, weight_decay=WD, t0=2),
     case("ASGD", "maximize", lr=0.02, maximize=True, t0=2),
     case("ASGD", "wd-maximize", steps=9, lr=0.05, lambd=0.1, weight_decay=WD, maximize=True, t0=1),
+    # ADOPT: step 1 only sets exp_avg_sq = g^2; from step 2 the clip c_t = (t - 1)^(1/4) binds
+    # often on the unit family (|g_t| > c_t sqrt(v_{t-1})); with eps = 1e-6 the 1e-7 family is
+    # divided by eps, with eps = 1e-8 by its own sqrt(v).
+    case("ADOPT", "plain", lr=0.01),
+    case("ADOPT", "no_clip", lr=0.01, clip=False),
+    case("ADOPT", "weight_decay", lr=0.01, weight_decay=WD),
+    case("ADOPT", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("ADOPT", "maximize", lr=0.01, betas=(0.8, 0.9), eps=1e-8, maximize=True),
 ]
 
 

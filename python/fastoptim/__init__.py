@@ -20,6 +20,7 @@ from . import _core, functional, keras, reference, schedules
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
 from .optimizers import (
+    ADOPT,
     ASGD,
     SGD,
     Adadelta,
@@ -52,6 +53,7 @@ __all__ = [
     "Lion",
     "Rprop",
     "ASGD",
+    "ADOPT",
     "Optimizer",
     "schedules",
     "save",

@@ -152,6 +152,18 @@ class ASGDHyper:
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
+class ADOPTHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    clip: bool
+    decoupled_weight_decay: bool
+    maximize: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
 def step_sgd(
     plan: Plan,
     hyper: SGDHyper,
@@ -292,6 +304,19 @@ def step_asgd(
 def steps_asgd(
     plans: Sequence[Plan],
     hypers: Sequence[ASGDHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def step_adopt(
+    plan: Plan,
+    hyper: ADOPTHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_adopt(
+    plans: Sequence[Plan],
+    hypers: Sequence[ADOPTHyper],
     steps: Sequence[int],
     release: Sequence[bool],
 ) -> None: ...

@@ -443,8 +443,54 @@ and kept in the dtype of torch's scalar state, and the kernel is given those val
 )
 
 
+ADOPT = Definition(
+    name="ADOPT",
+    kernel="ADOPT",
+    doc=r"""ADOPT, Adam with the gradient normalised by the *previous* second moment and the
+momentum taken after the normalisation (Taniguchi et al. 2024, "ADOPT: Modified Adam Can
+Converge with Any :math:`\beta_2` with the Optimal Rate"), as the authors' implementation.
+``torch.optim`` has no ADOPT.
+
+.. math::
+    t = 1:\quad v_1 = g_1^2 \text{ (the parameter and } m \text{ are untouched)}
+
+    t > 1:\quad m_t = \beta_1 m_{t-1} + (1-\beta_1)\,
+        \mathrm{clip}\Big(\frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)}, c_t\Big),\quad
+    p_t = p_{t-1}(1-\gamma\lambda_{\text{dec}}) - \gamma m_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+
+with :math:`\mathrm{clip}(x, c) = \min(\max(x, -c), c)` and :math:`c_t = (t-1)^{1/4}`
+(the authors' default ``clip_lambda = lambda step: step**0.25`` of their 0-based step, the
+paper's schedule); ``clip=False`` is the authors' ``clip_lambda=None`` (no clipping, the
+paper's first version).  Other clipping schedules are not supported.
+``decoupled_weight_decay`` is the authors' ``decouple`` (use it where you would use AdamW):
+:math:`p \leftarrow p(1-\gamma\lambda)` from the second step on; otherwise ``weight_decay``
+is L2, added to the gradient (the first step's :math:`v_1` included).  State: ``exp_avg``,
+``exp_avg_sq``.""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("betas", (0.9, 0.9999)),
+        Hyper("eps", 1e-6),
+        Hyper("clip", True),
+        Hyper("weight_decay", 0),
+        Hyper("decoupled_weight_decay", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq")),
+    functional_doc=r"""One in-place ADOPT update (see :class:`fastoptim.ADOPT`).
+
+``step == 1`` is the initialising step: it only adds :math:`g^2` to ``exp_avg_sq`` (start
+it, and ``exp_avg``, at zero), whatever the other arguments.""",
+    torch_doc=r"""ADOPT (Taniguchi et al. 2024; see :class:`fastoptim.ADOPT`), which
+``torch.optim`` lacks, with :class:`fastoptim.ADOPT`'s signature and the authors' defaults
+(their ``clip_lambda`` is ``clip``, their ``decouple`` is ``decoupled_weight_decay``).
+State: ``step``, ``exp_avg``, ``exp_avg_sq``, as in the authors' implementation; the first step
+of each parameter only initialises ``exp_avg_sq``.""",
+)
+
+
 # Every optimizer, in documentation order.
-ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP, ASGD)
+ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP, ASGD, ADOPT)
 
 
 # ----------------------------------------------------------------------------- Keras

@@ -59,6 +59,7 @@ __all__ = [
     "round_to_float16",
     "stochastic_bits",
     "ASGD",
+    "ADOPT",
     "KerasSGD",
     "KerasRMSprop",
     "KerasAdagrad",
@@ -415,6 +416,44 @@ def rprop_update(
     g = np.where(factor == t(etaminus), t(0), g)  # a new array: the caller's grad is intact
     param -= _torch_sign(g) * step_size
     prev[...] = g
+
+
+def adopt_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """ADOPT (Taniguchi et al. 2024), as the authors' implementation.  Step 1:
+    ``v += g * g`` and nothing else.  Then: ``n = g / max(sqrt(v), eps)`` (the previous
+    ``v``), clipped to ``[-c, c]`` with ``c = (step - 1) ** 0.25`` when ``clip``;
+    ``m = lerp(m, n, 1 - beta1)``; ``p -= lr * m``, after ``p *= 1 - lr * weight_decay``
+    when the decay is decoupled; then ``v = beta2 * v + (1 - beta2) * g * g``.  L2 weight
+    decay (not decoupled) is in ``g`` from the first step on."""
+    g = _effective_grad(param, grad, 0 if decoupled_weight_decay else weight_decay, maximize)
+    if step == 1:
+        exp_avg_sq += g * g
+        return
+    if decoupled_weight_decay and weight_decay != 0:
+        param *= 1 - lr * weight_decay
+    root = np.sqrt(exp_avg_sq)
+    normed = g / np.where(root < eps, eps, root)  # torch.clamp(min=eps): NaN stays NaN
+    if clip:
+        c = (step - 1) ** 0.25
+        normed = np.where(normed < -c, -c, np.where(normed > c, c, normed))
+    _lerp_(exp_avg, normed, 1 - beta1)
+    param -= lr * exp_avg
+    _ema_sq_(exp_avg_sq, g, beta2)
 
 
 # ----------------------------------------------------------------------------- storage formats
@@ -946,6 +985,13 @@ class ASGD(_fast.ASGD):
         _for_each(g, grads, asgd_update, ("ax",))
         # The group's eta and mu for the next step (the compiled step computes them in C++).
         h.eta, h.mu = asgd_scalars(h.lr, h.lambd, h.alpha, h.t0, g.step + 1)
+
+
+class ADOPT(_fast.ADOPT):
+    __doc__ = _fast.ADOPT.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, adopt_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
 
 # Keras's optimizers (fastoptim.keras), with Keras's rules above.

@@ -132,6 +132,7 @@ __all__ = [
     "Lion",
     "Rprop",
     "ASGD",
+    "ADOPT",
     "Optimizer",
 ]
 
@@ -1303,6 +1304,35 @@ class ASGD(Optimizer):
         differentiable: bool = False,
         capturable: bool = False,
         *,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class ADOPT(Optimizer):
+    """ADOPT (Taniguchi et al. 2024; see :class:`fastoptim.ADOPT`), which
+    ``torch.optim`` lacks, with :class:`fastoptim.ADOPT`'s signature and the authors' defaults
+    (their ``clip_lambda`` is ``clip``, their ``decouple`` is ``decoupled_weight_decay``).
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``, as in the authors' implementation; the first step
+    of each parameter only initialises ``exp_avg_sq``."""
+
+    _definition = _defs.ADOPT
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.9999),
+        eps: TorchValue = 1e-06,
+        clip: bool = True,
+        weight_decay: TorchValue = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

@@ -256,4 +256,26 @@ template <class T, unsigned V> struct Kernel<ASGD, T, V> {
   }
 };
 
+template <class T, unsigned V> struct Kernel<ADOPT, T, V> {
+  static constexpr int nstate = 2;
+  ADOPT::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    T& exp_avg = s[0];
+    T& exp_avg_sq = s[1];
+    g = effective_grad(c, p, g);
+    // torch.clamp(sqrt(v), min=eps), then normed_grad.clamp_(-clip, clip): NaN propagates
+    const T root = std::sqrt(exp_avg_sq);
+    T normed = g / (root < T(c.eps) ? T(c.eps) : root);
+    const T clip = T(c.clip);
+    normed = normed < -clip ? -clip : (normed > clip ? clip : normed);
+    const T m = lerp(exp_avg, normed, T(c.one_minus_beta1));
+    const T v = ema_square(exp_avg_sq, g, c.beta2, c.one_minus_beta2);
+    // The first step only initialises v (exp_avg_sq.addcmul_(g, g)): selects, not branches.
+    const bool first = c.first != 0;
+    p = first ? p : fmadd(T(c.neg_lr), m, p * T(c.decay));
+    exp_avg = first ? exp_avg : m;
+    exp_avg_sq = first ? fmadd(g, g, exp_avg_sq) : v;
+  }
+};
+
 }  // namespace fastoptim

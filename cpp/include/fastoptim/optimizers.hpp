@@ -358,6 +358,41 @@ struct ASGD {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// ADOPT (Taniguchi et al. 2024, "ADOPT: Modified Adam Can Converge with Any beta2 with the
+// Optimal Rate"), as the authors' implementation: the first step only sets exp_avg_sq += g^2
+// (the parameter and exp_avg are untouched); then the gradient is normalised by the PREVIOUS
+// second moment, max(sqrt(v), eps), clipped to [-c, c] with c = (t - 1)^(1/4) (the authors'
+// clip_lambda(step) of their 0-based step; +inf without `clip`), averaged into exp_avg, the
+// parameter moves by -lr * exp_avg and only then v is updated.  Decoupled weight decay (the
+// authors' `decouple`) p *= 1 - lr * wd, from the second step on.
+struct ADOPT {
+  struct Hyper {
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.9999, eps = 1e-6, weight_decay = 0;
+    bool clip = true, decoupled_weight_decay = false, maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay); f("clip", &Hyper::clip);
+    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+  }
+  // first != 0: the initialising step (v += g^2 only).
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, eps, clip, neg_lr, first; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const bool first = step <= 1;
+    const bool dec = h.decoupled_weight_decay;
+    const double clip = h.clip ? std::pow(static_cast<double>(first ? 0 : step - 1), 0.25)
+                               : HUGE_VAL;
+    return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
+            dec && !first ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2,
+            1.0 - h.beta2, h.eps, clip, -h.lr, first ? 1.0 : 0.0};
+  }
+};
+
 // Optimizers with no post-step bookkeeping.
 template <class Opt> auto after_step(typename Opt::Hyper& h, int64_t step, int)
     -> decltype(Opt::after_step(h, step)) { Opt::after_step(h, step); }

@@ -13,4 +13,5 @@
   X(RAdam, radam)               \
   X(Lion, lion)                 \
   X(Rprop, rprop)               \
-  X(ASGD, asgd)
+  X(ASGD, asgd)                 \
+  X(ADOPT, adopt)
