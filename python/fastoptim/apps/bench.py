@@ -58,6 +58,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "Lion": ("Lion", {}, 1),
     "Rprop": ("Rprop", {}, 2),
     "ASGD": ("ASGD", {}, 1),
+    "ADOPT": ("ADOPT", {}, 2),
 }
 
 # torch.optim has fused CPU kernels for these only.

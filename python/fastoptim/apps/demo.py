@@ -72,6 +72,7 @@ OPTIMIZERS: dict[str, Spec] = {
     "Lion": Spec("Lion", {}, 1e-4),
     "AMSGrad": Spec("Adam", {"amsgrad": True}, 1e-3),
     "ASGD": Spec("ASGD", {}, 0.2),  # swept 0.02-0.5 on the digits (10 epochs): best at 0.2
+    "ADOPT": Spec("ADOPT", {}, 3e-3),  # swept 3e-4-3e-2 (20 epochs): best loss 1e-2, unstable 3e-2
 }
 COMPARED = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "NAdam")
 COMMON_LR = 1e-3  # the articles' Keras code gives every optimizer lr=0.001
