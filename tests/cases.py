@@ -33,6 +33,8 @@ from fastoptim import definitions
 # which where g + wd p nearly cancels is a large relative error that Adam / RMSprop normalise up
 # to a learning-rate-sized change of the parameter: an ill-conditioned problem, not a kernel bug.
 WD = 0.125
+# fastoptim's own options of torch.optim's optimizers (Hyper.extension): SGD's cautious...
+EXTENSIONS = {h.name for d in definitions.ALL for h in d.hyper if h.extension}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,12 @@ class Case:
     steps: int = 6  # test_kernels.py's run length (test_torch.py runs longer)
     new_lr_factor: float = 0.5  # the learning rate is multiplied by this halfway through
     label: str = ""
+
+    @property
+    def fastoptim_only(self) -> bool:
+        """Whether the case uses an option fastoptim adds to a torch.optim optimizer
+        (``cautious``): torch cannot run it."""
+        return any(k in EXTENSIONS for k in self.kwargs)
 
     @property
     def id(self) -> str:
@@ -60,6 +68,18 @@ CASES: list[Case] = [
     case("SGD", "weight_decay", lr=0.1, weight_decay=WD),
     case("SGD", "momentum-weight_decay", lr=0.1, momentum=0.8, weight_decay=WD),
     case("SGD", "maximize", lr=0.1, momentum=0.9, maximize=True),
+    # cautious (Liang et al. 2024, element-wise): the step where it agrees with g, else 0
+    case("SGD", "cautious", lr=0.1, momentum=0.9, cautious=True),
+    case(
+        "SGD",
+        "cautious-nesterov-wd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=WD,
+        cautious=True,
+    ),
+    case("SGD", "cautious-plain", lr=0.1, cautious=True),  # no momentum: no effect
     case("Adagrad", "plain", lr=0.1),
     case("Adagrad", "lr_decay", lr=0.1, lr_decay=0.2),
     case("Adagrad", "initial_accumulator_value", lr=0.1, initial_accumulator_value=0.3),
@@ -80,8 +100,11 @@ CASES: list[Case] = [
     case("Adam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     case("Adam", "maximize", lr=0.01, maximize=True),
     case("Adam", "amsgrad-wd-maximize", lr=0.01, amsgrad=True, weight_decay=WD, maximize=True),
+    case("Adam", "cautious", lr=0.01, weight_decay=WD, cautious=True),
+    case("Adam", "cautious-amsgrad-max", lr=0.01, amsgrad=True, maximize=True, cautious=True),
     case("AdamW", "plain", lr=0.01),
     case("AdamW", "amsgrad", lr=0.01, amsgrad=True, weight_decay=0.05),
+    case("AdamW", "cautious", lr=0.01, weight_decay=0.05, cautious=True),
     case("Adamax", "plain", lr=0.01),
     case("Adamax", "weight_decay", lr=0.01, weight_decay=WD),
     case("Adamax", "maximize", lr=0.01, maximize=True),
@@ -98,6 +121,7 @@ CASES: list[Case] = [
     case("Lion", "plain", lr=1e-3),
     case("Lion", "weight_decay", lr=1e-3, weight_decay=0.5),
     case("Lion", "maximize", lr=1e-3, betas=(0.95, 0.98), maximize=True),
+    case("Lion", "cautious", lr=1e-3, weight_decay=0.5, cautious=True),
     # Rprop: lr only fills step_size at creation (the halfway change does nothing, as in torch).
     case("Rprop", "plain", lr=0.01),
     case("Rprop", "maximize", lr=0.01, etas=(0.3, 1.5), maximize=True),
@@ -123,6 +147,9 @@ CASES: list[Case] = [
     case("ADOPT", "weight_decay", lr=0.01, weight_decay=WD),
     case("ADOPT", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     case("ADOPT", "maximize", lr=0.01, betas=(0.8, 0.9), eps=1e-8, maximize=True),
+    case(
+        "ADOPT", "cautious", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, cautious=True
+    ),
 ]
 
 

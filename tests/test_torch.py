@@ -50,7 +50,7 @@ SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (7,), (17,), (33, 31), (4099,)]
 
 # The shared table but the optimizers torch.optim lacks (Lion).  Each case runs for STEPS steps
 # here, whatever its Case.steps: longer, so that rounding differences accumulate.
-TORCH_CASES = [c for c in CASES if hasattr(torch.optim, c.opt)]
+TORCH_CASES = [c for c in CASES if hasattr(torch.optim, c.opt) and not c.fastoptim_only]
 STEPS = 24
 
 # Allowed error in units of eps(dtype) (rtol = K eps, atol = K eps M; see the module docstring).

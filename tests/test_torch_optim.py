@@ -38,6 +38,7 @@ import fastoptim  # noqa: E402
 import fastoptim.torch as fot  # noqa: E402
 from cases import (  # noqa: E402
     CASES,
+    EXTENSIONS,
     Case,
     Scales,
     check_close,
@@ -173,7 +174,7 @@ def check_state(
         )
 
 
-TORCH_CASES = [c for c in CASES if hasattr(torch.optim, c.opt)]
+TORCH_CASES = [c for c in CASES if hasattr(torch.optim, c.opt) and not c.fastoptim_only]
 
 
 def run_against_torch(case: Case, dtype: Any, rng: np.random.Generator, steps: int) -> None:
@@ -222,7 +223,8 @@ def test_nadam_with_float64_scalars(
     run_against_torch(case, dtype, rng, 40)
 
 
-NOT_IN_TORCH_CASES = [c for c in CASES if not hasattr(torch.optim, c.opt)]  # Lion
+# Lion, ADOPT and the options torch lacks (cautious)
+NOT_IN_TORCH_CASES = [c for c in CASES if not hasattr(torch.optim, c.opt) or c.fastoptim_only]
 
 
 @every_dtype
@@ -241,7 +243,8 @@ def test_not_in_torch_matches_fastoptim(case: Case, dtype: Any, rng: np.random.G
         set_grads(rng, gscales, t, ours)
         fast.step()
         ref.step([p.grad.numpy().copy() for p in ours])
-    states = {s.name for s in fast._definition.states}
+    # the case's state buffers (SGD without momentum has none)
+    states = set(fast._definition.compile({**fast.defaults, **case.kwargs}).state_names())
     for i, (p, a) in enumerate(zip(ours, arrays)):
         np.testing.assert_array_equal(p.numpy(), a, err_msg=f"param {i}")
         for n in states:
@@ -265,13 +268,15 @@ def test_same_bits_as_numpy_classes(case: Case, rng: np.random.Generator) -> Non
 
 
 def _as_torch(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fastoptim.torch's group records without its own options (COMMON: the precision policy),
-    which must hold their defaults: what torch.optim's records hold."""
+    """fastoptim.torch's group records without its own options (COMMON: the precision policy;
+    the extensions such as ``cautious``), which must hold their defaults: what torch.optim's
+    records hold."""
     out = []
+    own = {**{h.name: h.default for h in COMMON}, **{n: False for n in EXTENSIONS}}
     for g in groups:
-        for h in COMMON:
-            assert g.get(h.name, h.default) == h.default, (h.name, g.get(h.name))
-        out.append({k: v for k, v in g.items() if k not in {h.name for h in COMMON}})
+        for name, default in own.items():
+            assert g.get(name, default) == default, (name, g.get(name))
+        out.append({k: v for k, v in g.items() if k not in own})
     return out
 
 
@@ -281,15 +286,20 @@ def test_signature_and_defaults_as_torch(name: str) -> None:
     ours, theirs = getattr(fot, name), getattr(torch.optim, name)
     a = inspect.signature(ours.__init__).parameters
     b = inspect.signature(theirs.__init__).parameters
-    # torch's signature, then fastoptim's options common to every optimizer (keyword-only)
-    common = [(h.name, inspect.Parameter.KEYWORD_ONLY, h.default) for h in COMMON]
+    # torch's signature, then fastoptim's own options of this optimizer (cautious), then those
+    # common to every optimizer (all keyword-only)
+    definition = getattr(fot, name)._definition
+    common = [
+        (h.name, inspect.Parameter.KEYWORD_ONLY, h.default)
+        for h in (*(h for h in definition.hyper if h.extension), *COMMON)
+    ]
     assert [(p.name, p.kind, p.default) for p in a.values()] == [
         (p.name, p.kind, p.default) for p in b.values()
     ] + common
     p = torch.zeros(3)
     assert getattr(fot, name)([p]).defaults == {
         **theirs([p]).defaults,
-        **{h.name: h.default for h in COMMON},
+        **{n: d for n, _, d in common},
     }
     assert issubclass(ours, torch.optim.Optimizer)
 

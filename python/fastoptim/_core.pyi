@@ -39,6 +39,7 @@ class SGDHyper:
     maximize: bool
     first_momentum_step: bool
     keras: bool
+    cautious: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -84,6 +85,7 @@ class AdamHyper:
     maximize: bool
     decoupled_weight_decay: bool
     keras: bool
+    cautious: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -128,6 +130,7 @@ class LionHyper:
     beta2: float
     weight_decay: float
     maximize: bool
+    cautious: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -161,6 +164,7 @@ class ADOPTHyper:
     clip: bool
     decoupled_weight_decay: bool
     maximize: bool
+    cautious: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 

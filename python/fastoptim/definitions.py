@@ -51,6 +51,16 @@ def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
     return float(group["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * group["momentum_decay"]))))
 
 
+_CAUTIOUS_DOC = r"""With ``cautious=True`` (Cautious optimizers, Liang et al. 2024), each element's
+step is dropped where it disagrees in sign with the gradient: :math:`u \leftarrow u\,[u g > 0]`.
+Element-wise only: the paper's rescaling by the tensor's fraction of kept elements
+(:math:`u / \mathrm{mean}([u g > 0])`) is *not* applied, so the steps are smaller than the
+paper's by that fraction (about half early in training): raise ``lr`` accordingly.
+"""
+
+_CAUTIOUS = Hyper("cautious", False, keyword=True, extension=True)
+
+
 SGD = Definition(
     name="SGD",
     kernel="SGD",
@@ -62,7 +72,11 @@ SGD = Definition(
     b_t = \mu b_{t-1} + (1-\tau) g_t \;(b_1 = g_1),\quad
     d_t = g_t + \mu b_t \text{ (nesterov) or } b_t,\quad p_t = p_{t-1} - \gamma d_t
 
-State: ``momentum_buffer`` (only when ``momentum != 0``).""",
+State: ``momentum_buffer`` (only when ``momentum != 0``).
+
+"""
+    + _CAUTIOUS_DOC
+    + """Here :math:`u = d_t` (no effect without momentum).""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("momentum", 0),
@@ -70,6 +84,7 @@ State: ``momentum_buffer`` (only when ``momentum != 0``).""",
         Hyper("weight_decay", 0),
         Hyper("nesterov", False),
         Hyper("maximize", False, keyword=True),
+        _CAUTIOUS,
     ),
     states=(State("momentum_buffer", optional=True),),
     relations=_sgd_relations,
@@ -193,7 +208,11 @@ decoupled weight decay (AdamW, Loshchilov & Hutter 2019).
           - \frac{\gamma}{1-\beta_1^t}\,
             \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
-State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).""",
+State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+
+"""
+    + _CAUTIOUS_DOC
+    + """Here the mask is :math:`[m_t g_t > 0]` (the sign of the step's).""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("betas", (0.9, 0.999)),
@@ -202,6 +221,7 @@ State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).""",
         Hyper("amsgrad", False),
         Hyper("maximize", False, keyword=True),
         Hyper("decoupled_weight_decay", False, keyword=True),
+        _CAUTIOUS,
     ),
     states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", optional=True)),
     functional_doc=r"""One in-place Adam update (see :class:`fastoptim.Adam`);
@@ -219,7 +239,8 @@ ADAMW = Definition(
     base=ADAM,
     fixed=(("decoupled_weight_decay", True),),
     doc=r"""AdamW (Loshchilov & Hutter 2019; ``torch.optim.AdamW``): :class:`Adam` with decoupled
-weight decay, :math:`p \leftarrow p(1-\gamma\lambda)` before the Adam update.""",
+weight decay, :math:`p \leftarrow p(1-\gamma\lambda)` before the Adam update (which
+``cautious`` masks as :class:`Adam`'s; the decay is not masked).""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("betas", (0.9, 0.999)),
@@ -227,6 +248,7 @@ weight decay, :math:`p \leftarrow p(1-\gamma\lambda)` before the Adam update."""
         Hyper("weight_decay", 1e-2),
         Hyper("amsgrad", False),
         Hyper("maximize", False, keyword=True),
+        _CAUTIOUS,
     ),
     states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", optional=True)),
     functional_doc=r"""One in-place AdamW update (see :class:`fastoptim.AdamW`): Adam with
@@ -345,12 +367,17 @@ Algorithms").
     p_t = p_{t-1}(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t),
     \quad m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-with :math:`\mathrm{sign}(0) = 0`.  State: ``exp_avg``.""",
+with :math:`\mathrm{sign}(0) = 0`.  State: ``exp_avg``.
+
+"""
+    + _CAUTIOUS_DOC
+    + """Here :math:`u` is the sign step; the decay is not masked.""",
     hyper=(
         Hyper("lr", 1e-4),
         Hyper("betas", (0.9, 0.99)),
         Hyper("weight_decay", 0.0),
         Hyper("maximize", False, keyword=True),
+        Hyper("cautious", False, keyword=True),
     ),
     states=(State("exp_avg"),),
     torch_step=False,
@@ -466,7 +493,11 @@ paper's first version).  Other clipping schedules are not supported.
 ``decoupled_weight_decay`` is the authors' ``decouple`` (use it where you would use AdamW):
 :math:`p \leftarrow p(1-\gamma\lambda)` from the second step on; otherwise ``weight_decay``
 is L2, added to the gradient (the first step's :math:`v_1` included).  State: ``exp_avg``,
-``exp_avg_sq``.""",
+``exp_avg_sq``.
+
+"""
+    + _CAUTIOUS_DOC
+    + """Here the mask is :math:`[m_t g_t > 0]`; the decay is not masked.""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("betas", (0.9, 0.9999)),
@@ -475,6 +506,7 @@ is L2, added to the gradient (the first step's :math:`v_1` included).  State: ``
         Hyper("weight_decay", 0),
         Hyper("decoupled_weight_decay", False),
         Hyper("maximize", False, keyword=True),
+        Hyper("cautious", False, keyword=True),
     ),
     states=(State("exp_avg"), State("exp_avg_sq")),
     functional_doc=r"""One in-place ADOPT update (see :class:`fastoptim.ADOPT`).

@@ -44,7 +44,14 @@ class SGD(Optimizer):
         b_t = \mu b_{t-1} + (1-\tau) g_t \;(b_1 = g_1),\quad
         d_t = g_t + \mu b_t \text{ (nesterov) or } b_t,\quad p_t = p_{t-1} - \gamma d_t
 
-    State: ``momentum_buffer`` (only when ``momentum != 0``)."""
+    State: ``momentum_buffer`` (only when ``momentum != 0``).
+
+    With ``cautious=True`` (Cautious optimizers, Liang et al. 2024), each element's
+    step is dropped where it disagrees in sign with the gradient: :math:`u \leftarrow u\,[u g > 0]`.
+    Element-wise only: the paper's rescaling by the tensor's fraction of kept elements
+    (:math:`u / \mathrm{mean}([u g > 0])`) is *not* applied, so the steps are smaller than the
+    paper's by that fraction (about half early in training): raise ``lr`` accordingly.
+    Here :math:`u = d_t` (no effect without momentum)."""
 
     _definition = _defs.SGD
 
@@ -58,6 +65,7 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
@@ -173,7 +181,14 @@ class Adam(Optimizer):
               - \frac{\gamma}{1-\beta_1^t}\,
                 \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
-    State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."""
+    State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+
+    With ``cautious=True`` (Cautious optimizers, Liang et al. 2024), each element's
+    step is dropped where it disagrees in sign with the gradient: :math:`u \leftarrow u\,[u g > 0]`.
+    Element-wise only: the paper's rescaling by the tensor's fraction of kept elements
+    (:math:`u / \mathrm{mean}([u g > 0])`) is *not* applied, so the steps are smaller than the
+    paper's by that fraction (about half early in training): raise ``lr`` accordingly.
+    Here the mask is :math:`[m_t g_t > 0]` (the sign of the step's)."""
 
     _definition = _defs.ADAM
 
@@ -188,6 +203,7 @@ class Adam(Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
@@ -199,7 +215,8 @@ class Adam(Optimizer):
 
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter 2019; ``torch.optim.AdamW``): :class:`Adam` with decoupled
-    weight decay, :math:`p \leftarrow p(1-\gamma\lambda)` before the Adam update."""
+    weight decay, :math:`p \leftarrow p(1-\gamma\lambda)` before the Adam update (which
+    ``cautious`` masks as :class:`Adam`'s; the decay is not masked)."""
 
     _definition = _defs.ADAMW
 
@@ -213,6 +230,7 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
@@ -331,7 +349,14 @@ class Lion(Optimizer):
         p_t = p_{t-1}(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t),
         \quad m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-    with :math:`\mathrm{sign}(0) = 0`.  State: ``exp_avg``."""
+    with :math:`\mathrm{sign}(0) = 0`.  State: ``exp_avg``.
+
+    With ``cautious=True`` (Cautious optimizers, Liang et al. 2024), each element's
+    step is dropped where it disagrees in sign with the gradient: :math:`u \leftarrow u\,[u g > 0]`.
+    Element-wise only: the paper's rescaling by the tensor's fraction of kept elements
+    (:math:`u / \mathrm{mean}([u g > 0])`) is *not* applied, so the steps are smaller than the
+    paper's by that fraction (about half early in training): raise ``lr`` accordingly.
+    Here :math:`u` is the sign step; the decay is not masked."""
 
     _definition = _defs.LION
 
@@ -343,6 +368,7 @@ class Lion(Optimizer):
         weight_decay: Value = 0.0,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
@@ -447,7 +473,14 @@ class ADOPT(Optimizer):
     ``decoupled_weight_decay`` is the authors' ``decouple`` (use it where you would use AdamW):
     :math:`p \leftarrow p(1-\gamma\lambda)` from the second step on; otherwise ``weight_decay``
     is L2, added to the gradient (the first step's :math:`v_1` included).  State: ``exp_avg``,
-    ``exp_avg_sq``."""
+    ``exp_avg_sq``.
+
+    With ``cautious=True`` (Cautious optimizers, Liang et al. 2024), each element's
+    step is dropped where it disagrees in sign with the gradient: :math:`u \leftarrow u\,[u g > 0]`.
+    Element-wise only: the paper's rescaling by the tensor's fraction of kept elements
+    (:math:`u / \mathrm{mean}([u g > 0])`) is *not* applied, so the steps are smaller than the
+    paper's by that fraction (about half early in training): raise ``lr`` accordingly.
+    Here the mask is :math:`[m_t g_t > 0]`; the decay is not masked."""
 
     _definition = _defs.ADOPT
 
@@ -462,6 +495,7 @@ class ADOPT(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

@@ -103,6 +103,14 @@ def _adam_grad(
     return _effective_grad(param, grad, weight_decay, maximize)
 
 
+def _cautious(update: np.ndarray, agree: np.ndarray) -> np.ndarray:
+    """Cautious optimizers (Liang et al. 2024), element-wise: ``update * (agree > 0)``, the
+    update where it agrees in sign with the gradient (``agree``: their product, or the
+    product of same-signed values), 0 elsewhere.  The paper's rescaling by the tensor's mean
+    of the mask is not applied.  A new array."""
+    return np.asarray(update * (agree > 0).astype(update.dtype))
+
+
 def _torch_sign(x: np.ndarray) -> np.ndarray:
     """torch.sign: like np.sign, but 0 for NaN."""
     return np.where(x > 0, 1, np.where(x < 0, -1, 0)).astype(x.dtype)
@@ -142,9 +150,11 @@ def sgd_update(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    cautious: bool = False,
 ) -> None:
     """SGD: ``b = momentum * b + (1 - dampening) * g`` (``b = g`` on the buffer's first use),
-    ``d = g + momentum * b`` (nesterov) or ``b``; ``p -= lr * d``."""
+    ``d = g + momentum * b`` (nesterov) or ``b``; ``d *= (d * g > 0)`` when ``cautious`` (with
+    momentum); ``p -= lr * d``."""
     g = _effective_grad(param, grad, weight_decay, maximize)
     if momentum != 0:
         assert momentum_buffer is not None
@@ -153,7 +163,8 @@ def sgd_update(
         else:
             momentum_buffer *= momentum
             momentum_buffer += (1 - dampening) * g
-        g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+        d = g + momentum * momentum_buffer if nesterov else momentum_buffer
+        g = _cautious(d, d * g) if cautious else d
     param -= lr * g
 
 
@@ -250,11 +261,13 @@ def adam_update(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    cautious: bool = False,
 ) -> None:
     """Adam / AdamW / AMSGrad: ``m = lerp(m, g, 1 - beta1)``,
     ``v = beta2 * v + (1 - beta2) * g * g``, ``v_hat = max(v_hat, v)`` (amsgrad);
-    ``p -= lr / (1 - beta1^t) * m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)``, after
-    ``p *= 1 - lr * weight_decay`` when the decay is decoupled."""
+    ``u = m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)``, ``u *= (m * g > 0)`` when
+    ``cautious``; ``p -= lr / (1 - beta1^t) * u``, after ``p *= 1 - lr * weight_decay`` when
+    the decay is decoupled."""
     g = _adam_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
     _adam_moments_(exp_avg, exp_avg_sq, g, beta1, beta2)
     bias_correction1 = 1 - beta1**step
@@ -266,7 +279,10 @@ def adam_update(
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
     denom = np.sqrt(v) / math.sqrt(bias_correction2) + eps
-    param -= step_size * (exp_avg / denom)
+    u = exp_avg / denom
+    if cautious:
+        u = _cautious(u, exp_avg * g)
+    param -= step_size * u
 
 
 def adamax_update(
@@ -379,11 +395,15 @@ def lion_update(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    cautious: bool = False,
 ) -> None:
     """Lion: ``p = p * (1 - lr * weight_decay) - lr * sign(beta1 * m + (1 - beta1) * g)``
-    (``sign(0) = 0``), then ``m = beta2 * m + (1 - beta2) * g``."""
+    (``sign(0) = 0``; the sign step masked by ``(sign * g > 0)`` when ``cautious``), then
+    ``m = beta2 * m + (1 - beta2) * g``."""
     g = _effective_grad(param, grad, 0, maximize)
     update = np.sign(beta1 * exp_avg + (1 - beta1) * g)
+    if cautious:
+        update = _cautious(update, update * g)
     param *= 1 - lr * weight_decay
     param -= lr * update
     exp_avg *= beta2
@@ -433,13 +453,15 @@ def adopt_update(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    cautious: bool = False,
 ) -> None:
     """ADOPT (Taniguchi et al. 2024), as the authors' implementation.  Step 1:
     ``v += g * g`` and nothing else.  Then: ``n = g / max(sqrt(v), eps)`` (the previous
     ``v``), clipped to ``[-c, c]`` with ``c = (step - 1) ** 0.25`` when ``clip``;
     ``m = lerp(m, n, 1 - beta1)``; ``p -= lr * m``, after ``p *= 1 - lr * weight_decay``
-    when the decay is decoupled; then ``v = beta2 * v + (1 - beta2) * g * g``.  L2 weight
-    decay (not decoupled) is in ``g`` from the first step on."""
+    when the decay is decoupled (``p -= lr * m * (m * g > 0)`` when ``cautious``); then
+    ``v = beta2 * v + (1 - beta2) * g * g``.  L2 weight decay (not decoupled) is in ``g``
+    from the first step on."""
     g = _effective_grad(param, grad, 0 if decoupled_weight_decay else weight_decay, maximize)
     if step == 1:
         exp_avg_sq += g * g
@@ -452,7 +474,7 @@ def adopt_update(
         c = (step - 1) ** 0.25
         normed = np.where(normed < -c, -c, np.where(normed > c, c, normed))
     _lerp_(exp_avg, normed, 1 - beta1)
-    param -= lr * exp_avg
+    param -= lr * (_cautious(exp_avg, exp_avg * g) if cautious else exp_avg)
     _ema_sq_(exp_avg_sq, g, beta2)
 
 

@@ -60,6 +60,12 @@ template <class T, class C> inline void adam_moments(const C& c, T g, T& exp_avg
   exp_avg_sq = ema_square(exp_avg_sq, g, c.beta2, c.one_minus_beta2);
 }
 
+// Cautious optimizers (Liang et al. 2024), element-wise: the update u where it agrees in sign
+// with the gradient, 0 elsewhere, as u * mask with mask = (agree > 0) in {0, 1} (NaN and inf
+// propagate through the product as in the reference code).  The paper then divides by the
+// tensor's mean of the mask: that per-tensor rescaling is NOT applied here.
+template <class T> inline T cautious_mask(T u, T agree) { return u * (agree > T(0) ? T(1) : T(0)); }
+
 template <class Opt, class T, unsigned V> struct Kernel;
 
 template <class T, unsigned V> struct Kernel<SGD, T, V> {
@@ -72,7 +78,9 @@ template <class T, unsigned V> struct Kernel<SGD, T, V> {
       T& buf = s[0];
       buf = fmadd(T(c.mom_keep), buf, T(c.mom_grad) * g);
       // torch: g + mu * buf (nesterov_grad = 1, exact); Keras: mu * buf - lr * g
-      g = (V & SGD::kNesterov) ? fmadd(T(c.nesterov_mom), buf, T(c.nesterov_grad) * g) : buf;
+      const T d =
+          (V & SGD::kNesterov) ? fmadd(T(c.nesterov_mom), buf, T(c.nesterov_grad) * g) : buf;
+      g = (V & SGD::kCautious) ? cautious_mask(d, d * g) : d;
     }
     p = fmadd(T(c.neg_lr), g, p);
   }
@@ -154,7 +162,9 @@ template <class T, unsigned V> struct Kernel<Adam, T, V> {
       v = max_exp_avg_sq;
     }
     const T denom = fmadd(std::sqrt(v), T(c.inv_bc2_sqrt), T(c.eps));
-    p = fmadd(T(c.neg_step), exp_avg / denom, p * T(c.decay));
+    T u = exp_avg / denom;
+    if constexpr ((V & Adam::kCautious) != 0) u = cautious_mask(u, exp_avg * g);
+    p = fmadd(T(c.neg_step), u, p * T(c.decay));
   }
 };
 
@@ -212,7 +222,8 @@ template <class T, unsigned V> struct Kernel<Lion, T, V> {
   void operator()(T& p, T g, std::array<T, 1>& s) const {
     T& exp_avg = s[0];
     g = T(c.gsign) * g;
-    const T update = sign(fmadd(T(c.beta1), exp_avg, T(c.one_minus_beta1) * g));
+    T update = sign(fmadd(T(c.beta1), exp_avg, T(c.one_minus_beta1) * g));
+    if constexpr ((V & Lion::kCautious) != 0) update = cautious_mask(update, update * g);
     p = fmadd(T(c.neg_lr), update, p * T(c.decay));
     exp_avg = fmadd(T(c.beta2), exp_avg, T(c.one_minus_beta2) * g);
   }
@@ -269,10 +280,11 @@ template <class T, unsigned V> struct Kernel<ADOPT, T, V> {
     const T clip = T(c.clip);
     normed = normed < -clip ? -clip : (normed > clip ? clip : normed);
     const T m = lerp(exp_avg, normed, T(c.one_minus_beta1));
+    const T u = (V & ADOPT::kCautious) != 0 ? cautious_mask(m, m * g) : m;
     const T v = ema_square(exp_avg_sq, g, c.beta2, c.one_minus_beta2);
     // The first step only initialises v (exp_avg_sq.addcmul_(g, g)): selects, not branches.
     const bool first = c.first != 0;
-    p = first ? p : fmadd(T(c.neg_lr), m, p * T(c.decay));
+    p = first ? p : fmadd(T(c.neg_lr), u, p * T(c.decay));
     exp_avg = first ? exp_avg : m;
     exp_avg_sq = first ? fmadd(g, g, exp_avg_sq) : v;
   }

@@ -28,19 +28,21 @@ struct SGD {
     // Keras's form (fastoptim.keras.SGD): buf = momentum * buf - lr * g, p += buf (Nesterov:
     // p += momentum * buf - lr * g), no dampening, decoupled weight decay p *= 1 - lr * wd.
     bool keras = false;
+    // Cautious (Liang et al. 2024), element-wise: the step d is zeroed where d * g <= 0.
+    bool cautious = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("momentum", &Hyper::momentum); f("dampening", &Hyper::dampening);
     f("weight_decay", &Hyper::weight_decay); f("nesterov", &Hyper::nesterov);
     f("maximize", &Hyper::maximize); f("first_momentum_step", &Hyper::first_momentum_step);
-    f("keras", &Hyper::keras);
+    f("keras", &Hyper::keras); f("cautious", &Hyper::cautious);
   }
   // d = nesterov ? nesterov_grad * g + nesterov_mom * buf : buf; p = decay * p + neg_lr * d
   struct Coeffs { double gsign, wd, decay, neg_lr, mom_keep, mom_grad, nesterov_mom, nesterov_grad; };
-  enum : unsigned { kMomentum = 1, kNesterov = 2, kKeras = 4, kVariants = 8 };
+  enum : unsigned { kMomentum = 1, kNesterov = 2, kKeras = 4, kCautious = 8, kVariants = 16 };
   static unsigned variant(const Hyper& h) {
     return (h.momentum != 0 ? kMomentum | (h.nesterov ? kNesterov : 0u) : 0u) |
-           (h.keras ? kKeras : 0u);
+           (h.keras ? kKeras : 0u) | (h.cautious ? kCautious : 0u);
   }
   static constexpr int nstate(unsigned v) { return (v & kMomentum) ? 1 : 0; }
   static std::vector<const char*> states(unsigned v) {
@@ -159,16 +161,21 @@ struct Adam {
     // Keras's eps, added to sqrt(v) before the bias correction: torch's form with
     // eps_t = eps / sqrt(1 - beta2^t).
     bool keras = false;
+    // Cautious (Liang et al. 2024), element-wise: the step is zeroed where exp_avg * g <= 0.
+    bool cautious = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
     f("amsgrad", &Hyper::amsgrad); f("maximize", &Hyper::maximize);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("keras", &Hyper::keras);
+    f("cautious", &Hyper::cautious);
   }
   struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step; };
-  enum : unsigned { kAmsgrad = 1, kVariants = 2 };
-  static unsigned variant(const Hyper& h) { return h.amsgrad ? kAmsgrad : 0u; }
+  enum : unsigned { kAmsgrad = 1, kCautious = 2, kVariants = 4 };
+  static unsigned variant(const Hyper& h) {
+    return (h.amsgrad ? kAmsgrad : 0u) | (h.cautious ? kCautious : 0u);
+  }
   static constexpr int nstate(unsigned v) { return (v & kAmsgrad) ? 3 : 2; }
   static std::vector<const char*> states(unsigned v) {
     if (v & kAmsgrad) return {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
@@ -286,14 +293,16 @@ struct Lion {
   struct Hyper {
     double lr = 1e-4, beta1 = 0.9, beta2 = 0.99, weight_decay = 0;
     bool maximize = false;
+    bool cautious = false;  // Cautious, element-wise: the sign step is zeroed where it * g <= 0
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("weight_decay", &Hyper::weight_decay); f("maximize", &Hyper::maximize);
+    f("cautious", &Hyper::cautious);
   }
   struct Coeffs { double gsign, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  enum : unsigned { kCautious = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.cautious ? kCautious : 0u; }
   static constexpr int nstate(unsigned) { return 1; }
   static std::vector<const char*> states(unsigned) { return {"exp_avg"}; }
   static Coeffs prepare(const Hyper& h, int64_t) {
@@ -370,16 +379,18 @@ struct ADOPT {
   struct Hyper {
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.9999, eps = 1e-6, weight_decay = 0;
     bool clip = true, decoupled_weight_decay = false, maximize = false;
+    bool cautious = false;  // Cautious, element-wise: the step is zeroed where exp_avg * g <= 0
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay); f("clip", &Hyper::clip);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+    f("cautious", &Hyper::cautious);
   }
   // first != 0: the initialising step (v += g^2 only).
   struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, eps, clip, neg_lr, first; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  enum : unsigned { kCautious = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.cautious ? kCautious : 0u; }
   static constexpr int nstate(unsigned) { return 2; }
   static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
   static Coeffs prepare(const Hyper& h, int64_t step) {

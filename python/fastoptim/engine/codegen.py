@@ -193,10 +193,12 @@ def _torch_signature(d: Definition) -> list[tuple[str, str, Any, bool]]:
             raise SystemExit(
                 f"{d.name}: torch.optim's argument {p.name!r} is not in the definition"
             )
-    missing = set(hypers) - seen
+    extra = [h for h in d.hyper if h.extension and h.name not in seen]
+    missing = set(hypers) - seen - {h.name for h in extra}
     if missing:
         raise SystemExit(f"{d.name}: torch.optim.{d.name} lacks {sorted(missing)}")
-    return out + common
+    ours = [(h.name, _annotation(d, h.name, True), h.default, True) for h in extra]
+    return out + ours + common
 
 
 def keras_class(d: Definition) -> list[str]:

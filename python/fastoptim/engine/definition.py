@@ -66,6 +66,9 @@ class Hyper:
     fields: tuple[str, ...] = ()  # a pair: the compiled struct's fields of its two entries
     annotation: str = ""  # the signatures' annotation when the rule does not give it
     field: str = ""  # the compiled struct's field, when it is not `name` (Keras's epsilon: eps)
+    # fastoptim's own option of an optimizer torch.optim has (SGD's ``cautious``): keyword-only,
+    # after torch's signature in fastoptim.torch (which otherwise copies torch's exactly).
+    extension: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.default, bool) and self.rule != FLAG:
@@ -78,6 +81,8 @@ class Hyper:
             raise ValueError(f"{self.name}: a pair (and only a pair) names its two fields")
         if self.rule in (FLAG, DTYPES, ROUNDING, SEED):
             object.__setattr__(self, "schedulable", False)
+        if self.extension and not self.keyword:
+            raise ValueError(f"{self.name}: an extension of torch's signature is keyword-only")
 
 
 # Keras's keyword -> (the torch-convention argument, how to spell it): the keyword hints of
