@@ -60,7 +60,8 @@ EDITS: dict[str, dict[str, list[Any]]] = {
     },
     "Adagrad": {"lr": [0.1, 0.05], "lr_decay": [0.0, 0.1], "weight_decay": [0.0, 0.125]},
     "NAdam": {"lr": [0.01, 0.002], "momentum_decay": [4e-3, 1e-2], "weight_decay": [0.0, 0.125]},
-    "Lion": {"lr": [1e-3, 1e-4], "betas": [(0.9, 0.99), (0.5, 0.9)]},
+    "Lion": {"lr": [1e-3, 1e-4], "betas": [(0.9, 0.99), (0.5, 0.9)], "cautious": [False, True]},
+    "ADOPT": {"lr": [0.01, 0.002], "clip": [True, False], "cautious": [False, True]},
     "Rprop": {
         "lr": [0.01, 0.1],
         "etas": [(0.5, 1.2), (0.3, 1.5)],
