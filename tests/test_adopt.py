@@ -28,6 +28,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fastoptim  # noqa: E402
 import fastoptim.torch as fot  # noqa: E402
 from cases import CASES, Case, Scales, check_close, each_case, every_dtype  # noqa: E402
 from test_torch_optim import RTOL_ULPS, make_run, set_grads  # noqa: E402
@@ -76,6 +77,11 @@ def run_against(
     # oscillate around 0 where an ulp decides the next sign; compared for 10 steps only.
     l2 = case.kwargs.get("weight_decay", 0) and not case.kwargs.get("decoupled_weight_decay")
     chaotic = [s < 1e-3 if l2 else None for s in gscales]
+    if l2 and fastoptim.isa() == "scalar":
+        # The baseline x86-64 build has no FMA (two roundings where torch fuses): with L2 decay,
+        # g / max(sqrt(v), eps) of the elements whose gradient is exactly 0 divides two
+        # nearly equal small numbers, which doubles those differences by step 10.
+        rtol *= 4
     for t in range(1, STEPS + 1):
         if t == STEPS // 2 + 1:
             for opt in (fast, ref):
