@@ -266,6 +266,7 @@ class PyPlan {
         t.state_dtype[j] = ss[j][i].dtype;
       }
       t.id = ids ? (*ids)[i] : static_cast<uint64_t>(i);
+      t.classify(static_cast<int>(k));
       plan_.add(t);
       params_.push_back(ps[i].arr);
       param_data_.push_back(ps[i].data);
@@ -324,7 +325,7 @@ class PyPlan {
     grads_.clear();
     for (std::size_t i = 0; i < n; ++i) {
       plan_.tensors[i].grad = gs[i].data;
-      plan_.tensors[i].grad_dtype = gs[i].dtype;
+      plan_.set_grad_dtype(i, gs[i].dtype);
       grads_.push_back(gs[i].arr);
     }
     bound_ = true;

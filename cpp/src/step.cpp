@@ -288,20 +288,6 @@ FASTOPTIM_VECTORIZE
   }
 }
 
-// Which fused layout a tensor has (0: none).
-enum Fused : int { kNotFused = 0, kBf16Params = 1, kAllBf16 = 2, kOffload = 3 };
-inline Fused fused_layout(const Tensor& t, int nstate) {
-  if (t.comp || t.grad_dtype != DType::bf16) return kNotFused;
-  bool s32 = true, s16 = true;
-  for (int j = 0; j < nstate; ++j) {
-    s32 = s32 && t.state_dtype[j] == DType::f32;
-    s16 = s16 && t.state_dtype[j] == DType::bf16;
-  }
-  if (t.dtype == DType::bf16 && !t.out) return s32 ? kBf16Params : (s16 ? kAllBf16 : kNotFused);
-  if (t.dtype == DType::f32 && t.out && t.out_dtype == DType::bf16 && s32) return kOffload;
-  return kNotFused;
-}
-
 template <class P, class S, bool Out, bool Stochastic, class K, std::size_t... J>
 void run_fused(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
                std::index_sequence<J...> seq) {
@@ -319,26 +305,24 @@ void run_fused(const K& k, const Tensor& t, int64_t a, int64_t b, const Rounding
   }
 }
 
-// The fused path of tensor t's elements [a, b) if its layout has one; false otherwise.
+// The fused path of tensor t's elements [a, b) (t.path is one of the kFused paths).
 template <class K, class Seq>
-bool sweep_fused_layout(const K& k, const Tensor& t, int nstate, int64_t a, int64_t b,
-                        const RoundingKey& key, Seq seq) {
+void sweep_fused_layout(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
+                        Seq seq) {
   const bool sr = key.plan.rounding == Rounding::stochastic;
-  switch (fused_layout(t, nstate)) {
-    case kBf16Params:
+  switch (t.path) {
+    case Tensor::kFusedBf16Params:
       sr ? run_fused<BF16, F32, false, true>(k, t, a, b, key, seq)
          : run_fused<BF16, F32, false, false>(k, t, a, b, key, seq);
-      return true;
-    case kAllBf16:
+      break;
+    case Tensor::kFusedAllBf16:
       sr ? run_fused<BF16, BF16, false, true>(k, t, a, b, key, seq)
          : run_fused<BF16, BF16, false, false>(k, t, a, b, key, seq);
-      return true;
-    case kOffload:
+      break;
+    default:
       sr ? run_fused<F32, F32, true, true>(k, t, a, b, key, seq)
          : run_fused<F32, F32, true, false>(k, t, a, b, key, seq);
-      return true;
-    default:
-      return false;
+      break;
   }
 }
 
@@ -350,10 +334,10 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
   constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
-      if (!t.direct(plan.nstate)) {
-        if (!sweep_fused_layout(kf, t, plan.nstate, a, b, key, states))
-          sweep_converting(kf, t, a, b, key, states);
-      }
+      if (t.path == Tensor::kConverting)
+        sweep_converting(kf, t, a, b, key, states);
+      else if (t.path != Tensor::kDirect)
+        sweep_fused_layout(kf, t, a, b, key, states);
       else if (t.dtype == DType::f32)
         sweep_tensor<Kernel<Opt, float, V>, float>(kf, t, a, b, states);
       else

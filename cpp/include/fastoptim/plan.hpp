@@ -40,12 +40,29 @@ struct Tensor {
   void* comp = nullptr;
   uint64_t id = 0;  // the tensor's number in its optimizer: part of the stochastic rounding key
 
-  // Every array in the compute dtype, nothing to convert: the driver's direct path.
-  bool direct(int nstate) const {
-    bool plain = (dtype == DType::f32 || dtype == DType::f64) && out == nullptr &&
-                 comp == nullptr && grad_dtype == dtype;
-    for (int j = 0; j < nstate; ++j) plain = plain && state_dtype[j] == dtype;
-    return plain;
+  // The driver's path for this tensor (set by classify() whenever its arrays change):
+  // kDirect: every array in the compute dtype, nothing to convert; kFused*: a mixed layout
+  // converted in registers (bf16 params and grads with fp32 state; all-bf16; fp32 params with
+  // bf16 grads and a bf16 copy, the offload and master layouts); kConverting: the rest.
+  enum Path : int { kDirect = 0, kFusedBf16Params, kFusedAllBf16, kFusedOffload, kConverting };
+  int path = kDirect;
+  void classify(int nstate) {
+    bool same = (dtype == DType::f32 || dtype == DType::f64) && out == nullptr &&
+                comp == nullptr && grad_dtype == dtype;
+    bool s32 = true, s16 = true;
+    for (int j = 0; j < nstate; ++j) {
+      same = same && state_dtype[j] == dtype;
+      s32 = s32 && state_dtype[j] == DType::f32;
+      s16 = s16 && state_dtype[j] == DType::bf16;
+    }
+    path = kConverting;
+    if (same)
+      path = kDirect;
+    else if (comp == nullptr && grad_dtype == DType::bf16 && dtype == DType::bf16 && !out)
+      path = s32 ? kFusedBf16Params : (s16 ? kFusedAllBf16 : kConverting);
+    else if (comp == nullptr && grad_dtype == DType::bf16 && dtype == DType::f32 && out &&
+             out_dtype == DType::bf16 && s32)
+      path = kFusedOffload;
   }
   DType compute() const { return dtype == DType::f64 ? DType::f64 : DType::f32; }
   // Bytes one step reads and writes.
@@ -65,18 +82,25 @@ struct Plan {
   Rounding rounding = Rounding::nearest;
   uint64_t seed = 0;
 
-  void add(const Tensor& t) {
+  int64_t bytes = 0;  // a step's traffic: kept up to date by add() and set_grad_dtype()
+
+  void add(const Tensor& t) {  // (nstate set first)
     if (offsets.empty()) offsets.push_back(0);
     tensors.push_back(t);
     offsets.push_back(offsets.back() + t.size);
+    bytes += t.traffic(nstate);
+  }
+  // Tensor i's gradient has dtype d from now on: its path and the plan's traffic follow.
+  void set_grad_dtype(std::size_t i, DType d) {
+    Tensor& t = tensors[i];
+    if (t.grad_dtype == d) return;
+    bytes += (dtype_size(d) - dtype_size(t.grad_dtype)) * t.size;
+    t.grad_dtype = d;
+    t.classify(nstate);
   }
   int64_t total() const { return offsets.empty() ? 0 : offsets.back(); }
   // Bytes a step reads and writes.
-  int64_t traffic() const {
-    int64_t b = 0;
-    for (const Tensor& t : tensors) b += t.traffic(nstate);
-    return b;
-  }
+  int64_t traffic() const { return bytes; }
 };
 
 // The arrays of a streaming reference pass (fastoptim::stream_mixed): nrw32 float32 and nrw16

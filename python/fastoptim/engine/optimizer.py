@@ -342,11 +342,13 @@ class Optimizer:
 
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
+        get = group.get
+        policy = (get(precision.STATE_DTYPE), get(precision.MASTER_WEIGHTS), get(precision.KAHAN))
+        key = (names, policy, id(g.outs))
+        if key == g.plan_states:  # (checked first: a scheduled step comes here every time)
+            return
         layout = self._layout(g, group, names)
         extras = tuple(n for n in precision.EXTRA_STATES if any(n in b for b in layout))
-        key = (names, extras, id(g.outs))
-        if key == g.plan_states:
-            return
         for name in names + extras:
             if name not in g.states:
                 self._allocate(g, name, self._state_fill(name, group), layout)
