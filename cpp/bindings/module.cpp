@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -158,11 +159,13 @@ class PyPlan {
   // `masters`, `comps`, `outs`: None, or one entry per parameter (an array or None): the
   // float32 master copy of a bfloat16/float16 parameter, the Kahan compensation of one (its
   // dtype), the bfloat16/float16 copy-out array of a float32 parameter.  `ids`: the tensors'
-  // numbers for stochastic rounding (default 0, 1, ...).
+  // numbers for stochastic rounding (default 0, 1, ...).  `emas`: None or one entry per
+  // parameter, the exponential moving average of it (float64 for a float64 parameter; float32,
+  // bfloat16 or float16 for the others).
   PyPlan(const py::sequence& params, const std::vector<std::string>& labels,
          const std::vector<std::string>& state_names, const py::sequence& states,
          const py::object& masters, const py::object& comps, const py::object& outs,
-         const std::optional<std::vector<uint64_t>>& ids) {
+         const std::optional<std::vector<uint64_t>>& ids, const py::object& emas) {
     const auto n = static_cast<std::size_t>(py::len(params));
     const auto k = state_names.size();
     if (labels.size() != n) throw py::value_error("labels: need one label per parameter");
@@ -189,6 +192,7 @@ class PyPlan {
     const auto ms = extra(masters, "master copy");
     const auto cs = extra(comps, "compensation");
     const auto os = extra(outs, "copy-out");
+    const auto es = extra(emas, "EMA");
     const auto low = [](DType d) { return d == DType::bf16 || d == DType::f16; };
     for (std::size_t i = 0; i < n; ++i) {
       const std::string who = " of param " + labels[i];
@@ -219,6 +223,7 @@ class PyPlan {
                                dtype_name(os[i]->arr));
         check_shape(*os[i], p, "copy-out" + who);
       }
+      if (es[i]) check_operand(*es[i], p, compute_dtype(ps[i].dtype), "EMA" + who);
     }
     std::vector<std::vector<Arg>> ss(k);
     for (std::size_t j = 0; j < k; ++j) {
@@ -241,6 +246,7 @@ class PyPlan {
       if (ms[i]) span(*ms[i], "master copy of param " + labels[i]);
       if (cs[i]) span(*cs[i], "compensation of param " + labels[i]);
       if (os[i]) span(*os[i], "copy-out of param " + labels[i]);
+      if (es[i]) span(*es[i], "EMA of param " + labels[i]);
     }
     sort_and_check_disjoint(spans_);
     plan_.nstate = static_cast<int>(k);
@@ -260,6 +266,10 @@ class PyPlan {
         t.out_dtype = os[i]->dtype;
       }
       if (cs[i]) t.comp = cs[i]->data;
+      if (es[i]) {
+        t.ema = es[i]->data;
+        t.ema_dtype = es[i]->dtype;
+      }
       t.grad_dtype = compute_dtype(ps[i].dtype);
       for (std::size_t j = 0; j < k; ++j) {
         t.state[j] = ss[j][i].data;
@@ -271,7 +281,7 @@ class PyPlan {
       params_.push_back(ps[i].arr);
       param_data_.push_back(ps[i].data);
       for (std::size_t j = 0; j < k; ++j) keep_.push_back(ss[j][i].arr);
-      for (const auto* e : {&ms[i], &cs[i], &os[i]})
+      for (const auto* e : {&ms[i], &cs[i], &os[i], &es[i]})
         if (*e) keep_.push_back((*e)->arr);
     }
     state_names_ = state_names;
@@ -294,6 +304,35 @@ class PyPlan {
     return plan_.rounding == Rounding::nearest ? "nearest" : "stochastic";
   }
   uint64_t seed() const { return plan_.seed; }
+
+  // The gradient transform of the steps that follow: the kernels see clamp(g * mul, -clip,
+  // clip).  Identity: mul = 1, clip = inf.
+  void set_grad_transform(double mul, double clip) {
+    if (!(clip >= 0)) throw py::value_error("clip must be >= 0 (inf: no clipping)");
+    if (std::isinf(mul)) throw py::value_error("mul must not be infinite");
+    Lock lock(*this);
+    plan_.grad_mul = mul;
+    plan_.grad_clip = clip;
+  }
+  double grad_mul() const { return plan_.grad_mul; }
+  double grad_clip() const { return plan_.grad_clip; }
+  void set_ema_decay(double decay) {
+    if (!(decay >= 0 && decay <= 1)) throw py::value_error("ema_decay must be in [0, 1]");
+    Lock lock(*this);
+    plan_.ema_decay = decay;
+  }
+  double ema_decay() const { return plan_.ema_decay; }
+  // grad_stats of the bound gradients (GIL released while reading them).
+  py::tuple stats() {
+    Lock lock(*this);
+    const Plan& p = plan();
+    GradStats r;
+    {
+      py::gil_scoped_release release;
+      r = grad_stats(p);
+    }
+    return py::make_tuple(r.sumsq, r.finite);
+  }
 
   // Validate every gradient, then (only if all are fine) point the plan at them.
   void bind_grads(const py::sequence& grads) {
@@ -471,14 +510,22 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const py::sequence&, const std::vector<std::string>&,
                     const std::vector<std::string>&, const py::sequence&, const py::object&,
                     const py::object&, const py::object&,
-                    const std::optional<std::vector<uint64_t>>&>(),
+                    const std::optional<std::vector<uint64_t>>&, const py::object&>(),
            py::arg("params"), py::arg("labels"), py::arg("state_names"), py::arg("states"),
            py::kw_only(), py::arg("masters") = py::none(), py::arg("comps") = py::none(),
-           py::arg("outs") = py::none(), py::arg("ids") = py::none())
+           py::arg("outs") = py::none(), py::arg("ids") = py::none(),
+           py::arg("emas") = py::none())
       .def("set_rounding", &PyPlan::set_rounding, py::arg("mode"), py::arg("seed") = 0)
       .def_property_readonly("rounding", &PyPlan::rounding)
       .def_property_readonly("seed", &PyPlan::seed)
       .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
+      .def("set_grad_transform", &PyPlan::set_grad_transform, py::arg("mul"), py::arg("clip"))
+      .def_property_readonly("grad_mul", &PyPlan::grad_mul)
+      .def_property_readonly("grad_clip", &PyPlan::grad_clip)
+      .def("set_ema_decay", &PyPlan::set_ema_decay, py::arg("decay"))
+      .def_property_readonly("ema_decay", &PyPlan::ema_decay)
+      .def("grad_stats", &PyPlan::stats,
+           "(sum of squares of the transformed gradients, whether every gradient is finite)")
       .def_property_readonly("completed", &PyPlan::completed)
       .def("__len__", &PyPlan::size)
       .def_property_readonly("numel", &PyPlan::numel)

@@ -40,6 +40,7 @@ namespace fastoptim {
   template <class Opt> void step(const Plan&, const typename Opt::Hyper&, int64_t, int); \
   void stream(float* const*, int, int64_t, int);                                         \
   void stream_mixed(const StreamArrays&, int64_t, int);                                  \
+  void grad_stats(const Plan&, int, GradStats&);                                         \
   }
 #ifdef FASTOPTIM_HAVE_SCALAR
 FASTOPTIM_DECLARE_ISA(scalar)
@@ -507,6 +508,13 @@ void stream_mixed(const StreamArrays& s, int64_t n) {
   const int64_t bytes = n * (8 * s.nrw32 + 4 * s.nrw16 + (s.grad16 ? 2 : 4) + (s.out16 ? 2 : 0));
   const int threads = threads_for(bytes);
   FASTOPTIM_FORWARD(stream_mixed, s, n, threads)
+}
+
+GradStats grad_stats(const Plan& plan) {
+  const int threads = threads_for(plan.grad_bytes());
+  GradStats r;
+  FASTOPTIM_FORWARD(grad_stats, plan, threads, r)
+  return r;
 }
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \

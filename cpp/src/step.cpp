@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "fastoptim/convert.hpp"
 #include "fastoptim/kernels.hpp"
@@ -326,22 +327,76 @@ void sweep_fused_layout(const K& k, const Tensor& t, int64_t a, int64_t b, const
   }
 }
 
+// The element functor the driver runs: the optimizer's kernel, fed the transformed gradient
+// clamp(g * mul, -clip, clip) (the plan's loss scaling and clipping; with the identity,
+// mul = 1 and clip = inf, exactly g: NaN and infinities included).
+template <class K, class T> struct Transformed {
+  K k;
+  T mul, clip;
+  template <class S> void operator()(T& p, T g, S& s) const {
+    T x = g * mul;
+    x = x < -clip ? -clip : x;
+    x = x > clip ? clip : x;
+    k(p, x, s);
+  }
+};
+
+// The random-bit stream of an EMA's stochastic rounding (0: parameter, 1 + j: state j).
+constexpr uint32_t kEmaStream = 1 + kMaxState;
+// Elements updated before their EMA: the parameter values are still in L1/L2 when read again.
+constexpr int64_t kEmaBlock = 4096;
+
+// ema = lerp(ema, p, 1 - decay) for elements [lo, hi) of tensor t, after their update.
+inline void ema_update(const Tensor& t, int64_t lo, int64_t hi, double decay,
+                       const RoundingKey& key) {
+  if (t.dtype == DType::f64) {
+    const double* __restrict p = static_cast<const double*>(t.param);
+    double* __restrict e = static_cast<double*>(t.ema);
+    const double w = 1.0 - decay;
+    FASTOPTIM_VECTORIZE
+    for (int64_t i = lo; i < hi; ++i) e[i] = lerp(e[i], p[i], w);
+    return;
+  }
+  const auto w = static_cast<float>(1.0 - decay);
+  alignas(64) float bp[kBlock], be[kBlock];
+  for (int64_t a = lo; a < hi;) {
+    const int64_t wrap = (a | int64_t{0xFFFFFFFF}) + 1;
+    const int64_t n = std::min({kBlock, hi - a, wrap - a});
+    const float* __restrict p = staged(t.param, t.dtype, a, n, bp);
+    float* __restrict e = staged(t.ema, t.ema_dtype, a, n, be);
+    FASTOPTIM_VECTORIZE
+    for (int64_t i = 0; i < n; ++i) e[i] = lerp(e[i], p[i], w);
+    unstage(e, t.ema, t.ema_dtype, a, n, t, kEmaStream, key);
+    a += n;
+  }
+}
+
 template <class Opt, unsigned V>
 void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, int threads) {
-  const Kernel<Opt, float, V> kf{c};
-  const Kernel<Opt, double, V> kd{c};
+  using KF = Transformed<Kernel<Opt, float, V>, float>;
+  using KD = Transformed<Kernel<Opt, double, V>, double>;
+  const KF kf{{c}, static_cast<float>(plan.grad_mul), static_cast<float>(plan.grad_clip)};
+  const KD kd{{c}, plan.grad_mul, plan.grad_clip};
   const RoundingKey key{plan, step};
   constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
+  const auto update = [&](const Tensor& t, int64_t a, int64_t b) {
+    if (t.path == Tensor::kConverting)
+      sweep_converting(kf, t, a, b, key, states);
+    else if (t.path != Tensor::kDirect)
+      sweep_fused_layout(kf, t, a, b, key, states);
+    else if (t.dtype == DType::f32)
+      sweep_tensor<KF, float>(kf, t, a, b, states);
+    else
+      sweep_tensor<KD, double>(kd, t, a, b, states);
+  };
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
-      if (t.path == Tensor::kConverting)
-        sweep_converting(kf, t, a, b, key, states);
-      else if (t.path != Tensor::kDirect)
-        sweep_fused_layout(kf, t, a, b, key, states);
-      else if (t.dtype == DType::f32)
-        sweep_tensor<Kernel<Opt, float, V>, float>(kf, t, a, b, states);
-      else
-        sweep_tensor<Kernel<Opt, double, V>, double>(kd, t, a, b, states);
+      if (t.ema == nullptr) return update(t, a, b);
+      for (int64_t x = a; x < b; x += kEmaBlock) {
+        const int64_t y = std::min(b, x + kEmaBlock);
+        update(t, x, y);
+        ema_update(t, x, y, plan.ema_decay, key);
+      }
     });
   });
 }
@@ -365,6 +420,90 @@ void step(const Plan& plan, const typename Opt::Hyper& h, int64_t step, int thre
   template void step<Opt>(const Plan&, const Opt::Hyper&, int64_t, int);
 FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
+
+// ------------------------------------------------------------------ gradient statistics
+// grad_stats (plan.hpp's GradStats): 16 float64 lanes per chunk, lane j taking the elements
+// j, j + 16, ... of each tensor's piece of the chunk; every square exact (a float32 squared fits
+// a float64), each lane's sum in element order, lanes and then chunks added in order.
+constexpr int kLanes = 16;
+struct Lanes {
+  std::array<double, kLanes> sq{};
+  std::array<double, kLanes> bad{};  // sums of g * 0: NaN once any g is infinite or NaN
+};
+
+template <class T, class Load, class S>
+void stats_piece(const S* __restrict g, int64_t n, T mul, T clip, Lanes& acc) {
+  std::array<double, kLanes> sq = acc.sq, bad = acc.bad;
+  const auto one = [&](int j, T v) {
+    T x = v * mul;
+    x = x < -clip ? -clip : x;
+    x = x > clip ? clip : x;
+    sq[j] += static_cast<double>(x) * static_cast<double>(x);
+    bad[j] += static_cast<double>(v * T(0));
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) one(j, Load::load(g[i + j]));
+  for (int j = 0; i + j < n; ++j) one(j, Load::load(g[i + j]));
+  acc.sq = sq;
+  acc.bad = bad;
+}
+
+struct F64 {
+  static double load(double x) { return x; }
+};
+
+inline void stats_tensor(const Plan& plan, const Tensor& t, int64_t a, int64_t b, Lanes& acc) {
+  const int64_t n = b - a;
+  const auto mulf = static_cast<float>(plan.grad_mul), clipf = static_cast<float>(plan.grad_clip);
+  switch (t.grad_dtype) {
+    case DType::f64:
+      stats_piece<double, F64>(static_cast<const double*>(t.grad) + a, n, plan.grad_mul,
+                               plan.grad_clip, acc);
+      break;
+    case DType::f32:
+      stats_piece<float, F32>(static_cast<const float*>(t.grad) + a, n, mulf, clipf, acc);
+      break;
+    case DType::bf16:
+      stats_piece<float, BF16>(static_cast<const uint16_t*>(t.grad) + a, n, mulf, clipf, acc);
+      break;
+    case DType::f16:
+      stats_piece<float, F16>(static_cast<const uint16_t*>(t.grad) + a, n, mulf, clipf, acc);
+      break;
+  }
+}
+
+void grad_stats(const Plan& plan, int threads, GradStats& r) {
+  const int64_t total = plan.total();
+  const int64_t chunk = chunk_elements(total);
+  const int64_t nchunks = (total + chunk - 1) / chunk;
+  std::vector<std::array<double, 2>> part(static_cast<std::size_t>(nchunks));
+  const auto one = [&](int64_t c) {
+    Lanes acc;
+    const int64_t lo = c * chunk;
+    for_range(plan, lo, std::min(total, lo + chunk),
+              [&](const Tensor& t, int64_t a, int64_t b) { stats_tensor(plan, t, a, b, acc); });
+    double sq = 0, bad = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      sq += acc.sq[j];
+      bad += acc.bad[j];
+    }
+    part[static_cast<std::size_t>(c)] = {sq, bad};
+  };
+  if (threads <= 1 || nchunks <= 1) {
+    for (int64_t c = 0; c < nchunks; ++c) one(c);
+  } else {
+    run_chunks(nchunks, threads, [](void* f, int64_t c) { (*static_cast<decltype(one)*>(f))(c); },
+               const_cast<void*>(static_cast<const void*>(&one)));
+  }
+  r = GradStats{};
+  double bad = 0;
+  for (const auto& p : part) {
+    r.sumsq += p[0];
+    bad += p[1];
+  }
+  r.finite = bad == 0;
+}
 
 // The roofline reference: one fused pass that reads every array and writes all but the last
 // (as an optimizer reads param, grad and state and writes param and state), nothing else.

@@ -76,9 +76,13 @@ def sgd_(
     cautious: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place SGD update (see :class:`fastoptim.SGD`).
 
@@ -102,9 +106,12 @@ def sgd_(
             cautious=cautious,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -122,9 +129,13 @@ def adagrad_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place Adagrad update (see :class:`fastoptim.Adagrad`).
 
@@ -144,9 +155,12 @@ def adagrad_(
             maximize=maximize,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -168,9 +182,13 @@ def rmsprop_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place RMSprop update (see :class:`fastoptim.RMSprop`).
 
@@ -192,9 +210,12 @@ def rmsprop_(
             maximize=maximize,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -213,9 +234,13 @@ def adadelta_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place Adadelta update (see :class:`fastoptim.Adadelta`).
 
@@ -234,9 +259,12 @@ def adadelta_(
             maximize=maximize,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -259,9 +287,13 @@ def adam_(
     cautious: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place Adam update (see :class:`fastoptim.Adam`);
     ``decoupled_weight_decay=True`` is AdamW (:func:`adamw_`).
@@ -284,9 +316,12 @@ def adam_(
             cautious=cautious,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -308,9 +343,13 @@ def adamw_(
     cautious: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place AdamW update (see :class:`fastoptim.AdamW`): Adam with
     decoupled weight decay.  ``max_exp_avg_sq`` is needed iff ``amsgrad``."""
@@ -330,9 +369,12 @@ def adamw_(
             cautious=cautious,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -351,9 +393,13 @@ def adamax_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place Adamax update (see :class:`fastoptim.Adamax`)."""
     _step(
@@ -370,9 +416,12 @@ def adamax_(
             maximize=maximize,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -394,9 +443,13 @@ def nadam_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> float:
     r"""One in-place NAdam update (see :class:`fastoptim.NAdam`).
 
@@ -424,9 +477,12 @@ def nadam_(
                 maximize=maximize,
                 rounding=rounding,
                 seed=seed,
+                max_grad_value=max_grad_value,
+                ema_decay=ema_decay,
+                grad_scale=grad_scale,
             ),
             {"mu_product": mu_product},
-            dict(master=master, compensation=compensation, copy_out=copy_out),
+            dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
         )
     )
 
@@ -447,9 +503,13 @@ def radam_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place RAdam update (see :class:`fastoptim.RAdam`)."""
     _step(
@@ -467,9 +527,12 @@ def radam_(
             maximize=maximize,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -487,9 +550,13 @@ def lion_(
     cautious: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place Lion update (see :class:`fastoptim.Lion`).
 
@@ -508,9 +575,12 @@ def lion_(
             cautious=cautious,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -527,9 +597,13 @@ def rprop_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place Rprop update (see :class:`fastoptim.Rprop`).
 
@@ -542,9 +616,18 @@ def rprop_(
         grad,
         {"prev": prev, "step_size": step_size},
         step,
-        dict(etas=etas, step_sizes=step_sizes, maximize=maximize, rounding=rounding, seed=seed),
+        dict(
+            etas=etas,
+            step_sizes=step_sizes,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
+        ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
 
 
@@ -565,9 +648,13 @@ def asgd_(
     maximize: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """One in-place ASGD update (see :class:`fastoptim.ASGD`).
 
@@ -593,9 +680,12 @@ def asgd_(
             maximize=maximize,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         {"eta": eta, "mu": mu},
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
     return float(eta), float(mu)
 
@@ -618,9 +708,13 @@ def adopt_(
     cautious: bool = False,
     rounding: Rounding = "nearest",
     seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
     master: np.ndarray | None = None,
     compensation: np.ndarray | None = None,
     copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
 ) -> None:
     """One in-place ADOPT update (see :class:`fastoptim.ADOPT`).
 
@@ -643,7 +737,10 @@ def adopt_(
             cautious=cautious,
             rounding=rounding,
             seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
         ),
         None,
-        dict(master=master, compensation=compensation, copy_out=copy_out),
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )

@@ -102,6 +102,10 @@ class SGD(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -143,6 +147,10 @@ class RMSprop(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -177,6 +185,10 @@ class Adagrad(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -208,6 +220,10 @@ class Adadelta(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -246,6 +262,10 @@ class Adam(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -272,6 +292,10 @@ class AdamW(Adam):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -308,6 +332,10 @@ class Adamax(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -346,6 +374,10 @@ class Nadam(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))
@@ -375,6 +407,10 @@ class Lion(KerasOptimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
         lr: Value | None = None,
     ) -> None:
         KerasOptimizer.__init__(self, params, _defaults(locals()))

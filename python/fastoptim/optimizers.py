@@ -71,6 +71,10 @@ class SGD(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -101,6 +105,10 @@ class Adagrad(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -135,6 +143,10 @@ class RMSprop(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -165,6 +177,10 @@ class Adadelta(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -209,6 +225,10 @@ class Adam(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -236,6 +256,10 @@ class AdamW(Adam):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -267,6 +291,10 @@ class Adamax(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -302,6 +330,10 @@ class NAdam(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -337,6 +369,10 @@ class RAdam(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -374,6 +410,10 @@ class Lion(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -410,6 +450,10 @@ class Rprop(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -448,6 +492,10 @@ class ASGD(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))
 
@@ -501,5 +549,9 @@ class ADOPT(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         Optimizer.__init__(self, params, _defaults(locals()))

@@ -871,6 +871,80 @@ def keras_lion_update(
 
 
 # ----------------------------------------------------------------------------- the classes
+EMA_STREAM = 4  # the random-bit stream of an EMA's stochastic rounding (after 3 states)
+
+
+def ema_update(
+    ema: np.ndarray, param: np.ndarray, decay: float, key: tuple[str, int, int, int]
+) -> None:
+    """``ema = lerp(ema, param, 1 - decay)`` in the compute dtype (float64 for float64, else
+    float32), rounded into `ema`'s dtype (`key` = (rounding, seed, step, tensor))."""
+    compute = np.float64 if param.dtype == np.float64 else np.float32
+    e = np.array(ema, dtype=compute)
+    _lerp_(e, np.asarray(param, dtype=compute), 1.0 - decay)
+    rounding, seed, step, tensor = key
+    bits = None
+    if rounding == "stochastic":
+        bits = lambda: stochastic_bits(seed, step, tensor, EMA_STREAM, e.size).reshape(e.shape)  # noqa: E731
+    _store(e, ema, bits)
+
+
+def transform_grads(
+    grads: list[list[np.ndarray]], groups: list[dict[str, Any]], grad_scale: float | None
+) -> tuple[float | None, bool, list[list[np.ndarray]]]:
+    """The gradient transforms of :mod:`fastoptim.engine.transforms`, readably: every
+    gradient divided by `grad_scale` (times its reciprocal), clamped to its group's
+    ``max_grad_value``; the global L2 norm of those (float64 sums); the step skipped if a group
+    has ``skip_nonfinite`` and a gradient is not finite; each group with ``max_grad_norm``
+    multiplied by ``min(1, max_grad_norm / (norm + 1e-6))`` (torch's order: unscale, clamp,
+    multiply; the kernels fold both into one factor, and so may differ in the last bit).  Returns (norm or None, skip, the transformed gradients)."""
+    inv = 1.0 if grad_scale is None else 1.0 / grad_scale
+
+    def scaled(g: np.ndarray, mul: float, clip: float | None) -> np.ndarray:
+        dt = np.float64 if g.dtype == np.float64 else np.float32
+        x = np.asarray(g, dtype=dt) * dt(mul)
+        return x if clip is None else np.clip(x, -dt(clip), dt(clip))
+
+    xs = [[scaled(g, inv, gr.get("max_grad_value")) for g in gs] for gs, gr in zip(grads, groups)]
+    want_norm = any(gr.get("max_grad_norm") is not None for gr in groups)
+    want_check = any(gr.get("skip_nonfinite") for gr in groups)
+    norm = None
+    if want_norm or want_check:
+        sumsq = sum(float(np.sum(np.square(x.astype(np.float64)))) for gx in xs for x in gx)
+        norm = math.sqrt(sumsq)
+        finite = all(bool(np.isfinite(np.asarray(g, dtype=np.float64)).all())
+                     for gs in grads for g in gs)  # fmt: skip
+        if want_check and not (finite and math.isfinite(norm)):
+            return norm, True, grads
+    out = []
+    for gx, gr in zip(xs, groups):
+        limit = gr.get("max_grad_norm")
+        if limit is not None:  # as clip_grad_norm_: x * clamp(coef, max=1) in x's dtype
+            assert norm is not None
+            coef = limit / (norm + 1e-6)
+            c = coef if (coef < 1.0 or coef != coef) else 1.0
+            gx = [x * x.dtype.type(c) for x in gx]
+        out.append(gx)
+    return (norm if want_norm else None), False, out
+
+
+class _Reference:
+    """The gradient transforms of a step computed in NumPy (:func:`transform_grads`), for
+    the reference optimizers, instead of the compiled statistics pass."""
+
+    param_groups: list[dict[str, Any]]
+    _pending: list[list[np.ndarray]]
+
+    def _decide(self, scale: float | None, per_group: list[list[np.ndarray]]) -> Any:
+        from .engine.transforms import Decision
+
+        norm, skip, self._pending = transform_grads(per_group, self.param_groups, scale)
+        return Decision(norm, skip, [])
+
+    def _transform(self, decision: Any, i: int, grads: list[np.ndarray]) -> list[np.ndarray]:
+        return self._pending[i]
+
+
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
     """The keyword-only parameters of an update function."""
@@ -894,6 +968,7 @@ def _for_each(
     none: list[np.ndarray | None] = [None] * len(g.params)
     masters = g.states.get("master") or none
     comps = g.states.get("compensation") or none
+    emas = g.states.get("ema") or none
     outs = g.outs or [None] * len(g.params)
     key = (g.plan.rounding, g.plan.seed, g.step + 1)
     for i, (param, grad) in enumerate(zip(g.params, grads)):
@@ -915,9 +990,12 @@ def _for_each(
                 (*key, g.first_id + i),
                 {**hyper, **extra},
             )
+        if emas[i] is not None:
+            ema_update(emas[i], param if masters[i] is None else masters[i], g.plan.ema_decay,
+                       (*key, g.first_id + i))  # fmt: skip
 
 
-class SGD(_fast.SGD):
+class SGD(_Reference, _fast.SGD):
     __doc__ = _fast.SGD.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -926,28 +1004,28 @@ class SGD(_fast.SGD):
         )
 
 
-class Adagrad(_fast.Adagrad):
+class Adagrad(_Reference, _fast.Adagrad):
     __doc__ = _fast.Adagrad.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adagrad_update, ("sum",), step=g.step + 1)
 
 
-class RMSprop(_fast.RMSprop):
+class RMSprop(_Reference, _fast.RMSprop):
     __doc__ = _fast.RMSprop.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, rmsprop_update, ("square_avg", "grad_avg", "momentum_buffer"))
 
 
-class Adadelta(_fast.Adadelta):
+class Adadelta(_Reference, _fast.Adadelta):
     __doc__ = _fast.Adadelta.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adadelta_update, ("square_avg", "acc_delta"))
 
 
-class Adam(_fast.Adam):
+class Adam(_Reference, _fast.Adam):
     __doc__ = _fast.Adam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -960,14 +1038,14 @@ class AdamW(_fast.AdamW, Adam):
     __doc__ = _fast.AdamW.__doc__
 
 
-class Adamax(_fast.Adamax):
+class Adamax(_Reference, _fast.Adamax):
     __doc__ = _fast.Adamax.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adamax_update, ("exp_avg", "exp_inf"), step=g.step + 1)
 
 
-class NAdam(_fast.NAdam):
+class NAdam(_Reference, _fast.NAdam):
     __doc__ = _fast.NAdam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -978,28 +1056,28 @@ class NAdam(_fast.NAdam):
         h.mu_product = h.mu_product * nadam_momentum(h.beta1, h.momentum_decay, step)
 
 
-class RAdam(_fast.RAdam):
+class RAdam(_Reference, _fast.RAdam):
     __doc__ = _fast.RAdam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, radam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
 
-class Lion(_fast.Lion):
+class Lion(_Reference, _fast.Lion):
     __doc__ = _fast.Lion.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, lion_update, ("exp_avg",))
 
 
-class Rprop(_fast.Rprop):
+class Rprop(_Reference, _fast.Rprop):
     __doc__ = _fast.Rprop.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, rprop_update, ("prev", "step_size"))
 
 
-class ASGD(_fast.ASGD):
+class ASGD(_Reference, _fast.ASGD):
     __doc__ = _fast.ASGD.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -1009,7 +1087,7 @@ class ASGD(_fast.ASGD):
         h.eta, h.mu = asgd_scalars(h.lr, h.lambd, h.alpha, h.t0, g.step + 1)
 
 
-class ADOPT(_fast.ADOPT):
+class ADOPT(_Reference, _fast.ADOPT):
     __doc__ = _fast.ADOPT.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -1017,14 +1095,14 @@ class ADOPT(_fast.ADOPT):
 
 
 # Keras's optimizers (fastoptim.keras), with Keras's rules above.
-class KerasSGD(_keras.SGD):
+class KerasSGD(_Reference, _keras.SGD):
     __doc__ = _keras.SGD.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, keras_sgd_update, ("momentum_buffer",))
 
 
-class KerasRMSprop(_keras.RMSprop):
+class KerasRMSprop(_Reference, _keras.RMSprop):
     __doc__ = _keras.RMSprop.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -1032,21 +1110,21 @@ class KerasRMSprop(_keras.RMSprop):
         _for_each(g, grads, keras_rmsprop_update, states)
 
 
-class KerasAdagrad(_keras.Adagrad):
+class KerasAdagrad(_Reference, _keras.Adagrad):
     __doc__ = _keras.Adagrad.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, keras_adagrad_update, ("sum",))
 
 
-class KerasAdadelta(_keras.Adadelta):
+class KerasAdadelta(_Reference, _keras.Adadelta):
     __doc__ = _keras.Adadelta.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, keras_adadelta_update, ("square_avg", "acc_delta"))
 
 
-class KerasAdam(_keras.Adam):
+class KerasAdam(_Reference, _keras.Adam):
     __doc__ = _keras.Adam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -1058,14 +1136,14 @@ class KerasAdamW(_keras.AdamW, KerasAdam):
     __doc__ = _keras.AdamW.__doc__
 
 
-class KerasAdamax(_keras.Adamax):
+class KerasAdamax(_Reference, _keras.Adamax):
     __doc__ = _keras.Adamax.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, keras_adamax_update, ("exp_avg", "exp_inf"), step=g.step + 1)
 
 
-class KerasNadam(_keras.Nadam):
+class KerasNadam(_Reference, _keras.Nadam):
     __doc__ = _keras.Nadam.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
@@ -1075,7 +1153,7 @@ class KerasNadam(_keras.Nadam):
         h.mu_product = h.mu_product * keras_nadam_momentum(h.beta1, step)
 
 
-class KerasLion(_keras.Lion):
+class KerasLion(_Reference, _keras.Lion):
     __doc__ = _keras.Lion.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:

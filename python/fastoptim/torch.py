@@ -998,6 +998,10 @@ class SGD(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1027,6 +1031,10 @@ class Adagrad(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1056,6 +1064,10 @@ class RMSprop(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1083,6 +1095,10 @@ class Adadelta(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1114,6 +1130,10 @@ class Adam(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1144,6 +1164,10 @@ class AdamW(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1171,6 +1195,10 @@ class Adamax(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1204,6 +1232,10 @@ class NAdam(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1232,6 +1264,10 @@ class RAdam(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1257,6 +1293,10 @@ class Lion(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1284,6 +1324,10 @@ class Rprop(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1313,6 +1357,10 @@ class ASGD(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))
 
@@ -1343,5 +1391,9 @@ class ADOPT(Optimizer):
         kahan: bool = False,
         rounding: Rounding = "nearest",
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))

@@ -38,6 +38,11 @@ int64_t get_grain();
 // running scalars (NAdam's mu_product).
 template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t step);
 
+// The sum of squares of a plan's transformed gradients and whether they are all finite (see
+// GradStats, plan.hpp): deterministic for any thread count and ISA.  Reads the bound gradients
+// only.
+GradStats grad_stats(const Plan& plan);
+
 // Streaming reference kernel for roofline measurements, with a step's thread layout: one pass
 // over `narrays` float arrays of n elements (2 to kMaxState + 2) that reads all of them and
 // writes all but the last, the memory traffic of an optimizer step with narrays - 2 states.

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace fastoptim {
@@ -39,6 +40,11 @@ struct Tensor {
   // Kahan compensation of a low-precision parameter (same dtype as it), or nullptr.
   void* comp = nullptr;
   uint64_t id = 0;  // the tensor's number in its optimizer: part of the stochastic rounding key
+  // An exponential moving average of the parameter, or nullptr: after the update,
+  // ema = lerp(ema, p, 1 - Plan::ema_decay) in the compute dtype, stored in ema_dtype (the
+  // parameter's, or float32/bfloat16/float16 for a parameter that computes in float32).
+  DType ema_dtype = DType::f32;
+  void* ema = nullptr;
 
   // The driver's path for this tensor (set by classify() whenever its arrays change):
   // kDirect: every array in the compute dtype, nothing to convert; kFused*: a mixed layout
@@ -71,6 +77,7 @@ struct Tensor {
     for (int j = 0; j < nstate; ++j) b += 2 * dtype_size(state_dtype[j]);
     if (out) b += dtype_size(out_dtype);
     if (comp) b += 2 * dtype_size(dtype);
+    if (ema) b += 2 * dtype_size(ema_dtype);
     return b * size;
   }
 };
@@ -81,6 +88,12 @@ struct Plan {
   int nstate = 0;
   Rounding rounding = Rounding::nearest;
   uint64_t seed = 0;
+  // The gradient transform of the steps that follow (identity by default): the kernel sees
+  // clamp(g * grad_mul, -grad_clip, grad_clip) for every gradient element g (loss scaling and
+  // norm clipping folded into grad_mul, value clipping into grad_clip; NaN stays NaN).
+  double grad_mul = 1.0;
+  double grad_clip = std::numeric_limits<double>::infinity();
+  double ema_decay = 0.0;  // of the tensors that have an `ema`
 
   int64_t bytes = 0;  // a step's traffic: kept up to date by add() and set_grad_dtype()
 
@@ -101,6 +114,21 @@ struct Plan {
   int64_t total() const { return offsets.empty() ? 0 : offsets.back(); }
   // Bytes a step reads and writes.
   int64_t traffic() const { return bytes; }
+  // Bytes the gradients take (what grad_stats reads).
+  int64_t grad_bytes() const {
+    int64_t b = 0;
+    for (const Tensor& t : tensors) b += dtype_size(t.grad_dtype) * t.size;
+    return b;
+  }
+};
+
+// What grad_stats finds in a plan's gradients g (after the plan's transform, x = clamp(g *
+// grad_mul, -grad_clip, grad_clip)): the sum of x^2 in float64, and whether every g is finite.
+// Computed over a fixed partition of the elements (chunks that depend on the total only, 16
+// lanes per chunk) combined in a fixed order: the same bits for any thread count and ISA.
+struct GradStats {
+  double sumsq = 0;
+  bool finite = true;
 };
 
 // The arrays of a streaming reference pass (fastoptim::stream_mixed): nrw32 float32 and nrw16

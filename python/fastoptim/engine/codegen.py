@@ -130,6 +130,7 @@ def functional_function(d: Definition) -> list[str]:
         params.append((name, "float", inspect.Parameter.empty, True))
     hypers = [h for h in d.options if h.functional]
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
+    params.append(("grad_scale", "float", 1.0, True))
     params += [(a, "np.ndarray | None", None, True) for a in FUNCTIONAL_ARRAYS]
     n = len(d.scalars)
     returns = "None" if n == 0 else "float" if n == 1 else f"tuple[{', '.join(['float'] * n)}]"
@@ -139,7 +140,7 @@ def functional_function(d: Definition) -> list[str]:
     out.append(f") -> {returns}:")
     out += _doc(d.functional_doc, "    ")
     states = ", ".join(f'"{s.name}": {s.name}' for s in d.states)
-    hyper = ", ".join(f"{h.name}={h.name}" for h in hypers)
+    hyper = ", ".join([*(f"{h.name}={h.name}" for h in hypers), "grad_scale=grad_scale"])
     scalars = ", ".join(f'"{n}": {n}' for n, _ in d.scalars)
     arrays = ", ".join(f"{a}={a}" for a in FUNCTIONAL_ARRAYS)
     call = f"_step(_defs.{_def_name(d)}, param, grad, {{{states}}}, step, dict({hyper})"

@@ -23,7 +23,7 @@ from typing import Any, TypeVar, Union, cast
 
 import numpy as np
 
-from . import precision
+from . import precision, transforms
 
 # A hyper-parameter's rule (see Definition.check_value).
 NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
@@ -35,6 +35,8 @@ PAIR = "pair"  # a pair of finite numbers >= 0 (ordering constraints: Definition
 DTYPES = "dtypes"  # a state dtype policy (engine.precision)
 ROUNDING = "rounding"  # 'nearest' or 'stochastic'
 SEED = "seed"  # an int in [0, 2**64)
+POSITIVE_OR_NONE = "positive_or_none"  # None or a finite number > 0 (transforms' limits)
+DECAY_OR_NONE = "decay_or_none"  # None or a number in [0, 1] (ema_decay)
 PAIRS = (BETAS, PAIR)  # the rules of a pair, whose entries are the struct's `fields`
 
 Number = Union[int, float, np.integer, np.floating]
@@ -79,7 +81,7 @@ class Hyper:
             object.__setattr__(self, "fields", ("beta1", "beta2"))
         if (self.rule in PAIRS) != (len(self.fields) == 2):
             raise ValueError(f"{self.name}: a pair (and only a pair) names its two fields")
-        if self.rule in (FLAG, DTYPES, ROUNDING, SEED):
+        if self.rule in (FLAG, DTYPES, ROUNDING, SEED, POSITIVE_OR_NONE, DECAY_OR_NONE):
             object.__setattr__(self, "schedulable", False)
         if self.extension and not self.keyword:
             raise ValueError(f"{self.name}: an extension of torch's signature is keyword-only")
@@ -139,7 +141,8 @@ def with_keyword_hints(defn: Definition) -> Callable[[F], F]:
 
 #: Options every optimizer has (precision, transforms...): defined here once; the code generator
 #: appends them, keyword-only, to every signature of every tier, and every definition validates
-#: them (each a Hyper with keyword=True).  The precision options: engine.precision.
+#: them (each a Hyper with keyword=True).  The precision options: engine.precision; the
+#: gradient transforms: engine.transforms.
 COMMON: tuple[Hyper, ...] = (
     Hyper(precision.STATE_DTYPE, None, DTYPES, keyword=True, functional=False,
           annotation="StateDType"),
@@ -147,6 +150,12 @@ COMMON: tuple[Hyper, ...] = (
     Hyper(precision.KAHAN, False, keyword=True, functional=False),
     Hyper(precision.ROUNDING, "nearest", ROUNDING, keyword=True, annotation="Rounding"),
     Hyper(precision.SEED, 0, SEED, keyword=True, annotation="int"),
+    Hyper(transforms.MAX_GRAD_NORM, None, POSITIVE_OR_NONE, keyword=True, functional=False,
+          annotation="float | None"),
+    Hyper(transforms.MAX_GRAD_VALUE, None, POSITIVE_OR_NONE, keyword=True,
+          annotation="float | None"),
+    Hyper(transforms.SKIP_NONFINITE, False, keyword=True, functional=False),
+    Hyper(precision.EMA_DECAY, None, DECAY_OR_NONE, keyword=True, annotation="float | None"),
 )  # fmt: skip
 
 
@@ -348,6 +357,10 @@ class Definition:
             precision.check_seed(self.name, value)
         elif rule == OPEN_UNIT:
             check_unit(self.name, key, value)
+        elif rule == POSITIVE_OR_NONE:
+            transforms.check_positive(self.name, key, value)
+        elif rule == DECAY_OR_NONE:
+            transforms.check_decay(self.name, value)
         else:
             check_nonnegative(self.name, key, value)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import _core
+from . import transforms
 from .definition import Definition, is_number
+from .precision import EMA_DECAY
 
 
 def step(
@@ -28,10 +31,13 @@ def step(
     defaults), validated by the definition.  `scalars`: the scalar state (NAdam's running
     ``mu_product``; ASGD's ``eta`` and ``mu``), checked by the definition; when given, the
     updated values are returned: a float, or a tuple of floats for several.  `arrays`: the
-    optional ``master`` / ``compensation`` / ``copy_out`` arrays
-    (:data:`fastoptim.engine.precision.FUNCTIONAL_ARRAYS`), None where not given.
+    optional ``master`` / ``compensation`` / ``copy_out`` / ``ema`` arrays
+    (:data:`fastoptim.engine.precision.FUNCTIONAL_ARRAYS`), None where not given.  `hyper` may
+    hold ``grad_scale`` (the gradient is divided by it: :mod:`fastoptim.engine.transforms`).
     """
     fn = defn.name.lower() + "_"
+    hyper = dict(hyper)
+    grad_scale = transforms.check_grad_scale(fn, hyper.pop("grad_scale", 1.0))
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"{fn}: step must be an int (the 1-based update number), got {step!r}")
     if step < 1:
@@ -69,6 +75,12 @@ def step(
             f"the update {' and '.join(parts)}"
         )
     extra = arrays or {}
+    ema = extra.get("ema")
+    if (ema is None) != (group[EMA_DECAY] is None):
+        raise ValueError(
+            f"{fn}: ema_decay and ema go together (the ema array is the average that "
+            "ema_decay updates: start it as a copy of param)"
+        )
     plan = _core.Plan(
         [param],
         ["param"],
@@ -77,9 +89,15 @@ def step(
         masters=[extra.get("master")],
         comps=[extra.get("compensation")],
         outs=[extra.get("copy_out")],
+        emas=[ema],
     )
     if group["rounding"] != "nearest":
         plan.set_rounding(group["rounding"], int(group["seed"]))
+    if ema is not None:
+        plan.set_ema_decay(float(group[EMA_DECAY]))
+    clip = group[transforms.MAX_GRAD_VALUE]
+    if grad_scale != 1.0 or clip is not None:
+        plan.set_grad_transform(1.0 / grad_scale, math.inf if clip is None else float(clip))
     defn.core_step(plan, core, int(step), grads=[grad])
     if scalars:
         values = tuple(float(getattr(core, name)) for name in scalars)

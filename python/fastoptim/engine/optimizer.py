@@ -4,6 +4,7 @@ only names its :class:`~fastoptim.engine.definition.Definition` and carries its 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from types import MappingProxyType
@@ -13,7 +14,7 @@ import numpy as np
 
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
-from . import precision
+from . import precision, transforms
 from .definition import Definition, check_keywords, is_number
 from .locks import new_lock
 from .scheduled import Scheduled
@@ -155,6 +156,15 @@ class Optimizer:
         self._t = 0  # updates applied (the argument of every schedule)
         self._plateau: Any = None  # an attached schedules.ReduceLROnPlateau
         self._lock = new_lock(self)
+        #: The global gradient norm of the last step (after ``grad_scale`` and
+        #: ``max_grad_value``, before ``max_grad_norm``), when a group clips the norm; else None.
+        self.grad_norm: float | None = None
+        #: Whether the last step was skipped (``skip_nonfinite``: non-finite gradients).
+        self.step_skipped = False
+        #: Combines the gradient statistics of several processes (data-parallel or sharded
+        #: training): see :data:`fastoptim.engine.transforms.Reduce`; None: this process only.
+        self.reduce_grad_stats: transforms.Reduce | None = None
+        self._transformed = False  # some plan has a gradient transform other than identity
         if isinstance(params, np.ndarray):
             raise TypeError(
                 f"{type(self).__name__}: params must be a list or dict of arrays, "
@@ -308,6 +318,9 @@ class Optimizer:
             seed = int(group.get(precision.SEED, 0))
             if g.plan.rounding != rounding or g.plan.seed != seed:
                 g.plan.set_rounding(rounding, seed)
+            decay = group.get(precision.EMA_DECAY)
+            if decay is not None and g.plan.ema_decay != decay:
+                g.plan.set_ema_decay(float(decay))
 
     def _layout(self, g: _Group, group: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
         """Per parameter: state name -> dtype name (the kernel's `names`, then the precision
@@ -325,17 +338,17 @@ class Optimizer:
                 if want != have:
                     raise ValueError(
                         f"{type(self).__name__}: the state {name!r} of param {g.labels[i]} "
-                        f"exists as {have}; these precision options (state_dtype, "
-                        "master_weights, kahan) would make it "
+                        f"exists as {have}; these options (state_dtype, "
+                        "master_weights, kahan, ema_decay) would make it "
                         f"{want}: they cannot change once the state exists (build a new "
                         "optimizer, or load a checkpoint into one built with these options)"
                     )
 
     def _allocate(self, g: _Group, name: str, fill: float, layout: list[Any]) -> None:
         """State buffer `name` of every parameter that has one in `layout` (one arena): filled
-        with `fill`; a master copy with its parameter's values (exactly)."""
+        with `fill`; a master copy or an EMA with its parameter's values."""
         g.arenas[name], g.states[name] = _arena(g.params, fill, [b.get(name) for b in layout])
-        if name == precision.MASTER:
+        if name in precision.COPIES:
             for v, p in zip(g.states[name], g.params):
                 if v is not None:
                     np.copyto(v, p, casting="unsafe")
@@ -343,7 +356,12 @@ class Optimizer:
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
         get = group.get
-        policy = (get(precision.STATE_DTYPE), get(precision.MASTER_WEIGHTS), get(precision.KAHAN))
+        policy = (
+            get(precision.STATE_DTYPE),
+            get(precision.MASTER_WEIGHTS),
+            get(precision.KAHAN),
+            get(precision.EMA_DECAY) is not None,
+        )
         key = (names, policy, id(g.outs))
         if key == g.plan_states:  # (checked first: a scheduled step comes here every time)
             return
@@ -367,6 +385,7 @@ class Optimizer:
             "masters": g.states.get(precision.MASTER),
             "comps": g.states.get(precision.COMPENSATION),
             "outs": outs,
+            "emas": g.states.get(precision.EMA),
         }
         return _core.Plan(
             list(g.params),
@@ -600,22 +619,38 @@ class Optimizer:
         call instead."""
         raise NotImplementedError
 
-    def step(self, grads: Grads | None = None) -> None:
+    def step(self, grads: Grads | None = None, *, grad_scale: float | None = None) -> float | None:
         """Update every parameter in place.
 
         ``grads``: a list of gradient arrays in parameter order, or a dict keyed by parameter
-        name; ``None`` uses :attr:`grads`.  Everything (hyper-parameters, every gradient's
-        dtype, shape, layout and aliasing) is validated before any array is modified: a
-        rejected call changes nothing.
+        name; ``None`` uses :attr:`grads`.  ``grad_scale``: the gradients are divided by it
+        (a loss scale, or the number of accumulated micro-batches), inside the update.
+        Everything (hyper-parameters, every gradient's dtype, shape, layout and aliasing) is
+        validated before any array is modified: a rejected call changes nothing.
+
+        Returns the global gradient norm when a group has ``max_grad_norm`` (as
+        ``clip_grad_norm_`` returns it; also in :attr:`grad_norm`), else None.  With
+        ``skip_nonfinite``, a step whose gradients hold an infinity or NaN changes nothing
+        (:attr:`step_skipped`).  See :mod:`fastoptim.engine.transforms`.
         """
         with self._lock:  # steps of one optimizer from several threads: one at a time
+            where = f"{type(self).__name__}.step"
+            scale = None if grad_scale is None else transforms.check_grad_scale(where, grad_scale)
             per_group = self._prepare(grads)
             groups = self._groups
+            decision = None
+            if scale is not None or self._transformed or transforms.active(self.param_groups):
+                decision = self._decide(scale, per_group)
+                self.grad_norm, self.step_skipped = decision.norm, decision.skip
+                if decision.skip:
+                    return decision.norm
+            else:
+                self.grad_norm, self.step_skipped = None, False
             if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
-                for g, gr in zip(groups, per_group):
-                    self._run(g, gr)
+                for i, (g, gr) in enumerate(zip(groups, per_group)):
+                    self._run(g, gr if decision is None else self._transform(decision, i, gr))
                 self._after_step()
-                return
+                return self.grad_norm
             # Every group in one compiled call, which checks all of them before any kernel
             # runs and counts the step before it returns: an interrupt (Ctrl-C) can only
             # surface before it (nothing happened) or after it (the whole step happened, and
@@ -639,6 +674,61 @@ class Optimizer:
                     self._after_step()
                 raise
             self._after_step()
+            return self.grad_norm
+
+    def _decide(
+        self, scale: float | None, per_group: list[list[np.ndarray]]
+    ) -> transforms.Decision:
+        """The gradient transform of this step (reading the gradients when a group clips the
+        norm or skips non-finite steps), set on every plan unless the step is skipped."""
+        plans = [[g.plan] for g in self._groups]
+        decision = transforms.decide(
+            plans, self.param_groups, scale, reduce=self.reduce_grad_stats
+        )
+        if decision.skip:  # (the plans may hold the statistics pass's transform)
+            self._transformed = True
+        else:
+            for (plan,), t in zip(plans, decision.transforms):
+                transforms.set_transform(plan, *t)
+            self._transformed = any(t != (1.0, math.inf) for t in decision.transforms)
+        return decision
+
+    def _transform(
+        self, decision: transforms.Decision, i: int, grads: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Group `i`'s gradients as the kernels see them (for a step computed in Python)."""
+        return grads
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the ``with`` block, every parameter that has an EMA (``ema_decay``) holds
+        it (rounded to the parameter's dtype); on exit the parameters get back exactly the
+        values they had.  For evaluation with the averaged weights::
+
+            with opt.ema_weights():
+                evaluate(model)
+
+        No step may run inside the block (the optimizer is locked: a step from another
+        thread waits)."""
+        with self._lock:
+            pairs = [
+                (p, ema)
+                for g in self._groups
+                for p, ema in zip(g.params, g.states.get(precision.EMA, ()))
+                if ema is not None
+            ]
+            if not pairs:
+                raise ValueError(
+                    f"{type(self).__name__}.ema_weights: no parameter has an EMA (set ema_decay)"
+                )
+            saved = [p.copy() for p, _ in pairs]
+            try:
+                for p, ema in pairs:
+                    np.copyto(p, ema, casting="unsafe")
+                yield
+            finally:
+                for (p, _), old in zip(pairs, saved):
+                    np.copyto(p, old)
 
     def _after_step(self) -> None:
         """The bookkeeping of a step that happened: step counts, fresh state buffers used,

@@ -44,13 +44,17 @@ FLOAT32_FAMILY = ("float32", *LOW)  # parameters that compute in float32
 ROUNDINGS = ("nearest", "stochastic")
 MASTER = "master"
 COMPENSATION = "compensation"
-EXTRA_STATES = (MASTER, COMPENSATION)
+EMA = "ema"  # the exponential moving average of a parameter (engine.transforms' ema_decay)
+EXTRA_STATES = (MASTER, COMPENSATION, EMA)
+# Extra states that start as a copy of their parameter.
+COPIES = (MASTER, EMA)
 
 #: The functional tier's optional arrays (keyword arguments of every function): a float32 master
 #: copy of a bfloat16/float16 parameter, a Kahan compensation buffer of one, a copy-out array.
-FUNCTIONAL_ARRAYS = ("master", "compensation", "copy_out")
+FUNCTIONAL_ARRAYS = ("master", "compensation", "copy_out", "ema")
 
 STATE_DTYPE = "state_dtype"
+EMA_DECAY = "ema_decay"  # (engine.transforms: the option that gives parameters an EMA)
 MASTER_WEIGHTS = "master_weights"
 KAHAN = "kahan"
 ROUNDING = "rounding"
@@ -77,15 +81,16 @@ def dtype_name(d: Any) -> str | None:
 
 
 def check_state_dtype(cls: str, value: Any, states: tuple[str, ...]) -> None:
-    """`value` is a valid ``state_dtype`` for an optimizer whose states are `states`."""
+    """`value` is a valid ``state_dtype`` for an optimizer whose states are `states` (plus the
+    EMA of ``ema_decay``)."""
     if value is None:
         return
     if isinstance(value, Mapping):
         for k, v in value.items():
-            if k not in states:
+            if k not in states and k != EMA:
                 raise ValueError(
                     f"{cls}: state_dtype names state {k!r}; this optimizer's states are "
-                    f"{list(states)}"
+                    f"{list(states)} (and {EMA!r} with ema_decay)"
                 )
             _check_one(cls, f"state_dtype[{k!r}]", v)
         return
@@ -128,14 +133,14 @@ def check_seed(cls: str, value: Any) -> None:
 def buffers(group: Mapping[str, Any], param: str, names: tuple[str, ...]) -> dict[str, str]:
     """The state buffers of one parameter of dtype `param` (a name) in `group`: name -> dtype
     name, for the kernel's states `names`, then ``"master"`` / ``"compensation"`` when the
-    group's policy gives the parameter one."""
+    group's policy gives the parameter one, then ``"ema"`` when the group has an
+    ``ema_decay`` (its dtype follows ``state_dtype`` like the kernel's states)."""
+    ema = (EMA,) if group.get(EMA_DECAY) is not None else ()
     if param == "float64":
-        return dict.fromkeys(names, "float64")
+        return dict.fromkeys((*(n for n in names if n != EMA), *ema), "float64")
     policy = group.get(STATE_DTYPE)
     out = {}
-    for n in names:
-        if n in EXTRA_STATES:
-            continue
+    for n in (*(n for n in names if n not in EXTRA_STATES), *ema):
         v = policy.get(n) if isinstance(policy, Mapping) else policy
         named = dtype_name(v) if v is not None else None
         out[n] = param if v == "param" else (named or "float32")

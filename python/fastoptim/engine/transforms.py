@@ -1,0 +1,176 @@
+"""Gradient transforms folded into the step, for every tier.
+
+Four options every optimizer takes (keyword-only; defined once in
+:data:`fastoptim.engine.definition.COMMON`), and the loss scale of a step:
+
+``max_grad_norm``
+    Clip the gradients to this global L2 norm, as ``torch.nn.utils.clip_grad_norm_`` over every
+    parameter of the optimizer (all groups): each gradient is multiplied by
+    ``min(1, max_grad_norm / (norm + 1e-6))``.  The norm is computed by one pass that reads the
+    gradients (deterministic: the same bits for any thread count and instruction set), the
+    multiplication is folded into the update: no pass over the parameters or state is added,
+    and the gradients themselves are never written.  ``None`` (default): no clipping.  The
+    step returns the norm (``opt.grad_norm`` keeps it).
+``max_grad_value``
+    Clamp every gradient element to ``[-max_grad_value, max_grad_value]`` (as
+    ``clip_grad_value_``), in the update itself.  Applied before the norm is taken.
+``skip_nonfinite``
+    When any gradient holds an infinity or a NaN, skip the step: nothing is modified, the step
+    is not counted, schedules do not advance, and ``opt.step_skipped`` is True.  (Without it,
+    non-finite gradients go into the update as in torch.)
+``ema_decay``
+    Keep an exponential moving average of every parameter of the group (state ``"ema"``,
+    starting as a copy of the parameter), updated in the same pass as the parameter:
+    ``ema = lerp(ema, p, 1 - ema_decay)`` after each update, as torch's
+    ``swa_utils.get_ema_multi_avg_fn``.  Its dtype follows ``state_dtype`` (float32 for
+    low-precision parameters by default).  ``opt.ema_weights()`` swaps it in for evaluation.
+
+``grad_scale`` (an argument of the step; ``torch.amp.GradScaler``'s scale in fastoptim.torch):
+the gradients are divided by it (multiplied by its reciprocal: the same result for the powers of
+two GradScaler uses) before anything else, so loss-scaled gradients need no unscaling pass.
+
+Order, per element: ``x = clamp(g / grad_scale, -max_grad_value, max_grad_value)``; the norm is
+that of the ``x``; the kernel gets ``x * min(1, max_grad_norm / (norm + 1e-6))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .precision import EMA_DECAY
+
+MAX_GRAD_NORM = "max_grad_norm"
+MAX_GRAD_VALUE = "max_grad_value"
+SKIP_NONFINITE = "skip_nonfinite"
+OPTIONS = (MAX_GRAD_NORM, MAX_GRAD_VALUE, SKIP_NONFINITE, EMA_DECAY)
+
+#: A combination of the per-process gradient statistics across processes: takes a float64
+#: array ``[sum of squares, number of processes that saw a non-finite gradient]`` and returns
+#: the element-wise sum over all processes (every process the same values).
+Reduce = Callable[[np.ndarray], Any]
+
+
+def check_positive(cls: str, name: str, value: Any) -> None:
+    """None, or a finite number > 0."""
+    if value is None:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{cls}: {name} must be a number or None, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{cls}: invalid {name}={value!r}: must be finite and > 0 (or None)")
+
+
+def check_decay(cls: str, value: Any) -> None:
+    """None, or a number in [0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{cls}: ema_decay must be a number or None, got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{cls}: invalid ema_decay={value!r}: must be in [0, 1] (or None)")
+
+
+def check_grad_scale(where: str, value: Any) -> float:
+    """The loss scale of a step as a float: a finite number > 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{where}: grad_scale must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{where}: invalid grad_scale={value!r}: must be finite and > 0")
+    return v
+
+
+def active(groups: Sequence[Any]) -> bool:
+    """Whether any group clips or skips (the step then needs the decisions of :func:`decide`)."""
+    for group in groups:
+        get = group.get
+        if (
+            get(MAX_GRAD_NORM) is not None
+            or get(MAX_GRAD_VALUE) is not None
+            or get(SKIP_NONFINITE)
+        ):
+            return True
+    return False
+
+
+class Decision:
+    """What a step does with its gradients: skip it, or run each plan with (mul, clip)."""
+
+    __slots__ = ("norm", "skip", "transforms")
+
+    def __init__(self, norm: float | None, skip: bool, transforms: list[tuple[float, float]]):
+        self.norm = norm
+        self.skip = skip
+        self.transforms = transforms
+
+
+def decide(
+    plans: Sequence[Sequence[Any]],
+    groups: Sequence[Any],
+    grad_scale: float | None = None,
+    found_inf: bool = False,
+    reduce: Reduce | None = None,
+) -> Decision:
+    """Decide a step's gradient transform: `plans[i]` are group i's compiled plans (gradients
+    bound), `groups[i]` its hyper-parameters.  Reads the gradients once when a group clips the
+    norm or skips non-finite steps (and `found_inf` does not already skip it); modifies no
+    array (it sets each plan's transform, which only a step uses)."""
+    inv = 1.0 if grad_scale is None else 1.0 / grad_scale
+    clips = []
+    for group in groups:
+        v = group.get(MAX_GRAD_VALUE)
+        clips.append(math.inf if v is None else float(v))
+    transforms = [(inv, clip) for clip in clips]
+    if found_inf:
+        return Decision(None, True, transforms)
+    want_norm = any(group.get(MAX_GRAD_NORM) is not None for group in groups)
+    want_check = any(group.get(SKIP_NONFINITE) for group in groups)
+    if not (want_norm or want_check):
+        return Decision(None, False, transforms)
+    sumsq, bad = 0.0, 0.0
+    for group_plans, t in zip(plans, transforms):
+        for plan in group_plans:
+            set_transform(plan, *t)
+            s, finite = plan.grad_stats()
+            sumsq += s
+            bad = bad if finite else 1.0
+    if reduce is not None:
+        combined = np.asarray(reduce(np.array([sumsq, bad], dtype=np.float64)), dtype=np.float64)
+        if combined.shape != (2,):
+            raise ValueError(
+                "reduce_grad_stats must return an array of 2 numbers (the sums over all "
+                f"processes), got shape {combined.shape}"
+            )
+        sumsq, bad = float(combined[0]), float(combined[1])
+    norm = math.sqrt(sumsq)
+    if want_check and (bad != 0 or not math.isfinite(norm)):
+        return Decision(norm, True, transforms)
+    if want_norm:
+        out = []
+        for group, (mul, clip) in zip(groups, transforms):
+            limit = group.get(MAX_GRAD_NORM)
+            if limit is not None:
+                coef = float(limit) / (norm + 1e-6)
+                # torch.clamp(coef, max=1): NaN stays NaN (then so does the update, as torch)
+                c = coef if (coef < 1.0 or coef != coef) else 1.0
+                # c * clamp(x, -clip, clip) as one clamp: clamp(x * c, -clip * c, clip * c)
+                mul, clip = mul * c, (clip * c if c == c else clip)
+            out.append((mul, clip))
+        transforms = out
+    return Decision(norm if want_norm else None, False, transforms)
+
+
+def set_transform(plan: Any, mul: float, clip: float) -> None:
+    """Set a plan's gradient transform when it differs from the one it has."""
+    if plan.grad_mul != mul or plan.grad_clip != clip:
+        plan.set_grad_transform(mul, clip)
