@@ -915,7 +915,7 @@ def transform_grads(
         finite = all(bool(np.isfinite(np.asarray(g, dtype=np.float64)).all())
                      for gs in grads for g in gs)  # fmt: skip
         if want_check and not (finite and math.isfinite(norm)):
-            return norm, True, grads
+            return (norm if want_norm else None), True, grads
     out = []
     for gx, gr in zip(xs, groups):
         limit = gr.get("max_grad_norm")

@@ -100,9 +100,11 @@ Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import mmap
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, Union, overload
 
 import ml_dtypes
@@ -112,7 +114,7 @@ import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs witho
 from . import _core
 from . import definitions as _defs
 from . import schedules as _schedules
-from .engine import precision
+from .engine import precision, transforms
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
 from .engine.optimizer import _defaults
@@ -271,6 +273,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     torch's parameters, state and checkpoint format to them."""
 
     _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)
+    # torch.amp.GradScaler hands the step its scale and inf flag (``grad_scale``,
+    # ``found_inf`` attributes) instead of unscaling the gradients in a pass of its own, as for
+    # torch's fused optimizers: the scale is folded into the update.
+    _step_supports_amp_scaling: ClassVar[bool] = True
     # torch's 0-d state: step, NAdam's mu_product, ASGD's eta and mu (-> initial value)
     _scalars: ClassVar[tuple[tuple[str, float | str], ...]]
     _core_step: ClassVar[Any]
@@ -296,6 +302,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
         self._lock = new_lock(self)  # steps from several threads: one at a time
         self._copy_out: dict[int, torch.Tensor] = {}  # id(param) -> its copy-out tensor
+        #: The global gradient norm of the last step when a group has ``max_grad_norm`` (see
+        #: :mod:`fastoptim.engine.transforms`), else None.
+        self.grad_norm: float | None = None
+        #: Whether the last step was skipped (``skip_nonfinite``, or GradScaler's found_inf).
+        self.step_skipped = False
+        #: Combines the gradient statistics across processes (see
+        #: :data:`fastoptim.engine.transforms.Reduce` and :func:`fastoptim.transforms.torch_reduce`).
+        self.reduce_grad_stats: transforms.Reduce | None = None
+        self._transformed = False  # some plan has a gradient transform other than identity
         super().__init__(params, {**defaults, **dict(self._definition.fixed)})
         if self._definition.torch_eager_state:  # torch creates this state at construction
             for group in self.param_groups:
@@ -562,7 +577,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     ) -> torch.Tensor:
         """A new state tensor `name` of `p` (of `dtype`: the precision policy's), in `p`'s
         layout: the kernels' states filled as torch does; a master copy holds `p`'s values."""
-        if name == precision.MASTER:
+        if name in precision.COPIES:  # a master copy, an EMA
             return torch.empty_like(p, dtype=dtype).copy_(p.detach())
         if name == precision.COMPENSATION:
             return torch.zeros_like(p, dtype=dtype)
@@ -731,7 +746,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 _view(self.state[p][n], perm) if n in layout else None
                 for p, perm, layout in zip(params, perms, layouts)
             ]
-            for key, n in (("masters", precision.MASTER), ("comps", precision.COMPENSATION))
+            for key, n in (
+                ("masters", precision.MASTER),
+                ("comps", precision.COMPENSATION),
+                ("emas", precision.EMA),
+            )
             if any(n in layout for layout in layouts)
         }
         if self._copy_out:
@@ -752,6 +771,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             )
             if c.hp[precision.ROUNDING] != "nearest":
                 plan.set_rounding(c.hp[precision.ROUNDING], int(c.hp[precision.SEED]))
+            self._transformed = True  # (a new plan: identity, which the next step may change)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name}: {e}") from None
         c.extras, c.ids = extras, [first + index[id(p)] for p in params]
@@ -876,9 +896,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 plan.set_rounding(c.plan.rounding, c.plan.seed)
                 self._bind(c, plan, grads, sel)
                 plans.append(plan)
+            self._transformed = True
         if not same:
             c.last_refs = [weakref.ref(g) for g in grads]
             c.last_ptrs = list(map(_data_ptr, grads))
+        decay = c.hp.get(precision.EMA_DECAY)
+        if decay is not None:
+            for plan in plans:
+                if plan.ema_decay != decay:
+                    plan.set_ema_decay(float(decay))
         return c, buckets, plans, same
 
     # ------------------------------------------------------------------ the step
@@ -938,6 +964,63 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             c.fresh = [frozenset()] * len(c.params)
             c.any_fresh = False
 
+    def _transform(self, work: list[tuple[Any, ...] | None]) -> bool:
+        """Decide and set this step's gradient transforms (GradScaler's ``grad_scale`` and
+        ``found_inf``, the groups' clipping options); True if the step is skipped.  Touches
+        no element."""
+        scale_t = getattr(self, "grad_scale", None)
+        found_t = getattr(self, "found_inf", None)
+        items = [item for item in work if item is not None]
+        hps = [item[0].hp for item in items]
+        if scale_t is None and found_t is None and not self._transformed:
+            if not transforms.active(hps):
+                self.grad_norm, self.step_skipped = None, False
+                return False
+        name = f"{type(self).__name__}.step"
+        scale = None if scale_t is None else transforms.check_grad_scale(name, float(scale_t))
+        found = found_t is not None and float(found_t) != 0.0
+        plans = [item[2] for item in items]
+        decision = transforms.decide(plans, hps, scale, found, self.reduce_grad_stats)
+        self.grad_norm, self.step_skipped = decision.norm, decision.skip
+        if decision.skip:
+            self._transformed = True  # (the plans may hold the statistics pass's transform)
+            return True
+        for group_plans, t in zip(plans, decision.transforms):
+            for plan in group_plans:
+                transforms.set_transform(plan, *t)
+        self._transformed = any(t != (1.0, math.inf) for t in decision.transforms)
+        return False
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the ``with`` block, every parameter that has an EMA (``ema_decay``) holds
+        it (rounded to the parameter's dtype); on exit the parameters get back exactly the
+        values they had.  For evaluation with the averaged weights::
+
+            with opt.ema_weights():
+                evaluate(model)
+        """
+        with torch.no_grad(), self._lock:
+            pairs = [
+                (p, self.state[p][precision.EMA])
+                for group in self.param_groups
+                for p in group["params"]
+                if precision.EMA in self.state.get(p, {})
+            ]
+            if not pairs:
+                raise ValueError(
+                    f"{type(self).__name__}.ema_weights: no parameter has an EMA (set ema_decay "
+                    "and step once)"
+                )
+            saved = [p.detach().clone() for p, _ in pairs]
+            try:
+                for p, ema in pairs:
+                    p.copy_(ema)
+                yield
+            finally:
+                for (p, _), old in zip(pairs, saved):
+                    p.copy_(old)
+
     @overload
     def step(self, closure: None = None) -> None: ...
 
@@ -954,6 +1037,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 loss = closure()
         with torch.no_grad(), self._lock:
             work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+            if self._transform(work):  # skipped: nothing changes, nothing advances
+                return loss
             for item in work:
                 if item is None:
                     continue

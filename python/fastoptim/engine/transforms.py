@@ -154,7 +154,7 @@ def decide(
         sumsq, bad = float(combined[0]), float(combined[1])
     norm = math.sqrt(sumsq)
     if want_check and (bad != 0 or not math.isfinite(norm)):
-        return Decision(norm, True, transforms)
+        return Decision(norm if want_norm else None, True, transforms)
     if want_norm:
         out = []
         for group, (mul, clip) in zip(groups, transforms):
@@ -164,7 +164,7 @@ def decide(
                 # torch.clamp(coef, max=1): NaN stays NaN (then so does the update, as torch)
                 c = coef if (coef < 1.0 or coef != coef) else 1.0
                 # c * clamp(x, -clip, clip) as one clamp: clamp(x * c, -clip * c, clip * c)
-                mul, clip = mul * c, (clip * c if c == c else clip)
+                mul, clip = mul * c, (clip * c if c == c and clip != math.inf else clip)
             out.append((mul, clip))
         transforms = out
     return Decision(norm if want_norm else None, False, transforms)
