@@ -190,9 +190,7 @@ def test_unscaled_clip_is_clip_grad_norm_of_the_unscaled_gradients(
     np.testing.assert_allclose(-p[0], g / (norm + 1e-6), rtol=1e-6)
 
 
-def test_bit_identical_across_thread_counts(
-    rng: np.random.Generator, restore_threads: Any
-) -> None:
+def test_bit_identical_across_thread_counts(rng: np.random.Generator, restore_threads: Any) -> None:
     shapes = [(3,), (100_003,), (257,), (600_000,)]
     g0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     results = []
@@ -264,8 +262,10 @@ def test_without_skip_nonfinite_gradients_go_into_the_update() -> None:
         pytest.param(dict(dtype=BF16), id="bf16-fp32-ema"),
         pytest.param(dict(dtype=BF16, master_weights=True), id="bf16-master"),
         pytest.param(dict(dtype=BF16, state_dtype="bfloat16"), id="all-bf16"),
-        pytest.param(dict(dtype=BF16, state_dtype="bfloat16", rounding="stochastic", seed=3),
-                     id="all-bf16-stochastic"),  # fmt: skip
+        pytest.param(
+            dict(dtype=BF16, state_dtype="bfloat16", rounding="stochastic", seed=3),
+            id="all-bf16-stochastic",
+        ),
         pytest.param(dict(dtype=np.float16, state_dtype={"ema": "float16"}), id="fp16-ema"),
     ],
 )

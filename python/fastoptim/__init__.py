@@ -16,7 +16,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _openmp  # noqa: F401  # isort: skip  # (no-op since the own thread pool)
-from . import _core, functional, keras, reference, schedules
+from . import _core, functional, keras, reference, schedules, transforms
 from .checkpoint import CheckpointError, load, save
 from .engine.optimizer import Optimizer
 from .optimizers import (
@@ -62,6 +62,7 @@ __all__ = [
     "functional",
     "keras",
     "reference",
+    "transforms",
     "isa",
     "available_isas",
     "set_num_threads",

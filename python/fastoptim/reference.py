@@ -897,12 +897,13 @@ def transform_grads(
     ``max_grad_value``; the global L2 norm of those (float64 sums); the step skipped if a group
     has ``skip_nonfinite`` and a gradient is not finite; each group with ``max_grad_norm``
     multiplied by ``min(1, max_grad_norm / (norm + 1e-6))`` (torch's order: unscale, clamp,
-    multiply; the kernels fold both into one factor, and so may differ in the last bit).  Returns (norm or None, skip, the transformed gradients)."""
+    multiply; the kernels fold both into one factor, and so may differ in the last bit).
+    Returns (norm or None, skip, the transformed gradients)."""
     inv = 1.0 if grad_scale is None else 1.0 / grad_scale
 
     def scaled(g: np.ndarray, mul: float, clip: float | None) -> np.ndarray:
-        dt = np.float64 if g.dtype == np.float64 else np.float32
-        x = np.asarray(g, dtype=dt) * dt(mul)
+        dt: Any = np.float64 if g.dtype == np.float64 else np.float32
+        x: np.ndarray = np.asarray(g, dtype=dt) * dt(mul)
         return x if clip is None else np.clip(x, -dt(clip), dt(clip))
 
     xs = [[scaled(g, inv, gr.get("max_grad_value")) for g in gs] for gs, gr in zip(grads, groups)]
@@ -990,9 +991,10 @@ def _for_each(
                 (*key, g.first_id + i),
                 {**hyper, **extra},
             )
-        if emas[i] is not None:
-            ema_update(emas[i], param if masters[i] is None else masters[i], g.plan.ema_decay,
-                       (*key, g.first_id + i))  # fmt: skip
+        ema, master = emas[i], masters[i]
+        if ema is not None:
+            source = param if master is None else master
+            ema_update(ema, source, g.plan.ema_decay, (*key, g.first_id + i))
 
 
 class SGD(_Reference, _fast.SGD):

@@ -308,7 +308,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         #: Whether the last step was skipped (``skip_nonfinite``, or GradScaler's found_inf).
         self.step_skipped = False
         #: Combines the gradient statistics across processes (see
-        #: :data:`fastoptim.engine.transforms.Reduce` and :func:`fastoptim.transforms.torch_reduce`).
+        #: :func:`fastoptim.transforms.torch_all_reduce`).
         self.reduce_grad_stats: transforms.Reduce | None = None
         self._transformed = False  # some plan has a gradient transform other than identity
         super().__init__(params, {**defaults, **dict(self._definition.fixed)})
@@ -532,6 +532,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._lock = new_lock(self)
         if not hasattr(self, "_copy_out"):  # unpickled: copies are not part of the state
             self._copy_out = {}
+        if not hasattr(self, "reduce_grad_stats"):  # unpickled: nor is the reduction
+            self.reduce_grad_stats = None
+            self.grad_norm, self.step_skipped = None, False
+        self._transformed = True  # (new plans)
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -900,6 +904,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if not same:
             c.last_refs = [weakref.ref(g) for g in grads]
             c.last_ptrs = list(map(_data_ptr, grads))
+        assert c.hp is not None
         decay = c.hp.get(precision.EMA_DECAY)
         if decay is not None:
             for plan in plans:

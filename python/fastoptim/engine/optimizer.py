@@ -682,9 +682,7 @@ class Optimizer:
         """The gradient transform of this step (reading the gradients when a group clips the
         norm or skips non-finite steps), set on every plan unless the step is skipped."""
         plans = [[g.plan] for g in self._groups]
-        decision = transforms.decide(
-            plans, self.param_groups, scale, reduce=self.reduce_grad_stats
-        )
+        decision = transforms.decide(plans, self.param_groups, scale, reduce=self.reduce_grad_stats)
         if decision.skip:  # (the plans may hold the statistics pass's transform)
             self._transformed = True
         else:

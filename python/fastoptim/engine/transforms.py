@@ -94,11 +94,7 @@ def active(groups: Sequence[Any]) -> bool:
     """Whether any group clips or skips (the step then needs the decisions of :func:`decide`)."""
     for group in groups:
         get = group.get
-        if (
-            get(MAX_GRAD_NORM) is not None
-            or get(MAX_GRAD_VALUE) is not None
-            or get(SKIP_NONFINITE)
-        ):
+        if get(MAX_GRAD_NORM) is not None or get(MAX_GRAD_VALUE) is not None or get(SKIP_NONFINITE):
             return True
     return False
 

@@ -1,0 +1,238 @@
+"""fastoptim.torch's gradient transforms against torch: clip_grad_norm_ / clip_grad_value_
+before a torch.optim step, torch.amp.GradScaler (torch.optim unscales in a pass of its own;
+fastoptim.torch takes the scale into the update, as torch's fused optimizers), the EMA of
+torch.optim.swa_utils, and clipping across processes (gloo) equal to one process."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim.torch as ft  # noqa: E402
+from cases import Case, each_case, one_per_optimizer  # noqa: E402
+from fastoptim import transforms  # noqa: E402
+
+TORCH_CASES = [c for c in one_per_optimizer() if hasattr(torch.optim, c.opt)]
+
+
+def _model(dtype: Any = torch.float32) -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3)).to(
+        dtype
+    )
+
+
+def _data(dtype: Any = torch.float32) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(64, 12, generator=g, dtype=dtype), torch.randn(64, 3, generator=g,
+                                                                       dtype=dtype)  # fmt: skip
+
+
+def _close(m1: Any, m2: Any, rtol: float, atol: float) -> None:
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda s, n=name: f"{n}: {s}")
+
+
+@each_case(TORCH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("clip", ["norm", "value", "both"])
+def test_clipping_matches_torch(case: Case, dtype: Any, clip: str) -> None:
+    if case.fastoptim_only:
+        pytest.skip("fastoptim's own option")
+    X, y = _data(dtype)
+    m1, m2 = _model(dtype), _model(dtype)
+    o1 = getattr(torch.optim, case.opt)(m1.parameters(), **case.kwargs)
+    opts: dict[str, Any] = {}
+    if clip in ("norm", "both"):
+        opts["max_grad_norm"] = 0.2
+    if clip in ("value", "both"):
+        opts["max_grad_value"] = 0.01
+    o2 = getattr(ft, case.opt)(m2.parameters(), **case.kwargs, **opts)
+    for _ in range(8):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(X), y).backward()
+        if "max_grad_value" in opts:
+            torch.nn.utils.clip_grad_value_(m1.parameters(), 0.01)
+        norm = None
+        if "max_grad_norm" in opts:
+            norm = float(torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.2))
+        o1.step()
+        o2.step()
+        if norm is not None:
+            assert o2.grad_norm is not None
+            assert abs(o2.grad_norm - norm) <= (1e-6 if dtype == torch.float32 else 1e-12) * norm
+        else:
+            assert o2.grad_norm is None
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    _close(m1, m2, tol, tol)
+
+
+@pytest.mark.parametrize("opt", ["Adam", "AdamW", "SGD", "RMSprop"])
+@pytest.mark.parametrize("unscale", [False, True], ids=["fused", "unscaled-and-clipped"])
+def test_grad_scaler_matches_torch(opt: str, unscale: bool) -> None:
+    """GradScaler with an overflowing step: torch.optim (GradScaler unscales the gradients)
+    and fastoptim.torch (the scale folded into the step; or, when the user unscales to clip,
+    only found_inf) skip the same step and end equal."""
+    X, y = _data()
+    m1, m2 = _model(), _model()
+    kw = dict(lr=0.01, momentum=0.9) if opt in ("SGD", "RMSprop") else dict(lr=0.01)
+    o1 = getattr(torch.optim, opt)(m1.parameters(), **kw)
+    o2 = getattr(ft, opt)(m2.parameters(), **kw)
+    s1 = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for step in range(8):
+        for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(X), y)
+            if step == 3:
+                loss = loss * math.inf
+            s.scale(loss).backward()
+            if unscale:
+                s.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            s.step(o)
+            s.update()
+        assert s1.get_scale() == s2.get_scale()
+        assert o2.step_skipped == (step == 3)
+    assert not hasattr(o2, "grad_scale") and not hasattr(o2, "found_inf")
+    _close(m1, m2, 2e-5, 2e-5)
+    p = next(m2.parameters())
+    if "step" in o2.state[p]:
+        assert float(o2.state[p]["step"]) == float(o1.state[next(m1.parameters())]["step"]) == 7
+
+
+def test_ema_matches_swa_utils() -> None:
+    """ema_decay against torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, created
+    (copying the parameters) before training and updated after each step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    X, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=0.01)
+    avg = AveragedModel(m1, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    avg.update_parameters(m1)  # (its first call copies)
+    o2 = ft.AdamW(m2.parameters(), lr=0.01, ema_decay=0.9)
+    for _ in range(6):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(X), y).backward()
+            o.step()
+        avg.update_parameters(m1)
+    _close(m1, m2, 2e-5, 2e-5)
+    for a, p in zip(avg.module.parameters(), m2.parameters()):
+        torch.testing.assert_close(o2.state[p]["ema"], a.detach(), rtol=2e-5, atol=2e-6)
+    before = [p.detach().clone() for p in m2.parameters()]
+    with o2.ema_weights():
+        for a, p in zip(avg.module.parameters(), m2.parameters()):
+            torch.testing.assert_close(p.detach(), a.detach(), rtol=2e-5, atol=2e-6)
+    for b, p in zip(before, m2.parameters()):
+        assert torch.equal(b, p.detach())
+
+
+def test_skip_nonfinite_changes_nothing() -> None:
+    X, y = _data()
+    m = _model()
+    o = ft.Adam(m.parameters(), lr=0.01, skip_nonfinite=True, ema_decay=0.5)
+    for _ in range(2):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(X), y).backward()
+        o.step()
+    before = [p.detach().clone() for p in m.parameters()]
+    state = {id(p): {k: v.clone() for k, v in o.state[p].items()} for p in m.parameters()}
+    o.zero_grad()
+    (torch.nn.functional.mse_loss(m(X), y) * math.nan).backward()
+    o.step()
+    assert o.step_skipped
+    for b, p in zip(before, m.parameters()):
+        assert torch.equal(b, p.detach())
+        for k, v in state[id(p)].items():
+            assert torch.equal(v, o.state[p][k]), k
+
+
+def test_bf16_model_with_clipping_and_ema_matches_fp32_reference_run() -> None:
+    """A bfloat16 model with master weights: clipping and the EMA run on the float32 masters
+    (the norm is taken from the bfloat16 gradients)."""
+    X, y = _data()
+    m = _model(torch.bfloat16)
+    o = ft.AdamW(m.parameters(), lr=0.01, master_weights=True, max_grad_norm=0.5, ema_decay=0.9)
+    for _ in range(3):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(X.bfloat16()).float(), y).backward()
+        want = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in m.parameters()))
+        o.step()
+        assert o.grad_norm is not None and abs(o.grad_norm - want) <= 1e-9 * want
+    for p in m.parameters():
+        assert o.state[p]["ema"].dtype == torch.float32
+        assert o.state[p]["master"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- two processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sharded_worker(rank: int, world: int, port: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        X, y = _data()
+        m = _model()
+        params = list(m.parameters())
+        mine = params[rank::world]  # each process steps its share of the parameters
+        o = ft.AdamW(mine, lr=0.01, max_grad_norm=0.1)
+        o.reduce_grad_stats = transforms.torch_all_reduce()
+        norms = []
+        for _ in range(4):
+            m.zero_grad()
+            torch.nn.functional.mse_loss(m(X), y).backward()
+            o.step()
+            norms.append(o.grad_norm)
+            for i, p in enumerate(params):  # every process gets every parameter back
+                dist.broadcast(p.data, src=i % world)
+        if rank == 0:
+            out.put((norms, [p.detach().numpy().copy() for p in params]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clipping_under_sharding_equals_one_process() -> None:
+    """Two processes (gloo on localhost) each holding half of the parameters: with
+    torch_all_reduce the norm is the global one and the result that of one process."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a worker did not finish in 120 s")
+        assert p.exitcode == 0
+    norms, params = q.get()
+    X, y = _data()
+    m = _model()
+    o = ft.AdamW(m.parameters(), lr=0.01, max_grad_norm=0.1)
+    for norm in norms:
+        m.zero_grad()
+        torch.nn.functional.mse_loss(m(X), y).backward()
+        o.step()
+        assert o.grad_norm is not None and abs(o.grad_norm - norm) <= 1e-12 * norm
+    for a, b in zip(params, m.parameters()):
+        torch.testing.assert_close(torch.from_numpy(a), b.detach(), rtol=1e-6, atol=1e-7)
