@@ -167,7 +167,7 @@ def test_bf16_model_with_clipping_and_ema_matches_fp32_reference_run() -> None:
         torch.nn.functional.mse_loss(m(X.bfloat16()).float(), y).backward()
         want = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in m.parameters()))
         o.step()
-        assert o.grad_norm is not None and abs(o.grad_norm - want) <= 1e-9 * want
+        assert o.grad_norm is not None and abs(o.grad_norm - want) <= 1e-6 * want
     for p in m.parameters():
         assert o.state[p]["ema"].dtype == torch.float32
         assert o.state[p]["master"].dtype == torch.float32

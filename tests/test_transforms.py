@@ -60,7 +60,10 @@ def test_grad_stats_matches_float64_sum(dtype: Any, rng: np.random.Generator) ->
         xs = [np.clip(np.asarray(g, cd) * cd(mul), -cd(clip), cd(clip)) for g in grads]
         want = sum(float(np.sum(np.square(x.astype(np.float64)))) for x in xs)
         assert finite
-        assert abs(sumsq - want) <= 1e-12 * want, (mul, clip, sumsq, want)
+        # float64 gradients: float64 sums; the others: float32 squares summed 8 at a time in
+        # float32, then in float64 (a few float32 ulps)
+        tol = 1e-12 if dtype == np.float64 else 1e-6
+        assert abs(sumsq - want) <= tol * want, (mul, clip, sumsq, want)
 
 
 def test_grad_stats_bit_identical_for_any_threads_and_isa(
@@ -149,7 +152,8 @@ def test_step_equals_plain_step_on_transformed_grads(
                 float(np.sum(np.square(np.clip(g * cd(1 / scale), -cd(opts.get(
                     "max_grad_value", np.inf)), cd(opts.get("max_grad_value", np.inf))).astype(
                     np.float64)))) for g in grads))  # fmt: skip
-            assert norm is not None and abs(norm - want) <= 1e-12 * want
+            tol = 1e-12 if dtype == np.float64 else 1e-6
+            assert norm is not None and abs(norm - want) <= tol * want
             assert fast.grad_norm == norm
         else:
             assert norm is None and fast.grad_norm is None
@@ -417,7 +421,7 @@ def test_reduce_grad_stats(rng: np.random.Generator) -> None:
     local = float(np.linalg.norm(g.astype(np.float64)))
     opt.reduce_grad_stats = lambda s: 2 * s
     norm = opt.step([g])
-    assert norm is not None and abs(norm - math.sqrt(2) * local) <= 1e-12 * norm
+    assert norm is not None and abs(norm - math.sqrt(2) * local) <= 1e-6 * norm
     opt.reduce_grad_stats = lambda s: s[:1]
     before = p[0].copy()
     with pytest.raises(ValueError, match="reduce_grad_stats"):

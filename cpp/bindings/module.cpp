@@ -603,6 +603,12 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("rw"), py::arg("grad"), py::arg("out") = py::none(),
   "Roofline kernel of a mixed-precision layout: one fused pass reading and writing every array "
   "of `rw` (float32 or 16-bit), reading `grad` and writing `out` (16-bit) when given.");
+  m.def("stream_read", [](const py::handle& array) {
+    Arg a = check_array(array, "array", false);
+    if (a.dtype != DType::f32) throw py::type_error("stream_read: the array must be float32");
+    py::gil_scoped_release release;
+    return stream_read(static_cast<const float*>(a.data), a.size);
+  }, py::arg("array"), "The roofline of a read-only pass: the sum of a float32 array, read once.");
   m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;
     std::vector<Span> spans;

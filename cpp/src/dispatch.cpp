@@ -41,6 +41,7 @@ namespace fastoptim {
   void stream(float* const*, int, int64_t, int);                                         \
   void stream_mixed(const StreamArrays&, int64_t, int);                                  \
   void grad_stats(const Plan&, int, GradStats&);                                         \
+  void stream_read(const float*, int64_t, int, double&);                                 \
   }
 #ifdef FASTOPTIM_HAVE_SCALAR
 FASTOPTIM_DECLARE_ISA(scalar)
@@ -514,6 +515,13 @@ GradStats grad_stats(const Plan& plan) {
   const int threads = threads_for(plan.grad_bytes());
   GradStats r;
   FASTOPTIM_FORWARD(grad_stats, plan, threads, r)
+  return r;
+}
+
+double stream_read(const float* a, int64_t n) {
+  const int threads = threads_for(4 * n);
+  double r = 0;
+  FASTOPTIM_FORWARD(stream_read, a, n, threads, r)
   return r;
 }
 

@@ -10,6 +10,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -422,54 +425,135 @@ FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
 // ------------------------------------------------------------------ gradient statistics
-// grad_stats (plan.hpp's GradStats): 16 float64 lanes per chunk, lane j taking the elements
-// j, j + 16, ... of each tensor's piece of the chunk; every square exact (a float32 squared fits
+// grad_stats (plan.hpp's GradStats): 32 float64 lanes per chunk, lane j taking the elements
+// j, j + 32, ... of each tensor's piece of the chunk; every square exact (a float32 squared fits
 // a float64), each lane's sum in element order, lanes and then chunks added in order.
-constexpr int kLanes = 16;
+constexpr int kLanes = 32;
 struct Lanes {
   std::array<double, kLanes> sq{};
-  std::array<double, kLanes> bad{};  // sums of g * 0: NaN once any g is infinite or NaN
+  std::array<float, kLanes> bad{};  // sums of g * 0: NaN once any g is infinite or NaN
 };
 
+// GCC/Clang vector types: 16 float32 or 8 float64 lanes, lowered to whatever the ISA has
+// (the per-lane arithmetic, hence the result, is the same on every ISA).  No helper functions
+// take or return them: GCC warns that their ABI depends on the ISA, which does not matter inside
+// one translation unit but fails the -Werror build.
+typedef float V16f __attribute__((vector_size(64)));
+typedef double V8d __attribute__((vector_size(64)));
+#define FASTOPTIM_LOW8(x) \
+  __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), V8d)
+#define FASTOPTIM_HIGH8(x) \
+  __builtin_convertvector(__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), V8d)
+
+// n elements (a whole number of lanes' blocks) of float32 values into the lanes: lane j takes
+// the elements j, j + 32, ...  Each lane squares in float32 and sums kRun squares in float32
+// (two blocks of 16 per iteration, each its own accumulators) before adding that partial sum to
+// its float64 total: the norm pass then reads as fast as memory allows, with a relative error
+// of a few float32 ulps (torch's float32 norms have as much).  Without clipping (Clip false) a
+// non-finite g shows as a non-finite sum, so the flag lanes are left alone.
+constexpr int64_t kRun = 8;  // iterations (of kLanes elements) summed in float32
+template <bool Clip>
+FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mul, float clip,
+                                  Lanes& acc) {
+  V8d sq[4];
+  V16f bad[2];
+  std::memcpy(sq, acc.sq.data(), sizeof sq);
+  std::memcpy(bad, acc.bad.data(), sizeof bad);
+  const V16f vmul = V16f{} + mul, hi = V16f{} + clip, lo = -hi;
+  for (int64_t i = 0; i + kLanes <= n;) {
+    V16f run[2] = {V16f{}, V16f{}};
+    const int64_t end = std::min(n - kLanes + 1, i + kRun * kLanes);
+    for (; i < end; i += kLanes) {
+      for (int h = 0; h < 2; ++h) {
+        V16f y;
+        std::memcpy(&y, g + i + 16 * h, sizeof y);
+        y *= vmul;
+        if constexpr (Clip) {
+          bad[h] += y - y;  // NaN where y (so g, mul being finite) is infinite or NaN
+          y = y < lo ? lo : y;
+          y = y > hi ? hi : y;
+        }
+        run[h] += y * y;
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      sq[2 * h] += FASTOPTIM_LOW8(run[h]);
+      sq[2 * h + 1] += FASTOPTIM_HIGH8(run[h]);
+    }
+  }
+  std::memcpy(acc.sq.data(), sq, sizeof sq);
+  std::memcpy(acc.bad.data(), bad, sizeof bad);
+}
+
+inline void stats_f32(const float* g, int64_t n, float mul, float clip, Lanes& acc) {
+  if (clip == std::numeric_limits<float>::infinity())
+    stats_f32<false>(g, n, mul, clip, acc);
+  else
+    stats_f32<true>(g, n, mul, clip, acc);
+}
+
+FASTOPTIM_NOINLINE void stats_f64(const double* __restrict g, int64_t n, double mul, double clip,
+                                  Lanes& acc) {
+  V8d sq[4];
+  std::memcpy(sq, acc.sq.data(), sizeof sq);
+  const V8d vmul = V8d{} + mul, hi = V8d{} + clip, lo = -hi;
+  V8d bad = V8d{};
+  for (int64_t i = 0; i + kLanes <= n; i += kLanes) {
+    for (int h = 0; h < 4; ++h) {
+      V8d x;
+      std::memcpy(&x, g + i + 8 * h, sizeof x);
+      x = x * vmul;
+      bad += x - x;
+      x = x < lo ? lo : x;
+      x = x > hi ? hi : x;
+      sq[h] += x * x;
+    }
+  }
+  std::memcpy(acc.sq.data(), sq, sizeof sq);
+  for (int j = 0; j < 8; ++j) acc.bad[j] += static_cast<float>(bad[j]);
+}
+
+// The last n < kLanes elements of a piece: lane j, the same arithmetic.
 template <class T, class Load, class S>
-void stats_piece(const S* __restrict g, int64_t n, T mul, T clip, Lanes& acc) {
-  std::array<double, kLanes> sq = acc.sq, bad = acc.bad;
-  const auto one = [&](int j, T v) {
+void stats_tail(const S* g, int64_t n, T mul, T clip, Lanes& acc) {
+  for (int j = 0; j < n; ++j) {
+    const T v = Load::load(g[j]);
     T x = v * mul;
     x = x < -clip ? -clip : x;
     x = x > clip ? clip : x;
-    sq[j] += static_cast<double>(x) * static_cast<double>(x);
-    bad[j] += static_cast<double>(v * T(0));
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) one(j, Load::load(g[i + j]));
-  for (int j = 0; i + j < n; ++j) one(j, Load::load(g[i + j]));
-  acc.sq = sq;
-  acc.bad = bad;
+    acc.sq[j] += static_cast<double>(x) * static_cast<double>(x);
+    acc.bad[j] += static_cast<float>(v * mul - v * mul);
+  }
 }
 
 struct F64 {
   static double load(double x) { return x; }
 };
 
+// Tensor t's gradient elements [a, b) into the lanes (16-bit gradients converted block by block
+// into float32 first; blocks are whole numbers of lanes, so every element keeps its lane).
 inline void stats_tensor(const Plan& plan, const Tensor& t, int64_t a, int64_t b, Lanes& acc) {
-  const int64_t n = b - a;
-  const auto mulf = static_cast<float>(plan.grad_mul), clipf = static_cast<float>(plan.grad_clip);
-  switch (t.grad_dtype) {
-    case DType::f64:
-      stats_piece<double, F64>(static_cast<const double*>(t.grad) + a, n, plan.grad_mul,
-                               plan.grad_clip, acc);
-      break;
-    case DType::f32:
-      stats_piece<float, F32>(static_cast<const float*>(t.grad) + a, n, mulf, clipf, acc);
-      break;
-    case DType::bf16:
-      stats_piece<float, BF16>(static_cast<const uint16_t*>(t.grad) + a, n, mulf, clipf, acc);
-      break;
-    case DType::f16:
-      stats_piece<float, F16>(static_cast<const uint16_t*>(t.grad) + a, n, mulf, clipf, acc);
-      break;
+  const int64_t n = b - a, full = n / kLanes * kLanes;
+  const auto mul = static_cast<float>(plan.grad_mul), clip = static_cast<float>(plan.grad_clip);
+  if (t.grad_dtype == DType::f64) {
+    const double* g = static_cast<const double*>(t.grad) + a;
+    stats_f64(g, full, plan.grad_mul, plan.grad_clip, acc);
+    stats_tail<double, F64>(g + full, n - full, plan.grad_mul, plan.grad_clip, acc);
+    return;
+  }
+  if (t.grad_dtype == DType::f32) {
+    const float* g = static_cast<const float*>(t.grad) + a;
+    stats_f32(g, full, mul, clip, acc);
+    stats_tail<float, F32>(g + full, n - full, mul, clip, acc);
+    return;
+  }
+  alignas(64) float buf[kBlock];
+  for (int64_t lo = 0; lo < n; lo += kBlock) {
+    const int64_t m = std::min(kBlock, n - lo);
+    const float* x = staged(t.grad, t.grad_dtype, a + lo, m, buf);
+    const int64_t whole = m / kLanes * kLanes;
+    stats_f32(x, whole, mul, clip, acc);
+    stats_tail<float, F32>(x + whole, m - whole, mul, clip, acc);
   }
 }
 
@@ -502,7 +586,35 @@ void grad_stats(const Plan& plan, int threads, GradStats& r) {
     r.sumsq += p[0];
     bad += p[1];
   }
-  r.finite = bad == 0;
+  r.finite = bad == 0 && std::isfinite(r.sumsq);
+}
+
+// The roofline of a pass that only reads (grad_stats): the sum of n float32 values over the same
+// chunks, 16 float32 lanes each.
+void stream_read(const float* a, int64_t n, int threads, double& out) {
+  const int64_t chunk = chunk_elements(n);
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::vector<double> part(static_cast<std::size_t>(nchunks));
+  const auto one = [&](int64_t c) {
+    const int64_t lo = c * chunk, m = std::min(n, lo + chunk) - lo;
+    const float* __restrict x = a + lo;
+    std::array<float, kLanes> acc{};
+    int64_t i = 0;
+    for (; i + kLanes <= m; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+    for (int j = 0; i + j < m; ++j) acc[j] += x[i + j];
+    double s = 0;
+    for (float v : acc) s += v;
+    part[static_cast<std::size_t>(c)] = s;
+  };
+  if (threads <= 1 || nchunks <= 1) {
+    for (int64_t c = 0; c < nchunks; ++c) one(c);
+  } else {
+    run_chunks(nchunks, threads, [](void* f, int64_t c) { (*static_cast<decltype(one)*>(f))(c); },
+               const_cast<void*>(static_cast<const void*>(&one)));
+  }
+  out = 0;
+  for (double s : part) out += s;
 }
 
 // The roofline reference: one fused pass that reads every array and writes all but the last

@@ -48,6 +48,9 @@ GradStats grad_stats(const Plan& plan);
 // writes all but the last, the memory traffic of an optimizer step with narrays - 2 states.
 void stream(float* const* arrays, int narrays, int64_t n);
 
+// The roofline of a pass that only reads n float32 values (their sum), with grad_stats' chunks.
+double stream_read(const float* a, int64_t n);
+
 // The same for the layouts with 16-bit arrays (StreamArrays, plan.hpp).
 void stream_mixed(const StreamArrays& arrays, int64_t n);
 
