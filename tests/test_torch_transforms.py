@@ -1,13 +1,11 @@
 """fastoptim.torch's gradient transforms against torch: clip_grad_norm_ / clip_grad_value_
 before a torch.optim step, torch.amp.GradScaler (torch.optim unscales in a pass of its own;
-fastoptim.torch takes the scale into the update, as torch's fused optimizers), the EMA of
-torch.optim.swa_utils, and clipping across processes (gloo) equal to one process."""
+fastoptim.torch takes the scale into the update, as torch's fused optimizers) and the EMA of
+torch.optim.swa_utils.  (Clipping across processes: test_distributed.py, with MPI.)"""
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ torch = pytest.importorskip("torch")
 
 import fastoptim.torch as ft  # noqa: E402
 from cases import Case, each_case, one_per_optimizer  # noqa: E402
-from fastoptim import transforms  # noqa: E402
 
 TORCH_CASES = [c for c in one_per_optimizer() if hasattr(torch.optim, c.opt)]
 
@@ -171,68 +168,3 @@ def test_bf16_model_with_clipping_and_ema_matches_fp32_reference_run() -> None:
     for p in m.parameters():
         assert o.state[p]["ema"].dtype == torch.float32
         assert o.state[p]["master"].dtype == torch.float32
-
-
-# ----------------------------------------------------------------------------- two processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _sharded_worker(rank: int, world: int, port: int, out: Any) -> None:
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        X, y = _data()
-        m = _model()
-        params = list(m.parameters())
-        mine = params[rank::world]  # each process steps its share of the parameters
-        o = ft.AdamW(mine, lr=0.01, max_grad_norm=0.1)
-        o.reduce_grad_stats = transforms.torch_all_reduce()
-        norms = []
-        for _ in range(4):
-            m.zero_grad()
-            torch.nn.functional.mse_loss(m(X), y).backward()
-            o.step()
-            norms.append(o.grad_norm)
-            for i, p in enumerate(params):  # every process gets every parameter back
-                dist.broadcast(p.data, src=i % world)
-        if rank == 0:
-            out.put((norms, [p.detach().numpy().copy() for p in params]))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_clipping_under_sharding_equals_one_process() -> None:
-    """Two processes (gloo on localhost) each holding half of the parameters: with
-    torch_all_reduce the norm is the global one and the result that of one process."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a worker did not finish in 120 s")
-        assert p.exitcode == 0
-    norms, params = q.get()
-    X, y = _data()
-    m = _model()
-    o = ft.AdamW(m.parameters(), lr=0.01, max_grad_norm=0.1)
-    for norm in norms:
-        m.zero_grad()
-        torch.nn.functional.mse_loss(m(X), y).backward()
-        o.step()
-        assert o.grad_norm is not None and abs(o.grad_norm - norm) <= 1e-12 * norm
-    for a, b in zip(params, m.parameters()):
-        torch.testing.assert_close(torch.from_numpy(a), b.detach(), rtol=1e-6, atol=1e-7)
