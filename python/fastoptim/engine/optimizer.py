@@ -335,10 +335,14 @@ class Optimizer:
         """State buffer `name` of every parameter that has one in `layout` (one arena): filled
         with `fill`; a master copy with its parameter's values (exactly)."""
         g.arenas[name], g.states[name] = _arena(g.params, fill, [b.get(name) for b in layout])
-        if name == precision.MASTER:
-            for v, p in zip(g.states[name], g.params):
-                if v is not None:
-                    np.copyto(v, p, casting="unsafe")
+        if name == precision.MASTER or self._definition.like_param(name):
+            self._take_params(g, name)
+
+    def _take_params(self, g: _Group, name: str) -> None:
+        """State `name` of every parameter of `g` := the parameter (rounded to its dtype)."""
+        for v, p in zip(g.states[name], g.params):
+            if v is not None:
+                np.copyto(v, p, casting="unsafe")
 
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
@@ -611,6 +615,10 @@ class Optimizer:
         with self._lock:  # steps of one optimizer from several threads: one at a time
             per_group = self._prepare(grads)
             groups = self._groups
+            for g in groups:  # a state that starts as its parameter (Schedule-Free's z): the
+                for name in g.fresh:  # parameter as it is now, at the state's first step
+                    if self._definition.like_param(name):
+                        self._take_params(g, name)
             if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
                 for g, gr in zip(groups, per_group):
                     self._run(g, gr)
