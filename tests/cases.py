@@ -113,7 +113,9 @@ CASES: list[Case] = [
     case("NAdam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     case("NAdam", "momentum_decay", lr=0.01, momentum_decay=0.3),  # mu_t varies faster
     case("NAdam", "maximize", lr=0.01, maximize=True),
-    case("NAdam", "cautious", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, cautious=True),
+    case(
+        "NAdam", "cautious", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, cautious=True
+    ),
     # rho_t > 5 first at step 6 (beta2 = 0.999): steps 1-5 unrectified, 6-9 rectified.
     case("RAdam", "plain", steps=9, lr=0.01),
     case("RAdam", "weight_decay", steps=9, lr=0.01, weight_decay=WD),

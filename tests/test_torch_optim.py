@@ -226,9 +226,7 @@ def test_nadam_with_float64_scalars(
 # Lion, ADOPT and the options torch lacks (cautious); but NAdam's, whose mu_product
 # fastoptim.torch advances in torch's scalar dtype (test_cautious.py compares it within rounding)
 NOT_IN_TORCH_CASES = [
-    c
-    for c in CASES
-    if (not hasattr(torch.optim, c.opt) or c.fastoptim_only) and c.opt != "NAdam"
+    c for c in CASES if (not hasattr(torch.optim, c.opt) or c.fastoptim_only) and c.opt != "NAdam"
 ]
 
 

@@ -993,6 +993,7 @@ class ScheduleFreeOptimizer(Optimizer):
         ("weight_sum", 0.0),
         ("lr_max", -1.0),
         ("scheduled_lr", 0.0),
+        ("foreach", None),  # (the package's option, read by its step: for its loads)
     )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
