@@ -113,11 +113,15 @@ CASES: list[Case] = [
     case("NAdam", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     case("NAdam", "momentum_decay", lr=0.01, momentum_decay=0.3),  # mu_t varies faster
     case("NAdam", "maximize", lr=0.01, maximize=True),
+    case(
+        "NAdam", "cautious", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, cautious=True
+    ),
     # rho_t > 5 first at step 6 (beta2 = 0.999): steps 1-5 unrectified, 6-9 rectified.
     case("RAdam", "plain", steps=9, lr=0.01),
     case("RAdam", "weight_decay", steps=9, lr=0.01, weight_decay=WD),
     case("RAdam", "decoupled", steps=9, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     case("RAdam", "maximize", steps=9, lr=0.01, maximize=True),
+    case("RAdam", "cautious", steps=9, lr=0.01, weight_decay=WD, maximize=True, cautious=True),
     case("Lion", "plain", lr=1e-3),
     case("Lion", "weight_decay", lr=1e-3, weight_decay=0.5),
     case("Lion", "maximize", lr=1e-3, betas=(0.95, 0.98), maximize=True),
@@ -150,6 +154,19 @@ CASES: list[Case] = [
     case(
         "ADOPT", "cautious", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, cautious=True
     ),
+    # Schedule-Free (the schedulefree package's classes): warmup over the first steps, the
+    # lr-squared weighting (weight_lr_power) and the polynomial one (r); the halfway lr drop
+    # leaves lr_max (and so the weights) at the earlier, larger lr.
+    case("AdamWScheduleFree", "plain", lr=0.01),
+    case("AdamWScheduleFree", "warmup", lr=0.01, warmup_steps=4),
+    case("AdamWScheduleFree", "weight_decay", lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
+    case("AdamWScheduleFree", "r", lr=0.01, warmup_steps=2, r=1.0, weight_lr_power=0.0),
+    case("AdamWScheduleFree", "maximize", lr=0.01, eps=1e-6, maximize=True),
+    case("SGDScheduleFree", "plain", lr=0.1),
+    case("SGDScheduleFree", "warmup", lr=0.1, momentum=0.5, warmup_steps=4),
+    case("SGDScheduleFree", "weight_decay", lr=0.1, weight_decay=WD),
+    case("SGDScheduleFree", "r", lr=0.1, warmup_steps=2, r=2.0, weight_lr_power=1.0),
+    case("SGDScheduleFree", "maximize", lr=0.1, momentum=0.95, maximize=True),
 ]
 
 

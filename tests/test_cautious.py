@@ -5,7 +5,9 @@ fastoptim's mask is element-wise only: the update where it agrees in sign with t
 0 elsewhere, without the paper's per-tensor rescaling.  ``pytorch_optimizer`` rescales the
 masked update by ``numel / (kept + 1)``; so from the same state, one step of each must move the
 same elements, and theirs by that factor times ours (to float32 rounding).  Every element is
-compared.  The trajectories are compared against ``fastoptim.reference`` by test_kernels.py
+compared.  NAdam's and RAdam's (which pytorch_optimizer lacks) are compared with one step of
+``torch.optim``'s: ours must take its step where it agrees with the gradient, none elsewhere.
+The trajectories are compared against ``fastoptim.reference`` by test_kernels.py
 and test_functional.py through the table's cautious rows (``cases.CASES``).
 """
 
@@ -71,3 +73,45 @@ def test_mask_as_pytorch_optimizer_up_to_its_rescaling(
     scale = N / (kept.sum() + 1)
     # |delta| ~ lr: rounding of p + delta in float32 is ~eps(|p|) <= 6e-7 * 4
     np.testing.assert_allclose(d_theirs, d_ours * scale, rtol=0, atol=4e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("NAdam", dict(lr=1e-2)),
+        ("NAdam", dict(lr=1e-2, momentum_decay=0.3)),
+        ("RAdam", dict(lr=1e-2)),  # unrectified at first: the step is lr * m_hat
+        ("RAdam", dict(lr=1e-2, betas=(0.9, 0.9))),  # rectified from step 6
+    ],
+)
+@pytest.mark.parametrize("first", [2, 3, 7])  # (at step 1 every step agrees with g)
+def test_nadam_radam_mask_torch_optims_step(
+    name: str, kwargs: dict[str, Any], first: int, rng: np.random.Generator
+) -> None:
+    """pytorch_optimizer has no cautious NAdam / RAdam: from the same state, one cautious step
+    of fastoptim.torch moves exactly the elements where torch.optim's step agrees in sign with
+    the gradient (-delta * g > 0), by torch's step there, and leaves the others unchanged."""
+    p0 = torch.tensor(rng.standard_normal(N), dtype=torch.float64)
+    ours = p0.clone().requires_grad_()
+    theirs = p0.clone().requires_grad_()
+    fast = getattr(fot, name)([ours], cautious=False, **kwargs)
+    ref = getattr(torch.optim, name)([theirs], foreach=False, **kwargs)
+    for t in range(1, first + 1):
+        fast.param_groups[0]["cautious"] = t == first
+        with torch.no_grad():
+            theirs.copy_(ours)
+        for n, v in fast.state[ours].items() if fast.state else ():
+            ref.state[theirs][n].copy_(v)
+        g = torch.tensor(rng.standard_normal(N), dtype=torch.float64)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        before = ours.detach().clone()
+        fast.step()
+        ref.step()
+    d_ours = (ours.detach() - before).numpy()
+    d_theirs = (theirs.detach() - before).numpy()
+    agree = -d_theirs * g.numpy() > 0
+    assert 0 < agree.sum() < N
+    clear = np.abs(d_theirs) > 1e-12  # (a sign decided by rounding is not compared)
+    np.testing.assert_array_equal((d_ours != 0)[clear], agree[clear])
+    np.testing.assert_array_equal(d_ours[~agree & clear], 0.0)
+    np.testing.assert_allclose(d_ours[agree], d_theirs[agree], rtol=1e-12, atol=1e-15)

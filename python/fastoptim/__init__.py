@@ -28,11 +28,13 @@ from .optimizers import (
     Adam,
     Adamax,
     AdamW,
+    AdamWScheduleFree,
     Lion,
     NAdam,
     RAdam,
     RMSprop,
     Rprop,
+    SGDScheduleFree,
 )
 
 try:
@@ -54,6 +56,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "AdamWScheduleFree",
+    "SGDScheduleFree",
     "Optimizer",
     "schedules",
     "save",

@@ -120,6 +120,7 @@ class NAdamHyper:
     mu_product: float
     decoupled_weight_decay: bool
     maximize: bool
+    cautious: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -131,6 +132,7 @@ class RAdamHyper:
     weight_decay: float
     decoupled_weight_decay: bool
     maximize: bool
+    cautious: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -175,6 +177,40 @@ class ADOPTHyper:
     decoupled_weight_decay: bool
     maximize: bool
     cautious: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
+class AdamWScheduleFreeHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    warmup_steps: float
+    r: float
+    weight_lr_power: float
+    weight_sum: float
+    lr_max: float
+    train_mode: float
+    swap_weight: float
+    maximize: bool
+    swap: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
+class SGDScheduleFreeHyper:
+    lr: float
+    beta1: float
+    weight_decay: float
+    warmup_steps: float
+    r: float
+    weight_lr_power: float
+    weight_sum: float
+    lr_max: float
+    train_mode: float
+    swap_weight: float
+    maximize: bool
+    swap: bool
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
@@ -331,6 +367,32 @@ def step_adopt(
 def steps_adopt(
     plans: Sequence[Plan],
     hypers: Sequence[ADOPTHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def step_adamwschedulefree(
+    plan: Plan,
+    hyper: AdamWScheduleFreeHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_adamwschedulefree(
+    plans: Sequence[Plan],
+    hypers: Sequence[AdamWScheduleFreeHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def step_sgdschedulefree(
+    plan: Plan,
+    hyper: SGDScheduleFreeHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_sgdschedulefree(
+    plans: Sequence[Plan],
+    hypers: Sequence[SGDScheduleFreeHyper],
     steps: Sequence[int],
     release: Sequence[bool],
 ) -> None: ...

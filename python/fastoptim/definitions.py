@@ -297,7 +297,12 @@ NADAM = Definition(
     p_t = p_{t-1} - \gamma \frac{1-\mu_t}{1-\prod_{i\le t}\mu_i} \frac{g_t}{d_t}
           - \gamma \frac{\mu_{t+1}}{1-\prod_{i\le t+1}\mu_i} \frac{m_t}{d_t}
 
-State: ``exp_avg``, ``exp_avg_sq``, and the group's ``mu_product``.""",
+State: ``exp_avg``, ``exp_avg_sq``, and the group's ``mu_product``.
+
+"""
+    + _CAUTIOUS_DOC
+    + r"""Here :math:`u` is the whole Nesterov update (both terms), kept where
+:math:`u\,g > 0`; the decoupled decay is not masked.""",
     hyper=(
         Hyper("lr", 2e-3),
         Hyper("betas", (0.9, 0.999)),
@@ -306,6 +311,7 @@ State: ``exp_avg``, ``exp_avg_sq``, and the group's ``mu_product``.""",
         Hyper("momentum_decay", 4e-3),
         Hyper("decoupled_weight_decay", False),
         Hyper("maximize", False, keyword=True),
+        _CAUTIOUS,
     ),
     states=(State("exp_avg"), State("exp_avg_sq")),
     scalars=(("mu_product", 1.0),),
@@ -341,7 +347,12 @@ RADAM = Definition(
     \text{ if } \rho_t > 5 \text{ else } p_{t-1} - \gamma \hat m_t,\quad
     r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
 
-State: ``exp_avg``, ``exp_avg_sq``.""",
+State: ``exp_avg``, ``exp_avg_sq``.
+
+"""
+    + _CAUTIOUS_DOC
+    + """Here the mask is :math:`[m_t g_t > 0]` (the sign of the step's, rectified or not); the
+decoupled decay is not masked.""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("betas", (0.9, 0.999)),
@@ -349,6 +360,7 @@ State: ``exp_avg``, ``exp_avg_sq``.""",
         Hyper("weight_decay", 0),
         Hyper("decoupled_weight_decay", False),
         Hyper("maximize", False, keyword=True),
+        _CAUTIOUS,
     ),
     states=(State("exp_avg"), State("exp_avg_sq")),
     functional_doc=r"""One in-place RAdam update (see :class:`fastoptim.RAdam`).""",
@@ -521,8 +533,167 @@ of each parameter only initialises ``exp_avg_sq``.""",
 )
 
 
+def _schedule_free_relations(group: Mapping[str, Any]) -> None:
+    beta = group["betas"][0] if "betas" in group else group["momentum"]
+    if not beta > 0:
+        what = f"betas[0]={beta!r}" if "betas" in group else f"momentum={beta!r}"
+        raise ValueError(
+            f"Schedule-Free: invalid {what}: must be in (0, 1) (eval() divides by it: "
+            "x = (y - (1 - beta) z) / beta)"
+        )
+
+
+def schedule_free_average(
+    group: Mapping[str, Any], k: int, weight_sum: float, lr_max: float
+) -> tuple[float, float, float, float]:
+    """The ``schedulefree`` package's per-step scalars of its step ``k`` (0-based): the
+    warmed-up lr, the averaging weight ``c = w / sum(w)`` with ``w = (k+1)^r lr_max^p``, and
+    the new ``weight_sum`` and ``lr_max`` (what the compiled kernels compute in C++;
+    fastoptim.torch keeps them in the parameter group, as the package does)."""
+    warmup = group["warmup_steps"]
+    lr = float(group["lr"]) * ((k + 1) / warmup if k < warmup else 1.0)
+    lr_max = max(lr, lr_max)
+    weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+    weight_sum = weight_sum + weight
+    return lr, (weight / weight_sum if weight_sum != 0 else 0.0), weight_sum, lr_max
+
+
+_SF_DOC = r"""
+
+Schedule-Free learning (Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky 2024, "The Road
+Less Scheduled") replaces the learning-rate schedule by an average: the parameters hold
+:math:`y_t`, the point where gradients are taken, between the base sequence :math:`z_t` (state
+``z``) and the weighted average :math:`x_t` of the :math:`z` (never stored:
+:math:`x = (y - (1-\beta_1) z)/\beta_1`), and at every step
+
+.. math::
+    \gamma_t = \gamma \min(1, t/T_{\text{warmup}}),\quad
+    c_{t+1} = \frac{w_t}{\sum_{i\le t} w_i},\quad
+    w_t = t^r \, (\max_{i\le t}\gamma_i)^{p}
+
+    y_{t+1} = (1-c_{t+1})\, y_t + c_{t+1} z_t + \gamma_t(\beta_1(1-c_{t+1}) - 1)\, u_t,\quad
+    z_{t+1} = z_t - \gamma_t u_t
+
+(the paper's :math:`y = (1-\beta_1) z + \beta_1 x`, :math:`x_{t+1} = (1-c_{t+1}) x_t +
+c_{t+1} z_{t+1}`, written in :math:`y` and :math:`z` as the ``schedulefree`` package's
+memory-efficient classes do), with :math:`T_{\text{warmup}}` = ``warmup_steps``, :math:`r` =
+``r``, :math:`p` = ``weight_lr_power`` and :math:`u_t` given below.  Weight decay is taken
+at :math:`y` and is not normalised.
+
+**train() / eval()**: evaluate (and save checkpoints) with the parameters at :math:`x`:
+``eval()`` moves every parameter in place to :math:`x = \mathrm{lerp}(y, z, 1 - 1/\beta_1)`,
+``train()`` back to :math:`y = \mathrm{lerp}(x, z, 1 - \beta_1)` (torch.lerp's arithmetic, in
+every precision layout: master copies, copy-outs and compensation follow).  The optimizer
+starts in train mode; ``step()`` in eval mode raises ``RuntimeError``.  Parameters whose
+``z`` has not been used by a step yet are not moved (:math:`x = y = z` there).  The mode is
+part of the state (checkpoints included): a checkpoint saved in eval mode and loaded
+continues bit for bit.  The two lerps are inverse up to rounding only, as in the package.
+State: ``z`` (a copy of the parameter when first used), the running scalars ``weight_sum``
+and ``lr_max`` and ``train_mode``."""
+
+
+ADAMWSCHEDULEFREE = Definition(
+    name="AdamWScheduleFree",
+    kernel="AdamWScheduleFree",
+    mixin="ScheduleFreeOptimizer",
+    doc=r"""Schedule-Free AdamW (``schedulefree.AdamWScheduleFree``, same name, signature,
+defaults and update).
+
+.. math::
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = \frac{g_t}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} + \lambda y_t"""
+    + _SF_DOC
+    + r"""  And ``exp_avg_sq`` (:math:`v`).
+
+The bias correction is applied to :math:`v` (as in Adam and in the package's
+``AdamWScheduleFree`` and ``AdamWScheduleFreeReference``), not folded into the learning rate as
+the paper's Algorithm 1 and the package's ``AdamWScheduleFreePaper`` do
+(:math:`\gamma_t \sqrt{1-\beta_2^t}` and an uncorrected :math:`\epsilon`).""",
+    hyper=(
+        Hyper("lr", 0.0025),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0),
+        Hyper("warmup_steps", 0, schedulable=False),
+        Hyper("r", 0.0),
+        Hyper("weight_lr_power", 2.0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("z", like_param=True), State("exp_avg_sq")),
+    relations=_schedule_free_relations,
+    scalars=(("weight_sum", 0.0), ("lr_max", 0.0)),
+    scalar_rules=(("weight_sum", NONNEGATIVE), ("lr_max", NONNEGATIVE)),
+    torch_step=False,
+    functional_doc=r"""One in-place Schedule-Free AdamW update of :math:`y` (``param``) and
+``z`` (see :class:`fastoptim.AdamWScheduleFree`).
+
+Start ``z`` as a copy of the parameter, ``exp_avg_sq`` at zero, ``weight_sum`` and
+``lr_max`` at ``0.0``; returns the updated ``(weight_sum, lr_max)``: pass them to the next
+call.  :math:`x` (for evaluation) is ``param + (1 - 1/beta1) * (z - param)``.""",
+    torch_doc=r"""Schedule-Free AdamW (see :class:`fastoptim.AdamWScheduleFree`), a drop-in
+for ``schedulefree.AdamWScheduleFree`` with its signature and defaults (its ``foreach`` is not
+taken: every step is one fused call), plus ``maximize`` and the precision options.
+
+State as the package keeps it: per parameter ``z`` and ``exp_avg_sq``; per group ``k`` (the
+step count), ``weight_sum``, ``lr_max``, ``scheduled_lr`` and ``train_mode``, so
+``state_dict`` checkpoints move between the package and fastoptim.  Unlike the package, the
+optimizer starts in train mode (calling ``train()`` first, as the package requires, is
+harmless).""",
+)
+
+SGDSCHEDULEFREE = Definition(
+    name="SGDScheduleFree",
+    kernel="SGDScheduleFree",
+    mixin="ScheduleFreeOptimizer",
+    doc=r"""Schedule-Free SGD (``schedulefree.SGDScheduleFree``, same name, signature, defaults
+and update), with :math:`\beta_1` = ``momentum`` in (0, 1).
+
+.. math::
+    u_t = g_t + \lambda y_t"""
+    + _SF_DOC,
+    hyper=(
+        Hyper("lr", 1.0),
+        Hyper("momentum", 0.9, rule=OPEN_UNIT, field="beta1"),
+        Hyper("weight_decay", 0),
+        Hyper("warmup_steps", 0, schedulable=False),
+        Hyper("r", 0.0),
+        Hyper("weight_lr_power", 2.0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("z", like_param=True),),
+    relations=_schedule_free_relations,
+    scalars=(("weight_sum", 0.0), ("lr_max", 0.0)),
+    scalar_rules=(("weight_sum", NONNEGATIVE), ("lr_max", NONNEGATIVE)),
+    torch_step=False,
+    functional_doc=r"""One in-place Schedule-Free SGD update of :math:`y` (``param``) and ``z``
+(see :class:`fastoptim.SGDScheduleFree`).
+
+Start ``z`` as a copy of the parameter, ``weight_sum`` and ``lr_max`` at ``0.0``; returns the
+updated ``(weight_sum, lr_max)``: pass them to the next call.""",
+    torch_doc=r"""Schedule-Free SGD (see :class:`fastoptim.SGDScheduleFree`), a drop-in for
+``schedulefree.SGDScheduleFree`` with its signature and defaults (its ``foreach`` is not taken),
+plus ``maximize`` and the precision options.  State as the package keeps it (see
+:class:`AdamWScheduleFree`).""",
+)
+
+
 # Every optimizer, in documentation order.
-ALL = (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM, LION, RPROP, ASGD, ADOPT)
+ALL: tuple[Definition, ...] = (
+    SGD,
+    ADAGRAD,
+    RMSPROP,
+    ADADELTA,
+    ADAM,
+    ADAMW,
+    ADAMAX,
+    NADAM,
+    RADAM,
+    LION,
+    RPROP,
+    ASGD,
+    ADOPT,
+)
+ALL += (ADAMWSCHEDULEFREE, SGDSCHEDULEFREE)
 
 
 # ----------------------------------------------------------------------------- Keras

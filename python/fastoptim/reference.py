@@ -60,6 +60,9 @@ __all__ = [
     "stochastic_bits",
     "ASGD",
     "ADOPT",
+    "AdamWScheduleFree",
+    "SGDScheduleFree",
+    "schedule_free_scalars",
     "KerasSGD",
     "KerasRMSprop",
     "KerasAdagrad",
@@ -330,12 +333,14 @@ def nadam_update(
     momentum_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    cautious: bool = False,
 ) -> None:
     """NAdam.  ``mu_product`` is the product ``mu_1 ... mu_{t-1}`` (1 at the first step); the
     caller advances it by ``mu_t`` afterwards.  ``m``, ``v`` as Adam;
     ``d = sqrt(v / (1 - beta2^t)) + eps``;
     ``p -= lr * (1 - mu_t) / (1 - mu_1...mu_t) * g / d
-             + lr * mu_{t+1} / (1 - mu_1...mu_{t+1}) * m / d``."""
+             + lr * mu_{t+1} / (1 - mu_1...mu_{t+1}) * m / d``
+    (``cautious``: that whole update ``u`` only where ``u * g > 0``)."""
     g = _adam_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
     bias_correction2 = 1 - beta2**step
     mu = nadam_momentum(beta1, momentum_decay, step)
@@ -344,8 +349,14 @@ def nadam_update(
     mu_product_next = mu_product * mu_next
     _adam_moments_(exp_avg, exp_avg_sq, g, beta1, beta2)
     denom = np.sqrt(exp_avg_sq / bias_correction2) + eps
-    param += (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
-    param += ((-lr * mu_next) / (1.0 - mu_product_next)) * (exp_avg / denom)
+    grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
+    avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
+    if cautious:  # u: the (negated) step; the step -u must agree with g
+        u = grad_coef * (g / denom) + avg_coef * (exp_avg / denom)
+        param += _cautious(u, -u * g)
+        return
+    param += grad_coef * (g / denom)
+    param += avg_coef * (exp_avg / denom)
 
 
 def radam_update(
@@ -362,8 +373,10 @@ def radam_update(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    cautious: bool = False,
 ) -> None:
-    """RAdam: ``m``, ``v`` as Adam; ``m_hat = m / (1 - beta1^t)``;
+    """RAdam (``cautious``: the step below only where ``m * g > 0``): ``m``, ``v`` as Adam;
+    ``m_hat = m / (1 - beta1^t)``;
     ``rho_inf = 2 / (1 - beta2) - 1``, ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)``;
     when ``rho_t > 5``: ``p -= m_hat * lr * sqrt(1 - beta2^t) / (sqrt(v) + eps) * r_t`` with
     the rectification ``r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t))``,
@@ -380,9 +393,10 @@ def radam_update(
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         )
         adaptive_lr = math.sqrt(bias_correction2) / (np.sqrt(exp_avg_sq) + eps)
-        param -= bias_corrected_exp_avg * lr * adaptive_lr * rect
+        update = bias_corrected_exp_avg * lr * adaptive_lr * rect
     else:
-        param -= bias_corrected_exp_avg * lr
+        update = bias_corrected_exp_avg * lr
+    param -= _cautious(update, exp_avg * g) if cautious else update
 
 
 def lion_update(
@@ -476,6 +490,90 @@ def adopt_update(
     _lerp_(exp_avg, normed, 1 - beta1)
     param -= lr * (_cautious(exp_avg, exp_avg * g) if cautious else exp_avg)
     _ema_sq_(exp_avg_sq, g, beta2)
+
+
+def schedule_free_scalars(
+    *,
+    step: int,
+    lr: float,
+    warmup_steps: float,
+    r: float,
+    weight_lr_power: float,
+    weight_sum: float,
+    lr_max: float,
+) -> tuple[float, float, float, float]:
+    """Schedule-Free's per-step scalars (Defazio et al. 2024; the ``schedulefree`` package's
+    warmup and weighting): ``lr_t = lr * min(1, t / warmup_steps)``; the averaging weight
+    ``c = w_t / (w_1 + ... + w_t)`` with ``w_t = t^r * max(lr_1..lr_t)^weight_lr_power`` (0
+    when that sum is 0).  Returns ``(lr_t, c, weight_sum + w_t, max(lr_max, lr_t))``."""
+    k = step - 1
+    lr_t = lr * ((k + 1) / warmup_steps if k < warmup_steps else 1.0)
+    lr_max = max(lr_t, lr_max)
+    weight = (k + 1) ** r * lr_max**weight_lr_power
+    weight_sum = weight_sum + weight
+    return lr_t, (weight / weight_sum if weight_sum != 0 else 0.0), weight_sum, lr_max
+
+
+def _schedule_free_(
+    param: np.ndarray, z: np.ndarray, u: np.ndarray, lr: float, c: float, beta1: float
+) -> None:
+    """The paper's averaging with the parameter holding y: ``x = (y - (1 - beta1) z) / beta1``
+    (the average, not stored); ``z -= lr * u``; ``x = (1 - c) x + c z``;
+    ``y = beta1 x + (1 - beta1) z``."""
+    x = (param - (1 - beta1) * z) / beta1
+    z -= lr * u
+    x = (1 - c) * x + c * z
+    param[...] = beta1 * x + (1 - beta1) * z
+
+
+def adamw_schedule_free_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    z: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    c: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Schedule-Free AdamW (Defazio et al. 2024, Algorithm 1 with the bias correction on
+    ``v``, as ``schedulefree.AdamWScheduleFree``) at the warmed-up ``lr`` and averaging weight
+    ``c`` of :func:`schedule_free_scalars`: ``v = beta2 v + (1 - beta2) g^2``;
+    ``u = g / (sqrt(v / (1 - beta2^t)) + eps) + weight_decay * y``; then the averaging of
+    :func:`_schedule_free_`."""
+    g = _effective_grad(param, grad, 0, maximize)
+    _ema_sq_(exp_avg_sq, g, beta2)
+    u = g / (np.sqrt(exp_avg_sq / (1 - beta2**step)) + eps) + weight_decay * param
+    _schedule_free_(param, z, u, lr, c, beta1)
+
+
+def sgd_schedule_free_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    z: np.ndarray,
+    *,
+    lr: float,
+    c: float,
+    beta1: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Schedule-Free SGD (Defazio et al. 2024; ``beta1`` is ``momentum``):
+    ``u = g + weight_decay * y``, then the averaging of :func:`_schedule_free_`."""
+    u = _effective_grad(param, grad, weight_decay, maximize)
+    _schedule_free_(param, z, u, lr, c, beta1)
+
+
+def schedule_free_swap(param: np.ndarray, z: np.ndarray, *, weight: float) -> None:
+    """Schedule-Free's train() / eval(): ``p = lerp(p, z, weight)`` as torch.lerp computes it
+    (``p + weight * (z - p)`` when ``|weight| < 0.5``, else ``z - (z - p) * (1 - weight)``)."""
+    d = z - param
+    param[...] = param + weight * d if abs(weight) < 0.5 else z - d * (1 - weight)
 
 
 # ----------------------------------------------------------------------------- storage formats
@@ -1094,6 +1192,49 @@ class ADOPT(_Reference, _fast.ADOPT):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adopt_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
+
+
+class _ScheduleFree:
+    """The reference's Schedule-Free step and train() / eval() (NumPy arithmetic)."""
+
+    _update: Callable[..., None]
+    _states: tuple[str, ...]
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        h = g.hyper
+        step = g.step + 1
+        lr, c, h.weight_sum, h.lr_max = schedule_free_scalars(
+            step=step,
+            lr=h.lr,
+            warmup_steps=h.warmup_steps,
+            r=h.r,
+            weight_lr_power=h.weight_lr_power,
+            weight_sum=h.weight_sum,
+            lr_max=h.lr_max,
+        )
+        extra = {"lr": lr, "c": c} | ({"step": step} if "step" in _keywords(self._update) else {})
+        _for_each(g, grads, type(self)._update, self._states, **extra)
+
+    def _swap(self, g: _Group, plan: Any, weight: float, key: int) -> None:
+        """``schedule_free_swap`` of every parameter towards its ``z`` (in float32 and rounded
+        like a step for reduced-precision layouts, with the random bits of step `key`)."""
+        saved, g.step = g.step, key - 1  # _for_each keys the rounding on g.step + 1
+        try:
+            _for_each(g, list(g.states["z"]), schedule_free_swap, (), weight=weight)
+        finally:
+            g.step = saved
+
+
+class AdamWScheduleFree(_Reference, _ScheduleFree, _fast.AdamWScheduleFree):
+    __doc__ = _fast.AdamWScheduleFree.__doc__
+    _update = staticmethod(adamw_schedule_free_update)
+    _states = ("z", "exp_avg_sq")
+
+
+class SGDScheduleFree(_Reference, _ScheduleFree, _fast.SGDScheduleFree):
+    __doc__ = _fast.SGDScheduleFree.__doc__
+    _update = staticmethod(sgd_schedule_free_update)
+    _states = ("z",)
 
 
 # Keras's optimizers (fastoptim.keras), with Keras's rules above.

@@ -135,6 +135,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "AdamWScheduleFree",
+    "SGDScheduleFree",
     "Optimizer",
 ]
 
@@ -580,13 +582,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self, p: torch.Tensor, name: str, hp: Mapping[str, Any], dtype: torch.dtype
     ) -> torch.Tensor:
         """A new state tensor `name` of `p` (of `dtype`: the precision policy's), in `p`'s
-        layout: the kernels' states filled as torch does; a master copy holds `p`'s values."""
+        layout: the kernels' states filled as torch does; a master copy, an EMA (and a state that
+        starts as its parameter) hold `p`'s values."""
         if name in precision.COPIES:  # a master copy, an EMA
             return torch.empty_like(p, dtype=dtype).copy_(p.detach())
         if name == precision.COMPENSATION:
             return torch.zeros_like(p, dtype=dtype)
-        fill = self._fill(name, hp)
-        s = torch.full_like(p, fill, dtype=dtype)
+        if self._definition.like_param(name):  # Schedule-Free's z: a copy of the parameter
+            s = torch.empty_like(p, dtype=dtype).copy_(p.detach())
+        else:
+            s = torch.full_like(p, self._fill(name, hp), dtype=dtype)
         self._fresh[id(s)] = s
         return s
 
@@ -1060,6 +1065,126 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return loss
 
 
+class ScheduleFreeOptimizer(Optimizer):
+    """Base class of :class:`AdamWScheduleFree` and :class:`SGDScheduleFree`: the
+    ``schedulefree`` package's train / eval modes and per-group state.
+
+    Each parameter group holds, as the package's do, ``k`` (its step count), ``weight_sum``,
+    ``lr_max``, ``scheduled_lr`` (the last step's warmed-up lr, for logging) and
+    ``train_mode``; the parameters' state is ``z`` (and ``exp_avg_sq``).  :meth:`eval` moves
+    the parameters in place to the average x, :meth:`train` back to y; :meth:`step` in eval
+    mode raises ``RuntimeError``."""
+
+    # The package's per-group entries and their initial values (but train_mode: the package
+    # starts in eval mode and requires train() first; fastoptim starts in train mode).
+    _GROUP_STATE: ClassVar[tuple[tuple[str, Any], ...]] = (
+        ("k", 0),
+        ("train_mode", True),
+        ("weight_sum", 0.0),
+        ("lr_max", -1.0),
+        ("scheduled_lr", 0.0),
+        ("foreach", None),  # (the package's option, read by its step: for its loads)
+    )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._scalars = ()  # no per-parameter scalar tensors: the group holds them
+
+    def _scalars_of(self, hp: Mapping[str, Any]) -> tuple[tuple[str, float | str], ...]:
+        return ()  # (stochastic rounding is keyed on the group's k)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for k, v in self._GROUP_STATE:
+            param_group.setdefault(k, v)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self._GROUP_STATE:
+                group.setdefault(k, v)
+
+    @property
+    def training(self) -> bool:
+        """True in train mode (the parameters hold y), False in eval mode (x)."""
+        return all(bool(g["train_mode"]) for g in self.param_groups)
+
+    def train(self, mode: bool = True) -> None:
+        """Move the parameters to y, where :meth:`step` takes gradients (no-op in train mode).
+        ``train(False)`` is :meth:`eval`."""
+        self._set_mode(bool(mode))
+
+    def eval(self) -> None:
+        """Move the parameters to the averaged iterate x, to evaluate the model or save a
+        checkpoint (no-op in eval mode)."""
+        self._set_mode(False)
+
+    def _set_mode(self, train: bool) -> None:
+        from .engine.schedulefree import SWAP_KEY, swap_weight
+
+        with torch.no_grad(), self._lock:
+            work = []  # everything checked and built before any parameter moves
+            for gi, group in enumerate(self.param_groups):
+                if bool(group["train_mode"]) == train:
+                    continue
+                params = [p for p in group["params"] if "z" in self.state.get(p, ())]
+                if not params:
+                    continue
+                c = self._cache(gi, group)
+                if c.sig is None or self._sig(params) != c.sig:
+                    self._build(c, gi, params)
+                assert c.hp is not None
+                plan = _core.Plan(c.pviews, c.labels, [], [], **c.extras, ids=c.ids)
+                if c.hp[precision.ROUNDING] != "nearest":
+                    plan.set_rounding(c.hp[precision.ROUNDING], int(c.hp[precision.SEED]))
+                beta = c.hp["betas"][0] if "betas" in c.hp else c.hp["momentum"]
+                h = self._definition.hyper_type()
+                h.swap, h.swap_weight = True, swap_weight(float(beta), train)
+                key = SWAP_KEY + 2 * int(group["k"]) + (1 if train else 0)
+                work.append((plan, h, key, c.sviews[c.names.index("z")]))
+            for plan, h, key, zs in work:
+                self._core_step(plan, h, key, zs, True)
+            for group in self.param_groups:
+                group["train_mode"] = train
+
+    def _advance(self, c: _Cache, sel: list[int] | None, hyper: Any) -> int:
+        """The group's running scalars for the kernel, and its step number ``k + 1``."""
+        group = c.group
+        hyper.weight_sum = float(group["weight_sum"])
+        hyper.lr_max = float(group["lr_max"])
+        return int(group["k"]) + 1
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """As :meth:`Optimizer.step`; raises ``RuntimeError`` in eval mode (call :meth:`train`
+        first), changing nothing.  Every group's ``k``, ``weight_sum``, ``lr_max`` and
+        ``scheduled_lr`` advance, as in the package (also groups without gradients)."""
+        if not self.training:
+            raise RuntimeError(
+                f"{type(self).__name__}.step: the optimizer is in eval mode (the parameters "
+                "hold the averaged iterate x); call train() before step()"
+            )
+        with self._lock:
+            self._sync_all()
+            after = []
+            for group in self.param_groups:
+                k = int(group["k"])
+                hp = {n: _plain(group[n]) for n in ("lr", "warmup_steps", "r", "weight_lr_power")}
+                lr, _, weight_sum, lr_max = _defs.schedule_free_average(
+                    hp, k, float(group["weight_sum"]), float(group["lr_max"])
+                )
+                after.append((k + 1, weight_sum, lr_max, lr))
+        loss = super().step(closure)
+        for group, (k, weight_sum, lr_max, lr) in zip(self.param_groups, after):
+            group.update(k=k, weight_sum=weight_sum, lr_max=lr_max, scheduled_lr=lr)
+        return loss
+
+
 # ---- generated by fastoptim.engine.codegen from fastoptim.definitions: do not edit below
 
 
@@ -1317,6 +1442,7 @@ class NAdam(Optimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
@@ -1349,6 +1475,7 @@ class RAdam(Optimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        cautious: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
@@ -1476,6 +1603,76 @@ class ADOPT(Optimizer):
         *,
         maximize: bool = False,
         cautious: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class AdamWScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free AdamW (see :class:`fastoptim.AdamWScheduleFree`), a drop-in
+    for ``schedulefree.AdamWScheduleFree`` with its signature and defaults (its ``foreach`` is not
+    taken: every step is one fused call), plus ``maximize`` and the precision options.
+
+    State as the package keeps it: per parameter ``z`` and ``exp_avg_sq``; per group ``k`` (the
+    step count), ``weight_sum``, ``lr_max``, ``scheduled_lr`` and ``train_mode``, so
+    ``state_dict`` checkpoints move between the package and fastoptim.  Unlike the package, the
+    optimizer starts in train mode (calling ``train()`` first, as the package requires, is
+    harmless)."""
+
+    _definition = _defs.ADAMWSCHEDULEFREE
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.0025,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        weight_decay: TorchValue = 0,
+        warmup_steps: float = 0,
+        r: TorchValue = 0.0,
+        weight_lr_power: TorchValue = 2.0,
+        *,
+        maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class SGDScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free SGD (see :class:`fastoptim.SGDScheduleFree`), a drop-in for
+    ``schedulefree.SGDScheduleFree`` with its signature and defaults (its ``foreach`` is not taken),
+    plus ``maximize`` and the precision options.  State as the package keeps it (see
+    :class:`AdamWScheduleFree`)."""
+
+    _definition = _defs.SGDSCHEDULEFREE
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 1.0,
+        momentum: TorchValue = 0.9,
+        weight_decay: TorchValue = 0,
+        warmup_steps: float = 0,
+        r: TorchValue = 0.0,
+        weight_lr_power: TorchValue = 2.0,
+        *,
+        maximize: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

@@ -195,8 +195,14 @@ template <class T, unsigned V> struct Kernel<NAdam, T, V> {
     g = effective_grad(c, p, g);
     adam_moments(c, g, exp_avg, exp_avg_sq);
     const T denom = std::sqrt(exp_avg_sq * T(c.inv_bc2)) + T(c.eps);
-    p = fmadd(T(c.grad_coef), g / denom, p * T(c.decay));
-    p = fmadd(T(c.avg_coef), exp_avg / denom, p);
+    if constexpr ((V & NAdam::kCautious) != 0) {
+      // The whole Nesterov update u (added to p): kept where the step -u agrees with g.
+      const T u = fmadd(T(c.avg_coef), exp_avg / denom, T(c.grad_coef) * (g / denom));
+      p = p * T(c.decay) + cautious_mask(u, -(u * g));
+    } else {
+      p = fmadd(T(c.grad_coef), g / denom, p * T(c.decay));
+      p = fmadd(T(c.avg_coef), exp_avg / denom, p);
+    }
   }
 };
 
@@ -212,7 +218,9 @@ template <class T, unsigned V> struct Kernel<RAdam, T, V> {
     const T adaptive_lr = T(c.bc2_sqrt) / (std::sqrt(exp_avg_sq) + T(c.eps));
     // Rectified (rho_t > 5): step * adaptive_lr * rect; before that: step (rect = 1).
     const T factor = c.rectify != 0 ? adaptive_lr : T(1);
-    p = p * T(c.decay) - step * factor * T(c.rect);
+    T u = step * factor * T(c.rect);
+    if constexpr ((V & RAdam::kCautious) != 0) u = cautious_mask(u, exp_avg * g);
+    p = p * T(c.decay) - u;
   }
 };
 
@@ -287,6 +295,47 @@ template <class T, unsigned V> struct Kernel<ADOPT, T, V> {
     p = first ? p : fmadd(T(c.neg_lr), u, p * T(c.decay));
     exp_avg = first ? exp_avg : m;
     exp_avg_sq = first ? fmadd(g, g, exp_avg_sq) : v;
+  }
+};
+
+// Schedule-Free: p <- torch.lerp(p, z, w) from the nearer end (|w| < 0.5: p + w (z - p), else
+// z - (z - p)(1 - w)), z read through the gradient slot.
+template <class T, class C> inline T schedule_free_swap(const C& c, T p, T z) {
+  const T d = z - p;
+  return c.small != 0 ? fmadd(T(c.w), d, p) : fmadd(-d, T(1) - T(c.w), z);
+}
+
+template <class T, unsigned V> struct Kernel<AdamWScheduleFree, T, V> {
+  static constexpr int nstate = AdamWScheduleFree::nstate(V);
+  AdamWScheduleFree::Coeffs c;
+  void operator()(T& p, T g, std::array<T, nstate>& s) const {
+    if constexpr ((V & AdamWScheduleFree::kSwap) != 0) {
+      p = schedule_free_swap(c, p, g);
+    } else {
+      T& z = s[0];
+      T& exp_avg_sq = s[1];
+      g = T(c.gsign) * g;
+      exp_avg_sq = ema_square(exp_avg_sq, g, c.beta2, c.one_minus_beta2);
+      T u = g / (std::sqrt(exp_avg_sq * T(c.inv_bc2)) + T(c.eps));
+      u = c.wd != 0 ? fmadd(T(c.wd), p, u) : u;  // weight decay at y
+      p = fmadd(T(c.y_coef), u, lerp(p, z, T(c.ckp1)));
+      z = fmadd(T(c.neg_lr), u, z);
+    }
+  }
+};
+
+template <class T, unsigned V> struct Kernel<SGDScheduleFree, T, V> {
+  static constexpr int nstate = SGDScheduleFree::nstate(V);
+  SGDScheduleFree::Coeffs c;
+  void operator()(T& p, T g, std::array<T, nstate>& s) const {
+    if constexpr ((V & SGDScheduleFree::kSwap) != 0) {
+      p = schedule_free_swap(c, p, g);
+    } else {
+      T& z = s[0];
+      g = effective_grad(c, p, g);  // (-g when maximizing) + weight_decay * y
+      p = fmadd(T(c.y_coef), g, lerp(p, z, T(c.ckp1)));
+      z = fmadd(T(c.neg_lr), g, z);
+    }
   }
 };
 

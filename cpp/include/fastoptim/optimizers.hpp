@@ -227,16 +227,19 @@ struct NAdam {
     double lr = 2e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0,
            momentum_decay = 4e-3, mu_product = 1.0;
     bool decoupled_weight_decay = false, maximize = false;
+    // Cautious, element-wise: the update (both terms) is zeroed where it disagrees with g.
+    bool cautious = false;
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
     f("momentum_decay", &Hyper::momentum_decay); f("mu_product", &Hyper::mu_product);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+    f("cautious", &Hyper::cautious);
   }
   struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps, grad_coef, avg_coef; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  enum : unsigned { kCautious = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.cautious ? kCautious : 0u; }
   static constexpr int nstate(unsigned) { return 2; }
   static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
   static double mu(const Hyper& h, int64_t step) {
@@ -260,15 +263,17 @@ struct RAdam {
   struct Hyper {
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
     bool decoupled_weight_decay = false, maximize = false;
+    bool cautious = false;  // Cautious, element-wise: the step is zeroed where exp_avg * g <= 0
   };
   template <class F> static void fields(F&& f) {
     f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
     f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
     f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+    f("cautious", &Hyper::cautious);
   }
   struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, lr, bc2_sqrt, eps, rect, rectify; };
-  enum : unsigned { kVariants = 1 };
-  static unsigned variant(const Hyper&) { return 0; }
+  enum : unsigned { kCautious = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.cautious ? kCautious : 0u; }
   static constexpr int nstate(unsigned) { return 2; }
   static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
   static Coeffs prepare(const Hyper& h, int64_t step) {
@@ -401,6 +406,121 @@ struct ADOPT {
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
             dec && !first ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2,
             1.0 - h.beta2, h.eps, clip, -h.lr, first ? 1.0 : 0.0};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Schedule-Free AdamW and SGD (Defazio et al. 2024, "The Road Less Scheduled"), in the form of
+// the `schedulefree` package's AdamWScheduleFree / SGDScheduleFree: the parameter holds y, the
+// point where the gradient is taken; the state holds z (the base sequence) and, for AdamW,
+// exp_avg_sq; the average x = (y - (1 - beta1) z) / beta1 is never stored.  A step, with
+// u the (normalised) gradient plus weight_decay * y:
+//   y <- lerp(y, z, c_{t+1}) + lr_t (beta1 (1 - c_{t+1}) - 1) u,   z <- z - lr_t u.
+// Running scalars (Python-visible struct fields, advanced by after_step): weight_sum (the sum
+// of the averaging weights) and lr_max (the largest warmed-up lr so far).  train_mode is only
+// recorded here (1: the parameter holds y; 0: x, after eval()).
+//
+// The `swap` variant is train()/eval(): p <- lerp(p, g, swap_weight) with no state, where the
+// caller's plan passes z as the "gradient" (read only): swap_weight = 1 - 1/beta1 moves y to x,
+// 1 - beta1 moves x back to y (torch.lerp's formula, from the nearer end).
+namespace detail {
+struct ScheduleFreeAverage {
+  double lr, ckp1, weight_sum, lr_max;
+};
+// The schedulefree package's per-step scalars at 1-based `step` (its k = step - 1): the warmed-up
+// lr, the averaging weight c_{k+1} = w / sum(w) with w = (k + 1)^r lr_max^weight_lr_power, and
+// the new running sum and maximum.  A zero sum gives c = 0 (the package's ZeroDivisionError).
+inline ScheduleFreeAverage schedule_free_average(double lr, double warmup_steps, double r,
+                                                 double weight_lr_power, double weight_sum,
+                                                 double lr_max, int64_t step) {
+  const double k = static_cast<double>(step - 1);
+  const double sched = k < warmup_steps ? (k + 1) / warmup_steps : 1.0;
+  const double lr_t = lr * sched;
+  const double lr_max_t = std::max(lr_t, lr_max);
+  const double weight = std::pow(k + 1, r) * std::pow(lr_max_t, weight_lr_power);
+  const double sum = weight_sum + weight;
+  return {lr_t, sum != 0 ? weight / sum : 0.0, sum, lr_max_t};
+}
+}  // namespace detail
+
+struct AdamWScheduleFree {
+  struct Hyper {
+    double lr = 0.0025, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0,
+           warmup_steps = 0, r = 0, weight_lr_power = 2, weight_sum = 0, lr_max = 0,
+           train_mode = 1, swap_weight = 0;
+    bool maximize = false, swap = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
+    f("warmup_steps", &Hyper::warmup_steps); f("r", &Hyper::r);
+    f("weight_lr_power", &Hyper::weight_lr_power); f("weight_sum", &Hyper::weight_sum);
+    f("lr_max", &Hyper::lr_max); f("train_mode", &Hyper::train_mode);
+    f("swap_weight", &Hyper::swap_weight); f("maximize", &Hyper::maximize); f("swap", &Hyper::swap);
+  }
+  // y = lerp(y, z, ckp1) + y_coef * u; z = z + neg_lr * u.  Swap: small = |w| < 0.5.
+  struct Coeffs { double gsign, wd, beta2, one_minus_beta2, inv_bc2, eps, ckp1, y_coef, neg_lr, w, small; };
+  enum : unsigned { kSwap = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.swap ? kSwap : 0u; }
+  static constexpr int nstate(unsigned v) { return (v & kSwap) ? 0 : 2; }
+  static std::vector<const char*> states(unsigned v) {
+    if (v & kSwap) return {};
+    return {"z", "exp_avg_sq"};
+  }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    if (h.swap)
+      return {1, 0, 0, 0, 0, 0, 0, 0, 0, h.swap_weight, std::abs(h.swap_weight) < 0.5 ? 1.0 : 0.0};
+    const auto a = detail::schedule_free_average(h.lr, h.warmup_steps, h.r, h.weight_lr_power,
+                                                 h.weight_sum, h.lr_max, step);
+    const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(step));
+    return {detail::grad_sign(h.maximize), h.weight_decay, h.beta2, 1.0 - h.beta2, 1.0 / bc2,
+            h.eps, a.ckp1, a.lr * (h.beta1 * (1.0 - a.ckp1) - 1.0), -a.lr, 0, 0};
+  }
+  static void after_step(Hyper& h, int64_t step) {
+    if (h.swap) return;
+    const auto a = detail::schedule_free_average(h.lr, h.warmup_steps, h.r, h.weight_lr_power,
+                                                 h.weight_sum, h.lr_max, step);
+    h.weight_sum = a.weight_sum;
+    h.lr_max = a.lr_max;
+  }
+};
+
+// Schedule-Free SGD: AdamWScheduleFree without the second moment (u = g + weight_decay * y);
+// `momentum` (Python) is the struct's beta1.
+struct SGDScheduleFree {
+  struct Hyper {
+    double lr = 1.0, beta1 = 0.9, weight_decay = 0, warmup_steps = 0, r = 0, weight_lr_power = 2,
+           weight_sum = 0, lr_max = 0, train_mode = 1, swap_weight = 0;
+    bool maximize = false, swap = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("weight_decay", &Hyper::weight_decay);
+    f("warmup_steps", &Hyper::warmup_steps); f("r", &Hyper::r);
+    f("weight_lr_power", &Hyper::weight_lr_power); f("weight_sum", &Hyper::weight_sum);
+    f("lr_max", &Hyper::lr_max); f("train_mode", &Hyper::train_mode);
+    f("swap_weight", &Hyper::swap_weight); f("maximize", &Hyper::maximize); f("swap", &Hyper::swap);
+  }
+  struct Coeffs { double gsign, wd, ckp1, y_coef, neg_lr, w, small; };
+  enum : unsigned { kSwap = 1, kVariants = 2 };
+  static unsigned variant(const Hyper& h) { return h.swap ? kSwap : 0u; }
+  static constexpr int nstate(unsigned v) { return (v & kSwap) ? 0 : 1; }
+  static std::vector<const char*> states(unsigned v) {
+    if (v & kSwap) return {};
+    return {"z"};
+  }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    if (h.swap) return {1, 0, 0, 0, 0, h.swap_weight, std::abs(h.swap_weight) < 0.5 ? 1.0 : 0.0};
+    const auto a = detail::schedule_free_average(h.lr, h.warmup_steps, h.r, h.weight_lr_power,
+                                                 h.weight_sum, h.lr_max, step);
+    return {detail::grad_sign(h.maximize), h.weight_decay, a.ckp1,
+            a.lr * (h.beta1 * (1.0 - a.ckp1) - 1.0), -a.lr, 0, 0};
+  }
+  static void after_step(Hyper& h, int64_t step) {
+    if (h.swap) return;
+    const auto a = detail::schedule_free_average(h.lr, h.warmup_steps, h.r, h.weight_lr_power,
+                                                 h.weight_sum, h.lr_max, step);
+    h.weight_sum = a.weight_sum;
+    h.lr_max = a.lr_max;
   }
 };
 

@@ -14,4 +14,6 @@
   X(Lion, lion)                 \
   X(Rprop, rprop)               \
   X(ASGD, asgd)                 \
-  X(ADOPT, adopt)
+  X(ADOPT, adopt)               \
+  X(AdamWScheduleFree, adamwschedulefree) \
+  X(SGDScheduleFree, sgdschedulefree)

@@ -59,6 +59,8 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "Rprop": ("Rprop", {}, 2),
     "ASGD": ("ASGD", {}, 1),
     "ADOPT": ("ADOPT", {}, 2),
+    "AdamWScheduleFree": ("AdamWScheduleFree", {}, 2),
+    "SGDScheduleFree": ("SGDScheduleFree", {}, 1),
 }
 
 # torch.optim has fused CPU kernels for these only.

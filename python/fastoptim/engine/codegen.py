@@ -108,7 +108,7 @@ def _class(
 
 
 def numpy_class(d: Definition) -> list[str]:
-    base = d.base.name if d.base is not None else "Optimizer"
+    base = d.base.name if d.base is not None else (d.mixin or "Optimizer")
     params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.options]
     # Optimizer.__init__ explicitly: a subclass (AdamW of Adam) has another signature
     return _class(d, base, d.doc, params, "Optimizer.__init__(self, ")
@@ -217,7 +217,8 @@ def keras_class(d: Definition) -> list[str]:
 
 
 def torch_class(d: Definition) -> list[str]:
-    return _class(d, "Optimizer", d.torch_doc, _torch_signature(d), "super().__init__(")
+    base = d.mixin or "Optimizer"
+    return _class(d, base, d.torch_doc, _torch_signature(d), "super().__init__(")
 
 
 def generate(defs: Iterable[Definition], keras: Iterable[Definition] = ()) -> dict[str, str]:

@@ -168,6 +168,9 @@ class State:
     name: str
     fill: float | str = 0.0
     optional: bool = False
+    # The buffer starts as a copy of its parameter (Schedule-Free's ``z``), taken when the
+    # state is first used (``fill`` is then only the arena's placeholder).
+    like_param: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,10 @@ class Definition:
     # The class of fastoptim.keras with Keras's names and maths for this optimizer, if any
     # (named by the keyword hints: see keyword_hint).
     keras: str = ""
+    # A hand-written base class that the generated NumPy and fastoptim.torch classes subclass
+    # instead of the tier's Optimizer (each tier's module defines one of that name): extra
+    # methods such as Schedule-Free's train() / eval().
+    mixin: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -272,6 +279,10 @@ class Definition:
         for name, value in self.core_values(group, fresh).items():
             setattr(h, name, value)
         return h
+
+    def like_param(self, name: str) -> bool:
+        """Whether state buffer `name` starts as a copy of its parameter."""
+        return any(s.name == name and s.like_param for s in self.states)
 
     def fill(self, name: str, group: Mapping[str, Any]) -> float:
         """Initial value of state buffer `name` for `group`."""

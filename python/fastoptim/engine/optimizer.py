@@ -108,6 +108,7 @@ class _Group:
         self.states: dict[str, list[np.ndarray]] = {}  # state name -> per-param views
         self.arenas: dict[str, np.ndarray] = {}  # state name -> contiguous block
         self.fresh: set[str] = set()  # states allocated but not yet used by a step
+        self.fresh_copies: set[str] = set()  # an EMA not yet used by a step
         self.plan: Any = None
         self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
         self.plan_states: Any = None  # what the plan was built for (state names, layout)
@@ -348,10 +349,16 @@ class Optimizer:
         """State buffer `name` of every parameter that has one in `layout` (one arena): filled
         with `fill`; a master copy or an EMA with its parameter's values."""
         g.arenas[name], g.states[name] = _arena(g.params, fill, [b.get(name) for b in layout])
-        if name in precision.COPIES:
-            for v, p in zip(g.states[name], g.params):
-                if v is not None:
-                    np.copyto(v, p, casting="unsafe")
+        if name == precision.EMA:  # (taken again at its first step: see step)
+            g.fresh_copies.add(name)
+        if name in precision.COPIES or self._definition.like_param(name):
+            self._take_params(g, name)
+
+    def _take_params(self, g: _Group, name: str) -> None:
+        """State `name` of every parameter of `g` := the parameter (rounded to its dtype)."""
+        for v, p in zip(g.states[name], g.params):
+            if v is not None:
+                np.copyto(v, p, casting="unsafe")
 
     def _ensure_plan(self, g: _Group, group: Mapping[str, Any]) -> None:
         names = tuple(g.hyper.state_names())
@@ -646,6 +653,10 @@ class Optimizer:
                     return decision.norm
             else:
                 self.grad_norm, self.step_skipped = None, False
+            for g in groups:  # a state that starts as its parameter (Schedule-Free's z, an
+                for name in g.fresh | g.fresh_copies:  # EMA): the parameter as it is now, at
+                    if name in g.fresh_copies or self._definition.like_param(name):  # its
+                        self._take_params(g, name)  # first step
             if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
                 for i, (g, gr) in enumerate(zip(groups, per_group)):
                     self._run(g, gr if decision is None else self._transform(decision, i, gr))
@@ -735,6 +746,7 @@ class Optimizer:
         for g, group in zip(self._groups, self.param_groups):
             g.step += 1
             g.plan_steps += 1
+            g.fresh_copies.clear()
             if g.fresh:
                 g.fresh.clear()
                 self._sync(g, group)
@@ -1004,14 +1016,18 @@ class Optimizer:
             reset = set()
             for n, views in g.states.items():
                 if n not in names:  # the checkpoint never had it: as if new
-                    for v in views:
-                        if v is not None:
-                            v.fill(self._state_fill(n, values))
+                    if n in precision.COPIES:
+                        self._take_params(g, n)
+                    else:
+                        for v in views:
+                            if v is not None:
+                                v.fill(self._state_fill(n, values))
                     reset.add(n)
             for i, entry in loaded:
                 for n in entry:
                     np.copyto(g.states[n][i], entry[n])
-            g.fresh = set(fresh) | reset
+            g.fresh = {n for n in set(fresh) | reset if n not in precision.COPIES}
+            g.fresh_copies = {n for n in reset if n == precision.EMA}
             g.step = int(rec["step"])
             for n, v in scalars.items():
                 setattr(g.hyper, n, float(v))
