@@ -32,6 +32,7 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 def round_bfloat16_(x: np.ndarray) -> np.ndarray:
     """Round the float32 array `x` to the nearest bfloat16 (ties to even) in place, keeping
     float32 storage: what torch stores in a bfloat16 tensor (NaN stays NaN).  Returns `x`."""
+    assert x.dtype == np.float32
     b = x.view(np.uint32)
     t = b >> np.uint32(16)
     t &= np.uint32(1)
