@@ -185,9 +185,11 @@ class Objective:
         self,
         params: Sequence[np.ndarray],
         evaluate: Callable[[], tuple[Any, Sequence[np.ndarray]]],
+        to_float: Callable[[Any], float] = float,
     ) -> None:
         self.params = list(params)
         self._evaluate = evaluate  # the closure: (loss as returned, gradient arrays)
+        self.to_float = to_float  # the loss as a float (a torch tensor: detached first)
         self.dtype = params[0].dtype
         self.sizes = [p.size for p in self.params]
 
@@ -221,7 +223,7 @@ class Objective:
         self.add(t, d)
         loss, flat = self.evaluate()
         self.restore(x)
-        return float(loss), flat
+        return self.to_float(loss), flat
 
 
 def _cubic_interpolate(
@@ -366,7 +368,7 @@ def lbfgs_step(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) 
     state.setdefault("func_evals", 0)
     state.setdefault("n_iter", 0)
     orig_loss, flat_grad = obj.evaluate()
-    loss = float(orig_loss)
+    loss = obj.to_float(orig_loss)
     current_evals = 1
     state["func_evals"] += 1
     opt_cond = np.abs(flat_grad).max() <= tolerance_grad
@@ -439,7 +441,7 @@ def lbfgs_step(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) 
             obj.add(t, d)  # a fixed step
             if n_iter != max_iter:  # re-evaluated except after the last iteration
                 new_loss, flat_grad = obj.evaluate()
-                loss = float(new_loss)
+                loss = obj.to_float(new_loss)
                 opt_cond = np.abs(flat_grad).max() <= tolerance_grad
                 ls_func_evals = 1
         current_evals += ls_func_evals

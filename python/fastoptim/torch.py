@@ -1025,6 +1025,11 @@ def _torch_state(value: Any) -> Any:
     return value
 
 
+def _loss_value(loss: Any) -> float:
+    """A closure's loss as a float (a tensor that requires grad: detached first)."""
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+
+
 class ClosureOptimizer(Optimizer):
     """Base of the drop-ins whose ``step(closure)`` evaluates the objective several times
     (:class:`LBFGS`): one parameter group, the whole group's state under its first parameter
@@ -1081,7 +1086,8 @@ class ClosureOptimizer(Optimizer):
             numpy_state = {k: _numpy_state(v) for k, v in state.items()}
             assert c.hp is not None
             try:
-                loss = host.closure(host_objective(views, evaluate), numpy_state, c.hp)
+                objective = host_objective(views, evaluate, _loss_value)
+                loss = host.closure(objective, numpy_state, c.hp)
             finally:
                 state.update({k: _torch_state(v) for k, v in numpy_state.items()})
             self._advance_schedules()
