@@ -174,7 +174,8 @@ def test_matches_torch(kw: dict[str, Any], problem: str, dtype: Any) -> None:
                 assert st["n_iter"] == tstate["n_iter"]
                 assert len(st["old_dirs"]) == len(tstate["old_dirs"])
         for i, t in enumerate(tp):
-            _close(f"step {step} param {i} (torch tier)", fp[i].detach().numpy(), t.detach().numpy(), rtol)  # fmt: skip
+            got = fp[i].detach().numpy()
+            _close(f"step {step} param {i} (torch tier)", got, t.detach().numpy(), rtol)
         assert set(fstate) == set(tstate)
         assert isinstance(fstate["d"], torch.Tensor) and fstate["d"].dtype == tp[0].dtype
     assert moved

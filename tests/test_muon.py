@@ -60,6 +60,8 @@ def _rtol(kw: dict[str, Any]) -> float:
     docstring); "match_rms_adamw" scales lr by 0.2 sqrt(max(A, B)), up to 1.7 here."""
     boost = 1.7 if kw.get("adjust_lr_fn") == "match_rms_adamw" else 1.0
     return RTOL * max(1.0, boost * kw.get("lr", 1e-3) / 1e-3)
+
+
 BUF_ULPS = 8
 
 
@@ -129,7 +131,8 @@ def test_matches_torch(kw: dict[str, Any], dtype: Any, rng: np.random.Generator)
         _check(f"functional param {i}", fn[i], ws[i], 0.0)  # the same code: same bits
         tbuf = topt.state[t]["momentum_buffer"].numpy()
         _check(f"momentum_buffer {i}", bufs[i], tbuf, BUF_ULPS * eps)
-        _check(f"fastoptim.torch momentum_buffer {i}", fopt.state[fw[i]]["momentum_buffer"].numpy(), tbuf, BUF_ULPS * eps)  # fmt: skip
+        fbuf = fopt.state[fw[i]]["momentum_buffer"].numpy()
+        _check(f"fastoptim.torch momentum_buffer {i}", fbuf, tbuf, BUF_ULPS * eps)
         np.testing.assert_array_equal(fb[i], bufs[i])
 
 
@@ -165,8 +168,7 @@ def test_float_iteration_documented_difference(dtype: Any, rng: np.random.Genera
     for ns_dtype in ("float32", "float64"):
         ws, _ = _run_numpy(fo.Muon, w0, grads, ns_dtype=ns_dtype)
         rel = max(
-            float(np.max(np.abs(w - t.numpy())) / np.max(np.abs(t.numpy())))
-            for w, t in zip(ws, tw)
+            float(np.max(np.abs(w - t.numpy())) / np.max(np.abs(t.numpy()))) for w, t in zip(ws, tw)
         )
         assert 1e-6 < rel < 1e-3, (ns_dtype, rel)
 

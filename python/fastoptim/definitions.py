@@ -603,12 +603,12 @@ of every product are rounded to bfloat16, products accumulate in float32, so the
 which flips the bfloat16 rounding of a few elements, and the iteration amplifies such flips
 where the matrix has small singular values, so elements of :math:`O_t` differ by a bfloat16
 ulp (2**-8 of themselves); measured, the parameters stay within 5e-6 relative of torch's
-after 10 steps at :math:`\gamma = 10^{-3}` (the difference grows with :math:`\gamma`).  ``"float32"`` / ``"float64"`` run the iteration without
-rounding to bfloat16: a more exact orthogonalisation that differs from torch's by about 1e-2
-relative in :math:`O_t`; measured after 10 steps at :math:`\gamma = 10^{-3}` on unit-scale
-parameters, 1e-5 of their scale (about 1e-4 for parameters of scale 0.1), 5 times the
-bfloat16 convention's difference.  The momentum and the update compute in the parameter's dtype
-(float32 or float64).""",
+after 10 steps at :math:`\gamma = 10^{-3}` (the difference grows with :math:`\gamma`).
+``"float32"`` / ``"float64"`` run the iteration without rounding to bfloat16: a more exact
+orthogonalisation that differs from torch's by about 1e-2 relative in :math:`O_t`; measured
+after 10 steps at :math:`\gamma = 10^{-3}` on unit-scale parameters, 1e-5 of their scale
+(about 1e-4 for parameters of scale 0.1), 5 times the bfloat16 convention's difference.
+The momentum and the update compute in the parameter's dtype (float32 or float64).""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("weight_decay", 0.1),

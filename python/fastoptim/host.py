@@ -77,13 +77,12 @@ def newton_schulz(
     if low:
         round_bfloat16_(x)
     norm = work(math.sqrt(float(np.dot(x.ravel(), x.ravel()))))
+    floor = work(eps)
     if low:
         norm = round_bfloat16_(np.array([norm], np.float32))[0]
         floor = round_bfloat16_(np.array([eps], np.float32))[0]
-        norm = max(norm, floor) if not np.isnan(norm) else norm
-    else:
-        norm = max(norm, work(eps)) if not np.isnan(norm) else norm
-    x /= norm
+    norm = max(norm, floor)  # (a NaN norm stays NaN, as torch's clamp)
+    np.divide(x, norm, out=x)
     if low:
         round_bfloat16_(x)
     a, b, c = (work(v) for v in coefficients)
@@ -103,7 +102,7 @@ def newton_schulz(
         if low:
             round_bfloat16_(poly)
         np.matmul(poly, x, out=nxt)  # X = a X + B X
-        x *= a
+        np.multiply(x, a, out=x)
         nxt += x
         if low:
             round_bfloat16_(nxt)

@@ -899,12 +899,9 @@ def newton_schulz(
     ``_zeropower_via_newtonschulz``; ``ns_dtype="bfloat16"`` rounds what torch stores in
     bfloat16 tensors (the input, the norm, every product's result)."""
     work = np.float64 if ns_dtype == "float64" else np.float32
-    if ns_dtype == "bfloat16":
-        rnd = _to_bf16
-    else:
 
-        def rnd(v: np.ndarray) -> np.ndarray:
-            return np.asarray(v, work)
+    def rnd(v: np.ndarray) -> np.ndarray:
+        return _to_bf16(v) if ns_dtype == "bfloat16" else np.asarray(v, work)
 
     a, b, c = coefficients
     x = rnd(g.astype(np.float32) if ns_dtype == "bfloat16" else g)

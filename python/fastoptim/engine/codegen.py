@@ -117,7 +117,13 @@ def numpy_class(d: Definition) -> list[str]:
         base = "ClosureOptimizer"
     params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.options]
     # Optimizer.__init__ explicitly: a subclass (AdamW of Adam) has another signature
-    return _class(d, base, d.doc, params, f"{'ClosureOptimizer' if _closure(d) else 'Optimizer'}.__init__(self, ")
+    return _class(
+        d,
+        base,
+        d.doc,
+        params,
+        f"{'ClosureOptimizer' if _closure(d) else 'Optimizer'}.__init__(self, ",
+    )
 
 
 def functional_function(d: Definition) -> list[str]:
