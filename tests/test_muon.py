@@ -65,6 +65,14 @@ def _rtol(kw: dict[str, Any]) -> float:
 BUF_ULPS = 8
 
 
+def _torch() -> Any:
+    """torch, if installed and it has torch.optim.Muon (2.9 on); else the test skips."""
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon")
+    return torch
+
+
 def _ids(kw: dict[str, Any]) -> str:
     return "-".join(f"{k}={v}" for k, v in kw.items()) or "default"
 
@@ -99,7 +107,7 @@ def _check(what: str, got: np.ndarray, want: np.ndarray, rtol: float) -> None:
 @pytest.mark.parametrize("kw", OPTIONS, ids=_ids)
 def test_matches_torch(kw: dict[str, Any], dtype: Any, rng: np.random.Generator) -> None:
     """NumPy class, functional function and fastoptim.torch against torch.optim.Muon."""
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     import fastoptim.torch as fot
 
     w0, grads = _problem(rng, dtype)
@@ -157,7 +165,7 @@ def test_float_iteration_documented_difference(dtype: Any, rng: np.random.Genera
     end about 1e-5 of their scale from torch's after 10 steps at lr 1e-3 (documented; measured
     2e-6..1.5e-5), more than the bfloat16 convention's difference, much less than the 1e-2
     the parameters moved."""
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     w0, grads = _problem(rng, dtype)
     tw = [torch.tensor(w.copy()) for w in w0]
     topt = torch.optim.Muon(tw)
@@ -202,7 +210,7 @@ def test_bfloat16_rounding_as_reference(rng: np.random.Generator) -> None:
 def test_tensor_layouts_in_torch(dtype: Any, rng: np.random.Generator) -> None:
     """fastoptim.torch on a transposed parameter, and a gradient in the other layout, as on a
     contiguous one."""
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     import fastoptim.torch as fot
 
     w0 = rng.standard_normal((20, 36)).astype(dtype)
@@ -227,7 +235,7 @@ def test_only_2d_parameters() -> None:
             functional.muon_(bad, bad.copy(), bad.copy(), step=1)
     with pytest.raises(TypeError, match="float32 and float64"):
         fo.Muon([np.zeros((2, 3), np.float16)])
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     import fastoptim.torch as fot
 
     with pytest.raises(ValueError, match="2-D"):
@@ -320,7 +328,7 @@ def test_lr_schedule() -> None:
 
 
 def test_torch_state_dict_both_ways(rng: np.random.Generator) -> None:
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     import fastoptim.torch as fot
 
     w0, grads = _problem(rng, np.float64)
@@ -347,7 +355,7 @@ def test_torch_state_dict_both_ways(rng: np.random.Generator) -> None:
 
 
 def test_signature_as_torch() -> None:
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     import inspect
 
     import fastoptim.torch as fot
@@ -363,7 +371,7 @@ def test_signature_as_torch() -> None:
 
 
 def test_optim_db_options_are_covered() -> None:
-    pytest.importorskip("torch")
+    _torch()
     try:
         from torch.testing._internal.common_optimizers import optim_db
     except Exception as e:  # pragma: no cover - torch's test modules not installed
@@ -372,3 +380,13 @@ def test_optim_db_options_are_covered() -> None:
     for inp in info.optim_inputs_func("cpu"):
         kw = {k: (float(v) if hasattr(v, "item") else v) for k, v in inp.kwargs.items()}
         assert kw in OPTIM_DB, kw
+
+
+def test_bench_muon_table() -> None:
+    """``fastoptim bench --muon``: rates from the same run, every ns_dtype, a whole step."""
+    from fastoptim.apps import bench
+
+    rows = bench.run_muon([(8, 16)], rounds=1)
+    assert set(rows[0].ns) == set(host.NS_DTYPES) and rows[0].sgemm > 0 and rows[0].step > 0
+    table = bench.format_muon(rows)
+    assert "8x16" in table and "% sgemm" in table
