@@ -37,8 +37,8 @@ def round_bfloat16_(x: np.ndarray) -> np.ndarray:
     t = b >> np.uint32(16)
     t &= np.uint32(1)
     t += np.uint32(0x7FFF)
-    nan = np.isnan(x)
-    any_nan = bool(nan.any())
+    any_nan = bool(x.size) and bool(np.isnan(np.max(x)))  # (max propagates NaN: one pass)
+    nan = np.isnan(x) if any_nan else None
     keep = b[nan] if any_nan else None
     with np.errstate(over="ignore"):
         b += t  # (a finite value at the top of the range carries into Inf, as torch's)
