@@ -121,10 +121,25 @@ def test_optimizer_names() -> None:
     ]
     with pytest.raises(KeyError):
         demo.canonical("adamm")
+    params = {"W1": np.zeros((3, 2), np.float32), "b1": np.zeros(2, np.float32)}
     for spec in demo.OPTIMIZERS.values():  # each builds, fastoptim and reference alike
         for module in (fo, reference):
-            getattr(module, spec.cls)([np.zeros(3, np.float32)], lr=spec.lr, **spec.options)
+            opt = demo.make_optimizer(module, spec, params, spec.lr)
+            assert set(opt.grads) == set(params)
     assert set(demo.COMPARED) <= set(demo.OPTIMIZERS)
+
+
+def test_muon_and_lbfgs_train() -> None:
+    """The new names run: Muon on the weights with AdamW on the biases (the biases move by
+    AdamW's rule), and LBFGS through a closure per batch; both lower the training loss."""
+    pytest.importorskip("sklearn")
+    data = demo.load_digits(seed=0)
+    for name in ("Muon", "LBFGS"):
+        config = demo.Config(epochs=2, hidden=(16,), reference=name == "Muon")
+        result = demo.train(name, data, config)
+        assert result.train_loss[-1] < result.train_loss[0], name
+        if name == "Muon":
+            assert result.max_diff is not None and result.max_diff < 1e-5
 
 
 def test_schedules() -> None:

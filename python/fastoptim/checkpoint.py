@@ -102,6 +102,12 @@ def save(path: PathLike, opt: Optimizer) -> None:
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"save: opt must be a fastoptim optimizer, got {type(opt).__name__}")
+    host = opt._definition.host
+    if host is not None and host.closure is not None:
+        raise TypeError(
+            f"save: {type(opt).__name__}'s history (lists of vectors) has no place in a "
+            "checkpoint file; pickle the optimizer, or its state_dict(), instead"
+        )
     target = os.path.realpath(os.fspath(path))  # through symlinks: replace the file, keep links
     pairs, sd = _params(opt), opt._state_dict(copy=False)
     arrays: dict[str, np.ndarray] = {}
@@ -230,6 +236,9 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     ``strict=False`` the arrays of parameters `opt` does not have are skipped unread."""
     if not isinstance(opt, Optimizer):
         raise TypeError(f"load: opt must be a fastoptim optimizer, got {type(opt).__name__}")
+    host = opt._definition.host
+    if host is not None and host.closure is not None:
+        raise TypeError(f"load: {type(opt).__name__} has no checkpoint files (see save)")
     path = os.fspath(path)
     where = f"load({path!r})"
     pairs = _params(opt)

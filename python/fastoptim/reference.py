@@ -63,6 +63,9 @@ __all__ = [
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "schedule_free_scalars",
+    "Muon",
+    "LBFGS",
+    "newton_schulz",
     "KerasSGD",
     "KerasRMSprop",
     "KerasAdagrad",
@@ -1044,6 +1047,77 @@ class _Reference:
         return self._pending[i]
 
 
+def _torch_lerp(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
+    """torch.lerp(a, b, weight) (a new array), evaluated from the nearer end as torch does,
+    with the weight in the arrays' dtype."""
+    w = a.dtype.type(weight)
+    if w < 0.5:
+        return np.asarray(a + w * (b - a))
+    return np.asarray(b - (b - a) * (1 - w))
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (to nearest), as float32."""
+    return round_to_bfloat16(np.asarray(x, np.float32)).astype(np.float32)
+
+
+def newton_schulz(
+    g: np.ndarray,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    ns_dtype: str = "bfloat16",
+) -> np.ndarray:
+    """Muon's Newton-Schulz orthogonalisation, line for line torch's
+    ``_zeropower_via_newtonschulz``; ``ns_dtype="bfloat16"`` rounds what torch stores in
+    bfloat16 tensors (the input, the norm, every product's result)."""
+    work = np.float64 if ns_dtype == "float64" else np.float32
+
+    def rnd(v: np.ndarray) -> np.ndarray:
+        return _to_bf16(v) if ns_dtype == "bfloat16" else np.asarray(v, work)
+
+    a, b, c = coefficients
+    x = rnd(g.astype(np.float32) if ns_dtype == "bfloat16" else g)
+    tall = g.shape[0] > g.shape[1]
+    if tall:
+        x = x.T
+    norm = rnd(np.sqrt(np.sum(x.astype(np.float64) ** 2)))
+    x = rnd(x / np.maximum(norm, rnd(np.asarray(eps))))
+    for _ in range(steps):
+        gram = rnd(x @ x.T)
+        update = rnd(b * gram + c * (gram @ gram))
+        x = rnd(a * x + update @ x)
+    return x.T if tall else x
+
+
+def muon_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    ns_dtype: str,
+) -> None:
+    """torch's ``_single_tensor_muon`` for one 2-D parameter."""
+    momentum_buffer[...] = _torch_lerp(momentum_buffer, grad, 1 - momentum)
+    update = _torch_lerp(grad, momentum_buffer, momentum) if nesterov else momentum_buffer
+    o = newton_schulz(update, ns_coefficients, ns_steps, eps, ns_dtype)
+    rows, cols = param.shape
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        ratio = math.sqrt(max(1, rows / cols))
+    else:  # "match_rms_adamw"
+        ratio = 0.2 * math.sqrt(max(rows, cols))
+    param *= 1 - lr * weight_decay
+    param += (-lr * ratio) * o.astype(param.dtype)
+
+
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
     """The keyword-only parameters of an update function."""
@@ -1235,6 +1309,19 @@ class SGDScheduleFree(_Reference, _ScheduleFree, _fast.SGDScheduleFree):
     __doc__ = _fast.SGDScheduleFree.__doc__
     _update = staticmethod(sgd_schedule_free_update)
     _states = ("z",)
+
+
+class Muon(_fast.Muon):
+    __doc__ = _fast.Muon.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, muon_update, ("momentum_buffer",))
+
+
+class LBFGS(_fast.LBFGS):
+    """:class:`fastoptim.LBFGS` itself: its search is already plain NumPy
+    (:func:`fastoptim.host.lbfgs_step`, operation for operation ``torch.optim.LBFGS``);
+    ``torch.optim.LBFGS`` is its oracle."""
 
 
 # Keras's optimizers (fastoptim.keras), with Keras's rules above.

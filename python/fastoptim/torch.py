@@ -105,7 +105,7 @@ import math
 import mmap
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar, Union, overload
+from typing import Any, ClassVar, Literal, TypeVar, Union, overload
 
 import ml_dtypes
 import numpy as np
@@ -120,6 +120,7 @@ from .engine.locks import new_lock
 from .engine.optimizer import _defaults
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
+from .host import Objective as host_objective
 
 __all__ = [
     "SGD",
@@ -137,6 +138,8 @@ __all__ = [
     "ADOPT",
     "AdamWScheduleFree",
     "SGDScheduleFree",
+    "Muon",
+    "LBFGS",
     "Optimizer",
 ]
 
@@ -381,6 +384,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: param {label} has dtype {p.dtype}; fastoptim.torch updates float32, "
                 "float64, bfloat16 and float16 tensors"
             )
+        host = self._definition.host
+        if host is not None:  # a step in NumPy: float32/float64, and the host's own rule
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"{name}: param {label} has dtype {p.dtype}; {name} updates float32 and "
+                    "float64 tensors"
+                )
+            if host.check_param is not None:
+                host.check_param(name, f"param {label}", tuple(p.shape))
         try:
             return _permutation(p)
         except ValueError as e:
@@ -778,7 +790,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 **extras,
                 ids=[first + index[id(p)] for p in params],
             )
-            if c.hp[precision.ROUNDING] != "nearest":
+            if c.hp.get(precision.ROUNDING, "nearest") != "nearest":
                 plan.set_rounding(c.hp[precision.ROUNDING], int(c.hp[precision.SEED]))
             self._transformed = True  # (a new plan: identity, which the next step may change)
         except (TypeError, ValueError) as e:
@@ -958,7 +970,27 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     buf[sel] = value
         return step
 
+    def _run_host(self, c: _Cache) -> None:
+        """A host definition's step (Muon): its NumPy update on views of the tensors in their
+        logical shapes (a transposed parameter's view is the transposed memory)."""
+        host = self._definition.host
+        assert host is not None and host.update is not None and c.hp is not None
+
+        def logical(a: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
+            return a if perm is None else np.transpose(a, np.argsort(perm))
+
+        params = [logical(v, perm) for v, perm in zip(c.pviews, c.perms)]
+        grads = [logical(self._grad_view(c, i, p.grad), c.perms[i]) for i, p in enumerate(c.params)]
+        states = {
+            n: [logical(v, perm) for v, perm in zip(views, c.perms)]
+            for n, views in zip(c.names, c.sviews)
+        }
+        host.update(c.hp, params, grads, states, 1)
+
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
+        if self._definition.host is not None:
+            self._run_host(c)
+            buckets, plans = [], []
         core_step = self._core_step
         for sel, plan in zip(buckets, plans):
             hyper = c.hyper
@@ -1182,6 +1214,97 @@ class ScheduleFreeOptimizer(Optimizer):
         loss = super().step(closure)
         for group, (k, weight_sum, lr_max, lr) in zip(self.param_groups, after):
             group.update(k=k, weight_sum=weight_sum, lr_max=lr_max, scheduled_lr=lr)
+
+
+def _numpy_state(value: Any) -> Any:
+    """torch's L-BFGS state as NumPy: tensors as views of their memory (0-d ones as NumPy
+    scalars of their dtype), lists element by element."""
+    if isinstance(value, torch.Tensor):
+        a = value.detach().numpy()
+        return a[()] if a.ndim == 0 else a
+    if isinstance(value, list):
+        return [_numpy_state(v) for v in value]
+    return value
+
+
+def _torch_state(value: Any) -> Any:
+    """:func:`_numpy_state`'s inverse: arrays as tensors sharing their memory, NumPy scalars as
+    0-d tensors (where torch keeps those)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, np.floating):
+        return torch.tensor(value.item(), dtype=_TORCH_DTYPES[value.dtype.name])
+    if isinstance(value, list):
+        return [_torch_state(v) for v in value]
+    return value
+
+
+def _loss_value(loss: Any) -> float:
+    """A closure's loss as a float (a tensor that requires grad: detached first)."""
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+
+
+class ClosureOptimizer(Optimizer):
+    """Base of the drop-ins whose ``step(closure)`` evaluates the objective several times
+    (:class:`LBFGS`): one parameter group, the whole group's state under its first parameter
+    (torch's layout), the arithmetic of the definition's
+    :class:`~fastoptim.engine.definition.Host` ``closure`` on NumPy views of the tensors."""
+
+    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        host = self._definition.host
+        assert host is not None and host.closure is not None
+        defaults = dict(defaults)
+        if host.resolve is not None:
+            host.resolve(defaults)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                f"{type(self).__name__} doesn't support per-parameter options (parameter groups)"
+            )
+
+    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+        """One optimization step: `closure` (which zeroes the gradients, computes the loss,
+        calls ``backward()`` and returns the loss) is called as often as the search needs;
+        returns its first loss, as torch."""
+        name = type(self).__name__
+        if not callable(closure):
+            raise TypeError(f"{name}.step: needs a closure, got {type(closure).__name__}")
+        host = self._definition.host
+        assert host is not None and host.closure is not None
+        evaluate_closure = torch.enable_grad()(closure)
+        group = self.param_groups[0]
+        with torch.no_grad(), self._lock:
+            c = self._cache(0, group)
+            params = list(group["params"])
+            for i, p in enumerate(params):
+                self._check_param(p, self._label(group, 0, i))
+            views = [p.detach().numpy() for p in params]
+
+            def evaluate() -> tuple[Any, list[np.ndarray]]:
+                loss = evaluate_closure()
+                grads = []
+                for i, p in enumerate(params):
+                    g = p.grad
+                    if g is None:
+                        grads.append(np.zeros(tuple(p.shape), views[0].dtype))
+                        continue
+                    if g.layout != torch.strided or g.dtype != p.dtype or g.shape != p.shape:
+                        raise TypeError(
+                            f"{name}: grad of param {self._label(group, 0, i)} ({g.dtype}, "
+                            f"{tuple(g.shape)}, {g.layout}) does not match the parameter"
+                        )
+                    grads.append(g.detach().resolve_conj().resolve_neg().numpy())
+                return loss, grads
+
+            state = self.state[params[0]]
+            numpy_state = {k: _numpy_state(v) for k, v in state.items()}
+            assert c.hp is not None
+            try:
+                objective = host_objective(views, evaluate, _loss_value)
+                loss = host.closure(objective, numpy_state, c.hp)
+            finally:
+                state.update({k: _torch_state(v) for k, v in numpy_state.items()})
+            self._advance_schedules()
         return loss
 
 
@@ -1682,5 +1805,53 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         max_grad_value: float | None = None,
         skip_nonfinite: bool = False,
         ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Muon(Optimizer):
+    """Drop-in :class:`torch.optim.Muon` (see :class:`fastoptim.Muon` for the update
+    rule and ``ns_dtype``).  2-D float32/float64 parameters; state: ``momentum_buffer``, as in
+    torch.  The Newton-Schulz products run through NumPy's BLAS on the tensors' memory."""
+
+    _definition = _defs.MUON
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        weight_decay: TorchValue = 0.1,
+        momentum: TorchValue = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
+        eps: TorchValue = 1e-07,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        ns_dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16",
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class LBFGS(ClosureOptimizer):
+    """Drop-in :class:`torch.optim.LBFGS` (see :class:`fastoptim.LBFGS`):
+    ``step(closure)`` with a closure that zeroes the gradients, computes the loss, calls
+    ``backward()`` and returns the loss.  float32/float64 parameters (CPU); the state is
+    torch's (tensors under the first parameter), so ``state_dict`` moves between
+    ``torch.optim.LBFGS`` and this class both ways.  The vector arithmetic runs in NumPy on
+    the tensors' memory."""
+
+    _definition = _defs.LBFGS
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 1,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-07,
+        tolerance_change: float = 1e-09,
+        history_size: int = 100,
+        line_search_fn: str | None = None,
     ) -> None:
         super().__init__(params, _defaults(locals()))

@@ -901,3 +901,105 @@ def format_layouts(result: LayoutResult) -> str:
     for skip in result.skipped:
         out.append(f"(skipped: {skip})")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- Muon
+#: ``bench --muon``'s matrices (rows x cols): square, wide and tall, sizes of hidden layers.
+MUON_SHAPES: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (768, 3072), (3072, 768))
+
+
+@dataclass
+class MuonRow:
+    """One matrix: the time of a Newton-Schulz orthogonalisation (5 iterations) per
+    ``ns_dtype``, of a whole ``Muon.step`` (bfloat16), and of a square sgemm of its larger
+    dimension, all medians of interleaved rounds."""
+
+    shape: tuple[int, int]
+    ns: dict[str, float] = field(default_factory=dict)  # ns_dtype -> seconds
+    step: float = 0.0
+    sgemm: float = 0.0  # seconds of one n x n x n float32 product, n = max(shape)
+
+    @property
+    def flops(self) -> float:
+        """Nominal flops of 5 iterations, each product counted as a gemm (2 m n k): X X^T
+        (m x n by n x m), A A (m^3), B X (m x m by m x n), with m <= n."""
+        m, n = sorted(self.shape)
+        return 5 * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
+
+    @property
+    def sgemm_rate(self) -> float:
+        return 2 * max(self.shape) ** 3 / self.sgemm
+
+    def rate(self, ns_dtype: str) -> float:
+        return self.flops / self.ns[ns_dtype]
+
+
+def run_muon(
+    shapes: Sequence[tuple[int, int]] = MUON_SHAPES,
+    rounds: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[MuonRow]:
+    """Time Muon's Newton-Schulz iteration (``fastoptim.host.newton_schulz``, NumPy's ``@``)
+    against a float32 sgemm (NumPy's ``@`` too: the machine's BLAS) in the same interleaved
+    rounds, per matrix of `shapes`."""
+    from .. import host
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in shapes:
+        if progress is not None:
+            progress(f"Muon {shape[0]}x{shape[1]}")
+        g = rng.standard_normal(shape).astype(np.float32)
+        n = max(shape)
+        a = rng.standard_normal((n, n)).astype(np.float32)
+        b = rng.standard_normal((n, n)).astype(np.float32)
+        c = np.empty((n, n), np.float32)
+        w = rng.standard_normal(shape).astype(np.float32)
+        opt = fast.Muon([w])
+        opt.grads[0][...] = g
+        row = MuonRow(shape)
+        fns: dict[str, Callable[[], object]] = {
+            "sgemm": functools.partial(np.matmul, a, b, out=c),
+            "step": opt.step,
+            **{d: functools.partial(host.newton_schulz, g, dtype=d) for d in host.NS_DTYPES},
+        }
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for fn in fns.values():
+            fn()  # warm up (BLAS threads, allocations)
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                samples[k].append(_block(fn, 1))
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        row.sgemm, row.step = med.pop("sgemm"), med.pop("step")
+        row.ns = med
+        rows.append(row)
+    return rows
+
+
+def format_muon(rows: Sequence[MuonRow]) -> str:
+    """The table of :func:`run_muon`: per matrix, the sgemm rate, each ns_dtype's
+    Newton-Schulz rate and its % of the sgemm rate, and the whole step's time."""
+    head = (
+        f"{'matrix':>11}  {'sgemm GF/s':>10}  {'NS bf16 GF/s':>12} {'% sgemm':>7}  "
+        f"{'NS fp32 GF/s':>12} {'% sgemm':>7}  {'NS fp64 GF/s':>12}  {'Muon.step':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        s = r.sgemm_rate
+        lines.append(
+            f"{r.shape[0]:>5}x{r.shape[1]:<5}  {s / 1e9:10.1f}  "
+            f"{r.rate('bfloat16') / 1e9:12.1f} {100 * r.rate('bfloat16') / s:6.0f}%  "
+            f"{r.rate('float32') / 1e9:12.1f} {100 * r.rate('float32') / s:6.0f}%  "
+            f"{r.rate('float64') / 1e9:12.1f}  {_fmt_time(r.step):>9}"
+        )
+    return "\n".join(lines)
+
+
+MUON_LEGEND = (
+    "\nNS = Newton-Schulz, 5 iterations (fastoptim.host.newton_schulz), GF/s counting each "
+    "product as a gemm (2mnk; NumPy computes X X^T with syrk, half of that);\nsgemm = NumPy's "
+    "float32 @ on two n x n matrices, n = the larger dimension, in the same interleaved rounds; "
+    "% sgemm = NS rate / sgemm rate\n(bf16: torch's convention, products rounded to bfloat16; "
+    "fp32/fp64: ns_dtype='float32'/'float64'); Muon.step = a whole bf16 step (momentum, NS, "
+    "update)"
+)

@@ -277,7 +277,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     start = time.perf_counter()
     print(
         f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}, "
-        f"{'precision layouts' if args.layouts else 'float32'}, median of {args.rounds} "
+        f"{'Muon' if args.muon else 'precision layouts' if args.layouts else 'float32'}, "
+        f"median of {args.rounds} "
         "interleaved rounds (more where a check fails), each timing a block of >= "
         f"{args.repeats} steps (>= 2 ms)",
         flush=True,
@@ -285,7 +286,10 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     busy = _busy()
     if busy:
         print(busy, flush=True)
-    if args.layouts:
+    if args.muon:
+        print(bench.format_muon(bench.run_muon(rounds=args.rounds, progress=progress)))
+        print(bench.MUON_LEGEND)
+    elif args.layouts:
         result = bench.run_layouts(
             args.size,
             repeats=args.repeats,
@@ -605,6 +609,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters with float32, 16-bit or master state; the offload layout; stochastic "
         "rounding; torch's fused AdamW and casting around an fp32 step), with bytes per "
         "element and %% of a streaming kernel moving the same bytes",
+    )
+    b.add_argument(
+        "--muon",
+        action="store_true",
+        help="instead of the optimizer tables: Muon's Newton-Schulz iteration (bfloat16 "
+        "convention, float32, float64) on hidden-layer-sized matrices against the machine's "
+        "sgemm rate measured in the same run, and a whole Muon step",
     )
     b.add_argument(
         "--size",

@@ -248,8 +248,20 @@ def minimize(
     x = np.array(fn.start if start is None else start, dtype=np.float64)
     if x.shape != (fn.dim,):
         raise ValueError(f"{fn.name}: start must have {fn.dim} coordinate(s), got {list(x)}")
-    opt = getattr(fast, spec.cls)([x], lr=rate, **spec.options)
-    grad: np.ndarray = opt.grads[0]
+    closure = None
+    if spec.cls == "LBFGS":  # one line-searched iteration per step: every iterate is drawn
+        rate = 1.0 if lr is None else float(lr)
+        opt: Any = fast.LBFGS([x], lr=rate, max_iter=1, max_eval=25, line_search_fn="strong_wolfe")
+
+        def closure() -> float:
+            fn.grad(x.tolist(), opt.grads[0])
+            return float(fn.f(x.tolist()))
+
+    elif spec.cls == "Muon":  # x as a 1 x dim matrix (a view): the step is the normalised
+        opt = fast.Muon([x.reshape(1, -1)], lr=rate, weight_decay=0.0)  # momentum, times lr
+    else:
+        opt = getattr(fast, spec.cls)([x], lr=rate, **spec.options)
+    grad: np.ndarray = opt.grads[0].reshape(-1)
 
     def snapshot() -> list[np.ndarray]:
         return [v.copy() for v in opt.state[0].values() if isinstance(v, np.ndarray)]
@@ -262,8 +274,11 @@ def minimize(
     states: deque[list[np.ndarray]] = deque([snapshot()], maxlen=3)
     for k in range(1, max_steps + 1):
         run.iterations = k
-        fn.grad(point, grad)
-        opt.step()
+        if closure is not None:
+            opt.step(closure)
+        else:
+            fn.grad(point, grad)
+            opt.step()
         new: list[float] = x.tolist()
         if not all(math.isfinite(v) and abs(v) <= bound for v in new):
             run.status = "diverged"

@@ -107,11 +107,23 @@ def _class(
     return out
 
 
+def _closure(d: Definition) -> bool:
+    return d.host is not None and d.host.closure is not None
+
+
 def numpy_class(d: Definition) -> list[str]:
     base = d.base.name if d.base is not None else (d.mixin or "Optimizer")
+    if _closure(d):  # LBFGS: step(closure), whole-group state (engine.closure)
+        base = "ClosureOptimizer"
     params = [(h.name, _annotation(d, h.name, False), h.default, h.keyword) for h in d.options]
     # Optimizer.__init__ explicitly: a subclass (AdamW of Adam) has another signature
-    return _class(d, base, d.doc, params, "Optimizer.__init__(self, ")
+    return _class(
+        d,
+        base,
+        d.doc,
+        params,
+        f"{'ClosureOptimizer' if _closure(d) else 'Optimizer'}.__init__(self, ",
+    )
 
 
 def functional_function(d: Definition) -> list[str]:
@@ -130,8 +142,10 @@ def functional_function(d: Definition) -> list[str]:
         params.append((name, "float", inspect.Parameter.empty, True))
     hypers = [h for h in d.options if h.functional]
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
-    params.append(("grad_scale", "float", 1.0, True))
-    params += [(a, "np.ndarray | None", None, True) for a in FUNCTIONAL_ARRAYS]
+    arrays_of = () if d.host is not None else FUNCTIONAL_ARRAYS  # (precision: compiled only)
+    if d.host is None:  # (the loss scale: compiled only)
+        params.append(("grad_scale", "float", 1.0, True))
+    params += [(a, "np.ndarray | None", None, True) for a in arrays_of]
     n = len(d.scalars)
     returns = "None" if n == 0 else "float" if n == 1 else f"tuple[{', '.join(['float'] * n)}]"
     # Keras's keywords (beta_1=...) raise a TypeError naming torch's equivalent
@@ -140,9 +154,10 @@ def functional_function(d: Definition) -> list[str]:
     out.append(f") -> {returns}:")
     out += _doc(d.functional_doc, "    ")
     states = ", ".join(f'"{s.name}": {s.name}' for s in d.states)
-    hyper = ", ".join([*(f"{h.name}={h.name}" for h in hypers), "grad_scale=grad_scale"])
+    scale = ["grad_scale=grad_scale"] if d.host is None else []
+    hyper = ", ".join([*(f"{h.name}={h.name}" for h in hypers), *scale])
     scalars = ", ".join(f'"{n}": {n}' for n, _ in d.scalars)
-    arrays = ", ".join(f"{a}={a}" for a in FUNCTIONAL_ARRAYS)
+    arrays = ", ".join(f"{a}={a}" for a in arrays_of)
     call = f"_step(_defs.{_def_name(d)}, param, grad, {{{states}}}, step, dict({hyper})"
     call += f", {{{scalars}}}" if d.scalars else ", None"
     call += f", dict({arrays}))"
@@ -217,7 +232,7 @@ def keras_class(d: Definition) -> list[str]:
 
 
 def torch_class(d: Definition) -> list[str]:
-    base = d.mixin or "Optimizer"
+    base = "ClosureOptimizer" if _closure(d) else (d.mixin or "Optimizer")
     return _class(d, base, d.torch_doc, _torch_signature(d), "super().__init__(")
 
 
@@ -232,7 +247,8 @@ def generate(defs: Iterable[Definition], keras: Iterable[Definition] = ()) -> di
     }
     for d in defs:
         parts["optimizers.py"].append(numpy_class(d))
-        parts["functional.py"].append(functional_function(d))
+        if not _closure(d):  # (a closure-driven search has no one-update function)
+            parts["functional.py"].append(functional_function(d))
         parts["torch.py"].append(torch_class(d))
     for d in keras:
         parts["keras.py"].append(keras_class(d))
@@ -263,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from .. import definitions
 
     stale = []
-    for name, code in generate(definitions.ALL, definitions.KERAS).items():
+    for name, code in generate(definitions.ALL + definitions.HOST, definitions.KERAS).items():
         path = _PACKAGE / name
         text = path.read_text()
         if MARKER not in text:

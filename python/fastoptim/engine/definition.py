@@ -37,6 +37,7 @@ ROUNDING = "rounding"  # 'nearest' or 'stochastic'
 SEED = "seed"  # an int in [0, 2**64)
 POSITIVE_OR_NONE = "positive_or_none"  # None or a finite number > 0 (transforms' limits)
 DECAY_OR_NONE = "decay_or_none"  # None or a number in [0, 1] (ema_decay)
+CUSTOM = "custom"  # checked by the Hyper's own `check` (Muon's ns_coefficients, ns_steps...)
 PAIRS = (BETAS, PAIR)  # the rules of a pair, whose entries are the struct's `fields`
 
 Number = Union[int, float, np.integer, np.floating]
@@ -71,17 +72,24 @@ class Hyper:
     # fastoptim's own option of an optimizer torch.optim has (SGD's ``cautious``): keyword-only,
     # after torch's signature in fastoptim.torch (which otherwise copies torch's exactly).
     extension: bool = False
+    # A rule of its own (rule CUSTOM): raises TypeError/ValueError naming the optimizer and the
+    # value, from (optimizer name, hyper-parameter name, value).
+    check: Callable[[str, str, Any], None] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.default, bool) and self.rule != FLAG:
+        if self.check is not None:
+            object.__setattr__(self, "rule", CUSTOM)
+        if isinstance(self.default, bool) and self.rule not in (FLAG, CUSTOM):
             object.__setattr__(self, "rule", FLAG)
-        if isinstance(self.default, tuple) and self.rule not in PAIRS:
+        if isinstance(self.default, tuple) and self.rule not in (*PAIRS, CUSTOM):
             object.__setattr__(self, "rule", BETAS)
         if self.rule == BETAS and not self.fields:
             object.__setattr__(self, "fields", ("beta1", "beta2"))
         if (self.rule in PAIRS) != (len(self.fields) == 2):
             raise ValueError(f"{self.name}: a pair (and only a pair) names its two fields")
-        if self.rule in (FLAG, DTYPES, ROUNDING, SEED, POSITIVE_OR_NONE, DECAY_OR_NONE):
+        if self.rule in (FLAG, DTYPES, ROUNDING, SEED, POSITIVE_OR_NONE, DECAY_OR_NONE) or (
+            self.rule == CUSTOM and not isinstance(self.default, float)
+        ):
             object.__setattr__(self, "schedulable", False)
         if self.extension and not self.keyword:
             raise ValueError(f"{self.name}: an extension of torch's signature is keyword-only")
@@ -174,6 +182,50 @@ class State:
 
 
 @dataclass(frozen=True)
+class Host:
+    """A step that is not element-wise (Muon's Newton-Schulz orthogonalisation, L-BFGS's
+    two-loop recursion and line search): the engine runs it in Python, over NumPy arrays (BLAS
+    for the matrix products), instead of a compiled kernel.  Everything else stays the engine's:
+    signatures (code generation), validation, parameter groups, schedules, state buffers,
+    gradient buffers and their checks, state_dict and checkpoints.
+
+    ``update(group, params, grads, states, step)``: one update of a group's parameters in
+    place: ``group`` the validated hyper-parameters, ``states`` state name -> one array per
+    parameter, ``step`` the 1-based update number.  (``None`` for a ``closure`` optimizer.)
+    ``check_param(optimizer, label, shape)``: raises ValueError for a parameter the
+    optimizer cannot update (Muon: not 2-D).
+    ``closure``: ``closure(objective, state, group)`` runs one ``step(closure)`` (L-BFGS) on a
+    :class:`fastoptim.host.Objective` (the group's parameters as one vector) and the group's
+    whole state (a dict of torch's names); such an optimizer has one parameter group, its
+    classes derive from :class:`fastoptim.engine.closure.ClosureOptimizer` (NumPy) and
+    ``fastoptim.torch.ClosureOptimizer``, and it has no functional tier.
+    ``resolve(defaults)``: fills the defaults that depend on others, in place, at
+    construction (L-BFGS's ``max_eval = max_iter * 5 // 4``, as torch).
+    """
+
+    update: Callable[..., None] | None = None
+    check_param: Callable[[str, str, tuple[int, ...]], None] | None = None
+    closure: Callable[..., Any] | None = None
+    resolve: Callable[[dict[str, Any]], None] | None = None
+
+
+class HostHyper:
+    """What stands for the compiled hyper-parameter struct of a :class:`Host` optimizer: its
+    fields as attributes, and the state buffers (all of the definition's)."""
+
+    _states: tuple[str, ...] = ()
+    _fields: frozenset[str] = frozenset()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._fields:
+            raise AttributeError(f"no field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def state_names(self) -> list[str]:
+        return list(self._states)
+
+
+@dataclass(frozen=True)
 class Definition:
     """One optimizer, for every tier (see the module docstring)."""
 
@@ -211,17 +263,34 @@ class Definition:
     # instead of the tier's Optimizer (each tier's module defines one of that name): extra
     # methods such as Schedule-Free's train() / eval().
     mixin: str = ""
+    # A step that is not element-wise, run in Python (Muon, LBFGS): see Host.  Such an
+    # optimizer has no compiled kernel (``kernel`` is ""), and no precision options (COMMON).
+    host: Host | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def options(self) -> tuple[Hyper, ...]:
-        """Every hyper-parameter: the optimizer's own, then ``COMMON`` (keyword-only)."""
-        return self.hyper + COMMON
+        """Every hyper-parameter: the optimizer's own, then ``COMMON`` (keyword-only; not for a
+        :class:`Host` optimizer, whose arithmetic is NumPy's in the parameters' dtype)."""
+        return self.hyper if self.host is not None else self.hyper + COMMON
 
     # ------------------------------------------------------------------ compiled kernel
     @property
     def hyper_type(self) -> Any:
-        """The compiled hyper-parameter struct class."""
+        """The compiled hyper-parameter struct class (:class:`HostHyper` for a host step)."""
+        if self.host is not None:
+            t = self._cache.get("hyper_type")
+            if t is None:
+                names = {h.name for h in self.hyper} | {k for k, _ in self.fixed}
+                t = self._cache["hyper_type"] = type(
+                    f"{self.name}Hyper",
+                    (HostHyper,),
+                    {
+                        "_states": tuple(s.name for s in self.states),
+                        "_fields": frozenset(names),
+                    },
+                )
+            return t
         from .. import _core  # here: the code generator reads definitions without the build
 
         return getattr(_core, f"{self.kernel}Hyper")
@@ -229,6 +298,8 @@ class Definition:
     @property
     def core_step(self) -> Any:
         """The compiled step function."""
+        if self.host is not None:
+            return None
         from .. import _core
 
         return getattr(_core, f"step_{self.kernel.lower()}")
@@ -236,6 +307,8 @@ class Definition:
     @property
     def core_steps(self) -> Any:
         """The compiled step function of several groups in one call."""
+        if self.host is not None:
+            return None
         from .. import _core
 
         return getattr(_core, f"steps_{self.kernel.lower()}")
@@ -244,6 +317,8 @@ class Definition:
     def fields(self) -> frozenset[str]:
         """Names of the compiled struct's fields."""
         f = self._cache.get("fields")
+        if f is None and self.host is not None:
+            f = self._cache["fields"] = self.hyper_type._fields
         if f is None:
             h = self.hyper_type()
             f = self._cache["fields"] = frozenset(
@@ -372,6 +447,10 @@ class Definition:
             transforms.check_positive(self.name, key, value)
         elif rule == DECAY_OR_NONE:
             transforms.check_decay(self.name, value)
+        elif rule == CUSTOM:
+            check = next(h.check for h in self.hyper if h.name == key)
+            assert check is not None
+            check(self.name, key, value)
         else:
             check_nonnegative(self.name, key, value)
 

@@ -55,6 +55,8 @@ def step(
             )
     group = {**defn.defaults(), **hyper}
     defn.check(group)
+    if defn.host is not None:
+        return _host_step(defn, fn, param, grad, states, step, group)
     # At step 1 every state buffer is fresh: what the class would have just created.
     fresh = set(states) if step == 1 else set()
     core = defn.compile(group, fresh)
@@ -103,3 +105,34 @@ def step(
         values = tuple(float(getattr(core, name)) for name in scalars)
         return values[0] if len(values) == 1 else values
     return None
+
+
+def _host_step(
+    defn: Definition,
+    fn: str,
+    param: np.ndarray,
+    grad: np.ndarray,
+    states: Mapping[str, np.ndarray | None],
+    step: int,
+    group: Mapping[str, Any],
+) -> None:
+    """One update by a host definition's Python step (Muon): the arrays are checked as the
+    compiled plan checks them (a plan is built for that only), then updated in place."""
+    host = defn.host
+    assert host is not None and host.update is not None
+    given = {n: a for n, a in states.items() if a is not None}
+    missing = [s.name for s in defn.states if s.name not in given]
+    if missing:
+        raise ValueError(f"{fn}: needs state array(s) {', '.join(missing)}")
+    for a, what in ((param, "param"), (grad, "grad"), *((a, n) for n, a in given.items())):
+        if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+            raise TypeError(f"{fn}: {what} must be a float32 or float64 array, got {got}")
+        if a.dtype != param.dtype:
+            raise TypeError(f"{fn}: {what} has dtype {a.dtype}, param has {param.dtype}")
+    if host.check_param is not None:
+        host.check_param(fn, "param", param.shape)
+    names = list(given)
+    plan = _core.Plan([param], ["param"], names, [[given[n]] for n in names])
+    plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
+    host.update(group, [param], [grad], {n: [given[n]] for n in names}, int(step))

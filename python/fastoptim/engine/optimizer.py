@@ -142,7 +142,10 @@ class Optimizer:
             cls._hyper_type = d.hyper_type
             cls._core_step = staticmethod(d.core_step)
             cls._core_steps = staticmethod(d.core_steps)
-        cls._python_run = cls._run is not Optimizer._run
+        # A host definition (Muon, LBFGS) computes its step in Python: the engine's _run
+        cls._python_run = cls._run is not Optimizer._run or (
+            getattr(cls, "_definition", None) is not None and cls._definition.host is not None
+        )
 
     def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
         # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
@@ -241,12 +244,23 @@ class Optimizer:
                 group[k] = tuple(v)
         g = _Group(keys, arrays, self._hyper_type(), self._new_sched())
         g.first_id = start
-        group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
+        if precision.STATE_DTYPE in self.defaults:
+            group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
         g.sched.adopt(group, self._t)
         g.sched.check(group, self._t)
         # Validate the arrays (type, dtype, layout, aliasing within the group) before keeping
         # anything: a plan without state does exactly that.
         _core.Plan(list(arrays), g.labels, [], [])
+        host = self._definition.host
+        if host is not None:  # float32/float64 only: NumPy's arithmetic in the array's dtype
+            for a, lab in zip(arrays, g.labels):
+                if a.dtype not in (np.float32, np.float64):
+                    raise TypeError(
+                        f"{cls}: param {lab} has dtype {a.dtype}; {cls} updates float32 and "
+                        "float64 arrays"
+                    )
+                if host.check_param is not None:
+                    host.check_param(cls, f"param {lab}", a.shape)
         # ... and against everything the other groups own: parameters, state, gradient buffers.
         owned, owners = self._owned(with_grad_buffers=True)
         _core.check_disjoint(owned + list(arrays), owners + ["param " + lab for lab in g.labels])
@@ -559,7 +573,8 @@ class Optimizer:
                     "use add_param_group or a new optimizer"
                 )
             self._check_keys(group)
-            group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
+            if precision.STATE_DTYPE in self.defaults:
+                group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
             g.sched.adopt(group, self._t)
             g.sched.check(group, self._t)
             self._check_layout(g, group)
@@ -622,9 +637,12 @@ class Optimizer:
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         """Hook: apply one update to group `g` in Python (:mod:`fastoptim.reference` overrides
-        it).  Not overridden, :meth:`step` runs the compiled kernels of every group in one
-        call instead."""
-        raise NotImplementedError
+        it; a host definition's update runs here).  Otherwise :meth:`step` runs the compiled
+        kernels of every group in one call instead."""
+        host = self._definition.host
+        if host is None or host.update is None:
+            raise NotImplementedError
+        host.update(g.synced, list(g.params), grads, g.states, g.step + 1)
 
     def step(self, grads: Grads | None = None, *, grad_scale: float | None = None) -> float | None:
         """Update every parameter in place.
@@ -643,6 +661,11 @@ class Optimizer:
         with self._lock:  # steps of one optimizer from several threads: one at a time
             where = f"{type(self).__name__}.step"
             scale = None if grad_scale is None else transforms.check_grad_scale(where, grad_scale)
+            if scale is not None and self._definition.host is not None:
+                raise TypeError(
+                    f"{where}: grad_scale is for the compiled optimizers (it is folded into "
+                    "their kernels); this step runs in NumPy: pass the gradients divided by it"
+                )
             per_group = self._prepare(grads)
             groups = self._groups
             decision = None

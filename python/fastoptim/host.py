@@ -1,0 +1,467 @@
+r"""The steps that are not element-wise, in NumPy: :class:`~fastoptim.Muon`'s Newton-Schulz
+orthogonalisation (through NumPy's ``@``, i.e. the BLAS NumPy links: OpenBLAS in the wheels)
+and :class:`~fastoptim.LBFGS`'s two-loop recursion and strong-Wolfe line search.
+
+The engine runs them in place of a compiled kernel (see
+:class:`fastoptim.engine.definition.Host`); every tier (the NumPy classes, the functional
+tier, :mod:`fastoptim.torch`) calls the same functions here on NumPy arrays (zero-copy views of
+torch tensors in :mod:`fastoptim.torch`), so there is one implementation of each.
+
+Nothing here imports the compiled extension: :mod:`fastoptim.definitions` (read by the code
+generator without the build) names these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- Muon
+#: Keller Jordan's quintic Newton-Schulz coefficients (torch.optim.Muon's defaults).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+#: How the Newton-Schulz iteration computes: "bfloat16" (torch.optim.Muon's convention: every
+#: matrix product's inputs and outputs rounded to bfloat16, float32 accumulation), "float32",
+#: "float64".
+NS_DTYPES = ("bfloat16", "float32", "float64")
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def round_bfloat16_(x: np.ndarray) -> np.ndarray:
+    """Round the float32 array `x` to the nearest bfloat16 (ties to even) in place, keeping
+    float32 storage: what torch stores in a bfloat16 tensor (NaN stays NaN).  Returns `x`."""
+    assert x.dtype == np.float32
+    b = x.view(np.uint32)
+    t = b >> np.uint32(16)
+    t &= np.uint32(1)
+    t += np.uint32(0x7FFF)
+    any_nan = bool(x.size) and bool(np.isnan(np.max(x)))  # (max propagates NaN: one pass)
+    nan = np.isnan(x) if any_nan else None
+    keep = b[nan] if any_nan else None
+    with np.errstate(over="ignore"):
+        b += t  # (a finite value at the top of the range carries into Inf, as torch's)
+    b &= np.uint32(0xFFFF0000)
+    if any_nan:
+        assert keep is not None
+        b[nan] = (keep & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+    return x
+
+
+def newton_schulz(
+    g: np.ndarray,
+    coefficients: Sequence[float] = NS_COEFFICIENTS,
+    steps: int = 5,
+    eps: float = 1e-7,
+    dtype: str = "bfloat16",
+) -> np.ndarray:
+    r"""The approximate orthogonalisation :math:`\mathrm{NS}^{(a,b,c)}_k(G)` of the 2-D array
+    `g` (a new array; `g` is not modified), as ``torch.optim.Muon`` computes it:
+    :math:`X_0 = G / \max(\|G\|_F, \epsilon)`, transposed when :math:`G` has more rows than
+    columns, then `steps` times :math:`A = X X^T`, :math:`B = b A + c A^2`,
+    :math:`X \leftarrow a X + B X`, transposed back.
+
+    ``dtype="bfloat16"`` (torch's): :math:`G`, :math:`\|G\|_F`, :math:`X_0` and the result of
+    each product (:math:`A`, :math:`B`, :math:`X`) are rounded to bfloat16 (to nearest), the
+    products accumulate in float32 (NumPy's float32 ``@``: exact products of bfloat16 inputs,
+    float32 sums, as torch's bfloat16 matmul), and the result holds bfloat16 values in a float32
+    array.  ``"float32"`` / ``"float64"``: the same iteration without any rounding to
+    bfloat16, in that dtype.
+    """
+    work = np.float64 if dtype == "float64" else np.float32
+    low = dtype == "bfloat16"
+    tall = g.shape[0] > g.shape[1]
+    # (a float64 gradient reaches bfloat16 through float32, as torch's .bfloat16())
+    x = np.array(g.T if tall else g, dtype=work, order="C")
+    if low:
+        round_bfloat16_(x)
+    norm = work(math.sqrt(float(np.dot(x.ravel(), x.ravel()))))
+    floor = work(eps)
+    if low:
+        norm = round_bfloat16_(np.array([norm], np.float32))[0]
+        floor = round_bfloat16_(np.array([eps], np.float32))[0]
+    norm = max(norm, floor)  # (a NaN norm stays NaN, as torch's clamp)
+    np.divide(x, norm, out=x)
+    if low:
+        round_bfloat16_(x)
+    a, b, c = (work(v) for v in coefficients)
+    m = x.shape[0]
+    gram = np.empty((m, m), work)
+    poly = np.empty((m, m), work)
+    tmp = np.empty((m, m), work)
+    nxt = np.empty_like(x)
+    for _ in range(steps):
+        np.matmul(x, x.T, out=gram)  # A = X X^T
+        if low:
+            round_bfloat16_(gram)
+        np.matmul(gram, gram, out=poly)  # B = b A + c A A
+        poly *= c
+        np.multiply(gram, b, out=tmp)
+        poly += tmp
+        if low:
+            round_bfloat16_(poly)
+        np.matmul(poly, x, out=nxt)  # X = a X + B X
+        np.multiply(x, a, out=x)
+        nxt += x
+        if low:
+            round_bfloat16_(nxt)
+        x, nxt = nxt, x
+    return x.T if tall else x
+
+
+def muon_lr_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
+    """torch.optim.Muon's learning-rate factor for a parameter of `shape` (A, B):
+    ``sqrt(max(1, A / B))`` ("original", the default), ``0.2 * sqrt(max(A, B))``
+    ("match_rms_adamw")."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))
+
+
+def _lerp_(a: np.ndarray, b: np.ndarray, weight: float, out: np.ndarray | None = None) -> None:
+    """``out = lerp(a, b, weight)`` (default: into `a`) as torch evaluates it, from the nearer
+    end, with the weight in the arrays' dtype."""
+    w = a.dtype.type(weight)
+    target = a if out is None else out
+    if w < 0.5:
+        d = b - a
+        d *= w
+        np.add(a, d, out=target)
+    else:
+        d = b - a
+        d *= a.dtype.type(1) - w
+        np.subtract(b, d, out=target)
+
+
+def muon_update(
+    group: Mapping[str, Any],
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    states: Mapping[str, Sequence[np.ndarray]],
+    step: int,
+) -> None:
+    """One Muon update of `params` in place (see :class:`fastoptim.Muon`), tensor by tensor:
+    the momentum buffer and Nesterov blend in NumPy (a few passes over the tensor, small next
+    to the Newton-Schulz products), the orthogonalisation through BLAS, then
+    ``p = p * (1 - lr * wd) - lr * ratio * O``."""
+    lr, wd, mu = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])
+    coefficients, steps, eps = group["ns_coefficients"], int(group["ns_steps"]), group["eps"]
+    ns_dtype = group.get("ns_dtype", "bfloat16")
+    for p, g, buf in zip(params, grads, states["momentum_buffer"]):
+        g = np.asarray(g, dtype=p.dtype)  # (a bfloat16 gradient of a float32 parameter)
+        _lerp_(buf, g, 1 - mu)
+        if group["nesterov"]:
+            direction = np.empty_like(buf)
+            _lerp_(g, buf, mu, out=direction)
+        else:
+            direction = buf
+        o = newton_schulz(direction, coefficients, steps, float(eps), ns_dtype)
+        scale = -lr * muon_lr_ratio(group["adjust_lr_fn"], p.shape)
+        p *= p.dtype.type(1 - lr * wd)
+        o = np.asarray(o, dtype=p.dtype)
+        o *= p.dtype.type(scale)
+        p += o
+
+
+def check_muon_param(owner: str, label: str, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
+        raise ValueError(
+            f"{owner}: Muon only updates 2-D parameters (matrices), {label} has shape "
+            f"{tuple(shape)}; optimize the others (biases, norms, embeddings) with e.g. AdamW"
+        )
+
+
+# ----------------------------------------------------------------------------- L-BFGS
+class Objective:
+    """What :func:`lbfgs_step` needs of the parameters of one group, seen as one vector
+    (fastoptim keeps parameters in place: the vector is never materialised; gradients are
+    *gathered* into a new flat array at each evaluation, updates *scattered* into each
+    parameter's slice, as torch does)."""
+
+    def __init__(
+        self,
+        params: Sequence[np.ndarray],
+        evaluate: Callable[[], tuple[Any, Sequence[np.ndarray]]],
+        to_float: Callable[[Any], float] = float,
+    ) -> None:
+        self.params = list(params)
+        self._evaluate = evaluate  # the closure: (loss as returned, gradient arrays)
+        self.to_float = to_float  # the loss as a float (a torch tensor: detached first)
+        self.dtype = params[0].dtype
+        self.sizes = [p.size for p in self.params]
+
+    def evaluate(self) -> tuple[Any, np.ndarray]:
+        """Call the closure: its loss and the gathered flat gradient (a new array)."""
+        loss, grads = self._evaluate()
+        flat = np.empty(sum(self.sizes), self.dtype)
+        o = 0
+        for g, n in zip(grads, self.sizes):
+            flat[o : o + n] = np.reshape(g, -1)
+            o += n
+        return loss, flat
+
+    def add(self, t: Any, d: np.ndarray) -> None:
+        """params += t * d (each parameter its slice), as torch's ``p.add_(d, alpha=t)``."""
+        o = 0
+        alpha = self.dtype.type(t)
+        for p, n in zip(self.params, self.sizes):
+            p += alpha * d[o : o + n].reshape(p.shape)
+            o += n
+
+    def clone(self) -> list[np.ndarray]:
+        return [p.copy() for p in self.params]
+
+    def restore(self, saved: Sequence[np.ndarray]) -> None:
+        for p, s in zip(self.params, saved):
+            np.copyto(p, s)
+
+    def directional(self, x: Sequence[np.ndarray], t: Any, d: np.ndarray) -> tuple[float, Any]:
+        """f and the gradient at x + t d; the parameters are then reset to x."""
+        self.add(t, d)
+        loss, flat = self.evaluate()
+        self.restore(x)
+        return self.to_float(loss), flat
+
+
+def _cubic_interpolate(
+    x1: Any, f1: Any, g1: Any, x2: Any, f2: Any, g2: Any, bounds: Any = None
+) -> Any:
+    """The minimiser of the cubic interpolating (x1, f1, g1), (x2, f2, g2), within `bounds`
+    (default: between x1 and x2), or the middle of the bounds if the cubic has none (torch's
+    ``_cubic_interpolate``, after minFunc)."""
+    if bounds is not None:
+        xmin_bound, xmax_bound = bounds
+    else:
+        xmin_bound, xmax_bound = (x1, x2) if x1 <= x2 else (x2, x1)
+    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+    d2_square = d1**2 - g1 * g2
+    if d2_square >= 0:
+        d2 = np.sqrt(d2_square)
+        if x1 <= x2:
+            min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+        else:
+            min_pos = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+        return min(max(min_pos, xmin_bound), xmax_bound)
+    return (xmin_bound + xmax_bound) / 2.0
+
+
+def _strong_wolfe(
+    obj: Objective,
+    x: list[np.ndarray],
+    t: Any,
+    d: np.ndarray,
+    f: float,
+    g: np.ndarray,
+    gtd: Any,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    tolerance_change: float = 1e-9,
+    max_ls: int = 25,
+) -> tuple[float, np.ndarray, Any, int]:
+    """A step length t satisfying the strong Wolfe conditions along `d` from `x` (bracketing,
+    then zooming with safeguarded cubic interpolation: torch's ``_strong_wolfe``, after
+    minFunc).  Returns (f, gradient, t) at that point and the evaluations it made."""
+    d_norm = np.abs(d).max()
+    g = g.copy()
+    f_new, g_new = obj.directional(x, t, d)
+    ls_func_evals = 1
+    gtd_new = g_new.dot(d)
+    t_prev, f_prev, g_prev, gtd_prev = 0, f, g, gtd
+    done = False
+    ls_iter = 0
+    bracket: list[Any] = []
+    bracket_f: list[Any] = []
+    bracket_g: list[np.ndarray] = []
+    bracket_gtd: list[Any] = []
+    while ls_iter < max_ls:
+        if f_new > (f + c1 * t * gtd) or (ls_iter > 1 and f_new >= f_prev):
+            bracket, bracket_f = [t_prev, t], [f_prev, f_new]
+            bracket_g, bracket_gtd = [g_prev, g_new.copy()], [gtd_prev, gtd_new]
+            break
+        if abs(gtd_new) <= -c2 * gtd:
+            bracket, bracket_f, bracket_g = [t], [f_new], [g_new]
+            done = True
+            break
+        if gtd_new >= 0:
+            bracket, bracket_f = [t_prev, t], [f_prev, f_new]
+            bracket_g, bracket_gtd = [g_prev, g_new.copy()], [gtd_prev, gtd_new]
+            break
+        # interpolate
+        min_step = t + 0.01 * (t - t_prev)
+        max_step = t * 10
+        tmp = t
+        t = _cubic_interpolate(
+            t_prev, f_prev, gtd_prev, t, f_new, gtd_new, bounds=(min_step, max_step)
+        )
+        t_prev, f_prev, g_prev, gtd_prev = tmp, f_new, g_new.copy(), gtd_new
+        f_new, g_new = obj.directional(x, t, d)
+        ls_func_evals += 1
+        gtd_new = g_new.dot(d)
+        ls_iter += 1
+    if ls_iter == max_ls:  # reached the maximum number of iterations
+        bracket, bracket_f, bracket_g = [0, t], [f, f_new], [g, g_new]
+
+    # zoom: refine the bracket until a point satisfies the conditions
+    insuf_progress = False
+    low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[-1] else (1, 0)
+    while not done and ls_iter < max_ls:
+        if abs(bracket[1] - bracket[0]) * d_norm < tolerance_change:
+            break  # the bracket is too small
+        t = _cubic_interpolate(
+            bracket[0], bracket_f[0], bracket_gtd[0], bracket[1], bracket_f[1], bracket_gtd[1]
+        )
+        # too close to a boundary: move 0.1 of the bracket away from it if the previous
+        # step also made insufficient progress, or t is at a boundary
+        eps = 0.1 * (max(bracket) - min(bracket))
+        if min(max(bracket) - t, t - min(bracket)) < eps:
+            if insuf_progress or t >= max(bracket) or t <= min(bracket):
+                if abs(t - max(bracket)) < abs(t - min(bracket)):
+                    t = max(bracket) - eps
+                else:
+                    t = min(bracket) + eps
+                insuf_progress = False
+            else:
+                insuf_progress = True
+        else:
+            insuf_progress = False
+        f_new, g_new = obj.directional(x, t, d)
+        ls_func_evals += 1
+        gtd_new = g_new.dot(d)
+        ls_iter += 1
+        if f_new > (f + c1 * t * gtd) or f_new >= bracket_f[low_pos]:
+            # Armijo condition not satisfied, or not lower than the lowest point
+            bracket[high_pos], bracket_f[high_pos] = t, f_new
+            bracket_g[high_pos], bracket_gtd[high_pos] = g_new.copy(), gtd_new
+            low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[1] else (1, 0)
+        else:
+            if abs(gtd_new) <= -c2 * gtd:
+                done = True  # Wolfe conditions satisfied
+            elif gtd_new * (bracket[high_pos] - bracket[low_pos]) >= 0:
+                # the old high becomes the new low
+                bracket[high_pos], bracket_f[high_pos] = bracket[low_pos], bracket_f[low_pos]
+                bracket_g[high_pos] = bracket_g[low_pos]
+                bracket_gtd[high_pos] = bracket_gtd[low_pos]
+            # the new point becomes the new low
+            bracket[low_pos], bracket_f[low_pos] = t, f_new
+            bracket_g[low_pos], bracket_gtd[low_pos] = g_new.copy(), gtd_new
+    t = bracket[low_pos]
+    return bracket_f[low_pos], bracket_g[low_pos], t, ls_func_evals
+
+
+def lbfgs_step(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) -> Any:
+    """One ``LBFGS.step(closure)``: up to ``max_iter`` L-BFGS iterations (``max_eval``
+    evaluations of the closure), updating the parameters in place and `state` (torch's keys:
+    ``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``,
+    ``prev_flat_grad``, ``prev_loss``, ``al``; vectors as flat arrays of the parameters' dtype,
+    scalars as NumPy scalars of that dtype where torch keeps 0-d tensors).  Operation for
+    operation torch.optim.LBFGS.step (itself after minFunc).  Returns the closure's first
+    loss, as returned."""
+    lr = float(group["lr"])
+    max_iter, max_eval = int(group["max_iter"]), group["max_eval"]
+    max_eval = max_iter * 5 // 4 if max_eval is None else int(max_eval)
+    tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
+    line_search_fn, history_size = group["line_search_fn"], int(group["history_size"])
+
+    state.setdefault("func_evals", 0)
+    state.setdefault("n_iter", 0)
+    orig_loss, flat_grad = obj.evaluate()
+    loss = obj.to_float(orig_loss)
+    current_evals = 1
+    state["func_evals"] += 1
+    opt_cond = np.abs(flat_grad).max() <= tolerance_grad
+    if opt_cond:  # already optimal
+        return orig_loss
+
+    d, t = state.get("d"), state.get("t")
+    old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
+    h_diag, prev_flat_grad = state.get("H_diag"), state.get("prev_flat_grad")
+    prev_loss = state.get("prev_loss")
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        state["n_iter"] += 1
+        # the descent direction
+        if state["n_iter"] == 1:
+            d = -flat_grad
+            old_dirs, old_stps, ro = [], [], []
+            h_diag = 1
+        else:
+            assert d is not None and old_dirs is not None and old_stps is not None
+            assert ro is not None and prev_flat_grad is not None
+            y = flat_grad - prev_flat_grad
+            s = d * flat_grad.dtype.type(t)
+            ys = y.dot(s)
+            if ys > 1e-10:  # update the memory (limited: drop the oldest pair)
+                if len(old_dirs) == history_size:
+                    old_dirs.pop(0)
+                    old_stps.pop(0)
+                    ro.pop(0)
+                old_dirs.append(y)
+                old_stps.append(s)
+                ro.append(1.0 / ys)
+                h_diag = ys / y.dot(y)  # scale of the initial inverse Hessian
+            num_old = len(old_dirs)
+            if "al" not in state:
+                state["al"] = [None] * history_size
+            al = state["al"]
+            # two-loop recursion, with one buffer
+            q = -flat_grad
+            for i in range(num_old - 1, -1, -1):
+                al[i] = old_stps[i].dot(q) * ro[i]
+                q -= flat_grad.dtype.type(al[i]) * old_dirs[i]
+            d = r = q * flat_grad.dtype.type(h_diag)
+            for i in range(num_old):
+                be_i = old_dirs[i].dot(r) * ro[i]
+                r += flat_grad.dtype.type(al[i] - be_i) * old_stps[i]
+        if prev_flat_grad is None:
+            prev_flat_grad = flat_grad.copy()
+        else:
+            np.copyto(prev_flat_grad, flat_grad)
+        prev_loss = loss
+        # the step length
+        if state["n_iter"] == 1:
+            t = min(1.0, 1.0 / np.abs(flat_grad).sum()) * lr
+        else:
+            t = lr
+        gtd = flat_grad.dot(d)
+        if gtd > -tolerance_change:
+            break  # the directional derivative is below tolerance
+        ls_func_evals = 0
+        if line_search_fn is not None:
+            x_init = obj.clone()
+            loss, flat_grad, t, ls_func_evals = _strong_wolfe(
+                obj, x_init, t, d, loss, flat_grad, gtd, max_ls=max_eval - current_evals
+            )
+            obj.add(t, d)
+            opt_cond = np.abs(flat_grad).max() <= tolerance_grad
+        else:
+            obj.add(t, d)  # a fixed step
+            if n_iter != max_iter:  # re-evaluated except after the last iteration
+                new_loss, flat_grad = obj.evaluate()
+                loss = obj.to_float(new_loss)
+                opt_cond = np.abs(flat_grad).max() <= tolerance_grad
+                ls_func_evals = 1
+        current_evals += ls_func_evals
+        state["func_evals"] += ls_func_evals
+        # the stopping conditions
+        if n_iter == max_iter or current_evals >= max_eval or opt_cond:
+            break
+        if np.abs(d * flat_grad.dtype.type(t)).max() <= tolerance_change:
+            break  # lack of progress
+        if abs(loss - prev_loss) < tolerance_change:
+            break
+    state["d"], state["t"] = d, t
+    state["old_dirs"], state["old_stps"], state["ro"] = old_dirs, old_stps, ro
+    state["H_diag"], state["prev_flat_grad"], state["prev_loss"] = h_diag, prev_flat_grad, prev_loss
+    return orig_loss
+
+
+LINE_SEARCH_FNS = (None, "strong_wolfe")
+
+
+def lbfgs_defaults(defaults: dict[str, Any]) -> None:
+    """``max_eval=None`` means ``max_iter * 5 // 4``, fixed at construction as torch does."""
+    if defaults.get("max_eval") is None:
+        defaults["max_eval"] = int(defaults["max_iter"]) * 5 // 4

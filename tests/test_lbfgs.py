@@ -1,0 +1,319 @@
+"""LBFGS (a host definition with a closure: fastoptim.host.lbfgs_step) against
+torch.optim.LBFGS, step by step.
+
+Not in ``cases.py``'s element-wise table: its step takes a closure and evaluates the objective
+several times, over the whole group as one vector.  Problems: the 6-D Rosenbrock function
+(non-convex, the line search brackets and zooms) and a least-squares problem over two
+parameters (a matrix and a bias).  The options: torch's optim_db ones (``{}``, ``lr=0.01``,
+``lr`` as a tensor, ``tolerance_grad=1e-6``, ``line_search_fn="strong_wolfe"``) and small
+histories / iteration budgets that exercise the history shift and the stopping rules.
+
+The objective (loss and gradients) is torch's autograd in every tier, so the comparison
+measures the optimizers only: they differ in the order of the dot products' sums and in fused
+multiply-adds (torch's ``add_(alpha=)``), i.e. an ulp here and there, which L-BFGS amplifies
+through y = g - g_prev and through chaotic trajectories.  float64 runs are compared for 4 steps
+(80 iterations) at 1e-9 relative, except where the trajectory itself is chaotic (see
+``_steps``), and the counts of the state (evaluations, iterations, history length) must be
+equal; float32 runs over the first step (20 iterations), at 1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+
+OPTIM_DB: list[dict[str, Any]] = [
+    {},
+    {"lr": 0.01},
+    {"lr": 0.001},  # torch's "Tensor lr" (a tensor in the torch tier)
+    {"tolerance_grad": 1e-6},
+    {"line_search_fn": "strong_wolfe"},
+]
+MORE: list[dict[str, Any]] = [
+    {"history_size": 2, "max_iter": 6},
+    {"line_search_fn": "strong_wolfe", "history_size": 3, "max_iter": 7, "max_eval": 9},
+    {"lr": 0.5, "max_iter": 1},
+]
+OPTIONS = OPTIM_DB + MORE
+STEPS = 4
+# Measured (relative to the largest |element|, over OPTIONS and both problems): float64 <= 1.5e-10
+# over the compared steps (Rosenbrock with the line search; least squares <= 5e-15); float32
+# <= 2e-4 after the first step (converged least squares: the solution is only determined to
+# float32 noise times the problem's condition).
+RTOL = {"float64": 1e-9, "float32": 1e-3}
+
+
+def _ids(kw: dict[str, Any]) -> str:
+    return "-".join(f"{k}={v}" for k, v in kw.items()) or "default"
+
+
+# ----------------------------------------------------------------------------- problems
+# The objectives are computed by torch's autograd in every tier (on tensors sharing the NumPy
+# arrays' memory in the NumPy tier), so that every tier sees the very same losses and gradients
+# and the comparison measures the optimizers only.
+def _least_squares_data(dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((30, 5)).astype(dtype)
+    y = rng.standard_normal((30, 3)).astype(dtype)
+    return a, y
+
+
+def objective(problem: str, params: list[Any]) -> Any:
+    """The loss as a torch scalar of `params` (tensors)."""
+    import torch
+
+    if problem == "rosenbrock":
+        x = params[0]
+        return ((1 - x[:-1]) ** 2).sum() + 100 * ((x[1:] - x[:-1] ** 2) ** 2).sum()
+    a, y = (torch.tensor(v) for v in _least_squares_data(params[0].detach().numpy().dtype))
+    return 0.5 * ((a @ params[0] + params[1] - y) ** 2).sum()
+
+
+PROBLEMS = {
+    "rosenbrock": [np.array([-1.2, 1.0, -0.5, 0.8, 1.5, -0.3])],
+    "least_squares": [np.full((5, 3), 0.1), np.zeros(3)],
+}
+
+
+def _fastoptim_closure(problem: str, params: list[np.ndarray], opt: Any, style: str) -> Any:
+    import torch
+
+    def closure() -> Any:
+        ts = [torch.from_numpy(p).requires_grad_() for p in params]  # the arrays' memory
+        loss = objective(problem, ts)
+        loss.backward()
+        grads = [t.grad.numpy() for t in ts]
+        if style == "return":
+            return loss.item(), grads
+        for buf, g in zip(opt.grads, grads):  # style "buffers": into opt.grads
+            np.copyto(buf, g)
+        return loss.item()
+
+    return closure
+
+
+def _torch_closure(problem: str, params: list[Any], opt: Any) -> Callable[[], Any]:
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = objective(problem, params)
+        loss.backward()
+        return loss.detach()  # (torch.optim.LBFGS warns on float() of a loss that needs grad)
+
+    return closure
+
+
+def _close(what: str, got: np.ndarray, want: np.ndarray, rtol: float) -> None:
+    scale = max(float(np.max(np.abs(want))), 1e-30)
+    err = float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
+    assert err <= rtol * scale, f"{what}: error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def _steps(kw: dict[str, Any], problem: str, dtype: Any) -> int:
+    """How many steps are compared (see the module docstring): float32 one; float64 all but on
+    the Rosenbrock function at lr 1 without line search (a chaotic trajectory: torch's own
+    roundings differ from 1e-14 after one step to 1e-4 after four, measured)."""
+    if dtype == np.float32:
+        return 1
+    if problem == "rosenbrock" and "line_search_fn" not in kw and kw.get("lr", 1) >= 0.5:
+        return 1
+    return STEPS
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("kw", OPTIONS, ids=_ids)
+def test_matches_torch(kw: dict[str, Any], problem: str, dtype: Any) -> None:
+    """The NumPy class (both closure styles) and fastoptim.torch, step by step: loss returned,
+    parameters, the counts of the state (func_evals, n_iter, the history's length)."""
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as fot
+
+    start = [p.astype(dtype) for p in PROBLEMS[problem]]
+    tkw = dict(kw)
+    if kw == {"lr": 0.001}:  # torch's "Tensor lr": float32's 0.001 (the NumPy tier: as float)
+        tkw["lr"] = torch.tensor(0.001)
+        kw = {"lr": tkw["lr"].item()}
+    tp = [torch.tensor(p.copy(), requires_grad=True) for p in start]
+    topt = torch.optim.LBFGS(tp, **tkw)
+    fp = [torch.tensor(p.copy(), requires_grad=True) for p in start]
+    fopt = fot.LBFGS(fp, **tkw)
+    runs = []
+    for style in ("return", "buffers"):
+        ps = [p.copy() for p in start]
+        opt = fo.LBFGS(ps, **kw)
+        runs.append((ps, opt, _fastoptim_closure(problem, ps, opt, style)))
+    tclosure, fclosure = _torch_closure(problem, tp, topt), _torch_closure(problem, fp, fopt)
+    rtol = RTOL[np.dtype(dtype).name]
+    moved = False
+    scale = 0.0  # the largest loss so far: losses are compared at that scale (they reach ~0)
+
+    def close_loss(what: str, got: float, want: float) -> None:
+        assert abs(got - want) <= rtol * scale, f"{what}: {got!r} != {want!r}"
+
+    for step in range(_steps(kw, problem, dtype)):
+        want = topt.step(tclosure).item()
+        scale = max(scale, abs(want))
+        close_loss(f"step {step} loss (torch tier)", fopt.step(fclosure).item(), want)
+        tstate, fstate = topt.state[tp[0]], fopt.state[fp[0]]
+        for ps, opt, closure in runs:
+            close_loss(f"step {step} loss", opt.step(closure), want)
+            for i, t in enumerate(tp):
+                _close(f"step {step} param {i}", ps[i], t.detach().numpy(), rtol)
+                moved |= not np.array_equal(ps[i], start[i])
+            state = opt.state[0]
+            # (float32: a converged line search may take one evaluation more or less)
+            for st in (state, fstate) if dtype == np.float64 else ():
+                assert st["func_evals"] == tstate["func_evals"]
+                assert st["n_iter"] == tstate["n_iter"]
+                assert len(st["old_dirs"]) == len(tstate["old_dirs"])
+        for i, t in enumerate(tp):
+            got = fp[i].detach().numpy()
+            _close(f"step {step} param {i} (torch tier)", got, t.detach().numpy(), rtol)
+        assert set(fstate) == set(tstate)
+        assert isinstance(fstate["d"], torch.Tensor) and fstate["d"].dtype == tp[0].dtype
+    assert moved
+
+
+def test_converges_on_least_squares() -> None:
+    """The solution of the least-squares problem (np.linalg.lstsq), with the line search."""
+    pytest.importorskip("torch")
+    ps = [p.copy() for p in PROBLEMS["least_squares"]]
+    opt = fo.LBFGS(ps, line_search_fn="strong_wolfe", max_iter=100)
+    opt.step(_fastoptim_closure("least_squares", ps, opt, "return"))
+    a, y = _least_squares_data(np.float64)
+    sol = np.linalg.lstsq(np.hstack([a, np.ones((30, 1))]), y, rcond=None)[0]
+    np.testing.assert_allclose(ps[0], sol[:5], atol=1e-6)
+    np.testing.assert_allclose(ps[1], sol[5], atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "pickle", "deepcopy"])
+def test_resume_exactly(how: str) -> None:
+    pytest.importorskip("torch")
+    kw = {"line_search_fn": "strong_wolfe", "history_size": 3, "max_iter": 3}
+    ps = [p.copy() for p in PROBLEMS["rosenbrock"]]
+    opt = fo.LBFGS(ps, **kw)
+    for _ in range(2):
+        opt.step(_fastoptim_closure("rosenbrock", ps, opt, "return"))
+    if how == "state_dict":
+        ps2 = [p.copy() for p in ps]
+        opt2 = fo.LBFGS(ps2, **kw)
+        opt2.load_state_dict(opt.state_dict())
+    else:
+        opt2 = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+        ps2 = list(opt2.param_groups[0]["params"])
+    assert opt2.state[0]["n_iter"] == opt.state[0]["n_iter"] > 2
+    for _ in range(3):
+        a = opt.step(_fastoptim_closure("rosenbrock", ps, opt, "return"))
+        b = opt2.step(_fastoptim_closure("rosenbrock", ps2, opt2, "return"))
+        assert a == b
+        np.testing.assert_array_equal(ps[0], ps2[0])
+
+
+def test_state_dict_is_a_copy_and_checked() -> None:
+    pytest.importorskip("torch")
+    ps = [p.copy() for p in PROBLEMS["rosenbrock"]]
+    opt = fo.LBFGS(ps)
+    opt.step(_fastoptim_closure("rosenbrock", ps, opt, "return"))
+    sd = opt.state_dict()
+    sd["state"][0]["d"][:] = 0
+    assert np.any(opt.state[0]["d"] != 0)
+    bad = opt.state_dict()
+    bad["state"][0]["d"] = np.zeros(5)
+    with pytest.raises(ValueError, match="expected float64"):
+        opt.load_state_dict(bad)
+    bad = opt.state_dict()
+    bad["state"][0]["old_dirs"] = bad["state"][0]["old_dirs"] + [np.zeros(6)]
+    with pytest.raises(ValueError, match="same length"):
+        opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("direction", ["torch->fastoptim", "fastoptim->torch"])
+def test_torch_state_dict_both_ways(direction: str) -> None:
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as fot
+
+    kw = {"line_search_fn": "strong_wolfe", "history_size": 4, "max_iter": 4}
+    first, second = (
+        (torch.optim.LBFGS, fot.LBFGS)
+        if direction == "torch->fastoptim"
+        else (fot.LBFGS, torch.optim.LBFGS)
+    )
+    a = [torch.tensor(PROBLEMS["rosenbrock"][0].copy(), requires_grad=True)]
+    b = [torch.tensor(PROBLEMS["rosenbrock"][0].copy(), requires_grad=True)]
+    oa, ob = torch.optim.LBFGS(a, **kw), first(b, **kw)
+    for _ in range(2):
+        oa.step(_torch_closure("rosenbrock", a, oa))
+        ob.step(_torch_closure("rosenbrock", b, ob))
+    ob2 = second(b, **kw)
+    ob2.load_state_dict(ob.state_dict())
+    for _ in range(2):
+        oa.step(_torch_closure("rosenbrock", a, oa))
+        ob2.step(_torch_closure("rosenbrock", b, ob2))
+    _close("resumed", b[0].detach().numpy(), a[0].detach().numpy(), 1e-10)
+    assert ob2.state[b[0]]["n_iter"] == oa.state[a[0]]["n_iter"]
+
+
+def test_signature_as_torch() -> None:
+    torch = pytest.importorskip("torch")
+    import inspect
+
+    import fastoptim.torch as fot
+
+    theirs = inspect.signature(torch.optim.LBFGS.__init__).parameters
+    for cls in (fot.LBFGS, fo.LBFGS):
+        ours = inspect.signature(cls.__init__).parameters
+        assert list(ours) == list(theirs)
+        for name, p in theirs.items():
+            assert ours[name].default == p.default, name
+    w = torch.zeros(3, requires_grad=True)
+    assert fot.LBFGS([w], max_iter=8).param_groups[0]["max_eval"] == 10  # resolved, as torch
+    assert fo.LBFGS([np.zeros(3)], max_iter=8).param_groups[0]["max_eval"] == 10
+
+
+def test_errors_change_nothing() -> None:
+    w = np.ones(3)
+    with pytest.raises(ValueError, match="parameter groups"):
+        fo.LBFGS([{"params": [w]}, {"params": [np.ones(2)]}])
+    for kw, match in (
+        ({"line_search_fn": "armijo"}, "line_search_fn"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"history_size": 0}, "history_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"tolerance_grad": float("nan")}, "tolerance_grad"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fo.LBFGS([w], **kw)
+    opt = fo.LBFGS([w])
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected 1 gradients"):
+        opt.step(lambda: (1.0, [np.ones(3), np.ones(3)]))
+    with pytest.raises(ValueError):
+        opt.step(lambda: (1.0, [np.ones(4)]))
+    np.testing.assert_array_equal(w, np.ones(3))
+    assert opt.state[0] == {"func_evals": 0, "n_iter": 0} or opt.state[0] == {}
+    with pytest.raises(TypeError, match="pickle"):
+        fo.save("unused.npz", opt)
+
+
+def test_gradient_buffers_and_optimality() -> None:
+    """A zero gradient is already optimal: one evaluation, nothing moves (torch's rule)."""
+    w = np.ones(4)
+    opt = fo.LBFGS([w])
+    calls = []
+
+    def closure() -> float:
+        calls.append(1)
+        opt.grads[0][:] = 0.0
+        return 3.0
+
+    assert opt.step(closure) == 3.0
+    assert len(calls) == 1
+    np.testing.assert_array_equal(w, np.ones(4))

@@ -1,0 +1,392 @@
+"""Muon (a host definition: Newton-Schulz through NumPy's BLAS) in every tier.
+
+Not in the element-wise table of ``cases.py``: Muon takes 2-D parameters only, its update of an
+element depends on the whole matrix, and torch rounds the iteration to bfloat16, so the table's
+sizes (1-D, 1..70000 elements), its two gradient families and its ulp tolerances do not apply.
+Here: the options of torch's own test database (``optim_inputs_func_muon``) on wide, tall and
+square matrices, 10 steps, against ``torch.optim.Muon`` (float32 and float64), with the
+tolerance of the issue: parameters within 1e-5 relative (to the tensor's largest element) at
+torch's default lr 1e-3, proportionally more at a larger lr; the momentum buffer, which does
+not go through the bfloat16 iteration, within a few ulps.
+
+Why proportional to lr: the products accumulate in float32 in another order than torch's
+(BLAS blocking), which flips the bfloat16 rounding of about 1e-5 of the elements of the first
+product; the iteration's slope at small singular values (a = 3.4) amplifies those flips, so
+that after 5 iterations many elements of the orthogonalised update O differ by one bfloat16
+ulp (2**-8 of |O|) on a matrix with small singular values (a random square one).  The
+parameters then differ by about lr * 2**-8 * |O| per step: measured up to 5e-6 relative at
+lr 1e-3 after 10 steps, 3e-5 at lr 1e-2, 6e-5 with match_rms_adamw at lr 1e-2 (an effective
+lr of 1.7e-2).  (Small matrices come out bit for bit as torch's.)
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from cases import every_dtype
+from fastoptim import functional, host, reference
+
+# The options of torch's optim_db (torch.testing._internal.common_optimizers), copied so that
+# the test runs without torch's test modules; test_optim_db_options_are_covered checks them.
+OPTIM_DB: list[dict[str, Any]] = [
+    {},
+    {"lr": 0.01},
+    {"lr": 0.001},  # torch's "Tensor lr" (a tensor in the torch tier)
+    {"weight_decay": 0.2},
+    {"momentum": 0.8},
+    {"ns_steps": 6},
+    {"ns_coefficients": (3.4, -4.7, 2.0)},
+]
+MORE: list[dict[str, Any]] = [
+    {"nesterov": False},
+    {"adjust_lr_fn": "match_rms_adamw", "lr": 0.01},
+    {"adjust_lr_fn": "original", "momentum": 0.3, "weight_decay": 0.0},
+    {"momentum": 0.0, "nesterov": False},
+]
+OPTIONS = OPTIM_DB + MORE
+SHAPES = [(24, 40), (40, 24), (32, 32), (3, 70)]
+STEPS = 10
+RTOL = 1e-5  # of the tensor's largest |element| at lr <= 1e-3: the issue's tolerance
+
+
+def _rtol(kw: dict[str, Any]) -> float:
+    """RTOL, times the effective lr / 1e-3 above torch's default lr (see the module
+    docstring); "match_rms_adamw" scales lr by 0.2 sqrt(max(A, B)), up to 1.7 here."""
+    boost = 1.7 if kw.get("adjust_lr_fn") == "match_rms_adamw" else 1.0
+    return RTOL * max(1.0, boost * kw.get("lr", 1e-3) / 1e-3)
+
+
+BUF_ULPS = 8
+
+
+def _torch() -> Any:
+    """torch, if installed and it has torch.optim.Muon (2.9 on); else the test skips."""
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon")
+    return torch
+
+
+def _ids(kw: dict[str, Any]) -> str:
+    return "-".join(f"{k}={v}" for k, v in kw.items()) or "default"
+
+
+def _run_numpy(
+    cls: Any, w0: list[np.ndarray], grads: list[list[np.ndarray]], **kw: Any
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    ws = [w.copy() for w in w0]
+    opt = cls(ws, **kw)
+    for g in grads:
+        opt.step(g)
+    return ws, [opt.state[i]["momentum_buffer"] for i in range(len(ws))]
+
+
+def _problem(rng: np.random.Generator, dtype: Any) -> tuple[list[np.ndarray], list[Any]]:
+    w0 = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
+    return w0, grads
+
+
+MEASURED: dict[str, float] = {}
+
+
+def _check(what: str, got: np.ndarray, want: np.ndarray, rtol: float) -> None:
+    scale = float(np.max(np.abs(want)))
+    err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+    MEASURED[what] = max(MEASURED.get(what, 0.0), err / scale if scale else err)
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+@every_dtype
+@pytest.mark.parametrize("kw", OPTIONS, ids=_ids)
+def test_matches_torch(kw: dict[str, Any], dtype: Any, rng: np.random.Generator) -> None:
+    """NumPy class, functional function and fastoptim.torch against torch.optim.Muon."""
+    torch = _torch()
+    import fastoptim.torch as fot
+
+    w0, grads = _problem(rng, dtype)
+    tw = [torch.tensor(w.copy()) for w in w0]
+    tkw = dict(kw)
+    if kw == {"lr": 0.001}:
+        tkw["lr"] = torch.tensor(0.001)
+    topt = torch.optim.Muon(tw, **tkw)
+    fw = [torch.tensor(w.copy()) for w in w0]
+    fopt = fot.Muon(fw, **tkw)
+    for g in grads:
+        for t, f, gi in zip(tw, fw, g):
+            t.grad = torch.tensor(gi)
+            f.grad = torch.tensor(gi)
+        topt.step()
+        fopt.step()
+    ws, bufs = _run_numpy(fo.Muon, w0, grads, **kw)
+    fn = [w.copy() for w in w0]
+    fb = [np.zeros_like(w) for w in w0]
+    for t, g in enumerate(grads, 1):
+        for p, gi, b in zip(fn, g, fb):
+            functional.muon_(p, gi, b, step=t, **kw)
+    eps = np.finfo(dtype).eps
+    for i, t in enumerate(tw):
+        want = t.numpy()
+        assert not np.array_equal(want, w0[i])
+        _check(f"param {i}", ws[i], want, _rtol(kw))
+        _check(f"fastoptim.torch param {i}", fw[i].numpy(), want, _rtol(kw))
+        _check(f"functional param {i}", fn[i], ws[i], 0.0)  # the same code: same bits
+        tbuf = topt.state[t]["momentum_buffer"].numpy()
+        _check(f"momentum_buffer {i}", bufs[i], tbuf, BUF_ULPS * eps)
+        fbuf = fopt.state[fw[i]]["momentum_buffer"].numpy()
+        _check(f"fastoptim.torch momentum_buffer {i}", fbuf, tbuf, BUF_ULPS * eps)
+        np.testing.assert_array_equal(fb[i], bufs[i])
+
+
+@every_dtype
+@pytest.mark.parametrize("ns_dtype", host.NS_DTYPES)
+def test_matches_reference(ns_dtype: str, dtype: Any, rng: np.random.Generator) -> None:
+    """The BLAS iteration (buffers reused, in-place bfloat16 rounding) against the readable
+    line-for-line transcription of torch in fastoptim.reference."""
+    w0, grads = _problem(rng, dtype)
+    for kw in ({}, {"nesterov": False, "momentum": 0.3}):
+        ws, bufs = _run_numpy(fo.Muon, w0, grads, ns_dtype=ns_dtype, **kw)
+        rs, rbufs = _run_numpy(reference.Muon, w0, grads, ns_dtype=ns_dtype, **kw)
+        for i in range(len(ws)):
+            # same operations; only BLAS summation order may differ (float32 products)
+            _check(f"param {i}", ws[i], rs[i], 1e-6)
+            np.testing.assert_array_equal(bufs[i], rbufs[i])
+
+
+@every_dtype
+def test_float_iteration_documented_difference(dtype: Any, rng: np.random.Generator) -> None:
+    """ns_dtype="float32"/"float64" skip the bfloat16 rounding: the parameters (unit scale)
+    end about 1e-5 of their scale from torch's after 10 steps at lr 1e-3 (documented; measured
+    2e-6..1.5e-5), more than the bfloat16 convention's difference, much less than the 1e-2
+    the parameters moved."""
+    torch = _torch()
+    w0, grads = _problem(rng, dtype)
+    tw = [torch.tensor(w.copy()) for w in w0]
+    topt = torch.optim.Muon(tw)
+    for g in grads:
+        for t, gi in zip(tw, g):
+            t.grad = torch.tensor(gi)
+        topt.step()
+    for ns_dtype in ("float32", "float64"):
+        ws, _ = _run_numpy(fo.Muon, w0, grads, ns_dtype=ns_dtype)
+        rel = max(
+            float(np.max(np.abs(w - t.numpy())) / np.max(np.abs(t.numpy()))) for w, t in zip(ws, tw)
+        )
+        assert 1e-6 < rel < 1e-3, (ns_dtype, rel)
+
+
+def test_newton_schulz_orthogonalises(rng: np.random.Generator) -> None:
+    """The iteration's purpose: singular values pushed into about [0.7, 1.2] (the quintic's
+    band), whatever the input's scale, in every ns_dtype."""
+    g = rng.standard_normal((48, 80)).astype(np.float32) * 1e-3
+    g[0] *= 100  # one dominant direction
+    for ns_dtype in host.NS_DTYPES:
+        s = np.linalg.svd(host.newton_schulz(g, dtype=ns_dtype), compute_uv=False)
+        assert 0.6 < s.min() and s.max() < 1.25, (ns_dtype, s.min(), s.max())
+
+
+def test_bfloat16_rounding_as_reference(rng: np.random.Generator) -> None:
+    x = np.concatenate(
+        [
+            rng.standard_normal(5000) * 10.0 ** rng.integers(-40, 38, 5000),
+            np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.3895314e38, 1e-45], np.float32),
+            # ties: exactly half-way between two bfloat16 values, both parities
+            (np.arange(1, 40, dtype=np.uint32) << 16 | 0x8000).view(np.float32),
+        ]
+    ).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = reference.round_to_bfloat16(x).astype(np.float32)
+    got = host.round_bfloat16_(x.copy())
+    np.testing.assert_array_equal(got, want)
+
+
+@every_dtype
+def test_tensor_layouts_in_torch(dtype: Any, rng: np.random.Generator) -> None:
+    """fastoptim.torch on a transposed parameter, and a gradient in the other layout, as on a
+    contiguous one."""
+    torch = _torch()
+    import fastoptim.torch as fot
+
+    w0 = rng.standard_normal((20, 36)).astype(dtype)
+    a = torch.tensor(w0.copy())
+    b = torch.tensor(w0.T.copy()).T  # same values, transposed memory
+    oa, ob = fot.Muon([a], lr=0.01), fot.Muon([b], lr=0.01)
+    for _ in range(3):
+        g = rng.standard_normal((20, 36)).astype(dtype)
+        a.grad = torch.tensor(g)
+        b.grad = torch.tensor(g)
+        oa.step()
+        ob.step()
+    assert not b.is_contiguous()
+    _check("transposed", b.numpy(), a.numpy(), 1e-6)
+
+
+def test_only_2d_parameters() -> None:
+    for bad in (np.zeros(4, np.float32), np.zeros((2, 3, 4), np.float32)):
+        with pytest.raises(ValueError, match="2-D"):
+            fo.Muon([np.zeros((2, 3), np.float32), bad])
+        with pytest.raises(ValueError, match="2-D"):
+            functional.muon_(bad, bad.copy(), bad.copy(), step=1)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        fo.Muon([np.zeros((2, 3), np.float16)])
+    torch = _torch()
+    import fastoptim.torch as fot
+
+    with pytest.raises(ValueError, match="2-D"):
+        fot.Muon([torch.zeros(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+        ({"ns_coefficients": (1.0, float("nan"), 2.0)}, "ns_coefficients"),
+        ({"ns_steps": 100}, "ns_steps"),
+        ({"ns_steps": -1}, "ns_steps"),
+        ({"adjust_lr_fn": "nope"}, "adjust_lr_fn"),
+        ({"ns_dtype": "float16"}, "ns_dtype"),
+        ({"lr": -1.0}, "lr"),
+        ({"momentum": -0.5}, "momentum"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
+    ],
+)
+def test_invalid_options(kw: dict[str, Any], match: str) -> None:
+    w = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match=match):
+        fo.Muon([w], **kw)
+    opt = fo.Muon([w])
+    opt.param_groups[0].update(kw)
+    before = w.copy()
+    with pytest.raises(ValueError, match=match):
+        opt.step([np.ones_like(w)])
+    np.testing.assert_array_equal(w, before)  # a rejected step changes nothing
+
+
+def test_ns_steps_type() -> None:
+    with pytest.raises(TypeError, match="ns_steps must be an int"):
+        fo.Muon([np.ones((2, 3))], ns_steps=5.0)  # type: ignore[arg-type]
+
+
+def test_bad_gradient_changes_nothing() -> None:
+    ws = [np.ones((2, 3), np.float32), np.ones((3, 3), np.float32)]
+    opt = fo.Muon(ws)
+    opt.step([np.ones((2, 3), np.float32), np.ones((3, 3), np.float32)])
+    before = [w.copy() for w in ws] + [opt.state[i]["momentum_buffer"].copy() for i in (0, 1)]
+    with pytest.raises(ValueError):
+        opt.step([np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)])
+    with pytest.raises(TypeError):
+        opt.step([np.ones((2, 3), np.float32), np.ones((3, 3), np.int32)])
+    after = ws + [opt.state[i]["momentum_buffer"] for i in (0, 1)]
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "pickle", "deepcopy", "save"])
+def test_resume_exactly(how: str, rng: np.random.Generator, tmp_path: Any) -> None:
+    w0, grads = _problem(rng, np.float32)
+    ws = [w.copy() for w in w0]
+    opt = fo.Muon(ws, lr=0.02)
+    for g in grads[:4]:
+        opt.step(g)
+    if how == "state_dict":
+        ws2 = [w.copy() for w in ws]
+        opt2 = fo.Muon(ws2, lr=0.02)
+        opt2.load_state_dict(opt.state_dict())
+    elif how == "save":
+        fo.save(tmp_path / "m.npz", opt)
+        ws2 = [np.zeros_like(w) for w in ws]
+        opt2 = fo.Muon(ws2, lr=0.02)
+        fo.load(tmp_path / "m.npz", opt2)
+    else:
+        opt2 = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+        ws2 = list(opt2.param_groups[0]["params"])
+    for g in grads[4:]:
+        opt.step(g)
+        opt2.step(g)
+    for a, b in zip(ws, ws2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lr_schedule() -> None:
+    """Schedules come from the engine: lr(t) at update t."""
+    w, w2 = np.ones((4, 6)), np.ones((4, 6))
+    opt = fo.Muon([w], lr=lambda t: 0.01 * (t + 1))
+    g = np.arange(24.0).reshape(4, 6)
+    opt.step([g])
+    opt.step([g])
+    ref = fo.Muon([w2], lr=0.01)
+    ref.step([g])
+    ref.param_groups[0]["lr"] = 0.02
+    ref.step([g])
+    np.testing.assert_array_equal(w, w2)
+
+
+def test_torch_state_dict_both_ways(rng: np.random.Generator) -> None:
+    torch = _torch()
+    import fastoptim.torch as fot
+
+    w0, grads = _problem(rng, np.float64)
+    a = [torch.tensor(w.copy()) for w in w0]
+    b = [torch.tensor(w.copy()) for w in w0]
+    ta, fb = torch.optim.Muon(a), fot.Muon(b)
+
+    def run(params: list[Any], opt: Any, gs: list[list[np.ndarray]]) -> None:
+        for g in gs:
+            for p, gi in zip(params, g):
+                p.grad = torch.tensor(gi)
+            opt.step()
+
+    run(a, ta, grads[:3])
+    run(b, fb, grads[:3])
+    # swap: torch's state into fastoptim and fastoptim's into torch
+    fa, tb = fot.Muon(a), torch.optim.Muon(b)
+    fa.load_state_dict(ta.state_dict())
+    tb.load_state_dict(fb.state_dict())
+    run(a, fa, grads[3:])
+    run(b, tb, grads[3:])
+    for x, y in zip(a, b):
+        _check("resumed", x.numpy(), y.numpy(), RTOL)
+
+
+def test_signature_as_torch() -> None:
+    torch = _torch()
+    import inspect
+
+    import fastoptim.torch as fot
+
+    theirs = inspect.signature(torch.optim.Muon.__init__).parameters
+    ours = inspect.signature(fot.Muon.__init__).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].default == p.default, name
+    assert ours["ns_dtype"].kind is inspect.Parameter.KEYWORD_ONLY
+    numpy_params = inspect.signature(fo.Muon.__init__).parameters
+    assert [n for n in numpy_params if n != "ns_dtype"] == list(theirs)
+
+
+def test_optim_db_options_are_covered() -> None:
+    _torch()
+    try:
+        from torch.testing._internal.common_optimizers import optim_db
+    except Exception as e:  # pragma: no cover - torch's test modules not installed
+        pytest.skip(f"torch's optim_db: {e}")
+    info = next(o for o in optim_db if o.optim_cls.__name__ == "Muon")
+    for inp in info.optim_inputs_func("cpu"):
+        kw = {k: (float(v) if hasattr(v, "item") else v) for k, v in inp.kwargs.items()}
+        assert kw in OPTIM_DB, kw
+
+
+def test_bench_muon_table() -> None:
+    """``fastoptim bench --muon``: rates from the same run, every ns_dtype, a whole step."""
+    from fastoptim.apps import bench
+
+    rows = bench.run_muon([(8, 16)], rounds=1)
+    assert set(rows[0].ns) == set(host.NS_DTYPES) and rows[0].sgemm > 0 and rows[0].step > 0
+    table = bench.format_muon(rows)
+    assert "8x16" in table and "% sgemm" in table
