@@ -126,7 +126,8 @@ def bytes_per_step(
 # ------------------------------------------------------------------------ agreement
 def _agree(comm: Any, where: str, local: Callable[[], _T]) -> _T:
     """Run `local` on every rank, then exchange the outcome (one ``allgather``): if it raised
-    on any rank, raise :class:`DistributedError` on every rank naming them."""
+    the same error on every rank, raise it as is everywhere; if it raised on some ranks (or
+    differently), raise :class:`DistributedError` on every rank naming them."""
     error: Exception | None = None
     result: Any = None
     try:
@@ -135,6 +136,8 @@ def _agree(comm: Any, where: str, local: Callable[[], _T]) -> _T:
         error = e
     outcomes = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
     failed = [(r, msg) for r, msg in enumerate(outcomes) if msg is not None]
+    if error is not None and len(set(outcomes)) == 1:
+        raise error  # the same error on every rank (an invalid option...): as is
     if failed:
         lines = "\n  - ".join(f"rank {r}: {msg}" for r, msg in failed)
         raise DistributedError(f"{where} failed on {len(failed)} rank(s):\n  - {lines}") from error
@@ -381,8 +384,9 @@ class DataParallel:
     - `bucket_bytes`: the most bytes of one parameter group reduced by one collective call
       (bounds the temporary buffers: about ``2 * bucket_bytes``).
     - `grad_reduction`: ``"mean"`` (divide the sum by the number of ranks) or ``"sum"``.
-    - `broadcast`: copy rank 0's parameters to every rank at construction (as DDP does), so
-      that differently initialised models start alike.
+    - `broadcast`: copy rank 0's parameters and state buffers to every rank at
+      construction (as DDP does with the parameters), so that differently initialised models
+      start alike.
 
     Construction is collective and checks that every rank's setup is the same
     (:class:`DistributedError` on every rank otherwise).  The optimizer's state is identical
@@ -424,7 +428,12 @@ class DataParallel:
     def _signature(self) -> list[tuple[str, str]]:
         opt = self.optimizer
         params = [list(zip(g.keys, g.params)) for g in opt._groups]
-        options = {"bucket_bytes": self.bucket_bytes, "grad_reduction": self.grad_reduction}
+        options = {
+            "bucket_bytes": self.bucket_bytes,
+            "grad_reduction": self.grad_reduction,
+            "step counts": [opt.step_count, *(g.step for g in opt._groups)],
+            "state buffers": [sorted(g.arenas) for g in opt._groups],
+        }
         return _groups_signature(type(opt).__name__, params, _hypers(opt), options)
 
     def _layout(self) -> None:
@@ -504,10 +513,14 @@ class DataParallel:
         self._checked = True
 
     def broadcast_parameters(self, root: int = 0) -> None:
-        """Collective: copy rank `root`'s parameters to every rank."""
+        """Collective: copy rank `root`'s parameters and optimizer state buffers (master
+        copies included) to every rank."""
+        byte = self._c.MPI.BYTE
         for g in self.optimizer._groups:
             for p in g.params:
-                self._c.comm.Bcast([p.reshape(-1).view(np.uint8), self._c.MPI.BYTE], root=root)
+                self._c.comm.Bcast([p.reshape(-1).view(np.uint8), byte], root=root)
+            for name in sorted(g.arenas):
+                self._c.comm.Bcast([g.arenas[name], byte], root=root)
 
     def allreduce_grads(self) -> None:
         """Collective: replace every rank's gradient buffers by their mean (or sum) over the
