@@ -93,7 +93,9 @@ ZERO: dict[str, dict[str, Any]] = {
 }
 
 
-def case_groups(case: dict[str, Any]) -> list[tuple[list[tuple[int, ...]], list[str], dict[str, Any]]]:
+def case_groups(
+    case: dict[str, Any],
+) -> list[tuple[list[tuple[int, ...]], list[str], dict[str, Any]]]:
     """Per group: shapes, dtype names, options (entries merged into one group if "merge")."""
     out = [(list(shapes), [dt] * len(shapes), dict(opts)) for shapes, dt, opts in case["groups"]]
     if case.get("merge"):

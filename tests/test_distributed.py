@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,7 +54,16 @@ def launch(n: int, *args: str | Path, script: Path = WORKER) -> str:
     """``mpiexec -n n python script args`` (``python -m mpi4py script`` if `args` is
     ``("-m", "mpi4py")``), killed (all its processes) after TIMEOUT; its stdout."""
     assert MPIEXEC is not None
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        # Open MPI's mpiexec (if that is the one installed) refuses root and more ranks than
+        # cores without these; MPICH ignores them.
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    }
     pre, post = (list(args), []) if args[:1] == ("-m",) else ([], list(args))
     cmd = [MPIEXEC, "-n", str(n), sys.executable, *pre, str(script), *map(str, post)]
     proc = subprocess.Popen(
@@ -216,9 +225,7 @@ def test_zero1_checkpoint_files(run2: Any) -> None:
     ckpt = run2[0] / "ckpt" / "adam_two_groups"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["optimizer"] == "Adam"
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["manifest.json", *manifest["files"]]
-    )
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["manifest.json", *manifest["files"]])
     assert manifest["groups"][0]["shards"] == [[0, 24], [24, 49]]
     with np.load(ckpt / manifest["files"][0]) as f:
         assert "meta" in f.files and "s0.exp_avg" in f.files

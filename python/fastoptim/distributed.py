@@ -63,6 +63,8 @@ from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 
+import fastoptim.engine.optimizer
+
 from . import checkpoint
 from .engine.optimizer import Grads, Optimizer, Params, _dtype
 from .schedules import _to_data
@@ -397,7 +399,7 @@ class DataParallel:
 
     def __init__(
         self,
-        optimizer: Optimizer,
+        optimizer: fastoptim.engine.optimizer.Optimizer,
         comm: Any = None,
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -405,7 +407,7 @@ class DataParallel:
         broadcast: bool = True,
     ) -> None:
         self._c = _Comm(comm)
-        self.optimizer = optimizer
+        self._opt = optimizer
         self.grad_reduction = grad_reduction
 
         def local() -> list[tuple[str, str]]:
@@ -459,6 +461,11 @@ class DataParallel:
                     end = start + v.nbytes
                 seg = _Segment(dt, flat.size, _even(flat.size, n), self.bucket_bytes)
                 self._segments.append((seg, flat))
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer (its state is the same on every rank)."""
+        return self._opt
 
     @property
     def grads(self) -> Any:
@@ -673,7 +680,7 @@ class ZeroRedundancyOptimizer:
     def __init__(
         self,
         params: Params,
-        optimizer_class: type[Optimizer],
+        optimizer_class: type[fastoptim.engine.optimizer.Optimizer],
         *,
         comm: Any = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -711,7 +718,7 @@ class ZeroRedundancyOptimizer:
 
         _compare(c.comm, where, _agree(c.comm, where, parse))
         self._defaults = dict(defaults)
-        self.optimizer: Optimizer = _agree(c.comm, where, lambda: self._inner(c.rank))
+        self._opt: Optimizer = _agree(c.comm, where, lambda: self._inner(c.rank))
         self._layout()
         # Full-size gradient buffers, one contiguous array per segment.
         self._grad_flats: list[np.ndarray] = []
@@ -755,6 +762,13 @@ class ZeroRedundancyOptimizer:
             pos += max(1, len(pieces))
 
     # -------------------------------------------------------------- views of the state
+    @property
+    def optimizer(self) -> Optimizer:
+        """This rank's inner optimizer: `optimizer_class` over the 1-D pieces of the
+        parameters it owns (one group per group of `params`; a group of which it owns no
+        element holds one internal 1-element array instead)."""
+        return self._opt
+
     @property
     def grads(self) -> Any:
         """Full-size gradient buffers (zeros at first, the parameters' shapes and dtypes): a
@@ -817,7 +831,11 @@ class ZeroRedundancyOptimizer:
     # -------------------------------------------------------------- collective operations
     def _signature(self) -> list[tuple[str, str]]:
         pairs = [list(zip(g.keys, g.arrays)) for g in self._groups]
-        options = {"bucket_bytes": self.bucket_bytes, "grad_reduction": self.grad_reduction}
+        options = {
+            "bucket_bytes": self.bucket_bytes,
+            "grad_reduction": self.grad_reduction,
+            "step counts": [self.optimizer.step_count],
+        }
         return _groups_signature(
             self.optimizer_class.__name__, pairs, _hypers(self.optimizer), options
         )
