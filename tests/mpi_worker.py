@@ -49,6 +49,13 @@ DATA_PARALLEL: dict[str, dict[str, Any]] = {
         "kw": {"lr": 1e-2, "master_weights": True},
         "bucket_bytes": 128,
     },
+    "rmsprop_sum": {  # the sum over the ranks, not the mean
+        "groups": [([(6,), (3, 3)], "float32", {})],
+        "cls": "RMSprop",
+        "kw": {"lr": 1e-2, "momentum": 0.5},
+        "bucket_bytes": 64,
+        "grad_reduction": "sum",
+    },
     "lion_unpadded": {  # 16-float tensors: no alignment padding, bytes = the formula exactly
         "groups": [([(4, 4), (2, 16)], "float32", {})],
         "cls": "Lion",
@@ -83,6 +90,13 @@ ZERO: dict[str, dict[str, Any]] = {
         "cls": "Adam",
         "kw": {"lr": 1e-2, "master_weights": True},
         "bucket_bytes": 64,
+    },
+    "rprop_grads_already_reduced": {  # every rank passes the same gradients
+        "groups": [([(8,), (5, 3)], "float32", {})],
+        "cls": "Rprop",
+        "kw": {"lr": 1e-2},
+        "bucket_bytes": 64,
+        "grad_reduction": "none",
     },
     "nadam_scalar_state": {
         "groups": [([(17,), (2, 5)], "float32", {})],
@@ -126,19 +140,28 @@ def make_params(name: str, case: dict[str, Any]) -> tuple[Any, list[Any], list[n
 
 
 def local_grads(name: str, t: int, rank: int, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """Rank `rank`'s gradients at step `t` (deterministic)."""
+    """Rank `rank`'s gradients at step `t` (deterministic; the same on every rank for a case
+    whose gradients are already reduced)."""
+    case = DATA_PARALLEL.get(name) or ZERO[name]
+    if case.get("grad_reduction") == "none":
+        rank = 0
     rng = np.random.default_rng([sum(map(ord, name)), t, rank])
     return [rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
 
 
-def ordered_mean(grads: list[np.ndarray]) -> np.ndarray:
+def ordered_mean(grads: list[np.ndarray], reduction: str = "mean") -> np.ndarray:
     """The documented reduction: ((g_0 + g_1) + ...) / N in float32 for 16-bit gradients
-    (else in their dtype), rounded to the gradients' dtype."""
+    (else in their dtype), rounded to the gradients' dtype; without the division for "sum";
+    rank 0's gradients for "none" (every rank has the same)."""
+    if reduction == "none":
+        return grads[0]
     acc_t = np.float32 if grads[0].dtype.itemsize < 4 else grads[0].dtype.type
     total = grads[0].astype(acc_t)
     for g in grads[1:]:
         total = total + g.astype(acc_t)
-    return (total / acc_t(len(grads))).astype(grads[0].dtype)
+    if reduction == "mean":
+        total = total / acc_t(len(grads))
+    return total.astype(grads[0].dtype)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -159,7 +182,12 @@ def _train(comm: Any, out: Path, resume_from: Path | None, train: bool) -> None:
                 for a in arrays:
                     a[...] = 0
             opt = getattr(fo, case["cls"])(groups, **case["kw"])
-            dp = fd.DataParallel(opt, comm, bucket_bytes=case["bucket_bytes"])
+            dp = fd.DataParallel(
+                opt,
+                comm,
+                bucket_bytes=case["bucket_bytes"],
+                grad_reduction=case.get("grad_reduction", "mean"),
+            )
             grads = dp.grads
             for t in range(STEPS):
                 mine = local_grads(name, t, rank, arrays)
@@ -183,6 +211,7 @@ def _train(comm: Any, out: Path, resume_from: Path | None, train: bool) -> None:
                 getattr(fo, case["cls"]),
                 comm=comm,
                 bucket_bytes=case["bucket_bytes"],
+                grad_reduction=case.get("grad_reduction", "mean"),
                 **case["kw"],
             )
             start = 0

@@ -1014,7 +1014,7 @@ class ZeroRedundancyOptimizer:
                     needed.add(r)
         # New state per inner parameter (position in the inner optimizer), assembled below.
         mine = [g.pieces(me) for g in self._groups]
-        inner_sd = self.optimizer.state_dict()
+        inner_sd = self.optimizer._state_dict(copy=False)  # (keys and records only)
         new_state: dict[int, dict[str, np.ndarray]] = {}
         new_params: list[tuple[np.ndarray, np.ndarray]] = []  # (destination view, values)
         records: list[Any] = []
