@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, TypeVar
@@ -81,6 +83,7 @@ __all__ = [
 DEFAULT_BUCKET_BYTES = 16 << 20
 _MAX_BUCKET_BYTES = 1 << 30  # MPI counts are C ints: stay well below 2**31 bytes
 _MANIFEST = "manifest.json"
+_SHARD = re.compile(r"shard-\d{5}-of-\d{5}-[0-9a-f]{12}\.npz")
 _ZERO_FORMAT = "fastoptim.zero/1"
 
 Reduction = Literal["mean", "sum"]
@@ -731,6 +734,7 @@ class ZeroRedundancyOptimizer:
                     lo, hi = g.offsets[i] - g.offsets[a], g.offsets[i + 1] - g.offsets[a]
                     self._grads.append(flat[lo:hi].reshape(g.arrays[i].shape))
         self.check()
+        self._checked = False  # the first step checks again (options set in between)
 
     def _inner(self, r: int, views: list[list[np.ndarray]] | None = None) -> Optimizer:
         """`optimizer_class` over rank `r`'s pieces of every group (or over `views`)."""
@@ -896,23 +900,24 @@ class ZeroRedundancyOptimizer:
                         params.write(a, stage[displs[r] : displs[r + 1]])
 
     # -------------------------------------------------------------- checkpoints
-    def _shard_name(self, r: int, n: int) -> str:
-        return f"shard-{r:05d}-of-{n:05d}.npz"
-
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Collective: write a checkpoint into directory `path` (created if needed): one
-        :func:`fastoptim.save` file per rank (its inner optimizer: its pieces of the
-        parameters and their state) and ``manifest.json`` (the sharding, written last by
-        rank 0 once every shard is on disk).  Any rank's failure raises on every rank."""
+        """Collective: write a checkpoint into directory `path` (created if needed; on a file
+        system every rank reaches): one :func:`fastoptim.save` file per rank (its inner
+        optimizer: its pieces of the parameters and their state) named
+        ``shard-<rank>-of-<ranks>-<save id>.npz``, then ``manifest.json`` (the sharding and
+        the files' names), written by rank 0 once every shard is on disk and renamed into
+        place.  Replacing a checkpoint is atomic: until the new manifest is in place the old
+        one names the old files, which are removed only after it.  Any rank's failure raises
+        on every rank."""
         c, where = self._c, f"ZeroRedundancyOptimizer.save({os.fspath(path)!r})"
         directory = os.fspath(path)
-        if c.rank == 0:
-            _agree(c.comm, where, lambda: os.makedirs(directory, exist_ok=True))
-        else:
-            _agree(c.comm, where, lambda: None)
-        name = self._shard_name(c.rank, c.size)
+        _agree(c.comm, where, lambda: os.makedirs(directory, exist_ok=True))
+        save_id: str = c.comm.bcast(secrets.token_hex(6) if c.rank == 0 else None, root=0)
+        files = [f"shard-{r:05d}-of-{c.size:05d}-{save_id}.npz" for r in range(c.size)]
         _agree(
-            c.comm, where, lambda: checkpoint.save(os.path.join(directory, name), self.optimizer)
+            c.comm,
+            where,
+            lambda: checkpoint.save(os.path.join(directory, files[c.rank]), self.optimizer),
         )
 
         def manifest() -> None:
@@ -922,7 +927,8 @@ class ZeroRedundancyOptimizer:
                 "format": _ZERO_FORMAT,
                 "optimizer": self.optimizer_class.__name__,
                 "world_size": c.size,
-                "files": [self._shard_name(r, c.size) for r in range(c.size)],
+                "step_count": self.optimizer.step_count,
+                "files": files,
                 "groups": [
                     {
                         "params": [
@@ -935,12 +941,18 @@ class ZeroRedundancyOptimizer:
                 ],
             }
             target = os.path.join(directory, _MANIFEST)
-            tmp = f"{target}.tmp-{os.getpid()}"
+            tmp = f"{target}.tmp-{save_id}"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(data, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            for entry in os.listdir(directory):  # the previous checkpoint's shards
+                if _SHARD.fullmatch(entry) and entry not in files:
+                    try:
+                        os.unlink(os.path.join(directory, entry))
+                    except OSError:
+                        pass
 
         _agree(c.comm, where, manifest)
 
@@ -1026,7 +1038,12 @@ class ZeroRedundancyOptimizer:
             ]
             tmp = self._inner(r, views)
             checkpoint.load(os.path.join(directory, files[r]), tmp)
-            sd = tmp.state_dict()
+            sd = tmp._state_dict(copy=False)
+            if sd["step_count"] != man.get("step_count"):
+                raise checkpoint.CheckpointError(
+                    f"{where}: {files[r]} is at step {sd['step_count']}, the manifest at "
+                    f"{man.get('step_count')!r}: not the same checkpoint"
+                )
             if r == 0:
                 records, step_count = sd["param_groups"], sd["step_count"]
             pos_old = 0
