@@ -8,6 +8,7 @@ Modes:
              after CHECKPOINT_AT steps.  With CHECKPOINT (a directory written by another
              number of ranks) the ZeRO cases are also resumed from it and finished.
     resume   only that resumption (for one rank: an unsharded continuation)
+    load     load CHECKPOINT into the case TWICE: every rank records the outcome
     mismatch ranks set up differently: every rank records the exception it got
 """
 
@@ -169,6 +170,9 @@ def bits(a: np.ndarray) -> np.ndarray:
     return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
+TWICE = "adam_two_groups"  # also saved twice into one directory (out/twice)
+
+
 # --------------------------------------------------------------------------- the MPI side
 def _train(comm: Any, out: Path, resume_from: Path | None, train: bool) -> None:
     from fastoptim import distributed as fd
@@ -231,6 +235,8 @@ def _train(comm: Any, out: Path, resume_from: Path | None, train: bool) -> None:
                     z.step()
                 if ckpt is None and t + 1 == CHECKPOINT_AT:
                     z.save(out / "ckpt" / name)
+                if ckpt is None and name == TWICE and t + 1 in (CHECKPOINT_AT, STEPS):
+                    z.save(out / "twice" / name)  # the second save replaces the first
             for i, a in enumerate(arrays):
                 result[f"{label}/{name}/p{i}"] = bits(a)
             result[f"{label}/{name}/bytes"] = np.array([z.bytes_sent, z.bytes_per_step])
@@ -248,6 +254,21 @@ def _train(comm: Any, out: Path, resume_from: Path | None, train: bool) -> None:
                 first += len(g.arrays)
                 result[f"{label}/{name}/shard{gi}"] = np.array(z.shards[gi])
     np.savez(out / f"train-n{n}-rank{rank}.npz", **result)
+
+
+def _load_only(comm: Any, out: Path, ckpt: Path) -> None:
+    """Load checkpoint directory `ckpt` into the TWICE case; record the outcome."""
+    from fastoptim import distributed as fd
+
+    case = ZERO[TWICE]
+    groups, _, _ = make_params(TWICE, case)
+    z = fd.ZeroRedundancyOptimizer(groups, getattr(fo, case["cls"]), comm=comm, **case["kw"])
+    try:
+        z.load(ckpt)
+        got = "no error"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    (out / f"load-rank{comm.Get_rank()}.json").write_text(json.dumps(got))
 
 
 def _mismatch(comm: Any, out: Path) -> None:
@@ -340,6 +361,8 @@ def main() -> None:
         _train(comm, out, ckpt, train=True)
     elif mode == "resume":
         _train(comm, out, ckpt, train=False)
+    elif mode == "load" and ckpt is not None:
+        _load_only(comm, out, ckpt)
     elif mode == "mismatch":
         _mismatch(comm, out)
     else:

@@ -26,6 +26,7 @@ from mpi_worker import (
     CHECKPOINT_AT,
     DATA_PARALLEL,
     STEPS,
+    TWICE,
     ZERO,
     bits,
     local_grads,
@@ -237,6 +238,32 @@ def test_zero1_checkpoint_files(run2: Any) -> None:
     assert manifest["groups"][0]["shards"] == [[0, 24], [24, 49]]
     with np.load(ckpt / manifest["files"][0]) as f:
         assert "meta" in f.files and "s0.exp_avg" in f.files
+
+
+def test_zero1_checkpoint_replaced_atomically_and_mixed_shards_refused(
+    run2: Any, tmp_path: Path
+) -> None:
+    """A second save into the same directory leaves only its own files; a directory whose
+    shards come from two saves (a crash between two ranks' writes, files copied by hand) is
+    refused on every rank instead of mixing steps."""
+    twice = run2[0] / "twice" / TWICE
+    manifest = json.loads((twice / "manifest.json").read_text())
+    assert manifest["step_count"] == STEPS
+    assert sorted(p.name for p in twice.iterdir()) == sorted(["manifest.json", *manifest["files"]])
+    first = run2[0] / "ckpt" / TWICE  # the same run, saved at CHECKPOINT_AT
+    old = json.loads((first / "manifest.json").read_text())
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(first / "manifest.json", mixed)
+    shutil.copy(first / old["files"][0], mixed / old["files"][0])
+    shutil.copy(twice / manifest["files"][1], mixed / old["files"][1])  # another step
+    launch(2, "load", tmp_path, mixed)
+    for r in range(2):
+        got = json.loads((tmp_path / f"load-rank{r}.json").read_text())
+        assert got.startswith("DistributedError") and "not the same checkpoint" in got, got
+    launch(2, "load", tmp_path, first)  # the consistent one loads
+    for r in range(2):
+        assert json.loads((tmp_path / f"load-rank{r}.json").read_text()) == "no error"
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -1054,20 +1054,22 @@ class ZeroRedundancyOptimizer:
                 if r == 0 and not new_pieces:  # this rank's dummy: shard 0's first entry
                     src = sd["state"][pos_old]
                     new_state[pos_new] = {k: v.reshape(-1)[:1].copy() for k, v in src.items()}
-                for j, (pi, a, b) in enumerate(old_pieces):
-                    src = sd["state"][pos_old + j]
-                    for k, (qi, x, y) in enumerate(new_pieces):
-                        lo, hi = max(a, x), min(b, y)
-                        if qi != pi or hi <= lo:
-                            continue
+                j = k = 0  # both lists run through the group's elements in order: merge them
+                while j < len(old_pieces) and k < len(new_pieces):
+                    (pi, a, b), (qi, x, y) = old_pieces[j], new_pieces[k]
+                    lo, hi = max(a, x), min(b, y)
+                    if pi == qi and hi > lo:
                         dst = new_state.setdefault(pos_new + k, {})
-                        for name, arr in src.items():
+                        for name, arr in sd["state"][pos_old + j].items():
                             if name not in dst:
                                 dst[name] = np.empty(y - x, arr.dtype)
                             dst[name][lo - x : hi - x] = arr[lo - a : hi - a]
-                        piece = views[gi][j]
                         target = g.arrays[qi].reshape(-1)[lo:hi]
-                        new_params.append((target, piece[lo - a : hi - a]))
+                        new_params.append((target, views[gi][j][lo - a : hi - a]))
+                    if g.offsets[pi] + b <= g.offsets[qi] + y:
+                        j += 1
+                    else:
+                        k += 1
                 pos_old += max(1, len(old_pieces))
                 pos_new += max(1, len(new_pieces))
         # The inner optimizer's state_dict with the assembled state; its loader checks it all.
