@@ -63,5 +63,6 @@ def test_torch_training_learns_and_matches_torch() -> None:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"numpy_mlp.py", "checkpoint_resume.py", "torch_training.py"}
+    # mpi_mlp.py: tests/test_distributed.py (it runs under mpiexec)
+    tested = {"numpy_mlp.py", "checkpoint_resume.py", "torch_training.py", "mpi_mlp.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested

@@ -1212,8 +1212,10 @@ class ScheduleFreeOptimizer(Optimizer):
                 )
                 after.append((k + 1, weight_sum, lr_max, lr))
         loss = super().step(closure)
-        for group, (k, weight_sum, lr_max, lr) in zip(self.param_groups, after):
-            group.update(k=k, weight_sum=weight_sum, lr_max=lr_max, scheduled_lr=lr)
+        if not self.step_skipped:  # (GradScaler's found_inf, skip_nonfinite: nothing advances)
+            for group, (k, weight_sum, lr_max, lr) in zip(self.param_groups, after):
+                group.update(k=k, weight_sum=weight_sum, lr_max=lr_max, scheduled_lr=lr)
+        return loss
 
 
 def _numpy_state(value: Any) -> Any:

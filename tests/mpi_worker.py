@@ -1,0 +1,408 @@
+"""The MPI side of tests/test_distributed.py, started as ``mpiexec -n N python mpi_worker.py
+MODE OUT [CHECKPOINT]``; every rank writes what it computed to ``OUT/<mode>-rank<r>.npz`` (or
+``.json``) for the test to compare with single-process runs.  Also imported by the test for
+the cases, the per-rank gradients and the readable reference mean.
+
+Modes:
+    train    every DATA_PARALLEL and ZERO case; the ZeRO cases save a checkpoint into OUT/ckpt
+             after CHECKPOINT_AT steps.  With CHECKPOINT (a directory written by another
+             number of ranks) the ZeRO cases are also resumed from it and finished.
+    resume   only that resumption (for one rank: an unsharded continuation)
+    load     load CHECKPOINT into the case TWICE: every rank records the outcome
+    mismatch ranks set up differently: every rank records the exception it got
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import fastoptim as fo
+from fastoptim import schedules
+from fastoptim.engine.optimizer import _dtype
+
+STEPS = 5
+CHECKPOINT_AT = 2
+
+# name -> groups (shapes, dtype name, per-group options), optimizer class, its keywords;
+# named: parameters given as a dict.
+DATA_PARALLEL: dict[str, dict[str, Any]] = {
+    "adam": {
+        "groups": [([(5, 7), (3,), (11,), (2, 2, 3)], "float32", {})],
+        "cls": "Adam",
+        "kw": {"lr": 1e-2, "weight_decay": 0.1},
+        "bucket_bytes": 64,  # many buckets
+    },
+    "sgd_momentum_f64_two_groups": {
+        "groups": [([(4, 5), (9,)], "float64", {}), ([(16,)], "float64", {"lr": 0.05})],
+        "cls": "SGD",
+        "kw": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+        "bucket_bytes": 1 << 20,
+    },
+    "adamw_bf16_master_named": {
+        "groups": [([(8, 3), (5,)], "bfloat16", {})],
+        "named": True,
+        "cls": "AdamW",
+        "kw": {"lr": 1e-2, "master_weights": True},
+        "bucket_bytes": 128,
+    },
+    "rmsprop_sum": {  # the sum over the ranks, not the mean
+        "groups": [([(6,), (3, 3)], "float32", {})],
+        "cls": "RMSprop",
+        "kw": {"lr": 1e-2, "momentum": 0.5},
+        "bucket_bytes": 64,
+        "grad_reduction": "sum",
+    },
+    "lion_unpadded": {  # 16-float tensors: no alignment padding, bytes = the formula exactly
+        "groups": [([(4, 4), (2, 16)], "float32", {})],
+        "cls": "Lion",
+        "kw": {"lr": 1e-3},
+        "bucket_bytes": 1 << 20,
+    },
+}
+
+ZERO: dict[str, dict[str, Any]] = {
+    "adam_two_groups": {  # group 1 has 1 element: the other ranks own none of it
+        "groups": [([(5, 7), (3,), (11,)], "float32", {}), ([(1,)], "float32", {"lr": 0.5})],
+        "cls": "Adam",
+        "kw": {"lr": 1e-2, "weight_decay": 0.1},
+        "bucket_bytes": 64,
+    },
+    "adamw_amsgrad_named_schedule": {
+        "groups": [([(6, 6), (7,), (13,)], "float32", {})],
+        "named": True,
+        "cls": "AdamW",
+        "kw": {"lr": schedules.cosine(1e-2, STEPS), "amsgrad": True},
+        "bucket_bytes": 1 << 20,
+    },
+    "sgd_nesterov_f64": {
+        "groups": [([(10,), (3, 3)], "float64", {})],
+        "cls": "SGD",
+        "kw": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+        "bucket_bytes": 96,
+    },
+    "adam_mixed_bf16_master": {  # one group, two dtypes: two segments
+        "groups": [([(9,), (4, 5)], "bfloat16", {}), ([(7,)], "float32", {})],
+        "merge": True,  # the two entries above form ONE group
+        "cls": "Adam",
+        "kw": {"lr": 1e-2, "master_weights": True},
+        "bucket_bytes": 64,
+    },
+    "rprop_grads_already_reduced": {  # every rank passes the same gradients
+        "groups": [([(8,), (5, 3)], "float32", {})],
+        "cls": "Rprop",
+        "kw": {"lr": 1e-2},
+        "bucket_bytes": 64,
+        "grad_reduction": "none",
+    },
+    "nadam_scalar_state": {
+        "groups": [([(17,), (2, 5)], "float32", {})],
+        "cls": "NAdam",
+        "kw": {"lr": 1e-2},
+        "bucket_bytes": 1 << 20,
+    },
+}
+
+
+def case_groups(
+    case: dict[str, Any],
+) -> list[tuple[list[tuple[int, ...]], list[str], dict[str, Any]]]:
+    """Per group: shapes, dtype names, options (entries merged into one group if "merge")."""
+    out = [(list(shapes), [dt] * len(shapes), dict(opts)) for shapes, dt, opts in case["groups"]]
+    if case.get("merge"):
+        shapes = [s for g in out for s in g[0]]
+        dts = [d for g in out for d in g[1]]
+        return [(shapes, dts, out[0][2])]
+    return out
+
+
+def make_params(name: str, case: dict[str, Any]) -> tuple[Any, list[Any], list[np.ndarray]]:
+    """The `params` argument of the case (the same values on every rank and in the test),
+    the parameter keys in order, and the arrays in order."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    groups: list[Any] = []
+    keys: list[Any] = []
+    arrays: list[np.ndarray] = []
+    for gi, (shapes, dts, opts) in enumerate(case_groups(case)):
+        ps = [rng.standard_normal(s).astype(_dtype(d)) for s, d in zip(shapes, dts)]
+        if case.get("named"):
+            names = [f"g{gi}.p{i}" for i in range(len(ps))]
+            groups.append({"params": dict(zip(names, ps)), **opts})
+            keys += names
+        else:
+            groups.append({"params": ps, **opts})
+            keys += list(range(len(arrays), len(arrays) + len(ps)))
+        arrays += ps
+    return groups, keys, arrays
+
+
+def local_grads(name: str, t: int, rank: int, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Rank `rank`'s gradients at step `t` (deterministic; the same on every rank for a case
+    whose gradients are already reduced)."""
+    case = DATA_PARALLEL.get(name) or ZERO[name]
+    if case.get("grad_reduction") == "none":
+        rank = 0
+    rng = np.random.default_rng([sum(map(ord, name)), t, rank])
+    return [rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
+
+
+def ordered_mean(grads: list[np.ndarray], reduction: str = "mean") -> np.ndarray:
+    """The documented reduction: ((g_0 + g_1) + ...) / N in float32 for 16-bit gradients
+    (else in their dtype), rounded to the gradients' dtype; without the division for "sum";
+    rank 0's gradients for "none" (every rank has the same)."""
+    if reduction == "none":
+        return grads[0]
+    acc_t = np.float32 if grads[0].dtype.itemsize < 4 else grads[0].dtype.type
+    total = grads[0].astype(acc_t)
+    for g in grads[1:]:
+        total = total + g.astype(acc_t)
+    if reduction == "mean":
+        total = total / acc_t(len(grads))
+    return total.astype(grads[0].dtype)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """`a`'s bit patterns (bfloat16 has no .npy dtype; compares NaNs too)."""
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+TWICE = "adam_two_groups"  # also saved twice into one directory (out/twice)
+
+
+# --------------------------------------------------------------------------- the MPI side
+def _train(comm: Any, out: Path, resume_from: Path | None, train: bool) -> None:
+    from fastoptim import distributed as fd
+
+    rank, n = comm.Get_rank(), comm.Get_size()
+    result: dict[str, np.ndarray] = {}
+    if train:
+        for name, case in DATA_PARALLEL.items():
+            groups, keys, arrays = make_params(name, case)
+            if rank > 0:  # different starting values: the broadcast makes them rank 0's
+                for a in arrays:
+                    a[...] = 0
+            opt = getattr(fo, case["cls"])(groups, **case["kw"])
+            dp = fd.DataParallel(
+                opt,
+                comm,
+                bucket_bytes=case["bucket_bytes"],
+                grad_reduction=case.get("grad_reduction", "mean"),
+            )
+            grads = dp.grads
+            for t in range(STEPS):
+                mine = local_grads(name, t, rank, arrays)
+                if t % 2:  # bound buffers and passed gradients, alternately
+                    dp.step(dict(zip(keys, mine)) if case.get("named") else mine)
+                else:
+                    for k, g in zip(keys, mine):
+                        grads[k][...] = g
+                    dp.step()
+            for i, a in enumerate(arrays):
+                result[f"dp/{name}/p{i}"] = bits(a)
+            result[f"dp/{name}/bytes"] = np.array([dp.bytes_sent, dp.bytes_per_step * STEPS])
+    for name, case in ZERO.items():
+        runs = [("zero", None)] if train else []
+        if resume_from is not None:
+            runs.append(("resumed", resume_from))
+        for label, ckpt in runs:
+            groups, keys, arrays = make_params(name, case)
+            z = fd.ZeroRedundancyOptimizer(
+                groups,
+                getattr(fo, case["cls"]),
+                comm=comm,
+                bucket_bytes=case["bucket_bytes"],
+                grad_reduction=case.get("grad_reduction", "mean"),
+                **case["kw"],
+            )
+            start = 0
+            if ckpt is not None:
+                for a in arrays:  # the checkpoint restores them
+                    a[...] = np.nan
+                z.load(ckpt / name)
+                start = CHECKPOINT_AT
+            for t in range(start, STEPS):
+                mine = local_grads(name, t, rank, arrays)
+                if t % 2:
+                    z.step(dict(zip(keys, mine)) if case.get("named") else mine)
+                else:
+                    grads = z.grads
+                    for k, g in zip(keys, mine):
+                        grads[k][...] = g
+                    z.step()
+                if ckpt is None and t + 1 == CHECKPOINT_AT:
+                    z.save(out / "ckpt" / name)
+                if ckpt is None and name == TWICE and t + 1 in (CHECKPOINT_AT, STEPS):
+                    z.save(out / "twice" / name)  # the second save replaces the first
+            for i, a in enumerate(arrays):
+                result[f"{label}/{name}/p{i}"] = bits(a)
+            result[f"{label}/{name}/bytes"] = np.array([z.bytes_sent, z.bytes_per_step])
+            # this rank's state pieces: (parameter index, a, b) and the arrays
+            inner_state = z.optimizer.state_dict()["state"]
+            pos = 0
+            first = 0
+            for gi, g in enumerate(z._groups):
+                pieces = g.pieces(rank)
+                for j, (pi, a, b) in enumerate(pieces):
+                    for sname, arr in inner_state[pos + j].items():
+                        key = f"{label}/{name}/state/{first + pi}/{a}/{b}/{sname}"
+                        result[key] = bits(arr)
+                pos += max(1, len(pieces))
+                first += len(g.arrays)
+                result[f"{label}/{name}/shard{gi}"] = np.array(z.shards[gi])
+    if train:
+        _clip(comm, result)
+    np.savez(out / f"train-n{n}-rank{rank}.npz", **result)
+
+
+CLIP = {"lr": 1e-2, "max_grad_norm": 0.5, "skip_nonfinite": True}
+CLIP_SHAPES = [(5, 7), (3,), (40,)]
+CLIP_BAD_STEP = 2  # rank 1 alone sees an infinite gradient at this step
+
+
+def clip_grads(t: int, rank: int, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The clipping case's gradients of `rank` at step `t` (every rank its own)."""
+    rng = np.random.default_rng([7, t, rank])
+    grads = [rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
+    if t == CLIP_BAD_STEP and rank == 1:
+        grads[0][0, 0] = np.inf
+    return grads
+
+
+def _clip(comm: Any, result: dict[str, np.ndarray]) -> None:
+    """ZeRO-1 AdamW with max_grad_norm and skip_nonfinite: each rank's norm must be the global
+    one (engine.transforms' reduce_grad_stats over MPI), one rank's infinity skips every rank."""
+    from fastoptim import distributed as fd
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in CLIP_SHAPES]
+    z = fd.ZeroRedundancyOptimizer(arrays, fo.AdamW, comm=comm, **CLIP)
+    norms, skipped = [], []
+    for t in range(STEPS):
+        norm = z.step(clip_grads(t, comm.Get_rank(), arrays))
+        norms.append(np.nan if norm is None else norm)
+        skipped.append(z.optimizer.step_skipped)
+    for i, a in enumerate(arrays):
+        result[f"clip/p{i}"] = a
+    result["clip/norms"] = np.array(norms)
+    result["clip/skipped"] = np.array(skipped)
+
+
+def _load_only(comm: Any, out: Path, ckpt: Path) -> None:
+    """Load checkpoint directory `ckpt` into the TWICE case; record the outcome."""
+    from fastoptim import distributed as fd
+
+    case = ZERO[TWICE]
+    groups, _, _ = make_params(TWICE, case)
+    z = fd.ZeroRedundancyOptimizer(groups, getattr(fo, case["cls"]), comm=comm, **case["kw"])
+    try:
+        z.load(ckpt)
+        got = "no error"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    (out / f"load-rank{comm.Get_rank()}.json").write_text(json.dumps(got))
+
+
+def _mismatch(comm: Any, out: Path) -> None:
+    from fastoptim import distributed as fd
+
+    rank = comm.Get_rank()
+    got: dict[str, str] = {}
+
+    def attempt(label: str, fn: Any) -> None:
+        try:
+            fn()
+            got[label] = "no error"
+        except Exception as e:
+            got[label] = f"{type(e).__name__}: {e}"
+
+    def shapes() -> None:
+        fd.DataParallel(fo.Adam([np.zeros(4 + rank, np.float32)]), comm)
+
+    def dtypes() -> None:
+        fd.DataParallel(fo.Adam([np.zeros(4, np.float32 if rank == 0 else np.float64)]), comm)
+
+    def lr() -> None:
+        fd.DataParallel(fo.Adam([np.zeros(4, np.float32)], lr=0.1 if rank == 0 else 0.2), comm)
+
+    def lr_before_first_step() -> None:
+        dp = fd.DataParallel(fo.SGD([np.zeros(4, np.float32)], lr=0.1), comm)
+        if rank == 1:
+            dp.param_groups[0]["lr"] = 0.3
+        dp.step()
+
+    def bad_grads() -> None:
+        dp = fd.DataParallel(fo.SGD([np.zeros(4, np.float32)], lr=0.1), comm)
+        dp.step([np.zeros(4 if rank == 0 else 5, np.float32)])
+
+    def zero_betas() -> None:
+        betas = (0.9, 0.999) if rank == 0 else (0.8, 0.999)
+        fd.ZeroRedundancyOptimizer([np.zeros(9, np.float32)], fo.Adam, comm=comm, betas=betas)
+
+    def zero_shapes() -> None:
+        fd.ZeroRedundancyOptimizer([np.zeros((3, 3 + rank), np.float32)], fo.Adam, comm=comm)
+
+    def zero_not_array() -> None:  # fails while parsing on rank 1 only
+        p = np.zeros(9, np.float32) if rank == 0 else [1.0] * 9
+        fd.ZeroRedundancyOptimizer([p], fo.Adam, comm=comm)
+
+    def zero_bad_option_one_rank() -> None:  # caught by the signature, not the inner class
+        fd.ZeroRedundancyOptimizer(
+            [np.zeros(9, np.float32)], fo.Adam, comm=comm, lr=-1.0 if rank == 1 else 0.1
+        )
+
+    def zero_invalid_everywhere() -> None:  # the same invalid option: the class's own error
+        fd.ZeroRedundancyOptimizer([np.zeros(9, np.float32)], fo.Adam, comm=comm, lr=-1.0)
+
+    def zero_checkpoint_missing_on_one_rank() -> None:
+        z = fd.ZeroRedundancyOptimizer([np.zeros(9, np.float32)], fo.Adam, comm=comm)
+        z.save(out / "valid")
+        z.load(out / ("nothing-here" if rank == 1 else "valid"))
+
+    def still_works() -> None:
+        w = np.zeros(4, np.float32)
+        dp = fd.DataParallel(fo.SGD([w], lr=1.0), comm)
+        dp.step([np.full(4, float(rank), np.float32)])
+        assert np.all(w == -np.mean(np.arange(comm.Get_size(), dtype=np.float32)))
+
+    for fn in (
+        shapes,
+        dtypes,
+        lr,
+        lr_before_first_step,
+        bad_grads,
+        zero_betas,
+        zero_shapes,
+        zero_not_array,
+        zero_bad_option_one_rank,
+        zero_invalid_everywhere,
+        zero_checkpoint_missing_on_one_rank,
+        still_works,
+    ):
+        attempt(fn.__name__, fn)
+    (out / f"mismatch-rank{rank}.json").write_text(json.dumps(got))
+
+
+def main() -> None:
+    from mpi4py import MPI
+
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    ckpt = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    comm = MPI.COMM_WORLD
+    if mode == "train":
+        _train(comm, out, ckpt, train=True)
+    elif mode == "resume":
+        _train(comm, out, ckpt, train=False)
+    elif mode == "load" and ckpt is not None:
+        _load_only(comm, out, ckpt)
+    elif mode == "mismatch":
+        _mismatch(comm, out)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()
