@@ -73,7 +73,6 @@ __all__ = [
 ]
 
 
-
 def quantized_state(
     param: np.ndarray, name: str, fill: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
