@@ -374,3 +374,133 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
     with pytest.raises(TypeError, match="cannot be quantized"):
         F.rprop_(w, g, F.quantized_state(w, "exp_avg"), np.ones_like(w), step=1)
     same_bits(w, before, "untouched")
+
+
+# ------------------------------------------------------------------------- the torch tier
+def test_torch_tier_matches_numpy_tier_and_round_trips() -> None:
+    torch = pytest.importorskip("torch")
+    import copy
+
+    import fastoptim.torch as ft
+
+    rng = np.random.default_rng(6)
+    shapes = [(80, 100), (80,), (4100,)]
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    tparams = [torch.nn.Parameter(torch.from_numpy(b.copy())) for b in base]
+    nparams = [b.copy() for b in base]
+    topt = ft.AdamW(tparams, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    nopt = fo.AdamW(nparams, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for p, g in zip(tparams, grads):
+            p.grad = torch.from_numpy(g.copy())
+        topt.step()
+        nopt.step(grads)
+    for i, p in enumerate(tparams):
+        same_bits(p.detach().numpy(), nparams[i], f"param {i}")
+        for n, v in nopt.state[i].items():
+            if n != "step":
+                same_bits(topt.state[p][n].numpy(), v, f"{n} of {i}")
+    assert topt.state[tparams[0]]["exp_avg"].dtype == torch.uint8
+    assert "exp_avg_absmax" not in topt.state[tparams[1]]  # small: float32
+    assert topt.state_bytes() == nopt.state_bytes()
+    # state_dict round trip (torch casts floating state to the parameter's dtype on load: undone)
+    sd = copy.deepcopy(topt.state_dict())
+    t2 = [torch.nn.Parameter(p.detach().clone()) for p in tparams]
+    opt2 = ft.AdamW(t2, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    opt2.load_state_dict(sd)
+    for opt, ps in ((topt, tparams), (opt2, t2)):
+        for p, s in zip(ps, shapes):
+            p.grad = torch.ones(s)
+        opt.step()
+    for a, b in zip(tparams, t2):
+        same_bits(a.detach().numpy(), b.detach().numpy(), "resumed param")
+        for n, v in topt.state[a].items():
+            same_bits(v.numpy(), opt2.state[b][n].numpy(), f"resumed {n}")
+
+
+def test_torch_bfloat16_params_with_int8_state() -> None:
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    w = torch.nn.Parameter(torch.randn(5000).to(torch.bfloat16))
+    w_np = w.detach().view(torch.int16).numpy().copy().view(BF16)
+    topt = ft.Adam([w], lr=1e-2, state_dtype="int8", master_weights=True)
+    nopt = fo.Adam([w_np], lr=1e-2, state_dtype="int8", master_weights=True)
+    g = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    w.grad = torch.from_numpy(g).to(torch.bfloat16)
+    topt.step()
+    nopt.step([g.astype(BF16)])
+    same_bits(w.detach().view(torch.int16).numpy().view(BF16), w_np, "param")
+    same_bits(topt.state[w]["exp_avg_sq"].numpy(), nopt.state[0]["exp_avg_sq"], "codes")
+
+
+# ------------------------------------------------------------------------- accuracy
+def _teacher_data(n: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic 10-class problem (no download): a random ReLU teacher's labels, 20% of them
+    replaced by random ones (so the loss has a floor the students approach)."""
+    from fastoptim.apps.mlp import MLP
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 64)).astype(np.float32)
+    y = MLP([64, 32, 10], rng=rng).logits(x).argmax(1)
+    flip = rng.random(n) < 0.2
+    y[flip] = rng.integers(0, 10, int(flip.sum()))
+    return x, y
+
+
+ACCURACY = {
+    "AdamW": {"lr": 1e-3},
+    "Lion": {"lr": 3e-4},
+    "SGD": {"lr": 0.05, "momentum": 0.9},
+    "RMSprop": {"lr": 1e-3},
+}
+
+
+@pytest.mark.parametrize("name", list(ACCURACY))
+def test_demo_mlp_reaches_float32_state_loss(name: str) -> None:
+    """The demo's NumPy MLP (64-128-128-10: two layers of quantized state, the rest float32),
+    200 steps of mini-batches of 256: the loss with 8-bit state is within 1% of (or below) the
+    loss with float32 state."""
+    from fastoptim.apps.mlp import MLP
+
+    x, y = _teacher_data()
+    losses = {}
+    for policy in (None, "int8"):
+        m = MLP([64, 128, 128, 10], rng=np.random.default_rng(1))
+        opt = getattr(fo, name)(m.params, state_dtype=policy, **ACCURACY[name])
+        assert (policy == "int8") == any(n.endswith("_absmax") for n in opt.state["W2"])
+        rng = np.random.default_rng(2)
+        for _ in range(200):
+            idx = rng.integers(0, len(x), 256)
+            m.loss_and_grad(x[idx], y[idx], opt.grads)
+            opt.step()
+        losses[policy] = m.loss(x, y)
+    assert losses["int8"] <= losses[None] * 1.01, losses
+    assert losses["int8"] >= losses[None] * 0.95, losses  # the same training, not another one
+
+
+def test_torch_model_reaches_float32_state_loss() -> None:
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    x, y = _teacher_data()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    losses = {}
+    for policy in (None, "int8"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+            torch.nn.ReLU(), torch.nn.Linear(128, 10),
+        )  # fmt: skip
+        opt = ft.AdamW(model.parameters(), lr=1e-3, state_dtype=policy)
+        rng = np.random.default_rng(2)
+        for _ in range(200):
+            idx = torch.from_numpy(rng.integers(0, len(x), 256))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            losses[policy] = float(torch.nn.functional.cross_entropy(model(xt), yt))
+    assert losses["int8"] <= losses[None] * 1.01, losses
+    assert losses["int8"] >= losses[None] * 0.95, losses
