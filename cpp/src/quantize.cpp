@@ -85,8 +85,10 @@ QTables build(const std::vector<float>& map) {
       else if (tj < hi) { ++inside; thr = tj; }
     }
     if (inside > 1) throw std::logic_error("quantization map: two thresholds in one bucket");
-    q.rank0[k] = below;
-    q.thr[k] = thr;
+    if (inside && (k == 0 || k == kQBuckets - 1))
+      throw std::logic_error("quantization map: a threshold in an end bucket");
+    q.bucket[k] = static_cast<uint32_t>(below) << 16 |
+                  (inside ? 0x1000000u | (bits_of(thr) & 0xFFFFu) : 0u);
   }
   q.zero = q_code(0.0f, q);
   return q;

@@ -41,8 +41,11 @@ struct QTables {
   // being the number of decision thresholds below |x| among the non-negative map values.
   int32_t pos_base = 0, neg_max = 0;
   uint8_t zero = 0;  // the code of 0 (of a block that is all zeros, NaN or infinite)
-  int32_t rank0[kQBuckets] = {};  // thresholds below the bucket
-  float thr[kQBuckets] = {};      // the threshold inside the bucket (x > thr counts), or +Inf
+  // Per bucket, one word (one gather): bits 16-23 the thresholds below the bucket; bit 24 set
+  // when a threshold lies inside it, bits 0-15 then its low 16 bits (the high 16 are the
+  // bucket's own: |x| > threshold <=> the low halves compare so).  The first and last buckets
+  // hold no threshold, so |x| clamped into them compares as it should.
+  uint32_t bucket[kQBuckets] = {};
 };
 
 // The tables of map m (built once, on first use; thread-safe).
@@ -52,20 +55,37 @@ const QTables& qtables(QMap m);
 // compiles its own copy (one shared inline copy could be the AVX-512 one).
 namespace {
 
-// The code of one normalized value x (finite, |x| <= ~1).
-inline uint8_t q_code(float x, const QTables& q) {
+#if defined(__clang__)
+#define FASTOPTIM_Q_VECTORIZE _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FASTOPTIM_Q_VECTORIZE _Pragma("GCC ivdep")
+#else
+#define FASTOPTIM_Q_VECTORIZE
+#endif
+
+// The code of one normalized value x (finite, |x| <= ~1) with the map's bucket words and
+// bases (loop-invariant copies of QTables' fields: a code store could alias the struct).
+inline uint8_t q_code(float x, const uint32_t* __restrict bucket, int32_t pos_base,
+                      int32_t neg_max) {
   const uint32_t b = bits_of(x);
   const uint32_t a = b & 0x7FFFFFFFu;
   int32_t k = static_cast<int32_t>(a >> 16) - static_cast<int32_t>(kQBucketBase);
   k = k < 0 ? 0 : (k > kQBuckets - 1 ? kQBuckets - 1 : k);
-  const int32_t r = q.rank0[k] + (float_of(a) > q.thr[k] ? 1 : 0);
-  const int32_t neg = q.pos_base - (r < q.neg_max ? r : q.neg_max);
-  return static_cast<uint8_t>((b >> 31) != 0 ? neg : q.pos_base + r);
+  const uint32_t w = bucket[k];
+  const uint32_t has = (w >> 24) & 1u;
+  const uint32_t above = has & ((a & 0xFFFFu) > (w & 0xFFFFu) ? 1u : 0u);
+  const int32_t r = static_cast<int32_t>(((w >> 16) & 0xFFu) + above);
+  const int32_t neg = pos_base - (r < neg_max ? r : neg_max);
+  return static_cast<uint8_t>((b >> 31) != 0 ? neg : pos_base + r);
+}
+inline uint8_t q_code(float x, const QTables& q) {
+  return q_code(x, q.bucket, q.pos_base, q.neg_max);
 }
 
 // max |v| of n values as a bit pattern: ordered like the magnitudes, NaN above Inf above the rest.
 inline uint32_t absmax_bits(const float* __restrict v, int64_t n) {
   uint32_t m = 0;
+  FASTOPTIM_Q_VECTORIZE
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t a = bits_of(v[i]) & 0x7FFFFFFFu;
     m = a > m ? a : m;
@@ -93,17 +113,25 @@ inline float quantize_block(const float* __restrict v, int64_t n, const QTables&
     return float_of(0x7FC00000u);
   }
   const QScale s = q_scale(mb);
+  const uint32_t* __restrict bucket = q.bucket;
+  const int32_t pos_base = q.pos_base, neg_max = q.neg_max;
   if (s.divide) {
-    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / s.absmax, q);
+    const float absmax = s.absmax;
+    FASTOPTIM_Q_VECTORIZE
+    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / absmax, bucket, pos_base, neg_max);
   } else {
-    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] * s.inv, q);
+    const float inv = s.inv;
+    FASTOPTIM_Q_VECTORIZE
+    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket, pos_base, neg_max);
   }
   return s.absmax;
 }
 
 inline void dequantize_block(const uint8_t* __restrict codes, int64_t n, float absmax,
                              const QTables& q, float* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = q.value[codes[i]] * absmax;
+  const float* __restrict value = q.value;
+  FASTOPTIM_Q_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) out[i] = value[codes[i]] * absmax;
 }
 
 }  // namespace
