@@ -36,7 +36,8 @@ Conventions shared by every function:
   codes), exactly as the classes with ``state_dtype="int8"`` do.
 
     >>> w = np.zeros(5000, np.float32)
-    >>> m, v = fo.functional.quantized_state(w, "exp_avg"), fo.functional.quantized_state(w, "exp_avg_sq")
+    >>> m = fo.functional.quantized_state(w, "exp_avg")
+    >>> v = fo.functional.quantized_state(w, "exp_avg_sq")
     >>> fo.functional.adam_(w, np.ones(5000, np.float32), m, v, step=1, lr=0.1)
     >>> print(w[:2].round(6), fo.functional.dequantized(m, "exp_avg")[:2])
     [-0.1 -0.1] [0.1 0.1]

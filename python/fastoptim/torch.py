@@ -269,7 +269,7 @@ class _Cache:
         self.contiguous = True  # every perm is None
         self.labels: list[str] = []
         self.pviews: list[np.ndarray] = []
-        self.sviews: list[list[np.ndarray]] = []  # per state name, per parameter
+        self.sviews: list[list[Any]] = []  # per state name, per parameter (or (codes, absmax))
         self.scalars: dict[str, np.ndarray] = {}  # "step", "mu_product": packed values
         self.fresh: list[frozenset[str]] = []  # per parameter: states not yet stepped
         self.any_fresh = False

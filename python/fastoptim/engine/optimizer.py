@@ -63,10 +63,13 @@ def _arena(
     its dtype or of ``dtypes[i]`` (a dtype name; None: no array for that one)."""
     kinds = [a.dtype for a in arrays] if dtypes is None else dtypes
     # (dtype, shape) of each array: a kind's storage (quantized codes and scales have their own)
-    specs = [
-        None if d is None else (lambda k, s: (_dtype(k), s))(*_storage(d, a.shape))
-        for a, d in zip(arrays, kinds)
-    ]
+    specs: list[tuple[np.dtype[Any], tuple[int, ...]] | None] = []
+    for a, d in zip(arrays, kinds):
+        if d is None:
+            specs.append(None)
+            continue
+        kind, shape = _storage(d, a.shape)
+        specs.append((_dtype(kind), shape))
     offsets, total = [], 0
     for spec in specs:
         offsets.append(total)
@@ -335,11 +338,11 @@ class Optimizer:
         for name, views in g.states.items():
             for i, v in enumerate(views):
                 kind = layout[i].get(name)
-                want = None if kind is None else precision.storage(kind, g.params[i].shape)
-                have = None if v is None else (_dtype(v.dtype).name, v.shape)
-                if want != have:
-                    want = kind if want is None else want[0]
-                    have = None if have is None else have[0]
+                spec = None if kind is None else precision.storage(kind, g.params[i].shape)
+                held = None if v is None else (_dtype(v.dtype).name, v.shape)
+                if spec != held:
+                    want = None if spec is None else spec[0]
+                    have = None if held is None else held[0]
                     raise ValueError(
                         f"{type(self).__name__}: the state {name!r} of param {g.labels[i]} "
                         f"exists as {have}; these precision options (state_dtype, "

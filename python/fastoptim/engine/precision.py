@@ -127,8 +127,9 @@ def check_state_dtype(cls: str, value: Any, states: tuple[str, ...]) -> None:
         return
     _check_one(cls, "state_dtype", value)
     if _is_int8(value) and states and not any(n in QUANT_MAPS for n in states):
-        raise ValueError(f"{cls}: state_dtype='int8': no state of {cls} can be quantized "
-                         f"({_WHY_NOT})")
+        raise ValueError(
+            f"{cls}: state_dtype='int8': no state of {cls} can be quantized ({_WHY_NOT})"
+        )
 
 
 _WHY_NOT = (
