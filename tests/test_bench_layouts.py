@@ -31,6 +31,8 @@ EXPECTED = {
     "bf16 p/g, fp32 master": 28,  # master, m, v 4+4 each, g 2, the bf16 parameter written 2
     "offload": 28,  # p, m, v 4+4 each, bf16 g 2, bf16 copy written 2
     "offload, stochastic": 28,
+    "fp32 p/g, int8 state": 16,  # p 4+4, g 4, m and v codes 1+1 each (absmax: 1/16 B)
+    "bf16 p/g, int8 state": 10,  # p 2+2, g 2, m and v codes 1+1 each
     "fp16 p/g, fp32 state": 22,
     "all-fp16": 14,
     "torch fused bf16": 14,  # torch keeps bf16 state for bf16 parameters
@@ -61,7 +63,7 @@ def test_layouts_table(capsys: pytest.CaptureFixture[str]) -> None:
     streams = re.findall(
         r"^  (\d+) B/el: +[\d.]+ ns/el \+-\d+%, +[\d.]+ GB/s  \((.*)\)$", out, re.M
     )
-    assert sorted(int(b) for b, _ in streams) == [14, 22, 28, 28]
+    assert sorted(int(b) for b, _ in streams) == [10, 14, 16, 22, 28, 28]
     assert "fastoptim layouts below 90% of their roofline:" in out
     assert ("torch fused bf16 / offload time:" in out) == HAVE_TORCH
     assert re.search(r"^bench took \d+ s$", out, re.M)
@@ -74,10 +76,11 @@ def test_layouts_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_layout_bytes_match_the_arrays() -> None:
     """Each fastoptim layout's bytes, counted from the arrays its optimizer really holds, equal
     its streaming kernel's: the same widths read and written, gradient read, written only."""
-    n = 64
     for lay in bench.LAYOUTS:
         if lay.contender:
             continue
+        quantized = dict(lay.options).get("state_dtype") == "int8"
+        n = 4096 if quantized else 64  # (smaller tensors keep float32 state)
         pdt, gdt = bench._np_dtype(lay.param), bench._np_dtype(lay.grad)
         opt = fo.AdamW([np.ones(n, pdt)], **bench.ADAMW, **dict(lay.options))
         writes: list[int] = []
@@ -87,7 +90,12 @@ def test_layout_bytes_match_the_arrays() -> None:
             writes.append(copy.itemsize)
         opt.step([np.ones(n, gdt)])
         state = {k: v for k, v in opt.state[0].items() if k != "step"}
-        rw = [v.itemsize for v in state.values()]
+        scales = sum(v.nbytes for k, v in state.items() if k.endswith("_absmax"))
+        assert scales == (2 * 4 * n // 256 if quantized else 0), lay.name
+        rw = [v.itemsize for k, v in state.items() if not k.endswith("_absmax")]
+        if quantized:  # two 1-byte code arrays stand for one 16-bit array in the stream
+            assert sorted(rw) == [1, 1], lay.name
+            rw = [2]
         if "master" in state:  # computed on the master: the parameter is written only
             writes.append(pdt.itemsize)
         else:

@@ -391,7 +391,7 @@ def test_checkpoint_into_another_policy_is_a_clear_error(tmp_path: Any) -> None:
 def test_bad_policies_are_clear_errors() -> None:
     p = [np.ones(4, BF16)]
     with pytest.raises(ValueError, match="state_dtype must be"):
-        fo.Adam(p, state_dtype="int8")
+        fo.Adam(p, state_dtype="uint8")  # ("int8" is quantized state: test_quantized.py)
     with pytest.raises(ValueError, match="float64 parameters keep float64"):
         fo.Adam(p, state_dtype=np.float64)
     with pytest.raises(ValueError, match=r"state_dtype names state 'momentum'.*exp_avg"):

@@ -432,3 +432,30 @@ def test_reduce_grad_stats(rng: np.random.Generator) -> None:
     opt2.reduce_grad_stats = lambda s: s + np.array([0.0, 1.0])
     opt2.step([g])
     assert opt2.step_skipped and opt2.step_count == 0
+
+
+def test_ema_with_int8_state_for_any_threads(
+    rng: np.random.Generator, restore_threads: Any
+) -> None:
+    """8-bit state runs whole 256-element blocks (a block belongs to the chunk holding its first
+    element): the EMA must follow the elements each chunk updated, so that the result is the
+    same for any thread count, and the EMA is the lerp of the parameters' trajectory."""
+    shapes = [(10_077,), (5,), (70_003,)]
+    g0 = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    runs = []
+    _core.set_grain(1)
+    for threads in (1, 2, 3):
+        fo.set_num_threads(threads)
+        ps = [np.full(s, 0.25, np.float32) for s in shapes]
+        opt = fo.AdamW(ps, lr=0.01, state_dtype="int8", ema_decay=0.75, max_grad_norm=10.0)
+        ema = [p.copy() for p in ps]
+        for grads in g0:
+            opt.step(grads)
+            for e, p in zip(ema, ps):
+                reference._lerp_(e, p, 0.25)
+        for i in range(len(ps)):
+            check_close(f"ema {i}", opt.state[i]["ema"], ema[i], 1e-6, 1e-7)
+        runs.append([*ps, *(opt.state[i]["ema"] for i in range(len(ps)))])
+    for other in runs[1:]:
+        for x, y in zip(other, runs[0]):
+            assert np.array_equal(x, y)

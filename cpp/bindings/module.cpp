@@ -119,6 +119,49 @@ void check_operand(const Arg& x, const py::array& param, DType compute, const st
   check_shape(x, param, what);
 }
 
+// The codes of a block-quantized state: a uint8 ndarray, C-contiguous, writeable.
+Arg check_codes(py::handle h, const std::string& what) {
+  if (!py::isinstance<py::array>(h))
+    throw py::type_error(what + ": expected a numpy.ndarray of uint8 codes, got " + type_name(h));
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (!a.dtype().equal(py::dtype::of<uint8_t>()))
+    throw py::type_error(what + ": codes must be uint8, got " + dtype_name(a));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(what + ": codes array is not C-contiguous");
+  if (!a.writeable()) throw py::value_error(what + ": codes array is read-only");
+  const auto lo = reinterpret_cast<std::uintptr_t>(a.data());
+  const auto size = static_cast<int64_t>(a.size());
+  return {a, DType::q8s, const_cast<void*>(a.data()), size, lo, lo + static_cast<std::uintptr_t>(size)};
+}
+
+// The quantization map named `name` ("signed8", "unsigned8").
+QMap qmap_from_name(const std::string& name) {
+  if (name == "signed8") return QMap::signed8;
+  if (name == "unsigned8") return QMap::unsigned8;
+  throw py::value_error("unknown quantization map '" + name + "' (known: signed8, unsigned8)");
+}
+
+// A block-quantized state given as (codes, absmax) for a parameter of `size` elements: codes
+// shaped like the parameter, absmax float32 with one entry per block of kQBlock elements.
+std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType compute,
+                                    const std::string& what) {
+  const auto t = py::reinterpret_borrow<py::tuple>(h);
+  if (t.size() != 2)
+    throw py::value_error(what + ": a quantized state is a pair (codes, absmax), got " +
+                          std::to_string(t.size()) + " items");
+  if (compute == DType::f64)
+    throw py::type_error(what + ": float64 parameters keep float64 state (no quantized state)");
+  Arg codes = check_codes(t[0], what);
+  check_shape(codes, param, what + " codes");
+  Arg absmax = check_array(t[1], what + " absmax", true);
+  const int64_t blocks = (codes.size + kQBlock - 1) / kQBlock;
+  if (absmax.dtype != DType::f32 || absmax.arr.ndim() != 1 || absmax.size != blocks)
+    throw py::value_error(what + ": absmax must be a 1-D float32 array of " + std::to_string(blocks) +
+                          " entries (one per block of " + std::to_string(kQBlock) +
+                          " elements), got " + dtype_name(absmax.arr) + " " + shape_str(absmax.arr));
+  return {codes, absmax};
+}
+
 struct Span {
   std::uintptr_t lo, hi;
   std::string what;
@@ -165,7 +208,8 @@ class PyPlan {
   PyPlan(const py::sequence& params, const std::vector<std::string>& labels,
          const std::vector<std::string>& state_names, const py::sequence& states,
          const py::object& masters, const py::object& comps, const py::object& outs,
-         const std::optional<std::vector<uint64_t>>& ids, const py::object& emas) {
+         const std::optional<std::vector<uint64_t>>& ids, const py::object& emas,
+         const std::optional<std::vector<std::string>>& qmaps) {
     const auto n = static_cast<std::size_t>(py::len(params));
     const auto k = state_names.size();
     if (labels.size() != n) throw py::value_error("labels: need one label per parameter");
@@ -173,6 +217,7 @@ class PyPlan {
     if (static_cast<std::size_t>(py::len(states)) != k)
       throw py::value_error("states: need one list of arrays per state name");
     if (ids && ids->size() != n) throw py::value_error("ids: need one id per parameter");
+    if (qmaps && qmaps->size() != k) throw py::value_error("qmaps: need one entry per state name");
     labels_ = labels;
     std::vector<Arg> ps;
     ps.reserve(n);
@@ -226,14 +271,27 @@ class PyPlan {
       if (es[i]) check_operand(*es[i], p, compute_dtype(ps[i].dtype), "EMA" + who);
     }
     std::vector<std::vector<Arg>> ss(k);
+    std::vector<std::vector<std::optional<Arg>>> qs(k);  // absmax of quantized states
     for (std::size_t j = 0; j < k; ++j) {
       const py::sequence sj = states[j];
       if (static_cast<std::size_t>(py::len(sj)) != n)
         throw py::value_error("states: need one '" + state_names[j] + "' array per parameter");
       for (std::size_t i = 0; i < n; ++i) {
         const std::string what = "state '" + state_names[j] + "' of param " + labels[i];
-        ss[j].push_back(check_array(sj[i], what, true));
-        check_operand(ss[j][i], ps[i].arr, compute_dtype(ps[i].dtype), what);
+        const py::handle h = sj[i];
+        if (py::isinstance<py::tuple>(h)) {
+          const std::string map = qmaps ? (*qmaps)[j] : std::string();
+          if (map.empty())
+            throw py::type_error(what + ": this state cannot be quantized (no map for it)");
+          auto [codes, absmax] = check_quantized(h, ps[i].arr, compute_dtype(ps[i].dtype), what);
+          codes.dtype = qmap_from_name(map) == QMap::signed8 ? DType::q8s : DType::q8u;
+          ss[j].push_back(codes);
+          qs[j].push_back(absmax);
+        } else {
+          ss[j].push_back(check_array(h, what, true));
+          check_operand(ss[j][i], ps[i].arr, compute_dtype(ps[i].dtype), what);
+          qs[j].push_back(std::nullopt);
+        }
       }
     }
     auto span = [&](const Arg& a, const std::string& what) {
@@ -241,8 +299,10 @@ class PyPlan {
     };
     for (std::size_t i = 0; i < n; ++i) {
       span(ps[i], "param " + labels[i]);
-      for (std::size_t j = 0; j < k; ++j)
+      for (std::size_t j = 0; j < k; ++j) {
         span(ss[j][i], "state '" + state_names[j] + "' of param " + labels[i]);
+        if (qs[j][i]) span(*qs[j][i], "absmax of state '" + state_names[j] + "' of param " + labels[i]);
+      }
       if (ms[i]) span(*ms[i], "master copy of param " + labels[i]);
       if (cs[i]) span(*cs[i], "compensation of param " + labels[i]);
       if (os[i]) span(*os[i], "copy-out of param " + labels[i]);
@@ -274,13 +334,17 @@ class PyPlan {
       for (std::size_t j = 0; j < k; ++j) {
         t.state[j] = ss[j][i].data;
         t.state_dtype[j] = ss[j][i].dtype;
+        if (qs[j][i]) t.absmax[j] = static_cast<float*>(qs[j][i]->data);
       }
       t.id = ids ? (*ids)[i] : static_cast<uint64_t>(i);
       t.classify(static_cast<int>(k));
       plan_.add(t);
       params_.push_back(ps[i].arr);
       param_data_.push_back(ps[i].data);
-      for (std::size_t j = 0; j < k; ++j) keep_.push_back(ss[j][i].arr);
+      for (std::size_t j = 0; j < k; ++j) {
+        keep_.push_back(ss[j][i].arr);
+        if (qs[j][i]) keep_.push_back(qs[j][i]->arr);
+      }
       for (const auto* e : {&ms[i], &cs[i], &os[i], &es[i]})
         if (*e) keep_.push_back((*e)->arr);
     }
@@ -510,11 +574,12 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const py::sequence&, const std::vector<std::string>&,
                     const std::vector<std::string>&, const py::sequence&, const py::object&,
                     const py::object&, const py::object&,
-                    const std::optional<std::vector<uint64_t>>&, const py::object&>(),
+                    const std::optional<std::vector<uint64_t>>&, const py::object&,
+                    const std::optional<std::vector<std::string>>&>(),
            py::arg("params"), py::arg("labels"), py::arg("state_names"), py::arg("states"),
            py::kw_only(), py::arg("masters") = py::none(), py::arg("comps") = py::none(),
            py::arg("outs") = py::none(), py::arg("ids") = py::none(),
-           py::arg("emas") = py::none())
+           py::arg("emas") = py::none(), py::arg("qmaps") = py::none())
       .def("set_rounding", &PyPlan::set_rounding, py::arg("mode"), py::arg("seed") = 0)
       .def_property_readonly("rounding", &PyPlan::rounding)
       .def_property_readonly("seed", &PyPlan::seed)
@@ -536,6 +601,42 @@ PYBIND11_MODULE(_core, m) {
   bind_optimizer_groups<Opt>(m, "steps_" #name);
   FASTOPTIM_OPTIMIZERS(FASTOPTIM_BIND)
 #undef FASTOPTIM_BIND
+
+  m.def("quant_map", [](const std::string& name) {
+    const QTables& q = qtables(qmap_from_name(name));
+    py::array_t<float> out(q.ncodes);
+    std::copy(q.value, q.value + q.ncodes, out.mutable_data());
+    return out;
+  }, py::arg("name"), "The values of quantization map `name` ('signed8', 'unsigned8'), by code.");
+  m.def("quantize_blockwise", [](const py::handle& values, const py::handle& codes,
+                                 const py::handle& absmax, const std::string& map) {
+    const Arg v = check_array(values, "values", false);
+    if (v.dtype != DType::f32) throw py::type_error("values: must be float32, got " + dtype_name(v.arr));
+    const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), v.arr, DType::f32, "quantized");
+    const QTables& q = qtables(qmap_from_name(map));
+    const auto* src = static_cast<const float*>(v.data);
+    auto* dst = static_cast<uint8_t*>(c.data);
+    auto* am = static_cast<float*>(a.data);
+    py::gil_scoped_release release;
+    for (int64_t lo = 0; lo < v.size; lo += kQBlock)
+      am[lo / kQBlock] = quantize_block(src + lo, std::min(kQBlock, v.size - lo), q, dst + lo);
+  }, py::arg("values"), py::arg("codes"), py::arg("absmax"), py::arg("map"),
+  "Quantize float32 `values` block-wise (blocks of 256) into `codes` (uint8, same shape) and "
+  "`absmax` (float32, one per block) with map `map`.");
+  m.def("dequantize_blockwise", [](const py::handle& codes, const py::handle& absmax,
+                                   const py::handle& out, const std::string& map) {
+    const Arg o = check_array(out, "out", true);
+    if (o.dtype != DType::f32) throw py::type_error("out: must be float32, got " + dtype_name(o.arr));
+    const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), o.arr, DType::f32, "quantized");
+    const QTables& q = qtables(qmap_from_name(map));
+    const auto* src = static_cast<const uint8_t*>(c.data);
+    const auto* am = static_cast<const float*>(a.data);
+    auto* dst = static_cast<float*>(o.data);
+    py::gil_scoped_release release;
+    for (int64_t lo = 0; lo < o.size; lo += kQBlock)
+      dequantize_block(src + lo, std::min(kQBlock, o.size - lo), am[lo / kQBlock], q, dst + lo);
+  }, py::arg("codes"), py::arg("absmax"), py::arg("out"), py::arg("map"),
+  "Dequantize block-wise quantized state into float32 `out` (shaped like the codes).");
 
   m.def("check_disjoint", [](const py::sequence& arrays, const std::vector<std::string>& labels) {
     if (static_cast<std::size_t>(py::len(arrays)) != labels.size())

@@ -19,6 +19,7 @@
 #include "fastoptim/convert.hpp"
 #include "fastoptim/kernels.hpp"
 #include "fastoptim/plan.hpp"
+#include "fastoptim/quantize.hpp"
 #include "fastoptim/registry.hpp"
 
 #ifndef FASTOPTIM_ISA_NS
@@ -242,6 +243,62 @@ void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const R
   }
 }
 
+// ------------------------------------------------------------------ quantized state
+// A tensor with a block-quantized state (quantize.hpp) runs block by block, each block of
+// kQBlock elements of the tensor whole: dequantize its quantized states into float32, load and
+// convert the other arrays as the converting path does, run the same element functor, then the
+// block's new absmax and codes (and the other arrays stored back rounded).  The driver's chunks
+// do not respect blocks: a block belongs to the chunk (range [a, b) of the tensor) that holds its
+// first element, and is updated whole by it, even past b; the next chunk skips the elements of
+// that block.  So every block is updated exactly once, by one thread, with the same arithmetic
+// whatever the thread count.
+inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int64_t lo,
+                           int64_t n, float* buf) {
+  if (q == nullptr) return staged(t.state[j], t.state_dtype[j], lo, n, buf);
+  dequantize_block(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock], *q,
+                   buf);
+  return buf;
+}
+
+inline void unstage_state(const float* s, const Tensor& t, std::size_t j, const QTables* q,
+                          int64_t lo, int64_t n, const RoundingKey& key) {
+  if (q == nullptr) {
+    unstage(s, t.state[j], t.state_dtype[j], lo, n, t, static_cast<uint32_t>(1 + j), key);
+    return;
+  }
+  t.absmax[j][lo / kQBlock] = quantize_block(s, n, *q, static_cast<uint8_t*>(t.state[j]) + lo);
+}
+
+template <class K, std::size_t... J>
+void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
+                     std::index_sequence<J...>) {
+  constexpr std::size_t N = sizeof...(J);
+  alignas(64) float buf_p[kQBlock], buf_old[kQBlock], buf_g[kQBlock];
+  alignas(64) float buf_s[N == 0 ? 1 : N][kQBlock];
+  const QTables* q[N == 0 ? 1 : N] = {
+      (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
+  (void)buf_s;
+  (void)q;
+  for (int64_t lo = (a + kQBlock - 1) / kQBlock * kQBlock; lo < b; lo += kQBlock) {
+    const int64_t n = std::min(kQBlock, t.size - lo);
+    float* p = staged(t.param, t.dtype, lo, n, buf_p);
+    const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
+    float* s[N == 0 ? 1 : N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
+    if (t.comp) std::copy(p, p + n, buf_old);
+    sweep(k, p, g, n, s[J]...);
+    if (t.comp) {
+      uint16_t* param = static_cast<uint16_t*>(t.param) + lo;
+      uint16_t* comp = static_cast<uint16_t*>(t.comp) + lo;
+      t.dtype == DType::bf16 ? store_kahan<BF16>(p, buf_old, n, param, comp)
+                             : store_kahan<F16>(p, buf_old, n, param, comp);
+    } else {
+      unstage(p, t.param, t.dtype, lo, n, t, 0, key);
+    }
+    (unstage_state(s[J], t, J, q[J], lo, n, key), ...);
+    if (t.out) unstage(p, t.out, t.out_dtype, lo, n, t, 0, key);
+  }
+}
+
 // ------------------------------------------------------------------ fused layouts
 // The common mixed-precision layouts run fused: the conversions happen in registers inside the
 // element loop (no float32 copies through L1, whose store bandwidth limits the converting path),
@@ -385,6 +442,8 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
   const auto update = [&](const Tensor& t, int64_t a, int64_t b) {
     if (t.path == Tensor::kConverting)
       sweep_converting(kf, t, a, b, key, states);
+    else if (t.path == Tensor::kQuantized)  // (the blocks that start in [a, b), whole)
+      sweep_quantized(kf, t, a, b, key, states);
     else if (t.path != Tensor::kDirect)
       sweep_fused_layout(kf, t, a, b, key, states);
     else if (t.dtype == DType::f32)
@@ -398,7 +457,14 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
       for (int64_t x = a; x < b; x += kEmaBlock) {
         const int64_t y = std::min(b, x + kEmaBlock);
         update(t, x, y);
-        ema_update(t, x, y, plan.ema_decay, key);
+        if (t.path == Tensor::kQuantized) {  // it updated the blocks that start in [x, y)
+          const auto up = [&](int64_t i) {
+            return std::min(t.size, (i + kQBlock - 1) / kQBlock * kQBlock);
+          };
+          ema_update(t, up(x), up(y), plan.ema_decay, key);
+        } else {
+          ema_update(t, x, y, plan.ema_decay, key);
+        }
       }
     });
   });

@@ -67,13 +67,20 @@ def _stored(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
 
 
-def _state_kinds(opt: Optimizer, key: Any, p: np.ndarray, names: list[str]) -> dict[str, str]:
-    """The dtypes (as :func:`_kind` names them) that state `names` of parameter `key` have in
-    `opt` (its precision policy decides them); a name it gives no buffer is absent."""
+def _state_kinds(
+    opt: Optimizer, key: Any, p: np.ndarray, names: list[str]
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The dtypes (as :func:`_kind` names them) and shapes that state `names` of parameter
+    `key` have in `opt` (its precision policy decides them: quantized states have uint8 codes
+    and per-block scales); a name it gives no buffer is absent."""
     for g, group in zip(opt._groups, opt.param_groups):
         if key in g.keys:
-            kinds = precision.buffers(group, _dtype(p.dtype).name, tuple(names))
-            return {n: _kind(_dtype(k)) for n, k in kinds.items()}
+            kinds = precision.buffers(group, _dtype(p.dtype).name, tuple(names), p.size)
+            out = {}
+            for n, k in kinds.items():
+                dtype, shape = precision.storage(k, p.shape)
+                out[n] = (_kind(_dtype(dtype)), shape)
+            return out
     return {}
 
 
@@ -294,7 +301,9 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
                 p = mine.get(k)
                 if p is None:
                     continue  # strict=False: a parameter this optimizer does not have
-                arrays[f"p{i}"] = _read_array(archive, members[f"p{i}"], _kind(p.dtype), p, where)
+                arrays[f"p{i}"] = _read_array(
+                    archive, members[f"p{i}"], _kind(p.dtype), p.shape, where
+                )
                 kinds = _state_kinds(opt, k, p, names)
                 for n in names:
                     if n not in kinds:
@@ -303,7 +312,8 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
                             "this optimizer's precision options give it none"
                         )
                     member = f"s{i}.{n}"
-                    arrays[member] = _read_array(archive, members[member], kinds[n], p, where)
+                    kind, shape = kinds[n]
+                    arrays[member] = _read_array(archive, members[member], kind, shape, where)
     try:
         sd = dict(meta["optimizer"])
         sd["state"] = {
@@ -421,15 +431,19 @@ def _layout(meta: dict[str, Any], where: str) -> tuple[list[Any], list[list[str]
 
 
 def _read_array(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, kind: str, param: np.ndarray, where: str
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    kind: str,
+    shape: tuple[int, ...],
+    where: str,
 ) -> np.ndarray:
-    """A parameter or state member: of dtype `kind` (see :func:`_kind`) and `param`'s shape
-    (the array it restores, or the parameter of the state it restores)."""
+    """A parameter or state member: of dtype `kind` (see :func:`_kind`) and `shape` (the
+    array's it restores)."""
     name = info.filename[:-4]
     if kind == "bfloat16":
-        bits = _read_member(archive, info, name, (np.dtype(np.uint16), param.shape), where)
+        bits = _read_member(archive, info, name, (np.dtype(np.uint16), shape), where)
         return bits.view(_dtype("bfloat16"))
-    return _read_member(archive, info, name, (np.dtype(kind), param.shape), where)
+    return _read_member(archive, info, name, (np.dtype(kind), shape), where)
 
 
 def _read_member(

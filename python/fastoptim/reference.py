@@ -53,6 +53,10 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "create_dynamic_map",
+    "dequantize_blockwise",
+    "quantize_blockwise",
+    "quantize_to_code",
     "random_bits",
     "random_key",
     "round_to_bfloat16",
@@ -679,6 +683,105 @@ def round_to_float16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarra
     magnitude = y.view(np.float32).astype(np.float16)  # exact: on the grid
     signed = np.where(b >> np.uint32(31) == 1, -magnitude, magnitude)
     return np.where(a >= np.uint32(0x477FF000), nearest, signed).astype(np.float16)
+
+
+# ----------------------------------------------------------------------------- quantized state
+# Block-wise quantization of optimizer state as bitsandbytes stores it (Dettmers et al. 2022) and
+# the compiled driver does it (cpp/include/fastoptim/quantize.hpp): one code per element, one
+# float32 absmax per block; element = code_map[code] * absmax.
+
+
+def _linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float32)``: a float32 step; the first half
+    of the values counted up from `start`, the rest down from `end`, each rounded once."""
+    s, e = np.float32(start), np.float32(end)
+    step = np.float32((e - s) / np.float32(steps - 1))
+    i = np.arange(steps)
+    up = np.float64(s) + np.float64(step) * i
+    down = np.float64(e) - np.float64(step) * (steps - 1 - i)
+    out: np.ndarray = np.where(i < steps // 2, up, down).astype(np.float32)
+    return out
+
+
+def create_dynamic_map(
+    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
+) -> np.ndarray:
+    """bitsandbytes' dynamic (tree) quantization map (``bitsandbytes.functional.
+    create_dynamic_map``): for each exponent ``i < max_exponent_bits``, the midpoints of
+    ``n_i + 1`` evenly spaced points of [0.1, 1] scaled by ``10**(i - max_exponent_bits + 1)``
+    (``n_i = 2**(i + total_bits - 1 - max_exponent_bits)``, twice that when unsigned), with both
+    signs when `signed`; then 0 and 1.  Sorted float32 values, ``2**total_bits`` of them
+    (bitsandbytes pads shorter maps with zeros to 256 entries; this does not).  Signed 8-bit:
+    127 negative values down to -0.993 (there is no -1), 0, 127 positive ones and 1."""
+    data: list[np.ndarray] = []
+    non_sign = total_bits - 1
+    extra = 2 ** (non_sign - max_exponent_bits) - 1
+
+    def add(items: int, i: int) -> None:
+        b = _linspace_float32(0.1, 1.0, items)
+        means = (b[:-1] + b[1:]) / np.float32(2)
+        v = np.float32(10.0 ** (i - (max_exponent_bits - 1))) * means  # a float32 product
+        data.append(v)
+        if signed:
+            data.append(-v)
+
+    for i in range(max_exponent_bits):
+        add(2 ** (i + non_sign - max_exponent_bits + (0 if signed else 1)) + 1, i)
+    if extra > 0:
+        add(extra + 1, max_exponent_bits - 1)
+    data.append(np.array([0.0, 1.0], np.float32))
+    return np.sort(np.concatenate(data)).astype(np.float32)
+
+
+def quantize_to_code(x: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """The index of the nearest value of the sorted map `code` to each float32 `x`: between
+    neighbours ``code[c]`` and ``code[c + 1]`` the float32 midpoint ``(code[c] + code[c + 1]) *
+    0.5`` decides; a value exactly on it takes the even index (as the binary search of
+    bitsandbytes' GPU quantizer).  `x` must not hold NaN."""
+    mid = ((code[:-1] + code[1:]) * np.float32(0.5)).astype(np.float32)
+    x = np.asarray(x, np.float32)
+    k = np.searchsorted(mid, x, side="left")  # midpoints below x
+    tie = (k < mid.size) & (mid[np.minimum(k, mid.size - 1)] == x) & (k % 2 == 1)
+    out: np.ndarray = (k + tie).astype(np.uint8)
+    return out
+
+
+def quantize_blockwise(
+    x: np.ndarray, code: np.ndarray, blocksize: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise quantization of float32 `x` (flattened, blocks of `blocksize` consecutive
+    elements, the last one possibly shorter): ``(codes, absmax)``, codes uint8 shaped like `x`,
+    absmax float32 with one entry per block.  Per block: ``absmax = max |x|``; each element
+    ``x * float32(1 / absmax)`` (``x / absmax`` when ``1 / absmax`` overflows) takes the nearest
+    code (:func:`quantize_to_code`).  A block of zeros stores absmax 0; a block holding NaN or
+    Inf stores absmax NaN: both take the code of 0 everywhere."""
+    flat = np.ascontiguousarray(x, np.float32).reshape(-1)
+    codes = np.empty(flat.size, np.uint8)
+    nblocks = -(-flat.size // blocksize)
+    absmax = np.empty(nblocks, np.float32)
+    zero = quantize_to_code(np.zeros(1, np.float32), code)[0]
+    for b in range(nblocks):
+        v = flat[b * blocksize : (b + 1) * blocksize]
+        m = np.max(np.abs(v))
+        if not np.isfinite(m):
+            absmax[b], codes[b * blocksize : b * blocksize + v.size] = np.nan, zero
+            continue
+        absmax[b] = m
+        with np.errstate(divide="ignore", over="ignore"):
+            inv = np.float32(1) / m if m > 0 else np.float32(0)
+            scaled = v / m if np.isinf(inv) else v * inv
+        codes[b * blocksize : b * blocksize + v.size] = quantize_to_code(scaled, code)
+    return codes.reshape(np.shape(x)), absmax
+
+
+def dequantize_blockwise(
+    codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int = 256
+) -> np.ndarray:
+    """float32 values of block-wise quantized state: ``code[codes] * absmax`` of each block."""
+    flat = np.asarray(codes).reshape(-1)
+    scale = np.repeat(np.asarray(absmax, np.float32), blocksize)[: flat.size]
+    out: np.ndarray = (np.asarray(code, np.float32)[flat] * scale).reshape(np.shape(codes))
+    return out
 
 
 def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[], np.ndarray] | None) -> None:

@@ -156,6 +156,7 @@ _TORCH_DTYPES = {
     "float64": torch.float64,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "uint8": torch.uint8,  # quantized state's codes
 }
 
 
@@ -233,6 +234,25 @@ def _placeholders(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [block[o : o + a.nbytes].view(a.dtype).reshape(a.shape) for o, a in zip(offsets, arrays)]
 
 
+def _quantize(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise 8-bit codes and absmax of float32 `values` as state `name`."""
+    codes = np.empty(values.shape, np.uint8)
+    absmax = np.empty(-(-values.size // precision.QUANT_BLOCK), np.float32)
+    _core.quantize_blockwise(values, codes, absmax, precision.QUANT_MAPS[name])
+    return codes, absmax
+
+
+def _new_quantized(p: torch.Tensor, name: str, fill: float) -> dict[str, torch.Tensor]:
+    """A new quantized state `name` of `p`, every element `fill`: its codes (in `p`'s memory
+    layout) and absmax tensors."""
+    code, absmax = _quantize(np.full(precision.QUANT_BLOCK, fill, np.float32), name)
+    nblocks = -(-p.numel() // precision.QUANT_BLOCK)
+    return {
+        name: torch.full_like(p, int(code[0]), dtype=torch.uint8),
+        name + precision.ABSMAX: torch.full((nblocks,), float(absmax[0]), dtype=torch.float32),
+    }
+
+
 _numpy = torch.Tensor.numpy
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _data_ptr = torch.Tensor.data_ptr
@@ -256,12 +276,13 @@ class _Cache:
         self.contiguous = True  # every perm is None
         self.labels: list[str] = []
         self.pviews: list[np.ndarray] = []
-        self.sviews: list[list[np.ndarray]] = []  # per state name, per parameter
+        self.sviews: list[list[Any]] = []  # per state name, per parameter (or (codes, absmax))
         self.scalars: dict[str, np.ndarray] = {}  # "step", "mu_product": packed values
         self.fresh: list[frozenset[str]] = []  # per parameter: states not yet stepped
         self.any_fresh = False
         self.plan: Any = None  # over all of params
         self.extras: dict[str, list[Any]] = {}  # the plan's master copies / compensation
+        self.qmaps: list[str] = []  # per state name: its quantization map, "" if none
         self.to_numpy: Callable[[torch.Tensor], np.ndarray] = _numpy  # gradients' views
         self.ids: list[int] = []  # the parameters' numbers in the optimizer
         self.holders: list[np.ndarray] | None = None  # placeholder gradients
@@ -323,9 +344,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     state = self.state[p]
                     self._init_scalars(state, self.defaults)
                     kinds = precision.buffers(
-                        group, _name(p.dtype), tuple(s.name for s in self._definition.states)
+                        group,
+                        _name(p.dtype),
+                        tuple(s.name for s in self._definition.states),
+                        p.numel(),
                     )
                     for s in self._definition.states:
+                        if kinds[s.name] == precision.INT8:
+                            state.update(_new_quantized(p, s.name, self._fill(s.name)))
+                            continue
                         dtype = _TORCH_DTYPES[kinds[s.name]]
                         state[s.name] = torch.full_like(p, self._fill(s.name), dtype=dtype)
 
@@ -519,10 +546,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         mine = [p for g in self.param_groups for p in g["params"]]
         for key, p in zip(saved, mine):
             entry = state_dict["state"].get(key)
-            if p.dtype not in _LOW or not isinstance(entry, Mapping):
+            if not isinstance(entry, Mapping):
                 continue
             for name, value in entry.items():
-                if name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                if not isinstance(value, torch.Tensor) or name == "step":
+                    continue
+                quantized = name.endswith(precision.ABSMAX) or name + precision.ABSMAX in entry
+                if quantized or (p.dtype in _LOW and value.is_floating_point()):
                     self.state[p][name] = value.to(device=p.device, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -606,6 +636,62 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             s = torch.full_like(p, self._fill(name, hp), dtype=dtype)
         self._fresh[id(s)] = s
         return s
+
+    def _quantized_state(
+        self, p: torch.Tensor, name: str, hp: Mapping[str, Any], label: str
+    ) -> None:
+        """Make sure state `name` of `p` is quantized: codes (uint8, `p`'s shape and memory
+        layout) and ``name + "_absmax"`` (float32, one per block).  Created new (the fill
+        value's codes), quantized from a float state (created eagerly, or of another policy),
+        or checked."""
+        state = self.state[p]
+        scales = name + precision.ABSMAX
+        s, a = state.get(name), state.get(scales)
+        nblocks = -(-p.numel() // precision.QUANT_BLOCK)
+        if s is None:
+            state.update(_new_quantized(p, name, self._fill(name, hp)))
+            self._fresh[id(state[name])] = state[name]
+            return
+        cls = type(self).__name__
+        if not isinstance(s, torch.Tensor) or s.shape != p.shape:
+            raise ValueError(
+                f"{cls}: state {name!r} of param {label} is not a tensor of the parameter's "
+                f"shape {tuple(p.shape)}"
+            )
+        if s.dtype != torch.uint8:  # a float state: quantized now
+            fresh = id(s) in self._fresh
+            values = np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
+            codes, absmax = _quantize(values, name)
+            state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(torch.from_numpy(codes))
+            state[scales] = torch.from_numpy(absmax)
+            if fresh:
+                self._fresh[id(state[name])] = state[name]
+            return
+        if (
+            not isinstance(a, torch.Tensor)
+            or a.dtype != torch.float32
+            or a.shape != (nblocks,)
+            or not a.is_contiguous()
+        ):
+            got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else repr(a)
+            raise ValueError(
+                f"{cls}: state {scales!r} of param {label}: {got}, expected a contiguous "
+                f"float32 tensor of shape ({nblocks},) (one absmax per block of "
+                f"{precision.QUANT_BLOCK} elements)"
+            )
+        if s.device != p.device or not _in_layout(s, _permutation(p)):
+            state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(s)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors (quantized codes and their scales, master copies
+        and compensation included; the 0-d scalar state such as ``step`` left out)."""
+        self._sync_all()
+        return sum(
+            t.nbytes
+            for st in self.state.values()
+            for t in st.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0
+        )
 
     def _scalars_of(self, hp: Mapping[str, Any]) -> tuple[tuple[str, float | str], ...]:
         """The scalar state of a parameter in a group with `hp`: torch's, plus a ``step``
@@ -721,7 +807,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
         assert c.hp is not None
         # Per parameter: its state buffers and their dtypes (the precision policy's).
-        layouts = [precision.buffers(c.hp, _name(p.dtype), c.names) for p in params]
+        layouts = [precision.buffers(c.hp, _name(p.dtype), c.names, p.numel()) for p in params]
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
@@ -729,11 +815,21 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             state = self.state[p]
             self._init_scalars(state, c.hp)
             for n, kind in layout.items():
+                if kind in (precision.INT8, precision.ABSMAX_KIND):
+                    if kind == precision.INT8:
+                        self._quantized_state(p, n, c.hp, label)
+                    continue
                 dtype = _TORCH_DTYPES[kind]
                 s = state.get(n)
                 if s is None:
                     state[n] = self._new_state(p, n, c.hp, dtype)
                     continue
+                if n + precision.ABSMAX in state:
+                    raise ValueError(
+                        f"{name}: state {n!r} of param {label} is quantized (8-bit); this "
+                        f"optimizer's state_dtype keeps it as {kind}: build it with the "
+                        "state_dtype that saved the state"
+                    )
                 if not isinstance(s, torch.Tensor) or s.shape != p.shape:
                     raise ValueError(
                         f"{name}: state {n!r} of param {label} is not a tensor of the "
@@ -760,8 +856,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             scalars[n] = buf.numpy()
         pviews = [_view(p, perm) for p, perm in zip(params, perms)]
         sviews = [
-            [_view(self.state[p][n], perm) for p, perm in zip(params, perms)] for n in c.names
+            [
+                (_view(self.state[p][n], perm), _numpy_of(self.state[p][n + precision.ABSMAX]))
+                if precision.quantized(layout, n)
+                else _view(self.state[p][n], perm)
+                for p, perm, layout in zip(params, perms, layouts)
+            ]
+            for n in c.names
         ]
+        c.qmaps = [precision.QUANT_MAPS.get(n, "") for n in c.names]
         extras = {
             key: [
                 _view(self.state[p][n], perm) if n in layout else None
@@ -789,6 +892,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 sviews,
                 **extras,
                 ids=[first + index[id(p)] for p in params],
+                qmaps=c.qmaps,
             )
             if c.hp.get(precision.ROUNDING, "nearest") != "nearest":
                 plan.set_rounding(c.hp[precision.ROUNDING], int(c.hp[precision.SEED]))
@@ -913,6 +1017,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     [[s[i] for i in sel] for s in c.sviews],
                     **{k: [v[i] for i in sel] for k, v in c.extras.items()},
                     ids=[c.ids[i] for i in sel],
+                    qmaps=c.qmaps,
                 )
                 plan.set_rounding(c.plan.rounding, c.plan.seed)
                 self._bind(c, plan, grads, sel)

@@ -8,15 +8,21 @@
 #include <limits>
 #include <vector>
 
+#include "fastoptim/quantize.hpp"
+
 namespace fastoptim {
 
 // Storage dtypes.  A tensor computes in float64 when its parameter is float64 (everything else
 // of it is float64 then), else in float32, whatever its arrays store: the driver converts on
 // load and rounds on store (convert.hpp); the element kernels see float or double only.
-enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+// q8s / q8u: a state stored block-wise quantized (quantize.hpp): 8-bit codes of the signed /
+// unsigned dynamic map, and a float32 absmax per block of kQBlock elements (Tensor::absmax).
+enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3, q8s = 4, q8u = 5 };
+inline constexpr bool is_quantized(DType d) { return d == DType::q8s || d == DType::q8u; }
 inline constexpr int64_t dtype_size(DType d) {
-  return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : 2);
+  return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : (is_quantized(d) ? 1 : 2));
 }
+inline constexpr QMap qmap_of(DType d) { return d == DType::q8s ? QMap::signed8 : QMap::unsigned8; }
 
 // How a float32 result is stored into a bfloat16/float16 array.
 enum class Rounding : int { nearest = 0, stochastic = 1 };
@@ -33,6 +39,8 @@ struct Tensor {
   const void* grad = nullptr;
   DType state_dtype[kMaxState] = {DType::f32, DType::f32, DType::f32};
   void* state[kMaxState] = {nullptr, nullptr, nullptr};
+  // The per-block scales of a quantized state (state_dtype q8s/q8u), else nullptr.
+  float* absmax[kMaxState] = {nullptr, nullptr, nullptr};
   // After the update, the parameter rounded into `out` (bfloat16/float16): the user's
   // low-precision parameter of a master copy, or an offload "copy-out" array.  nullptr: none.
   DType out_dtype = DType::bf16;
@@ -49,10 +57,18 @@ struct Tensor {
   // The driver's path for this tensor (set by classify() whenever its arrays change):
   // kDirect: every array in the compute dtype, nothing to convert; kFused*: a mixed layout
   // converted in registers (bf16 params and grads with fp32 state; all-bf16; fp32 params with
-  // bf16 grads and a bf16 copy, the offload and master layouts); kConverting: the rest.
-  enum Path : int { kDirect = 0, kFusedBf16Params, kFusedAllBf16, kFusedOffload, kConverting };
+  // bf16 grads and a bf16 copy, the offload and master layouts); kConverting: the rest;
+  // kQuantized: some state is block-quantized (whole blocks, converting the other arrays).
+  enum Path : int {
+    kDirect = 0, kFusedBf16Params, kFusedAllBf16, kFusedOffload, kConverting, kQuantized
+  };
   int path = kDirect;
   void classify(int nstate) {
+    for (int j = 0; j < nstate; ++j)
+      if (is_quantized(state_dtype[j])) {
+        path = kQuantized;
+        return;
+      }
     bool same = (dtype == DType::f32 || dtype == DType::f64) && out == nullptr &&
                 comp == nullptr && grad_dtype == dtype;
     bool s32 = true, s16 = true;
@@ -74,11 +90,15 @@ struct Tensor {
   // Bytes one step reads and writes.
   int64_t traffic(int nstate) const {
     int64_t b = 2 * dtype_size(dtype) + dtype_size(grad_dtype);
-    for (int j = 0; j < nstate; ++j) b += 2 * dtype_size(state_dtype[j]);
+    int64_t scales = 0;  // absmax arrays: 4 bytes per block, read and written
+    for (int j = 0; j < nstate; ++j) {
+      b += 2 * dtype_size(state_dtype[j]);
+      if (is_quantized(state_dtype[j])) scales += 2 * 4 * ((size + kQBlock - 1) / kQBlock);
+    }
     if (out) b += dtype_size(out_dtype);
     if (comp) b += 2 * dtype_size(dtype);
     if (ema) b += 2 * dtype_size(ema_dtype);
-    return b * size;
+    return b * size + scales;
   }
 };
 

@@ -566,6 +566,10 @@ FP32 = Stream(3, 0, 4)  # p, m, v float32 r/w; grad float32 r
 LOW_P_G = Stream(2, 1, 2)  # m, v float32 r/w; p 16-bit r/w; grad 16-bit r
 ALL_LOW = Stream(0, 3, 2)  # p, m, v 16-bit r/w; grad 16-bit r
 MASTER_OUT = Stream(3, 0, 2, out=True)  # p (or master), m, v float32 r/w; grad 16-bit r; 16-bit w
+# 8-bit state: the two code arrays (1+1 B each) move the bytes of one 16-bit array r/w (their
+# per-block scales, 2 x 8 B per 256 elements, are left out: 0.06 B/element)
+Q8 = Stream(1, 1, 4)  # p float32 r/w; m, v codes r/w; grad float32 r: 16 B
+Q8_LOW = Stream(0, 2, 2)  # p 16-bit r/w; m, v codes r/w; grad 16-bit r: 10 B
 
 
 @dataclass(frozen=True)
@@ -632,6 +636,20 @@ LAYOUTS: tuple[Layout, ...] = (
         options=SR,
         copy_out="bfloat16",
     ),
+    Layout(
+        "fp32 p/g, int8 state",
+        Q8,
+        "p 4+4, g 4, m 1+1, v 1+1 (+ absmax 2 x 4+4 per 256)",
+        options=(("state_dtype", "int8"),),
+    ),
+    Layout(
+        "bf16 p/g, int8 state",
+        Q8_LOW,
+        "p 2+2, g 2, m 1+1, v 1+1 (+ absmax 2 x 4+4 per 256)",
+        "bfloat16",
+        "bfloat16",
+        (("state_dtype", "int8"),),
+    ),
     Layout("fp16 p/g, fp32 state", LOW_P_G, "p 2+2, g 2, m 4+4, v 4+4", "float16", "float16"),
     Layout(
         "all-fp16",
@@ -660,7 +678,7 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
 )
 STREAMS: dict[Stream, str] = {
-    s: f"{s.bytes} B ({s.label})" for s in (FP32, LOW_P_G, ALL_LOW, MASTER_OUT)
+    s: f"{s.bytes} B ({s.label})" for s in (FP32, LOW_P_G, ALL_LOW, MASTER_OUT, Q8, Q8_LOW)
 }
 
 

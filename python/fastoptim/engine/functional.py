@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from . import transforms
+from . import precision, transforms
 from .definition import Definition, is_number
 from .precision import EMA_DECAY
 
@@ -26,7 +26,10 @@ def step(
 ) -> Any:
     """One update of `param` with `defn`'s kernel.
 
-    `states`: state name -> array, or None where the caller did not give it.  `hyper`: the
+    `states`: state name -> array, or None where the caller did not give it, or a pair
+    ``(codes, absmax)`` for a block-wise quantized state (uint8 codes shaped like the parameter,
+    float32 absmax with one entry per block of 256 elements; see
+    :func:`fastoptim.functional.quantized_state`).  `hyper`: the
     function's hyper-parameters (those the class's groups hold; the others take their
     defaults), validated by the definition.  `scalars`: the scalar state (NAdam's running
     ``mu_product``; ASGD's ``eta`` and ``mu``), checked by the definition; when given, the
@@ -92,6 +95,7 @@ def step(
         comps=[extra.get("compensation")],
         outs=[extra.get("copy_out")],
         emas=[ema],
+        qmaps=[precision.QUANT_MAPS.get(n, "") for n in needed],
     )
     if group["rounding"] != "nearest":
         plan.set_rounding(group["rounding"], int(group["seed"]))

@@ -63,24 +63,39 @@ def _arena(
     """One contiguous, 64-byte-aligned buffer holding an array shaped like each of `arrays`, of
     its dtype or of ``dtypes[i]`` (a dtype name; None: no array for that one)."""
     kinds = [a.dtype for a in arrays] if dtypes is None else dtypes
-    offsets, total = [], 0
+    # (dtype, shape) of each array: a kind's storage (quantized codes and scales have their own)
+    specs: list[tuple[np.dtype[Any], tuple[int, ...]] | None] = []
     for a, d in zip(arrays, kinds):
+        if d is None:
+            specs.append(None)
+            continue
+        kind, shape = _storage(d, a.shape)
+        specs.append((_dtype(kind), shape))
+    offsets, total = [], 0
+    for spec in specs:
         offsets.append(total)
-        if d is not None:
-            total += -(-a.size * _dtype(d).itemsize // _ALIGN) * _ALIGN
+        if spec is not None:
+            total += -(-math.prod(spec[1]) * spec[0].itemsize // _ALIGN) * _ALIGN
     raw = np.empty(total + _ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % _ALIGN
     block = raw[start : start + total]
     views: list[Any] = []
-    for o, a, d in zip(offsets, arrays, kinds):
-        if d is None:
+    for o, spec in zip(offsets, specs):
+        if spec is None:
             views.append(None)
             continue
-        dt = _dtype(d)
-        v = block[o : o + a.size * dt.itemsize].view(dt).reshape(a.shape)
+        dt, shape = spec
+        v = block[o : o + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
         v.fill(fill)
         views.append(v)
     return block, views
+
+
+def _storage(kind: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """A buffer kind's dtype and shape for a parameter of `shape` (dtypes as they are)."""
+    if isinstance(kind, str):
+        return precision.storage(kind, shape)
+    return kind, shape
 
 
 def _dtype(d: Any) -> np.dtype[Any]:
@@ -340,7 +355,9 @@ class Optimizer:
     def _layout(self, g: _Group, group: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
         """Per parameter: state name -> dtype name (the kernel's `names`, then the precision
         policy's master copy or compensation buffer)."""
-        return [precision.buffers(group, _dtype(p.dtype).name, tuple(names)) for p in g.params]
+        return [
+            precision.buffers(group, _dtype(p.dtype).name, tuple(names), p.size) for p in g.params
+        ]
 
     def _check_layout(self, g: _Group, group: Mapping[str, Any]) -> None:
         """ValueError if `group`'s precision options would change a state buffer that exists:
@@ -348,9 +365,12 @@ class Optimizer:
         layout = self._layout(g, group, list(g.states))
         for name, views in g.states.items():
             for i, v in enumerate(views):
-                want = layout[i].get(name)
-                have = None if v is None else _dtype(v.dtype).name
-                if want != have:
+                kind = layout[i].get(name)
+                spec = None if kind is None else precision.storage(kind, g.params[i].shape)
+                held = None if v is None else (_dtype(v.dtype).name, v.shape)
+                if spec != held:
+                    want = None if spec is None else spec[0]
+                    have = None if held is None else held[0]
                     raise ValueError(
                         f"{type(self).__name__}: the state {name!r} of param {g.labels[i]} "
                         f"exists as {have}; these options (state_dtype, "
@@ -361,8 +381,21 @@ class Optimizer:
 
     def _allocate(self, g: _Group, name: str, fill: float, layout: list[Any]) -> None:
         """State buffer `name` of every parameter that has one in `layout` (one arena): filled
-        with `fill`; a master copy or an EMA with its parameter's values."""
+        with `fill`; a master copy or an EMA with its parameter's values.  A quantized state
+        also gets its scales (``name + "_absmax"``): codes and scales of `fill`."""
+        if name.endswith(precision.ABSMAX):
+            return  # with its state
         g.arenas[name], g.states[name] = _arena(g.params, fill, [b.get(name) for b in layout])
+        scales = name + precision.ABSMAX
+        if any(scales in b for b in layout):
+            g.arenas[scales], g.states[scales] = _arena(
+                g.params, 0.0, [b.get(scales) for b in layout]
+            )
+            code, absmax = _quantized_fill(fill, precision.QUANT_MAPS[name])
+            for b, v, a in zip(layout, g.states[name], g.states[scales]):
+                if precision.quantized(b, name):
+                    v.fill(code)
+                    a.fill(absmax)
         if name == precision.EMA:  # (taken again at its first step: see step)
             g.fresh_copies.add(name)
         if name in precision.COPIES or self._definition.like_param(name):
@@ -402,7 +435,7 @@ class Optimizer:
     def _make_plan(self, g: _Group, names: Sequence[str], outs: Any) -> Any:
         """A compiled plan of group `g`'s parameters and states `names` (which exist), its
         master copies and compensation, and the copy-out arrays `outs` (validated by it)."""
-        extra = {
+        extra: dict[str, Any] = {
             "masters": g.states.get(precision.MASTER),
             "comps": g.states.get(precision.COMPENSATION),
             "outs": outs,
@@ -412,10 +445,19 @@ class Optimizer:
             list(g.params),
             g.labels,
             list(names),
-            [g.states[n] for n in names],
+            [_plan_states(g.states, n) for n in names],
             **{k: v for k, v in extra.items() if v is not None},
             ids=list(range(g.first_id, g.first_id + len(g.params))),
+            qmaps=[precision.QUANT_MAPS.get(n, "") for n in names],
         )
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held for the parameters: every state array (quantized
+        codes and their scales, master copies and compensation included), without the
+        parameters and gradients."""
+        with self._lock:
+            return sum(v.nbytes for g in self._groups for vs in g.states.values() for v in vs
+                       if v is not None)  # fmt: skip
 
     def set_copy_out(self, arrays: Any) -> None:
         """The offload layout: after every step, each float32 parameter that has a copy-out
@@ -1024,12 +1066,17 @@ class Optimizer:
                 continue
             p = g.params[i]
             for n in expected:
-                a, want = entry[n], _dtype(layout[i][n])
-                if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != p.shape:
+                kind, shape = precision.storage(layout[i][n], p.shape)
+                a, want = entry[n], _dtype(kind)
+                if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != shape:
                     got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
                     problems.append(
-                        f"state {n!r} of param {g.labels[i]}: {got}, expected {want} {p.shape}"
+                        f"state {n!r} of param {g.labels[i]}: {got}, expected {want} {shape}"
                     )
+                elif layout[i][n] == precision.ABSMAX_KIND:
+                    problem = _absmax_problem(a)
+                    if problem:
+                        problems.append(f"state {n!r} of param {g.labels[i]}: {problem}")
             loaded.append((i, entry))
 
         def apply() -> None:
@@ -1037,14 +1084,11 @@ class Optimizer:
                 if n not in g.states:
                     self._allocate(g, n, self._state_fill(n, values), layout)
             reset = set()
-            for n, views in g.states.items():
-                if n not in names:  # the checkpoint never had it: as if new
-                    if n in precision.COPIES:
-                        self._take_params(g, n)
-                    else:
-                        for v in views:
-                            if v is not None:
-                                v.fill(self._state_fill(n, values))
+            for n in list(g.states):
+                if n not in names and not n.endswith(precision.ABSMAX):
+                    # the checkpoint never had it: as if new (a copy of the parameter for a
+                    # master copy or an EMA)
+                    self._allocate(g, n, self._state_fill(n, values), layout)
                     reset.add(n)
             for i, entry in loaded:
                 for n in entry:
@@ -1096,6 +1140,36 @@ def _precision_mismatch(where: str, saved: Mapping[str, Any], group: Mapping[str
                 f"{k}={group.get(k)!r} (precision options decide the state's dtypes: build "
                 "the optimizer with the same ones)"
             )
+    return ""
+
+
+def _plan_states(states: Mapping[str, list[Any]], name: str) -> list[Any]:
+    """State `name` of each parameter as the compiled plan takes it: an array, or the pair
+    (codes, absmax) of a quantized one."""
+    scales = states.get(name + precision.ABSMAX)
+    if scales is None:
+        return states[name]
+    return [v if a is None else (v, a) for v, a in zip(states[name], scales)]
+
+
+def _quantized_fill(fill: float, qmap: str) -> tuple[int, float]:
+    """The code and absmax of a block whose values are all `fill`."""
+    values = np.full(precision.QUANT_BLOCK, fill, np.float32)
+    codes = np.empty(values.size, np.uint8)
+    absmax = np.empty(1, np.float32)
+    _core.quantize_blockwise(values, codes, absmax, qmap)
+    return int(codes[0]), float(absmax[0])
+
+
+def _absmax_problem(a: np.ndarray) -> str:
+    """What is wrong with the scales `a` of a quantized state, or "": they are >= 0 (NaN
+    allowed: a block that went non-finite)."""
+    bad = np.flatnonzero((a < 0) | np.isinf(a))
+    if bad.size:
+        return (
+            f"absmax must be >= 0 and finite (NaN marks a non-finite block); {bad.size} "
+            f"entries are not, first at block {int(bad[0])}: {a[bad[0]]!r}"
+        )
     return ""
 
 

@@ -6,10 +6,18 @@ Five options every optimizer takes (keyword-only; defined once in
 ``state_dtype``
     The dtype of the state buffers of parameters that compute in float32 (float32, bfloat16
     and float16 parameters): ``None`` (the default: float32), ``"float32"``, ``"bfloat16"``,
-    ``"float16"``, ``"param"`` (the parameter's own dtype, as ``torch.optim`` keeps it), or a
-    dict from state name to one of those (``{"exp_avg": "bfloat16"}``; the others take the
-    default).  NumPy and torch dtypes are accepted for the names.  float64 parameters always
-    keep float64 state.
+    ``"float16"``, ``"param"`` (the parameter's own dtype, as ``torch.optim`` keeps it),
+    ``"int8"`` (block-wise 8-bit quantized, see below), or a dict from state name to one of
+    those (``{"exp_avg": "bfloat16"}``; the others take the default).  NumPy and torch dtypes
+    are accepted for the names.  float64 parameters always keep float64 state.
+
+    ``"int8"`` (Dettmers et al. 2022, bitsandbytes' format): a state ``name`` of a parameter
+    of at least :data:`MIN_QUANTIZED` elements is stored as ``name`` (uint8 codes, shaped like
+    the parameter) and ``name + "_absmax"`` (float32, one scale per block of
+    :data:`QUANT_BLOCK` elements); element ``i`` is ``map[codes[i]] * absmax[i // 256]`` with
+    bitsandbytes' signed dynamic map for first moments and the unsigned one for second moments
+    (:data:`QUANT_MAPS`).  Smaller parameters keep float32 state.  Only states in
+    :data:`QUANT_MAPS` can be quantized (not Rprop's step sizes, nor ASGD's parameter average).
 ``master_weights``
     Keep a float32 copy (state ``"master"``) of every bfloat16/float16 parameter: the update
     is computed on it and rounded into the parameter in the same pass.  No effect on float32
@@ -53,6 +61,32 @@ COPIES = (MASTER, EMA)
 #: copy of a bfloat16/float16 parameter, a Kahan compensation buffer of one, a copy-out array.
 FUNCTIONAL_ARRAYS = ("master", "compensation", "copy_out", "ema")
 
+#: The quantized state kinds a policy can name (the value of ``state_dtype``).
+INT8 = "int8"
+#: Elements per block of a quantized state, and the smallest parameter whose state is
+#: quantized (smaller ones keep float32 state, as bitsandbytes' ``min_8bit_size``).
+QUANT_BLOCK = 256
+MIN_QUANTIZED = 4096
+#: The states that can be quantized, and their map: signed for first moments (momentum,
+#: averages of gradients), unsigned for second moments and accumulators of squares (never
+#: negative).  Rprop's ``prev``/``step_size`` (per-element step sizes over many orders of
+#: magnitude: the small ones would become 0 and stay there) and ASGD's ``ax`` (an average of the
+#: parameters, which needs their precision) are left out.
+QUANT_MAPS = {
+    "exp_avg": "signed8",
+    "momentum_buffer": "signed8",
+    "grad_avg": "signed8",
+    "exp_avg_sq": "unsigned8",
+    "max_exp_avg_sq": "unsigned8",
+    "square_avg": "unsigned8",
+    "sum": "unsigned8",
+    "acc_delta": "unsigned8",
+    "exp_inf": "unsigned8",
+}
+#: The suffix of a quantized state's per-block scales in ``opt.state`` and checkpoints.
+ABSMAX = "_absmax"
+ABSMAX_KIND = "absmax8"  # the layout's kind of those arrays
+
 STATE_DTYPE = "state_dtype"
 EMA_DECAY = "ema_decay"  # (engine.transforms: the option that gives parameters an EMA)
 MASTER_WEIGHTS = "master_weights"
@@ -93,24 +127,41 @@ def check_state_dtype(cls: str, value: Any, states: tuple[str, ...]) -> None:
                     f"{list(states)} (and {EMA!r} with ema_decay)"
                 )
             _check_one(cls, f"state_dtype[{k!r}]", v)
+            if _is_int8(v) and k not in QUANT_MAPS:
+                raise ValueError(f"{cls}: state {k!r} cannot be quantized ({_WHY_NOT})")
         return
     _check_one(cls, "state_dtype", value)
+    if _is_int8(value) and states and not any(n in QUANT_MAPS for n in states):
+        raise ValueError(
+            f"{cls}: state_dtype='int8': no state of {cls} can be quantized ({_WHY_NOT})"
+        )
+
+
+_WHY_NOT = (
+    "quantized: the first and second moments and accumulators of Adam, AdamW, NAdam, RAdam, "
+    "Adamax, ADOPT, Lion, SGD momentum, RMSprop, Adagrad and Adadelta; not Rprop's step sizes "
+    "or ASGD's parameter average, which 8 bits relative to a block maximum would destroy"
+)
+
+
+def _is_int8(v: Any) -> bool:
+    return isinstance(v, str) and v == INT8
 
 
 def _check_one(cls: str, name: str, v: Any) -> None:
-    if v is None or v == "param":
+    if v is None or v == "param" or _is_int8(v):
         return
     d = dtype_name(v)
     if d not in FLOAT32_FAMILY:
         raise ValueError(
-            f"{cls}: {name} must be 'float32', 'bfloat16', 'float16', 'param' or None, got "
-            f"{v!r}" + (" (float64 parameters keep float64 state anyway)" if d else "")
+            f"{cls}: {name} must be 'float32', 'bfloat16', 'float16', 'param', 'int8' or "
+            f"None, got {v!r}" + (" (float64 parameters keep float64 state anyway)" if d else "")
         )
 
 
 def normalize(value: Any) -> Any:
     """``state_dtype`` as plain data (names, a dict of names): what groups and checkpoints keep."""
-    if value is None or value == "param":
+    if value is None or value == "param" or _is_int8(value):
         return value
     if isinstance(value, Mapping):
         return {k: normalize(v) for k, v in value.items()}
@@ -130,18 +181,30 @@ def check_seed(cls: str, value: Any) -> None:
         raise ValueError(f"{cls}: invalid seed={value!r}: must be in [0, 2**64)")
 
 
-def buffers(group: Mapping[str, Any], param: str, names: tuple[str, ...]) -> dict[str, str]:
-    """The state buffers of one parameter of dtype `param` (a name) in `group`: name -> dtype
-    name, for the kernel's states `names`, then ``"master"`` / ``"compensation"`` when the
-    group's policy gives the parameter one, then ``"ema"`` when the group has an
-    ``ema_decay`` (its dtype follows ``state_dtype`` like the kernel's states)."""
+def buffers(
+    group: Mapping[str, Any], param: str, names: tuple[str, ...], size: int = 0
+) -> dict[str, str]:
+    """The state buffers of one parameter of dtype `param` (a name) and `size` elements in
+    `group`: name -> kind (a dtype name, or ``"int8"`` for quantized codes and
+    ``"absmax8"`` for their scales, under ``name + "_absmax"``, see :func:`storage`), for the
+    kernel's states `names`, then ``"ema"`` when the group has an ``ema_decay`` (its dtype
+    follows ``state_dtype`` like the kernel's states; never quantized), then ``"master"`` /
+    ``"compensation"`` when the group's policy gives the parameter one."""
     ema = (EMA,) if group.get(EMA_DECAY) is not None else ()
     if param == "float64":
-        return dict.fromkeys((*(n for n in names if n != EMA), *ema), "float64")
+        own = (n for n in names if n != EMA and not n.endswith(ABSMAX))
+        return dict.fromkeys((*own, *ema), "float64")
     policy = group.get(STATE_DTYPE)
     out = {}
-    for n in (*(n for n in names if n not in EXTRA_STATES), *ema):
+    for n in (*(n for n in names if n not in EXTRA_STATES and not n.endswith(ABSMAX)), *ema):
         v = policy.get(n) if isinstance(policy, Mapping) else policy
+        if _is_int8(v):
+            if n in QUANT_MAPS and size >= MIN_QUANTIZED:
+                out[n] = INT8
+                out[n + ABSMAX] = ABSMAX_KIND
+            else:
+                out[n] = "float32"
+            continue
         named = dtype_name(v) if v is not None else None
         out[n] = param if v == "param" else (named or "float32")
     if param in LOW:
@@ -150,6 +213,25 @@ def buffers(group: Mapping[str, Any], param: str, names: tuple[str, ...]) -> dic
         elif group.get(KAHAN):
             out[COMPENSATION] = param
     return out
+
+
+def storage(kind: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The dtype name and shape of a buffer of `kind` (see :func:`buffers`) for a parameter of
+    `shape`: quantized codes are uint8 of the parameter's shape, their scales float32 with one
+    entry per block of :data:`QUANT_BLOCK` elements."""
+    if kind == INT8:
+        return "uint8", tuple(shape)
+    if kind == ABSMAX_KIND:
+        size = 1
+        for d in shape:
+            size *= d
+        return "float32", (-(-size // QUANT_BLOCK),)
+    return kind, tuple(shape)
+
+
+def quantized(layout: Mapping[str, str], name: str) -> bool:
+    """Whether state `name` is quantized in `layout` (one parameter's :func:`buffers`)."""
+    return layout.get(name) == INT8
 
 
 def check_layout(cls: str, group: Mapping[str, Any]) -> None:

@@ -1,0 +1,109 @@
+// The quantization maps and their search tables (quantize.hpp).  Compiled once, with the
+// baseline flags: every ISA's driver reads the same tables.
+#include "fastoptim/quantize.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+namespace fastoptim {
+
+namespace {
+
+// torch.linspace(start, end, steps, dtype=float32): a float32 step; the first half counted up
+// from start, the second half down from end, each value rounded once from start + step * i.
+std::vector<float> linspace_f32(float start, float end, int steps) {
+  const float step = (end - start) / static_cast<float>(steps - 1);
+  std::vector<float> out(static_cast<std::size_t>(steps));
+  for (int i = 0; i < steps; ++i) {
+    const double v = i < steps / 2
+                         ? static_cast<double>(start) + static_cast<double>(step) * i
+                         : static_cast<double>(end) - static_cast<double>(step) * (steps - i - 1);
+    out[static_cast<std::size_t>(i)] = static_cast<float>(v);
+  }
+  return out;
+}
+
+// bitsandbytes' create_dynamic_map(signed, max_exponent_bits, total_bits), without its padding to
+// 256 entries: for each exponent i, the means of linspace(0.1, 1, n_i) scaled by 10^(i - e + 1)
+// (a float32 product), both signs when signed; then 0 and 1; sorted.
+std::vector<float> dynamic_map(bool is_signed, int max_exponent_bits, int total_bits) {
+  std::vector<float> data;
+  const int non_sign = total_bits - 1;
+  const int additional = (1 << (non_sign - max_exponent_bits)) - 1;
+  auto add = [&](int items, int i) {
+    const std::vector<float> b = linspace_f32(0.1f, 1.0f, items);
+    const auto scale = static_cast<float>(std::pow(10.0, i - (max_exponent_bits - 1)));
+    for (std::size_t k = 0; k + 1 < b.size(); ++k) {
+      const float v = scale * ((b[k] + b[k + 1]) / 2.0f);
+      data.push_back(v);
+      if (is_signed) data.push_back(-v);
+    }
+  };
+  for (int i = 0; i < max_exponent_bits; ++i)
+    add(is_signed ? (1 << (i + non_sign - max_exponent_bits)) + 1
+                  : (1 << (i + non_sign - max_exponent_bits + 1)) + 1,
+        i);
+  if (additional > 0) add(additional + 1, max_exponent_bits - 1);
+  data.push_back(0.0f);
+  data.push_back(1.0f);
+  std::sort(data.begin(), data.end());
+  return data;
+}
+
+QTables build(const std::vector<float>& map) {
+  QTables q;
+  q.ncodes = static_cast<int>(map.size());
+  if (q.ncodes > 256) throw std::logic_error("quantization map too long");
+  std::copy(map.begin(), map.end(), q.value);
+  // The non-negative values, ascending; the negative ones must mirror them.
+  const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
+  q.pos_base = static_cast<int32_t>(first);
+  q.neg_max = q.pos_base;
+  const std::vector<float> pos(map.begin() + first, map.end());
+  for (int32_t r = 1; r <= q.neg_max; ++r)
+    if (map[static_cast<std::size_t>(q.pos_base - r)] != -pos[static_cast<std::size_t>(r)])
+      throw std::logic_error("quantization map: negative values do not mirror the positive ones");
+  // Decision thresholds between pos[j] and pos[j + 1]: |x| > t_j counts.  On the midpoint itself
+  // the even code wins: up (x >= midpoint, i.e. x > the float below it) when code j + 1 is even.
+  std::vector<float> t;
+  for (std::size_t j = 0; j + 1 < pos.size(); ++j) {
+    const float m = (pos[j] + pos[j + 1]) * 0.5f;
+    const bool up = (q.pos_base + static_cast<int32_t>(j) + 1) % 2 == 0;
+    t.push_back(up ? float_of(bits_of(m) - 1) : m);
+  }
+  if (!t.empty() && t.front() < float_of((kQBucketBase) << 16))
+    throw std::logic_error("quantization map: thresholds below the buckets");
+  for (int32_t k = 0; k < kQBuckets; ++k) {
+    const float lo = float_of((static_cast<uint32_t>(k) + kQBucketBase) << 16);
+    const float hi = float_of((static_cast<uint32_t>(k) + 1 + kQBucketBase) << 16);
+    int32_t below = 0, inside = 0;
+    float thr = float_of(0x7F800000u);
+    for (float tj : t) {
+      if (tj < lo) ++below;
+      else if (tj < hi) { ++inside; thr = tj; }
+    }
+    if (inside > 1) throw std::logic_error("quantization map: two thresholds in one bucket");
+    if (inside && (k == 0 || k == kQBuckets - 1))
+      throw std::logic_error("quantization map: a threshold in an end bucket");
+    q.bucket[k] = static_cast<uint32_t>(below) << 16 |
+                  (inside ? 0x1000000u | (bits_of(thr) & 0xFFFFu) : 0u);
+  }
+  q.zero = q_code(0.0f, q);
+  return q;
+}
+
+}  // namespace
+
+const QTables& qtables(QMap m) {
+  static const QTables s8 = build(dynamic_map(true, 7, 8));
+  static const QTables u8 = build(dynamic_map(false, 7, 8));
+  switch (m) {
+    case QMap::signed8: return s8;
+    case QMap::unsigned8: return u8;
+  }
+  throw std::invalid_argument("unknown quantization map");
+}
+
+}  // namespace fastoptim

@@ -1,0 +1,508 @@
+"""Block-wise 8-bit quantized optimizer state (``state_dtype="int8"``).
+
+The quantizer (cpp/include/fastoptim/quantize.hpp) is checked code for code against the readable
+NumPy reference (:func:`fastoptim.reference.quantize_blockwise`), and against bitsandbytes where
+it installs.  A step with quantized state is checked bit for bit against its definition: the
+same optimizer with float32 state holding the dequantized values, stepped, then quantized by
+the reference (the parameter, stored in any precision layout, must come out identical).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from fastoptim import _core, reference
+from fastoptim import functional as F
+from fastoptim.engine import precision
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+MAPS = {"signed8": True, "unsigned8": False}
+
+
+def same_bits(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    x = np.ascontiguousarray(a).view(np.uint8).reshape(a.size, -1)
+    y = np.ascontiguousarray(b).view(np.uint8).reshape(b.size, -1)
+    bad = np.flatnonzero((x != y).any(axis=1))
+    assert bad.size == 0, f"{what}: {bad.size} of {a.size} differ, first {bad[:5]}"
+
+
+def core_quantize(x: np.ndarray, qmap: str) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.empty(x.shape, np.uint8)
+    absmax = np.empty(-(-x.size // 256), np.float32)
+    _core.quantize_blockwise(np.ascontiguousarray(x, np.float32), codes, absmax, qmap)
+    return codes, absmax
+
+
+def awkward_blocks(rng: np.random.Generator, signed: bool) -> np.ndarray:
+    """Blocks of every scale: normal and heavy-tailed values, exact zeros, all-zero blocks,
+    tiny (denormal) absmax, a single nonzero, exact map values and exact midpoints (ties)."""
+    code = reference.create_dynamic_map(signed)
+    mid = ((code[:-1] + code[1:]) * np.float32(0.5)).astype(np.float32)
+    n = 256
+    parts = [
+        rng.standard_normal(40 * n) * np.exp(rng.uniform(-30, 10, 40 * n)),
+        rng.standard_t(1.5, 8 * n),
+        np.zeros(n),
+        np.where(rng.random(4 * n) < 0.5, 0.0, rng.standard_normal(4 * n)),
+        rng.standard_normal(n) * 1e-39,  # 1 / absmax overflows
+        np.r_[np.zeros(n - 1), 3.0],
+        np.resize(np.r_[code, 1.0], 2 * n) * 7.0,  # map values (scaled back exactly? no: 7x)
+        np.resize(np.r_[code[1:], 1.0], n),  # map values with absmax 1
+        np.resize(np.r_[mid, 1.0], 2 * n),  # midpoints with absmax 1: every tie
+        np.resize(np.r_[-mid, 1.0], 2 * n),
+    ]
+    x = np.concatenate(parts).astype(np.float32)
+    x[np.arange(255, x.size, 256)] = np.where(signed, 1.0, 1.0)  # keep absmax 1 in tie blocks
+    x = np.r_[x, rng.standard_normal(77).astype(np.float32)]  # a short last block
+    return np.abs(x) if not signed else x
+
+
+# ------------------------------------------------------------------------- the quantizer
+@pytest.mark.parametrize("qmap", list(MAPS))
+def test_map_is_bitsandbytes_dynamic_map(qmap: str) -> None:
+    code = reference.create_dynamic_map(MAPS[qmap])
+    assert code.dtype == np.float32 and code.size == 256 and np.all(np.diff(code) > 0)
+    assert code[-1] == 1.0 and 0.0 in code
+    same_bits(_core.quant_map(qmap), code, qmap)
+    if MAPS[qmap]:
+        assert code[0] == -code[254] > -1 and code[127] == 0  # mirrored, no -1
+    else:
+        assert code[0] == 0
+
+
+@pytest.mark.parametrize("qmap", list(MAPS))
+def test_quantizer_matches_reference_code_for_code(
+    isa: str, qmap: str, rng: np.random.Generator
+) -> None:
+    x = awkward_blocks(rng, MAPS[qmap])
+    code = reference.create_dynamic_map(MAPS[qmap])
+    codes, absmax = core_quantize(x, qmap)
+    rcodes, rabsmax = reference.quantize_blockwise(x, code)
+    same_bits(codes, rcodes, "codes")
+    same_bits(absmax, rabsmax, "absmax")
+    out = np.empty_like(x)
+    _core.dequantize_blockwise(codes, absmax, out, qmap)
+    same_bits(out, reference.dequantize_blockwise(rcodes, rabsmax, code), "dequantized")
+    # the nearest value: no other code is closer to the scaled value (in float64, up to the
+    # rounding of the float32 midpoints that decide)
+    scale = np.repeat(absmax, 256)[: x.size].astype(np.float64)
+    ok = scale > 0
+    xn = x[ok] / scale[ok]
+    err = np.abs(code[codes[ok]] - xn)
+    best = np.min(np.abs(code[None, :].astype(np.float64) - xn[:, None]), axis=1)
+    assert np.all(err <= best + 2.0**-24)
+
+
+def test_ties_take_the_even_code_and_zero_is_exact() -> None:
+    for signed in (True, False):
+        code = reference.create_dynamic_map(signed)
+        mid = ((code[:-1] + code[1:]) * np.float32(0.5)).astype(np.float32)
+        got = reference.quantize_to_code(mid, code)
+        assert np.all(got % 2 == 0)
+        np.testing.assert_array_equal(np.abs(got.astype(int) - np.arange(255)) <= 1, True)
+        zero = int(np.flatnonzero(code == 0)[0])
+        codes, absmax = core_quantize(
+            np.zeros(300, np.float32), "signed8" if signed else "unsigned8"
+        )
+        assert np.all(codes == zero) and np.all(absmax == 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_blocks_become_nan(bad: float) -> None:
+    x = np.random.default_rng(0).standard_normal(600).astype(np.float32)
+    x[300] = bad
+    for qmap, signed in MAPS.items():
+        codes, absmax = core_quantize(x, qmap)
+        rcodes, rabsmax = reference.quantize_blockwise(x, reference.create_dynamic_map(signed))
+        same_bits(codes, rcodes, "codes")
+        same_bits(absmax, rabsmax, "absmax")
+        assert np.isnan(absmax[1]) and np.isfinite(absmax[[0, 2]]).all()
+        out = np.empty_like(x)
+        _core.dequantize_blockwise(codes, absmax, out, qmap)
+        assert np.isnan(out[256:512]).all() and np.isfinite(out[:256]).all()
+
+
+def test_against_bitsandbytes() -> None:
+    """bitsandbytes' map and dequantization exactly; its CPU quantizer is approximate (a few
+    percent of codes differ, exact zeros get nonzero codes): ours are never farther."""
+    torch = pytest.importorskip("torch")
+    try:
+        bnbf = pytest.importorskip("bitsandbytes.functional")
+    except Exception as e:  # pragma: no cover - a broken install
+        pytest.skip(f"bitsandbytes does not import: {e}")
+    rng = np.random.default_rng(3)
+    for signed in (True, False):
+        code = reference.create_dynamic_map(signed)
+        bcode = bnbf.create_dynamic_map(signed=signed)
+        same_bits(bcode.numpy(), code, "map")
+        x = rng.standard_normal(256 * 64).astype(np.float32)
+        x = x if signed else x * x
+        q, st = bnbf.quantize_blockwise(torch.from_numpy(x), code=bcode, blocksize=256)
+        rc, ra = reference.quantize_blockwise(x, code)
+        same_bits(st.absmax.numpy(), ra, "absmax")
+        scale = np.repeat(ra, 256)
+        assert np.all(np.abs(code[rc] * scale - x) <= np.abs(code[q.numpy()] * scale - x))
+        assert np.mean(q.numpy() == rc) > 0.9
+        deq = bnbf.dequantize_blockwise(
+            torch.from_numpy(rc), absmax=torch.from_numpy(ra), code=bcode, blocksize=256
+        )
+        same_bits(deq.numpy(), reference.dequantize_blockwise(rc, ra, code), "dequantized")
+
+
+# ------------------------------------------------------------------------- the step
+QUANTIZABLE = {
+    "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+    "Adam": {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.01},
+    "AdamW": {"lr": 1e-2},
+    "NAdam": {"lr": 1e-2},
+    "RAdam": {"lr": 1e-2},
+    "Adamax": {"lr": 1e-2},
+    "Lion": {"lr": 1e-3},
+    "RMSprop": {"lr": 1e-2, "momentum": 0.5, "centered": True},
+    "Adagrad": {"lr": 0.1, "initial_accumulator_value": 0.1},
+    "Adadelta": {"lr": 1.0},
+    "ADOPT": {"lr": 1e-2},
+}
+SHAPES = [(100,), (4095,), (4096,), (5000,), (70, 300), (20001,)]
+LAYOUTS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "float32": (np.float32, np.float32, {}),
+    "bf16": (BF16, BF16, {}),
+    "bf16-master": (BF16, BF16, {"master_weights": True}),
+    "f16-kahan": (np.float16, np.float16, {"kahan": True}),
+    "fp32-bf16grad": (np.float32, BF16, {}),
+}
+
+
+def _float_state(opt: Any, i: int, name: str) -> np.ndarray:
+    s = opt.state[i]
+    if name + "_absmax" in s:
+        code = reference.create_dynamic_map(precision.QUANT_MAPS[name] == "signed8")
+        return reference.dequantize_blockwise(s[name], s[name + "_absmax"], code)
+    return np.asarray(s[name], np.float32)
+
+
+@pytest.mark.parametrize("name", list(QUANTIZABLE))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_is_float32_step_on_dequantized_state(isa: str, name: str, layout: str) -> None:
+    pdt, gdt, opts = LAYOUTS[layout]
+    rounding = "stochastic" if layout == "bf16" else "nearest"
+    rng = np.random.default_rng(7)
+    params = [(rng.standard_normal(s) * 2).astype(np.float32).astype(pdt) for s in SHAPES]
+    cls = getattr(fo, name)
+    kw = {**QUANTIZABLE[name], **opts, "rounding": rounding, "seed": 5}
+    opt = cls(params, state_dtype="int8", **kw)
+    mirror = [p.copy() for p in params]
+    ref = cls(mirror, **kw)
+    for t in range(1, 4):
+        grads = [(rng.standard_normal(p.shape) * 0.3).astype(np.float32).astype(gdt)
+                 for p in params]  # fmt: skip
+        for i, p in enumerate(params):
+            mirror[i][...] = p
+            for n, v in opt.state[i].items():
+                if n == "step" or n.endswith("_absmax"):
+                    continue
+                if n in ("master", "compensation"):
+                    ref.state[i][n][...] = v
+                else:
+                    ref.state[i][n][...] = _float_state(opt, i, n)
+        ref.step(grads)
+        opt.step(grads)
+        for i, p in enumerate(params):
+            same_bits(p, mirror[i], f"{layout} step {t} param {i}")
+            for n, v in opt.state[i].items():
+                if n == "step" or n.endswith("_absmax"):
+                    continue
+                want = ref.state[i][n]
+                if n + "_absmax" in opt.state[i]:
+                    assert p.size >= 4096
+                    code = reference.create_dynamic_map(precision.QUANT_MAPS[n] == "signed8")
+                    rc, ra = reference.quantize_blockwise(want, code)
+                    same_bits(v, rc, f"{layout} step {t} codes {n} of {i}")
+                    same_bits(opt.state[i][n + "_absmax"], ra, f"absmax {n} of {i}")
+                else:
+                    assert p.size < 4096 or n in ("master", "compensation")
+                    same_bits(v, want, f"{layout} step {t} state {n} of {i}")
+
+
+def test_bit_identical_across_threads_and_chunks() -> None:
+    """Chunks cut through blocks (tensor sizes not multiples of 256, a tiny grain): each block
+    is updated whole by the chunk holding its first element, so any split gives the same bits."""
+    rng = np.random.default_rng(2)
+    base = [rng.standard_normal(s).astype(np.float32) for s in [(5000,), (33333,), (9000,)]]
+    grads = [[rng.standard_normal(b.shape).astype(np.float32) for b in base] for _ in range(3)]
+    results = []
+    before = (fo.get_num_threads(), _core.get_grain())
+    try:
+        for threads, grain in ((1, 1 << 30), (2, 1 << 30), (2, 1024), (3, 512)):
+            fo.set_num_threads(threads)
+            _core.set_grain(grain)
+            params = [b.copy() for b in base]
+            opt = fo.AdamW(params, lr=1e-2, state_dtype="int8")
+            for g in grads:
+                opt.step(g)
+            results.append(opt.state_dict()["state"])
+            results[-1]["params"] = params
+    finally:
+        fo.set_num_threads(before[0])
+        _core.set_grain(before[1])
+    for other in results[1:]:
+        for i in range(3):
+            same_bits(other["params"][i], results[0]["params"][i], f"param {i}")
+            for n, v in other[i].items():
+                same_bits(v, results[0][i][n], f"{n} of {i}")
+
+
+def test_policy_per_state_and_sizes() -> None:
+    big, small = np.zeros(5000, np.float32), np.zeros(10, np.float32)
+    f64 = np.zeros(5000, np.float64)
+    opt = fo.Adam([big, small, f64], state_dtype={"exp_avg": "int8", "exp_avg_sq": "bfloat16"})
+    kinds = [{n: v.dtype.name for n, v in opt.state[i].items() if n != "step"} for i in range(3)]
+    assert kinds[0] == {"exp_avg": "uint8", "exp_avg_absmax": "float32", "exp_avg_sq": "bfloat16"}
+    assert kinds[1] == {"exp_avg": "float32", "exp_avg_sq": "bfloat16"}
+    assert kinds[2] == {"exp_avg": "float64", "exp_avg_sq": "float64"}
+    assert opt.state[0]["exp_avg_absmax"].shape == (20,)
+    assert np.all(opt.state[0]["exp_avg"] == 127)  # the signed map's zero
+    opt = fo.Adagrad([big], initial_accumulator_value=0.5, state_dtype="int8")
+    acc = (opt.state[0]["sum"], opt.state[0]["sum_absmax"])
+    np.testing.assert_array_equal(F.dequantized(acc, "sum"), 0.5)
+    # state bytes: AdamW 8-bit ~2 B/param (+ 2 x 4 B per 256 elements)
+    p = np.zeros(1 << 16, np.float32)
+    assert fo.AdamW([p], state_dtype="int8").state_bytes() == 2 * p.size + 2 * 4 * p.size // 256
+    assert fo.AdamW([p]).state_bytes() == 8 * p.size
+
+
+def test_bad_policies_are_clear_errors() -> None:
+    p = np.zeros(5000, np.float32)
+    with pytest.raises(ValueError, match="no state of Rprop can be quantized"):
+        fo.Rprop([p], state_dtype="int8")
+    with pytest.raises(ValueError, match=r"ASGD: state 'ax' cannot be quantized"):
+        fo.ASGD([p], state_dtype={"ax": "int8"})
+    with pytest.raises(ValueError, match="'int8'"):
+        fo.Adam([p], state_dtype="int4x")
+
+
+def test_nan_gradient_poisons_only_its_block() -> None:
+    p = np.ones(5000, np.float32)
+    opt = fo.Adam([p], lr=0.1, state_dtype="int8")
+    g = np.ones(5000, np.float32)
+    g[300] = np.nan
+    opt.step([g])
+    am = opt.state[0]["exp_avg_absmax"]
+    assert np.isnan(am[1]) and np.isfinite(np.delete(am, 1)).all()
+    assert np.all(opt.state[0]["exp_avg"][256:512] == 127)
+    opt.step([np.ones(5000, np.float32)])
+    assert np.isnan(p[256:512]).all() and np.isfinite(np.delete(p, np.s_[256:512])).all()
+
+
+def test_checkpoints_round_trip_bit_exactly(tmp_path: Any) -> None:
+    rng = np.random.default_rng(4)
+    shapes = [(5000,), (300,), (64, 100)]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(6)]
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+    def run(resume: str) -> list[np.ndarray]:
+        params = [b.copy() for b in base]
+        opt = fo.AdamW(params, lr=1e-2, state_dtype="int8")
+        for g in grads[:3]:
+            opt.step(g)
+        if resume == "state_dict":
+            sd = opt.state_dict()
+            params2 = [p.copy() for p in params]
+            opt = fo.AdamW(params2, lr=1e-2, state_dtype="int8")
+            opt.load_state_dict(sd)
+            params = params2
+        elif resume == "file":
+            fo.save(tmp_path / "ck.npz", opt)
+            params = [np.zeros_like(p) for p in params]
+            opt = fo.AdamW(params, lr=1e-2, state_dtype="int8")
+            fo.load(tmp_path / "ck.npz", opt)
+        for g in grads[3:]:
+            opt.step(g)
+        return params + [v for s in opt.state_dict()["state"].values() for v in s.values()]
+
+    straight = run("none")
+    for how in ("state_dict", "file"):
+        for a, b in zip(run(how), straight):
+            same_bits(a, b, how)
+
+
+def test_bad_checkpoint_state_is_a_clear_error() -> None:
+    p = np.zeros(5000, np.float32)
+    opt = fo.Adam([p], state_dtype="int8")
+    opt.step([np.ones(5000, np.float32)])
+    sd = opt.state_dict()
+    before = {n: v.copy() for n, v in opt.state[0].items() if n != "step"}
+    for n, bad, match in [
+        ("exp_avg_absmax", np.zeros(19, np.float32), r"expected float32 \(20,\)"),
+        ("exp_avg_absmax", np.full(20, -1, np.float32), "absmax must be >= 0"),
+        ("exp_avg_absmax", np.full(20, np.inf, np.float32), "absmax must be >= 0"),
+        ("exp_avg", np.zeros(5000, np.float32), "expected uint8"),
+    ]:
+        broken = {**sd, "state": {0: {**sd["state"][0], n: bad}}}
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(broken)
+        for k, v in before.items():
+            same_bits(opt.state[0][k], v, k)
+    fp32 = fo.Adam([np.zeros(5000, np.float32)])
+    with pytest.raises(ValueError, match="state_dtype"):
+        fp32.load_state_dict(sd)
+
+
+def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal(6000).astype(np.float32)
+    w2 = w.copy()
+    opt = fo.Adam([w2], lr=1e-2, state_dtype="int8")
+    m, v = F.quantized_state(w, "exp_avg"), F.quantized_state(w, "exp_avg_sq")
+    for t in range(1, 4):
+        g = rng.standard_normal(6000).astype(np.float32)
+        F.adam_(w, g, m, v, step=t, lr=1e-2)
+        opt.step([g])
+    same_bits(w, w2, "param")
+    same_bits(m[0], opt.state[0]["exp_avg"], "codes")
+    same_bits(v[1], opt.state[0]["exp_avg_sq_absmax"], "absmax")
+    g = np.ones(6000, np.float32)
+    before = w.copy()
+    with pytest.raises(ValueError, match=r"absmax must be a 1-D float32 array of 24 entries"):
+        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4)
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4)
+    with pytest.raises(TypeError, match="cannot be quantized"):
+        F.rprop_(w, g, F.quantized_state(w, "exp_avg"), np.ones_like(w), step=1)
+    same_bits(w, before, "untouched")
+
+
+# ------------------------------------------------------------------------- the torch tier
+def test_torch_tier_matches_numpy_tier_and_round_trips() -> None:
+    torch = pytest.importorskip("torch")
+    import copy
+
+    import fastoptim.torch as ft
+
+    rng = np.random.default_rng(6)
+    shapes = [(80, 100), (80,), (4100,)]
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    tparams = [torch.nn.Parameter(torch.from_numpy(b.copy())) for b in base]
+    nparams = [b.copy() for b in base]
+    topt = ft.AdamW(tparams, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    nopt = fo.AdamW(nparams, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for p, g in zip(tparams, grads):
+            p.grad = torch.from_numpy(g.copy())
+        topt.step()
+        nopt.step(grads)
+    for i, p in enumerate(tparams):
+        same_bits(p.detach().numpy(), nparams[i], f"param {i}")
+        for n, v in nopt.state[i].items():
+            if n != "step":
+                same_bits(topt.state[p][n].numpy(), v, f"{n} of {i}")
+    assert topt.state[tparams[0]]["exp_avg"].dtype == torch.uint8
+    assert "exp_avg_absmax" not in topt.state[tparams[1]]  # small: float32
+    assert topt.state_bytes() == nopt.state_bytes()
+    # state_dict round trip (torch casts floating state to the parameter's dtype on load: undone)
+    sd = copy.deepcopy(topt.state_dict())
+    t2 = [torch.nn.Parameter(p.detach().clone()) for p in tparams]
+    opt2 = ft.AdamW(t2, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    opt2.load_state_dict(sd)
+    for opt, ps in ((topt, tparams), (opt2, t2)):
+        for p, s in zip(ps, shapes):
+            p.grad = torch.ones(s)
+        opt.step()
+    for a, b in zip(tparams, t2):
+        same_bits(a.detach().numpy(), b.detach().numpy(), "resumed param")
+        for n, v in topt.state[a].items():
+            same_bits(v.numpy(), opt2.state[b][n].numpy(), f"resumed {n}")
+
+
+def test_torch_bfloat16_params_with_int8_state() -> None:
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    w = torch.nn.Parameter(torch.randn(5000).to(torch.bfloat16))
+    w_np = w.detach().view(torch.int16).numpy().copy().view(BF16)
+    topt = ft.Adam([w], lr=1e-2, state_dtype="int8", master_weights=True)
+    nopt = fo.Adam([w_np], lr=1e-2, state_dtype="int8", master_weights=True)
+    g = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    w.grad = torch.from_numpy(g).to(torch.bfloat16)
+    topt.step()
+    nopt.step([g.astype(BF16)])
+    same_bits(w.detach().view(torch.int16).numpy().view(BF16), w_np, "param")
+    same_bits(topt.state[w]["exp_avg_sq"].numpy(), nopt.state[0]["exp_avg_sq"], "codes")
+
+
+# ------------------------------------------------------------------------- accuracy
+def _teacher_data(n: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic 10-class problem (no download): a random ReLU teacher's labels, 20% of them
+    replaced by random ones (so the loss has a floor the students approach)."""
+    from fastoptim.apps.mlp import MLP
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 64)).astype(np.float32)
+    y = MLP([64, 32, 10], rng=rng).logits(x).argmax(1)
+    flip = rng.random(n) < 0.2
+    y[flip] = rng.integers(0, 10, int(flip.sum()))
+    return x, y
+
+
+ACCURACY = {
+    "AdamW": {"lr": 1e-3},
+    "Lion": {"lr": 3e-4},
+    "SGD": {"lr": 0.05, "momentum": 0.9},
+    "RMSprop": {"lr": 1e-3},
+}
+
+
+@pytest.mark.parametrize("name", list(ACCURACY))
+def test_demo_mlp_reaches_float32_state_loss(name: str) -> None:
+    """The demo's NumPy MLP (64-128-128-10: two layers of quantized state, the rest float32),
+    200 steps of mini-batches of 256: the loss with 8-bit state is within 1% of (or below) the
+    loss with float32 state."""
+    from fastoptim.apps.mlp import MLP
+
+    x, y = _teacher_data()
+    losses = {}
+    for policy in (None, "int8"):
+        m = MLP([64, 128, 128, 10], rng=np.random.default_rng(1))
+        opt = getattr(fo, name)(m.params, state_dtype=policy, **ACCURACY[name])
+        assert (policy == "int8") == any(n.endswith("_absmax") for n in opt.state["W2"])
+        rng = np.random.default_rng(2)
+        for _ in range(200):
+            idx = rng.integers(0, len(x), 256)
+            m.loss_and_grad(x[idx], y[idx], opt.grads)
+            opt.step()
+        losses[policy] = m.loss(x, y)
+    assert losses["int8"] <= losses[None] * 1.01, losses
+    assert losses["int8"] >= losses[None] * 0.95, losses  # the same training, not another one
+
+
+def test_torch_model_reaches_float32_state_loss() -> None:
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    x, y = _teacher_data()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    losses = {}
+    for policy in (None, "int8"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+            torch.nn.ReLU(), torch.nn.Linear(128, 10),
+        )  # fmt: skip
+        opt = ft.AdamW(model.parameters(), lr=1e-3, state_dtype=policy)
+        rng = np.random.default_rng(2)
+        for _ in range(200):
+            idx = torch.from_numpy(rng.integers(0, len(x), 256))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            losses[policy] = float(torch.nn.functional.cross_entropy(model(xt), yt))
+    assert losses["int8"] <= losses[None] * 1.01, losses
+    assert losses["int8"] >= losses[None] * 0.95, losses
