@@ -459,3 +459,21 @@ def test_ema_with_int8_state_for_any_threads(
     for other in runs[1:]:
         for x, y in zip(other, runs[0]):
             assert np.array_equal(x, y)
+
+
+def test_bench_transforms_table() -> None:
+    """``fastoptim bench --transforms`` on a small tensor: every row timed (a smoke test; the
+    numbers themselves belong to the bench, not to tests)."""
+    from fastoptim.apps import bench
+
+    rows = bench.run_transforms(size=20_000, repeats=1, rounds=1)
+    assert [r.name for r in rows] == [
+        "norm pass (grad_stats)",
+        "AdamW",
+        "AdamW max_grad_norm",
+        "AdamW ema_decay",
+        "AdamW both",
+    ]
+    assert all(r.time[0] > 0 and r.base[0] > 0 for r in rows)
+    table = bench.format_transforms(rows, 20_000)
+    assert all(r.name in table for r in rows)

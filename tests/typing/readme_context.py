@@ -27,6 +27,7 @@ __all__ = [
     "validation_loss",
     "model",
     "loader",
+    "evaluate",
 ]
 
 data: list[Any] = []  # batches
@@ -35,6 +36,10 @@ epochs = 10
 validation_loss = 0.0
 model = torch.nn.Linear(784, 10)
 loader: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def evaluate(params: dict[str, np.ndarray]) -> None:
+    """Evaluate the model with `params`."""
 
 
 def backward(params: dict[str, np.ndarray], batch: Any, out: dict[str, np.ndarray]) -> None:

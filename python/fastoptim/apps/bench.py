@@ -1021,3 +1021,113 @@ MUON_LEGEND = (
     "fp32/fp64: ns_dtype='float32'/'float64'); Muon.step = a whole bf16 step (momentum, NS, "
     "update)"
 )
+
+
+# ------------------------------------------------------ gradient transforms (bench --transforms)
+@dataclass
+class TransformRow:
+    """One row of ``bench --transforms``: a contender and the streaming work it is compared
+    with (both timed in the same interleaved rounds): seconds per step, median and range."""
+
+    name: str
+    bytes: int  # bytes per element the contender must move
+    baseline: str  # what it is compared with
+    time: tuple[float, float, float] = (0.0, 0.0, 0.0)  # median, lowest, highest (seconds)
+    base: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def run_transforms(
+    size: int = LAYOUT_SIZE,
+    repeats: int = 5,
+    rounds: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> list[TransformRow]:
+    """The gradient transforms on one float32 tensor of `size` elements: the norm pass alone
+    against a read-only streaming pass over the gradient (``_core.stream_read``); AdamW plain,
+    with ``max_grad_norm`` (one more read of the gradient), with ``ema_decay`` (one more array
+    read and written) and with both, each against the streaming kernels moving its bytes; all
+    interleaved in the same rounds."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(size, dtype=np.float32) * np.float32(0.1)
+    plan = _core.Plan([np.zeros(size, np.float32)], ["p"], [], [])
+    plan.bind_grads([g])
+
+    def adamw(**options: Any) -> Callable[[], object]:
+        opt = fast.AdamW([rng.standard_normal(size, dtype=np.float32)], **ADAMW, **options)
+        opt.grads[0][...] = g
+        return opt.step
+
+    pool = [np.ones(size, np.float32) for _ in range(5)]
+    contenders: dict[str, Callable[[], object]] = {
+        "norm pass": plan.grad_stats,
+        "stream read 4 B": functools.partial(_core.stream_read, g),
+        "AdamW": adamw(),
+        "AdamW max_grad_norm": adamw(max_grad_norm=1.0),
+        "AdamW ema_decay": adamw(ema_decay=0.999),
+        "AdamW both": adamw(max_grad_norm=1.0, ema_decay=0.999),
+        "stream 28 B": functools.partial(_core.stream, pool[:4]),
+        "stream 36 B": functools.partial(_core.stream, pool[:5]),
+    }
+    if progress:
+        progress(f"timing {len(contenders)} contenders interleaved, {rounds} round(s)")
+    _, samples = _interleaved(contenders, rounds, repeats, MIN_SAMPLE_S)
+
+    def stat(name: str) -> tuple[float, float, float]:
+        v = samples[name]
+        return statistics.median(v), min(v), max(v)
+
+    def plus(a: str, b: str) -> tuple[float, float, float]:
+        x, y = stat(a), stat(b)
+        return x[0] + y[0], x[1] + y[1], x[2] + y[2]
+
+    rows = [
+        TransformRow(
+            "norm pass (grad_stats)",
+            4,
+            "stream read 4 B",
+            stat("norm pass"),
+            stat("stream read 4 B"),
+        ),
+        TransformRow("AdamW", 28, "stream 28 B", stat("AdamW"), stat("stream 28 B")),
+        TransformRow(
+            "AdamW max_grad_norm",
+            32,
+            "stream 28 B + read 4 B",
+            stat("AdamW max_grad_norm"),
+            plus("stream 28 B", "stream read 4 B"),
+        ),
+        TransformRow(
+            "AdamW ema_decay", 36, "stream 36 B", stat("AdamW ema_decay"), stat("stream 36 B")
+        ),
+        TransformRow(
+            "AdamW both",
+            40,
+            "stream 36 B + read 4 B",
+            stat("AdamW both"),
+            plus("stream 36 B", "stream read 4 B"),
+        ),
+    ]
+    del contenders, pool, plan
+    gc.collect()
+    return rows
+
+
+def format_transforms(rows: Sequence[TransformRow], size: int) -> str:
+    """The ``bench --transforms`` table: ns per element (median [lowest-highest] of the
+    rounds), GB/s, the streaming work of the same bytes, and the % of it (its median time / the
+    contender's; a "!" where that exceeds 105%: faster than memory allows, a measurement
+    error)."""
+    lines = [
+        f"{'':24} {'B/el':>4} {'ns/el':>20} {'GB/s':>6}  {'roofline: streaming':24} "
+        f"{'ns/el':>6} {'%':>5}"
+    ]
+    for r in rows:
+        t, b = r.time, r.base
+        pct = 100 * b[0] / t[0]
+        flag = " !" if pct > 105 else ""
+        lines.append(
+            f"{r.name:24} {r.bytes:4d} {t[0] / size * 1e9:7.3f} [{t[1] / size * 1e9:.3f}-"
+            f"{t[2] / size * 1e9:.3f}] {r.bytes * size / t[0] / 1e9:6.1f}  {r.baseline:24} "
+            f"{b[0] / size * 1e9:6.3f} {pct:4.0f}%{flag}"
+        )
+    return "\n".join(lines)

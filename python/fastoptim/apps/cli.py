@@ -256,11 +256,19 @@ def _minimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _bench_kind(args: argparse.Namespace) -> str:
+    if args.muon:
+        return "Muon"
+    if args.layouts:
+        return "precision layouts"
+    return "gradient transforms" if args.transforms else "float32"
+
+
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plot and _missing("matplotlib"):
         parser.error("--plot needs matplotlib: pip install 'fastoptim[demo]'")
-    if args.size is not None and not args.layouts:
-        parser.error("--size: only with --layouts")
+    if args.size is not None and not (args.layouts or args.transforms):
+        parser.error("--size: only with --layouts or --transforms")
     if args.layouts and _missing("ml_dtypes"):
         parser.error("--layouts needs ml_dtypes (NumPy's bfloat16): pip install ml_dtypes")
     if args.size is None:
@@ -277,7 +285,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     start = time.perf_counter()
     print(
         f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}, "
-        f"{'Muon' if args.muon else 'precision layouts' if args.layouts else 'float32'}, "
+        f"{_bench_kind(args)}, "
         f"median of {args.rounds} "
         "interleaved rounds (more where a check fails), each timing a block of >= "
         f"{args.repeats} steps (>= 2 ms)",
@@ -286,7 +294,15 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     busy = _busy()
     if busy:
         print(busy, flush=True)
-    if args.muon:
+    if args.transforms:
+        transform_rows = bench.run_transforms(args.size, args.repeats, args.rounds, progress)
+        print(bench.format_transforms(transform_rows, args.size))
+        print(
+            "\nB/el = bytes per element moved (AdamW fp32: p, m, v read and written, g read; the "
+            "norm pass reads g once more; the EMA is one more array read and written); "
+            "[lowest-highest] of the rounds; % = the streaming work's time / the row's"
+        )
+    elif args.muon:
         print(bench.format_muon(bench.run_muon(rounds=args.rounds, progress=progress)))
         print(bench.MUON_LEGEND)
     elif args.layouts:
@@ -611,6 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "element and %% of a streaming kernel moving the same bytes",
     )
     b.add_argument(
+        "--transforms",
+        action="store_true",
+        help="instead of the optimizer tables: the gradient transforms (the norm pass of "
+        "max_grad_norm against a read-only streaming pass; AdamW with max_grad_norm and "
+        "ema_decay against the streaming kernels moving their bytes), --size elements",
+    )
+    b.add_argument(
         "--muon",
         action="store_true",
         help="instead of the optimizer tables: Muon's Newton-Schulz iteration (bfloat16 "
@@ -621,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--size",
         type=_positive(int),
         metavar="N",
-        help=f"elements of the --layouts tensor (default {bench.LAYOUT_SIZE:,}: 16M)",
+        help=f"elements of the --layouts / --transforms tensor (default {bench.LAYOUT_SIZE:,}: "
+        "16M)",
     )
     b.add_argument("--threads", type=_positive(int), help="fastoptim threads (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")
