@@ -250,3 +250,59 @@ def test_ctrl_c_during_the_kernels_leaves_a_whole_step() -> None:
     finally:
         signal.signal(signal.SIGALRM, old)
     assert interrupted == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX timers")
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+def test_ctrl_c_during_a_torch_step_leaves_a_whole_step(opt_name: str) -> None:
+    """The same for fastoptim.torch, which stepped group by group (advancing each group's
+    ``step`` tensors before its kernel): an interrupt between groups left the first updated and
+    counted and the others not.  Now every group runs in one compiled call; the scalars
+    advanced for it are put back if the call did not happen."""
+    import threading
+
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread")
+    n = 3_000_000
+    ws = [torch.zeros(n, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    groups = [{"params": [ws[0]]}, {"params": [ws[1]]}]
+    if opt_name == "SGD":
+        opt: Any = ft.SGD(groups, lr=fo.schedules.constant(0.5))
+    else:
+        opt = ft.Adam(groups, lr=fo.schedules.constant(0.5))
+    for w in ws:
+        w.grad = torch.ones(n, dtype=torch.float64)
+    opt.step()
+    start = time.perf_counter()
+    opt.step()
+    took = time.perf_counter() - start
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    interrupted = 0
+    try:
+        for _ in range(3):
+            signal.setitimer(signal.ITIMER_REAL, took / 3)
+            try:
+                while True:
+                    opt.step()
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            k = opt.step_count
+            vs = [w.detach() for w in ws]
+            if opt_name == "SGD":  # -0.5 per step, exact
+                for v in vs:
+                    assert float(v[0]) == -0.5 * k and float(v[-1]) == -0.5 * k
+            else:  # every parameter's step counted as many times as the optimizer's
+                assert [float(opt.state[w]["step"]) for w in ws] == [k, k]
+                assert float(vs[0][0]) == float(vs[1][0]) and float(vs[0][-1]) == float(vs[1][-1])
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert interrupted == 3

@@ -306,6 +306,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     # torch's 0-d state: step, NAdam's mu_product, ASGD's eta and mu (-> initial value)
     _scalars: ClassVar[tuple[tuple[str, float | str], ...]]
     _core_step: ClassVar[Any]
+    _core_steps: ClassVar[Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -313,6 +314,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if d is not None:
             cls._scalars = ((("step", 0.0),) if d.torch_step else ()) + d.scalars
             cls._core_step = staticmethod(d.core_step)
+            if d.host is None:
+                cls._core_steps = staticmethod(d.core_steps)
+            else:  # a step in NumPy (Muon): GradScaler unscales the gradients itself
+                cls._step_supports_amp_scaling = False
 
     def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
         # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
@@ -1092,18 +1097,58 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         }
         host.update(c.hp, params, grads, states, 1)
 
+    def _run_all(self, items: list[tuple[Any, ...]]) -> None:
+        """Every group's update in one compiled call, which checks every plan before any
+        kernel runs and counts the step on each before it returns: an interrupt (Ctrl-C) can
+        only surface before it (the scalars advanced for it are then put back: nothing
+        happened) or after it (the whole step happened: its bookkeeping is completed)."""
+        calls: list[tuple[Any, Any, int]] = []
+        saved: list[tuple[np.ndarray, np.ndarray]] = []
+        for c, buckets, plans, _ in items:
+            saved += [(a, a.copy()) for a in c.scalars.values()]
+            for sel, plan in zip(buckets, plans):
+                hyper = c.hyper
+                fresh = c.fresh[0 if sel is None else sel[0]] if c.any_fresh else frozenset()
+                if fresh or len(buckets) > 1:  # (each bucket's scalars: its own struct)
+                    assert c.hp is not None
+                    hyper = self._definition.compile(c.hp, fresh)
+                calls.append((plan, hyper, self._advance(c, sel, hyper)))
+        before = [plan.completed for plan, _, _ in calls]
+        try:
+            if len(calls) == 1:
+                self._core_step(*calls[0])
+            elif calls:
+                plans, hypers, steps = (list(x) for x in zip(*calls))
+                self._core_steps(plans, hypers, steps, [False] * len(calls))
+        except BaseException:
+            if all(p.completed == b for (p, _, _), b in zip(calls, before)):
+                for a, old in saved:  # it did not happen
+                    a[...] = old
+                raise
+            self._after_run(items)  # it happened: complete it, then raise
+            raise
+        self._after_run(items)
+
+    def _after_run(self, items: list[tuple[Any, ...]]) -> None:
+        """The bookkeeping of a step that happened: fresh state used, gradients that are
+        probably new every step released, the schedules' values for the next step."""
+        for c, _, _, same_grads in items:
+            self._used_fresh(c)
+            if not same_grads and c.bound:
+                # Probably new gradients every step (zero_grad(set_to_none=True)): do not
+                # keep these alive until the next step.
+                if c.holders is None:
+                    c.holders = _placeholders(c.pviews)
+                c.plan.bind_grads(c.holders)
+                c.bound = False
+        self._advance_schedules()
+
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
-        if self._definition.host is not None:
-            self._run_host(c)
-            buckets, plans = [], []
-        core_step = self._core_step
-        for sel, plan in zip(buckets, plans):
-            hyper = c.hyper
-            fresh = c.fresh[0 if sel is None else sel[0]] if c.any_fresh else frozenset()
-            if fresh:
-                assert c.hp is not None
-                hyper = self._definition.compile(c.hp, fresh)
-            core_step(plan, hyper, self._advance(c, sel, hyper))
+        """A host definition's step (Muon), group by group."""
+        self._run_host(c)
+        self._used_fresh(c)
+
+    def _used_fresh(self, c: _Cache) -> None:
         if c.any_fresh:
             for p, fresh in zip(c.params, c.fresh):
                 for n in fresh:
@@ -1186,14 +1231,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             if self._transform(work):  # skipped: nothing changes, nothing advances
                 return loss
-            for item in work:
-                if item is None:
-                    continue
-                c, buckets, plans, same = item
+            items = [item for item in work if item is not None]
+            if self._definition.host is None:
+                self._run_all(items)
+                return loss
+            for c, buckets, plans, same_grads in items:
                 self._run(c, buckets, plans)
-                if not same and c.bound:
-                    # Probably new gradients every step (zero_grad(set_to_none=True)): do not
-                    # keep these alive until the next step.
+                if not same_grads and c.bound:
                     if c.holders is None:
                         c.holders = _placeholders(c.pviews)
                     c.plan.bind_grads(c.holders)
