@@ -477,3 +477,70 @@ def test_bench_transforms_table() -> None:
     assert all(r.time[0] > 0 and r.base[0] > 0 for r in rows)
     table = bench.format_transforms(rows, 20_000)
     assert all(r.name in table for r in rows)
+
+
+# ----------------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize(
+    "pdtype,gdtype",
+    [
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.float32, BF16),
+        (BF16, BF16),
+        (np.float16, np.float32),
+    ],  # fmt: skip
+    ids=str,
+)
+def test_accumulate_adds_into_the_gradient_buffers(
+    pdtype: Any, gdtype: Any, rng: np.random.Generator, restore_threads: Any
+) -> None:
+    shapes = [(3,), (257,), (40, 103), (20_000,)]
+    params = [rng.standard_normal(s).astype(pdtype) for s in shapes]
+    micro = [[rng.standard_normal(s).astype(gdtype) for s in shapes] for _ in range(3)]
+    _core.set_grain(1)
+    results = []
+    for threads in (1, 3):
+        fo.set_num_threads(threads)
+        opt = fo.SGD([p.copy() for p in params], lr=0.1)
+        for mb in micro:
+            opt.accumulate(mb, scale=0.5)
+        results.append([np.copy(b) for b in opt.grads])
+        # the reference: the same additions in the compute dtype, rounded to the buffer's
+        compute = np.float64 if pdtype == np.float64 else np.float32
+        for i, buf in enumerate(opt.grads):
+            want = np.zeros(shapes[i], pdtype)
+            for mb in micro:
+                x = want.astype(compute) + compute(0.5) * mb[i].astype(compute)
+                want = x.astype(pdtype)  # (0.5 * g is exact: the fused add rounds once too)
+            assert np.array_equal(buf.view(np.uint8), want.view(np.uint8)), i
+    for x, y in zip(*results):
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+def test_accumulate_then_averaging_step(rng: np.random.Generator) -> None:
+    p = [rng.standard_normal(100).astype(np.float32)]
+    q = [p[0].copy()]
+    a, b = fo.Adam(p, lr=0.01), fo.Adam(q, lr=0.01)
+    gs = [rng.standard_normal(100).astype(np.float32) for _ in range(4)]
+    for g in gs:
+        a.accumulate([g])
+    a.step(grad_scale=4.0)
+    total = gs[0] + gs[1] + gs[2] + gs[3]  # (the order accumulate adds them in)
+    b.step([total * np.float32(0.25)])
+    assert np.array_equal(p[0], q[0])
+    a.zero_grad()
+    assert not a.grads[0].any()
+
+
+def test_accumulate_rejects_bad_input_and_writes_nothing() -> None:
+    opt = fo.SGD([np.zeros(3, np.float32), np.zeros(4, np.float32)], lr=0.1)
+    opt.accumulate([np.ones(3, np.float32), np.ones(4, np.float32)])
+    with pytest.raises(ValueError, match=r"opt.grads\[1\].*shape"):
+        opt.accumulate([np.ones(3, np.float32), np.ones(5, np.float32)])
+    with pytest.raises(TypeError, match="float64"):
+        opt.accumulate([np.ones(3, np.float32), np.ones(4, np.float64)])
+    with pytest.raises(ValueError, match="scale must be finite"):
+        opt.accumulate([np.ones(3, np.float32), np.ones(4, np.float32)], scale=math.inf)
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.accumulate([opt.grads[0], np.ones(4, np.float32)])
+    assert all(np.array_equal(b, np.ones_like(b)) for b in opt.grads)

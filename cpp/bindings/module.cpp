@@ -704,6 +704,17 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("rw"), py::arg("grad"), py::arg("out") = py::none(),
   "Roofline kernel of a mixed-precision layout: one fused pass reading and writing every array "
   "of `rw` (float32 or 16-bit), reading `grad` and writing `out` (16-bit) when given.");
+  m.def("accumulate", [](const std::vector<PyPlan*>& plans, double scale) {
+    if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
+    std::vector<std::unique_ptr<PyPlan::Lock>> locks;
+    for (PyPlan* p : plans) locks.push_back(std::make_unique<PyPlan::Lock>(*p));
+    std::vector<const Plan*> ps;
+    for (PyPlan* p : plans) ps.push_back(&p->plan());  // every check before any pass
+    py::gil_scoped_release release;
+    for (const Plan* p : ps) accumulate(*p, scale);
+  }, py::arg("plans"), py::arg("scale"),
+  "Each plan's params (gradient buffers) += scale * its bound gradients, all plans checked "
+  "first.");
   m.def("stream_read", [](const py::handle& array) {
     Arg a = check_array(array, "array", false);
     if (a.dtype != DType::f32) throw py::type_error("stream_read: the array must be float32");

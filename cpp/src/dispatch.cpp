@@ -42,6 +42,7 @@ namespace fastoptim {
   void stream_mixed(const StreamArrays&, int64_t, int);                                  \
   void grad_stats(const Plan&, int, GradStats&);                                         \
   void stream_read(const float*, int64_t, int, double&);                                 \
+  void accumulate(const Plan&, double, int);                                             \
   }
 #ifdef FASTOPTIM_HAVE_SCALAR
 FASTOPTIM_DECLARE_ISA(scalar)
@@ -516,6 +517,11 @@ GradStats grad_stats(const Plan& plan) {
   GradStats r;
   FASTOPTIM_FORWARD(grad_stats, plan, threads, r)
   return r;
+}
+
+void accumulate(const Plan& plan, double scale) {
+  const int threads = threads_for(plan.traffic());  // (buffers read and written, grads read)
+  FASTOPTIM_FORWARD(accumulate, plan, scale, threads)
 }
 
 double stream_read(const float* a, int64_t n) {

@@ -655,6 +655,48 @@ void grad_stats(const Plan& plan, int threads, GradStats& r) {
   r.finite = bad == 0 && std::isfinite(r.sumsq);
 }
 
+// ------------------------------------------------------------------ gradient accumulation
+// Each tensor's `param` (an optimizer's gradient buffer) += scale * its gradient, one pass,
+// one rounding (a fused multiply-add where the ISA has it; exact for scale 1), 16-bit buffers
+// rounded to nearest.
+inline void accumulate_tensor(const Tensor& t, int64_t a, int64_t b, double scale) {
+  if (t.dtype == DType::f64) {
+    double* __restrict d = static_cast<double*>(t.param);
+    const double* __restrict g = static_cast<const double*>(t.grad);
+    FASTOPTIM_VECTORIZE
+    for (int64_t i = a; i < b; ++i) d[i] = fmadd(scale, g[i], d[i]);
+    return;
+  }
+  const auto s = static_cast<float>(scale);
+  if (t.dtype == DType::f32 && t.grad_dtype == DType::f32) {
+    float* __restrict d = static_cast<float*>(t.param);
+    const float* __restrict g = static_cast<const float*>(t.grad);
+    FASTOPTIM_VECTORIZE
+    for (int64_t i = a; i < b; ++i) d[i] = fmadd(s, g[i], d[i]);
+    return;
+  }
+  alignas(64) float bd[kBlock], bg[kBlock];
+  for (int64_t lo = a; lo < b;) {
+    const int64_t n = std::min(kBlock, b - lo);
+    float* __restrict d = staged(t.param, t.dtype, lo, n, bd);
+    const float* __restrict g = staged(t.grad, t.grad_dtype, lo, n, bg);
+    FASTOPTIM_VECTORIZE
+    for (int64_t i = 0; i < n; ++i) d[i] = fmadd(s, g[i], d[i]);
+    if (t.dtype == DType::bf16)
+      store_nearest<BF16>(d, n, static_cast<uint16_t*>(t.param) + lo);
+    else if (t.dtype == DType::f16)
+      store_nearest<F16>(d, n, static_cast<uint16_t*>(t.param) + lo);
+    lo += n;
+  }
+}
+
+void accumulate(const Plan& plan, double scale, int threads) {
+  parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
+    for_range(plan, lo, hi,
+              [&](const Tensor& t, int64_t a, int64_t b) { accumulate_tensor(t, a, b, scale); });
+  });
+}
+
 // The roofline of a pass that only reads (grad_stats): the sum of n float32 values over the same
 // chunks, 16 float32 lanes each.
 void stream_read(const float* a, int64_t n, int threads, double& out) {

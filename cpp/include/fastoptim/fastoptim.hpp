@@ -43,6 +43,10 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
 // only.
 GradStats grad_stats(const Plan& plan);
 
+// Each tensor's `param` += scale * its bound gradient (the plan's params being an optimizer's
+// gradient buffers: micro-batch accumulation), one pass; 16-bit buffers rounded to nearest.
+void accumulate(const Plan& plan, double scale);
+
 // Streaming reference kernel for roofline measurements, with a step's thread layout: one pass
 // over `narrays` float arrays of n elements (2 to kMaxState + 2) that reads all of them and
 // writes all but the last, the memory traffic of an optimizer step with narrays - 2 states.

@@ -130,6 +130,7 @@ class _Group:
         self.first_id = 0  # the number of the group's first parameter in the optimizer
         self.outs: list[np.ndarray | None] | None = None  # copy-out arrays (set_copy_out)
         self.grad_block: np.ndarray | None = None
+        self.acc_plan: Any = None  # the gradient buffers as a plan's params (accumulate)
         self.grads: list[np.ndarray] | None = None
         self.bound_own = False  # the plan points at self.grads
         self.params_view: Any = None  # what param_groups[i]["params"] holds
@@ -533,6 +534,34 @@ class Optimizer:
         if self._named:
             return {str(k): a for k, a in pairs}
         return [a for _, a in pairs]
+
+    def accumulate(self, grads: Grads, *, scale: float = 1.0) -> None:
+        """Add ``scale * grads`` into the optimizer's gradient buffers (:attr:`grads`): the
+        accumulation of micro-batches, one multithreaded pass over the buffers, no
+        temporaries.  ``grads``: as :meth:`step` takes them (their dtypes may differ from the
+        buffers': bfloat16 gradients into float32 buffers, say); bfloat16/float16 buffers are
+        rounded to nearest.  Then ``step()`` (no argument) steps on the buffers; average there
+        with ``step(grad_scale=n)`` (folded into the update) or here with ``scale=1/n``, and
+        :meth:`zero_grad` before the next accumulation.  Everything is checked before any
+        buffer is written."""
+        with self._lock:
+            where = f"{type(self).__name__}.accumulate"
+            if isinstance(scale, (bool, np.bool_)) or not is_number(scale):
+                raise TypeError(f"{where}: scale must be a number, got {scale!r}")
+            if not math.isfinite(scale):
+                raise ValueError(f"{where}: scale must be finite, got {scale!r}")
+            per_group = self._split_grads(grads)
+            plans = []
+            for g, gr in zip(self._groups, per_group):
+                if g.acc_plan is None:
+                    own = self._own_grads(g)
+                    g.acc_plan = _core.Plan(own, [f"opt.grads[{k}]" for k in g.labels], [], [])
+                try:
+                    g.acc_plan.bind_grads(gr)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{where}: {e}") from None
+                plans.append(g.acc_plan)
+            _core.accumulate(plans, float(scale))
 
     def zero_grad(self) -> None:
         """Set the optimizer's gradient buffers (:attr:`grads`) to zero."""
