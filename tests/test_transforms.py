@@ -488,7 +488,7 @@ def test_bench_transforms_table() -> None:
         (np.float32, BF16),
         (BF16, BF16),
         (np.float16, np.float32),
-    ],  # fmt: skip
+    ],
     ids=str,
 )
 def test_accumulate_adds_into_the_gradient_buffers(
