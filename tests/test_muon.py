@@ -377,6 +377,7 @@ def test_optim_db_options_are_covered() -> None:
     except Exception as e:  # pragma: no cover - torch's test modules not installed
         pytest.skip(f"torch's optim_db: {e}")
     info = next(o for o in optim_db if o.optim_cls.__name__ == "Muon")
+
     def same(a: dict[str, Any], b: dict[str, Any]) -> bool:  # (a tensor lr is float32)
         return a.keys() == b.keys() and all(
             a[k] == b[k] or (isinstance(a[k], float) and a[k] == pytest.approx(b[k], rel=1e-6))
