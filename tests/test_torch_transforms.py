@@ -131,6 +131,12 @@ def test_ema_matches_swa_utils() -> None:
             torch.testing.assert_close(p.detach(), a.detach(), rtol=2e-5, atol=2e-6)
     for b, p in zip(before, m2.parameters()):
         assert torch.equal(b, p.detach())
+    with o2.ema_weights():
+        o2.state_dict()  # anything but a step may run inside
+        with pytest.raises(RuntimeError, match="inside ema_weights"):
+            o2.step()
+    for b, p in zip(before, m2.parameters()):
+        assert torch.equal(b, p.detach())
 
 
 def test_skip_nonfinite_changes_nothing() -> None:

@@ -341,6 +341,17 @@ def test_ema_weights_swaps_in_and_restores_exactly(rng: np.random.Generator) -> 
     with pytest.raises(ValueError, match="no parameter has an EMA"):
         with fo.SGD([np.zeros(3, np.float32)], lr=0.1).ema_weights():
             pass
+    # inside the block: anything but a step (which raises, changing nothing)
+    with opt.ema_weights():
+        sd = opt.state_dict()
+        with pytest.raises(RuntimeError, match="inside ema_weights"):
+            opt.step([rng.standard_normal(a.shape).astype(np.float32) for a in p])
+        with pytest.raises(RuntimeError, match="already inside"):
+            with opt.ema_weights():
+                pass
+    assert sd["state"] and opt.step_count == 3
+    for x, y in zip(p, before):
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
 
 
 def test_ema_checkpoint_round_trip(tmp_path: Any, rng: np.random.Generator) -> None:

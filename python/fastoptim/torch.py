@@ -104,7 +104,7 @@ import contextlib
 import math
 import mmap
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar, Union, overload
 
 import ml_dtypes
@@ -1183,35 +1183,33 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._transformed = any(t != (1.0, math.inf) for t in decision.transforms)
         return False
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
         """Within the ``with`` block, every parameter that has an EMA (``ema_decay``) holds
         it (rounded to the parameter's dtype); on exit the parameters get back exactly the
         values they had.  For evaluation with the averaged weights::
 
             with opt.ema_weights():
                 evaluate(model)
-        """
-        with torch.no_grad(), self._lock:
-            pairs = [
-                (p, self.state[p][precision.EMA])
-                for group in self.param_groups
-                for p in group["params"]
-                if precision.EMA in self.state.get(p, {})
-            ]
-            if not pairs:
-                raise ValueError(
-                    f"{type(self).__name__}.ema_weights: no parameter has an EMA (set ema_decay "
-                    "and step once)"
-                )
-            saved = [p.detach().clone() for p, _ in pairs]
-            try:
-                for p, ema in pairs:
-                    p.copy_(ema)
-                yield
-            finally:
-                for (p, _), old in zip(pairs, saved):
-                    p.copy_(old)
+
+        A :meth:`step` inside the block raises ``RuntimeError`` (anything else may run)."""
+        pairs = [
+            (p, self.state[p][precision.EMA])
+            for group in self.param_groups
+            for p in group["params"]
+            if precision.EMA in self.state.get(p, {})
+        ]
+
+        def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+            with torch.no_grad():
+                dst.copy_(src)
+
+        return transforms.ema_swapped(
+            self,
+            f"{type(self).__name__}.ema_weights",
+            pairs,
+            copy,
+            lambda p: p.detach().clone(),
+        )
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -1228,6 +1226,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad(), self._lock:
+            transforms.check_not_swapped(self, f"{type(self).__name__}.step")
             work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             if self._transform(work):  # skipped: nothing changes, nothing advances
                 return loss

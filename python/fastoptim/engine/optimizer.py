@@ -731,6 +731,7 @@ class Optimizer:
         """
         with self._lock:  # steps of one optimizer from several threads: one at a time
             where = f"{type(self).__name__}.step"
+            transforms.check_not_swapped(self, where)
             scale = None if grad_scale is None else transforms.check_grad_scale(where, grad_scale)
             if scale is not None and self._definition.host is not None:
                 raise TypeError(
@@ -802,8 +803,7 @@ class Optimizer:
         """Group `i`'s gradients as the kernels see them (for a step computed in Python)."""
         return grads
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
         """Within the ``with`` block, every parameter that has an EMA (``ema_decay``) holds
         it (rounded to the parameter's dtype); on exit the parameters get back exactly the
         values they had.  For evaluation with the averaged weights::
@@ -811,27 +811,20 @@ class Optimizer:
             with opt.ema_weights():
                 evaluate(model)
 
-        No step may run inside the block (the optimizer is locked: a step from another
-        thread waits)."""
-        with self._lock:
-            pairs = [
-                (p, ema)
-                for g in self._groups
-                for p, ema in zip(g.params, g.states.get(precision.EMA, ()))
-                if ema is not None
-            ]
-            if not pairs:
-                raise ValueError(
-                    f"{type(self).__name__}.ema_weights: no parameter has an EMA (set ema_decay)"
-                )
-            saved = [p.copy() for p, _ in pairs]
-            try:
-                for p, ema in pairs:
-                    np.copyto(p, ema, casting="unsafe")
-                yield
-            finally:
-                for (p, _), old in zip(pairs, saved):
-                    np.copyto(p, old)
+        A :meth:`step` inside the block raises ``RuntimeError`` (anything else may run)."""
+        pairs = [
+            (p, ema)
+            for g in self._groups
+            for p, ema in zip(g.params, g.states.get(precision.EMA, ()))
+            if ema is not None
+        ]
+        return transforms.ema_swapped(
+            self,
+            f"{type(self).__name__}.ema_weights",
+            pairs,
+            lambda dst, src: np.copyto(dst, src, casting="unsafe"),
+            np.copy,
+        )
 
     def _after_step(self) -> None:
         """The bookkeeping of a step that happened: step counts, fresh state buffers used,

@@ -35,8 +35,9 @@ that of the ``x``; the kernel gets ``x * min(1, max_grad_norm / (norm + 1e-6))``
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,3 +171,43 @@ def set_transform(plan: Any, mul: float, clip: float) -> None:
     """Set a plan's gradient transform when it differs from the one it has."""
     if plan.grad_mul != mul or plan.grad_clip != clip:
         plan.set_grad_transform(mul, clip)
+
+
+@contextlib.contextmanager
+def ema_swapped(
+    owner: Any,
+    where: str,
+    pairs: Sequence[tuple[Any, Any]],
+    copy: Callable[[Any, Any], Any],
+    clone: Callable[[Any], Any],
+) -> Iterator[None]:
+    """``ema_weights()`` of both tiers: each (parameter, EMA) pair's EMA copied into the
+    parameter (`copy(dst, src)`, rounding to the parameter's dtype), and the parameters' own
+    values (saved with `clone`) copied back on exit, exactly.  The optimizer's lock is held
+    while copying only, so the block may call anything but a step, which raises while
+    ``owner._ema_swapped`` is set."""
+    with owner._lock:
+        if getattr(owner, "_ema_swapped", False):
+            raise RuntimeError(f"{where}: already inside ema_weights()")
+        if not pairs:
+            raise ValueError(f"{where}: no parameter has an EMA (set ema_decay, then step)")
+        saved = [clone(p) for p, _ in pairs]
+        for p, ema in pairs:
+            copy(p, ema)
+        owner._ema_swapped = True
+    try:
+        yield
+    finally:
+        with owner._lock:
+            for (p, _), old in zip(pairs, saved):
+                copy(p, old)
+            owner._ema_swapped = False
+
+
+def check_not_swapped(owner: Any, where: str) -> None:
+    """RuntimeError for a step inside ``ema_weights()``."""
+    if getattr(owner, "_ema_swapped", False):
+        raise RuntimeError(
+            f"{where}: inside ema_weights() the parameters hold their EMA; step after the "
+            "with block"
+        )
