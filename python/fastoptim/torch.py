@@ -165,8 +165,17 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's ``fully_shard`` parameters, their gradients and
+    state: a plain tensor sharing the DTensor's memory, possibly empty); any other tensor
+    itself.  fastoptim.torch updates the local shards: the update is element-wise."""
+    local = getattr(t, "_local_tensor", None)
+    return t if local is None else local
+
+
 def _numpy_of(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a contiguous CPU tensor's memory (no copy); bfloat16 as ml_dtypes'."""
+    t = _local(t)
     if t.dtype is torch.bfloat16:
         return _numpy(t.view(torch.int16)).view(_BF16)
     return _numpy(t)
@@ -195,6 +204,7 @@ def _plain(value: Any) -> Any:
 def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
     """``None`` for a contiguous tensor; for a dense non-overlapping one, the permutation of
     its dimensions that makes it contiguous (its memory order); else ValueError."""
+    t = _local(t)
     if t.is_contiguous():
         return None
     stride = t.stride()
@@ -209,6 +219,7 @@ def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _memory_order(t: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
+    t = _local(t)
     return t if perm is None else t.permute(perm)
 
 
@@ -255,8 +266,14 @@ def _new_quantized(p: torch.Tensor, name: str, fill: float) -> dict[str, torch.T
 
 _numpy = torch.Tensor.numpy
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-_data_ptr = torch.Tensor.data_ptr
-_stride = torch.Tensor.stride
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    return int(_local(t).data_ptr())
+
+
+def _stride(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(_local(t).stride())
 
 
 class _Cache:
@@ -958,8 +975,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             plan.bind_grads(views)
             return
         except (RuntimeError, TypeError, ValueError):
-            if any(g.dtype is torch.bfloat16 for g in grads if isinstance(g, torch.Tensor)):
-                c.to_numpy = _numpy_of  # (Tensor.numpy() has no bfloat16: view its bits)
+            if any(
+                g.dtype is torch.bfloat16 or hasattr(g, "_local_tensor")
+                for g in grads
+                if isinstance(g, torch.Tensor)
+            ):  # (Tensor.numpy() has no bfloat16, and no DTensor: view their memory)
+                c.to_numpy = _numpy_of
         views = [
             self._grad_view(c, i, grads[i]) for i in (sel if sel is not None else range(len(grads)))
         ]
