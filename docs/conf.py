@@ -51,7 +51,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(np|numpy|numpy\.typing|npt|torch|optim)\..*"),
     (r"py:.*", r"(ndarray|Tensor|ArrayLike|DTypeLike|NDArray)"),
     (r"py:.*", r"(os\.PathLike|PathLike|Path|Callable|Iterable|Iterator|Mapping|Sequence)"),
-    (r"py:.*", r"(collections\.abc|typing|typing_extensions|pathlib)\..*"),
+    (r"py:.*", r"(collections\.abc|typing|typing_extensions|pathlib|contextlib)\..*"),
     (r"py:.*", r"(Any|Union|Optional|Literal|ClassVar|Self|TypeVar)"),
     # fastoptim's private type aliases (Params, Grads...) and private modules or attributes,
     # which docstrings may mention but the reference does not document

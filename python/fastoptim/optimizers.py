@@ -789,7 +789,7 @@ class LBFGS(ClosureOptimizer):
     (default ``max_iter * 5 // 4``).
 
     **The closure** (NumPy tier): ``closure()`` computes the loss at the current parameters and
-    either writes the gradients into :attr:`grads` (the optimizer's buffers) and returns the
+    either writes the gradients into ``opt.grads`` (the optimizer's buffers) and returns the
     loss, or returns ``(loss, grads)`` with ``grads`` a list (or dict) of arrays as
     :meth:`~fastoptim.Optimizer.step` takes them.  ``step(closure)`` returns the first loss the
     closure returned.
@@ -797,7 +797,7 @@ class LBFGS(ClosureOptimizer):
     The parameters stay in place: each evaluation *gathers* the gradients into one new flat
     vector (a copy, as torch's ``_gather_flat_grad``), and each update *scatters* :math:`t d`
     into each parameter's slice; the line search keeps a copy of the parameters.  State (torch's
-    names, kept for the group, see :attr:`state`): ``func_evals``, ``n_iter``, ``d``, ``t``,
+    names, kept for the group, see ``opt.state``): ``func_evals``, ``n_iter``, ``d``, ``t``,
     ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``.
     Memory: ``2 * history_size + 3`` vectors of the parameters' size."""
 

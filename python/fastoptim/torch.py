@@ -141,6 +141,8 @@ __all__ = [
     "Muon",
     "LBFGS",
     "Optimizer",
+    "ScheduleFreeOptimizer",
+    "ClosureOptimizer",
 ]
 
 Params = Iterable[Any]  # tensors, (name, tensor) pairs or group dicts, as torch.optim takes

@@ -63,9 +63,10 @@ FUNCTIONAL_ARRAYS = ("master", "compensation", "copy_out", "ema")
 
 #: The quantized state kinds a policy can name (the value of ``state_dtype``).
 INT8 = "int8"
-#: Elements per block of a quantized state, and the smallest parameter whose state is
-#: quantized (smaller ones keep float32 state, as bitsandbytes' ``min_8bit_size``).
+#: Elements per block of a quantized state.
 QUANT_BLOCK = 256
+#: The smallest parameter whose state is quantized (smaller ones keep float32 state, as
+#: bitsandbytes' ``min_8bit_size``).
 MIN_QUANTIZED = 4096
 #: The states that can be quantized, and their map: signed for first moments (momentum,
 #: averages of gradients), unsigned for second moments and accumulators of squares (never

@@ -77,7 +77,7 @@ class ScheduleFreeOptimizer(Optimizer):
         type(self)._core_step(plan, h, key, list(g.states["z"]), True)
 
     def step(self, grads: Grads | None = None, *, grad_scale: float | None = None) -> float | None:
-        """As :meth:`Optimizer.step`; raises ``RuntimeError`` in eval mode (call
+        """As :meth:`fastoptim.Optimizer.step`; raises ``RuntimeError`` in eval mode (call
         :meth:`train` first), changing nothing."""
         if not self.training:
             raise RuntimeError(
