@@ -1216,3 +1216,35 @@ def test_nadam_float64_resumes_like_torch() -> None:
     torch.testing.assert_close(ours_resumed, torch_resumed, rtol=0, atol=1e-15)
     torch.testing.assert_close(ours_uninterrupted, torch_uninterrupted, rtol=0, atol=1e-15)
     assert (torch_resumed - torch_uninterrupted).abs().max() > 1e-13  # torch's own drift
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_state_and_groups_replaced_from_outside(name: str) -> None:
+    """What offload and sharding wrappers do to an optimizer: replace ``state`` with another
+    dict (of the same tensors) and ``param_groups`` with new group dicts (a new lr), and hand
+    it gradients whose storage is new every step: the run continues exactly as torch.optim's
+    under the same treatment (to float32 rounding)."""
+    from collections import defaultdict
+
+    def run(mod: Any) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(5, 3)
+        kw = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+        o = getattr(mod, name)(m.parameters(), **kw)
+        x = torch.randn(8, 5)
+        for t in range(6):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            if t == 2:
+                o.state = defaultdict(dict, {p: dict(v) for p, v in o.state.items()})
+                o.param_groups = [dict(g) for g in o.param_groups]
+                o.param_groups[0]["lr"] = 0.05
+            if t >= 4:
+                for p in m.parameters():
+                    assert p.grad is not None
+                    p.grad = p.grad.clone()
+            o.step()
+        return [p.detach().clone() for p in m.parameters()]
+
+    for a, b in zip(run(torch.optim), run(fot)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
