@@ -270,11 +270,15 @@ _numpy = torch.Tensor.numpy
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def _data_ptr(t: torch.Tensor) -> int:
+_data_ptr = torch.Tensor.data_ptr  # (a DTensor's is 0: its local shard's, see _local_ptr)
+_stride = torch.Tensor.stride
+
+
+def _local_ptr(t: torch.Tensor) -> int:
     return int(_local(t).data_ptr())
 
 
-def _stride(t: torch.Tensor) -> tuple[int, ...]:
+def _local_stride(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(_local(t).stride())
 
 
@@ -287,6 +291,8 @@ class _Cache:
     def __init__(self, group: dict[str, Any]) -> None:
         self.group = group  # identity: load_state_dict replaces the dicts
         self.hp: dict[str, Any] | None = None  # validated fastoptim hyper-parameters
+        self.transforming = False  # the group clips or skips (engine.transforms.active)
+        self.local = False  # DTensor parameters: signatures read their local shards
         self.hyper: Any = None  # the compiled struct for hp (no fresh state)
         self.names: tuple[str, ...] = ()  # state buffers in kernel order
         self.sig: tuple[list[Any], ...] | None = None  # what the views were built from
@@ -322,6 +328,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     # ``found_inf`` attributes) instead of unscaling the gradients in a pass of its own, as for
     # torch's fused optimizers: the scale is folded into the update.
     _step_supports_amp_scaling: ClassVar[bool] = True
+    _ema_swapped = False  # inside ema_weights() (engine.transforms.ema_swapped sets it)
     # torch's 0-d state: step, NAdam's mu_product, ASGD's eta and mu (-> initial value)
     _scalars: ClassVar[tuple[tuple[str, float | str], ...]]
     _core_step: ClassVar[Any]
@@ -801,20 +808,22 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if names != c.names:
                 c.sig = None  # other state buffers: rebuild the views
             c.hp, c.hyper, c.names = hp, hyper, names
+            c.transforming = transforms.active((hp,))
         return c
 
-    def _sig(self, params: Sequence[torch.Tensor]) -> tuple[list[Any], ...]:
+    def _sig(self, params: Sequence[torch.Tensor], local: bool) -> tuple[list[Any], ...]:
         """What must not change for a cache built from `params` to stay valid: each
-        parameter's identity, storage address and strides, and the identity of every value in
-        its state (lazy initialization, load_state_dict or the user may replace those)."""
+        parameter's identity, storage address and strides (of its local shard when `local`),
+        and the identity of every value in its state (lazy initialization, load_state_dict or
+        the user may replace those)."""
         values: list[Any] = []
         for st in map(self.state.get, params):  # get: torch's SGD keeps no state without momentum
             if st:
                 values.extend(st.values())
         return (
             list(map(id, params)),
-            list(map(_data_ptr, params)),
-            list(map(_stride, params)),
+            list(map(_local_ptr if local else _data_ptr, params)),
+            list(map(_local_stride if local else _stride, params)),
             list(map(id, values)),
         )
 
@@ -933,7 +942,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c.any_fresh = any(c.fresh)
         c.plan, c.holders, c.bound = plan, None, False
         c.last_refs, c.last_ptrs = [], []
-        c.sig = self._sig(params)
+        c.local = any(hasattr(p, "_local_tensor") for p in params)
+        c.sig = self._sig(params, c.local)
 
     # ------------------------------------------------------------------ gradients and plans
     def _grad_view(self, c: _Cache, i: int, g: Any) -> np.ndarray:
@@ -996,7 +1006,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return (
             len(c.last_refs) == len(grads)
             and all(r() is g for r, g in zip(c.last_refs, grads))
-            and c.last_ptrs == list(map(_data_ptr, grads))
+            and c.last_ptrs == list(map(_local_ptr if c.local else _data_ptr, grads))
         )
 
     def _buckets(self, c: _Cache) -> list[list[int] | None]:
@@ -1025,7 +1035,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 grads.append(g)
         if not params:
             return None
-        if c.sig is None or self._sig(params) != c.sig:
+        if c.sig is None or self._sig(params, c.local) != c.sig:
             self._build(c, gi, params)
         same = self._same_grads(c, grads)
         buckets = self._buckets(c)
@@ -1053,7 +1063,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._transformed = True
         if not same:
             c.last_refs = [weakref.ref(g) for g in grads]
-            c.last_ptrs = list(map(_data_ptr, grads))
+            c.last_ptrs = list(map(_local_ptr if c.local else _data_ptr, grads))
         assert c.hp is not None
         decay = c.hp.get(precision.EMA_DECAY)
         if decay is not None:
@@ -1183,14 +1193,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """Decide and set this step's gradient transforms (GradScaler's ``grad_scale`` and
         ``found_inf``, the groups' clipping options); True if the step is skipped.  Touches
         no element."""
-        scale_t = getattr(self, "grad_scale", None)
-        found_t = getattr(self, "found_inf", None)
+        # (what GradScaler sets on the instance for one step, and deletes after it; read from
+        # the instance dict: a failed attribute lookup costs a caught exception)
+        scale_t, found_t = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
+        if scale_t is None and found_t is None and not self._transformed:
+            if not any(item is not None and item[0].transforming for item in work):
+                if self.grad_norm is not None or self.step_skipped:
+                    self.grad_norm, self.step_skipped = None, False
+                return False
         items = [item for item in work if item is not None]
         hps = [item[0].hp for item in items]
-        if scale_t is None and found_t is None and not self._transformed:
-            if not transforms.active(hps):
-                self.grad_norm, self.step_skipped = None, False
-                return False
         name = f"{type(self).__name__}.step"
         scale = None if scale_t is None else transforms.check_grad_scale(name, float(scale_t))
         found = found_t is not None and float(found_t) != 0.0
@@ -1249,7 +1261,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad(), self._lock:
-            transforms.check_not_swapped(self, f"{type(self).__name__}.step")
+            if self._ema_swapped:
+                transforms.check_not_swapped(self, f"{type(self).__name__}.step")
             work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             if self._transform(work):  # skipped: nothing changes, nothing advances
                 return loss
@@ -1334,7 +1347,7 @@ class ScheduleFreeOptimizer(Optimizer):
                 if not params:
                     continue
                 c = self._cache(gi, group)
-                if c.sig is None or self._sig(params) != c.sig:
+                if c.sig is None or self._sig(params, c.local) != c.sig:
                     self._build(c, gi, params)
                 assert c.hp is not None
                 plan = _core.Plan(c.pviews, c.labels, [], [], **c.extras, ids=c.ids)

@@ -124,6 +124,7 @@ class _Group:
         self.arenas: dict[str, np.ndarray] = {}  # state name -> contiguous block
         self.fresh: set[str] = set()  # states allocated but not yet used by a step
         self.fresh_copies: set[str] = set()  # an EMA not yet used by a step
+        self.transforming = False  # the group clips or skips (Optimizer._sync)
         self.plan: Any = None
         self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
         self.plan_states: Any = None  # what the plan was built for (state names, layout)
@@ -185,6 +186,8 @@ class Optimizer:
         #: training): see :data:`fastoptim.engine.transforms.Reduce`; None: this process only.
         self.reduce_grad_stats: transforms.Reduce | None = None
         self._transformed = False  # some plan has a gradient transform other than identity
+        self._transforming = False  # some group clips or skips (see _sync)
+        self._ema_swapped = False  # inside ema_weights()
         if isinstance(params, np.ndarray):
             raise TypeError(
                 f"{type(self).__name__}: params must be a list or dict of arrays, "
@@ -341,6 +344,10 @@ class Optimizer:
     # ------------------------------------------------------------------ state and plans
     def _sync(self, g: _Group, group: Mapping[str, Any]) -> None:
         self._sync_struct(g.hyper, group, g.fresh)
+        # Whether a step must decide gradient transforms: computed when a group changes, not
+        # at every step (their options are never scheduled).
+        g.transforming = transforms.active((group,))
+        self._transforming = g.transforming or any(x.transforming for x in self._groups)
         if g.step == 0:  # no step yet: the scalar state starts from the group's values (ASGD's
             for n, _ in self._definition.scalars:  # eta = lr), as the state buffers do
                 setattr(g.hyper, n, self._definition.scalar_fill(n, group))
@@ -730,28 +737,32 @@ class Optimizer:
         (:attr:`step_skipped`).  See :mod:`fastoptim.engine.transforms`.
         """
         with self._lock:  # steps of one optimizer from several threads: one at a time
-            where = f"{type(self).__name__}.step"
-            transforms.check_not_swapped(self, where)
-            scale = None if grad_scale is None else transforms.check_grad_scale(where, grad_scale)
-            if scale is not None and self._definition.host is not None:
-                raise TypeError(
-                    f"{where}: grad_scale is for the compiled optimizers (it is folded into "
-                    "their kernels); this step runs in NumPy: pass the gradients divided by it"
-                )
+            if self._ema_swapped:
+                transforms.check_not_swapped(self, f"{type(self).__name__}.step")
+            scale = None
+            if grad_scale is not None:
+                where = f"{type(self).__name__}.step"
+                scale = transforms.check_grad_scale(where, grad_scale)
+                if self._definition.host is not None:
+                    raise TypeError(
+                        f"{where}: grad_scale is for the compiled optimizers (it is folded into "
+                        "their kernels); this step runs in NumPy: pass the gradients divided by it"
+                    )
             per_group = self._prepare(grads)
             groups = self._groups
             decision = None
-            if scale is not None or self._transformed or transforms.active(self.param_groups):
+            if scale is not None or self._transformed or self._transforming:
                 decision = self._decide(scale, per_group)
                 self.grad_norm, self.step_skipped = decision.norm, decision.skip
                 if decision.skip:
                     return decision.norm
-            else:
+            elif self.grad_norm is not None or self.step_skipped:
                 self.grad_norm, self.step_skipped = None, False
             for g in groups:  # a state that starts as its parameter (Schedule-Free's z, an
-                for name in g.fresh | g.fresh_copies:  # EMA): the parameter as it is now, at
-                    if name in g.fresh_copies or self._definition.like_param(name):  # its
-                        self._take_params(g, name)  # first step
+                if g.fresh or g.fresh_copies:  # EMA): the parameter as it is now, at its first
+                    for name in g.fresh | g.fresh_copies:  # step
+                        if name in g.fresh_copies or self._definition.like_param(name):
+                            self._take_params(g, name)
             if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
                 for i, (g, gr) in enumerate(zip(groups, per_group)):
                     self._run(g, gr if decision is None else self._transform(decision, i, gr))
@@ -833,7 +844,8 @@ class Optimizer:
         for g, group in zip(self._groups, self.param_groups):
             g.step += 1
             g.plan_steps += 1
-            g.fresh_copies.clear()
+            if g.fresh_copies:
+                g.fresh_copies.clear()
             if g.fresh:
                 g.fresh.clear()
                 self._sync(g, group)
