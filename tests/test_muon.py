@@ -397,3 +397,53 @@ def test_bench_muon_table() -> None:
     assert set(rows[0].ns) == set(host.NS_DTYPES) and rows[0].sgemm > 0 and rows[0].step > 0
     table = bench.format_muon(rows)
     assert "8x16" in table and "% sgemm" in table
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 17, 32767, 32768, 32769, 100_003])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64"])
+def test_combine_is_numpys_expression(n: int, kind: str, rng: np.random.Generator) -> None:
+    """_core.combine (Newton-Schulz's element-wise pass): out = alpha x + beta y with each
+    product rounded to the dtype, then bfloat16 when asked, as NumPy computes it; out may be x
+    or y; every chunk of the pool (32768 elements) and the ragged end."""
+    from fastoptim import _core
+
+    dtype = np.float64 if kind == "float64" else np.float32
+    x = rng.standard_normal(n).astype(dtype)
+    y = rng.standard_normal(n).astype(dtype) * dtype(1e3)
+    if n > 20:
+        x[:6] = [np.nan, np.inf, -np.inf, 3.39e38, -0.0, 1e-45]
+    alpha, beta = dtype(-4.775), dtype(2.0315)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x * alpha
+        want += y * beta
+    if kind == "bfloat16":
+        with np.errstate(over="ignore"):
+            want = reference.round_to_bfloat16(want).astype(np.float32)
+    bf16 = kind == "bfloat16"
+    for into in ("new", "x", "y"):
+        a, b = x.copy(), y.copy()
+        out = {"new": np.empty_like(a), "x": a, "y": b}[into]
+        _core.combine(out, a, b, float(alpha), float(beta), bf16)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_combine_rejects_bad_arrays() -> None:
+    from fastoptim import _core
+
+    a, b = np.ones(8, np.float32), np.ones(8, np.float32)
+    with pytest.raises(TypeError, match="all be float32 or all float64"):
+        _core.combine(a, a, np.ones(8), 1.0, 1.0)
+    with pytest.raises(ValueError, match="same size"):
+        _core.combine(a, a, np.ones(9, np.float32), 1.0, 1.0)
+    with pytest.raises(TypeError, match="bf16 needs float32"):
+        _core.combine(np.ones(8), np.ones(8), np.ones(8), 1.0, 1.0, True)
+    big = np.ones(16, np.float32)
+    with pytest.raises(ValueError, match="overlaps an input"):
+        _core.combine(big[:8], big[4:12], b, 1.0, 1.0)
+    with pytest.raises(ValueError, match="x"):
+        _core.combine(a, big[::2], b, 1.0, 1.0)  # not contiguous
+    ro = np.ones(8, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        _core.combine(ro, a, b, 1.0, 1.0)
+    np.testing.assert_array_equal(a, 1.0)

@@ -721,6 +721,38 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release release;
     return stream_read(static_cast<const float*>(a.data), a.size);
   }, py::arg("array"), "The roofline of a read-only pass: the sum of a float32 array, read once.");
+  m.def("combine", [](const py::handle& out, const py::handle& x, const py::handle& y,
+                       double alpha, double beta, bool bf16) {
+    Arg o = check_array(out, "out", true), a = check_array(x, "x", false),
+        b = check_array(y, "y", false);
+    if (o.dtype != a.dtype || o.dtype != b.dtype || (o.dtype != DType::f32 && o.dtype != DType::f64))
+      throw py::type_error("combine: out, x and y must all be float32 or all float64");
+    if (a.size != o.size || b.size != o.size)
+      throw py::value_error("combine: out, x and y must have the same size");
+    if (bf16 && o.dtype != DType::f32) throw py::type_error("combine: bf16 needs float32 arrays");
+    // out may be x or y (element i reads only element i), but must not overlap them otherwise
+    for (const Arg* in : {&a, &b})
+      if (in->data != o.data && in->lo < o.hi && o.lo < in->hi)
+        throw py::value_error("combine: out overlaps an input without being it");
+    py::gil_scoped_release release;
+    if (o.dtype == DType::f32)
+      combine(static_cast<float*>(o.data), static_cast<const float*>(a.data),
+              static_cast<const float*>(b.data), static_cast<float>(alpha),
+              static_cast<float>(beta), o.size, bf16);
+    else
+      combine(static_cast<double*>(o.data), static_cast<const double*>(a.data),
+              static_cast<const double*>(b.data), alpha, beta, o.size);
+  }, py::arg("out"), py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"),
+  py::arg("bf16") = false,
+  "out = alpha * x + beta * y (C-contiguous arrays of one float dtype; each product rounded "
+  "before the sum), then rounded to bfloat16 (kept in float32) when bf16: the element-wise "
+  "part of a Newton-Schulz iteration, on all threads.");
+  m.def("round_bfloat16", [](const py::handle& x) {
+    Arg a = check_array(x, "x", true);
+    if (a.dtype != DType::f32) throw py::type_error("round_bfloat16: x must be float32");
+    py::gil_scoped_release release;
+    round_bfloat16(static_cast<float*>(a.data), a.size);
+  }, py::arg("x"), "Round float32 x to the nearest bfloat16 in place (kept in float32).");
   m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;
     std::vector<Span> spans;

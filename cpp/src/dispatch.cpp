@@ -6,7 +6,9 @@
 #include <cctype>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -529,6 +531,65 @@ double stream_read(const float* a, int64_t n) {
   double r = 0;
   FASTOPTIM_FORWARD(stream_read, a, n, threads, r)
   return r;
+}
+
+// ------------------------------------------------------------------ Newton-Schulz helpers
+// Plain loops (memory-bound; the compiler vectorizes them for the baseline ISA), on the pool in
+// fixed chunks.
+namespace {
+
+inline float bf16_nearest(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u)
+    b = (b & 0xFFFF0000u) | 0x00400000u;  // NaN: quiet, its sign and high payload kept
+  else
+    b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
+}
+
+template <class F> void on_chunks(int64_t n, int64_t bytes, const F& f) {
+  constexpr int64_t chunk = 1 << 15;
+  struct Ctx {
+    const F* f;
+    int64_t n;
+  } ctx{&f, n};
+  run_chunks((n + chunk - 1) / chunk, threads_for(bytes), [](void* p, int64_t i) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    (*c.f)(i * chunk, std::min(c.n, (i + 1) * chunk));
+  }, &ctx);
+}
+
+}  // namespace
+
+void combine(float* out, const float* x, const float* y, float alpha, float beta, int64_t n,
+             bool bf16) {
+  on_chunks(n, 12 * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float ax = alpha * x[i], by = beta * y[i];
+      out[i] = ax + by;
+    }
+    if (bf16)
+      for (int64_t i = lo; i < hi; ++i) out[i] = bf16_nearest(out[i]);
+  });
+}
+
+void combine(double* out, const double* x, const double* y, double alpha, double beta,
+             int64_t n) {
+  on_chunks(n, 24 * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const double ax = alpha * x[i], by = beta * y[i];
+      out[i] = ax + by;
+    }
+  });
+}
+
+void round_bfloat16(float* x, int64_t n) {
+  on_chunks(n, 8 * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) x[i] = bf16_nearest(x[i]);
+  });
 }
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \

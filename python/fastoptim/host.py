@@ -30,22 +30,13 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
 def round_bfloat16_(x: np.ndarray) -> np.ndarray:
-    """Round the float32 array `x` to the nearest bfloat16 (ties to even) in place, keeping
-    float32 storage: what torch stores in a bfloat16 tensor (NaN stays NaN).  Returns `x`."""
-    assert x.dtype == np.float32
-    b = x.view(np.uint32)
-    t = b >> np.uint32(16)
-    t &= np.uint32(1)
-    t += np.uint32(0x7FFF)
-    any_nan = bool(x.size) and bool(np.isnan(np.max(x)))  # (max propagates NaN: one pass)
-    nan = np.isnan(x) if any_nan else None
-    keep = b[nan] if any_nan else None
-    with np.errstate(over="ignore"):
-        b += t  # (a finite value at the top of the range carries into Inf, as torch's)
-    b &= np.uint32(0xFFFF0000)
-    if any_nan:
-        assert keep is not None
-        b[nan] = (keep & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+    """Round the C-contiguous float32 array `x` to the nearest bfloat16 (ties to even) in
+    place, keeping float32 storage: what torch stores in a bfloat16 tensor (a finite value at
+    the top of the range carries into Inf, as torch's; NaN stays NaN, quiet).  On all threads
+    (``fastoptim._core.round_bfloat16``).  Returns `x`."""
+    from fastoptim import _core  # (not at import: codegen reads this module without it)
+
+    _core.round_bfloat16(x)
     return x
 
 
@@ -89,23 +80,19 @@ def newton_schulz(
     m = x.shape[0]
     gram = np.empty((m, m), work)
     poly = np.empty((m, m), work)
-    tmp = np.empty((m, m), work)
     nxt = np.empty_like(x)
+    from fastoptim import _core
+
+    # Between the BLAS products, one multithreaded pass each (_core.combine: each product
+    # rounded to the working dtype, then the sum, then bfloat16 when `low`).
     for _ in range(steps):
         np.matmul(x, x.T, out=gram)  # A = X X^T
         if low:
             round_bfloat16_(gram)
         np.matmul(gram, gram, out=poly)  # B = b A + c A A
-        poly *= c
-        np.multiply(gram, b, out=tmp)
-        poly += tmp
-        if low:
-            round_bfloat16_(poly)
+        _core.combine(poly, poly, gram, float(c), float(b), low)
         np.matmul(poly, x, out=nxt)  # X = a X + B X
-        np.multiply(x, a, out=x)
-        nxt += x
-        if low:
-            round_bfloat16_(nxt)
+        _core.combine(nxt, nxt, x, 1.0, float(a), low)
         x, nxt = nxt, x
     return x.T if tall else x
 

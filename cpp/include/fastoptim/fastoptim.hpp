@@ -47,6 +47,18 @@ GradStats grad_stats(const Plan& plan);
 // gradient buffers: micro-batch accumulation), one pass; 16-bit buffers rounded to nearest.
 void accumulate(const Plan& plan, double scale);
 
+// The element-wise part of a Newton-Schulz iteration (Muon, host.py) between its BLAS products,
+// on all threads: out[i] = alpha * x[i] + beta * y[i], each product rounded to T before the sum
+// (no fused multiply-add: NumPy's `out = x * alpha; out += y * beta`), then, when `bf16`, rounded
+// to the nearest bfloat16 (ties to even; a finite value at the top carries into Inf, NaN stays
+// NaN: torch's conversion) and kept in T.  `out` may be `x` or `y`.
+void combine(float* out, const float* x, const float* y, float alpha, float beta, int64_t n,
+             bool bf16);
+void combine(double* out, const double* x, const double* y, double alpha, double beta,
+             int64_t n);
+// x[i] rounded to the nearest bfloat16 in place, as `combine` rounds.
+void round_bfloat16(float* x, int64_t n);
+
 // Streaming reference kernel for roofline measurements, with a step's thread layout: one pass
 // over `narrays` float arrays of n elements (2 to kMaxState + 2) that reads all of them and
 // writes all but the last, the memory traffic of an optimizer step with narrays - 2 states.
