@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import math
 import os
 import statistics
@@ -586,7 +587,7 @@ class Layout:
     grad: str = "float32"  # the gradient's dtype
     options: tuple[tuple[str, Any], ...] = ()  # precision options
     copy_out: str | None = None  # the offload layout: dtype of the copy-out
-    contender: str | None = None  # "torch", "torch fp32", "cast": not fastoptim's layouts
+    contender: str | None = None  # "torch", "deepspeed", "cast": not fastoptim's layouts
 
     @property
     def bytes(self) -> int:
@@ -668,6 +669,15 @@ LAYOUTS: tuple[Layout, ...] = (
         contender="torch",
     ),
     Layout("torch fused fp32", FP32, "as fp32", contender="torch"),
+    Layout("DeepSpeed CPUAdam fp32", FP32, "as fp32", contender="deepspeed"),
+    Layout(
+        "DeepSpeed CPUAdam bf16",
+        LOW_P_G,
+        "as bf16 p/g, fp32 state (fp32_optimizer_states=True)",
+        "bfloat16",
+        "bfloat16",
+        contender="deepspeed",
+    ),
     Layout(
         "cast around fp32 step",
         MASTER_OUT,
@@ -702,6 +712,16 @@ def _layout_step(lay: Layout, p32: np.ndarray, g32: np.ndarray) -> Callable[[], 
         p.grad = torch.from_numpy(g32).to(tdt)
         topt = torch.optim.AdamW([p], **ADAMW, fused=True)
         return topt.step
+    if lay.contender == "deepspeed":  # the anchor of CPU offload: DeepSpeed's CPU Adam
+        import torch
+
+        adam = importlib.import_module("deepspeed.ops.adam")  # (untyped)
+        tdt = getattr(torch, lay.param)
+        p = torch.nn.Parameter(torch.from_numpy(p32.copy()).to(tdt))
+        p.grad = torch.from_numpy(g32).to(tdt)
+        ds = adam.DeepSpeedCPUAdam([p], adamw_mode=True, fp32_optimizer_states=True, **ADAMW)
+        step: Callable[[], object] = ds.step
+        return step
     if lay.contender == "cast":  # what a user without fastoptim does
         param, grad = p32.astype(pdt), g32.astype(gdt)
         master = param.astype(np.float32)
@@ -763,7 +783,15 @@ def run_layouts(
             have_torch = True
         except ImportError:
             skipped.append("torch contenders (torch is not installed)")
-    layouts = [lay for lay in LAYOUTS if lay.contender != "torch" or have_torch]
+    have_deepspeed = False
+    if have_torch:
+        try:  # (its CPU Adam is compiled at the first use: minutes, once)
+            importlib.import_module("deepspeed")
+            have_deepspeed = True
+        except Exception:  # an ImportError, or a broken install
+            skipped.append("DeepSpeed's CPU Adam (deepspeed does not import)")
+    have = {"torch": have_torch, "deepspeed": have_deepspeed}
+    layouts = [lay for lay in LAYOUTS if lay.contender in (None, "cast") or have[lay.contender]]
     rng = np.random.default_rng(0)
     p32 = rng.standard_normal(size, dtype=np.float32)
     g32 = rng.standard_normal(size, dtype=np.float32) * np.float32(0.1)
@@ -904,6 +932,13 @@ def format_layouts(result: LayoutResult) -> str:
     if "offload" in by_name and "torch fused bf16" in by_name:
         speed = _between(by_name["torch fused bf16"], by_name["offload"])
         targets.append(f"  torch fused bf16 / offload time: {_range(speed)} (>= 2)")
+    for ds, ours in (
+        ("DeepSpeed CPUAdam bf16", "bf16 p/g, fp32 state"),
+        ("DeepSpeed CPUAdam bf16", "offload"),
+    ):
+        if ds in by_name and ours in by_name:
+            speed = _between(by_name[ds], by_name[ours])
+            targets.append(f"  {ds} / {ours} time: {_range(speed)} (>= 1.25)")
     for a, b in (("all-bf16, stochastic", "all-bf16"), ("offload, stochastic", "offload")):
         if a in by_name and b in by_name:
             targets.append(
