@@ -24,6 +24,7 @@ from typing import Any, TypeVar, Union, cast
 import numpy as np
 
 from . import precision, transforms
+from .transforms import is_number as is_number  # (re-exported: the engine checks numbers)
 
 # A hyper-parameter's rule (see Definition.check_value).
 NONNEGATIVE = "nonnegative"  # a finite number >= 0 (the default)
@@ -469,13 +470,6 @@ class Definition:
 
 
 # ---------------------------------------------------------------------- validation helpers
-def is_number(value: Any) -> bool:
-    """A real number: a Python or NumPy int or float, not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
 def check_nonnegative(cls: str, name: str, value: Any) -> None:
     if not is_number(value):
         raise TypeError(f"{cls}: {name} must be a number, got {type(value).__name__}")

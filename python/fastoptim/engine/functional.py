@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,9 +100,8 @@ def step(
         plan.set_rounding(group["rounding"], int(group["seed"]))
     if ema is not None:
         plan.set_ema_decay(float(group[EMA_DECAY]))
-    clip = group[transforms.MAX_GRAD_VALUE]
-    if grad_scale != 1.0 or clip is not None:
-        plan.set_grad_transform(1.0 / grad_scale, math.inf if clip is None else float(clip))
+    # (one tensor: no norm to clip, no step to skip; the value clip and the scale)
+    transforms.set_transform(plan, *transforms.decide([[plan]], [group], grad_scale).transforms[0])
     defn.core_step(plan, core, int(step), grads=[grad])
     if scalars:
         values = tuple(float(getattr(core, name)) for name in scalars)

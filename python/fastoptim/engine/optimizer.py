@@ -553,7 +553,7 @@ class Optimizer:
         buffer is written."""
         with self._lock:
             where = f"{type(self).__name__}.accumulate"
-            if isinstance(scale, (bool, np.bool_)) or not is_number(scale):
+            if not is_number(scale):
                 raise TypeError(f"{where}: scale must be a number, got {scale!r}")
             if not math.isfinite(scale):
                 raise ValueError(f"{where}: scale must be finite, got {scale!r}")

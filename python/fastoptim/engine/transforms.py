@@ -55,13 +55,19 @@ OPTIONS = (MAX_GRAD_NORM, MAX_GRAD_VALUE, SKIP_NONFINITE, EMA_DECAY)
 Reduce = Callable[[np.ndarray], Any]
 
 
+def is_number(value: Any) -> bool:
+    """A real number: a Python or NumPy int or float, not a bool.  (Here, not in
+    :mod:`.definition`, which imports this module.)"""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def check_positive(cls: str, name: str, value: Any) -> None:
     """None, or a finite number > 0."""
     if value is None:
         return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
+    if not is_number(value):
         raise TypeError(f"{cls}: {name} must be a number or None, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{cls}: invalid {name}={value!r}: must be finite and > 0 (or None)")
@@ -71,9 +77,7 @@ def check_decay(cls: str, value: Any) -> None:
     """None, or a number in [0, 1]."""
     if value is None:
         return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
+    if not is_number(value):
         raise TypeError(f"{cls}: ema_decay must be a number or None, got {type(value).__name__}")
     if not 0 <= value <= 1:
         raise ValueError(f"{cls}: invalid ema_decay={value!r}: must be in [0, 1] (or None)")
@@ -81,9 +85,7 @@ def check_decay(cls: str, value: Any) -> None:
 
 def check_grad_scale(where: str, value: Any) -> float:
     """The loss scale of a step as a float: a finite number > 0."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
+    if not is_number(value):
         raise TypeError(f"{where}: grad_scale must be a number, got {type(value).__name__}")
     v = float(value)
     if not (math.isfinite(v) and v > 0):
