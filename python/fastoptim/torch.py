@@ -138,6 +138,7 @@ __all__ = [
     "ADOPT",
     "AdamWScheduleFree",
     "SGDScheduleFree",
+    "SparseAdam",
     "Muon",
     "LBFGS",
     "Optimizer",
@@ -1982,6 +1983,35 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         weight_lr_power: TorchValue = 2.0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class SparseAdam(Optimizer):
+    """Drop-in :class:`torch.optim.SparseAdam` (see :class:`fastoptim.SparseAdam`).
+    Gradients must be sparse COO tensors (``RuntimeError`` otherwise, as torch); each is coalesced
+    and its rows updated by the compiled row kernel.  State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``."""
+
+    _definition = _defs.SPARSEADAM
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        maximize: bool = False,
+        *,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,
