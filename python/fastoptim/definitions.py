@@ -129,6 +129,7 @@ State: ``momentum_buffer`` (only when ``momentum != 0``).
     extra_fields=_sgd_fields,
     torch_step=False,
     rows=_sgd_rows,
+    rows_dense=lambda group: group["weight_decay"] == 0 and group["momentum"] != 0,
     functional_doc=r"""One in-place SGD update (see :class:`fastoptim.SGD`).
 
 ``momentum_buffer`` is needed iff ``momentum != 0``.  Like torch, the buffer is *set* to the

@@ -271,6 +271,9 @@ class Definition:
     # function of a group's values returning why those values cannot take sparse gradients
     # ("" if they can): torch.optim's own refusals (Adagrad's weight_decay...).
     rows: Callable[[Mapping[str, Any]], str] | None = None
+    # Values for which fastoptim.torch computes a sparse gradient densely, as torch's result
+    # is the dense update's (SGD with momentum: torch's sparse buffer decays every row).
+    rows_dense: Callable[[Mapping[str, Any]], bool] | None = None
     # fastoptim.torch takes sparse gradients only, as torch.optim does (SparseAdam).
     torch_sparse_only: bool = False
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
