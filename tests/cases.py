@@ -167,6 +167,11 @@ CASES: list[Case] = [
     case("SGDScheduleFree", "weight_decay", lr=0.1, weight_decay=WD),
     case("SGDScheduleFree", "r", lr=0.1, warmup_steps=2, r=2.0, weight_lr_power=1.0),
     case("SGDScheduleFree", "maximize", lr=0.1, momentum=0.95, maximize=True),
+    # SparseAdam with dense gradients (every element present): torch's optim_db options
+    # (default, lr, maximize) and betas; its rows: tests/test_sparse.py
+    case("SparseAdam", "plain", lr=0.01),
+    case("SparseAdam", "betas", lr=0.02, betas=(0.8, 0.99), eps=1e-6),
+    case("SparseAdam", "maximize", lr=0.01, maximize=True),
 ]
 
 

@@ -49,8 +49,7 @@ def _sgd_rows(group: Mapping[str, Any]) -> str:
         return "weight_decay is not compatible with sparse gradients"
     if group["momentum"] != 0:
         return (
-            "momentum is not lazy (every row's buffer decays at every step): pass a dense "
-            "gradient"
+            "momentum is not lazy (every row's buffer decays at every step): pass a dense gradient"
         )
     return ""
 

@@ -1271,7 +1271,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         momentum buffer decays every row).  Everything is validated before any tensor is
         modified; refusals are torch's (RuntimeError)."""
         name = type(self).__name__
-        if self.__dict__.get("grad_scale") is not None or self.__dict__.get("found_inf") is not None:
+        if (
+            self.__dict__.get("grad_scale") is not None
+            or self.__dict__.get("found_inf") is not None
+        ):
             raise RuntimeError(f"{name}: sparse gradients cannot be unscaled by GradScaler here")
         jobs: list[tuple[Any, ...]] = []
         swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # p, its sparse grad
@@ -1300,8 +1303,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     raise RuntimeError(f"{name}: `fused` does not support sparse gradients")
                 assert self._definition.rows is not None
                 problem = self._definition.rows(c.hp)
-                if problem and self._definition.rows_dense is not None and (
-                    self._definition.rows_dense(c.hp)
+                if (
+                    problem
+                    and self._definition.rows_dense is not None
+                    and (self._definition.rows_dense(c.hp))
                 ):
                     self._check_sparse_grad(p, g, label)
                     dense_of.append((p, g.to_dense()))
@@ -1400,9 +1405,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             nrows = int(np.prod(shape[:sd], dtype=np.int64))
             width = int(np.prod(shape[sd:], dtype=np.int64))
             index = np.ascontiguousarray(
-                np.ravel_multi_index(tuple(indices), shape[:sd]) if sd else np.zeros(
-                    indices.shape[1], np.int64
-                ),
+                np.ravel_multi_index(tuple(indices), shape[:sd])
+                if sd
+                else np.zeros(indices.shape[1], np.int64),
                 dtype=np.int64,
             )
             rows = np.ascontiguousarray(values.numpy().reshape(len(index), width))

@@ -862,7 +862,9 @@ class Optimizer:
     ) -> None:
         """Hook: the row update of parameter `i` of group `g` (:mod:`fastoptim.reference`
         computes it in NumPy)."""
-        self._definition.core_rows(g.hyper, g.step + 1, g.params[i], index, rows, states, g.labels[i])
+        self._definition.core_rows(
+            g.hyper, g.step + 1, g.params[i], index, rows, states, g.labels[i]
+        )
 
     def _decide(
         self, scale: float | None, per_group: list[list[np.ndarray]]
