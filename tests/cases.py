@@ -35,6 +35,9 @@ from fastoptim import definitions
 WD = 0.125
 # fastoptim's own options of torch.optim's optimizers (Hyper.extension): SGD's cautious...
 EXTENSIONS = {h.name for d in definitions.ALL for h in d.hyper if h.extension}
+# fastoptim.torch takes only sparse gradients for these (SparseAdam, as torch.optim): the torch
+# tests that step with dense gradients leave them out; test_sparse.py tests them.
+SPARSE_ONLY = {d.name for d in definitions.ALL if d.torch_sparse_only}
 
 
 @dataclass(frozen=True)

@@ -1417,7 +1417,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         else:  # one element per row, at its offset in memory (the update is element-wise)
             stride = np.array(p.stride(), dtype=np.int64)
             base = indices.T.astype(np.int64) @ stride[:sd]
-            grid = np.indices(shape[sd:]).reshape(len(shape) - sd, -1).T @ stride[sd:]
+            nd = len(shape) - sd  # dense dimensions of the gradient's values
+            grid = (
+                np.indices(shape[sd:], dtype=np.int64).reshape(nd, -1).T @ stride[sd:]
+                if nd
+                else np.zeros(1, np.int64)
+            )
             offsets = (base[:, None] + grid[None, :]).reshape(-1)
             order = np.argsort(offsets, kind="stable")
             index = np.ascontiguousarray(offsets[order])
