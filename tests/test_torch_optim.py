@@ -225,7 +225,8 @@ def run_against_torch(case: Case, dtype: Any, rng: np.random.Generator, steps: i
 @every_dtype
 @each_case(TORCH_CASES)
 def test_trajectory_matches_torch(case: Case, dtype: Any, rng: np.random.Generator) -> None:
-    run_against_torch(case, dtype, rng, STEPS)
+    # (torch's dense += sparse on permuted layouts is slow: fewer steps for SparseAdam)
+    run_against_torch(case, dtype, rng, 40 if case.opt in SPARSE_ONLY else STEPS)
 
 
 @every_dtype
@@ -1055,8 +1056,8 @@ def test_bad_gradients_change_nothing() -> None:
     opt.add_param_group({"params": [b]})
     a.grad = torch.ones(4)
     b.grad = torch.eye(3).to_sparse()
-    with pytest.raises(TypeError, match="sparse"):
-        opt.step()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()  # (torch.optim.Adam's RuntimeError)
     assert torch.equal(a, torch.ones(4)) and torch.equal(b, torch.ones(3, 3))
     assert all(float(s["step"]) == 0 for s in opt.state.values())
     b.grad = torch.ones(3, 3)
