@@ -394,7 +394,7 @@ def test_torch_refusals_as_torch() -> None:
         fot.SparseAdam([{"params": [torch.zeros(3).to_sparse()]}])
     with pytest.raises(ValueError, match="SparseAdam does not support complex parameters"):
         fot.SparseAdam([torch.zeros(2, 3, dtype=torch.complex64)])
-    with pytest.raises(ValueError, match="beta parameter at index 0|betas"):
+    with pytest.raises(ValueError, match=r"beta parameter at index 0|betas"):
         fot.SparseAdam([torch.zeros(3)], lr=1e-2, betas=(1.0, 0.0))
 
 

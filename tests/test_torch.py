@@ -34,6 +34,7 @@ torch = pytest.importorskip("torch")
 import fastoptim
 from cases import (
     CASES,
+    SPARSE_ONLY,
     WD,
     Case,
     Scales,
@@ -42,7 +43,6 @@ from cases import (
     every_dtype,
     make_families,
     make_grads,
-    SPARSE_ONLY,
     one_per_optimizer,
 )
 from fastoptim import reference

@@ -38,8 +38,8 @@ import fastoptim  # noqa: E402
 import fastoptim.torch as fot  # noqa: E402
 from cases import (  # noqa: E402
     CASES,
-    SPARSE_ONLY,
     EXTENSIONS,
+    SPARSE_ONLY,
     Case,
     Scales,
     check_close,

@@ -1324,7 +1324,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         for p, _ in swapped:
             p.grad = None
         for p, d in dense_of:
-            swapped.append((p, p.grad))
+            sparse_grad = p.grad
+            assert sparse_grad is not None
+            swapped.append((p, sparse_grad))
             p.grad = d
         try:
             work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
