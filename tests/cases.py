@@ -35,6 +35,9 @@ from fastoptim import definitions
 WD = 0.125
 # fastoptim's own options of torch.optim's optimizers (Hyper.extension): SGD's cautious...
 EXTENSIONS = {h.name for d in definitions.ALL for h in d.hyper if h.extension}
+# fastoptim.torch takes only sparse gradients for these (SparseAdam, as torch.optim): the torch
+# tests that step with dense gradients leave them out; test_sparse.py tests them.
+SPARSE_ONLY = {d.name for d in definitions.ALL if d.torch_sparse_only}
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,11 @@ CASES: list[Case] = [
     case("SGDScheduleFree", "weight_decay", lr=0.1, weight_decay=WD),
     case("SGDScheduleFree", "r", lr=0.1, warmup_steps=2, r=2.0, weight_lr_power=1.0),
     case("SGDScheduleFree", "maximize", lr=0.1, momentum=0.95, maximize=True),
+    # SparseAdam with dense gradients (every element present): torch's optim_db options
+    # (default, lr, maximize) and betas; its rows: tests/test_sparse.py
+    case("SparseAdam", "plain", lr=0.01),
+    case("SparseAdam", "betas", lr=0.02, betas=(0.8, 0.99), eps=1e-6),
+    case("SparseAdam", "maximize", lr=0.01, maximize=True),
 ]
 
 

@@ -34,6 +34,7 @@ torch = pytest.importorskip("torch")
 import fastoptim
 from cases import (
     CASES,
+    SPARSE_ONLY,
     WD,
     Case,
     Scales,
@@ -50,7 +51,11 @@ SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (7,), (17,), (33, 31), (4099,)]
 
 # The shared table but the optimizers torch.optim lacks (Lion).  Each case runs for STEPS steps
 # here, whatever its Case.steps: longer, so that rounding differences accumulate.
-TORCH_CASES = [c for c in CASES if hasattr(torch.optim, c.opt) and not c.fastoptim_only]
+TORCH_CASES = [
+    c
+    for c in CASES
+    if hasattr(torch.optim, c.opt) and not c.fastoptim_only and c.opt not in SPARSE_ONLY
+]
 STEPS = 24
 
 # Allowed error in units of eps(dtype) (rtol = K eps, atol = K eps M; see the module docstring).
@@ -152,7 +157,9 @@ NONFINITE = [  # with and without L2 weight decay (which lets a non-finite p int
 NONFINITE += [
     (c.opt, c.kwargs)
     for c in one_per_optimizer()
-    if hasattr(torch.optim, c.opt) and c.opt not in {o for o, _ in NONFINITE}
+    if hasattr(torch.optim, c.opt)
+    and c.opt not in {o for o, _ in NONFINITE}
+    and c.opt not in SPARSE_ONLY
 ]
 
 

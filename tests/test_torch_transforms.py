@@ -13,9 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastoptim.torch as ft  # noqa: E402
-from cases import Case, each_case, one_per_optimizer  # noqa: E402
+from cases import SPARSE_ONLY, Case, each_case, one_per_optimizer  # noqa: E402
 
-TORCH_CASES = [c for c in one_per_optimizer() if hasattr(torch.optim, c.opt)]
+TORCH_CASES = [
+    c for c in one_per_optimizer() if hasattr(torch.optim, c.opt) and c.opt not in SPARSE_ONLY
+]
 
 
 def _model(dtype: Any = torch.float32) -> Any:

@@ -559,6 +559,84 @@ template <class Opt> void bind_optimizer_groups(py::module_& m, const char* fn_n
   "One in-place step of every group's plan (all checked first), each with its own step number.");
 }
 
+// Sparse row updates (fastoptim::step_rows): rows_<name>(hyper, step, param, index, rows, states).
+template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
+  using Hyper = typename Opt::Hyper;
+  m.def(fn_name, [](Hyper& h, int64_t step, const py::handle& param, const py::handle& index,
+                    const py::handle& rows, const py::sequence& states, const std::string& label) {
+    const std::string what = "param " + label;
+    const Arg p = check_array(param, what, true);
+    if (p.dtype != DType::f32 && p.dtype != DType::f64)
+      throw py::type_error(what + ": row updates take float32 or float64 parameters, got " +
+                           dtype_name(p.arr));
+    if (p.arr.ndim() < 1) throw py::value_error(what + ": a row update needs at least one dimension");
+    const Arg r = check_array(rows, "rows for " + what, false);
+    const bool same_rows = r.arr.ndim() == p.arr.ndim() &&
+                           std::equal(r.arr.shape() + 1, r.arr.shape() + r.arr.ndim(), p.arr.shape() + 1);
+    if (r.dtype != p.dtype)
+      throw py::type_error("rows for " + what + ": dtype " + dtype_name(r.arr) +
+                           " does not match the parameter's " + dtype_name(p.arr));
+    if (!same_rows)
+      throw py::value_error("rows for " + what + ": shape " + shape_str(r.arr) +
+                            " is not (k,) + the parameter's row shape " + shape_str(p.arr) + "[1:]");
+    if (!py::isinstance<py::array>(index))
+      throw py::type_error("indices for " + what + ": expected a numpy.ndarray, got " + type_name(index));
+    const auto ix = py::reinterpret_borrow<py::array>(index);
+    if (!ix.dtype().equal(py::dtype::of<int64_t>()) || ix.ndim() != 1 ||
+        !(ix.flags() & py::array::c_style))
+      throw py::type_error("indices for " + what + ": need a 1-D C-contiguous int64 array, got " +
+                           dtype_name(ix) + " " + shape_str(ix));
+    if (ix.shape(0) != r.arr.shape(0))
+      throw py::value_error("indices for " + what + ": " + std::to_string(ix.shape(0)) +
+                            " indices for " + std::to_string(r.arr.shape(0)) + " rows");
+    Rows job;
+    job.dtype = p.dtype;
+    job.param = p.data;
+    job.nrows = p.arr.shape(0);
+    job.width = job.nrows > 0 ? p.size / job.nrows : 0;
+    if (job.nrows == 0) {
+      job.width = 1;
+      for (py::ssize_t d = 1; d < p.arr.ndim(); ++d) job.width *= p.arr.shape(d);
+    }
+    job.index = static_cast<const int64_t*>(ix.data());
+    job.k = ix.shape(0);
+    job.rows = r.data;
+    const auto n = static_cast<std::size_t>(py::len(states));
+    if (n > static_cast<std::size_t>(kMaxState)) throw py::value_error("states: too many arrays");
+    std::vector<Span> spans;
+    if (p.size) spans.push_back({p.lo, p.hi, what});
+    if (r.size) spans.push_back({r.lo, r.hi, "rows for " + what});
+    if (ix.size()) {
+      const auto lo = reinterpret_cast<std::uintptr_t>(ix.data());
+      spans.push_back({lo, lo + static_cast<std::uintptr_t>(ix.nbytes()), "indices for " + what});
+    }
+    std::vector<Arg> keep;
+    for (std::size_t j = 0; j < n; ++j) {
+      const std::string sw = "state " + std::to_string(j) + " of " + what;
+      keep.push_back(check_array(states[j], sw, true));
+      const Arg& a = keep.back();
+      if (a.dtype != p.dtype)
+        throw py::type_error(sw + ": dtype " + dtype_name(a.arr) + " does not match the parameter's " +
+                             dtype_name(p.arr));
+      check_shape(a, p.arr, sw);
+      job.state[j] = a.data;
+      if (a.size) spans.push_back({a.lo, a.hi, sw});
+    }
+    job.nstate = static_cast<int>(n);
+    sort_and_check_disjoint(spans);
+    Hyper local = h;
+    {
+      py::gil_scoped_release release;
+      fastoptim::step_rows<Opt>(job, local, step);
+    }
+    h = local;
+  }, py::arg("hyper"), py::arg("step"), py::arg("param"), py::arg("index"), py::arg("rows"),
+  py::arg("states"), py::arg("label") = "0",
+  "One in-place update of the rows `index` (int64, strictly increasing) of `param` with the "
+  "gradient rows `rows` (len(index) x param's row shape); the other rows and their state are "
+  "untouched.  Everything is checked before any element is written.");
+}
+
 Isa isa_from_name(const std::string& name) {
   for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::neon})
     if (name == isa_name(isa)) return isa;
@@ -600,6 +678,9 @@ PYBIND11_MODULE(_core, m) {
   bind_optimizer<Opt>(m, #Opt "Hyper", "step_" #name); \
   bind_optimizer_groups<Opt>(m, "steps_" #name);
   FASTOPTIM_OPTIMIZERS(FASTOPTIM_BIND)
+#undef FASTOPTIM_BIND
+#define FASTOPTIM_BIND(Opt, name) bind_rows<Opt>(m, "rows_" #name);
+  FASTOPTIM_ROW_OPTIMIZERS(FASTOPTIM_BIND)
 #undef FASTOPTIM_BIND
 
   m.def("quant_map", [](const std::string& name) {

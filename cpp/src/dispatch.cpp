@@ -40,6 +40,7 @@ namespace fastoptim {
 #define FASTOPTIM_DECLARE_ISA(ns)                                                        \
   namespace ns {                                                                         \
   template <class Opt> void step(const Plan&, const typename Opt::Hyper&, int64_t, int); \
+  template <class Opt> void step_rows(const Rows&, const typename Opt::Hyper&, int64_t, int); \
   void stream(float* const*, int, int64_t, int);                                         \
   void stream_mixed(const StreamArrays&, int64_t, int);                                  \
   void grad_stats(const Plan&, int, GradStats&);                                         \
@@ -499,6 +500,29 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
   after_step<Opt>(h, step_number, 0);
 }
 
+template <class Opt> void step_rows(const Rows& r, typename Opt::Hyper& h, int64_t step_number) {
+  const int need = Opt::nstate(Opt::variant(h));
+  if (r.nstate != need)
+    throw std::invalid_argument("step_rows: " + std::to_string(r.nstate) +
+                                " state arrays, these hyper-parameters need " + std::to_string(need));
+  if (step_number < 1) throw std::invalid_argument("step must be >= 1");
+  if (r.dtype != DType::f32 && r.dtype != DType::f64)
+    throw std::invalid_argument("step_rows: float32 or float64 arrays only");
+  if (r.k < 0 || r.width < 0 || r.nrows < 0) throw std::invalid_argument("step_rows: negative size");
+  for (int64_t i = 0; i < r.k; ++i) {  // every check before any element is written
+    const int64_t at = r.index[i];
+    if (at < 0 || at >= r.nrows)
+      throw std::out_of_range("index " + std::to_string(at) + " is out of range for " +
+                              std::to_string(r.nrows) + " rows");
+    if (i > 0 && at <= r.index[i - 1])
+      throw std::invalid_argument("step_rows: indices must be strictly increasing (coalesced)");
+  }
+  const int64_t item = r.dtype == DType::f64 ? 8 : 4;
+  const int threads = threads_for(r.k * r.width * item * (2 * need + 3));
+  FASTOPTIM_FORWARD(step_rows<Opt>, r, h, step_number, threads)
+  after_step<Opt>(h, step_number, 0);
+}
+
 void stream(float* const* arrays, int narrays, int64_t n) {
   if (narrays < 2 || narrays > kMaxState + 2)
     throw std::invalid_argument("stream: need 2 to " + std::to_string(kMaxState + 2) + " arrays");
@@ -595,6 +619,11 @@ void round_bfloat16(float* x, int64_t n) {
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
   template void step<Opt>(const Plan&, Opt::Hyper&, int64_t);
 FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
+#undef FASTOPTIM_INSTANTIATE
+
+#define FASTOPTIM_INSTANTIATE(Opt, name) \
+  template void step_rows<Opt>(const Rows&, Opt::Hyper&, int64_t);
+FASTOPTIM_ROW_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
 }  // namespace fastoptim

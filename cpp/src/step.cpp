@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fastoptim/convert.hpp"
+#include "fastoptim/fastoptim.hpp"
 #include "fastoptim/kernels.hpp"
 #include "fastoptim/plan.hpp"
 #include "fastoptim/quantize.hpp"
@@ -488,6 +489,65 @@ void step(const Plan& plan, const typename Opt::Hyper& h, int64_t step, int thre
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
   template void step<Opt>(const Plan&, const Opt::Hyper&, int64_t, int);
 FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
+#undef FASTOPTIM_INSTANTIATE
+
+// ------------------------------------------------------------------ sparse row updates
+namespace {
+template <class Opt, unsigned V, class T, std::size_t... J>
+void rows_typed(const Rows& r, const typename Opt::Coeffs& c, int threads,
+                std::index_sequence<J...>) {
+  const Kernel<Opt, T, V> k{c};
+  T* const param = static_cast<T*>(r.param);
+  const T* const rows = static_cast<const T*>(r.rows);
+  const int64_t w = r.width;
+  const auto body = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t at = r.index[i] * w;
+      sweep(k, param + at, rows + i * w, w, (static_cast<T*>(r.state[J]) + at)...);
+    }
+  };
+  // whole rows per chunk, about chunk_elements() elements each (independent of the threads)
+  const int64_t per = std::max<int64_t>(1, chunk_elements(r.k * w) / std::max<int64_t>(1, w));
+  const int64_t nchunks = (r.k + per - 1) / per;
+  if (threads <= 1 || nchunks <= 1) {
+    body(0, r.k);
+    return;
+  }
+  struct Ctx {
+    const decltype(body)* f;
+    int64_t k, per;
+  } ctx{&body, r.k, per};
+  run_chunks(nchunks, threads, [](void* p, int64_t i) {
+    const Ctx& x = *static_cast<const Ctx*>(p);
+    (*x.f)(i * x.per, std::min(x.k, (i + 1) * x.per));
+  }, &ctx);
+}
+
+template <class Opt, unsigned... V>
+void rows_dispatch(std::integer_sequence<unsigned, V...>, unsigned v, const Rows& r,
+                   const typename Opt::Coeffs& c, int threads) {
+  const auto one = [&](auto tag) {
+    constexpr unsigned W = decltype(tag)::value;
+    constexpr auto s = std::make_index_sequence<Opt::nstate(W)>{};
+    if (r.dtype == DType::f64)
+      rows_typed<Opt, W, double>(r, c, threads, s);
+    else
+      rows_typed<Opt, W, float>(r, c, threads, s);
+  };
+  ((v == V ? one(std::integral_constant<unsigned, V>{}) : void()), ...);
+}
+}  // namespace
+
+template <class Opt>
+void step_rows(const Rows& r, const typename Opt::Hyper& h, int64_t step, int threads) {
+  const typename Opt::Coeffs c = Opt::prepare(h, step);
+  rows_dispatch<Opt>(std::make_integer_sequence<unsigned, Opt::kVariants>{}, Opt::variant(h), r, c,
+                     threads);
+}
+
+#define FASTOPTIM_INSTANTIATE(Opt, name) \
+  template void step_rows<Opt>(const Rows&, const Opt::Hyper&, int64_t, int);
+FASTOPTIM_ROW_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
 // ------------------------------------------------------------------ gradient statistics

@@ -37,6 +37,7 @@ from .optimizers import (
     RMSprop,
     Rprop,
     SGDScheduleFree,
+    SparseAdam,
 )
 
 try:
@@ -60,6 +61,7 @@ __all__ = [
     "ADOPT",
     "AdamWScheduleFree",
     "SGDScheduleFree",
+    "SparseAdam",
     "Muon",
     "LBFGS",
     "Optimizer",

@@ -181,6 +181,15 @@ class ADOPTHyper:
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
+class SparseAdamHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    maximize: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
 class AdamWScheduleFreeHyper:
     lr: float
     beta1: float
@@ -370,6 +379,46 @@ def steps_adopt(
     hypers: Sequence[ADOPTHyper],
     steps: Sequence[int],
     release: Sequence[bool],
+) -> None: ...
+def step_sparseadam(
+    plan: Plan,
+    hyper: SparseAdamHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_sparseadam(
+    plans: Sequence[Plan],
+    hypers: Sequence[SparseAdamHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def rows_sgd(
+    hyper: SGDHyper,
+    step: int,
+    param: np.ndarray,
+    index: np.ndarray,
+    rows: np.ndarray,
+    states: Sequence[np.ndarray],
+    label: str = "0",
+) -> None: ...
+def rows_adagrad(
+    hyper: AdagradHyper,
+    step: int,
+    param: np.ndarray,
+    index: np.ndarray,
+    rows: np.ndarray,
+    states: Sequence[np.ndarray],
+    label: str = "0",
+) -> None: ...
+def rows_sparseadam(
+    hyper: SparseAdamHyper,
+    step: int,
+    param: np.ndarray,
+    index: np.ndarray,
+    rows: np.ndarray,
+    states: Sequence[np.ndarray],
+    label: str = "0",
 ) -> None: ...
 def step_adamwschedulefree(
     plan: Plan,

@@ -42,6 +42,29 @@ def _sgd_fields(group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, 
     return {"first_momentum_step": "momentum_buffer" in fresh}
 
 
+def _sgd_rows(group: Mapping[str, Any]) -> str:
+    # torch.optim.SGD: grad.add(param) fails for a sparse grad; with momentum torch keeps a
+    # sparse momentum buffer that decays every row (not lazy): a dense step computes that.
+    if group["weight_decay"] != 0:
+        return "weight_decay is not compatible with sparse gradients"
+    if group["momentum"] != 0:
+        return (
+            "momentum is not lazy (every row's buffer decays at every step): pass a dense gradient"
+        )
+    return ""
+
+
+def _adagrad_rows(group: Mapping[str, Any]) -> str:
+    if group["weight_decay"] != 0:  # (torch.optim.Adagrad's own message)
+        return "weight_decay option is not compatible with sparse gradients"
+    return ""
+
+
+def _sparse_adam_relations(group: Mapping[str, Any]) -> None:
+    if not group["eps"] > 0:
+        raise ValueError(f"SparseAdam: invalid eps={group['eps']!r}: must be > 0")
+
+
 def _rprop_relations(group: Mapping[str, Any]) -> None:
     etaminus, etaplus = group["etas"]
     if not 0.0 < etaminus < 1.0 < etaplus:
@@ -104,6 +127,8 @@ State: ``momentum_buffer`` (only when ``momentum != 0``).
     relations=_sgd_relations,
     extra_fields=_sgd_fields,
     torch_step=False,
+    rows=_sgd_rows,
+    rows_dense=lambda group: group["weight_decay"] == 0 and group["momentum"] != 0,
     functional_doc=r"""One in-place SGD update (see :class:`fastoptim.SGD`).
 
 ``momentum_buffer`` is needed iff ``momentum != 0``.  Like torch, the buffer is *set* to the
@@ -135,6 +160,7 @@ State: ``sum`` (starts at ``initial_accumulator_value``).""",
     ),
     states=(State("sum", fill="initial_accumulator_value"),),
     torch_eager_state=True,
+    rows=_adagrad_rows,
     functional_doc=r"""One in-place Adagrad update (see :class:`fastoptim.Adagrad`).
 
 ``sum`` starts at the class's ``initial_accumulator_value`` (0 by default); ``step`` drives
@@ -691,6 +717,48 @@ plus ``maximize`` and the precision options.  State as the package keeps it (see
 )
 
 
+SPARSEADAM = Definition(
+    name="SparseAdam",
+    kernel="SparseAdam",
+    doc=r"""SparseAdam (``torch.optim.SparseAdam``): lazy Adam for embedding-like parameters whose
+gradients come as rows (:meth:`~fastoptim.Optimizer.step_rows`; in :mod:`fastoptim.torch`
+sparse COO gradients, e.g. from ``nn.Embedding(sparse=True)``).
+
+Only the elements present in the gradient are updated, parameter *and* moments; the other
+rows keep their values and their moments (they do not decay).  Duplicate row indices are
+summed first (torch coalesces).  A dense gradient (:meth:`~fastoptim.Optimizer.step`) counts
+every element as present: then the update is torch's SparseAdam with every row in the
+gradient.  Bias corrections use the step count :math:`t` (steps taken, not the times a row
+was present).  torch's arithmetic, which differs from :class:`Adam`'s in where :math:`\epsilon`
+goes:
+
+.. math::
+    m \leftarrow m + (1-\beta_1)(g - m),\quad v \leftarrow v + (1-\beta_2)(g^2 - v),\quad
+    p \leftarrow p - \gamma\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+        \frac{m}{\sqrt{v} + \epsilon}
+
+on the present elements.  State: ``exp_avg``, ``exp_avg_sq``.  ``eps`` must be > 0 (as in
+torch); ``lr = 0`` is accepted (torch requires > 0) so that schedules may start at 0.""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-8),
+        Hyper("maximize", False),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq")),
+    relations=_sparse_adam_relations,
+    rows=lambda group: "",
+    torch_sparse_only=True,
+    functional_doc=r"""One in-place SparseAdam update of every element (see
+:class:`fastoptim.SparseAdam`), the gradient being dense: torch's SparseAdam with every
+element present.  For rows, :func:`fastoptim.functional.sparse_rows_`.""",
+    torch_doc=r"""Drop-in :class:`torch.optim.SparseAdam` (see :class:`fastoptim.SparseAdam`).
+Gradients must be sparse COO tensors (``RuntimeError`` otherwise, as torch); each is coalesced
+and its rows updated by the compiled row kernel.  State: ``step``, ``exp_avg``,
+``exp_avg_sq``.""",
+)
+
+
 # Every optimizer, in documentation order.
 ALL: tuple[Definition, ...] = (
     SGD,
@@ -708,6 +776,7 @@ ALL: tuple[Definition, ...] = (
     ADOPT,
 )
 ALL += (ADAMWSCHEDULEFREE, SGDSCHEDULEFREE)
+ALL += (SPARSEADAM,)
 
 
 # ----------------------------------------------------------------------------- not element-wise

@@ -37,6 +37,7 @@ __all__ = [
     "ADOPT",
     "AdamWScheduleFree",
     "SGDScheduleFree",
+    "SparseAdam",
     "Muon",
     "LBFGS",
 ]
@@ -705,6 +706,50 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         weight_lr_power: Value = 2.0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        Optimizer.__init__(self, params, _defaults(locals()))
+
+
+class SparseAdam(Optimizer):
+    r"""SparseAdam (``torch.optim.SparseAdam``): lazy Adam for embedding-like parameters whose
+    gradients come as rows (:meth:`~fastoptim.Optimizer.step_rows`; in :mod:`fastoptim.torch`
+    sparse COO gradients, e.g. from ``nn.Embedding(sparse=True)``).
+
+    Only the elements present in the gradient are updated, parameter *and* moments; the other
+    rows keep their values and their moments (they do not decay).  Duplicate row indices are
+    summed first (torch coalesces).  A dense gradient (:meth:`~fastoptim.Optimizer.step`) counts
+    every element as present: then the update is torch's SparseAdam with every row in the
+    gradient.  Bias corrections use the step count :math:`t` (steps taken, not the times a row
+    was present).  torch's arithmetic, which differs from :class:`Adam`'s in where :math:`\epsilon`
+    goes:
+
+    .. math::
+        m \leftarrow m + (1-\beta_1)(g - m),\quad v \leftarrow v + (1-\beta_2)(g^2 - v),\quad
+        p \leftarrow p - \gamma\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{v} + \epsilon}
+
+    on the present elements.  State: ``exp_avg``, ``exp_avg_sq``.  ``eps`` must be > 0 (as in
+    torch); ``lr = 0`` is accepted (torch requires > 0) so that schedules may start at 0."""
+
+    _definition = _defs.SPARSEADAM
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Value = 0.001,
+        betas: tuple[Value, Value] = (0.9, 0.999),
+        eps: Value = 1e-08,
+        maximize: bool = False,
+        *,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

@@ -53,6 +53,9 @@ __all__ = [
     "RAdam",
     "Lion",
     "Rprop",
+    "SparseAdam",
+    "sparse_adam_update",
+    "rows_update",
     "create_dynamic_map",
     "dequantize_blockwise",
     "quantize_blockwise",
@@ -195,6 +198,57 @@ def adagrad_update(
     clr = lr / (1 + (step - 1) * lr_decay)
     state_sum += g * g
     param -= clr * (g / (np.sqrt(state_sum) + eps))
+
+
+def sparse_adam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """SparseAdam (torch's ``_functional.sparse_adam``) on the elements given: ``m += (1 - beta1)
+    * (g - m)``; ``v += (1 - beta2) * (g^2 - v)``; ``p -= lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+    * m / (sqrt(v) + eps)``.  (With rows: the gathered rows, see :func:`rows_update`.)"""
+    g = -grad if maximize else grad
+    exp_avg_update = (g - exp_avg) * (1 - beta1)
+    exp_avg += exp_avg_update
+    exp_avg_sq_update = (g * g - exp_avg_sq) * (1 - beta2)
+    exp_avg_sq += exp_avg_sq_update
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    param += -step_size * (exp_avg / (np.sqrt(exp_avg_sq) + eps))
+
+
+def rows_update(
+    update: Callable[..., None],
+    param: np.ndarray,
+    indices: np.ndarray,
+    rows: np.ndarray,
+    *states: np.ndarray | None,
+    **hyper: Any,
+) -> None:
+    """A sparse row update in NumPy: `update` (one of the ``*_update`` functions) on the rows
+    ``param[indices]`` and their state rows, gathered by fancy indexing, with the gradient
+    `rows` (duplicate indices summed first, as torch coalesces), then scattered back.  The
+    other rows are not touched."""
+    n = param.shape[0]
+    uniq, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+    grad = np.zeros((len(uniq), *param.shape[1:]), dtype=rows.dtype)
+    np.add.at(grad, inverse.reshape(-1), rows)
+    flat = [None if s is None else s.reshape(n, -1) for s in states]
+    sub_states = [None if s is None else s[uniq] for s in flat]
+    sub = param.reshape(n, -1)[uniq]
+    update(sub, grad.reshape(len(uniq), -1), *sub_states, **hyper)
+    param.reshape(n, -1)[uniq] = sub
+    for s, sub_s in zip(flat, sub_states):
+        if s is not None and sub_s is not None:
+            s[uniq] = sub_s
 
 
 def rmsprop_update(
@@ -1272,6 +1326,22 @@ def _for_each(
             ema_update(ema, source, g.plan.ema_decay, (*key, g.first_id + i))
 
 
+def _on_rows(
+    g: _Group,
+    i: int,
+    index: np.ndarray,
+    rows: np.ndarray,
+    update: Callable[..., None],
+    state_names: tuple[str, ...],
+    **extra: Any,
+) -> None:
+    """:func:`rows_update` of parameter `i` of group `g` with the group's hyper-parameters."""
+    hyper = {k: getattr(g.hyper, k) for k in _keywords(update) if k not in extra}
+    order = list(g.hyper.state_names())
+    states = [g.states[n][i] if n in order else None for n in state_names]
+    rows_update(update, g.params[i], index, rows, *states, **hyper, **extra)
+
+
 class SGD(_Reference, _fast.SGD):
     __doc__ = _fast.SGD.__doc__
 
@@ -1280,12 +1350,34 @@ class SGD(_Reference, _fast.SGD):
             g, grads, sgd_update, ("momentum_buffer",), first_step="momentum_buffer" in g.fresh
         )
 
+    def _run_rows(
+        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
+    ) -> None:
+        _on_rows(g, i, index, rows, sgd_update, ("momentum_buffer",), first_step=False)
+
 
 class Adagrad(_Reference, _fast.Adagrad):
     __doc__ = _fast.Adagrad.__doc__
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adagrad_update, ("sum",), step=g.step + 1)
+
+    def _run_rows(
+        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
+    ) -> None:
+        _on_rows(g, i, index, rows, adagrad_update, ("sum",), step=g.step + 1)
+
+
+class SparseAdam(_Reference, _fast.SparseAdam):
+    __doc__ = _fast.SparseAdam.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, sparse_adam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
+
+    def _run_rows(
+        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
+    ) -> None:
+        _on_rows(g, i, index, rows, sparse_adam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
 
 class RMSprop(_Reference, _fast.RMSprop):

@@ -114,7 +114,7 @@ import torch  # type: ignore[import-not-found, unused-ignore]  # mypy runs witho
 from . import _core
 from . import definitions as _defs
 from . import schedules as _schedules
-from .engine import precision, transforms
+from .engine import precision, sparse, transforms
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
 from .engine.optimizer import _defaults
@@ -138,6 +138,7 @@ __all__ = [
     "ADOPT",
     "AdamWScheduleFree",
     "SGDScheduleFree",
+    "SparseAdam",
     "Muon",
     "LBFGS",
     "Optimizer",
@@ -165,6 +166,10 @@ _TORCH_DTYPES = {
 def _name(dtype: torch.dtype) -> str:
     """``"bfloat16"`` for torch.bfloat16..."""
     return str(dtype).removeprefix("torch.")
+
+
+class _SparseGrad(RuntimeError):
+    """A sparse COO gradient met by the dense path of an optimizer that takes them."""
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -430,6 +435,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         name = type(self).__name__
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name}: param {label} is a {type(p).__name__}, not a tensor")
+        if self._definition.torch_sparse_only and (p.is_sparse or p.is_complex()):
+            raise ValueError(  # (torch.optim.SparseAdam's messages)
+                f"{name}: param {label}: "
+                + (
+                    "SparseAdam requires dense parameter tensors"
+                    if p.is_sparse
+                    else "SparseAdam does not support complex parameters"
+                )
+            )
         if p.layout != torch.strided:
             raise TypeError(f"{name}: param {label} has layout {p.layout}; need a dense tensor")
         if p.device.type != "cpu":
@@ -954,9 +968,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"{name}: grad of param {label} is a {type(g).__name__}")
         if g.layout != torch.strided:
-            raise TypeError(
-                f"{name}: grad of param {label} is sparse ({g.layout}); fastoptim.torch needs "
-                "dense gradients"
+            if g.layout == torch.sparse_coo and self._definition.rows is not None:
+                raise _SparseGrad  # (step() takes the sparse path)
+            raise RuntimeError(
+                f"{name} does not support sparse gradients (grad of param {label} has layout "
+                f"{g.layout}); as torch.optim, only SGD, Adagrad and SparseAdam take sparse COO "
+                "gradients"
             )
         # float64 parameters take float64 gradients; the others float32/bfloat16/float16 ones
         kind_ok = (g.dtype == torch.float64) == (p.dtype == torch.float64) and g.dtype in _FLOATS
@@ -1246,6 +1263,180 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             lambda p: p.detach().clone(),
         )
 
+    # ------------------------------------------------------------------ sparse gradients
+    def _step_sparse(self) -> None:
+        """A step in which some gradients are sparse COO tensors (SGD, Adagrad, SparseAdam):
+        their rows are updated by the compiled row kernel (engine.sparse), the dense gradients
+        by the usual path; SGD with momentum computes a sparse gradient densely (torch's
+        momentum buffer decays every row).  Everything is validated before any tensor is
+        modified; refusals are torch's (RuntimeError)."""
+        name = type(self).__name__
+        if (
+            self.__dict__.get("grad_scale") is not None
+            or self.__dict__.get("found_inf") is not None
+        ):
+            raise RuntimeError(f"{name}: sparse gradients cannot be unscaled by GradScaler here")
+        jobs: list[tuple[Any, ...]] = []
+        swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # p, its sparse grad
+        dense_of: list[tuple[torch.Tensor, torch.Tensor]] = []  # p, a dense copy of its grad
+        for gi, group in enumerate(self.param_groups):
+            c = self._cache(gi, group)
+            assert c.hp is not None
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                label = self._label(group, gi, i)
+                if g.layout == torch.strided:
+                    if self._definition.torch_sparse_only:
+                        raise RuntimeError(  # (torch's message)
+                            "SparseAdam does not support dense gradients, please consider Adam "
+                            f"instead (grad of param {label})"
+                        )
+                    continue
+                if g.layout != torch.sparse_coo:
+                    raise RuntimeError(
+                        f"{name}: grad of param {label} has layout {g.layout}; sparse gradients "
+                        "must be COO (torch.sparse_coo_tensor)"
+                    )
+                if group.get("fused"):
+                    raise RuntimeError(f"{name}: `fused` does not support sparse gradients")
+                assert self._definition.rows is not None
+                problem = self._definition.rows(c.hp)
+                if (
+                    problem
+                    and self._definition.rows_dense is not None
+                    and (self._definition.rows_dense(c.hp))
+                ):
+                    self._check_sparse_grad(p, g, label)
+                    dense_of.append((p, g.to_dense()))
+                    continue
+                if problem:
+                    raise RuntimeError(f"{name}: {problem}")
+                try:
+                    sparse.check_group(self._definition, f"{name}.step", c.hp)
+                except ValueError as e:
+                    raise RuntimeError(str(e)) from None
+                jobs.append((c, p, g, label))
+                swapped.append((p, g))
+        rows = [self._row_job(c, p, g, label) for c, p, g, label in jobs]
+        # The dense remainder: the sparse gradients hidden (SGD with momentum: densified).
+        for p, _ in swapped:
+            p.grad = None
+        for p, d in dense_of:
+            sparse_grad = p.grad
+            assert sparse_grad is not None
+            swapped.append((p, sparse_grad))
+            p.grad = d
+        try:
+            work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+        finally:
+            for p, g in swapped:
+                p.grad = g
+        if any(item is not None and item[0].transforming for item in work) and rows:
+            raise RuntimeError(
+                f"{name}: sparse gradients with max_grad_norm / max_grad_value / "
+                "skip_nonfinite are not supported"
+            )
+        if self._transform(work):
+            return
+        for core, hyper, state, param, index, values, states, label in rows:
+            step = state.get("step")  # (SGD keeps none: its update does not depend on it)
+            count = 1 if step is None else int(float(step)) + 1
+            if isinstance(step, torch.Tensor):
+                step.fill_(count)
+            elif step is not None:  # (torch's SparseAdam keeps a Python int)
+                state["step"] = count
+            core(hyper, count, param, index, values, states, label)
+            for n in hyper.state_names():
+                self._fresh.pop(id(state[n]), None)
+        items = [item for item in work if item is not None]
+        self._run_all(items)  # (advances the schedules)
+
+    def _check_sparse_grad(self, p: torch.Tensor, g: torch.Tensor, label: str) -> None:
+        name = type(self).__name__
+        if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+            raise (ValueError if g.shape != p.shape else TypeError)(
+                f"{name}: sparse grad of param {label} ({g.dtype}, {tuple(g.shape)}, "
+                f"{g.device}) does not match the parameter ({p.dtype}, {tuple(p.shape)}, "
+                f"{p.device})"
+            )
+
+    def _row_job(self, c: _Cache, p: torch.Tensor, g: torch.Tensor, label: str) -> tuple[Any, ...]:
+        """Check parameter `p` and its sparse gradient `g`, create or lay out its state, and
+        return its row update: coalesced row indices into the parameter's memory and the
+        gradient rows (for a parameter laid out otherwise than contiguously: one element per
+        row, at its memory offset).  Touches no element of `p` or of its state."""
+        name = type(self).__name__
+        assert c.hp is not None
+        perm = self._check_param(p, label)
+        self._check_sparse_grad(p, g, label)
+        kind = _name(p.dtype)
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"{name}: param {label} has dtype {p.dtype}; sparse gradients update float32 "
+                "and float64 parameters"
+            )
+        layout = precision.buffers(c.hp, kind, c.names, p.numel())
+        if any(k != kind for k in layout.values()):
+            raise TypeError(
+                f"{name}: param {label}: sparse gradients need the state in the parameter's "
+                f"dtype ({kind}), this state_dtype gives {layout}"
+            )
+        state = self.state[p]
+        self._init_scalars(state, c.hp)
+        for n in c.names:
+            s = state.get(n)
+            if s is None:
+                state[n] = self._new_state(p, n, c.hp, p.dtype)
+            elif not isinstance(s, torch.Tensor) or s.shape != p.shape:
+                raise ValueError(
+                    f"{name}: state {n!r} of param {label} is not a tensor of the parameter's "
+                    f"shape {tuple(p.shape)}"
+                )
+            elif s.dtype != p.dtype or s.device != p.device or not _in_layout(s, perm):
+                moved = torch.empty_like(p)
+                moved.copy_(s)
+                state[n] = moved
+        g = g.detach().coalesce()  # (torch's own sum of duplicates, indices sorted)
+        indices = g._indices().numpy()
+        values = g._values().contiguous()
+        sd = g.sparse_dim()
+        shape = tuple(p.shape)
+        if perm is None:
+            nrows = int(np.prod(shape[:sd], dtype=np.int64))
+            width = int(np.prod(shape[sd:], dtype=np.int64))
+            index = np.ascontiguousarray(
+                np.ravel_multi_index(tuple(indices), shape[:sd])
+                if sd
+                else np.zeros(indices.shape[1], np.int64),
+                dtype=np.int64,
+            )
+            rows = np.ascontiguousarray(values.numpy().reshape(len(index), width))
+
+            def flat(t: torch.Tensor) -> np.ndarray:
+                return _view(t, None).reshape(nrows, width)
+        else:  # one element per row, at its offset in memory (the update is element-wise)
+            stride = np.array(p.stride(), dtype=np.int64)
+            base = indices.T.astype(np.int64) @ stride[:sd]
+            nd = len(shape) - sd  # dense dimensions of the gradient's values
+            grid = (
+                np.indices(shape[sd:], dtype=np.int64).reshape(nd, -1).T @ stride[sd:]
+                if nd
+                else np.zeros(1, np.int64)
+            )
+            offsets = (base[:, None] + grid[None, :]).reshape(-1)
+            order = np.argsort(offsets, kind="stable")
+            index = np.ascontiguousarray(offsets[order])
+            rows = np.ascontiguousarray(values.numpy().reshape(-1)[order].reshape(-1, 1))
+
+            def flat(t: torch.Tensor) -> np.ndarray:
+                return _view(t, perm).reshape(-1, 1)
+
+        states = [flat(state[n]) for n in c.names]
+        hyper = self._definition.compile(c.hp, frozenset())
+        return (self._definition.core_rows, hyper, state, flat(p), index, rows, states, label)
+
     @overload
     def step(self, closure: None = None) -> None: ...
 
@@ -1263,7 +1454,14 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         with torch.no_grad(), self._lock:
             if self._ema_swapped:
                 transforms.check_not_swapped(self, f"{type(self).__name__}.step")
-            work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+            if self._definition.torch_sparse_only:
+                self._step_sparse()
+                return loss
+            try:
+                work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+            except _SparseGrad:
+                self._step_sparse()
+                return loss
             if self._transform(work):  # skipped: nothing changes, nothing advances
                 return loss
             items = [item for item in work if item is not None]
@@ -1982,6 +2180,35 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         weight_lr_power: TorchValue = 2.0,
         *,
         maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class SparseAdam(Optimizer):
+    """Drop-in :class:`torch.optim.SparseAdam` (see :class:`fastoptim.SparseAdam`).
+    Gradients must be sparse COO tensors (``RuntimeError`` otherwise, as torch); each is coalesced
+    and its rows updated by the compiled row kernel.  State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``."""
+
+    _definition = _defs.SPARSEADAM
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-08,
+        maximize: bool = False,
+        *,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

@@ -38,6 +38,24 @@ int64_t get_grain();
 // running scalars (NAdam's mu_product).
 template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t step);
 
+// Sparse row updates: the optimizer's element functor over the rows `index[0..k)` of a parameter
+// viewed as nrows x width (C order), with gradient row i of `rows` (k x width) for row index[i];
+// the other rows, and their state, are not touched.  param, rows and the nstate state arrays
+// (param's shape) all hold `dtype` (f32 or f64).  `index` must be strictly increasing (unique:
+// duplicates are summed by the caller first, as torch coalesces) and in [0, nrows): checked,
+// std::invalid_argument before anything is written.  Rows run in parallel (whole rows per chunk).
+struct Rows {
+  DType dtype = DType::f32;
+  void* param = nullptr;
+  int64_t nrows = 0, width = 0;
+  const int64_t* index = nullptr;
+  int64_t k = 0;
+  const void* rows = nullptr;
+  void* state[kMaxState] = {nullptr, nullptr, nullptr};
+  int nstate = 0;
+};
+template <class Opt> void step_rows(const Rows& r, typename Opt::Hyper& h, int64_t step);
+
 // The sum of squares of a plan's transformed gradients and whether they are all finite (see
 // GradStats, plan.hpp): deterministic for any thread count and ISA.  Reads the bound gradients
 // only.

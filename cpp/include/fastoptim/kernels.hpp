@@ -339,4 +339,20 @@ template <class T, unsigned V> struct Kernel<SGDScheduleFree, T, V> {
   }
 };
 
+// torch's _functional.sparse_adam, operation for operation (no fused multiply-add anywhere:
+// torch rounds every product): m += (1 - beta1) (g - m); v += (1 - beta2) (g^2 - v);
+// p += -step_size * (m / (sqrt(v) + eps)).
+template <class T, unsigned V> struct Kernel<SparseAdam, T, V> {
+  static constexpr int nstate = 2;
+  SparseAdam::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    g = T(c.gsign) * g;
+    const T m = s[0] + (g - s[0]) * T(c.one_minus_beta1);
+    const T v = s[1] + (g * g - s[1]) * T(c.one_minus_beta2);
+    s[0] = m;
+    s[1] = v;
+    p = p + T(c.neg_step) * (m / (std::sqrt(v) + T(c.eps)));
+  }
+};
+
 }  // namespace fastoptim

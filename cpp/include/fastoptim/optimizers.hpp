@@ -524,6 +524,33 @@ struct SGDScheduleFree {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// SparseAdam (torch.optim.SparseAdam): Adam over the elements present in the gradient (rows of a
+// sparse gradient: fastoptim::step_rows), with torch's own arithmetic, which differs from Adam's:
+// the moments as old + (1 - beta) * (new - old), eps added to sqrt(v) *before* the bias
+// correction, folded into the step size lr * sqrt(1 - beta2^t) / (1 - beta1^t).
+struct SparseAdam {
+  struct Hyper {
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+    bool maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("maximize", &Hyper::maximize);
+  }
+  struct Coeffs { double gsign, one_minus_beta1, one_minus_beta2, eps, neg_step; };
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double s = static_cast<double>(step);
+    const double bc1 = 1.0 - std::pow(h.beta1, s), bc2 = 1.0 - std::pow(h.beta2, s);
+    return {detail::grad_sign(h.maximize), 1.0 - h.beta1, 1.0 - h.beta2, h.eps,
+            -(h.lr * std::sqrt(bc2) / bc1)};
+  }
+};
+
 // Optimizers with no post-step bookkeeping.
 template <class Opt> auto after_step(typename Opt::Hyper& h, int64_t step, int)
     -> decltype(Opt::after_step(h, step)) { Opt::after_step(h, step); }

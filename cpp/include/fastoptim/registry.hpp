@@ -16,4 +16,11 @@
   X(ASGD, asgd)                 \
   X(ADOPT, adopt)               \
   X(AdamWScheduleFree, adamwschedulefree) \
-  X(SGDScheduleFree, sgdschedulefree)
+  X(SGDScheduleFree, sgdschedulefree) \
+  X(SparseAdam, sparseadam)
+
+// The optimizers with sparse row updates (fastoptim::step_rows): X(Struct, python_name).
+#define FASTOPTIM_ROW_OPTIMIZERS(X) \
+  X(SGD, sgd)                       \
+  X(Adagrad, adagrad)               \
+  X(SparseAdam, sparseadam)

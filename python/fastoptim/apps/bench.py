@@ -62,6 +62,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "ADOPT": ("ADOPT", {}, 2),
     "AdamWScheduleFree": ("AdamWScheduleFree", {}, 2),
     "SGDScheduleFree": ("SGDScheduleFree", {}, 1),
+    "SparseAdam": ("SparseAdam", {}, 2),  # (every row present; its row updates: bench --rows)
 }
 
 # torch.optim has fused CPU kernels for these only.
@@ -210,7 +211,7 @@ def _torch_contenders(
     except ImportError:
         return {}
     cls = getattr(torch.optim, cls_name, None)
-    if cls is None:  # e.g. Lion
+    if cls is None or cls_name == "SparseAdam":  # e.g. Lion; SparseAdam takes sparse grads only
         return {}
     modes = {"torch for-loop": {"foreach": False}, "torch foreach": {"foreach": True}}
     if cls_name in _TORCH_FUSED:
@@ -1167,5 +1168,103 @@ def format_transforms(rows: Sequence[TransformRow], size: int) -> str:
             f"{r.name:24} {r.bytes:4d} {t[0] / size * 1e9:7.3f} [{t[1] / size * 1e9:.3f}-"
             f"{t[2] / size * 1e9:.3f}] {r.bytes * size / t[0] / 1e9:6.1f}  {r.baseline:24} "
             f"{b[0] / size * 1e9:6.3f} {pct:4.0f}%{flag}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------- sparse row updates (bench --rows)
+#: ``bench --rows``: an embedding table of ROWS_TABLE rows of ROWS_WIDTH float32 elements (16M
+#: elements, far beyond the caches), ROWS_UPDATED distinct random rows updated per step.
+ROWS_TABLE, ROWS_WIDTH, ROWS_UPDATED = 1 << 18, 64, 1 << 14
+ROWS_OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "SGD": ("SGD", {"lr": 1e-3}, 0),
+    "Adagrad": ("Adagrad", {}, 1),
+    "SparseAdam": ("SparseAdam", {}, 2),
+}
+
+
+@dataclass
+class RowsRow:
+    """One optimizer of ``bench --rows``: seconds per step (median, lowest, highest) of each
+    contender, timed in the same interleaved rounds."""
+
+    name: str
+    nstate: int
+    times: dict[str, tuple[float, float, float]]
+
+
+def run_rows(
+    repeats: int = 5,
+    rounds: int = 5,
+    torch: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[RowsRow]:
+    """Sparse row updates of an embedding table (``step_rows``; ROWS_UPDATED random rows of
+    ROWS_WIDTH float32 elements out of ROWS_TABLE): fastoptim's row kernel, the NumPy
+    reference (fancy indexing), torch.optim with a sparse COO gradient (for-loop path) when
+    installed, and the streaming kernel moving the same bytes as the update (a dense pass over
+    ROWS_UPDATED x ROWS_WIDTH elements), interleaved."""
+    rng = np.random.default_rng(0)
+    k, w = ROWS_UPDATED, ROWS_WIDTH
+    idx = np.sort(rng.choice(ROWS_TABLE, size=k, replace=False)).astype(np.int64)
+    rows = rng.standard_normal((k, w), dtype=np.float32) * np.float32(0.1)
+    table = rng.standard_normal((ROWS_TABLE, w), dtype=np.float32)
+    out = []
+    for name, (cls_name, kwargs, nstate) in ROWS_OPTIMIZERS.items():
+        mine = getattr(fast, cls_name)([table.copy()], **kwargs)
+        ref = getattr(reference, cls_name)([table.copy()], **kwargs)
+        pool = [np.ones(k * w, np.float32) for _ in range(nstate + 2)]
+        contenders: dict[str, Callable[[], object]] = {
+            "fastoptim": functools.partial(mine.step_rows, [(idx, rows)]),
+            "stream": functools.partial(_core.stream, pool),
+            "NumPy reference": functools.partial(ref.step_rows, [(idx, rows)]),
+        }
+        if torch:
+            try:
+                import torch as _torch
+            except ImportError:
+                pass
+            else:
+                p = _torch.from_numpy(table.copy())
+                p.grad = _torch.sparse_coo_tensor(
+                    _torch.from_numpy(idx)[None],
+                    _torch.from_numpy(rows),
+                    p.shape,
+                    check_invariants=False,
+                ).coalesce()
+                loop = {} if cls_name == "SparseAdam" else {"foreach": False}
+                contenders["torch for-loop"] = getattr(_torch.optim, cls_name)(
+                    [p], **kwargs, **loop
+                ).step
+        if progress:
+            progress(f"{name}: {len(contenders)} contenders interleaved, {rounds} round(s)")
+        _, samples = _interleaved(contenders, rounds, repeats, MIN_SAMPLE_S)
+        times = {c: (statistics.median(v), min(v), max(v)) for c, v in samples.items()}
+        out.append(RowsRow(name, nstate, times))
+        del contenders, mine, ref, pool
+        gc.collect()
+    return out
+
+
+def format_rows(rows: Sequence[RowsRow]) -> str:
+    """The ``bench --rows`` table: ns per updated element (median [lowest-highest]), the
+    streaming kernel's for the same bytes and the % of it, the NumPy reference's and torch's."""
+    n = ROWS_UPDATED * ROWS_WIDTH
+    lines = [
+        f"{ROWS_UPDATED} rows x {ROWS_WIDTH} float32 of a {ROWS_TABLE}-row table per step; "
+        "ns per updated element",
+        f"{'':11} {'B/el':>4} {'fastoptim':>21} {'GB/s':>6} {'stream':>7} {'%':>5} "
+        f"{'NumPy ref':>10} {'torch':>8}",
+    ]
+    for r in rows:
+        t, s = r.times["fastoptim"], r.times["stream"]
+        nbytes = bytes_per_element(r.nstate)
+        numpy_ns = r.times["NumPy reference"][0] / n * 1e9
+        torch_t = r.times.get("torch for-loop")
+        torch_ns = f"{torch_t[0] / n * 1e9:8.2f}" if torch_t else f"{'-':>8}"
+        lines.append(
+            f"{r.name:11} {nbytes:4d} {t[0] / n * 1e9:7.3f} [{t[1] / n * 1e9:.3f}-"
+            f"{t[2] / n * 1e9:.3f}] {nbytes * n / t[0] / 1e9:6.1f} {s[0] / n * 1e9:7.3f} "
+            f"{100 * s[0] / t[0]:4.0f}% {numpy_ns:10.2f} {torch_ns}"
         )
     return "\n".join(lines)

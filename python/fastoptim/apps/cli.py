@@ -257,6 +257,8 @@ def _minimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _bench_kind(args: argparse.Namespace) -> str:
+    if args.rows:
+        return "sparse row updates"
     if args.muon:
         return "Muon"
     if args.layouts:
@@ -294,7 +296,19 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     busy = _busy()
     if busy:
         print(busy, flush=True)
-    if args.transforms:
+    if args.rows:
+        print(
+            bench.format_rows(
+                bench.run_rows(args.repeats, args.rounds, not args.no_torch, progress)
+            )
+        )
+        print(
+            "\nB/el = bytes per updated element (param, grad and state read, param and state "
+            "written); stream = the streaming kernel moving the same bytes (a dense pass over "
+            "as many elements); % = its time / fastoptim's; NumPy ref = fancy indexing "
+            "(fastoptim.reference); torch = torch.optim with a sparse COO gradient (for-loop)"
+        )
+    elif args.transforms:
         transform_rows = bench.run_transforms(args.size, args.repeats, args.rounds, progress)
         print(bench.format_transforms(transform_rows, args.size))
         print(
@@ -625,6 +639,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters with float32, 16-bit or master state; the offload layout; stochastic "
         "rounding; torch's fused AdamW and casting around an fp32 step), with bytes per "
         "element and %% of a streaming kernel moving the same bytes",
+    )
+    b.add_argument(
+        "--rows",
+        action="store_true",
+        help="instead of the optimizer tables: sparse row updates (step_rows) of an embedding "
+        "table, SGD / Adagrad / SparseAdam, against the streaming kernel moving the same bytes, "
+        "the NumPy reference and torch.optim with sparse gradients",
     )
     b.add_argument(
         "--transforms",

@@ -79,6 +79,10 @@ OPTIMIZERS: dict[str, Spec] = {
     "AdamWScheduleFree": Spec("AdamWScheduleFree", {}, 3e-3),
     # swept 0.1-3: lowest train loss at 1 (test loss 0.28), diverged at 3, best test loss 0.3
     "SGDScheduleFree": Spec("SGDScheduleFree", {}, 0.3),
+    # SparseAdam with dense gradients (every element present): Adam with eps before the bias
+    # correction.  Swept 3e-4-1e-2 (20 epochs): lowest train loss at 3e-3 and 1e-2 (4e-4),
+    # test loss 0.049 at 3e-3, 0.18 at 1e-2
+    "SparseAdam": Spec("SparseAdam", {}, 3e-3),
     # Muon updates the weight matrices; the biases (1-D) take AdamW at MUON_BIAS_LR, as torch's
     # Muon documentation recommends (see MuonAndAdamW).
     "Muon": Spec("Muon", {}, 5e-3),  # swept 2e-3-5e-2 (20 epochs): best test loss at 5e-3

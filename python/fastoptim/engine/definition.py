@@ -267,6 +267,16 @@ class Definition:
     # A step that is not element-wise, run in Python (Muon, LBFGS): see Host.  Such an
     # optimizer has no compiled kernel (``kernel`` is ""), and no precision options (COMMON).
     host: Host | None = None
+    # Sparse row updates (the NumPy tier's ``step_rows``, fastoptim.torch's sparse COO
+    # gradients, the compiled ``rows_<kernel>``): None if the optimizer has none, else a
+    # function of a group's values returning why those values cannot take sparse gradients
+    # ("" if they can): torch.optim's own refusals (Adagrad's weight_decay...).
+    rows: Callable[[Mapping[str, Any]], str] | None = None
+    # Values for which fastoptim.torch computes a sparse gradient densely, as torch's result
+    # is the dense update's (SGD with momentum: torch's sparse buffer decays every row).
+    rows_dense: Callable[[Mapping[str, Any]], bool] | None = None
+    # fastoptim.torch takes sparse gradients only, as torch.optim does (SparseAdam).
+    torch_sparse_only: bool = False
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -304,6 +314,15 @@ class Definition:
         from .. import _core
 
         return getattr(_core, f"step_{self.kernel.lower()}")
+
+    @property
+    def core_rows(self) -> Any:
+        """The compiled sparse row update (None without one)."""
+        if self.rows is None:
+            return None
+        from .. import _core
+
+        return getattr(_core, f"rows_{self.kernel.lower()}")
 
     @property
     def core_steps(self) -> Any:

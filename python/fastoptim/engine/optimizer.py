@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
-from . import precision, transforms
+from . import precision, sparse, transforms
 from .definition import Definition, check_keywords, is_number
 from .locks import new_lock
 from .scheduled import Scheduled
@@ -34,6 +34,8 @@ Params = Union[
     ValuesView[np.ndarray],
 ]
 Grads = Union[Sequence[np.ndarray], Mapping[str, np.ndarray]]
+# Row gradients (step_rows): per parameter (indices, rows) or None, in a list or by name.
+RowGrads = Union[Sequence[Any], Mapping[str, Any]]
 # A float hyper-parameter: a number, or a schedule (fastoptim.schedules, any ``t -> float``).
 Value = Union[float, Callable[[int], float]]
 
@@ -792,6 +794,77 @@ class Optimizer:
                 raise
             self._after_step()
             return self.grad_norm
+
+    def step_rows(self, grads: RowGrads) -> None:
+        """One step with sparse row gradients (SGD, Adagrad, SparseAdam): for each parameter
+        (shape ``(n, *row)``) a pair ``(indices, rows)``: ``k`` integer row indices in
+        ``[0, n)`` and the gradient rows, shape ``(k, *row)``, of the parameter's dtype; or
+        None (no row).  ``grads`` is a list in parameter order, or a dict keyed by parameter
+        name (missing names: None).
+
+        Only the rows present are read and written, parameter and state alike, by the compiled
+        row kernel (in parallel across rows).  Duplicate indices are summed first, as torch
+        coalesces a sparse gradient.  Every group's step count advances (bias corrections and
+        ``lr_decay`` use it, as torch's per-parameter ``step`` does); schedules advance as with
+        :meth:`step`.  SGD and Adagrad give the dense update with zero gradient rows;
+        SparseAdam is lazy (absent rows' moments do not decay).  See
+        :mod:`fastoptim.engine.sparse` for what is refused (``weight_decay``, SGD's
+        ``momentum``, the precision and gradient-transform options); everything is checked
+        before any array is written.
+
+            >>> import numpy as np, fastoptim as fo
+            >>> table = np.zeros((4, 2), np.float32)
+            >>> opt = fo.SparseAdam([table], lr=0.1)
+            >>> opt.step_rows([(np.array([2, 0, 2]), np.ones((3, 2), np.float32))])
+            >>> print(table.round(3))
+            [[-0.1 -0.1]
+             [ 0.   0. ]
+             [-0.1 -0.1]
+             [ 0.   0. ]]
+        """
+        where = f"{type(self).__name__}.step_rows"
+        with self._lock:
+            if self._ema_swapped:
+                transforms.check_not_swapped(self, where)
+            for g, group in zip(self._groups, self.param_groups):
+                if group != g.synced:
+                    self._refresh()
+                    break
+            keys = [k for g in self._groups for k in g.keys]
+            flat = sparse.entries(where, grads, keys, bool(self._named))
+            work: list[tuple[_Group, int, np.ndarray, np.ndarray, list[np.ndarray]]] = []
+            pos = 0
+            for g, group in zip(self._groups, self.param_groups):
+                sparse.check_group(self._definition, where, group)
+                for i, param in enumerate(g.params):
+                    at = f"{where}: param {g.labels[i]}"
+                    entry = sparse.pair(at, flat[pos])
+                    pos += 1
+                    if entry is None:
+                        continue
+                    states = [g.states[n][i] for n in g.hyper.state_names()]
+                    if param.dtype not in (np.float32, np.float64) or any(
+                        not isinstance(s, np.ndarray) or s.dtype != param.dtype for s in states
+                    ):
+                        raise TypeError(
+                            f"{at}: row updates take float32/float64 parameters with state of "
+                            f"the same dtype (parameter {param.dtype}; state_dtype "
+                            f"{group.get(precision.STATE_DTYPE)!r})"
+                        )
+                    idx, rows = sparse.coalesce(at, param, *entry)
+                    work.append((g, i, idx, rows, states))
+            for g, i, idx, rows, states in work:
+                self._run_rows(g, i, idx, rows, states)
+            self._after_step()
+
+    def _run_rows(
+        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
+    ) -> None:
+        """Hook: the row update of parameter `i` of group `g` (:mod:`fastoptim.reference`
+        computes it in NumPy)."""
+        self._definition.core_rows(
+            g.hyper, g.step + 1, g.params[i], index, rows, states, g.labels[i]
+        )
 
     def _decide(
         self, scale: float | None, per_group: list[list[np.ndarray]]

@@ -1,0 +1,136 @@
+"""Sparse row updates, shared by every tier: a gradient given as row indices and rows.
+
+A parameter of shape ``(n, *row)`` receives a gradient for some of its rows only:
+``indices`` (``k`` integers in ``[0, n)``) and ``rows`` (shape ``(k, *row)``), as an embedding
+table's gradient is (``torch.nn.Embedding(sparse=True)``).  The update is the optimizer's
+element-wise update of the rows present, run by the compiled row kernel
+(``_core.rows_<kernel>``, in parallel across rows); the other rows of the parameter and of its
+state are not read or written.  Exact semantics, as ``torch.optim`` with a sparse COO
+gradient:
+
+- duplicate indices are summed first (torch coalesces), in the order given;
+- the step count advances whether a row is present or not: bias corrections and decays use the
+  optimizer's step (SparseAdam: ``1 - beta^t`` with the global ``t``);
+- for :class:`~fastoptim.SGD` (``momentum = 0``) and :class:`~fastoptim.Adagrad` the result
+  equals the dense update with zero gradient rows; :class:`~fastoptim.SparseAdam` is *lazy*:
+  an absent row's moments do not decay.
+
+Refused, as torch refuses it: ``weight_decay`` (SGD, Adagrad); SGD with ``momentum`` (torch
+decays every row of its buffer, which is a dense step).  Also refused: the precision and
+gradient-transform options (master weights, Kahan, EMA, clipping, skipping): row updates take
+float32 / float64 parameters with state of the same dtype.  Every entry is validated (indices'
+dtype and range, rows' dtype and shape, the group's options) before any array is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import precision, transforms
+from .definition import Definition
+
+# Options of COMMON that a row update cannot apply, with the value that means "off".
+_OFF: tuple[tuple[str, Any], ...] = (
+    (precision.MASTER_WEIGHTS, False),
+    (precision.KAHAN, False),
+    (precision.EMA_DECAY, None),
+    (transforms.MAX_GRAD_NORM, None),
+    (transforms.MAX_GRAD_VALUE, None),
+    (transforms.SKIP_NONFINITE, False),
+)
+
+
+def check_group(defn: Definition, where: str, group: Mapping[str, Any]) -> None:
+    """Raise if the (validated) values of `group` cannot take row gradients: the optimizer has
+    no row update (TypeError), or torch refuses these options with a sparse gradient, or an
+    option of the precision policy / gradient transforms is on (ValueError)."""
+    if defn.rows is None:
+        raise TypeError(
+            f"{where}: {defn.name} has no sparse row updates (SGD, Adagrad and SparseAdam do)"
+        )
+    problem = defn.rows(group)
+    if problem:
+        raise ValueError(f"{where}: {defn.name} with sparse gradients: {problem}")
+    on = [k for k, off in _OFF if group.get(k, off) != off]
+    if on:
+        raise ValueError(
+            f"{where}: row updates do not apply {', '.join(on)}; use dense gradients for that"
+        )
+
+
+def coalesce(
+    where: str, param: np.ndarray, indices: Any, rows: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check one row gradient of `param` and return it coalesced: int64 indices strictly
+    increasing, rows of duplicate indices summed (in the order given), as C-contiguous arrays
+    the row kernel takes.  Raises TypeError / ValueError / IndexError naming `where`."""
+    if not isinstance(param, np.ndarray) or param.ndim < 1:
+        raise ValueError(f"{where}: row updates need a parameter with at least one dimension")
+    idx = np.asarray(indices)
+    if idx.dtype == np.bool_ or idx.dtype.kind not in "iu":
+        raise TypeError(f"{where}: indices must be integers, got dtype {idx.dtype}")
+    if idx.ndim != 1:
+        raise ValueError(f"{where}: indices must be 1-D, got shape {idx.shape}")
+    if not isinstance(rows, np.ndarray):
+        raise TypeError(f"{where}: rows must be a numpy.ndarray, got {type(rows).__name__}")
+    if rows.dtype != param.dtype:
+        raise TypeError(
+            f"{where}: rows have dtype {rows.dtype}, the parameter {param.dtype} (rows are "
+            "never converted)"
+        )
+    want = (len(idx), *param.shape[1:])
+    if rows.shape != want:
+        raise ValueError(
+            f"{where}: rows have shape {rows.shape}; for {len(idx)} indices of a parameter of "
+            f"shape {param.shape} they must have shape {want}"
+        )
+    n = param.shape[0]
+    if len(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{where}: index {bad} is out of range for {n} rows")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if len(idx) < 2 or bool(np.all(idx[1:] > idx[:-1])):
+        return idx, np.ascontiguousarray(rows)
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_idx[1:] != sorted_idx[:-1])))
+    summed = np.add.reduceat(rows[order], starts, axis=0)
+    return np.ascontiguousarray(sorted_idx[starts]), np.ascontiguousarray(summed)
+
+
+def entries(where: str, grads: Any, keys: Sequence[Any], named: bool) -> list[Any]:
+    """The per-parameter entries of `grads` (a list in parameter order, or a dict keyed by
+    parameter name when the parameters are named), each ``(indices, rows)`` or None."""
+    if isinstance(grads, Mapping):
+        if not named:
+            raise TypeError(
+                f"{where}: a dict of row gradients needs named parameters; pass a list in "
+                "parameter order"
+            )
+        names = [str(k) for k in keys]
+        extra = [k for k in grads if k not in set(names)]
+        if extra:
+            raise ValueError(f"{where}: unknown parameter name(s) {extra}")
+        return [grads.get(k) for k in names]
+    if isinstance(grads, np.ndarray) or not isinstance(grads, Sequence):
+        raise TypeError(
+            f"{where}: row gradients must be a list (parameter order) or a dict (parameter "
+            f"names) of (indices, rows) pairs, got {type(grads).__name__}"
+        )
+    if len(grads) != len(keys):
+        raise ValueError(f"{where}: expected {len(keys)} entries, got {len(grads)}")
+    return list(grads)
+
+
+def pair(where: str, entry: Any) -> tuple[Any, Any] | None:
+    """An entry: None (no rows), or a pair ``(indices, rows)``."""
+    if entry is None:
+        return None
+    if isinstance(entry, np.ndarray) or not isinstance(entry, Sequence) or len(entry) != 2:
+        raise TypeError(f"{where}: expected a pair (indices, rows) or None, got {entry!r:.80}")
+    return entry[0], entry[1]

@@ -1,0 +1,420 @@
+"""Sparse row updates (``Optimizer.step_rows``, ``functional.sparse_rows_``, the compiled
+``_core.rows_*``) and ``fastoptim.torch``'s sparse COO gradients (SGD, Adagrad, SparseAdam).
+
+Oracles: :mod:`fastoptim.reference` (the same update on rows gathered by NumPy fancy indexing)
+and, for SGD and Adagrad, the dense update with zero gradient rows, which torch's sparse path
+equals; ``torch.optim`` (its for-loop path) over the options torch's ``optim_db`` exercises
+for SparseAdam and for the sparse configurations of SGD and Adagrad.  Tolerance as in
+test_torch_optim.py: 16 ulps of the dtype, relative to the largest value of each array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from cases import every_dtype
+from fastoptim import reference
+
+# (torch.optim.Adagrad's sparse path builds sparse tensors without saying whether to check them)
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+RTOL_ULPS = 16
+SHAPE = (50, 3, 4)  # 50 rows of 12 elements
+
+# (optimizer, options): torch's sparse configurations and the options the row update takes
+ROW_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("SGD", dict(lr=4.8e-3)),
+    ("SGD", dict(lr=0.1, maximize=True)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-6)),
+    ("Adagrad", dict(lr=0.1, maximize=True)),
+    ("SparseAdam", dict()),
+    ("SparseAdam", dict(lr=0.01)),
+    ("SparseAdam", dict(lr=0.04, betas=(0.8, 0.99), eps=1e-6)),
+    ("SparseAdam", dict(lr=0.01, maximize=True)),
+]
+IDS = [f"{n}-{'-'.join(k) or 'default'}" for n, k in ROW_CASES]
+
+
+def tol(dtype: Any) -> float:
+    return RTOL_ULPS * float(np.finfo(dtype).eps)
+
+
+def close(got: np.ndarray, want: np.ndarray, dtype: Any, what: str) -> None:
+    rtol = tol(dtype)
+    scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def row_grads(rng: np.random.Generator, dtype: Any, k: int = 17) -> tuple[np.ndarray, np.ndarray]:
+    """k row indices with duplicates, in random order, some rows absent; their rows."""
+    idx = rng.integers(0, SHAPE[0] // 2, size=k)  # rows >= 25 never present
+    idx[:3] = idx[3]  # a row three times more
+    return idx, rng.standard_normal((k, *SHAPE[1:])).astype(dtype)
+
+
+# --------------------------------------------------------------------------- NumPy tier
+@every_dtype
+@pytest.mark.parametrize(("name", "kwargs"), ROW_CASES, ids=IDS)
+def test_rows_match_reference(name: str, kwargs: dict[str, Any], dtype: Any) -> None:
+    """The compiled row kernel against the NumPy reference (fancy indexing), 8 steps with
+    duplicate indices and absent rows; absent rows (param and state) are never touched."""
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(SHAPE).astype(dtype)
+    ours, theirs = p0.copy(), p0.copy()
+    fast = getattr(fo, name)([ours], **kwargs)
+    ref = getattr(reference, name)([theirs], **kwargs)
+    for t in range(8):
+        if t == 4:
+            for opt in (fast, ref):
+                opt.param_groups[0]["lr"] *= 0.5
+        idx, rows = row_grads(rng, dtype)
+        fast.step_rows([(idx, rows)])
+        ref.step_rows([(idx.copy(), rows.copy())])
+        close(ours, theirs, dtype, f"{name} step {t} param")
+        for n, v in ref.state[0].items():
+            if n != "step":
+                close(fast.state[0][n], v, dtype, f"{name} step {t} {n}")
+    assert fast.state[0]["step"] == ref.state[0]["step"] == 8
+    np.testing.assert_array_equal(ours[25:], p0[25:])  # never present: bit for bit
+    for n, v in fast.state[0].items():
+        if n != "step":
+            fill = float(kwargs.get("initial_accumulator_value", 0.0))
+            assert np.all(v[25:] == fill), n
+
+
+@every_dtype
+@pytest.mark.parametrize(("name", "kwargs"), [c for c in ROW_CASES if c[0] != "SparseAdam"])
+def test_sgd_adagrad_rows_equal_dense_update(name: str, kwargs: dict[str, Any], dtype: Any) -> None:
+    """For SGD and Adagrad a row gradient is the dense gradient with zero rows (as torch's
+    sparse path is): compared with the reference's dense step."""
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal(SHAPE).astype(dtype)
+    ours, theirs = p0.copy(), p0.copy()
+    fast = getattr(fo, name)([ours], **kwargs)
+    ref = getattr(reference, name)([theirs], **kwargs)
+    for t in range(6):
+        idx, rows = row_grads(rng, dtype)
+        dense = np.zeros(SHAPE, dtype)
+        np.add.at(dense, idx, rows)
+        fast.step_rows([(idx, rows)])
+        ref.step([dense])
+        close(ours, theirs, dtype, f"{name} step {t}")
+
+
+def test_sparse_adam_is_lazy() -> None:
+    """SparseAdam: a row absent from a step keeps its moments (no decay) and its value; the
+    bias corrections use the global step (the rows' own counts do not exist)."""
+    p = np.zeros((3, 2))
+    opt = fo.SparseAdam([p], lr=0.1)
+    opt.step_rows([(np.array([0, 1]), np.ones((2, 2)))])
+    m1, v1, p1 = (a.copy() for a in (opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"], p))
+    opt.step_rows([(np.array([0]), np.ones((1, 2)))])
+    st = opt.state[0]
+    np.testing.assert_array_equal(st["exp_avg"][1:], m1[1:])
+    np.testing.assert_array_equal(st["exp_avg_sq"][1:], v1[1:])
+    np.testing.assert_array_equal(p[1:], p1[1:])
+    # row 0 at step 2, by hand (torch's formula)
+    m = 0.1 + 0.1 * (1 - 0.1)
+    v = 0.001 + 0.001 * (1 - 0.001)
+    step = 0.1 * np.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    want = p1[0, 0] - step * m / (np.sqrt(v) + 1e-8)
+    assert p[0, 0] == pytest.approx(want, rel=1e-12)
+    opt.step_rows([None])  # no rows: nothing changes, the step counts
+    assert opt.state[0]["step"] == 3
+
+
+def test_sparse_adam_dense_step_is_every_row_present() -> None:
+    """A dense gradient (step) is SparseAdam with every row present (step_rows)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 5))
+    b = a.copy()
+    oa, ob = fo.SparseAdam([a], lr=0.05), fo.SparseAdam([b], lr=0.05)
+    for _ in range(4):
+        g = rng.standard_normal((6, 5))
+        oa.step([g])
+        ob.step_rows([(np.arange(6), g)])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_functional_sparse_rows_same_bits_as_class() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal(SHAPE).astype(np.float32)
+    b = a.copy()
+    m, v = np.zeros_like(b), np.zeros_like(b)
+    opt = fo.SparseAdam([a], lr=0.02, betas=(0.8, 0.9))
+    for t in range(1, 5):
+        idx, rows = row_grads(rng, np.float32)
+        opt.step_rows([(idx, rows)])
+        fo.functional.sparse_rows_(
+            "SparseAdam",
+            b,
+            idx,
+            rows,
+            {"exp_avg": m, "exp_avg_sq": v},
+            step=t,
+            lr=0.02,
+            betas=(0.8, 0.9),
+        )
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(opt.state[0]["exp_avg"], m)
+
+
+def test_named_parameters_and_several_groups() -> None:
+    emb, other = np.zeros((4, 2)), np.zeros((3, 2))
+    opt = fo.Adagrad([{"params": {"emb": emb}}, {"params": {"other": other}, "lr": 0.5}])
+    opt.step_rows({"emb": (np.array([1]), np.ones((1, 2)))})  # "other": no rows
+    assert emb[1, 0] < 0 and not emb[[0, 2, 3]].any() and not other.any()
+    assert [s["step"] for s in opt.state.values()] == [1, 1]
+
+
+BAD: list[tuple[str, dict[str, Any], Any, type[Exception], str]] = [
+    ("SparseAdam", {}, (np.array([4]), np.ones((1, 2))), IndexError, "out of range"),
+    ("SparseAdam", {}, (np.array([-1]), np.ones((1, 2))), IndexError, "out of range"),
+    ("SparseAdam", {}, (np.array([0.0]), np.ones((1, 2))), TypeError, "integers"),
+    ("SparseAdam", {}, (np.array([True]), np.ones((1, 2))), TypeError, "integers"),
+    ("SparseAdam", {}, (np.array([[0]]), np.ones((1, 2))), ValueError, "1-D"),
+    ("SparseAdam", {}, (np.array([0, 1]), np.ones((1, 2))), ValueError, "shape"),
+    ("SparseAdam", {}, (np.array([0]), np.ones((1, 3))), ValueError, "shape"),
+    ("SparseAdam", {}, (np.array([0]), np.ones((1, 2), np.float32)), TypeError, "dtype"),
+    ("SparseAdam", {}, np.ones((4, 2)), TypeError, "pair"),
+    ("SGD", {"momentum": 0.9}, (np.array([0]), np.ones((1, 2))), ValueError, "momentum"),
+    ("SGD", {"weight_decay": 0.1}, (np.array([0]), np.ones((1, 2))), ValueError, "weight_decay"),
+    ("Adagrad", {"weight_decay": 0.1}, (np.array([0]), np.ones((1, 2))), ValueError, "weight"),
+    ("Adam", {}, (np.array([0]), np.ones((1, 2))), TypeError, "no sparse row updates"),
+    ("SparseAdam", {"max_grad_norm": 1.0}, (np.array([0]), np.ones((1, 2))), ValueError, "max_"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "entry", "error", "match"), BAD)
+def test_bad_rows_change_nothing(
+    name: str, kwargs: dict[str, Any], entry: Any, error: type[Exception], match: str
+) -> None:
+    """Every refusal names the problem; nothing is written, the step does not count (the
+    first parameter's valid rows included)."""
+    first, p = np.ones((4, 2)), np.ones((4, 2))
+    opt = getattr(fo, name)([first, p], **kwargs)
+    with pytest.raises(error, match=match):
+        opt.step_rows([(np.array([0]), np.ones((1, 2))), entry])
+    assert (first == 1).all() and (p == 1).all()
+    assert all(s["step"] == 0 for s in opt.state.values())
+    assert all((v == 0).all() for s in opt.state.values() for n, v in s.items() if n != "step")
+
+
+def test_rows_of_low_precision_state_refused() -> None:
+    p = np.ones((4, 2), np.float32)
+    opt = fo.SparseAdam([p], state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="same dtype"):
+        opt.step_rows([(np.array([0]), np.ones((1, 2), np.float32))])
+    assert (p == 1).all()
+
+
+# --------------------------------------------------------------------------- fastoptim.torch
+torch = pytest.importorskip("torch")
+import fastoptim.torch as fot  # noqa: E402
+
+
+def _sparse(rng: np.random.Generator, dtype: Any, shape: tuple[int, ...], hybrid: bool) -> Any:
+    """A sparse COO gradient with duplicate indices: rows (hybrid, as nn.Embedding gives) or
+    single elements."""
+    k = 9
+    if hybrid:
+        idx = rng.integers(0, shape[0] // 2, size=(1, k))
+        vals = rng.standard_normal((k, *shape[1:]))
+    else:
+        idx = np.stack([rng.integers(0, n, size=k) for n in shape])
+        vals = rng.standard_normal(k)
+    return torch.sparse_coo_tensor(
+        torch.from_numpy(idx), torch.from_numpy(vals).to(dtype), shape, check_invariants=True
+    )
+
+
+# torch's optim_db: SparseAdam's inputs (default, lr, Tensor lr, maximize) and the sparse
+# configurations of SGD and Adagrad (their metadata_for_sparse), plus maximize / lr_decay and
+# SGD's momentum (torch's sparse momentum buffer: computed densely here)
+TORCH_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("SparseAdam", {}),
+    ("SparseAdam", {"lr": 0.01}),
+    ("SparseAdam", {"lr": "tensor"}),
+    ("SparseAdam", {"maximize": True}),
+    ("SparseAdam", {"lr": 4e-2}),
+    ("SGD", {"lr": 4.8e-3, "maximize": False, "momentum": 0, "nesterov": False}),
+    ("SGD", {"lr": 0.1, "maximize": True}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    ("SGD", {"lr": 0.1, "momentum": 0.5, "dampening": 0.3}),
+    ("Adagrad", {"lr": 0.1, "weight_decay": 0, "lr_decay": 0}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("Adagrad", {"lr": 0.1, "maximize": True}),
+]
+
+
+def _kwargs(kwargs: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """A Tensor lr of the parameters' dtype: torch computes SparseAdam's step size in the lr
+    tensor's dtype (float32 for optim_db's torch.tensor(0.001)), fastoptim in double."""
+    return {
+        k: (torch.tensor(0.001, dtype=dtype) if v == "tensor" else v) for k, v in kwargs.items()
+    }
+
+
+@every_dtype
+@pytest.mark.parametrize(
+    ("name", "kwargs"), TORCH_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(TORCH_CASES)]
+)
+def test_torch_sparse_gradients_match_torch(name: str, kwargs: dict[str, Any], dtype: Any) -> None:
+    """fastoptim.torch against torch.optim (for-loop path) with sparse COO gradients, 20 steps,
+    an lr change halfway: a contiguous embedding table (row gradients), a transposed matrix
+    and a 1-D vector (element gradients), and a dense parameter with a dense gradient where
+    torch allows mixing (SGD, Adagrad)."""
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    rng = np.random.default_rng(5)
+    shapes = [(30, 4), (6, 5), (11,)]
+    p0 = [torch.from_numpy(rng.standard_normal(s)).to(tdtype) for s in shapes]
+    p0[1] = p0[1].t().contiguous().t()  # (a transposed layout)
+    ours = [p.clone().requires_grad_() for p in p0]
+    theirs = [p.clone().requires_grad_() for p in p0]
+    mixed = name != "SparseAdam"
+    if mixed:
+        ours.append(torch.ones(3, 3, dtype=tdtype, requires_grad=True))
+        theirs.append(torch.ones(3, 3, dtype=tdtype, requires_grad=True))
+    fast = getattr(fot, name)(ours, **_kwargs(kwargs, tdtype))
+    loop = {} if name == "SparseAdam" else {"foreach": False}
+    ref = getattr(torch.optim, name)(theirs, **loop, **_kwargs(kwargs, tdtype))
+    for t in range(20):
+        if t == 10:
+            for opt in (fast, ref):
+                opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"] * 0.5
+        grads = [_sparse(rng, tdtype, s, hybrid=(i == 0)) for i, s in enumerate(shapes)]
+        if mixed:
+            grads.append(torch.from_numpy(rng.standard_normal((3, 3))).to(tdtype))
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        fast.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            close(a.detach().numpy(), b.detach().numpy(), dtype, f"{name} step {t} param {i}")
+            sa, sb = fast.state.get(a, {}), ref.state.get(b, {})
+            assert set(sa) == set(sb), (sorted(sa), sorted(sb))
+            for n, want in sb.items():
+                got = sa[n]
+                if n == "step":
+                    assert float(got) == float(want)
+                else:
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    if want.is_sparse:  # (torch's SGD keeps a sparse momentum buffer)
+                        want = want.to_dense()
+                    close(got.numpy(), want.numpy(), dtype, f"{name} step {t} {i} {n}")
+
+
+def test_torch_embedding_sparse_adam_bit_exact() -> None:
+    """nn.Embedding(sparse=True) trained by fastoptim.torch.SparseAdam and by torch's: the
+    row kernel computes torch's operations in torch's order (no fused multiply-add)."""
+    torch.manual_seed(0)
+    a = torch.nn.Embedding(100, 16, sparse=True)
+    b = torch.nn.Embedding(100, 16, sparse=True)
+    b.load_state_dict(a.state_dict())
+    oa, ob = (
+        fot.SparseAdam(a.parameters(), lr=0.01),
+        torch.optim.SparseAdam(b.parameters(), lr=0.01),
+    )
+    for _ in range(10):
+        ids = torch.randint(0, 100, (32,))
+        for emb, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            emb(ids).square().sum().backward()
+            opt.step()
+    assert torch.equal(a.weight, b.weight)
+    sa, sb = oa.state[a.weight], ob.state[b.weight]
+    assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and float(sa["step"]) == sb["step"] == 10
+
+
+def test_torch_sparse_adam_state_dict_round_trip() -> None:
+    """A torch.optim.SparseAdam checkpoint (its int step) continues in fastoptim.torch, and
+    the reverse, as torch's own run."""
+    torch.manual_seed(1)
+    w = [torch.randn(20, 3) for _ in range(3)]
+    opts = [torch.optim.SparseAdam, fot.SparseAdam, torch.optim.SparseAdam]
+    params = [x.clone().requires_grad_() for x in w]
+    grads = [
+        torch.sparse_coo_tensor(torch.randint(0, 20, (1, 5)), torch.randn(5, 3), (20, 3))
+        for _ in range(6)
+    ]
+    ref = params[0]
+    r = torch.optim.SparseAdam([ref], lr=0.01)
+    for g in grads:
+        ref.grad = g.clone()
+        r.step()
+    for first, second in ((opts[0], opts[1]), (opts[1], opts[2])):
+        p = w[0].clone().requires_grad_()
+        o1 = first([p], lr=0.01)
+        for g in grads[:3]:
+            p.grad = g.clone()
+            o1.step()
+        o2 = second([p], lr=0.01)
+        o2.load_state_dict(o1.state_dict())
+        for g in grads[3:]:
+            p.grad = g.clone()
+            o2.step()
+        close(p.detach().numpy(), ref.detach().numpy(), np.float32, f"{first} -> {second}")
+
+
+def _one(opt_cls: Any, **kw: Any) -> tuple[Any, Any]:
+    p = torch.ones(4, 2, requires_grad=True)
+    return p, opt_cls([p], **kw)
+
+
+def test_torch_refusals_as_torch() -> None:
+    """fastoptim.torch raises where torch.optim does (RuntimeError for gradients, ValueError
+    for SparseAdam's parameters), and changes nothing."""
+    sp = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2))
+    cases = [
+        (fot.Adam, {}, sp, "Adam does not support sparse gradients"),
+        (fot.RMSprop, {}, sp, "RMSprop does not support sparse gradients"),
+        (fot.SparseAdam, {}, torch.ones(4, 2), "SparseAdam does not support dense gradients"),
+        (fot.Adagrad, {"weight_decay": 0.1}, sp, "weight_decay option is not compatible"),
+        (fot.SGD, {"weight_decay": 0.1, "lr": 0.1}, sp, "weight_decay"),
+        (fot.SGD, {"fused": True, "lr": 0.1}, sp, "fused"),
+        (fot.Adagrad, {"fused": True}, sp, "fused"),
+    ]
+    for cls, kw, g, match in cases:
+        p, opt = _one(cls, **kw)
+        theirs, ref = _one(getattr(torch.optim, cls.__name__), **kw)
+        p.grad, theirs.grad = g.clone(), g.clone()
+        with pytest.raises(RuntimeError):
+            ref.step()  # (torch refuses it too)
+        with pytest.raises(RuntimeError, match=match):
+            opt.step()
+        assert torch.equal(p, torch.ones(4, 2)), cls
+    with pytest.raises(ValueError, match="SparseAdam requires dense parameter tensors"):
+        fot.SparseAdam([torch.zeros(3).to_sparse()])
+    with pytest.raises(ValueError, match="SparseAdam requires dense parameter tensors"):
+        fot.SparseAdam([{"params": [torch.zeros(3).to_sparse()]}])
+    with pytest.raises(ValueError, match="SparseAdam does not support complex parameters"):
+        fot.SparseAdam([torch.zeros(2, 3, dtype=torch.complex64)])
+    with pytest.raises(ValueError, match=r"beta parameter at index 0|betas"):
+        fot.SparseAdam([torch.zeros(3)], lr=1e-2, betas=(1.0, 0.0))
+
+
+def test_torch_sparse_grads_leave_a_bad_step_untouched() -> None:
+    """A refused gradient in the second group (dense, for SparseAdam; a refused option for
+    Adagrad): nothing is updated, no step counted."""
+    sp = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2))
+    a, b = torch.ones(4, 2), torch.ones(4, 2)
+    opt = fot.SparseAdam([a])
+    opt.add_param_group({"params": [b]})
+    a.grad, b.grad = sp.clone(), torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="dense gradients"):
+        opt.step()
+    assert torch.equal(a, torch.ones(4, 2)) and torch.equal(b, torch.ones(4, 2))
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    c, d = torch.ones(4, 2), torch.ones(4, 2)
+    ada = fot.Adagrad([c])
+    ada.add_param_group({"params": [d], "weight_decay": 0.1})
+    c.grad, d.grad = sp.clone(), sp.clone()
+    with pytest.raises(RuntimeError, match="weight_decay"):
+        ada.step()
+    assert torch.equal(c, torch.ones(4, 2)) and torch.equal(d, torch.ones(4, 2))
+    assert all(float(s["step"]) == 0 for s in ada.state.values())
