@@ -173,6 +173,172 @@ def check_muon_param(owner: str, label: str, shape: tuple[int, ...]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- Adafactor
+#: Elements per block of the reductions (a few hundred KiB of float64 squares: in cache).
+_BLOCK = 1 << 15
+
+
+def _ravel(x: np.ndarray) -> np.ndarray:
+    """`x`'s elements as a 1-D array in memory order (a view when `x` is dense)."""
+    return np.ravel(x, order="K")
+
+
+def sum_squares(x: np.ndarray) -> float:
+    """The sum of the squares of `x`'s elements, accumulated in float64 block by block in a
+    fixed order (NumPy's pairwise sums within blocks of ``_BLOCK`` elements, the blocks added
+    in turn): deterministic, independent of threads, about float64-exact for float32 data."""
+    flat = _ravel(x)
+    total = 0.0
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start : start + _BLOCK].astype(np.float64)
+        block *= block
+        total += float(block.sum())
+    return total
+
+
+def _norm(x: np.ndarray) -> float:
+    """``x.norm(2).item()`` as torch gives it: the 2-norm rounded to `x`'s dtype."""
+    return float(x.dtype.type(math.sqrt(sum_squares(x))))
+
+
+def row_col_means(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The means of ``g * g`` over the last dimension (shape ``(..., R, 1)``) and over the
+    second-to-last one (``(..., 1, C)``) of the >= 2-D `g`, in `g`'s dtype, as torch.optim's
+    Adafactor computes them: ``norm(g, dim).square_().div_(n)`` (each norm rounded to the
+    dtype, then squared and divided in the dtype).  One pass over `g`: per block of rows, the
+    squares in float64, their row sums and the running column sums (fixed order)."""
+    *lead, rows, cols = g.shape
+    batch = math.prod(lead)
+    g3 = g.reshape(batch, rows, cols)  # (a copy only for a layout that cannot be viewed so)
+    rsum = np.empty((batch, rows), np.float64)
+    csum = np.zeros((batch, cols), np.float64)
+    step = max(1, _BLOCK // max(cols, 1))
+    for b in range(batch):
+        for r in range(0, rows, step):
+            sq = g3[b, r : r + step].astype(np.float64)
+            sq *= sq
+            rsum[b, r : r + step] = sq.sum(axis=1)
+            csum[b] += sq.sum(axis=0)
+    dt = g.dtype.type
+    row = np.sqrt(rsum).astype(g.dtype)
+    row *= row
+    row /= dt(cols)
+    col = np.sqrt(csum).astype(g.dtype)
+    col *= col
+    col /= dt(rows)
+    return row.reshape(*lead, rows, 1), col.reshape(*lead, 1, cols)
+
+
+def check_adafactor_eps(owner: str, name: str, value: Any) -> None:
+    """``eps``: a pair (eps1, eps2), eps1 None (the dtype's machine epsilon) or a finite number
+    >= 0, eps2 a finite number >= 0."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{owner}: {name} must be a pair (eps1 or None, eps2), got {value!r}")
+    for i, v in enumerate(value):
+        if i == 0 and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{owner}: {name}[{i}] must be a number, got {v!r}")
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{owner}: invalid {name}[{i}]={v!r}: must be finite and >= 0")
+
+
+def check_beta2_decay(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value <= 0):
+        raise ValueError(f"{owner}: invalid {name}={value!r}: must be finite and <= 0")
+
+
+def check_clip_threshold(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{owner}: invalid {name}={value!r}: must be finite and >= 1")
+
+
+def row_var_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Adafactor's ``row_var`` for a parameter of `shape`: ``(..., R, 1)`` (>= 2-D only)."""
+    return (*shape[:-1], 1) if len(shape) > 1 else None
+
+
+def col_var_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Adafactor's ``col_var``: ``(..., 1, C)`` (>= 2-D only)."""
+    return (*shape[:-2], 1, shape[-1]) if len(shape) > 1 else None
+
+
+def variance_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Adafactor's ``variance``: the parameter's shape (0-D and 1-D only)."""
+    return tuple(shape) if len(shape) <= 1 else None
+
+
+def adafactor_update(
+    group: Mapping[str, Any],
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    states: Mapping[str, Sequence[np.ndarray | None]],
+    step: int | Sequence[float],
+) -> None:
+    """One Adafactor update of `params` in place (see :class:`fastoptim.Adafactor`), tensor by
+    tensor, operation for operation torch.optim.Adafactor's for-loop path: the scalars
+    (:math:`\hat\beta_{2t}`, :math:`\rho_t`, :math:`\alpha_t`) in double, every tensor
+    operation in the parameter's dtype with torch's roundings (norms rounded to the dtype);
+    the reductions (row/column means of :math:`g^2`, the RMS of the parameter and of the
+    update) accumulate in float64 in a fixed order.  `step`: the group's update number, or
+    one per parameter (fastoptim.torch: torch's per-parameter ``step``).  Passes over a
+    matrix: the parameter's norm (read), weight decay (read/write), the row/column
+    reduction of the gradient (read), the update (read the gradient, write the update), its
+    norm (read), the parameter (read the update, read/write the parameter)."""
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    beta2_decay, d = float(group["beta2_decay"]), float(group["d"])
+    eps1, eps2 = group["eps"]
+    eps2 = float(eps2)
+    maximize = bool(group["maximize"])
+    if eps1 is None and params:  # torch: the first parameter's dtype, for the whole group
+        eps1 = float(np.finfo(params[0].dtype).eps)
+    eps1 = float(eps1) if eps1 is not None else 0.0
+    row_vars, col_vars = states["row_var"], states["col_var"]
+    variances = states["variance"]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        t = float(step) if isinstance(step, (int, float, np.integer)) else float(step[i])
+        dt = p.dtype.type
+        g = np.asarray(g, dtype=p.dtype)  # (a bfloat16 gradient of a float32 parameter)
+        if maximize:
+            g = np.negative(g)
+        if p.size == 0:
+            continue  # (torch divides 0.0 by 0 here: ZeroDivisionError)
+        one_minus_beta2 = t**beta2_decay
+        rho = min(lr, 1 / (t**0.5))
+        alpha = max(eps2, _norm(p) / (p.size**0.5)) * rho
+        if wd != 0:
+            p *= dt(1 - lr * wd)
+        if p.ndim > 1:
+            row_var, col_var = row_vars[i], col_vars[i]
+            assert row_var is not None and col_var is not None
+            row_mean, col_mean = row_col_means(g)
+            _lerp_(row_var, row_mean, one_minus_beta2)
+            _lerp_(col_var, col_mean, one_minus_beta2)
+            # row_var @ col_var: an outer product (one exact product per element, rounded)
+            var = np.multiply(row_var, col_var)
+            # row_var.mean(dim=-2): the float32 sum (float64 here, then rounded) / R
+            rmean = row_var.astype(np.float64).sum(axis=-2, keepdims=True).astype(p.dtype)
+            rmean /= dt(row_var.shape[-2])
+            np.maximum(rmean, dt(eps1), out=rmean)
+            var /= rmean
+        else:
+            variance = variances[i]
+            assert variance is not None
+            _lerp_(variance, g * g, one_minus_beta2)
+            var = variance.copy()
+        np.maximum(var, dt(eps1 * eps1), out=var)  # (a NaN stays NaN, as torch's clamp)
+        np.sqrt(var, out=var)
+        np.divide(dt(1), var, out=var)
+        var *= g
+        denom = max(1.0, _norm(var) / ((var.size**0.5) * d))
+        var *= dt(-alpha / denom)
+        p += var
+
+
 # ----------------------------------------------------------------------------- L-BFGS
 class Objective:
     """What :func:`lbfgs_step` needs of the parameters of one group, seen as one vector
