@@ -229,6 +229,12 @@ def row_col_means(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return row.reshape(*lead, rows, 1), col.reshape(*lead, 1, cols)
 
 
+#: The key of a group dict given to an update that names the hyper-parameters torch holds as
+#: tensors (``{"lr": "float32"}``: fastoptim.torch sets it for a tensor ``lr``), whose arithmetic
+#: torch then does in that dtype.
+TORCH_TENSORS = "_torch_tensors"
+
+
 def check_adafactor_eps(owner: str, name: str, value: Any) -> None:
     """``eps``: a pair (eps1, eps2), eps1 None (the dtype's machine epsilon) or a finite number
     >= 0, eps2 a finite number >= 0."""
@@ -279,7 +285,7 @@ def adafactor_update(
     states: Mapping[str, Sequence[np.ndarray | None]],
     step: int | Sequence[float],
 ) -> None:
-    """One Adafactor update of `params` in place (see :class:`fastoptim.Adafactor`), tensor by
+    r"""One Adafactor update of `params` in place (see :class:`fastoptim.Adafactor`), tensor by
     tensor, operation for operation torch.optim.Adafactor's for-loop path: the scalars
     (:math:`\hat\beta_{2t}`, :math:`\rho_t`, :math:`\alpha_t`) in double, every tensor
     operation in the parameter's dtype with torch's roundings (norms rounded to the dtype);
@@ -297,8 +303,13 @@ def adafactor_update(
     if eps1 is None and params:  # torch: the first parameter's dtype, for the whole group
         eps1 = float(np.finfo(params[0].dtype).eps)
     eps1 = float(eps1) if eps1 is not None else 0.0
-    row_vars, col_vars = states["row_var"], states["col_var"]
-    variances = states["variance"]
+    # torch keeps a tensor lr as a 0-d tensor: rho_t, alpha_t, the decay factor and the step's
+    # scale are then computed in its dtype (fastoptim.torch names it; see TORCH_TENSORS)
+    tensor = group.get(TORCH_TENSORS, {}).get("lr")
+    f = np.float64 if tensor == "float64" else np.float32
+    none: list[np.ndarray | None] = [None] * len(params)  # (the functional tier: given ones)
+    row_vars, col_vars = states.get("row_var", none), states.get("col_var", none)
+    variances = states.get("variance", none)
     for i, (p, g) in enumerate(zip(params, grads)):
         t = float(step) if isinstance(step, (int, float, np.integer)) else float(step[i])
         dt = p.dtype.type
@@ -308,10 +319,17 @@ def adafactor_update(
         if p.size == 0:
             continue  # (torch divides 0.0 by 0 here: ZeroDivisionError)
         one_minus_beta2 = t**beta2_decay
-        rho = min(lr, 1 / (t**0.5))
-        alpha = max(eps2, _norm(p) / (p.size**0.5)) * rho
+        rms = max(eps2, _norm(p) / (p.size**0.5))
+        if tensor is None:
+            rho = min(lr, 1 / (t**0.5))
+            alpha: Any = rms * rho
+            decay = 1 - lr * wd
+        else:  # (as torch's tensor arithmetic with Python numbers: in the tensor's dtype)
+            small = f(1 / (t**0.5)) < f(lr)
+            alpha = rms / (t**0.5) if small else f(f(rms) * f(lr))
+            decay = float(f(1) - f(f(lr) * f(wd)))
         if wd != 0:
-            p *= dt(1 - lr * wd)
+            p *= dt(decay)
         if p.ndim > 1:
             row_var, col_var = row_vars[i], col_vars[i]
             assert row_var is not None and col_var is not None
@@ -335,7 +353,8 @@ def adafactor_update(
         np.divide(dt(1), var, out=var)
         var *= g
         denom = max(1.0, _norm(var) / ((var.size**0.5) * d))
-        var *= dt(-alpha / denom)
+        scale = float(f(-alpha) / f(denom)) if isinstance(alpha, np.floating) else -alpha / denom
+        var *= dt(scale)
         p += var
 
 

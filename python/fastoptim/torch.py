@@ -120,6 +120,7 @@ from .engine.locks import new_lock
 from .engine.optimizer import _defaults
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
+from .host import TORCH_TENSORS as host_tensors
 from .host import Objective as host_objective
 
 __all__ = [
@@ -1152,13 +1153,17 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             n: [v if n in shaped else logical(v, perm) for v, perm in zip(views, c.perms)]
             for n, views in zip(c.names, c.sviews)
         }
+        hp = c.hp
+        tensors = {k: _name(v.dtype) for k, v in c.group.items() if isinstance(v, torch.Tensor)}
+        if tensors:  # (torch computes with a tensor hyper-parameter in its dtype)
+            hp = {**hp, host_tensors: tensors}
         steps = c.scalars.get("step")
         if steps is None:
-            host.update(c.hp, params, grads, states, 1)
+            host.update(hp, params, grads, states, 1)
             return
         # torch's per-parameter step (Adafactor's schedules read it), counted before the update
         steps += 1
-        host.update(c.hp, params, grads, states, [float(t) for t in steps])
+        host.update(hp, params, grads, states, [float(t) for t in steps])
 
     def _run_all(self, items: list[tuple[Any, ...]]) -> None:
         """Every group's update in one compiled call, which checks every plan before any
