@@ -499,3 +499,18 @@ def test_bench_adafactor_table() -> None:
     assert row.step > 0 and row.reduction > 0 and row.stream > 0
     table = bench.format_adafactor(rows)
     assert "64x48" in table and "reduction" in table
+
+
+def test_demo_accepts_adafactor() -> None:
+    """``fastoptim demo --optimizers adafactor``: the name, and a run in lockstep with the
+    NumPy reference."""
+    pytest.importorskip("sklearn")
+    from fastoptim.apps import cli, demo
+
+    assert demo.canonical("ADAFACTOR") == "Adafactor"
+    parse = cli._names(demo.canonical, list(demo.OPTIMIZERS))  # (demo's --optimizers type)
+    assert parse("adafactor,adam") == ["Adafactor", "Adam"]
+    data = demo.load_digits(seed=0)
+    r = demo.train("Adafactor", data, demo.Config(epochs=2, hidden=(16,), reference=True))
+    assert r.max_diff is not None and r.max_diff < 1e-5
+    assert r.train_loss[-1] < 0.5 * r.train_loss[0]
