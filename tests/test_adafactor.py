@@ -96,9 +96,7 @@ def _run_numpy(
 def _fresh_states(shape: tuple[int, ...], dtype: Any) -> dict[str, np.ndarray | None]:
     return {
         n: None if (sh := fn(shape)) is None else np.zeros(sh, dtype)
-        for n, fn in zip(
-            STATES, (host.row_var_shape, host.col_var_shape, host.variance_shape)
-        )
+        for n, fn in zip(STATES, (host.row_var_shape, host.col_var_shape, host.variance_shape))
     }
 
 
@@ -298,9 +296,9 @@ def test_empty_parameter_unchanged() -> None:
 def test_functional_state_arrays() -> None:
     w = np.ones((3, 4), np.float32)
     g = np.ones_like(w)
-    with pytest.raises(ValueError, match="needs state array.*row_var, col_var"):
+    with pytest.raises(ValueError, match=r"needs state array.*row_var, col_var"):
         functional.adafactor_(w, g, step=1)
-    with pytest.raises(ValueError, match="does not use state array.*variance"):
+    with pytest.raises(ValueError, match=r"does not use state array.*variance"):
         functional.adafactor_(
             w,
             g,
@@ -317,7 +315,7 @@ def test_functional_state_arrays() -> None:
         functional.adafactor_(
             np.ones(4, np.float16), np.ones(4, np.float16), variance=np.zeros(4, np.float16), step=1
         )
-    with pytest.raises(ValueError, match="needs state array.*variance"):
+    with pytest.raises(ValueError, match=r"needs state array.*variance"):
         functional.adafactor_(np.ones(4), np.ones(4), step=1)
     assert (w == 1).all()  # nothing touched
 

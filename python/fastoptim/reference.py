@@ -1224,8 +1224,8 @@ def muon_update(
 
 def _rms(x: np.ndarray) -> float:
     """torch's ``x.norm(2).item() / (x.numel() ** 0.5)``: the norm rounded to x's dtype."""
-    norm = x.dtype.type(np.sqrt(np.sum(x.astype(np.float64) ** 2)))
-    return float(norm) / (x.size**0.5)
+    norm = float(x.dtype.type(np.sqrt(np.sum(x.astype(np.float64) ** 2))))
+    return norm / math.sqrt(x.size)
 
 
 def _mean_sq(g: np.ndarray, axis: int) -> np.ndarray:

@@ -906,7 +906,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 self.state[p][n] = buf[i]
             scalars[n] = buf.numpy()
         pviews = [_view(p, perm) for p, perm in zip(params, perms)]
-        sviews = [
+        sviews: list[list[Any]] = [
             [
                 (_view(self.state[p][n], perm), _numpy_of(self.state[p][n + precision.ABSMAX]))
                 if precision.quantized(layout, n)
@@ -1037,9 +1037,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """The parameters that can share one compiled call: same scalars (``step``...) and
         same fresh state.  ``[None]`` (all of them) in the common case."""
         n = len(c.params)
-        if n == 1 or self._definition.host is not None or (
-            not (c.any_fresh and len(set(c.fresh)) > 1)
-            and all(a.min() == a.max() for a in c.scalars.values())
+        if (
+            n == 1
+            or self._definition.host is not None
+            or (
+                not (c.any_fresh and len(set(c.fresh)) > 1)
+                and all(a.min() == a.max() for a in c.scalars.values())
+            )
         ):
             return [None]
         keys: dict[tuple[Any, ...], list[int]] = {}

@@ -308,10 +308,10 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(bench.format_muon(bench.run_muon(rounds=args.rounds, progress=progress)))
         print(bench.MUON_LEGEND)
     elif args.adafactor:
-        rows = bench.run_adafactor(
+        adafactor_rows = bench.run_adafactor(
             rounds=args.rounds, progress=progress, torch=not args.no_torch
         )
-        print(bench.format_adafactor(rows))
+        print(bench.format_adafactor(adafactor_rows))
         print(bench.ADAFACTOR_LEGEND)
     elif args.layouts:
         result = bench.run_layouts(
