@@ -206,19 +206,19 @@ def row_col_means(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     second-to-last one (``(..., 1, C)``) of the >= 2-D `g`, in `g`'s dtype, as torch.optim's
     Adafactor computes them: ``norm(g, dim).square_().div_(n)`` (each norm rounded to the
     dtype, then squared and divided in the dtype).  One pass over `g`: per block of rows, the
-    squares in float64, their row sums and the running column sums (fixed order)."""
+    squares in float64, their row sums and the running column sums (fixed order; any memory
+    layout, read through views)."""
     *lead, rows, cols = g.shape
-    batch = math.prod(lead)
-    g3 = g.reshape(batch, rows, cols)  # (a copy only for a layout that cannot be viewed so)
-    rsum = np.empty((batch, rows), np.float64)
-    csum = np.zeros((batch, cols), np.float64)
+    rsum = np.empty((*lead, rows), np.float64)
+    csum = np.zeros((*lead, cols), np.float64)
     step = max(1, _BLOCK // max(cols, 1))
-    for b in range(batch):
+    for idx in np.ndindex(*lead):
+        g2, rs, cs = g[idx], rsum[idx], csum[idx]
         for r in range(0, rows, step):
-            sq = g3[b, r : r + step].astype(np.float64)
+            sq = g2[r : r + step].astype(np.float64)
             sq *= sq
-            rsum[b, r : r + step] = sq.sum(axis=1)
-            csum[b] += sq.sum(axis=0)
+            rs[r : r + step] = sq.sum(axis=1)
+            cs += sq.sum(axis=0)
     dt = g.dtype.type
     row = np.sqrt(rsum).astype(g.dtype)
     row *= row
@@ -227,6 +227,67 @@ def row_col_means(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     col *= col
     col /= dt(rows)
     return row.reshape(*lead, rows, 1), col.reshape(*lead, 1, cols)
+
+
+class _Block:
+    """A piece of one parameter (a block of rows of one matrix, or of a vector's elements):
+    views of the parameter, gradient and state it reads, and how its update U is computed:
+    ``row * col / mean`` (factored) or ``variance`` (a copy), then
+    ``g / sqrt(max(., eps1^2))``, as torch's operations on the whole tensor."""
+
+    __slots__ = ("col", "g", "mean", "p", "row", "variance")
+
+    def __init__(
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        row: np.ndarray | None = None,
+        col: np.ndarray | None = None,
+        mean: np.ndarray | None = None,
+        variance: np.ndarray | None = None,
+    ) -> None:
+        self.p, self.g, self.row, self.col, self.mean = p, g, row, col, mean
+        self.variance = variance
+
+    def update(self, out: np.ndarray, eps_sq: Any) -> np.ndarray:
+        """U of this block, into `out` (a scratch array of the block's shape)."""
+        if self.variance is None:
+            np.multiply(self.row, self.col, out=out)  # row_var @ col_var: an outer product
+            out /= self.mean
+        else:
+            np.copyto(out, self.variance)
+        np.maximum(out, eps_sq, out=out)  # (a NaN stays NaN, as torch's clamp)
+        np.sqrt(out, out=out)
+        np.divide(out.dtype.type(1), out, out=out)
+        out *= self.g
+        return out
+
+
+def _blocks(
+    p: np.ndarray,
+    g: np.ndarray,
+    row: np.ndarray | None,
+    col: np.ndarray | None,
+    mean: np.ndarray | None,
+    variance: np.ndarray | None,
+) -> list[_Block]:
+    """`p` in blocks of about ``_BLOCK`` elements: rows of each matrix of a >= 2-D parameter
+    (its leading dimensions one by one), stretches of a 0-D/1-D one."""
+    if variance is not None:
+        pf, gf, vf = p.reshape(-1), g.reshape(-1), variance.reshape(-1)  # (views: dense 0/1-D)
+        return [
+            _Block(pf[i : i + _BLOCK], gf[i : i + _BLOCK], variance=vf[i : i + _BLOCK])
+            for i in range(0, pf.size, _BLOCK)
+        ]
+    assert row is not None and col is not None and mean is not None
+    *lead, rows, cols = p.shape
+    step = max(1, _BLOCK // max(cols, 1))
+    out = []
+    for idx in np.ndindex(*lead):
+        p2, g2, r2, c2, m2 = p[idx], g[idx], row[idx], col[idx], mean[idx]
+        for r in range(0, rows, step):
+            out.append(_Block(p2[r : r + step], g2[r : r + step], r2[r : r + step], c2, m2))
+    return out
 
 
 #: The key of a group dict given to an update that names the hyper-parameters torch holds as
@@ -291,10 +352,14 @@ def adafactor_update(
     operation in the parameter's dtype with torch's roundings (norms rounded to the dtype);
     the reductions (row/column means of :math:`g^2`, the RMS of the parameter and of the
     update) accumulate in float64 in a fixed order.  `step`: the group's update number, or
-    one per parameter (fastoptim.torch: torch's per-parameter ``step``).  Passes over a
-    matrix: the parameter's norm (read), weight decay (read/write), the row/column
-    reduction of the gradient (read), the update (read the gradient, write the update), its
-    norm (read), the parameter (read the update, read/write the parameter)."""
+    one per parameter (fastoptim.torch: torch's per-parameter ``step``).
+
+    No full-size temporary: per tensor, a pass reading the parameter (its RMS), the
+    reduction pass over the gradient (row and column means of :math:`g^2`; none for a
+    vector), a pass computing the update :math:`U` block by block for its RMS (a vector's
+    ``variance`` is updated there), and a pass computing :math:`U` again, block by block (the
+    same operations: the same bits), to decay and update the parameter: the parameter read
+    twice and written once, the gradient read three times."""
     lr, wd = float(group["lr"]), float(group["weight_decay"])
     beta2_decay, d = float(group["beta2_decay"]), float(group["d"])
     eps1, eps2 = group["eps"]
@@ -328,34 +393,37 @@ def adafactor_update(
             small = f(1 / (t**0.5)) < f(lr)
             alpha = rms / (t**0.5) if small else f(f(rms) * f(lr))
             decay = float(f(1) - f(f(lr) * f(wd)))
-        if wd != 0:
-            p *= dt(decay)
+        row_var, col_var, variance = row_vars[i], col_vars[i], variances[i]
+        mean = None
         if p.ndim > 1:
-            row_var, col_var = row_vars[i], col_vars[i]
             assert row_var is not None and col_var is not None
             row_mean, col_mean = row_col_means(g)
             _lerp_(row_var, row_mean, one_minus_beta2)
             _lerp_(col_var, col_mean, one_minus_beta2)
-            # row_var @ col_var: an outer product (one exact product per element, rounded)
-            var = np.multiply(row_var, col_var)
             # row_var.mean(dim=-2): the float32 sum (float64 here, then rounded) / R
-            rmean = row_var.astype(np.float64).sum(axis=-2, keepdims=True).astype(p.dtype)
-            rmean /= dt(row_var.shape[-2])
-            np.maximum(rmean, dt(eps1), out=rmean)
-            var /= rmean
+            mean = row_var.astype(np.float64).sum(axis=-2, keepdims=True).astype(p.dtype)
+            mean /= dt(row_var.shape[-2])
+            np.maximum(mean, dt(eps1), out=mean)
+            variance = None
         else:
-            variance = variances[i]
             assert variance is not None
-            _lerp_(variance, g * g, one_minus_beta2)
-            var = variance.copy()
-        np.maximum(var, dt(eps1 * eps1), out=var)  # (a NaN stays NaN, as torch's clamp)
-        np.sqrt(var, out=var)
-        np.divide(dt(1), var, out=var)
-        var *= g
-        denom = max(1.0, _norm(var) / ((var.size**0.5) * d))
+        blocks = _blocks(p, g, row_var, col_var, mean, variance)
+        scratch = np.empty(max(b.p.size for b in blocks), p.dtype)
+        eps_sq = dt(eps1 * eps1)
+        total = 0.0
+        for b in blocks:
+            if b.variance is not None:  # torch: variance.lerp_(grad * grad, 1 - beta2_t)
+                _lerp_(b.variance, b.g * b.g, one_minus_beta2)
+            u = b.update(scratch[: b.p.size].reshape(b.p.shape), eps_sq)
+            total += sum_squares(u)
+        denom = max(1.0, float(dt(math.sqrt(total))) / ((p.size**0.5) * d))
         scale = float(f(-alpha) / f(denom)) if isinstance(alpha, np.floating) else -alpha / denom
-        var *= dt(scale)
-        p += var
+        for b in blocks:
+            u = b.update(scratch[: b.p.size].reshape(b.p.shape), eps_sq)
+            if wd != 0:
+                b.p *= dt(decay)
+            u *= dt(scale)
+            b.p += u
 
 
 # ----------------------------------------------------------------------------- L-BFGS
