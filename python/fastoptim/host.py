@@ -252,6 +252,7 @@ class _Block:
     def update(self, out: np.ndarray, eps_sq: Any) -> np.ndarray:
         """U of this block, into `out` (a scratch array of the block's shape)."""
         if self.variance is None:
+            assert self.row is not None and self.col is not None
             np.multiply(self.row, self.col, out=out)  # row_var @ col_var: an outer product
             out /= self.mean
         else:
