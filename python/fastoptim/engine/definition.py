@@ -362,7 +362,7 @@ class Definition:
 
     @property
     def shaped(self) -> frozenset[str]:
-        """The state buffers not shaped like their parameters (see :attr:`State.shape`)."""
+        """The state buffers not shaped like their parameters (see ``shape`` of :class:`State`)."""
         f = self._cache.get("shaped")
         if f is None:
             f = self._cache["shaped"] = frozenset(s.name for s in self.states if s.shape)
@@ -370,7 +370,8 @@ class Definition:
 
     def state_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape of state buffer `name` for a parameter of `shape` (the parameter's, but
-        for a :attr:`State.shape` buffer), or None where that parameter has no such buffer."""
+        for a buffer with a :class:`State` ``shape``), or None where that parameter has no
+        such buffer."""
         for s in self.states:
             if s.name == name and s.shape is not None:
                 return s.shape(tuple(shape))
