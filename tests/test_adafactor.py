@@ -7,8 +7,10 @@ dimensions, ``variance`` for the others).  Here: the options of torch's own test
 (``optim_inputs_func_adafactor``) and a few more, on 0-D to 4-D parameters (wide, tall,
 batched), 30 steps, against ``torch.optim.Adafactor``'s for-loop path (``foreach=False``),
 float32 and float64, with the tolerance of the element-wise table (``test_torch_optim.py``):
-``RTOL_ULPS`` ulps of the dtype, relative to the largest |value| of that tensor (parameters and
-every state tensor; ``step`` exactly).  Measured: at most 2 ulps.
+``RTOL_ULPS`` ulps of the dtype, relative to the largest |value| that array has reached so far
+in the run (parameters and every state tensor, compared at steps 1, 2, 3, 10, 20 and 30;
+``step`` exactly).  Measured over 8 seeds: at most 3.7 ulps (float32), 3.1 (float64); the
+NumPy class against ``fastoptim.reference`` at most 2.4.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ MORE: list[dict[str, Any]] = [
 OPTIONS = OPTIM_DB + MORE
 SHAPES = [(), (1,), (17,), (24, 40), (40, 24), (1, 9), (9, 1), (3, 5, 7), (2, 3, 4, 5)]
 STEPS = 30
-RTOL_ULPS = 16  # as tests/test_torch_optim.py (measured here: <= 2)
+RTOL_ULPS = 16  # as tests/test_torch_optim.py (measured here: <= 3.7)
+REF_ULPS = 8  # the NumPy class against fastoptim.reference (measured: <= 2.4)
 STATES = ("row_var", "col_var", "variance")
 
 
@@ -72,15 +75,38 @@ def _problem(
     return w0, grads
 
 
-def _check(what: str, got: Any, want: Any, dtype: Any, ulps: float = RTOL_ULPS) -> None:
+class Scales:
+    """M of the tolerance: the largest |value| each array (tensor i, state name) of the oracle
+    has reached so far in the run, as test_torch_optim's ``Scales``: a parameter that the
+    clipped steps drive to near zero is compared relative to the size it had (a difference
+    of an ulp of a step is not an error of many ulps of a small result)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, str], float] = {}
+
+    def update(self, i: int, name: str, value: Any) -> float:
+        a = np.asarray(value, np.float64)
+        m = float(np.max(np.abs(a))) if a.size else 0.0
+        key = (i, name)
+        self.seen[key] = max(self.seen.get(key, 0.0), m)
+        return self.seen[key]
+
+
+def _check(
+    what: str, got: Any, want: Any, dtype: Any, ulps: float = RTOL_ULPS, scale: float = 0.0
+) -> None:
+    """|got - want| <= ulps * eps(dtype) * max(scale, max|want|), element-wise."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     if want.size == 0:
         return
-    scale = float(np.max(np.abs(want)))
+    scale = max(scale, float(np.max(np.abs(want))))
     err = float(np.max(np.abs(got - want)))
     tol = ulps * float(np.finfo(dtype).eps) * scale
     assert err <= tol, f"{what}: max error {err:.3g} > {ulps} ulps of {scale:.3g}"
+
+
+CHECKED = (1, 2, 3, 10, 20, 30)  # the steps at which the trajectories are compared
 
 
 def _run_numpy(
@@ -113,39 +139,57 @@ def test_matches_torch(kw: dict[str, Any], dtype: Any, rng: np.random.Generator)
     fw = [torch.tensor(w.copy()) for w in w0]
     topt = torch.optim.Adafactor(tw, foreach=False, **kw)
     fopt = fot.Adafactor(fw, **kw)
-    for g in grads:
-        for t, f, gi in zip(tw, fw, g):
-            t.grad = torch.tensor(gi)
-            f.grad = torch.tensor(gi)
-        topt.step()
-        fopt.step()
-    ws, opt = _run_numpy(fo.Adafactor, w0, grads, **kw)
+    ws = [w.copy() for w in w0]
+    opt = fo.Adafactor(ws, **kw)
     fn = [w.copy() for w in w0]
     fs = [_fresh_states(w.shape, dtype) for w in w0]
     eps = kw.get("eps", (None, 1e-3))
     if eps[0] is None:  # (the functional tier sees one parameter: its own dtype, the same here)
         eps = (float(np.finfo(dtype).eps), eps[1])
-    for t, g in enumerate(grads, 1):
-        for p, gi, s in zip(fn, g, fs):
-            functional.adafactor_(p, gi, **s, step=t, **{**kw, "eps": eps})
-    for i, t in enumerate(tw):
-        want = t.numpy()
-        assert not np.array_equal(want, w0[i])
-        _check(f"param {i}", ws[i], want, dtype)
-        _check(f"fastoptim.torch param {i}", fw[i].numpy(), want, dtype)
-        np.testing.assert_array_equal(fn[i], ws[i])  # the same code: the same bits
-        tstate, fstate, nstate = topt.state[t], fopt.state[fw[i]], opt.state[i]
-        assert set(fstate) == set(tstate), (sorted(fstate), sorted(tstate))
-        assert set(nstate) == set(tstate), (sorted(nstate), sorted(tstate))
-        assert float(fstate["step"]) == float(tstate["step"]) == STEPS
-        assert fstate["step"].dtype == tstate["step"].dtype
-        for n, v in tstate.items():
-            if n == "step":
+    scales = Scales()
+    for i, w in enumerate(w0):
+        scales.update(i, "param", w)
+    for step, g in enumerate(grads, 1):
+        for t, f, gi in zip(tw, fw, g):
+            t.grad = torch.tensor(gi)
+            f.grad = torch.tensor(gi)
+        topt.step()
+        fopt.step()
+        opt.step(g)
+        for p, gi, st in zip(fn, g, fs):
+            functional.adafactor_(p, gi, **st, step=step, **{**kw, "eps": eps})
+        for i, t in enumerate(tw):
+            m = scales.update(i, "param", t.numpy())
+            for n, v in topt.state[t].items():
+                if n != "step":
+                    scales.update(i, n, v.numpy())
+            if step not in CHECKED:
                 continue
-            assert fstate[n].dtype == v.dtype and fstate[n].shape == v.shape, n
-            _check(f"state {n} of {i}", nstate[n], v.numpy(), dtype)
-            _check(f"fastoptim.torch state {n} of {i}", fstate[n].numpy(), v.numpy(), dtype)
-            np.testing.assert_array_equal(fs[i][n], nstate[n])
+            want = t.numpy()
+            _check(f"step {step} param {i}", ws[i], want, dtype, scale=m)
+            _check(f"step {step} fastoptim.torch param {i}", fw[i].numpy(), want, dtype, scale=m)
+            np.testing.assert_array_equal(fn[i], ws[i])  # the same code: the same bits
+            tstate, fstate, nstate = topt.state[t], fopt.state[fw[i]], opt.state[i]
+            assert set(fstate) == set(tstate), (sorted(fstate), sorted(tstate))
+            assert set(nstate) == set(tstate), (sorted(nstate), sorted(tstate))
+            assert float(fstate["step"]) == float(tstate["step"]) == step
+            assert fstate["step"].dtype == tstate["step"].dtype
+            for n, v in tstate.items():
+                if n == "step":
+                    continue
+                assert fstate[n].dtype == v.dtype and fstate[n].shape == v.shape, n
+                m = scales.seen[i, n]
+                _check(f"step {step} state {n} of {i}", nstate[n], v.numpy(), dtype, scale=m)
+                _check(
+                    f"step {step} fastoptim.torch state {n} of {i}",
+                    fstate[n].numpy(),
+                    v.numpy(),
+                    dtype,
+                    scale=m,
+                )
+                np.testing.assert_array_equal(fs[i][n], nstate[n])
+    for i, t in enumerate(tw):
+        assert not np.array_equal(t.numpy(), w0[i])
 
 
 @every_dtype
@@ -154,14 +198,22 @@ def test_matches_reference(kw: dict[str, Any], dtype: Any, rng: np.random.Genera
     """The blocked float64 reductions and in-place passes against the readable transcription
     of torch's for-loop path in fastoptim.reference (only summation orders differ)."""
     w0, grads = _problem(rng, dtype)
-    ws, opt = _run_numpy(fo.Adafactor, w0, grads, **kw)
-    rs, ref = _run_numpy(reference.Adafactor, w0, grads, **kw)
-    for i in range(len(ws)):
-        _check(f"param {i}", ws[i], rs[i], dtype, 4)
-        for n in STATES:
-            assert (n in opt.state[i]) == (n in ref.state[i])
-            if n in opt.state[i]:
-                _check(f"{n} {i}", opt.state[i][n], ref.state[i][n], dtype, 4)
+    ws, rs = [w.copy() for w in w0], [w.copy() for w in w0]
+    opt, ref = fo.Adafactor(ws, **kw), reference.Adafactor(rs, **kw)
+    scales = Scales()
+    for i, w in enumerate(w0):
+        scales.update(i, "param", w)
+    for step, g in enumerate(grads, 1):
+        opt.step(g)
+        ref.step(g)
+        for i in range(len(ws)):
+            m = scales.update(i, "param", rs[i])
+            _check(f"step {step} param {i}", ws[i], rs[i], dtype, REF_ULPS, m)
+            for n in STATES:
+                assert (n in opt.state[i]) == (n in ref.state[i])
+                if n in opt.state[i]:
+                    m = scales.update(i, n, ref.state[i][n])
+                    _check(f"{n} {i}", opt.state[i][n], ref.state[i][n], dtype, REF_ULPS, m)
 
 
 def test_reductions_in_blocks(rng: np.random.Generator) -> None:
