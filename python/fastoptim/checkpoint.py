@@ -78,7 +78,10 @@ def _state_kinds(
             kinds = precision.buffers(group, _dtype(p.dtype).name, tuple(names), p.size)
             out = {}
             for n, k in kinds.items():
-                dtype, shape = precision.storage(k, p.shape)
+                own = opt._definition.state_shape(n, p.shape)  # (Adafactor's factored state)
+                if own is None:
+                    continue
+                dtype, shape = precision.storage(k, own)
                 out[n] = (_kind(_dtype(dtype)), shape)
             return out
     return {}

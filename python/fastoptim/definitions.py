@@ -943,8 +943,83 @@ torch's (tensors under the first parameter), so ``state_dict`` moves between
 the tensors' memory.""",
 )
 
+ADAFACTOR = Definition(
+    name="Adafactor",
+    kernel="",
+    host=Host(update=host.adafactor_update),
+    doc=r"""Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+Memory Cost"), as ``torch.optim.Adafactor``: a second moment **factored** into row and column
+statistics for every parameter of two or more dimensions (reduced over its last two: a
+tensor of shape :math:`(\dots, R, C)` keeps :math:`(\dots, R, 1)` + :math:`(\dots, 1, C)`
+values), a full one for 0-D and 1-D parameters; a relative step size; update clipping.
+
+.. math::
+    \hat\beta_{2t} = 1 - t^{\tau},\quad
+    \rho_t = \min(\gamma, 1/\sqrt{t}),\quad
+    \alpha_t = \max(\epsilon_2, \mathrm{RMS}(p_{t-1}))\,\rho_t,\quad
+    p \leftarrow p\,(1 - \gamma\lambda)
+
+    \text{matrices: } R_t = \mathrm{lerp}(R_{t-1}, \mathrm{mean}_{-1}(g^2), t^{\tau}),\;
+    C_t = \mathrm{lerp}(C_{t-1}, \mathrm{mean}_{-2}(g^2), t^{\tau}),\;
+    \hat V_t = \frac{R_t C_t}{\max(\mathrm{mean}_{-2}(R_t), \epsilon_1)}
+
+    \text{vectors: } \hat V_t = V_t = \mathrm{lerp}(V_{t-1}, g^2, t^{\tau})
+
+    U_t = \frac{g}{\sqrt{\max(\hat V_t, \epsilon_1^2)}},\quad
+    p_t = p - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U_t)/d)}\,U_t
+
+(:math:`\tau` = ``beta2_decay`` <= 0, :math:`(\epsilon_1, \epsilon_2)` = ``eps``, with
+:math:`\epsilon_1` = None meaning the machine epsilon of the group's first parameter's
+dtype; :math:`d` the clipping threshold >= 1; :math:`\lambda` ``weight_decay``, decoupled and
+scaled by :math:`\gamma`; :math:`g` negated with ``maximize``; RMS over the whole tensor,
+computed before the weight decay for :math:`\alpha_t`).  As torch, :math:`\gamma` is only the
+cap of the relative step size (and the decay's factor), not the step itself.
+
+State (torch's names and shapes): ``row_var`` :math:`(\dots, R, 1)` and ``col_var``
+:math:`(\dots, 1, C)` for a parameter of two or more dimensions, ``variance`` (the
+parameter's shape) for the others, all starting at zero; the step count :math:`t` (the
+group's, in ``fastoptim.torch`` torch's per-parameter ``step``).
+
+The update runs in NumPy (a host step: float32 and float64 parameters, no precision or
+gradient-transform options): per tensor one reduction pass over the gradient for the row and
+column means of :math:`g^2` (float64 accumulation in a fixed block order, so the result does
+not depend on threads), then the element-wise passes; the RMS of the parameter and of
+:math:`U_t` are reductions too.  Results match torch's for-loop path within a few ulps
+(4 measured over 30 steps, float32 and float64).  An
+empty parameter is left unchanged (torch divides by its zero size).""",
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("beta2_decay", -0.8, check=host.check_beta2_decay),
+        Hyper(
+            "eps",
+            (None, 1e-3),
+            check=host.check_adafactor_eps,
+            annotation="tuple[float | None, float]",
+        ),
+        Hyper("d", 1.0, check=host.check_clip_threshold),
+        Hyper("weight_decay", 0.0),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(
+        State("row_var", optional=True, shape=host.row_var_shape),
+        State("col_var", optional=True, shape=host.col_var_shape),
+        State("variance", optional=True, shape=host.variance_shape),
+    ),
+    functional_doc=r"""One in-place Adafactor update of `param` (see
+:class:`fastoptim.Adafactor`): a parameter of two or more dimensions takes ``row_var``
+(shape ``param.shape[:-1] + (1,)``) and ``col_var`` (``param.shape[:-2] + (1,
+param.shape[-1])``), a 0-D or 1-D one ``variance`` (its shape); the others are None.  All
+start at zero; ``step`` is the 1-based update number (it sets :math:`\hat\beta_{2t}` and
+:math:`\rho_t`).""",
+    torch_doc=r"""Drop-in :class:`torch.optim.Adafactor` (see :class:`fastoptim.Adafactor` for
+the update rule).  float32/float64 parameters; state as torch's: ``step`` and ``row_var`` /
+``col_var`` (two or more dimensions) or ``variance``, so ``state_dict`` moves between
+``torch.optim.Adafactor`` and this class both ways.  The update runs in NumPy on the tensors'
+memory.""",
+)
+
 # Optimizers whose step is not element-wise (code generated like ALL's).
-HOST = (MUON, LBFGS)
+HOST = (MUON, LBFGS, ADAFACTOR)
 
 
 # ----------------------------------------------------------------------------- Keras

@@ -80,6 +80,7 @@ __all__ = [
     "sparseadam_",
     "sparse_rows_",
     "muon_",
+    "adafactor_",
 ]
 
 
@@ -1061,6 +1062,47 @@ def muon_(
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype,
+        ),
+        None,
+        dict(),
+    )
+
+
+@_hints(_defs.ADAFACTOR)
+def adafactor_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    row_var: np.ndarray | None = None,
+    col_var: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+    *,
+    step: int,
+    lr: Value = 0.01,
+    beta2_decay: Value = -0.8,
+    eps: tuple[float | None, float] = (None, 0.001),
+    d: Value = 1.0,
+    weight_decay: Value = 0.0,
+    maximize: bool = False,
+) -> None:
+    r"""One in-place Adafactor update of `param` (see
+    :class:`fastoptim.Adafactor`): a parameter of two or more dimensions takes ``row_var``
+    (shape ``param.shape[:-1] + (1,)``) and ``col_var`` (``param.shape[:-2] + (1,
+    param.shape[-1])``), a 0-D or 1-D one ``variance`` (its shape); the others are None.  All
+    start at zero; ``step`` is the 1-based update number (it sets :math:`\hat\beta_{2t}` and
+    :math:`\rho_t`)."""
+    _step(
+        _defs.ADAFACTOR,
+        param,
+        grad,
+        {"row_var": row_var, "col_var": col_var, "variance": variance},
+        step,
+        dict(
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            maximize=maximize,
         ),
         None,
         dict(),

@@ -160,6 +160,260 @@ def check_muon_param(owner: str, label: str, shape: tuple[int, ...]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- Adafactor
+#: Elements per block of the reductions (a few hundred KiB of float64 squares: in cache).
+_BLOCK = 1 << 15
+
+
+def _ravel(x: np.ndarray) -> np.ndarray:
+    """`x`'s elements as a 1-D array in memory order (a view when `x` is dense)."""
+    return np.ravel(x, order="K")
+
+
+def sum_squares(x: np.ndarray) -> float:
+    """The sum of the squares of `x`'s elements, accumulated in float64 block by block in a
+    fixed order (NumPy's pairwise sums within blocks of ``_BLOCK`` elements, the blocks added
+    in turn): deterministic, independent of threads, about float64-exact for float32 data."""
+    flat = _ravel(x)
+    total = 0.0
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start : start + _BLOCK].astype(np.float64)
+        block *= block
+        total += float(block.sum())
+    return total
+
+
+def _norm(x: np.ndarray) -> float:
+    """``x.norm(2).item()`` as torch gives it: the 2-norm rounded to `x`'s dtype."""
+    return float(x.dtype.type(math.sqrt(sum_squares(x))))
+
+
+def row_col_means(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The means of ``g * g`` over the last dimension (shape ``(..., R, 1)``) and over the
+    second-to-last one (``(..., 1, C)``) of the >= 2-D `g`, in `g`'s dtype, as torch.optim's
+    Adafactor computes them: ``norm(g, dim).square_().div_(n)`` (each norm rounded to the
+    dtype, then squared and divided in the dtype).  One pass over `g`: per block of rows, the
+    squares in float64, their row sums and the running column sums (fixed order; any memory
+    layout, read through views)."""
+    *lead, rows, cols = g.shape
+    rsum = np.empty((*lead, rows), np.float64)
+    csum = np.zeros((*lead, cols), np.float64)
+    step = max(1, _BLOCK // max(cols, 1))
+    for idx in np.ndindex(*lead):
+        g2, rs, cs = g[idx], rsum[idx], csum[idx]
+        for r in range(0, rows, step):
+            sq = g2[r : r + step].astype(np.float64)
+            sq *= sq
+            rs[r : r + step] = sq.sum(axis=1)
+            cs += sq.sum(axis=0)
+    dt = g.dtype.type
+    row = np.sqrt(rsum).astype(g.dtype)
+    row *= row
+    row /= dt(cols)
+    col = np.sqrt(csum).astype(g.dtype)
+    col *= col
+    col /= dt(rows)
+    return row.reshape(*lead, rows, 1), col.reshape(*lead, 1, cols)
+
+
+class _Block:
+    """A piece of one parameter (a block of rows of one matrix, or of a vector's elements):
+    views of the parameter, gradient and state it reads, and how its update U is computed:
+    ``row * col / mean`` (factored) or ``variance`` (a copy), then
+    ``g / sqrt(max(., eps1^2))``, as torch's operations on the whole tensor."""
+
+    __slots__ = ("col", "g", "mean", "p", "row", "variance")
+
+    def __init__(
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        row: np.ndarray | None = None,
+        col: np.ndarray | None = None,
+        mean: np.ndarray | None = None,
+        variance: np.ndarray | None = None,
+    ) -> None:
+        self.p, self.g, self.row, self.col, self.mean = p, g, row, col, mean
+        self.variance = variance
+
+    def update(self, out: np.ndarray, eps_sq: Any) -> np.ndarray:
+        """U of this block, into `out` (a scratch array of the block's shape)."""
+        if self.variance is None:
+            assert self.row is not None and self.col is not None
+            np.multiply(self.row, self.col, out=out)  # row_var @ col_var: an outer product
+            out /= self.mean
+        else:
+            np.copyto(out, self.variance)
+        np.maximum(out, eps_sq, out=out)  # (a NaN stays NaN, as torch's clamp)
+        np.sqrt(out, out=out)
+        np.divide(out.dtype.type(1), out, out=out)
+        out *= self.g
+        return out
+
+
+def _blocks(
+    p: np.ndarray,
+    g: np.ndarray,
+    row: np.ndarray | None,
+    col: np.ndarray | None,
+    mean: np.ndarray | None,
+    variance: np.ndarray | None,
+) -> list[_Block]:
+    """`p` in blocks of about ``_BLOCK`` elements: rows of each matrix of a >= 2-D parameter
+    (its leading dimensions one by one), stretches of a 0-D/1-D one."""
+    if variance is not None:
+        pf, gf, vf = p.reshape(-1), g.reshape(-1), variance.reshape(-1)  # (views: dense 0/1-D)
+        return [
+            _Block(pf[i : i + _BLOCK], gf[i : i + _BLOCK], variance=vf[i : i + _BLOCK])
+            for i in range(0, pf.size, _BLOCK)
+        ]
+    assert row is not None and col is not None and mean is not None
+    *lead, rows, cols = p.shape
+    step = max(1, _BLOCK // max(cols, 1))
+    out = []
+    for idx in np.ndindex(*lead):
+        p2, g2, r2, c2, m2 = p[idx], g[idx], row[idx], col[idx], mean[idx]
+        for r in range(0, rows, step):
+            out.append(_Block(p2[r : r + step], g2[r : r + step], r2[r : r + step], c2, m2))
+    return out
+
+
+#: The key of a group dict given to an update that names the hyper-parameters torch holds as
+#: tensors (``{"lr": "float32"}``: fastoptim.torch sets it for a tensor ``lr``), whose arithmetic
+#: torch then does in that dtype.
+TORCH_TENSORS = "_torch_tensors"
+
+
+def check_adafactor_eps(owner: str, name: str, value: Any) -> None:
+    """``eps``: a pair (eps1, eps2), eps1 None (the dtype's machine epsilon) or a finite number
+    >= 0, eps2 a finite number >= 0."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{owner}: {name} must be a pair (eps1 or None, eps2), got {value!r}")
+    for i, v in enumerate(value):
+        if i == 0 and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{owner}: {name}[{i}] must be a number, got {v!r}")
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{owner}: invalid {name}[{i}]={v!r}: must be finite and >= 0")
+
+
+def check_beta2_decay(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value <= 0):
+        raise ValueError(f"{owner}: invalid {name}={value!r}: must be finite and <= 0")
+
+
+def check_clip_threshold(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{owner}: invalid {name}={value!r}: must be finite and >= 1")
+
+
+def row_var_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Adafactor's ``row_var`` for a parameter of `shape`: ``(..., R, 1)`` (>= 2-D only)."""
+    return (*shape[:-1], 1) if len(shape) > 1 else None
+
+
+def col_var_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Adafactor's ``col_var``: ``(..., 1, C)`` (>= 2-D only)."""
+    return (*shape[:-2], 1, shape[-1]) if len(shape) > 1 else None
+
+
+def variance_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Adafactor's ``variance``: the parameter's shape (0-D and 1-D only)."""
+    return tuple(shape) if len(shape) <= 1 else None
+
+
+def adafactor_update(
+    group: Mapping[str, Any],
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    states: Mapping[str, Sequence[np.ndarray | None]],
+    step: int | Sequence[float],
+) -> None:
+    r"""One Adafactor update of `params` in place (see :class:`fastoptim.Adafactor`), tensor by
+    tensor, operation for operation torch.optim.Adafactor's for-loop path: the scalars
+    (:math:`\hat\beta_{2t}`, :math:`\rho_t`, :math:`\alpha_t`) in double, every tensor
+    operation in the parameter's dtype with torch's roundings (norms rounded to the dtype);
+    the reductions (row/column means of :math:`g^2`, the RMS of the parameter and of the
+    update) accumulate in float64 in a fixed order.  `step`: the group's update number, or
+    one per parameter (fastoptim.torch: torch's per-parameter ``step``).
+
+    No full-size temporary: per tensor, a pass reading the parameter (its RMS), the
+    reduction pass over the gradient (row and column means of :math:`g^2`; none for a
+    vector), a pass computing the update :math:`U` block by block for its RMS (a vector's
+    ``variance`` is updated there), and a pass computing :math:`U` again, block by block (the
+    same operations: the same bits), to decay and update the parameter: the parameter read
+    twice and written once, the gradient read three times."""
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    beta2_decay, d = float(group["beta2_decay"]), float(group["d"])
+    eps1, eps2 = group["eps"]
+    eps2 = float(eps2)
+    maximize = bool(group["maximize"])
+    if eps1 is None and params:  # torch: the first parameter's dtype, for the whole group
+        eps1 = float(np.finfo(params[0].dtype).eps)
+    eps1 = float(eps1) if eps1 is not None else 0.0
+    # torch keeps a tensor lr as a 0-d tensor: rho_t, alpha_t, the decay factor and the step's
+    # scale are then computed in its dtype (fastoptim.torch names it; see TORCH_TENSORS)
+    tensor = group.get(TORCH_TENSORS, {}).get("lr")
+    f = np.float64 if tensor == "float64" else np.float32
+    none: list[np.ndarray | None] = [None] * len(params)  # (the functional tier: given ones)
+    row_vars, col_vars = states.get("row_var", none), states.get("col_var", none)
+    variances = states.get("variance", none)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        t = float(step) if isinstance(step, (int, float, np.integer)) else float(step[i])
+        dt = p.dtype.type
+        g = np.asarray(g, dtype=p.dtype)  # (a bfloat16 gradient of a float32 parameter)
+        if maximize:
+            g = np.negative(g)
+        if p.size == 0:
+            continue  # (torch divides 0.0 by 0 here: ZeroDivisionError)
+        one_minus_beta2 = t**beta2_decay
+        rms = max(eps2, _norm(p) / (p.size**0.5))
+        if tensor is None:
+            rho = min(lr, 1 / (t**0.5))
+            alpha: Any = rms * rho
+            decay = 1 - lr * wd
+        else:  # (as torch's tensor arithmetic with Python numbers: in the tensor's dtype)
+            small = f(1 / (t**0.5)) < f(lr)
+            alpha = rms / (t**0.5) if small else f(f(rms) * f(lr))
+            decay = float(f(1) - f(f(lr) * f(wd)))
+        row_var, col_var, variance = row_vars[i], col_vars[i], variances[i]
+        mean = None
+        if p.ndim > 1:
+            assert row_var is not None and col_var is not None
+            row_mean, col_mean = row_col_means(g)
+            _lerp_(row_var, row_mean, one_minus_beta2)
+            _lerp_(col_var, col_mean, one_minus_beta2)
+            # row_var.mean(dim=-2): the float32 sum (float64 here, then rounded) / R
+            mean = row_var.astype(np.float64).sum(axis=-2, keepdims=True).astype(p.dtype)
+            mean /= dt(row_var.shape[-2])
+            np.maximum(mean, dt(eps1), out=mean)
+            variance = None
+        else:
+            assert variance is not None
+        blocks = _blocks(p, g, row_var, col_var, mean, variance)
+        scratch = np.empty(max(b.p.size for b in blocks), p.dtype)
+        eps_sq = dt(eps1 * eps1)
+        total = 0.0
+        for b in blocks:
+            if b.variance is not None:  # torch: variance.lerp_(grad * grad, 1 - beta2_t)
+                _lerp_(b.variance, b.g * b.g, one_minus_beta2)
+            u = b.update(scratch[: b.p.size].reshape(b.p.shape), eps_sq)
+            total += sum_squares(u)
+        denom = max(1.0, float(dt(math.sqrt(total))) / ((p.size**0.5) * d))
+        scale = float(f(-alpha) / f(denom)) if isinstance(alpha, np.floating) else -alpha / denom
+        for b in blocks:
+            u = b.update(scratch[: b.p.size].reshape(b.p.shape), eps_sq)
+            if wd != 0:
+                b.p *= dt(decay)
+            u *= dt(scale)
+            b.p += u
+
+
 # ----------------------------------------------------------------------------- L-BFGS
 class Objective:
     """What :func:`lbfgs_step` needs of the parameters of one group, seen as one vector

@@ -73,6 +73,7 @@ __all__ = [
     "Muon",
     "LBFGS",
     "newton_schulz",
+    "Adafactor",
     "KerasSGD",
     "KerasRMSprop",
     "KerasAdagrad",
@@ -1275,6 +1276,60 @@ def muon_update(
     param += (-lr * ratio) * o.astype(param.dtype)
 
 
+def _rms(x: np.ndarray) -> float:
+    """torch's ``x.norm(2).item() / (x.numel() ** 0.5)``: the norm rounded to x's dtype."""
+    norm = float(x.dtype.type(np.sqrt(np.sum(x.astype(np.float64) ** 2))))
+    return norm / math.sqrt(x.size)
+
+
+def _mean_sq(g: np.ndarray, axis: int) -> np.ndarray:
+    """torch's ``norm(g, dim=axis, keepdim=True).square_().div_(g.size(axis))`` in g's dtype."""
+    norm = np.sqrt(np.sum(g.astype(np.float64) ** 2, axis=axis, keepdims=True)).astype(g.dtype)
+    return np.asarray(norm * norm / g.dtype.type(g.shape[axis]))
+
+
+def adafactor_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    row_var: np.ndarray | None,
+    col_var: np.ndarray | None,
+    variance: np.ndarray | None,
+    *,
+    step: int,
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """torch's ``_single_tensor_adafactor`` for one parameter (`eps1` already resolved: the
+    machine epsilon of the group's first parameter's dtype when the group's is None)."""
+    if param.size == 0:
+        return  # (torch divides 0.0 by 0: ZeroDivisionError)
+    dt = param.dtype.type
+    g = -grad if maximize else grad
+    one_minus_beta2_t = step**beta2_decay
+    rho_t = min(lr, 1 / (step**0.5))
+    alpha = max(eps2, _rms(param)) * rho_t
+    if weight_decay != 0:
+        param *= dt(1 - lr * weight_decay)
+    if param.ndim > 1:
+        assert row_var is not None and col_var is not None
+        row_var[...] = _torch_lerp(row_var, _mean_sq(g, -1), one_minus_beta2_t)
+        col_var[...] = _torch_lerp(col_var, _mean_sq(g, -2), one_minus_beta2_t)
+        var_estimate = row_var @ col_var
+        var_estimate = var_estimate / np.maximum(row_var.mean(axis=-2, keepdims=True), dt(eps1))
+    else:
+        assert variance is not None
+        variance[...] = _torch_lerp(variance, g * g, one_minus_beta2_t)
+        var_estimate = variance.copy()
+    update = dt(1) / np.sqrt(np.maximum(var_estimate, dt(eps1 * eps1))) * g
+    denom = max(1.0, _rms(update) / d)
+    param += dt(-alpha / denom) * update
+
+
 @functools.cache
 def _keywords(update: Callable[..., None]) -> tuple[str, ...]:
     """The keyword-only parameters of an update function."""
@@ -1511,6 +1566,17 @@ class Muon(_fast.Muon):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, muon_update, ("momentum_buffer",))
+
+
+class Adafactor(_fast.Adafactor):
+    __doc__ = _fast.Adafactor.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        eps1, eps2 = g.hyper.eps
+        if eps1 is None:  # torch: the machine epsilon of the group's first parameter's dtype
+            eps1 = float(np.finfo(g.params[0].dtype).eps)
+        states = ("row_var", "col_var", "variance")
+        _for_each(g, grads, adafactor_update, states, step=g.step + 1, eps1=eps1, eps2=eps2)
 
 
 class LBFGS(_fast.LBFGS):

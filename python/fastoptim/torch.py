@@ -120,6 +120,7 @@ from .engine.locks import new_lock
 from .engine.optimizer import _defaults
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
+from .host import TORCH_TENSORS as host_tensors
 from .host import Objective as host_objective
 
 __all__ = [
@@ -141,6 +142,7 @@ __all__ = [
     "SparseAdam",
     "Muon",
     "LBFGS",
+    "Adafactor",
     "Optimizer",
     "ScheduleFreeOptimizer",
     "ClosureOptimizer",
@@ -677,6 +679,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             return torch.zeros_like(p, dtype=dtype)
         if self._definition.like_param(name):  # Schedule-Free's z: a copy of the parameter
             s = torch.empty_like(p, dtype=dtype).copy_(p.detach())
+        elif name in self._definition.shaped:  # Adafactor's row_var / col_var
+            shape = self._definition.state_shape(name, tuple(p.shape))
+            assert shape is not None
+            s = torch.full(shape, self._fill(name, hp), dtype=dtype, device=p.device)
         else:
             s = torch.full_like(p, self._fill(name, hp), dtype=dtype)
         self._fresh[id(s)] = s
@@ -855,6 +861,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         assert c.hp is not None
         # Per parameter: its state buffers and their dtypes (the precision policy's).
         layouts = [precision.buffers(c.hp, _name(p.dtype), c.names, p.numel()) for p in params]
+        shaped = self._definition.shaped
+        if shaped:  # (Adafactor: row_var/col_var for matrices, variance for vectors)
+            for p, layout in zip(params, layouts):
+                for n in shaped:
+                    if self._definition.state_shape(n, tuple(p.shape)) is None:
+                        layout.pop(n, None)
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
@@ -877,11 +889,17 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                         f"optimizer's state_dtype keeps it as {kind}: build it with the "
                         "state_dtype that saved the state"
                     )
-                if not isinstance(s, torch.Tensor) or s.shape != p.shape:
+                want = p.shape if n not in shaped else self._definition.state_shape(n, p.shape)
+                if not isinstance(s, torch.Tensor) or s.shape != want:
+                    whose = "the parameter's" if n not in shaped else "its"
                     raise ValueError(
-                        f"{name}: state {n!r} of param {label} is not a tensor of the "
-                        f"parameter's shape {tuple(p.shape)}"
+                        f"{name}: state {n!r} of param {label} is not a tensor of "
+                        f"{whose} shape {tuple(want or ())}"
                     )
+                if n in shaped:  # (its own shape: contiguous)
+                    if s.device != p.device or s.dtype != dtype or not s.is_contiguous():
+                        state[n] = s.to(device=p.device, dtype=dtype, copy=True).contiguous()
+                    continue
                 if s.device != p.device or s.dtype != dtype or not _in_layout(s, perm):
                     moved = torch.empty_like(p, dtype=dtype)
                     moved.copy_(s)
@@ -902,11 +920,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 self.state[p][n] = buf[i]
             scalars[n] = buf.numpy()
         pviews = [_view(p, perm) for p, perm in zip(params, perms)]
-        sviews = [
+        sviews: list[list[Any]] = [
             [
                 (_view(self.state[p][n], perm), _numpy_of(self.state[p][n + precision.ABSMAX]))
                 if precision.quantized(layout, n)
                 else _view(self.state[p][n], perm)
+                if n not in shaped
+                else (_view(self.state[p][n], None) if n in layout else None)
                 for p, perm, layout in zip(params, perms, layouts)
             ]
             for n in c.names
@@ -932,14 +952,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 ]
         first = sum(len(g["params"]) for g in self.param_groups[:gi])
         try:
+            planned = [i for i, n in enumerate(c.names) if n not in shaped]
             plan = _core.Plan(
                 pviews,
                 labels,
-                list(c.names),
-                sviews,
+                [c.names[i] for i in planned],
+                [sviews[i] for i in planned],
                 **extras,
                 ids=[first + index[id(p)] for p in params],
-                qmaps=c.qmaps,
+                qmaps=[c.qmaps[i] for i in planned],
             )
             if c.hp.get(precision.ROUNDING, "nearest") != "nearest":
                 plan.set_rounding(c.hp[precision.ROUNDING], int(c.hp[precision.SEED]))
@@ -951,7 +972,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c.contiguous = all(perm is None for perm in perms)
         c.scalars = scalars
         c.fresh = [
-            frozenset(n for n in c.names if id(self.state[p][n]) in self._fresh) for p in params
+            frozenset(
+                n for n in c.names if n in self.state[p] and id(self.state[p][n]) in self._fresh
+            )
+            for p in params
         ]
         c.any_fresh = any(c.fresh)
         c.plan, c.holders, c.bound = plan, None, False
@@ -1030,9 +1054,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """The parameters that can share one compiled call: same scalars (``step``...) and
         same fresh state.  ``[None]`` (all of them) in the common case."""
         n = len(c.params)
-        if n == 1 or (
-            not (c.any_fresh and len(set(c.fresh)) > 1)
-            and all(a.min() == a.max() for a in c.scalars.values())
+        if (
+            n == 1
+            or self._definition.host is not None
+            or (
+                not (c.any_fresh and len(set(c.fresh)) > 1)
+                and all(a.min() == a.max() for a in c.scalars.values())
+            )
         ):
             return [None]
         keys: dict[tuple[Any, ...], list[int]] = {}
@@ -1141,11 +1169,22 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
 
         params = [logical(v, perm) for v, perm in zip(c.pviews, c.perms)]
         grads = [logical(self._grad_view(c, i, p.grad), c.perms[i]) for i, p in enumerate(c.params)]
+        shaped = self._definition.shaped
         states = {
-            n: [logical(v, perm) for v, perm in zip(views, c.perms)]
+            n: [v if n in shaped else logical(v, perm) for v, perm in zip(views, c.perms)]
             for n, views in zip(c.names, c.sviews)
         }
-        host.update(c.hp, params, grads, states, 1)
+        hp = c.hp
+        tensors = {k: _name(v.dtype) for k, v in c.group.items() if isinstance(v, torch.Tensor)}
+        if tensors:  # (torch computes with a tensor hyper-parameter in its dtype)
+            hp = {**hp, host_tensors: tensors}
+        steps = c.scalars.get("step")
+        if steps is None:
+            host.update(hp, params, grads, states, 1)
+            return
+        # torch's per-parameter step (Adafactor's schedules read it), counted before the update
+        steps += 1
+        host.update(hp, params, grads, states, [float(t) for t in steps])
 
     def _run_all(self, items: list[tuple[Any, ...]]) -> None:
         """Every group's update in one compiled call, which checks every plan before any
@@ -2266,5 +2305,29 @@ class LBFGS(ClosureOptimizer):
         tolerance_change: float = 1e-09,
         history_size: int = 100,
         line_search_fn: str | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Adafactor(Optimizer):
+    """Drop-in :class:`torch.optim.Adafactor` (see :class:`fastoptim.Adafactor` for
+    the update rule).  float32/float64 parameters; state as torch's: ``step`` and ``row_var`` /
+    ``col_var`` (two or more dimensions) or ``variance``, so ``state_dict`` moves between
+    ``torch.optim.Adafactor`` and this class both ways.  The update runs in NumPy on the tensors'
+    memory."""
+
+    _definition = _defs.ADAFACTOR
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.01,
+        beta2_decay: TorchValue = -0.8,
+        eps: tuple[float | None, float] = (None, 0.001),
+        d: TorchValue = 1.0,
+        weight_decay: TorchValue = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
     ) -> None:
         super().__init__(params, _defaults(locals()))

@@ -1059,6 +1059,126 @@ MUON_LEGEND = (
 )
 
 
+# ----------------------------------------------------------------------------- Adafactor
+#: ``bench --adafactor``'s tensors: a 16M-element matrix, hidden-layer matrices (wide, tall) and
+#: a 16M-element vector (no factorisation: no reduction pass).
+ADAFACTOR_SHAPES: tuple[tuple[int, ...], ...] = ((4096, 4096), (768, 3072), (3072, 768), (1 << 24,))
+#: Bytes per element a fused step must move at least: read p and g (RMS of p, row/column sums
+#: of g^2), read g (RMS of the update, recomputed from g and the factors), read g and read and
+#: write p (the update).
+ADAFACTOR_BYTES = 24
+
+
+@dataclass
+class AdafactorRow:
+    """One tensor: medians of interleaved rounds (seconds) of a whole ``Adafactor.step``
+    (float32, default options), of its reduction pass alone (``host.row_col_means``: the row
+    and column means of g^2; 0 for a vector), of a read-only streaming pass over the gradient
+    (the reduction's bytes), of the streaming kernels moving ADAFACTOR_BYTES per element in
+    three passes as a fused step would (``stream``), and of torch.optim.Adafactor's for-loop
+    step (0 without torch)."""
+
+    shape: tuple[int, ...]
+    step: float = 0.0
+    reduction: float = 0.0
+    read: float = 0.0
+    stream: float = 0.0
+    torch: float = 0.0
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def run_adafactor(
+    shapes: Sequence[tuple[int, ...]] = ADAFACTOR_SHAPES,
+    rounds: int = 3,
+    progress: Callable[[str], None] | None = None,
+    torch: bool = True,
+) -> list[AdafactorRow]:
+    """Time Adafactor (a NumPy step: :func:`fastoptim.host.adafactor_update`) per tensor of
+    `shapes`, its extra reduction pass, the streaming kernels moving the same bytes and, with
+    `torch`, torch.optim.Adafactor (for-loop), all in the same interleaved rounds."""
+    from .. import host
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in shapes:
+        if progress is not None:
+            progress(f"Adafactor {'x'.join(map(str, shape))}")
+        w = rng.standard_normal(shape, dtype=np.float32)
+        g = rng.standard_normal(shape, dtype=np.float32)
+        opt = fast.Adafactor([w.copy()])
+        opt.grads[0][...] = g
+        p1, g1 = w.reshape(-1).copy(), g.reshape(-1)
+
+        def streams(p1: np.ndarray = p1, g1: np.ndarray = g1) -> None:
+            _core.stream_read(p1)  # pass 1: p and g read
+            _core.stream_read(g1)
+            _core.stream_read(g1)  # pass 2: g read
+            _core.stream_mixed([p1], g1)  # pass 3: p read and written, g read
+
+        fns: dict[str, Callable[[], object]] = {
+            "step": opt.step,
+            "read": functools.partial(_core.stream_read, g1),
+            "stream": streams,
+        }
+        if len(shape) > 1:
+            fns["reduction"] = functools.partial(host.row_col_means, g)
+        if torch:
+            fns.update(
+                {
+                    "torch" if k == "torch for-loop" else k: f
+                    for k, f in _torch_contenders("Adafactor", {}, [w], [g]).items()
+                    if k == "torch for-loop"
+                }
+            )
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for fn in fns.values():
+            fn()  # warm up (first touch, state)
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                samples[k].append(_block(fn, 1))
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        rows.append(AdafactorRow(shape, **med))
+    return rows
+
+
+def format_adafactor(rows: Sequence[AdafactorRow]) -> str:
+    """The table of :func:`run_adafactor`."""
+    head = (
+        f"{'tensor':>12}  {'step':>9} {'GB/s':>6} {'% stream':>8}  {'reduction':>9} "
+        f"{'% read':>6} {'% step':>6}  {'stream 24 B':>11}  {'torch loop':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        gbps = r.elements * ADAFACTOR_BYTES / r.step / 1e9
+        red = (
+            f"{_fmt_time(r.reduction):>9} {100 * r.read / r.reduction:5.0f}% "
+            f"{100 * r.reduction / r.step:5.0f}%"
+            if r.reduction
+            else f"{'-':>9} {'-':>6} {'-':>6}"
+        )
+        lines.append(
+            f"{'x'.join(map(str, r.shape)):>12}  {_fmt_time(r.step):>9} {gbps:6.1f} "
+            f"{100 * r.stream / r.step:7.0f}%  {red}  {_fmt_time(r.stream):>11}  "
+            f"{_fmt_time(r.torch) if r.torch else '-':>10}"
+        )
+    return "\n".join(lines)
+
+
+ADAFACTOR_LEGEND = (
+    "\nstep = a whole Adafactor.step (float32, default options; NumPy: fastoptim.host), GB/s "
+    f"counting the {ADAFACTOR_BYTES} B/element a fused step must move (read p and g: RMS(p), "
+    "row/column sums of g^2; read g: RMS of the update; read g, read and write p: the update);\n"
+    "% stream = the time of streaming kernels moving those bytes in those three passes / the "
+    "step's; reduction = the extra pass of a factored step alone (row and column means of g^2, "
+    "float64 accumulation in a fixed block order;\n% read = a read-only streaming pass over g / "
+    "the reduction's time; % step = its share of the step); a vector has no reduction pass; "
+    "torch loop = torch.optim.Adafactor(foreach=False).step, same run"
+)
+
+
 # ------------------------------------------------------ gradient transforms (bench --transforms)
 @dataclass
 class TransformRow:

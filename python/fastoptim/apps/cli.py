@@ -261,6 +261,8 @@ def _bench_kind(args: argparse.Namespace) -> str:
         return "sparse row updates"
     if args.muon:
         return "Muon"
+    if args.adafactor:
+        return "Adafactor"
     if args.layouts:
         return "precision layouts"
     return "gradient transforms" if args.transforms else "float32"
@@ -319,6 +321,12 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif args.muon:
         print(bench.format_muon(bench.run_muon(rounds=args.rounds, progress=progress)))
         print(bench.MUON_LEGEND)
+    elif args.adafactor:
+        adafactor_rows = bench.run_adafactor(
+            rounds=args.rounds, progress=progress, torch=not args.no_torch
+        )
+        print(bench.format_adafactor(adafactor_rows))
+        print(bench.ADAFACTOR_LEGEND)
     elif args.layouts:
         result = bench.run_layouts(
             args.size,
@@ -660,6 +668,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead of the optimizer tables: Muon's Newton-Schulz iteration (bfloat16 "
         "convention, float32, float64) on hidden-layer-sized matrices against the machine's "
         "sgemm rate measured in the same run, and a whole Muon step",
+    )
+    b.add_argument(
+        "--adafactor",
+        action="store_true",
+        help="instead of the optimizer tables: Adafactor (a NumPy step) on a 16M-element "
+        "matrix, hidden-layer matrices and a 16M-element vector, its extra reduction pass (row "
+        "and column means of g^2) against a read-only streaming pass, the step against "
+        "streaming kernels moving the bytes of a fused step, and torch's for-loop step",
     )
     b.add_argument(
         "--size",

@@ -180,6 +180,11 @@ class State:
     # The buffer starts as a copy of its parameter (Schedule-Free's ``z``), taken when the
     # state is first used (``fill`` is then only the arena's placeholder).
     like_param: bool = False
+    # Not shaped like its parameter (host definitions only: Adafactor's factored second
+    # moments): the buffer's shape for a parameter of the given shape, or None where such a
+    # parameter has no such buffer (Adafactor's ``row_var`` for a vector).  Every tier
+    # allocates, checks, saves and loads it with that shape; it never enters a compiled plan.
+    shape: Callable[[tuple[int, ...]], tuple[int, ...] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +379,23 @@ class Definition:
         for name, value in self.core_values(group, fresh).items():
             setattr(h, name, value)
         return h
+
+    @property
+    def shaped(self) -> frozenset[str]:
+        """The state buffers not shaped like their parameters (see ``shape`` of :class:`State`)."""
+        f = self._cache.get("shaped")
+        if f is None:
+            f = self._cache["shaped"] = frozenset(s.name for s in self.states if s.shape)
+        return f
+
+    def state_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The shape of state buffer `name` for a parameter of `shape` (the parameter's, but
+        for a buffer with a :class:`State` ``shape``), or None where that parameter has no
+        such buffer."""
+        for s in self.states:
+            if s.name == name and s.shape is not None:
+                return s.shape(tuple(shape))
+        return tuple(shape)
 
     def like_param(self, name: str) -> bool:
         """Whether state buffer `name` starts as a copy of its parameter."""

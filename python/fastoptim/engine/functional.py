@@ -123,9 +123,16 @@ def _host_step(
     host = defn.host
     assert host is not None and host.update is not None
     given = {n: a for n, a in states.items() if a is not None}
-    missing = [s.name for s in defn.states if s.name not in given]
-    if missing:
-        raise ValueError(f"{fn}: needs state array(s) {', '.join(missing)}")
+    shape = getattr(param, "shape", ())
+    needed = {s.name: defn.state_shape(s.name, shape) for s in defn.states}
+    missing = [n for n, sh in needed.items() if sh is not None and n not in given]
+    unused = [n for n in given if needed.get(n) is None]
+    if missing or unused:
+        parts = [f"needs state array(s) {', '.join(missing)}"] if missing else []
+        if unused:
+            parts.append(f"does not use state array(s) {', '.join(unused)} (pass None)")
+        where = f" for a param of shape {tuple(shape)}" if defn.shaped else ""
+        raise ValueError(f"{fn}: {' and '.join(parts)}{where}")
     for a, what in ((param, "param"), (grad, "grad"), *((a, n) for n, a in given.items())):
         if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
             got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
@@ -134,7 +141,17 @@ def _host_step(
             raise TypeError(f"{fn}: {what} has dtype {a.dtype}, param has {param.dtype}")
     if host.check_param is not None:
         host.check_param(fn, "param", param.shape)
-    names = list(given)
+    names = [n for n in given if n not in defn.shaped]
     plan = _core.Plan([param], ["param"], names, [[given[n]] for n in names])
     plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
-    host.update(group, [param], [grad], {n: [given[n]] for n in names}, int(step))
+    own = [n for n in given if n in defn.shaped]  # (Adafactor's factored state)
+    for n in own:
+        if given[n].shape != needed[n]:
+            raise ValueError(
+                f"{fn}: {n} has shape {given[n].shape}, expected {needed[n]} for a param of "
+                f"shape {param.shape}"
+            )
+    if own:
+        arrays = [param, grad, *(given[n] for n in own)]
+        _core.check_disjoint(arrays, ["param", "grad", *own])
+    host.update(group, [param], [grad], {n: [a] for n, a in given.items()}, int(step))

@@ -60,18 +60,24 @@ def _label(key: Key) -> str:
 
 
 def _arena(
-    arrays: Sequence[np.ndarray], fill: float, dtypes: Sequence[Any] | None = None
+    arrays: Sequence[np.ndarray],
+    fill: float,
+    dtypes: Sequence[Any] | None = None,
+    shapes: Sequence[tuple[int, ...] | None] | None = None,
 ) -> tuple[np.ndarray, list[Any]]:
-    """One contiguous, 64-byte-aligned buffer holding an array shaped like each of `arrays`, of
-    its dtype or of ``dtypes[i]`` (a dtype name; None: no array for that one)."""
+    """One contiguous, 64-byte-aligned buffer holding an array shaped like each of `arrays`
+    (or of ``shapes[i]``), of its dtype or of ``dtypes[i]`` (a dtype name; None: no array for
+    that one)."""
     kinds = [a.dtype for a in arrays] if dtypes is None else dtypes
     # (dtype, shape) of each array: a kind's storage (quantized codes and scales have their own)
     specs: list[tuple[np.dtype[Any], tuple[int, ...]] | None] = []
-    for a, d in zip(arrays, kinds):
+    for i, (a, d) in enumerate(zip(arrays, kinds)):
         if d is None:
             specs.append(None)
             continue
-        kind, shape = _storage(d, a.shape)
+        own = a.shape if shapes is None else shapes[i]
+        assert own is not None
+        kind, shape = _storage(d, own)
         specs.append((_dtype(kind), shape))
     offsets, total = [], 0
     for spec in specs:
@@ -365,9 +371,16 @@ class Optimizer:
     def _layout(self, g: _Group, group: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
         """Per parameter: state name -> dtype name (the kernel's `names`, then the precision
         policy's master copy or compensation buffer)."""
-        return [
+        layout = [
             precision.buffers(group, _dtype(p.dtype).name, tuple(names), p.size) for p in g.params
         ]
+        shaped = self._definition.shaped
+        if shaped:  # (Adafactor: row_var/col_var for matrices, variance for vectors)
+            for p, kinds in zip(g.params, layout):
+                for n in shaped:
+                    if n in kinds and self._definition.state_shape(n, p.shape) is None:
+                        del kinds[n]
+        return layout
 
     def _check_layout(self, g: _Group, group: Mapping[str, Any]) -> None:
         """ValueError if `group`'s precision options would change a state buffer that exists:
@@ -376,7 +389,8 @@ class Optimizer:
         for name, views in g.states.items():
             for i, v in enumerate(views):
                 kind = layout[i].get(name)
-                spec = None if kind is None else precision.storage(kind, g.params[i].shape)
+                shape = self._definition.state_shape(name, g.params[i].shape)
+                spec = None if kind is None or shape is None else precision.storage(kind, shape)
                 held = None if v is None else (_dtype(v.dtype).name, v.shape)
                 if spec != held:
                     want = None if spec is None else spec[0]
@@ -395,7 +409,12 @@ class Optimizer:
         also gets its scales (``name + "_absmax"``): codes and scales of `fill`."""
         if name.endswith(precision.ABSMAX):
             return  # with its state
-        g.arenas[name], g.states[name] = _arena(g.params, fill, [b.get(name) for b in layout])
+        shapes = None
+        if name in self._definition.shaped:
+            shapes = [self._definition.state_shape(name, p.shape) for p in g.params]
+        g.arenas[name], g.states[name] = _arena(
+            g.params, fill, [b.get(name) for b in layout], shapes
+        )
         scales = name + precision.ABSMAX
         if any(scales in b for b in layout):
             g.arenas[scales], g.states[scales] = _arena(
@@ -451,6 +470,7 @@ class Optimizer:
             "outs": outs,
             "emas": g.states.get(precision.EMA),
         }
+        names = [n for n in names if n not in self._definition.shaped]  # (a host step's own)
         return _core.Plan(
             list(g.params),
             g.labels,
@@ -1173,7 +1193,9 @@ class Optimizer:
                 continue
             p = g.params[i]
             for n in expected:
-                kind, shape = precision.storage(layout[i][n], p.shape)
+                own = self._definition.state_shape(n, p.shape)
+                assert own is not None  # (not in the layout otherwise)
+                kind, shape = precision.storage(layout[i][n], own)
                 a, want = entry[n], _dtype(kind)
                 if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != shape:
                     got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
