@@ -47,6 +47,41 @@ def _defaults(local_vars: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in local_vars.items() if k not in ("self", "params", "__class__")}
 
 
+def run_compiled(
+    step: Callable[..., None],
+    steps: Callable[..., None],
+    plans: Sequence[Any],
+    hypers: Sequence[Any],
+    numbers: Sequence[int],
+    release: Sequence[bool],
+    done: Callable[[], None],
+    undo: Callable[[], None] | None = None,
+) -> None:
+    """One step of every plan (with its hyper-parameter struct and step number) in one compiled
+    call (`step`: a definition's ``step_xxx`` for one plan, `steps`: its ``steps_xxx``), which
+    checks every plan before any kernel runs and counts the step on each before it returns; the
+    gradients of ``plans[i]`` are forgotten afterwards where ``release[i]``.  Then `done()`,
+    the step's bookkeeping.  An interrupt (Ctrl-C) can only surface before the step (nothing
+    happened: `undo()`, then it is raised) or after it (the whole step happened: `done()`, then
+    it is raised).  Both tiers step through here."""
+    if not plans:
+        done()
+        return
+    before = plans[0].completed
+    try:
+        if len(plans) == 1:
+            step(plans[0], hypers[0], numbers[0], None, release[0])
+        else:
+            steps(plans, hypers, numbers, release)
+    except BaseException:
+        if plans[0].completed != before:  # it happened: complete it, then raise
+            done()
+        elif undo is not None:
+            undo()
+        raise
+    done()
+
+
 def _snapshot(group: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a group's entries that later in-place edits cannot reach (lists become
     tuples, so mutating a list of betas counts as a change)."""
@@ -768,29 +803,17 @@ class Optimizer:
                     self._run(g, gr if decision is None else self._transform(decision, i, gr))
                 self._after_step()
                 return self.grad_norm
-            # Every group in one compiled call, which checks all of them before any kernel
-            # runs and counts the step before it returns: an interrupt (Ctrl-C) can only
-            # surface before it (nothing happened) or after it (the whole step happened, and
-            # the bookkeeping below completes it).
-            g = groups[0]
-            try:
-                if len(groups) == 1:
-                    if g.bound_own:
-                        type(self)._core_step(g.plan, g.hyper, g.step + 1)
-                    else:  # passed gradients are not kept alive after the step
-                        type(self)._core_step(g.plan, g.hyper, g.step + 1, None, True)
-                else:
-                    type(self)._core_steps(
-                        [g.plan for g in groups],
-                        [g.hyper for g in groups],
-                        [g.step + 1 for g in groups],
-                        [not g.bound_own for g in groups],
-                    )
-            except BaseException:
-                if g.plan.completed != g.plan_steps:  # it happened: complete it, then raise
-                    self._after_step()
-                raise
-            self._after_step()
+            # Every group in one compiled call (passed gradients are not kept alive after it).
+            cls = type(self)
+            run_compiled(
+                cls._core_step,
+                cls._core_steps,
+                [g.plan for g in groups],
+                [g.hyper for g in groups],
+                [g.step + 1 for g in groups],
+                [not g.bound_own for g in groups],
+                self._after_step,
+            )
             return self.grad_norm
 
     def _decide(
