@@ -225,7 +225,8 @@ struct TorchApi {
   PyTypeObject* tensor = nullptr;  // torch.Tensor: the gradients' exact type
   PyTypeObject* parameter = nullptr;  // torch.nn.Parameter
   py::object keep;  // the capsule and the types
-  py::object grad = py::str("grad"), is_neg = py::str("is_neg");
+  py::object grad = py::str("grad");
+  py::object is_view, is_neg;  // torch.Tensor._is_view, .is_neg (method descriptors)
 };
 TorchApi& torch_api() {
   static TorchApi* api = new TorchApi();  // never destroyed (its objects outlive the module)
@@ -639,14 +640,9 @@ class PyPlan {
       for (int d = 0; d < pt.ndim; ++d)
         if (gt.shape[d] != pt.shape[d] || (pt.shape[d] > 1 && gt.strides[d] != pt.strides[d]))
           return false;
-      PyObject* neg = PyObject_CallMethodNoArgs(g, api.is_neg.ptr());
-      if (neg == nullptr) {
-        PyErr_Clear();
+      // A negative view's memory holds -g; such tensors are views (rare for gradients).
+      if (call_is_true(api.is_view.ptr(), g) != 0 && call_is_true(api.is_neg.ptr(), g) != 0)
         return false;
-      }
-      const bool negative = neg == Py_True;
-      Py_DECREF(neg);
-      if (negative) return false;
       const auto* gdata = static_cast<const char*>(gt.data) + gt.byte_offset;
       const int64_t bytes = plan_.tensors[j].size * dtype_size(*dtype);
       const auto lo = reinterpret_cast<std::uintptr_t>(gdata);
@@ -677,6 +673,18 @@ class PyPlan {
     grads_ = std::move(grads);
     bound_ = true;
     return true;
+  }
+
+  // `method(self)` is True: 1, False: 0, an error (cleared): -1.
+  static int call_is_true(PyObject* method, PyObject* self) {
+    PyObject* r = PyObject_Vectorcall(method, &self, 1, nullptr);
+    if (r == nullptr) {
+      PyErr_Clear();
+      return -1;
+    }
+    const int out = r == Py_True ? 1 : 0;
+    Py_DECREF(r);
+    return out;
   }
 
   // Whether the byte ranges `spans` (gradients) overlap neither each other nor any array of
@@ -984,6 +992,8 @@ PYBIND11_MODULE(_core, m) {
         table->dltensor_from_py_object_no_sync == nullptr)
       return false;
     t.keep = py::make_tuple(api, tensor, parameter);
+    t.is_view = tensor.attr("_is_view");
+    t.is_neg = tensor.attr("is_neg");
     t.tensor = reinterpret_cast<PyTypeObject*>(tensor.ptr());
     t.parameter = reinterpret_cast<PyTypeObject*>(parameter.ptr());
     t.describe = table->dltensor_from_py_object_no_sync;

@@ -265,6 +265,16 @@ _to_dlpack = torch._C._to_dlpack  # a gradient as a DLPack capsule: what Plan.bi
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 _profiling = torch._C._autograd._profiler_enabled
+
+
+def _local_ptr(t: torch.Tensor) -> int:
+    return int(_local(t).data_ptr())
+
+
+def _local_stride(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(_local(t).stride())
+
+
 _optimizer_module = importlib.import_module("torch.optim.optimizer")  # (its global hooks)
 
 
@@ -1046,10 +1056,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         chosen = range(len(grads)) if sel is None else sel
         if not c.local:  # the common case: DLPack capsules, checked by the plan
             try:
-                gl = [
-                    grads[i] if perm is None else _memory_order(grads[i], perm)
-                    for i, perm in zip(chosen, c.perms if sel is None else [c.perms[i] for i in sel])
-                ]
+                perms = c.perms
+                gl = [grads[i] if perms[i] is None else _memory_order(grads[i], perms[i])
+                      for i in chosen]  # fmt: skip
                 if not any(map(_is_neg, gl)):  # (a negative view's memory holds -g)
                     plan.bind_grads(list(map(_to_dlpack, gl)))
                     return
