@@ -261,3 +261,14 @@ def test_plan_binds_dlpack_capsules() -> None:
         plan.bind_grads([torch._C._to_dlpack(torch.ones(2, 3, dtype=torch.int32))])
     with pytest.raises(ValueError, match="shares memory"):
         plan.bind_grads([torch._C._to_dlpack(torch.from_numpy(p))])
+
+
+def test_overhead_benchmark() -> None:
+    """fastoptim bench --overhead's torch rows: every configuration measured, and printed."""
+    from fastoptim.apps import bench
+
+    times = bench.torch_step_overhead(tensors=(1, 4), repeats=3, rounds=1)
+    assert sorted(times) == [(1, False), (1, True), (4, False), (4, True)]
+    assert all(0 < t < 1 for t in times.values())
+    text = bench.format_torch_overhead(times)
+    assert text.count("fixed") == 2 and text.count("per tensor") == 2

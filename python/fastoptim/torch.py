@@ -262,8 +262,6 @@ _data_ptr = torch.Tensor.data_ptr  # (a DTensor's is 0: its local shard's, see _
 _stride = torch.Tensor.stride
 _is_neg = torch.Tensor.is_neg
 _to_dlpack = torch._C._to_dlpack  # a gradient as a DLPack capsule: what Plan.bind_grads reads
-_grad_enabled = torch.is_grad_enabled
-_set_grad_enabled = torch._C._set_grad_enabled
 _profiling = torch._C._autograd._profiler_enabled
 
 
@@ -1086,7 +1084,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             not (c.any_fresh and len(set(c.fresh)) > 1)
             and all(a.min() == a.max() for a in c.scalars.values())
         ):
-            return [None]
+            return _ALL
         keys: dict[tuple[Any, ...], list[int]] = {}
         for i in range(n):
             key = (*(float(a[i]) for a in c.scalars.values()), c.fresh[i])
@@ -1100,6 +1098,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if fast and c.fast and c.plan.bind_torch(group["params"]):
             c.bound = True
             return c, _ALL, [c.plan], False
+        with torch.no_grad():  # (state may be created or copied)
+            return self._prepare_general(c, gi, group)
+
+    def _prepare_general(self, c: _Cache, gi: int, group: dict[str, Any]) -> tuple[Any, ...] | None:
+        """:meth:`_prepare` when the fast path does not apply: every check in Python."""
         params, grads = [], []
         for p in group["params"]:
             g = p.grad
@@ -1112,7 +1115,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._build(c, gi, params)
         same = self._same_grads(c, grads)
         buckets = self._buckets(c)
-        if buckets == [None]:
+        if buckets is _ALL:
             if not (same and c.bound):
                 self._bind(c, c.plan, grads, None)
                 c.bound = True
@@ -1144,7 +1147,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 if plan.ema_decay != decay:
                     plan.set_ema_decay(float(decay))
         # The next step may try the fast path: one plan, no fresh state, plain tensors.
-        c.fast = _FAST and buckets == _ALL and not c.any_fresh and not c.local
+        c.fast = _FAST and buckets is _ALL and not c.any_fresh and not c.local
         return c, buckets, plans, same
 
     # ------------------------------------------------------------------ the step
@@ -1157,9 +1160,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         steps = c.scalars.get("step")
         if steps is None:
             return 1
-        if sel is None:
-            steps += 1
-            step = int(steps[0])
+        if sel is None:  # (all equal: one bucket) x + 1 rounded to the buffer's dtype, as torch
+            after = steps.item(0) + 1
+            steps.fill(after)
+            step = int(after)
         else:
             steps[sel] += 1
             step = int(steps[sel[0]])
@@ -1212,15 +1216,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         bookkeeping is completed).  Gradients that were not those of the previous step are
         probably new every step (``zero_grad(set_to_none=True)``): the plans forget them."""
         plans, hypers, numbers, release = [], [], [], []
-        saved: list[tuple[np.ndarray, np.ndarray]] = []
+        saved: list[tuple[np.ndarray, Any]] = []  # each scalar buffer, its values before
         for c, buckets, group_plans, same_grads in items:
-            saved += [(a, a.copy()) for a in c.scalars.values()]
+            one = buckets is _ALL  # (then each buffer holds one value)
+            saved += [(a, a.item(0) if one else a.copy()) for a in c.scalars.values()]
             for sel, plan in zip(buckets, group_plans):
                 hyper = c.hyper
-                fresh = c.fresh[0 if sel is None else sel[0]] if c.any_fresh else frozenset()
-                if fresh or len(buckets) > 1:  # (each bucket's scalars: its own struct)
+                if c.any_fresh or not one:  # (each bucket's scalars: its own struct)
                     assert c.hp is not None
-                    hyper = self._definition.compile(c.hp, fresh)
+                    hyper = self._definition.compile(c.hp, c.fresh[0 if sel is None else sel[0]])
                 plans.append(plan)
                 hypers.append(hyper)
                 numbers.append(self._advance(c, sel, hyper))
@@ -1339,33 +1343,29 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_mode = _grad_enabled()  # (torch.no_grad() costs microseconds)
-        if grad_mode:
-            _set_grad_enabled(False)
-        try:
-            with self._lock:
-                if self._ema_swapped:
-                    transforms.check_not_swapped(self, f"{type(self).__name__}.step")
-                snap = self._state_snapshot
-                fast = snap is not None and snap.same(self.state)
-                work = [self._prepare(gi, g, fast) for gi, g in enumerate(self.param_groups)]
-                if _FAST and (not fast or self._state_snapshot is None):
-                    self._record_state()
-                if self._transform(work):  # skipped: nothing changes, nothing advances
-                    return loss
-                items = [item for item in work if item is not None]
-                if self._definition.host is None:
-                    self._run_all(items)
-                    return loss
+        # (No torch.no_grad() around it all, which costs microseconds: the fast path runs no
+        # torch operation; the general path and the host steps run under it.)
+        with self._lock:
+            if self._ema_swapped:
+                transforms.check_not_swapped(self, f"{type(self).__name__}.step")
+            snap = self._state_snapshot
+            fast = snap is not None and snap.same(self.state)
+            work = [self._prepare(gi, g, fast) for gi, g in enumerate(self.param_groups)]
+            if _FAST and (not fast or self._state_snapshot is None):
+                self._record_state()
+            if self._transform(work):  # skipped: nothing changes, nothing advances
+                return loss
+            items = [item for item in work if item is not None]
+            if self._definition.host is None:
+                self._run_all(items)
+                return loss
+            with torch.no_grad():
                 for c, buckets, plans, same_grads in items:
                     self._run(c, buckets, plans)
                     if not same_grads and c.bound:
                         c.plan.release_grads()
                         c.bound = False
-                self._advance_schedules()
-        finally:
-            if grad_mode:
-                _set_grad_enabled(True)
+            self._advance_schedules()
         return loss
 
     def _record_state(self) -> None:
