@@ -3,6 +3,7 @@
     python -m pytest bench/test_torch_dropin.py --benchmark-only --benchmark-columns=median
     python bench/test_torch_dropin.py     # the same steps, round-robin (see `interleaved`)
     python bench/test_torch_dropin.py --openmp   # one OpenMP runtime or two (see `openmp`)
+    python bench/test_torch_dropin.py --overhead # a step's fixed and per-tensor cost, 1 thread
 
 Workloads: one 16M-element tensor (memory-bound), a small MLP (784x256, 256, 256x256, 256,
 256x10, 10: overhead-bound) and 4096 tensors of 4096 elements (per-tensor overhead).  float32.
@@ -262,5 +263,11 @@ if __name__ == "__main__":
 
     if sys.argv[1:2] == ["--openmp"]:
         openmp()
+    elif sys.argv[1:2] == ["--overhead"]:  # fixed and per-tensor cost of a step (1 thread)
+        from fastoptim.apps import bench
+
+        torch.set_num_threads(1)
+        fo.set_num_threads(1)
+        print(bench.format_torch_overhead(bench.torch_step_overhead()))
     else:
         interleaved()

@@ -119,6 +119,130 @@ void check_operand(const Arg& x, const py::array& param, DType compute, const st
   check_shape(x, param, what);
 }
 
+// The DLPack ABI (https://dmlc.github.io/dlpack/latest/c_api.html), unversioned form: what
+// torch._C._to_dlpack returns in a capsule named "dltensor".  fastoptim.torch hands gradients
+// over this way: one C call per tensor that exposes its pointer, dtype, device, shape and strides
+// (a NumPy view costs four times as much).  The capsule keeps the tensor alive while it is bound.
+struct DLDevice {
+  int32_t device_type;  // kDLCPU = 1
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // kDLFloat = 2, kDLBfloat = 4
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; NULL: compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// Where a gradient's elements are (and their dtype), from an ndarray or a DLPack capsule.
+struct Memory {
+  DType dtype;
+  void* data;
+  int64_t size;
+  std::uintptr_t lo, hi;
+};
+
+// A gradient given as a DLPack capsule: a CPU float tensor laid out exactly like the C-contiguous
+// `param` (same shape, row-major strides; a dimension of size 1 may have any stride).  The
+// capsule is only read (never consumed): its owner frees the tensor when it is released.
+Memory check_dlpack(py::handle h, const py::array& param, const std::string& what) {
+  auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(h.ptr(), "dltensor"));
+  if (m == nullptr) {
+    PyErr_Clear();
+    throw py::type_error(what + ": a capsule that is not an unconsumed DLPack tensor");
+  }
+  const DLTensor& t = m->dl_tensor;
+  if (t.device.device_type != 1) throw py::type_error(what + ": not a CPU tensor");
+  DType dtype;
+  if (t.dtype.lanes != 1) throw py::type_error(what + ": vector dtype");
+  if (t.dtype.code == 2 && t.dtype.bits == 32)
+    dtype = DType::f32;
+  else if (t.dtype.code == 2 && t.dtype.bits == 64)
+    dtype = DType::f64;
+  else if (t.dtype.code == 2 && t.dtype.bits == 16)
+    dtype = DType::f16;
+  else if (t.dtype.code == 4 && t.dtype.bits == 16)
+    dtype = DType::bf16;
+  else
+    throw py::type_error(what + ": dtype must be float32, float64, float16 or bfloat16");
+  const auto ndim = static_cast<py::ssize_t>(t.ndim);
+  bool same = ndim == param.ndim();
+  int64_t size = 1, stride = 1;
+  for (py::ssize_t d = ndim - 1; same && d >= 0; --d) {
+    same = t.shape[d] == param.shape(d) &&
+           (t.strides == nullptr || t.shape[d] == 1 || t.strides[d] == stride);
+    stride *= t.shape[d];
+    size *= t.shape[d];
+  }
+  if (!same)
+    throw py::value_error(what + ": not laid out like the parameter " + shape_str(param) +
+                          " (contiguous, same shape)");
+  const int64_t itemsize = dtype_size(dtype);
+  auto* data = static_cast<char*>(t.data) + t.byte_offset;
+  const auto lo = reinterpret_cast<std::uintptr_t>(data);
+  if (size && lo % static_cast<std::uintptr_t>(itemsize))
+    throw py::value_error(what + ": data is not aligned to its itemsize");
+  return {dtype, data, size, lo, lo + static_cast<std::uintptr_t>(size * itemsize)};
+}
+
+// DLPack's C exchange API (DLPack >= 1.2; torch >= 2.10 exposes it as the capsule
+// torch.Tensor.__dlpack_c_exchange_api__): a table of C functions, of which fastoptim uses the
+// one that describes a tensor (pointer, dtype, device, shape, strides) in a caller's DLTensor
+// without allocating: about 20 ns, where a Python method call on a tensor costs 100.
+struct DLPackVersion {
+  uint32_t major;
+  uint32_t minor;
+};
+struct DLPackExchangeAPIHeader {
+  DLPackVersion version;
+  DLPackExchangeAPIHeader* prev_api;
+};
+struct DLPackExchangeAPI {
+  DLPackExchangeAPIHeader header;
+  void* managed_tensor_allocator;
+  void* managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  int (*dltensor_from_py_object_no_sync)(void* py_object, DLTensor* out);  // may be NULL
+  void* current_work_stream;
+};
+
+// What Plan.bind_torch needs from torch, set once by fastoptim.torch (set_torch_api).
+struct TorchApi {
+  int (*describe)(void*, DLTensor*) = nullptr;
+  PyTypeObject* tensor = nullptr;  // torch.Tensor: the gradients' exact type
+  PyTypeObject* parameter = nullptr;  // torch.nn.Parameter
+  py::object keep;  // the capsule and the types
+  py::object grad = py::str("grad");
+  py::object is_view, is_neg;  // torch.Tensor._is_view, .is_neg (method descriptors)
+};
+TorchApi& torch_api() {
+  static TorchApi* api = new TorchApi();  // never destroyed (its objects outlive the module)
+  return *api;
+}
+
+// A DLTensor's element dtype, if the kernels take it.
+std::optional<DType> dl_dtype(const DLDataType& d) {
+  if (d.lanes != 1 || d.bits == 0) return std::nullopt;
+  if (d.code == 2 && d.bits == 32) return DType::f32;
+  if (d.code == 2 && d.bits == 64) return DType::f64;
+  if (d.code == 2 && d.bits == 16) return DType::f16;
+  if (d.code == 4 && d.bits == 16) return DType::bf16;
+  return std::nullopt;
+}
+
 // The codes of a block-quantized state: a uint8 ndarray, C-contiguous, writeable.
 Arg check_codes(py::handle h, const std::string& what) {
   if (!py::isinstance<py::array>(h))
@@ -408,13 +532,22 @@ class PyPlan {
     if (static_cast<std::size_t>(py::len(grads)) != n)
       throw py::value_error("grads: expected " + std::to_string(n) + " gradients, got " +
                             std::to_string(py::len(grads)));
-    std::vector<Arg> gs;
+    std::vector<Memory> gs;
     gs.reserve(n);
     std::vector<Span> spans;
     for (std::size_t i = 0; i < n; ++i) {
       const std::string what = "grad for param " + labels_[i];
-      gs.push_back(check_array(grads[i], what, false));
-      check_operand(gs[i], params_[i], plan_.tensors[i].compute(), what);
+      const py::handle h = grads[i];
+      if (PyCapsule_CheckExact(h.ptr())) {  // a DLPack tensor (fastoptim.torch)
+        gs.push_back(check_dlpack(h, params_[i], what));
+        const bool ok = plan_.tensors[i].compute() == DType::f64 ? gs[i].dtype == DType::f64
+                                                                 : gs[i].dtype != DType::f64;
+        if (!ok) throw py::type_error(what + ": its dtype does not go with the parameter's");
+      } else {
+        const Arg a = check_array(h, what, false);
+        check_operand(a, params_[i], plan_.tensors[i].compute(), what);
+        gs.push_back({a.dtype, a.data, a.size, a.lo, a.hi});
+      }
       if (gs[i].size) spans.push_back({gs[i].lo, gs[i].hi, what});
     }
     sort_and_check_disjoint(spans);
@@ -429,9 +562,143 @@ class PyPlan {
     for (std::size_t i = 0; i < n; ++i) {
       plan_.tensors[i].grad = gs[i].data;
       plan_.set_grad_dtype(i, gs[i].dtype);
-      grads_.push_back(gs[i].arr);
+      grads_.push_back(py::reinterpret_borrow<py::object>(grads[i]));
     }
     bound_ = true;
+  }
+
+  // fastoptim.torch's fast path: `params` is a parameter group's list of tensors; those whose
+  // `grad` is not None must be this plan's parameters, in order.  Reads every gradient and
+  // checks, through DLPack's exchange API, that every parameter of the plan is where it was and
+  // laid out as when this was first called, and that each gradient is a CPU tensor (no negative
+  // bit) with its parameter's shape and strides and a dtype the kernel takes, disjoint from the
+  // plan's arrays; then binds them.  False, binding nothing, where anything differs or the API
+  // is not there: the caller takes the general path (NumPy views, every check with its message).
+  bool bind_torch(const py::list& params) {
+    TorchApi& api = torch_api();
+    if (api.describe == nullptr) return false;
+    Lock lock(*this);
+    const std::size_t n = plan_.tensors.size();
+    const auto m = static_cast<std::size_t>(PyList_GET_SIZE(params.ptr()));
+    const bool first = torch_mask_.empty();
+    if (!first && torch_mask_.size() != m) return false;
+    std::vector<char> mask(m, 0);
+    std::vector<py::object> grads;
+    grads.reserve(n);
+    std::vector<Span> spans;
+    spans.reserve(n);
+    std::vector<std::pair<const void*, DType>> bound;
+    bound.reserve(n);
+    std::vector<int64_t> layout;  // per parameter of the plan: ndim, shape, strides
+    DLTensor pt{}, gt{};
+    std::size_t j = 0;
+    for (std::size_t i = 0; i < m; ++i) {
+      PyObject* p = PyList_GET_ITEM(params.ptr(), i);
+      if (first ? Py_TYPE(p) != api.tensor && Py_TYPE(p) != api.parameter
+                : p != torch_params_[i].ptr())
+        return false;
+      PyObject* g = PyObject_GetAttr(p, api.grad.ptr());
+      if (g == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      py::object grad = py::reinterpret_steal<py::object>(g);
+      if (g == Py_None) continue;
+      if (j == n || (!first && !torch_mask_[i])) return false;
+      mask[i] = 1;
+      // the parameter: where the plan writes, laid out as recorded
+      if (api.describe(p, &pt) != 0) {
+        PyErr_Clear();
+        return false;
+      }
+      const char* pdata = static_cast<const char*>(pt.data) + pt.byte_offset;
+      if (pdata != param_data_[j] || pt.device.device_type != 1) return false;
+      const std::size_t at = torch_offsets_.empty() ? 0 : torch_offsets_[j];
+      if (first) {
+        int64_t numel = 1;
+        for (int d = 0; d < pt.ndim; ++d) numel *= pt.shape[d];
+        if (pt.strides == nullptr || numel != plan_.tensors[j].size) return false;
+        layout.push_back(pt.ndim);
+        layout.insert(layout.end(), pt.shape, pt.shape + pt.ndim);
+        layout.insert(layout.end(), pt.strides, pt.strides + pt.ndim);
+      } else {
+        const int64_t* rec = torch_layout_.data() + at;
+        if (pt.strides == nullptr || rec[0] != pt.ndim ||
+            !std::equal(pt.shape, pt.shape + pt.ndim, rec + 1) ||
+            !std::equal(pt.strides, pt.strides + pt.ndim, rec + 1 + pt.ndim))
+          return false;
+      }
+      // the gradient: a plain CPU tensor laid out like its parameter
+      if (Py_TYPE(g) != api.tensor || api.describe(g, &gt) != 0) {
+        PyErr_Clear();
+        return false;
+      }
+      const auto dtype = dl_dtype(gt.dtype);
+      if (!dtype || gt.device.device_type != 1 || gt.ndim != pt.ndim || gt.strides == nullptr)
+        return false;
+      if ((plan_.tensors[j].compute() == DType::f64) != (*dtype == DType::f64)) return false;
+      for (int d = 0; d < pt.ndim; ++d)
+        if (gt.shape[d] != pt.shape[d] || (pt.shape[d] > 1 && gt.strides[d] != pt.strides[d]))
+          return false;
+      // A negative view's memory holds -g; such tensors are views (rare for gradients).
+      if (call_is_true(api.is_view.ptr(), g) != 0 && call_is_true(api.is_neg.ptr(), g) != 0)
+        return false;
+      const auto* gdata = static_cast<const char*>(gt.data) + gt.byte_offset;
+      const int64_t bytes = plan_.tensors[j].size * dtype_size(*dtype);
+      const auto lo = reinterpret_cast<std::uintptr_t>(gdata);
+      if (lo % static_cast<std::uintptr_t>(dtype_size(*dtype))) return false;
+      if (bytes) spans.push_back({lo, lo + static_cast<std::uintptr_t>(bytes), std::string()});
+      bound.emplace_back(gdata, *dtype);
+      grads.push_back(std::move(grad));
+      ++j;
+    }
+    if (j != n) return false;
+    if (!disjoint_from_plan(spans)) return false;
+    if (first) {
+      torch_offsets_.clear();
+      for (std::size_t k = 0, at = 0; k < n; ++k) {
+        torch_offsets_.push_back(at);
+        at += 1 + 2 * static_cast<std::size_t>(layout[at]);
+      }
+      torch_layout_ = std::move(layout);
+      torch_mask_ = std::move(mask);
+      torch_params_.clear();
+      for (std::size_t i = 0; i < m; ++i)
+        torch_params_.push_back(py::reinterpret_borrow<py::object>(PyList_GET_ITEM(params.ptr(), i)));
+    }
+    for (std::size_t k = 0; k < n; ++k) {
+      plan_.tensors[k].grad = bound[k].first;
+      plan_.set_grad_dtype(k, bound[k].second);
+    }
+    grads_ = std::move(grads);
+    bound_ = true;
+    return true;
+  }
+
+  // `method(self)` is True: 1, False: 0, an error (cleared): -1.
+  static int call_is_true(PyObject* method, PyObject* self) {
+    PyObject* r = PyObject_Vectorcall(method, &self, 1, nullptr);
+    if (r == nullptr) {
+      PyErr_Clear();
+      return -1;
+    }
+    const int out = r == Py_True ? 1 : 0;
+    Py_DECREF(r);
+    return out;
+  }
+
+  // Whether the byte ranges `spans` (gradients) overlap neither each other nor any array of
+  // the plan (sorts `spans`).
+  bool disjoint_from_plan(std::vector<Span>& spans) const {
+    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+    for (std::size_t i = 1; i < spans.size(); ++i)
+      if (spans[i].lo < spans[i - 1].hi) return false;
+    for (const Span& g : spans) {  // against params and states (disjoint, sorted by address)
+      auto it = std::upper_bound(spans_.begin(), spans_.end(), g.hi - 1,
+                                 [](std::uintptr_t x, const Span& s) { return x < s.lo; });
+      if (it != spans_.begin() && std::prev(it)->hi > g.lo) return false;
+    }
+    return true;
   }
 
   // The plan, after checking (GIL held) that no parameter was made read-only, resized or
@@ -469,8 +736,15 @@ class PyPlan {
   Plan plan_;
   std::vector<std::string> labels_, state_names_;
   std::vector<Span> spans_;
-  std::vector<py::array> params_, keep_, grads_;  // keep the arrays alive
+  std::vector<py::array> params_, keep_;  // keep the arrays alive
+  std::vector<py::object> grads_;  // the bound gradients (arrays or DLPack capsules)
   std::vector<const void*> param_data_;  // where each parameter's data was
+  // bind_torch's record: per tensor of the group, whether it has a gradient (is the plan's);
+  // per parameter of the plan, its ndim, shape and strides (at torch_offsets_[j])
+  std::vector<py::object> torch_params_;  // the group's tensors (identity)
+  std::vector<char> torch_mask_;
+  std::vector<int64_t> torch_layout_;
+  std::vector<std::size_t> torch_offsets_;
   bool bound_ = false;
   int64_t completed_ = 0;
   // In a forked child, the mutex may be held by a thread that does not exist there: the first
@@ -487,7 +761,81 @@ class PyPlan {
   int forks_ = fork_count();
 };
 
-template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, const char* fn_name) {
+// The identities of a dict's keys and values and, for each value that is a dict, of its keys
+// and values (references held: no address is reused meanwhile).  `same(d)` tells, without
+// calling any Python code, whether `d` holds exactly these objects in this order:
+// fastoptim.torch's test that nothing replaced any state tensor since its last step (about
+// 10 ns per entry, where hashing each parameter to look its state up costs 100).
+class Snapshot {
+ public:
+  explicit Snapshot(const py::dict& d) { record(d.ptr(), 0); }
+  bool same(const py::handle& d) const {
+    if (!PyDict_Check(d.ptr())) return false;
+    std::size_t at = 0, sizes = 0;
+    return compare(d.ptr(), 0, at, sizes) && at == objs_.size();
+  }
+
+ private:
+  void record(PyObject* d, int depth) {
+    sizes_.push_back(PyDict_GET_SIZE(d));
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+      objs_.push_back(py::reinterpret_borrow<py::object>(k));
+      objs_.push_back(py::reinterpret_borrow<py::object>(v));
+      if (depth == 0 && PyDict_Check(v)) record(v, 1);
+    }
+  }
+  bool compare(PyObject* d, int depth, std::size_t& at, std::size_t& sizes) const {
+    if (sizes == sizes_.size() || PyDict_GET_SIZE(d) != sizes_[sizes++]) return false;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+      if (at + 2 > objs_.size() || objs_[at].ptr() != k || objs_[at + 1].ptr() != v) return false;
+      at += 2;
+      if (depth == 0 && PyDict_Check(v) && !compare(v, 1, at, sizes)) return false;
+    }
+    return true;
+  }
+  std::vector<py::object> objs_;  // key, value, ... (a dict value's items follow it)
+  std::vector<Py_ssize_t> sizes_;  // each dict's size, in the order met
+};
+
+// One step of one or several plans (an optimizer's groups) in one call: every plan is locked
+// (where `lock`; else the caller holds the lock of its one plan) and checked before any kernel runs, then every
+// plan is stepped on a copy of its hyper-parameters without the GIL (Python code touching them
+// meanwhile races with nothing), so that the step happens whole or not at all (an interrupt
+// surfaces only after the call returns).  Then each plan's hyper-parameters are updated (NAdam's
+// running product), its step counted, and its gradients forgotten where `release[i]`.
+template <class Opt>
+void run_steps(std::size_t n, PyPlan* const* plans, typename Opt::Hyper* const* hypers,
+               const int64_t* steps, const bool* release, bool lock) {
+  using Hyper = typename Opt::Hyper;
+  std::vector<std::unique_ptr<PyPlan::Lock>> locks;
+  if (lock) {
+    locks.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) locks.push_back(std::make_unique<PyPlan::Lock>(*plans[i]));
+  }
+  std::vector<const Plan*> ps;
+  ps.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) ps.push_back(&plans[i]->plan());  // every check first
+  std::vector<Hyper> local;
+  local.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) local.push_back(*hypers[i]);
+  {
+    py::gil_scoped_release unlocked;
+    for (std::size_t i = 0; i < n; ++i) fastoptim::step<Opt>(*ps[i], local[i], steps[i]);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    *hypers[i] = local[i];
+    plans[i]->count_step();
+    if (release[i]) plans[i]->release_grads();
+  }
+}
+
+template <class Opt>
+void bind_optimizer(py::module_& m, const char* cls_name, const char* fn_name,
+                    const char* steps_name) {
   using Hyper = typename Opt::Hyper;
   py::class_<Hyper> cls(m, cls_name);
   cls.def(py::init<>());
@@ -507,54 +855,24 @@ template <class Opt> void bind_optimizer(py::module_& m, const char* cls_name, c
     return r + ")";
   });
   m.def(fn_name, [](PyPlan& plan, Hyper& h, int64_t step, const py::object& grads, bool release) {
-    // Bind, step and update `h` (NAdam's running product) under the plan's lock; the kernel runs
-    // on a copy of `h` without the GIL, so Python code touching `h` meanwhile races with nothing.
     PyPlan::Lock lock(plan);
     if (!grads.is_none()) plan.bind_grads_locked(grads);
-    const Plan& p = plan.plan();
-    Hyper local = h;
-    {
-      py::gil_scoped_release release;
-      fastoptim::step<Opt>(p, local, step);
-    }
-    h = local;
-    plan.count_step();
-    if (release) plan.release_grads();
+    PyPlan* p = &plan;
+    Hyper* hp = &h;
+    run_steps<Opt>(1, &p, &hp, &step, &release, false);
   }, py::arg("plan"), py::arg("hyper"), py::arg("step"), py::arg("grads") = py::none(),
   py::arg("release") = false,
   "One in-place step of every tensor of `plan` (binding `grads` first when given; forgetting "
   "the gradients afterwards when `release`).");
-}
-
-// One step of several parameter groups (an optimizer's), in one call: every plan is locked and
-// checked before any kernel runs, then every group is stepped, so that the step happens whole
-// or not at all (an interrupt surfaces only after the call returns).  `release[i]`: forget
-// group i's gradients afterwards.
-template <class Opt> void bind_optimizer_groups(py::module_& m, const char* fn_name) {
-  using Hyper = typename Opt::Hyper;
-  m.def(fn_name, [](const std::vector<PyPlan*>& plans, const std::vector<Hyper*>& hypers,
-                    const std::vector<int64_t>& steps, const std::vector<bool>& release) {
+  m.def(steps_name, [](const std::vector<PyPlan*>& plans, const std::vector<Hyper*>& hypers,
+                       const std::vector<int64_t>& steps, const std::vector<bool>& release) {
     const std::size_t n = plans.size();
     if (hypers.size() != n || steps.size() != n || release.size() != n)
       throw py::value_error("plans, hypers, steps and release must have the same length");
-    std::vector<std::unique_ptr<PyPlan::Lock>> locks;
-    locks.reserve(n);
-    for (PyPlan* p : plans) locks.push_back(std::make_unique<PyPlan::Lock>(*p));
-    std::vector<const Plan*> ps;
-    ps.reserve(n);
-    for (PyPlan* p : plans) ps.push_back(&p->plan());  // every check before any kernel
-    std::vector<Hyper> local;
-    local.reserve(n);
-    for (Hyper* h : hypers) local.push_back(*h);
-    {
-      py::gil_scoped_release unlocked;
-      for (std::size_t i = 0; i < n; ++i) fastoptim::step<Opt>(*ps[i], local[i], steps[i]);
-    }
-    for (std::size_t i = 0; i < n; ++i) {
-      *hypers[i] = local[i];
-      plans[i]->count_step();
-      if (release[i]) plans[i]->release_grads();
-    }
+    if (n == 0) return;
+    const std::unique_ptr<bool[]> rel(new bool[n]);
+    std::copy(release.begin(), release.end(), rel.get());
+    run_steps<Opt>(n, plans.data(), hypers.data(), steps.data(), rel.get(), true);
   }, py::arg("plans"), py::arg("hypers"), py::arg("steps"), py::arg("release"),
   "One in-place step of every group's plan (all checked first), each with its own step number.");
 }
@@ -662,6 +980,13 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rounding", &PyPlan::rounding)
       .def_property_readonly("seed", &PyPlan::seed)
       .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
+      .def("release_grads", [](PyPlan& p) {
+        PyPlan::Lock lock(p);
+        p.release_grads();
+      }, "Forget the bound gradients (a step needs new ones), so that they are not kept alive.")
+      .def("bind_torch", &PyPlan::bind_torch, py::arg("params"),
+           "fastoptim.torch: bind the `grad` of the group's tensors `params` if every check "
+           "passes (see set_torch_api); False, binding nothing, otherwise.")
       .def("set_grad_transform", &PyPlan::set_grad_transform, py::arg("mul"), py::arg("clip"))
       .def_property_readonly("grad_mul", &PyPlan::grad_mul)
       .def_property_readonly("grad_clip", &PyPlan::grad_clip)
@@ -674,9 +999,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("numel", &PyPlan::numel)
       .def_property_readonly("state_names", &PyPlan::state_names);
 
-#define FASTOPTIM_BIND(Opt, name)                      \
-  bind_optimizer<Opt>(m, #Opt "Hyper", "step_" #name); \
-  bind_optimizer_groups<Opt>(m, "steps_" #name);
+#define FASTOPTIM_BIND(Opt, name) \
+  bind_optimizer<Opt>(m, #Opt "Hyper", "step_" #name, "steps_" #name);
   FASTOPTIM_OPTIMIZERS(FASTOPTIM_BIND)
 #undef FASTOPTIM_BIND
 #define FASTOPTIM_BIND(Opt, name) bind_rows<Opt>(m, "rows_" #name);
@@ -733,6 +1057,31 @@ PYBIND11_MODULE(_core, m) {
     sort_and_check_disjoint(spans);
   }, py::arg("arrays"), py::arg("labels"),
   "Raise ValueError naming the first two arrays whose memory overlaps (C-contiguous arrays).");
+  py::class_<Snapshot>(m, "Snapshot")
+      .def(py::init<const py::dict&>(), py::arg("d"))
+      .def("same", &Snapshot::same, py::arg("d"),
+           "Whether `d` holds exactly the keys and values (identities) it held when recorded, "
+           "and so do its dict values.");
+  m.def("set_torch_api", [](const py::capsule& api, const py::type& tensor, const py::type& parameter) {
+    auto* table = static_cast<DLPackExchangeAPI*>(PyCapsule_GetPointer(api.ptr(), "dlpack_exchange_api"));
+    if (table == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    TorchApi& t = torch_api();
+    if (table->header.version.major != 1 || table->header.version.minor < 2 ||
+        table->dltensor_from_py_object_no_sync == nullptr)
+      return false;
+    t.keep = py::make_tuple(api, tensor, parameter);
+    t.is_view = tensor.attr("_is_view");
+    t.is_neg = tensor.attr("is_neg");
+    t.tensor = reinterpret_cast<PyTypeObject*>(tensor.ptr());
+    t.parameter = reinterpret_cast<PyTypeObject*>(parameter.ptr());
+    t.describe = table->dltensor_from_py_object_no_sync;
+    return true;
+  }, py::arg("api"), py::arg("tensor"), py::arg("parameter"),
+  "Give Plan.bind_torch DLPack's exchange API (the capsule torch.Tensor.__dlpack_c_exchange_api__) "
+  "and the types torch.Tensor and torch.nn.Parameter; False if the API is not one it can use.");
   m.def("isa", [] { return std::string(isa_name(active_isa())); });
   m.def("available_isas", [] {
     std::vector<std::string> out;

@@ -83,10 +83,17 @@ either of ``betas``, ``eps``...), in the constructor or in a group, may be one.
   scheduled ``lr`` becomes a constant (the NumPy optimizers scale the schedule instead).
 - A scheduled group is revalidated at every step: a few microseconds.
 
-Speed: a step costs the kernel (one pass over memory, all threads) plus about a microsecond of
-Python per tensor to notice changes; new gradient tensors every step (torch's default
-``zero_grad(set_to_none=True)``) add about two more per tensor (NumPy views, binding), which
-``zero_grad(set_to_none=False)`` avoids.
+Speed: a step costs the kernel (one pass over memory, all threads) plus, when nothing but the
+gradient tensors changed since the last step (new ones every step, as autograd makes them after
+``zero_grad()``, or the same ones), a few microseconds and a few tenths of a microsecond per
+tensor: ``Plan.bind_torch`` reads every ``p.grad`` and checks parameters and gradients in C,
+through DLPack's C exchange API (torch >= 2.10), and :class:`fastoptim._core.Snapshot` tells
+that no state object was replaced.  Anything else (the first steps, a group entry assigned,
+state replaced, a parameter's new storage, a gradient laid out differently from its parameter,
+DTensor parameters, older torch) takes the general path: everything checked in Python (some
+tens of microseconds and 1-2 per tensor), what changed rebuilt.  torch's step hooks and
+profiler event are kept; its wrapper that runs them is entered only when one is registered or
+a profiler runs.
 
 OpenMP: fastoptim and torch share one runtime in either import order.  A source build links
 ``libgomp.so.1``, the name of torch's copy, so whichever loads first serves both; the binary
@@ -101,11 +108,12 @@ Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
-import mmap
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, TypeVar, Union, overload
+from typing import Any, ClassVar, Literal, TypeVar, Union, cast, overload
 
 import ml_dtypes
 import numpy as np
@@ -117,7 +125,7 @@ from . import schedules as _schedules
 from .engine import precision, sparse, transforms
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
-from .engine.optimizer import _defaults
+from .engine.optimizer import _defaults, run_compiled
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
 from .host import TORCH_TENSORS as host_tensors
@@ -241,19 +249,6 @@ def _view(t: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
     return _numpy_of(_memory_order(t.detach(), perm))
 
 
-def _placeholders(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Arrays shaped like `arrays`, carved from one anonymous memory mapping that nothing ever
-    writes or reads: untouched pages cost address space, not memory.  A plan is bound to these
-    after a step so that it does not keep that step's gradients alive (a plan cannot be
-    unbound, and rebinding it costs less than building a new one)."""
-    offsets, total = [], 0
-    for a in arrays:
-        offsets.append(total)
-        total += -(-a.nbytes // 64) * 64
-    block = np.frombuffer(mmap.mmap(-1, max(total, mmap.PAGESIZE)), dtype=np.uint8)
-    return [block[o : o + a.nbytes].view(a.dtype).reshape(a.shape) for o, a in zip(offsets, arrays)]
-
-
 def _quantize(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Block-wise 8-bit codes and absmax of float32 `values` as state `name`."""
     codes = np.empty(values.shape, np.uint8)
@@ -279,6 +274,9 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _data_ptr = torch.Tensor.data_ptr  # (a DTensor's is 0: its local shard's, see _local_ptr)
 _stride = torch.Tensor.stride
+_is_neg = torch.Tensor.is_neg
+_to_dlpack = torch._C._to_dlpack  # a gradient as a DLPack capsule: what Plan.bind_grads reads
+_profiling = torch._C._autograd._profiler_enabled
 
 
 def _local_ptr(t: torch.Tensor) -> int:
@@ -289,11 +287,85 @@ def _local_stride(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(_local(t).stride())
 
 
+_optimizer_module = importlib.import_module("torch.optim.optimizer")  # (its global hooks)
+
+
+def _exchange_api() -> bool:
+    """Give the compiled plans DLPack's C exchange API, through which ``Plan.bind_torch``
+    reads a step's tensors (torch >= 2.10); False where torch has none that fits."""
+    api = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+    if api is None:
+        return False
+    try:
+        return bool(_core.set_torch_api(api, torch.Tensor, torch.nn.Parameter))
+    except TypeError:  # not a capsule
+        return False
+
+
+# Whether steps take the fast path (Plan.bind_torch) when nothing changed since the last step;
+# without it every step takes the general path (tests set it False to run that path).
+_FAST = _exchange_api()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _hooked(step: _F) -> _F:
+    """`step` as ``torch.optim.Optimizer`` wraps every optimizer's ``step``
+    (``profile_hook_step``: the step pre- and post-hooks, global and per optimizer, and a
+    profiler ``record_function``), without that wrapper's cost (microseconds) when no hook is
+    registered and no profiler runs.  Marked ``hooked``: torch does not wrap it again."""
+    wrapped = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _optimizer_module._global_optimizer_pre_hooks
+            or _optimizer_module._global_optimizer_post_hooks
+            or _profiling()
+        ):
+            return wrapped(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    run.hooked = True  # type: ignore[attr-defined]
+    return cast(_F, run)
+
+
+_ALL: list[list[int] | None] = [None]  # one bucket: all the parameters of a group
+_VALUES = (int, float, str, bool, type(None))  # immutable values of a parameter group
+
+
+def _group_snapshot(group: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a step compares a parameter group with (``==``, in C) to tell that no entry changed
+    since: its entries, lists copied (an in-place edit of ``betas`` counts); None where an
+    entry could change without that comparison noticing (a tensor ``lr`` that a scheduler fills
+    in place, any other mutable value): such a group is checked entry by entry at every step."""
+    snap: dict[str, Any] = {}
+    for k, v in group.items():
+        if k == "params":
+            snap[k] = v  # (the tensors are checked by Plan.bind_torch)
+        elif isinstance(v, _VALUES):
+            snap[k] = v
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, _VALUES) for x in v):
+            snap[k] = list(v) if isinstance(v, list) else v
+        else:
+            return None
+    return snap
+
+
 class _Cache:
     """What a parameter group's step reuses while nothing changed: the validated
     hyper-parameters and compiled struct; for the parameters that have gradients, their NumPy
     views, their packed scalars (``step``...) and the plan, possibly still bound to the
-    previous step's gradients."""
+    previous step's gradients.
+
+    A step whose group equals its ``snapshot``, whose optimizer's state holds the same objects
+    as after the last step (a :class:`fastoptim._core.Snapshot`) and whose tensors pass
+    ``Plan.bind_torch`` (same parameters, storage and layout; gradients laid out like them)
+    takes the fast path: everything else was checked when the cache was built.  Anything
+    else takes the general path, which checks everything in Python and rebuilds what
+    changed."""
 
     def __init__(self, group: dict[str, Any]) -> None:
         self.group = group  # identity: load_state_dict replaces the dicts
@@ -317,8 +389,9 @@ class _Cache:
         self.qmaps: list[str] = []  # per state name: its quantization map, "" if none
         self.to_numpy: Callable[[torch.Tensor], np.ndarray] = _numpy  # gradients' views
         self.ids: list[int] = []  # the parameters' numbers in the optimizer
-        self.holders: list[np.ndarray] | None = None  # placeholder gradients
         self.bound = False  # plan is bound to the gradients of last_refs
+        self.snapshot: dict[str, Any] | None = None  # the group as validated (_group_snapshot)
+        self.fast = False  # the next step may try the fast path (Plan.bind_torch)
         self.last_refs: list[weakref.ref[torch.Tensor]] = []  # the previous step's gradients
         self.last_ptrs: list[int] = []
 
@@ -359,6 +432,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._caches: list[_Cache] = []
+        self._state_snapshot: Any = None  # what state held after the last step (_record_state)
         self._fresh: dict[int, torch.Tensor] = {}  # state tensors created, not yet stepped
         self._t = 0  # completed step() calls: the schedules' update number
         # id(group) -> (group, its schedules)
@@ -631,6 +705,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
         self._caches = []
+        self._state_snapshot = None
         self._fresh = {}
         self._scheduled = {}
         saved = [
@@ -808,6 +883,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c = self._caches[gi]
         if c.group is not group:
             c = self._caches[gi] = _Cache(group)
+        elif c.snapshot is not None:
+            try:
+                if group == c.snapshot:
+                    return c
+            except (TypeError, ValueError, RuntimeError):  # a value's == that raises
+                pass
         rec = self._record(group)
         if rec is not None:  # a scheduled entry assigned since the last step, or failed
             for key, written in rec.written.items():
@@ -829,6 +910,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 c.sig = None  # other state buffers: rebuild the views
             c.hp, c.hyper, c.names = hp, hyper, names
             c.transforming = transforms.active((hp,))
+        c.snapshot = None if self._record(group) is not None else _group_snapshot(group)
         return c
 
     def _sig(self, params: Sequence[torch.Tensor], local: bool) -> tuple[list[Any], ...]:
@@ -978,7 +1060,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for p in params
         ]
         c.any_fresh = any(c.fresh)
-        c.plan, c.holders, c.bound = plan, None, False
+        c.plan, c.bound = plan, False
+        self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
         c.local = any(hasattr(p, "_local_tensor") for p in params)
         c.sig = self._sig(params, c.local)
@@ -1016,27 +1099,18 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def _bind(self, c: _Cache, plan: Any, grads: list[torch.Tensor], sel: Any) -> None:
         """Bind the gradients `grads[sel]` to `plan` (validated by it; nothing is modified if
         one is rejected)."""
-        to_numpy = c.to_numpy
-        try:  # the common case: every gradient has its parameter's layout, no checks needed
-            if c.contiguous:
-                views = list(map(to_numpy, [grads[i] for i in sel] if sel is not None else grads))
-            else:
-                views = [
-                    to_numpy(_memory_order(grads[i], c.perms[i]))
-                    for i in (sel if sel is not None else range(len(grads)))
-                ]
-            plan.bind_grads(views)
-            return
-        except (RuntimeError, TypeError, ValueError):
-            if any(
-                g.dtype is torch.bfloat16 or hasattr(g, "_local_tensor")
-                for g in grads
-                if isinstance(g, torch.Tensor)
-            ):  # (Tensor.numpy() has no bfloat16, and no DTensor: view their memory)
-                c.to_numpy = _numpy_of
-        views = [
-            self._grad_view(c, i, grads[i]) for i in (sel if sel is not None else range(len(grads)))
-        ]
+        chosen = range(len(grads)) if sel is None else sel
+        if not c.local:  # the common case: DLPack capsules, checked by the plan
+            try:
+                perms = c.perms
+                gl = [grads[i] if perms[i] is None else _memory_order(grads[i], perms[i])
+                      for i in chosen]  # fmt: skip
+                if not any(map(_is_neg, gl)):  # (a negative view's memory holds -g)
+                    plan.bind_grads(list(map(_to_dlpack, gl)))
+                    return
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        views = [self._grad_view(c, i, grads[i]) for i in chosen]
         try:
             plan.bind_grads(views)
         except (TypeError, ValueError) as e:
@@ -1062,16 +1136,25 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 and all(a.min() == a.max() for a in c.scalars.values())
             )
         ):
-            return [None]
+            return _ALL
         keys: dict[tuple[Any, ...], list[int]] = {}
         for i in range(n):
             key = (*(float(a[i]) for a in c.scalars.values()), c.fresh[i])
             keys.setdefault(key, []).append(i)
         return list(keys.values())
 
-    def _prepare(self, gi: int, group: dict[str, Any]) -> tuple[Any, ...] | None:
-        """Validate group `gi` for a step and bind its gradients; touches no element."""
+    def _prepare(self, gi: int, group: dict[str, Any], fast: bool) -> tuple[Any, ...] | None:
+        """Validate group `gi` for a step and bind its gradients; touches no element.  `fast`:
+        nothing replaced any state since the last step (the fast path may be tried)."""
         c = self._cache(gi, group)
+        if fast and c.fast and c.plan.bind_torch(group["params"]):
+            c.bound = True
+            return c, _ALL, [c.plan], False
+        with torch.no_grad():  # (state may be created or copied)
+            return self._prepare_general(c, gi, group)
+
+    def _prepare_general(self, c: _Cache, gi: int, group: dict[str, Any]) -> tuple[Any, ...] | None:
+        """:meth:`_prepare` when the fast path does not apply: every check in Python."""
         params, grads = [], []
         for p in group["params"]:
             g = p.grad
@@ -1084,7 +1167,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._build(c, gi, params)
         same = self._same_grads(c, grads)
         buckets = self._buckets(c)
-        if buckets == [None]:
+        if buckets is _ALL:
             if not (same and c.bound):
                 self._bind(c, c.plan, grads, None)
                 c.bound = True
@@ -1115,6 +1198,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for plan in plans:
                 if plan.ema_decay != decay:
                     plan.set_ema_decay(float(decay))
+        # The next step may try the fast path: one plan, no fresh state, plain tensors.
+        c.fast = _FAST and buckets is _ALL and not c.any_fresh and not c.local
         return c, buckets, plans, same
 
     # ------------------------------------------------------------------ the step
@@ -1127,9 +1212,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         steps = c.scalars.get("step")
         if steps is None:
             return 1
-        if sel is None:
-            steps += 1
-            step = int(steps[0])
+        if sel is None:  # (all equal: one bucket) x + 1 rounded to the buffer's dtype, as torch
+            after = steps.item(0) + 1
+            steps.fill(after)
+            step = int(after)
         else:
             steps[sel] += 1
             step = int(steps[sel[0]])
@@ -1187,48 +1273,47 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         host.update(hp, params, grads, states, [float(t) for t in steps])
 
     def _run_all(self, items: list[tuple[Any, ...]]) -> None:
-        """Every group's update in one compiled call, which checks every plan before any
-        kernel runs and counts the step on each before it returns: an interrupt (Ctrl-C) can
-        only surface before it (the scalars advanced for it are then put back: nothing
-        happened) or after it (the whole step happened: its bookkeeping is completed)."""
-        calls: list[tuple[Any, Any, int]] = []
-        saved: list[tuple[np.ndarray, np.ndarray]] = []
-        for c, buckets, plans, _ in items:
-            saved += [(a, a.copy()) for a in c.scalars.values()]
-            for sel, plan in zip(buckets, plans):
+        """Every group's update in one compiled call (:func:`~fastoptim.engine.optimizer.
+        run_compiled`): an interrupt (Ctrl-C) can only surface before it (the scalars advanced
+        for it are then put back: nothing happened) or after it (the whole step happened: its
+        bookkeeping is completed).  Gradients that were not those of the previous step are
+        probably new every step (``zero_grad(set_to_none=True)``): the plans forget them."""
+        plans, hypers, numbers, release = [], [], [], []
+        saved: list[tuple[np.ndarray, Any]] = []  # each scalar buffer, its values before
+        for c, buckets, group_plans, same_grads in items:
+            one = buckets is _ALL  # (then each buffer holds one value)
+            saved += [(a, a.item(0) if one else a.copy()) for a in c.scalars.values()]
+            for sel, plan in zip(buckets, group_plans):
                 hyper = c.hyper
-                fresh = c.fresh[0 if sel is None else sel[0]] if c.any_fresh else frozenset()
-                if fresh or len(buckets) > 1:  # (each bucket's scalars: its own struct)
+                if c.any_fresh or not one:  # (each bucket's scalars: its own struct)
                     assert c.hp is not None
-                    hyper = self._definition.compile(c.hp, fresh)
-                calls.append((plan, hyper, self._advance(c, sel, hyper)))
-        before = [plan.completed for plan, _, _ in calls]
-        try:
-            if len(calls) == 1:
-                self._core_step(*calls[0])
-            elif calls:
-                plans, hypers, steps = (list(x) for x in zip(*calls))
-                self._core_steps(plans, hypers, steps, [False] * len(calls))
-        except BaseException:
-            if all(p.completed == b for (p, _, _), b in zip(calls, before)):
-                for a, old in saved:  # it did not happen
-                    a[...] = old
-                raise
-            self._after_run(items)  # it happened: complete it, then raise
-            raise
-        self._after_run(items)
+                    hyper = self._definition.compile(c.hp, c.fresh[0 if sel is None else sel[0]])
+                plans.append(plan)
+                hypers.append(hyper)
+                numbers.append(self._advance(c, sel, hyper))
+                release.append(not same_grads)
+
+        def undo() -> None:
+            for a, old in saved:
+                a[...] = old
+
+        run_compiled(
+            self._core_step,
+            self._core_steps,
+            plans,
+            hypers,
+            numbers,
+            release,
+            lambda: self._after_run(items),
+            undo,
+        )
 
     def _after_run(self, items: list[tuple[Any, ...]]) -> None:
-        """The bookkeeping of a step that happened: fresh state used, gradients that are
-        probably new every step released, the schedules' values for the next step."""
+        """The bookkeeping of a step that happened: fresh state used, the plans that forgot
+        their gradients marked so, the schedules' values for the next step."""
         for c, _, _, same_grads in items:
             self._used_fresh(c)
-            if not same_grads and c.bound:
-                # Probably new gradients every step (zero_grad(set_to_none=True)): do not
-                # keep these alive until the next step.
-                if c.holders is None:
-                    c.holders = _placeholders(c.pviews)
-                c.plan.bind_grads(c.holders)
+            if not same_grads:
                 c.bound = False
         self._advance_schedules()
 
@@ -1482,40 +1567,59 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @_hooked
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update every parameter that has a gradient, in place (``closure``: re-evaluates the
         model and returns the loss, as in torch).  Every group is validated and its gradients
         bound before any tensor is modified: a step that raises changes nothing."""
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], float] | None) -> float | None:
+        """:meth:`step` without torch's hooks (see :func:`_hooked`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad(), self._lock:
+        # (No torch.no_grad() around it all, which costs microseconds: the fast path runs no
+        # torch operation; the general path and the host steps run under it.)
+        with self._lock:
             if self._ema_swapped:
                 transforms.check_not_swapped(self, f"{type(self).__name__}.step")
             if self._definition.torch_sparse_only:
-                self._step_sparse()
+                with torch.no_grad():
+                    self._step_sparse()
                 return loss
+            snap = self._state_snapshot
+            fast = snap is not None and snap.same(self.state)
             try:
-                work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+                work = [self._prepare(gi, g, fast) for gi, g in enumerate(self.param_groups)]
             except _SparseGrad:
-                self._step_sparse()
+                with torch.no_grad():
+                    self._step_sparse()
                 return loss
+            if _FAST and (not fast or self._state_snapshot is None):
+                self._record_state()
             if self._transform(work):  # skipped: nothing changes, nothing advances
                 return loss
             items = [item for item in work if item is not None]
             if self._definition.host is None:
                 self._run_all(items)
                 return loss
-            for c, buckets, plans, same_grads in items:
-                self._run(c, buckets, plans)
-                if not same_grads and c.bound:
-                    if c.holders is None:
-                        c.holders = _placeholders(c.pviews)
-                    c.plan.bind_grads(c.holders)
-                    c.bound = False
+            with torch.no_grad():
+                for c, buckets, plans, same_grads in items:
+                    self._run(c, buckets, plans)
+                    if not same_grads and c.bound:
+                        c.plan.release_grads()
+                        c.bound = False
             self._advance_schedules()
         return loss
+
+    def _record_state(self) -> None:
+        """Remember the objects :attr:`state` holds (see :class:`_Cache`)."""
+        try:
+            self._state_snapshot = _core.Snapshot(self.state)
+        except TypeError:  # not a dict: every step takes the general path
+            self._state_snapshot = None
 
 
 class ScheduleFreeOptimizer(Optimizer):
@@ -1613,6 +1717,7 @@ class ScheduleFreeOptimizer(Optimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @_hooked
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """As :meth:`Optimizer.step`; raises ``RuntimeError`` in eval mode (call :meth:`train`
         first), changing nothing.  Every group's ``k``, ``weight_sum``, ``lr_max`` and
@@ -1632,7 +1737,7 @@ class ScheduleFreeOptimizer(Optimizer):
                     hp, k, float(group["weight_sum"]), float(group["lr_max"])
                 )
                 after.append((k + 1, weight_sum, lr_max, lr))
-        loss = super().step(closure)
+        loss = self._step(closure)
         if not self.step_skipped:  # (GradScaler's found_inf, skip_nonfinite: nothing advances)
             for group, (k, weight_sum, lr_max, lr) in zip(self.param_groups, after):
                 group.update(k=k, weight_sum=weight_sum, lr_max=lr_max, scheduled_lr=lr)
@@ -1685,6 +1790,7 @@ class ClosureOptimizer(Optimizer):
                 f"{type(self).__name__} doesn't support per-parameter options (parameter groups)"
             )
 
+    @_hooked
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """One optimization step: `closure` (which zeroes the gradients, computes the loss,
         calls ``backward()`` and returns the loss) is called as often as the search needs;

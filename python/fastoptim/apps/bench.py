@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -410,6 +410,66 @@ def step_overhead(tensors: int, repeats: int = 2000) -> float:
     opt = fast.Adam(params)
     opt.step()
     return min(_median_step(opt.step, repeats) for _ in range(3))
+
+
+TORCH_OVERHEAD_TENSORS = (1, 64, 256)  # tensors of 16 elements: fixed cost, per-tensor slope
+
+
+def torch_step_overhead(
+    tensors: Sequence[int] = TORCH_OVERHEAD_TENSORS,
+    repeats: int = 400,
+    rounds: int = 5,
+    size: int = 16,
+) -> dict[tuple[int, bool], float]:
+    """Median seconds of a ``fastoptim.torch.Adam`` step on `tensors` tensors of `size`
+    elements: (tensors, new_grads) -> seconds.  ``new_grads``: before every step (outside
+    the timed interval) each ``p.grad`` is a new tensor, as autograd makes them after
+    ``zero_grad(set_to_none=True)`` (the old one is freed first, so its memory may come back
+    at the same address); else the same gradient tensors every step.  The configurations
+    run in turn, ``rounds`` times ``repeats`` steps each, so background load hits them alike.
+    Needs torch."""
+    import torch
+
+    import fastoptim.torch as fot
+
+    runs: dict[tuple[int, bool], tuple[Any, list[Any], list[float]]] = {}
+    for n in tensors:
+        for new in (False, True):
+            params = [torch.zeros(size) for _ in range(n)]
+            for p in params:
+                p.grad = torch.full_like(p, 1e-3)
+            opt = fot.Adam(params, lr=1e-6)
+            opt.step()
+            runs[(n, new)] = (opt, params, [])
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for (_, new), (opt, params, times) in runs.items():
+            for _ in range(repeats):
+                if new:
+                    for p in params:
+                        p.grad = None
+                    for p in params:
+                        p.grad = torch.full_like(p, 1e-3)
+                t0 = clock()
+                opt.step()
+                times.append(clock() - t0)
+    return {key: statistics.median(times) for key, (_, _, times) in runs.items()}
+
+
+def format_torch_overhead(times: Mapping[tuple[int, bool], float]) -> str:
+    """The fixed cost (one tensor) and the per-tensor slope of :func:`torch_step_overhead`'s
+    result, for the same and new gradients."""
+    counts = sorted({n for n, _ in times})
+    lo, hi = counts[0], counts[-1]
+    out = []
+    for new, what in ((False, "same grads"), (True, "new grads ")):
+        cells = "  ".join(f"{n} t: {times[(n, new)] * 1e6:6.2f} us" for n in counts)
+        slope = (times[(hi, new)] - times[(lo, new)]) / max(hi - lo, 1)
+        out.append(
+            f"fastoptim.torch step, {what}: {cells}   fixed {times[(lo, new)] * 1e6:5.2f} us, "
+            f"per tensor {slope * 1e6:5.3f} us"
+        )
+    return "\n".join(out)
 
 
 SWEEP_SIZES = tuple(4**k for k in range(2, 13))  # 16 .. 16M elements

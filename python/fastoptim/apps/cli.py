@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -358,6 +359,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for n in (1, 100, 4096):
             t = bench.step_overhead(n)
             print(f"opt.step() overhead, {n:5d} tensor(s): {t * 1e6:7.2f} us")
+        if not args.no_torch and importlib.util.find_spec("torch") is not None:
+            print(bench.format_torch_overhead(bench.torch_step_overhead()))
     if args.plot:
         _plot(args, progress)
     if not busy and _busy():
@@ -686,7 +689,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     b.add_argument("--threads", type=_positive(int), help="fastoptim threads (default: all cores)")
     b.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")
-    b.add_argument("--overhead", action="store_true", help="also measure the fixed step cost")
+    b.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also measure the fixed step cost (and, with torch installed, fastoptim.torch's: "
+        "fixed and per tensor, same and new gradient tensors)",
+    )
     b.add_argument(
         "--plot",
         action="store_true",
