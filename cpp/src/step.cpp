@@ -286,8 +286,13 @@ inline void unstage_state(const float* s, uint32_t mbits, const Tensor& t, std::
     unstage(s, t.state[j], t.state_dtype[j], lo, n, t, static_cast<uint32_t>(1 + j), key);
     return;
   }
+  uint8_t* codes = static_cast<uint8_t*>(t.state[j]) + lo;
   t.absmax[j][lo / kQBlock] =
-      quantize_block(s, n, mbits, *q, static_cast<uint8_t*>(t.state[j]) + lo);
+      key.plan.rounding == Rounding::stochastic
+          ? quantize_block_stochastic(s, n, mbits, *q, codes,
+                                      key(t, static_cast<uint32_t>(1 + j), lo),
+                                      static_cast<uint32_t>(lo))
+          : quantize_block(s, n, mbits, *q, codes);
 }
 
 // The element functor over n elements: parameter of format P (updated in place, rounded as
@@ -312,6 +317,96 @@ FASTOPTIM_VECTORIZE
   ((mx[J] = m[J]), ...);
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define FASTOPTIM_Q_FUSED 1
+// With hardware gathers (AVX-512, AVX2) the states are dequantized 16 elements at a time into a
+// scratch that stays in registers and the store buffer, and the element functor runs on those
+// 16 in the compiler's vector loop inlined right after: the gathers overlap with the kernel's
+// arithmetic (one instruction stream) instead of running as passes of their own.
+#if defined(_MSC_VER) && !defined(__clang__)
+#define FASTOPTIM_ALWAYS_INLINE __forceinline
+#else
+#define FASTOPTIM_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+constexpr int64_t kQSub = 16;
+
+// Where one state's float32 values come from: its codes (value != nullptr: the map's values,
+// the block's absmax) or an array of float32 values.
+struct QSrc {
+  const float* value;
+  const uint8_t* codes;
+  float scale;
+  const float* src;
+};
+
+// 16 (Full) or m < 16 values of state `in` from element i into out.
+template <bool Full>
+FASTOPTIM_ALWAYS_INLINE void q_load(const QSrc& in, int64_t i, int64_t m, float* __restrict out) {
+  if (in.value == nullptr) {
+    std::memcpy(out, in.src + i, sizeof(float) * static_cast<std::size_t>(Full ? kQSub : m));
+    return;
+  }
+  if constexpr (Full) {
+#if defined(__AVX512F__)
+    const __m512i c =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in.codes + i)));
+    _mm512_store_ps(out, _mm512_mul_ps(_mm512_i32gather_ps(c, in.value, 4),
+                                       _mm512_set1_ps(in.scale)));
+#else
+    for (int h = 0; h < 2; ++h) {
+      const __m256i c = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in.codes + i + 8 * h)));
+      _mm256_store_ps(out + 8 * h, _mm256_mul_ps(_mm256_i32gather_ps(in.value, c, 4),
+                                                 _mm256_set1_ps(in.scale)));
+    }
+#endif
+  } else {
+    for (int64_t j = 0; j < m; ++j) out[j] = in.value[in.codes[i + j]] * in.scale;
+  }
+}
+
+// The element functor over 16 (Full) or m elements: states read from src, written to d.
+template <class P, class G, bool Stochastic, bool Full, class K, std::size_t... J, class... S>
+FASTOPTIM_ALWAYS_INLINE void q_run(const K& k, typename P::type* __restrict p,
+                                   const typename G::type* __restrict g, int64_t m,
+                                   uint32_t first, uint32_t key0,
+                                   const float (*__restrict src)[kQSub],
+                                   std::index_sequence<J...>, S* __restrict... d) {
+  const int64_t n = Full ? kQSub : m;
+FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    float pv = P::load(p[i]);
+    std::array<float, sizeof...(J)> v{src[J][i]...};
+    k(pv, G::load(g[i]), v);
+    Store<P, Stochastic>::put(
+        p[i], pv, Stochastic ? random_bits(key0, first + static_cast<uint32_t>(i)) : 0u);
+    ((d[i] = v[J]), ...);
+  }
+}
+
+// n elements: parameter of format P, gradient of format G (as sweep_absmax), states from `in`,
+// their new values into d (the states' float32 arrays or scratch blocks).
+template <class P, class G, bool Stochastic, class K, std::size_t... J, class... S>
+FASTOPTIM_NOINLINE void sweep_qfused(const K k, typename P::type* __restrict p,
+                                     const typename G::type* __restrict g, int64_t n,
+                                     uint32_t first, uint32_t key0,
+                                     [[maybe_unused]] const std::array<QSrc, sizeof...(J)> in,
+                                     std::index_sequence<J...> seq, S* __restrict... d) {
+  alignas(64) float tmp[sizeof...(J) == 0 ? 1 : sizeof...(J)][kQSub];
+  int64_t i = 0;
+  for (; i + kQSub <= n; i += kQSub) {
+    (q_load<true>(in[J], i, kQSub, tmp[J]), ...);
+    q_run<P, G, Stochastic, true>(k, p + i, g + i, kQSub, first + static_cast<uint32_t>(i), key0,
+                                  tmp, seq, (d + i)...);
+  }
+  if (i < n) {
+    (q_load<false>(in[J], i, n - i, tmp[J]), ...);
+    q_run<P, G, Stochastic, false>(k, p + i, g + i, n - i, first + static_cast<uint32_t>(i),
+                                   key0, tmp, seq, (d + i)...);
+  }
+}
+#endif
+
 template <class K, std::size_t... J>
 void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
                      std::index_sequence<J...> seq) {
@@ -330,6 +425,30 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
     const int64_t n = std::min(kQBlock, t.size - lo);
     const auto first = static_cast<uint32_t>(lo);
     uint32_t mx[N == 0 ? 1 : N];
+#ifdef FASTOPTIM_Q_FUSED
+    if (direct != 0) {
+      float* s[N == 0 ? 1 : N] = {
+          (q[J] ? buf_s[J] : staged(t.state[J], t.state_dtype[J], lo, n, buf_s[J]))...};
+      const std::array<QSrc, N> in = {QSrc{
+          q[J] ? q[J]->value : nullptr, static_cast<const uint8_t*>(t.state[J]) + lo,
+          q[J] ? t.absmax[J][lo / kQBlock] : 0.0f, s[J]}...};
+      if (direct == 1) {
+        sweep_qfused<F32, F32, false>(k, static_cast<float*>(t.param) + lo,
+                                      static_cast<const float*>(t.grad) + lo, n, first, 0u, in,
+                                      seq, s[J]...);
+      } else {
+        uint16_t* p = static_cast<uint16_t*>(t.param) + lo;
+        const uint16_t* g = static_cast<const uint16_t*>(t.grad) + lo;
+        if (sr)
+          sweep_qfused<BF16, BF16, true>(k, p, g, n, first, key(t, 0, lo), in, seq, s[J]...);
+        else
+          sweep_qfused<BF16, BF16, false>(k, p, g, n, first, 0u, in, seq, s[J]...);
+      }
+      ((mx[J] = q[J] ? absmax_bits(s[J], n) : 0u), ...);
+      (unstage_state(s[J], mx[J], t, J, q[J], lo, n, key), ...);
+      continue;
+    }
+#endif
     float* s[N == 0 ? 1 : N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
     if (direct == 1) {
       sweep_absmax<F32, F32, false>(k, static_cast<float*>(t.param) + lo,

@@ -193,6 +193,39 @@ inline float quantize_block(const float* __restrict v, int64_t n, const QTables&
 }
 
 // out[i] = value[codes[i]] * absmax (hardware gathers with AVX-512 / AVX2, as q_codes).
+// Stochastic rounding of the codes (rounding="stochastic"): x, between the neighbouring map
+// values a = value[c] <= x < b = value[c + 1], takes code c + 1 with probability (x - a) / (b - a)
+// (so the dequantized value is x in expectation), decided by 24 of the element's 32 random
+// bits r: up when float(r >> 8) * 2^-24 * (b - a) < x - a (float32 arithmetic, as
+// fastoptim.reference.quantize_to_code_stochastic).  A value on a map value keeps its code;
+// beyond the first or last value (no neighbour on that side) x takes that value's code.
+inline uint8_t q_code_stochastic(float x, const QTables& q, uint32_t r) {
+  const int32_t c = q_code(x, q.bucket, q.neg_base, q.neg_cap);  // the nearest: c or c + 1 below
+  const int32_t lo = q.value[c] <= x ? c : c - 1;                  // value[lo] <= x
+  if (lo < 0) return 0;
+  if (lo >= q.ncodes - 1) return static_cast<uint8_t>(q.ncodes - 1);
+  const float a = q.value[lo], w = q.value[lo + 1] - a;
+  const bool up = static_cast<float>(r >> 8) * 0x1p-24f * w < x - a;
+  return static_cast<uint8_t>(lo + (up ? 1 : 0));
+}
+
+// quantize_block with stochastic rounding of the codes: element i draws random_bits(key,
+// first + i).
+inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uint32_t mb,
+                                       const QTables& q, uint8_t* __restrict codes, uint32_t key,
+                                       uint32_t first) {
+  if (mb >= 0x7F800000u) {
+    for (int64_t i = 0; i < n; ++i) codes[i] = q.zero;
+    return float_of(0x7FC00000u);
+  }
+  const QScale s = q_scale(mb);
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = s.divide ? v[i] / s.absmax : v[i] * s.inv;
+    codes[i] = q_code_stochastic(x, q, random_bits(key, first + static_cast<uint32_t>(i)));
+  }
+  return s.absmax;
+}
+
 inline void dequantize_block(const uint8_t* __restrict codes, int64_t n, float absmax,
                              const QTables& q, float* __restrict out) {
   const float* __restrict value = q.value;
