@@ -213,6 +213,7 @@ def test_step_is_float32_step_on_dequantized_state(isa: str, name: str, layout: 
                     ref.state[i][n][...] = _float_state(opt, i, n)
         ref.step(grads)
         opt.step(grads)
+        order = list(opt._groups[0].hyper.state_names())
         for i, p in enumerate(params):
             same_bits(p, mirror[i], f"{layout} step {t} param {i}")
             for n, v in opt.state[i].items():
@@ -222,12 +223,58 @@ def test_step_is_float32_step_on_dequantized_state(isa: str, name: str, layout: 
                 if n + "_absmax" in opt.state[i]:
                     assert p.size >= 4096
                     code = reference.create_dynamic_map(precision.QUANT_MAPS[n] == "signed8")
-                    rc, ra = reference.quantize_blockwise(want, code)
+                    bits = None  # stochastic rounding: state j's stream is array 1 + j
+                    if rounding == "stochastic":
+                        bits = reference.stochastic_bits(5, t, i, 1 + order.index(n), p.size)
+                    rc, ra = reference.quantize_blockwise(want, code, bits=bits)
                     same_bits(v, rc, f"{layout} step {t} codes {n} of {i}")
                     same_bits(opt.state[i][n + "_absmax"], ra, f"absmax {n} of {i}")
                 else:
                     assert p.size < 4096 or n in ("master", "compensation")
                     same_bits(v, want, f"{layout} step {t} state {n} of {i}")
+
+
+def test_stochastic_codes_are_unbiased() -> None:
+    """rounding="stochastic": a value between two map values takes the upper code with
+    probability equal to its distance from the lower one over their gap, so the dequantized
+    state equals the value in expectation (SGD's first momentum buffer is the gradient itself,
+    quantized once per seed)."""
+    code = reference.create_dynamic_map(True)
+    n = 8192
+    lo = np.arange(n) % 250 + 2  # code pairs (lo, lo + 1), avoiding both ends
+    frac = np.array([0.0, 0.1, 0.25, 0.5, 0.75, 0.9], np.float32)[np.arange(n) // 250 % 6]
+    g = (code[lo] + frac * (code[lo + 1] - code[lo])).astype(np.float32)
+    g[::256] = 1.0  # absmax 1 in every block: the normalized values are g itself
+    seeds = 300
+    up = np.zeros(n)
+    for seed in range(seeds):
+        p = np.zeros(n, np.float32)
+        opt = fo.SGD([p], lr=0.0, momentum=0.9, state_dtype="int8", rounding="stochastic",
+                     seed=seed)  # fmt: skip
+        opt.step([g])
+        codes, absmax = opt.state[0]["momentum_buffer"], opt.state[0]["momentum_buffer_absmax"]
+        assert np.all(absmax == 1.0)
+        want, _ = reference.quantize_blockwise(
+            g, code, bits=reference.stochastic_bits(seed, 1, 0, 1, n)
+        )
+        same_bits(codes, want, f"seed {seed}")
+        keep = np.arange(n) % 256 != 0
+        assert np.all((codes == lo) | (codes == lo + 1) | ~keep)
+        up += codes == lo + 1
+    p_up = up / seeds
+    keep = np.arange(n) % 256 != 0
+    for f in np.unique(frac):
+        sel = keep & (frac == f)
+        # each element's frequency within 5 standard deviations of its probability
+        tol = 5 * np.sqrt(max(f * (1 - f), 1e-3) / seeds)
+        assert np.all(np.abs(p_up[sel] - f) <= tol), (f, np.abs(p_up[sel] - f).max())
+        assert abs(p_up[sel].mean() - f) < 0.01, (f, p_up[sel].mean())
+    assert np.all(p_up[keep & (frac == 0)] == 0)  # a map value keeps its code
+    mean = (code[lo] * (1 - p_up) + code[lo + 1] * p_up).astype(np.float32)
+    rel = (mean - g)[keep] / (code[lo + 1] - code[lo])[keep]
+    # unbiased: the mean dequantized value is g (each element's mean is off by ~0.025 of its
+    # gap at random, their average by ~0.0003; a bias of 1/1000 of the gap would show)
+    assert abs(rel.mean()) < 0.002, rel.mean()
 
 
 def test_bit_identical_across_threads_and_chunks() -> None:

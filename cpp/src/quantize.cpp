@@ -61,6 +61,8 @@ QTables build(const std::vector<float>& map) {
   const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
   q.pos_base = static_cast<int32_t>(first);
   q.neg_max = q.pos_base;
+  q.neg_base = 2 * q.pos_base;
+  q.neg_cap = q.pos_base + q.neg_max;
   const std::vector<float> pos(map.begin() + first, map.end());
   for (int32_t r = 1; r <= q.neg_max; ++r)
     if (map[static_cast<std::size_t>(q.pos_base - r)] != -pos[static_cast<std::size_t>(r)])
@@ -85,10 +87,10 @@ QTables build(const std::vector<float>& map) {
       else if (tj < hi) { ++inside; thr = tj; }
     }
     if (inside > 1) throw std::logic_error("quantization map: two thresholds in one bucket");
-    if (inside && (k == 0 || k == kQBuckets - 1))
-      throw std::logic_error("quantization map: a threshold in an end bucket");
-    q.bucket[k] = static_cast<uint32_t>(below) << 16 |
-                  (inside ? 0x1000000u | (bits_of(thr) & 0xFFFFu) : 0u);
+    if (inside && k == 0) throw std::logic_error("quantization map: a threshold in bucket 0");
+    if (q.pos_base + below + inside > 255) throw std::logic_error("quantization map: code > 255");
+    q.bucket[k] = static_cast<uint32_t>(q.pos_base + below) << 16 |
+                  (inside ? 0xFFFFu - (bits_of(thr) & 0xFFFFu) : 0u);
   }
   q.zero = q_code(0.0f, q);
   return q;

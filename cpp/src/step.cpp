@@ -208,6 +208,23 @@ inline void unstage(const float* s, void* a, DType d, int64_t lo, int64_t n, con
   }
 }
 
+struct F32 {  // float32 storage
+  using type = float;
+  static float load(float x) { return x; }
+};
+
+// Storing a float32 result into format F (F32: as is; BF16 to nearest or stochastically with
+// the element's random bits).
+template <class F, bool Stochastic> struct Store {
+  static void put(typename F::type& dst, float v, uint32_t) { dst = v; }
+};
+template <> struct Store<BF16, false> {
+  static void put(uint16_t& dst, float v, uint32_t) { dst = bf16_round_nearest(v); }
+};
+template <> struct Store<BF16, true> {
+  static void put(uint16_t& dst, float v, uint32_t r) { dst = bf16_round_stochastic(v, r); }
+};
+
 // Elements per block of the converting path: its float32 copies stay in L1.
 constexpr int64_t kBlock = 256;
 
@@ -246,13 +263,16 @@ void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const R
 
 // ------------------------------------------------------------------ quantized state
 // A tensor with a block-quantized state (quantize.hpp) runs block by block, each block of
-// kQBlock elements of the tensor whole: dequantize its quantized states into float32, load and
-// convert the other arrays as the converting path does, run the same element functor, then the
-// block's new absmax and codes (and the other arrays stored back rounded).  The driver's chunks
-// do not respect blocks: a block belongs to the chunk (range [a, b) of the tensor) that holds its
-// first element, and is updated whole by it, even past b; the next chunk skips the elements of
-// that block.  So every block is updated exactly once, by one thread, with the same arithmetic
-// whatever the thread count.
+// kQBlock elements of the tensor whole: dequantize its quantized states into float32 (the others
+// loaded and converted as the converting path does), one loop running the same element functor
+// and taking each state's new absmax, then the block's codes.  The parameter and gradient are
+// converted in registers in that loop for float32 and bfloat16 parameters with gradients of
+// their dtype (and no master copy, Kahan or copy-out); other layouts are staged through float32
+// buffers as the converting path stages them.  The driver's chunks do not respect blocks: a
+// block belongs to the chunk (range [a, b) of the tensor) that holds its first element, and is
+// updated whole by it, even past b; the next chunk skips the elements of that block.  So every
+// block is updated exactly once, by one thread, with the same arithmetic whatever the thread
+// count.
 inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int64_t lo,
                            int64_t n, float* buf) {
   if (q == nullptr) return staged(t.state[j], t.state_dtype[j], lo, n, buf);
@@ -261,18 +281,136 @@ inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int
   return buf;
 }
 
-inline void unstage_state(const float* s, const Tensor& t, std::size_t j, const QTables* q,
-                          int64_t lo, int64_t n, const RoundingKey& key) {
+inline void unstage_state(const float* s, uint32_t mbits, const Tensor& t, std::size_t j,
+                          const QTables* q, int64_t lo, int64_t n, const RoundingKey& key) {
   if (q == nullptr) {
     unstage(s, t.state[j], t.state_dtype[j], lo, n, t, static_cast<uint32_t>(1 + j), key);
     return;
   }
-  t.absmax[j][lo / kQBlock] = quantize_block(s, n, *q, static_cast<uint8_t*>(t.state[j]) + lo);
+  uint8_t* codes = static_cast<uint8_t*>(t.state[j]) + lo;
+  t.absmax[j][lo / kQBlock] =
+      key.plan.rounding == Rounding::stochastic
+          ? quantize_block_stochastic(s, n, mbits, *q, codes,
+                                      key(t, static_cast<uint32_t>(1 + j), lo),
+                                      static_cast<uint32_t>(lo))
+          : quantize_block(s, n, mbits, *q, codes);
 }
+
+// The element functor over n elements: parameter of format P (updated in place, rounded as
+// Stochastic says with the bits of stream `key0` from element `first`), gradient of format G,
+// float32 states s (updated in place); mx[j] = absmax_bits of state j's new values.
+template <class P, class G, bool Stochastic, class K, std::size_t... J, class... S>
+FASTOPTIM_NOINLINE void sweep_absmax(const K k, typename P::type* __restrict p,
+                                     const typename G::type* __restrict g, int64_t n,
+                                     uint32_t first, uint32_t key0, uint32_t* __restrict mx,
+                                     std::index_sequence<J...>, S* __restrict... s) {
+  [[maybe_unused]] std::array<uint32_t, sizeof...(J)> m{};
+FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    float pv = P::load(p[i]);
+    std::array<float, sizeof...(J)> v{s[i]...};
+    k(pv, G::load(g[i]), v);
+    Store<P, Stochastic>::put(
+        p[i], pv, Stochastic ? random_bits(key0, first + static_cast<uint32_t>(i)) : 0u);
+    ((s[i] = v[J]), ...);
+    ((m[J] = std::max(m[J], bits_of(v[J]) & 0x7FFFFFFFu)), ...);
+  }
+  ((mx[J] = m[J]), ...);
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define FASTOPTIM_Q_FUSED 1
+// With hardware gathers (AVX-512, AVX2) the states are dequantized 16 elements at a time into a
+// scratch that stays in registers and the store buffer, and the element functor runs on those
+// 16 in the compiler's vector loop inlined right after: the gathers overlap with the kernel's
+// arithmetic (one instruction stream) instead of running as passes of their own.
+#if defined(_MSC_VER) && !defined(__clang__)
+#define FASTOPTIM_ALWAYS_INLINE __forceinline
+#else
+#define FASTOPTIM_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+constexpr int64_t kQSub = 16;
+
+// Where one state's float32 values come from: its codes (value != nullptr: the map's values,
+// the block's absmax) or an array of float32 values.
+struct QSrc {
+  const float* value;
+  const uint8_t* codes;
+  float scale;
+  const float* src;
+};
+
+// 16 (Full) or m < 16 values of state `in` from element i into out.
+template <bool Full>
+FASTOPTIM_ALWAYS_INLINE void q_load(const QSrc& in, int64_t i, int64_t m, float* __restrict out) {
+  if (in.value == nullptr) {
+    std::memcpy(out, in.src + i, sizeof(float) * static_cast<std::size_t>(Full ? kQSub : m));
+    return;
+  }
+  if constexpr (Full) {
+#if defined(__AVX512F__)
+    const __m512i c =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in.codes + i)));
+    _mm512_store_ps(out, _mm512_mul_ps(_mm512_i32gather_ps(c, in.value, 4),
+                                       _mm512_set1_ps(in.scale)));
+#else
+    for (int h = 0; h < 2; ++h) {
+      const __m256i c = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in.codes + i + 8 * h)));
+      _mm256_store_ps(out + 8 * h, _mm256_mul_ps(_mm256_i32gather_ps(in.value, c, 4),
+                                                 _mm256_set1_ps(in.scale)));
+    }
+#endif
+  } else {
+    for (int64_t j = 0; j < m; ++j) out[j] = in.value[in.codes[i + j]] * in.scale;
+  }
+}
+
+// The element functor over 16 (Full) or m elements: states read from src, written to d.
+template <class P, class G, bool Stochastic, bool Full, class K, std::size_t... J, class... S>
+FASTOPTIM_ALWAYS_INLINE void q_run(const K& k, typename P::type* __restrict p,
+                                   const typename G::type* __restrict g, int64_t m,
+                                   uint32_t first, uint32_t key0,
+                                   const float (*__restrict src)[kQSub],
+                                   std::index_sequence<J...>, S* __restrict... d) {
+  const int64_t n = Full ? kQSub : m;
+FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    float pv = P::load(p[i]);
+    std::array<float, sizeof...(J)> v{src[J][i]...};
+    k(pv, G::load(g[i]), v);
+    Store<P, Stochastic>::put(
+        p[i], pv, Stochastic ? random_bits(key0, first + static_cast<uint32_t>(i)) : 0u);
+    ((d[i] = v[J]), ...);
+  }
+}
+
+// n elements: parameter of format P, gradient of format G (as sweep_absmax), states from `in`,
+// their new values into d (the states' float32 arrays or scratch blocks).
+template <class P, class G, bool Stochastic, class K, std::size_t... J, class... S>
+FASTOPTIM_NOINLINE void sweep_qfused(const K k, typename P::type* __restrict p,
+                                     const typename G::type* __restrict g, int64_t n,
+                                     uint32_t first, uint32_t key0,
+                                     [[maybe_unused]] const std::array<QSrc, sizeof...(J)> in,
+                                     std::index_sequence<J...> seq, S* __restrict... d) {
+  alignas(64) float tmp[sizeof...(J) == 0 ? 1 : sizeof...(J)][kQSub];
+  int64_t i = 0;
+  for (; i + kQSub <= n; i += kQSub) {
+    (q_load<true>(in[J], i, kQSub, tmp[J]), ...);
+    q_run<P, G, Stochastic, true>(k, p + i, g + i, kQSub, first + static_cast<uint32_t>(i), key0,
+                                  tmp, seq, (d + i)...);
+  }
+  if (i < n) {
+    (q_load<false>(in[J], i, n - i, tmp[J]), ...);
+    q_run<P, G, Stochastic, false>(k, p + i, g + i, n - i, first + static_cast<uint32_t>(i),
+                                   key0, tmp, seq, (d + i)...);
+  }
+}
+#endif
 
 template <class K, std::size_t... J>
 void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
-                     std::index_sequence<J...>) {
+                     std::index_sequence<J...> seq) {
   constexpr std::size_t N = sizeof...(J);
   alignas(64) float buf_p[kQBlock], buf_old[kQBlock], buf_g[kQBlock];
   alignas(64) float buf_s[N == 0 ? 1 : N][kQBlock];
@@ -280,23 +418,66 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
       (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
   (void)buf_s;
   (void)q;
+  // The layouts converted in registers (0: none of them).
+  const bool plain = t.comp == nullptr && t.out == nullptr && t.grad_dtype == t.dtype;
+  const int direct = !plain ? 0 : (t.dtype == DType::f32 ? 1 : (t.dtype == DType::bf16 ? 2 : 0));
+  const bool sr = key.plan.rounding == Rounding::stochastic;
   for (int64_t lo = (a + kQBlock - 1) / kQBlock * kQBlock; lo < b; lo += kQBlock) {
     const int64_t n = std::min(kQBlock, t.size - lo);
-    float* p = staged(t.param, t.dtype, lo, n, buf_p);
-    const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
-    float* s[N == 0 ? 1 : N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
-    if (t.comp) std::copy(p, p + n, buf_old);
-    sweep(k, p, g, n, s[J]...);
-    if (t.comp) {
-      uint16_t* param = static_cast<uint16_t*>(t.param) + lo;
-      uint16_t* comp = static_cast<uint16_t*>(t.comp) + lo;
-      t.dtype == DType::bf16 ? store_kahan<BF16>(p, buf_old, n, param, comp)
-                             : store_kahan<F16>(p, buf_old, n, param, comp);
-    } else {
-      unstage(p, t.param, t.dtype, lo, n, t, 0, key);
+    const auto first = static_cast<uint32_t>(lo);
+    uint32_t mx[N == 0 ? 1 : N];
+#ifdef FASTOPTIM_Q_FUSED
+    if (direct != 0) {
+      float* s[N == 0 ? 1 : N] = {
+          (q[J] ? buf_s[J] : staged(t.state[J], t.state_dtype[J], lo, n, buf_s[J]))...};
+      const std::array<QSrc, N> in = {QSrc{
+          q[J] ? q[J]->value : nullptr, static_cast<const uint8_t*>(t.state[J]) + lo,
+          q[J] ? t.absmax[J][lo / kQBlock] : 0.0f, s[J]}...};
+      if (direct == 1) {
+        sweep_qfused<F32, F32, false>(k, static_cast<float*>(t.param) + lo,
+                                      static_cast<const float*>(t.grad) + lo, n, first, 0u, in,
+                                      seq, s[J]...);
+      } else {
+        uint16_t* p = static_cast<uint16_t*>(t.param) + lo;
+        const uint16_t* g = static_cast<const uint16_t*>(t.grad) + lo;
+        if (sr)
+          sweep_qfused<BF16, BF16, true>(k, p, g, n, first, key(t, 0, lo), in, seq, s[J]...);
+        else
+          sweep_qfused<BF16, BF16, false>(k, p, g, n, first, 0u, in, seq, s[J]...);
+      }
+      ((mx[J] = q[J] ? absmax_bits(s[J], n) : 0u), ...);
+      (unstage_state(s[J], mx[J], t, J, q[J], lo, n, key), ...);
+      continue;
     }
-    (unstage_state(s[J], t, J, q[J], lo, n, key), ...);
-    if (t.out) unstage(p, t.out, t.out_dtype, lo, n, t, 0, key);
+#endif
+    float* s[N == 0 ? 1 : N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
+    if (direct == 1) {
+      sweep_absmax<F32, F32, false>(k, static_cast<float*>(t.param) + lo,
+                                    static_cast<const float*>(t.grad) + lo, n, first, 0u, mx, seq,
+                                    s[J]...);
+    } else if (direct == 2) {
+      uint16_t* p = static_cast<uint16_t*>(t.param) + lo;
+      const uint16_t* g = static_cast<const uint16_t*>(t.grad) + lo;
+      if (sr)
+        sweep_absmax<BF16, BF16, true>(k, p, g, n, first, key(t, 0, lo), mx, seq, s[J]...);
+      else
+        sweep_absmax<BF16, BF16, false>(k, p, g, n, first, 0u, mx, seq, s[J]...);
+    } else {
+      float* p = staged(t.param, t.dtype, lo, n, buf_p);
+      const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
+      if (t.comp) std::copy(p, p + n, buf_old);
+      sweep_absmax<F32, F32, false>(k, p, g, n, first, 0u, mx, seq, s[J]...);
+      if (t.comp) {
+        uint16_t* param = static_cast<uint16_t*>(t.param) + lo;
+        uint16_t* comp = static_cast<uint16_t*>(t.comp) + lo;
+        t.dtype == DType::bf16 ? store_kahan<BF16>(p, buf_old, n, param, comp)
+                               : store_kahan<F16>(p, buf_old, n, param, comp);
+      } else {
+        unstage(p, t.param, t.dtype, lo, n, t, 0, key);
+      }
+      if (t.out) unstage(p, t.out, t.out_dtype, lo, n, t, 0, key);
+    }
+    (unstage_state(s[J], mx[J], t, J, q[J], lo, n, key), ...);
   }
 }
 
@@ -306,22 +487,6 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
 // with the very same element functor and rounding functions, so results are identical.  A
 // small closed set (chosen per tensor at run time, see Fused): everything else converts block
 // by block (sweep_converting).
-struct F32 {  // float32 storage
-  using type = float;
-  static float load(float x) { return x; }
-};
-
-// Storing a float32 result into format F (F32: as is; BF16 to nearest or stochastically with
-// the element's random bits).
-template <class F, bool Stochastic> struct Store {
-  static void put(typename F::type& dst, float v, uint32_t) { dst = v; }
-};
-template <> struct Store<BF16, false> {
-  static void put(uint16_t& dst, float v, uint32_t) { dst = bf16_round_nearest(v); }
-};
-template <> struct Store<BF16, true> {
-  static void put(uint16_t& dst, float v, uint32_t r) { dst = bf16_round_stochastic(v, r); }
-};
 
 // One fused sweep of n elements from element `first` of their tensor: parameter of format P
 // (updated in place), gradient of format G, states of format S, and a bfloat16 copy of the

@@ -60,6 +60,7 @@ __all__ = [
     "dequantize_blockwise",
     "quantize_blockwise",
     "quantize_to_code",
+    "quantize_to_code_stochastic",
     "random_bits",
     "random_key",
     "round_to_bfloat16",
@@ -801,16 +802,40 @@ def quantize_to_code(x: np.ndarray, code: np.ndarray) -> np.ndarray:
     return out
 
 
+def quantize_to_code_stochastic(x: np.ndarray, code: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Stochastic rounding onto the sorted map `code`: each float32 `x` between neighbouring
+    values ``a = code[c] <= x < b = code[c + 1]`` takes index ``c + 1`` with probability
+    ``(x - a) / (b - a)`` (the expected value is `x`), decided by its 32 random `bits` (uint32):
+    up when ``float32(bits >> 8) * 2**-24 * (b - a) < x - a`` in float32 arithmetic.  A value
+    on a map value keeps its index; below the first value or from the last one on, the index of
+    that value.  `x` must not hold NaN."""
+    x = np.asarray(x, np.float32)
+    code = np.asarray(code, np.float32)
+    c = quantize_to_code(x, code).astype(np.int64)
+    lo = np.where(code[c] <= x, c, c - 1)
+    k = np.clip(lo, 0, code.size - 2)
+    a = code[k]
+    w = code[k + 1] - a
+    u = (np.asarray(bits, np.uint32) >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+    up = u * w < x - a
+    out = np.where(lo < 0, 0, np.where(lo >= code.size - 1, code.size - 1, lo + up))
+    result: np.ndarray = out.astype(np.uint8)
+    return result
+
+
 def quantize_blockwise(
-    x: np.ndarray, code: np.ndarray, blocksize: int = 256
+    x: np.ndarray, code: np.ndarray, blocksize: int = 256, bits: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Block-wise quantization of float32 `x` (flattened, blocks of `blocksize` consecutive
     elements, the last one possibly shorter): ``(codes, absmax)``, codes uint8 shaped like `x`,
     absmax float32 with one entry per block.  Per block: ``absmax = max |x|``; each element
     ``x * float32(1 / absmax)`` (``x / absmax`` when ``1 / absmax`` overflows) takes the nearest
-    code (:func:`quantize_to_code`).  A block of zeros stores absmax 0; a block holding NaN or
-    Inf stores absmax NaN: both take the code of 0 everywhere."""
+    code (:func:`quantize_to_code`), or with `bits` (uint32 random bits, one per element of
+    `x`) a stochastically rounded one (:func:`quantize_to_code_stochastic`).  A block of zeros
+    stores absmax 0; a block holding NaN or Inf stores absmax NaN: both take the code of 0
+    everywhere."""
     flat = np.ascontiguousarray(x, np.float32).reshape(-1)
+    rbits = None if bits is None else np.asarray(bits, np.uint32).reshape(-1)
     codes = np.empty(flat.size, np.uint8)
     nblocks = -(-flat.size // blocksize)
     absmax = np.empty(nblocks, np.float32)
@@ -825,7 +850,12 @@ def quantize_blockwise(
         with np.errstate(divide="ignore", over="ignore"):
             inv = np.float32(1) / m if m > 0 else np.float32(0)
             scaled = v / m if np.isinf(inv) else v * inv
-        codes[b * blocksize : b * blocksize + v.size] = quantize_to_code(scaled, code)
+        sel = slice(b * blocksize, b * blocksize + v.size)
+        codes[sel] = (
+            quantize_to_code(scaled, code)
+            if rbits is None
+            else quantize_to_code_stochastic(scaled, code, rbits[sel])
+        )
     return codes.reshape(np.shape(x)), absmax
 
 

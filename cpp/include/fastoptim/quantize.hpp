@@ -15,13 +15,28 @@
 //   element of it then loads as NaN (divergence stays visible, as with float32 state).
 //
 // The nearest code is found without a search: the float32 bit pattern of |x| (exponent and 7
-// mantissa bits) indexes a bucket of at most one decision threshold, so a code is one table
-// rank, one comparison and a select (vectorizes with gathers; same bits on every ISA).
+// mantissa bits) indexes a bucket of at most one decision threshold, and the bucket's one word
+// gives the code of |x| as (word + low 16 bits of x) >> 16 (the carry out of the low half is the
+// comparison with the threshold); a negative x then takes the mirrored code.  One table load, a
+// few integer operations (vectorizes with gathers; the same bits on every ISA).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "fastoptim/convert.hpp"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// (GCC 12's intrinsics trip -Wmaybe-uninitialized inside the header, GCC bug 105593.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
+#endif
 
 namespace fastoptim {
 
@@ -38,13 +53,16 @@ struct QTables {
   int ncodes = 0;
   float value[256] = {};  // code -> value, ascending
   // Codes of non-negative x: pos_base + rank; of negative x: pos_base - min(rank, neg_max), rank
-  // being the number of decision thresholds below |x| among the non-negative map values.
-  int32_t pos_base = 0, neg_max = 0;
+  // being the number of decision thresholds below |x| among the non-negative map values.  With
+  // c = pos_base + rank, the code of a negative x is neg_base - min(c, neg_cap)
+  // (neg_base = 2 pos_base, neg_cap = pos_base + neg_max).
+  int32_t pos_base = 0, neg_max = 0, neg_base = 0, neg_cap = 0;
   uint8_t zero = 0;  // the code of 0 (of a block that is all zeros, NaN or infinite)
-  // Per bucket, one word (one gather): bits 16-23 the thresholds below the bucket; bit 24 set
-  // when a threshold lies inside it, bits 0-15 then its low 16 bits (the high 16 are the
-  // bucket's own: |x| > threshold <=> the low halves compare so).  The first and last buckets
-  // hold no threshold, so |x| clamped into them compares as it should.
+  // Per bucket, one word (one gather): (pos_base + thresholds below the bucket) << 16, plus,
+  // when a threshold lies inside the bucket, 0xFFFF - its low 16 bits (the high 16 are the
+  // bucket's own): adding |x|'s low 16 bits carries into the high half exactly when
+  // |x| > threshold.  The first bucket holds no threshold, so |x| clamped into it counts right;
+  // normalized values (|x| <= 1 + 2^-23) never pass the last one.
   uint32_t bucket[kQBuckets] = {};
 };
 
@@ -63,23 +81,18 @@ namespace {
 #define FASTOPTIM_Q_VECTORIZE
 #endif
 
-// The code of one normalized value x (finite, |x| <= ~1) with the map's bucket words and
+// The code of one normalized value x (finite, |x| < 2) with the map's bucket words and
 // bases (loop-invariant copies of QTables' fields: a code store could alias the struct).
-inline uint8_t q_code(float x, const uint32_t* __restrict bucket, int32_t pos_base,
-                      int32_t neg_max) {
+inline uint8_t q_code(float x, const uint32_t* __restrict bucket, int32_t neg_base,
+                      int32_t neg_cap) {
   const uint32_t b = bits_of(x);
-  const uint32_t a = b & 0x7FFFFFFFu;
-  int32_t k = static_cast<int32_t>(a >> 16) - static_cast<int32_t>(kQBucketBase);
-  k = k < 0 ? 0 : (k > kQBuckets - 1 ? kQBuckets - 1 : k);
-  const uint32_t w = bucket[k];
-  const uint32_t has = (w >> 24) & 1u;
-  const uint32_t above = has & ((a & 0xFFFFu) > (w & 0xFFFFu) ? 1u : 0u);
-  const int32_t r = static_cast<int32_t>(((w >> 16) & 0xFFu) + above);
-  const int32_t neg = pos_base - (r < neg_max ? r : neg_max);
-  return static_cast<uint8_t>((b >> 31) != 0 ? neg : pos_base + r);
+  const uint32_t hi = (b & 0x7FFFFFFFu) >> 16;
+  const uint32_t k = (hi < kQBucketBase ? kQBucketBase : hi) - kQBucketBase;
+  const auto c = static_cast<int32_t>((bucket[k] + (b & 0xFFFFu)) >> 16);
+  return static_cast<uint8_t>((b >> 31) != 0 ? neg_base - (c < neg_cap ? c : neg_cap) : c);
 }
 inline uint8_t q_code(float x, const QTables& q) {
-  return q_code(x, q.bucket, q.pos_base, q.neg_max);
+  return q_code(x, q.bucket, q.neg_base, q.neg_cap);
 }
 
 // max |v| of n values as a bit pattern: ordered like the magnitudes, NaN above Inf above the rest.
@@ -104,25 +117,111 @@ inline QScale q_scale(uint32_t mbits) {
   return {absmax, inv, bits_of(inv) == 0x7F800000u};
 }
 
-// Quantize n <= kQBlock values into codes; returns the block's absmax (NaN for a non-finite block).
-inline float quantize_block(const float* __restrict v, int64_t n, const QTables& q,
+// codes[i] = q_code(v[i] * inv) for n values: with AVX-512 or AVX2, 16 or 8 at a time through a
+// hardware gather (compilers emulate gathers with scalar loads under their generic tuning),
+// computing exactly q_code's integers; a plain loop elsewhere and for the tail.
+inline void q_codes(const float* __restrict v, int64_t n, float inv, const QTables& q,
+                    uint8_t* __restrict codes) {
+  const uint32_t* __restrict bucket = q.bucket;
+  const int32_t neg_base = q.neg_base, neg_cap = q.neg_cap;
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32(0xFFFF),
+                base = _mm512_set1_epi32(static_cast<int>(kQBucketBase)),
+                nbase = _mm512_set1_epi32(neg_base), ncap = _mm512_set1_epi32(neg_cap);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i b = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v + i), vinv));
+    const __m512i hi = _mm512_srli_epi32(_mm512_and_si512(b, abs_mask), 16);
+    const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(hi, base), base);
+    const __m512i w = _mm512_i32gather_epi32(k, bucket, 4);
+    const __m512i c = _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, low)), 16);
+    const __m512i code =
+        _mm512_mask_sub_epi32(c, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c, ncap));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
+  }
+#elif defined(__AVX2__)
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), low = _mm256_set1_epi32(0xFFFF),
+                base = _mm256_set1_epi32(static_cast<int>(kQBucketBase)),
+                nbase = _mm256_set1_epi32(neg_base), ncap = _mm256_set1_epi32(neg_cap);
+  const __m256i pack = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv));
+    const __m256i hi = _mm256_srli_epi32(_mm256_and_si256(b, abs_mask), 16);
+    const __m256i k = _mm256_sub_epi32(_mm256_max_epi32(hi, base), base);
+    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(bucket), k, 4);
+    const __m256i c = _mm256_srli_epi32(_mm256_add_epi32(w, _mm256_and_si256(b, low)), 16);
+    const __m256i neg = _mm256_sub_epi32(nbase, _mm256_min_epi32(c, ncap));
+    const __m256i code = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(c), _mm256_castsi256_ps(neg), _mm256_castsi256_ps(b)));
+    const __m256i bytes = _mm256_shuffle_epi8(code, pack);  // 4 codes per 128-bit lane
+    const uint64_t two = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0)) |
+                         static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4)))
+                             << 32;
+    std::memcpy(codes + i, &two, 8);
+  }
+#endif
+  for (; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket, neg_base, neg_cap);
+}
+
+// Quantize n <= kQBlock values whose absmax_bits are `mb` into codes; returns the block's absmax
+// (NaN for a non-finite block).
+inline float quantize_block(const float* __restrict v, int64_t n, uint32_t mb, const QTables& q,
                             uint8_t* __restrict codes) {
-  const uint32_t mb = absmax_bits(v, n);
   if (mb >= 0x7F800000u) {
     for (int64_t i = 0; i < n; ++i) codes[i] = q.zero;
     return float_of(0x7FC00000u);
   }
   const QScale s = q_scale(mb);
   const uint32_t* __restrict bucket = q.bucket;
-  const int32_t pos_base = q.pos_base, neg_max = q.neg_max;
+  const int32_t neg_base = q.neg_base, neg_cap = q.neg_cap;
   if (s.divide) {
     const float absmax = s.absmax;
     FASTOPTIM_Q_VECTORIZE
-    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / absmax, bucket, pos_base, neg_max);
+    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / absmax, bucket, neg_base, neg_cap);
   } else {
-    const float inv = s.inv;
-    FASTOPTIM_Q_VECTORIZE
-    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket, pos_base, neg_max);
+    q_codes(v, n, s.inv, q, codes);
+  }
+  return s.absmax;
+}
+inline float quantize_block(const float* __restrict v, int64_t n, const QTables& q,
+                            uint8_t* __restrict codes) {
+  return quantize_block(v, n, absmax_bits(v, n), q, codes);
+}
+
+// out[i] = value[codes[i]] * absmax (hardware gathers with AVX-512 / AVX2, as q_codes).
+// Stochastic rounding of the codes (rounding="stochastic"): x, between the neighbouring map
+// values a = value[c] <= x < b = value[c + 1], takes code c + 1 with probability (x - a) / (b - a)
+// (so the dequantized value is x in expectation), decided by 24 of the element's 32 random
+// bits r: up when float(r >> 8) * 2^-24 * (b - a) < x - a (float32 arithmetic, as
+// fastoptim.reference.quantize_to_code_stochastic).  A value on a map value keeps its code;
+// beyond the first or last value (no neighbour on that side) x takes that value's code.
+inline uint8_t q_code_stochastic(float x, const QTables& q, uint32_t r) {
+  const int32_t c = q_code(x, q.bucket, q.neg_base, q.neg_cap);  // the nearest: c or c + 1 below
+  const int32_t lo = q.value[c] <= x ? c : c - 1;                  // value[lo] <= x
+  if (lo < 0) return 0;
+  if (lo >= q.ncodes - 1) return static_cast<uint8_t>(q.ncodes - 1);
+  const float a = q.value[lo], w = q.value[lo + 1] - a;
+  const bool up = static_cast<float>(r >> 8) * 0x1p-24f * w < x - a;
+  return static_cast<uint8_t>(lo + (up ? 1 : 0));
+}
+
+// quantize_block with stochastic rounding of the codes: element i draws random_bits(key,
+// first + i).
+inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uint32_t mb,
+                                       const QTables& q, uint8_t* __restrict codes, uint32_t key,
+                                       uint32_t first) {
+  if (mb >= 0x7F800000u) {
+    for (int64_t i = 0; i < n; ++i) codes[i] = q.zero;
+    return float_of(0x7FC00000u);
+  }
+  const QScale s = q_scale(mb);
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = s.divide ? v[i] / s.absmax : v[i] * s.inv;
+    codes[i] = q_code_stochastic(x, q, random_bits(key, first + static_cast<uint32_t>(i)));
   }
   return s.absmax;
 }
@@ -130,8 +229,23 @@ inline float quantize_block(const float* __restrict v, int64_t n, const QTables&
 inline void dequantize_block(const uint8_t* __restrict codes, int64_t n, float absmax,
                              const QTables& q, float* __restrict out) {
   const float* __restrict value = q.value;
-  FASTOPTIM_Q_VECTORIZE
-  for (int64_t i = 0; i < n; ++i) out[i] = value[codes[i]] * absmax;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(absmax);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i c =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(c, value, 4), s));
+  }
+#elif defined(__AVX2__)
+  const __m256 s = _mm256_set1_ps(absmax);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i c =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_i32gather_ps(value, c, 4), s));
+  }
+#endif
+  for (; i < n; ++i) out[i] = value[codes[i]] * absmax;
 }
 
 }  // namespace
