@@ -441,3 +441,19 @@ def test_optim_db_options_are_covered() -> None:
             wanted += [inp.kwargs for inp in info.optim_inputs_func("cpu")]
         for kw in wanted:
             assert (name, plain(kw)) in ours, (name, kw)
+
+
+def test_bench_rows_table(monkeypatch: Any) -> None:
+    """``fastoptim bench --rows`` (a small table): every optimizer, every contender timed."""
+    from fastoptim.apps import bench
+
+    monkeypatch.setattr(bench, "ROWS_TABLE", 64)
+    monkeypatch.setattr(bench, "ROWS_UPDATED", 16)
+    rows = bench.run_rows(repeats=1, rounds=1, torch=True)
+    assert [r.name for r in rows] == list(bench.ROWS_OPTIMIZERS)
+    for r in rows:
+        assert {"fastoptim", "stream", "NumPy reference", "torch for-loop"} <= set(r.times)
+        assert all(t[0] > 0 for t in r.times.values())
+    table = bench.format_rows(rows)
+    assert table.splitlines()[0].startswith("16 rows x 64 float32 of a 64-row table")
+    assert all(name in table for name in bench.ROWS_OPTIMIZERS)
