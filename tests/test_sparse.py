@@ -241,7 +241,7 @@ TORCH_CASES: list[tuple[str, dict[str, Any]]] = [
     ("SparseAdam", {"lr": "tensor"}),
     ("SparseAdam", {"maximize": True}),
     ("SparseAdam", {"lr": 4e-2}),
-    ("SGD", {"lr": 4.8e-3, "maximize": False, "momentum": 0, "nesterov": False}),
+    ("SGD", {"lr": 4.8e-3, "maximize": False, "momentum": 0, "nesterov": False, "weight_decay": 0}),
     ("SGD", {"lr": 0.1, "maximize": True}),
     ("SGD", {"lr": 0.1, "momentum": 0.9}),
     ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
@@ -418,3 +418,42 @@ def test_torch_sparse_grads_leave_a_bad_step_untouched() -> None:
         ada.step()
     assert torch.equal(c, torch.ones(4, 2)) and torch.equal(d, torch.ones(4, 2))
     assert all(float(s["step"]) == 0 for s in ada.state.values())
+
+
+def test_optim_db_options_are_covered() -> None:
+    """TORCH_CASES holds every input of torch's optim_db for SparseAdam and the sparse
+    configurations (metadata_for_sparse) of SGD, Adagrad and SparseAdam."""
+    try:
+        from torch.testing._internal.common_optimizers import optim_db
+    except Exception as e:  # pragma: no cover - torch's test modules not installed
+        pytest.skip(f"torch's optim_db: {e}")
+
+    def plain(kw: dict[str, Any]) -> dict[str, Any]:
+        return {k: ("tensor" if hasattr(v, "item") else v) for k, v in kw.items()}
+
+    ours = [(n, plain(k)) for n, k in TORCH_CASES]
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name not in ("SGD", "Adagrad", "SparseAdam"):
+            continue
+        wanted = [info.metadata_for_sparse[0]]
+        if name == "SparseAdam":
+            wanted += [inp.kwargs for inp in info.optim_inputs_func("cpu")]
+        for kw in wanted:
+            assert (name, plain(kw)) in ours, (name, kw)
+
+
+def test_bench_rows_table(monkeypatch: Any) -> None:
+    """``fastoptim bench --rows`` (a small table): every optimizer, every contender timed."""
+    from fastoptim.apps import bench
+
+    monkeypatch.setattr(bench, "ROWS_TABLE", 64)
+    monkeypatch.setattr(bench, "ROWS_UPDATED", 16)
+    rows = bench.run_rows(repeats=1, rounds=1, torch=True)
+    assert [r.name for r in rows] == list(bench.ROWS_OPTIMIZERS)
+    for r in rows:
+        assert {"fastoptim", "stream", "NumPy reference", "torch for-loop"} <= set(r.times)
+        assert all(t[0] > 0 for t in r.times.values())
+    table = bench.format_rows(rows)
+    assert table.splitlines()[0].startswith("16 rows x 64 float32 of a 64-row table")
+    assert all(name in table for name in bench.ROWS_OPTIMIZERS)

@@ -657,6 +657,11 @@ FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
 // ------------------------------------------------------------------ sparse row updates
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTOPTIM_PREFETCH(p) __builtin_prefetch((p), 1, 3)
+#else
+#define FASTOPTIM_PREFETCH(p) ((void)(p))
+#endif
 namespace {
 template <class Opt, unsigned V, class T, std::size_t... J>
 void rows_typed(const Rows& r, const typename Opt::Coeffs& c, int threads,
@@ -665,8 +670,23 @@ void rows_typed(const Rows& r, const typename Opt::Coeffs& c, int threads,
   T* const param = static_cast<T*>(r.param);
   const T* const rows = static_cast<const T*>(r.rows);
   const int64_t w = r.width;
+  // Rows are scattered: the hardware prefetchers do not know the next one.  Ask for the first
+  // lines of the parameter's and the state's row kRowsAhead rows ahead (a hint: no value
+  // changes); long rows stream on their own once started.
+  constexpr int64_t kRowsAhead = 8;
+  const int64_t ahead_bytes = std::min<int64_t>(w * static_cast<int64_t>(sizeof(T)), 512);
+  const auto prefetch = [&](int64_t i) {
+    const int64_t at = r.index[i] * w;
+    for (int64_t b = 0; b < ahead_bytes; b += 64) {
+      FASTOPTIM_PREFETCH(reinterpret_cast<const char*>(param + at) + b);
+      (FASTOPTIM_PREFETCH(reinterpret_cast<const char*>(static_cast<T*>(r.state[J]) + at) + b),
+       ...);
+    }
+  };
   const auto body = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < std::min(hi, lo + kRowsAhead); ++i) prefetch(i);
     for (int64_t i = lo; i < hi; ++i) {
+      if (i + kRowsAhead < hi) prefetch(i + kRowsAhead);
       const int64_t at = r.index[i] * w;
       sweep(k, param + at, rows + i * w, w, (static_cast<T*>(r.state[J]) + at)...);
     }

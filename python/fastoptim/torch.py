@@ -31,7 +31,12 @@ What is supported, and what is refused (never a silently lost update):
   layout differs from its parameter's (e.g. a contiguous gradient for a transposed parameter)
   is copied into the parameter's layout for that step: gradients are only read, so nothing is
   lost.
-  Sparse gradients raise.
+  Sparse COO gradients (``torch.sparse_coo_tensor``, e.g. from ``nn.Embedding(sparse=True)``)
+  are taken where ``torch.optim`` takes them (:class:`SGD`, :class:`Adagrad` and
+  :class:`SparseAdam`, which takes nothing else): torch coalesces each, and the compiled row
+  kernel updates the rows present (see :mod:`fastoptim.engine.sparse`); :class:`SGD` with
+  ``momentum`` computes it densely (torch's sparse buffer decays every row).  Elsewhere they
+  raise torch's ``RuntimeError``.
 - State tensors are updated in place.  One that does not have its parameter's layout or dtype
   (e.g. loaded from a checkpoint of a differently laid out model) is replaced by a copy in the
   parameter's layout before the first step that uses it.
