@@ -256,21 +256,6 @@ template <> void store_nearest<BF16>(const float* __restrict s, int64_t n, uint1
   for (int64_t i = 0; i < n; ++i) d[i] = bf16_round_nearest(s[i]);
 }
 
-// The low 16 random bits of elements first .. first + n - 1 (n <= kBits16): one hash per pair
-// (random_pair) written as two halves, little-endian; returns where element `first`'s are.
-constexpr int64_t kBits16 = 256;
-inline const uint16_t* random_bits16(uint32_t key, uint32_t first, int64_t n,
-                                     uint16_t (&buf)[kBits16 + 2]) {
-  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the halves are stored little-endian");
-  const uint32_t pair = first >> 1;
-  const int64_t pairs = ((first & 1u) + n + 1) >> 1;
-  uint32_t words[kBits16 / 2 + 1];
-  FASTOPTIM_VECTORIZE
-  for (int64_t j = 0; j < pairs; ++j) words[j] = random_pair(key, pair + static_cast<uint32_t>(j));
-  std::memcpy(buf, words, static_cast<std::size_t>(pairs) * 4);
-  return buf + (first & 1u);
-}
-
 // `first`: the low 32 bits of the element index of s[0] within its tensor.
 template <class F>
 void store_stochastic(const float* __restrict s, int64_t n, uint16_t* __restrict d, uint32_t key,
@@ -278,17 +263,6 @@ void store_stochastic(const float* __restrict s, int64_t n, uint16_t* __restrict
   FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < n; ++i)
     d[i] = F::stochastic(s[i], random_bits(key, first + static_cast<uint32_t>(i)));
-}
-template <>
-void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d,
-                            uint32_t key, uint32_t first) {
-  uint16_t buf[kBits16 + 2];
-  for (int64_t lo = 0; lo < n; lo += kBits16) {
-    const int64_t m = std::min(kBits16, n - lo);
-    const uint16_t* __restrict r = random_bits16(key, first + static_cast<uint32_t>(lo), m, buf);
-    FASTOPTIM_VECTORIZE
-    for (int64_t i = 0; i < m; ++i) d[lo + i] = bf16_round_stochastic(s[lo + i], r[i]);
-  }
 }
 
 // Kahan-compensated store of an updated low-precision parameter: the update (new - old) plus the
@@ -446,6 +420,15 @@ struct F32 {  // float32 storage
   static float load(float x) { return x; }
 };
 
+// Storing a float32 result into format F in the element loop (F32: as is; BF16 stochastically
+// with the element's random bits).
+template <class F, bool Stochastic> struct Store {
+  static void put(typename F::type& dst, float v, uint32_t) { dst = v; }
+};
+template <> struct Store<BF16, true> {
+  static void put(uint16_t& dst, float v, uint32_t r) { dst = bf16_round_stochastic(v, r); }
+};
+
 // One fused sweep of n elements from element `first` of their tensor: parameter of format P
 // (updated in place), gradient of format G, states of format S, and a bfloat16 copy of the
 // parameter when Out.  Stochastic: random bits per array (0: parameter and copy; 1 + j: state
@@ -480,30 +463,6 @@ FASTOPTIM_VECTORIZE
   (void)bs;
 }
 
-template <class P, class G, class S, bool Out, class K, std::size_t... J, class... SP>
-inline void stochastic_block(const K& k, typename P::type* __restrict p,
-                             const typename G::type* __restrict g, uint16_t* __restrict out,
-                             int64_t n, const uint16_t* __restrict r0,
-                             const std::array<const uint16_t*, sizeof...(J)>& rs,
-                             std::index_sequence<J...>, SP* __restrict... s) {
-  const uint16_t* __restrict r[sizeof...(J) + 1] = {r0, rs[J]...};
-FASTOPTIM_VECTORIZE
-  for (int64_t i = 0; i < n; ++i) {
-    float pv = P::load(p[i]);
-    std::array<float, sizeof...(J)> v{S::load(s[i])...};
-    k(pv, G::load(g[i]), v);
-    if constexpr (std::is_same_v<P, BF16>)
-      p[i] = bf16_round_stochastic(pv, r[0][i]);
-    else
-      p[i] = pv;
-    if constexpr (std::is_same_v<S, BF16>)
-      ((s[i] = bf16_round_stochastic(v[J], r[1 + J][i])), ...);
-    else
-      ((s[i] = v[J]), ...);
-    if constexpr (Out) out[i] = bf16_round_stochastic(pv, r[0][i]);
-  }
-}
-
 template <class P, class G, class S, bool Out, bool Stochastic, class K, std::size_t... J,
           class... SP>
 FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p, const typename G::type* __restrict g,
@@ -524,17 +483,16 @@ FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p, c
     (void)first;
     (void)keys;
   } else {
-    // The random bits of each bfloat16 array, kSub elements at a time (random_bits16).
-    constexpr bool PB = std::is_same_v<P, BF16> || Out, SB = std::is_same_v<S, BF16>;
-    uint16_t bits[1 + (SB ? sizeof...(J) : 0)][kBits16 + 2];
-    for (int64_t lo = 0; lo < n; lo += kSub) {
-      const int64_t m = std::min(kSub, n - lo);
-      const uint32_t at = first + static_cast<uint32_t>(lo);
-      const uint16_t* r0 = PB ? random_bits16(keys[0], at, m, bits[0]) : nullptr;
-      std::array<const uint16_t*, sizeof...(J)> rs{};
-      if constexpr (SB) ((rs[J] = random_bits16(keys[1 + J], at, m, bits[1 + J])), ...);
-      stochastic_block<P, G, S, Out>(k, p + lo, g + lo, out + (Out ? lo : 0), m, r0, rs,
-                                     std::index_sequence<J...>{}, (s + lo)...);
+FASTOPTIM_VECTORIZE
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t index = first + static_cast<uint32_t>(i);
+      float pv = P::load(p[i]);
+      std::array<float, sizeof...(J)> v{S::load(s[i])...};
+      k(pv, G::load(g[i]), v);
+      const uint32_t r0 = random_bits(keys[0], index);
+      Store<P, true>::put(p[i], pv, r0);
+      ((Store<S, true>::put(s[i], v[J], random_bits(keys[1 + J], index))), ...);
+      if constexpr (Out) Store<BF16, true>::put(out[i], pv, r0);
     }
   }
 }

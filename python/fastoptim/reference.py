@@ -609,20 +609,16 @@ def random_key(seed: int, step: int, tensor: int, array: int, index_high: int = 
 
 
 def random_bits(key: int, index: np.ndarray) -> np.ndarray:
-    """32 random bits (uint32) for each element index (its low 32 bits) under `key`: one hash
-    of the pair number ``index // 2``, its 16-bit halves swapped for odd indices (so the low 16
-    bits of two neighbours are the two halves of one hash)."""
+    """32 random bits (uint32) for each element index (its low 32 bits) under `key`."""
     with np.errstate(over="ignore"):
-        i = (np.asarray(index).astype(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        x = ((i >> np.uint32(1)) * np.uint32(0x9E3779B1)) ^ np.uint32(key)
+        x = (np.asarray(index).astype(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        x = (x * np.uint32(0x9E3779B1)) ^ np.uint32(key)
         x ^= x >> np.uint32(16)
         x *= np.uint32(0x7FEB352D)
         x ^= x >> np.uint32(15)
         x *= np.uint32(0x846CA68B)
         x ^= x >> np.uint32(16)
-        swapped = (x >> np.uint32(16)) | (x << np.uint32(16))
-    out: np.ndarray = np.where((i & np.uint32(1)) == 1, swapped, x).astype(np.uint32)
-    return out
+    return x
 
 
 def stochastic_bits(seed: int, step: int, tensor: int, array: int, size: int) -> np.ndarray:

@@ -103,10 +103,8 @@ inline uint16_t f16_round_stochastic(float x, uint32_t r) {
 // Counter-based: the bits for element i of one stored array at one step are a hash of
 // (seed, step, tensor id, array, i), so they do not depend on threads, chunking or the order of
 // work, and a resumed run draws the same ones.  key() mixes everything but the low 32 bits of i
-// once per block (splitmix64); one 32-bit integer hash ("lowbias32" by C. Wellons) of the key and
-// the pair number i / 2 serves two neighbouring elements: element 2j takes it as it is, element
-// 2j + 1 with its halves swapped, so each element's low 16 bits (all that bfloat16 rounding uses)
-// are a different half of the hash (bfloat16 stores hash once per two elements).
+// once per block (splitmix64); random_bits() hashes those with the key (a 32-bit integer hash,
+// "lowbias32" by C. Wellons) in a few vector instructions per element.
 inline uint64_t splitmix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -123,21 +121,14 @@ inline uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_
   return static_cast<uint32_t>(k >> 32);
 }
 
-// The hash of pair j (elements 2j and 2j + 1) under `key`.
-inline uint32_t random_pair(uint32_t key, uint32_t pair) {
-  uint32_t x = (pair * 0x9E3779B1u) ^ key;
+inline uint32_t random_bits(uint32_t key, uint32_t index) {
+  uint32_t x = (index * 0x9E3779B1u) ^ key;
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
   x *= 0x846CA68Bu;
   x ^= x >> 16;
   return x;
-}
-
-// The 32 random bits of element `index` (its low 32 bits) under `key`.
-inline uint32_t random_bits(uint32_t key, uint32_t index) {
-  const uint32_t h = random_pair(key, index >> 1);
-  return (index & 1u) ? (h >> 16 | h << 16) : h;
 }
 
 }  // namespace fastoptim
