@@ -225,7 +225,7 @@ template <> void load_block<F16>(const uint16_t* __restrict s, int64_t n, float*
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-    if (__builtin_expect(_mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(h, top), top)) == 0, 1))
+    if (_mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(h, top), top)) == 0)
       _mm256_storeu_ps(d + i, _mm256_cvtph_ps(h));
     else
       for (int64_t j = i; j < i + 8; ++j) d[j] = f16_load(s[j]);
@@ -237,7 +237,7 @@ template <> void store_nearest<F16>(const float* __restrict s, int64_t n, uint16
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(s + i);
-    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) == 0, 1))
+    if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) == 0)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
                        _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     else
