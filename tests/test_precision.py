@@ -114,6 +114,41 @@ def test_driver_rounding_matches_reference(
     same_bits(p, round_to(x, dtype, bits), f"{dtype} {rounding}")
 
 
+def nan_payloads(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 NaNs of random payloads (quiet and signaling, both signs)."""
+    b = rng.integers(0, 2**23, n, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b |= np.uint32(0x7F800000) | (rng.integers(0, 2, n).astype(np.uint32) << np.uint32(31))
+    return b.view(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_driver_rounding_vector_paths(
+    isa: str, rng: np.random.Generator, dtype: np.dtype[Any]
+) -> None:
+    """The hardware conversions (AVX-512 BF16, F16C) where the ISA has them: float32 values of
+    every exponent (denormals, the overflow thresholds) and NaNs with payloads, at every offset of
+    a vector (arrays of 1..70 elements, some with one NaN or denormal among normal values), equal
+    the portable rounding: the reference's bits, NaN -> a quiet NaN with the sign (bfloat16: the
+    top half, quieted; float16: 0x7E00)."""
+    x = np.concatenate([awkward_floats(rng, 20_000), nan_payloads(rng, 2000)])
+    x = x[rng.permutation(x.size)]
+    for n in [*range(1, 71), x.size]:
+        part = x[:n].copy()
+        if n < x.size and n % 3 == 0:  # one special among ordinary values
+            part[:] = np.float32(1.5)
+            part[n // 2] = x[n] if n % 2 else np.float32(1e-40)
+        p = np.zeros(n, dtype)
+        F.sgd_(p, np.zeros(n, np.float32), None, step=1, lr=0.0, master=part.copy())
+        b = part.view(np.uint32)
+        nan = np.isnan(part)
+        want = bits16(round_to(part, dtype, None)).copy()
+        if dtype == BF16:
+            want[nan] = ((b[nan] >> 16) | 0x40).astype(np.uint16)
+        else:
+            want[nan] = ((b[nan] >> 16) & 0x8000 | 0x7E00).astype(np.uint16)
+        same_bits(bits16(p), want, f"{dtype}, {n} elements")
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
 def test_stochastic_rounding_is_unbiased(dtype: np.dtype[Any]) -> None:
     """Per bucket of the dropped bits (the position of x between its two neighbours), the mean
@@ -136,6 +171,33 @@ def test_stochastic_rounding_is_unbiased(dtype: np.dtype[Any]) -> None:
             err = r - float(x)
             sigma = abs(float(step)) * np.sqrt(frac * (1 - frac) / n)
             assert abs(err.mean()) < 5 * sigma + 1e-3 * abs(float(step)) / 2**8, (base, frac)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_driver_stochastic_bits_are_unbiased_and_independent(dtype: np.dtype[Any]) -> None:
+    """Stochastic rounding with the driver's own bits (the counter-based hash of the element
+    index): over 2 x 10^5 elements and 4 seeds, the frequency of rounding up (so the mean
+    rounding error) of even and of odd elements is right within 5 standard errors, and whether
+    elements 1, 2 or 16 apart rounded up is uncorrelated (a weaker hash, one multiply-xorshift
+    round, fails this)."""
+    n = 200_000
+    for base, frac in [(1.0, 0.25), (-3.0, 0.5), (2.0**-20, 0.7), (1.0, 1 / 16)]:
+        lo = np.float32(base)
+        step = np.spacing(round_to(np.array([lo], np.float32), dtype, None))[0].astype(np.float32)
+        step *= -1 if lo < 0 else 1
+        x = np.float32(lo + np.float32(frac) * step)
+        for seed in range(4):
+            p = np.zeros(n, dtype)
+            F.sgd_(p, np.zeros(n, np.float32), None, step=1, lr=0.0, master=np.full(n, x),
+                   rounding="stochastic", seed=seed)  # fmt: skip
+            up = (p.astype(np.float64) != float(lo)).astype(np.float64)
+            assert set(np.unique(p.astype(np.float64))) <= {float(lo), float(lo + step)}
+            sigma = np.sqrt(frac * (1 - frac) / (n / 2))
+            for parity in (0, 1):
+                assert abs(up[parity::2].mean() - frac) < 5 * sigma, (base, frac, seed, parity)
+            for lag in (1, 2, 16):
+                corr = np.corrcoef(up[:-lag], up[lag:])[0, 1]
+                assert abs(corr) < 5 / np.sqrt(n), (base, frac, seed, lag, corr)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])

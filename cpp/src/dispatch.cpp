@@ -69,8 +69,9 @@ bool msvc_supports(Isa isa) {
   int r[4];
   __cpuid(r, 1);
   const bool osxsave = r[2] & (1 << 27), avx = r[2] & (1 << 28), fma = r[2] & (1 << 12);
+  const bool f16c = r[2] & (1 << 29);
   if (isa == Isa::scalar) return true;
-  if (!osxsave || !avx || !fma) return false;
+  if (!osxsave || !avx || !fma || !f16c) return false;
   const unsigned long long xcr0 = _xgetbv(0);
   __cpuidex(r, 7, 0);
   const bool avx2 = r[1] & (1 << 5);
@@ -90,11 +91,14 @@ bool cpu_supports(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__GNUC__)
     case Isa::scalar: return true;
-    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
 #else
     case Isa::scalar:
     case Isa::avx2:

@@ -27,6 +27,24 @@
 #error "compile with -DFASTOPTIM_ISA_NS=<isa>"
 #endif
 
+// F16C conversions in the avx2 and avx512 builds (every CPU with AVX2 has F16C; dispatch.cpp
+// checks it with them).
+#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
+#define FASTOPTIM_F16C 1
+#include <immintrin.h>
+#else
+#define FASTOPTIM_F16C 0
+#endif
+
+// AVX-512 BF16 conversions in the avx512 build (GCC/Clang), used where the CPU has them.
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTOPTIM_BF16_CVT 1
+#include <cpuid.h>
+#include <immintrin.h>
+#else
+#define FASTOPTIM_BF16_CVT 0
+#endif
+
 namespace fastoptim {
 namespace FASTOPTIM_ISA_NS {
 
@@ -145,6 +163,98 @@ template <class F> void load_block(const uint16_t* __restrict s, int64_t n, floa
 template <class F> void store_nearest(const float* __restrict s, int64_t n, uint16_t* __restrict d) {
   FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < n; ++i) d[i] = F::nearest(s[i]);
+}
+
+#if FASTOPTIM_BF16_CVT
+// float32 -> bfloat16 to nearest with AVX-512 BF16 (vcvtne2ps2bf16), on CPUs that have it (checked
+// at run time).  The instruction rounds to nearest-even on the bit pattern and quiets NaNs exactly
+// as bf16_round_nearest does, but flushes denormal inputs to zero: lanes holding a float32
+// denormal (vfpclassps) take the portable rounding instead, so the bits are the portable path's.
+__attribute__((target("avx512bf16"))) inline __m512i bf16_nearest32(__m512 a, __m512 b) {
+  const __m512i r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a: low 16 lanes
+  const __mmask32 denormal = static_cast<__mmask32>(_mm512_fpclass_ps_mask(a, 0x20)) |
+                             static_cast<__mmask32>(_mm512_fpclass_ps_mask(b, 0x20)) << 16;
+  if (__builtin_expect(denormal == 0, 1)) return r;
+  // (GCC vector extensions: GCC 12's shift and conversion intrinsics warn under target()).
+  typedef uint32_t V16u __attribute__((vector_size(64)));
+  typedef uint16_t V16h __attribute__((vector_size(32)));
+  const auto portable = [](__m512 x) {  // no NaN among these lanes
+    const V16u v = reinterpret_cast<V16u>(x);
+    return __builtin_convertvector((v + 0x7FFFu + ((v >> 16) & 1u)) >> 16, V16h);
+  };
+  const V16h fa = portable(a), fb = portable(b);
+  const auto fixed = reinterpret_cast<__m512i>(__builtin_shufflevector(
+      fa, fb, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+      23, 24, 25, 26, 27, 28, 29, 30, 31));
+  return _mm512_mask_blend_epi16(denormal, r, fixed);
+}
+
+__attribute__((target("avx512bf16"))) FASTOPTIM_NOINLINE void store_bf16_hw(
+    const float* __restrict s, int64_t n, uint16_t* __restrict d) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512(d + i, bf16_nearest32(_mm512_loadu_ps(s + i), _mm512_loadu_ps(s + i + 16)));
+  if (i < n) {  // the last 1..31: masked loads and store
+    const int64_t m = n - i;
+    const auto lo = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
+    const auto hi = static_cast<__mmask16>(m <= 16 ? 0u : (1u << (m - 16)) - 1u);
+    const __m512i r = bf16_nearest32(_mm512_maskz_loadu_ps(lo, s + i),
+                                     _mm512_maskz_loadu_ps(hi, s + i + 16));
+    _mm512_mask_storeu_epi16(d + i, static_cast<__mmask32>(lo) | static_cast<__mmask32>(hi) << 16,
+                             r);
+  }
+}
+
+// CPUID.(EAX=7, ECX=1):EAX bit 5 (the AVX-512 state is enabled: this TU runs only where the
+// avx512 ISA level was detected).
+inline bool detect_avx512_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 1, a, b, c, d);
+  return (a >> 5) & 1u;
+}
+const bool kAvx512Bf16 = detect_avx512_bf16();
+#endif
+
+#if FASTOPTIM_F16C
+// float16 <-> float32 with F16C (vcvtph2ps; vcvtps2ph rounding to nearest-even): exact IEEE
+// conversions, denormals included, equal to f16_load / f16_round_nearest on every value but NaN
+// (vcvtph2ps quiets a signaling NaN, vcvtps2ph keeps the payload): a group of 8 holding a
+// float16 Inf/NaN (loads) or a float32 NaN (stores) is converted by the portable functions.
+template <> void load_block<F16>(const uint16_t* __restrict s, int64_t n, float* __restrict d) {
+  const __m128i top = _mm_set1_epi16(0x7C00);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    if (_mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(h, top), top)) == 0)
+      _mm256_storeu_ps(d + i, _mm256_cvtph_ps(h));
+    else
+      for (int64_t j = i; j < i + 8; ++j) d[j] = f16_load(s[j]);
+  }
+  for (; i < n; ++i) d[i] = f16_load(s[i]);
+}
+
+template <> void store_nearest<F16>(const float* __restrict s, int64_t n, uint16_t* __restrict d) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(s + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) == 0)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                       _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else
+      for (int64_t j = i; j < i + 8; ++j) d[j] = f16_round_nearest(s[j]);
+  }
+  for (; i < n; ++i) d[i] = f16_round_nearest(s[i]);
+}
+#endif
+
+// Every float32 -> bfloat16 store to nearest of the driver goes through this one.
+template <> void store_nearest<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d) {
+#if FASTOPTIM_BF16_CVT
+  if (kAvx512Bf16) return store_bf16_hw(s, n, d);
+#endif
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) d[i] = bf16_round_nearest(s[i]);
 }
 
 // `first`: the low 32 bits of the element index of s[0] within its tensor.
@@ -491,27 +601,68 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
 // One fused sweep of n elements from element `first` of their tensor: parameter of format P
 // (updated in place), gradient of format G, states of format S, and a bfloat16 copy of the
 // parameter when Out.  Stochastic: random bits per array (0: parameter and copy; 1 + j: state
-// j) from `keys`.
+// j) from `keys`, the rounding in the element loop.  To nearest: the loop leaves the float32
+// results bound for bfloat16 in L1 (kSub elements at a time) and store_nearest<BF16> rounds them
+// (fewer instructions than rounding in the loop, and AVX-512 BF16 where the CPU has it).
 //
 // Not inlined: compiled on its own, the loop vectorizes whatever the caller (GCC 12 failed to
 // if-convert some of these loops once inlined into the parallel driver's lambdas).
+constexpr int64_t kSub = 128;
+
+template <class P, class G, class S, class K, std::size_t... J, class... SP>
+inline void fused_block(const K& k, typename P::type* __restrict p,
+                        const typename G::type* __restrict g, int64_t n, float* __restrict bp,
+                        float (*__restrict bs)[kSub], std::index_sequence<J...>,
+                        SP* __restrict... s) {
+FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    float pv = P::load(p[i]);
+    std::array<float, sizeof...(J)> v{S::load(s[i])...};
+    k(pv, G::load(g[i]), v);
+    if constexpr (std::is_same_v<P, BF16>)
+      bp[i] = pv;
+    else
+      p[i] = pv;
+    if constexpr (std::is_same_v<S, BF16>)
+      ((bs[J][i] = v[J]), ...);
+    else
+      ((s[i] = v[J]), ...);
+  }
+  (void)bp;
+  (void)bs;
+}
+
 template <class P, class G, class S, bool Out, bool Stochastic, class K, std::size_t... J,
           class... SP>
 FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p, const typename G::type* __restrict g,
                  uint16_t* __restrict out, int64_t n, uint32_t first,
                  const std::array<uint32_t, sizeof...(J) + 1> keys, std::index_sequence<J...>,
                  SP* __restrict... s) {
+  if constexpr (!Stochastic) {
+    constexpr std::size_t N = sizeof...(J);
+    alignas(64) float bp[std::is_same_v<P, BF16> ? kSub : 1];
+    alignas(64) float bs[std::is_same_v<S, BF16> ? N : 1][kSub];
+    for (int64_t lo = 0; lo < n; lo += kSub) {
+      const int64_t m = std::min(kSub, n - lo);
+      fused_block<P, G, S>(k, p + lo, g + lo, m, bp, bs, std::index_sequence<J...>{}, (s + lo)...);
+      if constexpr (std::is_same_v<P, BF16>) store_nearest<BF16>(bp, m, p + lo);
+      if constexpr (std::is_same_v<S, BF16>) (store_nearest<BF16>(bs[J], m, s + lo), ...);
+      if constexpr (Out) store_nearest<BF16>(p + lo, m, out + lo);  // P is F32
+    }
+    (void)first;
+    (void)keys;
+  } else {
 FASTOPTIM_VECTORIZE
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t index = first + static_cast<uint32_t>(i);
-    float pv = P::load(p[i]);
-    std::array<float, sizeof...(J)> v{S::load(s[i])...};
-    k(pv, G::load(g[i]), v);
-    const uint32_t r0 = Stochastic ? random_bits(keys[0], index) : 0u;
-    Store<P, Stochastic>::put(p[i], pv, r0);
-    ((Store<S, Stochastic>::put(s[i], v[J], Stochastic ? random_bits(keys[1 + J], index) : 0u)),
-     ...);
-    if constexpr (Out) Store<BF16, Stochastic>::put(out[i], pv, r0);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t index = first + static_cast<uint32_t>(i);
+      float pv = P::load(p[i]);
+      std::array<float, sizeof...(J)> v{S::load(s[i])...};
+      k(pv, G::load(g[i]), v);
+      const uint32_t r0 = random_bits(keys[0], index);
+      Store<P, true>::put(p[i], pv, r0);
+      ((Store<S, true>::put(s[i], v[J], random_bits(keys[1 + J], index))), ...);
+      if constexpr (Out) Store<BF16, true>::put(out[i], pv, r0);
+    }
   }
 }
 

@@ -3,8 +3,11 @@
 //
 // Every function is branch-free integer and float code on one element (selects, no lookups), so
 // the driver's loops over them vectorize on every instruction set, and every build computes the
-// same bits: the portable conversion is the definition (no hardware conversion instruction is
-// used; AVX-512 BF16's flushes denormals).  fastoptim.reference holds their NumPy twins.
+// same bits: the portable conversion is the definition.  The driver (step.cpp) uses hardware
+// conversions only where they give these bits: F16C for float16 (exact IEEE conversions; groups
+// holding NaN/Inf converted here, for the NaN conventions) and AVX-512 BF16 for bfloat16 to
+// nearest (its denormal inputs, which it flushes, rounded here).  fastoptim.reference holds
+// their NumPy twins.
 #pragma once
 
 #include <cstdint>
