@@ -22,6 +22,8 @@ from .engine.optimizer import Optimizer
 from .optimizers import (
     ADOPT,
     ASGD,
+    LAMB,
+    LARS,
     LBFGS,
     SGD,
     Adadelta,
@@ -58,6 +60,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "LAMB",
+    "LARS",
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "Muon",

@@ -73,6 +73,8 @@ __all__ = [
     "rprop_",
     "asgd_",
     "adopt_",
+    "lamb_",
+    "lars_",
     "adamwschedulefree_",
     "sgdschedulefree_",
     "muon_",
@@ -919,6 +921,116 @@ def sgdschedulefree_(
         dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
     )
     return float(weight_sum), float(lr_max)
+
+
+@_hints(_defs.LAMB)
+def lamb_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: Value = 0.001,
+    betas: tuple[Value, Value] = (0.9, 0.999),
+    eps: Value = 1e-06,
+    weight_decay: Value = 0,
+    bias_correction: bool = True,
+    max_weight_norm: float | None = 10.0,
+    max_trust_ratio: float | None = None,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
+) -> None:
+    """One in-place LAMB update (see :class:`fastoptim.LAMB`): the trust ratio
+    of each tensor of ``params`` from its own norms."""
+    _step(
+        _defs.LAMB,
+        param,
+        grad,
+        {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+        step,
+        dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_weight_norm=max_weight_norm,
+            max_trust_ratio=max_trust_ratio,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
+        ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
+    )
+
+
+@_hints(_defs.LARS)
+def lars_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray | None = None,
+    *,
+    step: int,
+    lr: Value = 0.001,
+    momentum: Value = 0.9,
+    dampening: Value = 0,
+    weight_decay: Value = 0,
+    trust_coefficient: Value = 0.001,
+    nesterov: bool = False,
+    exclude_1d: bool = True,
+    maximize: bool = False,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+    max_grad_value: float | None = None,
+    ema_decay: float | None = None,
+    grad_scale: float = 1.0,
+    master: np.ndarray | None = None,
+    compensation: np.ndarray | None = None,
+    copy_out: np.ndarray | None = None,
+    ema: np.ndarray | None = None,
+) -> None:
+    """One in-place LARS update (see :class:`fastoptim.LARS`): the trust ratio
+    of each tensor of ``params`` from its own norms (the exclusion rule reads each parameter's
+    number of dimensions).  ``momentum_buffer`` is needed iff ``momentum > 0``."""
+    _step(
+        _defs.LARS,
+        param,
+        grad,
+        {"momentum_buffer": momentum_buffer},
+        step,
+        dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            nesterov=nesterov,
+            exclude_1d=exclude_1d,
+            maximize=maximize,
+            rounding=rounding,
+            seed=seed,
+            max_grad_value=max_grad_value,
+            ema_decay=ema_decay,
+            grad_scale=grad_scale,
+        ),
+        None,
+        dict(master=master, compensation=compensation, copy_out=copy_out, ema=ema),
+    )
 
 
 @_hints(_defs.MUON)

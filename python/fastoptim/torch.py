@@ -136,6 +136,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "LAMB",
+    "LARS",
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "Muon",
@@ -1980,6 +1982,71 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         warmup_steps: float = 0,
         r: TorchValue = 0.0,
         weight_lr_power: TorchValue = 2.0,
+        *,
+        maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class LAMB(Optimizer):
+    """LAMB (You et al. 2020; see :class:`fastoptim.LAMB`), which ``torch.optim``
+    lacks, with :class:`fastoptim.LAMB`'s signature.  State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``."""
+
+    _definition = _defs.LAMB
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-06,
+        weight_decay: TorchValue = 0,
+        bias_correction: bool = True,
+        max_weight_norm: float | None = 10.0,
+        max_trust_ratio: float | None = None,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class LARS(Optimizer):
+    """LARS (You et al. 2017; see :class:`fastoptim.LARS`), which ``torch.optim``
+    lacks, with :class:`fastoptim.LARS`'s signature (``pytorch_optimizer.LARS``'s defaults).
+    State: ``step``, ``momentum_buffer`` (when ``momentum > 0``)."""
+
+    _definition = _defs.LARS
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        momentum: TorchValue = 0.9,
+        dampening: TorchValue = 0,
+        weight_decay: TorchValue = 0,
+        trust_coefficient: TorchValue = 0.001,
+        nesterov: bool = False,
+        exclude_1d: bool = True,
         *,
         maximize: bool = False,
         state_dtype: StateDType = None,

@@ -16,4 +16,6 @@
   X(ASGD, asgd)                 \
   X(ADOPT, adopt)               \
   X(AdamWScheduleFree, adamwschedulefree) \
-  X(SGDScheduleFree, sgdschedulefree)
+  X(SGDScheduleFree, sgdschedulefree) \
+  X(LAMB, lamb)                 \
+  X(LARS, lars)
