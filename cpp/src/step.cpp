@@ -655,13 +655,20 @@ void grad_stats(const Plan& plan, int threads, GradStats& r) {
 
 // ------------------------------------------------------------------ two-pass optimizers
 // LAMB and LARS (optimizers.hpp's kReduce).  Pass 1 reduces each tensor's sums of squares with
-// grad_stats' machinery: the same fixed chunks (they depend on the plan's total only), each
-// chunk's piece of a tensor into its own 32 lanes, the lanes added in order, then a tensor's
-// pieces added in chunk order; so the per-tensor coefficients, hence every bit of the step, are
-// the same for any thread count.  Pass 2 is the element-wise update (run_update, every layout)
-// with each tensor's coefficients (Opt::for_tensor).
+// grad_stats' machinery (32 lanes, float32 runs added into float64 lanes, the lanes added in
+// order), over a partition that depends on the tensor alone: its blocks of kSumBlock elements
+// from its first, each summed on its own, then added in order.  Pass 1 runs the step's chunks,
+// each taking the blocks that START in it (whole, even past its end), so every block is summed
+// once, by one thread, and a tensor's sums, hence every bit of its step, are the same for any
+// thread count and whatever other tensors share its group (a group or one optimizer per tensor
+// alike).  Pass 2 is the element-wise update (run_update, every layout) with each tensor's
+// coefficients (Opt::for_tensor).
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+// Elements per partial sum of pass 1: a multiple of kQBlock (whole quantization blocks) that
+// divides 2^32 (the random bits' blocks).
+constexpr int64_t kSumBlock = 4096;
+static_assert(kSumBlock % kQBlock == 0, "pass 1's blocks hold whole quantization blocks");
 
 // n values into the lanes, untransformed.
 inline void lanes_add(const float* x, int64_t n, Lanes& acc) {
@@ -703,8 +710,8 @@ static_assert(kBlock == kQBlock, "pass 1 runs quantized tensors in the convertin
 
 // Pass 1 of kReduce == 2 on tensor t's elements [a, b), block by block: the moments (the state
 // staged and stored rounded as its layout says, with the update pass's random-bit streams), the
-// stored state read back, u into a block buffer, and p^2 and u^2 into the lanes.  A tensor with a
-// quantized state runs the whole blocks that start in [a, b), as sweep_quantized does.
+// stored state read back, u into a block buffer, and p^2 and u^2 into the lanes.  (a is a
+// multiple of kSumBlock, so a quantized state's blocks are whole.)
 template <class Opt, unsigned V, std::size_t... J>
 void reduce_tensor(const typename Opt::Coeffs& c, const Plan& plan, const Tensor& t, int64_t a,
                    int64_t b, const RoundingKey& key, Lanes& lp, Lanes& lu,
@@ -728,14 +735,12 @@ void reduce_tensor(const typename Opt::Coeffs& c, const Plan& plan, const Tensor
   }
   const Reduce<Opt, float, V> r{c};
   const auto mul = static_cast<float>(plan.grad_mul), clip = static_cast<float>(plan.grad_clip);
-  const bool quant = t.path == Tensor::kQuantized;
   const QTables* q[N] = {
       (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
   alignas(64) float buf_p[kBlock], buf_g[kBlock], buf_u[kBlock];
   alignas(64) float buf_s[N][kBlock];
-  for (int64_t lo = quant ? (a + kQBlock - 1) / kQBlock * kQBlock : a; lo < b;) {
-    const int64_t wrap = (lo | int64_t{0xFFFFFFFF}) + 1;  // the random bits' 2^32 blocks
-    const int64_t n = quant ? std::min(kQBlock, t.size - lo) : std::min({kBlock, b - lo, wrap - lo});
+  for (int64_t lo = a; lo < b;) {
+    const int64_t n = std::min(kBlock, b - lo);  // (kBlock divides a, 2^32 and kSumBlock)
     const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
     float* s[N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
     reduce_moments(r, mul, clip, g, n, s[J]...);
@@ -757,28 +762,33 @@ void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step,
   const Tensor* first = plan.tensors.data();
   const int64_t chunk = chunk_elements(total);
   const int64_t nchunks = (total + chunk - 1) / chunk;
-  // part[c + i]: the sums of chunk c's piece of tensor i (c + i is one slot per piece: both
-  // grow along the index space).
-  std::vector<std::array<double, 2>> part(static_cast<std::size_t>(nchunks) + nt,
-                                          std::array<double, 2>{0.0, 0.0});
+  // part[base[i] + k]: the sums of tensor i's block k
+  std::vector<std::size_t> base(nt + 1, 0);
+  for (std::size_t i = 0; i < nt; ++i)
+    base[i + 1] = base[i] + static_cast<std::size_t>((plan.tensors[i].size + kSumBlock - 1) / kSumBlock);
+  std::vector<std::array<double, 2>> part(base[nt], std::array<double, 2>{0.0, 0.0});
   const RoundingKey key{plan, step};
   const auto one = [&](int64_t ci) {
     const int64_t lo = ci * chunk;
     for_range(plan, lo, std::min(total, lo + chunk), [&](const Tensor& t, int64_t a, int64_t b) {
-      Lanes lp, lx;
-      if constexpr (reduce_kind<Opt>::value == 2) {
-        reduce_tensor<Opt, V>(c, plan, t, a, b, key, lp, lx,
-                              std::make_index_sequence<Opt::nstate(V)>{});
-      } else {  // the parameter and the transformed gradient, read only
-        stats_array(t.param, t.dtype, a, b, 1.0, kInf, lp);
-        stats_tensor(plan, t, a, b, lx);
+      const auto i = static_cast<std::size_t>(&t - first);
+      for (int64_t x = (a + kSumBlock - 1) / kSumBlock * kSumBlock; x < b; x += kSumBlock) {
+        const int64_t y = std::min(t.size, x + kSumBlock);
+        Lanes lp, lx;
+        if constexpr (reduce_kind<Opt>::value == 2) {
+          reduce_tensor<Opt, V>(c, plan, t, x, y, key, lp, lx,
+                                std::make_index_sequence<Opt::nstate(V)>{});
+        } else {  // the parameter and the transformed gradient, read only
+          stats_array(t.param, t.dtype, x, y, 1.0, kInf, lp);
+          stats_tensor(plan, t, x, y, lx);
+        }
+        double sp = 0, sx = 0;
+        for (int j = 0; j < kLanes; ++j) {
+          sp += lp.sq[j];
+          sx += lx.sq[j];
+        }
+        part[base[i] + static_cast<std::size_t>(x / kSumBlock)] = {sp, sx};
       }
-      double sp = 0, sx = 0;
-      for (int j = 0; j < kLanes; ++j) {
-        sp += lp.sq[j];
-        sx += lx.sq[j];
-      }
-      part[static_cast<std::size_t>(ci) + static_cast<std::size_t>(&t - first)] = {sp, sx};
     });
   };
   if (threads <= 1 || nchunks <= 1) {
@@ -790,12 +800,9 @@ void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step,
   std::vector<Coeffs> per(nt, c);
   for (std::size_t i = 0; i < nt; ++i) {
     double sp = 0, sx = 0;
-    if (plan.tensors[i].size > 0) {
-      const int64_t c0 = plan.offsets[i] / chunk, c1 = (plan.offsets[i + 1] - 1) / chunk;
-      for (int64_t ci = c0; ci <= c1; ++ci) {
-        sp += part[static_cast<std::size_t>(ci) + i][0];
-        sx += part[static_cast<std::size_t>(ci) + i][1];
-      }
+    for (std::size_t k = base[i]; k < base[i + 1]; ++k) {
+      sp += part[k][0];
+      sx += part[k][1];
     }
     per[i] = Opt::for_tensor(c, sp, sx, plan.tensors[i].ndim);
   }

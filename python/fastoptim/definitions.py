@@ -705,6 +705,7 @@ def _lamb_fields(group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str,
 LAMB = Definition(
     name="LAMB",
     kernel="LAMB",
+    per_tensor=True,
     doc=r"""LAMB, Adam's update scaled per tensor by a trust ratio (You et al. 2020, "Large
 Batch Optimization for Deep Learning: Training BERT in 76 minutes", algorithm 2).
 ``torch.optim`` has no LAMB.
@@ -729,9 +730,11 @@ norm and :math:`p_t = p - \gamma r_t u_t`.  A tensor whose update norm is not fi
 non-finite step (no ratio of 1 for NaN).  State: ``exp_avg``, ``exp_avg_sq``.
 
 The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
-updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in a fixed order (the same
-bits for any thread count); the second recomputes :math:`u` from the stored :math:`m, v` and
-moves the parameters.  With a reduced-precision state the norm is of the :math:`u` computed
+updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in an order fixed by the
+tensor alone (the same bits for any thread count, in a group with other tensors or alone); the
+second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters.  A whole
+parameter per tensor: sharded parameters (FSDP2's DTensor, ZeRO-1 of
+:mod:`fastoptim.distributed`) are refused.  With a reduced-precision state the norm is of the :math:`u` computed
 from the stored (rounded) moments, the one that is applied.""",
     hyper=(
         Hyper("lr", 1e-3),
@@ -756,6 +759,7 @@ lacks, with :class:`fastoptim.LAMB`'s signature.  State: ``step``, ``exp_avg``,
 LARS = Definition(
     name="LARS",
     kernel="LARS",
+    per_tensor=True,
     doc=r"""LARS, SGD with momentum and a per-tensor trust ratio (You et al. 2017, "Large Batch
 Training of Convolutional Networks"), as ``pytorch_optimizer.LARS``.  ``torch.optim`` has no
 LARS.
@@ -777,8 +781,10 @@ tensor.  With ``momentum=0`` there is no buffer: :math:`d_t = \tilde g_t`.  Unli
 ``momentum_buffer`` (when ``momentum > 0``).
 
 The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
-reads :math:`p` and :math:`g` and sums their squares per tensor, in a fixed order (the same
-bits for any thread count); the second is the element-wise update.""",
+reads :math:`p` and :math:`g` and sums their squares per tensor, in an order fixed by the tensor
+alone (the same bits for any thread count, in a group with other tensors or alone); the second
+is the element-wise update.  A whole parameter per tensor: sharded parameters (FSDP2's
+DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("momentum", 0.9, rule=UNIT),

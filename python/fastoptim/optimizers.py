@@ -745,9 +745,11 @@ class LAMB(Optimizer):
     non-finite step (no ratio of 1 for NaN).  State: ``exp_avg``, ``exp_avg_sq``.
 
     The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
-    updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in a fixed order (the same
-    bits for any thread count); the second recomputes :math:`u` from the stored :math:`m, v` and
-    moves the parameters.  With a reduced-precision state the norm is of the :math:`u` computed
+    updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in an order fixed by the
+    tensor alone (the same bits for any thread count, in a group with other tensors or alone); the
+    second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters.  A whole
+    parameter per tensor: sharded parameters (FSDP2's DTensor, ZeRO-1 of
+    :mod:`fastoptim.distributed`) are refused.  With a reduced-precision state the norm is of the :math:`u` computed
     from the stored (rounded) moments, the one that is applied."""
 
     _definition = _defs.LAMB
@@ -800,8 +802,10 @@ class LARS(Optimizer):
     ``momentum_buffer`` (when ``momentum > 0``).
 
     The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
-    reads :math:`p` and :math:`g` and sums their squares per tensor, in a fixed order (the same
-    bits for any thread count); the second is the element-wise update."""
+    reads :math:`p` and :math:`g` and sums their squares per tensor, in an order fixed by the tensor
+    alone (the same bits for any thread count, in a group with other tensors or alone); the second
+    is the element-wise update.  A whole parameter per tensor: sharded parameters (FSDP2's
+    DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused."""
 
     _definition = _defs.LARS
 

@@ -945,6 +945,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c.plan, c.holders, c.bound = plan, None, False
         c.last_refs, c.last_ptrs = [], []
         c.local = any(hasattr(p, "_local_tensor") for p in params)
+        if c.local and self._definition.per_tensor:
+            raise ValueError(
+                f"{type(self).__name__}: a trust ratio needs each whole parameter's norms; "
+                "DTensor (FSDP2) parameters hold shards of them (not supported)"
+            )
         c.sig = self._sig(params, c.local)
 
     # ------------------------------------------------------------------ gradients and plans

@@ -266,6 +266,10 @@ class Definition:
     # A step that is not element-wise, run in Python (Muon, LBFGS): see Host.  Such an
     # optimizer has no compiled kernel (``kernel`` is ""), and no precision options (COMMON).
     host: Host | None = None
+    # The step reduces every whole tensor (LAMB's and LARS's per-tensor trust ratios, the
+    # driver's two-pass optimizers): a shard of a parameter (ZeRO-1's flat pieces, FSDP2's
+    # DTensor shards) cannot be stepped on its own, and the wrappers that shard refuse it.
+    per_tensor: bool = False
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
