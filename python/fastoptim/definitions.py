@@ -732,10 +732,10 @@ non-finite step (no ratio of 1 for NaN).  State: ``exp_avg``, ``exp_avg_sq``.
 The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
 updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in an order fixed by the
 tensor alone (the same bits for any thread count, in a group with other tensors or alone); the
-second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters.  A whole
-parameter per tensor: sharded parameters (FSDP2's DTensor, ZeRO-1 of
-:mod:`fastoptim.distributed`) are refused.  With a reduced-precision state the norm is of the :math:`u` computed
-from the stored (rounded) moments, the one that is applied.""",
+second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters.  With a
+reduced-precision state the norm is of the :math:`u` computed from the stored (rounded)
+moments, the one that is applied.  A whole parameter per tensor: sharded parameters (FSDP2's
+DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("betas", (0.9, 0.999)),

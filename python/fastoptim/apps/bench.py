@@ -105,6 +105,7 @@ def _two_pass_roofline(name: str, total: int) -> tuple[Callable[[], object], lis
 
     return run, fused + extra
 
+
 # torch.optim has fused CPU kernels for these only.
 _TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 # torch.optim lacks these: the torch contenders are pytorch_optimizer's classes when installed.
