@@ -79,6 +79,11 @@ OPTIMIZERS: dict[str, Spec] = {
     "AdamWScheduleFree": Spec("AdamWScheduleFree", {}, 3e-3),
     # swept 0.1-3: lowest train loss at 1 (test loss 0.28), diverged at 3, best test loss 0.3
     "SGDScheduleFree": Spec("SGDScheduleFree", {}, 0.3),
+    # swept 3e-4-0.1 (20 epochs): lowest train and test loss at 1e-3 (3e-3 close), unstable 3e-2
+    "LAMB": Spec("LAMB", {}, 1e-3),
+    # swept 0.3-100 (20 epochs, trust_coefficient 1e-3): lowest train loss at 1 (best test loss
+    # at 0.3), worse at 3, diverged at 10
+    "LARS": Spec("LARS", {}, 1.0),
     # Muon updates the weight matrices; the biases (1-D) take AdamW at MUON_BIAS_LR, as torch's
     # Muon documentation recommends (see MuonAndAdamW).
     "Muon": Spec("Muon", {}, 5e-3),  # swept 2e-3-5e-2 (20 epochs): best test loss at 5e-3
