@@ -239,3 +239,28 @@ def test_bit_identical_across_thread_counts_every_layout(name: str, layout: dict
                     np.asarray(v).reshape(-1).view(np.uint8),
                     np.asarray(w).reshape(-1).view(np.uint8),
                 )
+
+
+def test_bench_reports_the_reduction_pass() -> None:
+    """``fastoptim bench`` rows of LAMB and LARS count both passes' bytes (40 and 28 per float32
+    element), compare with a streaming workload of those reads and writes, say so under the
+    table, and time pytorch_optimizer's classes as the torch contenders when installed."""
+    from fastoptim.apps import bench
+
+    assert bench.two_pass_bytes("LAMB") == (40, 24, 7, 3)
+    assert bench.two_pass_bytes("LARS") == (28, 8, 5, 2)
+    threads = fastoptim.get_num_threads()
+    fastoptim.set_num_threads(1)
+    try:
+        rows = bench.run(["LAMB", "LARS"], ["mlp"], repeats=1, rounds=1, torch=True)
+    finally:
+        fastoptim.set_num_threads(threads)
+    assert [(r.optimizer, r.bytes // r.elements) for r in rows] == [("LAMB", 40), ("LARS", 28)]
+    table = bench.format_table(rows)
+    assert "LAMB: two passes, 40 B/el" in table and "LARS: two passes, 28 B/el" in table
+    try:
+        import pytorch_optimizer  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    assert all("torch pytorch_optimizer foreach" in r.times for r in rows)

@@ -749,8 +749,8 @@ DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
     ),
     states=(State("exp_avg"), State("exp_avg_sq")),
     extra_fields=_lamb_fields,
-    functional_doc=r"""One in-place LAMB update (see :class:`fastoptim.LAMB`): the trust ratio
-of each tensor of ``params`` from its own norms.""",
+    functional_doc=r"""One in-place LAMB update of one tensor (see :class:`fastoptim.LAMB`): the
+trust ratio from ``param``'s own norms.""",
     torch_doc=r"""LAMB (You et al. 2020; see :class:`fastoptim.LAMB`), which ``torch.optim``
 lacks, with :class:`fastoptim.LAMB`'s signature.  State: ``step``, ``exp_avg``,
 ``exp_avg_sq``.""",
@@ -796,9 +796,9 @@ DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
         Hyper("maximize", False, keyword=True),
     ),
     states=(State("momentum_buffer", optional=True),),
-    functional_doc=r"""One in-place LARS update (see :class:`fastoptim.LARS`): the trust ratio
-of each tensor of ``params`` from its own norms (the exclusion rule reads each parameter's
-number of dimensions).  ``momentum_buffer`` is needed iff ``momentum > 0``.""",
+    functional_doc=r"""One in-place LARS update of one tensor (see :class:`fastoptim.LARS`): the
+trust ratio from ``param``'s own norms (``exclude_1d`` reads ``param.ndim``).
+``momentum_buffer`` is needed iff ``momentum > 0``.""",
     torch_doc=r"""LARS (You et al. 2017; see :class:`fastoptim.LARS`), which ``torch.optim``
 lacks, with :class:`fastoptim.LARS`'s signature (``pytorch_optimizer.LARS``'s defaults).
 State: ``step``, ``momentum_buffer`` (when ``momentum > 0``).""",

@@ -950,8 +950,8 @@ def lamb_(
     copy_out: np.ndarray | None = None,
     ema: np.ndarray | None = None,
 ) -> None:
-    """One in-place LAMB update (see :class:`fastoptim.LAMB`): the trust ratio
-    of each tensor of ``params`` from its own norms."""
+    """One in-place LAMB update of one tensor (see :class:`fastoptim.LAMB`): the
+    trust ratio from ``param``'s own norms."""
     _step(
         _defs.LAMB,
         param,
@@ -1004,9 +1004,9 @@ def lars_(
     copy_out: np.ndarray | None = None,
     ema: np.ndarray | None = None,
 ) -> None:
-    """One in-place LARS update (see :class:`fastoptim.LARS`): the trust ratio
-    of each tensor of ``params`` from its own norms (the exclusion rule reads each parameter's
-    number of dimensions).  ``momentum_buffer`` is needed iff ``momentum > 0``."""
+    """One in-place LARS update of one tensor (see :class:`fastoptim.LARS`): the
+    trust ratio from ``param``'s own norms (``exclude_1d`` reads ``param.ndim``).
+    ``momentum_buffer`` is needed iff ``momentum > 0``."""
     _step(
         _defs.LARS,
         param,
