@@ -167,14 +167,15 @@ def test_lamb_trust_ratio_normalises_the_step() -> None:
     np.testing.assert_allclose(params[1], -0.01 * grads[1] / (np.abs(grads[1]) + 1e-6))
 
 
-@pytest.mark.parametrize("state_dtype", ["bfloat16"])
-def test_lamb_reduced_state_close_to_reference(state_dtype: str) -> None:
-    """A bfloat16 state: within the state's rounding of the reference (which computes the
-    update from the unrounded moments), after 5 steps.  (Not float16: its second moments of
-    small gradients, (1 - beta2) g^2, are float16 subnormals whose rounding changes u by far
-    more than an ulp; LAMB then applies the u of the stored moments, as documented.)"""
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "float16"])
+def test_lamb_reduced_state_like_reference(state_dtype: str) -> None:
+    """A state stored rounded (bfloat16, float16): the update is that of the unrounded moments,
+    as the reference's float32 step followed by the rounding of the state (the compiled layouts
+    are checked bit for bit against the float32 kernel by test_precision.py, int8 by
+    test_quantized.py: the reference classes do not dequantize an int8 state); here the
+    reference class agrees to float32 rounding after 5 steps."""
     rng = np.random.default_rng(7)
-    shapes = [(300,), (20, 30)]
+    shapes = [(300,), (20, 30), (5000,)]
     a = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     b = [x.copy() for x in a]
     fast = fastoptim.LAMB(a, lr=0.01, state_dtype=state_dtype)
@@ -183,11 +184,8 @@ def test_lamb_reduced_state_close_to_reference(state_dtype: str) -> None:
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         fast.step(grads)
         ref.step(grads)
-    ulp = 2.0**-8  # bfloat16's relative rounding
     for x, y in zip(a, b):
-        # each step moves p by lr = 0.01 of its scale; the state's rounding changes that step by
-        # a few ulps of the state: 5 steps x 4 ulps x lr
-        np.testing.assert_allclose(x, y, atol=5 * 4 * 0.01 * ulp * float(np.abs(y).max()))
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
 
 
 LAYOUTS: list[dict[str, Any]] = [

@@ -173,11 +173,6 @@ LAYOUTS: dict[str, tuple[np.dtype[Any], np.dtype[Any], dict[str, Any]]] = {
 }
 
 
-# Two-pass optimizers whose second pass reads the state the first stored (LAMB): with a
-# reduced-precision state their step is not "a float32 step, then rounding".
-TWO_PASS_STATE = {"LAMB"}
-
-
 def _arrays(opt: Any) -> dict[str, np.ndarray]:
     """Every array of a one-group optimizer: parameters and state (copies)."""
     out = {f"param {i}": p.copy() for i, p in enumerate(opt.param_groups[0]["params"])}
@@ -197,11 +192,6 @@ def test_layout_is_float32_step_then_rounding(
     """Three steps of a layout, each checked bit for bit against the float32 kernel run on the
     layout's arrays loaded into float32, then rounded by the reference."""
     pdt, gdt, opts = LAYOUTS[layout]
-    if case.opt in TWO_PASS_STATE and "state_dtype" in opts:
-        pytest.skip(
-            f"{case.opt} applies the update recomputed from its stored (rounded) state, which a "
-            "float32 step does not round: test_lamb_lars.py checks these layouts"
-        )
     rng = np.random.default_rng(11)
     params = [np.asarray(rng.standard_normal(s) * 2, np.float32).astype(pdt) for s in SHAPES]
     cls = getattr(fo, case.opt)

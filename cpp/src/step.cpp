@@ -437,7 +437,8 @@ inline void ema_update(const Tensor& t, int64_t lo, int64_t hi, double decay,
 }
 
 // The element-wise pass of a step: every element of the plan through the optimizer's kernel, with
-// the coefficients coeffs_of(tensor) (the step's, or a two-pass optimizer's per-tensor ones).
+// the coefficients *coeffs_of(tensor) (the step's, or a two-pass optimizer's per-tensor ones);
+// a tensor whose coeffs_of is null is left alone.
 template <class Opt, unsigned V, class CoeffsOf>
 void run_update(const Plan& plan, const CoeffsOf& coeffs_of, int64_t step, int threads) {
   using KF = Transformed<Kernel<Opt, float, V>, float>;
@@ -445,7 +446,7 @@ void run_update(const Plan& plan, const CoeffsOf& coeffs_of, int64_t step, int t
   const RoundingKey key{plan, step};
   constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
   const auto update = [&](const Tensor& t, int64_t a, int64_t b) {
-    const typename Opt::Coeffs& c = coeffs_of(t);
+    const typename Opt::Coeffs& c = *coeffs_of(t);
     const KF kf{{c}, static_cast<float>(plan.grad_mul), static_cast<float>(plan.grad_clip)};
     const KD kd{{c}, plan.grad_mul, plan.grad_clip};
     if (t.path == Tensor::kConverting)
@@ -461,6 +462,7 @@ void run_update(const Plan& plan, const CoeffsOf& coeffs_of, int64_t step, int t
   };
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
+      if (coeffs_of(t) == nullptr) return;
       if (t.ema == nullptr) return update(t, a, b);
       for (int64_t x = a; x < b; x += kEmaBlock) {
         const int64_t y = std::min(b, x + kEmaBlock);
@@ -708,13 +710,13 @@ FASTOPTIM_NOINLINE void reduce_update(const R r, const T* __restrict p, T* __res
 
 static_assert(kBlock == kQBlock, "pass 1 runs quantized tensors in the converting blocks");
 
-// Pass 1 of kReduce == 2 on tensor t's elements [a, b), block by block: the moments (the state
-// staged and stored rounded as its layout says, with the update pass's random-bit streams), the
-// stored state read back, u into a block buffer, and p^2 and u^2 into the lanes.  (a is a
-// multiple of kSumBlock, so a quantized state's blocks are whole.)
+// Pass 1 of kReduce == 2 on tensor t's elements [a, b), block by block: the moments, stored
+// (float32 state) or, when `keep` (a state stored in another dtype), computed in copies and
+// left for pass 2 to recompute and store rounded; u into a block buffer; p^2 and u^2 into the
+// lanes.  (a is a multiple of kSumBlock, so a quantized state's blocks are whole.)
 template <class Opt, unsigned V, std::size_t... J>
 void reduce_tensor(const typename Opt::Coeffs& c, const Plan& plan, const Tensor& t, int64_t a,
-                   int64_t b, const RoundingKey& key, Lanes& lp, Lanes& lu,
+                   int64_t b, const RoundingKey& key, bool keep, Lanes& lp, Lanes& lu,
                    std::index_sequence<J...>) {
   constexpr std::size_t N = sizeof...(J);
   static_assert(N > 0, "kReduce == 2 needs state");
@@ -743,11 +745,16 @@ void reduce_tensor(const typename Opt::Coeffs& c, const Plan& plan, const Tensor
     const int64_t n = std::min(kBlock, b - lo);  // (kBlock divides a, 2^32 and kSumBlock)
     const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
     float* s[N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
-    reduce_moments(r, mul, clip, g, n, s[J]...);
-    (unstage_state(s[J], t, J, q[J], lo, n, key), ...);
-    const float* stored[N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};  // (float32: s)
+    if (keep) {  // the moments in copies: a float32 state is the array itself
+      for (std::size_t j = 0; j < N; ++j)
+        if (s[j] != buf_s[j]) s[j] = std::copy(s[j], s[j] + n, buf_s[j]) - n;
+      reduce_moments(r, mul, clip, g, n, s[J]...);
+    } else {
+      reduce_moments(r, mul, clip, g, n, s[J]...);
+      (unstage_state(s[J], t, J, q[J], lo, n, key), ...);  // (float32: no-op)
+    }
     const float* p = staged(t.param, t.dtype, lo, n, buf_p);
-    reduce_update(r, p, buf_u, n, stored[J]...);
+    reduce_update(r, p, buf_u, n, s[J]...);
     lanes_add(p, n, lp);
     lanes_add(buf_u, n, lu);
     lo += n;
@@ -768,6 +775,16 @@ void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step,
     base[i + 1] = base[i] + static_cast<std::size_t>((plan.tensors[i].size + kSumBlock - 1) / kSumBlock);
   std::vector<std::array<double, 2>> part(base[nt], std::array<double, 2>{0.0, 0.0});
   const RoundingKey key{plan, step};
+  // redo[i]: tensor i has a state stored in another dtype than it computes in (kRecompute)
+  std::vector<char> redo(nt, 0);
+  bool any_redo = false;
+  if constexpr (reduce_kind<Opt>::value == 2) {
+    for (std::size_t i = 0; i < nt; ++i) {
+      const Tensor& t = plan.tensors[i];
+      for (int j = 0; j < Opt::nstate(V); ++j) redo[i] |= t.state_dtype[j] != t.compute();
+      any_redo = any_redo || redo[i];
+    }
+  }
   const auto one = [&](int64_t ci) {
     const int64_t lo = ci * chunk;
     for_range(plan, lo, std::min(total, lo + chunk), [&](const Tensor& t, int64_t a, int64_t b) {
@@ -776,7 +793,7 @@ void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step,
         const int64_t y = std::min(t.size, x + kSumBlock);
         Lanes lp, lx;
         if constexpr (reduce_kind<Opt>::value == 2) {
-          reduce_tensor<Opt, V>(c, plan, t, x, y, key, lp, lx,
+          reduce_tensor<Opt, V>(c, plan, t, x, y, key, redo[i] != 0, lp, lx,
                                 std::make_index_sequence<Opt::nstate(V)>{});
         } else {  // the parameter and the transformed gradient, read only
           stats_array(t.param, t.dtype, x, y, 1.0, kInf, lp);
@@ -806,9 +823,18 @@ void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step,
     }
     per[i] = Opt::for_tensor(c, sp, sx, plan.tensors[i].ndim);
   }
+  const auto index = [first](const Tensor& t) { return static_cast<std::size_t>(&t - first); };
   run_update<Opt, V>(
-      plan, [&](const Tensor& t) -> const Coeffs& { return per[static_cast<std::size_t>(&t - first)]; },
+      plan,
+      [&](const Tensor& t) -> const Coeffs* { return redo[index(t)] ? nullptr : &per[index(t)]; },
       step, threads);
+  if constexpr (reduce_kind<Opt>::value == 2) {
+    if (any_redo)
+      run_update<Opt, V | Opt::kRecompute>(
+          plan,
+          [&](const Tensor& t) -> const Coeffs* { return redo[index(t)] ? &per[index(t)] : nullptr; },
+          step, threads);
+  }
 }
 
 template <class Opt, unsigned V>
@@ -817,7 +843,7 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
     run_two_pass<Opt, V>(plan, c, step, threads);
   } else {
     run_update<Opt, V>(
-        plan, [&c](const Tensor&) -> const typename Opt::Coeffs& { return c; }, step, threads);
+        plan, [&c](const Tensor&) -> const typename Opt::Coeffs* { return &c; }, step, threads);
   }
 }
 

@@ -732,9 +732,11 @@ non-finite step (no ratio of 1 for NaN).  State: ``exp_avg``, ``exp_avg_sq``.
 The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
 updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in an order fixed by the
 tensor alone (the same bits for any thread count, in a group with other tensors or alone); the
-second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters.  With a
-reduced-precision state the norm is of the :math:`u` computed from the stored (rounded)
-moments, the one that is applied.  A whole parameter per tensor: sharded parameters (FSDP2's
+second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters (40 bytes
+per float32 element).  A tensor whose state is stored rounded (``state_dtype`` bfloat16,
+float16, int8) leaves it untouched in the first pass, and the second recomputes the moments
+from the stored ones before storing them: :math:`u` is always that of the unrounded moments,
+so every layout is a float32 step followed by its rounding.  A whole parameter per tensor: sharded parameters (FSDP2's
 DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
     hyper=(
         Hyper("lr", 1e-3),

@@ -344,10 +344,13 @@ template <class T, unsigned V> struct Kernel<SGDScheduleFree, T, V> {
 // The two-pass optimizers (optimizers.hpp's kReduce).  Reduce<Opt, T, V> is pass 1's functor for
 // kReduce == 2: moments() updates the state from the (transformed) gradient, update() is the
 // update u whose norm pass 1 takes, computed from the STORED state (the driver stores the state,
-// rounding it as its layout says, and reads it back before update()), so that pass 2, which
-// recomputes u with the same function from the same stored values, applies exactly the u whose
-// norm gave the trust ratio.  Kernel<Opt, T, V> is pass 2 (kWritesState false: the driver does
-// not store the state it only reads).
+// in float32/float64 as the kernel computes, and reads it back before update()), so that pass 2,
+// which recomputes u with the same function from the same stored values, applies exactly the u
+// whose norm gave the trust ratio.  Kernel<Opt, T, V> is pass 2 (kWritesState false: the driver
+// does not store the state it only reads).  A tensor whose state is stored in another dtype
+// (rounded) keeps its state untouched in pass 1 and runs Kernel<Opt, T, V | kRecompute> in pass
+// 2: moments() again from the stored state, then update(), then the state stored rounded; so
+// u is always that of the unrounded moments, as a float32 step's.
 template <class Opt, class T, unsigned V> struct Reduce;
 
 template <class T, unsigned V> struct Reduce<LAMB, T, V> {
@@ -365,11 +368,12 @@ template <class T, unsigned V> struct Reduce<LAMB, T, V> {
 
 template <class T, unsigned V> struct Kernel<LAMB, T, V> {
   static constexpr int nstate = 2;
-  static constexpr bool kWritesState = false;
+  static constexpr bool kWritesState = (V & LAMB::kRecompute) != 0;
   LAMB::Coeffs c;
-  void operator()(T& p, T, std::array<T, 2>& s) const {
-    const T u = Reduce<LAMB, T, V>{c}.update(p, s);
-    p = fmadd(T(c.neg_step), u, p * T(c.decay));
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    const Reduce<LAMB, T, V> r{c};
+    if constexpr (kWritesState) r.moments(g, s);
+    p = fmadd(T(c.neg_step), r.update(p, s), p * T(c.decay));
   }
 };
 

@@ -555,6 +555,12 @@ struct LAMB {
   // neg_step: -lr * the tensor's trust ratio (set by for_tensor).
   struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, inv_bc2_sqrt, eps, lr, max_weight_norm, max_trust_ratio, neg_step; };
   static constexpr int kReduce = 2;
+  // Pass 2's kernel for a tensor with a state stored in another dtype than it computes in
+  // (bfloat16/float16/int8): pass 1 then stores nothing, and pass 2 recomputes the moments from
+  // the stored ones and the gradient, applies the u whose norm pass 1 took (from the unrounded
+  // moments) and stores the moments.  Not a variant of the hyper-parameters: the driver picks
+  // it per tensor.
+  static constexpr unsigned kRecompute = 1;
   enum : unsigned { kVariants = 1 };
   static unsigned variant(const Hyper&) { return 0; }
   static constexpr int nstate(unsigned) { return 2; }
