@@ -751,8 +751,8 @@ class LAMB(Optimizer):
     per float32 element).  A tensor whose state is stored rounded (``state_dtype`` bfloat16,
     float16, int8) leaves it untouched in the first pass, and the second recomputes the moments
     from the stored ones before storing them: :math:`u` is always that of the unrounded moments,
-    so every layout is a float32 step followed by its rounding.  A whole parameter per tensor: sharded parameters (FSDP2's
-    DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused."""
+    so every layout is a float32 step followed by its rounding.  A whole parameter per tensor:
+    sharded parameters (FSDP2's DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused."""
 
     _definition = _defs.LAMB
 
