@@ -157,6 +157,23 @@ CASES: list[Case] = [
     case(
         "ADOPT", "cautious", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, cautious=True
     ),
+    # LAMB: per-tensor trust ratio min(||p||, max_weight_norm) / ||u|| (the families' tensors
+    # have norms from ~0.1 to ~10: the "weight_norm" clamp binds for the larger ones)
+    case("LAMB", "plain", lr=0.01),
+    case("LAMB", "no_bias_correction", lr=0.01, bias_correction=False),
+    case("LAMB", "weight_decay", lr=0.01, weight_decay=WD),
+    case("LAMB", "decoupled", lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    case("LAMB", "weight_norm", lr=0.01, max_weight_norm=0.5),
+    case("LAMB", "trust_clip", lr=0.01, max_weight_norm=None, max_trust_ratio=0.02),
+    case("LAMB", "maximize", lr=0.01, betas=(0.8, 0.9), eps=1e-8, maximize=True),
+    # LARS: trust ratio trust_coefficient * ||p|| / (||g|| + wd ||p||), tensors with ndim <= 1
+    # excluded (plain momentum SGD) unless exclude_1d=False
+    case("LARS", "plain", lr=0.5, trust_coefficient=0.02),
+    case("LARS", "no_momentum", lr=0.5, momentum=0, trust_coefficient=0.02),
+    case("LARS", "nesterov", lr=0.5, nesterov=True, trust_coefficient=0.02),
+    case("LARS", "weight_decay", lr=0.5, weight_decay=WD, dampening=0.3, trust_coefficient=0.02),
+    case("LARS", "all_tensors", lr=0.5, weight_decay=WD, exclude_1d=False, trust_coefficient=0.02),
+    case("LARS", "maximize", lr=0.2, momentum=0.5, maximize=True),
     # Schedule-Free (the schedulefree package's classes): warmup over the first steps, the
     # lr-squared weighting (weight_lr_power) and the polynomial one (r); the halfway lr drop
     # leaves lr_max (and so the weights) at the earlier, larger lr.

@@ -607,6 +607,13 @@ HYPER_CASES: list[tuple[Any, dict[str, Any], list[str]]] = [
     (fo.NAdam, dict(momentum_decay=-1.0), ["momentum_decay"]),
     (fo.Adagrad, dict(lr_decay=-1.0), ["lr_decay"]),
     (fo.Lion, dict(weight_decay=float("inf")), ["weight_decay"]),
+    (fo.LAMB, dict(max_weight_norm=-1.0), ["max_weight_norm"]),
+    (fo.LAMB, dict(max_trust_ratio=0.0), ["max_trust_ratio"]),
+    (fo.LAMB, dict(max_trust_ratio="1"), ["max_trust_ratio"]),
+    (fo.LARS, dict(momentum=1.5), ["momentum"]),
+    (fo.LARS, dict(trust_coefficient=-1e-3), ["trust_coefficient"]),
+    (fo.LARS, dict(exclude_1d=0), ["exclude_1d"]),
+    (fo.LAMB, dict(bias_correction=0), ["bias_correction"]),
     (fo.Rprop, dict(etas=(1.0, 1.2)), ["etas"]),
     (fo.Rprop, dict(etas=(0.0, 1.2)), ["etas"]),
     (fo.Rprop, dict(etas=(0.5, 1.0)), ["etas"]),
@@ -701,6 +708,13 @@ def test_nan_inf_gradients(cls: Any, kw: dict[str, Any]) -> None:
         opt_c.step([g])
     ok = np.ones(64, bool)
     ok[bad] = False
+    for name in STATES[cls.__name__]:
+        assert np.isfinite(opt_d.state[0][name][ok]).all()
+    if cls._definition.per_tensor and cls.__name__ == "LAMB":
+        # the trust ratio's norms take every element: a non-finite update norm makes the whole
+        # tensor's step non-finite (as pytorch_optimizer.Lamb); LARS's 1-D tensor is excluded
+        assert not np.isfinite(dirty).any()
+        return
     assert np.isfinite(dirty[ok]).all()
     assert dirty[ok].tobytes() == clean[ok].tobytes()  # elementwise: others unaffected
     # NaN propagates into its own element: the parameter, or at least its state (Rprop moves by

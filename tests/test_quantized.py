@@ -168,6 +168,8 @@ QUANTIZABLE = {
     "Adagrad": {"lr": 0.1, "initial_accumulator_value": 0.1},
     "Adadelta": {"lr": 1.0},
     "ADOPT": {"lr": 1e-2},
+    "LAMB": {"lr": 1e-2, "weight_decay": 0.125},
+    "LARS": {"lr": 0.5, "trust_coefficient": 0.02, "weight_decay": 0.1},
 }
 SHAPES = [(100,), (4095,), (4096,), (5000,), (70, 300), (20001,)]
 LAYOUTS: dict[str, tuple[Any, Any, dict[str, Any]]] = {

@@ -264,6 +264,11 @@ def test_not_in_torch_matches_fastoptim(case: Case, dtype: Any, rng: np.random.G
     # the case's state buffers (SGD without momentum has none)
     states = set(fast._definition.compile({**fast.defaults, **case.kwargs}).state_names())
     for i, (p, a) in enumerate(zip(ours, arrays)):
+        if _memory_order_sums(fast, i):
+            _close_to_ulps(p.numpy(), a, f"param {i}")
+            for n in states:
+                _close_to_ulps(fast.state[p][n].numpy(), ref.state[i][n], n)
+            continue
         np.testing.assert_array_equal(p.numpy(), a, err_msg=f"param {i}")
         for n in states:
             np.testing.assert_array_equal(fast.state[p][n].numpy(), ref.state[i][n])
@@ -282,7 +287,26 @@ def test_same_bits_as_numpy_classes(case: Case, rng: np.random.Generator) -> Non
         fast.step()
         ref.step([p.grad.numpy().copy() for p in ours])
     for i, (p, a) in enumerate(zip(ours, arrays)):
+        if _memory_order_sums(fast, i):
+            _close_to_ulps(p.numpy(), a, f"{case.id} param {i}")
+            continue
         np.testing.assert_array_equal(p.numpy(), a, err_msg=f"{case.id} param {i}")
+
+
+def _memory_order_sums(opt: Any, i: int) -> bool:
+    """Whether parameter `i` is laid out other than C-contiguous (LAYOUTS' permutations, in
+    either family) for an optimizer with per-tensor norms (LAMB, LARS): fastoptim.torch sums
+    its squares in memory order, the NumPy class in the copy's C order, so the trust ratio,
+    hence the step, may differ by rounding (elements are otherwise computed alike)."""
+    return bool(opt._definition.per_tensor and LAYOUTS[i % len(LAYOUTS)][1] is not None)
+
+
+def _close_to_ulps(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    # A few ulps of the ratio per step, accumulated over the run (the momentum buffer sums them):
+    # measured <= 160 eps of the array's largest value over STEPS steps
+    tol = 256 * float(np.finfo(want.dtype).eps)
+    big = float(np.max(np.abs(want), initial=0.0))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * big, err_msg=what)
 
 
 def _as_torch(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

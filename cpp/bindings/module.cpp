@@ -439,6 +439,7 @@ class PyPlan {
       t.size = ps[i].size;
       t.dtype = ps[i].dtype;
       t.param = ps[i].data;
+      t.ndim = static_cast<int>(ps[i].arr.ndim());
       if (ms[i]) {  // the kernel updates the master copy; the parameter is its rounded copy
         t.dtype = DType::f32;
         t.param = ms[i]->data;

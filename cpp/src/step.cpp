@@ -79,8 +79,10 @@ FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < n; ++i) {
     std::array<T, sizeof...(S)> v{s[i]...};
     k(p[i], g[i], v);
-    std::size_t j = 0;
-    ((s[i] = v[j++]), ...);
+    if constexpr (writes_state<K>::value) {
+      std::size_t j = 0;
+      ((s[i] = v[j++]), ...);
+    }
   }
 }
 
@@ -365,7 +367,8 @@ void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const R
     } else {
       unstage(p, t.param, t.dtype, lo, n, t, 0, key);
     }
-    (unstage(s[J], t.state[J], t.state_dtype[J], lo, n, t, 1 + J, key), ...);
+    if constexpr (writes_state<K>::value)
+      (unstage(s[J], t.state[J], t.state_dtype[J], lo, n, t, 1 + J, key), ...);
     if (t.out) unstage(p, t.out, t.out_dtype, lo, n, t, 0, key);
     lo += n;
   }
@@ -708,6 +711,7 @@ void sweep_fused_layout(const K& k, const Tensor& t, int64_t a, int64_t b, const
 // clamp(g * mul, -clip, clip) (the plan's loss scaling and clipping; with the identity,
 // mul = 1 and clip = inf, exactly g: NaN and infinities included).
 template <class K, class T> struct Transformed {
+  static constexpr bool kWritesState = writes_state<K>::value;
   K k;
   T mul, clip;
   template <class S> void operator()(T& p, T g, S& s) const {
@@ -748,15 +752,19 @@ inline void ema_update(const Tensor& t, int64_t lo, int64_t hi, double decay,
   }
 }
 
-template <class Opt, unsigned V>
-void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, int threads) {
+// The element-wise pass of a step: every element of the plan through the optimizer's kernel, with
+// the coefficients *coeffs_of(tensor) (the step's, or a two-pass optimizer's per-tensor ones);
+// a tensor whose coeffs_of is null is left alone.
+template <class Opt, unsigned V, class CoeffsOf>
+void run_update(const Plan& plan, const CoeffsOf& coeffs_of, int64_t step, int threads) {
   using KF = Transformed<Kernel<Opt, float, V>, float>;
   using KD = Transformed<Kernel<Opt, double, V>, double>;
-  const KF kf{{c}, static_cast<float>(plan.grad_mul), static_cast<float>(plan.grad_clip)};
-  const KD kd{{c}, plan.grad_mul, plan.grad_clip};
   const RoundingKey key{plan, step};
   constexpr auto states = std::make_index_sequence<Opt::nstate(V)>{};
   const auto update = [&](const Tensor& t, int64_t a, int64_t b) {
+    const typename Opt::Coeffs& c = *coeffs_of(t);
+    const KF kf{{c}, static_cast<float>(plan.grad_mul), static_cast<float>(plan.grad_clip)};
+    const KD kd{{c}, plan.grad_mul, plan.grad_clip};
     if (t.path == Tensor::kConverting)
       sweep_converting(kf, t, a, b, key, states);
     else if (t.path == Tensor::kQuantized)  // (the blocks that start in [a, b), whole)
@@ -770,6 +778,7 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
   };
   parallel_ranges(plan.total(), threads, [&](int64_t lo, int64_t hi) {
     for_range(plan, lo, hi, [&](const Tensor& t, int64_t a, int64_t b) {
+      if (coeffs_of(t) == nullptr) return;
       if (t.ema == nullptr) return update(t, a, b);
       for (int64_t x = a; x < b; x += kEmaBlock) {
         const int64_t y = std::min(b, x + kEmaBlock);
@@ -787,25 +796,8 @@ void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, 
   });
 }
 
-template <class Opt, unsigned... V>
-void run_dispatch(std::integer_sequence<unsigned, V...>, unsigned v, const Plan& plan,
-                  const typename Opt::Coeffs& c, int64_t step, int threads) {
-  ((v == V ? run_variant<Opt, V>(plan, c, step, threads) : void()), ...);
-}
-
 }  // namespace
 
-template <class Opt>
-void step(const Plan& plan, const typename Opt::Hyper& h, int64_t step, int threads) {
-  const typename Opt::Coeffs c = Opt::prepare(h, step);
-  run_dispatch<Opt>(std::make_integer_sequence<unsigned, Opt::kVariants>{}, Opt::variant(h), plan,
-                    c, step, threads);
-}
-
-#define FASTOPTIM_INSTANTIATE(Opt, name) \
-  template void step<Opt>(const Plan&, const Opt::Hyper&, int64_t, int);
-FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
-#undef FASTOPTIM_INSTANTIATE
 
 // ------------------------------------------------------------------ sparse row updates
 #if defined(__GNUC__) || defined(__clang__)
@@ -992,19 +984,21 @@ struct F64 {
   static double load(double x) { return x; }
 };
 
-// Tensor t's gradient elements [a, b) into the lanes (16-bit gradients converted block by block
-// into float32 first; blocks are whole numbers of lanes, so every element keeps its lane).
-inline void stats_tensor(const Plan& plan, const Tensor& t, int64_t a, int64_t b, Lanes& acc) {
+// Elements [a, b) of an array of dtype d, transformed (clamp(x * mul, -clip, clip)), into the
+// lanes (16-bit values converted block by block into float32 first; blocks are whole numbers of
+// lanes, so every element keeps its lane).
+inline void stats_array(const void* x, DType d, int64_t a, int64_t b, double mul64,
+                        double clip64, Lanes& acc) {
   const int64_t n = b - a, full = n / kLanes * kLanes;
-  const auto mul = static_cast<float>(plan.grad_mul), clip = static_cast<float>(plan.grad_clip);
-  if (t.grad_dtype == DType::f64) {
-    const double* g = static_cast<const double*>(t.grad) + a;
-    stats_f64(g, full, plan.grad_mul, plan.grad_clip, acc);
-    stats_tail<double, F64>(g + full, n - full, plan.grad_mul, plan.grad_clip, acc);
+  const auto mul = static_cast<float>(mul64), clip = static_cast<float>(clip64);
+  if (d == DType::f64) {
+    const double* g = static_cast<const double*>(x) + a;
+    stats_f64(g, full, mul64, clip64, acc);
+    stats_tail<double, F64>(g + full, n - full, mul64, clip64, acc);
     return;
   }
-  if (t.grad_dtype == DType::f32) {
-    const float* g = static_cast<const float*>(t.grad) + a;
+  if (d == DType::f32) {
+    const float* g = static_cast<const float*>(x) + a;
     stats_f32(g, full, mul, clip, acc);
     stats_tail<float, F32>(g + full, n - full, mul, clip, acc);
     return;
@@ -1012,11 +1006,16 @@ inline void stats_tensor(const Plan& plan, const Tensor& t, int64_t a, int64_t b
   alignas(64) float buf[kBlock];
   for (int64_t lo = 0; lo < n; lo += kBlock) {
     const int64_t m = std::min(kBlock, n - lo);
-    const float* x = staged(t.grad, t.grad_dtype, a + lo, m, buf);
+    const float* y = staged(x, d, a + lo, m, buf);
     const int64_t whole = m / kLanes * kLanes;
-    stats_f32(x, whole, mul, clip, acc);
-    stats_tail<float, F32>(x + whole, m - whole, mul, clip, acc);
+    stats_f32(y, whole, mul, clip, acc);
+    stats_tail<float, F32>(y + whole, m - whole, mul, clip, acc);
   }
+}
+
+// Tensor t's gradient elements [a, b), transformed by the plan, into the lanes.
+inline void stats_tensor(const Plan& plan, const Tensor& t, int64_t a, int64_t b, Lanes& acc) {
+  stats_array(t.grad, t.grad_dtype, a, b, plan.grad_mul, plan.grad_clip, acc);
 }
 
 void grad_stats(const Plan& plan, int threads, GradStats& r) {
@@ -1050,6 +1049,216 @@ void grad_stats(const Plan& plan, int threads, GradStats& r) {
   }
   r.finite = bad == 0 && std::isfinite(r.sumsq);
 }
+
+// ------------------------------------------------------------------ two-pass optimizers
+// LAMB and LARS (optimizers.hpp's kReduce).  Pass 1 reduces each tensor's sums of squares with
+// grad_stats' machinery (32 lanes, float32 runs added into float64 lanes, the lanes added in
+// order), over a partition that depends on the tensor alone: its blocks of kSumBlock elements
+// from its first, each summed on its own, then added in order.  Pass 1 runs the step's chunks,
+// each taking the blocks that START in it (whole, even past its end), so every block is summed
+// once, by one thread, and a tensor's sums, hence every bit of its step, are the same for any
+// thread count and whatever other tensors share its group (a group or one optimizer per tensor
+// alike).  Pass 2 is the element-wise update (run_update, every layout) with each tensor's
+// coefficients (Opt::for_tensor).
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+// Elements per partial sum of pass 1: a multiple of kQBlock (whole quantization blocks) that
+// divides 2^32 (the random bits' blocks).
+constexpr int64_t kSumBlock = 4096;
+static_assert(kSumBlock % kQBlock == 0, "pass 1's blocks hold whole quantization blocks");
+
+// n values into the lanes, untransformed.
+inline void lanes_add(const float* x, int64_t n, Lanes& acc) {
+  const int64_t whole = n / kLanes * kLanes;
+  stats_f32(x, whole, 1.0f, std::numeric_limits<float>::infinity(), acc);
+  stats_tail<float, F32>(x + whole, n - whole, 1.0f, std::numeric_limits<float>::infinity(), acc);
+}
+inline void lanes_add(const double* x, int64_t n, Lanes& acc) {
+  const int64_t whole = n / kLanes * kLanes;
+  stats_f64(x, whole, 1.0, kInf, acc);
+  stats_tail<double, F64>(x + whole, n - whole, 1.0, kInf, acc);
+}
+
+// kReduce == 2, the state update: s <- moments(clamp(g * mul, -clip, clip), s).
+template <class R, class T, class... S>
+FASTOPTIM_NOINLINE void reduce_moments(const R r, T mul, T clip, const T* __restrict g, int64_t n,
+                                       S* __restrict... s) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) {
+    std::array<T, sizeof...(S)> v{s[i]...};
+    T x = g[i] * mul;
+    x = x < -clip ? -clip : x;
+    x = x > clip ? clip : x;
+    r.moments(x, v);
+    std::size_t j = 0;
+    ((s[i] = v[j++]), ...);
+  }
+}
+
+// kReduce == 2, the update whose norm is taken: u = update(p, s) from the stored state.
+template <class R, class T, class... S>
+FASTOPTIM_NOINLINE void reduce_update(const R r, const T* __restrict p, T* __restrict u, int64_t n,
+                                      const S* __restrict... s) {
+  FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < n; ++i) u[i] = r.update(p[i], std::array<T, sizeof...(S)>{s[i]...});
+}
+
+static_assert(kBlock == kQBlock, "pass 1 runs quantized tensors in the converting blocks");
+
+// Pass 1 of kReduce == 2 on tensor t's elements [a, b), block by block: the moments, stored
+// (float32 state) or, when `keep` (a state stored in another dtype), computed in copies and
+// left for pass 2 to recompute and store rounded; u into a block buffer; p^2 and u^2 into the
+// lanes.  (a is a multiple of kSumBlock, so a quantized state's blocks are whole.)
+template <class Opt, unsigned V, std::size_t... J>
+void reduce_tensor(const typename Opt::Coeffs& c, const Plan& plan, const Tensor& t, int64_t a,
+                   int64_t b, const RoundingKey& key, bool keep, Lanes& lp, Lanes& lu,
+                   std::index_sequence<J...>) {
+  constexpr std::size_t N = sizeof...(J);
+  static_assert(N > 0, "kReduce == 2 needs state");
+  if (t.dtype == DType::f64) {  // everything float64: no conversion
+    const Reduce<Opt, double, V> r{c};
+    alignas(64) double u[kBlock];
+    const double* p = static_cast<const double*>(t.param);
+    const double* g = static_cast<const double*>(t.grad);
+    for (int64_t lo = a; lo < b; lo += kBlock) {
+      const int64_t n = std::min(kBlock, b - lo);
+      reduce_moments(r, plan.grad_mul, plan.grad_clip, g + lo, n,
+                     (static_cast<double*>(t.state[J]) + lo)...);
+      reduce_update(r, p + lo, u, n, (static_cast<const double*>(t.state[J]) + lo)...);
+      lanes_add(p + lo, n, lp);
+      lanes_add(u, n, lu);
+    }
+    return;
+  }
+  const Reduce<Opt, float, V> r{c};
+  const auto mul = static_cast<float>(plan.grad_mul), clip = static_cast<float>(plan.grad_clip);
+  const QTables* q[N] = {
+      (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
+  alignas(64) float buf_p[kBlock], buf_g[kBlock], buf_u[kBlock];
+  alignas(64) float buf_s[N][kBlock];
+  for (int64_t lo = a; lo < b;) {
+    const int64_t n = std::min(kBlock, b - lo);  // (kBlock divides a, 2^32 and kSumBlock)
+    const float* g = staged(t.grad, t.grad_dtype, lo, n, buf_g);
+    float* s[N] = {staged_state(t, J, q[J], lo, n, buf_s[J])...};
+    if (keep) {  // the moments in copies: a float32 state is the array itself
+      for (std::size_t j = 0; j < N; ++j)
+        if (s[j] != buf_s[j]) s[j] = std::copy(s[j], s[j] + n, buf_s[j]) - n;
+      reduce_moments(r, mul, clip, g, n, s[J]...);
+    } else {
+      reduce_moments(r, mul, clip, g, n, s[J]...);
+      (unstage_state(s[J], q[J] ? absmax_bits(s[J], n) : 0u, t, J, q[J], lo, n, key),
+       ...);  // (float32: no-op; a quantized state is always kept: see redo)
+    }
+    const float* p = staged(t.param, t.dtype, lo, n, buf_p);
+    reduce_update(r, p, buf_u, n, s[J]...);
+    lanes_add(p, n, lp);
+    lanes_add(buf_u, n, lu);
+    lo += n;
+  }
+}
+
+template <class Opt, unsigned V>
+void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, int threads) {
+  using Coeffs = typename Opt::Coeffs;
+  const int64_t total = plan.total();
+  const std::size_t nt = plan.tensors.size();
+  const Tensor* first = plan.tensors.data();
+  const int64_t chunk = chunk_elements(total);
+  const int64_t nchunks = (total + chunk - 1) / chunk;
+  // part[base[i] + k]: the sums of tensor i's block k
+  std::vector<std::size_t> base(nt + 1, 0);
+  for (std::size_t i = 0; i < nt; ++i)
+    base[i + 1] = base[i] + static_cast<std::size_t>((plan.tensors[i].size + kSumBlock - 1) / kSumBlock);
+  std::vector<std::array<double, 2>> part(base[nt], std::array<double, 2>{0.0, 0.0});
+  const RoundingKey key{plan, step};
+  // redo[i]: tensor i has a state stored in another dtype than it computes in (kRecompute)
+  std::vector<char> redo(nt, 0);
+  bool any_redo = false;
+  if constexpr (reduce_kind<Opt>::value == 2) {
+    for (std::size_t i = 0; i < nt; ++i) {
+      const Tensor& t = plan.tensors[i];
+      for (int j = 0; j < Opt::nstate(V); ++j) redo[i] |= t.state_dtype[j] != t.compute();
+      any_redo = any_redo || redo[i];
+    }
+  }
+  const auto one = [&](int64_t ci) {
+    const int64_t lo = ci * chunk;
+    for_range(plan, lo, std::min(total, lo + chunk), [&](const Tensor& t, int64_t a, int64_t b) {
+      const auto i = static_cast<std::size_t>(&t - first);
+      for (int64_t x = (a + kSumBlock - 1) / kSumBlock * kSumBlock; x < b; x += kSumBlock) {
+        const int64_t y = std::min(t.size, x + kSumBlock);
+        Lanes lp, lx;
+        if constexpr (reduce_kind<Opt>::value == 2) {
+          reduce_tensor<Opt, V>(c, plan, t, x, y, key, redo[i] != 0, lp, lx,
+                                std::make_index_sequence<Opt::nstate(V)>{});
+        } else {  // the parameter and the transformed gradient, read only
+          stats_array(t.param, t.dtype, x, y, 1.0, kInf, lp);
+          stats_tensor(plan, t, x, y, lx);
+        }
+        double sp = 0, sx = 0;
+        for (int j = 0; j < kLanes; ++j) {
+          sp += lp.sq[j];
+          sx += lx.sq[j];
+        }
+        part[base[i] + static_cast<std::size_t>(x / kSumBlock)] = {sp, sx};
+      }
+    });
+  };
+  if (threads <= 1 || nchunks <= 1) {
+    for (int64_t ci = 0; ci < nchunks; ++ci) one(ci);
+  } else {
+    run_chunks(nchunks, threads, [](void* f, int64_t ci) { (*static_cast<decltype(one)*>(f))(ci); },
+               const_cast<void*>(static_cast<const void*>(&one)));
+  }
+  std::vector<Coeffs> per(nt, c);
+  for (std::size_t i = 0; i < nt; ++i) {
+    double sp = 0, sx = 0;
+    for (std::size_t k = base[i]; k < base[i + 1]; ++k) {
+      sp += part[k][0];
+      sx += part[k][1];
+    }
+    per[i] = Opt::for_tensor(c, sp, sx, plan.tensors[i].ndim);
+  }
+  const auto index = [first](const Tensor& t) { return static_cast<std::size_t>(&t - first); };
+  run_update<Opt, V>(
+      plan,
+      [&](const Tensor& t) -> const Coeffs* { return redo[index(t)] ? nullptr : &per[index(t)]; },
+      step, threads);
+  if constexpr (reduce_kind<Opt>::value == 2) {
+    if (any_redo)
+      run_update<Opt, V | Opt::kRecompute>(
+          plan,
+          [&](const Tensor& t) -> const Coeffs* { return redo[index(t)] ? &per[index(t)] : nullptr; },
+          step, threads);
+  }
+}
+
+template <class Opt, unsigned V>
+void run_variant(const Plan& plan, const typename Opt::Coeffs& c, int64_t step, int threads) {
+  if constexpr (reduce_kind<Opt>::value != 0) {
+    run_two_pass<Opt, V>(plan, c, step, threads);
+  } else {
+    run_update<Opt, V>(
+        plan, [&c](const Tensor&) -> const typename Opt::Coeffs* { return &c; }, step, threads);
+  }
+}
+
+template <class Opt, unsigned... V>
+void run_dispatch(std::integer_sequence<unsigned, V...>, unsigned v, const Plan& plan,
+                  const typename Opt::Coeffs& c, int64_t step, int threads) {
+  ((v == V ? run_variant<Opt, V>(plan, c, step, threads) : void()), ...);
+}
+template <class Opt>
+void step(const Plan& plan, const typename Opt::Hyper& h, int64_t step, int threads) {
+  const typename Opt::Coeffs c = Opt::prepare(h, step);
+  run_dispatch<Opt>(std::make_integer_sequence<unsigned, Opt::kVariants>{}, Opt::variant(h), plan,
+                    c, step, threads);
+}
+
+#define FASTOPTIM_INSTANTIATE(Opt, name) \
+  template void step<Opt>(const Plan&, const Opt::Hyper&, int64_t, int);
+FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
+#undef FASTOPTIM_INSTANTIATE
 
 // ------------------------------------------------------------------ gradient accumulation
 // Each tensor's `param` (an optimizer's gradient buffer) += scale * its gradient, one pass,

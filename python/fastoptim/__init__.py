@@ -22,6 +22,8 @@ from .engine.optimizer import Optimizer
 from .optimizers import (
     ADOPT,
     ASGD,
+    LAMB,
+    LARS,
     LBFGS,
     SGD,
     Adadelta,
@@ -60,6 +62,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "LAMB",
+    "LARS",
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "SparseAdam",

@@ -193,6 +193,32 @@ class SparseAdamHyper:
     def __init__(self) -> None: ...
     def state_names(self) -> list[str]: ...
 
+class LAMBHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    max_weight_norm: float
+    max_trust_ratio: float
+    bias_correction: bool
+    decoupled_weight_decay: bool
+    maximize: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
+class LARSHyper:
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    trust_coefficient: float
+    nesterov: bool
+    exclude_1d: bool
+    maximize: bool
+    def __init__(self) -> None: ...
+    def state_names(self) -> list[str]: ...
+
 class AdamWScheduleFreeHyper:
     lr: float
     beta1: float
@@ -446,6 +472,32 @@ def step_sgdschedulefree(
 def steps_sgdschedulefree(
     plans: Sequence[Plan],
     hypers: Sequence[SGDScheduleFreeHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def step_lamb(
+    plan: Plan,
+    hyper: LAMBHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_lamb(
+    plans: Sequence[Plan],
+    hypers: Sequence[LAMBHyper],
+    steps: Sequence[int],
+    release: Sequence[bool],
+) -> None: ...
+def step_lars(
+    plan: Plan,
+    hyper: LARSHyper,
+    step: int,
+    grads: Sequence[np.ndarray] | None = None,
+    release: bool = False,
+) -> None: ...
+def steps_lars(
+    plans: Sequence[Plan],
+    hypers: Sequence[LARSHyper],
     steps: Sequence[int],
     release: Sequence[bool],
 ) -> None: ...

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import host
+from .engine import transforms
 from .engine.definition import (
     NONNEGATIVE,
     OPEN_UNIT,
@@ -760,6 +761,120 @@ and its rows updated by the compiled row kernel.  State: ``step``, ``exp_avg``,
 
 
 # Every optimizer, in documentation order.
+def _lamb_fields(group: Mapping[str, Any], fresh: AbstractSet[str]) -> dict[str, Any]:
+    # None: no clamp (the struct holds +inf)
+    return {
+        k: math.inf if group[k] is None else group[k]
+        for k in ("max_weight_norm", "max_trust_ratio")
+        if k in group
+    }
+
+
+LAMB = Definition(
+    name="LAMB",
+    kernel="LAMB",
+    per_tensor=True,
+    doc=r"""LAMB, Adam's update scaled per tensor by a trust ratio (You et al. 2020, "Large
+Batch Optimization for Deep Learning: Training BERT in 76 minutes", algorithm 2).
+``torch.optim`` has no LAMB.
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+    \quad u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+    + \lambda p_{t-1}
+
+    r_t = \frac{\min(\|p_{t-1}\|, w_{\max})}{\|u_t\|} \text{ (1 if either norm is 0)},\quad
+    p_t = p_{t-1} - \gamma\,\min(r_t, r_{\max})\,u_t
+
+with the norms over each parameter tensor (2-norms of all its elements).  ``bias_correction=
+False`` drops the two :math:`1-\beta^t` factors (the paper's first versions,
+``pytorch_optimizer.Lamb``'s :math:`u`).  :math:`w_{\max}` is ``max_weight_norm`` (the paper's
+:math:`\phi(z) = \min(z, w_{\max})`; 10 as ``pytorch_optimizer`` and ``torch-optimizer``;
+``None``: no clamp, as NVIDIA apex's FusedLAMB) and :math:`r_{\max}` is ``max_trust_ratio``
+(``None``: no clamp; 1 is timm's ``trust_clip``, "LAMBC").  ``decoupled_weight_decay=True``
+takes :math:`\lambda` out of :math:`u_t` and decays first, as ``pytorch_optimizer.Lamb``'s
+``weight_decouple``: :math:`p \leftarrow p(1-\gamma\lambda)`, then :math:`r_t` from the decayed
+norm and :math:`p_t = p - \gamma r_t u_t`.  A tensor whose update norm is not finite gets a
+non-finite step (no ratio of 1 for NaN).  State: ``exp_avg``, ``exp_avg_sq``.
+
+The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
+updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in an order fixed by the
+tensor alone (the same bits for any thread count, in a group with other tensors or alone); the
+second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters (40 bytes
+per float32 element).  A tensor whose state is stored rounded (``state_dtype`` bfloat16,
+float16, int8) leaves it untouched in the first pass, and the second recomputes the moments
+from the stored ones before storing them: :math:`u` is always that of the unrounded moments,
+so every layout is a float32 step followed by its rounding.  A whole parameter per tensor:
+sharded parameters (FSDP2's DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("betas", (0.9, 0.999)),
+        Hyper("eps", 1e-6),
+        Hyper("weight_decay", 0),
+        Hyper("bias_correction", True),
+        Hyper("max_weight_norm", 10.0, check=transforms.check_positive, annotation="float | None"),
+        Hyper("max_trust_ratio", None, check=transforms.check_positive, annotation="float | None"),
+        Hyper("decoupled_weight_decay", False),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("exp_avg"), State("exp_avg_sq")),
+    extra_fields=_lamb_fields,
+    functional_doc=r"""One in-place LAMB update of one tensor (see :class:`fastoptim.LAMB`): the
+trust ratio from ``param``'s own norms.""",
+    torch_doc=r"""LAMB (You et al. 2020; see :class:`fastoptim.LAMB`), which ``torch.optim``
+lacks, with :class:`fastoptim.LAMB`'s signature.  State: ``step``, ``exp_avg``,
+``exp_avg_sq``.""",
+)
+
+LARS = Definition(
+    name="LARS",
+    kernel="LARS",
+    per_tensor=True,
+    doc=r"""LARS, SGD with momentum and a per-tensor trust ratio (You et al. 2017, "Large Batch
+Training of Convolutional Networks"), as ``pytorch_optimizer.LARS``.  ``torch.optim`` has no
+LARS.
+
+.. math::
+    r_t = \frac{\eta\,\|p_{t-1}\|}{\|g_t\| + \lambda \|p_{t-1}\|}
+    \text{ (1 if } \|p_{t-1}\| = 0 \text{ or the denominator is 0)},\quad
+    \tilde g_t = r_t\,(g_t + \lambda p_{t-1})
+
+    b_t = \mu b_{t-1} + (1-\tau)\tilde g_t \;(b_0 = 0),\quad
+    d_t = \tilde g_t + \mu b_t \text{ (nesterov) or } b_t,\quad p_t = p_{t-1} - \gamma d_t
+
+with :math:`\eta` ``trust_coefficient`` and the norms over each parameter tensor.  Tensors
+with at most one dimension (biases, normalisation scales, scalars) are excluded from the
+adaptation and the weight decay when ``exclude_1d`` (the default, ``pytorch_optimizer``'s
+rule and the usual practice): :math:`\tilde g_t = g_t`.  ``exclude_1d=False`` adapts every
+tensor.  With ``momentum=0`` there is no buffer: :math:`d_t = \tilde g_t`.  Unlike
+``torch.optim.SGD`` the buffer starts at zero (:math:`b_1 = (1-\tau)\tilde g_1`).  State:
+``momentum_buffer`` (when ``momentum > 0``).
+
+The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
+reads :math:`p` and :math:`g` and sums their squares per tensor, in an order fixed by the tensor
+alone (the same bits for any thread count, in a group with other tensors or alone); the second
+is the element-wise update.  A whole parameter per tensor: sharded parameters (FSDP2's
+DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused.""",
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("momentum", 0.9, rule=UNIT),
+        Hyper("dampening", 0, rule=UNIT),
+        Hyper("weight_decay", 0),
+        Hyper("trust_coefficient", 1e-3),
+        Hyper("nesterov", False),
+        Hyper("exclude_1d", True),
+        Hyper("maximize", False, keyword=True),
+    ),
+    states=(State("momentum_buffer", optional=True),),
+    functional_doc=r"""One in-place LARS update of one tensor (see :class:`fastoptim.LARS`): the
+trust ratio from ``param``'s own norms (``exclude_1d`` reads ``param.ndim``).
+``momentum_buffer`` is needed iff ``momentum > 0``.""",
+    torch_doc=r"""LARS (You et al. 2017; see :class:`fastoptim.LARS`), which ``torch.optim``
+lacks, with :class:`fastoptim.LARS`'s signature (``pytorch_optimizer.LARS``'s defaults).
+State: ``step``, ``momentum_buffer`` (when ``momentum > 0``).""",
+)
+
+
 ALL: tuple[Definition, ...] = (
     SGD,
     ADAGRAD,
@@ -777,6 +892,8 @@ ALL: tuple[Definition, ...] = (
 )
 ALL += (ADAMWSCHEDULEFREE, SGDSCHEDULEFREE)
 ALL += (SPARSEADAM,)
+# Two-pass (per-tensor trust ratio) optimizers: the driver's reduction phase.
+ALL += (LAMB, LARS)
 
 
 # ----------------------------------------------------------------------------- not element-wise

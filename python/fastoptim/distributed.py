@@ -703,6 +703,13 @@ class ZeroRedundancyOptimizer:
                     f"{where}: optimizer_class must be a fastoptim optimizer class, got "
                     f"{optimizer_class!r}"
                 )
+            defn = getattr(optimizer_class, "_definition", None)
+            if defn is not None and defn.per_tensor:
+                raise ValueError(
+                    f"{where}: {optimizer_class.__name__} computes a trust ratio from each "
+                    "whole parameter's norms, which ZeRO-1's flat shards split across ranks: "
+                    "use DataParallel with it"
+                )
             self.bucket_bytes = _check_options(
                 where, bucket_bytes, grad_reduction, ("mean", "sum", "none")
             )

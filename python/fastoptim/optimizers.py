@@ -35,6 +35,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "LAMB",
+    "LARS",
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "SparseAdam",
@@ -751,6 +753,122 @@ class SparseAdam(Optimizer):
         eps: Value = 1e-08,
         maximize: bool = False,
         *,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        Optimizer.__init__(self, params, _defaults(locals()))
+
+
+class LAMB(Optimizer):
+    r"""LAMB, Adam's update scaled per tensor by a trust ratio (You et al. 2020, "Large
+    Batch Optimization for Deep Learning: Training BERT in 76 minutes", algorithm 2).
+    ``torch.optim`` has no LAMB.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+        \quad u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+        + \lambda p_{t-1}
+
+        r_t = \frac{\min(\|p_{t-1}\|, w_{\max})}{\|u_t\|} \text{ (1 if either norm is 0)},\quad
+        p_t = p_{t-1} - \gamma\,\min(r_t, r_{\max})\,u_t
+
+    with the norms over each parameter tensor (2-norms of all its elements).  ``bias_correction=
+    False`` drops the two :math:`1-\beta^t` factors (the paper's first versions,
+    ``pytorch_optimizer.Lamb``'s :math:`u`).  :math:`w_{\max}` is ``max_weight_norm`` (the paper's
+    :math:`\phi(z) = \min(z, w_{\max})`; 10 as ``pytorch_optimizer`` and ``torch-optimizer``;
+    ``None``: no clamp, as NVIDIA apex's FusedLAMB) and :math:`r_{\max}` is ``max_trust_ratio``
+    (``None``: no clamp; 1 is timm's ``trust_clip``, "LAMBC").  ``decoupled_weight_decay=True``
+    takes :math:`\lambda` out of :math:`u_t` and decays first, as ``pytorch_optimizer.Lamb``'s
+    ``weight_decouple``: :math:`p \leftarrow p(1-\gamma\lambda)`, then :math:`r_t` from the decayed
+    norm and :math:`p_t = p - \gamma r_t u_t`.  A tensor whose update norm is not finite gets a
+    non-finite step (no ratio of 1 for NaN).  State: ``exp_avg``, ``exp_avg_sq``.
+
+    The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
+    updates :math:`m, v` and sums :math:`p^2` and :math:`u^2` per tensor, in an order fixed by the
+    tensor alone (the same bits for any thread count, in a group with other tensors or alone); the
+    second recomputes :math:`u` from the stored :math:`m, v` and moves the parameters (40 bytes
+    per float32 element).  A tensor whose state is stored rounded (``state_dtype`` bfloat16,
+    float16, int8) leaves it untouched in the first pass, and the second recomputes the moments
+    from the stored ones before storing them: :math:`u` is always that of the unrounded moments,
+    so every layout is a float32 step followed by its rounding.  A whole parameter per tensor:
+    sharded parameters (FSDP2's DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused."""
+
+    _definition = _defs.LAMB
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Value = 0.001,
+        betas: tuple[Value, Value] = (0.9, 0.999),
+        eps: Value = 1e-06,
+        weight_decay: Value = 0,
+        bias_correction: bool = True,
+        max_weight_norm: float | None = 10.0,
+        max_trust_ratio: float | None = None,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        Optimizer.__init__(self, params, _defaults(locals()))
+
+
+class LARS(Optimizer):
+    r"""LARS, SGD with momentum and a per-tensor trust ratio (You et al. 2017, "Large Batch
+    Training of Convolutional Networks"), as ``pytorch_optimizer.LARS``.  ``torch.optim`` has no
+    LARS.
+
+    .. math::
+        r_t = \frac{\eta\,\|p_{t-1}\|}{\|g_t\| + \lambda \|p_{t-1}\|}
+        \text{ (1 if } \|p_{t-1}\| = 0 \text{ or the denominator is 0)},\quad
+        \tilde g_t = r_t\,(g_t + \lambda p_{t-1})
+
+        b_t = \mu b_{t-1} + (1-\tau)\tilde g_t \;(b_0 = 0),\quad
+        d_t = \tilde g_t + \mu b_t \text{ (nesterov) or } b_t,\quad p_t = p_{t-1} - \gamma d_t
+
+    with :math:`\eta` ``trust_coefficient`` and the norms over each parameter tensor.  Tensors
+    with at most one dimension (biases, normalisation scales, scalars) are excluded from the
+    adaptation and the weight decay when ``exclude_1d`` (the default, ``pytorch_optimizer``'s
+    rule and the usual practice): :math:`\tilde g_t = g_t`.  ``exclude_1d=False`` adapts every
+    tensor.  With ``momentum=0`` there is no buffer: :math:`d_t = \tilde g_t`.  Unlike
+    ``torch.optim.SGD`` the buffer starts at zero (:math:`b_1 = (1-\tau)\tilde g_1`).  State:
+    ``momentum_buffer`` (when ``momentum > 0``).
+
+    The step is two passes over the group (fastoptim's per-tensor reduction phase): the first
+    reads :math:`p` and :math:`g` and sums their squares per tensor, in an order fixed by the tensor
+    alone (the same bits for any thread count, in a group with other tensors or alone); the second
+    is the element-wise update.  A whole parameter per tensor: sharded parameters (FSDP2's
+    DTensor, ZeRO-1 of :mod:`fastoptim.distributed`) are refused."""
+
+    _definition = _defs.LARS
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Value = 0.001,
+        momentum: Value = 0.9,
+        dampening: Value = 0,
+        weight_decay: Value = 0,
+        trust_coefficient: Value = 0.001,
+        nesterov: bool = False,
+        exclude_1d: bool = True,
+        *,
+        maximize: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

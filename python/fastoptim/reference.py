@@ -68,6 +68,8 @@ __all__ = [
     "stochastic_bits",
     "ASGD",
     "ADOPT",
+    "LAMB",
+    "LARS",
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "schedule_free_scalars",
@@ -553,6 +555,87 @@ def adopt_update(
     _lerp_(exp_avg, normed, 1 - beta1)
     param -= lr * (_cautious(exp_avg, exp_avg * g) if cautious else exp_avg)
     _ema_sq_(exp_avg_sq, g, beta2)
+
+
+def _norm(x: np.ndarray) -> float:
+    """The 2-norm of all elements of `x`, in float64."""
+    return math.sqrt(float(np.sum(np.square(x, dtype=np.float64))))
+
+
+def lamb_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    max_weight_norm: float,
+    max_trust_ratio: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """LAMB (You et al. 2020, algorithm 2) on one tensor: Adam's moments;
+    ``u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * p`` (``bc = 1 - beta^step``, or 1 without
+    ``bias_correction``; no ``wd * p`` when the decay is decoupled, ``p *= 1 - lr * wd`` first
+    instead); trust ratio ``r = min(||p||, max_weight_norm) / ||u||`` (1 if either norm is 0),
+    at most ``max_trust_ratio`` (``inf``: no clamp); ``p -= lr * r * u``."""
+    g = _effective_grad(param, grad, 0, maximize)
+    _lerp_(exp_avg, g, 1 - beta1)
+    _ema_sq_(exp_avg_sq, g, beta2)
+    bc1 = 1 - beta1**step if bias_correction else 1.0
+    bc2 = 1 - beta2**step if bias_correction else 1.0
+    u = (exp_avg / bc1) / (np.sqrt(exp_avg_sq) / math.sqrt(bc2) + eps)
+    if decoupled_weight_decay:
+        if weight_decay != 0:
+            param *= 1 - lr * weight_decay
+    elif weight_decay != 0:
+        u = u + weight_decay * param
+    w = min(_norm(param), max_weight_norm)
+    n = _norm(u)
+    r = 1.0 if w == 0 or n == 0 else w / n
+    param -= (lr * min(r, max_trust_ratio)) * u
+
+
+def lars_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    nesterov: bool,
+    exclude_1d: bool,
+    maximize: bool,
+) -> None:
+    """LARS (You et al. 2017), as ``pytorch_optimizer.LARS``, on one tensor: unless excluded
+    (``exclude_1d`` and ``param.ndim <= 1``), ``g = (g + wd * p) * r`` with the trust ratio
+    ``r = trust_coefficient * ||p|| / (||g|| + wd * ||p||)`` (1 if ``||p|| == 0`` or the
+    denominator is 0); then ``b = momentum * b + (1 - dampening) * g``,
+    ``d = g + momentum * b`` (nesterov) or ``b``, ``p -= lr * d`` (``d = g`` without
+    momentum)."""
+    g = _effective_grad(param, grad, 0, maximize)
+    if not (exclude_1d and param.ndim <= 1):
+        pn, gn = _norm(param), _norm(g)
+        den = gn + weight_decay * pn
+        r = trust_coefficient * pn / den if pn > 0 and den > 0 else 1.0
+        if weight_decay != 0:
+            g = g + weight_decay * param
+        g = g * r
+    if momentum > 0:
+        assert momentum_buffer is not None
+        momentum_buffer *= momentum
+        momentum_buffer += (1 - dampening) * g
+        g = g + momentum * momentum_buffer if nesterov else momentum_buffer.copy()
+    param -= lr * g
 
 
 def schedule_free_scalars(
@@ -1546,6 +1629,20 @@ class ADOPT(_Reference, _fast.ADOPT):
 
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adopt_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
+
+
+class LAMB(_Reference, _fast.LAMB):
+    __doc__ = _fast.LAMB.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, lamb_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
+
+
+class LARS(_Reference, _fast.LARS):
+    __doc__ = _fast.LARS.__doc__
+
+    def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
+        _for_each(g, grads, lars_update, ("momentum_buffer",))
 
 
 class _ScheduleFree:

@@ -150,6 +150,8 @@ __all__ = [
     "Rprop",
     "ASGD",
     "ADOPT",
+    "LAMB",
+    "LARS",
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "SparseAdam",
@@ -1069,6 +1071,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
         c.local = any(hasattr(p, "_local_tensor") for p in params)
+        if c.local and self._definition.per_tensor:
+            raise ValueError(
+                f"{type(self).__name__}: a trust ratio needs each whole parameter's norms; "
+                "DTensor (FSDP2) parameters hold shards of them (not supported)"
+            )
         c.sig = self._sig(params, c.local)
 
     # ------------------------------------------------------------------ gradients and plans
@@ -2359,6 +2366,71 @@ class SparseAdam(Optimizer):
         eps: TorchValue = 1e-08,
         maximize: bool = False,
         *,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class LAMB(Optimizer):
+    """LAMB (You et al. 2020; see :class:`fastoptim.LAMB`), which ``torch.optim``
+    lacks, with :class:`fastoptim.LAMB`'s signature.  State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``."""
+
+    _definition = _defs.LAMB
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        betas: tuple[TorchValue, TorchValue] = (0.9, 0.999),
+        eps: TorchValue = 1e-06,
+        weight_decay: TorchValue = 0,
+        bias_correction: bool = True,
+        max_weight_norm: float | None = 10.0,
+        max_trust_ratio: float | None = None,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        state_dtype: StateDType = None,
+        master_weights: bool = False,
+        kahan: bool = False,
+        rounding: Rounding = "nearest",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class LARS(Optimizer):
+    """LARS (You et al. 2017; see :class:`fastoptim.LARS`), which ``torch.optim``
+    lacks, with :class:`fastoptim.LARS`'s signature (``pytorch_optimizer.LARS``'s defaults).
+    State: ``step``, ``momentum_buffer`` (when ``momentum > 0``)."""
+
+    _definition = _defs.LARS
+
+    def __init__(
+        self,
+        params: Params,
+        lr: TorchValue = 0.001,
+        momentum: TorchValue = 0.9,
+        dampening: TorchValue = 0,
+        weight_decay: TorchValue = 0,
+        trust_coefficient: TorchValue = 0.001,
+        nesterov: bool = False,
+        exclude_1d: bool = True,
+        *,
+        maximize: bool = False,
         state_dtype: StateDType = None,
         master_weights: bool = False,
         kahan: bool = False,

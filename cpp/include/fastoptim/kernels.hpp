@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cmath>
+#include <type_traits>
 
 #include "fastoptim/optimizers.hpp"
 
@@ -354,5 +355,63 @@ template <class T, unsigned V> struct Kernel<SparseAdam, T, V> {
     p = p + T(c.neg_step) * (m / (std::sqrt(v) + T(c.eps)));
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// The two-pass optimizers (optimizers.hpp's kReduce).  Reduce<Opt, T, V> is pass 1's functor for
+// kReduce == 2: moments() updates the state from the (transformed) gradient, update() is the
+// update u whose norm pass 1 takes, computed from the STORED state (the driver stores the state,
+// in float32/float64 as the kernel computes, and reads it back before update()), so that pass 2,
+// which recomputes u with the same function from the same stored values, applies exactly the u
+// whose norm gave the trust ratio.  Kernel<Opt, T, V> is pass 2 (kWritesState false: the driver
+// does not store the state it only reads).  A tensor whose state is stored in another dtype
+// (rounded) keeps its state untouched in pass 1 and runs Kernel<Opt, T, V | kRecompute> in pass
+// 2: moments() again from the stored state, then update(), then the state stored rounded; so
+// u is always that of the unrounded moments, as a float32 step's.
+template <class Opt, class T, unsigned V> struct Reduce;
+
+template <class T, unsigned V> struct Reduce<LAMB, T, V> {
+  static constexpr int nstate = 2;
+  LAMB::Coeffs c;
+  void moments(T g, std::array<T, 2>& s) const {
+    adam_moments(c, T(c.gsign) * g, s[0], s[1]);
+  }
+  T update(T p, const std::array<T, 2>& s) const {
+    const T denom = fmadd(std::sqrt(s[1]), T(c.inv_bc2_sqrt), T(c.eps));
+    const T u = (s[0] * T(c.inv_bc1)) / denom;
+    return c.wd != 0 ? fmadd(T(c.wd), p, u) : u;
+  }
+};
+
+template <class T, unsigned V> struct Kernel<LAMB, T, V> {
+  static constexpr int nstate = 2;
+  static constexpr bool kWritesState = (V & LAMB::kRecompute) != 0;
+  LAMB::Coeffs c;
+  void operator()(T& p, T g, std::array<T, 2>& s) const {
+    const Reduce<LAMB, T, V> r{c};
+    if constexpr (kWritesState) r.moments(g, s);
+    p = fmadd(T(c.neg_step), r.update(p, s), p * T(c.decay));
+  }
+};
+
+template <class T, unsigned V> struct Kernel<LARS, T, V> {
+  static constexpr int nstate = LARS::nstate(V);
+  LARS::Coeffs c;
+  void operator()(T& p, T g, std::array<T, nstate>& s) const {
+    g = T(c.gsign) * g;
+    g = (c.wd_t != 0 ? fmadd(T(c.wd_t), p, g) : g) * T(c.scale);
+    if constexpr ((V & LARS::kMomentum) != 0) {
+      T& buf = s[0];
+      buf = fmadd(T(c.momentum), buf, T(c.one_minus_dampening) * g);
+      g = (V & LARS::kNesterov) != 0 ? fmadd(T(c.momentum), buf, g) : buf;
+    }
+    p = fmadd(T(c.neg_lr), g, p);
+  }
+};
+
+// Whether a kernel writes its state back (all but pass 2 of a two-pass optimizer).
+template <class K, class = void> struct writes_state : std::true_type {};
+template <class K>
+struct writes_state<K, std::void_t<decltype(K::kWritesState)>>
+    : std::integral_constant<bool, K::kWritesState> {};
 
 }  // namespace fastoptim

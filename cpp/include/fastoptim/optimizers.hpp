@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace fastoptim {
@@ -549,6 +550,116 @@ struct SparseAdam {
     return {detail::grad_sign(h.maximize), 1.0 - h.beta1, 1.0 - h.beta2, h.eps,
             -(h.lr * std::sqrt(bc2) / bc1)};
   }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Optimizers with a per-tensor trust ratio (LAMB, LARS): kReduce != 0.  Their step is two passes
+// over the plan (step.cpp): pass 1 reduces, per tensor, the sums of squares of the parameter and
+// of a second quantity x (kReduce == 1: the transformed gradient, read only; kReduce == 2: the
+// update u of the optimizer's Reduce functor, kernels.hpp, which also writes the state); then
+// for_tensor(coeffs, sum p^2, sum x^2, ndim) gives each tensor's coefficients, and pass 2 runs
+// the element kernel with them.
+
+// LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
+// minutes", algorithm 2).  Pass 1: Adam's moments and u = m_hat / (sqrt(v_hat) + eps) + wd * p
+// (m_hat, v_hat bias-corrected when bias_correction); pass 2 recomputes u from the stored moments
+// (reads them, writes only the parameter): p = decay * p - lr * r * u, with the tensor's trust
+// ratio r = min(||decay * p||, max_weight_norm) / ||u|| (1 where either norm is 0), at most
+// max_trust_ratio.  decoupled_weight_decay: decay = 1 - lr * wd and no wd * p in u.
+struct LAMB {
+  struct Hyper {
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-6, weight_decay = 0,
+           max_weight_norm = 10, max_trust_ratio = HUGE_VAL;
+    bool bias_correction = true, decoupled_weight_decay = false, maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("beta1", &Hyper::beta1); f("beta2", &Hyper::beta2);
+    f("eps", &Hyper::eps); f("weight_decay", &Hyper::weight_decay);
+    f("max_weight_norm", &Hyper::max_weight_norm); f("max_trust_ratio", &Hyper::max_trust_ratio);
+    f("bias_correction", &Hyper::bias_correction);
+    f("decoupled_weight_decay", &Hyper::decoupled_weight_decay); f("maximize", &Hyper::maximize);
+  }
+  // neg_step: -lr * the tensor's trust ratio (set by for_tensor).
+  struct Coeffs { double gsign, wd, decay, one_minus_beta1, beta2, one_minus_beta2, inv_bc1, inv_bc2_sqrt, eps, lr, max_weight_norm, max_trust_ratio, neg_step; };
+  static constexpr int kReduce = 2;
+  // Pass 2's kernel for a tensor with a state stored in another dtype than it computes in
+  // (bfloat16/float16/int8): pass 1 then stores nothing, and pass 2 recomputes the moments from
+  // the stored ones and the gradient, applies the u whose norm pass 1 took (from the unrounded
+  // moments) and stores the moments.  Not a variant of the hyper-parameters: the driver picks
+  // it per tensor.
+  static constexpr unsigned kRecompute = 1;
+  enum : unsigned { kVariants = 1 };
+  static unsigned variant(const Hyper&) { return 0; }
+  static constexpr int nstate(unsigned) { return 2; }
+  static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
+  static Coeffs prepare(const Hyper& h, int64_t step) {
+    const double s = static_cast<double>(step);
+    const double bc1 = h.bias_correction ? 1.0 - std::pow(h.beta1, s) : 1.0;
+    const double bc2 = h.bias_correction ? 1.0 - std::pow(h.beta2, s) : 1.0;
+    const bool dec = h.decoupled_weight_decay;
+    return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
+            dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2,
+            1.0 / bc1, 1.0 / std::sqrt(bc2), h.eps, h.lr, h.max_weight_norm, h.max_trust_ratio,
+            -h.lr};
+  }
+  static Coeffs for_tensor(const Coeffs& c, double pp, double uu, int /*ndim*/) {
+    Coeffs t = c;
+    const double w = std::min(std::sqrt(pp) * std::abs(c.decay), c.max_weight_norm);
+    const double u = std::sqrt(uu);
+    const double r = (w == 0 || u == 0) ? 1.0 : w / u;  // NaN propagates
+    t.neg_step = -c.lr * std::min(r, c.max_trust_ratio);
+    return t;
+  }
+};
+
+// LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"), SGD with momentum
+// and a per-tensor trust ratio, as pytorch_optimizer.LARS: for an adapted tensor
+// r = trust_coefficient * ||p|| / (||g|| + wd * ||p||) (1 when ||p|| = 0 or the denominator is
+// 0), g <- (g + wd * p) * r; tensors with ndim <= 1 are excluded when exclude_1d (plain SGD with
+// momentum: no weight decay, r = 1).  Then b = momentum * b + (1 - dampening) * g (b starts at
+// 0), d = g + momentum * b (nesterov) or b, p -= lr * d.  Pass 1 reads p and g only.
+struct LARS {
+  struct Hyper {
+    double lr = 1e-3, momentum = 0.9, dampening = 0, weight_decay = 0, trust_coefficient = 1e-3;
+    bool nesterov = false, exclude_1d = true, maximize = false;
+  };
+  template <class F> static void fields(F&& f) {
+    f("lr", &Hyper::lr); f("momentum", &Hyper::momentum); f("dampening", &Hyper::dampening);
+    f("weight_decay", &Hyper::weight_decay); f("trust_coefficient", &Hyper::trust_coefficient);
+    f("nesterov", &Hyper::nesterov); f("exclude_1d", &Hyper::exclude_1d);
+    f("maximize", &Hyper::maximize);
+  }
+  // wd_t, scale: the tensor's weight decay and trust ratio (set by for_tensor).
+  struct Coeffs { double gsign, wd, trust_coefficient, exclude_1d, momentum, one_minus_dampening, neg_lr, wd_t, scale; };
+  static constexpr int kReduce = 1;
+  enum : unsigned { kMomentum = 1, kNesterov = 2, kVariants = 4 };
+  static unsigned variant(const Hyper& h) {
+    return h.momentum > 0 ? kMomentum | (h.nesterov ? kNesterov : 0u) : 0u;
+  }
+  static constexpr int nstate(unsigned v) { return (v & kMomentum) ? 1 : 0; }
+  static std::vector<const char*> states(unsigned v) {
+    if (v & kMomentum) return {"momentum_buffer"};
+    return {};
+  }
+  static Coeffs prepare(const Hyper& h, int64_t) {
+    return {detail::grad_sign(h.maximize), h.weight_decay, h.trust_coefficient,
+            h.exclude_1d ? 1.0 : 0.0, h.momentum, 1.0 - h.dampening, -h.lr, 0.0, 1.0};
+  }
+  static Coeffs for_tensor(const Coeffs& c, double pp, double gg, int ndim) {
+    Coeffs t = c;
+    if (c.exclude_1d != 0 && ndim <= 1) return t;  // wd_t = 0, scale = 1
+    const double pn = std::sqrt(pp), gn = std::sqrt(gg);
+    const double den = gn + c.wd * pn;
+    t.wd_t = c.wd;
+    t.scale = pn > 0 ? (den > 0 ? c.trust_coefficient * pn / den : 1.0) : 1.0;
+    return t;
+  }
+};
+
+// kReduce of an optimizer: 0 (one element-wise pass) unless it declares one.
+template <class Opt, class = void> struct reduce_kind { static constexpr int value = 0; };
+template <class Opt> struct reduce_kind<Opt, std::void_t<decltype(Opt::kReduce)>> {
+  static constexpr int value = Opt::kReduce;
 };
 
 // Optimizers with no post-step bookkeeping.

@@ -48,6 +48,7 @@ struct Tensor {
   // Kahan compensation of a low-precision parameter (same dtype as it), or nullptr.
   void* comp = nullptr;
   uint64_t id = 0;  // the tensor's number in its optimizer: part of the stochastic rounding key
+  int ndim = 1;     // the parameter's number of dimensions (LARS excludes ndim <= 1)
   // An exponential moving average of the parameter, or nullptr: after the update,
   // ema = lerp(ema, p, 1 - Plan::ema_decay) in the compute dtype, stored in ema_dtype (the
   // parameter's, or float32/bfloat16/float16 for a parameter that computes in float32).

@@ -17,7 +17,9 @@
   X(ADOPT, adopt)               \
   X(AdamWScheduleFree, adamwschedulefree) \
   X(SGDScheduleFree, sgdschedulefree) \
-  X(SparseAdam, sparseadam)
+  X(SparseAdam, sparseadam)      \
+  X(LAMB, lamb)                 \
+  X(LARS, lars)
 
 // The optimizers with sparse row updates (fastoptim::step_rows): X(Struct, python_name).
 #define FASTOPTIM_ROW_OPTIMIZERS(X) \

@@ -11,7 +11,14 @@ ranges allow values more than 1.5x apart) is marked "?".
 
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
-foreach and fused implementations (whichever exist for that optimizer on CPU).
+foreach and fused implementations (whichever exist for that optimizer on CPU); for LAMB and
+LARS, which torch.optim lacks, ``pytorch_optimizer``'s ``Lamb`` / ``LARS`` (for-loop and foreach)
+when that is installed.
+
+LAMB and LARS take two passes (:data:`TWO_PASS`): a per-tensor reduction pass (the norms of the
+trust ratio) and the update.  Their rows report the bytes of both passes and compare with a
+streaming workload of the same bytes in the same mix of reads and writes, and a note under the
+table spells out each pass's bytes.
 
 ``--layouts`` (:func:`run_layouts`): AdamW on one tensor in each precision layout of
 :data:`LAYOUTS`, each next to ``_core.stream_mixed`` moving exactly its bytes per element with
@@ -64,10 +71,48 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "AdamWScheduleFree": ("AdamWScheduleFree", {}, 2),
     "SGDScheduleFree": ("SGDScheduleFree", {}, 1),
     "SparseAdam": ("SparseAdam", {}, 2),  # (every row present; its row updates: bench --rows)
+    "LAMB": ("LAMB", {}, 2),
+    "LARS": ("LARS", {}, 1),
 }
+
+# The two-pass optimizers (a per-tensor reduction pass before the update; see step.cpp): name
+# -> (arrays pass 1 reads, of which it writes, arrays pass 2 reads, of which it writes).  Their
+# rows move these bytes, and their streaming kernel moves the same bytes with the same mix of
+# reads and writes: one fused pass reading and writing the written arrays (plus one read-only
+# array, as _core.stream does) and a read-only pass (_core.stream_read) over each other read.
+TWO_PASS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # pass 1: Adam's moments and the norms of p and u; pass 2: u again from m, v, p moves
+    "LAMB": (("p", "g", "m", "v"), ("m", "v"), ("m", "v", "p"), ("p",)),
+    # pass 1: the norms of p and g; pass 2: the momentum update
+    "LARS": (("p", "g"), (), ("p", "g", "buf"), ("p", "buf")),
+}
+
+
+def two_pass_bytes(name: str, itemsize: int = 4) -> tuple[int, int, int, int]:
+    """(bytes per element, of pass 1, arrays read, arrays written) of a two-pass optimizer."""
+    r1, w1, r2, w2 = TWO_PASS[name]
+    reads, writes = len(r1) + len(r2), len(w1) + len(w2)
+    return itemsize * (reads + writes), itemsize * (len(r1) + len(w1)), reads, writes
+
+
+def _two_pass_roofline(name: str, total: int) -> tuple[Callable[[], object], list[np.ndarray]]:
+    """A streaming workload of `name`'s bytes and read/write mix (see TWO_PASS)."""
+    _, _, reads, writes = two_pass_bytes(name)
+    fused = [np.ones(total, np.float32) for _ in range(writes + 1)]  # reads all, writes all but 1
+    extra = [np.ones(total, np.float32) for _ in range(reads - writes - 1)]
+
+    def run() -> None:
+        _core.stream(fused)
+        for a in extra:
+            _core.stream_read(a)
+
+    return run, fused + extra
+
 
 # torch.optim has fused CPU kernels for these only.
 _TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
+# torch.optim lacks these: the torch contenders are pytorch_optimizer's classes when installed.
+_PYTORCH_OPTIMIZER = {"LAMB": "Lamb", "LARS": "LARS"}
 
 
 def _bert_base_shapes() -> list[tuple[int, ...]]:
@@ -212,9 +257,17 @@ def _torch_contenders(
     except ImportError:
         return {}
     cls = getattr(torch.optim, cls_name, None)
+    prefix = "torch"
+    if cls is None and cls_name in _PYTORCH_OPTIMIZER:  # LAMB, LARS: pytorch_optimizer's
+        try:
+            import pytorch_optimizer
+        except ImportError:
+            return {}
+        cls = getattr(pytorch_optimizer, _PYTORCH_OPTIMIZER[cls_name])
+        prefix = "torch pytorch_optimizer"
     if cls is None or cls_name == "SparseAdam":  # e.g. Lion; SparseAdam takes sparse grads only
         return {}
-    modes = {"torch for-loop": {"foreach": False}, "torch foreach": {"foreach": True}}
+    modes = {f"{prefix} for-loop": {"foreach": False}, f"{prefix} foreach": {"foreach": True}}
     if cls_name in _TORCH_FUSED:
         modes["torch fused"] = {"fused": True}
     out: dict[str, Callable[[], object]] = {}
@@ -337,10 +390,15 @@ def run(
             if progress:
                 progress(f"[{len(rows) + 1}/{total_cells}] {wname}: {oname}")
             contenders = _contenders(cls_name, kwargs, arrays, grads, torch)
-            streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
-            contenders["roofline"] = functools.partial(_core.stream, streams)
+            bpe = 0
+            if oname in TWO_PASS:  # its bytes, in its mix of reads and writes
+                contenders["roofline"], streams = _two_pass_roofline(oname, total)
+                bpe = two_pass_bytes(oname)[0]
+            else:
+                streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
+                contenders["roofline"] = functools.partial(_core.stream, streams)
             steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
-            row = Row(oname, wname, total, len(shapes), nstate)
+            row = Row(oname, wname, total, len(shapes), nstate, bpe=bpe)
             _fill(row, steps, samples)
             while problems(row, granularity) and row.remeasured < MAX_REMEASURE:
                 if progress:
@@ -383,12 +441,21 @@ def format_table(rows: Sequence[Row]) -> str:
             vs_torch = _ratio(r, best) if best else f"{'-':>9s}"
             roof = f"{100 * r.roofline:7.0f}%{'!' if r.roofline > ROOFLINE_LIMIT else ' '}"
             out.append(
-                f"{r.optimizer:13s} {bytes_per_element(r.nstate):4d} "
+                f"{r.optimizer:13s} {r.bpe or bytes_per_element(r.nstate):4d} "
                 f"{_fmt_time(t):>10s} {100 * r.spread('fastoptim'):3.0f}% "
                 f"{t / r.elements * 1e9:7.3f} {r.bytes / t / 1e9:6.1f} {roof} "
                 f"{_ratio(r, 'NumPy reference')} {vs_torch}  "
                 f"{best.removeprefix('torch ') if best else '-'}"
             )
+            if r.optimizer in TWO_PASS:
+                r1, w1, r2, w2 = TWO_PASS[r.optimizer]
+                b, b1, reads, writes = two_pass_bytes(r.optimizer)
+                notes.append(
+                    f"  {r.optimizer}: two passes, {b} B/el: a per-tensor reduction pass (reads "
+                    f"{', '.join(r1)}{'; writes ' + ', '.join(w1) if w1 else ''}: {b1} B) and "
+                    f"the update (reads {', '.join(r2)}; writes {', '.join(w2)}: {b - b1} B); "
+                    f"roofline: streaming {reads} reads + {writes} writes per element"
+                )
             if r.flags:
                 notes.append(
                     f"  ! {r.optimizer}, after {r.rounds} rounds: {'; '.join(r.flags)}. "

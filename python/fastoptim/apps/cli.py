@@ -351,7 +351,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(
             "\n+- = half the range of the rounds, % of the median; roofline = time of a "
             "streaming kernel moving the same bytes / time of the step;\nvs torch = best "
-            "torch.optim path (for-loop, foreach, fused) / fastoptim; ? = ratio uncertain (the "
+            "torch.optim path (for-loop, foreach, fused; pytorch_optimizer's for LAMB and LARS) "
+            "/ fastoptim; ? = ratio uncertain (the "
             "rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
             "measurement error; a flagged row's problems are listed under its table"
         )

@@ -83,6 +83,11 @@ OPTIMIZERS: dict[str, Spec] = {
     # correction.  Swept 3e-4-1e-2 (20 epochs): lowest train loss at 3e-3 and 1e-2 (4e-4),
     # test loss 0.049 at 3e-3, 0.18 at 1e-2
     "SparseAdam": Spec("SparseAdam", {}, 3e-3),
+    # swept 3e-4-0.1 (20 epochs): lowest train and test loss at 1e-3 (3e-3 close), unstable 3e-2
+    "LAMB": Spec("LAMB", {}, 1e-3),
+    # swept 0.3-100 (20 epochs, trust_coefficient 1e-3): lowest train loss at 1 (best test loss
+    # at 0.3), worse at 3, diverged at 10
+    "LARS": Spec("LARS", {}, 1.0),
     # Muon updates the weight matrices; the biases (1-D) take AdamW at MUON_BIAS_LR, as torch's
     # Muon documentation recommends (see MuonAndAdamW).
     "Muon": Spec("Muon", {}, 5e-3),  # swept 2e-3-5e-2 (20 epochs): best test loss at 5e-3

@@ -282,6 +282,10 @@ class Definition:
     rows_dense: Callable[[Mapping[str, Any]], bool] | None = None
     # fastoptim.torch takes sparse gradients only, as torch.optim does (SparseAdam).
     torch_sparse_only: bool = False
+    # The step reduces every whole tensor (LAMB's and LARS's per-tensor trust ratios, the
+    # driver's two-pass optimizers): a shard of a parameter (ZeRO-1's flat pieces, FSDP2's
+    # DTensor shards) cannot be stepped on its own, and the wrappers that shard refuse it.
+    per_tensor: bool = False
     _cache: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
