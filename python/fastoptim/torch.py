@@ -1465,7 +1465,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             swapped.append((p, sparse_grad))
             p.grad = d
         try:
-            work = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+            work = [self._prepare(gi, group, False) for gi, group in enumerate(self.param_groups)]
         finally:
             for p, g in swapped:
                 p.grad = g
