@@ -92,7 +92,7 @@ Speed: a step costs the kernel (one pass over memory, all threads) plus, when no
 gradient tensors changed since the last step (new ones every step, as autograd makes them after
 ``zero_grad()``, or the same ones), a few microseconds and a few tenths of a microsecond per
 tensor: ``Plan.bind_torch`` reads every ``p.grad`` and checks parameters and gradients in C,
-through DLPack's C exchange API (torch >= 2.10), and :class:`fastoptim._core.Snapshot` tells
+through DLPack's C exchange API (torch >= 2.10), and ``fastoptim._core.Snapshot`` tells
 that no state object was replaced.  Anything else (the first steps, a group entry assigned,
 state replaced, a parameter's new storage, a gradient laid out differently from its parameter,
 DTensor parameters, older torch) takes the general path: everything checked in Python (some
@@ -368,7 +368,7 @@ class _Cache:
     previous step's gradients.
 
     A step whose group equals its ``snapshot``, whose optimizer's state holds the same objects
-    as after the last step (a :class:`fastoptim._core.Snapshot`) and whose tensors pass
+    as after the last step (a ``fastoptim._core.Snapshot``) and whose tensors pass
     ``Plan.bind_torch`` (same parameters, storage and layout; gradients laid out like them)
     takes the fast path: everything else was checked when the cache was built.  Anything
     else takes the general path, which checks everything in Python and rebuilds what
