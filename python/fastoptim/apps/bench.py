@@ -259,11 +259,11 @@ def _torch_contenders(
     cls = getattr(torch.optim, cls_name, None)
     prefix = "torch"
     if cls is None and cls_name in _PYTORCH_OPTIMIZER:  # LAMB, LARS: pytorch_optimizer's
-        try:
-            import pytorch_optimizer
+        try:  # (an oracle package: not a dependency, so not typed here)
+            oracle = importlib.import_module("pytorch_optimizer")
         except ImportError:
             return {}
-        cls = getattr(pytorch_optimizer, _PYTORCH_OPTIMIZER[cls_name])
+        cls = getattr(oracle, _PYTORCH_OPTIMIZER[cls_name])
         prefix = "torch pytorch_optimizer"
     if cls is None or cls_name == "SparseAdam":  # e.g. Lion; SparseAdam takes sparse grads only
         return {}
