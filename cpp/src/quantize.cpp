@@ -108,4 +108,15 @@ const QTables& qtables(QMap m) {
   throw std::invalid_argument("unknown quantization map");
 }
 
+// (convert.hpp) Stochastic rounding's key of one block: splitmix64 over (seed, step, tensor,
+// array, the high 32 bits of the element index).
+uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_t array,
+                    uint64_t index_high) {
+  uint64_t k = splitmix64(seed);
+  k = splitmix64(k ^ static_cast<uint64_t>(step));
+  k = splitmix64(k ^ tensor);
+  k = splitmix64(k ^ (static_cast<uint64_t>(array) << 32 | (index_high & 0xFFFFFFFFull)));
+  return static_cast<uint32_t>(k >> 32);
+}
+
 }  // namespace fastoptim

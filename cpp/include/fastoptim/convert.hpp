@@ -115,14 +115,11 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-inline uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_t array,
-                           uint64_t index_high) {
-  uint64_t k = splitmix64(seed);
-  k = splitmix64(k ^ static_cast<uint64_t>(step));
-  k = splitmix64(k ^ tensor);
-  k = splitmix64(k ^ (static_cast<uint64_t>(array) << 32 | (index_high & 0xFFFFFFFFull)));
-  return static_cast<uint32_t>(k >> 32);
-}
+// The key of one block of 2^32 elements (defined in quantize.cpp, compiled for the baseline
+// instruction set: called once per block, it is not worth a copy per ISA, and an inline copy
+// emitted out of line by an AVX-512 translation unit could be the one the linker keeps for all).
+uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_t array,
+                    uint64_t index_high);
 
 inline uint32_t random_bits(uint32_t key, uint32_t index) {
   uint32_t x = (index * 0x9E3779B1u) ^ key;
