@@ -91,11 +91,10 @@ _WRAPPED = "__bnb_optimizer_quant_state__"
 _BLOCK = precision.QUANT_BLOCK
 
 
-def _map_name(kind: str, state: str) -> str:
-    """The quantization map of `state` on side `kind` ("fastoptim" or "bnb")."""
-    if kind == "bnb" and state not in ("exp_avg_sq",):
-        return "signed8"  # bitsandbytes' state1 is always signed, state2 always unsigned
-    return precision.QUANT_MAPS[state]
+def _bnb_map(state: str) -> str:
+    """bitsandbytes' map of `state`: its state2 (``exp_avg_sq``) unsigned, its state1 always
+    signed (also a sum of squares: RMSprop's ``square_avg``, Adagrad's ``sum``)."""
+    return "unsigned8" if state == "exp_avg_sq" else "signed8"
 
 
 class _Value:
@@ -246,6 +245,24 @@ def _step(entry: Mapping[str, Any], where: str) -> int:
     return int(step)
 
 
+def _blockwise(
+    entry: Mapping[str, Any], codes_name: str, absmax_name: str, shape: tuple[int, ...], where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A block-wise 8-bit state's codes and absmax (either format's names), checked: one
+    finite, non-negative absmax per block of 256 codes."""
+    codes = _np(entry[codes_name], f"{where}: {codes_name}", np.uint8, shape)
+    blocks = -(-codes.size // _BLOCK)
+    absmax = _np(entry.get(absmax_name), f"{where}: {absmax_name}", np.float32).reshape(-1)
+    if absmax.size != blocks:
+        raise ValueError(
+            f"{where}: {absmax_name} has {absmax.size} entries, {blocks} blocks of {_BLOCK} "
+            "expected (block-wise 8-bit state)"
+        )
+    if bool(np.any(absmax < 0)) or bool(np.any(np.isinf(absmax))):
+        raise ValueError(f"{where}: {absmax_name} holds negative or infinite scales")
+    return codes, absmax
+
+
 def _read_bnb(
     entry: Mapping[str, Any], j: int, shape: tuple[int, ...], where: str
 ) -> _Value | None:
@@ -253,16 +270,7 @@ def _read_bnb(
     if raw is None:
         return None
     if isinstance(raw, torch.Tensor) and raw.dtype == torch.uint8:
-        codes = _np(raw, f"{where}: state{j}", np.uint8, shape)
-        blocks = -(-codes.size // _BLOCK)
-        absmax = _np(entry.get(f"absmax{j}"), f"{where}: absmax{j}", np.float32).reshape(-1)
-        if absmax.size != blocks:
-            raise ValueError(
-                f"{where}: absmax{j} has {absmax.size} entries, {blocks} blocks of {_BLOCK} "
-                "expected (bitsandbytes' block-wise 8-bit state)"
-            )
-        if bool(np.any(absmax < 0)) or bool(np.any(np.isinf(absmax))):
-            raise ValueError(f"{where}: absmax{j} holds negative or infinite scales")
+        codes, absmax = _blockwise(entry, f"state{j}", f"absmax{j}", shape, where)
         qmap = _np(entry.get(f"qmap{j}"), f"{where}: qmap{j}", np.float32).reshape(-1)
         if qmap.size != 256:
             raise ValueError(f"{where}: qmap{j} has {qmap.size} entries, 256 expected")
@@ -315,7 +323,7 @@ def to_bitsandbytes(
             for j, name in enumerate(names, start=1):
                 value = _read_fastoptim(entry, name, tuple(p.shape), where)
                 if quantize:
-                    qmap_name = _map_name("bnb", name)
+                    qmap_name = _bnb_map(name)
                     codes, absmax = value.encoded(qmap_name)
                     quant[f"state{j}"] = torch.from_numpy(codes)
                     quant[f"qmap{j}"] = torch.from_numpy(_core.quant_map(qmap_name).copy())
@@ -333,12 +341,7 @@ def _read_fastoptim(
     raw = entry[name]
     absmax_name = name + precision.ABSMAX
     if absmax_name in entry:
-        codes = _np(raw, f"{where}: {name}", np.uint8, shape)
-        absmax = _np(entry[absmax_name], f"{where}: {absmax_name}", np.float32).reshape(-1)
-        if absmax.size != -(-codes.size // _BLOCK):
-            raise ValueError(
-                f"{where}: {absmax_name} has {absmax.size} entries for {codes.size} codes"
-            )
+        codes, absmax = _blockwise(entry, name, absmax_name, shape, where)
         return _Value(codes=codes, absmax=absmax, qmap=_core.quant_map(precision.QUANT_MAPS[name]))
     if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
         raise ValueError(f"{where}: {name} must be a floating tensor")
