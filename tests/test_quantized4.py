@@ -367,9 +367,7 @@ def test_bit_identical_across_threads_and_chunks() -> None:
             opt2 = fo.LAMB(lamb, lr=1e-2, state_dtype="int4")
             for g in grads:
                 opt2.step(g)
-            results.append(
-                (opt.state_dict()["state"], params, opt2.state_dict()["state"], lamb)
-            )
+            results.append((opt.state_dict()["state"], params, opt2.state_dict()["state"], lamb))
     finally:
         fo.set_num_threads(before[0])
         _core.set_grain(before[1])
@@ -564,7 +562,7 @@ def test_torch_tier_matches_numpy_tier_and_round_trips() -> None:
         before = [p.detach().clone() for p in t3]
         for p, s in zip(t3, shapes):
             p.grad = torch.ones(s)
-        with pytest.raises(ValueError, match="4040 bytes of 4-bit codes|float32 tensor of shape"):
+        with pytest.raises(ValueError, match=r"4040 bytes of 4-bit codes|float32 tensor of shape"):
             o3.step()
         for p, q in zip(t3, before):
             same_bits(p.detach().numpy(), q.numpy(), "untouched")

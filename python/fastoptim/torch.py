@@ -816,9 +816,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     f"parameter's shape {tuple(p.shape)}"
                 )
             fresh = id(s) in self._fresh
-            values = np.ascontiguousarray(
-                _memory_order(s.detach(), _permutation(p)).to(torch.float32).cpu().numpy()
-            ) if four else np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
+            values = (
+                np.ascontiguousarray(
+                    _memory_order(s.detach(), _permutation(p)).to(torch.float32).cpu().numpy()
+                )
+                if four
+                else np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
+            )
             codes, absmax = _quantize(values, name, kind)
             if four:
                 state[name] = torch.from_numpy(codes)

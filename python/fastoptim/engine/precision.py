@@ -7,9 +7,10 @@ Five options every optimizer takes (keyword-only; defined once in
     The dtype of the state buffers of parameters that compute in float32 (float32, bfloat16
     and float16 parameters): ``None`` (the default: float32), ``"float32"``, ``"bfloat16"``,
     ``"float16"``, ``"param"`` (the parameter's own dtype, as ``torch.optim`` keeps it),
-    ``"int8"`` / ``"int4"`` (block-wise 8-/4-bit quantized, see below), or a dict from state name to one of
-    those (``{"exp_avg": "bfloat16"}``; the others take the default).  NumPy and torch dtypes
-    are accepted for the names.  float64 parameters always keep float64 state.
+    ``"int8"`` / ``"int4"`` (block-wise 8-/4-bit quantized, see below), or a dict from state
+    name to one of those (``{"exp_avg": "bfloat16"}``; the others take the default).  NumPy
+    and torch dtypes are accepted for the names.  float64 parameters always keep float64
+    state.
 
     ``"int8"`` (Dettmers et al. 2022, bitsandbytes' format): a state ``name`` of a parameter
     of at least :data:`MIN_QUANTIZED` elements is stored as ``name`` (uint8 codes, shaped like
@@ -224,7 +225,7 @@ def buffers(
         v = policy.get(n) if isinstance(policy, Mapping) else policy
         if _is_quant(v):
             if n in QUANT_MAPS and size >= MIN_QUANTIZED:
-                out[n] = v
+                out[n] = str(v)
                 out[n + ABSMAX] = ABSMAX_KIND if v == INT8 else ABSMAX4_KIND
             else:
                 out[n] = "float32"
