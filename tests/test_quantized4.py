@@ -683,3 +683,27 @@ def test_torch_model_reaches_float32_state_loss_within_bound() -> None:
             losses[policy] = float(torch.nn.functional.cross_entropy(model(xt), yt))
     assert losses["int4"] <= losses[None] * 1.06, losses
     assert losses["int4"] >= losses[None] * 0.95, losses
+
+
+def test_bnb_converter_reads_a_4bit_state() -> None:
+    """fastoptim.bnb.to_bitsandbytes reads a 4-bit state as its values (then stores them as
+    bitsandbytes' 8-bit optimizer would): the reader decodes it exactly; bad scales refused."""
+    torch = pytest.importorskip("torch")
+    import fastoptim.bnb as fb
+    import fastoptim.torch as ft
+
+    w = torch.nn.Parameter(torch.randn(50, 101))
+    opt = ft.AdamW([w], lr=1e-2, state_dtype="int4")
+    w.grad = torch.randn(50, 101)
+    opt.step()
+    entry = opt.state_dict()["state"][0]
+    for name in ("exp_avg", "exp_avg_sq"):
+        got = fb._read_fastoptim(entry, name, (50, 101), "here").decoded()
+        code = reference.create_map4(_signed(name))
+        want = reference.dequantize_blockwise4(
+            entry[name].numpy(), entry[name + "_absmax"].numpy(), code, (50, 101)
+        )
+        same_bits(got, want, name)
+    bad = {**entry, "exp_avg_absmax": -entry["exp_avg_absmax"] - 1}
+    with pytest.raises(ValueError, match="negative or infinite"):
+        fb._read_fastoptim(bad, "exp_avg", (50, 101), "here")
