@@ -329,9 +329,10 @@ inline void q4_codes(const float* __restrict v, int64_t n, float s, const Q4Tabl
     for (int j = 0; j < 15; ++j)
       c = _mm256_add_epi32(
           c, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(q.thr[j]), _CMP_GT_OQ)));
-    alignas(32) int32_t tmp[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), _mm256_sub_epi32(_mm256_setzero_si256(), c));
-    for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<uint8_t>(tmp[k]);
+    const __m256i code = _mm256_sub_epi32(_mm256_setzero_si256(), c);  // 0..15
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code),
+                                       _mm256_extracti128_si256(code, 1));  // 8 x 16 bits
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(w, w));
   }
 #endif
   for (; i < n; ++i) codes[i] = static_cast<uint8_t>(q4_code(Divide ? v[i] / s : v[i] * s, q.thr));
