@@ -512,6 +512,19 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
         F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4)
     with pytest.raises(ValueError, match="dtype must be 'int8' or 'int4'"):
         F.quantized_state(w, "exp_avg", dtype="int2")
+    with pytest.raises(ValueError, match="one-element 1-D parameter"):
+        F.quantized_state(w[:1], "exp_avg", dtype="int4")
+    # tiny parameters work too (the functional tier quantizes any size)
+    for n in (2, 3, 129):
+        x, y = w[:n].copy(), w[:n].copy()
+        mq = F.quantized_state(x, "exp_avg", dtype="int4")
+        vq = F.quantized_state(x, "exp_avg_sq", dtype="int4")
+        m32, v32 = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        F.adam_(x, g[:n], mq, vq, step=1, lr=1e-2)
+        F.adam_(y, g[:n], m32, v32, step=1, lr=1e-2)
+        same_bits(x, y, f"param of {n}")  # (step 1 reads the zero state: exact)
+        want = reference.quantize_blockwise4(m32, reference.create_map4(True))
+        same_bits(mq[0], want[0], f"codes of {n}")
     same_bits(w, before, "untouched")
 
 

@@ -108,6 +108,11 @@ def quantized_state(
     qmap = _precision.qmap(name, dtype)
     size = int(np.prod(np.shape(param)))
     four = dtype == _precision.INT4
+    if four and np.shape(param) == (1,):
+        raise ValueError(
+            "quantized_state: a one-element 1-D parameter cannot have a 4-bit state (its one "
+            "byte of codes, shaped like the parameter, reads as 8-bit): use dtype='int8'"
+        )
     blocksize = _precision.QUANT_BLOCK4 if four else _precision.QUANT_BLOCK
     block = np.full(blocksize, fill, np.float32)
     codes = np.empty(((size + 1) // 2,) if four else np.shape(param), np.uint8)
