@@ -34,6 +34,8 @@ EXPECTED = {
     "offload, stochastic": 28,
     "fp32 p/g, int8 state": 16,  # p 4+4, g 4, m and v codes 1+1 each (absmax: 1/16 B)
     "bf16 p/g, int8 state": 10,  # p 2+2, g 2, m and v codes 1+1 each
+    "fp32 p/g, int4 state": 14,  # p 4+4, g 4, m and v codes .5+.5 each (absmax: 1/8 B)
+    "bf16 p/g, int4 state": 8,  # p 2+2, g 2, m and v codes .5+.5 each
     "fp16 p/g, fp32 state": 22,
     "all-fp16": 14,
     "torch fused bf16": 14,  # torch keeps bf16 state for bf16 parameters
@@ -66,9 +68,9 @@ def test_layouts_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["fp32"]["rel"] == "1.00"
     assert "one tensor of 20,000 elements" in out
     streams = re.findall(
-        r"^  (\d+) B/el: +[\d.]+ ns/el \+-\d+%, +[\d.]+ GB/s  \((.*)\)$", out, re.M
+        r"^ +(\d+) B/el: +[\d.]+ ns/el \+-\d+%, +[\d.]+ GB/s  \((.*)\)$", out, re.M
     )
-    assert sorted(int(b) for b, _ in streams) == [10, 14, 16, 22, 28, 28]
+    assert sorted(int(b) for b, _ in streams) == [8, 10, 14, 14, 16, 22, 28, 28]
     assert "fastoptim layouts below 90% of their roofline:" in out
     assert ("torch fused bf16 / offload time:" in out) == HAVE_TORCH
     assert re.search(r"^bench took \d+ s$", out, re.M)
@@ -84,7 +86,8 @@ def test_layout_bytes_match_the_arrays() -> None:
     for lay in bench.LAYOUTS:
         if lay.contender:
             continue
-        quantized = dict(lay.options).get("state_dtype") == "int8"
+        policy = dict(lay.options).get("state_dtype")
+        quantized = policy in ("int8", "int4")
         n = 4096 if quantized else 64  # (smaller tensors keep float32 state)
         pdt, gdt = bench._np_dtype(lay.param), bench._np_dtype(lay.grad)
         opt = fo.AdamW([np.ones(n, pdt)], **bench.ADAMW, **dict(lay.options))
@@ -96,11 +99,19 @@ def test_layout_bytes_match_the_arrays() -> None:
         opt.step([np.ones(n, gdt)])
         state = {k: v for k, v in opt.state[0].items() if k != "step"}
         scales = sum(v.nbytes for k, v in state.items() if k.endswith("_absmax"))
-        assert scales == (2 * 4 * n // 256 if quantized else 0), lay.name
+        block = 128 if policy == "int4" else 256
+        assert scales == (2 * 4 * n // block if quantized else 0), lay.name
         rw = [v.itemsize for k, v in state.items() if not k.endswith("_absmax")]
-        if quantized:  # two 1-byte code arrays stand for one 16-bit array in the stream
+        if quantized:
+            codes = [v.nbytes for k, v in state.items() if not k.endswith("_absmax")]
             assert sorted(rw) == [1, 1], lay.name
-            rw = [2]
+            if policy == "int8":  # two 1-byte code arrays stand for one 16-bit array r/w
+                assert codes == [n, n], lay.name
+                rw = [2]
+            else:  # two half-byte code arrays r/w: the 2 B of one 16-bit array written
+                assert codes == [n // 2, n // 2], lay.name
+                rw = []
+                writes.append(2)
         if "master" in state:  # computed on the master: the parameter is written only
             writes.append(pdt.itemsize)
         else:

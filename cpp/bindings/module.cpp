@@ -258,17 +258,24 @@ Arg check_codes(py::handle h, const std::string& what) {
   return {a, DType::q8s, const_cast<void*>(a.data()), size, lo, lo + static_cast<std::uintptr_t>(size)};
 }
 
-// The quantization map named `name` ("signed8", "unsigned8").
+// The quantization map named `name` ("signed8", "unsigned8", "signed4", "unsigned4").
 QMap qmap_from_name(const std::string& name) {
   if (name == "signed8") return QMap::signed8;
   if (name == "unsigned8") return QMap::unsigned8;
-  throw py::value_error("unknown quantization map '" + name + "' (known: signed8, unsigned8)");
+  if (name == "signed4") return QMap::signed4;
+  if (name == "unsigned4") return QMap::unsigned4;
+  throw py::value_error("unknown quantization map '" + name +
+                        "' (known: signed8, unsigned8, signed4, unsigned4)");
 }
+constexpr bool is_map4(QMap m) { return m == QMap::signed4 || m == QMap::unsigned4; }
 
-// A block-quantized state given as (codes, absmax) for a parameter of `size` elements: codes
-// shaped like the parameter, absmax float32 with one entry per block of kQBlock elements.
+// A block-quantized state given as (codes, absmax) for a parameter of `size` elements: 8-bit
+// codes shaped like the parameter with one float32 absmax per block of kQBlock elements, or
+// 4-bit codes packed two per byte (a 1-D array of (size + 1) / 2 bytes) with one absmax per
+// block of kQBlock4.  Which one is read from the codes' shape (a one-element 1-D parameter's
+// pair reads as 8-bit) unless `bits` is given; *found receives it.
 std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType compute,
-                                    const std::string& what) {
+                                    const std::string& what, int bits = 0, int* found = nullptr) {
   const auto t = py::reinterpret_borrow<py::tuple>(h);
   if (t.size() != 2)
     throw py::value_error(what + ": a quantized state is a pair (codes, absmax), got " +
@@ -276,12 +283,30 @@ std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType 
   if (compute == DType::f64)
     throw py::type_error(what + ": float64 parameters keep float64 state (no quantized state)");
   Arg codes = check_codes(t[0], what);
-  check_shape(codes, param, what + " codes");
+  const auto psize = static_cast<int64_t>(param.size());
+  const int64_t packed = (psize + 1) / 2;
+  if (bits == 0) {
+    bool same = codes.arr.ndim() == param.ndim();
+    for (py::ssize_t d = 0; same && d < param.ndim(); ++d)
+      same = codes.arr.shape(d) == param.shape(d);
+    bits = !same && codes.arr.ndim() == 1 && codes.size == packed ? 4 : 8;
+  }
+  if (found) *found = bits;
+  if (bits == 4) {
+    if (codes.arr.ndim() != 1 || codes.size != packed)
+      throw py::value_error(what + ": 4-bit codes must be a 1-D uint8 array of " +
+                            std::to_string(packed) + " bytes (two codes per byte for " +
+                            std::to_string(psize) + " elements), got shape " +
+                            shape_str(codes.arr));
+  } else {
+    check_shape(codes, param, what + " codes");
+  }
+  const int64_t block = bits == 4 ? kQBlock4 : kQBlock;
   Arg absmax = check_array(t[1], what + " absmax", true);
-  const int64_t blocks = (codes.size + kQBlock - 1) / kQBlock;
+  const int64_t blocks = (psize + block - 1) / block;
   if (absmax.dtype != DType::f32 || absmax.arr.ndim() != 1 || absmax.size != blocks)
     throw py::value_error(what + ": absmax must be a 1-D float32 array of " + std::to_string(blocks) +
-                          " entries (one per block of " + std::to_string(kQBlock) +
+                          " entries (one per block of " + std::to_string(block) +
                           " elements), got " + dtype_name(absmax.arr) + " " + shape_str(absmax.arr));
   return {codes, absmax};
 }
@@ -407,8 +432,12 @@ class PyPlan {
           const std::string map = qmaps ? (*qmaps)[j] : std::string();
           if (map.empty())
             throw py::type_error(what + ": this state cannot be quantized (no map for it)");
-          auto [codes, absmax] = check_quantized(h, ps[i].arr, compute_dtype(ps[i].dtype), what);
-          codes.dtype = qmap_from_name(map) == QMap::signed8 ? DType::q8s : DType::q8u;
+          const QMap qm = qmap_from_name(map);
+          int bits = 0;
+          auto [codes, absmax] = check_quantized(h, ps[i].arr, compute_dtype(ps[i].dtype), what,
+                                                 is_map4(qm) ? 4 : 0, &bits);
+          const bool sgn = qm == QMap::signed8 || qm == QMap::signed4;
+          codes.dtype = bits == 4 ? (sgn ? DType::q4s : DType::q4u) : (sgn ? DType::q8s : DType::q8u);
           ss[j].push_back(codes);
           qs[j].push_back(absmax);
         } else {
@@ -1013,36 +1042,57 @@ PYBIND11_MODULE(_core, m) {
     py::array_t<float> out(q.ncodes);
     std::copy(q.value, q.value + q.ncodes, out.mutable_data());
     return out;
-  }, py::arg("name"), "The values of quantization map `name` ('signed8', 'unsigned8'), by code.");
+  }, py::arg("name"),
+  "The values of quantization map `name` ('signed8', 'unsigned8', 'signed4', 'unsigned4'), by code.");
   m.def("quantize_blockwise", [](const py::handle& values, const py::handle& codes,
                                  const py::handle& absmax, const std::string& map) {
     const Arg v = check_array(values, "values", false);
     if (v.dtype != DType::f32) throw py::type_error("values: must be float32, got " + dtype_name(v.arr));
-    const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), v.arr, DType::f32, "quantized");
-    const QTables& q = qtables(qmap_from_name(map));
+    const QMap qm = qmap_from_name(map);
+    const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), v.arr, DType::f32,
+                                        "quantized", is_map4(qm) ? 4 : 8);
     const auto* src = static_cast<const float*>(v.data);
     auto* dst = static_cast<uint8_t*>(c.data);
     auto* am = static_cast<float*>(a.data);
     py::gil_scoped_release release;
+    if (is_map4(qm)) {
+      const Q4Tables& q = q4tables(qm);
+      for (int64_t lo = 0; lo < v.size; lo += kQBlock4)
+        am[lo / kQBlock4] =
+            quantize_block4(src + lo, std::min(kQBlock4, v.size - lo), q, dst + lo / 2);
+      return;
+    }
+    const QTables& q = qtables(qm);
     for (int64_t lo = 0; lo < v.size; lo += kQBlock)
       am[lo / kQBlock] = quantize_block(src + lo, std::min(kQBlock, v.size - lo), q, dst + lo);
   }, py::arg("values"), py::arg("codes"), py::arg("absmax"), py::arg("map"),
-  "Quantize float32 `values` block-wise (blocks of 256) into `codes` (uint8, same shape) and "
-  "`absmax` (float32, one per block) with map `map`.");
+  "Quantize float32 `values` block-wise into `codes` and `absmax` (float32, one per block) with "
+  "map `map`: 8-bit maps in blocks of 256, codes uint8 shaped like `values`; 4-bit maps in "
+  "blocks of 128, codes packed two per byte into a 1-D uint8 array of (size + 1) // 2 bytes "
+  "(element 2i in the high nibble).");
   m.def("dequantize_blockwise", [](const py::handle& codes, const py::handle& absmax,
                                    const py::handle& out, const std::string& map) {
     const Arg o = check_array(out, "out", true);
     if (o.dtype != DType::f32) throw py::type_error("out: must be float32, got " + dtype_name(o.arr));
-    const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), o.arr, DType::f32, "quantized");
-    const QTables& q = qtables(qmap_from_name(map));
+    const QMap qm = qmap_from_name(map);
+    const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), o.arr, DType::f32,
+                                        "quantized", is_map4(qm) ? 4 : 8);
     const auto* src = static_cast<const uint8_t*>(c.data);
     const auto* am = static_cast<const float*>(a.data);
     auto* dst = static_cast<float*>(o.data);
     py::gil_scoped_release release;
+    if (is_map4(qm)) {
+      const Q4Tables& q = q4tables(qm);
+      for (int64_t lo = 0; lo < o.size; lo += kQBlock4)
+        dequantize_block4(src + lo / 2, std::min(kQBlock4, o.size - lo), am[lo / kQBlock4], q,
+                          dst + lo);
+      return;
+    }
+    const QTables& q = qtables(qm);
     for (int64_t lo = 0; lo < o.size; lo += kQBlock)
       dequantize_block(src + lo, std::min(kQBlock, o.size - lo), am[lo / kQBlock], q, dst + lo);
   }, py::arg("codes"), py::arg("absmax"), py::arg("out"), py::arg("map"),
-  "Dequantize block-wise quantized state into float32 `out` (shaped like the codes).");
+  "Dequantize block-wise quantized state into float32 `out` (the layouts of quantize_blockwise).");
 
   m.def("check_disjoint", [](const py::sequence& arrays, const std::vector<std::string>& labels) {
     if (static_cast<std::size_t>(py::len(arrays)) != labels.size())

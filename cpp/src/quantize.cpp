@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -96,16 +97,53 @@ QTables build(const std::vector<float>& map) {
   return q;
 }
 
+// The 4-bit maps (quantize.hpp): torchao's signed dynamic map and its unsigned linear one.
+std::vector<float> map4(bool is_signed) {
+  if (is_signed) return dynamic_map(true, 3, 4);
+  std::vector<float> v = linspace_f32(0.0f, 1.0f, 17);
+  v.erase(v.begin());  // no zero: a second moment never dequantizes to 0
+  return v;
+}
+
+Q4Tables build4(const std::vector<float>& map) {
+  if (map.size() != 16) throw std::logic_error("4-bit quantization map: need 16 values");
+  Q4Tables q;
+  std::copy(map.begin(), map.end(), q.value);
+  for (std::size_t j = 0; j + 1 < map.size(); ++j) {
+    if (!(map[j] < map[j + 1])) throw std::logic_error("4-bit quantization map: not ascending");
+    const float m = (map[j] + map[j + 1]) * 0.5f;
+    // x > thr counts: on the midpoint itself the even code wins (up when code j + 1 is even)
+    q.thr[j] = (j + 1) % 2 == 0 ? std::nextafter(m, -std::numeric_limits<float>::infinity()) : m;
+  }
+  q.zero = static_cast<uint8_t>(q4_code(0.0f, q.thr));
+  return q;
+}
+
 }  // namespace
 
 const QTables& qtables(QMap m) {
   static const QTables s8 = build(dynamic_map(true, 7, 8));
   static const QTables u8 = build(dynamic_map(false, 7, 8));
+  static const QTables s4 = build(map4(true));
+  static const QTables u4 = build(map4(false));
   switch (m) {
     case QMap::signed8: return s8;
     case QMap::unsigned8: return u8;
+    case QMap::signed4: return s4;
+    case QMap::unsigned4: return u4;
   }
   throw std::invalid_argument("unknown quantization map");
+}
+
+const Q4Tables& q4tables(QMap m) {
+  static const Q4Tables s4 = build4(map4(true));
+  static const Q4Tables u4 = build4(map4(false));
+  switch (m) {
+    case QMap::signed4: return s4;
+    case QMap::unsigned4: return u4;
+    default: break;
+  }
+  throw std::invalid_argument("not a 4-bit quantization map");
 }
 
 // (convert.hpp) Stochastic rounding's key of one block: splitmix64 over (seed, step, tensor,

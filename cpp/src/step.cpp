@@ -386,8 +386,37 @@ void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const R
 // updated whole by it, even past b; the next chunk skips the elements of that block.  So every
 // block is updated exactly once, by one thread, with the same arithmetic whatever the thread
 // count.
+// A 4-bit state's block of kQBlock elements is two blocks of kQBlock4 (dequantized, then
+// quantized, each with its own absmax; stochastic rounding draws element lo + i's bits from
+// the same stream as an 8-bit state's).
+inline void staged_state4(const Tensor& t, std::size_t j, int64_t lo, int64_t n, float* buf) {
+  const Q4Tables& q = q4tables(qmap_of(t.state_dtype[j]));
+  for (int64_t h = 0; h < n; h += kQBlock4)
+    dequantize_block4(static_cast<const uint8_t*>(t.state[j]) + (lo + h) / 2,
+                      std::min(kQBlock4, n - h), t.absmax[j][(lo + h) / kQBlock4], q, buf + h);
+}
+
+inline void unstage_state4(const float* s, const Tensor& t, std::size_t j, int64_t lo, int64_t n,
+                           const RoundingKey& key) {
+  const Q4Tables& q = q4tables(qmap_of(t.state_dtype[j]));
+  const bool sr = key.plan.rounding == Rounding::stochastic;
+  const uint32_t k = sr ? key(t, static_cast<uint32_t>(1 + j), lo) : 0u;
+  for (int64_t h = 0; h < n; h += kQBlock4) {
+    const int64_t m = std::min(kQBlock4, n - h);
+    uint8_t* codes = static_cast<uint8_t*>(t.state[j]) + (lo + h) / 2;
+    const uint32_t mb = absmax_bits(s + h, m);
+    t.absmax[j][(lo + h) / kQBlock4] =
+        sr ? quantize_block4_stochastic(s + h, m, mb, q, codes, k, static_cast<uint32_t>(lo + h))
+           : quantize_block4(s + h, m, mb, q, codes);
+  }
+}
+
 inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int64_t lo,
                            int64_t n, float* buf) {
+  if (is_q4(t.state_dtype[j])) {
+    staged_state4(t, j, lo, n, buf);
+    return buf;
+  }
   if (q == nullptr) return staged(t.state[j], t.state_dtype[j], lo, n, buf);
   dequantize_block(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock], *q,
                    buf);
@@ -396,6 +425,7 @@ inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int
 
 inline void unstage_state(const float* s, uint32_t mbits, const Tensor& t, std::size_t j,
                           const QTables* q, int64_t lo, int64_t n, const RoundingKey& key) {
+  if (is_q4(t.state_dtype[j])) return unstage_state4(s, t, j, lo, n, key);  // (its own absmax)
   if (q == nullptr) {
     unstage(s, t.state[j], t.state_dtype[j], lo, n, t, static_cast<uint32_t>(1 + j), key);
     return;
@@ -535,12 +565,13 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
   const bool plain = t.comp == nullptr && t.out == nullptr && t.grad_dtype == t.dtype;
   const int direct = !plain ? 0 : (t.dtype == DType::f32 ? 1 : (t.dtype == DType::bf16 ? 2 : 0));
   const bool sr = key.plan.rounding == Rounding::stochastic;
+  [[maybe_unused]] const bool q4 = (is_q4(t.state_dtype[J]) || ... || false);
   for (int64_t lo = (a + kQBlock - 1) / kQBlock * kQBlock; lo < b; lo += kQBlock) {
     const int64_t n = std::min(kQBlock, t.size - lo);
     const auto first = static_cast<uint32_t>(lo);
     uint32_t mx[N == 0 ? 1 : N];
 #ifdef FASTOPTIM_Q_FUSED
-    if (direct != 0) {
+    if (direct != 0 && !q4) {  // (the fused loads read 8-bit codes: 4-bit states are staged)
       float* s[N == 0 ? 1 : N] = {
           (q[J] ? buf_s[J] : staged(t.state[J], t.state_dtype[J], lo, n, buf_s[J]))...};
       const std::array<QSrc, N> in = {QSrc{

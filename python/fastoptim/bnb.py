@@ -219,6 +219,12 @@ def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str
             value = _read_bnb(entry, j, shape, where)
             if value is None:
                 raise ValueError(f"{where}: no state{j} (the {name} of {cls})")
+            if layout.get(name) == precision.INT4:
+                raise ValueError(
+                    f"{where}: state_dtype='int4' ({name}): bitsandbytes has no 4-bit optimizer "
+                    "state to convert from; build the optimizer with state_dtype='int8' (or "
+                    "float), load, and change the policy afterwards"
+                )
             if precision.quantized(layout, name):
                 codes, absmax = value.encoded(precision.QUANT_MAPS[name])
                 out[name] = torch.from_numpy(codes)
@@ -340,6 +346,29 @@ def _read_fastoptim(
 ) -> _Value:
     raw = entry[name]
     absmax_name = name + precision.ABSMAX
+    size = int(np.prod(shape))
+    if (
+        absmax_name in entry
+        and isinstance(raw, torch.Tensor)
+        and raw.dtype == torch.uint8
+        and tuple(raw.shape) == ((size + 1) // 2,)
+        and tuple(raw.shape) != shape
+    ):  # a 4-bit state (state_dtype="int4"): decoded, then quantized in bitsandbytes' 8-bit map
+        codes4 = _np(raw, f"{where}: {name}", np.uint8)
+        absmax4 = _np(entry[absmax_name], f"{where}: {absmax_name}", np.float32).reshape(-1)
+        if absmax4.size != -(-size // precision.QUANT_BLOCK4):
+            raise ValueError(
+                f"{where}: {absmax_name} has {absmax4.size} entries, not one per block of "
+                f"{precision.QUANT_BLOCK4} elements (a 4-bit state)"
+            )
+        if bool(np.any(absmax4 < 0)) or bool(np.any(np.isinf(absmax4))):
+            raise ValueError(f"{where}: {absmax_name} holds negative or infinite scales")
+        values = np.empty(shape, np.float32)
+        _core.dequantize_blockwise(
+            np.ascontiguousarray(codes4), np.ascontiguousarray(absmax4), values,
+            precision.qmap(name, precision.INT4),
+        )  # fmt: skip
+        return _Value(values=values)
     if absmax_name in entry:
         codes, absmax = _blockwise(entry, name, absmax_name, shape, where)
         return _Value(codes=codes, absmax=absmax, qmap=_core.quant_map(precision.QUANT_MAPS[name]))

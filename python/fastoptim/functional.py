@@ -29,11 +29,14 @@ Conventions shared by every function:
   not be updated.
 - Everything (hyper-parameters, state names, every array's dtype, shape, layout and aliasing)
   is validated before any element is touched: a call that raises changes nothing.
-- A state may be block-wise 8-bit quantized (float32, bfloat16 and float16 parameters; the
-  states of :data:`fastoptim.engine.precision.QUANT_MAPS`): pass the pair ``(codes, absmax)``
-  instead of the array, as :func:`quantized_state` makes it.  The update dequantizes each block
-  of 256 elements, runs the same kernel, and quantizes the block again (new absmax, nearest
-  codes), exactly as the classes with ``state_dtype="int8"`` do.
+- A state may be block-wise 8-bit or 4-bit quantized (float32, bfloat16 and float16
+  parameters; the states of :data:`fastoptim.engine.precision.QUANT_MAPS`): pass the pair
+  ``(codes, absmax)`` instead of the array, as :func:`quantized_state` makes it.  The update
+  dequantizes each block (256 elements, 128 for 4-bit), runs the same kernel, and quantizes the
+  block again (new absmax, nearest codes), exactly as the classes with
+  ``state_dtype="int8"`` / ``"int4"`` do.  Which one a pair is comes from its codes: shaped
+  like the parameter (8-bit) or a 1-D array of ``(size + 1) // 2`` bytes (4-bit; a one-element
+  1-D parameter's pair reads as 8-bit).
 
     >>> w = np.zeros(5000, np.float32)
     >>> m = fo.functional.quantized_state(w, "exp_avg")
@@ -87,33 +90,55 @@ __all__ = [
 
 
 def quantized_state(
-    param: np.ndarray, name: str, fill: float = 0.0
+    param: np.ndarray, name: str, fill: float = 0.0, *, dtype: str = "int8"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A new block-wise 8-bit quantized state `name` (e.g. ``"exp_avg"``, which decides the
-    map: see :data:`fastoptim.engine.precision.QUANT_MAPS`) for `param`, every element `fill`:
-    ``(codes, absmax)``, uint8 codes shaped like `param` and float32 absmax with one entry per
-    block of 256 elements."""
-    qmap = _precision.QUANT_MAPS.get(name)
-    if qmap is None:
+    """A new block-wise quantized state `name` (e.g. ``"exp_avg"``, which decides the map: see
+    :data:`fastoptim.engine.precision.QUANT_MAPS`) for `param`, every element `fill`:
+    ``(codes, absmax)``.  ``dtype="int8"``: uint8 codes shaped like `param`, float32 absmax
+    with one entry per block of 256 elements.  ``dtype="int4"``: 4-bit codes packed two per
+    byte into a 1-D uint8 array of ``(param.size + 1) // 2`` bytes (element ``2i`` in the high
+    nibble), float32 absmax with one entry per block of 128 elements."""
+    if name not in _precision.QUANT_MAPS:
         raise ValueError(
             f"quantized_state: state {name!r} cannot be quantized (quantizable: "
             f"{sorted(_precision.QUANT_MAPS)})"
         )
-    block = np.full(_precision.QUANT_BLOCK, fill, np.float32)
-    codes = np.empty(np.shape(param), np.uint8)
-    absmax = np.empty(-(-codes.size // _precision.QUANT_BLOCK), np.float32)
-    one_code, one_absmax = np.empty(block.size, np.uint8), np.empty(1, np.float32)
+    if dtype not in _precision.QUANT_KINDS:
+        raise ValueError(f"quantized_state: dtype must be 'int8' or 'int4', got {dtype!r}")
+    qmap = _precision.qmap(name, dtype)
+    size = int(np.prod(np.shape(param)))
+    four = dtype == _precision.INT4
+    if four and np.shape(param) == (1,):
+        raise ValueError(
+            "quantized_state: a one-element 1-D parameter cannot have a 4-bit state (its one "
+            "byte of codes, shaped like the parameter, reads as 8-bit): use dtype='int8'"
+        )
+    blocksize = _precision.QUANT_BLOCK4 if four else _precision.QUANT_BLOCK
+    block = np.full(blocksize, fill, np.float32)
+    codes = np.empty(((size + 1) // 2,) if four else np.shape(param), np.uint8)
+    absmax = np.empty(-(-size // blocksize), np.float32)
+    one_code = np.empty(block.size // 2 if four else block.size, np.uint8)
+    one_absmax = np.empty(1, np.float32)
     _core.quantize_blockwise(block, one_code, one_absmax, qmap)
     codes.fill(one_code[0])
+    if four and size % 2:
+        codes[-1] = one_code[0] & 0xF0  # (the last byte's low nibble is no element's)
     absmax.fill(one_absmax[0])
     return codes, absmax
 
 
-def dequantized(state: tuple[np.ndarray, np.ndarray], name: str) -> np.ndarray:
-    """The float32 values of a quantized state ``(codes, absmax)`` of state `name`."""
+def dequantized(
+    state: tuple[np.ndarray, np.ndarray], name: str, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """The float32 values of a quantized state ``(codes, absmax)`` of state `name`.  A 4-bit
+    state (packed codes: see :func:`quantized_state`) needs the parameter's `shape`."""
     codes, absmax = state
-    out = np.empty(np.shape(codes), np.float32)
-    _core.dequantize_blockwise(codes, absmax, out, _precision.QUANT_MAPS[name])
+    if shape is None or tuple(np.shape(codes)) == tuple(shape):
+        out = np.empty(np.shape(codes), np.float32)
+        _core.dequantize_blockwise(codes, absmax, out, _precision.QUANT_MAPS[name])
+        return out
+    out = np.empty(shape, np.float32)
+    _core.dequantize_blockwise(codes, absmax, out, _precision.qmap(name, _precision.INT4))
     return out
 
 

@@ -57,6 +57,9 @@ __all__ = [
     "sparse_adam_update",
     "rows_update",
     "create_dynamic_map",
+    "create_map4",
+    "quantize_blockwise4",
+    "dequantize_blockwise4",
     "dequantize_blockwise",
     "quantize_blockwise",
     "quantize_to_code",
@@ -950,6 +953,59 @@ def dequantize_blockwise(
     scale = np.repeat(np.asarray(absmax, np.float32), blocksize)[: flat.size]
     out: np.ndarray = (np.asarray(code, np.float32)[flat] * scale).reshape(np.shape(codes))
     return out
+
+
+# 4-bit state (Li et al. 2023, "Memory Efficient Optimizers with 4-bit States"; torchao's
+# 4-bit AdamW): blocks of 128, codes packed two per byte.
+
+
+def create_map4(signed: bool) -> np.ndarray:
+    """torchao's 4-bit maps: signed (first moments) ``create_dynamic_map(True, 3, 4)``, 16
+    values from -0.8875 to 1 with 0 among them; unsigned (second moments) the linear map
+    ``linspace(0, 1, 17)[1:]`` = k/16 for k = 1..16, without 0 (a second moment never
+    dequantizes to 0: Adam would divide by eps alone)."""
+    if signed:
+        return create_dynamic_map(True, 3, 4)
+    out: np.ndarray = _linspace_float32(0.0, 1.0, 17)[1:]
+    return out
+
+
+def pack4(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes (uint8 values < 16, flattened) two per byte, torchao's order: element
+    ``2i`` in the high nibble, ``2i + 1`` in the low one; an odd count leaves the last byte's
+    low nibble 0."""
+    c = np.asarray(codes, np.uint8).reshape(-1)
+    if c.size % 2:
+        c = np.r_[c, np.uint8(0)]
+    out: np.ndarray = ((c[0::2] << np.uint8(4)) | c[1::2]).astype(np.uint8)
+    return out
+
+
+def unpack4(packed: np.ndarray, size: int) -> np.ndarray:
+    """The first `size` 4-bit codes of `packed` (:func:`pack4`'s inverse)."""
+    b = np.asarray(packed, np.uint8).reshape(-1)
+    out: np.ndarray = np.stack([b >> np.uint8(4), b & np.uint8(15)], axis=1).reshape(-1)[:size]
+    return out
+
+
+def quantize_blockwise4(
+    x: np.ndarray, code: np.ndarray, bits: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit block-wise quantization of float32 `x` (flattened): :func:`quantize_blockwise`
+    with blocks of 128 and a 16-value map `code` (:func:`create_map4`), the codes packed
+    (:func:`pack4`).  Returns ``(packed, absmax)``: ``(x.size + 1) // 2`` bytes and one float32
+    absmax per block."""
+    codes, absmax = quantize_blockwise(x, code, blocksize=128, bits=bits)
+    return pack4(codes), absmax
+
+
+def dequantize_blockwise4(
+    packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """float32 values (of `shape`) of a 4-bit block-wise quantized state."""
+    size = int(np.prod(shape))
+    flat = dequantize_blockwise(unpack4(packed, size), absmax, code, blocksize=128)
+    return flat.reshape(shape)
 
 
 def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[], np.ndarray] | None) -> None:

@@ -256,21 +256,36 @@ def _view(t: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
     return _numpy_of(_memory_order(t.detach(), perm))
 
 
-def _quantize(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Block-wise 8-bit codes and absmax of float32 `values` as state `name`."""
-    codes = np.empty(values.shape, np.uint8)
-    absmax = np.empty(-(-values.size // precision.QUANT_BLOCK), np.float32)
-    _core.quantize_blockwise(values, codes, absmax, precision.QUANT_MAPS[name])
+def _quantize(
+    values: np.ndarray, name: str, kind: str = precision.INT8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise codes and absmax of float32 `values` as state `name` stored as `kind`
+    (``"int8"``: codes shaped like `values`; ``"int4"``: packed, 1-D)."""
+    four = kind == precision.INT4
+    block = precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK
+    codes = np.empty(((values.size + 1) // 2,) if four else values.shape, np.uint8)
+    absmax = np.empty(-(-values.size // block), np.float32)
+    _core.quantize_blockwise(values, codes, absmax, precision.qmap(name, kind))
     return codes, absmax
 
 
-def _new_quantized(p: torch.Tensor, name: str, fill: float) -> dict[str, torch.Tensor]:
-    """A new quantized state `name` of `p`, every element `fill`: its codes (in `p`'s memory
-    layout) and absmax tensors."""
-    code, absmax = _quantize(np.full(precision.QUANT_BLOCK, fill, np.float32), name)
-    nblocks = -(-p.numel() // precision.QUANT_BLOCK)
+def _new_quantized(
+    p: torch.Tensor, name: str, fill: float, kind: str = precision.INT8
+) -> dict[str, torch.Tensor]:
+    """A new quantized state `name` of `p`, every element `fill`: its codes (8-bit: in `p`'s
+    memory layout; 4-bit: packed in `p`'s memory order, 1-D) and absmax tensors."""
+    four = kind == precision.INT4
+    block = precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK
+    code, absmax = _quantize(np.full(block, fill, np.float32), name, kind)
+    nblocks = -(-p.numel() // block)
+    if four:
+        codes = torch.full(((p.numel() + 1) // 2,), int(code[0]), dtype=torch.uint8)
+        if p.numel() % 2:
+            codes[-1] = int(code[0]) & 0xF0  # (the last byte's low nibble is no element's)
+    else:
+        codes = torch.full_like(p, int(code[0]), dtype=torch.uint8)
     return {
-        name: torch.full_like(p, int(code[0]), dtype=torch.uint8),
+        name: codes,
         name + precision.ABSMAX: torch.full((nblocks,), float(absmax[0]), dtype=torch.float32),
     }
 
@@ -469,8 +484,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                         p.numel(),
                     )
                     for s in self._definition.states:
-                        if kinds[s.name] == precision.INT8:
-                            state.update(_new_quantized(p, s.name, self._fill(s.name)))
+                        if kinds[s.name] in precision.QUANT_KINDS:
+                            state.update(
+                                _new_quantized(p, s.name, self._fill(s.name), kinds[s.name])
+                            )
                             continue
                         dtype = _TORCH_DTYPES[kinds[s.name]]
                         state[s.name] = torch.full_like(p, self._fill(s.name), dtype=dtype)
@@ -771,35 +788,61 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return s
 
     def _quantized_state(
-        self, p: torch.Tensor, name: str, hp: Mapping[str, Any], label: str
+        self, p: torch.Tensor, name: str, hp: Mapping[str, Any], label: str, kind: str
     ) -> None:
-        """Make sure state `name` of `p` is quantized: codes (uint8, `p`'s shape and memory
-        layout) and ``name + "_absmax"`` (float32, one per block).  Created new (the fill
+        """Make sure state `name` of `p` is quantized as `kind`: codes (uint8; 8-bit: `p`'s
+        shape and memory layout; 4-bit: 1-D, ``(numel + 1) // 2`` bytes, packed in `p`'s
+        memory order) and ``name + "_absmax"`` (float32, one per block).  Created new (the fill
         value's codes), quantized from a float state (created eagerly, or of another policy),
         or checked."""
         state = self.state[p]
         scales = name + precision.ABSMAX
         s, a = state.get(name), state.get(scales)
-        nblocks = -(-p.numel() // precision.QUANT_BLOCK)
+        four = kind == precision.INT4
+        block = precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK
+        nblocks = -(-p.numel() // block)
         if s is None:
-            state.update(_new_quantized(p, name, self._fill(name, hp)))
+            state.update(_new_quantized(p, name, self._fill(name, hp), kind))
             self._fresh[id(state[name])] = state[name]
             return
         cls = type(self).__name__
-        if not isinstance(s, torch.Tensor) or s.shape != p.shape:
-            raise ValueError(
-                f"{cls}: state {name!r} of param {label} is not a tensor of the parameter's "
-                f"shape {tuple(p.shape)}"
-            )
+        if not isinstance(s, torch.Tensor):
+            raise ValueError(f"{cls}: state {name!r} of param {label} is not a tensor")
+        packed = ((p.numel() + 1) // 2,)
         if s.dtype != torch.uint8:  # a float state: quantized now
+            if s.shape != p.shape:
+                raise ValueError(
+                    f"{cls}: state {name!r} of param {label} is not a tensor of the "
+                    f"parameter's shape {tuple(p.shape)}"
+                )
             fresh = id(s) in self._fresh
-            values = np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
-            codes, absmax = _quantize(values, name)
-            state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(torch.from_numpy(codes))
+            values = (
+                np.ascontiguousarray(
+                    _memory_order(s.detach(), _permutation(p)).to(torch.float32).cpu().numpy()
+                )
+                if four
+                else np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
+            )
+            codes, absmax = _quantize(values, name, kind)
+            if four:
+                state[name] = torch.from_numpy(codes)
+            else:
+                state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(torch.from_numpy(codes))
             state[scales] = torch.from_numpy(absmax)
             if fresh:
                 self._fresh[id(state[name])] = state[name]
             return
+        if s.shape != (packed if four else p.shape):
+            raise ValueError(
+                f"{cls}: state {name!r} of param {label}: uint8 {tuple(s.shape)}, expected "
+                + (
+                    f"{packed[0]} bytes of 4-bit codes (state_dtype='int4'; 8-bit codes are "
+                    "shaped like the parameter)"
+                    if four
+                    else f"the parameter's shape {tuple(p.shape)} (state_dtype='int8'; 4-bit "
+                    "codes are a 1-D array of packed bytes)"
+                )
+            )
         if (
             not isinstance(a, torch.Tensor)
             or a.dtype != torch.float32
@@ -810,9 +853,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             raise ValueError(
                 f"{cls}: state {scales!r} of param {label}: {got}, expected a contiguous "
                 f"float32 tensor of shape ({nblocks},) (one absmax per block of "
-                f"{precision.QUANT_BLOCK} elements)"
+                f"{block} elements)"
             )
-        if s.device != p.device or not _in_layout(s, _permutation(p)):
+        if four:
+            if s.device != p.device or not s.is_contiguous():
+                state[name] = s.to(device=p.device, copy=True).contiguous()
+        elif s.device != p.device or not _in_layout(s, _permutation(p)):
             state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(s)
 
     def state_bytes(self) -> int:
@@ -963,9 +1009,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             state = self.state[p]
             self._init_scalars(state, c.hp)
             for n, kind in layout.items():
-                if kind in (precision.INT8, precision.ABSMAX_KIND):
-                    if kind == precision.INT8:
-                        self._quantized_state(p, n, c.hp, label)
+                if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
+                    if kind in precision.QUANT_KINDS:
+                        self._quantized_state(p, n, c.hp, label, kind)
                     continue
                 dtype = _TORCH_DTYPES[kind]
                 s = state.get(n)
@@ -974,7 +1020,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     continue
                 if n + precision.ABSMAX in state:
                     raise ValueError(
-                        f"{name}: state {n!r} of param {label} is quantized (8-bit); this "
+                        f"{name}: state {n!r} of param {label} is quantized; this "
                         f"optimizer's state_dtype keeps it as {kind}: build it with the "
                         "state_dtype that saved the state"
                     )
@@ -1011,7 +1057,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         pviews = [_view(p, perm) for p, perm in zip(params, perms)]
         sviews: list[list[Any]] = [
             [
-                (_view(self.state[p][n], perm), _numpy_of(self.state[p][n + precision.ABSMAX]))
+                (
+                    _numpy_of(self.state[p][n])
+                    if layout[n] == precision.INT4
+                    else _view(self.state[p][n], perm),
+                    _numpy_of(self.state[p][n + precision.ABSMAX]),
+                )
                 if precision.quantized(layout, n)
                 else _view(self.state[p][n], perm)
                 if n not in shaped

@@ -17,12 +17,23 @@ namespace fastoptim {
 // load and rounds on store (convert.hpp); the element kernels see float or double only.
 // q8s / q8u: a state stored block-wise quantized (quantize.hpp): 8-bit codes of the signed /
 // unsigned dynamic map, and a float32 absmax per block of kQBlock elements (Tensor::absmax).
-enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3, q8s = 4, q8u = 5 };
-inline constexpr bool is_quantized(DType d) { return d == DType::q8s || d == DType::q8u; }
+// q4s / q4u: the same with 4-bit codes, two per byte, and an absmax per block of kQBlock4
+// (the 4-bit section of quantize.hpp).  The driver still runs such a tensor in blocks of kQBlock
+// (two 4-bit blocks each), so a tensor may mix 8-bit and 4-bit states.
+enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3, q8s = 4, q8u = 5, q4s = 6, q4u = 7 };
+inline constexpr bool is_q4(DType d) { return d == DType::q4s || d == DType::q4u; }
+inline constexpr bool is_quantized(DType d) {
+  return d == DType::q8s || d == DType::q8u || is_q4(d);
+}
+// Bytes per element (a 4-bit state's half byte counts as 1 here: see Tensor::traffic).
 inline constexpr int64_t dtype_size(DType d) {
   return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : (is_quantized(d) ? 1 : 2));
 }
-inline constexpr QMap qmap_of(DType d) { return d == DType::q8s ? QMap::signed8 : QMap::unsigned8; }
+inline constexpr QMap qmap_of(DType d) {
+  return d == DType::q8s ? QMap::signed8
+                         : (d == DType::q8u ? QMap::unsigned8
+                                            : (d == DType::q4s ? QMap::signed4 : QMap::unsigned4));
+}
 
 // How a float32 result is stored into a bfloat16/float16 array.
 enum class Rounding : int { nearest = 0, stochastic = 1 };
@@ -93,6 +104,10 @@ struct Tensor {
     int64_t b = 2 * dtype_size(dtype) + dtype_size(grad_dtype);
     int64_t scales = 0;  // absmax arrays: 4 bytes per block, read and written
     for (int j = 0; j < nstate; ++j) {
+      if (is_q4(state_dtype[j])) {  // half a byte per element, read and written
+        scales += 2 * ((size + 1) / 2) + 2 * 4 * ((size + kQBlock4 - 1) / kQBlock4);
+        continue;
+      }
       b += 2 * dtype_size(state_dtype[j]);
       if (is_quantized(state_dtype[j])) scales += 2 * 4 * ((size + kQBlock - 1) / kQBlock);
     }

@@ -40,9 +40,10 @@
 
 namespace fastoptim {
 
-// The maps: 8-bit dynamic signed / unsigned (blocks of 256), and the 4-bit ones.
-enum class QMap : int { signed8 = 0, unsigned8 = 1 };
-inline constexpr int kQMaps = 2;
+// The maps: 8-bit dynamic signed / unsigned (blocks of 256), and the 4-bit ones (blocks of
+// kQBlock4: see the 4-bit section at the end).
+enum class QMap : int { signed8 = 0, unsigned8 = 1, signed4 = 2, unsigned4 = 3 };
+inline constexpr int kQMaps = 4;
 inline constexpr int64_t kQBlock = 256;  // elements per block (8-bit)
 
 // Buckets of |x| by its bit pattern's top 16 bits (8 exponent, 7 mantissa): [2^-23, 2).
@@ -246,6 +247,167 @@ inline void dequantize_block(const uint8_t* __restrict codes, int64_t n, float a
   }
 #endif
   for (; i < n; ++i) out[i] = value[codes[i]] * absmax;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ 4-bit state
+// 4-bit block-wise state (Li et al. 2023, "Memory Efficient Optimizers with 4-bit States"; the
+// format of torchao's 4-bit AdamW): blocks of kQBlock4 = 128 elements, a float32 absmax per
+// block, two codes per byte in torchao's order: element 2i in the HIGH nibble, element 2i + 1
+// in the low one (a tensor of odd size leaves the low nibble of its last byte 0).  Maps
+// (fastoptim.reference.create_map4): signed4, create_dynamic_map(signed=True,
+// max_exponent_bits=3, total_bits=4) (16 values, 0 included), for first moments; unsigned4,
+// linspace(0, 1, 17)[1:] = k/16 for k = 1..16 (0 excluded), for second moments.  The nearest
+// code follows the 8-bit rule (float32 midpoints, ties to the even code; non-finite block:
+// NaN absmax, the code of 0): with 16 values it is the number of the 15 decision thresholds
+// below x, counted with plain compares (vectorizes without gathers; the same on every ISA).
+inline constexpr int64_t kQBlock4 = 128;
+
+struct Q4Tables {
+  float value[16] = {};  // code -> value, ascending
+  // thr[j] decides between codes j and j + 1: x > thr[j] counts (the float32 midpoint, or the
+  // float just below it where code j + 1 is even, so that a tie takes the even code).
+  float thr[15] = {};
+  uint8_t zero = 0;  // the code of 0
+};
+
+// The tables of 4-bit map m (QMap::signed4 or QMap::unsigned4; built once, thread-safe).
+const Q4Tables& q4tables(QMap m);
+
+namespace {
+
+// The nearest code of a finite normalized value x.
+inline uint32_t q4_code(float x, const float* __restrict thr) {
+  uint32_t c = 0;
+  for (int j = 0; j < 15; ++j) c += x > thr[j] ? 1u : 0u;
+  return c;
+}
+
+// Stochastic rounding of x (as q_code_stochastic): lo = the last code whose value is <= x;
+// up to lo + 1 with probability (x - value[lo]) / (value[lo + 1] - value[lo]).
+inline uint32_t q4_code_stochastic(float x, const Q4Tables& q, uint32_t r) {
+  int32_t lo = -1;
+  for (int k = 0; k < 16; ++k) lo += q.value[k] <= x ? 1 : 0;
+  if (lo < 0) return 0;
+  if (lo >= 15) return 15;
+  const float a = q.value[lo], w = q.value[lo + 1] - a;
+  const bool up = static_cast<float>(r >> 8) * 0x1p-24f * w < x - a;
+  return static_cast<uint32_t>(lo + (up ? 1 : 0));
+}
+
+// n <= kQBlock4 codes (one per byte) into (n + 1) / 2 bytes, torchao's nibble order.
+inline void q4_pack(const uint8_t* __restrict c, int64_t n, uint8_t* __restrict out) {
+  FASTOPTIM_Q_VECTORIZE
+  for (int64_t i = 0; i < n / 2; ++i)
+    out[i] = static_cast<uint8_t>(c[2 * i] << 4 | c[2 * i + 1]);
+  if (n % 2 != 0) out[n / 2] = static_cast<uint8_t>(c[n - 1] << 4);
+}
+
+// codes[i] = q4_code(v[i] * inv) (Divide: v[i] / absmax) for n values, one code per byte.
+template <bool Divide>
+inline void q4_codes(const float* __restrict v, int64_t n, float s, const Q4Tables& q,
+                     uint8_t* __restrict codes) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(s);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = Divide ? _mm512_div_ps(_mm512_loadu_ps(v + i), vs)
+                            : _mm512_mul_ps(_mm512_loadu_ps(v + i), vs);
+    __m512i c = _mm512_setzero_si512();
+    for (int j = 0; j < 15; ++j)
+      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(x, _mm512_set1_ps(q.thr[j]), _CMP_GT_OQ),
+                                c, _mm512_set1_epi32(1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+  }
+#elif defined(__AVX2__)
+  const __m256 vs = _mm256_set1_ps(s);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = Divide ? _mm256_div_ps(_mm256_loadu_ps(v + i), vs)
+                            : _mm256_mul_ps(_mm256_loadu_ps(v + i), vs);
+    __m256i c = _mm256_setzero_si256();  // minus the number of thresholds below x
+    for (int j = 0; j < 15; ++j)
+      c = _mm256_add_epi32(
+          c, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(q.thr[j]), _CMP_GT_OQ)));
+    const __m256i code = _mm256_sub_epi32(_mm256_setzero_si256(), c);  // 0..15
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code),
+                                       _mm256_extracti128_si256(code, 1));  // 8 x 16 bits
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(w, w));
+  }
+#endif
+  for (; i < n; ++i) codes[i] = static_cast<uint8_t>(q4_code(Divide ? v[i] / s : v[i] * s, q.thr));
+}
+
+// Quantize n <= kQBlock4 values whose absmax_bits are `mb` into (n + 1) / 2 bytes of packed
+// codes; returns the block's absmax (NaN for a non-finite block).
+inline float quantize_block4(const float* __restrict v, int64_t n, uint32_t mb, const Q4Tables& q,
+                             uint8_t* __restrict packed) {
+  alignas(64) uint8_t c[kQBlock4];
+  if (mb >= 0x7F800000u) {
+    for (int64_t i = 0; i < n; ++i) c[i] = q.zero;
+    q4_pack(c, n, packed);
+    return float_of(0x7FC00000u);
+  }
+  const QScale s = q_scale(mb);
+  if (s.divide)
+    q4_codes<true>(v, n, s.absmax, q, c);
+  else
+    q4_codes<false>(v, n, s.inv, q, c);
+  q4_pack(c, n, packed);
+  return s.absmax;
+}
+inline float quantize_block4(const float* __restrict v, int64_t n, const Q4Tables& q,
+                             uint8_t* __restrict packed) {
+  return quantize_block4(v, n, absmax_bits(v, n), q, packed);
+}
+
+// quantize_block4 with stochastic rounding of the codes: element i draws random_bits(key,
+// first + i).
+inline float quantize_block4_stochastic(const float* __restrict v, int64_t n, uint32_t mb,
+                                        const Q4Tables& q, uint8_t* __restrict packed,
+                                        uint32_t key, uint32_t first) {
+  if (mb >= 0x7F800000u) return quantize_block4(v, n, mb, q, packed);
+  alignas(64) uint8_t c[kQBlock4];
+  const QScale s = q_scale(mb);
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = s.divide ? v[i] / s.absmax : v[i] * s.inv;
+    c[i] = static_cast<uint8_t>(
+        q4_code_stochastic(x, q, random_bits(key, first + static_cast<uint32_t>(i))));
+  }
+  q4_pack(c, n, packed);
+  return s.absmax;
+}
+
+// out[i] = value[code of element i] * absmax for n <= kQBlock4 elements packed from `packed`
+// (AVX-512 / AVX2: the 16 values looked up in registers with permutes).
+inline void dequantize_block4(const uint8_t* __restrict packed, int64_t n, float absmax,
+                              const Q4Tables& q, float* __restrict out) {
+  alignas(64) uint8_t c[kQBlock4];
+  FASTOPTIM_Q_VECTORIZE
+  for (int64_t i = 0; i < n / 2; ++i) {
+    c[2 * i] = static_cast<uint8_t>(packed[i] >> 4);
+    c[2 * i + 1] = static_cast<uint8_t>(packed[i] & 15);
+  }
+  if (n % 2 != 0) c[n - 1] = static_cast<uint8_t>(packed[n / 2] >> 4);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 table = _mm512_loadu_ps(q.value), s = _mm512_set1_ps(absmax);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(k, table), s));
+  }
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_loadu_ps(q.value), hi = _mm256_loadu_ps(q.value + 8),
+               s = _mm256_set1_ps(absmax);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i)));
+    const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(k, 28));  // sign: code >= 8
+    const __m256 x = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, k),
+                                      _mm256_permutevar8x32_ps(hi, k), upper);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(x, s));
+  }
+#endif
+  for (; i < n; ++i) out[i] = q.value[c[i]] * absmax;
 }
 
 }  // namespace

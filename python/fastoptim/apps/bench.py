@@ -700,6 +700,10 @@ MASTER_OUT = Stream(3, 0, 2, out=True)  # p (or master), m, v float32 r/w; grad 
 # per-block scales, 2 x 8 B per 256 elements, are left out: 0.06 B/element)
 Q8 = Stream(1, 1, 4)  # p float32 r/w; m, v codes r/w; grad float32 r: 16 B
 Q8_LOW = Stream(0, 2, 2)  # p 16-bit r/w; m, v codes r/w; grad 16-bit r: 10 B
+# 4-bit state: the two packed code arrays (0.5+0.5 B each) move 2 B per element, the bytes of
+# one 16-bit array written (scales: 2 x 8 B per 128 elements, left out: 0.125 B/element)
+Q4 = Stream(1, 0, 4, out=True)  # p float32 r/w; m, v codes r/w; grad float32 r: 14 B
+Q4_LOW = Stream(0, 1, 2, out=True)  # p 16-bit r/w; m, v codes r/w; grad 16-bit r: 8 B
 
 
 @dataclass(frozen=True)
@@ -780,6 +784,20 @@ LAYOUTS: tuple[Layout, ...] = (
         "bfloat16",
         (("state_dtype", "int8"),),
     ),
+    Layout(
+        "fp32 p/g, int4 state",
+        Q4,
+        "p 4+4, g 4, m .5+.5, v .5+.5 (+ absmax 2 x 4+4 per 128)",
+        options=(("state_dtype", "int4"),),
+    ),
+    Layout(
+        "bf16 p/g, int4 state",
+        Q4_LOW,
+        "p 2+2, g 2, m .5+.5, v .5+.5 (+ absmax 2 x 4+4 per 128)",
+        "bfloat16",
+        "bfloat16",
+        (("state_dtype", "int4"),),
+    ),
     Layout("fp16 p/g, fp32 state", LOW_P_G, "p 2+2, g 2, m 4+4, v 4+4", "float16", "float16"),
     Layout(
         "all-fp16",
@@ -817,7 +835,8 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
 )
 STREAMS: dict[Stream, str] = {
-    s: f"{s.bytes} B ({s.label})" for s in (FP32, LOW_P_G, ALL_LOW, MASTER_OUT, Q8, Q8_LOW)
+    s: f"{s.bytes} B ({s.label})"
+    for s in (FP32, LOW_P_G, ALL_LOW, MASTER_OUT, Q8, Q8_LOW, Q4, Q4_LOW)
 }
 
 

@@ -455,10 +455,12 @@ class Optimizer:
             g.arenas[scales], g.states[scales] = _arena(
                 g.params, 0.0, [b.get(scales) for b in layout]
             )
-            code, absmax = _quantized_fill(fill, precision.QUANT_MAPS[name])
-            for b, v, a in zip(layout, g.states[name], g.states[scales]):
+            for b, v, a, p in zip(layout, g.states[name], g.states[scales], g.params):
                 if precision.quantized(b, name):
+                    code, absmax = _quantized_fill(fill, precision.qmap(name, b[name]))
                     v.fill(code)
+                    if b[name] == precision.INT4 and p.size % 2:
+                        v[-1] = code & 0xF0  # (the last byte's low nibble is no element's)
                     a.fill(absmax)
         if name == precision.EMA:  # (taken again at its first step: see step)
             g.fresh_copies.add(name)
@@ -1232,7 +1234,7 @@ class Optimizer:
                     problems.append(
                         f"state {n!r} of param {g.labels[i]}: {got}, expected {want} {shape}"
                     )
-                elif layout[i][n] == precision.ABSMAX_KIND:
+                elif layout[i][n] in (precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     problem = _absmax_problem(a)
                     if problem:
                         problems.append(f"state {n!r} of param {g.labels[i]}: {problem}")
@@ -1312,9 +1314,11 @@ def _plan_states(states: Mapping[str, list[Any]], name: str) -> list[Any]:
 
 
 def _quantized_fill(fill: float, qmap: str) -> tuple[int, float]:
-    """The code and absmax of a block whose values are all `fill`."""
-    values = np.full(precision.QUANT_BLOCK, fill, np.float32)
-    codes = np.empty(values.size, np.uint8)
+    """The code byte (4-bit maps: two codes) and absmax of a block whose values are all
+    `fill`."""
+    four = qmap.endswith("4")
+    values = np.full(precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK, fill, np.float32)
+    codes = np.empty(values.size // 2 if four else values.size, np.uint8)
     absmax = np.empty(1, np.float32)
     _core.quantize_blockwise(values, codes, absmax, qmap)
     return int(codes[0]), float(absmax[0])

@@ -7,9 +7,10 @@ Five options every optimizer takes (keyword-only; defined once in
     The dtype of the state buffers of parameters that compute in float32 (float32, bfloat16
     and float16 parameters): ``None`` (the default: float32), ``"float32"``, ``"bfloat16"``,
     ``"float16"``, ``"param"`` (the parameter's own dtype, as ``torch.optim`` keeps it),
-    ``"int8"`` (block-wise 8-bit quantized, see below), or a dict from state name to one of
-    those (``{"exp_avg": "bfloat16"}``; the others take the default).  NumPy and torch dtypes
-    are accepted for the names.  float64 parameters always keep float64 state.
+    ``"int8"`` / ``"int4"`` (block-wise 8-/4-bit quantized, see below), or a dict from state
+    name to one of those (``{"exp_avg": "bfloat16"}``; the others take the default).  NumPy
+    and torch dtypes are accepted for the names.  float64 parameters always keep float64
+    state.
 
     ``"int8"`` (Dettmers et al. 2022, bitsandbytes' format): a state ``name`` of a parameter
     of at least :data:`MIN_QUANTIZED` elements is stored as ``name`` (uint8 codes, shaped like
@@ -18,6 +19,16 @@ Five options every optimizer takes (keyword-only; defined once in
     bitsandbytes' signed dynamic map for first moments and the unsigned one for second moments
     (:data:`QUANT_MAPS`).  Smaller parameters keep float32 state.  Only states in
     :data:`QUANT_MAPS` can be quantized (not Rprop's step sizes, nor ASGD's parameter average).
+
+    ``"int4"`` (Li et al. 2023, torchao's 4-bit optimizer state): the same states, as ``name``
+    (uint8, a 1-D array of ``(size + 1) // 2`` bytes holding two 4-bit codes each: element
+    ``2i`` in the high nibble, ``2i + 1`` in the low one, as torchao packs them) and
+    ``name + "_absmax"`` (float32, one scale per block of :data:`QUANT_BLOCK4` = 128
+    elements).  First moments use torchao's signed map ``create_dynamic_map(signed=True,
+    max_exponent_bits=3, total_bits=4)``, second moments its unsigned linear map ``k / 16``
+    for ``k = 1..16``: without 0, so a nonzero second moment never dequantizes to 0 (which
+    would turn Adam's ``m / (sqrt(v) + eps)`` into ``m / eps``: the "zero-point problem" of Li
+    et al.); a block's smallest values read as at least 1/16 of its absmax instead.
 ``master_weights``
     Keep a float32 copy (state ``"master"``) of every bfloat16/float16 parameter: the update
     is computed on it and rounded into the parameter in the same pass.  No effect on float32
@@ -63,6 +74,10 @@ FUNCTIONAL_ARRAYS = ("master", "compensation", "copy_out", "ema")
 
 #: The quantized state kinds a policy can name (the value of ``state_dtype``).
 INT8 = "int8"
+INT4 = "int4"
+QUANT_KINDS = (INT8, INT4)
+#: Elements per block of a 4-bit quantized state.
+QUANT_BLOCK4 = 128
 #: Elements per block of a quantized state.
 QUANT_BLOCK = 256
 #: The smallest parameter whose state is quantized (smaller ones keep float32 state, as
@@ -87,6 +102,7 @@ QUANT_MAPS = {
 #: The suffix of a quantized state's per-block scales in ``opt.state`` and checkpoints.
 ABSMAX = "_absmax"
 ABSMAX_KIND = "absmax8"  # the layout's kind of those arrays
+ABSMAX4_KIND = "absmax4"  # (of a 4-bit state's)
 
 STATE_DTYPE = "state_dtype"
 EMA_DECAY = "ema_decay"  # (engine.transforms: the option that gives parameters an EMA)
@@ -128,41 +144,48 @@ def check_state_dtype(cls: str, value: Any, states: tuple[str, ...]) -> None:
                     f"{list(states)} (and {EMA!r} with ema_decay)"
                 )
             _check_one(cls, f"state_dtype[{k!r}]", v)
-            if _is_int8(v) and k not in QUANT_MAPS:
+            if _is_quant(v) and k not in QUANT_MAPS:
                 raise ValueError(f"{cls}: state {k!r} cannot be quantized ({_WHY_NOT})")
         return
     _check_one(cls, "state_dtype", value)
-    if _is_int8(value) and states and not any(n in QUANT_MAPS for n in states):
+    if _is_quant(value) and states and not any(n in QUANT_MAPS for n in states):
         raise ValueError(
-            f"{cls}: state_dtype='int8': no state of {cls} can be quantized ({_WHY_NOT})"
+            f"{cls}: state_dtype={value!r}: no state of {cls} can be quantized ({_WHY_NOT})"
         )
 
 
 _WHY_NOT = (
     "quantized: the first and second moments and accumulators of Adam, AdamW, NAdam, RAdam, "
     "Adamax, ADOPT, Lion, SGD momentum, RMSprop, Adagrad and Adadelta; not Rprop's step sizes "
-    "or ASGD's parameter average, which 8 bits relative to a block maximum would destroy"
+    "or ASGD's parameter average, which 8 or 4 bits relative to a block maximum would destroy"
 )
 
 
-def _is_int8(v: Any) -> bool:
-    return isinstance(v, str) and v == INT8
+def _is_quant(v: Any) -> bool:
+    return isinstance(v, str) and v in QUANT_KINDS
+
+
+def qmap(name: str, kind: str) -> str:
+    """The map of quantized state `name` stored as `kind` (``"int8"`` or ``"int4"``):
+    ``"signed8"``, ``"unsigned8"``, ``"signed4"`` or ``"unsigned4"``."""
+    base = QUANT_MAPS[name]
+    return base[:-1] + "4" if kind == INT4 else base
 
 
 def _check_one(cls: str, name: str, v: Any) -> None:
-    if v is None or v == "param" or _is_int8(v):
+    if v is None or v == "param" or _is_quant(v):
         return
     d = dtype_name(v)
     if d not in FLOAT32_FAMILY:
         raise ValueError(
-            f"{cls}: {name} must be 'float32', 'bfloat16', 'float16', 'param', 'int8' or "
-            f"None, got {v!r}" + (" (float64 parameters keep float64 state anyway)" if d else "")
+            f"{cls}: {name} must be 'float32', 'bfloat16', 'float16', 'param', 'int8', 'int4' "
+            f"or None, got {v!r}" + (" (float64 parameters keep float64 state anyway)" if d else "")
         )
 
 
 def normalize(value: Any) -> Any:
     """``state_dtype`` as plain data (names, a dict of names): what groups and checkpoints keep."""
-    if value is None or value == "param" or _is_int8(value):
+    if value is None or value == "param" or _is_quant(value):
         return value
     if isinstance(value, Mapping):
         return {k: normalize(v) for k, v in value.items()}
@@ -186,8 +209,9 @@ def buffers(
     group: Mapping[str, Any], param: str, names: tuple[str, ...], size: int = 0
 ) -> dict[str, str]:
     """The state buffers of one parameter of dtype `param` (a name) and `size` elements in
-    `group`: name -> kind (a dtype name, or ``"int8"`` for quantized codes and
-    ``"absmax8"`` for their scales, under ``name + "_absmax"``, see :func:`storage`), for the
+    `group`: name -> kind (a dtype name, or ``"int8"`` / ``"int4"`` for quantized codes and
+    ``"absmax8"`` / ``"absmax4"`` for their scales, under ``name + "_absmax"``, see
+    :func:`storage`), for the
     kernel's states `names`, then ``"ema"`` when the group has an ``ema_decay`` (its dtype
     follows ``state_dtype`` like the kernel's states; never quantized), then ``"master"`` /
     ``"compensation"`` when the group's policy gives the parameter one."""
@@ -199,10 +223,10 @@ def buffers(
     out = {}
     for n in (*(n for n in names if n not in EXTRA_STATES and not n.endswith(ABSMAX)), *ema):
         v = policy.get(n) if isinstance(policy, Mapping) else policy
-        if _is_int8(v):
+        if _is_quant(v):
             if n in QUANT_MAPS and size >= MIN_QUANTIZED:
-                out[n] = INT8
-                out[n + ABSMAX] = ABSMAX_KIND
+                out[n] = str(v)
+                out[n + ABSMAX] = ABSMAX_KIND if v == INT8 else ABSMAX4_KIND
             else:
                 out[n] = "float32"
             continue
@@ -218,21 +242,25 @@ def buffers(
 
 def storage(kind: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     """The dtype name and shape of a buffer of `kind` (see :func:`buffers`) for a parameter of
-    `shape`: quantized codes are uint8 of the parameter's shape, their scales float32 with one
-    entry per block of :data:`QUANT_BLOCK` elements."""
+    `shape`: 8-bit codes are uint8 of the parameter's shape, 4-bit ones a 1-D uint8 array of
+    ``(size + 1) // 2`` bytes; their scales float32 with one entry per block of
+    :data:`QUANT_BLOCK` (8-bit) or :data:`QUANT_BLOCK4` (4-bit) elements."""
     if kind == INT8:
         return "uint8", tuple(shape)
-    if kind == ABSMAX_KIND:
-        size = 1
-        for d in shape:
-            size *= d
-        return "float32", (-(-size // QUANT_BLOCK),)
+    size = 1
+    for d in shape:
+        size *= d
+    if kind == INT4:
+        return "uint8", ((size + 1) // 2,)
+    if kind in (ABSMAX_KIND, ABSMAX4_KIND):
+        block = QUANT_BLOCK if kind == ABSMAX_KIND else QUANT_BLOCK4
+        return "float32", (-(-size // block),)
     return kind, tuple(shape)
 
 
 def quantized(layout: Mapping[str, str], name: str) -> bool:
     """Whether state `name` is quantized in `layout` (one parameter's :func:`buffers`)."""
-    return layout.get(name) == INT8
+    return layout.get(name) in QUANT_KINDS
 
 
 def check_layout(cls: str, group: Mapping[str, Any]) -> None:
