@@ -99,13 +99,9 @@ def quantized_state(
             f"quantized_state: state {name!r} cannot be quantized (quantizable: "
             f"{sorted(_precision.QUANT_MAPS)})"
         )
-    block = np.full(_precision.QUANT_BLOCK, fill, np.float32)
-    codes = np.empty(np.shape(param), np.uint8)
-    absmax = np.empty(-(-codes.size // _precision.QUANT_BLOCK), np.float32)
-    one_code, one_absmax = np.empty(block.size, np.uint8), np.empty(1, np.float32)
-    _core.quantize_blockwise(block, one_code, one_absmax, qmap)
-    codes.fill(one_code[0])
-    absmax.fill(one_absmax[0])
+    code, scale = _precision.quantized_fill(fill, name)
+    codes = np.full(np.shape(param), code, np.uint8)
+    absmax = np.full(-(-codes.size // _precision.QUANT_BLOCK), scale, np.float32)
     return codes, absmax
 
 

@@ -256,22 +256,14 @@ def _view(t: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
     return _numpy_of(_memory_order(t.detach(), perm))
 
 
-def _quantize(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Block-wise 8-bit codes and absmax of float32 `values` as state `name`."""
-    codes = np.empty(values.shape, np.uint8)
-    absmax = np.empty(-(-values.size // precision.QUANT_BLOCK), np.float32)
-    _core.quantize_blockwise(values, codes, absmax, precision.QUANT_MAPS[name])
-    return codes, absmax
-
-
 def _new_quantized(p: torch.Tensor, name: str, fill: float) -> dict[str, torch.Tensor]:
     """A new quantized state `name` of `p`, every element `fill`: its codes (in `p`'s memory
     layout) and absmax tensors."""
-    code, absmax = _quantize(np.full(precision.QUANT_BLOCK, fill, np.float32), name)
+    code, absmax = precision.quantized_fill(fill, name)
     nblocks = -(-p.numel() // precision.QUANT_BLOCK)
     return {
-        name: torch.full_like(p, int(code[0]), dtype=torch.uint8),
-        name + precision.ABSMAX: torch.full((nblocks,), float(absmax[0]), dtype=torch.float32),
+        name: torch.full_like(p, code, dtype=torch.uint8),
+        name + precision.ABSMAX: torch.full((nblocks,), absmax, dtype=torch.float32),
     }
 
 
@@ -794,7 +786,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if s.dtype != torch.uint8:  # a float state: quantized now
             fresh = id(s) in self._fresh
             values = np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
-            codes, absmax = _quantize(values, name)
+            codes, absmax = precision.quantize(values, name)
             state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(torch.from_numpy(codes))
             state[scales] = torch.from_numpy(absmax)
             if fresh:
@@ -949,13 +941,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
         assert c.hp is not None
         # Per parameter: its state buffers and their dtypes (the precision policy's).
-        layouts = [precision.buffers(c.hp, _name(p.dtype), c.names, p.numel()) for p in params]
+        layouts = self._definition.layouts(
+            c.hp, ((_name(p.dtype), tuple(p.shape), p.numel()) for p in params), c.names
+        )
         shaped = self._definition.shaped
-        if shaped:  # (Adafactor: row_var/col_var for matrices, variance for vectors)
-            for p, layout in zip(params, layouts):
-                for n in shaped:
-                    if self._definition.state_shape(n, tuple(p.shape)) is None:
-                        layout.pop(n, None)
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
@@ -1026,11 +1015,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 _view(self.state[p][n], perm) if n in layout else None
                 for p, perm, layout in zip(params, perms, layouts)
             ]
-            for key, n in (
-                ("masters", precision.MASTER),
-                ("comps", precision.COMPENSATION),
-                ("emas", precision.EMA),
-            )
+            for key, n in precision.PLAN_EXTRAS
             if any(n in layout for layout in layouts)
         }
         if self._copy_out:

@@ -43,6 +43,8 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from .. import _core
+
 # The signatures' annotations of the options (see codegen).
 Rounding = Literal["nearest", "stochastic"]
 StateDType = Union[str, "np.dtype[Any]", type, Mapping[str, Any], None]
@@ -56,6 +58,8 @@ EMA = "ema"  # the exponential moving average of a parameter (engine.transforms'
 EXTRA_STATES = (MASTER, COMPENSATION, EMA)
 # Extra states that start as a copy of their parameter.
 COPIES = (MASTER, EMA)
+# The keyword of fastoptim._core.Plan that takes each extra state's arrays.
+PLAN_EXTRAS = (("masters", MASTER), ("comps", COMPENSATION), ("emas", EMA))
 
 #: The functional tier's optional arrays (keyword arguments of every function): a float32 master
 #: copy of a bfloat16/float16 parameter, a Kahan compensation buffer of one, a copy-out array.
@@ -214,6 +218,23 @@ def buffers(
         elif group.get(KAHAN):
             out[COMPENSATION] = param
     return out
+
+
+def quantize(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise 8-bit codes (uint8, `values`' shape) and absmax (float32, one per block of
+    :data:`QUANT_BLOCK`) of the C-contiguous float32 `values` as state `name` (its map:
+    :data:`QUANT_MAPS`)."""
+    codes = np.empty(values.shape, np.uint8)
+    absmax = np.empty(-(-values.size // QUANT_BLOCK), np.float32)
+    _core.quantize_blockwise(values, codes, absmax, QUANT_MAPS[name])
+    return codes, absmax
+
+
+def quantized_fill(fill: float, name: str) -> tuple[int, float]:
+    """The code and absmax of a block of quantized state `name` whose values are all `fill`
+    (what a new quantized state holds, in every tier)."""
+    codes, absmax = quantize(np.full(QUANT_BLOCK, fill, np.float32), name)
+    return int(codes[0]), float(absmax[0])
 
 
 def storage(kind: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
