@@ -225,11 +225,11 @@ def test_bind_torch_refuses_overlapping_gradients() -> None:
     state buffer or another gradient, by one element or wholly."""
     if not fot._FAST:
         pytest.skip("torch has no DLPack exchange API: every step takes the general path")
-    flat = torch.zeros(40)  # the parameters: slices of one block, a gap between each
-    params = [flat[10 * i : 10 * i + 8] for i in range(4)]
-    pool = torch.zeros(40)
+    flat = torch.zeros(80)  # the parameters: slices of one block, a gap between each
+    params = [flat[20 * i : 20 * i + 8] for i in range(4)]
+    pool = torch.zeros(80)
     for i, p in enumerate(params):
-        p.grad = pool[10 * i : 10 * i + 8]
+        p.grad = pool[20 * i : 20 * i + 8]
     opt = fot.Adam(params, lr=0.1)
     opt.step()
     opt.step()
@@ -242,18 +242,19 @@ def test_bind_torch_refuses_overlapping_gradients() -> None:
             p.grad = g
         return bool(plan.bind_torch(group))
 
-    assert bind([pool[10 * i : 10 * i + 8] for i in (3, 1, 0, 2)])  # (address order shuffled)
-    assert bind([pool[10 * i + 2 : 10 * i + 10] for i in range(4)])  # (into the gaps)
+    assert bind([pool[20 * i : 20 * i + 8] for i in (3, 1, 0, 2)])  # (address order shuffled)
+    assert bind([flat[20 * i + 8 : 20 * i + 16] for i in range(4)])  # (the parameters' gaps)
     refused = {
-        "a parameter": [flat[0:8]] + [pool[10 * i : 10 * i + 8] for i in (1, 2, 3)],
-        "a parameter, one element": [pool[0:8], flat[7:15]] + [pool[20:28], pool[30:38]],
-        "a state": [pool[0:8], pool[10:18], exp_avg, pool[30:38]],
-        "each other": [pool[0:8], pool[7:15], pool[20:28], pool[30:38]],
-        "each other, wholly": [pool[0:8], pool[0:8], pool[20:28], pool[30:38]],
+        "a parameter": [flat[0:8], pool[20:28], pool[40:48], pool[60:68]],
+        "a parameter's last element": [pool[0:8], flat[27:35], pool[40:48], pool[60:68]],
+        "a parameter's first element": [pool[0:8], pool[20:28], flat[33:41], pool[60:68]],
+        "a state": [pool[0:8], pool[20:28], exp_avg, pool[60:68]],
+        "each other": [pool[0:8], pool[7:15], pool[40:48], pool[60:68]],
+        "each other, wholly": [pool[0:8], pool[0:8], pool[40:48], pool[60:68]],
     }
     for what, grads in refused.items():
         assert not bind(grads), what
-    assert bind([pool[10 * i : 10 * i + 8] for i in range(4)])
+    assert bind([pool[20 * i : 20 * i + 8] for i in range(4)])
 
 
 def test_grad_attribute_changed_on_the_type() -> None:
