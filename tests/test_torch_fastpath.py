@@ -219,6 +219,64 @@ def test_no_grad_mode_restored() -> None:
     assert not p.requires_grad and torch.allclose(p, torch.full((3,), 0.7))
 
 
+def test_bind_torch_refuses_overlapping_gradients() -> None:
+    """Plan.bind_torch binds gradients that overlap nothing, in any address order, and refuses
+    (False, nothing bound: the general path then raises) any that overlaps a parameter, a
+    state buffer or another gradient, by one element or wholly."""
+    if not fot._FAST:
+        pytest.skip("torch has no DLPack exchange API: every step takes the general path")
+    flat = torch.zeros(80)  # the parameters: slices of one block, a gap between each
+    params = [flat[20 * i : 20 * i + 8] for i in range(4)]
+    pool = torch.zeros(80)
+    for i, p in enumerate(params):
+        p.grad = pool[20 * i : 20 * i + 8]
+    opt = fot.Adam(params, lr=0.1)
+    opt.step()
+    opt.step()
+    plan = opt._caches[0].plan
+    exp_avg = opt.state[params[2]]["exp_avg"]
+    group = opt.param_groups[0]["params"]
+
+    def bind(grads: list[Any]) -> bool:
+        for p, g in zip(params, grads):
+            p.grad = g
+        return bool(plan.bind_torch(group))
+
+    assert bind([pool[20 * i : 20 * i + 8] for i in (3, 1, 0, 2)])  # (address order shuffled)
+    assert bind([flat[20 * i + 8 : 20 * i + 16] for i in range(4)])  # (the parameters' gaps)
+    refused = {
+        "a parameter": [flat[0:8], pool[20:28], pool[40:48], pool[60:68]],
+        "a parameter's last element": [pool[0:8], flat[27:35], pool[40:48], pool[60:68]],
+        "a parameter's first element": [pool[0:8], pool[20:28], flat[33:41], pool[60:68]],
+        "a state": [pool[0:8], pool[20:28], exp_avg, pool[60:68]],
+        "each other": [pool[0:8], pool[7:15], pool[40:48], pool[60:68]],
+        "each other, wholly": [pool[0:8], pool[0:8], pool[40:48], pool[60:68]],
+    }
+    for what, grads in refused.items():
+        assert not bind(grads), what
+    assert bind([pool[20 * i : 20 * i + 8] for i in range(4)])
+
+
+def test_grad_attribute_changed_on_the_type() -> None:
+    """Plan.bind_torch calls torch's ``grad`` getter itself only while neither torch.Tensor nor
+    torch.nn.Parameter was modified: a ``grad`` property defined on the type is honoured."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fot.SGD([p], lr=1.0)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), -3.0))
+    other = torch.full((3,), 10.0)
+    torch.nn.Parameter.grad = property(lambda self: other)  # type: ignore[assignment]
+    try:
+        opt.step()
+    finally:
+        del torch.nn.Parameter.grad
+    assert torch.equal(p.detach(), torch.full((3,), -13.0))
+    opt.step()  # torch's getter again: the gradient of ones
+    assert torch.equal(p.detach(), torch.full((3,), -14.0))
+
+
 def test_snapshot() -> None:
     """_core.Snapshot: the identities of a dict's keys and values, one level of dicts down."""
     t, u = object(), object()

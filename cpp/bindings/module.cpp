@@ -227,10 +227,50 @@ struct TorchApi {
   py::object keep;  // the capsule and the types
   py::object grad = py::str("grad");
   py::object is_view, is_neg;  // torch.Tensor._is_view, .is_neg (method descriptors)
+  // The C functions behind them, called directly (no attribute lookup, no vectorcall): the
+  // getter of the data descriptor `grad` of torch's C tensor type (what `p.grad` finds first
+  // for a torch.Tensor or a Parameter while neither type was modified: see grad_of), and the
+  // no-argument methods.
+  PyObject* grad_descr = nullptr;  // (kept alive by `keep`)
+  getter get_grad = nullptr;
+  void* grad_closure = nullptr;
+  unsigned int tags[2] = {0, 0};  // tp_version_tag of tensor, parameter when that was checked
+  PyCFunction is_view_fn = nullptr, is_neg_fn = nullptr;
 };
 TorchApi& torch_api() {
   static TorchApi* api = new TorchApi();  // never destroyed (its objects outlive the module)
   return *api;
+}
+
+// The C function of a no-argument method descriptor (torch.Tensor._is_view), or nullptr.
+PyCFunction noargs_function(const py::object& method) {
+  if (!PyObject_TypeCheck(method.ptr(), &PyMethodDescr_Type)) return nullptr;
+  PyMethodDef* def = reinterpret_cast<PyMethodDescrObject*>(method.ptr())->d_method;
+  return (def->ml_flags & METH_NOARGS) && !(def->ml_flags & METH_CLASS) ? def->ml_meth : nullptr;
+}
+
+// `p.grad` for `p` of type torch.Tensor or torch.nn.Parameter (exactly; `which` 0 or 1): the
+// getter called directly where the attribute lookup would find it, that is while the type's
+// version tag is the one recorded when its `grad` was last seen to be that descriptor (any
+// assignment to the type or its bases changes the tag: it is looked up again); else the lookup.
+PyObject* grad_of(TorchApi& api, PyObject* p, int which) {
+  PyTypeObject* type = Py_TYPE(p);
+  if (api.get_grad != nullptr) {
+    const unsigned int tag = type->tp_version_tag;
+    if (tag != 0 && tag == api.tags[which]) return api.get_grad(p, api.grad_closure);
+    PyObject* d = PyObject_GetAttr(reinterpret_cast<PyObject*>(type), api.grad.ptr());
+    if (d == nullptr) {
+      PyErr_Clear();
+    } else {
+      const bool same = d == api.grad_descr;
+      Py_DECREF(d);
+      if (same) {  // (the lookup gave the type a tag, if it had none)
+        api.tags[which] = type->tp_version_tag;
+        return api.get_grad(p, api.grad_closure);
+      }
+    }
+  }
+  return PyObject_GetAttr(p, api.grad.ptr());
 }
 
 // A DLTensor's element dtype, if the kernels take it.
@@ -314,6 +354,9 @@ std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType 
 struct Span {
   std::uintptr_t lo, hi;
   std::string what;
+};
+struct Range {  // a Span without its name
+  std::uintptr_t lo, hi;
 };
 
 // Sort spans by address; throw if any two of them overlap (memory shared between arrays).
@@ -615,19 +658,18 @@ class PyPlan {
     std::vector<char> mask(m, 0);
     std::vector<py::object> grads;
     grads.reserve(n);
-    std::vector<Span> spans;
-    spans.reserve(n);
-    std::vector<std::pair<const void*, DType>> bound;
-    bound.reserve(n);
+    std::vector<Range>& ranges = scratch_ranges_;
+    ranges.clear();
+    std::vector<std::pair<const void*, DType>>& bound = scratch_bound_;
+    bound.clear();
     std::vector<int64_t> layout;  // per parameter of the plan: ndim, shape, strides
     DLTensor pt{}, gt{};
     std::size_t j = 0;
     for (std::size_t i = 0; i < m; ++i) {
       PyObject* p = PyList_GET_ITEM(params.ptr(), i);
-      if (first ? Py_TYPE(p) != api.tensor && Py_TYPE(p) != api.parameter
-                : p != torch_params_[i].ptr())
-        return false;
-      PyObject* g = PyObject_GetAttr(p, api.grad.ptr());
+      const int which = Py_TYPE(p) == api.tensor ? 0 : Py_TYPE(p) == api.parameter ? 1 : -1;
+      if (which < 0 || (!first && p != torch_params_[i].ptr())) return false;
+      PyObject* g = grad_of(api, p, which);
       if (g == nullptr) {
         PyErr_Clear();
         return false;
@@ -671,19 +713,20 @@ class PyPlan {
         if (gt.shape[d] != pt.shape[d] || (pt.shape[d] > 1 && gt.strides[d] != pt.strides[d]))
           return false;
       // A negative view's memory holds -g; such tensors are views (rare for gradients).
-      if (call_is_true(api.is_view.ptr(), g) != 0 && call_is_true(api.is_neg.ptr(), g) != 0)
+      if (is_true(api.is_view_fn, api.is_view.ptr(), g) != 0 &&
+          is_true(api.is_neg_fn, api.is_neg.ptr(), g) != 0)
         return false;
       const auto* gdata = static_cast<const char*>(gt.data) + gt.byte_offset;
       const int64_t bytes = plan_.tensors[j].size * dtype_size(*dtype);
       const auto lo = reinterpret_cast<std::uintptr_t>(gdata);
       if (lo % static_cast<std::uintptr_t>(dtype_size(*dtype))) return false;
-      if (bytes) spans.push_back({lo, lo + static_cast<std::uintptr_t>(bytes), std::string()});
+      if (bytes) ranges.push_back({lo, lo + static_cast<std::uintptr_t>(bytes)});
       bound.emplace_back(gdata, *dtype);
       grads.push_back(std::move(grad));
       ++j;
     }
     if (j != n) return false;
-    if (!disjoint_from_plan(spans)) return false;
+    if (!disjoint_from_plan(ranges)) return false;
     if (first) {
       torch_offsets_.clear();
       for (std::size_t k = 0, at = 0; k < n; ++k) {
@@ -705,9 +748,10 @@ class PyPlan {
     return true;
   }
 
-  // `method(self)` is True: 1, False: 0, an error (cleared): -1.
-  static int call_is_true(PyObject* method, PyObject* self) {
-    PyObject* r = PyObject_Vectorcall(method, &self, 1, nullptr);
+  // `method(self)` is True: 1, False: 0, an error (cleared): -1; `fn`: its C function, called
+  // directly where not null.
+  static int is_true(PyCFunction fn, PyObject* method, PyObject* self) {
+    PyObject* r = fn != nullptr ? fn(self, nullptr) : PyObject_Vectorcall(method, &self, 1, nullptr);
     if (r == nullptr) {
       PyErr_Clear();
       return -1;
@@ -717,16 +761,16 @@ class PyPlan {
     return out;
   }
 
-  // Whether the byte ranges `spans` (gradients) overlap neither each other nor any array of
-  // the plan (sorts `spans`).
-  bool disjoint_from_plan(std::vector<Span>& spans) const {
-    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
-    for (std::size_t i = 1; i < spans.size(); ++i)
-      if (spans[i].lo < spans[i - 1].hi) return false;
-    for (const Span& g : spans) {  // against params and states (disjoint, sorted by address)
-      auto it = std::upper_bound(spans_.begin(), spans_.end(), g.hi - 1,
-                                 [](std::uintptr_t x, const Span& s) { return x < s.lo; });
-      if (it != spans_.begin() && std::prev(it)->hi > g.lo) return false;
+  // Whether the byte ranges `ranges` (gradients) overlap neither each other nor any array of
+  // the plan (sorts `ranges`): one walk along both lists sorted by address.
+  bool disjoint_from_plan(std::vector<Range>& ranges) const {
+    std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+    for (std::size_t i = 1; i < ranges.size(); ++i)
+      if (ranges[i].lo < ranges[i - 1].hi) return false;
+    std::size_t k = 0;  // params and states: disjoint, sorted by address
+    for (const Range& g : ranges) {  // (disjoint and sorted: hi grows too)
+      while (k < spans_.size() && spans_[k].hi <= g.lo) ++k;
+      if (k < spans_.size() && spans_[k].lo < g.hi) return false;
     }
     return true;
   }
@@ -775,6 +819,9 @@ class PyPlan {
   std::vector<char> torch_mask_;
   std::vector<int64_t> torch_layout_;
   std::vector<std::size_t> torch_offsets_;
+  // bind_torch's scratch (kept: no allocation per step): the gradients' byte ranges, pointers
+  std::vector<Range> scratch_ranges_;
+  std::vector<std::pair<const void*, DType>> scratch_bound_;
   bool bound_ = false;
   int64_t completed_ = 0;
   // In a forked child, the mutex may be held by a thread that does not exist there: the first
@@ -796,17 +843,50 @@ class PyPlan {
 // calling any Python code, whether `d` holds exactly these objects in this order:
 // fastoptim.torch's test that nothing replaced any state tensor since its last step (about
 // 10 ns per entry, where hashing each parameter to look its state up costs 100).
+// Where CPython keeps a version per dict (PEP 509: any change of a dict gives it a new one;
+// 3.9-3.11, deprecated since), a dict whose version did not change since it was last compared
+// is not walked: one comparison per dict instead of one per entry.
+#if PY_VERSION_HEX < 0x030C0000
+#define FASTOPTIM_DICT_VERSIONS 1
+#endif
 class Snapshot {
  public:
-  explicit Snapshot(const py::dict& d) { record(d.ptr(), 0); }
+  explicit Snapshot(const py::dict& d) {
+    record(d.ptr(), 0);
+    versions_ = current_versions();
+  }
   bool same(const py::handle& d) const {
     if (!PyDict_Check(d.ptr())) return false;
+#ifdef FASTOPTIM_DICT_VERSIONS
+    if (d.ptr() == dicts_[0].ptr() && unchanged()) return true;
+#endif
     std::size_t at = 0, sizes = 0;
-    return compare(d.ptr(), 0, at, sizes) && at == objs_.size();
+    if (!(compare(d.ptr(), 0, at, sizes) && at == objs_.size())) return false;
+    versions_ = current_versions();  // (the same objects: `d` is the recorded dict)
+    return true;
   }
 
  private:
+#ifdef FASTOPTIM_DICT_VERSIONS
+  bool unchanged() const {
+    for (std::size_t i = 0; i < dicts_.size(); ++i)
+      if (reinterpret_cast<PyDictObject*>(dicts_[i].ptr())->ma_version_tag != versions_[i])
+        return false;
+    return true;
+  }
+#endif
+  // The version of every recorded dict (empty where CPython keeps none).
+  std::vector<uint64_t> current_versions() const {
+    std::vector<uint64_t> out;
+#ifdef FASTOPTIM_DICT_VERSIONS
+    out.reserve(dicts_.size());
+    for (const py::object& d : dicts_)
+      out.push_back(reinterpret_cast<PyDictObject*>(d.ptr())->ma_version_tag);
+#endif
+    return out;
+  }
   void record(PyObject* d, int depth) {
+    dicts_.push_back(py::reinterpret_borrow<py::object>(d));
     sizes_.push_back(PyDict_GET_SIZE(d));
     Py_ssize_t pos = 0;
     PyObject *k, *v;
@@ -829,6 +909,8 @@ class Snapshot {
   }
   std::vector<py::object> objs_;  // key, value, ... (a dict value's items follow it)
   std::vector<Py_ssize_t> sizes_;  // each dict's size, in the order met
+  std::vector<py::object> dicts_;  // each dict, in the order met (the first: the recorded one)
+  mutable std::vector<uint64_t> versions_;  // their versions when last found the same
 };
 
 // One step of one or several plans (an optimizer's groups) in one call: every plan is locked
@@ -1123,9 +1205,22 @@ PYBIND11_MODULE(_core, m) {
     if (table->header.version.major != 1 || table->header.version.minor < 2 ||
         table->dltensor_from_py_object_no_sync == nullptr)
       return false;
-    t.keep = py::make_tuple(api, tensor, parameter);
     t.is_view = tensor.attr("_is_view");
     t.is_neg = tensor.attr("is_neg");
+    t.is_view_fn = noargs_function(t.is_view);
+    t.is_neg_fn = noargs_function(t.is_neg);
+    // torch.Tensor.grad: the data descriptor of torch's C tensor type (a getter), the same for
+    // Parameter; else every `p.grad` is looked up.
+    py::object grad = tensor.attr("grad");
+    t.get_grad = nullptr;
+    if (Py_IS_TYPE(grad.ptr(), &PyGetSetDescr_Type) && parameter.attr("grad").ptr() == grad.ptr()) {
+      PyGetSetDef* def = reinterpret_cast<PyGetSetDescrObject*>(grad.ptr())->d_getset;
+      t.grad_descr = grad.ptr();
+      t.get_grad = def->get;
+      t.grad_closure = def->closure;
+      t.tags[0] = t.tags[1] = 0;  // (recorded by grad_of's first lookup)
+    }
+    t.keep = py::make_tuple(api, tensor, parameter, grad);
     t.tensor = reinterpret_cast<PyTypeObject*>(tensor.ptr());
     t.parameter = reinterpret_cast<PyTypeObject*>(parameter.ptr());
     t.describe = table->dltensor_from_py_object_no_sync;

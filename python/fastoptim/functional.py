@@ -105,25 +105,18 @@ def quantized_state(
         )
     if dtype not in _precision.QUANT_KINDS:
         raise ValueError(f"quantized_state: dtype must be 'int8' or 'int4', got {dtype!r}")
-    qmap = _precision.qmap(name, dtype)
-    size = int(np.prod(np.shape(param)))
     four = dtype == _precision.INT4
     if four and np.shape(param) == (1,):
         raise ValueError(
             "quantized_state: a one-element 1-D parameter cannot have a 4-bit state (its one "
             "byte of codes, shaped like the parameter, reads as 8-bit): use dtype='int8'"
         )
-    blocksize = _precision.QUANT_BLOCK4 if four else _precision.QUANT_BLOCK
-    block = np.full(blocksize, fill, np.float32)
+    size = int(np.prod(np.shape(param)))
+    code, scale = _precision.quantized_fill(fill, name, dtype)
     codes = np.empty(((size + 1) // 2,) if four else np.shape(param), np.uint8)
-    absmax = np.empty(-(-size // blocksize), np.float32)
-    one_code = np.empty(block.size // 2 if four else block.size, np.uint8)
-    one_absmax = np.empty(1, np.float32)
-    _core.quantize_blockwise(block, one_code, one_absmax, qmap)
-    codes.fill(one_code[0])
-    if four and size % 2:
-        codes[-1] = one_code[0] & 0xF0  # (the last byte's low nibble is no element's)
-    absmax.fill(one_absmax[0])
+    _precision.fill_codes(codes, code, dtype, size)
+    block = _precision.QUANT_BLOCK4 if four else _precision.QUANT_BLOCK
+    absmax = np.full(-(-size // block), scale, np.float32)
     return codes, absmax
 
 

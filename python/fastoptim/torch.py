@@ -256,37 +256,23 @@ def _view(t: torch.Tensor, perm: tuple[int, ...] | None) -> np.ndarray:
     return _numpy_of(_memory_order(t.detach(), perm))
 
 
-def _quantize(
-    values: np.ndarray, name: str, kind: str = precision.INT8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Block-wise codes and absmax of float32 `values` as state `name` stored as `kind`
-    (``"int8"``: codes shaped like `values`; ``"int4"``: packed, 1-D)."""
-    four = kind == precision.INT4
-    block = precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK
-    codes = np.empty(((values.size + 1) // 2,) if four else values.shape, np.uint8)
-    absmax = np.empty(-(-values.size // block), np.float32)
-    _core.quantize_blockwise(values, codes, absmax, precision.qmap(name, kind))
-    return codes, absmax
-
-
 def _new_quantized(
     p: torch.Tensor, name: str, fill: float, kind: str = precision.INT8
 ) -> dict[str, torch.Tensor]:
     """A new quantized state `name` of `p`, every element `fill`: its codes (8-bit: in `p`'s
     memory layout; 4-bit: packed in `p`'s memory order, 1-D) and absmax tensors."""
     four = kind == precision.INT4
-    block = precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK
-    code, absmax = _quantize(np.full(block, fill, np.float32), name, kind)
-    nblocks = -(-p.numel() // block)
-    if four:
-        codes = torch.full(((p.numel() + 1) // 2,), int(code[0]), dtype=torch.uint8)
-        if p.numel() % 2:
-            codes[-1] = int(code[0]) & 0xF0  # (the last byte's low nibble is no element's)
-    else:
-        codes = torch.full_like(p, int(code[0]), dtype=torch.uint8)
+    code, absmax = precision.quantized_fill(fill, name, kind)
+    nblocks = -(-p.numel() // (precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK))
+    codes = (
+        torch.empty(((p.numel() + 1) // 2,), dtype=torch.uint8)
+        if four
+        else torch.empty_like(p, dtype=torch.uint8)
+    )
+    precision.fill_codes(codes, code, kind, p.numel())
     return {
         name: codes,
-        name + precision.ABSMAX: torch.full((nblocks,), float(absmax[0]), dtype=torch.float32),
+        name + precision.ABSMAX: torch.full((nblocks,), absmax, dtype=torch.float32),
     }
 
 
@@ -823,7 +809,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 if four
                 else np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
             )
-            codes, absmax = _quantize(values, name, kind)
+            codes, absmax = precision.quantize(values, name, kind)
             if four:
                 state[name] = torch.from_numpy(codes)
             else:
@@ -995,13 +981,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
         assert c.hp is not None
         # Per parameter: its state buffers and their dtypes (the precision policy's).
-        layouts = [precision.buffers(c.hp, _name(p.dtype), c.names, p.numel()) for p in params]
+        layouts = self._definition.layouts(
+            c.hp, ((_name(p.dtype), tuple(p.shape), p.numel()) for p in params), c.names
+        )
         shaped = self._definition.shaped
-        if shaped:  # (Adafactor: row_var/col_var for matrices, variance for vectors)
-            for p, layout in zip(params, layouts):
-                for n in shaped:
-                    if self._definition.state_shape(n, tuple(p.shape)) is None:
-                        layout.pop(n, None)
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
@@ -1077,11 +1060,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 _view(self.state[p][n], perm) if n in layout else None
                 for p, perm, layout in zip(params, perms, layouts)
             ]
-            for key, n in (
-                ("masters", precision.MASTER),
-                ("comps", precision.COMPENSATION),
-                ("emas", precision.EMA),
-            )
+            for key, n in precision.PLAN_EXTRAS
             if any(n in layout for layout in layouts)
         }
         if self._copy_out:

@@ -401,6 +401,25 @@ class Definition:
                 return s.shape(tuple(shape))
         return tuple(shape)
 
+    def layouts(
+        self,
+        group: Mapping[str, Any],
+        params: Iterable[tuple[str, tuple[int, ...], int]],
+        names: tuple[str, ...],
+    ) -> list[dict[str, str]]:
+        """Per parameter (its dtype name, shape and size): its state buffers, name -> kind
+        (:func:`~fastoptim.engine.precision.buffers` for the states `names` under `group`'s
+        precision options), without a shaped state the parameter has none of (Adafactor's
+        row_var/col_var for a vector).  Both tiers allocate and check their state from this."""
+        out = []
+        for dtype, shape, size in params:
+            kinds = precision.buffers(group, dtype, names, size)
+            for n in self.shaped:
+                if n in kinds and self.state_shape(n, shape) is None:
+                    del kinds[n]
+            out.append(kinds)
+        return out
+
     def like_param(self, name: str) -> bool:
         """Whether state buffer `name` starts as a copy of its parameter."""
         return any(s.name == name and s.like_param for s in self.states)

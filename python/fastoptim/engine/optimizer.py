@@ -406,16 +406,9 @@ class Optimizer:
     def _layout(self, g: _Group, group: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
         """Per parameter: state name -> dtype name (the kernel's `names`, then the precision
         policy's master copy or compensation buffer)."""
-        layout = [
-            precision.buffers(group, _dtype(p.dtype).name, tuple(names), p.size) for p in g.params
-        ]
-        shaped = self._definition.shaped
-        if shaped:  # (Adafactor: row_var/col_var for matrices, variance for vectors)
-            for p, kinds in zip(g.params, layout):
-                for n in shaped:
-                    if n in kinds and self._definition.state_shape(n, p.shape) is None:
-                        del kinds[n]
-        return layout
+        return self._definition.layouts(
+            group, ((_dtype(p.dtype).name, p.shape, p.size) for p in g.params), tuple(names)
+        )
 
     def _check_layout(self, g: _Group, group: Mapping[str, Any]) -> None:
         """ValueError if `group`'s precision options would change a state buffer that exists:
@@ -457,10 +450,8 @@ class Optimizer:
             )
             for b, v, a, p in zip(layout, g.states[name], g.states[scales], g.params):
                 if precision.quantized(b, name):
-                    code, absmax = _quantized_fill(fill, precision.qmap(name, b[name]))
-                    v.fill(code)
-                    if b[name] == precision.INT4 and p.size % 2:
-                        v[-1] = code & 0xF0  # (the last byte's low nibble is no element's)
+                    code, absmax = precision.quantized_fill(fill, name, b[name])
+                    precision.fill_codes(v, code, b[name], p.size)
                     a.fill(absmax)
         if name == precision.EMA:  # (taken again at its first step: see step)
             g.fresh_copies.add(name)
@@ -501,12 +492,8 @@ class Optimizer:
     def _make_plan(self, g: _Group, names: Sequence[str], outs: Any) -> Any:
         """A compiled plan of group `g`'s parameters and states `names` (which exist), its
         master copies and compensation, and the copy-out arrays `outs` (validated by it)."""
-        extra: dict[str, Any] = {
-            "masters": g.states.get(precision.MASTER),
-            "comps": g.states.get(precision.COMPENSATION),
-            "outs": outs,
-            "emas": g.states.get(precision.EMA),
-        }
+        extra: dict[str, Any] = {key: g.states.get(n) for key, n in precision.PLAN_EXTRAS}
+        extra["outs"] = outs
         names = [n for n in names if n not in self._definition.shaped]  # (a host step's own)
         return _core.Plan(
             list(g.params),
@@ -1311,17 +1298,6 @@ def _plan_states(states: Mapping[str, list[Any]], name: str) -> list[Any]:
     if scales is None:
         return states[name]
     return [v if a is None else (v, a) for v, a in zip(states[name], scales)]
-
-
-def _quantized_fill(fill: float, qmap: str) -> tuple[int, float]:
-    """The code byte (4-bit maps: two codes) and absmax of a block whose values are all
-    `fill`."""
-    four = qmap.endswith("4")
-    values = np.full(precision.QUANT_BLOCK4 if four else precision.QUANT_BLOCK, fill, np.float32)
-    codes = np.empty(values.size // 2 if four else values.size, np.uint8)
-    absmax = np.empty(1, np.float32)
-    _core.quantize_blockwise(values, codes, absmax, qmap)
-    return int(codes[0]), float(absmax[0])
 
 
 def _absmax_problem(a: np.ndarray) -> str:

@@ -54,6 +54,8 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from .. import _core
+
 # The signatures' annotations of the options (see codegen).
 Rounding = Literal["nearest", "stochastic"]
 StateDType = Union[str, "np.dtype[Any]", type, Mapping[str, Any], None]
@@ -67,6 +69,8 @@ EMA = "ema"  # the exponential moving average of a parameter (engine.transforms'
 EXTRA_STATES = (MASTER, COMPENSATION, EMA)
 # Extra states that start as a copy of their parameter.
 COPIES = (MASTER, EMA)
+# The keyword of fastoptim._core.Plan that takes each extra state's arrays.
+PLAN_EXTRAS = (("masters", MASTER), ("comps", COMPENSATION), ("emas", EMA))
 
 #: The functional tier's optional arrays (keyword arguments of every function): a float32 master
 #: copy of a bfloat16/float16 parameter, a Kahan compensation buffer of one, a copy-out array.
@@ -238,6 +242,38 @@ def buffers(
         elif group.get(KAHAN):
             out[COMPENSATION] = param
     return out
+
+
+def quantize(values: np.ndarray, name: str, kind: str = INT8) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise codes and absmax (float32, one per block) of the C-contiguous float32
+    `values` as state `name` (its map: :data:`QUANT_MAPS`) stored as `kind`: ``"int8"``, codes
+    of `values`' shape, blocks of :data:`QUANT_BLOCK`; ``"int4"``, two codes per byte (1-D),
+    blocks of :data:`QUANT_BLOCK4`."""
+    four = kind == INT4
+    block = QUANT_BLOCK4 if four else QUANT_BLOCK
+    codes = np.empty(((values.size + 1) // 2,) if four else values.shape, np.uint8)
+    absmax = np.empty(-(-values.size // block), np.float32)
+    _core.quantize_blockwise(values, codes, absmax, qmap(name, kind))
+    return codes, absmax
+
+
+def quantized_fill(fill: float, name: str, kind: str = INT8) -> tuple[int, float]:
+    """The code byte (4-bit: two codes) and absmax of a block of quantized state `name`
+    stored as `kind` whose values are all `fill` (what a new quantized state holds, in every
+    tier: see :func:`fill_codes`)."""
+    codes, absmax = quantize(
+        np.full(QUANT_BLOCK4 if kind == INT4 else QUANT_BLOCK, fill, np.float32), name, kind
+    )
+    return int(codes[0]), float(absmax[0])
+
+
+def fill_codes(codes: Any, code: int, kind: str, size: int) -> None:
+    """Set every byte of `codes` (a NumPy array or a torch tensor) of a state of `size`
+    elements to `code`; a 4-bit state of odd size keeps its last byte's low nibble 0 (it is no
+    element's)."""
+    codes[...] = code
+    if kind == INT4 and size % 2:
+        codes[-1] = code & 0xF0
 
 
 def storage(kind: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
