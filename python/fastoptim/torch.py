@@ -133,6 +133,7 @@ from .engine.locks import new_lock
 from .engine.optimizer import _defaults, run_compiled
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
+from .engine.schedulefree import SWAP_KEY, Modes, swap_weight
 from .host import TORCH_TENSORS as host_tensors
 from .host import Objective as host_objective
 
@@ -1402,14 +1403,6 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return False
 
     def ema_weights(self) -> contextlib.AbstractContextManager[None]:
-        """Within the ``with`` block, every parameter that has an EMA (``ema_decay``) holds
-        it (rounded to the parameter's dtype); on exit the parameters get back exactly the
-        values they had.  For evaluation with the averaged weights::
-
-            with opt.ema_weights():
-                evaluate(model)
-
-        A :meth:`step` inside the block raises ``RuntimeError`` (anything else may run)."""
         pairs = [
             (p, self.state[p][precision.EMA])
             for group in self.param_groups
@@ -1428,6 +1421,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             copy,
             lambda p: p.detach().clone(),
         )
+
+    ema_weights.__doc__ = transforms.EMA_WEIGHTS_DOC
 
     # ------------------------------------------------------------------ sparse gradients
     def _step_sparse(self) -> None:
@@ -1664,7 +1659,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._state_snapshot = None
 
 
-class ScheduleFreeOptimizer(Optimizer):
+class ScheduleFreeOptimizer(Modes, Optimizer):
     """Base class of :class:`AdamWScheduleFree` and :class:`SGDScheduleFree`: the
     ``schedulefree`` package's train / eval modes and per-group state.
 
@@ -1708,19 +1703,7 @@ class ScheduleFreeOptimizer(Optimizer):
         """True in train mode (the parameters hold y), False in eval mode (x)."""
         return all(bool(g["train_mode"]) for g in self.param_groups)
 
-    def train(self, mode: bool = True) -> None:
-        """Move the parameters to y, where :meth:`step` takes gradients (no-op in train mode).
-        ``train(False)`` is :meth:`eval`."""
-        self._set_mode(bool(mode))
-
-    def eval(self) -> None:
-        """Move the parameters to the averaged iterate x, to evaluate the model or save a
-        checkpoint (no-op in eval mode)."""
-        self._set_mode(False)
-
     def _set_mode(self, train: bool) -> None:
-        from .engine.schedulefree import SWAP_KEY, swap_weight
-
         with torch.no_grad(), self._lock:
             work = []  # everything checked and built before any parameter moves
             for gi, group in enumerate(self.param_groups):

@@ -927,14 +927,6 @@ class Optimizer:
         return grads
 
     def ema_weights(self) -> contextlib.AbstractContextManager[None]:
-        """Within the ``with`` block, every parameter that has an EMA (``ema_decay``) holds
-        it (rounded to the parameter's dtype); on exit the parameters get back exactly the
-        values they had.  For evaluation with the averaged weights::
-
-            with opt.ema_weights():
-                evaluate(model)
-
-        A :meth:`step` inside the block raises ``RuntimeError`` (anything else may run)."""
         pairs = [
             (p, ema)
             for g in self._groups
@@ -948,6 +940,8 @@ class Optimizer:
             lambda dst, src: np.copyto(dst, src, casting="unsafe"),
             np.copy,
         )
+
+    ema_weights.__doc__ = transforms.EMA_WEIGHTS_DOC
 
     def _after_step(self) -> None:
         """The bookkeeping of a step that happened: step counts, fresh state buffers used,

@@ -1,6 +1,7 @@
 """Schedule-Free's train / eval modes for the NumPy tier (see
 :class:`fastoptim.AdamWScheduleFree`): the base class of the generated
-:class:`~fastoptim.AdamWScheduleFree` and :class:`~fastoptim.SGDScheduleFree`."""
+:class:`~fastoptim.AdamWScheduleFree` and :class:`~fastoptim.SGDScheduleFree`, and the modes'
+public methods for both tiers (:class:`Modes`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,25 @@ def swap_weight(beta1: float, train: bool) -> float:
     return 1.0 - beta1 if train else 1.0 - 1.0 / beta1
 
 
-class ScheduleFreeOptimizer(Optimizer):
+class Modes:
+    """Schedule-Free's :meth:`train` / :meth:`eval` in both tiers (this one and
+    ``fastoptim.torch``'s), over each tier's ``_set_mode(train)``."""
+
+    def _set_mode(self, train: bool) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        """Move the parameters to y, where :meth:`step` takes gradients (no-op in train mode).
+        ``train(False)`` is :meth:`eval`."""
+        self._set_mode(bool(mode))
+
+    def eval(self) -> None:
+        """Move the parameters to the averaged iterate x, to evaluate the model or save a
+        checkpoint (no-op in eval mode)."""
+        self._set_mode(False)
+
+
+class ScheduleFreeOptimizer(Modes, Optimizer):
     """An :class:`~fastoptim.engine.optimizer.Optimizer` whose parameters are in one of two
     places: :math:`y` (train mode, where gradients are taken and :meth:`step` works) or the
     average :math:`x` (eval mode, for evaluation and checkpoints).  The mode is per group
@@ -33,16 +52,6 @@ class ScheduleFreeOptimizer(Optimizer):
     def training(self) -> bool:
         """True in train mode (the parameters hold y), False in eval mode (x)."""
         return all(g.hyper.train_mode != 0 for g in self._groups)
-
-    def train(self, mode: bool = True) -> None:
-        """Move the parameters to y, where :meth:`step` takes gradients (no-op in train mode).
-        ``train(False)`` is :meth:`eval`."""
-        self._set_mode(bool(mode))
-
-    def eval(self) -> None:
-        """Move the parameters to the averaged iterate x, to evaluate the model or save a
-        checkpoint (no-op in eval mode)."""
-        self._set_mode(False)
 
     def _set_mode(self, train: bool) -> None:
         with self._lock:

@@ -175,6 +175,17 @@ def set_transform(plan: Any, mul: float, clip: float) -> None:
         plan.set_grad_transform(mul, clip)
 
 
+#: The docstring of ``ema_weights()`` in both tiers.
+EMA_WEIGHTS_DOC = """Within the ``with`` block, every parameter that has an EMA
+(``ema_decay``) holds it (rounded to the parameter's dtype); on exit the parameters get back
+exactly the values they had.  For evaluation with the averaged weights::
+
+    with opt.ema_weights():
+        evaluate(model)
+
+A :meth:`step` inside the block raises ``RuntimeError`` (anything else may run)."""
+
+
 @contextlib.contextmanager
 def ema_swapped(
     owner: Any,
