@@ -1805,10 +1805,8 @@ class ClosureOptimizer(Optimizer):
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         host = self._definition.host
-        assert host is not None and host.closure is not None
-        defaults = dict(defaults)
-        if host.resolve is not None:
-            host.resolve(defaults)
+        assert host is not None
+        defaults = host.closure_defaults(defaults)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(

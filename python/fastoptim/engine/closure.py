@@ -22,10 +22,8 @@ class ClosureOptimizer(Optimizer):
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         host = self._definition.host
-        assert host is not None and host.closure is not None
-        defaults = dict(defaults)
-        if host.resolve is not None:
-            host.resolve(defaults)
+        assert host is not None
+        defaults = host.closure_defaults(defaults)
         Optimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:

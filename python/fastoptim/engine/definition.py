@@ -214,6 +214,15 @@ class Host:
     closure: Callable[..., Any] | None = None
     resolve: Callable[[dict[str, Any]], None] | None = None
 
+    def closure_defaults(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """A ``closure`` optimizer's defaults at construction (both tiers): a copy, completed
+        by ``resolve``."""
+        assert self.closure is not None
+        out = dict(defaults)
+        if self.resolve is not None:
+            self.resolve(out)
+        return out
+
 
 class HostHyper:
     """What stands for the compiled hyper-parameter struct of a :class:`Host` optimizer: its
