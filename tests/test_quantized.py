@@ -283,6 +283,32 @@ def test_stochastic_codes_are_unbiased() -> None:
     assert abs(rel.mean()) < 0.002, rel.mean()
 
 
+@pytest.mark.parametrize("qmap", list(MAPS))
+def test_stochastic_codes_match_reference_on_awkward_blocks(isa: str, qmap: str) -> None:
+    """Stochastic codes (16 lanes at a time with AVX-512, a loop elsewhere) on blocks of every
+    scale, ties, zeros, map values and a short last block, against the NumPy reference: SGD's
+    momentum buffer after one step with lr 0 is the gradient, quantized once."""
+    x = awkward_blocks(np.random.default_rng(3), MAPS[qmap])
+    p = np.zeros(x.size, np.float32)
+    # SGD's buffer is signed; the unsigned map is Adagrad's sum (initial value 0, sum = g^2):
+    # give it the square roots of the values so that the state is x itself.
+    if MAPS[qmap]:
+        opt: Any = fo.SGD([p], lr=0.0, momentum=0.9, state_dtype="int8", rounding="stochastic",
+                          seed=9)  # fmt: skip
+        g, name = x, "momentum_buffer"
+    else:
+        opt = fo.Adagrad([p], lr=0.0, state_dtype="int8", rounding="stochastic", seed=9)
+        g, name = np.sqrt(x).astype(np.float32), "sum"
+    opt.step([g])
+    state = (g * g).astype(np.float32) if not MAPS[qmap] else x
+    want, wabs = reference.quantize_blockwise(
+        state, reference.create_dynamic_map(MAPS[qmap]),
+        bits=reference.stochastic_bits(9, 1, 0, 1, x.size),
+    )  # fmt: skip
+    same_bits(opt.state[0][name], want, f"{qmap} codes")
+    same_bits(opt.state[0][name + "_absmax"], wabs, f"{qmap} absmax")
+
+
 def test_bit_identical_across_threads_and_chunks() -> None:
     """Chunks cut through blocks (tensor sizes not multiples of 256, a tiny grain): each block
     is updated whole by the chunk holding its first element, so any split gives the same bits."""

@@ -269,8 +269,7 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
       const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(x, a), _CMP_LT_OQ);
       __m512i code = _mm512_mask_add_epi32(l, up, l, one);
       code = _mm512_mask_mov_epi32(code, _mm512_cmplt_epi32_mask(lo, zero), zero);
-      code = _mm512_mask_mov_epi32(code, _mm512_cmpge_epi32_mask(lo, _mm512_sub_epi32(top, one)),
-                                   top);
+      code = _mm512_mask_mov_epi32(code, _mm512_cmpge_epi32_mask(lo, top), top);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
     }
   }
