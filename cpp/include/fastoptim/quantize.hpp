@@ -246,14 +246,17 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
       const __m512i c0 = _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, low)), 16);
       const __m512i c =
           _mm512_mask_sub_epi32(c0, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c0, ncap));
-      // lo: value[lo] <= x (c or c - 1); outside [0, ncodes - 1) the end codes, no draw
-      const __mmask16 on =
-          _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, value, 4), x, _CMP_LE_OQ);
+      // lo: value[lo] <= x (c or c - 1); outside [0, ncodes - 1) the end codes, no draw.  The
+      // neighbour on x's side of value[c] (index clamped into the map) is the other end.
+      const __m512 vc = _mm512_i32gather_ps(c, value, 4);
+      const __mmask16 on = _mm512_cmp_ps_mask(vc, x, _CMP_LE_OQ);
       const __m512i lo = _mm512_mask_sub_epi32(c, static_cast<__mmask16>(~on), c, one);
+      const __m512i side = _mm512_mask_add_epi32(_mm512_sub_epi32(c, one), on, c, one);
+      const __m512 other = _mm512_i32gather_ps(
+          _mm512_min_epi32(_mm512_max_epi32(side, zero), top), value, 4);
+      const __m512 a = _mm512_mask_blend_ps(on, other, vc);  // value[lo]
+      const __m512 gap = _mm512_sub_ps(_mm512_mask_blend_ps(on, vc, other), a);
       const __m512i l = _mm512_min_epi32(_mm512_max_epi32(lo, zero), _mm512_sub_epi32(top, one));
-      const __m512 a = _mm512_i32gather_ps(l, value, 4);
-      const __m512 gap =
-          _mm512_sub_ps(_mm512_i32gather_ps(_mm512_add_epi32(l, one), value, 4), a);
       // r = random_bits(key, first + i + lane)
       const auto at = static_cast<int>(first + static_cast<uint32_t>(i));
       __m512i r = _mm512_add_epi32(_mm512_set1_epi32(at), lanes);
