@@ -241,7 +241,7 @@ __attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void dequantize_vbmi(
   const __m512i order = _mm512_load_si512(kOrder);
   __m512i t[4][4];
   for (int j = 0; j < 4; ++j)
-    for (int h = 0; h < 4; ++h) t[j][h] = _mm512_load_si512(q.value_bytes[j] + 64 * h);
+    for (int h = 0; h < 4; ++h) t[j][h] = _mm512_loadu_si512(q.value_bytes[j] + 64 * h);
   const __m512 s = _mm512_set1_ps(absmax);
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
@@ -500,6 +500,8 @@ FASTOPTIM_VECTORIZE
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #define FASTOPTIM_Q_FUSED 1
+// (Where the avx512 build finds AVX-512 VBMI, sweep_quantized skips this: the states are
+// dequantized a block at a time by dequantize_vbmi, no gathers, and sweep_absmax runs from L1.)
 // With hardware gathers (AVX-512, AVX2) the states are dequantized 16 elements at a time into a
 // scratch that stays in registers and the store buffer, and the element functor runs on those
 // 16 in the compiler's vector loop inlined right after: the gathers overlap with the kernel's

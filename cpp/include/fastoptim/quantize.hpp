@@ -66,7 +66,7 @@ struct QTables {
   uint32_t bucket[kQBuckets] = {};
   // value[] as four byte planes (plane j: byte j of every value's bit pattern, little-endian),
   // for dequantizing by byte permutes (AVX-512 VBMI vpermi2b) instead of loads.
-  alignas(64) uint8_t value_bytes[4][256] = {};
+  uint8_t value_bytes[4][256] = {};
 };
 
 // The tables of map m (built once, on first use; thread-safe).
