@@ -9,6 +9,10 @@ the reference (the parameter, stored in any precision layout, must come out iden
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -279,6 +283,32 @@ def test_stochastic_codes_are_unbiased() -> None:
     assert abs(rel.mean()) < 0.002, rel.mean()
 
 
+@pytest.mark.parametrize("qmap", list(MAPS))
+def test_stochastic_codes_match_reference_on_awkward_blocks(isa: str, qmap: str) -> None:
+    """Stochastic codes (16 lanes at a time with AVX-512, a loop elsewhere) on blocks of every
+    scale, ties, zeros, map values and a short last block, against the NumPy reference: SGD's
+    momentum buffer after one step with lr 0 is the gradient, quantized once."""
+    x = awkward_blocks(np.random.default_rng(3), MAPS[qmap])
+    p = np.zeros(x.size, np.float32)
+    # SGD's buffer is signed; the unsigned map is Adagrad's sum (initial value 0, sum = g^2):
+    # give it the square roots of the values so that the state is x itself.
+    if MAPS[qmap]:
+        opt: Any = fo.SGD([p], lr=0.0, momentum=0.9, state_dtype="int8", rounding="stochastic",
+                          seed=9)  # fmt: skip
+        g, name = x, "momentum_buffer"
+    else:
+        opt = fo.Adagrad([p], lr=0.0, state_dtype="int8", rounding="stochastic", seed=9)
+        g, name = np.sqrt(x).astype(np.float32), "sum"
+    opt.step([g])
+    state = (g * g).astype(np.float32) if not MAPS[qmap] else x
+    want, wabs = reference.quantize_blockwise(
+        state, reference.create_dynamic_map(MAPS[qmap]),
+        bits=reference.stochastic_bits(9, 1, 0, 1, x.size),
+    )  # fmt: skip
+    same_bits(opt.state[0][name], want, f"{qmap} codes")
+    same_bits(opt.state[0][name + "_absmax"], wabs, f"{qmap} absmax")
+
+
 def test_bit_identical_across_threads_and_chunks() -> None:
     """Chunks cut through blocks (tensor sizes not multiples of 256, a tiny grain): each block
     is updated whole by the chunk holding its first element, so any split gives the same bits."""
@@ -305,6 +335,51 @@ def test_bit_identical_across_threads_and_chunks() -> None:
             same_bits(other["params"][i], results[0]["params"][i], f"param {i}")
             for n, v in other[i].items():
                 same_bits(v, results[0][i][n], f"{n} of {i}")
+
+
+_PATHS_CHILD = """
+import sys
+import ml_dtypes, numpy as np
+import fastoptim as fo
+fo.set_num_threads(1)
+rng = np.random.default_rng(11)
+shapes = [(20001,), (4096,), (70, 300)]  # a 33-element last block, whole blocks, 21000
+out = {}
+for layout, (pdt, opts) in {
+    "f32": (np.float32, {}),
+    "bf16": (ml_dtypes.bfloat16, {}),
+    "bf16-master": (ml_dtypes.bfloat16, {"master_weights": True}),
+}.items():
+    for name, kw in {"AdamW": {"lr": 1e-2}, "Adam": {"lr": 1e-2, "amsgrad": True},
+                     "SGD": {"lr": 0.05, "momentum": 0.9}}.items():
+        params = [(rng.standard_normal(s) * 2).astype(np.float32).astype(pdt) for s in shapes]
+        opt = getattr(fo, name)(params, state_dtype="int8", **kw, **opts)
+        for t in range(3):
+            opt.step([(rng.standard_normal(s) * 0.3 * 10.0 ** (t - 1)).astype(pdt)
+                      for s in shapes])
+        for i, p in enumerate(params):
+            out[f"{layout} {name} p{i}"] = np.asarray(p).view(np.uint8)
+            for n, v in opt.state[i].items():
+                if n != "step":
+                    out[f"{layout} {name} {n}{i}"] = np.asarray(v).view(np.uint8)
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.skipif("avx512" not in fo.available_isas(), reason="no AVX-512 on this CPU")
+def test_avx512_dequantize_by_permutes_equals_gathers(tmp_path: Path) -> None:
+    """The avx512 build dequantizes by byte permutes where the CPU has AVX-512 VBMI and by
+    gathers elsewhere (FASTOPT_QUANT_VBMI=0 forces the gathers): the same bits, every layout."""
+    got = {}
+    for vbmi in ("1", "0"):
+        env = {**os.environ, "FASTOPT_ISA": "avx512", "FASTOPT_QUANT_VBMI": vbmi}
+        path = tmp_path / f"vbmi{vbmi}.npz"
+        subprocess.run([sys.executable, "-c", _PATHS_CHILD, str(path)], env=env, check=True)
+        with np.load(path) as f:
+            got[vbmi] = {k: f[k] for k in f.files}
+    assert got["1"].keys() == got["0"].keys() and len(got["1"]) > 40
+    for k, v in got["1"].items():
+        same_bits(v, got["0"][k], k)
 
 
 def test_policy_per_state_and_sizes() -> None:

@@ -58,6 +58,9 @@ QTables build(const std::vector<float>& map) {
   q.ncodes = static_cast<int>(map.size());
   if (q.ncodes > 256) throw std::logic_error("quantization map too long");
   std::copy(map.begin(), map.end(), q.value);
+  for (int c = 0; c < 256; ++c)
+    for (int j = 0; j < 4; ++j)
+      q.value_bytes[j][c] = static_cast<uint8_t>(bits_of(q.value[c]) >> (8 * j));
   // The non-negative values, ascending; the negative ones must mirror them.
   const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
   q.pos_base = static_cast<int32_t>(first);

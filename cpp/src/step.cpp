@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -218,6 +219,65 @@ inline bool detect_avx512_bf16() {
 const bool kAvx512Bf16 = detect_avx512_bf16();
 #endif
 
+// (the avx512 build with GCC/Clang: target attributes and <cpuid.h>, as for FASTOPTIM_BF16_CVT)
+#define FASTOPTIM_Q_VBMI FASTOPTIM_BF16_CVT
+#if FASTOPTIM_Q_VBMI
+// Dequantizing codes with AVX-512 VBMI (on CPUs that have it, checked at run time): no loads
+// but the codes.  The map's four byte planes (QTables::value_bytes, 4 x 256 bytes) sit in 16
+// registers; for 64 codes, byte j of each value is two vpermi2b lookups (128 entries each, by
+// the code's low 7 bits) blended by its bit 7, and the four byte vectors are interleaved into 64
+// float32 bit patterns (unpack 8 then 16 bits within each 128-bit lane: the codes are permuted
+// first so that the patterns come out in element order).  Exactly value[code] * absmax.
+__attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void dequantize_vbmi(
+    const uint8_t* __restrict codes, int64_t n, float absmax, const QTables& q,
+    float* __restrict out) {
+  // Output register r, 128-bit lane L, dword d holds element 16 r + 4 L + d: after the
+  // unpacks it comes from byte 16 L + 4 r + d of the (permuted) codes.
+  alignas(64) static constexpr uint8_t kOrder[64] = {
+      0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+      4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+      8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+      12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  const __m512i order = _mm512_load_si512(kOrder);
+  __m512i t[4][4];
+  for (int j = 0; j < 4; ++j)
+    for (int h = 0; h < 4; ++h) t[j][h] = _mm512_loadu_si512(q.value_bytes[j] + 64 * h);
+  const __m512 s = _mm512_set1_ps(absmax);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
+    const __mmask64 top = _mm512_movepi8_mask(c);
+    __m512i b[4];
+    for (int j = 0; j < 4; ++j)
+      b[j] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[j][0], c, t[j][1]),
+                                    _mm512_permutex2var_epi8(t[j][2], c, t[j][3]));
+    const __m512i w0 = _mm512_unpacklo_epi8(b[0], b[1]), w1 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w2 = _mm512_unpacklo_epi8(b[2], b[3]), w3 = _mm512_unpackhi_epi8(b[2], b[3]);
+    _mm512_storeu_ps(out + i,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w0, w2)), s));
+    _mm512_storeu_ps(out + i + 16,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w0, w2)), s));
+    _mm512_storeu_ps(out + i + 32,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w1, w3)), s));
+    _mm512_storeu_ps(out + i + 48,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w1, w3)), s));
+  }
+  if (i < n) dequantize_block(codes + i, n - i, absmax, q, out + i);
+}
+
+// CPUID.(EAX=7, ECX=0):ECX bit 1; FASTOPT_QUANT_VBMI=0 in the environment turns it off (the
+// tests run the gather path on such CPUs too).
+inline bool detect_avx512_vbmi() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const char* env = std::getenv("FASTOPT_QUANT_VBMI");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, a, b, c, d);
+  return (c >> 1) & 1u;
+}
+const bool kAvx512Vbmi = detect_avx512_vbmi();
+#endif
+
 #if FASTOPTIM_F16C
 // float16 <-> float32 with F16C (vcvtph2ps; vcvtps2ph rounding to nearest-even): exact IEEE
 // conversions, denormals included, equal to f16_load / f16_round_nearest on every value but NaN
@@ -418,6 +478,13 @@ inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int
     return buf;
   }
   if (q == nullptr) return staged(t.state[j], t.state_dtype[j], lo, n, buf);
+#if FASTOPTIM_Q_VBMI
+  if (kAvx512Vbmi) {
+    dequantize_vbmi(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock],
+                    *q, buf);
+    return buf;
+  }
+#endif
   dequantize_block(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock], *q,
                    buf);
   return buf;
@@ -463,6 +530,8 @@ FASTOPTIM_VECTORIZE
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #define FASTOPTIM_Q_FUSED 1
+// (Where the avx512 build finds AVX-512 VBMI, sweep_quantized skips this: the states are
+// dequantized a block at a time by dequantize_vbmi, no gathers, and sweep_absmax runs from L1.)
 // With hardware gathers (AVX-512, AVX2) the states are dequantized 16 elements at a time into a
 // scratch that stays in registers and the store buffer, and the element functor runs on those
 // 16 in the compiler's vector loop inlined right after: the gathers overlap with the kernel's
@@ -551,6 +620,14 @@ FASTOPTIM_NOINLINE void sweep_qfused(const K k, typename P::type* __restrict p,
 }
 #endif
 
+inline bool q_vbmi() {
+#if FASTOPTIM_Q_VBMI
+  return kAvx512Vbmi;
+#else
+  return false;
+#endif
+}
+
 template <class K, std::size_t... J>
 void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
                      std::index_sequence<J...> seq) {
@@ -571,7 +648,8 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
     const auto first = static_cast<uint32_t>(lo);
     uint32_t mx[N == 0 ? 1 : N];
 #ifdef FASTOPTIM_Q_FUSED
-    if (direct != 0 && !q4) {  // (the fused loads read 8-bit codes: 4-bit states are staged)
+    if (direct != 0 && !q4 && !q_vbmi()) {  // (the fused loads read 8-bit codes: 4-bit states
+                                           // are staged; VBMI decodes by permutes)
       float* s[N == 0 ? 1 : N] = {
           (q[J] ? buf_s[J] : staged(t.state[J], t.state_dtype[J], lo, n, buf_s[J]))...};
       const std::array<QSrc, N> in = {QSrc{

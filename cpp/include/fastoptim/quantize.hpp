@@ -65,6 +65,9 @@ struct QTables {
   // |x| > threshold.  The first bucket holds no threshold, so |x| clamped into it counts right;
   // normalized values (|x| <= 1 + 2^-23) never pass the last one.
   uint32_t bucket[kQBuckets] = {};
+  // value[] as four byte planes (plane j: byte j of every value's bit pattern, little-endian),
+  // for dequantizing by byte permutes (AVX-512 VBMI vpermi2b) instead of loads.
+  uint8_t value_bytes[4][256] = {};
 };
 
 // The tables of map m (built once, on first use; thread-safe).
@@ -220,7 +223,62 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
     return float_of(0x7FC00000u);
   }
   const QScale s = q_scale(mb);
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+  // 16 at a time: q_code's integers and random_bits' hash in vector registers, the map values
+  // by gathers; the same float32 operations as q_code_stochastic, lane by lane.
+  if (!s.divide) {
+    const uint32_t* __restrict bucket = q.bucket;
+    const float* __restrict value = q.value;
+    const __m512 vinv = _mm512_set1_ps(s.inv), ulp24 = _mm512_set1_ps(0x1p-24f);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32(0xFFFF),
+                  base = _mm512_set1_epi32(static_cast<int>(kQBucketBase)),
+                  nbase = _mm512_set1_epi32(q.neg_base), ncap = _mm512_set1_epi32(q.neg_cap),
+                  one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(),
+                  top = _mm512_set1_epi32(q.ncodes - 1),
+                  vkey = _mm512_set1_epi32(static_cast<int>(key)),
+                  lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + i), vinv);
+      const __m512i b = _mm512_castps_si512(x);
+      const __m512i hi = _mm512_srli_epi32(_mm512_and_si512(b, abs_mask), 16);
+      const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(hi, base), base);
+      const __m512i w = _mm512_i32gather_epi32(k, bucket, 4);
+      const __m512i c0 = _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, low)), 16);
+      const __m512i c =
+          _mm512_mask_sub_epi32(c0, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c0, ncap));
+      // lo: value[lo] <= x (c or c - 1); outside [0, ncodes - 1) the end codes, no draw.  The
+      // neighbour on x's side of value[c] (index clamped into the map) is the other end.
+      const __m512 vc = _mm512_i32gather_ps(c, value, 4);
+      const __mmask16 on = _mm512_cmp_ps_mask(vc, x, _CMP_LE_OQ);
+      const __m512i lo = _mm512_mask_sub_epi32(c, static_cast<__mmask16>(~on), c, one);
+      const __m512i side = _mm512_mask_add_epi32(_mm512_sub_epi32(c, one), on, c, one);
+      const __m512 other = _mm512_i32gather_ps(
+          _mm512_min_epi32(_mm512_max_epi32(side, zero), top), value, 4);
+      const __m512 a = _mm512_mask_blend_ps(on, other, vc);  // value[lo]
+      const __m512 gap = _mm512_sub_ps(_mm512_mask_blend_ps(on, vc, other), a);
+      const __m512i l = _mm512_min_epi32(_mm512_max_epi32(lo, zero), _mm512_sub_epi32(top, one));
+      // r = random_bits(key, first + i + lane)
+      const auto at = static_cast<int>(first + static_cast<uint32_t>(i));
+      __m512i r = _mm512_add_epi32(_mm512_set1_epi32(at), lanes);
+      r = _mm512_mullo_epi32(r, _mm512_set1_epi32(static_cast<int>(0x9E3779B1u)));
+      r = _mm512_xor_si512(r, vkey);
+      r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 16));
+      r = _mm512_mullo_epi32(r, _mm512_set1_epi32(0x7FEB352D));
+      r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 15));
+      r = _mm512_mullo_epi32(r, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+      r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 16));
+      const __m512 u =
+          _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), ulp24), gap);
+      const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(x, a), _CMP_LT_OQ);
+      __m512i code = _mm512_mask_add_epi32(l, up, l, one);
+      code = _mm512_mask_mov_epi32(code, _mm512_cmplt_epi32_mask(lo, zero), zero);
+      code = _mm512_mask_mov_epi32(code, _mm512_cmpge_epi32_mask(lo, top), top);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
     const float x = s.divide ? v[i] / s.absmax : v[i] * s.inv;
     codes[i] = q_code_stochastic(x, q, random_bits(key, first + static_cast<uint32_t>(i)));
   }
