@@ -54,8 +54,6 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-from .. import _core
-
 # The signatures' annotations of the options (see codegen).
 Rounding = Literal["nearest", "stochastic"]
 StateDType = Union[str, "np.dtype[Any]", type, Mapping[str, Any], None]
@@ -253,6 +251,8 @@ def quantize(values: np.ndarray, name: str, kind: str = INT8) -> tuple[np.ndarra
     block = QUANT_BLOCK4 if four else QUANT_BLOCK
     codes = np.empty(((values.size + 1) // 2,) if four else values.shape, np.uint8)
     absmax = np.empty(-(-values.size // block), np.float32)
+    from .. import _core  # (not at import: codegen.py runs on sources without the extension)
+
     _core.quantize_blockwise(values, codes, absmax, qmap(name, kind))
     return codes, absmax
 
