@@ -325,7 +325,8 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   for (int64_t i = 0; i < n; i += 32) {
     const int64_t m = n - i;
     const auto lo = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
-    const auto hi = static_cast<__mmask16>(m >= 32 ? 0xFFFFu : (m <= 16 ? 0u : (1u << (m - 16)) - 1u));
+    const auto hi =
+        static_cast<__mmask16>(m >= 32 ? 0xFFFFu : (m <= 16 ? 0u : (1u << (m - 16)) - 1u));
     const __m512i b0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(lo, s + i));
     const __m512i b1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(hi, s + i + 16));
     const __m512i y0 = _mm512_add_epi32(b0, random_bits16x16(xi, k));
@@ -339,7 +340,8 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
       if (m >= 32)
         _mm512_storeu_si512(d + i, r);
       else
-        _mm512_mask_storeu_epi16(d + i, static_cast<__mmask32>(lo) | static_cast<__mmask32>(hi) << 16, r);
+        _mm512_mask_storeu_epi16(
+            d + i, static_cast<__mmask32>(lo) | static_cast<__mmask32>(hi) << 16, r);
     } else {
       for (int64_t j = i; j < std::min(n, i + 32); ++j)
         d[j] = bf16_round_stochastic(s[j], random_bits(key, first + static_cast<uint32_t>(j)));
