@@ -139,8 +139,9 @@ def test_driver_rounding_vector_paths(
         if n < x.size and n % 3 == 0:  # one special among ordinary values
             part[:] = np.float32(1.5)
             part[n // 2] = x[n] if n % 2 else np.float32(1e-40)
-        if n < x.size and n % 5 == 0:  # the stochastic path's threshold: 0x7F7F0000 and below
-            part[n // 3] = np.uint32(0x7F7F0000 - n % 2).view(np.float32)
+        if n < x.size and n % 5 == 0:  # around the stochastic path's threshold 0x7F7F0000
+            near_max = [0x7F7EFFFF, 0x7F7F0000, 0x7F7F7FFF][n % 3]  # the last must not overflow
+            part[n // 3] = np.uint32(near_max | (n % 2) << 31).view(np.float32)
         p = np.zeros(n, dtype)
         F.sgd_(p, np.zeros(n, np.float32), None, step=1, lr=0.0, master=part.copy(),
                rounding=rounding, seed=n)  # fmt: skip
