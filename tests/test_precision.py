@@ -122,14 +122,16 @@ def nan_payloads(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_driver_rounding_vector_paths(
-    isa: str, rng: np.random.Generator, dtype: np.dtype[Any]
+    isa: str, rng: np.random.Generator, dtype: np.dtype[Any], rounding: str
 ) -> None:
-    """The hardware conversions (AVX-512 BF16, F16C) where the ISA has them: float32 values of
-    every exponent (denormals, the overflow thresholds) and NaNs with payloads, at every offset of
-    a vector (arrays of 1..70 elements, some with one NaN or denormal among normal values), equal
-    the portable rounding: the reference's bits, NaN -> a quiet NaN with the sign (bfloat16: the
-    top half, quieted; float16: 0x7E00)."""
+    """The vector paths (AVX-512 BF16, F16C; stochastic bfloat16 32 at a time in the avx512
+    build) where the ISA has them: float32 values of every exponent (denormals, the overflow
+    thresholds) and NaNs with payloads, at every offset of a vector (arrays of 1..70 elements,
+    some with one NaN, denormal or value next to the largest bfloat16 among ordinary values),
+    equal the portable rounding: the reference's bits, NaN -> a quiet NaN with the sign
+    (bfloat16: the top half, quieted; float16: 0x7E00)."""
     x = np.concatenate([awkward_floats(rng, 20_000), nan_payloads(rng, 2000)])
     x = x[rng.permutation(x.size)]
     for n in [*range(1, 71), x.size]:
@@ -137,11 +139,18 @@ def test_driver_rounding_vector_paths(
         if n < x.size and n % 3 == 0:  # one special among ordinary values
             part[:] = np.float32(1.5)
             part[n // 2] = x[n] if n % 2 else np.float32(1e-40)
+        if n < x.size and n % 3 == 1:  # one value around the stochastic path's threshold
+            part[:] = np.float32(1.5)  # 0x7F7F0000 among ordinary values (the last of these
+            near_max = [0x7F7EFFFF, 0x7F7F0000, 0x7F7F7FFF][n // 3 % 3]  # must not overflow)
+            part[n // 2] = np.uint32(near_max | (n % 2) << 31).view(np.float32)
         p = np.zeros(n, dtype)
-        F.sgd_(p, np.zeros(n, np.float32), None, step=1, lr=0.0, master=part.copy())
+        F.sgd_(p, np.zeros(n, np.float32), None, step=1, lr=0.0, master=part.copy(),
+               rounding=rounding, seed=n)  # fmt: skip
         b = part.view(np.uint32)
         nan = np.isnan(part)
-        want = bits16(round_to(part, dtype, None)).copy()
+        bits = reference.stochastic_bits(n, 1, 0, 0, n) if rounding == "stochastic" else None
+        with np.errstate(invalid="ignore"):  # the NaNs, fixed up below
+            want = bits16(round_to(part, dtype, bits)).copy()
         if dtype == BF16:
             want[nan] = ((b[nan] >> 16) | 0x40).astype(np.uint16)
         else:

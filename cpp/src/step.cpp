@@ -284,8 +284,19 @@ const bool kAvx512Vbmi = detect_avx512_vbmi();
 // (vcvtph2ps quiets a signaling NaN, vcvtps2ph keeps the payload): a group of 8 holding a
 // float16 Inf/NaN (loads) or a float32 NaN (stores) is converted by the portable functions.
 template <> void load_block<F16>(const uint16_t* __restrict s, int64_t n, float* __restrict d) {
-  const __m128i top = _mm_set1_epi16(0x7C00);
   int64_t i = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  // 16 at a time with the AVX-512 forms (the group check in a mask register).
+  const __m256i top16 = _mm256_set1_epi16(0x7C00);
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    if (_mm256_cmpeq_epi16_mask(_mm256_and_si256(h, top16), top16) == 0)
+      _mm512_storeu_ps(d + i, _mm512_cvtph_ps(h));
+    else
+      for (int64_t j = i; j < i + 16; ++j) d[j] = f16_load(s[j]);
+  }
+#endif
+  const __m128i top = _mm_set1_epi16(0x7C00);
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
     if (_mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(h, top), top)) == 0)
@@ -298,6 +309,16 @@ template <> void load_block<F16>(const uint16_t* __restrict s, int64_t n, float*
 
 template <> void store_nearest<F16>(const float* __restrict s, int64_t n, uint16_t* __restrict d) {
   int64_t i = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(s + i);
+    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) == 0)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else
+      for (int64_t j = i; j < i + 16; ++j) d[j] = f16_round_nearest(s[j]);
+  }
+#endif
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(s + i);
     if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) == 0)
@@ -327,6 +348,69 @@ void store_stochastic(const float* __restrict s, int64_t n, uint16_t* __restrict
   for (int64_t i = 0; i < n; ++i)
     d[i] = F::stochastic(s[i], random_bits(key, first + static_cast<uint32_t>(i)));
 }
+
+#if FASTOPTIM_BF16_CVT
+// Stochastic rounding to bfloat16 with AVX-512 integer instructions (no BF16 extension needed),
+// the same bits as bf16_round_stochastic with random_bits: below |x| = 0x7F7F0000 (as a
+// pattern) that function is (x's pattern + the low 16 random bits) >> 16 (the carry cannot reach
+// the sign, nor make Inf), so 32 lanes take an add and a permutation of their upper halves;
+// a group of 32 holding a larger value, Inf or NaN (rare) is rounded by the portable function.
+constexpr bool kStagedStochastic = true;
+
+// The low 16 bits of random_bits(key, index) in each lane, xi = index * 0x9E3779B1 per lane.
+inline __m512i random_bits16x16(__m512i xi, __m512i key) {
+  __m512i x = _mm512_xor_si512(xi, key);
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  // (x ^ (x >> 16)) & 0xFFFF in one ternary-logic instruction (A ^ B) & C: 0x28
+  return _mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0xFFFF), 0x28);
+}
+
+template <>
+void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d,
+                            uint32_t key, uint32_t first) {
+  alignas(64) static constexpr uint16_t kOdd[32] = {
+      1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+      33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};  // upper halves
+  const __m512i odd = _mm512_load_si512(kOdd);
+  const __m512i c0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
+  const __m512i k = _mm512_set1_epi32(static_cast<int>(key));
+  const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), big = _mm512_set1_epi32(0x7F7F0000);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i xi = _mm512_mullo_epi32(
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane), c0);
+  for (int64_t i = 0; i < n; i += 32) {
+    const int64_t m = n - i;
+    const auto lo = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
+    const auto hi =
+        static_cast<__mmask16>(m >= 32 ? 0xFFFFu : (m <= 16 ? 0u : (1u << (m - 16)) - 1u));
+    const __m512i b0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(lo, s + i));
+    const __m512i b1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(hi, s + i + 16));
+    const __m512i y0 = _mm512_add_epi32(b0, random_bits16x16(xi, k));
+    xi = _mm512_add_epi32(xi, step);
+    const __m512i y1 = _mm512_add_epi32(b1, random_bits16x16(xi, k));
+    xi = _mm512_add_epi32(xi, step);
+    const __mmask16 special = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big) |
+                              _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
+    if (__builtin_expect(special == 0, 1)) {
+      const __m512i r = _mm512_permutex2var_epi16(y0, odd, y1);
+      if (m >= 32)
+        _mm512_storeu_si512(d + i, r);
+      else
+        _mm512_mask_storeu_epi16(
+            d + i, static_cast<__mmask32>(lo) | static_cast<__mmask32>(hi) << 16, r);
+    } else {
+      for (int64_t j = i; j < std::min(n, i + 32); ++j)
+        d[j] = bf16_round_stochastic(s[j], random_bits(key, first + static_cast<uint32_t>(j)));
+    }
+  }
+}
+#else
+constexpr bool kStagedStochastic = false;
+#endif
 
 // Kahan-compensated store of an updated low-precision parameter: the update (new - old) plus the
 // compensation c is added to the stored parameter, rounded to nearest; what the rounding lost
@@ -713,9 +797,11 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
 // One fused sweep of n elements from element `first` of their tensor: parameter of format P
 // (updated in place), gradient of format G, states of format S, and a bfloat16 copy of the
 // parameter when Out.  Stochastic: random bits per array (0: parameter and copy; 1 + j: state
-// j) from `keys`, the rounding in the element loop.  To nearest: the loop leaves the float32
-// results bound for bfloat16 in L1 (kSub elements at a time) and store_nearest<BF16> rounds them
-// (fewer instructions than rounding in the loop, and AVX-512 BF16 where the CPU has it).
+// j) from `keys`.  The loop leaves the float32 results bound for bfloat16 in L1 (kSub elements
+// at a time) and store_nearest<BF16> rounds them (fewer instructions than rounding in the loop,
+// and AVX-512 BF16 where the CPU has it); so does store_stochastic<BF16> in the avx512 build
+// (kStagedStochastic: a group of 32 takes an add and a permutation there), while the other
+// builds round stochastically in the element loop.
 //
 // Not inlined: compiled on its own, the loop vectorizes whatever the caller (GCC 12 failed to
 // if-convert some of these loops once inlined into the parallel driver's lambdas).
@@ -750,19 +836,29 @@ FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p, c
                  uint16_t* __restrict out, int64_t n, uint32_t first,
                  const std::array<uint32_t, sizeof...(J) + 1> keys, std::index_sequence<J...>,
                  SP* __restrict... s) {
-  if constexpr (!Stochastic) {
+  if constexpr (!Stochastic || kStagedStochastic) {
     constexpr std::size_t N = sizeof...(J);
     alignas(64) float bp[std::is_same_v<P, BF16> ? kSub : 1];
     alignas(64) float bs[std::is_same_v<S, BF16> ? N : 1][kSub];
+    // float32 -> bfloat16 of m values from element lo, with the bits of stream `key`
+    const auto put = [&](const float* src, int64_t m, uint16_t* dst, uint32_t key, int64_t lo) {
+      if constexpr (Stochastic)
+        store_stochastic<BF16>(src, m, dst, key, first + static_cast<uint32_t>(lo));
+      else
+        store_nearest<BF16>(src, m, dst);
+      (void)key;
+      (void)lo;
+    };
     for (int64_t lo = 0; lo < n; lo += kSub) {
       const int64_t m = std::min(kSub, n - lo);
       fused_block<P, G, S>(k, p + lo, g + lo, m, bp, bs, std::index_sequence<J...>{}, (s + lo)...);
-      if constexpr (std::is_same_v<P, BF16>) store_nearest<BF16>(bp, m, p + lo);
-      if constexpr (std::is_same_v<S, BF16>) (store_nearest<BF16>(bs[J], m, s + lo), ...);
-      if constexpr (Out) store_nearest<BF16>(p + lo, m, out + lo);  // P is F32
+      if constexpr (std::is_same_v<P, BF16>) put(bp, m, p + lo, keys[0], lo);
+      if constexpr (std::is_same_v<S, BF16>) (put(bs[J], m, s + lo, keys[1 + J], lo), ...);
+      if constexpr (Out) put(p + lo, m, out + lo, keys[0], lo);  // P is F32
     }
     (void)first;
     (void)keys;
+    (void)put;
   } else {
 FASTOPTIM_VECTORIZE
     for (int64_t i = 0; i < n; ++i) {

@@ -6,8 +6,9 @@
 // same bits: the portable conversion is the definition.  The driver (step.cpp) uses hardware
 // conversions only where they give these bits: F16C for float16 (exact IEEE conversions; groups
 // holding NaN/Inf converted here, for the NaN conventions) and AVX-512 BF16 for bfloat16 to
-// nearest (its denormal inputs, which it flushes, rounded here).  fastoptim.reference holds
-// their NumPy twins.
+// nearest (its denormal inputs, which it flushes, rounded here); its avx512 build also rounds
+// stochastically to bfloat16 in AVX-512 integer code computing these functions' bits (values
+// from 0x7F7F0000 up, Inf and NaN rounded here).  fastoptim.reference holds their NumPy twins.
 #pragma once
 
 #include <cstdint>
