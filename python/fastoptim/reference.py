@@ -59,6 +59,8 @@ __all__ = [
     "create_dynamic_map",
     "create_map4",
     "quantize_blockwise4",
+    "pack4",
+    "unpack4",
     "dequantize_blockwise4",
     "dequantize_blockwise",
     "quantize_blockwise",

@@ -1665,8 +1665,8 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
 
     Each parameter group holds, as the package's do, ``k`` (its step count), ``weight_sum``,
     ``lr_max``, ``scheduled_lr`` (the last step's warmed-up lr, for logging) and
-    ``train_mode``; the parameters' state is ``z`` (and ``exp_avg_sq``).  :meth:`eval` moves
-    the parameters in place to the average x, :meth:`train` back to y; :meth:`step` in eval
+    ``train_mode``; the parameters' state is ``z`` (and ``exp_avg_sq``).  ``eval()`` moves
+    the parameters in place to the average x, ``train()`` back to y; :meth:`step` in eval
     mode raises ``RuntimeError``."""
 
     # The package's per-group entries and their initial values (but train_mode: the package
@@ -1744,7 +1744,7 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
 
     @_hooked
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """As :meth:`Optimizer.step`; raises ``RuntimeError`` in eval mode (call :meth:`train`
+        """As :meth:`Optimizer.step`; raises ``RuntimeError`` in eval mode (call ``train()``
         first), changing nothing.  Every group's ``k``, ``weight_sum``, ``lr_max`` and
         ``scheduled_lr`` advance, as in the package (also groups without gradients)."""
         if not self.training:

@@ -28,7 +28,7 @@ class Modes:
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> None:
-        """Move the parameters to y, where :meth:`step` takes gradients (no-op in train mode).
+        """Move the parameters to y, where ``step()`` takes gradients (no-op in train mode).
         ``train(False)`` is :meth:`eval`."""
         self._set_mode(bool(mode))
 
@@ -42,8 +42,8 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
     """An :class:`~fastoptim.engine.optimizer.Optimizer` whose parameters are in one of two
     places: :math:`y` (train mode, where gradients are taken and :meth:`step` works) or the
     average :math:`x` (eval mode, for evaluation and checkpoints).  The mode is per group
-    (scalar state ``train_mode`` of the kernel's struct, saved with the state); :meth:`train`
-    and :meth:`eval` switch every group."""
+    (scalar state ``train_mode`` of the kernel's struct, saved with the state); ``train()``
+    and ``eval()`` (:class:`Modes`) switch every group."""
 
     def _scalar_names(self) -> list[str]:
         return [*super()._scalar_names(), "train_mode"]
@@ -87,7 +87,7 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
 
     def step(self, grads: Grads | None = None, *, grad_scale: float | None = None) -> float | None:
         """As :meth:`fastoptim.Optimizer.step`; raises ``RuntimeError`` in eval mode (call
-        :meth:`train` first), changing nothing."""
+        ``train()`` first), changing nothing."""
         if not self.training:
             raise RuntimeError(
                 f"{type(self).__name__}.step: the optimizer is in eval mode (the parameters "
