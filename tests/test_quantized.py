@@ -507,19 +507,24 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
 
 
 # ------------------------------------------------------------------------- the torch tier
-def test_torch_tier_matches_numpy_tier_and_round_trips() -> None:
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_torch_tier_matches_numpy_tier_and_round_trips(kind: str) -> None:
+    """fastoptim.torch with 8-bit or 4-bit state: the same bits as the NumPy tier, a
+    bit-exact state_dict round trip; (4-bit, odd sizes) a truncated state is a clear error at
+    the next step, changing nothing."""
     torch = pytest.importorskip("torch")
     import copy
 
     import fastoptim.torch as ft
 
     rng = np.random.default_rng(6)
-    shapes = [(80, 100), (80,), (4100,)]
+    odd = int(kind == "int4")
+    shapes = [(80, 100 + odd), (80,), (4100 + odd,)]
     base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     tparams = [torch.nn.Parameter(torch.from_numpy(b.copy())) for b in base]
     nparams = [b.copy() for b in base]
-    topt = ft.AdamW(tparams, lr=1e-2, weight_decay=0.1, state_dtype="int8")
-    nopt = fo.AdamW(nparams, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    topt = ft.AdamW(tparams, lr=1e-2, weight_decay=0.1, state_dtype=kind)
+    nopt = fo.AdamW(nparams, lr=1e-2, weight_decay=0.1, state_dtype=kind)
     for _ in range(3):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         for p, g in zip(tparams, grads):
@@ -532,12 +537,14 @@ def test_torch_tier_matches_numpy_tier_and_round_trips() -> None:
             if n != "step":
                 same_bits(topt.state[p][n].numpy(), v, f"{n} of {i}")
     assert topt.state[tparams[0]]["exp_avg"].dtype == torch.uint8
+    if kind == "int4":
+        assert topt.state[tparams[0]]["exp_avg"].shape == (4040,)
     assert "exp_avg_absmax" not in topt.state[tparams[1]]  # small: float32
     assert topt.state_bytes() == nopt.state_bytes()
     # state_dict round trip (torch casts floating state to the parameter's dtype on load: undone)
     sd = copy.deepcopy(topt.state_dict())
     t2 = [torch.nn.Parameter(p.detach().clone()) for p in tparams]
-    opt2 = ft.AdamW(t2, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    opt2 = ft.AdamW(t2, lr=1e-2, weight_decay=0.1, state_dtype=kind)
     opt2.load_state_dict(sd)
     for opt, ps in ((topt, tparams), (opt2, t2)):
         for p, s in zip(ps, shapes):
@@ -547,16 +554,34 @@ def test_torch_tier_matches_numpy_tier_and_round_trips() -> None:
         same_bits(a.detach().numpy(), b.detach().numpy(), "resumed param")
         for n, v in topt.state[a].items():
             same_bits(v.numpy(), opt2.state[b][n].numpy(), f"resumed {n}")
+    if kind == "int4":
+        # a wrong byte count or absmax shape: a clear error at the next step, nothing changed
+        for n, cut in (("exp_avg", 4039), ("exp_avg_sq_absmax", 31)):
+            bad = copy.deepcopy(sd)
+            bad["state"][0][n] = bad["state"][0][n][:cut].clone()
+            t3 = [torch.nn.Parameter(p.detach().clone()) for p in tparams]
+            o3 = ft.AdamW(t3, lr=1e-2, weight_decay=0.1, state_dtype=kind)
+            o3.load_state_dict(bad)
+            before = [p.detach().clone() for p in t3]
+            for p, s in zip(t3, shapes):
+                p.grad = torch.ones(s)
+            with pytest.raises(
+                ValueError, match=r"4040 bytes of 4-bit codes|float32 tensor of shape"
+            ):
+                o3.step()
+            for p, q in zip(t3, before):
+                same_bits(p.detach().numpy(), q.numpy(), "untouched")
 
 
-def test_torch_bfloat16_params_with_int8_state() -> None:
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_torch_bfloat16_params_with_quantized_state(kind: str) -> None:
     torch = pytest.importorskip("torch")
     import fastoptim.torch as ft
 
     w = torch.nn.Parameter(torch.randn(5000).to(torch.bfloat16))
     w_np = w.detach().view(torch.int16).numpy().copy().view(BF16)
-    topt = ft.Adam([w], lr=1e-2, state_dtype="int8", master_weights=True)
-    nopt = fo.Adam([w_np], lr=1e-2, state_dtype="int8", master_weights=True)
+    topt = ft.Adam([w], lr=1e-2, state_dtype=kind, master_weights=True)
+    nopt = fo.Adam([w_np], lr=1e-2, state_dtype=kind, master_weights=True)
     g = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
     w.grad = torch.from_numpy(g).to(torch.bfloat16)
     topt.step()
