@@ -105,18 +105,16 @@ def quantized_state(
         )
     if dtype not in _precision.QUANT_KINDS:
         raise ValueError(f"quantized_state: dtype must be 'int8' or 'int4', got {dtype!r}")
-    four = dtype == _precision.INT4
-    if four and np.shape(param) == (1,):
+    if dtype == _precision.INT4 and np.shape(param) == (1,):
         raise ValueError(
             "quantized_state: a one-element 1-D parameter cannot have a 4-bit state (its one "
             "byte of codes, shaped like the parameter, reads as 8-bit): use dtype='int8'"
         )
-    size = int(np.prod(np.shape(param)))
+    shape = tuple(np.shape(param))
     code, scale = _precision.quantized_fill(fill, name, dtype)
-    codes = np.empty(((size + 1) // 2,) if four else np.shape(param), np.uint8)
-    _precision.fill_codes(codes, code, dtype, size)
-    block = _precision.QUANT_BLOCK4 if four else _precision.QUANT_BLOCK
-    absmax = np.full(-(-size // block), scale, np.float32)
+    codes = np.empty(_precision.storage(dtype, shape)[1], np.uint8)
+    _precision.fill_codes(codes, code, dtype, int(np.prod(shape)))
+    absmax = np.full(_precision.storage(_precision.absmax_kind(dtype), shape)[1], scale, np.float32)
     return codes, absmax
 
 

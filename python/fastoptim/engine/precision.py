@@ -228,7 +228,7 @@ def buffers(
         if _is_quant(v):
             if n in QUANT_MAPS and size >= MIN_QUANTIZED:
                 out[n] = str(v)
-                out[n + ABSMAX] = ABSMAX_KIND if v == INT8 else ABSMAX4_KIND
+                out[n + ABSMAX] = absmax_kind(str(v))
             else:
                 out[n] = "float32"
             continue
@@ -247,10 +247,8 @@ def quantize(values: np.ndarray, name: str, kind: str = INT8) -> tuple[np.ndarra
     `values` as state `name` (its map: :data:`QUANT_MAPS`) stored as `kind`: ``"int8"``, codes
     of `values`' shape, blocks of :data:`QUANT_BLOCK`; ``"int4"``, two codes per byte (1-D),
     blocks of :data:`QUANT_BLOCK4`."""
-    four = kind == INT4
-    block = QUANT_BLOCK4 if four else QUANT_BLOCK
-    codes = np.empty(((values.size + 1) // 2,) if four else values.shape, np.uint8)
-    absmax = np.empty(-(-values.size // block), np.float32)
+    codes = np.empty(storage(kind, values.shape)[1], np.uint8)
+    absmax = np.empty(storage(absmax_kind(kind), values.shape)[1], np.float32)
     from .. import _core  # (not at import: codegen.py runs on sources without the extension)
 
     _core.quantize_blockwise(values, codes, absmax, qmap(name, kind))
@@ -274,6 +272,11 @@ def fill_codes(codes: Any, code: int, kind: str, size: int) -> None:
     codes[...] = code
     if kind == INT4 and size % 2:
         codes[-1] = code & 0xF0
+
+
+def absmax_kind(kind: str) -> str:
+    """The :func:`buffers` kind of the scales of codes of `kind` (``"int8"`` / ``"int4"``)."""
+    return ABSMAX_KIND if kind == INT8 else ABSMAX4_KIND
 
 
 def storage(kind: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
