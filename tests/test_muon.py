@@ -447,3 +447,82 @@ def test_combine_rejects_bad_arrays() -> None:
     with pytest.raises(ValueError, match="out"):
         _core.combine(ro, a, b, 1.0, 1.0)
     np.testing.assert_array_equal(a, 1.0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 31, 32, 33, 65, 130])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64"])
+def test_symmetrize_copies_the_upper_triangle(m: int, kind: str, rng: np.random.Generator) -> None:
+    """_core.symmetrize: the lower triangle becomes the transposed upper one (never read: NaN
+    there must vanish), every tile edge (32) and ragged end; bf16 rounds every element first,
+    as _core.round_bfloat16 (NaN and Inf kept)."""
+    from fastoptim import _core
+
+    dtype = np.float64 if kind == "float64" else np.float32
+    a = rng.standard_normal((m, m)).astype(dtype) * dtype(1e3)
+    if m > 3:
+        a[0, 1:4] = [np.nan, np.inf, -3.39e38]
+    upper = np.triu(a)
+    want = upper + np.triu(a, 1).T
+    if kind == "bfloat16":
+        want = reference.round_to_bfloat16(want).astype(np.float32)
+    a[np.tril_indices(m, -1)] = np.nan
+    _core.symmetrize(a, kind == "bfloat16")
+    np.testing.assert_array_equal(a, want)
+
+
+def test_symmetrize_rejects_bad_arrays() -> None:
+    from fastoptim import _core
+
+    with pytest.raises(ValueError, match="square 2-D"):
+        _core.symmetrize(np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="square 2-D"):
+        _core.symmetrize(np.ones(9, np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _core.symmetrize(np.ones((3, 3), np.float16))
+    with pytest.raises(TypeError, match="int32"):
+        _core.symmetrize(np.ones((3, 3), np.int32))
+    with pytest.raises(TypeError, match="bf16 needs float32"):
+        _core.symmetrize(np.ones((3, 3)), True)
+    with pytest.raises(ValueError, match="a"):
+        _core.symmetrize(np.ones((6, 6), np.float32)[::2, ::2])  # not contiguous
+    ro = np.triu(np.ones((3, 3), np.float32))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="a"):
+        _core.symmetrize(ro)
+    np.testing.assert_array_equal(ro, np.triu(np.ones((3, 3))))
+
+
+def _numpy_has_scipy_openblas() -> bool:
+    blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})  # type: ignore[attr-defined]
+    return bool(blas.get("name") == "scipy-openblas")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("shape", [(0, 4), (1, 1), (1, 7), (7, 1), (31, 33), (33, 70), (65, 64)])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64"])
+def test_gram_is_numpys_x_xT(
+    direct: bool,
+    shape: tuple[int, int],
+    kind: str,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """host.gram_ (Newton-Schulz's A = X X^T): BLAS syrk called directly on NumPy's own
+    OpenBLAS, completed by _core.symmetrize, gives NumPy's ``x @ x.T`` bit for bit (NumPy calls
+    the same syrk), rounded to bfloat16 when asked; ``FASTOPT_DIRECT_BLAS=0`` takes NumPy's
+    route.  Where NumPy's wheels bring their OpenBLAS, the direct route must be found."""
+    monkeypatch.setenv("FASTOPT_DIRECT_BLAS", "1" if direct else "0")
+    monkeypatch.setattr(host, "_SYRK", host._Syrk())
+    assert host._SYRK is not None
+    if direct and _numpy_has_scipy_openblas():
+        assert set(host._SYRK.fns) == {np.dtype(np.float32), np.dtype(np.float64)}
+    if not direct:
+        assert not host._SYRK.fns
+    dtype = np.float64 if kind == "float64" else np.float32
+    x = rng.standard_normal(shape).astype(dtype)
+    want = x @ x.T
+    if kind == "bfloat16":
+        want = reference.round_to_bfloat16(want).astype(np.float32)
+    out = np.full((shape[0], shape[0]), np.nan, dtype)
+    assert host.gram_(x, out, kind == "bfloat16") is out
+    np.testing.assert_array_equal(out, want)

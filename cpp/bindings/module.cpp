@@ -1323,6 +1323,25 @@ PYBIND11_MODULE(_core, m) {
   "out = alpha * x + beta * y (C-contiguous arrays of one float dtype; each product rounded "
   "before the sum), then rounded to bfloat16 (kept in float32) when bf16: the element-wise "
   "part of a Newton-Schulz iteration, on all threads.");
+  m.def("symmetrize", [](const py::handle& a, bool bf16) {
+    Arg x = check_array(a, "a", true);
+    if (x.dtype != DType::f32 && x.dtype != DType::f64)
+      throw py::type_error("symmetrize: a must be float32 or float64, got " + dtype_name(x.arr));
+    if (x.arr.ndim() != 2 || x.arr.shape(0) != x.arr.shape(1))
+      throw py::value_error("symmetrize: a must be a square 2-D array, got shape " +
+                            shape_str(x.arr));
+    if (bf16 && x.dtype != DType::f32) throw py::type_error("symmetrize: bf16 needs float32");
+    const int64_t m = x.arr.shape(0);
+    py::gil_scoped_release release;
+    if (x.dtype == DType::f32)
+      symmetrize(static_cast<float*>(x.data), m, bf16);
+    else
+      symmetrize(static_cast<double*>(x.data), m);
+  }, py::arg("a"), py::arg("bf16") = false,
+  "Make the square C-contiguous a symmetric in place from its upper triangle (the diagonal "
+  "included; the lower triangle is overwritten, never read), after rounding every element to "
+  "the nearest bfloat16 (kept in float32) when bf16: BLAS syrk's half result made whole, on all "
+  "threads.");
   m.def("round_bfloat16", [](const py::handle& x) {
     Arg a = check_array(x, "x", true);
     if (a.dtype != DType::f32) throw py::type_error("round_bfloat16: x must be float32");

@@ -14,6 +14,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "fastoptim/fastoptim.hpp"
@@ -619,6 +620,43 @@ void round_bfloat16(float* x, int64_t n) {
     for (int64_t i = lo; i < hi; ++i) x[i] = bf16_nearest(x[i]);
   });
 }
+
+namespace {
+
+// The lower triangle of the m x m matrix a (row-major) set from the upper one, tile by tile
+// (kTile x kTile, read along the upper tile's rows, written transposed), each task one block
+// row of the lower triangle; with `bf16` the upper triangle and the diagonal are rounded first
+// (so both halves hold the same rounded values).
+template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
+  constexpr int64_t kTile = 32;
+  const int64_t blocks = (m + kTile - 1) / kTile;
+  struct Ctx {
+    T* a;
+    int64_t m, blocks;
+    bool bf16;
+  } ctx{a, m, blocks, bf16};
+  run_chunks(blocks, threads_for(static_cast<int64_t>(sizeof(T)) * m * m), [](void* p, int64_t rb) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    const int64_t r0 = rb * kTile, r1 = std::min(c.m, r0 + kTile);
+    for (int64_t cb = 0; cb <= rb; ++cb) {
+      const int64_t c0 = cb * kTile, c1 = std::min(c.m, c0 + kTile);
+      // upper tile: rows c0..c1, columns r0..r1 (column > row on the diagonal tile)
+      if constexpr (std::is_same_v<T, float>) {
+        if (c.bf16)
+          for (int64_t i = c0; i < c1; ++i)
+            for (int64_t j = std::max(r0, i); j < r1; ++j)
+              c.a[i * c.m + j] = bf16_nearest(c.a[i * c.m + j]);
+      }
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = c0; j < std::min(c1, i); ++j) c.a[i * c.m + j] = c.a[j * c.m + i];
+    }
+  }, &ctx);
+}
+
+}  // namespace
+
+void symmetrize(float* a, int64_t m, bool bf16) { symmetrize_impl(a, m, bf16); }
+void symmetrize(double* a, int64_t m) { symmetrize_impl(a, m, false); }
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
   template void step<Opt>(const Plan&, Opt::Hyper&, int64_t);

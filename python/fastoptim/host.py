@@ -40,6 +40,99 @@ def round_bfloat16_(x: np.ndarray) -> np.ndarray:
     return x
 
 
+class _Syrk:
+    """BLAS ``?syrk`` from the library NumPy itself calls (the OpenBLAS of NumPy's wheels, found
+    beside NumPy and checked against ``numpy.show_config``), through :mod:`ctypes`: the upper
+    triangle of :math:`X X^T` in one multithreaded call, on NumPy's own BLAS threads.
+
+    NumPy's ``x @ x.T`` calls the same ``syrk`` and then copies the other triangle on one
+    thread, column by column: at 1024 x 1024 that copy took as long as the product itself on
+    two threads (and more on sixteen).  Here :func:`fastoptim._core.symmetrize` completes the
+    matrix on all threads, rounding to bfloat16 in the same pass; the bits are NumPy's (the
+    same ``syrk`` call: the tests compare both routes).  Where the library is not found (another
+    BLAS, another platform's layout) or ``FASTOPT_DIRECT_BLAS=0`` is set, :func:`gram_` uses
+    ``x @ x.T``."""
+
+    def __init__(self) -> None:
+        self.fns: dict[np.dtype[Any], Callable[..., None]] = {}
+        self.index: Any = None
+        import os
+
+        if os.environ.get("FASTOPT_DIRECT_BLAS", "1") == "0":
+            return
+        try:
+            self._find()
+        except (OSError, AttributeError, KeyError, TypeError, ImportError):  # pragma: no cover
+            self.fns = {}
+
+    def _find(self) -> None:
+        import ctypes
+        import glob
+        import os
+
+        config = getattr(np, "__config__", None)
+        blas = getattr(config, "CONFIG", {}).get("Build Dependencies", {}).get("blas", {})
+        if blas.get("name") != "scipy-openblas":
+            return
+        root = os.path.dirname(os.path.abspath(np.__file__))
+        found = []
+        for pattern in (
+            os.path.join(root + ".libs", "*scipy_openblas*"),  # Linux / Windows wheels
+            os.path.join(root, ".dylibs", "*scipy_openblas*"),  # macOS wheels
+        ):
+            found += sorted(glob.glob(pattern))
+        if len(found) != 1:
+            return
+        lib = ctypes.CDLL(found[0])  # (already loaded by NumPy: the same handle and threads)
+        # scipy-openblas64 (64-bit integers) names its symbols scipy_cblas_*64_, the 32-bit
+        # integer build scipy_cblas_*
+        ilp64 = hasattr(lib, "scipy_cblas_ssyrk64_")
+        suffix, index = ("64_", ctypes.c_int64) if ilp64 else ("", ctypes.c_int)
+        for dtype, scalar, name in (
+            (np.float32, ctypes.c_float, "ssyrk"),
+            (np.float64, ctypes.c_double, "dsyrk"),
+        ):
+            fn = getattr(lib, f"scipy_cblas_{name}{suffix}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int] * 3 + [index, index, scalar, ctypes.c_void_p, index]
+            fn.argtypes += [scalar, ctypes.c_void_p, index]
+            self.fns[np.dtype(dtype)] = fn
+        self.index = index
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> bool:
+        """The upper triangle of ``out = x @ x.T`` (C-contiguous, same dtype); False when no
+        direct call is available for that dtype (nothing written)."""
+        fn = self.fns.get(x.dtype)
+        if fn is None or not (x.flags.c_contiguous and out.flags.c_contiguous):
+            return False
+        m, k = x.shape
+        # row-major (101), upper (121), no transpose (111): C = 1 A A^T + 0 C
+        fn(101, 121, 111, m, k, 1.0, x.ctypes.data, max(k, 1), 0.0, out.ctypes.data, max(m, 1))
+        return True
+
+
+_SYRK: _Syrk | None = None
+
+
+def gram_(x: np.ndarray, out: np.ndarray, bf16: bool = False) -> np.ndarray:
+    """``out = x @ x.T`` for a C-contiguous 2-D float32/float64 `x` (`out` C-contiguous,
+    ``(m, m)``, same dtype), rounded to bfloat16 (kept in float32) when `bf16`: BLAS syrk
+    called directly where NumPy's BLAS is found (see :class:`_Syrk`), else NumPy's ``@``.
+    Returns `out`."""
+    from fastoptim import _core
+
+    global _SYRK
+    if _SYRK is None:
+        _SYRK = _Syrk()
+    if x.shape[0] > 0 and x.shape[1] > 0 and _SYRK(x, out):
+        _core.symmetrize(out, bf16)
+        return out
+    np.matmul(x, x.T, out=out)
+    if bf16:
+        _core.round_bfloat16(out)
+    return out
+
+
 def newton_schulz(
     g: np.ndarray,
     coefficients: Sequence[float] = NS_COEFFICIENTS,
@@ -86,9 +179,7 @@ def newton_schulz(
     # Between the BLAS products, one multithreaded pass each (_core.combine: each product
     # rounded to the working dtype, then the sum, then bfloat16 when `low`).
     for _ in range(steps):
-        np.matmul(x, x.T, out=gram)  # A = X X^T
-        if low:
-            round_bfloat16_(gram)
+        gram_(x, gram, low)  # A = X X^T
         np.matmul(gram, gram, out=poly)  # B = b A + c A A
         _core.combine(poly, poly, gram, float(c), float(b), low)
         np.matmul(poly, x, out=nxt)  # X = a X + B X

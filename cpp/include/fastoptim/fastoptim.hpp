@@ -74,6 +74,12 @@ void combine(float* out, const float* x, const float* y, float alpha, float beta
              bool bf16);
 void combine(double* out, const double* x, const double* y, double alpha, double beta,
              int64_t n);
+// The m x m row-major matrix `a` made symmetric from its upper triangle (diagonal included; the
+// lower triangle's old values are never read), on all threads; with `bf16` every element is
+// first rounded to the nearest bfloat16 as `combine` rounds.  BLAS syrk's result (upper
+// triangle only) made whole: Newton-Schulz's A = X X^T.
+void symmetrize(float* a, int64_t m, bool bf16);
+void symmetrize(double* a, int64_t m);
 // x[i] rounded to the nearest bfloat16 in place, as `combine` rounds.
 void round_bfloat16(float* x, int64_t n);
 
