@@ -526,3 +526,47 @@ def test_gram_is_numpys_x_xT(
     out = np.full((shape[0], shape[0]), np.nan, dtype)
     assert host.gram_(x, out, kind == "bfloat16") is out
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (40, 1), (31, 33), (64, 32), (65, 97)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_is_numpys(
+    shape: tuple[int, int], dtype: type[np.floating[Any]], rng: np.random.Generator
+) -> None:
+    """_core.transpose (Newton-Schulz's tall inputs): out = x.T element for element, every tile
+    edge (32) and ragged end."""
+    from fastoptim import _core
+
+    x = rng.standard_normal(shape).astype(dtype)
+    out = np.full(shape[::-1], np.nan, dtype)
+    _core.transpose(out, x)
+    np.testing.assert_array_equal(out, x.T)
+
+
+def test_transpose_rejects_bad_arrays() -> None:
+    from fastoptim import _core
+
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="transposed shape"):
+        _core.transpose(np.empty((3, 4), np.float32), x)
+    with pytest.raises(ValueError, match="transposed shape"):
+        _core.transpose(np.empty(12, np.float32), np.ones(12, np.float32))
+    with pytest.raises(TypeError, match="both be float32 or both float64"):
+        _core.transpose(np.empty((4, 3)), x)
+    big = np.zeros(24, np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        _core.transpose(big[:12].reshape(4, 3), big[6:18].reshape(3, 4))
+    np.testing.assert_array_equal(big, 0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_newton_schulz_of_a_tall_matrix_is_the_wide_ones_transposed(
+    dtype: str, rng: np.random.Generator
+) -> None:
+    """A tall G is orthogonalised as its transpose (torch's rule): the parallel transposing copy
+    gives the same bits as iterating on NumPy's copy of G.T."""
+    g = rng.standard_normal((97, 40)).astype(np.float32)
+    tall = host.newton_schulz(g, dtype=dtype)
+    wide = host.newton_schulz(np.ascontiguousarray(g.T), dtype=dtype)
+    assert tall.shape == g.shape
+    np.testing.assert_array_equal(tall, wide.T)

@@ -1342,6 +1342,25 @@ PYBIND11_MODULE(_core, m) {
   "included; the lower triangle is overwritten, never read), after rounding every element to "
   "the nearest bfloat16 (kept in float32) when bf16: BLAS syrk's half result made whole, on all "
   "threads.");
+  m.def("transpose", [](const py::handle& out, const py::handle& x) {
+    Arg o = check_array(out, "out", true), a = check_array(x, "x", false);
+    if (o.dtype != a.dtype || (o.dtype != DType::f32 && o.dtype != DType::f64))
+      throw py::type_error("transpose: out and x must both be float32 or both float64");
+    if (a.arr.ndim() != 2 || o.arr.ndim() != 2 || o.arr.shape(0) != a.arr.shape(1) ||
+        o.arr.shape(1) != a.arr.shape(0))
+      throw py::value_error("transpose: need a 2-D x and out of its transposed shape, got " +
+                            shape_str(a.arr) + " and " + shape_str(o.arr));
+    if (a.size && a.lo < o.hi && o.lo < a.hi)
+      throw py::value_error("transpose: out overlaps x");
+    const int64_t rows = a.arr.shape(0), cols = a.arr.shape(1);
+    py::gil_scoped_release release;
+    if (o.dtype == DType::f32)
+      transpose(static_cast<float*>(o.data), static_cast<const float*>(a.data), rows, cols);
+    else
+      transpose(static_cast<double*>(o.data), static_cast<const double*>(a.data), rows, cols);
+  }, py::arg("out"), py::arg("x"),
+  "out = x.T for C-contiguous 2-D arrays of one float dtype (out of shape x.shape[::-1], not "
+  "overlapping x), tile by tile on all threads.");
   m.def("round_bfloat16", [](const py::handle& x) {
     Arg a = check_array(x, "x", true);
     if (a.dtype != DType::f32) throw py::type_error("round_bfloat16: x must be float32");

@@ -635,7 +635,8 @@ template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
     int64_t m, blocks;
     bool bf16;
   } ctx{a, m, blocks, bf16};
-  run_chunks(blocks, threads_for(static_cast<int64_t>(sizeof(T)) * m * m), [](void* p, int64_t rb) {
+  const int64_t bytes = static_cast<int64_t>(sizeof(T)) * m * m;
+  run_chunks(blocks, threads_for(bytes), [](void* p, int64_t rb) {
     const Ctx& c = *static_cast<const Ctx*>(p);
     const int64_t r0 = rb * kTile, r1 = std::min(c.m, r0 + kTile);
     for (int64_t cb = 0; cb <= rb; ++cb) {
@@ -653,10 +654,37 @@ template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
   }, &ctx);
 }
 
+// out (cols x rows, row-major) = x (rows x cols) transposed, tile by tile, each task one block
+// of 32 rows of out.
+template <class T> void transpose_impl(T* out, const T* x, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 32;
+  struct Ctx {
+    T* out;
+    const T* x;
+    int64_t rows, cols;
+  } ctx{out, x, rows, cols};
+  const int64_t bytes = 2 * static_cast<int64_t>(sizeof(T)) * rows * cols;
+  run_chunks((cols + kTile - 1) / kTile, threads_for(bytes), [](void* p, int64_t ob) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    const int64_t j0 = ob * kTile, j1 = std::min(c.cols, j0 + kTile);  // out's rows, x's columns
+    for (int64_t i0 = 0; i0 < c.rows; i0 += kTile) {
+      const int64_t i1 = std::min(c.rows, i0 + kTile);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) c.out[j * c.rows + i] = c.x[i * c.cols + j];
+    }
+  }, &ctx);
+}
+
 }  // namespace
 
 void symmetrize(float* a, int64_t m, bool bf16) { symmetrize_impl(a, m, bf16); }
 void symmetrize(double* a, int64_t m) { symmetrize_impl(a, m, false); }
+void transpose(float* out, const float* x, int64_t rows, int64_t cols) {
+  transpose_impl(out, x, rows, cols);
+}
+void transpose(double* out, const double* x, int64_t rows, int64_t cols) {
+  transpose_impl(out, x, rows, cols);
+}
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
   template void step<Opt>(const Plan&, Opt::Hyper&, int64_t);

@@ -153,11 +153,17 @@ def newton_schulz(
     array.  ``"float32"`` / ``"float64"``: the same iteration without any rounding to
     bfloat16, in that dtype.
     """
+    from fastoptim import _core
+
     work = np.float64 if dtype == "float64" else np.float32
     low = dtype == "bfloat16"
     tall = g.shape[0] > g.shape[1]
     # (a float64 gradient reaches bfloat16 through float32, as torch's .bfloat16())
-    x = np.array(g.T if tall else g, dtype=work, order="C")
+    if tall and g.dtype == work and g.flags.c_contiguous:
+        x = np.empty((g.shape[1], g.shape[0]), work)
+        _core.transpose(x, g)  # (NumPy's transposing copy runs on one thread)
+    else:
+        x = np.array(g.T if tall else g, dtype=work, order="C")
     if low:
         round_bfloat16_(x)
     norm = work(math.sqrt(float(np.dot(x.ravel(), x.ravel()))))
@@ -174,7 +180,6 @@ def newton_schulz(
     gram = np.empty((m, m), work)
     poly = np.empty((m, m), work)
     nxt = np.empty_like(x)
-    from fastoptim import _core
 
     # Between the BLAS products, one multithreaded pass each (_core.combine: each product
     # rounded to the working dtype, then the sum, then bfloat16 when `low`).

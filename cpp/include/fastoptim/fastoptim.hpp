@@ -80,6 +80,10 @@ void combine(double* out, const double* x, const double* y, double alpha, double
 // triangle only) made whole: Newton-Schulz's A = X X^T.
 void symmetrize(float* a, int64_t m, bool bf16);
 void symmetrize(double* a, int64_t m);
+// out (cols x rows) = x (rows x cols) transposed, both row-major and disjoint, on all threads
+// (Newton-Schulz's tall inputs).
+void transpose(float* out, const float* x, int64_t rows, int64_t cols);
+void transpose(double* out, const double* x, int64_t rows, int64_t cols);
 // x[i] rounded to the nearest bfloat16 in place, as `combine` rounds.
 void round_bfloat16(float* x, int64_t n);
 
