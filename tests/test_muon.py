@@ -396,7 +396,8 @@ def test_bench_muon_table() -> None:
     rows = bench.run_muon([(8, 16)], rounds=1)
     assert set(rows[0].ns) == set(host.NS_DTYPES) and rows[0].sgemm > 0 and rows[0].step > 0
     table = bench.format_muon(rows)
-    assert "8x16" in table and "% sgemm" in table
+    assert "8x16" in table and "% sgemm" in table and "products GF/s" in table
+    assert rows[0].products > 0
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 17, 32767, 32768, 32769, 100_003])

@@ -1119,6 +1119,7 @@ class MuonRow:
     ns: dict[str, float] = field(default_factory=dict)  # ns_dtype -> seconds
     step: float = 0.0
     sgemm: float = 0.0  # seconds of one n x n x n float32 product, n = max(shape)
+    products: float = 0.0  # seconds of the float32 iteration's BLAS products alone (5 x 3)
 
     @property
     def flops(self) -> float:
@@ -1133,6 +1134,17 @@ class MuonRow:
 
     def rate(self, ns_dtype: str) -> float:
         return self.flops / self.ns[ns_dtype]
+
+
+def _ns_products(x: np.ndarray, gram: np.ndarray, poly: np.ndarray, nxt: np.ndarray) -> None:
+    """The BLAS products of :func:`fastoptim.host.newton_schulz` (5 iterations, float32) with
+    nothing between them."""
+    from .. import host
+
+    for _ in range(5):
+        host.gram_(x, gram)
+        np.matmul(gram, gram, out=poly)
+        np.matmul(poly, x, out=nxt)
 
 
 def run_muon(
@@ -1159,8 +1171,13 @@ def run_muon(
         opt = fast.Muon([w])
         opt.grads[0][...] = g
         row = MuonRow(shape)
+        x = np.ascontiguousarray(g if shape[0] <= shape[1] else g.T) / np.float32(1e3)
+        gram = np.empty((x.shape[0],) * 2, np.float32)
+        poly, nxt = np.empty_like(gram), np.empty_like(x)
+
         fns: dict[str, Callable[[], object]] = {
             "sgemm": functools.partial(np.matmul, a, b, out=c),
+            "products": functools.partial(_ns_products, x, gram, poly, nxt),
             "step": opt.step,
             **{d: functools.partial(host.newton_schulz, g, dtype=d) for d in host.NS_DTYPES},
         }
@@ -1171,7 +1188,7 @@ def run_muon(
             for k, fn in fns.items():
                 samples[k].append(_block(fn, 1))
         med = {k: statistics.median(v) for k, v in samples.items()}
-        row.sgemm, row.step = med.pop("sgemm"), med.pop("step")
+        row.sgemm, row.step, row.products = med.pop("sgemm"), med.pop("step"), med.pop("products")
         row.ns = med
         rows.append(row)
     return rows
@@ -1182,7 +1199,8 @@ def format_muon(rows: Sequence[MuonRow]) -> str:
     Newton-Schulz rate and its % of the sgemm rate, and the whole step's time."""
     head = (
         f"{'matrix':>11}  {'sgemm GF/s':>10}  {'NS bf16 GF/s':>12} {'% sgemm':>7}  "
-        f"{'NS fp32 GF/s':>12} {'% sgemm':>7}  {'NS fp64 GF/s':>12}  {'Muon.step':>9}"
+        f"{'NS fp32 GF/s':>12} {'% sgemm':>7}  {'products GF/s':>13} {'% sgemm':>7}  "
+        f"{'NS fp64 GF/s':>12}  {'Muon.step':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -1191,6 +1209,7 @@ def format_muon(rows: Sequence[MuonRow]) -> str:
             f"{r.shape[0]:>5}x{r.shape[1]:<5}  {s / 1e9:10.1f}  "
             f"{r.rate('bfloat16') / 1e9:12.1f} {100 * r.rate('bfloat16') / s:6.0f}%  "
             f"{r.rate('float32') / 1e9:12.1f} {100 * r.rate('float32') / s:6.0f}%  "
+            f"{r.flops / r.products / 1e9:13.1f} {100 * r.flops / r.products / s:6.0f}%  "
             f"{r.rate('float64') / 1e9:12.1f}  {_fmt_time(r.step):>9}"
         )
     return "\n".join(lines)
@@ -1201,8 +1220,9 @@ MUON_LEGEND = (
     "product as a gemm (2mnk; NumPy computes X X^T with syrk, half of that);\nsgemm = NumPy's "
     "float32 @ on two n x n matrices, n = the larger dimension, in the same interleaved rounds; "
     "% sgemm = NS rate / sgemm rate\n(bf16: torch's convention, products rounded to bfloat16; "
-    "fp32/fp64: ns_dtype='float32'/'float64'); Muon.step = a whole bf16 step (momentum, NS, "
-    "update)"
+    "fp32/fp64: ns_dtype='float32'/'float64'); products = the float32 iteration's BLAS products "
+    "alone (X X^T, A A, B X, 5 times;\nthe rate the iteration would reach with free element-wise "
+    "passes); Muon.step = a whole bf16 step (momentum, NS, update)"
 )
 
 
