@@ -366,8 +366,8 @@ def test_float16_fused_layouts_special_values_at_every_offset(
     an Inf/NaN by the portable functions): tensors of 1..70 elements, a fifth of them float16
     denormals, with one special value (Inf, NaN with payload, signaling NaN, denormal, largest
     finite) in the parameter, the gradient and each float16 state at every offset of a vector
-    and of a tail, equal a float32 step on the arrays loaded exactly, then rounded, bit for bit but for the
-    sign and payload of NaNs."""
+    and of a tail, equal a float32 step on the arrays loaded exactly, then rounded, bit for bit
+    but for the sign and payload of NaNs."""
     opts = LAYOUTS[layout][2]
     rng = np.random.default_rng(5)
     sizes = range(1, 71)
@@ -409,7 +409,9 @@ def test_float16_fused_layouts_special_values_at_every_offset(
                     same_bits_but_nan_sign(opt.state[i]["master"], mirror[i], f"{what}: master")
                 for name, got in opt.state[i].items():
                     if name not in ("step", "master"):
-                        want = f16_store(ref.state[i][name]) if got.dtype == F16 else ref.state[i][name]
+                        want = ref.state[i][name]
+                        if got.dtype == F16:
+                            want = f16_store(want)
                         same_bits_but_nan_sign(got, want, f"{what}: {name}")
 
 

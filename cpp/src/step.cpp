@@ -859,44 +859,43 @@ FASTOPTIM_NOINLINE void f16_load_portable(const uint16_t* __restrict s, float* _
   for (int64_t j = 0; j < kGroup; ++j) out[j] = f16_load(s[j]);
 }
 
-// kGroup float16 values from s into out with F16C (16 at a time in the avx512 build, 8 in
-// avx2); a group holding a float16 Inf or NaN is converted by f16_load (vcvtph2ps would quiet a
-// signaling NaN), as load_block<F16> does.
-FASTOPTIM_GROUP_INLINE void f16_load_group(const uint16_t* __restrict s, float* __restrict out) {
+// kGroup float16 values in registers, converted with F16C (16 at a time in the avx512 build, 8
+// in avx2).
+struct HalfGroup {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-  const __m256i top = _mm256_set1_epi16(0x7C00);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
-  if (_mm256_cmpeq_epi16_mask(_mm256_and_si256(h, top), top) == 0) {
+  __m256i h;
+  FASTOPTIM_GROUP_INLINE void load(const uint16_t* s) {
+    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+  }
+  // Nonzero where a lane holds an Inf or NaN.
+  FASTOPTIM_GROUP_INLINE unsigned special() const {
+    const __m256i top = _mm256_set1_epi16(0x7C00);
+    return _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, top), top);
+  }
+  FASTOPTIM_GROUP_INLINE void to_float(float* out) const {
     _mm512_store_ps(out, _mm512_cvtph_ps(h));
-    return;
   }
 #else
-  const __m128i top = _mm_set1_epi16(0x7C00);
-  const __m128i h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
-  const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8));
-  const __m128i special = _mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(h0, top), top),
-                                       _mm_cmpeq_epi16(_mm_and_si128(h1, top), top));
-  if (_mm_movemask_epi8(special) == 0) {
+  __m128i h0, h1;
+  FASTOPTIM_GROUP_INLINE void load(const uint16_t* s) {
+    h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8));
+  }
+  FASTOPTIM_GROUP_INLINE unsigned special() const {
+    const __m128i top = _mm_set1_epi16(0x7C00);
+    return static_cast<unsigned>(
+        _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(h0, top), top),
+                                       _mm_cmpeq_epi16(_mm_and_si128(h1, top), top))));
+  }
+  FASTOPTIM_GROUP_INLINE void to_float(float* out) const {
     _mm256_store_ps(out, _mm256_cvtph_ps(h0));
     _mm256_store_ps(out + 8, _mm256_cvtph_ps(h1));
-    return;
   }
 #endif
-  f16_load_portable(s, out);
-}
+};
 
-// The float32 values of kGroup elements of an array of 16-bit format F, into out.
-template <class F>
-FASTOPTIM_GROUP_INLINE void load_group(const uint16_t* __restrict s, float* __restrict out) {
-  if constexpr (std::is_same_v<F, F16>) {
-    f16_load_group(s, out);
-  } else {
-    for (int64_t j = 0; j < kGroup; ++j) out[j] = F::load(s[j]);
-  }
-}
-
-// The element functor over the kGroup elements [at, at + kGroup) of a block, its 16-bit
-// inputs converted by load_group first (float32 ones read in the loop).
+// The element functor over the kGroup elements [at, at + kGroup) of a block, its float16
+// inputs converted first (float32 ones read in the loop).
 template <class P, class G, class S, class K, std::size_t... J, class... SP>
 FASTOPTIM_GROUP_INLINE void fused_group(const K& k, typename P::type* __restrict p,
                                         const typename G::type* __restrict g, int64_t at,
@@ -905,9 +904,26 @@ FASTOPTIM_GROUP_INLINE void fused_group(const K& k, typename P::type* __restrict
   constexpr std::size_t N = sizeof...(J);
   alignas(64) float tp[kIs16<P> ? kGroup : 1], tg[kIs16<G> ? kGroup : 1];
   alignas(64) float ts[kIs16<S> && N != 0 ? N : 1][kIs16<S> ? kGroup : 1];
-  if constexpr (kIs16<P>) load_group<P>(p + at, tp);
-  if constexpr (kIs16<G>) load_group<G>(g + at, tg);
-  if constexpr (kIs16<S>) (load_group<S>(s + at, ts[J]), ...);
+  static_assert(!std::is_same_v<P, BF16> && !std::is_same_v<S, BF16>, "one 16-bit format");
+  // One branch for the group's float16 arrays: where any of them holds an Inf or NaN (rare),
+  // all are converted by f16_load (vcvtph2ps would quiet a signaling NaN), as load_block<F16>.
+  HalfGroup hp, hg, hs[kIs16<S> && N != 0 ? N : 1];
+  unsigned special = 0;
+  if constexpr (kIs16<P>) hp.load(p + at), special |= hp.special();
+  if constexpr (kIs16<G>) hg.load(g + at), special |= hg.special();
+  if constexpr (kIs16<S>) ((hs[J].load(s + at), special |= hs[J].special()), ...);
+  if (special == 0) {
+    if constexpr (kIs16<P>) hp.to_float(tp);
+    if constexpr (kIs16<G>) hg.to_float(tg);
+    if constexpr (kIs16<S>) (hs[J].to_float(ts[J]), ...);
+  } else {
+    if constexpr (kIs16<P>) f16_load_portable(p + at, tp);
+    if constexpr (kIs16<G>) f16_load_portable(g + at, tg);
+    if constexpr (kIs16<S>) (f16_load_portable(s + at, ts[J]), ...);
+  }
+  (void)hp;
+  (void)hg;
+  (void)hs;
 FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < kGroup; ++i) {
     float pv;
