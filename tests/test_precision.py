@@ -234,10 +234,12 @@ def test_stochastic_rounding_special_values(isa: str, dtype: np.dtype[Any]) -> N
 LAYOUTS: dict[str, tuple[np.dtype[Any], np.dtype[Any], dict[str, Any]]] = {
     "bf16": (BF16, BF16, {}),
     "bf16-bf16state": (BF16, BF16, {"state_dtype": "bfloat16"}),
+    "f16": (F16, F16, {}),
     "f16-f16state": (F16, F16, {"state_dtype": "float16"}),
     "f16-f32grad": (F16, F32, {}),
     "f32-bf16grad": (F32, BF16, {}),
     "bf16-master": (BF16, BF16, {"master_weights": True}),
+    "f16-master": (F16, F16, {"master_weights": True}),
     "f16-master-bf16state": (F16, F16, {"master_weights": True, "state_dtype": "bfloat16"}),
     "bf16-kahan": (BF16, F32, {"kahan": True}),
     "bf16-paramstate": (BF16, BF16, {"state_dtype": "param"}),
@@ -314,6 +316,103 @@ def test_layout_is_float32_step_then_rounding(
                 got = opt.state[i][n]
                 same_bits(got, round_to(ref.state[i][n], got.dtype, bits(1 + order.index(n))),
                           f"{layout} step {t} state {n} of param {i}")  # fmt: skip
+
+
+def f16_load(a: np.ndarray) -> np.ndarray:
+    """float16 -> float32 exactly as the driver's portable load (convert.hpp f16_load): NaNs
+    keep their payload and signaling bit (NumPy's own cast may quiet them)."""
+    h = bits16(a).astype(np.uint32)
+    out = a.astype(np.float32)
+    nan = (h & 0x7C00 == 0x7C00) & (h & 0x3FF != 0)
+    b = (h & 0x8000) << 16 | np.uint32(0x7F800000) | (h & 0x3FF) << 13
+    out.view(np.uint32)[nan] = b[nan]
+    return out
+
+
+def f16_store(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16 to nearest as the driver stores it: NaN -> 0x7E00 with its sign."""
+    with np.errstate(invalid="ignore"):
+        out = reference.round_to_float16(x)
+    nan = np.isnan(x)
+    bits16(out)[nan] = ((x.view(np.uint32)[nan] >> 16) & 0x8000 | 0x7E00).astype(np.uint16)
+    return out
+
+
+def same_bits_but_nan_sign(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    """Bit-identical arrays except for the sign and payload of NaNs: NaN exactly where b has
+    one, and in a float16 array the quiet 0x7E00 of the driver's store.  (Which NaN an operation
+    on two NaNs returns, sign and payload, depends on the order of the instruction's operands,
+    which the compiler chooses per loop: IEEE 754 leaves it unspecified.)"""
+    nan = np.isnan(b.astype(np.float32))
+    assert np.isnan(a.astype(np.float32))[nan].all(), (what, np.flatnonzero(nan))
+    if a.dtype == F16:
+        assert (bits16(a)[nan] & 0x7FFF == 0x7E00).all(), what
+    same_bits(a[~nan], b[~nan], what)
+
+
+# float16 specials: +-Inf, quiet and signaling NaNs with payloads, denormals (the smallest,
+# the largest, negative), the smallest normal, the largest finite, -0.
+F16_SPECIALS = np.array([0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7C01, 0xFD55, 0x7FFF, 0x0001,
+                         0x03FF, 0x83FF, 0x8001, 0x0400, 0x7BFF, 0xFBFF, 0x8000],
+                        np.uint16)  # fmt: skip
+
+
+@each_case(one_per_optimizer())
+@pytest.mark.parametrize("layout", ["f16", "f16-f16state", "f16-master"])
+def test_float16_fused_layouts_special_values_at_every_offset(
+    isa: str, case: Case, layout: str
+) -> None:
+    """The fused float16 layouts (F16C 16 or 8 at a time where the ISA has it, a group holding
+    an Inf/NaN by the portable functions): tensors of 1..70 elements, a fifth of them float16
+    denormals, with one special value (Inf, NaN with payload, signaling NaN, denormal, largest
+    finite) in the parameter, the gradient and each float16 state at every offset of a vector
+    and of a tail, equal a float32 step on the arrays loaded exactly, then rounded, bit for bit
+    but for the sign and payload of NaNs."""
+    opts = LAYOUTS[layout][2]
+    rng = np.random.default_rng(5)
+    sizes = range(1, 71)
+
+    def values(n: int, at: int) -> np.ndarray:
+        x = np.asarray(rng.standard_normal(n), np.float32).astype(F16)
+        den = rng.random(n) < 0.2
+        bits16(x)[den] = rng.integers(1, 0x400, int(den.sum())).astype(np.uint16)
+        bits16(x)[at % n] = F16_SPECIALS[(n + at) % F16_SPECIALS.size]
+        return x
+
+    params = [values(n, n - 1) for n in sizes]  # the last element: every offset mod 16
+    cls = getattr(fo, case.opt)
+    with np.errstate(all="ignore"):
+        opt = cls(params, **case.kwargs, **opts)
+        mirror = [np.zeros(p.shape, np.float32) for p in params]
+        ref = cls(mirror, **case.kwargs)
+        master = opts.get("master_weights", False)
+        for t in range(1, 3):
+            grads = [values(n, (n // 2 + t)) for n in sizes]
+            if t == 2:  # float16 states with specials of their own
+                for i, n in enumerate(sizes):
+                    for j, (name, v) in enumerate(sorted(opt.state[i].items())):
+                        if name != "step" and v.dtype == F16:
+                            v[...] = values(n, n - 1 - j)
+            before = {i: dict(opt.state[i]) for i in range(len(params))}
+            for i, p in enumerate(params):
+                mirror[i][...] = before[i]["master"] if master else f16_load(p)
+                for name, v in before[i].items():
+                    if name not in ("step", "master"):
+                        ref.state[i][name][...] = f16_load(v) if v.dtype == F16 else v
+            ref._groups[0].fresh -= {n for n in before[0] if ref._definition.like_param(n)}
+            ref.step([f16_load(g) for g in grads])
+            opt.step(grads)
+            for i, p in enumerate(params):
+                what = f"{layout} step {t}, {p.size} elements"
+                same_bits_but_nan_sign(p, f16_store(mirror[i]), f"{what}: param")
+                if master:
+                    same_bits_but_nan_sign(opt.state[i]["master"], mirror[i], f"{what}: master")
+                for name, got in opt.state[i].items():
+                    if name not in ("step", "master"):
+                        want = ref.state[i][name]
+                        if got.dtype == F16:
+                            want = f16_store(want)
+                        same_bits_but_nan_sign(got, want, f"{what}: {name}")
 
 
 def test_state_dtypes_follow_the_policy() -> None:

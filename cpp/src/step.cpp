@@ -791,37 +791,55 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
 // The common mixed-precision layouts run fused: the conversions happen in registers inside the
 // element loop (no float32 copies through L1, whose store bandwidth limits the converting path),
 // with the very same element functor and rounding functions, so results are identical.  A
-// small closed set (chosen per tensor at run time, see Fused): everything else converts block
-// by block (sweep_converting).
+// small closed set over one 16-bit format H, bfloat16 or float16 (chosen per tensor at run
+// time, see Tensor::classify): everything else converts block by block (sweep_converting).
+
+template <class F> constexpr bool kIs16 = !std::is_same_v<F, F32>;
 
 // One fused sweep of n elements from element `first` of their tensor: parameter of format P
-// (updated in place), gradient of format G, states of format S, and a bfloat16 copy of the
+// (updated in place), gradient of format G (H), states of format S, and an H copy of the
 // parameter when Out.  Stochastic: random bits per array (0: parameter and copy; 1 + j: state
-// j) from `keys`.  The loop leaves the float32 results bound for bfloat16 in L1 (kSub elements
-// at a time) and store_nearest<BF16> rounds them (fewer instructions than rounding in the loop,
-// and AVX-512 BF16 where the CPU has it); so does store_stochastic<BF16> in the avx512 build
-// (kStagedStochastic: a group of 32 takes an add and a permutation there), while the other
-// builds round stochastically in the element loop.
+// j) from `keys`.  The loop leaves the float32 results bound for H in L1 (kSub elements at a
+// time) and store_nearest<H> rounds them (fewer instructions than rounding in the loop, and
+// AVX-512 BF16 or F16C where the CPU has them); so does store_stochastic<BF16> in the avx512
+// build (kStagedStochastic: a group of 32 takes an add and a permutation there), while the
+// other builds round bfloat16 stochastically in the element loop.  (Stochastic float16 runs
+// the converting path: sweep_fused_layout.)
+//
+// Loads: bfloat16 and float32 are converted by the element loop itself (a shift the compiler
+// vectorizes with the kernel).  float16 in the avx2/avx512 builds (F16C) is converted kGroup
+// elements at a time with vcvtph2ps into a scratch that stays in registers and the store
+// buffer, and the element functor runs on those in the compiler's vector loop inlined right
+// after (fused_group); the last m % kGroup elements of a block, and every float16 element of
+// the scalar build, are loaded by f16_load in the element loop.
 //
 // Not inlined: compiled on its own, the loop vectorizes whatever the caller (GCC 12 failed to
 // if-convert some of these loops once inlined into the parallel driver's lambdas).
 constexpr int64_t kSub = 128;
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define FASTOPTIM_GROUP_INLINE __forceinline
+#else
+#define FASTOPTIM_GROUP_INLINE inline __attribute__((always_inline))
+#endif
+
+// The element functor over elements [at, at + n) of a block: P, G and S loaded in the loop.
 template <class P, class G, class S, class K, std::size_t... J, class... SP>
-inline void fused_block(const K& k, typename P::type* __restrict p,
-                        const typename G::type* __restrict g, int64_t n, float* __restrict bp,
-                        float (*__restrict bs)[kSub], std::index_sequence<J...>,
-                        SP* __restrict... s) {
+FASTOPTIM_GROUP_INLINE void fused_elements(const K& k, typename P::type* __restrict p,
+                                           const typename G::type* __restrict g, int64_t at,
+                                           int64_t n, float* __restrict bp,
+                                           float (*__restrict bs)[kSub], std::index_sequence<J...>,
+                                           SP* __restrict... s) {
 FASTOPTIM_VECTORIZE
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = at; i < at + n; ++i) {
     float pv = P::load(p[i]);
     std::array<float, sizeof...(J)> v{S::load(s[i])...};
     k(pv, G::load(g[i]), v);
-    if constexpr (std::is_same_v<P, BF16>)
+    if constexpr (kIs16<P>)
       bp[i] = pv;
     else
       p[i] = pv;
-    if constexpr (std::is_same_v<S, BF16>)
+    if constexpr (kIs16<S>)
       ((bs[J][i] = v[J]), ...);
     else
       ((s[i] = v[J]), ...);
@@ -830,36 +848,167 @@ FASTOPTIM_VECTORIZE
   (void)bs;
 }
 
+#if FASTOPTIM_F16C
+constexpr int64_t kGroup = 16;
+template <class P, class G, class S>
+constexpr bool kGrouped =
+    std::is_same_v<P, F16> || std::is_same_v<G, F16> || std::is_same_v<S, F16>;
+
+// A group holding a float16 Inf or NaN (rare: out of the loop's code).
+FASTOPTIM_NOINLINE void f16_load_portable(const uint16_t* __restrict s, float* __restrict out) {
+  for (int64_t j = 0; j < kGroup; ++j) out[j] = f16_load(s[j]);
+}
+
+// kGroup float16 values in registers, converted with F16C (16 at a time in the avx512 build, 8
+// in avx2).
+struct HalfGroup {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  __m256i h;
+  FASTOPTIM_GROUP_INLINE void load(const uint16_t* s) {
+    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+  }
+  // Nonzero where a lane holds an Inf or NaN.
+  FASTOPTIM_GROUP_INLINE unsigned special() const {
+    const __m256i top = _mm256_set1_epi16(0x7C00);
+    return _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, top), top);
+  }
+  FASTOPTIM_GROUP_INLINE void to_float(float* out) const {
+    _mm512_store_ps(out, _mm512_cvtph_ps(h));
+  }
+#else
+  __m128i h0, h1;
+  FASTOPTIM_GROUP_INLINE void load(const uint16_t* s) {
+    h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8));
+  }
+  FASTOPTIM_GROUP_INLINE unsigned special() const {
+    const __m128i top = _mm_set1_epi16(0x7C00);
+    return static_cast<unsigned>(
+        _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi16(_mm_and_si128(h0, top), top),
+                                       _mm_cmpeq_epi16(_mm_and_si128(h1, top), top))));
+  }
+  FASTOPTIM_GROUP_INLINE void to_float(float* out) const {
+    _mm256_store_ps(out, _mm256_cvtph_ps(h0));
+    _mm256_store_ps(out + 8, _mm256_cvtph_ps(h1));
+  }
+#endif
+};
+
+// The element functor over the kGroup elements [at, at + kGroup) of a block, its float16
+// inputs converted first (float32 ones read in the loop).
+template <class P, class G, class S, class K, std::size_t... J, class... SP>
+FASTOPTIM_GROUP_INLINE void fused_group(const K& k, typename P::type* __restrict p,
+                                        const typename G::type* __restrict g, int64_t at,
+                                        float* __restrict bp, float (*__restrict bs)[kSub],
+                                        std::index_sequence<J...>, SP* __restrict... s) {
+  constexpr std::size_t N = sizeof...(J);
+  alignas(64) float tp[kIs16<P> ? kGroup : 1], tg[kIs16<G> ? kGroup : 1];
+  alignas(64) float ts[kIs16<S> && N != 0 ? N : 1][kIs16<S> ? kGroup : 1];
+  static_assert(!std::is_same_v<P, BF16> && !std::is_same_v<S, BF16>, "one 16-bit format");
+  // One branch for the group's float16 arrays: where any of them holds an Inf or NaN (rare),
+  // all are converted by f16_load (vcvtph2ps would quiet a signaling NaN), as load_block<F16>.
+  HalfGroup hp, hg, hs[kIs16<S> && N != 0 ? N : 1];
+  unsigned special = 0;
+  if constexpr (kIs16<P>) hp.load(p + at), special |= hp.special();
+  if constexpr (kIs16<G>) hg.load(g + at), special |= hg.special();
+  if constexpr (kIs16<S>) ((hs[J].load(s + at), special |= hs[J].special()), ...);
+  if (special == 0) {
+    if constexpr (kIs16<P>) hp.to_float(tp);
+    if constexpr (kIs16<G>) hg.to_float(tg);
+    if constexpr (kIs16<S>) (hs[J].to_float(ts[J]), ...);
+  } else {
+    if constexpr (kIs16<P>) f16_load_portable(p + at, tp);
+    if constexpr (kIs16<G>) f16_load_portable(g + at, tg);
+    if constexpr (kIs16<S>) (f16_load_portable(s + at, ts[J]), ...);
+  }
+  (void)hp;
+  (void)hg;
+  (void)hs;
+FASTOPTIM_VECTORIZE
+  for (int64_t i = 0; i < kGroup; ++i) {
+    float pv;
+    if constexpr (kIs16<P>)
+      pv = tp[i];
+    else
+      pv = p[at + i];
+    float gv;
+    if constexpr (kIs16<G>)
+      gv = tg[i];
+    else
+      gv = g[at + i];
+    std::array<float, N> v;
+    if constexpr (kIs16<S>)
+      ((v[J] = ts[J][i]), ...);
+    else
+      ((v[J] = s[at + i]), ...);
+    k(pv, gv, v);
+    if constexpr (kIs16<P>)
+      bp[at + i] = pv;
+    else
+      p[at + i] = pv;
+    if constexpr (kIs16<S>)
+      ((bs[J][at + i] = v[J]), ...);
+    else
+      ((s[at + i] = v[J]), ...);
+  }
+  (void)tp;
+  (void)tg;
+  (void)ts;
+  (void)bp;
+  (void)bs;
+}
+#endif
+
+// The element functor over the n <= kSub elements of one block.
+template <class P, class G, class S, class K, std::size_t... J, class... SP>
+inline void fused_block(const K& k, typename P::type* __restrict p,
+                        const typename G::type* __restrict g, int64_t n, float* __restrict bp,
+                        float (*__restrict bs)[kSub], std::index_sequence<J...> seq,
+                        SP* __restrict... s) {
+#if FASTOPTIM_F16C
+  if constexpr (kGrouped<P, G, S>) {
+    int64_t i = 0;
+    for (; i + kGroup <= n; i += kGroup) fused_group<P, G, S>(k, p, g, i, bp, bs, seq, s...);
+    if (i < n) fused_elements<P, G, S>(k, p, g, i, n - i, bp, bs, seq, s...);
+    return;
+  }
+#endif
+  fused_elements<P, G, S>(k, p, g, 0, n, bp, bs, seq, s...);
+}
+
 template <class P, class G, class S, bool Out, bool Stochastic, class K, std::size_t... J,
           class... SP>
-FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p, const typename G::type* __restrict g,
-                 uint16_t* __restrict out, int64_t n, uint32_t first,
-                 const std::array<uint32_t, sizeof...(J) + 1> keys, std::index_sequence<J...>,
-                 SP* __restrict... s) {
+FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p,
+                                    const typename G::type* __restrict g,
+                                    uint16_t* __restrict out, int64_t n, uint32_t first,
+                                    const std::array<uint32_t, sizeof...(J) + 1> keys,
+                                    std::index_sequence<J...>, SP* __restrict... s) {
+  using H = G;  // the layout's 16-bit format
   if constexpr (!Stochastic || kStagedStochastic) {
     constexpr std::size_t N = sizeof...(J);
-    alignas(64) float bp[std::is_same_v<P, BF16> ? kSub : 1];
-    alignas(64) float bs[std::is_same_v<S, BF16> ? N : 1][kSub];
-    // float32 -> bfloat16 of m values from element lo, with the bits of stream `key`
+    alignas(64) float bp[kIs16<P> ? kSub : 1];
+    alignas(64) float bs[kIs16<S> ? N : 1][kSub];
+    // float32 -> H of m values from element lo, with the bits of stream `key`
     const auto put = [&](const float* src, int64_t m, uint16_t* dst, uint32_t key, int64_t lo) {
       if constexpr (Stochastic)
-        store_stochastic<BF16>(src, m, dst, key, first + static_cast<uint32_t>(lo));
+        store_stochastic<H>(src, m, dst, key, first + static_cast<uint32_t>(lo));
       else
-        store_nearest<BF16>(src, m, dst);
+        store_nearest<H>(src, m, dst);
       (void)key;
       (void)lo;
     };
     for (int64_t lo = 0; lo < n; lo += kSub) {
       const int64_t m = std::min(kSub, n - lo);
       fused_block<P, G, S>(k, p + lo, g + lo, m, bp, bs, std::index_sequence<J...>{}, (s + lo)...);
-      if constexpr (std::is_same_v<P, BF16>) put(bp, m, p + lo, keys[0], lo);
-      if constexpr (std::is_same_v<S, BF16>) (put(bs[J], m, s + lo, keys[1 + J], lo), ...);
+      if constexpr (kIs16<P>) put(bp, m, p + lo, keys[0], lo);
+      if constexpr (kIs16<S>) (put(bs[J], m, s + lo, keys[1 + J], lo), ...);
       if constexpr (Out) put(p + lo, m, out + lo, keys[0], lo);  // P is F32
     }
     (void)first;
     (void)keys;
     (void)put;
   } else {
+    static_assert(std::is_same_v<H, BF16>, "stochastic float16 runs the converting path");
 FASTOPTIM_VECTORIZE
     for (int64_t i = 0; i < n; ++i) {
       const uint32_t index = first + static_cast<uint32_t>(i);
@@ -874,7 +1023,7 @@ FASTOPTIM_VECTORIZE
   }
 }
 
-template <class P, class S, bool Out, bool Stochastic, class K, std::size_t... J>
+template <class P, class G, class S, bool Out, bool Stochastic, class K, std::size_t... J>
 void run_fused(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
                std::index_sequence<J...> seq) {
   for (int64_t lo = a; lo < b;) {
@@ -883,7 +1032,7 @@ void run_fused(const K& k, const Tensor& t, int64_t a, int64_t b, const Rounding
     std::array<uint32_t, sizeof...(J) + 1> keys{};
     if (Stochastic)
       for (uint32_t j = 0; j < keys.size(); ++j) keys[j] = key(t, j, lo);
-    sweep_fused<P, BF16, S, Out, Stochastic>(
+    sweep_fused<P, G, S, Out, Stochastic>(
         k, static_cast<typename P::type*>(t.param) + lo, static_cast<const uint16_t*>(t.grad) + lo,
         Out ? static_cast<uint16_t*>(t.out) + lo : nullptr, n, static_cast<uint32_t>(lo), keys,
         seq, (static_cast<typename S::type*>(t.state[J]) + lo)...);
@@ -891,25 +1040,36 @@ void run_fused(const K& k, const Tensor& t, int64_t a, int64_t b, const Rounding
   }
 }
 
-// The fused path of tensor t's elements [a, b) (t.path is one of the kFused paths).
+// The fused layouts of 16-bit format H.
+template <class H, bool Stochastic, class K, class Seq>
+void run_fused_layout(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
+                      Seq seq) {
+  switch (t.path) {
+    case Tensor::kFused16Params:
+      run_fused<H, H, F32, false, Stochastic>(k, t, a, b, key, seq);
+      break;
+    case Tensor::kFusedAll16:
+      run_fused<H, H, H, false, Stochastic>(k, t, a, b, key, seq);
+      break;
+    default:
+      run_fused<F32, H, F32, true, Stochastic>(k, t, a, b, key, seq);
+      break;
+  }
+}
+
+// The fused path of tensor t's elements [a, b) (t.path is one of the kFused paths; the
+// gradient's dtype is H).  Stochastic rounding to float16 stays on the converting path.
 template <class K, class Seq>
 void sweep_fused_layout(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
                         Seq seq) {
   const bool sr = key.plan.rounding == Rounding::stochastic;
-  switch (t.path) {
-    case Tensor::kFusedBf16Params:
-      sr ? run_fused<BF16, F32, false, true>(k, t, a, b, key, seq)
-         : run_fused<BF16, F32, false, false>(k, t, a, b, key, seq);
-      break;
-    case Tensor::kFusedAllBf16:
-      sr ? run_fused<BF16, BF16, false, true>(k, t, a, b, key, seq)
-         : run_fused<BF16, BF16, false, false>(k, t, a, b, key, seq);
-      break;
-    default:
-      sr ? run_fused<F32, F32, true, true>(k, t, a, b, key, seq)
-         : run_fused<F32, F32, true, false>(k, t, a, b, key, seq);
-      break;
-  }
+  if (t.grad_dtype == DType::bf16)
+    sr ? run_fused_layout<BF16, true>(k, t, a, b, key, seq)
+       : run_fused_layout<BF16, false>(k, t, a, b, key, seq);
+  else if (sr)
+    sweep_converting(k, t, a, b, key, seq);
+  else
+    run_fused_layout<F16, false>(k, t, a, b, key, seq);
 }
 
 // The element functor the driver runs: the optimizer's kernel, fed the transformed gradient

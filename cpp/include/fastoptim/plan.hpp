@@ -68,11 +68,12 @@ struct Tensor {
 
   // The driver's path for this tensor (set by classify() whenever its arrays change):
   // kDirect: every array in the compute dtype, nothing to convert; kFused*: a mixed layout
-  // converted in registers (bf16 params and grads with fp32 state; all-bf16; fp32 params with
-  // bf16 grads and a bf16 copy, the offload and master layouts); kConverting: the rest;
+  // converted in registers, with one 16-bit format H (bfloat16 or float16) throughout: H params
+  // and grads with fp32 state (kFused16Params); all-H (kFusedAll16); fp32 params with H grads
+  // and an H copy, the offload and master layouts (kFusedOffload); kConverting: the rest;
   // kQuantized: some state is block-quantized (whole blocks, converting the other arrays).
   enum Path : int {
-    kDirect = 0, kFusedBf16Params, kFusedAllBf16, kFusedOffload, kConverting, kQuantized
+    kDirect = 0, kFused16Params, kFusedAll16, kFusedOffload, kConverting, kQuantized
   };
   int path = kDirect;
   void classify(int nstate) {
@@ -83,19 +84,20 @@ struct Tensor {
       }
     bool same = (dtype == DType::f32 || dtype == DType::f64) && out == nullptr &&
                 comp == nullptr && grad_dtype == dtype;
+    const bool g16 = grad_dtype == DType::bf16 || grad_dtype == DType::f16;
     bool s32 = true, s16 = true;
     for (int j = 0; j < nstate; ++j) {
       same = same && state_dtype[j] == dtype;
       s32 = s32 && state_dtype[j] == DType::f32;
-      s16 = s16 && state_dtype[j] == DType::bf16;
+      s16 = s16 && state_dtype[j] == grad_dtype;
     }
     path = kConverting;
     if (same)
       path = kDirect;
-    else if (comp == nullptr && grad_dtype == DType::bf16 && dtype == DType::bf16 && !out)
-      path = s32 ? kFusedBf16Params : (s16 ? kFusedAllBf16 : kConverting);
-    else if (comp == nullptr && grad_dtype == DType::bf16 && dtype == DType::f32 && out &&
-             out_dtype == DType::bf16 && s32)
+    else if (comp == nullptr && g16 && dtype == grad_dtype && !out)
+      path = s32 ? kFused16Params : (s16 ? kFusedAll16 : kConverting);
+    else if (comp == nullptr && g16 && dtype == DType::f32 && out && out_dtype == grad_dtype &&
+             s32)
       path = kFusedOffload;
   }
   DType compute() const { return dtype == DType::f64 ? DType::f64 : DType::f32; }
