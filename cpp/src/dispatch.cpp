@@ -14,6 +14,8 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastoptim/fastoptim.hpp"
@@ -504,27 +506,47 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
   after_step<Opt>(h, step_number, 0);
 }
 
-template <class Opt> void step_rows(const Rows& r, typename Opt::Hyper& h, int64_t step_number) {
+// Whether Opt advances running scalars after a step (NAdam's mu_product): a row update of
+// several jobs would advance them once per job, so row optimizers must have none.
+template <class Opt, class = void> struct has_running_scalars : std::false_type {};
+template <class Opt>
+struct has_running_scalars<
+    Opt, std::void_t<decltype(Opt::after_step(std::declval<typename Opt::Hyper&>(), int64_t{}))>>
+    : std::true_type {};
+
+// One job of step_rows: throws (naming job `j`) unless it can run.
+template <class Opt> void check_rows(const Rows& r, const typename Opt::Hyper& h, int64_t step_number, std::size_t j) {
+  const std::string job = "step_rows: job " + std::to_string(j) + ": ";
   const int need = Opt::nstate(Opt::variant(h));
   if (r.nstate != need)
-    throw std::invalid_argument("step_rows: " + std::to_string(r.nstate) +
+    throw std::invalid_argument(job + std::to_string(r.nstate) +
                                 " state arrays, these hyper-parameters need " + std::to_string(need));
-  if (step_number < 1) throw std::invalid_argument("step must be >= 1");
+  if (step_number < 1) throw std::invalid_argument(job + "step must be >= 1");
   if (r.dtype != DType::f32 && r.dtype != DType::f64)
-    throw std::invalid_argument("step_rows: float32 or float64 arrays only");
-  if (r.k < 0 || r.width < 0 || r.nrows < 0) throw std::invalid_argument("step_rows: negative size");
-  for (int64_t i = 0; i < r.k; ++i) {  // every check before any element is written
+    throw std::invalid_argument(job + "float32 or float64 arrays only");
+  if (r.k < 0 || r.width < 0 || r.nrows < 0) throw std::invalid_argument(job + "negative size");
+  for (int64_t i = 0; i < r.k; ++i) {
     const int64_t at = r.index[i];
     if (at < 0 || at >= r.nrows)
-      throw std::out_of_range("index " + std::to_string(at) + " is out of range for " +
+      throw std::out_of_range(job + "index " + std::to_string(at) + " is out of range for " +
                               std::to_string(r.nrows) + " rows");
     if (i > 0 && at <= r.index[i - 1])
-      throw std::invalid_argument("step_rows: indices must be strictly increasing (coalesced)");
+      throw std::invalid_argument(job + "indices must be strictly increasing (coalesced)");
   }
-  const int64_t item = r.dtype == DType::f64 ? 8 : 4;
-  const int threads = threads_for(r.k * r.width * item * (2 * need + 3));
-  FASTOPTIM_FORWARD(step_rows<Opt>, r, h, step_number, threads)
-  after_step<Opt>(h, step_number, 0);
+}
+
+template <class Opt>
+void step_rows(const Rows* jobs, const typename Opt::Hyper* hypers, const int64_t* steps,
+               std::size_t n) {
+  static_assert(!has_running_scalars<Opt>::value,
+                "row optimizers read their hyper-parameters only (no after_step)");
+  for (std::size_t j = 0; j < n; ++j) check_rows<Opt>(jobs[j], hypers[j], steps[j], j);
+  for (std::size_t j = 0; j < n; ++j) {  // every check before any element is written
+    const Rows& r = jobs[j];
+    const int64_t item = r.dtype == DType::f64 ? 8 : 4;
+    const int threads = threads_for(r.k * r.width * item * (2 * r.nstate + 3));
+    FASTOPTIM_FORWARD(step_rows<Opt>, r, hypers[j], steps[j], threads)
+  }
 }
 
 void stream(float* const* arrays, int narrays, int64_t n) {
@@ -626,7 +648,7 @@ FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
-  template void step_rows<Opt>(const Rows&, Opt::Hyper&, int64_t);
+  template void step_rows<Opt>(const Rows*, const Opt::Hyper*, const int64_t*, std::size_t);
 FASTOPTIM_ROW_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 

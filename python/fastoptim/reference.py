@@ -1365,6 +1365,7 @@ class _Reference:
 
     param_groups: list[dict[str, Any]]
     _pending: list[list[np.ndarray]]
+    _after_step: Callable[[], None]
 
     def _decide(self, scale: float | None, per_group: list[list[np.ndarray]]) -> Any:
         from .engine.transforms import Decision
@@ -1374,6 +1375,15 @@ class _Reference:
 
     def _transform(self, decision: Any, i: int, grads: list[np.ndarray]) -> list[np.ndarray]:
         return self._pending[i]
+
+    def _run_rows(self, work: list[tuple[Any, int, np.ndarray, np.ndarray, Any]]) -> None:
+        for g, i, index, rows, _ in work:
+            self._row_update(g, i, index, rows)
+        self._after_step()
+
+    def _row_update(self, g: Any, i: int, index: np.ndarray, rows: np.ndarray) -> None:
+        """The row update of parameter `i` of group `g` (the optimizers with row updates)."""
+        raise NotImplementedError
 
 
 def _torch_lerp(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
@@ -1576,9 +1586,7 @@ class SGD(_Reference, _fast.SGD):
             g, grads, sgd_update, ("momentum_buffer",), first_step="momentum_buffer" in g.fresh
         )
 
-    def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
-    ) -> None:
+    def _row_update(self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray) -> None:
         _on_rows(g, i, index, rows, sgd_update, ("momentum_buffer",), first_step=False)
 
 
@@ -1588,9 +1596,7 @@ class Adagrad(_Reference, _fast.Adagrad):
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adagrad_update, ("sum",), step=g.step + 1)
 
-    def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
-    ) -> None:
+    def _row_update(self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray) -> None:
         _on_rows(g, i, index, rows, adagrad_update, ("sum",), step=g.step + 1)
 
 
@@ -1600,9 +1606,7 @@ class SparseAdam(_Reference, _fast.SparseAdam):
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, sparse_adam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
-    def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
-    ) -> None:
+    def _row_update(self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray) -> None:
         _on_rows(g, i, index, rows, sparse_adam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
 
