@@ -395,6 +395,7 @@ def test_policy_per_state_and_sizes() -> None:
     opt = fo.Adagrad([big], initial_accumulator_value=0.5, state_dtype="int8")
     acc = (opt.state[0]["sum"], opt.state[0]["sum_absmax"])
     np.testing.assert_array_equal(F.dequantized(acc, "sum"), 0.5)
+    np.testing.assert_array_equal(F.dequantized(acc, "sum", dtype="int8"), 0.5)
     # state bytes: AdamW 8-bit ~2 B/param (+ 2 x 4 B per 256 elements)
     p = np.zeros(1 << 16, np.float32)
     assert fo.AdamW([p], state_dtype="int8").state_bytes() == 2 * p.size + 2 * 4 * p.size // 256
@@ -490,7 +491,7 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
     m, v = F.quantized_state(w, "exp_avg"), F.quantized_state(w, "exp_avg_sq")
     for t in range(1, 4):
         g = rng.standard_normal(6000).astype(np.float32)
-        F.adam_(w, g, m, v, step=t, lr=1e-2)
+        F.adam_(w, g, m, v, step=t, lr=1e-2, state_dtype="int8")
         opt.step([g])
     same_bits(w, w2, "param")
     same_bits(m[0], opt.state[0]["exp_avg"], "codes")
@@ -498,11 +499,16 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
     g = np.ones(6000, np.float32)
     before = w.copy()
     with pytest.raises(ValueError, match=r"absmax must be a 1-D float32 array of 24 entries"):
-        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4)
+        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4, state_dtype="int8")
     with pytest.raises(TypeError, match="codes must be uint8"):
-        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4)
-    with pytest.raises(TypeError, match="cannot be quantized"):
+        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4, state_dtype="int8")
+    with pytest.raises(ValueError, match="cannot be quantized"):
         F.rprop_(w, g, F.quantized_state(w, "exp_avg"), np.ones_like(w), step=1)
+    with pytest.raises(ValueError, match="no state of Rprop can be quantized"):
+        F.rprop_(w, g, F.quantized_state(w, "exp_avg"), np.ones_like(w), step=1,
+                 state_dtype="int8")  # fmt: skip
+    with pytest.raises(ValueError, match="pass state_dtype='int8' or 'int4'"):
+        F.adam_(w, g, m, v, step=4)  # the pairs' kind is never guessed
     same_bits(w, before, "untouched")
 
 
@@ -659,3 +665,4 @@ def test_torch_model_reaches_float32_state_loss() -> None:
             losses[policy] = float(torch.nn.functional.cross_entropy(model(xt), yt))
     assert losses["int8"] <= losses[None] * 1.01, losses
     assert losses["int8"] >= losses[None] * 0.95, losses
+

@@ -309,13 +309,13 @@ QMap qmap_from_name(const std::string& name) {
 }
 constexpr bool is_map4(QMap m) { return m == QMap::signed4 || m == QMap::unsigned4; }
 
-// A block-quantized state given as (codes, absmax) for a parameter of `size` elements: 8-bit
+// A block-quantized state given as (codes, absmax) for a parameter of `size` elements, of the
+// kind the caller names (`bits`, from the state's map: never read from the codes' shape): 8-bit
 // codes shaped like the parameter with one float32 absmax per block of kQBlock elements, or
 // 4-bit codes packed two per byte (a 1-D array of (size + 1) / 2 bytes) with one absmax per
-// block of kQBlock4.  Which one is read from the codes' shape (a one-element 1-D parameter's
-// pair reads as 8-bit) unless `bits` is given; *found receives it.
+// block of kQBlock4.
 std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType compute,
-                                    const std::string& what, int bits = 0, int* found = nullptr) {
+                                    const std::string& what, int bits) {
   const auto t = py::reinterpret_borrow<py::tuple>(h);
   if (t.size() != 2)
     throw py::value_error(what + ": a quantized state is a pair (codes, absmax), got " +
@@ -325,13 +325,6 @@ std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType 
   Arg codes = check_codes(t[0], what);
   const auto psize = static_cast<int64_t>(param.size());
   const int64_t packed = (psize + 1) / 2;
-  if (bits == 0) {
-    bool same = codes.arr.ndim() == param.ndim();
-    for (py::ssize_t d = 0; same && d < param.ndim(); ++d)
-      same = codes.arr.shape(d) == param.shape(d);
-    bits = !same && codes.arr.ndim() == 1 && codes.size == packed ? 4 : 8;
-  }
-  if (found) *found = bits;
   if (bits == 4) {
     if (codes.arr.ndim() != 1 || codes.size != packed)
       throw py::value_error(what + ": 4-bit codes must be a 1-D uint8 array of " +
@@ -339,7 +332,7 @@ std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType 
                             std::to_string(psize) + " elements), got shape " +
                             shape_str(codes.arr));
   } else {
-    check_shape(codes, param, what + " codes");
+    check_shape(codes, param, what + ": 8-bit codes");
   }
   const int64_t block = bits == 4 ? kQBlock4 : kQBlock;
   Arg absmax = check_array(t[1], what + " absmax", true);
@@ -475,12 +468,11 @@ class PyPlan {
           const std::string map = qmaps ? (*qmaps)[j] : std::string();
           if (map.empty())
             throw py::type_error(what + ": this state cannot be quantized (no map for it)");
-          const QMap qm = qmap_from_name(map);
-          int bits = 0;
+          const QMap qm = qmap_from_name(map);  // (its kind: the caller's state_dtype)
           auto [codes, absmax] = check_quantized(h, ps[i].arr, compute_dtype(ps[i].dtype), what,
-                                                 is_map4(qm) ? 4 : 0, &bits);
+                                                 is_map4(qm) ? 4 : 8);
           const bool sgn = qm == QMap::signed8 || qm == QMap::signed4;
-          codes.dtype = bits == 4 ? (sgn ? DType::q4s : DType::q4u) : (sgn ? DType::q8s : DType::q8u);
+          codes.dtype = is_map4(qm) ? (sgn ? DType::q4s : DType::q4u) : (sgn ? DType::q8s : DType::q8u);
           ss[j].push_back(codes);
           qs[j].push_back(absmax);
         } else {

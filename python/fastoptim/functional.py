@@ -34,14 +34,15 @@ Conventions shared by every function:
   ``(codes, absmax)`` instead of the array, as :func:`quantized_state` makes it.  The update
   dequantizes each block (256 elements, 128 for 4-bit), runs the same kernel, and quantizes the
   block again (new absmax, nearest codes), exactly as the classes with
-  ``state_dtype="int8"`` / ``"int4"`` do.  Which one a pair is comes from its codes: shaped
-  like the parameter (8-bit) or a 1-D array of ``(size + 1) // 2`` bytes (4-bit; a one-element
-  1-D parameter's pair reads as 8-bit).
+  ``state_dtype="int8"`` / ``"int4"`` do.  Which kind a pair is, the function's
+  ``state_dtype`` says, as the class's does (``"int8"``, ``"int4"``, or a dict per state
+  name); it is never guessed from the codes' shape.
 
     >>> w = np.zeros(5000, np.float32)
     >>> m = fo.functional.quantized_state(w, "exp_avg")
     >>> v = fo.functional.quantized_state(w, "exp_avg_sq")
-    >>> fo.functional.adam_(w, np.ones(5000, np.float32), m, v, step=1, lr=0.1)
+    >>> fo.functional.adam_(w, np.ones(5000, np.float32), m, v, step=1, lr=0.1,
+    ...                     state_dtype="int8")
     >>> print(w[:2].round(6), fo.functional.dequantized(m, "exp_avg")[:2])
     [-0.1 -0.1] [0.1 0.1]
 """
@@ -60,7 +61,7 @@ from .engine import sparse as _sparse
 from .engine.definition import with_keyword_hints as _hints
 from .engine.functional import step as _step
 from .engine.optimizer import Value
-from .engine.precision import Rounding
+from .engine.precision import Rounding, StateDType
 
 __all__ = [
     "quantized_state",
@@ -97,7 +98,8 @@ def quantized_state(
     ``(codes, absmax)``.  ``dtype="int8"``: uint8 codes shaped like `param`, float32 absmax
     with one entry per block of 256 elements.  ``dtype="int4"``: 4-bit codes packed two per
     byte into a 1-D uint8 array of ``(param.size + 1) // 2`` bytes (element ``2i`` in the high
-    nibble), float32 absmax with one entry per block of 128 elements."""
+    nibble), float32 absmax with one entry per block of 128 elements.  Pass the same
+    ``state_dtype=dtype`` to the update functions: it says which kind the pair is."""
     if name not in _precision.QUANT_MAPS:
         raise ValueError(
             f"quantized_state: state {name!r} cannot be quantized (quantizable: "
@@ -105,11 +107,6 @@ def quantized_state(
         )
     if dtype not in _precision.QUANT_KINDS:
         raise ValueError(f"quantized_state: dtype must be 'int8' or 'int4', got {dtype!r}")
-    if dtype == _precision.INT4 and np.shape(param) == (1,):
-        raise ValueError(
-            "quantized_state: a one-element 1-D parameter cannot have a 4-bit state (its one "
-            "byte of codes, shaped like the parameter, reads as 8-bit): use dtype='int8'"
-        )
     shape = tuple(np.shape(param))
     code, scale = _precision.quantized_fill(fill, name, dtype)
     codes = np.empty(_precision.storage(dtype, shape)[1], np.uint8)
@@ -119,17 +116,24 @@ def quantized_state(
 
 
 def dequantized(
-    state: tuple[np.ndarray, np.ndarray], name: str, shape: tuple[int, ...] | None = None
+    state: tuple[np.ndarray, np.ndarray],
+    name: str,
+    shape: tuple[int, ...] | None = None,
+    *,
+    dtype: str = "int8",
 ) -> np.ndarray:
-    """The float32 values of a quantized state ``(codes, absmax)`` of state `name`.  A 4-bit
-    state (packed codes: see :func:`quantized_state`) needs the parameter's `shape`."""
+    """The float32 values of a quantized state ``(codes, absmax)`` of state `name`, of the
+    kind `dtype` (as :func:`quantized_state`'s: ``"int8"``, or ``"int4"``, whose packed codes
+    need the parameter's `shape`)."""
+    if dtype not in _precision.QUANT_KINDS:
+        raise ValueError(f"dequantized: dtype must be 'int8' or 'int4', got {dtype!r}")
     codes, absmax = state
-    if shape is None or tuple(np.shape(codes)) == tuple(shape):
-        out = np.empty(np.shape(codes), np.float32)
-        _core.dequantize_blockwise(codes, absmax, out, _precision.QUANT_MAPS[name])
-        return out
+    if shape is None:
+        if dtype == _precision.INT4:
+            raise ValueError("dequantized: a 4-bit state needs the parameter's shape")
+        shape = tuple(np.shape(codes))
     out = np.empty(shape, np.float32)
-    _core.dequantize_blockwise(codes, absmax, out, _precision.qmap(name, _precision.INT4))
+    _core.dequantize_blockwise(codes, absmax, out, _precision.qmap(name, dtype))
     return out
 
 
@@ -203,6 +207,7 @@ def sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -233,6 +238,7 @@ def sgd_(
             nesterov=nesterov,
             maximize=maximize,
             cautious=cautious,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -256,6 +262,7 @@ def adagrad_(
     weight_decay: Value = 0,
     eps: Value = 1e-10,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -282,6 +289,7 @@ def adagrad_(
             weight_decay=weight_decay,
             eps=eps,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -309,6 +317,7 @@ def rmsprop_(
     momentum: Value = 0,
     centered: bool = False,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -337,6 +346,7 @@ def rmsprop_(
             momentum=momentum,
             centered=centered,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -361,6 +371,7 @@ def adadelta_(
     eps: Value = 1e-06,
     weight_decay: Value = 0,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -386,6 +397,7 @@ def adadelta_(
             eps=eps,
             weight_decay=weight_decay,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -414,6 +426,7 @@ def adam_(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -443,6 +456,7 @@ def adam_(
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
             cautious=cautious,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -470,6 +484,7 @@ def adamw_(
     amsgrad: bool = False,
     maximize: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -496,6 +511,7 @@ def adamw_(
             amsgrad=amsgrad,
             maximize=maximize,
             cautious=cautious,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -520,6 +536,7 @@ def adamax_(
     eps: Value = 1e-08,
     weight_decay: Value = 0,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -543,6 +560,7 @@ def adamax_(
             eps=eps,
             weight_decay=weight_decay,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -571,6 +589,7 @@ def nadam_(
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -606,6 +625,7 @@ def nadam_(
                 decoupled_weight_decay=decoupled_weight_decay,
                 maximize=maximize,
                 cautious=cautious,
+                state_dtype=state_dtype,
                 rounding=rounding,
                 seed=seed,
                 max_grad_value=max_grad_value,
@@ -633,6 +653,7 @@ def radam_(
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -658,6 +679,7 @@ def radam_(
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
             cautious=cautious,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -681,6 +703,7 @@ def lion_(
     weight_decay: Value = 0.0,
     maximize: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -706,6 +729,7 @@ def lion_(
             weight_decay=weight_decay,
             maximize=maximize,
             cautious=cautious,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -728,6 +752,7 @@ def rprop_(
     etas: tuple[Value, Value] = (0.5, 1.2),
     step_sizes: tuple[Value, Value] = (1e-06, 50),
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -753,6 +778,7 @@ def rprop_(
             etas=etas,
             step_sizes=step_sizes,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -779,6 +805,7 @@ def asgd_(
     t0: Value = 1000000.0,
     weight_decay: Value = 0,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -811,6 +838,7 @@ def asgd_(
             t0=t0,
             weight_decay=weight_decay,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -839,6 +867,7 @@ def adopt_(
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
     cautious: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -868,6 +897,7 @@ def adopt_(
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
             cautious=cautious,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -897,6 +927,7 @@ def adamwschedulefree_(
     r: Value = 0.0,
     weight_lr_power: Value = 2.0,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -928,6 +959,7 @@ def adamwschedulefree_(
             r=r,
             weight_lr_power=weight_lr_power,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -956,6 +988,7 @@ def sgdschedulefree_(
     r: Value = 0.0,
     weight_lr_power: Value = 2.0,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -985,6 +1018,7 @@ def sgdschedulefree_(
             r=r,
             weight_lr_power=weight_lr_power,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -1009,6 +1043,7 @@ def sparseadam_(
     betas: tuple[Value, Value] = (0.9, 0.999),
     eps: Value = 1e-08,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -1033,6 +1068,7 @@ def sparseadam_(
             betas=betas,
             eps=eps,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -1061,6 +1097,7 @@ def lamb_(
     max_trust_ratio: float | None = None,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -1089,6 +1126,7 @@ def lamb_(
             max_trust_ratio=max_trust_ratio,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,
@@ -1115,6 +1153,7 @@ def lars_(
     nesterov: bool = False,
     exclude_1d: bool = True,
     maximize: bool = False,
+    state_dtype: StateDType = None,
     rounding: Rounding = "nearest",
     seed: int = 0,
     max_grad_value: float | None = None,
@@ -1143,6 +1182,7 @@ def lars_(
             nesterov=nesterov,
             exclude_1d=exclude_1d,
             maximize=maximize,
+            state_dtype=state_dtype,
             rounding=rounding,
             seed=seed,
             max_grad_value=max_grad_value,

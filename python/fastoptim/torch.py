@@ -1055,7 +1055,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             ]
             for n in c.names
         ]
-        c.qmaps = [precision.QUANT_MAPS.get(n, "") for n in c.names]
+        c.qmaps = precision.qmaps(c.hp.get(precision.STATE_DTYPE), c.names)
         extras = {
             key: [
                 _view(self.state[p][n], perm) if n in layout else None

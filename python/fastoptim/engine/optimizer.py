@@ -192,6 +192,7 @@ class _Group:
         self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
         self.plan_states: Any = None  # what the plan was built for (state names, layout)
         self.first_id = 0  # the number of the group's first parameter in the optimizer
+        self.state_dtype: Any = None  # the policy the plan was built for (its quantized kinds)
         self.outs: list[np.ndarray | None] | None = None  # copy-out arrays (set_copy_out)
         self.grad_block: np.ndarray | None = None
         self.acc_plan: Any = None  # the gradient buffers as a plan's params (accumulate)
@@ -503,6 +504,7 @@ class Optimizer:
                 self._allocate(g, name, self._state_fill(name, group), layout)
                 if name in names:
                     g.fresh.add(name)
+        g.state_dtype = get(precision.STATE_DTYPE)
         g.plan = self._make_plan(g, names, g.outs)
         g.plan_steps = 0
         g.plan_states = key
@@ -522,7 +524,7 @@ class Optimizer:
             [_plan_states(g.states, n) for n in names],
             **{k: v for k, v in extra.items() if v is not None},
             ids=list(range(g.first_id, g.first_id + len(g.params))),
-            qmaps=[precision.QUANT_MAPS.get(n, "") for n in names],
+            qmaps=precision.qmaps(g.state_dtype, names),
         )
 
     def state_bytes(self) -> int:
