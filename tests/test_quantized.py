@@ -666,3 +666,54 @@ def test_torch_model_reaches_float32_state_loss() -> None:
     assert losses["int8"] <= losses[None] * 1.01, losses
     assert losses["int8"] >= losses[None] * 0.95, losses
 
+
+# ------------------------------------------------------------------------- the NumPy reference
+@pytest.mark.parametrize(
+    ("kind", "layout"),
+    [("int8", "float32"), ("int4", "float32"), ("int8", "bf16"), ("int4", "bf16")],
+)
+def test_reference_emulates_quantized_state(kind: str, layout: str) -> None:
+    """``reference.Adam(..., state_dtype=...)`` emulates quantized state as the kernels are
+    specified (dequantize, the float32 step, ``reference.quantize_blockwise``; stochastic codes
+    with the kernels' random bits), as it emulates bf16 state and stochastic rounding: element
+    by element against fastoptim.Adam, each step from the same state.  Parameters to 16 ulps;
+    codes equal but where the float32 state sits within rounding of a code boundary (the
+    kernel's fused multiply-adds), there one code apart; absmax to 16 ulps."""
+    pdt = np.float32 if layout == "float32" else BF16
+    rounding = "stochastic" if layout == "bf16" else "nearest"
+    kw = dict(lr=1e-2, weight_decay=0.01, state_dtype=kind, rounding=rounding, seed=3)
+    rng = np.random.default_rng(21)
+    shapes = [(5000,), (70, 300), (100,), (4097,)]
+    params = [rng.standard_normal(s).astype(np.float32).astype(pdt) for s in shapes]
+    mirror = [p.copy() for p in params]
+    opt, ref = fo.Adam(params, **kw), reference.Adam(mirror, **kw)
+    eps = float(np.finfo(np.float32).eps)
+    for t in range(1, 4):
+        grads = [(rng.standard_normal(s) * 0.3).astype(np.float32).astype(pdt) for s in shapes]
+        for i in range(len(params)):  # the same state before the step
+            mirror[i][...] = params[i]
+            for n, v in opt.state[i].items():
+                if n != "step":
+                    ref.state[i][n][...] = v
+        opt.step(grads)
+        ref.step(grads)
+        for i, p in enumerate(params):
+            got, want = p.astype(np.float32), mirror[i].astype(np.float32)
+            tol = 16 * (eps if layout == "float32" else 2.0**-7)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 1e-3, err_msg=f"{t} {i}")
+            quantized = [n for n in opt.state[i] if n + "_absmax" in opt.state[i]]
+            assert bool(quantized) == (p.size >= 4096), (i, list(opt.state[i]))
+            for n, v in opt.state[i].items():
+                if n == "step":
+                    continue
+                w = ref.state[i][n]
+                if n in quantized:
+                    codes = (
+                        [v, w] if kind == "int8" else [reference.unpack4(c, p.size) for c in (v, w)]
+                    )
+                    diff = np.abs(codes[0].astype(int) - codes[1].astype(int))
+                    assert diff.max() <= 1 and np.mean(diff) < 1e-3, (t, i, n, np.mean(diff))
+                elif n.endswith("_absmax"):
+                    np.testing.assert_allclose(v, w, rtol=16 * eps, err_msg=f"{t} {i} {n}")
+                else:  # (a small parameter: float32 state)
+                    np.testing.assert_allclose(v, w, rtol=16 * eps, atol=1e-7, err_msg=f"{t} {n}")
