@@ -600,16 +600,10 @@ inline float bf16_nearest(float v) {
   return r;
 }
 
+// f(lo, hi) over [0, n) in fixed chunks of 2^15 elements, on the threads `bytes` of traffic
+// are worth.
 template <class F> void on_chunks(int64_t n, int64_t bytes, const F& f) {
-  constexpr int64_t chunk = 1 << 15;
-  struct Ctx {
-    const F* f;
-    int64_t n;
-  } ctx{&f, n};
-  run_chunks((n + chunk - 1) / chunk, threads_for(bytes), [](void* p, int64_t i) {
-    const Ctx& c = *static_cast<const Ctx*>(p);
-    (*c.f)(i * chunk, std::min(c.n, (i + 1) * chunk));
-  }, &ctx);
+  for_each_range(n, int64_t{1} << 15, threads_for(bytes), f);
 }
 
 }  // namespace
