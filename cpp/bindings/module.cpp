@@ -995,6 +995,7 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
     std::vector<Hyper> hs;
     std::vector<int64_t> steps;
     std::vector<Span> spans;
+    std::vector<py::array> keep;  // every array, alive while the GIL is released
     hs.reserve(njobs);
     steps.reserve(njobs);
     for (std::size_t q = 0; q < njobs; ++q) {
@@ -1056,6 +1057,7 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
       if (n != static_cast<std::size_t>(need))
         throw py::value_error("states of " + what + ": " + std::to_string(n) +
                               " arrays, these hyper-parameters need " + std::to_string(need));
+      keep.insert(keep.end(), {p.arr, r.arr, ix});
       if (p.size) spans.push_back({p.lo, p.hi, what});
       if (r.size) spans.push_back({r.lo, r.hi, "rows for " + what});
       if (ix.size()) {
@@ -1070,13 +1072,14 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
                                dtype_name(p.arr));
         check_shape(a, p.arr, sw);
         job.state[j] = a.data;
+        keep.push_back(a.arr);
         if (a.size) spans.push_back({a.lo, a.hi, sw});
       }
       job.nstate = static_cast<int>(n);
     }
     sort_and_check_disjoint(spans);  // across every job: no array written twice or read after
     {
-      py::gil_scoped_release release;  // (the jobs' arrays stay referenced by `jobs`)
+      py::gil_scoped_release release;
       fastoptim::step_rows<Opt>(rs.data(), hs.data(), steps.data(), njobs);
     }
     // Before returning: an interrupt that surfaces once the call is back in Python finds it.
