@@ -395,6 +395,7 @@ def test_policy_per_state_and_sizes() -> None:
     opt = fo.Adagrad([big], initial_accumulator_value=0.5, state_dtype="int8")
     acc = (opt.state[0]["sum"], opt.state[0]["sum_absmax"])
     np.testing.assert_array_equal(F.dequantized(acc, "sum"), 0.5)
+    np.testing.assert_array_equal(F.dequantized(acc, "sum", dtype="int8"), 0.5)
     # state bytes: AdamW 8-bit ~2 B/param (+ 2 x 4 B per 256 elements)
     p = np.zeros(1 << 16, np.float32)
     assert fo.AdamW([p], state_dtype="int8").state_bytes() == 2 * p.size + 2 * 4 * p.size // 256
@@ -490,7 +491,7 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
     m, v = F.quantized_state(w, "exp_avg"), F.quantized_state(w, "exp_avg_sq")
     for t in range(1, 4):
         g = rng.standard_normal(6000).astype(np.float32)
-        F.adam_(w, g, m, v, step=t, lr=1e-2)
+        F.adam_(w, g, m, v, step=t, lr=1e-2, state_dtype="int8")
         opt.step([g])
     same_bits(w, w2, "param")
     same_bits(m[0], opt.state[0]["exp_avg"], "codes")
@@ -498,11 +499,16 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
     g = np.ones(6000, np.float32)
     before = w.copy()
     with pytest.raises(ValueError, match=r"absmax must be a 1-D float32 array of 24 entries"):
-        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4)
+        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4, state_dtype="int8")
     with pytest.raises(TypeError, match="codes must be uint8"):
-        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4)
-    with pytest.raises(TypeError, match="cannot be quantized"):
+        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4, state_dtype="int8")
+    with pytest.raises(ValueError, match="cannot be quantized"):
         F.rprop_(w, g, F.quantized_state(w, "exp_avg"), np.ones_like(w), step=1)
+    with pytest.raises(ValueError, match="no state of Rprop can be quantized"):
+        F.rprop_(w, g, F.quantized_state(w, "exp_avg"), np.ones_like(w), step=1,
+                 state_dtype="int8")  # fmt: skip
+    with pytest.raises(ValueError, match="pass state_dtype='int8' or 'int4'"):
+        F.adam_(w, g, m, v, step=4)  # the pairs' kind is never guessed
     same_bits(w, before, "untouched")
 
 
@@ -659,3 +665,55 @@ def test_torch_model_reaches_float32_state_loss() -> None:
             losses[policy] = float(torch.nn.functional.cross_entropy(model(xt), yt))
     assert losses["int8"] <= losses[None] * 1.01, losses
     assert losses["int8"] >= losses[None] * 0.95, losses
+
+
+# ------------------------------------------------------------------------- the NumPy reference
+@pytest.mark.parametrize(
+    ("kind", "layout"),
+    [("int8", "float32"), ("int4", "float32"), ("int8", "bf16"), ("int4", "bf16")],
+)
+def test_reference_emulates_quantized_state(kind: str, layout: str) -> None:
+    """``reference.Adam(..., state_dtype=...)`` emulates quantized state as the kernels are
+    specified (dequantize, the float32 step, ``reference.quantize_blockwise``; stochastic codes
+    with the kernels' random bits), as it emulates bf16 state and stochastic rounding: element
+    by element against fastoptim.Adam, each step from the same state.  Parameters to 16 ulps;
+    codes equal but where the float32 state sits within rounding of a code boundary (the
+    kernel's fused multiply-adds), there one code apart; absmax to 16 ulps."""
+    pdt = np.float32 if layout == "float32" else BF16
+    rounding = "stochastic" if layout == "bf16" else "nearest"
+    kw = dict(lr=1e-2, weight_decay=0.01, state_dtype=kind, rounding=rounding, seed=3)
+    rng = np.random.default_rng(21)
+    shapes = [(5000,), (70, 300), (100,), (4097,)]
+    params = [rng.standard_normal(s).astype(np.float32).astype(pdt) for s in shapes]
+    mirror = [p.copy() for p in params]
+    opt, ref = fo.Adam(params, **kw), reference.Adam(mirror, **kw)
+    eps = float(np.finfo(np.float32).eps)
+    for t in range(1, 4):
+        grads = [(rng.standard_normal(s) * 0.3).astype(np.float32).astype(pdt) for s in shapes]
+        for i in range(len(params)):  # the same state before the step
+            mirror[i][...] = params[i]
+            for n, v in opt.state[i].items():
+                if n != "step":
+                    ref.state[i][n][...] = v
+        opt.step(grads)
+        ref.step(grads)
+        for i, p in enumerate(params):
+            got, want = p.astype(np.float32), mirror[i].astype(np.float32)
+            tol = 16 * (eps if layout == "float32" else 2.0**-7)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 1e-3, err_msg=f"{t} {i}")
+            quantized = [n for n in opt.state[i] if n + "_absmax" in opt.state[i]]
+            assert bool(quantized) == (p.size >= 4096), (i, list(opt.state[i]))
+            for n, v in opt.state[i].items():
+                if n == "step":
+                    continue
+                w = ref.state[i][n]
+                if n in quantized:
+                    codes = (
+                        [v, w] if kind == "int8" else [reference.unpack4(c, p.size) for c in (v, w)]
+                    )
+                    diff = np.abs(codes[0].astype(int) - codes[1].astype(int))
+                    assert diff.max() <= 1 and np.mean(diff) < 1e-3, (t, i, n, np.mean(diff))
+                elif n.endswith("_absmax"):
+                    np.testing.assert_allclose(v, w, rtol=16 * eps, err_msg=f"{t} {i} {n}")
+                else:  # (a small parameter: float32 state)
+                    np.testing.assert_allclose(v, w, rtol=16 * eps, atol=1e-7, err_msg=f"{t} {n}")

@@ -399,7 +399,7 @@ def test_policy_sizes_and_state_bytes() -> None:
     assert opt.state[2]["exp_avg"][-1] == 0x70
     opt = fo.Adagrad([big], initial_accumulator_value=0.5, state_dtype="int4")
     acc = (opt.state[0]["sum"], opt.state[0]["sum_absmax"])
-    np.testing.assert_array_equal(F.dequantized(acc, "sum", big.shape), 0.5)
+    np.testing.assert_array_equal(F.dequantized(acc, "sum", big.shape, dtype="int4"), 0.5)
     # state bytes: AdamW 4-bit ~1 B/param (+ 2 x 4 B per 128 elements): 1.0625 <= 1.1
     p = np.zeros(1 << 16, np.float32)
     got = fo.AdamW([p], state_dtype="int4").state_bytes()
@@ -463,32 +463,32 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
     assert m[0].shape == (3001,) and m[1].shape == (47,)
     for t in range(1, 4):
         g = rng.standard_normal(6001).astype(np.float32)
-        F.adam_(w, g, m, v, step=t, lr=1e-2)
+        F.adam_(w, g, m, v, step=t, lr=1e-2, state_dtype="int4")
         opt.step([g])
     same_bits(w, w2, "param")
     same_bits(m[0], opt.state[0]["exp_avg"], "codes")
     same_bits(v[1], opt.state[0]["exp_avg_sq_absmax"], "absmax")
-    same_bits(F.dequantized(m, "exp_avg", w.shape), _float_state(opt, 0, "exp_avg", w.shape),
-              "dequantized")  # fmt: skip
+    same_bits(F.dequantized(m, "exp_avg", w.shape, dtype="int4"),
+              _float_state(opt, 0, "exp_avg", w.shape), "dequantized")  # fmt: skip
     g = np.ones(6001, np.float32)
     before = w.copy()
     with pytest.raises(ValueError, match=r"absmax must be a 1-D float32 array of 47 entries"):
-        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4)
-    with pytest.raises(ValueError, match=r"codes: shape \(3000,\)"):
-        F.adam_(w, g, m, (v[0][:-1], v[1]), step=4)
+        F.adam_(w, g, m, (v[0], v[1][:-1]), step=4, state_dtype="int4")
+    with pytest.raises(ValueError, match=r"4-bit codes must be .* 3001 bytes .* shape \(3000,\)"):
+        F.adam_(w, g, m, (v[0][:-1], v[1]), step=4, state_dtype="int4")
     with pytest.raises(TypeError, match="codes must be uint8"):
-        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4)
+        F.adam_(w, g, m, (v[0].view(np.int8), v[1]), step=4, state_dtype="int4")
+    with pytest.raises(ValueError, match=r"8-bit codes: shape \(3001,\)"):
+        F.adam_(w, g, m, v, step=4, state_dtype="int8")  # 4-bit pairs said to be 8-bit
     with pytest.raises(ValueError, match="dtype must be 'int8' or 'int4'"):
         F.quantized_state(w, "exp_avg", dtype="int2")
-    with pytest.raises(ValueError, match="one-element 1-D parameter"):
-        F.quantized_state(w[:1], "exp_avg", dtype="int4")
     # tiny parameters work too (the functional tier quantizes any size)
     for n in (2, 3, 129):
         x, y = w[:n].copy(), w[:n].copy()
         mq = F.quantized_state(x, "exp_avg", dtype="int4")
         vq = F.quantized_state(x, "exp_avg_sq", dtype="int4")
         m32, v32 = np.zeros(n, np.float32), np.zeros(n, np.float32)
-        F.adam_(x, g[:n], mq, vq, step=1, lr=1e-2)
+        F.adam_(x, g[:n], mq, vq, step=1, lr=1e-2, state_dtype="int4")
         F.adam_(y, g[:n], m32, v32, step=1, lr=1e-2)
         same_bits(x, y, f"param of {n}")  # (step 1 reads the zero state: exact)
         want = reference.quantize_blockwise4(m32, reference.create_map4(True))
@@ -617,3 +617,43 @@ def test_bnb_converter_reads_a_4bit_state() -> None:
     bad = {**entry, "exp_avg_absmax": -entry["exp_avg_absmax"] - 1}
     with pytest.raises(ValueError, match="negative or infinite"):
         fb._read_fastoptim(bad, "exp_avg", (50, 101), "here")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2,), (3,), (1, 3), (2, 2), (257,)])
+def test_pairs_kind_is_named_never_guessed(kind: str, shape: tuple[int, ...]) -> None:
+    """Which kind a (codes, absmax) pair is comes from ``state_dtype``, never from the codes'
+    shape, for the shapes where 4-bit codes (1-D, ``(size + 1) // 2`` bytes) and 8-bit codes
+    (the parameter's shape) coincide (one element: the one byte used to read as 8-bit, so
+    int4 was refused) or look alike: the update is the float32 update, the state the
+    reference's quantization of the float32 state, in either kind."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    x, y = w.copy(), w.copy()
+    m = F.quantized_state(x, "exp_avg", dtype=kind)
+    v = F.quantized_state(x, "exp_avg_sq", dtype=kind)
+    m32, v32 = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    F.adam_(x, g, m, v, step=1, lr=1e-2, state_dtype=kind)
+    F.adam_(y, g, m32, v32, step=1, lr=1e-2)
+    same_bits(x, y, "param")  # (step 1 reads the zero state: exact)
+    for (codes, absmax), want32, signed in ((m, m32, True), (v, v32, False)):
+        if kind == "int4":
+            want = reference.quantize_blockwise4(want32, reference.create_map4(signed))
+        else:
+            want = reference.quantize_blockwise(want32, reference.create_dynamic_map(signed))
+        same_bits(codes, want[0], f"codes ({signed=})")
+        same_bits(absmax, want[1], f"absmax ({signed=})")
+    if kind == "int4":
+        want_m = reference.dequantize_blockwise4(*m, reference.create_map4(True), shape)
+    else:
+        want_m = reference.dequantize_blockwise(*m, reference.create_dynamic_map(True))
+    same_bits(F.dequantized(m, "exp_avg", shape, dtype=kind), want_m.reshape(shape), "values")
+    # the other kind named for these pairs: a clear error, nothing written
+    other = "int8" if kind == "int4" else "int4"
+    before = [x.copy(), m[0].copy(), m[1].copy()]
+    if m[0].shape != precision.storage(other, shape)[1]:
+        with pytest.raises(ValueError, match="codes"):
+            F.adam_(x, g, m, v, step=2, lr=1e-2, state_dtype=other)
+        for a, b in zip(before, (x, m[0], m[1])):
+            same_bits(a, b, "untouched")

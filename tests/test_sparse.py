@@ -212,6 +212,87 @@ def test_rows_of_low_precision_state_refused() -> None:
     assert (p == 1).all()
 
 
+def _rows_job(
+    hyper: Any, param: np.ndarray, index: list[int], states: list[np.ndarray], label: str
+) -> tuple[Any, ...]:
+    rows = np.ones((len(index), *param.shape[1:]), param.dtype)
+    return (hyper, 1, param, np.array(index, np.int64), rows, states, label)
+
+
+@pytest.mark.parametrize("bad", ["overlap", "out of range", "order", "dtype", "state count"])
+def test_binding_rows_all_or_nothing(bad: str) -> None:
+    """_core.rows_<name> takes every parameter's job of a step and checks them all (dtypes,
+    shapes, indices' range and order, memory shared between any two arrays of any jobs) before
+    it writes any: a bad second job leaves the first untouched, and the error names its
+    parameter."""
+    from fastoptim import _core
+
+    hyper = _core.SparseAdamHyper()
+    a, ma, va = (np.full((4, 2), 0.5) for _ in range(3))
+    b, mb, vb = (np.full((4, 2), 0.5) for _ in range(3))
+    index, b_states = [1], [mb, vb]
+    if bad == "overlap":
+        b_states = [va, vb]  # b's exp_avg is a's exp_avg_sq
+    elif bad == "out of range":
+        index = [4]
+    elif bad == "order":
+        index = [2, 1]
+    elif bad == "dtype":
+        b_states = [mb.astype(np.float32), vb]
+    else:
+        b_states = [mb]
+    jobs = [
+        _rows_job(hyper, a, [0, 2], [ma, va], "first"),
+        _rows_job(hyper, b, index, b_states, "second"),
+    ]
+    with pytest.raises((ValueError, TypeError, IndexError), match="param second"):
+        _core.rows_sparseadam(jobs)
+    for arr in (a, ma, va, b, mb, vb):
+        assert (arr == 0.5).all()
+    ran: list[bool] = []
+    _core.rows_sparseadam(jobs[:1], ran)  # the good job alone runs, and says so
+    assert ran == [True] and (a[[0, 2]] != 0.5).all() and (a[[1, 3]] == 0.5).all()
+
+
+def _interrupt_after_each_call(monkeypatch: Any, name: str) -> list[int]:
+    """Replace _core.rows_<name> by a wrapper that runs it and then raises KeyboardInterrupt,
+    as a Ctrl-C that arrives while the compiled call runs surfaces when it returns."""
+    from fastoptim import _core
+
+    real, calls = getattr(_core, name), []
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_core, name, interrupted)
+    return calls
+
+
+def test_interrupted_rows_step_is_never_half_applied(monkeypatch: Any) -> None:
+    """An interrupt that surfaces after a compiled row call: the step is whole (every
+    parameter's rows updated in the one call, the step counted) or absent, never half."""
+    a, b = np.ones((4, 2)), np.ones((4, 2))
+    want_a, want_b = a.copy(), b.copy()
+    ref = reference.SparseAdam([want_a, want_b], lr=0.1)
+    grads = [(np.array([0]), np.ones((1, 2))), (np.array([3]), np.ones((1, 2)))]
+    ref.step_rows(grads)
+    opt = fo.SparseAdam([a, b], lr=0.1)
+    calls = _interrupt_after_each_call(monkeypatch, "rows_sparseadam")
+    with pytest.raises(KeyboardInterrupt):
+        opt.step_rows(grads)
+    assert len(calls) == 1  # one call for every parameter of the step
+    close(a, want_a, np.float64, "a")
+    close(b, want_b, np.float64, "b")
+    assert [s["step"] for s in opt.state.values()] == [1, 1]
+    monkeypatch.undo()
+    opt.step_rows(grads)  # and the next step is the second
+    ref.step_rows(grads)
+    close(a, want_a, np.float64, "a after 2")
+    close(b, want_b, np.float64, "b after 2")
+
+
 # --------------------------------------------------------------------------- fastoptim.torch
 torch = pytest.importorskip("torch")
 import fastoptim.torch as fot  # noqa: E402
@@ -418,6 +499,41 @@ def test_torch_sparse_grads_leave_a_bad_step_untouched() -> None:
         ada.step()
     assert torch.equal(c, torch.ones(4, 2)) and torch.equal(d, torch.ones(4, 2))
     assert all(float(s["step"]) == 0 for s in ada.state.values())
+
+
+def test_torch_rows_refused_by_the_binding_change_nothing() -> None:
+    """A state that the Python checks accept but the compiled call refuses (the second
+    parameter's exp_avg is the first's exp_avg_sq: shared memory): no parameter updated, no
+    step counted."""
+    sp = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2))
+    a, b = torch.ones(4, 2), torch.ones(4, 2)
+    opt = fot.SparseAdam([a, b])
+    a.grad, b.grad = sp.clone(), sp.clone()
+    opt.step()
+    a0, b0 = a.clone(), b.clone()
+    opt.state[b]["exp_avg"] = opt.state[a]["exp_avg_sq"]
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step()
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    assert [int(s["step"]) for s in opt.state.values()] == [1, 1]
+
+
+def test_torch_interrupted_rows_step_is_never_half_applied(monkeypatch: Any) -> None:
+    a, b = torch.ones(4, 2), torch.ones(4, 2)
+    ra, rb = torch.ones(4, 2), torch.ones(4, 2)
+    sp = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.ones(2, 2), (4, 2))
+    ref = torch.optim.SparseAdam([ra, rb], lr=0.1)
+    ra.grad, rb.grad = sp.clone(), sp.clone()
+    ref.step()
+    opt = fot.SparseAdam([a, b], lr=0.1)
+    a.grad, b.grad = sp.clone(), sp.clone()
+    calls = _interrupt_after_each_call(monkeypatch, "rows_sparseadam")
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert len(calls) == 1
+    torch.testing.assert_close(a, ra)
+    torch.testing.assert_close(b, rb)
+    assert [int(s["step"]) for s in opt.state.values()] == [1, 1]
 
 
 def test_optim_db_options_are_covered() -> None:

@@ -309,13 +309,13 @@ QMap qmap_from_name(const std::string& name) {
 }
 constexpr bool is_map4(QMap m) { return m == QMap::signed4 || m == QMap::unsigned4; }
 
-// A block-quantized state given as (codes, absmax) for a parameter of `size` elements: 8-bit
+// A block-quantized state given as (codes, absmax) for a parameter of `size` elements, of the
+// kind the caller names (`bits`, from the state's map: never read from the codes' shape): 8-bit
 // codes shaped like the parameter with one float32 absmax per block of kQBlock elements, or
 // 4-bit codes packed two per byte (a 1-D array of (size + 1) / 2 bytes) with one absmax per
-// block of kQBlock4.  Which one is read from the codes' shape (a one-element 1-D parameter's
-// pair reads as 8-bit) unless `bits` is given; *found receives it.
+// block of kQBlock4.
 std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType compute,
-                                    const std::string& what, int bits = 0, int* found = nullptr) {
+                                    const std::string& what, int bits) {
   const auto t = py::reinterpret_borrow<py::tuple>(h);
   if (t.size() != 2)
     throw py::value_error(what + ": a quantized state is a pair (codes, absmax), got " +
@@ -325,13 +325,6 @@ std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType 
   Arg codes = check_codes(t[0], what);
   const auto psize = static_cast<int64_t>(param.size());
   const int64_t packed = (psize + 1) / 2;
-  if (bits == 0) {
-    bool same = codes.arr.ndim() == param.ndim();
-    for (py::ssize_t d = 0; same && d < param.ndim(); ++d)
-      same = codes.arr.shape(d) == param.shape(d);
-    bits = !same && codes.arr.ndim() == 1 && codes.size == packed ? 4 : 8;
-  }
-  if (found) *found = bits;
   if (bits == 4) {
     if (codes.arr.ndim() != 1 || codes.size != packed)
       throw py::value_error(what + ": 4-bit codes must be a 1-D uint8 array of " +
@@ -339,7 +332,7 @@ std::pair<Arg, Arg> check_quantized(py::handle h, const py::array& param, DType 
                             std::to_string(psize) + " elements), got shape " +
                             shape_str(codes.arr));
   } else {
-    check_shape(codes, param, what + " codes");
+    check_shape(codes, param, what + ": 8-bit codes");
   }
   const int64_t block = bits == 4 ? kQBlock4 : kQBlock;
   Arg absmax = check_array(t[1], what + " absmax", true);
@@ -475,12 +468,11 @@ class PyPlan {
           const std::string map = qmaps ? (*qmaps)[j] : std::string();
           if (map.empty())
             throw py::type_error(what + ": this state cannot be quantized (no map for it)");
-          const QMap qm = qmap_from_name(map);
-          int bits = 0;
+          const QMap qm = qmap_from_name(map);  // (its kind: the caller's state_dtype)
           auto [codes, absmax] = check_quantized(h, ps[i].arr, compute_dtype(ps[i].dtype), what,
-                                                 is_map4(qm) ? 4 : 0, &bits);
+                                                 is_map4(qm) ? 4 : 8);
           const bool sgn = qm == QMap::signed8 || qm == QMap::signed4;
-          codes.dtype = bits == 4 ? (sgn ? DType::q4s : DType::q4u) : (sgn ? DType::q8s : DType::q8u);
+          codes.dtype = is_map4(qm) ? (sgn ? DType::q4s : DType::q4u) : (sgn ? DType::q8s : DType::q8u);
           ss[j].push_back(codes);
           qs[j].push_back(absmax);
         } else {
@@ -989,82 +981,116 @@ void bind_optimizer(py::module_& m, const char* cls_name, const char* fn_name,
   "One in-place step of every group's plan (all checked first), each with its own step number.");
 }
 
-// Sparse row updates (fastoptim::step_rows): rows_<name>(hyper, step, param, index, rows, states).
+// Sparse row updates (fastoptim::step_rows): rows_<name>(jobs), each job a tuple (hyper, step,
+// param, index, rows, states, label): one optimizer step of several parameters, all-or-nothing.
+// Every job is checked (dtypes, shapes, indices in range and strictly increasing) and no two
+// arrays of any jobs may share memory before any element is written; the GIL is released once.
 template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
   using Hyper = typename Opt::Hyper;
-  m.def(fn_name, [](Hyper& h, int64_t step, const py::handle& param, const py::handle& index,
-                    const py::handle& rows, const py::sequence& states, const std::string& label) {
-    const std::string what = "param " + label;
-    const Arg p = check_array(param, what, true);
-    if (p.dtype != DType::f32 && p.dtype != DType::f64)
-      throw py::type_error(what + ": row updates take float32 or float64 parameters, got " +
-                           dtype_name(p.arr));
-    if (p.arr.ndim() < 1) throw py::value_error(what + ": a row update needs at least one dimension");
-    const Arg r = check_array(rows, "rows for " + what, false);
-    const bool same_rows = r.arr.ndim() == p.arr.ndim() &&
-                           std::equal(r.arr.shape() + 1, r.arr.shape() + r.arr.ndim(), p.arr.shape() + 1);
-    if (r.dtype != p.dtype)
-      throw py::type_error("rows for " + what + ": dtype " + dtype_name(r.arr) +
-                           " does not match the parameter's " + dtype_name(p.arr));
-    if (!same_rows)
-      throw py::value_error("rows for " + what + ": shape " + shape_str(r.arr) +
-                            " is not (k,) + the parameter's row shape " + shape_str(p.arr) + "[1:]");
-    if (!py::isinstance<py::array>(index))
-      throw py::type_error("indices for " + what + ": expected a numpy.ndarray, got " + type_name(index));
-    const auto ix = py::reinterpret_borrow<py::array>(index);
-    if (!ix.dtype().equal(py::dtype::of<int64_t>()) || ix.ndim() != 1 ||
-        !(ix.flags() & py::array::c_style))
-      throw py::type_error("indices for " + what + ": need a 1-D C-contiguous int64 array, got " +
-                           dtype_name(ix) + " " + shape_str(ix));
-    if (ix.shape(0) != r.arr.shape(0))
-      throw py::value_error("indices for " + what + ": " + std::to_string(ix.shape(0)) +
-                            " indices for " + std::to_string(r.arr.shape(0)) + " rows");
-    Rows job;
-    job.dtype = p.dtype;
-    job.param = p.data;
-    job.nrows = p.arr.shape(0);
-    job.width = job.nrows > 0 ? p.size / job.nrows : 0;
-    if (job.nrows == 0) {
+  m.def(fn_name, [](const py::sequence& jobs, const py::object& ran) {
+    if (!ran.is_none() && !py::isinstance<py::list>(ran))
+      throw py::type_error("ran: expected a list or None, got " + type_name(ran));
+    const auto njobs = static_cast<std::size_t>(py::len(jobs));
+    std::vector<Rows> rs(njobs);
+    std::vector<Hyper> hs;
+    std::vector<int64_t> steps;
+    std::vector<Span> spans;
+    std::vector<py::array> keep;  // every array, alive while the GIL is released
+    hs.reserve(njobs);
+    steps.reserve(njobs);
+    for (std::size_t q = 0; q < njobs; ++q) {
+      const py::handle item = jobs[q];
+      if (!py::isinstance<py::tuple>(item) || py::len(item) != 7)
+        throw py::type_error("jobs[" + std::to_string(q) + "]: expected a tuple (hyper, step, "
+                             "param, index, rows, states, label), got " + type_name(item));
+      const auto t = py::reinterpret_borrow<py::tuple>(item);
+      const std::string label = py::cast<std::string>(t[6]);
+      const std::string what = "param " + label;
+      hs.push_back(py::cast<const Hyper&>(t[0]));
+      steps.push_back(py::cast<int64_t>(t[1]));
+      if (steps.back() < 1) throw py::value_error(what + ": step must be >= 1");
+      const Arg p = check_array(t[2], what, true);
+      if (p.dtype != DType::f32 && p.dtype != DType::f64)
+        throw py::type_error(what + ": row updates take float32 or float64 parameters, got " +
+                             dtype_name(p.arr));
+      if (p.arr.ndim() < 1) throw py::value_error(what + ": a row update needs at least one dimension");
+      const Arg r = check_array(t[4], "rows for " + what, false);
+      const bool same_rows = r.arr.ndim() == p.arr.ndim() &&
+                             std::equal(r.arr.shape() + 1, r.arr.shape() + r.arr.ndim(), p.arr.shape() + 1);
+      if (r.dtype != p.dtype)
+        throw py::type_error("rows for " + what + ": dtype " + dtype_name(r.arr) +
+                             " does not match the parameter's " + dtype_name(p.arr));
+      if (!same_rows)
+        throw py::value_error("rows for " + what + ": shape " + shape_str(r.arr) +
+                              " is not (k,) + the parameter's row shape " + shape_str(p.arr) + "[1:]");
+      const py::handle index = t[3];
+      if (!py::isinstance<py::array>(index))
+        throw py::type_error("indices for " + what + ": expected a numpy.ndarray, got " + type_name(index));
+      const auto ix = py::reinterpret_borrow<py::array>(index);
+      if (!ix.dtype().equal(py::dtype::of<int64_t>()) || ix.ndim() != 1 ||
+          !(ix.flags() & py::array::c_style))
+        throw py::type_error("indices for " + what + ": need a 1-D C-contiguous int64 array, got " +
+                             dtype_name(ix) + " " + shape_str(ix));
+      if (ix.shape(0) != r.arr.shape(0))
+        throw py::value_error("indices for " + what + ": " + std::to_string(ix.shape(0)) +
+                              " indices for " + std::to_string(r.arr.shape(0)) + " rows");
+      Rows& job = rs[q];
+      job.dtype = p.dtype;
+      job.param = p.data;
+      job.nrows = p.arr.shape(0);
       job.width = 1;
       for (py::ssize_t d = 1; d < p.arr.ndim(); ++d) job.width *= p.arr.shape(d);
+      job.index = static_cast<const int64_t*>(ix.data());
+      job.k = ix.shape(0);
+      job.rows = r.data;
+      for (int64_t i = 0; i < job.k; ++i) {
+        const int64_t at = job.index[i];
+        if (at < 0 || at >= job.nrows)
+          throw py::index_error("indices for " + what + ": index " + std::to_string(at) +
+                                " is out of range for " + std::to_string(job.nrows) + " rows");
+        if (i > 0 && at <= job.index[i - 1])
+          throw py::value_error("indices for " + what + ": must be strictly increasing (coalesced)");
+      }
+      const py::sequence states = t[5];
+      const auto n = static_cast<std::size_t>(py::len(states));
+      const int need = Opt::nstate(Opt::variant(hs.back()));
+      if (n != static_cast<std::size_t>(need))
+        throw py::value_error("states of " + what + ": " + std::to_string(n) +
+                              " arrays, these hyper-parameters need " + std::to_string(need));
+      keep.insert(keep.end(), {p.arr, r.arr, ix});
+      if (p.size) spans.push_back({p.lo, p.hi, what});
+      if (r.size) spans.push_back({r.lo, r.hi, "rows for " + what});
+      if (ix.size()) {
+        const auto lo = reinterpret_cast<std::uintptr_t>(ix.data());
+        spans.push_back({lo, lo + static_cast<std::uintptr_t>(ix.nbytes()), "indices for " + what});
+      }
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::string sw = "state " + std::to_string(j) + " of " + what;
+        const Arg a = check_array(states[j], sw, true);
+        if (a.dtype != p.dtype)
+          throw py::type_error(sw + ": dtype " + dtype_name(a.arr) + " does not match the parameter's " +
+                               dtype_name(p.arr));
+        check_shape(a, p.arr, sw);
+        job.state[j] = a.data;
+        keep.push_back(a.arr);
+        if (a.size) spans.push_back({a.lo, a.hi, sw});
+      }
+      job.nstate = static_cast<int>(n);
     }
-    job.index = static_cast<const int64_t*>(ix.data());
-    job.k = ix.shape(0);
-    job.rows = r.data;
-    const auto n = static_cast<std::size_t>(py::len(states));
-    if (n > static_cast<std::size_t>(kMaxState)) throw py::value_error("states: too many arrays");
-    std::vector<Span> spans;
-    if (p.size) spans.push_back({p.lo, p.hi, what});
-    if (r.size) spans.push_back({r.lo, r.hi, "rows for " + what});
-    if (ix.size()) {
-      const auto lo = reinterpret_cast<std::uintptr_t>(ix.data());
-      spans.push_back({lo, lo + static_cast<std::uintptr_t>(ix.nbytes()), "indices for " + what});
-    }
-    std::vector<Arg> keep;
-    for (std::size_t j = 0; j < n; ++j) {
-      const std::string sw = "state " + std::to_string(j) + " of " + what;
-      keep.push_back(check_array(states[j], sw, true));
-      const Arg& a = keep.back();
-      if (a.dtype != p.dtype)
-        throw py::type_error(sw + ": dtype " + dtype_name(a.arr) + " does not match the parameter's " +
-                             dtype_name(p.arr));
-      check_shape(a, p.arr, sw);
-      job.state[j] = a.data;
-      if (a.size) spans.push_back({a.lo, a.hi, sw});
-    }
-    job.nstate = static_cast<int>(n);
-    sort_and_check_disjoint(spans);
-    Hyper local = h;
+    sort_and_check_disjoint(spans);  // across every job: no array written twice or read after
     {
       py::gil_scoped_release release;
-      fastoptim::step_rows<Opt>(job, local, step);
+      fastoptim::step_rows<Opt>(rs.data(), hs.data(), steps.data(), njobs);
     }
-    h = local;
-  }, py::arg("hyper"), py::arg("step"), py::arg("param"), py::arg("index"), py::arg("rows"),
-  py::arg("states"), py::arg("label") = "0",
-  "One in-place update of the rows `index` (int64, strictly increasing) of `param` with the "
-  "gradient rows `rows` (len(index) x param's row shape); the other rows and their state are "
-  "untouched.  Everything is checked before any element is written.");
+    // Before returning: an interrupt that surfaces once the call is back in Python finds it.
+    if (!ran.is_none()) py::reinterpret_borrow<py::list>(ran).append(true);
+  }, py::arg("jobs"), py::arg("ran") = py::none(),
+  "One optimizer step of sparse row updates, all-or-nothing: for each job (hyper, step, param, "
+  "index, rows, states, label), the rows `index` (int64, strictly increasing) of `param` updated "
+  "with the gradient rows `rows` (len(index) x param's row shape) and step number `step`; the "
+  "other rows and their state are untouched.  Every job is checked (and no two arrays may share "
+  "memory) before any element is written; errors name the job's parameter by its label.  `ran`: "
+  "a list that True is appended to once the step has happened (before the call returns).");
 }
 
 Isa isa_from_name(const std::string& name) {

@@ -15,6 +15,7 @@
 #include <system_error>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastoptim/fastoptim.hpp"
@@ -505,27 +506,47 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
   after_step<Opt>(h, step_number, 0);
 }
 
-template <class Opt> void step_rows(const Rows& r, typename Opt::Hyper& h, int64_t step_number) {
+// Whether Opt advances running scalars after a step (NAdam's mu_product): a row update of
+// several jobs would advance them once per job, so row optimizers must have none.
+template <class Opt, class = void> struct has_running_scalars : std::false_type {};
+template <class Opt>
+struct has_running_scalars<
+    Opt, std::void_t<decltype(Opt::after_step(std::declval<typename Opt::Hyper&>(), int64_t{}))>>
+    : std::true_type {};
+
+// One job of step_rows: throws (naming job `j`) unless it can run.
+template <class Opt> void check_rows(const Rows& r, const typename Opt::Hyper& h, int64_t step_number, std::size_t j) {
+  const std::string job = "step_rows: job " + std::to_string(j) + ": ";
   const int need = Opt::nstate(Opt::variant(h));
   if (r.nstate != need)
-    throw std::invalid_argument("step_rows: " + std::to_string(r.nstate) +
+    throw std::invalid_argument(job + std::to_string(r.nstate) +
                                 " state arrays, these hyper-parameters need " + std::to_string(need));
-  if (step_number < 1) throw std::invalid_argument("step must be >= 1");
+  if (step_number < 1) throw std::invalid_argument(job + "step must be >= 1");
   if (r.dtype != DType::f32 && r.dtype != DType::f64)
-    throw std::invalid_argument("step_rows: float32 or float64 arrays only");
-  if (r.k < 0 || r.width < 0 || r.nrows < 0) throw std::invalid_argument("step_rows: negative size");
-  for (int64_t i = 0; i < r.k; ++i) {  // every check before any element is written
+    throw std::invalid_argument(job + "float32 or float64 arrays only");
+  if (r.k < 0 || r.width < 0 || r.nrows < 0) throw std::invalid_argument(job + "negative size");
+  for (int64_t i = 0; i < r.k; ++i) {
     const int64_t at = r.index[i];
     if (at < 0 || at >= r.nrows)
-      throw std::out_of_range("index " + std::to_string(at) + " is out of range for " +
+      throw std::out_of_range(job + "index " + std::to_string(at) + " is out of range for " +
                               std::to_string(r.nrows) + " rows");
     if (i > 0 && at <= r.index[i - 1])
-      throw std::invalid_argument("step_rows: indices must be strictly increasing (coalesced)");
+      throw std::invalid_argument(job + "indices must be strictly increasing (coalesced)");
   }
-  const int64_t item = r.dtype == DType::f64 ? 8 : 4;
-  const int threads = threads_for(r.k * r.width * item * (2 * need + 3));
-  FASTOPTIM_FORWARD(step_rows<Opt>, r, h, step_number, threads)
-  after_step<Opt>(h, step_number, 0);
+}
+
+template <class Opt>
+void step_rows(const Rows* jobs, const typename Opt::Hyper* hypers, const int64_t* steps,
+               std::size_t n) {
+  static_assert(!has_running_scalars<Opt>::value,
+                "row optimizers read their hyper-parameters only (no after_step)");
+  for (std::size_t j = 0; j < n; ++j) check_rows<Opt>(jobs[j], hypers[j], steps[j], j);
+  for (std::size_t j = 0; j < n; ++j) {  // every check before any element is written
+    const Rows& r = jobs[j];
+    const int64_t item = r.dtype == DType::f64 ? 8 : 4;
+    const int threads = threads_for(r.k * r.width * item * (2 * r.nstate + 3));
+    FASTOPTIM_FORWARD(step_rows<Opt>, r, hypers[j], steps[j], threads)
+  }
 }
 
 void stream(float* const* arrays, int narrays, int64_t n) {
@@ -579,16 +600,10 @@ inline float bf16_nearest(float v) {
   return r;
 }
 
+// f(lo, hi) over [0, n) in fixed chunks of 2^15 elements, on the threads `bytes` of traffic
+// are worth.
 template <class F> void on_chunks(int64_t n, int64_t bytes, const F& f) {
-  constexpr int64_t chunk = 1 << 15;
-  struct Ctx {
-    const F* f;
-    int64_t n;
-  } ctx{&f, n};
-  run_chunks((n + chunk - 1) / chunk, threads_for(bytes), [](void* p, int64_t i) {
-    const Ctx& c = *static_cast<const Ctx*>(p);
-    (*c.f)(i * chunk, std::min(c.n, (i + 1) * chunk));
-  }, &ctx);
+  for_each_range(n, int64_t{1} << 15, threads_for(bytes), f);
 }
 
 }  // namespace
@@ -629,50 +644,36 @@ namespace {
 // (so both halves hold the same rounded values).
 template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
   constexpr int64_t kTile = 32;
-  const int64_t blocks = (m + kTile - 1) / kTile;
-  struct Ctx {
-    T* a;
-    int64_t m, blocks;
-    bool bf16;
-  } ctx{a, m, blocks, bf16};
   const int64_t bytes = static_cast<int64_t>(sizeof(T)) * m * m;
-  run_chunks(blocks, threads_for(bytes), [](void* p, int64_t rb) {
-    const Ctx& c = *static_cast<const Ctx*>(p);
-    const int64_t r0 = rb * kTile, r1 = std::min(c.m, r0 + kTile);
+  for_each_chunk((m + kTile - 1) / kTile, threads_for(bytes), [=](int64_t rb) {
+    const int64_t r0 = rb * kTile, r1 = std::min(m, r0 + kTile);
     for (int64_t cb = 0; cb <= rb; ++cb) {
-      const int64_t c0 = cb * kTile, c1 = std::min(c.m, c0 + kTile);
+      const int64_t c0 = cb * kTile, c1 = std::min(m, c0 + kTile);
       // upper tile: rows c0..c1, columns r0..r1 (column > row on the diagonal tile)
       if constexpr (std::is_same_v<T, float>) {
-        if (c.bf16)
+        if (bf16)
           for (int64_t i = c0; i < c1; ++i)
-            for (int64_t j = std::max(r0, i); j < r1; ++j)
-              c.a[i * c.m + j] = bf16_nearest(c.a[i * c.m + j]);
+            for (int64_t j = std::max(r0, i); j < r1; ++j) a[i * m + j] = bf16_nearest(a[i * m + j]);
       }
       for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = c0; j < std::min(c1, i); ++j) c.a[i * c.m + j] = c.a[j * c.m + i];
+        for (int64_t j = c0; j < std::min(c1, i); ++j) a[i * m + j] = a[j * m + i];
     }
-  }, &ctx);
+  });
 }
 
 // out (cols x rows, row-major) = x (rows x cols) transposed, tile by tile, each task one block
 // of 32 rows of out.
 template <class T> void transpose_impl(T* out, const T* x, int64_t rows, int64_t cols) {
   constexpr int64_t kTile = 32;
-  struct Ctx {
-    T* out;
-    const T* x;
-    int64_t rows, cols;
-  } ctx{out, x, rows, cols};
   const int64_t bytes = 2 * static_cast<int64_t>(sizeof(T)) * rows * cols;
-  run_chunks((cols + kTile - 1) / kTile, threads_for(bytes), [](void* p, int64_t ob) {
-    const Ctx& c = *static_cast<const Ctx*>(p);
-    const int64_t j0 = ob * kTile, j1 = std::min(c.cols, j0 + kTile);  // out's rows, x's columns
-    for (int64_t i0 = 0; i0 < c.rows; i0 += kTile) {
-      const int64_t i1 = std::min(c.rows, i0 + kTile);
+  for_each_chunk((cols + kTile - 1) / kTile, threads_for(bytes), [=](int64_t ob) {
+    const int64_t j0 = ob * kTile, j1 = std::min(cols, j0 + kTile);  // out's rows, x's columns
+    for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+      const int64_t i1 = std::min(rows, i0 + kTile);
       for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) c.out[j * c.rows + i] = c.x[i * c.cols + j];
+        for (int64_t i = i0; i < i1; ++i) out[j * rows + i] = x[i * cols + j];
     }
-  }, &ctx);
+  });
 }
 
 }  // namespace
@@ -692,7 +693,7 @@ FASTOPTIM_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 
 #define FASTOPTIM_INSTANTIATE(Opt, name) \
-  template void step_rows<Opt>(const Rows&, Opt::Hyper&, int64_t);
+  template void step_rows<Opt>(const Rows*, const Opt::Hyper*, const int64_t*, std::size_t);
 FASTOPTIM_ROW_OPTIMIZERS(FASTOPTIM_INSTANTIATE)
 #undef FASTOPTIM_INSTANTIATE
 

@@ -127,20 +127,7 @@ inline int64_t chunk_elements(int64_t total) {
 // Run f(lo, hi) over [0, total): in one call when `threads` <= 1, else chunk by chunk on the pool
 // (run_chunks).  The same element functor computes every element either way.
 template <class F> void parallel_ranges(int64_t total, int threads, const F& f) {
-  const int64_t chunk = chunk_elements(total);
-  if (threads <= 1 || total <= chunk) {
-    f(int64_t{0}, total);
-    return;
-  }
-  struct Ctx {
-    const F* f;
-    int64_t total, chunk;
-  } ctx{&f, total, chunk};
-  run_chunks((total + chunk - 1) / chunk, threads, [](void* p, int64_t i) {
-    const Ctx& c = *static_cast<const Ctx*>(p);
-    const int64_t lo = i * c.chunk;
-    (*c.f)(lo, std::min(c.total, lo + c.chunk));
-  }, &ctx);
+  for_each_range(total, chunk_elements(total), threads, f);
 }
 
 // ------------------------------------------------------------------ stored formats
@@ -1201,19 +1188,7 @@ void rows_typed(const Rows& r, const typename Opt::Coeffs& c, int threads,
   };
   // whole rows per chunk, about chunk_elements() elements each (independent of the threads)
   const int64_t per = std::max<int64_t>(1, chunk_elements(r.k * w) / std::max<int64_t>(1, w));
-  const int64_t nchunks = (r.k + per - 1) / per;
-  if (threads <= 1 || nchunks <= 1) {
-    body(0, r.k);
-    return;
-  }
-  struct Ctx {
-    const decltype(body)* f;
-    int64_t k, per;
-  } ctx{&body, r.k, per};
-  run_chunks(nchunks, threads, [](void* p, int64_t i) {
-    const Ctx& x = *static_cast<const Ctx*>(p);
-    (*x.f)(i * x.per, std::min(x.k, (i + 1) * x.per));
-  }, &ctx);
+  for_each_range(r.k, per, threads, body);
 }
 
 template <class Opt, unsigned... V>
@@ -1400,12 +1375,7 @@ void grad_stats(const Plan& plan, int threads, GradStats& r) {
     }
     part[static_cast<std::size_t>(c)] = {sq, bad};
   };
-  if (threads <= 1 || nchunks <= 1) {
-    for (int64_t c = 0; c < nchunks; ++c) one(c);
-  } else {
-    run_chunks(nchunks, threads, [](void* f, int64_t c) { (*static_cast<decltype(one)*>(f))(c); },
-               const_cast<void*>(static_cast<const void*>(&one)));
-  }
+  for_each_chunk(nchunks, threads, one);
   r = GradStats{};
   double bad = 0;
   for (const auto& p : part) {
@@ -1569,12 +1539,7 @@ void run_two_pass(const Plan& plan, const typename Opt::Coeffs& c, int64_t step,
       }
     });
   };
-  if (threads <= 1 || nchunks <= 1) {
-    for (int64_t ci = 0; ci < nchunks; ++ci) one(ci);
-  } else {
-    run_chunks(nchunks, threads, [](void* f, int64_t ci) { (*static_cast<decltype(one)*>(f))(ci); },
-               const_cast<void*>(static_cast<const void*>(&one)));
-  }
+  for_each_chunk(nchunks, threads, one);
   std::vector<Coeffs> per(nt, c);
   for (std::size_t i = 0; i < nt; ++i) {
     double sp = 0, sx = 0;
@@ -1685,12 +1650,7 @@ void stream_read(const float* a, int64_t n, int threads, double& out) {
     for (float v : acc) s += v;
     part[static_cast<std::size_t>(c)] = s;
   };
-  if (threads <= 1 || nchunks <= 1) {
-    for (int64_t c = 0; c < nchunks; ++c) one(c);
-  } else {
-    run_chunks(nchunks, threads, [](void* f, int64_t c) { (*static_cast<decltype(one)*>(f))(c); },
-               const_cast<void*>(static_cast<const void*>(&one)));
-  }
+  for_each_chunk(nchunks, threads, one);
   out = 0;
   for (double s : part) out += s;
 }

@@ -423,31 +423,22 @@ def steps_sparseadam(
     release: Sequence[bool],
 ) -> None: ...
 def rows_sgd(
-    hyper: SGDHyper,
-    step: int,
-    param: np.ndarray,
-    index: np.ndarray,
-    rows: np.ndarray,
-    states: Sequence[np.ndarray],
-    label: str = "0",
+    jobs: Sequence[
+        tuple[SGDHyper, int, np.ndarray, np.ndarray, np.ndarray, Sequence[np.ndarray], str]
+    ],
+    ran: list[bool] | None = None,
 ) -> None: ...
 def rows_adagrad(
-    hyper: AdagradHyper,
-    step: int,
-    param: np.ndarray,
-    index: np.ndarray,
-    rows: np.ndarray,
-    states: Sequence[np.ndarray],
-    label: str = "0",
+    jobs: Sequence[
+        tuple[AdagradHyper, int, np.ndarray, np.ndarray, np.ndarray, Sequence[np.ndarray], str]
+    ],
+    ran: list[bool] | None = None,
 ) -> None: ...
 def rows_sparseadam(
-    hyper: SparseAdamHyper,
-    step: int,
-    param: np.ndarray,
-    index: np.ndarray,
-    rows: np.ndarray,
-    states: Sequence[np.ndarray],
-    label: str = "0",
+    jobs: Sequence[
+        tuple[SparseAdamHyper, int, np.ndarray, np.ndarray, np.ndarray, Sequence[np.ndarray], str]
+    ],
+    ran: list[bool] | None = None,
 ) -> None: ...
 def step_adamwschedulefree(
     plan: Plan,

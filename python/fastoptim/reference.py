@@ -18,7 +18,13 @@ aliasing) before anything is touched, exactly as in the compiled classes.  Nothi
 the compiled kernels.
 
 All updates happen in place, in the arrays' own dtype.  Per-step scalars (learning rates, bias
-corrections) are computed in Python floats (double precision), as torch does.
+corrections) are computed in Python floats (double precision), as torch does.  The precision
+options are emulated as the kernels are specified: bfloat16/float16 arrays loaded into float32,
+the float32 update, every result rounded into its array (to nearest or stochastically, with the
+kernels' random bits), master copies and Kahan compensation; quantized state
+(``state_dtype="int8"`` / ``"int4"``) dequantized into float32, the float32 update, and
+quantized again by :func:`quantize_blockwise` / :func:`quantize_blockwise4` (stochastic codes
+with the same random bits).
 
     >>> import numpy as np
     >>> from fastoptim import reference
@@ -39,6 +45,7 @@ import numpy as np
 
 from . import keras as _keras
 from . import optimizers as _fast
+from .engine import precision as _precision
 from .engine.optimizer import _Group
 
 __all__ = [
@@ -1365,6 +1372,7 @@ class _Reference:
 
     param_groups: list[dict[str, Any]]
     _pending: list[list[np.ndarray]]
+    _after_step: Callable[[], None]
 
     def _decide(self, scale: float | None, per_group: list[list[np.ndarray]]) -> Any:
         from .engine.transforms import Decision
@@ -1374,6 +1382,15 @@ class _Reference:
 
     def _transform(self, decision: Any, i: int, grads: list[np.ndarray]) -> list[np.ndarray]:
         return self._pending[i]
+
+    def _run_rows(self, work: list[tuple[Any, int, np.ndarray, np.ndarray, Any]]) -> None:
+        for g, i, index, rows, _ in work:
+            self._row_update(g, i, index, rows)
+        self._after_step()
+
+    def _row_update(self, g: Any, i: int, index: np.ndarray, rows: np.ndarray) -> None:
+        """The row update of parameter `i` of group `g` (the optimizers with row updates)."""
+        raise NotImplementedError
 
 
 def _torch_lerp(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
@@ -1527,8 +1544,18 @@ def _for_each(
     emas = g.states.get("ema") or none
     outs = g.outs or [None] * len(g.params)
     key = (g.plan.rounding, g.plan.seed, g.step + 1)
+    qmaps = dict(zip(order, _precision.qmaps(g.state_dtype, order)))
     for i, (param, grad) in enumerate(zip(g.params, grads)):
         states = [g.states[n][i] if n in order else None for n in state_names]
+        # Quantized states (state_dtype "int8" / "int4"): dequantized into float32, the
+        # float32 step, then quantized again as the kernels are specified.
+        quantized = []
+        for k, n in enumerate(state_names):
+            scales = g.states.get(n + _precision.ABSMAX)
+            codes = states[k]
+            if codes is not None and scales is not None and scales[i] is not None:
+                quantized.append((k, n, codes, scales[i]))
+                states[k] = _dequantize_state(codes, scales[i], qmaps[n], param.shape)
         arrays = [param, grad, *states, masters[i], comps[i], outs[i]]
         plain = param.dtype in (np.float32, np.float64)
         if plain and all(a is None or a.dtype == param.dtype for a in arrays):
@@ -1546,10 +1573,44 @@ def _for_each(
                 (*key, g.first_id + i),
                 {**hyper, **extra},
             )
+        for k, n, codes, absmax in quantized:
+            values = states[k]
+            assert values is not None
+            bits = None
+            if key[0] == "stochastic":  # (the codes' random bits: the state's stream)
+                bits = stochastic_bits(
+                    key[1], key[2], g.first_id + i, 1 + order.index(n), param.size
+                )
+            codes[...], absmax[...] = _quantize_state(values, qmaps[n], bits)
         ema, master = emas[i], masters[i]
         if ema is not None:
             source = param if master is None else master
             ema_update(ema, source, g.plan.ema_decay, (*key, g.first_id + i))
+
+
+def _map_values(qmap: str) -> np.ndarray:
+    """The values of quantization map `qmap` ("signed8", "unsigned8", "signed4", "unsigned4")."""
+    signed = qmap.startswith("signed")
+    return create_map4(signed) if qmap.endswith("4") else create_dynamic_map(signed)
+
+
+def _dequantize_state(
+    codes: np.ndarray, absmax: np.ndarray, qmap: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The float32 values (of `shape`) of a quantized state stored with map `qmap`."""
+    if qmap.endswith("4"):
+        return dequantize_blockwise4(codes, absmax, _map_values(qmap), shape)
+    return dequantize_blockwise(codes, absmax, _map_values(qmap)).reshape(shape)
+
+
+def _quantize_state(
+    values: np.ndarray, qmap: str, bits: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, absmax)`` of float32 `values` with map `qmap` (stochastic with `bits`)."""
+    if qmap.endswith("4"):
+        return quantize_blockwise4(values, _map_values(qmap), bits)
+    codes, absmax = quantize_blockwise(values, _map_values(qmap), bits=bits)
+    return codes.reshape(values.shape), absmax
 
 
 def _on_rows(
@@ -1576,9 +1637,7 @@ class SGD(_Reference, _fast.SGD):
             g, grads, sgd_update, ("momentum_buffer",), first_step="momentum_buffer" in g.fresh
         )
 
-    def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
-    ) -> None:
+    def _row_update(self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray) -> None:
         _on_rows(g, i, index, rows, sgd_update, ("momentum_buffer",), first_step=False)
 
 
@@ -1588,9 +1647,7 @@ class Adagrad(_Reference, _fast.Adagrad):
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, adagrad_update, ("sum",), step=g.step + 1)
 
-    def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
-    ) -> None:
+    def _row_update(self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray) -> None:
         _on_rows(g, i, index, rows, adagrad_update, ("sum",), step=g.step + 1)
 
 
@@ -1600,9 +1657,7 @@ class SparseAdam(_Reference, _fast.SparseAdam):
     def _run(self, g: _Group, grads: list[np.ndarray]) -> None:
         _for_each(g, grads, sparse_adam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
-    def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
-    ) -> None:
+    def _row_update(self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray) -> None:
         _on_rows(g, i, index, rows, sparse_adam_update, ("exp_avg", "exp_avg_sq"), step=g.step + 1)
 
 

@@ -130,7 +130,7 @@ from . import schedules as _schedules
 from .engine import precision, sparse, transforms
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
-from .engine.optimizer import _defaults, run_compiled
+from .engine.optimizer import _defaults, run_compiled, run_rows
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
 from .engine.schedulefree import SWAP_KEY, Modes, swap_weight
@@ -1055,7 +1055,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             ]
             for n in c.names
         ]
-        c.qmaps = [precision.QUANT_MAPS.get(n, "") for n in c.names]
+        c.qmaps = precision.qmaps(c.hp.get(precision.STATE_DTYPE), c.names)
         extras = {
             key: [
                 _view(self.state[p][n], perm) if n in layout else None
@@ -1501,16 +1501,31 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             )
         if self._transform(work):
             return
-        for core, hyper, state, param, index, values, states, label in rows:
+        # Every parameter's rows in one compiled call that checks them all before it writes
+        # any (never a half-applied step), then the step counts.
+        counts = []
+        for _, _, state, *_ in rows:
             step = state.get("step")  # (SGD keeps none: its update does not depend on it)
-            count = 1 if step is None else int(float(step)) + 1
-            if isinstance(step, torch.Tensor):
-                step.fill_(count)
-            elif step is not None:  # (torch's SparseAdam keeps a Python int)
-                state["step"] = count
-            core(hyper, count, param, index, values, states, label)
-            for n in hyper.state_names():
-                self._fresh.pop(id(state[n]), None)
+            counts.append(1 if step is None else int(float(step)) + 1)
+
+        def counted() -> None:
+            for (_, hyper, state, *_), count in zip(rows, counts):
+                step = state.get("step")
+                if isinstance(step, torch.Tensor):
+                    step.fill_(count)
+                elif step is not None:  # (torch's SparseAdam keeps a Python int)
+                    state["step"] = count
+                for n in hyper.state_names():
+                    self._fresh.pop(id(state[n]), None)
+
+        run_rows(
+            self._definition.core_rows,
+            [
+                (hyper, count, param, index, values, states, label)
+                for (_, hyper, _, param, index, values, states, label), count in zip(rows, counts)
+            ],
+            counted,
+        )
         items = [item for item in work if item is not None]
         self._run_all(items)  # (advances the schedules)
 

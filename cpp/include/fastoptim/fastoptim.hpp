@@ -42,8 +42,8 @@ template <class Opt> void step(const Plan& plan, typename Opt::Hyper& h, int64_t
 // viewed as nrows x width (C order), with gradient row i of `rows` (k x width) for row index[i];
 // the other rows, and their state, are not touched.  param, rows and the nstate state arrays
 // (param's shape) all hold `dtype` (f32 or f64).  `index` must be strictly increasing (unique:
-// duplicates are summed by the caller first, as torch coalesces) and in [0, nrows): checked,
-// std::invalid_argument before anything is written.  Rows run in parallel (whole rows per chunk).
+// duplicates are summed by the caller first, as torch coalesces) and in [0, nrows).  Rows run in
+// parallel (whole rows per chunk).
 struct Rows {
   DType dtype = DType::f32;
   void* param = nullptr;
@@ -54,7 +54,14 @@ struct Rows {
   void* state[kMaxState] = {nullptr, nullptr, nullptr};
   int nstate = 0;
 };
-template <class Opt> void step_rows(const Rows& r, typename Opt::Hyper& h, int64_t step);
+// step_rows runs `n` such jobs, job i with hyper-parameters hypers[i] and step number steps[i]
+// (one optimizer step of several parameters): every job is checked first (state count, step,
+// dtype, indices: std::invalid_argument / std::out_of_range naming the job), then all run, so a
+// refused job leaves every job untouched.  The caller checks that no two arrays overlap.  Row
+// optimizers keep no running scalars (no after_step), so the hyper-parameters are read only.
+template <class Opt>
+void step_rows(const Rows* jobs, const typename Opt::Hyper* hypers, const int64_t* steps,
+               std::size_t n);
 
 // The sum of squares of a plan's transformed gradients and whether they are all finite (see
 // GradStats, plan.hpp): deterministic for any thread count and ISA.  Reads the bound gradients

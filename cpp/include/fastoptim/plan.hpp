@@ -4,6 +4,7 @@
 // gradient pointers, or nothing when gradients are bound.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -191,5 +192,32 @@ struct StreamArrays {
 inline constexpr int64_t kMaxChunks = 1 << 16;
 using ChunkFn = void (*)(void* ctx, int64_t chunk);
 void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx);
+
+// The one way the driver's parallel loops run: f(i) for every chunk i in [0, nchunks), in
+// order on the calling thread when `threads` <= 1 or there is one chunk, else on the pool
+// (run_chunks).  Results that depend only on i (per-chunk partial sums) are the same for any
+// thread count.
+template <class F> void for_each_chunk(int64_t nchunks, int threads, const F& f) {
+  if (threads <= 1 || nchunks <= 1) {
+    for (int64_t i = 0; i < nchunks; ++i) f(i);
+    return;
+  }
+  run_chunks(nchunks, threads, [](void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); },
+             const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+// f(lo, hi) over [0, n) in pieces of `chunk` (> 0) on the pool (for_each_chunk), or as one
+// call f(0, n) when `threads` <= 1 or n fits in one piece.  For element-wise loops, whose
+// result does not depend on the split.
+template <class F> void for_each_range(int64_t n, int64_t chunk, int threads, const F& f) {
+  if (threads <= 1 || n <= chunk) {
+    f(int64_t{0}, n);
+    return;
+  }
+  for_each_chunk((n + chunk - 1) / chunk, threads, [&](int64_t i) {
+    const int64_t lo = i * chunk;
+    f(lo, std::min(n, lo + chunk));
+  });
+}
 
 }  // namespace fastoptim

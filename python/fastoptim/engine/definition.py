@@ -153,8 +153,7 @@ def with_keyword_hints(defn: Definition) -> Callable[[F], F]:
 #: them (each a Hyper with keyword=True).  The precision options: engine.precision; the
 #: gradient transforms: engine.transforms.
 COMMON: tuple[Hyper, ...] = (
-    Hyper(precision.STATE_DTYPE, None, DTYPES, keyword=True, functional=False,
-          annotation="StateDType"),
+    Hyper(precision.STATE_DTYPE, None, DTYPES, keyword=True, annotation="StateDType"),
     Hyper(precision.MASTER_WEIGHTS, False, keyword=True, functional=False),
     Hyper(precision.KAHAN, False, keyword=True, functional=False),
     Hyper(precision.ROUNDING, "nearest", ROUNDING, keyword=True, annotation="Rounding"),

@@ -26,9 +26,10 @@ def step(
     """One update of `param` with `defn`'s kernel.
 
     `states`: state name -> array, or None where the caller did not give it, or a pair
-    ``(codes, absmax)`` for a block-wise quantized state (uint8 codes shaped like the parameter,
-    float32 absmax with one entry per block of 256 elements; see
-    :func:`fastoptim.functional.quantized_state`).  `hyper`: the
+    ``(codes, absmax)`` for a block-wise quantized state (see
+    :func:`fastoptim.functional.quantized_state`), whose kind (8-bit or 4-bit) ``state_dtype``
+    in `hyper` names, as for the classes: ``"int8"``, ``"int4"`` or a dict per state; never
+    read from the codes' shape.  `hyper`: the
     function's hyper-parameters (those the class's groups hold; the others take their
     defaults), validated by the definition.  `scalars`: the scalar state (NAdam's running
     ``mu_product``; ASGD's ``eta`` and ``mu``), checked by the definition; when given, the
@@ -78,6 +79,14 @@ def step(
             f"{fn}: with these options ({', '.join(f'{k}={v!r}' for k, v in hyper.items())}) "
             f"the update {' and '.join(parts)}"
         )
+    qmaps = precision.qmaps(group[precision.STATE_DTYPE], needed)
+    for n, qm in zip(needed, qmaps):
+        if isinstance(given[n], tuple) and not qm:
+            raise ValueError(
+                f"{fn}: state {n!r} is a (codes, absmax) pair: pass state_dtype='int8' or 'int4' "
+                f"(or {{{n!r}: 'int4', ...}}) to say which kind"
+                + ("" if n in precision.QUANT_MAPS else f"; but {n!r} cannot be quantized")
+            )
     extra = arrays or {}
     ema = extra.get("ema")
     if (ema is None) != (group[EMA_DECAY] is None):
@@ -94,7 +103,7 @@ def step(
         comps=[extra.get("compensation")],
         outs=[extra.get("copy_out")],
         emas=[ema],
-        qmaps=[precision.QUANT_MAPS.get(n, "") for n in needed],
+        qmaps=qmaps,
     )
     if group["rounding"] != "nearest":
         plan.set_rounding(group["rounding"], int(group["seed"]))

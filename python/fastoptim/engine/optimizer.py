@@ -84,6 +84,26 @@ def run_compiled(
     done()
 
 
+def run_rows(
+    core: Callable[..., None], jobs: Sequence[tuple[Any, ...]], done: Callable[[], None]
+) -> None:
+    """One step of sparse row updates: every job ``(hyper, step, param, index, rows, states,
+    label)`` in one compiled call (`core`: a definition's ``rows_xxx``), which checks every job
+    before it writes any, then `done()`, the step's bookkeeping.  As with
+    :func:`run_compiled`, an interrupt (Ctrl-C) surfaces before the step (nothing happened)
+    or after it (the whole step happened: `done()`, then it is raised): never a half-applied
+    step.  Both tiers run their row updates through here."""
+    ran: list[bool] = []
+    if jobs:
+        try:
+            core(jobs, ran)
+        except BaseException:
+            if ran:  # it happened: complete it, then raise
+                done()
+            raise
+    done()
+
+
 def _snapshot(group: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a group's entries that later in-place edits cannot reach (lists become
     tuples, so mutating a list of betas counts as a change)."""
@@ -172,6 +192,7 @@ class _Group:
         self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
         self.plan_states: Any = None  # what the plan was built for (state names, layout)
         self.first_id = 0  # the number of the group's first parameter in the optimizer
+        self.state_dtype: Any = None  # the policy the plan was built for (its quantized kinds)
         self.outs: list[np.ndarray | None] | None = None  # copy-out arrays (set_copy_out)
         self.grad_block: np.ndarray | None = None
         self.acc_plan: Any = None  # the gradient buffers as a plan's params (accumulate)
@@ -483,6 +504,7 @@ class Optimizer:
                 self._allocate(g, name, self._state_fill(name, group), layout)
                 if name in names:
                     g.fresh.add(name)
+        g.state_dtype = get(precision.STATE_DTYPE)
         g.plan = self._make_plan(g, names, g.outs)
         g.plan_steps = 0
         g.plan_states = key
@@ -502,7 +524,7 @@ class Optimizer:
             [_plan_states(g.states, n) for n in names],
             **{k: v for k, v in extra.items() if v is not None},
             ids=list(range(g.first_id, g.first_id + len(g.params))),
-            qmaps=[precision.QUANT_MAPS.get(n, "") for n in names],
+            qmaps=precision.qmaps(g.state_dtype, names),
         )
 
     def state_bytes(self) -> int:
@@ -892,18 +914,20 @@ class Optimizer:
                         )
                     idx, rows = sparse.coalesce(at, param, *entry)
                     work.append((g, i, idx, rows, states))
-            for g, i, idx, rows, states in work:
-                self._run_rows(g, i, idx, rows, states)
-            self._after_step()
+            self._run_rows(work)
 
     def _run_rows(
-        self, g: _Group, i: int, index: np.ndarray, rows: np.ndarray, states: list[np.ndarray]
+        self, work: list[tuple[_Group, int, np.ndarray, np.ndarray, list[np.ndarray]]]
     ) -> None:
-        """Hook: the row update of parameter `i` of group `g` (:mod:`fastoptim.reference`
-        computes it in NumPy)."""
-        self._definition.core_rows(
-            g.hyper, g.step + 1, g.params[i], index, rows, states, g.labels[i]
-        )
+        """Hook: the row updates of one step, ``(group, parameter number, indices, rows,
+        states)`` each, and the step's bookkeeping: one compiled call that checks every job
+        before it writes any (:func:`run_rows`), so an error or an interrupt never leaves a
+        half-applied step (:mod:`fastoptim.reference` computes them in NumPy)."""
+        jobs = [
+            (g.hyper, g.step + 1, g.params[i], idx, rows, states, g.labels[i])
+            for g, i, idx, rows, states in work
+        ]
+        run_rows(self._definition.core_rows, jobs, self._after_step)
 
     def _decide(
         self, scale: float | None, per_group: list[list[np.ndarray]]

@@ -49,7 +49,7 @@ Arithmetic is float32 for float32/bfloat16/float16 parameters and float64 for fl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 import numpy as np
@@ -172,6 +172,18 @@ def qmap(name: str, kind: str) -> str:
     ``"signed8"``, ``"unsigned8"``, ``"signed4"`` or ``"unsigned4"``."""
     base = QUANT_MAPS[name]
     return base[:-1] + "4" if kind == INT4 else base
+
+
+def qmaps(policy: Any, names: Sequence[str]) -> list[str]:
+    """Per state name of `names`: the map of its quantized ``(codes, absmax)`` pairs under the
+    ``state_dtype`` `policy` (its kind, ``"int8"`` or ``"int4"``, named by the policy, never
+    read from the codes' shape: :func:`qmap`), or ``""`` where the policy does not quantize it.
+    What every tier passes as ``_core.Plan(qmaps=...)``."""
+    out = []
+    for n in names:
+        v = policy.get(n) if isinstance(policy, Mapping) else policy
+        out.append(qmap(n, str(v)) if _is_quant(v) and n in QUANT_MAPS else "")
+    return out
 
 
 def _check_one(cls: str, name: str, v: Any) -> None:

@@ -19,7 +19,11 @@ Refused, as torch refuses it: ``weight_decay`` (SGD, Adagrad); SGD with ``moment
 decays every row of its buffer, which is a dense step).  Also refused: the precision and
 gradient-transform options (master weights, Kahan, EMA, clipping, skipping): row updates take
 float32 / float64 parameters with state of the same dtype.  Every entry is validated (indices'
-dtype and range, rows' dtype and shape, the group's options) before any array is written.
+dtype and range, rows' dtype and shape, the group's options) before any array is written, and
+every parameter's rows of one step run in one compiled call (``_core.rows_<kernel>(jobs)``,
+through :func:`fastoptim.engine.optimizer.run_rows`), which checks all of them (and that no two
+arrays share memory) before it writes any: an error or an interrupt never leaves a step
+half-applied.
 """
 
 from __future__ import annotations
