@@ -436,6 +436,101 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
     group(i, std::min<int64_t>(32, n - i), _mm512_ternarylogic_epi32(x, h, ffff, 0x28), h);
   }
 }
+#elif defined(__AVX2__)
+// The avx2 build stages stochastic bfloat16 stores too, with the same integer method: a group
+// of 32 from a multiple of 32 takes its bits from two 8-lane hashes (hash indices 16q + j and
+// 16q + 8 + j: low halves for elements 0-15, high halves for 16-31), then an add, a shift and
+// a pack per 8 lanes.  Partial groups (a call's first, from elsewhere, and its last) go through
+// a zero-padded copy with each lane's own hash; groups holding |x| >= 0x7F7F0000, Inf or NaN
+// through the portable function.
+constexpr bool kStagedStochastic = true;
+
+// random_bits up to (not including) its final x ^= x >> 16 (as random_hash16, 8 lanes).
+inline __m256i random_hash8(__m256i xi, __m256i key) {
+  __m256i x = _mm256_xor_si256(xi, key);
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  return _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+}
+
+// random_bits16(key, e) for the element index e in each lane.
+inline __m256i random_bits16x8(__m256i e, __m256i key) {
+  const __m256i fifteen = _mm256_set1_epi32(15);
+  const __m256i index = _mm256_or_si256(_mm256_andnot_si256(fifteen, _mm256_srli_epi32(e, 1)),
+                                        _mm256_and_si256(e, fifteen));
+  const __m256i c0 = _mm256_set1_epi32(static_cast<int>(0x9E3779B1u));
+  __m256i x = random_hash8(_mm256_mullo_epi32(index, c0), key);
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_srlv_epi32(x, _mm256_and_si256(e, _mm256_set1_epi32(16)));
+  return _mm256_and_si256(x, _mm256_set1_epi32(0xFFFF));
+}
+
+template <>
+void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d,
+                            uint32_t key, uint32_t first) {
+  const __m256i k = _mm256_set1_epi32(static_cast<int>(key));
+  const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), below = _mm256_set1_epi32(0x7F7EFFFF);
+  const __m256i ffff = _mm256_set1_epi32(0xFFFF);
+  const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  // 32 elements from src with bits r[h] for elements 8h .. 8h + 7 into dst; false (nothing
+  // stored) where one needs the portable function
+  const auto group = [&](const float* src, const __m256i(&r)[4], uint16_t* dst) {
+    __m256i b[4];
+    __m256i big = _mm256_setzero_si256();
+    for (int h = 0; h < 4; ++h) {
+      b[h] = _mm256_castps_si256(_mm256_loadu_ps(src + 8 * h));
+      big = _mm256_or_si256(big, _mm256_cmpgt_epi32(_mm256_and_si256(b[h], mag), below));
+    }
+    if (!_mm256_testz_si256(big, big)) return false;
+    __m256i t[4];
+    for (int h = 0; h < 4; ++h) t[h] = _mm256_srli_epi32(_mm256_add_epi32(b[h], r[h]), 16);
+    // packus interleaves 128-bit lanes: 0xD8 puts the 64-bit quarters back in order
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packus_epi32(t[0], t[1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packus_epi32(t[2], t[3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), hi);
+    return true;
+  };
+  const auto portable = [&](int64_t i, int64_t m) {
+    for (int64_t j = i; j < i + m; ++j)
+      d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+  };
+  const auto partial = [&](int64_t i, int64_t m) {  // m < 32 elements from i
+    alignas(32) float buf[32] = {};
+    alignas(32) uint16_t out[32];
+    std::memcpy(buf, s + i, sizeof(float) * static_cast<std::size_t>(m));
+    const __m256i e =
+        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + static_cast<uint32_t>(i))),
+                         lane);
+    const __m256i r[4] = {
+        random_bits16x8(e, k), random_bits16x8(_mm256_add_epi32(e, _mm256_set1_epi32(8)), k),
+        random_bits16x8(_mm256_add_epi32(e, _mm256_set1_epi32(16)), k),
+        random_bits16x8(_mm256_add_epi32(e, _mm256_set1_epi32(24)), k)};
+    if (group(buf, r, out))
+      std::memcpy(d + i, out, sizeof(uint16_t) * static_cast<std::size_t>(m));
+    else
+      portable(i, m);
+  };
+  const auto head = static_cast<int64_t>((32u - (first & 31u)) & 31u);
+  if (head != 0 && n > 0) partial(0, std::min(n, head));
+  // then whole groups: hash indices (first + i) / 2 + lane and + 8 + lane
+  const __m256i c0 = _mm256_set1_epi32(static_cast<int>(0x9E3779B1u));
+  const __m256i eight = _mm256_set1_epi32(static_cast<int>(8u * 0x9E3779B1u));
+  const __m256i step = _mm256_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
+  const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
+  __m256i xi = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(index), lane), c0);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i x0 = random_hash8(xi, k), x1 = random_hash8(_mm256_add_epi32(xi, eight), k);
+    xi = _mm256_add_epi32(xi, step);
+    const __m256i h0 = _mm256_srli_epi32(x0, 16), h1 = _mm256_srli_epi32(x1, 16);
+    const __m256i r[4] = {_mm256_and_si256(_mm256_xor_si256(x0, h0), ffff),
+                          _mm256_and_si256(_mm256_xor_si256(x1, h1), ffff), h0, h1};
+    if (!group(s + i, r, d + i)) portable(i, 32);
+  }
+  if (i < n) partial(i, n - i);
+}
 #else
 constexpr bool kStagedStochastic = false;
 #endif
@@ -828,9 +923,10 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
 // parameter when Out.  Stochastic: random bits per array (0: parameter and copy; 1 + j: state
 // j) from `keys`.  The loop leaves the float32 results bound for bfloat16 in L1 (kSub elements
 // at a time) and store_nearest<BF16> rounds them (fewer instructions than rounding in the loop,
-// and AVX-512 BF16 where the CPU has it); so does store_stochastic<BF16> in the avx512 build
-// (kStagedStochastic: a group of 32 takes an add and a permutation there), while the other
-// builds round stochastically in the element loop.
+// and AVX-512 BF16 where the CPU has it); so does store_stochastic<BF16> in the avx512 and avx2
+// builds (kStagedStochastic: a group of 32 takes one 16-lane or two 8-lane hashes, adds and a
+// permutation or packs there), while the scalar build rounds stochastically in the element
+// loop.
 //
 // Not inlined: compiled on its own, the loop vectorizes whatever the caller (GCC 12 failed to
 // if-convert some of these loops once inlined into the parallel driver's lambdas).
