@@ -429,11 +429,26 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
   __m512i xi = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(index), lane), c0);
   const __m512i ffff = _mm512_set1_epi32(0xFFFF);
-  for (int64_t i = head; i < n; i += 32) {
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {  // whole groups: group() without masks
     const __m512i x = random_hash16(xi, k);
     xi = _mm512_add_epi32(xi, step);
     const __m512i h = _mm512_srli_epi32(x, 16);  // (x ^ h) & 0xFFFF: ternary logic 0x28
-    group(i, std::min<int64_t>(32, n - i), _mm512_ternarylogic_epi32(x, h, ffff, 0x28), h);
+    const __m512i b0 = _mm512_loadu_si512(s + i), b1 = _mm512_loadu_si512(s + i + 16);
+    const __mmask16 big0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big);
+    const __mmask16 big1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
+    if (__builtin_expect(_mm512_kortestz(big0, big1), 1)) {
+      const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, ffff, 0x28));
+      _mm512_storeu_si512(d + i, _mm512_permutex2var_epi16(y0, odd, _mm512_add_epi32(b1, h)));
+    } else {
+      for (int64_t j = i; j < i + 32; ++j)
+        d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+    }
+  }
+  if (i < n) {  // the last, partial group
+    const __m512i x = random_hash16(xi, k);
+    const __m512i h = _mm512_srli_epi32(x, 16);
+    group(i, n - i, _mm512_ternarylogic_epi32(x, h, ffff, 0x28), h);
   }
 }
 #elif defined(__AVX2__)
