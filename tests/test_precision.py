@@ -4,7 +4,7 @@ compensation, stochastic rounding (the driver's converting path, cpp/src/step.cp
 The oracle of a layout is the float32 kernel itself, which test_kernels.py checks against the
 NumPy reference: a step of a layout must equal, bit for bit, a float32 step on its arrays loaded
 into float32, followed by the rounding of :mod:`fastoptim.reference` (``round_to_bfloat16`` /
-``round_to_float16``, with ``stochastic_bits`` for stochastic rounding).  The rounding functions
+``round_to_float16``, with ``rounding_bits`` for stochastic rounding).  The rounding functions
 are checked on their own against ml_dtypes' and NumPy's conversions and through the driver, on
 every bit pattern and on random float32 values of every exponent.
 """
@@ -110,7 +110,8 @@ def test_driver_rounding_matches_reference(
     p = np.zeros(x.size, dtype)
     F.sgd_(p, np.zeros(x.size, np.float32), None, step=3, lr=0.0, master=x.copy(),
            rounding=rounding, seed=12345)  # fmt: skip
-    bits = reference.stochastic_bits(12345, 3, 0, 0, x.size) if rounding == "stochastic" else None
+    sr = rounding == "stochastic"
+    bits = reference.rounding_bits(dtype, 12345, 3, 0, 0, x.size) if sr else None
     same_bits(p, round_to(x, dtype, bits), f"{dtype} {rounding}")
 
 
@@ -148,7 +149,7 @@ def test_driver_rounding_vector_paths(
                rounding=rounding, seed=n)  # fmt: skip
         b = part.view(np.uint32)
         nan = np.isnan(part)
-        bits = reference.stochastic_bits(n, 1, 0, 0, n) if rounding == "stochastic" else None
+        bits = reference.rounding_bits(dtype, n, 1, 0, 0, n) if rounding == "stochastic" else None
         with np.errstate(invalid="ignore"):  # the NaNs, fixed up below
             want = bits16(round_to(part, dtype, bits)).copy()
         if dtype == BF16:
@@ -156,6 +157,23 @@ def test_driver_rounding_vector_paths(
         else:
             want[nan] = ((b[nan] >> 16) & 0x8000 | 0x7E00).astype(np.uint16)
         same_bits(bits16(p), want, f"{dtype}, {n} elements")
+
+
+def test_bfloat16_bits_pair_elements_16_apart() -> None:
+    """bfloat16 stores draw 16 bits per element, two elements per 32-bit hash: elements 32q + j
+    and 32q + 16 + j (j < 16) take the low and the high half of random_bits(key, 16q + j)."""
+    key = reference.random_key(7, 3, 2, 1)
+    full = reference.random_bits(key, np.arange(64))
+    got = reference.random_bits16(key, np.arange(128))
+    for e, index, high in [(0, 0, False), (1, 1, False), (15, 15, False), (16, 0, True),
+                           (31, 15, True), (32, 16, False), (47, 31, False), (48, 16, True),
+                           (100, 52, False), (127, 63, True)]:  # fmt: skip
+        want = full[index] >> 16 if high else full[index] & 0xFFFF
+        assert got[e] == want, (e, index, high)
+    # the stream of a stored array: the same pairing from element 0 of the tensor
+    stream = reference.bfloat16_bits(7, 3, 2, 1, 128)
+    np.testing.assert_array_equal(stream, got)
+    assert stream.max() < 2**16
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
@@ -187,8 +205,10 @@ def test_driver_stochastic_bits_are_unbiased_and_independent(dtype: np.dtype[Any
     """Stochastic rounding with the driver's own bits (the counter-based hash of the element
     index): over 2 x 10^5 elements and 4 seeds, the frequency of rounding up (so the mean
     rounding error) of even and of odd elements is right within 5 standard errors, and whether
-    elements 1, 2 or 16 apart rounded up is uncorrelated (a weaker hash, one multiply-xorshift
-    round, fails this)."""
+    elements 1, 2, 16 or 32 apart rounded up is uncorrelated (a weaker hash, one
+    multiply-xorshift round, fails this); so are the two elements whose bfloat16 bits are the
+    two halves of one hash (e and e + 16 for e & 16 == 0: reference.random_bits16), and their
+    frequencies of rounding up are right on their own."""
     n = 200_000
     for base, frac in [(1.0, 0.25), (-3.0, 0.5), (2.0**-20, 0.7), (1.0, 1 / 16)]:
         lo = np.float32(base)
@@ -204,9 +224,15 @@ def test_driver_stochastic_bits_are_unbiased_and_independent(dtype: np.dtype[Any
             sigma = np.sqrt(frac * (1 - frac) / (n / 2))
             for parity in (0, 1):
                 assert abs(up[parity::2].mean() - frac) < 5 * sigma, (base, frac, seed, parity)
-            for lag in (1, 2, 16):
+            for lag in (1, 2, 16, 32):
                 corr = np.corrcoef(up[:-lag], up[lag:])[0, 1]
                 assert abs(corr) < 5 / np.sqrt(n), (base, frac, seed, lag, corr)
+            low = np.flatnonzero((np.arange(n - 16) & 16) == 0)  # e: low half; e + 16: high
+            half = np.sqrt(frac * (1 - frac) / low.size)
+            for which in (low, low + 16):
+                assert abs(up[which].mean() - frac) < 5 * half, (base, frac, seed, which[0])
+            corr = np.corrcoef(up[low], up[low + 16])[0, 1]
+            assert abs(corr) < 5 / np.sqrt(low.size), (base, frac, seed, "halves", corr)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
@@ -296,10 +322,12 @@ def test_layout_is_float32_step_then_rounding(
         order = list(opt._groups[0].hyper.state_names())
         for i, p in enumerate(params):
 
-            def bits(array: int, i: int = i, t: int = t, p: np.ndarray = p) -> np.ndarray | None:
+            def bits(
+                array: int, dtype: np.dtype[Any], i: int = i, t: int = t, p: np.ndarray = p
+            ) -> np.ndarray | None:
                 if rounding != "stochastic":
                     return None
-                return reference.stochastic_bits(99, t, i, array, p.size).reshape(p.shape)
+                return reference.rounding_bits(dtype, 99, t, i, array, p.size).reshape(p.shape)
 
             new = mirror[i]
             if kahan:
@@ -309,12 +337,13 @@ def test_layout_is_float32_step_then_rounding(
                 same_bits(p, stored, f"{layout} step {t} param {i}")
                 same_bits(opt.state[i]["compensation"], comp, f"compensation {i}")
             else:
-                same_bits(p, round_to(new, pdt, bits(0)), f"{layout} step {t} param {i}")
+                same_bits(p, round_to(new, pdt, bits(0, pdt)), f"{layout} step {t} param {i}")
             if master:
                 same_bits(opt.state[i]["master"], new, f"master {i}")
             for n in order:
                 got = opt.state[i][n]
-                same_bits(got, round_to(ref.state[i][n], got.dtype, bits(1 + order.index(n))),
+                same_bits(got, round_to(ref.state[i][n], got.dtype,
+                                        bits(1 + order.index(n), got.dtype)),
                           f"{layout} step {t} state {n} of param {i}")  # fmt: skip
 
 
@@ -435,21 +464,34 @@ def test_state_dtypes_follow_the_policy() -> None:
 
 
 # ------------------------------------------------------------------------- properties
-def test_stochastic_rounding_is_thread_invariant() -> None:
-    """The same bits for 1 or 2 threads and any chunking (a tiny grain forces many chunks)."""
+@pytest.mark.parametrize("layout", ["all-bf16", "offload", "bf16-master", "f16-f16state"])
+def test_stochastic_rounding_is_thread_invariant(isa: str, layout: str) -> None:
+    """The same bits for 1 or 2 threads and any chunking (a tiny grain forces many chunks), with
+    a first tensor of odd size: the chunks then start the second one at elements that are not
+    multiples of 32 (bfloat16's stochastic store hashes 32 elements from a multiple of 32 at
+    once, and an element elsewhere on its own: the same bits)."""
     rng = np.random.default_rng(5)
-    base = rng.standard_normal(300_001).astype(np.float32)
+    base = [rng.standard_normal(n).astype(np.float32) for n in (1001, 300_001)]
+    pdt, gdt, options = {
+        "all-bf16": (BF16, BF16, {"state_dtype": "bfloat16"}),
+        "offload": (F32, BF16, {}),
+        "bf16-master": (BF16, BF16, {"master_weights": True}),
+        "f16-f16state": (F16, F16, {"state_dtype": "float16"}),
+    }[layout]
     results = []
     before = (fo.get_num_threads(), _core.get_grain())
     try:
         for threads, grain in ((1, 1 << 30), (2, 1 << 30), (2, 4096)):
             fo.set_num_threads(threads)
             _core.set_grain(grain)
-            p = base.astype(BF16)
-            opt = fo.AdamW([p], lr=1e-3, state_dtype="bfloat16", rounding="stochastic", seed=4)
+            params = [b.astype(pdt) for b in base]
+            opt = fo.AdamW(params, lr=1e-3, rounding="stochastic", seed=4, **options)
+            outs = [np.zeros(b.shape, BF16) for b in base]
+            if layout == "offload":
+                opt.set_copy_out(outs)
             for _ in range(3):
-                opt.step([base.astype(BF16)])
-            results.append(_arrays(opt))
+                opt.step([b.astype(gdt) for b in base])
+            results.append({**_arrays(opt), "out 0": outs[0], "out 1": outs[1]})
     finally:
         fo.set_num_threads(before[0])
         _core.set_grain(before[1])

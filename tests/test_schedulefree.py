@@ -243,7 +243,7 @@ def test_swap_in_every_layout_is_float32_swap_then_rounding(
             for i, p in enumerate(params):
                 where = f"{layout} {'train' if train else 'eval'} param {i}"
                 bits = (
-                    reference.stochastic_bits(7, key, i, 0, p.size).reshape(p.shape)
+                    reference.rounding_bits(pdt, 7, key, i, 0, p.size).reshape(p.shape)
                     if rounding == "stochastic"
                     else None
                 )

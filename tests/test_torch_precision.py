@@ -218,7 +218,7 @@ def test_copy_out_offload_layout() -> None:
         for t, a in zip(w, arrays):
             np.testing.assert_array_equal(t.detach().numpy(), a)
         np.testing.assert_array_equal(_raw(_numpy_of(outs[0])), _raw(twin_out[0]))
-    bits = reference.stochastic_bits(8, 3, 0, 0, 300)
+    bits = reference.bfloat16_bits(8, 3, 0, 0, 300)
     np.testing.assert_array_equal(
         _raw(_numpy_of(outs[0])), _raw(reference.round_to_bfloat16(arrays[0], bits))
     )
@@ -231,7 +231,7 @@ def test_copy_out_offload_layout() -> None:
     w[0].grad = torch.zeros(300)  # the copies set before the rejected calls still work
     w[1].grad = None
     opt.step()
-    bits = reference.stochastic_bits(8, 4, 0, 0, 300)
+    bits = reference.bfloat16_bits(8, 4, 0, 0, 300)
     np.testing.assert_array_equal(
         _raw(_numpy_of(outs[0])), _raw(reference.round_to_bfloat16(w[0].detach().numpy(), bits))
     )

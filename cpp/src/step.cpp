@@ -137,12 +137,14 @@ struct BF16 {
   static float load(uint16_t h) { return bf16_load(h); }
   static uint16_t nearest(float x) { return bf16_round_nearest(x); }
   static uint16_t stochastic(float x, uint32_t r) { return bf16_round_stochastic(x, r); }
+  static uint32_t bits(uint32_t key, uint32_t e) { return random_bits16(key, e); }  // paired
 };
 struct F16 {
   using type = uint16_t;
   static float load(uint16_t h) { return f16_load(h); }
   static uint16_t nearest(float x) { return f16_round_nearest(x); }
   static uint16_t stochastic(float x, uint32_t r) { return f16_round_stochastic(x, r); }
+  static uint32_t bits(uint32_t key, uint32_t e) { return random_bits(key, e); }
 };
 
 template <class F> void load_block(const uint16_t* __restrict s, int64_t n, float* __restrict d) {
@@ -333,26 +335,40 @@ void store_stochastic(const float* __restrict s, int64_t n, uint16_t* __restrict
                       uint32_t first) {
   FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < n; ++i)
-    d[i] = F::stochastic(s[i], random_bits(key, first + static_cast<uint32_t>(i)));
+    d[i] = F::stochastic(s[i], F::bits(key, first + static_cast<uint32_t>(i)));
 }
 
 #if FASTOPTIM_BF16_CVT
 // Stochastic rounding to bfloat16 with AVX-512 integer instructions (no BF16 extension needed),
-// the same bits as bf16_round_stochastic with random_bits: below |x| = 0x7F7F0000 (as a
-// pattern) that function is (x's pattern + the low 16 random bits) >> 16 (the carry cannot reach
+// the same bits as bf16_round_stochastic with random_bits16: below |x| = 0x7F7F0000 (as a
+// pattern) that function is (x's pattern + the 16 random bits) >> 16 (the carry cannot reach
 // the sign, nor make Inf), so 32 lanes take an add and a permutation of their upper halves;
 // a group of 32 holding a larger value, Inf or NaN (rare) is rounded by the portable function.
+// A group of 32 from a multiple of 32 of the tensor takes its bits from one 16-lane hash (low
+// halves for its first 16, high halves for the others: random_bits16's pairing); a group from
+// elsewhere (only the first of a call) hashes each lane's own pair index, two hashes.
 constexpr bool kStagedStochastic = true;
 
-// The low 16 bits of random_bits(key, index) in each lane, xi = index * 0x9E3779B1 per lane.
-inline __m512i random_bits16x16(__m512i xi, __m512i key) {
+// random_bits up to (not including) its final x ^= x >> 16, in each lane (xi = hash index *
+// 0x9E3779B1): its high half is random_bits' high half; low half ^ high half its low half.
+inline __m512i random_hash16(__m512i xi, __m512i key) {
   __m512i x = _mm512_xor_si512(xi, key);
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
-  // (x ^ (x >> 16)) & 0xFFFF in one ternary-logic instruction (A ^ B) & C: 0x28
-  return _mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0xFFFF), 0x28);
+  return _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+}
+
+// random_bits16(key, e) for the element index e in each lane.
+inline __m512i random_bits16x16(__m512i e, __m512i key) {
+  const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+  // pair_index(e) = (e >> 1 & ~15) | (e & 15): ternary logic C ? B : A (0xD8) with C = 15
+  const __m512i index = _mm512_ternarylogic_epi32(_mm512_srli_epi32(e, 1), e, fifteen, 0xD8);
+  const __m512i c0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
+  __m512i x = random_hash16(_mm512_mullo_epi32(index, c0), key);
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_srlv_epi32(x, _mm512_and_si512(e, sixteen));
+  return _mm512_and_si512(x, _mm512_set1_epi32(0xFFFF));
 }
 
 template <>
@@ -362,38 +378,160 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
       1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
       33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};  // upper halves
   const __m512i odd = _mm512_load_si512(kOdd);
-  const __m512i c0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
-  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
   const __m512i k = _mm512_set1_epi32(static_cast<int>(key));
   const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), big = _mm512_set1_epi32(0x7F7F0000);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i xi = _mm512_mullo_epi32(
-      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane), c0);
-  for (int64_t i = 0; i < n; i += 32) {
-    const int64_t m = n - i;
+  // m <= 32 elements from i, the first 16 with bits r0, the others with r1
+  const auto group = [&](int64_t i, int64_t m, __m512i r0, __m512i r1) {
     const auto lo = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
     const auto hi =
         static_cast<__mmask16>(m >= 32 ? 0xFFFFu : (m <= 16 ? 0u : (1u << (m - 16)) - 1u));
     const __m512i b0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(lo, s + i));
     const __m512i b1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(hi, s + i + 16));
-    const __m512i y0 = _mm512_add_epi32(b0, random_bits16x16(xi, k));
-    xi = _mm512_add_epi32(xi, step);
-    const __m512i y1 = _mm512_add_epi32(b1, random_bits16x16(xi, k));
-    xi = _mm512_add_epi32(xi, step);
     const __mmask16 special = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big) |
                               _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
     if (__builtin_expect(special == 0, 1)) {
-      const __m512i r = _mm512_permutex2var_epi16(y0, odd, y1);
+      const __m512i r =
+          _mm512_permutex2var_epi16(_mm512_add_epi32(b0, r0), odd, _mm512_add_epi32(b1, r1));
       if (m >= 32)
         _mm512_storeu_si512(d + i, r);
       else
         _mm512_mask_storeu_epi16(
             d + i, static_cast<__mmask32>(lo) | static_cast<__mmask32>(hi) << 16, r);
     } else {
-      for (int64_t j = i; j < std::min(n, i + 32); ++j)
-        d[j] = bf16_round_stochastic(s[j], random_bits(key, first + static_cast<uint32_t>(j)));
+      for (int64_t j = i; j < i + m; ++j)
+        d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+    }
+  };
+  // up to the first element at a multiple of 32: each lane's own hash
+  const auto head = static_cast<int64_t>((32u - (first & 31u)) & 31u);
+  if (head != 0 && n > 0) {
+    const __m512i e = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane);
+    group(0, std::min(n, head), random_bits16x16(e, k),
+          random_bits16x16(_mm512_add_epi32(e, _mm512_set1_epi32(16)), k));
+  }
+  // then one hash per 32: hash indices (first + i) / 2 + lane
+  const __m512i c0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
+  const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
+  __m512i xi = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(index), lane), c0);
+  const __m512i ffff = _mm512_set1_epi32(0xFFFF);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {  // whole groups: group() without masks
+    const __m512i x = random_hash16(xi, k);
+    xi = _mm512_add_epi32(xi, step);
+    const __m512i h = _mm512_srli_epi32(x, 16);  // (x ^ h) & 0xFFFF: ternary logic 0x28
+    const __m512i b0 = _mm512_loadu_si512(s + i), b1 = _mm512_loadu_si512(s + i + 16);
+    const __mmask16 big0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big);
+    const __mmask16 big1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
+    if (__builtin_expect(_mm512_kortestz(big0, big1), 1)) {
+      const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, ffff, 0x28));
+      _mm512_storeu_si512(d + i, _mm512_permutex2var_epi16(y0, odd, _mm512_add_epi32(b1, h)));
+    } else {
+      for (int64_t j = i; j < i + 32; ++j)
+        d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
     }
   }
+  if (i < n) {  // the last, partial group
+    const __m512i x = random_hash16(xi, k);
+    const __m512i h = _mm512_srli_epi32(x, 16);
+    group(i, n - i, _mm512_ternarylogic_epi32(x, h, ffff, 0x28), h);
+  }
+}
+#elif defined(__AVX2__)
+// The avx2 build stages stochastic bfloat16 stores too, with the same integer method: a group
+// of 32 from a multiple of 32 takes its bits from two 8-lane hashes (hash indices 16q + j and
+// 16q + 8 + j: low halves for elements 0-15, high halves for 16-31), then an add, a shift and
+// a pack per 8 lanes.  Partial groups (a call's first, from elsewhere, and its last) go through
+// a zero-padded copy with each lane's own hash; groups holding |x| >= 0x7F7F0000, Inf or NaN
+// through the portable function.
+constexpr bool kStagedStochastic = true;
+
+// random_bits up to (not including) its final x ^= x >> 16 (as random_hash16, 8 lanes).
+inline __m256i random_hash8(__m256i xi, __m256i key) {
+  __m256i x = _mm256_xor_si256(xi, key);
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  return _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+}
+
+// random_bits16(key, e) for the element index e in each lane.
+inline __m256i random_bits16x8(__m256i e, __m256i key) {
+  const __m256i fifteen = _mm256_set1_epi32(15);
+  const __m256i index = _mm256_or_si256(_mm256_andnot_si256(fifteen, _mm256_srli_epi32(e, 1)),
+                                        _mm256_and_si256(e, fifteen));
+  const __m256i c0 = _mm256_set1_epi32(static_cast<int>(0x9E3779B1u));
+  __m256i x = random_hash8(_mm256_mullo_epi32(index, c0), key);
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_srlv_epi32(x, _mm256_and_si256(e, _mm256_set1_epi32(16)));
+  return _mm256_and_si256(x, _mm256_set1_epi32(0xFFFF));
+}
+
+template <>
+void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d,
+                            uint32_t key, uint32_t first) {
+  const __m256i k = _mm256_set1_epi32(static_cast<int>(key));
+  const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), below = _mm256_set1_epi32(0x7F7EFFFF);
+  const __m256i ffff = _mm256_set1_epi32(0xFFFF);
+  const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  // 32 elements from src with bits r[h] for elements 8h .. 8h + 7 into dst; false (nothing
+  // stored) where one needs the portable function
+  const auto group = [&](const float* src, const __m256i(&r)[4], uint16_t* dst) {
+    __m256i b[4];
+    __m256i big = _mm256_setzero_si256();
+    for (int h = 0; h < 4; ++h) {
+      b[h] = _mm256_castps_si256(_mm256_loadu_ps(src + 8 * h));
+      big = _mm256_or_si256(big, _mm256_cmpgt_epi32(_mm256_and_si256(b[h], mag), below));
+    }
+    if (!_mm256_testz_si256(big, big)) return false;
+    __m256i t[4];
+    for (int h = 0; h < 4; ++h) t[h] = _mm256_srli_epi32(_mm256_add_epi32(b[h], r[h]), 16);
+    // packus interleaves 128-bit lanes: 0xD8 puts the 64-bit quarters back in order
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packus_epi32(t[0], t[1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packus_epi32(t[2], t[3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), hi);
+    return true;
+  };
+  const auto portable = [&](int64_t i, int64_t m) {
+    for (int64_t j = i; j < i + m; ++j)
+      d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+  };
+  const auto partial = [&](int64_t i, int64_t m) {  // m < 32 elements from i
+    alignas(32) float buf[32] = {};
+    alignas(32) uint16_t out[32];
+    std::memcpy(buf, s + i, sizeof(float) * static_cast<std::size_t>(m));
+    const __m256i e =
+        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + static_cast<uint32_t>(i))),
+                         lane);
+    const __m256i r[4] = {
+        random_bits16x8(e, k), random_bits16x8(_mm256_add_epi32(e, _mm256_set1_epi32(8)), k),
+        random_bits16x8(_mm256_add_epi32(e, _mm256_set1_epi32(16)), k),
+        random_bits16x8(_mm256_add_epi32(e, _mm256_set1_epi32(24)), k)};
+    if (group(buf, r, out))
+      std::memcpy(d + i, out, sizeof(uint16_t) * static_cast<std::size_t>(m));
+    else
+      portable(i, m);
+  };
+  const auto head = static_cast<int64_t>((32u - (first & 31u)) & 31u);
+  if (head != 0 && n > 0) partial(0, std::min(n, head));
+  // then whole groups: hash indices (first + i) / 2 + lane and + 8 + lane
+  const __m256i c0 = _mm256_set1_epi32(static_cast<int>(0x9E3779B1u));
+  const __m256i eight = _mm256_set1_epi32(static_cast<int>(8u * 0x9E3779B1u));
+  const __m256i step = _mm256_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
+  const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
+  __m256i xi = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(index), lane), c0);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i x0 = random_hash8(xi, k), x1 = random_hash8(_mm256_add_epi32(xi, eight), k);
+    xi = _mm256_add_epi32(xi, step);
+    const __m256i h0 = _mm256_srli_epi32(x0, 16), h1 = _mm256_srli_epi32(x1, 16);
+    const __m256i r[4] = {_mm256_and_si256(_mm256_xor_si256(x0, h0), ffff),
+                          _mm256_and_si256(_mm256_xor_si256(x1, h1), ffff), h0, h1};
+    if (!group(s + i, r, d + i)) portable(i, 32);
+  }
+  if (i < n) partial(i, n - i);
 }
 #else
 constexpr bool kStagedStochastic = false;
@@ -454,6 +592,7 @@ inline void unstage(const float* s, void* a, DType d, int64_t lo, int64_t n, con
 struct F32 {  // float32 storage
   using type = float;
   static float load(float x) { return x; }
+  static uint32_t bits(uint32_t, uint32_t) { return 0; }  // (stored as is)
 };
 
 // Storing a float32 result into format F (F32: as is; BF16 to nearest or stochastically with
@@ -592,7 +731,7 @@ FASTOPTIM_VECTORIZE
     std::array<float, sizeof...(J)> v{s[i]...};
     k(pv, G::load(g[i]), v);
     Store<P, Stochastic>::put(
-        p[i], pv, Stochastic ? random_bits(key0, first + static_cast<uint32_t>(i)) : 0u);
+        p[i], pv, Stochastic ? P::bits(key0, first + static_cast<uint32_t>(i)) : 0u);
     ((s[i] = v[J]), ...);
     ((m[J] = std::max(m[J], bits_of(v[J]) & 0x7FFFFFFFu)), ...);
   }
@@ -663,7 +802,7 @@ FASTOPTIM_VECTORIZE
     std::array<float, sizeof...(J)> v{src[J][i]...};
     k(pv, G::load(g[i]), v);
     Store<P, Stochastic>::put(
-        p[i], pv, Stochastic ? random_bits(key0, first + static_cast<uint32_t>(i)) : 0u);
+        p[i], pv, Stochastic ? P::bits(key0, first + static_cast<uint32_t>(i)) : 0u);
     ((d[i] = v[J]), ...);
   }
 }
@@ -789,9 +928,10 @@ template <class F> constexpr bool kIs16 = !std::is_same_v<F, F32>;
 // j) from `keys`.  The loop leaves the float32 results bound for H in L1 (kSub elements at a
 // time) and store_nearest<H> rounds them (fewer instructions than rounding in the loop, and
 // AVX-512 BF16 or F16C where the CPU has them); so does store_stochastic<BF16> in the avx512
-// build (kStagedStochastic: a group of 32 takes an add and a permutation there), while the
-// other builds round bfloat16 stochastically in the element loop.  (Stochastic float16 runs
-// the converting path: sweep_fused_layout.)
+// and avx2 builds (kStagedStochastic: a group of 32 takes one 16-lane or two 8-lane hashes,
+// adds and a permutation or packs there), while the scalar build rounds bfloat16
+// stochastically in the element loop.  (Stochastic float16 runs the converting path:
+// sweep_fused_layout.)
 //
 // Loads: bfloat16 and float32 are converted by the element loop itself (a shift the compiler
 // vectorizes with the kernel).  float16 in the avx2/avx512 builds (F16C) is converted kGroup
@@ -984,8 +1124,10 @@ FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p,
       (void)key;
       (void)lo;
     };
-    for (int64_t lo = 0; lo < n; lo += kSub) {
-      const int64_t m = std::min(kSub, n - lo);
+    // (stochastic: blocks from multiples of 32 of the tensor, store_stochastic's hash groups)
+    const auto skew = static_cast<int64_t>(Stochastic ? first & 31u : 0u);
+    for (int64_t lo = 0, m = 0; lo < n; lo += m) {
+      m = std::min(lo == 0 ? kSub - skew : kSub, n - lo);
       fused_block<P, G, S>(k, p + lo, g + lo, m, bp, bs, std::index_sequence<J...>{}, (s + lo)...);
       if constexpr (kIs16<P>) put(bp, m, p + lo, keys[0], lo);
       if constexpr (kIs16<S>) (put(bs[J], m, s + lo, keys[1 + J], lo), ...);
@@ -1002,9 +1144,9 @@ FASTOPTIM_VECTORIZE
       float pv = P::load(p[i]);
       std::array<float, sizeof...(J)> v{S::load(s[i])...};
       k(pv, G::load(g[i]), v);
-      const uint32_t r0 = random_bits(keys[0], index);
+      const uint32_t r0 = BF16::bits(keys[0], index);  // the parameter and/or its copy
       Store<P, true>::put(p[i], pv, r0);
-      ((Store<S, true>::put(s[i], v[J], random_bits(keys[1 + J], index))), ...);
+      ((Store<S, true>::put(s[i], v[J], S::bits(keys[1 + J], index))), ...);
       if constexpr (Out) Store<BF16, true>::put(out[i], pv, r0);
     }
   }

@@ -73,8 +73,11 @@ __all__ = [
     "quantize_blockwise",
     "quantize_to_code",
     "quantize_to_code_stochastic",
+    "bfloat16_bits",
     "random_bits",
+    "random_bits16",
     "random_key",
+    "rounding_bits",
     "round_to_bfloat16",
     "round_to_float16",
     "stochastic_bits",
@@ -772,14 +775,54 @@ def random_bits(key: int, index: np.ndarray) -> np.ndarray:
     return x
 
 
-def stochastic_bits(seed: int, step: int, tensor: int, array: int, size: int) -> np.ndarray:
-    """The random bits of elements 0 .. size - 1 of one stored array at one step."""
+def random_bits16(key: int, index: np.ndarray) -> np.ndarray:
+    """16 random bits (uint32 below 2**16) for each element index of a bfloat16 array under
+    `key`: one hash serves two elements 16 apart.  Element e takes ``random_bits(key, (e >> 5
+    << 4) | (e & 15))``, its low half when ``e & 16`` is 0, else its high half (the 32 elements
+    from a multiple of 32 take both halves of 16 consecutive hashes)."""
+    e = (np.asarray(index).astype(np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    x = random_bits(key, ((e >> np.uint32(5)) << np.uint32(4)) | (e & np.uint32(15)))
+    high = (e & np.uint32(16)) != 0
+    return np.where(high, x >> np.uint32(16), x & np.uint32(0xFFFF)).astype(np.uint32)
+
+
+def _stream(
+    draw: Callable[[int, np.ndarray], np.ndarray],
+    seed: int,
+    step: int,
+    tensor: int,
+    array: int,
+    size: int,
+) -> np.ndarray:
     index = np.arange(size, dtype=np.uint64)
     out = np.empty(size, np.uint32)
     for high in range(0, max(size - 1, 0) // 2**32 + 1):
         sel = slice(high * 2**32, (high + 1) * 2**32)
-        out[sel] = random_bits(random_key(seed, step, tensor, array, high), index[sel])
+        out[sel] = draw(random_key(seed, step, tensor, array, high), index[sel])
     return out
+
+
+def stochastic_bits(seed: int, step: int, tensor: int, array: int, size: int) -> np.ndarray:
+    """The 32 random bits (:func:`random_bits`) of elements 0 .. size - 1 of one stored array
+    at one step: float16 stores and stochastically rounded quantization codes."""
+    return _stream(random_bits, seed, step, tensor, array, size)
+
+
+def bfloat16_bits(seed: int, step: int, tensor: int, array: int, size: int) -> np.ndarray:
+    """The 16 random bits (:func:`random_bits16`, two elements per hash) of elements
+    0 .. size - 1 of one stored bfloat16 array at one step."""
+    return _stream(random_bits16, seed, step, tensor, array, size)
+
+
+def rounding_bits(
+    dtype: Any, seed: int, step: int, tensor: int, array: int, size: int
+) -> np.ndarray:
+    """The random bits stochastic rounding into `dtype` draws for elements 0 .. size - 1 of one
+    stored array at one step: :func:`bfloat16_bits` for bfloat16, else
+    :func:`stochastic_bits`."""
+    if np.dtype(dtype).name == "bfloat16":
+        return bfloat16_bits(seed, step, tensor, array, size)
+    return stochastic_bits(seed, step, tensor, array, size)
 
 
 def _bits32(x: np.ndarray) -> np.ndarray:
@@ -789,9 +832,9 @@ def _bits32(x: np.ndarray) -> np.ndarray:
 def round_to_bfloat16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
     """float32 -> bfloat16 (``ml_dtypes.bfloat16``): to nearest, ties to even (denormals kept;
     NaN stays a quiet NaN with its sign; from the midpoint above the largest bfloat16, Inf) or,
-    given 32 random `bits` per element (low 16 used), stochastically: up in magnitude with
-    probability equal to the dropped fraction; a value that nearest keeps finite never becomes
-    Inf (the largest bfloat16 instead)."""
+    given random `bits` per element (low 16 used: :func:`bfloat16_bits`), stochastically: up
+    in magnitude with probability equal to the dropped fraction; a value that nearest keeps
+    finite never becomes Inf (the largest bfloat16 instead)."""
     import ml_dtypes
 
     b = _bits32(x)
@@ -1017,10 +1060,11 @@ def dequantize_blockwise4(
     return flat.reshape(shape)
 
 
-def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[], np.ndarray] | None) -> None:
-    """Round float32 `value` into `into` (bfloat16/float16, or float32: copied)."""
+def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[Any], np.ndarray] | None) -> None:
+    """Round float32 `value` into `into` (bfloat16/float16, or float32: copied); `bits(dtype)`:
+    the random bits of a stochastic store into `dtype`."""
     name = into.dtype.name
-    r = None if bits is None else bits()
+    r = None if bits is None or name not in ("bfloat16", "float16") else bits(into.dtype)
     if name == "bfloat16":
         into[...] = round_to_bfloat16(value, r)
     elif name == "float16":
@@ -1050,11 +1094,13 @@ def _update_stored(
     s32 = [None if s is None else np.array(s, dtype=np.float32) for s in states]
     update(p32, np.asarray(grad, dtype=np.float32), *s32, **kwargs)
 
-    def bits(array: int) -> Callable[[], np.ndarray] | None:
+    def bits(array: int) -> Callable[[Any], np.ndarray] | None:
         if key is None or key[0] != "stochastic":
             return None
         _, seed, step, tensor = key
-        return lambda: stochastic_bits(seed, step, tensor, array, p32.size).reshape(p32.shape)
+        return lambda dtype: rounding_bits(dtype, seed, step, tensor, array, p32.size).reshape(
+            p32.shape
+        )
 
     if comp is not None:  # Kahan: the update plus what rounding lost last time, to nearest
         u = comp.astype(np.float32) + (p32 - old)
@@ -1320,10 +1366,11 @@ def ema_update(
     e = np.array(ema, dtype=compute)
     _lerp_(e, np.asarray(param, dtype=compute), 1.0 - decay)
     rounding, seed, step, tensor = key
-    bits = None
-    if rounding == "stochastic":
-        bits = lambda: stochastic_bits(seed, step, tensor, EMA_STREAM, e.size).reshape(e.shape)  # noqa: E731
-    _store(e, ema, bits)
+
+    def bits(dtype: Any) -> np.ndarray:
+        return rounding_bits(dtype, seed, step, tensor, EMA_STREAM, e.size).reshape(e.shape)
+
+    _store(e, ema, bits if rounding == "stochastic" else None)
 
 
 def transform_grads(

@@ -106,9 +106,10 @@ inline uint16_t f16_round_stochastic(float x, uint32_t r) {
 // ------------------------------------------------------------------------------- random bits
 // Counter-based: the bits for element i of one stored array at one step are a hash of
 // (seed, step, tensor id, array, i), so they do not depend on threads, chunking or the order of
-// work, and a resumed run draws the same ones.  key() mixes everything but the low 32 bits of i
-// once per block (splitmix64); random_bits() hashes those with the key (a 32-bit integer hash,
-// "lowbias32" by C. Wellons) in a few vector instructions per element.
+// work, and a resumed run draws the same ones.  key() mixes everything but the low 32 bits of
+// i once per block (splitmix64); random_bits() hashes those with the key (a 32-bit integer
+// hash, "lowbias32" by C. Wellons) in a few vector instructions per element, or per two
+// elements for bfloat16 (random_bits16).
 inline uint64_t splitmix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -130,6 +131,18 @@ inline uint32_t random_bits(uint32_t key, uint32_t index) {
   x *= 0x846CA68Bu;
   x ^= x >> 16;
   return x;
+}
+
+// The 16 random bits of element e of a bfloat16 array (what bf16_round_stochastic uses): one
+// hash serves two elements, 16 apart.  Element e takes hash index pair_index(e) =
+// (e >> 5 << 4) | (e & 15), its low half when e & 16 is 0, else its high half: the 32 elements
+// from a multiple of 32 take both halves of 16 consecutive hashes (one 16-lane hash per 32
+// stored elements in the avx512 build).  Still a function of (key, e) alone.  (float16 takes
+// the 32 bits of random_bits(key, e): its denormal grid needs up to 24.)
+inline uint32_t pair_index(uint32_t e) { return ((e >> 1) & ~15u) | (e & 15u); }
+inline uint32_t random_bits16(uint32_t key, uint32_t e) {
+  const uint32_t x = random_bits(key, pair_index(e));
+  return (e & 16u) != 0 ? x >> 16 : x & 0xFFFFu;
 }
 
 }  // namespace fastoptim
