@@ -536,9 +536,9 @@ void sweep_converting(const K& k, const Tensor& t, int64_t a, int64_t b, const R
 // updated whole by it, even past b; the next chunk skips the elements of that block.  So every
 // block is updated exactly once, by one thread, with the same arithmetic whatever the thread
 // count.
-// Where the avx512 build finds AVX-512 VBMI, those layouts (8-bit and 4-bit states) take two
-// loops per block instead of three: dequantize + kernel + absmax 64 elements at a time
-// (sweep_qvbmi), then the codes.
+// Where the avx512 build finds AVX-512 VBMI and a state is 4-bit, those layouts take two loops
+// per block instead of three: dequantize + kernel + absmax 64 elements at a time (sweep_qvbmi),
+// then the codes.
 // A 4-bit state's block of kQBlock elements is two blocks of kQBlock4 (dequantized, then
 // quantized, each with its own absmax; stochastic rounding draws element lo + i's bits from
 // the same stream as an 8-bit state's).
@@ -623,8 +623,9 @@ FASTOPTIM_VECTORIZE
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #define FASTOPTIM_Q_FUSED 1
-// (Where the avx512 build finds AVX-512 VBMI, sweep_quantized runs sweep_qvbmi instead: the
-// codes decoded by permutes, 64 at a time, in the same loop as the kernel.)
+// (Where the avx512 build finds AVX-512 VBMI, sweep_quantized skips this: 8-bit states are
+// dequantized a block at a time by dequantize_vbmi, no gathers, and sweep_absmax runs from L1;
+// with a 4-bit state sweep_qvbmi runs, decoding 64 at a time in the kernel's loop.)
 // With hardware gathers (AVX-512, AVX2) the states are dequantized 16 elements at a time into a
 // scratch that stays in registers and the store buffer, and the element functor runs on those
 // 16 in the compiler's vector loop inlined right after: the gathers overlap with the kernel's
@@ -720,9 +721,8 @@ FASTOPTIM_NOINLINE void sweep_qfused(const K k, typename P::type* __restrict p,
 // byte permutes, dequantize_vbmi64; 4-bit codes unpacked from their nibbles and looked up by
 // vpermps in the 16-value map), the element functor over those 64 (the compiler's vector loop,
 // as sweep_qfused's), and the running max of the new values' magnitudes (absmax_bits' order)
-// taken from the 64 just stored.  The decoding's permutes (port 5) overlap with the kernel's
-// divisions and square roots instead of running as a pass of their own; the codes follow in a
-// second loop over the block (unstage_state).
+// taken from the 64 just stored; the codes follow in a second loop over the block
+// (unstage_state).  sweep_quantized runs it where a state is 4-bit (see there).
 constexpr int64_t kQVbmi = 64;
 
 // Where one state's values come from: 8-bit codes (q8), 4-bit packed codes (q4; codes and
@@ -858,7 +858,10 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
     const auto first = static_cast<uint32_t>(lo);
     uint32_t mx[N == 0 ? 1 : N];
 #if FASTOPTIM_Q_VBMI
-    if (direct != 0 && kAvx512Vbmi) {
+    // (Only with a 4-bit state: with 8-bit states only, the fused loop measured 2-4% slower
+    // than the three loops below, 1 thread, 65,536 elements; with 4-bit states 3-5% faster
+    // than staging them.)
+    if (direct != 0 && q4 && kAvx512Vbmi) {
       float* s[N == 0 ? 1 : N] = {
           (is_quantized(t.state_dtype[J]) ? buf_s[J]
                                           : staged(t.state[J], t.state_dtype[J], lo, n, buf_s[J]))...};
