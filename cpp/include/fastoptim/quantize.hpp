@@ -121,6 +121,22 @@ inline QScale q_scale(uint32_t mbits) {
   return {absmax, inv, bits_of(inv) == 0x7F800000u};
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+// q_code of 16 normalized values (b: their float32 bit patterns), lane by lane: the same
+// integers, the bucket words by one hardware gather.  nbase, ncap: neg_base and neg_cap
+// broadcast.  (q_codes and quantize_block_stochastic.)
+inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket, __m512i nbase,
+                        __m512i ncap) {
+  const __m512i base = _mm512_set1_epi32(static_cast<int>(kQBucketBase));
+  const __m512i hi = _mm512_srli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), 16);
+  const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(hi, base), base);
+  const __m512i w = _mm512_i32gather_epi32(k, bucket, 4);
+  const __m512i c =
+      _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, _mm512_set1_epi32(0xFFFF))), 16);
+  return _mm512_mask_sub_epi32(c, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c, ncap));
+}
+#endif
+
 // codes[i] = q_code(v[i] * inv) for n values: with AVX-512 or AVX2, 16 or 8 at a time through a
 // hardware gather (compilers emulate gathers with scalar loads under their generic tuning),
 // computing exactly q_code's integers; a plain loop elsewhere and for the tail.
@@ -131,17 +147,10 @@ inline void q_codes(const float* __restrict v, int64_t n, float inv, const QTabl
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32(0xFFFF),
-                base = _mm512_set1_epi32(static_cast<int>(kQBucketBase)),
-                nbase = _mm512_set1_epi32(neg_base), ncap = _mm512_set1_epi32(neg_cap);
+  const __m512i nbase = _mm512_set1_epi32(neg_base), ncap = _mm512_set1_epi32(neg_cap);
   for (; i + 16 <= n; i += 16) {
-    const __m512i b = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v + i), vinv));
-    const __m512i hi = _mm512_srli_epi32(_mm512_and_si512(b, abs_mask), 16);
-    const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(hi, base), base);
-    const __m512i w = _mm512_i32gather_epi32(k, bucket, 4);
-    const __m512i c = _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, low)), 16);
-    const __m512i code =
-        _mm512_mask_sub_epi32(c, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c, ncap));
+    const __m512i code = q_code16(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v + i), vinv)),
+                                  bucket, nbase, ncap);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
   }
 #elif defined(__AVX2__)
@@ -231,22 +240,14 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
     const uint32_t* __restrict bucket = q.bucket;
     const float* __restrict value = q.value;
     const __m512 vinv = _mm512_set1_ps(s.inv), ulp24 = _mm512_set1_ps(0x1p-24f);
-    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32(0xFFFF),
-                  base = _mm512_set1_epi32(static_cast<int>(kQBucketBase)),
-                  nbase = _mm512_set1_epi32(q.neg_base), ncap = _mm512_set1_epi32(q.neg_cap),
+    const __m512i nbase = _mm512_set1_epi32(q.neg_base), ncap = _mm512_set1_epi32(q.neg_cap),
                   one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(),
                   top = _mm512_set1_epi32(q.ncodes - 1),
                   vkey = _mm512_set1_epi32(static_cast<int>(key)),
                   lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; i + 16 <= n; i += 16) {
       const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + i), vinv);
-      const __m512i b = _mm512_castps_si512(x);
-      const __m512i hi = _mm512_srli_epi32(_mm512_and_si512(b, abs_mask), 16);
-      const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(hi, base), base);
-      const __m512i w = _mm512_i32gather_epi32(k, bucket, 4);
-      const __m512i c0 = _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, low)), 16);
-      const __m512i c =
-          _mm512_mask_sub_epi32(c0, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c0, ncap));
+      const __m512i c = q_code16(_mm512_castps_si512(x), bucket, nbase, ncap);
       // lo: value[lo] <= x (c or c - 1); outside [0, ncodes - 1) the end codes, no draw.  The
       // neighbour on x's side of value[c] (index clamped into the map) is the other end.
       const __m512 vc = _mm512_i32gather_ps(c, value, 4);
