@@ -571,3 +571,37 @@ def test_newton_schulz_of_a_tall_matrix_is_the_wide_ones_transposed(
     wide = host.newton_schulz(np.ascontiguousarray(g.T), dtype=dtype)
     assert tall.shape == g.shape
     np.testing.assert_array_equal(tall, wide.T)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 32768, 32769, 70_001])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("divisor", [3.7, 1e-30, float("nan"), float("inf")])
+def test_divide_is_numpys(n: int, kind: str, divisor: float, rng: np.random.Generator) -> None:
+    """_core.divide (Newton-Schulz's X / ||X||): np.divide's bits, then bfloat16 when asked,
+    every chunk of the pool and the ragged end, special values and divisors."""
+    from fastoptim import _core
+
+    dtype = np.float64 if kind == "float64" else np.float32
+    x = rng.standard_normal(n).astype(dtype)
+    if n > 20:
+        x[:6] = [np.nan, np.inf, -np.inf, 3.39e38, -0.0, 1e-45]
+    with np.errstate(all="ignore"):
+        want = np.divide(x, dtype(divisor))
+        if kind == "bfloat16":
+            want = reference.round_to_bfloat16(want).astype(np.float32)
+    _core.divide(x, divisor, kind == "bfloat16")
+    np.testing.assert_array_equal(x, want)
+
+
+def test_divide_rejects_bad_arrays() -> None:
+    from fastoptim import _core
+
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _core.divide(np.ones(4, np.float16), 2.0)
+    with pytest.raises(TypeError, match="bf16 needs float32"):
+        _core.divide(np.ones(4), 2.0, True)
+    ro = np.ones(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="x"):
+        _core.divide(ro, 2.0)
+    np.testing.assert_array_equal(ro, 1.0)

@@ -1387,6 +1387,19 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("out"), py::arg("x"),
   "out = x.T for C-contiguous 2-D arrays of one float dtype (out of shape x.shape[::-1], not "
   "overlapping x), tile by tile on all threads.");
+  m.def("divide", [](const py::handle& x, double divisor, bool bf16) {
+    Arg a = check_array(x, "x", true);
+    if (a.dtype != DType::f32 && a.dtype != DType::f64)
+      throw py::type_error("divide: x must be float32 or float64, got " + dtype_name(a.arr));
+    if (bf16 && a.dtype != DType::f32) throw py::type_error("divide: bf16 needs float32");
+    py::gil_scoped_release release;
+    if (a.dtype == DType::f32)
+      divide(static_cast<float*>(a.data), static_cast<float>(divisor), a.size, bf16);
+    else
+      divide(static_cast<double*>(a.data), divisor, a.size);
+  }, py::arg("x"), py::arg("divisor"), py::arg("bf16") = false,
+  "x /= divisor in place (C-contiguous float32/float64; the divisor converted to x's dtype), "
+  "then rounded to the nearest bfloat16 (kept in float32) when bf16, on all threads.");
   m.def("round_bfloat16", [](const py::handle& x) {
     Arg a = check_array(x, "x", true);
     if (a.dtype != DType::f32) throw py::type_error("round_bfloat16: x must be float32");

@@ -630,6 +630,20 @@ void combine(double* out, const double* x, const double* y, double alpha, double
   });
 }
 
+void divide(float* x, float d, int64_t n, bool bf16) {
+  on_chunks(n, 8 * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) x[i] = x[i] / d;
+    if (bf16)
+      for (int64_t i = lo; i < hi; ++i) x[i] = bf16_nearest(x[i]);
+  });
+}
+
+void divide(double* x, double d, int64_t n) {
+  on_chunks(n, 16 * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) x[i] = x[i] / d;
+  });
+}
+
 void round_bfloat16(float* x, int64_t n) {
   on_chunks(n, 8 * n, [=](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) x[i] = bf16_nearest(x[i]);

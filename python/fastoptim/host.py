@@ -172,9 +172,7 @@ def newton_schulz(
         norm = round_bfloat16_(np.array([norm], np.float32))[0]
         floor = round_bfloat16_(np.array([eps], np.float32))[0]
     norm = max(norm, floor)  # (a NaN norm stays NaN, as torch's clamp)
-    np.divide(x, norm, out=x)
-    if low:
-        round_bfloat16_(x)
+    _core.divide(x, float(norm), low)  # (np.divide's bits, on all threads)
     a, b, c = (work(v) for v in coefficients)
     m = x.shape[0]
     gram = np.empty((m, m), work)

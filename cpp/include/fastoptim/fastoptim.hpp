@@ -91,6 +91,10 @@ void symmetrize(double* a, int64_t m);
 // (Newton-Schulz's tall inputs).
 void transpose(float* out, const float* x, int64_t rows, int64_t cols);
 void transpose(double* out, const double* x, int64_t rows, int64_t cols);
+// x[i] = x[i] / d in place (IEEE division, NumPy's np.divide), then rounded to the nearest
+// bfloat16 as `combine` rounds when `bf16`, on all threads (Newton-Schulz's X / ||X||).
+void divide(float* x, float d, int64_t n, bool bf16);
+void divide(double* x, double d, int64_t n);
 // x[i] rounded to the nearest bfloat16 in place, as `combine` rounds.
 void round_bfloat16(float* x, int64_t n);
 
