@@ -358,11 +358,8 @@ constexpr bool kStagedStochastic = true;
 // random_bits up to (not including) its final x ^= x >> 16, in each lane (xi = hash index *
 // 0x9E3779B1): its high half is random_bits' high half; low half ^ high half its low half.
 inline __m512i random_hash16(__m512i xi, __m512i key) {
-  __m512i x = _mm512_xor_si512(xi, key);
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  return _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  typedef uint32_t V __attribute__((vector_size(64)));
+  return reinterpret_cast<__m512i>(random_mix(reinterpret_cast<V>(_mm512_xor_si512(xi, key))));
 }
 
 // random_bits16(key, e) for the element index e in each lane.
@@ -455,11 +452,8 @@ constexpr bool kStagedStochastic = true;
 
 // random_bits up to (not including) its final x ^= x >> 16 (as random_hash16, 8 lanes).
 inline __m256i random_hash8(__m256i xi, __m256i key) {
-  __m256i x = _mm256_xor_si256(xi, key);
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-  return _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  typedef uint32_t V __attribute__((vector_size(32)));
+  return reinterpret_cast<__m256i>(random_mix(reinterpret_cast<V>(_mm256_xor_si256(xi, key))));
 }
 
 // random_bits16(key, e) for the element index e in each lane.

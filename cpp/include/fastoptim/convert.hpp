@@ -123,14 +123,19 @@ inline uint64_t splitmix64(uint64_t z) {
 uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_t array,
                     uint64_t index_high);
 
-inline uint32_t random_bits(uint32_t key, uint32_t index) {
-  uint32_t x = (index * 0x9E3779B1u) ^ key;
+// random_bits' mixing of x = (index * 0x9E3779B1) ^ key up to, not including, its final
+// x ^= x >> 16: written once, for a uint32_t and for the GCC vectors of them the SIMD stores
+// hash 8 or 16 lanes with.
+template <class V> inline V random_mix(V x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
+  return x * 0x846CA68Bu;
+}
+
+inline uint32_t random_bits(uint32_t key, uint32_t index) {
+  const uint32_t x = random_mix((index * 0x9E3779B1u) ^ key);
+  return x ^ (x >> 16);
 }
 
 // The 16 random bits of element e of a bfloat16 array (what bf16_round_stochastic uses): one

@@ -263,11 +263,8 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
       const auto at = static_cast<int>(first + static_cast<uint32_t>(i));
       __m512i r = _mm512_add_epi32(_mm512_set1_epi32(at), lanes);
       r = _mm512_mullo_epi32(r, _mm512_set1_epi32(static_cast<int>(0x9E3779B1u)));
-      r = _mm512_xor_si512(r, vkey);
-      r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 16));
-      r = _mm512_mullo_epi32(r, _mm512_set1_epi32(0x7FEB352D));
-      r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 15));
-      r = _mm512_mullo_epi32(r, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+      typedef uint32_t V16 __attribute__((vector_size(64)));
+      r = reinterpret_cast<__m512i>(random_mix(reinterpret_cast<V16>(_mm512_xor_si512(r, vkey))));
       r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 16));
       const __m512 u =
           _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), ulp24), gap);
