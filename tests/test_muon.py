@@ -605,3 +605,22 @@ def test_divide_rejects_bad_arrays() -> None:
     with pytest.raises(ValueError, match="x"):
         _core.divide(ro, 2.0)
     np.testing.assert_array_equal(ro, 1.0)
+
+
+def test_gram_refuses_an_out_that_does_not_fit() -> None:
+    """host.gram_ never hands BLAS an `out` of the wrong shape, dtype or layout (it would write
+    past its end or the wrong bits): NumPy's ``@`` refuses or casts it instead, and nothing
+    beyond `out` is touched."""
+    x = np.ones((8, 3), np.float32)
+    big = np.zeros(100, np.float32)
+    with pytest.raises(ValueError):
+        host.gram_(x, big[:16].reshape(4, 4))
+    np.testing.assert_array_equal(big[16:], 0)
+    wide = np.zeros((8, 8), np.float64)  # another dtype: NumPy's @ casts, BLAS never sees it
+    host.gram_(x, wide)
+    np.testing.assert_array_equal(wide, x @ x.T)
+    ro = np.zeros((8, 8), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        host.gram_(x, ro)
+    np.testing.assert_array_equal(ro, 0)

@@ -55,7 +55,6 @@ class _Syrk:
 
     def __init__(self) -> None:
         self.fns: dict[np.dtype[Any], Callable[..., None]] = {}
-        self.index: Any = None
         import os
 
         if os.environ.get("FASTOPT_DIRECT_BLAS", "1") == "0":
@@ -97,15 +96,20 @@ class _Syrk:
             fn.argtypes = [ctypes.c_int] * 3 + [index, index, scalar, ctypes.c_void_p, index]
             fn.argtypes += [scalar, ctypes.c_void_p, index]
             self.fns[np.dtype(dtype)] = fn
-        self.index = index
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> bool:
-        """The upper triangle of ``out = x @ x.T`` (C-contiguous, same dtype); False when no
-        direct call is available for that dtype (nothing written)."""
+        """The upper triangle of ``out = x @ x.T`` (C-contiguous, same dtype, ``(m, m)``);
+        False when no direct call is available for these arrays (nothing written: NumPy's
+        ``@`` then checks them)."""
         fn = self.fns.get(x.dtype)
-        if fn is None or not (x.flags.c_contiguous and out.flags.c_contiguous):
-            return False
         m, k = x.shape
+        if (
+            fn is None
+            or out.dtype != x.dtype
+            or out.shape != (m, m)
+            or not (x.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable)
+        ):
+            return False
         # row-major (101), upper (121), no transpose (111): C = 1 A A^T + 0 C
         fn(101, 121, 111, m, k, 1.0, x.ctypes.data, max(k, 1), 0.0, out.ctypes.data, max(m, 1))
         return True
