@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -450,12 +451,31 @@ def test_combine_rejects_bad_arrays() -> None:
     np.testing.assert_array_equal(a, 1.0)
 
 
-@pytest.mark.parametrize("m", [1, 2, 31, 32, 33, 65, 130])
+@pytest.fixture(params=["1 thread", "3 threads"])
+def pool_split(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One thread, or three with a grain so small that the pool splits every pass (the tile
+    passes' tasks on several threads)."""
+    from fastoptim import _core
+
+    before = (fo.get_num_threads(), _core.get_grain())
+    threads, grain = (1, 1 << 30) if request.param == "1 thread" else (3, 64)
+    fo.set_num_threads(min(threads, _core.max_threads()))
+    _core.set_grain(grain)
+    try:
+        yield
+    finally:
+        fo.set_num_threads(before[0])
+        _core.set_grain(before[1])
+
+
+@pytest.mark.parametrize("m", [1, 2, 31, 32, 33, 65, 130, 161])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64"])
+@pytest.mark.usefixtures("pool_split")
 def test_symmetrize_copies_the_upper_triangle(m: int, kind: str, rng: np.random.Generator) -> None:
     """_core.symmetrize: the lower triangle becomes the transposed upper one (never read: NaN
-    there must vanish), every tile edge (32) and ragged end; bf16 rounds every element first,
-    as _core.round_bfloat16 (NaN and Inf kept)."""
+    there must vanish), every tile edge (32) and ragged end, an odd and an even number of
+    block rows (tasks pair block rows t and nb - 1 - t); bf16 rounds every element first, as
+    _core.round_bfloat16 (NaN and Inf kept)."""
     from fastoptim import _core
 
     dtype = np.float64 if kind == "float64" else np.float32
@@ -531,6 +551,7 @@ def test_gram_is_numpys_x_xT(
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 40), (40, 1), (31, 33), (64, 32), (65, 97)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.usefixtures("pool_split")
 def test_transpose_is_numpys(
     shape: tuple[int, int], dtype: type[np.floating[Any]], rng: np.random.Generator
 ) -> None:

@@ -248,7 +248,7 @@ class Pool {
  public:
   explicit Pool(int max_threads) : ranges_(static_cast<std::size_t>(max_threads)) {}
 
-  void run(int64_t n, int threads, ChunkFn fn, void* ctx) {
+  void run(int64_t n, int threads, ChunkFn fn, void* ctx, bool linger) {
     std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
     if (!job.owns_lock()) {  // another step is using the pool: run this one here
       for (int64_t i = 0; i < n; ++i) fn(ctx, i);
@@ -258,6 +258,7 @@ class Pool {
     const int p = std::min(threads, static_cast<int>(threads_.size()) + 1);
     fn_ = fn;
     ctx_ = ctx;
+    linger_.store(linger, std::memory_order_relaxed);
     caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint64_t gen = static_cast<uint32_t>(gen_of(job_.load(std::memory_order_relaxed)) + 1);
@@ -330,13 +331,15 @@ class Pool {
     pthread_sigmask(SIG_BLOCK, &all, nullptr);
 #endif
     uint32_t seen = gen_of(job_.load(std::memory_order_acquire));
+    bool linger = true;
     for (;;) {
       auto published = [&] { return gen_of(job_.load(std::memory_order_acquire)) != seen; };
       auto on_caller_cpu = [&] {
         const int cpu = current_cpu();
         return cpu >= 0 && cpu == caller_cpu_.load(std::memory_order_relaxed);
       };
-      if (on_caller_cpu() || !spin_until(published, kWorkerSpin, kWorkerSpin, on_caller_cpu)) {
+      if (!linger || on_caller_cpu() ||
+          !spin_until(published, kWorkerSpin, kWorkerSpin, on_caller_cpu)) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         wake_cv_.wait(lk, published);
@@ -344,6 +347,7 @@ class Pool {
       }
       const uint64_t job = job_.load(std::memory_order_acquire);
       seen = gen_of(job);
+      linger = linger_.load(std::memory_order_relaxed);
       // A worker beyond this job's thread count leaves it to the others.
       if (id < static_cast<int>((job >> 16) & 0xffff)) work(id, job);
     }
@@ -371,6 +375,7 @@ class Pool {
   alignas(64) std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
   std::atomic<int> caller_cpu_{-1};  // where the last job was published from
+  std::atomic<bool> linger_{true};   // whether workers spin for the next job after this one
   std::mutex job_mu_;  // held by the step using the pool
   std::mutex mu_;      // for the condition variables
   std::condition_variable wake_cv_, done_cv_;
@@ -442,13 +447,13 @@ void set_isa(Isa isa) {
   g_isa.store(static_cast<int>(isa));
 }
 
-void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx) {
+void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx, bool linger) {
   if (nchunks <= 0) return;
   if (threads <= 1 || nchunks == 1 || nchunks >= kMaxChunks) {  // 16-bit chunk indices
     for (int64_t i = 0; i < nchunks; ++i) fn(ctx, i);
     return;
   }
-  pool().run(nchunks, std::min(threads, g_max_threads), fn, ctx);
+  pool().run(nchunks, std::min(threads, g_max_threads), fn, ctx, linger);
 }
 
 void set_num_threads(int n) {
@@ -585,16 +590,18 @@ double stream_read(const float* a, int64_t n) {
 
 // ------------------------------------------------------------------ Newton-Schulz helpers
 // Plain loops (memory-bound; the compiler vectorizes them for the baseline ISA), on the pool in
-// fixed chunks.
+// fixed chunks.  They run between two BLAS calls, whose threads want every CPU next: the pool's
+// workers sleep as soon as a pass is done instead of spinning for another (linger = false).
 namespace {
 
+// The nearest bfloat16 (ties to even) of v, as a float; NaN: quiet, its sign and high payload
+// kept.  Branch-free, so that the loops below vectorize.
 inline float bf16_nearest(float v) {
   uint32_t b;
   std::memcpy(&b, &v, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u)
-    b = (b & 0xFFFF0000u) | 0x00400000u;  // NaN: quiet, its sign and high payload kept
-  else
-    b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t nan = (b & 0xFFFF0000u) | 0x00400000u;
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  b = (b & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
   float r;
   std::memcpy(&r, &b, 4);
   return r;
@@ -603,46 +610,58 @@ inline float bf16_nearest(float v) {
 // f(lo, hi) over [0, n) in fixed chunks of 2^15 elements, on the threads `bytes` of traffic
 // are worth.
 template <class F> void on_chunks(int64_t n, int64_t bytes, const F& f) {
-  for_each_range(n, int64_t{1} << 15, threads_for(bytes), f);
+  for_each_range(n, int64_t{1} << 15, threads_for(bytes), f, /*linger=*/false);
+}
+
+// out = (alpha x + beta y) (each product rounded to T, then the sum), then rounded to bfloat16
+// when Bf16: one loop.
+template <bool Bf16, class T>
+void combine_impl(T* out, const T* x, const T* y, T alpha, T beta, int64_t n) {
+  on_chunks(n, 3 * static_cast<int64_t>(sizeof(T)) * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T ax = alpha * x[i], by = beta * y[i];
+      if constexpr (Bf16)
+        out[i] = bf16_nearest(ax + by);
+      else
+        out[i] = ax + by;
+    }
+  });
+}
+
+template <bool Bf16, class T> void divide_impl(T* x, T d, int64_t n) {
+  on_chunks(n, 2 * static_cast<int64_t>(sizeof(T)) * n, [=](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      if constexpr (Bf16)
+        x[i] = bf16_nearest(x[i] / d);
+      else
+        x[i] = x[i] / d;
+    }
+  });
 }
 
 }  // namespace
 
 void combine(float* out, const float* x, const float* y, float alpha, float beta, int64_t n,
              bool bf16) {
-  on_chunks(n, 12 * n, [=](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const float ax = alpha * x[i], by = beta * y[i];
-      out[i] = ax + by;
-    }
-    if (bf16)
-      for (int64_t i = lo; i < hi; ++i) out[i] = bf16_nearest(out[i]);
-  });
+  if (bf16)
+    combine_impl<true>(out, x, y, alpha, beta, n);
+  else
+    combine_impl<false>(out, x, y, alpha, beta, n);
 }
 
 void combine(double* out, const double* x, const double* y, double alpha, double beta,
              int64_t n) {
-  on_chunks(n, 24 * n, [=](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const double ax = alpha * x[i], by = beta * y[i];
-      out[i] = ax + by;
-    }
-  });
+  combine_impl<false>(out, x, y, alpha, beta, n);
 }
 
 void divide(float* x, float d, int64_t n, bool bf16) {
-  on_chunks(n, 8 * n, [=](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) x[i] = x[i] / d;
-    if (bf16)
-      for (int64_t i = lo; i < hi; ++i) x[i] = bf16_nearest(x[i]);
-  });
+  if (bf16)
+    divide_impl<true>(x, d, n);
+  else
+    divide_impl<false>(x, d, n);
 }
 
-void divide(double* x, double d, int64_t n) {
-  on_chunks(n, 16 * n, [=](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) x[i] = x[i] / d;
-  });
-}
+void divide(double* x, double d, int64_t n) { divide_impl<false>(x, d, n); }
 
 void round_bfloat16(float* x, int64_t n) {
   on_chunks(n, 8 * n, [=](int64_t lo, int64_t hi) {
@@ -653,13 +672,15 @@ void round_bfloat16(float* x, int64_t n) {
 namespace {
 
 // The lower triangle of the m x m matrix a (row-major) set from the upper one, tile by tile
-// (kTile x kTile, read along the upper tile's rows, written transposed), each task one block
-// row of the lower triangle; with `bf16` the upper triangle and the diagonal are rounded first
-// (so both halves hold the same rounded values).
+// (kTile x kTile, read along the upper tile's rows, written transposed); with `bf16` the upper
+// triangle and the diagonal are rounded first (so both halves hold the same rounded values).
+// Block row rb of the lower triangle has rb + 1 tiles: each task takes block rows t and
+// nb - 1 - t, so that the tasks are equal (nb + 1 tiles).
 template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
   constexpr int64_t kTile = 32;
   const int64_t bytes = static_cast<int64_t>(sizeof(T)) * m * m;
-  for_each_chunk((m + kTile - 1) / kTile, threads_for(bytes), [=](int64_t rb) {
+  const int64_t nb = (m + kTile - 1) / kTile;
+  auto block_row = [=](int64_t rb) {
     const int64_t r0 = rb * kTile, r1 = std::min(m, r0 + kTile);
     for (int64_t cb = 0; cb <= rb; ++cb) {
       const int64_t c0 = cb * kTile, c1 = std::min(m, c0 + kTile);
@@ -672,7 +693,14 @@ template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t j = c0; j < std::min(c1, i); ++j) a[i * m + j] = a[j * m + i];
     }
-  });
+  };
+  for_each_chunk(
+      (nb + 1) / 2, threads_for(bytes),
+      [=](int64_t t) {
+        block_row(t);
+        if (nb - 1 - t != t) block_row(nb - 1 - t);
+      },
+      /*linger=*/false);
 }
 
 // out (cols x rows, row-major) = x (rows x cols) transposed, tile by tile, each task one block
@@ -680,14 +708,15 @@ template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
 template <class T> void transpose_impl(T* out, const T* x, int64_t rows, int64_t cols) {
   constexpr int64_t kTile = 32;
   const int64_t bytes = 2 * static_cast<int64_t>(sizeof(T)) * rows * cols;
-  for_each_chunk((cols + kTile - 1) / kTile, threads_for(bytes), [=](int64_t ob) {
+  auto block = [=](int64_t ob) {
     const int64_t j0 = ob * kTile, j1 = std::min(cols, j0 + kTile);  // out's rows, x's columns
     for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
       const int64_t i1 = std::min(rows, i0 + kTile);
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t i = i0; i < i1; ++i) out[j * rows + i] = x[i * cols + j];
     }
-  });
+  };
+  for_each_chunk((cols + kTile - 1) / kTile, threads_for(bytes), block, /*linger=*/false);
 }
 
 }  // namespace

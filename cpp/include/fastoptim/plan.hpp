@@ -188,36 +188,43 @@ struct StreamArrays {
 // own range (the static split), then from the back of the others' ranges, so a worker the OS
 // has descheduled delays nothing (the running threads, the caller included, take its share); the
 // caller never waits for a thread that has no chunk.  When the pool is busy with another caller's step, or in a forked child, the
-// chunks run on the calling thread.  nchunks < kMaxChunks.
+// chunks run on the calling thread.  nchunks < kMaxChunks.  With `linger` the workers then spin
+// briefly for the next job (steps follow each other); without, they sleep at once (a pass
+// between two BLAS calls, whose threads want every CPU next).
 inline constexpr int64_t kMaxChunks = 1 << 16;
 using ChunkFn = void (*)(void* ctx, int64_t chunk);
-void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx);
+void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx, bool linger = true);
 
 // The one way the driver's parallel loops run: f(i) for every chunk i in [0, nchunks), in
 // order on the calling thread when `threads` <= 1 or there is one chunk, else on the pool
 // (run_chunks).  Results that depend only on i (per-chunk partial sums) are the same for any
 // thread count.
-template <class F> void for_each_chunk(int64_t nchunks, int threads, const F& f) {
+template <class F>
+void for_each_chunk(int64_t nchunks, int threads, const F& f, bool linger = true) {
   if (threads <= 1 || nchunks <= 1) {
     for (int64_t i = 0; i < nchunks; ++i) f(i);
     return;
   }
   run_chunks(nchunks, threads, [](void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); },
-             const_cast<void*>(static_cast<const void*>(&f)));
+             const_cast<void*>(static_cast<const void*>(&f)), linger);
 }
 
 // f(lo, hi) over [0, n) in pieces of `chunk` (> 0) on the pool (for_each_chunk), or as one
 // call f(0, n) when `threads` <= 1 or n fits in one piece.  For element-wise loops, whose
 // result does not depend on the split.
-template <class F> void for_each_range(int64_t n, int64_t chunk, int threads, const F& f) {
+template <class F>
+void for_each_range(int64_t n, int64_t chunk, int threads, const F& f, bool linger = true) {
   if (threads <= 1 || n <= chunk) {
     f(int64_t{0}, n);
     return;
   }
-  for_each_chunk((n + chunk - 1) / chunk, threads, [&](int64_t i) {
-    const int64_t lo = i * chunk;
-    f(lo, std::min(n, lo + chunk));
-  });
+  for_each_chunk(
+      (n + chunk - 1) / chunk, threads,
+      [&](int64_t i) {
+        const int64_t lo = i * chunk;
+        f(lo, std::min(n, lo + chunk));
+      },
+      linger);
 }
 
 }  // namespace fastoptim
