@@ -192,6 +192,59 @@ def test_newton_schulz_orthogonalises(rng: np.random.Generator) -> None:
         assert 0.6 < s.min() and s.max() < 1.25, (ns_dtype, s.min(), s.max())
 
 
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+def test_newton_schulz_scratch_is_never_the_result(steps: int, rng: np.random.Generator) -> None:
+    """The iteration's scratch arrays are kept between calls (host._Workspace): each call still
+    returns a new array that later calls (larger, smaller, tall, another dtype) leave alone,
+    with the bits of a first call, for an odd and an even number of steps;
+    host.release_workspace() frees them and changes nothing."""
+    host.release_workspace()
+    g = rng.standard_normal((24, 40)).astype(np.float32)
+    first = host.newton_schulz(g, steps=steps)
+    kept = first.copy()
+    for other in ((40, 64), (8, 12), (64, 40), (24, 40)):
+        for dtype in host.NS_DTYPES:
+            out = host.newton_schulz(
+                rng.standard_normal(other).astype(np.float32), steps=steps, dtype=dtype
+            )
+            assert not np.shares_memory(out, first)
+    np.testing.assert_array_equal(first, kept)
+    again = host.newton_schulz(g, steps=steps)
+    np.testing.assert_array_equal(again, kept)
+    host.release_workspace()
+    np.testing.assert_array_equal(host.newton_schulz(g, steps=steps), kept)
+    ref = reference.newton_schulz(g, host.NS_COEFFICIENTS, steps, 1e-7, "float32")
+    np.testing.assert_allclose(
+        host.newton_schulz(g, steps=steps, dtype="float32"), ref, rtol=0, atol=1e-5
+    )
+
+
+def test_newton_schulz_in_two_threads_at_once(rng: np.random.Generator) -> None:
+    """Two threads orthogonalising at the same time (one optimizer each) have scratch arrays of
+    their own: the bits of one thread alone."""
+    import threading
+
+    gs = [rng.standard_normal((64, 96)).astype(np.float32) for _ in range(2)]
+    want = [host.newton_schulz(g) for g in gs]
+    got: list[list[np.ndarray]] = [[], []]
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        start.wait()
+        for _ in range(20):
+            got[i].append(host.newton_schulz(gs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(got[i]) == 20
+        for out in got[i]:
+            np.testing.assert_array_equal(out, want[i])
+
+
 def test_bfloat16_rounding_as_reference(rng: np.random.Generator) -> None:
     x = np.concatenate(
         [

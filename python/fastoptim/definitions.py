@@ -965,7 +965,10 @@ after 10 steps at :math:`\gamma = 10^{-3}` (the difference grows with :math:`\ga
 orthogonalisation that differs from torch's by about 1e-2 relative in :math:`O_t`; measured
 after 10 steps at :math:`\gamma = 10^{-3}` on unit-scale parameters, 1e-5 of their scale
 (about 1e-4 for parameters of scale 0.1), 5 times the bfloat16 convention's difference.
-The momentum and the update compute in the parameter's dtype (float32 or float64).""",
+The momentum and the update compute in the parameter's dtype (float32 or float64).  The
+iteration's scratch arrays (:math:`2m^2 + mn` values for the largest :math:`m \times n`
+matrix, :math:`m \le n`) are kept between steps, one set per thread that steps a Muon;
+``fastoptim.host.release_workspace()`` frees the calling thread's.""",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("weight_decay", 0.1),
