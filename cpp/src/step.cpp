@@ -1182,8 +1182,9 @@ template <class F> constexpr bool kIs16 = !std::is_same_v<F, F32>;
 // time) and store_nearest<H> rounds them (fewer instructions than rounding in the loop, and
 // AVX-512 BF16 or F16C where the CPU has them); so does store_stochastic<BF16> in the avx512
 // and avx2 builds (kStagedStochastic: a group of 32 takes one 16-lane or two 8-lane hashes,
-// adds and a permutation or packs there), while the scalar build rounds bfloat16
-// stochastically in the element loop.  (Stochastic float16 runs the converting path:
+// adds and a permutation or packs there; in the avx512 build store_stochastic_many rounds a
+// block's whole groups for all the layout's bfloat16 arrays in one pass, kStagedMany), while
+// the scalar build rounds bfloat16 stochastically in the element loop.  (Stochastic float16 runs the converting path:
 // sweep_fused_layout.)
 //
 // Loads: bfloat16 and float32 are converted by the element loop itself (a shift the compiler
