@@ -517,18 +517,28 @@ def test_stochastic_bfloat16_groups_with_special_values(isa: str, layout: str) -
     big = 3.3961e38  # above bfloat16's largest, below nearest's overflow (as float32 params)
     p0 = rng.standard_normal(n).astype(np.float32)
     p0[[130, 161, 300, 515]] = [big, -big, np.inf, np.nan]
+    # all-bf16: parameters at +-largest pushed outwards by lr 1e36 (a float32 result from
+    # 0x7F7F8000 up, Inf as bfloat16, where the add-and-shift alone would mostly keep the
+    # largest), in one array of their group only, in many groups of whole blocks
+    edge = np.arange(129, 896, 19)
+    sign = np.where(np.arange(edge.size) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    lr = 1e-3
+    if layout == "all-bf16":
+        p0[edge] = sign * float(ml_dtypes.finfo(BF16).max)
+        lr = 1e36
     params = [p0.astype(pdt)]
-    opt = fo.AdamW(params, lr=1e-3, rounding="stochastic", seed=7, **opts)
+    opt = fo.AdamW(params, lr=lr, weight_decay=0.0, rounding="stochastic", seed=7, **opts)
     out = np.zeros(n, BF16)
     if layout == "offload":
         opt.set_copy_out([out])
     mirror = [np.zeros(n, np.float32)]
-    ref = fo.AdamW(mirror, lr=1e-3)
+    ref = fo.AdamW(mirror, lr=lr, weight_decay=0.0)
     order = list(opt._groups[0].hyper.state_names())
     with np.errstate(all="ignore"):
         for t in range(1, 4):
             g = rng.standard_normal(n).astype(np.float32)
             g[[640 + t, 700, 901]] = [np.nan, 3e38, -np.inf]
+            g[edge] = -sign
             before = dict(opt.state[0])
             mirror[0][...] = np.asarray(params[0], np.float32)
             for name, v in before.items():
@@ -553,6 +563,8 @@ def test_stochastic_bfloat16_groups_with_special_values(isa: str, layout: str) -
                     exp = want(exp, 1 + order.index(name))
                 same_bits_but_nan_sign(got, exp, f"{what}: {name}")
             assert np.isnan(np.asarray(params[0], np.float32)[515]), what
+            if layout == "all-bf16":  # those parameters went to Inf
+                assert (np.asarray(params[0], np.float32)[edge] == sign * np.inf).all(), what
 
 
 def test_seed_and_step_change_the_bits() -> None:
