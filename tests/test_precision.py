@@ -500,6 +500,73 @@ def test_stochastic_rounding_is_thread_invariant(isa: str, layout: str) -> None:
             same_bits(results[0][k], other[k], k)
 
 
+@pytest.mark.parametrize("layout", ["all-bf16", "offload"])
+def test_stochastic_bfloat16_groups_with_special_values(isa: str, layout: str) -> None:
+    """The staged stochastic bfloat16 stores round the whole groups of 32 of a block, every
+    array of the layout in one pass, and give a group where any array holds a value from
+    0x7F7F0000 up, Inf or NaN to the portable function: a tensor of 1000 elements (blocks of
+    128 from multiples of 32) with such values at several offsets of groups, in the parameter,
+    the gradient and (through them) the states, equals the float32 step followed by the
+    reference's stochastic rounding, bit for bit but for the sign and payload of NaNs."""
+    rng = np.random.default_rng(8)
+    n = 1000
+    pdt, gdt, opts = {
+        "all-bf16": (BF16, BF16, {"state_dtype": "bfloat16"}),
+        "offload": (F32, BF16, {}),
+    }[layout]
+    big = 3.3961e38  # above bfloat16's largest, below nearest's overflow (as float32 params)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    p0[[130, 161, 300, 515]] = [big, -big, np.inf, np.nan]
+    # all-bf16: parameters at +-largest pushed outwards by lr 1e36 (a float32 result from
+    # 0x7F7F8000 up, Inf as bfloat16, where the add-and-shift alone would mostly keep the
+    # largest), in one array of their group only, in many groups of whole blocks
+    edge = np.arange(129, 896, 19)
+    sign = np.where(np.arange(edge.size) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    lr = 1e-3
+    if layout == "all-bf16":
+        p0[edge] = sign * float(ml_dtypes.finfo(BF16).max)
+        lr = 1e36
+    params = [p0.astype(pdt)]
+    opt = fo.AdamW(params, lr=lr, weight_decay=0.0, rounding="stochastic", seed=7, **opts)
+    out = np.zeros(n, BF16)
+    if layout == "offload":
+        opt.set_copy_out([out])
+    mirror = [np.zeros(n, np.float32)]
+    ref = fo.AdamW(mirror, lr=lr, weight_decay=0.0)
+    order = list(opt._groups[0].hyper.state_names())
+    with np.errstate(all="ignore"):
+        for t in range(1, 4):
+            g = rng.standard_normal(n).astype(np.float32)
+            g[[640 + t, 700, 901]] = [np.nan, 3e38, -np.inf]
+            g[edge] = -sign
+            before = dict(opt.state[0])
+            mirror[0][...] = np.asarray(params[0], np.float32)
+            for name, v in before.items():
+                if name != "step":
+                    ref.state[0][name][...] = v.astype(np.float32)
+            ref.step([g.astype(gdt).astype(np.float32)])
+            opt.step([g.astype(gdt)])
+
+            def want(x: np.ndarray, array: int, t: int = t) -> np.ndarray:
+                return round_to(x, BF16, reference.rounding_bits(BF16, 7, t, 0, array, n))
+
+            what = f"{layout} step {t}"
+            if layout == "offload":
+                same_bits_but_nan_sign(params[0], mirror[0], f"{what}: param")
+                same_bits_but_nan_sign(out, want(mirror[0], 0), f"{what}: copy")
+            else:
+                same_bits_but_nan_sign(params[0], want(mirror[0], 0), f"{what}: param")
+            for name in order:
+                got = opt.state[0][name]
+                exp = ref.state[0][name]
+                if got.dtype == BF16:
+                    exp = want(exp, 1 + order.index(name))
+                same_bits_but_nan_sign(got, exp, f"{what}: {name}")
+            assert np.isnan(np.asarray(params[0], np.float32)[515]), what
+            if layout == "all-bf16":  # those parameters went to Inf
+                assert (np.asarray(params[0], np.float32)[edge] == sign * np.inf).all(), what
+
+
 def test_seed_and_step_change_the_bits() -> None:
     x = np.random.default_rng(1).standard_normal(4096).astype(np.float32)
     outs = []

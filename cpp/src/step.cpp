@@ -344,6 +344,18 @@ void store_stochastic(const float* __restrict s, int64_t n, uint16_t* __restrict
     d[i] = F::stochastic(s[i], F::bits(key, first + static_cast<uint32_t>(i)));
 }
 
+#if FASTOPTIM_BF16_CVT || defined(__AVX2__)
+// A group that needs the portable function (a value from 0x7F7F0000 up, Inf or NaN): out of
+// line and called from outside the staged stores' hot loops, which then hold no call (a call in
+// them made GCC rebuild their vector constants with a broadcast in every iteration).
+FASTOPTIM_NOINLINE void bf16_stochastic_portable(const float* __restrict s, int64_t n,
+                                                 uint16_t* __restrict d, uint32_t key,
+                                                 uint32_t first) {
+  for (int64_t j = 0; j < n; ++j)
+    d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+}
+#endif
+
 #if FASTOPTIM_BF16_CVT
 // Stochastic rounding to bfloat16 with AVX-512 integer instructions (no BF16 extension needed),
 // the same bits as bf16_round_stochastic with random_bits16: below |x| = 0x7F7F0000 (as a
@@ -361,6 +373,17 @@ inline __m512i random_hash16(__m512i xi, __m512i key) {
   typedef uint32_t V __attribute__((vector_size(64)));
   return reinterpret_cast<__m512i>(random_mix(reinterpret_cast<V>(_mm512_xor_si512(xi, key))));
 }
+
+// The same with random_mix's first x ^= x >> 16 and the key's xor in one ternary logic:
+// (xi ^ key) ^ ((xi ^ key) >> 16) = xi ^ (xi >> 16) ^ key16, key16 = key ^ (key >> 16).
+inline __m512i random_hash16_k16(__m512i xi, __m512i key16) {
+  typedef uint32_t V __attribute__((vector_size(64)));
+  V x = reinterpret_cast<V>(_mm512_ternarylogic_epi32(xi, _mm512_srli_epi32(xi, 16), key16, 0x96));
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  return reinterpret_cast<__m512i>(x * 0x846CA68Bu);
+}
+
 
 // random_bits16(key, e) for the element index e in each lane.
 inline __m512i random_bits16x16(__m512i e, __m512i key) {
@@ -402,8 +425,7 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
         _mm512_mask_storeu_epi16(
             d + i, static_cast<__mmask32>(lo) | static_cast<__mmask32>(hi) << 16, r);
     } else {
-      for (int64_t j = i; j < i + m; ++j)
-        d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+      bf16_stochastic_portable(s + i, m, d + i, key, first + static_cast<uint32_t>(i));
     }
   };
   // up to the first element at a multiple of 32: each lane's own hash
@@ -419,26 +441,89 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
   __m512i xi = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(index), lane), c0);
   const __m512i ffff = _mm512_set1_epi32(0xFFFF);
+  const __m512i k16 = _mm512_set1_epi32(static_cast<int>(key ^ (key >> 16)));
   int64_t i = head;
-  for (; i + 32 <= n; i += 32) {  // whole groups: group() without masks
-    const __m512i x = random_hash16(xi, k);
-    xi = _mm512_add_epi32(xi, step);
-    const __m512i h = _mm512_srli_epi32(x, 16);  // (x ^ h) & 0xFFFF: ternary logic 0x28
-    const __m512i b0 = _mm512_loadu_si512(s + i), b1 = _mm512_loadu_si512(s + i + 16);
-    const __mmask16 big0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big);
-    const __mmask16 big1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
-    if (__builtin_expect(_mm512_kortestz(big0, big1), 1)) {
+  // whole groups: group() without masks; a group needing the portable function leaves the
+  // inner loop (which then holds no call) and the outer one rounds it
+  while (i + 32 <= n) {
+    bool special = false;
+    for (; i + 32 <= n; i += 32) {
+      const __m512i x = random_hash16_k16(xi, k16);
+      xi = _mm512_add_epi32(xi, step);
+      const __m512i h = _mm512_srli_epi32(x, 16);  // (x ^ h) & 0xFFFF: ternary logic 0x28
+      const __m512i b0 = _mm512_loadu_si512(s + i), b1 = _mm512_loadu_si512(s + i + 16);
+      const __mmask16 big0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big);
+      const __mmask16 big1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
+      if (__builtin_expect(!_mm512_kortestz(big0, big1), 0)) {
+        special = true;
+        break;
+      }
       const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, ffff, 0x28));
       _mm512_storeu_si512(d + i, _mm512_permutex2var_epi16(y0, odd, _mm512_add_epi32(b1, h)));
-    } else {
-      for (int64_t j = i; j < i + 32; ++j)
-        d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+    }
+    if (special) {
+      bf16_stochastic_portable(s + i, 32, d + i, key, first + static_cast<uint32_t>(i));
+      i += 32;
     }
   }
   if (i < n) {  // the last, partial group
     const __m512i x = random_hash16(xi, k);
     const __m512i h = _mm512_srli_epi32(x, 16);
     group(i, n - i, _mm512_ternarylogic_epi32(x, h, ffff, 0x28), h);
+  }
+}
+
+// The stochastic bfloat16 stores of A staged arrays of one block in one pass (sweep_fused), the
+// same bits as A calls of store_stochastic<BF16>: n a multiple of 32 from element `first`, a
+// multiple of 32 too, so every group is whole; the A hashes of a group share their index
+// vector.  A group in which an array needs the portable function leaves the loop (which then
+// holds no call) and is stored again, all arrays, by store_stochastic<BF16>.
+constexpr bool kStagedMany = true;
+template <std::size_t A>
+void store_stochastic_many(const std::array<const float*, A>& s, const std::array<uint16_t*, A>& d,
+                           const std::array<uint32_t, A>& key, int64_t n, uint32_t first) {
+  alignas(64) static constexpr uint16_t kOdd[32] = {
+      1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+      33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};  // upper halves
+  const __m512i odd = _mm512_load_si512(kOdd);
+  const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), big = _mm512_set1_epi32(0x7F7F0000);
+  const __m512i ffff = _mm512_set1_epi32(0xFFFF);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i c0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
+  __m512i k16[A];
+  for (std::size_t a = 0; a < A; ++a)
+    k16[a] = _mm512_set1_epi32(static_cast<int>(key[a] ^ (key[a] >> 16)));
+  // hash indices first / 2 + i / 2 + lane
+  __m512i xi = _mm512_mullo_epi32(
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first >> 1)), lane), c0);
+  int64_t i = 0;
+  while (i < n) {
+    bool special = false;
+    for (; i < n; i += 32) {
+      __m512i top = _mm512_setzero_si512();  // the largest magnitude pattern of the group
+      for (std::size_t a = 0; a < A; ++a) {
+        const __m512i x = random_hash16_k16(xi, k16[a]);
+        const __m512i h = _mm512_srli_epi32(x, 16);
+        const __m512i b0 = _mm512_loadu_si512(s[a] + i), b1 = _mm512_loadu_si512(s[a] + i + 16);
+        const __m512i m =
+            _mm512_max_epu32(_mm512_and_si512(b0, mag), _mm512_and_si512(b1, mag));
+        top = a == 0 ? m : _mm512_max_epu32(top, m);
+        const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, ffff, 0x28));
+        _mm512_storeu_si512(d[a] + i,
+                            _mm512_permutex2var_epi16(y0, odd, _mm512_add_epi32(b1, h)));
+      }
+      xi = _mm512_add_epi32(xi, step);
+      if (__builtin_expect(_mm512_cmpge_epu32_mask(top, big) != 0, 0)) {
+        special = true;
+        break;
+      }
+    }
+    if (special) {  // group i again, each array by the function for any group
+      for (std::size_t a = 0; a < A; ++a)
+        store_stochastic<BF16>(s[a] + i, 32, d[a] + i, key[a], first + static_cast<uint32_t>(i));
+      i += 32;
+    }
   }
 }
 #elif defined(__AVX2__)
@@ -495,8 +580,7 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
     return true;
   };
   const auto portable = [&](int64_t i, int64_t m) {
-    for (int64_t j = i; j < i + m; ++j)
-      d[j] = bf16_round_stochastic(s[j], random_bits16(key, first + static_cast<uint32_t>(j)));
+    bf16_stochastic_portable(s + i, m, d + i, key, first + static_cast<uint32_t>(i));
   };
   const auto partial = [&](int64_t i, int64_t m) {  // m < 32 elements from i
     alignas(32) float buf[32] = {};
@@ -523,18 +607,34 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
   __m256i xi = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(index), lane), c0);
   int64_t i = head;
-  for (; i + 32 <= n; i += 32) {
-    const __m256i x0 = random_hash8(xi, k), x1 = random_hash8(_mm256_add_epi32(xi, eight), k);
-    xi = _mm256_add_epi32(xi, step);
-    const __m256i h0 = _mm256_srli_epi32(x0, 16), h1 = _mm256_srli_epi32(x1, 16);
-    const __m256i r[4] = {_mm256_and_si256(_mm256_xor_si256(x0, h0), ffff),
-                          _mm256_and_si256(_mm256_xor_si256(x1, h1), ffff), h0, h1};
-    if (!group(s + i, r, d + i)) portable(i, 32);
+  while (i + 32 <= n) {  // a group needing the portable function leaves the call-free loop
+    bool special = false;
+    for (; i + 32 <= n; i += 32) {
+      const __m256i x0 = random_hash8(xi, k), x1 = random_hash8(_mm256_add_epi32(xi, eight), k);
+      xi = _mm256_add_epi32(xi, step);
+      const __m256i h0 = _mm256_srli_epi32(x0, 16), h1 = _mm256_srli_epi32(x1, 16);
+      const __m256i r[4] = {_mm256_and_si256(_mm256_xor_si256(x0, h0), ffff),
+                            _mm256_and_si256(_mm256_xor_si256(x1, h1), ffff), h0, h1};
+      if (!group(s + i, r, d + i)) {
+        special = true;
+        break;
+      }
+    }
+    if (special) {
+      portable(i, 32);
+      i += 32;
+    }
   }
   if (i < n) partial(i, n - i);
 }
 #else
 constexpr bool kStagedStochastic = false;
+#endif
+#if !FASTOPTIM_BF16_CVT
+constexpr bool kStagedMany = false;
+template <std::size_t A>
+void store_stochastic_many(const std::array<const float*, A>&, const std::array<uint16_t*, A>&,
+                           const std::array<uint32_t, A>&, int64_t, uint32_t) {}
 #endif
 
 // Kahan-compensated store of an updated low-precision parameter: the update (new - old) plus the
@@ -1082,8 +1182,9 @@ template <class F> constexpr bool kIs16 = !std::is_same_v<F, F32>;
 // time) and store_nearest<H> rounds them (fewer instructions than rounding in the loop, and
 // AVX-512 BF16 or F16C where the CPU has them); so does store_stochastic<BF16> in the avx512
 // and avx2 builds (kStagedStochastic: a group of 32 takes one 16-lane or two 8-lane hashes,
-// adds and a permutation or packs there), while the scalar build rounds bfloat16
-// stochastically in the element loop.  (Stochastic float16 runs the converting path:
+// adds and a permutation or packs there; in the avx512 build store_stochastic_many rounds a
+// block's whole groups for all the layout's bfloat16 arrays in one pass, kStagedMany), while
+// the scalar build rounds bfloat16 stochastically in the element loop.  (Stochastic float16 runs the converting path:
 // sweep_fused_layout.)
 //
 // Loads: bfloat16 and float32 are converted by the element loop itself (a shift the compiler
@@ -1282,6 +1383,25 @@ FASTOPTIM_NOINLINE void sweep_fused(const K k, typename P::type* __restrict p,
     for (int64_t lo = 0, m = 0; lo < n; lo += m) {
       m = std::min(lo == 0 ? kSub - skew : kSub, n - lo);
       fused_block<P, G, S>(k, p + lo, g + lo, m, bp, bs, std::index_sequence<J...>{}, (s + lo)...);
+      constexpr std::size_t A = (kIs16<P> ? 1 : 0) + (kIs16<S> ? N : 0) + (Out ? 1 : 0);
+      if constexpr (Stochastic && kStagedMany && std::is_same_v<H, BF16> && A != 0) {
+        // whole groups of 32 (every block but a sweep's first and last, mostly): all arrays
+        // in one pass
+        if (m % 32 == 0 && ((first + static_cast<uint32_t>(lo)) & 31u) == 0) {
+          std::array<const float*, A> src{};
+          std::array<uint16_t*, A> dst{};
+          std::array<uint32_t, A> key{};
+          std::size_t a = 0;
+          const auto add = [&](const float* from, uint16_t* to, uint32_t kk) {
+            src[a] = from, dst[a] = to, key[a] = kk, ++a;
+          };
+          if constexpr (kIs16<P>) add(bp, p + lo, keys[0]);
+          if constexpr (kIs16<S>) (add(bs[J], s + lo, keys[1 + J]), ...);
+          if constexpr (Out) add(p + lo, out + lo, keys[0]);  // P is F32
+          store_stochastic_many<A>(src, dst, key, m, first + static_cast<uint32_t>(lo));
+          continue;
+        }
+      }
       if constexpr (kIs16<P>) put(bp, m, p + lo, keys[0], lo);
       if constexpr (kIs16<S>) (put(bs[J], m, s + lo, keys[1 + J], lo), ...);
       if constexpr (Out) put(p + lo, m, out + lo, keys[0], lo);  // P is F32
