@@ -164,9 +164,9 @@ template <class F> void store_nearest(const float* __restrict s, int64_t n, uint
 // denormal (vfpclassps) take the portable rounding instead, so the bits are the portable path's.
 __attribute__((target("avx512bf16"))) inline __m512i bf16_nearest32(__m512 a, __m512 b) {
   const __m512i r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a: low 16 lanes
-  const __mmask32 denormal = static_cast<__mmask32>(_mm512_fpclass_ps_mask(a, 0x20)) |
-                             static_cast<__mmask32>(_mm512_fpclass_ps_mask(b, 0x20)) << 16;
-  if (__builtin_expect(denormal == 0, 1)) return r;
+  const __mmask16 da = _mm512_fpclass_ps_mask(a, 0x20), db = _mm512_fpclass_ps_mask(b, 0x20);
+  if (__builtin_expect(_kortestz_mask16_u8(da, db), 1)) return r;  // one kortestw for both
+  const __mmask32 denormal = static_cast<__mmask32>(da) | static_cast<__mmask32>(db) << 16;
   // (GCC vector extensions: GCC 12's shift and conversion intrinsics warn under target()).
   typedef uint32_t V16u __attribute__((vector_size(64)));
   typedef uint16_t V16h __attribute__((vector_size(32)));
@@ -295,13 +295,18 @@ template <> void load_block<F16>(const uint16_t* __restrict s, int64_t n, float*
 template <> void store_nearest<F16>(const float* __restrict s, int64_t n, uint16_t* __restrict d) {
   int64_t i = 0;
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_loadu_ps(s + i);
-    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) == 0)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                          _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    else
-      for (int64_t j = i; j < i + 16; ++j) d[j] = f16_round_nearest(s[j]);
+  // 32 at a time: one test (kortestw) for a NaN in either half, one 64-byte store (a whole
+  // line where d is aligned, as the bfloat16 stores write them).
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x = _mm512_loadu_ps(s + i), y = _mm512_loadu_ps(s + i + 16);
+    if (_kortestz_mask16_u8(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                            _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q))) {
+      const __m512i h = _mm512_castsi256_si512(_mm512_cvtps_ph(x, kRound));
+      _mm512_storeu_si512(d + i, _mm512_inserti64x4(h, _mm512_cvtps_ph(y, kRound), 1));
+    } else {
+      for (int64_t j = i; j < i + 32; ++j) d[j] = f16_round_nearest(s[j]);
+    }
   }
 #endif
   for (; i + 8 <= n; i += 8) {
@@ -1078,10 +1083,11 @@ template <class F> constexpr bool kIs16 = !std::is_same_v<F, F32>;
 //
 // Loads: bfloat16 and float32 are converted by the element loop itself (a shift the compiler
 // vectorizes with the kernel).  float16 in the avx2/avx512 builds (F16C) is converted kGroup
-// elements at a time with vcvtph2ps into a scratch that stays in registers and the store
-// buffer, and the element functor runs on those in the compiler's vector loop inlined right
-// after (fused_group); the last m % kGroup elements of a block, and every float16 element of
-// the scalar build, are loaded by f16_load in the element loop.
+// elements at a time by vcvtph2ps straight from memory (it gives f16_load's bits on every
+// value, NaN included: no check), and the element functor runs on those registers in the
+// compiler's vector loop inlined right after (fused_group; its local arrays are not kept in
+// memory); the last m % kGroup elements of a block, and every float16 element of the scalar
+// build, are loaded by f16_load in the element loop.
 //
 // Not inlined: compiled on its own, the loop vectorizes whatever the caller (GCC 12 failed to
 // if-convert some of these loops once inlined into the parallel driver's lambdas).
