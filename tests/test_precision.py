@@ -377,6 +377,8 @@ def test_reference_float16_load_matches_hardware_conversion() -> None:
     torch = pytest.importorskip("torch")
     h = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
     hw = torch.from_numpy(h.view(F16).copy()).float().numpy().view(np.uint32)
+    if (hw[(h & 0x7C00 == 0x7C00) & (h & 0x3FF != 0)] == 0x7FFFFFFF).all():
+        pytest.skip("torch converts with its scalar code here (every NaN -> 0x7FFFFFFF)")
     same_bits(reference.load_float16(h.view(F16)).view(np.uint32), hw, "torch's cast")
 
 
