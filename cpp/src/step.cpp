@@ -1192,12 +1192,33 @@ FASTOPTIM_VECTORIZE
 }
 #endif
 
+// Software prefetch of one 16-bit array kAhead elements (four blocks) ahead: a hint, no effect
+// on results, issued where every array is 16-bit (all-bf16, all-fp16).  Measured on the
+// development VM (1 thread, 16M elements, AdamW): all-fp16 0.74-0.82 -> 0.57 ns/el and all-bf16
+// 0.64-0.66 -> 0.55 out of cache (in cache 0.53 and 0.52: the hardware prefetchers alone did
+// not keep the four 16-bit streams ahead); with float32 state it made bf16/fp16 p/g 4-5%
+// slower, so those layouts go without.
+constexpr int64_t kAhead = 4 * kSub;
+FASTOPTIM_GROUP_INLINE void prefetch_ahead(const uint16_t* x, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = reinterpret_cast<const char*>(x + kAhead);
+  for (int64_t i = 0; i < n * 2; i += 64) __builtin_prefetch(c + i, 0, 3);
+#endif
+  (void)x;
+  (void)n;
+}
+
 // The element functor over the n <= kSub elements of one block.
 template <class P, class G, class S, class K, std::size_t... J, class... SP>
 inline void fused_block(const K& k, typename P::type* __restrict p,
                         const typename G::type* __restrict g, int64_t n, float* __restrict bp,
                         float (*__restrict bs)[kSub], std::index_sequence<J...> seq,
                         SP* __restrict... s) {
+  if constexpr (kIs16<P> && kIs16<S>) {
+    prefetch_ahead(p, n);
+    prefetch_ahead(g, n);
+    (prefetch_ahead(s, n), ...);
+  }
 #if FASTOPTIM_F16C
   if constexpr (kGrouped<P, G, S>) {
     int64_t i = 0;
