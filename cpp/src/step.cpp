@@ -1201,8 +1201,10 @@ FASTOPTIM_VECTORIZE
 constexpr int64_t kAhead = 4 * kSub;
 FASTOPTIM_GROUP_INLINE void prefetch_ahead(const uint16_t* x, int64_t n) {
 #if defined(__GNUC__) || defined(__clang__)
-  const char* c = reinterpret_cast<const char*>(x + kAhead);
-  for (int64_t i = 0; i < n * 2; i += 64) __builtin_prefetch(c + i, 0, 3);
+  // (integer arithmetic: the address may lie past the array's end, where a prefetch is harmless)
+  const auto at = reinterpret_cast<std::uintptr_t>(x) + static_cast<std::uintptr_t>(kAhead * 2);
+  for (int64_t i = 0; i < n * 2; i += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(at + static_cast<std::uintptr_t>(i)), 0, 3);
 #endif
   (void)x;
   (void)n;
