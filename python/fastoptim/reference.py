@@ -80,6 +80,7 @@ __all__ = [
     "rounding_bits",
     "round_to_bfloat16",
     "round_to_float16",
+    "load_float16",
     "stochastic_bits",
     "ASGD",
     "ADOPT",
@@ -739,8 +740,9 @@ def schedule_free_swap(param: np.ndarray, z: np.ndarray, *, weight: float) -> No
 
 # ----------------------------------------------------------------------------- storage formats
 # bfloat16/float16 storage as the compiled driver does it (cpp/include/fastoptim/convert.hpp):
-# loads are exact; every float32 result is rounded to nearest-even or stochastically with
-# counter-based random bits.  Written on the bit patterns with NumPy integer arithmetic.
+# loads are exact (a float16 NaN loads quieted); every float32 result is rounded to nearest-even
+# or stochastically with counter-based random bits.  Written on the bit patterns with NumPy
+# integer arithmetic.
 _M64 = (1 << 64) - 1
 
 
@@ -852,15 +854,31 @@ def round_to_bfloat16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarr
     return rounded
 
 
+def load_float16(h: np.ndarray) -> np.ndarray:
+    """float16 -> float32 as the driver loads it (convert.hpp ``f16_load``): exact, except that a
+    signaling NaN is quieted (its sign and payload kept, the quiet bit 0x00400000 set), as F16C's
+    ``vcvtph2ps`` and ARM's ``FCVT`` convert it.  (NumPy's cast keeps the signaling bit.)"""
+    h = np.ascontiguousarray(h, dtype=np.float16)
+    out = h.astype(np.float32)
+    b = out.view(np.uint32)
+    b[np.isnan(out)] |= np.uint32(0x00400000)
+    return out
+
+
 def round_to_float16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
-    """float32 -> float16: to nearest, ties to even (NumPy's own conversion) or, given 32 random
-    `bits` per element, stochastically onto the float16 grid (2**-24 apart below 2**-14): up in
-    magnitude with probability equal to the dropped fraction; below 2**-24, 2**-24 with
-    probability ``|x| / 2**-24`` (from the top 24 bits); a value that nearest keeps finite
-    (``|x| < 65520``) never becomes Inf (65504 instead)."""
+    """float32 -> float16: to nearest, ties to even (NumPy's own conversion; a NaN becomes the
+    quiet NaN 0x7E00 with its sign) or, given 32 random `bits` per element, stochastically onto
+    the float16 grid (2**-24 apart below 2**-14): up in magnitude with probability equal to the
+    dropped fraction; below 2**-24, 2**-24 with probability ``|x| / 2**-24`` (from the top 24
+    bits); a value that nearest keeps finite (``|x| < 65520``) never becomes Inf (65504 instead;
+    NaN as to nearest)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         nearest = x.astype(np.float16)
+    nan = np.isnan(x)
+    if nan.any():
+        sign = (x.view(np.uint32)[nan] >> np.uint32(16)) & np.uint32(0x8000)
+        nearest.view(np.uint16)[nan] = (sign | np.uint32(0x7E00)).astype(np.uint16)
     if bits is None:
         return nearest
     b = _bits32(x)
@@ -1060,6 +1078,13 @@ def dequantize_blockwise4(
     return flat.reshape(shape)
 
 
+def _load(a: np.ndarray) -> np.ndarray:
+    """A float32 copy of `a` (bfloat16/float16/float32) as the driver loads it."""
+    if np.asarray(a).dtype == np.float16:
+        return load_float16(a).reshape(np.shape(a))
+    return np.array(a, dtype=np.float32)
+
+
 def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[Any], np.ndarray] | None) -> None:
     """Round float32 `value` into `into` (bfloat16/float16, or float32: copied); `bits(dtype)`:
     the random bits of a stochastic store into `dtype`."""
@@ -1089,10 +1114,10 @@ def _update_stored(
     loaded into float32, the update in float32, every result rounded into its array (random
     bits from `key` = (rounding, seed, step, tensor) when stochastic; stream 0 for the
     parameter, 1 + kernel_index[j] for state j)."""
-    p32 = np.array(master if master is not None else param, dtype=np.float32)
+    p32 = _load(master if master is not None else param)
     old = p32.copy()
-    s32 = [None if s is None else np.array(s, dtype=np.float32) for s in states]
-    update(p32, np.asarray(grad, dtype=np.float32), *s32, **kwargs)
+    s32 = [None if s is None else _load(s) for s in states]
+    update(p32, _load(grad), *s32, **kwargs)
 
     def bits(array: int) -> Callable[[Any], np.ndarray] | None:
         if key is None or key[0] != "stochastic":
@@ -1103,10 +1128,10 @@ def _update_stored(
         )
 
     if comp is not None:  # Kahan: the update plus what rounding lost last time, to nearest
-        u = comp.astype(np.float32) + (p32 - old)
+        u = _load(comp) + (p32 - old)
         stored = np.empty_like(param)
         _store(old + u, stored, None)
-        _store(u - (stored.astype(np.float32) - old), comp, None)
+        _store(u - (_load(stored) - old), comp, None)
         param[...] = stored
     elif master is not None:
         master[...] = p32

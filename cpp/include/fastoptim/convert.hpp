@@ -4,8 +4,9 @@
 // Every function is branch-free integer and float code on one element (selects, no lookups), so
 // the driver's loops over them vectorize on every instruction set, and every build computes the
 // same bits: the portable conversion is the definition.  The driver (step.cpp) uses hardware
-// conversions only where they give these bits: F16C for float16 (exact IEEE conversions; groups
-// holding NaN/Inf converted here, for the NaN conventions) and AVX-512 BF16 for bfloat16 to
+// conversions only where they give these bits: F16C for float16 (vcvtph2ps for every load: its
+// NaN convention is f16_load's; vcvtps2ph for stores, groups holding a NaN rounded here, whose
+// NaN is 0x7E00 with the sign where vcvtps2ph keeps the payload) and AVX-512 BF16 for bfloat16 to
 // nearest (its denormal inputs, which it flushes, rounded here); its avx512 build also rounds
 // stochastically to bfloat16 in AVX-512 integer code computing these functions' bits (values
 // from 0x7F7F0000 up, Inf and NaN rounded here).  fastoptim.reference holds their NumPy twins.
@@ -57,11 +58,15 @@ inline uint16_t bf16_round_stochastic(float x, uint32_t r) {
 
 // ------------------------------------------------------------------------------- float16
 // IEEE binary16: 5 exponent bits (bias 15), 10 mantissa bits, denormals down to 2^-24.
+// Exact on every value but NaN; a NaN loads as the quiet NaN with its sign and payload (the
+// quiet bit set, as F16C's vcvtph2ps and ARM's FCVT convert it), so the driver converts float16
+// with those instructions alone.
 inline float f16_load(uint16_t h) {
   const uint32_t shifted = (static_cast<uint32_t>(h) & 0x7FFFu) << 13;  // exponent+mantissa
   const uint32_t exp = shifted & 0x0F800000u;
-  uint32_t o = shifted + ((127u - 15u) << 23);                          // rebias
-  o = exp == 0x0F800000u ? o + ((128u - 16u) << 23) : o;                // Inf/NaN: max exponent
+  const uint32_t quiet = (shifted & 0x007FE000u) != 0 ? 0x00400000u : 0u;  // NaN (not Inf)
+  uint32_t o = shifted + ((127u - 15u) << 23);                             // rebias
+  o = exp == 0x0F800000u ? (o + ((128u - 16u) << 23)) | quiet : o;  // Inf/NaN: max exponent
   // Denormal (or zero): renormalize exactly through one float subtraction.
   const float denormal = float_of(o + (1u << 23)) - float_of(113u << 23);
   o = exp == 0 ? bits_of(denormal) : o;
