@@ -950,6 +950,36 @@ __attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void sweep_qvbmi(
 }
 #endif
 
+#if FASTOPTIM_Q_VBMI
+// One state's codes for the block just updated (s, absmax_bits mb, into codes and *absmax)
+// and the next block's dequantized values (from next_codes, next_absmax, into next_out), in one
+// loop over both, 64 elements at a time: the codes' gathers (load-bound) and the decoding's byte
+// permutes (port 5) overlap instead of running as loops of their own.  n = kQBlock elements
+// each; exactly quantize_block and dequantize_vbmi.  (sweep_quantized, 8-bit states with nearest
+// codes.)
+__attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void codes_then_next_vbmi(
+    const float* __restrict s, int64_t n, uint32_t mb, const QTables& q,
+    uint8_t* __restrict codes, float* __restrict absmax, const uint8_t* __restrict next_codes,
+    float next_absmax, float* __restrict next_out) {
+  const QScale sc = q_scale(mb < 0x7F800000u ? mb : 0u);
+  if (mb >= 0x7F800000u || sc.divide || n != kQBlock) {
+    *absmax = quantize_block(s, n, mb, q, codes);
+    dequantize_vbmi(next_codes, n, next_absmax, q, next_out);
+    return;
+  }
+  const __m512 vinv = _mm512_set1_ps(sc.inv), vnext = _mm512_set1_ps(next_absmax);
+  for (int64_t i = 0; i < kQBlock; i += kQVbmi) {
+    for (int64_t h = i; h < i + kQVbmi; h += 16) {
+      const __m512i code = q_code16(
+          _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(s + h), vinv)), q.bucket);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + h), _mm512_cvtepi32_epi8(code));
+    }
+    dequantize_vbmi64(next_codes + i, q, vnext, next_out + i);
+  }
+  *absmax = sc.absmax;
+}
+#endif
+
 inline bool q_vbmi() {
 #if FASTOPTIM_Q_VBMI
   return kAvx512Vbmi;
@@ -966,6 +996,24 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
   alignas(64) float buf_s[N == 0 ? 1 : N][kQBlock];
   const QTables* q[N == 0 ? 1 : N] = {
       (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
+#if FASTOPTIM_Q_VBMI
+  // With AVX-512 VBMI, every state 8-bit, nearest codes and a layout converted in registers:
+  // the blocks are pipelined, each block's codes written in one loop with the next block's
+  // decoding (codes_then_next_vbmi) into the other of two buffers; `ready`: this block's states
+  // are already decoded into cur.
+  alignas(64) float buf_s2[N == 0 ? 1 : N][kQBlock];
+  float(*cur)[kQBlock] = buf_s;
+  float(*nxt)[kQBlock] = buf_s2;
+  bool ready = false;
+  [[maybe_unused]] const bool pipe = (q_vbmi() && N > 0 && ((is_quantized(t.state_dtype[J]) && !is_q4(t.state_dtype[J])) && ...) &&
+                                      key.plan.rounding != Rounding::stochastic &&
+                                      t.comp == nullptr && t.out == nullptr &&
+                                      t.grad_dtype == t.dtype &&
+                                      (t.dtype == DType::f32 || t.dtype == DType::bf16));
+  (void)cur;
+  (void)nxt;
+  (void)ready;
+#endif
   (void)buf_s;
   (void)q;
   // The layouts converted in registers (0: none of them).
@@ -1032,6 +1080,35 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
       }
       ((mx[J] = q[J] ? absmax_bits(s[J], n) : 0u), ...);
       (unstage_state(s[J], mx[J], t, J, q[J], lo, n, key), ...);
+      continue;
+    }
+#endif
+#if FASTOPTIM_Q_VBMI
+    if (pipe) {
+      if (!ready)
+        (dequantize_vbmi(static_cast<const uint8_t*>(t.state[J]) + lo, n,
+                         t.absmax[J][lo / kQBlock], *q[J], cur[J]),
+         ...);
+      if (direct == 1)
+        sweep_absmax<F32, F32, false>(k, static_cast<float*>(t.param) + lo,
+                                      static_cast<const float*>(t.grad) + lo, n, first, 0u, mx,
+                                      seq, cur[J]...);
+      else
+        sweep_absmax<BF16, BF16, false>(k, static_cast<uint16_t*>(t.param) + lo,
+                                        static_cast<const uint16_t*>(t.grad) + lo, n, first, 0u,
+                                        mx, seq, cur[J]...);
+      const int64_t next = lo + kQBlock;
+      ready = next < b && t.size - next >= kQBlock;  // (then this block is full too)
+      if (ready) {
+        (codes_then_next_vbmi(cur[J], n, mx[J], *q[J], static_cast<uint8_t*>(t.state[J]) + lo,
+                              &t.absmax[J][lo / kQBlock],
+                              static_cast<const uint8_t*>(t.state[J]) + next,
+                              t.absmax[J][next / kQBlock], nxt[J]),
+         ...);
+        std::swap(cur, nxt);
+      } else {
+        (unstage_state(cur[J], mx[J], t, J, q[J], lo, n, key), ...);
+      }
       continue;
     }
 #endif
