@@ -117,6 +117,101 @@ def test_ties_take_the_even_code_and_zero_is_exact() -> None:
         assert np.all(codes == zero) and np.all(absmax == 0)
 
 
+def near_thresholds(rng: np.random.Generator, signed: bool, n_random: int) -> np.ndarray:
+    """Blocks of 256 whose absmax is exactly 1 (so each scaled value is the value itself): every
+    decision threshold of the map (the float32 midpoints), every map value, each with its 4
+    float32 neighbours on either side, with both signs; zeros of both signs, denormals, the
+    smallest normals, the floats just below 1; then `n_random` floats of |x| <= 1 drawn uniformly
+    over their bit patterns (every exponent equally), random signs.  Element 255 of each block
+    is +-1 (a signed map has no -1: -1 takes the code of its smallest value)."""
+    code = reference.create_dynamic_map(signed)
+    mid = ((code[:-1] + code[1:]) * np.float32(0.5)).astype(np.float32)
+    mag = np.abs(np.r_[mid, code]).astype(np.float32).view(np.int32)
+    near = (mag[:, None] + np.arange(-4, 5)[None, :]).reshape(-1)
+    special = np.r_[0, 1, 2, 3, 0x7FFFFF, 0x800000, 0x800001, 0x3F800000 - np.arange(1, 9)]
+    rand = rng.integers(0, 0x3F800001, n_random)
+    bits = np.clip(np.r_[near, special, rand], 0, 0x3F800000).astype(np.uint32)
+    sign = np.r_[np.zeros(near.size + special.size, np.uint32), rng.integers(0, 2, n_random)]
+    vals = np.r_[
+        bits, bits[: near.size + special.size] | 0x80000000, bits[near.size + special.size :]
+    ]
+    vals[-n_random:] |= sign[-n_random:].astype(np.uint32) << 31
+    x = vals.view(np.float32)
+    if not signed:
+        x = np.abs(x)
+    blocks = -(-x.size // 255)
+    out = np.empty(blocks * 256, np.float32)
+    body = np.resize(x, blocks * 255).reshape(blocks, 255)
+    out.reshape(blocks, 256)[:, :255] = body
+    out.reshape(blocks, 256)[:, 255] = np.where(
+        (np.arange(blocks) % 2 == 0) | (not signed), 1.0, -1.0
+    )
+    return out
+
+
+@pytest.mark.parametrize("qmap", list(MAPS))
+def test_codes_at_every_threshold_and_its_neighbours(qmap: str, rng: np.random.Generator) -> None:
+    """The nearest code exactly (bitsandbytes' rule: float32 midpoints, ties to the even code)
+    for every threshold and its float32 neighbours, zeros, denormals and a million random
+    floats; also scaled by absmaxes that are not powers of two (the scaled values then round,
+    up to 1 + 2^-23).  _core.quantize_blockwise (the scalar code search); the vector searches
+    are checked the same way through a step, below."""
+    signed = MAPS[qmap]
+    code = reference.create_dynamic_map(signed)
+    x = near_thresholds(rng, signed, 1 << 20)
+    codes, absmax = core_quantize(x, qmap)
+    rcodes, rabsmax = reference.quantize_blockwise(x, code)
+    assert np.all(rabsmax == 1)
+    same_bits(codes, rcodes, "codes, absmax 1")
+    # the same blocks times absmaxes that are not powers of two (whole blocks scaled exactly
+    # where the product is exact; the quantizer then multiplies by the rounded 1 / absmax)
+    scale = rng.uniform(0.5, 2.0, x.size // 256).astype(np.float32)
+    scale[::3] = np.float32(3.0)  # 3 * fl(1/3) > 1: the scaled absmax itself rounds above 1
+    y = (x.reshape(-1, 256) * scale[:, None]).astype(np.float32).reshape(-1)[: 256 * 2000]
+    codes, absmax = core_quantize(y, qmap)
+    rcodes, rabsmax = reference.quantize_blockwise(y, code)
+    same_bits(absmax, rabsmax, "absmax")
+    same_bits(codes, rcodes, "codes, scaled blocks")
+
+
+@pytest.mark.parametrize("qmap", list(MAPS))
+def test_step_codes_at_every_threshold(isa: str, qmap: str, rng: np.random.Generator) -> None:
+    """The vector code searches of every ISA (AVX-512 and AVX2 gathers, the scalar loop), with
+    the values of test_codes_at_every_threshold_and_its_neighbours as a state's new values: SGD
+    with momentum (signed map) from a zero state takes momentum_buffer = g; Adagrad (unsigned)
+    from 0 takes sum = g * g (g = sqrt of the values and its neighbours).  Checked against the
+    float32-state step's state quantized by the reference."""
+    signed = MAPS[qmap]
+    x = near_thresholds(rng, signed, 1 << 18)
+    if signed:
+        g = x
+        opt = fo.SGD([np.zeros(x.size, np.float32)], lr=0.1, momentum=0.9, state_dtype="int8")
+        ref = fo.SGD([np.zeros(x.size, np.float32)], lr=0.1, momentum=0.9)
+        name = "momentum_buffer"
+    else:
+        r = np.sqrt(x).view(np.int32)
+        g = np.where(
+            np.arange(x.size) % 3 == 1, r - 1, np.where(np.arange(x.size) % 3 == 2, r + 1, r)
+        )
+        g = np.where(x == 1, r, g).view(np.float32)
+        opt = fo.Adagrad([np.zeros(x.size, np.float32)], lr=0.1, state_dtype="int8")
+        ref = fo.Adagrad([np.zeros(x.size, np.float32)], lr=0.1)
+        name = "sum"
+    assert precision.QUANT_MAPS[name] == qmap
+    opt.step([g])
+    ref.step([g])
+    want = np.asarray(ref.state[0][name], np.float32)
+    if signed:
+        same_bits(
+            want, np.where(x == 0, np.float32(0), x), "momentum_buffer = g (0 * buf - 0 = +0)"
+        )
+    else:
+        same_bits(want, (g * g).astype(np.float32), "sum = g * g")
+    rcodes, rabsmax = reference.quantize_blockwise(want, reference.create_dynamic_map(signed))
+    same_bits(opt.state[0][name + "_absmax"], rabsmax, "absmax")
+    same_bits(opt.state[0][name], rcodes, f"{isa} codes")
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_blocks_become_nan(bad: float) -> None:
     x = np.random.default_rng(0).standard_normal(600).astype(np.float32)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -53,50 +54,61 @@ std::vector<float> dynamic_map(bool is_signed, int max_exponent_bits, int total_
   return data;
 }
 
-QTables build(const std::vector<float>& map) {
-  QTables q;
-  q.ncodes = static_cast<int>(map.size());
-  if (q.ncodes > 256) throw std::logic_error("quantization map too long");
-  std::copy(map.begin(), map.end(), q.value);
+// (On the heap: the bucket words are 128 KiB.)
+std::unique_ptr<const QTables> build(const std::vector<float>& map) {
+  auto q = std::make_unique<QTables>();
+  q->ncodes = static_cast<int>(map.size());
+  if (q->ncodes > 256) throw std::logic_error("quantization map too long");
+  std::copy(map.begin(), map.end(), q->value);
   for (int c = 0; c < 256; ++c)
     for (int j = 0; j < 4; ++j)
-      q.value_bytes[j][c] = static_cast<uint8_t>(bits_of(q.value[c]) >> (8 * j));
-  // The non-negative values, ascending; the negative ones must mirror them.
+      q->value_bytes[j][c] = static_cast<uint8_t>(bits_of(q->value[c]) >> (8 * j));
+  // The non-negative values, ascending (codes pos_base + rank, rank = the number of decision
+  // thresholds below |x|); the negative ones must mirror them (codes pos_base - rank, at least
+  // 0: a signed map has no -1).
   const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
-  q.pos_base = static_cast<int32_t>(first);
-  q.neg_max = q.pos_base;
-  q.neg_base = 2 * q.pos_base;
-  q.neg_cap = q.pos_base + q.neg_max;
+  const auto pos_base = static_cast<int32_t>(first);
   const std::vector<float> pos(map.begin() + first, map.end());
-  for (int32_t r = 1; r <= q.neg_max; ++r)
-    if (map[static_cast<std::size_t>(q.pos_base - r)] != -pos[static_cast<std::size_t>(r)])
+  for (int32_t r = 1; r <= pos_base; ++r)
+    if (map[static_cast<std::size_t>(pos_base - r)] != -pos[static_cast<std::size_t>(r)])
       throw std::logic_error("quantization map: negative values do not mirror the positive ones");
-  // Decision thresholds between pos[j] and pos[j + 1]: |x| > t_j counts.  On the midpoint itself
-  // the even code wins: up (x >= midpoint, i.e. x > the float below it) when code j + 1 is even.
-  std::vector<float> t;
+  const auto neg_code = [&](int32_t rank) { return std::max(pos_base - rank, int32_t{0}); };
+  // Decision thresholds between pos[j] and pos[j + 1] (bit patterns): |x| > t_j counts.  On the
+  // midpoint itself the even code wins: up (x >= midpoint, i.e. x > the float below it) when
+  // code j + 1 is even (for x < 0, code pos_base - j - 1: the same parity as pos_base + j + 1).
+  std::vector<uint32_t> t;
   for (std::size_t j = 0; j + 1 < pos.size(); ++j) {
     const float m = (pos[j] + pos[j + 1]) * 0.5f;
-    const bool up = (q.pos_base + static_cast<int32_t>(j) + 1) % 2 == 0;
-    t.push_back(up ? float_of(bits_of(m) - 1) : m);
+    const bool up = (pos_base + static_cast<int32_t>(j) + 1) % 2 == 0;
+    t.push_back(up ? bits_of(m) - 1 : bits_of(m));
   }
-  if (!t.empty() && t.front() < float_of((kQBucketBase) << 16))
-    throw std::logic_error("quantization map: thresholds below the buckets");
   for (int32_t k = 0; k < kQBuckets; ++k) {
-    const float lo = float_of((static_cast<uint32_t>(k) + kQBucketBase) << 16);
-    const float hi = float_of((static_cast<uint32_t>(k) + 1 + kQBucketBase) << 16);
+    const bool neg = k >= kQBuckets / 2;
+    // |x|'s bit patterns in this bucket: [lo, lo + 2^16) (y = b for x >= 0, ~b for x < 0)
+    const uint32_t lo = static_cast<uint32_t>(neg ? kQBuckets - 1 - k : k) << 16;
     int32_t below = 0, inside = 0;
-    float thr = float_of(0x7F800000u);
-    for (float tj : t) {
+    uint32_t thr = 0;
+    for (const uint32_t tj : t) {
       if (tj < lo) ++below;
-      else if (tj < hi) { ++inside; thr = tj; }
+      else if (tj - lo < 0x10000u) { ++inside; thr = tj & 0xFFFFu; }
     }
     if (inside > 1) throw std::logic_error("quantization map: two thresholds in one bucket");
-    if (inside && k == 0) throw std::logic_error("quantization map: a threshold in bucket 0");
-    if (q.pos_base + below + inside > 255) throw std::logic_error("quantization map: code > 255");
-    q.bucket[k] = static_cast<uint32_t>(q.pos_base + below) << 16 |
-                  (inside ? 0xFFFFu - (bits_of(thr) & 0xFFFFu) : 0u);
+    if (thr == 0xFFFFu) inside = 0;  // (|x| > thr never holds inside the bucket)
+    int32_t code = 0;
+    uint32_t low = 0;
+    if (!neg) {
+      code = pos_base + below;
+      if (inside) low = 0xFFFFu - thr;
+    } else if (inside && neg_code(below) != neg_code(below + 1)) {
+      code = neg_code(below + 1);
+      low = thr + 1;
+    } else {
+      code = neg_code(below);
+    }
+    if (code + (low != 0 ? 1 : 0) > 255) throw std::logic_error("quantization map: code > 255");
+    q->bucket[k] = (static_cast<uint32_t>(code) - static_cast<uint32_t>(k)) << 16 | low;
   }
-  q.zero = q_code(0.0f, q);
+  q->zero = q_code(0.0f, *q);
   return q;
 }
 
@@ -125,15 +137,15 @@ Q4Tables build4(const std::vector<float>& map) {
 }  // namespace
 
 const QTables& qtables(QMap m) {
-  static const QTables s8 = build(dynamic_map(true, 7, 8));
-  static const QTables u8 = build(dynamic_map(false, 7, 8));
-  static const QTables s4 = build(map4(true));
-  static const QTables u4 = build(map4(false));
+  static const std::unique_ptr<const QTables> s8 = build(dynamic_map(true, 7, 8));
+  static const std::unique_ptr<const QTables> u8 = build(dynamic_map(false, 7, 8));
+  static const std::unique_ptr<const QTables> s4 = build(map4(true));
+  static const std::unique_ptr<const QTables> u4 = build(map4(false));
   switch (m) {
-    case QMap::signed8: return s8;
-    case QMap::unsigned8: return u8;
-    case QMap::signed4: return s4;
-    case QMap::unsigned4: return u4;
+    case QMap::signed8: return *s8;
+    case QMap::unsigned8: return *u8;
+    case QMap::signed4: return *s4;
+    case QMap::unsigned4: return *u4;
   }
   throw std::invalid_argument("unknown quantization map");
 }

@@ -1045,6 +1045,66 @@ __attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void sweep_qvbmi(
 }
 #endif
 
+#if FASTOPTIM_Q_VBMI
+// One state's codes for a block, to be written 64 elements at a time inside the next block's
+// kernel loop (sweep_absmax_codes): the block's new values src (kQBlock of them), times inv,
+// into codes.  src == nullptr: nothing left to do (a non-finite block or one whose 1 / absmax
+// overflows: quantized at once by quantize_block).
+struct QJob {
+  const float* src;
+  float inv;
+  const uint32_t* bucket;
+  uint8_t* codes;
+};
+inline QJob codes_job(const float* s, int64_t n, uint32_t mb, const QTables& q, uint8_t* codes,
+                      float* absmax) {
+  const QScale sc = q_scale(mb < 0x7F800000u ? mb : 0u);
+  if (mb >= 0x7F800000u || sc.divide || n != kQBlock) {
+    *absmax = quantize_block(s, n, mb, q, codes);
+    return {nullptr, 0.0f, nullptr, nullptr};
+  }
+  *absmax = sc.absmax;
+  return {s, sc.inv, q.bucket, codes};
+}
+__attribute__((target("avx512vbmi"))) FASTOPTIM_ALWAYS_INLINE void codes64(const QJob& jb,
+                                                                             int64_t i) {
+  if (jb.src == nullptr) return;
+  const __m512 vinv = _mm512_set1_ps(jb.inv);
+  for (int64_t h = i; h < i + kQVbmi; h += 16) {
+    const __m512i code =
+        q_code16(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(jb.src + h), vinv)), jb.bucket);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(jb.codes + h), _mm512_cvtepi32_epi8(code));
+  }
+}
+
+// sweep_absmax over one full block (nearest rounding), 64 elements at a time, each 64 followed
+// by the previous block's codes for the same 64 positions (job): the codes' gathers (bound by
+// loads) overlap the kernel's square roots and divisions (bound by the divider).  mx[j]:
+// absmax_bits of state j's new values (sweep_qvbmi's running max).
+template <class P, class G, class K, std::size_t... J, class... S>
+__attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void sweep_absmax_codes(
+    const K k, typename P::type* __restrict p, const typename G::type* __restrict g,
+    uint32_t* __restrict mx, [[maybe_unused]] const std::array<QJob, sizeof...(J)> job,
+    std::index_sequence<J...>, S* __restrict... s) {
+  constexpr std::size_t N = sizeof...(J);
+  [[maybe_unused]] QV16u m[N == 0 ? 1 : N];
+  for (auto& x : m) x = QV16u{};
+  for (int64_t i = 0; i < kQBlock; i += kQVbmi) {
+FASTOPTIM_VECTORIZE
+    for (int64_t j = i; j < i + kQVbmi; ++j) {
+      float pv = P::load(p[j]);
+      std::array<float, N> v{s[j]...};
+      k(pv, G::load(g[j]), v);
+      Store<P, false>::put(p[j], pv, 0u);
+      ((s[j] = v[J]), ...);
+    }
+    ((m[J] = qvbmi_max(m[J], s + i)), ...);
+    (codes64(job[J], i), ...);
+  }
+  ((mx[J] = qvbmi_reduce_max(m[J])), ...);
+}
+#endif
+
 inline bool q_vbmi() {
 #if FASTOPTIM_Q_VBMI
   return kAvx512Vbmi;
@@ -1061,6 +1121,33 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
   alignas(64) float buf_s[N == 0 ? 1 : N][kQBlock];
   const QTables* q[N == 0 ? 1 : N] = {
       (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
+#if FASTOPTIM_Q_VBMI
+  // With AVX-512 VBMI, every state 8-bit, nearest codes and a layout converted in registers:
+  // the blocks are pipelined over three buffers: a block's states decoded into cur (`ready`:
+  // already done, after the previous block's kernel), its kernel loop also writing the previous
+  // block's codes from prv (`pending`: block plo, absmax_bits pmx; sweep_absmax_codes), then
+  // the next block decoded into nxt.
+  alignas(64) float buf_s2[N == 0 ? 1 : N][kQBlock], buf_s3[N == 0 ? 1 : N][kQBlock];
+  float(*cur)[kQBlock] = buf_s;
+  float(*nxt)[kQBlock] = buf_s2;
+  float(*prv)[kQBlock] = buf_s3;
+  bool ready = false, pending = false;
+  int64_t plo = 0, pn = 0;
+  uint32_t pmx[N == 0 ? 1 : N] = {};
+  [[maybe_unused]] const bool pipe = (q_vbmi() && N > 0 && ((is_quantized(t.state_dtype[J]) && !is_q4(t.state_dtype[J])) && ...) &&
+                                      key.plan.rounding != Rounding::stochastic &&
+                                      t.comp == nullptr && t.out == nullptr &&
+                                      t.grad_dtype == t.dtype &&
+                                      (t.dtype == DType::f32 || t.dtype == DType::bf16));
+  (void)cur;
+  (void)nxt;
+  (void)prv;
+  (void)ready;
+  (void)pending;
+  (void)plo;
+  (void)pn;
+  (void)pmx;
+#endif
   (void)buf_s;
   (void)q;
   // The layouts converted in registers (0: none of them).
@@ -1127,6 +1214,56 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
       }
       ((mx[J] = q[J] ? absmax_bits(s[J], n) : 0u), ...);
       (unstage_state(s[J], mx[J], t, J, q[J], lo, n, key), ...);
+      continue;
+    }
+#endif
+#if FASTOPTIM_Q_VBMI
+    if (pipe) {
+      if (!ready)
+        (dequantize_vbmi(static_cast<const uint8_t*>(t.state[J]) + lo, n,
+                         t.absmax[J][lo / kQBlock], *q[J], cur[J]),
+         ...);
+      if (pending && n == kQBlock) {  // the previous block's codes in this block's kernel loop
+        const std::array<QJob, N> jobs = {
+            codes_job(prv[J], pn, pmx[J], *q[J], static_cast<uint8_t*>(t.state[J]) + plo,
+                      &t.absmax[J][plo / kQBlock])...};
+        if (direct == 1)
+          sweep_absmax_codes<F32, F32>(k, static_cast<float*>(t.param) + lo,
+                                       static_cast<const float*>(t.grad) + lo, mx, jobs, seq,
+                                       cur[J]...);
+        else
+          sweep_absmax_codes<BF16, BF16>(k, static_cast<uint16_t*>(t.param) + lo,
+                                         static_cast<const uint16_t*>(t.grad) + lo, mx, jobs,
+                                         seq, cur[J]...);
+      } else {
+        if (pending) (unstage_state(prv[J], pmx[J], t, J, q[J], plo, pn, key), ...);
+        if (direct == 1)
+          sweep_absmax<F32, F32, false>(k, static_cast<float*>(t.param) + lo,
+                                        static_cast<const float*>(t.grad) + lo, n, first, 0u, mx,
+                                        seq, cur[J]...);
+        else
+          sweep_absmax<BF16, BF16, false>(k, static_cast<uint16_t*>(t.param) + lo,
+                                          static_cast<const uint16_t*>(t.grad) + lo, n, first, 0u,
+                                          mx, seq, cur[J]...);
+      }
+      pending = false;
+      const int64_t next = lo + kQBlock;
+      ready = next < b && t.size - next >= kQBlock;  // (then this block is full too)
+      if (ready) {
+        (dequantize_vbmi(static_cast<const uint8_t*>(t.state[J]) + next, n,  // (n == kQBlock)
+                         t.absmax[J][next / kQBlock], *q[J], nxt[J]),
+         ...);
+        pending = true;  // this block's codes: in the next block's kernel loop
+        plo = lo;
+        pn = n;
+        std::copy(mx, mx + N, pmx);
+        float(*const done)[kQBlock] = prv;
+        prv = cur;
+        cur = nxt;
+        nxt = done;
+      } else {
+        (unstage_state(cur[J], mx[J], t, J, q[J], lo, n, key), ...);
+      }
       continue;
     }
 #endif

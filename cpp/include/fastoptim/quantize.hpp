@@ -14,11 +14,15 @@
 //   A block holding a NaN or an infinity stores absmax = NaN and the code of 0 everywhere: every
 //   element of it then loads as NaN (divergence stays visible, as with float32 state).
 //
-// The nearest code is found without a search: the float32 bit pattern of |x| (exponent and 7
-// mantissa bits) indexes a bucket of at most one decision threshold, and the bucket's one word
-// gives the code of |x| as (word + low 16 bits of x) >> 16 (the carry out of the low half is the
-// comparison with the threshold); a negative x then takes the mirrored code.  One table load, a
-// few integer operations (vectorizes with gathers; the same bits on every ISA).
+// The nearest code is found without a search: with b the float32 bit pattern of x, y = b when
+// x >= 0 and ~b when x < 0 (b ^ (b >> 31), arithmetic shift: y grows with x within each sign,
+// and the two signs' patterns of |x| < 2 fall on disjoint ranges), the top 15 bits of y
+// (sign folded in, exponent, 7 mantissa bits) index a bucket holding at most one decision
+// threshold, and the bucket's one word gives the code directly as (word + y) >> 16 (mod 2^32:
+// the word's high half holds the code at the bucket's start minus the bucket's own index, so
+// y's high half cancels; the carry out of the low half is the comparison with the threshold).
+// One table load and four integer operations (vectorizes with gathers; the same bits on every
+// ISA); no clamping, no sign fix-up.
 #pragma once
 
 #include <cstdint>
@@ -46,24 +50,21 @@ enum class QMap : int { signed8 = 0, unsigned8 = 1, signed4 = 2, unsigned4 = 3 }
 inline constexpr int kQMaps = 4;
 inline constexpr int64_t kQBlock = 256;  // elements per block (8-bit)
 
-// Buckets of |x| by its bit pattern's top 16 bits (8 exponent, 7 mantissa): [2^-23, 2).
-inline constexpr uint32_t kQBucketBase = (127u - 23u) << 7;
-inline constexpr int32_t kQBuckets = 24 << 7;
+// Buckets of x by the top 15 bits of y (see above): every x with |x| < 2 (denormals, zeros of
+// both signs included) has its own bucket word, exact.
+inline constexpr int32_t kQBuckets = 1 << 15;
 
 struct QTables {
   int ncodes = 0;
   float value[256] = {};  // code -> value, ascending
-  // Codes of non-negative x: pos_base + rank; of negative x: pos_base - min(rank, neg_max), rank
-  // being the number of decision thresholds below |x| among the non-negative map values.  With
-  // c = pos_base + rank, the code of a negative x is neg_base - min(c, neg_cap)
-  // (neg_base = 2 pos_base, neg_cap = pos_base + neg_max).
-  int32_t pos_base = 0, neg_max = 0, neg_base = 0, neg_cap = 0;
-  uint8_t zero = 0;  // the code of 0 (of a block that is all zeros, NaN or infinite)
-  // Per bucket, one word (one gather): (pos_base + thresholds below the bucket) << 16, plus,
-  // when a threshold lies inside the bucket, 0xFFFF - its low 16 bits (the high 16 are the
-  // bucket's own): adding |x|'s low 16 bits carries into the high half exactly when
-  // |x| > threshold.  The first bucket holds no threshold, so |x| clamped into it counts right;
-  // normalized values (|x| <= 1 + 2^-23) never pass the last one.
+  uint8_t zero = 0;       // the code of 0 (of a block that is all zeros, NaN or infinite)
+  // Per bucket k (k = y >> 16), one word (one gather): ((code of the bucket's first y) - k) << 16,
+  // plus, when a decision threshold lies inside the bucket, a low half such that adding y's low
+  // 16 bits carries into the high half exactly when x lies beyond the threshold towards the next
+  // code up: 0xFFFF - (the threshold's low 16 bits) for x >= 0; for x < 0 (y's low half is
+  // 0xFFFF - |x|'s, and the code goes down as |x| grows) the code above the threshold with the
+  // threshold's low 16 bits + 1.  Buckets of |x| >= 2 are never read (normalized values have
+  // |x| <= 1 + 2^-23).
   uint32_t bucket[kQBuckets] = {};
   // value[] as four byte planes (plane j: byte j of every value's bit pattern, little-endian),
   // for dequantizing by byte permutes (AVX-512 VBMI vpermi2b) instead of loads.
@@ -85,19 +86,14 @@ namespace {
 #define FASTOPTIM_Q_VECTORIZE
 #endif
 
-// The code of one normalized value x (finite, |x| < 2) with the map's bucket words and
-// bases (loop-invariant copies of QTables' fields: a code store could alias the struct).
-inline uint8_t q_code(float x, const uint32_t* __restrict bucket, int32_t neg_base,
-                      int32_t neg_cap) {
+// The code of one normalized value x (finite, |x| < 2) with the map's bucket words (a
+// loop-invariant copy of QTables::bucket: a code store could alias the struct).
+inline uint8_t q_code(float x, const uint32_t* __restrict bucket) {
   const uint32_t b = bits_of(x);
-  const uint32_t hi = (b & 0x7FFFFFFFu) >> 16;
-  const uint32_t k = (hi < kQBucketBase ? kQBucketBase : hi) - kQBucketBase;
-  const auto c = static_cast<int32_t>((bucket[k] + (b & 0xFFFFu)) >> 16);
-  return static_cast<uint8_t>((b >> 31) != 0 ? neg_base - (c < neg_cap ? c : neg_cap) : c);
+  const uint32_t y = b ^ (0u - (b >> 31));
+  return static_cast<uint8_t>((bucket[y >> 16] + y) >> 16);
 }
-inline uint8_t q_code(float x, const QTables& q) {
-  return q_code(x, q.bucket, q.neg_base, q.neg_cap);
-}
+inline uint8_t q_code(float x, const QTables& q) { return q_code(x, q.bucket); }
 
 // max |v| of n values as a bit pattern: ordered like the magnitudes, NaN above Inf above the rest.
 inline uint32_t absmax_bits(const float* __restrict v, int64_t n) {
@@ -123,17 +119,11 @@ inline QScale q_scale(uint32_t mbits) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 // q_code of 16 normalized values (b: their float32 bit patterns), lane by lane: the same
-// integers, the bucket words by one hardware gather.  nbase, ncap: neg_base and neg_cap
-// broadcast.  (q_codes and quantize_block_stochastic.)
-inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket, __m512i nbase,
-                        __m512i ncap) {
-  const __m512i base = _mm512_set1_epi32(static_cast<int>(kQBucketBase));
-  const __m512i hi = _mm512_srli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), 16);
-  const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(hi, base), base);
-  const __m512i w = _mm512_i32gather_epi32(k, bucket, 4);
-  const __m512i c =
-      _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_and_si512(b, _mm512_set1_epi32(0xFFFF))), 16);
-  return _mm512_mask_sub_epi32(c, _mm512_movepi32_mask(b), nbase, _mm512_min_epi32(c, ncap));
+// integers, the bucket words by one hardware gather.  (q_codes and quantize_block_stochastic.)
+inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket) {
+  const __m512i y = _mm512_xor_si512(b, _mm512_srai_epi32(b, 31));
+  const __m512i w = _mm512_i32gather_epi32(_mm512_srli_epi32(y, 16), bucket, 4);
+  return _mm512_srli_epi32(_mm512_add_epi32(w, y), 16);
 }
 #endif
 
@@ -143,33 +133,25 @@ inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket, __m512i nb
 inline void q_codes(const float* __restrict v, int64_t n, float inv, const QTables& q,
                     uint8_t* __restrict codes) {
   const uint32_t* __restrict bucket = q.bucket;
-  const int32_t neg_base = q.neg_base, neg_cap = q.neg_cap;
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i nbase = _mm512_set1_epi32(neg_base), ncap = _mm512_set1_epi32(neg_cap);
   for (; i + 16 <= n; i += 16) {
-    const __m512i code = q_code16(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v + i), vinv)),
-                                  bucket, nbase, ncap);
+    const __m512i code =
+        q_code16(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v + i), vinv)), bucket);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
   }
 #elif defined(__AVX2__)
   const __m256 vinv = _mm256_set1_ps(inv);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), low = _mm256_set1_epi32(0xFFFF),
-                base = _mm256_set1_epi32(static_cast<int>(kQBucketBase)),
-                nbase = _mm256_set1_epi32(neg_base), ncap = _mm256_set1_epi32(neg_cap);
   const __m256i pack = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                         -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                         -1, -1);
   for (; i + 8 <= n; i += 8) {
     const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv));
-    const __m256i hi = _mm256_srli_epi32(_mm256_and_si256(b, abs_mask), 16);
-    const __m256i k = _mm256_sub_epi32(_mm256_max_epi32(hi, base), base);
-    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(bucket), k, 4);
-    const __m256i c = _mm256_srli_epi32(_mm256_add_epi32(w, _mm256_and_si256(b, low)), 16);
-    const __m256i neg = _mm256_sub_epi32(nbase, _mm256_min_epi32(c, ncap));
-    const __m256i code = _mm256_castps_si256(_mm256_blendv_ps(
-        _mm256_castsi256_ps(c), _mm256_castsi256_ps(neg), _mm256_castsi256_ps(b)));
+    const __m256i y = _mm256_xor_si256(b, _mm256_srai_epi32(b, 31));
+    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(bucket),
+                                             _mm256_srli_epi32(y, 16), 4);
+    const __m256i code = _mm256_srli_epi32(_mm256_add_epi32(w, y), 16);
     const __m256i bytes = _mm256_shuffle_epi8(code, pack);  // 4 codes per 128-bit lane
     const uint64_t two = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0)) |
                          static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4)))
@@ -177,7 +159,7 @@ inline void q_codes(const float* __restrict v, int64_t n, float inv, const QTabl
     std::memcpy(codes + i, &two, 8);
   }
 #endif
-  for (; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket, neg_base, neg_cap);
+  for (; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket);
 }
 
 // Quantize n <= kQBlock values whose absmax_bits are `mb` into codes; returns the block's absmax
@@ -190,11 +172,10 @@ inline float quantize_block(const float* __restrict v, int64_t n, uint32_t mb, c
   }
   const QScale s = q_scale(mb);
   const uint32_t* __restrict bucket = q.bucket;
-  const int32_t neg_base = q.neg_base, neg_cap = q.neg_cap;
   if (s.divide) {
     const float absmax = s.absmax;
     FASTOPTIM_Q_VECTORIZE
-    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / absmax, bucket, neg_base, neg_cap);
+    for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / absmax, bucket);
   } else {
     q_codes(v, n, s.inv, q, codes);
   }
@@ -213,7 +194,7 @@ inline float quantize_block(const float* __restrict v, int64_t n, const QTables&
 // fastoptim.reference.quantize_to_code_stochastic).  A value on a map value keeps its code;
 // beyond the first or last value (no neighbour on that side) x takes that value's code.
 inline uint8_t q_code_stochastic(float x, const QTables& q, uint32_t r) {
-  const int32_t c = q_code(x, q.bucket, q.neg_base, q.neg_cap);  // the nearest: c or c + 1 below
+  const int32_t c = q_code(x, q.bucket);  // the nearest: c or c + 1 below
   const int32_t lo = q.value[c] <= x ? c : c - 1;                  // value[lo] <= x
   if (lo < 0) return 0;
   if (lo >= q.ncodes - 1) return static_cast<uint8_t>(q.ncodes - 1);
@@ -240,14 +221,13 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
     const uint32_t* __restrict bucket = q.bucket;
     const float* __restrict value = q.value;
     const __m512 vinv = _mm512_set1_ps(s.inv), ulp24 = _mm512_set1_ps(0x1p-24f);
-    const __m512i nbase = _mm512_set1_epi32(q.neg_base), ncap = _mm512_set1_epi32(q.neg_cap),
-                  one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(),
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(),
                   top = _mm512_set1_epi32(q.ncodes - 1),
                   vkey = _mm512_set1_epi32(static_cast<int>(key)),
                   lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; i + 16 <= n; i += 16) {
       const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + i), vinv);
-      const __m512i c = q_code16(_mm512_castps_si512(x), bucket, nbase, ncap);
+      const __m512i c = q_code16(_mm512_castps_si512(x), bucket);
       // lo: value[lo] <= x (c or c - 1); outside [0, ncodes - 1) the end codes, no draw.  The
       // neighbour on x's side of value[c] (index clamped into the map) is the other end.
       const __m512 vc = _mm512_i32gather_ps(c, value, 4);
