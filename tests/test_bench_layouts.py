@@ -136,9 +136,18 @@ def test_layouts_remeasure_then_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     threads = fo.get_num_threads()
     fo.set_num_threads(1)
     try:
-        result = bench.run_layouts(20000, repeats=1, rounds=1, torch=False, progress=seen.append)
+        result = bench.run_layouts(
+            20000,
+            repeats=1,
+            rounds=1,
+            torch=False,
+            progress=seen.append,
+            compute_size=4096,
+            compute_samples=1,
+        )
     finally:
         fo.set_num_threads(threads)
+    assert fo.get_num_threads() == threads
     assert [r.optimizer for r in result.rows] == [
         lay.name for lay in bench.LAYOUTS if lay.contender not in ("torch", "deepspeed")
     ]
@@ -150,6 +159,29 @@ def test_layouts_remeasure_then_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "%!" in table and "offload, after 3 rounds: roofline" in table
     assert "Do not trust this row." in table
     assert "(skipped: " not in table  # torch=False: not asked for, so not "skipped"
+    # every fastoptim layout's compute cost, in its row and against issue #17's targets
+    ours = [lay.name for lay in bench.LAYOUTS if lay.contender is None]
+    assert sorted(result.compute) == sorted(ours) and result.threads == 1
+    for name in ours:
+        cost = result.compute[name]
+        assert 0 < cost < 1e-6, (name, cost)  # under 1 us per element
+        row = next(line for line in table.splitlines() if line.startswith(f"{name:24s} "))
+        assert f"{cost * 1e9:7.3f}" in row, (name, row)
+    cast = next(line for line in table.splitlines() if line.startswith("cast around"))
+    assert f"{'-':>7s}  needs as bf16 master" in cast  # contenders: no compute column
+    floor, adamw = (result.compute[k] * 1e9 for k in ("fp32 p/g, int8 state", "fp32"))
+    assert f"compute alone at 1 thread(s): {floor:.3f}, fp32-state AdamW's {adamw:.3f}" in table
+
+
+def test_compute_cost_one_thread_then_restored() -> None:
+    """compute_cost runs the layout on one thread (CPU time of the caller: a step dispatched to
+    another thread would read as zero) and puts the thread count back."""
+    threads = fo.get_num_threads()
+    lay = next(lay for lay in bench.LAYOUTS if lay.name == "fp32")
+    cost = bench.compute_cost(lay, size=8192, samples=3)
+    assert fo.get_num_threads() == threads
+    # AdamW reads and writes 28 B per element: no core does that in under 0.01 ns
+    assert 1e-11 < cost < 1e-6
 
 
 def test_size_only_with_layouts(capsys: pytest.CaptureFixture[str]) -> None:

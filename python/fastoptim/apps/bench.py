@@ -663,6 +663,10 @@ def format_threads(rows: Sequence[ThreadRow], processes: int, threads: int) -> s
 
 # ------------------------------------------------------ reduced precision (bench --layouts)
 LAYOUT_SIZE = 1 << 24  # 16M elements: far beyond the caches
+#: ``bench --layouts``' compute column: each fastoptim layout on this many elements (its arrays
+#: in L2), one thread, CPU time: what a step costs a core when memory is not the limit.  That
+#: cost divided by the thread count is a floor no run from memory can beat.
+COMPUTE_SIZE = 1 << 16
 ADAMW: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01}
 
 
@@ -890,6 +894,31 @@ def _layout_step(lay: Layout, p32: np.ndarray, g32: np.ndarray) -> Callable[[], 
     return functools.partial(opt.step, [g32.astype(gdt)])  # the offload layout's bf16 grads
 
 
+def compute_cost(lay: Layout, size: int = COMPUTE_SIZE, samples: int = 15) -> float:
+    """Seconds per element of one `lay` step on `size` elements on one thread: the calling
+    thread's CPU time (which other processes disturb much less than wall time), median of
+    `samples` blocks of steps, after warm-up steps."""
+    rng = np.random.default_rng(1)
+    p32 = rng.standard_normal(size, dtype=np.float32)
+    g32 = rng.standard_normal(size, dtype=np.float32) * np.float32(0.1)
+    step = _layout_step(lay, p32, g32)
+    threads = _core.get_num_threads()
+    _core.set_num_threads(1)
+    try:
+        for _ in range(3):
+            step()
+        reps = max(1, 2_000_000 // size)
+        times = []
+        for _ in range(samples):
+            t0 = time.thread_time_ns()
+            for _ in range(reps):
+                step()
+            times.append((time.thread_time_ns() - t0) * 1e-9 / reps / size)
+    finally:
+        _core.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def _stream_step(stream: Stream, pool: dict[str, list[np.ndarray]]) -> Callable[[], object]:
     grad = pool["g16"][0] if stream.grad == 2 else pool["g32"][0]
     out = pool["out"][0] if stream.out else None
@@ -907,6 +936,10 @@ class LayoutResult:
     rows: list[Row]
     streams: dict[Stream, Row]
     skipped: list[str] = field(default_factory=list)
+    #: fastoptim layout -> seconds per element of a step on one thread from L2
+    #: (:func:`compute_cost`), and the thread count of the rows
+    compute: dict[str, float] = field(default_factory=dict)
+    threads: int = 1
 
 
 def run_layouts(
@@ -915,11 +948,14 @@ def run_layouts(
     rounds: int = 3,
     torch: bool = True,
     progress: Callable[[str], None] | None = None,
+    compute_size: int = COMPUTE_SIZE,
+    compute_samples: int = 15,
 ) -> LayoutResult:
     """AdamW (lr 1e-3, weight decay 0.01) on one tensor of `size` elements in every layout of
     :data:`LAYOUTS` (torch's contenders with `torch` when it is installed) and the streaming
     kernels of their bytes, all interleaved in the same rounds; checked and re-measured as
-    :func:`run` does, but as a whole (a re-measuring pass times every contender again)."""
+    :func:`run` does, but as a whole (a re-measuring pass times every contender again).  Then
+    each fastoptim layout's :func:`compute_cost` on `compute_size` elements."""
     granularity = clock_granularity()
     min_sample = max(MIN_SAMPLE_S, 1000 * granularity)
     skipped = []
@@ -1003,7 +1039,13 @@ def run_layouts(
         r.flags = problems(r, granularity)
     del contenders, pool
     gc.collect()
-    return LayoutResult(size, found, streams, skipped)
+    compute = {}
+    for lay in layouts:
+        if lay.contender is None:
+            if progress:
+                progress(f"compute cost of {lay.name}: 1 thread, {compute_size:,} elements")
+            compute[lay.name] = compute_cost(lay, compute_size, compute_samples)
+    return LayoutResult(size, found, streams, skipped, compute, _core.get_num_threads())
 
 
 def _between(a: Row, b: Row) -> tuple[float, float, float]:
@@ -1029,8 +1071,8 @@ def format_layouts(result: LayoutResult) -> str:
     out = [
         f"\nAdamW (lr 1e-3, weight decay 0.01), one tensor of {n:,} elements, per layout",
         f"{'layout':24s} {'B/el':>4s} {'ns/el':>7s} {'+-':>4s} {'GB/s':>6s} {'roofline':>9s} "
-        f"{'t/t(fp32)':>10s}  bytes per element (read+write)",
-        "-" * 100,
+        f"{'t/t(fp32)':>10s} {'L2 1thr':>7s}  bytes per element (read+write)",
+        "-" * 108,
     ]
     by_name = {r.optimizer: r for r in result.rows}
     base = by_name.get("fp32")
@@ -1044,10 +1086,12 @@ def format_layouts(result: LayoutResult) -> str:
             vs = f"{rel[0]:9.2f}x{'?' if rel[2] / rel[1] > 1.5 else ' '}"
         else:
             vs = f"{'-':>10s} "
+        cost = result.compute.get(r.optimizer)
+        l2 = f"{cost * 1e9:7.3f}" if cost is not None else f"{'-':>7s}"
         out.append(
             f"{r.optimizer:24s} {r.bytes // n:4d} {t / n * 1e9:7.3f} "
             f"{100 * r.spread('fastoptim'):3.0f}% {r.bytes / t / 1e9:6.1f} {roof} {vs} "
-            f"{lay.traffic}"
+            f"{l2}  {lay.traffic}"
         )
         if r.flags:
             notes.append(
@@ -1062,7 +1106,9 @@ def format_layouts(result: LayoutResult) -> str:
             f"  {s.bytes:2d} B/el: {t / n * 1e9:6.3f} ns/el +-{100 * r.spread('fastoptim'):.0f}%"
             f", {r.bytes / t / 1e9:5.1f} GB/s  ({s.label})"
         )
-    out.append("\nissue #13's targets, as measured here (median [range the rounds allow]):")
+    out.append(
+        "\nthe issues' targets (#13, #17), as measured here (median [range the rounds allow]):"
+    )
 
     def ns(name: str) -> str:
         r, k = by_name[name], "fastoptim"
@@ -1092,6 +1138,18 @@ def format_layouts(result: LayoutResult) -> str:
             targets.append(
                 f"  {a} / {b} time: {_range(_between(by_name[a], by_name[b]))} (<= 1.10)"
             )
+    for name, limit in (("fp32 p/g, int8 state", 0.35), ("bf16 p/g, int8 state", 0.25)):
+        if name in by_name:
+            line = f"  issue #17, {name}: {ns(name)} ns/el (<= {limit})"
+            if name in result.compute:  # the floors: L2 1thr / threads
+                floor = result.compute[name] * 1e9 / result.threads
+                line += f"; compute alone at {result.threads} thread(s): {floor:.3f}"
+                if "fp32" in result.compute:
+                    adamw = result.compute["fp32"] * 1e9 / result.threads
+                    line += f", fp32-state AdamW's {adamw:.3f}"
+                    if adamw > limit:
+                        line += " (the target is below AdamW's own arithmetic)"
+            targets.append(line)
     below = [
         f"{r.optimizer} {100 * r.roofline:.0f}%"
         for r in result.rows
