@@ -191,3 +191,38 @@ def test_size_only_with_layouts(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["bench", "--layouts", "--size", "0"])
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_contender_targets_and_their_ceiling() -> None:
+    """A contender's time over ours, and the most any step could show: the contender's time
+    over the streaming kernel of our layout's bytes."""
+    n = 1000
+
+    def row(name: str, t: float, roof: float) -> bench.Row:
+        lay = next(lay for lay in bench.LAYOUTS if lay.name == name)
+        r = bench.Row(name, "layouts", n, 1, 2, bpe=lay.bytes, rounds=1)
+        r.times = {"fastoptim": t, "roofline": roof}
+        r.low, r.high = dict(r.times), dict(r.times)
+        r.steps = {"fastoptim": 1, "roofline": 1}
+        return r
+
+    result = bench.LayoutResult(
+        n,
+        [
+            row("all-bf16", 1.0e-6, 0.9e-6),
+            row("torch fused bf16", 1.5e-6, 0.9e-6),
+            row("bf16 p/g, fp32 state", 2.0e-6, 1.6e-6),
+            row("DeepSpeed CPUAdam bf16", 3.0e-6, 1.6e-6),
+        ],
+        {},
+    )
+    table = bench.format_layouts(result)
+    assert (
+        "torch fused bf16 / all-bf16 time: 1.50 [1.50-1.50] (>= 2; at most 1.67 for a step at "
+        "its streaming kernel's speed)" in table
+    ), table
+    assert (
+        "DeepSpeed CPUAdam bf16 / bf16 p/g, fp32 state time: 1.50 [1.50-1.50] (>= 1.25; at "
+        "most 1.88" in table
+    ), table
+    assert "torch fused bf16 / offload" not in table  # no offload row
