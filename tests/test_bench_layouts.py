@@ -182,6 +182,12 @@ def test_compute_cost_one_thread_then_restored() -> None:
     assert fo.get_num_threads() == threads
     # AdamW reads and writes 28 B per element: no core does that in under 0.01 ns
     assert 1e-11 < cost < 1e-6
+    # 8-bit state does the float32 step's arithmetic and decodes and encodes two states: more
+    # CPU time per element (about twice; CPU time is not the wall time other processes steal)
+    q8 = next(lay for lay in bench.LAYOUTS if lay.name == "fp32 p/g, int8 state")
+    assert bench.compute_cost(q8, size=65536, samples=5) > bench.compute_cost(
+        lay, size=65536, samples=5
+    )
 
 
 def test_size_only_with_layouts(capsys: pytest.CaptureFixture[str]) -> None:
