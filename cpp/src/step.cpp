@@ -392,15 +392,39 @@ inline __m512i random_bits16x16(__m512i e, __m512i key) {
   return _mm512_and_si512(x, _mm512_set1_epi32(0xFFFF));
 }
 
+// The constants of bf16_group32.
+struct Group32 {
+  // the upper halves of 32 lanes of two vectors, as 16-bit elements
+  alignas(64) static constexpr uint16_t kOdd[32] = {
+      1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+      33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  __m512i odd = _mm512_load_si512(kOdd);
+  __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), big = _mm512_set1_epi32(0x7F7F0000);
+  __m512i ffff = _mm512_set1_epi32(0xFFFF);
+};
+
+// One whole group of 32 stochastic bfloat16 stores, s[0..32) into d[0..32) from an element at
+// a multiple of 32 of the tensor, x the hash of its 16 hash indices (random_hash16's value:
+// elements 0-15 take the low halves of x ^ (x >> 16), elements 16-31 the high halves of x).
+// Stores whatever the values; returns the group's largest magnitude pattern: from 0x7F7F0000
+// up (a large value, Inf or NaN) the caller stores the group again with the portable function.
+// (The whole group of store_stochastic<BF16> and store_stochastic_many.)
+inline __attribute__((always_inline)) __m512i bf16_group32(const float* __restrict s,
+                                                           uint16_t* __restrict d, __m512i x,
+                                                           const Group32& c) {
+  const __m512i h = _mm512_srli_epi32(x, 16);  // (x ^ h) & 0xFFFF: ternary logic 0x28
+  const __m512i b0 = _mm512_loadu_si512(s), b1 = _mm512_loadu_si512(s + 16);
+  const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, c.ffff, 0x28));
+  _mm512_storeu_si512(d, _mm512_permutex2var_epi16(y0, c.odd, _mm512_add_epi32(b1, h)));
+  return _mm512_max_epu32(_mm512_and_si512(b0, c.mag), _mm512_and_si512(b1, c.mag));
+}
+
 template <>
 void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d,
                             uint32_t key, uint32_t first) {
-  alignas(64) static constexpr uint16_t kOdd[32] = {
-      1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
-      33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};  // upper halves
-  const __m512i odd = _mm512_load_si512(kOdd);
+  const Group32 c;
+  const __m512i odd = c.odd, mag = c.mag, big = c.big;
   const __m512i k = _mm512_set1_epi32(static_cast<int>(key));
-  const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), big = _mm512_set1_epi32(0x7F7F0000);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // m <= 32 elements from i, the first 16 with bits r0, the others with r1
   const auto group = [&](int64_t i, int64_t m, __m512i r0, __m512i r1) {
@@ -435,26 +459,21 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
   const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
   __m512i xi = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(index), lane), c0);
-  const __m512i ffff = _mm512_set1_epi32(0xFFFF);
+  const __m512i ffff = c.ffff;
   const __m512i k16 = _mm512_set1_epi32(static_cast<int>(key ^ (key >> 16)));
   int64_t i = head;
-  // whole groups: group() without masks; a group needing the portable function leaves the
-  // inner loop (which then holds no call) and the outer one rounds it
+  // whole groups: bf16_group32; a group needing the portable function leaves the inner loop
+  // (which then holds no call) and the outer one stores it again
   while (i + 32 <= n) {
     bool special = false;
     for (; i + 32 <= n; i += 32) {
       const __m512i x = random_hash16_k16(xi, k16);
       xi = _mm512_add_epi32(xi, step);
-      const __m512i h = _mm512_srli_epi32(x, 16);  // (x ^ h) & 0xFFFF: ternary logic 0x28
-      const __m512i b0 = _mm512_loadu_si512(s + i), b1 = _mm512_loadu_si512(s + i + 16);
-      const __mmask16 big0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big);
-      const __mmask16 big1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
-      if (__builtin_expect(!_mm512_kortestz(big0, big1), 0)) {
+      if (__builtin_expect(_mm512_cmpge_epu32_mask(bf16_group32(s + i, d + i, x, c), big) != 0,
+                           0)) {
         special = true;
         break;
       }
-      const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, ffff, 0x28));
-      _mm512_storeu_si512(d + i, _mm512_permutex2var_epi16(y0, odd, _mm512_add_epi32(b1, h)));
     }
     if (special) {
       bf16_stochastic_portable(s + i, 32, d + i, key, first + static_cast<uint32_t>(i));
@@ -477,12 +496,7 @@ constexpr bool kStagedMany = true;
 template <std::size_t A>
 void store_stochastic_many(const std::array<const float*, A>& s, const std::array<uint16_t*, A>& d,
                            const std::array<uint32_t, A>& key, int64_t n, uint32_t first) {
-  alignas(64) static constexpr uint16_t kOdd[32] = {
-      1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
-      33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};  // upper halves
-  const __m512i odd = _mm512_load_si512(kOdd);
-  const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), big = _mm512_set1_epi32(0x7F7F0000);
-  const __m512i ffff = _mm512_set1_epi32(0xFFFF);
+  const Group32 c;
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i c0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
   const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
@@ -498,18 +512,11 @@ void store_stochastic_many(const std::array<const float*, A>& s, const std::arra
     for (; i < n; i += 32) {
       __m512i top = _mm512_setzero_si512();  // the largest magnitude pattern of the group
       for (std::size_t a = 0; a < A; ++a) {
-        const __m512i x = random_hash16_k16(xi, k16[a]);
-        const __m512i h = _mm512_srli_epi32(x, 16);
-        const __m512i b0 = _mm512_loadu_si512(s[a] + i), b1 = _mm512_loadu_si512(s[a] + i + 16);
-        const __m512i m =
-            _mm512_max_epu32(_mm512_and_si512(b0, mag), _mm512_and_si512(b1, mag));
+        const __m512i m = bf16_group32(s[a] + i, d[a] + i, random_hash16_k16(xi, k16[a]), c);
         top = a == 0 ? m : _mm512_max_epu32(top, m);
-        const __m512i y0 = _mm512_add_epi32(b0, _mm512_ternarylogic_epi32(x, h, ffff, 0x28));
-        _mm512_storeu_si512(d[a] + i,
-                            _mm512_permutex2var_epi16(y0, odd, _mm512_add_epi32(b1, h)));
       }
       xi = _mm512_add_epi32(xi, step);
-      if (__builtin_expect(_mm512_cmpge_epu32_mask(top, big) != 0, 0)) {
+      if (__builtin_expect(_mm512_cmpge_epu32_mask(top, c.big) != 0, 0)) {
         special = true;
         break;
       }
