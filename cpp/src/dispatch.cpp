@@ -630,7 +630,28 @@ template <bool Bf16, class T> void divide_impl(T* x, T d, int64_t n) {
   });
 }
 
+// out = lerp(a, b, w) from the nearer end, as torch.lerp (and NumPy's `d = b - a; d *= w;
+// a + d`): a + (b - a) * w when w < 0.5, else b - (b - a) * (1 - w), (1 - w) and every
+// operation rounded to T.  One loop per end (w is the same for every element).
+template <class T> void lerp_impl(T* out, const T* a, const T* b, T w, int64_t n) {
+  const bool near_a = w < T(0.5);  // (a NaN weight: the b end, as NumPy's `w < 0.5` test)
+  const T c = near_a ? w : T(1) - w;
+  on_chunks(n, 3 * static_cast<int64_t>(sizeof(T)) * n, [=](int64_t lo, int64_t hi) {
+    if (near_a)
+      for (int64_t i = lo; i < hi; ++i) out[i] = a[i] + (b[i] - a[i]) * c;
+    else
+      for (int64_t i = lo; i < hi; ++i) out[i] = b[i] - (b[i] - a[i]) * c;
+  });
+}
+
 }  // namespace
+
+void lerp(float* out, const float* a, const float* b, float w, int64_t n) {
+  lerp_impl(out, a, b, w, n);
+}
+void lerp(double* out, const double* a, const double* b, double w, int64_t n) {
+  lerp_impl(out, a, b, w, n);
+}
 
 void combine(float* out, const float* x, const float* y, float alpha, float beta, int64_t n,
              bool bf16) {
