@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from cases import every_dtype
+from cases import every_dtype, once_not_per_isa
 from fastoptim import functional, host, reference
 
 # The options of torch's optim_db (torch.testing._internal.common_optimizers), copied so that
@@ -424,6 +424,7 @@ def test_signature_as_torch() -> None:
     assert [n for n in numpy_params if n != "ns_dtype"] == list(theirs)
 
 
+@once_not_per_isa
 def test_optim_db_options_are_covered() -> None:
     _torch()
     try:
