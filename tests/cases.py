@@ -16,6 +16,7 @@ largest |expected value| that kind of array has reached so far in its family
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,6 +224,14 @@ def each_case(cases: Iterable[Case]) -> pytest.MarkDecorator:
 
 DTYPES = [np.float32, np.float64]
 every_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+
+#: For a test whose result cannot depend on the instruction set (imports, OpenMP runtimes,
+#: torch's option lists: no kernel's numbers checked).  CI runs the suite once with every ISA,
+#: then once per ``FASTOPT_ISA``; such a test runs in the first only.
+once_not_per_isa = pytest.mark.skipif(
+    bool(os.environ.get("FASTOPT_ISA", "").strip()),
+    reason="does not depend on the instruction set: run once, not once per ISA",
+)
 
 
 # ----------------------------------------------------------------------------- the problem

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from cases import every_dtype
+from cases import every_dtype, once_not_per_isa
 from fastoptim import functional, host, reference
 
 # The options of torch's optim_db (torch.testing._internal.common_optimizers), copied so that
@@ -237,6 +237,7 @@ def test_reductions_in_blocks(rng: np.random.Generator) -> None:
         assert host.sum_squares(g) == pytest.approx(float(sq.sum()), rel=1e-15)
 
 
+@once_not_per_isa
 def test_optim_db_options_are_covered() -> None:
     _torch()
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from cases import CASES, Case, one_per_optimizer
+from cases import CASES, Case, once_not_per_isa, one_per_optimizer
 from fastoptim import definitions
 
 # Options that create every state buffer of each optimizer: these, and for every other
@@ -767,6 +767,8 @@ def test_thread_count_does_not_change_results(
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh interpreter, FASTOPT_ISA only as `env` sets it (the tests built on it
+    are once_not_per_isa: CI's per-ISA runs would repeat them exactly)."""
     full_env = {k: v for k, v in os.environ.items() if k != "FASTOPT_ISA"}
     full_env.update(env)
     return subprocess.run(
@@ -785,6 +787,7 @@ def test_isa() -> None:
     assert "scalar" in fo.available_isas() or "neon" in fo.available_isas()
 
 
+@once_not_per_isa
 def test_isa_forced_by_environment() -> None:
     baseline = "scalar" if "scalar" in fo.available_isas() else fo.available_isas()[0]
     r = _python("import fastoptim; print(fastoptim.isa())", FASTOPT_ISA=baseline)
@@ -792,12 +795,14 @@ def test_isa_forced_by_environment() -> None:
     assert r.stdout.strip() == baseline
 
 
+@once_not_per_isa
 def test_invalid_isa_environment_fails_at_import() -> None:
     r = _python("import fastoptim", FASTOPT_ISA="sse9")
     assert r.returncode != 0
     assert "ImportError" in r.stderr and "FASTOPT_ISA" in r.stderr and "sse9" in r.stderr
 
 
+@once_not_per_isa
 def test_every_isa_gives_a_sane_step() -> None:
     """Each available instruction set runs an Adam step in a subprocess (same answer up to
     FMA rounding differences between ISAs)."""

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from cases import every_dtype
+from cases import every_dtype, once_not_per_isa
 from fastoptim import functional, host, reference
 
 # The options of torch's optim_db (torch.testing._internal.common_optimizers), copied so that
@@ -424,6 +424,7 @@ def test_signature_as_torch() -> None:
     assert [n for n in numpy_params if n != "ns_dtype"] == list(theirs)
 
 
+@once_not_per_isa
 def test_optim_db_options_are_covered() -> None:
     _torch()
     try:
@@ -698,3 +699,112 @@ def test_gram_refuses_an_out_that_does_not_fit() -> None:
     with pytest.raises(ValueError):
         host.gram_(x, ro)
     np.testing.assert_array_equal(ro, 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 32767, 32769, 70_001])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight", [0.1, 0.5, 0.95])
+@pytest.mark.usefixtures("pool_split")
+def test_lerp_is_numpys(n: int, dtype: Any, weight: float, rng: np.random.Generator) -> None:
+    """_core.lerp (Muon's momentum and Nesterov blend) against host._lerp_, NumPy's passes:
+    the same bits from either end (w < 0.5: a + (b - a) w; else b - (b - a)(1 - w), 0.5
+    included), Inf/NaN/denormal/huge elements, out new or a or b, every chunk of the pool
+    (32768 elements) and the ragged end, one thread and three."""
+    from fastoptim import _core
+
+    a = rng.standard_normal(n).astype(dtype)
+    b = (rng.standard_normal(n) * 1e3).astype(dtype)
+    if n > 20:
+        big, tiny = np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal
+        b[:6] = [np.nan, np.inf, -np.inf, big, -0.0, tiny]
+        a[6:9] = [np.inf, big, -big]
+    want = a.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        host._lerp_(want, b, weight)
+    assert n == 0 or not np.array_equal(want, a)
+    for into in ("new", "a", "b"):
+        x, y = a.copy(), b.copy()
+        out = {"new": np.empty_like(x), "a": x, "b": y}[into]
+        _core.lerp(out, x, y, weight)
+        np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
+        if into != "a":
+            np.testing.assert_array_equal(x, a)  # the inputs not written
+        if into != "b":
+            np.testing.assert_array_equal(y, b)
+
+
+def test_lerp_rejects_bad_arrays() -> None:
+    from fastoptim import _core
+
+    a, b = np.ones(8, np.float32), np.full(8, 2, np.float32)
+    with pytest.raises(TypeError, match="all be float32 or all float64"):
+        _core.lerp(a, a, np.ones(8), 0.5)
+    with pytest.raises(ValueError, match="same size"):
+        _core.lerp(a, a, np.ones(9, np.float32), 0.5)
+    big = np.ones(16, np.float32)
+    with pytest.raises(ValueError, match="overlaps an input"):
+        _core.lerp(big[:8], big[4:12], b, 0.5)
+    with pytest.raises(ValueError, match="b: array is not C-contiguous"):
+        _core.lerp(a, a, big[::2], 0.5)
+    ro = np.ones(8, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        _core.lerp(ro, a, b, 0.5)
+    np.testing.assert_array_equal(a, 1.0)
+    np.testing.assert_array_equal(b, 2.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (33, 70), (70, 33), (130, 257)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ns_dtype", host.NS_DTYPES)
+@pytest.mark.usefixtures("pool_split")
+def test_muon_update_passes_are_numpys(
+    shape: tuple[int, int],
+    dtype: Any,
+    ns_dtype: str,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """host.muon_update's element-wise passes on all threads (_core.lerp, _core.transpose of a
+    tall parameter's update, _core.combine) give the bits of its NumPy route (host._threaded
+    False), 3 steps, Nesterov or not, with weight decay, wide, tall and one-row/column
+    parameters, float32/float64 parameters under every iteration dtype (an update of another
+    dtype converted first)."""
+    from fastoptim import _core
+
+    p0 = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
+    for nesterov in (True, False):
+        group = {
+            "lr": 0.02, "weight_decay": 0.1, "momentum": 0.95 if nesterov else 0.3,
+            "nesterov": nesterov, "ns_coefficients": host.NS_COEFFICIENTS, "ns_steps": 5,
+            "eps": 1e-7, "adjust_lr_fn": None if nesterov else "match_rms_adamw",
+            "ns_dtype": ns_dtype,
+        }  # fmt: skip
+        runs = []
+        for threaded in (True, False):
+            calls: list[str] = []
+            for name in ("lerp", "combine", "transpose"):
+                real = getattr(_core, name)
+                spy = lambda *a, _r=real, _n=name, _c=calls: (_c.append(_n), _r(*a))  # noqa: E731
+                monkeypatch.setattr(_core, name, spy)
+            if not threaded:
+                monkeypatch.setattr(host, "_threaded", lambda *arrays: False)
+            p, buf = p0.copy(), np.zeros_like(p0)
+            for t, g in enumerate(grads, 1):
+                host.muon_update(group, [p], [g], {"momentum_buffer": [buf]}, t)
+            runs.append((p, buf))
+            monkeypatch.undo()
+            # the passes ran where they should: 2 combines per iteration (5 iterations) and the
+            # update's; the tall update transposed (besides the iteration's tall input) where
+            # it keeps p's dtype and is not one column
+            assert calls.count("lerp") == (3 * (1 + nesterov) if threaded else 0)
+            assert calls.count("combine") == 3 * 2 * 5 + (3 if threaded else 0)
+            same = (dtype == np.float64) == (ns_dtype == "float64")
+            transposes = 3 if threaded and shape[0] > shape[1] > 1 and same else 0
+            transposes += 3 if shape[0] > shape[1] and same else 0
+            assert calls.count("transpose") == transposes
+        (p, buf), (want_p, want_buf) = runs
+        assert not np.array_equal(want_p, p0)
+        np.testing.assert_array_equal(buf.view(np.uint8), want_buf.view(np.uint8))
+        np.testing.assert_array_equal(p.view(np.uint8), want_p.view(np.uint8))

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
+from cases import once_not_per_isa
 from fastoptim import _core
 
 LARGE = 4_000_000  # the size of the issues' fork reports (a multi-threaded step)
@@ -42,7 +43,9 @@ def restore_threads() -> Iterator[None]:
 
 
 def _run_python(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a fresh interpreter (a hang becomes a TimeoutExpired failure)."""
+    """Run `code` in a fresh interpreter (a hang becomes a TimeoutExpired failure), with the
+    default instruction set whatever ``FASTOPT_ISA`` says: the tests built on it are
+    ``once_not_per_isa`` (CI's per-ISA runs would repeat them exactly)."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("FASTOPT_ISA", "OMP_NUM_THREADS")}
     full_env.update(env)
     return subprocess.run(
@@ -268,6 +271,7 @@ FORK_PRELUDE = """
 """
 
 
+@once_not_per_isa
 def test_fork_child_runs_serially_then_on_request() -> None:
     out = _check(
         _run_python(
@@ -292,6 +296,7 @@ def test_fork_child_runs_serially_then_on_request() -> None:
     assert out.split() == ["ok", "0", "2", "True"]
 
 
+@once_not_per_isa
 def test_multiprocessing_fork_pool() -> None:
     out = _check(
         _run_python(
@@ -309,6 +314,7 @@ def test_multiprocessing_fork_pool() -> None:
     assert out.split() == ["True", "3"]
 
 
+@once_not_per_isa
 def test_hogwild_parent_and_children() -> None:
     """Parent and forked children step at the same time, each its own block of one shared
     (anonymous mmap) parameter array, the parent on several threads."""
@@ -348,6 +354,7 @@ def test_hogwild_parent_and_children() -> None:
     assert out.split() == ["True", "True"]
 
 
+@once_not_per_isa
 def test_fork_while_another_thread_steps() -> None:
     """A fork while another thread is inside a step (holding its plan's lock and the pool): the
     child can still step that optimizer; it abandons the lock and the pool it inherited."""
@@ -410,6 +417,7 @@ def test_set_num_threads_caps_huge_values_and_accepts_integers() -> None:
         _core.set_num_threads(0)
 
 
+@once_not_per_isa
 def test_huge_thread_count_under_an_address_space_limit() -> None:
     """set_num_threads(10000) then a large step under RLIMIT_AS: the pool is capped (and a
     refused thread only means fewer workers), so the process neither dies nor starts thousands
@@ -440,6 +448,7 @@ def test_huge_thread_count_under_an_address_space_limit() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sched_getaffinity: Linux")
+@once_not_per_isa
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

@@ -46,6 +46,7 @@ from cases import (  # noqa: E402
     each_case,
     every_dtype,
     make_families,
+    once_not_per_isa,
 )
 from fastoptim import _openmp, definitions, schedules  # noqa: E402
 from fastoptim.engine.definition import COMMON  # noqa: E402
@@ -1102,6 +1103,7 @@ def test_named_parameters_in_messages() -> None:
 
 
 # --------------------------------------------------------------------------- import, OpenMP
+@once_not_per_isa
 def test_import_fastoptim_does_not_import_torch() -> None:
     """``import fastoptim`` never imports torch, even when it loads torch's OpenMP runtime
     (found on disk; see test_one_openmp_runtime)."""
@@ -1195,6 +1197,7 @@ print(json.dumps(dict(names=needed, separate=separate, first=first, second=threa
 """
 
 
+@once_not_per_isa
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF, /proc")
 @pytest.mark.parametrize(
     ("order", "opt_out"),

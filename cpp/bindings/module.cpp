@@ -1349,6 +1349,30 @@ PYBIND11_MODULE(_core, m) {
   "out = alpha * x + beta * y (C-contiguous arrays of one float dtype; each product rounded "
   "before the sum), then rounded to bfloat16 (kept in float32) when bf16: the element-wise "
   "part of a Newton-Schulz iteration, on all threads.");
+  m.def("lerp", [](const py::handle& out, const py::handle& a, const py::handle& b,
+                    double weight) {
+    Arg o = check_array(out, "out", true), x = check_array(a, "a", false),
+        y = check_array(b, "b", false);
+    if (o.dtype != x.dtype || o.dtype != y.dtype || (o.dtype != DType::f32 && o.dtype != DType::f64))
+      throw py::type_error("lerp: out, a and b must all be float32 or all float64");
+    if (x.size != o.size || y.size != o.size)
+      throw py::value_error("lerp: out, a and b must have the same size");
+    // out may be a or b (element i reads only element i), but must not overlap them otherwise
+    for (const Arg* in : {&x, &y})
+      if (in->data != o.data && in->lo < o.hi && o.lo < in->hi)
+        throw py::value_error("lerp: out overlaps an input without being it");
+    py::gil_scoped_release release;
+    if (o.dtype == DType::f32)
+      lerp(static_cast<float*>(o.data), static_cast<const float*>(x.data),
+           static_cast<const float*>(y.data), static_cast<float>(weight), o.size);
+    else
+      lerp(static_cast<double*>(o.data), static_cast<const double*>(x.data),
+           static_cast<const double*>(y.data), weight, o.size);
+  }, py::arg("out"), py::arg("a"), py::arg("b"), py::arg("weight"),
+  "out = lerp(a, b, weight) as torch.lerp evaluates it, from the nearer end: a + (b - a) * w "
+  "when w < 0.5, else b - (b - a) * (1 - w), with w = weight in the arrays' dtype and every "
+  "operation rounded to it (C-contiguous arrays of one float dtype; out may be a or b): Muon's "
+  "momentum and Nesterov blend, on all threads.");
   m.def("symmetrize", [](const py::handle& a, bool bf16) {
     Arg x = check_array(a, "a", true);
     if (x.dtype != DType::f32 && x.dtype != DType::f64)

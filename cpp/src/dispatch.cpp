@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "fastoptim/convert.hpp"
 #include "fastoptim/fastoptim.hpp"
 #include "fastoptim/registry.hpp"
 
@@ -592,20 +593,10 @@ double stream_read(const float* a, int64_t n) {
 // Plain loops (memory-bound; the compiler vectorizes them for the baseline ISA), on the pool in
 // fixed chunks.  They run between two BLAS calls, whose threads want every CPU next: the pool's
 // workers sleep as soon as a pass is done instead of spinning for another (linger = false).
+// Rounding to bfloat16 there is convert.hpp's bf16_round_nearest_f32 (branch-free 32-bit integer
+// code: the loops vectorize).  The project builds with -ffp-contract=off: every product below is
+// rounded before the sum it feeds (NumPy's bits), never fused into an FMA.
 namespace {
-
-// The nearest bfloat16 (ties to even) of v, as a float; NaN: quiet, its sign and high payload
-// kept.  Branch-free, so that the loops below vectorize.
-inline float bf16_nearest(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  const uint32_t nan = (b & 0xFFFF0000u) | 0x00400000u;
-  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-  b = (b & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
-  float r;
-  std::memcpy(&r, &b, 4);
-  return r;
-}
 
 // f(lo, hi) over [0, n) in fixed chunks of 2^15 elements, on the threads `bytes` of traffic
 // are worth.
@@ -621,7 +612,7 @@ void combine_impl(T* out, const T* x, const T* y, T alpha, T beta, int64_t n) {
     for (int64_t i = lo; i < hi; ++i) {
       const T ax = alpha * x[i], by = beta * y[i];
       if constexpr (Bf16)
-        out[i] = bf16_nearest(ax + by);
+        out[i] = bf16_round_nearest_f32(ax + by);
       else
         out[i] = ax + by;
     }
@@ -632,14 +623,35 @@ template <bool Bf16, class T> void divide_impl(T* x, T d, int64_t n) {
   on_chunks(n, 2 * static_cast<int64_t>(sizeof(T)) * n, [=](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       if constexpr (Bf16)
-        x[i] = bf16_nearest(x[i] / d);
+        x[i] = bf16_round_nearest_f32(x[i] / d);
       else
         x[i] = x[i] / d;
     }
   });
 }
 
+// out = lerp(a, b, w) from the nearer end, as torch.lerp (and NumPy's `d = b - a; d *= w;
+// a + d`): a + (b - a) * w when w < 0.5, else b - (b - a) * (1 - w), (1 - w) and every
+// operation rounded to T.  One loop per end (w is the same for every element).
+template <class T> void lerp_impl(T* out, const T* a, const T* b, T w, int64_t n) {
+  const bool near_a = w < T(0.5);  // (a NaN weight: the b end, as NumPy's `w < 0.5` test)
+  const T c = near_a ? w : T(1) - w;
+  on_chunks(n, 3 * static_cast<int64_t>(sizeof(T)) * n, [=](int64_t lo, int64_t hi) {
+    if (near_a)
+      for (int64_t i = lo; i < hi; ++i) out[i] = a[i] + (b[i] - a[i]) * c;
+    else
+      for (int64_t i = lo; i < hi; ++i) out[i] = b[i] - (b[i] - a[i]) * c;
+  });
+}
+
 }  // namespace
+
+void lerp(float* out, const float* a, const float* b, float w, int64_t n) {
+  lerp_impl(out, a, b, w, n);
+}
+void lerp(double* out, const double* a, const double* b, double w, int64_t n) {
+  lerp_impl(out, a, b, w, n);
+}
 
 void combine(float* out, const float* x, const float* y, float alpha, float beta, int64_t n,
              bool bf16) {
@@ -665,7 +677,7 @@ void divide(double* x, double d, int64_t n) { divide_impl<false>(x, d, n); }
 
 void round_bfloat16(float* x, int64_t n) {
   on_chunks(n, 8 * n, [=](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) x[i] = bf16_nearest(x[i]);
+    for (int64_t i = lo; i < hi; ++i) x[i] = bf16_round_nearest_f32(x[i]);
   });
 }
 
@@ -688,7 +700,8 @@ template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
       if constexpr (std::is_same_v<T, float>) {
         if (bf16)
           for (int64_t i = c0; i < c1; ++i)
-            for (int64_t j = std::max(r0, i); j < r1; ++j) a[i * m + j] = bf16_nearest(a[i * m + j]);
+            for (int64_t j = std::max(r0, i); j < r1; ++j)
+              a[i * m + j] = bf16_round_nearest_f32(a[i * m + j]);
       }
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t j = c0; j < std::min(c1, i); ++j) a[i * m + j] = a[j * m + i];

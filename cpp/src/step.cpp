@@ -28,6 +28,13 @@
 #error "compile with -DFASTOPTIM_ISA_NS=<isa>"
 #endif
 
+// GCC/Clang vector extensions (__attribute__((vector_size)), __builtin_shufflevector,
+// __builtin_convertvector) serve the gradient statistics of every build and the avx2/avx512
+// builds' staged bfloat16 stores: other compilers stop here rather than deep inside them.
+#if !(defined(__GNUC__) || defined(__clang__))
+#error "fastoptim: step.cpp needs GCC or Clang (clang-cl on Windows): it uses their vector extensions"
+#endif
+
 // F16C conversions in the avx2 and avx512 builds (every CPU with AVX2 has F16C; dispatch.cpp
 // checks it with them).
 #if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
@@ -1120,48 +1127,69 @@ inline bool q_vbmi() {
 #endif
 }
 
+#if FASTOPTIM_Q_VBMI
+// Whether sweep_quantized pipelines the blocks of t (QPipeline): AVX-512 VBMI, at least one
+// state and every state 8-bit (4-bit ones take sweep_qvbmi), nearest codes, and a layout
+// converted in registers (`direct`: float32 or bfloat16 parameter and gradient of one dtype,
+// no Kahan compensation, no copy).
+template <std::size_t... J>
+bool q_pipelined(const Tensor& t, bool stochastic, int direct, std::index_sequence<J...>) {
+  return q_vbmi() && sizeof...(J) > 0 && direct != 0 && !stochastic &&
+         ((is_quantized(t.state_dtype[J]) && !is_q4(t.state_dtype[J])) && ...);
+}
+
+// The three state buffers of sweep_quantized's pipeline and what is pending between blocks: a
+// block's states decoded into cur (`ready`: already done, after the previous block's kernel),
+// its kernel loop also writing the previous block's codes from prv (`pending`: block plo of pn
+// elements, absmax bits pmx; sweep_absmax_codes), then the next block decoded into nxt.
+template <std::size_t N> struct QPipeline {
+  static constexpr std::size_t M = N == 0 ? 1 : N;
+  alignas(64) float spare[2][M][kQBlock];
+  float (*cur)[kQBlock];
+  float (*nxt)[kQBlock] = spare[0];
+  float (*prv)[kQBlock] = spare[1];
+  bool ready = false, pending = false;
+  int64_t plo = 0, pn = 0;
+  uint32_t pmx[M] = {};
+
+  explicit QPipeline(float (*first)[kQBlock]) : cur(first) {}
+  QPipeline(const QPipeline&) = delete;
+  QPipeline& operator=(const QPipeline&) = delete;
+
+  // Block lo (n elements, absmax bits mx) is done but its codes are not written, and nxt holds
+  // the next block's states: they become pending, and the buffers rotate.
+  void advance(int64_t lo, int64_t n, const uint32_t* mx) {
+    pending = true;
+    plo = lo;
+    pn = n;
+    std::copy(mx, mx + N, pmx);
+    float(*const done)[kQBlock] = prv;
+    prv = cur;
+    cur = nxt;
+    nxt = done;
+  }
+};
+#endif
+
 template <class K, std::size_t... J>
 void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const RoundingKey& key,
                      std::index_sequence<J...> seq) {
   constexpr std::size_t N = sizeof...(J);
   alignas(64) float buf_p[kQBlock], buf_old[kQBlock], buf_g[kQBlock];
-  alignas(64) float buf_s[N == 0 ? 1 : N][kQBlock];
-  const QTables* q[N == 0 ? 1 : N] = {
+  [[maybe_unused]] alignas(64) float buf_s[N == 0 ? 1 : N][kQBlock];
+  [[maybe_unused]] const QTables* q[N == 0 ? 1 : N] = {
       (is_quantized(t.state_dtype[J]) ? &qtables(qmap_of(t.state_dtype[J])) : nullptr)...};
-#if FASTOPTIM_Q_VBMI
-  // With AVX-512 VBMI, every state 8-bit, nearest codes and a layout converted in registers:
-  // the blocks are pipelined over three buffers: a block's states decoded into cur (`ready`:
-  // already done, after the previous block's kernel), its kernel loop also writing the previous
-  // block's codes from prv (`pending`: block plo, absmax_bits pmx; sweep_absmax_codes), then
-  // the next block decoded into nxt.
-  alignas(64) float buf_s2[N == 0 ? 1 : N][kQBlock], buf_s3[N == 0 ? 1 : N][kQBlock];
-  float(*cur)[kQBlock] = buf_s;
-  float(*nxt)[kQBlock] = buf_s2;
-  float(*prv)[kQBlock] = buf_s3;
-  bool ready = false, pending = false;
-  int64_t plo = 0, pn = 0;
-  uint32_t pmx[N == 0 ? 1 : N] = {};
-  [[maybe_unused]] const bool pipe = (q_vbmi() && N > 0 && ((is_quantized(t.state_dtype[J]) && !is_q4(t.state_dtype[J])) && ...) &&
-                                      key.plan.rounding != Rounding::stochastic &&
-                                      t.comp == nullptr && t.out == nullptr &&
-                                      t.grad_dtype == t.dtype &&
-                                      (t.dtype == DType::f32 || t.dtype == DType::bf16));
-  (void)cur;
-  (void)nxt;
-  (void)prv;
-  (void)ready;
-  (void)pending;
-  (void)plo;
-  (void)pn;
-  (void)pmx;
-#endif
-  (void)buf_s;
-  (void)q;
   // The layouts converted in registers (0: none of them).
   const bool plain = t.comp == nullptr && t.out == nullptr && t.grad_dtype == t.dtype;
   const int direct = !plain ? 0 : (t.dtype == DType::f32 ? 1 : (t.dtype == DType::bf16 ? 2 : 0));
   const bool sr = key.plan.rounding == Rounding::stochastic;
   [[maybe_unused]] const bool q4 = (is_q4(t.state_dtype[J]) || ... || false);
+#if FASTOPTIM_Q_VBMI
+  // With AVX-512 VBMI, every state 8-bit, nearest codes and a layout converted in registers:
+  // the blocks are pipelined over three buffers (QPipeline), the first being buf_s.
+  const bool pipe = q_pipelined(t, sr, direct, seq);
+  QPipeline<N> pl(buf_s);
+#endif
   for (int64_t lo = (a + kQBlock - 1) / kQBlock * kQBlock; lo < b; lo += kQBlock) {
     const int64_t n = std::min(kQBlock, t.size - lo);
     const auto first = static_cast<uint32_t>(lo);
@@ -1226,50 +1254,45 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
 #endif
 #if FASTOPTIM_Q_VBMI
     if (pipe) {
-      if (!ready)
+      if (!pl.ready)
         (dequantize_vbmi(static_cast<const uint8_t*>(t.state[J]) + lo, n,
-                         t.absmax[J][lo / kQBlock], *q[J], cur[J]),
+                         t.absmax[J][lo / kQBlock], *q[J], pl.cur[J]),
          ...);
-      if (pending && n == kQBlock) {  // the previous block's codes in this block's kernel loop
+      if (pl.pending && n == kQBlock) {  // the previous block's codes in this block's kernel loop
         const std::array<QJob, N> jobs = {
-            codes_job(prv[J], pn, pmx[J], *q[J], static_cast<uint8_t*>(t.state[J]) + plo,
-                      &t.absmax[J][plo / kQBlock])...};
+            codes_job(pl.prv[J], pl.pn, pl.pmx[J], *q[J],
+                      static_cast<uint8_t*>(t.state[J]) + pl.plo,
+                      &t.absmax[J][pl.plo / kQBlock])...};
         if (direct == 1)
           sweep_absmax_codes<F32, F32>(k, static_cast<float*>(t.param) + lo,
                                        static_cast<const float*>(t.grad) + lo, mx, jobs, seq,
-                                       cur[J]...);
+                                       pl.cur[J]...);
         else
           sweep_absmax_codes<BF16, BF16>(k, static_cast<uint16_t*>(t.param) + lo,
                                          static_cast<const uint16_t*>(t.grad) + lo, mx, jobs,
-                                         seq, cur[J]...);
+                                         seq, pl.cur[J]...);
       } else {
-        if (pending) (unstage_state(prv[J], pmx[J], t, J, q[J], plo, pn, key), ...);
+        if (pl.pending)
+          (unstage_state(pl.prv[J], pl.pmx[J], t, J, q[J], pl.plo, pl.pn, key), ...);
         if (direct == 1)
           sweep_absmax<F32, F32, false>(k, static_cast<float*>(t.param) + lo,
                                         static_cast<const float*>(t.grad) + lo, n, first, 0u, mx,
-                                        seq, cur[J]...);
+                                        seq, pl.cur[J]...);
         else
           sweep_absmax<BF16, BF16, false>(k, static_cast<uint16_t*>(t.param) + lo,
                                           static_cast<const uint16_t*>(t.grad) + lo, n, first, 0u,
-                                          mx, seq, cur[J]...);
+                                          mx, seq, pl.cur[J]...);
       }
-      pending = false;
+      pl.pending = false;
       const int64_t next = lo + kQBlock;
-      ready = next < b && t.size - next >= kQBlock;  // (then this block is full too)
-      if (ready) {
+      pl.ready = next < b && t.size - next >= kQBlock;  // (then this block is full too)
+      if (pl.ready) {
         (dequantize_vbmi(static_cast<const uint8_t*>(t.state[J]) + next, n,  // (n == kQBlock)
-                         t.absmax[J][next / kQBlock], *q[J], nxt[J]),
+                         t.absmax[J][next / kQBlock], *q[J], pl.nxt[J]),
          ...);
-        pending = true;  // this block's codes: in the next block's kernel loop
-        plo = lo;
-        pn = n;
-        std::copy(mx, mx + N, pmx);
-        float(*const done)[kQBlock] = prv;
-        prv = cur;
-        cur = nxt;
-        nxt = done;
+        pl.advance(lo, n, mx);  // this block's codes: in the next block's kernel loop
       } else {
-        (unstage_state(cur[J], mx[J], t, J, q[J], lo, n, key), ...);
+        (unstage_state(pl.cur[J], mx[J], t, J, q[J], lo, n, key), ...);
       }
       continue;
     }

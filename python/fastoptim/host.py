@@ -162,8 +162,9 @@ _WORKSPACE = _Workspace()
 
 def release_workspace() -> None:
     """Free the calling thread's Newton-Schulz scratch arrays (:class:`fastoptim.Muon` keeps
-    ``2 m^2 + m n`` values of its largest ``m x n`` matrix, m <= n, per thread that stepped it;
-    the next step allocates them again)."""
+    ``2 m^2 + m n`` values of its largest ``m x n`` matrix, m <= n, per thread that stepped it,
+    and ``m n`` more for a tall parameter's transposed update; the next step allocates them
+    again)."""
     _WORKSPACE.buffers.clear()
 
 
@@ -254,6 +255,50 @@ def _lerp_(a: np.ndarray, b: np.ndarray, weight: float, out: np.ndarray | None =
         np.subtract(b, d, out=target)
 
 
+def _threaded(*arrays: np.ndarray) -> bool:
+    """Whether `arrays` suit fastoptim's multithreaded element-wise passes (``_core.lerp`` /
+    ``_core.combine``): ndarrays of one dtype, float32 or float64, C-contiguous and aligned, of
+    one size, the first writeable, and each other one either the first itself (same memory) or
+    apart from it (NumPy's route computes its temporaries first: a partial overlap would read
+    elements already written)."""
+    out = arrays[0]
+    if not (
+        type(out) is np.ndarray
+        and out.dtype in (np.float32, np.float64)
+        and out.flags.writeable
+        and out.flags.c_contiguous
+        and out.flags.aligned
+    ):
+        return False
+    for x in arrays[1:]:
+        if not (
+            type(x) is np.ndarray
+            and x.dtype == out.dtype
+            and x.size == out.size
+            and x.flags.c_contiguous
+            and x.flags.aligned
+        ):
+            return False
+        if x.ctypes.data != out.ctypes.data and np.may_share_memory(x, out):
+            return False
+    return True
+
+
+def _lerp_threaded_(
+    a: np.ndarray, b: np.ndarray, weight: float, out: np.ndarray | None = None
+) -> None:
+    """:func:`_lerp_` (the same bits: torch's formula from the nearer end, each operation
+    rounded to the arrays' dtype) on all threads through ``_core.lerp`` where the arrays allow
+    it (:func:`_threaded`), else NumPy's passes."""
+    from fastoptim import _core
+
+    target = a if out is None else out
+    if _threaded(target, a, b):
+        _core.lerp(target, a, b, weight)
+    else:
+        _lerp_(a, b, weight, out)
+
+
 def muon_update(
     group: Mapping[str, Any],
     params: Sequence[np.ndarray],
@@ -262,26 +307,43 @@ def muon_update(
     step: int,
 ) -> None:
     """One Muon update of `params` in place (see :class:`fastoptim.Muon`), tensor by tensor:
-    the momentum buffer and Nesterov blend in NumPy (a few passes over the tensor, small next
-    to the Newton-Schulz products), the orthogonalisation through BLAS, then
-    ``p = p * (1 - lr * wd) - lr * ratio * O``."""
+    the momentum buffer ``buf = lerp(buf, g, 1 - momentum)`` and the Nesterov blend
+    ``lerp(g, buf, momentum)`` (torch's lerp from the nearer end), the orthogonalisation `O`
+    through BLAS, then ``p = p * (1 - lr * wd) + (-lr * ratio) * O`` (each product rounded to
+    the parameter's dtype, then the sum).  The element-wise passes run on all threads
+    (``_core.lerp``, ``_core.combine``, ``_core.transpose`` for a tall parameter's `O`) with
+    NumPy's bits; NumPy computes them for arrays those passes do not take (not C-contiguous,
+    dtypes other than float32/float64)."""
+    from fastoptim import _core
+
     lr, wd, mu = float(group["lr"]), float(group["weight_decay"]), float(group["momentum"])
     coefficients, steps, eps = group["ns_coefficients"], int(group["ns_steps"]), group["eps"]
     ns_dtype = group.get("ns_dtype", "bfloat16")
     for p, g, buf in zip(params, grads, states["momentum_buffer"]):
         g = np.asarray(g, dtype=p.dtype)  # (a bfloat16 gradient of a float32 parameter)
-        _lerp_(buf, g, 1 - mu)
+        _lerp_threaded_(buf, g, 1 - mu)
         if group["nesterov"]:
             direction = np.empty_like(buf)
-            _lerp_(g, buf, mu, out=direction)
+            _lerp_threaded_(g, buf, mu, out=direction)
         else:
             direction = buf
         o = newton_schulz(direction, coefficients, steps, float(eps), ns_dtype)
         scale = -lr * muon_lr_ratio(group["adjust_lr_fn"], p.shape)
-        p *= p.dtype.type(1 - lr * wd)
-        o = np.asarray(o, dtype=p.dtype)
-        o *= p.dtype.type(scale)
-        p += o
+        decay = 1 - lr * wd
+        tall_view = not o.flags.c_contiguous and o.T.flags.c_contiguous
+        if o.dtype == p.dtype and tall_view and _threaded(p):
+            # a tall parameter's O: the transposed view of a C-contiguous result
+            update = _WORKSPACE.get("update", p.shape, p.dtype.type)
+            _core.transpose(update, o.T)
+            o = update
+        else:  # (converted to p's dtype, C order: one NumPy pass)
+            o = np.asarray(o, dtype=p.dtype, order="C")
+        if _threaded(p, o):
+            _core.combine(p, p, o, decay, scale)  # (the products rounded to p's dtype)
+        else:
+            p *= p.dtype.type(decay)
+            o *= p.dtype.type(scale)
+            p += o
 
 
 def check_muon_param(owner: str, label: str, shape: tuple[int, ...]) -> None:

@@ -33,13 +33,23 @@ inline float float_of(uint32_t b) {
 inline float bf16_load(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest, ties to even, on the bit pattern (denormals kept, as torch and ml_dtypes);
-// NaN stays NaN (quiet, sign kept); values from the midpoint above the largest bfloat16 become Inf.
-inline uint16_t bf16_round_nearest(float x) {
+// NaN stays NaN (quiet: its sign and high payload kept); values from the midpoint above the
+// largest bfloat16 become Inf.  The one definition of rounding to nearest bfloat16: the
+// result as a float32 pattern (low half zero), all 32-bit lanes (selects, no narrowing), so
+// the loops that keep it in float32 (dispatch.cpp's Newton-Schulz passes) vectorize as plain
+// 32-bit integer code.  (The intermediate sum cannot wrap: only NaN patterns are that high.)
+inline uint32_t bf16_nearest_bits(float x) {
   const uint32_t b = bits_of(x);
-  const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
-  const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(nan ? (b >> 16) | 0x40u : r);
+  const uint32_t nan = (b & 0xFFFF0000u) | 0x00400000u;
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  return (b & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
 }
+// ... as the bfloat16 code (what a bfloat16 array stores) ...
+inline uint16_t bf16_round_nearest(float x) {
+  return static_cast<uint16_t>(bf16_nearest_bits(x) >> 16);
+}
+// ... and as a float32 holding that bfloat16 value (bf16_load(bf16_round_nearest(x))).
+inline float bf16_round_nearest_f32(float x) { return float_of(bf16_nearest_bits(x)); }
 
 // Stochastic rounding with 16 random bits `r` (low half used): the result is one of the two
 // bfloat16 neighbours of x, the upper one (in magnitude) with probability equal to x's distance

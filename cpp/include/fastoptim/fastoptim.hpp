@@ -81,6 +81,12 @@ void combine(float* out, const float* x, const float* y, float alpha, float beta
              bool bf16);
 void combine(double* out, const double* x, const double* y, double alpha, double beta,
              int64_t n);
+// out[i] = lerp(a[i], b[i], w) from the nearer end, as torch.lerp evaluates it: a + (b - a) * w
+// when w < 0.5, else b - (b - a) * (1 - w), each operation rounded to T (no fused multiply-add:
+// host.py's NumPy route, bit for bit), on all threads: Muon's momentum and Nesterov blend.
+// `out` may be `a` or `b`.
+void lerp(float* out, const float* a, const float* b, float w, int64_t n);
+void lerp(double* out, const double* a, const double* b, double w, int64_t n);
 // The m x m row-major matrix `a` made symmetric from its upper triangle (diagonal included; the
 // lower triangle's old values are never read), on all threads; with `bf16` every element is
 // first rounded to the nearest bfloat16 as `combine` rounds.  BLAS syrk's result (upper
