@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -96,6 +97,23 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
   const auto size = static_cast<int64_t>(a.size());
   const auto hi = lo + static_cast<std::uintptr_t>(size * a.itemsize());
   return {a, dtype, const_cast<void*>(a.data()), size, lo, hi};
+}
+
+// The arrays of an element-wise helper (combine, lerp): out (written) and two inputs, all float32
+// or all float64 and of one size; out may be an input (element i reads only element i) but must
+// not overlap one otherwise.  names: out's, then the inputs', as the Python keywords.
+std::array<Arg, 3> check_elementwise(const std::string& fn, const std::array<const char*, 3>& names,
+                                     py::handle out, py::handle x, py::handle y) {
+  const Arg o = check_array(out, names[0], true), a = check_array(x, names[1], false),
+            b = check_array(y, names[2], false);
+  const std::string all = fn + ": " + names[0] + ", " + names[1] + " and " + names[2];
+  if (o.dtype != a.dtype || o.dtype != b.dtype || (o.dtype != DType::f32 && o.dtype != DType::f64))
+    throw py::type_error(all + " must all be float32 or all float64");
+  if (a.size != o.size || b.size != o.size) throw py::value_error(all + " must have the same size");
+  for (const Arg* in : {&a, &b})
+    if (in->data != o.data && in->lo < o.hi && o.lo < in->hi)
+      throw py::value_error(fn + ": out overlaps an input without being it");
+  return {o, a, b};
 }
 
 void check_shape(const Arg& x, const py::array& param, const std::string& what) {
@@ -1325,17 +1343,8 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("array"), "The roofline of a read-only pass: the sum of a float32 array, read once.");
   m.def("combine", [](const py::handle& out, const py::handle& x, const py::handle& y,
                        double alpha, double beta, bool bf16) {
-    Arg o = check_array(out, "out", true), a = check_array(x, "x", false),
-        b = check_array(y, "y", false);
-    if (o.dtype != a.dtype || o.dtype != b.dtype || (o.dtype != DType::f32 && o.dtype != DType::f64))
-      throw py::type_error("combine: out, x and y must all be float32 or all float64");
-    if (a.size != o.size || b.size != o.size)
-      throw py::value_error("combine: out, x and y must have the same size");
+    const auto [o, a, b] = check_elementwise("combine", {"out", "x", "y"}, out, x, y);
     if (bf16 && o.dtype != DType::f32) throw py::type_error("combine: bf16 needs float32 arrays");
-    // out may be x or y (element i reads only element i), but must not overlap them otherwise
-    for (const Arg* in : {&a, &b})
-      if (in->data != o.data && in->lo < o.hi && o.lo < in->hi)
-        throw py::value_error("combine: out overlaps an input without being it");
     py::gil_scoped_release release;
     if (o.dtype == DType::f32)
       combine(static_cast<float*>(o.data), static_cast<const float*>(a.data),
@@ -1351,16 +1360,7 @@ PYBIND11_MODULE(_core, m) {
   "part of a Newton-Schulz iteration, on all threads.");
   m.def("lerp", [](const py::handle& out, const py::handle& a, const py::handle& b,
                     double weight) {
-    Arg o = check_array(out, "out", true), x = check_array(a, "a", false),
-        y = check_array(b, "b", false);
-    if (o.dtype != x.dtype || o.dtype != y.dtype || (o.dtype != DType::f32 && o.dtype != DType::f64))
-      throw py::type_error("lerp: out, a and b must all be float32 or all float64");
-    if (x.size != o.size || y.size != o.size)
-      throw py::value_error("lerp: out, a and b must have the same size");
-    // out may be a or b (element i reads only element i), but must not overlap them otherwise
-    for (const Arg* in : {&x, &y})
-      if (in->data != o.data && in->lo < o.hi && o.lo < in->hi)
-        throw py::value_error("lerp: out overlaps an input without being it");
+    const auto [o, x, y] = check_elementwise("lerp", {"out", "a", "b"}, out, a, b);
     py::gil_scoped_release release;
     if (o.dtype == DType::f32)
       lerp(static_cast<float*>(o.data), static_cast<const float*>(x.data),

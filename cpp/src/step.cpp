@@ -430,7 +430,6 @@ template <>
 void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __restrict d,
                             uint32_t key, uint32_t first) {
   const Group32 c;
-  const __m512i odd = c.odd, mag = c.mag, big = c.big;
   const __m512i k = _mm512_set1_epi32(static_cast<int>(key));
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // m <= 32 elements from i, the first 16 with bits r0, the others with r1
@@ -440,11 +439,11 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
         static_cast<__mmask16>(m >= 32 ? 0xFFFFu : (m <= 16 ? 0u : (1u << (m - 16)) - 1u));
     const __m512i b0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(lo, s + i));
     const __m512i b1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(hi, s + i + 16));
-    const __mmask16 special = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, mag), big) |
-                              _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, mag), big);
+    const __mmask16 special = _mm512_cmpge_epu32_mask(_mm512_and_si512(b0, c.mag), c.big) |
+                              _mm512_cmpge_epu32_mask(_mm512_and_si512(b1, c.mag), c.big);
     if (__builtin_expect(special == 0, 1)) {
       const __m512i r =
-          _mm512_permutex2var_epi16(_mm512_add_epi32(b0, r0), odd, _mm512_add_epi32(b1, r1));
+          _mm512_permutex2var_epi16(_mm512_add_epi32(b0, r0), c.odd, _mm512_add_epi32(b1, r1));
       if (m >= 32)
         _mm512_storeu_si512(d + i, r);
       else
@@ -466,7 +465,6 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * 0x9E3779B1u));
   const auto index = static_cast<int>((first + static_cast<uint32_t>(head)) >> 1);
   __m512i xi = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(index), lane), c0);
-  const __m512i ffff = c.ffff;
   const __m512i k16 = _mm512_set1_epi32(static_cast<int>(key ^ (key >> 16)));
   int64_t i = head;
   // whole groups: bf16_group32; a group needing the portable function leaves the inner loop
@@ -476,7 +474,7 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
     for (; i + 32 <= n; i += 32) {
       const __m512i x = random_hash16_k16(xi, k16);
       xi = _mm512_add_epi32(xi, step);
-      if (__builtin_expect(_mm512_cmpge_epu32_mask(bf16_group32(s + i, d + i, x, c), big) != 0,
+      if (__builtin_expect(_mm512_cmpge_epu32_mask(bf16_group32(s + i, d + i, x, c), c.big) != 0,
                            0)) {
         special = true;
         break;
@@ -490,7 +488,7 @@ void store_stochastic<BF16>(const float* __restrict s, int64_t n, uint16_t* __re
   if (i < n) {  // the last, partial group
     const __m512i x = random_hash16(xi, k);
     const __m512i h = _mm512_srli_epi32(x, 16);
-    group(i, n - i, _mm512_ternarylogic_epi32(x, h, ffff, 0x28), h);
+    group(i, n - i, _mm512_ternarylogic_epi32(x, h, c.ffff, 0x28), h);
   }
 }
 
