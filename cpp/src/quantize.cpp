@@ -54,6 +54,60 @@ std::vector<float> dynamic_map(bool is_signed, int max_exponent_bits, int total_
   return data;
 }
 
+// The gather-free search's tables (QTables::searchable): decades (P[d-1], P[d]] of the
+// positive values, P[d] = float(10^(d - 7)), d = 1..7 (every 8-bit dynamic map).  `searchable`
+// stays false unless the candidate rank is within one below the rank for every |x| < 2, which
+// holds for all |x| where it holds on both sides of every threshold and every region boundary
+// (the candidate does not decrease with |x| within a region, checked across the boundaries):
+// maps of another shape (the 4-bit ones' QTables) keep the bucket words.
+void fill_search(QTables& q, const std::vector<float>& pos, const std::vector<uint32_t>& t,
+                 int32_t pos_base) {
+  q.pos_base = pos_base;
+  for (int r = 0; r < 256; ++r) {
+    const uint32_t thr = r < static_cast<int>(t.size()) ? t[static_cast<std::size_t>(r)]
+                                                        : 0x7F800000u;
+    for (int j = 0; j < 4; ++j) q.thr_bytes[j][r] = static_cast<uint8_t>(thr >> (8 * j));
+  }
+  constexpr int D = 7;
+  float P[D + 1];
+  for (int d = 0; d <= D; ++d) P[d] = static_cast<float>(std::pow(10.0, d - D));
+  // regions: 0, |x| <= P[0]; r = 1..D, (P[r-1], P[r]]; D + 1, |x| > P[D] = 1
+  q.region_a[D + 1] = 0.0f;
+  q.region_c[D + 1] = static_cast<float>(t.size());
+  for (int r = 1; r <= D; ++r) {
+    const auto first = std::upper_bound(pos.begin(), pos.end(), P[r - 1]) - pos.begin();
+    const auto end = std::lower_bound(pos.begin(), pos.end(), P[r]) - pos.begin();
+    const double n = static_cast<double>(end - first);
+    q.region_a[r] = static_cast<float>(n / (0.9 * P[r]));
+    q.region_c[r] = static_cast<float>(static_cast<double>(first) - 0.5 - n / 9.0);
+  }
+  for (uint32_t k = 0; k < 32; ++k) {
+    q.region_bound[k] = std::numeric_limits<float>::infinity();
+    if (k == 0) continue;  // below 2^-24: region 0
+    const float lower = std::ldexp(1.0f, static_cast<int>(k + kQRegionExp) - 127);
+    for (int d = 0; d <= D; ++d) {
+      if (P[d] < lower) q.region_lo[k] = d + 1;
+      else if (P[d] < 2.0f * lower && q.region_bound[k] > P[d]) q.region_bound[k] = P[d];
+    }
+  }
+  const auto rank = [&](uint32_t a) {  // thresholds below |x| = float_of(a)
+    return static_cast<int32_t>(std::lower_bound(t.begin(), t.end(), a) - t.begin());
+  };
+  const auto fits = [&](uint32_t a) {
+    const int32_t c = q_rank_candidate(float_of(a), q), want = rank(a);
+    return c >= 0 && c <= 255 && (want == c || want == c + 1);
+  };
+  if (t.size() > 255) return;
+  bool ok = fits(0u) && fits(0x3FFFFFFFu);  // 0, the largest |x| < 2
+  for (const uint32_t tj : t) ok = ok && fits(tj) && fits(tj + 1);
+  for (int d = 0; d <= D; ++d) {
+    const uint32_t b = bits_of(P[d]);
+    ok = ok && fits(b) && fits(b + 1) &&
+         q_rank_candidate(float_of(b), q) <= q_rank_candidate(float_of(b + 1), q);
+  }
+  q.searchable = ok;
+}
+
 // (On the heap: the bucket words are 128 KiB.)
 std::unique_ptr<const QTables> build(const std::vector<float>& map) {
   auto q = std::make_unique<QTables>();
@@ -109,6 +163,7 @@ std::unique_ptr<const QTables> build(const std::vector<float>& map) {
     q->bucket[k] = (static_cast<uint32_t>(code) - static_cast<uint32_t>(k)) << 16 | low;
   }
   q->zero = q_code(0.0f, *q);
+  fill_search(*q, pos, t, pos_base);
   return q;
 }
 

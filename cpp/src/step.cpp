@@ -280,6 +280,16 @@ inline bool detect_avx512_vbmi() {
 const bool kAvx512Vbmi = detect_avx512_vbmi();
 #endif
 
+// Whether the 8-bit codes are decoded by byte permutes and searched without gathers (AVX-512
+// VBMI found at run time).
+inline bool q_vbmi() {
+#if FASTOPTIM_Q_VBMI
+  return kAvx512Vbmi;
+#else
+  return false;
+#endif
+}
+
 #if FASTOPTIM_F16C
 // float16 <-> float32 with F16C (vcvtph2ps; vcvtps2ph rounding to nearest-even): exact IEEE
 // conversions, denormals included.  vcvtph2ps gives f16_load's bits on every value (a NaN
@@ -823,7 +833,7 @@ inline void unstage_state(const float* s, uint32_t mbits, const Tensor& t, std::
           ? quantize_block_stochastic(s, n, mbits, *q, codes,
                                       key(t, static_cast<uint32_t>(1 + j), lo),
                                       static_cast<uint32_t>(lo))
-          : quantize_block(s, n, mbits, *q, codes);
+          : quantize_block(s, n, mbits, *q, codes, q_vbmi());
 }
 
 // The element functor over n elements: parameter of format P (updated in place, rounded as
@@ -1065,26 +1075,32 @@ __attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void sweep_qvbmi(
 struct QJob {
   const float* src;
   float inv;
-  const uint32_t* bucket;
+  const QTables* q;
   uint8_t* codes;
 };
 inline QJob codes_job(const float* s, int64_t n, uint32_t mb, const QTables& q, uint8_t* codes,
                       float* absmax) {
   const QScale sc = q_scale(mb < 0x7F800000u ? mb : 0u);
   if (mb >= 0x7F800000u || sc.divide || n != kQBlock) {
-    *absmax = quantize_block(s, n, mb, q, codes);
+    *absmax = quantize_block(s, n, mb, q, codes, true);
     return {nullptr, 0.0f, nullptr, nullptr};
   }
   *absmax = sc.absmax;
-  return {s, sc.inv, q.bucket, codes};
+  return {s, sc.inv, &q, codes};
 }
+// The codes of job jb's 64 values from i: without gathers where the map is searchable
+// (q_codes_vbmi64), else 16 at a time by q_code16.
 __attribute__((target("avx512vbmi"))) FASTOPTIM_ALWAYS_INLINE void codes64(const QJob& jb,
                                                                              int64_t i) {
   if (jb.src == nullptr) return;
   const __m512 vinv = _mm512_set1_ps(jb.inv);
+  if (jb.q->searchable) {
+    q_codes_vbmi64(jb.src + i, vinv, q_search(*jb.q), jb.codes + i);
+    return;
+  }
   for (int64_t h = i; h < i + kQVbmi; h += 16) {
-    const __m512i code =
-        q_code16(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(jb.src + h), vinv)), jb.bucket);
+    const __m512i code = q_code16(
+        _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(jb.src + h), vinv)), jb.q->bucket);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(jb.codes + h), _mm512_cvtepi32_epi8(code));
   }
 }
@@ -1116,14 +1132,6 @@ FASTOPTIM_VECTORIZE
   ((mx[J] = qvbmi_reduce_max(m[J])), ...);
 }
 #endif
-
-inline bool q_vbmi() {
-#if FASTOPTIM_Q_VBMI
-  return kAvx512Vbmi;
-#else
-  return false;
-#endif
-}
 
 #if FASTOPTIM_Q_VBMI
 // Whether sweep_quantized pipelines the blocks of t (QPipeline): AVX-512 VBMI, at least one

@@ -25,6 +25,7 @@
 // ISA); no clamping, no sign fix-up.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -69,7 +70,30 @@ struct QTables {
   // value[] as four byte planes (plane j: byte j of every value's bit pattern, little-endian),
   // for dequantizing by byte permutes (AVX-512 VBMI vpermi2b) instead of loads.
   uint8_t value_bytes[4][256] = {};
+  // The search without gathers (q_codes_vbmi64, AVX-512 VBMI; `searchable` where the map has the
+  // dynamic maps' shape, checked when the tables are built).  rank(|x|), the number of decision
+  // thresholds below |x| (x's code is pos_base + rank for x >= 0, max(pos_base - rank, 0) for
+  // x < 0, as the bucket words give it), is at most one above a candidate computed from |x|
+  // alone: the map's positive values lie evenly spaced within each decade (10^(d-1), 10^d], so
+  // that, with f = (|x| / 10^d - 0.1) * n / 0.9 (n values in the decade), its thresholds lie
+  // within 0.5 of integer values of f; the candidate is the region's first rank R plus
+  // floor(f - 0.5), that is floor(|x| * region_a + region_c) for the region of |x| (0: below
+  // the lowest decade, a = c = 0; then one per decade; last: |x| > 1, a = 0, c = the largest
+  // rank).  The region is region_lo[k] for |x|'s binade k = max(exponent - kQRegionExp, 0) plus
+  // one where |x| > region_bound[k] (the power of ten inside the binade; +inf if none).  Then
+  // rank = candidate + (|x|'s bit pattern > thr[candidate]), thr[r] the threshold between ranks
+  // r and r + 1 (Inf beyond the last), as four byte planes like value_bytes.
+  bool searchable = false;
+  int32_t pos_base = 0;                // the code of +0
+  int32_t region_lo[32] = {};
+  float region_bound[32] = {};
+  float region_a[16] = {}, region_c[16] = {};
+  uint8_t thr_bytes[4][256] = {};
 };
+
+// Binade k = 1 of the gather-free search holds |x| in [2^(kQRegionExp - 126), 2^(kQRegionExp -
+// 125)): 2^-24 up (every threshold of the 8-bit maps is above 10^-7).
+inline constexpr uint32_t kQRegionExp = 102;
 
 // The tables of map m (built once, on first use; thread-safe).
 const QTables& qtables(QMap m);
@@ -127,6 +151,115 @@ inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket) {
 }
 #endif
 
+// The candidate rank of |x| (ax >= 0, finite, < 2) in the gather-free search (QTables): the
+// same float32 operations as q_codes_vbmi64, lane by lane.
+inline int32_t q_rank_candidate(float ax, const QTables& q) {
+  const uint32_t e = bits_of(ax) >> 23;
+  const uint32_t k = e > kQRegionExp ? e - kQRegionExp : 0u;
+  const int32_t r = q.region_lo[k] + (ax > q.region_bound[k] ? 1 : 0);
+  return static_cast<int32_t>(std::floor(std::fma(ax, q.region_a[r], q.region_c[r])));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__GNUC__)
+#define FASTOPTIM_Q_SEARCH64 1
+// Byte k of the 64-code vector the threshold planes are looked up with: dword 4L + d of
+// candidate vector r (elements 16 r + 4 L + d) sits at byte 16 L + 4 r + d, so that the
+// unpacks that rebuild 32-bit thresholds from the planes (as dequantize_vbmi64's) give them
+// back in element order.  kQFromX: from (c0, c1); kQFromY: from (c2, c3); kQPack: ranks back
+// into element order (byte i: element i, from (r0, r1) or (r2, r3)).
+struct QSearchIdx {
+  alignas(64) uint8_t from_x[64], from_y[64], pack_lo[64], pack_hi[64];
+  constexpr QSearchIdx() : from_x(), from_y(), pack_lo(), pack_hi() {
+    for (int L = 0; L < 4; ++L)
+      for (int r = 0; r < 4; ++r)
+        for (int d = 0; d < 4; ++d) {
+          const int pos = 16 * L + 4 * r + d;
+          const int src = 64 * (r % 2) + 4 * (4 * L + d);  // low byte of dword 4L + d
+          (r < 2 ? from_x : from_y)[pos] = static_cast<uint8_t>(src);
+          (r < 2 ? from_y : from_x)[pos] = 0;
+        }
+    for (int i = 0; i < 64; ++i) {  // element i: vector i / 16, dword i % 16
+      const int src = 64 * ((i / 16) % 2) + 4 * (i % 16);
+      pack_lo[i] = static_cast<uint8_t>(i < 32 ? src : 0);
+      pack_hi[i] = static_cast<uint8_t>(i < 32 ? 0 : src);
+    }
+  }
+};
+inline constexpr QSearchIdx kQSearchIdx{};
+
+// The tables q_codes_vbmi64 reads, in registers (loaded once per block; the compiler keeps
+// what fits).
+struct QSearch {
+  __m512i lo0, lo1, thr[4][4];
+  __m512 bound0, bound1, a, c;
+  int32_t pos_base;
+};
+__attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) QSearch q_search(
+    const QTables& q) {
+  QSearch r;
+  r.lo0 = _mm512_loadu_si512(q.region_lo);
+  r.lo1 = _mm512_loadu_si512(q.region_lo + 16);
+  r.bound0 = _mm512_loadu_ps(q.region_bound);
+  r.bound1 = _mm512_loadu_ps(q.region_bound + 16);
+  r.a = _mm512_loadu_ps(q.region_a);
+  r.c = _mm512_loadu_ps(q.region_c);
+  for (int j = 0; j < 4; ++j)
+    for (int h = 0; h < 4; ++h) r.thr[j][h] = _mm512_loadu_si512(q.thr_bytes[j] + 64 * h);
+  r.pos_base = q.pos_base;
+  return r;
+}
+
+// codes[0..64) = q_code(src[i] * inv) (vinv: inv broadcast) without gathers, for a map with
+// q.searchable (see QTables; s = q_search(q)): the candidate ranks of 16 values by two 32-entry
+// and two 16-entry permutes and one fma, the 64 thresholds at the candidates by byte permutes
+// of the planes, one compare, then the codes 64 at a time in bytes.  The same codes as q_code.
+__attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void q_codes_vbmi64(
+    const float* __restrict src, __m512 vinv, const QSearch& s, uint8_t* __restrict codes) {
+  const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
+  const __m512i base = _mm512_set1_epi32(static_cast<int>(kQRegionExp));
+  __m512i a[4], c[4];
+  __mmask16 neg[4];
+  for (int r = 0; r < 4; ++r) {
+    const __m512i b = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(src + 16 * r), vinv));
+    neg[r] = _mm512_movepi32_mask(b);
+    a[r] = _mm512_and_si512(b, mag);
+    const __m512 ax = _mm512_castsi512_ps(a[r]);
+    const __m512i k = _mm512_subs_epu16(_mm512_srli_epi32(a[r], 23), base);
+    __m512i reg = _mm512_permutex2var_epi32(s.lo0, k, s.lo1);
+    const __m512 bound = _mm512_permutex2var_ps(s.bound0, k, s.bound1);
+    reg = _mm512_mask_add_epi32(reg, _mm512_cmp_ps_mask(ax, bound, _CMP_GT_OQ), reg, one);
+    const __m512 f = _mm512_fmadd_ps(ax, _mm512_permutexvar_ps(reg, s.a),
+                                     _mm512_permutexvar_ps(reg, s.c));
+    c[r] = _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
+  const __m512i cb = _mm512_mask_blend_epi8(
+      0xFF00FF00FF00FF00ull,
+      _mm512_permutex2var_epi8(c[0], _mm512_load_si512(kQSearchIdx.from_x), c[1]),
+      _mm512_permutex2var_epi8(c[2], _mm512_load_si512(kQSearchIdx.from_y), c[3]));
+  const __mmask64 top = _mm512_movepi8_mask(cb);
+  __m512i t[4];
+  for (int j = 0; j < 4; ++j)
+    t[j] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(s.thr[j][0], cb, s.thr[j][1]),
+                                  _mm512_permutex2var_epi8(s.thr[j][2], cb, s.thr[j][3]));
+  const __m512i w0 = _mm512_unpacklo_epi8(t[0], t[1]), w1 = _mm512_unpackhi_epi8(t[0], t[1]);
+  const __m512i w2 = _mm512_unpacklo_epi8(t[2], t[3]), w3 = _mm512_unpackhi_epi8(t[2], t[3]);
+  const __m512i thr[4] = {_mm512_unpacklo_epi16(w0, w2), _mm512_unpackhi_epi16(w0, w2),
+                          _mm512_unpacklo_epi16(w1, w3), _mm512_unpackhi_epi16(w1, w3)};
+  for (int r = 0; r < 4; ++r)
+    c[r] = _mm512_mask_add_epi32(c[r], _mm512_cmpgt_epu32_mask(a[r], thr[r]), c[r], one);
+  const __m512i rank = _mm512_mask_blend_epi8(
+      0xFFFFFFFF00000000ull,
+      _mm512_permutex2var_epi8(c[0], _mm512_load_si512(kQSearchIdx.pack_lo), c[1]),
+      _mm512_permutex2var_epi8(c[2], _mm512_load_si512(kQSearchIdx.pack_hi), c[3]));
+  const __mmask64 negative = _mm512_kunpackd(
+      _mm512_kunpackw(neg[3], neg[2]), _mm512_kunpackw(neg[1], neg[0]));
+  const __m512i pb = _mm512_set1_epi8(static_cast<char>(s.pos_base));
+  _mm512_storeu_si512(codes, _mm512_mask_blend_epi8(negative, _mm512_add_epi8(pb, rank),
+                                                    _mm512_subs_epu8(pb, rank)));
+}
+#endif
+
 // codes[i] = q_code(v[i] * inv) for n values: with AVX-512 or AVX2, 16 or 8 at a time through a
 // hardware gather (compilers emulate gathers with scalar loads under their generic tuning),
 // computing exactly q_code's integers; a plain loop elsewhere and for the tail.
@@ -162,10 +295,26 @@ inline void q_codes(const float* __restrict v, int64_t n, float inv, const QTabl
   for (; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket);
 }
 
+#ifdef FASTOPTIM_Q_SEARCH64
+// q_codes by q_codes_vbmi64 (q.searchable, on a CPU with AVX-512 VBMI), 64 at a time; the
+// tail by q_codes.
+__attribute__((target("avx512vbmi"))) inline void q_codes_search(const float* __restrict v,
+                                                                 int64_t n, float inv,
+                                                                 const QTables& q,
+                                                                 uint8_t* __restrict codes) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const QSearch s = q_search(q);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) q_codes_vbmi64(v + i, vinv, s, codes + i);
+  if (i < n) q_codes(v + i, n - i, inv, q, codes + i);
+}
+#endif
+
 // Quantize n <= kQBlock values whose absmax_bits are `mb` into codes; returns the block's absmax
-// (NaN for a non-finite block).
+// (NaN for a non-finite block).  `search`: the caller found AVX-512 VBMI (q_codes_search where
+// the map is searchable and this build has it; the same codes).
 inline float quantize_block(const float* __restrict v, int64_t n, uint32_t mb, const QTables& q,
-                            uint8_t* __restrict codes) {
+                            uint8_t* __restrict codes, [[maybe_unused]] bool search = false) {
   if (mb >= 0x7F800000u) {
     for (int64_t i = 0; i < n; ++i) codes[i] = q.zero;
     return float_of(0x7FC00000u);
@@ -177,6 +326,12 @@ inline float quantize_block(const float* __restrict v, int64_t n, uint32_t mb, c
     FASTOPTIM_Q_VECTORIZE
     for (int64_t i = 0; i < n; ++i) codes[i] = q_code(v[i] / absmax, bucket);
   } else {
+#ifdef FASTOPTIM_Q_SEARCH64
+    if (search && q.searchable) {
+      q_codes_search(v, n, s.inv, q, codes);
+      return s.absmax;
+    }
+#endif
     q_codes(v, n, s.inv, q, codes);
   }
   return s.absmax;
