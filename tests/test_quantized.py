@@ -475,19 +475,27 @@ np.savez(sys.argv[1], **out)
 @pytest.mark.skipif("avx512" not in fo.available_isas(), reason="no AVX-512 on this CPU")
 def test_avx512_dequantize_by_permutes_equals_gathers(tmp_path: Path) -> None:
     """The avx512 build dequantizes by byte permutes where the CPU has AVX-512 VBMI, in one
-    loop with the kernel (8-bit and 4-bit states), and by gathers or staged elsewhere
-    (FASTOPT_QUANT_VBMI=0 forces the other paths): the same bits, every layout, mixed and
-    partly quantized states, odd sizes and short last blocks."""
+    loop with the kernel (8-bit and 4-bit states), and searches the 8-bit codes without
+    gathers there; by gathers or staged elsewhere (FASTOPT_QUANT_VBMI=0 forces the other
+    paths; FASTOPT_QUANT_SEARCH=0 the codes' gathers with the permutes): the same bits, every
+    layout, mixed and partly quantized states, odd sizes and short last blocks."""
     got = {}
-    for vbmi in ("1", "0"):
-        env = {**os.environ, "FASTOPT_ISA": "avx512", "FASTOPT_QUANT_VBMI": vbmi}
-        path = tmp_path / f"vbmi{vbmi}.npz"
+    for run in ("vbmi", "vbmi-gathers", "no-vbmi"):
+        env = {
+            **os.environ,
+            "FASTOPT_ISA": "avx512",
+            "FASTOPT_QUANT_VBMI": "0" if run == "no-vbmi" else "1",
+            "FASTOPT_QUANT_SEARCH": "0" if run == "vbmi-gathers" else "1",
+        }
+        path = tmp_path / f"{run}.npz"
         subprocess.run([sys.executable, "-c", _PATHS_CHILD, str(path)], env=env, check=True)
         with np.load(path) as f:
-            got[vbmi] = {k: f[k] for k in f.files}
-    assert got["1"].keys() == got["0"].keys() and len(got["1"]) > 400
-    for k, v in got["1"].items():
-        same_bits(v, got["0"][k], k)
+            got[run] = {k: f[k] for k in f.files}
+    assert len(got["vbmi"]) > 400
+    for run in ("vbmi-gathers", "no-vbmi"):
+        assert got[run].keys() == got["vbmi"].keys()
+        for k, v in got["vbmi"].items():
+            same_bits(v, got[run][k], f"{run}: {k}")
 
 
 def test_policy_per_state_and_sizes() -> None:

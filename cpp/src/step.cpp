@@ -278,13 +278,29 @@ inline bool detect_avx512_vbmi() {
   return (c >> 1) & 1u;
 }
 const bool kAvx512Vbmi = detect_avx512_vbmi();
+
+// Where VBMI is found, the 8-bit codes are searched without gathers (q_codes_vbmi64) unless
+// FASTOPT_QUANT_SEARCH=0 is in the environment (then by the bucket words' gathers: the tests
+// compare the two; on a CPU with fast gathers they may be the faster).
+inline bool detect_q_search() {
+  const char* env = std::getenv("FASTOPT_QUANT_SEARCH");
+  return kAvx512Vbmi && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+const bool kQSearch = detect_q_search();
 #endif
 
-// Whether the 8-bit codes are decoded by byte permutes and searched without gathers (AVX-512
-// VBMI found at run time).
+// Whether the 8-bit codes are decoded by byte permutes (AVX-512 VBMI found at run time), and
+// whether they are searched without gathers.
 inline bool q_vbmi() {
 #if FASTOPTIM_Q_VBMI
   return kAvx512Vbmi;
+#else
+  return false;
+#endif
+}
+inline bool q_search_on() {
+#if FASTOPTIM_Q_VBMI
+  return kQSearch;
 #else
   return false;
 #endif
@@ -833,7 +849,7 @@ inline void unstage_state(const float* s, uint32_t mbits, const Tensor& t, std::
           ? quantize_block_stochastic(s, n, mbits, *q, codes,
                                       key(t, static_cast<uint32_t>(1 + j), lo),
                                       static_cast<uint32_t>(lo))
-          : quantize_block(s, n, mbits, *q, codes, q_vbmi());
+          : quantize_block(s, n, mbits, *q, codes, q_search_on());
 }
 
 // The element functor over n elements: parameter of format P (updated in place, rounded as
@@ -1077,24 +1093,25 @@ struct QJob {
   float inv;
   const QTables* q;
   uint8_t* codes;
+  bool search;  // q_codes_vbmi64
 };
 inline QJob codes_job(const float* s, int64_t n, uint32_t mb, const QTables& q, uint8_t* codes,
                       float* absmax) {
   const QScale sc = q_scale(mb < 0x7F800000u ? mb : 0u);
   if (mb >= 0x7F800000u || sc.divide || n != kQBlock) {
-    *absmax = quantize_block(s, n, mb, q, codes, true);
-    return {nullptr, 0.0f, nullptr, nullptr};
+    *absmax = quantize_block(s, n, mb, q, codes, q_search_on());
+    return {nullptr, 0.0f, nullptr, nullptr, false};
   }
   *absmax = sc.absmax;
-  return {s, sc.inv, &q, codes};
+  return {s, sc.inv, &q, codes, q.searchable && q_search_on()};
 }
 // The codes of job jb's 64 values from i: without gathers where the map is searchable
-// (q_codes_vbmi64), else 16 at a time by q_code16.
+// (q_codes_vbmi64; unless FASTOPT_QUANT_SEARCH=0), else 16 at a time by q_code16.
 __attribute__((target("avx512vbmi"))) FASTOPTIM_ALWAYS_INLINE void codes64(const QJob& jb,
                                                                              int64_t i) {
   if (jb.src == nullptr) return;
   const __m512 vinv = _mm512_set1_ps(jb.inv);
-  if (jb.q->searchable) {
+  if (jb.search) {
     q_codes_vbmi64(jb.src + i, vinv, q_search(*jb.q), jb.codes + i);
     return;
   }
