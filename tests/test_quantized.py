@@ -475,10 +475,11 @@ np.savez(sys.argv[1], **out)
 @pytest.mark.skipif("avx512" not in fo.available_isas(), reason="no AVX-512 on this CPU")
 def test_avx512_dequantize_by_permutes_equals_gathers(tmp_path: Path) -> None:
     """The avx512 build dequantizes by byte permutes where the CPU has AVX-512 VBMI, in one
-    loop with the kernel (8-bit and 4-bit states), and searches the 8-bit codes without
-    gathers there; by gathers or staged elsewhere (FASTOPT_QUANT_VBMI=0 forces the other
-    paths; FASTOPT_QUANT_SEARCH=0 the codes' gathers with the permutes): the same bits, every
-    layout, mixed and partly quantized states, odd sizes and short last blocks."""
+    loop with the kernel (8-bit and 4-bit states), and finds the 8-bit codes there without
+    gathers or by gathers, whichever it timed the faster; by gathers or staged elsewhere
+    (FASTOPT_QUANT_VBMI=0 forces the other paths; FASTOPT_QUANT_SEARCH=1 or 0 the search or
+    the gathers with the permutes): the same bits, every layout, mixed and partly quantized
+    states, odd sizes and short last blocks."""
     got = {}
     for run in ("vbmi", "vbmi-gathers", "no-vbmi"):
         env = {

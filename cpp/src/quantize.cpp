@@ -82,13 +82,15 @@ void fill_search(QTables& q, const std::vector<float>& pos, const std::vector<ui
     q.region_c[r] = static_cast<float>(static_cast<double>(first) - 0.5 - n / 9.0);
   }
   for (uint32_t k = 0; k < 32; ++k) {
-    q.region_bound[k] = std::numeric_limits<float>::infinity();
-    if (k == 0) continue;  // below 2^-24: region 0
-    const float lower = std::ldexp(1.0f, static_cast<int>(k + kQRegionExp) - 127);
-    for (int d = 0; d <= D; ++d) {
-      if (P[d] < lower) q.region_lo[k] = d + 1;
-      else if (P[d] < 2.0f * lower && q.region_bound[k] > P[d]) q.region_bound[k] = P[d];
+    uint32_t first = 0, bound = 0x7F800001u;  // (a NaN: |x| > it never holds)
+    if (k > 0) {  // (k = 0, below 2^-24: region 0)
+      const float lower = std::ldexp(1.0f, static_cast<int>(k + kQRegionExp) - 127);
+      for (int d = 0; d <= D; ++d) {
+        if (P[d] < lower) first = static_cast<uint32_t>(d + 1);
+        else if (P[d] < 2.0f * lower) bound = bits_of(P[d]);
+      }
     }
+    q.region_bound[k] = float_of((bound & ~15u) | first);
   }
   const auto rank = [&](uint32_t a) {  // thresholds below |x| = float_of(a)
     return static_cast<int32_t>(std::lower_bound(t.begin(), t.end(), a) - t.begin());
@@ -100,8 +102,9 @@ void fill_search(QTables& q, const std::vector<float>& pos, const std::vector<ui
   if (t.size() > 255) return;
   bool ok = fits(0u) && fits(0x3FFFFFFFu);  // 0, the largest |x| < 2
   for (const uint32_t tj : t) ok = ok && fits(tj) && fits(tj + 1);
-  for (int d = 0; d <= D; ++d) {
-    const uint32_t b = bits_of(P[d]);
+  for (const float bound : q.region_bound) {
+    const uint32_t b = bits_of(bound);
+    if (b >= 0x7F800000u) continue;
     ok = ok && fits(b) && fits(b + 1) &&
          q_rank_candidate(float_of(b), q) <= q_rank_candidate(float_of(b + 1), q);
   }

@@ -28,6 +28,9 @@ int main() {
 #ifdef MUTATE  // (check the check: one bucket word's threshold moved by one float)
     if (m == QMap::signed8) const_cast<QTables&>(q).bucket[0x3F00] += 1;
 #endif
+#ifdef MUTATE_SEARCH  // (and the search's: one threshold of the unsigned map moved by one float)
+    if (m == QMap::unsigned8) const_cast<QTables&>(q).thr_bytes[0][200] += 1;
+#endif
     const bool search = vbmi && q.searchable;
     if (m == QMap::signed8 || m == QMap::unsigned8)
       if (vbmi && !search) { printf("map %d: not searchable\n", (int)m); ++total_bad; }

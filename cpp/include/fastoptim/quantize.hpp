@@ -79,13 +79,13 @@ struct QTables {
   // within 0.5 of integer values of f; the candidate is the region's first rank R plus
   // floor(f - 0.5), that is floor(|x| * region_a + region_c) for the region of |x| (0: below
   // the lowest decade, a = c = 0; then one per decade; last: |x| > 1, a = 0, c = the largest
-  // rank).  The region is region_lo[k] for |x|'s binade k = max(exponent - kQRegionExp, 0) plus
-  // one where |x| > region_bound[k] (the power of ten inside the binade; +inf if none).  Then
+  // rank).  The region is the first one of |x|'s binade k = max(exponent - kQRegionExp, 0), plus
+  // one where |x| > region_bound[k]: a float within 15 ulps of the power of ten inside the
+  // binade (a NaN if none), its low 4 bits holding that first region (one lookup for both).  Then
   // rank = candidate + (|x|'s bit pattern > thr[candidate]), thr[r] the threshold between ranks
   // r and r + 1 (Inf beyond the last), as four byte planes like value_bytes.
   bool searchable = false;
   int32_t pos_base = 0;                // the code of +0
-  int32_t region_lo[32] = {};
   float region_bound[32] = {};
   float region_a[16] = {}, region_c[16] = {};
   uint8_t thr_bytes[4][256] = {};
@@ -156,13 +156,20 @@ inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket) {
 inline int32_t q_rank_candidate(float ax, const QTables& q) {
   const uint32_t e = bits_of(ax) >> 23;
   const uint32_t k = e > kQRegionExp ? e - kQRegionExp : 0u;
-  const int32_t r = q.region_lo[k] + (ax > q.region_bound[k] ? 1 : 0);
+  const float bound = q.region_bound[k];
+  const auto r = static_cast<int32_t>(bits_of(bound) & 15u) + (ax > bound ? 1 : 0);
   return static_cast<int32_t>(std::floor(std::fma(ax, q.region_a[r], q.region_c[r])));
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__GNUC__)
 #define FASTOPTIM_Q_SEARCH64 1
+// (GCC 12's _mm512_undefined_* trip -Wuninitialized where these are inlined into a function of
+// the same target, GCC bug 105593.)
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 // Byte k of the 64-code vector the threshold planes are looked up with: dword 4L + d of
 // candidate vector r (elements 16 r + 4 L + d) sits at byte 16 L + 4 r + d, so that the
 // unpacks that rebuild 32-bit thresholds from the planes (as dequantize_vbmi64's) give them
@@ -191,15 +198,13 @@ inline constexpr QSearchIdx kQSearchIdx{};
 // The tables q_codes_vbmi64 reads, in registers (loaded once per block; the compiler keeps
 // what fits).
 struct QSearch {
-  __m512i lo0, lo1, thr[4][4];
+  __m512i thr[4][4];
   __m512 bound0, bound1, a, c;
   int32_t pos_base;
 };
 __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) QSearch q_search(
     const QTables& q) {
   QSearch r;
-  r.lo0 = _mm512_loadu_si512(q.region_lo);
-  r.lo1 = _mm512_loadu_si512(q.region_lo + 16);
   r.bound0 = _mm512_loadu_ps(q.region_bound);
   r.bound1 = _mm512_loadu_ps(q.region_bound + 16);
   r.a = _mm512_loadu_ps(q.region_a);
@@ -211,7 +216,7 @@ __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) QSea
 }
 
 // codes[0..64) = q_code(src[i] * inv) (vinv: inv broadcast) without gathers, for a map with
-// q.searchable (see QTables; s = q_search(q)): the candidate ranks of 16 values by two 32-entry
+// q.searchable (see QTables; s = q_search(q)): the candidate ranks of 16 values by one 32-entry
 // and two 16-entry permutes and one fma, the 64 thresholds at the candidates by byte permutes
 // of the planes, one compare, then the codes 64 at a time in bytes.  The same codes as q_code.
 __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void q_codes_vbmi64(
@@ -226,8 +231,8 @@ __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void
     a[r] = _mm512_and_si512(b, mag);
     const __m512 ax = _mm512_castsi512_ps(a[r]);
     const __m512i k = _mm512_subs_epu16(_mm512_srli_epi32(a[r], 23), base);
-    __m512i reg = _mm512_permutex2var_epi32(s.lo0, k, s.lo1);
     const __m512 bound = _mm512_permutex2var_ps(s.bound0, k, s.bound1);
+    __m512i reg = _mm512_and_si512(_mm512_castps_si512(bound), _mm512_set1_epi32(15));
     reg = _mm512_mask_add_epi32(reg, _mm512_cmp_ps_mask(ax, bound, _CMP_GT_OQ), reg, one);
     const __m512 f = _mm512_fmadd_ps(ax, _mm512_permutexvar_ps(reg, s.a),
                                      _mm512_permutexvar_ps(reg, s.c));
@@ -258,6 +263,9 @@ __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void
   _mm512_storeu_si512(codes, _mm512_mask_blend_epi8(negative, _mm512_add_epi8(pb, rank),
                                                     _mm512_subs_epu8(pb, rank)));
 }
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 // codes[i] = q_code(v[i] * inv) for n values: with AVX-512 or AVX2, 16 or 8 at a time through a
