@@ -221,43 +221,16 @@ const bool kAvx512Bf16 = detect_avx512_bf16();
 #define FASTOPTIM_Q_VBMI FASTOPTIM_BF16_CVT
 #if FASTOPTIM_Q_VBMI
 // Dequantizing codes with AVX-512 VBMI (on CPUs that have it, checked at run time): no loads
-// but the codes.  The map's four byte planes (QTables::value_bytes, 4 x 256 bytes) sit in 16
-// registers; for 64 codes, byte j of each value is two vpermi2b lookups (128 entries each, by
-// the code's low 7 bits) blended by its bit 7, and the four byte vectors are interleaved into 64
-// float32 bit patterns (unpack 8 then 16 bits within each 128-bit lane: the codes are permuted
-// first so that the patterns come out in element order).  Exactly value[code] * absmax.
-// Output register r, 128-bit lane L, dword d holds element 16 r + 4 L + d: after the unpacks it
-// comes from byte 16 L + 4 r + d of the (permuted) codes.
-alignas(64) constexpr uint8_t kQVbmiOrder[64] = {
-    0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
-    4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
-    8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
-    12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
-
-// 64 codes from `codes` into out[0..64): value[code] * absmax (s: absmax broadcast).  The byte
-// planes are read from q (the compiler keeps in registers what fits).
+// but the codes.  The map's values as four byte planes (QTables::value_bytes) looked up at 64
+// codes at once by planes64 (quantize.hpp), the codes permuted first into its order.  Exactly
+// value[code] * absmax.  (64 codes into out[0..64); s: absmax broadcast.)
 __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void dequantize_vbmi64(
     const uint8_t* __restrict codes, const QTables& q, __m512 s, float* __restrict out) {
-  const __m512i c = _mm512_permutexvar_epi8(_mm512_load_si512(kQVbmiOrder),
-                                            _mm512_loadu_si512(codes));
-  const __mmask64 top = _mm512_movepi8_mask(c);
-  __m512i b[4];
-  for (int j = 0; j < 4; ++j) {
-    const uint8_t* t = q.value_bytes[j];
-    b[j] = _mm512_mask_blend_epi8(
-        top,
-        _mm512_permutex2var_epi8(_mm512_loadu_si512(t), c, _mm512_loadu_si512(t + 64)),
-        _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), c, _mm512_loadu_si512(t + 192)));
-  }
-  const __m512i w0 = _mm512_unpacklo_epi8(b[0], b[1]), w1 = _mm512_unpackhi_epi8(b[0], b[1]);
-  const __m512i w2 = _mm512_unpacklo_epi8(b[2], b[3]), w3 = _mm512_unpackhi_epi8(b[2], b[3]);
-  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w0, w2)), s));
-  _mm512_storeu_ps(out + 16,
-                   _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w0, w2)), s));
-  _mm512_storeu_ps(out + 32,
-                   _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w1, w3)), s));
-  _mm512_storeu_ps(out + 48,
-                   _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w1, w3)), s));
+  __m512i v[4];
+  planes64(_mm512_permutexvar_epi8(_mm512_load_si512(kQVbmiOrder), _mm512_loadu_si512(codes)),
+           q.value_bytes, v);
+  for (int r = 0; r < 4; ++r)
+    _mm512_storeu_ps(out + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(v[r]), s));
 }
 
 __attribute__((target("avx512vbmi"))) FASTOPTIM_NOINLINE void dequantize_vbmi(
@@ -1148,7 +1121,7 @@ __attribute__((target("avx512vbmi"))) FASTOPTIM_ALWAYS_INLINE void codes64(const
   if (jb.src == nullptr) return;
   const __m512 vinv = _mm512_set1_ps(jb.inv);
   if (jb.search) {
-    q_codes_vbmi64(jb.src + i, vinv, q_search(*jb.q), jb.codes + i);
+    q_codes_vbmi64(jb.src + i, vinv, *jb.q, jb.codes + i);
     return;
   }
   for (int64_t h = i; h < i + kQVbmi; h += 16) {

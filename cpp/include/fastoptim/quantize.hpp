@@ -170,11 +170,44 @@ inline int32_t q_rank_candidate(float ax, const QTables& q) {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
-// Byte k of the 64-code vector the threshold planes are looked up with: dword 4L + d of
-// candidate vector r (elements 16 r + 4 L + d) sits at byte 16 L + 4 r + d, so that the
-// unpacks that rebuild 32-bit thresholds from the planes (as dequantize_vbmi64's) give them
-// back in element order.  kQFromX: from (c0, c1); kQFromY: from (c2, c3); kQPack: ranks back
-// into element order (byte i: element i, from (r0, r1) or (r2, r3)).
+// The byte-plane lookups of AVX-512 VBMI (the 8-bit codes' decoding, dequantize_vbmi64, and
+// their search, q_codes_vbmi64): a table of 256 32-bit entries held as four byte planes
+// (planes[j][i]: byte j of entry i), looked up at 64 indexes at once.  The indexes go in this
+// order: element 16 r + 4 L + d's at byte 16 L + 4 r + d, so that the unpacks rebuilding 32-bit
+// entries from the planes' bytes (8 then 16 bits, within 128-bit lanes) give vector r the
+// elements 16 r .. 16 r + 15 in order.  kQVbmiOrder permutes 64 indexes in element order into
+// it.
+alignas(64) inline constexpr uint8_t kQVbmiOrder[64] = {
+    0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+    4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+    8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+    12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+
+// out[r] = the entries at idx's indexes of elements 16 r .. 16 r + 15 (idx in kQVbmiOrder's
+// order): per plane two vpermi2b (128 entries each, by the index's low 7 bits) and a blend on
+// bit 7, then the unpacks.
+__attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void planes64(
+    __m512i idx, const uint8_t (&planes)[4][256], __m512i (&out)[4]) {
+  const __mmask64 top = _mm512_movepi8_mask(idx);
+  __m512i b[4];
+  for (int j = 0; j < 4; ++j) {
+    const uint8_t* t = planes[j];
+    b[j] = _mm512_mask_blend_epi8(
+        top, _mm512_permutex2var_epi8(_mm512_loadu_si512(t), idx, _mm512_loadu_si512(t + 64)),
+        _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), idx, _mm512_loadu_si512(t + 192)));
+  }
+  const __m512i w0 = _mm512_unpacklo_epi8(b[0], b[1]), w1 = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w2 = _mm512_unpacklo_epi8(b[2], b[3]), w3 = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_unpacklo_epi16(w0, w2);
+  out[1] = _mm512_unpackhi_epi16(w0, w2);
+  out[2] = _mm512_unpacklo_epi16(w1, w3);
+  out[3] = _mm512_unpackhi_epi16(w1, w3);
+}
+
+// The search's byte permutes: from_x / from_y put the low byte of dword 4 L + d of candidate
+// vector r (element 16 r + 4 L + d) at byte 16 L + 4 r + d (kQVbmiOrder's order), from (c0, c1)
+// and (c2, c3); pack_lo / pack_hi put element i's at byte i (the codes), from (r0, r1) and
+// (r2, r3).
 struct QSearchIdx {
   alignas(64) uint8_t from_x[64], from_y[64], pack_lo[64], pack_hi[64];
   constexpr QSearchIdx() : from_x(), from_y(), pack_lo(), pack_hi() {
@@ -195,32 +228,12 @@ struct QSearchIdx {
 };
 inline constexpr QSearchIdx kQSearchIdx{};
 
-// The tables q_codes_vbmi64 reads, in registers (loaded once per block; the compiler keeps
-// what fits).
-struct QSearch {
-  __m512i thr[4][4];
-  __m512 bound0, bound1, a, c;
-  int32_t pos_base;
-};
-__attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) QSearch q_search(
-    const QTables& q) {
-  QSearch r;
-  r.bound0 = _mm512_loadu_ps(q.region_bound);
-  r.bound1 = _mm512_loadu_ps(q.region_bound + 16);
-  r.a = _mm512_loadu_ps(q.region_a);
-  r.c = _mm512_loadu_ps(q.region_c);
-  for (int j = 0; j < 4; ++j)
-    for (int h = 0; h < 4; ++h) r.thr[j][h] = _mm512_loadu_si512(q.thr_bytes[j] + 64 * h);
-  r.pos_base = q.pos_base;
-  return r;
-}
-
 // codes[0..64) = q_code(src[i] * inv) (vinv: inv broadcast) without gathers, for a map with
-// q.searchable (see QTables; s = q_search(q)): the candidate ranks of 16 values by one 32-entry
-// and two 16-entry permutes and one fma, the 64 thresholds at the candidates by byte permutes
-// of the planes, one compare, then the codes 64 at a time in bytes.  The same codes as q_code.
+// q.searchable (see QTables): the candidate ranks of 16 values by one 32-entry and two
+// 16-entry permutes and one fma, the 64 thresholds at the candidates by planes64, one compare,
+// then the codes 64 at a time in bytes.  The same codes as q_code.
 __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void q_codes_vbmi64(
-    const float* __restrict src, __m512 vinv, const QSearch& s, uint8_t* __restrict codes) {
+    const float* __restrict src, __m512 vinv, const QTables& q, uint8_t* __restrict codes) {
   const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
   const __m512i base = _mm512_set1_epi32(static_cast<int>(kQRegionExp));
   __m512i a[4], c[4];
@@ -231,26 +244,20 @@ __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void
     a[r] = _mm512_and_si512(b, mag);
     const __m512 ax = _mm512_castsi512_ps(a[r]);
     const __m512i k = _mm512_subs_epu16(_mm512_srli_epi32(a[r], 23), base);
-    const __m512 bound = _mm512_permutex2var_ps(s.bound0, k, s.bound1);
+    const __m512 bound = _mm512_permutex2var_ps(_mm512_loadu_ps(q.region_bound), k,
+                                                _mm512_loadu_ps(q.region_bound + 16));
     __m512i reg = _mm512_and_si512(_mm512_castps_si512(bound), _mm512_set1_epi32(15));
     reg = _mm512_mask_add_epi32(reg, _mm512_cmp_ps_mask(ax, bound, _CMP_GT_OQ), reg, one);
-    const __m512 f = _mm512_fmadd_ps(ax, _mm512_permutexvar_ps(reg, s.a),
-                                     _mm512_permutexvar_ps(reg, s.c));
+    const __m512 f = _mm512_fmadd_ps(ax, _mm512_permutexvar_ps(reg, _mm512_loadu_ps(q.region_a)),
+                                     _mm512_permutexvar_ps(reg, _mm512_loadu_ps(q.region_c)));
     c[r] = _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   }
   const __m512i cb = _mm512_mask_blend_epi8(
       0xFF00FF00FF00FF00ull,
       _mm512_permutex2var_epi8(c[0], _mm512_load_si512(kQSearchIdx.from_x), c[1]),
       _mm512_permutex2var_epi8(c[2], _mm512_load_si512(kQSearchIdx.from_y), c[3]));
-  const __mmask64 top = _mm512_movepi8_mask(cb);
-  __m512i t[4];
-  for (int j = 0; j < 4; ++j)
-    t[j] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(s.thr[j][0], cb, s.thr[j][1]),
-                                  _mm512_permutex2var_epi8(s.thr[j][2], cb, s.thr[j][3]));
-  const __m512i w0 = _mm512_unpacklo_epi8(t[0], t[1]), w1 = _mm512_unpackhi_epi8(t[0], t[1]);
-  const __m512i w2 = _mm512_unpacklo_epi8(t[2], t[3]), w3 = _mm512_unpackhi_epi8(t[2], t[3]);
-  const __m512i thr[4] = {_mm512_unpacklo_epi16(w0, w2), _mm512_unpackhi_epi16(w0, w2),
-                          _mm512_unpacklo_epi16(w1, w3), _mm512_unpackhi_epi16(w1, w3)};
+  __m512i thr[4];
+  planes64(cb, q.thr_bytes, thr);
   for (int r = 0; r < 4; ++r)
     c[r] = _mm512_mask_add_epi32(c[r], _mm512_cmpgt_epu32_mask(a[r], thr[r]), c[r], one);
   const __m512i rank = _mm512_mask_blend_epi8(
@@ -259,7 +266,7 @@ __attribute__((target("avx512vbmi"))) inline __attribute__((always_inline)) void
       _mm512_permutex2var_epi8(c[2], _mm512_load_si512(kQSearchIdx.pack_hi), c[3]));
   const __mmask64 negative = _mm512_kunpackd(
       _mm512_kunpackw(neg[3], neg[2]), _mm512_kunpackw(neg[1], neg[0]));
-  const __m512i pb = _mm512_set1_epi8(static_cast<char>(s.pos_base));
+  const __m512i pb = _mm512_set1_epi8(static_cast<char>(q.pos_base));
   _mm512_storeu_si512(codes, _mm512_mask_blend_epi8(negative, _mm512_add_epi8(pb, rank),
                                                     _mm512_subs_epu8(pb, rank)));
 }
@@ -311,9 +318,8 @@ __attribute__((target("avx512vbmi"))) inline void q_codes_search(const float* __
                                                                  const QTables& q,
                                                                  uint8_t* __restrict codes) {
   const __m512 vinv = _mm512_set1_ps(inv);
-  const QSearch s = q_search(q);
   int64_t i = 0;
-  for (; i + 64 <= n; i += 64) q_codes_vbmi64(v + i, vinv, s, codes + i);
+  for (; i + 64 <= n; i += 64) q_codes_vbmi64(v + i, vinv, q, codes + i);
   if (i < n) q_codes(v + i, n - i, inv, q, codes + i);
 }
 #endif
