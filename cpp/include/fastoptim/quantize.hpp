@@ -452,7 +452,9 @@ inline void dequantize_block(const uint8_t* __restrict codes, int64_t n, float a
 // linspace(0, 1, 17)[1:] = k/16 for k = 1..16 (0 excluded), for second moments.  The nearest
 // code follows the 8-bit rule (float32 midpoints, ties to the even code; non-finite block:
 // NaN absmax, the code of 0): with 16 values it is the number of the 15 decision thresholds
-// below x, counted with plain compares (vectorizes without gathers; the same on every ISA).
+// below x, counted with plain compares (vectorizes without gathers; the same on every ISA); with
+// AVX-512, where build4 proved the tables (Q4Tables::searchable), a candidate rank from |x|'s
+// binade and one fma, then one compare (the same codes: tests/cpp/exhaustive_codes.cpp).
 inline constexpr int64_t kQBlock4 = 128;
 
 struct Q4Tables {
