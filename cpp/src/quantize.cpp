@@ -178,6 +178,74 @@ std::vector<float> map4(bool is_signed) {
   return v;
 }
 
+// The 4-bit search's tables (Q4Tables::searchable), built like build()'s bucket words and
+// fill_search's tables: thresholds on |x| between the non-negative values (a tie taking the
+// even code, the same threshold for both signs), codes by rank and sign, and per binade a line
+// whose floor is the candidate rank: a = 0, c = the rank at the binade's start where at most
+// one threshold lies inside; otherwise a = (n - 1) / (last - first threshold inside) and c
+// centring a * t_i - i (i = 1..n) in [R - 1, R) (R: the rank at the start).  `searchable`
+// stays false unless the candidate is proven (see Q4Tables), and for maps whose negative
+// values do not mirror the positive ones.
+void fill_search4(Q4Tables& q, const std::vector<float>& map) {
+  q.searchable = false;
+  const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
+  const auto pos_base = static_cast<int32_t>(first);
+  const std::vector<float> pos(map.begin() + first, map.end());
+  for (int32_t r = 1; r <= pos_base; ++r)
+    if (r >= static_cast<int32_t>(pos.size()) ||
+        map[static_cast<std::size_t>(pos_base - r)] != -pos[static_cast<std::size_t>(r)])
+      return;
+  std::vector<uint32_t> t;
+  for (std::size_t j = 0; j + 1 < pos.size(); ++j) {
+    const float m = (pos[j] + pos[j + 1]) * 0.5f;
+    const bool up = (pos_base + static_cast<int32_t>(j) + 1) % 2 == 0;
+    t.push_back(up ? bits_of(m) - 1 : bits_of(m));
+  }
+  if (t.size() > 15) return;
+  for (int r = 0; r < 16; ++r) {
+    q.thr_rank[r] = r < static_cast<int>(t.size()) ? t[static_cast<std::size_t>(r)] : 0x7F800000u;
+    q.code_of[r] = std::min(pos_base + r, 15);
+    q.code_of[16 + r] = std::max(pos_base - r, int32_t{0});
+  }
+  const auto rank = [&](uint32_t a) {  // thresholds below |x| = float_of(a)
+    return static_cast<int32_t>(std::lower_bound(t.begin(), t.end(), a) - t.begin());
+  };
+  const auto bin_lo = [](uint32_t k) { return k == 0 ? 0u : (k + kQ4BinExp) << 23; };
+  for (uint32_t k = 0; k < 16; ++k) {
+    const uint32_t lo = bin_lo(k), hi = k == 15 ? 0x40000000u : bin_lo(k + 1);
+    std::vector<double> in;
+    for (const uint32_t tj : t)
+      if (tj >= lo && tj < hi) in.push_back(static_cast<double>(float_of(tj)));
+    const double R = rank(lo);
+    if (in.size() <= 1) {
+      q.bin_a[k] = 0.0f;
+      q.bin_c[k] = static_cast<float>(R);
+      continue;
+    }
+    const double a = static_cast<double>(in.size() - 1) / (in.back() - in.front());
+    double rmin = 1e300, rmax = -1e300;
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      const double res = a * in[i] - static_cast<double>(i + 1);
+      rmin = std::min(rmin, res);
+      rmax = std::max(rmax, res);
+    }
+    q.bin_a[k] = static_cast<float>(a);
+    q.bin_c[k] = static_cast<float>(R - 0.5 - (rmin + rmax) / 2.0);
+  }
+  const auto fits = [&](uint32_t a) {
+    const int32_t c = q4_rank_candidate(float_of(a), q), want = rank(a);
+    return c >= 0 && c <= 15 && (want == c || want == c + 1);
+  };
+  bool ok = fits(0u) && fits(0x3FFFFFFFu);  // 0, the largest |x| < 2
+  for (const uint32_t tj : t) ok = ok && fits(tj) && fits(tj + 1);
+  for (uint32_t k = 1; k < 16; ++k) {
+    const uint32_t b = bin_lo(k);
+    ok = ok && q.bin_a[k] >= 0.0f && fits(b - 1) && fits(b) &&
+         q4_rank_candidate(float_of(b - 1), q) <= q4_rank_candidate(float_of(b), q);
+  }
+  q.searchable = ok && q.bin_a[0] >= 0.0f;
+}
+
 Q4Tables build4(const std::vector<float>& map) {
   if (map.size() != 16) throw std::logic_error("4-bit quantization map: need 16 values");
   Q4Tables q;
@@ -189,6 +257,7 @@ Q4Tables build4(const std::vector<float>& map) {
     q.thr[j] = (j + 1) % 2 == 0 ? std::nextafter(m, -std::numeric_limits<float>::infinity()) : m;
   }
   q.zero = static_cast<uint8_t>(q4_code(0.0f, q.thr));
+  fill_search4(q, map);
   return q;
 }
 

@@ -466,7 +466,9 @@ inline void dequantize_block(const uint8_t* __restrict codes, int64_t n, float a
 // linspace(0, 1, 17)[1:] = k/16 for k = 1..16 (0 excluded), for second moments.  The nearest
 // code follows the 8-bit rule (float32 midpoints, ties to the even code; non-finite block:
 // NaN absmax, the code of 0): with 16 values it is the number of the 15 decision thresholds
-// below x, counted with plain compares (vectorizes without gathers; the same on every ISA).
+// below x, counted with plain compares (vectorizes without gathers; the same on every ISA); with
+// AVX-512, where build4 proved the tables (Q4Tables::searchable), a candidate rank from |x|'s
+// binade and one fma, then one compare (the same codes: tests/cpp/exhaustive_codes.cpp).
 inline constexpr int64_t kQBlock4 = 128;
 
 struct Q4Tables {
@@ -475,7 +477,27 @@ struct Q4Tables {
   // float just below it where code j + 1 is even, so that a tie takes the even code).
   float thr[15] = {};
   uint8_t zero = 0;  // the code of 0
+  // The search with one compare (q4_codes16, AVX-512; `searchable` where build4 proved it for
+  // the map, as fill_search does for QTables).  As with the 8-bit maps, rank(|x|), the number
+  // of decision thresholds below |x| (thr_rank[r]: the bit pattern of the one between ranks r
+  // and r + 1, as QTables' thresholds: the same for both signs; +Inf beyond the last), gives
+  // x's code: code_of[rank] for x >= 0, code_of[16 + rank] for x < 0 (pos_base + rank and
+  // max(pos_base - rank, 0), pos_base the code of +0).  The candidate rank of |x| is
+  // floor(fma(|x|, bin_a[k], bin_c[k])) for |x|'s binade k = max(exponent - kQ4BinExp, 0), and
+  // rank = candidate + (|x|'s bits > thr_rank[candidate]): every table has 16 entries, one
+  // zmm register each, so each lookup is one permute.  build4 checks that the candidate lies
+  // in [0, 15] and within one below the rank on both sides of every threshold and every binade
+  // boundary, and does not decrease across the boundaries (within a binade it cannot: bin_a
+  // >= 0), hence for every |x| < 2.
+  bool searchable = false;
+  float bin_a[16] = {}, bin_c[16] = {};
+  uint32_t thr_rank[16] = {};
+  int32_t code_of[32] = {};
 };
+
+// Binade k of the 4-bit search: |x| in [2^(kQ4BinExp + k - 127), 2^(kQ4BinExp + k - 126)) for
+// k = 1..15 (k = 15: [1, 2)); k = 0 below 2^-14 (every threshold of the 4-bit maps is above).
+inline constexpr uint32_t kQ4BinExp = 112;
 
 // The tables of 4-bit map m (QMap::signed4 or QMap::unsigned4; built once, thread-safe).
 const Q4Tables& q4tables(QMap m);
@@ -487,6 +509,14 @@ inline uint32_t q4_code(float x, const float* __restrict thr) {
   uint32_t c = 0;
   for (int j = 0; j < 15; ++j) c += x > thr[j] ? 1u : 0u;
   return c;
+}
+
+// The candidate rank of |x| (ax >= 0, finite, < 2) in the 4-bit search (Q4Tables::searchable):
+// the same float32 operations as q4_codes' AVX-512 path, lane by lane.
+inline int32_t q4_rank_candidate(float ax, const Q4Tables& q) {
+  const uint32_t e = bits_of(ax) >> 23;
+  const uint32_t k = e > kQ4BinExp ? e - kQ4BinExp : 0u;
+  return static_cast<int32_t>(std::floor(std::fma(ax, q.bin_a[k], q.bin_c[k])));
 }
 
 // Stochastic rounding of x (as q_code_stochastic): lo = the last code whose value is <= x;
@@ -516,6 +546,32 @@ inline void q4_codes(const float* __restrict v, int64_t n, float s, const Q4Tabl
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512 vs = _mm512_set1_ps(s);
+#if defined(__AVX512BW__)
+  if (q.searchable) {  // the candidate rank, one compare (Q4Tables)
+    const __m512 ta = _mm512_loadu_ps(q.bin_a), tc = _mm512_loadu_ps(q.bin_c);
+    const __m512i tt = _mm512_loadu_si512(q.thr_rank);
+    const __m512i pcode = _mm512_loadu_si512(q.code_of), ncode = _mm512_loadu_si512(q.code_of + 16);
+    const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
+    const __m512i base = _mm512_set1_epi32(static_cast<int>(kQ4BinExp));
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 x = Divide ? _mm512_div_ps(_mm512_loadu_ps(v + i), vs)
+                              : _mm512_mul_ps(_mm512_loadu_ps(v + i), vs);
+      const __m512i b = _mm512_castps_si512(x);
+      const __m512i a = _mm512_and_si512(b, mag);
+      const __m512i k = _mm512_subs_epu16(_mm512_srli_epi32(a, 23), base);  // 0..15
+      const __m512 f = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_permutexvar_ps(k, ta),
+                                       _mm512_permutexvar_ps(k, tc));
+      __m512i r = _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      r = _mm512_mask_add_epi32(r, _mm512_cmpgt_epu32_mask(a, _mm512_permutexvar_epi32(r, tt)),
+                                r, one);
+      // rank | 16 where x < 0 (the sign bit shifted to bit 4): the code by one 32-entry permute
+      const __m512i idx = _mm512_ternarylogic_epi32(r, _mm512_srli_epi32(b, 27), sixteen, 0xF8);
+      const __m512i c = _mm512_permutex2var_epi32(pcode, idx, ncode);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+    }
+  }
+#endif
   for (; i + 16 <= n; i += 16) {
     const __m512 x = Divide ? _mm512_div_ps(_mm512_loadu_ps(v + i), vs)
                             : _mm512_mul_ps(_mm512_loadu_ps(v + i), vs);
