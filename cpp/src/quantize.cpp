@@ -54,12 +54,65 @@ std::vector<float> dynamic_map(bool is_signed, int max_exponent_bits, int total_
   return data;
 }
 
+// Decision thresholds between ascending values v (codes first_code + j): x > result[j] takes
+// code first_code + j + 1 or above.  On the float32 midpoint itself the even code wins: up
+// (x >= midpoint, i.e. x > the float below it) when code first_code + j + 1 is even.
+std::vector<float> decision_thresholds(const std::vector<float>& v, int32_t first_code) {
+  std::vector<float> t;
+  for (std::size_t j = 0; j + 1 < v.size(); ++j) {
+    const float m = (v[j] + v[j + 1]) * 0.5f;
+    const bool up = (first_code + static_cast<int32_t>(j) + 1) % 2 == 0;
+    t.push_back(up ? std::nextafter(m, -std::numeric_limits<float>::infinity()) : m);
+  }
+  return t;
+}
+
+// A map's non-negative values, ascending (codes pos_base + rank, rank = the number of
+// thresholds t below |x|, as bit patterns); `mirrors` where the negative values are exactly
+// their negations (codes pos_base - rank, at least 0: a signed map has no -1).
+struct SplitMap {
+  int32_t pos_base = 0;
+  std::vector<float> pos;
+  std::vector<uint32_t> t;
+  bool mirrors = true;
+};
+
+SplitMap split_map(const std::vector<float>& map) {
+  SplitMap s;
+  const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
+  s.pos_base = static_cast<int32_t>(first);
+  s.pos.assign(map.begin() + first, map.end());
+  for (int32_t r = 1; r <= s.pos_base; ++r)
+    s.mirrors = s.mirrors && r < static_cast<int32_t>(s.pos.size()) &&
+                map[static_cast<std::size_t>(s.pos_base - r)] == -s.pos[static_cast<std::size_t>(r)];
+  for (const float tj : decision_thresholds(s.pos, s.pos_base)) s.t.push_back(bits_of(tj));
+  return s;
+}
+
+// The proof of a search's candidate rank (candidate(a): the rank guessed for |x| = float_of(a)):
+// within one below the true rank (the thresholds below |x|) and in [0, max_rank] for every
+// |x| < 2.  It suffices to check 0, the largest |x| < 2, both sides of every threshold and of
+// every region's first bit pattern (`starts`), and that the candidate does not decrease across
+// those starts: inside a region it is a monotone line's floor.
+template <class Candidate>
+bool prove_candidate(const std::vector<uint32_t>& t, const std::vector<uint32_t>& starts,
+                     int32_t max_rank, Candidate candidate) {
+  const auto fits = [&](uint32_t a) {
+    const int32_t c = candidate(a);
+    const auto want = static_cast<int32_t>(std::lower_bound(t.begin(), t.end(), a) - t.begin());
+    return c >= 0 && c <= max_rank && (want == c || want == c + 1);
+  };
+  bool ok = fits(0u) && fits(0x3FFFFFFFu);
+  for (const uint32_t tj : t) ok = ok && fits(tj) && fits(tj + 1);
+  for (const uint32_t b : starts)
+    ok = ok && b > 0 && fits(b - 1) && fits(b) && candidate(b - 1) <= candidate(b);
+  return ok;
+}
+
 // The gather-free search's tables (QTables::searchable): decades (P[d-1], P[d]] of the
 // positive values, P[d] = float(10^(d - 7)), d = 1..7 (every 8-bit dynamic map).  `searchable`
-// stays false unless the candidate rank is within one below the rank for every |x| < 2, which
-// holds for all |x| where it holds on both sides of every threshold and every region boundary
-// (the candidate does not decrease with |x| within a region, checked across the boundaries):
-// maps of another shape (the 4-bit ones' QTables) keep the bucket words.
+// stays false unless prove_candidate holds: maps of another shape (the 4-bit ones' QTables)
+// keep the bucket words.
 void fill_search(QTables& q, const std::vector<float>& pos, const std::vector<uint32_t>& t,
                  int32_t pos_base) {
   q.pos_base = pos_base;
@@ -92,23 +145,13 @@ void fill_search(QTables& q, const std::vector<float>& pos, const std::vector<ui
     }
     q.region_bound[k] = float_of((bound & ~15u) | first);
   }
-  const auto rank = [&](uint32_t a) {  // thresholds below |x| = float_of(a)
-    return static_cast<int32_t>(std::lower_bound(t.begin(), t.end(), a) - t.begin());
-  };
-  const auto fits = [&](uint32_t a) {
-    const int32_t c = q_rank_candidate(float_of(a), q), want = rank(a);
-    return c >= 0 && c <= 255 && (want == c || want == c + 1);
-  };
   if (t.size() > 255) return;
-  bool ok = fits(0u) && fits(0x3FFFFFFFu);  // 0, the largest |x| < 2
-  for (const uint32_t tj : t) ok = ok && fits(tj) && fits(tj + 1);
-  for (const float bound : q.region_bound) {
-    const uint32_t b = bits_of(bound);
-    if (b >= 0x7F800000u) continue;
-    ok = ok && fits(b) && fits(b + 1) &&
-         q_rank_candidate(float_of(b), q) <= q_rank_candidate(float_of(b + 1), q);
-  }
-  q.searchable = ok;
+  std::vector<uint32_t> starts;  // region k + 1 begins above region_bound[k]
+  for (const float bound : q.region_bound)
+    if (bits_of(bound) < 0x7F800000u) starts.push_back(bits_of(bound) + 1);
+  q.searchable = prove_candidate(t, starts, 255, [&](uint32_t a) {
+    return q_rank_candidate(float_of(a), q);
+  });
 }
 
 // (On the heap: the bucket words are 128 KiB.)
@@ -120,25 +163,12 @@ std::unique_ptr<const QTables> build(const std::vector<float>& map) {
   for (int c = 0; c < 256; ++c)
     for (int j = 0; j < 4; ++j)
       q->value_bytes[j][c] = static_cast<uint8_t>(bits_of(q->value[c]) >> (8 * j));
-  // The non-negative values, ascending (codes pos_base + rank, rank = the number of decision
-  // thresholds below |x|); the negative ones must mirror them (codes pos_base - rank, at least
-  // 0: a signed map has no -1).
-  const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
-  const auto pos_base = static_cast<int32_t>(first);
-  const std::vector<float> pos(map.begin() + first, map.end());
-  for (int32_t r = 1; r <= pos_base; ++r)
-    if (map[static_cast<std::size_t>(pos_base - r)] != -pos[static_cast<std::size_t>(r)])
-      throw std::logic_error("quantization map: negative values do not mirror the positive ones");
+  const SplitMap sm = split_map(map);
+  if (!sm.mirrors)
+    throw std::logic_error("quantization map: negative values do not mirror the positive ones");
+  const int32_t pos_base = sm.pos_base;
+  const std::vector<uint32_t>& t = sm.t;
   const auto neg_code = [&](int32_t rank) { return std::max(pos_base - rank, int32_t{0}); };
-  // Decision thresholds between pos[j] and pos[j + 1] (bit patterns): |x| > t_j counts.  On the
-  // midpoint itself the even code wins: up (x >= midpoint, i.e. x > the float below it) when
-  // code j + 1 is even (for x < 0, code pos_base - j - 1: the same parity as pos_base + j + 1).
-  std::vector<uint32_t> t;
-  for (std::size_t j = 0; j + 1 < pos.size(); ++j) {
-    const float m = (pos[j] + pos[j + 1]) * 0.5f;
-    const bool up = (pos_base + static_cast<int32_t>(j) + 1) % 2 == 0;
-    t.push_back(up ? bits_of(m) - 1 : bits_of(m));
-  }
   for (int32_t k = 0; k < kQBuckets; ++k) {
     const bool neg = k >= kQBuckets / 2;
     // |x|'s bit patterns in this bucket: [lo, lo + 2^16) (y = b for x >= 0, ~b for x < 0)
@@ -166,7 +196,7 @@ std::unique_ptr<const QTables> build(const std::vector<float>& map) {
     q->bucket[k] = (static_cast<uint32_t>(code) - static_cast<uint32_t>(k)) << 16 | low;
   }
   q->zero = q_code(0.0f, *q);
-  fill_search(*q, pos, t, pos_base);
+  fill_search(*q, sm.pos, t, pos_base);
   return q;
 }
 
@@ -178,29 +208,19 @@ std::vector<float> map4(bool is_signed) {
   return v;
 }
 
-// The 4-bit search's tables (Q4Tables::searchable), built like build()'s bucket words and
-// fill_search's tables: thresholds on |x| between the non-negative values (a tie taking the
-// even code, the same threshold for both signs), codes by rank and sign, and per binade a line
-// whose floor is the candidate rank: a = 0, c = the rank at the binade's start where at most
-// one threshold lies inside; otherwise a = (n - 1) / (last - first threshold inside) and c
-// centring a * t_i - i (i = 1..n) in [R - 1, R) (R: the rank at the start).  `searchable`
-// stays false unless the candidate is proven (see Q4Tables), and for maps whose negative
-// values do not mirror the positive ones.
+// The 4-bit search's tables (Q4Tables::searchable): thresholds on |x| between the non-negative
+// values (a tie taking the even code, the same threshold for both signs), codes by rank and sign,
+// and per binade a line whose floor is the candidate rank: a = 0, c = the rank at the binade's
+// start where at most one threshold lies inside; otherwise a = (n - 1) / (last - first threshold
+// inside) and c centring a * t_i - i (i = 1..n) in [R - 1, R) (R: the rank at the start).
+// `searchable` stays false unless prove_candidate holds, and for maps whose negative values do not
+// mirror the positive ones.
 void fill_search4(Q4Tables& q, const std::vector<float>& map) {
   q.searchable = false;
-  const auto first = std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin();
-  const auto pos_base = static_cast<int32_t>(first);
-  const std::vector<float> pos(map.begin() + first, map.end());
-  for (int32_t r = 1; r <= pos_base; ++r)
-    if (r >= static_cast<int32_t>(pos.size()) ||
-        map[static_cast<std::size_t>(pos_base - r)] != -pos[static_cast<std::size_t>(r)])
-      return;
-  std::vector<uint32_t> t;
-  for (std::size_t j = 0; j + 1 < pos.size(); ++j) {
-    const float m = (pos[j] + pos[j + 1]) * 0.5f;
-    const bool up = (pos_base + static_cast<int32_t>(j) + 1) % 2 == 0;
-    t.push_back(up ? bits_of(m) - 1 : bits_of(m));
-  }
+  const SplitMap sm = split_map(map);
+  if (!sm.mirrors) return;
+  const int32_t pos_base = sm.pos_base;
+  const std::vector<uint32_t>& t = sm.t;
   if (t.size() > 15) return;
   for (int r = 0; r < 16; ++r) {
     q.thr_rank[r] = r < static_cast<int>(t.size()) ? t[static_cast<std::size_t>(r)] : 0x7F800000u;
@@ -232,30 +252,22 @@ void fill_search4(Q4Tables& q, const std::vector<float>& map) {
     q.bin_a[k] = static_cast<float>(a);
     q.bin_c[k] = static_cast<float>(R - 0.5 - (rmin + rmax) / 2.0);
   }
-  const auto fits = [&](uint32_t a) {
-    const int32_t c = q4_rank_candidate(float_of(a), q), want = rank(a);
-    return c >= 0 && c <= 15 && (want == c || want == c + 1);
-  };
-  bool ok = fits(0u) && fits(0x3FFFFFFFu);  // 0, the largest |x| < 2
-  for (const uint32_t tj : t) ok = ok && fits(tj) && fits(tj + 1);
-  for (uint32_t k = 1; k < 16; ++k) {
-    const uint32_t b = bin_lo(k);
-    ok = ok && q.bin_a[k] >= 0.0f && fits(b - 1) && fits(b) &&
-         q4_rank_candidate(float_of(b - 1), q) <= q4_rank_candidate(float_of(b), q);
-  }
-  q.searchable = ok && q.bin_a[0] >= 0.0f;
+  std::vector<uint32_t> starts;
+  for (uint32_t k = 1; k < 16; ++k) starts.push_back(bin_lo(k));
+  q.searchable = std::all_of(q.bin_a, q.bin_a + 16, [](float a) { return a >= 0.0f; }) &&
+                 prove_candidate(t, starts, 15, [&](uint32_t a) {
+                   return q4_rank_candidate(float_of(a), q);
+                 });
 }
 
 Q4Tables build4(const std::vector<float>& map) {
   if (map.size() != 16) throw std::logic_error("4-bit quantization map: need 16 values");
   Q4Tables q;
   std::copy(map.begin(), map.end(), q.value);
-  for (std::size_t j = 0; j + 1 < map.size(); ++j) {
+  for (std::size_t j = 0; j + 1 < map.size(); ++j)
     if (!(map[j] < map[j + 1])) throw std::logic_error("4-bit quantization map: not ascending");
-    const float m = (map[j] + map[j + 1]) * 0.5f;
-    // x > thr counts: on the midpoint itself the even code wins (up when code j + 1 is even)
-    q.thr[j] = (j + 1) % 2 == 0 ? std::nextafter(m, -std::numeric_limits<float>::infinity()) : m;
-  }
+  const std::vector<float> thr = decision_thresholds(map, 0);  // x > thr[j] counts
+  std::copy(thr.begin(), thr.end(), q.thr);
   q.zero = static_cast<uint8_t>(q4_code(0.0f, q.thr));
   fill_search4(q, map);
   return q;
