@@ -9,6 +9,7 @@ the reference (the parameter, stored in any precision layout, must come out iden
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -150,12 +151,14 @@ def near_thresholds(rng: np.random.Generator, signed: bool, n_random: int) -> np
 
 
 @pytest.mark.parametrize("qmap", list(MAPS))
-def test_codes_at_every_threshold_and_its_neighbours(qmap: str, rng: np.random.Generator) -> None:
+def test_codes_at_every_threshold_and_its_neighbours(
+    isa: str, qmap: str, rng: np.random.Generator
+) -> None:
     """The nearest code exactly (bitsandbytes' rule: float32 midpoints, ties to the even code)
     for every threshold and its float32 neighbours, zeros, denormals and a million random
     floats; also scaled by absmaxes that are not powers of two (the scaled values then round,
-    up to 1 + 2^-23).  _core.quantize_blockwise (the scalar code search); the vector searches
-    are checked the same way through a step, below."""
+    up to 1 + 2^-23).  _core.quantize_blockwise (the active ISA's block code, as a step's);
+    the step's own paths are checked the same way, below."""
     signed = MAPS[qmap]
     code = reference.create_dynamic_map(signed)
     x = near_thresholds(rng, signed, 1 << 20)
@@ -834,3 +837,60 @@ def test_reference_emulates_quantized_state(kind: str, layout: str) -> None:
                     np.testing.assert_allclose(v, w, rtol=16 * eps, err_msg=f"{t} {i} {n}")
                 else:  # (a small parameter: float32 state)
                     np.testing.assert_allclose(v, w, rtol=16 * eps, atol=1e-7, err_msg=f"{t} {n}")
+
+
+# ------------------------------------------------------ the conversions on the pool, every ISA
+# 256 x 8200 + 3 elements: the pool's chunks (8208 elements each: kTargetChunks) then cut
+# through blocks of 256 and 128, and the last block is short.
+CONVERSION_SIZE = 256 * 8200 + 3
+
+
+@functools.cache
+def conversion_case(qmap: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Values (every scale, zeros, a NaN block) and the reference's codes, absmax and values."""
+    rng = np.random.default_rng(17)
+    n = CONVERSION_SIZE
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 5, n))).astype(np.float32)
+    x[1000:1300] = 0
+    x[600_000] = np.nan
+    signed = qmap.startswith("signed")
+    if not signed:
+        x = np.abs(x)
+    if qmap.endswith("4"):
+        code = reference.create_map4(signed)
+        codes, absmax = reference.quantize_blockwise4(x, code)
+        values = reference.dequantize_blockwise4(codes, absmax, code, x.shape)
+    else:
+        code = reference.create_dynamic_map(signed)
+        codes, absmax = reference.quantize_blockwise(x, code)
+        values = reference.dequantize_blockwise(codes, absmax, code)
+    return x, codes, absmax, values
+
+
+@pytest.mark.parametrize("qmap", ["signed8", "unsigned8", "signed4", "unsigned4"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blockwise_conversions_on_every_isa_and_thread_count(
+    isa: str, qmap: str, threads: int
+) -> None:
+    """_core.quantize_blockwise / dequantize_blockwise run the active ISA's block code (the
+    search or gathers, byte-permute decoding where the CPU has AVX-512 VBMI) on the pool, a
+    block belonging to the chunk that holds its first element: the reference's codes, absmax
+    and values on every ISA, with one thread and with several and a grain so small that the
+    pool splits the array into chunks that cut through blocks."""
+    x, rcodes, rabsmax, rvalues = conversion_case(qmap)
+    codes = np.full(rcodes.shape, 0xAB, np.uint8)
+    absmax = np.full(rabsmax.shape, -1.0, np.float32)
+    out = np.full(x.shape, -7.0, np.float32)
+    before = (fo.get_num_threads(), _core.get_grain())
+    fo.set_num_threads(min(threads, _core.max_threads()))
+    _core.set_grain(64 if threads > 1 else 1 << 40)
+    try:
+        _core.quantize_blockwise(x, codes, absmax, qmap)
+        _core.dequantize_blockwise(rcodes, rabsmax, out, qmap)
+    finally:
+        fo.set_num_threads(before[0])
+        _core.set_grain(before[1])
+    same_bits(codes, rcodes, f"{isa} codes")
+    same_bits(absmax, rabsmax, f"{isa} absmax")
+    same_bits(out, rvalues, f"{isa} values")
+    assert np.isnan(absmax[600_000 // (128 if qmap.endswith("4") else 256)])

@@ -325,7 +325,6 @@ QMap qmap_from_name(const std::string& name) {
   throw py::value_error("unknown quantization map '" + name +
                         "' (known: signed8, unsigned8, signed4, unsigned4)");
 }
-constexpr bool is_map4(QMap m) { return m == QMap::signed4 || m == QMap::unsigned4; }
 
 // A block-quantized state given as (codes, absmax) for a parameter of `size` elements, of the
 // kind the caller names (`bits`, from the state's map: never read from the codes' shape): 8-bit
@@ -1181,19 +1180,10 @@ PYBIND11_MODULE(_core, m) {
     auto* dst = static_cast<uint8_t*>(c.data);
     auto* am = static_cast<float*>(a.data);
     py::gil_scoped_release release;
-    if (is_map4(qm)) {
-      const Q4Tables& q = q4tables(qm);
-      for (int64_t lo = 0; lo < v.size; lo += kQBlock4)
-        am[lo / kQBlock4] =
-            quantize_block4(src + lo, std::min(kQBlock4, v.size - lo), q, dst + lo / 2);
-      return;
-    }
-    const QTables& q = qtables(qm);
-    for (int64_t lo = 0; lo < v.size; lo += kQBlock)
-      am[lo / kQBlock] = quantize_block(src + lo, std::min(kQBlock, v.size - lo), q, dst + lo);
+    quantize_blockwise(src, v.size, qm, dst, am);
   }, py::arg("values"), py::arg("codes"), py::arg("absmax"), py::arg("map"),
   "Quantize float32 `values` block-wise into `codes` and `absmax` (float32, one per block) with "
-  "map `map`: 8-bit maps in blocks of 256, codes uint8 shaped like `values`; 4-bit maps in "
+  "map `map`, on the active ISA and threads (the same codes whatever those): 8-bit maps in blocks of 256, codes uint8 shaped like `values`; 4-bit maps in "
   "blocks of 128, codes packed two per byte into a 1-D uint8 array of (size + 1) // 2 bytes "
   "(element 2i in the high nibble).");
   m.def("dequantize_blockwise", [](const py::handle& codes, const py::handle& absmax,
@@ -1207,16 +1197,7 @@ PYBIND11_MODULE(_core, m) {
     const auto* am = static_cast<const float*>(a.data);
     auto* dst = static_cast<float*>(o.data);
     py::gil_scoped_release release;
-    if (is_map4(qm)) {
-      const Q4Tables& q = q4tables(qm);
-      for (int64_t lo = 0; lo < o.size; lo += kQBlock4)
-        dequantize_block4(src + lo / 2, std::min(kQBlock4, o.size - lo), am[lo / kQBlock4], q,
-                          dst + lo);
-      return;
-    }
-    const QTables& q = qtables(qm);
-    for (int64_t lo = 0; lo < o.size; lo += kQBlock)
-      dequantize_block(src + lo, std::min(kQBlock, o.size - lo), am[lo / kQBlock], q, dst + lo);
+    dequantize_blockwise(src, am, o.size, qm, dst);
   }, py::arg("codes"), py::arg("absmax"), py::arg("out"), py::arg("map"),
   "Dequantize block-wise quantized state into float32 `out` (the layouts of quantize_blockwise).");
 

@@ -49,6 +49,8 @@ namespace fastoptim {
   void grad_stats(const Plan&, int, GradStats&);                                         \
   void stream_read(const float*, int64_t, int, double&);                                 \
   void accumulate(const Plan&, double, int);                                             \
+  void quantize_blockwise(const float*, int64_t, QMap, uint8_t*, float*, int);           \
+  void dequantize_blockwise(const uint8_t*, const float*, int64_t, QMap, float*, int);   \
   }
 #ifdef FASTOPTIM_HAVE_SCALAR
 FASTOPTIM_DECLARE_ISA(scalar)
@@ -580,6 +582,17 @@ GradStats grad_stats(const Plan& plan) {
 void accumulate(const Plan& plan, double scale) {
   const int threads = threads_for(plan.traffic());  // (buffers read and written, grads read)
   FASTOPTIM_FORWARD(accumulate, plan, scale, threads)
+}
+
+void quantize_blockwise(const float* values, int64_t n, QMap m, uint8_t* codes, float* absmax) {
+  const int threads = threads_for(n * 5);  // (values read, codes written)
+  FASTOPTIM_FORWARD(quantize_blockwise, values, n, m, codes, absmax, threads)
+}
+
+void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t n, QMap m,
+                          float* out) {
+  const int threads = threads_for(n * 5);
+  FASTOPTIM_FORWARD(dequantize_blockwise, codes, absmax, n, m, out, threads)
 }
 
 double stream_read(const float* a, int64_t n) {

@@ -826,6 +826,15 @@ inline void unstage_state4(const float* s, const Tensor& t, std::size_t j, int64
   }
 }
 
+// One 8-bit block's values: by byte permutes where the CPU has AVX-512 VBMI, else gathers.
+inline void dequantize8(const uint8_t* codes, int64_t n, float absmax, const QTables& q,
+                        float* out) {
+#if FASTOPTIM_Q_VBMI
+  if (kAvx512Vbmi) return dequantize_vbmi(codes, n, absmax, q, out);
+#endif
+  dequantize_block(codes, n, absmax, q, out);
+}
+
 inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int64_t lo,
                            int64_t n, float* buf) {
   if (is_q4(t.state_dtype[j])) {
@@ -833,15 +842,7 @@ inline float* staged_state(const Tensor& t, std::size_t j, const QTables* q, int
     return buf;
   }
   if (q == nullptr) return staged(t.state[j], t.state_dtype[j], lo, n, buf);
-#if FASTOPTIM_Q_VBMI
-  if (kAvx512Vbmi) {
-    dequantize_vbmi(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock],
-                    *q, buf);
-    return buf;
-  }
-#endif
-  dequantize_block(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock], *q,
-                   buf);
+  dequantize8(static_cast<const uint8_t*>(t.state[j]) + lo, n, t.absmax[j][lo / kQBlock], *q, buf);
   return buf;
 }
 
@@ -2306,6 +2307,48 @@ void stream_mixed_dispatch(std::integer_sequence<int, C, Cs...>, int code, const
 void stream_mixed(const StreamArrays& s, int64_t n, int threads) {
   const int code = s.nrw32 * 20 + s.nrw16 * 4 + (s.grad16 ? 2 : 0) + (s.out16 ? 1 : 0);
   stream_mixed_dispatch(std::make_integer_sequence<int, 100>{}, code, s, n, threads);
+}
+
+// ------------------------------------------------------------------ block-wise (de)quantization
+// fastoptim::quantize_blockwise / dequantize_blockwise (fastoptim.hpp): f(b, lo, len) for each
+// block b = [lo, lo + len) of n elements, a block belonging to the chunk that holds its first
+// element (as the driver's quantized states), on `threads` threads.
+template <class F> void on_blocks(int64_t n, int64_t block, int threads, const F& f) {
+  parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = (lo + block - 1) / block; b * block < hi; ++b)
+      f(b, b * block, std::min(block, n - b * block));
+  });
+}
+
+void quantize_blockwise(const float* v, int64_t n, QMap m, uint8_t* codes, float* absmax,
+                        int threads) {
+  if (is_map4(m)) {
+    const Q4Tables& q = q4tables(m);
+    on_blocks(n, kQBlock4, threads, [&](int64_t b, int64_t lo, int64_t len) {
+      absmax[b] = quantize_block4(v + lo, len, q, codes + lo / 2);
+    });
+    return;
+  }
+  const QTables& q = qtables(m);
+  const bool search = q_search_on();
+  on_blocks(n, kQBlock, threads, [&](int64_t b, int64_t lo, int64_t len) {
+    absmax[b] = quantize_block(v + lo, len, absmax_bits(v + lo, len), q, codes + lo, search);
+  });
+}
+
+void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t n, QMap m,
+                          float* out, int threads) {
+  if (is_map4(m)) {
+    const Q4Tables& q = q4tables(m);
+    on_blocks(n, kQBlock4, threads, [&](int64_t b, int64_t lo, int64_t len) {
+      dequantize_block4(codes + lo / 2, len, absmax[b], q, out + lo);
+    });
+    return;
+  }
+  const QTables& q = qtables(m);
+  on_blocks(n, kQBlock, threads, [&](int64_t b, int64_t lo, int64_t len) {
+    dequantize8(codes + lo, len, absmax[b], q, out + lo);
+  });
 }
 
 }  // namespace FASTOPTIM_ISA_NS

@@ -115,4 +115,12 @@ double stream_read(const float* a, int64_t n);
 // The same for the layouts with 16-bit arrays (StreamArrays, plan.hpp).
 void stream_mixed(const StreamArrays& arrays, int64_t n);
 
+// Block-wise quantization of n float32 values with map m (quantize.hpp): codes and one float32
+// absmax per block (8-bit maps: blocks of kQBlock, a code per value; 4-bit: blocks of kQBlock4,
+// two codes per byte, element 2i in the high nibble), and back: the driver's per-block code on
+// the active ISA and threads, the same codes and values whatever those.
+void quantize_blockwise(const float* values, int64_t n, QMap m, uint8_t* codes, float* absmax);
+void dequantize_blockwise(const uint8_t* codes, const float* absmax, int64_t n, QMap m,
+                          float* out);
+
 }  // namespace fastoptim

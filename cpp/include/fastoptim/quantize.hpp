@@ -48,6 +48,7 @@ namespace fastoptim {
 // The maps: 8-bit dynamic signed / unsigned (blocks of 256), and the 4-bit ones (blocks of
 // kQBlock4: see the 4-bit section at the end).
 enum class QMap : int { signed8 = 0, unsigned8 = 1, signed4 = 2, unsigned4 = 3 };
+constexpr bool is_map4(QMap m) { return m == QMap::signed4 || m == QMap::unsigned4; }
 inline constexpr int kQMaps = 4;
 inline constexpr int64_t kQBlock = 256;  // elements per block (8-bit)
 
@@ -643,7 +644,7 @@ inline float quantize_block4_stochastic(const float* __restrict v, int64_t n, ui
 // (AVX-512 / AVX2: the 16 values looked up in registers with permutes).
 inline void dequantize_block4(const uint8_t* __restrict packed, int64_t n, float absmax,
                               const Q4Tables& q, float* __restrict out) {
-  alignas(64) uint8_t c[kQBlock4];
+  alignas(64) uint8_t c[kQBlock4] = {};  // (zeroed: GCC 12 cannot tell that c[0..n) is written)
   FASTOPTIM_Q_VECTORIZE
   for (int64_t i = 0; i < n / 2; ++i) {
     c[2 * i] = static_cast<uint8_t>(packed[i] >> 4);
