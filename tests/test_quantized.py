@@ -383,9 +383,9 @@ def test_stochastic_codes_are_unbiased() -> None:
 
 @pytest.mark.parametrize("qmap", list(MAPS))
 def test_stochastic_codes_match_reference_on_awkward_blocks(isa: str, qmap: str) -> None:
-    """Stochastic codes (16 lanes at a time with AVX-512, a loop elsewhere) on blocks of every
-    scale, ties, zeros, map values and a short last block, against the NumPy reference: SGD's
-    momentum buffer after one step with lr 0 is the gradient, quantized once."""
+    """Stochastic codes (16 lanes at a time with AVX-512, 8 with AVX2, a loop elsewhere) on
+    blocks of every scale, ties, zeros, map values and a short last block, against the NumPy
+    reference: SGD's momentum buffer after one step with lr 0 is the gradient, quantized once."""
     x = awkward_blocks(np.random.default_rng(3), MAPS[qmap])
     p = np.zeros(x.size, np.float32)
     # SGD's buffer is signed; the unsigned map is Adagrad's sum (initial value 0, sum = g^2):

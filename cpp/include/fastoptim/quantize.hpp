@@ -150,6 +150,25 @@ inline __m512i q_code16(__m512i b, const uint32_t* __restrict bucket) {
   const __m512i w = _mm512_i32gather_epi32(_mm512_srli_epi32(y, 16), bucket, 4);
   return _mm512_srli_epi32(_mm512_add_epi32(w, y), 16);
 }
+#elif defined(__AVX2__)
+// The same for 8 values (q_codes and quantize_block_stochastic in the avx2 build) ...
+inline __m256i q_code8(__m256i b, const uint32_t* __restrict bucket) {
+  const __m256i y = _mm256_xor_si256(b, _mm256_srai_epi32(b, 31));
+  const __m256i w =
+      _mm256_i32gather_epi32(reinterpret_cast<const int*>(bucket), _mm256_srli_epi32(y, 16), 4);
+  return _mm256_srli_epi32(_mm256_add_epi32(w, y), 16);
+}
+// ... and 8 codes (0..255 in 32-bit lanes) stored as 8 bytes.
+inline void store_codes8(__m256i code, uint8_t* __restrict dst) {
+  const __m256i pack = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  const __m256i bytes = _mm256_shuffle_epi8(code, pack);  // 4 codes per 128-bit lane
+  const uint64_t two = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0)) |
+                       static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4)))
+                           << 32;
+  std::memcpy(dst, &two, 8);
+}
 #endif
 
 // The candidate rank of |x| (ax >= 0, finite, < 2) in the gather-free search (QTables): the
@@ -292,21 +311,10 @@ inline void q_codes(const float* __restrict v, int64_t n, float inv, const QTabl
   }
 #elif defined(__AVX2__)
   const __m256 vinv = _mm256_set1_ps(inv);
-  const __m256i pack = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        -1, -1);
-  for (; i + 8 <= n; i += 8) {
-    const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv));
-    const __m256i y = _mm256_xor_si256(b, _mm256_srai_epi32(b, 31));
-    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(bucket),
-                                             _mm256_srli_epi32(y, 16), 4);
-    const __m256i code = _mm256_srli_epi32(_mm256_add_epi32(w, y), 16);
-    const __m256i bytes = _mm256_shuffle_epi8(code, pack);  // 4 codes per 128-bit lane
-    const uint64_t two = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0)) |
-                         static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4)))
-                             << 32;
-    std::memcpy(codes + i, &two, 8);
-  }
+  for (; i + 8 <= n; i += 8)
+    store_codes8(
+        q_code8(_mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv)), bucket),
+        codes + i);
 #endif
   for (; i < n; ++i) codes[i] = q_code(v[i] * inv, bucket);
 }
@@ -423,6 +431,46 @@ inline float quantize_block_stochastic(const float* __restrict v, int64_t n, uin
       code = _mm512_mask_mov_epi32(code, _mm512_cmplt_epi32_mask(lo, zero), zero);
       code = _mm512_mask_mov_epi32(code, _mm512_cmpge_epi32_mask(lo, top), top);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
+    }
+  }
+#elif defined(__AVX2__)
+  // 8 at a time: the AVX-512 loop's operations with AVX2's compares (all-ones lanes) and blends.
+  if (!s.divide) {
+    const uint32_t* __restrict bucket = q.bucket;
+    const float* __restrict value = q.value;
+    const __m256 vinv = _mm256_set1_ps(s.inv), ulp24 = _mm256_set1_ps(0x1p-24f);
+    const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256(),
+                  top = _mm256_set1_epi32(q.ncodes - 1), below_top = _mm256_set1_epi32(q.ncodes - 2),
+                  vkey = _mm256_set1_epi32(static_cast<int>(key)),
+                  lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(v + i), vinv);
+      const __m256i c = q_code8(_mm256_castps_si256(x), bucket);
+      // on: value[c] <= x (-1 in the lane); lo = c - 1 - on; the other neighbour c - 1 - 2 on
+      const __m256 vc = _mm256_i32gather_ps(value, c, 4);
+      const __m256 onf = _mm256_cmp_ps(vc, x, _CMP_LE_OQ);
+      const __m256i on = _mm256_castps_si256(onf);
+      const __m256i lo = _mm256_sub_epi32(_mm256_sub_epi32(c, one), on);
+      const __m256i side = _mm256_sub_epi32(lo, on);
+      const __m256 other = _mm256_i32gather_ps(
+          value, _mm256_min_epi32(_mm256_max_epi32(side, zero), top), 4);
+      const __m256 a = _mm256_blendv_ps(other, vc, onf);  // value[lo]
+      const __m256 gap = _mm256_sub_ps(_mm256_blendv_ps(vc, other, onf), a);
+      const __m256i l = _mm256_min_epi32(_mm256_max_epi32(lo, zero), below_top);
+      // r = random_bits(key, first + i + lane)
+      const auto at = static_cast<int>(first + static_cast<uint32_t>(i));
+      __m256i r = _mm256_add_epi32(_mm256_set1_epi32(at), lanes);
+      r = _mm256_mullo_epi32(r, _mm256_set1_epi32(static_cast<int>(0x9E3779B1u)));
+      typedef uint32_t V8 __attribute__((vector_size(32)));
+      r = reinterpret_cast<__m256i>(random_mix(reinterpret_cast<V8>(_mm256_xor_si256(r, vkey))));
+      r = _mm256_xor_si256(r, _mm256_srli_epi32(r, 16));
+      const __m256 u =
+          _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 8)), ulp24), gap);
+      const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(u, _mm256_sub_ps(x, a), _CMP_LT_OQ));
+      __m256i code = _mm256_sub_epi32(l, up);  // (up: -1)
+      code = _mm256_blendv_epi8(code, zero, _mm256_cmpgt_epi32(zero, lo));       // lo < 0
+      code = _mm256_blendv_epi8(code, top, _mm256_cmpgt_epi32(lo, below_top));  // lo >= top
+      store_codes8(code, codes + i);
     }
   }
 #endif
