@@ -1223,7 +1223,7 @@ void sweep_quantized(const K& k, const Tensor& t, int64_t a, int64_t b, const Ro
   const bool pipe = q_pipelined(t, sr, direct, seq);
   QPipeline<N> pl(buf_s);
 #endif
-  for (int64_t lo = (a + kQBlock - 1) / kQBlock * kQBlock; lo < b; lo += kQBlock) {
+  for (int64_t lo = block_start(a, kQBlock); lo < b; lo += kQBlock) {
     const int64_t n = std::min(kQBlock, t.size - lo);
     const auto first = static_cast<uint32_t>(lo);
     uint32_t mx[N == 0 ? 1 : N];
@@ -1727,9 +1727,7 @@ void run_update(const Plan& plan, const CoeffsOf& coeffs_of, int64_t step, int t
         const int64_t y = std::min(b, x + kEmaBlock);
         update(t, x, y);
         if (t.path == Tensor::kQuantized) {  // it updated the blocks that start in [x, y)
-          const auto up = [&](int64_t i) {
-            return std::min(t.size, (i + kQBlock - 1) / kQBlock * kQBlock);
-          };
+          const auto up = [&](int64_t i) { return std::min(t.size, block_start(i, kQBlock)); };
           ema_update(t, up(x), up(y), plan.ema_decay, key);
         } else {
           ema_update(t, x, y, plan.ema_decay, key);
@@ -2315,8 +2313,8 @@ void stream_mixed(const StreamArrays& s, int64_t n, int threads) {
 // element (as the driver's quantized states), on `threads` threads.
 template <class F> void on_blocks(int64_t n, int64_t block, int threads, const F& f) {
   parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = (lo + block - 1) / block; b * block < hi; ++b)
-      f(b, b * block, std::min(block, n - b * block));
+    for (int64_t s = block_start(lo, block); s < hi; s += block)
+      f(s / block, s, std::min(block, n - s));
   });
 }
 

@@ -51,6 +51,9 @@ enum class QMap : int { signed8 = 0, unsigned8 = 1, signed4 = 2, unsigned4 = 3 }
 constexpr bool is_map4(QMap m) { return m == QMap::signed4 || m == QMap::unsigned4; }
 inline constexpr int kQMaps = 4;
 inline constexpr int64_t kQBlock = 256;  // elements per block (8-bit)
+// The first block boundary at or after element i: a range [a, b) of a tensor owns the blocks
+// starting in it, from block_start(a, block) (the drivers' chunks; a block is never split).
+constexpr int64_t block_start(int64_t i, int64_t block) { return (i + block - 1) / block * block; }
 
 // Buckets of x by the top 15 bits of y (see above): every x with |x| < 2 (denormals, zeros of
 // both signs included) has its own bucket word, exact.
