@@ -41,6 +41,21 @@ def test_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == ""
 
 
+def test_bench_table_columns_fit_long_names(capsys: pytest.CaptureFixture[str]) -> None:
+    """The optimizer column widens to the longest name: every row's numbers stay under their
+    headers."""
+    args = ["bench", "--optimizers", "sgd,AdamWScheduleFree", "--workloads", "mlp"]
+    assert cli.main([*args, "--repeats", "1", "--rounds", "1", "--no-torch", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("optimizer"))
+    end = header.index("B/el") + 4  # B/el is right-aligned under its header
+    rows = [line for line in lines if line.startswith(("SGD ", "AdamWScheduleFree "))]
+    assert len(rows) == 2
+    for line in rows:
+        assert line[end - 4 : end].strip().isdigit() and line[end] == " ", line
+        assert line.index(" ") <= end - 5  # the name leaves the B/el field alone
+
+
 def _row(**times: tuple[float, float, float]) -> bench.Row:
     """A bench row with (low, median, high) seconds per contender: mlp-sized, SGD."""
     row = bench.Row("SGD", "mlp", 1 << 20, 1, 0)

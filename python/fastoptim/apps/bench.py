@@ -427,12 +427,13 @@ def format_table(rows: Sequence[Row]) -> str:
     for wname in dict.fromkeys(r.workload for r in rows):
         wrows = [r for r in rows if r.workload == wname]
         r0 = wrows[0]
+        w = max(13, *(len(r.optimizer) for r in wrows))  # the names' column
         out.append(
             f"\n{wname}: {r0.tensors} tensor(s), {r0.elements:,} float32 elements\n"
-            f"{'optimizer':13s} {'B/el':>4s} {'time/step':>10s} {'+-':>4s} {'ns/el':>7s} "
+            f"{'optimizer':{w}s} {'B/el':>4s} {'time/step':>10s} {'+-':>4s} {'ns/el':>7s} "
             f"{'GB/s':>6s} {'roofline':>9s} {'vs NumPy':>9s} {'vs torch':>9s}  best torch"
         )
-        out.append("-" * 92)
+        out.append("-" * (79 + w))
         notes = []
         for r in wrows:
             t = r.times["fastoptim"]
@@ -441,7 +442,7 @@ def format_table(rows: Sequence[Row]) -> str:
             vs_torch = _ratio(r, best) if best else f"{'-':>9s}"
             roof = f"{100 * r.roofline:7.0f}%{'!' if r.roofline > ROOFLINE_LIMIT else ' '}"
             out.append(
-                f"{r.optimizer:13s} {r.bpe or bytes_per_element(r.nstate):4d} "
+                f"{r.optimizer:{w}s} {r.bpe or bytes_per_element(r.nstate):4d} "
                 f"{_fmt_time(t):>10s} {100 * r.spread('fastoptim'):3.0f}% "
                 f"{t / r.elements * 1e9:7.3f} {r.bytes / t / 1e9:6.1f} {roof} "
                 f"{_ratio(r, 'NumPy reference')} {vs_torch}  "
