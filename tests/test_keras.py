@@ -235,6 +235,16 @@ def test_lr_alias_and_weight_decay_none() -> None:
     assert opt.param_groups[0]["weight_decay"] == 0.0
 
 
+def test_lr_and_a_different_learning_rate_conflict() -> None:
+    """Both spellings with different values: a TypeError naming both, nothing built (the
+    alias given alone, or beside learning_rate's default, is the value used)."""
+    with pytest.raises(TypeError, match=r"both lr=0\.1 and learning_rate=0\.2"):
+        fk.SGD([np.ones(3)], learning_rate=0.2, lr=0.1)
+    assert (
+        fk.Adam([np.ones(3)], learning_rate=0.001, lr=0.1).param_groups[0]["learning_rate"] == 0.1
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [

@@ -36,6 +36,7 @@ entry and does not work with these classes.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from . import definitions as _defs
@@ -64,6 +65,13 @@ class KerasOptimizer(Optimizer):
         defaults = dict(defaults)
         lr = defaults.pop("lr", None)
         if lr is not None:
+            default = inspect.signature(type(self).__init__).parameters["learning_rate"].default
+            if defaults["learning_rate"] is not default and defaults["learning_rate"] != default:
+                raise TypeError(
+                    f"{type(self).__name__}: got both lr={lr!r} and learning_rate="
+                    f"{defaults['learning_rate']!r}; lr is Keras 2's alias of learning_rate: "
+                    "pass one of them"
+                )
             defaults["learning_rate"] = lr
         if defaults.get("weight_decay", 0.0) is None:
             defaults["weight_decay"] = 0.0
