@@ -94,21 +94,20 @@ def quantized_state(
     param: np.ndarray, name: str, fill: float = 0.0, *, dtype: str = "int8"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A new block-wise quantized state `name` (e.g. ``"exp_avg"``, which decides the map: see
-    :data:`fastoptim.engine.precision.QUANT_MAPS`) for `param`, every element `fill`:
-    ``(codes, absmax)``.  ``dtype="int8"``: uint8 codes shaped like `param`, float32 absmax
-    with one entry per block of 256 elements.  ``dtype="int4"``: 4-bit codes packed two per
-    byte into a 1-D uint8 array of ``(param.size + 1) // 2`` bytes (element ``2i`` in the high
-    nibble), float32 absmax with one entry per block of 128 elements.  Pass the same
-    ``state_dtype=dtype`` to the update functions: it says which kind the pair is."""
-    if name not in _precision.QUANT_MAPS:
-        raise ValueError(
-            f"quantized_state: state {name!r} cannot be quantized (quantizable: "
-            f"{sorted(_precision.QUANT_MAPS)})"
-        )
-    if dtype not in _precision.QUANT_KINDS:
-        raise ValueError(f"quantized_state: dtype must be 'int8' or 'int4', got {dtype!r}")
+    :data:`fastoptim.engine.precision.QUANT_MAPS`) for `param`, every element `fill` (>= 0 for
+    a state of the unsigned map, ``"exp_avg_sq"``...): ``(codes, absmax)``.
+    ``dtype="int8"``: uint8 codes shaped like `param`, float32 absmax with one entry per block
+    of 256 elements.  ``dtype="int4"``: 4-bit codes packed two per byte into a 1-D uint8 array
+    of ``(param.size + 1) // 2`` bytes (element ``2i`` in the high nibble), float32 absmax with
+    one entry per block of 128 elements.  Pass the same ``state_dtype=dtype`` to the update
+    functions: it says which kind the pair is."""
+    where = "quantized_state"
+    _check_quantized(where, name, dtype)
     shape = tuple(np.shape(param))
-    code, scale = _precision.quantized_fill(fill, name, dtype)
+    try:
+        code, scale = _precision.quantized_fill(fill, name, dtype)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     codes = np.empty(_precision.storage(dtype, shape)[1], np.uint8)
     _precision.fill_codes(codes, code, dtype, int(np.prod(shape)))
     absmax = np.full(_precision.storage(_precision.absmax_kind(dtype), shape)[1], scale, np.float32)
@@ -125,16 +124,30 @@ def dequantized(
     """The float32 values of a quantized state ``(codes, absmax)`` of state `name`, of the
     kind `dtype` (as :func:`quantized_state`'s: ``"int8"``, or ``"int4"``, whose packed codes
     need the parameter's `shape`)."""
-    if dtype not in _precision.QUANT_KINDS:
-        raise ValueError(f"dequantized: dtype must be 'int8' or 'int4', got {dtype!r}")
+    where = "dequantized"
+    _check_quantized(where, name, dtype)
     codes, absmax = state
     if shape is None:
         if dtype == _precision.INT4:
-            raise ValueError("dequantized: a 4-bit state needs the parameter's shape")
+            raise ValueError(f"{where}: a 4-bit state needs the parameter's shape")
         shape = tuple(np.shape(codes))
     out = np.empty(shape, np.float32)
-    _core.dequantize_blockwise(codes, absmax, out, _precision.qmap(name, dtype))
+    try:
+        _core.dequantize_blockwise(codes, absmax, out, _precision.qmap(name, dtype))
+    except (TypeError, ValueError) as e:  # (the compiled check names the pair "quantized")
+        raise type(e)(f"{where}: " + str(e).removeprefix("quantized").lstrip(": ")) from None
     return out
+
+
+def _check_quantized(where: str, name: str, dtype: str) -> None:
+    """ValueError unless state `name` can be quantized and `dtype` is a quantized kind."""
+    if name not in _precision.QUANT_MAPS:
+        raise ValueError(
+            f"{where}: state {name!r} cannot be quantized (quantizable: "
+            f"{sorted(_precision.QUANT_MAPS)})"
+        )
+    if dtype not in _precision.QUANT_KINDS:
+        raise ValueError(f"{where}: dtype must be 'int8' or 'int4', got {dtype!r}")
 
 
 def sparse_rows_(

@@ -116,13 +116,13 @@ def _label(key: Key) -> str:
 
 def _arena(
     arrays: Sequence[np.ndarray],
-    fill: float,
+    fill: float | None,
     dtypes: Sequence[Any] | None = None,
     shapes: Sequence[tuple[int, ...] | None] | None = None,
 ) -> tuple[np.ndarray, list[Any]]:
     """One contiguous, 64-byte-aligned buffer holding an array shaped like each of `arrays`
     (or of ``shapes[i]``), of its dtype or of ``dtypes[i]`` (a dtype name; None: no array for
-    that one)."""
+    that one), every element `fill` (None: not written; the caller fills them)."""
     kinds = [a.dtype for a in arrays] if dtypes is None else dtypes
     # (dtype, shape) of each array: a kind's storage (quantized codes and scales have their own)
     specs: list[tuple[np.dtype[Any], tuple[int, ...]] | None] = []
@@ -149,7 +149,8 @@ def _arena(
             continue
         dt, shape = spec
         v = block[o : o + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
-        v.fill(fill)
+        if fill is not None:
+            v.fill(fill)
         views.append(v)
     return block, views
 
@@ -159,6 +160,16 @@ def _storage(kind: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
     if isinstance(kind, str):
         return precision.storage(kind, shape)
     return kind, shape
+
+
+def _kind(name: str, held: tuple[str, tuple[int, ...]], shape: tuple[int, ...]) -> str:
+    """The layout kind (:func:`~fastoptim.engine.precision.buffers`) of a buffer of state
+    `name` stored as `held` (dtype name, shape) for a state shaped `shape`: ``"int8"`` /
+    ``"int4"`` for quantized codes, ``"absmax8"`` / ``"absmax4"`` for their scales, else its
+    dtype's name."""
+    scales = name.endswith(precision.ABSMAX)
+    kinds = (precision.ABSMAX_KIND, precision.ABSMAX4_KIND) if scales else precision.QUANT_KINDS
+    return next((k for k in kinds if precision.storage(k, shape) == held), held[0])
 
 
 def _dtype(d: Any) -> np.dtype[Any]:
@@ -194,6 +205,9 @@ class _Group:
         self.first_id = 0  # the number of the group's first parameter in the optimizer
         self.state_dtype: Any = None  # the policy the plan was built for (its quantized kinds)
         self.outs: list[np.ndarray | None] | None = None  # copy-out arrays (set_copy_out)
+        # (label, copy-out, address, size) of each copy-out: what the plan writes through
+        # (Optimizer._check_copy_outs)
+        self.outs_at: list[tuple[str, np.ndarray, int, int]] = []
         self.grad_block: np.ndarray | None = None
         self.acc_plan: Any = None  # the gradient buffers as a plan's params (accumulate)
         self.grads: list[np.ndarray] | None = None
@@ -252,6 +266,7 @@ class Optimizer:
         self._transformed = False  # some plan has a gradient transform other than identity
         self._transforming = False  # some group clips or skips (see _sync)
         self._ema_swapped = False  # inside ema_weights()
+        self._copy_outs = False  # some group has copy-out arrays (set_copy_out)
         if isinstance(params, np.ndarray):
             raise TypeError(
                 f"{type(self).__name__}: params must be a list or dict of arrays, "
@@ -442,8 +457,8 @@ class Optimizer:
                 spec = None if kind is None or shape is None else precision.storage(kind, shape)
                 held = None if v is None else (_dtype(v.dtype).name, v.shape)
                 if spec != held:
-                    want = None if spec is None else spec[0]
-                    have = None if held is None else held[0]
+                    want = None if spec is None else kind
+                    have = None if held is None or shape is None else _kind(name, held, shape)
                     raise ValueError(
                         f"{type(self).__name__}: the state {name!r} of param {g.labels[i]} "
                         f"exists as {have}; these options (state_dtype, "
@@ -462,22 +477,34 @@ class Optimizer:
         if name in self._definition.shaped:
             shapes = [self._definition.state_shape(name, p.shape) for p in g.params]
         g.arenas[name], g.states[name] = _arena(
-            g.params, fill, [b.get(name) for b in layout], shapes
+            g.params, None, [b.get(name) for b in layout], shapes
         )
         scales = name + precision.ABSMAX
         if any(scales in b for b in layout):
             g.arenas[scales], g.states[scales] = _arena(
-                g.params, 0.0, [b.get(scales) for b in layout]
+                g.params, None, [b.get(scales) for b in layout]
             )
-            for b, v, a, p in zip(layout, g.states[name], g.states[scales], g.params):
-                if precision.quantized(b, name):
-                    code, absmax = precision.quantized_fill(fill, name, b[name])
-                    precision.fill_codes(v, code, b[name], p.size)
-                    a.fill(absmax)
+        self._fill_state(g, name, fill, layout)
         if name == precision.EMA:  # (taken again at its first step: see step)
             g.fresh_copies.add(name)
         if name in precision.COPIES or self._definition.like_param(name):
             self._take_params(g, name)
+
+    def _fill_state(self, g: _Group, name: str, fill: float, layout: list[Any]) -> None:
+        """Every element of state `name` of group `g` := `fill`; where `layout` quantizes it,
+        its codes and scales (``name + "_absmax"``) are those of `fill`
+        (:func:`~fastoptim.engine.precision.quantized_fill`, as every tier makes them)."""
+        none: list[Any] = [None] * len(g.params)
+        scales = g.states.get(name + precision.ABSMAX) or none
+        for b, v, a, p in zip(layout, g.states[name], scales, g.params):
+            if v is None:
+                continue
+            if precision.quantized(b, name):
+                code, absmax = precision.quantized_fill(fill, name, b[name])
+                precision.fill_codes(v, code, b[name], p.size)
+                a.fill(absmax)
+            else:
+                v.fill(fill)
 
     def _take_params(self, g: _Group, name: str) -> None:
         """State `name` of every parameter of `g` := the parameter (rounded to its dtype)."""
@@ -543,8 +570,14 @@ class Optimizer:
         `arrays`: a list in parameter order (None for a parameter without a copy), a dict
         keyed by parameter name (parameters not in it have none), or None to remove every
         copy.  Validated first (dtypes, shapes, layout, memory shared with anything the
-        optimizer updates): a rejected call changes nothing."""
+        optimizer updates): a rejected call changes nothing.  Each copy-out must stay as it was
+        given (not resized, reallocated or made read-only): a step checks that first."""
         cls = type(self).__name__
+        if self._definition.host is not None and arrays is not None:
+            raise TypeError(
+                f"{cls}.set_copy_out: {cls} computes its step in NumPy and takes no precision "
+                "options (no copy-out arrays); convert the parameters after its step instead"
+            )
         with self._lock:
             total = sum(len(g.params) for g in self._groups)
             if arrays is None:
@@ -585,7 +618,25 @@ class Optimizer:
             _core.check_disjoint(owned + [o for o, _ in given], owners + [w for _, w in given])
             for g, group, outs in zip(self._groups, self.param_groups, per_group):
                 g.outs = outs
+                pairs = zip(g.labels, outs or ())
+                g.outs_at = [(lab, o, o.ctypes.data, o.size) for lab, o in pairs if o is not None]
                 self._ensure_plan(g, group)
+            self._copy_outs = any(g.outs_at for g in self._groups)
+
+    def _check_copy_outs(self, where: str) -> None:
+        """ValueError if a copy-out array (:meth:`set_copy_out`) was resized, reallocated or made
+        read-only since it was given: the plan would write through the address it had then
+        (for the parameters, the compiled plan checks the same and says the same)."""
+        for g in self._groups:
+            for lab, out, address, size in g.outs_at:
+                if out.ctypes.data != address or out.size != size:
+                    raise ValueError(
+                        f"{where}: copy-out of param {lab}: the array was resized or its memory "
+                        "replaced since it was given to set_copy_out; give it again "
+                        "(set_copy_out) or remove it (set_copy_out(None))"
+                    )
+                if not out.flags.writeable:
+                    raise ValueError(f"{where}: copy-out of param {lab}: array was made read-only")
 
     def _own_grads(self, g: _Group) -> list[np.ndarray]:
         if g.grads is None:
@@ -700,6 +751,8 @@ class Optimizer:
 
     def _prepare(self, grads: Grads | None) -> list[list[np.ndarray]] | None:
         """Validate everything a step needs and bind the gradients; touches no element."""
+        if self._copy_outs:
+            self._check_copy_outs(f"{type(self).__name__}.step")
         for g, group in zip(self._groups, self.param_groups):
             if group != g.synced:
                 self._refresh()
@@ -736,9 +789,7 @@ class Optimizer:
             for name in g.fresh:  # not used yet: starts from the group's values at its first
                 fill = self._state_fill(name, group)  # step (Rprop's step_size = lr)
                 if fill != self._state_fill(name, g.synced):
-                    for v in g.states[name]:
-                        if v is not None:
-                            v.fill(fill)
+                    self._fill_state(g, name, fill, self._layout(g, group, list(g.states)))
             g.synced = _snapshot(group)
 
     def _bind(self, grads: Grads | None) -> list[list[np.ndarray]] | None:
@@ -903,6 +954,12 @@ class Optimizer:
                     pos += 1
                     if entry is None:
                         continue
+                    if g.outs is not None and g.outs[i] is not None:
+                        raise ValueError(
+                            f"{at}: row updates do not write copy-out arrays (set_copy_out): its "
+                            "copy would keep the old rows; remove it (set_copy_out(None)) or use "
+                            "dense gradients"
+                        )
                     states = [g.states[n][i] for n in g.hyper.state_names()]
                     if param.dtype not in (np.float32, np.float64) or any(
                         not isinstance(s, np.ndarray) or s.dtype != param.dtype for s in states

@@ -270,7 +270,13 @@ def quantize(values: np.ndarray, name: str, kind: str = INT8) -> tuple[np.ndarra
 def quantized_fill(fill: float, name: str, kind: str = INT8) -> tuple[int, float]:
     """The code byte (4-bit: two codes) and absmax of a block of quantized state `name`
     stored as `kind` whose values are all `fill` (what a new quantized state holds, in every
-    tier: see :func:`fill_codes`)."""
+    tier: see :func:`fill_codes`).  ValueError for a negative `fill` of a state of the
+    unsigned map (a second moment or an accumulator of squares: never negative)."""
+    if fill < 0 and QUANT_MAPS[name].startswith("unsigned"):
+        raise ValueError(
+            f"state {name!r} is never negative (a second moment or an accumulator of squares: "
+            f"the unsigned map), so it cannot be filled with {fill!r}"
+        )
     codes, absmax = quantize(
         np.full(QUANT_BLOCK4 if kind == INT4 else QUANT_BLOCK, fill, np.float32), name, kind
     )

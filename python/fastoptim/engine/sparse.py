@@ -17,13 +17,14 @@ gradient:
 
 Refused, as torch refuses it: ``weight_decay`` (SGD, Adagrad); SGD with ``momentum`` (torch
 decays every row of its buffer, which is a dense step).  Also refused: the precision and
-gradient-transform options (master weights, Kahan, EMA, clipping, skipping): row updates take
-float32 / float64 parameters with state of the same dtype.  Every entry is validated (indices'
-dtype and range, rows' dtype and shape, the group's options) before any array is written, and
-every parameter's rows of one step run in one compiled call (``_core.rows_<kernel>(jobs)``,
-through :func:`fastoptim.engine.optimizer.run_rows`), which checks all of them (and that no two
-arrays share memory) before it writes any: an error or an interrupt never leaves a step
-half-applied.
+gradient-transform options (master weights, Kahan, EMA, clipping, skipping) and, in the NumPy
+tier, a copy-out array (``set_copy_out``) of a parameter that gets rows (its copy would keep
+the old rows): row updates take float32 / float64 parameters with state of the same dtype.
+Every entry is validated (indices' dtype and range, rows' dtype and shape, the group's options)
+before any array is written, and every parameter's rows of one step run in one compiled call
+(``_core.rows_<kernel>(jobs)``, through :func:`fastoptim.engine.optimizer.run_rows`), which
+checks all of them (and that no two arrays share memory) before it writes any: an error or an
+interrupt never leaves a step half-applied.
 """
 
 from __future__ import annotations

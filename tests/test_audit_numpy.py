@@ -1,0 +1,151 @@
+"""Regression tests for faults an audit of the NumPy tier found (each named after its fault):
+copy-out arrays changed after ``set_copy_out``, quantized state filled with large values,
+copy-outs the step never writes, and the functional tier's quantized-state helpers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastoptim as fo
+from fastoptim import functional as F
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+N = 5000  # at least MIN_QUANTIZED elements: quantized state
+
+
+def _arrays(opt: Any, *extra: np.ndarray) -> list[bytes]:
+    """The bytes of every parameter and state array of `opt`, and of `extra`."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    states = [v for st in opt.state.values() for k, v in st.items() if k != "step"]
+    return [np.ascontiguousarray(a).tobytes() for a in (*params, *states, *extra)]
+
+
+def _copy_out_opt() -> tuple[Any, np.ndarray]:
+    """AdamW on a float32 parameter with a bfloat16 copy-out, one step done."""
+    opt = fo.AdamW([np.ones(N, np.float32)])
+    c = np.zeros(N, BF16)
+    opt.set_copy_out([c])
+    opt.step([np.ones(N, np.float32)])
+    return opt, c
+
+
+def test_copy_out_resized_after_set_copy_out_is_refused() -> None:
+    """A copy-out reallocated after set_copy_out was written through its old pointer (a
+    segfault).  Now the step raises first, naming it, and changes nothing."""
+    opt, c = _copy_out_opt()
+    c.resize(100_000, refcheck=False)
+    before = _arrays(opt, c)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="copy-out of param 0: the array was resized"):
+            opt.step([np.ones(N, np.float32)])
+    assert _arrays(opt, c) == before
+    opt.set_copy_out(None)  # removed: the step runs again
+    opt.step([np.ones(N, np.float32)])
+
+
+def test_copy_out_made_read_only_after_set_copy_out_is_refused() -> None:
+    """A copy-out made read-only after set_copy_out was still written."""
+    opt, c = _copy_out_opt()
+    c.flags.writeable = False
+    before = _arrays(opt, c)
+    with pytest.raises(ValueError, match="copy-out of param 0: array was made read-only"):
+        opt.step([np.ones(N, np.float32)])
+    assert _arrays(opt, c) == before
+    c.flags.writeable = True  # writeable again: written by the next step
+    opt.step([np.ones(N, np.float32)])
+    assert np.array_equal(c, opt.param_groups[0]["params"][0].astype(BF16))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_accumulator_filled_beyond_a_byte(kind: str) -> None:
+    """Adagrad(initial_accumulator_value=256.0, state_dtype="int8") raised OverflowError: the
+    value was written into the uint8 codes before their code was.  Now its state is
+    functional.quantized_state's, and dequantizes to the value; so is a value changed in
+    param_groups before the first step (which wrote the value into the codes as a byte)."""
+    w = np.ones(N, np.float32)
+    opt = fo.Adagrad([w], initial_accumulator_value=256.0, state_dtype=kind)
+    for fill in (256.0, 2.0, 300.0):
+        opt.param_groups[0]["initial_accumulator_value"] = fill
+        opt.state_dict()  # (the groups as the next step sees them)
+        state = opt.state[0]
+        codes, absmax = F.quantized_state(w, "sum", fill=fill, dtype=kind)
+        assert state["sum"].tobytes() == codes.tobytes()
+        assert state["sum_absmax"].tobytes() == absmax.tobytes()
+        got = F.dequantized((state["sum"], state["sum_absmax"]), "sum", w.shape, dtype=kind)
+        assert np.array_equal(got, np.full(N, fill, np.float32)), (fill, got[:3])
+    opt.step([np.ones(N, np.float32)])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda w: fo.Muon([w], lr=0.1),
+        lambda w: fo.Adafactor([w], lr=0.1),
+        lambda w: fo.LBFGS([w]),
+    ],
+    ids=["Muon", "Adafactor", "LBFGS"],
+)
+def test_set_copy_out_refused_where_the_step_runs_in_numpy(make: Callable[..., Any]) -> None:
+    """Muon, Adafactor and LBFGS accepted set_copy_out and never wrote the copies."""
+    w = np.ones((64, 32), np.float32)
+    opt = make(w)
+    c = np.zeros((64, 32), BF16)
+    name = type(opt).__name__
+    with pytest.raises(TypeError, match=f"{name}.set_copy_out: .*takes no precision options"):
+        opt.set_copy_out([c])
+    assert not c.astype(np.float32).any() and (w == 1).all()
+    opt.set_copy_out(None)  # (no copies: nothing to refuse)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda t: fo.SparseAdam([t], lr=0.1), lambda t: fo.SGD([t], lr=0.1)],
+    ids=["SparseAdam", "SGD"],
+)  # fmt: skip
+def test_step_rows_refuses_a_copy_out(make: Callable[..., Any]) -> None:
+    """step_rows left the copy-out of the rows it updated stale.  Now it refuses, writing
+    nothing, as it refuses the other precision options; without the copy-out it runs."""
+    t = np.ones((1000, 8), np.float32)
+    opt = make(t)
+    c = np.zeros((1000, 8), BF16)
+    opt.set_copy_out([c])
+    rows = [(np.array([1, 2]), np.ones((2, 8), np.float32))]
+    before = _arrays(opt, c)
+    with pytest.raises(ValueError, match=r"step_rows: param 0: .*copy-out"):
+        opt.step_rows(rows)
+    assert _arrays(opt, c) == before
+    opt.step_rows([None])  # (no rows for it: its copy stays right)
+    opt.set_copy_out(None)
+    opt.step_rows(rows)
+    assert (t[1] != 1).all() and (t[0] == 1).all()
+
+
+def test_functional_quantized_state_checks() -> None:
+    """functional.quantized_state filled a second moment of -1 as 0; dequantized raised
+    KeyError for a state that cannot be quantized, and its shape errors said 'quantized:'."""
+    w = np.zeros(N, np.float32)
+    with pytest.raises(ValueError, match="quantized_state: state 'exp_avg_sq' is never negative"):
+        F.quantized_state(w, "exp_avg_sq", fill=-1.0)
+    signed = F.dequantized(F.quantized_state(w, "exp_avg", fill=-1.0), "exp_avg")
+    assert np.allclose(signed, -1.0, rtol=1e-2)  # (a first moment may be negative)
+    m = F.quantized_state(w, "exp_avg_sq")
+    for where in ("quantized_state", "dequantized"):
+        with pytest.raises(ValueError, match=rf"{where}: state 'ax' cannot be quantized \(quant"):
+            F.quantized_state(w, "ax") if where == "quantized_state" else F.dequantized(m, "ax")
+    with pytest.raises(ValueError, match=r"^dequantized: 8-bit codes: shape \(5000,\)"):
+        F.dequantized(m, "exp_avg_sq", (5001,))
+
+
+def test_changing_quantized_kind_names_both_kinds() -> None:
+    """Changing state_dtype from int4 to int8 once the state exists was refused saying it
+    exists as uint8 and would become uint8.  Now the refusal names the kinds."""
+    opt = fo.AdamW([np.ones(N, np.float32)], state_dtype="int4")
+    opt.step([np.ones(N, np.float32)])
+    before = _arrays(opt)
+    opt.param_groups[0]["state_dtype"] = "int8"
+    with pytest.raises(ValueError, match=r"'exp_avg' of param 0 exists as int4; .* make it int8"):
+        opt.step([np.ones(N, np.float32)])
+    assert _arrays(opt) == before
