@@ -362,6 +362,25 @@ def _mismatch(comm: Any, out: Path) -> None:
         z.save(out / "valid")
         z.load(out / ("nothing-here" if rank == 1 else "valid"))
 
+    def grads_on_one_rank_first_step() -> None:
+        dp = fd.DataParallel(fo.SGD([np.zeros(4, np.float32)], lr=0.1), comm)
+        dp.step([np.ones(4, np.float32)] if rank == 0 else None)
+
+    def grads_on_one_rank_later() -> None:  # after a good step (it deadlocked)
+        z = fd.ZeroRedundancyOptimizer([np.zeros(9, np.float32)], fo.SGD, comm=comm, lr=0.1)
+        z.step([np.ones(9, np.float32)])
+        z.step([np.ones(9, np.float32)] if rank == 0 else None)
+
+    def zero_int8() -> None:  # refused everywhere: the blocks would straddle the shards
+        fd.ZeroRedundancyOptimizer(
+            [np.zeros(16384, np.float32)], fo.AdamW, comm=comm, state_dtype="int8"
+        )
+
+    def zero_int4_in_a_group() -> None:
+        p = np.zeros(16384, np.float32)
+        groups = [{"params": [p], "state_dtype": {"exp_avg": "int4"}}]
+        fd.ZeroRedundancyOptimizer(groups, fo.AdamW, comm=comm)
+
     def still_works() -> None:
         w = np.zeros(4, np.float32)
         dp = fd.DataParallel(fo.SGD([w], lr=1.0), comm)
@@ -380,6 +399,10 @@ def _mismatch(comm: Any, out: Path) -> None:
         zero_bad_option_one_rank,
         zero_invalid_everywhere,
         zero_checkpoint_missing_on_one_rank,
+        grads_on_one_rank_first_step,
+        grads_on_one_rank_later,
+        zero_int8,
+        zero_int4_in_a_group,
         still_works,
     ):
         attempt(fn.__name__, fn)

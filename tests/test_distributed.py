@@ -281,6 +281,8 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
         "zero_not_array": "rank 1: TypeError",
         "zero_bad_option_one_rank": "defaults",
         "zero_checkpoint_missing_on_one_rank": "rank 1: CheckpointError",
+        "grads_on_one_rank_first_step": "gradients were passed on rank(s) [0] and not",
+        "grads_on_one_rank_later": "gradients were passed on rank(s) [0] and not",
     }
     for r, per_rank in enumerate(got):
         for label, text in expect.items():
@@ -288,6 +290,13 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
             assert text in per_rank[label], (r, label, per_rank[label])
         # the same invalid option on every rank: the optimizer's own error, everywhere
         assert per_rank["zero_invalid_everywhere"].startswith("ValueError: Adam: invalid lr")
+        # quantized state under ZeRO-1: refused on every rank (its blocks span the shards)
+        assert per_rank["zero_int8"].startswith(
+            "ValueError: ZeroRedundancyOptimizer: state_dtype='int8': quantized state"
+        )
+        assert per_rank["zero_int4_in_a_group"].startswith(
+            "ValueError: ZeroRedundancyOptimizer: state_dtype={'exp_avg': 'int4'}"
+        )
         assert per_rank["still_works"] == "no error", per_rank["still_works"]
     # the checkpoint of the last scenario was loaded on rank 0 but changed nothing there
     assert "rank 0" not in got[0]["zero_checkpoint_missing_on_one_rank"]

@@ -69,6 +69,7 @@ import fastoptim.engine.optimizer
 
 from . import checkpoint
 from .engine.optimizer import Grads, Optimizer, Params, _dtype
+from .engine.precision import QUANT_KINDS
 from .schedules import _to_data
 from .transforms import mpi_all_reduce
 
@@ -134,20 +135,51 @@ def _agree(comm: Any, where: str, local: Callable[[], _T]) -> _T:
     """Run `local` on every rank, then exchange the outcome (one ``allgather``): if it raised
     the same error on every rank, raise it as is everywhere; if it raised on some ranks (or
     differently), raise :class:`DistributedError` on every rank naming them."""
+    result: _T = _agree_all(comm, where, local, share=False)[comm.Get_rank()]
+    return result
+
+
+def _agree_all(comm: Any, where: str, local: Callable[[], _T], share: bool = True) -> list[_T]:
+    """:func:`_agree`, returning every rank's result (`share`: `local` returns a small
+    picklable value, exchanged in the same ``allgather``; else only this rank's is filled)."""
     error: Exception | None = None
     result: Any = None
     try:
         result = local()
     except Exception as e:  # reported to every rank below, then raised
         error = e
-    outcomes = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    gathered = comm.allgather(
+        (None if error is None else f"{type(error).__name__}: {error}", result if share else None)
+    )
+    outcomes = [msg for msg, _ in gathered]
     failed = [(r, msg) for r, msg in enumerate(outcomes) if msg is not None]
     if error is not None and len(set(outcomes)) == 1:
         raise error  # the same error on every rank (an invalid option...): as is
     if failed:
         lines = "\n  - ".join(f"rank {r}: {msg}" for r, msg in failed)
         raise DistributedError(f"{where} failed on {len(failed)} rank(s):\n  - {lines}") from error
-    return result  # type: ignore[no-any-return]
+    results: list[Any] = [res for _, res in gathered]
+    results[comm.Get_rank()] = result
+    return results
+
+
+def _take_grads(comm: Any, where: str, grads: Grads | None, copy: Callable[[Grads], None]) -> None:
+    """A step's `grads` argument on every rank (one ``allgather``, whether given or not, so
+    the ranks stay in step): copied by `copy` where given; :class:`DistributedError` on every
+    rank if some ranks passed gradients and others None, or if a copy failed anywhere."""
+
+    def local() -> bool:
+        if grads is not None:
+            copy(grads)
+        return grads is not None
+
+    given = _agree_all(comm, where, local)
+    if len(set(given)) > 1:
+        ranks = [r for r, g in enumerate(given) if g]
+        raise DistributedError(
+            f"{where}: gradients were passed on rank(s) {ranks} and not on the others: pass "
+            "them on every rank, or on none (the gradient buffers then hold them)"
+        )
 
 
 def _compare(comm: Any, where: str, signature: list[tuple[str, str]]) -> None:
@@ -559,15 +591,15 @@ class DataParallel:
         parameters' dtypes and shapes), copied into the gradient buffers first; None: the
         buffers already hold them.  The first step checks every rank's setup again.  Returns
         what the optimizer's step returns (the gradient norm with ``max_grad_norm``)."""
-        if grads is not None:
-            opt = self.optimizer
-            keys = [str(k) if opt._named else k for g in opt._groups for k in g.keys]
-            targets = [a for g in opt._groups for a in opt._own_grads(g)]
-            _agree(
-                self._c.comm,
-                "DataParallel.step",
-                lambda: _copy_grads("DataParallel.step", grads, bool(opt._named), keys, targets),
-            )
+        opt = self.optimizer
+        keys = [str(k) if opt._named else k for g in opt._groups for k in g.keys]
+        targets = [a for g in opt._groups for a in opt._own_grads(g)]
+        _take_grads(
+            self._c.comm,
+            "DataParallel.step",
+            grads,
+            lambda gs: _copy_grads("DataParallel.step", gs, bool(opt._named), keys, targets),
+        )
         if not self._checked:
             self.check()
         self.allreduce_grads()
@@ -714,6 +746,16 @@ class ZeroRedundancyOptimizer:
                 where, bucket_bytes, grad_reduction, ("mean", "sum", "none")
             )
             self._named, groups = _parse_params(params, where)
+            for opts in [defaults, *(g["options"] for g in groups)]:
+                sd = opts.get("state_dtype")
+                kinds = sd.values() if isinstance(sd, Mapping) else [sd]
+                if any(isinstance(v, str) and v in QUANT_KINDS for v in kinds):
+                    raise ValueError(
+                        f"{where}: state_dtype={sd!r}: quantized state is kept per block of "
+                        "each whole parameter (and in float32 below 4096 elements), which "
+                        "ZeRO-1's flat shards cut across ranks: use DataParallel with it, or a "
+                        "float32/bfloat16/float16 state"
+                    )
             self._groups = [
                 _ZeroGroup(g["keys"], g["arrays"], g["options"], c.size) for g in groups
             ]
@@ -868,15 +910,15 @@ class ZeroRedundancyOptimizer:
         with ``max_grad_norm``, the norm of all ranks' gradients (clipping and
         ``skip_nonfinite`` see every rank's shard through ``reduce_grad_stats``)."""
         c = self._c
-        if grads is not None:
-            keys = [k for g in self._groups for k in g.keys]
-            _agree(
-                c.comm,
-                "ZeroRedundancyOptimizer.step",
-                lambda: _copy_grads(
-                    "ZeroRedundancyOptimizer.step", grads, self._named, keys, self._grads
-                ),
-            )
+        keys = [k for g in self._groups for k in g.keys]
+        _take_grads(
+            c.comm,
+            "ZeroRedundancyOptimizer.step",
+            grads,
+            lambda gs: _copy_grads(
+                "ZeroRedundancyOptimizer.step", gs, self._named, keys, self._grads
+            ),
+        )
         if not self._checked:
             self.check()
         average = self.grad_reduction == "mean"
