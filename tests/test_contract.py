@@ -837,7 +837,16 @@ KERAS_HINTS = [  # (class name, Keras keyword, what the message must name)
     ("SGD", "epsilon", ["'epsilon'", "SGD has no such option", "fastoptim.keras.SGD"]),
     ("Adam", "rho", ["'rho'", "Adam has no such option", "fastoptim.keras.Adam"]),
     ("Rprop", "beta_1", ["'beta_1'", "Rprop has no such option"]),  # no Keras counterpart
+    # ASGD's alpha is not Keras's rho (a power of its step size decay, not an average's decay)
+    ("ASGD", "rho", ["'rho'", "ASGD has no such option"]),
 ]
+
+
+def test_keras_epsilon_is_not_adafactors_pair() -> None:
+    """Adafactor's eps is a pair (eps1, eps2): Keras's epsilon is not offered as it."""
+    with pytest.raises(TypeError) as info:
+        fo.Adafactor([np.zeros((3, 3))], epsilon=1e-3)
+    assert str(info.value) == "Adafactor: unknown argument 'epsilon'; Adafactor has no such option"
 
 
 @pytest.mark.parametrize(("name", "keyword", "words"), KERAS_HINTS)

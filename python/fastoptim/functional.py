@@ -19,9 +19,12 @@ Conventions shared by every function:
 
 - ``step`` (keyword, required) is the 1-based number of *this* update (``1`` the first time);
   it drives bias corrections and learning-rate decays.  Keep counting it yourself.
-- Arrays are float32 or float64, C-contiguous, writeable, native byte order, all of the same
-  dtype and shape, pairwise distinct in memory (the gradient is only read).  Nothing is ever
-  copied: anything else is rejected.
+- Arrays are C-contiguous, writeable, native byte order, all of the same shape, pairwise
+  distinct in memory (the gradient is only read).  The parameter is float32, float64,
+  bfloat16 (``ml_dtypes.bfloat16``) or float16; a float64 parameter takes float64 gradient and
+  state, the others a float32, bfloat16 or float16 gradient and the state dtypes the precision
+  options say (``state_dtype``: float32 by default, as the classes; see
+  :mod:`fastoptim.engine.precision`).  Nothing is ever copied: anything else is rejected.
 - State arrays start as the class would create them: zeros, except Adagrad's ``sum``, which
   starts at the ``initial_accumulator_value`` of your choice.
 - A state array must be given exactly when the options need it (e.g. ``max_exp_avg_sq`` iff

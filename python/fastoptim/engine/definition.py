@@ -106,6 +106,11 @@ KERAS_KEYWORDS: dict[str, tuple[str, str]] = {
     "rho": ("alpha", "alpha=rho (the decay of the squared-gradient average)"),
     "initial_accumulator_value": ("initial_accumulator_value", "initial_accumulator_value"),
 }
+# Keras keywords whose torch name means the same only in some classes: rho is RMSprop's alpha
+# (a class with a Keras twin), not ASGD's (a power of its step size decay); epsilon is a
+# scalar eps, not Adafactor's pair.
+_KERAS_ONLY_WITH_TWIN = frozenset({"rho"})
+_KERAS_SCALAR = frozenset({"epsilon"})
 
 
 @functools.cache
@@ -465,7 +470,12 @@ class Definition:
             if key in accepted or key not in KERAS_KEYWORDS:
                 continue
             torch_name, spelled = KERAS_KEYWORDS[key]
-            if torch_name in accepted:
+            default = next((h.default for h in self.hyper if h.name == torch_name), None)
+            if (
+                torch_name in accepted
+                and (key not in _KERAS_ONLY_WITH_TWIN or self.keras)
+                and (key not in _KERAS_SCALAR or not isinstance(default, tuple))
+            ):
                 advice = f"fastoptim (like torch.optim) takes {spelled}"
             else:
                 advice = f"{self.name} has no such option"

@@ -220,8 +220,11 @@ class _Group:
 class Optimizer:
     """Base class of fastoptim's optimizers (see :mod:`fastoptim.optimizers`).
 
-    Parameters are NumPy arrays (float32 or float64, C-contiguous, writeable, native byte
-    order) that every :meth:`step` updates **in place**; nothing is ever copied.
+    Parameters are NumPy arrays (float32, float64, ``ml_dtypes.bfloat16`` or float16;
+    C-contiguous, writeable, native byte order) that every :meth:`step` updates **in place**;
+    nothing is ever copied.  The precision options (:mod:`fastoptim.engine.precision`) say
+    the state dtypes of 32- and 16-bit parameters; float64 parameters keep float64 state.
+    (Muon, LBFGS and Adafactor, whose steps run in NumPy, take float32 and float64 only.)
     """
 
     _definition: ClassVar[Definition]  # what the optimizer is (fastoptim.definitions)

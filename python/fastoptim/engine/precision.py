@@ -158,8 +158,10 @@ def check_state_dtype(cls: str, value: Any, states: tuple[str, ...]) -> None:
 
 _WHY_NOT = (
     "quantized: the first and second moments and accumulators of Adam, AdamW, NAdam, RAdam, "
-    "Adamax, ADOPT, Lion, SGD momentum, RMSprop, Adagrad and Adadelta; not Rprop's step sizes "
-    "or ASGD's parameter average, which 8 or 4 bits relative to a block maximum would destroy"
+    "Adamax, ADOPT, Lion, SGD momentum, RMSprop, Adagrad, Adadelta, LAMB, LARS, SparseAdam "
+    "and AdamWScheduleFree; not Rprop's step sizes, nor ASGD's parameter average or "
+    "SGDScheduleFree's z (parameter sequences), which 8 or 4 bits relative to a block maximum "
+    "would destroy"
 )
 
 
