@@ -691,9 +691,11 @@ class ZeroRedundancyOptimizer:
     """ZeRO-1: optimizer state sharded over the ranks of `comm`, parameters replicated.
 
     `params` as for any fastoptim optimizer (a list or dict of arrays, or a list of group
-    dicts with per-group options); `optimizer_class` a NumPy-tier optimizer class
-    (``fastoptim.AdamW``...), built with `defaults` (its keyword arguments, including the
-    precision options).  Each group's elements, flattened and concatenated in parameter order
+    dicts with per-group options), each with at least one element; `optimizer_class` a
+    NumPy-tier optimizer class (``fastoptim.AdamW``...; not the per-tensor LAMB and LARS),
+    built with `defaults` (its keyword arguments, including the precision options but the
+    quantized ``state_dtype`` kinds, whose blocks follow whole parameters: use
+    :class:`DataParallel` for those).  Each group's elements, flattened and concatenated in parameter order
     (``E`` of them), are split into contiguous ranges ``[r*E//N, (r+1)*E//N)``; rank `r`
     builds ``optimizer_class`` over zero-copy 1-D views of the pieces of the parameters in
     its range (:attr:`optimizer`), so it allocates ``1/N`` of the state.
@@ -706,7 +708,8 @@ class ZeroRedundancyOptimizer:
     step are bit-identical to one process stepping ``optimizer_class`` on all parameters
     with the same gradients, for every optimizer and option (the update is element-wise),
     except ``rounding="stochastic"``, whose random bits depend on the element's position
-    in its array (a valid, but different, draw).
+    in its array (a valid, but different, draw), and ``max_grad_norm``, whose norm sums the
+    ranks' partial sums (another order: a clipped step may differ by an ulp).
 
     Hyper-parameters: :attr:`param_groups` are the inner optimizer's groups (their
     ``"params"`` hold this rank's pieces); set the same values on every rank, then
