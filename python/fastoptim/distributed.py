@@ -695,10 +695,11 @@ class ZeroRedundancyOptimizer:
     NumPy-tier optimizer class (``fastoptim.AdamW``...; not the per-tensor LAMB and LARS),
     built with `defaults` (its keyword arguments, including the precision options but the
     quantized ``state_dtype`` kinds, whose blocks follow whole parameters: use
-    :class:`DataParallel` for those).  Each group's elements, flattened and concatenated in parameter order
-    (``E`` of them), are split into contiguous ranges ``[r*E//N, (r+1)*E//N)``; rank `r`
-    builds ``optimizer_class`` over zero-copy 1-D views of the pieces of the parameters in
-    its range (:attr:`optimizer`), so it allocates ``1/N`` of the state.
+    :class:`DataParallel` for those).  Each group's elements, flattened and concatenated in
+    parameter order (``E`` of them), are split into contiguous ranges
+    ``[r*E//N, (r+1)*E//N)``; rank `r` builds ``optimizer_class`` over zero-copy 1-D views of
+    the pieces of the parameters in its range (:attr:`optimizer`), so it allocates ``1/N`` of
+    the state.
 
     A :meth:`step`: every rank's gradients (:attr:`grads`, full-size buffers, one per
     parameter) are reduce-scattered: each rank gets the mean of its range over the ranks
