@@ -19,18 +19,27 @@ in both directions and the trajectories continue identically (to rounding).
 
 What is supported, and what is refused (never a silently lost update):
 
-- Parameters: CPU tensors of dtype float32 or float64 whose elements are *dense and
-  non-overlapping* (contiguous, or a permutation of contiguous such as a transposed weight or a
-  channels-last tensor: the update is elementwise, so it runs over the tensor's memory in
-  memory order).  Anything else (bfloat16/float16/complex/integer, CUDA or other devices,
-  sparse tensors, views with gaps or overlapping elements) raises ``TypeError`` /
-  ``ValueError`` naming the parameter, when the optimizer is built or, for a parameter whose
-  storage was changed later, at the step.
+- Parameters: CPU tensors of dtype float32, float64, bfloat16 or float16 whose elements are
+  *dense and non-overlapping* (contiguous, or a permutation of contiguous such as a transposed
+  weight or a channels-last tensor: the update is elementwise, so it runs over the tensor's
+  memory in memory order).  bfloat16/float16 parameters compute in float32 and keep float32
+  state by default (the precision options ``state_dtype``, ``master_weights``, ``kahan``,
+  ``rounding``: see :mod:`fastoptim.engine.precision` and the README's "Reduced precision").
+  Anything else (complex/integer, CUDA or other devices, sparse tensors, views with gaps or
+  overlapping elements, the same tensor twice) raises ``TypeError`` / ``ValueError`` naming the
+  parameter, when the optimizer is built or, for a parameter whose storage was changed later,
+  at the step.
+- Each step bumps the autograd version counter of every parameter it updates, as torch's
+  in-place operations do: a graph that saved a parameter before the step raises "modified by
+  an inplace operation" in ``backward()``.  (Not the state tensors': no graph saves them, and
+  a bump costs ~85 ns a tensor.)
 - Gradients are read from ``p.grad`` at every step (it may be a new tensor each time);
   parameters whose ``grad`` is ``None`` are skipped, as in torch.  A gradient whose memory
   layout differs from its parameter's (e.g. a contiguous gradient for a transposed parameter)
-  is copied into the parameter's layout for that step: gradients are only read, so nothing is
-  lost.
+  is copied into the parameter's layout for that step, and so is one that shares memory with
+  another parameter's gradient (as autograd makes them for views of one buffer): gradients are
+  only read, so nothing is lost.  A gradient must not share memory with a parameter or a state
+  tensor (those are written).
   Sparse COO gradients (``torch.sparse_coo_tensor``, e.g. from ``nn.Embedding(sparse=True)``)
   are taken where ``torch.optim`` takes them (:class:`SGD`, :class:`Adagrad` and
   :class:`SparseAdam`, which takes nothing else): torch coalesces each, and the compiled row
@@ -49,7 +58,8 @@ What is supported, and what is refused (never a silently lost update):
 Torch-only arguments, accepted where the ``torch.optim`` signature has them:
 
 - ``foreach`` and ``fused``: recorded in ``param_groups`` like torch does and otherwise
-  ignored: every step already is one fused multi-tensor call.
+  ignored: every step already is one fused multi-tensor call.  Both ``True`` raise torch's
+  ``RuntimeError``.
 - ``capturable=True`` (CUDA-graph capture) and ``differentiable=True`` (autograd through the
   step): ``ValueError``; fastoptim updates CPU tensors outside autograd.
 
@@ -100,12 +110,10 @@ tens of microseconds and 1-2 per tensor), what changed rebuilt.  torch's step ho
 profiler event are kept; its wrapper that runs them is entered only when one is registered or
 a profiler runs.
 
-OpenMP: fastoptim and torch share one runtime in either import order.  A source build links
-``libgomp.so.1``, the name of torch's copy, so whichever loads first serves both; the binary
-wheel vendors a renamed copy, and ``import fastoptim`` loads torch's runtime globally first
-(see :mod:`fastoptim._openmp`; ``FASTOPT_TORCH_OPENMP=0`` turns that off), so that the
-extension binds to torch's.  Two runtimes side by side fight for the cores (a training
-iteration of a small MLP was 4x slower on 2 cores).
+Threads: steps run on fastoptim's own thread pool (``fastoptim.set_num_threads``, separate from
+``torch.set_num_threads``), not on an OpenMP runtime: the extension links none, so nothing is
+shared with torch's (see :mod:`fastoptim._openmp`, which now does nothing, and the README's
+"Threads").
 
 Importing :mod:`fastoptim` never imports torch; only ``import fastoptim.torch`` does.
 """
@@ -130,7 +138,7 @@ from . import schedules as _schedules
 from .engine import precision, sparse, transforms
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
-from .engine.optimizer import _defaults, run_compiled, run_rows
+from .engine.optimizer import _absmax_problem, _defaults, run_compiled, run_rows
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
 from .engine.schedulefree import SWAP_KEY, Modes, swap_weight
@@ -226,6 +234,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[start, end)`` that tensor `t`'s elements lie within."""
+    t = _local(t)
+    start = int(t.data_ptr())
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _shared(tensors: Sequence[torch.Tensor]) -> set[int]:
+    """The indices of the `tensors` to copy so that the others share no memory (of each set
+    of overlapping ones, all but the first in address order); other than strided tensors are
+    left to the checks that refuse them."""
+    out: set[int] = set()
+    end = None  # of the last one kept
+    strided = (
+        k
+        for k, t in enumerate(tensors)
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided
+    )
+    for start, stop, k in sorted((*_span(tensors[k]), k) for k in strided):
+        if start == stop:  # (no element)
+            continue
+        if end is not None and start < end:
+            out.add(k)
+        else:
+            end = stop
+    return out
+
+
 def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
     """``None`` for a contiguous tensor; for a dense non-overlapping one, the permutation of
     its dimensions that makes it contiguous (its memory order); else ValueError."""
@@ -277,6 +316,70 @@ def _new_quantized(
     }
 
 
+def _quantized_like(
+    p: torch.Tensor, values: torch.Tensor, name: str, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and absmax of `values` (a float tensor of `p`'s shape, any layout) as quantized
+    state `name` of `p` stored as `kind`, in blocks of `p`'s memory order, as the kernels read
+    them (8-bit codes laid out like `p`; 4-bit ones packed in its memory order, 1-D)."""
+    perm = _permutation(p)
+    flat = _memory_order(values.detach(), perm).to(torch.float32).cpu().contiguous().numpy()
+    codes, absmax = precision.quantize(flat, name, kind)
+    if kind == precision.INT4:
+        return torch.from_numpy(codes), torch.from_numpy(absmax)
+    out = torch.empty_like(p, dtype=torch.uint8)
+    _memory_order(out, perm).copy_(torch.from_numpy(codes))
+    return out, torch.from_numpy(absmax)
+
+
+def _dequantized8(codes: torch.Tensor, absmax: torch.Tensor, name: str) -> torch.Tensor:
+    """The float32 values (same shape) of 8-bit quantized state `name` held as `codes` (any
+    dense layout: its blocks follow its memory order) and `absmax`."""
+    perm = _permutation(codes)
+    mem = _memory_order(codes.detach(), perm).cpu().contiguous()
+    out = np.empty(tuple(mem.shape), np.float32)
+    _core.dequantize_blockwise(
+        mem.numpy(), absmax.detach().cpu().numpy(), out, precision.qmap(name, precision.INT8)
+    )
+    values = torch.from_numpy(out)
+    return values if perm is None else values.permute(tuple(np.argsort(perm).tolist()))
+
+
+def _quantized_problem(p: torch.Tensor, codes: Any, scales: Any) -> tuple[str, str] | None:
+    """What is wrong with quantized state (`codes`, `scales`) of `p`, as (which array: the
+    codes' or the scales' suffix, the problem), or None."""
+    n = p.numel()
+    packed = ((n + 1) // 2,)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        return "", f"codes of {got}, expected uint8"
+    if codes.shape == p.shape:
+        block = precision.QUANT_BLOCK
+    elif codes.shape == packed:
+        block = precision.QUANT_BLOCK4
+    else:
+        return "", (
+            f"uint8 {tuple(codes.shape)}, expected the parameter's shape {tuple(p.shape)} "
+            f"(8-bit codes) or {packed[0]} bytes (4-bit codes)"
+        )
+    nblocks = -(-n // block)
+    if (
+        not isinstance(scales, torch.Tensor)
+        or scales.dtype != torch.float32
+        or scales.shape != (nblocks,)
+    ):
+        got = (
+            f"{scales.dtype} {tuple(scales.shape)}"
+            if isinstance(scales, torch.Tensor)
+            else type(scales).__name__
+        )
+        return precision.ABSMAX, (
+            f"{got}, expected float32 ({nblocks},) (one absmax per block of {block} elements)"
+        )
+    problem = _absmax_problem(scales.detach().cpu().numpy())
+    return (precision.ABSMAX, problem) if problem else None
+
+
 _numpy = torch.Tensor.numpy
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -297,6 +400,30 @@ def _local_stride(t: torch.Tensor) -> tuple[int, ...]:
 
 
 _optimizer_module = importlib.import_module("torch.optim.optimizer")  # (its global hooks)
+_increment_version = torch.autograd.graph.increment_version
+
+
+def _bump_each(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        _increment_version(t)
+
+
+def _bump_all(tensors: Sequence[torch.Tensor]) -> None:
+    _increment_version(tensors)
+
+
+def _version_bumper() -> Callable[[Sequence[torch.Tensor]], None]:
+    """What bumps the autograd version counters of tensors a step wrote in place (as torch's
+    in-place operations do, so that autograd refuses a graph that saved their old values): one
+    call for them all where torch takes a list (newer torch), else one per tensor."""
+    try:
+        _increment_version([torch.zeros(1)])
+    except TypeError:
+        return _bump_each
+    return _bump_all
+
+
+_bump = _version_bumper()
 
 
 def _exchange_api() -> bool:
@@ -342,6 +469,16 @@ def _hooked(step: _F) -> _F:
 
 
 _ALL: list[list[int] | None] = [None]  # one bucket: all the parameters of a group
+# The options (besides the kernel's state names) that decide a group's state buffers and plan
+# (Optimizer._build): a change rebuilds them.
+_STRUCTURE = (
+    precision.STATE_DTYPE,
+    precision.MASTER_WEIGHTS,
+    precision.KAHAN,
+    precision.ROUNDING,
+    precision.SEED,
+    precision.EMA_DECAY,
+)
 _VALUES = (int, float, str, bool, type(None))  # immutable values of a parameter group
 
 
@@ -398,6 +535,9 @@ class _Cache:
         self.qmaps: list[str] = []  # per state name: its quantization map, "" if none
         self.to_numpy: Callable[[torch.Tensor], np.ndarray] = _numpy  # gradients' views
         self.ids: list[int] = []  # the parameters' numbers in the optimizer
+        # the parameters: a step bumps their autograd versions (not the state's: ~85 ns a
+        # tensor, and state is not saved by graphs)
+        self.written: list[torch.Tensor] = []
         self.bound = False  # plan is bound to the gradients of last_refs
         self.snapshot: dict[str, Any] | None = None  # the group as validated (_group_snapshot)
         self.fast = False  # the next step may try the fast path (Plan.bind_torch)
@@ -458,6 +598,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         #: :func:`fastoptim.transforms.torch_all_reduce`).
         self.reduce_grad_stats: transforms.Reduce | None = None
         self._transformed = False  # some plan has a gradient transform other than identity
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # (torch's)
         super().__init__(params, {**defaults, **dict(self._definition.fixed)})
         if self._definition.torch_eager_state:  # torch creates this state at construction
             for group in self.param_groups:
@@ -491,6 +633,19 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             return f"{names[i]!r} (group {gi})"
         return f"{i} of group {gi}"
 
+    def _values(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's fastoptim hyper-parameters as plain values (:func:`_plain`); a tensor
+        of several elements raises ValueError naming the group and the entry."""
+        hp = {}
+        for k in self._keys:
+            try:
+                hp[k] = _plain(group[k])
+            except ValueError as e:
+                gi = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+                where = "" if gi is None else f" of group {gi}"
+                raise ValueError(f"{type(self).__name__}: {k}{where}: {e}") from None
+        return hp
+
     def _validate(
         self, group: Mapping[str, Any], hp: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -508,7 +663,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 "updates CPU tensors"
             )
         if hp is None:
-            hp = {k: _plain(group[k]) for k in self._keys}
+            hp = self._values(group)
         rec = self._record(group)
         if rec is None:
             self._definition.check(hp)
@@ -560,14 +715,22 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.add_param_group`; also validates the
         hyper-parameters and that every parameter is a tensor fastoptim can update."""
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # (torch warns of a parameter listed twice)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
         try:
             self._sync(group)
             self._validate(group)
+            seen: dict[int, int] = {}
             for i, p in enumerate(group["params"]):
                 self._check_param(p, self._label(group, gi, i))
+                first = seen.setdefault(id(p), i)
+                if first != i:
+                    raise ValueError(
+                        f"{type(self).__name__}: param {self._label(group, gi, i)} is param "
+                        f"{self._label(group, gi, first)} again; fastoptim updates each "
+                        "parameter once per step: list it once"
+                    )
         except BaseException:
             self.param_groups.pop()
             self._scheduled.pop(id(group), None)
@@ -662,12 +825,52 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 except ValueError as e:
                     raise ValueError(f"{cls}.load_state_dict: group {i} {k}: {e}") from None
             decoded.append(specs)
+        self._check_quantized(state_dict)
         self._loaded = decoded
         try:
             super().load_state_dict(state_dict)
         finally:
             self._loaded = None
         self._keep_state_dtypes(state_dict)
+
+    def _check_quantized(self, state_dict: Mapping[str, Any]) -> None:
+        """ValueError naming the array for quantized state in `state_dict` that no step could
+        use (before torch's loader casts it): codes that are not uint8 in either layout (8-bit:
+        the parameter's shape; 4-bit: ``(numel + 1) // 2`` packed bytes), scales that are not
+        float32 with one entry per block, negative or infinite (NaN marks a non-finite block),
+        codes without scales or scales without codes."""
+        cls = f"{type(self).__name__}.load_state_dict"
+        saved_groups = state_dict.get("param_groups")
+        states = state_dict.get("state")
+        if not isinstance(saved_groups, Sequence) or not isinstance(states, Mapping):
+            return  # (torch's loader says what is wrong)
+        mine = [
+            (p, self._label(g, gi, i))
+            for gi, g in enumerate(self.param_groups)
+            for i, p in enumerate(g["params"])
+        ]
+        saved = [k for g in saved_groups for k in g.get("params", ())]
+        for key, (p, label) in zip(saved, mine):
+            entry = states.get(key)
+            if not isinstance(entry, Mapping) or not isinstance(p, torch.Tensor):
+                continue
+            for name, codes in entry.items():
+                if name.endswith(precision.ABSMAX):
+                    if name.removesuffix(precision.ABSMAX) not in entry:
+                        raise ValueError(f"{cls}: state {name!r} of param {label} has no codes")
+                    continue
+                scales = entry.get(name + precision.ABSMAX)
+                if scales is None:
+                    if isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8:
+                        raise ValueError(
+                            f"{cls}: state {name!r} of param {label} holds uint8 codes without "
+                            f"their scales {name + precision.ABSMAX!r}"
+                        )
+                    continue
+                problem = _quantized_problem(p, codes, scales)
+                if problem is not None:
+                    which, what = problem
+                    raise ValueError(f"{cls}: state {name + which!r} of param {label}: {what}")
 
     def _keep_state_dtypes(self, state_dict: Mapping[str, Any]) -> None:
         """torch's load_state_dict casts floating state to its parameter's dtype: undone for
@@ -803,19 +1006,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     f"parameter's shape {tuple(p.shape)}"
                 )
             fresh = id(s) in self._fresh
-            values = (
-                np.ascontiguousarray(
-                    _memory_order(s.detach(), _permutation(p)).to(torch.float32).cpu().numpy()
-                )
-                if four
-                else np.ascontiguousarray(s.detach().to(torch.float32).cpu().numpy())
-            )
-            codes, absmax = precision.quantize(values, name, kind)
-            if four:
-                state[name] = torch.from_numpy(codes)
-            else:
-                state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(torch.from_numpy(codes))
-            state[scales] = torch.from_numpy(absmax)
+            state[name], state[scales] = _quantized_like(p, s, name, kind)
             if fresh:
                 self._fresh[id(state[name])] = state[name]
             return
@@ -846,7 +1037,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if s.device != p.device or not s.is_contiguous():
                 state[name] = s.to(device=p.device, copy=True).contiguous()
         elif s.device != p.device or not _in_layout(s, _permutation(p)):
-            state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(s)
+            # (e.g. saved from a contiguous parameter, resumed channels-last: its blocks follow
+            # the saved memory order; requantized in this parameter's)
+            try:
+                values = _dequantized8(s, a, name)
+            except ValueError as e:
+                raise ValueError(f"{cls}: state {name!r} of param {label}: codes {e}") from None
+            state[name], state[scales] = _quantized_like(p, values, name, kind)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors (quantized codes and their scales, master copies
@@ -935,7 +1132,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 if key in rec.pending or not same(group.get(key), written):
                     self._sync(group)
                     break
-        hp = {k: _plain(group[k]) for k in self._keys}
+        hp = self._values(group)
         if hp != c.hp or group.get("differentiable") or group.get("capturable"):
             try:
                 hp = self._validate(group, hp)
@@ -946,8 +1143,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 hp = self._validate(group)
             hyper = self._definition.compile(hp)
             names = tuple(hyper.state_names())
-            if names != c.names:
-                c.sig = None  # other state buffers: rebuild the views
+            old = c.hp or {}
+            if names != c.names or any(hp.get(k) != old.get(k) for k in _STRUCTURE):
+                # other state buffers, dtypes or plan options: rebuild (the general path)
+                c.sig, c.fast = None, False
             c.hp, c.hyper, c.names = hp, hyper, names
             c.transforming = transforms.active((hp,))
         c.snapshot = None if self._record(group) is not None else _group_snapshot(group)
@@ -975,8 +1174,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         name = type(self).__name__
         group = c.group
         c.sig = None
-        index = {id(p): i for i, p in enumerate(group["params"])}
-        labels = [self._label(group, gi, index[id(p)]) for p in params]
+        positions, j = [], 0  # of params in the group (an ordered subsequence of it)
+        for i, p in enumerate(group["params"]):
+            if j < len(params) and p is params[j]:
+                positions.append(i)
+                j += 1
+        labels = [self._label(group, gi, i) for i in positions]
         perms = [self._check_param(p, lab) for p, lab in zip(params, labels)]
         assert c.hp is not None
         packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
@@ -1079,7 +1282,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 [c.names[i] for i in planned],
                 [sviews[i] for i in planned],
                 **extras,
-                ids=[first + index[id(p)] for p in params],
+                ids=[first + i for i in positions],
                 qmaps=[c.qmaps[i] for i in planned],
             )
             if c.hp.get(precision.ROUNDING, "nearest") != "nearest":
@@ -1087,7 +1290,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._transformed = True  # (a new plan: identity, which the next step may change)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name}: {e}") from None
-        c.extras, c.ids = extras, [first + index[id(p)] for p in params]
+        c.extras, c.ids = extras, [first + i for i in positions]
         c.params, c.labels, c.perms, c.pviews, c.sviews = params, labels, perms, pviews, sviews
         c.contiguous = all(perm is None for perm in perms)
         c.scalars = scalars
@@ -1098,6 +1301,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for p in params
         ]
         c.any_fresh = any(c.fresh)
+        c.written = list(params)
         c.plan, c.bound = plan, False
         self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
@@ -1139,9 +1343,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             g = copy
         return _view(g, c.perms[i])
 
-    def _bind(self, c: _Cache, plan: Any, grads: list[torch.Tensor], sel: Any) -> None:
+    def _bind(self, c: _Cache, plan: Any, grads: list[torch.Tensor], sel: Any) -> bool:
         """Bind the gradients `grads[sel]` to `plan` (validated by it; nothing is modified if
-        one is rejected)."""
+        one is rejected); a gradient that shares memory with another one is bound as a copy
+        (the plan refuses overlapping arrays; gradients are only read).  Whether the plan is
+        bound to some copy (which a later step must not reuse: the gradient may change)."""
         chosen = range(len(grads)) if sel is None else sel
         if not c.local:  # the common case: DLPack capsules, checked by the plan
             try:
@@ -1150,14 +1356,23 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                       for i in chosen]  # fmt: skip
                 if not any(map(_is_neg, gl)):  # (a negative view's memory holds -g)
                     plan.bind_grads(list(map(_to_dlpack, gl)))
-                    return
+                    return False
             except (RuntimeError, TypeError, ValueError):
                 pass
-        views = [self._grad_view(c, i, grads[i]) for i in chosen]
+        given = [grads[i] for i in chosen]
+        shared = _shared(given)
+        if shared:
+            given = [g.detach().clone() if k in shared else g for k, g in enumerate(given)]
+        views = [self._grad_view(c, i, g) for i, g in zip(chosen, given)]
         try:
             plan.bind_grads(views)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{type(self).__name__}: {e}") from None
+        # (a view elsewhere than its gradient's memory is a copy: another layout, a negative
+        # or conjugate view resolved, or shared memory)
+        return any(
+            v.ctypes.data != _local_ptr(g) for v, g in zip(views, (grads[i] for i in chosen))
+        )
 
     def _same_grads(self, c: _Cache, grads: list[torch.Tensor]) -> bool:
         """Whether `grads` are the tensors (and storages) of the previous step."""
@@ -1210,9 +1425,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._build(c, gi, params)
         same = self._same_grads(c, grads)
         buckets = self._buckets(c)
+        copied = False  # some gradient bound as a copy: the next step binds them again
         if buckets is _ALL:
             if not (same and c.bound):
-                self._bind(c, c.plan, grads, None)
+                copied = self._bind(c, c.plan, grads, None)
                 c.bound = True
             plans = [c.plan]
         else:  # rare: separate plans, not kept
@@ -1229,12 +1445,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     qmaps=c.qmaps,
                 )
                 plan.set_rounding(c.plan.rounding, c.plan.seed)
-                self._bind(c, plan, grads, sel)
+                copied = self._bind(c, plan, grads, sel) or copied
                 plans.append(plan)
             self._transformed = True
         if not same:
             c.last_refs = [weakref.ref(g) for g in grads]
             c.last_ptrs = list(map(_local_ptr if c.local else _data_ptr, grads))
+        same = same and not copied  # (not: the plan forgets the copies after the step)
         assert c.hp is not None
         decay = c.hp.get(precision.EMA_DECAY)
         if decay is not None:
@@ -1355,6 +1572,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """The bookkeeping of a step that happened: fresh state used, the plans that forgot
         their gradients marked so, the schedules' values for the next step."""
         for c, _, _, same_grads in items:
+            _bump(c.written)
             self._used_fresh(c)
             if not same_grads:
                 c.bound = False
@@ -1363,6 +1581,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
         """A host definition's step (Muon), group by group."""
         self._run_host(c)
+        _bump(c.written)
         self._used_fresh(c)
 
     def _used_fresh(self, c: _Cache) -> None:
@@ -1517,6 +1736,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     state["step"] = count
                 for n in hyper.state_names():
                     self._fresh.pop(id(state[n]), None)
+            _bump([p for _, p, _, _ in jobs])
 
         run_rows(
             self._definition.core_rows,
@@ -1741,6 +1961,7 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
                 work.append((plan, h, key, c.sviews[c.names.index("z")]))
             for plan, h, key, zs in work:
                 self._core_step(plan, h, key, zs, True)
+            _bump([p for group in self.param_groups for p in group["params"]])
             for group in self.param_groups:
                 group["train_mode"] = train
 
@@ -1871,6 +2092,7 @@ class ClosureOptimizer(Optimizer):
                 loss = host.closure(objective, numpy_state, c.hp)
             finally:
                 state.update({k: _torch_state(v) for k, v in numpy_state.items()})
+                _bump(params)
             self._advance_schedules()
         return loss
 

@@ -1,0 +1,304 @@
+"""``fastoptim.torch`` against the defects an audit found (skipped when torch is not installed):
+options changed after the fast path took over, autograd's version counters, quantized state in
+another memory layout or malformed in a checkpoint, gradients sharing memory, a parameter
+listed twice, torch's ``fused``/``foreach`` rule and the names in the errors.  Each test with
+a change between steps runs with the fast path on and off."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim.torch as fot  # noqa: E402
+
+FAST = [True, False] if fot._FAST else [False]
+
+
+@pytest.fixture(params=FAST, ids=lambda f: "fast" if f else "general")
+def fast(request: Any, monkeypatch: pytest.MonkeyPatch) -> bool:
+    monkeypatch.setattr(fot, "_FAST", request.param)
+    return bool(request.param)
+
+
+def _same(a: Any, b: Any) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("change", [(0.0, 0.9), (0.9, 0.0), (0.9, 0.0, 0.5)])
+def test_momentum_changed_after_fast_steps_like_torch(
+    fast: bool, change: tuple[float, ...]
+) -> None:
+    """SGD's momentum switched on (the buffer created lazily, as torch does), off, and on
+    again (the kept buffer reused, as torch does) after the fast path took over."""
+    torch.manual_seed(0)
+    p = torch.randn(6)
+    q = p.clone()
+    ref = torch.optim.SGD([p], lr=0.1, momentum=change[0])
+    ours = fot.SGD([q], lr=0.1, momentum=change[0])
+    changes = dict(zip(range(3, 3 + 2 * len(change), 2), change[1:]))  # (steps 3, 5...)
+    for t in range(3 + 2 * len(change)):
+        if t in changes:
+            ref.param_groups[0]["momentum"] = ours.param_groups[0]["momentum"] = changes[t]
+        g = torch.randn(6)
+        p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+        _same(q, p)
+    assert ("momentum_buffer" in ours.state[q]) == ("momentum_buffer" in ref.state[p])
+    if "momentum_buffer" in ref.state[p]:
+        _same(ours.state[q]["momentum_buffer"], ref.state[p]["momentum_buffer"])
+
+
+@pytest.mark.parametrize(
+    "option, value, state",
+    [
+        ("master_weights", True, "master"),
+        ("kahan", True, "compensation"),
+        ("ema_decay", 0.5, "ema"),
+        ("state_dtype", "bfloat16", None),
+    ],
+)
+def test_precision_option_set_later_applies(
+    fast: bool, option: str, value: Any, state: str | None
+) -> None:
+    """A precision option set on a group after the fast path took over applies at the next
+    step, as if the group had it from the start on the state it had then."""
+    torch.manual_seed(0)
+    p = torch.randn(8).bfloat16()
+    opt = fot.AdamW([p])
+    for t in range(5):
+        if t == 3:
+            opt.param_groups[0][option] = value
+        p.grad = torch.randn(8).bfloat16()
+        opt.step()
+    if state is not None:
+        assert state in opt.state[p]
+    if option == "state_dtype":
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    if option == "ema_decay":  # two steps with the EMA: from p after step 4, then decay 0.5
+        before = opt.state[p]["ema"].clone()
+        p.grad = torch.randn(8).bfloat16()
+        opt.step()
+        _same(opt.state[p]["ema"], 0.5 * before + 0.5 * p.float())
+
+
+def test_bad_option_set_later_refused_naming_it(fast: bool) -> None:
+    """An option combination refused at construction is refused at the step too (after the
+    fast path took over), naming the options; nothing changes."""
+    p = torch.randn(8).bfloat16()
+    opt = fot.AdamW([p], master_weights=True)
+    for _ in range(3):
+        p.grad = torch.ones(8).bfloat16()
+        opt.step()
+    before = p.clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0]["kahan"] = True
+    with pytest.raises(ValueError, match="master_weights and kahan"):
+        opt.step()
+    assert torch.equal(p, before[0])
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_step_bumps_versions_like_torch(fast: bool, name: str) -> None:
+    """Each step bumps the autograd version of the parameters: a graph that saved a parameter
+    before the step refuses backward(), as torch."""
+    for mod in (torch.optim, fot):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = getattr(mod, name)([w], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        for _ in range(3):  # (the fast path from the third)
+            w.grad = torch.ones(3)
+            opt.step()
+        loss = (w**2).sum()
+        version = w._version
+        opt.step()
+        assert w._version > version, mod.__name__
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_int8_state_resumed_in_another_layout() -> None:
+    """int8 state saved from a contiguous conv weight and resumed channels-last: requantized in
+    the new memory order (its blocks), so it holds the saved values to quantization accuracy and
+    the next update matches the contiguous resume's."""
+    torch.manual_seed(0)
+    a = torch.randn(32, 16, 3, 3)
+    oa = fot.AdamW([a], state_dtype="int8")
+    for _ in range(3):
+        a.grad = torch.randn_like(a)
+        oa.step()
+    ckpt = copy.deepcopy(oa.state_dict())
+    b = a.detach().clone().to(memory_format=torch.channels_last)
+    ob = fot.AdamW([b], state_dtype="int8")
+    ob.load_state_dict(ckpt)
+    g = torch.randn_like(a)
+    a.grad, b.grad = g.clone(), g.clone()
+    a0 = a.clone()
+    saved = {
+        n: fot._dequantized8(oa.state[a][n], oa.state[a][n + "_absmax"], n)
+        for n in ("exp_avg", "exp_avg_sq")
+    }
+    oa.step()
+    ob.step()
+    assert ob.state[b]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    ua, ub = a - a0, b - a0
+    assert float((ua - ub).abs().max() / ua.abs().max()) < 0.05  # (was 0.16: wrong blocks)
+    # The loaded (requantized) state before the step, against the saved values.
+    oc = fot.AdamW([b.detach().clone()], state_dtype="int8")
+    oc.load_state_dict(ckpt)
+    c = oc.param_groups[0]["params"][0]
+    c.grad = torch.zeros_like(c)
+    oc._prepare(0, oc.param_groups[0], False)  # (lays out the state; touches no element)
+    for n, want in saved.items():
+        got = fot._dequantized8(oc.state[c][n], oc.state[c][n + "_absmax"], n)
+        scale = want.abs().max()
+        assert float((got - want).abs().max()) <= 0.02 * float(scale), n
+
+
+def _int8_checkpoint() -> tuple[torch.Tensor, dict[str, Any]]:
+    torch.manual_seed(0)
+    p = torch.randn(5000)
+    opt = fot.AdamW([p], state_dtype="int8")
+    for _ in range(2):
+        p.grad = torch.randn(5000)
+        opt.step()
+    return p, opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("inf", "'exp_avg_absmax'.*finite"),
+        ("negative", "'exp_avg_absmax'.*>= 0"),
+        ("no absmax", "'exp_avg'.*without.*'exp_avg_absmax'"),
+        ("no codes", "'exp_avg_absmax'.*no codes"),
+        ("blocks", "'exp_avg_absmax'.*expected float32 \\(20,\\)"),
+        ("float64 absmax", "'exp_avg_absmax'.*float64"),
+        ("codes shape", "'exp_avg'.*uint8 \\(4999,\\)"),
+    ],
+)
+def test_malformed_quantized_checkpoint_refused_at_load(damage: str, match: str) -> None:
+    p, sd = _int8_checkpoint()
+    sd = copy.deepcopy(sd)
+    entry = sd["state"][0]
+    if damage == "inf":
+        entry["exp_avg_absmax"][0] = float("inf")
+    elif damage == "negative":
+        entry["exp_avg_absmax"][3] = -1.0
+    elif damage == "no absmax":
+        del entry["exp_avg_absmax"]
+    elif damage == "no codes":
+        del entry["exp_avg"]
+    elif damage == "blocks":
+        entry["exp_avg_absmax"] = entry["exp_avg_absmax"][:-1]
+    elif damage == "float64 absmax":
+        entry["exp_avg_absmax"] = entry["exp_avg_absmax"].double()
+    else:
+        entry["exp_avg"] = entry["exp_avg"][:-1]
+    q = p.detach().clone()
+    opt = fot.AdamW([q], state_dtype="int8")
+    q.grad = torch.ones(5000)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[q].items()}
+    with pytest.raises(ValueError, match=f"AdamW.load_state_dict: state {match}"):
+        opt.load_state_dict(sd)
+    assert set(opt.state[q]) == set(before)
+    for k, v in before.items():
+        assert torch.equal(opt.state[q][k], v), k
+    opt.load_state_dict(_int8_checkpoint()[1])  # (a sound one loads)
+
+
+@pytest.mark.parametrize("how", ["one tensor", "autograd views"])
+def test_gradients_sharing_memory_like_torch(fast: bool, how: str) -> None:
+    """Gradients that share memory (one tensor for two parameters; autograd's views of one
+    buffer) are only read: stepped as torch does, several times."""
+    ps: list[list[torch.Tensor]] = []
+    for _ in (torch.optim, fot):
+        torch.manual_seed(0)
+        ps.append([torch.nn.Parameter(torch.randn(2, 3)) for _ in range(2)])
+    opts = [torch.optim.Adam(ps[0], lr=0.1), fot.Adam(ps[1], lr=0.1)]
+    for _ in range(4):
+        for params, opt in zip(ps, opts):
+            if how == "one tensor":
+                g = torch.ones(2, 3)
+                params[0].grad = params[1].grad = g
+            else:
+                for p in params:
+                    p.grad = None
+                (params[0].view(6) + params[1].view(6)).exp().sum().backward()
+                assert params[0].grad.data_ptr() == params[1].grad.data_ptr()
+            opt.step()
+        for a, b in zip(ps[1], ps[0]):
+            _same(a.detach(), b.detach())
+
+
+def test_gradient_copied_then_changed_in_place(fast: bool) -> None:
+    """Gradients bound as copies (laid out otherwise than their parameter, or sharing memory),
+    the same tensors at every step, changed in place between steps: each step reads their
+    current values, as torch."""
+    params = [torch.zeros(3, 4).t() for _ in range(3)]
+    g, h = torch.zeros(4, 3), torch.zeros(3, 4).t()
+    params[0].grad, params[1].grad, params[2].grad = g, h, h
+    opt = fot.SGD(params, lr=1.0)
+    for i in range(4):
+        g.fill_(i + 1.0)
+        h.fill_(i + 1.0)
+        opt.step()
+    for p in params:
+        assert torch.all(p == -10.0)
+
+
+def test_gradient_sharing_a_parameter_still_refused(fast: bool) -> None:
+    a, b = torch.ones(4), torch.ones(4)
+    opt = fot.Adam([a, b], lr=0.1)
+    a.grad, b.grad = a.detach(), a.detach()
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step()
+    assert torch.equal(a, torch.ones(4)) and torch.equal(b, torch.ones(4))
+
+
+def test_duplicate_parameter_refused_at_construction() -> None:
+    p, q = torch.zeros(3), torch.zeros(3)
+    with (
+        pytest.warns(UserWarning, match="duplicate"),
+        pytest.raises(ValueError, match="SGD: param 2 of group 0 is param 0 of group 0 again"),
+    ):
+        fot.SGD([p, q, p], lr=0.1)
+    opt = fot.SGD([q], lr=0.1)
+    with (
+        pytest.warns(UserWarning, match="duplicate"),
+        pytest.raises(ValueError, match="param 1 of group 1 is param 0 of group 1 again"),
+    ):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["params"].append(q)  # (added behind its back: named at the step)
+    q.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="param 1 of group 0 shares memory with param 0"):
+        opt.step()
+    assert torch.equal(q, torch.zeros(3))
+
+
+def test_fused_and_foreach_and_tensor_lr_errors() -> None:
+    for mod in (torch.optim, fot):
+        with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+            mod.Adam([torch.zeros(3)], fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"Adam: lr of group 0: .*one element"):
+        fot.Adam([torch.zeros(3)], lr=torch.tensor([0.1, 0.2]))
+    p = torch.zeros(3)
+    opt = fot.Adam([p], lr=0.1)
+    opt.param_groups[0]["betas"] = (torch.tensor([0.9, 0.8]), 0.999)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"Adam: betas of group 0: .*one element"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3))
+
+
+def test_module_docstring_current() -> None:
+    doc = fot.__doc__ or ""
+    assert "bfloat16/float16/complex" not in doc
+    assert "share one runtime" not in doc and "libgomp" not in doc
+    fot.Adam([torch.zeros(3, dtype=torch.bfloat16)])  # (accepted, as the docstring says)
