@@ -302,3 +302,50 @@ def test_module_docstring_current() -> None:
     assert "bfloat16/float16/complex" not in doc
     assert "share one runtime" not in doc and "libgomp" not in doc
     fot.Adam([torch.zeros(3, dtype=torch.bfloat16)])  # (accepted, as the docstring says)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_sparse_index_out_of_range_refused(transposed: bool) -> None:
+    """A sparse gradient's index beyond its dimension (torch does not check it by default): an
+    IndexError naming the parameter, the index and the dimension, nothing written (a transposed
+    parameter's offsets folded (2, 0) of a (2, 3) tensor onto a valid element)."""
+    p = torch.nn.Parameter(torch.zeros(3, 2).t() if transposed else torch.zeros(2, 3))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[2], [0]]), torch.tensor([1.0]), (2, 3))
+    opt = fot.SparseAdam([p], lr=0.1)
+    want = r"param 0 of group 0: .*index 2 is out of range for dimension 0 of size 2"
+    with pytest.raises(IndexError, match=want):
+        opt.step()
+    assert not p.detach().any()
+    assert not opt.state[p]  # no state created either
+
+
+@pytest.mark.parametrize("name", ["Muon", "Adafactor", "LBFGS"])
+def test_set_copy_out_refused_where_the_step_runs_in_numpy(name: str) -> None:
+    """Their steps never wrote a copy-out: refused, as in the NumPy tier."""
+    p = torch.nn.Parameter(torch.zeros(64, 8))
+    opt = getattr(fot, name)([p])
+    with pytest.raises(TypeError, match=f"{name}.set_copy_out: {name} computes its step in NumPy"):
+        opt.set_copy_out([torch.zeros(64, 8, dtype=torch.bfloat16)])
+    opt.set_copy_out(None)  # (removing none is fine)
+
+
+def test_copy_out_storage_replaced_between_steps() -> None:
+    """A copy-out whose storage was replaced (``set_``) after the fast path took over: the next
+    step writes the new storage (it wrote the old one, leaving the tensor stale); a new storage
+    of another shape is refused naming the copy-out, the parameter untouched."""
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = fot.AdamW([p], lr=0.01)
+    c = torch.zeros(5000, dtype=torch.bfloat16)
+    opt.set_copy_out([c])
+    for _ in range(3):
+        p.grad = torch.ones(5000)
+        opt.step()
+    c.set_(torch.zeros(10_000, dtype=torch.bfloat16)[:5000])
+    opt.step()
+    assert torch.equal(c, p.detach().to(torch.bfloat16))
+    c.set_(torch.zeros(100, dtype=torch.bfloat16))
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"copy-out of param 0 of group 0: shape \(100,\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

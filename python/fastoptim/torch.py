@@ -538,6 +538,8 @@ class _Cache:
         # the parameters: a step bumps their autograd versions (not the state's: ~85 ns a
         # tensor, and state is not saved by graphs)
         self.written: list[torch.Tensor] = []
+        # the copy-out tensors the plan writes, with the address and shape it took
+        self.outs: list[tuple[torch.Tensor, int, torch.Size]] = []
         self.bound = False  # plan is bound to the gradients of last_refs
         self.snapshot: dict[str, Any] | None = None  # the group as validated (_group_snapshot)
         self.fast = False  # the next step may try the fast path (Plan.bind_torch)
@@ -1080,6 +1082,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         the parameters of ``param_groups`` (None for a parameter without a copy), or None to
         remove every copy.  Validated first: a rejected call changes nothing."""
         name = type(self).__name__
+        if self._definition.host is not None and outs is not None:
+            raise TypeError(
+                f"{name}.set_copy_out: {name} computes its step in NumPy and takes no precision "
+                "options (no copy-out tensors); convert the parameters after its step instead"
+            )
         params = [p for g in self.param_groups for p in g["params"]]
         if outs is None:
             pairs: list[tuple[Any, Any]] = []
@@ -1267,8 +1274,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for key, n in precision.PLAN_EXTRAS
             if any(n in layout for layout in layouts)
         }
+        c.outs = []
         if self._copy_out:
             outs = [self._copy_out.get(id(p)) for p in params]
+            c.outs = [(o, o.data_ptr(), o.shape) for o in outs if o is not None]
             if any(o is not None for o in outs):
                 extras["outs"] = [
                     None if o is None else _view(o, perm) for o, perm in zip(outs, perms)
@@ -1405,6 +1414,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """Validate group `gi` for a step and bind its gradients; touches no element.  `fast`:
         nothing replaced any state since the last step (the fast path may be tried)."""
         c = self._cache(gi, group)
+        if c.outs and any(o.data_ptr() != at or o.shape != shape for o, at, shape in c.outs):
+            c.sig, c.fast = None, False  # a copy-out's storage was replaced: take it again
         if fast and c.fast and c.plan.bind_torch(group["params"]):
             c.bound = True
             return c, _ALL, [c.plan], False
@@ -1779,6 +1790,18 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: param {label}: sparse gradients need the state in the parameter's "
                 f"dtype ({kind}), this state_dtype gives {layout}"
             )
+        g = g.detach().coalesce()  # (torch's own sum of duplicates, indices sorted)
+        indices = g._indices().numpy()
+        values = g._values().contiguous()
+        sd = g.sparse_dim()
+        shape = tuple(p.shape)
+        for d in range(sd):  # (torch does not check a sparse tensor's indices by default)
+            bad = (indices[d] < 0) | (indices[d] >= shape[d])
+            if bad.any():
+                raise IndexError(
+                    f"{name}: param {label}: its sparse gradient's index {indices[d][bad][0]} is "
+                    f"out of range for dimension {d} of size {shape[d]}"
+                )
         state = self.state[p]
         self._init_scalars(state, c.hp)
         for n in c.names:
@@ -1794,11 +1817,6 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 moved = torch.empty_like(p)
                 moved.copy_(s)
                 state[n] = moved
-        g = g.detach().coalesce()  # (torch's own sum of duplicates, indices sorted)
-        indices = g._indices().numpy()
-        values = g._values().contiguous()
-        sd = g.sparse_dim()
-        shape = tuple(p.shape)
         if perm is None:
             nrows = int(np.prod(shape[:sd], dtype=np.int64))
             width = int(np.prod(shape[sd:], dtype=np.int64))
