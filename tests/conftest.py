@@ -36,3 +36,14 @@ def isa(request: pytest.FixtureRequest) -> Iterator[str]:
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded from the test's id: reproducible, and different for every test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "general"])
+def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """fastoptim.torch's steps through its fast path (where this build has it) and through the
+    general one (every check in Python)."""
+    fot = pytest.importorskip("fastoptim.torch")
+    if request.param and not fot._FAST:
+        pytest.skip("this build has no fast path")
+    monkeypatch.setattr(fot, "_FAST", request.param)
+    return bool(request.param)

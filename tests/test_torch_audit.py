@@ -15,14 +15,6 @@ torch = pytest.importorskip("torch")
 
 import fastoptim.torch as fot  # noqa: E402
 
-FAST = [True, False] if fot._FAST else [False]
-
-
-@pytest.fixture(params=FAST, ids=lambda f: "fast" if f else "general")
-def fast(request: Any, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(fot, "_FAST", request.param)
-    return bool(request.param)
-
 
 def _same(a: Any, b: Any) -> None:
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -21,14 +21,6 @@ torch = pytest.importorskip("torch")
 import fastoptim.torch as fot  # noqa: E402
 from fastoptim import _core  # noqa: E402
 
-FAST = [True, False] if fot._FAST else [False]
-
-
-@pytest.fixture(params=FAST, ids=lambda f: "fast" if f else "general")
-def fast(request: Any, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(fot, "_FAST", request.param)
-    return bool(request.param)
-
 
 def _close(ours: list[Any], theirs: list[Any], what: str) -> None:
     for a, b in zip(ours, theirs):
