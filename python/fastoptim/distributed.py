@@ -592,14 +592,13 @@ class DataParallel:
         buffers already hold them.  The first step checks every rank's setup again.  Returns
         what the optimizer's step returns (the gradient norm with ``max_grad_norm``)."""
         opt = self.optimizer
-        keys = [str(k) if opt._named else k for g in opt._groups for k in g.keys]
-        targets = [a for g in opt._groups for a in opt._own_grads(g)]
-        _take_grads(
-            self._c.comm,
-            "DataParallel.step",
-            grads,
-            lambda gs: _copy_grads("DataParallel.step", gs, bool(opt._named), keys, targets),
-        )
+
+        def copy(gs: Grads) -> None:  # (only where gradients are given)
+            keys = [str(k) if opt._named else k for g in opt._groups for k in g.keys]
+            targets = [a for g in opt._groups for a in opt._own_grads(g)]
+            _copy_grads("DataParallel.step", gs, bool(opt._named), keys, targets)
+
+        _take_grads(self._c.comm, "DataParallel.step", grads, copy)
         if not self._checked:
             self.check()
         self.allreduce_grads()
@@ -914,15 +913,13 @@ class ZeroRedundancyOptimizer:
         with ``max_grad_norm``, the norm of all ranks' gradients (clipping and
         ``skip_nonfinite`` see every rank's shard through ``reduce_grad_stats``)."""
         c = self._c
-        keys = [k for g in self._groups for k in g.keys]
-        _take_grads(
-            c.comm,
-            "ZeroRedundancyOptimizer.step",
-            grads,
-            lambda gs: _copy_grads(
-                "ZeroRedundancyOptimizer.step", gs, self._named, keys, self._grads
-            ),
-        )
+        where = "ZeroRedundancyOptimizer.step"
+
+        def copy(gs: Grads) -> None:  # (only where gradients are given)
+            keys = [k for g in self._groups for k in g.keys]
+            _copy_grads(where, gs, self._named, keys, self._grads)
+
+        _take_grads(c.comm, where, grads, copy)
         if not self._checked:
             self.check()
         average = self.grad_reduction == "mean"
