@@ -268,3 +268,32 @@ def test_to_bitsandbytes_rejects_what_does_not_fit() -> None:
         fb.to_bitsandbytes(opt.state_dict(), fot.Lion(params))
     with pytest.raises(ValueError, match="step must be an int >= 1"):
         fb.to_bitsandbytes(opt.state_dict(), bnb.optim.Lion8bit(params), step=0)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+def test_to_bitsandbytes_from_a_channels_last_parameter(state_dtype: str) -> None:
+    """fastoptim's codes of a parameter not laid out row-major follow its memory order (4-bit:
+    the order the state_dict records); bitsandbytes' state_dict codes are read row-major: the
+    state is decoded in fastoptim's order and quantized again (to within a code step of the
+    8-bit map), never reinterpreted.  (Before, the 8-bit codes were reordered away from their
+    blocks' scales and the 4-bit ones read row-major: errors as large as the state.)"""
+    bnb = _bnb()
+    torch.manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(32, 16, 3, 3).contiguous(memory_format=torch.channels_last))
+    opt = fot.AdamW([p], lr=1e-3, state_dtype=state_dtype)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    st = opt.state[p]
+    target = bnb.optim.AdamW8bit([p], lr=1e-3)
+    target.load_state_dict(fb.to_bitsandbytes(opt.state_dict(), target))
+    got = target.state[p]
+    for j, (name, qmap) in enumerate((("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)), start=1):
+        want = fot._dequantized(
+            st[name], st[name + "_absmax"], name, state_dtype, tuple(p.shape),
+            st.get(name + "_order"),
+        ).numpy()  # fmt: skip
+        codes = got[f"state{j}"].contiguous().numpy().reshape(-1)
+        values = ref.dequantize_blockwise(codes, got[f"absmax{j}"].numpy(), qmap)
+        values = values.reshape(p.shape)
+        np.testing.assert_allclose(values, want, rtol=0, atol=0.02 * float(np.abs(want).max()))

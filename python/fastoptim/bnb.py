@@ -24,6 +24,10 @@ pairs: ``Adam``/``AdamW`` <-> ``Adam8bit``/``AdamW8bit``/``PagedAdam(W)8bit`` (`
   ``sum``), which fastoptim stores with the unsigned map: those are re-quantized (decoded with
   the source's map and encoded with the target's, nearest value), an error of at most half a
   code step of the target map per element.
+- bitsandbytes' codes are read and written in row-major order.  fastoptim's codes of a
+  parameter not laid out row-major (transposed, channels-last) follow its memory order (4-bit:
+  the ``<state>_order`` its state records): they are decoded in that order and quantized again
+  (to within a code step), not moved bit for bit.
 - A state the target keeps in another layout (a parameter under the target's 8-bit size limit:
   float32 there; a target with ``state_dtype=None`` or ``"bfloat16"``) is decoded or encoded as
   needed.
@@ -52,6 +56,7 @@ import torch
 
 from fastoptim import _core
 from fastoptim.engine import precision
+from fastoptim.torch import _dequantized, _order_problem
 
 __all__ = ["from_bitsandbytes", "to_bitsandbytes"]
 
@@ -354,7 +359,6 @@ def _read_fastoptim(
         and tuple(raw.shape) == ((size + 1) // 2,)
         and tuple(raw.shape) != shape
     ):  # a 4-bit state (state_dtype="int4"): decoded, then quantized in bitsandbytes' 8-bit map
-        codes4 = _np(raw, f"{where}: {name}", np.uint8)
         absmax4 = _np(entry[absmax_name], f"{where}: {absmax_name}", np.float32).reshape(-1)
         if absmax4.size != -(-size // precision.QUANT_BLOCK4):
             raise ValueError(
@@ -363,14 +367,21 @@ def _read_fastoptim(
             )
         if bool(np.any(absmax4 < 0)) or bool(np.any(np.isinf(absmax4))):
             raise ValueError(f"{where}: {absmax_name} holds negative or infinite scales")
-        values = np.empty(shape, np.float32)
-        _core.dequantize_blockwise(
-            np.ascontiguousarray(codes4), np.ascontiguousarray(absmax4), values,
-            precision.qmap(name, precision.INT4),
+        order = entry.get(name + precision.ORDER)  # (the codes' memory order; None: row-major)
+        problem = None if order is None else _order_problem(len(shape), order)
+        if problem is not None:
+            raise ValueError(f"{where}: {name + precision.ORDER}: {problem}")
+        values = _dequantized(
+            raw, torch.from_numpy(absmax4), name, precision.INT4, shape,
+            None if order is None else tuple(order),
         )  # fmt: skip
-        return _Value(values=values)
+        return _Value(values=values.numpy())
     if absmax_name in entry:
         codes, absmax = _blockwise(entry, name, absmax_name, shape, where)
+        if isinstance(raw, torch.Tensor) and not raw.is_contiguous():
+            # the codes of a parameter not laid out row-major: their blocks follow its memory
+            # order, bitsandbytes' the row-major one (decoded, to be quantized again)
+            return _Value(values=_dequantized(raw, torch.from_numpy(absmax), name).numpy())
         return _Value(codes=codes, absmax=absmax, qmap=_core.quant_map(precision.QUANT_MAPS[name]))
     if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
         raise ValueError(f"{where}: {name} must be a floating tensor")

@@ -332,17 +332,44 @@ def _quantized_like(
     return out, torch.from_numpy(absmax)
 
 
-def _dequantized8(codes: torch.Tensor, absmax: torch.Tensor, name: str) -> torch.Tensor:
-    """The float32 values (same shape) of 8-bit quantized state `name` held as `codes` (any
-    dense layout: its blocks follow its memory order) and `absmax`."""
-    perm = _permutation(codes)
-    mem = _memory_order(codes.detach(), perm).cpu().contiguous()
-    out = np.empty(tuple(mem.shape), np.float32)
+def _dequantized(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    name: str,
+    kind: str = precision.INT8,
+    shape: tuple[int, ...] = (),
+    order: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """The float32 values of quantized state `name` held as `codes` and `absmax`: 8-bit codes
+    in any dense layout (their blocks follow its memory order, the values' shape is theirs);
+    4-bit packed codes of a parameter of `shape`, running in the memory order `order` (its
+    dimensions, outermost first; None: row-major)."""
+    if kind == precision.INT4:
+        perm = order
+        mem = codes.detach().cpu().contiguous()
+        mshape = shape if perm is None else tuple(shape[d] for d in perm)
+    else:
+        perm = _permutation(codes)
+        mem = _memory_order(codes.detach(), perm).cpu().contiguous()
+        mshape = tuple(mem.shape)
+    out = np.empty(mshape, np.float32)
     _core.dequantize_blockwise(
-        mem.numpy(), absmax.detach().cpu().numpy(), out, precision.qmap(name, precision.INT8)
+        mem.numpy(), absmax.detach().cpu().numpy(), out, precision.qmap(name, kind)
     )
     values = torch.from_numpy(out)
     return values if perm is None else values.permute(tuple(np.argsort(perm).tolist()))
+
+
+def _order_problem(ndim: int, order: Any) -> str | None:
+    """What is wrong with `order` as the memory order of a 4-bit state of a parameter of `ndim`
+    dimensions, or None."""
+    if (
+        isinstance(order, (tuple, list))
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in order)
+        and sorted(order) == list(range(ndim))
+    ):
+        return None
+    return f"{order!r}, expected a permutation of the parameter's {ndim} dimensions"
 
 
 def _quantized_problem(p: torch.Tensor, codes: Any, scales: Any) -> tuple[str, str] | None:
@@ -840,7 +867,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         use (before torch's loader casts it): codes that are not uint8 in either layout (8-bit:
         the parameter's shape; 4-bit: ``(numel + 1) // 2`` packed bytes), scales that are not
         float32 with one entry per block, negative or infinite (NaN marks a non-finite block),
-        codes without scales or scales without codes."""
+        codes without scales or scales without codes, a 4-bit state's memory order that is not
+        a permutation of the parameter's dimensions."""
         cls = f"{type(self).__name__}.load_state_dict"
         saved_groups = state_dict.get("param_groups")
         states = state_dict.get("state")
@@ -857,6 +885,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if not isinstance(entry, Mapping) or not isinstance(p, torch.Tensor):
                 continue
             for name, codes in entry.items():
+                if name.endswith(precision.ORDER) and name != precision.ORDER:
+                    base = name.removesuffix(precision.ORDER)
+                    wrong = _order_problem(p.dim(), codes)
+                    if base + precision.ABSMAX not in entry or wrong is not None:
+                        raise ValueError(
+                            f"{cls}: state {name!r} of param {label}: "
+                            + (wrong or "the memory order of a quantized state it lacks")
+                        )
+                    continue
                 if name.endswith(precision.ABSMAX):
                     if name.removesuffix(precision.ABSMAX) not in entry:
                         raise ValueError(f"{cls}: state {name!r} of param {label} has no codes")
@@ -980,13 +1017,37 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return s
 
     def _quantized_state(
-        self, p: torch.Tensor, name: str, hp: Mapping[str, Any], label: str, kind: str
+        self,
+        p: torch.Tensor,
+        perm: tuple[int, ...] | None,
+        name: str,
+        hp: Mapping[str, Any],
+        label: str,
+        kind: str,
     ) -> None:
-        """Make sure state `name` of `p` is quantized as `kind`: codes (uint8; 8-bit: `p`'s
-        shape and memory layout; 4-bit: 1-D, ``(numel + 1) // 2`` bytes, packed in `p`'s
-        memory order) and ``name + "_absmax"`` (float32, one per block).  Created new (the fill
+        """Make sure state `name` of `p` (memory order `perm`) is quantized as `kind`: codes
+        (uint8; 8-bit: `p`'s shape and memory layout; 4-bit: 1-D, ``(numel + 1) // 2`` bytes,
+        packed in `p`'s memory order, which ``name + "_order"`` records where it is not
+        row-major) and ``name + "_absmax"`` (float32, one per block).  Created new (the fill
         value's codes), quantized from a float state (created eagerly, or of another policy),
-        or checked."""
+        checked, or requantized in `p`'s memory order where saved in another."""
+        state = self.state[p]
+        self._quantized_codes(p, perm, name, hp, label, kind)
+        if kind == precision.INT4 and perm is not None:
+            state[name + precision.ORDER] = perm
+        else:
+            state.pop(name + precision.ORDER, None)
+
+    def _quantized_codes(
+        self,
+        p: torch.Tensor,
+        perm: tuple[int, ...] | None,
+        name: str,
+        hp: Mapping[str, Any],
+        label: str,
+        kind: str,
+    ) -> None:
+        """(_quantized_state, but for the order.)"""
         state = self.state[p]
         scales = name + precision.ABSMAX
         s, a = state.get(name), state.get(scales)
@@ -1035,14 +1096,22 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"float32 tensor of shape ({nblocks},) (one absmax per block of "
                 f"{block} elements)"
             )
-        if four:
+        order = state.get(name + precision.ORDER) if four else None
+        if four and order is not None:
+            problem = _order_problem(p.dim(), order)
+            if problem is not None:
+                raise ValueError(
+                    f"{cls}: state {name + precision.ORDER!r} of param {label}: {problem}"
+                )
+            order = tuple(order)
+        if four and order == perm:
             if s.device != p.device or not s.is_contiguous():
                 state[name] = s.to(device=p.device, copy=True).contiguous()
-        elif s.device != p.device or not _in_layout(s, _permutation(p)):
+        elif four or s.device != p.device or not _in_layout(s, perm):
             # (e.g. saved from a contiguous parameter, resumed channels-last: its blocks follow
             # the saved memory order; requantized in this parameter's)
             try:
-                values = _dequantized8(s, a, name)
+                values = _dequantized(s, a, name, kind, tuple(p.shape), order)
             except ValueError as e:
                 raise ValueError(f"{cls}: state {name!r} of param {label}: codes {e}") from None
             state[name], state[scales] = _quantized_like(p, values, name, kind)
@@ -1205,7 +1274,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for n, kind in layout.items():
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     if kind in precision.QUANT_KINDS:
-                        self._quantized_state(p, n, c.hp, label, kind)
+                        self._quantized_state(p, perm, n, c.hp, label, kind)
                     continue
                 dtype = _TORCH_DTYPES[kind]
                 s = state.get(n)

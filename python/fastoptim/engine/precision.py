@@ -103,6 +103,10 @@ QUANT_MAPS = {
 }
 #: The suffix of a quantized state's per-block scales in ``opt.state`` and checkpoints.
 ABSMAX = "_absmax"
+# A 4-bit state's memory order in the torch tier: the order of its parameter's dimensions
+# (outermost first) in which its packed codes run, kept beside them where the parameter is not
+# contiguous (absent: row-major).
+ORDER = "_order"
 ABSMAX_KIND = "absmax8"  # the layout's kind of those arrays
 ABSMAX4_KIND = "absmax4"  # (of a 4-bit state's)
 
