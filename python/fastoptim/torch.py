@@ -360,6 +360,17 @@ def _dequantized(
     return values if perm is None else values.permute(tuple(np.argsort(perm).tolist()))
 
 
+def _record_order(
+    state: dict[str, Any], name: str, kind: str, perm: tuple[int, ...] | None
+) -> None:
+    """Record the memory order `perm` of quantized state `name` of kind `kind` (4-bit codes,
+    1-D, do not show it; 8-bit codes keep their parameter's strides): absent where row-major."""
+    if kind == precision.INT4 and perm is not None:
+        state[name + precision.ORDER] = perm
+    else:
+        state.pop(name + precision.ORDER, None)
+
+
 def _order_problem(ndim: int, order: Any) -> str | None:
     """What is wrong with `order` as the memory order of a 4-bit state of a parameter of `ndim`
     dimensions, or None."""
@@ -1030,24 +1041,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         packed in `p`'s memory order, which ``name + "_order"`` records where it is not
         row-major) and ``name + "_absmax"`` (float32, one per block).  Created new (the fill
         value's codes), quantized from a float state (created eagerly, or of another policy),
-        checked, or requantized in `p`'s memory order where saved in another."""
-        state = self.state[p]
-        self._quantized_codes(p, perm, name, hp, label, kind)
-        if kind == precision.INT4 and perm is not None:
-            state[name + precision.ORDER] = perm
-        else:
-            state.pop(name + precision.ORDER, None)
-
-    def _quantized_codes(
-        self,
-        p: torch.Tensor,
-        perm: tuple[int, ...] | None,
-        name: str,
-        hp: Mapping[str, Any],
-        label: str,
-        kind: str,
-    ) -> None:
-        """(_quantized_state, but for the order.)"""
+        checked, or requantized in `p`'s memory order where saved in another (the caller
+        records the new order: _record_order)."""
         state = self.state[p]
         scales = name + precision.ABSMAX
         s, a = state.get(name), state.get(scales)
@@ -1275,6 +1270,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     if kind in precision.QUANT_KINDS:
                         self._quantized_state(p, perm, n, c.hp, label, kind)
+                        _record_order(state, n, kind, perm)
                     continue
                 dtype = _TORCH_DTYPES[kind]
                 s = state.get(n)
