@@ -9,6 +9,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -547,12 +549,21 @@ class PyPlan {
       plan_.add(t);
       params_.push_back(ps[i].arr);
       param_data_.push_back(ps[i].data);
+    }
+    const auto watch = [&](const Arg& a, const std::string& what) {
+      watched_.push_back({a.arr, a.data, a.arr.size(), what});
+    };
+    for (std::size_t i = 0; i < n; ++i) {
+      watch(ps[i], "param " + labels[i]);
       for (std::size_t j = 0; j < k; ++j) {
-        keep_.push_back(ss[j][i].arr);
-        if (qs[j][i]) keep_.push_back(qs[j][i]->arr);
+        const std::string sw = "state '" + state_names[j] + "' of param " + labels[i];
+        watch(ss[j][i], sw);
+        if (qs[j][i]) watch(*qs[j][i], "absmax of " + sw);
       }
-      for (const auto* e : {&ms[i], &cs[i], &os[i], &es[i]})
-        if (*e) keep_.push_back((*e)->arr);
+      if (ms[i]) watch(*ms[i], "master copy of param " + labels[i]);
+      if (cs[i]) watch(*cs[i], "compensation of param " + labels[i]);
+      if (os[i]) watch(*os[i], "copy-out of param " + labels[i]);
+      if (es[i]) watch(*es[i], "EMA of param " + labels[i]);
     }
     state_names_ = state_names;
   }
@@ -579,7 +590,13 @@ class PyPlan {
   // clip).  Identity: mul = 1, clip = inf.
   void set_grad_transform(double mul, double clip) {
     if (!(clip >= 0)) throw py::value_error("clip must be >= 0 (inf: no clipping)");
-    if (std::isinf(mul)) throw py::value_error("mul must not be infinite");
+    if (!std::isfinite(mul)) throw py::value_error("mul must be finite");
+    for (const Tensor& t : plan_.tensors)  // (float32 kernels multiply by float(mul))
+      if (t.compute() != DType::f64 &&
+          (std::fabs(mul) > std::numeric_limits<float>::max() ||
+           (mul != 0 && static_cast<float>(mul) == 0)))
+        throw py::value_error("mul " + py::str(py::float_(mul)).cast<std::string>() + " is out of float32's range, this "
+                              "plan's arithmetic (it would make every gradient infinite or 0)");
     Lock lock(*this);
     plan_.grad_mul = mul;
     plan_.grad_clip = clip;
@@ -698,7 +715,9 @@ class PyPlan {
       if (first) {
         int64_t numel = 1;
         for (int d = 0; d < pt.ndim; ++d) numel *= pt.shape[d];
-        if (pt.strides == nullptr || numel != plan_.tensors[j].size) return false;
+        if (pt.strides == nullptr || numel != plan_.tensors[j].size ||
+            !dense(pt.ndim, pt.shape, pt.strides))
+          return false;
         layout.push_back(pt.ndim);
         layout.insert(layout.end(), pt.shape, pt.shape + pt.ndim);
         layout.insert(layout.end(), pt.strides, pt.strides + pt.ndim);
@@ -757,6 +776,22 @@ class PyPlan {
     return true;
   }
 
+  // Whether a tensor of `shape` and `strides` (elements) fills its memory exactly once (any
+  // order of its dimensions: contiguous, transposed, channels-last): no element skipped or
+  // repeated (an expanded, stride-0 view is not).
+  static bool dense(int ndim, const int64_t* shape, const int64_t* strides) {
+    std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of the extents > 1
+    for (int d = 0; d < ndim; ++d)
+      if (shape[d] > 1) dims.emplace_back(strides[d], shape[d]);
+    std::sort(dims.begin(), dims.end());
+    int64_t expect = 1;
+    for (const auto& [stride, extent] : dims) {
+      if (stride != expect) return false;
+      expect *= extent;
+    }
+    return true;
+  }
+
   // `method(self)` is True: 1, False: 0, an error (cleared): -1; `fn`: its C function, called
   // directly where not null.
   static int is_true(PyCFunction fn, PyObject* method, PyObject* self) {
@@ -784,20 +819,20 @@ class PyPlan {
     return true;
   }
 
-  // The plan, after checking (GIL held) that no parameter was made read-only, resized or
+  // The plan, after checking (GIL held) that no array it writes (parameters, states and their
+  // scales, master copies, compensations, copy-outs, EMAs) was made read-only, resized or
   // reallocated since the plan was built: its recorded pointers would write into memory the
   // array no longer owns.
   const Plan& plan() const {
     if (!bound_) throw py::value_error("no gradients bound to this plan");
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      const py::array& a = params_[i];
-      const Tensor& t = plan_.tensors[i];
-      if (a.data() != param_data_[i] || static_cast<int64_t>(a.size()) != t.size)
-        throw py::value_error("param " + labels_[i] +
-                              ": the array was resized or its memory replaced since it was "
-                              "given to the optimizer; build a new optimizer for it");
-      if (!a.writeable())
-        throw py::value_error("param " + labels_[i] + ": array was made read-only");
+    for (const Watched& w : watched_) {
+      if (w.arr.data() != w.data || w.arr.size() != w.size)
+        throw py::value_error(
+            w.what + ": the array was resized or its memory replaced since it was given to the "
+            "optimizer; " + (w.what.rfind("copy-out", 0) == 0
+                                 ? "give it again (set_copy_out) or remove it (set_copy_out(None))"
+                                 : "build a new optimizer for it"));
+      if (!w.arr.writeable()) throw py::value_error(w.what + ": array was made read-only");
     }
     return plan_;
   }
@@ -819,7 +854,15 @@ class PyPlan {
   Plan plan_;
   std::vector<std::string> labels_, state_names_;
   std::vector<Span> spans_;
-  std::vector<py::array> params_, keep_;  // keep the arrays alive
+  std::vector<py::array> params_;
+  // every array the plan writes (keeping it alive), where its data was and its size
+  struct Watched {
+    py::array arr;
+    const void* data;
+    py::ssize_t size;
+    std::string what;
+  };
+  std::vector<Watched> watched_;
   std::vector<py::object> grads_;  // the bound gradients (arrays or DLPack capsules)
   std::vector<const void*> param_data_;  // where each parameter's data was
   // bind_torch's record: per tensor of the group, whether it has a gradient (is the plan's);
@@ -928,15 +971,30 @@ class Snapshot {
 // meanwhile races with nothing), so that the step happens whole or not at all (an interrupt
 // surfaces only after the call returns).  Then each plan's hyper-parameters are updated (NAdam's
 // running product), its step counted, and its gradients forgotten where `release[i]`.
+// Lock every plan of `plans` (after checking that none is None and none is listed twice: its
+// mutex would wait for itself), in address order, so that two calls locking some of the same
+// plans from two threads never wait for each other in a cycle.
+std::vector<std::unique_ptr<PyPlan::Lock>> lock_plans(PyPlan* const* plans, std::size_t n) {
+  std::vector<PyPlan*> order(plans, plans + n);
+  for (std::size_t i = 0; i < n; ++i)
+    if (order[i] == nullptr) throw py::type_error("plans[" + std::to_string(i) + "] is None");
+  std::sort(order.begin(), order.end(), std::less<PyPlan*>());
+  if (std::adjacent_find(order.begin(), order.end()) != order.end())
+    throw py::value_error("plans: a plan is listed twice");
+  std::vector<std::unique_ptr<PyPlan::Lock>> locks;
+  locks.reserve(n);
+  for (PyPlan* p : order) locks.push_back(std::make_unique<PyPlan::Lock>(*p));
+  return locks;
+}
+
 template <class Opt>
 void run_steps(std::size_t n, PyPlan* const* plans, typename Opt::Hyper* const* hypers,
                const int64_t* steps, const bool* release, bool lock) {
   using Hyper = typename Opt::Hyper;
+  for (std::size_t i = 0; i < n; ++i)
+    if (hypers[i] == nullptr) throw py::type_error("hypers[" + std::to_string(i) + "] is None");
   std::vector<std::unique_ptr<PyPlan::Lock>> locks;
-  if (lock) {
-    locks.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) locks.push_back(std::make_unique<PyPlan::Lock>(*plans[i]));
-  }
+  if (lock) locks = lock_plans(plans, n);
   std::vector<const Plan*> ps;
   ps.reserve(n);
   for (std::size_t i = 0; i < n; ++i) ps.push_back(&plans[i]->plan());  // every check first
@@ -1013,6 +1071,9 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
     std::vector<int64_t> steps;
     std::vector<Span> spans;
     std::vector<py::array> keep;  // every array, alive while the GIL is released
+    // the indices, copied: checked, then read by the kernels while the GIL is released (another
+    // thread could change the caller's array in between)
+    std::vector<std::vector<int64_t>> indices(njobs);
     hs.reserve(njobs);
     steps.reserve(njobs);
     for (std::size_t q = 0; q < njobs; ++q) {
@@ -1021,10 +1082,25 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
         throw py::type_error("jobs[" + std::to_string(q) + "]: expected a tuple (hyper, step, "
                              "param, index, rows, states, label), got " + type_name(item));
       const auto t = py::reinterpret_borrow<py::tuple>(item);
-      const std::string label = py::cast<std::string>(t[6]);
+      const std::string jobname = "jobs[" + std::to_string(q) + "]";
+      const auto cast = [&](int at, const char* field, auto* out) {
+        try {
+          *out = py::cast<std::remove_pointer_t<decltype(out)>>(t[at]);
+        } catch (const py::cast_error&) {
+          throw py::type_error(jobname + ": " + field + " must be " +
+                               (at == 0 ? "these hyper-parameters" : at == 1 ? "an int (int64)" : "a str") +
+                               ", got " + type_name(t[at]));
+        }
+      };
+      std::string label;
+      cast(6, "label", &label);
       const std::string what = "param " + label;
-      hs.push_back(py::cast<const Hyper&>(t[0]));
-      steps.push_back(py::cast<int64_t>(t[1]));
+      Hyper h;
+      cast(0, "hyper", &h);
+      hs.push_back(h);
+      int64_t step = 0;
+      cast(1, "step", &step);
+      steps.push_back(step);
       if (steps.back() < 1) throw py::value_error(what + ": step must be >= 1");
       const Arg p = check_array(t[2], what, true);
       if (p.dtype != DType::f32 && p.dtype != DType::f64)
@@ -1057,7 +1133,9 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
       job.nrows = p.arr.shape(0);
       job.width = 1;
       for (py::ssize_t d = 1; d < p.arr.ndim(); ++d) job.width *= p.arr.shape(d);
-      job.index = static_cast<const int64_t*>(ix.data());
+      const auto* given = static_cast<const int64_t*>(ix.data());
+      indices[q].assign(given, given + ix.shape(0));
+      job.index = indices[q].data();
       job.k = ix.shape(0);
       job.rows = r.data;
       for (int64_t i = 0; i < job.k; ++i) {
@@ -1074,13 +1152,9 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
       if (n != static_cast<std::size_t>(need))
         throw py::value_error("states of " + what + ": " + std::to_string(n) +
                               " arrays, these hyper-parameters need " + std::to_string(need));
-      keep.insert(keep.end(), {p.arr, r.arr, ix});
+      keep.insert(keep.end(), {p.arr, r.arr});
       if (p.size) spans.push_back({p.lo, p.hi, what});
       if (r.size) spans.push_back({r.lo, r.hi, "rows for " + what});
-      if (ix.size()) {
-        const auto lo = reinterpret_cast<std::uintptr_t>(ix.data());
-        spans.push_back({lo, lo + static_cast<std::uintptr_t>(ix.nbytes()), "indices for " + what});
-      }
       for (std::size_t j = 0; j < n; ++j) {
         const std::string sw = "state " + std::to_string(j) + " of " + what;
         const Arg a = check_array(states[j], sw, true);
@@ -1176,6 +1250,10 @@ PYBIND11_MODULE(_core, m) {
     const QMap qm = qmap_from_name(map);
     const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), v.arr, DType::f32,
                                         "quantized", is_map4(qm) ? 4 : 8);
+    std::vector<Span> spans;  // (values is read while codes and absmax are written)
+    for (const auto* x : {&v, &c, &a})
+      if (x->size) spans.push_back({x->lo, x->hi, x == &v ? "values" : x == &c ? "codes" : "absmax"});
+    sort_and_check_disjoint(spans);
     const auto* src = static_cast<const float*>(v.data);
     auto* dst = static_cast<uint8_t*>(c.data);
     auto* am = static_cast<float*>(a.data);
@@ -1193,6 +1271,10 @@ PYBIND11_MODULE(_core, m) {
     const QMap qm = qmap_from_name(map);
     const auto [c, a] = check_quantized(py::make_tuple(codes, absmax), o.arr, DType::f32,
                                         "quantized", is_map4(qm) ? 4 : 8);
+    std::vector<Span> spans;  // (out is written while codes and absmax are read)
+    for (const auto* x : {&o, &c, &a})
+      if (x->size) spans.push_back({x->lo, x->hi, x == &o ? "out" : x == &c ? "codes" : "absmax"});
+    sort_and_check_disjoint(spans);
     const auto* src = static_cast<const uint8_t*>(c.data);
     const auto* am = static_cast<const float*>(a.data);
     auto* dst = static_cast<float*>(o.data);
@@ -1209,12 +1291,15 @@ PYBIND11_MODULE(_core, m) {
       const py::handle h = arrays[i];
       if (!py::isinstance<py::array>(h)) throw py::type_error(labels[i] + ": expected a numpy.ndarray, got " + type_name(h));
       const auto a = py::reinterpret_borrow<py::array>(h);
+      if (!(a.flags() & py::array::c_style))  // (its memory would not be [data, data + nbytes))
+        throw py::value_error(labels[i] + ": array is not C-contiguous (shape " + shape_str(a) + ")");
       const auto lo = reinterpret_cast<std::uintptr_t>(a.data());
       if (a.size()) spans.push_back({lo, lo + static_cast<std::uintptr_t>(a.nbytes()), labels[i]});
     }
     sort_and_check_disjoint(spans);
   }, py::arg("arrays"), py::arg("labels"),
-  "Raise ValueError naming the first two arrays whose memory overlaps (C-contiguous arrays).");
+  "Raise ValueError naming the first two arrays whose memory overlaps, or an array that is not "
+  "C-contiguous.");
   py::class_<Snapshot>(m, "Snapshot")
       .def(py::init<const py::dict&>(), py::arg("d"))
       .def("same", &Snapshot::same, py::arg("d"),
@@ -1307,8 +1392,7 @@ PYBIND11_MODULE(_core, m) {
   "of `rw` (float32 or 16-bit), reading `grad` and writing `out` (16-bit) when given.");
   m.def("accumulate", [](const std::vector<PyPlan*>& plans, double scale) {
     if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
-    std::vector<std::unique_ptr<PyPlan::Lock>> locks;
-    for (PyPlan* p : plans) locks.push_back(std::make_unique<PyPlan::Lock>(*p));
+    const auto locks = lock_plans(plans.data(), plans.size());
     std::vector<const Plan*> ps;
     for (PyPlan* p : plans) ps.push_back(&p->plan());  // every check before any pass
     py::gil_scoped_release release;

@@ -154,7 +154,11 @@ def _host_step(
     plan = _core.Plan([param], ["param"], names, [[given[n]] for n in names])
     plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
     own = [n for n in given if n in defn.shaped]  # (Adafactor's factored state)
-    for n in own:
+    for n in own:  # (every check before the update writes any of them)
+        if not given[n].flags.c_contiguous or not given[n].flags.writeable:
+            raise ValueError(
+                f"{fn}: {n} must be a writeable C-contiguous array (it is updated in place)"
+            )
         if given[n].shape != needed[n]:
             raise ValueError(
                 f"{fn}: {n} has shape {given[n].shape}, expected {needed[n]} for a param of "

@@ -83,13 +83,26 @@ def check_decay(cls: str, value: Any) -> None:
         raise ValueError(f"{cls}: invalid ema_decay={value!r}: must be in [0, 1] (or None)")
 
 
+#: The loss scales whose inverse, the kernels' gradient factor, is a normal float32 (float32
+#: kernels multiply by it: a smaller scale would make every gradient infinite, a larger one 0
+#: or denormal).
+GRAD_SCALE_RANGE = (1 / 3.4028234663852886e38, 1 / 1.1754943508222875e-38)
+
+
 def check_grad_scale(where: str, value: Any) -> float:
-    """The loss scale of a step as a float: a finite number > 0."""
+    """The loss scale of a step as a float: a finite number > 0 whose inverse is a normal
+    float32 (:data:`GRAD_SCALE_RANGE`)."""
     if not is_number(value):
         raise TypeError(f"{where}: grad_scale must be a number, got {type(value).__name__}")
     v = float(value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{where}: invalid grad_scale={value!r}: must be finite and > 0")
+    lo, hi = GRAD_SCALE_RANGE
+    if not lo <= v <= hi:
+        raise ValueError(
+            f"{where}: invalid grad_scale={value!r}: the gradients are multiplied by "
+            f"1/grad_scale in float32, which needs grad_scale in [{lo:.3g}, {hi:.3g}]"
+        )
     return v
 
 
@@ -183,7 +196,10 @@ exactly the values they had.  For evaluation with the averaged weights::
     with opt.ema_weights():
         evaluate(model)
 
-A :meth:`step` inside the block raises ``RuntimeError`` (anything else may run)."""
+A :meth:`step` inside the block raises ``RuntimeError``, and so do, in the NumPy tier,
+:func:`fastoptim.save`, :func:`fastoptim.load`, ``load_state_dict`` and pickling the optimizer
+(they would record the EMA as the parameters, or be undone by the block's exit); anything else
+may run (``state_dict()`` holds no parameter values)."""
 
 
 @contextlib.contextmanager
@@ -197,8 +213,8 @@ def ema_swapped(
     """``ema_weights()`` of both tiers: each (parameter, EMA) pair's EMA copied into the
     parameter (`copy(dst, src)`, rounding to the parameter's dtype), and the parameters' own
     values (saved with `clone`) copied back on exit, exactly.  The optimizer's lock is held
-    while copying only, so the block may call anything but a step, which raises while
-    ``owner._ema_swapped`` is set."""
+    while copying only, so the block may call anything but a step (or a checkpoint, in the
+    NumPy tier), which raises while ``owner._ema_swapped`` is set."""
     with owner._lock:
         if getattr(owner, "_ema_swapped", False):
             raise RuntimeError(f"{where}: already inside ema_weights()")
@@ -218,9 +234,9 @@ def ema_swapped(
 
 
 def check_not_swapped(owner: Any, where: str) -> None:
-    """RuntimeError for a step inside ``ema_weights()``."""
+    """RuntimeError for a step (or a checkpoint) inside ``ema_weights()``."""
     if getattr(owner, "_ema_swapped", False):
         raise RuntimeError(
-            f"{where}: inside ema_weights() the parameters hold their EMA; step after the "
-            "with block"
+            f"{where}: inside ema_weights() the parameters hold their EMA, not their trained "
+            "values; call it after the with block"
         )
