@@ -1823,6 +1823,7 @@ struct Lanes {
 // one translation unit but fails the -Werror build.
 typedef float V16f __attribute__((vector_size(64)));
 typedef double V8d __attribute__((vector_size(64)));
+typedef int32_t V16i __attribute__((vector_size(64)));
 #define FASTOPTIM_LOW8(x) \
   __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), V8d)
 #define FASTOPTIM_HIGH8(x) \
@@ -1832,8 +1833,14 @@ typedef double V8d __attribute__((vector_size(64)));
 // the elements j, j + 32, ...  Each lane squares in float32 and sums kRun squares in float32
 // (two blocks of 16 per iteration, each its own accumulators) before adding that partial sum to
 // its float64 total: the norm pass then reads as fast as memory allows, with a relative error
-// of a few float32 ulps (torch's float32 norms have as much).  Without clipping (Clip false) a
-// non-finite g shows as a non-finite sum, so the flag lanes are left alone.
+// of a few float32 ulps (torch's float32 norms have as much).  A run whose float32 sum is not
+// finite (a square overflowed, or a y is infinite or NaN) or holds a lane in (0, 2^-80) (its
+// squares partly underflowed) has the whole call's elements summed again with float64
+// squares (rare; the per-run test is a few vector operations): the norm keeps that accuracy at
+// any scale but the tiniest (squares below float32's smallest denormal, |y| < ~2^-75, vanish).  The flag lanes take y - y, NaN where y is infinite or NaN: per element
+// when clipping (a clamp hides an infinity), else in that second sum, where any non-finite y
+// goes (finite values cannot make a float64 sum of float32 squares overflow), so whether the
+// gradients are finite is theirs, never the sum's.
 constexpr int64_t kRun = 8;  // iterations (of kLanes elements) summed in float32
 template <bool Clip>
 FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mul, float clip,
@@ -1843,6 +1850,8 @@ FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mu
   std::memcpy(sq, acc.sq.data(), sizeof sq);
   std::memcpy(bad, acc.bad.data(), sizeof bad);
   const V16f vmul = V16f{} + mul, hi = V16f{} + clip, lo = -hi;
+  const V16f fmax = V16f{} + std::numeric_limits<float>::max(), tiny = V16f{} + 0x1p-80f;
+  V16i ok = V16i{} - 1;  // lanes -1 while every run's float32 sums are finite, 0 or not tiny
   for (int64_t i = 0; i + kLanes <= n;) {
     V16f run[2] = {V16f{}, V16f{}};
     const int64_t end = std::min(n - kLanes + 1, i + kRun * kLanes);
@@ -1860,8 +1869,30 @@ FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mu
       }
     }
     for (int h = 0; h < 2; ++h) {
+      ok &= (run[h] <= fmax) & ((run[h] == 0) | (run[h] >= tiny));
       sq[2 * h] += FASTOPTIM_LOW8(run[h]);
       sq[2 * h + 1] += FASTOPTIM_HIGH8(run[h]);
+    }
+  }
+  int32_t all = -1;
+  for (int j = 0; j < 16; ++j) all &= ok[j];
+  if (!all) {  // (rare) the whole piece again, with float64 squares
+    std::memcpy(sq, acc.sq.data(), sizeof sq);
+    for (int64_t i = 0; i + kLanes <= n; i += kLanes) {
+      for (int h = 0; h < 2; ++h) {
+        V16f y;
+        std::memcpy(&y, g + i + 16 * h, sizeof y);
+        y *= vmul;
+        if constexpr (Clip) {
+          y = y < lo ? lo : y;
+          y = y > hi ? hi : y;
+        } else {
+          bad[h] += y - y;
+        }
+        const V8d l8 = FASTOPTIM_LOW8(y), h8 = FASTOPTIM_HIGH8(y);
+        sq[2 * h] += l8 * l8;
+        sq[2 * h + 1] += h8 * h8;
+      }
     }
   }
   std::memcpy(acc.sq.data(), sq, sizeof sq);
@@ -1971,7 +2002,7 @@ void grad_stats(const Plan& plan, int threads, GradStats& r) {
     r.sumsq += p[0];
     bad += p[1];
   }
-  r.finite = bad == 0 && std::isfinite(r.sumsq);
+  r.finite = bad == 0;  // (a float64 sum of squares overflows only past |g| ~ 1e154)
 }
 
 // ------------------------------------------------------------------ two-pass optimizers

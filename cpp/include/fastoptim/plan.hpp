@@ -162,8 +162,9 @@ struct Plan {
 };
 
 // What grad_stats finds in a plan's gradients g (after the plan's transform, x = clamp(g *
-// grad_mul, -grad_clip, grad_clip)): the sum of x^2 in float64, and whether every g is finite
-// (and the sum too: float64 gradients whose squares overflow count as non-finite).
+// grad_mul, -grad_clip, grad_clip)): the sum of x^2 in float64, and whether every g * grad_mul
+// is finite (the gradients', never the sum's: float64 gradients beyond ~1e154 give an infinite
+// sum, finite gradients).
 // Computed over a fixed partition of the elements (chunks that depend on the total only, 32
 // lanes per chunk) combined in a fixed order: the same bits for any thread count and ISA.
 struct GradStats {

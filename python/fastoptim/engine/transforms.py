@@ -15,9 +15,11 @@ Four options every optimizer takes (keyword-only; defined once in
     Clamp every gradient element to ``[-max_grad_value, max_grad_value]`` (as
     ``clip_grad_value_``), in the update itself.  Applied before the norm is taken.
 ``skip_nonfinite``
-    When any gradient holds an infinity or a NaN, skip the step: nothing is modified, the step
-    is not counted, schedules do not advance, and ``opt.step_skipped`` is True.  (Without it,
-    non-finite gradients go into the update as in torch.)
+    When a gradient of the group holds an infinity or a NaN (after ``grad_scale``), skip the
+    step: nothing is modified in any group (a step is skipped whole, as GradScaler skips it),
+    the step is not counted, schedules do not advance, and ``opt.step_skipped`` is True.  Only
+    the gradients themselves decide, never their norm (finite gradients whose squares overflow
+    are finite).  (Groups without it: non-finite gradients go into the update as in torch.)
 ``ema_decay``
     Keep an exponential moving average of every parameter of the group (state ``"ema"``,
     starting as a copy of the parameter), updated in the same pass as the parameter:
@@ -150,12 +152,13 @@ def decide(
     if not (want_norm or want_check):
         return Decision(None, False, transforms)
     sumsq, bad = 0.0, 0.0
-    for group_plans, t in zip(plans, transforms):
+    for group_plans, group, t in zip(plans, groups, transforms):
+        checked = bool(group.get(SKIP_NONFINITE))  # (only these groups' gradients can skip)
         for plan in group_plans:
             set_transform(plan, *t)
             s, finite = plan.grad_stats()
             sumsq += s
-            bad = bad if finite else 1.0
+            bad = 1.0 if checked and not finite else bad
     if reduce is not None:
         combined = np.asarray(reduce(np.array([sumsq, bad], dtype=np.float64)), dtype=np.float64)
         if combined.shape != (2,):
@@ -165,7 +168,7 @@ def decide(
             )
         sumsq, bad = float(combined[0]), float(combined[1])
     norm = math.sqrt(sumsq)
-    if want_check and (bad != 0 or not math.isfinite(norm)):
+    if bad != 0:
         return Decision(norm if want_norm else None, True, transforms)
     if want_norm:
         out = []
