@@ -50,6 +50,7 @@ import numpy as np
 
 from .. import _core, reference
 from .. import optimizers as fast
+from . import lookup, plural
 
 # name -> (class name, options, state buffers per parameter)
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
@@ -74,6 +75,32 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "LAMB": ("LAMB", {}, 2),
     "LARS": ("LARS", {}, 1),
 }
+#: other spellings (any case) of :data:`OPTIMIZERS` names, e.g. ``fastoptim demo``'s
+ALIASES = {"momentum": "SGD+momentum"}
+
+
+def canonical(name: str) -> str:
+    """The :data:`OPTIMIZERS` key for `name` or an :data:`ALIASES` entry, ignoring case
+    (``adam`` -> ``Adam``, ``Momentum`` -> ``SGD+momentum``)."""
+    return lookup(name, OPTIMIZERS, ALIASES)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a measurement: `rows`, the rows measured before it."""
+
+    def __init__(self, rows: Sequence[Any]) -> None:
+        super().__init__()
+        self.rows = list(rows)
+
+
+@contextlib.contextmanager
+def _keep(rows: Sequence[Any]) -> Iterator[None]:
+    """A KeyboardInterrupt in the block as :class:`Interrupted`, carrying `rows` (so far)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(rows) from None
+
 
 # The two-pass optimizers (a per-tensor reduction pass before the update; see step.cpp): name
 # -> (arrays pass 1 reads, of which it writes, arrays pass 2 reads, of which it writes).  Their
@@ -159,6 +186,7 @@ class Row:
     remeasured: int = 0  # extra passes the checks asked for
     flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
     bpe: int = 0  # bytes per element when not bytes_per_element(nstate) (bench --layouts)
+    contender: str = "fastoptim"  # who the "fastoptim" entries time (bench --layouts: a layout)
 
     @property
     def bytes(self) -> int:
@@ -345,22 +373,27 @@ def problems(row: Row, granularity: float) -> list[str]:
     streams), fastoptim's or the streaming kernel's rounds spread more than NOISE_LIMIT, or a
     sample not far above the clock's granularity."""
     found = []
+
+    def names(keys: Sequence[str]) -> str:
+        return ", ".join(row.contender if k == "fastoptim" else k for k in keys)
+
     if row.roofline > ROOFLINE_LIMIT:
         found.append(f"roofline {100 * row.roofline:.0f}% > {100 * ROOFLINE_LIMIT:.0f}%")
     slow = [k for k in ("fastoptim", "roofline") if row.bytes / row.times[k] < MIN_GBPS * 1e9]
     if slow and row.bytes >= 1 << 20:  # below 1 MB a step's fixed cost may dominate
         found.append(
-            f"{' and '.join(slow)} below {MIN_GBPS:g} GB/s: threads waiting for busy cores "
+            f"{names(slow).replace(', ', ' and ')} below {MIN_GBPS:g} GB/s: threads waiting "
+            "for busy cores "
             "(try --threads 1)"
         )
     # the row's own numbers (time, GB/s, roofline); another contender's noise shows as a "?"
     # on its ratio instead
     noisy = [k for k in ("fastoptim", "roofline") if row.spread(k) > NOISE_LIMIT]
     if noisy:
-        found.append(f"rounds spread > +-{100 * NOISE_LIMIT:.0f}%: {', '.join(noisy)}")
+        found.append(f"rounds spread > +-{100 * NOISE_LIMIT:.0f}%: {names(noisy)}")
     coarse = [k for k in row.times if row.low[k] * row.steps[k] < 100 * granularity]
     if coarse:
-        found.append(f"samples near the clock's granularity: {', '.join(coarse)}")
+        found.append(f"samples near the clock's granularity: {names(coarse)}")
     return found
 
 
@@ -375,41 +408,42 @@ def run(
     """Measure every optimizer on every workload (float32); see the module docstring.  A row
     the checks (:func:`problems`) find wrong is measured again, up to MAX_REMEASURE more times
     `rounds` rounds; what is still wrong then is left in ``row.flags``."""
-    granularity = clock_granularity()
-    min_sample = max(MIN_SAMPLE_S, 1000 * granularity)
     rows: list[Row] = []
     total_cells = len(workloads) * len(optimizers)
-    for wname in workloads:
-        shapes = WORKLOADS[wname]()
-        rng = np.random.default_rng(0)
-        arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-        grads = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.1) for s in shapes]
-        total = sum(a.size for a in arrays)
-        for oname in optimizers:
-            cls_name, kwargs, nstate = OPTIMIZERS[oname]
-            if progress:
-                progress(f"[{len(rows) + 1}/{total_cells}] {wname}: {oname}")
-            contenders = _contenders(cls_name, kwargs, arrays, grads, torch)
-            bpe = 0
-            if oname in TWO_PASS:  # its bytes, in its mix of reads and writes
-                contenders["roofline"], streams = _two_pass_roofline(oname, total)
-                bpe = two_pass_bytes(oname)[0]
-            else:
-                streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
-                contenders["roofline"] = functools.partial(_core.stream, streams)
-            steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
-            row = Row(oname, wname, total, len(shapes), nstate, bpe=bpe)
-            _fill(row, steps, samples)
-            while problems(row, granularity) and row.remeasured < MAX_REMEASURE:
+    granularity = clock_granularity()
+    min_sample = max(MIN_SAMPLE_S, 1000 * granularity)
+    with _keep(rows):  # Ctrl-C: the rows measured so far go with the exception
+        for wname in workloads:
+            shapes = WORKLOADS[wname]()
+            rng = np.random.default_rng(0)
+            arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+            grads = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.1) for s in shapes]
+            total = sum(a.size for a in arrays)
+            for oname in optimizers:
+                cls_name, kwargs, nstate = OPTIMIZERS[oname]
                 if progress:
-                    progress(f"    re-measuring ({'; '.join(problems(row, granularity))})")
-                row.remeasured += 1
-                _more(contenders, steps, samples, rounds)
+                    progress(f"[{len(rows) + 1}/{total_cells}] {wname}: {oname}")
+                contenders = _contenders(cls_name, kwargs, arrays, grads, torch)
+                bpe = 0
+                if oname in TWO_PASS:  # its bytes, in its mix of reads and writes
+                    contenders["roofline"], streams = _two_pass_roofline(oname, total)
+                    bpe = two_pass_bytes(oname)[0]
+                else:
+                    streams = [np.ones(total, np.float32) for _ in range(2 + nstate)]
+                    contenders["roofline"] = functools.partial(_core.stream, streams)
+                steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
+                row = Row(oname, wname, total, len(shapes), nstate, bpe=bpe)
                 _fill(row, steps, samples)
-            row.flags = problems(row, granularity)
-            rows.append(row)
-            del streams, contenders
-            gc.collect()
+                while problems(row, granularity) and row.remeasured < MAX_REMEASURE:
+                    if progress:
+                        progress(f"    re-measuring ({'; '.join(problems(row, granularity))})")
+                    row.remeasured += 1
+                    _more(contenders, steps, samples, rounds)
+                    _fill(row, steps, samples)
+                row.flags = problems(row, granularity)
+                rows.append(row)
+                del streams, contenders
+                gc.collect()
     return rows
 
 
@@ -621,7 +655,8 @@ def thread_scaling(
     sizes: Sequence[int] = THREAD_SIZES, rounds: int = 9, repeats: int = 5
 ) -> list[ThreadRow]:
     """Adam steps at each size on 1 thread and on the default thread count, interleaved
-    (1, default, 1, default ...), `rounds` samples each of the median of `repeats` steps."""
+    (1, default, 1, default ...), `rounds` samples each of the median of `repeats` steps.  (With
+    a default of 1 thread, both columns time 1 thread.)"""
     default = _core.get_num_threads()
     rows = []
     try:
@@ -631,14 +666,14 @@ def thread_scaling(
             for grad in opt.grads:
                 assert isinstance(grad, np.ndarray)
                 grad[...] = 0.01
-            samples: dict[int, list[float]] = {1: [], default: []}
+            row = ThreadRow(n, [], [])
             reps = repeats * max(1, 1_000_000 // n)
             for _ in range(rounds):
-                for threads in (1, default):
+                for threads, samples in ((1, row.one), (default, row.default)):
                     _core.set_num_threads(threads)
                     opt.step()
-                    samples[threads].append(_median_step(opt.step, reps) * 1e3)
-            rows.append(ThreadRow(n, samples[1], samples[default]))
+                    samples.append(_median_step(opt.step, reps) * 1e3)
+            rows.append(row)
     finally:
         _core.set_num_threads(default)
     return rows
@@ -651,10 +686,12 @@ def format_threads(rows: Sequence[ThreadRow], processes: int, threads: int) -> s
         q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0], v[0], v[0]]
         return f"{statistics.median(v):.3f} [{q[0]:.3f}-{q[2]:.3f}]"
 
+    samples = plural(len(rows[0].one) if rows else 0, "interleaved sample")
     out = [
         f"\nAdam, one float32 array, {processes} busy background process(es): ms per step, "
-        f"median [p25-p75] of {len(rows[0].one) if rows else 0} interleaved samples",
-        f"{'elements':>10s} {'1 thread':>24s} {f'{threads} threads (default)':>24s} {'ratio':>6s}",
+        f"median [p25-p75] of {samples} per column",
+        f"{'elements':>10s} {'1 thread':>24s} {plural(threads, 'thread') + ' (default)':>24s} "
+        f"{'ratio':>6s}",
     ]
     for r in rows:
         ratio = statistics.median(r.default) / statistics.median(r.one)
@@ -1004,7 +1041,8 @@ def run_layouts(
     def rows() -> tuple[list[Row], dict[Stream, Row]]:
         out, streams = [], {}
         for lay in layouts:
-            row = Row(lay.name, "layouts", size, 1, 2, bpe=lay.bytes)
+            who = "fastoptim" if lay.contender is None else lay.name
+            row = Row(lay.name, "layouts", size, 1, 2, bpe=lay.bytes, contender=who)
             picked = {"fastoptim": lay.name, "roofline": STREAMS[lay.stream]}
             _fill(
                 row,
@@ -1100,16 +1138,23 @@ def format_layouts(result: LayoutResult) -> str:
                 "Do not trust this row."
             )
     out.extend(notes)
-    out.append("\nstreaming kernels (_core.stream_mixed), same run:")
+    out.append("\nstreaming kernels (moving each layout's bytes), same run:")
     for s, r in result.streams.items():
         t = r.times["fastoptim"]
         out.append(
             f"  {s.bytes:2d} B/el: {t / n * 1e9:6.3f} ns/el +-{100 * r.spread('fastoptim'):.0f}%"
             f", {r.bytes / t / 1e9:5.1f} GB/s  ({s.label})"
         )
-    out.append(
-        "\nthe issues' targets (#13, #17), as measured here (median [range the rounds allow]):"
-    )
+    if n >= LAYOUT_SIZE:
+        out.append(
+            "\nthe issues' targets (#13, #17), as measured here (median [range the rounds allow]):"
+        )
+    else:  # in the caches, a step is not bound by memory as the targets assume
+        out.append(
+            f"\nthe issues' targets (#13, #17) are set for {LAYOUT_SIZE:,}+ elements (the default "
+            f"--size); at {n:,} elements these readings do not test them (median [range the "
+            "rounds allow]):"
+        )
 
     def ns(name: str) -> str:
         r, k = by_name[name], "fastoptim"
@@ -1222,39 +1267,41 @@ def run_muon(
     from .. import host
 
     rng = np.random.default_rng(0)
-    rows = []
-    for shape in shapes:
-        if progress is not None:
-            progress(f"Muon {shape[0]}x{shape[1]}")
-        g = rng.standard_normal(shape).astype(np.float32)
-        n = max(shape)
-        a = rng.standard_normal((n, n)).astype(np.float32)
-        b = rng.standard_normal((n, n)).astype(np.float32)
-        c = np.empty((n, n), np.float32)
-        w = rng.standard_normal(shape).astype(np.float32)
-        opt = fast.Muon([w])
-        opt.grads[0][...] = g
-        row = MuonRow(shape)
-        x = np.ascontiguousarray(g if shape[0] <= shape[1] else g.T) / np.float32(1e3)
-        gram = np.empty((x.shape[0],) * 2, np.float32)
-        poly, nxt = np.empty_like(gram), np.empty_like(x)
+    rows: list[MuonRow] = []
+    with _keep(rows):  # Ctrl-C: the rows measured so far go with the exception
+        for shape in shapes:
+            if progress is not None:
+                progress(f"Muon {shape[0]}x{shape[1]}")
+            g = rng.standard_normal(shape).astype(np.float32)
+            n = max(shape)
+            a = rng.standard_normal((n, n)).astype(np.float32)
+            b = rng.standard_normal((n, n)).astype(np.float32)
+            c = np.empty((n, n), np.float32)
+            w = rng.standard_normal(shape).astype(np.float32)
+            opt = fast.Muon([w])
+            opt.grads[0][...] = g
+            row = MuonRow(shape)
+            x = np.ascontiguousarray(g if shape[0] <= shape[1] else g.T) / np.float32(1e3)
+            gram = np.empty((x.shape[0],) * 2, np.float32)
+            poly, nxt = np.empty_like(gram), np.empty_like(x)
 
-        fns: dict[str, Callable[[], object]] = {
-            "sgemm": functools.partial(np.matmul, a, b, out=c),
-            "products": functools.partial(_ns_products, x, gram, poly, nxt),
-            "step": opt.step,
-            **{d: functools.partial(host.newton_schulz, g, dtype=d) for d in host.NS_DTYPES},
-        }
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for fn in fns.values():
-            fn()  # warm up (BLAS threads, allocations)
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                samples[k].append(_block(fn, 1))
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        row.sgemm, row.step, row.products = med.pop("sgemm"), med.pop("step"), med.pop("products")
-        row.ns = med
-        rows.append(row)
+            fns: dict[str, Callable[[], object]] = {
+                "sgemm": functools.partial(np.matmul, a, b, out=c),
+                "products": functools.partial(_ns_products, x, gram, poly, nxt),
+                "step": opt.step,
+                **{d: functools.partial(host.newton_schulz, g, dtype=d) for d in host.NS_DTYPES},
+            }
+            samples: dict[str, list[float]] = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()  # warm up (BLAS threads, allocations)
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    samples[k].append(_block(fn, 1))
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            row.sgemm, row.step = med.pop("sgemm"), med.pop("step")
+            row.products = med.pop("products")
+            row.ns = med
+            rows.append(row)
     return rows
 
 
@@ -1333,45 +1380,46 @@ def run_adafactor(
     from .. import host
 
     rng = np.random.default_rng(0)
-    rows = []
-    for shape in shapes:
-        if progress is not None:
-            progress(f"Adafactor {'x'.join(map(str, shape))}")
-        w = rng.standard_normal(shape, dtype=np.float32)
-        g = rng.standard_normal(shape, dtype=np.float32)
-        opt = fast.Adafactor([w.copy()])
-        opt.grads[0][...] = g
-        p1, g1 = w.reshape(-1).copy(), g.reshape(-1)
+    rows: list[AdafactorRow] = []
+    with _keep(rows):  # Ctrl-C: the rows measured so far go with the exception
+        for shape in shapes:
+            if progress is not None:
+                progress(f"Adafactor {'x'.join(map(str, shape))}")
+            w = rng.standard_normal(shape, dtype=np.float32)
+            g = rng.standard_normal(shape, dtype=np.float32)
+            opt = fast.Adafactor([w.copy()])
+            opt.grads[0][...] = g
+            p1, g1 = w.reshape(-1).copy(), g.reshape(-1)
 
-        def streams(p1: np.ndarray = p1, g1: np.ndarray = g1) -> None:
-            _core.stream_read(p1)  # pass 1: p and g read
-            _core.stream_read(g1)
-            _core.stream_read(g1)  # pass 2: g read
-            _core.stream_mixed([p1], g1)  # pass 3: p read and written, g read
+            def streams(p1: np.ndarray = p1, g1: np.ndarray = g1) -> None:
+                _core.stream_read(p1)  # pass 1: p and g read
+                _core.stream_read(g1)
+                _core.stream_read(g1)  # pass 2: g read
+                _core.stream_mixed([p1], g1)  # pass 3: p read and written, g read
 
-        fns: dict[str, Callable[[], object]] = {
-            "step": opt.step,
-            "read": functools.partial(_core.stream_read, g1),
-            "stream": streams,
-        }
-        if len(shape) > 1:
-            fns["reduction"] = functools.partial(host.row_col_means, g)
-        if torch:
-            fns.update(
-                {
-                    "torch" if k == "torch for-loop" else k: f
-                    for k, f in _torch_contenders("Adafactor", {}, [w], [g]).items()
-                    if k == "torch for-loop"
-                }
-            )
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for fn in fns.values():
-            fn()  # warm up (first touch, state)
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                samples[k].append(_block(fn, 1))
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        rows.append(AdafactorRow(shape, **med))
+            fns: dict[str, Callable[[], object]] = {
+                "step": opt.step,
+                "read": functools.partial(_core.stream_read, g1),
+                "stream": streams,
+            }
+            if len(shape) > 1:
+                fns["reduction"] = functools.partial(host.row_col_means, g)
+            if torch:
+                fns.update(
+                    {
+                        "torch" if k == "torch for-loop" else k: f
+                        for k, f in _torch_contenders("Adafactor", {}, [w], [g]).items()
+                        if k == "torch for-loop"
+                    }
+                )
+            samples: dict[str, list[float]] = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()  # warm up (first touch, state)
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    samples[k].append(_block(fn, 1))
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            rows.append(AdafactorRow(shape, **med))
     return rows
 
 
@@ -1562,42 +1610,43 @@ def run_rows(
     idx = np.sort(rng.choice(ROWS_TABLE, size=k, replace=False)).astype(np.int64)
     rows = rng.standard_normal((k, w), dtype=np.float32) * np.float32(0.1)
     table = rng.standard_normal((ROWS_TABLE, w), dtype=np.float32)
-    out = []
-    for name, (cls_name, kwargs, nstate) in ROWS_OPTIMIZERS.items():
-        mine = getattr(fast, cls_name)([table.copy()], **kwargs)
-        ref = getattr(reference, cls_name)([table.copy()], **kwargs)
-        pool = [np.ones(k * w, np.float32) for _ in range(nstate + 2)]
-        contenders: dict[str, Callable[[], object]] = {
-            "fastoptim": functools.partial(mine.step_rows, [(idx, rows)]),
-            "stream": functools.partial(_core.stream, pool),
-            "NumPy reference": functools.partial(ref.step_rows, [(idx, rows)]),
-        }
-        if torch:
-            try:
-                import torch as _torch
-            except ImportError:
-                pass
-            else:
-                p = _torch.from_numpy(table.copy())
-                p.grad = _torch.sparse_coo_tensor(
-                    _torch.from_numpy(idx)[None],
-                    _torch.from_numpy(rows),
-                    p.shape,
-                    check_invariants=False,
-                ).coalesce()
-                loop = {} if cls_name == "SparseAdam" else {"foreach": False}
-                contenders["torch for-loop"] = getattr(_torch.optim, cls_name)(
-                    [p], **kwargs, **loop
-                ).step
-        if progress:
-            progress(f"{name}: {len(contenders)} contenders interleaved, {rounds} round(s)")
-        with warnings.catch_warnings():  # (torch's Adagrad builds unchecked sparse tensors)
-            warnings.filterwarnings("ignore", message="Sparse invariant checks")
-            _, samples = _interleaved(contenders, rounds, repeats, MIN_SAMPLE_S)
-        times = {c: (statistics.median(v), min(v), max(v)) for c, v in samples.items()}
-        out.append(RowsRow(name, nstate, times))
-        del contenders, mine, ref, pool
-        gc.collect()
+    out: list[RowsRow] = []
+    with _keep(out):  # Ctrl-C: the rows measured so far go with the exception
+        for name, (cls_name, kwargs, nstate) in ROWS_OPTIMIZERS.items():
+            mine = getattr(fast, cls_name)([table.copy()], **kwargs)
+            ref = getattr(reference, cls_name)([table.copy()], **kwargs)
+            pool = [np.ones(k * w, np.float32) for _ in range(nstate + 2)]
+            contenders: dict[str, Callable[[], object]] = {
+                "fastoptim": functools.partial(mine.step_rows, [(idx, rows)]),
+                "stream": functools.partial(_core.stream, pool),
+                "NumPy reference": functools.partial(ref.step_rows, [(idx, rows)]),
+            }
+            if torch:
+                try:
+                    import torch as _torch
+                except ImportError:
+                    pass
+                else:
+                    p = _torch.from_numpy(table.copy())
+                    p.grad = _torch.sparse_coo_tensor(
+                        _torch.from_numpy(idx)[None],
+                        _torch.from_numpy(rows),
+                        p.shape,
+                        check_invariants=False,
+                    ).coalesce()
+                    loop = {} if cls_name == "SparseAdam" else {"foreach": False}
+                    contenders["torch for-loop"] = getattr(_torch.optim, cls_name)(
+                        [p], **kwargs, **loop
+                    ).step
+            if progress:
+                progress(f"{name}: {len(contenders)} contenders interleaved, {rounds} round(s)")
+            with warnings.catch_warnings():  # (torch's Adagrad builds unchecked sparse tensors)
+                warnings.filterwarnings("ignore", message="Sparse invariant checks")
+                _, samples = _interleaved(contenders, rounds, repeats, MIN_SAMPLE_S)
+            times = {c: (statistics.median(v), min(v), max(v)) for c, v in samples.items()}
+            out.append(RowsRow(name, nstate, times))
+            del contenders, mine, ref, pool
+            gc.collect()
     return out
 
 

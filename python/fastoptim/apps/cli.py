@@ -3,36 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import math
 import os
 import re
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .. import __version__, get_num_threads, isa, set_num_threads
-from . import bench, demo, minimize
+from . import bench, capped, demo, lookup, minimize, plural
 
 
-def _names(resolve: Callable[[str], str], choices: Sequence[str]) -> argparse._ActionType:
-    """A comma-separated list of names, each mapped through `resolve` (KeyError: unknown)."""
+def _names(
+    resolve: Callable[[str], str],
+    choices: Sequence[str],
+    elsewhere: Mapping[str, str] | None = None,
+) -> argparse._ActionType:
+    """A comma-separated list of names, each mapped through `resolve` (KeyError: unknown), each
+    once (the first time, in order); `elsewhere`: a note for a name that is unknown here but
+    known to another subcommand (lower-case name -> where it is)."""
 
     def parse(text: str) -> list[str]:
         items, bad = [], []
         for t in (t.strip() for t in text.split(",")):
             if t:
                 try:
-                    items.append(resolve(t))
+                    name = resolve(t)
                 except KeyError:
                     bad.append(t)
+                    continue
+                if name not in items:
+                    items.append(name)
         if bad or not items:
+            where = elsewhere or {}
+            notes = "".join(f"; {t}: {where[t.lower()]}" for t in bad if t.lower() in where)
             raise argparse.ArgumentTypeError(
                 f"unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(choices)})"
+                + notes
             )
         return items
 
@@ -41,14 +56,11 @@ def _names(resolve: Callable[[str], str], choices: Sequence[str]) -> argparse._A
 
 def _any_case(choices: Sequence[str]) -> argparse._ActionType:
     """A comma-separated list of names from `choices`, in any case (mapped to the choice)."""
+    return _names(lambda name: lookup(name, choices), choices)
 
-    def resolve(name: str) -> str:
-        for choice in choices:
-            if choice.lower() == name.lower():
-                return choice
-        raise KeyError(name)
 
-    return _names(resolve, choices)
+def _aliases(aliases: Mapping[str, str]) -> str:
+    return "; " + ", ".join(f"{a} = {n}" for a, n in aliases.items())
 
 
 def _add_optimizers(parser: argparse.ArgumentParser, default: Sequence[str] | None) -> None:
@@ -58,9 +70,20 @@ def _add_optimizers(parser: argparse.ArgumentParser, default: Sequence[str] | No
         "--optimizers",
         type=_names(demo.canonical, names),
         default=None if default is None else list(default),
-        help=f"comma-separated, any case (default: {','.join(demo.COMPARED)}); also "
-        + ", ".join(n for n in names if n not in demo.COMPARED),
+        help="comma-separated, any case, repeats ignored (default: "
+        + f"{','.join(demo.COMPARED)}); also "
+        + ", ".join(n for n in names if n not in demo.COMPARED)
+        + _aliases(demo.ALIASES),
     )
+
+
+# demo's and minimize's optimizers that bench's optimizer tables lack, and why
+_NOT_IN_BENCH = {
+    "nesterov": "not timed (SGD+momentum's step, same bytes)",
+    "muon": "see --muon",
+    "adafactor": "see --adafactor",
+    "lbfgs": "not timed (a closure's evaluations dominate its step)",
+}
 
 
 def _number(kind: Callable[[str], float | int], text: str) -> float | int:
@@ -155,18 +178,17 @@ def _batch_size(text: str) -> int:
 
 
 def _check_out(parser: argparse.ArgumentParser, text: str) -> Path:
-    """``--out DIR``, checked before any work: a directory, or a path whose nearest existing
-    ancestor is a writable directory (the directory is created when the files are written)."""
+    """``--out DIR``, checked before any work: created if needed (with its parents) and
+    written to (a temporary file, removed at once)."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         parser.error(f"argument --out: {text} exists and is not a directory")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        parser.error(f"argument --out: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"argument --out: {existing} is not writable")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        parser.error(f"argument --out: cannot write into {text}: {e.strerror or e}")
     return path
 
 
@@ -186,6 +208,36 @@ def _missing(*modules: str) -> list[str]:
     return out
 
 
+_DEMO_EXTRA = "pip install 'fastoptim[demo]'"
+
+
+def _require(parser: argparse.ArgumentParser, what: str, *modules: str, install: str) -> None:
+    """A missing optional dependency is an error of the environment, reported as a usage error
+    (exit code 2) before any work: `what` needs `modules`, installed by `install`."""
+    missing = _missing(*modules)
+    if missing:
+        names = [{"sklearn": "scikit-learn"}.get(m, m) for m in missing]
+        parser.error(f"{what} needs {' and '.join(names)}: {install}")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # (not every OS says)
+        return None
+
+
+def _check_memory(parser: argparse.ArgumentParser, option: str, needed: float) -> None:
+    """A size that needs more than the machine's memory (at least `needed` bytes) is refused
+    before any work."""
+    memory = _physical_memory()
+    if memory is not None and needed > memory:
+        parser.error(
+            f"argument {option}: needs at least {needed / 2**30:,.0f} GiB of memory; this "
+            f"machine has {memory / 2**30:,.0f} GiB"
+        )
+
+
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     comparison = args.lesson in ("optimizers", "all")
     if not comparison:
@@ -200,12 +252,13 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "lesson runs plain SGD at its own batch sizes and learning rates)"
             )
     needs = ["sklearn"] if args.dataset == "digits" else []
-    missing = _missing(*needs, *([] if args.no_plot else ["matplotlib"]))
-    if missing:
-        names = [{"sklearn": "scikit-learn"}.get(m, m) for m in missing]
-        raise SystemExit(
-            f"fastoptim demo needs {' and '.join(names)}: pip install 'fastoptim[demo]'"
-        )
+    what = "fastoptim demo" if args.no_plot else "fastoptim demo (without --no-plot)"
+    _require(parser, what, *needs, *([] if args.no_plot else ["matplotlib"]), install=_DEMO_EXTRA)
+    # the network's parameters and their gradients at least (digits: 64 input features; a
+    # Fashion-MNIST file's image size is known once it is read: 1 for the bound)
+    sizes = [64 if args.dataset == "digits" else 1, *args.hidden, 10]
+    weights = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    _check_memory(parser, "--hidden", 2 * weights * np.dtype(args.dtype).itemsize)
     data_dir = None if args.data_dir is None else Path(args.data_dir)
     if args.dataset == "fashion-mnist":
         try:
@@ -230,7 +283,7 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     try:
         demo.main(config, args.out, progress=None if args.quiet else sys.stderr)
-    except demo.DataError as e:
+    except demo.DataError as e:  # the files' contents: found while loading them, before training
         parser.error(str(e))
     return 0
 
@@ -244,6 +297,15 @@ def _minimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"argument --start: {len(args.start)} coordinate(s) but {', '.join(bad)} "
                 "take(s) another number; choose --functions accordingly"
             )
+        if max(abs(v) for v in args.start) > minimize.BOUND:
+            parser.error(
+                f"argument --start: each coordinate must lie within +-{minimize.BOUND:g} (a run "
+                "beyond that counts as diverged)"
+            )
+    if not args.no_plot:
+        _require(
+            parser, "fastoptim minimize (without --no-plot)", "matplotlib", install=_DEMO_EXTRA
+        )
     minimize.main(
         [f.name for f in functions],
         args.optimizers or list(demo.COMPARED),
@@ -257,123 +319,187 @@ def _minimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _bench_kind(args: argparse.Namespace) -> str:
-    if args.rows:
-        return "sparse row updates"
-    if args.muon:
-        return "Muon"
-    if args.adafactor:
-        return "Adafactor"
-    if args.layouts:
-        return "precision layouts"
-    return "gradient transforms" if args.transforms else "float32"
+# bench's measurements besides the optimizer tables (one at most): option -> what it measures
+_BENCH_MODES = {
+    "layouts": "precision layouts",
+    "rows": "sparse row updates",
+    "transforms": "gradient transforms",
+    "muon": "Muon",
+    "adafactor": "Adafactor",
+}
+
+
+def _bench_mode(args: argparse.Namespace) -> str | None:
+    return next((m for m in _BENCH_MODES if getattr(args, m)), None)
+
+
+def _check_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """bench's options that cannot go together, missing dependencies, sizes beyond the
+    machine's memory: usage errors, before any work.  Fills in the defaults."""
+    mode = _bench_mode(args)
+    if mode is not None:
+        given = [f"--{k}" for k in ("optimizers", "workloads") if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only for the optimizer tables, not with --{mode}")
+    if args.size is not None and mode not in ("layouts", "transforms"):
+        parser.error("--size: only with --layouts or --transforms")
+    if args.background_load is not None and args.threads == 1:
+        parser.error(
+            "--background-load: its thread table compares 1 thread with --threads N (default: "
+            "all cores); --threads 1 leaves nothing to compare"
+        )
+    if args.plot:
+        _require(parser, "--plot", "matplotlib", install=_DEMO_EXTRA)
+    if mode == "layouts":
+        _require(parser, "--layouts", "ml_dtypes", install="pip install ml_dtypes")
+    if args.size is None:
+        args.size = bench.LAYOUT_SIZE
+    else:  # --layouts or --transforms: float32 p, g, m, v at least: 16 bytes per element
+        _check_memory(parser, "--size", 16 * args.size)
+    args.optimizers = args.optimizers or list(bench.OPTIMIZERS)
+    args.workloads = args.workloads or list(bench.DEFAULT_WORKLOADS)
+
+
+def _measure(args: argparse.Namespace, progress: Callable[[str], None] | None) -> None:
+    """The table of bench's mode (see _BENCH_MODES; None: the optimizer tables) and its legend.
+    Ctrl-C prints the rows measured so far, then goes on up."""
+    torch = not args.no_torch
+    size = args.size
+    tables: dict[str | None, tuple[Callable[[], Any], Callable[[Any], str], str]] = {
+        None: (
+            lambda: bench.run(
+                args.optimizers, args.workloads, args.repeats, args.rounds, torch, progress
+            ),
+            bench.format_table,
+            _TABLE_LEGEND,
+        ),
+        "rows": (
+            lambda: bench.run_rows(args.repeats, args.rounds, torch, progress),
+            bench.format_rows,
+            _ROWS_LEGEND,
+        ),
+        "transforms": (
+            lambda: bench.run_transforms(size, args.repeats, args.rounds, progress),
+            lambda rows: bench.format_transforms(rows, size),
+            _TRANSFORMS_LEGEND,
+        ),
+        "muon": (
+            lambda: bench.run_muon(rounds=args.rounds, progress=progress),
+            bench.format_muon,
+            bench.MUON_LEGEND,
+        ),
+        "adafactor": (
+            lambda: bench.run_adafactor(rounds=args.rounds, progress=progress, torch=torch),
+            bench.format_adafactor,
+            bench.ADAFACTOR_LEGEND,
+        ),
+        "layouts": (
+            lambda: bench.run_layouts(
+                size, repeats=args.repeats, rounds=args.rounds, torch=torch, progress=progress
+            ),
+            bench.format_layouts,
+            _LAYOUTS_LEGEND,
+        ),
+    }
+    run, table, legend = tables[_bench_mode(args)]
+    try:
+        result = run()
+    except bench.Interrupted as e:
+        if e.rows:
+            print(f"\ninterrupted: the {plural(len(e.rows), 'row')} measured so far")
+            print(table(e.rows))
+        raise
+    print(table(result))
+    print(legend)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None, torch: bool) -> Iterator[None]:
+    """fastoptim's thread count (and torch's, with `torch`) set to `threads` (None: left as it
+    is) for the block, then put back (``main`` may run inside another program)."""
+    before = get_num_threads()
+    torch_module: Any = None
+    if threads and torch:
+        with contextlib.suppress(ImportError):  # (torch takes seconds to import: only if used)
+            torch_module = importlib.import_module("torch")
+    torch_before = torch_module.get_num_threads() if torch_module is not None else 0
+    try:
+        if threads:
+            set_num_threads(threads)
+            if torch_module is not None:
+                torch_module.set_num_threads(get_num_threads())
+        yield
+    finally:
+        set_num_threads(before)
+        if torch_module is not None:
+            torch_module.set_num_threads(torch_before)
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.plot and _missing("matplotlib"):
-        parser.error("--plot needs matplotlib: pip install 'fastoptim[demo]'")
-    if args.size is not None and not (args.layouts or args.transforms):
-        parser.error("--size: only with --layouts or --transforms")
-    if args.layouts and _missing("ml_dtypes"):
-        parser.error("--layouts needs ml_dtypes (NumPy's bfloat16): pip install ml_dtypes")
-    if args.size is None:
-        args.size = bench.LAYOUT_SIZE
-    if args.threads:
-        set_num_threads(args.threads)
-        try:
-            import torch
+    _check_bench(args, parser)
+    with _threads(args.threads, torch=not args.no_torch):
+        _run_bench(args)
+    return 0
 
-            torch.set_num_threads(args.threads)
-        except ImportError:
-            pass
+
+def _run_bench(args: argparse.Namespace) -> None:
     progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     start = time.perf_counter()
+    mode = _bench_mode(args)
     print(
-        f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}, "
-        f"{_bench_kind(args)}, "
-        f"median of {args.rounds} "
-        "interleaved rounds (more where a check fails), each timing a block of >= "
-        f"{args.repeats} steps (>= 2 ms)",
+        f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}"
+        f"{capped(args.threads)}, {'float32' if mode is None else _BENCH_MODES[mode]}, "
+        f"median of {plural(args.rounds, 'interleaved round')} (more where a check fails), "
+        f"each timing a block of >= {plural(args.repeats, 'step')} (>= 2 ms)",
         flush=True,
     )
     busy = _busy()
     if busy:
         print(busy, flush=True)
-    if args.rows:
-        print(
-            bench.format_rows(
-                bench.run_rows(args.repeats, args.rounds, not args.no_torch, progress)
-            )
-        )
-        print(
-            "\nB/el = bytes per updated element (param, grad and state read, param and state "
-            "written); stream = the streaming kernel moving the same bytes (a dense pass over "
-            "as many elements); % = its time / fastoptim's; NumPy ref = fancy indexing "
-            "(fastoptim.reference); torch = torch.optim with a sparse COO gradient (for-loop)"
-        )
-    elif args.transforms:
-        transform_rows = bench.run_transforms(args.size, args.repeats, args.rounds, progress)
-        print(bench.format_transforms(transform_rows, args.size))
-        print(
-            "\nB/el = bytes per element moved (AdamW fp32: p, m, v read and written, g read; the "
-            "norm pass reads g once more; the EMA is one more array read and written); "
-            "[lowest-highest] of the rounds; % = the streaming work's time / the row's"
-        )
-    elif args.muon:
-        print(bench.format_muon(bench.run_muon(rounds=args.rounds, progress=progress)))
-        print(bench.MUON_LEGEND)
-    elif args.adafactor:
-        adafactor_rows = bench.run_adafactor(
-            rounds=args.rounds, progress=progress, torch=not args.no_torch
-        )
-        print(bench.format_adafactor(adafactor_rows))
-        print(bench.ADAFACTOR_LEGEND)
-    elif args.layouts:
-        result = bench.run_layouts(
-            args.size,
-            repeats=args.repeats,
-            rounds=args.rounds,
-            torch=not args.no_torch,
-            progress=progress,
-        )
-        print(bench.format_layouts(result))
-        print(_LAYOUTS_LEGEND)
-    else:
-        rows = bench.run(
-            args.optimizers,
-            args.workloads,
-            repeats=args.repeats,
-            rounds=args.rounds,
-            torch=not args.no_torch,
-            progress=progress,
-        )
-        print(bench.format_table(rows))
-        print(
-            "\n+- = half the range of the rounds, % of the median; roofline = time of a "
-            "streaming kernel moving the same bytes / time of the step;\nvs torch = best "
-            "torch.optim path (for-loop, foreach, fused; pytorch_optimizer's for LAMB and LARS) "
-            "/ fastoptim; ? = ratio uncertain (the "
-            "rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
-            "measurement error; a flagged row's problems are listed under its table"
-        )
-    if args.overhead:
-        for n in (1, 100, 4096):
-            t = bench.step_overhead(n)
-            print(f"opt.step() overhead, {n:5d} tensor(s): {t * 1e6:7.2f} us")
-        if not args.no_torch and importlib.util.find_spec("torch") is not None:
-            print(bench.format_torch_overhead(bench.torch_step_overhead()))
-    if args.plot:
-        _plot(args, progress)
+    with bench.background_load(args.background_load or 0):
+        _measure(args, progress)
+        if args.overhead:
+            for n in (1, 100, 4096):
+                t = bench.step_overhead(n)
+                print(f"opt.step() overhead, {n:5d} tensor(s): {t * 1e6:7.2f} us")
+            if not args.no_torch and importlib.util.find_spec("torch") is not None:
+                print(bench.format_torch_overhead(bench.torch_step_overhead()))
+        if args.plot:
+            _plot(args, progress)
+        if args.background_load is not None:
+            if get_num_threads() == 1:
+                print("\n(no thread table: fastoptim runs 1 thread by default on this machine)")
+            else:
+                rows = bench.thread_scaling(rounds=max(args.rounds, 9), repeats=args.repeats)
+                print(bench.format_threads(rows, args.background_load, get_num_threads()))
     if not busy and _busy():
         print(_busy())
     print(f"bench took {time.perf_counter() - start:.0f} s")
-    return 0
 
 
+_TABLE_LEGEND = (
+    "\n+- = half the range of the rounds, % of the median; roofline = time of a "
+    "streaming kernel moving the same bytes / time of the step;\nvs torch = best "
+    "torch.optim path (for-loop, foreach, fused; pytorch_optimizer's for LAMB and LARS) "
+    "/ fastoptim; ? = ratio uncertain (the "
+    "rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
+    "measurement error; a flagged row's problems are listed under its table"
+)
+_ROWS_LEGEND = (
+    "\nB/el = bytes per updated element (param, grad and state read, param and state "
+    "written); stream = the streaming kernel moving the same bytes (a dense pass over "
+    "as many elements); % = its time / fastoptim's; NumPy ref = fancy indexing "
+    "(fastoptim.reference); torch = torch.optim with a sparse COO gradient (for-loop)"
+)
+_TRANSFORMS_LEGEND = (
+    "\nB/el = bytes per element moved (AdamW fp32: p, m, v read and written, g read; the "
+    "norm pass reads g once more; the EMA is one more array read and written); "
+    "[lowest-highest] of the rounds; % = the streaming work's time / the row's"
+)
 _LAYOUTS_LEGEND = (
     "\nB/el = bytes per element one step must move (read + write; p = parameter, g = gradient, "
     "m, v = AdamW's state);\n+- = half the range of the rounds, % of the median; roofline = "
-    "time of _core.stream_mixed moving the same bytes with arrays of the same widths / time of "
+    "time of a streaming kernel moving the same bytes with arrays of the same widths / time of "
     "the step;\nt/t(fp32) = time / the fp32 row's time (below 1: faster); ? = ratio uncertain "
     "(the rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
     "measurement error.  Contenders (torch fused, cast around an fp32 step) are charged the "
@@ -396,16 +522,23 @@ def _busy() -> str:
     )
 
 
-def _bench_under_load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``bench --background-load N``: the whole run with N busy processes beside it, and the
-    thread table (1 thread against the default, Adam at 100K/800K/4M elements)."""
-    if args.background_load is None:
-        return _bench(args, parser)
-    with bench.background_load(args.background_load):
-        rc = _bench(args, parser)
-        rows = bench.thread_scaling(rounds=max(args.rounds, 9), repeats=args.repeats)
-        print(bench.format_threads(rows, args.background_load, get_num_threads()))
-    return rc
+_BENCH_DESCRIPTION = """\
+Times one optimizer step of fastoptim against the NumPy reference (fastoptim.reference) and,
+when installed, torch.optim (its for-loop, foreach and fused versions; pytorch_optimizer's for
+LAMB and LARS), next to a streaming kernel that moves the same bytes through memory (the
+roofline, measured in the same run).
+
+Contenders run interleaved (A B C A B C ...), so that noise hits them alike: each cell is the
+median of --rounds rounds, each round timing a block of steps that lasts at least 2 ms.  A row
+whose numbers cannot be right (faster than 110% of the streaming kernel, moving its bytes at
+under 1 GB/s, or rounds more than +-25% apart, as when other processes compete for the cores)
+is measured again, up to twice; what is still wrong is flagged under its table ("Do not trust
+this row").  A speed-up the rounds cannot pin down (their ranges allow values more than 1.5x
+apart) is marked "?".  LAMB and LARS take two passes (a reduction, then the update): their rows
+count both passes' bytes.
+
+By default: the optimizer tables (--optimizers on each of --workloads).  One of --layouts,
+--rows, --transforms, --muon or --adafactor measures something else instead."""
 
 
 def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> None:
@@ -433,8 +566,9 @@ def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> N
         low, high = zip(*ranges[name])
         ax.fill_between(sizes, low, high, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("elements (one float32 array)")
-    ax.set_ylabel("ns per element per step (median; band: fastest-slowest round)")
-    title = f"Adam step, {isa()}, {get_num_threads()} threads, {args.rounds} rounds"
+    ax.set_ylabel("ns per element per step\n(median; band: fastest-slowest round)")
+    title = f"Adam step, {isa()}, {plural(get_num_threads(), 'thread')}, "
+    title += plural(args.rounds, "round")
     load = bench.machine_load()
     if _busy() and load is not None:
         title += f"\nmachine busy (load {load[0]:.1f} on {load[1]} cores): timings vary"
@@ -442,7 +576,6 @@ def _plot(args: argparse.Namespace, progress: Callable[[str], None] | None) -> N
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_adam_sizes.png"
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -549,8 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads",
         type=_positive(int),
         default=1,
-        help="fastoptim threads (default 1: the model is small, the NumPy reference is "
-        "single-threaded too, and a second thread only waits for a core on a busy machine)",
+        help="fastoptim threads, capped at fastoptim.max_threads() (default 1: the model is "
+        "small, the NumPy reference is single-threaded too, and a second thread only waits for "
+        "a core on a busy machine)",
     )
     d.add_argument(
         "--no-reference",
@@ -573,7 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--functions",
         type=_names(lambda t: minimize.function(t).name, list(minimize.FUNCTIONS)),
         default=list(minimize.FUNCTIONS),
-        help="comma-separated, any case (default: all): " + ", ".join(minimize.FUNCTIONS),
+        help="comma-separated, any case, repeats ignored (default: all): "
+        + ", ".join(minimize.FUNCTIONS),
     )
     _add_optimizers(m, demo.COMPARED)
     m.add_argument(
@@ -595,7 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--start",
         type=_floats,
         metavar="X[,Y]",
-        help="starting point (default: each function's own)",
+        help=f"starting point, each coordinate within +-{minimize.BOUND:g} (the divergence "
+        "bound; default: each function's own)",
     )
     m.add_argument(
         "--tol",
@@ -616,22 +752,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser(
         "bench",
         help="time one optimizer step against NumPy, torch.optim and the memory roofline",
-        description=_plain(bench.__doc__),
+        description=_BENCH_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument(
         "--optimizers",
-        type=_any_case(list(bench.OPTIMIZERS)),
-        default=list(bench.OPTIMIZERS),
-        help="comma-separated, any case (default: all): " + ", ".join(bench.OPTIMIZERS),
+        type=_names(bench.canonical, list(bench.OPTIMIZERS), _NOT_IN_BENCH),
+        help="optimizer tables: comma-separated, any case, repeats ignored (default: all): "
+        + ", ".join(bench.OPTIMIZERS)
+        + _aliases(bench.ALIASES),
     )
     b.add_argument(
         "--workloads",
         type=_any_case(list(bench.WORKLOADS)),
-        default=list(bench.DEFAULT_WORKLOADS),
-        help="comma-separated from large (16M elements), mlp (a small MLP), many (4096 x 4096), "
-        "bert (BERT-base's ~200 tensors, 110M elements) (default: large,mlp; many and bert take "
-        "minutes with torch installed)",
+        help="optimizer tables: comma-separated, any case, repeats ignored, from large (16M "
+        "elements), mlp (a small MLP), many (4096 x 4096), bert (BERT-base's ~200 tensors, 110M "
+        "elements) (default: large,mlp; many and bert take minutes with torch installed)",
     )
     b.add_argument(
         "--repeats",
@@ -646,7 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=3,
         help="interleaved rounds (default 3; rows that fail a check get up to 2x more)",
     )
-    b.add_argument(
+    mode = b.add_mutually_exclusive_group()  # instead of the optimizer tables: one at most
+    mode.add_argument(
         "--layouts",
         action="store_true",
         help="instead of the optimizer tables: AdamW in every precision layout (fp32; bf16/fp16 "
@@ -654,28 +791,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounding; torch's fused AdamW and casting around an fp32 step), with bytes per "
         "element and %% of a streaming kernel moving the same bytes",
     )
-    b.add_argument(
+    mode.add_argument(
         "--rows",
         action="store_true",
         help="instead of the optimizer tables: sparse row updates (step_rows) of an embedding "
         "table, SGD / Adagrad / SparseAdam, against the streaming kernel moving the same bytes, "
         "the NumPy reference and torch.optim with sparse gradients",
     )
-    b.add_argument(
+    mode.add_argument(
         "--transforms",
         action="store_true",
         help="instead of the optimizer tables: the gradient transforms (the norm pass of "
         "max_grad_norm against a read-only streaming pass; AdamW with max_grad_norm and "
         "ema_decay against the streaming kernels moving their bytes), --size elements",
     )
-    b.add_argument(
+    mode.add_argument(
         "--muon",
         action="store_true",
         help="instead of the optimizer tables: Muon's Newton-Schulz iteration (bfloat16 "
         "convention, float32, float64) on hidden-layer-sized matrices against the machine's "
         "sgemm rate measured in the same run, and a whole Muon step",
     )
-    b.add_argument(
+    mode.add_argument(
         "--adafactor",
         action="store_true",
         help="instead of the optimizer tables: Adafactor (a NumPy step) on a 16M-element "
@@ -688,9 +825,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive(int),
         metavar="N",
         help=f"elements of the --layouts / --transforms tensor (default {bench.LAYOUT_SIZE:,}: "
-        "16M)",
+        "16M; the issues' targets that --layouts prints are set for that size)",
     )
-    b.add_argument("--threads", type=_positive(int), help="fastoptim threads (default: all cores)")
+    b.add_argument(
+        "--threads",
+        type=_positive(int),
+        help="fastoptim threads, capped at fastoptim.max_threads() (default: all cores)",
+    )
     b.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")
     b.add_argument(
         "--overhead",
@@ -714,13 +855,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_nonnegative(int),
         metavar="N",
         help="run N CPU-bound busy processes for the duration (a busy machine), and add a table "
-        "of Adam steps on 1 thread vs the default thread count (100K, 800K, 4M elements)",
+        "of Adam steps on 1 thread vs the default thread count or --threads (100K, 800K, 4M "
+        "elements)",
     )
-    b.set_defaults(run=_bench_under_load)
+    b.set_defaults(run=_bench)
     parsers = {"demo": d, "minimize": m, "bench": b}
     args = parser.parse_args(argv)
     sub_parser = parsers[args.command]
     writes = args.plot if args.command == "bench" else not args.no_plot
     args.out = _check_out(sub_parser, args.out) if writes else None
-    result: int = args.run(args, sub_parser)
+    try:
+        result: int = args.run(args, sub_parser)
+        sys.stdout.flush()  # (a closed pipe shows here, not at the interpreter's exit)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        _discard_stdout()
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastoptim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(
+            f"fastoptim {args.command}: error: out of memory (try smaller sizes)", file=sys.stderr
+        )
+        return 1
     return result
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is left in its
+    buffer does not fail again (Python's documented recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (a test's capture)
+        pass

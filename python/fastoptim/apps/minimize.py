@@ -7,11 +7,14 @@ gradient written analytically into the optimizer's gradient buffer, and stops at
 * **converged**: ``|f(k+1) - f(k)| <= tol`` (the gradient-descent rule: stop when the loss stops
   changing), provided the step itself was small too, ``|x(k+1) - x(k)| <= sqrt(tol)``.  Without
   that proviso the rule mistakes an oscillation for convergence: on x^2 with lr = 1, x jumps
-  2 -> -2 -> 2 while f stays 4, so ``|f(k+1) - f(k)| = 0`` from the first step;
+  2 -> -2 -> 2 while f stays 4, so ``|f(k+1) - f(k)| = 0`` from the first step.  Nor does a
+  step that leaves x where it was count, unless the gradient there is 0: ADOPT's first step
+  only initialises its state, and Rprop skips the step of an element whose gradient changed
+  sign;
 * **oscillates**: the point and the optimizer state are exactly what they were two steps
   before, so the same two points repeat forever;
 * **diverged**: a coordinate is not finite or beyond ``bound`` (1e6): the run stops there, before
-  anything overflows;
+  anything overflows (a start must lie within the bound);
 * **step cap**: ``max_steps`` steps without any of the above.
 """
 
@@ -230,6 +233,12 @@ class Run:
         return min(math.dist(self.final, m) for m in self.function.minima)
 
 
+def _gradient(fn: Function, point: Sequence[float]) -> np.ndarray:
+    g = np.zeros(fn.dim)
+    fn.grad(point, g)
+    return g
+
+
 def minimize(
     fn: Function,
     optimizer: str,
@@ -248,6 +257,8 @@ def minimize(
     x = np.array(fn.start if start is None else start, dtype=np.float64)
     if x.shape != (fn.dim,):
         raise ValueError(f"{fn.name}: start must have {fn.dim} coordinate(s), got {list(x)}")
+    if not np.all(np.abs(x) <= bound):  # (NaN included)
+        raise ValueError(f"start {list(x)}: every coordinate must lie within +-{bound:g}")
     closure = None
     if spec.cls == "LBFGS":  # one line-searched iteration per step: every iterate is drawn
         rate = 1.0 if lr is None else float(lr)
@@ -292,8 +303,13 @@ def minimize(
         run.path.append(new)
         run.values.append(f_new)
         states.append(snapshot())
+        idle = new == point and _gradient(fn, point).any()  # no move, not at a stationary point
         point = new
-        if abs(f_new - f_prev) <= tol and math.dist(new, run.path[-2]) <= math.sqrt(tol):
+        if (
+            not idle
+            and abs(f_new - f_prev) <= tol
+            and math.dist(new, run.path[-2]) <= math.sqrt(tol)
+        ):
             run.status = "converged"
             run.detail = "converged"
             break
@@ -364,15 +380,16 @@ def format_runs(runs: Sequence[Run]) -> str:
         if len(fn.minima) == 1
         else fn.note
     )
+    w = max([10, *(len(r.optimizer) + 1 for r in runs)])  # the names' column
     head = (
-        f"{'optimizer':<10}{'lr':>8}{'iterations':>12}  {'final point':<26}{'f':>11}"
+        f"{'optimizer':<{w}}{'lr':>8}{'iterations':>12}  {'final point':<26}{'f':>11}"
         f"{'to min':>9}  result"
     )
     rows = []
     for r in runs:
         d = r.distance()
         rows.append(
-            f"{r.optimizer:<10}{r.lr:>8g}{r.iterations:>12}  {_point(r.final):<26}"
+            f"{r.optimizer:<{w}}{r.lr:>8g}{r.iterations:>12}  {_point(r.final):<26}"
             f"{r.values[-1]:>11.3g}{'-' if d is None else f'{d:.2g}':>9}  {r.status}"
         )
     title = f"{fn.name}: {fn.formula}, from {_point(runs[0].path[0])}; {minima}"
@@ -394,6 +411,20 @@ def _extended(r: Run, steps: int) -> list[list[float]]:
     return pts
 
 
+def _limits(runs: Sequence[Run], axis: int) -> tuple[float, float]:
+    """The plot's range along `axis`: the function's box, widened (with a margin of 5%) where
+    the start or a point of a run that stays bounded (converged, oscillating) lies on its edge
+    or beyond.  A run that diverges or runs away on a function unbounded below leaves the
+    plot."""
+    lo, hi = runs[0].function.box[2 * axis : 2 * axis + 2]
+    seen = [runs[0].path[0][axis]]
+    seen += [p[axis] for r in runs if r.status in ("converged", "oscillates") for p in r.path]
+    if min(seen) > lo and max(seen) < hi:
+        return lo, hi
+    lo, hi = min(lo, *seen), max(hi, *seen)
+    return lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+
+
 def plot_1d(runs: Sequence[Run], path: Path, *, steps: int = 40) -> None:
     """x(k) against k (first `steps` iterations) and the first steps on the curve f(x)."""
     import matplotlib
@@ -404,7 +435,7 @@ def plot_1d(runs: Sequence[Run], path: Path, *, steps: int = 40) -> None:
     fn = runs[0].function
     names = {r.optimizer for r in runs}
     fig, (ax_x, ax_f) = plt.subplots(1, 2, figsize=(10, 4))
-    lo, hi = fn.box[0], fn.box[1]
+    lo, hi = _limits(runs, 0)
     grid = np.linspace(lo, hi, 400)
     ax_f.plot(grid, fn.f([grid]), color="0.6", lw=1)
     for r in runs:
@@ -425,7 +456,7 @@ def plot_1d(runs: Sequence[Run], path: Path, *, steps: int = 40) -> None:
     ax_x.legend(fontsize=7, loc="lower right")
     ax_x.grid(True, alpha=0.3)
     ax_f.set_xlim(lo, hi)
-    ax_f.set_ylim(-0.5, fn.f([hi]) + 0.5)
+    ax_f.set_ylim(-0.5, float(np.max(fn.f([grid]))) + 0.5)
     ax_f.set_xlabel("x")
     ax_f.set_ylabel("f(x)")
     ax_f.set_title("the first 8 steps on the curve", fontsize=10)
@@ -443,7 +474,7 @@ def plot_2d(runs: Sequence[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fn = runs[0].function
-    x0, x1, y0, y1 = fn.box
+    (x0, x1), (y0, y1) = _limits(runs, 0), _limits(runs, 1)
     gx, gy = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
     z = fn.f([gx, gy])
     fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": (1, 1.1)})
