@@ -7,7 +7,10 @@ The file is a NumPy ``.npz`` archive (zip) that ``np.load(path)`` can read witho
 one member per array (``p<i>`` for parameter ``i``, ``s<i>.<state name>`` for its state) and
 ``meta``, a UTF-8 JSON document holding everything else: the optimizer class, the step count,
 every group's hyper-parameters (schedules described), the parameters' keys, dtypes and shapes,
-the attached ReduceLROnPlateau's counters.
+the attached ReduceLROnPlateau's counters.  The metadata is strict JSON (RFC 8259): a
+non-finite number (a plateau's ``best`` before its first metric is infinite) is written as the
+object ``{"$float": "inf"}`` (``"-inf"``, ``"nan"``); files of earlier versions, which wrote
+the non-standard token ``Infinity``, still load.
 
 **Crash-safe**: :func:`save` writes a temporary file in the same directory, flushes it to disk,
 then renames it over `path`; an interrupted save leaves the previous checkpoint intact, and the
@@ -21,6 +24,10 @@ anything is decompressed or allocated: every member must have exactly the size t
 arrays imply, so a small file cannot make :func:`load` allocate or decompress more than the
 optimizer's own parameters and state.  Parameters are restored **in place** into the
 optimizer's own arrays.
+
+**Consistent**: both take the optimizer's lock, so a step running in another thread is in the
+file (or the optimizer) whole or not at all; both are refused inside ``opt.ema_weights()``,
+where the parameters hold their EMA.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import IO, Any, Union
 import numpy as np
 
 from .engine import precision
-from .engine.optimizer import Optimizer, _dtype, _precision_mismatch
+from .engine.optimizer import Optimizer, _dtype, _homes, _moved, _precision_mismatch
 
 __all__ = ["save", "load", "CheckpointError"]
 
@@ -50,6 +57,7 @@ _CHUNK = 1 << 20  # bytes decompressed per read: no second copy of a large membe
 _MAX_NPY_HEADER = 1 << 16  # numpy writes headers of 128 bytes or so
 _META_BASE = 16 << 20  # metadata size allowed: 16 MiB + 64 KiB per parameter
 _META_PER_PARAM = 64 << 10
+_FLOAT = "$float"  # a non-finite number in the metadata: {"$float": "inf" | "-inf" | "nan"}
 
 
 class CheckpointError(ValueError):
@@ -68,13 +76,19 @@ def _stored(a: np.ndarray) -> np.ndarray:
 
 
 def _state_kinds(
-    opt: Optimizer, key: Any, p: np.ndarray, names: list[str]
+    opt: Optimizer, key: Any, p: np.ndarray, names: list[str], saved: list[Any]
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The dtypes (as :func:`_kind` names them) and shapes that state `names` of parameter
-    `key` have in `opt` (its precision policy decides them: quantized states have uint8 codes
-    and per-block scales); a name it gives no buffer is absent."""
-    for g, group in zip(opt._groups, opt.param_groups):
+    `key` have in `opt` once the checkpoint (group records `saved`) is loaded: its precision
+    policy decides them (quantized states have uint8 codes and per-block scales), with the
+    checkpoint's ``ema_decay`` (its hyper-parameters win); a name it gives no buffer is
+    absent."""
+    for gi, (g, group) in enumerate(zip(opt._groups, opt.param_groups)):
         if key in g.keys:
+            rec = saved[gi] if gi < len(saved) else None
+            hyper = rec.get("hyper") if isinstance(rec, dict) else None
+            if isinstance(hyper, dict) and precision.EMA_DECAY in hyper:
+                group = {**group, precision.EMA_DECAY: hyper[precision.EMA_DECAY]}
             kinds = precision.buffers(group, _dtype(p.dtype).name, tuple(names), p.size)
             out = {}
             for n, k in kinds.items():
@@ -109,6 +123,11 @@ def save(path: PathLike, opt: Optimizer) -> None:
     - **Symbolic links**: if `path` is a symlink, the file it points to is replaced and the
       link is kept, as writing through ``open(path, "w")`` would do (a dangling link gets its
       target created).
+    - **Threads**: the save holds the optimizer's lock (a step in another thread waits for
+      it), so the file holds the state between two steps, never part of one.
+    - Refused (``RuntimeError``) inside ``opt.ema_weights()``, where the parameters hold
+      their EMA.  An error creating or replacing the file is an ``OSError`` naming `path`
+      and its directory.
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"save: opt must be a fastoptim optimizer, got {type(opt).__name__}")
@@ -119,6 +138,13 @@ def save(path: PathLike, opt: Optimizer) -> None:
             "checkpoint file; pickle the optimizer, or its state_dict(), instead"
         )
     target = os.path.realpath(os.fspath(path))  # through symlinks: replace the file, keep links
+    with opt._lock:  # (the arrays are the live state: written before the lock is released)
+        opt._check_not_swapped("save")
+        _write(path, target, _contents(opt))
+
+
+def _contents(opt: Optimizer) -> dict[str, np.ndarray]:
+    """The members of `opt`'s checkpoint: views of its parameters and state, and ``meta``."""
     pairs, sd = _params(opt), opt._state_dict(copy=False)
     arrays: dict[str, np.ndarray] = {}
     params, state = [], []
@@ -135,10 +161,16 @@ def save(path: PathLike, opt: Optimizer) -> None:
         "state": state,
         "optimizer": {k: v for k, v in sd.items() if k != "state"},
     }
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    text = json.dumps(_strict_json(meta), allow_nan=False)
+    arrays["meta"] = np.frombuffer(text.encode(), dtype=np.uint8)
+    return arrays
+
+
+def _write(path: PathLike, target: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` to the file `target` (`path` as the caller gave it) atomically."""
     directory, name = os.path.split(target)
     _remove_stale_temporaries(directory, name)
-    fd, tmp = _create_temporary(directory, name)
+    fd, tmp = _create_temporary(directory, name, path)
     try:
         try:
             mode = stat.S_IMODE(os.stat(target).st_mode)
@@ -151,7 +183,10 @@ def save(path: PathLike, opt: Optimizer) -> None:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            raise _named(e, path, f"cannot replace {target!r}") from None
     except BaseException:
         try:
             os.unlink(tmp)
@@ -171,14 +206,44 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
+def _strict_json(x: Any) -> Any:
+    """`x` (JSON-able data) with every non-finite float as ``{"$float": "inf"}`` (``"-inf"``,
+    ``"nan"``): what ``json.dumps(..., allow_nan=False)`` takes.  :func:`_float_hook` reads
+    them back."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return {_FLOAT: repr(float(x))}
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
+
+
+def _float_hook(obj: dict[str, Any]) -> Any:
+    """``json.loads``'s object hook: ``{"$float": "inf"}`` (see :func:`_strict_json`) -> inf."""
+    if len(obj) == 1 and obj.get(_FLOAT) in ("inf", "-inf", "nan"):
+        return float(obj[_FLOAT])
+    return obj
+
+
+def _named(e: OSError, path: PathLike, what: str) -> OSError:
+    """`e` (about the temporary file) as an error of the same type naming the user's `path`."""
+    return type(e)(e.errno, f"save: {what}: {e.strerror}", os.fspath(path))
+
+
 def _tmp_prefix(name: str) -> str:
-    # The target's name is shortened so that the temporary name stays under 255 bytes.
-    return f".{name[:120]}{_TMP_TAG}"
+    # The target's name is shortened to 120 bytes (whole characters) so that the temporary
+    # name stays under the usual limit of 255 bytes.
+    while len(os.fsencode(name)) > 120:
+        name = name[:-1]
+    return f".{name}{_TMP_TAG}"
 
 
-def _create_temporary(directory: str, name: str) -> tuple[int, str]:
+def _create_temporary(directory: str, name: str, path: PathLike) -> tuple[int, str]:
     """A new file for writing, ``.<name>.fastoptim-tmp-<host>-<pid>-<random>`` in
-    `directory`, created with mode 0o666 less the umask (as ``open(path, "w")`` does)."""
+    `directory`, created with mode 0o666 less the umask (as ``open(path, "w")`` does).  An
+    error (no such directory, no permission) names `path` and `directory`, not the temporary
+    file."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     flags |= getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
@@ -189,6 +254,8 @@ def _create_temporary(directory: str, name: str) -> tuple[int, str]:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:  # pragma: no cover - 48 random bits
             continue
+        except OSError as e:
+            raise _named(e, path, f"cannot create a file in the directory {directory!r}") from None
     raise FileExistsError(f"save: could not create a temporary file in {directory!r}")
 
 
@@ -243,7 +310,22 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     Sizes are checked before anything is decompressed or allocated: each member must hold
     exactly the dtype and shape of the optimizer's array it restores, so a crafted file (a
     "zip bomb") is rejected without allocating more than the optimizer's own arrays.  With
-    ``strict=False`` the arrays of parameters `opt` does not have are skipped unread."""
+    ``strict=False`` the arrays of parameters `opt` does not have are skipped unread, and the
+    parameters the file does not have keep their values and state; a parameter both have
+    must still be in the same group in both (its state and its group's hyper-parameters go
+    together).
+
+    Every destination is checked too: a parameter or a state array made read-only, a
+    copy-out array resized or made read-only, raise :class:`CheckpointError` before any
+    change.  The copy-out arrays (:meth:`~fastoptim.Optimizer.set_copy_out`) get their
+    parameters' loaded values rounded to nearest, which is what a step with
+    ``rounding="nearest"`` writes there, so a resume is bit-exact; with
+    ``rounding="stochastic"`` the step's random rounding of the copies is not reproduced (the
+    first gradient after the load is taken at the nearest copies).
+
+    The load holds the optimizer's lock (a step in another thread waits for it), and is
+    refused (``RuntimeError``) inside ``opt.ema_weights()``, whose exit would overwrite the
+    loaded parameters."""
     if not isinstance(opt, Optimizer):
         raise TypeError(f"load: opt must be a fastoptim optimizer, got {type(opt).__name__}")
     host = opt._definition.host
@@ -251,6 +333,13 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
         raise TypeError(f"load: {type(opt).__name__} has no checkpoint files (see save)")
     path = os.fspath(path)
     where = f"load({path!r})"
+    with opt._lock:
+        opt._check_not_swapped(where)
+        _load(path, opt, strict, where)
+
+
+def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
+    """:func:`load`, under the optimizer's lock."""
     pairs = _params(opt)
     mine = dict(pairs)
     with open(path, "rb") as fh:
@@ -276,11 +365,17 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
                 )
             problems = []
             records = meta["optimizer"].get("param_groups")
-            if isinstance(records, list) and len(records) == len(opt.param_groups):
+            if not isinstance(records, list):
+                records = []  # (the loader reports the damage)
+            if len(records) == len(opt.param_groups):
                 for gi, (rec, group) in enumerate(zip(records, opt.param_groups)):
                     hyper = rec.get("hyper") if isinstance(rec, dict) else None
                     if isinstance(hyper, dict):  # (else the loader reports the damage)
                         problems.append(_precision_mismatch(f"group {gi}", hyper, group))
+                try:  # (the loader says it too; first here, where the states' kinds need it)
+                    problems.append(_moved(opt._groups, _homes(records)))
+                except TypeError:  # unhashable keys: the loader reports the damage
+                    pass
             problems = [p for p in problems if p]
             missing = [k for k in mine if k not in set(keys)]
             unexpected = [k for k in keys if k not in mine]
@@ -307,12 +402,13 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
                 arrays[f"p{i}"] = _read_array(
                     archive, members[f"p{i}"], _kind(p.dtype), p.shape, where
                 )
-                kinds = _state_kinds(opt, k, p, names)
+                kinds = _state_kinds(opt, k, p, names, records)
                 for n in names:
                     if n not in kinds:
                         raise CheckpointError(
                             f"{where}: the checkpoint has a state {n!r} for parameter {k!r}; "
-                            "this optimizer's precision options give it none"
+                            "its precision options (state_dtype, master_weights, kahan, "
+                            "ema_decay) give it none"
                         )
                     member = f"s{i}.{n}"
                     kind, shape = kinds[n]
@@ -350,6 +446,7 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     for k, p in pairs:
         if k in index:
             np.copyto(p, arrays[f"p{index[k]}"])
+    opt._write_copy_outs()
 
 
 def _dtype_name(descr: str) -> str:
@@ -385,7 +482,7 @@ def _read_meta(
         )
     raw = _read_member(archive, info, "meta", None, where)
     try:
-        meta = json.loads(raw.tobytes().decode())
+        meta = json.loads(raw.tobytes().decode(), object_hook=_float_hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{where}: corrupted metadata ({e!r})") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:

@@ -16,8 +16,11 @@ each one, writes every scheduled hyper-parameter's value for the next update int
 (``param_groups[i]["lr"]`` after ``k`` updates is ``f(k)``, torch's convention with an LR
 scheduler), so logging the group logs the schedule.  The schedule itself is
 ``opt.schedules(i)["lr"]``.  Assigning a float to ``param_groups[i]["lr"]`` replaces the
-schedule by that constant; assigning a schedule sets a new one (evaluated at the current
-``step_count``, not restarted).
+schedule by that constant when it differs from the value the schedule wrote there; assigning
+that very value changes nothing (the group holds plain numbers: the optimizer cannot tell such
+an assignment from none), so freeze an entry at its current value with
+``param_groups[i]["lr"] = schedules.constant(value)``.  Assigning a schedule sets a new one
+(evaluated at the current ``step_count``, not restarted).
 
 The names and semantics follow ``torch.optim.lr_scheduler`` where torch has an equivalent (the
 docstrings say which), as closed forms of ``t``.  Schedules compare equal when they are the same
@@ -569,6 +572,12 @@ class ReduceLROnPlateau:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list):
             raise TypeError(f"{fn}: optimizer must be an optimizer (with param_groups)")
+        if not all(isinstance(g, Mapping) and "lr" in g for g in groups):
+            raise TypeError(
+                f"{fn}: {type(optimizer).__name__}'s parameter groups have no 'lr' entry, the "
+                "learning rate it scales (fastoptim.keras's classes, which name it "
+                "'learning_rate', are not supported: set opt.learning_rate yourself)"
+            )
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != len(groups):
                 raise ValueError(

@@ -615,8 +615,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 cls._step_supports_amp_scaling = False
 
     def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
-        # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
-        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls.__init__, kwargs)
+        # Keras's keywords (beta_1=, learning_rate=...) that no __init__ of the class's MRO
+        # takes (a subclass may forward **kwargs): a TypeError naming torch's equivalent
+        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls, kwargs)
         return super().__new__(cls)  # type: ignore[no-any-return, unused-ignore]
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
@@ -1683,8 +1684,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         items = [item for item in work if item is not None]
         hps = [item[0].hp for item in items]
         name = f"{type(self).__name__}.step"
-        scale = None if scale_t is None else transforms.check_grad_scale(name, float(scale_t))
         found = found_t is not None and float(found_t) != 0.0
+        # (a skipped step takes any scale: GradScaler halves it at every skip, past any range)
+        scale = (
+            None if scale_t is None or found else transforms.check_grad_scale(name, float(scale_t))
+        )
         plans = [item[2] for item in items]
         decision = transforms.decide(plans, hps, scale, found, self.reduce_grad_stats)
         self.grad_norm, self.step_skipped = decision.norm, decision.skip
@@ -1727,11 +1731,6 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         momentum buffer decays every row).  Everything is validated before any tensor is
         modified; refusals are torch's (RuntimeError)."""
         name = type(self).__name__
-        if (
-            self.__dict__.get("grad_scale") is not None
-            or self.__dict__.get("found_inf") is not None
-        ):
-            raise RuntimeError(f"{name}: sparse gradients cannot be unscaled by GradScaler here")
         jobs: list[tuple[Any, ...]] = []
         swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # p, its sparse grad
         dense_of: list[tuple[torch.Tensor, torch.Tensor]] = []  # p, a dense copy of its grad
@@ -1796,6 +1795,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             )
         if self._transform(work):
             return
+        scale_t = self.__dict__.get("grad_scale")  # (GradScaler's, checked by _transform)
+        if scale_t is not None and rows:  # the rows unscaled as the kernels unscale the rest
+            rows = [
+                (*r[:5], np.multiply(r[5], r[5].dtype.type(1.0 / float(scale_t))), *r[6:])
+                for r in rows
+            ]
         # Every parameter's rows in one compiled call that checks them all before it writes
         # any (never a half-applied step), then the step counts.
         counts = []

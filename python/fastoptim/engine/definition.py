@@ -115,19 +115,33 @@ _KERAS_SCALAR = frozenset({"epsilon"})
 
 @functools.cache
 def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return frozenset()
+
+
+def accepted_keywords(target: Callable[..., Any]) -> frozenset[str]:
+    """The parameter names `target` takes: a function's, or for a class those of every
+    ``__init__`` of its MRO (a subclass forwarding ``**kwargs`` to the class that defines the
+    optimizer, whose signature takes them, or taking a keyword of its own)."""
+    if not isinstance(target, type):
+        return _parameters(target)
+    inits = (c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__)
+    return frozenset().union(*map(_parameters, inits))
 
 
 def check_keywords(
-    defn: Definition | None, where: str, fn: Callable[..., Any], given: Mapping[str, Any]
+    defn: Definition | None, where: str, target: Callable[..., Any], given: Mapping[str, Any]
 ) -> None:
     """TypeError with :meth:`Definition.keyword_hint`'s message if `given` (the keywords of a
-    call of `fn`) holds a Keras keyword that `fn`'s signature lacks; else nothing (Python's
-    own binding reports any other unknown keyword).  The one place the classes' ``__new__``
-    and the functional functions (:func:`with_keyword_hints`) check."""
+    call of `target`: a function, or a class) holds a Keras keyword that no signature of
+    `target` takes (:func:`accepted_keywords`); else nothing (Python's own binding reports
+    any other unknown keyword).  The one place the classes' ``__new__`` and the functional
+    functions (:func:`with_keyword_hints`) check."""
     if defn is None or not given or all(k not in KERAS_KEYWORDS for k in given):
         return
-    hint = defn.keyword_hint(where, given, _parameters(fn))
+    hint = defn.keyword_hint(where, given, accepted_keywords(target))
     if hint is not None:
         raise TypeError(hint)
 

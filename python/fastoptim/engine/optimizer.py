@@ -246,8 +246,9 @@ class Optimizer:
         )
 
     def __new__(cls: type[_Opt], *args: Any, **kwargs: Any) -> _Opt:
-        # Keras's keywords (beta_1=, learning_rate=...): a TypeError naming torch's equivalent
-        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls.__init__, kwargs)
+        # Keras's keywords (beta_1=, learning_rate=...) that no __init__ of the class's MRO
+        # takes (a subclass may forward **kwargs): a TypeError naming torch's equivalent
+        check_keywords(getattr(cls, "_definition", None), cls.__name__, cls, kwargs)
         return super().__new__(cls)
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
@@ -939,8 +940,7 @@ class Optimizer:
         """
         where = f"{type(self).__name__}.step_rows"
         with self._lock:
-            if self._ema_swapped:
-                transforms.check_not_swapped(self, where)
+            self._check_not_swapped(where)
             for g, group in zip(self._groups, self.param_groups):
                 if group != g.synced:
                     self._refresh()
@@ -1046,8 +1046,10 @@ class Optimizer:
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (and deep-copied) as its parameters, groups (schedules included) and
         :meth:`state_dict`, like a torch optimizer with its parameters.  An attached
-        :class:`~fastoptim.schedules.ReduceLROnPlateau` is not included."""
+        :class:`~fastoptim.schedules.ReduceLROnPlateau` is not included.  Refused
+        (``RuntimeError``) inside :meth:`ema_weights`, where the parameters hold their EMA."""
         with self._lock:
+            self._check_not_swapped(f"{type(self).__name__}: pickling (or deepcopy)")
             groups = []
             for g, group in zip(self._groups, self.param_groups):
                 entry = {k: g.sched.specs.get(k, v) for k, v in group.items() if k != "params"}
@@ -1064,8 +1066,13 @@ class Optimizer:
         dicts, state names, NAdam's ``mu_product``...), ``state`` (parameter name or position ->
         state name -> a **copy** of the array, in its own dtype) and ``plateau`` (an attached
         :class:`~fastoptim.schedules.ReduceLROnPlateau`'s state, or None).
-        :func:`fastoptim.save` writes the same content (and the parameters) to one file."""
-        return self._state_dict(copy=True)
+        :func:`fastoptim.save` writes the same content (and the parameters) to one file.
+
+        Taken under the optimizer's lock: a step running in another thread completes first,
+        never half of it in the copy.  Allowed inside :meth:`ema_weights` (the state holds
+        no parameter values)."""
+        with self._lock:
+            return self._state_dict(copy=True)
 
     def _state_dict(self, copy: bool) -> dict[str, Any]:
         self._refresh()  # entries set since the last step: as the next step will see them
@@ -1109,8 +1116,34 @@ class Optimizer:
         array's name, shape and dtype (never cast).  A mismatch raises one ``ValueError``
         listing every missing, unexpected and mismatched entry, and changes nothing.  With
         ``strict=False``, parameters absent from `state_dict` keep their state and entries
-        for unknown parameters are ignored (shapes and dtypes must still match)."""
-        self._loader(state_dict, strict, f"{type(self).__name__}.load_state_dict")()
+        for unknown parameters are ignored (shapes and dtypes must still match); a parameter
+        both have must be in the same group in both (its state and its group's
+        hyper-parameters go together), or ``ValueError``.
+
+        The parameters are not touched, nor their copy-out arrays (:meth:`set_copy_out`):
+        restore both yourself (:func:`fastoptim.load` does, from its file).  A state that
+        `state_dict` does not have (``max_exp_avg_sq`` of a state saved with
+        ``amsgrad=False``) is dropped, as if never allocated: it is created, as in a new
+        optimizer, when an option needs it.  Taken under the optimizer's lock; refused
+        (``RuntimeError``) inside :meth:`ema_weights`."""
+        where = f"{type(self).__name__}.load_state_dict"
+        with self._lock:
+            self._check_not_swapped(where)
+            self._loader(state_dict, strict, where)()
+
+    def _check_not_swapped(self, where: str) -> None:
+        """RuntimeError inside :meth:`ema_weights` (for what records or replaces the
+        parameters: a step, a checkpoint, pickling)."""
+        if self._ema_swapped:
+            transforms.check_not_swapped(self, where)
+
+    def _write_copy_outs(self) -> None:
+        """Each copy-out array (:meth:`set_copy_out`) := its parameter rounded to nearest:
+        what a step with ``rounding="nearest"`` leaves there (:func:`fastoptim.load`)."""
+        for g in self._groups:
+            for p, out in zip(g.params, g.outs or ()):
+                if out is not None:
+                    np.copyto(out, p, casting="unsafe")
 
     def _loader(self, sd: Mapping[str, Any], strict: bool, where: str) -> Callable[[], None]:
         """Validate `sd` completely; return the function that applies it (cannot fail)."""
@@ -1143,12 +1176,22 @@ class Optimizer:
             raise ValueError(f"{where}: 'state' must be a dict, got {type(state).__name__}")
         problems: list[str] = []
         plans = []
-        known: set[Key] = set()
         for gi, (g, group, rec) in enumerate(zip(self._groups, self.param_groups, records)):
             plan = self._load_group(gi, g, group, rec, state, strict, int(t), problems)
             plans.append(plan)
-            known.update(rec.get("params", ()) if isinstance(rec, Mapping) else ())
-        extra = [k for k in state if k not in known]
+        home = _homes(records)
+        moved = _moved(self._groups, home)
+        if moved:
+            problems.append(moved)
+        # What applying writes (or builds a plan of) must take it: nothing fails half-way.
+        problems += [f"param {lab} was made read-only" for g in self._groups
+                     for lab, p in zip(g.labels, g.params) if not p.flags.writeable]  # fmt: skip
+        if self._copy_outs:
+            try:
+                self._check_copy_outs(where)
+            except ValueError as e:
+                problems.append(str(e).removeprefix(f"{where}: "))
+        extra = [k for k in state if k not in home]
         if extra:
             problems.append(f"state for parameters listed in no group: {extra}")
         plateau = sd["plateau"]
@@ -1259,22 +1302,23 @@ class Optimizer:
         if mismatch:
             problems.append(mismatch)
             return lambda: None
+        # Per parameter: the buffers it has (the precision policy gives master copies and
+        # compensation to low-precision parameters only) and their dtypes.
+        layout = self._layout(g, {**group, **values}, names)
         if len(values) == len(hyper):
             try:
                 trial.evaluate(values, t)
                 trial.check(values, t)
                 h = self._hyper_type()
                 self._sync_struct(h, values, set(fresh))
-                needed = set(h.state_names())
+                # the kernel's states, an EMA, master copies and compensation
+                needed = {*h.state_names(), *(n for b in layout for n in b)}
                 if not needed <= set(names):
                     problems.append(
                         f"{where}: state names {names} lack {sorted(needed - set(names))}"
                     )
             except (TypeError, ValueError) as e:
                 problems.append(f"{where}: {e}")
-        # Per parameter: the buffers it has (the precision policy gives master copies and
-        # compensation to low-precision parameters only) and their dtypes.
-        layout = self._layout(g, {**group, **values}, names)
         loaded = []
         for key in keys:
             if key not in g.keys:
@@ -1303,24 +1347,25 @@ class Optimizer:
                     problem = _absmax_problem(a)
                     if problem:
                         problems.append(f"state {n!r} of param {g.labels[i]}: {problem}")
+                held = g.states.get(n)
+                if held and held[i] is not None and not held[i].flags.writeable:
+                    problems.append(f"state {n!r} of param {g.labels[i]} was made read-only")
             loaded.append((i, entry))
 
         def apply() -> None:
+            for n in [n for n in g.states if n not in names]:
+                # A state the checkpoint does not have (max_exp_avg_sq saved without AMSGrad):
+                # none, as in a new optimizer; an option that needs it allocates it anew.
+                del g.states[n]
+                g.arenas.pop(n, None)
             for n in names:  # buffers the optimizer does not have yet
                 if n not in g.states:
                     self._allocate(g, n, self._state_fill(n, values), layout)
-            reset = set()
-            for n in list(g.states):
-                if n not in names and not n.endswith(precision.ABSMAX):
-                    # the checkpoint never had it: as if new (a copy of the parameter for a
-                    # master copy or an EMA)
-                    self._allocate(g, n, self._state_fill(n, values), layout)
-                    reset.add(n)
             for i, entry in loaded:
                 for n in entry:
                     np.copyto(g.states[n][i], entry[n])
-            g.fresh = {n for n in set(fresh) | reset if n not in precision.COPIES}
-            g.fresh_copies = {n for n in reset if n == precision.EMA}
+            g.fresh = {n for n in fresh if n not in precision.COPIES}
+            g.fresh_copies = set()
             g.step = int(rec["step"])
             for n, v in scalars.items():
                 setattr(g.hyper, n, float(v))
@@ -1355,6 +1400,33 @@ def _rebuild(
 
 
 # ---------------------------------------------------------------------- checkpoint helpers
+def _homes(records: Sequence[Any]) -> dict[Any, int]:
+    """Parameter key -> the number of the group that lists it in a state's group records."""
+    home: dict[Any, int] = {}
+    for gi, rec in enumerate(records):
+        for k in rec.get("params", ()) if isinstance(rec, Mapping) else ():
+            home.setdefault(k, gi)
+    return home
+
+
+def _moved(groups: Sequence[_Group], home: Mapping[Any, int]) -> str:
+    """The problem if a parameter is in another group than in a saved state (`home`, from
+    :func:`_homes`): its state and hyper-parameters are the other group's (even with
+    ``strict=False``, which only skips parameters one side does not have)."""
+    moved = [
+        f"{g.labels[i]} (group {gi} here, {home[k]} in the state)"
+        for gi, g in enumerate(groups)
+        for i, k in enumerate(g.keys)
+        if home.get(k, gi) != gi
+    ]
+    if not moved:
+        return ""
+    return (
+        f"parameters in another group than in the state: {', '.join(moved)}; build the "
+        "optimizer's groups as they were saved"
+    )
+
+
 def _precision_mismatch(where: str, saved: Mapping[str, Any], group: Mapping[str, Any]) -> str:
     """The problem if a group saved with hyper-parameters `saved` has other precision options
     (state_dtype, master_weights, kahan) than `group`: they decide the state's dtypes."""

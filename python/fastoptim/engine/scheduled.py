@@ -3,7 +3,8 @@
 A group dict always holds plain values: the value of each scheduled hyper-parameter for the
 *next* update (as torch's LR schedulers leave it).  :class:`Scheduled` remembers, per group,
 the schedule behind each such entry (``specs``), the value it last wrote there (``written``: a
-different value found there was assigned since, and replaces the schedule) and the error a
+different value found there was assigned since, and replaces the schedule; an equal one cannot
+be told from no assignment: ``schedules.constant(v)`` is how to freeze one) and the error a
 schedule raised when asked for the next update's value (``pending``: raised by the next step,
 before it changes anything).
 """

@@ -5,8 +5,9 @@ A parameter of shape ``(n, *row)`` receives a gradient for some of its rows only
 table's gradient is (``torch.nn.Embedding(sparse=True)``).  The update is the optimizer's
 element-wise update of the rows present, run by the compiled row kernel
 (``_core.rows_<kernel>``, in parallel across rows); the other rows of the parameter and of its
-state are not read or written.  Exact semantics, as ``torch.optim`` with a sparse COO
-gradient:
+state are not read or written.  The optimizers that have one are torch's convention's SGD,
+Adagrad and SparseAdam (not :mod:`fastoptim.keras`'s SGD and Adagrad).  Exact semantics, as
+``torch.optim`` with a sparse COO gradient:
 
 - duplicate indices are summed first (torch coalesces), in the order given;
 - the step count advances whether a row is present or not: bias corrections and decays use the
@@ -54,7 +55,9 @@ def check_group(defn: Definition, where: str, group: Mapping[str, Any]) -> None:
     option of the precision policy / gradient transforms is on (ValueError)."""
     if defn.rows is None:
         raise TypeError(
-            f"{where}: {defn.name} has no sparse row updates (SGD, Adagrad and SparseAdam do)"
+            f"{where}: {defn.name} has no sparse row updates (they are torch.optim's sparse "
+            "updates: only the torch-convention SGD, Adagrad and SparseAdam of fastoptim and "
+            "fastoptim.torch have them, not fastoptim.keras's classes)"
         )
     problem = defn.rows(group)
     if problem:
