@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,3 +48,13 @@ def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> boo
         pytest.skip("this build has no fast path")
     monkeypatch.setattr(fot, "_FAST", request.param)
     return bool(request.param)
+
+
+@pytest.fixture(scope="module")
+def keras() -> Any:
+    """Keras 3 on its torch backend (skipped where it does not import, or runs on another)."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip(f"keras runs on the {keras.backend.backend()} backend, not torch")
+    return keras

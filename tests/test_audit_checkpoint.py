@@ -23,6 +23,7 @@ import pytest
 
 import fastoptim as fo
 from fastoptim import checkpoint, schedules
+from test_checkpoint_files import snapshot
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -39,21 +40,6 @@ def make(cls: Any = fo.Adam, **kw: Any) -> tuple[dict[str, np.ndarray], Any]:
     }
     kw.setdefault("lr", 1e-2)
     return params, cls(params, **kw)
-
-
-def snapshot(opt: Any, params: dict[str, np.ndarray]) -> str:
-    """Every parameter byte, every state byte, every setting and counter."""
-
-    def plain(x: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            return (x.dtype.str, x.shape, x.tobytes())
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
-    return repr(([p.tobytes() for p in params.values()], plain(opt.state_dict())))
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

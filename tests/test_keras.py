@@ -15,7 +15,6 @@ that family so far), as in test_torch.py.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -147,15 +146,6 @@ def test_matches_reference(name: str, kwargs: dict[str, Any], dtype: Any) -> Non
             set(fast.state[i]) - {"step"} for i in range(len(params))
         ]
         _compare(f"{name} step {t}", fast, params, ref_params, states, scales, rtol)
-
-
-@pytest.fixture(scope="module")
-def keras() -> Any:
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "torch":
-        pytest.skip(f"keras runs on the {keras.backend.backend()} backend, not torch")
-    return keras
 
 
 def _np(x: Any) -> np.ndarray:

@@ -5,7 +5,6 @@ what its attribute assignment does), the test runs it (torch backend, when it im
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from typing import Any
 
@@ -15,22 +14,10 @@ import pytest
 import fastoptim as fo
 from fastoptim import keras as fk
 from fastoptim import schedules
+from test_keras import _np
 
 # Keras (with numpy 2) converts torch tensors through __array__ without copy=: not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def keras() -> Any:
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "torch":
-        pytest.skip(f"keras runs on the {keras.backend.backend()} backend, not torch")
-    return keras
-
-
-def _np(x: Any) -> np.ndarray:
-    return np.array(x.value.detach().cpu().numpy())
 
 
 def _forwarding(base: type) -> type:

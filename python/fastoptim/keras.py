@@ -50,7 +50,7 @@ Each update is Keras's, operation for operation up to rounding (Keras 3's
   is :math:`\beta_1(1 - \tfrac12 0.96^t)`.
 
 Keras's options of every optimizer are not keywords here: each raises a ``TypeError`` naming
-fastoptim's equivalent (:data:`KERAS_OPTIONS`), as assigning it as an attribute raises an
+fastoptim's equivalent (``KERAS_OPTIONS``), as assigning it as an attribute raises an
 ``AttributeError``.  ``clipvalue``: ``max_grad_value=`` (the same clip);
 ``global_clipnorm``: ``max_grad_norm=`` (torch's ``clip_grad_norm_``: the gradients are
 scaled by ``min(1, max_norm / (norm + 1e-6))``, Keras's by ``min(1, clip_norm / norm)``);
@@ -280,9 +280,9 @@ class KerasOptimizer(Optimizer):
         return apply
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
-        """:meth:`Optimizer.add_param_group`, with Keras's ``weight_decay=None`` (not ``lr``:
-        a group's entry is ``learning_rate``); the entries this class fixes may only hold their
-        value.  `param_group` itself is not modified."""
+        """:meth:`~fastoptim.Optimizer.add_param_group`, with Keras's ``weight_decay=None``
+        (not ``lr``: a group's entry is ``learning_rate``); the entries this class fixes may
+        only hold their value.  `param_group` itself is not modified."""
         if isinstance(param_group, Mapping):
             param_group = dict(param_group)
         super().add_param_group(param_group)
