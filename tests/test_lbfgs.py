@@ -317,3 +317,44 @@ def test_gradient_buffers_and_optimality() -> None:
     assert opt.step(closure) == 3.0
     assert len(calls) == 1
     np.testing.assert_array_equal(w, np.ones(4))
+
+
+def test_mixed_float32_float64_parameters_compute_in_float64_like_torch() -> None:
+    """torch.optim.LBFGS gathers mixed float32/float64 parameters into float64 vectors
+    (torch.cat promotes); fastoptim.torch's computed in the first parameter's dtype."""
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as fot
+
+    torch.manual_seed(0)
+    a = torch.randn(10, 4, dtype=torch.float64)
+    b = torch.randn(10, dtype=torch.float64)
+    out = []
+    for cls in (torch.optim.LBFGS, fot.LBFGS):
+        ps = [
+            torch.zeros(2, dtype=torch.float32, requires_grad=True),
+            torch.zeros(2, dtype=torch.float64, requires_grad=True),
+        ]
+        opt = cls(ps, history_size=3, line_search_fn="strong_wolfe")
+
+        def closure(opt: Any = opt, ps: list[Any] = ps) -> Any:
+            opt.zero_grad()
+            loss = ((a @ torch.cat([ps[0].double(), ps[1]]) - b) ** 2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert opt.state[ps[0]]["d"].dtype == torch.float64, cls
+        out.append([p.detach().clone() for p in ps])
+    for got, want in zip(out[1], out[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_line_search_interpolation_divides_by_zero_silently() -> None:
+    """The cubic interpolation's 0/0 and x/0 give inf/NaN as torch's tensors do, without
+    NumPy's RuntimeWarning (it leaked from `fastoptim minimize --optimizers lbfgs`)."""
+    from fastoptim.host import _cubic_interpolate
+
+    one, zero = np.float64(1.0), np.float64(0.0)  # (the line search's values are NumPy's)
+    got = _cubic_interpolate(one, one, zero, one, one, zero)  # x1 == x2: 0/0 and x/0
+    assert np.isnan(got) or np.isinf(got) or got == 1.0

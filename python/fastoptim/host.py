@@ -624,7 +624,7 @@ class Objective:
         self.params = list(params)
         self._evaluate = evaluate  # the closure: (loss as returned, gradient arrays)
         self.to_float = to_float  # the loss as a float (a torch tensor: detached first)
-        self.dtype = params[0].dtype
+        self.dtype = np.result_type(*params)  # (mixed float32/float64: float64, as torch)
         self.sizes = [p.size for p in self.params]
 
     def evaluate(self) -> tuple[Any, np.ndarray]:
@@ -670,15 +670,16 @@ def _cubic_interpolate(
         xmin_bound, xmax_bound = bounds
     else:
         xmin_bound, xmax_bound = (x1, x2) if x1 <= x2 else (x2, x1)
-    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
-    d2_square = d1**2 - g1 * g2
-    if d2_square >= 0:
-        d2 = np.sqrt(d2_square)
-        if x1 <= x2:
-            min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
-        else:
-            min_pos = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
-        return min(max(min_pos, xmin_bound), xmax_bound)
+    with np.errstate(divide="ignore", invalid="ignore"):  # (inf/NaN as torch's, silently)
+        d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+        d2_square = d1**2 - g1 * g2
+        if d2_square >= 0:
+            d2 = np.sqrt(d2_square)
+            if x1 <= x2:
+                min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+            else:
+                min_pos = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+            return min(max(min_pos, xmin_bound), xmax_bound)
     return (xmin_bound + xmax_bound) / 2.0
 
 

@@ -2162,7 +2162,7 @@ class ClosureOptimizer(Optimizer):
                 for i, p in enumerate(params):
                     g = p.grad
                     if g is None:
-                        grads.append(np.zeros(tuple(p.shape), views[0].dtype))
+                        grads.append(np.zeros(tuple(p.shape), views[i].dtype))
                         continue
                     if g.layout != torch.strided or g.dtype != p.dtype or g.shape != p.shape:
                         raise TypeError(
