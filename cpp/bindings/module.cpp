@@ -595,8 +595,9 @@ class PyPlan {
       if (t.compute() != DType::f64 &&
           (std::fabs(mul) > std::numeric_limits<float>::max() ||
            (mul != 0 && static_cast<float>(mul) == 0)))
-        throw py::value_error("mul " + py::str(py::float_(mul)).cast<std::string>() + " is out of float32's range, this "
-                              "plan's arithmetic (it would make every gradient infinite or 0)");
+        throw py::value_error("mul " + py::str(py::float_(mul)).cast<std::string>() +
+                              " is out of float32's range, this plan's arithmetic (it would "
+                              "make every gradient infinite or 0)");
     Lock lock(*this);
     plan_.grad_mul = mul;
     plan_.grad_clip = clip;
@@ -1088,7 +1089,9 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
           *out = py::cast<std::remove_pointer_t<decltype(out)>>(t[at]);
         } catch (const py::cast_error&) {
           throw py::type_error(jobname + ": " + field + " must be " +
-                               (at == 0 ? "these hyper-parameters" : at == 1 ? "an int (int64)" : "a str") +
+                               (at == 0   ? "these hyper-parameters"
+                                : at == 1 ? "an int (int64)"
+                                          : "a str") +
                                ", got " + type_name(t[at]));
         }
       };

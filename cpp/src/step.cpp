@@ -1837,10 +1837,11 @@ typedef int32_t V16i __attribute__((vector_size(64)));
 // finite (a square overflowed, or a y is infinite or NaN) or holds a lane in (0, 2^-80) (its
 // squares partly underflowed) has the whole call's elements summed again with float64
 // squares (rare; the per-run test is a few vector operations): the norm keeps that accuracy at
-// any scale but the tiniest (squares below float32's smallest denormal, |y| < ~2^-75, vanish).  The flag lanes take y - y, NaN where y is infinite or NaN: per element
-// when clipping (a clamp hides an infinity), else in that second sum, where any non-finite y
-// goes (finite values cannot make a float64 sum of float32 squares overflow), so whether the
-// gradients are finite is theirs, never the sum's.
+// any scale but the tiniest (squares below float32's smallest denormal, |y| < ~2^-75, vanish).
+// The flag lanes take y - y, NaN where y is infinite or NaN: per element when clipping (a clamp
+// hides an infinity), else in that second sum, where any non-finite y goes (finite values
+// cannot make a float64 sum of float32 squares overflow), so whether the gradients are finite
+// is theirs, never the sum's.
 constexpr int64_t kRun = 8;  // iterations (of kLanes elements) summed in float32
 template <bool Clip>
 FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mul, float clip,
