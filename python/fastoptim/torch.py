@@ -1647,13 +1647,19 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
 
     def _after_run(self, items: list[tuple[Any, ...]]) -> None:
         """The bookkeeping of a step that happened: fresh state used, the plans that forgot
-        their gradients marked so, the schedules' values for the next step."""
+        their gradients marked so, the step counted and the schedules' values for the next
+        step, then the written tensors' autograd versions bumped (last: an interrupt arriving
+        in this Python work must not find the step done but not counted, and the bumps are the
+        longest part of it)."""
         for c, _, _, same_grads in items:
-            _bump(c.written)
             self._used_fresh(c)
             if not same_grads:
                 c.bound = False
-        self._advance_schedules()
+        try:
+            self._advance_schedules()
+        finally:
+            for c, *_ in items:
+                _bump(c.written)
 
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
         """A host definition's step (Muon), group by group."""
