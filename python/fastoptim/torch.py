@@ -126,7 +126,7 @@ import importlib
 import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, TypeVar, Union, cast, overload
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union, cast, overload
 
 import ml_dtypes
 import numpy as np
@@ -536,6 +536,21 @@ def _group_snapshot(group: Mapping[str, Any]) -> dict[str, Any] | None:
         else:
             return None
     return snap
+
+
+class _RowJob(NamedTuple):
+    """One parameter's sparse row update (:meth:`Optimizer._row_job`), as the compiled row
+    kernel takes it (with its count): rows ``indices`` of ``param`` and of ``states`` (NumPy views
+    of the tensors, one row per index) updated with the gradient ``rows``.  (``indices``: a
+    field cannot be named ``index``, tuple's method.)"""
+
+    hyper: Any  # the group's compiled hyper-parameters
+    state: dict[str, Any]  # the parameter's torch state (its step counted after the update)
+    param: np.ndarray
+    indices: np.ndarray
+    rows: np.ndarray
+    states: list[np.ndarray]
+    label: str
 
 
 class _Cache:
@@ -1804,32 +1819,32 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         scale_t = self.__dict__.get("grad_scale")  # (GradScaler's, checked by _transform)
         if scale_t is not None and rows:  # the rows unscaled as the kernels unscale the rest
             rows = [
-                (*r[:5], np.multiply(r[5], r[5].dtype.type(1.0 / float(scale_t))), *r[6:])
+                r._replace(rows=np.multiply(r.rows, r.rows.dtype.type(1.0 / float(scale_t))))
                 for r in rows
             ]
         # Every parameter's rows in one compiled call that checks them all before it writes
         # any (never a half-applied step), then the step counts.
         counts = []
-        for _, _, state, *_ in rows:
-            step = state.get("step")  # (SGD keeps none: its update does not depend on it)
+        for r in rows:
+            step = r.state.get("step")  # (SGD keeps none: its update does not depend on it)
             counts.append(1 if step is None else int(float(step)) + 1)
 
         def counted() -> None:
-            for (_, hyper, state, *_), count in zip(rows, counts):
-                step = state.get("step")
+            for r, count in zip(rows, counts):
+                step = r.state.get("step")
                 if isinstance(step, torch.Tensor):
                     step.fill_(count)
                 elif step is not None:  # (torch's SparseAdam keeps a Python int)
-                    state["step"] = count
-                for n in hyper.state_names():
-                    self._fresh.pop(id(state[n]), None)
+                    r.state["step"] = count
+                for n in r.hyper.state_names():
+                    self._fresh.pop(id(r.state[n]), None)
             _bump([p for _, p, _, _ in jobs])
 
         run_rows(
             self._definition.core_rows,
             [
-                (hyper, count, param, index, values, states, label)
-                for (_, hyper, _, param, index, values, states, label), count in zip(rows, counts)
+                (r.hyper, count, r.param, r.indices, r.rows, r.states, r.label)
+                for r, count in zip(rows, counts)
             ],
             counted,
         )
@@ -1845,7 +1860,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{p.device})"
             )
 
-    def _row_job(self, c: _Cache, p: torch.Tensor, g: torch.Tensor, label: str) -> tuple[Any, ...]:
+    def _row_job(self, c: _Cache, p: torch.Tensor, g: torch.Tensor, label: str) -> _RowJob:
         """Check parameter `p` and its sparse gradient `g`, create or lay out its state, and
         return its row update: coalesced row indices into the parameter's memory and the
         gradient rows (for a parameter laid out otherwise than contiguously: one element per
@@ -1925,7 +1940,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
 
         states = [flat(state[n]) for n in c.names]
         hyper = self._definition.compile(c.hp, frozenset())
-        return (self._definition.core_rows, hyper, state, flat(p), index, rows, states, label)
+        return _RowJob(hyper, state, flat(p), index, rows, states, label)
 
     @overload
     def step(self, closure: None = None) -> None: ...
