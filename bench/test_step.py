@@ -27,17 +27,27 @@ def _setup(workload: str, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndar
     return params, grads
 
 
-def _info(benchmark: Any, workload: str, nstate: int, params: list[np.ndarray]) -> None:
+def _info(
+    benchmark: Any, workload: str, nstate: int, params: list[np.ndarray], name: str = ""
+) -> None:
+    """The benchmark's group and bytes: a one-pass step of `nstate` states (grouped with the
+    roofline of as many), or the two passes of `name` in bench.TWO_PASS (LAMB 40 B, LARS 28 B per
+    element; grouped apart, with the roofline of their bytes and mix: test_two_pass_roofline)."""
     n = sum(p.size for p in params)
-    benchmark.group = f"{workload}-{nstate}-states"
+    if name in bench.TWO_PASS:
+        benchmark.group = f"{workload}-{name}-two-pass"
+        bpe = bench.two_pass_bytes(name)[0]
+    else:
+        benchmark.group = f"{workload}-{nstate}-states"
+        bpe = bench.bytes_per_element(nstate)
     benchmark.extra_info.update(
         isa=fo.isa(),
         threads=fo.get_num_threads(),
         workload=workload,
         elements=n,
         tensors=len(params),
-        bytes_per_element=bench.bytes_per_element(nstate),
-        bytes_moved=n * bench.bytes_per_element(nstate),
+        bytes_per_element=bpe,
+        bytes_moved=n * bpe,
     )
 
 
@@ -51,7 +61,7 @@ def test_fastoptim(benchmark: Any, name: str, workload: str) -> None:
     for dst, src in zip(opt.grads, grads):
         assert isinstance(dst, np.ndarray)
         dst[...] = src
-    _info(benchmark, workload, nstate, params)
+    _info(benchmark, workload, nstate, params, name)
     benchmark(opt.step)
     # A fast wrong kernel must not win: replay as many steps with the reference on a sample.
     steps = opt.state[0]["step"]
@@ -89,6 +99,19 @@ def test_roofline(benchmark: Any, nstate: int, workload: str) -> None:
     last = arrays[-1].copy()
     benchmark(fo._core.stream, arrays)
     assert np.array_equal(arrays[-1], last)  # the "gradient" is only read
+    assert np.isfinite(arrays[0][:1024]).all()
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("name", list(bench.TWO_PASS))
+def test_two_pass_roofline(benchmark: Any, name: str, workload: str) -> None:
+    """The streaming workload of a two-pass optimizer's bytes and mix of reads and writes
+    (``fastoptim bench``'s roofline of its rows)."""
+    params, _ = _setup(workload)
+    n = sum(p.size for p in params)
+    run, arrays = bench._two_pass_roofline(name, n)
+    _info(benchmark, workload, bench.OPTIMIZERS[name][2], params, name)
+    benchmark(run)
     assert np.isfinite(arrays[0][:1024]).all()
 
 

@@ -124,18 +124,21 @@ def test_step(benchmark: Any, workload: str, name: str, impl: str) -> None:
 
 
 def interleaved(rounds: dict[str, int] | None = None) -> None:
-    """Print the median step time of every implementation, measured round-robin (one step of
-    each implementation in turn, in a shuffled order every round) so that background load on a
-    shared machine hits all of them alike:  ``python bench/test_torch_dropin.py``."""
+    """Print the median step time of every implementation and its range (fastest-slowest
+    step), measured round-robin (one step of each implementation in turn, in a shuffled order
+    every round) so that background load on a shared machine hits all of them alike:
+    ``python bench/test_torch_dropin.py``."""
     import random
+    import statistics
     import time
 
     rounds = rounds or {"16M": 40, "mlp": 400, "4096x4096": 20}
     print(
         f"fastoptim {fo.__version__} isa={fo.isa()} threads={fo.get_num_threads()}; "
-        f"torch {torch.__version__} threads={torch.get_num_threads()}; median ms per step"
+        f"torch {torch.__version__} threads={torch.get_num_threads()}; ms per step: median "
+        "[fastest-slowest] of the rounds"
     )
-    print(f"{'workload':10} {'optimizer':8}" + "".join(f"{i:>21}" for i in IMPLS))
+    print(f"{'workload':10} {'optimizer':8}" + "".join(f"{i:>27}" for i in IMPLS))
     for workload, shapes in WORKLOADS.items():
         for name in OPTIMIZERS:
             gen = torch.Generator().manual_seed(0)
@@ -164,10 +167,14 @@ def interleaved(rounds: dict[str, int] | None = None) -> None:
             cells = []
             for impl in IMPLS:
                 if impl in runs:
-                    times = sorted(runs[impl][2])
-                    cells.append(f"{times[len(times) // 2] * 1e3:21.3f}")
+                    times = runs[impl][2]
+                    cell = (
+                        f"{statistics.median(times) * 1e3:.3f} "
+                        f"[{min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}]"
+                    )
+                    cells.append(f"{cell:>27}")
                 else:
-                    cells.append(f"{'-':>21}")
+                    cells.append(f"{'-':>27}")
             print(f"{workload:10} {name:8}" + "".join(cells), flush=True)
             del runs
 
@@ -184,7 +191,7 @@ OPENMP_CONFIGS = {  # import order, FASTOPT_TORCH_OPENMP
 # backward, fastoptim.torch.Adam step), of a 256K-element Adam step right after a torch op, and
 # of a torch op right after such a step.
 OPENMP_CHILD = """
-import importlib, json, sys, time
+import importlib, json, statistics, sys, time
 for name in sys.argv[1].split(","):
     importlib.import_module(name)
 import torch, fastoptim, fastoptim.torch as fot
@@ -217,15 +224,15 @@ for i in range(170):
         times["train_ms"].append((t1 - t0) * 1e3)
         times["step_after_op_us"].append((t3 - t2) * 1e6)
         times["op_after_step_us"].append((t4 - t3) * 1e6)
-print(json.dumps({k: sorted(v)[len(v) // 2] for k, v in times.items()}))
+print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 """
 
 
 def openmp(rounds: int = 10) -> None:
     """Two OpenMP runtimes or one: each configuration of :data:`OPENMP_CONFIGS` in its own
     process, round-robin (shuffled every round), ``rounds`` processes each; prints the median
-    over processes of each process's medians.  With a source build every configuration shares
-    one runtime; with the binary wheel (vendored libgomp), ``fastoptim first,
+    over processes of each process's medians, and their range.  With a source build every
+    configuration shares one runtime; with the binary wheel (vendored libgomp), ``fastoptim first,
     FASTOPT_TORCH_OPENMP=0`` runs two:  ``python bench/test_torch_dropin.py --openmp``."""
     import json
     import os
@@ -252,10 +259,14 @@ def openmp(rounds: int = 10) -> None:
     print(
         f"fastoptim {fo.__version__} from {os.path.dirname(fo.__file__)}; torch {torch.__version__}"
     )
-    print(f"{'configuration':42} {'MLP iteration':>14} {'step after op':>14} {'op after step':>14}")
+    print("median [lowest-highest] over the processes")
+    print(f"{'configuration':42} {'MLP iteration':>24} {'step after op':>20} {'op after step':>20}")
     for name, runs in results.items():
-        cells = [statistics.median(r[k] for r in runs) for k in runs[0]]
-        print(f"{name:42} {cells[0]:11.2f} ms {cells[1]:11.0f} us {cells[2]:11.0f} us")
+        cells = []
+        for k, (digits, unit) in zip(runs[0], ((2, "ms"), (0, "us"), (0, "us"))):
+            v, f = [r[k] for r in runs], f".{digits}f"
+            cells.append(f"{statistics.median(v):{f}} [{min(v):{f}}-{max(v):{f}}] {unit}")
+        print(f"{name:42} {cells[0]:>24} {cells[1]:>20} {cells[2]:>20}")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,18 @@ def test_layouts_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert captured.err == "" and not any(k.startswith("torch") for k in _rows(captured.out))
 
 
+def _stream_traffic(s: bench.Stream) -> tuple[float, float]:
+    """(bytes read, bytes written) per element by a streaming configuration: each array read
+    and written once, the gradient read, the 16-bit copy written."""
+    rw = 4 * s.rw32 + 2 * s.rw16 + (1 if s.codes else 0)
+    return rw + s.grad, rw + (2 if s.out else 0)
+
+
 def test_layout_bytes_match_the_arrays() -> None:
     """Each fastoptim layout's bytes, counted from the arrays its optimizer really holds, equal
-    its streaming kernel's: the same widths read and written, gradient read, written only."""
+    its streaming kernel's, in the same mix of reads and writes: the same widths read and
+    written, gradient read, written only (a plain store also reads the line first, so a
+    written-only array stands for nothing but a written-only array)."""
     for lay in bench.LAYOUTS:
         if lay.contender:
             continue
@@ -101,34 +110,50 @@ def test_layout_bytes_match_the_arrays() -> None:
         scales = sum(v.nbytes for k, v in state.items() if k.endswith("_absmax"))
         block = 128 if policy == "int4" else 256
         assert scales == (2 * 4 * n // block if quantized else 0), lay.name
-        rw = [v.itemsize for k, v in state.items() if not k.endswith("_absmax")]
+        # bytes per element of each array read and written (a 4-bit code array: 0.5)
+        rw = [v.nbytes / n for k, v in state.items() if not k.endswith("_absmax")]
         if quantized:
-            codes = [v.nbytes for k, v in state.items() if not k.endswith("_absmax")]
-            assert sorted(rw) == [1, 1], lay.name
-            if policy == "int8":  # two 1-byte code arrays stand for one 16-bit array r/w
-                assert codes == [n, n], lay.name
-                rw = [2]
-            else:  # two half-byte code arrays r/w: the 2 B of one 16-bit array written
-                assert codes == [n // 2, n // 2], lay.name
-                rw = []
-                writes.append(2)
+            assert sorted(rw) == ([1, 1] if policy == "int8" else [0.5, 0.5]), lay.name
         if "master" in state:  # computed on the master: the parameter is written only
             writes.append(pdt.itemsize)
         else:
             rw.append(pdt.itemsize)
         s = lay.stream
-        assert sorted(rw) == sorted([4] * s.rw32 + [2] * s.rw16), lay.name
+        assert _stream_traffic(s) == (sum(rw) + gdt.itemsize, sum(rw) + sum(writes)), lay.name
         assert gdt.itemsize == s.grad and len(writes) == s.out, lay.name
         assert 2 * sum(rw) + gdt.itemsize + sum(writes) == lay.bytes == EXPECTED[lay.name]
     for lay in bench.LAYOUTS:  # contenders are charged the bytes of the same work
         assert lay.bytes == EXPECTED[lay.name]
 
 
+def test_int4_streams_read_and_write_the_codes() -> None:
+    """The 4-bit layouts' streaming kernels read and write 1 B per element for the two packed
+    code arrays (not a 16-bit array written only: a plain store reads the line too, so that
+    stood for ~4 B): 9 B read + 5 B written (fp32 p/g), 5 + 3 (bf16 p/g)."""
+    assert bench.Q4 == bench.Stream(1, 0, 4, codes=True) and bench.Q4.bytes == 14
+    assert bench.Q4_LOW == bench.Stream(0, 1, 2, codes=True) and bench.Q4_LOW.bytes == 8
+    assert _stream_traffic(bench.Q4) == (9, 5) and _stream_traffic(bench.Q4_LOW) == (5, 3)
+    assert "1 B r/w" in bench.Q4.label and "16-bit w" not in bench.Q4.label
+    n = 4096  # the kernel itself: every array read, the written ones written, codes too
+    pool = {
+        "f32": [np.full(n, 2.0, np.float32)],
+        "h16": [np.ones(n, bench._np_dtype("bfloat16"))],
+        "g32": [np.full(n, 4.0, np.float32)],
+        "g16": [np.ones(n, bench._np_dtype("bfloat16"))],
+        "out": [],
+        "codes": [np.full(n, 6, np.uint8)],
+    }
+    bench._stream_step(bench.Q4, pool)()
+    assert (pool["f32"][0] == 4.0).all()  # (2 + 4 + 6) / 3
+    assert (pool["codes"][0] == pool["codes"][0][0]).all() and pool["codes"][0][0] != 6
+    assert (pool["g32"][0] == 4.0).all()  # the gradient is only read
+
+
 def test_layouts_remeasure_then_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """A streaming kernel that cannot be beaten honestly: every row is re-measured, then
     flagged, with "!" in its roofline cell."""
 
-    def slow(rw: object, grad: object, out: object = None) -> None:
+    def slow(rw: object, grad: object, out: object = None, codes: object = None) -> None:
         time.sleep(0.05)  # 20,000 x 28 B in 50 ms: 11 MB/s
 
     monkeypatch.setattr(bench._core, "stream_mixed", slow)

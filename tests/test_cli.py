@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastoptim as fo
@@ -179,3 +180,174 @@ def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> No
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: fastoptim {command}") and "--optimizers" in out
+
+
+# ------------------------------------------------- the other bench modes: accounting and flags
+def _stat(median: float, spread: float = 0.0) -> bench.Stat:
+    return (median, median * (1 - spread), median * (1 + spread))
+
+
+def test_one_rule_for_impossible_speeds() -> None:
+    """Every table flags by over_limit (ROOFLINE_LIMIT): 110% of what the reference allows
+    passes, more does not; check_timings also names starved and noisy contenders."""
+    assert bench.ROOFLINE_LIMIT == 1.10
+    assert not bench.over_limit(1.10) and bench.over_limit(1.11)
+    times = {"row": _stat(1.0), "ref": _stat(1.08), "noisy": _stat(1.0, 0.3)}
+    assert bench.check_timings(times, [("row", "ref", 1.0)]) == []  # 108%: not flagged
+    times["ref"] = _stat(1.2)
+    assert bench.check_timings(times, [("row", "ref", 1.0)]) == [
+        "row at 120% of what ref allows > 110%"
+    ]
+    assert bench.check_timings(times, [("row", "ref", 1.2)]) == []  # a reference's ceiling
+    # 2 MB in 1 s: starved; under 1 MB (ref) a fixed cost may dominate: not judged
+    found = bench.check_timings(times, moved={"row": 2e6, "ref": 1e5}, noisy=["noisy", "row"])
+    assert found == [
+        "row below 1 GB/s: threads waiting for busy cores (try --threads 1)",
+        "rounds spread > +-25%: noisy",
+    ]
+
+
+def test_timed_remeasures_then_flags() -> None:
+    calls: list[str] = []
+    seen: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times, flags, rounds = bench._timed(fns, 2, 1, lambda t: ["always"], seen.append, 0.0)
+    assert set(times) == {"a", "b"} and flags == ["always"]
+    assert rounds == 2 * (1 + bench.MAX_REMEASURE)
+    assert seen == ["    re-measuring every contender (always)"] * bench.MAX_REMEASURE
+    assert calls[-4:] == ["a", "b", "a", "b"]  # interleaved
+    times, flags, rounds = bench._timed(fns, 2, 1, lambda t: [], seen.append, 0.0)
+    assert flags == [] and rounds == 2
+
+
+def test_transforms_flag_at_the_shared_limit() -> None:
+    """--transforms marks a % above 110% (it used 105%), prints the baseline's range too, and
+    lists its flagged rows."""
+    ok = bench.TransformRow("AdamW", 28, "stream 28 B", _stat(1e-3), _stat(1.08e-3, 0.01))
+    bad = bench.TransformRow(
+        "AdamW both", 40, "stream 36 B + read 4 B", _stat(1e-3), _stat(1.2e-3), 9, ["x"]
+    )
+    table = bench.format_transforms([ok, bad], 1000)
+    lines = table.splitlines()
+    assert lines[1].endswith(" 108% ") and lines[2].endswith(" 120%!")
+    assert "1069.200-1090.800]" in lines[1]  # the baseline's [lowest-highest]
+    assert lines[3] == "  ! AdamW both, after 9 rounds: x. Do not trust this row."
+    times = {"AdamW": _stat(1e-3), "stream 28 B": _stat(1.2e-3)}
+    times.update({k: _stat(1.0) for k in ("norm pass", "stream read 4 B", "stream 36 B")})
+    times.update({k: _stat(1.0) for k in ("AdamW max_grad_norm", "AdamW ema_decay")})
+    times["AdamW both"] = _stat(2.0)
+    found = bench.transform_checks(1000, times, only="AdamW")
+    assert found == ["AdamW at 120% of what stream 28 B allows > 110%"]
+    assert bench.transform_checks(1000, times, only="AdamW both") == []  # 36 B + 4 B: 2 s
+
+
+def test_rows_table_flags_and_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "ROWS_UPDATED", 10)
+    monkeypatch.setattr(bench, "ROWS_WIDTH", 100)  # 1000 updated elements
+    times = {"fastoptim": _stat(1e-6), "stream": _stat(1.5e-6, 0.1), "NumPy reference": _stat(1)}
+    row = bench.RowsRow("SGD", 0, times, 3, bench.rows_checks(0, times))
+    assert row.flags == ["fastoptim at 150% of what stream allows > 110%"]
+    table = bench.format_rows([row])
+    line = next(x for x in table.splitlines() if x.startswith("SGD "))
+    assert "1.500 [1.350-1.650]" in line and " 150%!" in line
+    assert "! SGD, after 3 rounds: fastoptim at 150%" in table
+
+
+def test_muon_rates_flag_beyond_the_sgemm() -> None:
+    """NS counted as gemms can show up to 1.2x (square) - 4/3x the sgemm's rate (X X^T by
+    syrk); beyond that, +10%, a cell is flagged (an NS bf16 row at 149% was printed plain)."""
+    row = bench.MuonRow((768, 3072))
+    m, n = 768, 3072
+    assert row.flops == 5 * (4 * m * m * n + 2 * m**3)
+    assert row.ceiling == pytest.approx(18 / 14)
+    assert bench.MuonRow((1024, 1024)).ceiling == pytest.approx(1.2)
+    sgemm = 1.0
+    nominal = row.flops / (2 * n**3)  # NS time at the sgemm's nominal rate
+
+    def times(bf16_pct: float) -> dict[str, bench.Stat]:
+        t = {k: _stat(nominal) for k in ("products", "float32", "float64", "step")}
+        return {**t, "sgemm": _stat(sgemm), "bfloat16": _stat(nominal / bf16_pct)}
+
+    assert bench.muon_checks(row, times(1.25)) == []  # 125% of sgemm: possible with syrk
+    (flag,) = bench.muon_checks(row, times(1.49))
+    assert flag.startswith("bfloat16 at 116% of what sgemm allows > 110%"), flag
+    row.times, row.rounds, row.flags = times(1.49), 3, [flag]
+    row.sgemm, row.step, row.products = sgemm, nominal, nominal
+    row.ns = {k: row.times[k][0] for k in ("bfloat16", "float32", "float64")}
+    table = bench.format_muon([row])
+    assert "   149%!" in table and "   100% " in table
+    assert table.count("+-") == 6 and "! 768x3072, after 3 rounds: bfloat16 at 116%" in table
+
+
+def test_adafactor_bytes_and_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix moves 24 B/el (factored: no full-size state), a vector 32 (its full-size
+    variance read and written, then read again: host.adafactor_update), and the streaming
+    kernels of each row move exactly those bytes."""
+    vec, mat = bench.AdafactorRow((1000,)), bench.AdafactorRow((20, 50))
+    assert (vec.bytes, mat.bytes) == (32, 24) and bench.AdafactorRow(()).bytes == 32
+    opt = fo.Adafactor([np.ones(1000, np.float32), np.ones((20, 50), np.float32)])
+    opt.grads[0][...] = opt.grads[1][...] = 1.0
+    opt.step()
+    assert opt.state[0]["variance"].shape == (1000,) and "variance" not in opt.state[1]
+    moved: list[int] = []
+    monkeypatch.setattr(bench._core, "stream_read", lambda a: moved.append(a.nbytes))
+    monkeypatch.setattr(
+        bench._core,
+        "stream_mixed",
+        lambda rw, grad: moved.append(sum(2 * a.nbytes for a in rw) + grad.nbytes),
+    )
+    p, g = np.ones(1000, np.float32), np.ones(1000, np.float32)
+    bench._adafactor_streams(p, g, np.ones(1000, np.float32))
+    assert sum(moved) == 32 * 1000
+    moved.clear()
+    bench._adafactor_streams(p, g, None)
+    assert sum(moved) == 24 * 1000
+    t = {k: _stat(1.0) for k in ("step", "read", "reduction")}
+    t["stream"] = _stat(1.2)
+    mat.times, mat.rounds = t, 3
+    mat.step, mat.read, mat.reduction, mat.stream = 1.0, 1.0, 1.0, 1.2
+    mat.flags = bench.adafactor_checks(mat, t)
+    assert mat.flags == ["step at 120% of what stream allows > 110%"]
+    table = bench.format_adafactor([mat])
+    assert "     120%! " in table and "! 20x50, after 3 rounds: step at 120%" in table
+
+
+def test_bench_header_per_mode(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header says what each mode does: --muon and --adafactor time one call per sample;
+    every mode re-measures what fails its checks and prints a spread."""
+    import functools
+
+    monkeypatch.setattr(bench, "run_muon", functools.partial(bench.run_muon, [(8, 16)]))
+    assert cli.main(["bench", "--muon", "--rounds", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert "median and range of 1 interleaved round (and up to 2 more where a check" in header
+    assert "each sample timing a block of one call (more where one lasts under 2 ms)" in header
+    assert "+-" in out.split("\n", 2)[1]
+    args = ["bench", "--optimizers", "sgd", "--workloads", "mlp", "--rounds", "1", "--no-torch"]
+    assert cli.main([*args, "--repeats", "3", "-q"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "a block of 3 calls (more where they last under 2 ms; fewer, down to 1," in header
+
+
+def test_step_benchmarks_record_two_pass_bytes() -> None:
+    """bench/test_step.py records LAMB's and LARS's bytes of both passes (40, 28), grouped
+    apart from the one-pass rooflines."""
+    import importlib.util
+    import types
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "test_step.py"
+    spec = importlib.util.spec_from_file_location("bench_test_step", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = [np.ones(10, np.float32)]
+    for name, want in (("LAMB", 40), ("LARS", 28), ("Adam", 28), ("SGD", 12)):
+        info = types.SimpleNamespace(group="", extra_info={})
+        module._info(info, "mlp", bench.OPTIMIZERS[name][2], params, name)
+        assert info.extra_info["bytes_per_element"] == want, name
+        assert info.extra_info["bytes_moved"] == 10 * want
+        assert info.group.endswith("two-pass") == (name in bench.TWO_PASS)
+    assert bench.two_pass_bytes("LAMB")[0] == 40 and bench.two_pass_bytes("LARS")[0] == 28

@@ -2298,9 +2298,10 @@ void stream(float* const* arrays, int narrays, int64_t n, int threads) {
 }
 
 // The roofline of a mixed-precision layout: one plain fused loop over `rw32` float32 and `rw16`
-// 16-bit arrays read and written, one gradient read (float32 or 16-bit) and optionally one 16-bit
-// array written only (a copy-out); 16-bit values are converted as bfloat16 (a shift each way).
-template <int RW32, int RW16, bool G16, bool OUT>
+// 16-bit arrays read and written, one gradient read (float32 or 16-bit), optionally one 16-bit
+// array written only (a copy-out) and one 1-byte array read and written (4-bit codes); 16-bit
+// values are converted as bfloat16 (a shift each way), the byte gets the low bits of that.
+template <int RW32, int RW16, bool G16, bool OUT, bool RW8>
 void stream_mixed_impl(const StreamArrays& s, int64_t n, int threads) {
   parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
     std::array<float*, RW32 == 0 ? 1 : RW32> f;
@@ -2310,33 +2311,39 @@ void stream_mixed_impl(const StreamArrays& s, int64_t n, int threads) {
     const float* g32 = s.grad32 + (G16 ? 0 : lo);
     const uint16_t* g16 = s.grad16 + (G16 ? lo : 0);
     uint16_t* out = s.out16 + (OUT ? lo : 0);
-    const float scale = 1.0f / static_cast<float>(RW32 + RW16 + 1);
+    uint8_t* c8 = s.rw8 + (RW8 ? lo : 0);
+    const float scale = 1.0f / static_cast<float>(RW32 + RW16 + (RW8 ? 1 : 0) + 1);
     FASTOPTIM_VECTORIZE
     for (int64_t i = 0; i < hi - lo; ++i) {
       float x = G16 ? bf16_load(g16[i]) : g32[i];
       for (int j = 0; j < RW32; ++j) x += f[j][i];
       for (int j = 0; j < RW16; ++j) x += bf16_load(h[j][i]);
+      if (RW8) x += static_cast<float>(c8[i]);
       x *= scale;
       const auto t = static_cast<uint16_t>(bits_of(x) >> 16);
       for (int j = 0; j < RW32; ++j) f[j][i] = x;
       for (int j = 0; j < RW16; ++j) h[j][i] = t;
       if (OUT) out[i] = t;
+      if (RW8) c8[i] = static_cast<uint8_t>(t);
     }
   });
 }
 
-template <int C, int... Cs>
+template <bool RW8, int C, int... Cs>
 void stream_mixed_dispatch(std::integer_sequence<int, C, Cs...>, int code, const StreamArrays& s,
                            int64_t n, int threads) {
   if (code == C)
-    stream_mixed_impl<C / 20, C / 4 % 5, (C & 2) != 0, (C & 1) != 0>(s, n, threads);
+    stream_mixed_impl<C / 20, C / 4 % 5, (C & 2) != 0, (C & 1) != 0, RW8>(s, n, threads);
   else if constexpr (sizeof...(Cs) > 0)
-    stream_mixed_dispatch(std::integer_sequence<int, Cs...>{}, code, s, n, threads);
+    stream_mixed_dispatch<RW8>(std::integer_sequence<int, Cs...>{}, code, s, n, threads);
 }
 
 void stream_mixed(const StreamArrays& s, int64_t n, int threads) {
   const int code = s.nrw32 * 20 + s.nrw16 * 4 + (s.grad16 ? 2 : 0) + (s.out16 ? 1 : 0);
-  stream_mixed_dispatch(std::make_integer_sequence<int, 100>{}, code, s, n, threads);
+  if (s.rw8 != nullptr)
+    stream_mixed_dispatch<true>(std::make_integer_sequence<int, 100>{}, code, s, n, threads);
+  else
+    stream_mixed_dispatch<false>(std::make_integer_sequence<int, 100>{}, code, s, n, threads);
 }
 
 // ------------------------------------------------------------------ block-wise (de)quantization

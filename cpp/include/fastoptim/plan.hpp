@@ -174,7 +174,8 @@ struct GradStats {
 
 // The arrays of a streaming reference pass (fastoptim::stream_mixed): nrw32 float32 and nrw16
 // 16-bit arrays read and written (each 0 to 4), a gradient read (float32 or 16-bit: exactly one of
-// grad32/grad16 non-null) and an optional 16-bit array written only.
+// grad32/grad16 non-null), an optional 16-bit array written only and an optional 1-byte array
+// read and written (the two packed code arrays of a 4-bit state: 1 B per element each way).
 struct StreamArrays {
   int nrw32 = 0, nrw16 = 0;
   float* rw32[4] = {};
@@ -182,6 +183,7 @@ struct StreamArrays {
   const float* grad32 = nullptr;
   const uint16_t* grad16 = nullptr;
   uint16_t* out16 = nullptr;
+  uint8_t* rw8 = nullptr;
 };
 // The driver's work runner (dispatch.cpp): calls fn(ctx, i) exactly once for every chunk i in
 // [0, nchunks), on the calling thread and up to `threads` - 1 workers of fastoptim's own pool,

@@ -7,7 +7,10 @@ A row whose numbers cannot be right (fastoptim faster than 110% of the streaming
 moving its bytes at under 1 GB/s, or its rounds more than +-25% apart, as happens when other
 processes compete for the cores) is measured again; what is still wrong after that is flagged
 in the table, never printed as a plain fact.  A speed-up the rounds cannot pin down (their
-ranges allow values more than 1.5x apart) is marked "?".
+ranges allow values more than 1.5x apart) is marked "?".  The other modes (``--rows``,
+``--transforms``, ``--muon``, ``--adafactor``) go through the same machinery (:func:`_timed`,
+:func:`check_timings`) and the same rule for an impossible cell (:func:`over_limit`), and
+print each time with its spread.
 
 Contenders: fastoptim (gradients bound: ``opt.step()``), the NumPy reference
 (:mod:`fastoptim.reference`) and, when torch is installed, ``torch.optim`` with its for-loop,
@@ -362,9 +365,120 @@ def _more(
 def _fill(row: Row, steps: dict[str, int], samples: dict[str, list[float]]) -> None:
     row.steps = dict(steps)
     row.rounds = len(samples["fastoptim"])
-    row.times = {k: statistics.median(v) for k, v in samples.items()}
-    row.low = {k: min(v) for k, v in samples.items()}
-    row.high = {k: max(v) for k, v in samples.items()}
+    stats = {k: _stat(v) for k, v in samples.items()}
+    row.times = {k: v[0] for k, v in stats.items()}
+    row.low = {k: v[1] for k, v in stats.items()}
+    row.high = {k: v[2] for k, v in stats.items()}
+
+
+#: A contender's seconds per call over the rounds: (median, fastest, slowest).
+Stat = tuple[float, float, float]
+
+
+def _stat(samples: Sequence[float]) -> Stat:
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def spread(s: Stat) -> float:
+    """Half the fastest-to-slowest range of a :data:`Stat`'s rounds, relative to its median."""
+    return (s[2] - s[1]) / 2 / s[0]
+
+
+def over_limit(fraction: float) -> bool:
+    """The one rule, in every table, for a speed that cannot be physical: `fraction` (what was
+    reached over the most its reference allows; for a streaming kernel moving the same bytes,
+    the kernel's time / the row's) above ROOFLINE_LIMIT.  Such a cell is a measurement error."""
+    return fraction > ROOFLINE_LIMIT
+
+
+def _mark(fraction: float) -> str:
+    """ "!" after a cell that :func:`over_limit` rejects, else a space."""
+    return "!" if over_limit(fraction) else " "
+
+
+def check_timings(
+    times: Mapping[str, Stat],
+    against: Sequence[tuple[str, str, float]] = (),
+    moved: Mapping[str, float] | None = None,
+    noisy: Sequence[str] = (),
+) -> list[str]:
+    """What makes timings (of the modes other than the optimizer tables and --layouts, whose
+    rows :func:`problems` checks by the same rules) untrustworthy: for each (name, reference,
+    ceiling) of `against`, `name` faster than its reference allows (the reference's median
+    time / name's, over `ceiling`, the most that ratio can physically be, rejected by
+    :func:`over_limit`); each contender of `moved` (name -> bytes per call, from 1 MB) moving
+    them slower than MIN_GBPS; each contender of `noisy` with rounds spread over NOISE_LIMIT."""
+    found = []
+    for name, ref, ceiling in against:
+        fraction = times[ref][0] / times[name][0] / ceiling
+        if over_limit(fraction):
+            found.append(
+                f"{name} at {100 * fraction:.0f}% of what {ref} allows > "
+                f"{100 * ROOFLINE_LIMIT:.0f}%"
+            )
+    slow = [
+        k for k, b in (moved or {}).items() if b >= 1 << 20 and b / times[k][0] < MIN_GBPS * 1e9
+    ]
+    if slow:
+        found.append(
+            f"{' and '.join(slow)} below {MIN_GBPS:g} GB/s: threads waiting for busy cores "
+            "(try --threads 1)"
+        )
+    wide = [k for k in noisy if spread(times[k]) > NOISE_LIMIT]
+    if wide:
+        found.append(f"rounds spread > +-{100 * NOISE_LIMIT:.0f}%: {', '.join(wide)}")
+    return found
+
+
+def _timed(
+    contenders: dict[str, Callable[[], object]],
+    rounds: int,
+    repeats: int,
+    check: Callable[[dict[str, Stat]], list[str]],
+    progress: Callable[[str], None] | None = None,
+    min_sample: float = MIN_SAMPLE_S,
+) -> tuple[dict[str, Stat], list[str], int]:
+    """`rounds` interleaved rounds of `contenders` (:func:`_interleaved`) and, while `check`
+    finds problems in their timings, up to MAX_REMEASURE more passes of `rounds` rounds of
+    every contender: (the timings, what `check` still finds: the flags, the rounds run)."""
+    steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
+
+    def stats() -> dict[str, Stat]:
+        return {k: _stat(v) for k, v in samples.items()}
+
+    passes = _remeasure(contenders, steps, samples, rounds, lambda: check(stats()), progress)
+    times = stats()
+    return times, check(times), rounds * (1 + passes)
+
+
+def _remeasure(
+    contenders: dict[str, Callable[[], object]],
+    steps: dict[str, int],
+    samples: dict[str, list[float]],
+    rounds: int,
+    check: Callable[[], list[str]],
+    progress: Callable[[str], None] | None = None,
+    what: str = "re-measuring every contender",
+) -> int:
+    """Every mode's re-measuring: while `check` (of `samples` as they stand) finds problems,
+    up to MAX_REMEASURE more passes of `rounds` interleaved rounds of `contenders` into
+    `samples`, each said to `progress` ("    {what} (the problems)").  Returns the passes."""
+    passes = 0
+    while passes < MAX_REMEASURE and (found := check()):
+        if progress:
+            progress(f"    {what} ({'; '.join(found)})")
+        passes += 1
+        _more(contenders, steps, samples, rounds)
+    return passes
+
+
+def _flag_notes(flagged: Sequence[tuple[str, int, Sequence[str]]]) -> list[str]:
+    """The lines under a table for its flagged rows: (row, rounds run, flags)."""
+    return [
+        f"  ! {name}, after {rounds} rounds: {'; '.join(flags)}. Do not trust this row."
+        for name, rounds, flags in flagged
+        if flags
+    ]
 
 
 def problems(row: Row, granularity: float) -> list[str]:
@@ -377,7 +491,7 @@ def problems(row: Row, granularity: float) -> list[str]:
     def names(keys: Sequence[str]) -> str:
         return ", ".join(row.contender if k == "fastoptim" else k for k in keys)
 
-    if row.roofline > ROOFLINE_LIMIT:
+    if over_limit(row.roofline):
         found.append(f"roofline {100 * row.roofline:.0f}% > {100 * ROOFLINE_LIMIT:.0f}%")
     slow = [k for k in ("fastoptim", "roofline") if row.bytes / row.times[k] < MIN_GBPS * 1e9]
     if slow and row.bytes >= 1 << 20:  # below 1 MB a step's fixed cost may dominate
@@ -395,6 +509,14 @@ def problems(row: Row, granularity: float) -> list[str]:
     if coarse:
         found.append(f"samples near the clock's granularity: {names(coarse)}")
     return found
+
+
+def _refilled(
+    row: Row, steps: dict[str, int], samples: dict[str, list[float]], granularity: float
+) -> list[str]:
+    """:func:`problems` of `row` filled from `samples` as they stand."""
+    _fill(row, steps, samples)
+    return problems(row, granularity)
 
 
 def run(
@@ -433,14 +555,11 @@ def run(
                     contenders["roofline"] = functools.partial(_core.stream, streams)
                 steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
                 row = Row(oname, wname, total, len(shapes), nstate, bpe=bpe)
-                _fill(row, steps, samples)
-                while problems(row, granularity) and row.remeasured < MAX_REMEASURE:
-                    if progress:
-                        progress(f"    re-measuring ({'; '.join(problems(row, granularity))})")
-                    row.remeasured += 1
-                    _more(contenders, steps, samples, rounds)
-                    _fill(row, steps, samples)
-                row.flags = problems(row, granularity)
+                check = functools.partial(_refilled, row, steps, samples, granularity)
+                row.remeasured = _remeasure(
+                    contenders, steps, samples, rounds, check, progress, "re-measuring"
+                )
+                row.flags = check()
                 rows.append(row)
                 del streams, contenders
                 gc.collect()
@@ -474,7 +593,7 @@ def format_table(rows: Sequence[Row]) -> str:
             torch_times = {k: v for k, v in r.times.items() if k.startswith("torch")}
             best = min(torch_times, key=lambda k: torch_times[k]) if torch_times else None
             vs_torch = _ratio(r, best) if best else f"{'-':>9s}"
-            roof = f"{100 * r.roofline:7.0f}%{'!' if r.roofline > ROOFLINE_LIMIT else ' '}"
+            roof = f"{100 * r.roofline:7.0f}%{_mark(r.roofline)}"
             out.append(
                 f"{r.optimizer:{w}s} {r.bpe or bytes_per_element(r.nstate):4d} "
                 f"{_fmt_time(t):>10s} {100 * r.spread('fastoptim'):3.0f}% "
@@ -712,22 +831,33 @@ ADAMW: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01}
 class Stream:
     """The arrays of one streaming-kernel configuration (:func:`fastoptim._core.stream_mixed`):
     `rw32` float32 and `rw16` 16-bit arrays read and written, one gradient read (`grad`
-    bytes: 4 or 2), and a 16-bit array written only (`out`)."""
+    bytes: 4 or 2), a 16-bit array written only (`out`) and a 1-byte array read and written
+    (`codes`: a 4-bit state's two packed code arrays), all in one pass."""
 
     rw32: int
     rw16: int
     grad: int
     out: bool = False
+    codes: bool = False
 
     @property
     def bytes(self) -> int:
         """Bytes moved per element: 8 per float32 and 4 per 16-bit array read and written, the
-        gradient read, 2 for the 16-bit array written."""
-        return 8 * self.rw32 + 4 * self.rw16 + self.grad + (2 if self.out else 0)
+        gradient read, 2 for the 16-bit array written, 2 for the 1-byte array read and
+        written."""
+        return (
+            8 * self.rw32
+            + 4 * self.rw16
+            + self.grad
+            + (2 if self.out else 0)
+            + (2 if self.codes else 0)
+        )
 
     @property
     def label(self) -> str:
         parts = [f"{k} x{n} r/w" for k, n in (("f32", self.rw32), ("16-bit", self.rw16)) if n]
+        if self.codes:
+            parts.append("1 B r/w")
         parts.append(f"grad {'f32' if self.grad == 4 else '16-bit'} r")
         if self.out:
             parts.append("16-bit w")
@@ -742,10 +872,11 @@ MASTER_OUT = Stream(3, 0, 2, out=True)  # p (or master), m, v float32 r/w; grad 
 # per-block scales, 2 x 8 B per 256 elements, are left out: 0.06 B/element)
 Q8 = Stream(1, 1, 4)  # p float32 r/w; m, v codes r/w; grad float32 r: 16 B
 Q8_LOW = Stream(0, 2, 2)  # p 16-bit r/w; m, v codes r/w; grad 16-bit r: 10 B
-# 4-bit state: the two packed code arrays (0.5+0.5 B each) move 2 B per element, the bytes of
-# one 16-bit array written (scales: 2 x 8 B per 128 elements, left out: 0.125 B/element)
-Q4 = Stream(1, 0, 4, out=True)  # p float32 r/w; m, v codes r/w; grad float32 r: 14 B
-Q4_LOW = Stream(0, 1, 2, out=True)  # p 16-bit r/w; m, v codes r/w; grad 16-bit r: 8 B
+# 4-bit state: the two packed code arrays (0.5 B each) are read and written: one 1-byte array
+# r/w, 1 B read and 1 B written per element (scales: 2 x 8 B per 128 elements, left out:
+# 0.125 B/element)
+Q4 = Stream(1, 0, 4, codes=True)  # p float32 r/w; m, v codes r/w; grad float32 r: 14 B
+Q4_LOW = Stream(0, 1, 2, codes=True)  # p 16-bit r/w; m, v codes r/w; grad 16-bit r: 8 B
 
 
 @dataclass(frozen=True)
@@ -961,6 +1092,8 @@ def _stream_step(stream: Stream, pool: dict[str, list[np.ndarray]]) -> Callable[
     grad = pool["g16"][0] if stream.grad == 2 else pool["g32"][0]
     out = pool["out"][0] if stream.out else None
     rw = pool["f32"][: stream.rw32] + pool["h16"][: stream.rw16]
+    if stream.codes:
+        return functools.partial(_core.stream_mixed, rw, grad, out, pool["codes"][0])
     return functools.partial(_core.stream_mixed, rw, grad, out)
 
 
@@ -1028,6 +1161,7 @@ def run_layouts(
         "g32": [np.ones(size, np.float32)],
         "g16": [np.ones(size, _np_dtype("bfloat16"))],
         "out": [np.ones(size, _np_dtype("bfloat16"))],
+        "codes": [np.ones(size, np.uint8)],
     }
     used = list(dict.fromkeys(lay.stream for lay in layouts))
     for s in used:
@@ -1060,19 +1194,16 @@ def run_layouts(
             streams[s] = row
         return out, streams
 
+    def check() -> list[str]:
+        bad = [
+            f"{r.optimizer}: {'; '.join(problems(r, granularity))}"
+            for r in rows()[0]
+            if problems(r, granularity)
+        ]
+        return [" | ".join(bad)] if bad else []
+
+    remeasured = _remeasure(contenders, steps, samples, rounds, check, progress)
     found, streams = rows()
-    remeasured = 0
-    while any(problems(r, granularity) for r in found) and remeasured < MAX_REMEASURE:
-        if progress:
-            bad = [
-                f"{r.optimizer}: {'; '.join(problems(r, granularity))}"
-                for r in found
-                if problems(r, granularity)
-            ]
-            progress(f"    re-measuring every contender ({' | '.join(bad)})")
-        remeasured += 1
-        _more(contenders, steps, samples, rounds)
-        found, streams = rows()
     for r in found:
         r.remeasured = remeasured
         r.flags = problems(r, granularity)
@@ -1119,7 +1250,7 @@ def format_layouts(result: LayoutResult) -> str:
     for r in result.rows:
         lay = next(lay for lay in LAYOUTS if lay.name == r.optimizer)
         t = r.times["fastoptim"]
-        roof = f"{100 * r.roofline:7.0f}%{'!' if r.roofline > ROOFLINE_LIMIT else ' '}"
+        roof = f"{100 * r.roofline:7.0f}%{_mark(r.roofline)}"
         if base is not None:
             rel = _between(r, base)
             vs = f"{rel[0]:9.2f}x{'?' if rel[2] / rel[1] > 1.5 else ' '}"
@@ -1222,13 +1353,17 @@ MUON_SHAPES: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024), (768, 3072
 class MuonRow:
     """One matrix: the time of a Newton-Schulz orthogonalisation (5 iterations) per
     ``ns_dtype``, of a whole ``Muon.step`` (bfloat16), and of a square sgemm of its larger
-    dimension, all medians of interleaved rounds."""
+    dimension, all medians of interleaved rounds; `times` holds each one's (median, fastest,
+    slowest) under ``"sgemm"``, ``"products"``, ``"step"`` and the ns_dtypes."""
 
     shape: tuple[int, int]
     ns: dict[str, float] = field(default_factory=dict)  # ns_dtype -> seconds
     step: float = 0.0
     sgemm: float = 0.0  # seconds of one n x n x n float32 product, n = max(shape)
     products: float = 0.0  # seconds of the float32 iteration's BLAS products alone (5 x 3)
+    times: dict[str, Stat] = field(default_factory=dict)
+    rounds: int = 0
+    flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
 
     @property
     def flops(self) -> float:
@@ -1238,11 +1373,32 @@ class MuonRow:
         return 5 * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
 
     @property
+    def least_flops(self) -> float:
+        """The fewest flops the BLAS can spend on those products: X X^T by syrk (half of it)."""
+        m, n = sorted(self.shape)
+        return 5 * (m * m * n + 2 * m**3 + 2 * m * m * n)
+
+    @property
     def sgemm_rate(self) -> float:
         return 2 * max(self.shape) ** 3 / self.sgemm
 
+    @property
+    def ceiling(self) -> float:
+        """The most a nominal rate (:attr:`flops` / time) can be over the sgemm rate: the
+        products at the sgemm's rate, X X^T by syrk."""
+        return self.flops / self.least_flops
+
     def rate(self, ns_dtype: str) -> float:
         return self.flops / self.ns[ns_dtype]
+
+
+def muon_checks(row: MuonRow, times: Mapping[str, Stat]) -> list[str]:
+    """:func:`check_timings` on a Muon row: every Newton-Schulz and the products alone at most
+    the sgemm's rate on the fewest flops (:attr:`MuonRow.least_flops`); noise of every
+    timing."""
+    most = 2 * max(row.shape) ** 3 / row.least_flops  # sgemm time / NS time, at most
+    timed = [k for k in times if k not in ("sgemm", "step")]
+    return check_timings(times, [(k, "sgemm", most) for k in timed], noisy=list(times))
 
 
 def _ns_products(x: np.ndarray, gram: np.ndarray, poly: np.ndarray, nxt: np.ndarray) -> None:
@@ -1260,10 +1416,12 @@ def run_muon(
     shapes: Sequence[tuple[int, int]] = MUON_SHAPES,
     rounds: int = 3,
     progress: Callable[[str], None] | None = None,
+    repeats: int = 1,
 ) -> list[MuonRow]:
     """Time Muon's Newton-Schulz iteration (``fastoptim.host.newton_schulz``, NumPy's ``@``)
     against a float32 sgemm (NumPy's ``@`` too: the machine's BLAS) in the same interleaved
-    rounds, per matrix of `shapes`."""
+    rounds (:func:`_timed`: re-measured, then flagged, where :func:`muon_checks` fails), per
+    matrix of `shapes`; each sample times `repeats` calls (more where they last under 2 ms)."""
     from .. import host
 
     rng = np.random.default_rng(0)
@@ -1291,13 +1449,10 @@ def run_muon(
                 "step": opt.step,
                 **{d: functools.partial(host.newton_schulz, g, dtype=d) for d in host.NS_DTYPES},
             }
-            samples: dict[str, list[float]] = {k: [] for k in fns}
-            for fn in fns.values():
-                fn()  # warm up (BLAS threads, allocations)
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    samples[k].append(_block(fn, 1))
-            med = {k: statistics.median(v) for k, v in samples.items()}
+            row.times, row.flags, row.rounds = _timed(
+                fns, rounds, repeats, functools.partial(muon_checks, row), progress
+            )
+            med = {k: v[0] for k, v in row.times.items()}
             row.sgemm, row.step = med.pop("sgemm"), med.pop("step")
             row.products = med.pop("products")
             row.ns = med
@@ -1305,24 +1460,37 @@ def run_muon(
     return rows
 
 
+def _pm(times: Mapping[str, Stat], key: str) -> str:
+    """+- half the range of `key`'s rounds, % of its median."""
+    return f"{100 * spread(times[key]):3.0f}%"
+
+
 def format_muon(rows: Sequence[MuonRow]) -> str:
     """The table of :func:`run_muon`: per matrix, the sgemm rate, each ns_dtype's
-    Newton-Schulz rate and its % of the sgemm rate, and the whole step's time."""
+    Newton-Schulz rate and its % of the sgemm rate ("!" where faster than the sgemm allows),
+    and the whole step's time, each with +- half the range of its rounds; then the flagged
+    rows' problems."""
+
+    def pct(r: MuonRow, rate: float) -> str:  # of the sgemm rate; "!": beyond what it allows
+        return f"{100 * rate / r.sgemm_rate:6.0f}%{_mark(rate / r.sgemm_rate / r.ceiling)}"
+
     head = (
-        f"{'matrix':>11}  {'sgemm GF/s':>10}  {'NS bf16 GF/s':>12} {'% sgemm':>7}  "
-        f"{'NS fp32 GF/s':>12} {'% sgemm':>7}  {'products GF/s':>13} {'% sgemm':>7}  "
-        f"{'NS fp64 GF/s':>12}  {'Muon.step':>9}"
+        f"{'matrix':>11}  {'sgemm GF/s':>10} {'+-':>4}  {'NS bf16 GF/s':>12} {'+-':>4} "
+        f"{'% sgemm':>8}  {'NS fp32 GF/s':>12} {'+-':>4} {'% sgemm':>8}  {'products GF/s':>13} "
+        f"{'+-':>4} {'% sgemm':>8}  {'NS fp64 GF/s':>12} {'+-':>4}  {'Muon.step':>9} {'+-':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        s = r.sgemm_rate
+        s, pm = r.sgemm_rate, functools.partial(_pm, r.times)
         lines.append(
-            f"{r.shape[0]:>5}x{r.shape[1]:<5}  {s / 1e9:10.1f}  "
-            f"{r.rate('bfloat16') / 1e9:12.1f} {100 * r.rate('bfloat16') / s:6.0f}%  "
-            f"{r.rate('float32') / 1e9:12.1f} {100 * r.rate('float32') / s:6.0f}%  "
-            f"{r.flops / r.products / 1e9:13.1f} {100 * r.flops / r.products / s:6.0f}%  "
-            f"{r.rate('float64') / 1e9:12.1f}  {_fmt_time(r.step):>9}"
+            f"{r.shape[0]:>5}x{r.shape[1]:<5}  {s / 1e9:10.1f} {pm('sgemm')}  "
+            f"{r.rate('bfloat16') / 1e9:12.1f} {pm('bfloat16')} {pct(r, r.rate('bfloat16'))}  "
+            f"{r.rate('float32') / 1e9:12.1f} {pm('float32')} {pct(r, r.rate('float32'))}  "
+            f"{r.flops / r.products / 1e9:13.1f} {pm('products')} "
+            f"{pct(r, r.flops / r.products)}  {r.rate('float64') / 1e9:12.1f} "
+            f"{pm('float64')}  {_fmt_time(r.step):>9} {pm('step')}"
         )
+    lines += _flag_notes([(f"{r.shape[0]}x{r.shape[1]}", r.rounds, r.flags) for r in rows])
     return "\n".join(lines)
 
 
@@ -1333,7 +1501,10 @@ MUON_LEGEND = (
     "% sgemm = NS rate / sgemm rate\n(bf16: torch's convention, products rounded to bfloat16; "
     "fp32/fp64: ns_dtype='float32'/'float64'); products = the float32 iteration's BLAS products "
     "alone (X X^T, A A, B X, 5 times;\nthe rate the iteration would reach with free element-wise "
-    "passes); Muon.step = a whole bf16 step (momentum, NS, update)"
+    "passes); Muon.step = a whole bf16 step (momentum, NS, update); +- = half the range of the "
+    "rounds, % of the median;\n! = over 110% of the most the sgemm rate allows (X X^T by syrk: "
+    "products at the sgemm's rate show 120% (square) to 133% of it): a measurement error; a "
+    "flagged row's problems are listed under the table"
 )
 
 
@@ -1341,10 +1512,14 @@ MUON_LEGEND = (
 #: ``bench --adafactor``'s tensors: a 16M-element matrix, hidden-layer matrices (wide, tall) and
 #: a 16M-element vector (no factorisation: no reduction pass).
 ADAFACTOR_SHAPES: tuple[tuple[int, ...], ...] = ((4096, 4096), (768, 3072), (3072, 768), (1 << 24,))
-#: Bytes per element a fused step must move at least: read p and g (RMS of p, row/column sums
-#: of g^2), read g (RMS of the update, recomputed from g and the factors), read g and read and
-#: write p (the update).
+#: Bytes per element a fused step must move at least on a matrix: read p and g (RMS of p,
+#: row/column sums of g^2), read g (RMS of the update, recomputed from g and the factors), read
+#: g and read and write p (the update).
 ADAFACTOR_BYTES = 24
+#: ... and on a vector (0-D or 1-D: a full-size ``variance``, no factors): read p (RMS of p),
+#: read g and read and write the variance (RMS of the update), read g and the variance and read
+#: and write p (the update): 4 + 12 + 16.
+ADAFACTOR_VECTOR_BYTES = 32
 
 
 @dataclass
@@ -1352,9 +1527,9 @@ class AdafactorRow:
     """One tensor: medians of interleaved rounds (seconds) of a whole ``Adafactor.step``
     (float32, default options), of its reduction pass alone (``host.row_col_means``: the row
     and column means of g^2; 0 for a vector), of a read-only streaming pass over the gradient
-    (the reduction's bytes), of the streaming kernels moving ADAFACTOR_BYTES per element in
-    three passes as a fused step would (``stream``), and of torch.optim.Adafactor's for-loop
-    step (0 without torch)."""
+    (the reduction's bytes), of the streaming kernels moving :attr:`bytes` per element in the
+    passes of a step (``stream``), and of torch.optim.Adafactor's for-loop step (0 without
+    torch); `times` holds each one's (median, fastest, slowest) under those names."""
 
     shape: tuple[int, ...]
     step: float = 0.0
@@ -1362,10 +1537,45 @@ class AdafactorRow:
     read: float = 0.0
     stream: float = 0.0
     torch: float = 0.0
+    times: dict[str, Stat] = field(default_factory=dict)
+    rounds: int = 0
+    flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
 
     @property
     def elements(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes per element a fused step moves: ADAFACTOR_BYTES, or ADAFACTOR_VECTOR_BYTES."""
+        return ADAFACTOR_BYTES if len(self.shape) > 1 else ADAFACTOR_VECTOR_BYTES
+
+
+def adafactor_checks(row: AdafactorRow, times: Mapping[str, Stat]) -> list[str]:
+    """:func:`check_timings` on an Adafactor row: the step no faster than the streaming kernels
+    of its bytes, the reduction no faster than a read-only pass over g; the streaming kernels
+    moving their bytes; noise of each (torch's aside)."""
+    against = [("step", "stream", 1.0)]
+    if "reduction" in times:
+        against.append(("reduction", "read", 1.0))
+    moved = {"stream": row.elements * row.bytes, "read": row.elements * 4}
+    return check_timings(times, against, moved, [k for k in times if k != "torch"])
+
+
+def _adafactor_streams(p: np.ndarray, g: np.ndarray, variance: np.ndarray | None) -> None:
+    """Streaming kernels moving an Adafactor step's bytes in its passes: RMS(p) (p read); a
+    matrix's reduction (g read), RMS of the update (g read) and the update (p read and
+    written, g read); a vector's (`variance` given) RMS of the update (g read, the variance
+    read and written) and the update (g and the variance read, p read and written)."""
+    _core.stream_read(p)
+    if variance is None:
+        _core.stream_read(g)
+        _core.stream_read(g)
+        _core.stream_mixed([p], g)
+    else:
+        _core.stream_mixed([variance], g)
+        _core.stream_mixed([p], g)
+        _core.stream_read(variance)
 
 
 def run_adafactor(
@@ -1373,10 +1583,13 @@ def run_adafactor(
     rounds: int = 3,
     progress: Callable[[str], None] | None = None,
     torch: bool = True,
+    repeats: int = 1,
 ) -> list[AdafactorRow]:
     """Time Adafactor (a NumPy step: :func:`fastoptim.host.adafactor_update`) per tensor of
     `shapes`, its extra reduction pass, the streaming kernels moving the same bytes and, with
-    `torch`, torch.optim.Adafactor (for-loop), all in the same interleaved rounds."""
+    `torch`, torch.optim.Adafactor (for-loop), all in the same interleaved rounds
+    (:func:`_timed`: re-measured, then flagged, where :func:`adafactor_checks` fails); each
+    sample times `repeats` calls (more where they last under 2 ms)."""
     from .. import host
 
     rng = np.random.default_rng(0)
@@ -1390,17 +1603,11 @@ def run_adafactor(
             opt = fast.Adafactor([w.copy()])
             opt.grads[0][...] = g
             p1, g1 = w.reshape(-1).copy(), g.reshape(-1)
-
-            def streams(p1: np.ndarray = p1, g1: np.ndarray = g1) -> None:
-                _core.stream_read(p1)  # pass 1: p and g read
-                _core.stream_read(g1)
-                _core.stream_read(g1)  # pass 2: g read
-                _core.stream_mixed([p1], g1)  # pass 3: p read and written, g read
-
+            v1 = np.ones(p1.size, np.float32) if len(shape) <= 1 else None  # variance
             fns: dict[str, Callable[[], object]] = {
                 "step": opt.step,
                 "read": functools.partial(_core.stream_read, g1),
-                "stream": streams,
+                "stream": functools.partial(_adafactor_streams, p1, g1, v1),
             }
             if len(shape) > 1:
                 fns["reduction"] = functools.partial(host.row_col_means, g)
@@ -1412,49 +1619,57 @@ def run_adafactor(
                         if k == "torch for-loop"
                     }
                 )
-            samples: dict[str, list[float]] = {k: [] for k in fns}
-            for fn in fns.values():
-                fn()  # warm up (first touch, state)
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    samples[k].append(_block(fn, 1))
-            med = {k: statistics.median(v) for k, v in samples.items()}
-            rows.append(AdafactorRow(shape, **med))
+            row = AdafactorRow(shape)
+            row.times, row.flags, row.rounds = _timed(
+                fns, rounds, repeats, functools.partial(adafactor_checks, row), progress
+            )
+            for k, v in row.times.items():
+                setattr(row, k, v[0])
+            rows.append(row)
     return rows
 
 
 def format_adafactor(rows: Sequence[AdafactorRow]) -> str:
-    """The table of :func:`run_adafactor`."""
+    """The table of :func:`run_adafactor`, each time with +- half the range of its rounds, "!"
+    on a % beyond :func:`over_limit`; then the flagged rows' problems."""
     head = (
-        f"{'tensor':>12}  {'step':>9} {'GB/s':>6} {'% stream':>8}  {'reduction':>9} "
-        f"{'% read':>6} {'% step':>6}  {'stream 24 B':>11}  {'torch loop':>10}"
+        f"{'tensor':>12} {'B/el':>4}  {'step':>9} {'+-':>4} {'GB/s':>6} {'% stream':>9}  "
+        f"{'reduction':>9} {'+-':>4} {'% read':>7} {'% step':>6}  {'stream':>9} {'+-':>4}  "
+        f"{'torch loop':>10} {'+-':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        gbps = r.elements * ADAFACTOR_BYTES / r.step / 1e9
+        pm = functools.partial(_pm, r.times)
+        gbps = r.elements * r.bytes / r.step / 1e9
         red = (
-            f"{_fmt_time(r.reduction):>9} {100 * r.read / r.reduction:5.0f}% "
-            f"{100 * r.reduction / r.step:5.0f}%"
+            f"{_fmt_time(r.reduction):>9} {pm('reduction')} {100 * r.read / r.reduction:6.0f}%"
+            f"{_mark(r.read / r.reduction)}{100 * r.reduction / r.step:5.0f}%"
             if r.reduction
-            else f"{'-':>9} {'-':>6} {'-':>6}"
+            else f"{'-':>9} {'-':>4} {'-':>7} {'-':>6}"
         )
+        torch = f"{_fmt_time(r.torch):>10} {pm('torch')}" if r.torch else f"{'-':>10} {'-':>4}"
         lines.append(
-            f"{'x'.join(map(str, r.shape)):>12}  {_fmt_time(r.step):>9} {gbps:6.1f} "
-            f"{100 * r.stream / r.step:7.0f}%  {red}  {_fmt_time(r.stream):>11}  "
-            f"{_fmt_time(r.torch) if r.torch else '-':>10}"
+            f"{'x'.join(map(str, r.shape)):>12} {r.bytes:4d}  {_fmt_time(r.step):>9} {pm('step')} "
+            f"{gbps:6.1f} {100 * r.stream / r.step:8.0f}%{_mark(r.stream / r.step)} {red}  "
+            f"{_fmt_time(r.stream):>9} {pm('stream')}  {torch}"
         )
+    lines += _flag_notes([("x".join(map(str, r.shape)), r.rounds, r.flags) for r in rows])
     return "\n".join(lines)
 
 
 ADAFACTOR_LEGEND = (
     "\nstep = a whole Adafactor.step (float32, default options; NumPy: fastoptim.host), GB/s "
-    f"counting the {ADAFACTOR_BYTES} B/element a fused step must move (read p and g: RMS(p), "
-    "row/column sums of g^2; read g: RMS of the update; read g, read and write p: the update);\n"
-    "% stream = the time of streaming kernels moving those bytes in those three passes / the "
-    "step's; reduction = the extra pass of a factored step alone (row and column means of g^2, "
-    "float64 accumulation in a fixed block order;\n% read = a read-only streaming pass over g / "
-    "the reduction's time; % step = its share of the step); a vector has no reduction pass; "
-    "torch loop = torch.optim.Adafactor(foreach=False).step, same run"
+    f"counting the B/el a fused step must move: a matrix {ADAFACTOR_BYTES} (read p and g: RMS(p), "
+    "row/column sums of g^2; read g: RMS of the update; read g, read and write p: the update), "
+    f"a vector {ADAFACTOR_VECTOR_BYTES}\n(read p: RMS(p); read g, read and write its variance: "
+    "RMS of the update; read g and the variance, read and write p: the update); % stream = the "
+    "time of streaming kernels moving those bytes in those passes / the step's;\nreduction = "
+    "the extra pass of a factored step alone (row and column means of g^2, float64 accumulation "
+    "in a fixed block order; % read = a read-only streaming pass over g / the reduction's time;"
+    "\n% step = its share of the step); a vector has no reduction pass; torch loop = "
+    "torch.optim.Adafactor(foreach=False).step, same run; +- = half the range of the rounds, % "
+    "of the median;\n! = faster than the streaming kernels allow (over 110%): a measurement "
+    "error; a flagged row's problems are listed under the table"
 )
 
 
@@ -1467,8 +1682,53 @@ class TransformRow:
     name: str
     bytes: int  # bytes per element the contender must move
     baseline: str  # what it is compared with
-    time: tuple[float, float, float] = (0.0, 0.0, 0.0)  # median, lowest, highest (seconds)
-    base: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    time: Stat = (0.0, 0.0, 0.0)  # median, lowest, highest (seconds)
+    base: Stat = (0.0, 0.0, 0.0)
+    rounds: int = 0
+    flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
+
+
+#: ``bench --transforms``' rows: (name, bytes per element, contender, the streaming
+#: contenders whose times add up to its baseline)
+TRANSFORMS: tuple[tuple[str, int, str, tuple[str, ...]], ...] = (
+    ("norm pass (grad_stats)", 4, "norm pass", ("stream read 4 B",)),
+    ("AdamW", 28, "AdamW", ("stream 28 B",)),
+    ("AdamW max_grad_norm", 32, "AdamW max_grad_norm", ("stream 28 B", "stream read 4 B")),
+    ("AdamW ema_decay", 36, "AdamW ema_decay", ("stream 36 B",)),
+    ("AdamW both", 40, "AdamW both", ("stream 36 B", "stream read 4 B")),
+)
+
+
+def _label(parts: tuple[str, ...]) -> str:
+    """A baseline's name: "stream 28 B", "stream 28 B + read 4 B"."""
+    return " + ".join([parts[0], *(p.removeprefix("stream ") for p in parts[1:])])
+
+
+def _baselines(times: Mapping[str, Stat]) -> dict[str, Stat]:
+    """`times` and each baseline of :data:`TRANSFORMS` made of several streams (the sum of
+    their medians, of their lowest and of their highest), under its :func:`_label`."""
+    out = dict(times)
+    for *_, parts in TRANSFORMS:
+        if len(parts) > 1:
+            out[_label(parts)] = (
+                sum(times[p][0] for p in parts),
+                sum(times[p][1] for p in parts),
+                sum(times[p][2] for p in parts),
+            )
+    return out
+
+
+def transform_checks(size: int, times: Mapping[str, Stat], only: str | None = None) -> list[str]:
+    """:func:`check_timings` on the rows of :data:`TRANSFORMS` (or on the row named `only`):
+    each contender no faster than its baseline, both moving their bytes, neither noisy."""
+    every = _baselines(times)
+    found: list[str] = []
+    for name, nbytes, key, parts in TRANSFORMS:
+        if only is None or name == only:
+            base = _label(parts)
+            moved = {key: nbytes * size, base: nbytes * size}
+            found += check_timings(every, [(key, base, 1.0)], moved, (key, base))
+    return list(dict.fromkeys(found))  # (a stream shared by two rows: its problems once)
 
 
 def run_transforms(
@@ -1481,7 +1741,8 @@ def run_transforms(
     against a read-only streaming pass over the gradient (``_core.stream_read``); AdamW plain,
     with ``max_grad_norm`` (one more read of the gradient), with ``ema_decay`` (one more array
     read and written) and with both, each against the streaming kernels moving its bytes; all
-    interleaved in the same rounds."""
+    interleaved in the same rounds, every contender re-measured while a row fails
+    :func:`transform_checks` (up to MAX_REMEASURE times), what still fails flagged."""
     rng = np.random.default_rng(0)
     g = rng.standard_normal(size, dtype=np.float32) * np.float32(0.1)
     plan = _core.Plan([np.zeros(size, np.float32)], ["p"], [], [])
@@ -1508,43 +1769,15 @@ def run_transforms(
     }
     if progress:
         progress(f"timing {len(contenders)} contenders interleaved, {rounds} round(s)")
-    _, samples = _interleaved(contenders, rounds, repeats, MIN_SAMPLE_S)
-
-    def stat(name: str) -> tuple[float, float, float]:
-        v = samples[name]
-        return statistics.median(v), min(v), max(v)
-
-    def plus(a: str, b: str) -> tuple[float, float, float]:
-        x, y = stat(a), stat(b)
-        return x[0] + y[0], x[1] + y[1], x[2] + y[2]
-
-    rows = [
-        TransformRow(
-            "norm pass (grad_stats)",
-            4,
-            "stream read 4 B",
-            stat("norm pass"),
-            stat("stream read 4 B"),
-        ),
-        TransformRow("AdamW", 28, "stream 28 B", stat("AdamW"), stat("stream 28 B")),
-        TransformRow(
-            "AdamW max_grad_norm",
-            32,
-            "stream 28 B + read 4 B",
-            stat("AdamW max_grad_norm"),
-            plus("stream 28 B", "stream read 4 B"),
-        ),
-        TransformRow(
-            "AdamW ema_decay", 36, "stream 36 B", stat("AdamW ema_decay"), stat("stream 36 B")
-        ),
-        TransformRow(
-            "AdamW both",
-            40,
-            "stream 36 B + read 4 B",
-            stat("AdamW both"),
-            plus("stream 36 B", "stream read 4 B"),
-        ),
-    ]
+    times, _, done = _timed(
+        contenders, rounds, repeats, functools.partial(transform_checks, size), progress
+    )
+    every = _baselines(times)
+    rows = []
+    for name, nbytes, key, parts in TRANSFORMS:
+        base = _label(parts)
+        flags = transform_checks(size, times, only=name)
+        rows.append(TransformRow(name, nbytes, base, every[key], every[base], done, flags))
     del contenders, pool, plan
     gc.collect()
     return rows
@@ -1552,22 +1785,24 @@ def run_transforms(
 
 def format_transforms(rows: Sequence[TransformRow], size: int) -> str:
     """The ``bench --transforms`` table: ns per element (median [lowest-highest] of the
-    rounds), GB/s, the streaming work of the same bytes, and the % of it (its median time / the
-    contender's; a "!" where that exceeds 105%: faster than memory allows, a measurement
-    error)."""
+    rounds), GB/s, the streaming work of the same bytes (the same), and the % of it (its
+    median time / the contender's; "!" where :func:`over_limit` rejects it: faster than memory
+    allows, a measurement error); then the flagged rows' problems."""
+
+    def ns(t: Stat) -> str:
+        return f"{t[0] / size * 1e9:7.3f} [{t[1] / size * 1e9:.3f}-{t[2] / size * 1e9:.3f}]"
+
     lines = [
-        f"{'':24} {'B/el':>4} {'ns/el':>20} {'GB/s':>6}  {'roofline: streaming':24} "
-        f"{'ns/el':>6} {'%':>5}"
+        f"{'':24} {'B/el':>4} {'ns/el':>21} {'GB/s':>6}  {'roofline: streaming':24} "
+        f"{'ns/el':>21} {'%':>5}"
     ]
     for r in rows:
         t, b = r.time, r.base
-        pct = 100 * b[0] / t[0]
-        flag = " !" if pct > 105 else ""
         lines.append(
-            f"{r.name:24} {r.bytes:4d} {t[0] / size * 1e9:7.3f} [{t[1] / size * 1e9:.3f}-"
-            f"{t[2] / size * 1e9:.3f}] {r.bytes * size / t[0] / 1e9:6.1f}  {r.baseline:24} "
-            f"{b[0] / size * 1e9:6.3f} {pct:4.0f}%{flag}"
+            f"{r.name:24} {r.bytes:4d} {ns(t):>21} {r.bytes * size / t[0] / 1e9:6.1f}  "
+            f"{r.baseline:24} {ns(b):>21} {100 * b[0] / t[0]:4.0f}%{_mark(b[0] / t[0])}"
         )
+    lines += _flag_notes([(r.name, r.rounds, r.flags) for r in rows])
     return "\n".join(lines)
 
 
@@ -1591,7 +1826,17 @@ class RowsRow:
 
     name: str
     nstate: int
-    times: dict[str, tuple[float, float, float]]
+    times: dict[str, Stat]
+    rounds: int = 0
+    flags: list[str] = field(default_factory=list)  # what stayed wrong after re-measuring
+
+
+def rows_checks(nstate: int, times: Mapping[str, Stat]) -> list[str]:
+    """:func:`check_timings` on a ``bench --rows`` row: fastoptim no faster than the streaming
+    kernel of its bytes, both moving them, neither noisy."""
+    moved = ROWS_UPDATED * ROWS_WIDTH * bytes_per_element(nstate)
+    pair = ("fastoptim", "stream")
+    return check_timings(times, [(*pair, 1.0)], dict.fromkeys(pair, moved), pair)
 
 
 def run_rows(
@@ -1642,22 +1887,28 @@ def run_rows(
                 progress(f"{name}: {len(contenders)} contenders interleaved, {rounds} round(s)")
             with warnings.catch_warnings():  # (torch's Adagrad builds unchecked sparse tensors)
                 warnings.filterwarnings("ignore", message="Sparse invariant checks")
-                _, samples = _interleaved(contenders, rounds, repeats, MIN_SAMPLE_S)
-            times = {c: (statistics.median(v), min(v), max(v)) for c, v in samples.items()}
-            out.append(RowsRow(name, nstate, times))
+                check = functools.partial(rows_checks, nstate)
+                times, flags, done = _timed(contenders, rounds, repeats, check, progress)
+            out.append(RowsRow(name, nstate, times, done, flags))
             del contenders, mine, ref, pool
             gc.collect()
     return out
 
 
 def format_rows(rows: Sequence[RowsRow]) -> str:
-    """The ``bench --rows`` table: ns per updated element (median [lowest-highest]), the
-    streaming kernel's for the same bytes and the % of it, the NumPy reference's and torch's."""
+    """The ``bench --rows`` table: ns per updated element (median [lowest-highest]) of
+    fastoptim and of the streaming kernel for the same bytes, the % of it ("!" where
+    :func:`over_limit` rejects it), the NumPy reference's and torch's; then the flagged rows'
+    problems."""
     n = ROWS_UPDATED * ROWS_WIDTH
+
+    def ns(t: Stat, width: int = 7) -> str:
+        return f"{t[0] / n * 1e9:{width}.3f} [{t[1] / n * 1e9:.3f}-{t[2] / n * 1e9:.3f}]"
+
     lines = [
         f"{ROWS_UPDATED} rows x {ROWS_WIDTH} float32 of a {ROWS_TABLE}-row table per step; "
         "ns per updated element",
-        f"{'':11} {'B/el':>4} {'fastoptim':>21} {'GB/s':>6} {'stream':>7} {'%':>5} "
+        f"{'':11} {'B/el':>4} {'fastoptim':>21} {'GB/s':>6} {'stream':>21} {'%':>5} "
         f"{'NumPy ref':>10} {'torch':>8}",
     ]
     for r in rows:
@@ -1667,8 +1918,8 @@ def format_rows(rows: Sequence[RowsRow]) -> str:
         torch_t = r.times.get("torch for-loop")
         torch_ns = f"{torch_t[0] / n * 1e9:8.2f}" if torch_t else f"{'-':>8}"
         lines.append(
-            f"{r.name:11} {nbytes:4d} {t[0] / n * 1e9:7.3f} [{t[1] / n * 1e9:.3f}-"
-            f"{t[2] / n * 1e9:.3f}] {nbytes * n / t[0] / 1e9:6.1f} {s[0] / n * 1e9:7.3f} "
-            f"{100 * s[0] / t[0]:4.0f}% {numpy_ns:10.2f} {torch_ns}"
+            f"{r.name:11} {nbytes:4d} {ns(t):>21} {nbytes * n / t[0] / 1e9:6.1f} {ns(s):>21} "
+            f"{100 * s[0] / t[0]:4.0f}%{_mark(s[0] / t[0])}{numpy_ns:10.2f} {torch_ns}"
         )
+    lines += _flag_notes([(r.name, r.rounds, r.flags) for r in rows])
     return "\n".join(lines)

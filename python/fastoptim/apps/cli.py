@@ -446,11 +446,20 @@ def _run_bench(args: argparse.Namespace) -> None:
     progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     mode = _bench_mode(args)
+    # (every mode re-measures what fails its checks, bench.MAX_REMEASURE times at most; --muon
+    # and --adafactor time one call per sample, whatever --repeats says)
+    block = (
+        "one call (more where one lasts under 2 ms)"
+        if mode in ("muon", "adafactor")
+        else f"{plural(args.repeats, 'call')} (more where they last under 2 ms; fewer, down to "
+        f"1, where they would last over {bench.MAX_SAMPLE_S:g} s)"
+    )
     print(
         f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}"
         f"{capped(args.threads)}, {'float32' if mode is None else _BENCH_MODES[mode]}, "
-        f"median of {plural(args.rounds, 'interleaved round')} (more where a check fails), "
-        f"each timing a block of >= {plural(args.repeats, 'step')} (>= 2 ms)",
+        f"median and range of {plural(args.rounds, 'interleaved round')} (and up to "
+        f"{bench.MAX_REMEASURE * args.rounds} more where a check fails), each sample timing a "
+        f"block of {block}",
         flush=True,
     )
     busy = _busy()
@@ -477,33 +486,39 @@ def _run_bench(args: argparse.Namespace) -> None:
     print(f"bench took {time.perf_counter() - start:.0f} s")
 
 
+# (every table's "!", one rule: bench.over_limit and the checks each mode runs)
+_FLAG_LEGEND = (
+    "\n! = faster than the memory (or the machine's sgemm) allows: a measurement error; a row "
+    "whose rounds spread too far, or whose checks fail, is flagged too, its problems listed "
+    "under its table"
+)
 _TABLE_LEGEND = (
     "\n+- = half the range of the rounds, % of the median; roofline = time of a "
     "streaming kernel moving the same bytes / time of the step;\nvs torch = best "
     "torch.optim path (for-loop, foreach, fused; pytorch_optimizer's for LAMB and LARS) "
     "/ fastoptim; ? = ratio uncertain (the "
-    "rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
-    "measurement error; a flagged row's problems are listed under its table"
+    "rounds allow values more than 1.5x apart);" + _FLAG_LEGEND
 )
 _ROWS_LEGEND = (
     "\nB/el = bytes per updated element (param, grad and state read, param and state "
     "written); stream = the streaming kernel moving the same bytes (a dense pass over "
     "as many elements); % = its time / fastoptim's; NumPy ref = fancy indexing "
     "(fastoptim.reference); torch = torch.optim with a sparse COO gradient (for-loop)"
+    + _FLAG_LEGEND
 )
 _TRANSFORMS_LEGEND = (
     "\nB/el = bytes per element moved (AdamW fp32: p, m, v read and written, g read; the "
     "norm pass reads g once more; the EMA is one more array read and written); "
-    "[lowest-highest] of the rounds; % = the streaming work's time / the row's"
+    "[lowest-highest] of the rounds; % = the streaming work's time / the row's" + _FLAG_LEGEND
 )
 _LAYOUTS_LEGEND = (
     "\nB/el = bytes per element one step must move (read + write; p = parameter, g = gradient, "
     "m, v = AdamW's state);\n+- = half the range of the rounds, % of the median; roofline = "
     "time of a streaming kernel moving the same bytes with arrays of the same widths / time of "
     "the step;\nt/t(fp32) = time / the fp32 row's time (below 1: faster); ? = ratio uncertain "
-    "(the rounds allow values more than 1.5x apart);\n! = faster than the memory allows: a "
-    "measurement error.  Contenders (torch fused, cast around an fp32 step) are charged the "
-    "bytes of the fastoptim layout\ndoing the same work; the cast-around baseline moves more "
+    "(the rounds allow values more than 1.5x apart);" + _FLAG_LEGEND + ".\nContenders (torch "
+    "fused, cast around an fp32 step) are charged the bytes of the fastoptim layout doing the "
+    "same work; the cast-around baseline moves more "
     "(and allocates temporaries) by construction.  The fp16 rows' roofline converts as "
     "bfloat16 (same bytes).\nL2 1thr = ns/el of the same step on 65,536 elements (in L2), one "
     "thread, CPU time: the step's compute alone;\ndivided by the thread count, a floor that no "
@@ -518,7 +533,8 @@ def _busy() -> str:
         return ""
     return (
         f"warning: load average {load[0]:.1f} on {load[1]} core(s): other processes compete "
-        "for the cores, so timings vary; see +- and the flags"
+        "for the cores, so timings vary; see each table's spread (+- or [range]) and the flags "
+        "under it"
     )
 
 
