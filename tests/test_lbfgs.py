@@ -358,3 +358,16 @@ def test_line_search_interpolation_divides_by_zero_silently() -> None:
     one, zero = np.float64(1.0), np.float64(0.0)  # (the line search's values are NumPy's)
     got = _cubic_interpolate(one, one, zero, one, one, zero)  # x1 == x2: 0/0 and x/0
     assert np.isnan(got) or np.isinf(got) or got == 1.0
+
+
+def test_a_closure_returning_none_is_named() -> None:
+    w = np.ones(4)
+    opt = fo.LBFGS([w])
+
+    def closure() -> Any:
+        opt.grads[0][...] = 2 * w
+        return None
+
+    with pytest.raises(TypeError, match="closure returned None; it must return the loss"):
+        opt.step(closure)
+    assert (w == 1).all()

@@ -415,3 +415,31 @@ def test_copy_out_storage_replaced_between_steps() -> None:
     with pytest.raises(ValueError, match=r"copy-out of param 0 of group 0: shape \(100,\)"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("source", ["torch", "fastoptim"])
+def test_asgd_float64_after_a_load_keeps_torchs_scalars(source: str) -> None:
+    """torch computes ASGD's next eta and mu as default-dtype (float32) tensors and copies them
+    into the state; after a load into float64 parameters that state is float64, and fastoptim
+    computed the values in float64 (params 1.6e-9 relative off torch's within 3 steps)."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(5, dtype=torch.float64, generator=gen)
+    grads = [torch.randn(5, dtype=torch.float64, generator=gen) for _ in range(6)]
+    ours, theirs = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    kw: dict[str, Any] = {"lr": 0.01, "t0": 0.0, "foreach": False}
+    first = (torch.optim.ASGD if source == "torch" else fot.ASGD)([theirs], **kw)
+    for g in grads[:3]:
+        theirs.grad = g.clone()
+        first.step()
+    ours.data.copy_(theirs.detach())
+    o, t = fot.ASGD([ours], **kw), torch.optim.ASGD([theirs], **kw)
+    o.load_state_dict(copy.deepcopy(first.state_dict()))
+    t.load_state_dict(copy.deepcopy(first.state_dict()))
+    for g in grads[3:]:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+    assert torch.equal(ours.detach(), theirs.detach())
+    for k in ("eta", "mu", "ax"):
+        assert o.state[ours][k].dtype == t.state[theirs][k].dtype
+        assert torch.equal(o.state[ours][k], t.state[theirs][k]), k

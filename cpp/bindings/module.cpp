@@ -589,15 +589,19 @@ class PyPlan {
   // The gradient transform of the steps that follow: the kernels see clamp(g * mul, -clip,
   // clip).  Identity: mul = 1, clip = inf.
   void set_grad_transform(double mul, double clip) {
+    // (A NaN mul is taken: the clipping factor of a NaN norm, which makes the step NaN, as
+    // torch's clip_grad_norm_ does.)
     if (!(clip >= 0)) throw py::value_error("clip must be >= 0 (inf: no clipping)");
-    if (!std::isfinite(mul)) throw py::value_error("mul must be finite");
-    for (const Tensor& t : plan_.tensors)  // (float32 kernels multiply by float(mul))
-      if (t.compute() != DType::f64 &&
-          (std::fabs(mul) > std::numeric_limits<float>::max() ||
-           (mul != 0 && static_cast<float>(mul) == 0)))
-        throw py::value_error("mul " + py::str(py::float_(mul)).cast<std::string>() +
-                              " is out of float32's range, this plan's arithmetic (it would "
-                              "make every gradient infinite or 0)");
+    if (std::isinf(mul)) throw py::value_error("mul must not be infinite");
+    const bool f32_range =  // (float32 kernels multiply by float(mul))
+        std::isnan(mul) || (std::fabs(mul) <= std::numeric_limits<float>::max() &&
+                            (mul == 0 || static_cast<float>(mul) != 0));
+    if (!f32_range)
+      for (const Tensor& t : plan_.tensors)
+        if (t.compute() != DType::f64)
+          throw py::value_error("mul " + py::str(py::float_(mul)).cast<std::string>() +
+                                " is out of float32's range, this plan's arithmetic (it would "
+                                "make every gradient infinite or 0)");
     Lock lock(*this);
     plan_.grad_mul = mul;
     plan_.grad_clip = clip;
@@ -1355,7 +1359,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_grain", &set_grain, py::arg("bytes"),
         "Bytes of memory traffic per thread below which a step uses fewer threads.");
   m.def("get_grain", &get_grain);
-  m.def("stream_mixed", [](const py::sequence& rw, const py::handle& grad, const py::object& out) {
+  m.def("stream_mixed", [](const py::sequence& rw, const py::handle& grad, const py::object& out,
+                           const py::object& codes) {
     StreamArrays s;
     std::vector<Span> spans;
     int64_t n = -1;
@@ -1387,12 +1392,19 @@ PYBIND11_MODULE(_core, m) {
       if (o.dtype == DType::f32) throw py::type_error("stream_mixed: out must be 16-bit");
       s.out16 = static_cast<uint16_t*>(o.data);
     }
+    if (!codes.is_none()) {
+      Arg c = check_codes(codes, "codes");
+      if (c.size != n) throw py::value_error("stream_mixed: arrays must have equal sizes");
+      if (c.size) spans.push_back({c.lo, c.hi, "codes"});
+      s.rw8 = static_cast<uint8_t*>(c.data);
+    }
     sort_and_check_disjoint(spans);
     py::gil_scoped_release release;
     stream_mixed(s, n);
-  }, py::arg("rw"), py::arg("grad"), py::arg("out") = py::none(),
+  }, py::arg("rw"), py::arg("grad"), py::arg("out") = py::none(), py::arg("codes") = py::none(),
   "Roofline kernel of a mixed-precision layout: one fused pass reading and writing every array "
-  "of `rw` (float32 or 16-bit), reading `grad` and writing `out` (16-bit) when given.");
+  "of `rw` (float32 or 16-bit), reading `grad`, writing `out` (16-bit) and reading and writing "
+  "`codes` (uint8: 1 B per element, as a 4-bit state's two packed code arrays) when given.");
   m.def("accumulate", [](const std::vector<PyPlan*>& plans, double scale) {
     if (!std::isfinite(scale)) throw py::value_error("scale must be finite");
     const auto locks = lock_plans(plans.data(), plans.size());

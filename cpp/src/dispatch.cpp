@@ -247,6 +247,23 @@ bool spin_until(const P& pred, std::chrono::microseconds budget, std::chrono::mi
 // seen published.  The job's fn/ctx (the caller's stack) are read only after a successful
 // claim, and the job is not complete (the caller does not return) until that chunk is counted
 // done, so they are alive whenever they are read.
+// The caller's floating-point mode: a worker runs a job's chunks under the MXCSR control bits
+// (flush-to-zero, denormals-are-zero, rounding, exception masks) of the thread that published it,
+// as the caller's own chunks run: the same bits for any thread count whatever mode the caller set
+// (torch.set_flush_denormal, fesetround).  A thread's MXCSR is otherwise inherited at its creation,
+// and the pool's workers are created once.  (The exception flags, bits 0-5, stay the worker's.)
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+constexpr unsigned kCsrControl = 0xFFC0u;
+unsigned fp_mode() { return _mm_getcsr() & kCsrControl; }
+void set_fp_mode(unsigned mode) {
+  const unsigned csr = _mm_getcsr();
+  if ((csr & kCsrControl) != mode) _mm_setcsr((csr & ~kCsrControl) | mode);
+}
+#else
+unsigned fp_mode() { return 0; }
+void set_fp_mode(unsigned) {}
+#endif
+
 class Pool {
  public:
   explicit Pool(int max_threads) : ranges_(static_cast<std::size_t>(max_threads)) {}
@@ -261,6 +278,7 @@ class Pool {
     const int p = std::min(threads, static_cast<int>(threads_.size()) + 1);
     fn_ = fn;
     ctx_ = ctx;
+    fp_mode_.store(fp_mode(), std::memory_order_relaxed);
     linger_.store(linger, std::memory_order_relaxed);
     caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
@@ -352,7 +370,12 @@ class Pool {
       seen = gen_of(job);
       linger = linger_.load(std::memory_order_relaxed);
       // A worker beyond this job's thread count leaves it to the others.
-      if (id < static_cast<int>((job >> 16) & 0xffff)) work(id, job);
+      if (id < static_cast<int>((job >> 16) & 0xffff)) {
+        // (stored before the job word: a worker that sees a job sees its mode, or a later
+        // job's when that job is over, whose chunks it then cannot claim)
+        set_fp_mode(fp_mode_.load(std::memory_order_relaxed));
+        work(id, job);
+      }
     }
   }
 
@@ -375,6 +398,7 @@ class Pool {
   alignas(64) std::atomic<uint64_t> job_{0};
   ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
+  std::atomic<unsigned> fp_mode_{0};  // the caller's MXCSR control bits (fp_mode)
   alignas(64) std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
   std::atomic<int> caller_cpu_{-1};  // where the last job was published from
@@ -567,7 +591,8 @@ void stream(float* const* arrays, int narrays, int64_t n) {
 void stream_mixed(const StreamArrays& s, int64_t n) {
   if (s.nrw32 < 0 || s.nrw32 > 4 || s.nrw16 < 0 || s.nrw16 > 4 || (s.grad32 == nullptr) == (s.grad16 == nullptr))
     throw std::invalid_argument("stream_mixed: 0 to 4 arrays of each width and one gradient");
-  const int64_t bytes = n * (8 * s.nrw32 + 4 * s.nrw16 + (s.grad16 ? 2 : 4) + (s.out16 ? 2 : 0));
+  const int64_t bytes =
+      n * (8 * s.nrw32 + 4 * s.nrw16 + (s.grad16 ? 2 : 4) + (s.out16 ? 2 : 0) + (s.rw8 ? 2 : 0));
   const int threads = threads_for(bytes);
   FASTOPTIM_FORWARD(stream_mixed, s, n, threads)
 }

@@ -135,7 +135,10 @@ void fill_search(QTables& q, const std::vector<float>& pos, const std::vector<ui
     q.region_c[r] = static_cast<float>(static_cast<double>(first) - 0.5 - n / 9.0);
   }
   for (uint32_t k = 0; k < 32; ++k) {
-    uint32_t first = 0, bound = 0x7F800001u;  // (a NaN: |x| > it never holds)
+    // (a quiet NaN: |x| > it never holds, and comparing with it raises no invalid-operation
+    // flag, which a signaling NaN did, even in the quiet compares: a trapped FE_INVALID killed
+    // the process at an 8-bit step)
+    uint32_t first = 0, bound = 0x7FC00000u;
     if (k > 0) {  // (k = 0, below 2^-24: region 0)
       const float lower = std::ldexp(1.0f, static_cast<int>(k + kQRegionExp) - 127);
       for (int d = 0; d <= D; ++d) {

@@ -1,7 +1,10 @@
 """Checkpoints: one ``.npz`` file with the parameters and the optimizer's whole state.
 
     >>> fastoptim.save("run.npz", opt)          # doctest: +SKIP
-    >>> fastoptim.load("run.npz", opt)          # doctest: +SKIP  (a fresh optimizer, same model)
+    >>> fastoptim.load("run.npz", opt)          # doctest: +SKIP
+
+(``load``: into an optimizer of the same class over the same model, e.g. a fresh one after a
+restart.)
 
 The file is a NumPy ``.npz`` archive (zip) that ``np.load(path)`` can read without pickle:
 one member per array (``p<i>`` for parameter ``i``, ``s<i>.<state name>`` for its state) and

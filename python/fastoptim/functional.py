@@ -838,9 +838,14 @@ def asgd_(
     ``lr`` and ``1.0`` at the first step.  Returns their values for the next step, ``(eta, mu)``:
     pass them to the next call.
 
+        >>> import numpy as np
+        >>> p, g, ax = np.ones(3, np.float32), np.full(3, 0.5, np.float32), np.ones(3, np.float32)
+        >>> lr = 0.01
         >>> eta, mu = lr, 1.0
-        >>> for t in range(1, 4):                                  # doctest: +SKIP
-        ...     eta, mu = asgd_(p, g, ax, step=t, eta=eta, mu=mu, lr=lr)"""
+        >>> for t in range(1, 4):
+        ...     eta, mu = asgd_(p, g, ax, step=t, eta=eta, mu=mu, lr=lr)
+        >>> round(mu, 6), p.dtype
+        (1.0, dtype('float32'))"""
     eta, mu = _step(
         _defs.ASGD,
         param,

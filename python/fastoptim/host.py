@@ -13,12 +13,31 @@ generator without the build) names these functions.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _silent(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run `fn` under ``np.errstate(all="ignore")``: overflow, underflow and invalid results
+    become Inf/0/NaN silently, as in torch's and in the compiled kernels' arithmetic (NumPy's
+    warnings, or FloatingPointError under ``np.seterr(all="raise")``, would otherwise escape a
+    step whose results are torch's)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
 
 # ----------------------------------------------------------------------------- Muon
 #: Keller Jordan's quintic Newton-Schulz coefficients (torch.optim.Muon's defaults).
@@ -299,6 +318,7 @@ def _lerp_threaded_(
         _lerp_(a, b, weight, out)
 
 
+@_silent
 def muon_update(
     group: Mapping[str, Any],
     params: Sequence[np.ndarray],
@@ -521,6 +541,7 @@ def variance_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return tuple(shape) if len(shape) <= 1 else None
 
 
+@_silent
 def adafactor_update(
     group: Mapping[str, Any],
     params: Sequence[np.ndarray],
@@ -630,6 +651,11 @@ class Objective:
     def evaluate(self) -> tuple[Any, np.ndarray]:
         """Call the closure: its loss and the gathered flat gradient (a new array)."""
         loss, grads = self._evaluate()
+        if loss is None:  # (float(None)'s bare TypeError otherwise, later)
+            raise TypeError(
+                "LBFGS.step: the closure returned None; it must return the loss (a number or "
+                "a one-element tensor), and set the gradients"
+            )
         flat = np.empty(sum(self.sizes), self.dtype)
         o = 0
         for g, n in zip(grads, self.sizes):
@@ -786,6 +812,7 @@ def _strong_wolfe(
     return bracket_f[low_pos], bracket_g[low_pos], t, ls_func_evals
 
 
+@_silent
 def lbfgs_step(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) -> Any:
     """One ``LBFGS.step(closure)``: up to ``max_iter`` L-BFGS iterations (``max_eval``
     evaluations of the closure), updating the parameters in place and `state` (torch's keys:

@@ -538,6 +538,18 @@ def _group_snapshot(group: Mapping[str, Any]) -> dict[str, Any] | None:
     return snap
 
 
+def _as_default_dtype(value: float) -> float:
+    """A Python float as ``torch.as_tensor(value)`` holds it: in torch's default dtype.  torch
+    computes ASGD's next ``eta`` and ``mu`` that way and copies them into the state, whatever
+    the state's dtype (float64 after a ``load_state_dict`` into float64 parameters)."""
+    dtype = torch.get_default_dtype()
+    if dtype == torch.float64:
+        return value
+    if dtype == torch.float32:
+        return float(np.float32(value))
+    return float(torch.tensor(value, dtype=dtype))
+
+
 class _RowJob(NamedTuple):
     """One parameter's sparse row update (:meth:`Optimizer._row_job`), as the compiled row
     kernel takes it (with its count): rows ``indices`` of ``param`` and of ``states`` (NumPy views
@@ -1587,7 +1599,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if after is not None:  # the kernel uses the stored values; then torch's next ones
             assert c.hp is not None
             first = 0 if sel is None else sel[0]
-            for name, value in after(c.hp, float(steps[first])).items():
+            for name, exact in after(c.hp, float(steps[first])).items():
+                value = _as_default_dtype(exact)
                 buf = c.scalars[name]
                 setattr(hyper, name, float(buf[first]))
                 if sel is None:

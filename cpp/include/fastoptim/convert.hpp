@@ -16,6 +16,8 @@
 #include <cstring>
 
 namespace fastoptim {
+// (Internal linkage: every ISA's code compiles its own copy; see kernels.hpp.)
+namespace {
 
 inline uint32_t bits_of(float x) {
   uint32_t b;
@@ -89,9 +91,13 @@ inline uint16_t f16_round_nearest(float x) {
   const uint32_t b = bits_of(x);
   const uint32_t sign = (b >> 16) & 0x8000u;
   const uint32_t a = b & 0x7FFFFFFFu;
-  // Denormal results: let one float addition round (nearest-even) at the 2^-24 grid.
-  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-  const uint32_t denormal = bits_of(float_of(a) + float_of(denorm_magic)) - denorm_magic;
+  // Denormal results (|x| < 2^-14): |x| / 2^-24 rounded to nearest-even, in integers (a float
+  // addition rounding at the 2^-24 grid would follow the caller's rounding mode): the 24-bit
+  // significand shifted right by s = 126 - exponent (25 below 2^-25: 0; float32 denormals too).
+  const uint32_t e = a >> 23;
+  const uint32_t s = e >= 101u ? 126u - e : 25u;
+  const uint32_t mant = (a & 0x7FFFFFu) | 0x800000u;
+  const uint32_t denormal = (mant + (1u << (s - 1u)) - 1u + ((mant >> s) & 1u)) >> s;
   // Normal results: round the 13 dropped bits to nearest-even and rebias.
   const uint32_t normal = (a + ((15u - 127u) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
   const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;  // NaN, or Inf/overflow
@@ -135,8 +141,10 @@ inline uint64_t splitmix64(uint64_t z) {
 // The key of one block of 2^32 elements (defined in quantize.cpp, compiled for the baseline
 // instruction set: called once per block, it is not worth a copy per ISA, and an inline copy
 // emitted out of line by an AVX-512 translation unit could be the one the linker keeps for all).
+}  // namespace
 uint32_t random_key(uint64_t seed, int64_t step, uint64_t tensor, uint32_t array,
                     uint64_t index_high);
+namespace {
 
 // random_bits' mixing of x = (index * 0x9E3779B1) ^ key up to, not including, its final
 // x ^= x >> 16: written once, for a uint32_t and for the GCC vectors of them the SIMD stores
@@ -165,4 +173,5 @@ inline uint32_t random_bits16(uint32_t key, uint32_t e) {
   return (e & 16u) != 0 ? x >> 16 : x & 0xFFFFu;
 }
 
+}  // namespace
 }  // namespace fastoptim

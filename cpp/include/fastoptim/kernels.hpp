@@ -21,6 +21,11 @@
 #include "fastoptim/optimizers.hpp"
 
 namespace fastoptim {
+// Internal linkage (as quantize.hpp's per-element functions): each ISA's driver compiles its own
+// copy.  With external linkage, a kernel the compiler does not inline is one weak symbol that
+// every ISA's object defines, and the linker keeps one of them for all: AVX-512 code could then
+// run in the AVX2 or the baseline build.
+namespace {
 
 template <class T> inline T fmadd(T a, T b, T c) {
 #if defined(__FMA__) || defined(__AVX2__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
@@ -258,8 +263,9 @@ template <class T, unsigned V> struct Kernel<Rprop, T, V> {
     ss = ss > T(c.step_size_max) ? T(c.step_size_max) : ss;
     step_size = ss;
     g = factor == etaminus ? T(0) : g;  // the sign changed: no step, forget the gradient
-    // addcmul_(g.sign(), step_size, value=-1); torch.sign(NaN) = 0.  The product is exact.
-    p = fmadd(g > T(0) ? T(-1) : (g < T(0) ? T(1) : T(0)), ss, p);
+    // addcmul_(g.sign(), step_size, value=-1) = p + -(sign * ss); torch.sign(NaN) = 0.  The
+    // product is exact; for a zero sign it is -0, which keeps a -0 parameter -0 as torch.
+    p = fmadd(g > T(0) ? T(-1) : (g < T(0) ? T(1) : T(-0.0)), ss, p);
     prev = g;
   }
 };
@@ -414,4 +420,5 @@ template <class K>
 struct writes_state<K, std::void_t<decltype(K::kWritesState)>>
     : std::integral_constant<bool, K::kWritesState> {};
 
+}  // namespace
 }  // namespace fastoptim

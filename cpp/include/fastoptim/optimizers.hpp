@@ -56,9 +56,11 @@ struct SGD {
       return {detail::grad_sign(h.maximize), 0.0, 1.0 - h.lr * h.weight_decay,
               mom ? 1.0 : -h.lr, h.momentum, -h.lr, h.momentum, -h.lr};
     }
+    // First step: buf = -0 * buf + g on the new (zero) buffer, exactly g as torch's clone, -0
+    // included (+0 * buf + g made a -0 gradient +0).
     const bool first = h.first_momentum_step;
     return {detail::grad_sign(h.maximize), h.weight_decay, 1.0, -h.lr,
-            first ? 0.0 : h.momentum, first ? 1.0 : 1.0 - h.dampening, h.momentum, 1.0};
+            first ? -0.0 : h.momentum, first ? 1.0 : 1.0 - h.dampening, h.momentum, 1.0};
   }
 };
 

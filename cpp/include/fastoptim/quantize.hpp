@@ -85,9 +85,9 @@ struct QTables {
   // the lowest decade, a = c = 0; then one per decade; last: |x| > 1, a = 0, c = the largest
   // rank).  The region is the first one of |x|'s binade k = max(exponent - kQRegionExp, 0), plus
   // one where |x| > region_bound[k]: a float within 15 ulps of the power of ten inside the
-  // binade (a NaN if none), its low 4 bits holding that first region (one lookup for both).  Then
-  // rank = candidate + (|x|'s bit pattern > thr[candidate]), thr[r] the threshold between ranks
-  // r and r + 1 (Inf beyond the last), as four byte planes like value_bytes.
+  // binade (a quiet NaN if none), its low 4 bits holding that first region (one lookup for
+  // both).  Then rank = candidate + (|x|'s bit pattern > thr[candidate]), thr[r] the threshold
+  // between ranks r and r + 1 (Inf beyond the last), as four byte planes like value_bytes.
   bool searchable = false;
   int32_t pos_base = 0;                // the code of +0
   float region_bound[32] = {};
@@ -180,7 +180,7 @@ inline int32_t q_rank_candidate(float ax, const QTables& q) {
   const uint32_t e = bits_of(ax) >> 23;
   const uint32_t k = e > kQRegionExp ? e - kQRegionExp : 0u;
   const float bound = q.region_bound[k];
-  const auto r = static_cast<int32_t>(bits_of(bound) & 15u) + (ax > bound ? 1 : 0);
+  const auto r = static_cast<int32_t>(bits_of(bound) & 15u) + (std::isgreater(ax, bound) ? 1 : 0);
   return static_cast<int32_t>(std::floor(std::fma(ax, q.region_a[r], q.region_c[r])));
 }
 

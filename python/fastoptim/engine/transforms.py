@@ -10,7 +10,8 @@ Four options every optimizer takes (keyword-only; defined once in
     gradients (deterministic: the same bits for any thread count and instruction set), the
     multiplication is folded into the update: no pass over the parameters or state is added,
     and the gradients themselves are never written.  ``None`` (default): no clipping.  The
-    step returns the norm (``opt.grad_norm`` keeps it).
+    NumPy and Keras steps return the norm, and ``opt.grad_norm`` keeps it (:mod:`fastoptim.torch`'s
+    ``step()`` returns what torch's does).
 ``max_grad_value``
     Clamp every gradient element to ``[-max_grad_value, max_grad_value]`` (as
     ``clip_grad_value_``), in the update itself.  Applied before the norm is taken.
