@@ -68,11 +68,18 @@ def test_fastoptim(benchmark: Any, name: str, workload: str) -> None:
     ref = getattr(reference, cls_name)(start, **kwargs)
     for _ in range(steps):
         ref.step([g[:64].astype(np.float64) for g in grads])
+    if name in bench.TWO_PASS:
+        # (a per-tensor trust ratio: the sample's step is not the whole tensor's; the kernel is
+        # checked on the samples as tensors of their own, as many steps)
+        params = [p0[:64].copy() for p0 in _setup(workload)[0]]
+        small = getattr(fo, cls_name)(params, **kwargs)
+        for _ in range(steps):
+            small.step([g[:64].copy() for g in grads])
     # float32 against float64 drifts apart by rounding, a small fraction of the distance the
     # parameters moved; a wrong formula is off by a sizeable fraction of it.
     for got, want, p0 in zip(params, start, (p[:64] for p in _setup(workload)[0])):
         moved = float(np.max(np.abs(want - p0)))
-        assert moved > 0
+        assert moved > 0 or (name == "ADOPT" and steps == 1)  # (its first step sets v only)
         np.testing.assert_allclose(got[:64], want, rtol=0, atol=1e-2 * moved + 1e-6)
 
 

@@ -216,3 +216,20 @@ def test_numpy_steps_are_silent_as_torch_under_errstate_raise(name: str) -> None
         with np.errstate(all="raise"):
             opt.step([np.full((32, 16), gv, np.float32)])
             opt.step([np.full((32, 16), gv, np.float32)])
+
+
+def test_the_largest_step_count_is_refused_clearly_and_state_dicts_stay_loadable() -> None:
+    """A step from count 2**63 - 2 made 2**63 - 1, which load_state_dict refuses, and the next
+    step raised pybind11's bare TypeError."""
+    p = np.ones(4)
+    opt = fo.Adam([p])
+    opt.step([np.ones(4)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["step"] = 2**63 - 3
+    opt.load_state_dict(sd)
+    opt.step([np.ones(4)])  # -> 2**63 - 2, the largest
+    before = p.copy()
+    with pytest.raises(OverflowError, match="step count 9223372036854775806 is at its maximum"):
+        opt.step([np.ones(4)])
+    assert np.array_equal(p, before)
+    opt.load_state_dict(opt.state_dict())

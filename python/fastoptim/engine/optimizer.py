@@ -757,6 +757,12 @@ class Optimizer:
         """Validate everything a step needs and bind the gradients; touches no element."""
         if self._copy_outs:
             self._check_copy_outs(f"{type(self).__name__}.step")
+        for g in self._groups:
+            if not _is_count(g.step + 1):  # (a count that load_state_dict would refuse)
+                raise OverflowError(
+                    f"{type(self).__name__}.step: the step count {g.step} is at its maximum "
+                    f"({2**63 - 2}: its successor is the kernels' int64 limit)"
+                )
         for g, group in zip(self._groups, self.param_groups):
             if group != g.synced:
                 self._refresh()
