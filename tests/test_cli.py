@@ -339,6 +339,8 @@ def test_step_benchmarks_record_two_pass_bytes() -> None:
     import types
 
     path = Path(__file__).resolve().parent.parent / "bench" / "test_step.py"
+    if not path.is_file():  # (the suite copied away from the source tree: CI's wheel stage)
+        pytest.skip("bench/ is not beside tests/")
     spec = importlib.util.spec_from_file_location("bench_test_step", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
