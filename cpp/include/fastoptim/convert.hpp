@@ -93,9 +93,10 @@ inline uint16_t f16_round_nearest(float x) {
   const uint32_t a = b & 0x7FFFFFFFu;
   // Denormal results (|x| < 2^-14): |x| / 2^-24 rounded to nearest-even, in integers (a float
   // addition rounding at the 2^-24 grid would follow the caller's rounding mode): the 24-bit
-  // significand shifted right by s = 126 - exponent (25 below 2^-25: 0; float32 denormals too).
+  // significand shifted right by s = 126 - exponent (25 below 2^-25: 0; float32 denormals too;
+  // 14 for the normal results, whose lanes do not use it: every shift stays below 32).
   const uint32_t e = a >> 23;
-  const uint32_t s = e >= 101u ? 126u - e : 25u;
+  const uint32_t s = e >= 113u ? 14u : (e >= 101u ? 126u - e : 25u);
   const uint32_t mant = (a & 0x7FFFFFu) | 0x800000u;
   const uint32_t denormal = (mant + (1u << (s - 1u)) - 1u + ((mant >> s) & 1u)) >> s;
   // Normal results: round the 13 dropped bits to nearest-even and rebias.
