@@ -175,14 +175,16 @@ def _write(path: PathLike, target: str, arrays: dict[str, np.ndarray]) -> None:
     _remove_stale_temporaries(directory, name)
     fd, tmp = _create_temporary(directory, name, path)
     try:
-        try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except FileNotFoundError:
-            pass
-        else:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # (closes fd whatever fails below)
+            try:
+                mode = stat.S_IMODE(os.stat(target).st_mode)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # e.g. a name too long, a symbolic link loop
+                raise _named(e, path, f"cannot read the permissions of {target!r}") from None
+            else:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(fd, mode)
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
             f.flush()
             os.fsync(f.fileno())

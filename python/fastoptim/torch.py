@@ -1827,7 +1827,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: sparse gradients with max_grad_norm / max_grad_value / "
                 "skip_nonfinite are not supported"
             )
-        if self._transform(work):
+        if self._transform(work):  # skipped
+            self._unbind()
             return
         scale_t = self.__dict__.get("grad_scale")  # (GradScaler's, checked by _transform)
         if scale_t is not None and rows:  # the rows unscaled as the kernels unscale the rest
@@ -1977,36 +1978,56 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # (No torch.no_grad() around it all, which costs microseconds: the fast path runs no
         # torch operation; the general path and the host steps run under it.)
         with self._lock:
-            if self._ema_swapped:
-                transforms.check_not_swapped(self, f"{type(self).__name__}.step")
-            if self._definition.torch_sparse_only:
-                with torch.no_grad():
-                    self._step_sparse()
-                return loss
-            snap = self._state_snapshot
-            fast = snap is not None and snap.same(self.state)
             try:
-                work = [self._prepare(gi, g, fast) for gi, g in enumerate(self.param_groups)]
-            except _SparseGrad:
-                with torch.no_grad():
-                    self._step_sparse()
-                return loss
-            if _FAST and (not fast or self._state_snapshot is None):
-                self._record_state()
-            if self._transform(work):  # skipped: nothing changes, nothing advances
-                return loss
-            items = [item for item in work if item is not None]
-            if self._definition.host is None:
-                self._run_all(items)
-                return loss
-            with torch.no_grad():
-                for c, buckets, plans, same_grads in items:
-                    self._run(c, buckets, plans)
-                    if not same_grads and c.bound:
-                        c.plan.release_grads()
-                        c.bound = False
-            self._advance_schedules()
+                self._step_locked()
+            except BaseException:  # (a refused step may have bound some groups' gradients)
+                self._unbind()
+                raise
         return loss
+
+    def _unbind(self) -> None:
+        """Forget the gradients bound for a step that did not run (skipped by GradScaler or
+        ``skip_nonfinite``, or refused after some groups bound theirs): the plans must not
+        keep them alive until the next step (``zero_grad(set_to_none=True)`` frees them)."""
+        for c in self._caches:
+            if c.bound:
+                c.plan.release_grads()
+                c.bound = False
+
+    def _step_locked(self) -> None:
+        """:meth:`_step` after the closure, with the lock held."""
+        if len(self._caches) > len(self.param_groups):  # groups removed: their tensors go
+            del self._caches[len(self.param_groups) :]
+        if self._ema_swapped:
+            transforms.check_not_swapped(self, f"{type(self).__name__}.step")
+        if self._definition.torch_sparse_only:
+            with torch.no_grad():
+                self._step_sparse()
+            return
+        snap = self._state_snapshot
+        fast = snap is not None and snap.same(self.state)
+        try:
+            work = [self._prepare(gi, g, fast) for gi, g in enumerate(self.param_groups)]
+        except _SparseGrad:
+            with torch.no_grad():
+                self._step_sparse()
+            return
+        if _FAST and (not fast or self._state_snapshot is None):
+            self._record_state()
+        if self._transform(work):  # skipped: nothing changes, nothing advances
+            self._unbind()
+            return
+        items = [item for item in work if item is not None]
+        if self._definition.host is None:
+            self._run_all(items)
+            return
+        with torch.no_grad():
+            for c, buckets, plans, same_grads in items:
+                self._run(c, buckets, plans)
+                if not same_grads and c.bound:
+                    c.plan.release_grads()
+                    c.bound = False
+        self._advance_schedules()
 
     def _record_state(self) -> None:
         """Remember the objects :attr:`state` holds (see :class:`_Cache`)."""

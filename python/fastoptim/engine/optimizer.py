@@ -872,50 +872,67 @@ class Optimizer:
         (:attr:`step_skipped`).  See :mod:`fastoptim.engine.transforms`.
         """
         with self._lock:  # steps of one optimizer from several threads: one at a time
-            if self._ema_swapped:
-                transforms.check_not_swapped(self, f"{type(self).__name__}.step")
-            scale = None
-            if grad_scale is not None:
-                where = f"{type(self).__name__}.step"
-                scale = transforms.check_grad_scale(where, grad_scale)
-                if self._definition.host is not None:
-                    raise TypeError(
-                        f"{where}: grad_scale is for the compiled optimizers (it is folded into "
-                        "their kernels); this step runs in NumPy: pass the gradients divided by it"
-                    )
-            per_group = self._prepare(grads)
-            groups = self._groups
-            decision = None
-            if scale is not None or self._transformed or self._transforming:
-                decision = self._decide(scale, self._per_group(per_group))
-                self.grad_norm, self.step_skipped = decision.norm, decision.skip
-                if decision.skip:
-                    return decision.norm
-            elif self.grad_norm is not None or self.step_skipped:
-                self.grad_norm, self.step_skipped = None, False
-            for g in groups:  # a state that starts as its parameter (Schedule-Free's z, an
-                if g.fresh or g.fresh_copies:  # EMA): the parameter as it is now, at its first
-                    for name in g.fresh | g.fresh_copies:  # step
-                        if name in g.fresh_copies or self._definition.like_param(name):
-                            self._take_params(g, name)
-            if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
-                for i, (g, gr) in enumerate(zip(groups, self._per_group(per_group))):
-                    self._run(g, gr if decision is None else self._transform(decision, i, gr))
-                self._after_step()
-                return self.grad_norm
-            # Every group in one compiled call (passed gradients are not kept alive after it).
-            cls = type(self)
-            if len(groups) == 1:  # (tuples: a list comprehension costs 0.15 us)
-                g = groups[0]
-                run_compiled(cls._core_step, cls._core_steps, (g.plan,), (g.hyper,),
-                             (g.step + 1,), (not g.bound_own,), self._after_step)  # fmt: skip
-            else:
-                plans, hypers, steps, release = zip(
-                    *[(g.plan, g.hyper, g.step + 1, not g.bound_own) for g in groups]
+            try:
+                return self._step_locked(grads, grad_scale)
+            except BaseException:  # (a refused step may have bound some groups' gradients)
+                self._release_passed()
+                raise
+
+    def _step_locked(self, grads: Grads | None, grad_scale: float | None) -> float | None:
+        """:meth:`step` with the lock held."""
+        if self._ema_swapped:
+            transforms.check_not_swapped(self, f"{type(self).__name__}.step")
+        scale = None
+        if grad_scale is not None:
+            where = f"{type(self).__name__}.step"
+            scale = transforms.check_grad_scale(where, grad_scale)
+            if self._definition.host is not None:
+                raise TypeError(
+                    f"{where}: grad_scale is for the compiled optimizers (it is folded into "
+                    "their kernels); this step runs in NumPy: pass the gradients divided by it"
                 )
-                run_compiled(cls._core_step, cls._core_steps, plans, hypers, steps, release,
-                             self._after_step)  # fmt: skip
+        per_group = self._prepare(grads)
+        groups = self._groups
+        decision = None
+        if scale is not None or self._transformed or self._transforming:
+            decision = self._decide(scale, self._per_group(per_group))
+            self.grad_norm, self.step_skipped = decision.norm, decision.skip
+            if decision.skip:  # (its gradients are not kept alive either)
+                self._release_passed()
+                return decision.norm
+        elif self.grad_norm is not None or self.step_skipped:
+            self.grad_norm, self.step_skipped = None, False
+        for g in groups:  # a state that starts as its parameter (Schedule-Free's z, an
+            if g.fresh or g.fresh_copies:  # EMA): the parameter as it is now, at its first
+                for name in g.fresh | g.fresh_copies:  # step
+                    if name in g.fresh_copies or self._definition.like_param(name):
+                        self._take_params(g, name)
+        if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
+            for i, (g, gr) in enumerate(zip(groups, self._per_group(per_group))):
+                self._run(g, gr if decision is None else self._transform(decision, i, gr))
+            self._after_step()
             return self.grad_norm
+        # Every group in one compiled call (passed gradients are not kept alive after it).
+        cls = type(self)
+        if len(groups) == 1:  # (tuples: a list comprehension costs 0.15 us)
+            g = groups[0]
+            run_compiled(cls._core_step, cls._core_steps, (g.plan,), (g.hyper,),
+                         (g.step + 1,), (not g.bound_own,), self._after_step)  # fmt: skip
+        else:
+            plans, hypers, steps, release = zip(
+                *[(g.plan, g.hyper, g.step + 1, not g.bound_own) for g in groups]
+            )
+            run_compiled(cls._core_step, cls._core_steps, plans, hypers, steps, release,
+                         self._after_step)  # fmt: skip
+        return self.grad_norm
+
+    def _release_passed(self) -> None:
+        """Forget the gradients passed to a step that did not run (skipped, or refused after
+        some groups bound theirs): the plans must not keep them alive until the next step (the
+        buffers of :attr:`grads` stay bound)."""
+        for g in self._groups:
+            if not g.bound_own and g.plan is not None:
+                g.plan.release_grads()
 
     def step_rows(self, grads: RowGrads) -> None:
         """One step with sparse row gradients (SGD, Adagrad, SparseAdam): for each parameter

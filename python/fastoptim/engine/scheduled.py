@@ -94,8 +94,9 @@ class Scheduled:
                 continue
             v = group.get(key)
             if key in self.specs and same(v, self.written.get(key)):
-                if key in self.pending:
-                    raise self.pending[key]
+                if key in self.pending:  # a new exception each time: re-raising the stored
+                    e = self.pending[key]  # one would chain every failed step's frames (and
+                    raise type(e)(*e.args) from e.__cause__  # what they hold) onto it
                 continue
             if isinstance(v, list) and (self.tuples or _has_schedule(v)):
                 v = group[key] = tuple(v)  # betas given as a list: keep an immutable copy
