@@ -297,3 +297,28 @@ def test_to_bitsandbytes_from_a_channels_last_parameter(state_dtype: str) -> Non
         values = ref.dequantize_blockwise(codes, got[f"absmax{j}"].numpy(), qmap)
         values = values.reshape(p.shape)
         np.testing.assert_allclose(values, want, rtol=0, atol=0.02 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    ("kind", "names", "values"),
+    [
+        ("SGD", ("momentum", "dampening"), (0.5, 0.25)),
+        ("RMSprop", ("alpha", "momentum"), (0.95, 0.0)),
+    ],
+)
+def test_hyper_parameters_bitsandbytes_keeps_as_betas_move(
+    kind: str, names: tuple[str, str], values: tuple[float, float]
+) -> None:
+    """bitsandbytes keeps SGD8bit's momentum and dampening, RMSprop8bit's alpha (and
+    momentum), as its group's ``betas``: the converters left the target's own values."""
+    src = _bnb_state_dict(kind, np.random.default_rng(0))
+    src["param_groups"][0]["betas"] = values
+    opt = getattr(fot, kind)(_params(), state_dtype="int8", **KINDS[kind][0])
+    out = fb.from_bitsandbytes(src, opt)
+    assert tuple(out["param_groups"][0][n] for n in names) == values
+    opt.load_state_dict(out)
+    assert tuple(opt.param_groups[0][n] for n in names) == values
+    bnb = pytest.importorskip("bitsandbytes")
+    target = getattr(bnb.optim, kind + "8bit")(_params(), lr=0.1, **KINDS[kind][0])
+    back = fb.to_bitsandbytes(opt.state_dict(), target)
+    assert tuple(back["param_groups"][0]["betas"]) == values

@@ -443,3 +443,39 @@ def test_asgd_float64_after_a_load_keeps_torchs_scalars(source: str) -> None:
     for k in ("eta", "mu", "ax"):
         assert o.state[ours][k].dtype == t.state[theirs][k].dtype
         assert torch.equal(o.state[ours][k], t.state[theirs][k]), k
+
+
+def test_options_a_loaded_checkpoint_lacks_keep_the_groups_values() -> None:
+    """Loading a torch.optim checkpoint (which has no fastoptim option) replaced options set
+    per group (``cautious``, ``state_dtype``, ``maximize``...) by the constructor's defaults:
+    the next step went the other way with ``maximize``, and a bfloat16 state became float32."""
+    torch.manual_seed(0)
+    x = torch.randn(8, requires_grad=True)
+    y = torch.randn(8, dtype=torch.bfloat16, requires_grad=True)
+    ref = torch.optim.Adam([x.detach().clone().requires_grad_()], lr=0.1)
+    ref.param_groups[0]["params"][0].grad = torch.ones(8)
+    ref.step()
+    opt = fot.Adam(
+        [
+            {"params": [x], "cautious": True, "maximize": True},
+            {"params": [y], "state_dtype": "bfloat16"},
+        ],
+        lr=0.1,
+    )
+    sd = copy.deepcopy(ref.state_dict())
+    del sd["param_groups"][0]["maximize"]  # (as schedulefree's checkpoints lack it)
+    sd["param_groups"].append({**sd["param_groups"][0], "params": [1]})
+    sd["state"][1] = {
+        "step": torch.tensor(1.0),
+        "exp_avg": torch.zeros(8, dtype=torch.bfloat16),
+        "exp_avg_sq": torch.zeros(8, dtype=torch.bfloat16),
+    }
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["cautious"] is True and opt.param_groups[0]["maximize"] is True
+    assert opt.param_groups[1]["state_dtype"] == "bfloat16"
+    assert opt.param_groups[1]["cautious"] is False  # (what neither had: the default)
+    before = x.detach().clone()
+    x.grad, y.grad = torch.ones(8), torch.ones(8, dtype=torch.bfloat16)
+    opt.step()
+    assert (x.detach() > before).all()  # maximize: up the gradient
+    assert opt.state[y]["exp_avg_sq"].dtype == torch.bfloat16

@@ -36,7 +36,9 @@ pairs: ``Adam``/``AdamW`` <-> ``Adam8bit``/``AdamW8bit``/``PagedAdam(W)8bit`` (`
   only to recognise the first step (which starts the momentum buffer), so any count >= 1 gives
   the same next update.
 - Hyper-parameters: each target group keeps its own entries and takes the source's values of
-  the entries both have (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ...).
+  the entries both have (``lr``, ``betas``, ``eps``, ``weight_decay``...), and of those
+  bitsandbytes keeps as ``betas``: ``SGD8bit``'s ``(momentum, dampening)``, ``RMSprop8bit``'s
+  ``(alpha, momentum)``.
 - The update rules of the two libraries are not identical (bitsandbytes' ``Adam8bit`` decays
   weights like AdamW, its CPU quantizer is approximate: see the README): moving a checkpoint
   moves the state exactly; the next steps follow the maths of the optimizer that takes them.
@@ -174,13 +176,31 @@ def _check_groups(source: Mapping[str, Any], groups: list[dict[str, Any]], who: 
     return keys
 
 
-def _merged_groups(target: list[dict[str, Any]], source: list[Mapping[str, Any]]) -> list[Any]:
+#: fastoptim.torch class -> the hyper-parameters bitsandbytes keeps as its group's ``betas``
+#: (``SGD8bit``: ``(momentum, dampening)``; ``RMSprop8bit``: ``(alpha, momentum)``).
+_AS_BETAS = {"SGD": ("momentum", "dampening"), "RMSprop": ("alpha", "momentum")}
+
+
+def _merged_groups(
+    target: list[dict[str, Any]], source: list[Mapping[str, Any]], kind: str, to_bnb: bool
+) -> list[Any]:
+    """Each target group with the source's values of the entries both have, and those one side
+    keeps as ``betas`` (`kind`: the fastoptim class; `to_bnb`: the target is bitsandbytes')."""
     out = []
+    names = _AS_BETAS.get(kind)
     for t, s in zip(target, source):
         g = dict(t)
         g.update({k: s[k] for k in s if k in t and k != "params"})
+        if names is not None and to_bnb and "betas" in g and all(n in s for n in names):
+            g["betas"] = tuple(s[n] for n in names)
+        elif names is not None and not to_bnb and _pair(s.get("betas")):
+            g.update({n: s["betas"][i] for i, n in enumerate(names) if n in g})
         out.append(g)
     return out
+
+
+def _pair(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2
 
 
 def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:
@@ -243,7 +263,7 @@ def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str
         if precision.COMPENSATION in layout:
             out[precision.COMPENSATION] = torch.zeros_like(p)
         state[index] = out
-    groups_out = _merged_groups(mine["param_groups"], state_dict["param_groups"])
+    groups_out = _merged_groups(mine["param_groups"], state_dict["param_groups"], cls, False)
     return {"state": state, "param_groups": groups_out}
 
 
@@ -343,7 +363,8 @@ def to_bitsandbytes(
                     quant[f"state{j}"] = torch.from_numpy(value.decoded())
             state[index - 1] = {"step": n, _WRAPPED: quant}
     saved = optimizer.state_dict()["param_groups"]
-    return {"state": state, "param_groups": _merged_groups(saved, state_dict["param_groups"])}
+    merged = _merged_groups(saved, state_dict["param_groups"], kind, True)
+    return {"state": state, "param_groups": merged}
 
 
 def _read_fastoptim(

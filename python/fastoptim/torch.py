@@ -655,6 +655,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # id(group) -> (group, its schedules)
         self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
         self._loaded: list[dict[str, Any]] | None = None  # load_state_dict's decoded schedules
+        self._live_groups: list[dict[str, Any]] | None = None  # and the groups before it
         self._lock = new_lock(self)  # steps from several threads: one at a time
         self._copy_out: dict[int, torch.Tensor] = {}  # id(param) -> its copy-out tensor
         #: The global gradient norm of the last step when a group has ``max_grad_norm`` (see
@@ -876,7 +877,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """As :meth:`torch.optim.Optimizer.load_state_dict`; also restores the schedules and
         :attr:`step_count` of a checkpoint that has them (a bad one raises first, changing
         nothing).  Without them (e.g. a ``torch.optim`` checkpoint) every hyper-parameter is
-        the checkpoint's constant and :attr:`step_count` the largest per-parameter ``step``."""
+        the checkpoint's constant and :attr:`step_count` the largest per-parameter ``step``.
+        A hyper-parameter the checkpoint's group lacks (a ``torch.optim`` or ``schedulefree``
+        checkpoint has no ``state_dtype``, ``cautious``...; ``schedulefree``'s no ``maximize``)
+        keeps this optimizer's value for that group, where torch would take the
+        constructor's default."""
         cls = type(self).__name__
         decoded: list[dict[str, Any]] = []
         for i, saved in enumerate(state_dict["param_groups"]):
@@ -895,10 +900,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             decoded.append(specs)
         self._check_quantized(state_dict)
         self._loaded = decoded
+        self._live_groups = [dict(g) for g in self.param_groups]
         try:
             super().load_state_dict(state_dict)
         finally:
-            self._loaded = None
+            self._loaded = self._live_groups = None
         self._keep_state_dtypes(state_dict)
 
     def _check_quantized(self, state_dict: Mapping[str, Any]) -> None:
@@ -993,9 +999,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self.reduce_grad_stats = None
             self.grad_norm, self.step_skipped = None, False
         self._transformed = True  # (new plans)
-        for group in self.param_groups:
+        live = getattr(self, "_live_groups", None)  # load_state_dict: the groups before it
+        for i, group in enumerate(self.param_groups):
+            own = live[i] if live is not None and i < len(live) else {}
             for k, v in self.defaults.items():
-                group.setdefault(k, v)
+                if k not in group:
+                    group[k] = own.get(k, v)
         self._caches = []
         self._state_snapshot = None
         self._fresh = {}
