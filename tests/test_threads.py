@@ -527,3 +527,16 @@ def test_bench_background_load(capsys: pytest.CaptureFixture[str]) -> None:
     assert _busy_children() == []
     with pytest.raises(SystemExit):
         cli.main([*argv[:-1], "-1"])
+
+
+def test_more_chunks_than_the_pool_indexes() -> None:
+    """A pass of 2^16 chunks or more (Muon's transpose of a matrix of 2^21 columns or more, its
+    element-wise helpers on 2^31 elements) ran on the calling thread alone: the pool's chunk
+    indices are 16 bits.  The pool now hands out runs of consecutive chunks: every chunk still
+    runs once (the result is NumPy's, whatever the thread count)."""
+    x = np.arange(2 * (2**21 + 37), dtype=np.float32).reshape(2, -1)  # 65,538 tasks of 32 columns
+    for threads in (1, 2, 3):
+        fo.set_num_threads(threads)
+        out = np.full(x.shape[::-1], np.nan, np.float32)
+        _core.transpose(out, x)
+        np.testing.assert_array_equal(out, x.T)

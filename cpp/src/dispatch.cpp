@@ -476,11 +476,28 @@ void set_isa(Isa isa) {
 
 void run_chunks(int64_t nchunks, int threads, ChunkFn fn, void* ctx, bool linger) {
   if (nchunks <= 0) return;
-  if (threads <= 1 || nchunks == 1 || nchunks >= kMaxChunks) {  // 16-bit chunk indices
+  if (threads <= 1 || nchunks == 1) {
     for (int64_t i = 0; i < nchunks; ++i) fn(ctx, i);
     return;
   }
-  pool().run(nchunks, std::min(threads, g_max_threads), fn, ctx, linger);
+  threads = std::min(threads, g_max_threads);
+  if (nchunks < kMaxChunks) {
+    pool().run(nchunks, threads, fn, ctx, linger);
+    return;
+  }
+  // More chunks than the pool's 16-bit chunk indices hold (the Newton-Schulz helpers' fixed
+  // chunks of an array of 2^31 elements and more): the pool runs runs of consecutive chunks,
+  // each chunk still called once with its own index (the same results).
+  struct Runs {
+    ChunkFn fn;
+    void* ctx;
+    int64_t n, per;
+  } runs{fn, ctx, nchunks, (nchunks + kMaxChunks - 2) / (kMaxChunks - 1)};
+  const ChunkFn run = [](void* c, int64_t k) {
+    const Runs& r = *static_cast<const Runs*>(c);
+    for (int64_t i = k * r.per, hi = std::min(r.n, i + r.per); i < hi; ++i) r.fn(r.ctx, i);
+  };
+  pool().run((nchunks + runs.per - 1) / runs.per, threads, run, &runs, linger);
 }
 
 void set_num_threads(int n) {

@@ -122,7 +122,9 @@ template <class T, unsigned V> struct Kernel<RMSprop, T, V> {
     if constexpr (centered) {
       T& grad_avg = s[1];
       grad_avg = lerp(grad_avg, g, T(c.one_minus_alpha));
-      var = fmadd(-grad_avg, grad_avg, square_avg);
+      // torch's addcmul is fused; Keras subtracts the rounded square (exactly 0 where the
+      // gradient has not varied, e.g. rho = 0, where the fused residual could be negative)
+      var = keras ? square_avg - grad_avg * grad_avg : fmadd(-grad_avg, grad_avg, square_avg);
     }
     // torch: sqrt(var) + eps; Keras: sqrt(var + eps), and its step is (lr * g) / denom
     const T avg = keras ? std::sqrt(var + T(c.eps)) : std::sqrt(var) + T(c.eps);

@@ -191,7 +191,8 @@ struct StreamArrays {
 // own range (the static split), then from the back of the others' ranges, so a worker the OS
 // has descheduled delays nothing (the running threads, the caller included, take its share); the
 // caller never waits for a thread that has no chunk.  When the pool is busy with another caller's step, or in a forked child, the
-// chunks run on the calling thread.  nchunks < kMaxChunks.  With `linger` the workers then spin
+// chunks run on the calling thread.  The pool indexes at most kMaxChunks - 1 chunks (16 bits):
+// more are handed out in runs of consecutive chunks.  With `linger` the workers then spin
 // briefly for the next job (steps follow each other); without, they sleep at once (a pass
 // between two BLAS calls, whose threads want every CPU next).
 inline constexpr int64_t kMaxChunks = 1 << 16;
