@@ -57,6 +57,13 @@ DATA_PARALLEL: dict[str, dict[str, Any]] = {
         "bucket_bytes": 64,
         "grad_reduction": "sum",
     },
+    "adam_empty_params": {  # empty tensors within and at the end of a run: their views'
+        # addresses are not their places in the block (the run's bounds and padding were wrong)
+        "groups": [([(7,), (1,), (0,), (2, 3), (0,)], "float32", {}), ([(0,)], "float32", {})],
+        "cls": "Adam",
+        "kw": {"lr": 1e-2},
+        "bucket_bytes": 64,
+    },
     "lion_unpadded": {  # 16-float tensors: no alignment padding, bytes = the formula exactly
         "groups": [([(4, 4), (2, 16)], "float32", {})],
         "cls": "Lion",
@@ -381,6 +388,43 @@ def _mismatch(comm: Any, out: Path) -> None:
         groups = [{"params": [p], "state_dtype": {"exp_avg": "int4"}}]
         fd.ZeroRedundancyOptimizer(groups, fo.AdamW, comm=comm)
 
+    # A step refused on one rank only (after a good one), where the others entered the
+    # collectives: they hung (ZeRO-1's clipping all-reduce, the next all-gather) or stepped
+    # alone.  Now checked before any collective.
+    def zero_schedule_fails_on_one_rank() -> None:
+        def lr(t: int) -> float:
+            if t > 0 and rank == 1:
+                raise RuntimeError("schedule failed on rank 1")
+            return 0.1
+
+        z = fd.ZeroRedundancyOptimizer(
+            [np.zeros(9, np.float32)], fo.SGD, comm=comm, lr=lr, max_grad_norm=1.0
+        )
+        z.step([np.ones(9, np.float32)])
+        z.step([np.ones(9, np.float32)])
+
+    def dp_lr_invalid_on_one_rank() -> None:
+        dp = fd.DataParallel(fo.SGD([np.zeros(4, np.float32)], lr=0.1), comm)
+        dp.step([np.ones(4, np.float32)])
+        if rank == 1:
+            dp.param_groups[0]["lr"] = -1.0
+        dp.step([np.ones(4, np.float32)])
+
+    def zero_read_only_on_one_rank() -> None:
+        w = np.zeros(9, np.float32)
+        z = fd.ZeroRedundancyOptimizer([w], fo.SGD, comm=comm, lr=0.1)
+        z.step([np.ones(9, np.float32)])
+        w.flags.writeable = rank != 1
+        z.step([np.ones(9, np.float32)])
+
+    def dp_group_added_on_one_rank() -> None:
+        opt = fo.SGD([np.zeros(4, np.float32)], lr=0.1)
+        dp = fd.DataParallel(opt, comm)
+        dp.step([np.ones(4, np.float32)])
+        if rank == 0:
+            opt.add_param_group({"params": [np.zeros(2, np.float32)]})
+        dp.step()
+
     def still_works() -> None:
         w = np.zeros(4, np.float32)
         dp = fd.DataParallel(fo.SGD([w], lr=1.0), comm)
@@ -403,6 +447,10 @@ def _mismatch(comm: Any, out: Path) -> None:
         grads_on_one_rank_later,
         zero_int8,
         zero_int4_in_a_group,
+        zero_schedule_fails_on_one_rank,
+        dp_lr_invalid_on_one_rank,
+        zero_read_only_on_one_rank,
+        dp_group_added_on_one_rank,
         still_works,
     ):
         attempt(fn.__name__, fn)

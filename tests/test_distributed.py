@@ -283,6 +283,10 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
         "zero_checkpoint_missing_on_one_rank": "rank 1: CheckpointError",
         "grads_on_one_rank_first_step": "gradients were passed on rank(s) [0] and not",
         "grads_on_one_rank_later": "gradients were passed on rank(s) [0] and not",
+        "zero_schedule_fails_on_one_rank": "rank 1: ValueError: SGD: the schedule of lr",
+        "dp_lr_invalid_on_one_rank": "rank 1: ValueError: SGD: invalid lr=-1.0",
+        "zero_read_only_on_one_rank": "rank 1: ValueError: ZeroRedundancyOptimizer.step: param 0",
+        "dp_group_added_on_one_rank": "rank 0: RuntimeError: DataParallel: parameter groups",
     }
     for r, per_rank in enumerate(got):
         for label, text in expect.items():
@@ -348,3 +352,17 @@ def test_zero1_clipping_sees_every_rank(n: int, run2: Any, run3: Any) -> None:
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6)
         for i, a in enumerate(arrays):
             np.testing.assert_allclose(res[f"clip/p{i}"], a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["LAMB", "LARS", "Adafactor", "Muon", "LBFGS"])
+def test_zero1_refuses_updates_that_need_whole_parameters(cls: str) -> None:
+    """Adafactor's factored moments and RMS, Muon's orthogonalisation and LBFGS's one vector
+    need each whole parameter (or all of them): ZeRO-1's flat pieces gave Adafactor other
+    results without an error (0.012 after 4 steps at one rank), Muon an error naming a piece's
+    shape, LBFGS one at its first step."""
+    from mpi4py import MPI
+
+    with pytest.raises(ValueError, match="use DataParallel"):
+        distributed.ZeroRedundancyOptimizer(
+            [np.zeros((4, 6), np.float32)], getattr(fo, cls), comm=MPI.COMM_SELF
+        )

@@ -479,3 +479,117 @@ def test_options_a_loaded_checkpoint_lacks_keep_the_groups_values() -> None:
     opt.step()
     assert (x.detach() > before).all()  # maximize: up the gradient
     assert opt.state[y]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def _twins(make: Any, n: int = 1000, **kw: Any) -> tuple[Any, ...]:
+    """The same optimizer over the same values, torch.optim's (for-loop) and fastoptim's."""
+    a = torch.nn.Parameter(torch.zeros(n))
+    b = torch.nn.Parameter(torch.zeros(n))
+    ref = getattr(torch.optim, make)([a], foreach=False, **kw)
+    opt = getattr(fot, make)([b], **kw)
+    return a, ref, b, opt
+
+
+def _step_both(a: Any, ref: Any, b: Any, opt: Any, g: float) -> None:
+    for p, o in ((a, ref), (b, opt)):
+        p.grad = torch.full_like(p, g)
+        o.step()
+
+
+@pytest.mark.parametrize("move", ["share_memory_", "data", "set_"])
+def test_a_state_tensor_whose_storage_moved(fast: bool, move: str) -> None:
+    """A state tensor whose storage was replaced in place (``share_memory_()`` as Hogwild's
+    shared optimizers do, ``.data =``, ``set_()``) left the plan's array on the old memory:
+    steps went on there (the state seen in opt.state frozen, a reset ignored), and after
+    share_memory_(), which frees the old memory, they wrote into freed memory."""
+    a, ref, b, opt = _twins("Adam", lr=0.1)
+    for _ in range(3):
+        _step_both(a, ref, b, opt, 1.0)
+    for o, p in ((ref, a), (opt, b)):
+        for name, v in o.state[p].items():
+            if name == "step":
+                continue
+            if move == "share_memory_":
+                v.share_memory_()
+            elif move == "data":
+                v.data = torch.zeros_like(v)  # a reset, on new storage
+            else:
+                v.set_(torch.zeros_like(v))
+    for _ in range(3):
+        _step_both(a, ref, b, opt, -1.0)
+    _same(b, a)
+    for name in ("exp_avg", "exp_avg_sq"):
+        _same(opt.state[b][name], ref.state[a][name])
+
+
+def test_a_step_count_edited_in_place(fast: bool) -> None:
+    """One parameter's state reset in place (its ``step`` zeroed): the fast path advanced every
+    parameter's count as the first one's (steps [5, 5] where torch has [5, 2])."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.zeros(3)) for _ in range(4)]
+    ref = torch.optim.Adam(ps[:2], lr=0.1, foreach=False)
+    opt = fot.Adam(ps[2:], lr=0.1)
+    for k in range(5):
+        for p in ps:
+            p.grad = torch.ones(3)
+        ref.step()
+        opt.step()
+        if k == 2:
+            for o, p in ((ref, ps[1]), (opt, ps[3])):
+                for v in o.state[p].values():
+                    v.zero_()
+    assert [float(opt.state[p]["step"]) for p in ps[2:]] == [5.0, 2.0]
+    _same(ps[2], ps[0])
+    _same(ps[3], ps[1])
+
+
+def test_a_parameter_reshaped_or_retyped_on_the_same_memory(fast: bool) -> None:
+    """``p.data`` replaced by a view of the same memory with another shape (stateless SGD:
+    refused with a message naming the old shape) or another dtype (float16 over bfloat16:
+    updated as bfloat16)."""
+    p = torch.nn.Parameter(torch.randn(6))
+    q = torch.nn.Parameter(p.detach().clone())
+    ref, opt = torch.optim.SGD([p], lr=0.1), fot.SGD([q], lr=0.1)
+    for o, t in ((ref, p), (opt, q)):
+        for _ in range(2):
+            t.grad = torch.ones(6)
+            o.step()
+        t.data = t.data[:3]
+        t.grad = torch.ones(3)
+        o.step()
+    _same(q, p)
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = fot.SGD([p], lr=0.5)
+    for _ in range(2):
+        p.grad = torch.ones(4, dtype=torch.bfloat16)
+        opt.step()
+    p.data = p.data.view(torch.float16)
+    before = p.detach().clone()
+    p.grad = torch.ones(4, dtype=torch.float16)
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 0.5, rtol=0, atol=0)
+
+
+def test_reduce_grad_stats_runs_where_a_clipping_group_has_no_gradient() -> None:
+    """With reduce_grad_stats (FSDP2, torch's ZeroRedundancyOptimizer) every process must join
+    the reduction: a process whose clipping group had no gradient this step (an empty shard,
+    grad None) skipped it and left the others blocked in their all_reduce."""
+    w = torch.nn.Parameter(torch.ones(4))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = fot.AdamW([{"params": [w], "max_grad_norm": 1.0}, {"params": [b]}], lr=0.1)
+    calls: list[Any] = []
+
+    def reduce(stats: Any) -> Any:  # as if another process held the whole norm
+        calls.append(stats.copy())
+        return stats + torch.tensor([9.0, 0.0], dtype=torch.float64).numpy()
+
+    opt.reduce_grad_stats = reduce
+    b.grad = torch.ones(4)  # w has none here (the norm is over every group's gradients)
+    opt.step()
+    assert len(calls) == 1 and calls[0].tolist() == [4.0, 0.0]
+    assert opt.grad_norm == pytest.approx(13**0.5)
+    torch.testing.assert_close(w.detach(), torch.ones(4))  # no gradient: unchanged
+    w.grad, b.grad = torch.full((4,), 3.0), None  # now only the clipping group has one
+    opt.step()
+    assert len(calls) == 2 and calls[1].tolist() == [36.0, 0.0]
+    assert opt.grad_norm == pytest.approx(45**0.5)

@@ -303,6 +303,9 @@ std::optional<DType> dl_dtype(const DLDataType& d) {
   return std::nullopt;
 }
 
+// A DLPack dtype as one integer (bind_torch's record of a parameter's dtype).
+int64_t dtype_key(const DLDataType& d) { return (int64_t{d.code} << 24) | (int64_t{d.bits} << 8) | d.lanes; }
+
 // The codes of a block-quantized state: a uint8 ndarray, C-contiguous, writeable.
 Arg check_codes(py::handle h, const std::string& what) {
   if (!py::isinstance<py::array>(h))
@@ -678,6 +681,35 @@ class PyPlan {
   // bit) with its parameter's shape and strides and a dtype the kernel takes, disjoint from the
   // plan's arrays; then binds them.  False, binding nothing, where anything differs or the API
   // is not there: the caller takes the general path (NumPy views, every check with its message).
+  // fastoptim.torch: the state tensors behind the plan's arrays (their data now: a tensor whose
+  // storage is replaced later, by share_memory_(), `.data =` or set_(), leaves the plan's
+  // array on the old memory, freed by share_memory_()) and the packed scalar buffers (one
+  // value per buffer on the fast path: an entry edited in place splits it).  bind_torch
+  // declines when either changed; the general path rebuilds the arrays or splits the step.
+  void watch_torch(const py::list& states, const py::list& scalars) {
+    TorchApi& api = torch_api();
+    if (api.describe == nullptr) throw py::value_error("watch_torch: no torch API (set_torch_api)");
+    std::vector<std::pair<py::object, const void*>> watched;
+    DLTensor d{};
+    for (py::handle t : states) {
+      if (api.describe(t.ptr(), &d) != 0) {
+        PyErr_Clear();
+        throw py::type_error("watch_torch: states must be tensors, got " + type_name(t));
+      }
+      watched.emplace_back(py::reinterpret_borrow<py::object>(t),
+                           static_cast<const char*>(d.data) + d.byte_offset);
+    }
+    std::vector<py::array> buffers;
+    for (py::handle a : scalars) {
+      if (!py::isinstance<py::array>(a))
+        throw py::type_error("watch_torch: scalars must be numpy arrays, got " + type_name(a));
+      buffers.push_back(py::reinterpret_borrow<py::array>(a));
+    }
+    Lock lock(*this);
+    torch_states_ = std::move(watched);
+    torch_scalars_ = std::move(buffers);
+  }
+
   bool bind_torch(const py::list& params) {
     TorchApi& api = torch_api();
     if (api.describe == nullptr) return false;
@@ -726,11 +758,13 @@ class PyPlan {
         layout.push_back(pt.ndim);
         layout.insert(layout.end(), pt.shape, pt.shape + pt.ndim);
         layout.insert(layout.end(), pt.strides, pt.strides + pt.ndim);
+        layout.push_back(dtype_key(pt.dtype));
       } else {
         const int64_t* rec = torch_layout_.data() + at;
         if (pt.strides == nullptr || rec[0] != pt.ndim ||
             !std::equal(pt.shape, pt.shape + pt.ndim, rec + 1) ||
-            !std::equal(pt.strides, pt.strides + pt.ndim, rec + 1 + pt.ndim))
+            !std::equal(pt.strides, pt.strides + pt.ndim, rec + 1 + pt.ndim) ||
+            rec[1 + 2 * pt.ndim] != dtype_key(pt.dtype))  // (the same memory as another dtype)
           return false;
       }
       // the gradient: a plain CPU tensor laid out like its parameter
@@ -760,11 +794,26 @@ class PyPlan {
     }
     if (j != n) return false;
     if (!disjoint_from_plan(ranges)) return false;
+    // the state tensors behind the plan's arrays still on the memory they were built on, and
+    // each packed scalar buffer one value (a fast step advances it as one)
+    for (const auto& [t, data] : torch_states_) {
+      if (api.describe(t.ptr(), &pt) != 0) {
+        PyErr_Clear();
+        return false;
+      }
+      if (static_cast<const char*>(pt.data) + pt.byte_offset != data) return false;
+    }
+    for (const py::array& a : torch_scalars_) {
+      const auto* b = static_cast<const char*>(a.data());
+      const auto size = static_cast<std::size_t>(a.itemsize());
+      for (py::ssize_t k = 1; k < a.size(); ++k)
+        if (std::memcmp(b, b + static_cast<std::size_t>(k) * size, size) != 0) return false;
+    }
     if (first) {
       torch_offsets_.clear();
       for (std::size_t k = 0, at = 0; k < n; ++k) {
         torch_offsets_.push_back(at);
-        at += 1 + 2 * static_cast<std::size_t>(layout[at]);
+        at += 2 + 2 * static_cast<std::size_t>(layout[at]);
       }
       torch_layout_ = std::move(layout);
       torch_mask_ = std::move(mask);
@@ -871,11 +920,13 @@ class PyPlan {
   std::vector<py::object> grads_;  // the bound gradients (arrays or DLPack capsules)
   std::vector<const void*> param_data_;  // where each parameter's data was
   // bind_torch's record: per tensor of the group, whether it has a gradient (is the plan's);
-  // per parameter of the plan, its ndim, shape and strides (at torch_offsets_[j])
+  // per parameter of the plan, its ndim, shape, strides and dtype (at torch_offsets_[j])
   std::vector<py::object> torch_params_;  // the group's tensors (identity)
   std::vector<char> torch_mask_;
   std::vector<int64_t> torch_layout_;
   std::vector<std::size_t> torch_offsets_;
+  std::vector<std::pair<py::object, const void*>> torch_states_;  // (watch_torch)
+  std::vector<py::array> torch_scalars_;
   // bind_torch's scratch (kept: no allocation per step): the gradients' byte ranges, pointers
   std::vector<Range> scratch_ranges_;
   std::vector<std::pair<const void*, DType>> scratch_bound_;
@@ -1220,6 +1271,10 @@ PYBIND11_MODULE(_core, m) {
         PyPlan::Lock lock(p);
         p.release_grads();
       }, "Forget the bound gradients (a step needs new ones), so that they are not kept alive.")
+      .def("watch_torch", &PyPlan::watch_torch, py::arg("states"), py::arg("scalars"),
+           "fastoptim.torch: the state tensors and packed scalar buffers behind the plan's "
+           "arrays; bind_torch declines once a tensor's memory moved or a buffer holds two "
+           "values.")
       .def("bind_torch", &PyPlan::bind_torch, py::arg("params"),
            "fastoptim.torch: bind the `grad` of the group's tensors `params` if every check "
            "passes (see set_torch_api); False, binding nothing, otherwise.")

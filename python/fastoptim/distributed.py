@@ -163,14 +163,23 @@ def _agree_all(comm: Any, where: str, local: Callable[[], _T], share: bool = Tru
     return results
 
 
-def _take_grads(comm: Any, where: str, grads: Grads | None, copy: Callable[[Grads], None]) -> None:
+def _take_grads(
+    comm: Any,
+    where: str,
+    grads: Grads | None,
+    copy: Callable[[Grads], None],
+    ready: Callable[[], None],
+) -> None:
     """A step's `grads` argument on every rank (one ``allgather``, whether given or not, so
-    the ranks stay in step): copied by `copy` where given; :class:`DistributedError` on every
-    rank if some ranks passed gradients and others None, or if a copy failed anywhere."""
+    the ranks stay in step): copied by `copy` where given, then `ready()` (what the step will
+    check: it must not fail on some ranks only once the collectives begin);
+    :class:`DistributedError` on every rank if some ranks passed gradients and others None,
+    or if a copy or check failed anywhere."""
 
     def local() -> bool:
         if grads is not None:
             copy(grads)
+        ready()
         return grads is not None
 
     given = _agree_all(comm, where, local)
@@ -486,12 +495,17 @@ class DataParallel:
             assert block is not None
             base = block.ctypes.data
             for a, b in _runs(g.params):
+                # (an empty view's address says nothing of its place in the block: NumPy may
+                # give it the block's start)
+                views = [v for v in grads[a:b] if v.size]
+                if not views:
+                    continue
                 dt = _dtype(g.params[a].dtype)
-                lo = grads[a].ctypes.data - base
-                hi = grads[b - 1].ctypes.data - base + grads[b - 1].nbytes
+                lo = views[0].ctypes.data - base
+                hi = views[-1].ctypes.data - base + views[-1].nbytes
                 flat = block[lo:hi].view(dt)
                 end = lo  # zero the padding between the views
-                for v in grads[a:b]:
+                for v in views:
                     start = v.ctypes.data - base
                     block[end:start] = 0
                     end = start + v.nbytes
@@ -565,14 +579,17 @@ class DataParallel:
             for name in sorted(g.arenas):
                 self._c.comm.Bcast([g.arenas[name], byte], root=root)
 
-    def allreduce_grads(self) -> None:
-        """Collective: replace every rank's gradient buffers by their mean (or sum) over the
-        ranks, bit-identical everywhere (see the module's deterministic reduction)."""
+    def _check_groups(self) -> None:
         if len(self.optimizer._groups) != self._groups_seen:
             raise RuntimeError(
                 "DataParallel: parameter groups were added after construction; call check() "
                 "on every rank first"
             )
+
+    def allreduce_grads(self) -> None:
+        """Collective: replace every rank's gradient buffers by their mean (or sum) over the
+        ranks, bit-identical everywhere (see the module's deterministic reduction)."""
+        self._check_groups()
         c = self._c
         average = self.grad_reduction == "mean"
         if c.size == 1:
@@ -598,7 +615,13 @@ class DataParallel:
             targets = [a for g in opt._groups for a in opt._own_grads(g)]
             _copy_grads("DataParallel.step", gs, bool(opt._named), keys, targets)
 
-        _take_grads(self._c.comm, "DataParallel.step", grads, copy)
+        where = "DataParallel.step"
+
+        def ready() -> None:
+            self._check_groups()
+            opt._check_ready(where)
+
+        _take_grads(self._c.comm, where, grads, copy, ready)
         if not self._checked:
             self.check()
         self.allreduce_grads()
@@ -744,6 +767,12 @@ class ZeroRedundancyOptimizer:
                     f"{where}: {optimizer_class.__name__} computes a trust ratio from each "
                     "whole parameter's norms, which ZeRO-1's flat shards split across ranks: "
                     "use DataParallel with it"
+                )
+            if defn is not None and defn.host is not None:  # Muon, Adafactor, LBFGS
+                raise ValueError(
+                    f"{where}: {optimizer_class.__name__}'s update is not element-wise (it "
+                    "needs each whole parameter, or all of them), which ZeRO-1's flat shards "
+                    "split across ranks: use DataParallel with it"
                 )
             self.bucket_bytes = _check_options(
                 where, bucket_bytes, grad_reduction, ("mean", "sum", "none")
@@ -919,7 +948,14 @@ class ZeroRedundancyOptimizer:
             keys = [k for g in self._groups for k in g.keys]
             _copy_grads(where, gs, self._named, keys, self._grads)
 
-        _take_grads(c.comm, where, grads, copy)
+        def ready() -> None:
+            for g in self._groups:  # (the parameters are written by the all-gather)
+                for k, a in zip(g.keys, g.arrays):
+                    if not a.flags.writeable:
+                        raise ValueError(f"{where}: param {k!r}: array was made read-only")
+            self.optimizer._check_ready(where)
+
+        _take_grads(c.comm, where, grads, copy, ready)
         if not self._checked:
             self.check()
         average = self.grad_reduction == "mean"

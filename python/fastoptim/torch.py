@@ -1262,19 +1262,26 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
 
     def _sig(self, params: Sequence[torch.Tensor], local: bool) -> tuple[list[Any], ...]:
         """What must not change for a cache built from `params` to stay valid: each
-        parameter's identity, storage address and strides (of its local shard when `local`),
-        and the identity of every value in its state (lazy initialization, load_state_dict or
-        the user may replace those)."""
-        values: list[Any] = []
-        for st in map(self.state.get, params):  # get: torch's SGD keeps no state without momentum
-            if st:
-                values.extend(st.values())
+        parameter's identity, storage address, strides, shape and dtype (of its local shard
+        when `local`), and the identity and storage address of every value in its state (lazy
+        initialization, load_state_dict or the user may replace those, or move a tensor's
+        storage: share_memory_(), ``.data =``, set_())."""
+        values = self._state_values(params)
         return (
             list(map(id, params)),
             list(map(_local_ptr if local else _data_ptr, params)),
             list(map(_local_stride if local else _stride, params)),
+            [(tuple((_local(p) if local else p).shape), p.dtype) for p in params],
             list(map(id, values)),
+            [_data_ptr(v) for v in values if isinstance(v, torch.Tensor)],
         )
+
+    def _state_values(self, params: Sequence[torch.Tensor]) -> list[Any]:
+        values: list[Any] = []
+        for st in map(self.state.get, params):  # get: torch's SGD keeps no state without momentum
+            if st:
+                values.extend(st.values())
+        return values
 
     def _build(self, c: _Cache, gi: int, params: list[torch.Tensor]) -> None:
         """(Re)build group `gi`'s cache for `params`: create missing state, replace state that
@@ -1414,6 +1421,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c.any_fresh = any(c.fresh)
         c.written = list(params)
         c.plan, c.bound = plan, False
+        if plan is not None and not c.local:  # (the fast path's checks of them: bind_torch)
+            states = self._state_values(params)
+            plan.watch_torch(
+                [v for v in states if isinstance(v, torch.Tensor)], list(scalars.values())
+            )
         self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
         c.local = any(hasattr(p, "_local_tensor") for p in params)
@@ -1719,20 +1731,30 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # (what GradScaler sets on the instance for one step, and deletes after it; read from
         # the instance dict: a failed attribute lookup costs a caught exception)
         scale_t, found_t = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
-        if scale_t is None and found_t is None and not self._transformed:
+        # With reduce_grad_stats every process must reduce, even one whose clipping or
+        # skipping groups have no gradient this step (no parameters in its shard, grad None):
+        # their options, with no plans, join the decision.
+        shared = [
+            {k: g.get(k) for k in (transforms.MAX_GRAD_NORM, transforms.SKIP_NONFINITE)}
+            for gi, g in enumerate(self.param_groups)
+            if self.reduce_grad_stats is not None
+            and (gi >= len(work) or work[gi] is None)
+            and (g.get(transforms.MAX_GRAD_NORM) is not None or g.get(transforms.SKIP_NONFINITE))
+        ]
+        if scale_t is None and found_t is None and not self._transformed and not shared:
             if not any(item is not None and item[0].transforming for item in work):
                 if self.grad_norm is not None or self.step_skipped:
                     self.grad_norm, self.step_skipped = None, False
                 return False
         items = [item for item in work if item is not None]
-        hps = [item[0].hp for item in items]
+        hps = [item[0].hp for item in items] + shared
         name = f"{type(self).__name__}.step"
         found = found_t is not None and float(found_t) != 0.0
         # (a skipped step takes any scale: GradScaler halves it at every skip, past any range)
         scale = (
             None if scale_t is None or found else transforms.check_grad_scale(name, float(scale_t))
         )
-        plans = [item[2] for item in items]
+        plans = [item[2] for item in items] + [[] for _ in shared]
         decision = transforms.decide(plans, hps, scale, found, self.reduce_grad_stats)
         self.grad_norm, self.step_skipped = decision.norm, decision.skip
         if decision.skip:

@@ -926,6 +926,21 @@ class Optimizer:
                          self._after_step)  # fmt: skip
         return self.grad_norm
 
+    def _check_ready(self, where: str) -> None:
+        """What :meth:`step` checks before it changes an array, without stepping: the EMA
+        swap, every hyper-parameter and schedule (:meth:`_prepare`, with the optimizer's own
+        gradient buffers) and that no parameter was made read-only (the compiled plan's check
+        at the step).  :mod:`fastoptim.distributed` agrees on it across ranks before its
+        collectives: a step refused on some ranks raises on all of them, none left blocked."""
+        with self._lock:
+            if self._ema_swapped:
+                transforms.check_not_swapped(self, where)
+            self._prepare(None)
+            for g in self._groups:
+                for lab, p in zip(g.labels, g.params):
+                    if not p.flags.writeable:
+                        raise ValueError(f"{where}: param {lab}: array was made read-only")
+
     def _release_passed(self) -> None:
         """Forget the gradients passed to a step that did not run (skipped, or refused after
         some groups bound theirs): the plans must not keep them alive until the next step (the
