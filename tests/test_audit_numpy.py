@@ -149,3 +149,74 @@ def test_changing_quantized_kind_names_both_kinds() -> None:
     with pytest.raises(ValueError, match=r"'exp_avg' of param 0 exists as int4; .* make it int8"):
         opt.step([np.ones(N, np.float32)])
     assert _arrays(opt) == before
+
+
+# ------------------------------------------------- what a user can do to the groups between steps
+def test_an_equal_value_of_another_type_still_checkpoints() -> None:
+    """An entry set to a value equal to its own but of a refused type (seed=0.0 for 0, lr as a
+    1-element array) is not a change the step sees; the checkpoints now hold the validated
+    value (the optimizer's own state_dict did not load), and a fresh state buffer's first step
+    no longer re-read the live group (it raised after the kernels: group 1's count stayed 0)."""
+    p = [np.ones(4, np.float32)]
+    opt = fo.Adam(p, lr=0.1)
+    opt.param_groups[0]["seed"] = 0.0
+    opt.step([np.ones(4, np.float32)])
+    opt.load_state_dict(opt.state_dict())
+    fo.Adam([np.ones(4, np.float32)], lr=0.1).load_state_dict(opt.state_dict())
+    a, b = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt = fo.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt.param_groups[0]["lr"] = np.array([0.1])
+    for _ in range(2):
+        opt.step([np.ones(3, np.float32), np.ones(3, np.float32)])
+    assert [opt.state[k]["step"] for k in (0, 1)] == [2, 2]
+    np.testing.assert_array_equal(a, b)
+    opt.load_state_dict(opt.state_dict())
+
+
+def test_a_deleted_entry_is_refused() -> None:
+    p = np.ones(3, np.float32)
+    opt = fo.SGD([p], lr=0.1)
+    del opt.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match=r"\['lr'\] were deleted"):
+        opt.step([np.ones(3, np.float32)])
+    np.testing.assert_array_equal(p, 1.0)
+    opt.param_groups[0]["lr"] = 0.1
+    opt.step([np.ones(3, np.float32)])
+    np.testing.assert_allclose(p, 0.9)
+
+
+@pytest.mark.parametrize("edit", ["pop", "append"])
+def test_groups_removed_or_appended_by_hand_are_refused(edit: str) -> None:
+    """param_groups.pop(): the removed group was still stepped (its count no longer advanced,
+    its state no longer saved); append: the new group was never stepped."""
+    a, b = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt = fo.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt.step([np.ones(3, np.float32), np.ones(3, np.float32)])
+    if edit == "pop":
+        opt.param_groups.pop()
+    else:
+        opt.param_groups.append({**opt.param_groups[0], "params": [np.ones(2, np.float32)]})
+    before = (a.copy(), b.copy())
+    with pytest.raises(ValueError, match="groups are added by add_param_group"):
+        opt.step([np.ones(3, np.float32), np.ones(3, np.float32)])
+    with pytest.raises(ValueError, match="groups are added by add_param_group"):
+        opt.state_dict()
+    np.testing.assert_array_equal(a, before[0])
+    np.testing.assert_array_equal(b, before[1])
+
+
+def test_a_state_dtype_dict_is_never_shared() -> None:
+    """A per-state ``state_dtype`` dict was the same object in the group, the step's snapshot
+    and state_dict()'s output: editing either in place was ignored by the steps, and the
+    optimizer's own checkpoint then failed to load."""
+    p = [np.ones(4, np.float32)]
+    opt = fo.Adam(p, lr=0.1, state_dtype={"exp_avg": "float32"})
+    opt.step([np.ones(4, np.float32)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["hyper"]["state_dtype"]["exp_avg"] = "bfloat16"
+    assert opt.param_groups[0]["state_dtype"] == {"exp_avg": "float32"}
+    opt.step([np.ones(4, np.float32)])
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[0]["state_dtype"]["exp_avg"] = "bfloat16"  # in place: now seen (refused)
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.step([np.ones(4, np.float32)])

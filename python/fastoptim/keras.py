@@ -242,7 +242,7 @@ class KerasOptimizer(Optimizer):
                     "step"
                 )
 
-    def _check_keys(self, group: Mapping[str, Any]) -> None:
+    def _check_keys(self, group: Mapping[str, Any], complete: bool = False) -> None:
         """:meth:`Optimizer._check_keys`, refusing ``lr`` (groups take ``learning_rate``) and a
         changed fixed entry, then Keras's spellings in `group` (a dict: the live group, or
         :meth:`add_param_group`'s copy)."""
@@ -252,7 +252,7 @@ class KerasOptimizer(Optimizer):
                 f"{cls}: a group's learning rate is its 'learning_rate' entry (lr, Keras 2's "
                 "alias, is taken by the constructor and as opt.lr only)"
             )
-        super()._check_keys(group)
+        super()._check_keys(group, complete)
         changed = self._changed_fixed(group)
         if changed:
             raise ValueError(f"{cls}: {changed}")

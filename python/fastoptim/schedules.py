@@ -185,6 +185,8 @@ def _to_data(value: Any, plain: Callable[[Any], Any] = lambda v: v) -> Any:
         return value.describe()
     if isinstance(value, (tuple, list)):
         return [_to_data(x, plain) for x in value]
+    if isinstance(value, Mapping):  # (a per-state state_dtype: a copy, never the group's)
+        return {k: _to_data(v, plain) for k, v in value.items()}
     if _is_function(value):
         return {"schedule": "callable", "name": _qualname(value)}
     if hasattr(value, "item") and hasattr(value, "dtype"):  # a numpy scalar

@@ -1346,7 +1346,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 packed[n].append(state[n])
         # Scalars: one buffer per kind, each parameter's entry a 0-d view of it, so that a step
         # advances all of them in one operation.
-        scalars = {}
+        scalars, buffers = {}, []
         for n, values in packed.items():
             dtypes = {v.dtype for v in values if isinstance(v, torch.Tensor)}
             if len(dtypes) == 1:
@@ -1357,6 +1357,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for i, p in enumerate(params):
                 self.state[p][n] = buf[i]
             scalars[n] = buf.numpy()
+            buffers.append(buf)
         pviews = [_view(p, perm) for p, perm in zip(params, perms)]
         sviews: list[list[Any]] = [
             [
@@ -1421,11 +1422,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c.any_fresh = any(c.fresh)
         c.written = list(params)
         c.plan, c.bound = plan, False
-        if plan is not None and not c.local:  # (the fast path's checks of them: bind_torch)
-            states = self._state_values(params)
-            plan.watch_torch(
-                [v for v in states if isinstance(v, torch.Tensor)], list(scalars.values())
-            )
+        if not c.local:  # what the fast path checks (bind_torch): each state tensor's memory
+            # (one check per scalar buffer for its 0-d views: they move with it), and that each
+            # buffer holds one value
+            watched = [
+                v
+                for p in params
+                for n, v in self.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor) and n not in packed
+            ]
+            plan.watch_torch(watched + buffers, list(scalars.values()))
         self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
         c.local = any(hasattr(p, "_local_tensor") for p in params)

@@ -106,8 +106,12 @@ def run_rows(
 
 def _snapshot(group: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a group's entries that later in-place edits cannot reach (lists become
-    tuples, so mutating a list of betas counts as a change)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
+    tuples, dicts (a per-state ``state_dtype``) are copied: editing one in place counts as a
+    change)."""
+    return {
+        k: tuple(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+        for k, v in group.items()
+    }
 
 
 def _label(key: Key) -> str:
@@ -290,11 +294,20 @@ class Optimizer:
             self.add_param_group(g)
 
     # ------------------------------------------------------------------ groups
-    def _check_keys(self, group: Mapping[str, Any]) -> None:
+    def _check_keys(self, group: Mapping[str, Any], complete: bool = False) -> None:
+        """ValueError for an entry the optimizer does not know, or (`complete`: a group the
+        optimizer holds) one it lacks (deleted: the step would go on with its old value, the
+        checkpoints would lack it)."""
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}: unknown hyper-parameter(s) {sorted(unknown)} in a group"
+            )
+        missing = set(self.defaults) - set(group) if complete else ()
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: a group's hyper-parameter(s) {sorted(missing)} were "
+                "deleted; set them instead"
             )
 
     def _new_sched(self) -> Scheduled:
@@ -763,17 +776,30 @@ class Optimizer:
                     f"{type(self).__name__}.step: the step count {g.step} is at its maximum "
                     f"({2**63 - 2}: its successor is the kernels' int64 limit)"
                 )
+        if len(self.param_groups) != len(self._groups):
+            self._check_group_list()
         for g, group in zip(self._groups, self.param_groups):
             if group != g.synced:
                 self._refresh()
                 break
         return self._bind(grads)
 
+    def _check_group_list(self) -> None:
+        """ValueError if groups were removed from or appended to :attr:`param_groups` (the
+        list itself): a removed group was still stepped, an appended one never was."""
+        if len(self.param_groups) != len(self._groups):
+            raise ValueError(
+                f"{type(self).__name__}: param_groups holds {len(self.param_groups)} groups, the "
+                f"optimizer {len(self._groups)}: groups are added by add_param_group and never "
+                "removed (build a new optimizer for fewer)"
+            )
+
     def _refresh(self) -> None:
         """Validate and compile the groups whose entries were set since the last step (or whose
         schedule failed after it), allocating the state buffers a new variant needs (e.g.
         ``momentum`` 0 -> 0.9): what a step, :meth:`state_dict` and :func:`fastoptim.save`
         see first.  Raises (changing nothing) if a group holds an invalid value."""
+        self._check_group_list()
         changed = [
             (g, group)
             for g, group in zip(self._groups, self.param_groups)
@@ -787,7 +813,7 @@ class Optimizer:
                     f"{type(self).__name__}: a group's 'params' entry cannot be replaced; "
                     "use add_param_group or a new optimizer"
                 )
-            self._check_keys(group)
+            self._check_keys(group, complete=True)
             if precision.STATE_DTYPE in self.defaults:
                 group[precision.STATE_DTYPE] = precision.normalize(group.get(precision.STATE_DTYPE))
             g.sched.adopt(group, self._t)
@@ -1076,7 +1102,7 @@ class Optimizer:
                 g.fresh_copies.clear()
             if g.fresh:
                 g.fresh.clear()
-                self._sync(g, group)
+                self._sync(g, g.synced)  # (the values the step validated and used)
             if g.sched.specs:
                 self._advance(g, group)
 
@@ -1115,9 +1141,10 @@ class Optimizer:
     def _state_dict(self, copy: bool) -> dict[str, Any]:
         self._refresh()  # entries set since the last step: as the next step will see them
         groups, state = [], {}
-        for g, group in zip(self._groups, self.param_groups):
-            specs = g.sched.specs
-            hyper = {k: _to_data(specs.get(k, v)) for k, v in group.items() if k != "params"}
+        for g in self._groups:
+            specs = g.sched.specs  # (the validated values: an entry set to an equal value
+            # of another type, e.g. seed=0.0 for 0, is what the steps used, not what loads)
+            hyper = {k: _to_data(specs.get(k, v)) for k, v in g.synced.items() if k != "params"}
             groups.append(
                 {
                     "params": list(g.keys),
@@ -1411,7 +1438,7 @@ class Optimizer:
             trial.lr_scale, trial.lr_floor = float(rec["lr_scale"]), float(rec["lr_floor"])
             g.sched = trial
             for k, v in values.items():
-                group[k] = v
+                group[k] = dict(v) if isinstance(v, Mapping) else v  # (not the loaded dict's)
 
         return apply
 
