@@ -4,6 +4,7 @@ copy-outs the step never writes, and the functional tier's quantized-state helpe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import ml_dtypes
@@ -220,3 +221,35 @@ def test_a_state_dtype_dict_is_never_shared() -> None:
     opt.param_groups[0]["state_dtype"]["exp_avg"] = "bfloat16"  # in place: now seen (refused)
     with pytest.raises(ValueError, match="state_dtype"):
         opt.step([np.ones(4, np.float32)])
+
+
+@pytest.mark.parametrize("edit", ["dtype", "byteorder", "shape", "strides", "copy-out"])
+def test_an_array_re_viewed_in_place_is_refused(edit: str) -> None:
+    """An array whose dtype, byte order, shape or strides were changed in place (the same
+    memory read another way) was stepped as before: float16 bits updated as bfloat16, a
+    transposed parameter's elements matched to the wrong gradients."""
+    p = np.ones((4, 6), np.float32 if edit != "dtype" else np.float16)
+    out = np.zeros((4, 6), np.float16)
+    opt = fo.SGD([p], lr=0.5)
+    if edit == "copy-out":
+        opt.set_copy_out([out])
+    opt.step([np.ones_like(p)])
+    if edit == "dtype":
+        p.dtype = ml_dtypes.bfloat16
+    elif edit == "byteorder":
+        p.dtype = np.dtype(">f4")
+    elif edit == "shape":
+        p.shape = (6, 4)
+    elif edit == "strides":
+        with warnings.catch_warnings():  # (deprecated in NumPy 2.4, still possible)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            p.shape, p.strides = (6, 4), (4, 24)  # the transposed layout of the same memory
+    else:
+        out.dtype = ml_dtypes.bfloat16
+    before, copied = p.copy(), out.copy()
+    # (another byte order: the gradient buffers' check says it first)
+    match = "non-native byte order" if edit == "byteorder" else "changed in place"
+    with pytest.raises((TypeError, ValueError), match=match):
+        opt.step()
+    np.testing.assert_array_equal(p, before)
+    np.testing.assert_array_equal(out, copied)

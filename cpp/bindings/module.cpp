@@ -554,7 +554,10 @@ class PyPlan {
       param_data_.push_back(ps[i].data);
     }
     const auto watch = [&](const Arg& a, const std::string& what) {
-      watched_.push_back({a.arr, a.data, a.arr.size(), what});
+      watched_.push_back({a.arr, a.data, a.arr.size(), a.arr.dtype(),
+                          std::vector<py::ssize_t>(a.arr.shape(), a.arr.shape() + a.arr.ndim()),
+                          std::vector<py::ssize_t>(a.arr.strides(), a.arr.strides() + a.arr.ndim()),
+                          what});
     };
     for (std::size_t i = 0; i < n; ++i) {
       watch(ps[i], "param " + labels[i]);
@@ -887,6 +890,10 @@ class PyPlan {
                                  ? "give it again (set_copy_out) or remove it (set_copy_out(None))"
                                  : "build a new optimizer for it"));
       if (!w.arr.writeable()) throw py::value_error(w.what + ": array was made read-only");
+      if (w.re_viewed())
+        throw py::value_error(w.what + ": the array's dtype, shape or strides were changed in "
+                              "place since it was given to the optimizer; build a new "
+                              "optimizer for it");
     }
     return plan_;
   }
@@ -914,7 +921,18 @@ class PyPlan {
     py::array arr;
     const void* data;
     py::ssize_t size;
+    py::dtype dtype;  // and its layout, which the plan's kernels and pointers assume
+    std::vector<py::ssize_t> shape, strides;
     std::string what;
+    // The array re-viewed in place since (`a.dtype = ...`, `a.shape = ...`, `a.strides = ...`:
+    // the same memory read as another type or order).
+    bool re_viewed() const {
+      const py::dtype now = arr.dtype();
+      if (now.ptr() != dtype.ptr() && !now.equal(dtype)) return true;
+      const auto nd = static_cast<std::size_t>(arr.ndim());
+      return nd != shape.size() || !std::equal(shape.begin(), shape.end(), arr.shape()) ||
+             !std::equal(strides.begin(), strides.end(), arr.strides());
+    }
   };
   std::vector<Watched> watched_;
   std::vector<py::object> grads_;  // the bound gradients (arrays or DLPack capsules)
