@@ -553,14 +553,15 @@ class PyPlan {
       params_.push_back(ps[i].arr);
       param_data_.push_back(ps[i].data);
     }
-    const auto watch = [&](const Arg& a, const std::string& what) {
+    // (`layout`: also its dtype, shape and strides: the user's arrays, parameters and copy-outs)
+    const auto watch = [&](const Arg& a, const std::string& what, bool layout = false) {
       watched_.push_back({a.arr, a.data, a.arr.size(), a.arr.dtype(),
                           std::vector<py::ssize_t>(a.arr.shape(), a.arr.shape() + a.arr.ndim()),
                           std::vector<py::ssize_t>(a.arr.strides(), a.arr.strides() + a.arr.ndim()),
-                          what});
+                          what, layout});
     };
     for (std::size_t i = 0; i < n; ++i) {
-      watch(ps[i], "param " + labels[i]);
+      watch(ps[i], "param " + labels[i], true);
       for (std::size_t j = 0; j < k; ++j) {
         const std::string sw = "state '" + state_names[j] + "' of param " + labels[i];
         watch(ss[j][i], sw);
@@ -568,7 +569,7 @@ class PyPlan {
       }
       if (ms[i]) watch(*ms[i], "master copy of param " + labels[i]);
       if (cs[i]) watch(*cs[i], "compensation of param " + labels[i]);
-      if (os[i]) watch(*os[i], "copy-out of param " + labels[i]);
+      if (os[i]) watch(*os[i], "copy-out of param " + labels[i], true);
       if (es[i]) watch(*es[i], "EMA of param " + labels[i]);
     }
     state_names_ = state_names;
@@ -890,7 +891,7 @@ class PyPlan {
                                  ? "give it again (set_copy_out) or remove it (set_copy_out(None))"
                                  : "build a new optimizer for it"));
       if (!w.arr.writeable()) throw py::value_error(w.what + ": array was made read-only");
-      if (w.re_viewed())
+      if (w.layout && w.re_viewed())
         throw py::value_error(w.what + ": the array's dtype, shape or strides were changed in "
                               "place since it was given to the optimizer; build a new "
                               "optimizer for it");
@@ -924,14 +925,16 @@ class PyPlan {
     py::dtype dtype;  // and its layout, which the plan's kernels and pointers assume
     std::vector<py::ssize_t> shape, strides;
     std::string what;
+    bool layout;  // check dtype, shape and strides too
     // The array re-viewed in place since (`a.dtype = ...`, `a.shape = ...`, `a.strides = ...`:
     // the same memory read as another type or order).
+    // (Read from the array object's fields, no reference taken: a few ns per array and step.)
     bool re_viewed() const {
-      const py::dtype now = arr.dtype();
-      if (now.ptr() != dtype.ptr() && !now.equal(dtype)) return true;
-      const auto nd = static_cast<std::size_t>(arr.ndim());
-      return nd != shape.size() || !std::equal(shape.begin(), shape.end(), arr.shape()) ||
-             !std::equal(strides.begin(), strides.end(), arr.strides());
+      const auto* a = py::detail::array_proxy(arr.ptr());
+      if (a->descr != dtype.ptr() && !arr.dtype().equal(dtype)) return true;
+      return static_cast<std::size_t>(a->nd) != shape.size() ||
+             !std::equal(shape.begin(), shape.end(), a->dimensions) ||
+             !std::equal(strides.begin(), strides.end(), a->strides);
     }
   };
   std::vector<Watched> watched_;
