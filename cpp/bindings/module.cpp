@@ -678,13 +678,6 @@ class PyPlan {
     bound_ = true;
   }
 
-  // fastoptim.torch's fast path: `params` is a parameter group's list of tensors; those whose
-  // `grad` is not None must be this plan's parameters, in order.  Reads every gradient and
-  // checks, through DLPack's exchange API, that every parameter of the plan is where it was and
-  // laid out as when this was first called, and that each gradient is a CPU tensor (no negative
-  // bit) with its parameter's shape and strides and a dtype the kernel takes, disjoint from the
-  // plan's arrays; then binds them.  False, binding nothing, where anything differs or the API
-  // is not there: the caller takes the general path (NumPy views, every check with its message).
   // fastoptim.torch: the state tensors behind the plan's arrays (their data now: a tensor whose
   // storage is replaced later, by share_memory_(), `.data =` or set_(), leaves the plan's
   // array on the old memory, freed by share_memory_()) and the packed scalar buffers (one
@@ -714,6 +707,14 @@ class PyPlan {
     torch_scalars_ = std::move(buffers);
   }
 
+  // fastoptim.torch's fast path: `params` is a parameter group's list of tensors; those whose
+  // `grad` is not None must be this plan's parameters, in order.  Reads every gradient and
+  // checks, through DLPack's exchange API, that every parameter of the plan is where it was and
+  // laid out as when this was first called, and that each gradient is a CPU tensor (no negative
+  // bit) with its parameter's shape and strides and a dtype the kernel takes, disjoint from the
+  // plan's arrays; then binds them.  False, binding nothing, where anything differs (a tensor
+  // of watch_torch's moved, a scalar buffer holds two values) or the API is not there: the
+  // caller takes the general path (NumPy views, every check with its message).
   bool bind_torch(const py::list& params) {
     TorchApi& api = torch_api();
     if (api.describe == nullptr) return false;
