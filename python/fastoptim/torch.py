@@ -1740,13 +1740,18 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # With reduce_grad_stats every process must reduce, even one whose clipping or
         # skipping groups have no gradient this step (no parameters in its shard, grad None):
         # their options, with no plans, join the decision.
-        shared = [
-            {k: g.get(k) for k in (transforms.MAX_GRAD_NORM, transforms.SKIP_NONFINITE)}
-            for gi, g in enumerate(self.param_groups)
+        shared = (
+            [
+                {k: g.get(k) for k in (transforms.MAX_GRAD_NORM, transforms.SKIP_NONFINITE)}
+                for gi, g in enumerate(self.param_groups)
+                if (gi >= len(work) or work[gi] is None)
+                and (
+                    g.get(transforms.MAX_GRAD_NORM) is not None or g.get(transforms.SKIP_NONFINITE)
+                )
+            ]
             if self.reduce_grad_stats is not None
-            and (gi >= len(work) or work[gi] is None)
-            and (g.get(transforms.MAX_GRAD_NORM) is not None or g.get(transforms.SKIP_NONFINITE))
-        ]
+            else []
+        )
         if scale_t is None and found_t is None and not self._transformed and not shared:
             if not any(item is not None and item[0].transforming for item in work):
                 if self.grad_norm is not None or self.step_skipped:
