@@ -366,3 +366,17 @@ def test_zero1_refuses_updates_that_need_whole_parameters(cls: str) -> None:
         distributed.ZeroRedundancyOptimizer(
             [np.zeros((4, 6), np.float32)], getattr(fo, cls), comm=MPI.COMM_SELF
         )
+
+
+def test_the_agreed_check_sees_what_the_step_refuses() -> None:
+    """What every rank agrees on before the collectives includes the plans' own check (a
+    parameter re-viewed with another shape passed it, then the step raised on that rank alone,
+    after the all-reduce)."""
+    from mpi4py import MPI
+
+    w = np.zeros(16, np.float32)
+    dp = distributed.DataParallel(fo.SGD([w], lr=0.1), MPI.COMM_SELF)
+    dp.step([np.ones(16, np.float32)])
+    w.shape = (4, 4)
+    with pytest.raises(ValueError, match="changed in place"):
+        dp.optimizer._check_ready("DataParallel.step")

@@ -168,3 +168,35 @@ def test_a_failed_save_leaves_no_descriptor_open(tmp_path: Any) -> None:
         assert info.value.filename == os.fspath(target)
     assert len(os.listdir("/proc/self/fd")) == before
     assert os.listdir(tmp_path) == []
+
+
+def _closure(w: np.ndarray, grads: list[np.ndarray]) -> Any:
+    return lambda: (float((w * w).sum()), grads)
+
+
+@pytest.mark.parametrize("cls", ["Muon", "Adafactor", "LBFGS", "reference.Adam"])
+def test_steps_in_python_keep_no_gradient_alive(cls: str) -> None:
+    """Muon and Adafactor (steps in NumPy), LBFGS's closure gradients and the reference
+    optimizers kept the last gradients they were given bound to their plans."""
+    from fastoptim import reference
+
+    w = np.ones((4, 6), np.float32)
+    if cls == "reference.Adam":
+        opt: Any = reference.Adam([w], lr=0.1, skip_nonfinite=True)
+    else:
+        opt = getattr(fo, cls)([w])
+    g = np.full((4, 6), 0.5, np.float32)
+    ref = weakref.ref(g)
+    if cls == "LBFGS":
+        opt.step(_closure(w, [g]))
+    else:
+        opt.step([g])
+    if cls == "reference.Adam":  # and a skipped step's
+        g2 = np.full((4, 6), np.nan, np.float32)
+        ref2 = weakref.ref(g2)
+        opt.step([g2])
+        assert opt.step_skipped
+        del g2
+        assert not _alive(ref2)
+    del g
+    assert not _alive(ref)

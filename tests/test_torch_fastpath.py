@@ -322,3 +322,26 @@ def test_overhead_benchmark() -> None:
     assert all(0 < t < 1 for t in times.values())
     text = bench.format_torch_overhead(times)
     assert text.count("fixed") == 2 and text.count("per tensor") == 2
+
+
+def test_a_torch_without_the_dlpack_exchange_api() -> None:
+    """torch < 2.10 has no DLPack exchange API: no fast path, every step on the general one.
+    The plans' storage watch (added for the fast path) then raised at the first step."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.Tensor.__dlpack_c_exchange_api__ = None\n"
+        "import fastoptim.torch as fot\n"
+        "assert not fot._FAST\n"
+        "p = torch.nn.Parameter(torch.ones(4))\n"
+        "opt = fot.Adam([p], lr=0.1)\n"
+        "for _ in range(2):\n"
+        "    p.grad = torch.ones(4)\n"
+        "    opt.step()\n"
+        "print(round(float(p[0]), 4))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.8"

@@ -304,7 +304,9 @@ std::optional<DType> dl_dtype(const DLDataType& d) {
 }
 
 // A DLPack dtype as one integer (bind_torch's record of a parameter's dtype).
-int64_t dtype_key(const DLDataType& d) { return (int64_t{d.code} << 24) | (int64_t{d.bits} << 8) | d.lanes; }
+int64_t dtype_key(const DLDataType& d) {
+  return (int64_t{d.code} << 32) | (int64_t{d.bits} << 16) | int64_t{d.lanes};
+}
 
 // The codes of a block-quantized state: a uint8 ndarray, C-contiguous, writeable.
 Arg check_codes(py::handle h, const std::string& what) {
@@ -683,18 +685,20 @@ class PyPlan {
   // array on the old memory, freed by share_memory_()) and the packed scalar buffers (one
   // value per buffer on the fast path: an entry edited in place splits it).  bind_torch
   // declines when either changed; the general path rebuilds the arrays or splits the step.
+  // (Without the API there is no fast path to guard: nothing is watched.  A tensor that
+  // describe refuses cannot be checked: it makes bind_torch decline at every step.)
   void watch_torch(const py::list& states, const py::list& scalars) {
     TorchApi& api = torch_api();
-    if (api.describe == nullptr) throw py::value_error("watch_torch: no torch API (set_torch_api)");
+    if (api.describe == nullptr) return;
     std::vector<std::pair<py::object, const void*>> watched;
     DLTensor d{};
     for (py::handle t : states) {
-      if (api.describe(t.ptr(), &d) != 0) {
+      const void* data = nullptr;  // (never a tensor's address: bind_torch then declines)
+      if (api.describe(t.ptr(), &d) != 0)
         PyErr_Clear();
-        throw py::type_error("watch_torch: states must be tensors, got " + type_name(t));
-      }
-      watched.emplace_back(py::reinterpret_borrow<py::object>(t),
-                           static_cast<const char*>(d.data) + d.byte_offset);
+      else
+        data = static_cast<const char*>(d.data) + d.byte_offset;
+      watched.emplace_back(py::reinterpret_borrow<py::object>(t), data);
     }
     std::vector<py::array> buffers;
     for (py::handle a : scalars) {
@@ -1289,6 +1293,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rounding", &PyPlan::rounding)
       .def_property_readonly("seed", &PyPlan::seed)
       .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
+      .def("check", [](PyPlan& p) {
+        PyPlan::Lock lock(p);
+        (void)p.plan();
+      }, "What a step checks of the plan's arrays (not made read-only, resized, reallocated or "
+         "re-viewed since): ValueError naming the array, else nothing.  Gradients must be bound.")
       .def("release_grads", [](PyPlan& p) {
         PyPlan::Lock lock(p);
         p.release_grads();

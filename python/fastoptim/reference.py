@@ -1449,11 +1449,13 @@ class _Reference:
     def _decide(self, scale: float | None, per_group: list[list[np.ndarray]]) -> Any:
         from .engine.transforms import Decision
 
-        norm, skip, self._pending = transform_grads(per_group, self.param_groups, scale)
+        norm, skip, pending = transform_grads(per_group, self.param_groups, scale)
+        self._pending = [] if skip else pending  # (a skipped step keeps no gradient alive)
         return Decision(norm, skip, [])
 
     def _transform(self, decision: Any, i: int, grads: list[np.ndarray]) -> list[np.ndarray]:
-        return self._pending[i]
+        out, self._pending[i] = self._pending[i], []  # (used once: not kept after the step)
+        return out
 
     def _run_rows(self, work: list[tuple[Any, int, np.ndarray, np.ndarray, Any]]) -> None:
         for g, i, index, rows, _ in work:

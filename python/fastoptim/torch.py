@@ -1273,7 +1273,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             list(map(_local_stride if local else _stride, params)),
             [(tuple((_local(p) if local else p).shape), p.dtype) for p in params],
             list(map(id, values)),
-            [_data_ptr(v) for v in values if isinstance(v, torch.Tensor)],
+            [
+                (_local_ptr if local else _data_ptr)(v)
+                for v in values
+                if isinstance(v, torch.Tensor)
+            ],
         )
 
     def _state_values(self, params: Sequence[torch.Tensor]) -> list[Any]:
@@ -1422,19 +1426,21 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         c.any_fresh = any(c.fresh)
         c.written = list(params)
         c.plan, c.bound = plan, False
-        if not c.local:  # what the fast path checks (bind_torch): each state tensor's memory
+        c.local = any(hasattr(p, "_local_tensor") for p in params)
+        if (
+            _FAST and not c.local
+        ):  # what the fast path checks (bind_torch): each state tensor's memory
             # (one check per scalar buffer for its 0-d views: they move with it), and that each
             # buffer holds one value
             watched = [
                 v
                 for p in params
                 for n, v in self.state.get(p, {}).items()
-                if isinstance(v, torch.Tensor) and n not in packed
+                if type(v) is torch.Tensor and n not in packed  # (what describe takes)
             ]
             plan.watch_torch(watched + buffers, list(scalars.values()))
         self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
-        c.local = any(hasattr(p, "_local_tensor") for p in params)
         if c.local and self._definition.per_tensor:
             raise ValueError(
                 f"{type(self).__name__}: a trust ratio needs each whole parameter's norms; "

@@ -67,7 +67,10 @@ class ClosureOptimizer(Optimizer):
                     return loss, grads
                 return out, self._own_grads(g)
 
-            loss = host.closure(Objective(g.params, evaluate), self._cstate, g.synced)
+            try:
+                loss = host.closure(Objective(g.params, evaluate), self._cstate, g.synced)
+            finally:
+                self._release_passed()  # (the closure's gradients are not kept alive)
             self._after_step()
         return loss
 

@@ -933,10 +933,11 @@ class Optimizer:
                 for name in g.fresh | g.fresh_copies:  # step
                     if name in g.fresh_copies or self._definition.like_param(name):
                         self._take_params(g, name)
-        if self._python_run:  # fastoptim.reference: each group's arithmetic in Python
+        if self._python_run:  # fastoptim.reference, Muon, Adafactor: each group in Python
             for i, (g, gr) in enumerate(zip(groups, self._per_group(per_group))):
                 self._run(g, gr if decision is None else self._transform(decision, i, gr))
             self._after_step()
+            self._release_passed()  # (passed gradients are not kept alive after it)
             return self.grad_norm
         # Every group in one compiled call (passed gradients are not kept alive after it).
         cls = type(self)
@@ -963,7 +964,10 @@ class Optimizer:
                 transforms.check_not_swapped(self, where)
             self._prepare(None)
             for g in self._groups:
-                for lab, p in zip(g.labels, g.params):
+                if g.plan is not None:  # every array it writes: as the compiled step checks
+                    g.plan.check()
+                    continue
+                for lab, p in zip(g.labels, g.params):  # (a step in Python)
                     if not p.flags.writeable:
                         raise ValueError(f"{where}: param {lab}: array was made read-only")
 
