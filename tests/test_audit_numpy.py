@@ -253,3 +253,120 @@ def test_an_array_re_viewed_in_place_is_refused(edit: str) -> None:
         opt.step()
     np.testing.assert_array_equal(p, before)
     np.testing.assert_array_equal(out, copied)
+
+
+# --------------------------------------------- opt.grads / opt.state are built at each access
+def _refused_edits(named: bool) -> list[tuple[str, Callable[[Any], Any]]]:
+    """Every way of changing `opt.grads` and `opt.state` as containers (not their arrays)."""
+    k = "w" if named else 0
+    g = np.zeros(8, np.float32)
+    return [
+        ("grads[k] =", lambda o: o.grads.__setitem__(k, g)),
+        ("del grads[k]", lambda o: o.grads.__delitem__(k)),
+        ("grads.pop", lambda o: o.grads.pop(k) if named else o.grads.pop()),
+        ("grads.clear", lambda o: o.grads.clear()),
+        ("grads +=/|=", lambda o: o.grads.__ior__({}) if named else o.grads.__iadd__([g])),
+        ("state[k] =", lambda o: o.state.__setitem__(k, {})),
+        ("state.pop", lambda o: o.state.pop(k)),
+        ("state.update", lambda o: o.state.update({k: {}})),
+        ("state[k][exp_avg] =", lambda o: o.state[k].__setitem__("exp_avg", g)),
+        ("state[k][step] =", lambda o: o.state[k].__setitem__("step", 0)),
+        ("del state[k][exp_avg]", lambda o: o.state[k].__delitem__("exp_avg")),
+        ("state[k].update", lambda o: o.state[k].update(step=0)),
+        ("state[k].setdefault new", lambda o: o.state[k].setdefault("other", g)),
+        ("state[k].popitem", lambda o: o.state[k].popitem()),
+    ]
+
+
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("edit", range(14))
+def test_replacing_an_entry_of_grads_or_state_is_refused(named: bool, edit: int) -> None:
+    """``opt.grads`` and ``opt.state`` are built at each access: ``opt.state[k]["exp_avg"] =
+    x`` or ``opt.grads[0] = g`` changed a temporary container and nothing in the optimizer,
+    silently.  Every change to the containers raises a TypeError saying what to do, and the
+    next steps are those of an untouched optimizer."""
+    what, change = _refused_edits(named)[edit]
+
+    def make() -> Any:
+        p = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
+        opt = fo.AdamW({"w": p} if named else [p], lr=0.1)
+        opt.step({"w": np.ones(8, np.float32)} if named else [np.ones(8, np.float32)])
+        return opt
+
+    opt, untouched = make(), make()
+    with pytest.raises(
+        TypeError, match=r"opt\.(grads|state).* is built anew at each access.*in place"
+    ):
+        change(opt)
+    for o in (opt, untouched):
+        o.grads["w" if named else 0][...] = 0.5
+        o.step()
+    assert _arrays(opt) == _arrays(untouched), what
+    assert [s["step"] for s in opt.state.values()] == [2]
+
+
+def test_writing_into_the_arrays_of_grads_and_state_still_changes_the_optimizer() -> None:
+    """The arrays are the optimizer's own: in-place writes are what the containers are for."""
+    p, twin = np.ones(8, np.float32), np.ones(8, np.float32)
+    opt, ref = fo.Adam([p], lr=0.1), fo.Adam([twin], lr=0.1)
+    g = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
+    opt.grads[0][...] = g
+    opt.step()
+    ref.step([g])
+    np.testing.assert_array_equal(p, twin)
+    opt.state[0]["exp_avg"][...] = 0.0
+    opt.state[0].setdefault("exp_avg")[...] += 1.0  # (an existing key: its value, no change)
+    assert (opt.state[0]["exp_avg"] == 1.0).all()
+
+
+def test_copies_of_grads_and_state_are_plain_and_writable() -> None:
+    import copy
+    import pickle
+
+    p = np.ones(8, np.float32)
+    opt = fo.Adam({"w": p}, lr=0.1)
+    opt.step({"w": np.ones(8, np.float32)})
+    for state in (
+        copy.deepcopy(opt.state),
+        pickle.loads(pickle.dumps(opt.state)),
+        copy.copy(opt.state),
+        opt.state.copy(),
+        dict(opt.state),
+    ):
+        assert type(state) is dict
+        state["w"] = {"step": 5}  # (a copy: the optimizer's state is untouched)
+    inner = copy.deepcopy(opt.state["w"])
+    assert type(inner) is dict and inner["step"] == 1
+    inner["exp_avg"][...] = 7.0  # a deep copy's array is its own
+    assert not (opt.state["w"]["exp_avg"] == 7.0).any()
+    grads = pickle.loads(pickle.dumps(opt.grads))
+    assert type(grads) is dict and set(grads) == {"w"}
+    listed = fo.SGD([p], lr=0.1).grads
+    assert isinstance(listed, list) and type(copy.copy(listed)) is list
+    assert type(listed * 1) is list and type(list(listed)) is list
+
+
+def test_lbfgs_state_is_live_under_its_first_parameter_only() -> None:
+    """LBFGS keeps torch's layout (its whole state under the first parameter): that dict is
+    the live one (documented), the others and the outer dict refuse changes."""
+    a, b = np.ones(3), np.ones(2)
+    opt = fo.LBFGS([a, b], lr=0.1)
+    opt.state[0]["n_iter"] = 7
+    assert opt.state[0]["n_iter"] == 7
+    with pytest.raises(TypeError, match=r"opt\.state\[1\] is built anew"):
+        opt.state[1]["n_iter"] = 7
+    with pytest.raises(TypeError, match=r"opt\.state is built anew"):
+        opt.state[1] = {}
+
+
+def test_zero1_grads_refuse_replacement() -> None:
+    mpi = pytest.importorskip("mpi4py.MPI")
+    from fastoptim import distributed
+
+    w = np.zeros(16, np.float32)
+    zero = distributed.ZeroRedundancyOptimizer([w], fo.SGD, comm=mpi.COMM_SELF, lr=0.5)
+    with pytest.raises(TypeError, match="grads is built anew"):
+        zero.grads[0] = np.ones(16, np.float32)
+    zero.grads[0][...] = 1.0
+    zero.step()
+    np.testing.assert_array_equal(w, np.full(16, -0.5, np.float32))

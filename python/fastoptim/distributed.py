@@ -70,6 +70,7 @@ import fastoptim.engine.optimizer
 from . import checkpoint
 from .engine.optimizer import Grads, Optimizer, Params, _dtype
 from .engine.precision import QUANT_KINDS
+from .engine.readonly import GRADS_HINT, ReadOnlyDict, ReadOnlyList
 from .schedules import _to_data
 from .transforms import mpi_all_reduce
 
@@ -862,11 +863,12 @@ class ZeroRedundancyOptimizer:
     def grads(self) -> Any:
         """Full-size gradient buffers (zeros at first, the parameters' shapes and dtypes): a
         list, or a dict when the parameters are named.  Write this rank's gradients there and
-        call :meth:`step`; the step leaves them as they were."""
+        call :meth:`step`; the step leaves them as they were.  Built at each access: replacing
+        an entry would change nothing and raises ``TypeError``."""
         keys = [k for g in self._groups for k in g.keys]
         if self._named:
-            return dict(zip(keys, self._grads))
-        return list(self._grads)
+            return ReadOnlyDict(dict(zip(keys, self._grads)), "grads", GRADS_HINT)
+        return ReadOnlyList(self._grads, "grads", GRADS_HINT)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..host import Objective
 from .optimizer import Key, Optimizer, Params
+from .readonly import STATE_HINT, ReadOnlyDict
 
 
 class ClosureOptimizer(Optimizer):
@@ -79,11 +80,15 @@ class ClosureOptimizer(Optimizer):
     def state(self) -> dict[Key, dict[str, Any]]:
         """The group's state (torch's names and layout: under the first parameter), live:
         ``func_evals``, ``n_iter``, and from the first step on ``d``, ``t``, ``old_dirs``,
-        ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``."""
+        ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``.  The
+        outer dict and the other parameters' empty dicts are built at each access and refuse
+        changes (``TypeError``)."""
         g = self._groups[0]
-        out: dict[Key, dict[str, Any]] = {k: {} for k in g.keys}
+        out: dict[Key, dict[str, Any]] = {
+            k: ReadOnlyDict({}, f"opt.state[{k!r}]", STATE_HINT) for k in g.keys
+        }
         out[g.keys[0]] = self._cstate
-        return out
+        return ReadOnlyDict(out, "opt.state", STATE_HINT)
 
     def _state_dict(self, copy: bool) -> dict[str, Any]:
         sd = super()._state_dict(copy)

@@ -17,6 +17,7 @@ from ..schedules import _from_data, _has_schedule, _to_data
 from . import precision, sparse, transforms
 from .definition import Definition, check_keywords, is_number
 from .locks import new_lock
+from .readonly import GRADS_HINT, STATE_HINT, ReadOnlyDict, ReadOnlyList
 from .scheduled import Scheduled
 
 Key = Union[int, str]
@@ -664,7 +665,9 @@ class Optimizer:
     def grads(self) -> Any:
         """Gradient buffers owned by the optimizer (zeros at first, same shapes and dtypes as
         the parameters, one contiguous block per group): write gradients into them and call
-        :meth:`step` with no argument.  A list, or a dict when parameters are named.
+        :meth:`step` with no argument.  A list, or a dict when parameters are named, built at
+        each access: write into the buffers (``opt.grads[0][...] = g``); replacing an entry
+        would change nothing and raises ``TypeError``.
 
         Typed ``Any`` on purpose: the value is a ``list[np.ndarray]`` (parameters given as a
         list, indexed by position) or a ``dict[str, np.ndarray]`` (parameters given by name),
@@ -675,8 +678,8 @@ class Optimizer:
         you have where you take it: ``grads: dict[str, np.ndarray] = opt.grads``."""
         pairs = [(k, a) for g in self._groups for k, a in zip(g.keys, self._own_grads(g))]
         if self._named:
-            return {str(k): a for k, a in pairs}
-        return [a for _, a in pairs]
+            return ReadOnlyDict({str(k): a for k, a in pairs}, "opt.grads", GRADS_HINT)
+        return ReadOnlyList([a for _, a in pairs], "opt.grads", GRADS_HINT)
 
     def accumulate(self, grads: Grads, *, scale: float = 1.0) -> None:
         """Add ``scale * grads`` into the optimizer's gradient buffers (:attr:`grads`): the
@@ -716,7 +719,10 @@ class Optimizer:
     def state(self) -> dict[Key, dict[str, Any]]:
         """Per-parameter state: NumPy views into the group's state arenas (torch's names:
         ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...) plus the group's ``step`` count.
-        Writing into a view changes the optimizer's state."""
+        Writing into a view changes the optimizer's state (``opt.state[k]["exp_avg"][...] =
+        0``); the dicts are built at each access and refuse changes (``TypeError``): replacing
+        an entry would change nothing.  A whole state, ``step`` included, is set with
+        :meth:`load_state_dict`."""
         out: dict[Key, dict[str, Any]] = {}
         for g in self._groups:
             for i, key in enumerate(g.keys):
@@ -724,8 +730,8 @@ class Optimizer:
                 for name, views in g.states.items():
                     if views[i] is not None:
                         entry[name] = views[i]
-                out[key] = entry
-        return out
+                out[key] = ReadOnlyDict(entry, f"opt.state[{key!r}]", STATE_HINT)
+        return ReadOnlyDict(out, "opt.state", STATE_HINT)
 
     # ------------------------------------------------------------------ the step
     def _split_grads(self, grads: Grads) -> list[list[np.ndarray]]:
