@@ -593,3 +593,81 @@ def test_reduce_grad_stats_runs_where_a_clipping_group_has_no_gradient() -> None
     opt.step()
     assert len(calls) == 2 and calls[1].tolist() == [36.0, 0.0]
     assert opt.grad_norm == pytest.approx(45**0.5)
+
+
+_LOAD_LAYOUTS = {
+    "int8": (torch.float32, {"state_dtype": "int8"}),
+    "int4": (torch.float32, {"state_dtype": "int4"}),
+    "bf16-master": (torch.bfloat16, {"master_weights": True}),
+    "f32-bf16state": (torch.float32, {"state_dtype": "bfloat16"}),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LOAD_LAYOUTS))
+def test_load_state_dict_never_casts_the_policys_states(layout: str, monkeypatch: Any) -> None:
+    """torch's loader casts every state to its parameter's dtype: 8-bit/4-bit codes became
+    float32 for a moment (3.9x the state's memory, undone by a copy after), float32 state of
+    bfloat16 parameters was rounded then copied again, bfloat16 state of float32 parameters
+    stayed float32 (twice its memory) until the next step.  Now those states are never given
+    to the cast: they keep the saved tensors (aliased, as torch aliases what it does not
+    cast), and the next step is that of a load that copied."""
+    dtype, opts = _LOAD_LAYOUTS[layout]
+    torch.manual_seed(0)
+    make = lambda: [torch.nn.Parameter(torch.randn(5000).to(dtype)) for _ in range(2)]  # noqa: E731
+    src_params = make()
+    src = fot.AdamW(src_params, lr=0.01, **opts)
+    grads = [[torch.randn(5000).to(dtype) for _ in range(2)] for _ in range(4)]
+    for gs in grads[:3]:
+        for p, g in zip(src_params, gs):
+            p.grad = g.clone()
+        src.step()
+    sd = src.state_dict()
+    kept = copy.deepcopy(sd)
+    cast: list[Any] = []
+    policy = torch.optim.Optimizer._process_value_according_to_param_policy
+
+    def spy(param: Any, value: Any, param_id: Any, groups: Any, key: Any = None) -> Any:
+        cast.append(key)
+        return policy(param, value, param_id, groups, key)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", spy)
+    params, twin_params = make(), make()
+    for a, b, c in zip(params, twin_params, src_params):
+        a.data.copy_(c.detach())
+        b.data.copy_(c.detach())
+    opt, twin = fot.AdamW(params, lr=0.01, **opts), fot.AdamW(twin_params, lr=0.01, **opts)
+    opt.load_state_dict(sd)
+    assert set(cast) <= {"step"}, cast
+    for i, p in enumerate(params):
+        for name, value in opt.state[p].items():
+            if name != "step":
+                assert value is sd["state"][i][name], name  # the saved tensor itself
+    assert opt.state_bytes() == src.state_bytes()
+    monkeypatch.undo()
+    twin.load_state_dict(kept)
+    for p, q, g in zip(params, twin_params, grads[3]):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+        for name in opt.state[p]:
+            assert torch.equal(opt.state[p][name], twin.state[q][name]), name
+
+
+def test_load_state_dict_hooks_see_tensors() -> None:
+    """The loader hides some states from torch's cast: the user's pre- and post-hooks still
+    see tensors, never the holders."""
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = fot.AdamW([p], state_dtype="int8")
+    p.grad = torch.ones(5000)
+    opt.step()
+    seen: list[Any] = []
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: seen.extend(type(v) for v in sd["state"][0].values())
+    )
+    opt.register_load_state_dict_post_hook(
+        lambda o: seen.extend(type(v) for v in o.state[p].values())
+    )
+    opt.load_state_dict(opt.state_dict())
+    assert seen and set(seen) == {torch.Tensor}, seen

@@ -194,6 +194,50 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _Held:
+    """A state tensor of a loaded state dict hidden from torch's loader, which would cast it to
+    its parameter's dtype where fastoptim's precision policy keeps another: quantized codes and
+    scales (as float32: a copy 4x the codes' size), any floating state of bfloat16/float16
+    parameters (float32 state or master copy rounded: bits lost), bfloat16/float16 state of
+    wider parameters (widened: twice the memory until the next step).  It stays the saved
+    tensor, moved to the parameter's device only (aliased where it is there, as torch's loader
+    aliases what it does not cast); the next step converts what the policy wants otherwise."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _hold_states(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """load_state_dict's last pre-hook: the states torch's loader must not cast, held
+    (:class:`_Held`); __setstate__ takes them out of their holders."""
+    states, groups = state_dict.get("state"), state_dict.get("param_groups")
+    if not isinstance(states, Mapping) or not isinstance(groups, Sequence):
+        return None  # (torch's loader says what is wrong)
+    try:
+        saved = [k for g in groups for k in g["params"]]
+    except (TypeError, KeyError):
+        return None
+    mine = [p for g in opt.param_groups for p in g["params"]]
+    held = dict(states)
+    for key, p in zip(saved, mine):
+        entry = states.get(key)
+        if not isinstance(entry, Mapping):
+            continue
+        out = dict(entry)
+        for name, value in entry.items():
+            if not isinstance(value, torch.Tensor) or name == "step":
+                continue
+            quantized = name.endswith(precision.ABSMAX) or name + precision.ABSMAX in entry
+            floating = value.is_floating_point()
+            low = p.dtype in _LOW or (value.dtype in _LOW and value.dtype != p.dtype)
+            if quantized or (floating and low):
+                out[name] = _Held(value)
+        held[key] = out
+    return {**state_dict, "state": held}
+
+
 class _SparseGrad(RuntimeError):
     """A sparse COO gradient met by the dense path of an optimizer that takes them."""
 
@@ -901,11 +945,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._check_quantized(state_dict)
         self._loaded = decoded
         self._live_groups = [dict(g) for g in self.param_groups]
+        # (registered now, it runs after the user's pre-hooks, which see the tensors)
+        hold = self.register_load_state_dict_pre_hook(_hold_states)
         try:
             super().load_state_dict(state_dict)
         finally:
+            hold.remove()
             self._loaded = self._live_groups = None
-        self._keep_state_dtypes(state_dict)
 
     def _check_quantized(self, state_dict: Mapping[str, Any]) -> None:
         """ValueError naming the array for quantized state in `state_dict` that no step could
@@ -956,24 +1002,6 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     which, what = problem
                     raise ValueError(f"{cls}: state {name + which!r} of param {label}: {what}")
 
-    def _keep_state_dtypes(self, state_dict: Mapping[str, Any]) -> None:
-        """torch's load_state_dict casts floating state to its parameter's dtype: undone for
-        bfloat16/float16 parameters, whose state's dtypes the precision policy decides (a
-        float32 state or master copy must not lose its bits; a state of another dtype than the
-        policy's is converted at the next step)."""
-        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
-        mine = [p for g in self.param_groups for p in g["params"]]
-        for key, p in zip(saved, mine):
-            entry = state_dict["state"].get(key)
-            if not isinstance(entry, Mapping):
-                continue
-            for name, value in entry.items():
-                if not isinstance(value, torch.Tensor) or name == "step":
-                    continue
-                quantized = name.endswith(precision.ABSMAX) or name + precision.ABSMAX in entry
-                if quantized or (p.dtype in _LOW and value.is_floating_point()):
-                    self.state[p][name] = value.to(device=p.device, copy=True)
-
     def __getstate__(self) -> dict[str, Any]:
         self._sync_all()
         state: dict[str, Any] = super().__getstate__()
@@ -988,6 +1016,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also what load_state_dict calls with the loaded state: forget every cached view.
         state = dict(state)
+        for p, entry in state.get("state", {}).items():
+            for name, value in entry.items() if isinstance(entry, dict) else ():
+                if isinstance(value, _Held):  # (load_state_dict: moved, not cast)
+                    t = value.tensor
+                    entry[name] = t.to(device=p.device) if isinstance(p, torch.Tensor) else t
         count = state.pop("step_count", None)
         pickled = state.pop("schedules", None)  # pickle / deepcopy: the live schedules
         super().__setstate__(state)
