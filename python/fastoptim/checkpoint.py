@@ -398,15 +398,17 @@ def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
                 raise CheckpointError(
                     f"{where}: the checkpoint does not match:\n  - " + "\n  - ".join(problems)
                 )
-            # Read what this optimizer uses, each member checked against the array it restores.
+            # Check every member this optimizer uses against the array it restores, reading
+            # it whole (its zip CRC too) but keeping only the quantized states' scales, whose
+            # values the loader checks: the others are read again, after every check passed,
+            # straight into their arrays (no second copy of the parameters and state).
             arrays: dict[str, np.ndarray] = {}
+            later: list[tuple[str, str, tuple[int, ...], Any, str | None]] = []
             for i, (k, names) in enumerate(zip(keys, state_names)):
                 p = mine.get(k)
                 if p is None:
                     continue  # strict=False: a parameter this optimizer does not have
-                arrays[f"p{i}"] = _read_array(
-                    archive, members[f"p{i}"], _kind(p.dtype), p.shape, where
-                )
+                later.append((f"p{i}", _kind(p.dtype), p.shape, k, None))
                 kinds = _state_kinds(opt, k, p, names, records)
                 for n in names:
                     if n not in kinds:
@@ -415,42 +417,65 @@ def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
                             "its precision options (state_dtype, master_weights, kahan, "
                             "ema_decay) give it none"
                         )
-                    member = f"s{i}.{n}"
                     kind, shape = kinds[n]
-                    arrays[member] = _read_array(archive, members[member], kind, shape, where)
-    try:
-        sd = dict(meta["optimizer"])
-        sd["state"] = {
-            k: {n: arrays[f"s{i}.{n}"] for n in names}
-            for i, (k, names) in enumerate(zip(keys, state_names))
-            if k in mine
-        }
-        records = sd["param_groups"]
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise CheckpointError(
-                f"{where}: malformed checkpoint metadata (param_groups must be a list of objects)"
-            )
-        # JSON turned tuples into lists; parameter keys are list entries.
-        sd["param_groups"] = [{**r, "params": list(r.get("params", ()))} for r in records]
-        apply = opt._loader(sd, strict, where)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    except (TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
-        # The metadata is checked before any change: a field of the wrong type is reported
-        # as a damaged file, never as an error from deep inside the loader.
-        raise CheckpointError(f"{where}: malformed checkpoint metadata ({e!r})") from None
-    try:
-        apply()  # the plateau's configuration is compared first, before any change
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    index = {k: i for i, k in enumerate(keys)}
-    for k, p in pairs:
-        if k in index:
-            np.copyto(p, arrays[f"p{index[k]}"])
+                    member = f"s{i}.{n}"
+                    if n.endswith(precision.ABSMAX):
+                        arrays[member] = _read_array(archive, members[member], kind, shape, where)
+                    else:
+                        later.append((member, kind, shape, k, n))
+            for member, kind, shape, _, state in later:
+                stand_in = _read_array(archive, members[member], kind, shape, where, verify=True)
+                if state is not None:
+                    arrays[member] = stand_in
+            try:
+                sd = dict(meta["optimizer"])
+                sd["state"] = {
+                    k: {n: arrays[f"s{i}.{n}"] for n in names}
+                    for i, (k, names) in enumerate(zip(keys, state_names))
+                    if k in mine
+                }
+                records = sd["param_groups"]
+                if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                    raise CheckpointError(
+                        f"{where}: malformed checkpoint metadata (param_groups must be a list "
+                        "of objects)"
+                    )
+                # JSON turned tuples into lists; parameter keys are list entries.
+                sd["param_groups"] = [{**r, "params": list(r.get("params", ()))} for r in records]
+                apply = opt._loader(sd, strict, where)
+            except CheckpointError:
+                raise
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            except (
+                TypeError,
+                KeyError,
+                IndexError,
+                AttributeError,
+                OverflowError,
+                RecursionError,
+            ) as e:
+                # The metadata is checked before any change: a field of the wrong type is
+                # reported as a damaged file, never as an error from deep inside the loader.
+                raise CheckpointError(f"{where}: malformed checkpoint metadata ({e!r})") from None
+            try:
+                apply()  # the plateau's configuration is compared first, before any change
+            except CheckpointError:
+                raise
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            # Every check passed (the file too, through the descriptor still open: a save
+            # replacing it meanwhile does not change what is read): the arrays, read again.
+            live = opt.state
+            try:
+                for member, kind, shape, k, state in later:
+                    into = mine[k] if state is None else live[k][state]
+                    _read_array(archive, members[member], kind, shape, where, into=into)
+            except (CheckpointError, OSError) as e:
+                raise CheckpointError(
+                    f"{where}: reading the checkpoint failed after it was checked whole ({e}): "
+                    "the parameters and state are partly loaded; load it (or another) again"
+                ) from None
     opt._write_copy_outs()
 
 
@@ -541,14 +566,24 @@ def _read_array(
     kind: str,
     shape: tuple[int, ...],
     where: str,
+    *,
+    verify: bool = False,
+    into: np.ndarray | None = None,
 ) -> np.ndarray:
     """A parameter or state member: of dtype `kind` (see :func:`_kind`) and `shape` (the
-    array's it restores)."""
+    array's it restores); `verify`: read and checked, not kept (a stand-in of that dtype and
+    shape, no memory, is returned); `into`: read into that array (C-contiguous, that dtype
+    and shape)."""
     name = info.filename[:-4]
-    if kind == "bfloat16":
-        bits = _read_member(archive, info, name, (np.dtype(np.uint16), shape), where)
-        return bits.view(_dtype("bfloat16"))
-    return _read_member(archive, info, name, (np.dtype(kind), shape), where)
+    dtype = _dtype("bfloat16") if kind == "bfloat16" else np.dtype(kind)
+    bits = np.dtype(np.uint16) if kind == "bfloat16" else dtype
+    if verify:
+        _read_member(archive, info, name, (bits, shape), where, verify=True)
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    if into is not None:
+        assert into.dtype == dtype and into.shape == shape and into.flags.c_contiguous
+        return _read_member(archive, info, name, (bits, shape), where, into=into.view(bits))
+    return _read_member(archive, info, name, (bits, shape), where).view(dtype)
 
 
 def _read_member(
@@ -557,10 +592,15 @@ def _read_member(
     name: str,
     expected: tuple[np.dtype[Any], tuple[int, ...]] | None,
     where: str,
+    *,
+    verify: bool = False,
+    into: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read one ``.npy`` member: its header first, checked against `expected` (dtype, shape;
     None: a 1-d uint8 array), then its declared size against the header's, and only then the
-    data, decompressed in chunks straight into the result (the zip CRC is checked at the end)."""
+    data, decompressed in chunks straight into the result (the zip CRC is checked at the end):
+    a new array, `into` (of the expected dtype and shape), or, `verify`, a 1 MiB scratch buffer
+    (the data is checked, not kept: an empty array is returned)."""
     try:
         with archive.open(info) as f:
             dtype, shape, offset = _npy_header(f, name, where)
@@ -580,14 +620,16 @@ def _read_member(
                     f"{where}: member {name!r} declares {info.file_size} bytes, its "
                     f"{dtype} {shape} array needs {offset + nbytes}"
                 )
-            out = np.empty(shape, dtype)
+            out = np.empty(0 if verify else shape, dtype) if into is None else into
             buf = out.reshape(-1).view(np.uint8)
+            scratch = np.empty(min(_CHUNK, nbytes) if verify else 0, np.uint8)
             pos = 0
             while pos < nbytes:
                 chunk = f.read(min(_CHUNK, nbytes - pos))
                 if not chunk:
                     raise CheckpointError(f"{where}: member {name!r} is truncated")
-                buf[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                dest = scratch[: len(chunk)] if verify else buf[pos : pos + len(chunk)]
+                dest[...] = np.frombuffer(chunk, np.uint8)
                 pos += len(chunk)
             if f.read(1):  # also makes zipfile check the CRC if it has not yet
                 raise CheckpointError(f"{where}: member {name!r} is longer than declared")
