@@ -26,7 +26,9 @@ or crafted file, another optimizer's checkpoint or mismatched shapes raise
 anything is decompressed or allocated: every member must have exactly the size the optimizer's
 arrays imply, so a small file cannot make :func:`load` allocate or decompress more than the
 optimizer's own parameters and state.  Parameters are restored **in place** into the
-optimizer's own arrays.
+optimizer's own arrays, and so is the state: the file is read twice through one descriptor,
+once to check it whole (nothing kept but the quantized states' scales), once into the arrays,
+so a load needs about 2 MiB beyond them.
 
 **Consistent**: both take the optimizer's lock, so a step running in another thread is in the
 file (or the optimizer) whole or not at all; both are refused inside ``opt.ema_weights()``,
