@@ -36,6 +36,9 @@
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 namespace fastoptim {
 
@@ -88,6 +91,15 @@ bool msvc_supports(Isa isa) {
 }
 #endif
 
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+// F16C from CPUID leaf 1 (ECX bit 29): __builtin_cpu_supports("f16c") is refused by Clang
+// before 18 (Apple Clang 15 among them).
+static bool cpu_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+}
+#endif
+
 bool cpu_supports(Isa isa) {
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
   __builtin_cpu_init();  // may run during static initialisation, before libgcc's constructor
@@ -97,13 +109,11 @@ bool cpu_supports(Isa isa) {
 #if defined(__GNUC__)
     case Isa::scalar: return true;
     case Isa::avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_f16c();
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_f16c();
 #else
     case Isa::scalar:
     case Isa::avx2:
@@ -258,6 +268,23 @@ unsigned fp_mode() { return _mm_getcsr() & kCsrControl; }
 void set_fp_mode(unsigned mode) {
   const unsigned csr = _mm_getcsr();
   if ((csr & kCsrControl) != mode) _mm_setcsr((csr & ~kCsrControl) | mode);
+}
+#elif defined(__aarch64__) && defined(__GNUC__)
+// FPCR's control bits: rounding mode (RMode, 23:22), flush-to-zero (FZ, 24; FZ16, 19) and
+// default NaN (DN, 25).
+constexpr uint64_t kFpcrControl = (3ull << 22) | (1ull << 24) | (1ull << 25) | (1ull << 19);
+static uint64_t read_fpcr() {
+  uint64_t v;
+  asm volatile("mrs %0, fpcr" : "=r"(v));
+  return v;
+}
+unsigned fp_mode() { return static_cast<unsigned>(read_fpcr() & kFpcrControl); }
+void set_fp_mode(unsigned mode) {
+  const uint64_t v = read_fpcr();
+  if ((v & kFpcrControl) != mode) {
+    const uint64_t w = (v & ~kFpcrControl) | mode;
+    asm volatile("msr fpcr, %0" : : "r"(w));
+  }
 }
 #else
 unsigned fp_mode() { return 0; }

@@ -299,7 +299,7 @@ inline bool choose_q_search() {
 
 // Whether the 8-bit codes are decoded by byte permutes (AVX-512 VBMI found at run time), and
 // whether they are searched without gathers.
-inline bool q_vbmi() {
+[[maybe_unused]] inline bool q_vbmi() {  // (unused where no quantized path asks: Clang warns)
 #if FASTOPTIM_Q_VBMI
   return kAvx512Vbmi;
 #else

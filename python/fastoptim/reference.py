@@ -859,7 +859,8 @@ def load_float16(h: np.ndarray) -> np.ndarray:
     signaling NaN is quieted (its sign and payload kept, the quiet bit 0x00400000 set), as F16C's
     ``vcvtph2ps`` and ARM's ``FCVT`` convert it.  (NumPy's cast keeps the signaling bit.)"""
     h = np.ascontiguousarray(h, dtype=np.float16)
-    out = h.astype(np.float32)
+    with np.errstate(invalid="ignore"):  # (a signaling NaN raises "invalid" on aarch64)
+        out = h.astype(np.float32)
     b = out.view(np.uint32)
     b[np.isnan(out)] |= np.uint32(0x00400000)
     return out
@@ -869,9 +870,11 @@ def round_to_float16(x: np.ndarray, bits: np.ndarray | None = None) -> np.ndarra
     """float32 -> float16: to nearest, ties to even (NumPy's own conversion; a NaN becomes the
     quiet NaN 0x7E00 with its sign) or, given 32 random `bits` per element, stochastically onto
     the float16 grid (2**-24 apart below 2**-14): up in magnitude with probability equal to the
-    dropped fraction; below 2**-24, 2**-24 with probability ``|x| / 2**-24`` (from the top 24
-    bits); a value that nearest keeps finite (``|x| < 65520``) never becomes Inf (65504 instead;
-    NaN as to nearest)."""
+    dropped fraction; below 2**-24, 2**-24 when the top 24 bits, as an integer, are below
+    ``|x| * 2**48``: with probability ``|x| / 2**-24`` rounded up to a multiple of ``2**-24``
+    (unbiased to within ``2**-48`` in value; a nonzero ``|x|`` under ``2**-48`` becomes
+    ``2**-24`` with probability ``2**-24``); a value that nearest keeps finite
+    (``|x| < 65520``) never becomes Inf (65504 instead; NaN as to nearest)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         nearest = x.astype(np.float16)

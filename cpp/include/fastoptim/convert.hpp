@@ -109,7 +109,8 @@ inline uint16_t f16_round_nearest(float x) {
 // Stochastic rounding onto the float16 grid with 32 random bits `r` (same contract as
 // bf16_round_stochastic; the largest finite float16 is 65504).  The dropped bits of the float32
 // pattern are 13 for normal float16 results and more for denormal ones (the grid is 2^-24 there);
-// below 2^-24 the result is 0 or 2^-24, up with probability |x| / 2^-24 (to 2^-24).
+// below 2^-24 the result is 0 or 2^-24, up when r's top 24 bits are below |x| * 2^48: with
+// probability |x| / 2^-24 rounded up to a multiple of 2^-24 (a bias under 2^-48 in value).
 inline uint16_t f16_round_stochastic(float x, uint32_t r) {
   const uint32_t b = bits_of(x);
   const uint32_t sign = (b >> 16) & 0x8000u;
