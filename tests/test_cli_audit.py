@@ -215,13 +215,17 @@ def test_bad_fashion_mnist_files_are_data_errors(
 
 
 # ------------------------------------------------------------------- 10: memory
+def test_demo_hidden_beyond_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")  # (without the demo extra, the demo says that first)
+    error = _usage_error(["demo", "--no-plot", "--hidden", str(10**11)], capsys)
+    assert "argument --hidden: needs at least" in error
+
+
 def test_sizes_beyond_memory(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     error = _usage_error(["bench", "--transforms", "--size", str(10**14)], capsys)
     assert "argument --size: needs at least" in error and "GiB of memory" in error
-    error = _usage_error(["demo", "--hidden", str(10**11)], capsys)
-    assert "argument --hidden: needs at least" in error
 
     def no_memory(*args: object, **kwargs: object) -> None:
         raise MemoryError

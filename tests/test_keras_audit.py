@@ -59,6 +59,7 @@ def test_subclass_forwarding_keywords_takes_its_bases_keywords(
     """Keywords are checked against every signature of the class's chain, not only the
     subclass's ``(params, **kwargs)`` (a Keras keyword was refused as "no such option")."""
     if tier == "torch":
+        pytest.importorskip("torch")
         import fastoptim.torch as ft
 
         base, params = getattr(ft, name), _torch_params()

@@ -568,7 +568,8 @@ def test_symmetrize_rejects_bad_arrays() -> None:
 
 
 def _numpy_has_scipy_openblas() -> bool:
-    blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})  # type: ignore[attr-defined]
+    config = getattr(np.__config__, "CONFIG", {})  # (NumPy >= 1.26)
+    blas = config.get("Build Dependencies", {}).get("blas", {})
     return bool(blas.get("name") == "scipy-openblas")
 
 

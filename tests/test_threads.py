@@ -399,7 +399,9 @@ def test_max_threads_is_four_per_available_cpu() -> None:
     assert fo.max_threads() == 4 * (cpus or 1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, -3, True, False, 1.5, 2.0, "2", None, [2]])
+@pytest.mark.parametrize(
+    "bad", [0, -1, -3, True, False, np.True_, np.False_, 1.5, 2.0, "2", None, [2]]
+)
 def test_set_num_threads_rejects_nonsense(bad: Any) -> None:
     before = fo.get_num_threads()
     with pytest.raises(ValueError, match=r"set_num_threads: n must be an int >= 1"):

@@ -15,6 +15,8 @@ import operator
 import os
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as _np
+
 from . import _openmp  # noqa: F401  # isort: skip  # (no-op since the own thread pool)
 from . import _core, functional, keras, reference, schedules, transforms
 from .checkpoint import CheckpointError, load, save
@@ -105,7 +107,7 @@ def set_num_threads(n: int) -> None:
     process) the maximum is used.  Default: ``OMP_NUM_THREADS`` (its first entry, if an
     integer >= 1) or the available CPUs; 1 in a forked child until it calls this.  Results
     never depend on the thread count."""
-    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
+    if isinstance(n, (bool, _np.bool_)) or not hasattr(type(n), "__index__"):
         raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
     count = operator.index(n)
     if count < 1:

@@ -17,11 +17,14 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-_P = ParamSpec("_P")
+if TYPE_CHECKING:  # (typing.ParamSpec is Python 3.10+; the annotations are never evaluated)
+    from typing import ParamSpec
+
+    _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 

@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Callable
 
+import numpy as np
+
 __all__ = [
     "Schedule",
     "constant",
@@ -89,7 +91,7 @@ class Schedule:
 
     def __call__(self, t: int) -> float:
         if type(t) is not int:  # numpy integers too, through operator.index
-            if isinstance(t, bool) or not hasattr(t, "__index__"):
+            if isinstance(t, (bool, np.bool_)) or not hasattr(t, "__index__"):
                 raise TypeError(f"{self!r}: t must be an int >= 0, got {t!r}")
             t = operator.index(t)
         if t < 0:
@@ -215,7 +217,7 @@ def _from_data(data: Any, current: Any) -> Any:
 
 # ----------------------------------------------------------------------------- validation
 def _number(fn: str, name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not hasattr(value, "__float__"):
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__float__"):
         raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
     try:
         v = float(value)
@@ -231,7 +233,7 @@ def _number(fn: str, name: str, value: Any, *, positive: bool = False) -> float:
 
 
 def _count(fn: str, name: str, value: Any, *, minimum: int = 1) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be an int, got {value!r}")
     try:
         n = operator.index(value)
