@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import stat
@@ -681,9 +682,51 @@ def test_a_read_failing_after_the_checks_says_what_was_loaded(
         return read(*args, into=into, **kwargs)
 
     monkeypatch.setattr(checkpoint, "_read_array", failing)
-    with pytest.raises(fo.CheckpointError, match=r"partly loaded; load it \(or another\) again"):
+    with pytest.raises(fo.CheckpointError, match=r"partly loaded .*Input/output error.*again"):
         fo.load(path, opt)
     monkeypatch.undo()
+    # Until a load succeeds, nothing may use or record the torn state (a save would overwrite
+    # a good checkpoint with it).
+    other = tmp_path / "other.npz"
+    for use in (
+        lambda: opt.step(grads(rng, params)),
+        lambda: fo.save(other, opt),
+        opt.state_dict,
+        lambda: pickle.dumps(opt),
+    ):
+        with pytest.raises(RuntimeError, match="partly loaded"):
+            use()
+    assert not other.exists()
     fo.load(path, opt)
     for k, p in params.items():
         assert p.tobytes() == want[k].tobytes()
+    opt.step(grads(rng, params))  # usable again
+
+
+def test_an_interrupted_load_leaves_the_optimizer_refusing_until_a_load_succeeds(
+    rng: np.random.Generator, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Ctrl-C during the second read (minutes for a large checkpoint) left zeroed moments and
+    partly loaded parameters that stepped and saved normally: the usual ``except
+    KeyboardInterrupt: fo.save(path, opt)`` overwrote a good checkpoint with them."""
+    opt, params = build(rng)
+    opt.step(grads(rng, params))
+    path = tmp_path / "ck.npz"
+    fo.save(path, opt)
+    read = checkpoint._read_array
+
+    def interrupted(*args: Any, into: Any = None, **kwargs: Any) -> Any:
+        if into is not None:
+            raise KeyboardInterrupt
+        return read(*args, into=into, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_read_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fo.load(path, opt)
+    monkeypatch.undo()
+    saved = path.read_bytes()
+    with pytest.raises(RuntimeError, match=r"partly loaded .*KeyboardInterrupt"):
+        fo.save(path, opt)
+    assert path.read_bytes() == saved
+    opt.load_state_dict(build(rng)[0].state_dict())  # a state dict clears it too
+    opt.step(grads(rng, params))

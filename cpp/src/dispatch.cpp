@@ -270,9 +270,11 @@ void set_fp_mode(unsigned mode) {
   if ((csr & kCsrControl) != mode) _mm_setcsr((csr & ~kCsrControl) | mode);
 }
 #elif defined(__aarch64__) && defined(__GNUC__)
-// FPCR's control bits: rounding mode (RMode, 23:22), flush-to-zero (FZ, 24; FZ16, 19) and
-// default NaN (DN, 25).
-constexpr uint64_t kFpcrControl = (3ull << 22) | (1ull << 24) | (1ull << 25) | (1ull << 19);
+// FPCR's control bits: rounding mode (RMode, 23:22), flush-to-zero (FZ, 24; FZ16, 19),
+// default NaN (DN, 25), FEAT_AFP's AH/FIZ/NEP (2:0) and the trap enables (IOE..IXE 12:8, IDE
+// 15), as x86's MXCSR control bits are carried (bits a CPU lacks read as 0).
+constexpr uint64_t kFpcrControl = (3ull << 22) | (1ull << 24) | (1ull << 25) | (1ull << 19) |
+                                  0x7ull | (0x1Full << 8) | (1ull << 15);
 static uint64_t read_fpcr() {
   uint64_t v;
   asm volatile("mrs %0, fpcr" : "=r"(v));

@@ -22,10 +22,12 @@ temporary file a killed save leaves behind is removed by the next save to the sa
 **Checked**: :func:`load` reads and verifies the whole file (zip CRCs, every member present,
 names, shapes and dtypes against the optimizer) before writing anything; a truncated, corrupted
 or crafted file, another optimizer's checkpoint or mismatched shapes raise
-:class:`CheckpointError` (a ``ValueError``) and change nothing.  Sizes are checked before
-anything is decompressed or allocated: every member must have exactly the size the optimizer's
-arrays imply, so a small file cannot make :func:`load` allocate or decompress more than the
-optimizer's own parameters and state.  Parameters are restored **in place** into the
+:class:`CheckpointError` (a ``ValueError``) and change nothing.  (Then it reads the arrays
+again, into place: an I/O error or an interrupt there leaves the optimizer partly loaded, and
+it refuses to step, save, pickle or give its state dict until a load succeeds.)  Sizes are
+checked before anything is decompressed or allocated: every member must have exactly the size
+the optimizer's arrays imply, so a small file cannot make :func:`load` allocate or decompress
+more than the optimizer's own parameters and state.  Parameters are restored **in place** into the
 optimizer's own arrays, and so is the state: the file is read twice through one descriptor,
 once to check it whole (nothing kept but the quantized states' scales), once into the arrays,
 so a load needs about 2 MiB beyond them.
@@ -307,7 +309,10 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     `opt` must be built like the saved one (same class, same parameter names or order, shapes
     and dtypes; an attached ReduceLROnPlateau if the checkpoint has one).  Everything is read
     and verified before anything is written; any problem raises :class:`CheckpointError`
-    naming it, and changes nothing.
+    naming it, and changes nothing.  The arrays are then read a second time, straight into
+    place: an I/O error (:class:`CheckpointError`) or an interrupt there leaves `opt` partly
+    loaded, and it refuses (``RuntimeError``) to step, save, pickle or give its state dict
+    until a load (or ``load_state_dict``) succeeds.
 
     **The checkpoint's hyper-parameters win**, as with torch's ``load_state_dict``: every
     group's hyper-parameters and schedules become the saved ones, whatever `opt` was built
@@ -341,8 +346,9 @@ def load(path: PathLike, opt: Optimizer, strict: bool = True) -> None:
     path = os.fspath(path)
     where = f"load({path!r})"
     with opt._lock:
-        opt._check_not_swapped(where)
+        opt._check_not_swapped(where, loading=True)
         _load(path, opt, strict, where)
+        opt._torn = None
 
 
 def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
@@ -473,11 +479,15 @@ def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
                 for member, kind, shape, k, state in later:
                     into = mine[k] if state is None else live[k][state]
                     _read_array(archive, members[member], kind, shape, where, into=into)
-            except (CheckpointError, OSError) as e:
-                raise CheckpointError(
-                    f"{where}: reading the checkpoint failed after it was checked whole ({e}): "
-                    "the parameters and state are partly loaded; load it (or another) again"
-                ) from None
+            except BaseException as e:  # an I/O error, Ctrl-C, MemoryError...
+                why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                opt._torn = (
+                    f"the optimizer is partly loaded ({where} stopped after it had started "
+                    f"writing: {why}); load a checkpoint (or a state dict) again first"
+                )
+                if isinstance(e, Exception):
+                    raise CheckpointError(f"{where}: {opt._torn}") from None
+                raise
     opt._write_copy_outs()
 
 

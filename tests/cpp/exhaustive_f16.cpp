@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "fastoptim/convert.hpp"
@@ -34,7 +35,11 @@ static uint16_t f16_bits(_Float16 h) {
 __attribute__((target("f16c"))) static uint16_t hw_f16(float x) {
   return static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-static const bool have_f16c = __builtin_cpu_supports("f16c");
+static bool cpu_f16c() {  // (CPUID: Clang < 18 refuses __builtin_cpu_supports("f16c"))
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+}
+static const bool have_f16c = cpu_f16c();
 static uint16_t ieee_f16(float x) {
   return have_f16c ? hw_f16(x) : f16_bits(static_cast<_Float16>(x));
 }

@@ -275,6 +275,7 @@ class Optimizer:
         self._transformed = False  # some plan has a gradient transform other than identity
         self._transforming = False  # some group clips or skips (see _sync)
         self._ema_swapped = False  # inside ema_weights()
+        self._torn: str | None = None  # why a load stopped half-way (refuse until one succeeds)
         self._copy_outs = False  # some group has copy-out arrays (set_copy_out)
         if isinstance(params, np.ndarray):
             raise TypeError(
@@ -912,8 +913,8 @@ class Optimizer:
 
     def _step_locked(self, grads: Grads | None, grad_scale: float | None) -> float | None:
         """:meth:`step` with the lock held."""
-        if self._ema_swapped:
-            transforms.check_not_swapped(self, f"{type(self).__name__}.step")
+        if self._ema_swapped or self._torn is not None:
+            self._check_not_swapped(f"{type(self).__name__}.step")
         scale = None
         if grad_scale is not None:
             where = f"{type(self).__name__}.step"
@@ -1146,6 +1147,8 @@ class Optimizer:
         never half of it in the copy.  Allowed inside :meth:`ema_weights` (the state holds
         no parameter values)."""
         with self._lock:
+            if self._torn is not None:  # (inside ema_weights() is fine: no parameter in it)
+                raise RuntimeError(f"{type(self).__name__}.state_dict: {self._torn}")
             return self._state_dict(copy=True)
 
     def _state_dict(self, copy: bool) -> dict[str, Any]:
@@ -1203,14 +1206,18 @@ class Optimizer:
         (``RuntimeError``) inside :meth:`ema_weights`."""
         where = f"{type(self).__name__}.load_state_dict"
         with self._lock:
-            self._check_not_swapped(where)
+            self._check_not_swapped(where, loading=True)
             self._loader(state_dict, strict, where)()
+            self._torn = None
 
-    def _check_not_swapped(self, where: str) -> None:
+    def _check_not_swapped(self, where: str, *, loading: bool = False) -> None:
         """RuntimeError inside :meth:`ema_weights` (for what records or replaces the
-        parameters: a step, a checkpoint, pickling)."""
+        parameters: a step, a checkpoint, pickling), and, but for a load (`loading`), after a
+        load that stopped half-way (:func:`fastoptim.load`)."""
         if self._ema_swapped:
             transforms.check_not_swapped(self, where)
+        if self._torn is not None and not loading:
+            raise RuntimeError(f"{where}: {self._torn}")
 
     def _write_copy_outs(self) -> None:
         """Each copy-out array (:meth:`set_copy_out`) := its parameter rounded to nearest:

@@ -6,7 +6,8 @@ next access builds again: ``opt.state[k]["exp_avg"] = x`` or ``opt.grads[0] = g`
 silently lost.  These subclasses of ``list`` and ``dict`` read like the plain ones (and are
 ``isinstance`` of them) and refuse every change to the container with a ``TypeError`` that
 says what to do instead.  Copies (``copy.copy``, ``copy.deepcopy``, ``pickle``, ``.copy()``,
-``list(...)``, ``dict(...)``) are plain, writable lists and dicts.
+``list(...)``, ``dict(...)``) are plain, writable lists and dicts; a shallow copy of
+``opt.state`` still holds the read-only per-parameter dicts (a deep copy or pickle does not).
 """
 
 from __future__ import annotations
