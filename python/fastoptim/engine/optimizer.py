@@ -962,13 +962,13 @@ class Optimizer:
 
     def _check_ready(self, where: str) -> None:
         """What :meth:`step` checks before it changes an array, without stepping: the EMA
-        swap, every hyper-parameter and schedule (:meth:`_prepare`, with the optimizer's own
-        gradient buffers) and that no parameter was made read-only (the compiled plan's check
-        at the step).  :mod:`fastoptim.distributed` agrees on it across ranks before its
-        collectives: a step refused on some ranks raises on all of them, none left blocked."""
+        swap, a torn load, every hyper-parameter and schedule (:meth:`_prepare`, with the
+        optimizer's own gradient buffers) and that no parameter was made read-only (the
+        compiled plan's check at the step).  :mod:`fastoptim.distributed` agrees on it across
+        ranks before its collectives: a step refused on some ranks raises on all of them, none
+        left blocked."""
         with self._lock:
-            if self._ema_swapped:
-                transforms.check_not_swapped(self, where)
+            self._check_not_swapped(where)  # (and a load stopped half-way)
             self._prepare(None)
             for g in self._groups:
                 if g.plan is not None:  # every array it writes: as the compiled step checks
