@@ -27,10 +27,11 @@ STATE_HINT = (
 )
 
 
-def _refuse(what: str, hint: str) -> NoReturn:
+def _refuse(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
+    """Every mutator of the two classes: the TypeError saying what to do instead."""
     raise TypeError(
-        f"{what} is built anew at each access: changing it would change nothing in the "
-        f"optimizer; {hint}"
+        f"{self._what} is built anew at each access: changing it would change nothing in the "
+        f"optimizer; {self._hint}"
     )
 
 
@@ -43,14 +44,8 @@ class ReadOnlyList(list[T]):
         super().__init__(items)
         self._what, self._hint = what, hint
 
-    def _no(self, *args: Any, **kwargs: Any) -> NoReturn:
-        _refuse(self._what, self._hint)
-
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _no
-    append = extend = insert = remove = clear = sort = reverse = _no
-
-    def pop(self, index: SupportsIndex = -1) -> NoReturn:
-        _refuse(self._what, self._hint)
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = remove = clear = sort = reverse = pop = _refuse
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         return (list, (list(self),))
@@ -65,19 +60,13 @@ class ReadOnlyDict(dict[K, V]):
         super().__init__(items)
         self._what, self._hint = what, hint
 
-    def _no(self, *args: Any, **kwargs: Any) -> NoReturn:
-        _refuse(self._what, self._hint)
-
-    __setitem__ = __delitem__ = __ior__ = _no
-    update = clear = popitem = _no
-
-    def pop(self, *args: Any) -> NoReturn:
-        _refuse(self._what, self._hint)
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    update = clear = popitem = pop = _refuse
 
     def setdefault(self, key: K, default: Any = None) -> V:
         if key in self:
             return self[key]
-        _refuse(self._what, self._hint)
+        _refuse(self)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         return (dict, (dict(self),))
