@@ -444,14 +444,21 @@ def test_optim_db_options_are_covered() -> None:
         assert any(same(kw, ours) for ours in OPTIM_DB), kw
 
 
-def test_bench_muon_table() -> None:
+def test_bench_muon_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """``fastoptim bench --muon``: rates from the same run, every ns_dtype, a whole step."""
     from fastoptim.apps import bench
 
+    slept: list[float] = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
     rows = bench.run_muon([(8, 16)], rounds=1)
-    assert set(rows[0].ns) == set(host.NS_DTYPES) and rows[0].sgemm > 0 and rows[0].step > 0
+    own = host._blas().setter is not None  # (the A/B of OpenBLAS's jobs on fastoptim's pool)
+    want = set(host.NS_DTYPES) | ({bench.OWN_THREADS} if own else set())
+    assert set(rows[0].ns) == want and rows[0].sgemm > 0 and rows[0].step > 0
+    # after each sample of what ran OpenBLAS's own threads (sgemm, products, the A/B), a pause
+    assert slept == [bench.OPENBLAS_SETTLE_S] * (rows[0].rounds * (3 if own else 2))
     table = bench.format_muon(rows)
     assert "8x16" in table and "% sgemm" in table and "products GF/s" in table
+    assert "BLAS own threads" in table
     assert rows[0].products > 0
 
 
@@ -567,10 +574,139 @@ def test_symmetrize_rejects_bad_arrays() -> None:
     np.testing.assert_array_equal(ro, np.triu(np.ones((3, 3))))
 
 
-def _numpy_has_scipy_openblas() -> bool:
+def _numpy_blas() -> dict[str, Any]:
     config = getattr(np.__config__, "CONFIG", {})  # (NumPy >= 1.26)
-    blas = config.get("Build Dependencies", {}).get("blas", {})
-    return bool(blas.get("name") == "scipy-openblas")
+    blas: dict[str, Any] = config.get("Build Dependencies", {}).get("blas", {})
+    return blas
+
+
+def _numpy_has_scipy_openblas() -> bool:
+    return bool(_numpy_blas().get("name") == "scipy-openblas")
+
+
+def _openblas_has_callback() -> bool:
+    """NumPy's BLAS is scipy-openblas >= 0.3.28 (openblas_set_threads_callback_function)."""
+    version = str(_numpy_blas().get("version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    return _numpy_has_scipy_openblas() and parts >= (0, 3, 28)
+
+
+@pytest.fixture
+def openblas() -> Any:
+    """NumPy's OpenBLAS through ctypes (its thread count is restored afterwards); skips where
+    NumPy brings none with the threading callback."""
+    import ctypes
+    import glob
+    import os
+
+    if not _openblas_has_callback():
+        pytest.skip("NumPy's BLAS is not scipy-openblas >= 0.3.28")
+    root = os.path.dirname(os.path.abspath(np.__file__))
+    found = glob.glob(os.path.join(root + ".libs", "*scipy_openblas*"))
+    if len(found) != 1:
+        pytest.skip("NumPy's OpenBLAS library is not beside NumPy")
+    lib = ctypes.CDLL(found[0])
+    suffix = "64_" if hasattr(lib, "scipy_cblas_ssyrk64_") else ""
+    get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}")
+    set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}")
+    set_.argtypes = [ctypes.c_int]
+    before = get()
+    lib.set_threads = set_
+    yield lib
+    set_(before)
+
+
+def _pool_blas_calls() -> int:
+    """How many threaded BLAS calls have run on fastoptim's pool (a nested on/off pair of
+    _core.blas_threads_on_pool changes nothing else)."""
+    from fastoptim import _core
+
+    blas = host._blas()
+    assert blas.setter is not None
+    _core.blas_threads_on_pool(blas.setter, True)
+    return _core.blas_threads_on_pool(blas.setter, False)
+
+
+@pytest.mark.parametrize("openblas_threads", ["2", "3", "beyond the pool"])
+def test_openblas_jobs_on_the_pool_give_openblas_bits(openblas: Any, openblas_threads: str) -> None:
+    """Inside host._Blas.on_pool OpenBLAS's threaded calls run their jobs on fastoptim's pool
+    (counted: they go through the callback) and give the bits OpenBLAS's own threads give: the
+    same jobs.  More OpenBLAS threads than the pool may have (4x the CPUs) take the fallback's
+    threads of their own.  Outside the block nothing goes through the pool; nested blocks
+    count."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = (
+        min(64, 4 * (cpus or 1) + 1)
+        if openblas_threads == "beyond the pool"
+        else int(openblas_threads)
+    )
+    openblas.set_threads(n)
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((300, 257)).astype(np.float32)
+    b = rng.standard_normal((257, 310)).astype(np.float32)
+    x = rng.standard_normal(200_000).astype(np.float32)
+    want = [a @ b, (a @ a.T).copy(), np.float32(np.dot(x, x))]
+    blas = host._blas()
+    calls = _pool_blas_calls()
+    with blas.on_pool():
+        with blas.on_pool():
+            got = [a @ b]
+        got += [(a @ a.T).copy(), np.float32(np.dot(x, x))]
+        inside = _pool_blas_calls()
+    after = a @ b
+    assert inside >= calls + 2  # (at least the two products were threaded)
+    assert _pool_blas_calls() == inside  # the callback is unset again
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(after, want[0])
+
+
+def test_newton_schulz_on_the_pool_is_openblas_own(openblas: Any) -> None:
+    """Newton-Schulz with OpenBLAS's jobs on fastoptim's pool (the default where NumPy's
+    OpenBLAS has the callback) gives the bits of the iteration on OpenBLAS's own threads, also
+    run from several threads at once (their blocks overlap: the callback stays set until the
+    last ends), and leaves the callback unset."""
+    import threading
+
+    openblas.set_threads(3)
+    rng = np.random.default_rng(5)
+    gs = [
+        rng.standard_normal(shape).astype(np.float32)
+        for shape in [(96, 160), (160, 96), (128, 128)]
+    ]
+    blas = host._blas()
+    setter = blas.setter
+    calls = _pool_blas_calls()
+    try:
+        blas.setter = None  # OpenBLAS's own threads
+        want = {
+            (i, d): host.newton_schulz(g, dtype=d)
+            for i, g in enumerate(gs)
+            for d in ("bfloat16", "float32")
+        }
+    finally:
+        blas.setter = setter
+    assert _pool_blas_calls() == calls
+    got: dict[tuple[int, str], np.ndarray] = {}
+
+    def run(i: int) -> None:
+        for _ in range(3):
+            for d in ("bfloat16", "float32"):
+                got[(i, d)] = host.newton_schulz(gs[i], dtype=d)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(gs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _pool_blas_calls() > calls
+    for key, w in want.items():
+        np.testing.assert_array_equal(got[key], w, err_msg=str(key))
+    after = _pool_blas_calls()
+    np.matmul(gs[0], gs[0].T)  # (a threaded product after every block ended)
+    assert _pool_blas_calls() == after
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -588,12 +724,13 @@ def test_gram_is_numpys_x_xT(
     the same syrk), rounded to bfloat16 when asked; ``FASTOPT_DIRECT_BLAS=0`` takes NumPy's
     route.  Where NumPy's wheels bring their OpenBLAS, the direct route must be found."""
     monkeypatch.setenv("FASTOPT_DIRECT_BLAS", "1" if direct else "0")
-    monkeypatch.setattr(host, "_SYRK", host._Syrk())
-    assert host._SYRK is not None
+    blas = host._Blas()
+    monkeypatch.setattr(host, "_BLAS", blas)
     if direct and _numpy_has_scipy_openblas():
-        assert set(host._SYRK.fns) == {np.dtype(np.float32), np.dtype(np.float64)}
+        assert set(blas.fns) == {np.dtype(np.float32), np.dtype(np.float64)}
     if not direct:
-        assert not host._SYRK.fns
+        assert not blas.fns
+        assert blas.setter is None
     dtype = np.float64 if kind == "float64" else np.float32
     x = rng.standard_normal(shape).astype(dtype)
     want = x @ x.T

@@ -273,6 +273,43 @@ FORK_PRELUDE = """
 
 
 @once_not_per_isa
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_calls_from_many_threads_at_once(dtype: str) -> None:
+    """Threads whose first fastoptim calls come at once (a fresh interpreter, a barrier):
+    the first looks up numpy.ma's MaskedArray (and ml_dtypes' bfloat16) while the others wait.
+    A plain function-local static deadlocked here every time (the import let another thread
+    take the GIL, which then waited for the static holding it)."""
+    out = _check(
+        _run_python(
+            f"""
+    import sys, threading
+    import numpy as np
+    import ml_dtypes
+    import fastoptim as fo
+    fresh = "numpy.ma" not in sys.modules  # (else the lookup imports nothing)
+    dtype = np.dtype(ml_dtypes.bfloat16) if "{dtype}" == "bfloat16" else np.float32
+    n = 8
+    barrier = threading.Barrier(n)
+    params = [np.ones(64, dtype) for _ in range(n)]
+
+    def first_use(p):
+        barrier.wait()
+        fo.SGD([p], lr=0.5).step([np.ones(64, dtype)])
+
+    threads = [threading.Thread(target=first_use, args=(p,)) for p in params]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(fresh, all(float(p[0]) == 0.5 for p in params))
+    """,
+            timeout=60,
+        )
+    )
+    assert out.split() == ["True", "True"]
+
+
+@once_not_per_isa
 def test_fork_child_runs_serially_then_on_request() -> None:
     out = _check(
         _run_python(

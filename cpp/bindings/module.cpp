@@ -1,6 +1,7 @@
 // pybind11 bindings: validate buffers, extract pointers, release the GIL, call the core.
 // No arithmetic here.  User arrays are never converted or copied: anything that would need a
 // copy is rejected with an exception naming the array, before any element is touched.
+#include <pybind11/gil_safe_call_once.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -44,16 +45,33 @@ struct Arg {
   std::uintptr_t lo, hi;  // byte range [lo, hi); empty arrays have lo == hi
 };
 
+// The Python objects below are looked up once, by the first call that needs them, through
+// pybind11's gil_safe_call_once_and_store: a plain function-local static would deadlock when
+// threads make their first calls at once (the first one imports, the import lets another
+// thread take the GIL, and that one then waits for the static while holding the GIL).
+
 // ml_dtypes.bfloat16 (the NumPy bfloat16 of JAX and ml_dtypes), or None if not installed.
 const py::object& bfloat16_dtype() {
-  static const py::object dt = [] {
-    try {
-      return py::object(py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")));
-    } catch (py::error_already_set&) {
-      return py::object(py::none());
-    }
-  }();
-  return dt;
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> dt;
+  return dt
+      .call_once_and_store_result([] {
+        try {
+          return py::object(
+              py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")));
+        } catch (py::error_already_set&) {
+          return py::object(py::none());
+        }
+      })
+      .get_stored();
+}
+
+// numpy.ma.MaskedArray.
+py::handle masked_array_type() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> type;
+  return type
+      .call_once_and_store_result(
+          [] { return py::object(py::module_::import("numpy.ma").attr("MaskedArray")); })
+      .get_stored();
 }
 
 // Check that `h` is an ndarray the kernels can update in place (or read, for gradients).
@@ -61,9 +79,7 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
   if (!py::isinstance<py::array>(h))
     throw py::type_error(what + ": expected a numpy.ndarray, got " + type_name(h) +
                          (type_name(h) == "Tensor" ? " (pass tensor.numpy() for CPU tensors)" : ""));
-  static const py::handle masked =
-      py::object(py::module_::import("numpy.ma").attr("MaskedArray")).release();
-  if (py::isinstance(h, masked))
+  if (py::isinstance(h, masked_array_type()))
     throw py::type_error(what + ": a masked array; its mask would be ignored (every element is "
                          "read and updated): pass its data (np.ma.getdata) or fill it");
   auto a = py::reinterpret_borrow<py::array>(h);
@@ -1596,6 +1612,14 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release release;
     round_bfloat16(static_cast<float*>(a.data), a.size);
   }, py::arg("x"), "Round float32 x to the nearest bfloat16 in place (kept in float32).");
+  m.def("blas_threads_on_pool", [](std::uintptr_t setter, bool on) {
+    if (setter == 0) throw py::value_error("blas_threads_on_pool: setter must not be null");
+    return blas_threads_on_pool(reinterpret_cast<void*>(setter), on);
+  }, py::arg("setter"), py::arg("on"),
+  "Internal (fastoptim.host): `setter` is the address of OpenBLAS's (>= 0.3.28) "
+  "openblas_set_threads_callback_function; its threaded jobs run on fastoptim's pool from the "
+  "first call with on=True until as many calls with on=False.  Returns how many threaded BLAS "
+  "calls have run on the pool so far.");
   m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;
     std::vector<Span> spans;

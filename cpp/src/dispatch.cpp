@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -293,6 +294,14 @@ unsigned fp_mode() { return 0; }
 void set_fp_mode(unsigned) {}
 #endif
 
+// Whether the calling thread is running a pool job's chunk (a worker, or a caller in its job).
+thread_local bool t_in_pool = false;
+struct InPool {
+  bool was = t_in_pool;
+  InPool() { t_in_pool = true; }
+  ~InPool() { t_in_pool = was; }
+};
+
 class Pool {
  public:
   explicit Pool(int max_threads) : ranges_(static_cast<std::size_t>(max_threads)) {}
@@ -304,7 +313,26 @@ class Pool {
       return;
     }
     grow(threads - 1);
-    const int p = std::min(threads, static_cast<int>(threads_.size()) + 1);
+    execute(n, std::min(threads, static_cast<int>(threads_.size()) + 1), fn, ctx, linger);
+  }
+
+  // Every chunk of [0, n) at once, each on a thread of its own (the caller's is chunk 0): for
+  // chunks that wait for each other (a BLAS library's jobs).  Waits while another caller uses
+  // the pool; false, with nothing run, when the pool cannot have n threads.  (Any thread may
+  // still run a late worker's chunk after its own, which it can only start once its own is
+  // done: with n threads for n chunks every chunk starts while the others run.)
+  bool run_together(int64_t n, ChunkFn fn, void* ctx) {
+    if (n > static_cast<int64_t>(ranges_.size())) return false;  // (max_threads)
+    std::unique_lock<std::mutex> job(job_mu_);
+    grow(static_cast<int>(n) - 1);
+    if (static_cast<int64_t>(threads_.size()) + 1 < n) return false;
+    execute(n, static_cast<int>(n), fn, ctx, true);
+    return true;
+  }
+
+ private:
+  // Publish the job (n chunks over p threads, the caller one of them) and run it (job_mu_ held).
+  void execute(int64_t n, int p, ChunkFn fn, void* ctx, bool linger) {
     fn_ = fn;
     ctx_ = ctx;
     fp_mode_.store(fp_mode(), std::memory_order_relaxed);
@@ -335,7 +363,6 @@ class Pool {
     }
   }
 
- private:
   struct alignas(64) Range {
     std::atomic<uint64_t> word{0};
   };
@@ -358,6 +385,7 @@ class Pool {
 
   // Thread `self` runs its own range, then the others' (from their backs), for job word `job`.
   void work(int self, uint64_t job) {
+    const InPool mark;
     const uint32_t gen = gen_of(job);
     const int p = static_cast<int>((job >> 16) & 0xffff);
     const int64_t n = static_cast<int64_t>(job & 0xffff);
@@ -374,13 +402,13 @@ class Pool {
     }
   }
 
-  void worker_main(int id) {
+  // `seen`: the last job published before this worker was started (it takes any later one).
+  void worker_main(int id, uint32_t seen) {
 #ifdef FASTOPTIM_POSIX
     sigset_t all;  // signals go to the application's threads, never to ours
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, nullptr);
 #endif
-    uint32_t seen = gen_of(job_.load(std::memory_order_acquire));
     bool linger = true;
     for (;;) {
       auto published = [&] { return gen_of(job_.load(std::memory_order_acquire)) != seen; };
@@ -413,7 +441,9 @@ class Pool {
     while (static_cast<int>(threads_.size()) < workers) {
       const int id = static_cast<int>(threads_.size()) + 1;
       try {
-        threads_.emplace_back([this, id] { worker_main(id); });
+        // (the job about to be published is new to it, however late the thread starts)
+        const uint32_t seen = gen_of(job_.load(std::memory_order_relaxed));
+        threads_.emplace_back([this, id, seen] { worker_main(id, seen); });
       } catch (const std::system_error&) {
         return;
       }
@@ -536,6 +566,79 @@ void set_num_threads(int n) {
 int get_num_threads() { return g_threads.load(); }
 int max_threads() { return g_max_threads; }
 int fork_count() { return g_forks.load(); }
+
+// ------------------------------------------------------------------ BLAS on fastoptim's pool
+// OpenBLAS (>= 0.3.28) runs its threaded operations' jobs through a callback when one is set
+// (openblas_set_threads_callback_function): `dojob(i, jobs + i * size, arg)` for every job i,
+// all at once (the jobs of a gemm wait for each other's packed panels) and synchronously.
+// Newton-Schulz sets this one while it iterates (host.py), so that its products and the passes
+// between them take turns on one pool: OpenBLAS's own workers busy-wait for ~0.1 s after each
+// call on x86-64, on the CPUs a pass wants next.  The jobs' order, sizes and arithmetic are
+// OpenBLAS's: the same bits, whichever threads run them.
+namespace {
+using BlasJob = void (*)(int thread, void* job, int arg);
+using BlasThreads = void (*)(int sync, BlasJob dojob, int njobs, std::size_t size, void* jobs,
+                             int arg);
+using BlasSetter = void (*)(BlasThreads);
+
+std::mutex g_blas_mu;
+int g_blas_users = 0;  // blas_threads_on_pool(setter, true) calls not yet undone
+std::atomic<bool> g_blas_on_pool{false};
+std::atomic<int64_t> g_blas_calls{0};  // threaded BLAS calls run by the callback
+
+struct BlasCall {
+  BlasJob dojob;
+  char* jobs;
+  std::size_t size;
+  int arg;
+};
+
+void blas_job(void* ctx, int64_t i) {
+  const BlasCall& c = *static_cast<const BlasCall*>(ctx);
+  c.dojob(static_cast<int>(i), c.jobs + static_cast<std::size_t>(i) * c.size, c.arg);
+}
+
+void fastoptim_blas_threads(int /*sync*/, BlasJob dojob, int njobs, std::size_t size,
+                                       void* jobs, int arg) {
+  BlasCall call{dojob, static_cast<char*>(jobs), size, arg};
+  if (njobs <= 0) return;
+  g_blas_calls.fetch_add(1, std::memory_order_relaxed);
+  if (njobs == 1) return blas_job(&call, 0);
+  // On the pool, unless this thread is running a pool chunk itself (none calls BLAS today) or
+  // the pool cannot have njobs threads: then threads of their own, under the caller's FP mode.
+  if (!t_in_pool && njobs < kMaxChunks && pool().run_together(njobs, blas_job, &call)) return;
+  const unsigned mode = fp_mode();
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<std::size_t>(njobs - 1));
+  try {
+    for (int i = 1; i < njobs; ++i)
+      threads.emplace_back([&call, mode, i] {
+        set_fp_mode(mode);
+        blas_job(&call, i);
+      });
+  } catch (const std::system_error&) {
+    // The jobs wait for each other: fewer threads than jobs would hang.  Nothing can be thrown
+    // through OpenBLAS's C frames.
+    std::fprintf(stderr, "fastoptim: cannot start threads for a BLAS call\n");
+    std::abort();
+  }
+  blas_job(&call, 0);
+  for (auto& t : threads) t.join();
+}
+}  // namespace
+
+int64_t blas_threads_on_pool(void* setter, bool on) {
+  std::lock_guard<std::mutex> lk(g_blas_mu);
+  const auto set = reinterpret_cast<BlasSetter>(setter);
+  if (on && g_blas_users++ == 0) {
+    set(&fastoptim_blas_threads);
+    g_blas_on_pool.store(true);
+  } else if (!on && g_blas_users > 0 && --g_blas_users == 0) {
+    set(nullptr);
+    g_blas_on_pool.store(false);
+  }
+  return g_blas_calls.load();
+}
 
 void set_grain(int64_t bytes) {
   if (bytes < 1) throw std::invalid_argument("grain must be >= 1");
@@ -675,17 +778,20 @@ double stream_read(const float* a, int64_t n) {
 
 // ------------------------------------------------------------------ Newton-Schulz helpers
 // Plain loops (memory-bound; the compiler vectorizes them for the baseline ISA), on the pool in
-// fixed chunks.  They run between two BLAS calls, whose threads want every CPU next: the pool's
-// workers sleep as soon as a pass is done instead of spinning for another (linger = false).
+// fixed chunks.  They run between two BLAS calls: when BLAS runs on the pool too
+// (blas_threads_on_pool) its workers spin for the next product's jobs; else BLAS's own threads
+// want every CPU next, and the pool's workers sleep as soon as a pass is done (linger = false).
 // Rounding to bfloat16 there is convert.hpp's bf16_round_nearest_f32 (branch-free 32-bit integer
 // code: the loops vectorize).  The project builds with -ffp-contract=off: every product below is
 // rounded before the sum it feeds (NumPy's bits), never fused into an FMA.
 namespace {
 
+bool linger_between_products() { return g_blas_on_pool.load(std::memory_order_relaxed); }
+
 // f(lo, hi) over [0, n) in fixed chunks of 2^15 elements, on the threads `bytes` of traffic
 // are worth.
 template <class F> void on_chunks(int64_t n, int64_t bytes, const F& f) {
-  for_each_range(n, int64_t{1} << 15, threads_for(bytes), f, /*linger=*/false);
+  for_each_range(n, int64_t{1} << 15, threads_for(bytes), f, linger_between_products());
 }
 
 // out = (alpha x + beta y) (each product rounded to T, then the sum), then rounded to bfloat16
@@ -797,7 +903,7 @@ template <class T> void symmetrize_impl(T* a, int64_t m, bool bf16) {
         block_row(t);
         if (nb - 1 - t != t) block_row(nb - 1 - t);
       },
-      /*linger=*/false);
+      linger_between_products());
 }
 
 // out (cols x rows, row-major) = x (rows x cols) transposed, tile by tile, each task one block
@@ -813,7 +919,7 @@ template <class T> void transpose_impl(T* out, const T* x, int64_t rows, int64_t
         for (int64_t i = i0; i < i1; ++i) out[j * rows + i] = x[i * cols + j];
     }
   };
-  for_each_chunk((cols + kTile - 1) / kTile, threads_for(bytes), block, /*linger=*/false);
+  for_each_chunk((cols + kTile - 1) / kTile, threads_for(bytes), block, linger_between_products());
 }
 
 }  // namespace

@@ -13,10 +13,11 @@ generator without the build) names these functions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -63,21 +64,29 @@ def round_bfloat16_(x: np.ndarray) -> np.ndarray:
     return x
 
 
-class _Syrk:
-    """BLAS ``?syrk`` from the library NumPy itself calls (the OpenBLAS of NumPy's wheels, found
-    beside NumPy and checked against ``numpy.show_config``), through :mod:`ctypes`: the upper
-    triangle of :math:`X X^T` in one multithreaded call, on NumPy's own BLAS threads.
+class _Blas:
+    """The library NumPy itself calls for BLAS (the OpenBLAS of NumPy's wheels, found beside
+    NumPy and checked against ``numpy.show_config``), through :mod:`ctypes`, for two things:
 
-    NumPy's ``x @ x.T`` calls the same ``syrk`` and then copies the other triangle on one
-    thread, column by column: at 1024 x 1024 that copy took as long as the product itself on
-    two threads (and more on sixteen).  Here :func:`fastoptim._core.symmetrize` completes the
-    matrix on all threads, rounding to bfloat16 in the same pass; the bits are NumPy's (the
-    same ``syrk`` call: the tests compare both routes).  Where the library is not found (another
-    BLAS, another platform's layout) or ``FASTOPT_DIRECT_BLAS=0`` is set, :func:`gram_` uses
-    ``x @ x.T``."""
+    - ``?syrk`` (:meth:`syrk`): the upper triangle of :math:`X X^T` in one multithreaded call,
+      on NumPy's own BLAS threads.  NumPy's ``x @ x.T`` calls the same ``syrk`` and then copies
+      the other triangle on one thread, column by column: at 1024 x 1024 that copy took as long
+      as the product itself on two threads (and more on sixteen).  :func:`gram_` completes the
+      matrix with :func:`fastoptim._core.symmetrize` on all threads, rounding to bfloat16 in
+      the same pass; the bits are NumPy's (the same call: the tests compare both routes).
+    - OpenBLAS's threading callback (>= 0.3.28; :meth:`on_pool`): while it is set, OpenBLAS
+      runs its threaded operations' jobs on fastoptim's pool, so that Newton-Schulz's products
+      and the passes between them take turns on one set of threads (OpenBLAS's own workers
+      busy-wait for about 0.1 s after each call on x86-64, on the CPUs the next pass wants).
+      The same jobs, so the same bits.
+
+    Where the library is not found (another BLAS, another platform's layout) or
+    ``FASTOPT_DIRECT_BLAS=0`` is set, neither is used: :func:`gram_` calls ``x @ x.T`` and
+    :meth:`on_pool` does nothing."""
 
     def __init__(self) -> None:
         self.fns: dict[np.dtype[Any], Callable[..., None]] = {}
+        self.setter: int | None = None  # openblas_set_threads_callback_function's address
         import os
 
         if os.environ.get("FASTOPT_DIRECT_BLAS", "1") == "0":
@@ -85,7 +94,7 @@ class _Syrk:
         try:
             self._find()
         except (OSError, AttributeError, KeyError, TypeError, ImportError):  # pragma: no cover
-            self.fns = {}
+            self.fns, self.setter = {}, None
 
     def _find(self) -> None:
         import ctypes
@@ -106,8 +115,8 @@ class _Syrk:
         if len(found) != 1:
             return
         lib = ctypes.CDLL(found[0])  # (already loaded by NumPy: the same handle and threads)
-        # scipy-openblas64 (64-bit integers) names its symbols scipy_cblas_*64_, the 32-bit
-        # integer build scipy_cblas_*
+        # scipy-openblas64 (64-bit integers) names its symbols scipy_cblas_*64_ and
+        # scipy_openblas_*64_, the 32-bit integer build scipy_cblas_* and scipy_openblas_*
         ilp64 = hasattr(lib, "scipy_cblas_ssyrk64_")
         suffix, index = ("64_", ctypes.c_int64) if ilp64 else ("", ctypes.c_int)
         for dtype, scalar, name in (
@@ -119,8 +128,11 @@ class _Syrk:
             fn.argtypes = [ctypes.c_int] * 3 + [index, index, scalar, ctypes.c_void_p, index]
             fn.argtypes += [scalar, ctypes.c_void_p, index]
             self.fns[np.dtype(dtype)] = fn
+        setter = getattr(lib, f"scipy_openblas_set_threads_callback_function{suffix}", None)
+        if setter is not None:  # (OpenBLAS < 0.3.28 has none)
+            self.setter = ctypes.cast(setter, ctypes.c_void_p).value
 
-    def __call__(self, x: np.ndarray, out: np.ndarray) -> bool:
+    def syrk(self, x: np.ndarray, out: np.ndarray) -> bool:
         """The upper triangle of ``out = x @ x.T`` (C-contiguous, same dtype, ``(m, m)``);
         False when no direct call is available for these arrays (nothing written: NumPy's
         ``@`` then checks them)."""
@@ -137,21 +149,40 @@ class _Syrk:
         fn(101, 121, 111, m, k, 1.0, x.ctypes.data, max(k, 1), 0.0, out.ctypes.data, max(m, 1))
         return True
 
+    @contextlib.contextmanager
+    def on_pool(self) -> Iterator[None]:
+        """OpenBLAS's threaded jobs on fastoptim's pool inside the block (nested and concurrent
+        blocks count: the callback is unset when the last one ends)."""
+        from fastoptim import _core
 
-_SYRK: _Syrk | None = None
+        if self.setter is None:
+            yield
+            return
+        _core.blas_threads_on_pool(self.setter, True)
+        try:
+            yield
+        finally:
+            _core.blas_threads_on_pool(self.setter, False)
+
+
+_BLAS: _Blas | None = None
+
+
+def _blas() -> _Blas:
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = _Blas()
+    return _BLAS
 
 
 def gram_(x: np.ndarray, out: np.ndarray, bf16: bool = False) -> np.ndarray:
     """``out = x @ x.T`` for a C-contiguous 2-D float32/float64 `x` (`out` C-contiguous,
     ``(m, m)``, same dtype), rounded to bfloat16 (kept in float32) when `bf16`: BLAS syrk
-    called directly where NumPy's BLAS is found (see :class:`_Syrk`), else NumPy's ``@``.
+    called directly where NumPy's BLAS is found (see :class:`_Blas`), else NumPy's ``@``.
     Returns `out`."""
     from fastoptim import _core
 
-    global _SYRK
-    if _SYRK is None:
-        _SYRK = _Syrk()
-    if x.shape[0] > 0 and x.shape[1] > 0 and _SYRK(x, out):
+    if x.shape[0] > 0 and x.shape[1] > 0 and _blas().syrk(x, out):
         _core.symmetrize(out, bf16)
         return out
     np.matmul(x, x.T, out=out)
@@ -228,26 +259,28 @@ def newton_schulz(
         np.copyto(x, g.T if tall else g, casting="unsafe")
     if low:
         round_bfloat16_(x)
-    norm = work(math.sqrt(float(np.dot(x.ravel(), x.ravel()))))
-    floor = work(eps)
-    if low:
-        norm = round_bfloat16_(np.array([norm], np.float32))[0]
-        floor = round_bfloat16_(np.array([eps], np.float32))[0]
-    norm = max(norm, floor)  # (a NaN norm stays NaN, as torch's clamp)
-    _core.divide(x, float(norm), low)  # (np.divide's bits, on all threads)
-    a, b, c = (work(v) for v in coefficients)
-    gram = _WORKSPACE.get("gram", (m, m), work)
-    poly = _WORKSPACE.get("poly", (m, m), work)
+    # OpenBLAS on fastoptim's pool from the norm (a threaded dot) to the last product
+    with _blas().on_pool():
+        norm = work(math.sqrt(float(np.dot(x.ravel(), x.ravel()))))
+        floor = work(eps)
+        if low:
+            norm = round_bfloat16_(np.array([norm], np.float32))[0]
+            floor = round_bfloat16_(np.array([eps], np.float32))[0]
+        norm = max(norm, floor)  # (a NaN norm stays NaN, as torch's clamp)
+        _core.divide(x, float(norm), low)  # (np.divide's bits, on all threads)
+        a, b, c = (work(v) for v in coefficients)
+        gram = _WORKSPACE.get("gram", (m, m), work)
+        poly = _WORKSPACE.get("poly", (m, m), work)
 
-    # Between the BLAS products, one multithreaded pass each (_core.combine: each product
-    # rounded to the working dtype, then the sum, then bfloat16 when `low`).
-    for _ in range(steps):
-        gram_(x, gram, low)  # A = X X^T
-        np.matmul(gram, gram, out=poly)  # B = b A + c A A
-        _core.combine(poly, poly, gram, float(c), float(b), low)
-        np.matmul(poly, x, out=nxt)  # X = a X + B X
-        _core.combine(nxt, nxt, x, 1.0, float(a), low)
-        x, nxt = nxt, x
+        # Between the BLAS products, one multithreaded pass each (_core.combine: each product
+        # rounded to the working dtype, then the sum, then bfloat16 when `low`).
+        for _ in range(steps):
+            gram_(x, gram, low)  # A = X X^T
+            np.matmul(gram, gram, out=poly)  # B = b A + c A A
+            _core.combine(poly, poly, gram, float(c), float(b), low)
+            np.matmul(poly, x, out=nxt)  # X = a X + B X
+            _core.combine(nxt, nxt, x, 1.0, float(a), low)
+            x, nxt = nxt, x
     assert x is result
     return result.T if tall else result
 

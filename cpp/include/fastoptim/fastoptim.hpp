@@ -103,6 +103,13 @@ void divide(float* x, float d, int64_t n, bool bf16);
 void divide(double* x, double d, int64_t n);
 // x[i] rounded to the nearest bfloat16 in place, as `combine` rounds.
 void round_bfloat16(float* x, int64_t n);
+// OpenBLAS's threaded operations run their jobs on fastoptim's pool from the first call with
+// `on` until as many calls without: `setter` is that OpenBLAS's
+// openblas_set_threads_callback_function (>= 0.3.28), given the pool's callback, then nullptr
+// (OpenBLAS's own threads).  Newton-Schulz's products and passes then share one pool, and the
+// passes' workers spin for the next product (see dispatch.cpp).  Returns how many threaded
+// BLAS calls have run through the callback so far.
+int64_t blas_threads_on_pool(void* setter, bool on);
 
 // Streaming reference kernel for roofline measurements, with a step's thread layout: one pass
 // over `narrays` float arrays of n elements (2 to kMaxState + 2) that reads all of them and

@@ -339,6 +339,7 @@ def _interleaved(
     rounds: int,
     repeats: int,
     min_sample: float = MIN_SAMPLE_S,
+    settle: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, int], dict[str, list[float]]]:
     """Steps per sample and `rounds` samples (seconds per step) of each contender: a warm-up
     step each (first touch, state allocation), a calibration step, then `rounds` interleaved
@@ -347,7 +348,7 @@ def _interleaved(
         fn()
     steps = {k: _steps_per_sample(fn, repeats, min_sample) for k, fn in contenders.items()}
     samples: dict[str, list[float]] = {k: [] for k in contenders}
-    _more(contenders, steps, samples, rounds)
+    _more(contenders, steps, samples, rounds, settle)
     return steps, samples
 
 
@@ -356,10 +357,15 @@ def _more(
     steps: dict[str, int],
     samples: dict[str, list[float]],
     rounds: int,
+    settle: Mapping[str, float] | None = None,
 ) -> None:
+    """`rounds` more interleaved rounds of samples; after a sample of a contender named in
+    `settle`, that many seconds of sleep (untimed: threads it leaves spinning go to sleep)."""
     for _ in range(rounds):
         for name, fn in contenders.items():
             samples[name].append(_block(fn, steps[name]))
+            if settle and name in settle:
+                time.sleep(settle[name])
 
 
 def _fill(row: Row, steps: dict[str, int], samples: dict[str, list[float]]) -> None:
@@ -437,16 +443,20 @@ def _timed(
     check: Callable[[dict[str, Stat]], list[str]],
     progress: Callable[[str], None] | None = None,
     min_sample: float = MIN_SAMPLE_S,
+    settle: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Stat], list[str], int]:
     """`rounds` interleaved rounds of `contenders` (:func:`_interleaved`) and, while `check`
     finds problems in their timings, up to MAX_REMEASURE more passes of `rounds` rounds of
-    every contender: (the timings, what `check` still finds: the flags, the rounds run)."""
-    steps, samples = _interleaved(contenders, rounds, repeats, min_sample)
+    every contender: (the timings, what `check` still finds: the flags, the rounds run).
+    `settle`: seconds of sleep after each sample of the contenders it names (:func:`_more`)."""
+    steps, samples = _interleaved(contenders, rounds, repeats, min_sample, settle)
 
     def stats() -> dict[str, Stat]:
         return {k: _stat(v) for k, v in samples.items()}
 
-    passes = _remeasure(contenders, steps, samples, rounds, lambda: check(stats()), progress)
+    passes = _remeasure(
+        contenders, steps, samples, rounds, lambda: check(stats()), progress, settle=settle
+    )
     times = stats()
     return times, check(times), rounds * (1 + passes)
 
@@ -459,6 +469,7 @@ def _remeasure(
     check: Callable[[], list[str]],
     progress: Callable[[str], None] | None = None,
     what: str = "re-measuring every contender",
+    settle: Mapping[str, float] | None = None,
 ) -> int:
     """Every mode's re-measuring: while `check` (of `samples` as they stand) finds problems,
     up to MAX_REMEASURE more passes of `rounds` interleaved rounds of `contenders` into
@@ -468,7 +479,7 @@ def _remeasure(
         if progress:
             progress(f"    {what} ({'; '.join(found)})")
         passes += 1
-        _more(contenders, steps, samples, rounds)
+        _more(contenders, steps, samples, rounds, settle)
     return passes
 
 
@@ -1412,6 +1423,26 @@ def _ns_products(x: np.ndarray, gram: np.ndarray, poly: np.ndarray, nxt: np.ndar
         np.matmul(poly, x, out=nxt)
 
 
+#: ``run_muon``'s key for the bfloat16 iteration with OpenBLAS's jobs on its own threads.
+OWN_THREADS = "bfloat16, OpenBLAS's threads"
+#: Seconds after a sample that ran OpenBLAS's own threads before the next one: they busy-wait
+#: 2^28 cycles (OpenBLAS's THREAD_TIMEOUT default) before sleeping, ~0.1 s at 2.5 GHz.
+OPENBLAS_SETTLE_S = 0.25
+
+
+def _ns_own_threads(g: np.ndarray) -> np.ndarray:
+    """``host.newton_schulz(g)`` (bfloat16) with OpenBLAS's jobs on OpenBLAS's own threads
+    rather than fastoptim's pool (as where its threading callback is missing)."""
+    from .. import host
+
+    blas = host._blas()
+    setter, blas.setter = blas.setter, None
+    try:
+        return host.newton_schulz(g)
+    finally:
+        blas.setter = setter
+
+
 def run_muon(
     shapes: Sequence[tuple[int, int]] = MUON_SHAPES,
     rounds: int = 3,
@@ -1449,8 +1480,13 @@ def run_muon(
                 "step": opt.step,
                 **{d: functools.partial(host.newton_schulz, g, dtype=d) for d in host.NS_DTYPES},
             }
+            if host._blas().setter is not None:  # (the A/B of fastoptim's pool for OpenBLAS)
+                fns[OWN_THREADS] = functools.partial(_ns_own_threads, g)
+            # What runs OpenBLAS's jobs on its own threads leaves them busy-waiting for ~0.1 s
+            # on x86-64: the next samples would share the CPUs with them.
+            settle = dict.fromkeys(("sgemm", "products", OWN_THREADS), OPENBLAS_SETTLE_S)
             row.times, row.flags, row.rounds = _timed(
-                fns, rounds, repeats, functools.partial(muon_checks, row), progress
+                fns, rounds, repeats, functools.partial(muon_checks, row), progress, settle=settle
             )
             med = {k: v[0] for k, v in row.times.items()}
             row.sgemm, row.step = med.pop("sgemm"), med.pop("step")
@@ -1478,6 +1514,7 @@ def format_muon(rows: Sequence[MuonRow]) -> str:
         f"{'matrix':>11}  {'sgemm GF/s':>10} {'+-':>4}  {'NS bf16 GF/s':>12} {'+-':>4} "
         f"{'% sgemm':>8}  {'NS fp32 GF/s':>12} {'+-':>4} {'% sgemm':>8}  {'products GF/s':>13} "
         f"{'+-':>4} {'% sgemm':>8}  {'NS fp64 GF/s':>12} {'+-':>4}  {'Muon.step':>9} {'+-':>4}"
+        f"  {'bf16, BLAS own threads':>22} {'+-':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -1489,6 +1526,11 @@ def format_muon(rows: Sequence[MuonRow]) -> str:
             f"{r.flops / r.products / 1e9:13.1f} {pm('products')} "
             f"{pct(r, r.flops / r.products)}  {r.rate('float64') / 1e9:12.1f} "
             f"{pm('float64')}  {_fmt_time(r.step):>9} {pm('step')}"
+            + (
+                f"  {pct(r, r.rate(OWN_THREADS)):>22} {pm(OWN_THREADS)}"
+                if OWN_THREADS in r.ns
+                else f"  {'-':>22} {'':>4}"
+            )
         )
     lines += _flag_notes([(f"{r.shape[0]}x{r.shape[1]}", r.rounds, r.flags) for r in rows])
     return "\n".join(lines)
@@ -1501,8 +1543,10 @@ MUON_LEGEND = (
     "% sgemm = NS rate / sgemm rate\n(bf16: torch's convention, products rounded to bfloat16; "
     "fp32/fp64: ns_dtype='float32'/'float64'); products = the float32 iteration's BLAS products "
     "alone (X X^T, A A, B X, 5 times;\nthe rate the iteration would reach with free element-wise "
-    "passes); Muon.step = a whole bf16 step (momentum, NS, update); +- = half the range of the "
-    "rounds, % of the median;\n! = over 110% of the most the sgemm rate allows (X X^T by syrk: "
+    "passes); Muon.step = a whole bf16 step (momentum, NS, update); bf16, BLAS own threads = "
+    "the bf16 NS's % sgemm with OpenBLAS's jobs on\nOpenBLAS's threads instead of fastoptim's "
+    "pool ('-': NumPy's OpenBLAS has no threading callback, < 0.3.28); +- = half the range of "
+    "the rounds, % of the median;\n! = over 110% of the most the sgemm rate allows (X X^T by syrk: "
     "products at the sgemm's rate show 120% (square) to 133% of it): a measurement error; a "
     "flagged row's problems are listed under the table"
 )
