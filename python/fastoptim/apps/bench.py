@@ -1546,7 +1546,9 @@ MUON_LEGEND = (
     "passes); Muon.step = a whole bf16 step (momentum, NS, update); bf16, BLAS own threads = "
     "the bf16 NS's % sgemm with OpenBLAS's jobs on\nOpenBLAS's threads instead of fastoptim's "
     "pool ('-': NumPy's OpenBLAS has no threading callback, < 0.3.28); +- = half the range of "
-    "the rounds, % of the median;\n! = over 110% of the most the sgemm rate allows (X X^T by syrk: "
+    "the rounds, % of the median\n(after each sample that ran OpenBLAS's own threads, sgemm, "
+    "products and that column, a 0.25 s untimed pause: they busy-wait ~0.1 s after a call);"
+    "\n! = over 110% of the most the sgemm rate allows (X X^T by syrk: "
     "products at the sgemm's rate show 120% (square) to 133% of it): a measurement error; a "
     "flagged row's problems are listed under the table"
 )
