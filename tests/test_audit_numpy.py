@@ -370,3 +370,42 @@ def test_zero1_grads_refuse_replacement() -> None:
     zero.grads[0][...] = 1.0
     zero.step()
     np.testing.assert_array_equal(w, np.full(16, -0.5, np.float32))
+
+
+def test_zero1_load_stopped_part_way_leaves_the_optimizer_unchanged(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZeroRedundancyOptimizer.load reads each shard file into a temporary optimizer first: an
+    I/O error in that read's second pass leaves the temporary one partly loaded, not this one.
+    The error says so (it said "the optimizer is partly loaded ... load again"), and this
+    optimizer steps on unchanged."""
+    mpi = pytest.importorskip("mpi4py.MPI")
+    from fastoptim import checkpoint, distributed
+
+    w = np.linspace(-1, 1, 5000, dtype=np.float32)
+    zero = distributed.ZeroRedundancyOptimizer([w], fo.AdamW, comm=mpi.COMM_SELF, lr=0.1)
+    zero.grads[0][...] = 0.5
+    zero.step()
+    zero.save(tmp_path / "ck")
+    zero.step()
+    before = w.copy()
+    state = {k: v.copy() for k, v in zero.optimizer.state[0].items() if isinstance(v, np.ndarray)}
+    read = checkpoint._read_array
+
+    def failing(*args: Any, into: Any = None, **kwargs: Any) -> Any:
+        if into is not None:
+            raise OSError(5, "Input/output error")
+        return read(*args, into=into, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_read_array", failing)
+    with pytest.raises(fo.CheckpointError) as info:
+        zero.load(tmp_path / "ck")
+    message = str(info.value)
+    assert "stopped part-way (OSError: [Errno 5] Input/output error)" in message
+    assert "this optimizer was not changed" in message and "partly loaded" not in message
+    monkeypatch.undo()
+    np.testing.assert_array_equal(w, before)
+    for k, v in state.items():
+        np.testing.assert_array_equal(zero.optimizer.state[0][k], v)
+    zero.step()  # (not refused: nothing was torn here)
+    zero.load(tmp_path / "ck")  # and a load that succeeds

@@ -68,7 +68,11 @@ _FLOAT = "$float"  # a non-finite number in the metadata: {"$float": "inf" | "-i
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or does not match the optimizer."""
+    """A checkpoint file that cannot be read, or does not match the optimizer.  ``torn``: why
+    a load stopped after it had started writing into the optimizer (then partly loaded), else
+    None."""
+
+    torn: str | None = None
 
 
 def _kind(dtype: np.dtype[Any]) -> str:
@@ -486,7 +490,9 @@ def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
                     f"writing: {why}); load a checkpoint (or a state dict) again first"
                 )
                 if isinstance(e, Exception):
-                    raise CheckpointError(f"{where}: {opt._torn}") from None
+                    err = CheckpointError(f"{where}: {opt._torn}")
+                    err.torn = why
+                    raise err from None
                 raise
     opt._write_copy_outs()
 

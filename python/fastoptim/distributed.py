@@ -1132,7 +1132,16 @@ class ZeroRedundancyOptimizer:
                 for og in old
             ]
             tmp = self._inner(r, views)
-            checkpoint.load(os.path.join(directory, files[r]), tmp)
+            try:
+                checkpoint.load(os.path.join(directory, files[r]), tmp)
+            except checkpoint.CheckpointError as e:
+                if e.torn is None:
+                    raise
+                # (the load into the temporary optimizer stopped part-way: nothing here changed)
+                raise checkpoint.CheckpointError(
+                    f"{where}: reading {files[r]} stopped part-way ({e.torn}); this optimizer "
+                    "was not changed"
+                ) from None
             sd = tmp._state_dict(copy=False)
             if sd["step_count"] != man.get("step_count"):
                 raise checkpoint.CheckpointError(
