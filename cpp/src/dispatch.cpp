@@ -598,8 +598,8 @@ void blas_job(void* ctx, int64_t i) {
   c.dojob(static_cast<int>(i), c.jobs + static_cast<std::size_t>(i) * c.size, c.arg);
 }
 
-void fastoptim_blas_threads(int /*sync*/, BlasJob dojob, int njobs, std::size_t size,
-                                       void* jobs, int arg) {
+void fastoptim_blas_threads(int /*sync*/, BlasJob dojob, int njobs, std::size_t size, void* jobs,
+                            int arg) {
   BlasCall call{dojob, static_cast<char*>(jobs), size, arg};
   if (njobs <= 0) return;
   g_blas_calls.fetch_add(1, std::memory_order_relaxed);
