@@ -617,14 +617,10 @@ def openblas() -> Any:
 
 
 def _pool_blas_calls() -> int:
-    """How many threaded BLAS calls have run on fastoptim's pool (a nested on/off pair of
-    _core.blas_threads_on_pool changes nothing else)."""
+    """How many threaded BLAS calls have run on fastoptim's pool."""
     from fastoptim import _core
 
-    blas = host._blas()
-    assert blas.setter is not None
-    _core.blas_threads_on_pool(blas.setter, True)
-    return _core.blas_threads_on_pool(blas.setter, False)
+    return _core.BlasOnPool.calls()[0]
 
 
 @pytest.mark.parametrize("openblas_threads", ["2", "3", "beyond the pool"])
@@ -642,71 +638,159 @@ def test_openblas_jobs_on_the_pool_give_openblas_bits(openblas: Any, openblas_th
         if openblas_threads == "beyond the pool"
         else int(openblas_threads)
     )
+    _only_thread()
     openblas.set_threads(n)
     rng = np.random.default_rng(n)
     a = rng.standard_normal((300, 257)).astype(np.float32)
     b = rng.standard_normal((257, 310)).astype(np.float32)
     x = rng.standard_normal(200_000).astype(np.float32)
     want = [a @ b, (a @ a.T).copy(), np.float32(np.dot(x, x))]
+    from fastoptim import _core
+
     blas = host._blas()
-    calls = _pool_blas_calls()
+    pool, own = _core.BlasOnPool.calls()
     with blas.on_pool():
         with blas.on_pool():
             got = [a @ b]
         got += [(a @ a.T).copy(), np.float32(np.dot(x, x))]
-        inside = _pool_blas_calls()
+        inside = _core.BlasOnPool.calls()
     after = a @ b
-    assert inside >= calls + 2  # (at least the two products were threaded)
-    assert _pool_blas_calls() == inside  # the callback is unset again
+    assert _core.BlasOnPool.calls() == inside  # the callback is unset again
+    if n > 4 * (cpus or 1):  # (some calls have more jobs than the pool may have threads)
+        assert inside[1] > own
+    else:  # every threaded call on the pool (at least the two products)
+        assert inside[0] >= pool + 2 and inside[1] == own
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
     np.testing.assert_array_equal(after, want[0])
 
 
-def test_newton_schulz_on_the_pool_is_openblas_own(openblas: Any) -> None:
-    """Newton-Schulz with OpenBLAS's jobs on fastoptim's pool (the default where NumPy's
-    OpenBLAS has the callback) gives the bits of the iteration on OpenBLAS's own threads, also
-    run from several threads at once (their blocks overlap: the callback stays set until the
-    last ends), and leaves the callback unset."""
+def test_blas_on_pool_context_manager() -> None:
+    """_core.BlasOnPool: a null setter and entering twice are refused; __exit__ without
+    __enter__ does nothing; on_pool with other Python threads alive is a nullcontext."""
+    import contextlib
     import threading
 
+    from fastoptim import _core
+
+    with pytest.raises(ValueError, match="setter must not be null"):
+        _core.BlasOnPool(0)
+    blas = host._blas()
+    if blas.setter is None:
+        pytest.skip("NumPy's OpenBLAS has no threading callback")
+    cm = _core.BlasOnPool(blas.setter)
+    assert cm.__exit__(None, None, None) is False
+    with cm, pytest.raises(ValueError, match="already entered"):
+        cm.__enter__()
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert isinstance(blas.on_pool(), contextlib.nullcontext)
+    finally:
+        release.set()
+        other.join()
+
+
+def _only_thread() -> None:
+    import sys
+
+    if len(sys._current_frames()) > 1:
+        pytest.skip("other Python threads run here: Newton-Schulz keeps OpenBLAS's threads")
+
+
+def test_newton_schulz_on_the_pool_is_openblas_own(openblas: Any) -> None:
+    """Newton-Schulz with OpenBLAS's jobs on fastoptim's pool (the default where NumPy's
+    OpenBLAS has the callback and no other Python thread runs) gives the bits of the iteration
+    on OpenBLAS's own threads, and leaves the callback unset; with other Python threads alive
+    it keeps OpenBLAS's threads (the same bits again), also from several threads at once."""
+    import threading
+
+    _only_thread()
     openblas.set_threads(3)
     rng = np.random.default_rng(5)
     gs = [
         rng.standard_normal(shape).astype(np.float32)
         for shape in [(96, 160), (160, 96), (128, 128)]
     ]
+    kinds = ("bfloat16", "float32")
     blas = host._blas()
     setter = blas.setter
     calls = _pool_blas_calls()
     try:
         blas.setter = None  # OpenBLAS's own threads
-        want = {
-            (i, d): host.newton_schulz(g, dtype=d)
-            for i, g in enumerate(gs)
-            for d in ("bfloat16", "float32")
-        }
+        want = {(i, d): host.newton_schulz(g, dtype=d) for i, g in enumerate(gs) for d in kinds}
     finally:
         blas.setter = setter
     assert _pool_blas_calls() == calls
+    on_pool = {(i, d): host.newton_schulz(g, dtype=d) for i, g in enumerate(gs) for d in kinds}
+    assert _pool_blas_calls() > calls  # (the callback ran OpenBLAS's jobs)
     got: dict[tuple[int, str], np.ndarray] = {}
+    start = threading.Barrier(len(gs) + 1)
+    during: list[int] = []
 
     def run(i: int) -> None:
+        start.wait()
         for _ in range(3):
-            for d in ("bfloat16", "float32"):
+            for d in kinds:
                 got[(i, d)] = host.newton_schulz(gs[i], dtype=d)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(gs))]
     for t in threads:
         t.start()
+    calls = _pool_blas_calls()
+    start.wait()
     for t in threads:
         t.join()
-    assert _pool_blas_calls() > calls
+    during.append(_pool_blas_calls())
+    assert during == [calls]  # (other threads alive: OpenBLAS's own threads)
     for key, w in want.items():
+        np.testing.assert_array_equal(on_pool[key], w, err_msg=str(key))
         np.testing.assert_array_equal(got[key], w, err_msg=str(key))
     after = _pool_blas_calls()
     np.matmul(gs[0], gs[0].T)  # (a threaded product after every block ended)
     assert _pool_blas_calls() == after
+
+
+@once_not_per_isa
+def test_newton_schulz_beside_numpy_products_in_another_thread() -> None:
+    """Newton-Schulz in one thread while another runs NumPy products (a fresh interpreter, a
+    timeout: this hung when the iteration moved OpenBLAS's jobs to fastoptim's pool while the
+    other thread's product ran on OpenBLAS's threads, whose job slots the pool's jobs reuse):
+    both give their single-threaded bits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import threading, time
+        import numpy as np
+        from fastoptim import host
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((384, 384)), rng.standard_normal((384, 384))
+        g = rng.standard_normal((256, 384)).astype(np.float32)
+        ref, ns_ref = a @ b, host.newton_schulz(g)
+        stop = time.monotonic() + 3
+        bad = []
+
+        def products():
+            out = np.empty_like(ref)
+            while time.monotonic() < stop:
+                np.matmul(a, b, out=out)
+                bad.extend([] if np.array_equal(out, ref) else ["product"])
+
+        t = threading.Thread(target=products)
+        t.start()
+        while time.monotonic() < stop:
+            bad.extend([] if np.array_equal(host.newton_schulz(g), ns_ref) else ["ns"])
+        t.join()
+        print(sorted(set(bad)))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]"]
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -946,3 +1030,58 @@ def test_muon_update_passes_are_numpys(
         assert not np.array_equal(want_p, p0)
         np.testing.assert_array_equal(buf.view(np.uint8), want_buf.view(np.uint8))
         np.testing.assert_array_equal(p.view(np.uint8), want_p.view(np.uint8))
+
+
+@once_not_per_isa
+def test_a_forked_child_starts_with_openblas_on_its_own_threads() -> None:
+    """A fork while another thread is inside a BlasOnPool block: the child (where that thread
+    does not exist) starts with OpenBLAS's callback unset, and its own Newton-Schulz still
+    gives the parent's bits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if not hasattr(__import__("os"), "fork"):
+        pytest.skip("no fork here")
+    if host._blas().setter is None:
+        pytest.skip("NumPy's OpenBLAS has no threading callback")
+    code = textwrap.dedent(
+        """
+        import os, threading
+        import numpy as np
+        from fastoptim import _core, host
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((300, 300)).astype(np.float32)
+        g = rng.standard_normal((128, 200)).astype(np.float32)
+        want = host.newton_schulz(g)
+        inside, release = threading.Event(), threading.Event()
+
+        def hold():
+            with _core.BlasOnPool(host._blas().setter):
+                inside.set()
+                release.wait()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        inside.wait()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                before = _core.BlasOnPool.calls()
+                a @ a  # (threaded: on OpenBLAS's threads, the callback unset)
+                unset = _core.BlasOnPool.calls() == before
+                same = np.array_equal(host.newton_schulz(g), want)
+                os.write(w, f"{unset} {same}".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        print(os.read(r, 64).decode())
+        release.set()
+        t.join()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]

@@ -1612,14 +1612,45 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release release;
     round_bfloat16(static_cast<float*>(a.data), a.size);
   }, py::arg("x"), "Round float32 x to the nearest bfloat16 in place (kept in float32).");
-  m.def("blas_threads_on_pool", [](std::uintptr_t setter, bool on) {
-    if (setter == 0) throw py::value_error("blas_threads_on_pool: setter must not be null");
-    return blas_threads_on_pool(reinterpret_cast<void*>(setter), on);
-  }, py::arg("setter"), py::arg("on"),
-  "Internal (fastoptim.host): `setter` is the address of OpenBLAS's (>= 0.3.28) "
-  "openblas_set_threads_callback_function; its threaded jobs run on fastoptim's pool from the "
-  "first call with on=True until as many calls with on=False.  Returns how many threaded BLAS "
-  "calls have run on the pool so far.");
+  // A context manager in C++: once __enter__ has returned, `with` runs __exit__ whatever
+  // happens (a KeyboardInterrupt between a Python-level increment and its `try` would leave the
+  // callback set for good).
+  struct BlasOnPool {
+    void* setter;
+    bool entered = false;
+  };
+  py::class_<BlasOnPool>(m, "BlasOnPool",
+                         "Internal (fastoptim.host): inside `with BlasOnPool(setter):` OpenBLAS's "
+                         "threaded jobs run on fastoptim's pool; `setter` is the address of that "
+                         "OpenBLAS's (>= 0.3.28) openblas_set_threads_callback_function.  Nested "
+                         "blocks count: the callback is unset when the outermost one ends.")
+      .def(py::init([](std::uintptr_t setter) {
+             if (setter == 0) throw py::value_error("BlasOnPool: setter must not be null");
+             return BlasOnPool{reinterpret_cast<void*>(setter)};
+           }),
+           py::arg("setter"))
+      .def("__enter__",
+           [](BlasOnPool& b) {
+             if (b.entered) throw py::value_error("BlasOnPool: already entered");
+             blas_threads_on_pool(b.setter, true);
+             b.entered = true;
+           })
+      .def("__exit__",
+           [](BlasOnPool& b, const py::args&) {
+             if (b.entered) {
+               b.entered = false;
+               blas_threads_on_pool(b.setter, false);
+             }
+             return false;
+           })
+      .def_static(
+          "calls",
+          [] {
+            const BlasCalls c = blas_calls();
+            return py::make_tuple(c.pool, c.threads);
+          },
+          "(on the pool, on threads of their own): the threaded BLAS calls run through the "
+          "callback so far.");
   m.def("stream", [](const py::sequence& arrays) {
     std::vector<float*> ptrs;
     std::vector<Span> spans;

@@ -490,7 +490,9 @@ Pool& pool() {
 // In a forked child only the forking thread exists: the pool's workers are gone and its mutexes
 // may be held by threads that no longer exist.  Abandon them (a new pool starts if the child asks
 // for threads) and run serially until the child calls set_num_threads.
+void blas_after_fork();  // (below)
 void after_fork_in_child() {
+  blas_after_fork();
   g_pool_mu = new std::mutex;
   g_pool.store(nullptr, std::memory_order_relaxed);
   g_threads.store(1, std::memory_order_relaxed);
@@ -581,10 +583,11 @@ using BlasThreads = void (*)(int sync, BlasJob dojob, int njobs, std::size_t siz
                              int arg);
 using BlasSetter = void (*)(BlasThreads);
 
-std::mutex g_blas_mu;
+std::mutex* g_blas_mu = new std::mutex;  // (never destroyed: replaced in a forked child)
 int g_blas_users = 0;  // blas_threads_on_pool(setter, true) calls not yet undone
+BlasSetter g_blas_setter = nullptr;  // the setter that set the callback, while g_blas_users > 0
 std::atomic<bool> g_blas_on_pool{false};
-std::atomic<int64_t> g_blas_calls{0};  // threaded BLAS calls run by the callback
+std::atomic<int64_t> g_blas_pool_calls{0}, g_blas_thread_calls{0};  // (blas_calls)
 
 struct BlasCall {
   BlasJob dojob;
@@ -598,15 +601,20 @@ void blas_job(void* ctx, int64_t i) {
   c.dojob(static_cast<int>(i), c.jobs + static_cast<std::size_t>(i) * c.size, c.arg);
 }
 
+// (noexcept: nothing may be thrown through OpenBLAS's C frames; std::bad_alloc would end the
+// process here)
 void fastoptim_blas_threads(int /*sync*/, BlasJob dojob, int njobs, std::size_t size, void* jobs,
-                            int arg) {
+                            int arg) noexcept {
   BlasCall call{dojob, static_cast<char*>(jobs), size, arg};
   if (njobs <= 0) return;
-  g_blas_calls.fetch_add(1, std::memory_order_relaxed);
   if (njobs == 1) return blas_job(&call, 0);
   // On the pool, unless this thread is running a pool chunk itself (none calls BLAS today) or
   // the pool cannot have njobs threads: then threads of their own, under the caller's FP mode.
-  if (!t_in_pool && njobs < kMaxChunks && pool().run_together(njobs, blas_job, &call)) return;
+  if (!t_in_pool && njobs < kMaxChunks && pool().run_together(njobs, blas_job, &call)) {
+    g_blas_pool_calls.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  g_blas_thread_calls.fetch_add(1, std::memory_order_relaxed);
   const unsigned mode = fp_mode();
   std::vector<std::thread> threads;
   threads.reserve(static_cast<std::size_t>(njobs - 1));
@@ -625,20 +633,32 @@ void fastoptim_blas_threads(int /*sync*/, BlasJob dojob, int njobs, std::size_t 
   blas_job(&call, 0);
   for (auto& t : threads) t.join();
 }
+// In a forked child the threads that had set the callback do not exist: unset it (OpenBLAS's
+// threads again, as the child's pool starts serial), with a new mutex (the parent's may have
+// been held by one of those threads).
+void blas_after_fork() {
+  g_blas_mu = new std::mutex;
+  if (g_blas_users > 0 && g_blas_setter != nullptr) g_blas_setter(nullptr);
+  g_blas_users = 0;
+  g_blas_setter = nullptr;
+  g_blas_on_pool.store(false, std::memory_order_relaxed);
+}
 }  // namespace
 
-int64_t blas_threads_on_pool(void* setter, bool on) {
-  std::lock_guard<std::mutex> lk(g_blas_mu);
-  const auto set = reinterpret_cast<BlasSetter>(setter);
+void blas_threads_on_pool(void* setter, bool on) {
+  std::lock_guard<std::mutex> lk(*g_blas_mu);
   if (on && g_blas_users++ == 0) {
-    set(&fastoptim_blas_threads);
+    g_blas_setter = reinterpret_cast<BlasSetter>(setter);
+    g_blas_setter(&fastoptim_blas_threads);
     g_blas_on_pool.store(true);
   } else if (!on && g_blas_users > 0 && --g_blas_users == 0) {
-    set(nullptr);
+    g_blas_setter(nullptr);
+    g_blas_setter = nullptr;
     g_blas_on_pool.store(false);
   }
-  return g_blas_calls.load();
 }
+
+BlasCalls blas_calls() { return {g_blas_pool_calls.load(), g_blas_thread_calls.load()}; }
 
 void set_grain(int64_t bytes) {
   if (bytes < 1) throw std::invalid_argument("grain must be >= 1");

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -78,7 +78,7 @@ class _Blas:
       runs its threaded operations' jobs on fastoptim's pool, so that Newton-Schulz's products
       and the passes between them take turns on one set of threads (OpenBLAS's own workers
       busy-wait for about 0.1 s after each call on x86-64, on the CPUs the next pass wants).
-      The same jobs, so the same bits.
+      The same jobs, so the same bits.  Only while the process runs no other Python thread.
 
     Where the library is not found (another BLAS, another platform's layout) or
     ``FASTOPT_DIRECT_BLAS=0`` is set, neither is used: :func:`gram_` calls ``x @ x.T`` and
@@ -149,20 +149,23 @@ class _Blas:
         fn(101, 121, 111, m, k, 1.0, x.ctypes.data, max(k, 1), 0.0, out.ctypes.data, max(m, 1))
         return True
 
-    @contextlib.contextmanager
-    def on_pool(self) -> Iterator[None]:
-        """OpenBLAS's threaded jobs on fastoptim's pool inside the block (nested and concurrent
-        blocks count: the callback is unset when the last one ends)."""
+    def on_pool(self) -> contextlib.AbstractContextManager[None]:
+        """A context manager: OpenBLAS's threaded jobs on fastoptim's pool inside its block
+        (``_core.BlasOnPool``; nested blocks count: the callback is unset when the outermost
+        one ends), where the process runs no other Python thread.  OpenBLAS runs a callback's
+        job ``i`` in its own slot ``i`` of per-thread status and buffers, the slots its own
+        workers use: another thread's OpenBLAS call running on OpenBLAS's threads at the same
+        time (one that started before the callback was set) could have its job dropped (a
+        hang, seen) or its buffers shared.  With other Python threads (the way into NumPy's
+        OpenBLAS besides this one), OpenBLAS keeps its own threads: a ``nullcontext``."""
+        import sys
+
         from fastoptim import _core
 
-        if self.setter is None:
-            yield
-            return
-        _core.blas_threads_on_pool(self.setter, True)
-        try:
-            yield
-        finally:
-            _core.blas_threads_on_pool(self.setter, False)
+        setter = self.setter
+        if setter is None or len(sys._current_frames()) > 1:
+            return contextlib.nullcontext()
+        return _core.BlasOnPool(setter)
 
 
 _BLAS: _Blas | None = None

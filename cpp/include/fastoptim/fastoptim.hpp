@@ -107,9 +107,15 @@ void round_bfloat16(float* x, int64_t n);
 // `on` until as many calls without: `setter` is that OpenBLAS's
 // openblas_set_threads_callback_function (>= 0.3.28), given the pool's callback, then nullptr
 // (OpenBLAS's own threads).  Newton-Schulz's products and passes then share one pool, and the
-// passes' workers spin for the next product (see dispatch.cpp).  Returns how many threaded
-// BLAS calls have run through the callback so far.
-int64_t blas_threads_on_pool(void* setter, bool on);
+// passes' workers spin for the next product (see dispatch.cpp).  (An `on` while the callback
+// is set counts, whatever its setter.)  A forked child starts with it unset.
+void blas_threads_on_pool(void* setter, bool on);
+// Threaded BLAS calls the callback has run so far: on the pool, and on threads of their own
+// (more jobs than the pool may have threads).
+struct BlasCalls {
+  int64_t pool, threads;
+};
+BlasCalls blas_calls();
 
 // Streaming reference kernel for roofline measurements, with a step's thread layout: one pass
 // over `narrays` float arrays of n elements (2 to kMaxState + 2) that reads all of them and
