@@ -331,3 +331,18 @@ def check_close_nonfinite(
     infinite = ~finite & ~np.isnan(want)
     assert np.array_equal(got[infinite], want[infinite]), what
     check_close(what, got[finite], want[finite], rtol, atol)
+
+
+def fail_second_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``fastoptim.load``'s second read (into the live arrays, after every check passed)
+    fail with an I/O error, as a disk can; its first reads (the checks) work."""
+    from fastoptim import checkpoint
+
+    read = checkpoint._read_array
+
+    def failing(*args: Any, into: Any = None, **kwargs: Any) -> Any:
+        if into is not None:
+            raise OSError(5, "Input/output error")
+        return read(*args, into=into, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_read_array", failing)

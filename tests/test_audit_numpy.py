@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
+from cases import fail_second_reads
 from fastoptim import functional as F
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -380,7 +381,7 @@ def test_zero1_load_stopped_part_way_leaves_the_optimizer_unchanged(
     The error says so (it said "the optimizer is partly loaded ... load again"), and this
     optimizer steps on unchanged."""
     mpi = pytest.importorskip("mpi4py.MPI")
-    from fastoptim import checkpoint, distributed
+    from fastoptim import distributed
 
     w = np.linspace(-1, 1, 5000, dtype=np.float32)
     zero = distributed.ZeroRedundancyOptimizer([w], fo.AdamW, comm=mpi.COMM_SELF, lr=0.1)
@@ -390,14 +391,7 @@ def test_zero1_load_stopped_part_way_leaves_the_optimizer_unchanged(
     zero.step()
     before = w.copy()
     state = {k: v.copy() for k, v in zero.optimizer.state[0].items() if isinstance(v, np.ndarray)}
-    read = checkpoint._read_array
-
-    def failing(*args: Any, into: Any = None, **kwargs: Any) -> Any:
-        if into is not None:
-            raise OSError(5, "Input/output error")
-        return read(*args, into=into, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "_read_array", failing)
+    fail_second_reads(monkeypatch)
     with pytest.raises(fo.CheckpointError) as info:
         zero.load(tmp_path / "ck")
     message = str(info.value)

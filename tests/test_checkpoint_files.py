@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
+from cases import fail_second_reads
 from fastoptim import checkpoint, schedules
 
 SHAPES = {"w": (5, 3), "b": (7,)}
@@ -674,14 +675,7 @@ def test_a_read_failing_after_the_checks_says_what_was_loaded(
     fo.save(path, opt)
     want = {k: p.copy() for k, p in params.items()}
     opt.step(grads(rng, params))
-    read = checkpoint._read_array
-
-    def failing(*args: Any, into: Any = None, **kwargs: Any) -> Any:
-        if into is not None:
-            raise OSError(5, "Input/output error")
-        return read(*args, into=into, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "_read_array", failing)
+    fail_second_reads(monkeypatch)
     with pytest.raises(fo.CheckpointError, match=r"partly loaded .*Input/output error.*again"):
         fo.load(path, opt)
     monkeypatch.undo()
