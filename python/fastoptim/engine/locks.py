@@ -15,43 +15,60 @@ import os
 import sys
 import threading
 import weakref
-from threading import get_ident
 from typing import Any
 
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-class OptimizerLock:
-    """A ``threading.Lock`` that records the thread holding it: ``with lock:`` from that thread
-    again raises ``RuntimeError`` (naming the method that asked) rather than deadlocking."""
+class _CheckedEnter:
+    """``OptimizerLock.__enter__``: looking it up (which ``with`` does before calling it)
+    raises the re-entrancy error when the calling thread holds the lock, else gives the lock's
+    own ``__enter__``, a C function."""
 
-    __slots__ = ("_lock", "_owner")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # the thread ident of the holder
-
-    def __enter__(self) -> None:
-        me = get_ident()
-        if self._owner == me:  # (only this thread sets its own ident: no race)
+    def __get__(self, lock: OptimizerLock | None, owner: type | None = None) -> Any:
+        if lock is None:
+            return self
+        if lock._lock._is_owned():
             raise RuntimeError(
                 f"{_caller()} was called re-entrantly: this thread is already inside a call of "
                 "the same optimizer (a step, a checkpoint...) that called back into it (from a "
                 "schedule, a closure or a hook), and would wait for itself forever; call it "
                 "after that call returns"
             )
-        self._lock.acquire()
-        self._owner = me
+        return lock._lock.__enter__
 
-    def __exit__(self, *exc: object) -> None:
-        self._owner = None
-        self._lock.release()
+
+class _Exit:
+    """``OptimizerLock.__exit__``: the lock's own ``__exit__``, a C function."""
+
+    def __get__(self, lock: OptimizerLock | None, owner: type | None = None) -> Any:
+        return self if lock is None else lock._lock.__exit__
+
+
+class OptimizerLock:
+    """A lock that knows the thread holding it: ``with lock:`` from that thread again raises
+    ``RuntimeError`` (naming the method that asked) rather than deadlocking.
+
+    Entering and leaving are the C functions of a ``threading.RLock`` (held once at most: the
+    re-entrancy check refuses a second entry), looked up through descriptors, so that no Python
+    code runs between acquiring the lock and the point from which ``with`` is sure to release
+    it: a KeyboardInterrupt landing at the start of a Python ``__exit__`` (or just after a
+    Python ``__enter__`` acquired) left the lock held for good (every later step of that
+    optimizer refused or waiting forever)."""
+
+    __slots__ = ("_lock",)
+
+    __enter__ = _CheckedEnter()
+    __exit__ = _Exit()
+
+    def __init__(self) -> None:
+        self._lock: Any = threading.RLock()
 
 
 def _caller() -> str:
     """``Class.method`` (or ``module.function``) that entered the lock, for the re-entrancy
     message: looked up only when raising, so that a step pays nothing for it."""
-    frame = sys._getframe(2)  # (0: here, 1: __enter__)
+    frame = sys._getframe(2)  # (0: here, 1: the __enter__ lookup)
     owner = frame.f_locals.get("self")
     where = type(owner).__name__ if owner is not None else frame.f_globals.get("__name__", "?")
     return f"{where}.{frame.f_code.co_name}"
