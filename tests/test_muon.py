@@ -715,13 +715,9 @@ def test_newton_schulz_on_the_pool_is_openblas_own(openblas: Any) -> None:
     ]
     kinds = ("bfloat16", "float32")
     blas = host._blas()
-    setter = blas.setter
     calls = _pool_blas_calls()
-    try:
-        blas.setter = None  # OpenBLAS's own threads
+    with blas.own_threads():
         want = {(i, d): host.newton_schulz(g, dtype=d) for i, g in enumerate(gs) for d in kinds}
-    finally:
-        blas.setter = setter
     assert _pool_blas_calls() == calls
     on_pool = {(i, d): host.newton_schulz(g, dtype=d) for i, g in enumerate(gs) for d in kinds}
     assert _pool_blas_calls() > calls  # (the callback ran OpenBLAS's jobs)

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -166,6 +166,17 @@ class _Blas:
         if setter is None or len(sys._current_frames()) > 1:
             return contextlib.nullcontext()
         return _core.BlasOnPool(setter)
+
+    @contextlib.contextmanager
+    def own_threads(self) -> Iterator[None]:
+        """Inside its block :meth:`on_pool` does nothing: OpenBLAS runs its jobs on its own
+        threads, as where its threading callback is missing (the A/B of the benchmark and the
+        tests).  Not thread-safe: it changes this process-wide object."""
+        setter, self.setter = self.setter, None
+        try:
+            yield
+        finally:
+            self.setter = setter
 
 
 _BLAS: _Blas | None = None

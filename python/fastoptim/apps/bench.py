@@ -1435,12 +1435,8 @@ def _ns_own_threads(g: np.ndarray) -> np.ndarray:
     rather than fastoptim's pool (as where its threading callback is missing)."""
     from .. import host
 
-    blas = host._blas()
-    setter, blas.setter = blas.setter, None
-    try:
+    with host._blas().own_threads():
         return host.newton_schulz(g)
-    finally:
-        blas.setter = setter
 
 
 def run_muon(
