@@ -227,7 +227,8 @@ every_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d)
 
 #: For a test whose result cannot depend on the instruction set (imports, OpenMP runtimes,
 #: torch's option lists: no kernel's numbers checked).  CI runs the suite once with every ISA,
-#: then once per ``FASTOPT_ISA``; such a test runs in the first only.
+#: then the files of ``.ci/per-isa-tests`` once per other ``FASTOPT_ISA``; such a test runs in
+#: the first only.
 once_not_per_isa = pytest.mark.skipif(
     bool(os.environ.get("FASTOPT_ISA", "").strip()),
     reason="does not depend on the instruction set: run once, not once per ISA",

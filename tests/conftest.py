@@ -16,9 +16,26 @@ from fastoptim import _core
 
 def isas_under_test() -> list[str]:
     """Every instruction set this build and CPU support, or only the one ``FASTOPT_ISA`` forces
-    (CI runs the whole suite once per ISA that way)."""
+    (CI reruns some test files under each other ISA that way: ``.ci/per-isa-tests``)."""
     forced = os.environ.get("FASTOPT_ISA", "").strip().lower()
     return [forced] if forced else fastoptim.available_isas()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``FASTOPT_ISA_RERUN`` set (CI's reruns under each other ISA), leave out the tests
+    that take the ``isa`` fixture: the main run, with no ``FASTOPT_ISA``, ran them with every
+    instruction set."""
+    if not os.environ.get("FASTOPT_ISA_RERUN", "").strip():
+        return
+    if not os.environ.get("FASTOPT_ISA", "").strip():
+        raise pytest.UsageError("FASTOPT_ISA_RERUN is for reruns under a FASTOPT_ISA: set both")
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        (drop if "isa" in getattr(item, "fixturenames", ()) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(params=isas_under_test())
