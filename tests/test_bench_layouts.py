@@ -72,6 +72,22 @@ def test_layouts_table(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert sorted(int(b) for b, _ in streams) == [8, 10, 14, 14, 16, 22, 28, 28]
     assert "fastoptim layouts below 90% of their roofline:" in out
+    # each layout listed below 90%: its compute floor beside its streaming kernel's time, and
+    # "compute-bound" exactly where the floor alone keeps it under 90%
+    listed = re.findall(
+        r"^    (.+?) (\d+)% \(compute alone ([\d.]+) ns/el, its streaming kernel ([\d.]+)"
+        r"(: compute-bound)?\)$",
+        out,
+        re.M,
+    )
+    for name, roof, floor, stream, bound in listed:
+        assert name in rows and int(roof) == int(rows[name]["roof"]) <= 90, name  # (rounded)
+        assert bool(bound) == (float(floor) > float(stream) / 0.9 + 1e-3) or (
+            abs(float(floor) - float(stream) / 0.9) <= 1e-3  # (printed rounded)
+        ), name
+    contenders = ("torch", "DeepSpeed", "cast")
+    ours = {k: int(m["roof"]) for k, m in rows.items() if not k.startswith(contenders)}
+    assert {k for k, r in ours.items() if r < 90} <= {x[0] for x in listed}, out
     assert ("torch fused bf16 / offload time:" in out) == HAVE_TORCH
     assert re.search(r"^bench took \d+ s$", out, re.M)
     assert "[1/" in captured.err and "set up fp32" in captured.err  # progress on stderr

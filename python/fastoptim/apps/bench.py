@@ -1302,11 +1302,28 @@ def format_layouts(result: LayoutResult) -> str:
         r, k = by_name[name], "fastoptim"
         return _range((r.times[k] / n * 1e9, r.low[k] / n * 1e9, r.high[k] / n * 1e9), "{:.3f}")
 
+    def alone(name: str) -> float | None:
+        """The layout's compute floor at this run's thread count (L2 1thr / threads), ns/el."""
+        cost = result.compute.get(name)
+        return None if cost is None else cost * 1e9 / result.threads
+
+    def floors(name: str, limit: float) -> str:
+        """What bounds an absolute target: the layout's compute alone and float32 AdamW's."""
+        floor, adamw = alone(name), alone("fp32")
+        if floor is None:
+            return ""
+        text = f"; compute alone at {result.threads} thread(s): {floor:.3f}"
+        if adamw is not None:
+            text += f", fp32-state AdamW's {adamw:.3f}"
+            if adamw > limit:
+                text += " (the target is below AdamW's own arithmetic)"
+        return text
+
     targets = []
     if "bf16 p/g, fp32 state" in by_name:
         targets.append(f"  bf16 p/g + fp32 state: {ns('bf16 p/g, fp32 state')} ns/el (<= 0.45)")
     if "all-bf16" in by_name:
-        targets.append(f"  all-bf16: {ns('all-bf16')} ns/el (<= 0.30)")
+        targets.append(f"  all-bf16: {ns('all-bf16')} ns/el (<= 0.30){floors('all-bf16', 0.30)}")
     if "offload" in by_name and base is not None:
         targets.append(
             f"  offload / fp32 time: {_range(_between(by_name['offload'], base))} (<= 1.10)"
@@ -1334,21 +1351,24 @@ def format_layouts(result: LayoutResult) -> str:
     for name, limit in (("fp32 p/g, int8 state", 0.35), ("bf16 p/g, int8 state", 0.25)):
         if name in by_name:
             line = f"  issue #17, {name}: {ns(name)} ns/el (<= {limit})"
-            if name in result.compute:  # the floors: L2 1thr / threads
-                floor = result.compute[name] * 1e9 / result.threads
-                line += f"; compute alone at {result.threads} thread(s): {floor:.3f}"
-                if "fp32" in result.compute:
-                    adamw = result.compute["fp32"] * 1e9 / result.threads
-                    line += f", fp32-state AdamW's {adamw:.3f}"
-                    if adamw > limit:
-                        line += " (the target is below AdamW's own arithmetic)"
-            targets.append(line)
+            targets.append(line + floors(name, limit))
+
+    def why(r: Row) -> str:
+        """Whether a layout's compute alone keeps it below 90% of its roofline."""
+        floor = alone(r.optimizer)
+        if floor is None:
+            return ""
+        stream = r.times["roofline"] / n * 1e9
+        bound = ": compute-bound" if floor > stream / 0.9 else ""
+        return f" (compute alone {floor:.3f} ns/el, its streaming kernel {stream:.3f}{bound})"
+
     below = [
-        f"{r.optimizer} {100 * r.roofline:.0f}%"
+        f"{r.optimizer} {100 * r.roofline:.0f}%{why(r)}"
         for r in result.rows
         if not next(x for x in LAYOUTS if x.name == r.optimizer).contender and r.roofline < 0.9
     ]
-    targets.append(f"  fastoptim layouts below 90% of their roofline: {', '.join(below) or 'none'}")
+    targets.append(f"  fastoptim layouts below 90% of their roofline: {'' if below else 'none'}")
+    targets.extend(f"    {b}" for b in below)
     out.extend(targets)
     for skip in result.skipped:
         out.append(f"(skipped: {skip})")
