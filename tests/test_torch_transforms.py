@@ -161,6 +161,67 @@ def test_skip_nonfinite_changes_nothing() -> None:
             assert torch.equal(v, o.state[p][k]), k
 
 
+@pytest.mark.parametrize(
+    ("opt", "kw"),
+    [
+        ("Rprop", dict(lr=0.01)),  # step_size starts at the lr of the step that creates it
+        ("ASGD", dict(lr=0.01)),  # eta likewise
+        ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5)),  # the buffer starts as the grad
+        ("AdamW", dict(lr=0.01, state_dtype="bfloat16")),
+    ],
+)
+@pytest.mark.parametrize("how", ["found_inf", "skip_nonfinite", "refused"])
+def test_first_step_skipped_or_refused_creates_no_state(opt: str, kw: Any, how: str) -> None:
+    """torch.optim creates its state at the first step that runs (GradScaler does not call a
+    step it skips): a first step skipped (GradScaler's found_inf, skip_nonfinite) or refused
+    leaves no state, and the run then follows torch.optim's, through a checkpoint taken right
+    after the skip too, with the lr changing every iteration (as a scheduler does)."""
+    X, y = _data()
+    m1, m2 = _model(), _model()
+    torch_kw = {k: v for k, v in kw.items() if k != "state_dtype"}
+
+    def groups(m: Any) -> list[dict[str, Any]]:  # (two: the second refused)
+        params = list(m.parameters())
+        return [{"params": params[:-1]}, {"params": params[-1:]}]
+
+    o1 = getattr(torch.optim, opt)(groups(m1), **torch_kw)
+    extra = dict(skip_nonfinite=True) if how == "skip_nonfinite" else {}
+    o2 = getattr(ft, opt)(groups(m2), **kw, **extra)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    o2.zero_grad()
+    loss = torch.nn.functional.mse_loss(m2(X), y) * math.inf
+    (s2.scale(loss) if how == "found_inf" else loss).backward()
+    if how == "found_inf":
+        s2.step(o2)
+        assert o2.step_skipped
+    elif how == "skip_nonfinite":
+        o2.step()
+        assert o2.step_skipped
+    else:
+        o2.param_groups[1]["lr"] = -1.0  # (refused after the first group's state is built)
+        with pytest.raises(ValueError, match="lr"):
+            o2.step()
+        o2.param_groups[1]["lr"] = kw["lr"]
+    assert len(o2.state) == 0
+    saved = o2.state_dict()
+    assert saved["state"] == {}
+    o2 = getattr(ft, opt)(groups(m2), **kw)  # resumed from that checkpoint
+    o2.load_state_dict(saved)
+    for _ in range(5):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(X), y).backward()
+            o.step()
+            for g in o.param_groups:
+                g["lr"] *= 0.5
+    tol = 1e-2 if "state_dtype" in kw else 2e-6
+    _close(m1, m2, tol, tol)
+    if "state_dtype" not in kw:
+        for p1, p2 in zip(m1.parameters(), m2.parameters()):
+            for k, v in o1.state[p1].items():
+                torch.testing.assert_close(o2.state[p2][k], v, rtol=2e-6, atol=2e-6)
+
+
 def test_bf16_model_with_clipping_and_ema_matches_fp32_reference_run() -> None:
     """A bfloat16 model with master weights: clipping and the EMA run on the float32 masters
     (the norm is taken from the bfloat16 gradients)."""

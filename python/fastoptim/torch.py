@@ -695,6 +695,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._caches: list[_Cache] = []
         self._state_snapshot: Any = None  # what state held after the last step (_record_state)
         self._fresh: dict[int, torch.Tensor] = {}  # state tensors created, not yet stepped
+        # During a step, until it commits: id(param) -> (param, its state's keys before the
+        # step, whether it had a state); what a skipped or refused step removes (_forget_created)
+        self._created: dict[int, tuple[torch.Tensor, frozenset[str], bool]] | None = None
         self._t = 0  # completed step() calls: the schedules' update number
         # id(group) -> (group, its schedules)
         self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
@@ -1041,6 +1044,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._caches = []
         self._state_snapshot = None
         self._fresh = {}
+        self._created = None
         self._scheduled = {}
         saved = [
             (g.pop("schedules", None), g.pop("schedule_step", None)) for g in self.param_groups
@@ -1200,6 +1204,39 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             return (("step", 0.0), *self._scalars)
         return self._scalars
 
+    def _state_to_create(self, p: torch.Tensor) -> dict[str, Any]:
+        """``self.state[p]``, about to gain the state a step creates: during a step, what it
+        held before is remembered (once per step) so that the step, if skipped or refused,
+        removes what it created (:meth:`_forget_created`)."""
+        created = self._created
+        if created is not None and id(p) not in created:
+            had = p in self.state
+            created[id(p)] = (p, frozenset(self.state[p]) if had else frozenset(), had)
+        return self.state[p]  # type: ignore[no-any-return]
+
+    def _forget_created(self) -> None:
+        """Remove the state this step created (lazily, at the step, as torch creates it): torch
+        creates none at a step GradScaler skips, so a step skipped (``found_inf``,
+        ``skip_nonfinite``) or refused leaves none either; the next step that runs creates it
+        from its own hyper-parameters (Rprop's ``step_size``, ASGD's ``eta``: its ``lr``; SGD's
+        momentum buffer: its gradient)."""
+        created, self._created = self._created, None
+        if not created:
+            return
+        for p, before, had in created.values():
+            st = self.state.get(p)
+            if st is None:
+                continue
+            for n in [n for n in st if n not in before]:
+                t = st.pop(n)
+                if self._fresh.get(id(t)) is t:
+                    del self._fresh[id(t)]
+            if not had and not st:
+                del self.state[p]
+        for c in self._caches:  # (their views, plans and packed scalars held that state)
+            c.sig, c.fast = None, False
+        self._state_snapshot = None
+
     def _init_scalars(self, state: dict[str, Any], hp: Mapping[str, Any]) -> None:
         """Create the missing scalar state, as torch does: 0-d tensors of its scalar dtype
         (ASGD's ``eta`` from the group's ``lr``)."""
@@ -1345,7 +1382,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
                 continue
-            state = self.state[p]
+            state = self._state_to_create(p)
             self._init_scalars(state, c.hp)
             for n, kind in layout.items():
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
@@ -1910,7 +1947,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             )
         if self._transform(work):  # skipped
             self._unbind()
+            self._forget_created()
             return
+        self._created = None  # (committed: the step runs)
         scale_t = self.__dict__.get("grad_scale")  # (GradScaler's, checked by _transform)
         if scale_t is not None and rows:  # the rows unscaled as the kernels unscale the rest
             rows = [
@@ -1988,7 +2027,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     f"{name}: param {label}: its sparse gradient's index {indices[d][bad][0]} is "
                     f"out of range for dimension {d} of size {shape[d]}"
                 )
-        state = self.state[p]
+        state = self._state_to_create(p)
         self._init_scalars(state, c.hp)
         for n in c.names:
             s = state.get(n)
@@ -2059,11 +2098,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # (No torch.no_grad() around it all, which costs microseconds: the fast path runs no
         # torch operation; the general path and the host steps run under it.)
         with self._lock:
+            self._created = {}
             try:
                 self._step_locked()
             except BaseException:  # (a refused step may have bound some groups' gradients)
                 self._unbind()
+                self._forget_created()
                 raise
+            finally:
+                self._created = None
         return loss
 
     def _unbind(self) -> None:
@@ -2097,7 +2140,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._record_state()
         if self._transform(work):  # skipped: nothing changes, nothing advances
             self._unbind()
+            self._forget_created()
             return
+        self._created = None  # (committed: the step runs)
         items = [item for item in work if item is not None]
         if self._definition.host is None:
             self._run_all(items)
