@@ -327,6 +327,19 @@ def test_gradient_sharing_a_parameter_still_refused(fast: bool) -> None:
     assert torch.equal(a, torch.ones(4)) and torch.equal(b, torch.ones(4))
 
 
+def test_negative_view_parameter_refused_at_construction() -> None:
+    """A parameter with the negative bit (``torch._neg_view``: its memory holds -p) has no
+    in-place NumPy view of its values: refused when the optimizer is built, naming it, not
+    with NumPy's error at the first step."""
+    p = torch._neg_view(torch.ones(3))
+    with pytest.raises(TypeError, match=r"SGD: param 1 of group 0 is a negative view"):
+        fot.SGD([torch.zeros(3), p], lr=0.1)
+    opt = fot.SGD([torch.zeros(3)], lr=0.1)
+    with pytest.raises(TypeError, match="param 0 of group 1 is a negative view"):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1
+
+
 def test_duplicate_parameter_refused_at_construction() -> None:
     p, q = torch.zeros(3), torch.zeros(3)
     with (

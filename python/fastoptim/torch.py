@@ -814,6 +814,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: param {label} has dtype {p.dtype}; fastoptim.torch updates float32, "
                 "float64, bfloat16 and float16 tensors"
             )
+        if _is_neg(p):  # (its memory holds -p: no in-place view of its values)
+            raise TypeError(
+                f"{name}: param {label} is a negative view (is_neg(): its memory holds -p); "
+                "pass a parameter with resolve_neg() applied"
+            )
         host = self._definition.host
         if host is not None:  # a step in NumPy: float32/float64, and the host's own rule
             if p.dtype not in (torch.float32, torch.float64):
