@@ -403,6 +403,52 @@ def test_load_rounds_the_parameters_into_their_copy_outs(tmp_path: Path, dtype: 
     assert same_bits(wa["w"], wc["w"]) and same_bits(ca["w"], cc["w"])
 
 
+def test_load_overflowing_copy_out_raises_no_warning(tmp_path: Path) -> None:
+    """A float32 parameter beyond float16's range: a step writes Inf into its float16 copy
+    silently, and so does a load, also where warnings are errors or NumPy raises on overflow
+    (a load that raised there had already applied the checkpoint)."""
+    import warnings
+
+    p = np.array([1.0, 70000.0], np.float32)
+    c = np.zeros(2, np.float16)
+    opt = fo.SGD([p], lr=0.1)
+    opt.set_copy_out([c])
+    opt.step([np.ones(2, np.float32)])
+    stepped = c.copy()
+    assert np.isinf(stepped[1])
+    fo.save(tmp_path / "c.npz", opt)
+    c[...] = 0
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        fo.load(tmp_path / "c.npz", opt)
+    assert same_bits(c, stepped)
+
+
+def test_longdouble_hyperparameter_saves(tmp_path: Path) -> None:
+    """A NumPy longdouble lr (its item() is itself, which JSON refuses) is saved as a float."""
+    w = {"w": np.zeros(8, np.float32)}
+    opt = fo.SGD(w, lr=np.longdouble("0.01"))
+    opt.step({"w": np.ones(8, np.float32)})
+    fo.save(tmp_path / "c.npz", opt)
+    w2 = {"w": np.zeros(8, np.float32)}
+    opt2 = fo.SGD(w2, lr=0.5)
+    fo.load(tmp_path / "c.npz", opt2)
+    assert opt2.param_groups[0]["lr"] == 0.01
+    assert same_bits(w2["w"], w["w"])
+
+
+@pytest.mark.parametrize("bad", [None, 5, [["w"]], "w", [True]])
+def test_malformed_group_parameter_keys_are_named(bad: Any) -> None:
+    params, opt = make()
+    opt.step(grads(0, params))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["params"] = bad
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="group 0: malformed parameter keys"):
+        opt.load_state_dict(sd)
+    assert snapshot(opt, params) == before
+
+
 # --------------------------------------------------------- EMA: the checkpoint wins
 def test_ema_checkpoint_loads_into_an_optimizer_built_without_ema(tmp_path: Path) -> None:
     """fo.load agrees with load_state_dict: the checkpoint's ema_decay wins."""

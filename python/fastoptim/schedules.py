@@ -192,7 +192,8 @@ def _to_data(value: Any, plain: Callable[[Any], Any] = lambda v: v) -> Any:
     if _is_function(value):
         return {"schedule": "callable", "name": _qualname(value)}
     if hasattr(value, "item") and hasattr(value, "dtype"):  # a numpy scalar
-        return value.item()
+        item = value.item()  # (a longdouble's is itself: JSON takes a float)
+        return float(item) if isinstance(item, np.floating) else item
     return plain(value)
 
 

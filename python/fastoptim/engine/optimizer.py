@@ -1224,8 +1224,9 @@ class Optimizer:
         what a step with ``rounding="nearest"`` leaves there (:func:`fastoptim.load`)."""
         for g in self._groups:
             for p, out in zip(g.params, g.outs or ()):
-                if out is not None:
-                    np.copyto(out, p, casting="unsafe")
+                if out is not None:  # (overflow to Inf silently, as a step writes it)
+                    with np.errstate(all="ignore"):
+                        np.copyto(out, p, casting="unsafe")
 
     def _loader(self, sd: Mapping[str, Any], strict: bool, where: str) -> Callable[[], None]:
         """Validate `sd` completely; return the function that applies it (cannot fail)."""
@@ -1321,7 +1322,10 @@ class Optimizer:
         if not isinstance(rec, Mapping) or set(rec) != fields:
             problems.append(f"{where}: malformed group record")
             return lambda: None
-        keys = list(rec["params"])
+        keys = _param_keys(rec)
+        if keys is None:
+            problems.append(f"{where}: malformed parameter keys {rec['params']!r}")
+            return lambda: None
         missing = [k for k in g.keys if k not in keys]
         unexpected = [k for k in keys if k not in g.keys]
         if strict and (missing or unexpected):
@@ -1486,9 +1490,19 @@ def _homes(records: Sequence[Any]) -> dict[Any, int]:
     """Parameter key -> the number of the group that lists it in a state's group records."""
     home: dict[Any, int] = {}
     for gi, rec in enumerate(records):
-        for k in rec.get("params", ()) if isinstance(rec, Mapping) else ():
+        for k in _param_keys(rec) or ():
             home.setdefault(k, gi)
     return home
+
+
+def _param_keys(rec: Any) -> list[Any] | None:
+    """A saved group record's parameter keys (names or positions), or None if malformed."""
+    keys = rec.get("params") if isinstance(rec, Mapping) else None
+    if not isinstance(keys, (list, tuple)) or not all(
+        isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys
+    ):
+        return None
+    return list(keys)
 
 
 def _moved(groups: Sequence[_Group], home: Mapping[Any, int]) -> str:
