@@ -403,3 +403,34 @@ def test_zero1_load_stopped_part_way_leaves_the_optimizer_unchanged(
         np.testing.assert_array_equal(zero.optimizer.state[0][k], v)
     zero.step()  # (not refused: nothing was torn here)
     zero.load(tmp_path / "ck")  # and a load that succeeds
+
+
+@pytest.mark.parametrize("cls", ["Muon", "Adafactor", "LBFGS"])
+@pytest.mark.parametrize("edit", ["read-only", "reshaped in place"])
+def test_steps_in_numpy_check_every_parameter_before_writing(cls: str, edit: str) -> None:
+    """The optimizers whose step runs in NumPy check what the compiled step checks (no array
+    made read-only or re-viewed in place since the optimizer took it) before they write
+    anything: the second parameter refused, the first and every state untouched."""
+    rng = np.random.default_rng(0)
+    p1, p2 = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    grads = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2)]
+    opt = getattr(fo, cls)([p1, p2], lr=0.1)
+
+    def step() -> None:
+        if cls == "LBFGS":
+            opt.step(lambda: (float((p1**2).sum()), [2 * p1, 2 * p2]))
+        else:
+            opt.step(grads)
+
+    step()
+    if edit == "read-only":
+        p2.flags.writeable = False
+        match = "param 1: array was made read-only"
+    else:
+        p2.shape = (4, 16)  # (its gradient's shape no longer fits either: refused first)
+        match = "param 1: "
+    before = (p1.copy(), p2.copy(), repr(opt.state_dict()), opt.step_count)
+    with pytest.raises(ValueError, match=match):
+        step()
+    assert np.array_equal(p1, before[0]) and np.array_equal(p2, before[1])
+    assert repr(opt.state_dict()) == before[2] and opt.step_count == before[3]

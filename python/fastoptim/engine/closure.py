@@ -52,6 +52,7 @@ class ClosureOptimizer(Optimizer):
         with self._lock:
             self._prepare(None)
             g = self._groups[0]
+            g.plan.check()  # (what the compiled step checks before it writes anything)
 
             def evaluate() -> tuple[Any, list[np.ndarray]]:
                 out = closure()

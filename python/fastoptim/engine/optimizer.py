@@ -941,6 +941,8 @@ class Optimizer:
                     if name in g.fresh_copies or self._definition.like_param(name):
                         self._take_params(g, name)
         if self._python_run:  # fastoptim.reference, Muon, Adafactor: each group in Python
+            for g in groups:  # (what the compiled step checks before it writes anything)
+                g.plan.check()
             for i, (g, gr) in enumerate(zip(groups, self._per_group(per_group))):
                 self._run(g, gr if decision is None else self._transform(decision, i, gr))
             self._after_step()
