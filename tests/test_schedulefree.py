@@ -401,3 +401,25 @@ def test_functional_returns_the_running_scalars(rng: np.random.Generator) -> Non
     np.testing.assert_array_equal(p, w)
     np.testing.assert_array_equal(z, opt.state[0]["z"])
     assert (ws, lm) == (opt._groups[0].hyper.weight_sum, opt._groups[0].hyper.lr_max)
+
+
+@pytest.mark.parametrize("cls", ["AdamWScheduleFree", "SGDScheduleFree"])
+def test_train_checks_every_group_before_any_parameter_moves(cls: str) -> None:
+    """A parameter of group 1 re-viewed in place (same memory and size, another shape): train()
+    is refused, naming its z, before group 0 moves; undone, train() then moves each group once."""
+    rng = np.random.default_rng(0)
+    p1, p2 = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
+    opt = getattr(fo, cls)([{"params": [p1]}, {"params": [p2]}], lr=0.1)
+    for _ in range(3):
+        opt.step([rng.standard_normal(64).astype(np.float32) for _ in range(2)])
+    y1, y2 = p1.copy(), p2.copy()
+    opt.eval()
+    x1 = p1.copy()
+    p2.shape = (8, 8)
+    with pytest.raises(ValueError, match=rf"{cls}.train: state 'z' of param 1: shape"):
+        opt.train()
+    assert np.array_equal(p1, x1) and not opt.training
+    p2.shape = (64,)
+    opt.train()
+    np.testing.assert_allclose(p1, y1, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(p2, y2, rtol=0, atol=1e-6)

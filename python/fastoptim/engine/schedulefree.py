@@ -62,6 +62,14 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
                     continue
                 if g.step > 0 and "z" not in g.fresh:  # else z = y = x: nothing moves
                     moves.append((g, self._swap_plan(g)))
+            for g, plan in moves:  # every group checked before any parameter moves
+                if plan is not None:
+                    try:
+                        plan.bind_grads(list(g.states["z"]))  # (z in the gradient's place)
+                    except ValueError as e:
+                        where = "train" if train else "eval"
+                        what = str(e).replace("grad for param", "state 'z' of param", 1)
+                        raise ValueError(f"{type(self).__name__}.{where}: {what}") from None
             for g, plan in moves:
                 key = SWAP_KEY + 2 * g.step + (1 if train else 0)
                 self._swap(g, plan, swap_weight(g.hyper.beta1, train), key)
