@@ -228,6 +228,40 @@ def test_round_trip_through_bitsandbytes_is_bit_exact(kind: str) -> None:
                 assert torch.equal(back.state[p][name], opt.state[p][name])
 
 
+@pytest.mark.parametrize("kind", ["AdamW", "SGD"])
+def test_codes_under_either_name(kind: str) -> None:
+    """fastoptim.torch saves codes as ``<state>_codes``; to_bitsandbytes reads those and a
+    fastoptim 0.1 state_dict's (under the state's name) to the same tensors, and
+    from_bitsandbytes writes the new name, which loads to the same codes."""
+    bnb = _bnb()
+    options, states = KINDS[kind]
+    opt = _fastoptim_trained(kind)
+    params = opt.param_groups[0]["params"]
+    sd = opt.state_dict()
+    old = {
+        **sd,
+        "state": {
+            k: {n.removesuffix("_codes"): v for n, v in e.items()} for k, e in sd["state"].items()
+        },
+    }
+    target = getattr(bnb.optim, BNB_CLASSES[kind])(params, lr=1e-3, **options)
+    new_out, old_out = fb.to_bitsandbytes(sd, target), fb.to_bitsandbytes(old, target)
+    for i in new_out["state"]:
+        a, b = new_out["state"][i], old_out["state"][i]
+        assert a["step"] == b["step"]
+        qa, qb = a["__bnb_optimizer_quant_state__"], b["__bnb_optimizer_quant_state__"]
+        assert set(qa) == set(qb) and all(torch.equal(qa[k], qb[k]) for k in qa), i
+    target.load_state_dict(new_out)
+    back = getattr(fot, kind)(params, state_dtype="int8", lr=1e-3, **options)
+    converted = fb.from_bitsandbytes(target.state_dict(), back)
+    for name, _, _ in states:
+        assert name not in converted["state"][0]
+        assert torch.equal(converted["state"][0][name + "_codes"], opt.state[params[0]][name])
+    back.load_state_dict(converted)
+    for name, _, _ in states:
+        assert torch.equal(back.state[params[0]][name], opt.state[params[0]][name])
+
+
 @pytest.mark.parametrize("kind", ["AdamW", "Lion"])
 def test_bitsandbytes_state_continues_in_fastoptim(kind: str) -> None:
     """bitsandbytes trains 3 steps; its state moves to fastoptim (codes bit for bit); both take a

@@ -606,7 +606,7 @@ def test_bnb_converter_reads_a_4bit_state() -> None:
     opt = ft.AdamW([w], lr=1e-2, state_dtype="int4")
     w.grad = torch.randn(50, 101)
     opt.step()
-    entry = opt.state_dict()["state"][0]
+    entry = opt.state[w]  # (the codes under the state's name, as to_bitsandbytes reads them)
     for name in ("exp_avg", "exp_avg_sq"):
         got = fb._read_fastoptim(entry, name, (50, 101), "here").decoded()
         code = reference.create_map4(_signed(name))

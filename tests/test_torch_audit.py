@@ -223,10 +223,101 @@ def test_malformed_int4_order_refused_at_load(order: Any, match: str) -> None:
         assert (
             torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v
         )
-    del sd["state"][0]["exp_avg_absmax"], sd["state"][0]["exp_avg"]
+    del sd["state"][0]["exp_avg_absmax"], sd["state"][0]["exp_avg_codes"]
     sd["state"][0]["exp_avg_order"] = (0, 2, 3, 1)
     with pytest.raises(ValueError, match=r"'exp_avg_order'.*a quantized state it lacks"):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_codes_saved_under_their_own_names(kind: str) -> None:
+    """A quantized state's codes are saved as ``name + "_codes"``: ``torch.optim.AdamW`` given
+    such a checkpoint refuses at its first step, changing nothing (with the codes under
+    ``exp_avg`` it had trained on them cast to float: an update at cosine 0.39 with the
+    right one).  fastoptim.torch resumes from it and from a fastoptim 0.1 checkpoint (codes
+    under the state's own name) to the same bits as the run that saved it; one with both
+    names is refused, loading nothing."""
+    torch.manual_seed(0)
+    p = torch.randn(5000)
+    opt = _trained(p, kind, 2)
+    sd = opt.state_dict()
+    for n in ("exp_avg", "exp_avg_sq"):
+        assert n not in sd["state"][0]
+        assert sd["state"][0][n + "_codes"] is opt.state[p][n]
+    assert set(opt.state[p]) >= {"exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"}
+    q = torch.nn.Parameter(p.detach().clone())
+    plain = torch.optim.AdamW([q])
+    plain.load_state_dict(copy.deepcopy(sd))
+    q.grad = torch.ones(5000)
+    with pytest.raises(KeyError, match="exp_avg"):
+        plain.step()
+    assert torch.equal(q.detach(), p)
+    old = copy.deepcopy(sd)
+    old["state"][0] = {k.removesuffix("_codes"): v for k, v in old["state"][0].items()}
+    both = copy.deepcopy(sd)
+    both["state"][0]["exp_avg"] = both["state"][0]["exp_avg_codes"].clone()
+    saved, at_save = copy.deepcopy(sd), p.clone()
+    p.grad = torch.ones(5000)
+    opt.step()  # the run that saved it, on
+    for ckpt in (saved, old):
+        r = torch.nn.Parameter(at_save.clone())
+        resumed = fot.AdamW([r], state_dtype=kind)
+        resumed.load_state_dict(ckpt)
+        r.grad = torch.ones(5000)
+        resumed.step()
+        assert torch.equal(r.detach(), p), "resumed parameter"
+        assert set(resumed.state[r]) == set(opt.state[p])
+        for n, v in opt.state[p].items():
+            assert torch.equal(resumed.state[r][n], v), n
+    fresh = fot.AdamW([torch.nn.Parameter(p.detach().clone())], state_dtype=kind)
+    with pytest.raises(ValueError, match="param 0 of group 0: both 'exp_avg' and 'exp_avg_codes'"):
+        fresh.load_state_dict(both)
+    assert not fresh.state
+
+
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.(script|interface)` is deprecated:DeprecationWarning"
+)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_state_put_in_by_zero_redundancy_optimizer(kind: str, tmp_path: Any) -> None:
+    """ZeroRedundancyOptimizer's load_state_dict writes its inner optimizer's ``state``
+    directly (not through its load_state_dict), codes under ``<state>_codes``: the next step
+    takes them under the state's name, bit for bit the run that saved them, after a skipped
+    step (skip_nonfinite: it keeps what it renamed, creating nothing)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(50, 101))
+        opts = {"optimizer_class": fot.AdamW, "lr": 1e-2, "state_dtype": kind}
+        z = ZeroRedundancyOptimizer([p], skip_nonfinite=True, **opts)
+        for _ in range(2):
+            p.grad = torch.randn(50, 101)
+            z.step()
+        z.consolidate_state_dict(0)
+        saved, at_save = copy.deepcopy(z.state_dict()), p.detach().clone()
+        assert "exp_avg_codes" in saved["state"][0] and "exp_avg" not in saved["state"][0]
+        p.grad = torch.ones(50, 101)
+        z.step()
+        q = torch.nn.Parameter(at_save.clone())
+        z2 = ZeroRedundancyOptimizer([q], skip_nonfinite=True, **opts)
+        z2.load_state_dict(saved)
+        q.grad = torch.full((50, 101), float("nan"))
+        z2.step()  # skipped
+        assert torch.equal(q.detach(), at_save)
+        q.grad = torch.ones(50, 101)
+        z2.step()
+        assert torch.equal(q.detach(), p.detach())
+        assert set(z2.optim.state[q]) == set(z.optim.state[p])
+        for n, v in z.optim.state[p].items():
+            assert torch.equal(z2.optim.state[q][n], v), n
+    finally:
+        dist.destroy_process_group()
 
 
 def _int8_checkpoint() -> tuple[torch.Tensor, dict[str, Any]]:
@@ -258,13 +349,13 @@ def test_malformed_quantized_checkpoint_refused_at_load(damage: str, match: str)
     elif damage == "no absmax":
         del entry["exp_avg_absmax"]
     elif damage == "no codes":
-        del entry["exp_avg"]
+        del entry["exp_avg_codes"]
     elif damage == "blocks":
         entry["exp_avg_absmax"] = entry["exp_avg_absmax"][:-1]
     elif damage == "float64 absmax":
         entry["exp_avg_absmax"] = entry["exp_avg_absmax"].double()
     else:
-        entry["exp_avg"] = entry["exp_avg"][:-1]
+        entry["exp_avg_codes"] = entry["exp_avg_codes"][:-1]
     q = p.detach().clone()
     opt = fot.AdamW([q], state_dtype="int8")
     q.grad = torch.ones(5000)
@@ -654,7 +745,8 @@ def test_load_state_dict_never_casts_the_policys_states(layout: str, monkeypatch
     for i, p in enumerate(params):
         for name, value in opt.state[p].items():
             if name != "step":
-                assert value is sd["state"][i][name], name  # the saved tensor itself
+                saved = sd["state"][i]  # (quantized codes saved as name + "_codes")
+                assert value is saved.get(name + "_codes", saved.get(name)), name  # (itself)
     assert opt.state_bytes() == src.state_bytes()
     monkeypatch.undo()
     twin.load_state_dict(kept)

@@ -4,19 +4,20 @@ fastoptim's ``state_dtype="int8"`` stores a state as bitsandbytes' 8-bit optimiz
 codes into the dynamic (tree) map and one float32 absmax per block of 256 elements
 (:mod:`fastoptim.engine.precision`).  The two state_dict formats differ only in names:
 
-========================================  ======================================================
-``fastoptim.torch``                       bitsandbytes (``Adam8bit``, ``AdamW8bit``, ...)
-========================================  ======================================================
-``exp_avg``, ``exp_avg_absmax``           ``state1``, ``absmax1``, ``qmap1`` (signed map)
-``exp_avg_sq``, ``exp_avg_sq_absmax``     ``state2``, ``absmax2``, ``qmap2`` (unsigned map)
-``step`` (float32 tensor)                 ``step`` (int)
-========================================  ======================================================
+==============================================  ==================================================
+``fastoptim.torch``                             bitsandbytes (``Adam8bit``, ``AdamW8bit``, ...)
+==============================================  ==================================================
+``exp_avg_codes``, ``exp_avg_absmax``           ``state1``, ``absmax1``, ``qmap1`` (signed map)
+``exp_avg_sq_codes``, ``exp_avg_sq_absmax``     ``state2``, ``absmax2``, ``qmap2`` (unsigned map)
+``step`` (float32 tensor)                       ``step`` (int)
+==============================================  ==================================================
 
-(bitsandbytes keeps these under ``"__bnb_optimizer_quant_state__"`` in its state_dict.)  The
-pairs: ``Adam``/``AdamW`` <-> ``Adam8bit``/``AdamW8bit``/``PagedAdam(W)8bit`` (``exp_avg``,
-``exp_avg_sq``), ``Lion`` <-> ``Lion8bit`` (``exp_avg``), ``SGD`` with momentum <-> ``SGD8bit``
-(``momentum_buffer``), ``RMSprop`` <-> ``RMSprop8bit`` (``square_avg``), ``Adagrad`` <->
-``Adagrad8bit`` (``sum``).
+(In ``opt.state`` the codes keep the state's own name, ``exp_avg``, where a state_dict of
+fastoptim 0.1 has them too: both functions read those.)  bitsandbytes keeps its entries under
+``"__bnb_optimizer_quant_state__"`` in its state_dict.  The pairs: ``Adam``/``AdamW`` <->
+``Adam8bit``/``AdamW8bit``/``PagedAdam(W)8bit`` (``exp_avg``, ``exp_avg_sq``), ``Lion`` <->
+``Lion8bit`` (``exp_avg``), ``SGD`` with momentum <-> ``SGD8bit`` (``momentum_buffer``),
+``RMSprop`` <-> ``RMSprop8bit`` (``square_avg``), ``Adagrad`` <-> ``Adagrad8bit`` (``sum``).
 
 - Codes and absmax move **bit for bit** where both sides use the same map: every state of
   Adam/AdamW, Lion and SGD.  bitsandbytes' 1-state optimizers quantize their one state with
@@ -58,7 +59,7 @@ import torch
 
 from fastoptim import _core
 from fastoptim.engine import precision
-from fastoptim.torch import _dequantized, _order_problem
+from fastoptim.torch import CODES, _dequantized, _loaded_entry, _order_problem
 
 __all__ = ["from_bitsandbytes", "to_bitsandbytes"]
 
@@ -252,7 +253,7 @@ def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str
                 )
             if precision.quantized(layout, name):
                 codes, absmax = value.encoded(precision.QUANT_MAPS[name])
-                out[name] = torch.from_numpy(codes)
+                out[name + CODES] = torch.from_numpy(codes)
                 out[name + precision.ABSMAX] = torch.from_numpy(absmax)
             else:
                 dtype = getattr(torch, layout.get(name, "float32"))
@@ -341,6 +342,7 @@ def to_bitsandbytes(
             if entry is None:
                 continue
             where = f"{who}: parameter {key!r}"
+            entry = _loaded_entry(entry, where) if isinstance(entry, Mapping) else entry
             missing = [n for n in names if n not in entry]
             if missing:
                 raise ValueError(

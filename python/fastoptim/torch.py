@@ -209,6 +209,44 @@ class _Held:
         self.tensor = tensor
 
 
+#: The suffix of a quantized state's codes in a state_dict (in ``opt.state`` they keep the
+#: state's own name): ``torch.optim``, which reads ``exp_avg`` as a moment, then finds none and
+#: raises (KeyError at its step) instead of training on 8-bit codes cast to float.
+CODES = "_codes"
+
+
+def _saved_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter's state as a state_dict holds it: each quantized state's codes (a state
+    with scales ``name + "_absmax"``) under ``name + "_codes"``."""
+    return {
+        (k + CODES if k + precision.ABSMAX in entry and not k.endswith(precision.ABSMAX) else k): v
+        for k, v in entry.items()
+    }
+
+
+def _loaded_entry(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A parameter's state from a state_dict as ``opt.state`` holds it: ``name + "_codes"``
+    under ``name`` (where a state_dict of fastoptim 0.1 has them already);
+    ValueError naming both where it has both."""
+    out: dict[str, Any] = {}
+    for k, v in entry.items():
+        base = k.removesuffix(CODES) if isinstance(k, str) and k.endswith(CODES) else k
+        if base != k and base in entry:
+            raise ValueError(f"{where}: both {base!r} and {k!r} (one state's codes twice)")
+        out[base] = v
+    return out
+
+
+def _adopt_codes(state: dict[str, Any], where: str) -> None:
+    """Rename in place a state_dict's ``name + "_codes"`` in `state` (a parameter's entry of
+    ``opt.state``) to ``name``: state put there without :meth:`Optimizer.load_state_dict`
+    (``ZeroRedundancyOptimizer.load_state_dict`` writes its inner optimizer's state)."""
+    if any(isinstance(k, str) and k.endswith(CODES) for k in state):
+        renamed = _loaded_entry(state, where)
+        state.clear()
+        state.update(renamed)
+
+
 def _hold_states(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
     """load_state_dict's last pre-hook: the states torch's loader must not cast, held
     (:class:`_Held`); __setstate__ takes them out of their holders."""
@@ -225,6 +263,7 @@ def _hold_states(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict
         entry = states.get(key)
         if not isinstance(entry, Mapping):
             continue
+        entry = _loaded_entry(entry, f"{type(opt).__name__}.load_state_dict: param {key!r}")
         out = dict(entry)
         for name, value in entry.items():
             if not isinstance(value, torch.Tensor) or name == "step":
@@ -913,9 +952,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """As :meth:`torch.optim.Optimizer.state_dict`, in torch's format; a group with
         schedules also has ``"schedules"`` (name -> the schedule's
         :meth:`~fastoptim.schedules.Schedule.describe` dict) and ``"schedule_step"``
-        (:attr:`step_count`), entries that ``torch.optim`` keeps and ignores."""
+        (:attr:`step_count`), entries that ``torch.optim`` keeps and ignores.  A quantized
+        state's codes (``state_dtype="int8"``/``"int4"``: ``opt.state[p]["exp_avg"]``, uint8)
+        are saved as ``"exp_avg_codes"`` beside ``"exp_avg_absmax"``: ``torch.optim`` refuses
+        such a checkpoint at its first step (no ``exp_avg``) instead of reading codes as
+        moments.  :meth:`load_state_dict` takes either name."""
         self._sync_all()
         sd: dict[str, Any] = super().state_dict()
+        sd["state"] = {
+            k: _saved_entry(v) if isinstance(v, Mapping) else v for k, v in sd["state"].items()
+        }
         for group, saved in zip(self.param_groups, sd["param_groups"]):
             rec = self._record(group)
             if rec is not None:
@@ -983,6 +1029,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             entry = states.get(key)
             if not isinstance(entry, Mapping) or not isinstance(p, torch.Tensor):
                 continue
+            entry = _loaded_entry(entry, f"{cls}: param {label}")
             for name, codes in entry.items():
                 if name.endswith(precision.ORDER) and name != precision.ORDER:
                     base = name.removesuffix(precision.ORDER)
@@ -1387,6 +1434,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if stateless:
                 continue
+            if p in self.state:  # (before the step remembers what it held)
+                _adopt_codes(self.state[p], f"{name}: param {label}")
             state = self._state_to_create(p)
             self._init_scalars(state, c.hp)
             for n, kind in layout.items():
