@@ -449,6 +449,44 @@ def test_malformed_group_parameter_keys_are_named(bad: Any) -> None:
     assert snapshot(opt, params) == before
 
 
+@pytest.mark.parametrize("state_dtype", [None, "int8", "int4"])
+def test_state_of_a_parameter_of_another_shape_is_refused(state_dtype: str | None) -> None:
+    """A state_dict records its parameters' shapes: the state of a 64x80 parameter is refused
+    for an 80x64 one, changing nothing (4-bit codes are flat, ``(numel + 1) // 2`` bytes:
+    their shape could not tell, and the transposed state loaded); a record without shapes
+    (fastoptim 0.1) still loads; malformed shapes are named."""
+    rng = np.random.default_rng(0)
+
+    def trained(shape: tuple[int, ...]) -> tuple[dict[str, np.ndarray], Any]:
+        params = {"w": rng.standard_normal(shape).astype(np.float32)}
+        opt = fo.AdamW(params, lr=1e-2, state_dtype=state_dtype)
+        opt.step({"w": rng.standard_normal(shape).astype(np.float32)})
+        return params, opt
+
+    sd = trained((64, 80))[1].state_dict()
+    assert sd["param_groups"][0]["shapes"] == [[64, 80]]
+    params, opt = trained((80, 64))
+    before = snapshot(opt, params)
+    with pytest.raises(
+        ValueError, match=r"param 'w': the state of a parameter of shape \(64, 80\), "
+    ):
+        opt.load_state_dict(copy.deepcopy(sd))
+    assert snapshot(opt, params) == before
+    for bad in ([[64, 80], [1]], [[-1, 80]], [(64, 80)], "64x80"):
+        wrong = copy.deepcopy(sd)
+        wrong["param_groups"][0]["shapes"] = bad
+        with pytest.raises(ValueError, match="group 0: malformed parameter shapes"):
+            opt.load_state_dict(wrong)
+        assert snapshot(opt, params) == before
+    params, opt = trained((64, 80))
+    old = copy.deepcopy(sd)
+    del old["param_groups"][0]["shapes"]
+    opt.load_state_dict(old)
+    again = trained((64, 80))[1]
+    again.load_state_dict(sd)
+    assert snapshot(opt, params) == snapshot(again, params)
+
+
 # --------------------------------------------------------- EMA: the checkpoint wins
 def test_ema_checkpoint_loads_into_an_optimizer_built_without_ema(tmp_path: Path) -> None:
     """fo.load agrees with load_state_dict: the checkpoint's ema_decay wins."""

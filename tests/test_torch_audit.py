@@ -275,6 +275,44 @@ def test_quantized_codes_saved_under_their_own_names(kind: str) -> None:
     assert not fresh.state
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_state_of_a_parameter_of_another_shape_is_refused(kind: str) -> None:
+    """A quantized state's entry records its parameter's shape (``param_shape``): the state of
+    a 64x80 parameter is refused for an 80x64 one (4-bit codes are flat: it loaded and
+    stepped), changing nothing; a malformed shape is named; without the entry (fastoptim
+    0.1) it loads as before, and ``opt.state`` never holds it."""
+    torch.manual_seed(0)
+    sd = _trained(torch.randn(64, 80), kind, 1).state_dict()
+    assert torch.equal(sd["state"][0]["param_shape"], torch.tensor([64, 80]))
+    p = torch.randn(80, 64)
+    opt = _trained(p, kind, 1)
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    for shape, match in (
+        (None, r"param 0 of group 0: the state of a parameter of shape \(64, 80\), this one is"),
+        ([80, "64"], "param 0 of group 0: malformed param_shape"),
+        (torch.tensor([80.5, 64.0]), "param 0 of group 0: malformed param_shape"),
+    ):
+        bad = copy.deepcopy(sd)
+        if shape is not None:
+            bad["state"][0]["param_shape"] = shape
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert set(opt.state[p]) == set(before)
+        for k, v in before.items():
+            assert torch.equal(opt.state[p][k], v), k
+    q = torch.randn(64, 80)
+    old = copy.deepcopy(sd)
+    del old["state"][0]["param_shape"]
+    cast = copy.deepcopy(sd)  # (as a loader that casts every tensor to float leaves it)
+    cast["state"][0]["param_shape"] = cast["state"][0]["param_shape"].float()
+    for ckpt in (old, sd, cast):
+        fresh = fot.AdamW([q], state_dtype=kind)
+        fresh.load_state_dict(copy.deepcopy(ckpt))
+        assert "param_shape" not in fresh.state[q]
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh.state[q][k], sd["state"][0][k + "_codes"]), k
+
+
 @pytest.mark.filterwarnings(
     "ignore:`torch.jit.(script|interface)` is deprecated:DeprecationWarning"
 )

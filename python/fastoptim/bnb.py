@@ -342,7 +342,7 @@ def to_bitsandbytes(
             if entry is None:
                 continue
             where = f"{who}: parameter {key!r}"
-            entry = _loaded_entry(entry, where) if isinstance(entry, Mapping) else entry
+            entry = _loaded_entry(entry, where, p) if isinstance(entry, Mapping) else entry
             missing = [n for n in names if n not in entry]
             if missing:
                 raise ValueError(

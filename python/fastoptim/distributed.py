@@ -1183,7 +1183,7 @@ class ZeroRedundancyOptimizer:
             "optimizer": inner_sd["optimizer"],
             "step_count": step_count,
             "param_groups": [
-                {**rec, "params": list(mine_rec["params"])}
+                {**rec, "params": list(mine_rec["params"]), "shapes": mine_rec["shapes"]}
                 for rec, mine_rec in zip(records, inner_sd["param_groups"])
             ],
             "state": {keys[i]: s for i, s in new_state.items()},

@@ -215,21 +215,51 @@ class _Held:
 CODES = "_codes"
 
 
-def _saved_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+#: The entry of a state_dict's parameter state with quantized states that records the
+#: parameter's shape, an int64 tensor (4-bit codes are flat: their shape cannot tell a
+#: transposed parameter's).
+PARAM_SHAPE = "param_shape"
+
+
+def _saved_entry(entry: Mapping[str, Any], p: torch.Tensor) -> dict[str, Any]:
     """A parameter's state as a state_dict holds it: each quantized state's codes (a state
-    with scales ``name + "_absmax"``) under ``name + "_codes"``."""
-    return {
+    with scales ``name + "_absmax"``) under ``name + "_codes"``, and `p`'s shape
+    (``"param_shape"``, a 1-D int64 tensor) where there are such."""
+    out = {
         (k + CODES if k + precision.ABSMAX in entry and not k.endswith(precision.ABSMAX) else k): v
         for k, v in entry.items()
     }
+    if any(isinstance(k, str) and k.endswith(precision.ABSMAX) for k in entry):
+        out[PARAM_SHAPE] = torch.tensor(p.shape, dtype=torch.int64)
+    return out
 
 
-def _loaded_entry(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A parameter's state from a state_dict as ``opt.state`` holds it: ``name + "_codes"``
-    under ``name`` (where a state_dict of fastoptim 0.1 has them already);
-    ValueError naming both where it has both."""
+def _loaded_entry(entry: Mapping[str, Any], where: str, p: torch.Tensor) -> dict[str, Any]:
+    """A parameter's state from a state_dict as ``opt.state`` holds it (for parameter `p`):
+    ``name + "_codes"`` under ``name`` (where a state_dict of fastoptim 0.1 has them
+    already), without ``"param_shape"``.  ValueError naming what is wrong where it has both
+    names or another parameter's shape."""
     out: dict[str, Any] = {}
     for k, v in entry.items():
+        if k == PARAM_SHAPE:
+            shape = v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 else v
+            if not (
+                isinstance(shape, (list, tuple))
+                and all(
+                    isinstance(n, (int, float))
+                    and not isinstance(n, bool)
+                    and float(n).is_integer()
+                    and n >= 0
+                    for n in shape
+                )
+            ):
+                raise ValueError(f"{where}: malformed {PARAM_SHAPE} {v!r}")
+            if tuple(map(int, shape)) != tuple(p.shape):
+                raise ValueError(
+                    f"{where}: the state of a parameter of shape {tuple(map(int, shape))}, "
+                    f"this one is {tuple(p.shape)}"
+                )
+            continue
         base = k.removesuffix(CODES) if isinstance(k, str) and k.endswith(CODES) else k
         if base != k and base in entry:
             raise ValueError(f"{where}: both {base!r} and {k!r} (one state's codes twice)")
@@ -237,12 +267,13 @@ def _loaded_entry(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _adopt_codes(state: dict[str, Any], where: str) -> None:
-    """Rename in place a state_dict's ``name + "_codes"`` in `state` (a parameter's entry of
-    ``opt.state``) to ``name``: state put there without :meth:`Optimizer.load_state_dict`
-    (``ZeroRedundancyOptimizer.load_state_dict`` writes its inner optimizer's state)."""
-    if any(isinstance(k, str) and k.endswith(CODES) for k in state):
-        renamed = _loaded_entry(state, where)
+def _adopt_codes(state: dict[str, Any], where: str, p: torch.Tensor) -> None:
+    """Make `state`, parameter `p`'s entry of ``opt.state``, as a load makes it
+    (:func:`_loaded_entry`), in place: a state_dict's entry put there without
+    :meth:`Optimizer.load_state_dict` (``ZeroRedundancyOptimizer.load_state_dict`` writes its
+    inner optimizer's state)."""
+    if any(isinstance(k, str) and (k.endswith(CODES) or k == PARAM_SHAPE) for k in state):
+        renamed = _loaded_entry(state, where, p)
         state.clear()
         state.update(renamed)
 
@@ -263,7 +294,7 @@ def _hold_states(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict
         entry = states.get(key)
         if not isinstance(entry, Mapping):
             continue
-        entry = _loaded_entry(entry, f"{type(opt).__name__}.load_state_dict: param {key!r}")
+        entry = _loaded_entry(entry, f"{type(opt).__name__}.load_state_dict: param {key!r}", p)
         out = dict(entry)
         for name, value in entry.items():
             if not isinstance(value, torch.Tensor) or name == "step":
@@ -956,11 +987,14 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         state's codes (``state_dtype="int8"``/``"int4"``: ``opt.state[p]["exp_avg"]``, uint8)
         are saved as ``"exp_avg_codes"`` beside ``"exp_avg_absmax"``: ``torch.optim`` refuses
         such a checkpoint at its first step (no ``exp_avg``) instead of reading codes as
-        moments.  :meth:`load_state_dict` takes either name."""
+        moments.  :meth:`load_state_dict` takes either name.  Such a parameter's state also
+        records its shape (``"param_shape"``, an int64 tensor), which loading checks."""
         self._sync_all()
         sd: dict[str, Any] = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]  # (torch's keys: indices)
         sd["state"] = {
-            k: _saved_entry(v) if isinstance(v, Mapping) else v for k, v in sd["state"].items()
+            k: _saved_entry(v, params[k]) if isinstance(v, Mapping) else v
+            for k, v in sd["state"].items()
         }
         for group, saved in zip(self.param_groups, sd["param_groups"]):
             rec = self._record(group)
@@ -1029,7 +1063,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             entry = states.get(key)
             if not isinstance(entry, Mapping) or not isinstance(p, torch.Tensor):
                 continue
-            entry = _loaded_entry(entry, f"{cls}: param {label}")
+            entry = _loaded_entry(entry, f"{cls}: param {label}", p)
             for name, codes in entry.items():
                 if name.endswith(precision.ORDER) and name != precision.ORDER:
                     base = name.removesuffix(precision.ORDER)
@@ -1435,7 +1469,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if stateless:
                 continue
             if p in self.state:  # (before the step remembers what it held)
-                _adopt_codes(self.state[p], f"{name}: param {label}")
+                _adopt_codes(self.state[p], f"{name}: param {label}", p)
             state = self._state_to_create(p)
             self._init_scalars(state, c.hp)
             for n, kind in layout.items():

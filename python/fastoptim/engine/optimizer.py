@@ -1140,10 +1140,10 @@ class Optimizer:
         """Everything needed to resume exactly, as plain data: ``format``, ``optimizer`` (the
         class name), ``step_count``, ``param_groups`` (per group: parameter keys, its own step
         count, hyper-parameters with schedules as :meth:`~fastoptim.schedules.Schedule.describe`
-        dicts, state names, NAdam's ``mu_product``...), ``state`` (parameter name or position ->
-        state name -> a **copy** of the array, in its own dtype) and ``plateau`` (an attached
-        :class:`~fastoptim.schedules.ReduceLROnPlateau`'s state, or None).
-        :func:`fastoptim.save` writes the same content (and the parameters) to one file.
+        dicts, state names, NAdam's ``mu_product``, the parameters' ``shapes``...), ``state``
+        (parameter name or position -> state name -> a **copy** of the array, in its own dtype)
+        and ``plateau`` (an attached :class:`~fastoptim.schedules.ReduceLROnPlateau`'s state, or
+        None).  :func:`fastoptim.save` writes the same content (and the parameters) to one file.
 
         Taken under the optimizer's lock: a step running in another thread completes first,
         never half of it in the copy.  Allowed inside :meth:`ema_weights` (the state holds
@@ -1170,6 +1170,7 @@ class Optimizer:
                     "scalars": {n: float(getattr(g.hyper, n)) for n in self._scalar_names()},
                     "lr_scale": g.sched.lr_scale,
                     "lr_floor": g.sched.lr_floor,
+                    "shapes": [list(p.shape) for p in g.params],
                 }
             )
             for i, key in enumerate(g.keys):
@@ -1321,13 +1322,31 @@ class Optimizer:
         """Check group `gi`'s record (appending to `problems`); return what applies it."""
         where = f"group {gi}"
         fields = {"params", "step", "hyper", "states", "fresh", "scalars", "lr_scale", "lr_floor"}
-        if not isinstance(rec, Mapping) or set(rec) != fields:
+        # ("shapes", the parameters' shapes: absent from a fastoptim 0.1 state)
+        if not isinstance(rec, Mapping) or not fields <= set(rec) <= fields | {"shapes"}:
             problems.append(f"{where}: malformed group record")
             return lambda: None
         keys = _param_keys(rec)
         if keys is None:
             problems.append(f"{where}: malformed parameter keys {rec['params']!r}")
             return lambda: None
+        shapes = rec.get("shapes")
+        if shapes is not None:
+            if not (
+                isinstance(shapes, list)
+                and len(shapes) == len(keys)
+                and all(isinstance(s, list) and all(map(_is_count, s)) for s in shapes)
+            ):
+                problems.append(f"{where}: malformed parameter shapes {shapes!r}")
+                shapes = []
+            for key, shape in zip(keys, shapes):
+                if key in g.keys:  # (4-bit codes are flat: the state's shape cannot tell)
+                    i = g.keys.index(key)
+                    if tuple(shape) != g.params[i].shape:
+                        problems.append(
+                            f"param {g.labels[i]}: the state of a parameter of shape "
+                            f"{tuple(shape)}, this one is {g.params[i].shape}"
+                        )
         missing = [k for k in g.keys if k not in keys]
         unexpected = [k for k in keys if k not in g.keys]
         if strict and (missing or unexpected):
