@@ -303,6 +303,86 @@ def test_errors_change_nothing() -> None:
         fo.save("unused.npz", opt)
 
 
+@pytest.mark.parametrize("search", [None, "strong_wolfe"])
+@pytest.mark.parametrize("tier", ["numpy", "torch"])
+@pytest.mark.parametrize("failure", ["refused gradient", "closure raises"])
+def test_a_step_that_raises_part_way_changes_nothing(tier: str, search: Any, failure: str) -> None:
+    """A step whose closure fails on a later evaluation (a gradient the step refuses, the
+    closure's own exception) raises and restores the parameters and the whole state: the
+    next steps are bit for bit those of an optimizer that never tried it (the parameters had
+    moved, ``n_iter`` advanced without the history it counts, and every later step failed)."""
+    torch = pytest.importorskip("torch")  # (the objective's gradients: autograd's)
+    import fastoptim.torch as ft
+
+    def run(fail: bool) -> tuple[np.ndarray, dict[str, Any]]:
+        x = np.array([-1.2, 1.0, -0.5, 0.8, 1.5, -0.3])
+        param: Any = x if tier == "numpy" else torch.nn.Parameter(torch.from_numpy(x))
+        cls = fo.LBFGS if tier == "numpy" else ft.LBFGS
+        opt = cls([param], lr=1, history_size=3, line_search_fn=search)
+        calls = [0]
+
+        def closure(bad_at: int = 0) -> Any:
+            calls[0] += 1
+            if tier == "torch":
+                param.grad = None
+                ts = [param]
+            else:
+                ts = [torch.from_numpy(x).requires_grad_()]
+            loss = objective("rosenbrock", ts)
+            loss.backward()
+            if calls[0] == bad_at:
+                if failure == "closure raises":
+                    raise RuntimeError("the closure's own error")
+                if tier == "torch":
+                    param.grad = torch.zeros(3, dtype=torch.float64)
+                    return loss.detach()
+                return loss.item(), [np.zeros(3)]
+            return loss.detach() if tier == "torch" else (loss.item(), [ts[0].grad.numpy()])
+
+        for _ in range(2):
+            opt.step(closure)
+        before = (x.copy(), _plain_state(opt, param))
+        if fail:
+            calls[0] = 0
+            with pytest.raises((ValueError, TypeError, RuntimeError)):
+                opt.step(lambda: closure(bad_at=3))
+            np.testing.assert_array_equal(x, before[0])
+            _same_state(_plain_state(opt, param), before[1])
+        for _ in range(2):
+            opt.step(closure)
+        return x.copy(), _plain_state(opt, param)
+
+    (x1, s1), (x2, s2) = run(True), run(False)
+    np.testing.assert_array_equal(x1, x2)
+    _same_state(s1, s2)
+
+
+def _plain_state(opt: Any, param: Any) -> dict[str, Any]:
+    """The L-BFGS state as NumPy (tensors' values, lists element-wise), to compare."""
+
+    def plain(v: Any) -> Any:
+        if hasattr(v, "detach"):
+            return v.detach().numpy().copy()
+        if isinstance(v, list):
+            return [plain(e) for e in v]
+        return v.copy() if isinstance(v, np.ndarray) else v
+
+    key = 0 if isinstance(param, np.ndarray) else param
+    return {k: plain(v) for k, v in opt.state[key].items()}
+
+
+def _same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, list):
+            assert len(x) == len(y), k
+            for e, f in zip(x, y):
+                np.testing.assert_array_equal(np.asarray(e), np.asarray(f), err_msg=k)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=k)
+
+
 def test_gradient_buffers_and_optimality() -> None:
     """A zero gradient is already optimal: one evaluation, nothing moves (torch's rule)."""
     w = np.ones(4)

@@ -870,7 +870,27 @@ def lbfgs_step(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) 
     ``prev_flat_grad``, ``prev_loss``, ``al``; vectors as flat arrays of the parameters' dtype,
     scalars as NumPy scalars of that dtype where torch keeps 0-d tensors).  Operation for
     operation torch.optim.LBFGS.step (itself after minFunc).  Returns the closure's first
-    loss, as returned."""
+    loss, as returned.
+
+    A step that raises (a gradient refused at a later evaluation, the closure's own
+    exception, an interrupt) restores the parameters and `state` as they were before it
+    (torch's is left part-way: moved parameters, ``n_iter`` advanced without the history
+    it counts, every later step failing)."""
+    x0 = obj.clone()
+    saved = {
+        k: list(v) if isinstance(v, list) else v.copy() if isinstance(v, np.ndarray) else v
+        for k, v in state.items()
+    }  # (in place: the history lists, al, prev_flat_grad; every other entry is replaced)
+    try:
+        return _lbfgs_iterations(obj, state, group)
+    except BaseException:
+        obj.restore(x0)
+        state.clear()
+        state.update(saved)
+        raise
+
+
+def _lbfgs_iterations(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) -> Any:
     lr = float(group["lr"])
     max_iter, max_eval = int(group["max_iter"]), group["max_eval"]
     max_eval = max_iter * 5 // 4 if max_eval is None else int(max_eval)

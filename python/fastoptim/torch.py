@@ -2447,8 +2447,10 @@ class ClosureOptimizer(Optimizer):
             try:
                 objective = host_objective(views, evaluate, _loss_value)
                 loss = host.closure(objective, numpy_state, c.hp)
-            finally:
-                state.update({k: _torch_state(v) for k, v in numpy_state.items()})
+            finally:  # (a step that raised: numpy_state as it was, and the state)
+                torch_state = {k: _torch_state(v) for k, v in numpy_state.items()}
+                state.clear()
+                state.update(torch_state)
                 _bump(params)
             self._advance_schedules()
         return loss
