@@ -434,3 +434,147 @@ def test_steps_in_numpy_check_every_parameter_before_writing(cls: str, edit: str
         step()
     assert np.array_equal(p1, before[0]) and np.array_equal(p2, before[1])
     assert repr(opt.state_dict()) == before[2] and opt.step_count == before[3]
+
+
+@pytest.mark.parametrize("name", ["bogus", "step", "a/b", "", "exp_avg_sq_absmax_absmax"])
+def test_load_state_dict_refuses_unknown_state_names(name: str) -> None:
+    """A state name this optimizer never keeps (audit D08) is refused, changing nothing; it
+    was loaded as a buffer of its own ("step" then shadowed the step count in ``opt.state``,
+    and "a/b" gave an optimizer whose file fo.load refused).  Every name fastoptim saves
+    still loads (AMSGrad, an EMA, master copies, int8 scales)."""
+    import copy
+
+    opt = fo.AdamW([np.ones(64, np.float32)])
+    opt.step([np.ones(64, np.float32)])
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["states"].append(name)
+    sd["state"][0][name] = np.full(64, 7.0, np.float32)
+    before = _arrays(opt)
+    with pytest.raises(ValueError, match=rf"group 0: unexpected state names \['{name}'\]"):
+        opt.load_state_dict(sd)
+    assert _arrays(opt) == before
+    assert set(opt.state[0]) == {"step", "exp_avg", "exp_avg_sq"}
+    for kw, dtype in (
+        ({"amsgrad": True, "ema_decay": 0.9}, np.float32),
+        ({"master_weights": True}, BF16),
+        ({"state_dtype": "int8"}, np.float32),
+    ):
+        src = fo.AdamW([np.ones(N, dtype)], **kw)
+        src.step([np.ones(N, dtype)])
+        dst = fo.AdamW([np.ones(N, dtype)], **kw)
+        dst.load_state_dict(src.state_dict())
+        assert set(dst.state[0]) == set(src.state[0]) > {"step", "exp_avg", "exp_avg_sq"}
+        for k, v in src.state[0].items():
+            assert np.asarray(dst.state[0][k]).tobytes() == np.asarray(v).tobytes(), k
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["ema_decay", "amsgrad", "copy_out", "step_rows"],
+)
+def test_parameter_re_viewed_in_place_is_refused_without_the_plan(change: str) -> None:
+    """A parameter re-viewed in place (bfloat16 bits given a float16 dtype; SGD's table given
+    another shape) is refused by what runs without the plan that records it (audit D05,
+    D06): a plan built anew after a hyper-parameter or copy-out change adopted the array as
+    it is now and updated the bfloat16 bits as float16; a stateless SGD's row updates wrote
+    the re-viewed table.  Now each raises as step() does, changing nothing."""
+    if change == "step_rows":
+        p = np.zeros((16, 4), np.float32)
+        opt: Any = fo.SGD([p], lr=1.0)
+        p.shape = (8, 8)
+    else:
+        p = np.full(64, 1.0, BF16)
+        opt = fo.AdamW([p], lr=0.1)
+        opt.step([np.ones(64, np.float32)])
+        p.dtype = np.float16
+        if change == "copy_out":
+            opt.set_copy_out([None])
+        else:
+            opt.param_groups[0][change] = 0.9 if change == "ema_decay" else True
+    before = p.tobytes()
+    with pytest.raises(
+        ValueError, match="param 0: the array's dtype, shape or strides were changed"
+    ):
+        if change == "step_rows":
+            opt.step_rows([(np.array([1]), np.ones((1, 8), np.float32))])
+        else:
+            opt.step([np.ones(64, np.float32)])
+    assert p.tobytes() == before
+
+
+def test_functional_messages_name_the_argument() -> None:
+    """Bad functional arguments are named (audit D10): a step past int64 (pybind11's
+    signature dump before), states given as a list to sparse_rows_ ("unhashable")."""
+    p, g, m, v = (np.zeros(8, np.float32) for _ in range(4))
+    with pytest.raises(ValueError, match=r"adam_: invalid step=9223372036854775808: must be at"):
+        F.adam_(p, g, m, v, step=2**63)
+    F.adam_(p, g, m, v, step=2**63 - 1)  # (the largest)
+    t = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="sparse_rows_: invalid step=9223372036854775808"):
+        F.sparse_rows_("SGD", t, [0], np.ones((1, 2), np.float32), {}, step=2**63)
+    with pytest.raises(TypeError, match="sparse_rows_: states must be a dict from state name"):
+        F.sparse_rows_("SparseAdam", t, [0], np.ones((1, 2), np.float32), [t.copy()] * 2, step=1)
+    assert not t.any()
+
+
+def test_grad_of_a_re_viewed_parameter_names_the_re_view() -> None:
+    """A float32 parameter re-viewed in place as float64 with a float64 gradient: the error
+    is the re-view's, not "dtype float64 does not go with the float64 parameter"."""
+    w = np.zeros((16, 4), np.float32)
+    opt = fo.SGD([w], lr=1.0)
+    w.dtype = np.float64
+    with pytest.raises(ValueError, match="param 0: the array was resized or its memory"):
+        opt.step([np.ones(w.shape, np.float64)])
+    w2 = np.zeros((16, 4), np.float32)
+    opt = fo.SGD([w2], lr=1.0)
+    w2.dtype = np.int32  # (same size)
+    with pytest.raises(ValueError, match="param 0: the array's dtype, shape or strides"):
+        opt.step([np.ones(w2.shape, np.float32)])
+
+
+def test_accumulate_refuses_another_groups_buffer() -> None:
+    """A gradient that is another group's gradient buffer (which the same call writes) is
+    refused as within one group (audit D07: it was read before or after its update,
+    depending on the group order), changing no buffer."""
+    opt = fo.SGD([{"params": [np.zeros(N, np.float32)]}, {"params": [np.zeros(N, np.float32)]}])
+    opt.grads[0][...], opt.grads[1][...] = 1.0, 10.0
+    g = np.full(N, 100.0, np.float32)
+    for grads, match in (
+        ([opt.grads[1], g], "grad for param 0 shares memory with opt.grads\\[1\\]"),
+        ([g, opt.grads[0][::-1][::-1]], "grad for param 1 shares memory with opt.grads\\[0\\]"),
+    ):
+        with pytest.raises(ValueError, match="SGD.accumulate: " + match):
+            opt.accumulate(grads)
+        assert (opt.grads[0] == 1.0).all() and (opt.grads[1] == 10.0).all()
+    opt.accumulate([g, g.copy()], scale=0.5)
+    assert (opt.grads[0] == 51.0).all() and (opt.grads[1] == 60.0).all()
+
+
+@pytest.mark.parametrize(
+    "state_dtype, dtype, match",
+    [
+        (None, BF16, "'exp_avg' is bfloat16; state_dtype=None keeps it as float32"),
+        ("bfloat16", np.float32, "'exp_avg' is float32; state_dtype='bfloat16' keeps it as bf"),
+        ("param", np.float16, "'exp_avg' is float16; state_dtype='param' keeps it as float32"),
+        ("int8", np.float32, "'exp_avg': state_dtype='int8' keeps it int8-quantized: pass the"),
+    ],
+)
+def test_functional_float_state_follows_state_dtype(
+    state_dtype: Any, dtype: Any, match: str
+) -> None:
+    """The functional tier takes a float state in the dtype ``state_dtype`` says, as its
+    docstring promises and the class keeps it (audit D09: any float32/bfloat16/float16 state
+    was taken, ``state_dtype`` then silently without effect); nothing changes on refusal,
+    and the states it says are taken."""
+    p, g = np.zeros(N, np.float32), np.ones(N, np.float32)
+    m, v = np.zeros(N, dtype), np.zeros(N, dtype)
+    with pytest.raises((TypeError, ValueError), match=match):
+        F.adam_(p, g, m, v, step=1, lr=0.1, state_dtype=state_dtype)
+    assert not p.any() and not m.any() and not v.any()
+    if state_dtype == "int8":
+        m2, v2 = (F.quantized_state(p, n) for n in ("exp_avg", "exp_avg_sq"))
+    else:
+        want = np.float32 if state_dtype in (None, "param") else BF16
+        m2, v2 = np.zeros(N, want), np.zeros(N, want)
+    F.adam_(p, g, m2, v2, step=1, lr=0.1, state_dtype=state_dtype)
+    assert (p != 0).all()

@@ -287,8 +287,12 @@ def test_errors_change_nothing() -> None:
         ({"history_size": 0}, "history_size"),
         ({"lr": -1.0}, "lr"),
         ({"tolerance_grad": float("nan")}, "tolerance_grad"),
+        # (max_eval's default, max_iter * 5 // 4, is not computed from a bad max_iter first:
+        # int()'s bare OverflowError / ValueError / TypeError before)
+        *(({"max_iter": v}, "LBFGS: max_iter must be an int") for v in (float("inf"), None)),
+        *(({"max_iter": v}, "LBFGS: max_iter must be an int") for v in (float("nan"), "abc")),
     ):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):
             fo.LBFGS([w], **kw)
     opt = fo.LBFGS([w])
     with pytest.raises(TypeError, match="closure"):

@@ -904,6 +904,11 @@ class PyPlan {
   // array no longer owns.
   const Plan& plan() const {
     if (!bound_) throw py::value_error("no gradients bound to this plan");
+    check_arrays();
+    return plan_;
+  }
+  // That check alone (gradients bound or not).
+  void check_arrays() const {
     for (const Watched& w : watched_) {
       if (w.arr.data() != w.data || w.arr.size() != w.size)
         throw py::value_error(
@@ -917,7 +922,6 @@ class PyPlan {
                               "place since it was given to the optimizer; build a new "
                               "optimizer for it");
     }
-    return plan_;
   }
   // Steps completed on this plan (counted inside the compiled call, before it returns: Python
   // code can tell whether a step whose call was interrupted on its way back happened).
@@ -1311,9 +1315,9 @@ PYBIND11_MODULE(_core, m) {
       .def("bind_grads", &PyPlan::bind_grads, py::arg("grads"))
       .def("check", [](PyPlan& p) {
         PyPlan::Lock lock(p);
-        (void)p.plan();
+        p.check_arrays();
       }, "What a step checks of the plan's arrays (not made read-only, resized, reallocated or "
-         "re-viewed since): ValueError naming the array, else nothing.  Gradients must be bound.")
+         "re-viewed since): ValueError naming the array, else nothing.")
       .def("release_grads", [](PyPlan& p) {
         PyPlan::Lock lock(p);
         p.release_grads();

@@ -62,6 +62,7 @@ from . import definitions as _defs
 from .engine import precision as _precision
 from .engine import sparse as _sparse
 from .engine.definition import with_keyword_hints as _hints
+from .engine.functional import check_step as _check_step
 from .engine.functional import step as _step
 from .engine.optimizer import Value
 from .engine.precision import Rounding, StateDType
@@ -184,14 +185,16 @@ def sparse_rows_(
         raise ValueError(
             f"{where}: optimizer must be one of 'SGD', 'Adagrad', 'SparseAdam', got {optimizer!r}"
         )
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"{where}: step must be an int (the 1-based update number), got {step!r}")
-    if step < 1:
-        raise ValueError(f"{where}: invalid step={step!r}: the first update is step=1")
+    _check_step(where, step)
     known = {h.name for h in defn.options if h.functional}
     unknown = sorted(set(hyper) - known)
     if unknown:
         raise TypeError(f"{where}: {optimizer} has no hyper-parameter(s) {', '.join(unknown)}")
+    if not isinstance(states, Mapping) or not all(isinstance(k, str) for k in states):
+        raise TypeError(
+            f"{where}: states must be a dict from state name to array (e.g. {{'exp_avg': m}}), "
+            f"got {type(states).__name__}"
+        )
     group = {**defn.defaults(), **hyper}
     defn.check(group)
     _sparse.check_group(defn, where, group)

@@ -996,5 +996,6 @@ LINE_SEARCH_FNS = (None, "strong_wolfe")
 
 def lbfgs_defaults(defaults: dict[str, Any]) -> None:
     """``max_eval=None`` means ``max_iter * 5 // 4``, fixed at construction as torch does."""
-    if defaults.get("max_eval") is None:
-        defaults["max_eval"] = int(defaults["max_iter"]) * 5 // 4
+    it = defaults.get("max_iter")
+    if defaults.get("max_eval") is None and isinstance(it, (int, np.integer)) and it is not True:
+        defaults["max_eval"] = int(it) * 5 // 4  # (else the check names max_iter)

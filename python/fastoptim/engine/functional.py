@@ -13,6 +13,17 @@ from .definition import Definition, is_number
 from .precision import EMA_DECAY
 
 
+def check_step(fn: str, step: Any) -> None:
+    """A functional update's `step`: an int from 1 (the first update) that the kernels'
+    int64 holds; TypeError / ValueError naming `fn` otherwise."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"{fn}: step must be an int (the 1-based update number), got {step!r}")
+    if step < 1:
+        raise ValueError(f"{fn}: invalid step={step!r}: the first update is step=1")
+    if step > 2**63 - 1:
+        raise ValueError(f"{fn}: invalid step={step!r}: must be at most 2**63 - 1 (int64)")
+
+
 def step(
     defn: Definition,
     param: np.ndarray,
@@ -41,10 +52,7 @@ def step(
     fn = defn.name.lower() + "_"
     hyper = dict(hyper)
     grad_scale = transforms.check_grad_scale(fn, hyper.pop("grad_scale", 1.0))
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"{fn}: step must be an int (the 1-based update number), got {step!r}")
-    if step < 1:
-        raise ValueError(f"{fn}: invalid step={step!r}: the first update is step=1")
+    check_step(fn, step)
     for name, v in (scalars or {}).items():
         if not is_number(v):
             raise TypeError(f"{fn}: {name} must be a float, got {v!r}")
@@ -86,6 +94,23 @@ def step(
                 f"{fn}: state {n!r} is a (codes, absmax) pair: pass state_dtype='int8' or 'int4' "
                 f"(or {{{n!r}: 'int4', ...}}) to say which kind"
                 + ("" if n in precision.QUANT_MAPS else f"; but {n!r} cannot be quantized")
+            )
+    # A float state in the dtype the precision options say, as the class keeps it.
+    pname = precision.dtype_name(param.dtype) if isinstance(param, np.ndarray) else None
+    kinds = precision.buffers(group, pname, tuple(needed), param.size) if pname else {}
+    for n in needed:
+        a, want = given[n], kinds.get(n)
+        if not isinstance(a, np.ndarray) or want is None:
+            continue  # (a pair; the plan says what else is wrong)
+        if want in precision.QUANT_KINDS:
+            raise ValueError(
+                f"{fn}: state {n!r}: state_dtype={group[precision.STATE_DTYPE]!r} keeps it "
+                f"{want}-quantized: pass the (codes, absmax) pair quantized_state makes"
+            )
+        if precision.dtype_name(a.dtype) != want:
+            raise TypeError(
+                f"{fn}: state {n!r} is {a.dtype}; state_dtype="
+                f"{group[precision.STATE_DTYPE]!r} keeps it as {want} for a {pname} parameter"
             )
     extra = arrays or {}
     ema = extra.get("ema")

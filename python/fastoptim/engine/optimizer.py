@@ -188,6 +188,32 @@ def _dtype(d: Any) -> np.dtype[Any]:
     return dt
 
 
+def _array_layout(a: Any) -> tuple[Any, ...] | None:
+    """What a plan records of an array it writes: memory, dtype, shape and strides (None: not
+    an array, which the group's validation refuses)."""
+    if not isinstance(a, np.ndarray):
+        return None
+    return (a.__array_interface__["data"][0], a.size, a.dtype, a.shape, a.strides)
+
+
+def _check_given(g: _Group, where: str) -> None:
+    """ValueError naming the first parameter of `g` resized, reallocated or re-viewed in
+    place since it was given (as a step's plan refuses it), for what runs without the plan
+    that records them: a plan built anew, row updates of a stateless SGD."""
+    for p, was, label in zip(g.params, g.given, g.labels):
+        now = _array_layout(p)
+        if now is None or was is None or now[:2] != was[:2]:
+            raise ValueError(
+                f"{where}param {label}: the array was resized or its memory replaced since it "
+                "was given to the optimizer; build a new optimizer for it"
+            )
+        if now != was:
+            raise ValueError(
+                f"{where}param {label}: the array's dtype, shape or strides were changed in "
+                "place since it was given to the optimizer; build a new optimizer for it"
+            )
+
+
 class _Group:
     """What the optimizer keeps per parameter group besides the user-visible dict."""
 
@@ -197,6 +223,7 @@ class _Group:
         self.keys = keys
         self.labels = [_label(k) for k in keys]
         self.params = params
+        self.given = list(map(_array_layout, params))  # each parameter as it was given
         self.hyper = hyper  # the compiled kernel's hyper-parameter struct
         self.step = 0  # int64 count of updates applied to this group
         self.states: dict[str, list[np.ndarray]] = {}  # state name -> per-param views
@@ -543,6 +570,8 @@ class Optimizer:
         key = (names, policy, id(g.outs))
         if key == g.plan_states:  # (checked first: a scheduled step comes here every time)
             return
+        if g.plan is not None:  # (the new plan would take the arrays as they are now)
+            _check_given(g, "")
         layout = self._layout(g, group, names)
         extras = tuple(n for n in precision.EXTRA_STATES if any(n in b for b in layout))
         for name in names + extras:
@@ -708,6 +737,16 @@ class Optimizer:
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"{where}: {e}") from None
                 plans.append(g.acc_plan)
+            if len(self._groups) > 1:  # (each plan checked its own group's buffers)
+                bufs = [a for g in self._groups for a in self._own_grads(g)]
+                labels = [f"opt.grads[{k}]" for g in self._groups for k in g.labels]
+                try:
+                    _core.check_disjoint(
+                        bufs + [a for gr in per_group for a in gr],
+                        labels + [f"grad for param {k}" for g in self._groups for k in g.labels],
+                    )
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
             _core.accumulate(plans, float(scale))
 
     def zero_grad(self) -> None:
@@ -848,7 +887,11 @@ class Optimizer:
         for g in self._groups:
             g.bound_own = False
         for g, gr in zip(self._groups, per_group):
-            g.plan.bind_grads(gr)
+            try:
+                g.plan.bind_grads(gr)
+            except (TypeError, ValueError):
+                g.plan.check()  # (a parameter re-viewed in place: that error, not the grad's)
+                raise
         if len(self._groups) > 1:  # a gradient must not alias another group's param or state
             owned, owners = self._owned(with_grad_buffers=False)
             grads_flat = [a for gr in per_group for a in gr]
@@ -1028,6 +1071,7 @@ class Optimizer:
             pos = 0
             for g, group in zip(self._groups, self.param_groups):
                 sparse.check_group(self._definition, where, group)
+                _check_given(g, f"{where}: ")
                 for i, param in enumerate(g.params):
                     at = f"{where}: param {g.labels[i]}"
                     entry = sparse.pair(at, flat[pos])
@@ -1390,6 +1434,14 @@ class Optimizer:
         fresh = rec["fresh"]
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             problems.append(f"{where}: malformed state names {names!r}")
+            return lambda: None
+        kept = [s.name for s in self._definition.states] + list(precision.EXTRA_STATES)
+        unknown = sorted(set(names) - {*kept, *(n + precision.ABSMAX for n in kept)})
+        if unknown:  # (else kept: a buffer under any name, "step" shadowing the count...)
+            problems.append(
+                f"{where}: unexpected state names {unknown} ({type(self).__name__}'s states: "
+                f"{sorted(kept)})"
+            )
             return lambda: None
         if not (isinstance(fresh, list) and set(fresh) <= set(names)):
             problems.append(f"{where}: malformed fresh-state list {fresh!r}")
