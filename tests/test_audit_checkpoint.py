@@ -12,6 +12,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -485,6 +486,44 @@ def test_state_of_a_parameter_of_another_shape_is_refused(state_dtype: str | Non
     again = trained((64, 80))[1]
     again.load_state_dict(sd)
     assert snapshot(opt, params) == snapshot(again, params)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_reordered_parameters_with_stochastic_rounding_warn(rounding: str) -> None:
+    """Stochastic rounding draws by a parameter's position, checkpoints are keyed by name: a
+    dict listing the same parameters in another order resumes with other draws, so the load
+    warns (RuntimeWarning: an error under -W error, refusing the load whole); in the saved
+    order, or with rounding to nearest (bit for bit either way), it does not."""
+    names = ["a", "b"]
+
+    def opt_for(order: list[str]) -> tuple[dict[str, np.ndarray], Any]:
+        r = np.random.default_rng(0)
+        p = {n: r.standard_normal(4096).astype(np.float32).astype(BF16) for n in names}
+        kw = {"state_dtype": "bfloat16", "rounding": rounding, "seed": 1}
+        return p, fo.AdamW({n: p[n] for n in order}, lr=1e-2, **kw)
+
+    p, src = opt_for(names)
+    src.step(grads(0, p))
+    sd = src.state_dict()
+    same = opt_for(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same[1].load_state_dict(sd)
+    p2, other = opt_for(names[::-1])
+    before = snapshot(other, p2)
+    if rounding == "nearest":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            other.load_state_dict(sd)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match=r"group 0's parameters are \['b', 'a'\]"):
+            other.load_state_dict(sd)
+    assert snapshot(other, p2) == before  # (refused whole)
+    with pytest.warns(RuntimeWarning, match="stochastic rounding draws by a parameter's position"):
+        other.load_state_dict(sd)
+    assert snapshot(other, p2) != before
 
 
 # --------------------------------------------------------- EMA: the checkpoint wins

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, TypeVar, Union
@@ -1510,6 +1511,16 @@ class Optimizer:
                 if held and held[i] is not None and not held[i].flags.writeable:
                     problems.append(f"state {n!r} of param {g.labels[i]} was made read-only")
             loaded.append((i, entry))
+        if keys != g.keys and values.get("rounding", group.get("rounding")) == "stochastic":
+            # (before anything is applied: as an error under -W error, it refuses the load)
+            warnings.warn(
+                f"{type(self).__name__}: {where}'s parameters are {g.keys}, the checkpoint's "
+                f"{keys}: stochastic rounding draws by a parameter's position, so the run "
+                "continues with other random draws than the run that saved it (not bit for "
+                "bit); list the parameters in the saved order to resume it exactly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
         def apply() -> None:
             for n in [n for n in g.states if n not in names]:
