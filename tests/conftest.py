@@ -75,3 +75,18 @@ def keras() -> Any:
     if keras.backend.backend() != "torch":
         pytest.skip(f"keras runs on the {keras.backend.backend()} backend, not torch")
     return keras
+
+
+@pytest.fixture
+def process_group(tmp_path: Any) -> Iterator[Any]:
+    """torch.distributed with one process (gloo, a file store), destroyed after the test;
+    the test is skipped where torch.distributed is not available."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

@@ -317,45 +317,37 @@ def test_quantized_state_of_a_parameter_of_another_shape_is_refused(kind: str) -
     "ignore:`torch.jit.(script|interface)` is deprecated:DeprecationWarning"
 )
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_state_put_in_by_zero_redundancy_optimizer(kind: str, tmp_path: Any) -> None:
+def test_quantized_state_put_in_by_zero_redundancy_optimizer(kind: str, process_group: Any) -> None:
     """ZeroRedundancyOptimizer's load_state_dict writes its inner optimizer's ``state``
     directly (not through its load_state_dict), codes under ``<state>_codes``: the next step
     takes them under the state's name, bit for bit the run that saved them, after a skipped
     step (skip_nonfinite: it keeps what it renamed, creating nothing)."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(50, 101))
-        opts = {"optimizer_class": fot.AdamW, "lr": 1e-2, "state_dtype": kind}
-        z = ZeroRedundancyOptimizer([p], skip_nonfinite=True, **opts)
-        for _ in range(2):
-            p.grad = torch.randn(50, 101)
-            z.step()
-        z.consolidate_state_dict(0)
-        saved, at_save = copy.deepcopy(z.state_dict()), p.detach().clone()
-        assert "exp_avg_codes" in saved["state"][0] and "exp_avg" not in saved["state"][0]
-        p.grad = torch.ones(50, 101)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50, 101))
+    opts = {"optimizer_class": fot.AdamW, "lr": 1e-2, "state_dtype": kind}
+    z = ZeroRedundancyOptimizer([p], skip_nonfinite=True, **opts)
+    for _ in range(2):
+        p.grad = torch.randn(50, 101)
         z.step()
-        q = torch.nn.Parameter(at_save.clone())
-        z2 = ZeroRedundancyOptimizer([q], skip_nonfinite=True, **opts)
-        z2.load_state_dict(saved)
-        q.grad = torch.full((50, 101), float("nan"))
-        z2.step()  # skipped
-        assert torch.equal(q.detach(), at_save)
-        q.grad = torch.ones(50, 101)
-        z2.step()
-        assert torch.equal(q.detach(), p.detach())
-        assert set(z2.optim.state[q]) == set(z.optim.state[p])
-        for n, v in z.optim.state[p].items():
-            assert torch.equal(z2.optim.state[q][n], v), n
-    finally:
-        dist.destroy_process_group()
+    z.consolidate_state_dict(0)
+    saved, at_save = copy.deepcopy(z.state_dict()), p.detach().clone()
+    assert "exp_avg_codes" in saved["state"][0] and "exp_avg" not in saved["state"][0]
+    p.grad = torch.ones(50, 101)
+    z.step()
+    q = torch.nn.Parameter(at_save.clone())
+    z2 = ZeroRedundancyOptimizer([q], skip_nonfinite=True, **opts)
+    z2.load_state_dict(saved)
+    q.grad = torch.full((50, 101), float("nan"))
+    z2.step()  # skipped
+    assert torch.equal(q.detach(), at_save)
+    q.grad = torch.ones(50, 101)
+    z2.step()
+    assert torch.equal(q.detach(), p.detach())
+    assert set(z2.optim.state[q]) == set(z.optim.state[p])
+    for n, v in z.optim.state[p].items():
+        assert torch.equal(z2.optim.state[q][n], v), n
 
 
 def _int8_checkpoint() -> tuple[torch.Tensor, dict[str, Any]]:
