@@ -455,3 +455,28 @@ def test_a_closure_returning_none_is_named() -> None:
     with pytest.raises(TypeError, match="closure returned None; it must return the loss"):
         opt.step(closure)
     assert (w == 1).all()
+
+
+def test_torch_lbfgs_refuses_a_second_group() -> None:
+    """fastoptim.torch.LBFGS refuses a second parameter group, added (ValueError, as the
+    NumPy tier; torch takes it, then refuses every step) or appended to ``param_groups``
+    (the step raises, changing nothing); it had stepped the first group only."""
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    a, b = torch.nn.Parameter(torch.full((3,), 2.0)), torch.nn.Parameter(torch.ones(3))
+    opt = ft.LBFGS([a])
+    with pytest.raises(ValueError, match="LBFGS doesn't support per-parameter options"):
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 1
+    opt.param_groups.append({**opt.param_groups[0], "params": [b]})
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = (a**2).sum() + (b**2).sum()
+        loss.backward()
+        return loss.detach()
+
+    with pytest.raises(ValueError, match="LBFGS doesn't support per-parameter options"):
+        opt.step(closure)
+    assert (a.detach() == 2).all() and (b.detach() == 1).all() and not opt.state

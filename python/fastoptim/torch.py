@@ -2401,10 +2401,18 @@ class ClosureOptimizer(Optimizer):
         assert host is not None
         defaults = host.closure_defaults(defaults)
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
+
+    def _one_group(self, groups: int) -> None:
+        if groups != 1:
             raise ValueError(
                 f"{type(self).__name__} doesn't support per-parameter options (parameter groups)"
             )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The one parameter group (a second raises ValueError: torch's LBFGS takes it, then
+        refuses every step)."""
+        self._one_group(len(getattr(self, "param_groups", ())) + 1)
+        super().add_param_group(param_group)
 
     @_hooked
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
@@ -2417,6 +2425,7 @@ class ClosureOptimizer(Optimizer):
         host = self._definition.host
         assert host is not None and host.closure is not None
         evaluate_closure = torch.enable_grad()(closure)
+        self._one_group(len(self.param_groups))  # (a group appended to param_groups)
         group = self.param_groups[0]
         with torch.no_grad(), self._lock:
             c = self._cache(0, group)
