@@ -4,6 +4,7 @@ AdamW and Adagrad accept bfloat16/float16 and compute in float32), and against t
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -238,3 +239,69 @@ def test_copy_out_offload_layout() -> None:
     assert not torch.equal(outs[0], before)
     clone = pickle.loads(pickle.dumps(opt))
     assert clone._copy_out == {}
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("edit", ["clamp_", "load zeros", "data replaced", "none"])
+def test_master_copy_follows_the_parameter_changed_outside(rounding: str, edit: str) -> None:
+    """With master_weights, a bfloat16 parameter changed outside the optimizer (clipped in
+    place, a model.load_state_dict, its storage replaced by ``.data =``) is what the next
+    step starts from, as in torch.optim: the master copy had been written back over the
+    change (a clipped weight came back at 4.1).  Elements left alone keep the master's
+    precision, so a resume that loads the model and the optimizer in either order stays bit
+    for bit the straight run (the parameter is one of its master's roundings)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 80).to(torch.bfloat16) for _ in range(6)]
+
+    def run(do_edit: bool) -> tuple[torch.Tensor, Any]:
+        p = torch.nn.Parameter(torch.randn(64, 80).to(torch.bfloat16))
+        opt = fot.AdamW([p], lr=0.05, master_weights=True, rounding=rounding, seed=3)
+        for g in grads[:3]:
+            p.grad = g.clone()
+            opt.step()
+        if do_edit:
+            with torch.no_grad():
+                if edit == "clamp_":
+                    p.clamp_(-0.1, 0.1)
+                elif edit == "load zeros":
+                    torch.nn.ParameterDict({"w": p}).load_state_dict({"w": torch.zeros(64, 80)})
+                elif edit == "data replaced":
+                    p.data = torch.zeros(64, 80, dtype=torch.bfloat16)
+        return p, opt
+
+    p, opt = run(True)
+    edited = p.detach().clone()
+    master = opt.state[p]["master"]
+    p.grad = torch.zeros(64, 80, dtype=torch.bfloat16)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()  # (lr 0: the parameter stays as edited)
+    if rounding == "nearest":
+        assert torch.equal(p.detach(), edited)
+        if edit != "none":
+            assert torch.equal(opt.state[p]["master"].to(torch.bfloat16), edited)
+    else:  # (each step rounds the master again: to either neighbour, one ulp at most; an
+        # edit onto the neighbour its master could round to cannot be told from a step's)
+        ulp = edited.float().abs() * 2**-7 + 1e-38
+        assert ((p.detach().float() - edited.float()).abs() <= ulp).all()
+    if edit == "none":  # (untouched: the master keeps its float32 bits)
+        assert not torch.equal(master, master.to(torch.bfloat16).float())
+    # a resume: model and optimizer state loaded in either order, bit for bit
+    p, opt = run(False)
+    saved_p, saved = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    for g in grads[3:]:
+        p.grad = g.clone()
+        opt.step()
+    for order in ("model first", "optimizer first"):
+        q = torch.nn.Parameter(torch.randn(64, 80).to(torch.bfloat16))
+        resumed = fot.AdamW([q], lr=0.05, master_weights=True, rounding=rounding, seed=3)
+        model = torch.nn.ParameterDict({"w": q})
+        if order == "model first":
+            model.load_state_dict({"w": saved_p})
+        resumed.load_state_dict(copy.deepcopy(saved))
+        if order == "optimizer first":
+            model.load_state_dict({"w": saved_p})
+        for g in grads[3:]:
+            q.grad = g.clone()
+            resumed.step()
+        assert torch.equal(q.detach(), p.detach()), order
+        assert torch.equal(resumed.state[q]["master"], opt.state[p]["master"]), order

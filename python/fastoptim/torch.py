@@ -124,6 +124,7 @@ import contextlib
 import functools
 import importlib
 import math
+import operator
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union, cast, overload
@@ -318,6 +319,35 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     itself.  fastoptim.torch updates the local shards: the update is element-wise."""
     local = getattr(t, "_local_tensor", None)
     return t if local is None else local
+
+
+def _follow(p: torch.Tensor, master: torch.Tensor, stochastic: bool) -> None:
+    """Make the float32 `master` copy of bfloat16/float16 parameter `p` follow what was done to
+    `p` outside the optimizer (clipped, re-initialised, loaded in place): each element of `p`
+    that is not what a step writes from its master (rounded to nearest; `stochastic`: either
+    of the two values around it) gives the master its value; the others keep the master's
+    precision."""
+    with torch.no_grad():
+        pl, m = _local(p).detach(), _local(master)
+        near = m.to(pl.dtype)
+        stale = (pl != near) & ~(pl.isnan() & m.isnan())
+        if stochastic:
+            inf = torch.tensor(float("inf"), dtype=pl.dtype, device=pl.device)
+            stale &= pl != torch.nextafter(near, torch.where(m > near.float(), inf, -inf))
+        if bool(stale.any()):
+            torch.where(stale, pl.float(), m, out=m)
+
+
+_VERSION = operator.attrgetter("_version")  # a tensor's autograd version
+
+
+def _bump_written(c: _Cache) -> None:
+    """After a step: the autograd versions of the parameters it wrote bumped (1 each), and
+    counted for those with a master copy (:func:`_follow` before the next step)."""
+    _bump(c.written)
+    if c.mastered:
+        c.msteps += 1
+        c.mtotal += len(c.mastered)
 
 
 def _numpy_of(t: torch.Tensor) -> np.ndarray:
@@ -724,6 +754,15 @@ class _Cache:
         self.fast = False  # the next step may try the fast path (Plan.bind_torch)
         self.last_refs: list[weakref.ref[torch.Tensor]] = []  # the previous step's gradients
         self.last_ptrs: list[int] = []
+        # (parameter, its master copy) for each that has one, and the parameters' autograd
+        # versions as last read, the steps since (each adds 1 to every one) and the total
+        # they add up to now: a parameter changed in place (a new version: versions only
+        # grow, so one sum tells) has its master follow the change (_follow) before a step
+        self.mastered: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mparams: list[torch.Tensor] = []
+        self.mversions: list[int] = []
+        self.msteps = 0
+        self.mtotal = 0
 
 
 class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # (without torch)
@@ -1472,6 +1511,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 _adopt_codes(self.state[p], f"{name}: param {label}", p)
             state = self._state_to_create(p)
             self._init_scalars(state, c.hp)
+            if precision.MASTER in layout and precision.MASTER in state:
+                # (a master kept from before: the parameter may have been changed since, e.g.
+                # its storage replaced by `.data =`, which is what rebuilt the cache)
+                master = state[precision.MASTER]
+                if isinstance(master, torch.Tensor) and master.shape == p.shape:
+                    if master.dtype == torch.float32 and master.device == p.device:
+                        _follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
             for n, kind in layout.items():
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     if kind in precision.QUANT_KINDS:
@@ -1520,6 +1566,14 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 self.state[p][n] = buf[i]
             scalars[n] = buf.numpy()
             buffers.append(buf)
+        c.mastered = [
+            (p, self.state[p][precision.MASTER])
+            for p, layout in zip(params, layouts)
+            if precision.MASTER in layout
+        ]
+        c.mparams = [p for p, _ in c.mastered]
+        c.mversions = list(map(_VERSION, c.mparams))
+        c.msteps, c.mtotal = 0, sum(c.mversions)
         pviews = [_view(p, perm) for p, perm in zip(params, perms)]
         sviews: list[list[Any]] = [
             [
@@ -1698,6 +1752,14 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         """Validate group `gi` for a step and bind its gradients; touches no element.  `fast`:
         nothing replaced any state since the last step (the fast path may be tried)."""
         c = self._cache(gi, group)
+        if c.mastered and sum(map(_VERSION, c.mparams)) != c.mtotal:
+            # a parameter changed in place since it was last seen: its master follows
+            assert c.hp is not None  # (built)
+            now = list(map(_VERSION, c.mparams))
+            for (p, master), v, was in zip(c.mastered, now, c.mversions):
+                if v != was + c.msteps:
+                    _follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
+            c.mversions, c.msteps, c.mtotal = now, 0, sum(now)
         if c.outs and any(o.data_ptr() != at or o.shape != shape for o, at, shape in c.outs):
             c.sig, c.fast = None, False  # a copy-out's storage was replaced: take it again
         if fast and c.fast and c.plan.bind_torch(group["params"]):
@@ -1878,12 +1940,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._advance_schedules()
         finally:
             for c, *_ in items:
-                _bump(c.written)
+                _bump_written(c)
 
     def _run(self, c: _Cache, buckets: list[list[int] | None], plans: list[Any]) -> None:
         """A host definition's step (Muon), group by group."""
         self._run_host(c)
-        _bump(c.written)
+        _bump_written(c)
         self._used_fresh(c)
 
     def _used_fresh(self, c: _Cache) -> None:
