@@ -1494,6 +1494,20 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 positions.append(i)
                 j += 1
         labels = [self._label(group, gi, i) for i in positions]
+        # each parameter in one place (add_param_group checks; param_groups may be edited)
+        where = {
+            id(q): self._label(g, gj, j)
+            for gj, g in enumerate(self.param_groups)
+            if gj != gi
+            for j, q in enumerate(g["params"])
+        }
+        for p, label in zip(params, labels):
+            listed = where.setdefault(id(p), label)
+            if listed != label:
+                raise ValueError(
+                    f"{name}: param {label} is param {listed} again; fastoptim updates each "
+                    "parameter once per step: list it once"
+                )
         perms = [self._check_param(p, lab) for p, lab in zip(params, labels)]
         assert c.hp is not None
         packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
