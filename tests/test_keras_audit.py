@@ -80,6 +80,28 @@ def test_subclass_still_gets_the_hint_for_a_keyword_no_class_takes() -> None:
     assert OwnKeyword(_np_params(), beta_1=0.8).param_groups[0]["betas"] == (0.8, 0.999)
 
 
+def test_subclass_keeps_a_keras_option_it_takes_as_an_attribute() -> None:
+    """A subclass taking one of Keras's option keywords itself (``name=``) keeps it as a plain
+    attribute (``self.name = name`` raised "Keras's name is not an option here"); fastoptim's
+    own classes still refuse it with the hint, and so does a Keras option the subclass does
+    not take."""
+
+    class NamedAdam(fk.Adam):
+        def __init__(self, params: Any, name: str = "adam", **kwargs: Any) -> None:
+            super().__init__(params, **kwargs)
+            self.name = name
+
+    opt = NamedAdam(_np_params(), name="encoder", learning_rate=0.01)
+    assert opt.name == "encoder" and opt.learning_rate == 0.01
+    opt.name = "decoder"
+    assert opt.name == "decoder"
+    with pytest.raises(AttributeError, match="Keras's clipnorm is not an option here"):
+        opt.clipnorm = 1.0
+    plain = fk.Adam(_np_params())
+    with pytest.raises(AttributeError, match="Keras's name is not an option here"):
+        plain.name = "x"
+
+
 def test_subclass_lr_alias() -> None:
     """The legacy ``lr`` through a forwarding subclass (was a bare KeyError)."""
 

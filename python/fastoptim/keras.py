@@ -162,9 +162,21 @@ class _Attribute:
         if self.refused:
             raise AttributeError(f"{type(opt).__name__}: {self.refused}")
 
+    def _plain(self, opt: KerasOptimizer) -> bool:
+        """A subclass that takes Keras's option `entry` itself (``name=``) keeps it as a plain
+        attribute: the refusal is for fastoptim's own classes, which do not take it."""
+        return self.entry in KERAS_OPTIONS and self.entry in accepted_keywords(type(opt))
+
     def __get__(self, opt: KerasOptimizer | None, owner: Any = None) -> Any:
         if opt is None:
             return self
+        if self._plain(opt):
+            try:
+                return opt.__dict__[self.entry]
+            except KeyError:
+                raise AttributeError(
+                    f"{type(opt).__name__} object has no attribute {self.entry!r}"
+                ) from None
         self._refuse(opt)
         values = [group[self.entry] for group in opt.param_groups]
         if any(not same(v, values[0]) for v in values):
@@ -175,6 +187,9 @@ class _Attribute:
         return values[0]
 
     def __set__(self, opt: KerasOptimizer, value: Any) -> None:
+        if self._plain(opt):
+            opt.__dict__[self.entry] = value
+            return
         self._refuse(opt)
         opt._set_every_group(self.entry, value)
 
