@@ -337,3 +337,32 @@ def test_lr_in_a_group_names_learning_rate() -> None:
     opt.param_groups[0]["lr"] = 0.5
     with pytest.raises(ValueError, match="its 'learning_rate' entry"):
         opt.step([np.ones(3, np.float32)])
+
+
+def test_distributed_wrappers_forward_keras_attributes() -> None:
+    """``z.learning_rate = x`` on ZeroRedundancyOptimizer / DataParallel over a Keras-tier
+    optimizer sets the wrapped optimizer's rate, as ``opt.learning_rate = x`` does (it had
+    become a plain attribute of the wrapper that no step read; keras audit K01); reading
+    gives the optimizer's, and Keras's options get the same hint (one process)."""
+    pytest.importorskip("mpi4py")
+    from fastoptim.distributed import DataParallel, ZeroRedundancyOptimizer
+
+    grads = [[np.random.default_rng(t).standard_normal(s) for s in ((6,), (3,))] for t in range(6)]
+    p, q = [np.ones(6), np.ones(3)], [np.ones(6), np.ones(3)]
+    z = ZeroRedundancyOptimizer(p, fk.Adam, learning_rate=0.01)
+    ref = fk.Adam(q, learning_rate=0.01)
+    for t, g in enumerate(grads):
+        if t == 3:
+            z.learning_rate = ref.learning_rate = 0.005
+        z.step(g)
+        ref.step(g)
+    assert "learning_rate" not in vars(z) and z.learning_rate == 0.005
+    assert all(np.array_equal(a, b) for a, b in zip(p, q))
+    inner = fk.Adam([np.ones(4)], learning_rate=0.01)
+    dp = DataParallel(inner)
+    dp.beta_1 = 0.5
+    assert inner.beta_1 == 0.5 and dp.beta_1 == 0.5 and "beta_1" not in vars(dp)
+    with pytest.raises(AttributeError, match="Keras's clipnorm is not an option here"):
+        dp.clipnorm = 1.0
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):
+        dp.no_such_thing  # noqa: B018

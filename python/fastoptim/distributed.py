@@ -55,6 +55,7 @@ rank after changing hyper-parameters to check again.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -421,7 +422,33 @@ def _copy_grads(
 
 
 # ------------------------------------------------------------------------ data-parallel
-class DataParallel:
+class _ForwardsHyperParameters:
+    """A wrapper's attributes that its optimizer's class defines as hyper-parameters
+    (:mod:`fastoptim.keras`'s ``learning_rate``, ``beta_1``..., and its refusals of Keras's
+    options) are read from and assigned to the wrapped optimizer (``self._opt``), not kept on
+    the wrapper, where no step would read them."""
+
+    def _forwarded(self, name: str) -> bool:
+        from .keras import _Attribute
+
+        if name.startswith("_") or hasattr(type(self), name):
+            return False  # (the wrapper's own: a method, a property)
+        inner = self.__dict__.get("_opt")
+        return isinstance(inspect.getattr_static(type(inner), name, None), _Attribute)
+
+    def __getattr__(self, name: str) -> Any:  # (only for what is not found otherwise)
+        if self._forwarded(name):
+            return getattr(self.__dict__["_opt"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._forwarded(name):
+            setattr(self.__dict__["_opt"], name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+class DataParallel(_ForwardsHyperParameters):
     """Data-parallel training with any NumPy-tier `optimizer` (:mod:`fastoptim.optimizers`,
     :mod:`fastoptim.reference`): every rank holds the same parameters and state, writes the
     gradient of its own batch into ``optimizer.grads`` (or :attr:`grads`), and :meth:`step`
@@ -710,7 +737,7 @@ class _ZeroGroup:
         return [self.arrays[i].reshape(-1)[a:b] for i, a, b in pieces]
 
 
-class ZeroRedundancyOptimizer:
+class ZeroRedundancyOptimizer(_ForwardsHyperParameters):
     """ZeRO-1: optimizer state sharded over the ranks of `comm`, parameters replicated.
 
     `params` as for any fastoptim optimizer (a list or dict of arrays, or a list of group
