@@ -181,8 +181,11 @@ RMSPROP = Definition(
 .. math::
     v_t = \alpha v_{t-1} + (1-\alpha) g_t^2,\quad
     \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t \text{ (centered)},\quad
-    d_t = \frac{g_t}{\sqrt{v_t - \bar g_t^2} + \epsilon},\quad
+    d_t = \frac{g_t}{\sqrt{\max(v_t - \bar g_t^2, 0)} + \epsilon},\quad
     b_t = \mu b_{t-1} + d_t,\quad p_t = p_{t-1} - \gamma b_t \text{ (or } \gamma d_t)
+
+The clamp at 0 departs from torch only where torch's rounded variance is negative and its
+step NaN (reduced-precision state makes that far likelier).
 
 State: ``square_avg``, ``grad_avg`` (centered), ``momentum_buffer`` (momentum > 0).""",
     hyper=(
@@ -1207,7 +1210,7 @@ the momentum buffer accumulates lr-scaled steps.
 .. math::
     v_t = \rho v_{t-1} + (1-\rho) g_t^2,\quad
     \bar g_t = \rho \bar g_{t-1} + (1-\rho) g_t \text{ (centered)},\quad
-    s_t = \frac{\gamma g_t}{\sqrt{v_t - \bar g_t^2 + \epsilon}}
+    s_t = \frac{\gamma g_t}{\sqrt{\max(v_t - \bar g_t^2, 0) + \epsilon}}
 
     b_t = \mu b_{t-1} + s_t,\quad p_t = p_{t-1} - b_t \text{ (or } s_t \text{ without momentum)}
 

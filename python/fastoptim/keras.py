@@ -370,7 +370,7 @@ class RMSprop(KerasOptimizer):
     .. math::
         v_t = \rho v_{t-1} + (1-\rho) g_t^2,\quad
         \bar g_t = \rho \bar g_{t-1} + (1-\rho) g_t \text{ (centered)},\quad
-        s_t = \frac{\gamma g_t}{\sqrt{v_t - \bar g_t^2 + \epsilon}}
+        s_t = \frac{\gamma g_t}{\sqrt{\max(v_t - \bar g_t^2, 0) + \epsilon}}
 
         b_t = \mu b_{t-1} + s_t,\quad p_t = p_{t-1} - b_t \text{ (or } s_t \text{ without momentum)}
 

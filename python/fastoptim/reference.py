@@ -287,14 +287,15 @@ def rmsprop_update(
     maximize: bool,
 ) -> None:
     """RMSprop: ``v = alpha * v + (1 - alpha) * g * g``; centered: ``m = lerp(m, g, 1 - alpha)``
-    and ``v - m * m`` replaces ``v``; ``d = g / (sqrt(v) + eps)``; momentum:
+    and ``max(v - m * m, 0)`` replaces ``v``; ``d = g / (sqrt(v) + eps)``; momentum:
     ``b = momentum * b + d``, ``p -= lr * b``; else ``p -= lr * d``."""
     g = _effective_grad(param, grad, weight_decay, maximize)
     _ema_sq_(square_avg, g, alpha)
     if centered:
         assert grad_avg is not None
         _lerp_(grad_avg, g, 1 - alpha)
-        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+        # clamped at 0 (NaN propagates), as the kernel: rounded averages can cross
+        avg = np.sqrt(np.maximum(square_avg - grad_avg * grad_avg, 0)) + eps
     else:
         avg = np.sqrt(square_avg) + eps
     if momentum > 0:
@@ -1226,14 +1227,14 @@ def keras_rmsprop_update(
     weight_decay: float,
 ) -> None:
     """Keras's RMSprop (``alpha`` is Keras's ``rho``): ``v = rho v + (1 - rho) g^2``;
-    centered: ``a = rho a + (1 - rho) g``, ``d = v - a^2 + eps``, else ``d = v + eps``;
+    centered: ``a = rho a + (1 - rho) g``, ``d = max(v - a^2, 0) + eps``, else ``d = v + eps``;
     ``s = lr * g / sqrt(d)``; ``m = momentum * m + s``, ``p -= m`` (or ``p -= s``)."""
     _keras_decay_(param, lr, weight_decay)
     rho = alpha
     square_avg[...] = rho * square_avg + (1 - rho) * np.square(grad)
     if grad_avg is not None:
         grad_avg[...] = rho * grad_avg + (1 - rho) * grad
-        denominator = square_avg - np.square(grad_avg) + eps
+        denominator = np.maximum(square_avg - np.square(grad_avg), 0) + eps
     else:
         denominator = square_avg + eps
     increment = (lr * grad) / np.sqrt(denominator)

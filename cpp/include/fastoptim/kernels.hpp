@@ -125,6 +125,11 @@ template <class T, unsigned V> struct Kernel<RMSprop, T, V> {
       // torch's addcmul is fused; Keras subtracts the rounded square (exactly 0 where the
       // gradient has not varied, e.g. rho = 0, where the fused residual could be negative)
       var = keras ? square_avg - grad_avg * grad_avg : fmadd(-grad_avg, grad_avg, square_avg);
+      // Exactly, v >= m^2 (Jensen); rounded, and far more with the two averages stored
+      // independently in float16/bfloat16/int8/int4, v - m^2 can come out negative where the
+      // gradient barely varies, and sqrt would write NaN into the parameter.  Clamped at 0: it
+      // departs from torch's maths only where torch's result is NaN.  NaN still propagates.
+      var = var < T(0) ? T(0) : var;
     }
     // torch: sqrt(var) + eps; Keras: sqrt(var + eps), and its step is (lr * g) / denom
     const T avg = keras ? std::sqrt(var + T(c.eps)) : std::sqrt(var) + T(c.eps);
