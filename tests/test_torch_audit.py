@@ -833,3 +833,34 @@ def test_parameter_listed_twice_by_editing_param_groups_is_refused(where: str) -
     opt.param_groups[gi]["params"].pop()
     opt.step()  # (listed once again: it steps)
     assert not torch.equal(a.detach(), before[a][0])
+
+
+def test_a_state_tensor_re_viewed_in_place(fast: bool) -> None:
+    """A state tensor re-viewed on the same memory (``as_strided_``) after steps: with another
+    shape, refused as torch refuses it (the plan had kept stepping the old view's memory, so
+    the state read back permuted); with the parameter's shape and transposed strides, read as
+    the tensor now says, as torch.optim reads it."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = fot.Adam([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.randn(4, 6)
+        opt.step()
+    opt.state[p]["exp_avg"].as_strided_((6, 4), (1, 6))
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of param 0 .* shape \(4, 6\)"):
+        opt.step()
+    torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)
+
+    p = torch.nn.Parameter(torch.randn(5, 5))
+    q = torch.nn.Parameter(p.detach().clone())
+    ref, opt = torch.optim.Adam([p], lr=0.1), fot.Adam([q], lr=0.1)
+    for o, t in ((ref, p), (opt, q)):
+        for i in range(3):
+            t.grad = torch.arange(25.0).reshape(5, 5) * (i + 1) - 7
+            o.step()
+            if i == 1:
+                o.state[t]["exp_avg"].as_strided_((5, 5), (1, 5))
+                o.state[t]["exp_avg_sq"].as_strided_((5, 5), (1, 5))
+    _same(q, p)
+    _same(opt.state[q]["exp_avg"], ref.state[p]["exp_avg"])

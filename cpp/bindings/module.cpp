@@ -706,15 +706,18 @@ class PyPlan {
   void watch_torch(const py::list& states, const py::list& scalars) {
     TorchApi& api = torch_api();
     if (api.describe == nullptr) return;
-    std::vector<std::pair<py::object, const void*>> watched;
+    std::vector<WatchedState> watched;
     DLTensor d{};
     for (py::handle t : states) {
-      const void* data = nullptr;  // (never a tensor's address: bind_torch then declines)
+      WatchedState w{py::reinterpret_borrow<py::object>(t), nullptr, {}};
+      // (data stays null, never a tensor's address, where describe fails: bind_torch declines)
       if (api.describe(t.ptr(), &d) != 0)
         PyErr_Clear();
-      else
-        data = static_cast<const char*>(d.data) + d.byte_offset;
-      watched.emplace_back(py::reinterpret_borrow<py::object>(t), data);
+      else {
+        w.data = static_cast<const char*>(d.data) + d.byte_offset;
+        w.layout = layout_of(d);
+      }
+      watched.push_back(std::move(w));
     }
     std::vector<py::array> buffers;
     for (py::handle a : scalars) {
@@ -821,12 +824,14 @@ class PyPlan {
     if (!disjoint_from_plan(ranges)) return false;
     // the state tensors behind the plan's arrays still on the memory they were built on, and
     // each packed scalar buffer one value (a fast step advances it as one)
-    for (const auto& [t, data] : torch_states_) {
-      if (api.describe(t.ptr(), &pt) != 0) {
+    for (const WatchedState& w : torch_states_) {
+      if (api.describe(w.tensor.ptr(), &pt) != 0) {
         PyErr_Clear();
         return false;
       }
-      if (static_cast<const char*>(pt.data) + pt.byte_offset != data) return false;
+      // on that memory, and not re-viewed in place since (as_strided_, a dtype view's set_)
+      if (static_cast<const char*>(pt.data) + pt.byte_offset != w.data) return false;
+      if (!same_layout(pt, w.layout)) return false;
     }
     for (const py::array& a : torch_scalars_) {
       const auto* b = static_cast<const char*>(a.data());
@@ -971,7 +976,32 @@ class PyPlan {
   std::vector<char> torch_mask_;
   std::vector<int64_t> torch_layout_;
   std::vector<std::size_t> torch_offsets_;
-  std::vector<std::pair<py::object, const void*>> torch_states_;  // (watch_torch)
+  // (watch_torch) a state tensor, where its data was and its layout (layout_of)
+  struct WatchedState {
+    py::object tensor;
+    const void* data;
+    std::vector<int64_t> layout;
+  };
+  std::vector<WatchedState> torch_states_;
+  // ndim, shape, strides (null strides: contiguous, as DLPack says) and dtype
+  static std::vector<int64_t> layout_of(const DLTensor& t) {
+    std::vector<int64_t> v{t.ndim};
+    v.insert(v.end(), t.shape, t.shape + t.ndim);
+    if (t.strides != nullptr) v.insert(v.end(), t.strides, t.strides + t.ndim);
+    else v.insert(v.end(), static_cast<std::size_t>(t.ndim), int64_t{-1});
+    v.push_back(dtype_key(t.dtype));
+    return v;
+  }
+  static bool same_layout(const DLTensor& t, const std::vector<int64_t>& rec) {
+    const auto n = static_cast<std::size_t>(t.ndim);
+    if (rec.size() != 2 + 2 * n || rec[0] != t.ndim || rec.back() != dtype_key(t.dtype))
+      return false;
+    if (!std::equal(t.shape, t.shape + n, rec.begin() + 1)) return false;
+    if (t.strides == nullptr)
+      return std::all_of(rec.begin() + 1 + static_cast<std::ptrdiff_t>(n), rec.end() - 1,
+                         [](int64_t x) { return x == -1; });
+    return std::equal(t.strides, t.strides + n, rec.begin() + 1 + static_cast<std::ptrdiff_t>(n));
+  }
   std::vector<py::array> torch_scalars_;
   // bind_torch's scratch (kept: no allocation per step): the gradients' byte ranges, pointers
   std::vector<Range> scratch_ranges_;

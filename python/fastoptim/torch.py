@@ -573,6 +573,10 @@ _to_dlpack = torch._C._to_dlpack  # a gradient as a DLPack capsule: what Plan.bi
 _profiling = torch._C._autograd._profiler_enabled
 
 
+def _same(t: Any) -> Any:
+    return t
+
+
 def _local_ptr(t: torch.Tensor) -> int:
     return int(_local(t).data_ptr())
 
@@ -1458,10 +1462,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
     def _sig(self, params: Sequence[torch.Tensor], local: bool) -> tuple[list[Any], ...]:
         """What must not change for a cache built from `params` to stay valid: each
         parameter's identity, storage address, strides, shape and dtype (of its local shard
-        when `local`), and the identity and storage address of every value in its state (lazy
-        initialization, load_state_dict or the user may replace those, or move a tensor's
-        storage: share_memory_(), ``.data =``, set_())."""
+        when `local`), and the identity, storage address and layout of every value in its
+        state (lazy initialization, load_state_dict or the user may replace those, move a
+        tensor's storage: share_memory_(), ``.data =``, set_(), or re-view it in place:
+        as_strided_())."""
         values = self._state_values(params)
+        view = _local if local else _same
         return (
             list(map(id, params)),
             list(map(_local_ptr if local else _data_ptr, params)),
@@ -1469,9 +1475,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             [(tuple((_local(p) if local else p).shape), p.dtype) for p in params],
             list(map(id, values)),
             [
-                (_local_ptr if local else _data_ptr)(v)
-                for v in values
-                if isinstance(v, torch.Tensor)
+                (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                for t in map(view, values)
+                if isinstance(t, torch.Tensor)
             ],
         )
 
