@@ -425,6 +425,38 @@ def _mismatch(comm: Any, out: Path) -> None:
             opt.add_param_group({"params": [np.zeros(2, np.float32)]})
         dp.step()
 
+    # A valid hyper-parameter changed on one rank only after the first step (no check()):
+    # the ranks had silently diverged.  The step's digest now finds it before anything moves.
+    def dp_lr_changed_on_one_rank_later() -> None:
+        w = np.zeros(4, np.float32)
+        dp = fd.DataParallel(fo.SGD([w], lr=0.1), comm)
+        dp.step([np.ones(4, np.float32)])
+        if rank == 1:
+            dp.param_groups[0]["lr"] = 0.3
+        try:
+            dp.step([np.ones(4, np.float32)])
+        finally:
+            assert np.all(w == np.float32(-0.1)), w  # nothing moved on any rank
+
+    def zero_momentum_changed_on_one_rank_later() -> None:
+        w = np.zeros(9, np.float32)
+        z = fd.ZeroRedundancyOptimizer([w], fo.SGD, comm=comm, lr=0.1, momentum=0.9)
+        z.step([np.ones(9, np.float32)])
+        if rank == 0:
+            z.param_groups[0]["momentum"] = 0.5
+        try:
+            z.step([np.ones(9, np.float32)])
+        finally:
+            assert np.all(w == np.float32(-0.1)), w
+
+    def schedules_and_changes_made_alike_step() -> None:  # no false alarm
+        w = np.zeros(4, np.float32)
+        dp = fd.DataParallel(fo.SGD([w], lr=lambda t: 0.1 / (t + 1), momentum=0.5), comm)
+        for t in range(3):
+            dp.step([np.ones(4, np.float32)])
+            dp.param_groups[0]["momentum"] = 0.1 * t  # on every rank
+        assert dp.optimizer.step_count == 3
+
     def still_works() -> None:
         w = np.zeros(4, np.float32)
         dp = fd.DataParallel(fo.SGD([w], lr=1.0), comm)
@@ -451,6 +483,9 @@ def _mismatch(comm: Any, out: Path) -> None:
         dp_lr_invalid_on_one_rank,
         zero_read_only_on_one_rank,
         dp_group_added_on_one_rank,
+        dp_lr_changed_on_one_rank_later,
+        zero_momentum_changed_on_one_rank_later,
+        schedules_and_changes_made_alike_step,
         still_works,
     ):
         attempt(fn.__name__, fn)

@@ -55,6 +55,7 @@ rank after changing hyper-parameters to check again.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -171,26 +172,42 @@ def _take_grads(
     grads: Grads | None,
     copy: Callable[[Grads], None],
     ready: Callable[[], None],
-) -> None:
+    opt: Optimizer,
+) -> bool:
     """A step's `grads` argument on every rank (one ``allgather``, whether given or not, so
     the ranks stay in step): copied by `copy` where given, then `ready()` (what the step will
     check: it must not fail on some ranks only once the collectives begin);
     :class:`DistributedError` on every rank if some ranks passed gradients and others None,
-    or if a copy or check failed anywhere."""
+    or if a copy or check failed anywhere.  The same ``allgather`` carries a digest of `opt`'s
+    hyper-parameters and step counts: whether every rank's is the same (if not, the caller
+    runs the full check, which names what differs)."""
 
-    def local() -> bool:
+    def local() -> tuple[bool, bytes]:
         if grads is not None:
             copy(grads)
         ready()
-        return grads is not None
+        return grads is not None, _digest(opt)
 
-    given = _agree_all(comm, where, local)
+    outcomes = _agree_all(comm, where, local)
+    given = [g for g, _ in outcomes]
     if len(set(given)) > 1:
         ranks = [r for r, g in enumerate(given) if g]
         raise DistributedError(
             f"{where}: gradients were passed on rank(s) {ranks} and not on the others: pass "
             "them on every rank, or on none (the gradient buffers then hold them)"
         )
+    return len({d for _, d in outcomes}) == 1
+
+
+def _digest(opt: Optimizer) -> bytes:
+    """8 bytes standing for every group's hyper-parameter values (a scheduled one as this
+    step's value) and the step counts: a hyper-parameter changed on some ranks only (without
+    :meth:`DataParallel.check`) is found at the next step instead of silently making the
+    ranks' parameters diverge.  (A value whose repr differs between equal objects makes the
+    step run the full check, which compares them properly.)"""
+    hypers = [sorted((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
+    counts = [opt.step_count, *(g.step for g in opt._groups)]
+    return hashlib.blake2b(repr((hypers, counts)).encode(), digest_size=8).digest()
 
 
 def _compare(comm: Any, where: str, signature: list[tuple[str, str]]) -> None:
@@ -649,8 +666,7 @@ class DataParallel(_ForwardsHyperParameters):
             self._check_groups()
             opt._check_ready(where)
 
-        _take_grads(self._c.comm, where, grads, copy, ready)
-        if not self._checked:
+        if not _take_grads(self._c.comm, where, grads, copy, ready, opt) or not self._checked:
             self.check()
         self.allreduce_grads()
         return self.optimizer.step()
@@ -984,8 +1000,7 @@ class ZeroRedundancyOptimizer(_ForwardsHyperParameters):
                         raise ValueError(f"{where}: param {k!r}: array was made read-only")
             self.optimizer._check_ready(where)
 
-        _take_grads(c.comm, where, grads, copy, ready)
-        if not self._checked:
+        if not _take_grads(c.comm, where, grads, copy, ready, self.optimizer) or not self._checked:
             self.check()
         average = self.grad_reduction == "mean"
         for (seg, _, inner), flat in zip(self._segments, self._grad_flats):
