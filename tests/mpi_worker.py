@@ -457,6 +457,35 @@ def _mismatch(comm: Any, out: Path) -> None:
             dp.param_groups[0]["momentum"] = 0.1 * t  # on every rank
         assert dp.optimizer.step_count == 3
 
+    # Named parameters in another order on one rank (same names, dtypes, shapes): the
+    # gradient blocks and ZeRO's ranges follow each rank's order, and got mixed silently.
+    def _named() -> dict[str, np.ndarray]:
+        d = {"w": np.zeros(16, np.float32), "b": np.zeros(16, np.float32)}
+        return d if rank == 0 else {"b": d["b"], "w": d["w"]}
+
+    def dp_named_order() -> None:
+        fd.DataParallel(fo.SGD(_named(), lr=1.0), comm)
+
+    def zero_named_order() -> None:
+        fd.ZeroRedundancyOptimizer(_named(), fo.SGD, comm=comm, lr=1.0)
+
+    # A schedule described alike everywhere but giving each rank its own value (the digest
+    # differs, the setups agree): the values are compared and named.
+    def dp_schedule_value_differs() -> None:
+        w = np.zeros(4, np.float32)
+        dp = fd.DataParallel(fo.SGD([w], lr=lambda t: 0.1 * (1 + rank)), comm)
+        try:
+            dp.step([np.ones(4, np.float32)])
+        finally:
+            assert np.all(w == 0), w
+
+    def zero_same_array_twice() -> None:  # refused everywhere, as one process refuses it
+        a = np.zeros(4, np.float32)
+        fd.ZeroRedundancyOptimizer([a, a], fo.SGD, comm=comm, lr=0.1)
+
+    def dp_closure_optimizer() -> None:
+        fd.DataParallel(fo.LBFGS([np.zeros(4, np.float32)]), comm)
+
     def still_works() -> None:
         w = np.zeros(4, np.float32)
         dp = fd.DataParallel(fo.SGD([w], lr=1.0), comm)
@@ -486,6 +515,11 @@ def _mismatch(comm: Any, out: Path) -> None:
         dp_lr_changed_on_one_rank_later,
         zero_momentum_changed_on_one_rank_later,
         schedules_and_changes_made_alike_step,
+        dp_named_order,
+        zero_named_order,
+        dp_schedule_value_differs,
+        zero_same_array_twice,
+        dp_closure_optimizer,
         still_works,
     ):
         attempt(fn.__name__, fn)

@@ -289,6 +289,9 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
         "dp_group_added_on_one_rank": "rank 0: RuntimeError: DataParallel: parameter groups",
         "dp_lr_changed_on_one_rank_later": "group 0 lr: 0.1 on rank 0, 0.3 on rank 1",
         "zero_momentum_changed_on_one_rank_later": "group 0 momentum: 0.5 on rank 0, 0.9 on",
+        "dp_named_order": "group 0 param 0: 'w' float32 (16,) on rank 0, 'b' float32 (16,) on",
+        "zero_named_order": "group 0 param 0: 'w' float32 (16,) on rank 0, 'b' float32 (16,)",
+        "dp_schedule_value_differs": "group 0 lr (this step's value): 0.1 on rank 0, 0.2 on",
     }
     for r, per_rank in enumerate(got):
         for label, text in expect.items():
@@ -304,6 +307,13 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
             "ValueError: ZeroRedundancyOptimizer: state_dtype={'exp_avg': 'int4'}"
         )
         assert per_rank["still_works"] == "no error", per_rank["still_works"]
+        assert per_rank["zero_same_array_twice"] == (
+            "ValueError: ZeroRedundancyOptimizer: param 1 shares memory with param 0; every "
+            "array must be distinct"
+        )
+        assert per_rank["dp_closure_optimizer"].startswith(
+            "TypeError: DataParallel: LBFGS steps with a closure"
+        )
         assert per_rank["schedules_and_changes_made_alike_step"] == "no error", per_rank
     # the checkpoint of the last scenario was loaded on rank 0 but changed nothing there
     assert "rank 0" not in got[0]["zero_checkpoint_missing_on_one_rank"]

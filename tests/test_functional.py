@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -415,3 +416,42 @@ def test_zero_dim_and_empty() -> None:
     assert p0.shape == () and p0 != 0.5 and p0.tobytes() == p1.tobytes()
     e = [np.zeros((0, 3), np.float32) for _ in range(3)]
     F.lion_(e[0], e[1], e[2], step=1)
+
+
+def test_ema_dtype_follows_state_dtype() -> None:
+    """The ema array is checked against the precision policy as the states are (a bfloat16
+    EMA had been kept at bfloat16 where the class keeps float32: 0.02 apart after 200 steps)."""
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    p = np.ones(8, bf16)
+    m, v = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    before = p.copy()
+    with pytest.raises(TypeError, match="adamw_: ema is bfloat16; state_dtype=None keeps the "
+                       "average as float32 for a bfloat16 parameter"):  # fmt: skip
+        F.adamw_(p, np.ones(8, bf16), m, v, step=1, ema=p.copy(), ema_decay=0.9)
+    with pytest.raises(TypeError, match="ema is float32; state_dtype='bfloat16' keeps"):
+        F.adamw_(p, np.ones(8, bf16), m.astype(bf16), v.astype(bf16), step=1,
+                 ema=p.astype(np.float32), ema_decay=0.9, state_dtype="bfloat16")  # fmt: skip
+    np.testing.assert_array_equal(p.view(np.uint16), before.view(np.uint16))
+    assert not m.any() and not v.any()
+    ema = p.astype(np.float32)
+    F.adamw_(p, np.ones(8, bf16), m, v, step=1, lr=0.1, ema=ema, ema_decay=0.9)  # right
+    assert np.all(p != before)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "float16"])
+def test_sparse_rows_refuses_a_state_dtype_it_does_not_keep(state_dtype: str) -> None:
+    """As the class tier's step_rows: row updates keep state in the parameter's dtype (the
+    option had been ignored)."""
+    table = np.ones((5, 3), np.float32)
+    m, v = np.zeros((5, 3), np.float32), np.zeros((5, 3), np.float32)
+    with pytest.raises(TypeError, match=f"parameter float32; state_dtype '{state_dtype}'"):
+        F.sparse_rows_(
+            "SparseAdam",
+            table,
+            np.array([1]),
+            np.ones((1, 3), np.float32),
+            {"exp_avg": m, "exp_avg_sq": v},
+            step=1,
+            state_dtype=state_dtype,
+        )
+    assert np.all(table == 1) and not m.any() and not v.any()

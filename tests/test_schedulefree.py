@@ -423,3 +423,36 @@ def test_train_checks_every_group_before_any_parameter_moves(cls: str) -> None:
     opt.train()
     np.testing.assert_allclose(p1, y1, rtol=0, atol=1e-6)
     np.testing.assert_allclose(p2, y2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tier", ["numpy", "torch"])
+def test_train_and_eval_refused_inside_ema_weights(tier: str) -> None:
+    """train()/eval() inside ``ema_weights()`` moved the EMA the block had put in the
+    parameters, and the block's exit put the old values back under the new mode: the next step
+    took its gradient at the wrong point.  Refused now (as a step is), nothing moved."""
+    g = np.array([1.0, -1.0, 0.5, 2.0], np.float32)
+    if tier == "numpy":
+        w = np.ones(4, np.float32)
+        opt: Any = fo.AdamWScheduleFree([w], lr=0.1, ema_decay=0.9)
+        for _ in range(5):
+            opt.step([g])
+        read = w.copy
+    else:
+        torch = pytest.importorskip("torch")
+        import fastoptim.torch as fot
+
+        t = torch.nn.Parameter(torch.ones(4))
+        opt = fot.AdamWScheduleFree([t], lr=0.1, ema_decay=0.9)
+        for _ in range(5):
+            t.grad = torch.from_numpy(g.copy())
+            opt.step()
+        read = lambda: t.detach().numpy().copy()  # noqa: E731
+    for call in ("eval", "train"):
+        if call == "train":
+            opt.eval()
+        before, mode = read(), opt.training
+        with opt.ema_weights():
+            with pytest.raises(RuntimeError, match=f"{call}: inside ema_weights"):
+                getattr(opt, call)()
+        assert opt.training == mode
+        np.testing.assert_array_equal(read(), before)

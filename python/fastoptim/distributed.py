@@ -70,6 +70,7 @@ import numpy as np
 import fastoptim.engine.optimizer
 
 from . import checkpoint
+from .engine.closure import ClosureOptimizer
 from .engine.optimizer import Grads, Optimizer, Params, _dtype
 from .engine.precision import QUANT_KINDS
 from .engine.readonly import GRADS_HINT, ReadOnlyDict, ReadOnlyList
@@ -205,9 +206,20 @@ def _digest(opt: Optimizer) -> bytes:
     :meth:`DataParallel.check`) is found at the next step instead of silently making the
     ranks' parameters diverge.  (A value whose repr differs between equal objects makes the
     step run the full check, which compares them properly.)"""
-    hypers = [sorted((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
-    counts = [opt.step_count, *(g.step for g in opt._groups)]
-    return hashlib.blake2b(repr((hypers, counts)).encode(), digest_size=8).digest()
+    return hashlib.blake2b(repr(_values(opt)).encode(), digest_size=8).digest()
+
+
+def _values(opt: Optimizer) -> list[tuple[str, str]]:
+    """This step's hyper-parameter values (the optimizer's own keys: not what a user adds to a
+    group) and the step counts, as (label, repr) pairs."""
+    out = [
+        (f"group {gi} {k} (this step's value)", repr(g[k]))
+        for gi, g in enumerate(opt.param_groups)
+        for k in sorted(opt.defaults)
+        if k in g
+    ]
+    out.append(("step counts", repr([opt.step_count, *(g.step for g in opt._groups)])))
+    return out
 
 
 def _compare(comm: Any, where: str, signature: list[tuple[str, str]]) -> None:
@@ -245,8 +257,9 @@ def _groups_signature(
     sig += [(k, repr(v)) for k, v in options.items()]
     for gi, pairs in enumerate(params):
         sig.append((f"group {gi} parameters", str(len(pairs))))
-        for key, p in pairs:
-            sig.append((f"group {gi} param {key!r}", f"{_dtype(p.dtype).name} {tuple(p.shape)}"))
+        for i, (key, p) in enumerate(pairs):  # by position: the layouts follow the order
+            name = f"{key!r} " if isinstance(key, str) else ""
+            sig.append((f"group {gi} param {i}", f"{name}{_dtype(p.dtype).name} {tuple(p.shape)}"))
         if hypers is not None:
             for k, v in sorted(hypers[gi].items()):
                 sig.append((f"group {gi} {k}", repr(_to_data(v))))
@@ -506,6 +519,13 @@ class DataParallel(_ForwardsHyperParameters):
                     "DataParallel: optimizer must be a fastoptim NumPy-tier optimizer, got "
                     f"{type(optimizer).__name__}"
                 )
+            if isinstance(optimizer, ClosureOptimizer):
+                raise TypeError(
+                    f"DataParallel: {type(optimizer).__name__} steps with a closure that "
+                    "evaluates the gradient several times per step, and DataParallel reduces "
+                    "the gradients once per step: not supported (reduce inside the closure "
+                    "with allreduce_grads() on a plain optimizer instead)"
+                )
             self.bucket_bytes = _check_options(
                 "DataParallel", bucket_bytes, grad_reduction, ("mean", "sum")
             )
@@ -666,8 +686,11 @@ class DataParallel(_ForwardsHyperParameters):
             self._check_groups()
             opt._check_ready(where)
 
-        if not _take_grads(self._c.comm, where, grads, copy, ready, opt) or not self._checked:
+        same = _take_grads(self._c.comm, where, grads, copy, ready, opt)
+        if not same or not self._checked:
             self.check()
+        if not same:  # (and the setups agree: a schedule that gives each rank its own value)
+            _compare(self._c.comm, where, _values(opt))
         self.allreduce_grads()
         return self.optimizer.step()
 
@@ -715,6 +738,19 @@ def _parse_params(params: Params, where: str) -> tuple[bool, list[dict[str, Any]
         )
     if not groups:
         raise ValueError(f"{where}: params is an empty parameter list")
+    # Each array once (as one process refuses it: each rank's optimizer sees only its pieces,
+    # and the all-gather would write one rank's update of the memory over another's).
+    spans = sorted(
+        (a.__array_interface__["data"][0], a.nbytes, k)
+        for g in groups
+        for k, a in zip(g["keys"], g["arrays"])
+    )
+    for (lo, size, k), (lo2, _, k2) in zip(spans, spans[1:]):
+        if lo2 < lo + size:
+            raise ValueError(
+                f"{where}: param {k2!r} shares memory with param {k!r}; every array must be "
+                "distinct"
+            )
     return bool(named), groups
 
 
@@ -1000,8 +1036,11 @@ class ZeroRedundancyOptimizer(_ForwardsHyperParameters):
                         raise ValueError(f"{where}: param {k!r}: array was made read-only")
             self.optimizer._check_ready(where)
 
-        if not _take_grads(c.comm, where, grads, copy, ready, self.optimizer) or not self._checked:
+        same = _take_grads(c.comm, where, grads, copy, ready, self.optimizer)
+        if not same or not self._checked:
             self.check()
+        if not same:  # (and the setups agree: a schedule that gives each rank its own value)
+            _compare(c.comm, where, _values(self.optimizer))
         average = self.grad_reduction == "mean"
         for (seg, _, inner), flat in zip(self._segments, self._grad_flats):
             me_lo = seg.ranges[c.rank][0]

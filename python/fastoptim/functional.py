@@ -205,6 +205,14 @@ def sparse_rows_(
             f"{where}: {optimizer} with these options needs the state arrays {needed}, got "
             f"{sorted(states)}"
         )
+    if isinstance(param, np.ndarray) and param.dtype in (np.float32, np.float64):
+        pname = param.dtype.name  # (the class tier's rule: state in the parameter's dtype)
+        kinds = _precision.buffers(group, pname, tuple(needed), param.size)
+        if any(k != pname for k in kinds.values()):
+            raise TypeError(
+                f"{where}: row updates take float32/float64 parameters with state of the same "
+                f"dtype (parameter {pname}; state_dtype {group.get('state_dtype')!r})"
+            )
     idx, grad = _sparse.coalesce(f"{where}: param", param, indices, rows)
     defn.core_rows([(core, int(step), param, idx, grad, [states[n] for n in needed], "param")])
 

@@ -119,6 +119,13 @@ def step(
             f"{fn}: ema_decay and ema go together (the ema array is the average that "
             "ema_decay updates: start it as a copy of param)"
         )
+    want = kinds.get(precision.EMA)
+    if isinstance(ema, np.ndarray) and want and want not in precision.QUANT_KINDS:
+        if precision.dtype_name(ema.dtype) != want:
+            raise TypeError(
+                f"{fn}: ema is {ema.dtype}; state_dtype={group[precision.STATE_DTYPE]!r} keeps "
+                f"the average as {want} for a {pname} parameter"
+            )
     plan = _core.Plan(
         [param],
         ["param"],

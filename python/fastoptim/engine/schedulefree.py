@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .optimizer import Grads, Optimizer, _Group
+from .transforms import check_not_swapped
 
 #: Schedule-Free's swaps draw their stochastic-rounding bits with step numbers from here on
 #: (``SWAP_KEY + 2 * step`` for eval(), ``+ 1`` for train()), apart from every real step's.
@@ -29,12 +30,15 @@ class Modes:
 
     def train(self, mode: bool = True) -> None:
         """Move the parameters to y, where ``step()`` takes gradients (no-op in train mode).
-        ``train(False)`` is :meth:`eval`."""
+        ``train(False)`` is :meth:`eval`.  RuntimeError inside ``ema_weights()``."""
+        where = f"{type(self).__name__}.{'train' if mode else 'eval'}"
+        check_not_swapped(self, where)  # (the swap would move the EMA, the exit undo it)
         self._set_mode(bool(mode))
 
     def eval(self) -> None:
         """Move the parameters to the averaged iterate x, to evaluate the model or save a
-        checkpoint (no-op in eval mode)."""
+        checkpoint (no-op in eval mode).  RuntimeError inside ``ema_weights()``."""
+        check_not_swapped(self, f"{type(self).__name__}.eval")
         self._set_mode(False)
 
 

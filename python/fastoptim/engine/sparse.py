@@ -9,7 +9,8 @@ state are not read or written.  The optimizers that have one are torch's convent
 Adagrad and SparseAdam (not :mod:`fastoptim.keras`'s SGD and Adagrad).  Exact semantics, as
 ``torch.optim`` with a sparse COO gradient:
 
-- duplicate indices are summed first (torch coalesces), in the order given;
+- duplicate indices are summed first (torch coalesces; the order of that sum is
+  NumPy's ``add.reduceat``, torch's is its own: with duplicates, equal to rounding);
 - the step count advances whether a row is present or not: bias corrections and decays use the
   optimizer's step (SparseAdam: ``1 - beta^t`` with the global ``t``);
 - for :class:`~fastoptim.SGD` (``momentum = 0``) and :class:`~fastoptim.Adagrad` the result
@@ -73,7 +74,7 @@ def coalesce(
     where: str, param: np.ndarray, indices: Any, rows: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check one row gradient of `param` and return it coalesced: int64 indices strictly
-    increasing, rows of duplicate indices summed (in the order given), as C-contiguous arrays
+    increasing, rows of duplicate indices summed (np.add.reduceat), as C-contiguous arrays
     the row kernel takes.  Raises TypeError / ValueError / IndexError naming `where`."""
     if not isinstance(param, np.ndarray) or param.ndim < 1:
         raise ValueError(f"{where}: row updates need a parameter with at least one dimension")
