@@ -682,12 +682,29 @@ void store_stochastic_many(const std::array<const float*, A>&, const std::array<
 // Kahan-compensated store of an updated low-precision parameter: the update (new - old) plus the
 // compensation c is added to the stored parameter, rounded to nearest; what the rounding lost
 // becomes the new compensation (rounded to nearest itself).
+// A compensation this store wrote is at most half the spacing next to p on the side it points
+// to (what rounding p lost; half the spacing above |p| is 2^floor(log2 |p|) * 2^-(mantissa bits
+// + 1), halved below a power of two; below the smallest normal only 0 fits).  One that is
+// larger belongs to a value the parameter no longer holds: the user changed it since (zeroed a
+// pruned weight, clamped it, loaded another) and it is dropped, or a step with a zero gradient
+// moved the edited weight by itself (a zeroed weight came back as the old value's residual).
+// A checkpoint's pair always passes (bit-exact resume).  By bits, no conversion: 2^floor(log2
+// |p|) is p's float32 exponent field alone.
+template <class F>
+inline float kept_compensation(float p, float c) {
+  constexpr float kHalfRelative = std::is_same_v<F, BF16> ? 0x1p-8f : 0x1p-11f;
+  const uint32_t b = bits_of(p);
+  const float above = float_of(b & 0x7F800000u) * kHalfRelative;  // (Inf for Inf/NaN p)
+  const bool below = (b & 0x007FFFFFu) == 0 && ((b ^ bits_of(c)) & 0x80000000u) != 0;
+  return std::fabs(c) <= (below ? 0.5f * above : above) ? c : 0.0f;
+}
+
 template <class F>
 void store_kahan(const float* __restrict fresh, const float* __restrict old, int64_t n,
                  uint16_t* __restrict param, uint16_t* __restrict comp) {
   FASTOPTIM_VECTORIZE
   for (int64_t i = 0; i < n; ++i) {
-    const float u = F::load(comp[i]) + (fresh[i] - old[i]);
+    const float u = kept_compensation<F>(old[i], F::load(comp[i])) + (fresh[i] - old[i]);
     const uint16_t stored = F::nearest(old[i] + u);
     comp[i] = F::nearest(u - (F::load(stored) - old[i]));
     param[i] = stored;

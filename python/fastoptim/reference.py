@@ -1089,6 +1089,23 @@ def _load(a: np.ndarray) -> np.ndarray:
     return np.array(a, dtype=np.float32)
 
 
+def kept_compensation(param: np.ndarray, comp: np.ndarray) -> np.ndarray:
+    """The Kahan compensation a step uses (float32): `comp` where it is at most half the
+    spacing next to `param` on the side it points to (what a store rounding `param` can have
+    lost): ``2^floor(log2 |param|) * 2^-(m + 1)`` (m = 7 for bfloat16, 10 for float16), halved
+    below a power of two, 0 below the smallest float32 normal; else 0: a larger one belongs to
+    a value the parameter no longer holds (changed since: zeroed, clamped, loaded)."""
+    p, c = _load(param), _load(comp)
+    b = p.view(np.uint32)
+    above = (b & np.uint32(0x7F800000)).view(np.float32) * np.float32(
+        2.0**-8 if param.dtype.name == "bfloat16" else 2.0**-11
+    )
+    below = ((b & np.uint32(0x007FFFFF)) == 0) & (((b ^ c.view(np.uint32)) >> 31) == 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        keep = np.abs(c) <= np.where(below, np.float32(0.5) * above, above)
+    return np.where(keep, c, np.float32(0)).astype(np.float32)
+
+
 def _store(value: np.ndarray, into: np.ndarray, bits: Callable[[Any], np.ndarray] | None) -> None:
     """Round float32 `value` into `into` (bfloat16/float16, or float32: copied); `bits(dtype)`:
     the random bits of a stochastic store into `dtype`."""
@@ -1132,7 +1149,7 @@ def _update_stored(
         )
 
     if comp is not None:  # Kahan: the update plus what rounding lost last time, to nearest
-        u = _load(comp) + (p32 - old)
+        u = kept_compensation(param, comp) + (p32 - old)
         stored = np.empty_like(param)
         _store(old + u, stored, None)
         _store(u - (_load(stored) - old), comp, None)
