@@ -427,27 +427,23 @@ def _mismatch(comm: Any, out: Path) -> None:
 
     # A valid hyper-parameter changed on one rank only after the first step (no check()):
     # the ranks had silently diverged.  The step's digest now finds it before anything moves.
-    def dp_lr_changed_on_one_rank_later() -> None:
-        w = np.zeros(4, np.float32)
-        dp = fd.DataParallel(fo.SGD([w], lr=0.1), comm)
-        dp.step([np.ones(4, np.float32)])
-        if rank == 1:
-            dp.param_groups[0]["lr"] = 0.3
+    def changed_on_one_rank_later(wrapper: Any, w: np.ndarray, on: int, key: str) -> None:
+        wrapper.step([np.ones(w.size, np.float32)])
+        if rank == on:
+            wrapper.param_groups[0][key] = 0.5 if key == "momentum" else 0.3
         try:
-            dp.step([np.ones(4, np.float32)])
+            wrapper.step([np.ones(w.size, np.float32)])
         finally:
             assert np.all(w == np.float32(-0.1)), w  # nothing moved on any rank
+
+    def dp_lr_changed_on_one_rank_later() -> None:
+        w = np.zeros(4, np.float32)
+        changed_on_one_rank_later(fd.DataParallel(fo.SGD([w], lr=0.1), comm), w, 1, "lr")
 
     def zero_momentum_changed_on_one_rank_later() -> None:
         w = np.zeros(9, np.float32)
         z = fd.ZeroRedundancyOptimizer([w], fo.SGD, comm=comm, lr=0.1, momentum=0.9)
-        z.step([np.ones(9, np.float32)])
-        if rank == 0:
-            z.param_groups[0]["momentum"] = 0.5
-        try:
-            z.step([np.ones(9, np.float32)])
-        finally:
-            assert np.all(w == np.float32(-0.1)), w
+        changed_on_one_rank_later(z, w, 0, "momentum")
 
     def schedules_and_changes_made_alike_step() -> None:  # no false alarm
         w = np.zeros(4, np.float32)
