@@ -69,7 +69,7 @@ import numpy as np
 
 import fastoptim.engine.optimizer
 
-from . import checkpoint
+from . import _core, checkpoint
 from .engine.closure import ClosureOptimizer
 from .engine.optimizer import Grads, Optimizer, Params, _dtype
 from .engine.precision import QUANT_KINDS
@@ -740,17 +740,13 @@ def _parse_params(params: Params, where: str) -> tuple[bool, list[dict[str, Any]
         raise ValueError(f"{where}: params is an empty parameter list")
     # Each array once (as one process refuses it: each rank's optimizer sees only its pieces,
     # and the all-gather would write one rank's update of the memory over another's).
-    spans = sorted(
-        (a.__array_interface__["data"][0], a.nbytes, k)
-        for g in groups
-        for k, a in zip(g["keys"], g["arrays"])
-    )
-    for (lo, size, k), (lo2, _, k2) in zip(spans, spans[1:]):
-        if lo2 < lo + size:
-            raise ValueError(
-                f"{where}: param {k2!r} shares memory with param {k!r}; every array must be "
-                "distinct"
-            )
+    try:
+        _core.check_disjoint(
+            [a for g in groups for a in g["arrays"]],
+            [f"param {k!r}" for g in groups for k in g["keys"]],
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     return bool(named), groups
 
 

@@ -38,8 +38,7 @@ class Modes:
     def eval(self) -> None:
         """Move the parameters to the averaged iterate x, to evaluate the model or save a
         checkpoint (no-op in eval mode).  RuntimeError inside ``ema_weights()``."""
-        check_not_swapped(self, f"{type(self).__name__}.eval")
-        self._set_mode(False)
+        self.train(False)
 
 
 class ScheduleFreeOptimizer(Modes, Optimizer):
