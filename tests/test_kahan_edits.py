@@ -126,3 +126,32 @@ def test_torch_tier_a_zeroed_weight_stays_zero() -> None:
         w.grad = torch.zeros(37, dtype=dtype)
         opt.step()
         torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)
+
+
+def test_torch_tier_kahan_switched_off_and_on_starts_a_new_compensation() -> None:
+    """kahan=False drops the compensation (the steps without it leave it behind the parameter);
+    kahan=True again starts from zero, so a zero-gradient step moves nothing.  Kept, the old
+    residual had been added back: 2 of 1,000 weights moved one ulp at exact ties."""
+    torch = pytest.importorskip("torch")
+    from fastoptim import torch as ft
+
+    for dtype in (torch.bfloat16, torch.float16):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4096, generator=gen).to(dtype))
+        opt = ft.SGD([w], lr=1e-3, kahan=True)
+        grads = [torch.randn(4096, generator=gen).to(dtype) for _ in range(20)]
+        for g in grads[:10]:
+            w.grad = g
+            opt.step()
+        assert bool(opt.state[w]["compensation"].ne(0).any())
+        opt.param_groups[0]["kahan"] = False
+        for g in grads[10:]:
+            w.grad = g
+            opt.step()
+        assert "compensation" not in opt.state[w]
+        opt.param_groups[0]["kahan"] = True
+        before = w.detach().clone()
+        w.grad = torch.zeros(4096, dtype=dtype)
+        opt.step()
+        torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)
+        assert bool(opt.state[w]["compensation"].eq(0).all())

@@ -1525,6 +1525,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         shaped = self._definition.shaped
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
+            if precision.COMPENSATION not in layout and p in self.state:
+                # (kahan switched off: its compensation is the rounding residual of a value
+                # the parameter has left; kept, a later kahan=True would add it back)
+                self.state[p].pop(precision.COMPENSATION, None)
             if stateless:
                 continue
             if p in self.state:  # (before the step remembers what it held)
