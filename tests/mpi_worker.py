@@ -286,16 +286,22 @@ def _clip(comm: Any, result: dict[str, np.ndarray]) -> None:
 
     rng = np.random.default_rng(3)
     arrays = [rng.standard_normal(s).astype(np.float32) for s in CLIP_SHAPES]
+    same = [a.copy() for a in arrays]
     z = fd.ZeroRedundancyOptimizer(arrays, fo.AdamW, comm=comm, **CLIP)
-    norms, skipped = [], []
-    for t in range(STEPS):
-        norm = z.step(clip_grads(t, comm.Get_rank(), arrays))
-        norms.append(np.nan if norm is None else norm)
-        skipped.append(z.optimizer.step_skipped)
-    for i, a in enumerate(arrays):
-        result[f"clip/p{i}"] = a
-    result["clip/norms"] = np.array(norms)
-    result["clip/skipped"] = np.array(skipped)
+    dp = fd.DataParallel(fo.AdamW(same, **CLIP), comm)
+    for wrapper, key in ((z, "clip"), (dp, "clip-dp")):
+        norms, skipped, kept = [], [], []
+        for t in range(STEPS):
+            norm = wrapper.step(clip_grads(t, comm.Get_rank(), arrays))
+            norms.append(np.nan if norm is None else norm)
+            skipped.append(wrapper.step_skipped)  # (the wrapper's: its optimizer's)
+            kept.append(np.nan if wrapper.grad_norm is None else wrapper.grad_norm)
+            assert wrapper.step_skipped == wrapper.optimizer.step_skipped
+        for i, a in enumerate(arrays if wrapper is z else same):
+            result[f"{key}/p{i}"] = a
+        result[f"{key}/norms"] = np.array(norms)
+        result[f"{key}/grad_norm"] = np.array(kept)
+        result[f"{key}/skipped"] = np.array(skipped)
 
 
 def _load_only(comm: Any, out: Path, ckpt: Path) -> None:

@@ -342,9 +342,10 @@ def test_mpi_mlp_example_2_ranks_reach_the_loss_of_1() -> None:
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_zero1_clipping_sees_every_rank(n: int, run2: Any, run3: Any) -> None:
-    """ZeRO-1 with max_grad_norm and skip_nonfinite: every rank reports the norm of all the
-    mean gradients (each rank holds a shard of them), an infinity on one rank skips the step
-    on every rank, and the result is one process's (up to the order of the norm's sum)."""
+    """ZeRO-1 (and DataParallel) with max_grad_norm and skip_nonfinite: every rank reports the
+    norm of all the mean gradients (each rank holds a shard of them), an infinity on one rank
+    skips the step on every rank, and the result is one process's (up to the order of the
+    norm's sum).  The wrappers' own ``step_skipped`` and ``grad_norm`` say so too."""
     from mpi_worker import CLIP, CLIP_BAD_STEP, CLIP_SHAPES, clip_grads
 
     ranks = by_n(n, run2, run3)
@@ -359,12 +360,16 @@ def test_zero1_clipping_sees_every_rank(n: int, run2: Any, run3: Any) -> None:
         assert opt.step_skipped == (t == CLIP_BAD_STEP)
         norms.append(np.nan if norm is None else norm)
     for res in ranks:
-        assert list(res["clip/skipped"]) == [t == CLIP_BAD_STEP for t in range(STEPS)]
-        got, want = res["clip/norms"], np.array(norms)
-        finite = np.isfinite(want)
-        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6)
-        for i, a in enumerate(arrays):
-            np.testing.assert_allclose(res[f"clip/p{i}"], a, rtol=1e-5, atol=1e-6)
+        for key in ("clip", "clip-dp"):  # ZeRO-1, DataParallel
+            want_skipped = [t == CLIP_BAD_STEP for t in range(STEPS)]
+            assert list(res[f"{key}/skipped"]) == want_skipped, key
+            got, want = res[f"{key}/norms"], np.array(norms)
+            finite = np.isfinite(want)
+            np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, err_msg=key)
+            # the wrapper's grad_norm: what its step returned
+            np.testing.assert_array_equal(res[f"{key}/grad_norm"], got, err_msg=key)
+            for i, a in enumerate(arrays):
+                np.testing.assert_allclose(res[f"{key}/p{i}"], a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", ["LAMB", "LARS", "Adafactor", "Muon", "LBFGS"])

@@ -452,11 +452,25 @@ def _copy_grads(
 
 
 # ------------------------------------------------------------------------ data-parallel
-class _ForwardsHyperParameters:
-    """A wrapper's attributes that its optimizer's class defines as hyper-parameters
-    (:mod:`fastoptim.keras`'s ``learning_rate``, ``beta_1``..., and its refusals of Keras's
-    options) are read from and assigned to the wrapped optimizer (``self._opt``), not kept on
-    the wrapper, where no step would read them."""
+class _Wrapper:
+    """What a wrapper of an optimizer (``self._opt``) reads from it: the last step's outcome
+    (:attr:`grad_norm`, :attr:`step_skipped`), and the attributes its class defines as
+    hyper-parameters (:mod:`fastoptim.keras`'s ``learning_rate``, ``beta_1``..., and its
+    refusals of Keras's options), read from and assigned to the optimizer, not kept on the
+    wrapper, where no step would read them."""
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The optimizer's ``grad_norm``: the last step's
+        global gradient norm (every rank's gradients) when a group clips it, else None."""
+        norm: float | None = self.__dict__["_opt"].grad_norm
+        return norm
+
+    @property
+    def step_skipped(self) -> bool:
+        """The optimizer's ``step_skipped``: whether the last
+        step was skipped (``skip_nonfinite``; every rank decides alike)."""
+        return bool(self.__dict__["_opt"].step_skipped)
 
     def _forwarded(self, name: str) -> bool:
         from .keras import _Attribute
@@ -478,7 +492,7 @@ class _ForwardsHyperParameters:
             object.__setattr__(self, name, value)
 
 
-class DataParallel(_ForwardsHyperParameters):
+class DataParallel(_Wrapper):
     """Data-parallel training with any NumPy-tier `optimizer` (:mod:`fastoptim.optimizers`,
     :mod:`fastoptim.reference`): every rank holds the same parameters and state, writes the
     gradient of its own batch into ``optimizer.grads`` (or :attr:`grads`), and :meth:`step`
@@ -785,7 +799,7 @@ class _ZeroGroup:
         return [self.arrays[i].reshape(-1)[a:b] for i, a, b in pieces]
 
 
-class ZeroRedundancyOptimizer(_ForwardsHyperParameters):
+class ZeroRedundancyOptimizer(_Wrapper):
     """ZeRO-1: optimizer state sharded over the ranks of `comm`, parameters replicated.
 
     `params` as for any fastoptim optimizer (a list or dict of arrays, or a list of group
