@@ -715,7 +715,7 @@ class PyPlan {
         PyErr_Clear();
       else {
         w.data = static_cast<const char*>(d.data) + d.byte_offset;
-        w.layout = layout_of(d);
+        append_layout(w.layout, d);
       }
       watched.push_back(std::move(w));
     }
@@ -753,7 +753,7 @@ class PyPlan {
     ranges.clear();
     std::vector<std::pair<const void*, DType>>& bound = scratch_bound_;
     bound.clear();
-    std::vector<int64_t> layout;  // per parameter of the plan: ndim, shape, strides
+    std::vector<int64_t> layout;  // per parameter of the plan (append_layout)
     DLTensor pt{}, gt{};
     std::size_t j = 0;
     for (std::size_t i = 0; i < m; ++i) {
@@ -783,17 +783,9 @@ class PyPlan {
         if (pt.strides == nullptr || numel != plan_.tensors[j].size ||
             !dense(pt.ndim, pt.shape, pt.strides))
           return false;
-        layout.push_back(pt.ndim);
-        layout.insert(layout.end(), pt.shape, pt.shape + pt.ndim);
-        layout.insert(layout.end(), pt.strides, pt.strides + pt.ndim);
-        layout.push_back(dtype_key(pt.dtype));
-      } else {
-        const int64_t* rec = torch_layout_.data() + at;
-        if (pt.strides == nullptr || rec[0] != pt.ndim ||
-            !std::equal(pt.shape, pt.shape + pt.ndim, rec + 1) ||
-            !std::equal(pt.strides, pt.strides + pt.ndim, rec + 1 + pt.ndim) ||
-            rec[1 + 2 * pt.ndim] != dtype_key(pt.dtype))  // (the same memory as another dtype)
-          return false;
+        append_layout(layout, pt);
+      } else if (!same_layout(pt, torch_layout_.data() + at)) {  // (another dtype included)
+        return false;
       }
       // the gradient: a plain CPU tensor laid out like its parameter
       if (Py_TYPE(g) != api.tensor || api.describe(g, &gt) != 0) {
@@ -831,7 +823,7 @@ class PyPlan {
       }
       // on that memory, and not re-viewed in place since (as_strided_, a dtype view's set_)
       if (static_cast<const char*>(pt.data) + pt.byte_offset != w.data) return false;
-      if (!same_layout(pt, w.layout)) return false;
+      if (!same_layout(pt, w.layout.data())) return false;
     }
     for (const py::array& a : torch_scalars_) {
       const auto* b = static_cast<const char*>(a.data());
@@ -976,31 +968,31 @@ class PyPlan {
   std::vector<char> torch_mask_;
   std::vector<int64_t> torch_layout_;
   std::vector<std::size_t> torch_offsets_;
-  // (watch_torch) a state tensor, where its data was and its layout (layout_of)
+  // (watch_torch) a state tensor, where its data was and its layout (append_layout)
   struct WatchedState {
     py::object tensor;
     const void* data;
     std::vector<int64_t> layout;
   };
   std::vector<WatchedState> torch_states_;
-  // ndim, shape, strides (null strides: contiguous, as DLPack says) and dtype
-  static std::vector<int64_t> layout_of(const DLTensor& t) {
-    std::vector<int64_t> v{t.ndim};
+  // A tensor's layout appended to `v`: ndim, shape, strides (-1 each where DLPack gives none:
+  // contiguous) and dtype; 2 + 2 ndim values.  same_layout: whether `t` has the layout recorded
+  // at `rec` (the record's ndim first, so a tensor of another ndim reads no further).
+  static void append_layout(std::vector<int64_t>& v, const DLTensor& t) {
+    v.push_back(t.ndim);
     v.insert(v.end(), t.shape, t.shape + t.ndim);
     if (t.strides != nullptr) v.insert(v.end(), t.strides, t.strides + t.ndim);
     else v.insert(v.end(), static_cast<std::size_t>(t.ndim), int64_t{-1});
     v.push_back(dtype_key(t.dtype));
-    return v;
   }
-  static bool same_layout(const DLTensor& t, const std::vector<int64_t>& rec) {
-    const auto n = static_cast<std::size_t>(t.ndim);
-    if (rec.size() != 2 + 2 * n || rec[0] != t.ndim || rec.back() != dtype_key(t.dtype))
-      return false;
-    if (!std::equal(t.shape, t.shape + n, rec.begin() + 1)) return false;
-    if (t.strides == nullptr)
-      return std::all_of(rec.begin() + 1 + static_cast<std::ptrdiff_t>(n), rec.end() - 1,
-                         [](int64_t x) { return x == -1; });
-    return std::equal(t.strides, t.strides + n, rec.begin() + 1 + static_cast<std::ptrdiff_t>(n));
+  static bool same_layout(const DLTensor& t, const int64_t* rec) {
+    const int n = t.ndim;
+    if (rec[0] != n || !std::equal(t.shape, t.shape + n, rec + 1)) return false;
+    const int64_t* strides = rec + 1 + n;
+    const bool same = t.strides == nullptr
+                          ? std::all_of(strides, strides + n, [](int64_t x) { return x == -1; })
+                          : std::equal(t.strides, t.strides + n, strides);
+    return same && strides[n] == dtype_key(t.dtype);
   }
   std::vector<py::array> torch_scalars_;
   // bind_torch's scratch (kept: no allocation per step): the gradients' byte ranges, pointers
