@@ -304,13 +304,15 @@ def test_to_bitsandbytes_rejects_what_does_not_fit() -> None:
         fb.to_bitsandbytes(opt.state_dict(), bnb.optim.Lion8bit(params), step=0)
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
 @pytest.mark.parametrize("state_dtype", ["int8", "int4"])
-def test_to_bitsandbytes_from_a_channels_last_parameter(state_dtype: str) -> None:
+def test_to_bitsandbytes_from_a_channels_last_parameter(state_dtype: str, contiguous: bool) -> None:
     """fastoptim's codes of a parameter not laid out row-major follow its memory order (4-bit:
     the order the state_dict records); bitsandbytes' state_dict codes are read row-major: the
     state is decoded in fastoptim's order and quantized again (to within a code step of the
     8-bit map), never reinterpreted.  (Before, the 8-bit codes were reordered away from their
-    blocks' scales and the 4-bit ones read row-major: errors as large as the state.)"""
+    blocks' scales and the 4-bit ones read row-major: errors as large as the state.)  Codes
+    made contiguous since (the same values) convert alike: their order is recorded."""
     bnb = _bnb()
     torch.manual_seed(4)
     p = torch.nn.Parameter(torch.randn(32, 16, 3, 3).contiguous(memory_format=torch.channels_last))
@@ -320,7 +322,12 @@ def test_to_bitsandbytes_from_a_channels_last_parameter(state_dtype: str) -> Non
         opt.step()
     st = opt.state[p]
     target = bnb.optim.AdamW8bit([p], lr=1e-3)
-    target.load_state_dict(fb.to_bitsandbytes(opt.state_dict(), target))
+    sd = opt.state_dict()
+    if contiguous:
+        entry = sd["state"][0]
+        for name in ("exp_avg_codes", "exp_avg_sq_codes"):
+            entry[name] = entry[name].contiguous()
+    target.load_state_dict(fb.to_bitsandbytes(sd, target))
     got = target.state[p]
     for j, (name, qmap) in enumerate((("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)), start=1):
         want = fot._dequantized(

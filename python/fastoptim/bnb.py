@@ -26,8 +26,8 @@ fastoptim 0.1 has them too: both functions read those.)  bitsandbytes keeps its 
   the source's map and encoded with the target's, nearest value), an error of at most half a
   code step of the target map per element.
 - bitsandbytes' codes are read and written in row-major order.  fastoptim's codes of a
-  parameter not laid out row-major (transposed, channels-last) follow its memory order (4-bit:
-  the ``<state>_order`` its state records): they are decoded in that order and quantized again
+  parameter not laid out row-major (transposed, channels-last) follow its memory order (the
+  ``<state>_order`` its state records): they are decoded in that order and quantized again
   (to within a code step), not moved bit for bit.
 - A state the target keeps in another layout (a parameter under the target's 8-bit size limit:
   float32 there; a target with ``state_dtype=None`` or ``"bfloat16"``) is decoded or encoded as
@@ -369,6 +369,18 @@ def to_bitsandbytes(
     return {"state": state, "param_groups": merged}
 
 
+def _order(
+    entry: Mapping[str, Any], name: str, shape: tuple[int, ...], where: str
+) -> tuple[int, ...] | None:
+    """The memory order in which the blocks of quantized state `name` run, as its entry
+    records it (``<state>_order``), or None where it records none."""
+    order = entry.get(name + precision.ORDER)
+    problem = None if order is None else _order_problem(len(shape), order)
+    if problem is not None:
+        raise ValueError(f"{where}: {name + precision.ORDER}: {problem}")
+    return None if order is None else tuple(order)
+
+
 def _read_fastoptim(
     entry: Mapping[str, Any], name: str, shape: tuple[int, ...], where: str
 ) -> _Value:
@@ -390,21 +402,18 @@ def _read_fastoptim(
             )
         if bool(np.any(absmax4 < 0)) or bool(np.any(np.isinf(absmax4))):
             raise ValueError(f"{where}: {absmax_name} holds negative or infinite scales")
-        order = entry.get(name + precision.ORDER)  # (the codes' memory order; None: row-major)
-        problem = None if order is None else _order_problem(len(shape), order)
-        if problem is not None:
-            raise ValueError(f"{where}: {name + precision.ORDER}: {problem}")
-        values = _dequantized(
-            raw, torch.from_numpy(absmax4), name, precision.INT4, shape,
-            None if order is None else tuple(order),
-        )  # fmt: skip
+        order = _order(entry, name, shape, where)
+        values = _dequantized(raw, torch.from_numpy(absmax4), name, precision.INT4, shape, order)
         return _Value(values=values.numpy())
     if absmax_name in entry:
         codes, absmax = _blockwise(entry, name, absmax_name, shape, where)
-        if isinstance(raw, torch.Tensor) and not raw.is_contiguous():
+        order = _order(entry, name, shape, where)
+        if isinstance(raw, torch.Tensor) and (order is not None or not raw.is_contiguous()):
             # the codes of a parameter not laid out row-major: their blocks follow its memory
-            # order, bitsandbytes' the row-major one (decoded, to be quantized again)
-            return _Value(values=_dequantized(raw, torch.from_numpy(absmax), name).numpy())
+            # order (recorded; or, saved before it was, the codes' strides), bitsandbytes' the
+            # row-major one (decoded, to be quantized again)
+            values = _dequantized(raw, torch.from_numpy(absmax), name, order=order)
+            return _Value(values=values.numpy())
         return _Value(codes=codes, absmax=absmax, qmap=_core.quant_map(precision.QUANT_MAPS[name]))
     if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
         raise ValueError(f"{where}: {name} must be a floating tensor")

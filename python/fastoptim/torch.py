@@ -485,15 +485,16 @@ def _dequantized(
     order: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """The float32 values of quantized state `name` held as `codes` and `absmax`: 8-bit codes
-    in any dense layout (their blocks follow its memory order, the values' shape is theirs);
-    4-bit packed codes of a parameter of `shape`, running in the memory order `order` (its
-    dimensions, outermost first; None: row-major)."""
+    shaped like their parameter, in blocks that run in the memory order `order` (its
+    dimensions, outermost first), or where None (a checkpoint that records none) in the codes'
+    own (any dense layout); 4-bit packed codes of a parameter of `shape`, running in the memory
+    order `order` (None: row-major)."""
     if kind == precision.INT4:
         perm = order
         mem = codes.detach().cpu().contiguous()
         mshape = shape if perm is None else tuple(shape[d] for d in perm)
     else:
-        perm = _permutation(codes)
+        perm = _permutation(codes) if order is None else order
         mem = _memory_order(codes.detach(), perm).cpu().contiguous()
         mshape = tuple(mem.shape)
     out = np.empty(mshape, np.float32)
@@ -507,9 +508,11 @@ def _dequantized(
 def _record_order(
     state: dict[str, Any], name: str, kind: str, perm: tuple[int, ...] | None
 ) -> None:
-    """Record the memory order `perm` of quantized state `name` of kind `kind` (4-bit codes,
-    1-D, do not show it; 8-bit codes keep their parameter's strides): absent where row-major."""
-    if kind == precision.INT4 and perm is not None:
+    """Record the memory order `perm` in which the blocks of quantized state `name` run: absent
+    where row-major.  4-bit codes, 1-D, do not show it; 8-bit codes have their parameter's
+    strides, which a copy need not keep (``.contiguous()``, a NumPy or safetensors round
+    trip): their values then still read the same."""
+    if perm is not None:
         state[name + precision.ORDER] = perm
     else:
         state.pop(name + precision.ORDER, None)
@@ -1294,8 +1297,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"float32 tensor of shape ({nblocks},) (one absmax per block of "
                 f"{block} elements)"
             )
-        order = state.get(name + precision.ORDER) if four else None
-        if four and order is not None:
+        order = state.get(name + precision.ORDER)
+        if order is not None:
             problem = _order_problem(p.dim(), order)
             if problem is not None:
                 raise ValueError(
@@ -1305,7 +1308,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if four and order == perm:
             if s.device != p.device or not s.is_contiguous():
                 state[name] = s.to(device=p.device, copy=True).contiguous()
-        elif four or s.device != p.device or not _in_layout(s, perm):
+        elif not four and order is not None and order == perm:
+            # (8-bit codes in blocks of `p`'s memory order, as recorded: laid out as `p` again
+            # where a copy lost its strides, no requantization)
+            if s.device != p.device or not _in_layout(s, perm):
+                state[name] = torch.empty_like(p, dtype=torch.uint8).copy_(s)
+        elif four or order is not None or s.device != p.device or not _in_layout(s, perm):
             # (e.g. saved from a contiguous parameter, resumed channels-last: its blocks follow
             # the saved memory order; requantized in this parameter's)
             try:
