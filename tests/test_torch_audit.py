@@ -147,9 +147,9 @@ def _laid(t: torch.Tensor, how: str) -> torch.Tensor:
     ],
 )
 def test_quantized_state_resumed_in_another_layout(kind: str, saved: str, resumed: str) -> None:
-    """Quantized blocks follow their parameter's memory order: 8-bit codes keep its strides,
-    4-bit ones (1-D, packed) have a state_dict record it beside them (``exp_avg_order``) where
-    it is not row-major.  Resumed in another layout, the state is requantized in the new memory
+    """Quantized blocks follow their parameter's memory order, which a state_dict records beside
+    them (``exp_avg_order``) where it is not row-major (8-bit codes also keep its strides;
+    4-bit ones are 1-D, packed).  Resumed in another layout, the state is requantized in the new memory
     order (exactly the quantization of the saved values in it), close to the saved values, and
     the next update close to the unchanged run's.  (Before: 8-bit read in the wrong blocks,
     updates 16% wrong; 4-bit read in the wrong order, updates 1.5x their size wrong.)"""
@@ -158,14 +158,14 @@ def test_quantized_state_resumed_in_another_layout(kind: str, saved: str, resume
     a = _laid(torch.randn(32, 16, 3, 3), saved)
     oa = _trained(a, kind)
     ckpt = copy.deepcopy(oa.state_dict())
-    assert ("exp_avg_order" in ckpt["state"][0]) == (four and saved != "contiguous")
+    assert ("exp_avg_order" in ckpt["state"][0]) == (saved != "contiguous")
     want = _quantized_values(oa, a, kind)
     b = _laid(a.detach().clone(), resumed)
     ob = fot.AdamW([b], state_dtype=kind)
     ob.load_state_dict(ckpt)
     b.grad = torch.zeros_like(b)
     ob._prepare(0, ob.param_groups[0], False)  # (lays out the state; touches no element)
-    assert ("exp_avg_order" in ob.state[b]) == (four and resumed != "contiguous")
+    assert ("exp_avg_order" in ob.state[b]) == (resumed != "contiguous")
     if not four:
         assert ob.state[b]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
     got = _quantized_values(ob, b, kind)
@@ -397,6 +397,33 @@ def test_malformed_quantized_checkpoint_refused_at_load(damage: str, match: str)
     for k, v in before.items():
         assert torch.equal(opt.state[q][k], v), k
     opt.load_state_dict(_int8_checkpoint()[1])  # (a sound one loads)
+
+
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+@pytest.mark.parametrize("step", [float("nan"), float("inf"), -1.0, 2.5, 1e30, "3"])
+def test_a_checkpoints_bad_step_is_refused_before_anything_loads(
+    step: Any, state_dtype: str | None
+) -> None:
+    """A ``step`` that no step could count from is refused naming it, every parameter's state
+    as it was.  A NaN had failed the load half done (every state already replaced) and then
+    every later step; -1 and 1e30 had loaded and failed the next step; 2.5 had stepped with
+    3 as its count."""
+    ps = [torch.nn.Parameter(torch.randn(5000)) for _ in range(2)]
+    opt = fot.AdamW(ps, lr=1e-2, state_dtype=state_dtype)
+    for p in ps:
+        p.grad = torch.randn(5000)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    opt.step()
+    before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    sd["state"][1]["step"] = step if isinstance(step, str) else torch.tensor(step)
+    with pytest.raises(ValueError, match="load_state_dict: state 'step' of param 1 of group 0"):
+        opt.load_state_dict(sd)
+    for p, was in zip(ps, before):
+        assert set(opt.state[p]) == set(was)
+        for k, v in was.items():
+            assert torch.equal(opt.state[p][k], v), k
+    opt.step()  # (usable)
 
 
 @pytest.mark.parametrize("how", ["one tensor", "autograd views"])

@@ -518,6 +518,16 @@ def _record_order(
         state.pop(name + precision.ORDER, None)
 
 
+def _step_problem(step: Any) -> str | None:
+    """What is wrong with `step` as a loaded parameter's step count, or None: a number (a
+    one-element tensor) that is a whole number from 0 to 2**53."""
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value) and 0 <= value <= 2**53 and value == int(value):
+            return None
+    return f"{step!r}, expected a whole number from 0 to 2**53"
+
+
 def _order_problem(ndim: int, order: Any) -> str | None:
     """What is wrong with `order` as the memory order of a 4-bit state of a parameter of `ndim`
     dimensions, or None."""
@@ -1076,7 +1086,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 except ValueError as e:
                     raise ValueError(f"{cls}.load_state_dict: group {i} {k}: {e}") from None
             decoded.append(specs)
-        self._check_quantized(state_dict)
+        self._check_loaded(state_dict)
         self._loaded = decoded
         self._live_groups = [dict(g) for g in self.param_groups]
         # (registered now, it runs after the user's pre-hooks, which see the tensors)
@@ -1087,13 +1097,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             hold.remove()
             self._loaded = self._live_groups = None
 
-    def _check_quantized(self, state_dict: Mapping[str, Any]) -> None:
-        """ValueError naming the array for quantized state in `state_dict` that no step could
-        use (before torch's loader casts it): codes that are not uint8 in either layout (8-bit:
-        the parameter's shape; 4-bit: ``(numel + 1) // 2`` packed bytes), scales that are not
-        float32 with one entry per block, negative or infinite (NaN marks a non-finite block),
-        codes without scales or scales without codes, a 4-bit state's memory order that is not
-        a permutation of the parameter's dimensions."""
+    def _check_loaded(self, state_dict: Mapping[str, Any]) -> None:
+        """ValueError naming the entry of `state_dict` that no step could use (before torch's
+        loader replaces anything): a ``step`` that is not a whole number from 0 to 2**53 (a NaN
+        one had failed the load half done, the state already replaced); quantized state's
+        codes that are not uint8 in either layout (8-bit: the parameter's shape; 4-bit:
+        ``(numel + 1) // 2`` packed bytes), scales that are not float32 with one entry per
+        block, negative or infinite (NaN marks a non-finite block), codes without scales or
+        scales without codes, a memory order that is not a permutation of the parameter's
+        dimensions."""
         cls = f"{type(self).__name__}.load_state_dict"
         saved_groups = state_dict.get("param_groups")
         states = state_dict.get("state")
@@ -1110,6 +1122,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             if not isinstance(entry, Mapping) or not isinstance(p, torch.Tensor):
                 continue
             entry = _loaded_entry(entry, f"{cls}: param {label}", p)
+            if "step" in entry and (wrong := _step_problem(entry["step"])) is not None:
+                raise ValueError(f"{cls}: state 'step' of param {label}: {wrong}")
             for name, codes in entry.items():
                 if name.endswith(precision.ORDER) and name != precision.ORDER:
                     base = name.removesuffix(precision.ORDER)
