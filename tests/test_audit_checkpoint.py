@@ -404,6 +404,25 @@ def test_load_rounds_the_parameters_into_their_copy_outs(tmp_path: Path, dtype: 
     assert same_bits(wa["w"], wc["w"]) and same_bits(ca["w"], cc["w"])
 
 
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bfloat16", "float16"])
+def test_load_writes_a_nan_parameters_copy_out_as_a_step_does(tmp_path: Path, dtype: Any) -> None:
+    """NaN parameters with payloads (and every other value class): the copy-out a load writes
+    has the bits a step writes.  NumPy's cast had kept float16 NaN payloads (0x7E09 where a step
+    writes 0x7E00) and canonicalised bfloat16 ones (0x7FC0 where a step keeps 0x7FC1)."""
+    bits = [0x7FC12345, 0xFFA00001, 0x7F800001, 0x7F800000, 0x477FF000, 0x3F800001, 0x00000001]
+    p = np.array(bits, np.uint32).view(np.float32).copy()
+    p = np.concatenate([p, np.linspace(-70000, 70000, 57, dtype=np.float32)])
+    c = np.zeros(p.size, dtype)
+    opt = fo.SGD([p], lr=0.0)
+    opt.set_copy_out([c])
+    opt.step([np.zeros(p.size, np.float32)])
+    stepped = c.copy()
+    fo.save(tmp_path / "c.npz", opt)
+    c[...] = 0
+    fo.load(tmp_path / "c.npz", opt)
+    np.testing.assert_array_equal(c.view(np.uint16), stepped.view(np.uint16))
+
+
 def test_load_overflowing_copy_out_raises_no_warning(tmp_path: Path) -> None:
     """A float32 parameter beyond float16's range: a step writes Inf into its float16 copy
     silently, and so does a load, also where warnings are errors or NumPy raises on overflow

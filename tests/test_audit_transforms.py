@@ -44,6 +44,31 @@ def test_float32_norm_accurate_at_every_scale(n: int, scale: float) -> None:
     assert norm is not None and abs(norm - exact) <= 1e-6 * exact
 
 
+@pytest.mark.parametrize("n", [1, 16, 31, 32, 33, 64, 100, 1000, 4099])
+@pytest.mark.parametrize(
+    "dtype, value",
+    [("float32", v) for v in (1e-23, 1e-25, 1e-30, 1e-38, 1e-40, 1e-45)]
+    + [("bfloat16", v) for v in (1e-23, 1e-30, 1e-38, 1e-40)],  # (its least: 9.2e-41)
+)
+def test_a_norm_of_tiny_gradients_is_exact_whatever_their_count(
+    n: int, value: float, dtype: str
+) -> None:
+    """Gradients whose float32 squares all underflow to 0 (|g| < ~1e-23): the runs of 32 had
+    summed 0 while the last ``n % 32`` elements were squared in float64, so the norm depended
+    on ``n % 32`` (64 elements of 1e-25 gave 0, 16 gave 4e-25, 1000 gave 9% of the norm).
+    Such runs are now summed with float64 squares too: exact at every scale."""
+    import ml_dtypes
+
+    dt = np.dtype(np.float32) if dtype == "float32" else np.dtype(ml_dtypes.bfloat16)
+    g = np.full(n, value, np.float32).astype(dt)
+    g[::3] = -g[::3]
+    exact = float(np.sqrt(np.sum(g.astype(np.float64) ** 2)))
+    assert exact > 0
+    opt = fo.SGD([np.zeros(n, dt)], lr=0.0, max_grad_norm=1.0)
+    norm = opt.step([g])
+    assert norm is not None and abs(norm - exact) <= 1e-6 * exact, (norm, exact)
+
+
 def test_skip_nonfinite_counts_only_its_groups_gradients() -> None:
     """A NaN in a group with skip_nonfinite=False went into its update (as torch) but also
     skipped the step of a group asking to skip only on its own non-finite gradients."""

@@ -149,10 +149,11 @@ def _laid(t: torch.Tensor, how: str) -> torch.Tensor:
 def test_quantized_state_resumed_in_another_layout(kind: str, saved: str, resumed: str) -> None:
     """Quantized blocks follow their parameter's memory order, which a state_dict records beside
     them (``exp_avg_order``) where it is not row-major (8-bit codes also keep its strides;
-    4-bit ones are 1-D, packed).  Resumed in another layout, the state is requantized in the new memory
-    order (exactly the quantization of the saved values in it), close to the saved values, and
-    the next update close to the unchanged run's.  (Before: 8-bit read in the wrong blocks,
-    updates 16% wrong; 4-bit read in the wrong order, updates 1.5x their size wrong.)"""
+    4-bit ones are 1-D, packed).  Resumed in another layout, the state is requantized in the
+    new memory order (exactly the quantization of the saved values in it), close to the saved
+    values, and the next update close to the unchanged run's.  (Before: 8-bit read in the
+    wrong blocks, updates 16% wrong; 4-bit read in the wrong order, updates 1.5x their size
+    wrong.)"""
     four = kind == "int4"
     torch.manual_seed(0)
     a = _laid(torch.randn(32, 16, 3, 3), saved)

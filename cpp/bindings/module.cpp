@@ -1638,6 +1638,22 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release release;
     round_bfloat16(static_cast<float*>(a.data), a.size);
   }, py::arg("x"), "Round float32 x to the nearest bfloat16 in place (kept in float32).");
+  m.def("round_to", [](const py::handle& out, const py::handle& x) {
+    const Arg o = check_array(out, "out", true), a = check_array(x, "x", false);
+    if (a.dtype != DType::f32 || (o.dtype != DType::bf16 && o.dtype != DType::f16))
+      throw py::type_error("round_to: x must be float32 and out bfloat16 or float16");
+    if (a.size != o.size) throw py::value_error("round_to: out and x must have the same size");
+    if (a.size && a.lo < o.hi && o.lo < a.hi) throw py::value_error("round_to: out overlaps x");
+    const auto* from = static_cast<const float*>(a.data);
+    auto* to = static_cast<uint16_t*>(o.data);
+    const bool bf16 = o.dtype == DType::bf16;
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < o.size; ++i)  // (the driver's store: convert.hpp)
+      to[i] = bf16 ? bf16_round_nearest(from[i]) : f16_round_nearest(from[i]);
+  }, py::arg("out"), py::arg("x"),
+  "out = float32 x rounded to nearest, ties to even, into bfloat16 or float16 out (C-contiguous, "
+  "one size, disjoint): the bits a step's round-to-nearest store writes (NaN quieted as it "
+  "quiets it, overflow to Inf), one thread.");
   // A context manager in C++: once __enter__ has returned, `with` runs __exit__ whatever
   // happens (a KeyboardInterrupt between a Python-level increment and its `try` would leave the
   // callback set for good).

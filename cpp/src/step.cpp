@@ -1851,10 +1851,11 @@ typedef int32_t V16i __attribute__((vector_size(64)));
 // (two blocks of 16 per iteration, each its own accumulators) before adding that partial sum to
 // its float64 total: the norm pass then reads as fast as memory allows, with a relative error
 // of a few float32 ulps (torch's float32 norms have as much).  A run whose float32 sum is not
-// finite (a square overflowed, or a y is infinite or NaN) or holds a lane in (0, 2^-80) (its
-// squares partly underflowed) has the whole call's elements summed again with float64
-// squares (rare; the per-run test is a few vector operations): the norm keeps that accuracy at
-// any scale but the tiniest (squares below float32's smallest denormal, |y| < ~2^-75, vanish).
+// finite (a square overflowed, or a y is infinite or NaN), or is below 2^-80 in a lane where
+// some y is not zero (its squares partly or wholly underflowed: the lane's bits OR-ed), has the
+// whole call's elements summed again with float64 squares (rare; the per-run test is a few
+// vector operations): the norm keeps that accuracy at every scale, float32's denormals
+// included, as the tail's float64 squares do.
 // The flag lanes take y - y, NaN where y is infinite or NaN: per element when clipping (a clamp
 // hides an infinity), else in that second sum, where any non-finite y goes (finite values
 // cannot make a float64 sum of float32 squares overflow), so whether the gradients are finite
@@ -1869,9 +1870,12 @@ FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mu
   std::memcpy(bad, acc.bad.data(), sizeof bad);
   const V16f vmul = V16f{} + mul, hi = V16f{} + clip, lo = -hi;
   const V16f fmax = V16f{} + std::numeric_limits<float>::max(), tiny = V16f{} + 0x1p-80f;
-  V16i ok = V16i{} - 1;  // lanes -1 while every run's float32 sums are finite, 0 or not tiny
+  const V16i magnitude = V16i{} + 0x7FFFFFFF;
+  // lanes -1 while every run's float32 sums are finite and not tiny (or the lane's y all zero)
+  V16i ok = V16i{} - 1;
   for (int64_t i = 0; i + kLanes <= n;) {
     V16f run[2] = {V16f{}, V16f{}};
+    V16i any[2] = {V16i{}, V16i{}};  // the run's y bits OR-ed, per lane
     const int64_t end = std::min(n - kLanes + 1, i + kRun * kLanes);
     for (; i < end; i += kLanes) {
       for (int h = 0; h < 2; ++h) {
@@ -1884,10 +1888,13 @@ FASTOPTIM_NOINLINE void stats_f32(const float* __restrict g, int64_t n, float mu
           y = y > hi ? hi : y;
         }
         run[h] += y * y;
+        V16i bits;
+        std::memcpy(&bits, &y, sizeof bits);
+        any[h] |= bits;
       }
     }
     for (int h = 0; h < 2; ++h) {
-      ok &= (run[h] <= fmax) & ((run[h] == 0) | (run[h] >= tiny));
+      ok &= (run[h] <= fmax) & ((run[h] >= tiny) | ((any[h] & magnitude) == 0));
       sq[2 * h] += FASTOPTIM_LOW8(run[h]);
       sq[2 * h + 1] += FASTOPTIM_HIGH8(run[h]);
     }

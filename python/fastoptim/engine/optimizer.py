@@ -1269,12 +1269,13 @@ class Optimizer:
 
     def _write_copy_outs(self) -> None:
         """Each copy-out array (:meth:`set_copy_out`) := its parameter rounded to nearest:
-        what a step with ``rounding="nearest"`` leaves there (:func:`fastoptim.load`)."""
+        the bits a step with ``rounding="nearest"`` leaves there, NaN and overflow included
+        (the driver's store; NumPy's cast keeps a NaN's payload where it quiets it)
+        (:func:`fastoptim.load`)."""
         for g in self._groups:
             for p, out in zip(g.params, g.outs or ()):
-                if out is not None:  # (overflow to Inf silently, as a step writes it)
-                    with np.errstate(all="ignore"):
-                        np.copyto(out, p, casting="unsafe")
+                if out is not None:
+                    _core.round_to(out, p)
 
     def _loader(self, sd: Mapping[str, Any], strict: bool, where: str) -> Callable[[], None]:
         """Validate `sd` completely; return the function that applies it (cannot fail)."""
