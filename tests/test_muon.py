@@ -341,6 +341,28 @@ def test_bad_gradient_changes_nothing() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4), (0, 0)])
+def test_an_empty_parameter_is_left_as_it_is(shape: tuple[int, int]) -> None:
+    """An empty 2-D parameter has nothing to update: the others step as without it.  (An
+    ``(A, 0)`` one had raised ZeroDivisionError in its lr ratio after the parameters before it
+    had moved: every retry moved them again.  torch.optim.Muon raises there too.)"""
+    want = np.ones((4, 3), np.float32)
+    fo.Muon([want], lr=0.1).step([np.ones((4, 3), np.float32)])
+    a, e = np.ones((4, 3), np.float32), np.zeros(shape, np.float32)
+    fo.Muon([a, e], lr=0.1).step([np.ones((4, 3), np.float32), np.zeros(shape, np.float32)])
+    np.testing.assert_array_equal(a, want)
+    functional.muon_(e, np.zeros(shape, np.float32), np.zeros(shape, np.float32), step=1)
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as fot
+
+    ta = torch.nn.Parameter(torch.ones(4, 3))
+    te = torch.nn.Parameter(torch.zeros(shape))
+    opt = fot.Muon([ta, te], lr=0.1)
+    ta.grad, te.grad = torch.ones(4, 3), torch.zeros(shape)
+    opt.step()
+    np.testing.assert_array_equal(ta.detach().numpy(), want)
+
+
 @pytest.mark.parametrize("how", ["state_dict", "pickle", "deepcopy", "save"])
 def test_resume_exactly(how: str, rng: np.random.Generator, tmp_path: Any) -> None:
     w0, grads = _problem(rng, np.float32)

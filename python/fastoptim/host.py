@@ -390,6 +390,8 @@ def muon_update(
     coefficients, steps, eps = group["ns_coefficients"], int(group["ns_steps"]), group["eps"]
     ns_dtype = group.get("ns_dtype", "bfloat16")
     for p, g, buf in zip(params, grads, states["momentum_buffer"]):
+        if p.size == 0:  # (nothing to update; an (A, 0) one's lr ratio would divide by 0)
+            continue
         g = np.asarray(g, dtype=p.dtype)  # (a bfloat16 gradient of a float32 parameter)
         _lerp_threaded_(buf, g, 1 - mu)
         if group["nesterov"]:
