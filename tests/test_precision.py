@@ -739,7 +739,7 @@ def test_bad_arrays_are_clear_errors_and_touch_nothing() -> None:
     g16 = np.ones(8, BF16)
     m, v = np.zeros(8, np.float32), np.zeros(8, np.float32)
     cases: list[tuple[dict[str, Any], type[Exception], str]] = [
-        ({"master": np.zeros(8, np.float64)}, TypeError, "master copy of param param"),
+        ({"master": np.zeros(8, np.float64)}, TypeError, "adam_: master copy of param:"),
         ({"master": np.zeros(9, np.float32)}, ValueError, "shape"),
         ({"compensation": np.zeros(8, np.float32)}, TypeError, "compensation"),
         ({"copy_out": np.zeros(8, BF16)}, TypeError, "only float32 parameters"),

@@ -224,9 +224,11 @@ def test_copy_out_offload_layout() -> None:
         _raw(_numpy_of(outs[0])), _raw(reference.round_to_bfloat16(arrays[0], bits))
     )
     before = outs[0].clone()
+    shared = torch.zeros(310, dtype=torch.bfloat16)  # (two copies on one buffer: overlapping)
     for bad, exc in (([torch.zeros(300), None], TypeError),
                      ([torch.zeros(30, dtype=torch.bfloat16), None], ValueError),
-                     ([w[1], None], TypeError), ("nope", TypeError)):  # fmt: skip
+                     ([w[1], None], TypeError), ("nope", TypeError),
+                     ([shared[:300], shared[290:].view(4, 5)], ValueError)):  # fmt: skip
         with pytest.raises(exc):
             opt.set_copy_out(bad)
     w[0].grad = torch.zeros(300)  # the copies set before the rejected calls still work

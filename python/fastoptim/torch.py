@@ -1425,6 +1425,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{len(params)} tensors or None, or None"
             )
         index = {id(p): i for i, p in enumerate(params)}
+        views, labels = [], []  # (every copy and its parameter: disjoint, as a step checks)
         for p, o in pairs:
             label = f"{index[id(p)]}"
             perm = self._check_param(p, label)
@@ -1437,6 +1438,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 _core.Plan([_view(p, perm)], [label], [], [], outs=[_view(o, perm)])
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}.set_copy_out: {e}") from None
+            views += [_view(p, perm), _view(o, perm)]
+            labels += [f"param {label}", f"the copy-out of param {label}"]
+        try:
+            _core.check_disjoint(views, labels)
+        except ValueError as e:
+            raise ValueError(f"{name}.set_copy_out: {e}") from None
         with self._lock:
             self._copy_out = {id(p): o for p, o in pairs}
             self._caches = []

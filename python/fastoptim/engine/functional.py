@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,16 @@ def check_step(fn: str, step: Any) -> None:
         raise ValueError(f"{fn}: invalid step={step!r}: the first update is step=1")
     if step > 2**63 - 1:
         raise ValueError(f"{fn}: invalid step={step!r}: must be at most 2**63 - 1 (int64)")
+
+
+@contextlib.contextmanager
+def _checked(fn: str) -> Iterator[None]:
+    """The compiled plan's checks, in `fn`'s words: they name the one parameter by its label,
+    "param", which their own "param <label>" would say twice."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{fn}: {str(e).replace('param param', 'param')}") from None
 
 
 def step(
@@ -126,24 +137,26 @@ def step(
                 f"{fn}: ema is {ema.dtype}; state_dtype={group[precision.STATE_DTYPE]!r} keeps "
                 f"the average as {want} for a {pname} parameter"
             )
-    plan = _core.Plan(
-        [param],
-        ["param"],
-        needed,
-        [[given[n]] for n in needed],
-        masters=[extra.get("master")],
-        comps=[extra.get("compensation")],
-        outs=[extra.get("copy_out")],
-        emas=[ema],
-        qmaps=qmaps,
-    )
+    with _checked(fn):
+        plan = _core.Plan(
+            [param],
+            ["param"],
+            needed,
+            [[given[n]] for n in needed],
+            masters=[extra.get("master")],
+            comps=[extra.get("compensation")],
+            outs=[extra.get("copy_out")],
+            emas=[ema],
+            qmaps=qmaps,
+        )
     if group["rounding"] != "nearest":
         plan.set_rounding(group["rounding"], int(group["seed"]))
     if ema is not None:
         plan.set_ema_decay(float(group[EMA_DECAY]))
     # (one tensor: no norm to clip, no step to skip; the value clip and the scale)
     transforms.set_transform(plan, *transforms.decide([[plan]], [group], grad_scale).transforms[0])
-    defn.core_step(plan, core, int(step), grads=[grad])
+    with _checked(fn):
+        defn.core_step(plan, core, int(step), grads=[grad])
     if scalars:
         values = tuple(float(getattr(core, name)) for name in scalars)
         return values[0] if len(values) == 1 else values
@@ -183,8 +196,9 @@ def _host_step(
     if host.check_param is not None:
         host.check_param(fn, "param", param.shape)
     names = [n for n in given if n not in defn.shaped]
-    plan = _core.Plan([param], ["param"], names, [[given[n]] for n in names])
-    plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
+    with _checked(fn):
+        plan = _core.Plan([param], ["param"], names, [[given[n]] for n in names])
+        plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
     own = [n for n in given if n in defn.shaped]  # (Adafactor's factored state)
     for n in own:  # (every check before the update writes any of them)
         if not given[n].flags.c_contiguous or not given[n].flags.writeable:
