@@ -59,7 +59,7 @@ import torch
 
 from fastoptim import _core
 from fastoptim.engine import precision
-from fastoptim.torch import CODES, _dequantized, _loaded_entry, _order_problem
+from fastoptim.torch import CODES, _dequantized, _loaded_entry, _recorded_order
 
 __all__ = ["from_bitsandbytes", "to_bitsandbytes"]
 
@@ -369,18 +369,6 @@ def to_bitsandbytes(
     return {"state": state, "param_groups": merged}
 
 
-def _order(
-    entry: Mapping[str, Any], name: str, shape: tuple[int, ...], where: str
-) -> tuple[int, ...] | None:
-    """The memory order in which the blocks of quantized state `name` run, as its entry
-    records it (``<state>_order``), or None where it records none."""
-    order = entry.get(name + precision.ORDER)
-    problem = None if order is None else _order_problem(len(shape), order)
-    if problem is not None:
-        raise ValueError(f"{where}: {name + precision.ORDER}: {problem}")
-    return None if order is None else tuple(order)
-
-
 def _read_fastoptim(
     entry: Mapping[str, Any], name: str, shape: tuple[int, ...], where: str
 ) -> _Value:
@@ -402,12 +390,12 @@ def _read_fastoptim(
             )
         if bool(np.any(absmax4 < 0)) or bool(np.any(np.isinf(absmax4))):
             raise ValueError(f"{where}: {absmax_name} holds negative or infinite scales")
-        order = _order(entry, name, shape, where)
+        order = _recorded_order(entry, name, len(shape), f"{where}: {name + precision.ORDER}")
         values = _dequantized(raw, torch.from_numpy(absmax4), name, precision.INT4, shape, order)
         return _Value(values=values.numpy())
     if absmax_name in entry:
         codes, absmax = _blockwise(entry, name, absmax_name, shape, where)
-        order = _order(entry, name, shape, where)
+        order = _recorded_order(entry, name, len(shape), f"{where}: {name + precision.ORDER}")
         if isinstance(raw, torch.Tensor) and (order is not None or not raw.is_contiguous()):
             # the codes of a parameter not laid out row-major: their blocks follow its memory
             # order (recorded; or, saved before it was, the codes' strides), bitsandbytes' the

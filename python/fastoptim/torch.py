@@ -540,6 +540,21 @@ def _order_problem(ndim: int, order: Any) -> str | None:
     return f"{order!r}, expected a permutation of the parameter's {ndim} dimensions"
 
 
+def _recorded_order(
+    entry: Mapping[str, Any], name: str, ndim: int, what: str
+) -> tuple[int, ...] | None:
+    """The memory order in which the blocks of quantized state `name` run, as `entry` records
+    it (``name + "_order"``), or None where it records none; ValueError ``"<what>: <problem>"``
+    where it is not a permutation of a parameter's `ndim` dimensions."""
+    order = entry.get(name + precision.ORDER)
+    if order is None:
+        return None
+    problem = _order_problem(ndim, order)
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}")
+    return tuple(order)
+
+
 def _quantized_problem(p: torch.Tensor, codes: Any, scales: Any) -> tuple[str, str] | None:
     """What is wrong with quantized state (`codes`, `scales`) of `p`, as (which array: the
     codes' or the scales' suffix, the problem), or None."""
@@ -1311,14 +1326,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"float32 tensor of shape ({nblocks},) (one absmax per block of "
                 f"{block} elements)"
             )
-        order = state.get(name + precision.ORDER)
-        if order is not None:
-            problem = _order_problem(p.dim(), order)
-            if problem is not None:
-                raise ValueError(
-                    f"{cls}: state {name + precision.ORDER!r} of param {label}: {problem}"
-                )
-            order = tuple(order)
+        order = _recorded_order(
+            state, name, p.dim(), f"{cls}: state {name + precision.ORDER!r} of param {label}"
+        )
         if four and order == perm:
             if s.device != p.device or not s.is_contiguous():
                 state[name] = s.to(device=p.device, copy=True).contiguous()
