@@ -423,6 +423,39 @@ def test_load_writes_a_nan_parameters_copy_out_as_a_step_does(tmp_path: Path, dt
     np.testing.assert_array_equal(c.view(np.uint16), stepped.view(np.uint16))
 
 
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("n", [0, 1, 17, 3 * 2**15 + 7])
+def test_round_to_matches_the_reference_rounding_bit_for_bit(dtype: Any, n: int) -> None:
+    """``_core.round_to`` (what ``fo.load`` writes into copy-outs) against the reference's
+    round-to-nearest on random float32 bit patterns (NaNs, Infs, denormals among them), over
+    sizes that span several threaded chunks; the bad calls raise and write nothing."""
+    from fastoptim import _core, reference
+
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    if n > 17:
+        x[::5] = rng.standard_normal(x[::5].size).astype(np.float32)  # (ordinary values too)
+    out = np.full(n, 7, np.uint16).view(dtype)
+    _core.round_to(out, x)
+    rnd = reference.round_to_bfloat16 if dtype == BF16 else reference.round_to_float16
+    np.testing.assert_array_equal(out.view(np.uint16), rnd(x).view(np.uint16))
+    before = out.copy()
+    bad: list[tuple[Any, Any, type[Exception]]] = [
+        (out, np.zeros(n, np.float64), TypeError),
+        (out.view(np.int16), x, TypeError),
+        (np.zeros(n + 1, dtype), np.zeros(n + 1, np.float32)[1:], ValueError),
+        (out, np.zeros(n + 1, np.float32), ValueError),
+    ]
+    if n:
+        bad.append((np.frombuffer(out.tobytes(), dtype), x, ValueError))  # (read-only)
+        both = np.zeros(2 * n, np.float32)
+        bad.append((both.view(dtype)[:n], both[:n], ValueError))  # (overlapping)
+    for o, a, err in bad:
+        with pytest.raises(err):
+            _core.round_to(o, a)
+    np.testing.assert_array_equal(out.view(np.uint16), before.view(np.uint16))
+
+
 def test_load_overflowing_copy_out_raises_no_warning(tmp_path: Path) -> None:
     """A float32 parameter beyond float16's range: a step writes Inf into its float16 copy
     silently, and so does a load, also where warnings are errors or NumPy raises on overflow

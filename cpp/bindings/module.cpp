@@ -1644,16 +1644,13 @@ PYBIND11_MODULE(_core, m) {
       throw py::type_error("round_to: x must be float32 and out bfloat16 or float16");
     if (a.size != o.size) throw py::value_error("round_to: out and x must have the same size");
     if (a.size && a.lo < o.hi && o.lo < a.hi) throw py::value_error("round_to: out overlaps x");
-    const auto* from = static_cast<const float*>(a.data);
-    auto* to = static_cast<uint16_t*>(o.data);
-    const bool bf16 = o.dtype == DType::bf16;
     py::gil_scoped_release release;
-    for (int64_t i = 0; i < o.size; ++i)  // (the driver's store: convert.hpp)
-      to[i] = bf16 ? bf16_round_nearest(from[i]) : f16_round_nearest(from[i]);
+    round_to(static_cast<uint16_t*>(o.data), static_cast<const float*>(a.data), a.size,
+             o.dtype == DType::bf16);
   }, py::arg("out"), py::arg("x"),
   "out = float32 x rounded to nearest, ties to even, into bfloat16 or float16 out (C-contiguous, "
   "one size, disjoint): the bits a step's round-to-nearest store writes (NaN quieted as it "
-  "quiets it, overflow to Inf), one thread.");
+  "quiets it, overflow to Inf), on all threads.");
   // A context manager in C++: once __enter__ has returned, `with` runs __exit__ whatever
   // happens (a KeyboardInterrupt between a Python-level increment and its `try` would leave the
   // callback set for good).

@@ -891,6 +891,15 @@ void round_bfloat16(float* x, int64_t n) {
   });
 }
 
+void round_to(uint16_t* out, const float* x, int64_t n, bool bf16) {
+  on_chunks(n, 6 * n, [=](int64_t lo, int64_t hi) {
+    if (bf16)
+      for (int64_t i = lo; i < hi; ++i) out[i] = bf16_round_nearest(x[i]);
+    else
+      for (int64_t i = lo; i < hi; ++i) out[i] = f16_round_nearest(x[i]);
+  });
+}
+
 namespace {
 
 // The lower triangle of the m x m matrix a (row-major) set from the upper one, tile by tile

@@ -103,6 +103,10 @@ void divide(float* x, float d, int64_t n, bool bf16);
 void divide(double* x, double d, int64_t n);
 // x[i] rounded to the nearest bfloat16 in place, as `combine` rounds.
 void round_bfloat16(float* x, int64_t n);
+// out[i] = x[i] rounded to the nearest bfloat16 (bf16) or float16, ties to even: the bits a
+// step's round-to-nearest store writes (convert.hpp: NaN quieted, overflow to Inf), on all
+// threads; out and x disjoint (fo.load's copy-outs).
+void round_to(uint16_t* out, const float* x, int64_t n, bool bf16);
 // OpenBLAS's threaded operations run their jobs on fastoptim's pool from the first call with
 // `on` until as many calls without: `setter` is that OpenBLAS's
 // openblas_set_threads_callback_function (>= 0.3.28), given the pool's callback, then nullptr
