@@ -234,8 +234,21 @@ def test_views_of_one_flat_buffer_and_read_only_grads() -> None:
 
 
 def test_zero_grad_before_grads_exist() -> None:
-    opt = fo.SGD(make_params(), lr=0.1)
-    opt.zero_grad()  # nothing allocated yet: no error
+    """zero_grad() before any gradient buffer was asked for: no error, parameters untouched,
+    and the buffers made afterwards are zeros that a step without gradients reads."""
+    params = make_params()
+    before = [p.copy() for p in params]
+    opt = fo.SGD(params, lr=0.1)
+    opt.zero_grad()
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p, b)
+    bound = opt.grads
+    assert isinstance(bound, list) and len(bound) == len(params)
+    for g, p in zip(bound, params):
+        assert g.shape == p.shape and g.dtype == p.dtype and not g.any()
+    opt.step()  # zero gradients: SGD leaves every parameter as it is
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p, b)
 
 
 @every_optimizer
