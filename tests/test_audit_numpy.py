@@ -532,6 +532,27 @@ def test_grad_of_a_re_viewed_parameter_names_the_re_view() -> None:
         opt.step([np.ones(w2.shape, np.float32)])
 
 
+def test_accumulate_errors_name_the_gradient_and_the_buffer() -> None:
+    """``accumulate``'s errors are in its own words: the gradient by its parameter, the
+    optimizer's buffers as ``opt.grads[k]``.  (They read "grad for param opt.grads[0] shares
+    memory with param opt.grads[1]" and "SGD.step: expected 2 gradients".)  Nothing changes."""
+    opt = fo.SGD([np.zeros(N, np.float32), np.zeros(N, np.float32)])
+    opt.grads[0][...], opt.grads[1][...] = 1.0, 10.0
+    g = np.ones(N, np.float32)
+    for grads, err, match in (
+        ([opt.grads[1], g], ValueError, r"grad for param 0 shares memory with opt\.grads\[1\]"),
+        ([opt.grads[0], g], ValueError, r"grad for param 0 shares memory with opt\.grads\[0\]"),
+        ([g, np.ones(N + 1, np.float32)], ValueError, rf"grad for param 1: shape \({N + 1},\)"),
+        ([g, np.ones(N, np.float64)], TypeError, "grad for param 1: dtype float64"),
+        ([g, [1.0] * N], TypeError, "grad for param 1: expected a numpy.ndarray"),
+        ([g], ValueError, "expected 2 gradients, got 1"),
+        ({"a": g}, TypeError, "grads is a dict"),
+    ):
+        with pytest.raises(err, match="^SGD.accumulate: " + match):
+            opt.accumulate(grads)  # type: ignore[arg-type]
+        assert (opt.grads[0] == 1.0).all() and (opt.grads[1] == 10.0).all()
+
+
 def test_accumulate_refuses_another_groups_buffer() -> None:
     """A gradient that is another group's gradient buffer (which the same call writes) is
     refused as within one group (audit D07: it was read before or after its update,

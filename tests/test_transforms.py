@@ -546,7 +546,7 @@ def test_accumulate_then_averaging_step(rng: np.random.Generator) -> None:
 def test_accumulate_rejects_bad_input_and_writes_nothing() -> None:
     opt = fo.SGD([np.zeros(3, np.float32), np.zeros(4, np.float32)], lr=0.1)
     opt.accumulate([np.ones(3, np.float32), np.ones(4, np.float32)])
-    with pytest.raises(ValueError, match=r"opt.grads\[1\].*shape"):
+    with pytest.raises(ValueError, match=r"grad for param 1: shape \(5,\)"):
         opt.accumulate([np.ones(3, np.float32), np.ones(5, np.float32)])
     with pytest.raises(TypeError, match="float64"):
         opt.accumulate([np.ones(3, np.float32), np.ones(4, np.float64)])

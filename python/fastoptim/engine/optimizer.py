@@ -727,27 +727,27 @@ class Optimizer:
                 raise TypeError(f"{where}: scale must be a number, got {scale!r}")
             if not math.isfinite(scale):
                 raise ValueError(f"{where}: scale must be finite, got {scale!r}")
-            per_group = self._split_grads(grads)
+            per_group = self._split_grads(grads, "accumulate")
+            # The gradients against every group's buffers (which this call writes) first, in
+            # the words of the call: "grad for param 0 shares memory with opt.grads[1]".
+            bufs = [a for g in self._groups for a in self._own_grads(g)]
+            try:
+                _core.check_disjoint(
+                    bufs + [a for gr in per_group for a in gr],
+                    [f"opt.grads[{k}]" for g in self._groups for k in g.labels]
+                    + [f"grad for param {k}" for g in self._groups for k in g.labels],
+                )
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from None
             plans = []
             for g, gr in zip(self._groups, per_group):
-                if g.acc_plan is None:
-                    own = self._own_grads(g)
-                    g.acc_plan = _core.Plan(own, [f"opt.grads[{k}]" for k in g.labels], [], [])
+                if g.acc_plan is None:  # (its "params" are the buffers, labelled as the params)
+                    g.acc_plan = _core.Plan(self._own_grads(g), g.labels, [], [])
                 try:
                     g.acc_plan.bind_grads(gr)
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"{where}: {e}") from None
                 plans.append(g.acc_plan)
-            if len(self._groups) > 1:  # (each plan checked its own group's buffers)
-                bufs = [a for g in self._groups for a in self._own_grads(g)]
-                labels = [f"opt.grads[{k}]" for g in self._groups for k in g.labels]
-                try:
-                    _core.check_disjoint(
-                        bufs + [a for gr in per_group for a in gr],
-                        labels + [f"grad for param {k}" for g in self._groups for k in g.labels],
-                    )
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
             _core.accumulate(plans, float(scale))
 
     def zero_grad(self) -> None:
@@ -775,13 +775,13 @@ class Optimizer:
         return ReadOnlyDict(out, "opt.state", STATE_HINT)
 
     # ------------------------------------------------------------------ the step
-    def _split_grads(self, grads: Grads) -> list[list[np.ndarray]]:
-        cls = type(self).__name__
+    def _split_grads(self, grads: Grads, where: str = "step") -> list[list[np.ndarray]]:
+        cls = f"{type(self).__name__}.{where}"
         total = sum(len(g.params) for g in self._groups)
         if isinstance(grads, Mapping):
             if not self._named:
                 raise TypeError(
-                    f"{cls}.step: grads is a dict but the parameters were given as a list; "
+                    f"{cls}: grads is a dict but the parameters were given as a list; "
                     "pass a list of gradients in parameter order"
                 )
             keys = [str(k) for g in self._groups for k in g.keys]  # named: all str
@@ -789,18 +789,18 @@ class Optimizer:
             extra = [k for k in grads if k not in set(keys)]
             if missing or extra:
                 raise ValueError(
-                    f"{cls}.step: grads keys do not match the parameters: "
+                    f"{cls}: grads keys do not match the parameters: "
                     f"missing {missing}, unexpected {extra}"
                 )
             return [[grads[str(k)] for k in g.keys] for g in self._groups]
         if isinstance(grads, np.ndarray) or not isinstance(grads, Sequence):
             raise TypeError(
-                f"{cls}.step: grads must be a list of arrays in parameter order"
+                f"{cls}: grads must be a list of arrays in parameter order"
                 + (" or a dict keyed by parameter name" if self._named else "")
                 + f", got {type(grads).__name__}"
             )
         if len(grads) != total:
-            raise ValueError(f"{cls}.step: expected {total} gradients, got {len(grads)}")
+            raise ValueError(f"{cls}: expected {total} gradients, got {len(grads)}")
         out, start = [], 0
         for g in self._groups:
             out.append(list(grads[start : start + len(g.params)]))
