@@ -528,6 +528,43 @@ def _mismatch(comm: Any, out: Path) -> None:
     (out / f"mismatch-rank{rank}.json").write_text(json.dumps(got))
 
 
+def _big(comm: Any, out: Path) -> None:
+    """The collectives on a segment over 2 GiB (2**31 bytes: MPI's int counts and
+    displacements), as a group of 600M float32 elements would give: the reduce-scatter of
+    every bucket exact against its sums, then the allgather of every rank's range.  (Called
+    at this level: a whole optimizer of that size needs more memory than a test machine.)"""
+    from fastoptim import distributed
+
+    c = distributed._Comm(comm)
+    size = 600_000_000  # float32: 2.4e9 bytes; divisible by the pattern's period
+    # Buckets of 128 MiB: 18, rank 1's last three starting past 2**31 bytes.
+    seg = distributed._Segment(np.dtype(np.float32), size, distributed._even(size, c.size), 1 << 27)
+    period = np.arange(1000, dtype=np.float32)
+    flat = np.empty(size, np.float32)
+    flat.reshape(-1, 1000)[...] = period + c.rank  # rank r's element e: e % 1000 + r
+    wrong = []
+    for i in range(seg.k):
+        lo, hi = seg.chunk(i, c.rank)
+        got = c.reduce_scatter(seg, i, flat, average=False)
+        base = np.arange(lo, hi, dtype=np.int64) % 1000
+        want = (c.size * base + sum(range(c.size))).astype(np.float32)  # (exact)
+        wrong.append(int(np.count_nonzero(got != want)))
+        del got, base, want
+    for i in range(seg.k):
+        lo, hi = seg.chunk(i, c.rank)
+        flat[lo:hi] = -1.0 - c.rank
+        c.allgather(seg, i, flat, [seg.chunk(i, r)[0] for r in range(c.size)])
+    gathered = [int(np.count_nonzero(flat[a:b] != -1.0 - r)) for r, (a, b) in enumerate(seg.ranges)]
+    last = max(seg.chunk(i, r)[0] for i in range(seg.k) for r in range(c.size))
+    result = {
+        "buckets": seg.k,
+        "largest_offset": 4 * last,
+        "reduce_wrong": wrong,
+        "gather_wrong": gathered,
+    }
+    (out / f"big-rank{c.rank}.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     from mpi4py import MPI
 
@@ -542,6 +579,8 @@ def main() -> None:
         _load_only(comm, out, ckpt)
     elif mode == "mismatch":
         _mismatch(comm, out)
+    elif mode == "big":
+        _big(comm, out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

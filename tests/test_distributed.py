@@ -398,3 +398,15 @@ def test_the_agreed_check_sees_what_the_step_refuses() -> None:
     w.shape = (4, 4)
     with pytest.raises(ValueError, match="changed in place"):
         dp.optimizer._check_ready("DataParallel.step")
+
+
+def test_collectives_on_a_segment_over_2_gib(tmp_path: Path) -> None:
+    """A group whose float32 run is over 2 GiB (600M elements, 18 buckets of 128 MiB): MPI's
+    counts and displacements are C ints, and the last chunks of rank 1 start past 2**31 bytes
+    (mpi4py >= 4 passes them through MPI-4's large-count calls).  Two ranks; every reduced
+    element exact and every rank's range gathered by every rank.  (About 3 GB per rank.)"""
+    launch(2, "big", tmp_path)
+    for r in range(2):
+        got = json.loads((tmp_path / f"big-rank{r}.json").read_text())
+        assert got["buckets"] == 18 and got["largest_offset"] > 2**31, got
+        assert got["reduce_wrong"] == [0] * 18 and got["gather_wrong"] == [0, 0], got
