@@ -31,6 +31,11 @@ DType compute_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32;
 std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
 
 std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
+// What a message calls a parameter by its label: "param w", or "param" alone for the empty
+// label (the functional tier's one parameter).
+std::string param_noun(const std::string& label) {
+  return label.empty() ? "param" : "param " + label;
+}
 
 std::string shape_str(const py::array& a) {
   return py::str(py::tuple(py::cast(std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()))));
@@ -443,10 +448,12 @@ class PyPlan {
       throw py::value_error("states: need one list of arrays per state name");
     if (ids && ids->size() != n) throw py::value_error("ids: need one id per parameter");
     if (qmaps && qmaps->size() != k) throw py::value_error("qmaps: need one entry per state name");
-    labels_ = labels;
+    std::vector<std::string> nouns(n);  // (what the messages call each parameter)
+    for (std::size_t i = 0; i < n; ++i) nouns[i] = param_noun(labels[i]);
+    nouns_ = nouns;
     std::vector<Arg> ps;
     ps.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) ps.push_back(check_array(params[i], "param " + labels[i], true));
+    for (std::size_t i = 0; i < n; ++i) ps.push_back(check_array(params[i], nouns[i], true));
     // The optional per-parameter arrays, checked for their role.
     auto extra = [&](const py::object& seq, const char* role) {
       std::vector<std::optional<Arg>> out(n);
@@ -455,7 +462,7 @@ class PyPlan {
         throw py::value_error(std::string(role) + "s: need one entry (an array or None) per parameter");
       for (std::size_t i = 0; i < n; ++i) {
         const py::handle h = py::sequence(seq)[i];
-        if (!h.is_none()) out[i] = check_array(h, std::string(role) + " of param " + labels[i], true);
+        if (!h.is_none()) out[i] = check_array(h, std::string(role) + " of " + nouns[i], true);
       }
       return out;
     };
@@ -465,7 +472,7 @@ class PyPlan {
     const auto es = extra(emas, "EMA");
     const auto low = [](DType d) { return d == DType::bf16 || d == DType::f16; };
     for (std::size_t i = 0; i < n; ++i) {
-      const std::string who = " of param " + labels[i];
+      const std::string who = " of " + nouns[i];
       const py::array& p = ps[i].arr;
       if (ms[i]) {
         if (!low(ps[i].dtype))
@@ -502,7 +509,7 @@ class PyPlan {
       if (static_cast<std::size_t>(py::len(sj)) != n)
         throw py::value_error("states: need one '" + state_names[j] + "' array per parameter");
       for (std::size_t i = 0; i < n; ++i) {
-        const std::string what = "state '" + state_names[j] + "' of param " + labels[i];
+        const std::string what = "state '" + state_names[j] + "' of " + nouns[i];
         const py::handle h = sj[i];
         if (py::isinstance<py::tuple>(h)) {
           const std::string map = qmaps ? (*qmaps)[j] : std::string();
@@ -526,15 +533,15 @@ class PyPlan {
       if (a.size) spans_.push_back({a.lo, a.hi, what});
     };
     for (std::size_t i = 0; i < n; ++i) {
-      span(ps[i], "param " + labels[i]);
+      span(ps[i], nouns[i]);
       for (std::size_t j = 0; j < k; ++j) {
-        span(ss[j][i], "state '" + state_names[j] + "' of param " + labels[i]);
-        if (qs[j][i]) span(*qs[j][i], "absmax of state '" + state_names[j] + "' of param " + labels[i]);
+        span(ss[j][i], "state '" + state_names[j] + "' of " + nouns[i]);
+        if (qs[j][i]) span(*qs[j][i], "absmax of state '" + state_names[j] + "' of " + nouns[i]);
       }
-      if (ms[i]) span(*ms[i], "master copy of param " + labels[i]);
-      if (cs[i]) span(*cs[i], "compensation of param " + labels[i]);
-      if (os[i]) span(*os[i], "copy-out of param " + labels[i]);
-      if (es[i]) span(*es[i], "EMA of param " + labels[i]);
+      if (ms[i]) span(*ms[i], "master copy of " + nouns[i]);
+      if (cs[i]) span(*cs[i], "compensation of " + nouns[i]);
+      if (os[i]) span(*os[i], "copy-out of " + nouns[i]);
+      if (es[i]) span(*es[i], "EMA of " + nouns[i]);
     }
     sort_and_check_disjoint(spans_);
     plan_.nstate = static_cast<int>(k);
@@ -579,16 +586,16 @@ class PyPlan {
                           what, layout});
     };
     for (std::size_t i = 0; i < n; ++i) {
-      watch(ps[i], "param " + labels[i], true);
+      watch(ps[i], nouns[i], true);
       for (std::size_t j = 0; j < k; ++j) {
-        const std::string sw = "state '" + state_names[j] + "' of param " + labels[i];
+        const std::string sw = "state '" + state_names[j] + "' of " + nouns[i];
         watch(ss[j][i], sw);
         if (qs[j][i]) watch(*qs[j][i], "absmax of " + sw);
       }
-      if (ms[i]) watch(*ms[i], "master copy of param " + labels[i]);
-      if (cs[i]) watch(*cs[i], "compensation of param " + labels[i]);
-      if (os[i]) watch(*os[i], "copy-out of param " + labels[i], true);
-      if (es[i]) watch(*es[i], "EMA of param " + labels[i]);
+      if (ms[i]) watch(*ms[i], "master copy of " + nouns[i]);
+      if (cs[i]) watch(*cs[i], "compensation of " + nouns[i]);
+      if (os[i]) watch(*os[i], "copy-out of " + nouns[i], true);
+      if (es[i]) watch(*es[i], "EMA of " + nouns[i]);
     }
     state_names_ = state_names;
   }
@@ -665,7 +672,7 @@ class PyPlan {
     gs.reserve(n);
     std::vector<Span> spans;
     for (std::size_t i = 0; i < n; ++i) {
-      const std::string what = "grad for param " + labels_[i];
+      const std::string what = "grad for " + nouns_[i];
       const py::handle h = grads[i];
       if (PyCapsule_CheckExact(h.ptr())) {  // a DLPack tensor (fastoptim.torch)
         gs.push_back(check_dlpack(h, params_[i], what));
@@ -936,7 +943,7 @@ class PyPlan {
 
  private:
   Plan plan_;
-  std::vector<std::string> labels_, state_names_;
+  std::vector<std::string> nouns_, state_names_;
   std::vector<Span> spans_;
   std::vector<py::array> params_;
   // every array the plan writes (keeping it alive), where its data was and its size
@@ -1220,7 +1227,7 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
       };
       std::string label;
       cast(6, "label", &label);
-      const std::string what = "param " + label;
+      const std::string what = param_noun(label);
       Hyper h;
       cast(0, "hyper", &h);
       hs.push_back(h);

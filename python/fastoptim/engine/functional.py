@@ -27,12 +27,12 @@ def check_step(fn: str, step: Any) -> None:
 
 @contextlib.contextmanager
 def _checked(fn: str) -> Iterator[None]:
-    """The compiled plan's checks, in `fn`'s words: they name the one parameter by its label,
-    "param", which their own "param <label>" would say twice."""
+    """The compiled plan's checks, in `fn`'s words (its one parameter has the empty label,
+    which they call "param")."""
     try:
         yield
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{fn}: {str(e).replace('param param', 'param')}") from None
+        raise type(e)(f"{fn}: {e}") from None
 
 
 def step(
@@ -140,7 +140,7 @@ def step(
     with _checked(fn):
         plan = _core.Plan(
             [param],
-            ["param"],
+            [""],
             needed,
             [[given[n]] for n in needed],
             masters=[extra.get("master")],
@@ -197,7 +197,7 @@ def _host_step(
         host.check_param(fn, "param", param.shape)
     names = [n for n in given if n not in defn.shaped]
     with _checked(fn):
-        plan = _core.Plan([param], ["param"], names, [[given[n]] for n in names])
+        plan = _core.Plan([param], [""], names, [[given[n]] for n in names])
         plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
     own = [n for n in given if n in defn.shaped]  # (Adafactor's factored state)
     for n in own:  # (every check before the update writes any of them)
