@@ -64,6 +64,12 @@ DATA_PARALLEL: dict[str, dict[str, Any]] = {
         "kw": {"lr": 1e-2},
         "bucket_bytes": 64,
     },
+    "adamw_int8_int4_state": {  # quantized state (blocks of 256 / 128; the (3,) one in fp32)
+        "groups": [([(80, 64), (4100,), (3,)], "float32", {})],
+        "cls": "AdamW",
+        "kw": {"lr": 1e-2, "state_dtype": {"exp_avg": "int8", "exp_avg_sq": "int4"}},
+        "bucket_bytes": 4096,
+    },
     "lion_unpadded": {  # 16-float tensors: no alignment padding, bytes = the formula exactly
         "groups": [([(4, 4), (2, 16)], "float32", {})],
         "cls": "Lion",
