@@ -892,3 +892,68 @@ def test_a_state_tensor_re_viewed_in_place(fast: bool) -> None:
                 o.state[t]["exp_avg_sq"].as_strided_((5, 5), (1, 5))
     _same(q, p)
     _same(opt.state[q]["exp_avg"], ref.state[p]["exp_avg"])
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ("int8", None),
+        ("int8", "bfloat16"),
+        ("int4", "float32"),
+        ("int8", "int4"),
+        ("int4", "int8"),
+        ("int8", {"exp_avg": "bfloat16", "exp_avg_sq": "float32"}),
+    ],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_state_dtype_switched_away_from_quantized_state(
+    before: str, after: Any, layout: str
+) -> None:
+    """A group's ``state_dtype`` changed from a quantized kind between steps: the next step takes
+    the state from its dequantized values, as it takes a float state that it converts.  (It
+    raised "build it with the state_dtype that saved the state": audit E01.)  The twin holds
+    those values as float32 state from the start of the switch: both steps agree bit for bit,
+    parameters and state."""
+    import numpy as np
+
+    from fastoptim import functional
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32, 4, 4)  # 8192 elements: quantized
+    if layout == "channels_last":
+        w = w.to(memory_format=torch.channels_last)
+    a = torch.nn.Parameter(w.clone())
+    b = torch.nn.Parameter(w.clone())
+    opt = fot.AdamW([a], lr=1e-2, state_dtype=before)
+    for _ in range(2):
+        a.grad = torch.randn_like(a)
+        opt.step()
+    twin = fot.AdamW([b], lr=1e-2)
+    b.grad = torch.zeros_like(b)
+    twin.step()  # (creates its float32 state; all overwritten below)
+    with torch.no_grad():
+        b.copy_(a)
+    four = before == "int4"
+    perm = (0, 2, 3, 1) if layout == "channels_last" else (0, 1, 2, 3)
+    for name in ("exp_avg", "exp_avg_sq"):
+        codes = opt.state[a][name]
+        mem = codes if four else codes.permute(perm)  # (blocks run in the memory order)
+        values = functional.dequantized(
+            (np.ascontiguousarray(mem.numpy()), opt.state[a][name + "_absmax"].numpy()),
+            name,
+            tuple(a.permute(perm).shape),
+            dtype=before,
+        )
+        with torch.no_grad():
+            twin.state[b][name].copy_(torch.from_numpy(values).permute(np.argsort(perm).tolist()))
+        twin.state[b]["step"].fill_(opt.state[a]["step"].item())
+    opt.param_groups[0]["state_dtype"] = after
+    twin.param_groups[0]["state_dtype"] = after
+    g = torch.randn_like(a)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt.step()
+    twin.step()
+    _same(a, b)
+    assert set(opt.state[a]) == set(twin.state[b])
+    for k, v in opt.state[a].items():
+        _same(v, twin.state[b][k])

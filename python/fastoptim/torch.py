@@ -590,6 +590,36 @@ def _quantized_problem(p: torch.Tensor, codes: Any, scales: Any) -> tuple[str, s
     return (precision.ABSMAX, problem) if problem else None
 
 
+def _quantized_other_way(state: Mapping[str, Any], p: torch.Tensor, name: str, kind: str) -> bool:
+    """Whether `state` holds state `name` of `p` as codes of the quantized kind that is not
+    `kind` (8-bit codes shaped like `p`, 4-bit ones packed 1-D), with their scales."""
+    codes = state.get(name)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        return False
+    if name + precision.ABSMAX not in state or codes.shape == ((p.numel() + 1) // 2,) == p.shape:
+        return False
+    other = ((p.numel() + 1) // 2,) if kind == precision.INT8 else p.shape
+    return codes.shape == other
+
+
+def _dequantize_state(state: dict[str, Any], p: torch.Tensor, name: str, where: str) -> None:
+    """Quantized state `name` of `p` in `state` (codes and absmax; 8- or 4-bit, as the codes'
+    shape says) replaced by its float32 values, shaped like `p`: for a group whose
+    ``state_dtype`` now keeps it as a float, or quantized the other way, which takes the state
+    from those values.  ValueError ``"<where>: state ..."`` where the codes or scales are not
+    a quantized state of `p`."""
+    codes, scales = state[name], state.get(name + precision.ABSMAX)
+    problem = _quantized_problem(p, codes, scales)
+    if problem is not None:
+        raise ValueError(f"{where}: state {name + problem[0]!r}: {problem[1]}")
+    kind = precision.INT8 if codes.shape == p.shape else precision.INT4
+    order = _recorded_order(state, name, p.dim(), f"{where}: state {name + precision.ORDER!r}")
+    values = _dequantized(codes, scales, name, kind, tuple(p.shape), order)
+    state[name] = values.to(p.device)
+    del state[name + precision.ABSMAX]
+    state.pop(name + precision.ORDER, None)
+
+
 _numpy = torch.Tensor.numpy
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -1584,6 +1614,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             for n, kind in layout.items():
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     if kind in precision.QUANT_KINDS:
+                        if _quantized_other_way(state, p, n, kind):  # (int8 <-> int4)
+                            _dequantize_state(state, p, n, f"{name}: param {label}")
                         self._quantized_state(p, perm, n, c.hp, label, kind)
                         _record_order(state, n, kind, perm)
                     continue
@@ -1592,12 +1624,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 if s is None:
                     state[n] = self._new_state(p, n, c.hp, dtype)
                     continue
-                if n + precision.ABSMAX in state:
-                    raise ValueError(
-                        f"{name}: state {n!r} of param {label} is quantized; this "
-                        f"optimizer's state_dtype keeps it as {kind}: build it with the "
-                        "state_dtype that saved the state"
-                    )
+                if n + precision.ABSMAX in state:  # (state_dtype no longer quantizes it)
+                    _dequantize_state(state, p, n, f"{name}: param {label}")
+                    s = state[n]
                 want = p.shape if n not in shaped else self._definition.state_shape(n, p.shape)
                 if not isinstance(s, torch.Tensor) or s.shape != want:
                     whose = "the parameter's" if n not in shaped else "its"
