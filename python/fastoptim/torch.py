@@ -612,6 +612,7 @@ def _dequantize_state(state: dict[str, Any], p: torch.Tensor, name: str, where: 
     problem = _quantized_problem(p, codes, scales)
     if problem is not None:
         raise ValueError(f"{where}: state {name + problem[0]!r}: {problem[1]}")
+    assert isinstance(scales, torch.Tensor)  # (checked above)
     kind = precision.INT8 if codes.shape == p.shape else precision.INT4
     order = _recorded_order(state, name, p.dim(), f"{where}: state {name + precision.ORDER!r}")
     values = _dequantized(codes, scales, name, kind, tuple(p.shape), order)
