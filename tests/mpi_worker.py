@@ -400,6 +400,18 @@ def _mismatch(comm: Any, out: Path) -> None:
         groups = [{"params": [p], "state_dtype": {"exp_avg": "int4"}}]
         fd.ZeroRedundancyOptimizer(groups, fo.AdamW, comm=comm)
 
+    # A group added to the shard's optimizer on every rank: it was stepped on each rank
+    # with that rank's own gradients (never reduced, sharded or gathered), int8 state included.
+    def zero_group_added_to_the_shard_optimizer() -> None:
+        z = fd.ZeroRedundancyOptimizer([np.ones(64, np.float32)], fo.AdamW, comm=comm)
+        extra = np.ones(8192, np.float32)
+        z.optimizer.add_param_group({"params": [extra], "state_dtype": "int8"})
+        z.optimizer.grads[-1][...] = rank + 1.0
+        try:
+            z.step()
+        finally:
+            assert (extra == 1.0).all()  # (untouched)
+
     # A step refused on one rank only (after a good one), where the others entered the
     # collectives: they hung (ZeRO-1's clipping all-reduce, the next all-gather) or stepped
     # alone.  Now checked before any collective.
@@ -516,6 +528,7 @@ def _mismatch(comm: Any, out: Path) -> None:
         grads_on_one_rank_later,
         zero_int8,
         zero_int4_in_a_group,
+        zero_group_added_to_the_shard_optimizer,
         zero_schedule_fails_on_one_rank,
         dp_lr_invalid_on_one_rank,
         zero_read_only_on_one_rank,

@@ -599,3 +599,24 @@ def test_functional_float_state_follows_state_dtype(
         m2, v2 = np.zeros(N, want), np.zeros(N, want)
     F.adam_(p, g, m2, v2, step=1, lr=0.1, state_dtype=state_dtype)
     assert (p != 0).all()
+
+
+def test_a_bfloat16_parameters_master_is_its_value_of_record() -> None:
+    """NumPy tier, as the README says: an edit made to a bfloat16 parameter with a master copy
+    is overwritten by the next step (written from the master, never read back: audit E02 asked
+    whether that was meant); an edit made to the master is what the parameter follows."""
+    import ml_dtypes
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    w = np.linspace(-1, 1, 64, dtype=np.float32).astype(bf16)
+    opt = fo.AdamW([w], lr=0.0, weight_decay=0.0, master_weights=True)
+    zero = np.zeros(64, bf16)
+    opt.step([zero])
+    before = w.copy()
+    w[:4] = 0
+    opt.step([zero])  # lr 0: the master unchanged, the parameter written from it
+    np.testing.assert_array_equal(w.view(np.uint16), before.view(np.uint16))
+    opt.state[0]["master"][:4] = 0
+    opt.step([zero])
+    assert (w[:4] == 0).all()
+    np.testing.assert_array_equal(w[4:].view(np.uint16), before[4:].view(np.uint16))

@@ -306,6 +306,10 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
         assert per_rank["zero_int4_in_a_group"].startswith(
             "ValueError: ZeroRedundancyOptimizer: state_dtype={'exp_avg': 'int4'}"
         )
+        assert per_rank["zero_group_added_to_the_shard_optimizer"].startswith(
+            "ValueError: ZeroRedundancyOptimizer.step: a parameter group was added to the "
+            "shard's optimizer"
+        )
         assert per_rank["still_works"] == "no error", per_rank["still_works"]
         assert per_rank["zero_same_array_twice"] == (
             "ValueError: ZeroRedundancyOptimizer: param 1 shares memory with param 0; every "

@@ -605,3 +605,24 @@ def test_bench_rows_table(monkeypatch: Any) -> None:
     table = bench.format_rows(rows)
     assert table.splitlines()[0].startswith("16 rows x 64 float32 of a 64-row table")
     assert all(name in table for name in bench.ROWS_OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "SparseAdam"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_sparse_gradients_of_low_precision_parameters_refused(name: str, dtype: Any) -> None:
+    """A bfloat16/float16 embedding with sparse gradients, which torch.optim steps: refused with
+    a TypeError naming the parameter (the row kernel updates float32/float64 rows; a
+    documented limitation), nothing changed."""
+    emb = torch.nn.Embedding(10, 4, sparse=True).to(dtype)
+    opt = getattr(fot, name)(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 3, 1])).sum().backward()
+    before = emb.weight.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[emb.weight].items()}  # (Adagrad's: eager)
+    with pytest.raises(
+        TypeError, match=r"param 0 of group 0 has dtype torch\.\w+; sparse gradients"
+    ):
+        opt.step()
+    assert torch.equal(emb.weight.detach().view(torch.int16), before.view(torch.int16))
+    assert opt.state[emb.weight].keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(opt.state[emb.weight][k], v), k

@@ -895,6 +895,7 @@ class ZeroRedundancyOptimizer(_Wrapper):
         _compare(c.comm, where, _agree(c.comm, where, parse))
         self._defaults = dict(defaults)
         self._opt: Optimizer = _agree(c.comm, where, lambda: self._inner(c.rank))
+        self._inner_groups = len(self._opt.param_groups)  # (what step() refuses to see change)
         if c.size > 1:  # clipping and skipping see every rank's gradients
             self._opt.reduce_grad_stats = mpi_all_reduce(c.comm)
         self._layout()
@@ -1040,6 +1041,13 @@ class ZeroRedundancyOptimizer(_Wrapper):
             _copy_grads(where, gs, self._named, keys, self._grads)
 
         def ready() -> None:
+            if len(self.optimizer.param_groups) != self._inner_groups:
+                raise ValueError(
+                    f"{where}: a parameter group was added to the shard's optimizer "
+                    "(.optimizer.add_param_group): its parameters would be neither reduced "
+                    "nor sharded nor gathered; build a new ZeroRedundancyOptimizer with every "
+                    "group"
+                )
             for g in self._groups:  # (the parameters are written by the all-gather)
                 for k, a in zip(g.keys, g.arrays):
                     if not a.flags.writeable:
