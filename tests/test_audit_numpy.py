@@ -620,3 +620,46 @@ def test_a_bfloat16_parameters_master_is_its_value_of_record() -> None:
     opt.step([zero])
     assert (w[:4] == 0).all()
     np.testing.assert_array_equal(w[4:].view(np.uint16), before[4:].view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "cls, kw, name",
+    [
+        (fo.SGDScheduleFree, {"lr": 1.0}, "z"),
+        (fo.AdamWScheduleFree, {}, "z"),
+        (fo.AdamW, {"ema_decay": 0.9}, "ema"),
+    ],
+)
+def test_a_refused_first_step_leaves_state_copied_from_the_parameter(
+    cls: Any, kw: dict[str, Any], name: str
+) -> None:
+    """A parameter re-viewed in place before the first step (``p.dtype = np.int32``): the
+    step is refused, and the state that starts as a copy of the parameter (Schedule-Free's
+    ``z``, an EMA) is not filled from the re-viewed bytes first (fuzz audit F01: 2.0 became
+    1.07e9 in the state, and in a checkpoint taken then)."""
+    a = np.array([-0.116, 2.0], np.float32)
+    b = np.array([1.5], np.float64)
+    opt = cls({"a": a, "b": b}, **kw)
+    before = {k: np.array(opt.state[k][name]) for k in ("a", "b")}
+    a.dtype = np.int32
+    with pytest.raises(ValueError, match="param 'a': the array's dtype, shape or strides"):
+        opt.step({"a": np.ones(2, np.float32), "b": np.ones(1)})
+    a.dtype = np.float32
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(opt.state[k][name], before[k])
+
+
+@pytest.mark.parametrize("shape", [(), (7,)])
+def test_adafactor_refuses_a_gradient_that_is_its_own_state(shape: tuple[int, ...]) -> None:
+    """Adafactor's factored statistics are shaped apart from the plans: a gradient that is one
+    of them (a 0-D or 1-D parameter's ``variance``) was accepted and read while it was
+    updated (fuzz audit F02)."""
+    p = np.ones(shape, np.float32)
+    opt = fo.Adafactor([p])
+    opt.step([np.full(shape, 0.5, np.float32)])
+    var = opt.state[0]["variance"]
+    before, pb = var.copy(), p.copy()
+    with pytest.raises(ValueError, match="grad for param 0 shares memory with the 'variance'"):
+        opt.step([var])
+    np.testing.assert_array_equal(var, before)
+    np.testing.assert_array_equal(p, pb)

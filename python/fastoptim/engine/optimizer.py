@@ -893,7 +893,9 @@ class Optimizer:
             except (TypeError, ValueError):
                 g.plan.check()  # (a parameter re-viewed in place: that error, not the grad's)
                 raise
-        if len(self._groups) > 1:  # a gradient must not alias another group's param or state
+        # A gradient must not alias another group's param or state, nor state that the plans
+        # do not hold (Adafactor's factored statistics, shaped apart from their parameter).
+        if len(self._groups) > 1 or self._definition.shaped:
             owned, owners = self._owned(with_grad_buffers=False)
             grads_flat = [a for gr in per_group for a in gr]
             labels = ["grad for param " + lab for g in self._groups for lab in g.labels]
@@ -979,11 +981,13 @@ class Optimizer:
                 return decision.norm
         elif self.grad_norm is not None or self.step_skipped:
             self.grad_norm, self.step_skipped = None, False
-        for g in groups:  # a state that starts as its parameter (Schedule-Free's z, an
-            if g.fresh or g.fresh_copies:  # EMA): the parameter as it is now, at its first
-                for name in g.fresh | g.fresh_copies:  # step
-                    if name in g.fresh_copies or self._definition.like_param(name):
-                        self._take_params(g, name)
+        fresh = [g for g in groups if g.fresh or g.fresh_copies]
+        for g in fresh:  # (the parameters not re-viewed since: checked before any is copied)
+            g.plan.check()
+        for g in fresh:  # a state that starts as its parameter (Schedule-Free's z, an EMA):
+            for name in g.fresh | g.fresh_copies:  # the parameter as it is now, at its first
+                if name in g.fresh_copies or self._definition.like_param(name):  # step
+                    self._take_params(g, name)
         if self._python_run:  # fastoptim.reference, Muon, Adafactor: each group in Python
             for g in groups:  # (what the compiled step checks before it writes anything)
                 g.plan.check()
