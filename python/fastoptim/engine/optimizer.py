@@ -728,17 +728,20 @@ class Optimizer:
             if not math.isfinite(scale):
                 raise ValueError(f"{where}: scale must be finite, got {scale!r}")
             per_group = self._split_grads(grads, "accumulate")
-            # The gradients against every group's buffers (which this call writes) first, in
-            # the words of the call: "grad for param 0 shares memory with opt.grads[1]".
-            bufs = [a for g in self._groups for a in self._own_grads(g)]
-            try:
-                _core.check_disjoint(
-                    bufs + [a for gr in per_group for a in gr],
-                    [f"opt.grads[{k}]" for g in self._groups for k in g.labels]
-                    + [f"grad for param {k}" for g in self._groups for k in g.labels],
-                )
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{where}: {e}") from None
+
+            def disjoint() -> None:
+                # The gradients against every group's buffers (which this call writes), in
+                # the call's words: "grad for param 0 shares memory with opt.grads[1]".
+                try:
+                    _core.check_disjoint(
+                        [a for g in self._groups for a in self._own_grads(g)]
+                        + [a for gr in per_group for a in gr],
+                        [f"opt.grads[{k}]" for g in self._groups for k in g.labels]
+                        + [f"grad for param {k}" for g in self._groups for k in g.labels],
+                    )
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{where}: {e}") from None
+
             plans = []
             for g, gr in zip(self._groups, per_group):
                 if g.acc_plan is None:  # (its "params" are the buffers, labelled as the params)
@@ -746,8 +749,11 @@ class Optimizer:
                 try:
                     g.acc_plan.bind_grads(gr)
                 except (TypeError, ValueError) as e:
+                    disjoint()  # (an overlap with a buffer: said in those words)
                     raise type(e)(f"{where}: {e}") from None
                 plans.append(g.acc_plan)
+            if len(self._groups) > 1:  # (each plan checked its own group's buffers)
+                disjoint()
             _core.accumulate(plans, float(scale))
 
     def zero_grad(self) -> None:
