@@ -553,6 +553,39 @@ def test_accumulate_errors_name_the_gradient_and_the_buffer() -> None:
         assert (opt.grads[0] == 1.0).all() and (opt.grads[1] == 10.0).all()
 
 
+@pytest.mark.parametrize("cls", [fo.SGD, fo.Adam, fo.Lion])
+def test_step_errors_name_the_call(cls: type[fo.Optimizer]) -> None:
+    """Every refusal of ``step`` begins with "<class>.step: ", the compiled plans' checks
+    included (they read "grad for param 0: ..." alone), with its type; nothing changes."""
+    w, v = np.ones(N, np.float32), np.ones(N, np.float32)
+    opt = cls([w, v], lr=0.1)
+    opt.step([np.ones(N, np.float32), np.ones(N, np.float32)])
+    before = [w.copy(), v.copy()]
+    g = np.ones(N, np.float32)
+    name = cls.__name__
+    for grads, err, match in (
+        ([v, g], ValueError, "grad for param 0 shares memory with param 1"),
+        ([g, np.ones(N + 1, np.float32)], ValueError, rf"grad for param 1: shape \({N + 1},\)"),
+        ([g, np.ones(N, np.float64)], TypeError, "grad for param 1: dtype float64"),
+        ([g, np.ones(2 * N, np.float32)[::2]], ValueError, "grad for param 1: array is not C-"),
+        ([g, None], TypeError, "grad for param 1: expected a numpy.ndarray"),
+        ([g], ValueError, "expected 2 gradients, got 1"),
+        ({"a": g}, TypeError, "grads is a dict"),
+    ):
+        with pytest.raises(err, match=f"^{name}.step: " + match):
+            opt.step(grads)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(w, before[0])
+        np.testing.assert_array_equal(v, before[1])
+    opt.param_groups[0]["lr"] = -1.0  # (the hyper-parameters' refusal: "<class>: ...")
+    with pytest.raises(ValueError, match=f"^{name}: invalid lr=-1"):
+        opt.step([g, g])
+    opt.param_groups[0]["lr"] = 0.1
+    v.setflags(write=False)
+    with pytest.raises(ValueError, match=f"^{name}.step: param 1: array was made read-only"):
+        opt.step([g, g])
+    np.testing.assert_array_equal(w, before[0])
+
+
 def test_accumulate_refuses_another_groups_buffer() -> None:
     """A gradient that is another group's gradient buffer (which the same call writes) is
     refused as within one group (audit D07: it was read before or after its update,

@@ -197,6 +197,16 @@ def _array_layout(a: Any) -> tuple[Any, ...] | None:
     return (a.__array_interface__["data"][0], a.size, a.dtype, a.shape, a.strides)
 
 
+def _name_the_call(e: BaseException, cls: str, method: str) -> None:
+    """Prefix "<cls>.<method>: " to the message of a refusal raised below the call without
+    it (the compiled plans' checks: "grad for param 0: ..."), in place: the exception keeps
+    its type and traceback."""
+    if isinstance(e, (ValueError, TypeError, OverflowError)) and len(e.args) == 1:
+        msg = e.args[0]
+        if isinstance(msg, str) and not msg.startswith(cls):
+            e.args = (f"{cls}.{method}: {msg}",)
+
+
 def _check_given(g: _Group, where: str) -> None:
     """ValueError naming the first parameter of `g` resized, reallocated or re-viewed in
     place since it was given (as a step's plan refuses it), for what runs without the plan
@@ -959,8 +969,9 @@ class Optimizer:
         with self._lock:  # steps of one optimizer from several threads: one at a time
             try:
                 return self._step_locked(grads, grad_scale)
-            except BaseException:  # (a refused step may have bound some groups' gradients)
+            except BaseException as e:  # (a refused step may have bound some groups' gradients)
                 self._release_passed()
+                _name_the_call(e, type(self).__name__, "step")
                 raise
 
     def _step_locked(self, grads: Grads | None, grad_scale: float | None) -> float | None:
