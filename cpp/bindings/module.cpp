@@ -448,9 +448,9 @@ class PyPlan {
       throw py::value_error("states: need one list of arrays per state name");
     if (ids && ids->size() != n) throw py::value_error("ids: need one id per parameter");
     if (qmaps && qmaps->size() != k) throw py::value_error("qmaps: need one entry per state name");
-    std::vector<std::string> nouns(n);  // (what the messages call each parameter)
-    for (std::size_t i = 0; i < n; ++i) nouns[i] = param_noun(labels[i]);
-    nouns_ = nouns;
+    nouns_.resize(n);  // (what the messages call each parameter)
+    for (std::size_t i = 0; i < n; ++i) nouns_[i] = param_noun(labels[i]);
+    const std::vector<std::string>& nouns = nouns_;
     std::vector<Arg> ps;
     ps.reserve(n);
     for (std::size_t i = 0; i < n; ++i) ps.push_back(check_array(params[i], nouns[i], true));
