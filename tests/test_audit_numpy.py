@@ -655,6 +655,102 @@ def test_a_bfloat16_parameters_master_is_its_value_of_record() -> None:
     np.testing.assert_array_equal(w[4:].view(np.uint16), before[4:].view(np.uint16))
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_a_master_starts_as_its_parameter_at_the_first_step(dtype: Any) -> None:
+    """The master copies are taken from the parameters at their first step (as an EMA is): a
+    parameter loaded into after the optimizer was built keeps what was loaded (it was
+    overwritten by the value it had at construction)."""
+    w = np.ones(64, dtype)
+    opt = fo.SGD([w], lr=0.0, master_weights=True)
+    loaded = np.linspace(-3, 3, 64, dtype=np.float32).astype(dtype)
+    w[...] = loaded
+    opt.step([np.zeros(64, dtype)])
+    np.testing.assert_array_equal(w.view(np.uint16), loaded.view(np.uint16))
+    np.testing.assert_array_equal(opt.state[0]["master"], loaded.astype(np.float32))
+
+
+def _between(m: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The two values of `dtype` adjacent around each float32 `m` (lo <= m <= hi; both the
+    value itself where `m` is representable), element by element."""
+    lo, hi = np.empty(m.shape, dtype), np.empty(m.shape, dtype)
+    top = np.array(np.inf, dtype)
+    for i, x in enumerate(m):
+        near = np.array(x).astype(dtype)
+        if np.isnan(x) or float(near) == float(x):
+            lo[i] = hi[i] = near
+        elif float(near) < float(x):
+            lo[i], hi[i] = near, np.nextafter(near, top)
+        else:
+            lo[i], hi[i] = np.nextafter(near, -top), near
+    return lo, hi
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_follow_params(dtype: Any, rounding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``follow_params``: each element of a parameter edited in place (not what a step writes
+    from its master: the nearest value, or with stochastic rounding either value around it)
+    gives the master its value; every other master element keeps its float32 bits; the next
+    step (lr 0) leaves the edits in the parameter.  In blocks (7 elements here) as whole."""
+    from fastoptim.engine import precision
+
+    monkeypatch.setattr(precision, "_FOLLOW_BLOCK", 7)
+    n = 300
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(n).astype(np.float32).astype(dtype)
+    opt = fo.Adam([w], lr=1e-2, master_weights=True, rounding=rounding)
+    for _ in range(3):
+        opt.step([rng.standard_normal(n).astype(dtype)])
+    master = opt.state[0]["master"]
+    master[:3] = [1.0, np.nan, 2.0**-30]  # (representable in float32, not all in `dtype`)
+    w[:3] = np.array(master[:3]).astype(dtype)
+    before_m, before_w = master.copy(), w.copy()
+    assert opt.follow_params() == 0  # nothing edited: nothing taken
+    np.testing.assert_array_equal(master.view(np.uint32), before_m.view(np.uint32))
+    lo, hi = _between(before_m, dtype)
+    w[10:20] = 0.5  # plain edits
+    w[20] = np.nan
+    w[21] = np.inf
+    w[22:40] = hi[22:40]  # one value up / down: an edit unless the master could round there
+    w[40:60] = lo[40:60]
+    w[60:70] = np.nextafter(hi[60:70], np.array(np.inf, dtype))  # two away: always an edit
+    w[1] = 0.0  # (the NaN master's element)
+    allowed = (w == lo) | (w == hi) if rounding == "stochastic" else (w == before_w)
+    allowed |= np.isnan(w) & np.isnan(before_m)
+    taken = ~allowed
+    assert taken[10:22].all() and taken[60:70].all() and taken[1]
+    if rounding == "stochastic":  # (values a step may write: kept)
+        assert not taken[22:60].any()
+    else:
+        assert taken[22:60].any() and not taken[22:60].all()
+    assert opt.follow_params() == int(taken.sum())
+    np.testing.assert_array_equal(master[taken], w[taken].astype(np.float32))
+    np.testing.assert_array_equal(master[~taken].view(np.uint32), before_m[~taken].view(np.uint32))
+    opt.param_groups[0]["lr"] = 0.0
+    edited = w.copy()
+    opt.step([np.zeros(n, dtype)])
+    np.testing.assert_array_equal(w[taken].view(np.uint16), edited[taken].view(np.uint16))
+
+
+def test_follow_params_refusals() -> None:
+    """``follow_params`` is refused inside ``ema_weights`` (the parameters hold their EMA) and
+    for a parameter re-viewed in place; no master changes.  Without master copies it takes
+    nothing."""
+    w = np.ones(8, ml_dtypes.bfloat16)
+    opt = fo.SGD([w], lr=0.1, master_weights=True, ema_decay=0.5)
+    opt.step([np.ones(8, ml_dtypes.bfloat16)])
+    master = opt.state[0]["master"].copy()
+    with opt.ema_weights():
+        with pytest.raises(RuntimeError, match=r"SGD\.follow_params: .*ema_weights"):
+            opt.follow_params()
+    w[:2] = 5.0
+    w.dtype = np.int16
+    with pytest.raises(ValueError, match=r"SGD\.follow_params: param 0: the array's dtype"):
+        opt.follow_params()
+    np.testing.assert_array_equal(opt.state[0]["master"], master)
+    assert fo.SGD([np.ones(8, np.float32)], master_weights=True).follow_params() == 0
+
+
 @pytest.mark.parametrize(
     "cls, kw, name",
     [

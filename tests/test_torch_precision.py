@@ -307,3 +307,33 @@ def test_master_copy_follows_the_parameter_changed_outside(rounding: str, edit: 
             resumed.step()
         assert torch.equal(q.detach(), p.detach()), order
         assert torch.equal(resumed.state[q]["master"], opt.state[p]["master"]), order
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_tiers_follow_an_edit_alike(dtype: torch.dtype, stochastic: bool) -> None:
+    """fastoptim.torch's master copies follow an edited parameter by the same rule as the
+    NumPy tier's ``follow_params`` (``engine.precision.follow``): bit for bit on masters
+    around, on and between the parameter's values, with edits one value up or down.  A master
+    that is a value of the parameter's dtype is all a step writes (stochastic rounding too):
+    the value below it is an edit (the torch tier took it for a rounding)."""
+    from fastoptim.engine import precision
+    from fastoptim.torch import _follow
+
+    g = torch.Generator().manual_seed(5)
+    p16 = torch.randn(4000, generator=g).to(dtype)
+    m = p16.float()  # representable masters, and masters between two values:
+    m[1000:] += torch.rand(3000, generator=g) * (p16[1000:].float().abs() * 2**-11)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    p = m.to(dtype)
+    p[::3] = torch.nextafter(p[::3], -inf)
+    p[1::3] = torch.nextafter(p[1::3], inf)
+    p[7::50] = float("nan")
+    m_torch, m_numpy = m.clone(), m.clone()
+    _follow(p, m_torch, stochastic)
+    taken = precision.follow(_numpy_of(p), m_numpy.numpy(), stochastic)
+    assert torch.equal(m_torch.view(torch.int32), m_numpy.view(torch.int32))
+    assert taken == int((m_numpy.view(torch.int32) != m.view(torch.int32)).sum())
+    edited_exact = (p[:1000] != m[:1000].to(dtype)) & ~p[:1000].isnan()
+    assert edited_exact.any()
+    assert torch.equal(m_torch[:1000][edited_exact], p[:1000][edited_exact].float())

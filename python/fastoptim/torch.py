@@ -331,9 +331,10 @@ def _follow(p: torch.Tensor, master: torch.Tensor, stochastic: bool) -> None:
         pl, m = _local(p).detach(), _local(master)
         near = m.to(pl.dtype)
         stale = (pl != near) & ~(pl.isnan() & m.isnan())
-        if stochastic:
+        if stochastic:  # (the other value around the master; none where it is representable)
             inf = torch.tensor(float("inf"), dtype=pl.dtype, device=pl.device)
-            stale &= pl != torch.nextafter(near, torch.where(m > near.float(), inf, -inf))
+            wide = near.float()
+            stale &= (pl != torch.nextafter(near, torch.where(m > wide, inf, -inf))) | (m == wide)
         if bool(stale.any()):
             torch.where(stale, pl.float(), m, out=m)
 

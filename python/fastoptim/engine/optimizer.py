@@ -240,7 +240,7 @@ class _Group:
         self.states: dict[str, list[np.ndarray]] = {}  # state name -> per-param views
         self.arenas: dict[str, np.ndarray] = {}  # state name -> contiguous block
         self.fresh: set[str] = set()  # states allocated but not yet used by a step
-        self.fresh_copies: set[str] = set()  # an EMA not yet used by a step
+        self.fresh_copies: set[str] = set()  # an EMA / master copy not yet used by a step
         self.transforming = False  # the group clips or skips (Optimizer._sync)
         self.plan: Any = None
         self.plan_steps = 0  # steps counted on this plan (plan.completed after them)
@@ -542,7 +542,7 @@ class Optimizer:
                 g.params, None, [b.get(scales) for b in layout]
             )
         self._fill_state(g, name, fill, layout)
-        if name == precision.EMA:  # (taken again at its first step: see step)
+        if name in precision.COPIES:  # (taken again at its first step: see step)
             g.fresh_copies.add(name)
         if name in precision.COPIES or self._definition.like_param(name):
             self._take_params(g, name)
@@ -620,6 +620,30 @@ class Optimizer:
         with self._lock:
             return sum(v.nbytes for g in self._groups for vs in g.states.values() for v in vs
                        if v is not None)  # fmt: skip
+
+    def follow_params(self) -> int:
+        """Make the float32 master copies (``master_weights``) follow the bfloat16/float16
+        parameters after they were changed in place outside the optimizer (clipped, pruned,
+        loaded into), as :mod:`fastoptim.torch` does by itself: each element of a parameter
+        that is not what the last step wrote from its master (rounded to nearest; with
+        ``rounding="stochastic"``, either value around it) gives the master its value, the
+        others keep the master's float32 bits.  Without it a step writes the parameters from
+        their masters (the value of record), and such an edit is lost.  The first step takes
+        every master from its parameter by itself.  Returns the number of elements taken.
+        Refused (changing nothing) inside :meth:`ema_weights` and for a parameter resized or
+        re-viewed since it was given."""
+        where = f"{type(self).__name__}.follow_params"
+        with self._lock:
+            self._check_not_swapped(where)
+            work = []
+            for g in self._groups:
+                masters = g.states.get(precision.MASTER)
+                if masters is None or precision.MASTER in g.fresh_copies:
+                    continue  # (none, or taken from the parameters at the next step)
+                _check_given(g, f"{where}: ")
+                stochastic = g.plan is not None and g.plan.rounding == "stochastic"
+                work += [(p, m, stochastic) for p, m in zip(g.params, masters) if m is not None]
+            return sum(precision.follow(p, m, s) for p, m, s in work)
 
     def set_copy_out(self, arrays: Any) -> None:
         """The offload layout: after every step, each float32 parameter that has a copy-out

@@ -333,3 +333,30 @@ def check_layout(cls: str, group: Mapping[str, Any]) -> None:
             f"{cls}: master_weights and kahan exclude each other (a float32 master copy "
             "loses nothing to rounding; Kahan compensation is for parameters without one)"
         )
+
+
+def follow(param: np.ndarray, master: np.ndarray, stochastic: bool) -> int:
+    """Make the float32 `master` copy of bfloat16/float16 `param` (both C-contiguous, same
+    shape) follow what was done to `param` outside the optimizer: each element of `param` that
+    is not what a step writes from its master (rounded to nearest; `stochastic`: either
+    representable value around the master) gives the master its value; the others keep the
+    master's bits (NaN against NaN included).  Returns the number of elements taken.  Works
+    in blocks of :data:`_FOLLOW_BLOCK` elements (bounded temporaries)."""
+    p, m = param.reshape(-1), master.reshape(-1)
+    taken = 0
+    for i in range(0, p.size, _FOLLOW_BLOCK):
+        pb, mb = p[i : i + _FOLLOW_BLOCK], m[i : i + _FOLLOW_BLOCK]
+        near = mb.astype(pb.dtype)  # (NumPy's and ml_dtypes' casts round to nearest even)
+        stale = (pb != near) & ~(np.isnan(pb) & np.isnan(mb))
+        if stochastic:  # (the other value around the master; none where it is representable)
+            wide = near.astype(np.float32)
+            toward = np.where(mb > wide, np.inf, -np.inf).astype(pb.dtype)
+            stale &= (pb != np.nextafter(near, toward)) | (mb == wide)
+        n = int(np.count_nonzero(stale))
+        if n:
+            np.copyto(mb, pb, where=stale, casting="unsafe")
+            taken += n
+    return taken
+
+
+_FOLLOW_BLOCK = 1 << 20
