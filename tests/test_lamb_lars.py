@@ -279,6 +279,8 @@ def test_sharded_dtensor_parameters_are_refused(name: str, process_group: Any) -
     p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
     p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
     before = p.detach().full_tensor().clone()
-    with pytest.raises(ValueError, match=f"{name}: a trust ratio needs each whole parameter"):
-        getattr(fot, name)([p]).step()
+    opt = getattr(fot, name)([p])
+    with pytest.raises(ValueError, match=f"{name}: param 0 of group 0: a trust ratio needs each"):
+        opt.step()
     assert torch.equal(p.detach().full_tensor(), before)
+    assert not opt.state  # (refused before any state was made)

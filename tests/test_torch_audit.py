@@ -957,3 +957,33 @@ def test_state_dtype_switched_away_from_quantized_state(
     assert set(opt.state[a]) == set(twin.state[b])
     for k, v in opt.state[a].items():
         _same(v, twin.state[b][k])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_sharded_dtensor_parameters_refuse_quantized_state(kind: str, process_group: Any) -> None:
+    """A DTensor (FSDP2) parameter holds a shard: quantized state, whose blocks and 4096-element
+    rule follow whole parameters, is refused by the step with a ValueError naming the parameter,
+    before any state is made (it raised torch's NotImplementedError "aten.fill_.Tensor does
+    not have a sharding strategy registered" from inside the state's creation).  A parameter
+    under 4096 elements (float32 state either way) and bfloat16 state still step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+
+    def param(rows: int) -> Any:
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(rows, 64), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn(rows, 64), mesh, [Shard(0)])
+        return p
+
+    small, big = param(2), param(100)
+    before = [p.detach().full_tensor().clone() for p in (small, big)]
+    opt = fot.AdamW([small, big], state_dtype=kind)
+    with pytest.raises(ValueError, match=f"AdamW: param 1 of group 0: state_dtype '{kind}'"):
+        opt.step()
+    assert not opt.state
+    for p, b in zip((small, big), before):
+        assert torch.equal(p.detach().full_tensor(), b)
+    fot.AdamW([small], state_dtype=kind).step()
+    fot.AdamW([big], state_dtype="bfloat16").step()
+    assert not torch.equal(big.detach().full_tensor(), before[1])

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 import fastoptim.torch as ft  # noqa: E402
 from test_distributed import MPIEXEC, launch  # noqa: E402
-from torch_dist_worker import ADAMW, CLIP, STEPS, batch, make_model  # noqa: E402
+from torch_dist_worker import ADAMW, CLIP, INT8, STEPS, batch, make_model  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "torch_dist_worker.py"
 pytestmark = pytest.mark.skipif(
@@ -26,17 +26,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def one_process(n: int, clip: float | None) -> list[np.ndarray]:
+def one_process(n: int, case: str) -> list[np.ndarray]:
     """The same training in one process: each rank's gradient computed apart, their mean (as
     the harnesses reduce them: the sum of the ranks' gradients / n), one AdamW step."""
-    model = make_model()
-    opt = ft.AdamW(model.parameters(), **ADAMW, max_grad_norm=clip)
+    model = make_model(case)
+    kw = INT8 if case.endswith("8") else {}
+    clip = CLIP if case.startswith("ddp") else None
+    opt = ft.AdamW(model.parameters(), **ADAMW, **kw, max_grad_norm=clip)
     params = list(model.parameters())
+    if kw:  # (the first weight's state is quantized)
+        assert params[0].numel() >= 4096
     for t in range(STEPS):
         per_rank = []
         for r in range(n):
             opt.zero_grad()
-            x, y = batch(t, r)
+            x, y = batch(t, r, case)
             torch.nn.functional.mse_loss(model(x), y).backward()
             per_rank.append([p.grad.clone() for p in params])
         for i, p in enumerate(params):
@@ -60,10 +64,10 @@ def run(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, li
     return n, ranks
 
 
-@pytest.mark.parametrize("case", ["ddp", "zero", "fsdp"])
+@pytest.mark.parametrize("case", ["ddp", "zero", "fsdp", "ddp8", "zero8"])
 def test_matches_one_process(case: str, run: tuple[int, list[Any]]) -> None:
     n, ranks = run
-    want = one_process(n, CLIP if case == "ddp" else None)
+    want = one_process(n, case)
     for r, res in enumerate(ranks):
         for i, w in enumerate(want):
             got = res[f"{case}/p{i}"]
@@ -71,3 +75,14 @@ def test_matches_one_process(case: str, run: tuple[int, list[Any]]) -> None:
                 np.testing.assert_array_equal(got, w, err_msg=f"{case} rank {r} param {i}")
             else:  # three terms: the harness's summation order may differ in the last bit
                 np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_refuses_int8_state(run: tuple[int, list[Any]]) -> None:
+    """FSDP2 with ``state_dtype="int8"``: every rank's step is refused before any state is
+    made or parameter changed (the worker checks), naming the parameter and why (it raised
+    torch's "aten.fill_.Tensor does not have a sharding strategy registered")."""
+    _, ranks = run
+    for res in ranks:
+        msg = str(res["fsdp8/error"])
+        assert msg.startswith("AdamW: param 0 of group 0: state_dtype 'int8' quantizes whole ")
+        assert "DTensor (FSDP2)" in msg

@@ -6,8 +6,11 @@ a file store).  Trains one small model three ways, each rank on its own slice of
 - ``zero``: torch's ZeroRedundancyOptimizer(optimizer_class=fastoptim.torch.AdamW);
 - ``fsdp``: FSDP2 ``fully_shard`` (DTensor parameters, each rank a shard; with 3 ranks a
   parameter of 2 rows leaves one rank an empty shard) + fastoptim.torch.AdamW;
+- ``ddp8`` / ``zero8``: the first two with ``state_dtype="int8"`` on a model whose first
+  weight has 6400 elements (quantized: at least 4096);
 
-and writes every rank's final parameters (the full tensors) to ``out/torch-n{N}-rank{r}.npz``.
+and writes every rank's final parameters (the full tensors) to ``out/torch-n{N}-rank{r}.npz``,
+with what FSDP2 + int8 state raised (``fsdp8/error``: refused before any state is made).
 """
 
 from __future__ import annotations
@@ -24,19 +27,27 @@ ADAMW = {"lr": 1e-2, "weight_decay": 0.1}
 CLIP = 0.5  # the ddp case's max_grad_norm
 
 
-def make_model() -> Any:
+INT8 = {"state_dtype": "int8"}  # (the cases ending in 8: a model with a quantized weight)
+
+
+def width(case: str) -> int:
+    return 64 if case.endswith("8") else 12
+
+
+def make_model(case: str = "") -> Any:
     import torch
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 2))
+    k, h = width(case), 100 if case.endswith("8") else 40
+    return torch.nn.Sequential(torch.nn.Linear(k, h), torch.nn.Tanh(), torch.nn.Linear(h, 2))
 
 
-def batch(t: int, rank: int) -> tuple[Any, Any]:
+def batch(t: int, rank: int, case: str = "") -> tuple[Any, Any]:
     """Rank `rank`'s slice of batch `t`."""
     import torch
 
     g = torch.Generator().manual_seed(1000 * t + rank)
-    return torch.randn(8, 12, generator=g), torch.randn(8, 2, generator=g)
+    return torch.randn(8, width(case), generator=g), torch.randn(8, 2, generator=g)
 
 
 def _run(case: str, rank: int, n: int) -> list[np.ndarray]:
@@ -45,23 +56,24 @@ def _run(case: str, rank: int, n: int) -> list[np.ndarray]:
 
     import fastoptim.torch as ft
 
-    model = make_model()
-    if case == "ddp":
+    model = make_model(case)
+    kw = {**ADAMW, **(INT8 if case.endswith("8") else {})}
+    if case.startswith("ddp"):
         net: Any = torch.nn.parallel.DistributedDataParallel(model)
-        opt: Any = ft.AdamW(net.parameters(), **ADAMW, max_grad_norm=CLIP)
-    elif case == "zero":
+        opt: Any = ft.AdamW(net.parameters(), **kw, max_grad_norm=CLIP)
+    elif case.startswith("zero"):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         net = torch.nn.parallel.DistributedDataParallel(model)
-        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=ft.AdamW, **ADAMW)
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=ft.AdamW, **kw)
     else:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
         net = model
-        opt = ft.AdamW(model.parameters(), **ADAMW)
+        opt = ft.AdamW(model.parameters(), **kw)
     for t in range(STEPS):
-        x, y = batch(t, rank)
+        x, y = batch(t, rank, case)
         opt.zero_grad()
         torch.nn.functional.mse_loss(net(x), y).backward()
         opt.step()
@@ -73,6 +85,30 @@ def _run(case: str, rank: int, n: int) -> list[np.ndarray]:
     return out
 
 
+def _fsdp_int8(rank: int) -> str:
+    """FSDP2 with int8 state: the step's error, after checking that it made no state and
+    changed no parameter (or "stepped")."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    import fastoptim.torch as ft
+
+    model = make_model("fsdp8")
+    fully_shard(model)
+    opt = ft.AdamW(model.parameters(), **ADAMW, **INT8)
+    x, y = batch(0, rank, "fsdp8")
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    before = [p.full_tensor().detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+    except ValueError as e:
+        assert not any(opt.state.values()), opt.state
+        after = [p.full_tensor().detach() for p in model.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+        return str(e)
+    return "stepped"
+
+
 def main() -> None:
     import torch.distributed as dist
     from mpi4py import MPI
@@ -82,9 +118,10 @@ def main() -> None:
     rank, n = comm.Get_rank(), comm.Get_size()
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=n)
     result = {}
-    for case in ("ddp", "zero", "fsdp"):
+    for case in ("ddp", "zero", "fsdp", "ddp8", "zero8"):
         for i, a in enumerate(_run(case, rank, n)):
             result[f"{case}/p{i}"] = a
+    result["fsdp8/error"] = np.array(_fsdp_int8(rank))
     np.savez(out / f"torch-n{n}-rank{rank}.npz", **result)
     dist.destroy_process_group()
     comm.Barrier()

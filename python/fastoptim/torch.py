@@ -1594,6 +1594,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             c.hp, ((_name(p.dtype), tuple(p.shape), p.numel()) for p in params), c.names
         )
         shaped = self._definition.shaped
+        self._refuse_shards(params, labels, layouts)
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if precision.COMPENSATION not in layout and p in self.state:
@@ -1747,12 +1748,31 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             plan.watch_torch(watched + buffers, list(scalars.values()))
         self._state_snapshot = None  # (state created or replaced)
         c.last_refs, c.last_ptrs = [], []
-        if c.local and self._definition.per_tensor:
-            raise ValueError(
-                f"{type(self).__name__}: a trust ratio needs each whole parameter's norms; "
-                "DTensor (FSDP2) parameters hold shards of them (not supported)"
-            )
         c.sig = self._sig(params, c.local)
+
+    def _refuse_shards(
+        self, params: list[torch.Tensor], labels: list[str], layouts: list[dict[str, str]]
+    ) -> None:
+        """ValueError (before any state is made) for what needs each whole parameter while a
+        DTensor (FSDP2) parameter holds a shard of it: a trust ratio's norms, and quantized
+        state, whose blocks and 4096-element rule follow whole parameters (a shard's would
+        differ from the unsharded run's, and its scales would not form one tensor)."""
+        name = type(self).__name__
+        for p, label, layout in zip(params, labels, layouts):
+            if not hasattr(p, "_local_tensor"):
+                continue
+            if self._definition.per_tensor:
+                raise ValueError(
+                    f"{name}: param {label}: a trust ratio needs each whole parameter's norms; "
+                    "DTensor (FSDP2) parameters hold shards of them (not supported)"
+                )
+            kinds = sorted({k for k in layout.values() if k in precision.QUANT_KINDS})
+            if kinds:
+                raise ValueError(
+                    f"{name}: param {label}: state_dtype {kinds[0]!r} quantizes whole "
+                    "parameters (blocks, and the 4096-element rule), and a DTensor (FSDP2) "
+                    "parameter holds a shard of one (not supported; 'bfloat16' state is)"
+                )
 
     # ------------------------------------------------------------------ gradients and plans
     def _grad_view(self, c: _Cache, i: int, g: Any) -> np.ndarray:
