@@ -351,6 +351,27 @@ def test_rejections_change_nothing(
     _unchanged(before, arrays)
 
 
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        ({"lr": -0.1}, ValueError, r"invalid lr=-0\.1: must be finite"),
+        ({"betas": (1.5, 0.9)}, ValueError, r"invalid betas\[0\]=1\.5"),
+        ({"amsgrad": "yes"}, TypeError, "amsgrad must be a bool"),
+        ({"rounding": "up"}, ValueError, "rounding must be 'nearest' or 'stochastic'"),
+    ],
+)
+def test_hyper_parameter_errors_name_the_function(
+    kw: dict[str, Any], exc: type[Exception], match: str
+) -> None:
+    """A function's invalid hyper-parameter is refused in the function's name, as its other
+    refusals are ("adam_: invalid lr=-0.1", not the class's "Adam: ..."), changing nothing."""
+    p, g, a, b, _ = arrays = _arrays(5)
+    before = [x.tobytes() for x in arrays]
+    with pytest.raises(exc, match="^adam_: " + match):
+        F.adam_(p, g, a, b, step=1, **kw)
+    _unchanged(before, arrays)
+
+
 def test_read_only_param_rejected() -> None:
     p, g, a = _arrays(3)
     p.flags.writeable = False

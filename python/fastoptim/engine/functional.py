@@ -76,7 +76,13 @@ def step(
                 "value the previous call returned)"
             )
     group = {**defn.defaults(), **hyper}
-    defn.check(group)
+    try:
+        defn.check(group)
+    except (TypeError, ValueError) as e:  # ("Adam: invalid lr=-1 ..." in the function's name)
+        msg = str(e)
+        if not msg.startswith(f"{defn.name}: "):
+            raise
+        raise type(e)(fn + msg.removeprefix(defn.name)) from None
     if defn.host is not None:
         return _host_step(defn, fn, param, grad, states, step, group)
     # At step 1 every state buffer is fresh: what the class would have just created.
