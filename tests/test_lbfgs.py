@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -455,6 +456,86 @@ def test_a_closure_returning_none_is_named() -> None:
     with pytest.raises(TypeError, match="closure returned None; it must return the loss"):
         opt.step(closure)
     assert (w == 1).all()
+
+
+@pytest.mark.parametrize("how", ["made read-only", "re-viewed"])
+def test_a_closure_that_locks_a_parameter_changes_nothing(how: str) -> None:
+    """A closure that makes a parameter read-only (or re-views it in place) at a later
+    evaluation: the step is refused before it writes there, naming the parameter, and puts
+    the parameters and the state back (its rollback wrote into the read-only array and
+    failed: the parameters stayed moved, the state part-way, every later step an
+    AssertionError).  Undone, the next steps are those of an optimizer that never tried."""
+
+    def run(fail: bool) -> np.ndarray:
+        w = np.array([-1.2, 1.0, -0.5, 0.8])
+        opt = fo.LBFGS([w], lr=0.5, max_iter=5, history_size=3)
+        calls = [0]
+
+        def closure(bad_at: int = 0) -> float:
+            calls[0] += 1
+            if calls[0] == bad_at:
+                if how == "made read-only":
+                    w.flags.writeable = False
+                else:
+                    w.dtype = np.int64
+            opt.grads[0][...] = 4 * w**3 - 2 * w
+            return float((w**4 - w**2).sum())
+
+        opt.step(closure)
+        before, state = w.copy(), _plain_state(opt, w)
+        if fail:
+            calls[0] = 0
+            with pytest.raises(ValueError, match=r"^LBFGS\.step: after the closure: param 0: "):
+                opt.step(lambda: closure(bad_at=3))
+            if how == "made read-only":
+                w.flags.writeable = True
+            else:
+                w.dtype = np.float64
+            np.testing.assert_array_equal(w, before)
+            _same_state(_plain_state(opt, w), state)
+        for _ in range(2):
+            opt.step(closure)
+        return w
+
+    np.testing.assert_array_equal(run(True), run(False))
+
+
+@pytest.mark.parametrize("loss", ["loss", [1.0], np.array([1.0, 2.0]), {}])
+def test_a_closure_returning_no_number_is_named(loss: Any) -> None:
+    """A loss that is not a number is refused in LBFGS's words (it was Python's bare "could
+    not convert string to float"), changing nothing."""
+    w = np.ones(4)
+    opt = fo.LBFGS([w])
+
+    def closure() -> Any:
+        opt.grads[0][...] = 2 * w
+        return loss
+
+    with pytest.raises(TypeError, match=r"^LBFGS\.step: the closure must return the loss as a"):
+        opt.step(closure)
+    assert (w == 1).all() and opt.state[0] in ({}, {"func_evals": 0, "n_iter": 0})
+
+
+def test_empty_parameters_and_a_tensor_loss() -> None:
+    """Parameters with no element: a step evaluates the closure once and moves nothing (it
+    raised NumPy's "zero-size array to reduction operation maximum").  A loss that is a torch
+    tensor requiring grad is read detached (no torch warning)."""
+    opt = fo.LBFGS([np.zeros(0)])
+    assert opt.step(lambda: 3.0) == 3.0
+    assert opt.state[0]["func_evals"] == 1
+    torch = pytest.importorskip("torch")
+    w = np.ones(3)
+    opt = fo.LBFGS([w])
+    t = torch.ones((), requires_grad=True)
+
+    def closure() -> Any:
+        opt.grads[0][...] = 2 * w
+        return t * float((w**2).sum())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    assert not (w == 1).any()
 
 
 def test_torch_lbfgs_refuses_a_second_group() -> None:

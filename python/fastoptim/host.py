@@ -682,6 +682,13 @@ def adafactor_update(
 
 
 # ----------------------------------------------------------------------------- L-BFGS
+def _loss_float(loss: Any) -> float:
+    """A closure's loss as a float (an object with ``detach``, a torch tensor that requires
+    grad: detached first, as torch's ``float(loss)`` warns)."""
+    detach = getattr(loss, "detach", None)
+    return float(detach() if callable(detach) else loss)
+
+
 class Objective:
     """What :func:`lbfgs_step` needs of the parameters of one group, seen as one vector
     (fastoptim keeps parameters in place: the vector is never materialised; gradients are
@@ -692,9 +699,12 @@ class Objective:
         self,
         params: Sequence[np.ndarray],
         evaluate: Callable[[], tuple[Any, Sequence[np.ndarray]]],
-        to_float: Callable[[Any], float] = float,
+        to_float: Callable[[Any], float] = _loss_float,
     ) -> None:
         self.params = list(params)
+        # Views of the parameters as given, through which a failed step puts them back even
+        # where the closure made one read-only or re-viewed it in place (then refused).
+        self._given = [p.view() for p in self.params]
         self._evaluate = evaluate  # the closure: (loss as returned, gradient arrays)
         self.to_float = to_float  # the loss as a float (a torch tensor: detached first)
         self.dtype = np.result_type(*params)  # (mixed float32/float64: float64, as torch)
@@ -708,6 +718,13 @@ class Objective:
                 "LBFGS.step: the closure returned None; it must return the loss (a number or "
                 "a one-element tensor), and set the gradients"
             )
+        try:
+            self.to_float(loss)
+        except (TypeError, ValueError) as e:  # (a string, a list, a vector: Python's words)
+            raise TypeError(
+                "LBFGS.step: the closure must return the loss as a number (or a one-element "
+                f"tensor), got {type(loss).__name__} {loss!r:.60} ({e})"
+            ) from None
         flat = np.empty(sum(self.sizes), self.dtype)
         o = 0
         for g, n in zip(grads, self.sizes):
@@ -727,7 +744,7 @@ class Objective:
         return [p.copy() for p in self.params]
 
     def restore(self, saved: Sequence[np.ndarray]) -> None:
-        for p, s in zip(self.params, saved):
+        for p, s in zip(self._given, saved):
             np.copyto(p, s)
 
     def directional(self, x: Sequence[np.ndarray], t: Any, d: np.ndarray) -> tuple[float, Any]:
@@ -886,9 +903,9 @@ def lbfgs_step(obj: Objective, state: dict[str, Any], group: Mapping[str, Any]) 
     try:
         return _lbfgs_iterations(obj, state, group)
     except BaseException:
-        obj.restore(x0)
         state.clear()
         state.update(saved)
+        obj.restore(x0)
         raise
 
 
@@ -905,6 +922,8 @@ def _lbfgs_iterations(obj: Objective, state: dict[str, Any], group: Mapping[str,
     loss = obj.to_float(orig_loss)
     current_evals = 1
     state["func_evals"] += 1
+    if flat_grad.size == 0:  # (no element to move: torch fails on the max of nothing)
+        return orig_loss
     opt_cond = np.abs(flat_grad).max() <= tolerance_grad
     if opt_cond:  # already optimal
         return orig_loss

@@ -56,6 +56,10 @@ class ClosureOptimizer(Optimizer):
 
             def evaluate() -> tuple[Any, list[np.ndarray]]:
                 out = closure()
+                try:  # (a parameter the closure made read-only or re-viewed: before a write)
+                    g.plan.check()
+                except ValueError as e:
+                    raise ValueError(f"{cls}.step: after the closure: {e}") from None
                 if isinstance(out, tuple):
                     if len(out) != 2:
                         raise TypeError(
