@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
@@ -319,9 +320,65 @@ def test_an_error_during_the_save_removes_its_temporary_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space") as info:
         fo.save(tmp_path / "ck.npz", opt)
     assert os.listdir(tmp_path) == []
+    # the error names the user's path and what failed (it was the bare OSError)
+    assert info.value.errno == 28 and info.value.filename == str(tmp_path / "ck.npz")
+    assert str(info.value).startswith("[Errno 28] save: cannot write ")
+    monkeypatch.undo()  # a previous checkpoint survives a failing save
+    fo.save(tmp_path / "ck.npz", opt)
+    saved = (tmp_path / "ck.npz").read_bytes()
+    monkeypatch.setattr(np, "savez", fail)
+    with pytest.raises(OSError, match="No space"):
+        fo.save(tmp_path / "ck.npz", opt)
+    assert os.listdir(tmp_path) == ["ck.npz"] and (tmp_path / "ck.npz").read_bytes() == saved
+
+
+def test_a_zip_of_an_unknown_version_is_a_checkpoint_error(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A corrupted "version needed to extract" in the zip's directory: CheckpointError (it
+    was zipfile's NotImplementedError('zip file version 21.0')), nothing changed."""
+    opt, params = build(rng)
+    path = tmp_path / "ck.npz"
+    fo.save(path, opt)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")  # the first central directory record
+    data[at + 6 : at + 8] = (210).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    before = snapshot(opt, params)
+    with pytest.raises(fo.CheckpointError, match=r"not a readable checkpoint.*version 21"):
+        fo.load(path, opt)
+    assert snapshot(opt, params) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX named pipes")
+def test_loading_a_named_pipe_is_refused_without_waiting(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A FIFO at the path: CheckpointError at once (open() waited for a writer, forever).
+    (A writer comes after 2 s, so a regression fails rather than hangs.)"""
+    import threading
+
+    opt, params = build(rng)
+    fifo = tmp_path / "ck.npz"
+    os.mkfifo(fifo)
+
+    def writer() -> None:
+        time.sleep(2)
+        try:  # (releases a reader blocked in open(); ENXIO where there is none)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    before = snapshot(opt, params)
+    with pytest.raises(fo.CheckpointError, match="not a regular file"):
+        fo.load(fifo, opt)
+    assert snapshot(opt, params) == before
+    t.join()
 
 
 # ------------------------------------------------------------------------------ permissions
@@ -455,6 +512,8 @@ META_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("step_count a string", _set("optimizer", "step_count", value="3")),
     ("step_count beyond int64", _set("optimizer", "step_count", value=2**64)),
     ("another optimizer class", _set("optimizer", "optimizer", value="SGD")),
+    ("scalars a list", _set("optimizer", "param_groups", 0, "scalars", value=[])),
+    ("a newer format", _set("format", value="fastoptim.checkpoint/2")),
     ("unknown field", _set("extra", value=1)),
     ("JSON nested 100000 deep", _raw(b"[" * 100_000 + b"]" * 100_000)),
     ("JSON not an object", _raw(b"[1, 2]")),
@@ -485,6 +544,33 @@ def test_edited_metadata_is_rejected_whole(
     with pytest.raises(fo.CheckpointError, match=re.escape(f"load({str(path)!r})")):
         fo.load(path, opt)
     assert snapshot(opt, params) == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (
+            _set("format", value="fastoptim.checkpoint/2"),
+            "a checkpoint of format 'fastoptim.checkpoint/2', which this fastoptim",
+        ),
+        (
+            _set("optimizer", "param_groups", 0, "scalars", value=[]),
+            "group 0: the scalar state must be a dict of [], got list []",
+        ),
+    ],
+    ids=["newer format", "scalars a list"],
+)
+def test_edited_metadata_messages(
+    edit: Callable[[dict[str, Any]], Any], words: str, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """What two of those edits are called: a newer format is not "not a fastoptim
+    checkpoint", a list of scalars is not "scalar state [] != []"."""
+    opt, _ = build(rng)
+    path = tmp_path / "ck.npz"
+    fo.save(path, opt)
+    edit_meta(path, edit)
+    with pytest.raises(fo.CheckpointError, match=re.escape(words)):
+        fo.load(path, opt)
 
 
 def test_loaded_hyper_parameters_win(rng: np.random.Generator, tmp_path: Path) -> None:

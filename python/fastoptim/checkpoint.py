@@ -58,7 +58,8 @@ from .engine.optimizer import Optimizer, _dtype, _homes, _moved, _precision_mism
 __all__ = ["save", "load", "CheckpointError"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-_FORMAT = "fastoptim.checkpoint/1"
+_FORMAT_NAME = "fastoptim.checkpoint/"
+_FORMAT = _FORMAT_NAME + "1"
 _TMP_TAG = ".fastoptim-tmp-"
 _CHUNK = 1 << 20  # bytes decompressed per read: no second copy of a large member
 _MAX_NPY_HEADER = 1 << 16  # numpy writes headers of 128 bytes or so
@@ -193,9 +194,12 @@ def _write(path: PathLike, target: str, arrays: dict[str, np.ndarray]) -> None:
             else:
                 if hasattr(os, "fchmod"):
                     os.fchmod(fd, mode)
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:  # e.g. no space left on the device
+                raise _named(e, path, f"cannot write {target!r}") from None
         try:
             os.replace(tmp, target)
         except OSError as e:
@@ -237,6 +241,12 @@ def _float_hook(obj: dict[str, Any]) -> Any:
     if len(obj) == 1 and obj.get(_FLOAT) in ("inf", "-inf", "nan"):
         return float(obj[_FLOAT])
     return obj
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _named(e: OSError, path: PathLike, what: str) -> OSError:
@@ -359,10 +369,13 @@ def _load(path: str, opt: Optimizer, strict: bool, where: str) -> None:
     """:func:`load`, under the optimizer's lock."""
     pairs = _params(opt)
     mine = dict(pairs)
+    mode = os.stat(path).st_mode  # (a missing path: FileNotFoundError, as open's)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # (open would wait on a FIFO's writer)
+        raise CheckpointError(f"{where}: not a regular file (a pipe, socket or device)")
     with open(path, "rb") as fh:
         try:
             archive = zipfile.ZipFile(fh)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
             raise CheckpointError(
                 f"{where}: not a readable checkpoint (truncated or corrupted?): {e}"
             ) from None
@@ -533,7 +546,13 @@ def _read_meta(
         meta = json.loads(raw.tobytes().decode(), object_hook=_float_hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{where}: corrupted metadata ({e!r})") from None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(fmt, str) and fmt.startswith(_FORMAT_NAME) and fmt != _FORMAT:
+        raise CheckpointError(
+            f"{where}: a checkpoint of format {fmt!r}, which this fastoptim "
+            f"({_version()}) does not read: it reads {_FORMAT!r} (written by a newer version?)"
+        )
+    if not isinstance(meta, dict) or fmt != _FORMAT:
         raise CheckpointError(f"{where}: not a fastoptim checkpoint (format != {_FORMAT!r})")
     return meta
 

@@ -257,15 +257,15 @@ def rows_update(
     ``param[indices]`` and their state rows, gathered by fancy indexing, with the gradient
     `rows` (duplicate indices summed first, as torch coalesces), then scattered back.  The
     other rows are not touched."""
-    n = param.shape[0]
+    n, w = param.shape[0], math.prod(param.shape[1:])  # (w: no -1, which 0 rows cannot infer)
     uniq, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
     grad = np.zeros((len(uniq), *param.shape[1:]), dtype=rows.dtype)
     np.add.at(grad, inverse.reshape(-1), rows)
-    flat = [None if s is None else s.reshape(n, -1) for s in states]
+    flat = [None if s is None else s.reshape(n, w) for s in states]
     sub_states = [None if s is None else s[uniq] for s in flat]
-    sub = param.reshape(n, -1)[uniq]
-    update(sub, grad.reshape(len(uniq), -1), *sub_states, **hyper)
-    param.reshape(n, -1)[uniq] = sub
+    sub = param.reshape(n, w)[uniq]
+    update(sub, grad.reshape(len(uniq), w), *sub_states, **hyper)
+    param.reshape(n, w)[uniq] = sub
     for s, sub_s in zip(flat, sub_states):
         if s is not None and sub_s is not None:
             s[uniq] = sub_s

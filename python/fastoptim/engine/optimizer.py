@@ -1496,8 +1496,17 @@ class Optimizer:
         if not _is_count(rec["step"]):
             problems.append(f"{where}: step must be an int >= 0, got {rec['step']!r}")
         scalars = rec["scalars"]
-        if not isinstance(scalars, Mapping) or set(scalars) != set(self._scalar_names()):
-            problems.append(f"{where}: scalar state {scalars!r} != {self._scalar_names()}")
+        if not isinstance(scalars, Mapping):
+            problems.append(
+                f"{where}: the scalar state must be a dict of {self._scalar_names()}, got "
+                f"{type(scalars).__name__} {scalars!r:.60}"
+            )
+            return lambda: None
+        if set(scalars) != set(self._scalar_names()):
+            problems.append(
+                f"{where}: the scalar state holds {sorted(scalars)}, this optimizer's is "
+                f"{self._scalar_names()}"
+            )
             return lambda: None
         for n, v in scalars.items():  # NAdam's mu_product, ASGD's eta and mu
             problem = self._definition.scalar_problem(n, v)

@@ -79,6 +79,8 @@ def coalesce(
     if not isinstance(param, np.ndarray) or param.ndim < 1:
         raise ValueError(f"{where}: row updates need a parameter with at least one dimension")
     idx = np.asarray(indices)
+    if idx.size == 0 and not isinstance(indices, np.ndarray):  # ([]: NumPy makes it float64)
+        idx = idx.astype(np.int64)
     if idx.dtype == np.bool_ or idx.dtype.kind not in "iu":
         raise TypeError(f"{where}: indices must be integers, got dtype {idx.dtype}")
     if idx.ndim != 1:
