@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastoptim as fo
-from cases import Case, each_case, one_per_optimizer
+from cases import CASES, Case, each_case, one_per_optimizer
 from fastoptim import _core, reference
 from fastoptim import functional as F
 
@@ -28,8 +28,9 @@ F32 = np.dtype(np.float32)
 
 # Sizes around every vector width (4..16 float32 lanes), the converting path's block (256
 # elements) and more than one chunk of a parallel step (8192).
-SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (3,), (7,), (15,), (16,), (17,), (33,), (255,),
-                                 (257,), (513,), (40, 103), (20000,)]  # fmt: skip
+SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (3,), (7,), (9,), (15,), (16,), (17,), (32,),
+                                 (33,), (64,), (65,), (255,), (257,), (513,), (40, 103),
+                                 (20000,)]  # fmt: skip
 
 
 def bits16(a: np.ndarray) -> np.ndarray:
@@ -839,3 +840,45 @@ def test_set_copy_out_numpy_tier() -> None:
     kept = outs["a"].copy()
     opt.step({n: np.ones(p.shape, np.float32) for n, p in params.items()})
     same_bits(outs["a"], kept, "a (no longer written)")
+
+
+@each_case(CASES)
+@pytest.mark.parametrize(
+    ("layout", "rounding"), [("bf16", "nearest"), ("bf16-master", "stochastic")]
+)
+def test_every_option_set_in_two_layouts(isa: str, case: Case, layout: str, rounding: str) -> None:
+    """The same check for every option set of the case table (nesterov, maximize, weight
+    decay, cautious, AMSGrad...: the test above takes one per optimizer), in two layouts."""
+    test_layout_is_float32_step_then_rounding(isa, case, layout, rounding)
+
+
+@each_case(one_per_optimizer())
+@pytest.mark.parametrize("copy", [BF16, F16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_copy_out_of_every_optimizer(
+    isa: str, case: Case, copy: np.dtype[Any], threads: int
+) -> None:
+    """The offload layout, every optimizer: float32 parameters stepped with bfloat16
+    gradients are bit for bit the float32 step on those gradients, and each copy-out array
+    is its parameter rounded to nearest, on 1 and 3 threads (small chunks)."""
+    before = fo.get_num_threads(), _core.get_grain()
+    fo.set_num_threads(threads)
+    _core.set_grain(2048)
+    try:
+        rng = np.random.default_rng(5)
+        params = [np.asarray(rng.standard_normal(s) * 2, np.float32) for s in SHAPES]
+        mirror = [p.copy() for p in params]
+        opt = getattr(fo, case.opt)(params, **case.kwargs)
+        ref = getattr(fo, case.opt)(mirror, **case.kwargs)
+        outs = [np.zeros(s, copy) for s in SHAPES]
+        opt.set_copy_out(outs)
+        for t in range(3):
+            grads = [np.asarray(rng.standard_normal(s), np.float32).astype(BF16) for s in SHAPES]
+            opt.step(grads)
+            ref.step([g.astype(np.float32) for g in grads])
+            for i, (p, q, o) in enumerate(zip(params, mirror, outs)):
+                same_bits(p, q, f"param {i} step {t}")
+                same_bits(o, round_to(p, copy, None), f"copy-out {i} step {t}")
+    finally:
+        fo.set_num_threads(before[0])
+        _core.set_grain(before[1])
