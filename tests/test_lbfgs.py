@@ -538,6 +538,36 @@ def test_empty_parameters_and_a_tensor_loss() -> None:
     assert not (w == 1).any()
 
 
+def test_torch_closure_replacing_a_parameters_memory_is_refused() -> None:
+    """fastoptim.torch.LBFGS moves the parameters through views of their memory taken at the
+    start of the step: a closure that gives one other memory (``p.data = ...``) is refused at
+    that evaluation, and the state is put back (the step went on writing the old memory, a
+    silently different result from torch.optim.LBFGS, which follows the new one)."""
+    torch = pytest.importorskip("torch")
+    import fastoptim.torch as ft
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = ft.LBFGS([p], max_iter=3)
+    calls = [0]
+
+    def closure() -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            p.data = p.data.clone()
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"^LBFGS\.step: after the closure: param 0 of group 0 "):
+        opt.step(closure)
+    assert not opt.state[p]
+    calls[0] = 10
+    before = p.detach().clone()
+    opt.step(closure)  # (the new memory, from now on)
+    assert opt.state[p]["n_iter"] >= 1 and not torch.equal(p.detach(), before)
+
+
 def test_torch_lbfgs_refuses_a_second_group() -> None:
     """fastoptim.torch.LBFGS refuses a second parameter group, added (ValueError, as the
     NumPy tier; torch takes it, then refuses every step) or appended to ``param_groups``

@@ -2609,9 +2609,18 @@ class ClosureOptimizer(Optimizer):
             for i, p in enumerate(params):
                 self._check_param(p, self._label(group, 0, i))
             views = [p.detach().numpy() for p in params]
+            given = [(p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params]
 
             def evaluate() -> tuple[Any, list[np.ndarray]]:
                 loss = evaluate_closure()
+                for i, p in enumerate(params):  # (the step writes through `views`)
+                    if (p.data_ptr(), p.shape, p.stride(), p.dtype) != given[i]:
+                        raise ValueError(
+                            f"{name}.step: after the closure: param {self._label(group, 0, i)}"
+                            " was given other memory or another layout (`.data =`, resize_) "
+                            "during the step, which moves the parameters in place across its "
+                            "evaluations; change it outside step()"
+                        )
                 grads = []
                 for i, p in enumerate(params):
                     g = p.grad
