@@ -586,6 +586,24 @@ def test_step_errors_name_the_call(cls: type[fo.Optimizer]) -> None:
     np.testing.assert_array_equal(w, before[0])
 
 
+def test_construction_errors_name_the_class() -> None:
+    """A parameter refused when the optimizer is built (or a group added) is named after the
+    class, as the hyper-parameters are ("Adam: param 0: dtype must be ...": it read "param 0:
+    ..." alone); same types."""
+    ok = np.ones(3, np.float32)
+    for params, err, match in (
+        ([np.ones(3, np.int32)], TypeError, "param 0: dtype must be float32"),
+        ([ok, np.ones((4, 4), np.float32).T], ValueError, "param 1: array is not C-contiguous"),
+        ([ok, ok], ValueError, "param 1 shares memory with param 0"),
+    ):
+        with pytest.raises(err, match="^Adam: " + match):
+            fo.Adam(params)
+    opt = fo.Adam([ok])
+    with pytest.raises(TypeError, match="^Adam: param 1: dtype must be float32"):
+        opt.add_param_group({"params": [np.ones(3, np.int32)]})
+    assert len(opt.param_groups) == 1
+
+
 def test_accumulate_refuses_another_groups_buffer() -> None:
     """A gradient that is another group's gradient buffer (which the same call writes) is
     refused as within one group (audit D07: it was read before or after its update,

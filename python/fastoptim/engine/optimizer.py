@@ -197,14 +197,14 @@ def _array_layout(a: Any) -> tuple[Any, ...] | None:
     return (a.__array_interface__["data"][0], a.size, a.dtype, a.shape, a.strides)
 
 
-def _name_the_call(e: BaseException, cls: str, method: str) -> None:
-    """Prefix "<cls>.<method>: " to the message of a refusal raised below the call without
-    it (the compiled plans' checks: "grad for param 0: ..."), in place: the exception keeps
-    its type and traceback."""
+def _name_the_call(e: BaseException, cls: str, method: str | None) -> None:
+    """Prefix "<cls>.<method>: " ("<cls>: " without a method) to the message of a refusal
+    raised below the call without it (the compiled plans' checks: "grad for param 0: ..."),
+    in place: the exception keeps its type and traceback."""
     if isinstance(e, (ValueError, TypeError, OverflowError)) and len(e.args) == 1:
         msg = e.args[0]
         if isinstance(msg, str) and not msg.startswith(cls):
-            e.args = (f"{cls}.{method}: {msg}",)
+            e.args = (f"{cls}{'' if method is None else '.' + method}: {msg}",)
 
 
 def _check_given(g: _Group, where: str) -> None:
@@ -363,6 +363,13 @@ class Optimizer:
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Add a group of parameters (``{"params": list or dict, "lr": ..., ...}``); missing
         hyper-parameters take the optimizer's defaults."""
+        try:
+            self._add_param_group(param_group)
+        except BaseException as e:  # (the arrays' checks: "param 0: dtype must be ...")
+            _name_the_call(e, type(self).__name__, None)
+            raise
+
+    def _add_param_group(self, param_group: Mapping[str, Any]) -> None:
         cls = type(self).__name__
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError(f"{cls}: a parameter group must be a dict with a 'params' entry")
