@@ -599,7 +599,7 @@ def test_construction_errors_name_the_class() -> None:
         with pytest.raises(err, match="^Adam: " + match):
             fo.Adam(params)
     opt = fo.Adam([ok])
-    with pytest.raises(TypeError, match="^Adam: param 1: dtype must be float32"):
+    with pytest.raises(TypeError, match=r"^Adam: param 1: dtype must be float32"):
         opt.add_param_group({"params": [np.ones(3, np.int32)]})
     assert len(opt.param_groups) == 1
 
