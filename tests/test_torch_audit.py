@@ -7,6 +7,7 @@ a change between steps runs with the fast path on and off."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -987,3 +988,123 @@ def test_sharded_dtensor_parameters_refuse_quantized_state(kind: str, process_gr
     fot.AdamW([small], state_dtype=kind).step()
     fot.AdamW([big], state_dtype="bfloat16").step()
     assert not torch.equal(big.detach().full_tensor(), before[1])
+
+
+@pytest.mark.parametrize("cls", ["Adam", "NAdam", "Adafactor"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 2.5, None])
+def test_a_bad_step_count_in_one_parameters_state_changes_nothing(cls: str, bad: Any) -> None:
+    """One parameter's ``state["step"]`` set to a negative, NaN, fractional or missing value:
+    the step is refused naming that parameter before any update or counter moves (a negative
+    one was refused by the kernel after the other parameters had been updated; a NaN one
+    after the other counters had advanced; 2.5 was stepped as 3).  Put right, the next step
+    is a twin's that never saw it."""
+
+    def build() -> tuple[list[Any], Any]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+        opt = getattr(fot, cls)(ps, lr=0.01)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps, opt
+
+    ps, opt = build()
+    twin_ps, twin = build()
+    before = [p.detach().clone() for p in ps]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    good = opt.state[ps[1]]["step"]
+    opt.state[ps[1]]["step"] = bad if bad is None else torch.tensor(bad)
+    err = TypeError if bad is None else ValueError
+    with pytest.raises(err, match=f"^{cls}(.step)?: param 1 of group 0: its state's step is"):
+        opt.step()
+    for p, b, s in zip(ps, before, states):
+        assert torch.equal(p.detach(), b)
+        for k, v in s.items():
+            if p is not ps[1] or k != "step":
+                assert torch.equal(opt.state[p][k], v), k
+    opt.state[ps[1]]["step"] = good
+    opt.step()
+    twin.step()
+    for p, q in zip(ps, twin_ps):
+        assert torch.equal(p.detach(), q.detach())
+        for k, v in twin.state[q].items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+def test_a_refused_step_leaves_the_masters_as_they_were() -> None:
+    """bfloat16 parameters with master copies: a parameter re-pointed (``.data =``) at memory
+    that overlaps another's is refused, and its master no longer follows the refused data
+    first (it did: after the edit was undone the run differed from a twin's)."""
+
+    def build() -> tuple[Any, list[Any], Any]:
+        torch.manual_seed(0)
+        buf = torch.randn(24).bfloat16()
+        a = torch.nn.Parameter(torch.randn(3, 5).bfloat16())
+        v = torch.nn.Parameter(buf[:12].view(3, 4))
+        w = torch.nn.Parameter(buf[12:].view(3, 4))
+        opt = fot.Adam([a, v, w], lr=0.01, master_weights=True)
+        for p in (a, v, w):
+            p.grad = torch.randn(p.shape).bfloat16()
+        opt.step()
+        for p in (a, v, w):
+            p.grad = torch.randn(p.shape).bfloat16()
+        return buf, [a, v, w], opt
+
+    buf, ps, opt = build()
+    _, twin_ps, twin = build()
+    a = ps[0]
+    old, master = a.data, opt.state[a]["master"].clone()
+    a.data = buf[:15].view(3, 5)  # (overlaps v)
+    with pytest.raises(ValueError, match="shares memory with param 0 of group 0"):
+        opt.step()
+    assert torch.equal(opt.state[a]["master"], master)
+    a.data = old
+    opt.step()
+    twin.step()
+    for p, q in zip(ps, twin_ps):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["master"], twin.state[q]["master"])
+
+
+def test_malformed_state_dicts_change_nothing() -> None:
+    """``load_state_dict`` with a parameter's state that is not a dict, a ``state`` that is
+    a list, ``param_groups`` that are not a list of dicts: a ValueError naming it, nothing
+    loaded (``state[0] = 5`` was loaded, then every step raised AttributeError)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4))
+    opt = fot.Adam([a])
+    a.grad = torch.ones(4)
+    opt.step()
+    good = opt.state_dict()
+    state = {k: v.clone() for k, v in opt.state[a].items()}
+    for sd, match in (
+        ({**good, "state": {0: 5}}, "the state of param 0 of group 0 must be a dict, got int"),
+        ({**good, "state": []}, "'state' must be a dict"),
+        ({**good, "param_groups": 3}, "'param_groups' is a list of dicts"),
+        ({"state": {}}, "'param_groups' is a list of dicts"),
+        (5, "expected a dict"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            opt.load_state_dict(sd)  # type: ignore[arg-type]
+        assert set(opt.state[a]) == set(state)
+        assert all(torch.equal(opt.state[a][k], v) for k, v in state.items())
+    opt.step()
+
+
+@pytest.mark.parametrize("lr, err, match", [(None, TypeError, "lr must be a number"),
+                                            (1e300, ValueError, "overflows a float")])  # fmt: skip
+def test_schedule_free_lr_errors_are_named(lr: Any, err: type, match: str) -> None:
+    """Schedule-Free's averages were computed before its group was checked: lr=None raised
+    float()'s TypeError, lr=1e300 Python's OverflowError (34, 'Numerical result out of
+    range'); now the optimizer's words, nothing advanced."""
+    a = torch.nn.Parameter(torch.randn(4))
+    opt = fot.AdamWScheduleFree([a])
+    a.grad = torch.ones(4)
+    opt.step()
+    k = opt.param_groups[0]["k"]
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(err, match=match):
+        opt.step()
+    assert opt.param_groups[0]["k"] == k

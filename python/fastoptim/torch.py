@@ -871,6 +871,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # During a step, until it commits: id(param) -> (param, its state's keys before the
         # step, whether it had a state); what a skipped or refused step removes (_forget_created)
         self._created: dict[int, tuple[torch.Tensor, frozenset[str], bool]] | None = None
+        # During a step: the masters it made follow their parameters (master, its values
+        # before) and the versions it read (_Cache, mversions, msteps, mtotal), to undo.
+        self._followed: list[tuple[Any, ...]] | None = None
         self._t = 0  # completed step() calls: the schedules' update number
         # id(group) -> (group, its schedules)
         self._scheduled: dict[int, tuple[dict[str, Any], Scheduled]] = {}
@@ -1118,8 +1121,17 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         keeps this optimizer's value for that group, where torch would take the
         constructor's default."""
         cls = type(self).__name__
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+            got = type(state_dict).__name__
+            if isinstance(state_dict, Mapping):
+                got += f" with 'param_groups' {groups!r:.60}"
+            raise ValueError(
+                f"{cls}.load_state_dict: expected a dict whose 'param_groups' is a list of dicts"
+                f" (an optimizer's state_dict()), got {got}"
+            )
         decoded: list[dict[str, Any]] = []
-        for i, saved in enumerate(state_dict["param_groups"]):
+        for i, saved in enumerate(groups):
             rec = self._record(self.param_groups[i]) if i < len(self.param_groups) else None
             data, t = saved.get("schedules") or {}, saved.get("schedule_step", 0)
             if not isinstance(data, Mapping) or isinstance(t, bool) or not isinstance(t, int):
@@ -1154,8 +1166,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         scales without codes, a memory order that is not a permutation of the parameter's
         dimensions."""
         cls = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{cls}: expected a dict, got {type(state_dict).__name__}")
         saved_groups = state_dict.get("param_groups")
         states = state_dict.get("state")
+        if "state" in state_dict and not isinstance(states, Mapping):
+            raise ValueError(
+                f"{cls}: 'state' must be a dict (parameter key -> its state), got "
+                f"{type(states).__name__}"
+            )
         if not isinstance(saved_groups, Sequence) or not isinstance(states, Mapping):
             return  # (torch's loader says what is wrong)
         mine = [
@@ -1166,7 +1185,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         saved = [k for g in saved_groups for k in g.get("params", ())]
         for key, (p, label) in zip(saved, mine):
             entry = states.get(key)
-            if not isinstance(entry, Mapping) or not isinstance(p, torch.Tensor):
+            if entry is not None and not isinstance(entry, Mapping):
+                raise ValueError(
+                    f"{cls}: the state of param {label} must be a dict, got "
+                    f"{type(entry).__name__} {entry!r:.40}"
+                )
+            if entry is None or not isinstance(p, torch.Tensor):
                 continue
             entry = _loaded_entry(entry, f"{cls}: param {label}", p)
             if "step" in entry and (wrong := _step_problem(entry["step"])) is not None:
@@ -1237,7 +1261,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._caches = []
         self._state_snapshot = None
         self._fresh = {}
-        self._created = None
+        self._created = self._followed = None
         self._scheduled = {}
         saved = [
             (g.pop("schedules", None), g.pop("schedule_step", None)) for g in self.param_groups
@@ -1613,7 +1637,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 master = state[precision.MASTER]
                 if isinstance(master, torch.Tensor) and master.shape == p.shape:
                     if master.dtype == torch.float32 and master.device == p.device:
-                        _follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
+                        self._follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
             for n, kind in layout.items():
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     if kind in precision.QUANT_KINDS:
@@ -1646,7 +1670,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     moved.copy_(s)
                     state[n] = moved
             for n in packed:
-                packed[n].append(state[n])
+                v = state[n]
+                if isinstance(v, bool) or not (
+                    isinstance(v, (int, float))
+                    or (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_sparse)
+                ):
+                    raise TypeError(
+                        f"{name}: param {label}: its state's {n} is {v!r:.60}; expected a number "
+                        "or a one-element tensor"
+                    )
+                packed[n].append(v)
         # Scalars: one buffer per kind, each parameter's entry a 0-d view of it, so that a step
         # advances all of them in one operation.
         scalars, buffers = {}, []
@@ -1870,9 +1903,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             # a parameter changed in place since it was last seen: its master follows
             assert c.hp is not None  # (built)
             now = list(map(_VERSION, c.mparams))
+            if self._followed is not None:  # (put back if the step is refused)
+                self._followed.append((c, c.mversions, c.msteps, c.mtotal))
             for (p, master), v, was in zip(c.mastered, now, c.mversions):
                 if v != was + c.msteps:
-                    _follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
+                    self._follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
             c.mversions, c.msteps, c.mtotal = now, 0, sum(now)
         if c.outs and any(o.data_ptr() != at or o.shape != shape for o, at, shape in c.outs):
             c.sig, c.fast = None, False  # a copy-out's storage was replaced: take it again
@@ -2038,6 +2073,29 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             release,
             lambda: self._after_run(items),
             undo,
+        )
+
+    def _check_steps(self, c: _Cache, steps: np.ndarray, one: bool) -> None:
+        """ValueError naming the first parameter of `c` whose ``step`` (as packed for the
+        kernel; `one`: all equal, as in one bucket of a compiled step) is not a whole number
+        from 0 to 2**53 - 1: a negative one was refused by the kernel after the other buckets'
+        updates had run, a NaN one after the other counters had advanced, a fraction (2.5) was
+        stepped as its whole part."""
+        if one:
+            v = steps.item(0)
+            if 0 <= v < 2**53 and v == math.floor(v):
+                return
+            bad = np.zeros(steps.shape, bool)
+            bad[0] = True
+        else:
+            with np.errstate(invalid="ignore"):
+                bad = ~((steps >= 0) & (steps < 2**53) & (steps == np.floor(steps)))
+            if not bad.any():
+                return
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{type(self).__name__}.step: param {c.labels[i]}: its state's step is "
+            f"{steps.item(i)!r}; a step count is a whole number from 0 to 2**53 - 1"
         )
 
     def _after_run(self, items: list[tuple[Any, ...]]) -> None:
@@ -2362,16 +2420,35 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # (No torch.no_grad() around it all, which costs microseconds: the fast path runs no
         # torch operation; the general path and the host steps run under it.)
         with self._lock:
-            self._created = {}
+            self._created, self._followed = {}, []
             try:
                 self._step_locked()
             except BaseException:  # (a refused step may have bound some groups' gradients)
                 self._unbind()
                 self._forget_created()
+                self._unfollow()
                 raise
             finally:
-                self._created = None
+                self._created = self._followed = None
         return loss
+
+    def _follow(self, p: torch.Tensor, master: torch.Tensor, stochastic: bool) -> None:
+        """:func:`_follow`, its master's values kept to be put back if the step is refused
+        (they followed a parameter re-pointed in a way the step then refuses)."""
+        if self._followed is not None:
+            self._followed.append((master, master.clone()))
+        _follow(p, master, stochastic)
+
+    def _unfollow(self) -> None:
+        """Put back the masters (and the versions read) that a refused step made follow their
+        parameters: the next step compares them again."""
+        followed, self._followed = self._followed, None
+        for entry in reversed(followed or ()):
+            if isinstance(entry[0], _Cache):
+                c, c.mversions, c.msteps, c.mtotal = entry
+            else:
+                with torch.no_grad():
+                    entry[0].copy_(entry[1])
 
     def _unbind(self) -> None:
         """Forget the gradients bound for a step that did not run (skipped by GradScaler or
@@ -2406,8 +2483,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             self._unbind()
             self._forget_created()
             return
-        self._created = None  # (committed: the step runs)
         items = [item for item in work if item is not None]
+        for c, buckets, *_ in items:  # (before any is advanced or run: a bad one runs none)
+            steps = c.scalars.get("step")
+            if steps is not None and steps.size:
+                self._check_steps(c, steps, buckets is _ALL and self._definition.host is None)
+        self._created = None  # (committed: the step runs)
         if self._definition.host is None:
             self._run_all(items)
             return
@@ -2525,11 +2606,18 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
             self._sync_all()
             after = []
             for group in self.param_groups:
+                self._validate(group)  # (lr=None: "lr must be a number", not float()'s words)
                 k = int(group["k"])
                 hp = {n: _plain(group[n]) for n in ("lr", "warmup_steps", "r", "weight_lr_power")}
-                lr, _, weight_sum, lr_max = _defs.schedule_free_average(
-                    hp, k, float(group["weight_sum"]), float(group["lr_max"])
-                )
+                try:
+                    lr, _, weight_sum, lr_max = _defs.schedule_free_average(
+                        hp, k, float(group["weight_sum"]), float(group["lr_max"])
+                    )
+                except OverflowError:  # (Python's pow: "(34, 'Numerical result out of range')")
+                    raise ValueError(
+                        f"{type(self).__name__}.step: lr={hp['lr']!r}: the average's weight "
+                        f"lr_max ** weight_lr_power ({hp['weight_lr_power']!r}) overflows a float"
+                    ) from None
                 after.append((k + 1, weight_sum, lr_max, lr))
         loss = self._step(closure)
         if not self.step_skipped:  # (GradScaler's found_inf, skip_nonfinite: nothing advances)
