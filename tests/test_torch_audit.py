@@ -1108,3 +1108,35 @@ def test_schedule_free_lr_errors_are_named(lr: Any, err: type, match: str) -> No
     with pytest.raises(err, match=match):
         opt.step()
     assert opt.param_groups[0]["k"] == k
+
+
+def test_state_that_cannot_be_stepped_is_named() -> None:
+    """A sparse state tensor (set in ``opt.state`` or loaded) and a state that is not a dict:
+    refused in the optimizer's words, naming the parameter and the entry (torch's "Cannot
+    access data pointer of Tensor that doesn't have storage", an AttributeError, and a
+    loaded one torch's "copy_() between dense and sparse Tensors"), nothing changed."""
+
+    def build() -> tuple[Any, Any]:
+        a = torch.nn.Parameter(torch.randn(4, 3))
+        opt = fot.Adam([a])
+        a.grad = torch.ones(4, 3)
+        opt.step()
+        return a, opt
+
+    a, opt = build()
+    before = a.detach().clone()
+    opt.state[a]["exp_avg"] = opt.state[a]["exp_avg"].to_sparse()
+    with pytest.raises(TypeError, match=r"param 0 of group 0: its state's 'exp_avg' is a torch\.sp"):
+        opt.step()
+    assert torch.equal(a.detach(), before)
+    a, opt = build()
+    opt.state[a] = 5  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="the state of param 0 of group 0 must be a dict, got int"):
+        opt.step()
+    a, opt = build()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to_sparse()
+    state = {k: v.clone() for k, v in opt.state[a].items()}
+    with pytest.raises(ValueError, match=r"param 0 of group 0: its state's 'exp_avg' is a torch\.s"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in state.items())

@@ -1192,6 +1192,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 )
             if entry is None or not isinstance(p, torch.Tensor):
                 continue
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+                    raise ValueError(
+                        f"{cls}: param {label}: its state's {k!r} is a {v.layout} tensor; "
+                        "state tensors are dense (torch.strided)"
+                    )
             entry = _loaded_entry(entry, f"{cls}: param {label}", p)
             if "step" in entry and (wrong := _step_problem(entry["step"])) is not None:
                 raise ValueError(f"{cls}: state 'step' of param {label}: {wrong}")
@@ -1563,25 +1569,50 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         as_strided_())."""
         values = self._state_values(params)
         view = _local if local else _same
+        try:
+            layouts = [
+                (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                for t in map(view, values)
+                if isinstance(t, torch.Tensor)
+            ]
+        except RuntimeError:  # ("Cannot access data pointer of Tensor that doesn't have storage")
+            for p in params:
+                for k, v in self.state[p].items():
+                    if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+                        raise TypeError(
+                            f"{type(self).__name__}: param {self._label_of(p)}: its state's "
+                            f"{k!r} is a {v.layout} tensor; state tensors are dense "
+                            "(torch.strided)"
+                        ) from None
+            raise
         return (
             list(map(id, params)),
             list(map(_local_ptr if local else _data_ptr, params)),
             list(map(_local_stride if local else _stride, params)),
             [(tuple((_local(p) if local else p).shape), p.dtype) for p in params],
             list(map(id, values)),
-            [
-                (t.data_ptr(), t.shape, t.stride(), t.dtype)
-                for t in map(view, values)
-                if isinstance(t, torch.Tensor)
-            ],
+            layouts,
         )
 
     def _state_values(self, params: Sequence[torch.Tensor]) -> list[Any]:
         values: list[Any] = []
-        for st in map(self.state.get, params):  # get: torch's SGD keeps no state without momentum
-            if st:
+        for p, st in zip(params, map(self.state.get, params)):  # get: SGD keeps none, at times
+            if isinstance(st, dict):
                 values.extend(st.values())
+            elif st is not None:
+                raise TypeError(
+                    f"{type(self).__name__}: the state of param {self._label_of(p)} must be a "
+                    f"dict, got {type(st).__name__}"
+                )
         return values
+
+    def _label_of(self, p: torch.Tensor) -> str:
+        """The label of parameter `p` (for messages)."""
+        for gi, g in enumerate(self.param_groups):
+            for i, q in enumerate(g["params"]):
+                if q is p:
+                    return self._label(g, gi, i)
+        return "?"
 
     def _build(self, c: _Cache, gi: int, params: list[torch.Tensor]) -> None:
         """(Re)build group `gi`'s cache for `params`: create missing state, replace state that
