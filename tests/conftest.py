@@ -51,6 +51,15 @@ def isa(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """The thread count and chunk grain as they were before the test, after it."""
+    threads, grain = fastoptim.get_num_threads(), _core.get_grain()
+    yield
+    fastoptim.set_num_threads(threads)
+    _core.set_grain(grain)
+
+
+@pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded from the test's id: reproducible, and different for every test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

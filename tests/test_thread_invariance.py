@@ -14,7 +14,6 @@ with chunks of 1,000 bytes: every parameter, state and copy-out must be the same
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -44,12 +43,7 @@ RUNS = [(1, 1 << 40), (3, 4096), (5, 1000)]  # (threads, grain in bytes)
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def restore_threads() -> Iterator[None]:
-    threads, grain = fo.get_num_threads(), _core.get_grain()
-    yield
-    fo.set_num_threads(threads)
-    _core.set_grain(grain)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # (tests/conftest.py)
 
 
 def _run(case: Case, layout: str) -> dict[str, bytes]:

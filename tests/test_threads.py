@@ -21,7 +21,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,12 +34,7 @@ from fastoptim import _core
 LARGE = 4_000_000  # the size of the issues' fork reports (a multi-threaded step)
 
 
-@pytest.fixture(autouse=True)
-def restore_threads() -> Iterator[None]:
-    threads, grain = fo.get_num_threads(), _core.get_grain()
-    yield
-    fo.set_num_threads(threads)
-    _core.set_grain(grain)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # (tests/conftest.py)
 
 
 def _run_python(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
