@@ -706,12 +706,13 @@ class Objective:
         # where the closure made one read-only or re-viewed it in place (then refused).
         self._given = [p.view() for p in self.params]
         self._evaluate = evaluate  # the closure: (loss as returned, gradient arrays)
-        self.to_float = to_float  # the loss as a float (a torch tensor: detached first)
+        self._to_float = to_float  # the loss as a float (a torch tensor: detached first)
         self.dtype = np.result_type(*params)  # (mixed float32/float64: float64, as torch)
         self.sizes = [p.size for p in self.params]
 
-    def evaluate(self) -> tuple[Any, np.ndarray]:
-        """Call the closure: its loss and the gathered flat gradient (a new array)."""
+    def evaluate(self) -> tuple[Any, float, np.ndarray]:
+        """Call the closure: its loss as returned and as a float, and the gathered flat
+        gradient (a new array)."""
         loss, grads = self._evaluate()
         if loss is None:  # (float(None)'s bare TypeError otherwise, later)
             raise TypeError(
@@ -719,7 +720,7 @@ class Objective:
                 "a one-element tensor), and set the gradients"
             )
         try:
-            self.to_float(loss)
+            value = self._to_float(loss)
         except (TypeError, ValueError) as e:  # (a string, a list, a vector: Python's words)
             raise TypeError(
                 "LBFGS.step: the closure must return the loss as a number (or a one-element "
@@ -730,7 +731,7 @@ class Objective:
         for g, n in zip(grads, self.sizes):
             flat[o : o + n] = np.reshape(g, -1)
             o += n
-        return loss, flat
+        return loss, value, flat
 
     def add(self, t: Any, d: np.ndarray) -> None:
         """params += t * d (each parameter its slice), as torch's ``p.add_(d, alpha=t)``."""
@@ -750,9 +751,9 @@ class Objective:
     def directional(self, x: Sequence[np.ndarray], t: Any, d: np.ndarray) -> tuple[float, Any]:
         """f and the gradient at x + t d; the parameters are then reset to x."""
         self.add(t, d)
-        loss, flat = self.evaluate()
+        _, value, flat = self.evaluate()
         self.restore(x)
-        return self.to_float(loss), flat
+        return value, flat
 
 
 def _cubic_interpolate(
@@ -918,8 +919,7 @@ def _lbfgs_iterations(obj: Objective, state: dict[str, Any], group: Mapping[str,
 
     state.setdefault("func_evals", 0)
     state.setdefault("n_iter", 0)
-    orig_loss, flat_grad = obj.evaluate()
-    loss = obj.to_float(orig_loss)
+    orig_loss, loss, flat_grad = obj.evaluate()
     current_evals = 1
     state["func_evals"] += 1
     if flat_grad.size == 0:  # (no element to move: torch fails on the max of nothing)
@@ -993,8 +993,7 @@ def _lbfgs_iterations(obj: Objective, state: dict[str, Any], group: Mapping[str,
         else:
             obj.add(t, d)  # a fixed step
             if n_iter != max_iter:  # re-evaluated except after the last iteration
-                new_loss, flat_grad = obj.evaluate()
-                loss = obj.to_float(new_loss)
+                _, loss, flat_grad = obj.evaluate()
                 opt_cond = np.abs(flat_grad).max() <= tolerance_grad
                 ls_func_evals = 1
         current_evals += ls_func_evals
