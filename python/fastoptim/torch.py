@@ -519,6 +519,17 @@ def _record_order(
         state.pop(name + precision.ORDER, None)
 
 
+def _sparse_state(state: Mapping[str, Any]) -> str | None:
+    """What is wrong with a parameter's state holding a tensor that is not dense (no step
+    can use it: its data pointer cannot even be read), or None."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            return (
+                f"its state's {k!r} is a {v.layout} tensor; state tensors are dense (torch.strided)"
+            )
+    return None
+
+
 def _step_problem(step: Any) -> str | None:
     """What is wrong with `step` as a loaded parameter's step count, or None: a number (a
     one-element tensor) that is a whole number from 0 to 2**53."""
@@ -1192,12 +1203,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 )
             if entry is None or not isinstance(p, torch.Tensor):
                 continue
-            for k, v in entry.items():
-                if isinstance(v, torch.Tensor) and v.layout != torch.strided:
-                    raise ValueError(
-                        f"{cls}: param {label}: its state's {k!r} is a {v.layout} tensor; "
-                        "state tensors are dense (torch.strided)"
-                    )
+            if (wrong := _sparse_state(entry)) is not None:
+                raise ValueError(f"{cls}: param {label}: {wrong}")
             entry = _loaded_entry(entry, f"{cls}: param {label}", p)
             if "step" in entry and (wrong := _step_problem(entry["step"])) is not None:
                 raise ValueError(f"{cls}: state 'step' of param {label}: {wrong}")
@@ -1577,13 +1584,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             ]
         except RuntimeError:  # ("Cannot access data pointer of Tensor that doesn't have storage")
             for p in params:
-                for k, v in self.state[p].items():
-                    if isinstance(v, torch.Tensor) and v.layout != torch.strided:
-                        raise TypeError(
-                            f"{type(self).__name__}: param {self._label_of(p)}: its state's "
-                            f"{k!r} is a {v.layout} tensor; state tensors are dense "
-                            "(torch.strided)"
-                        ) from None
+                if (wrong := _sparse_state(self.state[p])) is not None:
+                    name = type(self).__name__
+                    raise TypeError(f"{name}: param {self._label_of(p)}: {wrong}") from None
             raise
         return (
             list(map(id, params)),
