@@ -309,31 +309,63 @@ def test_master_copy_follows_the_parameter_changed_outside(rounding: str, edit: 
         assert torch.equal(resumed.state[q]["master"], opt.state[p]["master"]), order
 
 
+def _followed(p: torch.Tensor, m: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """The follow rule element by element with torch's nextafter: the master takes the
+    parameter's value where it is not what a step writes from the master (nearest; stochastic:
+    also the next value toward the master, unless the master is representable)."""
+    near = m.to(p.dtype)
+    stale = (p != near) & ~(p.isnan() & m.isnan())
+    if stochastic:
+        inf = torch.tensor(float("inf"), dtype=p.dtype)
+        other = torch.nextafter(near, torch.where(m > near.float(), inf, -inf))
+        stale &= (p != other) | (m == near.float())
+    return torch.where(stale, p.float(), m)
+
+
+@pytest.mark.parametrize("strides", ["contiguous", "both transposed", "param transposed"])
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_tiers_follow_an_edit_alike(dtype: torch.dtype, stochastic: bool) -> None:
-    """fastoptim.torch's master copies follow an edited parameter by the same rule as the
-    NumPy tier's ``follow_params`` (``engine.precision.follow``): bit for bit on masters
-    around, on and between the parameter's values, with edits one value up or down.  A master
-    that is a value of the parameter's dtype is all a step writes (stochastic rounding too):
-    the value below it is an edit (the torch tier took it for a rounding)."""
-    from fastoptim.engine import precision
+def test_masters_follow_an_edit_by_the_rule(
+    dtype: torch.dtype, stochastic: bool, strides: str
+) -> None:
+    """fastoptim.torch's master copies follow an edited parameter by the NumPy tier's rule
+    (``engine.precision.follow``, which compares 16-bit patterns), checked against the rule
+    written with torch's nextafter: bit for bit on masters around, on and between the
+    parameter's values, edits one or two values up or down, NaN, infinities, signed zeros,
+    masters beyond the dtype's range; the parameter and master in the same or different
+    memory orders.  A master that is a value of the parameter's dtype is all a step writes
+    (stochastic rounding too): the value below it is an edit."""
     from fastoptim.torch import _follow
 
     g = torch.Generator().manual_seed(5)
     p16 = torch.randn(4000, generator=g).to(dtype)
     m = p16.float()  # representable masters, and masters between two values:
     m[1000:] += torch.rand(3000, generator=g) * (p16[1000:].float().abs() * 2**-11)
+    special = [0.0, -0.0, 1e-30, -1e-30, 1e-45, 3.4e38, -3.4e38, 65504.0, 65520.0, 1e5, -1e5]
+    special += [float("inf"), float("-inf"), float("nan")]
+    m[3900:3940] = torch.tensor(special).repeat(3)[:40]
     inf = torch.tensor(float("inf"), dtype=dtype)
     p = m.to(dtype)
     p[::3] = torch.nextafter(p[::3], -inf)
     p[1::3] = torch.nextafter(p[1::3], inf)
+    p[5::11] = torch.nextafter(torch.nextafter(p[5::11], inf), inf)
     p[7::50] = float("nan")
-    m_torch, m_numpy = m.clone(), m.clone()
-    _follow(p, m_torch, stochastic)
-    taken = precision.follow(_numpy_of(p), m_numpy.numpy(), stochastic)
-    assert torch.equal(m_torch.view(torch.int32), m_numpy.view(torch.int32))
-    assert taken == int((m_numpy.view(torch.int32) != m.view(torch.int32)).sum())
-    edited_exact = (p[:1000] != m[:1000].to(dtype)) & ~p[:1000].isnan()
+    p[3950:3960] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1.0], dtype=dtype)[
+        torch.arange(10) % 5
+    ]
+    m, p = m.reshape(80, 50), p.reshape(80, 50)
+    if strides != "contiguous":
+        p = p.t().contiguous().t()
+    if strides == "both transposed":
+        m = m.t().contiguous().t()
+    if strides == "param transposed":
+        assert m.stride() != p.stride()
+    expected = _followed(p, m, stochastic)
+    followed = m.clone(memory_format=torch.preserve_format)
+    _follow(p, followed, stochastic)
+    number = ~expected.isnan()  # (NaNs: their payloads may differ; -0 and +0 may not)
+    assert torch.equal(followed.isnan(), ~number)
+    assert torch.equal(followed.view(torch.int32)[number], expected.view(torch.int32)[number])
+    edited_exact = (p[:20] != m[:20].to(dtype)) & ~p[:20].isnan()
     assert edited_exact.any()
-    assert torch.equal(m_torch[:1000][edited_exact], p[:1000][edited_exact].float())
+    assert torch.equal(followed[:20][edited_exact], p[:20][edited_exact].float())

@@ -323,20 +323,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _follow(p: torch.Tensor, master: torch.Tensor, stochastic: bool) -> None:
     """Make the float32 `master` copy of bfloat16/float16 parameter `p` follow what was done to
-    `p` outside the optimizer (clipped, re-initialised, loaded in place): each element of `p`
-    that is not what a step writes from its master (rounded to nearest; `stochastic`: either
-    of the two values around it) gives the master its value; the others keep the master's
-    precision."""
-    with torch.no_grad():
-        pl, m = _local(p).detach(), _local(master)
-        near = m.to(pl.dtype)
-        stale = (pl != near) & ~(pl.isnan() & m.isnan())
-        if stochastic:  # (the other value around the master; none where it is representable)
-            inf = torch.tensor(float("inf"), dtype=pl.dtype, device=pl.device)
-            wide = near.float()
-            stale &= (pl != torch.nextafter(near, torch.where(m > wide, inf, -inf))) | (m == wide)
-        if bool(stale.any()):
-            torch.where(stale, pl.float(), m, out=m)
+    `p` outside the optimizer (clipped, re-initialised, loaded in place): the NumPy tier's
+    rule, :func:`fastoptim.engine.precision.follow`, on views of their memory."""
+    precision.follow(_numpy_of(p.detach()), _numpy_of(master.detach()), stochastic)
 
 
 _VERSION = operator.attrgetter("_version")  # a tensor's autograd version

@@ -336,27 +336,45 @@ def check_layout(cls: str, group: Mapping[str, Any]) -> None:
 
 
 def follow(param: np.ndarray, master: np.ndarray, stochastic: bool) -> int:
-    """Make the float32 `master` copy of bfloat16/float16 `param` (both C-contiguous, same
-    shape) follow what was done to `param` outside the optimizer: each element of `param` that
-    is not what a step writes from its master (rounded to nearest; `stochastic`: either
-    representable value around the master) gives the master its value; the others keep the
-    master's bits (NaN against NaN included).  Returns the number of elements taken.  Works
-    in blocks of :data:`_FOLLOW_BLOCK` elements (bounded temporaries)."""
+    """Make the float32 `master` copy of bfloat16/float16 `param` (same shape, any strides)
+    follow what was done to `param` outside the optimizer: each element of `param` that is not
+    what a step writes from its master (rounded to nearest; `stochastic`: either representable
+    value around the master) gives the master its value; the others keep the master's bits
+    (NaN against NaN included).  Returns the number of elements taken.  The one rule of both
+    tiers (``Optimizer.follow_params``, fastoptim.torch before a step).  C-contiguous arrays
+    are compared in blocks of :data:`_FOLLOW_BLOCK` elements (bounded temporaries), others
+    whole."""
+    if not (param.flags.c_contiguous and master.flags.c_contiguous):
+        return _follow_block(param, master, stochastic)
     p, m = param.reshape(-1), master.reshape(-1)
-    taken = 0
-    for i in range(0, p.size, _FOLLOW_BLOCK):
-        pb, mb = p[i : i + _FOLLOW_BLOCK], m[i : i + _FOLLOW_BLOCK]
-        near = mb.astype(pb.dtype)  # (NumPy's and ml_dtypes' casts round to nearest even)
-        stale = (pb != near) & ~(np.isnan(pb) & np.isnan(mb))
+    return sum(
+        _follow_block(p[i : i + _FOLLOW_BLOCK], m[i : i + _FOLLOW_BLOCK], stochastic)
+        for i in range(0, p.size, _FOLLOW_BLOCK)
+    )
+
+
+def _follow_block(p: np.ndarray, m: np.ndarray, stochastic: bool) -> int:
+    with np.errstate(invalid="ignore", over="ignore"):  # (NaN/Inf masters: compared as such)
+        near = m.astype(p.dtype)  # (NumPy's and ml_dtypes' casts round to nearest even)
+        stale = (p != near) & ~(np.isnan(p) & np.isnan(m))
         if stochastic:  # (the other value around the master; none where it is representable)
+            # One step from `near` toward the master (what nextafter gives, 3x faster here):
+            # 0 where the master is `near` (or NaN: then only a NaN is kept, above).
             wide = near.astype(np.float32)
-            toward = np.where(mb > wide, np.inf, -np.inf).astype(pb.dtype)
-            stale &= (pb != np.nextafter(near, toward)) | (mb == wide)
-        n = int(np.count_nonzero(stale))
-        if n:
-            np.copyto(mb, pb, where=stale, casting="unsafe")
-            taken += n
-    return taken
+            toward = (m > wide).astype(np.int16) - (m < wide)
+            stale &= _ordered(p) - _ordered(near) != toward
+    n = int(np.count_nonzero(stale))
+    if n:
+        np.copyto(m, p, where=stale, casting="unsafe")
+    return n
+
+
+def _ordered(x: np.ndarray) -> np.ndarray:
+    """The 16-bit patterns of bfloat16/float16 `x` as int16 in the order of their values
+    (-0 just below +0): one value up is +1.  A difference of two wraps around only between
+    the two ends, NaNs both, which :func:`_follow_block` never counts as one step."""
+    bits = x.view(np.int16)
+    return bits ^ ((bits >> 15) & 0x7FFF)
 
 
 _FOLLOW_BLOCK = 1 << 20
