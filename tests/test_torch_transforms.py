@@ -237,3 +237,83 @@ def test_bf16_model_with_clipping_and_ema_matches_fp32_reference_run() -> None:
     for p in m.parameters():
         assert o.state[p]["ema"].dtype == torch.float32
         assert o.state[p]["master"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (dict(), dict(state_dtype="int8")),  # float32 state quantized
+        (dict(), dict(state_dtype="int4")),
+        (dict(state_dtype="int8"), dict(state_dtype="int4")),  # requantized
+        (dict(state_dtype="int4"), dict(state_dtype=None)),  # dequantized
+        (dict(), dict(state_dtype="bfloat16")),  # moved to another dtype
+        (dict(state_dtype="bfloat16"), dict(state_dtype={"exp_avg": "int8"})),
+        (dict(kahan=True), dict(kahan=False)),  # its compensation dropped
+    ],
+)
+@pytest.mark.parametrize("how", ["found_inf", "skip_nonfinite", "refused"])
+def test_a_step_that_does_not_run_converts_no_state(
+    before: dict[str, Any], after: dict[str, Any], how: str
+) -> None:
+    """A step skipped (GradScaler's found_inf, skip_nonfinite) or refused (a bad lr in another
+    group) after a group's precision policy changed leaves every state entry as it was (the
+    same tensors, the same bits: the float state was quantized, or the codes dequantized, in
+    place and kept: later steps failed for want of scales, or read codes as moments), and
+    the run then follows a twin that never saw that step, bit for bit."""
+    big = 4096 + 904  # (quantized: 4096 elements or more)
+    dtype = torch.bfloat16 if "kahan" in before else torch.float32
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(big, generator=g).to(dtype), torch.randn(big, generator=g).to(dtype)]
+    grads = [[torch.randn(big, generator=g).to(dtype) for _ in init] for _ in range(4)]
+
+    def build() -> tuple[list[torch.nn.Parameter], Any]:
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [{"params": ps[:1], **before}, {"params": ps[1:]}]
+        extra = dict(skip_nonfinite=True) if how == "skip_nonfinite" else {}
+        opt = ft.AdamW(groups, lr=1e-2, **extra)
+        for p, gr in zip(ps, grads[0]):
+            p.grad = gr.clone()
+        opt.step()
+        opt.param_groups[0].update(after)
+        return ps, opt
+
+    ps, opt = build()
+    twin_ps, twin = build()
+    held = {k: (v, v.clone()) for k, v in opt.state[ps[0]].items()}
+    for p, gr in zip(ps, grads[1]):
+        p.grad = gr.clone()
+    params = [p.detach().clone() for p in ps]
+    if how == "refused":
+        opt.param_groups[1]["lr"] = -1.0
+        with pytest.raises(ValueError, match="invalid lr"):
+            opt.step()
+        opt.param_groups[1]["lr"] = 1e-2
+    else:
+        ps[1].grad[5] = math.inf
+        if how == "found_inf":
+            scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+            scaler.scale(torch.ones(()))  # (as a scaled loss would: the scale is made)
+            scaler.step(opt)  # (unscale_ finds the inf: the step is skipped)
+        else:
+            opt.step()
+        assert opt.step_skipped
+    assert sorted(opt.state[ps[0]]) == sorted(held)
+    for k, (tensor, bits) in held.items():
+        assert opt.state[ps[0]][k] is tensor, k
+        assert _same_bits(tensor, bits), k
+    for p, q in zip(ps, params):
+        assert _same_bits(p.detach(), q)
+    for gs in grads[1:]:
+        for o, qs in ((opt, ps), (twin, twin_ps)):
+            for p, gr in zip(qs, gs):
+                p.grad = gr.clone()
+            o.step()
+    for p, q in zip(ps, twin_ps):
+        assert _same_bits(p.detach(), q.detach())
+    for k, v in twin.state[twin_ps[0]].items():
+        assert _same_bits(opt.state[ps[0]][k], v), k
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether tensors `a` and `b` hold the same bytes (0-d ones too; NaNs compared bitwise)."""
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

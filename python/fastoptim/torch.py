@@ -868,9 +868,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._caches: list[_Cache] = []
         self._state_snapshot: Any = None  # what state held after the last step (_record_state)
         self._fresh: dict[int, torch.Tensor] = {}  # state tensors created, not yet stepped
-        # During a step, until it commits: id(param) -> (param, its state's keys before the
-        # step, whether it had a state); what a skipped or refused step removes (_forget_created)
-        self._created: dict[int, tuple[torch.Tensor, frozenset[str], bool]] | None = None
+        # During a step, until it commits: id(param) -> (param, its state's entries before the
+        # step, whether it had a state); what a skipped or refused step puts back
+        # (_forget_created): entries it created removed, entries it converted (quantized,
+        # dequantized, moved to another dtype or layout, popped) restored
+        self._created: dict[int, tuple[torch.Tensor, dict[str, Any], bool]] | None = None
         # During a step: the masters it made follow their parameters (master, its values
         # before) and the versions it read (_Cache, mversions, msteps, mtotal), to undo.
         self._followed: list[tuple[Any, ...]] | None = None
@@ -1424,21 +1426,24 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         return self._scalars
 
     def _state_to_create(self, p: torch.Tensor) -> dict[str, Any]:
-        """``self.state[p]``, about to gain the state a step creates: during a step, what it
-        held before is remembered (once per step) so that the step, if skipped or refused,
-        removes what it created (:meth:`_forget_created`)."""
+        """``self.state[p]``, about to gain the state a step creates or to have its entries
+        converted: during a step, what it held before is remembered (once per step) so that
+        the step, if skipped or refused, puts it back (:meth:`_forget_created`)."""
         created = self._created
         if created is not None and id(p) not in created:
             had = p in self.state
-            created[id(p)] = (p, frozenset(self.state[p]) if had else frozenset(), had)
+            created[id(p)] = (p, dict(self.state[p]) if had else {}, had)
         return self.state[p]  # type: ignore[no-any-return]
 
     def _forget_created(self) -> None:
-        """Remove the state this step created (lazily, at the step, as torch creates it): torch
-        creates none at a step GradScaler skips, so a step skipped (``found_inf``,
-        ``skip_nonfinite``) or refused leaves none either; the next step that runs creates it
-        from its own hyper-parameters (Rprop's ``step_size``, ASGD's ``eta``: its ``lr``; SGD's
-        momentum buffer: its gradient)."""
+        """Put back the state as it was before this step: the state it created (lazily, at the
+        step, as torch creates it) removed, torch creating none at a step GradScaler skips, so
+        that a step skipped (``found_inf``, ``skip_nonfinite``) or refused leaves none either
+        (the next step that runs creates it from its own hyper-parameters: Rprop's
+        ``step_size``, ASGD's ``eta``: its ``lr``; SGD's momentum buffer: its gradient); the
+        entries it converted for a changed policy (float state quantized, codes dequantized or
+        requantized, a state moved to another dtype, a Kahan compensation dropped) restored,
+        the conversion made again by the next step that runs."""
         created, self._created = self._created, None
         if not created:
             return
@@ -1446,11 +1451,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             st = self.state.get(p)
             if st is None:
                 continue
-            for n in [n for n in st if n not in before]:
-                t = st.pop(n)
-                if self._fresh.get(id(t)) is t:
+            for n, t in st.items():
+                if before.get(n) is not t and self._fresh.get(id(t)) is t:
                     del self._fresh[id(t)]
-            if not had and not st:
+            if had:
+                st.clear()
+                st.update(before)
+            else:
                 del self.state[p]
         for c in self._caches:  # (their views, plans and packed scalars held that state)
             c.sig, c.fast = None, False
@@ -1644,6 +1651,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._refuse_shards(params, labels, layouts)
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
+            if p in self.state:  # (what it holds, put back if the step does not run)
+                self._state_to_create(p)
             if precision.COMPENSATION not in layout and p in self.state:
                 # (kahan switched off: its compensation is the rounding residual of a value
                 # the parameter has left; kept, a later kahan=True would add it back)
