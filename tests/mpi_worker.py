@@ -381,6 +381,20 @@ def _mismatch(comm: Any, out: Path) -> None:
         z.save(out / "valid")
         z.load(out / ("nothing-here" if rank == 1 else "valid"))
 
+    def zero_checkpoints_differ_by_rank() -> None:  # each valid: one rank loaded its own
+        p = np.zeros(9, np.float32)
+        z = fd.ZeroRedundancyOptimizer([p], fo.Adam, comm=comm, lr=0.1)
+        z.step([np.ones(9, np.float32)])
+        z.save(out / "at1")
+        z.step([np.ones(9, np.float32)])
+        z.save(out / "at2")
+        before = p.copy()
+        try:
+            z.load(out / ("at1" if rank == 0 else "at2"))
+        finally:  # (refused on every rank before any changed anything)
+            if z.step_count != 2 or not np.array_equal(p, before):
+                raise AssertionError(f"rank {rank} changed: step_count {z.step_count}")
+
     def grads_on_one_rank_first_step() -> None:
         dp = fd.DataParallel(fo.SGD([np.zeros(4, np.float32)], lr=0.1), comm)
         dp.step([np.ones(4, np.float32)] if rank == 0 else None)
@@ -524,6 +538,7 @@ def _mismatch(comm: Any, out: Path) -> None:
         zero_bad_option_one_rank,
         zero_invalid_everywhere,
         zero_checkpoint_missing_on_one_rank,
+        zero_checkpoints_differ_by_rank,
         grads_on_one_rank_first_step,
         grads_on_one_rank_later,
         zero_int8,

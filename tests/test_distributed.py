@@ -281,6 +281,7 @@ def test_mismatched_ranks_raise_on_every_rank(n: int, tmp_path: Path) -> None:
         "zero_not_array": "rank 1: TypeError",
         "zero_bad_option_one_rank": "defaults",
         "zero_checkpoint_missing_on_one_rank": "rank 1: CheckpointError",
+        "zero_checkpoints_differ_by_rank": "the ranks read different checkpoints",
         "grads_on_one_rank_first_step": "gradients were passed on rank(s) [0] and not",
         "grads_on_one_rank_later": "gradients were passed on rank(s) [0] and not",
         "zero_schedule_fails_on_one_rank": "rank 1: ValueError: SGD: the schedule of lr",
@@ -388,6 +389,17 @@ def test_zero1_refuses_updates_that_need_whole_parameters(cls: str) -> None:
         distributed.ZeroRedundancyOptimizer(
             [np.zeros((4, 6), np.float32)], getattr(fo, cls), comm=MPI.COMM_SELF
         )
+
+
+@pytest.mark.parametrize("comm", ["world", 0, object()])
+def test_a_comm_that_is_not_a_communicator_is_named(comm: Any) -> None:
+    """``comm`` that is not an mpi4py communicator: a TypeError naming it (was an
+    AttributeError from inside: ``'str' object has no attribute 'Get_rank'``)."""
+    w = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match=r"^DataParallel: comm must be an mpi4py communicator"):
+        distributed.DataParallel(fo.SGD([w], lr=0.1), comm)
+    with pytest.raises(TypeError, match=r"^ZeroRedundancyOptimizer: comm must be an mpi4py"):
+        distributed.ZeroRedundancyOptimizer([w], fo.SGD, comm=comm, lr=0.1)
 
 
 def test_the_agreed_check_sees_what_the_step_refuses() -> None:

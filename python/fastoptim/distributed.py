@@ -358,8 +358,13 @@ def _runs(params: Sequence[np.ndarray]) -> list[tuple[int, int]]:
 class _Comm:
     """The deterministic collectives over one communicator, counting the bytes sent."""
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, where: str = "fastoptim.distributed") -> None:
         self.MPI = _mpi()
+        if comm is not None and not isinstance(comm, self.MPI.Comm):
+            raise TypeError(
+                f"{where}: comm must be an mpi4py communicator (mpi4py.MPI.Comm) or None for "
+                f"COMM_WORLD, got {type(comm).__name__}"
+            )
         self.comm = self.MPI.COMM_WORLD if comm is None else comm
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
@@ -523,7 +528,7 @@ class DataParallel(_Wrapper):
         grad_reduction: Reduction = "mean",
         broadcast: bool = True,
     ) -> None:
-        self._c = _Comm(comm)
+        self._c = _Comm(comm, "DataParallel")
         self._opt = optimizer
         self.grad_reduction = grad_reduction
 
@@ -841,7 +846,7 @@ class ZeroRedundancyOptimizer(_Wrapper):
         **defaults: Any,
     ) -> None:
         where = "ZeroRedundancyOptimizer"
-        self._c = c = _Comm(comm)
+        self._c = c = _Comm(comm, where)
         self.grad_reduction = grad_reduction
         self.optimizer_class = optimizer_class
 
@@ -1162,13 +1167,21 @@ class ZeroRedundancyOptimizer(_Wrapper):
         checkpoint's hyper-parameters win."""
         c = self._c
         where = f"ZeroRedundancyOptimizer.load({os.fspath(path)!r})"
-        apply = _agree(c.comm, where, lambda: self._prepare_load(os.fspath(path), where))
+        apply, files = _agree(c.comm, where, lambda: self._prepare_load(os.fspath(path), where))
+        read = c.comm.allgather(files)  # (its save id: a path or a checkpoint per rank)
+        if any(f != read[0] for f in read):
+            ranks = "\n  - ".join(f"rank {r}: {f[0] if f else f}" for r, f in enumerate(read))
+            raise DistributedError(
+                f"{where}: the ranks read different checkpoints (another path on some rank, "
+                f"or one replaced while they read), nothing loaded:\n  - {ranks}"
+            )
         apply()
         self._gather_params()
         self.check()
 
-    def _prepare_load(self, directory: str, where: str) -> Callable[[], None]:
-        """Read and check everything this rank needs; return what applies it (cannot fail)."""
+    def _prepare_load(self, directory: str, where: str) -> tuple[Callable[[], None], list[str]]:
+        """Read and check everything this rank needs; return what applies it (cannot fail)
+        and the manifest's shard files (their names carry the save's id)."""
         try:
             with open(os.path.join(directory, _MANIFEST), encoding="utf-8") as f:
                 man = json.load(f)
@@ -1295,4 +1308,4 @@ class ZeroRedundancyOptimizer(_Wrapper):
             for target, values in new_params:
                 np.copyto(target, values)
 
-        return apply
+        return apply, list(files)
