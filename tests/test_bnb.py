@@ -181,6 +181,21 @@ def test_errors_name_what_does_not_fit() -> None:
     s["state"][0]["step"] = -1
     with pytest.raises(ValueError, match="step must be a count"):
         fb.from_bitsandbytes(s, opt)
+    for step in ("3", None, torch.ones(2)):  # (were TypeErrors from a comparison or float())
+        s["state"][0]["step"] = step
+        with pytest.raises(ValueError, match="step must be a count"):
+            fb.from_bitsandbytes(s, opt)
+    s = _bnb_state_dict("AdamW", np.random.default_rng(4))
+    del s["param_groups"][0]["params"]  # (was a bare KeyError)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] of the state_dict is not a group"):
+        fb.from_bitsandbytes(s, opt)
+    transposed = _bnb_state_dict("AdamW", np.random.default_rng(4))["state"][0]
+    codes = transposed["__bnb_optimizer_quant_state__"]["state1"]
+    # (the same count of codes in another shape: its blocks would be read in another order)
+    with pytest.raises(ValueError, match=r"state1: expected shape \(48, 100\), got \(100, 48\)"):
+        fb.from_bitsandbytes(broken("state1", codes.reshape(100, 48)), opt)
+    flat = broken("state1", codes.reshape(-1))  # (flattened: the same order, taken)
+    assert fb.from_bitsandbytes(flat, opt)["state"][0]["exp_avg_codes"].shape == BIG
     # nothing was changed: the optimizer has no state, the source still loads
     assert len(opt.state) == 0
     opt.load_state_dict(fb.from_bitsandbytes(src, opt))

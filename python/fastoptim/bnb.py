@@ -151,8 +151,9 @@ def _np(t: Any, where: str, dtype: Any, shape: tuple[int, ...] | None = None) ->
     want = torch.uint8 if dtype == np.uint8 else torch.float32
     if t.dtype != want:
         raise ValueError(f"{where}: expected {want}, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != shape and t.numel() != int(np.prod(shape)):
-        raise ValueError(f"{where}: expected shape {shape}, got {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != shape:  # (or flattened: the same elements)
+        if t.dim() != 1 or t.numel() != int(np.prod(shape)):
+            raise ValueError(f"{where}: expected shape {shape}, got {tuple(t.shape)}")
     out: np.ndarray = t.detach().cpu().contiguous().numpy().copy()
     return out.reshape(shape) if shape is not None else out
 
@@ -168,6 +169,11 @@ def _check_groups(source: Mapping[str, Any], groups: list[dict[str, Any]], who: 
         )
     keys = []
     for i, (s, g) in enumerate(zip(saved, groups)):
+        if not isinstance(s, Mapping) or not isinstance(s.get("params"), (list, tuple)):
+            raise ValueError(
+                f"{who}: param_groups[{i}] of the state_dict is not a group (a dict with a "
+                f"'params' list), got {s!r:.60}"
+            )
         if len(s["params"]) != len(g["params"]):
             raise ValueError(
                 f"{who}: group {i} has {len(s['params'])} parameters in the state_dict, "
@@ -270,9 +276,14 @@ def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str
 
 def _step(entry: Mapping[str, Any], where: str) -> int:
     step = entry.get("step", 0)
-    if isinstance(step, torch.Tensor):
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
         step = step.item()
-    if isinstance(step, bool) or not float(step).is_integer() or step < 0:
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, (int, float, np.integer, np.floating))
+        or not float(step).is_integer()
+        or step < 0
+    ):
         raise ValueError(f"{where}: step must be a count >= 0, got {step!r}")
     return int(step)
 
