@@ -61,6 +61,7 @@ from . import _core
 from . import definitions as _defs
 from .engine import precision as _precision
 from .engine import sparse as _sparse
+from .engine.definition import named_refusals as _named
 from .engine.definition import with_keyword_hints as _hints
 from .engine.functional import check_step as _check_step
 from .engine.functional import step as _step
@@ -108,10 +109,8 @@ def quantized_state(
     where = "quantized_state"
     _check_quantized(where, name, dtype)
     shape = tuple(np.shape(param))
-    try:
+    with _named(where):
         code, scale = _precision.quantized_fill(fill, name, dtype)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
     codes = np.empty(_precision.storage(dtype, shape)[1], np.uint8)
     _precision.fill_codes(codes, code, dtype, int(np.prod(shape)))
     absmax = np.full(_precision.storage(_precision.absmax_kind(dtype), shape)[1], scale, np.float32)
@@ -136,10 +135,8 @@ def dequantized(
             raise ValueError(f"{where}: a 4-bit state needs the parameter's shape")
         shape = tuple(np.shape(codes))
     out = np.empty(shape, np.float32)
-    try:
+    with _named(where, replacing="quantized"):  # (the compiled check names the pair so)
         _core.dequantize_blockwise(codes, absmax, out, _precision.qmap(name, dtype))
-    except (TypeError, ValueError) as e:  # (the compiled check names the pair "quantized")
-        raise type(e)(f"{where}: " + str(e).removeprefix("quantized").lstrip(": ")) from None
     return out
 
 

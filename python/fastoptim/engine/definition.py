@@ -13,10 +13,11 @@ the same :class:`Definition` methods.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, cast
@@ -51,6 +52,32 @@ TORCH_ONLY = {
     "capturable": ("bool", False),
     "differentiable": ("bool", False),
 }
+
+
+def name_the_call(
+    e: BaseException, name: str, method: str | None = None, replacing: str = ""
+) -> None:
+    """Prefix ``"<name>.<method>: "`` (``"<name>: "`` without a method) to the message of a
+    refusal (ValueError, TypeError, OverflowError) raised below a call in other words, in
+    place: the exception keeps its type and traceback.  The compiled plans' checks (``"grad
+    for param 0: ..."``) are prefixed; a message that begins with `replacing` (``"Adam:"``
+    for ``adam_``) has that replaced; one that already begins with `name` is left."""
+    if isinstance(e, (ValueError, TypeError, OverflowError)) and len(e.args) == 1:
+        msg = e.args[0]
+        if isinstance(msg, str) and not msg.startswith(name):
+            if replacing and msg.startswith(replacing):
+                msg = msg.removeprefix(replacing).lstrip(": ")
+            e.args = (f"{name}{'' if method is None else '.' + method}: {msg}",)
+
+
+@contextlib.contextmanager
+def named_refusals(name: str, method: str | None = None, replacing: str = "") -> Iterator[None]:
+    """The refusals raised inside, in the call's words (:func:`name_the_call`)."""
+    try:
+        yield
+    except BaseException as e:
+        name_the_call(e, name, method, replacing)
+        raise
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import _core
 from . import precision, transforms
-from .definition import Definition, is_number
+from .definition import Definition, is_number, named_refusals
 from .precision import EMA_DECAY
 
 
@@ -23,16 +22,6 @@ def check_step(fn: str, step: Any) -> None:
         raise ValueError(f"{fn}: invalid step={step!r}: the first update is step=1")
     if step > 2**63 - 1:
         raise ValueError(f"{fn}: invalid step={step!r}: must be at most 2**63 - 1 (int64)")
-
-
-@contextlib.contextmanager
-def _checked(fn: str) -> Iterator[None]:
-    """The compiled plan's checks, in `fn`'s words (its one parameter has the empty label,
-    which they call "param")."""
-    try:
-        yield
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{fn}: {e}") from None
 
 
 def step(
@@ -76,13 +65,8 @@ def step(
                 "value the previous call returned)"
             )
     group = {**defn.defaults(), **hyper}
-    try:
+    with named_refusals(fn, replacing=f"{defn.name}:"):  # ("Adam: invalid lr": adam_'s)
         defn.check(group)
-    except (TypeError, ValueError) as e:  # ("Adam: invalid lr=-1 ..." in the function's name)
-        msg = str(e)
-        if not msg.startswith(f"{defn.name}: "):
-            raise
-        raise type(e)(fn + msg.removeprefix(defn.name)) from None
     if defn.host is not None:
         return _host_step(defn, fn, param, grad, states, step, group)
     # At step 1 every state buffer is fresh: what the class would have just created.
@@ -143,7 +127,7 @@ def step(
                 f"{fn}: ema is {ema.dtype}; state_dtype={group[precision.STATE_DTYPE]!r} keeps "
                 f"the average as {want} for a {pname} parameter"
             )
-    with _checked(fn):
+    with named_refusals(fn):
         plan = _core.Plan(
             [param],
             [""],
@@ -161,7 +145,7 @@ def step(
         plan.set_ema_decay(float(group[EMA_DECAY]))
     # (one tensor: no norm to clip, no step to skip; the value clip and the scale)
     transforms.set_transform(plan, *transforms.decide([[plan]], [group], grad_scale).transforms[0])
-    with _checked(fn):
+    with named_refusals(fn):
         defn.core_step(plan, core, int(step), grads=[grad])
     if scalars:
         values = tuple(float(getattr(core, name)) for name in scalars)
@@ -202,7 +186,7 @@ def _host_step(
     if host.check_param is not None:
         host.check_param(fn, "param", param.shape)
     names = [n for n in given if n not in defn.shaped]
-    with _checked(fn):
+    with named_refusals(fn):
         plan = _core.Plan([param], [""], names, [[given[n]] for n in names])
         plan.bind_grads([grad])  # shapes, layout, aliasing: as the classes check them
     own = [n for n in given if n in defn.shaped]  # (Adafactor's factored state)

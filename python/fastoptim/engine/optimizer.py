@@ -16,7 +16,7 @@ import numpy as np
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
 from . import precision, sparse, transforms
-from .definition import Definition, check_keywords, is_number
+from .definition import Definition, check_keywords, is_number, name_the_call
 from .locks import new_lock
 from .readonly import GRADS_HINT, STATE_HINT, ReadOnlyDict, ReadOnlyList
 from .scheduled import Scheduled
@@ -197,16 +197,6 @@ def _array_layout(a: Any) -> tuple[Any, ...] | None:
     return (a.__array_interface__["data"][0], a.size, a.dtype, a.shape, a.strides)
 
 
-def _name_the_call(e: BaseException, cls: str, method: str | None) -> None:
-    """Prefix "<cls>.<method>: " ("<cls>: " without a method) to the message of a refusal
-    raised below the call without it (the compiled plans' checks: "grad for param 0: ..."),
-    in place: the exception keeps its type and traceback."""
-    if isinstance(e, (ValueError, TypeError, OverflowError)) and len(e.args) == 1:
-        msg = e.args[0]
-        if isinstance(msg, str) and not msg.startswith(cls):
-            e.args = (f"{cls}{'' if method is None else '.' + method}: {msg}",)
-
-
 def _check_given(g: _Group, where: str) -> None:
     """ValueError naming the first parameter of `g` resized, reallocated or re-viewed in
     place since it was given (as a step's plan refuses it), for what runs without the plan
@@ -366,7 +356,7 @@ class Optimizer:
         try:
             self._add_param_group(param_group)
         except BaseException as e:  # (the arrays' checks: "param 0: dtype must be ...")
-            _name_the_call(e, type(self).__name__, None)
+            name_the_call(e, type(self).__name__)
             raise
 
     def _add_param_group(self, param_group: Mapping[str, Any]) -> None:
@@ -1002,7 +992,7 @@ class Optimizer:
                 return self._step_locked(grads, grad_scale)
             except BaseException as e:  # (a refused step may have bound some groups' gradients)
                 self._release_passed()
-                _name_the_call(e, type(self).__name__, "step")
+                name_the_call(e, type(self).__name__, "step")
                 raise
 
     def _step_locked(self, grads: Grads | None, grad_scale: float | None) -> float | None:
