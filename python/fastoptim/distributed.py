@@ -614,10 +614,12 @@ class DataParallel(_Wrapper):
 
     @property
     def rank(self) -> int:
+        """This process's rank in the communicator."""
         return self._c.rank
 
     @property
     def world_size(self) -> int:
+        """The number of ranks in the communicator."""
         return self._c.size
 
     @property
@@ -864,10 +866,18 @@ class ZeroRedundancyOptimizer(_Wrapper):
                     "use DataParallel with it"
                 )
             if defn is not None and defn.host is not None:  # Muon, Adafactor, LBFGS
+                closure = defn.host.closure is not None  # (LBFGS: no DataParallel either)
                 raise ValueError(
                     f"{where}: {optimizer_class.__name__}'s update is not element-wise (it "
                     "needs each whole parameter, or all of them), which ZeRO-1's flat shards "
-                    "split across ranks: use DataParallel with it"
+                    "split across ranks"
+                    + (
+                        "; and its closure re-evaluates the objective, which neither class of "
+                        "fastoptim.distributed runs across ranks (run it in one process, or "
+                        "reduce the gradients inside the closure yourself)"
+                        if closure
+                        else ": use DataParallel with it"
+                    )
                 )
             self.bucket_bytes = _check_options(
                 where, bucket_bytes, grad_reduction, ("mean", "sum", "none")
@@ -973,14 +983,17 @@ class ZeroRedundancyOptimizer(_Wrapper):
 
     @property
     def step_count(self) -> int:
+        """The number of steps taken (the shard optimizer's, the same on every rank)."""
         return self.optimizer.step_count
 
     @property
     def rank(self) -> int:
+        """This process's rank in the communicator."""
         return self._c.rank
 
     @property
     def world_size(self) -> int:
+        """The number of ranks in the communicator."""
         return self._c.size
 
     @property
