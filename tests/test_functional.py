@@ -465,7 +465,7 @@ def test_sparse_rows_refuses_a_state_dtype_it_does_not_keep(state_dtype: str) ->
     option had been ignored)."""
     table = np.ones((5, 3), np.float32)
     m, v = np.zeros((5, 3), np.float32), np.zeros((5, 3), np.float32)
-    with pytest.raises(TypeError, match=f"parameter float32; state_dtype '{state_dtype}'"):
+    with pytest.raises(TypeError, match=f"parameter float32, state {state_dtype}, {state_dtype}"):
         F.sparse_rows_(
             "SparseAdam",
             table,
@@ -476,3 +476,25 @@ def test_sparse_rows_refuses_a_state_dtype_it_does_not_keep(state_dtype: str) ->
             state_dtype=state_dtype,
         )
     assert np.all(table == 1) and not m.any() and not v.any()
+
+
+def test_sparse_rows_of_a_bfloat16_table_same_bits_as_the_class() -> None:
+    """``sparse_rows_`` on a bfloat16 table with float32 state: the rows computed in float32
+    and rounded back, the same bits as the class tier's ``step_rows`` (duplicates included)."""
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((6, 4)).astype(ml_dtypes.bfloat16)
+    twin, first = table.copy(), table.copy()
+    m, v = np.zeros((6, 4), np.float32), np.zeros((6, 4), np.float32)
+    opt = fo.SparseAdam([twin], lr=0.05)
+    for step in (1, 2, 3):
+        idx = np.array([4, 1, 4, 0])
+        rows = rng.standard_normal((4, 4)).astype(ml_dtypes.bfloat16)
+        states = {"exp_avg": m, "exp_avg_sq": v}
+        F.sparse_rows_("SparseAdam", table, idx, rows, states, step=step, lr=0.05)
+        opt.step_rows([(idx, rows)])
+        np.testing.assert_array_equal(table.view(np.uint16), twin.view(np.uint16))
+        np.testing.assert_array_equal(m, opt.state[0]["exp_avg"])
+        np.testing.assert_array_equal(v, opt.state[0]["exp_avg_sq"])
+    absent = [2, 3, 5]
+    np.testing.assert_array_equal(table[absent].view(np.uint16), first[absent].view(np.uint16))
+    assert not np.array_equal(table[[0, 1, 4]].view(np.uint16), first[[0, 1, 4]].view(np.uint16))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -216,6 +217,46 @@ def test_rows_of_low_precision_state_refused() -> None:
     assert (p == 1).all()
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize(("name", "kwargs"), ROW_CASES, ids=IDS)
+def test_low_precision_rows_are_float32_rows_rounded(
+    name: str, kwargs: dict[str, Any], dtype: Any
+) -> None:
+    """A bfloat16/float16 parameter (float32 state, the default) takes row updates computed in
+    float32: each step equals, bit for bit, the float32 row update of the widened parameter
+    (the gradient rows widened, duplicates summed in float32) rounded to nearest, with the same
+    float32 state; absent rows are not rewritten."""
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(SHAPE).astype(dtype)
+    low = getattr(fo, name)([p], **kwargs)
+    p32 = p.astype(np.float32)
+    wide = getattr(fo, name)([p32], **kwargs)
+    untouched = p[SHAPE[0] // 2 :].copy()
+    for _ in range(3):
+        idx, rows = row_grads(rng, dtype)
+        low.step_rows([(idx, rows)])
+        wide.step_rows([(idx, rows.astype(np.float32))])
+        np.testing.assert_array_equal(p.view(np.uint16), p32.astype(dtype).view(np.uint16))
+        for n, v in wide.state[0].items():
+            got = low.state[0][n]
+            assert np.asarray(got).dtype == np.asarray(v).dtype, n
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(v), err_msg=n)
+        p32[...] = p.astype(np.float32)  # (the next step from the rounded values)
+    np.testing.assert_array_equal(p[SHAPE[0] // 2 :].view(np.uint16), untouched.view(np.uint16))
+
+
+def test_low_precision_rows_refuse_stochastic_rounding_and_16_bit_state() -> None:
+    """What a row update of a bfloat16 parameter cannot do, refused naming it, nothing changed:
+    stochastic rounding (its random bits are keyed on the element's place in the dense
+    pass), bfloat16 state."""
+    for options in (dict(rounding="stochastic"), dict(state_dtype="bfloat16")):
+        p = np.ones((4, 2), ml_dtypes.bfloat16)
+        opt = fo.SparseAdam([p], **options)
+        with pytest.raises(TypeError, match=r"step_rows: param 0: row updates take .*bfloat16"):
+            opt.step_rows([(np.array([0]), np.ones((1, 2), ml_dtypes.bfloat16))])
+        assert (p == 1).all() and opt.state[0]["step"] == 0
+
+
 def _rows_job(
     hyper: Any, param: np.ndarray, index: list[int], states: list[np.ndarray], label: str
 ) -> tuple[Any, ...]:
@@ -300,6 +341,7 @@ def test_interrupted_rows_step_is_never_half_applied(monkeypatch: Any) -> None:
 # --------------------------------------------------------------------------- fastoptim.torch
 torch = pytest.importorskip("torch")
 import fastoptim.torch as fot  # noqa: E402
+from fastoptim.torch import _numpy_of  # noqa: E402
 
 
 def _sparse(rng: np.random.Generator, dtype: Any, shape: tuple[int, ...], hybrid: bool) -> Any:
@@ -613,20 +655,45 @@ def test_bench_rows_table(monkeypatch: Any) -> None:
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "SparseAdam"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_torch_sparse_gradients_of_low_precision_parameters_refused(name: str, dtype: Any) -> None:
-    """A bfloat16/float16 embedding with sparse gradients, which torch.optim steps: refused with
-    a TypeError naming the parameter (the row kernel updates float32/float64 rows; a
-    documented limitation), nothing changed."""
-    emb = torch.nn.Embedding(10, 4, sparse=True).to(dtype)
-    opt = getattr(fot, name)(emb.parameters(), lr=0.1)
-    emb(torch.tensor([1, 3, 1])).sum().backward()
-    before = emb.weight.detach().clone()
-    state = {k: v.clone() for k, v in opt.state[emb.weight].items()}  # (Adagrad's: eager)
-    with pytest.raises(
-        TypeError, match=r"param 0 of group 0 has dtype torch\.\w+; sparse gradients"
-    ):
-        opt.step()
-    assert torch.equal(emb.weight.detach().view(torch.int16), before.view(torch.int16))
-    assert opt.state[emb.weight].keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(opt.state[emb.weight][k], v), k
+def test_torch_sparse_gradients_of_low_precision_parameters(name: str, dtype: Any) -> None:
+    """A bfloat16/float16 embedding with sparse gradients, which torch.optim steps (in the
+    16-bit format's arithmetic): fastoptim.torch computes the rows in float32 with float32
+    state (the default policy), as the NumPy tier's ``step_rows`` does (the same bits), and
+    stays within a few units of the format of torch.optim over 5 steps."""
+    rng = np.random.default_rng(2)
+    w0 = torch.from_numpy(rng.standard_normal((12, 4))).to(dtype)
+    ours, theirs = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    npw = _numpy_of(w0.clone()).copy()
+    fast = getattr(fot, name)([ours], lr=0.05)
+    ref = getattr(torch.optim, name)([theirs], lr=0.05)
+    tier = getattr(fo, name)([npw], lr=0.05)
+    for _ in range(5):
+        g = _sparse(rng, dtype, (12, 4), hybrid=True)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        fast.step()
+        ref.step()
+        c = g.coalesce()
+        tier.step_rows([(c.indices()[0].numpy(), _numpy_of(c.values()))])
+        np.testing.assert_array_equal(_numpy_of(ours.detach()).view(np.uint16), npw.view(np.uint16))
+        ulp = float(torch.finfo(dtype).eps)
+        torch.testing.assert_close(
+            ours.detach().float(), theirs.detach().float(), rtol=4 * ulp, atol=4 * ulp
+        )
+    assert all(v.dtype == torch.float32 for v in fast.state[ours].values())
+
+
+def test_torch_sparse_gradients_refuse_what_rows_cannot_do() -> None:
+    """A bfloat16 parameter with stochastic rounding or bfloat16 state and a sparse gradient:
+    a TypeError naming the parameter, nothing changed."""
+    for options in (dict(rounding="stochastic"), dict(state_dtype="bfloat16")):
+        emb = torch.nn.Embedding(10, 4, sparse=True).to(torch.bfloat16)
+        opt = fot.Adagrad(emb.parameters(), lr=0.1, **options)
+        emb(torch.tensor([1, 3, 1])).sum().backward()
+        before = emb.weight.detach().clone()
+        state = {k: v.clone() for k, v in opt.state[emb.weight].items()}  # (Adagrad's: eager)
+        with pytest.raises(TypeError, match=r"param 0 of group 0: sparse gradients: row upd"):
+            opt.step()
+        assert torch.equal(emb.weight.detach().view(torch.int16), before.view(torch.int16))
+        assert opt.state[emb.weight].keys() == state.keys()
+        for k, v in state.items():
+            assert torch.equal(opt.state[emb.weight][k], v), k

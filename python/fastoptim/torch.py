@@ -2358,20 +2358,21 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         perm = self._check_param(p, label)
         self._check_sparse_grad(p, g, label)
         kind = _name(p.dtype)
-        if p.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"{name}: param {label} has dtype {p.dtype}; sparse gradients update float32 "
-                "and float64 parameters"
-            )
+        if kind not in (*precision.FLOAT32_FAMILY, "float64"):
+            raise TypeError(f"{name}: param {label} has dtype {p.dtype}; sparse gradients "
+                            "update floating-point parameters")  # fmt: skip
         layout = precision.buffers(c.hp, kind, c.names, p.numel())
-        if any(k != kind for k in layout.values()):
-            raise TypeError(
-                f"{name}: param {label}: sparse gradients need the state in the parameter's "
-                f"dtype ({kind}), this state_dtype gives {layout}"
-            )
+        sparse.check_param(
+            f"{name}: param {label}: sparse gradients",
+            kind,
+            [layout[n] for n in c.names],
+            c.hp.get(precision.ROUNDING),
+        )
         g = g.detach().coalesce()  # (torch's own sum of duplicates, indices sorted)
         indices = g._indices().numpy()
         values = g._values().contiguous()
+        if kind in precision.LOW:  # (computed in float32, as the rows of a NumPy row update)
+            values = values.float()
         sd = g.sparse_dim()
         shape = tuple(p.shape)
         for d in range(sd):  # (torch does not check a sparse tensor's indices by default)
@@ -2385,15 +2386,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._init_scalars(state, c.hp)
         for n in c.names:
             s = state.get(n)
+            dtype = _TORCH_DTYPES[layout[n]]
             if s is None:
-                state[n] = self._new_state(p, n, c.hp, p.dtype)
+                state[n] = self._new_state(p, n, c.hp, dtype)
             elif not isinstance(s, torch.Tensor) or s.shape != p.shape:
                 raise ValueError(
                     f"{name}: state {n!r} of param {label} is not a tensor of the parameter's "
                     f"shape {tuple(p.shape)}"
                 )
-            elif s.dtype != p.dtype or s.device != p.device or not _in_layout(s, perm):
-                moved = torch.empty_like(p)
+            elif s.dtype != dtype or s.device != p.device or not _in_layout(s, perm):
+                moved = torch.empty_like(p, dtype=dtype)
                 moved.copy_(s)
                 state[n] = moved
         if perm is None:
@@ -2405,7 +2407,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 else np.zeros(indices.shape[1], np.int64),
                 dtype=np.int64,
             )
-            rows = np.ascontiguousarray(values.numpy().reshape(len(index), width))
+            rows = np.ascontiguousarray(_numpy_of(values).reshape(len(index), width))
 
             def flat(t: torch.Tensor) -> np.ndarray:
                 return _view(t, None).reshape(nrows, width)
@@ -2421,7 +2423,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             offsets = (base[:, None] + grid[None, :]).reshape(-1)
             order = np.argsort(offsets, kind="stable")
             index = np.ascontiguousarray(offsets[order])
-            rows = np.ascontiguousarray(values.numpy().reshape(-1)[order].reshape(-1, 1))
+            rows = np.ascontiguousarray(_numpy_of(values).reshape(-1)[order].reshape(-1, 1))
 
             def flat(t: torch.Tensor) -> np.ndarray:
                 return _view(t, perm).reshape(-1, 1)

@@ -94,15 +94,19 @@ def run_rows(
     before it writes any, then `done()`, the step's bookkeeping.  As with
     :func:`run_compiled`, an interrupt (Ctrl-C) surfaces before the step (nothing happened)
     or after it (the whole step happened: `done()`, then it is raised): never a half-applied
-    step.  Both tiers run their row updates through here."""
+    step.  Both tiers run their row updates through here (bfloat16/float16 parameters' rows
+    on float32 copies, written back after the call: :func:`sparse.widened`)."""
     ran: list[bool] = []
+    jobs, scatter = sparse.widened(jobs)
     if jobs:
         try:
             core(jobs, ran)
         except BaseException:
             if ran:  # it happened: complete it, then raise
+                scatter()
                 done()
             raise
+    scatter()
     done()
 
 
@@ -1128,14 +1132,15 @@ class Optimizer:
                             "dense gradients"
                         )
                     states = [g.states[n][i] for n in g.hyper.state_names()]
-                    if param.dtype not in (np.float32, np.float64) or any(
-                        not isinstance(s, np.ndarray) or s.dtype != param.dtype for s in states
-                    ):
-                        raise TypeError(
-                            f"{at}: row updates take float32/float64 parameters with state of "
-                            f"the same dtype (parameter {param.dtype}; state_dtype "
-                            f"{group.get(precision.STATE_DTYPE)!r})"
-                        )
+                    sparse.check_param(
+                        at,
+                        param.dtype.name,
+                        [
+                            s.dtype.name if isinstance(s, np.ndarray) else "quantized"
+                            for s in states
+                        ],
+                        group.get(precision.ROUNDING),
+                    )
                     idx, rows = sparse.coalesce(at, param, *entry)
                     work.append((g, i, idx, rows, states))
             self._run_rows(work)

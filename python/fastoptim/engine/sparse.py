@@ -21,7 +21,10 @@ Refused, as torch refuses it: ``weight_decay`` (SGD, Adagrad); SGD with ``moment
 decays every row of its buffer, which is a dense step).  Also refused: the precision and
 gradient-transform options (master weights, Kahan, EMA, clipping, skipping) and, in the NumPy
 tier, a copy-out array (``set_copy_out``) of a parameter that gets rows (its copy would keep
-the old rows): row updates take float32 / float64 parameters with state of the same dtype.
+the old rows).  Row updates take float32 / float64 parameters with state of the same dtype,
+and bfloat16 / float16 ones with float32 state (the default policy): their rows computed in
+float32 as the dense kernels compute (gradient rows widened, duplicates summed in float32; the
+parameter's rows widened, updated, rounded back to nearest), ``rounding="stochastic"`` refused.
 Every entry is validated (indices' dtype and range, rows' dtype and shape, the group's options)
 before any array is written, and every parameter's rows of one step run in one compiled call
 (``_core.rows_<kernel>(jobs)``, through :func:`fastoptim.engine.optimizer.run_rows`), which
@@ -70,6 +73,50 @@ def check_group(defn: Definition, where: str, group: Mapping[str, Any]) -> None:
         )
 
 
+def check_param(where: str, param_dtype: str, state_dtypes: Sequence[str], rounding: Any) -> None:
+    """TypeError unless a row update takes a parameter of `param_dtype` (a dtype's name) with
+    state of `state_dtypes`: float32 / float64 with state of the same dtype, bfloat16 /
+    float16 with float32 state rounded to nearest."""
+    if param_dtype in precision.LOW:
+        if all(d == "float32" for d in state_dtypes) and rounding in (None, "nearest"):
+            return
+    elif param_dtype in ("float32", "float64") and all(d == param_dtype for d in state_dtypes):
+        return
+    raise TypeError(
+        f"{where}: row updates take float32/float64 parameters with state of the same dtype, "
+        f"and bfloat16/float16 ones with float32 state rounded to nearest (parameter "
+        f"{param_dtype}, state {', '.join(state_dtypes) or 'none'}, rounding {rounding!r})"
+    )
+
+
+def widened(jobs: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], Any]:
+    """Row jobs ``(hyper, step, param, index, rows, states, label)`` as the compiled row
+    kernel takes them: those of a bfloat16/float16 parameter (float32 state, float32 rows:
+    :func:`coalesce`) on float32 copies of its rows and of its state's rows, and what writes
+    them back (``scatter()``: the parameter's rows rounded to nearest, the state's copied;
+    nothing in it can fail).  The others as they are."""
+    out: list[tuple[Any, ...]] = []
+    back: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[Any], list[np.ndarray]]] = []
+    for job in jobs:
+        hyper, step, param, index, rows, states, label = job
+        if param.dtype.name not in precision.LOW:
+            out.append(job)
+            continue
+        p32 = param[index].astype(np.float32)
+        s32 = [s[index] for s in states]  # (copies: advanced indexing)
+        rows32 = np.ascontiguousarray(rows, dtype=np.float32)
+        out.append((hyper, step, p32, np.arange(len(index)), rows32, s32, label))
+        back.append((param, index, p32, states, s32))
+
+    def scatter() -> None:
+        for param, index, p32, states, s32 in back:
+            param[index] = p32  # (float32 to bfloat16/float16: to nearest, ties to even)
+            for s, c in zip(states, s32):
+                s[index] = c
+
+    return out, scatter
+
+
 def coalesce(
     where: str, param: np.ndarray, indices: Any, rows: Any
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +152,8 @@ def coalesce(
             bad = lo if lo < 0 else hi
             raise IndexError(f"{where}: index {bad} is out of range for {n} rows")
     idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if param.dtype.name in precision.LOW:  # (computed in float32: summed in float32 too)
+        rows = rows.astype(np.float32)
     if len(idx) < 2 or bool(np.all(idx[1:] > idx[:-1])):
         return idx, np.ascontiguousarray(rows)
     order = np.argsort(idx, kind="stable")
