@@ -498,3 +498,57 @@ def test_sparse_rows_of_a_bfloat16_table_same_bits_as_the_class() -> None:
     absent = [2, 3, 5]
     np.testing.assert_array_equal(table[absent].view(np.uint16), first[absent].view(np.uint16))
     assert not np.array_equal(table[[0, 1, 4]].view(np.uint16), first[[0, 1, 4]].view(np.uint16))
+
+
+def test_refusals_of_the_host_and_row_functions_name_them() -> None:
+    """adafactor_'s aliasing check and sparse_rows_'s hyper-parameter and array checks in the
+    function's words (were ``row_var shares memory ...``, ``SparseAdam: invalid lr``, ``state
+    1 of param param: ...``), naming the state; nothing changed."""
+    p, g = np.zeros((8, 6), np.float32), np.ones((8, 6), np.float32)
+    row_var = p.reshape(-1)[:8].reshape(8, 1)  # (aliases the parameter)
+    with pytest.raises(ValueError, match=r"^adafactor_: row_var shares memory with param"):
+        F.adafactor_(p, g, row_var=row_var, col_var=np.zeros((1, 6), np.float32), step=1)
+    assert not p.any()
+    t, m, v = (np.zeros((6, 3), np.float32) for _ in range(3))
+    rows = np.ones((1, 3), np.float32)
+    cases: list[tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = [
+        ({"exp_avg": m, "exp_avg_sq": v}, {"lr": -1.0}, ValueError, r"invalid lr=-1\.0"),
+        ({"exp_avg": m, "exp_avg_sq": v.astype(np.float64)}, {}, TypeError,
+         r"state 'exp_avg_sq' of param: dtype float64"),
+        ({"exp_avg": m, "exp_avg_sq": m}, {}, ValueError,
+         r"state 'exp_avg_sq' of param shares memory with state 'exp_avg' of param"),
+    ]  # fmt: skip
+    for states, hyper, exc, match in cases:
+        with pytest.raises(exc, match=r"^sparse_rows_: " + match):
+            F.sparse_rows_("SparseAdam", t, [1], rows, states, step=1, **hyper)
+        assert not t.any() and not m.any() and not v.any()
+    t.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^sparse_rows_: param: array is read-only"):
+        F.sparse_rows_("SparseAdam", t, [1], rows, {"exp_avg": m, "exp_avg_sq": v}, step=1)
+
+
+@pytest.mark.parametrize("value", [np.float16(np.nan), np.zeros(3, np.float16), 1.0])
+def test_state_dtype_that_is_a_value_is_refused(value: Any) -> None:
+    """``state_dtype`` given a value (a NumPy scalar, read as its dtype before; an array, which
+    raised NumPy's "truth value of an array is ambiguous"): refused naming the option."""
+    p, g, a, b, _ = arrays = _arrays(5)
+    before = [x.tobytes() for x in arrays]
+    with pytest.raises(ValueError, match=r"^adam_: state_dtype must be 'float32'"):
+        F.adam_(p, g, a, b, step=1, state_dtype=value)
+    _unchanged(before, arrays)
+    with pytest.raises(ValueError, match=r"^Adam: state_dtype must be 'float32'"):
+        fo.Adam([p], state_dtype=value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nadam_at_the_largest_step_is_finite(dtype: Any) -> None:
+    """NAdam's momentum schedule reads step + 1: at step 2**63 - 1 (the largest the functions
+    take) that overflowed int64 and the update was NaN; it is the step before's, nearly."""
+    out = []
+    for step in (2**63 - 2, 2**63 - 1):
+        p, g = np.ones(4, dtype), np.full(4, 0.5, dtype)
+        m, v = np.zeros(4, dtype), np.zeros(4, dtype)
+        F.nadam_(p, g, m, v, step=step, mu_product=0.5)
+        assert np.isfinite(p).all() and np.isfinite(m).all() and np.isfinite(v).all()
+        out.append(p)
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-6)

@@ -1288,8 +1288,9 @@ template <class Opt> void bind_rows(py::module_& m, const char* fn_name) {
       keep.insert(keep.end(), {p.arr, r.arr});
       if (p.size) spans.push_back({p.lo, p.hi, what});
       if (r.size) spans.push_back({r.lo, r.hi, "rows for " + what});
+      const auto names = Opt::states(Opt::variant(hs.back()));
       for (std::size_t j = 0; j < n; ++j) {
-        const std::string sw = "state " + std::to_string(j) + " of " + what;
+        const std::string sw = std::string("state '") + names[j] + "' of " + what;
         const Arg a = check_array(states[j], sw, true);
         if (a.dtype != p.dtype)
           throw py::type_error(sw + ": dtype " + dtype_name(a.arr) + " does not match the parameter's " +

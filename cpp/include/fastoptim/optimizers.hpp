@@ -245,19 +245,21 @@ struct NAdam {
   static unsigned variant(const Hyper& h) { return h.cautious ? kCautious : 0u; }
   static constexpr int nstate(unsigned) { return 2; }
   static std::vector<const char*> states(unsigned) { return {"exp_avg", "exp_avg_sq"}; }
-  static double mu(const Hyper& h, int64_t step) {
-    return h.beta1 * (1.0 - 0.5 * std::pow(0.96, static_cast<double>(step) * h.momentum_decay));
+  static double mu(const Hyper& h, double step) {  // (double: step + 1 never overflows int64)
+    return h.beta1 * (1.0 - 0.5 * std::pow(0.96, step * h.momentum_decay));
   }
   static Coeffs prepare(const Hyper& h, int64_t step) {
     const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(step));
-    const double mu_t = mu(h, step), mu_next = mu(h, step + 1);
+    const double t = static_cast<double>(step), mu_t = mu(h, t), mu_next = mu(h, t + 1.0);
     const double prod = h.mu_product * mu_t, prod_next = prod * mu_next;
     const bool dec = h.decoupled_weight_decay;
     return {detail::grad_sign(h.maximize), dec ? 0.0 : h.weight_decay,
             dec ? 1.0 - h.lr * h.weight_decay : 1.0, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 / bc2,
             h.eps, -h.lr * (1.0 - mu_t) / (1.0 - prod), (-h.lr * mu_next) / (1.0 - prod_next)};
   }
-  static void after_step(Hyper& h, int64_t step) { h.mu_product *= mu(h, step); }
+  static void after_step(Hyper& h, int64_t step) {
+    h.mu_product *= mu(h, static_cast<double>(step));
+  }
 };
 
 // ---------------------------------------------------------------------------------------------

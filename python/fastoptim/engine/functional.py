@@ -202,5 +202,6 @@ def _host_step(
             )
     if own:
         arrays = [param, grad, *(given[n] for n in own)]
-        _core.check_disjoint(arrays, ["param", "grad", *own])
+        with named_refusals(fn):
+            _core.check_disjoint(arrays, ["param", "grad", *own])
     host.update(group, [param], [grad], {n: [a] for n, a in given.items()}, int(step))

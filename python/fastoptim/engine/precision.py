@@ -128,11 +128,13 @@ def dtype_name(d: Any) -> str | None:
         name = d.removeprefix("torch.")
     elif type(d).__module__ == "torch" and type(d).__name__ == "dtype":
         name = str(d).removeprefix("torch.")
-    else:
+    elif isinstance(d, (np.dtype, type)):  # (not a value: np.dtype(np.float16(1)) is one)
         try:
             name = np.dtype(d).name
         except TypeError:
             return None
+    else:
+        return None
     name = {"half": "float16", "float": "float32", "double": "float64"}.get(name, name)
     return name if name in ("float64", *FLOAT32_FAMILY) else None
 
@@ -173,6 +175,10 @@ def _is_quant(v: Any) -> bool:
     return isinstance(v, str) and v in QUANT_KINDS
 
 
+def _is_param(v: Any) -> bool:  # (not `v == "param"`: an array compares element-wise)
+    return isinstance(v, str) and v == "param"
+
+
 def qmap(name: str, kind: str) -> str:
     """The map of quantized state `name` stored as `kind` (``"int8"`` or ``"int4"``):
     ``"signed8"``, ``"unsigned8"``, ``"signed4"`` or ``"unsigned4"``."""
@@ -193,7 +199,7 @@ def qmaps(policy: Any, names: Sequence[str]) -> list[str]:
 
 
 def _check_one(cls: str, name: str, v: Any) -> None:
-    if v is None or v == "param" or _is_quant(v):
+    if v is None or _is_param(v) or _is_quant(v):
         return
     d = dtype_name(v)
     if d not in FLOAT32_FAMILY:
@@ -205,7 +211,7 @@ def _check_one(cls: str, name: str, v: Any) -> None:
 
 def normalize(value: Any) -> Any:
     """``state_dtype`` as plain data (names, a dict of names): what groups and checkpoints keep."""
-    if value is None or value == "param" or _is_quant(value):
+    if value is None or _is_param(value) or _is_quant(value):
         return value
     if isinstance(value, Mapping):
         return {k: normalize(v) for k, v in value.items()}
@@ -251,7 +257,7 @@ def buffers(
                 out[n] = "float32"
             continue
         named = dtype_name(v) if v is not None else None
-        out[n] = param if v == "param" else (named or "float32")
+        out[n] = param if _is_param(v) else (named or "float32")
     if param in LOW:
         if group.get(MASTER_WEIGHTS):
             out[MASTER] = "float32"
