@@ -697,3 +697,72 @@ def test_torch_sparse_gradients_refuse_what_rows_cannot_do() -> None:
         assert opt.state[emb.weight].keys() == state.keys()
         for k, v in state.items():
             assert torch.equal(opt.state[emb.weight][k], v), k
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_torch_sgd_checkpoint_of_sparse_training_resumes(nesterov: bool) -> None:
+    """torch.optim.SGD with momentum keeps a sparse gradient's momentum buffer sparse (COO);
+    its checkpoint loads into fastoptim.torch.SGD (the buffer made dense: the same values;
+    it was refused as a sparse state) and the run goes on as torch's uninterrupted one."""
+    rng = np.random.default_rng(8)
+    w0 = torch.from_numpy(rng.standard_normal((10, 3)))
+    kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, dampening=0.0)
+    theirs = w0.clone().requires_grad_()
+    ref = torch.optim.SGD([theirs], **kw)
+    grads = [_sparse(rng, torch.float64, (10, 3), hybrid=True) for _ in range(6)]
+    ours = None
+    opt = None
+    for t, g in enumerate(grads):
+        if t == 3:
+            saved = ref.state_dict()
+            assert saved["state"][0]["momentum_buffer"].layout == torch.sparse_coo
+            ours = theirs.detach().clone().requires_grad_()
+            opt = fot.SGD([ours], **kw)
+            opt.load_state_dict(saved)
+            assert opt.state[ours]["momentum_buffer"].layout == torch.strided
+        theirs.grad = g.clone()
+        ref.step()
+        if opt is not None and ours is not None:
+            ours.grad = g.clone()
+            opt.step()
+            close(ours.detach().numpy(), theirs.detach().numpy(), np.float64, f"step {t}")
+
+
+def test_torch_lbfgs_takes_sparse_gradients_as_torch() -> None:
+    """torch.optim.LBFGS gathers a sparse COO gradient densely (nn.Embedding(sparse=True));
+    fastoptim.torch.LBFGS did refuse it: now the same steps."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True).double()
+    twin = torch.nn.Embedding(10, 3, sparse=True).double()
+    twin.load_state_dict(emb.state_dict())
+    idx, target = torch.tensor([1, 4, 4, 7]), torch.linspace(-1, 1, 12).double().reshape(4, 3)
+    opts = [
+        (m, cls([m.weight], lr=0.5, max_iter=5))
+        for m, cls in ((emb, fot.LBFGS), (twin, torch.optim.LBFGS))
+    ]
+    for _ in range(3):
+        for m, o in opts:
+
+            def closure(m: Any = m, o: Any = o) -> Any:
+                o.zero_grad()
+                loss = ((m(idx) - target) ** 2).sum()
+                loss.backward()
+                assert m.weight.grad is not None and m.weight.grad.is_sparse
+                return loss
+
+            o.step(closure)
+        close(emb.weight.detach().numpy(), twin.weight.detach().numpy(), np.float64, "LBFGS")
+
+
+def test_torch_sparse_index_out_of_range_refused_on_the_dense_path() -> None:
+    """SGD with momentum computes a sparse gradient densely: an index out of range (a sparse
+    tensor built without its invariants checked) was written outside the buffer (a crash);
+    refused naming it, as on the row path, nothing changed."""
+    p = torch.ones(10, 3, requires_grad=True)
+    opt = fot.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.sparse_coo_tensor(
+        torch.tensor([[100000]]), torch.ones(1, 3), (10, 3), check_invariants=False
+    )
+    with pytest.raises(IndexError, match=r"index 100000 is out of range for dimension 0"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(10, 3)) and len(opt.state) == 0

@@ -44,8 +44,9 @@ What is supported, and what is refused (never a silently lost update):
   are taken where ``torch.optim`` takes them (:class:`SGD`, :class:`Adagrad` and
   :class:`SparseAdam`, which takes nothing else): torch coalesces each, and the compiled row
   kernel updates the rows present (see :mod:`fastoptim.engine.sparse`); :class:`SGD` with
-  ``momentum`` computes it densely (torch's sparse buffer decays every row).  Elsewhere they
-  raise torch's ``RuntimeError``.
+  ``momentum`` computes it densely (torch's sparse buffer decays every row; a torch
+  checkpoint's sparse buffer is loaded dense) and :class:`LBFGS` gathers them densely, as
+  torch's does.  Elsewhere they raise torch's ``RuntimeError``.
 - State tensors are updated in place.  One that does not have its parameter's layout or dtype
   (e.g. loaded from a checkpoint of a differently laid out model) is replaced by a copy in the
   parameter's layout before the first step that uses it.
@@ -506,6 +507,10 @@ def _record_order(
         state[name + precision.ORDER] = perm
     else:
         state.pop(name + precision.ORDER, None)
+
+
+#: The states torch.optim keeps as sparse COO tensors after sparse gradients, per optimizer.
+_SPARSE_IN_TORCH = {"SGD": ("momentum_buffer",)}
 
 
 def _sparse_state(state: Mapping[str, Any]) -> str | None:
@@ -1147,6 +1152,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 except ValueError as e:
                     raise ValueError(f"{cls}.load_state_dict: group {i} {k}: {e}") from None
             decoded.append(specs)
+        state_dict = self._densified(state_dict)
         self._check_loaded(state_dict)
         self._loaded = decoded
         self._live_groups = [dict(g) for g in self.param_groups]
@@ -1157,6 +1163,25 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         finally:
             hold.remove()
             self._loaded = self._live_groups = None
+
+    def _densified(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` with the states torch.optim keeps sparse for a parameter stepped with
+        sparse gradients (SGD's ``momentum_buffer``) made dense, as fastoptim keeps them (the
+        same values): a torch checkpoint of sparse training resumes here."""
+        names = _SPARSE_IN_TORCH.get(self._definition.name, ())
+        states = state_dict.get("state")
+        if not names or not isinstance(states, Mapping):
+            return state_dict
+
+        def dense(k: str, v: Any) -> Any:
+            sparse = isinstance(v, torch.Tensor) and v.layout == torch.sparse_coo
+            return v.to_dense() if k in names and sparse else v
+
+        out = {
+            key: {k: dense(k, v) for k, v in entry.items()} if isinstance(entry, Mapping) else entry
+            for key, entry in states.items()
+        }
+        return {**state_dict, "state": out}
 
     def _check_loaded(self, state_dict: Mapping[str, Any]) -> None:
         """ValueError naming the entry of `state_dict` that no step could use (before torch's
@@ -2340,6 +2365,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._run_all(items)  # (advances the schedules)
 
     def _check_sparse_grad(self, p: torch.Tensor, g: torch.Tensor, label: str) -> None:
+        """Sparse gradient `g` of `p`: its dtype, device and shape, and its indices in range
+        (torch does not check a sparse tensor's indices by default; the row kernel and
+        ``to_dense`` would write outside the tensor)."""
         name = type(self).__name__
         if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
             raise (ValueError if g.shape != p.shape else TypeError)(
@@ -2347,6 +2375,14 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{g.device}) does not match the parameter ({p.dtype}, {tuple(p.shape)}, "
                 f"{p.device})"
             )
+        indices = g._indices().numpy()
+        for d in range(g.sparse_dim()):
+            bad = (indices[d] < 0) | (indices[d] >= g.shape[d])
+            if bad.any():
+                raise IndexError(
+                    f"{name}: param {label}: its sparse gradient's index {indices[d][bad][0]} is "
+                    f"out of range for dimension {d} of size {g.shape[d]}"
+                )
 
     def _row_job(self, c: _Cache, p: torch.Tensor, g: torch.Tensor, label: str) -> _RowJob:
         """Check parameter `p` and its sparse gradient `g`, create or lay out its state, and
@@ -2375,13 +2411,6 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             values = values.float()
         sd = g.sparse_dim()
         shape = tuple(p.shape)
-        for d in range(sd):  # (torch does not check a sparse tensor's indices by default)
-            bad = (indices[d] < 0) | (indices[d] >= shape[d])
-            if bad.any():
-                raise IndexError(
-                    f"{name}: param {label}: its sparse gradient's index {indices[d][bad][0]} is "
-                    f"out of range for dimension {d} of size {shape[d]}"
-                )
         state = self._state_to_create(p)
         self._init_scalars(state, c.hp)
         for n in c.names:
@@ -2749,6 +2778,9 @@ class ClosureOptimizer(Optimizer):
                     if g is None:
                         grads.append(np.zeros(tuple(p.shape), views[i].dtype))
                         continue
+                    if g.layout == torch.sparse_coo and g.dtype == p.dtype and g.shape == p.shape:
+                        self._check_sparse_grad(p, g, self._label(group, 0, i))
+                        g = g.to_dense()  # (as torch's _gather_flat_grad)
                     if g.layout != torch.strided or g.dtype != p.dtype or g.shape != p.shape:
                         raise TypeError(
                             f"{name}: grad of param {self._label(group, 0, i)} ({g.dtype}, "
