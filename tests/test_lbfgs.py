@@ -41,6 +41,8 @@ MORE: list[dict[str, Any]] = [
     {"history_size": 2, "max_iter": 6},
     {"line_search_fn": "strong_wolfe", "history_size": 3, "max_iter": 7, "max_eval": 9},
     {"lr": 0.5, "max_iter": 1},
+    {"max_iter": 0},  # (one evaluation, no move: torch's; was refused)
+    {"lr": 0.5, "max_iter": 5, "max_eval": 0},  # (one iteration: the budget is checked after)
 ]
 OPTIONS = OPTIM_DB + MORE
 STEPS = 4
@@ -173,13 +175,16 @@ def test_matches_torch(kw: dict[str, Any], problem: str, dtype: Any) -> None:
             for st in (state, fstate) if dtype == np.float64 else ():
                 assert st["func_evals"] == tstate["func_evals"]
                 assert st["n_iter"] == tstate["n_iter"]
-                assert len(st["old_dirs"]) == len(tstate["old_dirs"])
+                assert len(st["old_dirs"] or ()) == len(tstate["old_dirs"] or ())
         for i, t in enumerate(tp):
             got = fp[i].detach().numpy()
             _close(f"step {step} param {i} (torch tier)", got, t.detach().numpy(), rtol)
         assert set(fstate) == set(tstate)
-        assert isinstance(fstate["d"], torch.Tensor) and fstate["d"].dtype == tp[0].dtype
-    assert moved
+        if kw.get("max_iter") == 0:  # (no iteration: torch's state holds None there)
+            assert fstate["d"] is None and tstate["d"] is None
+        else:
+            assert isinstance(fstate["d"], torch.Tensor) and fstate["d"].dtype == tp[0].dtype
+    assert moved == (kw.get("max_iter") != 0)
 
 
 def test_converges_on_least_squares() -> None:
@@ -284,7 +289,8 @@ def test_errors_change_nothing() -> None:
         fo.LBFGS([{"params": [w]}, {"params": [np.ones(2)]}])
     for kw, match in (
         ({"line_search_fn": "armijo"}, "line_search_fn"),
-        ({"max_iter": 0}, "max_iter"),
+        ({"max_iter": -1}, "max_iter"),
+        ({"max_eval": -1}, "max_eval"),
         ({"history_size": 0}, "history_size"),
         ({"lr": -1.0}, "lr"),
         ({"tolerance_grad": float("nan")}, "tolerance_grad"),
@@ -591,3 +597,18 @@ def test_torch_lbfgs_refuses_a_second_group() -> None:
     with pytest.raises(ValueError, match="LBFGS doesn't support per-parameter options"):
         opt.step(closure)
     assert (a.detach() == 2).all() and (b.detach() == 1).all() and not opt.state
+
+
+def test_strong_wolfe_with_no_evaluation_left_is_one_trial() -> None:
+    """``max_eval=0`` with the strong-Wolfe search: torch's search is given a negative budget
+    and fails (UnboundLocalError); here it is given none, as with ``max_eval=1``: one trial,
+    the same steps."""
+    out = []
+    for max_eval in (0, 1):
+        w = np.array([1.5, -0.5])
+        opt = fo.LBFGS([w], lr=0.5, max_iter=3, max_eval=max_eval, line_search_fn="strong_wolfe")
+        for _ in range(3):
+            opt.step(lambda w=w: (float(((w - 0.3) ** 4).sum()), [4 * (w - 0.3) ** 3]))
+        out.append(w)
+    np.testing.assert_array_equal(out[0], out[1])
+    assert not np.array_equal(out[0], [1.5, -0.5])

@@ -1049,8 +1049,8 @@ names, kept for the group, see ``opt.state``): ``func_evals``, ``n_iter``, ``d``
 Memory: ``2 * history_size + 3`` vectors of the parameters' size.""",
     hyper=(
         Hyper("lr", 1),
-        Hyper("max_iter", 20, check=_check_int(1), annotation="int"),
-        Hyper("max_eval", None, check=_check_int(1, none=True), annotation="int | None"),
+        Hyper("max_iter", 20, check=_check_int(0), annotation="int"),
+        Hyper("max_eval", None, check=_check_int(0, none=True), annotation="int | None"),
         Hyper("tolerance_grad", 1e-7, schedulable=False),
         Hyper("tolerance_change", 1e-9, schedulable=False),
         Hyper("history_size", 100, check=_check_int(1), annotation="int"),

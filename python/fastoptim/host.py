@@ -985,8 +985,11 @@ def _lbfgs_iterations(obj: Objective, state: dict[str, Any], group: Mapping[str,
         ls_func_evals = 0
         if line_search_fn is not None:
             x_init = obj.clone()
+            # (a spent budget, max_eval 0: as max_eval 1, one trial; torch fails with an
+            # UnboundLocalError there)
+            budget = max(0, max_eval - current_evals)
             loss, flat_grad, t, ls_func_evals = _strong_wolfe(
-                obj, x_init, t, d, loss, flat_grad, gtd, max_ls=max_eval - current_evals
+                obj, x_init, t, d, loss, flat_grad, gtd, max_ls=budget
             )
             obj.add(t, d)
             opt_cond = np.abs(flat_grad).max() <= tolerance_grad
