@@ -18,6 +18,7 @@ import pytest
 
 import fastoptim as fo
 from cases import every_dtype
+from fastoptim import functional as F
 from fastoptim import reference
 
 # (torch.optim.Adagrad's sparse path builds sparse tensors without saying whether to check them)
@@ -255,6 +256,29 @@ def test_low_precision_rows_refuse_stochastic_rounding_and_16_bit_state() -> Non
         with pytest.raises(TypeError, match=r"step_rows: param 0: row updates take .*bfloat16"):
             opt.step_rows([(np.array([0]), np.ones((1, 2), ml_dtypes.bfloat16))])
         assert (p == 1).all() and opt.state[0]["step"] == 0
+
+
+def test_low_precision_rows_check_the_arrays_before_writing() -> None:
+    """The row kernel is given float32 copies of a bfloat16 parameter's rows: the arrays
+    themselves are checked first, as the kernel checks a float32 parameter's (a read-only
+    state was found only when the rows were written back, the parameter's rows already
+    written; a state of another shape, or one state given twice, was taken)."""
+    t = np.ones((6, 2), ml_dtypes.bfloat16)
+    rows = np.ones((1, 2), ml_dtypes.bfloat16)
+    m, v = np.zeros((6, 2), np.float32), np.zeros((6, 2), np.float32)
+    read_only = v.copy()
+    read_only.flags.writeable = False
+    cases = [
+        ({"exp_avg": m, "exp_avg_sq": read_only}, "state 'exp_avg_sq' of param: array is read"),
+        ({"exp_avg": m, "exp_avg_sq": np.zeros((12, 2), np.float32)}, r"shape \(12, 2\)"),
+        ({"exp_avg": m, "exp_avg_sq": m}, "state 'exp_avg_sq' of param shares memory"),
+        ({"exp_avg": m, "exp_avg_sq": np.zeros((6, 4), np.float32)[:, ::2]}, "C-contiguous"),
+        ({"exp_avg": m.astype(ml_dtypes.bfloat16), "exp_avg_sq": v}, "keep float32 state"),
+    ]
+    for states, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            F.sparse_rows_("SparseAdam", t, [1], rows, states, step=1)
+        assert (t == 1).all() and not m.any() and not v.any(), match
 
 
 def _rows_job(
@@ -672,14 +696,33 @@ def test_torch_sparse_gradients_of_low_precision_parameters(name: str, dtype: An
         ours.grad, theirs.grad = g.clone(), g.clone()
         fast.step()
         ref.step()
-        c = g.coalesce()
-        tier.step_rows([(c.indices()[0].numpy(), _numpy_of(c.values()))])
+        # (uncoalesced: both tiers sum the duplicates in float32; torch's coalesce of the
+        # 16-bit gradient would round each partial sum to the format)
+        tier.step_rows([(g._indices()[0].numpy(), _numpy_of(g._values().contiguous()))])
         np.testing.assert_array_equal(_numpy_of(ours.detach()).view(np.uint16), npw.view(np.uint16))
         ulp = float(torch.finfo(dtype).eps)
         torch.testing.assert_close(
             ours.detach().float(), theirs.detach().float(), rtol=4 * ulp, atol=4 * ulp
         )
     assert all(v.dtype == torch.float32 for v in fast.state[ours].values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_sparse_duplicates_of_low_precision_summed_in_float32(dtype: Any) -> None:
+    """Duplicate indices of a bfloat16/float16 sparse gradient are summed in float32 (torch's
+    coalesce of the 16-bit tensor rounds 1 + 3 * 2**-9 to 1 in bfloat16), as the NumPy tier
+    sums them: the same step in both tiers."""
+    w = torch.ones(4, 2, dtype=dtype, requires_grad=True)
+    opt = fot.SGD([w], lr=1.0)
+    twin = np.ones((4, 2), ml_dtypes.bfloat16 if dtype == torch.bfloat16 else np.float16)
+    idx = torch.tensor([[1, 1, 1, 1]])
+    vals = torch.tensor([[1.0, 0.0]] + [[2.0**-9, 0.0]] * 3, dtype=dtype)
+    w.grad = torch.sparse_coo_tensor(idx, vals, (4, 2))
+    opt.step()
+    fo.SGD([twin], lr=1.0).step_rows([(idx[0].numpy(), _numpy_of(vals))])
+    want = np.float32(1.0) - (np.float32(1.0) + np.float32(3 * 2.0**-9))
+    assert float(w.detach()[1, 0]) == float(np.array(want).astype(twin.dtype))
+    np.testing.assert_array_equal(_numpy_of(w.detach()).view(np.uint16), twin.view(np.uint16))
 
 
 def test_torch_sparse_gradients_refuse_what_rows_cannot_do() -> None:

@@ -314,6 +314,40 @@ def test_a_step_that_does_not_run_converts_no_state(
         assert _same_bits(opt.state[ps[0]][k], v), k
 
 
+@pytest.mark.parametrize("how", ["found_inf", "lr 0"])
+def test_masters_survive_a_switch_from_stochastic_to_nearest_rounding(how: str) -> None:
+    """bfloat16 parameters with master copies written with stochastic rounding are either value
+    around their masters; after ``rounding="nearest"`` the follow rule took those for edits
+    and overwrote about a quarter of the masters (at a step GradScaler skipped, too, which
+    did not put them back).  Now the masters keep their bits: after a skipped step, and
+    after a step with lr 0."""
+    g = torch.Generator().manual_seed(4)
+    init = torch.randn(1000, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(1000, generator=g).to(torch.bfloat16) for _ in range(3)]
+    w = torch.nn.Parameter(init.clone())
+    opt = ft.AdamW([w], lr=1e-2, master_weights=True, rounding="stochastic")
+    for gr in grads[:2]:
+        w.grad = gr.clone()
+        opt.step()
+    master = opt.state[w]["master"]
+    before = master.clone()
+    opt.param_groups[0]["rounding"] = "nearest"
+    if how == "found_inf":
+        w.grad = grads[2].clone()
+        w.grad[3] = math.inf
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        scaler.scale(torch.ones(()))
+        scaler.step(opt)
+        assert opt.step_skipped
+    else:
+        opt.param_groups[0]["lr"] = 0.0
+        opt.param_groups[0]["weight_decay"] = 0.0
+        w.grad = grads[2].clone()
+        opt.step()
+    assert opt.state[w]["master"] is master
+    assert _same_bits(master, before)
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether tensors `a` and `b` hold the same bytes (0-d ones too; NaNs compared bitwise)."""
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

@@ -339,6 +339,7 @@ def _bump_written(c: _Cache) -> None:
     if c.mastered:
         c.msteps += 1
         c.mtotal += len(c.mastered)
+        c.wrote_stochastic = c.stochastic
 
 
 def _numpy_of(t: torch.Tensor) -> np.ndarray:
@@ -832,6 +833,15 @@ class _Cache:
         self.mversions: list[int] = []
         self.msteps = 0
         self.mtotal = 0
+        # Whether the group rounds stochastically, and whether the last step that wrote its
+        # parameters did: a parameter written so is either value around its master, which
+        # the follow rule must accept after the rounding changed to nearest (else it took
+        # those roundings for edits and overwrote the masters)
+        self.stochastic = self.wrote_stochastic = False
+
+    def follows_stochastic(self) -> bool:
+        """The follow rule's `stochastic` for this group's masters (:func:`_follow`)."""
+        return self.stochastic or self.wrote_stochastic
 
 
 class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # (without torch)
@@ -1584,6 +1594,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 # other state buffers, dtypes or plan options: rebuild (the general path)
                 c.sig, c.fast = None, False
             c.hp, c.hyper, c.names = hp, hyper, names
+            c.stochastic = hp.get(precision.ROUNDING) == "stochastic"
             c.transforming = transforms.active((hp,))
         c.snapshot = None if self._record(group) is not None else _group_snapshot(group)
         return c
@@ -1694,7 +1705,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 master = state[precision.MASTER]
                 if isinstance(master, torch.Tensor) and master.shape == p.shape:
                     if master.dtype == torch.float32 and master.device == p.device:
-                        self._follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
+                        self._follow(p, master, c.follows_stochastic())
             for n, kind in layout.items():
                 if kind in (*precision.QUANT_KINDS, precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
                     if kind in precision.QUANT_KINDS:
@@ -1964,7 +1975,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 self._followed.append((c, c.mversions, c.msteps, c.mtotal))
             for (p, master), v, was in zip(c.mastered, now, c.mversions):
                 if v != was + c.msteps:
-                    self._follow(p, master, c.hp.get(precision.ROUNDING) == "stochastic")
+                    self._follow(p, master, c.follows_stochastic())
             c.mversions, c.msteps, c.mtotal = now, 0, sum(now)
         if c.outs and any(o.data_ptr() != at or o.shape != shape for o, at, shape in c.outs):
             c.sig, c.fast = None, False  # a copy-out's storage was replaced: take it again
@@ -2327,6 +2338,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if self._transform(work):  # skipped
             self._unbind()
             self._forget_created()
+            self._unfollow()
             return
         self._created = None  # (committed: the step runs)
         scale_t = self.__dict__.get("grad_scale")  # (GradScaler's, checked by _transform)
@@ -2404,11 +2416,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             [layout[n] for n in c.names],
             c.hp.get(precision.ROUNDING),
         )
-        g = g.detach().coalesce()  # (torch's own sum of duplicates, indices sorted)
+        g = g.detach()
+        if kind in precision.LOW:  # (computed in float32, duplicates summed in float32 too:
+            g = g.float()  # as the rows of a NumPy row update)
+        g = g.coalesce()  # (torch's own sum of duplicates, indices sorted)
         indices = g._indices().numpy()
         values = g._values().contiguous()
-        if kind in precision.LOW:  # (computed in float32, as the rows of a NumPy row update)
-            values = values.float()
         sd = g.sparse_dim()
         shape = tuple(p.shape)
         state = self._state_to_create(p)
@@ -2545,6 +2558,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if self._transform(work):  # skipped: nothing changes, nothing advances
             self._unbind()
             self._forget_created()
+            self._unfollow()
             return
         items = [item for item in work if item is not None]
         for c, buckets, *_ in items:  # (before any is advanced or run: a bad one runs none)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _core
 from . import precision, transforms
 from .definition import Definition
 
@@ -99,9 +100,10 @@ def widened(jobs: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], Any
     back: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[Any], list[np.ndarray]]] = []
     for job in jobs:
         hyper, step, param, index, rows, states, label = job
-        if param.dtype.name not in precision.LOW:
+        if not isinstance(param, np.ndarray) or param.dtype.name not in precision.LOW:
             out.append(job)
             continue
+        _check_widened(param, states, label, hyper.state_names())
         p32 = param[index].astype(np.float32)
         s32 = [s[index] for s in states]  # (copies: advanced indexing)
         rows32 = np.ascontiguousarray(rows, dtype=np.float32)
@@ -115,6 +117,40 @@ def widened(jobs: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], Any
                 s[index] = c
 
     return out, scatter
+
+
+def _check_widened(param: np.ndarray, states: Sequence[Any], label: str, names: Any) -> None:
+    """What the row kernel checks of a parameter and its state, for a bfloat16/float16 one
+    whose float32 copies it is given instead (:func:`widened`): before any copy, so that
+    writing them back cannot fail (in the kernel's words)."""
+    what = f"param {label}" if label else "param"
+    names = list(names)
+    if len(states) != len(names):
+        raise ValueError(
+            f"states of {what}: {len(states)} arrays, these hyper-parameters need {len(names)}"
+        )
+    arrays, labels = [param], [what]
+    for a, name in ((param, None), *zip(states, names)):
+        sw = what if name is None else f"state {name!r} of {what}"
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{sw}: expected a numpy.ndarray, got {type(a).__name__}")
+        if name is not None:
+            if a.dtype != np.float32:
+                raise TypeError(
+                    f"{sw}: dtype {a.dtype}; a {param.dtype} parameter's row updates keep "
+                    "float32 state"
+                )
+            if a.shape != param.shape:
+                raise ValueError(
+                    f"{sw}: shape {a.shape} does not match the parameter's {param.shape}"
+                )
+            arrays.append(a)
+            labels.append(sw)
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{sw}: array must be C-contiguous")
+        if not a.flags.writeable:
+            raise ValueError(f"{sw}: array is read-only")
+    _core.check_disjoint(arrays, labels)
 
 
 def coalesce(
