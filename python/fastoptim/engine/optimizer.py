@@ -95,7 +95,7 @@ def run_rows(
     :func:`run_compiled`, an interrupt (Ctrl-C) surfaces before the step (nothing happened)
     or after it (the whole step happened: `done()`, then it is raised): never a half-applied
     step.  Both tiers run their row updates through here (bfloat16/float16 parameters' rows
-    on float32 copies, written back after the call: :func:`sparse.widened`)."""
+    on float32 copies, written back after the call: ``engine.sparse.widened``)."""
     ran: list[bool] = []
     jobs, scatter = sparse.widened(jobs)
     if jobs:
