@@ -2407,8 +2407,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self._check_sparse_grad(p, g, label)
         kind = _name(p.dtype)
         if kind not in (*precision.FLOAT32_FAMILY, "float64"):
-            raise TypeError(f"{name}: param {label} has dtype {p.dtype}; sparse gradients "
-                            "update floating-point parameters")  # fmt: skip
+            raise TypeError(
+                f"{name}: param {label} has dtype {p.dtype}; sparse gradients update "
+                "floating-point parameters"
+            )
         layout = precision.buffers(c.hp, kind, c.names, p.numel())
         sparse.check_param(
             f"{name}: param {label}: sparse gradients",

@@ -120,37 +120,19 @@ def widened(jobs: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], Any
 
 
 def _check_widened(param: np.ndarray, states: Sequence[Any], label: str, names: Any) -> None:
-    """What the row kernel checks of a parameter and its state, for a bfloat16/float16 one
-    whose float32 copies it is given instead (:func:`widened`): before any copy, so that
-    writing them back cannot fail (in the kernel's words)."""
+    """What the row kernel checks of a parameter and its state (dtypes, shapes, layout,
+    read-only, shared memory), for a bfloat16/float16 one whose float32 copies it is given
+    instead (:func:`widened`): before any copy, so that writing them back cannot fail.  A
+    step plan of the arrays checks them, in the kernel's words; it also takes 16-bit state,
+    which a row update does not."""
     what = f"param {label}" if label else "param"
-    names = list(names)
-    if len(states) != len(names):
-        raise ValueError(
-            f"states of {what}: {len(states)} arrays, these hyper-parameters need {len(names)}"
-        )
-    arrays, labels = [param], [what]
-    for a, name in ((param, None), *zip(states, names)):
-        sw = what if name is None else f"state {name!r} of {what}"
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{sw}: expected a numpy.ndarray, got {type(a).__name__}")
-        if name is not None:
-            if a.dtype != np.float32:
-                raise TypeError(
-                    f"{sw}: dtype {a.dtype}; a {param.dtype} parameter's row updates keep "
-                    "float32 state"
-                )
-            if a.shape != param.shape:
-                raise ValueError(
-                    f"{sw}: shape {a.shape} does not match the parameter's {param.shape}"
-                )
-            arrays.append(a)
-            labels.append(sw)
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{sw}: array must be C-contiguous")
-        if not a.flags.writeable:
-            raise ValueError(f"{sw}: array is read-only")
-    _core.check_disjoint(arrays, labels)
+    for a, name in zip(states, names):
+        if isinstance(a, np.ndarray) and a.dtype != np.float32:
+            raise TypeError(
+                f"state {name!r} of {what}: dtype {a.dtype}; a {param.dtype} parameter's row "
+                "updates keep float32 state"
+            )
+    _core.Plan([param], [label], list(names), [[a] for a in states])
 
 
 def coalesce(
