@@ -2336,9 +2336,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 "skip_nonfinite are not supported"
             )
         if self._transform(work):  # skipped
-            self._unbind()
-            self._forget_created()
-            self._unfollow()
+            self._undo_step()
             return
         self._created = None  # (committed: the step runs)
         scale_t = self.__dict__.get("grad_scale")  # (GradScaler's, checked by _transform)
@@ -2502,13 +2500,18 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             try:
                 self._step_locked()
             except BaseException:  # (a refused step may have bound some groups' gradients)
-                self._unbind()
-                self._forget_created()
-                self._unfollow()
+                self._undo_step()
                 raise
             finally:
                 self._created = self._followed = None
         return loss
+
+    def _undo_step(self) -> None:
+        """What a step that does not run (skipped or refused) did before it stopped, undone:
+        gradients bound, state created or converted, masters followed."""
+        self._unbind()
+        self._forget_created()
+        self._unfollow()
 
     def _follow(self, p: torch.Tensor, master: torch.Tensor, stochastic: bool) -> None:
         """:func:`_follow`, its master's values kept to be put back if the step is refused
@@ -2558,9 +2561,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if _FAST and (not fast or self._state_snapshot is None):
             self._record_state()
         if self._transform(work):  # skipped: nothing changes, nothing advances
-            self._unbind()
-            self._forget_created()
-            self._unfollow()
+            self._undo_step()
             return
         items = [item for item in work if item is not None]
         for c, buckets, *_ in items:  # (before any is advanced or run: a bad one runs none)
