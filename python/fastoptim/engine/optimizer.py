@@ -1132,15 +1132,7 @@ class Optimizer:
                             "dense gradients"
                         )
                     states = [g.states[n][i] for n in g.hyper.state_names()]
-                    sparse.check_param(
-                        at,
-                        param.dtype.name,
-                        [
-                            s.dtype.name if isinstance(s, np.ndarray) else "quantized"
-                            for s in states
-                        ],
-                        group.get(precision.ROUNDING),
-                    )
+                    sparse.check_arrays(at, param, states, group.get(precision.ROUNDING))
                     idx, rows = sparse.coalesce(at, param, *entry)
                     work.append((g, i, idx, rows, states))
             self._run_rows(work)

@@ -90,6 +90,19 @@ def check_param(where: str, param_dtype: str, state_dtypes: Sequence[str], round
     )
 
 
+def check_arrays(where: str, param: np.ndarray, states: Sequence[Any], rounding: Any) -> None:
+    """:func:`check_param` for a parameter array and its state arrays (quantized state: a
+    pair), without building dtype names where the parameter and every state are float32, or
+    every one float64 (they cost microseconds, a row update a few tens)."""
+    if param.dtype in _PLAIN and all(getattr(s, "dtype", None) == param.dtype for s in states):
+        return
+    kinds = [s.dtype.name if isinstance(s, np.ndarray) else "quantized" for s in states]
+    check_param(where, param.dtype.name, kinds, rounding)
+
+
+_PLAIN = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def widened(jobs: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], Any]:
     """Row jobs ``(hyper, step, param, index, rows, states, label)`` as the compiled row
     kernel takes them: those of a bfloat16/float16 parameter (float32 state, float32 rows:
@@ -100,7 +113,7 @@ def widened(jobs: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], Any
     back: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[Any], list[np.ndarray]]] = []
     for job in jobs:
         hyper, step, param, index, rows, states, label = job
-        if not isinstance(param, np.ndarray) or param.dtype.name not in precision.LOW:
+        if not isinstance(param, np.ndarray) or not precision.is_low(param.dtype):
             out.append(job)
             continue
         _check_widened(param, states, label, hyper.state_names())
@@ -170,7 +183,7 @@ def coalesce(
             bad = lo if lo < 0 else hi
             raise IndexError(f"{where}: index {bad} is out of range for {n} rows")
     idx = np.ascontiguousarray(idx, dtype=np.int64)
-    if param.dtype.name in precision.LOW:  # (computed in float32: summed in float32 too)
+    if precision.is_low(param.dtype):  # (computed in float32: summed in float32 too)
         rows = rows.astype(np.float32)
     if len(idx) < 2 or bool(np.all(idx[1:] > idx[:-1])):
         return idx, np.ascontiguousarray(rows)
