@@ -63,7 +63,7 @@ FLOAT32_FAMILY = ("float32", *LOW)  # parameters that compute in float32
 
 
 def is_low(dtype: np.dtype[Any]) -> bool:
-    """Whether `dtype` is one of :data:`LOW` (without building a dtype's name, which costs
+    """Whether `dtype` is one of ``LOW`` (without building a dtype's name, which costs
     microseconds, for the other dtypes)."""
     return dtype.itemsize == 2 and dtype.name in LOW
 
