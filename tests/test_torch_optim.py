@@ -1060,8 +1060,9 @@ def test_mlp_training_reaches_torch_loss(name: str, kwargs: dict[str, Any]) -> N
 
 # --------------------------------------------------------------------------- rejections
 def test_unsupported_parameters_rejected() -> None:
-    # (bfloat16 and float16 parameters are updated: test_torch_precision.py)
-    for dtype in (torch.float8_e4m3fn, torch.int32, torch.complex64):
+    # (bfloat16 and float16 parameters are updated: test_torch_precision.py; complex64 and
+    # complex128 ones: test_torch_complex.py)
+    for dtype in (torch.float8_e4m3fn, torch.int32, torch.bool):
         with pytest.raises(TypeError, match="dtype"):
             fot.Adam([torch.zeros(3, dtype=dtype)])
     with pytest.raises(TypeError, match="meta"):
@@ -1095,8 +1096,8 @@ def test_bad_gradients_change_nothing() -> None:
 def test_named_parameters_in_messages() -> None:
     model = torch.nn.Linear(3, 2)
     opt = fot.Adam(model.named_parameters())
-    model.weight.data = torch.zeros(2, 3, dtype=torch.complex64)
-    model.weight.grad = torch.zeros(2, 3, dtype=torch.complex64)
+    model.weight.data = torch.zeros(2, 3, dtype=torch.float8_e4m3fn)
+    model.weight.grad = torch.zeros(2, 3, dtype=torch.float8_e4m3fn)
     model.bias.grad = torch.zeros(2)
     with pytest.raises(TypeError, match="'weight'"):
         opt.step()

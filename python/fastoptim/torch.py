@@ -25,10 +25,16 @@ What is supported, and what is refused (never a silently lost update):
   memory in memory order).  bfloat16/float16 parameters compute in float32 and keep float32
   state by default (the precision options ``state_dtype``, ``master_weights``, ``kahan``,
   ``rounding``: see :mod:`fastoptim.engine.precision` and the README's "Reduced precision").
-  Anything else (complex/integer, CUDA or other devices, sparse tensors, views with gaps or
-  overlapping elements, the same tensor twice) raises ``TypeError`` / ``ValueError`` naming the
-  parameter, when the optimizer is built or, for a parameter whose storage was changed later,
-  at the step.
+  complex64/complex128 parameters are updated as torch.optim updates them: as their real views
+  (``torch.view_as_real``, real and imaginary parts independent elements), with complex state
+  whose real view the kernels update (new state filled as torch fills it, ``complex(v, v)``);
+  every optimizer takes them but :class:`Muon`, :class:`Adafactor` and :class:`SparseAdam`
+  (which torch's refuse too), with their gradients of their dtype (dense), without
+  precision options (a ``state_dtype`` other than float32/float64, a copy-out).
+  Anything else (complex32/integer, CUDA or other devices, sparse tensors, views with gaps or
+  overlapping elements, negative or conjugate views, the same tensor twice) raises
+  ``TypeError`` / ``ValueError`` naming the parameter, when the optimizer is built or, for a
+  parameter whose storage was changed later, at the step.
 - Each step bumps the autograd version counter of every parameter it updates, as torch's
   in-place operations do: a graph that saved a parameter before the step raises "modified by
   an inplace operation" in ``backward()``.  (Not the state tensors': no graph saves them, and
@@ -181,6 +187,7 @@ TorchValue = Union[float, torch.Tensor, Callable[[int], float]]
 # Arguments of torch.optim's signatures that fastoptim has no use for.
 _TORCH_ONLY = tuple(TORCH_ONLY)
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_COMPLEX = (torch.complex64, torch.complex128)
 _LOW = (torch.bfloat16, torch.float16)
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -315,11 +322,53 @@ class _SparseGrad(RuntimeError):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2's ``fully_shard`` parameters, their gradients and
-    state: a plain tensor sharing the DTensor's memory, possibly empty); any other tensor
-    itself.  fastoptim.torch updates the local shards: the update is element-wise."""
+    """The memory whose elements the kernels update: a DTensor's local shard (FSDP2's
+    ``fully_shard`` parameters, their gradients and state: a plain tensor sharing the DTensor's
+    memory, possibly empty; the update is element-wise), a complex tensor's real view
+    (``torch.view_as_real``: torch.optim's rule, which updates a complex parameter as its real
+    and imaginary parts; of a conjugate view, the memory: conj(t)), any other tensor itself."""
     local = getattr(t, "_local_tensor", None)
-    return t if local is None else local
+    t = t if local is None else local
+    if not t.is_complex():
+        return t
+    return torch.view_as_real(t.conj() if t.is_conj() else t)
+
+
+def _stored(dtype: torch.dtype, p: torch.Tensor) -> torch.dtype:
+    """The dtype of a state tensor of `p` that the kernels see as `dtype`: its complex
+    counterpart for a complex parameter (a complex state, as torch.optim's, whose real view is
+    the kernels')."""
+    return dtype.to_complex() if p.is_complex() else dtype
+
+
+def _full_like(p: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """A new state of `p` (of `dtype`, in `p`'s layout), every element `fill`: a complex
+    state's real and imaginary parts both (torch.optim's ``complex(v, v)`` fills: every element
+    of its real view)."""
+    return torch.full_like(p, complex(fill, fill) if dtype.is_complex else fill, dtype=dtype)
+
+
+def _as_kernels_see(p: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
+    """`p`'s dtype name, shape and size as the kernels see them (a complex parameter's real
+    view: the real dtype, a last dimension of 2, twice the elements)."""
+    if p.is_complex():
+        return _name(p.dtype.to_real()), (*p.shape, 2), 2 * p.numel()
+    return _name(p.dtype), tuple(p.shape), p.numel()
+
+
+def _complex_problem(p: torch.Tensor, layout: Mapping[str, str]) -> str | None:
+    """Why the precision policy `layout` (state name -> dtype name) cannot hold the state of
+    complex parameter `p` (its states are complex64/complex128, updated as their real views)."""
+    if not p.is_complex():
+        return None
+    other = sorted({k for k in layout.values() if k not in ("float32", "float64")})
+    if other:
+        return (
+            f"is {_name(p.dtype)}: its state would be {', '.join(other)}; a complex parameter "
+            "keeps complex64/complex128 state (drop state_dtype, or set it to a float "
+            "dtype for it)"
+        )
+    return None
 
 
 def _follow(p: torch.Tensor, master: torch.Tensor, stochastic: bool) -> None:
@@ -419,6 +468,10 @@ def _permutation(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _memory_order(t: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
+    """`t`'s memory (see :func:`_local`) permuted to memory order; ValueError for a conjugate
+    view, whose memory does not hold its values."""
+    if t.is_conj():
+        raise ValueError("a conjugate view: resolve_conj() first")
     t = _local(t)
     return t if perm is None else t.permute(perm)
 
@@ -915,20 +968,23 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 for p in group["params"]:
                     state = self.state[p]
                     self._init_scalars(state, self.defaults)
+                    dtype_name, _, size = _as_kernels_see(p)
                     kinds = precision.buffers(
                         group,
-                        _name(p.dtype),
+                        dtype_name,
                         tuple(s.name for s in self._definition.states),
-                        p.numel(),
+                        size,
                     )
+                    if _complex_problem(p, kinds):
+                        continue  # (refused by its first step, naming it)
                     for s in self._definition.states:
                         if kinds[s.name] in precision.QUANT_KINDS:
                             state.update(
                                 _new_quantized(p, s.name, self._fill(s.name), kinds[s.name])
                             )
                             continue
-                        dtype = _TORCH_DTYPES[kinds[s.name]]
-                        state[s.name] = torch.full_like(p, self._fill(s.name), dtype=dtype)
+                        dtype = _stored(_TORCH_DTYPES[kinds[s.name]], p)
+                        state[s.name] = _full_like(p, self._fill(s.name), dtype)
 
     # ------------------------------------------------------------------ groups and state
     @property
@@ -1002,22 +1058,31 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{name}: param {label} is on {p.device}; fastoptim.torch updates CPU tensors "
                 "(use torch.optim for other devices)"
             )
-        if p.dtype not in _FLOATS:
+        host = self._definition.host
+        if p.dtype in _COMPLEX and host is not None and host.update is not None:
+            raise TypeError(  # (Muon, Adafactor: matrix maths; torch.optim refuses them too)
+                f"{name}: param {label} has dtype {p.dtype}; {name} does not support complex "
+                "parameters (as torch.optim's)"
+            )
+        if p.dtype not in _FLOATS + _COMPLEX:
             raise TypeError(
                 f"{name}: param {label} has dtype {p.dtype}; fastoptim.torch updates float32, "
-                "float64, bfloat16 and float16 tensors"
+                "float64, bfloat16, float16, complex64 and complex128 tensors"
             )
-        if _is_neg(p):  # (its memory holds -p: no in-place view of its values)
+        if _is_neg(p) or p.is_conj():  # (its memory holds -p or conj(p): not p's values)
+            which = "negative" if _is_neg(p) else "conjugate"
+            fix = "resolve_neg" if _is_neg(p) else "resolve_conj"
             raise TypeError(
-                f"{name}: param {label} is a negative view (is_neg(): its memory holds -p); "
-                "pass a parameter with resolve_neg() applied"
+                f"{name}: param {label} is a {which} view (its memory holds "
+                f"{'-p' if which == 'negative' else 'conj(p)'}); pass a parameter with "
+                f"{fix}() applied"
             )
-        host = self._definition.host
-        if host is not None:  # a step in NumPy: float32/float64, and the host's own rule
-            if p.dtype not in (torch.float32, torch.float64):
+        if host is not None:  # a step in NumPy: float32/float64 (LBFGS: complex too, as
+            # torch's), and the host's own rule
+            if p.dtype not in (torch.float32, torch.float64, *_COMPLEX):
                 raise TypeError(
                     f"{name}: param {label} has dtype {p.dtype}; {name} updates float32 and "
-                    "float64 tensors"
+                    f"float64{'' if host.update else ', complex64 and complex128'} tensors"
                 )
             if host.check_param is not None:
                 host.check_param(name, f"param {label}", tuple(p.shape))
@@ -1353,7 +1418,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             assert shape is not None
             s = torch.full(shape, self._fill(name, hp), dtype=dtype, device=p.device)
         else:
-            s = torch.full_like(p, self._fill(name, hp), dtype=dtype)
+            s = _full_like(p, self._fill(name, hp), dtype)
         self._fresh[id(s)] = s
         return s
 
@@ -1539,6 +1604,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         for p, o in pairs:
             label = f"{index[id(p)]}"
             perm = self._check_param(p, label)
+            if p.is_complex():
+                raise TypeError(
+                    f"{name}.set_copy_out: param {label} is {_name(p.dtype)}: the offload layout "
+                    "is for float32 parameters"
+                )
             if not isinstance(o, torch.Tensor) or o.device != p.device or not _in_layout(o, perm):
                 raise TypeError(
                     f"{name}.set_copy_out: the copy-out of param {label} must be a CPU tensor "
@@ -1680,11 +1750,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         packed: dict[str, list[Any]] = {n: [] for n, _ in self._scalars_of(c.hp)}
         assert c.hp is not None
         # Per parameter: its state buffers and their dtypes (the precision policy's).
-        layouts = self._definition.layouts(
-            c.hp, ((_name(p.dtype), tuple(p.shape), p.numel()) for p in params), c.names
-        )
+        layouts = self._definition.layouts(c.hp, map(_as_kernels_see, params), c.names)
         shaped = self._definition.shaped
         self._refuse_shards(params, labels, layouts)
+        for p, label, layout in zip(params, labels, layouts):
+            problem = _complex_problem(p, layout)
+            if problem is None and p.is_complex() and id(p) in self._copy_out:
+                problem = f"is {_name(p.dtype)}: it takes no copy-out tensor (set_copy_out)"
+            if problem is not None:
+                raise TypeError(f"{name}: param {label} {problem}")
         stateless = not c.names and not packed and not any(map(len, layouts))
         for p, perm, label, layout in zip(params, perms, labels, layouts):
             if p in self.state:  # (what it holds, put back if the step does not run)
@@ -1714,7 +1788,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                         self._quantized_state(p, perm, n, c.hp, label, kind)
                         _record_order(state, n, kind, perm)
                     continue
-                dtype = _TORCH_DTYPES[kind]
+                dtype = _stored(_TORCH_DTYPES[kind], p)
                 s = state.get(n)
                 if s is None:
                     state[n] = self._new_state(p, n, c.hp, dtype)
@@ -1733,7 +1807,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     if s.device != p.device or s.dtype != dtype or not s.is_contiguous():
                         state[n] = s.to(device=p.device, dtype=dtype, copy=True).contiguous()
                     continue
-                if s.device != p.device or s.dtype != dtype or not _in_layout(s, perm):
+                if (
+                    s.device != p.device
+                    or s.dtype != dtype
+                    or s.is_conj()  # (its memory holds conj(s))
+                    or not _in_layout(s, perm)
+                ):
                     moved = torch.empty_like(p, dtype=dtype)
                     moved.copy_(s)
                     state[n] = moved
@@ -1891,8 +1970,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 f"{g.layout}); as torch.optim, only SGD, Adagrad and SparseAdam take sparse COO "
                 "gradients"
             )
-        # float64 parameters take float64 gradients; the others float32/bfloat16/float16 ones
-        kind_ok = (g.dtype == torch.float64) == (p.dtype == torch.float64) and g.dtype in _FLOATS
+        # float64 parameters take float64 gradients; the others float32/bfloat16/float16 ones;
+        # complex parameters their own dtype
+        kind_ok = (
+            (g.dtype == torch.float64) == (p.dtype == torch.float64) and g.dtype in _FLOATS
+        ) or (g.dtype == p.dtype and g.dtype in _COMPLEX)
         if g.device != p.device or not kind_ok or g.shape != p.shape:
             raise (ValueError if g.shape != p.shape else TypeError)(
                 f"{name}: grad of param {label} ({g.dtype}, {tuple(g.shape)}, {g.device}) "
@@ -2776,7 +2858,7 @@ class ClosureOptimizer(Optimizer):
             params = list(group["params"])
             for i, p in enumerate(params):
                 self._check_param(p, self._label(group, 0, i))
-            views = [p.detach().numpy() for p in params]
+            views = [_numpy_of(p.detach()) for p in params]  # (complex: real views, as torch)
             given = [(p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params]
 
             def evaluate() -> tuple[Any, list[np.ndarray]]:
@@ -2793,7 +2875,7 @@ class ClosureOptimizer(Optimizer):
                 for i, p in enumerate(params):
                     g = p.grad
                     if g is None:
-                        grads.append(np.zeros(tuple(p.shape), views[i].dtype))
+                        grads.append(np.zeros_like(views[i]))
                         continue
                     if g.layout == torch.sparse_coo and g.dtype == p.dtype and g.shape == p.shape:
                         self._check_sparse_grad(p, g, self._label(group, 0, i))
@@ -2803,7 +2885,7 @@ class ClosureOptimizer(Optimizer):
                             f"{name}: grad of param {self._label(group, 0, i)} ({g.dtype}, "
                             f"{tuple(g.shape)}, {g.layout}) does not match the parameter"
                         )
-                    grads.append(g.detach().resolve_conj().resolve_neg().numpy())
+                    grads.append(_numpy_of(g.detach().resolve_conj().resolve_neg()))
                 return loss, grads
 
             state = self.state[params[0]]
