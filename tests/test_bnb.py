@@ -146,6 +146,23 @@ def _fastoptim_trained(kind: str, steps: int = 3) -> Any:
     return opt
 
 
+@pytest.mark.parametrize("kind", ["Lion", "SGD"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_step_count_given_to_groups_that_keep_one(kind: str, rounding: str) -> None:
+    """fastoptim's SGD and Lion keep a step count only with stochastic rounding (its random
+    bits are keyed on it): from_bitsandbytes gives them bitsandbytes' count then (it restarted
+    at 0, and the resumed steps drew the random bits of the first ones)."""
+    options, _ = KINDS[kind]
+    opt = getattr(fot, kind)(_params(), state_dtype="int8", rounding=rounding, **options)
+    converted = fb.from_bitsandbytes(_bnb_state_dict(kind, np.random.default_rng(5), step=7), opt)
+    opt.load_state_dict(converted)
+    for p in opt.param_groups[0]["params"]:
+        if rounding == "stochastic":
+            assert float(opt.state[p]["step"]) == 7.0
+        else:
+            assert "step" not in opt.state[p]
+
+
 def test_errors_name_what_does_not_fit() -> None:
     rng = np.random.default_rng(4)
     src = _bnb_state_dict("AdamW", rng)

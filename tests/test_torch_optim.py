@@ -921,6 +921,21 @@ def test_state_format_as_torch(name: str, kwargs: dict[str, Any]) -> None:
                     assert float(v) == pytest.approx(float(w), rel=1e-6), n
 
 
+@pytest.mark.parametrize("name", ["Lion", "Adam"])
+@pytest.mark.parametrize("how", ["load_state_dict", "pickle"])
+def test_loading_keeps_the_group_entries(name: str, how: str) -> None:
+    """A load or an unpickled copy has the class's group entries: torch's ``__setstate__``
+    adds a ``differentiable`` default, which Lion's signature does not have."""
+    opt = getattr(fot, name)([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    keys = sorted(opt.param_groups[0])
+    if how == "pickle":
+        opt = pickle.loads(pickle.dumps(opt))
+    else:
+        opt.load_state_dict(opt.state_dict())
+    assert sorted(opt.param_groups[0]) == keys
+    assert ("differentiable" in opt.defaults) == (name == "Adam")
+
+
 def test_sgd_without_momentum_keeps_no_state() -> None:
     ours, theirs = [torch.ones(3)], [torch.ones(3)]
     fast, ref = fot.SGD(ours, lr=0.1), torch.optim.SGD(theirs, lr=0.1)

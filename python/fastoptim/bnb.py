@@ -33,9 +33,11 @@ fastoptim 0.1 has them too: both functions read those.)  bitsandbytes keeps its 
   float32 there; a target with ``state_dtype=None`` or ``"bfloat16"``) is decoded or encoded as
   needed.
 - ``step``: bitsandbytes' ``SGD8bit`` and ``Lion8bit`` keep a step count that fastoptim's SGD and
-  Lion do not need; :func:`to_bitsandbytes` writes ``step`` (default 1).  bitsandbytes reads it
-  only to recognise the first step (which starts the momentum buffer), so any count >= 1 gives
-  the same next update.
+  Lion keep only with ``rounding="stochastic"`` (whose random bits are keyed on it);
+  :func:`to_bitsandbytes` writes the state_dict's count, or where it has none its ``step``
+  argument (default 1).  bitsandbytes reads it only to recognise the first step (which starts
+  the momentum buffer), so any count >= 1 gives the same next update.
+  :func:`from_bitsandbytes` gives the count to the parameters whose group keeps one.
 - Hyper-parameters: each target group keeps its own entries and takes the source's values of
   the entries both have (``lr``, ``betas``, ``eps``, ``weight_decay``...), and of those
   bitsandbytes keeps as ``betas``: ``SGD8bit``'s ``(momentum, dampening)``, ``RMSprop8bit``'s
@@ -72,8 +74,6 @@ _STATES = {
     "RMSprop": ("square_avg",),
     "Adagrad": ("sum",),
 }
-#: fastoptim.torch classes that keep a per-parameter ``step`` tensor.
-_STEPPED = ("Adam", "AdamW", "RMSprop", "Adagrad")
 #: bitsandbytes class -> the fastoptim.torch class whose state it keeps.
 _BNB = {
     "Adam8bit": "Adam",
@@ -245,7 +245,8 @@ def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str
             group, precision.dtype_name(p.dtype) or "float32", names, p.numel()
         )
         out: dict[str, Any] = {}
-        if cls in _STEPPED:
+        if any(n == "step" for n, _ in optimizer._scalars_of(group)):  # (as torch, or
+            # SGD's and Lion's with stochastic rounding)
             out["step"] = torch.tensor(float(_step(entry, where)), dtype=torch.float32)
         for j, name in enumerate(names, start=1):
             value = _read_bnb(entry, j, shape, where)
@@ -329,7 +330,8 @@ def to_bitsandbytes(
     the matching kind (``AdamW8bit``, ``Lion8bit``...) over the same parameters in the same
     groups and order, loads.  Each state is stored as that optimizer would store it (8-bit for
     parameters of at least its ``min_8bit_size`` elements when its ``optim_bits`` is 8, else
-    float32).  `step`: the count written for SGD and Lion, which keep none in fastoptim."""
+    float32).  `step`: the count written where `state_dict` has none (fastoptim's SGD and Lion
+    keep one only with stochastic rounding)."""
     cls = type(optimizer).__name__
     who = f"to_bitsandbytes({cls})"
     kind = _BNB.get(cls)

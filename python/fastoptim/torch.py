@@ -1347,7 +1347,12 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     entry[name] = t.to(device=p.device) if isinstance(p, torch.Tensor) else t
         count = state.pop("step_count", None)
         pickled = state.pop("schedules", None)  # pickle / deepcopy: the live schedules
+        # (torch's __setstate__ gives every optimizer a `differentiable` default: not to the
+        # classes whose signature has none, Lion's...)
+        foreign = "differentiable" not in state.get("defaults", getattr(self, "defaults", {}))
         super().__setstate__(state)
+        if foreign:
+            self.defaults.pop("differentiable", None)
         if not hasattr(self, "_lock"):  # unpickled (load_state_dict keeps the live one)
             self._lock = new_lock(self)
         if not hasattr(self, "_copy_out"):  # unpickled: copies are not part of the state
