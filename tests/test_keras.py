@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import fastoptim
 from cases import Scales, check_close, every_dtype, make_families, make_grads
 from fastoptim import keras as fk
 from fastoptim import reference
@@ -225,14 +226,38 @@ def test_lr_alias_and_weight_decay_none() -> None:
     assert opt.param_groups[0]["weight_decay"] == 0.0
 
 
-def test_lr_and_a_different_learning_rate_conflict() -> None:
-    """Both spellings with different values: a TypeError naming both, nothing built (the
-    alias given alone, or beside learning_rate's default, is the value used)."""
+def test_checkpoint_of_the_other_convention_named(tmp_path: Any) -> None:
+    """fastoptim.keras.Adam and fastoptim.Adam both record "Adam": a checkpoint of one loaded
+    into the other is refused naming the two conventions, nothing changed."""
+    keras_opt = fk.Adam([np.zeros(3, np.float32)])
+    keras_opt.step([np.ones(3, np.float32)])
+    torch_opt = fastoptim.Adam([np.zeros(3, np.float32)])
+    before = torch_opt.state_dict()
+    with pytest.raises(ValueError, match=r"state of fastoptim\.keras\.Adam \(Keras's\), not of "
+                       r"fastoptim\.Adam \(torch's convention\)"):  # fmt: skip
+        torch_opt.load_state_dict(keras_opt.state_dict())
+    fastoptim.save(tmp_path / "k.npz", keras_opt)
+    with pytest.raises(ValueError, match=r"state of fastoptim\.keras\.Adam"):
+        fastoptim.load(tmp_path / "k.npz", torch_opt)
+    assert repr(torch_opt.state_dict()) == repr(before)
+    with pytest.raises(ValueError, match=r"state of fastoptim\.Adam \(torch's convention\), not"):
+        fk.Adam([np.zeros(3, np.float32)]).load_state_dict(torch_opt.state_dict())
+    with pytest.raises(ValueError, match="this is the state of Adam, not of AdamW"):
+        fk.AdamW([np.zeros(3, np.float32)]).load_state_dict(keras_opt.state_dict())
+
+
+def test_lr_and_learning_rate_conflict() -> None:
+    """Both spellings given: a TypeError naming both, nothing built, whatever the values (the
+    default's value given explicitly included: it was taken as not given); the alias given
+    alone is the value used."""
     with pytest.raises(TypeError, match=r"both lr=0\.1 and learning_rate=0\.2"):
         fk.SGD([np.ones(3)], learning_rate=0.2, lr=0.1)
-    assert (
-        fk.Adam([np.ones(3)], learning_rate=0.001, lr=0.1).param_groups[0]["learning_rate"] == 0.1
-    )
+    with pytest.raises(TypeError, match=r"both lr=0\.1 and learning_rate=0\.001"):
+        fk.Adam([np.ones(3)], learning_rate=0.001, lr=0.1)
+    with pytest.raises(TypeError, match=r"both lr=0\.1 and learning_rate=0\.001"):
+        fk.Adam([np.ones(3)], 0.001, lr=0.1)  # (positionally)
+    assert fk.Adam([np.ones(3)], lr=0.1).param_groups[0]["learning_rate"] == 0.1
+    assert fk.Adam([np.ones(3)], 0.2).param_groups[0]["learning_rate"] == 0.2
 
 
 @pytest.mark.parametrize(

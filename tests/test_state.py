@@ -277,7 +277,7 @@ def _mismatches() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
         ("missing_param", missing_param, r"missing \['v'\], unexpected \[\]"),
         ("unexpected_param", unexpected_param, r"missing \[\], unexpected \['extra'\]"),
         ("missing_state", missing_state, r"state of parameter 'w': has \['exp_avg'\]"),
-        ("optimizer", optimizer, "the state of a Adamax optimizer, not Adam"),
+        ("optimizer", optimizer, "the state of Adamax, not of Adam"),
         ("bad_schedule", bad_schedule, "not a schedule description"),
         ("invalid_value", invalid_value, "invalid eps=-1.0"),
         ("unknown_hyper", unknown_hyper, r"unexpected \['momentum'\]"),
@@ -577,7 +577,7 @@ def _other_checkpoints() -> list[tuple[str, Callable[[dict[str, np.ndarray]], fo
         (
             "another optimizer",
             lambda p: fo.SGD(p, momentum=0.9),
-            "state of a SGD optimizer, not Adam",
+            "state of SGD, not of Adam",
         ),
         (
             "a different shape",

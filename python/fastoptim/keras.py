@@ -13,7 +13,8 @@ The classes are :class:`fastoptim.Optimizer`\ s like those of :mod:`fastoptim.op
 any float hyper-parameter), with Keras's signatures: ``learning_rate``, ``beta_1``,
 ``beta_2``, ``epsilon``, ``rho``, ``momentum``, ``nesterov``, ``initial_accumulator_value``,
 ``centered``, ``amsgrad``, ``weight_decay``, and the legacy keyword ``lr`` for
-``learning_rate`` (Keras 2's alias; Keras 3 itself rejects it).  As in Keras:
+``learning_rate`` (Keras 2's alias; Keras 3 itself rejects it; both given: a ``TypeError``,
+whatever their values).  As in Keras:
 
 - ``weight_decay=None`` (the default but in AdamW) means no decay, in the constructor and in a
   group (stored as 0.0); AdamW, whose Keras default is 0.004, takes a number only, as Keras's;
@@ -30,11 +31,11 @@ any float hyper-parameter), with Keras's signatures: ``learning_rate``, ``beta_1
   ``opt.max_grad_norm = 1.0`` raises ``AttributeError`` naming ``param_groups``.
 
 A group's entries are those of the constructor, with ``learning_rate`` (a group does not take
-the ``lr`` alias).  The entries the class fixes (``keras``, ``decoupled_weight_decay``,
-Nadam's ``momentum_decay``: what makes the update Keras's) are shown in every group but cannot
-change: another value is refused (``ValueError``) by ``add_param_group``, by the next step
-(for a group that holds one) and by a checkpoint load (``load_state_dict``,
-:func:`fastoptim.load`).
+the ``lr`` alias).  The entries the class fixes (what makes the update Keras's: ``keras`` but in
+Nadam and Lion, ``decoupled_weight_decay`` in Adam, AdamW and Nadam, Nadam's
+``momentum_decay``; Lion fixes none) are shown in every group but cannot change: another
+value is refused (``ValueError``) by ``add_param_group``, by the next step (for a group that
+holds one) and by a checkpoint load (``load_state_dict``, :func:`fastoptim.load`).
 
 Each update is Keras's, operation for operation up to rounding (Keras 3's
 ``update_step``; ``tests/test_keras.py`` checks them against Keras itself):
@@ -194,6 +195,13 @@ class _Attribute:
         opt._set_every_group(self.entry, value)
 
 
+def _refuse_both(cls: type, lr: Any, learning_rate: Any) -> None:
+    raise TypeError(
+        f"{cls.__name__}: got both lr={lr!r} and learning_rate={learning_rate!r}; lr is Keras "
+        "2's alias of learning_rate: pass one of them"
+    )
+
+
 class KerasOptimizer(Optimizer):
     """Base of the Keras-convention classes: Keras's spellings (``lr``, ``weight_decay=None``),
     the hyper-parameters as attributes; Keras's options, zero-argument callables and changes
@@ -221,6 +229,10 @@ class KerasOptimizer(Optimizer):
                     f"{cls.__name__}: Keras's {key}= is not an option of fastoptim.keras: "
                     f"{KERAS_OPTIONS[key]}"
                 )
+        if kwargs.get("lr") is not None and ("learning_rate" in kwargs or len(args) > 1):
+            # (both given, whatever their values: __init__ sees the default's value only)
+            given = kwargs["learning_rate"] if "learning_rate" in kwargs else args[1]
+            _refuse_both(cls, kwargs["lr"], given)
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
@@ -228,12 +240,8 @@ class KerasOptimizer(Optimizer):
         lr = defaults.pop("lr", None)
         if lr is not None:
             default = self._definition.defaults()["learning_rate"]
-            if not same(defaults["learning_rate"], default):
-                raise TypeError(
-                    f"{type(self).__name__}: got both lr={lr!r} and learning_rate="
-                    f"{defaults['learning_rate']!r}; lr is Keras 2's alias of learning_rate: "
-                    "pass one of them"
-                )
+            if not same(defaults["learning_rate"], default):  # (a subclass passing both)
+                _refuse_both(type(self), lr, defaults["learning_rate"])
             defaults["learning_rate"] = lr
         self._keras_spellings(defaults)
         Optimizer.__init__(self, params, defaults)

@@ -1330,13 +1330,23 @@ class Optimizer:
                 f"unexpected {sorted(set(sd) - wanted)}"
             )
         if sd["optimizer"] != cls:
+            raise ValueError(f"{where}: this is the state of {sd['optimizer']}, not of {cls}")
+        records = sd["param_groups"]
+        keras = "learning_rate" in self.defaults  # (fastoptim.keras's classes: Keras's names)
+        if isinstance(records, Sequence) and any(
+            isinstance(r, Mapping)
+            and isinstance(r.get("hyper"), Mapping)
+            and ("learning_rate" in r["hyper"]) != keras
+            for r in records
+        ):
+            names = [f"fastoptim.{cls} (torch's convention)", f"fastoptim.keras.{cls} (Keras's)"]
             raise ValueError(
-                f"{where}: this is the state of a {sd['optimizer']} optimizer, not {cls}"
+                f"{where}: this is the state of {names[not keras]}, not of {names[keras]}"
             )
         t = sd["step_count"]
         if not _is_count(t):
             raise ValueError(f"{where}: step_count must be an int >= 0, got {t!r}")
-        records, state = sd["param_groups"], sd["state"]
+        state = sd["state"]
         if not isinstance(records, Sequence) or len(records) != len(self._groups):
             n = len(records) if isinstance(records, Sequence) else records
             raise ValueError(
