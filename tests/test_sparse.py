@@ -258,6 +258,23 @@ def test_low_precision_rows_refuse_stochastic_rounding_and_16_bit_state() -> Non
         assert (p == 1).all() and opt.state[0]["step"] == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_kernel_refusals_name_the_call(dtype: Any) -> None:
+    """The row kernel's own checks (a read-only parameter; float32 rows that are a view of it:
+    a 16-bit parameter's rows are read into float32 copies first) are refused in step_rows'
+    words, as the Python checks are; nothing changed."""
+    p = np.ones((8, 3), dtype)
+    opt = fo.SparseAdam({"emb": p}, lr=0.1)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^SparseAdam\.step_rows: param 'emb': array is read"):
+        opt.step_rows({"emb": (np.array([0]), np.ones((1, 3), dtype))})
+    p.flags.writeable = True
+    if dtype is np.float32:
+        with pytest.raises(ValueError, match=r"^SparseAdam\.step_rows: rows for param 'emb' sh"):
+            opt.step_rows({"emb": (np.arange(2), p[4:6])})
+    assert (p == 1).all() and opt.state["emb"]["step"] == 0
+
+
 def test_low_precision_rows_check_the_arrays_before_writing() -> None:
     """The row kernel is given float32 copies of a bfloat16 parameter's rows: the arrays
     themselves are checked first, as the kernel checks a float32 parameter's (a read-only
