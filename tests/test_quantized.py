@@ -628,7 +628,22 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
                  state_dtype="int8")  # fmt: skip
     with pytest.raises(ValueError, match="pass state_dtype='int8' or 'int4'"):
         F.adam_(w, g, m, v, step=4)  # the pairs' kind is never guessed
+    # the caller's scales are checked at every call, as a load checks them: a negative one
+    # decoded its block as the negated moment, an infinite one as NaN, silently
+    codes = [m[0].copy(), v[0].copy()]
+    for pair, bad in ((m, -1.0), (v, np.inf), (m, -np.inf)):
+        scales = pair[1].copy()
+        pair[1][3] = bad
+        with pytest.raises(ValueError, match=r"adam_: state 'exp_avg(_sq)?': absmax must be >= 0 "
+                           r"and finite .* 1 entries are not, first at block 3"):  # fmt: skip
+            F.adam_(w, g, m, v, step=4, state_dtype="int8")
+        pair[1][...] = scales
+    m[1][5] = np.nan  # (allowed: a block that went non-finite)
+    same_bits(m[0], codes[0], "codes untouched")
+    same_bits(v[0], codes[1], "codes untouched")
     same_bits(w, before, "untouched")
+    F.adam_(w, g, m, v, step=4, state_dtype="int8")
+    assert np.isnan(w[5 * 256 : 6 * 256]).all() and not np.isnan(w[: 5 * 256]).any()
 
 
 # ------------------------------------------------------------------------- the torch tier

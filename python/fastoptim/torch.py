@@ -146,7 +146,7 @@ from . import schedules as _schedules
 from .engine import precision, sparse, transforms
 from .engine.definition import TORCH_ONLY, Definition, check_keywords
 from .engine.locks import new_lock
-from .engine.optimizer import _absmax_problem, _defaults, run_compiled, run_rows
+from .engine.optimizer import _defaults, run_compiled, run_rows
 from .engine.precision import Rounding, StateDType
 from .engine.scheduled import Scheduled, same
 from .engine.schedulefree import SWAP_KEY, Modes, swap_weight
@@ -646,7 +646,7 @@ def _quantized_problem(p: torch.Tensor, codes: Any, scales: Any) -> tuple[str, s
         return precision.ABSMAX, (
             f"{got}, expected float32 ({nblocks},) (one absmax per block of {block} elements)"
         )
-    problem = _absmax_problem(scales.detach().cpu().numpy())
+    problem = precision.absmax_problem(scales.detach().cpu().numpy())
     return (precision.ABSMAX, problem) if problem else None
 
 

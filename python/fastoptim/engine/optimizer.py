@@ -1564,7 +1564,7 @@ class Optimizer:
                         f"state {n!r} of param {g.labels[i]}: {got}, expected {want} {shape}"
                     )
                 elif layout[i][n] in (precision.ABSMAX_KIND, precision.ABSMAX4_KIND):
-                    problem = _absmax_problem(a)
+                    problem = precision.absmax_problem(a)
                     if problem:
                         problems.append(f"state {n!r} of param {g.labels[i]}: {problem}")
                 held = g.states.get(n)
@@ -1688,18 +1688,6 @@ def _plan_states(states: Mapping[str, list[Any]], name: str) -> list[Any]:
     if scales is None:
         return states[name]
     return [v if a is None else (v, a) for v, a in zip(states[name], scales)]
-
-
-def _absmax_problem(a: np.ndarray) -> str:
-    """What is wrong with the scales `a` of a quantized state, or "": they are >= 0 (NaN
-    allowed: a block that went non-finite)."""
-    bad = np.flatnonzero((a < 0) | np.isinf(a))
-    if bad.size:
-        return (
-            f"absmax must be >= 0 and finite (NaN marks a non-finite block); {bad.size} "
-            f"entries are not, first at block {int(bad[0])}: {a[bad[0]]!r}"
-        )
-    return ""
 
 
 def _is_count(v: Any) -> bool:

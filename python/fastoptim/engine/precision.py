@@ -392,3 +392,17 @@ def _ordered(x: np.ndarray) -> np.ndarray:
 
 
 _FOLLOW_BLOCK = 1 << 20
+
+
+def absmax_problem(a: np.ndarray) -> str:
+    """What is wrong with the scales `a` of a quantized state, or "": they are >= 0 (NaN
+    allowed: a block that went non-finite)."""
+    if not a.size or (np.minimum.reduce(a, None) >= 0 and np.maximum.reduce(a, None) < np.inf):
+        return ""  # (the common case, in two reductions; a NaN makes both NaN: looked at)
+    bad = np.flatnonzero((a < 0) | np.isinf(a))
+    if bad.size:
+        return (
+            f"absmax must be >= 0 and finite (NaN marks a non-finite block); {bad.size} "
+            f"entries are not, first at block {int(bad[0])}: {a[bad[0]]!r}"
+        )
+    return ""
