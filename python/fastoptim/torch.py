@@ -30,7 +30,7 @@ What is supported, and what is refused (never a silently lost update):
   whose real view the kernels update (new state filled as torch fills it, ``complex(v, v)``);
   every optimizer takes them but :class:`Muon`, :class:`Adafactor` and :class:`SparseAdam`
   (which torch's refuse too), with their gradients of their dtype (dense), without
-  precision options (a ``state_dtype`` other than float32/float64, a copy-out).
+  precision options (a ``state_dtype`` other than ``"float32"``/``"param"``, a copy-out).
   Anything else (complex32/integer, CUDA or other devices, sparse tensors, views with gaps or
   overlapping elements, negative or conjugate views, the same tensor twice) raises
   ``TypeError`` / ``ValueError`` naming the parameter, when the optimizer is built or, for a
@@ -356,17 +356,15 @@ def _as_kernels_see(p: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
     return _name(p.dtype), tuple(p.shape), p.numel()
 
 
-def _complex_problem(p: torch.Tensor, layout: Mapping[str, str]) -> str | None:
-    """Why the precision policy `layout` (state name -> dtype name) cannot hold the state of
-    complex parameter `p` (its states are complex64/complex128, updated as their real views)."""
-    if not p.is_complex():
-        return None
-    other = sorted({k for k in layout.values() if k not in ("float32", "float64")})
-    if other:
+def _complex_problem(p: torch.Tensor, layout: Mapping[str, str], policy: Any) -> str | None:
+    """Why the layout (state name -> dtype name) that the group's ``state_dtype`` `policy`
+    gives cannot hold the state of complex parameter `p` (complex64/complex128 state, updated
+    as its real view)."""
+    if p.is_complex() and any(k not in ("float32", "float64") for k in layout.values()):
         return (
-            f"is {_name(p.dtype)}: its state would be {', '.join(other)}; a complex parameter "
-            "keeps complex64/complex128 state (drop state_dtype, or set it to a float "
-            "dtype for it)"
+            f"is {_name(p.dtype)}: a complex parameter keeps complex state, not "
+            f"state_dtype={policy!r} (drop it, or give it 'float32' or 'param' for this "
+            "parameter's states)"
         )
     return None
 
@@ -975,7 +973,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                         tuple(s.name for s in self._definition.states),
                         size,
                     )
-                    if _complex_problem(p, kinds):
+                    if _complex_problem(p, kinds, group.get(precision.STATE_DTYPE)):
                         continue  # (refused by its first step, naming it)
                     for s in self._definition.states:
                         if kinds[s.name] in precision.QUANT_KINDS:
@@ -1759,7 +1757,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         shaped = self._definition.shaped
         self._refuse_shards(params, labels, layouts)
         for p, label, layout in zip(params, labels, layouts):
-            problem = _complex_problem(p, layout)
+            problem = _complex_problem(p, layout, c.hp.get(precision.STATE_DTYPE))
             if problem is None and p.is_complex() and id(p) in self._copy_out:
                 problem = f"is {_name(p.dtype)}: it takes no copy-out tensor (set_copy_out)"
             if problem is not None:
@@ -1808,6 +1806,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                         f"{name}: state {n!r} of param {label} is not a tensor of "
                         f"{whose} shape {tuple(want or ())}"
                     )
+                if s.is_complex() != p.is_complex():  # (e.g. `p.data =` another kind)
+                    raise ValueError(
+                        f"{name}: state {n!r} of param {label} is {_name(s.dtype)}, the "
+                        f"parameter {_name(p.dtype)}: a complex parameter's state is complex, "
+                        "a real one's real (as torch.optim's; start it again: del "
+                        "opt.state[p])"
+                    )
                 if n in shaped:  # (its own shape: contiguous)
                     if s.device != p.device or s.dtype != dtype or not s.is_contiguous():
                         state[n] = s.to(device=p.device, dtype=dtype, copy=True).contiguous()
@@ -1816,6 +1821,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                     s.device != p.device
                     or s.dtype != dtype
                     or s.is_conj()  # (its memory holds conj(s))
+                    or _is_neg(s)  # (or -s)
                     or not _in_layout(s, perm)
                 ):
                     moved = torch.empty_like(p, dtype=dtype)
