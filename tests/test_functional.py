@@ -552,3 +552,41 @@ def test_nadam_at_the_largest_step_is_finite(dtype: Any) -> None:
         assert np.isfinite(p).all() and np.isfinite(m).all() and np.isfinite(v).all()
         out.append(p)
     np.testing.assert_allclose(out[1], out[0], rtol=1e-6)
+
+
+def test_tensor_number_keys_stochastic_rounding_as_the_class() -> None:
+    """A class numbers its parameters 0, 1, ... across its groups; the random bits of
+    stochastic rounding are keyed on that number: functional calls given each parameter's
+    ``tensor`` reproduce the class bit for bit (16-bit stores with a master, stochastic
+    8-bit codes), and two tensors given one number draw the same bits."""
+    rng = np.random.default_rng(12)
+    shape = (5000,)
+    w0 = [rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    grads = [[rng.standard_normal(shape).astype(np.float32) for _ in w0] for _ in range(3)]
+    kw: dict[str, Any] = dict(lr=1e-2, rounding="stochastic", seed=9, state_dtype="int8")
+    ws = [w.copy() for w in w0]
+    opt = fo.AdamW([ws[0]], master_weights=True, **kw)
+    opt.add_param_group({"params": ws[1:], "lr": 1e-2})
+    fs = [w.copy() for w in w0]
+    masters = [w.astype(np.float32) for w in w0]
+    states = [(F.quantized_state(w, "exp_avg"), F.quantized_state(w, "exp_avg_sq")) for w in w0]
+    for t, gs in enumerate(grads, start=1):
+        opt.step(gs)
+        for i, (w, g, (m, v)) in enumerate(zip(fs, gs, states)):
+            F.adamw_(w, g, m, v, step=t, master=masters[i], tensor=i, **kw)
+    for i in range(3):
+        np.testing.assert_array_equal(fs[i].view(np.uint16), ws[i].view(np.uint16))
+        np.testing.assert_array_equal(states[i][0][0], opt.state[i]["exp_avg"])
+        np.testing.assert_array_equal(masters[i], opt.state[i]["master"])
+    # the same number for two tensors holding the same values: the same bits (the default 0
+    # for every call draws them alike: give distinct numbers)
+    a, b = w0[0].copy(), w0[0].copy()
+    for w in (a, b):
+        F.sgd_(w, grads[0][0], step=1, lr=1e-3, rounding="stochastic", tensor=5)
+    np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+    c = w0[0].copy()
+    F.sgd_(c, grads[0][0], step=1, lr=1e-3, rounding="stochastic", tensor=6)
+    assert (c.view(np.uint16) != a.view(np.uint16)).any()
+    for bad, error in ((-1, ValueError), (2**64, ValueError), (1.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"sgd_: .*tensor"):
+            F.sgd_(c, grads[0][0], step=1, tensor=bad)

@@ -143,8 +143,8 @@ def functional_function(d: Definition) -> list[str]:
     hypers = [h for h in d.options if h.functional]
     params += [(h.name, _annotation(d, h.name, False), h.default, True) for h in hypers]
     arrays_of = () if d.host is not None else FUNCTIONAL_ARRAYS  # (precision: compiled only)
-    if d.host is None:  # (the loss scale: compiled only)
-        params.append(("grad_scale", "float", 1.0, True))
+    if d.host is None:  # (the loss scale, the random bits' tensor number: compiled only)
+        params += [("grad_scale", "float", 1.0, True), ("tensor", "int", 0, True)]
     params += [(a, "np.ndarray | None", None, True) for a in arrays_of]
     n = len(d.scalars)
     returns = "None" if n == 0 else "float" if n == 1 else f"tuple[{', '.join(['float'] * n)}]"
@@ -154,7 +154,7 @@ def functional_function(d: Definition) -> list[str]:
     out.append(f") -> {returns}:")
     out += _doc(d.functional_doc, "    ")
     states = ", ".join(f'"{s.name}": {s.name}' for s in d.states)
-    scale = ["grad_scale=grad_scale"] if d.host is None else []
+    scale = ["grad_scale=grad_scale", "tensor=tensor"] if d.host is None else []
     hyper = ", ".join([*(f"{h.name}={h.name}" for h in hypers), *scale])
     scalars = ", ".join(f'"{n}": {n}' for n, _ in d.scalars)
     arrays = ", ".join(f"{a}={a}" for a in arrays_of)

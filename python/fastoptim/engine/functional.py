@@ -47,11 +47,14 @@ def step(
     updated values are returned: a float, or a tuple of floats for several.  `arrays`: the
     optional ``master`` / ``compensation`` / ``copy_out`` / ``ema`` arrays
     (:data:`fastoptim.engine.precision.FUNCTIONAL_ARRAYS`), None where not given.  `hyper` may
-    hold ``grad_scale`` (the gradient is divided by it: :mod:`fastoptim.engine.transforms`).
+    hold ``grad_scale`` (the gradient is divided by it: :mod:`fastoptim.engine.transforms`)
+    and ``tensor`` (the tensor number of the random bits of stochastic rounding).
     """
     fn = defn.name.lower() + "_"
     hyper = dict(hyper)
     grad_scale = transforms.check_grad_scale(fn, hyper.pop("grad_scale", 1.0))
+    tensor = hyper.pop("tensor", 0)
+    precision.check_seed(fn, tensor, "tensor")
     check_step(fn, step)
     for name, v in (scalars or {}).items():
         if not is_number(v):
@@ -146,6 +149,7 @@ def step(
             outs=[extra.get("copy_out")],
             emas=[ema],
             qmaps=qmaps,
+            ids=[int(tensor)],
         )
     if group["rounding"] != "nearest":
         plan.set_rounding(group["rounding"], int(group["seed"]))

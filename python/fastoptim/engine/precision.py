@@ -232,11 +232,13 @@ def check_rounding(cls: str, value: Any) -> None:
         raise ValueError(f"{cls}: rounding must be 'nearest' or 'stochastic', got {value!r}")
 
 
-def check_seed(cls: str, value: Any) -> None:
+def check_seed(cls: str, value: Any, name: str = "seed") -> None:
+    """TypeError / ValueError unless `value` is a key of the random bits (``seed``; the
+    functional tier's ``tensor``): an int in [0, 2**64)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{cls}: seed must be an int, got {value!r}")
+        raise TypeError(f"{cls}: {name} must be an int, got {value!r}")
     if not 0 <= value < 2**64:
-        raise ValueError(f"{cls}: invalid seed={value!r}: must be in [0, 2**64)")
+        raise ValueError(f"{cls}: invalid {name}={value!r}: must be in [0, 2**64)")
 
 
 def buffers(
