@@ -34,31 +34,11 @@ from cases import (  # noqa: E402
     every_dtype,
     make_families,
 )
+from test_torch_optim import LAYOUTS, RTOL_ULPS, laid_out  # noqa: E402
 
-# (logical shape, memory order) as test_torch_optim.LAYOUTS: None is contiguous
-LAYOUTS: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = [
-    ((), None),
-    ((0,), None),
-    ((1,), None),
-    ((7,), None),
-    ((17,), None),
-    ((33, 31), None),
-    ((33, 31), (1, 0)),
-    ((5, 6, 7), (2, 0, 1)),
-    ((2, 3, 4, 5), (0, 2, 3, 1)),  # channels-last
-]
 PERMS = [perm for _, perm in LAYOUTS] * 2  # (two gradient families)
 COMPLEX = {np.float32: np.complex64, np.float64: np.complex128}
 STEPS = 40
-RTOL_ULPS = 16  # test_torch_optim.RTOL_ULPS
-
-
-def laid_out(values: np.ndarray, perm: tuple[int, ...] | None) -> Any:
-    """A tensor holding `values` whose memory order is `perm` (None: contiguous)."""
-    t = torch.tensor(values)
-    if perm is None:
-        return t
-    return t.permute(perm).contiguous().permute(tuple(int(i) for i in np.argsort(perm)))
 
 
 def real(t: Any) -> np.ndarray:
