@@ -244,6 +244,10 @@ def test_checkpoint_of_the_other_convention_named(tmp_path: Any) -> None:
         fk.Adam([np.zeros(3, np.float32)]).load_state_dict(torch_opt.state_dict())
     with pytest.raises(ValueError, match="this is the state of Adam, not of AdamW"):
         fk.AdamW([np.zeros(3, np.float32)]).load_state_dict(keras_opt.state_dict())
+    sd = keras_opt.state_dict()  # (an entry missing is said as such, not as the other class)
+    del sd["param_groups"][0]["hyper"]["learning_rate"]
+    with pytest.raises(ValueError, match=r"missing \['learning_rate'\]"):
+        fk.Adam([np.zeros(3, np.float32)]).load_state_dict(sd)
 
 
 def test_lr_and_learning_rate_conflict() -> None:
@@ -258,6 +262,14 @@ def test_lr_and_learning_rate_conflict() -> None:
         fk.Adam([np.ones(3)], 0.001, lr=0.1)  # (positionally)
     assert fk.Adam([np.ones(3)], lr=0.1).param_groups[0]["learning_rate"] == 0.1
     assert fk.Adam([np.ones(3)], 0.2).param_groups[0]["learning_rate"] == 0.2
+
+    class Warm(fk.Adam):  # a subclass with its own signature: its second argument, its lr
+        def __init__(self, params: Any, warmup: int, lr: float = 0.001) -> None:
+            super().__init__(params, learning_rate=lr)
+            self.warmup = warmup
+
+    warm = Warm([np.ones(3)], 10, lr=0.01)
+    assert warm.param_groups[0]["learning_rate"] == 0.01 and warm.warmup == 10
 
 
 @pytest.mark.parametrize(

@@ -638,6 +638,8 @@ def test_functional_tier_matches_the_class_and_checks_blocks() -> None:
                            r"and finite .* 1 entries are not, first at block 3"):  # fmt: skip
             F.adam_(w, g, m, v, step=4, state_dtype="int8")
         pair[1][...] = scales
+    with pytest.raises(ValueError, match=r"absmax must be a 1-D float32 array of 24 entries"):
+        F.adam_(w, g, m, (v[0], np.full((), -1.0, np.float32)), step=4, state_dtype="int8")
     m[1][5] = np.nan  # (allowed: a block that went non-finite)
     same_bits(m[0], codes[0], "codes untouched")
     same_bits(v[0], codes[1], "codes untouched")

@@ -14,7 +14,7 @@ any float hyper-parameter), with Keras's signatures: ``learning_rate``, ``beta_1
 ``beta_2``, ``epsilon``, ``rho``, ``momentum``, ``nesterov``, ``initial_accumulator_value``,
 ``centered``, ``amsgrad``, ``weight_decay``, and the legacy keyword ``lr`` for
 ``learning_rate`` (Keras 2's alias; Keras 3 itself rejects it; both given: a ``TypeError``,
-whatever their values).  As in Keras:
+whatever their values; from a subclass's own ``__init__``, where they differ).  As in Keras:
 
 - ``weight_decay=None`` (the default but in AdamW) means no decay, in the constructor and in a
   group (stored as 0.0); AdamW, whose Keras default is 0.004, takes a number only, as Keras's;
@@ -229,7 +229,8 @@ class KerasOptimizer(Optimizer):
                     f"{cls.__name__}: Keras's {key}= is not an option of fastoptim.keras: "
                     f"{KERAS_OPTIONS[key]}"
                 )
-        if kwargs.get("lr") is not None and ("learning_rate" in kwargs or len(args) > 1):
+        own = cls.__init__.__module__ == __name__  # (a subclass's own signature: its __init__)
+        if own and kwargs.get("lr") is not None and ("learning_rate" in kwargs or len(args) > 1):
             # (both given, whatever their values: __init__ sees the default's value only)
             given = kwargs["learning_rate"] if "learning_rate" in kwargs else args[1]
             _refuse_both(cls, kwargs["lr"], given)

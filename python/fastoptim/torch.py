@@ -1984,7 +1984,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         # float64 parameters take float64 gradients; the others float32/bfloat16/float16 ones;
         # complex parameters their own dtype
         kind_ok = (
-            (g.dtype == torch.float64) == (p.dtype == torch.float64) and g.dtype in _FLOATS
+            g.dtype in _FLOATS
+            and p.dtype in _FLOATS
+            and (g.dtype == torch.float64) == (p.dtype == torch.float64)
         ) or (g.dtype == p.dtype and g.dtype in _COMPLEX)
         if g.device != p.device or not kind_ok or g.shape != p.shape:
             raise (ValueError if g.shape != p.shape else TypeError)(

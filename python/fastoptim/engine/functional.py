@@ -93,20 +93,12 @@ def step(
         )
     qmaps = precision.qmaps(group[precision.STATE_DTYPE], needed)
     for n, qm in zip(needed, qmaps):
-        pair = given[n]
-        if isinstance(pair, tuple) and not qm:
+        if isinstance(given[n], tuple) and not qm:
             raise ValueError(
                 f"{fn}: state {n!r} is a (codes, absmax) pair: pass state_dtype='int8' or 'int4' "
                 f"(or {{{n!r}: 'int4', ...}}) to say which kind"
                 + ("" if n in precision.QUANT_MAPS else f"; but {n!r} cannot be quantized")
             )
-        scales = pair[1] if isinstance(pair, tuple) and len(pair) == 2 else None
-        if isinstance(scales, np.ndarray) and scales.dtype == np.float32:  # (else: the plan)
-            # (the caller's scales, at every call: a negative or infinite one would decode
-            # its block as NaN or as the negated moment, silently)
-            problem = precision.absmax_problem(scales)
-            if problem:
-                raise ValueError(f"{fn}: state {n!r}: {problem}")
     # A float state in the dtype the precision options say, as the class keeps it.
     pname = precision.dtype_name(param.dtype) if isinstance(param, np.ndarray) else None
     kinds = precision.buffers(group, pname, tuple(needed), param.size) if pname else {}
@@ -151,6 +143,13 @@ def step(
             qmaps=qmaps,
             ids=[int(tensor)],
         )
+    for n in needed:  # (the caller's scales, at every call, once the plan took their layout:
+        # a negative or infinite one would decode its block as NaN or the negated moment)
+        pair = given[n]
+        if isinstance(pair, tuple):
+            problem = precision.absmax_problem(pair[1])
+            if problem:
+                raise ValueError(f"{fn}: state {n!r}: {problem}")
     if group["rounding"] != "nearest":
         plan.set_rounding(group["rounding"], int(group["seed"]))
     if ema is not None:

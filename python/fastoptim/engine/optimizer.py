@@ -1334,10 +1334,12 @@ class Optimizer:
             raise ValueError(f"{where}: this is the state of {sd['optimizer']}, not of {cls}")
         records = sd["param_groups"]
         keras = "learning_rate" in self.defaults  # (fastoptim.keras's classes: Keras's names)
+        mine, other = ("learning_rate", "lr") if keras else ("lr", "learning_rate")
         if isinstance(records, Sequence) and any(
             isinstance(r, Mapping)
             and isinstance(r.get("hyper"), Mapping)
-            and ("learning_rate" in r["hyper"]) != keras
+            and other in r["hyper"]
+            and mine not in r["hyper"]
             for r in records
         ):
             names = [f"fastoptim.{cls} (torch's convention)", f"fastoptim.keras.{cls} (Keras's)"]

@@ -405,6 +405,6 @@ def absmax_problem(a: np.ndarray) -> str:
     if bad.size:
         return (
             f"absmax must be >= 0 and finite (NaN marks a non-finite block); {bad.size} "
-            f"entries are not, first at block {int(bad[0])}: {a[bad[0]]!r}"
+            f"entries are not, first at block {int(bad[0])}: {a.reshape(-1)[bad[0]]!r}"
         )
     return ""
