@@ -16,7 +16,7 @@ import numpy as np
 from .. import _core
 from ..schedules import _from_data, _has_schedule, _to_data
 from . import precision, sparse, transforms
-from .definition import Definition, check_keywords, is_number, name_the_call, named_refusals
+from .definition import Definition, check_keywords, is_number, name_the_call
 from .locks import new_lock
 from .readonly import GRADS_HINT, STATE_HINT, ReadOnlyDict, ReadOnlyList
 from .scheduled import Scheduled
@@ -1135,8 +1135,11 @@ class Optimizer:
                     sparse.check_arrays(at, param, states, group.get(precision.ROUNDING))
                     idx, rows = sparse.coalesce(at, param, *entry)
                     work.append((g, i, idx, rows, states))
-            with named_refusals(type(self).__name__, "step_rows"):  # (the kernel's checks)
+            try:
                 self._run_rows(work)
+            except BaseException as e:  # (the kernel's checks, in step_rows' words)
+                name_the_call(e, type(self).__name__, "step_rows")
+                raise
 
     def _run_rows(
         self, work: list[tuple[_Group, int, np.ndarray, np.ndarray, list[np.ndarray]]]
