@@ -1306,3 +1306,32 @@ def test_state_and_groups_replaced_from_outside(name: str) -> None:
 
     for a, b in zip(run(torch.optim), run(fot)):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@once_not_per_isa
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # (torch's own)
+def test_step_inside_torch_compile_runs_as_it_is() -> None:
+    """A step called from a torch.compile'd function is not traced (dynamo went through the
+    Python around the kernel: graph breaks with warnings at each Tensor.item(), seconds of
+    compilation): its only graph break is the skipped call, and the numbers are eager's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compiled in (False, True):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 16))
+        opt = fot.Adam([p], lr=0.1)
+
+        def step(g: Any, p: Any = p, opt: Any = opt) -> None:
+            p.grad = g * 2
+            opt.step()
+
+        run = torch.compile(step, backend="eager") if compiled else step  # (dynamo: no compiler)
+        for i in range(3):
+            run(torch.full((16,), float(i + 1)))
+        runs.append((p.detach().clone(), opt.state[p]["exp_avg_sq"].clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    breaks = list(counters["graph_break"])
+    assert breaks and all("disable" in reason for reason in breaks), breaks
+    torch._dynamo.reset()
