@@ -1078,12 +1078,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 "float64, bfloat16, float16, complex64 and complex128 tensors"
             )
         if _is_neg(p) or p.is_conj():  # (its memory holds -p or conj(p): not p's values)
-            which = "negative" if _is_neg(p) else "conjugate"
-            fix = "resolve_neg" if _is_neg(p) else "resolve_conj"
+            which, holds = ("negative", "neg") if _is_neg(p) else ("conjugate", "conj")
             raise TypeError(
-                f"{name}: param {label} is a {which} view (its memory holds "
-                f"{'-p' if which == 'negative' else 'conj(p)'}); pass a parameter with "
-                f"{fix}() applied"
+                f"{name}: param {label} is a {which} view (is_{holds}(): its memory holds "
+                f"{holds}(p)); pass a parameter with resolve_{holds}() applied"
             )
         if host is not None:  # a step in NumPy: float32/float64 (LBFGS: complex too, as
             # torch's), and the host's own rule
