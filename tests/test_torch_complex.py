@@ -317,3 +317,57 @@ def test_negative_view_state_read_by_value() -> None:
         opt.step()
         runs.append((p.clone(), opt.state[p]["momentum_buffer"].clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_fast_path_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Complex parameters take the fast path too (Plan.bind_torch binds their real views):
+    with nothing changed but the gradients, no step rechecks the group in Python."""
+    if not fot._FAST:
+        pytest.skip("torch has no DLPack exchange API: every step takes the general path")
+    params = [
+        torch.zeros(8, dtype=torch.complex64),
+        torch.zeros(3, 5, dtype=torch.complex128).t(),  # (transposed)
+        torch.zeros(4),
+    ]
+    opt = fot.AdamW(params, lr=0.1)
+    calls = []
+    sig = fot.Optimizer._sig
+    monkeypatch.setattr(fot.Optimizer, "_sig", lambda *a: calls.append(1) or sig(*a))
+    for t in range(6):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        if t == 1:
+            calls.clear()
+    assert calls == []
+
+
+def test_changes_between_steps_as_the_real_view(fast: bool) -> None:
+    """Gradients that change between steps (a conjugate or negative view, another layout, new
+    storage for a parameter): the fast path declines what it cannot read by value, and every
+    step equals the same class's on float tensors holding the real views."""
+    gen = torch.Generator().manual_seed(5)
+    ours = [
+        torch.randn(6, 4, dtype=torch.complex64, generator=gen),
+        torch.randn(5, dtype=torch.complex128, generator=gen),
+    ]
+    twins = [torch.view_as_real(z).clone() for z in ours]
+    opt, ref = fot.Adam(ours, lr=0.1), fot.Adam(twins, lr=0.1)
+    for t in range(10):
+        grads = [torch.randn(z.shape, dtype=z.dtype, generator=gen) for z in ours]
+        given = list(grads)
+        if t == 3:  # a conjugate view: its memory holds conj(g)
+            given[0] = grads[0].conj().resolve_conj().conj()
+        if t == 4:  # a negative view
+            given[1] = torch._neg_view(-grads[1])
+        if t == 5:  # another layout than the parameter's
+            given[0] = grads[0].t().contiguous().t()
+        if t == 6:  # new storage for a parameter, in the same layout (and its twin's)
+            ours[1].data = ours[1].data.clone()
+        for z, w, g, g_given in zip(ours, twins, grads, given):
+            z.grad = g_given
+            w.grad = torch.view_as_real(g).clone()
+        opt.step()
+        ref.step()
+        for z, w in zip(ours, twins):
+            assert torch.equal(torch.view_as_real(z), w), t

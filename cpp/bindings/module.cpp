@@ -324,6 +324,18 @@ std::optional<DType> dl_dtype(const DLDataType& d) {
   return std::nullopt;
 }
 
+// The dtype of the real view of a complex gradient of dtype `g` (the kernels update the real
+// views of a complex parameter and its gradient: fastoptim.torch's _local) for a parameter of
+// dtype `p`: float32 for complex64, float64 for complex128; nothing unless both are that one.
+std::optional<DType> complex_part(const DLDataType& g, const DLDataType& p) {
+  constexpr uint8_t kComplex = 5;  // (DLPack's kDLComplex)
+  if (g.code != kComplex || g.code != p.code || g.bits != p.bits || g.lanes != 1 || p.lanes != 1)
+    return std::nullopt;
+  if (g.bits == 64) return DType::f32;
+  if (g.bits == 128) return DType::f64;
+  return std::nullopt;
+}
+
 // A DLPack dtype as one integer (bind_torch's record of a parameter's dtype).
 int64_t dtype_key(const DLDataType& d) {
   return (int64_t{d.code} << 32) | (int64_t{d.bits} << 16) | int64_t{d.lanes};
@@ -784,8 +796,10 @@ class PyPlan {
       const char* pdata = static_cast<const char*>(pt.data) + pt.byte_offset;
       if (pdata != param_data_[j] || pt.device.device_type != 1) return false;
       const std::size_t at = torch_offsets_.empty() ? 0 : torch_offsets_[j];
+      // (a complex parameter: the plan's array is its real view, two elements each)
+      const bool complex = complex_part(pt.dtype, pt.dtype).has_value();
       if (first) {
-        int64_t numel = 1;
+        int64_t numel = complex ? 2 : 1;
         for (int d = 0; d < pt.ndim; ++d) numel *= pt.shape[d];
         if (pt.strides == nullptr || numel != plan_.tensors[j].size ||
             !dense(pt.ndim, pt.shape, pt.strides))
@@ -799,9 +813,11 @@ class PyPlan {
         PyErr_Clear();
         return false;
       }
-      const auto dtype = dl_dtype(gt.dtype);
+      const auto dtype = complex ? complex_part(gt.dtype, pt.dtype) : dl_dtype(gt.dtype);
       if (!dtype || gt.device.device_type != 1 || gt.ndim != pt.ndim || gt.strides == nullptr)
         return false;
+      // A conjugate view's memory holds conj(g); such tensors are views (rare for gradients).
+      if (complex && is_true(api.is_view_fn, api.is_view.ptr(), g) != 0) return false;
       if ((plan_.tensors[j].compute() == DType::f64) != (*dtype == DType::f64)) return false;
       for (int d = 0; d < pt.ndim; ++d)
         if (gt.shape[d] != pt.shape[d] || (pt.shape[d] > 1 && gt.strides[d] != pt.strides[d]))
