@@ -321,25 +321,32 @@ def test_negative_view_state_read_by_value() -> None:
 
 def test_fast_path_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     """Complex parameters take the fast path too (Plan.bind_torch binds their real views):
-    with nothing changed but the gradients, no step rechecks the group in Python."""
+    with nothing changed but the gradients, no step rechecks the group in Python (a gradient
+    that is a view of a bigger buffer included, as DDP's bucket views are; not a conjugate
+    one, whose memory holds conj(g))."""
     if not fot._FAST:
         pytest.skip("torch has no DLPack exchange API: every step takes the general path")
     params = [
         torch.zeros(8, dtype=torch.complex64),
         torch.zeros(3, 5, dtype=torch.complex128).t(),  # (transposed)
         torch.zeros(4),
+        torch.zeros(6, dtype=torch.complex64),
     ]
     opt = fot.AdamW(params, lr=0.1)
     calls = []
     sig = fot.Optimizer._sig
     monkeypatch.setattr(fot.Optimizer, "_sig", lambda *a: calls.append(1) or sig(*a))
     for t in range(6):
-        for p in params:
+        for p in params[:3]:
             p.grad = torch.ones_like(p)
+        params[3].grad = torch.ones(10, dtype=torch.complex64)[2:8]  # (a view)
         opt.step()
         if t == 1:
             calls.clear()
     assert calls == []
+    params[3].grad = torch.ones(6, dtype=torch.complex64).conj()  # (read by value: in Python)
+    opt.step()
+    assert calls
 
 
 def test_changes_between_steps_as_the_real_view(fast: bool) -> None:

@@ -267,7 +267,8 @@ struct TorchApi {
   PyTypeObject* parameter = nullptr;  // torch.nn.Parameter
   py::object keep;  // the capsule and the types
   py::object grad = py::str("grad");
-  py::object is_view, is_neg;  // torch.Tensor._is_view, .is_neg (method descriptors)
+  // torch.Tensor._is_view, .is_neg, .is_conj (method descriptors)
+  py::object is_view, is_neg, is_conj;
   // The C functions behind them, called directly (no attribute lookup, no vectorcall): the
   // getter of the data descriptor `grad` of torch's C tensor type (what `p.grad` finds first
   // for a torch.Tensor or a Parameter while neither type was modified: see grad_of), and the
@@ -276,7 +277,7 @@ struct TorchApi {
   getter get_grad = nullptr;
   void* grad_closure = nullptr;
   unsigned int tags[2] = {0, 0};  // tp_version_tag of tensor, parameter when that was checked
-  PyCFunction is_view_fn = nullptr, is_neg_fn = nullptr;
+  PyCFunction is_view_fn = nullptr, is_neg_fn = nullptr, is_conj_fn = nullptr;
 };
 TorchApi& torch_api() {
   static TorchApi* api = new TorchApi();  // never destroyed (its objects outlive the module)
@@ -816,15 +817,15 @@ class PyPlan {
       const auto dtype = complex ? complex_part(gt.dtype, pt.dtype) : dl_dtype(gt.dtype);
       if (!dtype || gt.device.device_type != 1 || gt.ndim != pt.ndim || gt.strides == nullptr)
         return false;
-      // A conjugate view's memory holds conj(g); such tensors are views (rare for gradients).
-      if (complex && is_true(api.is_view_fn, api.is_view.ptr(), g) != 0) return false;
       if ((plan_.tensors[j].compute() == DType::f64) != (*dtype == DType::f64)) return false;
       for (int d = 0; d < pt.ndim; ++d)
         if (gt.shape[d] != pt.shape[d] || (pt.shape[d] > 1 && gt.strides[d] != pt.strides[d]))
           return false;
-      // A negative view's memory holds -g; such tensors are views (rare for gradients).
+      // A negative view's memory holds -g, a conjugate one's conj(g); such tensors are views
+      // (rare for gradients).
       if (is_true(api.is_view_fn, api.is_view.ptr(), g) != 0 &&
-          is_true(api.is_neg_fn, api.is_neg.ptr(), g) != 0)
+          (is_true(api.is_neg_fn, api.is_neg.ptr(), g) != 0 ||
+           (complex && is_true(api.is_conj_fn, api.is_conj.ptr(), g) != 0)))
         return false;
       const auto* gdata = static_cast<const char*>(gt.data) + gt.byte_offset;
       const int64_t bytes = plan_.tensors[j].size * dtype_size(*dtype);
@@ -1476,8 +1477,10 @@ PYBIND11_MODULE(_core, m) {
       return false;
     t.is_view = tensor.attr("_is_view");
     t.is_neg = tensor.attr("is_neg");
+    t.is_conj = tensor.attr("is_conj");
     t.is_view_fn = noargs_function(t.is_view);
     t.is_neg_fn = noargs_function(t.is_neg);
+    t.is_conj_fn = noargs_function(t.is_conj);
     // torch.Tensor.grad: the data descriptor of torch's C tensor type (a getter), the same for
     // Parameter; else every `p.grad` is looked up.
     py::object grad = tensor.attr("grad");
