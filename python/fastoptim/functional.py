@@ -42,7 +42,8 @@ Conventions shared by every function:
   parameters; the states of :data:`fastoptim.engine.precision.QUANT_MAPS`): pass the pair
   ``(codes, absmax)`` instead of the array, as :func:`quantized_state` makes it.  The update
   dequantizes each block (256 elements, 128 for 4-bit), runs the same kernel, and quantizes the
-  block again (new absmax, nearest codes), exactly as the classes with
+  block again (new absmax; nearest codes, or stochastic ones with ``rounding="stochastic"``),
+  exactly as the classes with
   ``state_dtype="int8"`` / ``"int4"`` do.  Which kind a pair is, the function's
   ``state_dtype`` says, as the class's does (``"int8"``, ``"int4"``, or a dict per state
   name); it is never guessed from the codes' shape.

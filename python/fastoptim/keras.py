@@ -14,7 +14,9 @@ any float hyper-parameter), with Keras's signatures: ``learning_rate``, ``beta_1
 ``beta_2``, ``epsilon``, ``rho``, ``momentum``, ``nesterov``, ``initial_accumulator_value``,
 ``centered``, ``amsgrad``, ``weight_decay``, and the legacy keyword ``lr`` for
 ``learning_rate`` (Keras 2's alias; Keras 3 itself rejects it; both given: a ``TypeError``,
-whatever their values; from a subclass's own ``__init__``, where they differ).  As in Keras:
+whatever their values; a subclass that defines its own ``__init__`` is refused only where
+they differ, its default ``learning_rate`` being indistinguishable from an omitted one).  As
+in Keras:
 
 - ``weight_decay=None`` (the default but in AdamW) means no decay, in the constructor and in a
   group (stored as 0.0); AdamW, whose Keras default is 0.004, takes a number only, as Keras's;

@@ -19,8 +19,9 @@ in both directions and the trajectories continue identically (to rounding).
 
 What is supported, and what is refused (never a silently lost update):
 
-- Parameters: CPU tensors of dtype float32, float64, bfloat16 or float16 whose elements are
-  *dense and non-overlapping* (contiguous, or a permutation of contiguous such as a transposed
+- Parameters: CPU tensors of dtype float32, float64, bfloat16 or float16 (complex64 and
+  complex128: below) whose elements are *dense and non-overlapping* (contiguous, or a
+  permutation of contiguous such as a transposed
   weight or a channels-last tensor: the update is elementwise, so it runs over the tensor's
   memory in memory order).  bfloat16/float16 parameters compute in float32 and keep float32
   state by default (the precision options ``state_dtype``, ``master_weights``, ``kahan``,
@@ -29,8 +30,8 @@ What is supported, and what is refused (never a silently lost update):
   (``torch.view_as_real``, real and imaginary parts independent elements), with complex state
   whose real view the kernels update (new state filled as torch fills it, ``complex(v, v)``);
   every optimizer takes them but :class:`Muon`, :class:`Adafactor` and :class:`SparseAdam`
-  (which torch's refuse too), with their gradients of their dtype (dense), without
-  precision options (a ``state_dtype`` other than ``"float32"``/``"param"``, a copy-out).
+  (which torch's refuse too), with their gradients of their dtype (dense), without a
+  ``state_dtype`` that would keep their state in 16 bits or quantized, nor a copy-out.
   Anything else (complex32/integer, CUDA or other devices, sparse tensors, views with gaps or
   overlapping elements, negative or conjugate views, the same tensor twice) raises
   ``TypeError`` / ``ValueError`` naming the parameter, when the optimizer is built or, for a
