@@ -652,11 +652,8 @@ def test_openblas_jobs_on_the_pool_give_openblas_bits(openblas: Any, openblas_th
     same jobs.  More OpenBLAS threads than the pool may have (4x the CPUs) take the fallback's
     threads of their own.  Outside the block nothing goes through the pool; nested blocks
     count."""
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n = (
-        min(64, 4 * (cpus or 1) + 1)
+        min(64, fo.max_threads() + 1)
         if openblas_threads == "beyond the pool"
         else int(openblas_threads)
     )
@@ -678,7 +675,7 @@ def test_openblas_jobs_on_the_pool_give_openblas_bits(openblas: Any, openblas_th
         inside = _core.BlasOnPool.calls()
     after = a @ b
     assert _core.BlasOnPool.calls() == inside  # the callback is unset again
-    if n > 4 * (cpus or 1):  # (some calls have more jobs than the pool may have threads)
+    if n > fo.max_threads():  # (some calls have more jobs than the pool may have threads)
         assert inside[1] > own
     else:  # every threaded call on the pool (at least the two products)
         assert inside[0] >= pool + 2 and inside[1] == own

@@ -477,7 +477,214 @@ def test_fork_while_another_thread_steps() -> None:
 # ----------------------------------------------------------------------------- thread counts
 def test_max_threads_is_four_per_available_cpu() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert fo.max_threads() == 4 * (cpus or 1)
+    limit = _core._cgroup_cpu_limit("") if sys.platform.startswith("linux") else 0
+    assert fo.available_cpus() == max(1, min(cpus or 1, limit or cpus or 1))
+    assert fo.max_threads() == 4 * fo.available_cpus()
+
+
+# ---------------------------------------------------------- the cgroup CPU quota (containers)
+V2_MOUNT = (
+    "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw\n"
+)
+V1_MOUNT = (
+    "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
+    "34 31 0:31 / /sys/fs/cgroup/cpuset rw,nosuid - cgroup cgroup rw,cpuset\n"
+)
+
+
+def _fake_root(tmp: Any, cgroup: str, mountinfo: str, files: dict[str, str]) -> str:
+    """A directory standing for / : /proc/self/cgroup, /proc/self/mountinfo and `files`."""
+    (tmp / "proc" / "self").mkdir(parents=True)
+    (tmp / "proc" / "self" / "cgroup").write_text(cgroup)
+    (tmp / "proc" / "self" / "mountinfo").write_text(mountinfo)
+    for rel, text in files.items():
+        path = tmp / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp)
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "mountinfo", "files", "cpus"),
+    [
+        # cgroup v2: the process's cgroup's cpu.max, ceil(quota / period)
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "200000 100000\n"}, 2),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "150000 100000\n"}, 2),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "50000 100000\n"}, 1),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "max 100000\n"}, 0),
+        # an ancestor's quota applies too: the smallest wins
+        (
+            "0::/a/b/c\n",
+            V2_MOUNT,
+            {
+                "/sys/fs/cgroup/a/b/c/cpu.max": "max 100000\n",
+                "/sys/fs/cgroup/a/b/cpu.max": "300000 100000\n",
+                "/sys/fs/cgroup/a/cpu.max": "800000 100000\n",
+            },
+            3,
+        ),
+        (
+            "0::/a/b\n",
+            V2_MOUNT,
+            {"/sys/fs/cgroup/a/b/cpu.max": "40000 10000\n", "/sys/fs/cgroup/a/cpu.max": "max 1\n"},
+            4,
+        ),
+        # a container's own namespace (its cgroup is /) and a mount of the cgroup itself
+        ("0::/\n", V2_MOUNT, {"/sys/fs/cgroup/cpu.max": "250000 100000\n"}, 3),
+        (
+            "0::/kubepods/pod1/c1\n",
+            "30 23 0:26 /kubepods/pod1/c1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+            {"/sys/fs/cgroup/cpu.max": "200000 100000\n"},
+            2,
+        ),
+        # a mount that does not show the process's cgroup is not read
+        (
+            "0::/elsewhere\n",
+            "30 23 0:26 /kubepods /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+            {"/sys/fs/cgroup/cpu.max": "100000 100000\n"},
+            0,
+        ),
+        # a mount point with a space (mountinfo writes it \\040)
+        (
+            "0::/app\n",
+            "30 23 0:26 / /sys/fs/my\\040cgroup rw - cgroup2 cgroup2 rw\n",
+            {"/sys/fs/my cgroup/app/cpu.max": "300000 100000\n"},
+            3,
+        ),
+        # cgroup v1: the cpu controller's hierarchy (not cpuset's), cfs quota over period
+        (
+            "5:cpuset:/docker/x\n4:cpu,cpuacct:/docker/x\n",
+            V1_MOUNT,
+            {
+                "/sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "250000\n",
+                "/sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+            },
+            3,
+        ),
+        (
+            "4:cpu,cpuacct:/docker/x\n",
+            V1_MOUNT,
+            {
+                "/sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "-1\n",
+                "/sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+            },
+            0,
+        ),
+        (
+            "5:cpuset:/docker/x\n",
+            V1_MOUNT,
+            {
+                "/sys/fs/cgroup/cpuset/docker/x/cpu.cfs_quota_us": "100000\n",
+                "/sys/fs/cgroup/cpuset/docker/x/cpu.cfs_period_us": "100000\n",
+            },
+            0,
+        ),
+        # both versions mounted (hybrid): the smaller
+        (
+            "4:cpu,cpuacct:/s\n0::/s\n",
+            V1_MOUNT + V2_MOUNT,
+            {
+                "/sys/fs/cgroup/cpu,cpuacct/s/cpu.cfs_quota_us": "300000\n",
+                "/sys/fs/cgroup/cpu,cpuacct/s/cpu.cfs_period_us": "100000\n",
+                "/sys/fs/cgroup/s/cpu.max": "200000 100000\n",
+            },
+            2,
+        ),
+        # what is missing or unreadable means no limit, never an error
+        ("0::/app\n", V2_MOUNT, {}, 0),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "abc 100000\n"}, 0),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "100000\n"}, 0),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "100000 0\n"}, 0),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "1.5 1\n"}, 0),
+        ("0::/app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "-100000 100000\n"}, 0),
+        ("0::/app\n", "garbage\n- - -\n\n", {"/sys/fs/cgroup/app/cpu.max": "1 1\n"}, 0),
+        ("", V2_MOUNT, {"/sys/fs/cgroup/cpu.max": "100000 100000\n"}, 0),
+        ("0::/../x\n", V2_MOUNT, {"/sys/fs/x/cpu.max": "100000 100000\n"}, 0),
+    ],
+)
+def test_cgroup_cpu_limit(
+    tmp_path: Any, cgroup: str, mountinfo: str, files: dict[str, str], cpus: int
+) -> None:
+    """The CPU quota of the process's cgroups (the default thread count's cap: a container
+    limited to 2 CPUs gets 2 threads, not the host's count): read from a tree standing for
+    /proc and /sys/fs/cgroup, every layout the kernel writes."""
+    assert _core._cgroup_cpu_limit(_fake_root(tmp_path, cgroup, mountinfo, files)) == cpus
+
+
+def test_cgroup_cpu_limit_without_proc(tmp_path: Any) -> None:
+    assert _core._cgroup_cpu_limit(str(tmp_path / "nothing")) == 0
+
+
+def _v1_cpu_cgroup() -> str | None:
+    """This process's cgroup directory in a writable cgroup-v1 cpu hierarchy, or None."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            paths = [
+                line.rstrip("\n").split(":", 2)[2]
+                for line in f
+                if "cpu" in line.split(":")[1].split(",")
+            ]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [
+                line.split()[4]
+                for line in f
+                if " - cgroup " in line
+                and "cpu" in line.split(" - ")[1].split()[2].split(",")
+                and line.split()[3] == "/"
+            ]
+    except (OSError, IndexError):
+        return None
+    if not paths or not mounts:
+        return None
+    here = mounts[0] + paths[0].rstrip("/")
+    return here if os.access(here, os.W_OK) else None
+
+
+@once_not_per_isa
+@pytest.mark.skipif(_v1_cpu_cgroup() is None, reason="needs root and a cgroup-v1 cpu hierarchy")
+def test_default_threads_follow_a_real_cpu_quota() -> None:
+    """A process in a cgroup limited to half a CPU: one CPU available, one thread by default,
+    max_threads() 4 (OMP_NUM_THREADS still wins), and its steps are right."""
+    parent = _v1_cpu_cgroup()
+    assert parent is not None
+    group = os.path.join(parent, f"fastoptim-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "cpu.cfs_period_us"), "w") as f:
+            f.write("100000")
+        with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as f:
+            f.write("50000")
+        code = """
+            import os, sys, numpy as np, fastoptim as fo
+            w = np.zeros(1_000_000, np.float32)
+            fo.Adam([w], lr=0.5).step([np.ones_like(w)])
+            print(fo.available_cpus(), fo.max_threads(), fo.get_num_threads(),
+                  len(os.sched_getaffinity(0)) >= 1, bool((w == np.float32(-0.5)).all()))
+            """
+
+        def run(**env: str) -> list[str]:
+            full = {
+                k: v for k, v in os.environ.items() if k not in ("FASTOPT_ISA", "OMP_NUM_THREADS")
+            }
+            full.update(env)
+            proc = subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(code)],
+                env=full,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                preexec_fn=lambda: open(os.path.join(group, "cgroup.procs"), "w").write(
+                    str(os.getpid())
+                ),
+            )
+            return _check(proc).split()
+
+        assert run() == ["1", "4", "1", "True", "True"]
+        assert run(OMP_NUM_THREADS="3") == ["1", "4", "3", "True", "True"]
+    finally:
+        os.rmdir(group)
 
 
 @pytest.mark.parametrize(
@@ -559,7 +766,7 @@ def test_omp_num_threads(value: str, expected: str) -> None:
         import os, numpy as np, fastoptim as fo
         w = np.zeros(1_000_000, np.float32)
         fo.Adam([w], lr=0.5).step([np.ones_like(w)])
-        print(fo.get_num_threads(), fo.max_threads(), len(os.sched_getaffinity(0)),
+        print(fo.get_num_threads(), fo.max_threads(), fo.available_cpus(),
               bool((w == np.float32(-0.5)).all()))
         """,
             OMP_NUM_THREADS=value,

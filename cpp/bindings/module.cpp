@@ -1511,6 +1511,11 @@ PYBIND11_MODULE(_core, m) {
         "Threads for large steps (n >= 1; values above max_threads() use max_threads()).");
   m.def("get_num_threads", &get_num_threads);
   m.def("max_threads", &max_threads, "The most threads a step uses: 4 x the CPUs available.");
+  m.def("available_cpus", &available_cpus,
+        "CPUs available to the process at load: affinity mask, capped by its cgroups' CPU quota.");
+  m.def("_cgroup_cpu_limit", &cgroup_cpu_limit, py::arg("root"),
+        "The smallest CPU quota of the process's cgroups as ceil(quota / period), 0 for none; "
+        "every path under `root` (tests).");
   m.def("set_grain", &set_grain, py::arg("bytes"),
         "Bytes of memory traffic per thread below which a step uses fewer threads.");
   m.def("get_grain", &get_grain);

@@ -10,7 +10,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -153,19 +155,157 @@ Isa best_isa() {
 }
 
 // ------------------------------------------------------------------------------ thread counts
-// CPUs this process may run on (its affinity mask on Linux), at least 1.
-int available_cpus() {
+std::string read_file(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return {};
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string item;
+  std::istringstream in(s);
+  while (std::getline(in, item, sep)) out.push_back(item);
+  return out;
+}
+
+// A mount point as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal
+// escapes (\040...).
+std::string unescape_mount(const std::string& s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    auto octal = [&s](std::size_t k) { return s[k] >= '0' && s[k] <= '7'; };
+    if (s[i] == '\\' && i + 3 < s.size() && octal(i + 1) && octal(i + 2) && octal(i + 3)) {
+      out += static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0'));
+      i += 3;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+// ceil(quota / period) for a quota and a period in microseconds (text); 0 where either is not
+// a positive integer ("max", -1, garbage: no limit).
+int64_t quota_cpus(const std::string& quota, const std::string& period) {
+  auto number = [](const std::string& t) -> int64_t {
+    const auto b = t.find_first_not_of(" \t\n");
+    if (b == std::string::npos) return 0;
+    const auto e = t.find_last_not_of(" \t\n");
+    const std::string d = t.substr(b, e - b + 1);
+    if (d.empty() || d.size() > 18 ||
+        !std::all_of(d.begin(), d.end(), [](unsigned char c) { return std::isdigit(c) != 0; }))
+      return 0;
+    return std::stoll(d);
+  };
+  const int64_t q = number(quota), p = number(period);
+  return q > 0 && p > 0 ? std::max<int64_t>(1, (q + p - 1) / p) : 0;
+}
+
+int cgroup_limit(const std::string& root) {
+  // /proc/self/cgroup: "0::<path>" (v2), "<id>:<controllers, comma-separated>:<path>" (v1)
+  std::string v2_path, v1_path;
+  bool has_v2 = false, has_v1 = false;
+  for (const std::string& line : split(read_file(root + "/proc/self/cgroup"), '\n')) {
+    const auto a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (line.compare(0, a, "0") == 0 && controllers.empty()) {
+      has_v2 = true;
+      v2_path = path;
+    } else {
+      for (const std::string& c : split(controllers, ','))
+        if (c == "cpu") {
+          has_v1 = true;
+          v1_path = path;
+        }
+    }
+  }
+  int64_t best = 0;
+  auto take = [&best](int64_t cpus) {
+    if (cpus > 0 && (best == 0 || cpus < best)) best = cpus;
+  };
+  // /proc/self/mountinfo: "<id> <parent> <dev> <root> <mount point> <options> [optional...] -
+  // <fs type> <source> <super options>"
+  for (const std::string& line : split(read_file(root + "/proc/self/mountinfo"), '\n')) {
+    std::vector<std::string> f;
+    {
+      std::istringstream in(line);
+      std::string w;
+      while (in >> w) f.push_back(w);
+    }
+    const auto dash = std::find(f.begin(), f.end(), "-");
+    if (f.size() < 5 || dash == f.end() || f.end() - dash < 4) continue;
+    const std::string& type = *(dash + 1);
+    bool v2 = false;
+    if (type == "cgroup2" && has_v2) {
+      v2 = true;
+    } else if (type == "cgroup" && has_v1) {
+      const auto opts = split(*(dash + 3), ',');
+      if (std::find(opts.begin(), opts.end(), "cpu") == opts.end()) continue;
+    } else {
+      continue;
+    }
+    // The process's cgroup as a directory of this mount (whose root is the cgroup `mroot`):
+    // skipped where the mount does not show it.
+    const std::string& path = v2 ? v2_path : v1_path;
+    std::string mroot = unescape_mount(f[3]);
+    if (mroot.size() > 1 && mroot.back() == '/') mroot.pop_back();
+    std::string rel;
+    if (mroot == "/") {
+      rel = path;
+    } else if (path.compare(0, mroot.size(), mroot) == 0 &&
+               (path.size() == mroot.size() || path[mroot.size()] == '/')) {
+      rel = path.substr(mroot.size());
+    } else {
+      continue;
+    }
+    if (rel.find("/..") != std::string::npos) continue;
+    while (rel.size() > 1 && rel.back() == '/') rel.pop_back();
+    const std::string mount = root + unescape_mount(f[4]);
+    // The cgroup and each ancestor visible in the mount: the smallest limit
+    for (std::string r = rel == "/" ? std::string() : rel;;) {
+      const std::string dir = mount + r;
+      if (v2) {
+        const auto words = split(read_file(dir + "/cpu.max"), ' ');
+        if (words.size() >= 2) take(quota_cpus(words[0], words[1]));
+      } else {
+        take(quota_cpus(read_file(dir + "/cpu.cfs_quota_us"), read_file(dir + "/cpu.cfs_period_us")));
+      }
+      if (r.empty()) break;
+      r = r.substr(0, r.rfind('/'));
+    }
+  }
+  return static_cast<int>(std::min<int64_t>(best, 1 << 20));
+}
+
+// CPUs this process may run on, at least 1: its affinity mask on Linux, capped by its
+// cgroups' CPU quota (a container limited to 2 CPUs on a 64-CPU host: 2; ceil of a fraction).
+// Threads beyond a quota are not only useless for a memory-bound step: once the quota is spent
+// the kernel stops every thread of the group until the next period (100 ms by default).
+int available_cpus_now() {
+  int cpus = 0;
 #if defined(__linux__)
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
 #endif
-  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  if (cpus < 1) cpus = static_cast<int>(std::thread::hardware_concurrency());
+  cpus = std::max(1, cpus);
+#if defined(__linux__)
+  const int limit = cgroup_limit("");
+  if (limit > 0) cpus = std::min(cpus, limit);
+#endif
+  return cpus;
 }
+
+const int g_available_cpus = available_cpus_now();
 
 // The most threads a step may use: 4x the CPUs available at import.  A step is bound by memory
 // bandwidth, so threads beyond the cores only add wake-ups; 4x leaves room to oversubscribe on
 // purpose while keeping the pool (one stack each) small whatever is asked for.
-const int g_max_threads = 4 * available_cpus();
+const int g_max_threads = 4 * g_available_cpus;
 
 // OMP_NUM_THREADS as a thread count: its first entry ("4" of the nested list "4,2"), a decimal
 // integer >= 1 (surrounding blanks allowed), capped at g_max_threads; anything else ("", "0",
@@ -187,7 +327,7 @@ int env_threads() {
 
 int default_threads() {
   const int env = env_threads();
-  return env > 0 ? env : std::min(available_cpus(), g_max_threads);
+  return env > 0 ? env : std::min(g_available_cpus, g_max_threads);
 }
 
 std::atomic<int> g_isa{static_cast<int>(best_isa())};
@@ -567,6 +707,8 @@ void set_num_threads(int n) {
 }
 int get_num_threads() { return g_threads.load(); }
 int max_threads() { return g_max_threads; }
+int available_cpus() { return g_available_cpus; }
+int cgroup_cpu_limit(const std::string& root) { return cgroup_limit(root); }
 int fork_count() { return g_forks.load(); }
 
 // ------------------------------------------------------------------ BLAS on fastoptim's pool

@@ -86,6 +86,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "max_threads",
+    "available_cpus",
     "__version__",
 ]
 
@@ -105,8 +106,8 @@ def set_num_threads(n: int) -> None:
     """Use up to `n` threads (this one and ``n - 1`` of fastoptim's own workers) for large
     steps.  `n` is an int >= 1; above :func:`max_threads` (4 x the CPUs available to the
     process) the maximum is used.  Default: ``OMP_NUM_THREADS`` (its first entry, if an
-    integer >= 1) or the available CPUs; 1 in a forked child until it calls this.  Results
-    never depend on the thread count."""
+    integer >= 1) or :func:`available_cpus`; 1 in a forked child until it calls this.
+    Results never depend on the thread count."""
     if isinstance(n, (bool, _np.bool_)) or not hasattr(type(n), "__index__"):
         raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
     count = operator.index(n)
@@ -121,9 +122,22 @@ def get_num_threads() -> int:
 
 
 def max_threads() -> int:
-    """The most threads a step uses: 4 x the CPUs available to the process (a step is bound
-    by memory bandwidth; more threads than cores only add wake-ups)."""
+    """The most threads a step uses: 4 x :func:`available_cpus` (a step is bound by memory
+    bandwidth; more threads than cores only add wake-ups)."""
     return int(_core.max_threads())
+
+
+def available_cpus() -> int:
+    """The CPUs available to the process when fastoptim was imported, at least 1: its
+    affinity mask (``os.sched_getaffinity``; elsewhere than Linux the machine's count),
+    capped by its cgroups' CPU quota where one is set (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, the smallest over its cgroup and their
+    ancestors; a fraction counts as the next integer).  A container limited to 2 CPUs on a
+    64-CPU host (``docker run --cpus 2``, a Kubernetes CPU limit) has 2, where
+    ``os.cpu_count()`` and the affinity mask say 64: threads beyond the quota make a step
+    slower, since once the quota is spent the kernel stops every thread of the container
+    until its next period.  The default thread count (:func:`set_num_threads`)."""
+    return int(_core.available_cpus())
 
 
 def _apply_isa_env() -> None:

@@ -20,12 +20,19 @@ void set_isa(Isa isa);  // throws std::invalid_argument when not available
 
 // Threads a large step uses (the caller's and up to n - 1 of fastoptim's own workers).  n >= 1
 // (std::invalid_argument otherwise); values above max_threads() use max_threads().  Default:
-// OMP_NUM_THREADS's first entry if it is an integer >= 1, else the CPUs available to the process
-// (affinity mask), capped the same way.  In a forked child: 1 (serial) until the child calls
-// set_num_threads.
+// OMP_NUM_THREADS's first entry if it is an integer >= 1, else available_cpus(), capped the same
+// way.  In a forked child: 1 (serial) until the child calls set_num_threads.
 void set_num_threads(int n);
 int get_num_threads();
 int max_threads();  // 4 x the CPUs available to the process at load
+// The CPUs available to the process at load: its affinity mask (Linux; else the hardware's
+// count), capped by its cgroups' CPU quota, at least 1.
+int available_cpus();
+// The smallest CPU quota of this process's cgroups (v2 cpu.max, v1 cpu.cfs_quota_us over
+// cpu.cfs_period_us, its own and its ancestors', found through /proc/self/cgroup and
+// /proc/self/mountinfo) as ceil(quota / period); 0 where none is set or nothing is readable.
+// `root` prefixes every path ("" for the real ones; tests give a tree of their own).
+int cgroup_cpu_limit(const std::string& root);
 int fork_count();   // forks this process's line has gone through since the library was loaded
 // A step uses at most one thread per `grain` bytes of memory traffic (serially below 2 grains):
 // starting a parallel region costs ~1.5 us, so small steps are faster on one thread.
