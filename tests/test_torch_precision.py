@@ -369,3 +369,66 @@ def test_masters_follow_an_edit_by_the_rule(
     edited_exact = (p[:20] != m[:20].to(dtype)) & ~p[:20].isnan()
     assert edited_exact.any()
     assert torch.equal(followed[:20][edited_exact], p[:20][edited_exact].float())
+
+
+# ------------------------------------------------------------ step counts beyond float32's 2^24
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_stochastic_rounding_keeps_counting_beyond_two_to_the_24(cls: str) -> None:
+    """With rounding="stochastic" the step number keys the random bits: the step count is kept
+    in float64 (a float32 count, torch's under its default dtype and what a torch.optim
+    checkpoint holds, stops at 2^24: every later step drew the same bits).  Each step below
+    starts from the same parameter, gradient and moments: only the step number differs, so
+    the rounded results differ between steps (4096 elements whose updates are below half a
+    bfloat16 ulp: the same bits would round every one of them alike)."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 4096, dtype=torch.bfloat16))
+    opt = getattr(fot, cls)([p], lr=1e-3, rounding="stochastic", seed=1)
+    p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    assert opt.state[p]["step"].dtype == torch.float64
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
+    opt.load_state_dict(sd)
+    p0 = p.detach().clone()
+    state0 = {k: v.clone() for k, v in opt.state[p].items() if k != "step"}
+    results, counts = [], []
+    for _ in range(4):
+        with torch.no_grad():
+            p.copy_(p0)
+            for k, v in state0.items():
+                opt.state[p][k].copy_(v)
+        opt.step()
+        results.append(p.detach().view(torch.int16).numpy().copy())
+        counts.append(float(opt.state[p]["step"]))
+    assert counts == [2**24, 2**24 + 1, 2**24 + 2, 2**24 + 3]
+    assert opt.state[p]["step"].dtype == torch.float64
+    for a, b in zip(results, results[1:]):
+        assert not np.array_equal(a, b)
+
+
+def test_step_count_stops_at_two_to_the_24_as_torch_optim() -> None:
+    """Without stochastic rounding the count is torch's (float32 under torch's default dtype):
+    from 2^24 it stops, as torch.optim's, and the step number the update uses is the stored
+    count, as torch.optim's: the coefficients stay those of step 2^24 (Adagrad's lr / (1 +
+    (step - 1) lr_decay) with lr = 2^24 and lr_decay = 1: 1 at step 2^24, the float32 below 1
+    at 2^24 + 1, which changed ~half of these elements).  So four steps from a count of
+    2^24 - 1 equal four steps each taken from a count set back to 2^24 - 1."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(1000).astype(np.float32)
+    grads = [torch.from_numpy(rng.standard_normal(1000).astype(np.float32)) for _ in range(4)]
+    runs = []
+    for make, reset in ((fot.Adagrad, False), (fot.Adagrad, True), (torch.optim.Adagrad, False)):
+        p = torch.nn.Parameter(torch.from_numpy(w.copy()))
+        opt = make([p], lr=2.0**24, lr_decay=1.0)
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        counts = []
+        for g in grads:
+            if reset or not counts:
+                opt.state[p]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
+            p.grad = g.clone()
+            opt.step()
+            counts.append(float(opt.state[p]["step"]))
+        runs.append((p.detach().clone(), counts))
+    (frozen, counts), (reset_each_time, _), (_, torch_counts) = runs
+    assert counts == torch_counts == [2.0**24] * 4
+    assert torch.equal(frozen, reset_each_time)

@@ -61,7 +61,14 @@ import torch
 
 from fastoptim import _core
 from fastoptim.engine import precision
-from fastoptim.torch import CODES, _dequantized, _loaded_entry, _recorded_order
+from fastoptim.torch import (
+    CODES,
+    _dequantized,
+    _exact_count,
+    _loaded_entry,
+    _recorded_order,
+    _scalar_dtype,
+)
 
 __all__ = ["from_bitsandbytes", "to_bitsandbytes"]
 
@@ -247,7 +254,9 @@ def from_bitsandbytes(state_dict: Mapping[str, Any], optimizer: Any) -> dict[str
         out: dict[str, Any] = {}
         if any(n == "step" for n, _ in optimizer._scalars_of(group)):  # (as torch, or
             # SGD's and Lion's with stochastic rounding)
-            out["step"] = torch.tensor(float(_step(entry, where)), dtype=torch.float32)
+            out["step"] = torch.tensor(
+                float(_step(entry, where)), dtype=_scalar_dtype(_exact_count("step", group))
+            )
         for j, name in enumerate(names, start=1):
             value = _read_bnb(entry, j, shape, where)
             if value is None:

@@ -401,9 +401,20 @@ def _numpy_of(t: torch.Tensor) -> np.ndarray:
 _Opt = TypeVar("_Opt", bound="Optimizer")
 
 
-def _scalar_dtype() -> torch.dtype:
-    """The dtype torch.optim gives a new ``step`` tensor (its ``_get_scalar_dtype()``)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+def _scalar_dtype(exact: bool = False) -> torch.dtype:
+    """The dtype torch.optim gives a new ``step`` tensor (its ``_get_scalar_dtype()``), or
+    float64 where the count must stay `exact` beyond float32's 2^24 (:func:`_exact_count`)."""
+    wide = exact or torch.get_default_dtype() == torch.float64
+    return torch.float64 if wide else torch.float32
+
+
+def _exact_count(name: str, hp: Mapping[str, Any]) -> bool:
+    """Whether scalar state `name` of a group with `hp` is a step count kept in float64: with
+    ``rounding="stochastic"`` the step number keys the random bits, and a float32 count (torch's
+    under its default dtype) stops at 2^24 = 16,777,216 (x + 1 rounds back to x): every later
+    step would draw the same bits (each element rounded the same way at every step: biased).
+    Elsewhere torch's dtype, whose count stops there as torch.optim's does."""
+    return name == "step" and hp.get(precision.ROUNDING) == "stochastic"
 
 
 def _plain(value: Any) -> Any:
@@ -1581,7 +1592,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         for name, value in self._scalars_of(hp):
             if name not in state:
                 fill = float(_plain(hp[value])) if isinstance(value, str) else value
-                state[name] = torch.tensor(fill, dtype=_scalar_dtype())
+                state[name] = torch.tensor(fill, dtype=_scalar_dtype(_exact_count(name, hp)))
 
     def set_copy_out(self, outs: Any) -> None:
         """The offload layout: after every step, each float32 parameter that has a copy-out
@@ -1852,7 +1863,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         scalars, buffers = {}, []
         for n, values in packed.items():
             dtypes = {v.dtype for v in values if isinstance(v, torch.Tensor)}
-            if len(dtypes) == 1:
+            if _exact_count(n, c.hp):  # (a float32 count loaded: widened)
+                dtype = torch.float64
+            elif len(dtypes) == 1:
                 dtype = dtypes.pop()
             else:  # new (torch's default), or mixed (e.g. loaded): the wider one
                 dtype = torch.float64 if dtypes else _scalar_dtype()
@@ -2151,9 +2164,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if steps is None:
             return 1
         if sel is None:  # (all equal: one bucket) x + 1 rounded to the buffer's dtype, as torch
-            after = steps.item(0) + 1
-            steps.fill(after)
-            step = int(after)
+            # (and the stored count is the step number, as torch's: a float32 count stops at
+            # 2^24, torch.optim's too)
+            steps.fill(steps.item(0) + 1)
+            step = int(steps.item(0))
         else:
             steps[sel] += 1
             step = int(steps[sel[0]])
