@@ -79,7 +79,8 @@ def test_threads_beyond_the_maximum_are_capped_and_said(
     assert f"{most} (--threads 1000000 capped at the maximum)" in capsys.readouterr().out
     assert cli.main([*QUICK_BENCH, "--optimizers", "sgd", "--threads", "1000000"]) == 0
     header = capsys.readouterr().out.splitlines()[0]
-    assert f"threads={fo.max_threads()} (--threads 1000000 capped at the maximum)" in header
+    assert f"threads={fo.max_threads()} (--threads 1000000 capped at the maximum) " in header
+    assert f" cpus={fo.available_cpus()}, " in header
     assert "median and range of 1 interleaved round (" in header
     assert "each sample timing a block of 1 call (" in header
 

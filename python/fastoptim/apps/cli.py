@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, get_num_threads, isa, set_num_threads
+from .. import __version__, available_cpus, get_num_threads, isa, set_num_threads
 from . import bench, capped, demo, lookup, minimize, plural
 
 
@@ -456,7 +456,8 @@ def _run_bench(args: argparse.Namespace) -> None:
     )
     print(
         f"fastoptim {__version__} bench: isa={isa()} threads={get_num_threads()}"
-        f"{capped(args.threads)}, {'float32' if mode is None else _BENCH_MODES[mode]}, "
+        f"{capped(args.threads)} cpus={available_cpus()}, "
+        f"{'float32' if mode is None else _BENCH_MODES[mode]}, "
         f"median and range of {plural(args.rounds, 'interleaved round')} (and up to "
         f"{bench.MAX_REMEASURE * args.rounds} more where a check fails), each sample timing a "
         f"block of {block}",
