@@ -600,6 +600,26 @@ def _fake_root(tmp: Any, cgroup: str, mountinfo: str, files: dict[str, str]) -> 
         ("0::/app\n", "garbage\n- - -\n\n", {"/sys/fs/cgroup/app/cpu.max": "1 1\n"}, 0),
         ("", V2_MOUNT, {"/sys/fs/cgroup/cpu.max": "100000 100000\n"}, 0),
         ("0::/../x\n", V2_MOUNT, {"/sys/fs/x/cpu.max": "100000 100000\n"}, 0),
+        # a directory whose name starts with ".." is an ordinary one
+        ("0::/..app\n", V2_MOUNT, {"/sys/fs/cgroup/..app/cpu.max": "100000 100000\n"}, 1),
+        # a path that is not absolute (the kernel writes none): no limit, and no endless walk
+        ("0::app\n", V2_MOUNT, {"/sys/fs/cgroup/app/cpu.max": "100000 100000\n"}, 0),
+        # an empty mount source (two blanks: not a field of the split)
+        (
+            "0::/app\n",
+            "30 23 0:26 / /sys/fs/cgroup rw shared:4 - cgroup2  rw,nsdelegate\n",
+            {"/sys/fs/cgroup/app/cpu.max": "200000 100000\n"},
+            2,
+        ),
+        (
+            "4:cpu:/s\n",
+            "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup  rw,cpu\n",
+            {
+                "/sys/fs/cgroup/cpu/s/cpu.cfs_quota_us": "100000\n",
+                "/sys/fs/cgroup/cpu/s/cpu.cfs_period_us": "100000\n",
+            },
+            1,
+        ),
     ],
 )
 def test_cgroup_cpu_limit(

@@ -432,3 +432,34 @@ def test_step_count_stops_at_two_to_the_24_as_torch_optim() -> None:
     (frozen, counts), (reset_each_time, _), (_, torch_counts) = runs
     assert counts == torch_counts == [2.0**24] * 4
     assert torch.equal(frozen, reset_each_time)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (torch's sparse COO invariant checks)
+def test_sparse_step_count_stops_at_two_to_the_24_as_torch_optim() -> None:
+    """The same on the row path (sparse gradients): from a float32 count of 2^24 - 1, four
+    steps equal four steps each taken from the count set back (step 2^24's coefficients)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((50, 8)).astype(np.float32)
+    idx = torch.tensor([[1, 3, 7, 20]])
+    grads = [
+        torch.sparse_coo_tensor(
+            idx, torch.from_numpy(rng.standard_normal((4, 8)).astype(np.float32)), (50, 8)
+        )
+        for _ in range(4)
+    ]
+    runs = []
+    for reset in (False, True):
+        p = torch.nn.Parameter(torch.from_numpy(w.copy()))
+        opt = fot.Adagrad([p], lr=2.0**24, lr_decay=1.0)
+        p.grad = grads[0] * 0
+        opt.step()
+        counts = []
+        for g in grads:
+            if reset or not counts:
+                opt.state[p]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
+            p.grad = g.clone()
+            opt.step()
+            counts.append(float(opt.state[p]["step"]))
+        assert counts == [2.0**24] * 4
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])

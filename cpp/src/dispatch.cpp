@@ -236,14 +236,16 @@ int cgroup_limit(const std::string& root) {
       std::string w;
       while (in >> w) f.push_back(w);
     }
-    const auto dash = std::find(f.begin(), f.end(), "-");
-    if (f.size() < 5 || dash == f.end() || f.end() - dash < 4) continue;
+    // (after the separator: the type, the source (which may be empty, then not a field of
+    // the split) and the super options, last)
+    const auto dash = std::find(f.begin() + std::min<std::size_t>(f.size(), 5), f.end(), "-");
+    if (f.size() < 5 || dash == f.end() || f.end() - dash < 3) continue;
     const std::string& type = *(dash + 1);
     bool v2 = false;
     if (type == "cgroup2" && has_v2) {
       v2 = true;
     } else if (type == "cgroup" && has_v1) {
-      const auto opts = split(*(dash + 3), ',');
+      const auto opts = split(f.back(), ',');
       if (std::find(opts.begin(), opts.end(), "cpu") == opts.end()) continue;
     } else {
       continue;
@@ -262,7 +264,11 @@ int cgroup_limit(const std::string& root) {
     } else {
       continue;
     }
-    if (rel.find("/..") != std::string::npos) continue;
+    // (a path outside the mount's view, e.g. /../sibling in another cgroup namespace; and a
+    // path that is not absolute: the kernel writes neither for a cgroup the mount shows)
+    const auto parts = split(rel, '/');
+    if ((!rel.empty() && rel[0] != '/') || std::find(parts.begin(), parts.end(), "..") != parts.end())
+      continue;
     while (rel.size() > 1 && rel.back() == '/') rel.pop_back();
     const std::string mount = root + unescape_mount(f[4]);
     // The cgroup and each ancestor visible in the mount: the smallest limit
@@ -274,8 +280,9 @@ int cgroup_limit(const std::string& root) {
       } else {
         take(quota_cpus(read_file(dir + "/cpu.cfs_quota_us"), read_file(dir + "/cpu.cfs_period_us")));
       }
-      if (r.empty()) break;
-      r = r.substr(0, r.rfind('/'));
+      const auto up = r.rfind('/');
+      if (r.empty() || up == std::string::npos) break;
+      r = r.substr(0, up);
     }
   }
   return static_cast<int>(std::min<int64_t>(best, 1 << 20));

@@ -2468,7 +2468,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         counts = []
         for r in rows:
             step = r.state.get("step")  # (SGD keeps none: its update does not depend on it)
-            counts.append(1 if step is None else int(float(step)) + 1)
+            if isinstance(step, torch.Tensor):  # x + 1 in the count's dtype, as torch
+                counts.append(int((step.detach().cpu().reshape(()) + 1).item()))
+            else:
+                counts.append(1 if step is None else int(float(step)) + 1)
 
         def counted() -> None:
             for r, count in zip(rows, counts):
