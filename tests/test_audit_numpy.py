@@ -810,3 +810,30 @@ def test_adafactor_refuses_a_gradient_that_is_its_own_state(shape: tuple[int, ..
         opt.step([var])
     np.testing.assert_array_equal(var, before)
     np.testing.assert_array_equal(p, pb)
+
+
+@pytest.mark.parametrize(
+    ("complex_dtype", "real"), [(np.complex64, "float32"), (np.complex128, "float64")]
+)
+def test_complex_arrays_are_refused_with_their_real_view_named(
+    complex_dtype: Any, real: str
+) -> None:
+    """The NumPy and functional tiers take float arrays: a complex one is refused with a
+    TypeError naming the zero-copy real view to pass, which then works in place (each part an
+    element, as torch.optim updates complex parameters), as a float array of those values."""
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal(6) + 1j * rng.standard_normal(6)).astype(complex_dtype)
+    g = (rng.standard_normal(6) + 1j * rng.standard_normal(6)).astype(complex_dtype)
+    before = z.copy()
+    name = np.dtype(complex_dtype).name
+    hint = rf"got {name}: pass a complex array's real view, z\.view\(np\.{real}\)"
+    with pytest.raises(TypeError, match=hint):
+        fo.Adam([z], lr=0.1)
+    with pytest.raises(TypeError, match=hint):
+        F.adam_(z, g, np.zeros_like(z), np.zeros_like(z), step=1, lr=0.1)
+    assert np.array_equal(z, before)
+    twin = z.view(real).copy()
+    fo.Adam([z.view(real)], lr=0.1).step([g.view(real)])
+    fo.Adam([twin], lr=0.1).step([g.view(real).copy()])
+    assert np.array_equal(z.view(real), twin)
+    assert not np.array_equal(z, before)

@@ -102,6 +102,13 @@ Arg check_array(py::handle h, const std::string& what, bool writeable) {
   else if (dt.kind() == 'f' && !native)
     throw py::type_error(what + ": dtype " + dtype_name(a) +
                          " has non-native byte order; it would need a copy");
+  else if (dt.kind() == 'c' && (dt.itemsize() == 8 || dt.itemsize() == 16))
+    throw py::type_error(what + ": dtype must be float32, float64, float16 or bfloat16 "
+                         "(ml_dtypes.bfloat16), got " + dtype_name(a) +
+                         ": pass a complex array's real view, z.view(np." +
+                         (dt.itemsize() == 8 ? "float32" : "float64") +
+                         ") (zero-copy; its real and imaginary parts are elements, as "
+                         "torch.optim updates complex parameters)");
   else
     throw py::type_error(what + ": dtype must be float32, float64, float16 or bfloat16 "
                          "(ml_dtypes.bfloat16), got " + dtype_name(a));
