@@ -1140,3 +1140,84 @@ def test_state_that_cannot_be_stepped_is_named() -> None:
     with pytest.raises(ValueError, match=r"of group 0: its state's 'exp_avg' is a torch\.s"):
         opt.load_state_dict(sd)
     assert all(torch.equal(opt.state[a][k], v) for k, v in state.items())
+
+
+# ------------------------------------------------- torch.distributed.checkpoint (DCP)
+_DCP_SINGLE = "ignore:torch.distributed is disabled:UserWarning"  # (DCP without a group)
+
+
+def _dcp_run(steps: int, dcp_first: bool = False) -> tuple[Any, Any, list[float]]:
+    from fastoptim import schedules
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = fot.AdamW(
+        model.parameters(), lr=schedules.warmup_cosine(1e-2, warmup_steps=3, total_steps=10)
+    )
+    if dcp_first:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        get_optimizer_state_dict(model, opt)
+    return model, opt, _dcp_train(model, opt, steps)
+
+
+def _dcp_train(model: Any, opt: Any, steps: int, start: int = 0) -> list[float]:
+    lrs = []
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        model(torch.full((3, 4), 1.0 + t)).square().sum().backward()
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.filterwarnings(_DCP_SINGLE)
+def test_dcp_state_initialisation_keeps_the_schedules() -> None:
+    """DCP's get_optimizer_state_dict / get_state_dict / set_state_dict on an optimizer without
+    state set every lr to 0, step with zero gradients, and put the lr back: the schedules stay
+    (an assigned lr replaced its schedule by a constant: the run went on at lr 0 from a warmup
+    starting at 0), at the same update; the step's state stays, as torch.optim's (each
+    parameter's step is 1)."""
+    model, opt, _ = _dcp_run(0, dcp_first=True)
+    assert list(opt.schedules(0)) == ["lr"] and opt.step_count == 0
+    assert opt.param_groups[0]["lr"] == 0.0  # (warmup_cosine's value at update 0)
+    assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
+    _, _, plain = _dcp_run(5)
+    _, _, after = _dcp_run(5, dcp_first=True)
+    assert after == plain
+
+
+@pytest.mark.filterwarnings(_DCP_SINGLE)
+def test_dcp_save_and_load_resume_a_scheduled_run(tmp_path: Any) -> None:
+    """The usual DCP resume (a fresh model and optimizer, get_state_dict as dcp.load's target,
+    set_state_dict): the schedules and the run continue as if never stopped, bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    model, _, lrs = _dcp_run(6)
+    for full in (False, True):
+        options = StateDictOptions(full_state_dict=full)
+        first, opt1, head = _dcp_run(3)
+        msd, osd = get_state_dict(first, opt1, options=options)
+        where = tmp_path / f"ckpt{int(full)}"
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where))
+        again, opt2, _ = _dcp_run(0)
+        msd2, osd2 = get_state_dict(again, opt2, options=options)
+        target = {"model": msd2, "optim": osd2}
+        dcp.load(target, checkpoint_id=str(where))
+        set_state_dict(
+            again,
+            opt2,
+            model_state_dict=target["model"],
+            optim_state_dict=target["optim"],
+            options=options,
+        )
+        assert opt2.step_count == 3 and list(opt2.schedules(0)) == ["lr"]
+        tail = _dcp_train(again, opt2, 3, start=3)
+        assert head + tail == lrs
+        for a, b in zip(again.parameters(), model.parameters()):
+            assert torch.equal(a, b)

@@ -133,8 +133,9 @@ import functools
 import importlib
 import math
 import operator
+import sys
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union, cast, overload
 
 import ml_dtypes
@@ -763,6 +764,24 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _is_compiling = torch.compiler.is_compiling
 
 
+def _dcp_initialising() -> bool:
+    """Whether the step being called is ``torch.distributed.checkpoint``'s state
+    initialisation (``_init_optim_state``, run by ``get_optimizer_state_dict``,
+    ``get_state_dict`` and ``set_state_dict`` on an optimizer without state): it sets every
+    group's ``lr`` to 0, steps with zero gradients to create the state, and puts the ``lr``
+    objects back."""
+    frame: Any = sys._getframe(2)  # (the caller of the wrapper `run`, and two more)
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and str(
+            frame.f_globals.get("__name__", "")
+        ).startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _hooked(step: _F) -> _F:
     """`step` as ``torch.optim.Optimizer`` wraps every optimizer's ``step``
     (``profile_hook_step``: the step pre- and post-hooks, global and per optimizer, and a
@@ -772,6 +791,12 @@ def _hooked(step: _F) -> _F:
 
     @functools.wraps(step)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.state and self._scheduled and _dcp_initialising():
+            with self._schedules_kept():
+                return dispatch(self, *args, **kwargs)
+        return dispatch(self, *args, **kwargs)
+
+    def dispatch(self: Any, *args: Any, **kwargs: Any) -> Any:
         if _is_compiling():  # (torch.compile tracing this call: True there only)
             return uncompiled(self, *args, **kwargs)
         if (
@@ -1177,6 +1202,35 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 _schedules._has_schedule(group.get(k)) for k in self.defaults
             ):
                 self._sync(group)
+
+    @contextlib.contextmanager
+    def _schedules_kept(self) -> Iterator[None]:
+        """The schedules as they were before the block, after it: torch.distributed.checkpoint's
+        state initialisation (:func:`_dcp_initialising`) assigns ``lr = 0`` for one step and
+        then the old ``lr`` back, which would replace each scheduled ``lr`` by a constant (an
+        assigned value replaces its schedule) and move the schedules one update on.  The
+        step's state (each parameter's ``step`` included, as torch.optim's) stays."""
+        t = self._t
+        saved = [
+            (
+                key,
+                group,
+                rec,
+                (dict(rec.specs), dict(rec.written), dict(rec.pending)),
+                (rec.lr_scale, rec.lr_floor),
+                {k: group.get(k) for k in rec.specs},
+            )
+            for key, (group, rec) in self._scheduled.items()
+        ]
+        try:
+            yield
+        finally:
+            self._t = t
+            for key, group, rec, (specs, written, pending), (scale, floor), values in saved:
+                rec.specs, rec.written, rec.pending = specs, written, pending
+                rec.lr_scale, rec.lr_floor = scale, floor
+                group.update(values)
+                self._scheduled[key] = (group, rec)
 
     def _advance_schedules(self) -> None:
         """After a step: count it and write each schedule's value for the next one (checked by
