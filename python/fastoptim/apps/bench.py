@@ -307,22 +307,8 @@ def _torch_contenders(
         for p, g in zip(params, grads):
             p.grad = torch.from_numpy(g)
         opt = cls(params, **kwargs, **mode)
-        _state_in_numpy_memory(torch, opt)
         out[label] = opt.step
     return out
-
-
-def _state_in_numpy_memory(torch: Any, opt: Any) -> None:
-    """One step of torch optimizer `opt`, then its state tensors moved into memory that NumPy
-    allocates, as the contenders' parameters and gradients and fastoptim's state are: so that
-    the rows compare the steps, not the allocators (NumPy advises transparent huge pages for
-    arrays of 4 MiB and more, torch's allocator does not, and on the development VM the same
-    step ran 10-20% slower on huge pages: the performance log, 2026-11-29)."""
-    opt.step()
-    for state in opt.state.values():
-        for name, value in list(state.items()):
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and not value.is_sparse:
-                state[name] = torch.from_numpy(value.detach().numpy().copy())
 
 
 def _contenders(
