@@ -405,61 +405,43 @@ def test_stochastic_rounding_keeps_counting_beyond_two_to_the_24(cls: str) -> No
         assert not np.array_equal(a, b)
 
 
-def test_step_count_stops_at_two_to_the_24_as_torch_optim() -> None:
+def _from_two_to_the_24(make: Any, w: np.ndarray, grads: list[Any], reset: bool) -> Any:
+    """Adagrad (lr = 2^24, lr_decay = 1) from `w`: one step with a zero gradient, then one
+    step per gradient from a float32 count of 2^24 - 1 (set back before each step where
+    `reset`); the parameter and the counts after each step."""
+    p = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    opt = make([p], lr=2.0**24, lr_decay=1.0)
+    p.grad = grads[0] * 0
+    opt.step()
+    counts = []
+    for g in grads:
+        if reset or not counts:
+            opt.state[p]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
+        p.grad = g.clone()
+        opt.step()
+        counts.append(float(opt.state[p]["step"]))
+    return p.detach().clone(), counts
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (torch's sparse COO invariant checks)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_step_count_stops_at_two_to_the_24_as_torch_optim(sparse: bool) -> None:
     """Without stochastic rounding the count is torch's (float32 under torch's default dtype):
     from 2^24 it stops, as torch.optim's, and the step number the update uses is the stored
     count, as torch.optim's: the coefficients stay those of step 2^24 (Adagrad's lr / (1 +
     (step - 1) lr_decay) with lr = 2^24 and lr_decay = 1: 1 at step 2^24, the float32 below 1
     at 2^24 + 1, which changed ~half of these elements).  So four steps from a count of
-    2^24 - 1 equal four steps each taken from a count set back to 2^24 - 1."""
-    rng = np.random.default_rng(3)
-    w = rng.standard_normal(1000).astype(np.float32)
-    grads = [torch.from_numpy(rng.standard_normal(1000).astype(np.float32)) for _ in range(4)]
-    runs = []
-    for make, reset in ((fot.Adagrad, False), (fot.Adagrad, True), (torch.optim.Adagrad, False)):
-        p = torch.nn.Parameter(torch.from_numpy(w.copy()))
-        opt = make([p], lr=2.0**24, lr_decay=1.0)
-        p.grad = torch.zeros_like(p)
-        opt.step()
-        counts = []
-        for g in grads:
-            if reset or not counts:
-                opt.state[p]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
-            p.grad = g.clone()
-            opt.step()
-            counts.append(float(opt.state[p]["step"]))
-        runs.append((p.detach().clone(), counts))
-    (frozen, counts), (reset_each_time, _), (_, torch_counts) = runs
-    assert counts == torch_counts == [2.0**24] * 4
-    assert torch.equal(frozen, reset_each_time)
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")  # (torch's sparse COO invariant checks)
-def test_sparse_step_count_stops_at_two_to_the_24_as_torch_optim() -> None:
-    """The same on the row path (sparse gradients): from a float32 count of 2^24 - 1, four
-    steps equal four steps each taken from the count set back (step 2^24's coefficients)."""
+    2^24 - 1 equal four steps each taken from a count set back to 2^24 - 1; on the dense and
+    the row (sparse gradients) paths."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((50, 8)).astype(np.float32)
-    idx = torch.tensor([[1, 3, 7, 20]])
-    grads = [
-        torch.sparse_coo_tensor(
-            idx, torch.from_numpy(rng.standard_normal((4, 8)).astype(np.float32)), (50, 8)
-        )
-        for _ in range(4)
-    ]
-    runs = []
-    for reset in (False, True):
-        p = torch.nn.Parameter(torch.from_numpy(w.copy()))
-        opt = fot.Adagrad([p], lr=2.0**24, lr_decay=1.0)
-        p.grad = grads[0] * 0
-        opt.step()
-        counts = []
-        for g in grads:
-            if reset or not counts:
-                opt.state[p]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
-            p.grad = g.clone()
-            opt.step()
-            counts.append(float(opt.state[p]["step"]))
-        assert counts == [2.0**24] * 4
-        runs.append(p.detach().clone())
-    assert torch.equal(runs[0], runs[1])
+    grads = [torch.from_numpy(rng.standard_normal((50, 8)).astype(np.float32)) for _ in range(4)]
+    if sparse:
+        keep = torch.zeros(50, 1)
+        keep[[1, 3, 7, 20]] = 1.0
+        grads = [(g * keep).to_sparse(1) for g in grads]
+    frozen, counts = _from_two_to_the_24(fot.Adagrad, w, grads, reset=False)
+    reset_each_time, _ = _from_two_to_the_24(fot.Adagrad, w, grads, reset=True)
+    _, torch_counts = _from_two_to_the_24(torch.optim.Adagrad, w, grads, reset=False)
+    assert counts == torch_counts == [2.0**24] * 4
+    assert torch.equal(frozen, reset_each_time)
