@@ -267,8 +267,8 @@ int cgroup_limit(const std::string& root) {
     // (a path outside the mount's view, e.g. /../sibling in another cgroup namespace; and a
     // path that is not absolute: the kernel writes neither for a cgroup the mount shows)
     const auto parts = split(rel, '/');
-    if ((!rel.empty() && rel[0] != '/') || std::find(parts.begin(), parts.end(), "..") != parts.end())
-      continue;
+    const bool dotdot = std::find(parts.begin(), parts.end(), "..") != parts.end();
+    if ((!rel.empty() && rel[0] != '/') || dotdot) continue;
     while (rel.size() > 1 && rel.back() == '/') rel.pop_back();
     const std::string mount = root + unescape_mount(f[4]);
     // The cgroup and each ancestor visible in the mount: the smallest limit
@@ -278,7 +278,8 @@ int cgroup_limit(const std::string& root) {
         const auto words = split(read_file(dir + "/cpu.max"), ' ');
         if (words.size() >= 2) take(quota_cpus(words[0], words[1]));
       } else {
-        take(quota_cpus(read_file(dir + "/cpu.cfs_quota_us"), read_file(dir + "/cpu.cfs_period_us")));
+        take(quota_cpus(read_file(dir + "/cpu.cfs_quota_us"),
+                        read_file(dir + "/cpu.cfs_period_us")));
       }
       const auto up = r.rfind('/');
       if (r.empty() || up == std::string::npos) break;
