@@ -187,20 +187,22 @@ std::string unescape_mount(const std::string& s) {
   return out;
 }
 
+// A decimal integer, blanks around it allowed: its value; `longer` where it has more than
+// `digits` digits; -1 where it is not one ("", "-3", "+2", "2.5", "max", "abc").
+int64_t decimal(const std::string& text, std::size_t digits, int64_t longer) {
+  const char* blank = " \t\n\r\f\v";
+  const auto b = text.find_first_not_of(blank);
+  if (b == std::string::npos) return -1;
+  const std::string d = text.substr(b, text.find_last_not_of(blank) - b + 1);
+  auto digit = [](unsigned char c) { return std::isdigit(c) != 0; };
+  if (!std::all_of(d.begin(), d.end(), digit)) return -1;
+  return d.size() > digits ? longer : std::stoll(d);
+}
+
 // ceil(quota / period) for a quota and a period in microseconds (text); 0 where either is not
 // a positive integer ("max", -1, garbage: no limit).
 int64_t quota_cpus(const std::string& quota, const std::string& period) {
-  auto number = [](const std::string& t) -> int64_t {
-    const auto b = t.find_first_not_of(" \t\n");
-    if (b == std::string::npos) return 0;
-    const auto e = t.find_last_not_of(" \t\n");
-    const std::string d = t.substr(b, e - b + 1);
-    if (d.empty() || d.size() > 18 ||
-        !std::all_of(d.begin(), d.end(), [](unsigned char c) { return std::isdigit(c) != 0; }))
-      return 0;
-    return std::stoll(d);
-  };
-  const int64_t q = number(quota), p = number(period);
+  const int64_t q = decimal(quota, 18, 0), p = decimal(period, 18, 0);
   return q > 0 && p > 0 ? std::max<int64_t>(1, (q + p - 1) / p) : 0;
 }
 
@@ -321,16 +323,9 @@ const int g_max_threads = 4 * g_available_cpus;
 int env_threads() {
   const char* env = std::getenv("OMP_NUM_THREADS");
   if (env == nullptr) return 0;
-  std::string s(env);
-  s = s.substr(0, s.find(','));
-  const char* space = " \t\n\r\f\v";
-  const auto b = s.find_first_not_of(space);
-  s = b == std::string::npos ? std::string() : s.substr(b, s.find_last_not_of(space) - b + 1);
-  auto digit = [](unsigned char c) { return std::isdigit(c) != 0; };
-  if (s.empty() || !std::all_of(s.begin(), s.end(), digit)) return 0;
-  if (s.size() > 9) return g_max_threads;  // absurdly large: the cap
-  const long v = std::stol(s);
-  return v < 1 ? 0 : static_cast<int>(std::min<long>(v, g_max_threads));
+  const std::string s(env);
+  const int64_t v = decimal(s.substr(0, s.find(',')), 9, g_max_threads);  // 10+ digits: the cap
+  return v < 1 ? 0 : static_cast<int>(std::min<int64_t>(v, g_max_threads));
 }
 
 int default_threads() {
