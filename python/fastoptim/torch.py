@@ -1212,23 +1212,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         step's state (each parameter's ``step`` included, as torch.optim's) stays."""
         t = self._t
         saved = [
-            (
-                key,
-                group,
-                rec,
-                (dict(rec.specs), dict(rec.written), dict(rec.pending)),
-                (rec.lr_scale, rec.lr_floor),
-                {k: group.get(k) for k in rec.specs},
-            )
+            (key, group, rec, rec.copy(), {k: group.get(k) for k in rec.specs})
             for key, (group, rec) in self._scheduled.items()
         ]
         try:
             yield
         finally:
             self._t = t
-            for key, group, rec, (specs, written, pending), (scale, floor), values in saved:
-                rec.specs, rec.written, rec.pending = specs, written, pending
-                rec.lr_scale, rec.lr_floor = scale, floor
+            for key, group, rec, kept, values in saved:
+                rec.copy_from(kept)
                 group.update(values)
                 self._scheduled[key] = (group, rec)
 

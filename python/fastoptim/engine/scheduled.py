@@ -83,6 +83,18 @@ class Scheduled:
         self.lr_scale = 1.0
         self.lr_floor = 0.0
 
+    def copy(self) -> Scheduled:
+        """A copy with its own schedules, written values and pending errors."""
+        new = Scheduled.__new__(Scheduled)
+        new.copy_from(self)
+        return new
+
+    def copy_from(self, other: Scheduled) -> None:
+        """Become a copy of `other` (as :meth:`copy`)."""
+        for name in self.__slots__:
+            value = getattr(other, name)
+            setattr(self, name, dict(value) if isinstance(value, dict) else value)
+
     def adopt(self, group: dict[str, Any], t: int, keys: Iterable[str] | None = None) -> None:
         """Reconcile `group` with its schedules after the user (or a torch LR scheduler) may
         have assigned entries (`keys`: those to look at, default all): a schedule assigned to
