@@ -1221,3 +1221,34 @@ def test_dcp_save_and_load_resume_a_scheduled_run(tmp_path: Any) -> None:
         assert head + tail == lrs
         for a, b in zip(again.parameters(), model.parameters()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["NAdam", "Adam", "AdamW", "RAdam", "Adamax", "ASGD"])
+def test_float64_tensor_hyperparameters_agree_to_float64_rounding(name: str) -> None:
+    """A float64 tensor ``lr`` and ``betas`` on float64 parameters: torch's steps to float64
+    rounding, as the README says.  (NAdam's ``mu_product``, a float32 tensor, is multiplied by
+    a float64 tensor factor there: in float64, rounded once; it was multiplied in float32,
+    1e-10 apart after 20 steps.)"""
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(5, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(20)]
+    runs = []
+    for cls in (getattr(torch.optim, name), getattr(fot, name)):
+        params = [p.clone() for p in start]
+        kw: dict[str, Any] = {"lr": torch.tensor(0.01, dtype=torch.float64)}
+        if name != "ASGD":
+            kw["betas"] = tuple(torch.tensor(b, dtype=torch.float64) for b in (0.9, 0.999))
+        if cls.__module__.startswith("torch"):
+            kw["foreach"] = False
+        opt = cls(params, **kw)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt.state))
+    (tp, ts), (fp, fs) = runs
+    for a, b in zip(tp, fp):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-15)
+    for a, b in zip(tp, fp):
+        for key, value in ts[a].items():
+            torch.testing.assert_close(fs[b][key], value, rtol=1e-13, atol=1e-15)

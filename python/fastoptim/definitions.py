@@ -84,9 +84,10 @@ def _asgd_next(group: Mapping[str, Any], t: float) -> dict[str, float]:
     return {"eta": lr / ((1 + lambd * lr * t) ** alpha), "mu": 1 / max(1, t - t0)}
 
 
-def _nadam_mu(group: Mapping[str, Any], t: float) -> float:
-    """torch's momentum factor mu_t of NAdam's schedule."""
-    return float(group["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * group["momentum_decay"]))))
+def _nadam_mu(group: Mapping[str, Any], t: float) -> Any:
+    """torch's momentum factor mu_t of NAdam's schedule: a float, or a 0-d tensor where the
+    group's ``betas`` or ``momentum_decay`` is one (computed as torch computes it)."""
+    return group["betas"][0] * (1.0 - 0.5 * (0.96 ** (t * group["momentum_decay"])))
 
 
 _CAUTIOUS_DOC = r"""With ``cautious=True`` (Cautious optimizers, Liang et al. 2024), each element's

@@ -2221,13 +2221,16 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         if factor is not None:
             assert c.hp is not None
             first = 0 if sel is None else sel[0]
-            f = factor(c.hp, float(steps[first]))
+            raw = factor(c.group, float(steps[first]))
+            f = float(raw)
             for name, _ in self._definition.scalars:
                 prod = c.scalars[name]
-                if sel is None:
-                    prod *= prod.dtype.type(f)
-                else:
-                    prod[sel] *= prod.dtype.type(f)
+                # torch multiplies in the product's dtype by a float, in the wider of the two
+                # dtypes by a tensor (float64 ``betas``: a float32 product times the float64
+                # factor, rounded once)
+                wide = isinstance(raw, torch.Tensor) and raw.dtype == torch.float64
+                at = np.s_[...] if sel is None else sel
+                prod[at] = prod[at] * (np.float64(f) if wide else prod.dtype.type(f))
                 setattr(hyper, name, float(prod[first]) / f if f != 0 else 0.0)
         after = self._definition.torch_scalar_next
         if after is not None:  # the kernel uses the stored values; then torch's next ones

@@ -311,8 +311,9 @@ class Definition:
     base: Definition | None = None  # AdamW: Adam (the NumPy class subclasses its class)
     torch_step: bool = True  # fastoptim.torch keeps torch's per-parameter ``step`` tensor
     torch_eager_state: bool = False  # torch creates the state at construction (Adagrad)
-    # torch's per-step scalar update (NAdam's momentum factor mu_t from (group, t)).
-    torch_scalar_factor: Callable[[Mapping[str, Any], float], float] | None = None
+    # torch's per-step scalar update (NAdam's momentum factor mu_t from (group, t)): a float,
+    # or a 0-d tensor where a hyper-parameter it reads is a tensor.
+    torch_scalar_factor: Callable[[Mapping[str, Any], float], Any] | None = None
     # torch's scalar state after step t, from (group, t) (ASGD's eta and mu): fastoptim.torch
     # stores them in torch's scalar dtype and gives the kernel those values at the next step.
     torch_scalar_next: Callable[[Mapping[str, Any], float], dict[str, float]] | None = None
