@@ -1252,3 +1252,56 @@ def test_float64_tensor_hyperparameters_agree_to_float64_rounding(name: str) -> 
     for a, b in zip(tp, fp):
         for key, value in ts[a].items():
             torch.testing.assert_close(fs[b][key], value, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("name", "switch", "key"),
+    [
+        ("Adam", {"amsgrad": True}, "max_exp_avg_sq"),
+        ("AdamW", {"amsgrad": True}, "max_exp_avg_sq"),
+        ("RMSprop", {"momentum": 0.9}, "momentum_buffer"),
+        ("RMSprop", {"centered": True}, "grad_avg"),
+        ("SGD", {"momentum": 0.9}, None),
+    ],
+)
+def test_a_variant_switched_on_mid_run_starts_its_buffer_as_a_first_step(
+    name: str, switch: dict[str, Any], key: str | None
+) -> None:
+    """torch.optim raises KeyError for the buffer it never made; fastoptim makes it as a first
+    step does: the same as torch.optim given a zero buffer (SGD: none, the gradient taken)."""
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(4, 5, generator=gen, dtype=torch.float64) for _ in range(6)]
+    runs = []
+    for ours in (False, True):
+        p = start.clone()
+        opt = getattr(fot, name)([p]) if ours else getattr(torch.optim, name)([p], foreach=False)
+        for t, g in enumerate(grads):
+            p.grad = g.clone()
+            if t == 2:
+                opt.param_groups[0].update(switch)
+                if not ours and key is not None:
+                    opt.state[p][key] = torch.zeros_like(p)
+            opt.step()
+        runs.append((p, opt.state[p]))
+    (tp, ts), (fp, fs) = runs
+    torch.testing.assert_close(fp, tp, rtol=1e-14, atol=1e-15)
+    assert set(fs) == set(ts)
+    for k, v in ts.items():
+        torch.testing.assert_close(fs[k], v, rtol=1e-13, atol=1e-14)
+
+
+def test_nesterov_made_invalid_mid_run_raises_and_changes_nothing() -> None:
+    p = torch.ones(3)
+    opt = fot.SGD([p], lr=0.1, momentum=0.9, nesterov=True)
+    p.grad = torch.ones(3)
+    opt.step()
+    for change in ({"momentum": 0.0}, {"dampening": 0.5}):
+        group = opt.param_groups[0]
+        before, buf = p.clone(), opt.state[p]["momentum_buffer"].clone()
+        saved = {k: group[k] for k in change}
+        group.update(change)
+        with pytest.raises(ValueError, match="nesterov=True requires momentum > 0 and dampening"):
+            opt.step()
+        assert torch.equal(p, before) and torch.equal(opt.state[p]["momentum_buffer"], buf)
+        group.update(saved)
