@@ -77,12 +77,28 @@ def test_matches_one_process(case: str, run: tuple[int, list[Any]]) -> None:
                 np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp_refuses_int8_state(run: tuple[int, list[Any]]) -> None:
-    """FSDP2 with ``state_dtype="int8"``: every rank's step is refused before any state is
-    made or parameter changed (the worker checks), naming the parameter and why (it raised
-    torch's "aten.fill_.Tensor does not have a sharding strategy registered")."""
+@pytest.mark.parametrize(
+    ("kind", "start"),
+    [
+        ("int8", "AdamW: param 0 of group 0: state_dtype 'int8' quantizes whole "),
+        ("lamb", "LAMB: param 0 of group 0: a trust ratio needs each whole parameter's norms"),
+        ("muon", "Muon: param 0 of group 0: the update is not element-wise (it needs each whole"),
+        ("adafactor", "Adafactor: param 0 of group 0: the update is not element-wise (it needs"),
+        ("lbfgs", "LBFGS: param 0 of group 0: the update is not element-wise (it needs all the"),
+    ],
+)
+def test_fsdp_refuses_what_needs_whole_parameters(
+    kind: str, start: str, run: tuple[int, list[Any]]
+) -> None:
+    """FSDP2 where a shard's update would differ from the whole parameter's (int8 state's
+    blocks, a trust ratio, Muon's orthogonalisation, Adafactor's factored moments, LBFGS's
+    directions): every rank's step is refused before any state is made or parameter changed
+    (the worker checks), naming the parameter and why.  (int8 state raised torch's
+    "aten.fill_.Tensor does not have a sharding strategy registered"; Muon and LBFGS stepped
+    each rank's shard as if it were the whole, silently wrong; Adafactor raised NumPy's
+    broadcasting error.)"""
     _, ranks = run
     for res in ranks:
-        msg = str(res["fsdp8/error"])
-        assert msg.startswith("AdamW: param 0 of group 0: state_dtype 'int8' quantizes whole ")
+        msg = str(res[f"refused/{kind}"])
+        assert msg.startswith(start), msg
         assert "DTensor (FSDP2)" in msg

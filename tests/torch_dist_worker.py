@@ -10,7 +10,8 @@ a file store).  Trains one small model three ways, each rank on its own slice of
   weight has 6400 elements (quantized: at least 4096);
 
 and writes every rank's final parameters (the full tensors) to ``out/torch-n{N}-rank{r}.npz``,
-with what FSDP2 + int8 state raised (``fsdp8/error``: refused before any state is made).
+with what FSDP2 refused (``refused/<kind>``, before any state is made): int8 state, and the
+classes whose update needs whole parameters (LAMB, Muon, Adafactor, LBFGS).
 """
 
 from __future__ import annotations
@@ -85,22 +86,43 @@ def _run(case: str, rank: int, n: int) -> list[np.ndarray]:
     return out
 
 
-def _fsdp_int8(rank: int) -> str:
-    """FSDP2 with int8 state: the step's error, after checking that it made no state and
-    changed no parameter (or "stepped")."""
+# FSDP2 configurations refused (the name's ``/error``): what needs whole parameters
+REFUSED = {
+    "int8": ("AdamW", {**ADAMW, **INT8}),
+    "lamb": ("LAMB", {}),
+    "muon": ("Muon", {"adjust_lr_fn": "match_rms_adamw"}),
+    "adafactor": ("Adafactor", {}),
+    "lbfgs": ("LBFGS", {}),
+}
+
+
+def _fsdp_refused(rank: int, kind: str) -> str:
+    """FSDP2 with configuration `kind` of REFUSED: the step's error, after checking that it
+    made no state and changed no parameter (or "stepped")."""
     import torch
     from torch.distributed.fsdp import fully_shard
 
     import fastoptim.torch as ft
 
-    model = make_model("fsdp8")
+    case = "fsdp8" if kind == "int8" else "fsdp"
+    model = make_model(case)
     fully_shard(model)
-    opt = ft.AdamW(model.parameters(), **ADAMW, **INT8)
-    x, y = batch(0, rank, "fsdp8")
-    torch.nn.functional.mse_loss(model(x), y).backward()
+    params = list(model.parameters())  # (DTensors: fully_shard replaced them)
+    cls, kw = REFUSED[kind]
+    # (Muon takes matrices only: its weights, without the biases)
+    opt = getattr(ft, cls)([p for p in params if p.ndim == 2] if kind == "muon" else params, **kw)
+    x, y = batch(0, rank, case)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    closure()
     before = [p.full_tensor().detach().clone() for p in model.parameters()]
     try:
-        opt.step()
+        opt.step(closure) if kind == "lbfgs" else opt.step()
     except ValueError as e:
         assert not any(opt.state.values()), opt.state
         after = [p.full_tensor().detach() for p in model.parameters()]
@@ -121,7 +143,8 @@ def main() -> None:
     for case in ("ddp", "zero", "fsdp", "ddp8", "zero8"):
         for i, a in enumerate(_run(case, rank, n)):
             result[f"{case}/p{i}"] = a
-    result["fsdp8/error"] = np.array(_fsdp_int8(rank))
+    for kind in REFUSED:
+        result[f"refused/{kind}"] = np.array(_fsdp_refused(rank, kind))
     np.savez(out / f"torch-n{n}-rank{rank}.npz", **result)
     dist.destroy_process_group()
     comm.Barrier()

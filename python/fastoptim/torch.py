@@ -2013,16 +2013,24 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
         self, params: list[torch.Tensor], labels: list[str], layouts: list[dict[str, str]]
     ) -> None:
         """ValueError (before any state is made) for what needs each whole parameter while a
-        DTensor (FSDP2) parameter holds a shard of it: a trust ratio's norms, and quantized
-        state, whose blocks and 4096-element rule follow whole parameters (a shard's would
-        differ from the unsharded run's, and its scales would not form one tensor)."""
-        name = type(self).__name__
+        DTensor (FSDP2) parameter holds a shard of it: a trust ratio's norms, an update that
+        is not element-wise (Muon's orthogonalisation, Adafactor's factored moments, LBFGS's
+        directions over all the parameters: a shard's would silently differ from the
+        unsharded run's), and quantized state, whose blocks and 4096-element rule follow whole
+        parameters (a shard's would differ, and its scales would not form one tensor)."""
+        name, defn = type(self).__name__, self._definition
         for p, label, layout in zip(params, labels, layouts):
             if not hasattr(p, "_local_tensor"):
                 continue
-            if self._definition.per_tensor:
+            if defn.per_tensor:
                 raise ValueError(
                     f"{name}: param {label}: a trust ratio needs each whole parameter's norms; "
+                    "DTensor (FSDP2) parameters hold shards of them (not supported)"
+                )
+            if defn.host is not None:
+                whole = "all the parameters" if defn.host.closure else "each whole parameter"
+                raise ValueError(
+                    f"{name}: param {label}: the update is not element-wise (it needs {whole}); "
                     "DTensor (FSDP2) parameters hold shards of them (not supported)"
                 )
             kinds = sorted({k for k in layout.values() if k in precision.QUANT_KINDS})
@@ -2944,8 +2952,10 @@ class ClosureOptimizer(Optimizer):
         with torch.no_grad(), self._lock:
             c = self._cache(0, group)
             params = list(group["params"])
-            for i, p in enumerate(params):
-                self._check_param(p, self._label(group, 0, i))
+            labels = [self._label(group, 0, i) for i in range(len(params))]
+            for p, label in zip(params, labels):
+                self._check_param(p, label)
+            self._refuse_shards(params, labels, [{} for _ in params])
             views = [_numpy_of(p.detach()) for p in params]  # (complex: real views, as torch)
             given = [(p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params]
 
