@@ -4,7 +4,6 @@ copy-outs the step never writes, and the functional tier's quantized-state helpe
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import ml_dtypes
@@ -242,9 +241,7 @@ def test_an_array_re_viewed_in_place_is_refused(edit: str) -> None:
     elif edit == "shape":
         p.shape = (6, 4)
     elif edit == "strides":
-        with warnings.catch_warnings():  # (deprecated in NumPy 2.4, still possible)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            p.shape, p.strides = (6, 4), (4, 24)  # the transposed layout of the same memory
+        p.shape, p.strides = (6, 4), (4, 24)  # the transposed layout of the same memory
     else:
         out.dtype = ml_dtypes.bfloat16
     before, copied = p.copy(), out.copy()
