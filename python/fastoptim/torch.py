@@ -2884,26 +2884,32 @@ class ScheduleFreeOptimizer(Modes, Optimizer):
         return loss
 
 
-def _numpy_state(value: Any) -> Any:
+def _numpy_state(value: Any, views: dict[int, tuple[np.ndarray, torch.Tensor]]) -> Any:
     """torch's L-BFGS state as NumPy: tensors as views of their memory (0-d ones as NumPy
-    scalars of their dtype), lists element by element."""
+    scalars of their dtype), lists element by element; `views` records each view's tensor."""
     if isinstance(value, torch.Tensor):
         a = value.detach().numpy()
-        return a[()] if a.ndim == 0 else a
+        if a.ndim == 0:
+            return a[()]
+        views[id(a)] = (a, value)
+        return a
     if isinstance(value, list):
-        return [_numpy_state(v) for v in value]
+        return [_numpy_state(v, views) for v in value]
     return value
 
 
-def _torch_state(value: Any) -> Any:
-    """:func:`_numpy_state`'s inverse: arrays as tensors sharing their memory, NumPy scalars as
-    0-d tensors (where torch keeps those)."""
+def _torch_state(value: Any, views: dict[int, tuple[np.ndarray, torch.Tensor]]) -> Any:
+    """:func:`_numpy_state`'s inverse: a view it made as its tensor (a new tensor over the view
+    would keep the view, which keeps the old tensor: a chain one link longer each step, never
+    freed), other arrays as tensors sharing their memory, NumPy scalars as 0-d tensors (where
+    torch keeps those)."""
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+        made = views.get(id(value))
+        return made[1] if made is not None and made[0] is value else torch.from_numpy(value)
     if isinstance(value, np.floating):
         return torch.tensor(value.item(), dtype=_TORCH_DTYPES[value.dtype.name])
     if isinstance(value, list):
-        return [_torch_state(v) for v in value]
+        return [_torch_state(v, views) for v in value]
     return value
 
 
@@ -2987,13 +2993,14 @@ class ClosureOptimizer(Optimizer):
                 return loss, grads
 
             state = self.state[params[0]]
-            numpy_state = {k: _numpy_state(v) for k, v in state.items()}
+            made: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # (the state's views)
+            numpy_state = {k: _numpy_state(v, made) for k, v in state.items()}
             assert c.hp is not None
             try:
                 objective = host_objective(views, evaluate, _loss_value)
                 loss = host.closure(objective, numpy_state, c.hp)
             finally:  # (a step that raised: numpy_state as it was, and the state)
-                torch_state = {k: _torch_state(v) for k, v in numpy_state.items()}
+                torch_state = {k: _torch_state(v, made) for k, v in numpy_state.items()}
                 state.clear()
                 state.update(torch_state)
                 _bump(params)
