@@ -2237,8 +2237,11 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
                 # dtypes by a tensor (float64 ``betas``: a float32 product times the float64
                 # factor, rounded once)
                 wide = isinstance(raw, torch.Tensor) and raw.dtype == torch.float64
-                at = np.s_[...] if sel is None else sel
-                prod[at] = prod[at] * (np.float64(f) if wide else prod.dtype.type(f))
+                scale = np.float64(f) if wide else prod.dtype.type(f)
+                if sel is None:
+                    prod *= scale
+                else:
+                    prod[sel] *= scale
                 setattr(hyper, name, float(prod[first]) / f if f != 0 else 0.0)
         after = self._definition.torch_scalar_next
         if after is not None:  # the kernel uses the stored values; then torch's next ones
