@@ -21,10 +21,26 @@ def isas_under_test() -> list[str]:
     return [forced] if forced else fastoptim.available_isas()
 
 
+# NumPy 2.4 deprecates setting an array's strides, 2.5 its dtype and shape (still possible):
+# the tests marked ``re_views`` do that on purpose, as a user may, to check that steps refuse
+# arrays re-viewed in place; the warning stays an error everywhere else.
+RE_VIEWS = "ignore:Setting the (dtype|shape|strides) on a NumPy array:DeprecationWarning"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "re_views: sets an array's dtype, shape or strides in place on purpose"
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``FASTOPT_ISA_RERUN`` set (CI's reruns under each other ISA), leave out the tests
+    """Tests marked ``re_views`` ignore NumPy's deprecation of what they do (``RE_VIEWS``).
+    With ``FASTOPT_ISA_RERUN`` set (CI's reruns under each other ISA), leave out the tests
     that take the ``isa`` fixture: the main run, with no ``FASTOPT_ISA``, ran them with every
     instruction set."""
+    for item in items:
+        if item.get_closest_marker("re_views") is not None:
+            item.add_marker(pytest.mark.filterwarnings(RE_VIEWS))
     if not os.environ.get("FASTOPT_ISA_RERUN", "").strip():
         return
     if not os.environ.get("FASTOPT_ISA", "").strip():

@@ -223,6 +223,7 @@ def test_a_state_dtype_dict_is_never_shared() -> None:
         opt.step([np.ones(4, np.float32)])
 
 
+@pytest.mark.re_views
 @pytest.mark.parametrize("edit", ["dtype", "byteorder", "shape", "strides", "copy-out"])
 def test_an_array_re_viewed_in_place_is_refused(edit: str) -> None:
     """An array whose dtype, byte order, shape or strides were changed in place (the same
@@ -402,6 +403,7 @@ def test_zero1_load_stopped_part_way_leaves_the_optimizer_unchanged(
     zero.load(tmp_path / "ck")  # and a load that succeeds
 
 
+@pytest.mark.re_views
 @pytest.mark.parametrize("cls", ["Muon", "Adafactor", "LBFGS"])
 @pytest.mark.parametrize("edit", ["read-only", "reshaped in place"])
 def test_steps_in_numpy_check_every_parameter_before_writing(cls: str, edit: str) -> None:
@@ -465,6 +467,7 @@ def test_load_state_dict_refuses_unknown_state_names(name: str) -> None:
             assert np.asarray(dst.state[0][k]).tobytes() == np.asarray(v).tobytes(), k
 
 
+@pytest.mark.re_views
 @pytest.mark.parametrize(
     "change",
     ["ema_decay", "amsgrad", "copy_out", "step_rows"],
@@ -514,6 +517,7 @@ def test_functional_messages_name_the_argument() -> None:
     assert not t.any()
 
 
+@pytest.mark.re_views
 def test_grad_of_a_re_viewed_parameter_names_the_re_view() -> None:
     """A float32 parameter re-viewed in place as float64 with a float64 gradient: the error
     is the re-view's, not "dtype float64 does not go with the float64 parameter"."""
@@ -747,6 +751,7 @@ def test_follow_params(dtype: Any, rounding: str, monkeypatch: pytest.MonkeyPatc
     np.testing.assert_array_equal(w[taken].view(np.uint16), edited[taken].view(np.uint16))
 
 
+@pytest.mark.re_views
 def test_follow_params_refusals() -> None:
     """``follow_params`` is refused inside ``ema_weights`` (the parameters hold their EMA) and
     for a parameter re-viewed in place; no master changes.  Without master copies it takes
@@ -766,6 +771,7 @@ def test_follow_params_refusals() -> None:
     assert fo.SGD([np.ones(8, np.float32)], master_weights=True).follow_params() == 0
 
 
+@pytest.mark.re_views
 @pytest.mark.parametrize(
     "cls, kw, name",
     [

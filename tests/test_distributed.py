@@ -404,6 +404,7 @@ def test_a_comm_that_is_not_a_communicator_is_named(comm: Any) -> None:
         distributed.ZeroRedundancyOptimizer([w], fo.SGD, comm=comm, lr=0.1)
 
 
+@pytest.mark.re_views
 def test_the_agreed_check_sees_what_the_step_refuses() -> None:
     """What every rank agrees on before the collectives includes the plans' own check (a
     parameter re-viewed with another shape passed it, then the step raised on that rank alone,

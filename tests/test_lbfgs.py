@@ -464,6 +464,7 @@ def test_a_closure_returning_none_is_named() -> None:
     assert (w == 1).all()
 
 
+@pytest.mark.re_views
 @pytest.mark.parametrize("how", ["made read-only", "re-viewed"])
 def test_a_closure_that_locks_a_parameter_changes_nothing(how: str) -> None:
     """A closure that makes a parameter read-only (or re-views it in place) at a later

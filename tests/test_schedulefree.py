@@ -403,6 +403,7 @@ def test_functional_returns_the_running_scalars(rng: np.random.Generator) -> Non
     assert (ws, lm) == (opt._groups[0].hyper.weight_sum, opt._groups[0].hyper.lr_max)
 
 
+@pytest.mark.re_views
 @pytest.mark.parametrize("cls", ["AdamWScheduleFree", "SGDScheduleFree"])
 def test_train_checks_every_group_before_any_parameter_moves(cls: str) -> None:
     """A parameter of group 1 re-viewed in place (same memory and size, another shape): train()

@@ -1305,3 +1305,22 @@ def test_nesterov_made_invalid_mid_run_raises_and_changes_nothing() -> None:
             opt.step()
         assert torch.equal(p, before) and torch.equal(opt.state[p]["momentum_buffer"], buf)
         group.update(saved)
+
+
+def test_nadam_betas_tensors_that_require_grad() -> None:
+    """NAdam's factor from ``betas`` tensors that require grad: read without torch's warning
+    about converting such a tensor to a number (an error where warnings are: the step then
+    stopped half done), as torch.optim.NAdam reads them."""
+    start = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    runs = []
+    for cls in (torch.optim.NAdam, fot.NAdam):
+        p = start.clone()
+        betas = tuple(torch.tensor(b, dtype=torch.float64, requires_grad=True) for b in (0.9, 0.99))
+        opt = cls([p], lr=0.01, betas=betas)
+        for t in range(3):
+            p.grad = torch.full_like(p, 0.5 - t)
+            opt.step()
+        runs.append((p, opt.state[p]["mu_product"]))
+    (tp, tm), (fp, fm) = runs
+    assert torch.equal(fm, tm)
+    torch.testing.assert_close(fp, tp, rtol=1e-14, atol=1e-15)

@@ -86,7 +86,7 @@ def _run(case: str, rank: int, n: int) -> list[np.ndarray]:
     return out
 
 
-# FSDP2 configurations refused (the name's ``/error``): what needs whole parameters
+# FSDP2 configurations refused (``refused/<kind>`` in the output): what needs whole parameters
 REFUSED = {
     "int8": ("AdamW", {**ADAMW, **INT8}),
     "lamb": ("LAMB", {}),

@@ -2230,18 +2230,20 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc, unused-ignore]  # 
             assert c.hp is not None
             first = 0 if sel is None else sel[0]
             raw = factor(c.group, float(steps[first]))
+            if isinstance(raw, torch.Tensor):  # (float() of one that requires grad warns)
+                raw = raw.detach()
             f = float(raw)
+            # torch multiplies in the product's dtype by a float, in the wider of the two
+            # dtypes by a tensor (float64 ``betas``: a float32 product times the float64
+            # factor, rounded once)
+            wide = isinstance(raw, torch.Tensor) and raw.dtype == torch.float64
             for name, _ in self._definition.scalars:
                 prod = c.scalars[name]
-                # torch multiplies in the product's dtype by a float, in the wider of the two
-                # dtypes by a tensor (float64 ``betas``: a float32 product times the float64
-                # factor, rounded once)
-                wide = isinstance(raw, torch.Tensor) and raw.dtype == torch.float64
-                scale = np.float64(f) if wide else prod.dtype.type(f)
-                if sel is None:
-                    prod *= scale
+                at = ... if sel is None else sel
+                if wide:  # (float64 named: NumPy 1 multiplies by a scalar in the array's dtype)
+                    prod[at] = np.multiply(prod[at], f, dtype=np.float64)
                 else:
-                    prod[sel] *= scale
+                    prod[at] *= prod.dtype.type(f)
                 setattr(hyper, name, float(prod[first]) / f if f != 0 else 0.0)
         after = self._definition.torch_scalar_next
         if after is not None:  # the kernel uses the stored values; then torch's next ones
