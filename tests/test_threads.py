@@ -306,6 +306,11 @@ def test_first_calls_from_many_threads_at_once(dtype: str) -> None:
 
 
 @once_not_per_isa
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.9/3.10 can take an interrupt between a with block's end and its exit "
+    "(the README says so)",
+)
 def test_keyboard_interrupts_during_steps_never_leave_the_lock_held() -> None:
     """KeyboardInterrupts (from a timer, as Ctrl-C) landing anywhere in thousands of steps:
     the optimizer's lock is never left held (its Python ``__exit__`` could be interrupted at its
@@ -329,17 +334,19 @@ def test_keyboard_interrupts_during_steps_never_leave_the_lock_held() -> None:
     signal.signal(signal.SIGALRM, interrupt)
     stop, n, interrupted, leaked = time.monotonic() + 3, 0, 0, False
     while time.monotonic() < stop and not leaked:
-        try:
-            armed = True
-            signal.setitimer(signal.ITIMER_REAL, 1e-5 * (1 + n % 50))
-            opt.step([g])
+        try:  # (disarmed inside: an interrupt landing as the try ends, before its handlers
+            # take over, escaped them on Python 3.9; once disarmed, none is raised)
+            try:
+                armed = True
+                signal.setitimer(signal.ITIMER_REAL, 1e-5 * (1 + n % 50))
+                opt.step([g])
+            finally:
+                armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except KeyboardInterrupt:
             interrupted += 1
         except RuntimeError:  # "called re-entrantly": the lock was left held by this thread
             leaked = True
-        finally:
-            armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
         n += 1
     t = threading.Thread(target=opt.step, args=([g],), daemon=True)
     t.start()
